@@ -1,0 +1,303 @@
+"""Typed, validated parameters: params.yaml is the only configuration.
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails loudly with the key's
+dotted path and the keys that are allowed there, instead of being silently ignored.
+Tenants may override the `train` and `gate` sections; `Params.for_tenant` merges and re-validates.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class BuildParams(_Section):
+    """Shape and pretraining budget of the small base model that loraline builds offline."""
+
+    vocab_size: int = Field(4096, ge=512, le=65536, description="BPE vocabulary size, special tokens included")
+    hidden_size: int = Field(256, ge=16, description="Model width")
+    intermediate_size: int = Field(768, ge=16, description="MLP width")
+    num_layers: int = Field(4, ge=1, le=64)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1, description="Grouped-query attention: key/value heads")
+    max_position_embeddings: int = Field(1024, ge=64)
+    tie_word_embeddings: bool = True
+    seq_len: int = Field(256, ge=16, description="Pretraining sequence length (tokens)")
+    batch_size: int = Field(16, ge=1, description="Pretraining sequences per step")
+    max_steps: int = Field(600, ge=1, description="Pretraining optimizer steps: the budget (deterministic, unlike a time limit)")
+    learning_rate: float = Field(3e-3, gt=0, lt=1)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    num_threads: int | None = Field(
+        2, ge=1, description="torch CPU threads; fixed so that file hashes repeat across machines (null: torch's default)"
+    )
+    stdlib_docstrings: bool = Field(True, description="Add the Python standard library's docstrings to the corpus")
+    max_stdlib_chars: int = Field(400_000, ge=0, description="Cap on stdlib docstring text in the corpus")
+    exercises: int = Field(4000, ge=0, description="Generic chat-formatted exercises (copying, key-value to JSON, labelling) in the corpus")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> BuildParams:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        if self.seq_len > self.max_position_embeddings:
+            raise ValueError(f"seq_len ({self.seq_len}) exceeds max_position_embeddings ({self.max_position_embeddings})")
+        return self
+
+
+class BaseParams(_Section):
+    """Which base model every tenant's adapter sits on."""
+
+    model: str | None = Field(
+        None, description="Hugging Face model id or local path; null builds loraline's own small model offline"
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a model id")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless you trust it")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template to use when the model's tokenizer has none"
+    )
+    build: BuildParams = BuildParams()
+
+
+class SplitParams(_Section):
+    validation: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.15, ge=0, lt=1)
+    salt: str = Field("loraline", description="Changes every row's split bucket; keep it fixed to keep splits stable")
+
+    @model_validator(mode="after")
+    def _leaves_train(self) -> SplitParams:
+        if self.validation + self.test >= 1:
+            raise ValueError(f"validation + test ({self.validation + self.test}) must leave rows for train (< 1)")
+        return self
+
+
+class PrepareParams(_Section):
+    """Raw files to a clean, deduplicated, split, chat-templated dataset."""
+
+    max_chars: int = Field(20_000, ge=1, description="Rows with more characters are rejected as too_long")
+    max_tokens: int = Field(1024, ge=8, description="Rendered rows with more tokens are rejected as too_long")
+    system_prompt: str | None = Field(None, description="System message added to rows that carry none")
+    split: SplitParams = SplitParams()
+    csv_delimiter: str = Field(",", min_length=1, max_length=1)
+
+
+class TrainParams(_Section):
+    """Adapter training (consumed by the train stage); tenants may override any key."""
+
+    quantization: Literal["nf4", "fp4", "none"] = "nf4"
+    double_quant: bool = True
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] = []
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = "paged_adamw_32bit"
+    learning_rate: float = Field(2e-3, gt=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    packing: bool = True
+    max_seq_len: int = Field(1024, ge=16)
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(50, ge=1)
+    save_every: int = Field(100, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, description="Defaults to the top-level seed")
+
+
+class GateParams(_Section):
+    """Promotion rules (consumed by the gate); tenants may override any key."""
+
+    primary_metric: str = "answer_loss"
+    min_gain_over_base: float = Field(0.05, description="Relative improvement over the base on the primary metric")
+    max_regression_vs_prod: float = Field(0.02, ge=0, description="Largest tolerated relative regression vs production")
+    max_merge_logit_diff: float = Field(1e-3, gt=0)
+    max_export_logit_diff: float = Field(1e-3, gt=0)
+
+
+class TenantParams(_Section):
+    name: str = Field(description="Lower-case id: letters, digits, '-' and '_'")
+    raw_dir: Path = Field(description="Folder of this tenant's raw files (searched recursively)")
+    system_prompt: str | None = Field(None, description="Overrides prepare.system_prompt for this tenant")
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the train section")
+    gate: dict[str, Any] = Field(default_factory=dict, description="Overrides of the gate section")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not TENANT_NAME.match(v):
+            raise ValueError(f"tenant name {v!r} must match {TENANT_NAME.pattern}")
+        return v
+
+
+class Params(_Section):
+    seed: int = 1234
+    base: BaseParams = BaseParams()
+    prepare: PrepareParams = PrepareParams()
+    train: TrainParams = TrainParams()
+    gate: GateParams = GateParams()
+    tenants: list[TenantParams] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _tenants_valid(self) -> Params:
+        names = [t.name for t in self.tenants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tenant names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def check_overrides(self) -> None:
+        """Validate every tenant's train/gate overrides now, not when a later stage first reads them."""
+        for i, t in enumerate(self.tenants):
+            for section, model, base in (("train", TrainParams, self.train), ("gate", GateParams, self.gate)):
+                try:
+                    model.model_validate({**base.model_dump(), **getattr(t, section)})
+                except ValidationError as exc:
+                    raise ConfigError(_format_errors(exc, model, prefix=f"tenants.{i}.{section}")) from None
+
+    def tenant(self, name: str) -> TenantParams:
+        for t in self.tenants:
+            if t.name == name:
+                return t
+        raise ConfigError(f"unknown tenant {name!r}; params.yaml defines: {', '.join(self.tenant_names)}")
+
+    @property
+    def tenant_names(self) -> list[str]:
+        return [t.name for t in self.tenants]
+
+    def train_for(self, name: str) -> TrainParams:
+        merged = {**self.train.model_dump(), **self.tenant(name).train}
+        if merged.get("seed") is None:
+            merged["seed"] = self.seed
+        return TrainParams.model_validate(merged)
+
+    def gate_for(self, name: str) -> GateParams:
+        return GateParams.model_validate({**self.gate.model_dump(), **self.tenant(name).gate})
+
+    def system_prompt_for(self, name: str) -> str | None:
+        t = self.tenant(name)
+        return t.system_prompt if t.system_prompt is not None else self.prepare.system_prompt
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the location `loc` (for listing allowed keys)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return current if fields else None
+        annotation = fields[part].annotation
+        current = _first_model(annotation)
+        if current is None:
+            return None
+    return current if hasattr(current, "model_fields") else None
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_errors(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(root, loc[:-1])
+            allowed = ", ".join(owner.model_fields) if owner else "?"
+            lines.append(f"{key}: unknown key; allowed keys here: {allowed}")
+        elif err["type"] in ("literal_error", "enum"):
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"{key}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(data: Any, source: str = "params.yaml", root: Path | None = None) -> Params:
+    """Validate a params mapping; relative tenant folders are resolved against `root` when given."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source} is invalid:\n{_format_errors(exc, Params)}") from None
+    try:
+        params.check_overrides()
+    except ConfigError as exc:
+        raise ConfigError(f"{source} is invalid:\n{exc}") from None
+    if root is not None:
+        tenants = [
+            t.model_copy(update={"raw_dir": t.raw_dir if t.raw_dir.is_absolute() else root / t.raw_dir})
+            for t in params.tenants
+        ]
+        params = params.model_copy(update={"tenants": tenants})
+    return params
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_PATH, overrides: dict[str, Any] | None = None) -> Params:
+    """Load params.yaml. `overrides` maps dotted keys to values (the CLI's --set key=value)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; loraline reads its settings from params.yaml") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        data = set_dotted(data, dotted, value)
+    return parse_params(data, source=str(path))
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> dict:
+    """Copy of `data` with `a.b.c` set to value (list indices allowed: tenants.0.train.lora_r)."""
+    out = copy.deepcopy(data)
+    node: Any = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        key: Any = int(part) if isinstance(node, list) else part
+        if isinstance(node, dict):
+            node = node.setdefault(key, {})
+        else:
+            node = node[key]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return out

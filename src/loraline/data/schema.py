@@ -1,0 +1,95 @@
+"""The canonical shapes that every raw row is mapped into, and the reasons a row can be rejected."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Literal
+
+ROLES = ("system", "user", "assistant")
+SPLITS = ("train", "validation", "test")
+
+
+class RejectReason(str, Enum):
+    """Why a raw row did not make it into the dataset (written to data/rejected/<tenant>.jsonl)."""
+
+    MALFORMED_JSON = "malformed_json"
+    MISSING_FIELD = "missing_field"
+    EMPTY_FIELD = "empty_field"
+    WRONG_TYPE = "wrong_type"
+    UNKNOWN_ROLE = "unknown_role"
+    UNKNOWN_SHAPE = "unknown_shape"
+    NO_ASSISTANT_TURN = "no_assistant_turn"
+    TOO_LONG = "too_long"
+    INVALID_UTF8 = "invalid_utf8"
+    UNREADABLE_FILE = "unreadable_file"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """One canonical row: a conversation to train on, or a plain document (kind='document', text set).
+
+    `source_file` is relative to the tenant's raw folder, `row` is 1-based within that file (line
+    for JSONL, element for JSON arrays, data row for CSV/Parquet, 1 for a whole document), and
+    `content_hash` is the sha256 of the normalized content, used for deduplication and splitting.
+    """
+
+    tenant: str
+    kind: Literal["chat", "document"]
+    source_file: str
+    row: int
+    shape: str  # instruction | chat | sharegpt | prompt_completion | document
+    content_hash: str
+    messages: tuple[Message, ...] = ()
+    text: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["messages"] = [asdict(m) for m in self.messages]
+        return d
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A row that was not used, with enough to find and fix it: file, row, field and reason."""
+
+    tenant: str
+    source_file: str
+    row: int | None  # None when the whole file could not be read
+    field: str | None
+    reason: RejectReason
+    detail: str
+    excerpt: str = ""  # first characters of the raw row, secrets never logged beyond the row itself
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["reason"] = self.reason.value
+        return d
+
+
+@dataclass
+class PrepareStats:
+    """Counts that reconcile exactly: rows_in == kept + rejected + duplicates."""
+
+    tenant: str
+    rows_in: int = 0
+    kept: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    by_file: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_shape: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    documents: int = 0
+    token_length_percentiles: dict[str, float] = field(default_factory=dict)
+    answer_token_percentiles: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reconciles(self) -> bool:
+        return self.rows_in == self.kept + self.rejected + self.duplicates
