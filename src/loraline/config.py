@@ -2,7 +2,10 @@
 
 Every section is a pydantic model that forbids unknown keys, so a typo fails loudly with the key's
 dotted path and the keys that are allowed there, instead of being silently ignored.
-Tenants may override the `train` and `gate` sections; `Params.for_tenant` merges and re-validates.
+`tenants` maps each tenant's name to its settings (a mapping rather than a list so that DVC names
+stages `prepare@<tenant>` and tracks `tenants.<tenant>` as that tenant's params alone); a list of
+entries with a `name` key is accepted too. Tenants may override the `train` and `gate` sections;
+`Params.train_for` / `Params.gate_for` merge and re-validate.
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ class GateParams(_Section):
 
 
 class TenantParams(_Section):
-    name: str = Field(description="Lower-case id: letters, digits, '-' and '_'")
+    name: str = Field(description="Lower-case id: letters, digits, '-' and '_' (the key under `tenants`)")
     raw_dir: Path = Field(description="Folder of this tenant's raw files (searched recursively)")
     system_prompt: str | None = Field(None, description="Overrides prepare.system_prompt for this tenant")
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the train section")
@@ -162,6 +165,13 @@ class Params(_Section):
     gate: GateParams = GateParams()
     tenants: list[TenantParams] = Field(min_length=1)
 
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _tenants_from_mapping(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return [{**(entry if isinstance(entry, dict) else {"raw_dir": entry}), "name": name} for name, entry in v.items()]
+        return v
+
     @model_validator(mode="after")
     def _tenants_valid(self) -> Params:
         names = [t.name for t in self.tenants]
@@ -172,12 +182,12 @@ class Params(_Section):
 
     def check_overrides(self) -> None:
         """Validate every tenant's train/gate overrides now, not when a later stage first reads them."""
-        for i, t in enumerate(self.tenants):
+        for t in self.tenants:
             for section, model, base in (("train", TrainParams, self.train), ("gate", GateParams, self.gate)):
                 try:
                     model.model_validate({**base.model_dump(), **getattr(t, section)})
                 except ValidationError as exc:
-                    raise ConfigError(_format_errors(exc, model, prefix=f"tenants.{i}.{section}")) from None
+                    raise ConfigError(_format_errors(exc, model, prefix=f"tenants.{t.name}.{section}")) from None
 
     def tenant(self, name: str) -> TenantParams:
         for t in self.tenants:
@@ -229,11 +239,16 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _format_errors(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+def _format_errors(
+    exc: ValidationError, root: type[BaseModel], prefix: str = "", tenant_names: list[str] | None = None
+) -> str:
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or "(top level)"
+        shown_loc = list(loc)
+        if tenant_names and len(loc) > 1 and loc[0] == "tenants" and isinstance(loc[1], int) and loc[1] < len(tenant_names):
+            shown_loc[1] = tenant_names[loc[1]]
+        key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(shown_loc)) or "(top level)"
         if err["type"] == "extra_forbidden":
             owner = _model_at(root, loc[:-1])
             allowed = ", ".join(owner.model_fields) if owner else "?"
@@ -254,7 +269,8 @@ def parse_params(data: Any, source: str = "params.yaml", root: Path | None = Non
     try:
         params = Params.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source} is invalid:\n{_format_errors(exc, Params)}") from None
+        names = list(data["tenants"]) if isinstance(data.get("tenants"), dict) else None
+        raise ConfigError(f"{source} is invalid:\n{_format_errors(exc, Params, tenant_names=names)}") from None
     try:
         params.check_overrides()
     except ConfigError as exc:
@@ -285,7 +301,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS_PATH, overrides: dict[str, Any
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> dict:
-    """Copy of `data` with `a.b.c` set to value (list indices allowed: tenants.0.train.lora_r)."""
+    """Copy of `data` with `a.b.c` set to value (e.g. tenants.acme-shop.train.lora_r; list indices allowed)."""
     out = copy.deepcopy(data)
     node: Any = out
     parts = dotted.split(".")
