@@ -1,0 +1,226 @@
+"""`loraline` command line: one sub-command per stage, plus `run` for the whole pipeline.
+
+The stage commands are what dvc.yaml runs; `run` drives `dvc repro` (DVC decides what is stale and
+records lineage), or calls the same stage functions directly with --no-dvc.
+Heavy libraries are imported inside the commands so that `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraline.config import ConfigError, Params, load_params
+from loraline.layout import Layout
+
+STAGES = ("documents", "base", "prepare")
+
+
+def _parse_set(values: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted key (e.g. base.build.max_steps=50), got {item!r}")
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def _load(args: argparse.Namespace) -> Params:
+    return load_params(args.params, overrides=_parse_set(args.set))
+
+
+def _tenants(params: Params, chosen: list[str] | None) -> list[str]:
+    if not chosen:
+        return params.tenant_names
+    for name in chosen:
+        params.tenant(name)  # raises ConfigError naming the known tenants
+    return chosen
+
+
+# -- stage commands ---------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    params = _load(args)
+    print(f"{args.params}: valid")
+    print(f"  base: {params.base.model or 'built offline (base.build)'}")
+    for name in params.tenant_names:
+        t = params.tenant(name)
+        train = params.train_for(name)
+        print(
+            f"  tenant {name}: raw_dir={t.raw_dir} quantization={train.quantization} "
+            f"r={train.lora_r} overrides: train={sorted(t.train) or '-'} gate={sorted(t.gate) or '-'}"
+        )
+    return 0
+
+
+def cmd_documents(args: argparse.Namespace) -> int:
+    from loraline.documents import collect_documents
+
+    params, layout = _load(args), Layout()
+    for name in _tenants(params, args.tenant):
+        out = Path(args.out) if args.out else layout.documents_dir(name)
+        result = collect_documents(name, params.tenant(name).raw_dir, out)
+        skipped = f", {len(result.skipped)} skipped ({'; '.join(f'{k}: {v}' for k, v in result.skipped.items())})" if result.skipped else ""
+        print(f"documents[{name}]: {len(result.files)} files -> {out}{skipped}")
+    return 0
+
+
+def cmd_base(args: argparse.Namespace) -> int:
+    from loraline.base.stage import build_base
+
+    params, layout = _load(args), Layout()
+    docs = [Path(d) for d in args.docs] if args.docs else [params.tenant(n).raw_dir for n in params.tenant_names]
+    out = Path(args.out) if args.out else layout.base_dir
+    started = time.perf_counter()
+    result = build_base(params.base, seed=params.seed, raw_dirs=docs, out_dir=out, progress=not args.quiet)
+    print(f"base: {result.summary()} -> {out} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from loraline.base.stage import load_base_tokenizer
+    from loraline.data.prepare import prepare_tenant
+
+    params, layout = _load(args), Layout()
+    base_dir = Path(args.base) if args.base else layout.base_dir
+    tokenizer = load_base_tokenizer(base_dir, params.base)
+    names = _tenants(params, args.tenant)
+    if args.out and len(names) > 1:
+        raise ConfigError("--out names one tenant's folder: pass exactly one --tenant with it")
+    for name in names:
+        result = prepare_tenant(
+            params.tenant(name),
+            params.prepare,
+            tokenizer,
+            out_dir=Path(args.out) if args.out else layout.prepared_dir(name),
+            rejected_path=layout.rejected_path(name),
+            stats_path=layout.prepare_stats_path(name),
+            system_prompt=params.system_prompt_for(name),
+            progress=not args.quiet,
+        )
+        print(_prepare_line(name, result.stats))
+    return 0
+
+
+def _prepare_line(name: str, stats: Any) -> str:
+    s = stats if isinstance(stats, dict) else stats.__dict__
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.get("rejected_by_reason", {}).items())) or "none"
+    splits = " / ".join(f"{k} {v}" for k, v in s.get("splits", {}).items())
+    return (
+        f"prepare[{name}]: {s['rows_in']} rows in = {s['kept']} kept + {s['rejected']} rejected "
+        f"+ {s['duplicates']} duplicates | splits: {splits} | documents {s.get('documents', 0)} | rejects: {reasons}"
+    )
+
+
+# -- whole pipeline ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    if args.no_dvc:
+        params = _load(args)
+        ns = dict(params=args.params, set=args.set, quiet=args.quiet, out=None, tenant=None, docs=None, base=None)
+        cmd_documents(argparse.Namespace(**ns))
+        ns["docs"] = [str(Layout().documents_dir(n)) for n in params.tenant_names]
+        cmd_base(argparse.Namespace(**ns))
+        ns["docs"] = None
+        cmd_prepare(argparse.Namespace(**ns))
+    else:
+        if args.set:
+            raise ConfigError("--set does not apply to a DVC run; use `dvc exp run -S key=value` or edit params.yaml")
+        from loraline.pipeline import reproduce
+
+        ran = reproduce(force=args.force, push=not args.no_push)
+        print(f"dvc repro: {len(ran)} stage(s) ran" + (f": {', '.join(ran)}" if ran else " (everything up to date)"))
+    print_summary(load_params(args.params), time.perf_counter() - started)
+    return 0
+
+
+def print_summary(params: Params, seconds: float) -> None:
+    layout = Layout()
+    print("\n== loraline summary ==")
+    record_path = layout.base_dir / "base_record.json"
+    if record_path.exists():
+        rec = json.loads(record_path.read_text())
+        desc = rec.get("model") or rec.get("source")
+        extra = ""
+        if rec.get("source") == "built":
+            extra = f", {rec.get('parameters', 0) / 1e6:.1f}M parameters, final pretraining loss {rec.get('final_loss', float('nan')):.3f}"
+        print(f"base model: {desc}{extra} ({layout.base_dir})")
+    for name in params.tenant_names:
+        path = layout.prepare_stats_path(name)
+        if path.exists():
+            print(_prepare_line(name, json.loads(path.read_text())))
+            print(f"    dataset {layout.prepared_dir(name)}  rejects {layout.rejected_path(name)}")
+        else:
+            print(f"prepare[{name}]: not run")
+    print(f"total time: {seconds:.0f}s")
+
+
+# -- argument parsing -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraline",
+        description="Raw data to gated, versioned LoRA/QLoRA adapters. Settings come from params.yaml.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="the params file to read (default: params.yaml)")
+    common.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override one param for this command only, dotted key, YAML value (repeatable), "
+        "e.g. --set base.build.max_steps=50",
+    )
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    tenant = argparse.ArgumentParser(add_help=False)
+    tenant.add_argument("--tenant", action="append", help="run for this tenant only (repeatable; default: every tenant)")
+
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("check", parents=[common], help="validate params.yaml and show each tenant's resolved settings")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("documents", parents=[common, tenant], help="collect each tenant's plain documents (.txt/.md)")
+    p.add_argument("--out", help="output folder (default: data/documents/<tenant>; one tenant only)")
+    p.set_defaults(func=cmd_documents)
+
+    p = sub.add_parser("base", parents=[common], help="build the offline base model, or validate and record base.model")
+    p.add_argument("--docs", nargs="+", metavar="DIR", help="folders of documents for pretraining (default: the tenants' raw folders)")
+    p.add_argument("--out", help="output folder (default: models/base)")
+    p.set_defaults(func=cmd_base)
+
+    p = sub.add_parser("prepare", parents=[common, tenant], help="raw files to a clean, deduplicated, split, chat-templated dataset")
+    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    p.add_argument("--out", help="output folder (default: data/prepared/<tenant>; one tenant only)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("run", parents=[common], help="run the whole pipeline (through `dvc repro` unless --no-dvc)")
+    p.add_argument("--no-dvc", action="store_true", help="call the stages directly, without DVC's caching and lineage")
+    p.add_argument("--force", action="store_true", help="re-run every stage even when DVC finds it up to date")
+    p.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote afterwards")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"loraline: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"loraline {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Where each stage reads and writes by default. dvc.yaml spells out the same paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = Path(".")
+
+    @property
+    def base_dir(self) -> Path:
+        return self.root / "models" / "base"
+
+    def documents_dir(self, tenant: str) -> Path:
+        return self.root / "data" / "documents" / tenant
+
+    def prepared_dir(self, tenant: str) -> Path:
+        return self.root / "data" / "prepared" / tenant
+
+    def rejected_path(self, tenant: str) -> Path:
+        return self.root / "data" / "rejected" / f"{tenant}.jsonl"
+
+    def prepare_stats_path(self, tenant: str) -> Path:
+        return self.root / "reports" / tenant / "prepare_stats.json"
