@@ -1,0 +1,29 @@
+# Two commands for a fresh machine (see README): `make run` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build is all the default pipeline needs; on a CUDA machine use e.g. TORCH_SPEC=torch==2.14.1.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup run test check clean-outputs
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+# The whole pipeline on the embedded defaults, through `dvc repro`.
+run: setup
+	$(BIN)/loraline run
+
+# The test suite: unit tests plus the end-to-end `dvc repro` test on a tiny configuration.
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+check: setup
+	$(BIN)/loraline check

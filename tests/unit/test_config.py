@@ -1,0 +1,122 @@
+"""params.yaml validation: unknown keys and bad values fail naming the key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraline.config import ConfigError, Params, load_params, parse_params, set_dotted
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def minimal(**extra) -> dict:
+    return {"tenants": {"acme": {"raw_dir": "data/raw/acme"}}, **extra}
+
+
+def test_repository_params_are_valid(monkeypatch):
+    monkeypatch.chdir(REPO)  # raw_dir paths are relative to the project root, where DVC runs stages
+    params = load_params(REPO / "params.yaml")
+    assert params.tenant_names == ["acme-shop", "globex-it"]
+    assert params.base.model is None and params.base.trust_remote_code is False
+    for name in params.tenant_names:
+        assert params.tenant(name).raw_dir.is_dir(), f"raw_dir of {name} must exist in the repository"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (minimal(train={"lora_rr": 8}), ["train.lora_rr: unknown key", "lora_r", "lora_alpha"]),
+        (minimal(base={"build": {"hidden": 8}}), ["base.build.hidden: unknown key", "hidden_size"]),
+        (minimal(extra_section={}), ["extra_section: unknown key", "prepare", "tenants"]),
+        (minimal(train={"quantization": "int3"}), ["train.quantization", "'nf4'", "'fp4'", "'none'", "int3"]),
+        (minimal(train={"optimizer": "sgd"}), ["train.optimizer", "paged_adamw_8bit"]),
+        (minimal(train={"lora_r": 0}), ["train.lora_r", "greater than or equal to 1", "got 0"]),
+        (minimal(prepare={"split": {"validation": 0.5, "test": 0.5}}), ["prepare.split", "must leave rows for train"]),
+        (minimal(base={"build": {"hidden_size": 100, "num_heads": 3}}), ["divisible by num_heads"]),
+        ({"tenants": {}}, ["tenants", "at least 1"]),
+        ({}, ["tenants", "Field required"]),
+        ({"tenants": {"Bad Name": {"raw_dir": "x"}}}, ["tenant name 'Bad Name'"]),
+        ({"tenants": {"acme": {"raw_dir": "x", "colour": 1}}}, ["tenants.acme.colour: unknown key", "raw_dir"]),
+        ({"tenants": {"acme": {"raw_dir": "x", "train": {"lora_r": -1}}}}, ["tenants.acme.train.lora_r", "got -1"]),
+        ({"tenants": {"acme": {"raw_dir": "x", "gate": {"nope": 1}}}}, ["tenants.acme.gate.nope: unknown key", "primary_metric"]),
+        ({"tenants": [{"name": "a", "raw_dir": "x"}, {"name": "a", "raw_dir": "y"}]}, ["unique", "a"]),
+        (minimal(seed="abc"), ["seed", "integer"]),
+    ],
+)
+def test_invalid_params_name_the_key(data, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params(data)
+    for fragment in expected:
+        assert fragment in str(err.value)
+
+
+def test_tenant_overrides_merge_over_defaults():
+    params = parse_params(
+        {
+            "seed": 7,
+            "train": {"lora_r": 16, "learning_rate": 0.001},
+            "gate": {"min_gain_over_base": 0.1},
+            "tenants": {
+                "a": {"raw_dir": "x", "train": {"lora_r": 4}, "gate": {"min_gain_over_base": 0.3}},
+                "b": {"raw_dir": "y"},
+            },
+        }
+    )
+    a, b = params.train_for("a"), params.train_for("b")
+    assert (a.lora_r, a.learning_rate, a.seed) == (4, 0.001, 7)
+    assert (b.lora_r, b.learning_rate, b.seed) == (16, 0.001, 7)
+    assert params.gate_for("a").min_gain_over_base == 0.3
+    assert params.gate_for("b").min_gain_over_base == 0.1
+
+
+def test_list_form_of_tenants_is_accepted():
+    params = parse_params({"tenants": [{"name": "a", "raw_dir": "x"}, {"name": "b", "raw_dir": "y"}]})
+    assert params.tenant_names == ["a", "b"]
+
+
+def test_unknown_tenant_lists_known_ones():
+    params = parse_params(minimal())
+    with pytest.raises(ConfigError, match="unknown tenant 'zzz'.*acme"):
+        params.tenant("zzz")
+
+
+def test_relative_raw_dirs_resolve_against_root(tmp_path):
+    params = parse_params(minimal(), root=tmp_path)
+    assert params.tenant("acme").raw_dir == tmp_path / "data/raw/acme"
+
+
+def test_load_params_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("tenants: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(bad)
+
+
+def test_overrides_apply_dotted_keys(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    params = load_params(path, overrides={"base.build.max_steps": 5, "tenants.acme.train": {"lora_r": 2}})
+    assert params.base.build.max_steps == 5
+    assert params.train_for("acme").lora_r == 2
+
+
+def test_set_dotted_does_not_mutate_input():
+    data = {"a": {"b": 1}, "l": [1, 2]}
+    out = set_dotted(set_dotted(data, "a.c", 2), "l.1", 9)
+    assert data == {"a": {"b": 1}, "l": [1, 2]}
+    assert out == {"a": {"b": 1, "c": 2}, "l": [1, 9]}
+
+
+def test_params_are_frozen():
+    params = parse_params(minimal())
+    with pytest.raises(Exception):
+        params.seed = 3  # type: ignore[misc]
+    assert isinstance(params, Params)
