@@ -1,0 +1,155 @@
+"""End to end: the real `dvc repro` in a temporary copy of the repository, on a tiny base model.
+
+Checks what a user relies on: every stage's outputs exist and reconcile, a second run re-runs
+nothing, and editing one tenant's raw rows re-runs that tenant's stages only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+TINY_BUILD = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_layers": 2,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "max_position_embeddings": 512,
+    "seq_len": 64,
+    "batch_size": 4,
+    "max_steps": 8,
+    "warmup_steps": 2,
+    "max_stdlib_chars": 20000,
+    "exercises": 40,
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid",
+        GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid",
+    )
+    return env
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh git+DVC project holding exactly the repository's files, with a tiny base model."""
+    dest = tmp_path_factory.mktemp("e2e") / "project"
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["base"]["build"].update(TINY_BUILD)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-qm", "fixture", cwd=dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def first_run(project: Path) -> str:
+    return sh("dvc", "repro", cwd=project)
+
+
+def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str):
+    tenants = list(yaml.safe_load((project / "params.yaml").read_text())["tenants"])
+    expected = {"base"} | {f"{stage}@{t}" for stage in ("documents", "prepare") for t in tenants}
+    assert stages_run(first_run) == expected
+
+    base = project / "models" / "base"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "base_record.json"):
+        assert (base / name).is_file(), name
+    assert "chat_template" in json.loads((base / "tokenizer_config.json").read_text())
+
+    from datasets import load_from_disk
+
+    for t in tenants:
+        stats = json.loads((project / "reports" / t / "prepare_stats.json").read_text())
+        assert stats["rows_in"] == stats["kept"] + stats["rejected"] + stats["duplicates"]
+        assert stats["rejected"] > 0, "the sample data carries deliberately bad rows"
+        rejects = (project / "data" / "rejected" / f"{t}.jsonl").read_text().splitlines()
+        assert len(rejects) == stats["rejected"]
+        dataset = load_from_disk(str(project / "data" / "prepared" / t / "dataset"))
+        assert set(dataset) == {"train", "validation", "test"}
+        assert sum(len(dataset[s]) for s in dataset) + stats["documents"] == stats["kept"]
+        assert len(dataset["test"]) > 0 and len(dataset["train"]) > len(dataset["test"])
+
+    # Generated outputs are DVC's, never git's.
+    ignored = sh("git", "status", "--porcelain", "--ignored", cwd=project)
+    assert "models/base" in ignored and "data/prepared" in ignored
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == expected
+
+
+def test_second_repro_runs_nothing(project: Path, first_run: str):
+    out = sh("dvc", "repro", cwd=project)
+    assert stages_run(out) == set()
+    assert "up to date" in sh("dvc", "status", cwd=project)
+
+
+def test_editing_one_tenants_rows_reruns_only_that_tenant(project: Path, first_run: str):
+    tenant = "acme-shop"
+    before = json.loads((project / "reports" / tenant / "prepare_stats.json").read_text())
+    other = (project / "data" / "prepared" / "globex-it").stat().st_mtime_ns
+    target = sorted((project / "data" / "raw" / tenant).glob("*.jsonl"))[0]
+    with target.open("a", encoding="utf-8") as fh:
+        row = {"instruction": "Extract the order request as JSON.",
+               "input": "Hello, where is my parcel? Order 99173, thanks.", "output": '{"intent": "track"}'}
+        fh.write(json.dumps(row) + "\n")
+
+    out = sh("dvc", "repro", cwd=project)
+
+    assert stages_run(out) == {f"documents@{tenant}", f"prepare@{tenant}"}
+    after = json.loads((project / "reports" / tenant / "prepare_stats.json").read_text())
+    assert after["rows_in"] == before["rows_in"] + 1
+    assert (project / "data" / "prepared" / "globex-it").stat().st_mtime_ns == other
+
+
+def test_push_to_the_default_local_remote_and_metrics(project: Path, first_run: str):
+    sh("dvc", "push", cwd=project)
+    assert any((project / ".dvc-remote").rglob("*")), "the local remote holds the pushed outputs"
+    shown = sh("dvc", "metrics", "show", cwd=project)
+    assert "reports/acme-shop/prepare_stats.json" in shown and "rows_in" in shown
+
+
+def test_loraline_run_summarises_an_up_to_date_pipeline(project: Path, first_run: str):
+    sh("dvc", "repro", cwd=project)  # whatever earlier tests changed
+    out = sh("loraline", "run", "--no-push", cwd=project)
+    assert "everything up to date" in out
+    assert "== loraline summary ==" in out and "prepare[acme-shop]" in out and "prepare[globex-it]" in out
