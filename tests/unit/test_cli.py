@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from loraline.cli import build_parser, main
+
+COMMANDS = ["check", "documents", "base", "prepare", "run"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_for_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        if action.option_strings:
+            assert action.help, f"{command} {action.option_strings} has no help text"
+            assert action.option_strings[-1] in out
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.md").write_text("A document.")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"tenants": {"acme": {"raw_dir": str(raw), "train": {"lora_r": 4}}}}))
+    return path
+
+
+def test_check_prints_resolved_tenants(params_file, capsys):
+    assert main(["check", "--params", str(params_file)]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "tenant acme" in out and "r=4" in out and "train=['lora_r']" in out
+
+
+def test_bad_override_is_a_configuration_error(params_file, capsys):
+    assert main(["check", "--params", str(params_file), "--set", "train.lora_r=0"]) == 2
+    assert "train.lora_r" in capsys.readouterr().err
+    assert main(["check", "--params", str(params_file), "--set", "novalue"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_unknown_tenant_is_reported(params_file, capsys):
+    assert main(["documents", "--params", str(params_file), "--tenant", "zzz"]) == 2
+    assert "unknown tenant 'zzz'" in capsys.readouterr().err
+
+
+def test_documents_command_writes_the_folder(params_file, tmp_path, capsys):
+    out = tmp_path / "docs"
+    assert main(["documents", "--params", str(params_file), "--tenant", "acme", "--out", str(out)]) == 0
+    assert (out / "a.md").read_text() == "A document."
+    assert "1 files" in capsys.readouterr().out
