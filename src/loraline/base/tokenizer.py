@@ -7,9 +7,11 @@ for a small model.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -28,6 +30,27 @@ CHAT_TEMPLATE = (
 )
 
 
+def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """CHAT_TEMPLATE rendered without a tokenizer (the corpus is rendered before the tokenizer exists).
+
+    Same sandboxed Jinja environment settings as transformers' apply_chat_template; a test checks
+    that both give identical text.
+    """
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def strip_special(text: str) -> str:
+    """Text with the special tokens replaced by newlines, for tokenizer training.
+
+    The BPE trainer would otherwise spend merges on pieces like '<|im' that never occur outside a
+    special token; the special tokens themselves are added whole.
+    """
+    for t in SPECIAL_TOKENS:
+        text = text.replace(t, "\n")
+    return text
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` (deterministic for the same texts and size)."""
     tok = Tokenizer(models.BPE())
@@ -42,7 +65,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator((strip_special(t) for t in texts), trainer=trainer)
     return wrap_tokenizer(tok)
 
 
@@ -67,3 +90,9 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> N
     # save_jinja_files=False keeps the template inside tokenizer_config.json, where every loader
     # (older transformers, vLLM, llama.cpp converters) looks for it.
     tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
+    # transformers 5 writes its own class name (TokenizersBackend), which transformers 4 based
+    # tools cannot resolve; PreTrainedTokenizerFast names the same tokenizer for both.
+    config_path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

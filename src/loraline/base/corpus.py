@@ -1,0 +1,122 @@
+"""The offline base model's pretraining corpus, from local text only.
+
+Three sources, each deterministic:
+- the tenants' raw *documents* (.txt/.md). Instruction rows (.jsonl/.json/.csv/.parquet) are never
+  read here: they include the rows held out for testing, and pretraining on them would leak the
+  test set into the base model and inflate every adapter-vs-base comparison.
+- docstrings of the Python standard library, read with `ast` (never imported: importing runs code),
+  as a stock of general English prose that exists on every machine with Python.
+- generic chat exercises (exercises.py), rendered with the chat template.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraline.base.exercises import make_exercises
+
+DOCUMENT_SUFFIXES = (".txt", ".md")
+# Stdlib folders that are tests, demos or vendored code: their docstrings are noise, not prose.
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "turtledemo", "lib2to3", "ensurepip"}
+_MIN_DOCSTRING_CHARS = 40
+
+
+@dataclass
+class Corpus:
+    """Texts by source, in the order they were collected."""
+
+    documents: list[str] = field(default_factory=list)
+    document_files: list[str] = field(default_factory=list)
+    stdlib: list[str] = field(default_factory=list)
+    exercises: list[str] = field(default_factory=list)
+
+    def sources(self) -> dict[str, list[str]]:
+        return {"documents": self.documents, "stdlib": self.stdlib, "exercises": self.exercises}
+
+    def sha256(self) -> str:
+        """One hash over every text, source by source: equal corpus <=> equal hash."""
+        h = hashlib.sha256()
+        for name, texts in self.sources().items():
+            h.update(name.encode() + b"\0")
+            for t in texts:
+                h.update(hashlib.sha256(t.encode("utf-8")).digest())
+        return h.hexdigest()
+
+
+def read_documents(raw_dirs: list[Path]) -> tuple[list[str], list[str]]:
+    """Text of every .txt/.md file under `raw_dirs` (recursive, sorted), and their display paths."""
+    texts, names = [], []
+    for raw in raw_dirs:
+        raw = Path(raw)
+        if not raw.is_dir():
+            continue
+        for path in sorted(p for p in raw.rglob("*") if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES):
+            if any(part.startswith(".") for part in path.relative_to(raw).parts):
+                continue  # .dvc/.git internals, editor backups
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue  # the prepare stage reports unreadable files; the base just skips them
+            text = text.replace("\r\n", "\n").strip()
+            if text:
+                texts.append(text)
+                names.append(f"{raw.name}/{path.relative_to(raw).as_posix()}")
+    return texts, names
+
+
+def stdlib_docstrings(max_chars: int, stdlib_dir: Path | None = None) -> list[str]:
+    """Module, class and function docstrings of the standard library, up to `max_chars` in total.
+
+    Files are visited in the order of the hash of their relative path -- a fixed shuffle -- so that a
+    small cap still samples the whole library instead of only modules starting with 'a'. Parsing
+    stops as soon as the cap is reached. The result depends on the Python version (recorded).
+    """
+    if max_chars <= 0:
+        return []
+    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    files = [
+        p
+        for p in root.rglob("*.py")
+        if not (_STDLIB_SKIP & set(p.relative_to(root).parts[:-1])) and not p.name.startswith("test_")
+    ]
+    files.sort(key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
+    out: list[str] = []
+    seen: set[str] = set()
+    total = 0
+    for path in files:
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef))]
+        for node in nodes:
+            doc = ast.get_docstring(node, clean=True)
+            if not doc or len(doc) < _MIN_DOCSTRING_CHARS or doc in seen:
+                continue
+            doc = doc[: max_chars - total]
+            seen.add(doc)
+            out.append(doc)
+            total += len(doc)
+            if total >= max_chars:
+                return out
+    return out
+
+
+def build_corpus(raw_dirs: list[Path], *, stdlib: bool, max_stdlib_chars: int, exercises: int, seed: int, tokenizer_template) -> Corpus:
+    """Collect the three sources. `tokenizer_template(messages) -> str` renders an exercise."""
+    docs, names = read_documents(raw_dirs)
+    return Corpus(
+        documents=docs,
+        document_files=names,
+        stdlib=stdlib_docstrings(max_stdlib_chars) if stdlib else [],
+        exercises=[tokenizer_template(m) for _, m in make_exercises(exercises, seed)],
+    )
+
+
+def python_version() -> str:
+    return ".".join(map(str, sys.version_info[:3]))

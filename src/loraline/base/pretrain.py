@@ -1,0 +1,150 @@
+"""Pretraining the offline base model: a Llama-architecture causal LM and a plain torch loop.
+
+Plain on purpose: AdamW, linear warmup then cosine decay, gradient clipping, fixed-length packed
+sequences. No Trainer, so every step that decides the weights is visible here and deterministic:
+same corpus, params and seed -> same weights, bit for bit (on the same thread count and library
+versions, which the record keeps).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from loraline.base.tokenizer import DOC_SEPARATOR, IM_END, IM_START
+from loraline.config import BuildParams
+
+
+def make_model(p: BuildParams, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised model whose shape comes from `p` and whose special ids from the tokenizer."""
+    sep = tokenizer.convert_tokens_to_ids(DOC_SEPARATOR)
+    eos = tokenizer.convert_tokens_to_ids(IM_END)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_layers,
+        num_attention_heads=p.num_heads,
+        num_key_value_heads=p.num_kv_heads,
+        max_position_embeddings=p.max_position_embeddings,
+        tie_word_embeddings=p.tie_word_embeddings,
+        bos_token_id=sep,
+        eos_token_id=eos,
+        pad_token_id=sep,
+        rms_norm_eps=1e-5,
+        initializer_range=0.02,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Greedy by default: later stages evaluate exact match, which sampling would make random.
+    model.generation_config = GenerationConfig(
+        bos_token_id=sep,
+        eos_token_id=eos,
+        pad_token_id=sep,
+        do_sample=False,
+        max_new_tokens=256,
+    )
+    return model
+
+
+def pack(token_lists: list[list[int]], separator: int, seq_len: int, seed: int, epoch: int) -> torch.Tensor:
+    """Shuffle the texts (seeded per epoch), join them with the separator, cut into seq_len rows.
+
+    The tail shorter than seq_len is dropped; with a new shuffle each epoch a different tail is lost.
+    """
+    order = list(range(len(token_lists)))
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    flat: list[int] = []
+    for i in order:
+        flat.extend(token_lists[i])
+        flat.append(separator)
+    n = len(flat) // seq_len
+    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def lr_at(step: int, p: BuildParams) -> float:
+    """Linear warmup to p.learning_rate, then cosine decay to 10% of it at p.max_steps."""
+    if step < p.warmup_steps:
+        return p.learning_rate * (step + 1) / p.warmup_steps
+    progress = (step - p.warmup_steps) / max(1, p.max_steps - p.warmup_steps)
+    return p.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@dataclass
+class PretrainResult:
+    losses: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+    epochs: float = 0.0
+    wall_s: float = 0.0
+
+
+def pretrain(
+    model: LlamaForCausalLM,
+    token_lists: list[list[int]],
+    separator: int,
+    p: BuildParams,
+    seed: int,
+    progress: bool = False,
+) -> PretrainResult:
+    """Train `model` in place for exactly p.max_steps steps of p.batch_size packed sequences."""
+    if not token_lists:
+        raise ValueError("the pretraining corpus is empty: add documents, stdlib docstrings or exercises")
+    # Weight decay on matrices only: decaying norms' gains and embeddings hurts small models.
+    decay = [t for n, t in model.named_parameters() if t.ndim >= 2 and "embed" not in n]
+    no_decay = [t for n, t in model.named_parameters() if not (t.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=p.learning_rate,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    result = PretrainResult()
+    epoch, cursor = 0, 0
+    rows = pack(token_lists, separator, p.seq_len, seed, epoch)
+    if len(rows) == 0:
+        raise ValueError(f"the pretraining corpus is shorter than one sequence of seq_len={p.seq_len} tokens")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=p.max_steps, desc="pretrain base", unit="step")
+    start = time.perf_counter()
+    model.train()
+    for step in range(p.max_steps):
+        batch = []
+        while len(batch) < p.batch_size:
+            if cursor == len(rows):  # next epoch: a fresh shuffle and packing
+                epoch, cursor = epoch + 1, 0
+                rows = pack(token_lists, separator, p.seq_len, seed, epoch)
+            take = min(p.batch_size - len(batch), len(rows) - cursor)
+            batch.extend(rows[cursor : cursor + take])
+            cursor += take
+        input_ids = torch.stack(batch)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, p)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        result.losses.append(loss.item())
+        result.tokens_seen += input_ids.numel()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    result.epochs = epoch + cursor / max(1, len(rows))
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+def special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in (DOC_SEPARATOR, IM_START, IM_END)}

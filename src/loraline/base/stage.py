@@ -1,0 +1,322 @@
+"""The `base` stage: decide which base model every adapter sits on, and record it.
+
+- base.model unset: build loraline's own small model offline (corpus -> tokenizer -> pretraining)
+  and save it in Hugging Face format in the stage's output folder.
+- base.model a local folder or a Hugging Face id: validate and record it, never download. Later
+  stages load it through resolve_base_model_path / base_load_kwargs / load_base_tokenizer.
+
+The output folder always holds base_record.json. For a built model, every file except that record
+is byte-deterministic for the same params, seed and library versions; wall-clock times live only
+in the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraline import io
+from loraline.base.corpus import build_corpus, python_version
+from loraline.base.pretrain import make_model, pretrain, special_ids
+from loraline.base.tokenizer import CHAT_TEMPLATE, DOC_SEPARATOR, render_chat, save_tokenizer, train_tokenizer
+from loraline.config import BaseParams, ConfigError
+from loraline.provenance import code_revision, library_versions, sha256_file
+
+RECORD = "base_record.json"
+LOSS_CSV = "pretrain_loss.csv"
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class BaseResult:
+    out_dir: Path
+    source: str  # built | local | hub
+    model_ref: str  # what from_pretrained gets: the out_dir, the local folder, or the hub id
+    record: dict[str, Any]
+
+
+def build_base(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path, progress: bool = False) -> BaseResult:
+    """Run the base stage into `out_dir` (replaced atomically)."""
+    out_dir = Path(out_dir)
+    if params.model is None:
+        return _build_own(params, seed, [Path(d) for d in raw_dirs], out_dir, progress)
+    return _record_external(params, out_dir)
+
+
+# --- built -------------------------------------------------------------------------------------
+
+
+def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path, progress: bool) -> BaseResult:
+    p = params.build
+    start = time.perf_counter()
+    corpus = build_corpus(
+        raw_dirs,
+        stdlib=p.stdlib_docstrings,
+        max_stdlib_chars=p.max_stdlib_chars,
+        exercises=p.exercises,
+        seed=seed,
+        tokenizer_template=render_chat,
+    )
+    all_texts = [t for texts in corpus.sources().values() for t in texts]
+    if not all_texts:
+        raise ValueError(
+            "nothing to pretrain the base model on: no .txt/.md documents under the tenants' raw folders, "
+            "base.build.stdlib_docstrings is false and base.build.exercises is 0"
+        )
+    tokenizer = train_tokenizer(all_texts, p.vocab_size)
+    composition: dict[str, dict[str, int]] = {}
+    token_lists: list[list[int]] = []
+    for name, texts in corpus.sources().items():
+        # split_special_tokens=False (the default) turns '<|im_start|>' in exercises into its one id.
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        composition[name] = {"texts": len(texts), "chars": sum(map(len, texts)), "tokens": sum(map(len, ids))}
+        token_lists.extend(ids)
+    separator = tokenizer.convert_tokens_to_ids(DOC_SEPARATOR)
+
+    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        if p.num_threads:
+            torch.set_num_threads(p.num_threads)
+        torch.use_deterministic_algorithms(True)
+        model = make_model(p, tokenizer, seed)
+        result = pretrain(model, token_lists, separator, p, seed, progress=progress)
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+
+    n_params = sum(t.numel() for t in model.parameters())
+    with io.atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the published folder should be readable like any other
+        model.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
+        io.atomic_write_text(tmp / LOSS_CSV, "step,loss\n" + "".join(f"{i + 1},{x:.6f}\n" for i, x in enumerate(result.losses)))
+        record = {
+            "source": "built",
+            "model_ref": ".",
+            "architecture": "LlamaForCausalLM",
+            "parameters": n_params,
+            "seed": seed,
+            "params": params.model_dump(mode="json"),
+            "corpus": {
+                "sha256": corpus.sha256(),
+                "composition": composition,
+                "document_files": corpus.document_files,
+                "python_version": python_version(),  # the stdlib docstrings depend on it
+            },
+            "tokenizer": {"vocab_size": len(tokenizer), "special_tokens": special_ids(tokenizer)},
+            "chat_template_sha256": _sha(CHAT_TEMPLATE),
+            "pretraining": {
+                "steps": p.max_steps,
+                "tokens_seen": result.tokens_seen,
+                "epochs": round(result.epochs, 3),
+                "final_loss": _tail_mean(result.losses),
+                "loss_curve": _curve_summary(result.losses),
+                "wall_s": round(result.wall_s, 1),
+                "threads": p.num_threads or prev_threads,
+            },
+            "wall_s": round(time.perf_counter() - start, 1),
+            "files": {f: sha256_file(tmp / f) for f in sorted(os.listdir(tmp)) if f != RECORD},
+            "code_revision": code_revision(),
+            "library_versions": library_versions(),
+        }
+        missing = [f for f in MODEL_FILES if f not in record["files"]]
+        if missing:  # a transformers upgrade that renames an output must fail here, not in a later stage
+            raise RuntimeError(f"saving the base model did not write {', '.join(missing)}")
+        io.write_json(tmp / RECORD, record)
+    return BaseResult(out_dir=out_dir, source="built", model_ref=str(out_dir), record=record)
+
+
+def _tail_mean(losses: list[float], n: int = 10) -> float:
+    tail = losses[-n:]
+    return round(sum(tail) / len(tail), 4)
+
+
+def _curve_summary(losses: list[float]) -> dict[str, float]:
+    """Loss (mean of up to 10 steps) at the start, each quarter and the end of pretraining."""
+    out = {"first": round(losses[0], 4), "min": round(min(losses), 4)}
+    for q in (25, 50, 75, 100):
+        end = max(1, len(losses) * q // 100)
+        out[f"at_{q}pct"] = _tail_mean(losses[:end])
+    return out
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- external (local folder or hub id) ----------------------------------------------------------
+
+
+def _record_external(params: BaseParams, out_dir: Path) -> BaseResult:
+    ref = params.model
+    assert ref is not None
+    path = Path(ref).expanduser()
+    if path.exists():
+        record = _inspect_local(path.resolve(), params)
+    else:
+        record = _inspect_hub(ref, params)
+    record["params"] = params.model_dump(mode="json", exclude={"build"})
+    record["code_revision"] = code_revision()
+    record["library_versions"] = library_versions()
+    with io.atomic_dir(out_dir) as tmp:
+        io.write_json(tmp / RECORD, record)
+    return BaseResult(out_dir=out_dir, source=record["source"], model_ref=record["model_ref"], record=record)
+
+
+def _inspect_local(path: Path, params: BaseParams) -> dict[str, Any]:
+    if not path.is_dir():
+        raise ConfigError(f"base.model: {path} is a file; point it at the model's folder (with config.json)")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"base.model: {path} has no config.json; is it a Hugging Face model folder?")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"base.model: {path} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    record = {"source": "local", "model_ref": str(path), "revision": None}
+    record.update(_describe(str(path), params, {}))
+    # Hash what is there (not copied: the record pins the content, so a changed folder is detectable).
+    record["files"] = {
+        p.relative_to(path).as_posix(): sha256_file(p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    }
+    record["parameters"] = _safetensors_parameters(path)
+    return record
+
+
+def _inspect_hub(ref: str, params: BaseParams) -> dict[str, Any]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    looks_like_path = ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or (os.sep != "/" and os.sep in ref)
+    try:
+        if looks_like_path:
+            raise HFValidationError("a path")
+        validate_repo_id(ref)
+    except HFValidationError:
+        raise ConfigError(
+            f"base.model: {ref!r} is neither an existing local folder nor a valid Hugging Face model id "
+            "(like 'org/name'); fix the path, or set base.model to null to build loraline's own base model"
+        ) from None
+    revision = params.revision or "main"
+    record: dict[str, Any] = {
+        "source": "hub",
+        "model_ref": ref,
+        "revision": revision,
+        # A branch name can move; only a commit hash makes the base reproducible.
+        "revision_pinned": bool(_COMMIT.match(revision)),
+    }
+    try:
+        # local_files_only: look in the HF cache, never download (the base stage works offline).
+        snapshot = snapshot_download(ref, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 -- any miss means "not cached", which is allowed here
+        snapshot = None
+    record["cached"] = snapshot is not None
+    if snapshot is not None:
+        record.update(_describe(snapshot, params, {"revision": revision}))
+        record["parameters"] = _safetensors_parameters(Path(snapshot))
+    else:
+        record["note"] = "not in the local Hugging Face cache; config and chat template are checked when a later stage loads it"
+        record["chat_template_source"] = "params" if params.chat_template else "unverified"
+        record["chat_template_sha256"] = _sha(params.chat_template) if params.chat_template else None
+    return record
+
+
+def _describe(ref: str, params: BaseParams, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Architecture and chat template of a loadable model (config and tokenizer only, no weights)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=params.trust_remote_code, **kwargs)
+        tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=params.trust_remote_code, **kwargs)
+    except Exception as exc:
+        raise ConfigError(f"base.model: cannot load the config/tokenizer of {ref}: {exc}") from exc
+    template, source = _chat_template(tok, params)
+    return {
+        "architecture": (getattr(config, "architectures", None) or [config.__class__.__name__])[0],
+        "model_type": getattr(config, "model_type", None),
+        "vocab_size": len(tok),
+        "chat_template_source": source,
+        "chat_template_sha256": _sha(template),
+    }
+
+
+def _chat_template(tok: Any, params: BaseParams) -> tuple[str, str]:
+    if isinstance(tok.chat_template, str) and tok.chat_template:
+        return tok.chat_template, "model"
+    if params.chat_template:
+        return params.chat_template, "params"
+    raise ConfigError(
+        f"base.model: the tokenizer of {params.model} has no chat template; set base.chat_template in "
+        "params.yaml to a Jinja chat template for this model (e.g. its ChatML or instruct format)"
+    )
+
+
+def _safetensors_parameters(path: Path) -> int | None:
+    """Parameter count from the safetensors headers (a few KB read, no weights loaded)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in meta["shape"]:
+                    count *= d
+                total += count
+    return total
+
+
+# --- for later stages ---------------------------------------------------------------------------
+
+
+def read_base_record(base_dir: Path) -> dict[str, Any]:
+    path = Path(base_dir) / RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: run the base stage first (loraline base / dvc repro base)") from None
+
+
+def resolve_base_model_path(base_dir: Path) -> str:
+    """What to pass to from_pretrained: the built folder, the recorded local folder, or the hub id."""
+    record = read_base_record(base_dir)
+    return str(Path(base_dir)) if record["source"] == "built" else record["model_ref"]
+
+
+def base_load_kwargs(base_dir: Path) -> dict[str, Any]:
+    """The from_pretrained keyword arguments that go with resolve_base_model_path (revision, trust)."""
+    record = read_base_record(base_dir)
+    kwargs: dict[str, Any] = {}
+    if record["source"] == "hub":
+        kwargs["revision"] = record["revision"]
+    trust = record.get("params", {}).get("trust_remote_code")
+    if trust:
+        kwargs["trust_remote_code"] = True
+    return kwargs
+
+
+def load_base_tokenizer(base_dir: Path, params: BaseParams):
+    """The base's tokenizer, always with a chat template and a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_base_model_path(base_dir), **base_load_kwargs(base_dir))
+    template, _ = _chat_template(tok, params)
+    tok.chat_template = template
+    if tok.pad_token is None:
+        # Batching needs a pad id; padded positions are masked, so which token it is does not matter.
+        tok.pad_token = tok.eos_token
+    return tok

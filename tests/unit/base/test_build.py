@@ -1,0 +1,117 @@
+"""The offline base build: files, loading (fp32 and bitsandbytes 4-bit), record, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from base_helpers import DOC_TEXT, MARKER, tiny_build
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from loraline.base.corpus import build_corpus, read_documents, stdlib_docstrings
+from loraline.base.stage import LOSS_CSV, MODEL_FILES, RECORD, build_base, resolve_base_model_path
+from loraline.base.tokenizer import IM_END, render_chat
+from loraline.config import BaseParams
+from loraline.provenance import sha256_file
+
+
+def test_files_written_and_loadable(built):
+    _, result = built
+    out = result.out_dir
+    for name in (*MODEL_FILES, RECORD, LOSS_CSV):
+        assert (out / name).is_file(), name
+    assert result.source == "built" and resolve_base_model_path(out) == str(out)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    assert model.config.vocab_size == len(tok)
+    eos = tok.convert_tokens_to_ids(IM_END)
+    assert tok.eos_token_id == eos == model.generation_config.eos_token_id
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+    assert model.generation_config.do_sample is False
+    # The chat template lives inside tokenizer_config.json, not in a separate .jinja file.
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    assert not list(out.glob("*.jinja"))
+
+    enc = tok.apply_chat_template([{"role": "user", "content": "Copy 4711."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape == (1, enc["input_ids"].shape[1], len(tok)) and torch.isfinite(logits).all()
+    generated = model.generate(**enc, max_new_tokens=4)
+    assert generated.shape[1] <= enc["input_ids"].shape[1] + 4
+
+
+def test_loads_in_4bit_and_runs_forward(built):
+    _, result = built
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(result.out_dir, quantization_config=bnb, device_map="cpu")
+    import bitsandbytes as bnb_lib
+
+    assert isinstance(model.model.layers[0].mlp.down_proj, bnb_lib.nn.Linear4bit)
+    ids = torch.tensor([[1, 20, 30, 40, 2]])
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+
+
+def test_record(built):
+    params, result = built
+    record = json.loads((result.out_dir / RECORD).read_text())
+    assert record == json.loads(json.dumps(result.record))
+    assert record["source"] == "built" and record["seed"] == 7
+    assert record["params"] == params.model_dump(mode="json")
+    for name in MODEL_FILES:
+        assert record["files"][name] == sha256_file(result.out_dir / name)
+    comp = record["corpus"]["composition"]
+    assert set(comp) == {"documents", "stdlib", "exercises"}
+    assert comp["documents"]["texts"] == 2 and comp["exercises"]["texts"] == 60
+    assert 0 < comp["stdlib"]["chars"] <= 20_000
+    pre = record["pretraining"]
+    assert pre["steps"] == 20 and pre["tokens_seen"] == 20 * 4 * 64
+    assert record["parameters"] == sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(result.out_dir).parameters())
+    assert record["library_versions"]["torch"] and record["code_revision"]
+    lines = (result.out_dir / LOSS_CSV).read_text().splitlines()
+    assert lines[0] == "step,loss" and len(lines) == 21
+
+
+def test_loss_decreases(built):
+    _, result = built
+    curve = result.record["pretraining"]["loss_curve"]
+    assert result.record["pretraining"]["final_loss"] < curve["first"] - 0.3
+
+
+def test_same_seed_same_files_other_seed_other_model(built, raw_dirs, tmp_path):
+    params, first = built
+    again = build_base(params, seed=7, raw_dirs=raw_dirs, out_dir=tmp_path / "again")
+    other = build_base(params, seed=8, raw_dirs=raw_dirs, out_dir=tmp_path / "other")
+    for name in MODEL_FILES:
+        assert sha256_file(again.out_dir / name) == sha256_file(first.out_dir / name), name
+    assert sha256_file(other.out_dir / "model.safetensors") != sha256_file(first.out_dir / "model.safetensors")
+
+
+def test_corpus_has_documents_not_instruction_rows(raw_dirs):
+    texts, names = read_documents(raw_dirs)
+    assert names == ["tenant-a/docs/shipping.md", "tenant-b/handbook.txt"]
+    corpus = build_corpus(raw_dirs, stdlib=True, max_stdlib_chars=5000, exercises=10, seed=1, tokenizer_template=render_chat)
+    everything = "\n".join(t for ts in corpus.sources().values() for t in ts)
+    assert DOC_TEXT in everything
+    assert MARKER not in everything
+
+
+def test_stdlib_docstrings_capped_and_deterministic():
+    first = stdlib_docstrings(30_000)
+    assert first == stdlib_docstrings(30_000)
+    assert 25_000 < sum(map(len, first)) <= 30_000
+    assert len(first) == len(set(first)) and len(first) > 10
+    assert stdlib_docstrings(0) == []
+
+
+def test_empty_corpus_fails_and_leaves_nothing(tmp_path):
+    params = BaseParams(build=tiny_build(stdlib_docstrings=False, exercises=0))
+    with pytest.raises(ValueError, match="nothing to pretrain"):
+        build_base(params, seed=1, raw_dirs=[tmp_path / "none"], out_dir=tmp_path / "base")
+    assert not (tmp_path / "base").exists()

@@ -1,0 +1,108 @@
+"""base.model set: a local folder or a hub id is validated and recorded, never copied or downloaded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import huggingface_hub.constants
+import pytest
+
+from loraline.base.stage import base_load_kwargs, build_base, load_base_tokenizer, resolve_base_model_path
+from loraline.base.tokenizer import CHAT_TEMPLATE
+from loraline.config import BaseParams, ConfigError
+from loraline.provenance import sha256_file
+
+OTHER_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+def _without_template(src, dst):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_local_folder_is_recorded_not_copied(built, tmp_path):
+    _, source = built
+    params = BaseParams(model=str(source.out_dir))
+    result = build_base(params, seed=1, raw_dirs=[], out_dir=tmp_path / "base")
+    assert sorted(p.name for p in result.out_dir.iterdir()) == ["base_record.json"]
+    rec = result.record
+    assert rec["source"] == "local" and rec["model_ref"] == str(source.out_dir.resolve())
+    assert rec["architecture"] == "LlamaForCausalLM" and rec["model_type"] == "llama"
+    assert rec["parameters"] == source.record["parameters"]
+    assert rec["chat_template_source"] == "model"
+    assert rec["files"]["model.safetensors"] == sha256_file(source.out_dir / "model.safetensors")
+    assert resolve_base_model_path(result.out_dir) == str(source.out_dir.resolve())
+    assert base_load_kwargs(result.out_dir) == {}
+    tok = load_base_tokenizer(result.out_dir, params)
+    assert tok.chat_template == CHAT_TEMPLATE
+
+
+def test_missing_chat_template_is_a_clear_error(built, tmp_path):
+    _, source = built
+    folder = _without_template(source.out_dir, tmp_path / "model")
+    with pytest.raises(ConfigError, match="base.chat_template"):
+        build_base(BaseParams(model=str(folder)), seed=1, raw_dirs=[], out_dir=tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+
+
+def test_params_chat_template_fills_the_gap(built, tmp_path):
+    _, source = built
+    folder = _without_template(source.out_dir, tmp_path / "model")
+    params = BaseParams(model=str(folder), chat_template=OTHER_TEMPLATE)
+    result = build_base(params, seed=1, raw_dirs=[], out_dir=tmp_path / "base")
+    assert result.record["chat_template_source"] == "params"
+    tok = load_base_tokenizer(result.out_dir, params)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text == "[user] hi\n"
+
+
+def test_model_template_wins_over_params(built, tmp_path):
+    _, source = built
+    params = BaseParams(model=str(source.out_dir), chat_template=OTHER_TEMPLATE)
+    result = build_base(params, seed=1, raw_dirs=[], out_dir=tmp_path / "base")
+    assert load_base_tokenizer(result.out_dir, params).chat_template == CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("ref", ["./models/does-not-exist", "/no/such/folder/model", "not a model id!", "a/b/c"])
+def test_nonexistent_path_names_the_key(ref, tmp_path):
+    with pytest.raises(ConfigError, match=r"base\.model") as exc:
+        build_base(BaseParams(model=ref), seed=1, raw_dirs=[], out_dir=tmp_path / "base")
+    assert ref in str(exc.value)
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="config.json"):
+        build_base(BaseParams(model=str(tmp_path / "m")), seed=1, raw_dirs=[], out_dir=tmp_path / "base")
+
+
+def test_hub_id_not_cached_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    params = BaseParams(model="example-org/tiny-chat-model", revision="v1.0")
+    result = build_base(params, seed=1, raw_dirs=[], out_dir=tmp_path / "base")
+    rec = result.record
+    assert rec["source"] == "hub" and rec["cached"] is False and rec["revision"] == "v1.0"
+    assert rec["revision_pinned"] is False
+    assert resolve_base_model_path(result.out_dir) == "example-org/tiny-chat-model"
+    assert base_load_kwargs(result.out_dir) == {"revision": "v1.0"}
+
+
+def test_hub_id_in_local_cache_is_inspected(built, tmp_path, monkeypatch):
+    """A model already in the HF cache is checked like a local folder, still with no network."""
+    _, source = built
+    cache = tmp_path / "hf-cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--example-org--tiny"
+    shutil.copytree(source.out_dir, repo / "snapshots" / commit, ignore=shutil.ignore_patterns("base_record.json"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    result = build_base(BaseParams(model="example-org/tiny"), seed=1, raw_dirs=[], out_dir=tmp_path / "base")
+    rec = result.record
+    assert rec["cached"] is True and rec["architecture"] == "LlamaForCausalLM"
+    assert rec["parameters"] == source.record["parameters"] and rec["chat_template_source"] == "model"
