@@ -23,6 +23,23 @@ class RejectReason(str, Enum):
     TOO_LONG = "too_long"
     INVALID_UTF8 = "invalid_utf8"
     UNREADABLE_FILE = "unreadable_file"
+    # Content holding a tokenizer control token (e.g. "<|im_end|>") would be tokenized as a real turn
+    # boundary, letting one row forge turns or end-of-text; such rows are rejected, not escaped.
+    CONTROL_TOKEN = "control_token"
+
+
+class PrepareError(ValueError):
+    """The prepare stage cannot produce a dataset for a tenant; the message names the files to fix."""
+
+
+class ChatTemplateError(PrepareError):
+    """The tokenizer's chat template cannot be used for completion-only masks (named in the message)."""
+
+
+def locate(source_file: str, row: int | None, field: str | None = None) -> str:
+    """'file row 3, field 'output'': the prefix of every reject detail, so each one can be acted on."""
+    where = source_file if row is None else f"{source_file} row {row}"
+    return where if field is None else f"{where}, field {field!r}"
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,12 @@ class PrepareStats:
     documents: int = 0
     token_length_percentiles: dict[str, float] = field(default_factory=dict)
     answer_token_percentiles: dict[str, float] = field(default_factory=dict)
+    tokenizer: str = ""  # name_or_path; empty for an in-memory tokenizer, hence also tokenizer_hash
+    tokenizer_hash: str = ""  # sha256 of tokenizer.json and the chat template
+    data_hash: str = ""  # provenance.hash_tree of the tenant's raw folder
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @property
     def reconciles(self) -> bool:

@@ -1,0 +1,212 @@
+"""Raw row to canonical `Record`, or a `Reject` naming the file, row, field and reason.
+
+Recognized shapes (keys whose value is null count as absent, other keys such as "id" or "meta" are
+ignored):
+
+- instruction: instruction, output, optional input and system (alpaca)
+- chat: messages = [{role, content}], roles system/user/assistant (OpenAI)
+- sharegpt: conversations = [{from, value}], from human/user, gpt/assistant, system
+- prompt_completion: prompt, completion, optional system
+- document: only text (plus ignored metadata); .txt/.md files are documents
+
+Field paths in rejects index lists from 0: "messages[2].role". Optional fields that are empty are
+treated as absent; required ones are rejected as empty_field (whitespace-only counts as empty).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from loraline.data.readers import RawRow, bad_utf8_detail, has_surrogates
+from loraline.data.schema import Message, Record, Reject, RejectReason, locate
+from loraline.data.split import content_hash
+
+SHAPE_KEYS = {
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "instruction": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+}
+SHAPES_HELP = (
+    "instruction+output (alpaca), messages (chat), conversations (sharegpt), prompt+completion, or text (document)"
+)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    record: Record
+    fields: tuple[str, ...]  # the raw field each message came from, so later rejects can name it
+
+
+class _Bad(Exception):
+    def __init__(self, reason: RejectReason, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.field, self.message = reason, field, message
+
+
+def to_record(raw: RawRow, tenant: str, *, max_chars: int, system_prompt: str | None = None) -> Parsed | Reject:
+    try:
+        return _parse(raw, tenant, max_chars, system_prompt)
+    except _Bad as bad:
+        return Reject(
+            tenant, raw.source_file, raw.row, bad.field, bad.reason,
+            f"{locate(raw.source_file, raw.row, bad.field)}: {bad.message}", raw.excerpt,
+        )
+
+
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _parse(raw: RawRow, tenant: str, max_chars: int, system_prompt: str | None) -> Parsed:
+    row = raw.value
+    if not isinstance(row, dict):
+        raise _Bad(RejectReason.WRONG_TYPE, None, f"row is a JSON {json_type(row)}; expected an object with {SHAPES_HELP}")
+    present = {k for k, v in row.items() if v is not None}
+    shapes = [name for name, keys in SHAPE_KEYS.items() if present.intersection(keys)]
+    if len(shapes) > 1:
+        raise _Bad(
+            RejectReason.UNKNOWN_SHAPE, None,
+            f"mixes the keys of several shapes ({', '.join(shapes)}); a row must have exactly one of {SHAPES_HELP}",
+        )
+    if not shapes:
+        if "text" in present:
+            return _document(raw, tenant, row, max_chars)
+        keys = ", ".join(sorted(present)) or "none"
+        raise _Bad(RejectReason.UNKNOWN_SHAPE, None, f"has no known shape (keys: {keys}); expected {SHAPES_HELP}")
+    shape = shapes[0]
+    if shape == "instruction":
+        turns = _instruction(row)
+    elif shape == "prompt_completion":
+        turns = _prompt_completion(row)
+    else:
+        turns = _conversation(row, shape, raw.tabular)
+    return _chat(raw, tenant, shape, turns, max_chars, system_prompt)
+
+
+def _text(row: dict, key: str, path: str | None = None, *, required: bool = True) -> str | None:
+    path = path or key
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise _Bad(RejectReason.MISSING_FIELD, path, "is missing" if key not in row else "is null")
+        return None
+    if not isinstance(value, str):
+        raise _Bad(RejectReason.WRONG_TYPE, path, f"must be a string, got a JSON {json_type(value)}")
+    if has_surrogates(value):
+        raise _Bad(RejectReason.INVALID_UTF8, path, f"text {bad_utf8_detail(value)}")
+    if not value.strip():
+        if required:
+            raise _Bad(RejectReason.EMPTY_FIELD, path, "is empty" if not value else "is only whitespace")
+        return None
+    return value
+
+
+Turn = tuple[str, str, str]  # role, content, the field it came from
+
+
+def _instruction(row: dict) -> list[Turn]:
+    instruction = _text(row, "instruction")
+    extra = _text(row, "input", required=False)
+    output = _text(row, "output")
+    system = _text(row, "system", required=False)
+    turns = [("system", system, "system")] if system else []
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    return [*turns, ("user", user, "instruction"), ("assistant", output, "output")]
+
+
+def _prompt_completion(row: dict) -> list[Turn]:
+    prompt = _text(row, "prompt")
+    completion = _text(row, "completion")
+    system = _text(row, "system", required=False)
+    turns = [("system", system, "system")] if system else []
+    return [*turns, ("user", prompt, "prompt"), ("assistant", completion, "completion")]
+
+
+def _conversation(row: dict, shape: str, tabular: bool) -> list[Turn]:
+    key = "messages" if shape == "chat" else "conversations"
+    role_key, content_key = ("role", "content") if shape == "chat" else ("from", "value")
+    items = row[key]
+    if tabular and isinstance(items, str):
+        # CSV (and Parquet written from it) can only hold the conversation as JSON text in one cell.
+        try:
+            items = json.loads(items)
+        except json.JSONDecodeError as exc:
+            raise _Bad(RejectReason.MALFORMED_JSON, key, f"is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(items, list):
+        raise _Bad(RejectReason.WRONG_TYPE, key, f"must be a list of messages, got a JSON {json_type(items)}")
+    if not items:
+        raise _Bad(RejectReason.EMPTY_FIELD, key, "is an empty list")
+    turns = []
+    for i, item in enumerate(items):
+        path = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise _Bad(RejectReason.WRONG_TYPE, path, f"must be an object with {role_key!r} and {content_key!r}, got a JSON {json_type(item)}")
+        raw_role = _text(item, role_key, f"{path}.{role_key}")
+        name = raw_role.strip().lower()
+        role = name if shape == "chat" else SHAREGPT_ROLES.get(name)
+        if role not in CHAT_ROLES:
+            allowed = CHAT_ROLES if shape == "chat" else tuple(SHAREGPT_ROLES)
+            raise _Bad(RejectReason.UNKNOWN_ROLE, f"{path}.{role_key}", f"{raw_role!r} is not one of {', '.join(allowed)}")
+        turns.append((role, _text(item, content_key, f"{path}.{content_key}"), f"{path}.{content_key}"))
+    return turns
+
+
+def _chat(raw: RawRow, tenant: str, shape: str, turns: list[Turn], max_chars: int, system_prompt: str | None) -> Parsed:
+    if system_prompt and not any(role == "system" for role, _, _ in turns):
+        turns = [("system", system_prompt, "system_prompt"), *turns]
+    list_field = SHAPE_KEYS[shape][0] if shape in ("chat", "sharegpt") else None
+    roles = [role for role, _, _ in turns]
+    if "assistant" not in roles:
+        raise _Bad(RejectReason.NO_ASSISTANT_TURN, list_field, "has no assistant message; there is nothing to train on")
+    if roles[-1] != "assistant":
+        raise _Bad(
+            RejectReason.NO_ASSISTANT_TURN, turns[-1][2],
+            f"the conversation ends with a {roles[-1]} message; the last message must be the assistant's answer",
+        )
+    if all(i == 0 for i, role in enumerate(roles) if role == "assistant"):
+        # A chat template cannot render the prompt of an opening assistant message (there is none).
+        raise _Bad(RejectReason.NO_ASSISTANT_TURN, turns[0][2], "the only assistant message is the first one; nothing prompts it")
+    total = sum(len(content) for _, content, _ in turns)
+    if total > max_chars:
+        longest = max(turns, key=lambda t: len(t[1]))
+        raise _Bad(
+            RejectReason.TOO_LONG, longest[2],
+            f"the conversation has {total} characters (prepare.max_chars={max_chars}); this field alone has {len(longest[1])}",
+        )
+    record = Record(
+        tenant=tenant,
+        kind="chat",
+        source_file=raw.source_file,
+        row=raw.row,
+        shape=shape,
+        content_hash=content_hash((role, content) for role, content, _ in turns),
+        messages=tuple(Message(role, content) for role, content, _ in turns),
+    )
+    return Parsed(record, tuple(f for _, _, f in turns))
+
+
+def _document(raw: RawRow, tenant: str, row: dict, max_chars: int) -> Parsed:
+    text = _text(row, "text")
+    if len(text) > max_chars:
+        raise _Bad(RejectReason.TOO_LONG, "text", f"has {len(text)} characters (prepare.max_chars={max_chars})")
+    record = Record(
+        tenant=tenant,
+        kind="document",
+        source_file=raw.source_file,
+        row=raw.row,
+        shape="document",
+        content_hash=content_hash([("document", text)]),
+        text=text,
+    )
+    return Parsed(record, ("text",))

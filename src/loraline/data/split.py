@@ -1,0 +1,70 @@
+"""Identity of a row (normalized content hash), exact deduplication and the hash-based split.
+
+The split depends only on the row's own content hash and the salt, so adding, removing or
+reordering other rows never moves a row between train, validation and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Iterable
+
+from loraline.config import SplitParams
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """NFKC, whitespace runs collapsed to one space, stripped: what counts as 'the same text'."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def content_hash(turns: Iterable[tuple[str, str]]) -> str:
+    """sha256 of the normalized (role, content) pairs; a document is the single pair ('document', text).
+
+    Roles are part of the identity: the same words said by the user or by the assistant are different
+    training rows.
+    """
+    payload = json.dumps([[role, normalize(content)] for role, content in turns], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def bucket(content_hash_hex: str, salt: str) -> float:
+    """First 8 bytes of sha256(salt + content_hash) as a fraction in [0, 1)."""
+    digest = hashlib.sha256((salt + content_hash_hex).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(content_hash_hex: str, params: SplitParams) -> str:
+    b = bucket(content_hash_hex, params.salt)
+    if b < params.test:
+        return "test"
+    if b < params.test + params.validation:
+        return "validation"
+    return "train"
+
+
+class Deduplicator:
+    """Remembers the first kept occurrence of every content hash (feed rows in sorted file, row order)."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[str, int]] = {}
+
+    def keep(self, content_hash_hex: str, source_file: str, row: int) -> None:
+        self._first.setdefault(content_hash_hex, (source_file, row))
+
+    def duplicate(self, content_hash_hex: str, source_file: str, row: int) -> dict | None:
+        """The duplicates.jsonl entry when this hash was kept before, else None."""
+        original = self._first.get(content_hash_hex)
+        if original is None:
+            return None
+        return {
+            "source_file": source_file,
+            "row": row,
+            "duplicate_of_file": original[0],
+            "duplicate_of_row": original[1],
+            "content_hash": content_hash_hex,
+        }
