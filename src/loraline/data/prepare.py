@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import datasets
 from tqdm.auto import tqdm
 
 from loraline.config import PrepareParams, TenantParams
-from loraline.data.readers import RawRow, list_files, read_rows
+from loraline.data.readers import RawRow, has_surrogates, list_files, read_rows
 from loraline.data.render import (
     check_tokenizer,
     control_tokens,
@@ -116,17 +117,24 @@ def prepare_tenant(
     if stats.kept == 0:
         write_jsonl(rejected_path, [r.to_dict() for r in collected.rejects])
         raise PrepareError(_no_rows_message(stats, collected.rejects, tenant, rejected_path))
-    with atomic_dir(out_dir) as tmp, _quiet_datasets(not progress):
-        splits = datasets.DatasetDict({s: _dataset(collected.splits[s], CHAT_FEATURES, stats, s) for s in SPLITS})
-        # An empty dataset is saved with zero shards by default, which load_from_disk cannot read back.
-        splits.save_to_disk(str(tmp / "dataset"), num_shards={s: _shards(ds) for s, ds in splits.items()})
-        documents = _dataset(collected.documents, DOCUMENT_FEATURES, stats, "documents")
-        documents.save_to_disk(str(tmp / "documents"), num_shards=_shards(documents))
-        write_jsonl(tmp / "duplicates.jsonl", collected.duplicates)
-        # Written inside the atomic block: a failure above leaves the previous rejects and stats,
-        # and stats.json (the stage's metric) is written last.
-        write_jsonl(rejected_path, [r.to_dict() for r in collected.rejects])
-        write_json(stats_path, stats.to_dict())
+    # Rejects and stats live outside out_dir, so they are staged next to their final paths and
+    # renamed only once out_dir is in place: a failure leaves all previous outputs as they were.
+    staged = {path: path.with_name(f".{path.name}.staged-{os.getpid()}") for path in (rejected_path, stats_path)}
+    try:
+        with atomic_dir(out_dir) as tmp, _quiet_datasets(not progress):
+            splits = datasets.DatasetDict({s: _dataset(collected.splits[s], CHAT_FEATURES, stats, s) for s in SPLITS})
+            # An empty dataset is saved with zero shards by default, which load_from_disk cannot read back.
+            splits.save_to_disk(str(tmp / "dataset"), num_shards={s: _shards(ds) for s, ds in splits.items()})
+            documents = _dataset(collected.documents, DOCUMENT_FEATURES, stats, "documents")
+            documents.save_to_disk(str(tmp / "documents"), num_shards=_shards(documents))
+            write_jsonl(tmp / "duplicates.jsonl", collected.duplicates)
+            write_jsonl(staged[rejected_path], [r.to_dict() for r in collected.rejects])
+            write_json(staged[stats_path], stats.to_dict())
+        for final, temporary in staged.items():  # stats.json, the stage's metric, last
+            os.replace(temporary, final)
+    finally:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
     return PrepareResult(
         stats=stats,
         out_dir=out_dir,
@@ -257,7 +265,12 @@ def _summarize(out: Collected, raw_dir: Path, tokenizer) -> None:
     stats.answer_token_percentiles = percentiles([r["n_answer_tokens"] for r in rows])
     stats.tokenizer = tokenizer_name(tokenizer)
     stats.tokenizer_hash = tokenizer_hash(tokenizer)
-    stats.data_hash = hash_tree(raw_dir)
+    # provenance.hash_tree cannot encode file names that are not UTF-8; those files are rejected as
+    # invalid_utf8 anyway, so the hash covers every file that could contribute a row.
+    undecodable = tuple(
+        rel for rel in (p.relative_to(raw_dir).as_posix() for p in raw_dir.rglob("*") if p.is_file()) if has_surrogates(rel)
+    )
+    stats.data_hash = hash_tree(raw_dir, exclude=undecodable)
     # Checked in code, not by assert (stripped under -O): counts that do not add up mean a row was lost.
     bad_files = [rel for rel, c in stats.by_file.items() if c["rows_in"] != c["kept"] + c["rejected"] + c["duplicates"]]
     if not stats.reconciles or bad_files:
@@ -281,8 +294,8 @@ def percentiles(values: list[int]) -> dict[str, float]:
 def _dataset(rows: list[dict], features: datasets.Features, stats: PrepareStats, name: str) -> datasets.Dataset:
     columns = {col: [r[col] for r in rows] for col in features}
     ds = datasets.Dataset.from_dict(columns, features=features)
-    # from_dict gives a random fingerprint, which would land in state.json; a content-derived one
-    # keeps saved datasets byte-identical across runs.
+    # The fingerprint lands in state.json; some datasets releases make it random for in-memory data,
+    # so a content-derived one keeps saved datasets byte-identical across runs.
     digest = hashlib.sha256(json.dumps([stats.tenant, name, rows], sort_keys=True, ensure_ascii=False).encode())
     ds._fingerprint = digest.hexdigest()[:16]
     return ds

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loraline.data.schema import Reject, RejectReason, locate
+from loraline.data.schema import Reject, RejectReason, locate, safe_text
 
 STRUCTURED = (".jsonl", ".json", ".csv", ".parquet")
 DOCUMENTS = (".txt", ".md")
@@ -42,9 +42,7 @@ class RawRow:
 
 
 def excerpt(text: str) -> str:
-    # Lone surrogates (from surrogateescape or "\ud800" JSON escapes) cannot be written as UTF-8;
-    # backslash-escaping keeps the excerpt writable and shows the offending bytes.
-    return text[:EXCERPT_CHARS].encode("utf-8", "backslashreplace").decode("utf-8")
+    return safe_text(text[:EXCERPT_CHARS])
 
 
 def has_surrogates(text: str) -> bool:
@@ -67,7 +65,7 @@ def list_files(raw_dir: Path) -> list[tuple[Path, str]]:
         rel = path.relative_to(raw_dir)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
-        found.append((path, rel.as_posix()))
+        found.append((path, safe_text(rel.as_posix())))
     return sorted(found, key=lambda item: item[1])
 
 
@@ -80,14 +78,20 @@ def read_rows(path: Path, rel: str, tenant: str, csv_delimiter: str = ",") -> It
             f"unsupported file type {suffix or '(no extension)'!r}; supported: {', '.join(SUPPORTED)}",
         )
         return
+    if has_surrogates(str(path)):
+        yield _file_reject(tenant, rel, RejectReason.INVALID_UTF8, "file name is not valid UTF-8; rename the file")
+        return
     try:
+        if suffix == ".jsonl":
+            # Streamed: JSONL is the format of large exports, and rows are independent lines.
+            with open(path, "rb") as fh:
+                yield from _jsonl(fh, rel, tenant)
+            return
         data = path.read_bytes()
     except OSError as exc:
         yield _file_reject(tenant, rel, RejectReason.UNREADABLE_FILE, f"cannot be read: {exc}")
         return
-    if suffix == ".jsonl":
-        yield from _jsonl(data, rel, tenant)
-    elif suffix == ".json":
+    if suffix == ".json":
         yield from _json_array(data, rel, tenant)
     elif suffix == ".csv":
         yield from _csv(data, rel, tenant, csv_delimiter)
@@ -101,11 +105,11 @@ def _file_reject(tenant: str, rel: str, reason: RejectReason, message: str, exce
     return Reject(tenant, rel, None, None, reason, f"{locate(rel, None)}: {message}", excerpt(excerpt_text))
 
 
-def _jsonl(data: bytes, rel: str, tenant: str) -> Iterator[RawRow | Reject]:
-    if data.startswith(b"\xef\xbb\xbf"):  # a BOM from Windows editors is not part of the first row
-        data = data[3:]
-    for lineno, line_bytes in enumerate(data.split(b"\n"), start=1):
-        line = line_bytes.rstrip(b"\r").decode("utf-8", errors="surrogateescape")
+def _jsonl(lines: Iterable[bytes], rel: str, tenant: str) -> Iterator[RawRow | Reject]:
+    for lineno, line_bytes in enumerate(lines, start=1):
+        if lineno == 1 and line_bytes.startswith(b"\xef\xbb\xbf"):  # a Windows editor's BOM is not row data
+            line_bytes = line_bytes[3:]
+        line = line_bytes.rstrip(b"\r\n").decode("utf-8", errors="surrogateescape")
         if not line.strip():
             continue
         if has_surrogates(line):

@@ -36,6 +36,15 @@ class ChatTemplateError(PrepareError):
     """The tokenizer's chat template cannot be used for completion-only masks (named in the message)."""
 
 
+def safe_text(text: str) -> str:
+    """`text` made writable as UTF-8: undecodable bytes (surrogateescape) shown as \\xNN, other lone
+    surrogates (from "\\ud800" JSON escapes) as \\udNNN."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def locate(source_file: str, row: int | None, field: str | None = None) -> str:
     """'file row 3, field 'output'': the prefix of every reject detail, so each one can be acted on."""
     where = source_file if row is None else f"{source_file} row {row}"
@@ -87,7 +96,8 @@ class Reject:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["reason"] = self.reason.value
-        return d
+        # Details quote raw keys and values, which may hold lone surrogates that UTF-8 cannot encode.
+        return {k: safe_text(v) if isinstance(v, str) else v for k, v in d.items()}
 
 
 @dataclass
