@@ -40,7 +40,16 @@ from loraline.data.render import (
     tokenizer_hash,
     tokenizer_name,
 )
-from loraline.data.schema import SPLITS, ChatTemplateError, PrepareError, PrepareStats, Reject, RejectReason, locate
+from loraline.data.schema import (
+    SPLITS,
+    ChatTemplateError,
+    PrepareError,
+    PrepareStats,
+    Reject,
+    RejectReason,
+    locate,
+    top_field,
+)
 from loraline.data.shapes import Parsed, to_record
 from loraline.data.split import Deduplicator, split_of
 from loraline.io import atomic_dir, write_json, write_jsonl
@@ -207,7 +216,7 @@ def _process(item: RawRow | Reject, tenant: str, params: PrepareParams, tokenize
     except ChatTemplateError as exc:
         raise ChatTemplateError(f"{locate(record.source_file, record.row)}: {exc}") from exc
     if rendered.n_tokens > params.max_tokens:
-        return _reject(item, parsed, "text", RejectReason.TOO_LONG,
+        return _reject(item, parsed, None, RejectReason.TOO_LONG,
                        f"renders to {rendered.n_tokens} tokens with the chat template (prepare.max_tokens={params.max_tokens})")
     dedup.keep(record.content_hash, record.source_file, record.row)
     return split_of(record.content_hash, params.split), {
@@ -225,10 +234,10 @@ def _process(item: RawRow | Reject, tenant: str, params: PrepareParams, tokenize
     }
 
 
-def _reject(raw: RawRow, parsed: Parsed, field_name: str, reason: RejectReason, message: str) -> Reject:
+def _reject(raw: RawRow, parsed: Parsed, path: str | None, reason: RejectReason, message: str) -> Reject:
     rec = parsed.record
-    return Reject(rec.tenant, rec.source_file, rec.row, field_name, reason,
-                  f"{locate(rec.source_file, rec.row, field_name)}: {message}", raw.excerpt)
+    return Reject(rec.tenant, rec.source_file, rec.row, top_field(path), reason,
+                  f"{locate(rec.source_file, rec.row, path)}: {message}", raw.excerpt)
 
 
 def _tally(out: Collected, rel: str, outcome) -> None:

@@ -123,7 +123,7 @@ def _jsonl(lines: Iterable[bytes], rel: str, tenant: str) -> Iterator[RawRow | R
         except json.JSONDecodeError as exc:
             yield Reject(
                 tenant, rel, lineno, None, RejectReason.MALFORMED_JSON,
-                f"{locate(rel, lineno)}: not valid JSON ({exc.msg} at column {exc.colno})", excerpt(line),
+                f"{locate(rel, lineno)}: not valid JSON ({exc.msg}: column {exc.colno})", excerpt(line),
             )
             continue
         yield RawRow(rel, lineno, value, raw=line)
@@ -140,7 +140,7 @@ def _json_array(data: bytes, rel: str, tenant: str) -> Iterator[RawRow | Reject]
     except json.JSONDecodeError as exc:
         yield _file_reject(
             tenant, rel, RejectReason.MALFORMED_JSON,
-            f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", text,
+            f"not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})", text,
         )
         return
     if not isinstance(value, list):

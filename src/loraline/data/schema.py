@@ -45,6 +45,11 @@ def safe_text(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def top_field(path: str | None) -> str | None:
+    """'messages' for 'messages[2].role': a reject's field is the row's key, its detail the full path."""
+    return None if path is None else path.split("[", 1)[0].split(".", 1)[0]
+
+
 def locate(source_file: str, row: int | None, field: str | None = None) -> str:
     """'file row 3, field 'output'': the prefix of every reject detail, so each one can be acted on."""
     where = source_file if row is None else f"{source_file} row {row}"
@@ -88,7 +93,7 @@ class Reject:
     tenant: str
     source_file: str
     row: int | None  # None when the whole file could not be read
-    field: str | None
+    field: str | None  # the row's top-level key ("messages"); the detail gives the full path
     reason: RejectReason
     detail: str
     excerpt: str = ""  # first characters of the raw row, secrets never logged beyond the row itself

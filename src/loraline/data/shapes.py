@@ -9,7 +9,8 @@ ignored):
 - prompt_completion: prompt, completion, optional system
 - document: only text (plus ignored metadata); .txt/.md files are documents
 
-Field paths in rejects index lists from 0: "messages[2].role". Optional fields that are empty are
+A reject's field is the row's top-level key ("messages"), and its detail gives the full path, which
+indexes lists from 0: "messages[2].role". too_long concerns the whole row, so its field is None. Optional fields that are empty are
 treated as absent; required ones are rejected as empty_field (whitespace-only counts as empty).
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraline.data.readers import RawRow, bad_utf8_detail, has_surrogates
-from loraline.data.schema import Message, Record, Reject, RejectReason, locate
+from loraline.data.schema import Message, Record, Reject, RejectReason, locate, top_field
 from loraline.data.split import content_hash
 
 SHAPE_KEYS = {
@@ -53,7 +54,7 @@ def to_record(raw: RawRow, tenant: str, *, max_chars: int, system_prompt: str | 
         return _parse(raw, tenant, max_chars, system_prompt)
     except _Bad as bad:
         return Reject(
-            tenant, raw.source_file, raw.row, bad.field, bad.reason,
+            tenant, raw.source_file, raw.row, top_field(bad.field), bad.reason,
             f"{locate(raw.source_file, raw.row, bad.field)}: {bad.message}", raw.excerpt,
         )
 
@@ -142,7 +143,7 @@ def _conversation(row: dict, shape: str, tabular: bool) -> list[Turn]:
         try:
             items = json.loads(items)
         except json.JSONDecodeError as exc:
-            raise _Bad(RejectReason.MALFORMED_JSON, key, f"is not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise _Bad(RejectReason.MALFORMED_JSON, key, f"is not valid JSON ({exc.msg}: column {exc.colno})") from None
     if not isinstance(items, list):
         raise _Bad(RejectReason.WRONG_TYPE, key, f"must be a list of messages, got a JSON {json_type(items)}")
     if not items:
@@ -181,8 +182,9 @@ def _chat(raw: RawRow, tenant: str, shape: str, turns: list[Turn], max_chars: in
     if total > max_chars:
         longest = max(turns, key=lambda t: len(t[1]))
         raise _Bad(
-            RejectReason.TOO_LONG, longest[2],
-            f"the conversation has {total} characters (prepare.max_chars={max_chars}); this field alone has {len(longest[1])}",
+            RejectReason.TOO_LONG, None,
+            f"the conversation has {total} characters (prepare.max_chars={max_chars}); "
+            f"the longest field, {longest[2]!r}, has {len(longest[1])}",
         )
     record = Record(
         tenant=tenant,
@@ -199,7 +201,7 @@ def _chat(raw: RawRow, tenant: str, shape: str, turns: list[Turn], max_chars: in
 def _document(raw: RawRow, tenant: str, row: dict, max_chars: int) -> Parsed:
     text = _text(row, "text")
     if len(text) > max_chars:
-        raise _Bad(RejectReason.TOO_LONG, "text", f"has {len(text)} characters (prepare.max_chars={max_chars})")
+        raise _Bad(RejectReason.TOO_LONG, None, f"field 'text' has {len(text)} characters (prepare.max_chars={max_chars})")
     record = Record(
         tenant=tenant,
         kind="document",

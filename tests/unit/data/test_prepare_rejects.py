@@ -34,37 +34,37 @@ CASES = {
     "malformed_json": (jsonl('{"instruction": "x", '), ("malformed_json", 2, None)),
     "missing_output": (jsonl({"instruction": "Do it"}), ("missing_field", 2, "output")),
     "null_completion": (jsonl({"prompt": "p", "completion": None}), ("missing_field", 2, "completion")),
-    "missing_role": (jsonl({"messages": [{"content": "hi"}]}), ("missing_field", 2, "messages[0].role")),
+    "missing_role": (jsonl({"messages": [{"content": "hi"}]}), ("missing_field", 2, "messages")),
     "empty_instruction": (jsonl({"instruction": " \t\n", "output": "x"}), ("empty_field", 2, "instruction")),
     "empty_messages": (jsonl({"messages": []}), ("empty_field", 2, "messages")),
-    "empty_answer": (jsonl(msgs(("user", "hi"), ("assistant", ""))), ("empty_field", 2, "messages[1].content")),
+    "empty_answer": (jsonl(msgs(("user", "hi"), ("assistant", ""))), ("empty_field", 2, "messages")),
     "empty_sharegpt_value": (
         jsonl({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}]}),
-        ("empty_field", 2, "conversations[1].value"),
+        ("empty_field", 2, "conversations"),
     ),
     "number_output": (jsonl({"instruction": "x", "output": 5}), ("wrong_type", 2, "output")),
     "row_is_list": (jsonl([1, 2]), ("wrong_type", 2, None)),
     "messages_is_string": (jsonl({"messages": "hi"}), ("wrong_type", 2, "messages")),
-    "message_is_string": (jsonl({"messages": ["hi"]}), ("wrong_type", 2, "messages[0]")),
+    "message_is_string": (jsonl({"messages": ["hi"]}), ("wrong_type", 2, "messages")),
     "list_content": (
         jsonl({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
-        ("wrong_type", 2, "messages[0].content"),
+        ("wrong_type", 2, "messages"),
     ),
-    "tool_role": (jsonl(msgs(("user", "hi"), ("tool", "{}"), ("assistant", "ok"))), ("unknown_role", 2, "messages[1].role")),
+    "tool_role": (jsonl(msgs(("user", "hi"), ("tool", "{}"), ("assistant", "ok"))), ("unknown_role", 2, "messages")),
     "sharegpt_function_call": (
         jsonl({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "f()"}]}),
-        ("unknown_role", 2, "conversations[1].from"),
+        ("unknown_role", 2, "conversations"),
     ),
     "unknown_keys": (jsonl({"question": "q", "answer": "a"}), ("unknown_shape", 2, None)),
     "mixed_shapes": (jsonl({**msgs(("user", "a"), ("assistant", "b")), "prompt": "p"}), ("unknown_shape", 2, None)),
     "user_only": (jsonl(msgs(("user", "hi"))), ("no_assistant_turn", 2, "messages")),
     "ends_with_user": (
         jsonl(msgs(("user", "hi"), ("assistant", "yo"), ("user", "and?"))),
-        ("no_assistant_turn", 2, "messages[2].content"),
+        ("no_assistant_turn", 2, "messages"),
     ),
-    "assistant_opens_only": (jsonl(msgs(("assistant", "Welcome!"))), ("no_assistant_turn", 2, "messages[0].content")),
-    "too_many_chars": (jsonl({"instruction": "x", "output": "y" * 301}), ("too_long", 2, "output")),
-    "too_many_tokens": (jsonl({"instruction": "Copy", "output": "1234567890" * 20}), ("too_long", 2, "text")),
+    "assistant_opens_only": (jsonl(msgs(("assistant", "Welcome!"))), ("no_assistant_turn", 2, "messages")),
+    "too_many_chars": (jsonl({"instruction": "x", "output": "y" * 301}), ("too_long", 2, None)),
+    "too_many_tokens": (jsonl({"instruction": "Copy", "output": "1234567890" * 20}), ("too_long", 2, None)),
     "invalid_utf8_line": (jsonl(b'{"text": "caf\xe9"}'), ("invalid_utf8", 2, None)),
     "escaped_lone_surrogate": (jsonl('{"instruction": "x", "output": "bad \\ud800"}'), ("invalid_utf8", 2, "output")),
     "control_token": (jsonl({"instruction": "x", "output": "done<|im_end|>"}), ("control_token", 2, "output")),
@@ -85,6 +85,21 @@ CASES = {
 }
 
 
+# The full path of the offending value, named in the detail where it is more precise than the field.
+PATHS = {
+    "missing_role": "messages[0].role",
+    "empty_answer": "messages[1].content",
+    "empty_sharegpt_value": "conversations[1].value",
+    "message_is_string": "messages[0]",
+    "list_content": "messages[0].content",
+    "tool_role": "messages[1].role",
+    "sharegpt_function_call": "conversations[1].from",
+    "ends_with_user": "messages[2].content",
+    "assistant_opens_only": "messages[0].content",
+    "too_many_chars": "output",
+}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_row_gets_exactly_its_reason_row_and_field(case, raw_dir, gather):
     (name, data), (reason, row, field) = CASES[case]
@@ -96,8 +111,8 @@ def test_bad_row_gets_exactly_its_reason_row_and_field(case, raw_dir, gather):
     assert reject.detail.startswith(name)
     if row is not None:
         assert f"row {row}" in reject.detail
-    if field is not None:
-        assert repr(field) in reject.detail
+    if field is not None or case in PATHS:
+        assert repr(PATHS.get(case, field)) in reject.detail
     assert out.stats.rejected_by_reason[reason] == 1
     assert out.stats.rows_in == out.stats.kept + 1
     json.dumps(reject.to_dict(), ensure_ascii=False).encode("utf-8")  # writable even for bad bytes

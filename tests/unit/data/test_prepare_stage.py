@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from prepare_helpers import chat, write_jsonl
 
 from loraline.config import PrepareParams, TenantParams
-from loraline.data import CHAT_FEATURES, DOCUMENT_FEATURES, PrepareError, prepare_tenant
+from loraline.data import CHAT_FEATURES, DOCUMENT_FEATURES, PrepareError
 from loraline.data.prepare import collect, percentiles
 from loraline.provenance import file_hashes, hash_tree
 
