@@ -177,21 +177,34 @@ def collect(
     stats = PrepareStats(tenant=tenant.name)
     out = Collected(stats=stats)
     stats.by_file = {rel: {"rows_in": 0, "kept": 0, "rejected": 0, "duplicates": 0} for _, rel in files}
-    dedup = Deduplicator()
-    controls = control_tokens(tokenizer)
+    ctx = _Context(tenant.name, params, tokenizer, system_prompt, Deduplicator(), control_tokens(tokenizer))
     for path, rel in tqdm(files, desc=f"prepare {tenant.name}", unit="file", disable=not progress):
         for item in read_rows(path, rel, tenant.name, params.csv_delimiter):
-            outcome = _process(item, tenant.name, params, tokenizer, system_prompt, dedup, controls)
-            _tally(out, rel, outcome)
+            _tally(out, rel, _process(item, ctx))
 
     _summarize(out, raw_dir, tokenizer)
     return out
 
 
-def _process(item: RawRow | Reject, tenant: str, params: PrepareParams, tokenizer, system_prompt, dedup, controls):
-    """One raw row to a Reject, a duplicates entry (dict with duplicate_of_file) or a kept (kind, row dict)."""
+@dataclass(frozen=True)
+class _Context:
+    tenant: str
+    params: PrepareParams
+    tokenizer: object
+    system_prompt: str | None
+    dedup: Deduplicator
+    controls: tuple[str, ...]
+
+
+Kept = tuple[str, dict]  # ("train" | "validation" | "test" | "document", the dataset row)
+
+
+def _process(item: RawRow | Reject, ctx: _Context) -> Reject | dict | Kept:
+    """One raw row to a Reject, a duplicates.jsonl entry (a dict) or a Kept row."""
     if isinstance(item, Reject):
         return item
+    tenant, params, tokenizer, dedup = ctx.tenant, ctx.params, ctx.tokenizer, ctx.dedup
+    system_prompt = ctx.system_prompt
     parsed = to_record(item, tenant, max_chars=params.max_chars, system_prompt=system_prompt)
     if isinstance(parsed, Reject):
         return parsed
@@ -200,7 +213,7 @@ def _process(item: RawRow | Reject, tenant: str, params: PrepareParams, tokenize
     if duplicate is not None:
         return duplicate
     texts = [record.text] if record.kind == "document" else [m.content for m in record.messages]
-    found = find_control_token(texts, controls)
+    found = find_control_token(texts, ctx.controls)
     if found is not None:
         index, token = found
         return _reject(item, parsed, parsed.fields[index], RejectReason.CONTROL_TOKEN,

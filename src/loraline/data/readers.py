@@ -3,7 +3,8 @@
 Every yielded item is exactly one input row, so counts reconcile: a file that cannot be read at all
 yields a single `Reject` with row=None. Rows are numbered from 1 within their file: the line for
 JSONL (blank lines are not rows, but keep their line numbers), the element for JSON arrays, the data
-record (header excluded) for CSV and Parquet, and 1 for a whole .txt/.md document.
+record (header excluded; blank lines and all-empty records, as spreadsheets export, are not rows) for
+CSV and Parquet, and 1 for a whole .txt/.md document.
 """
 
 from __future__ import annotations

@@ -130,3 +130,12 @@ def test_unsupported_extension_is_rejected_not_silently_skipped(raw_dir):
     assert isinstance(item, Reject)
     assert (item.reason, item.row, item.field) == (RejectReason.UNREADABLE_FILE, None, None)
     assert "data.xml" in item.detail and ".xml" in item.detail and ".jsonl" in item.detail
+
+
+def test_csv_rows_are_data_records_and_blank_lines_are_not_rows(raw_dir):
+    (raw_dir / "a.csv").write_text('prompt,completion\n"two\nlines",a\n\n,\nq,b\n', encoding="utf-8")
+    items = list(read_rows(raw_dir / "a.csv", "a.csv", "acme"))
+    assert [(i.row, i.value) for i in items] == [
+        (1, {"prompt": "two\nlines", "completion": "a"}),
+        (2, {"prompt": "q", "completion": "b"}),
+    ]
