@@ -30,7 +30,7 @@ def hash_tree(root: str | Path, exclude: tuple[str, ...] = ()) -> str:
         rel = path.relative_to(root).as_posix()
         if rel in exclude:
             continue
-        h.update(rel.encode() + b"\0" + sha256_file(path).encode() + b"\n")
+        h.update(rel.encode("utf-8", "surrogateescape") + b"\0" + sha256_file(path).encode() + b"\n")
     return h.hexdigest()
 
 
