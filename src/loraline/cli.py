@@ -81,13 +81,17 @@ def cmd_base(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else layout.base_dir
     started = time.perf_counter()
     result = build_base(params.base, seed=params.seed, raw_dirs=docs, out_dir=out, progress=not args.quiet)
-    print(f"base: {result.summary()} -> {out} ({time.perf_counter() - started:.0f}s)")
+    print(f"{_base_line(result.record)} -> {out} ({time.perf_counter() - started:.0f}s)")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    import datasets
+
     from loraline.base.stage import load_base_tokenizer
     from loraline.data.prepare import prepare_tenant
+
+    datasets.disable_progress_bars()  # one bar per tenant (ours) rather than one per saved split
 
     params, layout = _load(args), Layout()
     base_dir = Path(args.base) if args.base else layout.base_dir
@@ -110,14 +114,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _base_line(record: dict[str, Any]) -> str:
+    if record.get("source") != "built":
+        return f"base: {record.get('source')} model {record.get('model_ref')} (recorded, not downloaded)"
+    pre = record.get("pretraining", {})
+    return (
+        f"base: built {record.get('architecture')}, {record.get('parameters', 0) / 1e6:.1f}M parameters, "
+        f"{pre.get('steps')} steps / {pre.get('tokens_seen', 0) / 1e6:.2f}M tokens, "
+        f"final pretraining loss {pre.get('final_loss', float('nan')):.3f}"
+    )
+
+
 def _prepare_line(name: str, stats: Any) -> str:
     s = stats if isinstance(stats, dict) else stats.__dict__
-    reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.get("rejected_by_reason", {}).items())) or "none"
-    splits = " / ".join(f"{k} {v}" for k, v in s.get("splits", {}).items())
+    splits = " / ".join(f"{k} {s.get('splits', {}).get(k, 0)}" for k in ("train", "validation", "test"))
     return (
         f"prepare[{name}]: {s['rows_in']} rows in = {s['kept']} kept + {s['rejected']} rejected "
-        f"+ {s['duplicates']} duplicates | splits: {splits} | documents {s.get('documents', 0)} | rejects: {reasons}"
+        f"+ {s['duplicates']} duplicates | {splits} | documents {s.get('documents', 0)} | rejects: {_reasons(s)}"
     )
+
+
+def _reasons(stats: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(stats.get("rejected_by_reason", {}).items()) if v) or "none"
 
 
 # -- whole pipeline ---------------------------------------------------------------------------
@@ -149,19 +167,25 @@ def print_summary(params: Params, seconds: float) -> None:
     print("\n== loraline summary ==")
     record_path = layout.base_dir / "base_record.json"
     if record_path.exists():
-        rec = json.loads(record_path.read_text())
-        desc = rec.get("model") or rec.get("source")
-        extra = ""
-        if rec.get("source") == "built":
-            extra = f", {rec.get('parameters', 0) / 1e6:.1f}M parameters, final pretraining loss {rec.get('final_loss', float('nan')):.3f}"
-        print(f"base model: {desc}{extra} ({layout.base_dir})")
+        print(f"{_base_line(json.loads(record_path.read_text()))}\n      {layout.base_dir}")
+    header = ("tenant", "rows in", "kept", "rejected", "duplicates", "train", "validation", "test", "documents")
+    rows, notes = [], []
     for name in params.tenant_names:
         path = layout.prepare_stats_path(name)
-        if path.exists():
-            print(_prepare_line(name, json.loads(path.read_text())))
-            print(f"    dataset {layout.prepared_dir(name)}  rejects {layout.rejected_path(name)}")
-        else:
-            print(f"prepare[{name}]: not run")
+        if not path.exists():
+            notes.append(f"{name}: prepare has not run")
+            continue
+        s = json.loads(path.read_text())
+        splits = s.get("splits", {})
+        rows.append((name, s["rows_in"], s["kept"], s["rejected"], s["duplicates"], splits.get("train", 0),
+                     splits.get("validation", 0), splits.get("test", 0), s.get("documents", 0)))
+        notes.append(f"{name}: rejects {_reasons(s)} -> {layout.rejected_path(name)}; dataset {layout.prepared_dir(name)}")
+    if rows:
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        for r in [header, *rows]:
+            print("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+    for note in notes:
+        print(f"  {note}")
     print(f"total time: {seconds:.0f}s")
 
 
