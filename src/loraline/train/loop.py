@@ -1,0 +1,162 @@
+"""The training loop: plain torch, top to bottom.
+
+Objective: mean cross-entropy over answer tokens of the optimizer step. Each micro-batch's summed
+token loss is divided by the number of answer tokens in the whole step (all its micro-batches),
+so packing vs padding and any grad_accum give the same gradient for the same examples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from loraline.config import TrainParams
+from loraline.train.data import IGNORE, Example
+from loraline.train.model import autocast
+from loraline.train.packing import Batch, PlannedStep, collate, pack_rows
+
+
+@dataclass
+class Progress:
+    """Everything about the run so far that a checkpoint must carry to continue exactly."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)  # {step, train_loss, val_loss, lr}
+    base_val_loss: float | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    tokens_seen: int = 0  # real (non-pad) tokens fed to the model in training steps
+    answer_tokens_seen: int = 0  # tokens with a loss
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Progress:
+        return cls(**d)
+
+
+@dataclass
+class Run:
+    """What the loop works on (built by the stage)."""
+
+    model: torch.nn.Module
+    trainable: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: TrainParams
+    device: torch.device
+    pad_id: int
+    train: list[Example]
+    validation: list[Example]
+    plan: list[PlannedStep]
+
+
+def loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (fp32 logits for a stable softmax)."""
+    with autocast(device):
+        logits = model(**batch.model_inputs(), use_cache=False).logits
+    keep = batch.targets != IGNORE
+    return F.cross_entropy(logits[keep].float(), batch.targets[keep], reduction="sum")
+
+
+def train_step(run: Run, planned: PlannedStep) -> tuple[float, int, int]:
+    """One optimizer step over its micro-batches; returns (mean answer-token loss, tokens, answer tokens)."""
+    batches = [collate([[run.train[i] for i in row] for row in mb], run.pad_id, run.params.packing) for mb in planned.micro_batches]
+    n_targets = sum(b.n_targets for b in batches)
+    total = 0.0
+    for batch in batches:
+        loss = loss_sum(run.model, batch.to(run.device), run.device)
+        (loss / max(n_targets, 1)).backward()
+        total += loss.item()
+    torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), run.params.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total / max(n_targets, 1), sum(b.n_tokens for b in batches), n_targets
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float | None:
+    """Mean answer-token loss over the validation split (dataset order; dropout off)."""
+    examples = run.validation
+    if not examples:
+        return None
+    lengths = [e.n_tokens for e in examples]
+    order = list(range(len(examples)))
+    rows = pack_rows(lengths, order, run.params.max_seq_len) if run.params.packing else [[i] for i in order]
+    was_training = run.model.training
+    run.model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(rows), run.params.batch_size):
+            mb = rows[start : start + run.params.batch_size]
+            batch = collate([[examples[i] for i in row] for row in mb], run.pad_id, run.params.packing)
+            total += loss_sum(run.model, batch.to(run.device), run.device).item()
+            count += batch.n_targets
+    finally:
+        run.model.train(was_training)
+    return total / max(count, 1)
+
+
+def snapshot(trainable: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in trainable.items()}
+
+
+def train_loop(
+    run: Run,
+    progress: Progress,
+    *,
+    start_step: int,
+    best: dict[str, torch.Tensor] | None,
+    save_checkpoint: Callable[[int, Progress, dict[str, torch.Tensor] | None], None] | None,
+    show_progress: bool = False,
+) -> tuple[Progress, dict[str, torch.Tensor] | None]:
+    """Run steps start_step..len(plan)-1; returns the progress and (with early stopping) the best adapter."""
+    params, total_steps = run.params, len(run.plan)
+    early = params.early_stopping_patience
+    if start_step == 0 and run.validation:
+        # LoRA starts as a no-op (B = 0), so this is the base model's validation loss: the baseline.
+        progress.base_val_loss = evaluate(run)
+        progress.history.append({"step": 0, "train_loss": None, "val_loss": progress.base_val_loss, "lr": None})
+    run.model.train()
+    started, tokens_here = time.perf_counter(), 0
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not show_progress)
+    try:
+        for step in range(start_step, total_steps):
+            lr = run.optimizer.param_groups[0]["lr"]
+            train_loss, n_tokens, n_targets = train_step(run, run.plan[step])
+            done = step + 1
+            progress.tokens_seen += n_tokens
+            progress.answer_tokens_seen += n_targets
+            tokens_here += n_tokens
+            row: dict[str, Any] = {"step": done, "train_loss": train_loss, "val_loss": None, "lr": lr}
+            progress.history.append(row)
+            if run.validation and (done % params.eval_every == 0 or done == total_steps):
+                row["val_loss"] = val = evaluate(run)
+                if progress.best_val_loss is None or val < progress.best_val_loss:
+                    progress.best_val_loss, progress.best_step = val, done
+                    progress.evals_without_improvement = 0
+                    if early is not None:
+                        best = snapshot(run.trainable)
+                else:
+                    progress.evals_without_improvement += 1
+                if early is not None and progress.evals_without_improvement >= early:
+                    progress.stopped_early = True
+            rate = tokens_here / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{rate:.0f}")
+            bar.update(1)
+            if progress.stopped_early:
+                break
+            if save_checkpoint is not None and done % params.save_every == 0 and done < total_steps:
+                save_checkpoint(done, progress, best)
+    finally:
+        bar.close()
+    return progress, best

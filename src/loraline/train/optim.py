@@ -1,0 +1,50 @@
+"""Optimizer and learning-rate schedule.
+
+paged_adamw_32bit / paged_adamw_8bit are bitsandbytes' paged AdamW on CUDA (optimizer state in
+unified memory, paged to the host under memory pressure). Paging is a CUDA feature, so on CPU the
+same names map to the non-paged equivalent and one log line says so: torch AdamW for 32-bit, and
+bitsandbytes' AdamW8bit for 8-bit (bitsandbytes 0.50 runs its blockwise 8-bit AdamW on CPU, so a
+CPU run keeps the 8-bit state quantization that the GPU run has).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from loraline.config import TrainParams
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(params: TrainParams, trainable: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    kwargs = dict(lr=params.learning_rate, weight_decay=params.weight_decay)
+    name = params.optimizer
+    if name == "adamw_torch":
+        return torch.optim.AdamW(trainable, **kwargs)
+    import bitsandbytes.optim as bnb_optim
+
+    if device.type == "cuda":
+        cls = bnb_optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb_optim.PagedAdamW32bit
+        return cls(trainable, **kwargs)
+    if name == "paged_adamw_8bit":
+        log.warning("train.optimizer paged_adamw_8bit: paging is CUDA-only; using non-paged 8-bit AdamW (bitsandbytes) on CPU")
+        return bnb_optim.AdamW8bit(trainable, **kwargs)
+    log.warning("train.optimizer paged_adamw_32bit: paging is CUDA-only; using torch AdamW on CPU")
+    return torch.optim.AdamW(trainable, **kwargs)
+
+
+def warmup_steps(params: TrainParams, total_steps: int) -> int:
+    return math.ceil(params.warmup_ratio * total_steps)
+
+
+def make_scheduler(params: TrainParams, optimizer: torch.optim.Optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    # "constant" still warms up: a cold start at full learning rate is what warmup_ratio is for.
+    name = "constant_with_warmup" if params.lr_scheduler == "constant" else params.lr_scheduler
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=warmup_steps(params, total_steps), num_training_steps=total_steps
+    )

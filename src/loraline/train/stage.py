@@ -1,0 +1,223 @@
+"""The train stage for one tenant: prepared dataset + base model -> LoRA adapter and its record.
+
+    out_dir/adapter_config.json        peft's standard adapter (stock PeftModel.from_pretrained loads it)
+    out_dir/adapter_model.safetensors
+    out_dir/train_record.json          params, hashes, seed, versions, tokens, memory, losses, timing
+    out_dir/loss_curve.csv             step,train_loss,val_loss,lr (for dvc plots)
+
+Order of work: every check that can fail on bad input (base folder, dataset, splits, sequence
+length, module names, packing isolation) runs before the first optimizer step. out_dir is written
+atomically at the end; checkpoints (optional) make a killed run resumable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from loraline import io
+from loraline.base.stage import load_base_tokenizer, read_base_record
+from loraline.config import BaseParams, TrainParams
+from loraline.provenance import code_revision, hash_tree, library_versions, sha256_file
+from loraline.train import checkpoint
+from loraline.train.data import check_splits, load_splits
+from loraline.train.errors import TrainError
+from loraline.train.loop import Progress, Run, train_loop
+from loraline.train.model import (
+    attach_lora,
+    check_module_names,
+    compute_dtype,
+    load_base_model,
+    pick_device,
+    trainable_parameters,
+)
+from loraline.train.optim import make_optimizer, make_scheduler, warmup_steps
+from loraline.train.packing import check_packing_isolation, plan_steps
+from loraline.train.record import (
+    LOSS_CURVE,
+    base_model_hash,
+    device_name,
+    final_train_loss,
+    peak_memory,
+    write_loss_curve,
+)
+
+RECORD = "train_record.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    adapter_config: Path
+    adapter_weights: Path
+    record_path: Path
+    loss_curve: Path
+    record: dict[str, Any]
+
+
+def train_adapter(
+    params: TrainParams,
+    *,
+    base_dir: Path,
+    base_params: BaseParams,
+    dataset_dir: Path,
+    out_dir: Path,
+    checkpoint_dir: Path | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train one LoRA adapter into `out_dir` (replaced atomically). `params.seed` must be set
+    (Params.train_for fills in the top-level seed). With `checkpoint_dir`, checkpoints are written
+    every params.save_every steps and a matching checkpoint found there is resumed from."""
+    started = time.perf_counter()
+    base_dir, dataset_dir, out_dir = Path(base_dir), Path(dataset_dir), Path(out_dir)
+    if params.seed is None:
+        raise TrainError("train.seed is unset; set it, or build the params with Params.train_for(tenant) (top-level seed)")
+    base_record = _read_base(base_dir)
+    splits = load_splits(dataset_dir)
+    check_splits(splits, params, dataset_dir)
+    data_hash = hash_tree(dataset_dir)
+    base_hash = base_model_hash(base_record)
+    fingerprint = _fingerprint(params, data_hash, base_hash)
+    device = pick_device()
+
+    with _deterministic(device):
+        _seed_everything(params.seed)
+        pad_id = load_base_tokenizer(base_dir, base_params).pad_token_id
+        model = load_base_model(params, base_dir, device)
+        check_module_names(params, model)
+        if params.packing:
+            check_packing_isolation(model, device, model.get_input_embeddings().num_embeddings)
+        _seed_everything(params.seed)  # LoRA's initial weights depend on the seed alone, not on loading
+        model = attach_lora(params, model)
+        trainable = trainable_parameters(model)
+        optimizer = make_optimizer(params, list(trainable.values()), device)
+        plan = plan_steps([e.n_tokens for e in splits.train], params, params.seed)
+        scheduler = make_scheduler(params, optimizer, len(plan))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        state, best, start_step, resumed = Progress(), None, 0, None
+        if checkpoint_dir is not None:
+            ckpt = checkpoint.find_resumable(checkpoint_dir, fingerprint)
+            if ckpt is not None:
+                if ckpt.step >= len(plan) or ckpt.state["data_position"] != _position(plan, ckpt.step):
+                    raise RuntimeError(f"checkpoint {ckpt.path} does not fit this run's data plan; delete {checkpoint_dir}")
+                best = checkpoint.load(ckpt, trainable=trainable, optimizer=optimizer, scheduler=scheduler)
+                state = Progress.from_dict(ckpt.state["progress"])
+                start_step = resumed = ckpt.step
+                log.info("resuming from checkpoint %s (step %d of %d)", ckpt.path, ckpt.step, len(plan))
+
+        def save_checkpoint(step: int, prog: Progress, best_now: dict[str, torch.Tensor] | None) -> None:
+            checkpoint.save(
+                checkpoint_dir, step=step, fingerprint=fingerprint, trainable=trainable, best=best_now,
+                optimizer=optimizer, scheduler=scheduler, progress=prog.to_dict(), position=_position(plan, step),
+            )
+
+        run = Run(model, trainable, optimizer, scheduler, params, device, pad_id, splits.train, splits.validation, plan)
+        train_wall, tokens_before = time.perf_counter(), state.tokens_seen
+        state, best = train_loop(
+            run, state, start_step=start_step, best=best,
+            save_checkpoint=save_checkpoint if checkpoint_dir is not None else None, show_progress=progress,
+        )
+        train_wall = time.perf_counter() - train_wall
+        if params.early_stopping_patience is not None and best is not None:
+            with torch.no_grad():  # ship the best-validation adapter, not the one that stopped improving
+                for name, p in trainable.items():
+                    p.copy_(best[name])
+
+    steps_done = state.history[-1]["step"] if state.history else 0
+    record: dict[str, Any] = {
+        "params": params.model_dump(mode="json"),
+        "seed": params.seed,
+        "fingerprint": fingerprint,
+        "data": {
+            "dataset_dir": str(dataset_dir),
+            "sha256": data_hash,
+            "train_examples": len(splits.train),
+            "validation_examples": len(splits.validation),
+        },
+        "base": {"dir": str(base_dir), "source": base_record.get("source"), "model_ref": base_record.get("model_ref"), "sha256": base_hash},
+        "device": device_name(device),
+        "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
+        "optimizer": type(optimizer).__name__,
+        "steps": {"planned": len(plan), "done": steps_done, "warmup": warmup_steps(params, len(plan)), "epochs_started": plan[steps_done - 1].epoch + 1 if steps_done else 0},
+        "resumed_from_step": resumed,
+        "stopped_early": state.stopped_early,
+        "tokens_seen": {"useful": state.tokens_seen, "answer": state.answer_tokens_seen},
+        "tokens_per_s": round((state.tokens_seen - tokens_before) / max(train_wall, 1e-9), 1),  # this process's steps
+        "loss": {
+            "final_train": final_train_loss(state.history),
+            "final_val": state.best_val_loss if (params.early_stopping_patience and best is not None) else _last_val(state.history),
+            "base_val": state.base_val_loss,
+            "best_val": state.best_val_loss,
+            "best_step": state.best_step,
+        },
+        "peak_memory": peak_memory(device),
+        "code_revision": code_revision(),
+        "library_versions": library_versions(),
+    }
+    with io.atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)
+        model.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's blank model card; train_record.json is ours
+        write_loss_curve(tmp / LOSS_CURVE, state.history)
+        record["files"] = {f: sha256_file(tmp / f) for f in ADAPTER_FILES}
+        record["wall_s"] = round(time.perf_counter() - started, 2)
+        io.write_json(tmp / RECORD, record)
+    return TrainResult(out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / RECORD, out_dir / LOSS_CURVE, record)
+
+
+def _read_base(base_dir: Path) -> dict[str, Any]:
+    if not base_dir.is_dir():
+        raise TrainError(f"base model folder {base_dir} does not exist: run the base stage first (loraline base)")
+    try:
+        return read_base_record(base_dir)
+    except FileNotFoundError as exc:
+        raise TrainError(f"base model folder {base_dir} has no base_record.json: it was not written by the base stage ({exc})") from None
+
+
+def _fingerprint(params: TrainParams, data_hash: str, base_hash: str) -> str:
+    payload = {"params": params.model_dump(mode="json"), "data": data_hash, "base": base_hash, "format": checkpoint.FORMAT}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # CPU and every CUDA device; lora_dropout draws from it
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels on CPU (identical adapters for identical inputs); restored afterwards.
+    Not forced on CUDA: bitsandbytes kernels and cuBLAS would need workspace settings and may refuse."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _position(plan: list, step: int) -> dict[str, int]:
+    """Data position of the step after `step` completed ones: the epoch and the step within it."""
+    return {"epoch": plan[step].epoch, "step_in_epoch": plan[step].index_in_epoch}
+
+
+def _last_val(history: list[dict[str, Any]]) -> float | None:
+    vals = [r["val_loss"] for r in history if r["val_loss"] is not None and r["step"] > 0]
+    return vals[-1] if vals else None
