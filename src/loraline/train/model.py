@@ -57,6 +57,7 @@ def load_base_model(params: TrainParams, base_dir: Path, device: torch.device) -
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
+        _keep_trainable_4bit_layout(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=params.gradient_checkpointing,
@@ -68,6 +69,22 @@ def load_base_model(params: TrainParams, base_dir: Path, device: torch.device) -
         if params.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     return model
+
+
+def _keep_trainable_4bit_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On a CPU with AVX512-BF16, bnb 0.50's Linear4bit converts its weight, the first time it runs in
+    eval mode without grad (our validation pass), into an inference-only layout whose kernel
+    (gemv_4bit) has no autograd formula; every later backward then silently drops the gradient
+    through the frozen 4-bit weights (measured: the first layer's LoRA gradient shrank 6x). The
+    flag is bnb's own switch for that conversion.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -95,8 +95,7 @@ def train_adapter(
 
     with _deterministic(device):
         _seed_everything(params.seed)
-        pad_id = load_base_tokenizer(base_dir, base_params).pad_token_id
-        model = load_base_model(params, base_dir, device)
+        pad_id, model = _load_base(params, base_params, base_dir, base_record, device)
         check_module_names(params, model)
         if params.packing:
             check_packing_isolation(model, device, model.get_input_embeddings().num_embeddings)
@@ -187,6 +186,18 @@ def _read_base(base_dir: Path) -> dict[str, Any]:
         return read_base_record(base_dir)
     except FileNotFoundError as exc:
         raise TrainError(f"base model folder {base_dir} has no base_record.json: it was not written by the base stage ({exc})") from None
+
+
+def _load_base(params: TrainParams, base_params: BaseParams, base_dir: Path, record: dict[str, Any], device: torch.device):
+    """(pad id, model); a base that cannot be found (e.g. a hub id not in the local cache) names itself."""
+    try:
+        pad_id = load_base_tokenizer(base_dir, base_params).pad_token_id
+        return pad_id, load_base_model(params, base_dir, device)
+    except OSError as exc:
+        ref = record.get("model_ref")
+        raise TrainError(
+            f"cannot load the base model {ref!r} recorded in {base_dir / 'base_record.json'} (base.model): {exc}"
+        ) from exc
 
 
 def _fingerprint(params: TrainParams, data_hash: str, base_hash: str) -> str:
