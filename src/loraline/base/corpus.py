@@ -6,7 +6,9 @@ Three sources, each deterministic:
   test set into the base model and inflate every adapter-vs-base comparison.
 - docstrings of the Python standard library, read with `ast` (never imported: importing runs code),
   as a stock of general English prose that exists on every machine with Python.
-- generic chat exercises (exercises.py), rendered with the chat template.
+- generic chat exercises (exercises.py), rendered with the chat template. Their prompts are random
+  words, pure noise to a language model, so pretraining takes loss on their answers only
+  (`answer_starts` marks where each answer begins).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraline.base.exercises import make_exercises
+from loraline.base.tokenizer import render_chat
 
 DOCUMENT_SUFFIXES = (".txt", ".md")
 # Stdlib folders that are tests, demos or vendored code: their docstrings are noise, not prose.
@@ -34,6 +37,7 @@ class Corpus:
     document_files: list[str] = field(default_factory=list)
     stdlib: list[str] = field(default_factory=list)
     exercises: list[str] = field(default_factory=list)
+    answer_starts: list[int] = field(default_factory=list)  # per exercise: character where the answer begins
 
     def sources(self) -> dict[str, list[str]]:
         return {"documents": self.documents, "stdlib": self.stdlib, "exercises": self.exercises}
@@ -107,14 +111,19 @@ def stdlib_docstrings(max_chars: int, stdlib_dir: Path | None = None) -> list[st
     return out
 
 
-def build_corpus(raw_dirs: list[Path], *, stdlib: bool, max_stdlib_chars: int, exercises: int, seed: int, tokenizer_template) -> Corpus:
-    """Collect the three sources. `tokenizer_template(messages) -> str` renders an exercise."""
+def build_corpus(raw_dirs: list[Path], *, stdlib: bool, max_stdlib_chars: int, exercises: int, seed: int) -> Corpus:
+    """Collect the three sources."""
     docs, names = read_documents(raw_dirs)
+    texts, starts = [], []
+    for _, messages in make_exercises(exercises, seed):
+        texts.append(render_chat(messages))
+        starts.append(len(render_chat(messages[:-1], add_generation_prompt=True)))
     return Corpus(
         documents=docs,
         document_files=names,
         stdlib=stdlib_docstrings(max_stdlib_chars) if stdlib else [],
-        exercises=[tokenizer_template(m) for _, m in make_exercises(exercises, seed)],
+        exercises=texts,
+        answer_starts=starts,
     )
 
 

@@ -62,6 +62,11 @@ def sentence(rng: random.Random, n: int | None = None, include: list[str] | None
     return text[0].upper() + text[1:] + rng.choice(".!?.")
 
 
+def passage(rng: random.Random, most: int = 4) -> str:
+    """One to `most` sentences: distractor text, so that answers must be found at a distance."""
+    return " ".join(sentence(rng) for _ in range(rng.randint(1, most)))
+
+
 def code_value(rng: random.Random) -> str:
     """Something to copy exactly: a number, an id with a prefix, or a word."""
     kind = rng.randrange(4)
@@ -79,7 +84,7 @@ def _copy_span(rng: random.Random) -> tuple[str, str]:
     name = key_name(rng).replace("_", " ")
     value = code_value(rng)
     fact = rng.choice((f"{name}: {value}", f"{name} {value}", f"the {name} is {value}", f"({name} {value})"))
-    text = " ".join([sentence(rng), fact[0].upper() + fact[1:] + ".", sentence(rng)][rng.randrange(2) :])
+    text = " ".join([passage(rng), fact[0].upper() + fact[1:] + ".", passage(rng)][rng.randrange(2) :])
     ask = rng.choice(
         (
             f"What is the {name} in this text? Copy it exactly.\n\n{text}",
@@ -135,7 +140,7 @@ def _prose_to_json(rng: random.Random) -> tuple[str, str]:
     for k, _, shown in fields:
         name = k.replace("_", " ")
         facts.append(rng.choice((f"the {name} is {shown}", f"{name}: {shown}", f"{name} {shown}")))
-    text = sentence(rng) + " " + ", ".join(facts) + ". " + sentence(rng)
+    text = passage(rng, 2) + " " + ", ".join(facts) + ". " + passage(rng, 2)
     keys = ", ".join(k for k, _, _ in fields)
     ask = rng.choice(
         (

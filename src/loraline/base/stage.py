@@ -26,8 +26,8 @@ import torch
 
 from loraline import io
 from loraline.base.corpus import build_corpus, python_version
-from loraline.base.pretrain import make_model, pretrain, special_ids
-from loraline.base.tokenizer import CHAT_TEMPLATE, DOC_SEPARATOR, render_chat, save_tokenizer, train_tokenizer
+from loraline.base.pretrain import make_model, pretrain, special_ids, tokenize_corpus
+from loraline.base.tokenizer import CHAT_TEMPLATE, DOC_SEPARATOR, save_tokenizer, train_tokenizer
 from loraline.config import BaseParams, ConfigError
 from loraline.provenance import code_revision, library_versions, sha256_file
 
@@ -61,12 +61,7 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
     p = params.build
     start = time.perf_counter()
     corpus = build_corpus(
-        raw_dirs,
-        stdlib=p.stdlib_docstrings,
-        max_stdlib_chars=p.max_stdlib_chars,
-        exercises=p.exercises,
-        seed=seed,
-        tokenizer_template=render_chat,
+        raw_dirs, stdlib=p.stdlib_docstrings, max_stdlib_chars=p.max_stdlib_chars, exercises=p.exercises, seed=seed
     )
     all_texts = [t for texts in corpus.sources().values() for t in texts]
     if not all_texts:
@@ -75,13 +70,7 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
             "base.build.stdlib_docstrings is false and base.build.exercises is 0"
         )
     tokenizer = train_tokenizer(all_texts, p.vocab_size)
-    composition: dict[str, dict[str, int]] = {}
-    token_lists: list[list[int]] = []
-    for name, texts in corpus.sources().items():
-        # split_special_tokens=False (the default) turns '<|im_start|>' in exercises into its one id.
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        composition[name] = {"texts": len(texts), "chars": sum(map(len, texts)), "tokens": sum(map(len, ids))}
-        token_lists.extend(ids)
+    token_lists, label_lists, composition = tokenize_corpus(tokenizer, corpus)
     separator = tokenizer.convert_tokens_to_ids(DOC_SEPARATOR)
 
     prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -90,7 +79,7 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
             torch.set_num_threads(p.num_threads)
         torch.use_deterministic_algorithms(True)
         model = make_model(p, tokenizer, seed)
-        result = pretrain(model, token_lists, separator, p, seed, progress=progress)
+        result = pretrain(model, token_lists, label_lists, separator, p, seed, progress=progress)
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
@@ -119,6 +108,7 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
             "pretraining": {
                 "steps": p.max_steps,
                 "tokens_seen": result.tokens_seen,
+                "loss": "all tokens of documents and docstrings; answer tokens only of exercises",
                 "epochs": round(result.epochs, 3),
                 "final_loss": _tail_mean(result.losses),
                 "loss_curve": _curve_summary(result.losses),

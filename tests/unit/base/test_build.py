@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from loraline.base.corpus import build_corpus, read_documents, stdlib_docstrings
 from loraline.base.stage import LOSS_CSV, MODEL_FILES, RECORD, build_base, resolve_base_model_path
-from loraline.base.tokenizer import IM_END, render_chat
+from loraline.base.tokenizer import IM_END
 from loraline.config import BaseParams
 from loraline.provenance import sha256_file
 
@@ -96,7 +96,7 @@ def test_same_seed_same_files_other_seed_other_model(built, raw_dirs, tmp_path):
 def test_corpus_has_documents_not_instruction_rows(raw_dirs):
     texts, names = read_documents(raw_dirs)
     assert names == ["tenant-a/docs/shipping.md", "tenant-b/handbook.txt"]
-    corpus = build_corpus(raw_dirs, stdlib=True, max_stdlib_chars=5000, exercises=10, seed=1, tokenizer_template=render_chat)
+    corpus = build_corpus(raw_dirs, stdlib=True, max_stdlib_chars=5000, exercises=10, seed=1)
     everything = "\n".join(t for ts in corpus.sources().values() for t in ts)
     assert DOC_TEXT in everything
     assert MARKER not in everything
@@ -115,3 +115,19 @@ def test_empty_corpus_fails_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="nothing to pretrain"):
         build_base(params, seed=1, raw_dirs=[tmp_path / "none"], out_dir=tmp_path / "base")
     assert not (tmp_path / "base").exists()
+
+
+def test_exercise_loss_is_on_answers_only(raw_dirs):
+    from loraline.base.exercises import make_exercises
+    from loraline.base.pretrain import IGNORE, tokenize_corpus
+    from loraline.base.tokenizer import train_tokenizer
+
+    corpus = build_corpus(raw_dirs, stdlib=False, max_stdlib_chars=0, exercises=20, seed=5)
+    tok = train_tokenizer(corpus.documents + corpus.exercises, 400)
+    ids, labels, comp = tokenize_corpus(tok, corpus)
+    n_docs = len(corpus.documents)
+    assert all(lab == i for i, lab in zip(ids[:n_docs], labels[:n_docs], strict=True))  # documents: every token
+    for (_, messages), i, lab in zip(make_exercises(20, seed=5), ids[n_docs:], labels[n_docs:], strict=True):
+        kept = [t for t, x in zip(i, lab, strict=True) if x != IGNORE]
+        assert tok.decode(kept) == messages[-1]["content"] + IM_END + "\n"
+    assert comp["exercises"]["loss_tokens"] < comp["exercises"]["tokens"] / 2
