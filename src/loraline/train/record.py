@@ -14,24 +14,29 @@ import torch
 from loraline import io
 from loraline.base.stage import RECORD as BASE_RECORD
 
-LOSS_CURVE = "loss_curve.csv"
+TRAIN_CURVE = "train_loss.csv"
+VAL_CURVE = "val_loss.csv"
 
 
-def loss_curve_csv(history: list[dict[str, Any]]) -> str:
-    """step,train_loss,val_loss,lr: one row per optimizer step (step 0 = the base model's validation
-    loss); val_loss is empty between evaluations, train_loss and lr are empty at step 0. Empty CSV
-    fields are nulls to `dvc plots` (Vega-Lite drops them), so each line is drawn from its own points."""
-
-    def cell(v: float | None) -> str:
-        return "" if v is None else f"{v:.6g}"
-
-    lines = ["step,train_loss,val_loss,lr"]
-    lines += [f"{r['step']},{cell(r['train_loss'])},{cell(r['val_loss'])},{cell(r['lr'])}" for r in history]
-    return "\n".join(lines) + "\n"
+def _cell(v: float) -> str:
+    return f"{v:.6g}"
 
 
-def write_loss_curve(path: Path, history: list[dict[str, Any]]) -> Path:
-    return io.atomic_write_text(path, loss_curve_csv(history))
+def curves_csv(history: list[dict[str, Any]]) -> tuple[str, str]:
+    """(train_loss.csv, val_loss.csv): step,train_loss,lr for every optimizer step, and step,val_loss
+    for every evaluation (step 0 = the base model). Two files with no empty cells, because DVC's
+    renderers read every cell of a plotted column as a number (an empty one plots as 0 in Vega or
+    fails float() in the markdown renderer); dvc.yaml overlays them on the shared x axis `step`."""
+    train = ["step,train_loss,lr"] + [
+        f"{r['step']},{_cell(r['train_loss'])},{_cell(r['lr'])}" for r in history if r["train_loss"] is not None
+    ]
+    val = ["step,val_loss"] + [f"{r['step']},{_cell(r['val_loss'])}" for r in history if r["val_loss"] is not None]
+    return "\n".join(train) + "\n", "\n".join(val) + "\n"
+
+
+def write_curves(out_dir: Path, history: list[dict[str, Any]]) -> tuple[Path, Path]:
+    train, val = curves_csv(history)
+    return io.atomic_write_text(out_dir / TRAIN_CURVE, train), io.atomic_write_text(out_dir / VAL_CURVE, val)
 
 
 def base_model_hash(base_record: dict[str, Any]) -> str:

@@ -3,7 +3,8 @@
     out_dir/adapter_config.json        peft's standard adapter (stock PeftModel.from_pretrained loads it)
     out_dir/adapter_model.safetensors
     out_dir/train_record.json          params, hashes, seed, versions, tokens, memory, losses, timing
-    out_dir/loss_curve.csv             step,train_loss,val_loss,lr (for dvc plots)
+    out_dir/train_loss.csv             step,train_loss,lr: every optimizer step (for dvc plots)
+    out_dir/val_loss.csv               step,val_loss: every evaluation, step 0 = the base model
 
 Order of work: every check that can fail on bad input (base folder, dataset, splits, sequence
 length, module names, packing isolation) runs before the first optimizer step. out_dir is written
@@ -45,12 +46,13 @@ from loraline.train.model import (
 from loraline.train.optim import make_optimizer, make_scheduler, warmup_steps
 from loraline.train.packing import check_packing_isolation, plan_steps
 from loraline.train.record import (
-    LOSS_CURVE,
+    TRAIN_CURVE,
+    VAL_CURVE,
     base_model_hash,
     device_name,
     final_train_loss,
     peak_memory,
-    write_loss_curve,
+    write_curves,
 )
 
 RECORD = "train_record.json"
@@ -64,7 +66,8 @@ class TrainResult:
     adapter_config: Path
     adapter_weights: Path
     record_path: Path
-    loss_curve: Path
+    train_curve: Path
+    val_curve: Path
     record: dict[str, Any]
 
 
@@ -172,11 +175,14 @@ def train_adapter(
         tmp.chmod(0o755)
         model.save_pretrained(tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's blank model card; train_record.json is ours
-        write_loss_curve(tmp / LOSS_CURVE, state.history)
+        write_curves(tmp, state.history)
         record["files"] = {f: sha256_file(tmp / f) for f in ADAPTER_FILES}
         record["wall_s"] = round(time.perf_counter() - started, 2)
         io.write_json(tmp / RECORD, record)
-    return TrainResult(out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / RECORD, out_dir / LOSS_CURVE, record)
+    return TrainResult(
+        out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / RECORD,
+        out_dir / TRAIN_CURVE, out_dir / VAL_CURVE, record,
+    )
 
 
 def _read_base(base_dir: Path) -> dict[str, Any]:

@@ -32,6 +32,16 @@ class Setup:
 
 
 @pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request):
+    """CPU tests stay CPU tests on a GPU machine (exactness, rss, fp32); @pytest.mark.cuda ones use the GPU."""
+    if request.node.get_closest_marker("cuda"):
+        yield
+        return
+    with mock.patch("loraline.train.stage.pick_device", return_value=torch.device("cpu")):
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _pinned_threads():
     # Same thread count in every run (and in the subprocess of the resume test): CPU float sums
     # depend on it, and one thread is also fastest on 2 cores shared with other work.
@@ -81,7 +91,7 @@ def reference(setup: Setup, tmp_path_factory) -> Reference:
     previous = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        with mock.patch.object(stage, "train_loop", capture):
+        with mock.patch.object(stage, "train_loop", capture), mock.patch.object(stage, "pick_device", return_value=torch.device("cpu")):
             result = stage.train_adapter(tiny_train(), out_dir=root / "out", checkpoint_dir=root / "ckpt", **setup.kwargs())
     finally:
         torch.set_num_threads(previous)

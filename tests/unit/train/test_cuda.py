@@ -27,7 +27,7 @@ def test_nf4_with_paged_8bit_adamw_trains_on_cuda_and_stock_peft_loads_it(setup,
     assert rec["optimizer"] == bnb.optim.PagedAdamW8bit.__name__
     assert rec["peak_memory"]["kind"] == "cuda_max_memory_allocated" and rec["peak_memory"]["bytes"] > 0
     assert rec["loss"]["final_val"] < 0.9 * rec["loss"]["base_val"], rec["loss"]
-    rows = list(csv.DictReader(res.loss_curve.open()))
+    rows = list(csv.DictReader(res.train_curve.open()))
     assert float(rows[-1]["train_loss"]) < float(rows[1]["train_loss"])
 
     base = AutoModelForCausalLM.from_pretrained(setup.base_dir, dtype=torch.float32, device_map={"": "cuda"})

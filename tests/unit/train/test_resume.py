@@ -58,7 +58,8 @@ def test_resuming_a_finished_checkpoint_dir_reproduces_the_adapter(reference, se
     assert res.record["resumed_from_step"] == 9
     assert res.record["files"] == reference.result.record["files"]
     assert res.record["tokens_seen"] == reference.result.record["tokens_seen"]
-    assert res.loss_curve.read_text() == reference.result.loss_curve.read_text()
+    assert res.train_curve.read_text() == reference.result.train_curve.read_text()
+    assert res.val_curve.read_text() == reference.result.val_curve.read_text()
 
 
 SCRIPT = textwrap.dedent(
@@ -92,7 +93,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_adapter(reference, setup, t
     script.write_text(
         SCRIPT.format(threads=THREADS, helpers=str(HERE), base=str(setup.base_dir), data=str(setup.dataset_dir), out=str(out), ck=str(ck))
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -121,5 +122,6 @@ def test_run_killed_with_sigkill_resumes_to_the_same_adapter(reference, setup, t
     diff = max((ours[k] - ref[k]).abs().max().item() for k in ref)
     assert diff == 0.0, diff  # identical on CPU (the issue allows 1e-6)
     assert res.record["files"]["adapter_model.safetensors"] == reference.result.record["files"]["adapter_model.safetensors"]
-    assert res.loss_curve.read_text() == reference.result.loss_curve.read_text()
+    assert res.train_curve.read_text() == reference.result.train_curve.read_text()
+    assert res.val_curve.read_text() == reference.result.val_curve.read_text()
     assert torch.get_num_threads() == THREADS

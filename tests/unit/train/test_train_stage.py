@@ -18,9 +18,9 @@ from loraline.train.stage import RECORD
 
 def test_out_dir_holds_exactly_the_adapter_record_and_curve(reference):
     out = reference.result.out_dir
-    assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "loss_curve.csv", RECORD,
-    ]
+    assert {p.name for p in out.iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", RECORD, "train_loss.csv", "val_loss.csv",
+    }
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))  # the atomic write left no temporary behind
 
 
@@ -40,15 +40,28 @@ def test_record_has_provenance_and_measurements(reference, setup):
     assert rec["code_revision"] and rec["wall_s"] > 0 and rec["resumed_from_step"] is None
 
 
-def test_loss_curve_is_a_csv_with_val_loss_only_at_evals(reference):
-    rows = list(csv.DictReader(reference.result.loss_curve.open()))
-    assert list(rows[0]) == ["step", "train_loss", "val_loss", "lr"]
-    assert [int(r["step"]) for r in rows] == list(range(13))  # step 0 = the base model's validation loss
-    assert rows[0]["train_loss"] == "" and float(rows[0]["val_loss"]) > 0
-    evals = [int(r["step"]) for r in rows[1:] if r["val_loss"]]
-    assert evals == [4, 8, 12]  # eval_every=4
-    assert all(float(r["train_loss"]) > 0 for r in rows[1:])
-    assert float(rows[1]["lr"]) == 0.0 and float(rows[2]["lr"]) > 0  # linear warmup from 0 over 2 steps
+def test_loss_curves_are_full_csvs_that_dvc_plots_can_read(reference):
+    train = list(csv.DictReader(reference.result.train_curve.open()))
+    assert list(train[0]) == ["step", "train_loss", "lr"]
+    assert [int(r["step"]) for r in train] == list(range(1, 13))
+    assert all(float(r["train_loss"]) > 0 for r in train)  # every cell is a number (no gaps)
+    assert float(train[0]["lr"]) == 0.0 and float(train[1]["lr"]) > 0  # linear warmup from 0 over 2 steps
+    val = list(csv.DictReader(reference.result.val_curve.open()))
+    assert list(val[0]) == ["step", "val_loss"]
+    assert [int(r["step"]) for r in val] == [0, 4, 8, 12]  # the base model, then every eval_every=4
+    assert float(val[0]["val_loss"]) == pytest.approx(reference.result.record["loss"]["base_val"], rel=1e-5)
+
+
+def test_dvc_reads_the_curves_as_numbers(reference):
+    """DVC's CSV loader hands cells over as strings and its renderers convert them with float()."""
+    from dvc.repo.plots import _load_sv
+    from dvc_render.vega import VegaRenderer
+
+    for path, y in ((reference.result.train_curve, "train_loss"), (reference.result.val_curve, "val_loss")):
+        points = _load_sv(path.read_text())
+        assert points and all(isinstance(float(p["step"]) + float(p[y]), float) for p in points)
+        spec = VegaRenderer(points, path.name, x="step", y=y).get_filled_template()
+        assert len(spec["data"]["values"]) == len(points)
 
 
 def test_stock_peft_loads_the_adapter_and_matches_our_model(reference, setup):
@@ -84,8 +97,8 @@ def test_training_lowers_held_out_loss_against_the_base(setup, tmp_path):
     )
     loss = res.record["loss"]
     assert loss["final_val"] < 0.85 * loss["base_val"], loss
-    rows = list(csv.DictReader(res.loss_curve.open()))
-    first, last = [float(r["train_loss"]) for r in rows[1:4]], [float(r["train_loss"]) for r in rows[-3:]]
+    rows = list(csv.DictReader(res.train_curve.open()))
+    first, last = [float(r["train_loss"]) for r in rows[:3]], [float(r["train_loss"]) for r in rows[-3:]]
     assert sum(last) < 0.9 * sum(first)
 
 
