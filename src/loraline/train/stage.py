@@ -141,6 +141,7 @@ def train_adapter(
                     p.copy_(best[name])
 
     steps_done = state.history[-1]["step"] if state.history else 0
+    shipped_best = params.early_stopping_patience is not None and best is not None
     record: dict[str, Any] = {
         "params": params.model_dump(mode="json"),
         "seed": params.seed,
@@ -151,18 +152,28 @@ def train_adapter(
             "train_examples": len(splits.train),
             "validation_examples": len(splits.validation),
         },
-        "base": {"dir": str(base_dir), "source": base_record.get("source"), "model_ref": base_record.get("model_ref"), "sha256": base_hash},
+        "base": {
+            "dir": str(base_dir),
+            "source": base_record.get("source"),
+            "model_ref": base_record.get("model_ref"),
+            "sha256": base_hash,
+        },
         "device": device_name(device),
         "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
         "optimizer": type(optimizer).__name__,
-        "steps": {"planned": len(plan), "done": steps_done, "warmup": warmup_steps(params, len(plan)), "epochs_started": plan[steps_done - 1].epoch + 1 if steps_done else 0},
+        "steps": {
+            "planned": len(plan),
+            "done": steps_done,
+            "warmup": warmup_steps(params, len(plan)),
+            "epochs_started": plan[steps_done - 1].epoch + 1 if steps_done else 0,
+        },
         "resumed_from_step": resumed,
         "stopped_early": state.stopped_early,
         "tokens_seen": {"useful": state.tokens_seen, "answer": state.answer_tokens_seen},
         "tokens_per_s": round((state.tokens_seen - tokens_before) / max(train_wall, 1e-9), 1),  # this process's steps
         "loss": {
             "final_train": final_train_loss(state.history),
-            "final_val": state.best_val_loss if (params.early_stopping_patience and best is not None) else _last_val(state.history),
+            "final_val": state.best_val_loss if shipped_best else _last_val(state.history),  # of the shipped adapter
             "base_val": state.base_val_loss,
             "best_val": state.best_val_loss,
             "best_step": state.best_step,
