@@ -54,8 +54,8 @@ def test_loss_curves_are_full_csvs_that_dvc_plots_can_read(reference):
 
 def test_dvc_reads_the_curves_as_numbers(reference):
     """DVC's CSV loader hands cells over as strings and its renderers convert them with float()."""
-    from dvc.repo.plots import _load_sv
-    from dvc_render.vega import VegaRenderer
+    _load_sv = pytest.importorskip("dvc.repo.plots")._load_sv
+    VegaRenderer = pytest.importorskip("dvc_render.vega").VegaRenderer
 
     for path, y in ((reference.result.train_curve, "train_loss"), (reference.result.val_curve, "val_loss")):
         points = _load_sv(path.read_text())
