@@ -19,7 +19,7 @@ import yaml
 from loraline.config import ConfigError, Params, load_params
 from loraline.layout import Layout
 
-STAGES = ("documents", "base", "prepare")
+STAGES = ("documents", "base", "prepare", "train")
 
 
 def _parse_set(values: list[str] | None) -> dict[str, Any]:
@@ -114,6 +114,65 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import shutil
+
+    from loraline.io import write_json
+    from loraline.train import train_adapter
+
+    params, layout = _load(args), Layout()
+    base_dir = Path(args.base) if args.base else layout.base_dir
+    names = _tenants(params, args.tenant)
+    for name in names:
+        out = layout.adapter_dir(name)
+        result = train_adapter(
+            params.train_for(name),
+            base_dir=base_dir,
+            base_params=params.base,
+            dataset_dir=layout.prepared_dir(name) / "dataset",
+            out_dir=out,
+            checkpoint_dir=None if args.no_checkpoints else layout.checkpoint_dir(name),
+            progress=not args.quiet,
+        )
+        metrics = train_metrics(result.record)
+        write_json(layout.train_metrics_path(name), metrics)
+        # The curves also live beside the adapter; DVC plots need them outside the adapter folder.
+        plots = layout.train_plots_dir(name)
+        plots.mkdir(parents=True, exist_ok=True)
+        for curve in (result.train_curve, result.val_curve):
+            shutil.copyfile(curve, plots / curve.name)
+        print(_train_line(name, metrics) + f" -> {out}")
+    return 0
+
+
+def train_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a training run worth comparing across runs (`dvc metrics diff`)."""
+    loss = record["loss"]
+    base, val = loss.get("base_val"), loss.get("final_val")
+    gain = (base - val) / base if base and val is not None else None
+    return {
+        "val_loss_base": base,
+        "val_loss": val,
+        "val_loss_gain": None if gain is None else round(gain, 6),
+        "train_loss": loss.get("final_train"),
+        "steps": record["steps"]["done"],
+        "tokens_seen": record["tokens_seen"]["useful"],
+        "tokens_per_s": record["tokens_per_s"],
+        "wall_s": record["wall_s"],
+        "device": record["device"],
+    }
+
+
+def _train_line(name: str, m: dict[str, Any]) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    gain = "n/a" if m["val_loss_gain"] is None else f"{100 * m['val_loss_gain']:.0f}%"
+    return (
+        f"train[{name}]: validation answer loss {fmt(m['val_loss_base'])} (base) -> {fmt(m['val_loss'])} "
+        f"(adapter), {gain} lower | {m['steps']} steps, {m['tokens_seen']} tokens, {m['tokens_per_s']:.0f} tokens/s "
+        f"on {m['device']}, {m['wall_s']:.0f}s"
+    )
+
+
 def _base_line(record: dict[str, Any]) -> str:
     if record.get("source") != "built":
         return f"base: {record.get('source')} model {record.get('model_ref')} (recorded, not downloaded)"
@@ -151,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd_base(argparse.Namespace(**ns))
         ns["docs"] = None
         cmd_prepare(argparse.Namespace(**ns))
+        cmd_train(argparse.Namespace(**ns, no_checkpoints=False))
     else:
         if args.set:
             raise ConfigError("--set does not apply to a DVC run; use `dvc exp run -S key=value` or edit params.yaml")
@@ -179,6 +239,9 @@ def print_summary(params: Params, seconds: float) -> None:
         splits = s.get("splits", {})
         rows.append((name, s["rows_in"], s["kept"], s["rejected"], s["duplicates"], splits.get("train", 0),
                      splits.get("validation", 0), splits.get("test", 0), s.get("documents", 0)))
+        train_path = layout.train_metrics_path(name)
+        if train_path.exists():
+            notes.append(_train_line(name, json.loads(train_path.read_text())))
         notes.append(f"{name}: rejects {_reasons(s)} -> {layout.rejected_path(name)}; dataset {layout.prepared_dir(name)}")
     if rows:
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -225,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
     p.add_argument("--out", help="output folder (default: data/prepared/<tenant>; one tenant only)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", parents=[common, tenant], help="train each tenant's LoRA/QLoRA adapter on its prepared train split")
+    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    p.add_argument("--no-checkpoints", action="store_true", help="write no periodic checkpoints (a killed run then starts over)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", parents=[common], help="run the whole pipeline (through `dvc repro` unless --no-dvc)")
     p.add_argument("--no-dvc", action="store_true", help="call the stages directly, without DVC's caching and lineage")

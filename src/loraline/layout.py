@@ -25,3 +25,15 @@ class Layout:
 
     def prepare_stats_path(self, tenant: str) -> Path:
         return self.root / "reports" / tenant / "prepare_stats.json"
+
+    def adapter_dir(self, tenant: str) -> Path:
+        return self.root / "models" / "adapters" / tenant
+
+    def checkpoint_dir(self, tenant: str) -> Path:
+        return self.root / "models" / "checkpoints" / tenant
+
+    def train_metrics_path(self, tenant: str) -> Path:
+        return self.root / "reports" / tenant / "train_metrics.json"
+
+    def train_plots_dir(self, tenant: str) -> Path:
+        return self.root / "reports" / tenant / "train"

@@ -36,6 +36,7 @@ TINY_BUILD = {
     "max_stdlib_chars": 20000,
     "exercises": 40,
 }
+TINY_TRAIN = {"max_steps": 6, "batch_size": 4, "eval_every": 3, "save_every": 3, "lora_r": 4, "lora_alpha": 8}
 
 
 def _env() -> dict[str, str]:
@@ -74,6 +75,7 @@ def project(tmp_path_factory) -> Path:
             shutil.copy2(src, dest / rel)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["base"]["build"].update(TINY_BUILD)
+    params["train"].update(TINY_TRAIN)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
@@ -88,7 +90,7 @@ def first_run(project: Path) -> str:
 
 def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str):
     tenants = list(yaml.safe_load((project / "params.yaml").read_text())["tenants"])
-    expected = {"base"} | {f"{stage}@{t}" for stage in ("documents", "prepare") for t in tenants}
+    expected = {"base"} | {f"{stage}@{t}" for stage in ("documents", "prepare", "train") for t in tenants}
     assert stages_run(first_run) == expected
 
     base = project / "models" / "base"
@@ -109,6 +111,10 @@ def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str
         assert set(dataset) == {"train", "validation", "test"}
         assert sum(len(dataset[s]) for s in dataset) + stats["documents"] == stats["kept"]
         assert len(dataset["test"]) > 0 and len(dataset["train"]) > len(dataset["test"])
+        adapter = project / "models" / "adapters" / t
+        assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+        train = json.loads((project / "reports" / t / "train_metrics.json").read_text())
+        assert train["steps"] == TINY_TRAIN["max_steps"] and train["val_loss"] is not None
 
     # Generated outputs are DVC's, never git's.
     ignored = sh("git", "status", "--porcelain", "--ignored", cwd=project)
@@ -126,7 +132,8 @@ def test_second_repro_runs_nothing(project: Path, first_run: str):
 def test_editing_one_tenants_rows_reruns_only_that_tenant(project: Path, first_run: str):
     tenant = "acme-shop"
     before = json.loads((project / "reports" / tenant / "prepare_stats.json").read_text())
-    other = (project / "data" / "prepared" / "globex-it").stat().st_mtime_ns
+    others = [project / "data" / "prepared" / "globex-it", project / "models" / "adapters" / "globex-it"]
+    before_others = [p.stat().st_mtime_ns for p in others]
     target = sorted((project / "data" / "raw" / tenant).glob("*.jsonl"))[0]
     with target.open("a", encoding="utf-8") as fh:
         row = {"instruction": "Extract the order request as JSON.",
@@ -135,10 +142,10 @@ def test_editing_one_tenants_rows_reruns_only_that_tenant(project: Path, first_r
 
     out = sh("dvc", "repro", cwd=project)
 
-    assert stages_run(out) == {f"documents@{tenant}", f"prepare@{tenant}"}
+    assert stages_run(out) == {f"documents@{tenant}", f"prepare@{tenant}", f"train@{tenant}"}
     after = json.loads((project / "reports" / tenant / "prepare_stats.json").read_text())
     assert after["rows_in"] == before["rows_in"] + 1
-    assert (project / "data" / "prepared" / "globex-it").stat().st_mtime_ns == other
+    assert [p.stat().st_mtime_ns for p in others] == before_others
 
 
 def test_push_to_the_default_local_remote_and_metrics(project: Path, first_run: str):
@@ -146,6 +153,9 @@ def test_push_to_the_default_local_remote_and_metrics(project: Path, first_run: 
     assert any((project / ".dvc-remote").rglob("*")), "the local remote holds the pushed outputs"
     shown = sh("dvc", "metrics", "show", cwd=project)
     assert "reports/acme-shop/prepare_stats.json" in shown and "rows_in" in shown
+    assert "reports/acme-shop/train_metrics.json" in shown and "val_loss" in shown
+    plots = sh("dvc", "plots", "show", "--json", cwd=project)
+    assert "reports/acme-shop/train/val_loss.csv" in plots
 
 
 def test_loraline_run_summarises_an_up_to_date_pipeline(project: Path, first_run: str):
