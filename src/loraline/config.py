@@ -130,6 +130,9 @@ class TrainParams(_Section):
     save_every: int = Field(100, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)
     seed: int | None = Field(None, description="Defaults to the top-level seed")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads while training on CPU; fix it for adapter hashes that repeat across machines"
+    )
 
 
 class GateParams(_Section):

@@ -96,7 +96,7 @@ def train_adapter(
     fingerprint = _fingerprint(params, data_hash, base_hash)
     device = pick_device()
 
-    with _deterministic(device):
+    with _deterministic(device, params.num_threads):
         _seed_everything(params.seed)
         pad_id, model = _load_base(params, base_params, base_dir, base_record, device)
         check_module_names(params, model)
@@ -229,16 +229,21 @@ def _seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def _deterministic(device: torch.device) -> Iterator[None]:
+def _deterministic(device: torch.device, threads: int | None) -> Iterator[None]:
     """Deterministic kernels on CPU (identical adapters for identical inputs); restored afterwards.
-    Not forced on CUDA: bitsandbytes kernels and cuBLAS would need workspace settings and may refuse."""
-    previous = torch.are_deterministic_algorithms_enabled()
+    Not forced on CUDA: bitsandbytes kernels and cuBLAS would need workspace settings and may refuse.
+    CPU sums depend on how work is split over threads, so a fixed thread count (train.num_threads)
+    is what makes adapter hashes repeat across machines with different core counts."""
+    previous, previous_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
+        if threads:
+            torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
+        torch.set_num_threads(previous_threads)
 
 
 def _position(plan: list, step: int) -> dict[str, int]:
