@@ -33,7 +33,7 @@ class _Section(BaseModel):
 class BuildParams(_Section):
     """Shape and pretraining budget of the small base model that loraline builds offline."""
 
-    vocab_size: int = Field(4096, ge=512, le=65536, description="BPE vocabulary size, special tokens included")
+    vocab_size: int = Field(2048, ge=512, le=65536, description="BPE vocabulary size, special tokens included")
     hidden_size: int = Field(256, ge=16, description="Model width")
     intermediate_size: int = Field(768, ge=16, description="MLP width")
     num_layers: int = Field(4, ge=1, le=64)
@@ -43,7 +43,7 @@ class BuildParams(_Section):
     tie_word_embeddings: bool = True
     seq_len: int = Field(256, ge=16, description="Pretraining sequence length (tokens)")
     batch_size: int = Field(16, ge=1, description="Pretraining sequences per step")
-    max_steps: int = Field(600, ge=1, description="Pretraining optimizer steps: the budget (deterministic, unlike a time limit)")
+    max_steps: int = Field(400, ge=1, description="Pretraining optimizer steps: the budget (deterministic, unlike a time limit)")
     learning_rate: float = Field(3e-3, gt=0, lt=1)
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.01, ge=0)
