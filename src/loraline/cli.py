@@ -312,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"loraline {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from dvc.exceptions import DvcException
+
+        if not isinstance(exc, DvcException):
+            raise
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        print(f"loraline {args.command}: dvc: {exc}{cause}; the stage's own error is printed above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

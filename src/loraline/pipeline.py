@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -13,6 +14,11 @@ def reproduce(root: str | Path = ".", force: bool = False, push: bool = True) ->
     versions recorded in dvc.lock can be fetched elsewhere (`dvc pull`).
     """
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    # dvc.yaml's commands call `loraline`: make it the one from this interpreter's environment even
+    # when that environment is not activated (e.g. `.venv/bin/loraline run`).
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
