@@ -1,0 +1,167 @@
+"""The merge stage on a tiny built base and a tiny nf4 adapter (a few seconds on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from unittest import mock  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent / "train"))
+from train_helpers import make_raw, tiny_build, tiny_train  # noqa: E402
+
+from loraline.config import BaseParams, PrepareParams, TenantParams  # noqa: E402
+from loraline.merge import DEFAULT_PROBES, REPORT, MergeError, merge_adapter  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Trained:
+    base_params: BaseParams
+    base_dir: Path
+    adapter_dir: Path
+    root: Path
+
+    def kwargs(self) -> dict:
+        return {"base_dir": self.base_dir, "base_params": self.base_params, "adapter_dir": self.adapter_dir}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Trained:
+    import loraline.train.stage as stage
+    from loraline.base.stage import build_base, load_base_tokenizer
+    from loraline.data.prepare import prepare_tenant
+
+    root = tmp_path_factory.mktemp("merge")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        raw = make_raw(root / "raw" / "toy", n=60)
+        base_params = BaseParams(build=tiny_build(max_steps=30))
+        base = build_base(base_params, seed=5, raw_dirs=[raw], out_dir=root / "base")
+        tok = load_base_tokenizer(base.out_dir, base_params)
+        prepared = prepare_tenant(
+            TenantParams(name="toy", raw_dir=raw), PrepareParams(), tok,
+            out_dir=root / "prepared", rejected_path=root / "rejected.jsonl", stats_path=root / "stats.json",
+        )
+        params = tiny_train(quantization="nf4", max_steps=8, grad_accum=1, eval_every=8, save_every=8, learning_rate=1e-2)
+        with mock.patch.object(stage, "pick_device", return_value=torch.device("cpu")):
+            stage.train_adapter(
+                params, base_dir=base.out_dir, base_params=base_params, dataset_dir=prepared.dataset_dir,
+                out_dir=root / "adapter", checkpoint_dir=root / "ckpt",
+            )
+    finally:
+        torch.set_num_threads(previous)
+    return Trained(base_params, base.out_dir, root / "adapter", root)
+
+
+@pytest.fixture(scope="module")
+def merged(trained: Trained):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return merge_adapter(out_dir=trained.root / "merged", tolerance=1e-4, max_new_tokens=12, **trained.kwargs())
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_merged_folder_loads_with_plain_transformers(trained: Trained, merged):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = merged.out_dir
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("adapter_*")), "a merged model carries no adapter files"
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and "im_start" in tok.chat_template
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+    # The standalone model reproduces base + adapter (unmerged, fp32) to 1e-4.
+    base = AutoModelForCausalLM.from_pretrained(trained.base_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(trained.adapter_dir)).eval()
+    text = tok.apply_chat_template(DEFAULT_PROBES[1], tokenize=False, add_generation_prompt=True)
+    x = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a = model(input_ids=x).logits
+        b = peft_model(input_ids=x).logits
+        plain_base = AutoModelForCausalLM.from_pretrained(trained.base_dir, dtype=torch.float32)(input_ids=x).logits
+    assert (a - b).abs().max().item() < 1e-4
+    assert (a - plain_base).abs().max().item() > 1e-3, "the adapter changed nothing: the test proves nothing"
+
+
+def test_report(merged):
+    report = json.loads(merged.report_path.read_text())
+    assert report == json.loads(json.dumps(merged.report))
+    assert report["passed"] is True and merged.passed
+    assert report["dtype"] == "float32" and report["tolerance"] == 1e-4
+    m = report["merged_vs_unmerged"]
+    assert m["max_abs_logit_diff"] < 1e-4
+    assert m["greedy_agreement"] == 1.0
+    assert len(m["per_probe"]) == len(DEFAULT_PROBES)
+    gap = report["vs_4bit"]
+    assert gap["quantization"]["type"] == "nf4"
+    assert gap["max_abs_logit_diff"] > 0
+    assert 0 <= gap["greedy_agreement"] <= 1
+    assert report["reload"]["max_abs_logit_diff"] <= 1e-5 and report["reload"]["loaded_dtype"] == "float32"
+    assert set(report["adapter"]["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert report["adapter"]["quantization"] == "nf4"
+    assert len(report["base"]["sha256"]) == 64
+    assert report["code_revision"]
+    assert "model.safetensors" in report["files"]
+
+
+def test_tolerance_exceeded_raises_and_writes_nothing(trained: Trained, merged):
+    out = trained.root / "too-strict"
+    with pytest.raises(MergeError) as info:
+        merge_adapter(
+            out_dir=out, tolerance=1e-12, probes=DEFAULT_PROBES[:1], max_new_tokens=2, quantized_reference=False,
+            **trained.kwargs(),
+        )
+    assert isinstance(info.value, ValueError)
+    assert "tolerance" in str(info.value) and info.value.report["merged_vs_unmerged"]["max_abs_logit_diff"] > 1e-12
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".too-strict")]
+
+
+def test_rerun_replaces(trained: Trained, merged):
+    out = trained.root / "rerun"
+    probes = [[{"role": "user", "content": "ping"}]]
+    first = merge_adapter(out_dir=out, tolerance=1e-4, probes=probes, max_new_tokens=2, quantized_reference=False, check_reload=False, **trained.kwargs())
+    (out / "stale.txt").write_text("left over")
+    second = merge_adapter(out_dir=out, tolerance=1e-4, probes=probes, max_new_tokens=3, quantized_reference=False, check_reload=False, **trained.kwargs())
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / REPORT).read_text())["max_new_tokens"] == 3
+    assert first.report["files"]["model.safetensors"] == second.report["files"]["model.safetensors"]
+    assert second.report["vs_4bit"] == {"skipped": "quantized_reference=False"}
+    with pytest.raises(MergeError):  # a failing re-run leaves no stale merge behind
+        merge_adapter(out_dir=out, tolerance=1e-12, probes=probes, max_new_tokens=2, quantized_reference=False, **trained.kwargs())
+    assert not out.exists()
+
+
+def test_bad_arguments(trained: Trained, tmp_path):
+    with pytest.raises(MergeError, match="dtype"):
+        merge_adapter(out_dir=tmp_path / "x", dtype="int8", tolerance=1e-3, **trained.kwargs())
+    with pytest.raises(MergeError, match="not a trained adapter"):
+        merge_adapter(
+            base_dir=trained.base_dir, base_params=trained.base_params, adapter_dir=tmp_path,
+            out_dir=tmp_path / "x", tolerance=1e-3,
+        )
+    assert not (tmp_path / "x").exists()
