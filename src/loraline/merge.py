@@ -138,7 +138,7 @@ def merge_adapter(
         "dtype": dtype,
         "tolerance": tolerance,
         "max_new_tokens": max_new_tokens,
-        "probes": {"count": len(probes), "default": probes_is_default(probes), "prompt_tokens": [len(x) for x in inputs]},
+        "probes": {"count": len(probes), "default": probes == DEFAULT_PROBES, "prompt_tokens": [len(x) for x in inputs]},
         "merged_vs_unmerged": vs_unmerged,
         "adapter": {
             "dir": str(adapter_dir),
@@ -198,10 +198,6 @@ def merge_adapter(
         report["wall_s"] = round(time.perf_counter() - started, 2)
         io.write_json(tmp / REPORT, report)
     return MergeResult(out_dir, out_dir / REPORT, report)
-
-
-def probes_is_default(probes: list[list[dict[str, str]]]) -> bool:
-    return probes == DEFAULT_PROBES
 
 
 # --- probes ---------------------------------------------------------------------------------------

@@ -145,15 +145,16 @@ def test_tolerance_exceeded_raises_and_writes_nothing(trained: Trained, merged):
 def test_rerun_replaces(trained: Trained, merged):
     out = trained.root / "rerun"
     probes = [[{"role": "user", "content": "ping"}]]
-    first = merge_adapter(out_dir=out, tolerance=1e-4, probes=probes, max_new_tokens=2, quantized_reference=False, check_reload=False, **trained.kwargs())
+    quick = dict(tolerance=1e-4, probes=probes, quantized_reference=False, check_reload=False, **trained.kwargs())
+    first = merge_adapter(out_dir=out, max_new_tokens=2, **quick)
     (out / "stale.txt").write_text("left over")
-    second = merge_adapter(out_dir=out, tolerance=1e-4, probes=probes, max_new_tokens=3, quantized_reference=False, check_reload=False, **trained.kwargs())
+    second = merge_adapter(out_dir=out, max_new_tokens=3, **quick)
     assert not (out / "stale.txt").exists()
     assert json.loads((out / REPORT).read_text())["max_new_tokens"] == 3
     assert first.report["files"]["model.safetensors"] == second.report["files"]["model.safetensors"]
     assert second.report["vs_4bit"] == {"skipped": "quantized_reference=False"}
     with pytest.raises(MergeError):  # a failing re-run leaves no stale merge behind
-        merge_adapter(out_dir=out, tolerance=1e-12, probes=probes, max_new_tokens=2, quantized_reference=False, **trained.kwargs())
+        merge_adapter(out_dir=out, max_new_tokens=2, **{**quick, "tolerance": 1e-12})
     assert not out.exists()
 
 
