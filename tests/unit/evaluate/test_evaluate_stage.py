@@ -1,0 +1,196 @@
+"""The evaluate stage on a tiny built base, a tiny nf4 adapter and its merge (seconds on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from unittest import mock  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+from train_helpers import make_raw, tiny_build, tiny_train  # noqa: E402
+
+from loraline.config import BaseParams, PrepareParams, TenantParams  # noqa: E402
+from loraline.evaluate.evaluate import GENERATIONS, METRICS, REPORT, EvaluateError, evaluate_tenant  # noqa: E402
+from loraline.evaluate.generate import split_conversation  # noqa: E402
+
+TASK_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy")
+
+
+@dataclass(frozen=True)
+class Setup:
+    base_params: BaseParams
+    base_dir: Path
+    dataset_dir: Path
+    candidate_dir: Path
+    root: Path
+
+    def kwargs(self, **overrides) -> dict:
+        kw = dict(
+            tenant="toy", dataset_dir=self.dataset_dir, base_dir=self.base_dir, base_params=self.base_params,
+            candidate_dir=self.candidate_dir, production_dir=None, max_new_tokens=16,
+        )
+        return kw | overrides
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Setup:
+    import loraline.train.stage as stage
+    from loraline.base.stage import build_base, load_base_tokenizer
+    from loraline.data.prepare import prepare_tenant
+    from loraline.merge import merge_adapter
+
+    root = tmp_path_factory.mktemp("evaluate")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        raw = make_raw(root / "raw" / "toy", n=60)
+        base_params = BaseParams(build=tiny_build())
+        base = build_base(base_params, seed=5, raw_dirs=[raw], out_dir=root / "base")
+        tok = load_base_tokenizer(base.out_dir, base_params)
+        prepared = prepare_tenant(
+            TenantParams(name="toy", raw_dir=raw), PrepareParams(), tok,
+            out_dir=root / "prepared", rejected_path=root / "rejected.jsonl", stats_path=root / "stats.json",
+        )
+        params = tiny_train(quantization="nf4", max_steps=12, grad_accum=1, eval_every=12, save_every=12, learning_rate=1e-2)
+        with mock.patch.object(stage, "pick_device", return_value=torch.device("cpu")):
+            stage.train_adapter(
+                params, base_dir=base.out_dir, base_params=base_params, dataset_dir=prepared.dataset_dir,
+                out_dir=root / "adapter", checkpoint_dir=root / "ckpt",
+            )
+        merge_adapter(
+            base_dir=base.out_dir, base_params=base_params, adapter_dir=root / "adapter", out_dir=root / "merged",
+            tolerance=1e-3, probes=[[{"role": "user", "content": "ping"}]], max_new_tokens=1,
+            quantized_reference=False, check_reload=False,
+        )
+    finally:
+        torch.set_num_threads(previous)
+    return Setup(base_params, base.out_dir, prepared.dataset_dir, root / "merged", root)
+
+
+@pytest.fixture(scope="module")
+def test_rows(setup: Setup) -> int:
+    import datasets
+
+    return len(datasets.load_from_disk(str(setup.dataset_dir))["test"])
+
+
+@pytest.fixture(scope="module")
+def full(setup: Setup):
+    """Base, candidate and production (the base folder itself, a plain HF model dir) on every test row."""
+    with mock.patch("loraline.evaluate.evaluate.pick_device", return_value=torch.device("cpu")):
+        return evaluate_tenant(out_dir=setup.root / "eval-full", **setup.kwargs(production_dir=setup.base_dir))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_files_and_metrics(full, test_rows: int):
+    for name in (METRICS, REPORT, GENERATIONS):
+        assert (full.out_dir / name).is_file(), name
+    assert not [p for p in full.out_dir.parent.iterdir() if p.name.startswith(".eval-full")], "no temporary left"
+    metrics = json.loads(full.metrics_path.read_text())
+    assert metrics == json.loads(json.dumps(full.metrics))
+    assert metrics["tenant"] == "toy" and metrics["test_rows"] == test_rows >= 2
+    assert metrics["expects_json"] is True  # the toy triage answers are JSON objects
+    assert metrics["answer_tokens"] > 0
+    assert set(metrics["models"]) == {"base", "candidate", "production"}
+    for name, m in metrics["models"].items():
+        assert set(m) == {"answer_loss", "answer_perplexity", *TASK_METRICS}, name
+        for key, value in m.items():
+            assert isinstance(value, float) and math.isfinite(value), (name, key, value)
+        assert m["answer_perplexity"] == pytest.approx(math.exp(m["answer_loss"]))
+        for key in TASK_METRICS:
+            assert 0.0 <= m[key] <= 1.0
+
+
+def test_candidate_learned_the_task(full):
+    models = full.metrics["models"]
+    assert models["candidate"]["answer_loss"] < models["base"]["answer_loss"]
+    # production is the base folder: same weights, same numbers (deterministic, greedy).
+    assert models["production"] == models["base"]
+
+
+def test_generations(full, setup: Setup, test_rows: int):
+    import datasets
+
+    rows = _read_jsonl(full.generations_path)
+    assert len(rows) == test_rows
+    test = datasets.load_from_disk(str(setup.dataset_dir))["test"]
+    assert [r["id"] for r in rows] == test["id"]
+    for row, messages in zip(rows, test["messages"]):
+        assert row["reference"] == split_conversation(messages)[1]
+        assert set(row["predictions"]) == set(row["exact_match"]) == {"base", "candidate", "production"}
+        assert all(isinstance(v, bool) for v in row["exact_match"].values())
+        assert all(p == p.strip() and "<|im_end|>" not in p for p in row["predictions"].values())
+    em = sum(r["exact_match"]["candidate"] for r in rows) / len(rows)
+    assert em == pytest.approx(full.metrics["models"]["candidate"]["exact_match"])
+    assert any(r["predictions"]["candidate"] for r in rows), "all-empty generations would make the metrics vacuous"
+
+
+def test_report(full):
+    text = full.report_path.read_text(encoding="utf-8")
+    assert "# Evaluation: toy" in text
+    assert "| metric | base | candidate | production | Δ candidate − base |" in text
+    for key in ("answer_loss", "answer_perplexity", *TASK_METRICS):
+        assert f"| {key}" in text, key
+    m = full.metrics["models"]
+    delta = m["candidate"]["answer_loss"] - m["base"]["answer_loss"]
+    assert f"{delta:+.4f}" in text and delta < 0
+    assert text.count("### ") == 3  # examples_in_report default
+    rows = _read_jsonl(full.generations_path)
+    assert "| reference |" in text and "| candidate |" in text and "| base |" in text
+    assert rows[0]["id"][:12] in text
+
+
+def test_max_examples_and_no_production(setup: Setup, full, tmp_path):
+    missing = tmp_path / "no-production-yet"
+    with mock.patch("loraline.evaluate.evaluate.pick_device", return_value=torch.device("cpu")):
+        small = evaluate_tenant(
+            out_dir=tmp_path / "eval", max_examples=2, examples_in_report=1,
+            **setup.kwargs(production_dir=missing, max_new_tokens=4),
+        )
+    assert small.metrics["test_rows"] == 2
+    assert set(small.metrics["models"]) == {"base", "candidate"}
+    rows = _read_jsonl(small.generations_path)
+    assert len(rows) == 2 and set(rows[0]["predictions"]) == {"base", "candidate"}
+    report = small.report_path.read_text(encoding="utf-8")
+    assert "production" not in report and report.count("### ") == 1
+    # The answer loss of the first two rows is a prefix of the full run's (teacher-forced, same rows).
+    full_rows = _read_jsonl(full.generations_path)
+    assert [r["id"] for r in rows] == [r["id"] for r in full_rows[:2]]
+    # Re-running replaces the folder.
+    (small.out_dir / "stale.txt").write_text("x")
+    with mock.patch("loraline.evaluate.evaluate.pick_device", return_value=torch.device("cpu")):
+        again = evaluate_tenant(out_dir=tmp_path / "eval", max_examples=2, **setup.kwargs(max_new_tokens=4))
+    assert not (again.out_dir / "stale.txt").exists()
+    assert again.metrics == small.metrics  # deterministic
+
+
+def test_bad_inputs(setup: Setup, tmp_path):
+    with pytest.raises(EvaluateError, match="merge"):
+        evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(candidate_dir=tmp_path / "nothing"))
+    with pytest.raises(EvaluateError, match="prepare"):
+        evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(dataset_dir=tmp_path / "nothing"))
+    with pytest.raises(EvaluateError, match="max_new_tokens"):
+        evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(max_new_tokens=0))
+    assert not (tmp_path / "x").exists()
