@@ -19,7 +19,7 @@ import yaml
 from loraline.config import ConfigError, Params, load_params
 from loraline.layout import Layout
 
-STAGES = ("documents", "base", "prepare", "train")
+STAGES = ("documents", "base", "prepare", "train", "merge")
 
 
 def _parse_set(values: list[str] | None) -> dict[str, Any]:
@@ -145,6 +145,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    import shutil
+
+    from loraline.merge import merge_adapter
+
+    params, layout = _load(args), Layout()
+    base_dir = Path(args.base) if args.base else layout.base_dir
+    for name in _tenants(params, args.tenant):
+        m = params.merge
+        result = merge_adapter(
+            base_dir=base_dir, base_params=params.base, adapter_dir=layout.adapter_dir(name),
+            out_dir=layout.merged_dir(name), dtype=m.dtype, tolerance=params.gate_for(name).max_merge_logit_diff,
+            max_new_tokens=m.max_new_tokens, quantized_reference=m.quantized_reference, check_reload=m.check_reload,
+        )
+        # The report also lives beside the merged model; DVC metrics need it outside that folder.
+        layout.merge_report_path(name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result.report_path, layout.merge_report_path(name))
+        r = result.report
+        q = r.get("vs_4bit", {})
+        gap = "skipped" if "skipped" in q else f"{q.get('max_abs_logit_diff', float('nan')):.3g} (greedy agreement {q.get('greedy_agreement', 0):.0%})"
+        mv = r["merged_vs_unmerged"]
+        print(
+            f"merge[{name}]: merged vs adapter max logit diff {mv['max_abs_logit_diff']:.2e} "
+            f"(tolerance {r['tolerance']:g}), greedy agreement {mv['greedy_agreement']:.0%}; gap to 4-bit {gap} "
+            f"-> {layout.merged_dir(name)}"
+        )
+    return 0
+
+
 def train_metrics(record: dict[str, Any]) -> dict[str, Any]:
     """The numbers of a training run worth comparing across runs (`dvc metrics diff`)."""
     loss = record["loss"]
@@ -211,6 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ns["docs"] = None
         cmd_prepare(argparse.Namespace(**ns))
         cmd_train(argparse.Namespace(**ns, no_checkpoints=False))
+        cmd_merge(argparse.Namespace(**ns))
     else:
         if args.set:
             raise ConfigError("--set does not apply to a DVC run; use `dvc exp run -S key=value` or edit params.yaml")
@@ -293,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
     p.add_argument("--no-checkpoints", action="store_true", help="write no periodic checkpoints (a killed run then starts over)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", parents=[common, tenant], help="merge each adapter into a full-precision base and prove it behaves the same")
+    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("run", parents=[common], help="run the whole pipeline (through `dvc repro` unless --no-dvc)")
     p.add_argument("--no-dvc", action="store_true", help="call the stages directly, without DVC's caching and lineage")

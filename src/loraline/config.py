@@ -135,6 +135,17 @@ class TrainParams(_Section):
     )
 
 
+class MergeParams(_Section):
+    """Merging each adapter into a full-precision copy of the base, and the check that it behaves the same."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Precision of the merged model; gate.max_merge_logit_diff must suit it (1e-3 fits float32)"
+    )
+    max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per probe for the agreement check")
+    quantized_reference: bool = Field(True, description="Also measure the gap to the 4-bit model the adapter was trained on")
+    check_reload: bool = Field(True, description="Reload the saved merged folder and compare its logits")
+
+
 class GateParams(_Section):
     """Promotion rules (consumed by the gate); tenants may override any key."""
 
@@ -165,6 +176,7 @@ class Params(_Section):
     base: BaseParams = BaseParams()
     prepare: PrepareParams = PrepareParams()
     train: TrainParams = TrainParams()
+    merge: MergeParams = MergeParams()
     gate: GateParams = GateParams()
     tenants: list[TenantParams] = Field(min_length=1)
 

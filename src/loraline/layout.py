@@ -37,3 +37,9 @@ class Layout:
 
     def train_plots_dir(self, tenant: str) -> Path:
         return self.root / "reports" / tenant / "train"
+
+    def merged_dir(self, tenant: str) -> Path:
+        return self.root / "models" / "merged" / tenant
+
+    def merge_report_path(self, tenant: str) -> Path:
+        return self.root / "reports" / tenant / "merge_report.json"

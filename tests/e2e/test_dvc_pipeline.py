@@ -90,7 +90,7 @@ def first_run(project: Path) -> str:
 
 def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str):
     tenants = list(yaml.safe_load((project / "params.yaml").read_text())["tenants"])
-    expected = {"base"} | {f"{stage}@{t}" for stage in ("documents", "prepare", "train") for t in tenants}
+    expected = {"base"} | {f"{stage}@{t}" for stage in ("documents", "prepare", "train", "merge") for t in tenants}
     assert stages_run(first_run) == expected
 
     base = project / "models" / "base"
@@ -115,6 +115,9 @@ def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
         train = json.loads((project / "reports" / t / "train_metrics.json").read_text())
         assert train["steps"] == TINY_TRAIN["max_steps"] and train["val_loss"] is not None
+        merge = json.loads((project / "reports" / t / "merge_report.json").read_text())
+        assert merge["passed"] and merge["merged_vs_unmerged"]["max_abs_logit_diff"] < 1e-3
+        assert (project / "models" / "merged" / t / "model.safetensors").is_file()
 
     # Generated outputs are DVC's, never git's.
     ignored = sh("git", "status", "--porcelain", "--ignored", cwd=project)
@@ -142,7 +145,7 @@ def test_editing_one_tenants_rows_reruns_only_that_tenant(project: Path, first_r
 
     out = sh("dvc", "repro", cwd=project)
 
-    assert stages_run(out) == {f"documents@{tenant}", f"prepare@{tenant}", f"train@{tenant}"}
+    assert stages_run(out) == {f"documents@{tenant}", f"prepare@{tenant}", f"train@{tenant}", f"merge@{tenant}"}
     after = json.loads((project / "reports" / tenant / "prepare_stats.json").read_text())
     assert after["rows_in"] == before["rows_in"] + 1
     assert [p.stat().st_mtime_ns for p in others] == before_others
