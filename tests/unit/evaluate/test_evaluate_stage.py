@@ -194,3 +194,27 @@ def test_bad_inputs(setup: Setup, tmp_path):
     with pytest.raises(EvaluateError, match="max_new_tokens"):
         evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(max_new_tokens=0))
     assert not (tmp_path / "x").exists()
+
+
+def test_batching_changes_nothing(setup: Setup):
+    """Left-padded batched generation and right-padded batched loss equal their one-row-at-a-time values;
+    the eval prompt is exactly the stored row's prefix before its answer (same rendering as prepare)."""
+    import datasets
+
+    from loraline.base.stage import load_base_tokenizer
+    from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model
+
+    tok = load_base_tokenizer(setup.base_dir, setup.base_params)
+    test = datasets.load_from_disk(str(setup.dataset_dir))["test"].select(range(4))
+    prompts = [encode_prompt(tok, split_conversation(m)[0]) for m in test["messages"]]
+    for p, ids, labels in zip(prompts, test["input_ids"], test["labels"]):
+        assert ids[: len(p)] == p
+        assert all(lab == -100 for lab in labels[: len(p)]) and labels[len(p)] != -100
+    with loaded_model(setup.candidate_dir, torch.device("cpu")) as model:
+        batched = generate_greedy(model, tok, prompts, 8, batch_size=4)
+        single = generate_greedy(model, tok, prompts, 8, batch_size=1)
+        loss4 = answer_loss(model, test["input_ids"], test["labels"], tok.pad_token_id, batch_size=4)
+        loss1 = answer_loss(model, test["input_ids"], test["labels"], tok.pad_token_id, batch_size=1)
+    assert batched == single
+    assert loss4.tokens == loss1.tokens == sum(sum(lab != -100 for lab in row[1:]) for row in test["labels"])
+    assert loss4.loss == pytest.approx(loss1.loss, rel=1e-5)
