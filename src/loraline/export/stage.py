@@ -1,0 +1,244 @@
+"""The export stage: a plain Hugging Face causal-LM folder -> a self-contained ONNX folder.
+
+out_dir (replaced atomically; nothing is left when a check fails):
+    model.onnx (+ model.onnx.data when large)   KV cache in the graph (see loraline.export.wrapper)
+    model.int8.onnx                             optional, onnxruntime dynamic int8 quantization
+    config.json, generation_config.json
+    tokenizer.json, tokenizer_config.json       chat_template inside tokenizer_config.json
+    export_report.json                          parity vs PyTorch for fp32 and int8, tolerance, pass
+
+Parity, on a probe set of chat conversations (rendered with the model's chat template):
+- prompt pass: max abs logit difference over every prompt position;
+- cached decoding: a few steps fed one token at a time (PyTorch's greedy tokens, so both sides see the
+  same inputs) with present -> past; max abs logit difference per step;
+- greedy generation through onnxruntime vs transformers' generate: agreement fraction.
+fp32 must stay within `tolerance` (else ExportError); int8 numbers are reported only.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from loraline import io
+from loraline.export.onnx_export import export_model, quantize_int8
+from loraline.export.runtime import INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
+from loraline.merge import DEFAULT_PROBES
+from loraline.provenance import code_revision, library_versions, sha256_file
+
+REPORT = "export_report.json"
+DECODE_STEPS = 4
+
+
+class ExportError(ValueError):
+    """The exported graph does not reproduce the PyTorch model (or the input cannot be exported)."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    report_path: Path
+    report: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.out_dir / MODEL_FILE
+
+    @property
+    def int8_path(self) -> Path | None:
+        path = self.out_dir / INT8_FILE
+        return path if path.is_file() else None
+
+
+@dataclass
+class _Reference:
+    prompt_logits: list[np.ndarray]  # per probe [prompt_len, vocab]
+    decode_tokens: list[list[int]]  # per probe: tokens fed in the cached steps
+    decode_logits: list[list[np.ndarray]]  # per probe, per step [vocab]
+    greedy: list[list[int]]
+
+
+def export_onnx(
+    *, model_dir: Path, out_dir: Path, int8: bool = False, opset: int | None = None,
+    probes: list[list[dict]] | None = None, max_new_tokens: int = 32, tolerance: float = 1e-3,
+) -> ExportResult:
+    """Export `model_dir` to ONNX in `out_dir`, check it against PyTorch, optionally add an int8 copy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    start = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    probes = DEFAULT_PROBES if probes is None else probes
+    if not probes:
+        raise ExportError("the probe set is empty: parity cannot be checked")
+    if out_dir.exists():  # an export of an older model must not pass for this one's
+        shutil.rmtree(out_dir)
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if not tok.chat_template:
+        raise ExportError(f"{model_dir}: the tokenizer has no chat template; export needs one to be self-contained")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, device_map={"": "cpu"})
+    model.eval()
+    stop = eos_ids(model_dir, tok)
+    inputs = [_encode(tok, p) for p in probes]
+    ref = _reference(model, tok, inputs, max_new_tokens, stop)
+
+    with io.atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)
+        t0 = time.perf_counter()
+        graph = export_model(model, tmp / MODEL_FILE, opset=opset)
+        graph["export_s"] = round(time.perf_counter() - t0, 1)
+        model.config.save_pretrained(str(tmp))
+        gen_config = model.generation_config if model.generation_config is not None else GenerationConfig()
+        gen_config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp), save_jinja_files=False)  # chat_template stays in tokenizer_config.json
+        del model
+        gc.collect()
+
+        fp32 = _parity(OnnxGenerator(tmp, MODEL_FILE), inputs, ref, max_new_tokens)
+        report: dict[str, Any] = {
+            "model_dir": str(model_dir),
+            "graph": graph,
+            "tolerance": tolerance,
+            "probes": probes,
+            "max_new_tokens": max_new_tokens,
+            "decode_steps": DECODE_STEPS,
+            "eos_token_ids": stop,
+            "fp32": fp32,
+            "reference_greedy_texts": [tok.decode(g, skip_special_tokens=True) for g in ref.greedy],
+        }
+        worst = max(fp32["max_abs_logit_diff"], fp32["decode_max_abs_logit_diff"])
+        report["passed"] = bool(worst <= tolerance)
+        if not report["passed"]:
+            raise ExportError(
+                f"ONNX fp32 logits differ from PyTorch by {worst:.3g} > tolerance {tolerance:g} "
+                f"(prompt {fp32['max_abs_logit_diff']:.3g}, cached decoding {fp32['decode_max_abs_logit_diff']:.3g})",
+                report,
+            )
+        if int8:
+            t0 = time.perf_counter()
+            quant = quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE)
+            quant["quantize_s"] = round(time.perf_counter() - t0, 1)
+            report["int8"] = {**quant, **_parity(OnnxGenerator(tmp, INT8_FILE), inputs, ref, max_new_tokens)}
+        report["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        report["wall_s"] = round(time.perf_counter() - start, 1)
+        report["code_revision"] = code_revision()
+        report["library_versions"] = _versions()
+        io.write_json(tmp / REPORT, report)
+    return ExportResult(out_dir, out_dir / REPORT, report)
+
+
+# --- reference (PyTorch) --------------------------------------------------------------------------
+
+
+def _encode(tok: Any, conversation: list[dict]) -> list[int]:
+    text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ExportError(f"probe {conversation!r} renders to no tokens")
+    return list(ids)
+
+
+def _cache_kwarg(model: Any) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def _reference(model: Any, tok: Any, inputs: list[list[int]], max_new_tokens: int, stop: list[int]) -> _Reference:
+    from transformers import DynamicCache
+
+    ref = _Reference([], [], [], [])
+    key = _cache_kwarg(model)
+    for ids in inputs:
+        x = torch.tensor([ids], dtype=torch.long)
+        attn = torch.ones_like(x)
+        ref.prompt_logits.append(model(input_ids=x, attention_mask=attn, use_cache=False).logits[0].float().numpy())
+        # Cached decoding: the prompt once, then one token a step with transformers' own cache.
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=x, attention_mask=attn, use_cache=True, **{key: cache})
+        tokens, steps = [], []
+        for _ in range(DECODE_STEPS):
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            attn = torch.ones(1, attn.shape[1] + 1, dtype=torch.long)
+            out = model(input_ids=torch.tensor([[token]]), attention_mask=attn, use_cache=True, **{key: cache})
+            steps.append(out.logits[0, -1].float().numpy())
+        ref.decode_tokens.append(tokens)
+        ref.decode_logits.append(steps)
+        gen = model.generate(
+            input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+            num_beams=1, temperature=None, top_p=None, top_k=None, use_cache=True,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0], eos_token_id=stop,
+        )
+        ref.greedy.append(gen[0, len(ids):].tolist())
+    return ref
+
+
+# --- parity (onnxruntime) -------------------------------------------------------------------------
+
+
+def _parity(gen: OnnxGenerator, inputs: list[list[int]], ref: _Reference, max_new_tokens: int) -> dict[str, Any]:
+    per_probe = []
+    for i, ids in enumerate(inputs):
+        x = np.asarray([ids], dtype=np.int64)
+        mask = np.ones_like(x)
+        logits, past = gen.forward(x, mask, gen.empty_past(1))
+        prompt_diff = np.abs(logits[0].astype(np.float64) - ref.prompt_logits[i])
+        step_diffs = []
+        for token, expected in zip(ref.decode_tokens[i], ref.decode_logits[i], strict=True):
+            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+            logits, past = gen.forward(np.asarray([[token]], dtype=np.int64), mask, past)
+            step_diffs.append(float(np.abs(logits[0, -1].astype(np.float64) - expected).max()))
+        greedy = gen.generate_ids(ids, max_new_tokens=max_new_tokens)
+        per_probe.append({
+            "max_abs_logit_diff": float(prompt_diff.max()),
+            "mean_abs_logit_diff": float(prompt_diff.mean()),
+            "decode_max_abs_logit_diff": max(step_diffs),
+            "decode_step_diffs": step_diffs,
+            "next_token_equal": bool(int(logits.argmax(-1)[0, -1]) == int(ref.decode_logits[i][-1].argmax())),
+            "greedy_equal": greedy == ref.greedy[i],
+            "greedy_common_prefix": _common_prefix(greedy, ref.greedy[i]),
+            "greedy_tokens": len(greedy),
+        })
+    n = len(per_probe)
+    return {
+        "max_abs_logit_diff": max(p["max_abs_logit_diff"] for p in per_probe),
+        "mean_abs_logit_diff": sum(p["mean_abs_logit_diff"] for p in per_probe) / n,
+        "decode_max_abs_logit_diff": max(p["decode_max_abs_logit_diff"] for p in per_probe),
+        "greedy_agreement": sum(p["greedy_equal"] for p in per_probe) / n,
+        "next_token_agreement": sum(p["next_token_equal"] for p in per_probe) / n,
+        "per_probe": per_probe,
+        "greedy_texts": [gen.tokenizer.decode(gen.generate_ids(ids, max_new_tokens), skip_special_tokens=True)
+                         for ids in inputs],
+    }
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _versions() -> dict[str, Any]:
+    versions = dict(library_versions())
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            versions[name] = None
+    return versions
