@@ -231,3 +231,33 @@ def test_too_tight_tolerance_raises_and_leaves_nothing(exported: Exported):
     assert info.value.report is not None and info.value.report["passed"] is False
     assert not out.exists()
     assert not [p for p in exported.root.iterdir() if p.name.startswith(".onnx_tight")]
+
+
+def test_left_padded_batch_matches_single_rows(generator: OnnxGenerator):
+    """Position ids come from the attention mask, so a left-padded batch decodes like each row alone."""
+    rows = [generator.encode(PROBES[0]), generator.encode(PROBES[2])]
+    width = max(map(len, rows))
+    pad = generator.tokenizer.pad_token_id or 0
+    ids = np.array([[pad] * (width - len(r)) + r for r in rows])
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    logits, past = generator.forward(ids, mask, generator.empty_past(2))
+    mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    step, _ = generator.forward(np.array([[7], [7]]), mask, past)
+    for i, row in enumerate(rows):
+        alone, alone_past = generator.forward(np.array([row]), np.ones((1, len(row))), generator.empty_past(1))
+        assert np.abs(logits[i, width - len(row):] - alone[0]).max() < 1e-4
+        alone_step, _ = generator.forward(np.array([[7]]), np.ones((1, len(row) + 1)), alone_past)
+        assert np.abs(step[i, -1] - alone_step[0, -1]).max() < 1e-4
+
+
+def test_large_models_use_external_data(exported: Exported, monkeypatch):
+    import loraline.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    out = exported.root / "onnx_external"
+    result = export_onnx(model_dir=exported.base_dir, out_dir=out, int8=True, probes=PROBES[:1], max_new_tokens=4,
+                         tolerance=1e-4)
+    assert result.report["graph"]["external_data"] is True and (out / "model.onnx.data").is_file()
+    assert result.report["int8"]["external_data"] is True and (out / "model.int8.onnx.data").is_file()
+    assert "model.onnx.data" in result.report["files"]
+    assert result.report["fp32"]["greedy_agreement"] == 1.0
