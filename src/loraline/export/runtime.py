@@ -68,7 +68,10 @@ class OnnxGenerator:
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: Sequence[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One step: logits [B, S, V] and the present cache (to feed as the next step's past)."""
-        feed = {"input_ids": np.asarray(input_ids, dtype=np.int64), "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+        feed = {
+            "input_ids": np.asarray(input_ids, dtype=np.int64),
+            "attention_mask": np.asarray(attention_mask, dtype=np.int64),
+        }
         feed.update(zip(self.past_names, past, strict=True))
         outputs = self.session.run(["logits", *self.present_names], feed)
         return outputs[0], list(outputs[1:])

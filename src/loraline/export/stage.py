@@ -161,6 +161,7 @@ def _reference(model: Any, tok: Any, inputs: list[list[int]], max_new_tokens: in
 
     ref = _Reference([], [], [], [])
     key = _cache_kwarg(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
     for ids in inputs:
         x = torch.tensor([ids], dtype=torch.long)
         attn = torch.ones_like(x)
@@ -180,7 +181,7 @@ def _reference(model: Any, tok: Any, inputs: list[list[int]], max_new_tokens: in
         gen = model.generate(
             input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
             num_beams=1, temperature=None, top_p=None, top_k=None, use_cache=True,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0], eos_token_id=stop,
+            pad_token_id=pad, eos_token_id=stop or None,
         )
         ref.greedy.append(gen[0, len(ids):].tolist())
     return ref
@@ -190,7 +191,7 @@ def _reference(model: Any, tok: Any, inputs: list[list[int]], max_new_tokens: in
 
 
 def _parity(gen: OnnxGenerator, inputs: list[list[int]], ref: _Reference, max_new_tokens: int) -> dict[str, Any]:
-    per_probe = []
+    per_probe, texts = [], []
     for i, ids in enumerate(inputs):
         x = np.asarray([ids], dtype=np.int64)
         mask = np.ones_like(x)
@@ -202,6 +203,7 @@ def _parity(gen: OnnxGenerator, inputs: list[list[int]], ref: _Reference, max_ne
             logits, past = gen.forward(np.asarray([[token]], dtype=np.int64), mask, past)
             step_diffs.append(float(np.abs(logits[0, -1].astype(np.float64) - expected).max()))
         greedy = gen.generate_ids(ids, max_new_tokens=max_new_tokens)
+        texts.append(gen.tokenizer.decode(greedy, skip_special_tokens=True))
         per_probe.append({
             "max_abs_logit_diff": float(prompt_diff.max()),
             "mean_abs_logit_diff": float(prompt_diff.mean()),
@@ -220,8 +222,7 @@ def _parity(gen: OnnxGenerator, inputs: list[list[int]], ref: _Reference, max_ne
         "greedy_agreement": sum(p["greedy_equal"] for p in per_probe) / n,
         "next_token_agreement": sum(p["next_token_equal"] for p in per_probe) / n,
         "per_probe": per_probe,
-        "greedy_texts": [gen.tokenizer.decode(gen.generate_ids(ids, max_new_tokens), skip_special_tokens=True)
-                         for ids in inputs],
+        "greedy_texts": texts,
     }
 
 
