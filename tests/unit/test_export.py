@@ -91,6 +91,7 @@ def test_folder_is_self_contained(exported: Exported):
     assert not [p for p in exported.root.iterdir() if p.name.startswith(".onnx")]  # no temp folders left
     config = json.loads((exported.out_dir / "tokenizer_config.json").read_text())
     assert config.get("chat_template")
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # resolvable by transformers 4 tools too
     tok = AutoTokenizer.from_pretrained(str(exported.out_dir))
     base_tok = AutoTokenizer.from_pretrained(str(exported.base_dir))
     assert tok.apply_chat_template(PROBES[0], tokenize=False, add_generation_prompt=True) == \
@@ -261,3 +262,40 @@ def test_large_models_use_external_data(exported: Exported, monkeypatch):
     assert result.report["int8"]["external_data"] is True and (out / "model.int8.onnx.data").is_file()
     assert "model.onnx.data" in result.report["files"]
     assert result.report["fp32"]["greedy_agreement"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def random_llama(tmp_path_factory) -> Path:
+    """A random-init Llama (GQA, untied head): its greedy outputs are long and varied, never an early eos."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraline.base.tokenizer import save_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("random_llama")
+    corpus = [f"Ticket {i} from {who}: the {thing} is {state}. Please route it." for i, (who, thing, state) in
+              enumerate([("Ana", "printer", "down"), ("Bo", "vpn", "slow"), ("Chen", "mailbox", "down")] * 20)]
+    tok = train_tokenizer(corpus, 400)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.2,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).eval().save_pretrained(root / "model")
+    save_tokenizer(tok, root / "model")
+    return root / "model"
+
+
+def test_random_llama_greedy_agreement_is_not_vacuous(random_llama: Path, tmp_path):
+    result = export_onnx(model_dir=random_llama, out_dir=tmp_path / "onnx", probes=PROBES, max_new_tokens=24,
+                         tolerance=1e-4)
+    fp32 = result.report["fp32"]
+    assert fp32["max_abs_logit_diff"] < 1e-4 and fp32["decode_max_abs_logit_diff"] < 1e-4
+    assert fp32["greedy_agreement"] == 1.0
+    assert min(p["greedy_tokens"] for p in fp32["per_probe"]) >= 10
+    generator = OnnxGenerator(result.out_dir, threads=1)
+    tokens = generator.generate_ids(generator.encode(PROBES[0]), max_new_tokens=24)
+    assert len(set(tokens)) > 3
+    assert generator.kv_heads == 2
+    config = json.loads((result.out_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["chat_template"]

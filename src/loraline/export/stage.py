@@ -18,6 +18,7 @@ fp32 must stay within `tolerance` (else ExportError); int8 numbers are reported 
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ def export_onnx(
         model.config.save_pretrained(str(tmp))
         gen_config = model.generation_config if model.generation_config is not None else GenerationConfig()
         gen_config.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp), save_jinja_files=False)  # chat_template stays in tokenizer_config.json
+        _save_tokenizer(tok, model_dir, tmp)
         del model
         gc.collect()
 
@@ -233,6 +234,24 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def _save_tokenizer(tok: Any, model_dir: Path, folder: Path) -> None:
+    """tokenizer.json + tokenizer_config.json with the chat template inside (where every loader looks).
+
+    transformers 5 writes its own backend class name ("TokenizersBackend"), which transformers 4 based
+    tools cannot resolve; keep the source folder's class name (or PreTrainedTokenizerFast) instead.
+    """
+    tok.save_pretrained(str(folder), save_jinja_files=False)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        source = model_dir / "tokenizer_config.json"
+        original = json.loads(source.read_text(encoding="utf-8")).get("tokenizer_class") if source.is_file() else None
+        if not original or original == "TokenizersBackend":
+            original = "PreTrainedTokenizerFast"
+        config["tokenizer_class"] = original
+        io.write_json(path, config)
 
 
 def _versions() -> dict[str, Any]:
