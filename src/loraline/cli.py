@@ -19,7 +19,7 @@ import yaml
 from loraline.config import ConfigError, Params, load_params
 from loraline.layout import Layout
 
-STAGES = ("documents", "base", "prepare", "train", "merge")
+STAGES = ("documents", "base", "prepare", "train", "merge", "export", "evaluate", "gate")
 
 
 def _parse_set(values: list[str] | None) -> dict[str, Any]:
@@ -174,6 +174,86 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from loraline.export import export_onnx
+
+    params, layout = _load(args), Layout()
+    for name in _tenants(params, args.tenant):
+        e = params.export
+        result = export_onnx(
+            model_dir=layout.merged_dir(name), out_dir=layout.onnx_dir(name), int8=e.int8, opset=e.opset,
+            max_new_tokens=e.max_new_tokens, tolerance=params.gate_for(name).max_export_logit_diff,
+        )
+        layout.export_report_path(name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result.report_path, layout.export_report_path(name))
+        r = result.report
+        int8 = r.get("int8")
+        extra = f"; int8 max diff {int8['max_abs_logit_diff']:.3g}, greedy agreement {int8['greedy_agreement']:.0%}" if int8 else ""
+        print(
+            f"export[{name}]: ONNX fp32 max logit diff {r['fp32']['max_abs_logit_diff']:.2e} (cached decoding "
+            f"{r['fp32']['decode_max_abs_logit_diff']:.2e}), greedy agreement {r['fp32']['greedy_agreement']:.0%}{extra} "
+            f"-> {layout.onnx_dir(name)}"
+        )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import shutil
+
+    from loraline.evaluate.evaluate import evaluate_tenant
+
+    params, layout = _load(args), Layout()
+    base_dir = Path(args.base) if args.base else layout.base_dir
+    for name in _tenants(params, args.tenant):
+        ev = params.evaluate
+        production = Path(ev.production_dir.format(tenant=name)) if ev.production_dir else None
+        result = evaluate_tenant(
+            tenant=name, dataset_dir=layout.prepared_dir(name) / "dataset", base_dir=base_dir, base_params=params.base,
+            candidate_dir=layout.merged_dir(name), production_dir=production, out_dir=layout.evaluation_dir(name),
+            max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples, examples_in_report=ev.examples_in_report,
+            progress=not args.quiet,
+        )
+        shutil.copyfile(result.metrics_path, layout.eval_metrics_path(name))
+        models = result.metrics["models"]
+        cols = [m for m in ("base", "candidate", "production") if m in models]
+        print(f"evaluate[{name}]: {result.metrics['test_rows']} test rows; " + "; ".join(
+            f"{k}: " + " / ".join(f"{m} {models[m].get(k) if models[m].get(k) is None else round(models[m][k], 3)}" for m in cols)
+            for k in models["candidate"]
+        ) + f" -> {result.report_path}")
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from loraline.evaluate.gate import decide, to_json
+    from loraline.io import write_json
+
+    params, layout = _load(args), Layout()
+    failed = []
+    for name in _tenants(params, args.tenant):
+        metrics = json.loads(layout.eval_metrics_path(name).read_text())["models"]
+        parity = {}
+        for key, path, field in (
+            ("merge_max_logit_diff", layout.merge_report_path(name), ("merged_vs_unmerged", "max_abs_logit_diff")),
+            ("export_max_logit_diff", layout.export_report_path(name), ("fp32", "max_abs_logit_diff")),
+        ):
+            if path.exists():
+                parity[key] = json.loads(path.read_text())[field[0]][field[1]]
+        decision = decide(params.gate_for(name), metrics["candidate"], metrics["base"], metrics.get("production"), parity)
+        write_json(layout.gate_path(name), {"tenant": name, **to_json(decision)})
+        verdict = "PASS" if decision.passed else "FAIL"
+        print(f"gate[{name}]: {verdict}")
+        for rule in decision.rules:
+            print(f"    {'ok  ' if rule.passed else 'FAIL'} {rule.name}: {rule.reason}")
+        if not decision.passed:
+            failed.append(name)
+    if failed and args.strict:
+        print(f"loraline gate: failed for {', '.join(failed)}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def train_metrics(record: dict[str, Any]) -> dict[str, Any]:
     """The numbers of a training run worth comparing across runs (`dvc metrics diff`)."""
     loss = record["loss"]
@@ -241,6 +321,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd_prepare(argparse.Namespace(**ns))
         cmd_train(argparse.Namespace(**ns, no_checkpoints=False))
         cmd_merge(argparse.Namespace(**ns))
+        cmd_export(argparse.Namespace(**ns))
+        cmd_evaluate(argparse.Namespace(**ns))
+        cmd_gate(argparse.Namespace(**ns, strict=False))
     else:
         if args.set:
             raise ConfigError("--set does not apply to a DVC run; use `dvc exp run -S key=value` or edit params.yaml")
@@ -269,6 +352,11 @@ def print_summary(params: Params, seconds: float) -> None:
         splits = s.get("splits", {})
         rows.append((name, s["rows_in"], s["kept"], s["rejected"], s["duplicates"], splits.get("train", 0),
                      splits.get("validation", 0), splits.get("test", 0), s.get("documents", 0)))
+        gate_path = layout.gate_path(name)
+        if gate_path.exists():
+            g = json.loads(gate_path.read_text())
+            notes.append(f"gate[{name}]: {'PASS' if g['passed'] else 'FAIL (' + ', '.join(g['failed']) + ')'}"
+                         f"; evaluation report {layout.evaluation_dir(name) / 'report.md'}")
         train_path = layout.train_metrics_path(name)
         if train_path.exists():
             notes.append(_train_line(name, json.loads(train_path.read_text())))
@@ -327,6 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", parents=[common, tenant], help="merge each adapter into a full-precision base and prove it behaves the same")
     p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", parents=[common, tenant], help="export each merged model to ONNX with the KV cache and prove parity")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", parents=[common, tenant], help="evaluate base, candidate and production on each tenant's test split")
+    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("gate", parents=[common, tenant], help="decide promotion from the evaluation and parity reports (writes gate.json)")
+    p.add_argument("--strict", action="store_true", help="exit with status 3 when a tenant's gate fails")
+    p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("run", parents=[common], help="run the whole pipeline (through `dvc repro` unless --no-dvc)")
     p.add_argument("--no-dvc", action="store_true", help="call the stages directly, without DVC's caching and lineage")

@@ -146,6 +146,27 @@ class MergeParams(_Section):
     check_reload: bool = Field(True, description="Reload the saved merged folder and compare its logits")
 
 
+class ExportParams(_Section):
+    """ONNX export of each merged model, with the KV cache in the graph, for plain onnxruntime."""
+
+    int8: bool = Field(True, description="Also write a dynamically int8-quantized graph, with its own parity numbers")
+    opset: int | None = Field(None, ge=14, description="ONNX opset; null lets torch.onnx choose")
+    max_new_tokens: int = Field(32, ge=1, description="Greedy tokens per probe for the generation parity check")
+
+
+class EvaluateParams(_Section):
+    """Held-out evaluation of base, candidate and production on each tenant's test split."""
+
+    max_new_tokens: int = Field(64, ge=1, description="Greedy tokens generated per test row")
+    max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test rows (null: all)")
+    examples_in_report: int = Field(3, ge=0, description="Example generations shown side by side in report.md")
+    production_dir: str | None = Field(
+        None,
+        description="Folder of the current production model, '{tenant}' replaced by the tenant's name; "
+        "skipped when it does not exist (the registry fills this in once it exists)",
+    )
+
+
 class GateParams(_Section):
     """Promotion rules (consumed by the gate); tenants may override any key."""
 
@@ -177,6 +198,8 @@ class Params(_Section):
     prepare: PrepareParams = PrepareParams()
     train: TrainParams = TrainParams()
     merge: MergeParams = MergeParams()
+    export: ExportParams = ExportParams()
+    evaluate: EvaluateParams = EvaluateParams()
     gate: GateParams = GateParams()
     tenants: list[TenantParams] = Field(min_length=1)
 

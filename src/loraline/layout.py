@@ -43,3 +43,18 @@ class Layout:
 
     def merge_report_path(self, tenant: str) -> Path:
         return self.root / "reports" / tenant / "merge_report.json"
+
+    def onnx_dir(self, tenant: str) -> Path:
+        return self.root / "models" / "onnx" / tenant
+
+    def export_report_path(self, tenant: str) -> Path:
+        return self.root / "reports" / tenant / "export_report.json"
+
+    def evaluation_dir(self, tenant: str) -> Path:
+        return self.root / "reports" / tenant / "evaluation"
+
+    def eval_metrics_path(self, tenant: str) -> Path:
+        return self.root / "reports" / tenant / "eval_metrics.json"
+
+    def gate_path(self, tenant: str) -> Path:
+        return self.root / "reports" / tenant / "gate.json"

@@ -36,6 +36,7 @@ TINY_BUILD = {
     "max_stdlib_chars": 20000,
     "exercises": 40,
 }
+PER_TENANT = ("documents", "prepare", "train", "merge", "export", "evaluate", "gate")
 TINY_TRAIN = {"max_steps": 6, "batch_size": 4, "eval_every": 3, "save_every": 3, "lora_r": 4, "lora_alpha": 8}
 
 
@@ -76,6 +77,8 @@ def project(tmp_path_factory) -> Path:
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["base"]["build"].update(TINY_BUILD)
     params["train"].update(TINY_TRAIN)
+    params["evaluate"].update({"max_examples": 6, "max_new_tokens": 12, "examples_in_report": 2})
+    params["export"].update({"max_new_tokens": 8})
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)
@@ -90,7 +93,7 @@ def first_run(project: Path) -> str:
 
 def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str):
     tenants = list(yaml.safe_load((project / "params.yaml").read_text())["tenants"])
-    expected = {"base"} | {f"{stage}@{t}" for stage in ("documents", "prepare", "train", "merge") for t in tenants}
+    expected = {"base"} | {f"{stage}@{t}" for stage in PER_TENANT for t in tenants}
     assert stages_run(first_run) == expected
 
     base = project / "models" / "base"
@@ -118,6 +121,16 @@ def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str
         merge = json.loads((project / "reports" / t / "merge_report.json").read_text())
         assert merge["passed"] and merge["merged_vs_unmerged"]["max_abs_logit_diff"] < 1e-3
         assert (project / "models" / "merged" / t / "model.safetensors").is_file()
+        export = json.loads((project / "reports" / t / "export_report.json").read_text())
+        assert export["passed"] and (project / "models" / "onnx" / t / "model.onnx").is_file()
+        evaluation = json.loads((project / "reports" / t / "eval_metrics.json").read_text())
+        assert evaluation["test_rows"] == 6 and {"base", "candidate"} <= set(evaluation["models"])
+        assert "answer_loss" in evaluation["models"]["candidate"]
+        assert (project / "reports" / t / "evaluation" / "report.md").is_file()
+        gate = json.loads((project / "reports" / t / "gate.json").read_text())
+        assert [r["name"] for r in gate["rules"]] == ["beats_base", "no_regression_vs_prod", "merge_parity", "export_parity"]
+        assert gate["passed"] == all(r["passed"] for r in gate["rules"])
+        assert next(r for r in gate["rules"] if r["name"] == "merge_parity")["passed"]
 
     # Generated outputs are DVC's, never git's.
     ignored = sh("git", "status", "--porcelain", "--ignored", cwd=project)
@@ -145,7 +158,7 @@ def test_editing_one_tenants_rows_reruns_only_that_tenant(project: Path, first_r
 
     out = sh("dvc", "repro", cwd=project)
 
-    assert stages_run(out) == {f"documents@{tenant}", f"prepare@{tenant}", f"train@{tenant}", f"merge@{tenant}"}
+    assert stages_run(out) == {f"{stage}@{tenant}" for stage in PER_TENANT}
     after = json.loads((project / "reports" / tenant / "prepare_stats.json").read_text())
     assert after["rows_in"] == before["rows_in"] + 1
     assert [p.stat().st_mtime_ns for p in others] == before_others
