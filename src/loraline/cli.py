@@ -254,6 +254,20 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from loraline.export.runtime import OnnxGenerator
+
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    messages.append({"role": "user", "content": prompt})
+    gen = OnnxGenerator(args.onnx, model_file="model.int8.onnx" if args.int8 else "model.onnx")
+    print(gen.generate(messages, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
 def train_metrics(record: dict[str, Any]) -> dict[str, Any]:
     """The numbers of a training run worth comparing across runs (`dvc metrics diff`)."""
     loss = record["loss"]
@@ -426,6 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gate", parents=[common, tenant], help="decide promotion from the evaluation and parity reports (writes gate.json)")
     p.add_argument("--strict", action="store_true", help="exit with status 3 when a tenant's gate fails")
     p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("generate", help="chat with an exported model through plain onnxruntime (KV cache reused)")
+    p.add_argument("--onnx", required=True, metavar="DIR", help="export folder written by `loraline export` (e.g. models/onnx/<tenant>)")
+    p.add_argument("--prompt", help="the user message (default: read from standard input)")
+    p.add_argument("--system", help="an optional system message")
+    p.add_argument("--int8", action="store_true", help="use the int8-quantized graph (model.int8.onnx)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("run", parents=[common], help="run the whole pipeline (through `dvc repro` unless --no-dvc)")
     p.add_argument("--no-dvc", action="store_true", help="call the stages directly, without DVC's caching and lineage")

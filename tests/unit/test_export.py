@@ -299,3 +299,16 @@ def test_random_llama_greedy_agreement_is_not_vacuous(random_llama: Path, tmp_pa
     assert generator.kv_heads == 2
     config = json.loads((result.out_dir / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["chat_template"]
+
+
+def test_cli_generate_prints_what_the_generator_returns(exported: Exported, generator: OnnxGenerator, capsys):
+    from loraline.cli import main
+
+    messages = [{"role": "user", "content": "colour=blue size=4"}]
+    expected = generator.generate(messages, max_new_tokens=12)
+    assert main(["generate", "--onnx", str(exported.out_dir), "--prompt", "colour=blue size=4", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    sampled = generator.generate(messages, max_new_tokens=12, do_sample=True, temperature=0.8, seed=3)
+    assert main(["generate", "--onnx", str(exported.out_dir), "--prompt", "colour=blue size=4", "--max-new-tokens", "12",
+                 "--sample", "--temperature", "0.8", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == sampled + "\n"
