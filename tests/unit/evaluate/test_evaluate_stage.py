@@ -218,3 +218,52 @@ def test_batching_changes_nothing(setup: Setup):
     assert batched == single
     assert loss4.tokens == loss1.tokens == sum(sum(lab != -100 for lab in row[1:]) for row in test["labels"])
     assert loss4.loss == pytest.approx(loss1.loss, rel=1e-5)
+
+
+def _nan_adapter(setup: Setup, dest: Path) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(setup.root / "adapter", dest)
+    weights = load_file(str(dest / "adapter_model.safetensors"))
+    for name in weights:
+        if "lora_B" in name:
+            weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(dest / "adapter_model.safetensors"))
+    return dest
+
+
+def test_a_nan_adapter_never_passes_merge_or_gate(setup: Setup, tmp_path):
+    """A deliberately broken adapter (NaN LoRA weights): the merge stage refuses it, and even a
+    model that slipped through fails the gate on the rule that names the bad metric."""
+    from loraline.config import GateParams
+    from loraline.evaluate.gate import decide
+    from loraline.merge import MergeError, merge_adapter
+
+    bad = _nan_adapter(setup, tmp_path / "nan-adapter")
+    with pytest.raises(MergeError):
+        merge_adapter(
+            base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=bad, out_dir=tmp_path / "merged",
+            tolerance=1e-3, probes=[[{"role": "user", "content": "ping"}]], max_new_tokens=1,
+            quantized_reference=False, check_reload=False,
+        )
+    assert not (tmp_path / "merged").exists()
+
+    # Evaluate a NaN-weighted model anyway (as if it came from elsewhere): the gate must fail it.
+    from transformers import AutoModelForCausalLM
+
+    broken = AutoModelForCausalLM.from_pretrained(str(setup.candidate_dir))
+    with torch.no_grad():
+        broken.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    broken.save_pretrained(tmp_path / "broken")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(setup.candidate_dir)).save_pretrained(tmp_path / "broken")
+    result = evaluate_tenant(out_dir=tmp_path / "eval", **setup.kwargs(candidate_dir=tmp_path / "broken", max_examples=3))
+    models = result.metrics["models"]
+    decision = decide(GateParams(primary_metric="answer_loss"), models["candidate"], models["base"], None,
+                      {"merge_max_logit_diff": 0.0, "export_max_logit_diff": 0.0})
+    assert not decision.passed
+    assert "beats_base" in decision.failed
+    assert "answer_loss" in decision.rule("beats_base").reason
