@@ -34,12 +34,8 @@ class Trained:
         return {"base_dir": self.base_dir, "base_params": self.base_params, "adapter_dir": self.adapter_dir}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# CPU results depend on the thread count: one thread keeps them repeatable (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

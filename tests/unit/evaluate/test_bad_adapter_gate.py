@@ -107,12 +107,8 @@ def _evaluate(world, candidate: Path, out: str):
         )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# CPU results depend on the thread count: one thread keeps them repeatable (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_nan_adapter_is_refused_before_production(world):
