@@ -208,10 +208,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     base_dir = Path(args.base) if args.base else layout.base_dir
     for name in _tenants(params, args.tenant):
         ev = params.evaluate
-        production = Path(ev.production_dir.format(tenant=name)) if ev.production_dir else None
         result = evaluate_tenant(
             tenant=name, dataset_dir=layout.prepared_dir(name) / "dataset", base_dir=base_dir, base_params=params.base,
-            candidate_dir=layout.merged_dir(name), production_dir=production, out_dir=layout.evaluation_dir(name),
+            candidate_dir=layout.merged_dir(name), production_dir=None, out_dir=layout.evaluation_dir(name),
             max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples, examples_in_report=ev.examples_in_report,
             progress=not args.quiet,
         )

@@ -19,7 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
-TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# DVC artifact names (<tenant>-adapter, <tenant>-onnx in dvc.yaml) allow only [a-z0-9-/].
+TENANT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+TENANT_NAME_MAX = 63
 
 
 class ConfigError(ValueError):
@@ -160,11 +162,6 @@ class EvaluateParams(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens generated per test row")
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test rows (null: all)")
     examples_in_report: int = Field(3, ge=0, description="Example generations shown side by side in report.md")
-    production_dir: str | None = Field(
-        None,
-        description="Folder of the current production model, '{tenant}' replaced by the tenant's name; "
-        "skipped when it does not exist (the registry fills this in once it exists)",
-    )
 
 
 class GateParams(_Section):
@@ -178,7 +175,7 @@ class GateParams(_Section):
 
 
 class TenantParams(_Section):
-    name: str = Field(description="Lower-case id: letters, digits, '-' and '_' (the key under `tenants`)")
+    name: str = Field(description="Lower-case id: letters, digits and inner '-' (the key under `tenants`)")
     raw_dir: Path = Field(description="Folder of this tenant's raw files (searched recursively)")
     system_prompt: str | None = Field(None, description="Overrides prepare.system_prompt for this tenant")
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the train section")
@@ -187,8 +184,11 @@ class TenantParams(_Section):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not TENANT_NAME.match(v):
-            raise ValueError(f"tenant name {v!r} must match {TENANT_NAME.pattern}")
+        if not TENANT_NAME.match(v) or len(v) > TENANT_NAME_MAX:
+            raise ValueError(
+                f"tenant name {v!r} must be 1-{TENANT_NAME_MAX} lower-case letters, digits and '-' (not first or last), "
+                f"e.g. acme-shop: it names the DVC artifacts <tenant>-adapter and <tenant>-onnx, which allow only [a-z0-9-]"
+            )
         return v
 
 

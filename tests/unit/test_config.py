@@ -39,6 +39,8 @@ def test_repository_params_are_valid(monkeypatch):
         ({"tenants": {}}, ["tenants", "at least 1"]),
         ({}, ["tenants", "Field required"]),
         ({"tenants": {"Bad Name": {"raw_dir": "x"}}}, ["tenant name 'Bad Name'"]),
+        ({"tenants": {"acme_shop": {"raw_dir": "x"}}}, ["tenant name 'acme_shop'", "[a-z0-9-]", "acme-shop"]),
+        ({"tenants": {"acme-": {"raw_dir": "x"}}}, ["tenant name 'acme-'", "not first or last"]),
         ({"tenants": {"acme": {"raw_dir": "x", "colour": 1}}}, ["tenants.acme.colour: unknown key", "raw_dir"]),
         ({"tenants": {"acme": {"raw_dir": "x", "train": {"lora_r": -1}}}}, ["tenants.acme.train.lora_r", "got -1"]),
         ({"tenants": {"acme": {"raw_dir": "x", "gate": {"nope": 1}}}}, ["tenants.acme.gate.nope: unknown key", "primary_metric"]),
