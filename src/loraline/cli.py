@@ -18,6 +18,7 @@ import yaml
 
 from loraline.config import ConfigError, Params, load_params
 from loraline.layout import Layout
+from loraline.summary import base_line, collect_summary, reasons, render_text, train_line
 
 STAGES = ("documents", "base", "prepare", "train", "merge", "export", "evaluate", "gate")
 
@@ -81,7 +82,7 @@ def cmd_base(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else layout.base_dir
     started = time.perf_counter()
     result = build_base(params.base, seed=params.seed, raw_dirs=docs, out_dir=out, progress=not args.quiet)
-    print(f"{_base_line(result.record)} -> {out} ({time.perf_counter() - started:.0f}s)")
+    print(f"{base_line(result.record)} -> {out} ({time.perf_counter() - started:.0f}s)")
     return 0
 
 
@@ -141,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         plots.mkdir(parents=True, exist_ok=True)
         for curve in (result.train_curve, result.val_curve):
             shutil.copyfile(curve, plots / curve.name)
-        print(_train_line(name, metrics) + f" -> {out}")
+        print(train_line(name, metrics) + f" -> {out}")
     return 0
 
 
@@ -285,38 +286,13 @@ def train_metrics(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _train_line(name: str, m: dict[str, Any]) -> str:
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    gain = "n/a" if m["val_loss_gain"] is None else f"{100 * m['val_loss_gain']:.0f}%"
-    return (
-        f"train[{name}]: validation answer loss {fmt(m['val_loss_base'])} (base) -> {fmt(m['val_loss'])} "
-        f"(adapter), {gain} lower | {m['steps']} steps, {m['tokens_seen']} tokens, {m['tokens_per_s']:.0f} tokens/s "
-        f"on {m['device']}, {m['wall_s']:.0f}s"
-    )
-
-
-def _base_line(record: dict[str, Any]) -> str:
-    if record.get("source") != "built":
-        return f"base: {record.get('source')} model {record.get('model_ref')} (recorded, not downloaded)"
-    pre = record.get("pretraining", {})
-    return (
-        f"base: built {record.get('architecture')}, {record.get('parameters', 0) / 1e6:.1f}M parameters, "
-        f"{pre.get('steps')} steps / {pre.get('tokens_seen', 0) / 1e6:.2f}M tokens, "
-        f"final pretraining loss {pre.get('final_loss', float('nan')):.3f}"
-    )
-
-
 def _prepare_line(name: str, stats: Any) -> str:
     s = stats if isinstance(stats, dict) else stats.__dict__
     splits = " / ".join(f"{k} {s.get('splits', {}).get(k, 0)}" for k in ("train", "validation", "test"))
     return (
         f"prepare[{name}]: {s['rows_in']} rows in = {s['kept']} kept + {s['rejected']} rejected "
-        f"+ {s['duplicates']} duplicates | {splits} | documents {s.get('documents', 0)} | rejects: {_reasons(s)}"
+        f"+ {s['duplicates']} duplicates | {splits} | documents {s.get('documents', 0)} | rejects: {reasons(s)}"
     )
-
-
-def _reasons(stats: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(stats.get("rejected_by_reason", {}).items()) if v) or "none"
 
 
 # -- whole pipeline ---------------------------------------------------------------------------
@@ -324,10 +300,12 @@ def _reasons(stats: dict[str, Any]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    params = _load(args)
+    tenants = _tenants(params, args.tenant)
+    error = None
     if args.no_dvc:
-        params = _load(args)
-        ns = dict(params=args.params, set=args.set, quiet=args.quiet, out=None, tenant=None, docs=None, base=None)
-        cmd_documents(argparse.Namespace(**ns))
+        ns = dict(params=args.params, set=args.set, quiet=args.quiet, out=None, tenant=args.tenant, docs=None, base=None)
+        cmd_documents(argparse.Namespace(**{**ns, "tenant": None}))
         ns["docs"] = [str(Layout().documents_dir(n)) for n in params.tenant_names]
         cmd_base(argparse.Namespace(**ns))
         ns["docs"] = None
@@ -340,47 +318,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         if args.set:
             raise ConfigError("--set does not apply to a DVC run; use `dvc exp run -S key=value` or edit params.yaml")
-        from loraline.pipeline import reproduce
-
-        ran = reproduce(force=args.force, push=not args.no_push)
-        print(f"dvc repro: {len(ran)} stage(s) ran" + (f": {', '.join(ran)}" if ran else " (everything up to date)"))
-    print_summary(load_params(args.params), time.perf_counter() - started)
+        if args.no_prefect:
+            error = _run_without_prefect(args, params, tenants)
+        else:
+            error = _run_flow(args, tenants)
+    print(render_text(collect_summary(load_params(args.params), tenants=tenants), time.perf_counter() - started))
+    if error:
+        print(f"loraline run: failed: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
-def print_summary(params: Params, seconds: float) -> None:
-    layout = Layout()
-    print("\n== loraline summary ==")
-    record_path = layout.base_dir / "base_record.json"
-    if record_path.exists():
-        print(f"{_base_line(json.loads(record_path.read_text()))}\n      {layout.base_dir}")
-    header = ("tenant", "rows in", "kept", "rejected", "duplicates", "train", "validation", "test", "documents")
-    rows, notes = [], []
-    for name in params.tenant_names:
-        path = layout.prepare_stats_path(name)
-        if not path.exists():
-            notes.append(f"{name}: prepare has not run")
-            continue
-        s = json.loads(path.read_text())
-        splits = s.get("splits", {})
-        rows.append((name, s["rows_in"], s["kept"], s["rejected"], s["duplicates"], splits.get("train", 0),
-                     splits.get("validation", 0), splits.get("test", 0), s.get("documents", 0)))
-        gate_path = layout.gate_path(name)
-        if gate_path.exists():
-            g = json.loads(gate_path.read_text())
-            notes.append(f"gate[{name}]: {'PASS' if g['passed'] else 'FAIL (' + ', '.join(g['failed']) + ')'}"
-                         f"; evaluation report {layout.evaluation_dir(name) / 'report.md'}")
-        train_path = layout.train_metrics_path(name)
-        if train_path.exists():
-            notes.append(_train_line(name, json.loads(train_path.read_text())))
-        notes.append(f"{name}: rejects {_reasons(s)} -> {layout.rejected_path(name)}; dataset {layout.prepared_dir(name)}")
-    if rows:
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        for r in [header, *rows]:
-            print("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
-    for note in notes:
-        print(f"  {note}")
-    print(f"total time: {seconds:.0f}s")
+def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list[str]) -> str | None:
+    from loraline.pipeline import reproduce
+    from loraline.registry.release import release_tenant
+
+    targets = None if tenants == params.tenant_names else [f"gate@{t}" for t in tenants]
+    ran = reproduce(force=args.force, push=not args.no_push, targets=targets)
+    print(f"dvc repro: {len(ran)} stage(s) ran" + (f": {', '.join(ran)}" if ran else " (everything up to date)"))
+    for name in tenants:
+        result = release_tenant(Path("."), params, name, promote=not args.no_promote)
+        print(f"release[{name}]: {result.reason}")
+    return None
+
+
+def _run_flow(args: argparse.Namespace, tenants: list[str]) -> str | None:
+    """The Prefect flow in flows/pipeline.py; with no PREFECT_API_URL set, Prefect starts a
+    temporary local server for the run (the embedded default)."""
+    import importlib.util
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    path = Path("flows") / "pipeline.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.resolve()} not found: run from the project root, or use --no-prefect")
+    spec = importlib.util.spec_from_file_location("loraline_flow_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        module.pipeline(tenants=args.tenant, project_dir=".", promote=not args.no_promote, push=not args.no_push,
+                        force=args.force)
+    except Exception as exc:  # the flow run holds the details; the summary below still shows what finished
+        return str(exc)
+    return None
 
 
 # -- argument parsing -------------------------------------------------------------------------
@@ -452,10 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("run", parents=[common], help="run the whole pipeline (through `dvc repro` unless --no-dvc)")
-    p.add_argument("--no-dvc", action="store_true", help="call the stages directly, without DVC's caching and lineage")
+    p = sub.add_parser(
+        "run", parents=[common, tenant],
+        help="the whole pipeline: DVC stages through the Prefect flow, then register and promote each tenant's adapter",
+    )
+    p.add_argument("--no-prefect", action="store_true", help="run `dvc repro` and release directly, without Prefect")
+    p.add_argument("--no-dvc", action="store_true", help="call the stages directly: no DVC caching or lineage, no registry")
+    p.add_argument("--no-promote", action="store_true", help="register new versions but leave production as it is")
     p.add_argument("--force", action="store_true", help="re-run every stage even when DVC finds it up to date")
-    p.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote afterwards")
+    p.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
     p.set_defaults(func=cmd_run)
     return parser
 

@@ -174,6 +174,19 @@ class GateParams(_Section):
     max_export_logit_diff: float = Field(1e-3, gt=0)
 
 
+class OrchestrateParams(_Section):
+    """How the Prefect flow drives the DVC stages (read by flows/, never by a stage)."""
+
+    stage_timeout_minutes: float | None = Field(
+        180, gt=0, description="A stage still running after this long is killed and fails (null: no limit)"
+    )
+    train_retries: int = Field(
+        1, ge=0, le=5, description="Retries of a failed train stage; a retry resumes from the last checkpoint"
+    )
+    io_retries: int = Field(2, ge=0, le=10, description="Retries of DVC pushes and registry writes (I/O that may recover)")
+    retry_delay_seconds: float = Field(10, ge=0, description="Wait between retries")
+
+
 class TenantParams(_Section):
     name: str = Field(description="Lower-case id: letters, digits and inner '-' (the key under `tenants`)")
     raw_dir: Path = Field(description="Folder of this tenant's raw files (searched recursively)")
@@ -201,6 +214,7 @@ class Params(_Section):
     export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
     gate: GateParams = GateParams()
+    orchestrate: OrchestrateParams = OrchestrateParams()
     tenants: list[TenantParams] = Field(min_length=1)
 
     @field_validator("tenants", mode="before")

@@ -58,3 +58,7 @@ class Layout:
 
     def gate_path(self, tenant: str) -> Path:
         return self.root / "reports" / tenant / "gate.json"
+
+    def release_path(self, tenant: str) -> Path:
+        """What the last release did (registered version, promotion decision); not a DVC output."""
+        return self.root / "reports" / tenant / "release.json"

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 
-def reproduce(root: str | Path = ".", force: bool = False, push: bool = True) -> list[str]:
-    """Run `dvc repro` in-process for every stage of dvc.yaml; return the names of the stages that ran.
+def reproduce(root: str | Path = ".", force: bool = False, push: bool = True, targets: list[str] | None = None) -> list[str]:
+    """Run `dvc repro` in-process (for `targets` and what they need, default every stage of dvc.yaml);
+    return the names of the stages that ran.
 
     When the project has a default DVC remote, the outputs are pushed to it afterwards so that the
     versions recorded in dvc.lock can be fetched elsewhere (`dvc pull`).
@@ -22,7 +23,10 @@ def reproduce(root: str | Path = ".", force: bool = False, push: bool = True) ->
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        stages = repo.reproduce(force=force)
+        if targets:
+            stages = [s for target in targets for s in repo.reproduce(target, force=force)]
+        else:
+            stages = repo.reproduce(force=force)
         if push and repo.config.get("core", {}).get("remote"):
             repo.push()
     return [stage.addressing for stage in stages]

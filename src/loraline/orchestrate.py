@@ -1,0 +1,208 @@
+"""Driving DVC stages one at a time, for an orchestrator (flows/) that wants per-stage control.
+
+DVC stays the owner of caching and lineage: every stage runs through `dvc repro --single-item`, so
+after a run `dvc status` is clean and dvc.lock is exactly what a plain `dvc repro` writes. What this
+module adds is what an orchestrator needs around that: the stages in dependency order (from DVC's
+own graph, not a second copy of the DAG), a timeout that really stops the stage's process tree, a
+typed result per stage, and an error that carries the stage's last output lines, so a failed flow
+run says why without anyone opening a terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["StageFailed", "StagePlan", "StageRun", "StageTimeout", "plan_stages", "push_outputs", "run_stage"]
+
+_RAN = re.compile(r"Running stage '([^']+)'")
+_TAIL_LINES = 40
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message names the stage and ends with its last output lines."""
+
+    def __init__(self, stage: str, returncode: int, tail: list[str]):
+        self.stage, self.returncode, self.tail = stage, returncode, tail
+        shown = "\n".join(f"    {line}" for line in tail) or "    (no output)"
+        super().__init__(f"stage {stage} failed (exit {returncode}); its last output:\n{shown}")
+
+
+class StageTimeout(StageFailed):
+    def __init__(self, stage: str, seconds: float, tail: list[str]):
+        RuntimeError.__init__(self)
+        self.stage, self.returncode, self.tail = stage, -1, tail
+        shown = "\n".join(f"    {line}" for line in tail) or "    (no output)"
+        self.args = (f"stage {stage} timed out after {seconds:.0f}s and was stopped; its last output:\n{shown}",)
+
+
+@dataclass(frozen=True)
+class StageRun:
+    stage: str
+    ran: bool  # False: DVC found it up to date and skipped it
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The stages a run needs, in an order that respects every dependency.
+
+    `shared` are the stages every chosen tenant needs (the base model, and the document collection of
+    every tenant the base is built from); `per_tenant[t]` are tenant t's other stages (`<name>@<t>`).
+    """
+
+    shared: list[str]
+    per_tenant: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def all(self) -> list[str]:
+        return self.shared + [s for stages in self.per_tenant.values() for s in stages]
+
+
+def _venv_env() -> dict[str, str]:
+    """dvc.yaml's commands call `loraline` and `dvc`: use this interpreter's, activated or not."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def plan_stages(root: str | Path, tenants: Iterable[str]) -> StagePlan:
+    """Order dvc.yaml's stages for `tenants` using DVC's own dependency graph."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    tenants = list(tenants)
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges run from a stage to the stages it depends on
+        by_name = {stage.addressing: stage for stage in graph.nodes}
+        # dependencies first; among independent stages, dvc.yaml's own order (stable across runs)
+        position = {stage: i for i, stage in enumerate(repo.index.stages)}
+        order = [s.addressing for s in nx.lexicographical_topological_sort(graph.reverse(), key=position.__getitem__)]
+
+        def owner(name: str) -> str | None:
+            return name.rsplit("@", 1)[1] if "@" in name else None
+
+        unknown = [t for t in tenants if not any(owner(n) == t for n in by_name)]
+        if unknown:
+            raise ValueError(f"dvc.yaml has no stages for tenant(s) {', '.join(unknown)}")
+        wanted = {n for n in by_name if owner(n) in tenants}
+        needed = set(wanted)
+        for name in wanted:
+            needed |= {s.addressing for s in nx.descendants(graph, by_name[name])}
+        # A shared stage (the base) may need tenant-owned ones (every tenant's documents): those
+        # run with the shared ones, before any tenant's own chain.
+        shared_set = needed - wanted
+        for name in list(shared_set):
+            shared_set |= {s.addressing for s in nx.descendants(graph, by_name[name])}
+    shared = [n for n in order if n in shared_set]
+    per_tenant = {t: [n for n in order if n in wanted - shared_set and owner(n) == t] for t in tenants}
+    return StagePlan(shared=shared, per_tenant=per_tenant)
+
+
+def _run_streaming(
+    cmd: list[str], cwd: Path, timeout_s: float | None, echo: Callable[[str], None] | None
+) -> tuple[int, list[str], bool, bool]:
+    """Run `cmd`, passing its output through (progress bars included) and keeping the last lines.
+
+    Returns (exit code, last lines, timed out, whether DVC said it was running a stage).
+
+    The process gets its own session so that a timeout can stop the whole tree (dvc -> loraline).
+    """
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=_venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    tail: deque[str] = deque(maxlen=_TAIL_LINES)
+    timed_out = threading.Event()
+    ran = False
+
+    def stop() -> None:
+        timed_out.set()
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(5)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout_s, stop) if timeout_s else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            text = raw.decode(errors="replace")
+            if echo:
+                echo(text)
+            line = text.rstrip("\n").split("\r")[-1].rstrip()  # a progress bar's last state
+            if line:
+                tail.append(line)
+                ran = ran or bool(_RAN.search(line))
+        returncode = proc.wait()
+    finally:
+        if timer:
+            timer.cancel()
+    return returncode, list(tail), timed_out.is_set(), ran
+
+
+def _echo_stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def run_stage(
+    root: str | Path,
+    stage: str,
+    *,
+    force: bool = False,
+    timeout_s: float | None = None,
+    echo: Callable[[str], None] | None = _echo_stderr,
+) -> StageRun:
+    """`dvc repro --single-item <stage>`: runs it when its deps, params or code changed, else skips.
+
+    Raises StageFailed (or StageTimeout) naming the stage, with its last output lines. The stage's
+    own outputs are written atomically and DVC removes stale outputs before running, so a failure
+    leaves no half-written output behind.
+    """
+    root = Path(root)
+    cmd = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage]
+    if force:
+        cmd.append("--force")
+    started = time.perf_counter()
+    returncode, tail, timed_out, ran = _run_streaming(cmd, root, timeout_s, echo)
+    seconds = time.perf_counter() - started
+    if timed_out:
+        raise StageTimeout(stage, timeout_s or 0.0, tail)
+    if returncode != 0:
+        raise StageFailed(stage, returncode, tail)
+    return StageRun(stage=stage, ran=ran, seconds=seconds)
+
+
+def push_outputs(root: str | Path, echo: Callable[[str], None] | None = _echo_stderr) -> int:
+    """`dvc push` to the default remote so registered versions can be fetched elsewhere.
+
+    Returns the number of files pushed (0 when the project has no default remote).
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        if not repo.config.get("core", {}).get("remote"):
+            if echo:
+                echo("dvc push: no default remote configured, skipped\n")
+            return 0
+        pushed = repo.push()
+    if echo:
+        echo(f"dvc push: {pushed} file(s) pushed\n")
+    return int(pushed)

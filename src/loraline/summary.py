@@ -1,0 +1,179 @@
+"""What a run produced, gathered from the files the stages wrote, for people: the CLI's end-of-run
+summary and the Prefect run's artifacts render the same `RunSummary`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraline.config import Params
+from loraline.layout import Layout
+
+# The metrics worth a column, in reading order; anything else stays in metrics.json.
+HEADLINE_METRICS = ("answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy")
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@dataclass
+class TenantSummary:
+    tenant: str
+    prepare: dict[str, Any] | None
+    train: dict[str, Any] | None
+    metrics: dict[str, dict[str, float | None]]  # model ("base", "candidate", ...) -> metric -> value
+    gate: dict[str, Any] | None
+    release: dict[str, Any] | None
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        if self.gate is None:
+            return "not run"
+        return "PASS" if self.gate["passed"] else "FAIL (" + ", ".join(self.gate.get("failed", [])) + ")"
+
+    @property
+    def registry_line(self) -> str:
+        r = self.release
+        if r is None:
+            return "not registered"
+        version = r.get("version") or "-"
+        new = "new" if r.get("registered_new") else "unchanged"
+        prod = r.get("production_after") or "none"
+        action = "promoted to prod" if r.get("promoted") else f"not promoted ({r.get('reason', '')})"
+        return f"{version} ({new}), {action}; prod is {prod}"
+
+    def metric_rows(self) -> list[dict[str, Any]]:
+        """One row per headline metric, one column per evaluated model."""
+        models = [m for m in ("base", "candidate", "production") if m in self.metrics]
+        return [
+            {"metric": name, **{m: self.metrics[m].get(name) for m in models}}
+            for name in HEADLINE_METRICS
+            if any(name in self.metrics[m] for m in models)
+        ]
+
+
+@dataclass
+class RunSummary:
+    base: dict[str, Any] | None
+    tenants: list[TenantSummary]
+
+
+def collect_summary(params: Params, layout: Layout | None = None, tenants: list[str] | None = None) -> RunSummary:
+    layout = layout or Layout()
+    out = []
+    for name in tenants or params.tenant_names:
+        evaluation = _read(layout.eval_metrics_path(name)) or {}
+        paths = {
+            "adapter": layout.adapter_dir(name),
+            "merged": layout.merged_dir(name),
+            "onnx": layout.onnx_dir(name),
+            "report": layout.evaluation_dir(name) / "report.md",
+        }
+        out.append(TenantSummary(
+            tenant=name,
+            prepare=_read(layout.prepare_stats_path(name)),
+            train=_read(layout.train_metrics_path(name)),
+            metrics=evaluation.get("models", {}),
+            gate=_read(layout.gate_path(name)),
+            release=_read(layout.release_path(name)),
+            paths={k: str(v) for k, v in paths.items() if v.exists()},
+        ))
+    return RunSummary(base=_read(layout.base_dir / "base_record.json"), tenants=out)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def reasons(stats: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(stats.get("rejected_by_reason", {}).items()) if v) or "none"
+
+
+def base_line(record: dict[str, Any]) -> str:
+    if record.get("source") != "built":
+        return f"base: {record.get('source')} model {record.get('model_ref')} (recorded, not downloaded)"
+    pre = record.get("pretraining", {})
+    return (
+        f"base: built {record.get('architecture')}, {record.get('parameters', 0) / 1e6:.1f}M parameters, "
+        f"{pre.get('steps')} steps / {pre.get('tokens_seen', 0) / 1e6:.2f}M tokens, "
+        f"final pretraining loss {pre.get('final_loss', float('nan')):.3f}"
+    )
+
+
+def train_line(name: str, m: dict[str, Any]) -> str:
+    gain = "n/a" if m.get("val_loss_gain") is None else f"{100 * m['val_loss_gain']:.0f}%"
+    return (
+        f"train[{name}]: validation answer loss {_fmt(m.get('val_loss_base'))} (base) -> {_fmt(m.get('val_loss'))} "
+        f"(adapter), {gain} lower | {m['steps']} steps, {m['tokens_seen']} tokens, {m['tokens_per_s']:.0f} tokens/s "
+        f"on {m['device']}, {m['wall_s']:.0f}s"
+    )
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    cells = [header, *[[_fmt(v) for v in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in cells]
+
+
+def render_text(summary: RunSummary, seconds: float | None = None) -> str:
+    lines = ["", "== loraline summary =="]
+    if summary.base:
+        lines.append(base_line(summary.base))
+    data_rows = [
+        [t.tenant, s["rows_in"], s["kept"], s["rejected"], s["duplicates"],
+         *(s.get("splits", {}).get(k, 0) for k in ("train", "validation", "test"))]
+        for t in summary.tenants if (s := t.prepare)
+    ]
+    if data_rows:
+        lines += ["", "data:"] + ["  " + r for r in _table(
+            ["tenant", "rows in", "kept", "rejected", "duplicates", "train", "validation", "test"], data_rows)]
+    for t in summary.tenants:
+        lines += ["", f"{t.tenant}:"]
+        if t.prepare:
+            lines.append(f"  rejects: {reasons(t.prepare)}")
+        if t.train:
+            lines.append("  " + train_line(t.tenant, t.train))
+        rows = t.metric_rows()
+        if rows:
+            models = [k for k in rows[0] if k != "metric"]
+            lines += ["  " + r for r in _table(["metric", *models], [[r["metric"], *(r[m] for m in models)] for r in rows])]
+        lines.append(f"  gate: {t.verdict}")
+        lines.append(f"  registry: {t.registry_line}")
+        for kind, path in t.paths.items():
+            lines.append(f"  {kind}: {path}")
+    if seconds is not None:
+        lines += ["", f"total time: {seconds:.0f}s"]
+    return "\n".join(lines)
+
+
+def render_markdown(summary: RunSummary, seconds: float | None = None) -> str:
+    """The run summary as a Prefect markdown artifact."""
+    out = ["# loraline run", ""]
+    if summary.base:
+        out += [base_line(summary.base), ""]
+    out += ["| tenant | gate | version | promoted | prod | answer loss base → candidate |", "|---|---|---|---|---|---|"]
+    for t in summary.tenants:
+        r = t.release or {}
+        loss = " → ".join(_fmt(t.metrics.get(m, {}).get("answer_loss")) for m in ("base", "candidate"))
+        out.append(f"| {t.tenant} | {t.verdict} | {r.get('version') or '-'} | {'yes' if r.get('promoted') else 'no'} "
+                   f"| {r.get('production_after') or '-'} | {loss} |")
+    if seconds is not None:
+        out += ["", f"Total time: {seconds:.0f} s"]
+    return "\n".join(out)
+
+
+def gate_markdown(t: TenantSummary) -> str:
+    out = [f"# Gate: {t.tenant}: {t.verdict}", "", "| rule | result | reason |", "|---|---|---|"]
+    for rule in (t.gate or {}).get("rules", []):
+        out.append(f"| {rule['name']} | {'ok' if rule['passed'] else 'FAIL'} | {rule.get('reason', '')} |")
+    out += ["", f"Registry: {t.registry_line}"]
+    return "\n".join(out)
