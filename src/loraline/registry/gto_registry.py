@@ -1,0 +1,225 @@
+"""The registry as GTO git tags: `<name>@vX.Y.Z` registers a version, `<name>#prod#N` assigns production.
+
+Plain git tags mean every consumer that speaks GTO (the `gto` CLI, `dvc artifacts get --stage prod`,
+DVC Studio) sees the same registry, and `git push --tags` shares it. Version tags are annotated and
+their message carries the lineage as JSON below a one-line summary, so `git show <name>@v0.0.3`
+answers "where did this come from" without loraline.
+
+Writers serialize on an fcntl lock under .git/: git itself only guarantees that one tag name is
+created once, not that a promotion was decided against the production it replaces. GTO orders
+assignments by the tag's time, which has one-second resolution, so a promotion waits for the next
+second after the artifact's latest assignment; otherwise two tags of the same second would make
+"which version is production" ambiguous to GTO and DVC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from loraline.registry.base import ANY, PROD, Assignment, PromotionConflict, RegistryError, Version, _AnyType
+
+LOCK_NAME = "loraline-registry.lock"
+_SEMVER = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
+
+
+def _semver_key(version: str) -> tuple[int, int, int]:
+    m = _SEMVER.match(version)
+    if not m:
+        raise RegistryError(f"version {version!r} is not of the form vMAJOR.MINOR.PATCH (e.g. v0.1.2)")
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+def _bump_patch(version: str | None) -> str:
+    if version is None:
+        return "v0.0.1"
+    major, minor, patch = _semver_key(version)
+    return f"v{major}.{minor}.{patch + 1}"
+
+
+def parse_lineage(message: str) -> dict[str, Any]:
+    """The JSON below a version tag's summary line ({} when the tag was made by something else)."""
+    _, _, rest = message.partition("\n")
+    start = rest.find("{")
+    if start < 0:
+        return {}
+    try:
+        value = json.loads(rest[start:])
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def version_message(name: str, version: str, commit: str, lineage: dict[str, Any]) -> str:
+    summary = f"Register {name} {version} (commit {commit[:12]})"
+    return f"{summary}\n\n{json.dumps(lineage, indent=2, sort_keys=True, default=str)}\n"
+
+
+class GtoRegistry:
+    """`Registry` over the GTO tags of the git repository at `root` (see the module docstring)."""
+
+    def __init__(self, root: str | Path = ".") -> None:
+        self.root = Path(root).resolve()
+        self._lock_fd: int | None = None
+        self._depth = 0
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _events(self, name: str) -> list[dict[str, Any]]:
+        from gto import api
+        from gto.exceptions import ArtifactNotFound, GTOException
+
+        try:
+            return list(api.history(str(self.root), name, ascending=True))
+        except ArtifactNotFound:
+            return []
+        except GTOException as exc:
+            raise RegistryError(f"{name}: cannot read the registry: {exc}") from exc
+
+    def versions(self, name: str) -> list[Version]:
+        found = {
+            e["version"]: Version(name, e["version"], e["commit"], e["timestamp"], parse_lineage(e.get("message") or ""))
+            for e in self._events(name)
+            if e["event"] == "registration" and _SEMVER.match(e["version"] or "")
+        }
+        return sorted(found.values(), key=lambda v: _semver_key(v.version))
+
+    def version(self, name: str, version: str) -> Version:
+        for v in self.versions(name):
+            if v.version == version:
+                return v
+        known = ", ".join(v.version for v in self.versions(name)) or "none"
+        raise RegistryError(f"{name} has no version {version}; registered: {known}")
+
+    def latest(self, name: str) -> Version | None:
+        versions = self.versions(name)
+        return versions[-1] if versions else None
+
+    def history(self, name: str, stage: str = PROD) -> list[Assignment]:
+        out = []
+        for e in self._events(name):
+            if e["event"] != "assignment" or e["stage"] != stage:
+                continue
+            number = int(str(e["ref"]).rsplit("#", 1)[-1]) if str(e["ref"]).count("#") == 2 else 0
+            out.append(Assignment(name, e["version"], stage, number, e["commit"], e["timestamp"], e.get("message") or ""))
+        return sorted(out, key=lambda a: (a.created_at, a.number))
+
+    def production(self, name: str) -> Version | None:
+        assignments = self.history(name, PROD)
+        return self.version(name, assignments[-1].version) if assignments else None
+
+    def artifacts(self) -> list[str]:
+        from gto import api
+
+        return sorted(api.show(str(self.root)))
+
+    # -- writing ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Exclusive across processes (flock); re-entrant within this object so promote can run inside one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        fd = os.open(self._git_dir() / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd, self._depth = fd, 1
+            yield
+        finally:
+            self._lock_fd, self._depth = None, 0
+            os.close(fd)  # closing releases the flock
+
+    def register(self, name: str, ref: str, lineage: dict[str, Any], version: str | None = None) -> Version:
+        from gto import api
+        from gto.exceptions import GTOException
+
+        commit = self._resolve(ref)
+        with self.transaction():
+            latest = self.latest(name)
+            version = version or _bump_patch(latest.version if latest else None)
+            _semver_key(version)
+            try:
+                api.register(str(self.root), name, commit, version=version,
+                             message=version_message(name, version, commit, lineage))
+            except GTOException as exc:
+                raise RegistryError(f"cannot register {name} {version} at {commit[:12]}: {exc}") from exc
+        return self.version(name, version)
+
+    def promote(
+        self, name: str, version: str, expected_current: str | None | _AnyType = ANY, message: str | None = None
+    ) -> Assignment:
+        with self.transaction():
+            self.version(name, version)  # raises naming the registered versions
+            current = self.production(name)
+            current_version = current.version if current else None
+            if not isinstance(expected_current, _AnyType) and current_version != expected_current:
+                raise PromotionConflict(name, expected_current, current_version)
+            if current_version == version:
+                return self.history(name)[-1]
+            return self._assign(name, version, message or f"Promote {name} {version} to {PROD} (was {current_version or 'none'})")
+
+    def rollback(self, name: str, message: str | None = None) -> Assignment:
+        with self.transaction():
+            assignments = self.history(name)
+            if not assignments:
+                raise RegistryError(f"{name} has never been promoted: there is no production to roll back")
+            current = assignments[-1].version
+            before = next((a.version for a in reversed(assignments[:-1]) if a.version != current), None)
+            if before is None:
+                raise RegistryError(
+                    f"{name}: nothing to roll back to, {current} is the only version that has been in {PROD}"
+                )
+            return self._assign(name, before, message or f"Roll back {name} {PROD} from {current} to {before}")
+
+    def _assign(self, name: str, version: str, message: str) -> Assignment:
+        """Under the lock: a new `#prod#N` tag; gto's force only allows re-assigning a version once in prod (never `git tag -f`)."""
+        from gto import api
+        from gto.exceptions import GTOException
+
+        previous = self.history(name)
+        if previous:
+            _wait_past(previous[-1].created_at)
+        try:
+            api.assign(str(self.root), name, PROD, version=version, message=message, force=True)
+        except GTOException as exc:
+            raise RegistryError(f"cannot promote {name} {version}: {exc}") from exc
+        made = self.history(name)[-1]
+        if made.version != version:  # pragma: no cover - would mean a writer bypassed the lock
+            raise RegistryError(f"{name}: assigned {version} but production reads {made.version}")
+        return made
+
+    # -- git ----------------------------------------------------------------------------------
+
+    def _git(self, *args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True)
+        if done.returncode:
+            raise RegistryError(f"git {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    def _git_dir(self) -> Path:
+        return Path(self.root, self._git("rev-parse", "--git-common-dir"))
+
+    def _resolve(self, ref: str) -> str:
+        return self._git("rev-parse", "--verify", f"{ref}^{{commit}}")
+
+
+def _wait_past(moment: datetime) -> None:
+    """Sleep until the clock's whole second is later than `moment` (tag times have one-second resolution)."""
+    target = moment.timestamp() + 1
+    now = datetime.now(timezone.utc).timestamp()
+    if int(now) < int(target):
+        time.sleep(int(target) - now + 0.01)

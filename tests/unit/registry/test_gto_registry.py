@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import pytest
+from registry_helpers import commit_file, git
+
+from loraline.registry import ANY, PromotionConflict, RegistryError
+from loraline.registry.gto_registry import GtoRegistry
+
+
+@pytest.fixture
+def two_commits(repo):
+    return repo, commit_file(repo, "dvc.lock", "one\n"), commit_file(repo, "dvc.lock", "two\n")
+
+
+def test_register_bumps_patch_and_tag_carries_lineage(two_commits):
+    repo, c1, c2 = two_commits
+    reg = GtoRegistry(repo)
+    assert reg.latest("t1-adapter") is None and reg.production("t1-adapter") is None and reg.versions("t1-adapter") == []
+    v1 = reg.register("t1-adapter", c1, {"outputs": {"adapter": "abc.dir"}})
+    v2 = reg.register("t1-adapter", c2, {"outputs": {"adapter": "def.dir"}})
+    assert (v1.version, v1.commit, v2.version, v2.commit) == ("v0.0.1", c1, "v0.0.2", c2)
+    assert reg.latest("t1-adapter").lineage == {"outputs": {"adapter": "def.dir"}}
+    assert reg.register("t1-onnx", c2, {}, version="v0.0.2").version == "v0.0.2"
+    assert reg.artifacts() == ["t1-adapter", "t1-onnx"]
+    shown = git(repo, "show", "--no-patch", "t1-adapter@v0.0.1")
+    assert "Register t1-adapter v0.0.1" in shown and '"adapter": "abc.dir"' in shown
+    assert git(repo, "cat-file", "-t", "t1-adapter@v0.0.1") == "tag"  # annotated
+    with pytest.raises(RegistryError, match="v0.0.2"):
+        reg.register("t1-adapter", c1, {}, version="v0.0.2")
+
+
+def test_promote_checks_expected_production(two_commits):
+    repo, c1, c2 = two_commits
+    reg = GtoRegistry(repo)
+    reg.register("t1-adapter", c1, {})
+    reg.register("t1-adapter", c2, {})
+    a = reg.promote("t1-adapter", "v0.0.1", expected_current=None)
+    assert (a.version, a.stage, a.number, a.commit) == ("v0.0.1", "prod", 1, c1)
+    with pytest.raises(PromotionConflict, match="production is v0.0.1, not nothing"):
+        reg.promote("t1-adapter", "v0.0.2", expected_current=None)
+    assert reg.promote("t1-adapter", "v0.0.1") == a  # already production: no new tag
+    b = reg.promote("t1-adapter", "v0.0.2", expected_current="v0.0.1", message="why: better")
+    assert reg.production("t1-adapter").version == "v0.0.2" and b.number == 2 and "why: better" in b.message
+    with pytest.raises(RegistryError, match="no version v9.9.9; registered: v0.0.1, v0.0.2"):
+        reg.promote("t1-adapter", "v9.9.9")
+    assert git(repo, "tag", "-l", "t1-adapter#*").split() == ["t1-adapter#prod#1", "t1-adapter#prod#2"]
+
+
+def test_rollback_reassigns_the_previous_production(two_commits):
+    repo, c1, c2 = two_commits
+    reg = GtoRegistry(repo)
+    with pytest.raises(RegistryError, match="never been promoted"):
+        reg.rollback("t1-adapter")
+    reg.register("t1-adapter", c1, {})
+    reg.register("t1-adapter", c2, {})
+    reg.promote("t1-adapter", "v0.0.1")
+    with pytest.raises(RegistryError, match="nothing to roll back to, v0.0.1 is the only version"):
+        reg.rollback("t1-adapter")
+    reg.promote("t1-adapter", "v0.0.2")
+    back = reg.rollback("t1-adapter")
+    assert (back.version, back.number) == ("v0.0.1", 3)
+    assert reg.production("t1-adapter").version == "v0.0.1"
+    assert [a.version for a in reg.history("t1-adapter")] == ["v0.0.1", "v0.0.2", "v0.0.1"]
+    from gto import api  # GTO's own reading agrees
+
+    assert api.show(str(repo))["t1-adapter"]["stage"]["prod"] == "v0.0.1"
+
+
+def _race(root, version, barrier, results):
+    reg = GtoRegistry(root)
+    barrier.wait()
+    try:
+        reg.promote("t1-adapter", version, expected_current=None)
+        results.put((version, "won"))
+    except PromotionConflict as exc:
+        results.put((version, f"conflict: {exc.actual}"))
+
+
+def test_concurrent_promotions_cannot_both_win(two_commits):
+    repo, c1, c2 = two_commits
+    reg = GtoRegistry(repo)
+    reg.register("t1-adapter", c1, {})
+    reg.register("t1-adapter", c2, {})
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(repo, v, barrier, results)) for v in ("v0.0.1", "v0.0.2")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    outcome = dict(results.get(timeout=5) for _ in procs)
+    winners = [v for v, r in outcome.items() if r == "won"]
+    assert len(winners) == 1, outcome
+    loser = ({"v0.0.1", "v0.0.2"} - set(winners)).pop()
+    assert outcome[loser] == f"conflict: {winners[0]}"
+    assert git(repo, "tag", "-l", "t1-adapter#*").split() == ["t1-adapter#prod#1"]
+    assert reg.production("t1-adapter").version == winners[0]
+
+
+def test_any_skips_the_check(two_commits):
+    repo, c1, _ = two_commits
+    reg = GtoRegistry(repo)
+    reg.register("a", c1, {"k": 1})
+    assert reg.promote("a", "v0.0.1", expected_current=ANY).version == "v0.0.1"
+    assert json.loads(json.dumps(reg.production("a").lineage)) == {"k": 1}
