@@ -50,6 +50,9 @@ def _tenants(params: Params, chosen: list[str] | None) -> list[str]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     params = _load(args)
+    from loraline.registry.lineage import check_artifacts_declared
+
+    check_artifacts_declared(Path(args.params).parent, params, if_present=True)
     print(f"{args.params}: valid")
     print(f"  base: {params.base.model or 'built offline (base.build)'}")
     for name in params.tenant_names:

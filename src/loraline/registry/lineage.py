@@ -1,0 +1,114 @@
+"""Everything a registered version must answer about its origin, gathered from what DVC already recorded.
+
+dvc.lock is the source of truth for content (it is what `dvc repro` checked and `dvc push` stored),
+so the lineage quotes its md5s rather than re-hashing folders; the snapshot commit then pins that
+dvc.lock, params.yaml and the raw data in git. Only non-secret facts go in: hashes, params,
+metrics, versions. It is written into a git tag, which is shared with whoever can fetch the repo.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraline.config import ConfigError, Params
+from loraline.layout import Layout
+from loraline.provenance import library_versions
+from loraline.registry.snapshot import head_commit
+
+TENANT_STAGES = ("documents", "prepare", "train", "merge", "export", "evaluate", "gate")
+
+
+def artifact_paths(tenant: str) -> dict[str, str]:
+    """The registry's artifact names for a tenant and the DVC output each versions."""
+    return {f"{tenant}-adapter": f"models/adapters/{tenant}", f"{tenant}-onnx": f"models/onnx/{tenant}"}
+
+
+def missing_artifacts(root: str | Path, params: Params) -> dict[str, str]:
+    """Artifacts params.yaml's tenants need that dvc.yaml's `artifacts:` lacks (or declares at another path)."""
+    path = Path(root) / "dvc.yaml"
+    declared = (yaml.safe_load(path.read_text()) or {}).get("artifacts") or {} if path.exists() else {}
+    want = {name: rel for t in params.tenant_names for name, rel in artifact_paths(t).items()}
+    return {name: rel for name, rel in want.items() if (declared.get(name) or {}).get("path") != rel}
+
+
+def check_artifacts_declared(root: str | Path, params: Params, if_present: bool = False) -> None:
+    """Fail naming the entries to add: DVC cannot template `artifacts:` per tenant, so they are listed by hand.
+
+    `if_present`: pass silently when `root` has no dvc.yaml (a params file checked on its own)."""
+    if if_present and not (Path(root) / "dvc.yaml").exists():
+        return
+    missing = missing_artifacts(root, params)
+    if missing:
+        entries = "".join(f"  {name}:\n    path: {rel}\n    type: model\n" for name, rel in missing.items())
+        raise ConfigError(
+            f"dvc.yaml's artifacts: section lacks {', '.join(missing)} (one adapter and one onnx entry per tenant "
+            f"in params.yaml; DVC does not generate them). Add:\nartifacts:\n{entries}"
+        )
+
+
+def read_lock(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / "dvc.lock"
+    if not path.exists():
+        return {}
+    return (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+
+
+def _hashes(entries: list[dict[str, Any]] | None) -> dict[str, str | None]:
+    return {e["path"]: e.get("md5") or e.get("etag") or e.get("checksum") for e in entries or []}
+
+
+def locked_out(lock: dict[str, Any], stage: str, path: str) -> str | None:
+    """The md5 dvc.lock records for `stage`'s output `path` (None when the stage has not run)."""
+    return _hashes((lock.get(stage) or {}).get("outs")).get(path)
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str | None = None) -> dict[str, Any]:
+    """Hashes, params, metrics and library versions behind the tenant's current DVC outputs (JSON-safe)."""
+    root, layout = Path(root), Layout(Path(root))
+    params.tenant(tenant)
+    lock = read_lock(root)
+    stages = {}
+    for stage in ("base", *(f"{s}@{tenant}" for s in TENANT_STAGES)):
+        if stage in lock:
+            stages[stage] = {"deps": _hashes(lock[stage].get("deps")), "outs": _hashes(lock[stage].get("outs"))}
+    record = _json(layout.adapter_dir(tenant) / "train_record.json") or {}
+    evaluation = _json(layout.eval_metrics_path(tenant)) or {}
+    gate = _json(layout.gate_path(tenant))
+    return {
+        "tenant": tenant,
+        "git": {"head": head_commit(root), "snapshot": snapshot},
+        "outputs": {
+            "adapter": locked_out(lock, f"train@{tenant}", f"models/adapters/{tenant}"),
+            "merged": locked_out(lock, f"merge@{tenant}", f"models/merged/{tenant}"),
+            "onnx": locked_out(lock, f"export@{tenant}", f"models/onnx/{tenant}"),
+            "base": locked_out(lock, "base", "models/base"),
+        },
+        "data": {
+            "prepared_md5": locked_out(lock, f"prepare@{tenant}", f"data/prepared/{tenant}"),
+            "train_data_sha256": (record.get("data") or {}).get("sha256"),
+            "raw_dir": str(params.tenant(tenant).raw_dir),
+        },
+        "dvc": stages,
+        "params": {
+            "train": params.train_for(tenant).model_dump(mode="json"),
+            "gate": params.gate_for(tenant).model_dump(mode="json"),
+            **{s: getattr(params, s).model_dump(mode="json") for s in ("prepare", "merge", "export", "evaluate")},
+        },
+        "metrics": {
+            "eval": evaluation.get("models"),
+            "test_rows": evaluation.get("test_rows"),
+            "gate": None if gate is None else {"passed": gate.get("passed"), "failed": gate.get("failed", [])},
+        },
+        "libraries": library_versions(),
+    }
