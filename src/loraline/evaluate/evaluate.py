@@ -125,16 +125,8 @@ def evaluate_tenant(
     answer_tokens = 0
     for name, (path, kwargs) in models.items():
         started = time.perf_counter()
-        torch.manual_seed(SEED)
-        with loaded_model(path, device, **kwargs) as model:
-            loss = answer_loss(model, test.input_ids, test.labels, tok.pad_token_id, BATCH_SIZE)
-            predictions[name] = generate_greedy(
-                model, tok, test.prompts, max_new_tokens, BATCH_SIZE, on_batch=_progress(name, len(test.ids), progress)
-            )
-        answer_tokens = loss.tokens
-        scores[name] = _finite(
-            {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity}
-            | M.aggregate(predictions[name], test.references, refs_json)
+        scores[name], predictions[name], answer_tokens = _score(
+            path, kwargs, tok, test, refs_json, max_new_tokens, device, _progress(name, len(test.ids), progress)
         )
         if progress:
             print(f"evaluate {tenant}/{name}: {time.perf_counter() - started:.1f}s {scores[name]}", file=sys.stderr)
@@ -158,6 +150,40 @@ def evaluate_tenant(
         io.atomic_write_text(tmp / REPORT, report)
         io.write_json(tmp / METRICS, result)
     return EvaluateResult(out_dir, result)
+
+
+def evaluate_model(
+    *,
+    model_dir: Path,
+    dataset_dir: Path,
+    base_dir: Path,
+    base_params: BaseParams,
+    max_new_tokens: int = 64,
+    max_examples: int | None = None,
+) -> dict[str, float | None]:
+    """One model's metrics, computed as evaluate_tenant computes each of its models (so the numbers compare).
+
+    The registry uses it to measure the current production model at promotion time, when production
+    may have changed since the evaluate stage ran."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise EvaluateError(f"{model_dir} is not a model folder (no config.json)")
+    tok = load_base_tokenizer(Path(base_dir), base_params)
+    test = _load_test(Path(dataset_dir), tok, max_examples)
+    return _score(str(model_dir), {}, tok, test, M.expects_json(test.references), max_new_tokens, pick_device(), None)[0]
+
+
+def _score(
+    path: str, kwargs: dict[str, Any], tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, device: Any, on_batch: Any
+) -> tuple[dict[str, float | None], list[str], int]:
+    """(metrics, greedy predictions, answer tokens) of the model at `path` on `test`."""
+    torch.manual_seed(SEED)
+    with loaded_model(path, device, **kwargs) as model:
+        loss = answer_loss(model, test.input_ids, test.labels, tok.pad_token_id, BATCH_SIZE)
+        predictions = generate_greedy(model, tok, test.prompts, max_new_tokens, BATCH_SIZE, on_batch=on_batch)
+    scores = _finite(
+        {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | M.aggregate(predictions, test.references, refs_json)
+    )
+    return scores, predictions, loss.tokens
 
 
 def _load_test(dataset_dir: Path, tok: Any, max_examples: int | None) -> _TestSet:

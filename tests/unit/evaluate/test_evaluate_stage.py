@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from train_helpers import make_raw, tiny_build, tiny_train  # noqa: E402
 
 from loraline.config import BaseParams, PrepareParams, TenantParams  # noqa: E402
-from loraline.evaluate.evaluate import GENERATIONS, METRICS, REPORT, EvaluateError, evaluate_tenant  # noqa: E402
+from loraline.evaluate.evaluate import GENERATIONS, METRICS, REPORT, EvaluateError, evaluate_model, evaluate_tenant  # noqa: E402
 from loraline.evaluate.generate import split_conversation  # noqa: E402
 
 TASK_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy")
@@ -94,6 +94,19 @@ def full(setup: Setup):
     """Base, candidate and production (the base folder itself, a plain HF model dir) on every test row."""
     with mock.patch("loraline.evaluate.evaluate.pick_device", return_value=torch.device("cpu")):
         return evaluate_tenant(out_dir=setup.root / "eval-full", **setup.kwargs(production_dir=setup.base_dir))
+
+
+def test_evaluate_model_matches_the_stage(setup: Setup, full):
+    """The registry measures production alone at promotion; its numbers must equal the stage's."""
+    with mock.patch("loraline.evaluate.evaluate.pick_device", return_value=torch.device("cpu")):
+        alone = evaluate_model(
+            model_dir=setup.candidate_dir, dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
+            base_params=setup.base_params, max_new_tokens=16,
+        )
+    assert alone == full.metrics["models"]["candidate"]
+    with pytest.raises(EvaluateError, match="not a model folder"):
+        evaluate_model(model_dir=setup.root / "nope", dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
+                       base_params=setup.base_params)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
