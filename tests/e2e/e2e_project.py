@@ -1,0 +1,78 @@
+"""Shared by the end-to-end tests: a fresh git+DVC copy of the repository on a tiny configuration."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+TINY_BUILD = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_layers": 2,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "max_position_embeddings": 512,
+    "seq_len": 64,
+    "batch_size": 4,
+    "max_steps": 8,
+    "warmup_steps": 2,
+    "max_stdlib_chars": 20000,
+    "exercises": 40,
+}
+PER_TENANT = ("documents", "prepare", "train", "merge", "export", "evaluate", "gate")
+TINY_TRAIN = {"max_steps": 6, "batch_size": 4, "eval_every": 3, "save_every": 3, "lora_r": 4, "lora_alpha": 8}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid",
+        GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid",
+    )
+    return env
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def make_tiny_project(dest: Path) -> Path:
+    """A fresh git+DVC project at `dest` holding exactly the repository's files, with a tiny base model."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["base"]["build"].update(TINY_BUILD)
+    params["train"].update(TINY_TRAIN)
+    params["evaluate"].update({"max_examples": 6, "max_new_tokens": 12, "examples_in_report": 2})
+    params["export"].update({"max_new_tokens": 8})
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=dest)
+    sh("git", "add", "-A", cwd=dest)
+    sh("git", "commit", "-qm", "fixture", cwd=dest)
+    return dest
+
+
