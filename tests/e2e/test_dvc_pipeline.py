@@ -110,12 +110,19 @@ def test_push_to_the_default_local_remote_and_metrics(project: Path, first_run: 
     assert "reports/acme-shop/train/val_loss.csv" in plots
 
 
-def test_loraline_run_summarises_an_up_to_date_pipeline(project: Path, first_run: str):
+def test_loraline_run_without_prefect_releases_then_is_idempotent(project: Path, first_run: str):
     sh("dvc", "repro", cwd=project)  # whatever earlier tests changed
-    out = sh("loraline", "run", "--no-push", cwd=project)
+    out = sh("loraline", "run", "--no-prefect", "--no-push", cwd=project)
     assert "everything up to date" in out
     assert "== loraline summary ==" in out
     for tenant in ("acme-shop", "globex-it"):
         stats = json.loads((project / "reports" / tenant / "prepare_stats.json").read_text())
         row = f"{tenant}\\s+{stats['rows_in']}\\s+{stats['kept']}\\s+{stats['rejected']}\\s+{stats['duplicates']}"
         assert re.search(row, out), f"summary table lacks {tenant}'s counts"
+    assert len(re.findall(r"registry: v0\.0\.1 \(new\), promoted to prod", out)) == 2, out[-3000:]
+    tags = set(sh("git", "tag", cwd=project).split())
+    assert {"acme-shop-adapter@v0.0.1", "acme-shop-adapter#prod#1", "globex-it-onnx#prod#1"} <= tags
+
+    again = sh("loraline", "run", "--no-prefect", "--no-push", cwd=project)
+    assert set(sh("git", "tag", cwd=project).split()) == tags
+    assert again.count("registry: v0.0.1 (unchanged)") == 2, again[-3000:]

@@ -1,0 +1,177 @@
+"""End to end through Prefect (test harness server): the flow drives the real DVC stages, publishes
+its artifacts, registers GTO versions and promotes; re-runs are idempotent; one tenant's change
+re-runs and promotes only that tenant; a failed gate or a failed stage leaves production alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from e2e_project import PER_TENANT, make_tiny_project, sh, stages_run
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TENANTS = ("acme-shop", "globex-it")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, harness) -> Path:
+    dest = make_tiny_project(tmp_path_factory.mktemp("prefect") / "project")
+    saved = dict(os.environ)
+    # the registry commits version snapshots: git needs an identity, whatever the machine has
+    os.environ.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid", GIT_COMMITTER_NAME="t",
+                      GIT_COMMITTER_EMAIL="t@t.invalid", DVC_NO_ANALYTICS="1")
+    yield dest
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def pipeline(project: Path):
+    spec = importlib.util.spec_from_file_location("loraline_flow_under_test", project / "flows" / "pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.pipeline
+
+
+def tags(project: Path) -> set[str]:
+    return set(subprocess.run(["git", "tag"], cwd=project, capture_output=True, text=True, check=True).stdout.split())
+
+
+def stage_runs(state) -> dict[str, bool]:
+    """Stage -> ran?, from the task runs of one flow run (Prefect's record, not our logs)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    out = {}
+    for run in runs:
+        if "@" in run.name or run.name == "base":
+            result = run.state.result(raise_on_failure=False) if run.state.is_completed() else None
+            out[run.name] = bool(getattr(result, "ran", False))
+    return out
+
+
+def release(project: Path, tenant: str) -> dict:
+    return json.loads((project / "reports" / tenant / "release.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def first(project: Path, pipeline):
+    state = pipeline(project_dir=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    return state
+
+
+def test_first_run_runs_every_stage_registers_and_promotes(project: Path, first):
+    result = first.result()
+    assert set(result["releases"]) == set(TENANTS)
+    for tenant in TENANTS:
+        r = release(project, tenant)
+        assert r["version"] == "v0.0.1" and r["registered_new"] and r["promoted"], r
+        assert r["production_after"] == "v0.0.1"
+    assert {f"{t}-{kind}@v0.0.1" for t in TENANTS for kind in ("adapter", "onnx")} <= tags(project)
+    assert {f"{t}-{kind}#prod#1" for t in TENANTS for kind in ("adapter", "onnx")} <= tags(project)
+    # DVC owns lineage: after the flow nothing is stale and `dvc repro` has nothing to add
+    lock = (project / "dvc.lock").read_text()
+    assert stages_run(sh("dvc", "repro", cwd=project)) == set()
+    assert (project / "dvc.lock").read_text() == lock
+    assert "up to date" in sh("dvc", "status", cwd=project)
+
+
+def test_first_run_publishes_reports_as_prefect_artifacts(first):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    for tenant in TENANTS:
+        assert {f"{tenant}-evaluation", f"{tenant}-metrics", f"{tenant}-gate"} <= keys
+    assert "loraline-run" in keys
+
+
+def test_second_run_reruns_nothing_and_promotes_nothing(project: Path, pipeline, first):
+    before = tags(project)
+    state = pipeline(project_dir=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    ran = stage_runs(state)
+    assert ran and not any(ran.values()), ran
+    assert tags(project) == before
+    for tenant in TENANTS:
+        r = release(project, tenant)
+        assert not r["registered_new"] and not r["promoted"] and r["production_after"] == "v0.0.1"
+
+
+def test_one_tenants_new_data_reruns_and_releases_only_that_tenant(project: Path, pipeline, first):
+    before = tags(project)
+    target = sorted((project / "data" / "raw" / "acme-shop").glob("*.jsonl"))[0]
+    with target.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"instruction": "Extract the order request as JSON.",
+                             "input": "Hi, please cancel order 55120.", "output": '{"intent": "cancel"}'}) + "\n")
+    state = pipeline(project_dir=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    ran = {stage for stage, did in stage_runs(state).items() if did}
+    assert ran == {f"{s}@acme-shop" for s in PER_TENANT}
+    new_tags = tags(project) - before
+    assert {"acme-shop-adapter@v0.0.2", "acme-shop-onnx@v0.0.2"} <= new_tags
+    assert not any(t.startswith("globex-it") for t in new_tags)
+    acme = release(project, "acme-shop")
+    assert acme["version"] == "v0.0.2" and acme["registered_new"]
+    assert acme["production_before"] == "v0.0.1"
+    # the promotion was decided against the production version, on the candidate's test split
+    prod_rule = next(r for r in acme["rules"] if r["name"] == "no_regression_vs_prod")
+    assert prod_rule["reason"] != "no production version"
+    assert acme["production_after"] == ("v0.0.2" if acme["promoted"] else "v0.0.1")
+
+
+def test_failed_gate_registers_but_leaves_production(project: Path, pipeline, first):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tenants"]["globex-it"]["train"] = {"learning_rate": 0.0005}  # a new adapter...
+    params["tenants"]["globex-it"]["gate"] = {"min_gain_over_base": 1000.0}  # ...that cannot pass
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    prod_before = {t for t in tags(project) if t.startswith("globex-it") and "#prod#" in t}
+
+    state = pipeline(tenants=["globex-it"], project_dir=str(project), return_state=True)
+
+    assert state.is_completed(), state.message  # a failed gate is a verdict, not a crash
+    r = release(project, "globex-it")
+    assert r["registered_new"] and r["version"] == "v0.0.2"
+    assert not r["promoted"] and r["production_after"] == "v0.0.1"
+    assert "beats_base" in r["reason"]
+    assert {t for t in tags(project) if t.startswith("globex-it") and "#prod#" in t} == prod_before
+
+
+def test_stage_failing_midway_fails_the_run_clearly_and_writes_nothing(project: Path, pipeline, first):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    # the merge is computed, then refused by its parity check before anything is written
+    params["tenants"]["acme-shop"]["gate"] = {"max_merge_logit_diff": 1e-15}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = tags(project)
+
+    state = pipeline(tenants=["acme-shop"], project_dir=str(project), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(RuntimeError) as info:
+        state.result()
+    message = str(info.value)
+    assert "merge@acme-shop" in message and "acme-shop" in message
+    assert "logit" in message.lower()
+    merged = project / "models" / "merged"
+    assert not (merged / "acme-shop").exists()
+    assert not [p for p in merged.iterdir() if p.name.startswith(".acme-shop")], "no temporary leftovers"
+    assert tags(project) == before
