@@ -86,10 +86,10 @@ def plan_stages(root: str | Path, tenants: Iterable[str]) -> StagePlan:
     tenants = list(tenants)
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges run from a stage to the stages it depends on
-        by_name = {stage.addressing: stage for stage in graph.nodes}
+        by_name = {stage.name: stage for stage in graph.nodes}
         # dependencies first; among independent stages, dvc.yaml's own order (stable across runs)
         position = {stage: i for i, stage in enumerate(repo.index.stages)}
-        order = [s.addressing for s in nx.lexicographical_topological_sort(graph.reverse(), key=position.__getitem__)]
+        order = [s.name for s in nx.lexicographical_topological_sort(graph.reverse(), key=position.__getitem__)]
 
         def owner(name: str) -> str | None:
             return name.rsplit("@", 1)[1] if "@" in name else None
@@ -100,12 +100,12 @@ def plan_stages(root: str | Path, tenants: Iterable[str]) -> StagePlan:
         wanted = {n for n in by_name if owner(n) in tenants}
         needed = set(wanted)
         for name in wanted:
-            needed |= {s.addressing for s in nx.descendants(graph, by_name[name])}
+            needed |= {s.name for s in nx.descendants(graph, by_name[name])}
         # A shared stage (the base) may need tenant-owned ones (every tenant's documents): those
         # run with the shared ones, before any tenant's own chain.
         shared_set = needed - wanted
         for name in list(shared_set):
-            shared_set |= {s.addressing for s in nx.descendants(graph, by_name[name])}
+            shared_set |= {s.name for s in nx.descendants(graph, by_name[name])}
     shared = [n for n in order if n in shared_set]
     per_tenant = {t: [n for n in order if n in wanted - shared_set and owner(n) == t] for t in tenants}
     return StagePlan(shared=shared, per_tenant=per_tenant)

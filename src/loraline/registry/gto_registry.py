@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loraline.registry.base import ANY, PROD, Assignment, PromotionConflict, RegistryError, Version, _AnyType
+from loraline.registry.snapshot import ensure_git_identity
 
 LOCK_NAME = "loraline-registry.lock"
 _SEMVER = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
@@ -69,6 +70,7 @@ class GtoRegistry:
 
     def __init__(self, root: str | Path = ".") -> None:
         self.root = Path(root).resolve()
+        ensure_git_identity(self.root)
         self._lock_fd: int | None = None
         self._depth = 0
 

@@ -22,6 +22,23 @@ def _git(root: Path, *args: str, env: dict[str, str] | None = None) -> str:
     return done.stdout.strip()
 
 
+FALLBACK_IDENTITY = {"name": "loraline", "email": "loraline@localhost"}
+
+
+def ensure_git_identity(root: str | Path) -> None:
+    """Snapshot commits and version tags need an author; a fresh machine often has none configured.
+
+    Only when git has no user.name/user.email (and the environment sets none) does this process
+    sign as "loraline <loraline@localhost>"; a configured identity is always used as it is.
+    """
+    for key in ("name", "email"):
+        configured = subprocess.run(["git", "config", f"user.{key}"], cwd=root, capture_output=True, text=True).stdout.strip()
+        if configured:
+            continue
+        for role in ("AUTHOR", "COMMITTER"):
+            os.environ.setdefault(f"GIT_{role}_{key.upper()}", FALLBACK_IDENTITY[key])
+
+
 def head_commit(root: str | Path) -> str | None:
     """HEAD's sha, or None in a repository without commits."""
     done = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD^{commit}"], cwd=root, capture_output=True, text=True)

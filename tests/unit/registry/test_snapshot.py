@@ -56,3 +56,28 @@ def test_repository_without_commits(repo):
     assert git(repo, "rev-list", "--count", sha) == "1"
     assert git(repo, "show", f"{sha}:dvc.yaml") == "stages: {}"
     assert git(repo, "status", "--porcelain") == "?? dvc.yaml"
+
+
+def test_a_machine_without_git_identity_still_gets_snapshots(tmp_path, monkeypatch):
+    import subprocess
+
+    from loraline.registry.snapshot import ensure_git_identity, snapshot_commit
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.delenv("GIT_CONFIG_GLOBAL", raising=False)
+    for role in ("AUTHOR", "COMMITTER"):
+        for key in ("NAME", "EMAIL"):
+            # set, then delete: monkeypatch then restores the original state, whatever the fallback sets
+            monkeypatch.setenv(f"GIT_{role}_{key}", "placeholder")
+            monkeypatch.delenv(f"GIT_{role}_{key}")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / "f.txt").write_text("x\n")
+    ensure_git_identity(repo)
+    sha = snapshot_commit(repo, "snapshot")
+    author = subprocess.run(["git", "log", "-1", "--format=%an <%ae>", sha], cwd=repo, capture_output=True, text=True).stdout
+    assert author.strip() == "loraline <loraline@localhost>"
