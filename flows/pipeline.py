@@ -101,16 +101,17 @@ def pipeline(
     plan = plan_stages(project_dir, chosen)
     orchestrate = params.orchestrate
 
+    ran: dict[str, bool] = {}
     for stage in plan.shared:
         run, timeout_s = _with_policy(stage, orchestrate)
-        run(project_dir, stage, force, timeout_s)
+        ran[stage] = run(project_dir, stage, force, timeout_s).ran
 
     failures: dict[str, str] = {}
     for tenant, stages in plan.per_tenant.items():
         try:
             for stage in stages:
                 run, timeout_s = _with_policy(stage, orchestrate)
-                run(project_dir, stage, force, timeout_s)
+                ran[stage] = run(project_dir, stage, force, timeout_s).ran
         except Exception as exc:  # one tenant's failure must not stop the others
             failures[tenant] = str(exc)
             get_run_logger().error("tenant %s failed: %s", tenant, exc)
@@ -135,7 +136,8 @@ def pipeline(
         raise RuntimeError(
             "loraline pipeline failed for " + ", ".join(failures) + ":\n" + "\n".join(f"[{t}] {e}" for t, e in failures.items())
         )
-    return {"seconds": seconds, "releases": {t: asdict(r) for t, r in releases.items()}}
+    return {"seconds": seconds, "stages_ran": [s for s, did in ran.items() if did],
+            "releases": {t: asdict(r) for t, r in releases.items()}}
 
 
 if __name__ == "__main__":
