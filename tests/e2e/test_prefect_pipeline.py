@@ -127,6 +127,25 @@ def test_one_tenants_new_data_reruns_and_releases_only_that_tenant(project: Path
     assert acme["production_after"] == ("v0.0.2" if acme["promoted"] else "v0.0.1")
 
 
+def test_rollback_and_consumers_fetch_production_with_dvc_artifacts_get(project: Path, first, tmp_path: Path):
+    if release(project, "acme-shop")["production_after"] != "v0.0.2":  # the release may have kept v0.0.1
+        sh("loraline", "registry", "promote", "acme-shop", "v0.0.2", "--reason", "e2e", cwd=project)
+    weights = "adapter_model.safetensors"
+
+    def prod_adapter(dest: Path) -> bytes:
+        sh("dvc", "artifacts", "get", ".", "acme-shop-adapter", "--stage", "prod", "-o", str(dest), cwd=project)
+        return (dest / weights).read_bytes()
+
+    assert prod_adapter(tmp_path / "v2") == (project / "models" / "adapters" / "acme-shop" / weights).read_bytes()
+    out = sh("loraline", "registry", "rollback", "acme-shop", cwd=project)
+    assert "v0.0.2 -> v0.0.1" in out
+    sh("dvc", "get", ".", "models/adapters/acme-shop", "--rev", "acme-shop-adapter@v0.0.1", "-o", str(tmp_path / "ref"), cwd=project)
+    assert prod_adapter(tmp_path / "v1") == (tmp_path / "ref" / weights).read_bytes()
+    assert (tmp_path / "v1" / weights).read_bytes() != (tmp_path / "v2" / weights).read_bytes()
+    shown = sh("loraline", "registry", "show", "acme-shop-adapter", cwd=project)
+    assert "production v0.0.1" in shown
+
+
 def test_failed_gate_registers_but_leaves_production(project: Path, pipeline, first):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tenants"]["globex-it"]["train"] = {"learning_rate": 0.0005}  # a new adapter...
