@@ -164,6 +164,69 @@ class EvaluateParams(_Section):
     examples_in_report: int = Field(3, ge=0, description="Example generations shown side by side in report.md")
 
 
+class SeedTask(_Section):
+    """One example task of a tenant: the style the synthesize stage imitates (self-instruct seeding)."""
+
+    instruction: str = Field(min_length=1, description="An example user message, in the tenant's own phrasing")
+    output: str = Field(min_length=1, description="The answer the tenant expects to it")
+
+
+class SynthEndpointParams(_Section):
+    """An OpenAI-compatible server (vLLM, Ollama, OpenAI...) for `synthesize.generator: openai`."""
+
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1 (the /chat/completions path is appended)")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", min_length=1, description="Name of the environment variable holding the API key (the key itself never goes in a file)"
+    )
+    requests_per_minute: float = Field(60, gt=0, description="Client-side rate limit: requests start at least 60/rpm seconds apart")
+    max_retries: int = Field(5, ge=0, le=20, description="Retries of a request after HTTP 429, 5xx or a timeout (exponential backoff + jitter)")
+    backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubled at each retry, capped at 60 s")
+    timeout_s: float = Field(60, gt=0, description="Per-request timeout")
+
+
+class SynthFilterParams(_Section):
+    """Which synthetic rows are kept; the others go to rejected.jsonl with the reason."""
+
+    min_question_chars: int = Field(8, ge=1)
+    max_question_chars: int = Field(400, ge=1)
+    min_answer_chars: int = Field(2, ge=1)
+    max_answer_chars: int = Field(2000, ge=1)
+    min_grounding: float = Field(
+        0.7, ge=0, le=1, description="Share of the answer's word tokens that must occur in its source span"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SynthFilterParams:
+        if self.min_question_chars > self.max_question_chars or self.min_answer_chars > self.max_answer_chars:
+            raise ValueError("min_*_chars must not exceed the matching max_*_chars")
+        return self
+
+
+class SynthesizeParams(_Section):
+    """Instruction/answer pairs generated from each tenant's documents (the synthesize stage)."""
+
+    generator: Literal["offline", "hf", "openai"] = Field(
+        "offline", description="offline: rule-based, no model; hf: a transformers teacher model; openai: an OpenAI-compatible endpoint"
+    )
+    model: str | None = Field(None, description="hf: model id or local path; openai: the model name sent to the endpoint")
+    trust_remote_code: bool = Field(False, description="hf: run code shipped with the model; off unless you trust it")
+    questions_per_fact: int = Field(3, ge=1, le=10, description="offline: phrasings generated per extracted fact")
+    pairs_per_passage: int = Field(3, ge=1, le=20, description="hf/openai: question/answer pairs asked for per passage")
+    max_rows_per_document: int | None = Field(None, ge=1, description="Cap on generated rows per document (null: no cap)")
+    temperature: float = Field(0.7, ge=0, le=2, description="hf/openai sampling temperature (0: greedy)")
+    max_new_tokens: int = Field(512, ge=16, description="hf/openai: most tokens generated per passage")
+    endpoint: SynthEndpointParams = SynthEndpointParams()
+    filters: SynthFilterParams = SynthFilterParams()
+
+    @model_validator(mode="after")
+    def _model_given(self) -> SynthesizeParams:
+        if self.generator != "offline" and not self.model:
+            raise ValueError(f"generator {self.generator!r} needs synthesize.model")
+        if self.generator == "openai" and not self.endpoint.base_url:
+            raise ValueError("generator 'openai' needs synthesize.endpoint.base_url")
+        return self
+
+
 class GateParams(_Section):
     """Promotion rules (consumed by the gate); tenants may override any key."""
 
@@ -191,6 +254,9 @@ class TenantParams(_Section):
     name: str = Field(description="Lower-case id: letters, digits and inner '-' (the key under `tenants`)")
     raw_dir: Path = Field(description="Folder of this tenant's raw files (searched recursively)")
     system_prompt: str | None = Field(None, description="Overrides prepare.system_prompt for this tenant")
+    seed_tasks: list[SeedTask] = Field(
+        default_factory=list, description="A handful of example tasks whose style the synthesize stage imitates"
+    )
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the train section")
     gate: dict[str, Any] = Field(default_factory=dict, description="Overrides of the gate section")
 
@@ -214,6 +280,7 @@ class Params(_Section):
     export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
     gate: GateParams = GateParams()
+    synthesize: SynthesizeParams = SynthesizeParams()
     orchestrate: OrchestrateParams = OrchestrateParams()
     tenants: list[TenantParams] = Field(min_length=1)
 
