@@ -21,7 +21,7 @@ from loraline.layout import Layout
 from loraline.registry.cli import add_registry_parser
 from loraline.summary import base_line, collect_summary, reasons, render_text, train_line
 
-STAGES = ("documents", "base", "prepare", "train", "merge", "export", "evaluate", "gate")
+STAGES = ("documents", "synthesize", "base", "prepare", "train", "merge", "export", "evaluate", "gate")
 
 
 def _parse_set(values: list[str] | None) -> dict[str, Any]:
@@ -75,6 +75,25 @@ def cmd_documents(args: argparse.Namespace) -> int:
         result = collect_documents(name, params.tenant(name).raw_dir, out)
         skipped = f", {len(result.skipped)} skipped ({'; '.join(f'{k}: {v}' for k, v in result.skipped.items())})" if result.skipped else ""
         print(f"documents[{name}]: {len(result.files)} files -> {out}{skipped}")
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from loraline.synth import synthesize_tenant
+
+    params, layout = _load(args), Layout()
+    for name in _tenants(params, args.tenant):
+        result = synthesize_tenant(
+            name, params.synthesize, layout.documents_dir(name), layout.synthetic_dir(name),
+            layout.synthesize_stats_path(name), seed=params.seed, seed_tasks=params.tenant(name).seed_tasks,
+            cache_dir=layout.synth_cache_dir(name), progress=not args.quiet,
+        )
+        rejects = ", ".join(f"{k} {v}" for k, v in sorted(result.rejected.items())) or "none"
+        usage = "".join(f", {k} {v}" for k, v in result.stats["usage"].items())
+        print(
+            f"synthesize[{name}]: {result.generated} generated = {result.kept} kept + {sum(result.rejected.values())} "
+            f"rejected ({rejects}) by {result.stats['generator']}{usage} -> {result.rows_path}"
+        )
     return 0
 
 
@@ -393,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("documents", parents=[common, tenant], help="collect each tenant's plain documents (.txt/.md)")
     p.add_argument("--out", help="output folder (default: data/documents/<tenant>; one tenant only)")
     p.set_defaults(func=cmd_documents)
+
+    p = sub.add_parser("synthesize", parents=[common, tenant], help="generate instruction/answer rows from each tenant's documents")
+    p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("base", parents=[common], help="build the offline base model, or validate and record base.model")
     p.add_argument("--docs", nargs="+", metavar="DIR", help="folders of documents for pretraining (default: the tenants' raw folders)")

@@ -17,6 +17,16 @@ class Layout:
     def documents_dir(self, tenant: str) -> Path:
         return self.root / "data" / "documents" / tenant
 
+    def synthetic_dir(self, tenant: str) -> Path:
+        return self.root / "data" / "synthetic" / tenant
+
+    def synthesize_stats_path(self, tenant: str) -> Path:
+        return self.root / "reports" / tenant / "synthesize_stats.json"
+
+    def synth_cache_dir(self, tenant: str) -> Path:
+        """Endpoint replies, kept outside DVC outputs (DVC deletes a stage's outputs before re-running it)."""
+        return self.root / ".cache" / "synth" / tenant
+
     def prepared_dir(self, tenant: str) -> Path:
         return self.root / "data" / "prepared" / tenant
 
