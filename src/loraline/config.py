@@ -93,6 +93,43 @@ class SplitParams(_Section):
         return self
 
 
+class NearDedupParams(_Section):
+    """Near-duplicate removal: MinHash LSH over word shingles of the user and assistant turns.
+
+    3-word shingles are short enough that a paraphrase changing a few words keeps most shingles, and
+    long enough that rows sharing only common phrasing do not look alike; at Jaccard >= 0.85 two rows
+    differ by about one changed word in twenty (templated rows with different names, order numbers or
+    products stay apart). 128 permutations estimate Jaccard within about +-0.03 at that level.
+    """
+
+    enabled: bool = True
+    threshold: float = Field(0.85, gt=0, le=1, description="Estimated Jaccard at or above which a later row is a near-duplicate")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: more is more precise and slower")
+    shingle_words: int = Field(3, ge=1, le=10, description="Words per shingle")
+
+
+class PiiParams(_Section):
+    """PII scrubbing of every row's text: mask (typed placeholders such as <EMAIL>), drop the row, or off."""
+
+    mode: Literal["mask", "drop", "off"] = "mask"
+    types: list[Literal["email", "phone", "card", "ip"]] = Field(
+        default_factory=lambda: ["email", "phone", "card", "ip"], min_length=1, description="Which kinds of PII to look for"
+    )
+
+
+class DecontamParams(_Section):
+    """Removes train/validation rows that copy a held-out test row (word n-gram overlap).
+
+    overlap(row) = max over test rows t of |ngrams(row) & ngrams(t)| / |ngrams(row)|: the share of the
+    row's 8-grams found in one single test row. 8 words is long enough that shared boilerplate phrasing
+    rarely spans a whole n-gram, and 0.5 catches a copy with a word changed every ~10 words.
+    """
+
+    enabled: bool = True
+    ngram: int = Field(8, ge=2, le=32, description="Words per n-gram")
+    threshold: float = Field(0.5, gt=0, le=1, description="Overlap at or above which a train/validation row is removed")
+
+
 class PrepareParams(_Section):
     """Raw files to a clean, deduplicated, split, chat-templated dataset."""
 
@@ -101,6 +138,13 @@ class PrepareParams(_Section):
     system_prompt: str | None = Field(None, description="System message added to rows that carry none")
     split: SplitParams = SplitParams()
     csv_delimiter: str = Field(",", min_length=1, max_length=1)
+    near_dedup: NearDedupParams = NearDedupParams()
+    pii: PiiParams = PiiParams()
+    decontamination: DecontamParams = DecontamParams()
+    synthetic_ratio: float = Field(
+        0.5, ge=0, description="Most synthetic train rows per real train row (tenants.<t>.synthetic_ratio overrides)"
+    )
+    seed: int | None = Field(None, description="Seeds MinHash and the choice of synthetic rows; defaults to the top-level seed")
 
 
 class TrainParams(_Section):
@@ -254,6 +298,7 @@ class TenantParams(_Section):
     name: str = Field(description="Lower-case id: letters, digits and inner '-' (the key under `tenants`)")
     raw_dir: Path = Field(description="Folder of this tenant's raw files (searched recursively)")
     system_prompt: str | None = Field(None, description="Overrides prepare.system_prompt for this tenant")
+    synthetic_ratio: float | None = Field(None, ge=0, description="Overrides prepare.synthetic_ratio for this tenant")
     seed_tasks: list[SeedTask] = Field(
         default_factory=list, description="A handful of example tasks whose style the synthesize stage imitates"
     )
@@ -326,6 +371,16 @@ class Params(_Section):
 
     def gate_for(self, name: str) -> GateParams:
         return GateParams.model_validate({**self.gate.model_dump(), **self.tenant(name).gate})
+
+    def prepare_for(self, name: str) -> PrepareParams:
+        """The prepare section for one tenant: its synthetic_ratio override, the seed defaulted to the top-level one."""
+        t = self.tenant(name)
+        update: dict[str, Any] = {}
+        if t.synthetic_ratio is not None:
+            update["synthetic_ratio"] = t.synthetic_ratio
+        if self.prepare.seed is None:
+            update["seed"] = self.seed
+        return self.prepare.model_copy(update=update)
 
     def system_prompt_for(self, name: str) -> str | None:
         t = self.tenant(name)

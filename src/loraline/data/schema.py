@@ -26,6 +26,10 @@ class RejectReason(str, Enum):
     # Content holding a tokenizer control token (e.g. "<|im_end|>") would be tokenized as a real turn
     # boundary, letting one row forge turns or end-of-text; such rows are rejected, not escaped.
     CONTROL_TOKEN = "control_token"
+    # prepare.pii.mode=drop: the row holds PII (the detail names the types; the excerpt is masked).
+    PII = "pii"
+    # A synthetic row beyond prepare.synthetic_ratio x the real train rows (not chosen by the seeded draw).
+    OVER_MIX_RATIO = "over_mix_ratio"
 
 
 class PrepareError(ValueError):
@@ -107,13 +111,20 @@ class Reject:
 
 @dataclass
 class PrepareStats:
-    """Counts that reconcile exactly: rows_in == kept + rejected + duplicates."""
+    """Counts that reconcile exactly: rows_in == kept + rejected + duplicates + near_duplicates + contaminated.
+
+    rows_in counts real and synthetic rows alike; `by_source` splits rows_in and kept between them.
+    `pii` counts PII occurrences by type (masked, or found in dropped rows), `pii_rows` the rows
+    holding any.
+    """
 
     tenant: str
     rows_in: int = 0
     kept: int = 0
     rejected: int = 0
-    duplicates: int = 0
+    duplicates: int = 0  # exact (same normalized content)
+    near_duplicates: int = 0  # MinHash LSH, prepare.near_dedup
+    contaminated: int = 0  # train/validation rows overlapping a test row, prepare.decontamination
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     by_file: dict[str, dict[str, int]] = field(default_factory=dict)
     by_shape: dict[str, int] = field(default_factory=dict)
@@ -124,10 +135,15 @@ class PrepareStats:
     tokenizer: str = ""  # name_or_path; empty for an in-memory tokenizer, hence also tokenizer_hash
     tokenizer_hash: str = ""  # sha256 of tokenizer.json and the chat template
     data_hash: str = ""  # provenance.hash_tree of the tenant's raw folder
+    pii: dict[str, int] = field(default_factory=dict)
+    pii_rows: int = 0
+    by_source: dict[str, dict[str, int]] = field(default_factory=dict)  # real/synthetic: rows_in, kept
+    synthetic_quota: int = 0  # most synthetic rows the mix ratio allowed
+    synthetic_hash: str = ""  # sha256 of the synthetic rows file ("" when there is none)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @property
     def reconciles(self) -> bool:
-        return self.rows_in == self.kept + self.rejected + self.duplicates
+        return self.rows_in == self.kept + self.rejected + self.duplicates + self.near_duplicates + self.contaminated

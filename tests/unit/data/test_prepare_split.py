@@ -97,7 +97,9 @@ def test_duplicates_across_files_and_shapes_keep_the_first_in_sorted_order(raw_d
     ]
     a_hash = next(r["id"] for s in out.splits.values() for r in s if r["row"] == 2)
     assert out.duplicates[0]["content_hash"] == a_hash
-    assert out.stats.by_file["b.jsonl"] == {"rows_in": 2, "kept": 1, "rejected": 0, "duplicates": 1}
+    assert out.stats.by_file["b.jsonl"] == {
+        "rows_in": 2, "kept": 1, "rejected": 0, "duplicates": 1, "near_duplicates": 0, "contaminated": 0
+    }
     assert (out.stats.rows_in, out.stats.kept, out.stats.duplicates) == (5, 3, 2)
 
 

@@ -38,7 +38,9 @@ def mixed_raw(raw: Path) -> None:
 def test_output_layout_columns_and_stats(run, raw_dir, tokenizer):
     mixed_raw(raw_dir)
     result = run()
-    assert {p.name for p in result.out_dir.iterdir()} == {"dataset", "documents", "duplicates.jsonl"}
+    assert {p.name for p in result.out_dir.iterdir()} == {
+        "dataset", "documents", "duplicates.jsonl", "contaminated.jsonl", "README.md"
+    }
     ds = datasets.load_from_disk(str(result.dataset_dir))
     assert list(ds) == ["train", "validation", "test"]
     for split in ds.values():
@@ -53,7 +55,9 @@ def test_output_layout_columns_and_stats(run, raw_dir, tokenizer):
     assert (stats["rows_in"], stats["kept"], stats["rejected"], stats["duplicates"]) == (7, 4, 2, 1)
     assert stats["rows_in"] == stats["kept"] + stats["rejected"] + stats["duplicates"]
     assert stats["rejected_by_reason"]["malformed_json"] == 1 and stats["rejected_by_reason"]["empty_field"] == 1
-    assert stats["by_file"]["sub/more.csv"] == {"rows_in": 1, "kept": 1, "rejected": 0, "duplicates": 0}
+    assert stats["by_file"]["sub/more.csv"] == {
+        "rows_in": 1, "kept": 1, "rejected": 0, "duplicates": 0, "near_duplicates": 0, "contaminated": 0
+    }
     assert stats["by_shape"] == {"chat": 1, "document": 1, "instruction": 1, "prompt_completion": 1}
     assert stats["splits"] == {name: len(ds[name]) for name in ("train", "validation", "test")}
     assert stats["documents"] == 1
