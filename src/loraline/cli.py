@@ -126,12 +126,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for name in names:
         result = prepare_tenant(
             params.tenant(name),
-            params.prepare,
+            params.prepare_for(name),
             tokenizer,
             out_dir=Path(args.out) if args.out else layout.prepared_dir(name),
             rejected_path=layout.rejected_path(name),
             stats_path=layout.prepare_stats_path(name),
             system_prompt=params.system_prompt_for(name),
+            synthetic_rows=layout.synthetic_dir(name) / "rows.jsonl",  # absent before synthesize has run: no synthetic rows
             progress=not args.quiet,
         )
         print(_prepare_line(name, result.stats))
@@ -314,7 +315,8 @@ def _prepare_line(name: str, stats: Any) -> str:
     splits = " / ".join(f"{k} {s.get('splits', {}).get(k, 0)}" for k in ("train", "validation", "test"))
     return (
         f"prepare[{name}]: {s['rows_in']} rows in = {s['kept']} kept + {s['rejected']} rejected "
-        f"+ {s['duplicates']} duplicates | {splits} | documents {s.get('documents', 0)} | rejects: {reasons(s)}"
+        f"+ {s['duplicates']} duplicates + {s.get('near_duplicates', 0)} near-duplicates + {s.get('contaminated', 0)} contaminated"
+        f" | {splits} | documents {s.get('documents', 0)} | rejects: {reasons(s)}"
     )
 
 

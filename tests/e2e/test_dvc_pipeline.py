@@ -42,7 +42,9 @@ def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str
 
     for t in tenants:
         stats = json.loads((project / "reports" / t / "prepare_stats.json").read_text())
-        assert stats["rows_in"] == stats["kept"] + stats["rejected"] + stats["duplicates"]
+        outcomes = ("kept", "rejected", "duplicates", "near_duplicates", "contaminated")
+        assert stats["rows_in"] == sum(stats[k] for k in outcomes)
+        assert (project / "data" / "prepared" / t / "README.md").is_file()
         assert stats["rejected"] > 0, "the sample data carries deliberately bad rows"
         rejects = (project / "data" / "rejected" / f"{t}.jsonl").read_text().splitlines()
         assert len(rejects) == stats["rejected"]
