@@ -121,7 +121,7 @@ class OfflineGenerator:
                 if len(seen) >= self.questions_per_fact:
                     break
                 question = _tidy(template.format(**slots))
-                question, used = _style(question, rng, proper, styles)
+                question, used = _style(question, rng, proper, styles, framed=not template.startswith("{"))
                 if question in seen:
                     continue
                 seen.add(question)
@@ -149,7 +149,9 @@ def seed_style(task: SeedTask) -> dict | None:
     return {"prefix": prefix, "lower": lower}
 
 
-def _style(question: str, rng: random.Random, proper: set[str], styles: list[tuple[int, dict]]) -> tuple[str, list[int]]:
+def _style(
+    question: str, rng: random.Random, proper: set[str], styles: list[tuple[int, dict]], framed: bool = False
+) -> tuple[str, list[int]]:
     if styles and rng.random() < 0.5:
         index, style = styles[rng.randrange(len(styles))]
         if style["lower"]:
@@ -158,7 +160,8 @@ def _style(question: str, rng: random.Random, proper: set[str], styles: list[tup
             question = f"{style['prefix']} {question}"
         return question, [index]
     # a question already framed ("Teams: what is P1?") gets no second frame in front
-    options = [s for s in STYLES if not s.startswith(("Hi", "Hello", "Quick", "Please"))] if ":" in question[:50] else STYLES
+    framed = framed or ":" in question[:50]
+    options = [s for s in STYLES if not s.startswith(("Hi", "Hello", "Quick", "Please"))] if framed else STYLES
     style = options[rng.randrange(len(options))]
     return style.format(q=question, q_l=_lower_first(question, proper), q_lower=question.lower().rstrip("?")), []
 
