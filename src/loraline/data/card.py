@@ -40,6 +40,7 @@ def render_card(
     synthetic_provenance: list[dict],
     dataset_hash: str,
     code_revision: str,
+    seed: int,
 ) -> str:
     s = stats
     syn = s.by_source.get("synthetic", {})
@@ -90,7 +91,7 @@ def render_card(
         f"shingles of the user and assistant turns, `threshold={params.near_dedup.threshold}`, `num_perm={params.near_dedup.num_perm}`",
         f"- decontamination: `enabled={params.decontamination.enabled}`, {params.decontamination.ngram}-word n-grams, "
         f"a train/validation row is removed when `overlap >= {params.decontamination.threshold}` with one test row",
-        f"- mix: `synthetic_ratio={params.synthetic_ratio}` (at most that many synthetic rows per real train row), seeded draw, `seed={params.seed}`",
+        f"- mix: `synthetic_ratio={params.synthetic_ratio}` (at most that many synthetic rows per real train row), seeded draw and MinHash `seed={seed}`",
         f"- split by content hash: validation {params.split.validation}, test {params.split.test}, salt `{params.split.salt}`",
         "",
         "## Hashes",

@@ -171,6 +171,7 @@ def prepare_tenant(
                 synthetic_provenance=collected.synthetic_provenance,
                 dataset_hash=hash_tree(tmp / "dataset"),
                 code_revision=code_revision(CODE_ROOT),
+                seed=params.seed if params.seed is not None else DEFAULT_SEED,
             )
             (tmp / "README.md").write_text(card, encoding="utf-8")
             write_jsonl(staged[rejected_path], [r.to_dict() for r in collected.rejects])
