@@ -104,3 +104,12 @@ def test_client_errors_fail_at_once(documents: Path, tmp_path: Path) -> None:
             run(documents, tmp_path, endpoint_params(server.base_url))
     assert len(server.requests) == 1
     assert "HTTP 401" in str(info.value) and server.base_url in str(info.value) and SECRET not in str(info.value)
+
+
+def test_openai_generator_needs_a_url_and_a_model() -> None:
+    from loraline.config import SynthesizeParams
+
+    with pytest.raises(ValueError, match="endpoint.base_url"):
+        SynthesizeParams(generator="openai", model="m")
+    with pytest.raises(ValueError, match="needs synthesize.model"):
+        SynthesizeParams(generator="openai", endpoint={"base_url": "http://127.0.0.1:1/v1"})
