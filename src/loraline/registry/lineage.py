@@ -19,7 +19,7 @@ from loraline.layout import Layout
 from loraline.provenance import library_versions
 from loraline.registry.snapshot import head_commit
 
-TENANT_STAGES = ("documents", "prepare", "train", "merge", "export", "evaluate", "gate")
+TENANT_STAGES = ("documents", "synthesize", "prepare", "train", "merge", "export", "evaluate", "gate")
 
 
 def artifact_paths(tenant: str) -> dict[str, str]:
