@@ -7,10 +7,23 @@ Ours runs the real `loraline.train.train_adapter` on the same workload: the same
 LoRA rank, targets and quantization; every token of an example is a trained token in both.
 
 Each recipe runs in its own process so that peak-memory figures are not shared. Ours is timed over
-the whole training loop (first steps included) and its peak memory covers loading too, so both of
-our figures are, if anything, pessimistic against the peer's (which skips two warm-up batches).
+the whole training loop (first steps and the step-0 evaluation included) and its peak memory
+covers loading too, so both of our figures are, if anything, pessimistic against the peer's
+(which skips two warm-up batches).
 
-    python bench/train_speed.py --shape llama-1b --shape llama-8b --out bench-results.jsonl
+Configurations of ours (--config, repeatable; cumulative, for the ablation):
+    packing    the previous loraline: packing only, every speed option off, checkpointing, 4 rows
+    fused-ce   + chunked linear + cross-entropy (no full-vocabulary logits)
+    bf16       + embeddings/norms/lm_head kept in bf16 (no fp32 upcast of the non-quantized weights)
+    varlen     + flash varlen attention, micro-batch laid out as one row (no pad tokens)
+    final      + the shape's micro-batch and checkpointing (SHAPE_FINAL): the stage's defaults otherwise
+
+Also printed: MFU = useful tokens/s x 6 x N / the card's bf16 matmul rate, measured in the same
+run (an 8192^3 bf16 product), N = the weights of every matmul (decoder linears + lm_head); and a
+loss-agreement check (--agree-steps): the same steps, same data and seed, with every speed option
+off and with the final configuration, per-step training losses compared.
+
+    python bench/train_speed.py --shape llama-1b --shape llama-8b --out bench.jsonl
 
 Needs CUDA and bitsandbytes. Prints one JSON line per run, then a table.
 """
@@ -80,55 +93,169 @@ def make_dataset(lengths: list[int], vocab: int, root: Path) -> Path:
     return out
 
 
-def run_ours(shape_name: str, peer_path: Path, examples: int, batch: int, checkpointing: bool) -> dict:
+# Cumulative configurations (TrainParams overrides on top of COMMON); "final" adds SHAPE_FINAL.
+OFF = dict(fused_cross_entropy=False, upcast_non_quantized=True, varlen_attention=False,
+           gradient_checkpointing=True, batch_size=4)
+CONFIGS = {
+    "packing": OFF,
+    "fused-ce": {**OFF, "fused_cross_entropy": True},
+    "bf16": {**OFF, "fused_cross_entropy": True, "upcast_non_quantized": False},
+    "varlen": {**OFF, "fused_cross_entropy": True, "upcast_non_quantized": False, "varlen_attention": True},
+    "final": {},  # the stage's defaults + SHAPE_FINAL
+}
+# Micro-batch (packed rows of <= 2048 tokens, laid end to end) and checkpointing per shape, chosen
+# to stay under the peer's peak memory (15.9 GiB llama-1b, 21.5 GiB llama-8b).
+SHAPE_FINAL = {
+    "llama-1b": dict(batch_size=3, gradient_checkpointing=False),
+    "llama-8b": dict(batch_size=1, gradient_checkpointing=False),
+}
+COMMON = dict(
+    quantization="nf4", double_quant=True, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+    target_modules="all-linear", optimizer="paged_adamw_32bit", learning_rate=1e-4,
+    lr_scheduler="constant", warmup_ratio=0.0, epochs=1, grad_accum=1,
+    packing=True, max_seq_len=2048, eval_every=10_000, save_every=10_000, seed=0,
+)
+
+
+def our_params(shape: str, config: str, overrides: dict | None = None):
+    from loraline.config import TrainParams
+
+    fields = {**COMMON, **CONFIGS[config], **(SHAPE_FINAL[shape] if config == "final" else {}), **(overrides or {})}
+    return TrainParams(**fields)
+
+
+def matmul_params(shape: dict) -> int:
+    """Weights of every matmul per token (decoder linears + lm_head; the input embedding is a lookup)."""
+    h, i, layers, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    return layers * (h * (2 * h + 2 * kv) + 3 * h * i) + v * h
+
+
+def measure_matmul_tflops() -> float:
+    """The card's bf16 matmul rate on random data: mean of 10 8192^3 products after 3 warm-ups."""
     import torch
 
-    from loraline.config import BaseParams, TrainParams
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    tflops = 10 * 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return round(tflops, 1)
+
+
+def build(shape_name: str, peer_path: Path, examples: int, root: Path) -> None:
+    peer = load_peer(peer_path)
+    make_base(peer.SHAPES[shape_name], root)
+    make_dataset(peer.workload(examples, 2048), peer.SHAPES[shape_name]["vocab_size"], root)
+
+
+def run_ours(shape_name: str, peer_path: Path, examples: int, root: Path, config: str, overrides: dict, profile: bool) -> dict:
+    import torch
+
+    from loraline.config import BaseParams
     from loraline.train import train_adapter
 
     peer = load_peer(peer_path)
     lengths = peer.workload(examples, 2048)
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-        root = Path(tmp)
-        base = make_base(peer.SHAPES[shape_name], root)
-        data = make_dataset(lengths, peer.SHAPES[shape_name]["vocab_size"], root)
-        params = TrainParams(
-            quantization="nf4", double_quant=True, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-            target_modules="all-linear", optimizer="paged_adamw_32bit", learning_rate=1e-4,
-            lr_scheduler="constant", warmup_ratio=0.0, epochs=1, batch_size=batch, grad_accum=1,
-            packing=True, max_seq_len=2048, gradient_checkpointing=checkpointing,
-            eval_every=10_000, save_every=10_000, seed=0,
-        )
-        torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        result = train_adapter(params, base_dir=base, base_params=BaseParams(), dataset_dir=data, out_dir=root / "adapter")
-        rec = result.record
+    params = our_params(shape_name, config, overrides)
+    out = Path(tempfile.mkdtemp(dir=root))
+    prof = _profile_steps() if profile else None
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    try:
+        result = train_adapter(params, base_dir=root / "base", base_params=BaseParams(), dataset_dir=root / "dataset", out_dir=out / "adapter")
+    finally:
+        if prof is not None:
+            prof.__exit__(None, None, None)
+    rec = result.record
     useful = sum(lengths)
-    return dict(
-        recipe="loraline", shape=shape_name, examples=examples, batch_rows=batch, steps=rec["steps"]["done"],
-        useful_tokens=useful, tokens_seen=rec["tokens_seen"]["useful"], gradient_checkpointing=checkpointing,
+    losses = [float(line.split(",")[1]) for line in (out / "adapter" / "train_loss.csv").read_text().splitlines()[1:]]
+    res = dict(
+        recipe="loraline", config=config, shape=shape_name, examples=examples, batch_rows=params.batch_size,
+        grad_accum=params.grad_accum, steps=rec["steps"]["done"], useful_tokens=useful, tokens_seen=rec["tokens_seen"]["useful"],
+        gradient_checkpointing=params.gradient_checkpointing, speed=rec["speed"],
         useful_tokens_per_s=round(rec["tokens_per_s"]), stage_wall_s=round(time.perf_counter() - started, 1),
-        peak_gib=round(rec["peak_memory"]["bytes"] / 2**30, 2),
+        peak_gib=round(rec["peak_memory"]["bytes"] / 2**30, 2), train_losses=[round(x, 5) for x in losses],
     )
+    if prof is not None:
+        res["profile"] = prof.table
+    return res
+
+
+def _profile_steps():
+    """Profile optimizer steps 2-3 (a short run) and keep the top kernels by GPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    import loraline.train.loop as loop
+
+    real = loop.train_step
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule(wait=1, warmup=0, active=2, repeat=1))
+
+    class Holder:
+        table = ""
+
+        def __exit__(self, *exc):
+            loop.train_step = real
+            prof.__exit__(None, None, None)
+            Holder.table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+            print(Holder.table, file=sys.stderr)
+
+    def step(run, planned):
+        out = real(run, planned)
+        torch.cuda.synchronize()
+        prof.step()
+        return out
+
+    prof.__enter__()
+    loop.train_step = step
+    return Holder()
 
 
 def run_in_subprocess(args: list[str]) -> dict:
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    sys.stderr.write(proc.stderr[-3000:])
+    sys.stderr.write(proc.stderr[-6000:])
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return json.loads(lines[-1])
 
 
-def table(results: list[dict]) -> str:
-    peers = {r["shape"]: r for r in results if r["recipe"] != "loraline"}
-    rows = ["| shape | recipe | useful tokens/s | peak GiB | speed vs peer | memory vs peer |", "|---|---|---:|---:|---:|---:|"]
+def agreement(reference: dict, final: dict) -> dict:
+    a, b = reference["train_losses"], final["train_losses"]
+    gaps = [abs(x - y) / abs(x) for x, y in zip(a, b)]
+    return dict(recipe="agreement", shape=final["shape"], steps=len(gaps), reference=a, final=b,
+                max_rel_gap=round(max(gaps), 6), last_rel_gap=round(gaps[-1], 6))
+
+
+def table(results: list[dict], tflops: float | None) -> str:
+    peers = {r["shape"]: r for r in results if r["recipe"] == "peer-textbook-qlora"}
+    rows = ["| shape | recipe | useful tokens/s | peak GiB | speed vs peer | memory vs peer | MFU |",
+            "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
+        if "useful_tokens_per_s" not in r or r.get("agree"):
+            continue
         p = peers.get(r["shape"])
         speed = f"{r['useful_tokens_per_s'] / p['useful_tokens_per_s']:.2f}x" if p else "-"
         mem = f"{r['peak_gib'] / p['peak_gib']:.2f}x" if p else "-"
-        rows.append(f"| {r['shape']} | {r['recipe']} | {r['useful_tokens_per_s']:,} | {r['peak_gib']} | {speed} | {mem} |")
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        name = r["recipe"] if r["recipe"] != "loraline" else f"loraline ({r['config']})"
+        rows.append(f"| {r['shape']} | {name} | {r['useful_tokens_per_s']:,} | {r['peak_gib']} | {speed} | {mem} | {mfu} |")
+    for r in results:
+        if r["recipe"] == "agreement":
+            rows.append(f"\nloss agreement, {r['shape']}, {r['steps']} steps, speed options off vs final: "
+                        f"max relative gap {r['max_rel_gap']:.2e}, after the last step {r['last_rel_gap']:.2e}")
+    if tflops:
+        rows.append(f"\nMFU against the bf16 matmul rate measured in this run: {tflops} TFLOP/s (8192^3, random data)")
     return "\n".join(rows)
 
 
@@ -137,32 +264,78 @@ def main() -> None:
     ap.add_argument("--shape", action="append", choices=["llama-1b", "llama-8b"], help="repeatable (default: llama-1b)")
     ap.add_argument("--peer", type=Path, default=DEFAULT_PEER, help="path to peer_qlora.py")
     ap.add_argument("--examples", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=4, help="rows per micro-batch (peer: examples per batch)")
-    ap.add_argument("--no-checkpointing", action="store_true", help="ours without gradient checkpointing")
+    ap.add_argument("--batch", type=int, default=4, help="the peer's examples per batch")
+    ap.add_argument("--config", action="append", choices=list(CONFIGS), help="ours, repeatable (default: final)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="extra TrainParams override for ours (all configs)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the peer (exploration only: ratios need it)")
+    ap.add_argument("--agree-steps", type=int, default=0, help="loss-agreement check over this many steps (0: skip)")
+    ap.add_argument("--agree-shape", default="llama-1b", help="the shape the agreement check runs on")
+    ap.add_argument("--profile", action="store_true", help="also a short profiled run of the last config (top kernels)")
     ap.add_argument("--out", help="append every result as a JSON line to this file")
-    ap.add_argument("--only", choices=["ours", "peer"], help=argparse.SUPPRESS)  # one run, in a child process
+    ap.add_argument("--only", choices=["ours", "build"], help=argparse.SUPPRESS)  # one job, in a child process
+    ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--profile-run", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     shapes = a.shape or ["llama-1b"]
-    if a.only == "ours":
-        print(json.dumps(run_ours(shapes[0], a.peer, a.examples, a.batch, not a.no_checkpointing)), flush=True)
+    configs = a.config or ["final"]
+    overrides = {k: json.loads(v) for k, v in (x.split("=", 1) for x in a.set)}
+    if a.only == "build":
+        build(shapes[0], a.peer, a.examples, a.root)
+        print(json.dumps({"built": str(a.root)}), flush=True)
         return
-    results = []
-    for shape in shapes:
-        peer = subprocess.run([sys.executable, str(a.peer), "--shape", shape, "--examples", str(a.examples),
-                               "--batch", str(a.batch)], capture_output=True, text=True)
-        if peer.returncode != 0:
-            raise RuntimeError(f"peer failed on {shape}:\n{peer.stderr[-3000:]}")
-        results.append(json.loads([x for x in peer.stdout.splitlines() if x.startswith("{")][-1]))
-        print(json.dumps(results[-1]), flush=True)
-        extra = ["--no-checkpointing"] if a.no_checkpointing else []
-        results.append(run_in_subprocess(["--only", "ours", "--shape", shape, "--peer", str(a.peer),
-                                          "--examples", str(a.examples), "--batch", str(a.batch), *extra]))
-        print(json.dumps(results[-1]), flush=True)
+    if a.only == "ours":
+        print(json.dumps(run_ours(shapes[0], a.peer, a.examples, a.root, configs[0], overrides, a.profile_run)), flush=True)
+        return
+
+    import torch
+
+    tflops = measure_matmul_tflops()
+    print(json.dumps({"bf16_matmul_tflops": tflops}), flush=True)
+    results: list[dict] = []
+
+    def record(r: dict) -> None:
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
         if a.out:
             with open(a.out, "a") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in results[-2:])
+                fh.write(json.dumps(r) + "\n")
+
+    for shape in shapes:
+        n_params = matmul_params(load_peer(a.peer).SHAPES[shape])
+        if not a.no_peer:
+            peer = subprocess.run([sys.executable, str(a.peer), "--shape", shape, "--examples", str(a.examples),
+                                   "--batch", str(a.batch)], capture_output=True, text=True)
+            if peer.returncode != 0:
+                raise RuntimeError(f"peer failed on {shape}:\n{peer.stderr[-3000:]}")
+            r = json.loads([x for x in peer.stdout.splitlines() if x.startswith("{")][-1])
+            r["mfu"] = r["useful_tokens_per_s"] * 6 * n_params / (tflops * 1e12)
+            record(r)
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+            common = ["--shape", shape, "--peer", str(a.peer), "--examples", str(a.examples), "--root", tmp,
+                      *[x for kv in a.set for x in ("--set", kv)]]
+            run_in_subprocess(["--only", "build", *common])
+            for config in configs:
+                r = run_in_subprocess(["--only", "ours", "--config", config, *common])
+                r["mfu"] = r["useful_tokens_per_s"] * 6 * n_params / (tflops * 1e12)
+                record(r)
+            if a.agree_steps and shape == a.agree_shape:
+                final = our_params(shape, "final")
+                # The same optimizer steps: the reference takes the final micro-batch in halves or
+                # single rows (grad_accum), since the unoptimized path needs more memory per row.
+                ref_rows = 1
+                steps = ["--set", f"max_steps={a.agree_steps}", "--set", "learning_rate=1e-3"]
+                ref = run_in_subprocess(["--only", "ours", "--config", "packing", *common, *steps,
+                                         "--set", f"batch_size={ref_rows}", "--set", f"grad_accum={final.batch_size // ref_rows}"])
+                fin = run_in_subprocess(["--only", "ours", "--config", "final", *common, *steps])
+                ref["agree"] = fin["agree"] = True
+                record(agreement(ref, fin))
+            if a.profile:
+                r = run_in_subprocess(["--only", "ours", "--config", configs[-1], *common, "--profile-run",
+                                       "--set", "max_steps=4"])
+                print(r.get("profile", ""), flush=True)
+        torch.cuda.empty_cache()
     print()
-    print(table(results))
+    print(table(results, tflops))
 
 
 if __name__ == "__main__":

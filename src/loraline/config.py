@@ -172,6 +172,19 @@ class TrainParams(_Section):
     packing: bool = True
     max_seq_len: int = Field(1024, ge=16)
     gradient_checkpointing: bool = False
+    checkpoint_fraction: float = Field(
+        1.0, gt=0, le=1, description="With gradient_checkpointing: share of decoder layers checkpointed (the first ones); the rest keep activations"
+    )
+    fused_cross_entropy: bool = Field(
+        True, description="Loss from hidden states chunk by chunk, never materializing [tokens x vocab] logits (exact; plain path for unsupported heads)"
+    )
+    cross_entropy_chunk: int = Field(1024, ge=1, description="Tokens per chunk of the fused cross-entropy")
+    varlen_attention: bool = Field(
+        True, description="Packed rows use flash varlen attention, one sequence per example (CUDA; SDPA with a block mask elsewhere)"
+    )
+    upcast_non_quantized: bool = Field(
+        False, description="4-bit bases: cast embeddings, norms and lm_head to fp32 (peft's prepare_model_for_kbit_training); off keeps the compute dtype"
+    )
     eval_every: int = Field(50, ge=1)
     save_every: int = Field(100, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)

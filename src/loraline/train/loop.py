@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from loraline.config import TrainParams
 from loraline.train.data import IGNORE, Example
-from loraline.train.model import autocast
+from loraline.train.model import autocast, compute_dtype
 from loraline.train.packing import Batch, PlannedStep, collate, pack_rows
+from loraline.train.speed import VARLEN, FusedHead, chunked_linear_cross_entropy
 
 
 @dataclass
@@ -57,23 +58,47 @@ class Run:
     train: list[Example]
     validation: list[Example]
     plan: list[PlannedStep]
+    fused: FusedHead | None = None  # (decoder, lm_head) for the fused cross-entropy; None: plain logits
+
+    @property
+    def flat(self) -> bool:
+        """Lay each packed micro-batch out as one row (no pad tokens): varlen attention only."""
+        return self.params.packing and _uses_varlen(self.model)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return loss_sum(self.model, batch.to(self.device), self.device, fused=self.fused, chunk=self.params.cross_entropy_chunk)
 
 
-def loss_sum(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens (fp32 logits for a stable softmax)."""
+def loss_sum(
+    model: torch.nn.Module, batch: Batch, device: torch.device, *, fused: FusedHead | None = None, chunk: int = 1024
+) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (fp32 softmax for stability).
+
+    With `fused` (decoder, lm_head), the loss comes from the decoder's hidden states chunk by chunk
+    (speed.chunked_linear_cross_entropy): the same value and gradients, without full-vocabulary logits.
+    """
+    inputs = batch.model_inputs(varlen=_uses_varlen(model))
     with autocast(device):
-        logits = model(**batch.model_inputs(), use_cache=False).logits
+        if fused is not None:
+            decoder, head = fused
+            hidden = decoder(**inputs, use_cache=False)[0]
+            return chunked_linear_cross_entropy(hidden, head.weight, batch.targets, chunk=chunk, dtype=compute_dtype(device))
+        logits = model(**inputs, use_cache=False).logits
     keep = batch.targets != IGNORE
     return F.cross_entropy(logits[keep].float(), batch.targets[keep], reduction="sum")
 
 
+def _uses_varlen(model: torch.nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == VARLEN
+
+
 def train_step(run: Run, planned: PlannedStep) -> tuple[float, int, int]:
     """One optimizer step over its micro-batches; returns (mean answer-token loss, tokens, answer tokens)."""
-    batches = [collate([[run.train[i] for i in row] for row in mb], run.pad_id, run.params.packing) for mb in planned.micro_batches]
+    batches = [collate([[run.train[i] for i in row] for row in mb], run.pad_id, run.params.packing, run.flat) for mb in planned.micro_batches]
     n_targets = sum(b.n_targets for b in batches)
     total = 0.0
     for batch in batches:
-        loss = loss_sum(run.model, batch.to(run.device), run.device)
+        loss = run.loss(batch)
         (loss / max(n_targets, 1)).backward()
         total += loss.item()
     torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), run.params.max_grad_norm)
@@ -98,8 +123,8 @@ def evaluate(run: Run) -> float | None:
     try:
         for start in range(0, len(rows), run.params.batch_size):
             mb = rows[start : start + run.params.batch_size]
-            batch = collate([[examples[i] for i in row] for row in mb], run.pad_id, run.params.packing)
-            total += loss_sum(run.model, batch.to(run.device), run.device).item()
+            batch = collate([[examples[i] for i in row] for row in mb], run.pad_id, run.params.packing, run.flat)
+            total += run.loss(batch).item()
             count += batch.n_targets
     finally:
         run.model.train(was_training)

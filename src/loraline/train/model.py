@@ -14,6 +14,7 @@ from torch import nn
 from loraline.base.stage import base_load_kwargs, resolve_base_model_path
 from loraline.config import TrainParams
 from loraline.train.errors import TrainError
+from loraline.train.speed import apply_checkpoint_fraction, use_varlen_attention, varlen_available
 
 
 def pick_device() -> torch.device:
@@ -54,7 +55,7 @@ def load_base_model(params: TrainParams, base_dir: Path, device: torch.device) -
     model.config.use_cache = False  # no KV cache in training; a cache would also disable packed-sequence masking
     # Non-reentrant checkpointing needs no requires_grad trick on the inputs and keeps dropout's RNG.
     ckpt_kwargs = {"use_reentrant": False}
-    if quant is not None:
+    if quant is not None and params.upcast_non_quantized:
         from peft import prepare_model_for_kbit_training
 
         _keep_trainable_4bit_layout(model)
@@ -64,10 +65,19 @@ def load_base_model(params: TrainParams, base_dir: Path, device: torch.device) -
             gradient_checkpointing_kwargs=ckpt_kwargs,
         )
     else:
+        # The same preparation without the fp32 upcast of embeddings, norms and lm_head: they stay in
+        # the compute dtype, so the residual stream and saved activations stay bf16 on CUDA (as in the
+        # textbook recipe, which skips the preparation); on CPU the compute dtype is fp32 anyway.
+        if quant is not None:
+            _keep_trainable_4bit_layout(model)
         for p in model.parameters():
             p.requires_grad_(False)
         if params.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    if params.gradient_checkpointing and params.checkpoint_fraction < 1:
+        apply_checkpoint_fraction(model, params.checkpoint_fraction)
+    if params.varlen_attention and params.packing and varlen_available(device):
+        use_varlen_attention(model)
     return model
 
 

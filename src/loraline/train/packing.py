@@ -23,6 +23,7 @@ import torch
 from loraline.config import TrainParams
 from loraline.train.data import IGNORE, Example
 from loraline.train.model import autocast
+from loraline.train.speed import segments_from_rows
 
 Row = list[int]  # example indices
 MicroBatch = list[Row]
@@ -90,19 +91,39 @@ class Batch:
     targets: torch.Tensor
     n_tokens: int  # real (non-pad) tokens
     n_targets: int  # tokens with a loss
+    # Packed rows: segment boundaries over the flattened rows (each example, then each row's pad
+    # segment) and the longest segment, for varlen attention.
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
 
     def to(self, device: torch.device) -> Batch:
         mask = None if self.attention_mask is None else self.attention_mask.to(device)
-        return Batch(self.input_ids.to(device), self.position_ids.to(device), mask, self.targets.to(device), self.n_tokens, self.n_targets)
+        cu = None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=True)
+        return Batch(
+            self.input_ids.to(device), self.position_ids.to(device), mask, self.targets.to(device),
+            self.n_tokens, self.n_targets, cu, self.max_seqlen,
+        )
 
-    def model_inputs(self) -> dict[str, torch.Tensor | None]:
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask}
+    def model_inputs(self, varlen: bool = False) -> dict[str, torch.Tensor | int | None]:
+        inputs: dict[str, torch.Tensor | int | None] = {
+            "input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask,
+        }
+        if varlen and self.cu_seqlens is not None:  # transformers passes these through to the attention function
+            inputs.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                          max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+        return inputs
 
 
-def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> Batch:
-    """Rows of examples to tensors; `packed` puts several examples in a row (no attention_mask)."""
+def collate(rows: list[list[Example]], pad_id: int, packed: bool, flat: bool = False) -> Batch:
+    """Rows of examples to tensors; `packed` puts several examples in a row (no attention_mask).
+
+    `flat` (packed only, for varlen attention, which keeps each example to itself whatever the
+    layout): the micro-batch's rows are laid end to end in one row, so no pad token is computed.
+    """
     if not packed and any(len(r) != 1 for r in rows):
         raise ValueError("an unpacked batch holds exactly one example per row")
+    if flat and packed:
+        rows = [[e for row in rows for e in row]]
     width = max(sum(e.n_tokens for e in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -120,7 +141,10 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> Batch:
         pos[r, at:] = torch.arange(width - at)  # the pad segment: positions of its own
     n_tokens = int(mask.sum())
     n_targets = int((tgt != IGNORE).sum())
-    return Batch(ids, pos, None if packed else mask, tgt, n_tokens, n_targets)
+    if not packed:
+        return Batch(ids, pos, mask, tgt, n_tokens, n_targets)
+    cu, longest = segments_from_rows([[e.n_tokens for e in row] for row in rows], width)
+    return Batch(ids, pos, None, tgt, n_tokens, n_targets, cu, longest)
 
 
 def check_packing_isolation(model: torch.nn.Module, device: torch.device, vocab_size: int) -> float:

@@ -45,6 +45,7 @@ from loraline.train.model import (
 )
 from loraline.train.optim import make_optimizer, make_scheduler, warmup_steps
 from loraline.train.packing import check_packing_isolation, plan_steps
+from loraline.train.speed import fused_head
 from loraline.train.record import (
     TRAIN_CURVE,
     VAL_CURVE,
@@ -128,7 +129,10 @@ def train_adapter(
                 optimizer=optimizer, scheduler=scheduler, progress=prog.to_dict(), position=_position(plan, step),
             )
 
-        run = Run(model, trainable, optimizer, scheduler, params, device, pad_id, splits.train, splits.validation, plan)
+        fused = fused_head(model) if params.fused_cross_entropy else None
+        if params.fused_cross_entropy and fused is None:
+            log.warning("train.fused_cross_entropy: this model's head is not a plain linear layer; computing full logits")
+        run = Run(model, trainable, optimizer, scheduler, params, device, pad_id, splits.train, splits.validation, plan, fused)
         train_wall, tokens_before = time.perf_counter(), state.tokens_seen
         state, best = train_loop(
             run, state, start_step=start_step, best=best,
@@ -161,6 +165,11 @@ def train_adapter(
         "device": device_name(device),
         "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
         "optimizer": type(optimizer).__name__,
+        "speed": {  # which speed options took effect (each falls back where it does not apply)
+            "attention": getattr(model.config, "_attn_implementation", None),
+            "fused_cross_entropy": fused is not None,
+            "checkpointed_layers": _checkpointed_layers(model),
+        },
         "steps": {
             "planned": len(plan),
             "done": steps_done,
@@ -249,6 +258,12 @@ def _deterministic(device: torch.device, threads: int | None) -> Iterator[None]:
 def _position(plan: list, step: int) -> dict[str, int]:
     """Data position of the step after `step` completed ones: the epoch and the step within it."""
     return {"epoch": plan[step].epoch, "step_in_epoch": plan[step].index_in_epoch}
+
+
+def _checkpointed_layers(model: torch.nn.Module) -> int:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)
 
 
 def _last_val(history: list[dict[str, Any]]) -> float | None:

@@ -1,0 +1,252 @@
+"""Training-speed options of the train stage (each one a `train.` param; see docs/benchmarks.md).
+
+- fused_cross_entropy: the loss is computed from the decoder's last hidden states chunk by chunk
+  (`chunked_linear_cross_entropy`), only at the positions that have a target, so the
+  [tokens x vocabulary] logits tensor is never materialized (4.2 GB in fp32 for 8k tokens of a
+  128k vocabulary). Exact: the same loss and gradients as logits + F.cross_entropy.
+- varlen_attention: packed rows attend through flash attention over variable-length sequences
+  (torch.nn.attention.varlen), one sequence per example, instead of SDPA with a materialized
+  block-diagonal mask (which runs the slower masked kernel over whole rows). CUDA only; elsewhere
+  the model keeps its own attention (the block-diagonal mask derived from position_ids).
+- checkpoint_fraction: activation checkpointing on only the first part of the decoder layers,
+  trading memory for the recompute of the rest.
+
+Every option falls back to the plain path where it does not apply, so CPU runs (CI) keep working.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraline.train.data import IGNORE
+
+log = logging.getLogger(__name__)
+
+VARLEN = "loraline_varlen"  # the attention implementation name registered with transformers
+
+
+# --------------------------------------------------------------------------- linear + cross-entropy
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden[i] @ weight.T, targets[i]), computed `chunk` rows at a time.
+
+    The loss is the graph's end, so its gradients are computed in the forward pass, chunk by chunk,
+    while each chunk's logits exist anyway (no recompute); backward only scales them by the
+    incoming gradient. Logits are computed in `dtype` (bf16 on CUDA, as autocast would) and
+    soft-maxed in fp32, exactly as the plain path's `logits.float()` cross-entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, need_h: bool, need_w: bool):  # noqa: ANN001
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start : start + chunk].to(dtype)
+                t = targets[start : start + chunk]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if need_h or need_w:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                    probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                    g = probs.to(dtype)
+                    del logits, probs
+                    if need_h:
+                        grad_h[start : start + chunk] = (g @ w).to(hidden.dtype)
+                    if need_w:
+                        grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
+        ctx.has = (need_h, need_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        saved = list(ctx.saved_tensors)
+        need_h, need_w = ctx.has
+        grad_h = grad_w = None
+        if need_h:
+            g = saved.pop(0)
+            grad_h = (g.float() * grad_out).to(g.dtype)
+        if need_w:
+            grad_w = (saved.pop(0) * grad_out).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int = 1024, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (IGNORE positions skipped),
+    without ever holding more than `chunk` rows of logits. hidden: [..., H]; targets: [...]."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE
+    hidden, targets = hidden[keep], targets[keep]
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(
+        hidden, weight, targets, chunk, dtype or hidden.dtype, grad and hidden.requires_grad, grad and weight.requires_grad
+    )
+
+
+FusedHead = tuple[nn.Module, nn.Linear]
+
+
+def fused_head(model: nn.Module) -> FusedHead | None:
+    """(decoder, lm_head) when the causal LM's logits are exactly `lm_head(decoder(...).last_hidden_state)`,
+    else None (a head with bias or an adapter on it, logit soft-capping or scaling): those keep the plain path."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_decoder = getattr(lm, "get_decoder", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if get_decoder is None or type(head) is not nn.Linear or head.bias is not None:
+        return None
+    cfg = getattr(lm, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        value = getattr(cfg, attr, None)
+        if value not in (None, 1, 1.0):
+            return None
+    if type(lm).__name__ not in FUSED_ARCHITECTURES:
+        return None
+    try:
+        decoder = get_decoder()
+    except Exception:  # noqa: BLE001
+        return None
+    return (decoder, head) if decoder is not None else None
+
+
+# Causal LMs whose forward is `logits = lm_head(model(...)[0])` with nothing in between (checked by
+# reading their modeling code); others keep the plain path.
+FUSED_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "PhiForCausalLM",
+    "Phi3ForCausalLM", "GPTNeoXForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "StableLmForCausalLM",
+})
+
+
+# ----------------------------------------------------------------------------- varlen attention
+
+
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_available(device: torch.device) -> bool:
+    return device.type == "cuda" and _varlen_fn() is not None
+
+
+def segments_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32, over the flattened rows) and the longest segment, from positions that
+    restart at 0 for every example (and for a row's trailing pad segment)."""
+    b, s = position_ids.shape
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0)
+    starts[torch.arange(0, b * s, s, device=flat.device)] = True  # every row starts a segment
+    idx = torch.nonzero(starts).flatten()
+    cu = torch.cat([idx, idx.new_tensor([b * s])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max().item())
+
+
+def segments_from_rows(rows_lengths: list[list[int]], width: int) -> tuple[torch.Tensor, int]:
+    """The same from the collated rows' example lengths (no device sync): each row's examples, then its pad segment."""
+    cu, at, longest = [0], 0, 0
+    for lengths in rows_lengths:
+        row_start = at
+        for n in lengths:
+            at += n
+            cu.append(at)
+            longest = max(longest, n)
+        if at - row_start < width:
+            longest = max(longest, width - (at - row_start))
+            at = row_start + width
+            cu.append(at)
+    return torch.tensor(cu, dtype=torch.int32), longest
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):  # noqa: ANN001
+    """transformers attention interface: query [b, hq, s, d], key/value [b, hkv, s, d] -> [b, s, hq, d]."""
+    if attention_mask is not None:
+        raise RuntimeError("varlen attention needs packed rows without an attention_mask (train.packing: true)")
+    if dropout:
+        raise RuntimeError("varlen attention has no attention dropout")
+    b, hq, s, d = query.shape
+    hkv = key.shape[1]
+    cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(s, device=query.device).expand(b, s)
+        cu, longest = segments_from_positions(position_ids.expand(b, s))
+    cu = cu.to(device=query.device, dtype=torch.int32)
+    half = query.dtype in (torch.float16, torch.bfloat16) or query.device.type != "cuda"
+    dtype = query.dtype if half else torch.bfloat16  # flash kernels take half precision only
+    q = query.transpose(1, 2).reshape(b * s, hq, d).to(dtype)
+    k = key.transpose(1, 2).reshape(b * s, hkv, d).to(dtype)
+    v = value.transpose(1, 2).reshape(b * s, hkv, d).to(dtype)
+    fn, extra = _varlen_fn(), _VARLEN_KWARGS()
+    if hkv != hq and not extra.get("enable_gqa"):
+        k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+    out = fn(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
+    return out.view(b, s, hq, d), None
+
+
+_varlen_kwargs_cache: dict[str, Any] | None = None
+
+
+def _VARLEN_KWARGS() -> dict[str, Any]:  # noqa: N802
+    """Causal masking and GQA keywords for the installed torch's varlen_attn (its signature moved between releases)."""
+    global _varlen_kwargs_cache
+    if _varlen_kwargs_cache is None:
+        names = inspect.signature(_varlen_fn()).parameters
+        extra: dict[str, Any] = {}
+        if "is_causal" in names:
+            extra["is_causal"] = True
+        elif "window_size" in names:
+            extra["window_size"] = (-1, 0)
+        else:
+            raise RuntimeError("torch.nn.attention.varlen.varlen_attn offers no causal masking here")
+        if "enable_gqa" in names:
+            extra["enable_gqa"] = True
+        _varlen_kwargs_cache = extra
+    return _varlen_kwargs_cache
+
+
+def use_varlen_attention(model: nn.Module) -> bool:
+    """Switch the model to varlen attention (registered with transformers' AttentionInterface)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    cfg = model.config
+    try:
+        model.set_attn_implementation(VARLEN)
+    except Exception as exc:  # noqa: BLE001 -- an old or remote-code model: keep its attention
+        log.warning("train.varlen_attention: this model cannot switch attention implementation (%s); keeping %s", exc, cfg._attn_implementation)
+        return False
+    return cfg._attn_implementation == VARLEN
+
+
+# -------------------------------------------------------------------------- selective checkpointing
+
+
+def apply_checkpoint_fraction(model: nn.Module, fraction: float) -> int:
+    """Keep activation checkpointing on the first round(fraction * layers) decoder layers only;
+    returns how many are checkpointed. The layers left out keep their activations (memory) and
+    skip the recompute (time)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = round(fraction * len(layers))
+    for i, layer in enumerate(layers):
+        if i >= keep:
+            layer.gradient_checkpointing = False
+    return keep
