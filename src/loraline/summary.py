@@ -129,13 +129,15 @@ def render_text(summary: RunSummary, seconds: float | None = None) -> str:
     if summary.base:
         lines.append(base_line(summary.base))
     data_rows = [
-        [t.tenant, s["rows_in"], s["kept"], s["rejected"], s["duplicates"],
+        [t.tenant, s["rows_in"], s["kept"], s["rejected"], s["duplicates"], s.get("near_duplicates", 0),
+         s.get("contaminated", 0), s.get("by_source", {}).get("synthetic", {}).get("kept", 0),
          *(s.get("splits", {}).get(k, 0) for k in ("train", "validation", "test"))]
         for t in summary.tenants if (s := t.prepare)
     ]
     if data_rows:
         lines += ["", "data:"] + ["  " + r for r in _table(
-            ["tenant", "rows in", "kept", "rejected", "duplicates", "train", "validation", "test"], data_rows)]
+            ["tenant", "rows in", "kept", "rejected", "duplicates", "near dup", "contaminated", "synthetic",
+             "train", "validation", "test"], data_rows)]
     for t in summary.tenants:
         lines += ["", f"{t.tenant}:"]
         if t.prepare:
