@@ -106,8 +106,8 @@ CONFIGS = {
 # Micro-batch (packed rows of <= 2048 tokens, laid end to end) and checkpointing per shape, chosen
 # to stay under the peer's peak memory (15.9 GiB llama-1b, 21.5 GiB llama-8b).
 SHAPE_FINAL = {
-    "llama-1b": dict(batch_size=3, gradient_checkpointing=False),
-    "llama-8b": dict(batch_size=1, gradient_checkpointing=False),
+    "llama-1b": dict(batch_size=8, gradient_checkpointing=True, checkpoint_fraction=0.75),
+    "llama-8b": dict(batch_size=8, gradient_checkpointing=True, checkpoint_fraction=1.0),
 }
 COMMON = dict(
     quantization="nf4", double_quant=True, lora_r=16, lora_alpha=32, lora_dropout=0.0,
@@ -118,9 +118,12 @@ COMMON = dict(
 
 
 def our_params(shape: str, config: str, overrides: dict | None = None):
+    """A named configuration, optionally with overrides: "final+batch_size=8+checkpoint_fraction=1.0"."""
     from loraline.config import TrainParams
 
-    fields = {**COMMON, **CONFIGS[config], **(SHAPE_FINAL[shape] if config == "final" else {}), **(overrides or {})}
+    name, *extra = config.split("+")
+    own = {k: json.loads(v) for k, v in (x.split("=", 1) for x in extra)}
+    fields = {**COMMON, **CONFIGS[name], **(SHAPE_FINAL[shape] if name == "final" else {}), **own, **(overrides or {})}
     return TrainParams(**fields)
 
 
@@ -230,11 +233,15 @@ def run_in_subprocess(args: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
+AGREE_TOLERANCE = 1e-3  # relative, per step: bf16 kernels differ between the paths (flash vs masked SDPA, chunked CE)
+
+
 def agreement(reference: dict, final: dict) -> dict:
     a, b = reference["train_losses"], final["train_losses"]
     gaps = [abs(x - y) / abs(x) for x, y in zip(a, b)]
     return dict(recipe="agreement", shape=final["shape"], steps=len(gaps), reference=a, final=b,
-                max_rel_gap=round(max(gaps), 6), last_rel_gap=round(gaps[-1], 6))
+                max_rel_gap=round(max(gaps), 6), last_rel_gap=round(gaps[-1], 6),
+                tolerance=AGREE_TOLERANCE, ok=len(a) == len(b) and max(gaps) <= AGREE_TOLERANCE)
 
 
 def table(results: list[dict], tflops: float | None) -> str:
@@ -253,7 +260,8 @@ def table(results: list[dict], tflops: float | None) -> str:
     for r in results:
         if r["recipe"] == "agreement":
             rows.append(f"\nloss agreement, {r['shape']}, {r['steps']} steps, speed options off vs final: "
-                        f"max relative gap {r['max_rel_gap']:.2e}, after the last step {r['last_rel_gap']:.2e}")
+                        f"max relative gap {r['max_rel_gap']:.2e}, after the last step {r['last_rel_gap']:.2e} "
+                        f"({'within' if r['ok'] else 'OUTSIDE'} the tolerance {r['tolerance']:.0e})")
     if tflops:
         rows.append(f"\nMFU against the bf16 matmul rate measured in this run: {tflops} TFLOP/s (8192^3, random data)")
     return "\n".join(rows)
@@ -265,7 +273,8 @@ def main() -> None:
     ap.add_argument("--peer", type=Path, default=DEFAULT_PEER, help="path to peer_qlora.py")
     ap.add_argument("--examples", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4, help="the peer's examples per batch")
-    ap.add_argument("--config", action="append", choices=list(CONFIGS), help="ours, repeatable (default: final)")
+    ap.add_argument("--config", action="append",
+                    help=f"ours, repeatable (default: final): one of {', '.join(CONFIGS)}, optionally +KEY=JSON...")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="extra TrainParams override for ours (all configs)")
     ap.add_argument("--no-peer", action="store_true", help="skip the peer (exploration only: ratios need it)")
     ap.add_argument("--agree-steps", type=int, default=0, help="loss-agreement check over this many steps (0: skip)")
@@ -319,14 +328,14 @@ def main() -> None:
                 r["mfu"] = r["useful_tokens_per_s"] * 6 * n_params / (tflops * 1e12)
                 record(r)
             if a.agree_steps and shape == a.agree_shape:
-                final = our_params(shape, "final")
+                final = our_params(shape, configs[-1])
                 # The same optimizer steps: the reference takes the final micro-batch in halves or
                 # single rows (grad_accum), since the unoptimized path needs more memory per row.
                 ref_rows = 1
                 steps = ["--set", f"max_steps={a.agree_steps}", "--set", "learning_rate=1e-3"]
                 ref = run_in_subprocess(["--only", "ours", "--config", "packing", *common, *steps,
                                          "--set", f"batch_size={ref_rows}", "--set", f"grad_accum={final.batch_size // ref_rows}"])
-                fin = run_in_subprocess(["--only", "ours", "--config", "final", *common, *steps])
+                fin = run_in_subprocess(["--only", "ours", "--config", configs[-1], *common, *steps])
                 ref["agree"] = fin["agree"] = True
                 record(agreement(ref, fin))
             if a.profile:
@@ -336,6 +345,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     print()
     print(table(results, tflops))
+    if any(r["recipe"] == "agreement" and not r["ok"] for r in results):
+        sys.exit("loss agreement outside the tolerance")
 
 
 if __name__ == "__main__":

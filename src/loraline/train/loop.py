@@ -96,16 +96,16 @@ def train_step(run: Run, planned: PlannedStep) -> tuple[float, int, int]:
     """One optimizer step over its micro-batches; returns (mean answer-token loss, tokens, answer tokens)."""
     batches = [collate([[run.train[i] for i in row] for row in mb], run.pad_id, run.params.packing, run.flat) for mb in planned.micro_batches]
     n_targets = sum(b.n_targets for b in batches)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
     for batch in batches:
         loss = run.loss(batch)
         (loss / max(n_targets, 1)).backward()
-        total += loss.item()
+        total += loss.detach()  # one device sync per step (below), not one per micro-batch
     torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), run.params.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return total / max(n_targets, 1), sum(b.n_tokens for b in batches), n_targets
+    return total.item() / max(n_targets, 1), sum(b.n_tokens for b in batches), n_targets
 
 
 @torch.no_grad()
