@@ -193,7 +193,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     q = query.transpose(1, 2).reshape(b * s, hq, d).to(dtype)
     k = key.transpose(1, 2).reshape(b * s, hkv, d).to(dtype)
     v = value.transpose(1, 2).reshape(b * s, hkv, d).to(dtype)
-    fn, extra = _varlen_fn(), _VARLEN_KWARGS()
+    fn, extra = _varlen_fn(), _varlen_kwargs()
     if hkv != hq and not extra.get("enable_gqa"):
         k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
     out = fn(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
@@ -203,8 +203,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 _varlen_kwargs_cache: dict[str, Any] | None = None
 
 
-def _VARLEN_KWARGS() -> dict[str, Any]:  # noqa: N802
-    """Causal masking and GQA keywords for the installed torch's varlen_attn (its signature moved between releases)."""
+def _varlen_kwargs() -> dict[str, Any]:
+    """Causal masking and GQA keywords for the installed torch's varlen_attn (its signature moved
+    between releases: torch 2.11 has window_size but no enable_gqa)."""
     global _varlen_kwargs_cache
     if _varlen_kwargs_cache is None:
         names = inspect.signature(_varlen_fn()).parameters

@@ -79,9 +79,24 @@ def test_varlen_attention_gives_the_same_logits_as_the_block_diagonal_mask(setup
         assert speed.use_varlen_attention(model)
         varlen = model(**batch.model_inputs(varlen=True), use_cache=False).logits
         derived = model(**batch.model_inputs(), use_cache=False).logits  # segments from position_ids
+        flat = collate([examples[:4], examples[4:]], pad_id=0, packed=True, flat=True)  # one row, no pads
+        flat_logits = model(**flat.model_inputs(varlen=True), use_cache=False).logits
     keep = batch.targets != IGNORE  # the pad segment's outputs are never used
     assert (masked[keep] - varlen[keep]).abs().max().item() < 1e-5
     assert (varlen - derived).abs().max().item() == 0.0
+    assert flat.input_ids.shape[0] == 1 and flat.n_tokens == flat.input_ids.numel() == batch.n_tokens
+    assert (flat_logits[flat.targets != IGNORE] - masked[keep]).abs().max().item() < 1e-5
+
+
+def test_fused_head_only_for_a_plain_linear_head(setup):
+    from loraline.train.speed import fused_head
+
+    plain = tiny_train()
+    model = attach_lora(plain, load_base_model(plain, setup.base_dir, CPU))
+    decoder, head = fused_head(model)
+    assert head is model.get_base_model().lm_head and decoder is model.get_base_model().model
+    saved = tiny_train(modules_to_save=["lm_head"])  # a trained copy of the head: keep the plain path
+    assert fused_head(attach_lora(saved, load_base_model(saved, setup.base_dir, CPU))) is None
 
 
 def _curve(res):
