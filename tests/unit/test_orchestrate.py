@@ -20,7 +20,7 @@ def test_plan_follows_dvc_graph_of_the_repository():
     # the base is built from every tenant's documents, so those run first even for one tenant
     assert plan.shared == ["documents@acme-shop", "documents@globex-it", "base"]
     assert plan.per_tenant == {"globex-it": [f"{s}@globex-it" for s in
-                                             ("prepare", "train", "merge", "export", "evaluate", "gate")]}
+                                             ("synthesize", "prepare", "train", "merge", "export", "evaluate", "gate")]}
     both = plan_stages(REPO, ["acme-shop", "globex-it"])
     assert both.all.index("base") < both.all.index("prepare@acme-shop")
     assert not any("globex" in s for s in both.per_tenant["acme-shop"])
