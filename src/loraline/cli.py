@@ -334,6 +334,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ns["docs"] = [str(Layout().documents_dir(n)) for n in params.tenant_names]
         cmd_base(argparse.Namespace(**ns))
         ns["docs"] = None
+        cmd_synthesize(argparse.Namespace(**ns))
         cmd_prepare(argparse.Namespace(**ns))
         cmd_train(argparse.Namespace(**ns, no_checkpoints=False))
         cmd_merge(argparse.Namespace(**ns))
