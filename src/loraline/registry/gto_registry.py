@@ -19,7 +19,6 @@ import fcntl
 import json
 import os
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from loraline.registry.base import ANY, PROD, Assignment, PromotionConflict, RegistryError, Version, _AnyType
-from loraline.registry.snapshot import ensure_git_identity
+from loraline.registry.snapshot import ensure_git_identity, git
 
 LOCK_NAME = "loraline-registry.lock"
 _SEMVER = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
@@ -207,10 +206,7 @@ class GtoRegistry:
     # -- git ----------------------------------------------------------------------------------
 
     def _git(self, *args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True)
-        if done.returncode:
-            raise RegistryError(f"git {' '.join(args)}: {done.stderr.strip()}")
-        return done.stdout.strip()
+        return git(self.root, *args)
 
     def _git_dir(self) -> Path:
         return Path(self.root, self._git("rev-parse", "--git-common-dir"))

@@ -14,11 +14,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from loraline.registry.base import RegistryError
 
-def _git(root: Path, *args: str, env: dict[str, str] | None = None) -> str:
+
+def git(root: str | Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """`git <args>` in `root`; its stdout, or RegistryError with git's own message."""
     done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=env)
     if done.returncode:
-        raise RuntimeError(f"git {' '.join(args)} failed in {root}: {done.stderr.strip()}")
+        raise RegistryError(f"git {' '.join(args)} failed in {root}: {done.stderr.strip()}")
     return done.stdout.strip()
 
 
@@ -49,7 +52,7 @@ def snapshot_commit(root: str | Path, message: str) -> str:
     """HEAD when the working tree (tracked and untracked-not-ignored files) equals it, else a new dangling commit on top."""
     root = Path(root)
     head = head_commit(root)
-    git_dir = Path(_git(root, "rev-parse", "--absolute-git-dir"))
+    git_dir = Path(git(root, "rev-parse", "--absolute-git-dir"))
     with tempfile.TemporaryDirectory(prefix="loraline-snapshot-", dir=git_dir) as tmp:
         index = Path(tmp) / "index"
         # Starting from the user's index reuses its stat cache (only changed files are hashed);
@@ -57,9 +60,9 @@ def snapshot_commit(root: str | Path, message: str) -> str:
         if (git_dir / "index").exists():
             shutil.copyfile(git_dir / "index", index)
         env = {**os.environ, "GIT_INDEX_FILE": str(index)}
-        _git(root, "add", "-A", env=env)
-        tree = _git(root, "write-tree", env=env)
-        if head is not None and tree == _git(root, "rev-parse", f"{head}^{{tree}}"):
+        git(root, "add", "-A", env=env)
+        tree = git(root, "write-tree", env=env)
+        if head is not None and tree == git(root, "rev-parse", f"{head}^{{tree}}"):
             return head
         parents = ["-p", head] if head else []
-        return _git(root, "commit-tree", tree, *parents, "-m", message, env=env)
+        return git(root, "commit-tree", tree, *parents, "-m", message, env=env)
