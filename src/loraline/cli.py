@@ -19,7 +19,7 @@ import yaml
 from loraline.config import ConfigError, Params, load_params
 from loraline.layout import Layout
 from loraline.registry.cli import add_registry_parser
-from loraline.summary import base_line, collect_summary, reasons, render_text, train_line
+from loraline.summary import base_line, collect_summary, read_parity, reasons, render_text, train_line
 
 STAGES = ("documents", "synthesize", "base", "prepare", "train", "merge", "export", "evaluate", "gate")
 
@@ -257,13 +257,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     failed = []
     for name in _tenants(params, args.tenant):
         metrics = json.loads(layout.eval_metrics_path(name).read_text())["models"]
-        parity = {}
-        for key, path, field in (
-            ("merge_max_logit_diff", layout.merge_report_path(name), ("merged_vs_unmerged", "max_abs_logit_diff")),
-            ("export_max_logit_diff", layout.export_report_path(name), ("fp32", "max_abs_logit_diff")),
-        ):
-            if path.exists():
-                parity[key] = json.loads(path.read_text())[field[0]][field[1]]
+        parity = read_parity(layout, name)
         decision = decide(params.gate_for(name), metrics["candidate"], metrics["base"], metrics.get("production"), parity)
         write_json(layout.gate_path(name), {"tenant": name, **to_json(decision)})
         verdict = "PASS" if decision.passed else "FAIL"

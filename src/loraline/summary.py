@@ -20,6 +20,19 @@ def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def read_parity(layout: Layout, tenant: str) -> dict[str, float]:
+    """The parity evidence the gate decides on: merge and fp32-export max logit differences (absent
+    reports are left out, and the gate then fails the rule on missing evidence)."""
+    parity = {}
+    for key, path, (section, name) in (
+        ("merge_max_logit_diff", layout.merge_report_path(tenant), ("merged_vs_unmerged", "max_abs_logit_diff")),
+        ("export_max_logit_diff", layout.export_report_path(tenant), ("fp32", "max_abs_logit_diff")),
+    ):
+        if path.exists():
+            parity[key] = json.loads(path.read_text())[section][name]
+    return parity
+
+
 @dataclass
 class TenantSummary:
     tenant: str

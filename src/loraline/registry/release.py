@@ -23,6 +23,7 @@ from loraline.layout import Layout
 from loraline.registry.base import PromotionConflict, Registry, RegistryError, Version
 from loraline.registry.lineage import artifact_paths, check_artifacts_declared, locked_out, read_lock, tenant_lineage
 from loraline.registry.snapshot import snapshot_commit
+from loraline.summary import read_parity
 
 RELEASE_JSON = "release.json"
 
@@ -47,18 +48,6 @@ class ReleaseResult:
 
 def release_path(root: str | Path, tenant: str) -> Path:
     return Path(root) / "reports" / tenant / RELEASE_JSON
-
-
-def read_parity(layout: Layout, tenant: str) -> dict[str, float]:
-    """The parity numbers the gate stage reads (merge and fp32 export max logit differences)."""
-    parity = {}
-    for key, path, (section, name) in (
-        ("merge_max_logit_diff", layout.merge_report_path(tenant), ("merged_vs_unmerged", "max_abs_logit_diff")),
-        ("export_max_logit_diff", layout.export_report_path(tenant), ("fp32", "max_abs_logit_diff")),
-    ):
-        if path.exists():
-            parity[key] = json.loads(path.read_text())[section][name]
-    return parity
 
 
 def fetch_output(root: str | Path, path: str, commit: str, dest: Path) -> Path:
