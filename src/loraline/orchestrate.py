@@ -31,18 +31,15 @@ _TAIL_LINES = 40
 class StageFailed(RuntimeError):
     """A DVC stage exited non-zero; the message names the stage and ends with its last output lines."""
 
-    def __init__(self, stage: str, returncode: int, tail: list[str]):
+    def __init__(self, stage: str, returncode: int, tail: list[str], headline: str | None = None):
         self.stage, self.returncode, self.tail = stage, returncode, tail
         shown = "\n".join(f"    {line}" for line in tail) or "    (no output)"
-        super().__init__(f"stage {stage} failed (exit {returncode}); its last output:\n{shown}")
+        super().__init__(f"{headline or f'stage {stage} failed (exit {returncode})'}; its last output:\n{shown}")
 
 
 class StageTimeout(StageFailed):
     def __init__(self, stage: str, seconds: float, tail: list[str]):
-        RuntimeError.__init__(self)
-        self.stage, self.returncode, self.tail = stage, -1, tail
-        shown = "\n".join(f"    {line}" for line in tail) or "    (no output)"
-        self.args = (f"stage {stage} timed out after {seconds:.0f}s and was stopped; its last output:\n{shown}",)
+        super().__init__(stage, -1, tail, f"stage {stage} timed out after {seconds:.0f}s and was stopped")
 
 
 @dataclass(frozen=True)
