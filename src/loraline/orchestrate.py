@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraline.tools import tool, tool_env
+
 __all__ = ["StageFailed", "StagePlan", "StageRun", "StageTimeout", "plan_stages", "push_outputs", "run_stage"]
 
 _RAN = re.compile(r"Running stage '([^']+)'")
@@ -63,16 +65,6 @@ class StagePlan:
     @property
     def all(self) -> list[str]:
         return self.shared + [s for stages in self.per_tenant.values() for s in stages]
-
-
-def _venv_env() -> dict[str, str]:
-    """dvc.yaml's commands call `loraline` and `dvc`: use this interpreter's, activated or not."""
-    env = dict(os.environ)
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in env.get("PATH", "").split(os.pathsep):
-        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    return env
 
 
 def plan_stages(root: str | Path, tenants: Iterable[str]) -> StagePlan:
@@ -118,7 +110,7 @@ def _run_streaming(
     The process gets its own session so that a timeout can stop the whole tree (dvc -> loraline).
     """
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=_venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, cwd=cwd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     timed_out = threading.Event()
@@ -174,7 +166,7 @@ def run_stage(
     leaves no half-written output behind.
     """
     root = Path(root)
-    cmd = [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage]
+    cmd = [tool("dvc"), "repro", "--single-item", stage]
     if force:
         cmd.append("--force")
     started = time.perf_counter()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
+
+from loraline.tools import use_tool_env
 
 
 def reproduce(root: str | Path = ".", force: bool = False, push: bool = True, targets: list[str] | None = None) -> list[str]:
@@ -14,12 +14,9 @@ def reproduce(root: str | Path = ".", force: bool = False, push: bool = True, ta
     When the project has a default DVC remote, the outputs are pushed to it afterwards so that the
     versions recorded in dvc.lock can be fetched elsewhere (`dvc pull`).
     """
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    # dvc.yaml's commands call `loraline`: make it the one from this interpreter's environment even
-    # when that environment is not activated (e.g. `.venv/bin/loraline run`).
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    # dvc.yaml's commands call `loraline`: the one from this interpreter's environment even when that
+    # environment is not activated (e.g. `.venv/bin/loraline run`).
+    use_tool_env()
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
+from loraline.tools import TOOLS, tool, tool_env
+
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 TINY_BUILD = {
     "vocab_size": 512,
     "hidden_size": 64,
@@ -35,8 +34,7 @@ TINY_TRAIN = {"max_steps": 6, "batch_size": 4, "eval_every": 3, "save_every": 3,
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env = tool_env()
     env.update(
         DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid",
         GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid",
@@ -45,6 +43,9 @@ def _env() -> dict[str, str]:
 
 
 def sh(*cmd: str, cwd: Path) -> str:
+    """Run `cmd`; our tools (dvc, prefect, gto, loraline) from the project's environment, never PATH."""
+    if cmd[0] in TOOLS:
+        cmd = (tool(cmd[0]), *cmd[1:])
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

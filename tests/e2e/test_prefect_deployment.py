@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,9 +16,9 @@ from pathlib import Path
 import pytest
 from e2e_project import make_tiny_project
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+from loraline.tools import tool, tool_env
 
-BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _free_port() -> int:
@@ -31,9 +30,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     port = _free_port()
-    env = dict(os.environ)
+    env = tool_env()
     env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-home")),
         PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -41,7 +39,7 @@ def env(tmp_path_factory):
         GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid",
     )
     server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -61,7 +59,7 @@ def env(tmp_path_factory):
 
 
 def prefect(env: dict, *args: str, cwd: Path) -> str:
-    proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=cwd, env=env,
+    proc = subprocess.run([tool("prefect"), "--no-prompt", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
@@ -82,7 +80,7 @@ def test_deploy_all_and_a_worker_completes_a_triggered_run(tmp_path: Path, env: 
     out = prefect(env, "deployment", "run", "loraline/globex-it", cwd=project)
     run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
     worker = subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "loraline", "--type", "process"],
+        [tool("prefect"), "worker", "start", "--pool", "loraline", "--type", "process"],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
     )
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import yaml
 
 from loraline.orchestrate import StageFailed, StageTimeout, plan_stages, run_stage
+from loraline.tools import tool, tool_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def test_plan_rejects_unknown_tenant():
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([tool("dvc"), "init", "-q"], cwd=tmp_path, env=tool_env(), check=True)
     (tmp_path / "in.txt").write_text("hello\n")
     # `name@t1` addresses come from foreach, as in the real dvc.yaml
     stages = {

@@ -11,6 +11,7 @@ from registry_helpers import build, dvc_project, git
 from loraline.config import load_params
 from loraline.registry.gto_registry import GtoRegistry
 from loraline.registry.release import fetch_output, release_path, release_tenant
+from loraline.tools import tool, tool_env
 
 
 @pytest.fixture
@@ -32,8 +33,8 @@ def _release(root, evaluate=None, **kw):
 
 
 def _artifacts_get(root, dest):
-    subprocess.run(["dvc", "artifacts", "get", ".", "t1-adapter", "--stage", "prod", "-o", str(dest)],
-                   cwd=root, check=True, capture_output=True, text=True)
+    subprocess.run([tool("dvc"), "artifacts", "get", ".", "t1-adapter", "--stage", "prod", "-o", str(dest)],
+                   cwd=root, env=tool_env(), check=True, capture_output=True, text=True)
     return (dest / "adapter.bin").read_text()
 
 
