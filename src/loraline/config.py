@@ -130,6 +130,76 @@ class DecontamParams(_Section):
     threshold: float = Field(0.5, gt=0, le=1, description="Overlap at or above which a train/validation row is removed")
 
 
+CANONICAL_FIELDS = ("instruction", "input", "output", "system", "prompt", "completion", "messages", "conversations", "text")
+# The canonical fields a mapped row must end up with: one shape's required fields, and none of another's.
+SOURCE_SHAPES = {
+    "instruction": ({"instruction", "output"}, {"instruction", "input", "output", "system"}),
+    "prompt_completion": ({"prompt", "completion"}, {"prompt", "completion", "system"}),
+    "chat": ({"messages"}, {"messages"}),
+    "sharegpt": ({"conversations"}, {"conversations"}),
+    "document": ({"text"}, {"text"}),
+}
+SOURCE_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "arrow", "hf", "txt", "md")
+ControlTokenPolicy = Literal["reject", "strip", "escape"]
+
+
+class SourceParams(_Section):
+    """How to read some of a tenant's raw files: which files, their format, and which of their fields
+    become loraline's canonical ones (README: "Bring your own data")."""
+
+    path: str = Field(min_length=1, description="Glob under the tenant's raw_dir (** spans folders); the first matching entry wins")
+    format: Literal["jsonl", "json", "csv", "tsv", "parquet", "arrow", "hf", "txt", "md"] | None = Field(
+        None, description="Default: from the file name (.gz and .zst are read transparently); hf: a save_to_disk folder"
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="canonical field -> a field path (meta.answer, instances[0].output) or a template ('{context} {question}'); empty: shape detection",
+    )
+    explode: str | None = Field(None, description="A list field: each element becomes one row, addressed as item (item.output)")
+    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=dict, description="Source role name -> role; tool turns are context, never trained on"
+    )
+    control_tokens: ControlTokenPolicy | None = Field(None, description="Overrides prepare.control_tokens for these files")
+
+    @field_validator("path")
+    @classmethod
+    def _relative_glob(cls, v: str) -> str:
+        if v.startswith("/") or ".." in Path(v).parts:
+            raise ValueError(f"{v!r} must be a glob relative to the tenant's raw_dir (no leading / and no ..)")
+        return v
+
+    @model_validator(mode="after")
+    def _mapping_parses(self) -> SourceParams:
+        from loraline.data.fieldpath import PathSyntaxError, parse_path, parse_source
+
+        unknown = sorted(set(self.columns) - set(CANONICAL_FIELDS))
+        if unknown:
+            raise ValueError(f"columns: unknown canonical field(s) {', '.join(unknown)}; allowed: {', '.join(CANONICAL_FIELDS)}")
+        try:
+            if self.explode is not None and parse_path(self.explode).root == "item":
+                raise ValueError(f"explode: {self.explode!r} names the element itself; give the parent's list field")
+            for name, text in self.columns.items():
+                for path in _paths_of(parse_source(text)):
+                    if path.root == "item" and self.explode is None:
+                        raise ValueError(f"columns.{name}: {text!r} addresses item, which needs explode (the list field)")
+        except PathSyntaxError as exc:
+            raise ValueError(str(exc)) from None
+        if self.columns:
+            keys = set(self.columns)
+            fits = [shape for shape, (need, allowed) in SOURCE_SHAPES.items() if need <= keys and keys <= allowed]
+            if not fits:
+                shapes = "; ".join(f"{s}: {' + '.join(sorted(n))} (optional: {', '.join(sorted(a - n)) or 'none'})"
+                                   for s, (n, a) in SOURCE_SHAPES.items())
+                raise ValueError(f"columns map {', '.join(sorted(keys))}, which is no single shape; one of: {shapes}")
+        if self.format in ("txt", "md") and (self.columns or self.explode):
+            raise ValueError(f"format {self.format!r} is a whole document; columns and explode apply to structured rows")
+        return self
+
+
+def _paths_of(source: Any) -> tuple:
+    return source.paths if hasattr(source, "paths") else (source,)
+
+
 class PrepareParams(_Section):
     """Raw files to a clean, deduplicated, split, chat-templated dataset."""
 
@@ -138,6 +208,11 @@ class PrepareParams(_Section):
     system_prompt: str | None = Field(None, description="System message added to rows that carry none")
     split: SplitParams = SplitParams()
     csv_delimiter: str = Field(",", min_length=1, max_length=1)
+    control_tokens: ControlTokenPolicy = Field(
+        "strip",
+        description="Text holding the tokenizer's control tokens: strip end-of-text markers at the ends of fields "
+        "(others still reject), escape all of them as literal text, or reject the row; tenants.<t>.sources[] override",
+    )
     near_dedup: NearDedupParams = NearDedupParams()
     pii: PiiParams = PiiParams()
     decontamination: DecontamParams = DecontamParams()
@@ -312,6 +387,9 @@ class TenantParams(_Section):
     raw_dir: Path = Field(description="Folder of this tenant's raw files (searched recursively)")
     system_prompt: str | None = Field(None, description="Overrides prepare.system_prompt for this tenant")
     synthetic_ratio: float | None = Field(None, ge=0, description="Overrides prepare.synthetic_ratio for this tenant")
+    sources: list[SourceParams] = Field(
+        default_factory=list, description="How to read raw files whose layout is not detected (README: Bring your own data)"
+    )
     seed_tasks: list[SeedTask] = Field(
         default_factory=list, description="A handful of example tasks whose style the synthesize stage imitates"
     )

@@ -36,6 +36,8 @@ import datasets
 from tqdm.auto import tqdm
 
 from loraline.config import PrepareParams, TenantParams
+from loraline.data.controls import text_cleaner
+from loraline.data.mapping import DETECTED, SourceSpec, assign, compile_sources, map_rows
 from loraline.data.readers import RawRow, has_surrogates, list_files, read_rows
 from loraline.data.render import (
     check_tokenizer,
@@ -62,7 +64,7 @@ from loraline.data.schema import (
     locate,
     top_field,
 )
-from loraline.data.shapes import Parsed, to_record
+from loraline.data.shapes import NO_OPTIONS, Parsed, ShapeOptions, to_record
 from loraline.data.split import Deduplicator, content_hash, split_of
 from loraline.io import atomic_dir, write_json, write_jsonl
 from loraline.provenance import code_revision, hash_tree, sha256_file
@@ -225,12 +227,17 @@ def collect(
     rows_in = {rel: 0 for _, rel in files}
     seed = params.seed if params.seed is not None else DEFAULT_SEED
     scrubber = PiiScrubber(params.pii.types) if params.pii.mode != "off" else None
-    ctx = _Context(tenant.name, params, tokenizer, system_prompt, Deduplicator(), control_tokens(tokenizer), scrubber)
+    controls = control_tokens(tokenizer)
+    ctx = _Context(tenant.name, params, tokenizer, system_prompt, Deduplicator(), controls, scrubber,
+                   options=_options(DETECTED, params, controls, tokenizer))
     candidates: list[Kept] = []
-    for path, rel in tqdm(files, desc=f"prepare {tenant.name}", unit="file", disable=not progress):
-        for item in read_rows(path, rel, tenant.name, params.csv_delimiter):
+    assigned = assign(files, compile_sources(tenant.sources))
+    for path, rel, spec in tqdm(assigned, desc=f"prepare {tenant.name}", unit="file", disable=not progress):
+        source_ctx = replace(ctx, options=_options(spec, params, controls, tokenizer))
+        rows = read_rows(path, rel, tenant.name, params.csv_delimiter, spec.format, whole_object=spec.explode is not None)
+        for item in map_rows(rows, spec, tenant.name):
             rows_in[rel] += 1
-            _route(out, _process(item, ctx), candidates)
+            _route(out, _process(item, source_ctx), candidates)
 
     q = _Quality(
         TestIndex(params.decontamination) if params.decontamination.enabled else None,
@@ -255,7 +262,27 @@ def collect(
     stats.pii = {kind: ctx.pii.get(kind, 0) for kind in sorted(PII_TYPES)}
     stats.pii_rows = ctx.pii_rows[0]
     _summarize(out, raw_dir, tokenizer, rows_in)
+    stats.sources = _by_source_entry(stats, [(rel, spec) for _, rel, spec in assigned])
     return out
+
+
+def _options(spec: SourceSpec, params: PrepareParams, controls: tuple[str, ...], tokenizer) -> ShapeOptions:
+    """A source's shape options: its roles and origins, and the text cleaner of its control-token policy."""
+    policy = (spec.params.control_tokens if spec.params is not None else None) or params.control_tokens
+    return spec.options(text_cleaner(policy, controls, tokenizer))
+
+
+def _by_source_entry(stats: PrepareStats, assigned: list[tuple[str, SourceSpec]]) -> list[dict]:
+    """prepare_stats.json's per-source counts: each sources[] entry (and the detected rest) with its files."""
+    entries: dict[int | None, dict] = {}
+    for rel, spec in assigned:
+        entry = entries.setdefault(spec.index, {
+            "path": spec.label, "format": spec.format, "files": 0, "rows_in": 0, **{k: 0 for k in OUTCOMES},
+        })
+        entry["files"] += 1
+        for key, n in stats.by_file.get(rel, {}).items():
+            entry[key] += n
+    return [entries[k] for k in sorted(entries, key=lambda k: (k is None, k or 0))]
 
 
 DEFAULT_SEED = 1234  # Params.seed's default, for callers passing a PrepareParams without prepare_for()
@@ -270,6 +297,7 @@ class _Context:
     dedup: Deduplicator
     controls: tuple[str, ...]
     scrubber: PiiScrubber | None = None
+    options: ShapeOptions = NO_OPTIONS  # the source's roles, origins and control-token cleaner
     pii: Counter = field(default_factory=Counter)
     pii_rows: list[int] = field(default_factory=lambda: [0])
 
@@ -290,7 +318,7 @@ def _process(item: RawRow | Reject, ctx: _Context) -> Reject | dict | Kept:
 def _parse(item: RawRow, ctx: _Context) -> Parsed | Reject:
     """Shape and max_chars, then PII: masked rows get the content hash of their masked content, so
     that exact deduplication and the split see what the dataset holds."""
-    parsed = to_record(item, ctx.tenant, max_chars=ctx.params.max_chars, system_prompt=ctx.system_prompt)
+    parsed = to_record(item, ctx.tenant, max_chars=ctx.params.max_chars, system_prompt=ctx.system_prompt, options=ctx.options)
     if isinstance(parsed, Reject) or ctx.scrubber is None:
         return parsed
     record = parsed.record
@@ -330,7 +358,8 @@ def _admit(item: RawRow, parsed: Parsed, ctx: _Context, *, keep: bool = True, sp
     if found is not None:
         index, token = found
         return _reject(item, parsed, parsed.fields[index], RejectReason.CONTROL_TOKEN,
-                       f"contains the tokenizer's control token {token!r}, which would be read as template markup")
+                       f"contains the tokenizer's control token {token!r}, which would be read as template markup "
+                       "(control_tokens: escape keeps it as literal text; strip removes end-of-text markers at the ends)")
     if record.kind == "document":
         dedup.keep(record.content_hash, record.source_file, record.row)
         return "document", {
@@ -366,7 +395,7 @@ def _admit(item: RawRow, parsed: Parsed, ctx: _Context, *, keep: bool = True, sp
 def _reject(raw: RawRow, parsed: Parsed, path: str | None, reason: RejectReason, message: str) -> Reject:
     rec = parsed.record
     return Reject(rec.tenant, rec.source_file, rec.row, top_field(path), reason,
-                  f"{locate(rec.source_file, rec.row, path)}: {message}", raw.excerpt)
+                  f"{locate(rec.source_file, rec.row, path, raw.item)}: {message}", raw.excerpt)
 
 
 def _route(out: Collected, outcome, candidates: list[Kept]) -> None:

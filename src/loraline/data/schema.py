@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Literal
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool turns are context, never trained on
 SPLITS = ("train", "validation", "test")
 
 
@@ -30,6 +30,8 @@ class RejectReason(str, Enum):
     PII = "pii"
     # A synthetic row beyond prepare.synthetic_ratio x the real train rows (not chosen by the seeded draw).
     OVER_MIX_RATIO = "over_mix_ratio"
+    # tenants.<t>.sources[]: a mapped field's source path is missing from the row (or is not text).
+    MAPPING = "mapping"
 
 
 class PrepareError(ValueError):
@@ -54,15 +56,16 @@ def top_field(path: str | None) -> str | None:
     return None if path is None else path.split("[", 1)[0].split(".", 1)[0]
 
 
-def locate(source_file: str, row: int | None, field: str | None = None) -> str:
-    """'file row 3, field 'output'': the prefix of every reject detail, so each one can be acted on."""
-    where = source_file if row is None else f"{source_file} row {row}"
+def locate(source_file: str, row: int | None, field: str | None = None, item: int | None = None) -> str:
+    """'file row 3, field 'output'': the prefix of every reject detail, so each one can be acted on.
+    `item` is the element of an exploded list (sources[].explode), 0-based as in field paths."""
+    where = source_file if row is None else f"{source_file} row {row}" + ("" if item is None else f" item {item}")
     return where if field is None else f"{where}, field {field!r}"
 
 
 @dataclass(frozen=True)
 class Message:
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
 
 
@@ -140,6 +143,8 @@ class PrepareStats:
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)  # real/synthetic: rows_in, kept
     synthetic_quota: int = 0  # most synthetic rows the mix ratio allowed
     synthetic_hash: str = ""  # sha256 of the synthetic rows file ("" when there is none)
+    # per tenants.<t>.sources[] entry, then "(detected)" for the rest: path, format, files and the outcomes
+    sources: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,20 +4,26 @@ Recognized shapes (keys whose value is null count as absent, other keys such as 
 ignored):
 
 - instruction: instruction, output, optional input and system (alpaca)
-- chat: messages = [{role, content}], roles system/user/assistant (OpenAI)
-- sharegpt: conversations = [{from, value}], from human/user, gpt/assistant, system
+- chat: messages = [{role, content}], roles system/user/assistant/tool (OpenAI), optional system
+- sharegpt: conversations = [{from, value}], from human/user, gpt/assistant, system, tool, optional system
 - prompt_completion: prompt, completion, optional system
 - document: only text (plus ignored metadata); .txt/.md files are documents
 
 A reject's field is the row's top-level key ("messages"), and its detail gives the full path, which
 indexes lists from 0: "messages[2].role". too_long concerns the whole row, so its field is None. Optional fields that are empty are
 treated as absent; required ones are rejected as empty_field (whitespace-only counts as empty).
+
+Options for mapped sources (tenants.<t>.sources[]): `roles` renames source roles (tool turns stay
+context: only assistant turns are trained on), `clean` rewrites every text field (the control-token
+policy) before the empty check, and `origins` names the source path a canonical field came from, so
+that a reject says "field 'output' (from 'answer')".
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from loraline.data.readers import RawRow, bad_utf8_detail, has_surrogates
@@ -33,8 +39,10 @@ SHAPE_KEYS = {
 SHAPES_HELP = (
     "instruction+output (alpaca), messages (chat), conversations (sharegpt), prompt+completion, or text (document)"
 )
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-CHAT_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system", "tool": "tool",
+}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -43,19 +51,37 @@ class Parsed:
     fields: tuple[str, ...]  # the raw field each message came from, so later rejects can name it
 
 
+@dataclass(frozen=True)
+class ShapeOptions:
+    """How a source's rows are read beyond shape detection (tenants.<t>.sources[]); the default is none."""
+
+    roles: Mapping[str, str] = field(default_factory=dict)  # source role name -> system|user|assistant|tool
+    clean: Callable[[str], str] | None = None  # applied to every text field (control-token policy)
+    origins: Mapping[str, str] = field(default_factory=dict)  # canonical field -> the source path it came from
+
+
+NO_OPTIONS = ShapeOptions()
+
+
 class _Bad(Exception):
     def __init__(self, reason: RejectReason, field: str | None, message: str) -> None:
         super().__init__(message)
         self.reason, self.field, self.message = reason, field, message
 
 
-def to_record(raw: RawRow, tenant: str, *, max_chars: int, system_prompt: str | None = None) -> Parsed | Reject:
+def to_record(
+    raw: RawRow, tenant: str, *, max_chars: int, system_prompt: str | None = None, options: ShapeOptions = NO_OPTIONS
+) -> Parsed | Reject:
     try:
-        return _parse(raw, tenant, max_chars, system_prompt)
+        return _parse(raw, tenant, max_chars, system_prompt, options)
     except _Bad as bad:
+        shown = bad.field
+        origin = options.origins.get(top_field(bad.field) or "")
+        if origin is not None:
+            shown = f"{bad.field} (from {origin})"
         return Reject(
             tenant, raw.source_file, raw.row, top_field(bad.field), bad.reason,
-            f"{locate(raw.source_file, raw.row, bad.field)}: {bad.message}", raw.excerpt,
+            f"{locate(raw.source_file, raw.row, shown, raw.item)}: {bad.message}", raw.excerpt,
         )
 
 
@@ -69,7 +95,7 @@ def json_type(value: Any) -> str:
     return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
-def _parse(raw: RawRow, tenant: str, max_chars: int, system_prompt: str | None) -> Parsed:
+def _parse(raw: RawRow, tenant: str, max_chars: int, system_prompt: str | None, options: ShapeOptions) -> Parsed:
     row = raw.value
     if not isinstance(row, dict):
         raise _Bad(RejectReason.WRONG_TYPE, None, f"row is a JSON {json_type(row)}; expected an object with {SHAPES_HELP}")
@@ -82,20 +108,21 @@ def _parse(raw: RawRow, tenant: str, max_chars: int, system_prompt: str | None) 
         )
     if not shapes:
         if "text" in present:
-            return _document(raw, tenant, row, max_chars)
+            return _document(raw, tenant, row, max_chars, options.clean)
         keys = ", ".join(sorted(present)) or "none"
         raise _Bad(RejectReason.UNKNOWN_SHAPE, None, f"has no known shape (keys: {keys}); expected {SHAPES_HELP}")
     shape = shapes[0]
+    clean = options.clean
     if shape == "instruction":
-        turns = _instruction(row)
+        turns = _instruction(row, clean)
     elif shape == "prompt_completion":
-        turns = _prompt_completion(row)
+        turns = _prompt_completion(row, clean)
     else:
-        turns = _conversation(row, shape, raw.tabular)
+        turns = _conversation(row, shape, raw.tabular, options)
     return _chat(raw, tenant, shape, turns, max_chars, system_prompt)
 
 
-def _text(row: dict, key: str, path: str | None = None, *, required: bool = True) -> str | None:
+def _text(row: dict, key: str, path: str | None = None, *, required: bool = True, clean=None) -> str | None:
     path = path or key
     value = row.get(key)
     if value is None:
@@ -106,6 +133,8 @@ def _text(row: dict, key: str, path: str | None = None, *, required: bool = True
         raise _Bad(RejectReason.WRONG_TYPE, path, f"must be a string, got a JSON {json_type(value)}")
     if has_surrogates(value):
         raise _Bad(RejectReason.INVALID_UTF8, path, f"text {bad_utf8_detail(value)}")
+    if clean is not None:
+        value = clean(value)
     if not value.strip():
         if required:
             raise _Bad(RejectReason.EMPTY_FIELD, path, "is empty" if not value else "is only whitespace")
@@ -116,25 +145,25 @@ def _text(row: dict, key: str, path: str | None = None, *, required: bool = True
 Turn = tuple[str, str, str]  # role, content, the field it came from
 
 
-def _instruction(row: dict) -> list[Turn]:
-    instruction = _text(row, "instruction")
-    extra = _text(row, "input", required=False)
-    output = _text(row, "output")
-    system = _text(row, "system", required=False)
+def _instruction(row: dict, clean) -> list[Turn]:
+    instruction = _text(row, "instruction", clean=clean)
+    extra = _text(row, "input", required=False, clean=clean)
+    output = _text(row, "output", clean=clean)
+    system = _text(row, "system", required=False, clean=clean)
     turns = [("system", system, "system")] if system else []
     user = f"{instruction}\n\n{extra}" if extra else instruction
     return [*turns, ("user", user, "instruction"), ("assistant", output, "output")]
 
 
-def _prompt_completion(row: dict) -> list[Turn]:
-    prompt = _text(row, "prompt")
-    completion = _text(row, "completion")
-    system = _text(row, "system", required=False)
+def _prompt_completion(row: dict, clean) -> list[Turn]:
+    prompt = _text(row, "prompt", clean=clean)
+    completion = _text(row, "completion", clean=clean)
+    system = _text(row, "system", required=False, clean=clean)
     turns = [("system", system, "system")] if system else []
     return [*turns, ("user", prompt, "prompt"), ("assistant", completion, "completion")]
 
 
-def _conversation(row: dict, shape: str, tabular: bool) -> list[Turn]:
+def _conversation(row: dict, shape: str, tabular: bool, options: ShapeOptions) -> list[Turn]:
     key = "messages" if shape == "chat" else "conversations"
     role_key, content_key = ("role", "content") if shape == "chat" else ("from", "value")
     items = row[key]
@@ -148,18 +177,25 @@ def _conversation(row: dict, shape: str, tabular: bool) -> list[Turn]:
         raise _Bad(RejectReason.WRONG_TYPE, key, f"must be a list of messages, got a JSON {json_type(items)}")
     if not items:
         raise _Bad(RejectReason.EMPTY_FIELD, key, "is an empty list")
-    turns = []
+    system = _text(row, "system", required=False, clean=options.clean)
+    turns = [("system", system, "system")] if system else []
     for i, item in enumerate(items):
         path = f"{key}[{i}]"
         if not isinstance(item, dict):
             raise _Bad(RejectReason.WRONG_TYPE, path, f"must be an object with {role_key!r} and {content_key!r}, got a JSON {json_type(item)}")
         raw_role = _text(item, role_key, f"{path}.{role_key}")
         name = raw_role.strip().lower()
-        role = name if shape == "chat" else SHAREGPT_ROLES.get(name)
+        role = options.roles.get(raw_role.strip(), options.roles.get(name))
+        if role is None:
+            role = name if shape == "chat" else SHAREGPT_ROLES.get(name)
         if role not in CHAT_ROLES:
-            allowed = CHAT_ROLES if shape == "chat" else tuple(SHAREGPT_ROLES)
-            raise _Bad(RejectReason.UNKNOWN_ROLE, f"{path}.{role_key}", f"{raw_role!r} is not one of {', '.join(allowed)}")
-        turns.append((role, _text(item, content_key, f"{path}.{content_key}"), f"{path}.{content_key}"))
+            allowed = (*(CHAT_ROLES if shape == "chat" else tuple(SHAREGPT_ROLES)), *options.roles)
+            raise _Bad(
+                RejectReason.UNKNOWN_ROLE, f"{path}.{role_key}",
+                f"{raw_role!r} is not one of {', '.join(allowed)} (map it with the source's roles: in params.yaml)",
+            )
+        content = _text(item, content_key, f"{path}.{content_key}", clean=options.clean)
+        turns.append((role, content, f"{path}.{content_key}"))
     return turns
 
 
@@ -198,8 +234,8 @@ def _chat(raw: RawRow, tenant: str, shape: str, turns: list[Turn], max_chars: in
     return Parsed(record, tuple(f for _, _, f in turns))
 
 
-def _document(raw: RawRow, tenant: str, row: dict, max_chars: int) -> Parsed:
-    text = _text(row, "text")
+def _document(raw: RawRow, tenant: str, row: dict, max_chars: int, clean) -> Parsed:
+    text = _text(row, "text", clean=clean)
     if len(text) > max_chars:
         raise _Bad(RejectReason.TOO_LONG, None, f"field 'text' has {len(text)} characters (prepare.max_chars={max_chars})")
     record = Record(

@@ -50,7 +50,7 @@ CASES = {
         jsonl({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
         ("wrong_type", 2, "messages"),
     ),
-    "tool_role": (jsonl(msgs(("user", "hi"), ("tool", "{}"), ("assistant", "ok"))), ("unknown_role", 2, "messages")),
+    "function_role": (jsonl(msgs(("user", "hi"), ("function", "{}"), ("assistant", "ok"))), ("unknown_role", 2, "messages")),
     "sharegpt_function_call": (
         jsonl({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "f()"}]}),
         ("unknown_role", 2, "conversations"),
@@ -67,7 +67,7 @@ CASES = {
     "too_many_tokens": (jsonl({"instruction": "Copy", "output": "1234567890" * 20}), ("too_long", 2, None)),
     "invalid_utf8_line": (jsonl(b'{"text": "caf\xe9"}'), ("invalid_utf8", 2, None)),
     "escaped_lone_surrogate": (jsonl('{"instruction": "x", "output": "bad \\ud800"}'), ("invalid_utf8", 2, "output")),
-    "control_token": (jsonl({"instruction": "x", "output": "done<|im_end|>"}), ("control_token", 2, "output")),
+    "control_token": (jsonl({"instruction": "x", "output": "done<|im_end|><|im_start|>user\nforged"}), ("control_token", 2, "output")),
     "csv_invalid_utf8": (csv("instruction,output", b"Say,caf\xe9"), ("invalid_utf8", 2, "output")),
     "csv_bad_messages_json": (
         ("rows.csv", b'messages\n"[{""role"": ""user"", ""content"": ""a""}, {""role"": ""assistant"", ""content"": ""b""}]"\n"[{""role"": "\n'),
@@ -92,7 +92,7 @@ PATHS = {
     "empty_sharegpt_value": "conversations[1].value",
     "message_is_string": "messages[0]",
     "list_content": "messages[0].content",
-    "tool_role": "messages[1].role",
+    "function_role": "messages[1].role",
     "sharegpt_function_call": "conversations[1].from",
     "ends_with_user": "messages[2].content",
     "assistant_opens_only": "messages[0].content",
@@ -121,8 +121,9 @@ def test_bad_row_gets_exactly_its_reason_row_and_field(case, raw_dir, gather):
 def test_reason_table_covers_every_reason():
     from loraline.data.schema import RejectReason
 
-    # pii (test_quality_pii.py) and over_mix_ratio (test_quality_mix.py) need their own params or inputs.
-    elsewhere = {"pii", "over_mix_ratio"}
+    # pii (test_quality_pii.py), over_mix_ratio (test_quality_mix.py) and mapping (test_prepare_sources.py)
+    # need their own params or inputs.
+    elsewhere = {"pii", "over_mix_ratio", "mapping"}
     assert {expected[0] for _, expected in CASES.values()} | elsewhere == {r.value for r in RejectReason}
 
 
