@@ -88,6 +88,8 @@ def list_files(raw_dir: Path) -> list[tuple[Path, str]]:
         rel = path.relative_to(raw_dir)
         if any(part.startswith(".") for part in rel.parts):
             continue
+        if path.name == "dataset_dict.json" and any(root.parent == path.parent for root in hf_roots):
+            continue  # a DatasetDict's index of its split folders, each of which is read
         if path in hf_roots or (path.is_file() and not hf_roots.intersection(path.parents)):
             found.append((path, safe_text(rel.as_posix())))
     return sorted(found, key=lambda item: item[1])
