@@ -139,6 +139,31 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from loraline.data.inspection import default_cleaner, inspect_path, report_text
+
+    path = Path(args.path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder")
+    params, layout = _load(args), Layout()
+    tokenizer = None
+    base_dir = Path(args.base) if args.base else layout.base_dir
+    if params.base.model or (base_dir / "config.json").is_file():
+        from loraline.base.stage import load_base_tokenizer
+
+        tokenizer = load_base_tokenizer(base_dir, params.base)
+    else:
+        print(f"(no base model at {base_dir} yet: samples use loraline's ChatML template)")
+    root = None
+    for name in params.tenant_names:  # suggested globs relative to the tenant's raw_dir when PATH is inside it
+        raw_dir = params.tenant(name).raw_dir.resolve()
+        if path.resolve() == raw_dir or raw_dir in path.resolve().parents:
+            root = raw_dir
+    results = inspect_path(path.resolve(), root, clean=default_cleaner(tokenizer))
+    print(report_text(results, tokenizer, color=sys.stdout.isatty()))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import shutil
 
@@ -422,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
     p.add_argument("--out", help="output folder (default: data/prepared/<tenant>; one tenant only)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("inspect", parents=[common], help="what a raw file or folder holds, row shapes, a suggested sources: entry, rendered samples")
+    p.add_argument("path", help="a raw file, a save_to_disk folder, or a folder of them")
+    p.add_argument("--base", help="base model folder whose chat template renders the samples (default: models/base)")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train", parents=[common, tenant], help="train each tenant's LoRA/QLoRA adapter on its prepared train split")
     p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
