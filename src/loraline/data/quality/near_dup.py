@@ -1,26 +1,42 @@
-"""Near-duplicate removal with MinHash LSH (datasketch).
+"""Near-duplicate removal with MinHash LSH (datasketch's MinHash family, computed in batches).
 
 Rows are fed in prepare's stable order; each is queried against the rows kept so far and then, if it
 is not a near-duplicate, inserted. That is one LSH query and at most one insert per row, so the cost
 grows linearly with the number of rows instead of comparing every pair. LSH only proposes
 candidates; each candidate's estimated Jaccard is checked against the threshold, so the banding is
 tuned for recall (false candidates cost one comparison, missed ones cost a duplicate).
+
+The signatures are bit for bit those of datasketch's MinHash (sha1 of each shingle, its "affine32"
+permutations drawn from the seed), so decisions are the same as with datasketch objects; only the
+arithmetic is done with numpy over the shingles of many rows at once instead of one MinHash object
+and one numpy call per row, and the LSH tables are plain dicts keyed by the same band bytes. A test
+checks the signatures against datasketch's.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
 from loraline.config import NearDedupParams
-from loraline.data.quality import ngrams, words
+from loraline.data.quality import words
 
 # (false-positive weight, false-negative weight) for datasketch's choice of bands x rows: at the
 # default 0.85 threshold and 128 permutations this gives 11 bands of 11 rows, proposing a pair at
 # Jaccard 0.85 with probability ~0.87 and at 0.9 with ~0.98 (the balanced default: 0.46 and 0.81).
 LSH_WEIGHTS = (0.1, 0.9)
+
+# Permutations x shingles are computed per chunk of about this many shingles (~1 MB of uint32 at 128
+# permutations): a chunk that stays in the CPU cache is computed several times faster than one 16x
+# larger, and memory stays flat whatever the batch size.
+_CHUNK_SHINGLES = 2048
+_EMPTY = np.uint32(0xFFFFFFFF)  # datasketch's initial value: a signature of only these is empty
+# MurmurHash3's 32-bit finalizer, which datasketch's affine32 scheme applies to each sha1 hash.
+_FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
 
 
 @dataclass(frozen=True)
@@ -36,18 +52,40 @@ class NearDuplicateIndex:
         self.params = params
         self._seed = seed
         template = MinHash(num_perm=params.num_perm, seed=seed)
-        self._permutations, self._scheme = template.permutations, template.scheme
-        self._lsh = MinHashLSH(threshold=params.threshold, num_perm=params.num_perm, weights=LSH_WEIGHTS)
-        self._signatures: dict[str, np.ndarray] = {}
-        self._order: dict[str, int] = {}
-        self._last: tuple[str, MinHash] | None = None
+        # Another scheme (a future datasketch default) is computed by datasketch itself, row by row.
+        self._affine32 = template.scheme == "affine32"
+        self._template = template
+        self._a, self._b = (p.reshape(-1, 1) for p in template.permutations)  # one row per permutation
+        lsh = MinHashLSH(threshold=params.threshold, num_perm=params.num_perm, weights=LSH_WEIGHTS)
+        width = template.hashvalues.itemsize
+        self._bands = [slice(i * lsh.r * width, (i + 1) * lsh.r * width) for i in range(lsh.b)]
+        self._tables: list[dict[bytes, int | list[int]]] = [{} for _ in self._bands]  # band bytes -> rank(s)
+        self._keys: list[str] = []  # kept rows in insertion order: an index here is the row's rank
+        self._rank: dict[str, int] = {}
+        self._kept = np.empty((1024, params.num_perm), dtype=template.hashvalues.dtype)  # signature by rank
+        self._last: tuple[str, np.ndarray | None] | None = None
 
-    def signature(self, text: str) -> MinHash:
-        mh = MinHash(num_perm=self.params.num_perm, seed=self._seed, permutations=self._permutations, scheme=self._scheme)
-        shingles = ngrams(words(text), self.params.shingle_words)
-        if shingles:
-            mh.update_batch([s.encode("utf-8") for s in sorted(shingles)])
-        return mh
+    def signature(self, text: str) -> np.ndarray | None:
+        """The row's MinHash signature (datasketch's hashvalues), or None for a row without words."""
+        return self.signatures([text])[0]
+
+    def signatures(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        """signature() of each text, computed together."""
+        shingles = [self._shingles(text) for text in texts]
+        if not self._affine32:
+            return [self._datasketch_signature(s) for s in shingles]
+        out: list[np.ndarray | None] = [None] * len(texts)
+        chunk: list[int] = []
+        size = 0
+        for i in [i for i, s in enumerate(shingles) if s] + [None]:  # None: flush the last chunk
+            if chunk and (i is None or size + len(shingles[i]) > _CHUNK_SHINGLES):
+                for row, sig in zip(chunk, self._minhash([shingles[r] for r in chunk])):
+                    out[row] = None if (sig == _EMPTY).all() else sig
+                chunk, size = [], 0
+            if i is not None:
+                chunk.append(i)
+                size += len(shingles[i])
+        return out
 
     def check(self, key: str, text: str, *, add: bool = True) -> NearMatch | None:
         """The best kept match at or above the threshold (ties: the earliest kept), else None.
@@ -55,20 +93,14 @@ class NearDuplicateIndex:
         With add=True a row that is not a near-duplicate is remembered as kept; pass add=False when a
         later step may still drop the row, and call add() once it is kept.
         """
-        mh = self.signature(text)
-        best: NearMatch | None = None
-        if not mh.is_empty():
-            for candidate in self._lsh.query(mh):
-                other = self._signatures[candidate]
-                jaccard = float(np.count_nonzero(other == mh.hashvalues)) / len(other)
-                if jaccard >= self.params.threshold and (
-                    best is None or jaccard > best.jaccard or (jaccard == best.jaccard and self._order[candidate] < self._order[best.kept_key])
-                ):
-                    best = NearMatch(candidate, round(jaccard, 4))
-        if best is None and add:
-            self._insert(key, mh)
-        self._last = (key, mh)
-        return best
+        return self._check(key, self.signature(text), add=add)
+
+    def check_batch(self, keys: Sequence[str], texts: Sequence[str]) -> list[NearMatch | None]:
+        """check(key, text) of each row in order (add=True): a row is compared with the kept rows
+        before it, those earlier in this batch included; the signatures are computed together."""
+        if len(keys) != len(texts):
+            raise ValueError(f"check_batch: {len(keys)} keys for {len(texts)} texts")
+        return [self._check(key, sig, add=True) for key, sig in zip(keys, self.signatures(texts))]
 
     def add(self, key: str) -> None:
         """Keep the row last passed to check(add=False)."""
@@ -76,12 +108,79 @@ class NearDuplicateIndex:
             raise ValueError(f"add({key!r}) must follow check({key!r}, add=False)")
         self._insert(key, self._last[1])
 
-    def _insert(self, key: str, mh: MinHash) -> None:
-        if mh.is_empty() or key in self._signatures:
-            return
-        self._order[key] = len(self._order)
-        self._signatures[key] = mh.hashvalues.copy()
-        self._lsh.insert(key, mh, check_duplication=False)
-
     def __len__(self) -> int:
-        return len(self._signatures)
+        return len(self._keys)
+
+    def _check(self, key: str, sig: np.ndarray | None, *, add: bool) -> NearMatch | None:
+        best: NearMatch | None = None
+        if sig is not None:
+            raw = sig.tobytes()
+            candidates: set[int] = set()
+            for band, table in zip(self._bands, self._tables):
+                found = table.get(raw[band])
+                if found is not None:
+                    candidates.update(found) if isinstance(found, list) else candidates.add(found)
+            # Ranks ascending: on equal Jaccard the earliest kept row wins.
+            for rank in sorted(candidates):
+                jaccard = float(np.count_nonzero(self._kept[rank] == sig)) / len(sig)
+                if jaccard >= self.params.threshold and (best is None or jaccard > best.jaccard):
+                    best = NearMatch(self._keys[rank], round(jaccard, 4))
+        if best is None and add:
+            self._insert(key, sig)
+        self._last = (key, sig)
+        return best
+
+    def _insert(self, key: str, sig: np.ndarray | None) -> None:
+        if sig is None or key in self._rank:
+            return
+        rank = len(self._keys)
+        if rank == len(self._kept):
+            self._kept = np.concatenate([self._kept, np.empty_like(self._kept)])
+        self._kept[rank] = sig
+        self._keys.append(key)
+        self._rank[key] = rank
+        raw = sig.tobytes()
+        for band, table in zip(self._bands, self._tables):
+            found = table.get(raw[band])
+            if found is None:  # most buckets hold one row: an int, not a list, saves memory
+                table[raw[band]] = rank
+            elif isinstance(found, list):
+                found.append(rank)
+            else:
+                table[raw[band]] = [found, rank]
+
+    def _shingles(self, text: str) -> list[bytes]:
+        # quality.ngrams as UTF-8 bytes (what datasketch hashes), without building the set: a
+        # repeated shingle does not change a minimum.
+        joined = " ".join(words(text))
+        tokens = joined.encode("utf-8").split(b" ") if joined else []  # a word never holds a space
+        n = self.params.shingle_words
+        if len(tokens) < n:
+            return [b" ".join(tokens)] if tokens else []
+        return [b" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+    def _minhash(self, rows: list[list[bytes]]) -> np.ndarray:
+        """datasketch's affine32 signatures (len(rows) x num_perm) of non-empty shingle lists."""
+        sha1 = hashlib.sha1
+        # sha1_hash32 is the first 4 bytes of the digest, little-endian: every 5th uint32 of the
+        # concatenated 20-byte digests.
+        digests = b"".join([sha1(s).digest() for row in rows for s in row])
+        hv = np.frombuffer(digests, dtype="<u4")[::5].astype(np.uint32)
+        s1, m1, s2, m2, s3 = _FMIX32
+        hv ^= hv >> s1
+        hv *= m1
+        hv ^= hv >> s2
+        hv *= m2
+        hv ^= hv >> s3
+        permuted = self._a * hv[None, :]  # uint32 wraparound is the scheme's modulo 2**32
+        permuted += self._b
+        firsts = np.cumsum([0] + [len(row) for row in rows[:-1]])
+        # Permutations x shingles: each row's shingles are contiguous, which reduceat runs faster on.
+        return np.ascontiguousarray(np.minimum.reduceat(permuted, firsts, axis=1).T)
+
+    def _datasketch_signature(self, shingles: list[bytes]) -> np.ndarray | None:
+        mh = MinHash(num_perm=self.params.num_perm, seed=self._seed, permutations=self._template.permutations,
+                     scheme=self._template.scheme)
+        if shingles:
+            mh.update_batch(sorted(set(shingles)))
+        return None if mh.is_empty() else mh.hashvalues
