@@ -56,14 +56,15 @@ class TestIndex:
 
     def overlap(self, text: str) -> Contamination | None:
         """The best-overlapping test row (ties: the first added), whatever the threshold; None without one."""
+        if not self._grams:
+            return None
         grams = ngrams(words(text), self.params.ngram)
-        if not grams or not self._grams:
+        hits = [posting for posting in map(self._postings.get, grams) if posting is not None and len(posting) <= MAX_POSTING]
+        if not hits:  # most rows share no distinctive n-gram with any test row: nothing to rank
             return None
         shared: Counter = Counter()
-        for gram in grams:
-            posting = self._postings.get(gram)
-            if posting is not None and len(posting) <= MAX_POSTING:
-                shared.update(posting)
+        for posting in hits:
+            shared.update(posting)
         # Ranked by shared distinctive n-grams, then test-row order: the same answer whatever the
         # (randomized) string hashing that orders Python sets.
         ranked = heapq.nsmallest(TOP_CANDIDATES, shared.items(), key=lambda kv: (-kv[1], self._order[kv[0]]))
