@@ -108,14 +108,16 @@ def render_card(
 
 def raw_file_hashes(raw_dir: Path, by_file: dict) -> dict[str, str]:
     """sha256 of each raw file named in by_file (files whose name cannot be encoded are left out)."""
-    from loraline.provenance import sha256_file
+    from loraline.provenance import hash_tree, sha256_file
 
     out = {}
     for rel in by_file:
         path = raw_dir / rel
-        if path.is_file():
-            try:
+        try:
+            if path.is_file():
                 out[rel] = sha256_file(path)
-            except (OSError, UnicodeEncodeError):
-                continue
+            elif path.is_dir():  # a save_to_disk folder: one source
+                out[rel] = hash_tree(path)
+        except (OSError, UnicodeEncodeError):
+            continue
     return out

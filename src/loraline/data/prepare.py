@@ -27,8 +27,12 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
+from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,10 +44,11 @@ from loraline.data.controls import text_cleaner
 from loraline.data.mapping import DETECTED, SourceSpec, assign, compile_sources, map_rows
 from loraline.data.readers import RawRow, has_surrogates, list_files, read_rows
 from loraline.data.render import (
+    Rendered,
     check_tokenizer,
     control_tokens,
     find_control_token,
-    render,
+    render_batch,
     tokenizer_hash,
     tokenizer_name,
 )
@@ -66,6 +71,7 @@ from loraline.data.schema import (
 )
 from loraline.data.shapes import NO_OPTIONS, Parsed, ShapeOptions, to_record
 from loraline.data.split import Deduplicator, content_hash, split_of
+from loraline.data.stores import ArrowRows, RejectFile, RejectList, RejectSummary, RowStore
 from loraline.io import atomic_dir, write_json, write_jsonl
 from loraline.provenance import code_revision, hash_tree, sha256_file
 
@@ -86,6 +92,7 @@ CHAT_FEATURES = datasets.Features(
         "n_answer_tokens": datasets.Value("int32"),
     }
 )
+CANDIDATE_FEATURES = datasets.Features({**CHAT_FEATURES, "split": datasets.Value("string")})  # pass 1 -> pass 2
 DOCUMENT_FEATURES = datasets.Features(
     {
         "text": datasets.Value("string"),
@@ -114,15 +121,47 @@ class PrepareResult:
 
 @dataclass
 class Collected:
-    """Everything prepare writes, held in memory so counts can be checked before anything is written."""
+    """Everything prepare writes, checked to reconcile before anything is written.
+
+    Rows live in `RowStore`s: lists for collect() (tests read them), Arrow files for the stage, so a
+    tenant's data may be larger than memory. What stays in memory grows with the number of unique
+    rows (the exact and near-duplicate indexes, the test split's n-grams), not with their size.
+    """
 
     stats: PrepareStats
-    splits: dict[str, list[dict]] = field(default_factory=lambda: {s: [] for s in SPLITS})
-    documents: list[dict] = field(default_factory=list)
-    rejects: list[Reject] = field(default_factory=list)
+    splits: dict[str, RowStore] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    documents: RowStore = field(default_factory=list)
+    rejects: RejectList | RejectFile = field(default_factory=RejectList)
+    scrubber: PiiScrubber | None = None  # rejects quote the raw row: PII must not survive there either
     duplicates: list[dict] = field(default_factory=list)  # exact and near (kind), each naming its kept original
     contaminated: list[dict] = field(default_factory=list)
     synthetic_provenance: list[dict] = field(default_factory=list)  # of every synthetic row read, for the card
+    kept_by_file: Counter = field(default_factory=Counter)
+    shapes: Counter = field(default_factory=Counter)
+    synthetic_kept: int = 0
+    token_lengths: array = field(default_factory=lambda: array("i"))
+    answer_lengths: array = field(default_factory=lambda: array("i"))
+    dataset_digest: dict[str, Any] = field(default_factory=lambda: {name: hashlib.sha256() for name in (*SPLITS, "documents")})
+
+    def reject(self, reject: Reject) -> None:
+        if self.scrubber is not None:
+            reject = replace(reject, detail=self.scrubber.scrub(reject.detail)[0], excerpt=self.scrubber.scrub(reject.excerpt)[0])
+        self.rejects.append(reject)
+
+    def keep(self, split: str, row: dict) -> None:
+        """A row of the dataset (or of the documents): stored, and counted for the stats."""
+        if split == "document":
+            self.documents.append(row)
+            self.shapes["document"] += 1
+        else:
+            self.splits[split].append(row)
+            self.shapes[row["shape"]] += 1
+            self.token_lengths.append(row["n_tokens"])
+            self.answer_lengths.append(row["n_answer_tokens"])
+            self.synthetic_kept += row["source"] == "synthetic"
+        self.kept_by_file[row["source_file"]] += 1
+        digest = self.dataset_digest["documents" if split == "document" else split]
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
 
 
 def prepare_tenant(
@@ -142,26 +181,33 @@ def prepare_tenant(
     `synthetic_rows` is the synthesize stage's rows.jsonl; when it does not exist there are no
     synthetic rows (so prepare works before that stage has run).
 
+    Rows stream through Arrow files beside out_dir, so memory does not grow with the data's size.
     Raises PrepareError (naming the files) when no row is usable; the rejects are still written so
     they can be inspected. Raises ChatTemplateError when the tokenizer's template cannot be masked.
     """
     out_dir, rejected_path, stats_path = Path(out_dir), Path(rejected_path), Path(stats_path)
-    collected = collect(
-        tenant, params, tokenizer, system_prompt=system_prompt, synthetic_rows=synthetic_rows, progress=progress
-    )
-    stats = collected.stats
-    if stats.kept == 0:
-        write_jsonl(rejected_path, [r.to_dict() for r in collected.rejects])
-        raise PrepareError(_no_rows_message(stats, collected.rejects, tenant, rejected_path))
     # Rejects and stats live outside out_dir, so they are staged next to their final paths and
     # renamed only once out_dir is in place: a failure leaves all previous outputs as they were.
     staged = {path: path.with_name(f".{path.name}.staged-{os.getpid()}") for path in (rejected_path, stats_path)}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    spill = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.spill-", dir=out_dir.parent))
     try:
+        rejects = RejectFile(spill / "rejected.jsonl")
+        collected = collect(
+            tenant, params, tokenizer, system_prompt=system_prompt, synthetic_rows=synthetic_rows, progress=progress,
+            spill_dir=spill, rejects=rejects,
+        )
+        rejects.close()
+        stats = collected.stats
+        if stats.kept == 0:
+            rejected_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(rejects.path, rejected_path)
+            raise PrepareError(_no_rows_message(stats, collected.rejects.summary, tenant, rejected_path))
         with atomic_dir(out_dir) as tmp, _quiet_datasets(not progress):
-            splits = datasets.DatasetDict({s: _dataset(collected.splits[s], CHAT_FEATURES, stats, s) for s in SPLITS})
+            splits = datasets.DatasetDict({s: _dataset(collected, s) for s in SPLITS})
             # An empty dataset is saved with zero shards by default, which load_from_disk cannot read back.
             splits.save_to_disk(str(tmp / "dataset"), num_shards={s: _shards(ds) for s, ds in splits.items()})
-            documents = _dataset(collected.documents, DOCUMENT_FEATURES, stats, "documents")
+            documents = _dataset(collected, "documents")
             documents.save_to_disk(str(tmp / "documents"), num_shards=_shards(documents))
             write_jsonl(tmp / "duplicates.jsonl", collected.duplicates)
             write_jsonl(tmp / "contaminated.jsonl", collected.contaminated)
@@ -176,13 +222,15 @@ def prepare_tenant(
                 seed=params.seed if params.seed is not None else DEFAULT_SEED,
             )
             (tmp / "README.md").write_text(card, encoding="utf-8")
-            write_jsonl(staged[rejected_path], [r.to_dict() for r in collected.rejects])
             write_json(staged[stats_path], stats.to_dict())
+            rejected_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(rejects.path, staged[rejected_path])  # the spill folder may be on another file system
         for final, temporary in staged.items():  # stats.json, the stage's metric, last
             os.replace(temporary, final)
     finally:
         for temporary in staged.values():
             temporary.unlink(missing_ok=True)
+        shutil.rmtree(spill, ignore_errors=True)
     return PrepareResult(
         stats=stats,
         out_dir=out_dir,
@@ -204,13 +252,17 @@ def collect(
     system_prompt: str | None = None,
     synthetic_rows: Path | None = None,
     progress: bool = False,
+    spill_dir: Path | None = None,
+    rejects: RejectList | RejectFile | None = None,
 ) -> Collected:
-    """Read, scrub, deduplicate, decontaminate, render, split and mix every row of the tenant, in memory.
+    """Read, scrub, deduplicate, decontaminate, render, split and mix every row of the tenant.
 
-    Order: real rows stream through _process (read, shape, max_chars, PII, exact duplicate, control
-    tokens, render, max_tokens); then decontamination against the test split, then near-duplicates,
-    both in that stable order; then the synthetic rows, in their seeded draw, through the same steps
-    until the mix quota is reached.
+    Pass 1 streams the real rows in batches (read, map, shape, max_chars, PII, control tokens, render,
+    max_tokens, then exact duplicates in row order) into a candidates store, adding test rows to the
+    decontamination index. Pass 2 reads the candidates back in the same order: decontamination against
+    the test split, then near-duplicates. Then the synthetic rows, in their seeded draw, through the
+    same steps until the mix quota is reached. With `spill_dir` rows are kept in Arrow files there
+    (bounded memory), else in lists.
     """
     raw_dir = Path(tenant.raw_dir)
     if not raw_dir.is_dir():
@@ -223,47 +275,62 @@ def collect(
         system_prompt = tenant.system_prompt if tenant.system_prompt is not None else params.system_prompt
 
     stats = PrepareStats(tenant=tenant.name)
-    out = Collected(stats=stats)
+    scrubber = PiiScrubber(params.pii.types) if params.pii.mode != "off" else None
+    out = Collected(stats=stats, rejects=rejects if rejects is not None else RejectList(), scrubber=scrubber)
+    if spill_dir is not None:
+        out.splits = {s: ArrowRows(Path(spill_dir) / f"{s}.arrow", CHAT_FEATURES) for s in SPLITS}
+        out.documents = ArrowRows(Path(spill_dir) / "documents.arrow", DOCUMENT_FEATURES)
+        candidates: RowStore = ArrowRows(Path(spill_dir) / "candidates.arrow", CANDIDATE_FEATURES)
+    else:
+        candidates = []
     rows_in = {rel: 0 for _, rel in files}
     seed = params.seed if params.seed is not None else DEFAULT_SEED
-    scrubber = PiiScrubber(params.pii.types) if params.pii.mode != "off" else None
     controls = control_tokens(tokenizer)
     ctx = _Context(tenant.name, params, tokenizer, system_prompt, Deduplicator(), controls, scrubber,
                    options=_options(DETECTED, params, controls, tokenizer))
-    candidates: list[Kept] = []
-    assigned = assign(files, compile_sources(tenant.sources))
-    for path, rel, spec in tqdm(assigned, desc=f"prepare {tenant.name}", unit="file", disable=not progress):
-        source_ctx = replace(ctx, options=_options(spec, params, controls, tokenizer))
-        rows = read_rows(path, rel, tenant.name, params.csv_delimiter, spec.format, whole_object=spec.explode is not None)
-        for item in map_rows(rows, spec, tenant.name):
-            rows_in[rel] += 1
-            _route(out, _process(item, source_ctx), candidates)
-
     q = _Quality(
         TestIndex(params.decontamination) if params.decontamination.enabled else None,
         NearDuplicateIndex(params.near_dedup, seed=seed) if params.near_dedup.enabled else None,
     )
-    for split, row in candidates:
-        if split == "test":
-            q.test_at.setdefault(row["id"], (row["source_file"], row["row"]))
-            if q.test_index is not None:
-                q.test_index.add(row["id"], row_text(row["messages"]))
-    for split, row in candidates:
-        if _quality(out, split, row, q):
-            out.splits[split].append(row)
+
+    assigned = assign(files, compile_sources(tenant.sources))
+    bar = tqdm(desc=f"prepare {tenant.name}", unit=" rows", disable=not progress)
+    for path, rel, spec in assigned:
+        source_ctx = replace(ctx, options=_options(spec, params, controls, tokenizer))
+        rows = read_rows(path, rel, tenant.name, params.csv_delimiter, spec.format, whole_object=spec.explode is not None)
+        for batch in _batches(map_rows(rows, spec, tenant.name)):
+            rows_in[rel] += len(batch)
+            for outcome in _process_batch(batch, source_ctx):
+                _route(out, outcome, candidates, q)
+            bar.update(len(batch))
+
+    bar.close()
+    for batch in _batches(iter(candidates)):
+        for split, row in _quality_batch(out, [(row.pop("split"), row) for row in batch], q):
+            out.keep(split, row)
 
     if synthetic_rows is not None and Path(synthetic_rows).is_file():
         _mix_synthetic(out, Path(synthetic_rows), ctx, q, seed, rows_in)
     _follow_removed_originals(out)
-    if scrubber is not None:  # rejects quote the raw row: PII must not survive there either
-        out.rejects = [
-            replace(r, detail=scrubber.scrub(r.detail)[0], excerpt=scrubber.scrub(r.excerpt)[0]) for r in out.rejects
-        ]
     stats.pii = {kind: ctx.pii.get(kind, 0) for kind in sorted(PII_TYPES)}
     stats.pii_rows = ctx.pii_rows[0]
     _summarize(out, raw_dir, tokenizer, rows_in)
     stats.sources = _by_source_entry(stats, [(rel, spec) for _, rel, spec in assigned])
     return out
+
+
+BATCH_ROWS = 1024  # rows rendered and tokenized together: one tokenizer call, bounded memory
+
+
+def _batches(items: Iterator) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == BATCH_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _options(spec: SourceSpec, params: PrepareParams, controls: tuple[str, ...], tokenizer) -> ShapeOptions:
@@ -305,14 +372,46 @@ class _Context:
 Kept = tuple[str, dict]  # ("train" | "validation" | "test" | "document", the dataset row)
 
 
-def _process(item: RawRow | Reject, ctx: _Context) -> Reject | dict | Kept:
-    """One raw row to a Reject, a duplicates.jsonl entry (a dict) or a Kept row."""
-    if isinstance(item, Reject):
-        return item
-    parsed = _parse(item, ctx)
-    if isinstance(parsed, Reject):
-        return parsed
-    return _admit(item, parsed, ctx)
+def _process_batch(batch: list[RawRow | Reject], ctx: _Context) -> list[Reject | dict | Kept]:
+    """Each item's outcome, in order: a Reject, a duplicates.jsonl entry (a dict) or a Kept row.
+
+    Shape, PII and control tokens row by row, then the chat rows rendered and tokenized together,
+    then max_tokens, then exact duplicates in row order. Checking duplicates last gives the same
+    outcome as checking them first: a duplicate has the same content as the kept row, so it would
+    pass the same content checks.
+    """
+    pending: list[tuple[int, RawRow, Parsed]] = []
+    outcomes: list = [None] * len(batch)
+    for i, item in enumerate(batch):
+        if isinstance(item, Reject):
+            outcomes[i] = item
+            continue
+        parsed = _parse(item, ctx)
+        rejected = parsed if isinstance(parsed, Reject) else _control_reject(item, parsed, ctx)
+        if rejected is not None:
+            outcomes[i] = rejected
+        else:
+            pending.append((i, item, parsed))
+    chats = [(i, item, parsed) for i, item, parsed in pending if parsed.record.kind == "chat"]
+    rendered = dict(zip((i for i, _, _ in chats), render_batch([p.record.messages for _, _, p in chats], ctx.tokenizer)))
+    for i, item, parsed in pending:
+        record = parsed.record
+        result = rendered.get(i)
+        if isinstance(result, ChatTemplateError):
+            raise ChatTemplateError(f"{locate(record.source_file, record.row)}: {result}") from result
+        if result is not None and result.n_tokens > ctx.params.max_tokens:
+            outcomes[i] = _too_long(item, parsed, result, ctx.params)
+            continue
+        duplicate = ctx.dedup.duplicate(record.content_hash, record.source_file, record.row)
+        if duplicate is not None:
+            outcomes[i] = duplicate
+            continue
+        ctx.dedup.keep(record.content_hash, record.source_file, record.row)
+        if result is None:
+            outcomes[i] = ("document", _document_row(record, ctx.tenant))
+        else:
+            outcomes[i] = (split_of(record.content_hash, ctx.params.split), _chat_row(record, result, ctx.tenant))
+    return outcomes
 
 
 def _parse(item: RawRow, ctx: _Context) -> Parsed | Reject:
@@ -345,37 +444,30 @@ def _parse(item: RawRow, ctx: _Context) -> Parsed | Reject:
     return Parsed(scrubbed, parsed.fields)
 
 
-def _admit(item: RawRow, parsed: Parsed, ctx: _Context, *, keep: bool = True, split: str | None = None) -> Reject | dict | Kept:
-    """Exact duplicate, control tokens, render, max_tokens. keep=False leaves remembering the row as
-    kept to the caller (synthetic rows still face later steps that may drop them)."""
-    tenant, params, tokenizer, dedup = ctx.tenant, ctx.params, ctx.tokenizer, ctx.dedup
+def _control_reject(item: RawRow, parsed: Parsed, ctx: _Context) -> Reject | None:
     record = parsed.record
-    duplicate = dedup.duplicate(record.content_hash, record.source_file, record.row)
-    if duplicate is not None:
-        return duplicate
     texts = [record.text] if record.kind == "document" else [m.content for m in record.messages]
     found = find_control_token(texts, ctx.controls)
-    if found is not None:
-        index, token = found
-        return _reject(item, parsed, parsed.fields[index], RejectReason.CONTROL_TOKEN,
-                       f"contains the tokenizer's control token {token!r}, which would be read as template markup "
-                       "(control_tokens: escape keeps it as literal text; strip removes end-of-text markers at the ends)")
-    if record.kind == "document":
-        dedup.keep(record.content_hash, record.source_file, record.row)
-        return "document", {
-            "text": record.text, "source_file": record.source_file, "row": record.row,
-            "content_hash": record.content_hash, "tenant": tenant,
-        }
-    try:
-        rendered = render(record.messages, tokenizer)
-    except ChatTemplateError as exc:
-        raise ChatTemplateError(f"{locate(record.source_file, record.row)}: {exc}") from exc
-    if rendered.n_tokens > params.max_tokens:
-        return _reject(item, parsed, None, RejectReason.TOO_LONG,
-                       f"renders to {rendered.n_tokens} tokens with the chat template (prepare.max_tokens={params.max_tokens})")
-    if keep:
-        dedup.keep(record.content_hash, record.source_file, record.row)
-    return split or split_of(record.content_hash, params.split), {
+    if found is None:
+        return None
+    index, token = found
+    return _reject(item, parsed, parsed.fields[index], RejectReason.CONTROL_TOKEN,
+                   f"contains the tokenizer's control token {token!r}, which would be read as template markup "
+                   "(control_tokens: escape keeps it as literal text; strip removes end-of-text markers at the ends)")
+
+
+def _too_long(item: RawRow, parsed: Parsed, rendered: Rendered, params: PrepareParams) -> Reject:
+    return _reject(item, parsed, None, RejectReason.TOO_LONG,
+                   f"renders to {rendered.n_tokens} tokens with the chat template (prepare.max_tokens={params.max_tokens})")
+
+
+def _document_row(record, tenant: str) -> dict:
+    return {"text": record.text, "source_file": record.source_file, "row": record.row,
+            "content_hash": record.content_hash, "tenant": tenant}
+
+
+def _chat_row(record, rendered: Rendered, tenant: str) -> dict:
+    return {
         "id": record.content_hash,
         "tenant": tenant,
         "source_file": record.source_file,
@@ -392,21 +484,44 @@ def _admit(item: RawRow, parsed: Parsed, ctx: _Context, *, keep: bool = True, sp
     }
 
 
+def _admit_synthetic(item: RawRow, parsed: Parsed, ctx: _Context) -> Reject | dict | Kept:
+    """A synthetic row through the same checks (exact duplicate first: it must not repeat a real row);
+    remembering it as kept is left to the caller, since the quality steps may still drop it."""
+    record = parsed.record
+    duplicate = ctx.dedup.duplicate(record.content_hash, record.source_file, record.row)
+    if duplicate is not None:
+        return duplicate
+    rejected = _control_reject(item, parsed, ctx)
+    if rejected is not None:
+        return rejected
+    (result,) = render_batch([record.messages], ctx.tokenizer)
+    if isinstance(result, ChatTemplateError):
+        raise ChatTemplateError(f"{locate(record.source_file, record.row)}: {result}") from result
+    if result.n_tokens > ctx.params.max_tokens:
+        return _too_long(item, parsed, result, ctx.params)
+    return "train", _chat_row(record, result, ctx.tenant)
+
+
 def _reject(raw: RawRow, parsed: Parsed, path: str | None, reason: RejectReason, message: str) -> Reject:
     rec = parsed.record
     return Reject(rec.tenant, rec.source_file, rec.row, top_field(path), reason,
                   f"{locate(rec.source_file, rec.row, path, raw.item)}: {message}", raw.excerpt)
 
 
-def _route(out: Collected, outcome, candidates: list[Kept]) -> None:
+def _route(out: Collected, outcome, candidates: RowStore, q: _Quality) -> None:
     if isinstance(outcome, Reject):
-        out.rejects.append(outcome)
+        out.reject(outcome)
     elif isinstance(outcome, dict):
         out.duplicates.append({**outcome, "kind": "exact"})
     elif outcome[0] == "document":
-        out.documents.append(outcome[1])
+        out.keep("document", outcome[1])
     else:
-        candidates.append(outcome)
+        split, row = outcome
+        if split == "test":  # the whole test split is indexed before any row is checked against it
+            q.test_at.setdefault(row["id"], (row["source_file"], row["row"]))
+            if q.test_index is not None:
+                q.test_index.add(row["id"], row_text(row["messages"]))
+        candidates.append({**row, "split": split})
 
 
 @dataclass
@@ -419,21 +534,16 @@ class _Quality:
     test_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # the same for test rows
 
 
-def _quality(out: Collected, split: str, row: dict, q: _Quality) -> bool:
-    """Decontamination (train/validation only) then near-duplicates; True when the row is kept."""
-    text = row_text(row["messages"])
-    if q.test_index is not None and split != "test":
-        hit = q.test_index.match(text)
-        if hit is not None:
-            test_file, test_row = q.test_at[hit.test_key]
-            out.contaminated.append({
-                "id": row["id"], "source_file": row["source_file"], "row": row["row"], "split": split,
-                "source": row["source"], "matched_test_id": hit.test_key, "matched_test_file": test_file,
-                "matched_test_row": test_row, "overlap": hit.overlap,
-            })
-            return False
-    if q.near is not None:
-        match = q.near.check(row["id"], text)
+def _quality_batch(out: Collected, rows: list[tuple[str, dict]], q: _Quality) -> list[tuple[str, dict]]:
+    """Decontamination (train/validation only) then near-duplicates, in row order; the rows kept."""
+    texts = [row_text(row["messages"]) for _, row in rows]
+    survivors = [(split, row, text) for (split, row), text in zip(rows, texts) if not _contaminated(out, split, row, text, q)]
+    if q.near is not None:  # signatures computed together; each row still meets only the rows kept before it
+        matches = q.near.check_batch([row["id"] for _, row, _ in survivors], [text for _, _, text in survivors])
+    else:
+        matches = [None] * len(survivors)
+    kept = []
+    for (split, row, _), match in zip(survivors, matches):
         if match is not None:
             kept_file, kept_row = q.kept_at[match.kept_key]
             out.duplicates.append({
@@ -441,8 +551,24 @@ def _quality(out: Collected, split: str, row: dict, q: _Quality) -> bool:
                 "duplicate_of_row": kept_row, "content_hash": row["id"], "kind": "near",
                 "duplicate_of_id": match.kept_key, "jaccard": match.jaccard,
             })
-            return False
-    q.kept_at.setdefault(row["id"], (row["source_file"], row["row"]))
+            continue
+        q.kept_at.setdefault(row["id"], (row["source_file"], row["row"]))
+        kept.append((split, row))
+    return kept
+
+
+def _contaminated(out: Collected, split: str, row: dict, text: str, q: _Quality) -> bool:
+    if q.test_index is None or split == "test":
+        return False
+    hit = q.test_index.match(text)
+    if hit is None:
+        return False
+    test_file, test_row = q.test_at[hit.test_key]
+    out.contaminated.append({
+        "id": row["id"], "source_file": row["source_file"], "row": row["row"], "split": split,
+        "source": row["source"], "matched_test_id": hit.test_key, "matched_test_file": test_file,
+        "matched_test_row": test_row, "overlap": hit.overlap,
+    })
     return True
 
 
@@ -456,13 +582,13 @@ def _mix_synthetic(out: Collected, path: Path, ctx: _Context, q: _Quality, seed:
     for item in read_rows(path, rel, ctx.tenant, ctx.params.csv_delimiter):
         rows_in[rel] += 1
         if isinstance(item, Reject):
-            out.rejects.append(item)
+            out.reject(item)
             continue
         provenance = item.value.get("provenance") if isinstance(item.value, dict) else None
         if not isinstance(provenance, dict):
             missing = not isinstance(item.value, dict) or "provenance" not in item.value
             reason = RejectReason.MISSING_FIELD if missing else RejectReason.WRONG_TYPE
-            out.rejects.append(Reject(
+            out.reject(Reject(
                 ctx.tenant, rel, item.row, "provenance", reason,
                 f"{locate(rel, item.row, 'provenance')}: a synthetic row needs its provenance object (generator, model, source)",
                 item.excerpt,
@@ -471,10 +597,10 @@ def _mix_synthetic(out: Collected, path: Path, ctx: _Context, q: _Quality, seed:
         out.synthetic_provenance.append(provenance)
         parsed = _parse(item, ctx)
         if isinstance(parsed, Reject):
-            out.rejects.append(parsed)
+            out.reject(parsed)
             continue
         if parsed.record.kind != "chat":
-            out.rejects.append(_reject(item, parsed, None, RejectReason.UNKNOWN_SHAPE,
+            out.reject(_reject(item, parsed, None, RejectReason.UNKNOWN_SHAPE,
                                        "a synthetic row must be a chat ({'messages': [...]}), not a document"))
             continue
         drawn.append((draw_key(seed, parsed.record.content_hash, item.row), item, parsed, provenance))
@@ -485,22 +611,22 @@ def _mix_synthetic(out: Collected, path: Path, ctx: _Context, q: _Quality, seed:
     kept = 0
     for _, item, parsed, provenance in drawn:
         if kept >= allowed:
-            out.rejects.append(_reject(
+            out.reject(_reject(
                 item, parsed, None, RejectReason.OVER_MIX_RATIO,
                 f"beyond the mix quota: {allowed} synthetic rows for {real_train} real train rows "
                 f"(synthetic_ratio={ctx.params.synthetic_ratio})",
             ))
             continue
-        outcome = _admit(item, parsed, ctx, keep=False, split="train")
+        outcome = _admit_synthetic(item, parsed, ctx)
         if not isinstance(outcome, tuple):
-            _route(out, outcome, [])
+            _route(out, outcome, [], q)
             continue
         _, row = outcome
         row["source"] = "synthetic"
         row["provenance"] = json.dumps({"id": item.value.get("id"), **provenance}, sort_keys=True, ensure_ascii=False)
-        if _quality(out, "train", row, q):
+        if _quality_batch(out, [("train", row)], q):
             ctx.dedup.keep(row["id"], row["source_file"], row["row"])
-            out.splits["train"].append(row)
+            out.keep("train", row)
             kept += 1
 
 
@@ -529,30 +655,27 @@ def _follow_removed_originals(out: Collected) -> None:
 
 def _summarize(out: Collected, raw_dir: Path, tokenizer, rows_in: dict[str, int]) -> None:
     stats = out.stats
-    rows = [r for s in SPLITS for r in out.splits[s]]
+    summary = out.rejects.summary
     stats.rows_in = sum(rows_in.values())
-    stats.rejected = len(out.rejects)
+    stats.rejected = summary.count
     stats.duplicates = sum(1 for d in out.duplicates if d["kind"] == "exact")
     stats.near_duplicates = sum(1 for d in out.duplicates if d["kind"] == "near")
     stats.contaminated = len(out.contaminated)
     stats.documents = len(out.documents)
-    stats.kept = len(rows) + stats.documents
-    by_reason = Counter(r.reason.value for r in out.rejects)
+    stats.kept = sum(len(out.splits[s]) for s in SPLITS) + stats.documents
+    by_reason = sum(summary.by_file.values(), Counter())
     stats.rejected_by_reason = {reason.value: by_reason.get(reason.value, 0) for reason in RejectReason}
-    shapes = Counter(r["shape"] for r in rows)
-    if out.documents:
-        shapes["document"] = stats.documents
-    stats.by_shape = dict(sorted(shapes.items()))
+    stats.by_shape = dict(sorted(out.shapes.items()))
     stats.splits = {s: len(out.splits[s]) for s in SPLITS}
-    stats.by_file = _by_file(out, rows, rows_in)
+    stats.by_file = _by_file(out, rows_in)
     synthetic_in = sum(n for rel, n in rows_in.items() if rel.startswith(SYNTHETIC_PREFIX))
-    synthetic_kept = sum(1 for r in rows if r["source"] == "synthetic")
+    synthetic_kept = out.synthetic_kept
     stats.by_source = {
         "real": {"rows_in": stats.rows_in - synthetic_in, "kept": stats.kept - synthetic_kept},
         "synthetic": {"rows_in": synthetic_in, "kept": synthetic_kept},
     }
-    stats.token_length_percentiles = percentiles([r["n_tokens"] for r in rows])
-    stats.answer_token_percentiles = percentiles([r["n_answer_tokens"] for r in rows])
+    stats.token_length_percentiles = percentiles(out.token_lengths)
+    stats.answer_token_percentiles = percentiles(out.answer_lengths)
     stats.tokenizer = tokenizer_name(tokenizer)
     stats.tokenizer_hash = tokenizer_hash(tokenizer)
     # provenance.hash_tree cannot encode file names that are not UTF-8; those files are rejected as
@@ -574,13 +697,13 @@ def _summarize(out: Collected, raw_dir: Path, tokenizer, rows_in: dict[str, int]
 OUTCOMES = ("kept", "rejected", "duplicates", "near_duplicates", "contaminated")
 
 
-def _by_file(out: Collected, rows: list[dict], rows_in: dict[str, int]) -> dict[str, dict[str, int]]:
+def _by_file(out: Collected, rows_in: dict[str, int]) -> dict[str, dict[str, int]]:
     """Per input file: rows_in and where each row ended (one of OUTCOMES)."""
     counts = {rel: {"rows_in": n, **{k: 0 for k in OUTCOMES}} for rel, n in rows_in.items()}
-    for r in [*rows, *out.documents]:
-        counts[r["source_file"]]["kept"] += 1
-    for r in out.rejects:
-        counts[r.source_file]["rejected"] += 1
+    for rel, n in out.kept_by_file.items():
+        counts[rel]["kept"] += n
+    for rel, reasons in out.rejects.summary.by_file.items():
+        counts[rel]["rejected"] += sum(reasons.values())
     for d in out.duplicates:
         counts[d["source_file"]]["duplicates" if d["kind"] == "exact" else "near_duplicates"] += 1
     for c in out.contaminated:
@@ -588,7 +711,7 @@ def _by_file(out: Collected, rows: list[dict], rows_in: dict[str, int]) -> dict[
     return counts
 
 
-def percentiles(values: list[int]) -> dict[str, float]:
+def percentiles(values: Sequence[int]) -> dict[str, float]:
     """Nearest-rank p50/p90/p99 and max (0.0 when there are no values, so the keys are always there)."""
     if not values:
         return {**{f"p{p}": 0.0 for p in PERCENTILES}, "max": 0.0}
@@ -599,12 +722,18 @@ def percentiles(values: list[int]) -> dict[str, float]:
     return out
 
 
-def _dataset(rows: list[dict], features: datasets.Features, stats: PrepareStats, name: str) -> datasets.Dataset:
-    columns = {col: [r[col] for r in rows] for col in features}
-    ds = datasets.Dataset.from_dict(columns, features=features)
-    # The fingerprint lands in state.json; some datasets releases make it random for in-memory data,
-    # so a content-derived one keeps saved datasets byte-identical across runs.
-    digest = hashlib.sha256(json.dumps([stats.tenant, name, rows], sort_keys=True, ensure_ascii=False).encode())
+def _dataset(out: Collected, name: str) -> datasets.Dataset:
+    """One split (or the documents) as a Dataset: memory-mapped from its Arrow file, or from the list."""
+    store = out.documents if name == "documents" else out.splits[name]
+    features = DOCUMENT_FEATURES if name == "documents" else CHAT_FEATURES
+    if isinstance(store, ArrowRows):
+        ds = store.dataset()
+    else:
+        ds = datasets.Dataset.from_dict({col: [r[col] for r in store] for col in features}, features=features)
+    # The fingerprint lands in state.json; it is random for in-memory data in some datasets releases,
+    # so one derived from the tenant and the rows keeps saved datasets byte-identical across runs.
+    digest = out.dataset_digest[name].copy()
+    digest.update(f"{out.stats.tenant}/{name}".encode())
     ds._fingerprint = digest.hexdigest()[:16]
     return ds
 
@@ -625,12 +754,12 @@ def _quiet_datasets(quiet: bool) -> Iterator[None]:
             datasets.utils.enable_progress_bars()
 
 
-def _no_rows_message(stats: PrepareStats, rejects: list[Reject], tenant: TenantParams, rejected_path: Path) -> str:
+def _no_rows_message(stats: PrepareStats, rejects: RejectSummary, tenant: TenantParams, rejected_path: Path) -> str:
     lines = [f"tenant {tenant.name!r}: no valid row in {tenant.raw_dir}; every row was rejected or a duplicate:"]
     for rel, counts in stats.by_file.items():
-        reasons = Counter(r.reason.value for r in rejects if r.source_file == rel)
+        reasons = rejects.by_file.get(rel, Counter())
         summary = ", ".join(f"{reason} x{n}" for reason, n in sorted(reasons.items())) or "no rows"
-        first = next((r.detail for r in rejects if r.source_file == rel), None)
+        first = rejects.first.get(rel)
         lines.append(f"  {rel}: {counts['rows_in']} rows ({summary})" + (f"; first: {first}" if first else ""))
     lines.append(f"every rejected row is listed in {rejected_path}")
     return "\n".join(lines)

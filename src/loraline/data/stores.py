@@ -1,0 +1,122 @@
+"""Where prepare keeps rows between its passes: in memory (collect(), tests) or on disk (the stage).
+
+A tenant's raw data may be larger than memory, so the stage streams every row to Arrow files as it
+goes and builds the saved datasets from them; `collect()` keeps lists, which tests read directly.
+Both stores take rows in the same order and give them back in that order, so the outcome of
+prepare does not depend on which one holds the rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Protocol
+
+import datasets
+import pyarrow as pa
+
+from loraline.data.schema import Reject
+
+SPILL_ROWS = 2048  # rows buffered before a record batch is written: bounded memory, few Arrow calls
+
+
+class RowStore(Protocol):
+    def append(self, row: dict) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[dict]: ...
+
+
+class ArrowRows:
+    """Rows appended to an Arrow stream file in `features`' schema, read back batch by batch."""
+
+    def __init__(self, path: Path, features: datasets.Features) -> None:
+        self.path, self.features = Path(path), features
+        self._schema = features.arrow_schema
+        self._sink = pa.OSFile(str(self.path), "wb")
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = pa.ipc.new_stream(self._sink, self._schema)
+        self._buffer: list[dict] = []
+        self._count = 0
+
+    def append(self, row: dict) -> None:
+        self._buffer.append(row)
+        self._count += 1
+        if len(self._buffer) >= SPILL_ROWS:
+            self._flush()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[dict]:
+        self.close()
+        with pa.memory_map(str(self.path)) as source:
+            for batch in pa.ipc.open_stream(source):
+                yield from batch.to_pylist()
+
+    def dataset(self) -> datasets.Dataset:
+        """The rows as a memory-mapped Dataset (nothing is loaded into memory)."""
+        self.close()
+        return datasets.Dataset.from_file(str(self.path))
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        self._writer = None
+
+    def _flush(self) -> None:
+        if self._buffer and self._writer is not None:
+            self._writer.write_batch(pa.RecordBatch.from_pylist(self._buffer, schema=self._schema))
+            self._buffer = []
+
+
+class RejectSummary:
+    """Per file: how many rows were rejected for what, and the first detail (for the no-rows error)."""
+
+    def __init__(self) -> None:
+        self.by_file: dict[str, Counter] = {}
+        self.first: dict[str, str] = {}
+        self.count = 0
+
+    def add(self, reject: Reject) -> None:
+        self.by_file.setdefault(reject.source_file, Counter())[reject.reason.value] += 1
+        self.first.setdefault(reject.source_file, reject.detail)
+        self.count += 1
+
+
+class RejectList(list):
+    """Rejects in memory (collect()), with the same summary as the file store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summary = RejectSummary()
+
+    def append(self, reject: Reject) -> None:  # type: ignore[override]
+        super().append(reject)
+        self.summary.add(reject)
+
+
+class RejectFile:
+    """Rejects written as JSON lines as they come (a file of bad rows may be larger than memory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: IO[str] | None = open(self.path, "w", encoding="utf-8")
+        self.summary = RejectSummary()
+
+    def append(self, reject: Reject) -> None:
+        assert self._fh is not None, "RejectFile is closed"
+        self._fh.write(json.dumps(reject.to_dict(), sort_keys=True, ensure_ascii=False) + "\n")
+        self.summary.add(reject)
+
+    def __len__(self) -> int:
+        return self.summary.count
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
