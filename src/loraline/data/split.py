@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import unicodedata
 from collections.abc import Iterable
 
 from loraline.config import SplitParams
 
-_WHITESPACE = re.compile(r"\s+")
-
 
 def normalize(text: str) -> str:
-    """NFKC, whitespace runs collapsed to one space, stripped: what counts as 'the same text'."""
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+    """NFKC, whitespace runs collapsed to one space, stripped: what counts as 'the same text'.
+
+    str.split() splits on exactly the characters the regex \\s matches (str.isspace; a test checks every
+    code point), so this equals re.sub(r"\\s+", " ", text).strip(), ~5x faster.
+    """
+    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def content_hash(turns: Iterable[tuple[str, str]]) -> str:
