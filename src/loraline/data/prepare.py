@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -71,7 +72,7 @@ from loraline.data.schema import (
 )
 from loraline.data.shapes import NO_OPTIONS, Parsed, ShapeOptions, to_record
 from loraline.data.split import Deduplicator, content_hash, split_of
-from loraline.data.stores import ArrowRows, RejectFile, RejectList, RejectSummary, RowStore
+from loraline.data.stores import ArrowRows, ListRows, RejectFile, RejectList, RejectSummary
 from loraline.io import atomic_dir, write_json, write_jsonl
 from loraline.provenance import code_revision, hash_tree, sha256_file
 
@@ -92,7 +93,6 @@ CHAT_FEATURES = datasets.Features(
         "n_answer_tokens": datasets.Value("int32"),
     }
 )
-CANDIDATE_FEATURES = datasets.Features({**CHAT_FEATURES, "split": datasets.Value("string")})  # pass 1 -> pass 2
 DOCUMENT_FEATURES = datasets.Features(
     {
         "text": datasets.Value("string"),
@@ -129,8 +129,8 @@ class Collected:
     """
 
     stats: PrepareStats
-    splits: dict[str, RowStore] = field(default_factory=lambda: {s: [] for s in SPLITS})
-    documents: RowStore = field(default_factory=list)
+    splits: dict[str, ListRows | ArrowRows] = field(default_factory=lambda: {s: ListRows() for s in SPLITS})
+    documents: ListRows | ArrowRows = field(default_factory=ListRows)
     rejects: RejectList | RejectFile = field(default_factory=RejectList)
     scrubber: PiiScrubber | None = None  # rejects quote the raw row: PII must not survive there either
     duplicates: list[dict] = field(default_factory=list)  # exact and near (kind), each naming its kept original
@@ -150,18 +150,22 @@ class Collected:
 
     def keep(self, split: str, row: dict) -> None:
         """A row of the dataset (or of the documents): stored, and counted for the stats."""
+        (self.documents if split == "document" else self.splits[split]).append(row)
+        self.count(split, row)
+
+    def count(self, split: str, row: dict) -> None:
+        """A kept row counted for the stats (the row itself is already in its store)."""
         if split == "document":
-            self.documents.append(row)
             self.shapes["document"] += 1
         else:
-            self.splits[split].append(row)
             self.shapes[row["shape"]] += 1
             self.token_lengths.append(row["n_tokens"])
             self.answer_lengths.append(row["n_answer_tokens"])
             self.synthetic_kept += row["source"] == "synthetic"
         self.kept_by_file[row["source_file"]] += 1
-        digest = self.dataset_digest["documents" if split == "document" else split]
-        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+        # A row's content hash, origin and (synthetic) provenance determine it, given the tokenizer.
+        key = f"{row.get('id') or row['content_hash']}\t{row['source_file']}\t{row['row']}\t{row.get('provenance', '')}\n"
+        self.dataset_digest["documents" if split == "document" else split].update(key.encode("utf-8", "surrogatepass"))
 
 
 def prepare_tenant(
@@ -280,9 +284,6 @@ def collect(
     if spill_dir is not None:
         out.splits = {s: ArrowRows(Path(spill_dir) / f"{s}.arrow", CHAT_FEATURES) for s in SPLITS}
         out.documents = ArrowRows(Path(spill_dir) / "documents.arrow", DOCUMENT_FEATURES)
-        candidates: RowStore = ArrowRows(Path(spill_dir) / "candidates.arrow", CANDIDATE_FEATURES)
-    else:
-        candidates = []
     rows_in = {rel: 0 for _, rel in files}
     seed = params.seed if params.seed is not None else DEFAULT_SEED
     controls = control_tokens(tokenizer)
@@ -301,13 +302,10 @@ def collect(
         for batch in _batches(map_rows(rows, spec, tenant.name)):
             rows_in[rel] += len(batch)
             for outcome in _process_batch(batch, source_ctx):
-                _route(out, outcome, candidates, q)
+                _route(out, outcome, q)
             bar.update(len(batch))
-
     bar.close()
-    for batch in _batches(iter(candidates)):
-        for split, row in _quality_batch(out, [(row.pop("split"), row) for row in batch], q):
-            out.keep(split, row)
+    _second_pass(out, q)
 
     if synthetic_rows is not None and Path(synthetic_rows).is_file():
         _mix_synthetic(out, Path(synthetic_rows), ctx, q, seed, rows_in)
@@ -424,6 +422,8 @@ def _parse(item: RawRow, ctx: _Context) -> Parsed | Reject:
     found: Counter = Counter()
     if record.kind == "document":
         text, found = ctx.scrubber.scrub(record.text)
+        if not found:
+            return parsed
         scrubbed = replace(record, text=text, content_hash=content_hash([("document", text)]))
     else:
         messages = []
@@ -431,11 +431,11 @@ def _parse(item: RawRow, ctx: _Context) -> Parsed | Reject:
             text, counts = ctx.scrubber.scrub(m.content)
             found.update(counts)
             messages.append(Message(m.role, text))
+        if not found:
+            return parsed
         scrubbed = replace(
             record, messages=tuple(messages), content_hash=content_hash((m.role, m.content) for m in messages)
         )
-    if not found:
-        return parsed
     ctx.pii.update(found)
     ctx.pii_rows[0] += 1
     if ctx.params.pii.mode == "drop":
@@ -508,7 +508,9 @@ def _reject(raw: RawRow, parsed: Parsed, path: str | None, reason: RejectReason,
                   f"{locate(rec.source_file, rec.row, path, raw.item)}: {message}", raw.excerpt)
 
 
-def _route(out: Collected, outcome, candidates: RowStore, q: _Quality) -> None:
+def _route(out: Collected, outcome, q: _Quality) -> None:
+    """Pass 1's outcome of a row: rejects and duplicates are final, documents kept, chat rows become
+    candidates in their split's store (in row order, numbered so that pass 2 can restore that order)."""
     if isinstance(outcome, Reject):
         out.reject(outcome)
     elif isinstance(outcome, dict):
@@ -521,7 +523,32 @@ def _route(out: Collected, outcome, candidates: RowStore, q: _Quality) -> None:
             q.test_at.setdefault(row["id"], (row["source_file"], row["row"]))
             if q.test_index is not None:
                 q.test_index.add(row["id"], row_text(row["messages"]))
-        candidates.append({**row, "split": split})
+        q.order[split].append(q.seen)
+        q.seen += 1
+        out.splits[split].append(row)
+
+
+# What pass 2 reads back of each candidate: not the token ids, which it leaves where they are.
+PASS2_COLUMNS = ("id", "messages", "source_file", "row", "source", "provenance", "shape", "n_tokens", "n_answer_tokens")
+
+
+def _second_pass(out: Collected, q: _Quality) -> None:
+    """Decontamination then near-duplicates over the candidates in pass 1's order (the splits' stores
+    merged by row number), then each split keeps the rows that passed."""
+    def numbered(split: str) -> Iterator[tuple[int, str, int, dict]]:
+        for i, (seq, row) in enumerate(zip(q.order[split], out.splits[split].columns(PASS2_COLUMNS))):
+            yield seq, split, i, row
+
+    streams = [numbered(split) for split in SPLITS]
+    masks: dict[str, bytearray] = {split: bytearray(len(q.order[split])) for split in SPLITS}
+    for batch in _batches(heapq.merge(*streams, key=lambda item: item[0])):
+        decisions = _quality_batch(out, [(split, row) for _, split, _, row in batch], q)
+        for (_, split, i, row), kept in zip(batch, decisions):
+            if kept:
+                masks[split][i] = 1
+                out.count(split, row)
+    for split in SPLITS:
+        out.splits[split].select(masks[split])
 
 
 @dataclass
@@ -532,17 +559,20 @@ class _Quality:
     near: NearDuplicateIndex | None
     kept_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (source_file, row) of kept chat rows
     test_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # the same for test rows
+    order: dict[str, array] = field(default_factory=lambda: {s: array("q") for s in SPLITS})  # pass-1 number of each candidate
+    seen: int = 0
 
 
-def _quality_batch(out: Collected, rows: list[tuple[str, dict]], q: _Quality) -> list[tuple[str, dict]]:
-    """Decontamination (train/validation only) then near-duplicates, in row order; the rows kept."""
+def _quality_batch(out: Collected, rows: list[tuple[str, dict]], q: _Quality) -> list[bool]:
+    """Decontamination (train/validation only) then near-duplicates, in row order; whether each is kept."""
     texts = [row_text(row["messages"]) for _, row in rows]
-    survivors = [(split, row, text) for (split, row), text in zip(rows, texts) if not _contaminated(out, split, row, text, q)]
+    clean = [not _contaminated(out, split, row, text, q) for (split, row), text in zip(rows, texts)]
+    survivors = [(split, row, text) for (split, row), text, ok in zip(rows, texts, clean) if ok]
     if q.near is not None:  # signatures computed together; each row still meets only the rows kept before it
         matches = q.near.check_batch([row["id"] for _, row, _ in survivors], [text for _, _, text in survivors])
     else:
         matches = [None] * len(survivors)
-    kept = []
+    decisions = []
     for (split, row, _), match in zip(survivors, matches):
         if match is not None:
             kept_file, kept_row = q.kept_at[match.kept_key]
@@ -551,10 +581,12 @@ def _quality_batch(out: Collected, rows: list[tuple[str, dict]], q: _Quality) ->
                 "duplicate_of_row": kept_row, "content_hash": row["id"], "kind": "near",
                 "duplicate_of_id": match.kept_key, "jaccard": match.jaccard,
             })
+            decisions.append(False)
             continue
         q.kept_at.setdefault(row["id"], (row["source_file"], row["row"]))
-        kept.append((split, row))
-    return kept
+        decisions.append(True)
+    kept = iter(decisions)
+    return [ok and next(kept) for ok in clean]
 
 
 def _contaminated(out: Collected, split: str, row: dict, text: str, q: _Quality) -> bool:
@@ -619,12 +651,12 @@ def _mix_synthetic(out: Collected, path: Path, ctx: _Context, q: _Quality, seed:
             continue
         outcome = _admit_synthetic(item, parsed, ctx)
         if not isinstance(outcome, tuple):
-            _route(out, outcome, [], q)
+            _route(out, outcome, q)
             continue
         _, row = outcome
         row["source"] = "synthetic"
         row["provenance"] = json.dumps({"id": item.value.get("id"), **provenance}, sort_keys=True, ensure_ascii=False)
-        if _quality_batch(out, [("train", row)], q):
+        if _quality_batch(out, [("train", row)], q)[0]:
             ctx.dedup.keep(row["id"], row["source_file"], row["row"])
             out.keep("train", row)
             kept += 1
@@ -733,7 +765,7 @@ def _dataset(out: Collected, name: str) -> datasets.Dataset:
     # The fingerprint lands in state.json; it is random for in-memory data in some datasets releases,
     # so one derived from the tenant and the rows keeps saved datasets byte-identical across runs.
     digest = out.dataset_digest[name].copy()
-    digest.update(f"{out.stats.tenant}/{name}".encode())
+    digest.update(f"{out.stats.tenant}/{name}/{out.stats.tokenizer_hash}".encode())
     ds._fingerprint = digest.hexdigest()[:16]
     return ds
 

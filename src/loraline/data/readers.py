@@ -62,7 +62,14 @@ def excerpt(text: str) -> str:
 
 
 def has_surrogates(text: str) -> bool:
-    return any("\ud800" <= ch <= "\udfff" for ch in text)
+    """Lone surrogates: undecodable bytes (surrogateescape) or "\\ud800" JSON escapes, neither UTF-8."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")  # C speed; only surrogates cannot be encoded
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def bad_utf8_detail(text: str) -> str:

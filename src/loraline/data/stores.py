@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -28,44 +28,87 @@ class RowStore(Protocol):
     def __iter__(self) -> Iterator[dict]: ...
 
 
+class ListRows(list):
+    """Rows in memory; `select` keeps the rows a mask marks (rows appended later are kept)."""
+
+    def columns(self, names: Sequence[str]) -> Iterator[dict]:
+        return iter(self)
+
+    def select(self, keep: Sequence[bool]) -> None:
+        self[:] = [row for row, kept in zip(self, keep) if kept]
+
+
 class ArrowRows:
-    """Rows appended to an Arrow stream file in `features`' schema, read back batch by batch."""
+    """Rows appended to Arrow stream files in `features`' schema, read back batch by batch.
+
+    `select(mask)` marks which of the rows so far are kept without rewriting anything: the saved
+    dataset takes only those (Dataset.select on the memory-mapped files). Rows appended after a read
+    go to a new segment file.
+    """
 
     def __init__(self, path: Path, features: datasets.Features) -> None:
         self.path, self.features = Path(path), features
         self._schema = features.arrow_schema
-        self._sink = pa.OSFile(str(self.path), "wb")
-        self._writer: pa.ipc.RecordBatchStreamWriter | None = pa.ipc.new_stream(self._sink, self._schema)
+        self._segments: list[Path] = []
+        self._sink: pa.OSFile | None = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._buffer: list[dict] = []
         self._count = 0
+        self._keep: bytearray | None = None  # None: every row
 
     def append(self, row: dict) -> None:
+        if self._writer is None:
+            segment = self.path.with_name(f"{self.path.stem}-{len(self._segments)}{self.path.suffix}")
+            self._segments.append(segment)
+            self._sink = pa.OSFile(str(segment), "wb")
+            self._writer = pa.ipc.new_stream(self._sink, self._schema)
         self._buffer.append(row)
         self._count += 1
+        if self._keep is not None:
+            self._keep.append(1)
         if len(self._buffer) >= SPILL_ROWS:
             self._flush()
 
     def __len__(self) -> int:
-        return self._count
+        return self._count if self._keep is None else sum(self._keep)
 
     def __iter__(self) -> Iterator[dict]:
+        keep = self._keep
+        for i, row in enumerate(self.columns(list(self.features))):
+            if keep is None or keep[i]:
+                yield row
+
+    def columns(self, names: Sequence[str]) -> Iterator[dict]:
+        """Every row so far (selected or not), with only the named columns: cheap to read back."""
         self.close()
-        with pa.memory_map(str(self.path)) as source:
-            for batch in pa.ipc.open_stream(source):
-                yield from batch.to_pylist()
+        for segment in self._segments:
+            with pa.memory_map(str(segment)) as source:
+                for batch in pa.ipc.open_stream(source):
+                    yield from batch.select(list(names)).to_pylist()
+
+    def select(self, keep: Sequence[bool]) -> None:
+        if len(keep) != self._count:
+            raise ValueError(f"select: a mask of {len(keep)} for {self._count} rows")
+        self._keep = bytearray(1 if k else 0 for k in keep)
 
     def dataset(self) -> datasets.Dataset:
-        """The rows as a memory-mapped Dataset (nothing is loaded into memory)."""
+        """The kept rows as a Dataset over the memory-mapped files (nothing is loaded into memory)."""
         self.close()
-        return datasets.Dataset.from_file(str(self.path))
+        parts = [datasets.Dataset.from_file(str(segment)) for segment in self._segments]
+        ds = datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict(
+            {name: [] for name in self.features}, features=self.features)
+        if self._keep is not None and not all(self._keep):
+            ds = ds.select([i for i, k in enumerate(self._keep) if k])
+        return ds
 
     def close(self) -> None:
         if self._writer is None:
             return
         self._flush()
         self._writer.close()
+        assert self._sink is not None
         self._sink.close()
-        self._writer = None
+        self._writer = self._sink = None
 
     def _flush(self) -> None:
         if self._buffer and self._writer is not None:
