@@ -204,3 +204,30 @@ def test_a_tokenizer_that_overrides_apply_chat_template_is_honoured(tokenizer):
     (r,) = render_batch([[Message("user", "q"), Message("assistant", "a")]], other)
     assert r.text == tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
                                                    tokenize=False).upper()
+
+
+def test_the_vectorized_mask_equals_the_per_token_rule():
+    """_masks (searchsorted over the whole batch) against _mask, the rule itself, on random rows:
+    zero-width tokens, tokens straddling span edges, empty rows, and rows whose spans overlap or are
+    out of order (those take _mask)."""
+    from loraline.data.render import _mask, _masks
+
+    rng = random.Random(5)
+    ids_rows, offset_rows, spans_rows, lengths = [], [], [], []
+    for _ in range(300):
+        length = rng.randint(0, 80)
+        cuts = sorted(rng.choices(range(length + 1), k=rng.randint(0, 30)))
+        offsets = list(zip([0, *cuts], [*cuts, length]))
+        spans = []
+        for _ in range(rng.randint(0, 4)):
+            a, b = sorted(rng.sample(range(length + 2), 2)) if length else (0, 1)
+            spans.append((a, b))
+        if rng.random() < 0.7:
+            spans = sorted(spans)
+        ids_rows.append([rng.randint(0, 999) for _ in offsets])
+        offset_rows.append(offsets)
+        spans_rows.append(spans)
+        lengths.append(length)
+    got = _masks(ids_rows, offset_rows, spans_rows, lengths)
+    assert got == [_mask(i, o, s) for i, o, s in zip(ids_rows, offset_rows, spans_rows)]
+    assert any(label != IGNORE_INDEX for row in got for label in row)
