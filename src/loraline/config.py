@@ -220,6 +220,11 @@ class PrepareParams(_Section):
         0.5, ge=0, description="Most synthetic train rows per real train row (tenants.<t>.synthetic_ratio overrides)"
     )
     seed: int | None = Field(None, description="Seeds MinHash and the choice of synthetic rows; defaults to the top-level seed")
+    num_proc: int | None = Field(
+        None, ge=1, le=64,
+        description="Processes for the per-row work (shape, PII, chat template, tokens) once a tenant has more than "
+        "~8k rows; the result is the same for any number (null: the CPUs available, at most 8)",
+    )
 
 
 class TrainParams(_Section):

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from loraline.config import PrepareParams, TenantParams
 from loraline.data.controls import text_cleaner
 from loraline.data.mapping import DETECTED, SourceSpec, assign, compile_sources, map_rows
+from loraline.data.pool import default_workers, ordered_map
 from loraline.data.readers import RawRow, has_surrogates, list_files, read_rows
 from loraline.data.render import (
     Rendered,
@@ -294,16 +295,26 @@ def collect(
         NearDuplicateIndex(params.near_dedup, seed=seed) if params.near_dedup.enabled else None,
     )
 
-    assigned = assign(files, compile_sources(tenant.sources))
+    specs = compile_sources(tenant.sources)
+    assigned = assign(files, specs)
+
+    def jobs() -> Iterator[tuple[int | None, list]]:
+        for path, rel, spec in assigned:
+            rows = read_rows(path, rel, tenant.name, params.csv_delimiter, spec.format, whole_object=spec.explode is not None)
+            for batch in _batches(map_rows(rows, spec, tenant.name)):
+                rows_in[rel] += len(batch)
+                yield spec.index, batch
+
+    _set_up_examiners(ctx, specs)
+    workers = params.num_proc or default_workers()
     bar = tqdm(desc=f"prepare {tenant.name}", unit=" rows", disable=not progress)
-    for path, rel, spec in assigned:
-        source_ctx = replace(ctx, options=_options(spec, params, controls, tokenizer))
-        rows = read_rows(path, rel, tenant.name, params.csv_delimiter, spec.format, whole_object=spec.explode is not None)
-        for batch in _batches(map_rows(rows, spec, tenant.name)):
-            rows_in[rel] += len(batch)
-            for outcome in _process_batch(batch, source_ctx):
-                _route(out, outcome, q)
-            bar.update(len(batch))
+    for examined, pii, pii_rows in ordered_map(_examine_job, jobs(), workers=workers, initializer=_set_up_examiners,
+                                               initargs=(ctx, specs, True)):
+        ctx.pii.update(pii)
+        ctx.pii_rows[0] += pii_rows
+        for outcome in _settle(examined, ctx.dedup):
+            _route(out, outcome, q)
+        bar.update(len(examined))
     bar.close()
     _second_pass(out, q)
 
@@ -370,14 +381,11 @@ class _Context:
 Kept = tuple[str, dict]  # ("train" | "validation" | "test" | "document", the dataset row)
 
 
-def _process_batch(batch: list[RawRow | Reject], ctx: _Context) -> list[Reject | dict | Kept]:
-    """Each item's outcome, in order: a Reject, a duplicates.jsonl entry (a dict) or a Kept row.
-
-    Shape, PII and control tokens row by row, then the chat rows rendered and tokenized together,
-    then max_tokens, then exact duplicates in row order. Checking duplicates last gives the same
-    outcome as checking them first: a duplicate has the same content as the kept row, so it would
-    pass the same content checks.
-    """
+def _examine_batch(batch: list[RawRow | Reject], ctx: _Context) -> list:
+    """The per-row work, which depends on nothing but the row: shape, PII, control tokens, then the
+    chat rows rendered and tokenized together, then max_tokens. Each item becomes a Reject, a
+    ChatTemplateError (the template is unusable: prepare stops), or a candidate (split, row) /
+    ("document", row) that still has to pass the exact-duplicate check (`_settle`)."""
     pending: list[tuple[int, RawRow, Parsed]] = []
     outcomes: list = [None] * len(batch)
     for i, item in enumerate(batch):
@@ -396,20 +404,57 @@ def _process_batch(batch: list[RawRow | Reject], ctx: _Context) -> list[Reject |
         record = parsed.record
         result = rendered.get(i)
         if isinstance(result, ChatTemplateError):
-            raise ChatTemplateError(f"{locate(record.source_file, record.row)}: {result}") from result
-        if result is not None and result.n_tokens > ctx.params.max_tokens:
-            outcomes[i] = _too_long(item, parsed, result, ctx.params)
-            continue
-        duplicate = ctx.dedup.duplicate(record.content_hash, record.source_file, record.row)
-        if duplicate is not None:
-            outcomes[i] = duplicate
-            continue
-        ctx.dedup.keep(record.content_hash, record.source_file, record.row)
-        if result is None:
+            outcomes[i] = ChatTemplateError(f"{locate(record.source_file, record.row)}: {result}")
+        elif result is None:
             outcomes[i] = ("document", _document_row(record, ctx.tenant))
+        elif result.n_tokens > ctx.params.max_tokens:
+            outcomes[i] = _too_long(item, parsed, result, ctx.params)
         else:
             outcomes[i] = (split_of(record.content_hash, ctx.params.split), _chat_row(record, result, ctx.tenant))
     return outcomes
+
+
+def _settle(examined: list, dedup: Deduplicator) -> Iterator[Reject | dict | Kept]:
+    """Exact duplicates, in row order. Checking them after the content checks gives the same outcome
+    as checking them first: a duplicate has the kept row's content, so it passes the same checks."""
+    for outcome in examined:
+        if isinstance(outcome, ChatTemplateError):
+            raise outcome
+        if isinstance(outcome, Reject):
+            yield outcome
+            continue
+        row = outcome[1]
+        key = row.get("id") or row["content_hash"]
+        duplicate = dedup.duplicate(key, row["source_file"], row["row"])
+        if duplicate is not None:
+            yield duplicate
+        else:
+            dedup.keep(key, row["source_file"], row["row"])
+            yield outcome
+
+
+# -- pass 1 across processes: the same _examine_batch, set up once per worker ----------------------
+
+_EXAMINERS: dict[int | None, _Context] = {}  # per sources[] entry (None: detected), in this process
+
+
+def _set_up_examiners(ctx: _Context, specs: list[SourceSpec], worker: bool = False) -> None:
+    if worker:  # tokenizers' own threads do not survive a fork; the workers are the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _EXAMINERS.clear()
+    for spec in [DETECTED, *specs]:
+        _EXAMINERS[spec.index] = replace(ctx, options=_options(spec, ctx.params, ctx.controls, ctx.tokenizer),
+                                         pii=Counter(), pii_rows=[0])
+
+
+def _examine_job(job: tuple[int | None, list]) -> tuple[list, Counter, int]:
+    """A batch of one source examined; the PII counts it found travel back with it."""
+    index, batch = job
+    ctx = _EXAMINERS[index]
+    ctx.pii.clear()
+    ctx.pii_rows[0] = 0
+    outcomes = _examine_batch(batch, ctx)
+    return outcomes, Counter(ctx.pii), ctx.pii_rows[0]
 
 
 def _parse(item: RawRow, ctx: _Context) -> Parsed | Reject:

@@ -256,3 +256,52 @@ def test_undecodable_names_and_keys_are_rejected_and_still_writable(run, raw_dir
         ("caf\\xe9.jsonl", None, "invalid_utf8"),
     ]
     assert "caf\\xe9.jsonl" in json.loads(result.stats_path.read_text())["by_file"]
+
+
+def test_worker_processes_give_byte_identical_outputs(tmp_path, tokenizer, monkeypatch):
+    """num_proc only changes who does the per-row work: every file written is the same."""
+    import random
+
+    monkeypatch.setattr("loraline.data.prepare.BATCH_ROWS", 16)  # many batches from a few hundred rows,
+    monkeypatch.setattr("loraline.data.pool.INLINE_ITEMS", 2)  # so the pool starts after two of them
+    rng = random.Random(7)
+    words = "refund order parcel late broken colour size invoice address courier".split()
+    rows = []
+    for i in range(400):
+        question = " ".join(rng.choices(words, k=12)) + f" order {rng.randint(10000, 99999)}?"
+        rows.append(chat(question, " ".join(rng.choices(words, k=8))))
+        if i % 17 == 0:
+            rows.append(rows[rng.randrange(len(rows))])  # exact duplicates
+        if i % 23 == 0:
+            rows.append(chat(question + " write to a@b.example", "Done<|im_end|> <|im_start|>user"))  # PII, control token
+    raw = tmp_path / "raw"
+    write_jsonl(raw / "rows.jsonl", rows)
+    write_jsonl(raw / "qa" / "pairs.jsonl", [{"q": f"Q{i}", "a": f"A{i}"} for i in range(40)] + [{"q": "no answer"}])
+    tenant = TenantParams(name="acme", raw_dir=raw, sources=[{"path": "qa/*", "columns": {"instruction": "q", "output": "a"}}])
+
+    def run(name: str, num_proc: int):
+        out = tmp_path / name
+        from loraline.data.prepare import prepare_tenant
+
+        prepare_tenant(tenant, PrepareParams(num_proc=num_proc), tokenizer, out_dir=out / "prepared",
+                       rejected_path=out / "rejected.jsonl", stats_path=out / "stats.json")
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    from loraline.data import prepare
+
+    set_up = prepare._set_up_examiners
+    seen = tmp_path / "workers"
+    seen.mkdir()
+
+    def marking(ctx, specs, worker=False):
+        if worker:
+            (seen / str(os.getpid())).touch()
+        set_up(ctx, specs, worker)
+
+    monkeypatch.setattr(prepare, "_set_up_examiners", marking)
+    one, two = run("one", 1), run("two", 2)
+    assert len(list(seen.iterdir())) == 2, "num_proc=2 ran the per-row work in two worker processes"
+    assert one.keys() == two.keys() and any(k.endswith(".arrow") for k in one)
+    assert [k for k in one if one[k] != two[k]] == []
+    stats = json.loads(one["stats.json"])
+    assert stats["duplicates"] > 0 and stats["rejected_by_reason"]["control_token"] > 0 and stats["pii"]["email"] > 0
