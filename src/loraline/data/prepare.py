@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 from tqdm.auto import tqdm
 
 from loraline.config import PrepareParams, TenantParams
@@ -104,6 +105,7 @@ DOCUMENT_FEATURES = datasets.Features(
     }
 )
 PERCENTILES = (50, 90, 99)
+CHAT_SCHEMA = CHAT_FEATURES.arrow_schema
 CODE_ROOT = Path(__file__).resolve().parents[3]  # the checkout holding src/loraline, for the card's code revision
 
 
@@ -305,15 +307,18 @@ def collect(
                 rows_in[rel] += len(batch)
                 yield spec.index, batch
 
-    _set_up_examiners(ctx, specs)
+    to_arrow = spill_dir is not None
+    _set_up_examiners(ctx, specs, to_arrow)
     workers = params.num_proc or default_workers()
     bar = tqdm(desc=f"prepare {tenant.name}", unit=" rows", disable=not progress)
-    for examined, pii, pii_rows in ordered_map(_examine_job, jobs(), workers=workers, initializer=_set_up_examiners,
-                                               initargs=(ctx, specs, True)):
+    for examined, pii, pii_rows, batches in ordered_map(_examine_job, jobs(), workers=workers,
+                                                        initializer=_set_up_examiners, initargs=(ctx, specs, to_arrow, True)):
         ctx.pii.update(pii)
         ctx.pii_rows[0] += pii_rows
+        for split, batch in batches.items():
+            out.splits[split].append_batch(batch)
         for outcome in _settle(examined, ctx.dedup):
-            _route(out, outcome, q)
+            _route(out, outcome, q, stored=to_arrow)
         bar.update(len(examined))
     bar.close()
     _second_pass(out, q)
@@ -414,7 +419,7 @@ def _examine_batch(batch: list[RawRow | Reject], ctx: _Context) -> list:
     return outcomes
 
 
-def _settle(examined: list, dedup: Deduplicator) -> Iterator[Reject | dict | Kept]:
+def _settle(examined: list, dedup: Deduplicator) -> Iterator[Reject | tuple]:
     """Exact duplicates, in row order. Checking them after the content checks gives the same outcome
     as checking them first: a duplicate has the kept row's content, so it passes the same checks."""
     for outcome in examined:
@@ -423,11 +428,11 @@ def _settle(examined: list, dedup: Deduplicator) -> Iterator[Reject | dict | Kep
         if isinstance(outcome, Reject):
             yield outcome
             continue
-        row = outcome[1]
+        where, row = outcome
         key = row.get("id") or row["content_hash"]
         duplicate = dedup.duplicate(key, row["source_file"], row["row"])
         if duplicate is not None:
-            yield duplicate
+            yield ("duplicate", duplicate, None if where == "document" else where, row)
         else:
             dedup.keep(key, row["source_file"], row["row"])
             yield outcome
@@ -436,25 +441,42 @@ def _settle(examined: list, dedup: Deduplicator) -> Iterator[Reject | dict | Kep
 # -- pass 1 across processes: the same _examine_batch, set up once per worker ----------------------
 
 _EXAMINERS: dict[int | None, _Context] = {}  # per sources[] entry (None: detected), in this process
+_TO_ARROW: list[bool] = [False]  # candidates leave the examiner as Arrow record batches (the stage)
 
 
-def _set_up_examiners(ctx: _Context, specs: list[SourceSpec], worker: bool = False) -> None:
+def _set_up_examiners(ctx: _Context, specs: list[SourceSpec], to_arrow: bool, worker: bool = False) -> None:
     if worker:  # tokenizers' own threads do not survive a fork; the workers are the parallelism
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _TO_ARROW[0] = to_arrow
     _EXAMINERS.clear()
     for spec in [DETECTED, *specs]:
         _EXAMINERS[spec.index] = replace(ctx, options=_options(spec, ctx.params, ctx.controls, ctx.tokenizer),
                                          pii=Counter(), pii_rows=[0])
 
 
-def _examine_job(job: tuple[int | None, list]) -> tuple[list, Counter, int]:
-    """A batch of one source examined; the PII counts it found travel back with it."""
+def _examine_job(job: tuple[int | None, list]) -> tuple[list, Counter, int, dict[str, pa.RecordBatch]]:
+    """A batch of one source examined; the PII counts it found travel back with it.
+
+    For the stage, the chat candidates also leave as one Arrow record batch per split, built here
+    (in the workers) rather than row by row in the main process; the outcomes then carry only what
+    the main process needs of them (id and origin, and the messages of test rows for decontamination).
+    """
     index, batch = job
     ctx = _EXAMINERS[index]
     ctx.pii.clear()
     ctx.pii_rows[0] = 0
     outcomes = _examine_batch(batch, ctx)
-    return outcomes, Counter(ctx.pii), ctx.pii_rows[0]
+    batches: dict[str, pa.RecordBatch] = {}
+    if _TO_ARROW[0]:
+        rows: dict[str, list[dict]] = {}
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, tuple) and outcome[0] != "document":
+                split, row = outcome
+                rows.setdefault(split, []).append(row)
+                light = {"id": row["id"], "source_file": row["source_file"], "row": row["row"]}
+                outcomes[i] = (split, {**light, "messages": row["messages"]} if split == "test" else light)
+        batches = {split: pa.RecordBatch.from_pylist(r, schema=CHAT_SCHEMA) for split, r in rows.items()}
+    return outcomes, Counter(ctx.pii), ctx.pii_rows[0], batches
 
 
 def _parse(item: RawRow, ctx: _Context) -> Parsed | Reject:
@@ -553,13 +575,19 @@ def _reject(raw: RawRow, parsed: Parsed, path: str | None, reason: RejectReason,
                   f"{locate(rec.source_file, rec.row, path, raw.item)}: {message}", raw.excerpt)
 
 
-def _route(out: Collected, outcome, q: _Quality) -> None:
+def _route(out: Collected, outcome, q: _Quality, stored: bool = False) -> None:
     """Pass 1's outcome of a row: rejects and duplicates are final, documents kept, chat rows become
-    candidates in their split's store (in row order, numbered so that pass 2 can restore that order)."""
+    candidates in their split's store (in row order, numbered so that pass 2 can restore that order).
+    `stored`: the chat candidates, duplicates included, are in their stores already (Arrow batches)."""
     if isinstance(outcome, Reject):
         out.reject(outcome)
-    elif isinstance(outcome, dict):
+    elif isinstance(outcome, dict):  # a synthetic row repeating a kept one
         out.duplicates.append({**outcome, "kind": "exact"})
+    elif outcome[0] == "duplicate":
+        _, entry, split, row = outcome
+        out.duplicates.append({**entry, "kind": "exact"})
+        if split is not None:  # a chat candidate: it stays in its store, never to be kept
+            _candidate(out, q, split, row, stored, alive=False)
     elif outcome[0] == "document":
         out.keep("document", outcome[1])
     else:
@@ -568,8 +596,14 @@ def _route(out: Collected, outcome, q: _Quality) -> None:
             q.test_at.setdefault(row["id"], (row["source_file"], row["row"]))
             if q.test_index is not None:
                 q.test_index.add(row["id"], row_text(row["messages"]))
-        q.order[split].append(q.seen)
-        q.seen += 1
+        _candidate(out, q, split, row, stored, alive=True)
+
+
+def _candidate(out: Collected, q: _Quality, split: str, row: dict, stored: bool, alive: bool) -> None:
+    q.order[split].append(q.seen)
+    q.alive[split].append(alive)
+    q.seen += 1
+    if not stored:
         out.splits[split].append(row)
 
 
@@ -581,8 +615,10 @@ def _second_pass(out: Collected, q: _Quality) -> None:
     """Decontamination then near-duplicates over the candidates in pass 1's order (the splits' stores
     merged by row number), then each split keeps the rows that passed."""
     def numbered(split: str) -> Iterator[tuple[int, str, int, dict]]:
+        alive = q.alive[split]
         for i, (seq, row) in enumerate(zip(q.order[split], out.splits[split].columns(PASS2_COLUMNS))):
-            yield seq, split, i, row
+            if alive[i]:  # exact duplicates are already settled
+                yield seq, split, i, row
 
     streams = [numbered(split) for split in SPLITS]
     masks: dict[str, bytearray] = {split: bytearray(len(q.order[split])) for split in SPLITS}
@@ -605,6 +641,7 @@ class _Quality:
     kept_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (source_file, row) of kept chat rows
     test_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # the same for test rows
     order: dict[str, array] = field(default_factory=lambda: {s: array("q") for s in SPLITS})  # pass-1 number of each candidate
+    alive: dict[str, bytearray] = field(default_factory=lambda: {s: bytearray() for s in SPLITS})  # not an exact duplicate
     seen: int = 0
 
 

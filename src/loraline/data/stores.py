@@ -56,18 +56,31 @@ class ArrowRows:
         self._count = 0
         self._keep: bytearray | None = None  # None: every row
 
+    def append_batch(self, batch: pa.RecordBatch) -> None:
+        """Rows already in this store's schema (built where the rows were made)."""
+        self._open()
+        self._flush()
+        assert self._writer is not None
+        self._writer.write_batch(batch)
+        self._count += batch.num_rows
+        if self._keep is not None:
+            self._keep.extend(b"\x01" * batch.num_rows)
+
     def append(self, row: dict) -> None:
-        if self._writer is None:
-            segment = self.path.with_name(f"{self.path.stem}-{len(self._segments)}{self.path.suffix}")
-            self._segments.append(segment)
-            self._sink = pa.OSFile(str(segment), "wb")
-            self._writer = pa.ipc.new_stream(self._sink, self._schema)
+        self._open()
         self._buffer.append(row)
         self._count += 1
         if self._keep is not None:
             self._keep.append(1)
         if len(self._buffer) >= SPILL_ROWS:
             self._flush()
+
+    def _open(self) -> None:
+        if self._writer is None:
+            segment = self.path.with_name(f"{self.path.stem}-{len(self._segments)}{self.path.suffix}")
+            self._segments.append(segment)
+            self._sink = pa.OSFile(str(segment), "wb")
+            self._writer = pa.ipc.new_stream(self._sink, self._schema)
 
     def __len__(self) -> int:
         return self._count if self._keep is None else sum(self._keep)

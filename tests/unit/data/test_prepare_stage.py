@@ -293,10 +293,10 @@ def test_worker_processes_give_byte_identical_outputs(tmp_path, tokenizer, monke
     seen = tmp_path / "workers"
     seen.mkdir()
 
-    def marking(ctx, specs, worker=False):
+    def marking(ctx, specs, to_arrow, worker=False):
         if worker:
             (seen / str(os.getpid())).touch()
-        set_up(ctx, specs, worker)
+        set_up(ctx, specs, to_arrow, worker)
 
     monkeypatch.setattr(prepare, "_set_up_examiners", marking)
     one, two = run("one", 1), run("two", 2)
