@@ -63,6 +63,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"  tenant {name}: raw_dir={t.raw_dir} quantization={train.quantization} "
             f"r={train.lora_r} overrides: train={sorted(t.train) or '-'} gate={sorted(t.gate) or '-'}"
         )
+        for source in t.sources:
+            mapped = ", ".join(f"{k}<-{v!r}" for k, v in source.columns.items()) or "shape detection"
+            extra = "".join(f" {k}={getattr(source, k)}" for k in ("format", "explode", "control_tokens") if getattr(source, k))
+            print(f"    source {source.path}:{extra} {mapped}" + (f" roles={source.roles}" if source.roles else ""))
     return 0
 
 
