@@ -56,3 +56,21 @@ def test_overlap_equals_the_full_ranking():
     assert [g and (g.test_key, g.overlap) for g in got] == [reference_overlap(index, text) for text in rows]
     assert sum(g is not None for g in got) > 300 and sum(g is None for g in got) > 300
     assert TestIndex(DecontamParams()).overlap("anything at all here") is None
+
+
+def test_overlap_equals_the_full_ranking_with_many_candidates():
+    """Test rows built from shared phrases: a row shares n-grams with dozens of test rows, so the
+    candidates are cut to those that can rank in before ranking."""
+    rng = random.Random(4)
+    vocab = [f"w{i}" for i in range(200)]
+    phrases = [" ".join(rng.choices(vocab, k=10)) for _ in range(40)]
+    tests = [" ".join(rng.sample(phrases, 3) + rng.choices(vocab, k=5)) for _ in range(500)]
+    index = TestIndex(DecontamParams())
+    for i, text in enumerate(tests):
+        index.add(f"t{i}", text)
+    rows = [" ".join(rng.sample(phrases, rng.randint(1, 4)) + rng.choices(vocab, k=rng.randint(0, 8))) for _ in range(500)]
+    rows += [t.replace("w1 ", "w2 ", 1) for t in rng.sample(tests, 100)]
+    widest = max(len({k for g in ngrams(words(t), 8) for k in index._postings.get(g, [])}) for t in rows)
+    assert widest > 4 * TOP_CANDIDATES
+    got = [index.overlap(text) for text in rows]
+    assert [g and (g.test_key, g.overlap) for g in got] == [reference_overlap(index, text) for text in rows]

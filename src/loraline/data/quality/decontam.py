@@ -18,6 +18,7 @@ particular.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -62,12 +63,17 @@ class TestIndex:
         hits = [posting for posting in map(self._postings.get, grams) if posting is not None and len(posting) <= MAX_POSTING]
         if not hits:  # most rows share no distinctive n-gram with any test row: nothing to rank
             return None
-        shared: Counter = Counter()
-        for posting in hits:
-            shared.update(posting)
+        shared = Counter(itertools.chain.from_iterable(hits))
+        candidates = shared.items()
+        if len(shared) > TOP_CANDIDATES:
+            # Only test rows sharing at least as many n-grams as the TOP_CANDIDATES-th most can be
+            # ranked in; dropping the others first spares the ranking's Python key function, which
+            # on large test sets (hundreds of rows sharing a few n-grams each) was most of the time.
+            floor = heapq.nlargest(TOP_CANDIDATES, shared.values())[-1]
+            candidates = [kv for kv in candidates if kv[1] >= floor]
         # Ranked by shared distinctive n-grams, then test-row order: the same answer whatever the
         # (randomized) string hashing that orders Python sets.
-        ranked = heapq.nsmallest(TOP_CANDIDATES, shared.items(), key=lambda kv: (-kv[1], self._order[kv[0]]))
+        ranked = heapq.nsmallest(TOP_CANDIDATES, candidates, key=lambda kv: (-kv[1], self._order[kv[0]]))
         ranked.sort(key=lambda kv: self._order[kv[0]])
         best: Contamination | None = None
         for key, _ in ranked:
