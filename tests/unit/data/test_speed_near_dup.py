@@ -31,17 +31,21 @@ class ReferenceIndex:
         return mh
 
     def check(self, key: str, text: str) -> NearMatch | None:
+        # One fix to the old code: it compared each candidate's Jaccard with the best one's rounded
+        # value, so a tie whose value rounds down (113/128 = 0.8828125 -> 0.8828) went to whichever
+        # candidate datasketch's query set yielded last, which depends on PYTHONHASHSEED. Here, as
+        # documented, the earliest kept row wins a tie.
         mh = self.signature(text)
-        best = None
+        best, best_jaccard = None, 0.0
         if not mh.is_empty():
             for candidate in self.lsh.query(mh):
                 other = self.signatures[candidate]
                 jaccard = float(np.count_nonzero(other == mh.hashvalues)) / len(other)
                 if jaccard >= self.params.threshold and (
-                    best is None or jaccard > best.jaccard
-                    or (jaccard == best.jaccard and self.order[candidate] < self.order[best.kept_key])
+                    best is None or jaccard > best_jaccard
+                    or (jaccard == best_jaccard and self.order[candidate] < self.order[best.kept_key])
                 ):
-                    best = NearMatch(candidate, round(jaccard, 4))
+                    best, best_jaccard = NearMatch(candidate, round(jaccard, 4)), jaccard
         if best is None and not mh.is_empty() and key not in self.signatures:
             self.order[key] = len(self.order)
             self.signatures[key] = mh.hashvalues.copy()

@@ -120,11 +120,15 @@ class NearDuplicateIndex:
                 found = table.get(raw[band])
                 if found is not None:
                     candidates.update(found) if isinstance(found, list) else candidates.add(found)
-            # Ranks ascending: on equal Jaccard the earliest kept row wins.
+            # Ranks ascending: on equal Jaccard the earliest kept row wins. Compared unrounded: against
+            # the rounded value kept in NearMatch, a tie that rounds down would go to the later row.
+            best_rank, best_jaccard = -1, 0.0
             for rank in sorted(candidates):
                 jaccard = float(np.count_nonzero(self._kept[rank] == sig)) / len(sig)
-                if jaccard >= self.params.threshold and (best is None or jaccard > best.jaccard):
-                    best = NearMatch(self._keys[rank], round(jaccard, 4))
+                if jaccard >= self.params.threshold and jaccard > best_jaccard:
+                    best_rank, best_jaccard = rank, jaccard
+            if best_rank >= 0:
+                best = NearMatch(self._keys[best_rank], round(best_jaccard, 4))
         if best is None and add:
             self._insert(key, sig)
         self._last = (key, sig)
