@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params = PrepareParams()
     steps = Steps()
+    summary_extra: dict = {}
     old = {}
     if args.baseline:
         for key, path in [("pii", "src/loraline/data/quality/pii.py"), ("split", "src/loraline/data/split.py"), ("decontam", "src/loraline/data/quality/decontam.py"),
@@ -252,8 +253,22 @@ def main(argv: list[str] | None = None) -> int:
         return [d and (d.kept_key, d.jaccard) for d in decisions]
 
     def near_dedup_baseline(new) -> bool:
+        # The old index gave a tie whose Jaccard rounds down (e.g. 113/128 = 0.8828125) to whichever
+        # kept row its query set yielded last, which varies with PYTHONHASHSEED; the new one gives it
+        # to the earliest kept row, as documented. Such a tie is the only difference allowed.
         near = old["near"].NearDuplicateIndex(params.near_dedup, seed=args.seed)
-        return [d and (d.kept_key, d.jaccard) for d in (near.check(h, text) for h, _, text in clean)] == new
+        ties = 0
+        for (h, _, text), got in zip(clean, new):
+            want = near.check(h, text)
+            if want is None or got is None:
+                if want is not got:
+                    return False
+            elif want.jaccard != got[1] or (want.kept_key != got[0] and near._order[got[0]] > near._order[want.kept_key]):
+                return False
+            else:
+                ties += want.kept_key != got[0]
+        summary_extra["near_dedup_ties_resolved_differently"] = ties
+        return True
 
     decisions = steps.run("near-dedup", len(clean), near_dedup, near_dedup_baseline if old else None)
     final = sum(d is None for d in decisions)
@@ -293,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(s["seconds"] for s in steps.results.values())
     summary["quality_path"] = {"seconds": round(quality_seconds, 3), "rows_per_s": round(args.rows / quality_seconds)}
     summary["total"] = {"seconds": round(total, 3), "rows_per_s": round(args.rows / total)}
+    summary.update(summary_extra)
     summary["peak_mib"] = round(peak_mib())
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
 
