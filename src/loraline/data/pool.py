@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, TypeVar
 
+START_METHOD: str | None = None  # None: fork on Linux, spawn elsewhere (tests force spawn)
 INLINE_ITEMS = 8  # items run in this process before a pool is worth starting (prepare: 8 batches, ~8k rows)
 T = TypeVar("T")
 R = TypeVar("R")
@@ -50,9 +52,9 @@ def ordered_map(
             return
         inline -= 1
         yield fn(item)
-    # fork shares the parent's loaded modules and objects (no re-import, no pickling of the state);
-    # where it is unavailable, spawn pickles initargs instead.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # On Linux fork shares the parent's loaded modules and objects (no re-import, no pickling of the
+    # state); elsewhere fork is unsafe or missing, and spawn pickles initargs instead.
+    method = START_METHOD or ("fork" if sys.platform.startswith("linux") else "spawn")
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                              initializer=initializer, initargs=initargs) as pool:
         pending: deque[Future] = deque()

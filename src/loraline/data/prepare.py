@@ -282,7 +282,7 @@ def collect(
         system_prompt = tenant.system_prompt if tenant.system_prompt is not None else params.system_prompt
 
     stats = PrepareStats(tenant=tenant.name)
-    scrubber = PiiScrubber(params.pii.types) if params.pii.mode != "off" else None
+    scrubber = _scrubber(params)
     out = Collected(stats=stats, rejects=rejects if rejects is not None else RejectList(), scrubber=scrubber)
     if spill_dir is not None:
         out.splits = {s: ArrowRows(Path(spill_dir) / f"{s}.arrow", CHAT_FEATURES) for s in SPLITS}
@@ -312,7 +312,7 @@ def collect(
     workers = params.num_proc or default_workers()
     bar = tqdm(desc=f"prepare {tenant.name}", unit=" rows", disable=not progress)
     for examined, pii, pii_rows, batches in ordered_map(_examine_job, jobs(), workers=workers,
-                                                        initializer=_set_up_examiners, initargs=(ctx, specs, to_arrow, True)):
+                                                        initializer=_set_up_examiners, initargs=(_portable(ctx), specs, to_arrow, True)):
         ctx.pii.update(pii)
         ctx.pii_rows[0] += pii_rows
         for split, batch in batches.items():
@@ -345,6 +345,10 @@ def _batches(items: Iterator) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+def _scrubber(params: PrepareParams) -> PiiScrubber | None:
+    return PiiScrubber(params.pii.types) if params.pii.mode != "off" else None
 
 
 def _options(spec: SourceSpec, params: PrepareParams, controls: tuple[str, ...], tokenizer) -> ShapeOptions:
@@ -448,10 +452,18 @@ def _set_up_examiners(ctx: _Context, specs: list[SourceSpec], to_arrow: bool, wo
     if worker:  # tokenizers' own threads do not survive a fork; the workers are the parallelism
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TO_ARROW[0] = to_arrow
+    if worker:  # the scrubber's patterns are rebuilt here rather than pickled
+        ctx = replace(ctx, scrubber=_scrubber(ctx.params))
     _EXAMINERS.clear()
     for spec in [DETECTED, *specs]:
         _EXAMINERS[spec.index] = replace(ctx, options=_options(spec, ctx.params, ctx.controls, ctx.tokenizer),
                                          pii=Counter(), pii_rows=[0])
+
+
+def _portable(ctx: _Context) -> _Context:
+    """What a worker needs of the context, picklable for spawn: no cleaner closure (the workers build
+    their own from the specs) and no duplicate index (duplicates are settled in the main process)."""
+    return replace(ctx, options=NO_OPTIONS, dedup=Deduplicator(), scrubber=None, pii=Counter(), pii_rows=[0])
 
 
 def _examine_job(job: tuple[int | None, list]) -> tuple[list, Counter, int, dict[str, pa.RecordBatch]]:

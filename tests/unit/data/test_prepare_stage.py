@@ -258,6 +258,28 @@ def test_undecodable_names_and_keys_are_rejected_and_still_writable(run, raw_dir
     assert "caf\\xe9.jsonl" in json.loads(result.stats_path.read_text())["by_file"]
 
 
+def _prepare_files(tmp_path: Path, tenant: TenantParams, tokenizer, name: str, num_proc: int) -> dict[str, bytes]:
+    from loraline.data.prepare import prepare_tenant
+
+    out = tmp_path / name
+    prepare_tenant(tenant, PrepareParams(num_proc=num_proc), tokenizer, out_dir=out / "prepared",
+                   rejected_path=out / "rejected.jsonl", stats_path=out / "stats.json")
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_spawned_workers_give_the_same_outputs(tmp_path, tokenizer, monkeypatch):
+    """Where fork is not used (macOS, Windows) the workers' state is pickled: it must be picklable."""
+    monkeypatch.setattr("loraline.data.prepare.BATCH_ROWS", 8)
+    monkeypatch.setattr("loraline.data.pool.INLINE_ITEMS", 1)
+    monkeypatch.setattr("loraline.data.pool.START_METHOD", "spawn")
+    raw = tmp_path / "raw"
+    write_jsonl(raw / "rows.jsonl", [chat(f"Question {i} about order {1000 + i}?", f"Answer {i}.") for i in range(40)])
+    write_jsonl(raw / "qa.jsonl", [{"q": f"Q{i}?", "a": f"A{i}<|endoftext|>"} for i in range(20)])
+    tenant = TenantParams(name="acme", raw_dir=raw, sources=[{"path": "qa.jsonl", "columns": {"instruction": "q", "output": "a"}}])
+    one, spawned = (_prepare_files(tmp_path, tenant, tokenizer, name, n) for name, n in (("one", 1), ("spawned", 2)))
+    assert [k for k in one if one[k] != spawned.get(k)] == [] and one.keys() == spawned.keys()
+
+
 def test_worker_processes_give_byte_identical_outputs(tmp_path, tokenizer, monkeypatch):
     """num_proc only changes who does the per-row work: every file written is the same."""
     import random
@@ -280,12 +302,7 @@ def test_worker_processes_give_byte_identical_outputs(tmp_path, tokenizer, monke
     tenant = TenantParams(name="acme", raw_dir=raw, sources=[{"path": "qa/*", "columns": {"instruction": "q", "output": "a"}}])
 
     def run(name: str, num_proc: int):
-        out = tmp_path / name
-        from loraline.data.prepare import prepare_tenant
-
-        prepare_tenant(tenant, PrepareParams(num_proc=num_proc), tokenizer, out_dir=out / "prepared",
-                       rejected_path=out / "rejected.jsonl", stats_path=out / "stats.json")
-        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        return _prepare_files(tmp_path, tenant, tokenizer, name, num_proc)
 
     from loraline.data import prepare
 
