@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 from dataclasses import dataclass, field, replace
@@ -321,7 +321,7 @@ def collect(
             _route(out, outcome, q, stored=to_arrow)
         bar.update(len(examined))
     bar.close()
-    _second_pass(out, q)
+    _second_pass(out, q, workers)
 
     if synthetic_rows is not None and Path(synthetic_rows).is_file():
         _mix_synthetic(out, Path(synthetic_rows), ctx, q, seed, rows_in)
@@ -623,9 +623,14 @@ def _candidate(out: Collected, q: _Quality, split: str, row: dict, stored: bool,
 PASS2_COLUMNS = ("id", "messages", "source_file", "row", "source", "provenance", "shape", "n_tokens", "n_answer_tokens")
 
 
-def _second_pass(out: Collected, q: _Quality) -> None:
+def _second_pass(out: Collected, q: _Quality, workers: int) -> None:
     """Decontamination then near-duplicates over the candidates in pass 1's order (the splits' stores
-    merged by row number), then each split keeps the rows that passed."""
+    merged by row number), then each split keeps the rows that passed.
+
+    Checking a row against the (now complete) test index and computing its MinHash signature depend
+    on nothing else, so they run in worker processes; only the near-duplicate index, where each row
+    meets the rows kept before it, is walked here, in order.
+    """
     def numbered(split: str) -> Iterator[tuple[int, str, int, dict]]:
         alive = q.alive[split]
         for i, (seq, row) in enumerate(zip(q.order[split], out.splits[split].columns(PASS2_COLUMNS))):
@@ -634,14 +639,42 @@ def _second_pass(out: Collected, q: _Quality) -> None:
 
     streams = [numbered(split) for split in SPLITS]
     masks: dict[str, bytearray] = {split: bytearray(len(q.order[split])) for split in SPLITS}
-    for batch in _batches(heapq.merge(*streams, key=lambda item: item[0])):
-        decisions = _quality_batch(out, [(split, row) for _, split, _, row in batch], q)
-        for (_, split, i, row), kept in zip(batch, decisions):
+    batches = deque()
+
+    def jobs() -> Iterator[list[tuple[str, dict]]]:
+        for batch in _batches(heapq.merge(*streams, key=lambda item: item[0])):
+            batches.append(batch)
+            yield [(split, row) for _, split, _, row in batch]
+
+    # Workers forked now inherit the complete test index; the near-duplicate index they get is only
+    # used for its signature function (the kept rows are walked here).
+    _set_up_screen(q.test_index, q.near)
+    for screened in ordered_map(_screen_job, jobs(), workers=workers, initializer=_set_up_screen,
+                                initargs=(q.test_index, _signer(q.near), True)):
+        batch = batches.popleft()
+        rows = [(split, row) for _, split, _, row in batch]
+        for (_, split, i, row), kept in zip(batch, _apply_screen(out, rows, screened, q)):
             if kept:
                 masks[split][i] = 1
                 out.count(split, row)
     for split in SPLITS:
         out.splits[split].select(masks[split])
+
+
+_SCREEN: dict[str, Any] = {"test_index": None, "near": None}  # pass 2's read-only state, per process
+
+
+def _set_up_screen(test_index: TestIndex | None, near: NearDuplicateIndex | None, worker: bool = False) -> None:
+    _SCREEN["test_index"], _SCREEN["near"] = test_index, near
+
+
+def _signer(near: NearDuplicateIndex | None) -> NearDuplicateIndex | None:
+    """An empty index with the same MinHash family: what a worker needs to compute signatures."""
+    return None if near is None else NearDuplicateIndex(near.params, seed=near.seed)
+
+
+def _screen_job(rows: list[tuple[str, dict]]) -> list[tuple[Any, Any]]:
+    return _screen(rows, _SCREEN["test_index"], _SCREEN["near"])
 
 
 @dataclass
@@ -659,15 +692,40 @@ class _Quality:
 
 def _quality_batch(out: Collected, rows: list[tuple[str, dict]], q: _Quality) -> list[bool]:
     """Decontamination (train/validation only) then near-duplicates, in row order; whether each is kept."""
+    return _apply_screen(out, rows, _screen(rows, q.test_index, q.near), q)
+
+
+def _screen(rows: list[tuple[str, dict]], test_index: TestIndex | None, near: NearDuplicateIndex | None) -> list[tuple[Any, Any]]:
+    """Per row, what depends on the row alone: its contamination (a train/validation row against the
+    whole test index) or, when it is clean, its MinHash signature."""
     texts = [row_text(row["messages"]) for _, row in rows]
-    clean = [not _contaminated(out, split, row, text, q) for (split, row), text in zip(rows, texts)]
-    survivors = [(split, row, text) for (split, row), text, ok in zip(rows, texts, clean) if ok]
-    if q.near is not None:  # signatures computed together; each row still meets only the rows kept before it
-        matches = q.near.check_batch([row["id"] for _, row, _ in survivors], [text for _, _, text in survivors])
-    else:
-        matches = [None] * len(survivors)
-    decisions = []
-    for (split, row, _), match in zip(survivors, matches):
+    hits = [test_index.match(text) if test_index is not None and split != "test" else None
+            for (split, _), text in zip(rows, texts)]
+    clean = [i for i, hit in enumerate(hits) if hit is None]
+    sigs: list = [None] * len(rows)
+    if near is not None and clean:
+        for i, sig in zip(clean, near.signatures([texts[i] for i in clean])):
+            sigs[i] = sig
+    return list(zip(hits, sigs))
+
+
+def _apply_screen(out: Collected, rows: list[tuple[str, dict]], screened: list[tuple[Any, Any]], q: _Quality) -> list[bool]:
+    """Record contaminated rows, then walk the near-duplicate index in row order; whether each is kept."""
+    decisions = [False] * len(rows)
+    survivors = []
+    for i, ((split, row), (hit, sig)) in enumerate(zip(rows, screened)):
+        if hit is None:
+            survivors.append((i, row, sig))
+            continue
+        test_file, test_row = q.test_at[hit.test_key]
+        out.contaminated.append({
+            "id": row["id"], "source_file": row["source_file"], "row": row["row"], "split": split,
+            "source": row["source"], "matched_test_id": hit.test_key, "matched_test_file": test_file,
+            "matched_test_row": test_row, "overlap": hit.overlap,
+        })
+    matches = (q.near.check_signatures([row["id"] for _, row, _ in survivors], [sig for _, _, sig in survivors])
+               if q.near is not None else [None] * len(survivors))
+    for (i, row, _), match in zip(survivors, matches):
         if match is not None:
             kept_file, kept_row = q.kept_at[match.kept_key]
             out.duplicates.append({
@@ -675,27 +733,10 @@ def _quality_batch(out: Collected, rows: list[tuple[str, dict]], q: _Quality) ->
                 "duplicate_of_row": kept_row, "content_hash": row["id"], "kind": "near",
                 "duplicate_of_id": match.kept_key, "jaccard": match.jaccard,
             })
-            decisions.append(False)
             continue
         q.kept_at.setdefault(row["id"], (row["source_file"], row["row"]))
-        decisions.append(True)
-    kept = iter(decisions)
-    return [ok and next(kept) for ok in clean]
-
-
-def _contaminated(out: Collected, split: str, row: dict, text: str, q: _Quality) -> bool:
-    if q.test_index is None or split == "test":
-        return False
-    hit = q.test_index.match(text)
-    if hit is None:
-        return False
-    test_file, test_row = q.test_at[hit.test_key]
-    out.contaminated.append({
-        "id": row["id"], "source_file": row["source_file"], "row": row["row"], "split": split,
-        "source": row["source"], "matched_test_id": hit.test_key, "matched_test_file": test_file,
-        "matched_test_row": test_row, "overlap": hit.overlap,
-    })
-    return True
+        decisions[i] = True
+    return decisions
 
 
 def _mix_synthetic(out: Collected, path: Path, ctx: _Context, q: _Quality, seed: int, rows_in: dict[str, int]) -> None:

@@ -65,6 +65,10 @@ class NearDuplicateIndex:
         self._kept = np.empty((1024, params.num_perm), dtype=template.hashvalues.dtype)  # signature by rank
         self._last: tuple[str, np.ndarray | None] | None = None
 
+    @property
+    def seed(self) -> int:
+        return self._seed
+
     def signature(self, text: str) -> np.ndarray | None:
         """The row's MinHash signature (datasketch's hashvalues), or None for a row without words."""
         return self.signatures([text])[0]
@@ -101,6 +105,12 @@ class NearDuplicateIndex:
         if len(keys) != len(texts):
             raise ValueError(f"check_batch: {len(keys)} keys for {len(texts)} texts")
         return [self._check(key, sig, add=True) for key, sig in zip(keys, self.signatures(texts))]
+
+    def check_signatures(self, keys: Sequence[str], sigs: Sequence[np.ndarray | None]) -> list[NearMatch | None]:
+        """check_batch with the signatures computed elsewhere (signatures(), e.g. in another process)."""
+        if len(keys) != len(sigs):
+            raise ValueError(f"check_signatures: {len(keys)} keys for {len(sigs)} signatures")
+        return [self._check(key, sig, add=True) for key, sig in zip(keys, sigs)]
 
     def add(self, key: str) -> None:
         """Keep the row last passed to check(add=False)."""
