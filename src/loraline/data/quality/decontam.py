@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from loraline.config import DecontamParams
+from xxhash import xxh3_64_intdigest
+
 from loraline.data.quality import ngrams, words
 
 MAX_POSTING = 64
@@ -35,6 +37,10 @@ class Contamination:
     overlap: float  # share of the row's n-grams found in that test row
 
 
+def _gram_key(gram: str) -> int:
+    return xxh3_64_intdigest(gram.encode("utf-8", "surrogatepass"))
+
+
 class TestIndex:
     """The held-out rows' n-grams, queried once per train/validation row."""
 
@@ -42,14 +48,17 @@ class TestIndex:
 
     def __init__(self, params: DecontamParams) -> None:
         self.params = params
-        self._grams: dict[str, frozenset[str]] = {}
-        self._postings: dict[str, list[str]] = {}
+        # n-grams as 64-bit hashes: a small int instead of a string per n-gram of every test row (most
+        # of the index's memory); a collision would need two different 8-word n-grams of one tenant to
+        # share a 64-bit hash.
+        self._grams: dict[str, frozenset[int]] = {}
+        self._postings: dict[int, list[str]] = {}
         self._order: dict[str, int] = {}
 
     def add(self, key: str, text: str) -> None:
         if key in self._grams:
             return
-        grams = frozenset(ngrams(words(text), self.params.ngram))
+        grams = frozenset(map(_gram_key, ngrams(words(text), self.params.ngram)))
         self._grams[key] = grams
         self._order[key] = len(self._order)
         for gram in grams:
@@ -59,7 +68,7 @@ class TestIndex:
         """The best-overlapping test row (ties: the first added), whatever the threshold; None without one."""
         if not self._grams:
             return None
-        grams = ngrams(words(text), self.params.ngram)
+        grams = set(map(_gram_key, ngrams(words(text), self.params.ngram)))
         hits = [posting for posting in map(self._postings.get, grams) if posting is not None and len(posting) <= MAX_POSTING]
         if not hits:  # most rows share no distinctive n-gram with any test row: nothing to rank
             return None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
+from xxhash import xxh3_64_intdigest as _band_key
 
 from loraline.config import NearDedupParams
 from loraline.data.quality import words
@@ -59,7 +60,10 @@ class NearDuplicateIndex:
         lsh = MinHashLSH(threshold=params.threshold, num_perm=params.num_perm, weights=LSH_WEIGHTS)
         width = template.hashvalues.itemsize
         self._bands = [slice(i * lsh.r * width, (i + 1) * lsh.r * width) for i in range(lsh.b)]
-        self._tables: list[dict[bytes, int | list[int]]] = [{} for _ in self._bands]  # band bytes -> rank(s)
+        # band -> rank(s), keyed by a 64-bit hash of the band's bytes: a small int instead of a bytes
+        # object per band and row (a third of the index's memory). A collision only proposes one more
+        # candidate, which the Jaccard check of its signature then judges like any other.
+        self._tables: list[dict[int, int | list[int]]] = [{} for _ in self._bands]
         self._keys: list[str] = []  # kept rows in insertion order: an index here is the row's rank
         self._rank: dict[str, int] = {}
         self._kept = np.empty((1024, params.num_perm), dtype=template.hashvalues.dtype)  # signature by rank
@@ -127,7 +131,7 @@ class NearDuplicateIndex:
             raw = sig.tobytes()
             candidates: set[int] = set()
             for band, table in zip(self._bands, self._tables):
-                found = table.get(raw[band])
+                found = table.get(_band_key(raw[band]))
                 if found is not None:
                     candidates.update(found) if isinstance(found, list) else candidates.add(found)
             # Ranks ascending: on equal Jaccard the earliest kept row wins. Compared unrounded: against
@@ -155,13 +159,14 @@ class NearDuplicateIndex:
         self._rank[key] = rank
         raw = sig.tobytes()
         for band, table in zip(self._bands, self._tables):
-            found = table.get(raw[band])
+            band_key = _band_key(raw[band])
+            found = table.get(band_key)
             if found is None:  # most buckets hold one row: an int, not a list, saves memory
-                table[raw[band]] = rank
+                table[band_key] = rank
             elif isinstance(found, list):
                 found.append(rank)
             else:
-                table[raw[band]] = [found, rank]
+                table[band_key] = [found, rank]
 
     def _shingles(self, text: str) -> list[bytes]:
         # quality.ngrams as UTF-8 bytes (what datasketch hashes), without building the set: a
