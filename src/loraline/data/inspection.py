@@ -194,7 +194,10 @@ def _candidates(result: SourceInspection) -> list[dict]:
     if instruction is not None and output is not None and instruction != output:
         extra = _pick(result, INPUT_KEYS)
         if extra is not None and extra not in (instruction, output):
-            out.append({"columns": {"instruction": f"{{{extra}}}\n\n{{{instruction}}}", "output": output}})
+            if result.keys[extra].filled == result.rows:  # always there: the context reads first
+                out.append({"columns": {"instruction": f"{{{extra}}}\n\n{{{instruction}}}", "output": output}})
+            else:  # often empty (as in dolly): an optional input, left out where empty
+                out.append({"columns": {"instruction": instruction, "input": extra, "output": output}})
         out.append({"columns": {"instruction": instruction, "output": output}})
     return out
 

@@ -76,6 +76,17 @@ def test_context_question_answers_gets_a_template(raw_dir, gather, tokenizer):
     assert out.stats.kept == 5 and out.rejects == []
 
 
+def test_an_often_empty_context_becomes_an_optional_input(raw_dir, gather, tokenizer):
+    rows = [{"instruction": f"Name a colour ({i}).", "context": "" if i % 3 else f"Paint shop {i}.", "response": "Blue.",
+             "category": "open_qa"} for i in range(6)]
+    write_jsonl(raw_dir / "dolly.jsonl", rows)
+    (result,) = inspect_path(raw_dir / "dolly.jsonl", raw_dir)
+    assert result.suggestion["columns"] == {"instruction": "instruction", "input": "context", "output": "response"}
+    out = _gather_with(gather, raw_dir, report_text([result], tokenizer))
+    users = sorted(r["messages"][0]["content"] for s in out.splits.values() for r in s)
+    assert out.stats.kept == 6 and "Name a colour (0).\n\nPaint shop 0." in users and "Name a colour (1)." in users
+
+
 def test_unknown_roles_get_a_roles_mapping(raw_dir, gather, tokenizer):
     rows = [{"conversations": [{"from": "human", "value": f"Weather {i}?"}, {"from": "function_response", "value": "{}"},
                                {"from": "bot", "value": f"Sunny {i}."}]} for i in range(3)]
