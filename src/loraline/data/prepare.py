@@ -12,9 +12,12 @@ Output layout (everything rewritten atomically on each run):
 
 Documents are not split: they are unlabelled text (for continued pretraining or retrieval), not
 answers to evaluate, so they live in their own dataset; they still count as kept.
-Each row is checked in order: read, shape, max_chars, PII, duplicate of a kept row, control tokens,
-render, max_tokens, then (across rows) decontamination and near-duplicates; synthetic rows (train
-only) follow the real ones, drawn in a seeded order, until the mix quota is reached. A duplicate is
+Each row is checked in order: read and map (tenants.<t>.sources), shape, max_chars, PII, control
+tokens, render, max_tokens, duplicate of a kept row (pass 1, data/rows.py), then across rows
+decontamination and near-duplicates (pass 2, data/screening.py); synthetic rows (train only) follow
+the real ones, drawn in a seeded order, until the mix quota is reached. Rows stream through Arrow
+files (data/stores.py) and the per-row work runs in worker processes past ~8k rows
+(prepare.num_proc), with the same result for any number of them. A duplicate is
 only ever a duplicate of a kept row, so every row of duplicates.jsonl points at a row of the dataset.
 Every input row ends kept, rejected (with a reason), a duplicate, a near-duplicate or contaminated,
 and the counts are checked to add up before anything is written.
@@ -24,88 +27,43 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import heapq
 import json
 import math
 import os
 import shutil
 import tempfile
 from array import array
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import datasets
-import pyarrow as pa
 from tqdm.auto import tqdm
 
 from loraline.config import PrepareParams, TenantParams
-from loraline.data.controls import text_cleaner
+from loraline.data import rows
+from loraline.data.card import raw_file_hashes, render_card
+from loraline.data.features import CHAT_FEATURES, DOCUMENT_FEATURES
 from loraline.data.mapping import DETECTED, SourceSpec, assign, compile_sources, map_rows
 from loraline.data.pool import default_workers, ordered_map
-from loraline.data.readers import RawRow, has_surrogates, list_files, read_rows
-from loraline.data.render import (
-    Rendered,
-    check_tokenizer,
-    control_tokens,
-    find_control_token,
-    render_batch,
-    tokenizer_hash,
-    tokenizer_name,
-)
-from loraline.data.card import raw_file_hashes, render_card
 from loraline.data.quality import row_text
 from loraline.data.quality.decontam import TestIndex
 from loraline.data.quality.mix import draw_key, quota
 from loraline.data.quality.near_dup import NearDuplicateIndex
 from loraline.data.quality.pii import PII_TYPES, PiiScrubber
-from loraline.data.schema import (
-    SPLITS,
-    ChatTemplateError,
-    Message,
-    PrepareError,
-    PrepareStats,
-    Reject,
-    RejectReason,
-    locate,
-    top_field,
-)
-from loraline.data.shapes import NO_OPTIONS, Parsed, ShapeOptions, to_record
-from loraline.data.split import Deduplicator, content_hash, split_of
+from loraline.data.readers import has_surrogates, list_files, read_rows
+from loraline.data.render import check_tokenizer, control_tokens, tokenizer_hash, tokenizer_name
+from loraline.data.rows import RowContext, admit_synthetic, batches, parse_row, reject_row, scrubber_for, settle, source_options
+from loraline.data.schema import SPLITS, PrepareError, PrepareStats, Reject, RejectReason, locate
+from loraline.data.screening import Quality, quality_batch, second_pass
+from loraline.data.split import Deduplicator
 from loraline.data.stores import ArrowRows, ListRows, RejectFile, RejectList, RejectSummary
 from loraline.io import atomic_dir, write_json, write_jsonl
 from loraline.provenance import code_revision, hash_tree, sha256_file
 
-CHAT_FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("string"),
-        "tenant": datasets.Value("string"),
-        "source_file": datasets.Value("string"),
-        "row": datasets.Value("int64"),
-        "shape": datasets.Value("string"),
-        "source": datasets.Value("string"),  # "real" or "synthetic"
-        "provenance": datasets.Value("string"),  # JSON: a synthetic row's generator, model, source span...; "null" for real rows
-        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
-        "text": datasets.Value("string"),
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "labels": datasets.List(datasets.Value("int32")),
-        "n_tokens": datasets.Value("int32"),
-        "n_answer_tokens": datasets.Value("int32"),
-    }
-)
-DOCUMENT_FEATURES = datasets.Features(
-    {
-        "text": datasets.Value("string"),
-        "source_file": datasets.Value("string"),
-        "row": datasets.Value("int64"),
-        "content_hash": datasets.Value("string"),
-        "tenant": datasets.Value("string"),
-    }
-)
 PERCENTILES = (50, 90, 99)
-CHAT_SCHEMA = CHAT_FEATURES.arrow_schema
 CODE_ROOT = Path(__file__).resolve().parents[3]  # the checkout holding src/loraline, for the card's code revision
 
 
@@ -282,7 +240,7 @@ def collect(
         system_prompt = tenant.system_prompt if tenant.system_prompt is not None else params.system_prompt
 
     stats = PrepareStats(tenant=tenant.name)
-    scrubber = _scrubber(params)
+    scrubber = scrubber_for(params)
     out = Collected(stats=stats, rejects=rejects if rejects is not None else RejectList(), scrubber=scrubber)
     if spill_dir is not None:
         out.splits = {s: ArrowRows(Path(spill_dir) / f"{s}.arrow", CHAT_FEATURES) for s in SPLITS}
@@ -290,9 +248,9 @@ def collect(
     rows_in = {rel: 0 for _, rel in files}
     seed = params.seed if params.seed is not None else DEFAULT_SEED
     controls = control_tokens(tokenizer)
-    ctx = _Context(tenant.name, params, tokenizer, system_prompt, Deduplicator(), controls, scrubber,
-                   options=_options(DETECTED, params, controls, tokenizer))
-    q = _Quality(
+    ctx = RowContext(tenant.name, params, tokenizer, system_prompt, Deduplicator(), controls, scrubber,
+                   options=source_options(DETECTED, params, controls, tokenizer))
+    q = Quality(
         TestIndex(params.decontamination) if params.decontamination.enabled else None,
         NearDuplicateIndex(params.near_dedup, seed=seed) if params.near_dedup.enabled else None,
     )
@@ -302,26 +260,26 @@ def collect(
 
     def jobs() -> Iterator[tuple[int | None, list]]:
         for path, rel, spec in assigned:
-            rows = read_rows(path, rel, tenant.name, params.csv_delimiter, spec.format, whole_object=spec.explode is not None)
-            for batch in _batches(map_rows(rows, spec, tenant.name)):
+            raw_rows = read_rows(path, rel, tenant.name, params.csv_delimiter, spec.format, whole_object=spec.explode is not None)
+            for batch in batches(map_rows(raw_rows, spec, tenant.name)):
                 rows_in[rel] += len(batch)
                 yield spec.index, batch
 
     to_arrow = spill_dir is not None
-    _set_up_examiners(ctx, specs, to_arrow)
+    rows.set_up_examiners(ctx, specs, to_arrow)
     workers = params.num_proc or default_workers()
     bar = tqdm(desc=f"prepare {tenant.name}", unit=" rows", disable=not progress)
-    for examined, pii, pii_rows, batches in ordered_map(_examine_job, jobs(), workers=workers,
-                                                        initializer=_set_up_examiners, initargs=(_portable(ctx), specs, to_arrow, True)):
+    for examined, pii, pii_rows, arrow_batches in ordered_map(rows.examine_job, jobs(), workers=workers,
+                                                        initializer=rows.set_up_examiners, initargs=(rows.portable(ctx), specs, to_arrow, True)):
         ctx.pii.update(pii)
         ctx.pii_rows[0] += pii_rows
-        for split, batch in batches.items():
+        for split, batch in arrow_batches.items():
             out.splits[split].append_batch(batch)
-        for outcome in _settle(examined, ctx.dedup):
+        for outcome in settle(examined, ctx.dedup):
             _route(out, outcome, q, stored=to_arrow)
         bar.update(len(examined))
     bar.close()
-    _second_pass(out, q, workers)
+    second_pass(out, q, workers)
 
     if synthetic_rows is not None and Path(synthetic_rows).is_file():
         _mix_synthetic(out, Path(synthetic_rows), ctx, q, seed, rows_in)
@@ -331,30 +289,6 @@ def collect(
     _summarize(out, raw_dir, tokenizer, rows_in)
     stats.sources = _by_source_entry(stats, [(rel, spec) for _, rel, spec in assigned])
     return out
-
-
-BATCH_ROWS = 1024  # rows rendered and tokenized together: one tokenizer call, bounded memory
-
-
-def _batches(items: Iterator) -> Iterator[list]:
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == BATCH_ROWS:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _scrubber(params: PrepareParams) -> PiiScrubber | None:
-    return PiiScrubber(params.pii.types) if params.pii.mode != "off" else None
-
-
-def _options(spec: SourceSpec, params: PrepareParams, controls: tuple[str, ...], tokenizer) -> ShapeOptions:
-    """A source's shape options: its roles and origins, and the text cleaner of its control-token policy."""
-    policy = (spec.params.control_tokens if spec.params is not None else None) or params.control_tokens
-    return spec.options(text_cleaner(policy, controls, tokenizer))
 
 
 def _by_source_entry(stats: PrepareStats, assigned: list[tuple[str, SourceSpec]]) -> list[dict]:
@@ -373,221 +307,10 @@ def _by_source_entry(stats: PrepareStats, assigned: list[tuple[str, SourceSpec]]
 DEFAULT_SEED = 1234  # Params.seed's default, for callers passing a PrepareParams without prepare_for()
 
 
-@dataclass(frozen=True)
-class _Context:
-    tenant: str
-    params: PrepareParams
-    tokenizer: object
-    system_prompt: str | None
-    dedup: Deduplicator
-    controls: tuple[str, ...]
-    scrubber: PiiScrubber | None = None
-    options: ShapeOptions = NO_OPTIONS  # the source's roles, origins and control-token cleaner
-    pii: Counter = field(default_factory=Counter)
-    pii_rows: list[int] = field(default_factory=lambda: [0])
+# -- pass 1 across processes: the same examine_batch, set up once per worker ----------------------
 
 
-Kept = tuple[str, dict]  # ("train" | "validation" | "test" | "document", the dataset row)
-
-
-def _examine_batch(batch: list[RawRow | Reject], ctx: _Context) -> list:
-    """The per-row work, which depends on nothing but the row: shape, PII, control tokens, then the
-    chat rows rendered and tokenized together, then max_tokens. Each item becomes a Reject, a
-    ChatTemplateError (the template is unusable: prepare stops), or a candidate (split, row) /
-    ("document", row) that still has to pass the exact-duplicate check (`_settle`)."""
-    pending: list[tuple[int, RawRow, Parsed]] = []
-    outcomes: list = [None] * len(batch)
-    for i, item in enumerate(batch):
-        if isinstance(item, Reject):
-            outcomes[i] = item
-            continue
-        parsed = _parse(item, ctx)
-        rejected = parsed if isinstance(parsed, Reject) else _control_reject(item, parsed, ctx)
-        if rejected is not None:
-            outcomes[i] = rejected
-        else:
-            pending.append((i, item, parsed))
-    chats = [(i, item, parsed) for i, item, parsed in pending if parsed.record.kind == "chat"]
-    rendered = dict(zip((i for i, _, _ in chats), render_batch([p.record.messages for _, _, p in chats], ctx.tokenizer)))
-    for i, item, parsed in pending:
-        record = parsed.record
-        result = rendered.get(i)
-        if isinstance(result, ChatTemplateError):
-            outcomes[i] = ChatTemplateError(f"{locate(record.source_file, record.row)}: {result}")
-        elif result is None:
-            outcomes[i] = ("document", _document_row(record, ctx.tenant))
-        elif result.n_tokens > ctx.params.max_tokens:
-            outcomes[i] = _too_long(item, parsed, result, ctx.params)
-        else:
-            outcomes[i] = (split_of(record.content_hash, ctx.params.split), _chat_row(record, result, ctx.tenant))
-    return outcomes
-
-
-def _settle(examined: list, dedup: Deduplicator) -> Iterator[Reject | tuple]:
-    """Exact duplicates, in row order. Checking them after the content checks gives the same outcome
-    as checking them first: a duplicate has the kept row's content, so it passes the same checks."""
-    for outcome in examined:
-        if isinstance(outcome, ChatTemplateError):
-            raise outcome
-        if isinstance(outcome, Reject):
-            yield outcome
-            continue
-        where, row = outcome
-        key = row.get("id") or row["content_hash"]
-        duplicate = dedup.duplicate(key, row["source_file"], row["row"])
-        if duplicate is not None:
-            yield ("duplicate", duplicate, None if where == "document" else where, row)
-        else:
-            dedup.keep(key, row["source_file"], row["row"])
-            yield outcome
-
-
-# -- pass 1 across processes: the same _examine_batch, set up once per worker ----------------------
-
-_EXAMINERS: dict[int | None, _Context] = {}  # per sources[] entry (None: detected), in this process
-_TO_ARROW: list[bool] = [False]  # candidates leave the examiner as Arrow record batches (the stage)
-
-
-def _set_up_examiners(ctx: _Context, specs: list[SourceSpec], to_arrow: bool, worker: bool = False) -> None:
-    if worker:  # tokenizers' own threads do not survive a fork; the workers are the parallelism
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _TO_ARROW[0] = to_arrow
-    if worker:  # the scrubber's patterns are rebuilt here rather than pickled
-        ctx = replace(ctx, scrubber=_scrubber(ctx.params))
-    _EXAMINERS.clear()
-    for spec in [DETECTED, *specs]:
-        _EXAMINERS[spec.index] = replace(ctx, options=_options(spec, ctx.params, ctx.controls, ctx.tokenizer),
-                                         pii=Counter(), pii_rows=[0])
-
-
-def _portable(ctx: _Context) -> _Context:
-    """What a worker needs of the context, picklable for spawn: no cleaner closure (the workers build
-    their own from the specs) and no duplicate index (duplicates are settled in the main process)."""
-    return replace(ctx, options=NO_OPTIONS, dedup=Deduplicator(), scrubber=None, pii=Counter(), pii_rows=[0])
-
-
-def _examine_job(job: tuple[int | None, list]) -> tuple[list, Counter, int, dict[str, pa.RecordBatch]]:
-    """A batch of one source examined; the PII counts it found travel back with it.
-
-    For the stage, the chat candidates also leave as one Arrow record batch per split, built here
-    (in the workers) rather than row by row in the main process; the outcomes then carry only what
-    the main process needs of them (id and origin, and the messages of test rows for decontamination).
-    """
-    index, batch = job
-    ctx = _EXAMINERS[index]
-    ctx.pii.clear()
-    ctx.pii_rows[0] = 0
-    outcomes = _examine_batch(batch, ctx)
-    batches: dict[str, pa.RecordBatch] = {}
-    if _TO_ARROW[0]:
-        rows: dict[str, list[dict]] = {}
-        for i, outcome in enumerate(outcomes):
-            if isinstance(outcome, tuple) and outcome[0] != "document":
-                split, row = outcome
-                rows.setdefault(split, []).append(row)
-                light = {"id": row["id"], "source_file": row["source_file"], "row": row["row"]}
-                outcomes[i] = (split, {**light, "messages": row["messages"]} if split == "test" else light)
-        batches = {split: pa.RecordBatch.from_pylist(r, schema=CHAT_SCHEMA) for split, r in rows.items()}
-    return outcomes, Counter(ctx.pii), ctx.pii_rows[0], batches
-
-
-def _parse(item: RawRow, ctx: _Context) -> Parsed | Reject:
-    """Shape and max_chars, then PII: masked rows get the content hash of their masked content, so
-    that exact deduplication and the split see what the dataset holds."""
-    parsed = to_record(item, ctx.tenant, max_chars=ctx.params.max_chars, system_prompt=ctx.system_prompt, options=ctx.options)
-    if isinstance(parsed, Reject) or ctx.scrubber is None:
-        return parsed
-    record = parsed.record
-    found: Counter = Counter()
-    if record.kind == "document":
-        text, found = ctx.scrubber.scrub(record.text)
-        if not found:
-            return parsed
-        scrubbed = replace(record, text=text, content_hash=content_hash([("document", text)]))
-    else:
-        messages = []
-        for m in record.messages:
-            text, counts = ctx.scrubber.scrub(m.content)
-            found.update(counts)
-            messages.append(Message(m.role, text))
-        if not found:
-            return parsed
-        scrubbed = replace(
-            record, messages=tuple(messages), content_hash=content_hash((m.role, m.content) for m in messages)
-        )
-    ctx.pii.update(found)
-    ctx.pii_rows[0] += 1
-    if ctx.params.pii.mode == "drop":
-        kinds = ", ".join(f"{kind} x{n}" for kind, n in sorted(found.items()))
-        return _reject(item, parsed, None, RejectReason.PII, f"holds PII ({kinds}); prepare.pii.mode=drop")
-    return Parsed(scrubbed, parsed.fields)
-
-
-def _control_reject(item: RawRow, parsed: Parsed, ctx: _Context) -> Reject | None:
-    record = parsed.record
-    texts = [record.text] if record.kind == "document" else [m.content for m in record.messages]
-    found = find_control_token(texts, ctx.controls)
-    if found is None:
-        return None
-    index, token = found
-    return _reject(item, parsed, parsed.fields[index], RejectReason.CONTROL_TOKEN,
-                   f"contains the tokenizer's control token {token!r}, which would be read as template markup "
-                   "(control_tokens: escape keeps it as literal text; strip removes end-of-text markers at the ends)")
-
-
-def _too_long(item: RawRow, parsed: Parsed, rendered: Rendered, params: PrepareParams) -> Reject:
-    return _reject(item, parsed, None, RejectReason.TOO_LONG,
-                   f"renders to {rendered.n_tokens} tokens with the chat template (prepare.max_tokens={params.max_tokens})")
-
-
-def _document_row(record, tenant: str) -> dict:
-    return {"text": record.text, "source_file": record.source_file, "row": record.row,
-            "content_hash": record.content_hash, "tenant": tenant}
-
-
-def _chat_row(record, rendered: Rendered, tenant: str) -> dict:
-    return {
-        "id": record.content_hash,
-        "tenant": tenant,
-        "source_file": record.source_file,
-        "row": record.row,
-        "shape": record.shape,
-        "source": "real",
-        "provenance": "null",
-        "messages": [{"role": m.role, "content": m.content} for m in record.messages],
-        "text": rendered.text,
-        "input_ids": rendered.input_ids,
-        "labels": rendered.labels,
-        "n_tokens": rendered.n_tokens,
-        "n_answer_tokens": rendered.n_answer_tokens,
-    }
-
-
-def _admit_synthetic(item: RawRow, parsed: Parsed, ctx: _Context) -> Reject | dict | Kept:
-    """A synthetic row through the same checks (exact duplicate first: it must not repeat a real row);
-    remembering it as kept is left to the caller, since the quality steps may still drop it."""
-    record = parsed.record
-    duplicate = ctx.dedup.duplicate(record.content_hash, record.source_file, record.row)
-    if duplicate is not None:
-        return duplicate
-    rejected = _control_reject(item, parsed, ctx)
-    if rejected is not None:
-        return rejected
-    (result,) = render_batch([record.messages], ctx.tokenizer)
-    if isinstance(result, ChatTemplateError):
-        raise ChatTemplateError(f"{locate(record.source_file, record.row)}: {result}") from result
-    if result.n_tokens > ctx.params.max_tokens:
-        return _too_long(item, parsed, result, ctx.params)
-    return "train", _chat_row(record, result, ctx.tenant)
-
-
-def _reject(raw: RawRow, parsed: Parsed, path: str | None, reason: RejectReason, message: str) -> Reject:
-    rec = parsed.record
-    return Reject(rec.tenant, rec.source_file, rec.row, top_field(path), reason,
-                  f"{locate(rec.source_file, rec.row, path, raw.item)}: {message}", raw.excerpt)
-
-
-def _route(out: Collected, outcome, q: _Quality, stored: bool = False) -> None:
+def _route(out: Collected, outcome, q: Quality, stored: bool = False) -> None:
     """Pass 1's outcome of a row: rejects and duplicates are final, documents kept, chat rows become
     candidates in their split's store (in row order, numbered so that pass 2 can restore that order).
     `stored`: the chat candidates, duplicates included, are in their stores already (Arrow batches)."""
@@ -611,7 +334,7 @@ def _route(out: Collected, outcome, q: _Quality, stored: bool = False) -> None:
         _candidate(out, q, split, row, stored, alive=True)
 
 
-def _candidate(out: Collected, q: _Quality, split: str, row: dict, stored: bool, alive: bool) -> None:
+def _candidate(out: Collected, q: Quality, split: str, row: dict, stored: bool, alive: bool) -> None:
     q.order[split].append(q.seen)
     q.alive[split].append(alive)
     q.seen += 1
@@ -619,127 +342,7 @@ def _candidate(out: Collected, q: _Quality, split: str, row: dict, stored: bool,
         out.splits[split].append(row)
 
 
-# What pass 2 reads back of each candidate: not the token ids, which it leaves where they are.
-PASS2_COLUMNS = ("id", "messages", "source_file", "row", "source", "provenance", "shape", "n_tokens", "n_answer_tokens")
-
-
-def _second_pass(out: Collected, q: _Quality, workers: int) -> None:
-    """Decontamination then near-duplicates over the candidates in pass 1's order (the splits' stores
-    merged by row number), then each split keeps the rows that passed.
-
-    Checking a row against the (now complete) test index and computing its MinHash signature depend
-    on nothing else, so they run in worker processes; only the near-duplicate index, where each row
-    meets the rows kept before it, is walked here, in order.
-    """
-    def numbered(split: str) -> Iterator[tuple[int, str, int, dict]]:
-        alive = q.alive[split]
-        for i, (seq, row) in enumerate(zip(q.order[split], out.splits[split].columns(PASS2_COLUMNS))):
-            if alive[i]:  # exact duplicates are already settled
-                yield seq, split, i, row
-
-    streams = [numbered(split) for split in SPLITS]
-    masks: dict[str, bytearray] = {split: bytearray(len(q.order[split])) for split in SPLITS}
-    batches = deque()
-
-    def jobs() -> Iterator[list[tuple[str, dict]]]:
-        for batch in _batches(heapq.merge(*streams, key=lambda item: item[0])):
-            batches.append(batch)
-            yield [(split, row) for _, split, _, row in batch]
-
-    # Workers forked now inherit the complete test index; the near-duplicate index they get is only
-    # used for its signature function (the kept rows are walked here).
-    _set_up_screen(q.test_index, q.near)
-    for screened in ordered_map(_screen_job, jobs(), workers=workers, initializer=_set_up_screen,
-                                initargs=(q.test_index, _signer(q.near), True)):
-        batch = batches.popleft()
-        rows = [(split, row) for _, split, _, row in batch]
-        for (_, split, i, row), kept in zip(batch, _apply_screen(out, rows, screened, q)):
-            if kept:
-                masks[split][i] = 1
-                out.count(split, row)
-    for split in SPLITS:
-        out.splits[split].select(masks[split])
-
-
-_SCREEN: dict[str, Any] = {"test_index": None, "near": None}  # pass 2's read-only state, per process
-
-
-def _set_up_screen(test_index: TestIndex | None, near: NearDuplicateIndex | None, worker: bool = False) -> None:
-    _SCREEN["test_index"], _SCREEN["near"] = test_index, near
-
-
-def _signer(near: NearDuplicateIndex | None) -> NearDuplicateIndex | None:
-    """An empty index with the same MinHash family: what a worker needs to compute signatures."""
-    return None if near is None else NearDuplicateIndex(near.params, seed=near.seed)
-
-
-def _screen_job(rows: list[tuple[str, dict]]) -> list[tuple[Any, Any]]:
-    return _screen(rows, _SCREEN["test_index"], _SCREEN["near"])
-
-
-@dataclass
-class _Quality:
-    """The state of the steps that look across rows: the test split's n-grams and the kept rows' MinHashes."""
-
-    test_index: TestIndex | None
-    near: NearDuplicateIndex | None
-    kept_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (source_file, row) of kept chat rows
-    test_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # the same for test rows
-    order: dict[str, array] = field(default_factory=lambda: {s: array("q") for s in SPLITS})  # pass-1 number of each candidate
-    alive: dict[str, bytearray] = field(default_factory=lambda: {s: bytearray() for s in SPLITS})  # not an exact duplicate
-    seen: int = 0
-
-
-def _quality_batch(out: Collected, rows: list[tuple[str, dict]], q: _Quality) -> list[bool]:
-    """Decontamination (train/validation only) then near-duplicates, in row order; whether each is kept."""
-    return _apply_screen(out, rows, _screen(rows, q.test_index, q.near), q)
-
-
-def _screen(rows: list[tuple[str, dict]], test_index: TestIndex | None, near: NearDuplicateIndex | None) -> list[tuple[Any, Any]]:
-    """Per row, what depends on the row alone: its contamination (a train/validation row against the
-    whole test index) or, when it is clean, its MinHash signature."""
-    texts = [row_text(row["messages"]) for _, row in rows]
-    hits = [test_index.match(text) if test_index is not None and split != "test" else None
-            for (split, _), text in zip(rows, texts)]
-    clean = [i for i, hit in enumerate(hits) if hit is None]
-    sigs: list = [None] * len(rows)
-    if near is not None and clean:
-        for i, sig in zip(clean, near.signatures([texts[i] for i in clean])):
-            sigs[i] = sig
-    return list(zip(hits, sigs))
-
-
-def _apply_screen(out: Collected, rows: list[tuple[str, dict]], screened: list[tuple[Any, Any]], q: _Quality) -> list[bool]:
-    """Record contaminated rows, then walk the near-duplicate index in row order; whether each is kept."""
-    decisions = [False] * len(rows)
-    survivors = []
-    for i, ((split, row), (hit, sig)) in enumerate(zip(rows, screened)):
-        if hit is None:
-            survivors.append((i, row, sig))
-            continue
-        test_file, test_row = q.test_at[hit.test_key]
-        out.contaminated.append({
-            "id": row["id"], "source_file": row["source_file"], "row": row["row"], "split": split,
-            "source": row["source"], "matched_test_id": hit.test_key, "matched_test_file": test_file,
-            "matched_test_row": test_row, "overlap": hit.overlap,
-        })
-    matches = (q.near.check_signatures([row["id"] for _, row, _ in survivors], [sig for _, _, sig in survivors])
-               if q.near is not None else [None] * len(survivors))
-    for (i, row, _), match in zip(survivors, matches):
-        if match is not None:
-            kept_file, kept_row = q.kept_at[match.kept_key]
-            out.duplicates.append({
-                "source_file": row["source_file"], "row": row["row"], "duplicate_of_file": kept_file,
-                "duplicate_of_row": kept_row, "content_hash": row["id"], "kind": "near",
-                "duplicate_of_id": match.kept_key, "jaccard": match.jaccard,
-            })
-            continue
-        q.kept_at.setdefault(row["id"], (row["source_file"], row["row"]))
-        decisions[i] = True
-    return decisions
-
-
-def _mix_synthetic(out: Collected, path: Path, ctx: _Context, q: _Quality, seed: int, rows_in: dict[str, int]) -> None:
+def _mix_synthetic(out: Collected, path: Path, ctx: RowContext, q: Quality, seed: int, rows_in: dict[str, int]) -> None:
     """Synthetic rows into train: parsed and scrubbed, drawn in seeded order, then the quality steps
     until floor(synthetic_ratio x real train rows) are kept; the rest are over_mix_ratio."""
     rel = f"{SYNTHETIC_PREFIX}{path.name}"
@@ -762,12 +365,12 @@ def _mix_synthetic(out: Collected, path: Path, ctx: _Context, q: _Quality, seed:
             ))
             continue
         out.synthetic_provenance.append(provenance)
-        parsed = _parse(item, ctx)
+        parsed = parse_row(item, ctx)
         if isinstance(parsed, Reject):
             out.reject(parsed)
             continue
         if parsed.record.kind != "chat":
-            out.reject(_reject(item, parsed, None, RejectReason.UNKNOWN_SHAPE,
+            out.reject(reject_row(item, parsed, None, RejectReason.UNKNOWN_SHAPE,
                                        "a synthetic row must be a chat ({'messages': [...]}), not a document"))
             continue
         drawn.append((draw_key(seed, parsed.record.content_hash, item.row), item, parsed, provenance))
@@ -778,20 +381,20 @@ def _mix_synthetic(out: Collected, path: Path, ctx: _Context, q: _Quality, seed:
     kept = 0
     for _, item, parsed, provenance in drawn:
         if kept >= allowed:
-            out.reject(_reject(
+            out.reject(reject_row(
                 item, parsed, None, RejectReason.OVER_MIX_RATIO,
                 f"beyond the mix quota: {allowed} synthetic rows for {real_train} real train rows "
                 f"(synthetic_ratio={ctx.params.synthetic_ratio})",
             ))
             continue
-        outcome = _admit_synthetic(item, parsed, ctx)
+        outcome = admit_synthetic(item, parsed, ctx)
         if not isinstance(outcome, tuple):
             _route(out, outcome, q)
             continue
         _, row = outcome
         row["source"] = "synthetic"
         row["provenance"] = json.dumps({"id": item.value.get("id"), **provenance}, sort_keys=True, ensure_ascii=False)
-        if _quality_batch(out, [("train", row)], q)[0]:
+        if quality_batch(out, [("train", row)], q)[0]:
             ctx.dedup.keep(row["id"], row["source_file"], row["row"])
             out.keep("train", row)
             kept += 1

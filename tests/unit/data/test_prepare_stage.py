@@ -269,7 +269,7 @@ def _prepare_files(tmp_path: Path, tenant: TenantParams, tokenizer, name: str, n
 
 def test_spawned_workers_give_the_same_outputs(tmp_path, tokenizer, monkeypatch):
     """Where fork is not used (macOS, Windows) the workers' state is pickled: it must be picklable."""
-    monkeypatch.setattr("loraline.data.prepare.BATCH_ROWS", 8)
+    monkeypatch.setattr("loraline.data.rows.BATCH_ROWS", 8)
     monkeypatch.setattr("loraline.data.pool.INLINE_ITEMS", 1)
     monkeypatch.setattr("loraline.data.pool.START_METHOD", "spawn")
     raw = tmp_path / "raw"
@@ -284,7 +284,7 @@ def test_worker_processes_give_byte_identical_outputs(tmp_path, tokenizer, monke
     """num_proc only changes who does the per-row work: every file written is the same."""
     import random
 
-    monkeypatch.setattr("loraline.data.prepare.BATCH_ROWS", 16)  # many batches from a few hundred rows,
+    monkeypatch.setattr("loraline.data.rows.BATCH_ROWS", 16)  # many batches from a few hundred rows,
     monkeypatch.setattr("loraline.data.pool.INLINE_ITEMS", 2)  # so the pool starts after two of them
     rng = random.Random(7)
     words = "refund order parcel late broken colour size invoice address courier".split()
@@ -304,9 +304,9 @@ def test_worker_processes_give_byte_identical_outputs(tmp_path, tokenizer, monke
     def run(name: str, num_proc: int):
         return _prepare_files(tmp_path, tenant, tokenizer, name, num_proc)
 
-    from loraline.data import prepare
+    from loraline.data import rows as row_work
 
-    set_up = prepare._set_up_examiners
+    set_up = row_work.set_up_examiners
     seen = tmp_path / "workers"
     seen.mkdir()
 
@@ -315,7 +315,7 @@ def test_worker_processes_give_byte_identical_outputs(tmp_path, tokenizer, monke
             (seen / str(os.getpid())).touch()
         set_up(ctx, specs, to_arrow, worker)
 
-    monkeypatch.setattr(prepare, "_set_up_examiners", marking)
+    monkeypatch.setattr(row_work, "set_up_examiners", marking)
     one, two = run("one", 1), run("two", 2)
     assert len(list(seen.iterdir())) == 2, "num_proc=2 ran the per-row work in two worker processes"
     assert one.keys() == two.keys() and any(k.endswith(".arrow") for k in one)
