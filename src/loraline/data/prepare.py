@@ -301,7 +301,11 @@ def _by_source_entry(stats: PrepareStats, assigned: list[tuple[str, SourceSpec]]
         entry["files"] += 1
         for key, n in stats.by_file.get(rel, {}).items():
             entry[key] += n
-    return [entries[k] for k in sorted(entries, key=lambda k: (k is None, k or 0))]
+    out = [entries[k] for k in sorted(entries, key=lambda k: (k is None, k or 0))]
+    # the synthesize stage's rows are a source too, so the entries add up to rows_in
+    out += [{"path": rel, "format": "jsonl", "files": 1, **counts}
+            for rel, counts in stats.by_file.items() if rel.startswith(SYNTHETIC_PREFIX)]
+    return out
 
 
 DEFAULT_SEED = 1234  # Params.seed's default, for callers passing a PrepareParams without prepare_for()

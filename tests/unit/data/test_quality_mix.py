@@ -51,6 +51,8 @@ def test_synthetic_rows_join_train_only_with_provenance_up_to_the_ratio(raw_dir,
     stats = out.stats
     assert stats.by_source == {"real": {"rows_in": 60, "kept": 60}, "synthetic": {"rows_in": 100, "kept": len(synth)}}
     assert stats.by_file["synthetic:rows.jsonl"]["rows_in"] == 100 and stats.reconciles
+    assert [e["path"] for e in stats.sources] == ["(detected)", "synthetic:rows.jsonl"]
+    assert sum(e["rows_in"] for e in stats.sources) == stats.rows_in == 160
     assert len(stats.synthetic_hash) == 64
 
 
