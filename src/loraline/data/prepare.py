@@ -84,7 +84,7 @@ class PrepareResult:
 class Collected:
     """Everything prepare writes, checked to reconcile before anything is written.
 
-    Rows live in `RowStore`s: lists for collect() (tests read them), Arrow files for the stage, so a
+    Rows live in stores (`ListRows`, `ArrowRows`): lists for collect() (tests read them), Arrow files for the stage, so a
     tenant's data may be larger than memory. What stays in memory grows with the number of unique
     rows (the exact and near-duplicate indexes, the test split's n-grams), not with their size.
     """

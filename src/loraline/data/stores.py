@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO
 
 import datasets
 import pyarrow as pa
@@ -20,12 +20,6 @@ import pyarrow as pa
 from loraline.data.schema import Reject
 
 SPILL_ROWS = 2048  # rows buffered before a record batch is written: bounded memory, few Arrow calls
-
-
-class RowStore(Protocol):
-    def append(self, row: dict) -> None: ...
-    def __len__(self) -> int: ...
-    def __iter__(self) -> Iterator[dict]: ...
 
 
 class ListRows(list):
