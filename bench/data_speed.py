@@ -34,15 +34,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from loraline.config import BuildParams, PrepareParams
-from loraline.data.quality import row_text
-from loraline.data.quality.decontam import TestIndex
-from loraline.data.quality.near_dup import NearDuplicateIndex
-from loraline.data.quality.pii import PiiScrubber
-from loraline.data.readers import read_rows
-from loraline.data.render import render_batch
-from loraline.data.schema import ChatTemplateError, Message
-from loraline.data.shapes import to_record
-from loraline.data import split as split_module
+from loraline.prepare.quality import row_text
+from loraline.prepare.quality.decontam import TestIndex
+from loraline.prepare.quality.near_dup import NearDuplicateIndex
+from loraline.prepare.quality.pii import PiiScrubber
+from loraline.prepare.readers import read_rows
+from loraline.prepare.render import render_batch
+from loraline.prepare.schema import ChatTemplateError, Message
+from loraline.prepare.shapes import to_record
+from loraline.prepare import split as split_module
 
 ROOT = Path(__file__).resolve().parents[1]
 # The last commit before the batched render, near-dup, PII and decontamination paths.
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     summary_extra: dict = {}
     old = {}
     if args.baseline:
-        for key, path in [("pii", "src/loraline/data/quality/pii.py"), ("split", "src/loraline/data/split.py"), ("decontam", "src/loraline/data/quality/decontam.py"),
-                          ("near", "src/loraline/data/quality/near_dup.py"), ("render", "src/loraline/data/render.py")]:
+        for key, path in [("pii", "src/loraline/prepare/quality/pii.py"), ("split", "src/loraline/prepare/split.py"), ("decontam", "src/loraline/prepare/quality/decontam.py"),
+                          ("near", "src/loraline/prepare/quality/near_dup.py"), ("render", "src/loraline/prepare/render.py")]:
             old[key] = load_baseline(args.baseline_rev, path)
     started = time.perf_counter()
 

@@ -46,9 +46,10 @@ def write_rows(path: Path, rows: int | None, gigabytes: float | None, seed: int)
 
 
 def child(raw_dir: Path, work: Path) -> dict:
-    from loraline.base.tokenizer import CHAT_TEMPLATE, train_tokenizer
+    from loraline.modelling.chat import CHAT_TEMPLATE
+    from loraline.base.tokenizer import train_tokenizer
     from loraline.config import PrepareParams, TenantParams
-    from loraline.data.prepare import prepare_tenant
+    from loraline.prepare.stage import prepare_tenant
 
     sample = []
     with open(next(raw_dir.glob("*.jsonl")), encoding="utf-8") as fh:

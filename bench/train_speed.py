@@ -56,7 +56,8 @@ def make_base(shape: dict, root: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loraline.base.tokenizer import save_tokenizer, train_tokenizer
+    from loraline.modelling.chat import save_tokenizer
+    from loraline.base.tokenizer import train_tokenizer
     from loraline.io import write_json
     from loraline.provenance import sha256_file
 

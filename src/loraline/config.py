@@ -170,7 +170,7 @@ class SourceParams(_Section):
 
     @model_validator(mode="after")
     def _mapping_parses(self) -> SourceParams:
-        from loraline.data.fieldpath import PathSyntaxError, parse_path, parse_source
+        from loraline.fieldpath import PathSyntaxError, parse_path, parse_source
 
         unknown = sorted(set(self.columns) - set(CANONICAL_FIELDS))
         if unknown:

@@ -1,14 +1,45 @@
-"""Where each stage reads and writes by default. dvc.yaml spells out the same paths."""
+"""Where each stage reads and writes, and what the stages are called: the one place the library
+spells a project path or a stage name. dvc.yaml spells out the same paths (a test checks they agree).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+# The pipeline's stages in the order they run, named as in dvc.yaml; every stage but `base` runs once
+# per tenant (`train@acme-shop`).
+STAGES = ("documents", "synthesize", "base", "prepare", "train", "merge", "export", "evaluate", "gate")
+SHARED_STAGES = ("base",)
+TENANT_STAGES = tuple(s for s in STAGES if s not in SHARED_STAGES)
+
+# Files inside stage outputs that another stage (or the registry) reads.
+DOCUMENTS_MANIFEST = "documents.json"
+SYNTHETIC_ROWS = "rows.jsonl"
+TRAIN_RECORD = "train_record.json"
+
+
+def stage_id(stage: str, tenant: str | None = None) -> str:
+    """DVC's name for one instance of a stage: `base`, or `train@acme-shop` for a tenant's."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
+    return stage if stage in SHARED_STAGES or tenant is None else f"{stage}@{tenant}"
+
 
 @dataclass(frozen=True)
 class Layout:
     root: Path = Path(".")
+
+    def relative(self, path: Path) -> str:
+        """`path` as dvc.yaml and dvc.lock write it: relative to the project root, with forward slashes."""
+        return Path(path).relative_to(self.root).as_posix()
+
+    def artifacts(self, tenant: str) -> dict[str, str]:
+        """The registry's artifact names for a tenant and the DVC output (relative path) each versions."""
+        return {
+            f"{tenant}-adapter": self.relative(self.adapter_dir(tenant)),
+            f"{tenant}-onnx": self.relative(self.onnx_dir(tenant)),
+        }
 
     @property
     def base_dir(self) -> Path:
@@ -20,6 +51,12 @@ class Layout:
     def synthetic_dir(self, tenant: str) -> Path:
         return self.root / "data" / "synthetic" / tenant
 
+    def documents_manifest(self, tenant: str) -> Path:
+        return self.documents_dir(tenant) / DOCUMENTS_MANIFEST
+
+    def synthetic_rows_path(self, tenant: str) -> Path:
+        return self.synthetic_dir(tenant) / SYNTHETIC_ROWS
+
     def synthesize_stats_path(self, tenant: str) -> Path:
         return self.root / "reports" / tenant / "synthesize_stats.json"
 
@@ -30,6 +67,10 @@ class Layout:
     def prepared_dir(self, tenant: str) -> Path:
         return self.root / "data" / "prepared" / tenant
 
+    def prepared_dataset_dir(self, tenant: str) -> Path:
+        """The datasets `save_to_disk` folder (train/validation/test) inside the prepared output."""
+        return self.prepared_dir(tenant) / "dataset"
+
     def rejected_path(self, tenant: str) -> Path:
         return self.root / "data" / "rejected" / f"{tenant}.jsonl"
 
@@ -38,6 +79,9 @@ class Layout:
 
     def adapter_dir(self, tenant: str) -> Path:
         return self.root / "models" / "adapters" / tenant
+
+    def train_record_path(self, tenant: str) -> Path:
+        return self.adapter_dir(tenant) / TRAIN_RECORD
 
     def checkpoint_dir(self, tenant: str) -> Path:
         return self.root / "models" / "checkpoints" / tenant

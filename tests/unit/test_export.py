@@ -265,7 +265,8 @@ def random_llama(tmp_path_factory) -> Path:
     """A random-init Llama (GQA, untied head): its greedy outputs are long and varied, never an early eos."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loraline.base.tokenizer import save_tokenizer, train_tokenizer
+    from loraline.modelling.chat import save_tokenizer
+    from loraline.base.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("random_llama")
     corpus = [f"Ticket {i} from {who}: the {thing} is {state}. Please route it." for i, (who, thing, state) in

@@ -41,8 +41,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Trained:
     import loraline.train.stage as stage
-    from loraline.base.stage import build_base, load_base_tokenizer
-    from loraline.data.prepare import prepare_tenant
+    from loraline.base.stage import build_base
+    from loraline.modelling.loading import load_base_tokenizer
+    from loraline.prepare.stage import prepare_tenant
 
     root = tmp_path_factory.mktemp("merge")
     previous = torch.get_num_threads()

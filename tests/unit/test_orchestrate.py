@@ -1,4 +1,4 @@
-"""loraline.orchestrate against real DVC projects: stage order, skip/run, failures and timeouts."""
+"""loraline.flows.orchestrate against real DVC projects: stage order, skip/run, failures and timeouts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraline.orchestrate import StageFailed, StageTimeout, plan_stages, run_stage
+from loraline.flows.orchestrate import StageFailed, StageTimeout, plan_stages, run_stage
 from loraline.tools import tool, tool_env
 
 REPO = Path(__file__).resolve().parents[2]

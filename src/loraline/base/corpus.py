@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraline.base.exercises import make_exercises
-from loraline.base.tokenizer import render_chat
+from loraline.modelling.chat import render_chat
 
 DOCUMENT_SUFFIXES = (".txt", ".md")
 # Stdlib folders that are tests, demos or vendored code: their docstrings are noise, not prose.

@@ -17,10 +17,10 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from loraline.base.corpus import Corpus
-from loraline.base.tokenizer import DOC_SEPARATOR, IM_END, IM_START
+from loraline.modelling.chat import DOC_SEPARATOR, IM_END, IM_START
 from loraline.config import BuildParams
+from loraline.modelling.constants import IGNORE_INDEX
 
-IGNORE = -100  # label value that transformers' causal-LM loss skips
 
 
 def make_model(p: BuildParams, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
@@ -60,7 +60,7 @@ def tokenize_corpus(tokenizer: PreTrainedTokenizerFast, corpus: Corpus) -> tuple
     """Token ids and labels of every text, and tokens per source.
 
     Labels equal the ids (loss on every token) except in exercises, where everything before the
-    answer is IGNORE: their prompts are random words, and the skill to learn is the answer. Without
+    answer is IGNORE_INDEX: their prompts are random words, and the skill to learn is the answer. Without
     this, answers are a few percent of the loss and a small model never learns to copy.
     """
     ids_all: list[list[int]] = []
@@ -76,10 +76,10 @@ def tokenize_corpus(tokenizer: PreTrainedTokenizerFast, corpus: Corpus) -> tuple
         for i, ids in enumerate(enc["input_ids"]):
             if name == "exercises":
                 start = corpus.answer_starts[i]
-                labels = [t if s >= start else IGNORE for t, (s, _) in zip(ids, enc["offset_mapping"][i], strict=True)]
+                labels = [t if s >= start else IGNORE_INDEX for t, (s, _) in zip(ids, enc["offset_mapping"][i], strict=True)]
             else:
                 labels = list(ids)
-            loss_tokens += sum(x != IGNORE for x in labels)
+            loss_tokens += sum(x != IGNORE_INDEX for x in labels)
             ids_all.append(ids)
             labels_all.append(labels)
         composition[name] = {

@@ -3,7 +3,7 @@
 - base.model unset: build loraline's own small model offline (corpus -> tokenizer -> pretraining)
   and save it in Hugging Face format in the stage's output folder.
 - base.model a local folder or a Hugging Face id: validate and record it, never download. Later
-  stages load it through resolve_base_model_path / base_load_kwargs / load_base_tokenizer.
+  stages load it through loraline.modelling.loading.
 
 The output folder always holds base_record.json. For a built model, every file except that record
 is byte-deterministic for the same params, seed and library versions; wall-clock times live only
@@ -27,11 +27,13 @@ import torch
 from loraline import io
 from loraline.base.corpus import build_corpus, python_version
 from loraline.base.pretrain import make_model, pretrain, special_ids, tokenize_corpus
-from loraline.base.tokenizer import CHAT_TEMPLATE, DOC_SEPARATOR, save_tokenizer, train_tokenizer
-from loraline.config import BaseParams, ConfigError
+from loraline.base.tokenizer import train_tokenizer
+from loraline.config import BaseParams, ConfigError, Params
+from loraline.layout import Layout
+from loraline.modelling.chat import CHAT_TEMPLATE, DOC_SEPARATOR, save_tokenizer
+from loraline.modelling.loading import RECORD, chat_template
 from loraline.provenance import code_revision, library_versions, sha256_file
 
-RECORD = "base_record.json"
 LOSS_CSV = "pretrain_loss.csv"
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
@@ -230,7 +232,7 @@ def _describe(ref: str, params: BaseParams, kwargs: dict[str, Any]) -> dict[str,
         tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=params.trust_remote_code, **kwargs)
     except Exception as exc:
         raise ConfigError(f"base.model: cannot load the config/tokenizer of {ref}: {exc}") from exc
-    template, source = _chat_template(tok, params)
+    template, source = chat_template(tok, params)
     return {
         "architecture": (getattr(config, "architectures", None) or [config.__class__.__name__])[0],
         "model_type": getattr(config, "model_type", None),
@@ -238,17 +240,6 @@ def _describe(ref: str, params: BaseParams, kwargs: dict[str, Any]) -> dict[str,
         "chat_template_source": source,
         "chat_template_sha256": _sha(template),
     }
-
-
-def _chat_template(tok: Any, params: BaseParams) -> tuple[str, str]:
-    if isinstance(tok.chat_template, str) and tok.chat_template:
-        return tok.chat_template, "model"
-    if params.chat_template:
-        return params.chat_template, "params"
-    raise ConfigError(
-        f"base.model: the tokenizer of {params.model} has no chat template; set base.chat_template in "
-        "params.yaml to a Jinja chat template for this model (e.g. its ChatML or instruct format)"
-    )
 
 
 def _safetensors_parameters(path: Path) -> int | None:
@@ -270,43 +261,9 @@ def _safetensors_parameters(path: Path) -> int | None:
     return total
 
 
-# --- for later stages ---------------------------------------------------------------------------
-
-
-def read_base_record(base_dir: Path) -> dict[str, Any]:
-    path = Path(base_dir) / RECORD
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: run the base stage first (loraline base / dvc repro base)") from None
-
-
-def resolve_base_model_path(base_dir: Path) -> str:
-    """What to pass to from_pretrained: the built folder, the recorded local folder, or the hub id."""
-    record = read_base_record(base_dir)
-    return str(Path(base_dir)) if record["source"] == "built" else record["model_ref"]
-
-
-def base_load_kwargs(base_dir: Path) -> dict[str, Any]:
-    """The from_pretrained keyword arguments that go with resolve_base_model_path (revision, trust)."""
-    record = read_base_record(base_dir)
-    kwargs: dict[str, Any] = {}
-    if record["source"] == "hub":
-        kwargs["revision"] = record["revision"]
-    trust = record.get("params", {}).get("trust_remote_code")
-    if trust:
-        kwargs["trust_remote_code"] = True
-    return kwargs
-
-
-def load_base_tokenizer(base_dir: Path, params: BaseParams):
-    """The base's tokenizer, always with a chat template and a pad token."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(resolve_base_model_path(base_dir), **base_load_kwargs(base_dir))
-    template, _ = _chat_template(tok, params)
-    tok.chat_template = template
-    if tok.pad_token is None:
-        # Batching needs a pad id; padded positions are masked, so which token it is does not matter.
-        tok.pad_token = tok.eos_token
-    return tok
+def run(
+    params: Params, layout: Layout, *, docs: list[Path] | None = None, out_dir: Path | None = None, progress: bool = False
+) -> BaseResult:
+    """The base stage: pretrain on `docs` (default: the tenants' raw folders), or record base.model."""
+    docs = list(docs) if docs else [params.tenant(n).raw_dir for n in params.tenant_names]
+    return build_base(params.base, seed=params.seed, raw_dirs=docs, out_dir=out_dir or layout.base_dir, progress=progress)

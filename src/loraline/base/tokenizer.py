@@ -7,37 +7,13 @@ for a small model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from pathlib import Path
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-DOC_SEPARATOR = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-SPECIAL_TOKENS = [DOC_SEPARATOR, IM_START, IM_END]
+from loraline.modelling.chat import CHAT_TEMPLATE, DOC_SEPARATOR, IM_END, IM_START, SPECIAL_TOKENS
 
-# ChatML. Every turn, the assistant's included, ends with <|im_end|>, which is also the EOS token, so
-# a model trained on completion tokens learns to stop where the answer ends.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """CHAT_TEMPLATE rendered without a tokenizer (the corpus is rendered before the tokenizer exists).
-
-    Same sandboxed Jinja environment settings as transformers' apply_chat_template; a test checks
-    that both give identical text.
-    """
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=add_generation_prompt)
 
 
 def strip_special(text: str) -> str:
@@ -83,16 +59,3 @@ def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "right"
     return fast
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
-    """Write tokenizer.json and tokenizer_config.json (with chat_template) in Hugging Face format."""
-    # save_jinja_files=False keeps the template inside tokenizer_config.json, where every loader
-    # (older transformers, vLLM, llama.cpp converters) looks for it.
-    tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
-    # transformers 5 writes its own class name (TokenizersBackend), which transformers 4 based
-    # tools cannot resolve; PreTrainedTokenizerFast names the same tokenizer for both.
-    config_path = Path(out_dir) / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,6 +1,5 @@
-"""Evaluation: task metrics from generations and the promotion gate (pure functions, no model)."""
+"""The `evaluate` stage: base, candidate and production scored on a tenant's held-out test split."""
 
-from loraline.evaluate.gate import GateDecision, RuleResult, decide, to_json
-from loraline.evaluate.metrics import aggregate, expects_json
+from loraline.evaluate.stage import EvaluateResult, evaluate_model, evaluate_tenant, run
 
-__all__ = ["GateDecision", "RuleResult", "aggregate", "decide", "expects_json", "to_json"]
+__all__ = ["EvaluateResult", "evaluate_model", "evaluate_tenant", "run"]

@@ -17,17 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def model_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (exact, and bf16 matmuls are slow there), bf16 on CUDA."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
+from loraline.modelling.constants import IGNORE_INDEX
+from loraline.modelling.device import compute_dtype
 
 @contextmanager
 def loaded_model(path: str | Path, device: torch.device, **kwargs: Any) -> Iterator[Any]:
@@ -35,7 +26,7 @@ def loaded_model(path: str | Path, device: torch.device, **kwargs: Any) -> Itera
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=model_dtype(device), device_map={"": str(device)}, **kwargs
+        str(path), dtype=compute_dtype(device), device_map={"": str(device)}, **kwargs
     )
     model.eval()
     try:
@@ -71,7 +62,7 @@ def answer_loss(
         ids_b, lab_b = input_ids[start : start + batch_size], labels[start : start + batch_size]
         width = max(len(x) for x in ids_b)
         ids = torch.full((len(ids_b), width), pad_id, dtype=torch.long)
-        lab = torch.full((len(ids_b), width), IGNORE, dtype=torch.long)
+        lab = torch.full((len(ids_b), width), IGNORE_INDEX, dtype=torch.long)
         attn = torch.zeros((len(ids_b), width), dtype=torch.long)
         for row, (x, y) in enumerate(zip(ids_b, lab_b, strict=True)):  # right padding
             ids[row, : len(x)] = torch.tensor(x)
@@ -79,7 +70,7 @@ def answer_loss(
             attn[row, : len(x)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits
         targets = lab[:, 1:].to(device)
-        keep = targets != IGNORE
+        keep = targets != IGNORE_INDEX
         if keep.any():
             total += F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum").item()
             count += int(keep.sum())

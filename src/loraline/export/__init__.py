@@ -1,7 +1,7 @@
 """Export stage: a merged Hugging Face causal LM -> ONNX (KV cache in the graph), optional int8, runtime."""
 
 from loraline.export.runtime import OnnxGenerator
-from loraline.export.stage import REPORT, ExportError, ExportResult, export_onnx
+from loraline.export.stage import REPORT, ExportError, ExportResult, export_onnx, run
 from loraline.export.wrapper import CacheLayout, KVCacheWrapper
 
-__all__ = ["REPORT", "CacheLayout", "ExportError", "ExportResult", "KVCacheWrapper", "OnnxGenerator", "export_onnx"]
+__all__ = ["REPORT", "CacheLayout", "ExportError", "ExportResult", "KVCacheWrapper", "OnnxGenerator", "export_onnx", "run"]

@@ -18,7 +18,6 @@ fp32 must stay within `tolerance` (else ExportError); int8 numbers are reported 
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,9 +28,12 @@ import numpy as np
 import torch
 
 from loraline import io
+from loraline.config import Params
+from loraline.layout import Layout
 from loraline.export.onnx_export import export_model, quantize_int8
 from loraline.export.runtime import INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
-from loraline.merge import DEFAULT_PROBES
+from loraline.modelling.chat import save_tokenizer
+from loraline.modelling.parity import DEFAULT_PROBES, common_prefix, encode_probe, greedy_generate, summarize
 from loraline.provenance import code_revision, library_versions, sha256_file
 
 REPORT = "export_report.json"
@@ -91,7 +93,7 @@ def export_onnx(
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, device_map={"": "cpu"})
     model.eval()
     stop = eos_ids(model_dir, tok)
-    inputs = [_encode(tok, p) for p in probes]
+    inputs = [encode_probe(tok, p, ExportError) for p in probes]
     ref = _reference(model, tok, inputs, max_new_tokens, stop)
 
     with io.atomic_dir(out_dir) as tmp:
@@ -102,7 +104,7 @@ def export_onnx(
         model.config.save_pretrained(str(tmp))
         gen_config = model.generation_config if model.generation_config is not None else GenerationConfig()
         gen_config.save_pretrained(str(tmp))
-        _save_tokenizer(tok, model_dir, tmp)
+        save_tokenizer(tok, tmp, model_dir)
         del model
         gc.collect()
 
@@ -142,14 +144,6 @@ def export_onnx(
 # --- reference (PyTorch) --------------------------------------------------------------------------
 
 
-def _encode(tok: Any, conversation: list[dict]) -> list[int]:
-    text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ExportError(f"probe {conversation!r} renders to no tokens")
-    return list(ids)
-
-
 def _cache_kwarg(model: Any) -> str:
     import inspect
 
@@ -179,12 +173,7 @@ def _reference(model: Any, tok: Any, inputs: list[list[int]], max_new_tokens: in
             steps.append(out.logits[0, -1].float().numpy())
         ref.decode_tokens.append(tokens)
         ref.decode_logits.append(steps)
-        gen = model.generate(
-            input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-            num_beams=1, temperature=None, top_p=None, top_k=None, use_cache=True,
-            pad_token_id=pad, eos_token_id=stop or None,
-        )
-        ref.greedy.append(gen[0, len(ids):].tolist())
+        ref.greedy.append(greedy_generate(model, x, max_new_tokens, pad, stop or None))
     return ref
 
 
@@ -212,46 +201,15 @@ def _parity(gen: OnnxGenerator, inputs: list[list[int]], ref: _Reference, max_ne
             "decode_step_diffs": step_diffs,
             "next_token_equal": bool(int(logits.argmax(-1)[0, -1]) == int(ref.decode_logits[i][-1].argmax())),
             "greedy_equal": greedy == ref.greedy[i],
-            "greedy_common_prefix": _common_prefix(greedy, ref.greedy[i]),
+            "greedy_common_prefix": common_prefix(greedy, ref.greedy[i]),
             "greedy_tokens": len(greedy),
         })
-    n = len(per_probe)
     return {
-        "max_abs_logit_diff": max(p["max_abs_logit_diff"] for p in per_probe),
-        "mean_abs_logit_diff": sum(p["mean_abs_logit_diff"] for p in per_probe) / n,
+        **summarize(per_probe),
         "decode_max_abs_logit_diff": max(p["decode_max_abs_logit_diff"] for p in per_probe),
-        "greedy_agreement": sum(p["greedy_equal"] for p in per_probe) / n,
-        "next_token_agreement": sum(p["next_token_equal"] for p in per_probe) / n,
         "per_probe": per_probe,
         "greedy_texts": texts,
     }
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _save_tokenizer(tok: Any, model_dir: Path, folder: Path) -> None:
-    """tokenizer.json + tokenizer_config.json with the chat template inside (where every loader looks).
-
-    transformers 5 writes its own backend class name ("TokenizersBackend"), which transformers 4 based
-    tools cannot resolve; keep the source folder's class name (or PreTrainedTokenizerFast) instead.
-    """
-    tok.save_pretrained(str(folder), save_jinja_files=False)
-    path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        source = model_dir / "tokenizer_config.json"
-        original = json.loads(source.read_text(encoding="utf-8")).get("tokenizer_class") if source.is_file() else None
-        if not original or original == "TokenizersBackend":
-            original = "PreTrainedTokenizerFast"
-        config["tokenizer_class"] = original
-        io.write_json(path, config)
 
 
 def _versions() -> dict[str, Any]:
@@ -262,3 +220,16 @@ def _versions() -> dict[str, Any]:
         except Exception:  # noqa: BLE001
             versions[name] = None
     return versions
+
+
+def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
+    """The export stage for one tenant: its merged model to models/onnx/<tenant>, the report also
+    copied to reports/<tenant>/export_report.json for DVC metrics."""
+    e = params.export
+    result = export_onnx(
+        model_dir=layout.merged_dir(tenant), out_dir=layout.onnx_dir(tenant), int8=e.int8, opset=e.opset,
+        max_new_tokens=e.max_new_tokens, tolerance=params.gate_for(tenant).max_export_logit_diff,
+    )
+    layout.export_report_path(tenant).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.report_path, layout.export_report_path(tenant))
+    return result

@@ -15,16 +15,13 @@ from typing import Any
 import yaml
 
 from loraline.config import ConfigError, Params
-from loraline.layout import Layout
+from loraline.layout import SHARED_STAGES, TENANT_STAGES, Layout, stage_id
 from loraline.provenance import library_versions
 from loraline.registry.snapshot import head_commit
 
-TENANT_STAGES = ("documents", "synthesize", "prepare", "train", "merge", "export", "evaluate", "gate")
-
-
 def artifact_paths(tenant: str) -> dict[str, str]:
     """The registry's artifact names for a tenant and the DVC output each versions."""
-    return {f"{tenant}-adapter": f"models/adapters/{tenant}", f"{tenant}-onnx": f"models/onnx/{tenant}"}
+    return Layout().artifacts(tenant)
 
 
 def missing_artifacts(root: str | Path, params: Params) -> dict[str, str]:
@@ -79,23 +76,24 @@ def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str 
     params.tenant(tenant)
     lock = read_lock(root)
     stages = {}
-    for stage in ("base", *(f"{s}@{tenant}" for s in TENANT_STAGES)):
+    for stage in (*SHARED_STAGES, *(stage_id(s, tenant) for s in TENANT_STAGES)):
         if stage in lock:
             stages[stage] = {"deps": _hashes(lock[stage].get("deps")), "outs": _hashes(lock[stage].get("outs"))}
-    record = _json(layout.adapter_dir(tenant) / "train_record.json") or {}
+    record = _json(layout.train_record_path(tenant)) or {}
+    rel = Layout()  # dvc.lock names outputs relative to the project root
     evaluation = _json(layout.eval_metrics_path(tenant)) or {}
     gate = _json(layout.gate_path(tenant))
     return {
         "tenant": tenant,
         "git": {"head": head_commit(root), "snapshot": snapshot},
         "outputs": {
-            "adapter": locked_out(lock, f"train@{tenant}", f"models/adapters/{tenant}"),
-            "merged": locked_out(lock, f"merge@{tenant}", f"models/merged/{tenant}"),
-            "onnx": locked_out(lock, f"export@{tenant}", f"models/onnx/{tenant}"),
-            "base": locked_out(lock, "base", "models/base"),
+            "adapter": locked_out(lock, stage_id("train", tenant), rel.relative(rel.adapter_dir(tenant))),
+            "merged": locked_out(lock, stage_id("merge", tenant), rel.relative(rel.merged_dir(tenant))),
+            "onnx": locked_out(lock, stage_id("export", tenant), rel.relative(rel.onnx_dir(tenant))),
+            "base": locked_out(lock, stage_id("base"), rel.relative(rel.base_dir)),
         },
         "data": {
-            "prepared_md5": locked_out(lock, f"prepare@{tenant}", f"data/prepared/{tenant}"),
+            "prepared_md5": locked_out(lock, stage_id("prepare", tenant), rel.relative(rel.prepared_dir(tenant))),
             "train_data_sha256": (record.get("data") or {}).get("sha256"),
             "raw_dir": str(params.tenant(tenant).raw_dir),
         },

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from loraline.config import TrainParams
 from loraline.train.errors import TrainError
+from loraline.modelling.constants import IGNORE_INDEX
 
-IGNORE = -100
 REQUIRED_COLUMNS = ("input_ids", "labels")
 
 
@@ -28,11 +28,11 @@ class Example:
 
     @property
     def n_targets(self) -> int:
-        return sum(t != IGNORE for t in self.targets)
+        return sum(t != IGNORE_INDEX for t in self.targets)
 
 
 def to_example(input_ids: list[int], labels: list[int]) -> Example:
-    return Example(tuple(input_ids), tuple(labels[1:]) + (IGNORE,))
+    return Example(tuple(input_ids), tuple(labels[1:]) + (IGNORE_INDEX,))
 
 
 @dataclass(frozen=True)

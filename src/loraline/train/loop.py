@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from loraline.config import TrainParams
-from loraline.train.data import IGNORE, Example
-from loraline.train.model import autocast, compute_dtype
+from loraline.modelling.constants import IGNORE_INDEX
+from loraline.train.data import Example
+from loraline.modelling.device import autocast, compute_dtype
 from loraline.train.packing import Batch, PlannedStep, collate, pack_rows
 from loraline.train.speed import VARLEN, FusedHead, chunked_linear_cross_entropy
 
@@ -84,7 +85,7 @@ def loss_sum(
             hidden = decoder(**inputs, use_cache=False)[0]
             return chunked_linear_cross_entropy(hidden, head.weight, batch.targets, chunk=chunk, dtype=compute_dtype(device))
         logits = model(**inputs, use_cache=False).logits
-    keep = batch.targets != IGNORE
+    keep = batch.targets != IGNORE_INDEX
     return F.cross_entropy(logits[keep].float(), batch.targets[keep], reduction="sum")
 
 

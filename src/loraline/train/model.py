@@ -11,51 +11,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraline.base.stage import base_load_kwargs, resolve_base_model_path
+from loraline.modelling.device import compute_dtype
+from loraline.modelling.loading import load_base_causal_lm
 from loraline.config import TrainParams
 from loraline.train.errors import TrainError
 from loraline.train.speed import apply_checkpoint_fraction, use_varlen_attention, varlen_available
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    # bf16 on CUDA: tensor-core speed and fp32's exponent range, so no loss scaling is needed.
-    # fp32 on CPU: many CPUs have no fast bf16 matmul, and fp32 keeps CPU runs exact enough for the
-    # resume / determinism / packing-equivalence guarantees (tested to 1e-6 and below).
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def quantization_config(params: TrainParams, device: torch.device):
-    if params.quantization == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=params.quantization,  # "nf4" or "fp4"
-        bnb_4bit_use_double_quant=params.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(device),
-    )
-
-
 def load_base_model(params: TrainParams, base_dir: Path, device: torch.device) -> nn.Module:
     """The base causal LM on `device`, quantized when asked, ready for (k-bit) training."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs = dict(base_load_kwargs(base_dir))  # revision and trust_remote_code from the base record
-    quant = quantization_config(params, device)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_base_model_path(base_dir), dtype=compute_dtype(device), device_map={"": str(device)}, **kwargs
-    )
+    model = load_base_causal_lm(base_dir, device, compute_dtype(device), params.quantization, params.double_quant)
+    quant = params.quantization != "none"
     model.config.use_cache = False  # no KV cache in training; a cache would also disable packed-sequence masking
     # Non-reentrant checkpointing needs no requires_grad trick on the inputs and keeps dropout's RNG.
     ckpt_kwargs = {"use_reentrant": False}
-    if quant is not None and params.upcast_non_quantized:
+    if quant and params.upcast_non_quantized:
         from peft import prepare_model_for_kbit_training
 
         _keep_trainable_4bit_layout(model)
@@ -68,7 +38,7 @@ def load_base_model(params: TrainParams, base_dir: Path, device: torch.device) -
         # The same preparation without the fp32 upcast of embeddings, norms and lm_head: they stay in
         # the compute dtype, so the residual stream and saved activations stay bf16 on CUDA (as in the
         # textbook recipe, which skips the preparation); on CPU the compute dtype is fp32 anyway.
-        if quant is not None:
+        if quant:
             _keep_trainable_4bit_layout(model)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -148,10 +118,3 @@ def attach_lora(params: TrainParams, model: nn.Module) -> nn.Module:
 def trainable_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
     """Name -> parameter for everything training changes (LoRA A/B, DoRA magnitudes, modules_to_save)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (the standard mixed-precision recipe); a no-op context on CPU (fp32)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from loraline.config import TrainParams
-from loraline.train.data import IGNORE, Example
-from loraline.train.model import autocast
+from loraline.modelling.constants import IGNORE_INDEX
+from loraline.train.data import Example
+from loraline.modelling.device import autocast
 from loraline.train.speed import segments_from_rows
 
 Row = list[int]  # example indices
@@ -127,7 +128,7 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool, flat: bool = F
     width = max(sum(e.n_tokens for e in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
-    tgt = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    tgt = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
@@ -140,7 +141,7 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool, flat: bool = F
             at += n
         pos[r, at:] = torch.arange(width - at)  # the pad segment: positions of its own
     n_tokens = int(mask.sum())
-    n_targets = int((tgt != IGNORE).sum())
+    n_targets = int((tgt != IGNORE_INDEX).sum())
     if not packed:
         return Batch(ids, pos, mask, tgt, n_tokens, n_targets)
     cu, longest = segments_from_rows([[e.n_tokens for e in row] for row in rows], width)

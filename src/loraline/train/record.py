@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from loraline import io
-from loraline.base.stage import RECORD as BASE_RECORD
+from loraline.modelling.loading import RECORD as BASE_RECORD
 
 TRAIN_CURVE = "train_loss.csv"
 VAL_CURVE = "val_loss.csv"

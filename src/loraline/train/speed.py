@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraline.train.data import IGNORE
+from loraline.modelling.constants import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def chunked_linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int = 1024, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against `targets` (IGNORE positions skipped),
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX positions skipped),
     without ever holding more than `chunk` rows of logits. hidden: [..., H]; targets: [...]."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
-    keep = targets != IGNORE
+    keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(

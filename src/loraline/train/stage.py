@@ -28,33 +28,21 @@ import numpy as np
 import torch
 
 from loraline import io
-from loraline.base.stage import load_base_tokenizer, read_base_record
-from loraline.config import BaseParams, TrainParams
+from loraline.modelling.loading import load_base_tokenizer, read_base_record
+from loraline.config import BaseParams, Params, TrainParams
+from loraline.layout import Layout
 from loraline.provenance import code_revision, hash_tree, library_versions, sha256_file
 from loraline.train import checkpoint
 from loraline.train.data import check_splits, load_splits
 from loraline.train.errors import TrainError
 from loraline.train.loop import Progress, Run, train_loop
-from loraline.train.model import (
-    attach_lora,
-    check_module_names,
-    compute_dtype,
-    load_base_model,
-    pick_device,
-    trainable_parameters,
-)
+from loraline.train.model import attach_lora, check_module_names, load_base_model, trainable_parameters
+from loraline.modelling.device import compute_dtype, pick_device
 from loraline.train.optim import make_optimizer, make_scheduler, warmup_steps
 from loraline.train.packing import check_packing_isolation, plan_steps
 from loraline.train.speed import fused_head
-from loraline.train.record import (
-    TRAIN_CURVE,
-    VAL_CURVE,
-    base_model_hash,
-    device_name,
-    final_train_loss,
-    peak_memory,
-    write_curves,
-)
+from loraline.train.record import TRAIN_CURVE, VAL_CURVE, device_name, final_train_loss, peak_memory, write_curves
+from loraline.modelling.loading import base_model_hash
 
 RECORD = "train_record.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -269,3 +257,47 @@ def _checkpointed_layers(model: torch.nn.Module) -> int:
 def _last_val(history: list[dict[str, Any]]) -> float | None:
     vals = [r["val_loss"] for r in history if r["val_loss"] is not None and r["step"] > 0]
     return vals[-1] if vals else None
+
+
+def run(
+    params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, checkpoints: bool = True,
+    progress: bool = False,
+) -> TrainResult:
+    """The train stage for one tenant: its adapter into models/adapters/<tenant>, the numbers worth
+    comparing across runs into reports/<tenant>/train_metrics.json and the loss curves beside them."""
+    import shutil
+
+    result = train_adapter(
+        params.train_for(tenant),
+        base_dir=base_dir or layout.base_dir,
+        base_params=params.base,
+        dataset_dir=layout.prepared_dataset_dir(tenant),
+        out_dir=layout.adapter_dir(tenant),
+        checkpoint_dir=layout.checkpoint_dir(tenant) if checkpoints else None,
+        progress=progress,
+    )
+    io.write_json(layout.train_metrics_path(tenant), train_metrics(result.record))
+    # The curves also live beside the adapter; DVC plots need them outside the adapter folder.
+    plots = layout.train_plots_dir(tenant)
+    plots.mkdir(parents=True, exist_ok=True)
+    for curve in (result.train_curve, result.val_curve):
+        shutil.copyfile(curve, plots / curve.name)
+    return result
+
+
+def train_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a training run worth comparing across runs (`dvc metrics diff`)."""
+    loss = record["loss"]
+    base, val = loss.get("base_val"), loss.get("final_val")
+    gain = (base - val) / base if base and val is not None else None
+    return {
+        "val_loss_base": base,
+        "val_loss": val,
+        "val_loss_gain": None if gain is None else round(gain, 6),
+        "train_loss": loss.get("final_train"),
+        "steps": record["steps"]["done"],
+        "tokens_seen": record["tokens_seen"]["useful"],
+        "tokens_per_s": record["tokens_per_s"],
+        "wall_s": record["wall_s"],
+        "device": record["device"],
+    }

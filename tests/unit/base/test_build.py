@@ -10,8 +10,9 @@ from base_helpers import DOC_TEXT, MARKER, tiny_build
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from loraline.base.corpus import build_corpus, read_documents, stdlib_docstrings
-from loraline.base.stage import LOSS_CSV, MODEL_FILES, RECORD, build_base, resolve_base_model_path
-from loraline.base.tokenizer import IM_END
+from loraline.base.stage import LOSS_CSV, MODEL_FILES, build_base
+from loraline.modelling.loading import RECORD, resolve_base_model_path
+from loraline.modelling.chat import IM_END
 from loraline.config import BaseParams
 from loraline.provenance import sha256_file
 

@@ -8,8 +8,9 @@ import shutil
 import huggingface_hub.constants
 import pytest
 
-from loraline.base.stage import base_load_kwargs, build_base, load_base_tokenizer, resolve_base_model_path
-from loraline.base.tokenizer import CHAT_TEMPLATE
+from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path
+from loraline.base.stage import build_base
+from loraline.modelling.chat import CHAT_TEMPLATE
 from loraline.config import BaseParams, ConfigError
 from loraline.provenance import sha256_file
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from loraline.base.exercises import KINDS, WORDS, make_exercises
-from loraline.base.tokenizer import CHAT_TEMPLATE, DOC_SEPARATOR, IM_END, IM_START, render_chat, train_tokenizer
+from loraline.modelling.chat import CHAT_TEMPLATE, DOC_SEPARATOR, IM_END, IM_START, render_chat
+from loraline.base.tokenizer import train_tokenizer
 
 TEXTS = ["Order 40417 shipped to Zürich on 2024-03-05.", "def f(x):\n    return x * 2\n", "Ünïcödé ✓ and emoji 🙂"] * 20
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from train_helpers import make_raw, tiny_build, tiny_train, triage_rows  # noqa: E402
 
 from loraline.config import BaseParams, GateParams, PrepareParams, TenantParams  # noqa: E402
-from loraline.evaluate.evaluate import evaluate_tenant  # noqa: E402
-from loraline.evaluate.gate import decide, to_json  # noqa: E402
+from loraline.evaluate.stage import evaluate_tenant  # noqa: E402
+from loraline.gate.decision import decide, to_json  # noqa: E402
 from loraline.merge import MergeError, merge_adapter  # noqa: E402
 
 PARITY = {"merge_max_logit_diff": 0.0, "export_max_logit_diff": 0.0}
@@ -61,8 +61,9 @@ def _make_shuffled_raw(root: Path, n: int) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     import loraline.train.stage as stage
-    from loraline.base.stage import build_base, load_base_tokenizer
-    from loraline.data.prepare import prepare_tenant
+    from loraline.base.stage import build_base
+    from loraline.modelling.loading import load_base_tokenizer
+    from loraline.prepare.stage import prepare_tenant
 
     root = tmp_path_factory.mktemp("badgate")
     previous = torch.get_num_threads()
@@ -99,7 +100,7 @@ def world(tmp_path_factory):
 
 def _evaluate(world, candidate: Path, out: str):
     """Base vs `candidate` on the ORIGINAL tenant's test split (answer loss is teacher-forced)."""
-    with mock.patch("loraline.evaluate.evaluate.pick_device", return_value=torch.device("cpu")):
+    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
         return evaluate_tenant(
             tenant="toy", dataset_dir=world["dataset_dir"], base_dir=world["base_dir"],
             base_params=world["base_params"], candidate_dir=candidate, production_dir=None,

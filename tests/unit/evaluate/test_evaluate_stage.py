@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from train_helpers import make_raw, tiny_build, tiny_train  # noqa: E402
 
 from loraline.config import BaseParams, PrepareParams, TenantParams  # noqa: E402
-from loraline.evaluate.evaluate import GENERATIONS, METRICS, REPORT, EvaluateError, evaluate_model, evaluate_tenant  # noqa: E402
+from loraline.evaluate.stage import GENERATIONS, METRICS, REPORT, EvaluateError, evaluate_model, evaluate_tenant  # noqa: E402
 from loraline.evaluate.generate import split_conversation  # noqa: E402
 
 TASK_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy")
@@ -50,8 +50,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Setup:
     import loraline.train.stage as stage
-    from loraline.base.stage import build_base, load_base_tokenizer
-    from loraline.data.prepare import prepare_tenant
+    from loraline.base.stage import build_base
+    from loraline.modelling.loading import load_base_tokenizer
+    from loraline.prepare.stage import prepare_tenant
     from loraline.merge import merge_adapter
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -92,13 +93,13 @@ def test_rows(setup: Setup) -> int:
 @pytest.fixture(scope="module")
 def full(setup: Setup):
     """Base, candidate and production (the base folder itself, a plain HF model dir) on every test row."""
-    with mock.patch("loraline.evaluate.evaluate.pick_device", return_value=torch.device("cpu")):
+    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
         return evaluate_tenant(out_dir=setup.root / "eval-full", **setup.kwargs(production_dir=setup.base_dir))
 
 
 def test_evaluate_model_matches_the_stage(setup: Setup, full):
     """The registry measures production alone at promotion; its numbers must equal the stage's."""
-    with mock.patch("loraline.evaluate.evaluate.pick_device", return_value=torch.device("cpu")):
+    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
         alone = evaluate_model(
             model_dir=setup.candidate_dir, dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
             base_params=setup.base_params, max_new_tokens=16,
@@ -173,7 +174,7 @@ def test_report(full):
 
 def test_max_examples_and_no_production(setup: Setup, full, tmp_path):
     missing = tmp_path / "no-production-yet"
-    with mock.patch("loraline.evaluate.evaluate.pick_device", return_value=torch.device("cpu")):
+    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
         small = evaluate_tenant(
             out_dir=tmp_path / "eval", max_examples=2, examples_in_report=1,
             **setup.kwargs(production_dir=missing, max_new_tokens=4),
@@ -189,7 +190,7 @@ def test_max_examples_and_no_production(setup: Setup, full, tmp_path):
     assert [r["id"] for r in rows] == [r["id"] for r in full_rows[:2]]
     # Re-running replaces the folder.
     (small.out_dir / "stale.txt").write_text("x")
-    with mock.patch("loraline.evaluate.evaluate.pick_device", return_value=torch.device("cpu")):
+    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
         again = evaluate_tenant(out_dir=tmp_path / "eval", max_examples=2, **setup.kwargs(max_new_tokens=4))
     assert not (again.out_dir / "stale.txt").exists()
     assert again.metrics == small.metrics  # deterministic
@@ -210,7 +211,7 @@ def test_batching_changes_nothing(setup: Setup):
     the eval prompt is exactly the stored row's prefix before its answer (same rendering as prepare)."""
     import datasets
 
-    from loraline.base.stage import load_base_tokenizer
+    from loraline.modelling.loading import load_base_tokenizer
     from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model
 
     tok = load_base_tokenizer(setup.base_dir, setup.base_params)
@@ -247,7 +248,7 @@ def test_a_nan_adapter_never_passes_merge_or_gate(setup: Setup, tmp_path):
     """A deliberately broken adapter (NaN LoRA weights): the merge stage refuses it, and even a
     model that slipped through fails the gate on the rule that names the bad metric."""
     from loraline.config import GateParams
-    from loraline.evaluate.gate import decide
+    from loraline.gate.decision import decide
     from loraline.merge import MergeError, merge_adapter
 
     bad = _nan_adapter(setup, tmp_path / "nan-adapter")

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loraline.config import GateParams
-from loraline.evaluate.gate import RULES, GateDecision, decide, relative_gain, to_json
+from loraline.gate.decision import RULES, GateDecision, decide, relative_gain, to_json
 
 GATE = GateParams(
     primary_metric="answer_loss",

@@ -10,7 +10,7 @@ from registry_helpers import build, dvc_project, git
 
 from loraline.config import load_params
 from loraline.registry.gto_registry import GtoRegistry
-from loraline.registry.release import fetch_output, release_path, release_tenant
+from loraline.release import fetch_output, release_path, release_tenant
 from loraline.tools import tool, tool_env
 
 

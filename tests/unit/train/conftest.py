@@ -53,8 +53,9 @@ def _pinned_threads():
 
 @pytest.fixture(scope="session")
 def setup(tmp_path_factory) -> Setup:
-    from loraline.base.stage import build_base, load_base_tokenizer
-    from loraline.data.prepare import prepare_tenant
+    from loraline.base.stage import build_base
+    from loraline.modelling.loading import load_base_tokenizer
+    from loraline.prepare.stage import prepare_tenant
 
     root = tmp_path_factory.mktemp("train-setup")
     raw = make_raw(root / "raw" / "toy")

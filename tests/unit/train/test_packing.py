@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from train_helpers import tiny_train
 
-from loraline.train.data import IGNORE, Example, load_splits, to_example
+from loraline.modelling.constants import IGNORE_INDEX
+from loraline.train.data import Example, load_splits, to_example
 from loraline.train.loop import Run, loss_sum, train_step
 from loraline.train.model import attach_lora, load_base_model, trainable_parameters
 from loraline.train.packing import PlannedStep, check_packing_isolation, collate, pack_rows, plan_steps
@@ -46,10 +47,10 @@ def test_plan_length_follows_max_steps_and_fractional_epochs():
 
 
 def test_targets_are_shifted_inside_each_example_so_no_loss_crosses_a_boundary():
-    ex = to_example([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4])
-    assert ex.targets == (IGNORE, 3, 4, IGNORE) and ex.n_targets == 2
+    ex = to_example([1, 2, 3, 4], [IGNORE_INDEX, IGNORE_INDEX, 3, 4])
+    assert ex.targets == (IGNORE_INDEX, 3, 4, IGNORE_INDEX) and ex.n_targets == 2
     b = collate([[ex, to_example([5, 6], [5, 6])]], pad_id=0, packed=True)
-    assert b.targets.tolist() == [[IGNORE, 3, 4, IGNORE, 6, IGNORE]]  # 4 never predicts 5
+    assert b.targets.tolist() == [[IGNORE_INDEX, 3, 4, IGNORE_INDEX, 6, IGNORE_INDEX]]  # 4 never predicts 5
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]] and b.attention_mask is None
 
 
@@ -58,7 +59,7 @@ def test_short_rows_get_a_separate_pad_segment():
     batch = collate([[a], [b]], pad_id=9, packed=True)
     assert batch.input_ids.tolist() == [[1, 2, 3], [4, 9, 9]]
     assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 1]]  # the pads restart: their own segment
-    assert batch.targets[1].tolist() == [IGNORE] * 3 and batch.n_tokens == 4
+    assert batch.targets[1].tolist() == [IGNORE_INDEX] * 3 and batch.n_tokens == 4
     padded = collate([[a], [b]], pad_id=9, packed=False)
     assert padded.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
@@ -83,7 +84,7 @@ def _per_example_losses(model, rows: list[list[Example]], packed: bool) -> list[
     batch = collate(rows, pad_id=0, packed=packed)
     with torch.no_grad():
         logits = model(**batch.model_inputs(), use_cache=False).logits
-    token = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none", ignore_index=IGNORE)
+    token = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none", ignore_index=IGNORE_INDEX)
     out = []
     for r, row in enumerate(rows):
         at = 0
@@ -108,7 +109,7 @@ def test_packed_batch_gives_the_same_per_example_losses_as_one_at_a_time(setup, 
     with torch.no_grad():
         logits = model(**leaky.model_inputs(), use_cache=False).logits
     second = slice(examples[0].n_tokens, examples[0].n_tokens + examples[1].n_tokens)
-    leaked = F.cross_entropy(logits[0, second], leaky.targets[0, second], ignore_index=IGNORE).item()
+    leaked = F.cross_entropy(logits[0, second], leaky.targets[0, second], ignore_index=IGNORE_INDEX).item()
     assert abs(leaked - alone[1]) > 1e-3
 
 

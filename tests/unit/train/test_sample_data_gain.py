@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from train_helpers import tiny_train
 
-from loraline.base.stage import load_base_tokenizer
+from loraline.modelling.loading import load_base_tokenizer
 from loraline.config import PrepareParams, TenantParams
-from loraline.data.prepare import prepare_tenant
+from loraline.prepare.stage import prepare_tenant
 from loraline.train import train_adapter
 
 REPO = Path(__file__).resolve().parents[3]

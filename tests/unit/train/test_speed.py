@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from train_helpers import tiny_train
 
 from loraline.train import speed, train_adapter
-from loraline.train.data import IGNORE, load_splits
+from loraline.modelling.constants import IGNORE_INDEX
+from loraline.train.data import load_splits
 from loraline.train.model import attach_lora, load_base_model
 from loraline.train.packing import collate
 from loraline.train.speed import chunked_linear_cross_entropy, segments_from_positions
@@ -24,11 +25,11 @@ def test_chunked_cross_entropy_equals_plain_loss_and_gradients(weight_grad):
     hidden = torch.randn(2, 37, 16, generator=g, requires_grad=True)
     weight = torch.randn(300, 16, generator=g).mul_(0.5).requires_grad_(weight_grad)
     targets = torch.randint(0, 300, (2, 37), generator=g)
-    targets[0, :5] = IGNORE
-    targets[1, -3:] = IGNORE
+    targets[0, :5] = IGNORE_INDEX
+    targets[1, -3:] = IGNORE_INDEX
 
     logits = hidden @ weight.t()
-    keep = targets != IGNORE
+    keep = targets != IGNORE_INDEX
     plain = F.cross_entropy(logits[keep], targets[keep], reduction="sum")
     (plain / 7).backward()
     plain_grads = [hidden.grad.clone()] + ([weight.grad.clone()] if weight_grad else [])
@@ -83,11 +84,11 @@ def test_varlen_attention_gives_the_same_logits_as_the_block_diagonal_mask(setup
         derived = model(**batch.model_inputs(), use_cache=False).logits  # segments from position_ids
         flat = collate([examples[:4], examples[4:]], pad_id=0, packed=True, flat=True)  # one row, no pads
         flat_logits = model(**flat.model_inputs(varlen=True), use_cache=False).logits
-    keep = batch.targets != IGNORE  # the pad segment's outputs are never used
+    keep = batch.targets != IGNORE_INDEX  # the pad segment's outputs are never used
     assert (masked[keep] - varlen[keep]).abs().max().item() < 1e-5
     assert (varlen - derived).abs().max().item() == 0.0
     assert flat.input_ids.shape[0] == 1 and flat.n_tokens == flat.input_ids.numel() == batch.n_tokens
-    assert (flat_logits[flat.targets != IGNORE] - masked[keep]).abs().max().item() < 1e-5
+    assert (flat_logits[flat.targets != IGNORE_INDEX] - masked[keep]).abs().max().item() < 1e-5
 
 
 def test_fused_head_only_for_a_plain_linear_head(setup):

@@ -1,0 +1,453 @@
+"""`loraline` command line: one sub-command per stage, plus `run` for the whole pipeline.
+
+The stage commands are what dvc.yaml runs; `run` drives `dvc repro` (DVC decides what is stale and
+records lineage), or calls the same stage functions directly with --no-dvc.
+Heavy libraries are imported inside the commands so that `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraline.config import ConfigError, Params, load_params
+from loraline.layout import Layout, stage_id
+from loraline.cli.registry import add_registry_parser
+from loraline.summary import base_line, collect_summary, reasons, render_text, train_line
+
+
+def _parse_set(values: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted key (e.g. base.build.max_steps=50), got {item!r}")
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def _load(args: argparse.Namespace) -> Params:
+    return load_params(args.params, overrides=_parse_set(args.set))
+
+
+def _tenants(params: Params, chosen: list[str] | None) -> list[str]:
+    if not chosen:
+        return params.tenant_names
+    for name in chosen:
+        params.tenant(name)  # raises ConfigError naming the known tenants
+    return chosen
+
+
+# -- stage commands ---------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    params = _load(args)
+    from loraline.registry.lineage import check_artifacts_declared
+
+    check_artifacts_declared(Path(args.params).parent, params, if_present=True)
+    print(f"{args.params}: valid")
+    print(f"  base: {params.base.model or 'built offline (base.build)'}")
+    for name in params.tenant_names:
+        t = params.tenant(name)
+        train = params.train_for(name)
+        print(
+            f"  tenant {name}: raw_dir={t.raw_dir} quantization={train.quantization} "
+            f"r={train.lora_r} overrides: train={sorted(t.train) or '-'} gate={sorted(t.gate) or '-'}"
+        )
+        for source in t.sources:
+            mapped = ", ".join(f"{k}<-{v!r}" for k, v in source.columns.items()) or "shape detection"
+            extra = "".join(f" {k}={getattr(source, k)}" for k in ("format", "explode", "control_tokens") if getattr(source, k))
+            print(f"    source {source.path}:{extra} {mapped}" + (f" roles={source.roles}" if source.roles else ""))
+    return 0
+
+
+def cmd_documents(args: argparse.Namespace) -> int:
+    from loraline import documents
+
+    params, layout = _load(args), Layout()
+    names = _tenants(params, args.tenant)
+    _one_tenant_for_out(args, names)
+    for name in names:
+        result = documents.run(params, layout, name, out_dir=Path(args.out) if args.out else None)
+        skipped = f", {len(result.skipped)} skipped ({'; '.join(f'{k}: {v}' for k, v in result.skipped.items())})" if result.skipped else ""
+        print(f"documents[{name}]: {len(result.files)} files -> {result.out_dir}{skipped}")
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from loraline import synthesize
+
+    params, layout = _load(args), Layout()
+    for name in _tenants(params, args.tenant):
+        result = synthesize.run(params, layout, name, progress=not args.quiet)
+        rejects = ", ".join(f"{k} {v}" for k, v in sorted(result.rejected.items())) or "none"
+        usage = "".join(f", {k} {v}" for k, v in result.stats["usage"].items())
+        print(
+            f"synthesize[{name}]: {result.generated} generated = {result.kept} kept + {sum(result.rejected.values())} "
+            f"rejected ({rejects}) by {result.stats['generator']}{usage} -> {result.rows_path}"
+        )
+    return 0
+
+
+def cmd_base(args: argparse.Namespace) -> int:
+    from loraline import base
+
+    params, layout = _load(args), Layout()
+    started = time.perf_counter()
+    result = base.run(params, layout, docs=[Path(d) for d in args.docs or []], out_dir=Path(args.out) if args.out else None,
+                      progress=not args.quiet)
+    print(f"{base_line(result.record)} -> {result.out_dir} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import datasets
+
+    from loraline import prepare
+    from loraline.modelling.loading import load_base_tokenizer
+
+    datasets.disable_progress_bars()  # one bar per tenant (ours) rather than one per saved split
+
+    params, layout = _load(args), Layout()
+    names = _tenants(params, args.tenant)
+    _one_tenant_for_out(args, names)
+    tokenizer = load_base_tokenizer(Path(args.base) if args.base else layout.base_dir, params.base)  # once for all tenants
+    for name in names:
+        result = prepare.run(params, layout, name, out_dir=Path(args.out) if args.out else None, tokenizer=tokenizer,
+                             progress=not args.quiet)
+        print(_prepare_line(name, result.stats))
+    return 0
+
+
+def _one_tenant_for_out(args: argparse.Namespace, names: list[str]) -> None:
+    if args.out and len(names) > 1:
+        raise ConfigError("--out names one tenant's folder: pass exactly one --tenant with it")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from loraline.prepare.inspection import default_cleaner, inspect_path, report_text
+
+    path = Path(args.path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder")
+    params, layout = _load(args), Layout()
+    tokenizer = None
+    base_dir = Path(args.base) if args.base else layout.base_dir
+    if params.base.model or (base_dir / "config.json").is_file():
+        from loraline.modelling.loading import load_base_tokenizer
+
+        tokenizer = load_base_tokenizer(base_dir, params.base)
+    else:
+        print(f"(no base model at {base_dir} yet: samples use loraline's ChatML template)")
+    root = None
+    for name in params.tenant_names:  # suggested globs relative to the tenant's raw_dir when PATH is inside it
+        raw_dir = params.tenant(name).raw_dir.resolve()
+        if path.resolve() == raw_dir or raw_dir in path.resolve().parents:
+            root = raw_dir
+    results = inspect_path(path.resolve(), root, clean=default_cleaner(tokenizer))
+    print(report_text(results, tokenizer, color=sys.stdout.isatty()))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from loraline import train
+
+    params, layout = _load(args), Layout()
+    for name in _tenants(params, args.tenant):
+        result = train.run(params, layout, name, base_dir=Path(args.base) if args.base else None,
+                           checkpoints=not args.no_checkpoints, progress=not args.quiet)
+        print(train_line(name, train.train_metrics(result.record)) + f" -> {result.out_dir}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from loraline import merge
+
+    params, layout = _load(args), Layout()
+    for name in _tenants(params, args.tenant):
+        r = merge.run(params, layout, name, base_dir=Path(args.base) if args.base else None).report
+        q = r.get("vs_4bit", {})
+        gap = "skipped" if "skipped" in q else f"{q.get('max_abs_logit_diff', float('nan')):.3g} (greedy agreement {q.get('greedy_agreement', 0):.0%})"
+        mv = r["merged_vs_unmerged"]
+        print(
+            f"merge[{name}]: merged vs adapter max logit diff {mv['max_abs_logit_diff']:.2e} "
+            f"(tolerance {r['tolerance']:g}), greedy agreement {mv['greedy_agreement']:.0%}; gap to 4-bit {gap} "
+            f"-> {layout.merged_dir(name)}"
+        )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from loraline import export
+
+    params, layout = _load(args), Layout()
+    for name in _tenants(params, args.tenant):
+        r = export.run(params, layout, name).report
+        int8 = r.get("int8")
+        extra = f"; int8 max diff {int8['max_abs_logit_diff']:.3g}, greedy agreement {int8['greedy_agreement']:.0%}" if int8 else ""
+        print(
+            f"export[{name}]: ONNX fp32 max logit diff {r['fp32']['max_abs_logit_diff']:.2e} (cached decoding "
+            f"{r['fp32']['decode_max_abs_logit_diff']:.2e}), greedy agreement {r['fp32']['greedy_agreement']:.0%}{extra} "
+            f"-> {layout.onnx_dir(name)}"
+        )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from loraline import evaluate
+
+    params, layout = _load(args), Layout()
+    for name in _tenants(params, args.tenant):
+        result = evaluate.run(params, layout, name, base_dir=Path(args.base) if args.base else None, progress=not args.quiet)
+        models = result.metrics["models"]
+        cols = [m for m in ("base", "candidate", "production") if m in models]
+        print(f"evaluate[{name}]: {result.metrics['test_rows']} test rows; " + "; ".join(
+            f"{k}: " + " / ".join(f"{m} {models[m].get(k) if models[m].get(k) is None else round(models[m][k], 3)}" for m in cols)
+            for k in models["candidate"]
+        ) + f" -> {result.report_path}")
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from loraline import gate
+
+    params, layout = _load(args), Layout()
+    failed = []
+    for name in _tenants(params, args.tenant):
+        decision = gate.run(params, layout, name)
+        print(f"gate[{name}]: {'PASS' if decision.passed else 'FAIL'}")
+        for rule in decision.rules:
+            print(f"    {'ok  ' if rule.passed else 'FAIL'} {rule.name}: {rule.reason}")
+        if not decision.passed:
+            failed.append(name)
+    if failed and args.strict:
+        print(f"loraline gate: failed for {', '.join(failed)}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from loraline.export.runtime import OnnxGenerator
+
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    messages.append({"role": "user", "content": prompt})
+    gen = OnnxGenerator(args.onnx, model_file="model.int8.onnx" if args.int8 else "model.onnx")
+    print(gen.generate(messages, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+def _prepare_line(name: str, stats: Any) -> str:
+    s = stats if isinstance(stats, dict) else stats.__dict__
+    splits = " / ".join(f"{k} {s.get('splits', {}).get(k, 0)}" for k in ("train", "validation", "test"))
+    return (
+        f"prepare[{name}]: {s['rows_in']} rows in = {s['kept']} kept + {s['rejected']} rejected "
+        f"+ {s['duplicates']} duplicates + {s.get('near_duplicates', 0)} near-duplicates + {s.get('contaminated', 0)} contaminated"
+        f" | {splits} | documents {s.get('documents', 0)} | rejects: {reasons(s)}"
+    )
+
+
+# -- whole pipeline ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    started = time.perf_counter()
+    # The whole pipeline runs from the project root (where dvc.yaml is), whichever folder of the
+    # project it was started in; a relative --params path stays relative to where it was typed.
+    root = _project_root()
+    if not Path(args.params).is_file() and args.params == "params.yaml":
+        args.params = str(root / "params.yaml")
+    args.params = str(Path(args.params).resolve())
+    os.chdir(root)
+    params = _load(args)
+    tenants = _tenants(params, args.tenant)
+    error = None
+    if args.no_dvc:
+        ns = dict(params=args.params, set=args.set, quiet=args.quiet, out=None, tenant=args.tenant, docs=None, base=None)
+        cmd_documents(argparse.Namespace(**{**ns, "tenant": None}))
+        ns["docs"] = [str(Layout().documents_dir(n)) for n in params.tenant_names]
+        cmd_base(argparse.Namespace(**ns))
+        ns["docs"] = None
+        cmd_synthesize(argparse.Namespace(**ns))
+        cmd_prepare(argparse.Namespace(**ns))
+        cmd_train(argparse.Namespace(**ns, no_checkpoints=False))
+        cmd_merge(argparse.Namespace(**ns))
+        cmd_export(argparse.Namespace(**ns))
+        cmd_evaluate(argparse.Namespace(**ns))
+        cmd_gate(argparse.Namespace(**ns, strict=False))
+    else:
+        if args.set:
+            raise ConfigError("--set does not apply to a DVC run; use `dvc exp run -S key=value` or edit params.yaml")
+        if args.no_prefect:
+            error = _run_without_prefect(args, params, tenants)
+        else:
+            error = _run_flow(args, tenants)
+    print(render_text(collect_summary(load_params(args.params), tenants=tenants), time.perf_counter() - started))
+    if error:
+        print(f"loraline run: failed: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list[str]) -> str | None:
+    from loraline import release
+    from loraline.flows.repro import reproduce
+
+    targets = None if tenants == params.tenant_names else [stage_id("gate", t) for t in tenants]
+    ran = reproduce(force=args.force, push=not args.no_push, targets=targets)
+    print(f"dvc repro: {len(ran)} stage(s) ran" + (f": {', '.join(ran)}" if ran else " (everything up to date)"))
+    for name in tenants:
+        result = release.run(params, Layout(), name, promote=not args.no_promote)
+        print(f"release[{name}]: {result.reason}")
+    return None
+
+
+def _run_flow(args: argparse.Namespace, tenants: list[str]) -> str | None:
+    """The Prefect flow (loraline.flows.pipeline); with no PREFECT_API_URL set, Prefect starts a
+    temporary local server for the run (the embedded default)."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from loraline.flows.pipeline import pipeline
+
+    try:
+        pipeline(tenants=args.tenant, project_dir=str(_project_root()), promote=not args.no_promote,
+                 push=not args.no_push, force=args.force)
+    except Exception as exc:  # the flow run holds the details; the summary below still shows what finished
+        return str(exc)
+    return None
+
+
+def _project_root() -> Path:
+    """The folder holding dvc.yaml: this one or the nearest above it (like git and dvc find theirs)."""
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    raise FileNotFoundError(f"no dvc.yaml in {here} or any folder above it: run inside a loraline project")
+
+
+# -- argument parsing -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraline",
+        description="Raw data to gated, versioned LoRA/QLoRA adapters. Settings come from params.yaml.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="the params file to read (default: params.yaml)")
+    common.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="override one param for this command only, dotted key, YAML value (repeatable), "
+        "e.g. --set base.build.max_steps=50",
+    )
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    tenant = argparse.ArgumentParser(add_help=False)
+    tenant.add_argument("--tenant", action="append", help="run for this tenant only (repeatable; default: every tenant)")
+
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("check", parents=[common], help="validate params.yaml and show each tenant's resolved settings")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("documents", parents=[common, tenant], help="collect each tenant's plain documents (.txt/.md)")
+    p.add_argument("--out", help="output folder (default: data/documents/<tenant>; one tenant only)")
+    p.set_defaults(func=cmd_documents)
+
+    p = sub.add_parser("synthesize", parents=[common, tenant], help="generate instruction/answer rows from each tenant's documents")
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("base", parents=[common], help="build the offline base model, or validate and record base.model")
+    p.add_argument("--docs", nargs="+", metavar="DIR", help="folders of documents for pretraining (default: the tenants' raw folders)")
+    p.add_argument("--out", help="output folder (default: models/base)")
+    p.set_defaults(func=cmd_base)
+
+    p = sub.add_parser("prepare", parents=[common, tenant], help="raw files to a clean, deduplicated, split, chat-templated dataset")
+    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    p.add_argument("--out", help="output folder (default: data/prepared/<tenant>; one tenant only)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("inspect", parents=[common], help="what a raw file or folder holds, row shapes, a suggested sources: entry, rendered samples")
+    p.add_argument("path", help="a raw file, a save_to_disk folder, or a folder of them")
+    p.add_argument("--base", help="base model folder whose chat template renders the samples (default: models/base)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", parents=[common, tenant], help="train each tenant's LoRA/QLoRA adapter on its prepared train split")
+    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    p.add_argument("--no-checkpoints", action="store_true", help="write no periodic checkpoints (a killed run then starts over)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", parents=[common, tenant], help="merge each adapter into a full-precision base and prove it behaves the same")
+    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", parents=[common, tenant], help="export each merged model to ONNX with the KV cache and prove parity")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", parents=[common, tenant], help="evaluate base, candidate and production on each tenant's test split")
+    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("gate", parents=[common, tenant], help="decide promotion from the evaluation and parity reports (writes gate.json)")
+    p.add_argument("--strict", action="store_true", help="exit with status 3 when a tenant's gate fails")
+    p.set_defaults(func=cmd_gate)
+    add_registry_parser(sub)
+
+    p = sub.add_parser("generate", help="chat with an exported model through plain onnxruntime (KV cache reused)")
+    p.add_argument("--onnx", required=True, metavar="DIR", help="export folder written by `loraline export` (e.g. models/onnx/<tenant>)")
+    p.add_argument("--prompt", help="the user message (default: read from standard input)")
+    p.add_argument("--system", help="an optional system message")
+    p.add_argument("--int8", action="store_true", help="use the int8-quantized graph (model.int8.onnx)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "run", parents=[common, tenant],
+        help="the whole pipeline: DVC stages through the Prefect flow, then register and promote each tenant's adapter",
+    )
+    p.add_argument("--no-prefect", action="store_true", help="run `dvc repro` and release directly, without Prefect")
+    p.add_argument("--no-dvc", action="store_true", help="call the stages directly: no DVC caching or lineage, no registry")
+    p.add_argument("--no-promote", action="store_true", help="register new versions but leave production as it is")
+    p.add_argument("--force", action="store_true", help="re-run every stage even when DVC finds it up to date")
+    p.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"loraline: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"loraline {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from dvc.exceptions import DvcException
+
+        if not isinstance(exc, DvcException):
+            raise
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        print(f"loraline {args.command}: dvc: {exc}{cause}; the stage's own error is printed above", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

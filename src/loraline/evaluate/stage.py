@@ -1,0 +1,250 @@
+"""The `evaluate` stage: base, candidate (merged) and production models on a tenant's test split.
+
+Per model:
+  answer_loss / answer_perplexity   teacher-forced cross-entropy over the answer tokens
+                                    (labels != -100 of the stored input_ids/labels), micro-averaged
+  exact_match, token_f1, rouge_l    from greedy generations (metrics.aggregate), with json_valid and
+  (+ json_valid, json_field_accuracy)  json_field_accuracy when the references are JSON objects
+
+Prompt = the conversation up to the last assistant turn, rendered with the base's chat template and
+add_generation_prompt; reference = that assistant turn's content. Generation is greedy and stops at
+eos (<|im_end|> for loraline's models). All models use the base tokenizer (see generate.py).
+
+out_dir (replaced atomically):
+    metrics.json       {"tenant", "test_rows", "answer_tokens", "expects_json", "max_new_tokens",
+                        "models": {"base": {...}, "candidate": {...}[, "production": {...}]}}
+                       flat numeric metrics per model (non-finite values are written as null)
+    report.md          metrics table (models side by side + candidate-vs-base delta), example generations
+    generations.jsonl  one row per test row: id, prompt (last user turn), reference,
+                       predictions {model: text}, exact_match {model: bool}
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraline import io
+from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path
+from loraline.config import BaseParams, Params
+from loraline.layout import Layout
+from loraline.evaluate import metrics as M
+from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation
+from loraline.modelling.device import pick_device
+from loraline.evaluate.report import render_report
+
+METRICS = "metrics.json"
+REPORT = "report.md"
+GENERATIONS = "generations.jsonl"
+SEED = 0
+BATCH_SIZE = 8
+
+
+class EvaluateError(ValueError):
+    """The inputs cannot be evaluated (no test rows, a missing model folder, ...)."""
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    out_dir: Path
+    metrics: dict[str, Any]  # the content of metrics.json
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / METRICS
+
+    @property
+    def report_path(self) -> Path:
+        return self.out_dir / REPORT
+
+    @property
+    def generations_path(self) -> Path:
+        return self.out_dir / GENERATIONS
+
+    def model_metrics(self, name: str) -> dict[str, float] | None:
+        return self.metrics["models"].get(name)
+
+
+@dataclass(frozen=True)
+class _TestSet:
+    ids: list[str]
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    prompts: list[list[int]]
+    questions: list[str]
+    references: list[str]
+
+
+def evaluate_tenant(
+    *,
+    tenant: str,
+    dataset_dir: Path,
+    base_dir: Path,
+    base_params: BaseParams,
+    candidate_dir: Path,
+    production_dir: Path | None,
+    out_dir: Path,
+    max_new_tokens: int = 64,
+    max_examples: int | None = None,
+    examples_in_report: int = 3,
+    progress: bool = False,
+) -> EvaluateResult:
+    """Evaluate base, candidate and (when `production_dir` exists) production on the test split."""
+    dataset_dir, base_dir, candidate_dir, out_dir = map(Path, (dataset_dir, base_dir, candidate_dir, out_dir))
+    if max_new_tokens < 1:
+        raise EvaluateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_examples is not None and max_examples < 1:
+        raise EvaluateError(f"max_examples must be >= 1 or None, got {max_examples}")
+    if not (candidate_dir / "config.json").is_file():
+        raise EvaluateError(f"{candidate_dir} is not a model folder (no config.json): run the merge stage first")
+
+    tok = load_base_tokenizer(base_dir, base_params)
+    test = _load_test(dataset_dir, tok, max_examples)
+    refs_json = M.expects_json(test.references)
+    models: dict[str, tuple[str, dict[str, Any]]] = {
+        "base": (resolve_base_model_path(base_dir), base_load_kwargs(base_dir)),
+        "candidate": (str(candidate_dir), {}),
+    }
+    if production_dir is not None and (Path(production_dir) / "config.json").is_file():
+        models["production"] = (str(production_dir), {})
+
+    device = pick_device()
+    scores: dict[str, dict[str, float | None]] = {}
+    predictions: dict[str, list[str]] = {}
+    answer_tokens = 0
+    for name, (path, kwargs) in models.items():
+        started = time.perf_counter()
+        scores[name], predictions[name], answer_tokens = _score(
+            path, kwargs, tok, test, refs_json, max_new_tokens, device, _progress(name, len(test.ids), progress)
+        )
+        if progress:
+            print(f"evaluate {tenant}/{name}: {time.perf_counter() - started:.1f}s {scores[name]}", file=sys.stderr)
+
+    result = {
+        "tenant": tenant,
+        "test_rows": len(test.ids),
+        "answer_tokens": answer_tokens,
+        "expects_json": refs_json,
+        "max_new_tokens": max_new_tokens,
+        "models": scores,
+    }
+    rows = _generation_rows(test, predictions)
+    report = render_report(
+        tenant=tenant, test_rows=len(test.ids), expects_json=refs_json, max_new_tokens=max_new_tokens,
+        models=scores, examples=rows[: max(examples_in_report, 0)],
+    )
+    with io.atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)
+        io.write_jsonl(tmp / GENERATIONS, rows)
+        io.atomic_write_text(tmp / REPORT, report)
+        io.write_json(tmp / METRICS, result)
+    return EvaluateResult(out_dir, result)
+
+
+def evaluate_model(
+    *,
+    model_dir: Path,
+    dataset_dir: Path,
+    base_dir: Path,
+    base_params: BaseParams,
+    max_new_tokens: int = 64,
+    max_examples: int | None = None,
+) -> dict[str, float | None]:
+    """One model's metrics, computed as evaluate_tenant computes each of its models (so the numbers compare).
+
+    The registry uses it to measure the current production model at promotion time, when production
+    may have changed since the evaluate stage ran."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise EvaluateError(f"{model_dir} is not a model folder (no config.json)")
+    tok = load_base_tokenizer(Path(base_dir), base_params)
+    test = _load_test(Path(dataset_dir), tok, max_examples)
+    return _score(str(model_dir), {}, tok, test, M.expects_json(test.references), max_new_tokens, pick_device(), None)[0]
+
+
+def _score(
+    path: str, kwargs: dict[str, Any], tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, device: Any, on_batch: Any
+) -> tuple[dict[str, float | None], list[str], int]:
+    """(metrics, greedy predictions, answer tokens) of the model at `path` on `test`."""
+    torch.manual_seed(SEED)
+    with loaded_model(path, device, **kwargs) as model:
+        loss = answer_loss(model, test.input_ids, test.labels, tok.pad_token_id, BATCH_SIZE)
+        predictions = generate_greedy(model, tok, test.prompts, max_new_tokens, BATCH_SIZE, on_batch=on_batch)
+    scores = _finite(
+        {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | M.aggregate(predictions, test.references, refs_json)
+    )
+    return scores, predictions, loss.tokens
+
+
+def _load_test(dataset_dir: Path, tok: Any, max_examples: int | None) -> _TestSet:
+    import datasets
+
+    if not dataset_dir.is_dir():
+        raise EvaluateError(f"dataset {dataset_dir} does not exist: run the prepare stage for this tenant first")
+    dd = datasets.load_from_disk(str(dataset_dir))
+    if "test" not in dd or len(dd["test"]) == 0:
+        raise EvaluateError(f"dataset {dataset_dir} has no test rows: raise prepare.split.test or add data")
+    ds = dd["test"]
+    if max_examples is not None:
+        ds = ds.select(range(min(max_examples, len(ds))))
+    cols = ds.select_columns(["id", "messages", "input_ids", "labels"]).to_dict()
+    contexts, refs = zip(*(split_conversation(m) for m in cols["messages"]), strict=True)
+    return _TestSet(
+        ids=list(cols["id"]),
+        input_ids=cols["input_ids"],
+        labels=cols["labels"],
+        prompts=[encode_prompt(tok, c) for c in contexts],
+        questions=[next((m["content"] for m in reversed(c) if m["role"] == "user"), "") for c in contexts],
+        references=list(refs),
+    )
+
+
+def _generation_rows(test: _TestSet, predictions: dict[str, list[str]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": rid,
+            "prompt": question,
+            "reference": ref,
+            "predictions": {name: preds[i] for name, preds in predictions.items()},
+            "exact_match": {name: M.exact_match(preds[i], ref) for name, preds in predictions.items()},
+        }
+        for i, (rid, question, ref) in enumerate(zip(test.ids, test.questions, test.references, strict=True))
+    ]
+
+
+def _finite(values: dict[str, float]) -> dict[str, float | None]:
+    """NaN / inf are not JSON: written as null (the gate treats a missing number as a failure)."""
+    return {k: (float(v) if math.isfinite(v) else None) for k, v in values.items()}
+
+
+def _progress(name: str, total: int, enabled: bool):
+    if not enabled:
+        return None
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        print(f"  {name}: generated {done[0]}/{total}", file=sys.stderr)
+
+    return step
+
+
+def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, progress: bool = False) -> EvaluateResult:
+    """The evaluate stage for one tenant: base and candidate on its test split into
+    reports/<tenant>/evaluation, the metrics also at reports/<tenant>/eval_metrics.json."""
+    import shutil
+
+    ev = params.evaluate
+    result = evaluate_tenant(
+        tenant=tenant, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=base_dir or layout.base_dir,
+        base_params=params.base, candidate_dir=layout.merged_dir(tenant), production_dir=None,
+        out_dir=layout.evaluation_dir(tenant), max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
+        examples_in_report=ev.examples_in_report, progress=progress,
+    )
+    shutil.copyfile(result.metrics_path, layout.eval_metrics_path(tenant))
+    return result

@@ -1,0 +1,144 @@
+"""The loraline pipeline as a Prefect flow: composition only, every step is a library call.
+
+Who owns what:
+- DVC owns caching and lineage. Each stage task is `dvc repro --single-item <stage>`, so a stage whose
+  inputs did not change is skipped by DVC, and after the flow `dvc status` is clean and dvc.lock is
+  what `dvc repro` would have written.
+- Prefect owns the run: order, retries (train resumes from its checkpoint; pushes and registry writes
+  are I/O that may recover; nothing else is retried, a deterministic failure would only fail again),
+  timeouts, logs, the reports as artifacts, and the promotion decision (the release task).
+
+Tenants run one after another: DVC holds one lock per repository, so two stages of the same
+workspace cannot run at once. A tenant that fails does not stop the others; the flow run fails at
+the end naming every tenant that failed and why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from loraline.config import OrchestrateParams, load_params
+from loraline.layout import Layout
+from loraline.flows.orchestrate import StageRun, plan_stages, push_outputs, run_stage
+from loraline.release import ReleaseResult, release_tenant
+from loraline.summary import collect_summary, gate_markdown, render_markdown
+
+
+@task(task_run_name="{stage}", cache_policy=NO_CACHE)
+def dvc_stage(project_dir: str, stage: str, force: bool, timeout_s: float | None) -> StageRun:
+    result = run_stage(project_dir, stage, force=force, timeout_s=timeout_s)
+    get_run_logger().info("%s: %s in %.1fs", stage, "ran" if result.ran else "up to date, skipped", result.seconds)
+    return result
+
+
+@task(task_run_name="dvc-push", cache_policy=NO_CACHE)
+def dvc_push(project_dir: str) -> int:
+    return push_outputs(project_dir)
+
+
+@task(task_run_name="release-{tenant}", cache_policy=NO_CACHE)
+def release(project_dir: str, tenant: str, promote: bool) -> ReleaseResult:
+    params = load_params(Path(project_dir) / "params.yaml")
+    result = release_tenant(Path(project_dir), params, tenant, promote=promote)
+    get_run_logger().info("release %s: %s", tenant, result.reason)
+    return result
+
+
+@task(task_run_name="publish-{tenant}", cache_policy=NO_CACHE)
+def publish_reports(project_dir: str, tenant: str) -> None:
+    """The tenant's evaluation report, metrics table and gate verdict, as Prefect artifacts."""
+    params = load_params(Path(project_dir) / "params.yaml")
+    layout = Layout(Path(project_dir))
+    summary = collect_summary(params, layout, [tenant]).tenants[0]
+    report = layout.evaluation_dir(tenant) / "report.md"
+    if report.is_file():
+        create_markdown_artifact(key=f"{tenant}-evaluation", markdown=report.read_text(),
+                                 description=f"{tenant}: base vs candidate on the held-out test split")
+    rows = summary.metric_rows()
+    if rows:
+        create_table_artifact(key=f"{tenant}-metrics", table=rows, description=f"{tenant}: test-split metrics")
+    create_markdown_artifact(key=f"{tenant}-gate", markdown=gate_markdown(summary),
+                             description=f"{tenant}: promotion gate {summary.verdict}")
+
+
+def _with_policy(stage: str, orchestrate: OrchestrateParams):
+    timeout_s = orchestrate.stage_timeout_minutes * 60 if orchestrate.stage_timeout_minutes else None
+    retries = orchestrate.train_retries if stage.startswith("train@") else 0
+    return dvc_stage.with_options(retries=retries, retry_delay_seconds=orchestrate.retry_delay_seconds), timeout_s
+
+
+def _run_name() -> str:
+    tenants = flow_run.parameters.get("tenants")
+    return "loraline-" + ("-".join(tenants) if tenants else "all-tenants")
+
+
+@flow(name="loraline", flow_run_name=_run_name, log_prints=True)
+def pipeline(
+    tenants: list[str] | None = None,
+    project_dir: str = ".",
+    promote: bool = True,
+    push: bool = True,
+    force: bool = False,
+) -> dict:
+    """Raw data to production adapters: DVC stages per tenant, then register and promote.
+
+    `tenants`: the tenants to run (default: every tenant in params.yaml). `promote`: register
+    versions but leave production alone when False. `force`: re-run stages DVC finds up to date.
+    """
+    started = time.perf_counter()
+    project_dir = str(Path(project_dir).resolve())
+    params = load_params(Path(project_dir) / "params.yaml")
+    chosen = tenants or params.tenant_names
+    for name in chosen:
+        params.tenant(name)  # unknown tenants fail here, before anything runs
+    plan = plan_stages(project_dir, chosen)
+    orchestrate = params.orchestrate
+
+    ran: dict[str, bool] = {}
+    for stage in plan.shared:
+        run, timeout_s = _with_policy(stage, orchestrate)
+        ran[stage] = run(project_dir, stage, force, timeout_s).ran
+
+    failures: dict[str, str] = {}
+    for tenant, stages in plan.per_tenant.items():
+        try:
+            for stage in stages:
+                run, timeout_s = _with_policy(stage, orchestrate)
+                ran[stage] = run(project_dir, stage, force, timeout_s).ran
+        except Exception as exc:  # one tenant's failure must not stop the others
+            failures[tenant] = str(exc)
+            get_run_logger().error("tenant %s failed: %s", tenant, exc)
+            continue  # its reports on disk are from an earlier run: publishing them would mislead
+        publish_reports(project_dir, tenant)
+
+    if push:
+        dvc_push.with_options(retries=orchestrate.io_retries, retry_delay_seconds=orchestrate.retry_delay_seconds)(project_dir)
+    releases = {}
+    for tenant in chosen:
+        if tenant in failures:
+            continue
+        releases[tenant] = release.with_options(
+            retries=orchestrate.io_retries, retry_delay_seconds=orchestrate.retry_delay_seconds
+        )(project_dir, tenant, promote)
+
+    seconds = time.perf_counter() - started
+    summary = collect_summary(params, Layout(Path(project_dir)), chosen)
+    create_markdown_artifact(key="loraline-run", markdown=render_markdown(summary, seconds),
+                             description="per tenant: gate verdict, registered version, production")
+    if failures:
+        raise RuntimeError(
+            "loraline pipeline failed for " + ", ".join(failures) + ":\n" + "\n".join(f"[{t}] {e}" for t, e in failures.items())
+        )
+    return {"seconds": seconds, "stages_ran": [s for s, did in ran.items() if did],
+            "releases": {t: asdict(r) for t, r in releases.items()}}
+
+
+if __name__ == "__main__":
+    pipeline()

@@ -1,0 +1,281 @@
+"""The `merge` stage: a trained LoRA/QLoRA adapter + its base -> one standalone Hugging Face model.
+
+Recipe (peft's advice for QLoRA): reload the base in full precision (fp32 by default, bf16/fp16 on
+request), apply the adapter with stock PeftModel.from_pretrained, merge_and_unload(). Merging into a
+4-bit layer would re-quantize and drift, so the 4-bit model is only ever a *reference* here.
+
+Checked on a fixed probe set (chat conversations rendered with the base's chat template and
+add_generation_prompt) before anything is written:
+
+- merged vs base+adapter unmerged at the same precision: max abs logit difference (must not exceed
+  `tolerance`, else MergeError and no out_dir) and greedy-generation agreement;
+- merged vs the 4-bit model the adapter was trained against (the train record's quantization
+  settings, loaded with loraline.modelling.loading.load_base_causal_lm): the quantization gap, reported only;
+- the written folder reloaded with plain AutoModelForCausalLM: logits must match the in-memory merge.
+
+out_dir (replaced atomically, safe to re-run):
+    config.json, generation_config.json, model.safetensors   plain AutoModelForCausalLM loads it
+    tokenizer.json, tokenizer_config.json (chat_template inside)
+    merge_report.json                                        numbers, tolerance, pass/fail, hashes
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraline import io
+from loraline.config import BaseParams, Params
+from loraline.layout import TRAIN_RECORD, Layout
+from loraline.modelling.chat import save_tokenizer
+from loraline.modelling.device import compute_dtype
+from loraline.modelling.loading import (
+    base_load_kwargs,
+    base_model_hash,
+    load_base_causal_lm,
+    load_base_tokenizer,
+    read_base_record,
+    resolve_base_model_path,
+)
+from loraline.modelling.parity import DEFAULT_PROBES, ProbeOutputs, compare, encode_probe, run_probes
+from loraline.provenance import code_revision, library_versions, sha256_file
+
+REPORT = "merge_report.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Logits of the reloaded folder vs the in-memory merge: the same weights, so only save/load bugs
+# (tied weights, dtype casts) can make them differ.
+RELOAD_TOLERANCE = 1e-5
+
+
+
+class MergeError(ValueError):
+    """The merged model does not reproduce base+adapter within tolerance (or the inputs are unusable)."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_dir: Path
+    report_path: Path
+    report: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report["passed"])
+
+
+def merge_adapter(
+    *,
+    base_dir: Path,
+    base_params: BaseParams,
+    adapter_dir: Path,
+    out_dir: Path,
+    dtype: str = "float32",
+    tolerance: float = 1e-3,
+    probes: list[list[dict[str, str]]] | None = None,
+    max_new_tokens: int = 32,
+    quantized_reference: bool = True,
+    check_reload: bool = True,
+) -> MergeResult:
+    """Merge `adapter_dir` into the base at `dtype` and write a standalone model into `out_dir`.
+
+    Raises MergeError (nothing written; a previous out_dir is removed so that no stale merge of an
+    older adapter survives) when merged and unmerged logits differ by more than `tolerance`.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    if dtype not in DTYPES:
+        raise MergeError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if not tolerance >= 0:
+        raise MergeError(f"tolerance must be >= 0, got {tolerance}")
+    if max_new_tokens < 1:
+        raise MergeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
+    if missing:
+        raise MergeError(f"{adapter_dir} is not a trained adapter: {', '.join(missing)} missing (run the train stage)")
+    probes = [list(p) for p in (probes if probes is not None else DEFAULT_PROBES)]
+    if not probes:
+        raise MergeError("probes is empty: at least one conversation is needed to check the merge")
+
+    started = time.perf_counter()
+    torch_dtype = DTYPES[dtype]
+    base_record = read_base_record(base_dir)
+    train_record = _read_train_record(adapter_dir)
+    tok = load_base_tokenizer(base_dir, base_params)
+    inputs = [encode_probe(tok, conv, MergeError) for conv in probes]
+
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_base_model_path(base_dir), dtype=torch_dtype, device_map={"": "cpu"}, **base_load_kwargs(base_dir)
+    )
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model.eval()
+    unmerged = run_probes(model, tok, inputs, max_new_tokens)
+    merged_model = model.merge_and_unload()
+    merged_model.eval()
+    merged = run_probes(merged_model, tok, inputs, max_new_tokens)
+    vs_unmerged = compare(merged, unmerged)
+    del model, base
+    gc.collect()
+
+    report: dict[str, Any] = {
+        "passed": vs_unmerged["max_abs_logit_diff"] <= tolerance,
+        "dtype": dtype,
+        "tolerance": tolerance,
+        "max_new_tokens": max_new_tokens,
+        "probes": {"count": len(probes), "default": probes == DEFAULT_PROBES, "prompt_tokens": [len(x) for x in inputs]},
+        "merged_vs_unmerged": vs_unmerged,
+        "adapter": {
+            "dir": str(adapter_dir),
+            "files": {f: sha256_file(adapter_dir / f) for f in ADAPTER_FILES},
+            "train_fingerprint": (train_record or {}).get("fingerprint"),
+            "quantization": _quantization(train_record),
+        },
+        "base": {
+            "dir": str(base_dir),
+            "source": base_record.get("source"),
+            "model_ref": base_record.get("model_ref"),
+            "sha256": base_model_hash(base_record),
+        },
+        "code_revision": code_revision(),
+        "library_versions": library_versions(),
+    }
+    trained_base = ((train_record or {}).get("base") or {}).get("sha256")
+    if trained_base and trained_base != report["base"]["sha256"]:
+        _discard(out_dir)
+        raise MergeError(
+            f"the adapter in {adapter_dir} was trained on a different base (sha256 {trained_base[:12]}...) than "
+            f"{base_dir} ({report['base']['sha256'][:12]}...): rerun the train stage on this base",
+            report,
+        )
+    if not report["passed"]:
+        _discard(out_dir)
+        raise MergeError(
+            f"merged model drifts from base+adapter at {dtype}: max abs logit diff "
+            f"{vs_unmerged['max_abs_logit_diff']:.3g} > tolerance {tolerance:.3g} "
+            f"(mean {vs_unmerged['mean_abs_logit_diff']:.3g}, greedy agreement {vs_unmerged['greedy_agreement']:.2f}); "
+            "nothing written. Merge at float32, or raise the tolerance if this precision is intended.",
+            report,
+        )
+
+    with io.atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)
+        merged_model.save_pretrained(tmp, safe_serialization=True)
+        save_tokenizer(tok, tmp, resolve_base_model_path(base_dir) if base_record.get("source") != "hub" else None)
+        (tmp / "README.md").unlink(missing_ok=True)
+        del merged_model
+        gc.collect()
+        report["vs_4bit"] = (
+            _quantized_gap(train_record, base_dir, adapter_dir, tok, inputs, max_new_tokens, merged)
+            if quantized_reference
+            else {"skipped": "quantized_reference=False"}
+        )
+        if check_reload:
+            report["reload"] = _reload_check(tmp, inputs, merged)
+            if report["reload"]["max_abs_logit_diff"] > RELOAD_TOLERANCE:
+                _discard(out_dir)
+                raise MergeError(
+                    f"the saved merged model does not reload to the same logits "
+                    f"(max abs diff {report['reload']['max_abs_logit_diff']:.3g}); nothing written",
+                    report,
+                )
+        report["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != REPORT}
+        report["wall_s"] = round(time.perf_counter() - started, 2)
+        io.write_json(tmp / REPORT, report)
+    return MergeResult(out_dir, out_dir / REPORT, report)
+
+
+# --- references -----------------------------------------------------------------------------------
+
+
+def _quantized_gap(
+    train_record: dict[str, Any] | None, base_dir: Path, adapter_dir: Path, tok: Any,
+    inputs: list[list[int]], max_new_tokens: int, merged: ProbeOutputs,
+) -> dict[str, Any]:
+    """Merged model vs the 4-bit base + adapter it was trained against (what training optimised)."""
+    from peft import PeftModel
+
+    from loraline.config import TrainParams
+
+    if train_record is None:
+        return {"skipped": f"no {TRAIN_RECORD} in the adapter folder: its quantization settings are unknown"}
+    try:
+        params = TrainParams.model_validate(train_record["params"])
+    except Exception as exc:  # noqa: BLE001 -- an old record the current schema rejects: report, don't fail
+        return {"skipped": f"{TRAIN_RECORD} params do not validate with this loraline version: {exc}"}
+    if params.quantization == "none":
+        return {"skipped": "adapter trained with quantization none: there is no 4-bit model to compare against"}
+    cpu = torch.device("cpu")
+    model = load_base_causal_lm(base_dir, cpu, compute_dtype(cpu), params.quantization, params.double_quant)
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    model.eval()
+    ref = run_probes(model, tok, inputs, max_new_tokens)
+    del model
+    gc.collect()
+    gap = compare(merged, ref)
+    gap.pop("merged_greedy_texts")
+    gap["quantization"] = {"type": params.quantization, "double_quant": params.double_quant, "compute_dtype": "float32"}
+    return gap
+
+
+def _reload_check(folder: Path, inputs: list[list[int]], merged: ProbeOutputs) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": "cpu"})
+    model.eval()
+    worst = 0.0
+    with torch.no_grad():
+        for ids, ref in zip(inputs, merged.logits, strict=True):
+            x = torch.tensor([ids], dtype=torch.long)
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0].float()
+            worst = max(worst, float((logits - ref).abs().max()))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    del model
+    gc.collect()
+    return {"max_abs_logit_diff": worst, "loaded_dtype": dtype}
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def _read_train_record(adapter_dir: Path) -> dict[str, Any] | None:
+    path = adapter_dir / TRAIN_RECORD
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _quantization(train_record: dict[str, Any] | None) -> str | None:
+    return ((train_record or {}).get("params") or {}).get("quantization")
+
+
+def _discard(out_dir: Path) -> None:
+    """Remove a previous output: a merge of an older adapter must not pass for this one's."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+
+
+def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None) -> MergeResult:
+    """The merge stage for one tenant: its adapter merged into models/merged/<tenant>, the report
+    also copied to reports/<tenant>/merge_report.json for DVC metrics."""
+    m = params.merge
+    result = merge_adapter(
+        base_dir=base_dir or layout.base_dir, base_params=params.base, adapter_dir=layout.adapter_dir(tenant),
+        out_dir=layout.merged_dir(tenant), dtype=m.dtype, tolerance=params.gate_for(tenant).max_merge_logit_diff,
+        max_new_tokens=m.max_new_tokens, quantized_reference=m.quantized_reference, check_reload=m.check_reload,
+    )
+    layout.merge_report_path(tenant).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.report_path, layout.merge_report_path(tenant))
+    return result

@@ -1,0 +1,106 @@
+"""Loading the base model every adapter sits on, as the base stage recorded it.
+
+The base stage writes base_record.json into models/base: either loraline's own model is in that
+folder, or the record names a local folder or a Hugging Face id (with revision and trust settings).
+Every later stage loads the base through these functions, so they all load the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from loraline.config import BaseParams, ConfigError
+
+RECORD = "base_record.json"
+
+
+def read_base_record(base_dir: Path) -> dict[str, Any]:
+    path = Path(base_dir) / RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: run the base stage first (loraline base / dvc repro base)") from None
+
+
+def resolve_base_model_path(base_dir: Path) -> str:
+    """What to pass to from_pretrained: the built folder, the recorded local folder, or the hub id."""
+    record = read_base_record(base_dir)
+    return str(Path(base_dir)) if record["source"] == "built" else record["model_ref"]
+
+
+def base_load_kwargs(base_dir: Path) -> dict[str, Any]:
+    """The from_pretrained keyword arguments that go with resolve_base_model_path (revision, trust)."""
+    record = read_base_record(base_dir)
+    kwargs: dict[str, Any] = {}
+    if record["source"] == "hub":
+        kwargs["revision"] = record["revision"]
+    trust = record.get("params", {}).get("trust_remote_code")
+    if trust:
+        kwargs["trust_remote_code"] = True
+    return kwargs
+
+
+def chat_template(tok: Any, params: BaseParams) -> tuple[str, str]:
+    """(template, where it came from): the model's own, else base.chat_template from params."""
+    if isinstance(tok.chat_template, str) and tok.chat_template:
+        return tok.chat_template, "model"
+    if params.chat_template:
+        return params.chat_template, "params"
+    raise ConfigError(
+        f"base.model: the tokenizer of {params.model} has no chat template; set base.chat_template in "
+        "params.yaml to a Jinja chat template for this model (e.g. its ChatML or instruct format)"
+    )
+
+
+def load_base_tokenizer(base_dir: Path, params: BaseParams):
+    """The base's tokenizer, always with a chat template and a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_base_model_path(base_dir), **base_load_kwargs(base_dir))
+    template, _ = chat_template(tok, params)
+    tok.chat_template = template
+    if tok.pad_token is None:
+        # Batching needs a pad id; padded positions are masked, so which token it is does not matter.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def base_model_hash(base_record: dict[str, Any]) -> str:
+    """One hash for the base model: over the recorded file hashes (built or local folder), else the
+    hub id and revision (a hub model the base stage could not hash; pinned only by a commit revision)."""
+    files = {k: v for k, v in (base_record.get("files") or {}).items() if k != RECORD}
+    if files:
+        payload = json.dumps(files, sort_keys=True)
+    else:
+        payload = f"{base_record.get('model_ref')}@{base_record.get('revision')}"
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def quantization_config(quantization: str, double_quant: bool, compute_dtype: Any):
+    """bitsandbytes' 4-bit config for `quantization` ("nf4" or "fp4"); None for "none"."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_base_causal_lm(base_dir: Path, device: Any, dtype: Any, quantization: str = "none", double_quant: bool = False):
+    """The base causal LM on `device` in `dtype`, 4-bit quantized when `quantization` asks for it."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(base_load_kwargs(base_dir))  # revision and trust_remote_code from the base record
+    quant = quantization_config(quantization, double_quant, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_base_model_path(base_dir), dtype=dtype, device_map={"": str(device)}, **kwargs
+    )

@@ -1,0 +1,123 @@
+"""The dataset card: data/prepared/<tenant>/README.md, written inside prepare's atomic output.
+
+Everything a reader needs to trust or reproduce the dataset without running code: where the rows came
+from (raw files with their sha256, synthetic generators and models from the rows' provenance), what
+happened to every input row (the reconciliation, by file and by reason), which filters ran with which
+parameters, and the hashes that pin data, tokenizer and code. Its content depends only on the inputs
+and the code revision, so two runs on the same inputs write the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from loraline.config import PrepareParams
+from loraline.prepare.schema import PrepareStats
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def generators(provenance: list[dict]) -> list[tuple[str, str, str, int]]:
+    """(generator, model, prompt_template_sha256, rows) for every distinct synthetic source, sorted."""
+    counts = Counter(
+        (str(p.get("generator", "?")), str(p.get("model") or "-"), str(p.get("prompt_template_sha256") or "-"))
+        for p in provenance
+    )
+    return [(*key, n) for key, n in sorted(counts.items())]
+
+
+def render_card(
+    stats: PrepareStats,
+    params: PrepareParams,
+    *,
+    raw_files: dict[str, str],
+    synthetic_file: str | None,
+    synthetic_provenance: list[dict],
+    dataset_hash: str,
+    code_revision: str,
+    seed: int,
+) -> str:
+    s = stats
+    syn = s.by_source.get("synthetic", {})
+    lines = [
+        f"# Dataset card: {s.tenant}",
+        "",
+        "Written by loraline's `prepare` stage with the dataset (`dataset/`: train, validation, test; "
+        "`documents/`: plain documents). Synthetic rows are in train only; validation and test are real.",
+        "",
+        "## Sources",
+        "",
+    ]
+    file_rows = []
+    for rel, c in sorted(s.by_file.items()):
+        digest = raw_files.get(rel, s.synthetic_hash if synthetic_file and rel.endswith(synthetic_file) else "")
+        file_rows.append([f"`{rel}`", c["rows_in"], c["kept"], c["rejected"], c["duplicates"], c["near_duplicates"],
+                          c["contaminated"], f"`{digest}`" if digest else "-"])
+    lines += _table(["file", "rows in", "kept", "rejected", "duplicates", "near-duplicates", "contaminated", "sha256"], file_rows)
+    lines.append("")
+    if synthetic_file:
+        lines += [f"Synthetic rows: `{synthetic_file}` (sha256 `{s.synthetic_hash}`), by generator:", ""]
+        lines += _table(["generator", "model", "prompt template sha256", "rows read"],
+                        [[g, m, f"`{t}`" if t != "-" else t, n] for g, m, t, n in generators(synthetic_provenance)])
+    else:
+        lines.append("Synthetic rows: none (no synthetic rows file).")
+    lines += [
+        "",
+        "## Counts",
+        "",
+        f"rows_in = kept + rejected + duplicates + near_duplicates + contaminated: "
+        f"{s.rows_in} = {s.kept} + {s.rejected} + {s.duplicates} + {s.near_duplicates} + {s.contaminated}",
+        "",
+        f"- kept: {s.kept} = train {s.splits.get('train', 0)} + validation {s.splits.get('validation', 0)} "
+        f"+ test {s.splits.get('test', 0)} + documents {s.documents}",
+        f"- real: {s.by_source.get('real', {}).get('rows_in', 0)} in, {s.by_source.get('real', {}).get('kept', 0)} kept; "
+        f"synthetic: {syn.get('rows_in', 0)} in, {syn.get('kept', 0)} kept (quota {s.synthetic_quota})",
+        f"- exact duplicates: {s.duplicates}; near-duplicates: {s.near_duplicates}; contaminated: {s.contaminated}",
+        f"- PII ({params.pii.mode}): {s.pii_rows} rows; "
+        + ", ".join(f"{kind} {n}" for kind, n in s.pii.items()),
+        "- rejected by reason: " + (", ".join(f"{r} {n}" for r, n in s.rejected_by_reason.items() if n) or "none"),
+        "",
+        "## Filters and parameters",
+        "",
+        f"- shape and length: `max_chars={params.max_chars}`, `max_tokens={params.max_tokens}`; rows holding the tokenizer's control tokens are rejected",
+        "- exact duplicates: same normalized content (NFKC, whitespace collapsed); the first in file order is kept",
+        f"- PII: `mode={params.pii.mode}`, `types={list(params.pii.types)}`",
+        f"- near-duplicates: `enabled={params.near_dedup.enabled}`, MinHash LSH over {params.near_dedup.shingle_words}-word "
+        f"shingles of the user and assistant turns, `threshold={params.near_dedup.threshold}`, `num_perm={params.near_dedup.num_perm}`",
+        f"- decontamination: `enabled={params.decontamination.enabled}`, {params.decontamination.ngram}-word n-grams, "
+        f"a train/validation row is removed when `overlap >= {params.decontamination.threshold}` with one test row",
+        f"- mix: `synthetic_ratio={params.synthetic_ratio}` (at most that many synthetic rows per real train row), seeded draw and MinHash `seed={seed}`",
+        f"- split by content hash: validation {params.split.validation}, test {params.split.test}, salt `{params.split.salt}`",
+        "",
+        "## Hashes",
+        "",
+        f"- raw data (tree): `{s.data_hash}`",
+        f"- synthetic rows: `{s.synthetic_hash or '-'}`",
+        f"- dataset (tree of `dataset/`): `{dataset_hash}`",
+        f"- tokenizer: `{s.tokenizer or '(in memory)'}`, `{s.tokenizer_hash}`",
+        f"- code revision: `{code_revision}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def raw_file_hashes(raw_dir: Path, by_file: dict) -> dict[str, str]:
+    """sha256 of each raw file named in by_file (files whose name cannot be encoded are left out)."""
+    from loraline.provenance import hash_tree, sha256_file
+
+    out = {}
+    for rel in by_file:
+        path = raw_dir / rel
+        try:
+            if path.is_file():
+                out[rel] = sha256_file(path)
+            elif path.is_dir():  # a save_to_disk folder: one source
+                out[rel] = hash_tree(path)
+        except (OSError, UnicodeEncodeError):
+            continue
+    return out

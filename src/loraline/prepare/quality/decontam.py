@@ -1,0 +1,100 @@
+"""Decontamination: train/validation rows that copy a held-out test row are removed.
+
+overlap(row, t) = |ngrams(row) & ngrams(t)| / |ngrams(row)| with word n-grams (quality.words), and a
+row is contaminated when its best overlap with one single test row reaches the threshold. One test
+row, not the union of all test n-grams: on templated data (the same greeting, the same instruction)
+a row is always made of phrases that occur somewhere in the test set, which does not make it a copy
+of any test row.
+
+Scaling: an inverted index maps each test n-gram to the test rows holding it. Candidates for a row
+are the test rows sharing one of its *distinctive* n-grams (held by at most MAX_POSTING test rows:
+boilerplate n-grams shared by hundreds of test rows would make every lookup scan them all), and only
+the TOP_CANDIDATES with most shared distinctive n-grams get the exact overlap computed over all
+n-grams. The work per row is bounded, so the whole pass is linear in the number of rows. A row
+made of boilerplate n-grams only has no candidate and is never flagged: it copies no test row in
+particular.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from dataclasses import dataclass
+
+from loraline.config import DecontamParams
+from xxhash import xxh3_64_intdigest
+
+from loraline.prepare.quality import ngrams, words
+
+MAX_POSTING = 64
+TOP_CANDIDATES = 8
+
+
+@dataclass(frozen=True)
+class Contamination:
+    test_key: str  # the test row it overlaps most
+    overlap: float  # share of the row's n-grams found in that test row
+
+
+def _gram_key(gram: str) -> int:
+    return xxh3_64_intdigest(gram.encode("utf-8", "surrogatepass"))
+
+
+class TestIndex:
+    """The held-out rows' n-grams, queried once per train/validation row."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, params: DecontamParams) -> None:
+        self.params = params
+        # n-grams as 64-bit hashes: a small int instead of a string per n-gram of every test row (most
+        # of the index's memory); a collision would need two different 8-word n-grams of one tenant to
+        # share a 64-bit hash.
+        self._grams: dict[str, frozenset[int]] = {}
+        self._postings: dict[int, list[str]] = {}
+        self._order: dict[str, int] = {}
+
+    def add(self, key: str, text: str) -> None:
+        if key in self._grams:
+            return
+        grams = frozenset(map(_gram_key, ngrams(words(text), self.params.ngram)))
+        self._grams[key] = grams
+        self._order[key] = len(self._order)
+        for gram in grams:
+            self._postings.setdefault(gram, []).append(key)
+
+    def overlap(self, text: str) -> Contamination | None:
+        """The best-overlapping test row (ties: the first added), whatever the threshold; None without one."""
+        if not self._grams:
+            return None
+        grams = set(map(_gram_key, ngrams(words(text), self.params.ngram)))
+        hits = [posting for posting in map(self._postings.get, grams) if posting is not None and len(posting) <= MAX_POSTING]
+        if not hits:  # most rows share no distinctive n-gram with any test row: nothing to rank
+            return None
+        shared = Counter(itertools.chain.from_iterable(hits))
+        candidates = shared.items()
+        if len(shared) > TOP_CANDIDATES:
+            # Only test rows sharing at least as many n-grams as the TOP_CANDIDATES-th most can be
+            # ranked in; dropping the others first spares the ranking's Python key function, which
+            # on large test sets (hundreds of rows sharing a few n-grams each) was most of the time.
+            floor = heapq.nlargest(TOP_CANDIDATES, shared.values())[-1]
+            candidates = [kv for kv in candidates if kv[1] >= floor]
+        # Ranked by shared distinctive n-grams, then test-row order: the same answer whatever the
+        # (randomized) string hashing that orders Python sets.
+        ranked = heapq.nsmallest(TOP_CANDIDATES, candidates, key=lambda kv: (-kv[1], self._order[kv[0]]))
+        ranked.sort(key=lambda kv: self._order[kv[0]])
+        best: Contamination | None = None
+        for key, _ in ranked:
+            score = len(grams & self._grams[key]) / len(grams)
+            if best is None or score > best.overlap:
+                best = Contamination(key, round(score, 4))
+        return best
+
+    def match(self, text: str) -> Contamination | None:
+        """The contamination when the best overlap reaches the threshold, else None."""
+        found = self.overlap(text)
+        return found if found is not None and found.overlap >= self.params.threshold else None
+
+    def __len__(self) -> int:
+        return len(self._grams)

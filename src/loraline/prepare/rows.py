@@ -1,0 +1,263 @@
+"""Pass 1 of prepare, row by row: shape, PII, control tokens, chat template and tokens (`examine_batch`,
+pure, so it runs in worker processes), then exact duplicates in row order (`settle`, here).
+
+A batch's candidates can leave a worker as Arrow record batches (the stage's stores), so the main
+process never converts the token ids row by row.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import pyarrow as pa
+
+from loraline.config import PrepareParams
+from loraline.prepare.controls import text_cleaner
+from loraline.prepare.features import CHAT_SCHEMA
+from loraline.prepare.mapping import DETECTED, SourceSpec
+from loraline.prepare.quality.pii import PiiScrubber
+from loraline.prepare.readers import RawRow
+from loraline.prepare.render import Rendered, find_control_token, render_batch
+from loraline.prepare.schema import ChatTemplateError, Message, Reject, RejectReason, locate, top_field
+from loraline.prepare.shapes import NO_OPTIONS, Parsed, ShapeOptions, to_record
+from loraline.prepare.split import Deduplicator, content_hash, split_of
+
+@dataclass(frozen=True)
+class RowContext:
+    tenant: str
+    params: PrepareParams
+    tokenizer: object
+    system_prompt: str | None
+    dedup: Deduplicator
+    controls: tuple[str, ...]
+    scrubber: PiiScrubber | None = None
+    options: ShapeOptions = NO_OPTIONS  # the source's roles, origins and control-token cleaner
+    pii: Counter = field(default_factory=Counter)
+    pii_rows: list[int] = field(default_factory=lambda: [0])
+
+
+Kept = tuple[str, dict]  # ("train" | "validation" | "test" | "document", the dataset row)
+
+
+def examine_batch(batch: list[RawRow | Reject], ctx: RowContext) -> list:
+    """The per-row work, which depends on nothing but the row: shape, PII, control tokens, then the
+    chat rows rendered and tokenized together, then max_tokens. Each item becomes a Reject, a
+    ChatTemplateError (the template is unusable: prepare stops), or a candidate (split, row) /
+    ("document", row) that still has to pass the exact-duplicate check (`settle`)."""
+    pending: list[tuple[int, RawRow, Parsed]] = []
+    outcomes: list = [None] * len(batch)
+    for i, item in enumerate(batch):
+        if isinstance(item, Reject):
+            outcomes[i] = item
+            continue
+        parsed = parse_row(item, ctx)
+        rejected = parsed if isinstance(parsed, Reject) else control_reject(item, parsed, ctx)
+        if rejected is not None:
+            outcomes[i] = rejected
+        else:
+            pending.append((i, item, parsed))
+    chats = [(i, item, parsed) for i, item, parsed in pending if parsed.record.kind == "chat"]
+    rendered = dict(zip((i for i, _, _ in chats), render_batch([p.record.messages for _, _, p in chats], ctx.tokenizer)))
+    for i, item, parsed in pending:
+        record = parsed.record
+        result = rendered.get(i)
+        if isinstance(result, ChatTemplateError):
+            outcomes[i] = ChatTemplateError(f"{locate(record.source_file, record.row)}: {result}")
+        elif result is None:
+            outcomes[i] = ("document", _document_row(record, ctx.tenant))
+        elif result.n_tokens > ctx.params.max_tokens:
+            outcomes[i] = too_long(item, parsed, result, ctx.params)
+        else:
+            outcomes[i] = (split_of(record.content_hash, ctx.params.split), _chat_row(record, result, ctx.tenant))
+    return outcomes
+
+
+def settle(examined: list, dedup: Deduplicator) -> Iterator[Reject | tuple]:
+    """Exact duplicates, in row order. Checking them after the content checks gives the same outcome
+    as checking them first: a duplicate has the kept row's content, so it passes the same checks."""
+    for outcome in examined:
+        if isinstance(outcome, ChatTemplateError):
+            raise outcome
+        if isinstance(outcome, Reject):
+            yield outcome
+            continue
+        where, row = outcome
+        key = row.get("id") or row["content_hash"]
+        duplicate = dedup.duplicate(key, row["source_file"], row["row"])
+        if duplicate is not None:
+            yield ("duplicate", duplicate, None if where == "document" else where, row)
+        else:
+            dedup.keep(key, row["source_file"], row["row"])
+            yield outcome
+
+
+_EXAMINERS: dict[int | None, RowContext] = {}  # per sources[] entry (None: detected), in this process
+
+
+_TO_ARROW: list[bool] = [False]  # candidates leave the examiner as Arrow record batches (the stage)
+
+
+def set_up_examiners(ctx: RowContext, specs: list[SourceSpec], to_arrow: bool, worker: bool = False) -> None:
+    if worker:  # tokenizers' own threads do not survive a fork; the workers are the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _TO_ARROW[0] = to_arrow
+    if worker:  # the scrubber's patterns are rebuilt here rather than pickled
+        ctx = replace(ctx, scrubber=scrubber_for(ctx.params))
+    _EXAMINERS.clear()
+    for spec in [DETECTED, *specs]:
+        _EXAMINERS[spec.index] = replace(ctx, options=source_options(spec, ctx.params, ctx.controls, ctx.tokenizer),
+                                         pii=Counter(), pii_rows=[0])
+
+
+def portable(ctx: RowContext) -> RowContext:
+    """What a worker needs of the context, picklable for spawn: no cleaner closure (the workers build
+    their own from the specs) and no duplicate index (duplicates are settled in the main process)."""
+    return replace(ctx, options=NO_OPTIONS, dedup=Deduplicator(), scrubber=None, pii=Counter(), pii_rows=[0])
+
+
+def examine_job(job: tuple[int | None, list]) -> tuple[list, Counter, int, dict[str, pa.RecordBatch]]:
+    """A batch of one source examined; the PII counts it found travel back with it.
+
+    For the stage, the chat candidates also leave as one Arrow record batch per split, built here
+    (in the workers) rather than row by row in the main process; the outcomes then carry only what
+    the main process needs of them (id and origin, and the messages of test rows for decontamination).
+    """
+    index, batch = job
+    ctx = _EXAMINERS[index]
+    ctx.pii.clear()
+    ctx.pii_rows[0] = 0
+    outcomes = examine_batch(batch, ctx)
+    batches: dict[str, pa.RecordBatch] = {}
+    if _TO_ARROW[0]:
+        rows: dict[str, list[dict]] = {}
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, tuple) and outcome[0] != "document":
+                split, row = outcome
+                rows.setdefault(split, []).append(row)
+                light = {"id": row["id"], "source_file": row["source_file"], "row": row["row"]}
+                outcomes[i] = (split, {**light, "messages": row["messages"]} if split == "test" else light)
+        batches = {split: pa.RecordBatch.from_pylist(r, schema=CHAT_SCHEMA) for split, r in rows.items()}
+    return outcomes, Counter(ctx.pii), ctx.pii_rows[0], batches
+
+
+def parse_row(item: RawRow, ctx: RowContext) -> Parsed | Reject:
+    """Shape and max_chars, then PII: masked rows get the content hash of their masked content, so
+    that exact deduplication and the split see what the dataset holds."""
+    parsed = to_record(item, ctx.tenant, max_chars=ctx.params.max_chars, system_prompt=ctx.system_prompt, options=ctx.options)
+    if isinstance(parsed, Reject) or ctx.scrubber is None:
+        return parsed
+    record = parsed.record
+    found: Counter = Counter()
+    if record.kind == "document":
+        text, found = ctx.scrubber.scrub(record.text)
+        if not found:
+            return parsed
+        scrubbed = replace(record, text=text, content_hash=content_hash([("document", text)]))
+    else:
+        messages = []
+        for m in record.messages:
+            text, counts = ctx.scrubber.scrub(m.content)
+            found.update(counts)
+            messages.append(Message(m.role, text))
+        if not found:
+            return parsed
+        scrubbed = replace(
+            record, messages=tuple(messages), content_hash=content_hash((m.role, m.content) for m in messages)
+        )
+    ctx.pii.update(found)
+    ctx.pii_rows[0] += 1
+    if ctx.params.pii.mode == "drop":
+        kinds = ", ".join(f"{kind} x{n}" for kind, n in sorted(found.items()))
+        return reject_row(item, parsed, None, RejectReason.PII, f"holds PII ({kinds}); prepare.pii.mode=drop")
+    return Parsed(scrubbed, parsed.fields)
+
+
+def control_reject(item: RawRow, parsed: Parsed, ctx: RowContext) -> Reject | None:
+    record = parsed.record
+    texts = [record.text] if record.kind == "document" else [m.content for m in record.messages]
+    found = find_control_token(texts, ctx.controls)
+    if found is None:
+        return None
+    index, token = found
+    return reject_row(item, parsed, parsed.fields[index], RejectReason.CONTROL_TOKEN,
+                   f"contains the tokenizer's control token {token!r}, which would be read as template markup "
+                   "(control_tokens: escape keeps it as literal text; strip removes end-of-text markers at the ends)")
+
+
+def too_long(item: RawRow, parsed: Parsed, rendered: Rendered, params: PrepareParams) -> Reject:
+    return reject_row(item, parsed, None, RejectReason.TOO_LONG,
+                   f"renders to {rendered.n_tokens} tokens with the chat template (prepare.max_tokens={params.max_tokens})")
+
+
+def _document_row(record, tenant: str) -> dict:
+    return {"text": record.text, "source_file": record.source_file, "row": record.row,
+            "content_hash": record.content_hash, "tenant": tenant}
+
+
+def _chat_row(record, rendered: Rendered, tenant: str) -> dict:
+    return {
+        "id": record.content_hash,
+        "tenant": tenant,
+        "source_file": record.source_file,
+        "row": record.row,
+        "shape": record.shape,
+        "source": "real",
+        "provenance": "null",
+        "messages": [{"role": m.role, "content": m.content} for m in record.messages],
+        "text": rendered.text,
+        "input_ids": rendered.input_ids,
+        "labels": rendered.labels,
+        "n_tokens": rendered.n_tokens,
+        "n_answer_tokens": rendered.n_answer_tokens,
+    }
+
+
+def admit_synthetic(item: RawRow, parsed: Parsed, ctx: RowContext) -> Reject | dict | Kept:
+    """A synthetic row through the same checks (exact duplicate first: it must not repeat a real row);
+    remembering it as kept is left to the caller, since the quality steps may still drop it."""
+    record = parsed.record
+    duplicate = ctx.dedup.duplicate(record.content_hash, record.source_file, record.row)
+    if duplicate is not None:
+        return duplicate
+    rejected = control_reject(item, parsed, ctx)
+    if rejected is not None:
+        return rejected
+    (result,) = render_batch([record.messages], ctx.tokenizer)
+    if isinstance(result, ChatTemplateError):
+        raise ChatTemplateError(f"{locate(record.source_file, record.row)}: {result}") from result
+    if result.n_tokens > ctx.params.max_tokens:
+        return too_long(item, parsed, result, ctx.params)
+    return "train", _chat_row(record, result, ctx.tenant)
+
+
+def reject_row(raw: RawRow, parsed: Parsed, path: str | None, reason: RejectReason, message: str) -> Reject:
+    rec = parsed.record
+    return Reject(rec.tenant, rec.source_file, rec.row, top_field(path), reason,
+                  f"{locate(rec.source_file, rec.row, path, raw.item)}: {message}", raw.excerpt)
+
+
+def scrubber_for(params: PrepareParams) -> PiiScrubber | None:
+    return PiiScrubber(params.pii.types) if params.pii.mode != "off" else None
+
+
+def source_options(spec: SourceSpec, params: PrepareParams, controls: tuple[str, ...], tokenizer) -> ShapeOptions:
+    """A source's shape options: its roles and origins, and the text cleaner of its control-token policy."""
+    policy = (spec.params.control_tokens if spec.params is not None else None) or params.control_tokens
+    return spec.options(text_cleaner(policy, controls, tokenizer))
+
+
+BATCH_ROWS = 1024  # rows rendered and tokenized together: one tokenizer call, bounded memory
+
+
+def batches(items: Iterator) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == BATCH_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,142 @@
+"""Pass 2 of prepare: decontamination against the complete test split, then near-duplicates, over
+the candidates in pass 1's order. What depends on the row alone (its contamination, its MinHash
+signature) runs in worker processes; the near-duplicate index is walked in order here.
+"""
+
+from __future__ import annotations
+
+import heapq
+from array import array
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from loraline.prepare.pool import ordered_map
+from loraline.prepare.quality import row_text
+from loraline.prepare.quality.decontam import TestIndex
+from loraline.prepare.quality.near_dup import NearDuplicateIndex
+from loraline.prepare.rows import batches
+from loraline.prepare.schema import SPLITS
+
+if TYPE_CHECKING:
+    from loraline.prepare.stage import Collected
+
+@dataclass
+class Quality:
+    """The state of the steps that look across rows: the test split's n-grams and the kept rows' MinHashes."""
+
+    test_index: TestIndex | None
+    near: NearDuplicateIndex | None
+    kept_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (source_file, row) of kept chat rows
+    test_at: dict[str, tuple[str, int]] = field(default_factory=dict)  # the same for test rows
+    order: dict[str, array] = field(default_factory=lambda: {s: array("q") for s in SPLITS})  # pass-1 number of each candidate
+    alive: dict[str, bytearray] = field(default_factory=lambda: {s: bytearray() for s in SPLITS})  # not an exact duplicate
+    seen: int = 0
+
+
+def second_pass(out: Collected, q: Quality, workers: int) -> None:
+    """Decontamination then near-duplicates over the candidates in pass 1's order (the splits' stores
+    merged by row number), then each split keeps the rows that passed.
+
+    Checking a row against the (now complete) test index and computing its MinHash signature depend
+    on nothing else, so they run in worker processes; only the near-duplicate index, where each row
+    meets the rows kept before it, is walked here, in order.
+    """
+    def numbered(split: str) -> Iterator[tuple[int, str, int, dict]]:
+        alive = q.alive[split]
+        for i, (seq, row) in enumerate(zip(q.order[split], out.splits[split].columns(PASS2_COLUMNS))):
+            if alive[i]:  # exact duplicates are already settled
+                yield seq, split, i, row
+
+    streams = [numbered(split) for split in SPLITS]
+    masks: dict[str, bytearray] = {split: bytearray(len(q.order[split])) for split in SPLITS}
+    in_flight: deque[list] = deque()
+
+    def jobs() -> Iterator[list[tuple[str, dict]]]:
+        for batch in batches(heapq.merge(*streams, key=lambda item: item[0])):
+            in_flight.append(batch)
+            yield [(split, row) for _, split, _, row in batch]
+
+    # Workers forked now inherit the complete test index; the near-duplicate index they get is only
+    # used for its signature function (the kept rows are walked here).
+    set_up_screen(q.test_index, q.near)
+    for screened in ordered_map(screen_job, jobs(), workers=workers, initializer=set_up_screen,
+                                initargs=(q.test_index, _signer(q.near), True)):
+        batch = in_flight.popleft()
+        rows = [(split, row) for _, split, _, row in batch]
+        for (_, split, i, row), kept in zip(batch, _apply_screen(out, rows, screened, q)):
+            if kept:
+                masks[split][i] = 1
+                out.count(split, row)
+    for split in SPLITS:
+        out.splits[split].select(masks[split])
+
+
+# What pass 2 reads back of each candidate: not the token ids, which it leaves where they are.
+PASS2_COLUMNS = ("id", "messages", "source_file", "row", "source", "provenance", "shape", "n_tokens", "n_answer_tokens")
+
+
+_SCREEN: dict[str, Any] = {"test_index": None, "near": None}  # pass 2's read-only state, per process
+
+
+def set_up_screen(test_index: TestIndex | None, near: NearDuplicateIndex | None, worker: bool = False) -> None:
+    _SCREEN["test_index"], _SCREEN["near"] = test_index, near
+
+
+def _signer(near: NearDuplicateIndex | None) -> NearDuplicateIndex | None:
+    """An empty index with the same MinHash family: what a worker needs to compute signatures."""
+    return None if near is None else NearDuplicateIndex(near.params, seed=near.seed)
+
+
+def screen_job(rows: list[tuple[str, dict]]) -> list[tuple[Any, Any]]:
+    return _screen(rows, _SCREEN["test_index"], _SCREEN["near"])
+
+
+def quality_batch(out: Collected, rows: list[tuple[str, dict]], q: Quality) -> list[bool]:
+    """Decontamination (train/validation only) then near-duplicates, in row order; whether each is kept."""
+    return _apply_screen(out, rows, _screen(rows, q.test_index, q.near), q)
+
+
+def _screen(rows: list[tuple[str, dict]], test_index: TestIndex | None, near: NearDuplicateIndex | None) -> list[tuple[Any, Any]]:
+    """Per row, what depends on the row alone: its contamination (a train/validation row against the
+    whole test index) or, when it is clean, its MinHash signature."""
+    texts = [row_text(row["messages"]) for _, row in rows]
+    hits = [test_index.match(text) if test_index is not None and split != "test" else None
+            for (split, _), text in zip(rows, texts)]
+    clean = [i for i, hit in enumerate(hits) if hit is None]
+    sigs: list = [None] * len(rows)
+    if near is not None and clean:
+        for i, sig in zip(clean, near.signatures([texts[i] for i in clean])):
+            sigs[i] = sig
+    return list(zip(hits, sigs))
+
+
+def _apply_screen(out: Collected, rows: list[tuple[str, dict]], screened: list[tuple[Any, Any]], q: Quality) -> list[bool]:
+    """Record contaminated rows, then walk the near-duplicate index in row order; whether each is kept."""
+    decisions = [False] * len(rows)
+    survivors = []
+    for i, ((split, row), (hit, sig)) in enumerate(zip(rows, screened)):
+        if hit is None:
+            survivors.append((i, row, sig))
+            continue
+        test_file, test_row = q.test_at[hit.test_key]
+        out.contaminated.append({
+            "id": row["id"], "source_file": row["source_file"], "row": row["row"], "split": split,
+            "source": row["source"], "matched_test_id": hit.test_key, "matched_test_file": test_file,
+            "matched_test_row": test_row, "overlap": hit.overlap,
+        })
+    matches = (q.near.check_signatures([row["id"] for _, row, _ in survivors], [sig for _, _, sig in survivors])
+               if q.near is not None else [None] * len(survivors))
+    for (i, row, _), match in zip(survivors, matches):
+        if match is not None:
+            kept_file, kept_row = q.kept_at[match.kept_key]
+            out.duplicates.append({
+                "source_file": row["source_file"], "row": row["row"], "duplicate_of_file": kept_file,
+                "duplicate_of_row": kept_row, "content_hash": row["id"], "kind": "near",
+                "duplicate_of_id": match.kept_key, "jaccard": match.jaccard,
+            })
+            continue
+        q.kept_at.setdefault(row["id"], (row["source_file"], row["row"]))
+        decisions[i] = True
+    return decisions

@@ -1,0 +1,562 @@
+"""The prepare stage for one tenant: raw folder to a split, chat-templated, completion-masked dataset.
+
+Output layout (everything rewritten atomically on each run):
+
+    out_dir/dataset/         datasets.DatasetDict with train, validation and test (always all three)
+    out_dir/documents/       datasets.Dataset of plain documents (text, source_file, row, content_hash, tenant)
+    out_dir/duplicates.jsonl one line per dropped duplicate (kind exact or near), naming the kept original
+    out_dir/contaminated.jsonl one line per train/validation row removed for overlapping a test row
+    out_dir/README.md        the dataset card: sources, counts, filters and parameters, hashes
+    rejected_path            one line per rejected row (written even when empty)
+    stats_path               PrepareStats as JSON: counts that reconcile, splits, token percentiles, hashes
+
+Documents are not split: they are unlabelled text (for continued pretraining or retrieval), not
+answers to evaluate, so they live in their own dataset; they still count as kept.
+Each row is checked in order: read and map (tenants.<t>.sources), shape, max_chars, PII, control
+tokens, render, max_tokens, duplicate of a kept row (pass 1, data/rows.py), then across rows
+decontamination and near-duplicates (pass 2, data/screening.py); synthetic rows (train only) follow
+the real ones, drawn in a seeded order, until the mix quota is reached. Rows stream through Arrow
+files (data/stores.py) and the per-row work runs in worker processes past ~8k rows
+(prepare.num_proc), with the same result for any number of them. A duplicate is
+only ever a duplicate of a kept row, so every row of duplicates.jsonl points at a row of the dataset.
+Every input row ends kept, rejected (with a reason), a duplicate, a near-duplicate or contaminated,
+and the counts are checked to add up before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from array import array
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import datasets
+from tqdm.auto import tqdm
+
+from loraline.config import Params, PrepareParams, TenantParams
+from loraline.layout import Layout
+from loraline.modelling.loading import load_base_tokenizer
+from loraline.prepare import rows
+from loraline.prepare.card import raw_file_hashes, render_card
+from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
+from loraline.prepare.mapping import DETECTED, SourceSpec, assign, compile_sources, map_rows
+from loraline.prepare.pool import default_workers, ordered_map
+from loraline.prepare.quality import row_text
+from loraline.prepare.quality.decontam import TestIndex
+from loraline.prepare.quality.mix import draw_key, quota
+from loraline.prepare.quality.near_dup import NearDuplicateIndex
+from loraline.prepare.quality.pii import PII_TYPES, PiiScrubber
+from loraline.prepare.readers import has_surrogates, list_files, read_rows
+from loraline.prepare.render import check_tokenizer, control_tokens, tokenizer_hash, tokenizer_name
+from loraline.prepare.rows import RowContext, admit_synthetic, batches, parse_row, reject_row, scrubber_for, settle, source_options
+from loraline.prepare.schema import SPLITS, PrepareError, PrepareStats, Reject, RejectReason, locate
+from loraline.prepare.screening import Quality, quality_batch, second_pass
+from loraline.prepare.split import Deduplicator
+from loraline.prepare.stores import ArrowRows, ListRows, RejectFile, RejectList, RejectSummary
+from loraline.io import atomic_dir, write_json, write_jsonl
+from loraline.provenance import code_revision, hash_tree, sha256_file
+
+PERCENTILES = (50, 90, 99)
+CODE_ROOT = Path(__file__).resolve().parents[3]  # the checkout holding src/loraline, for the card's code revision
+
+
+@dataclass
+class PrepareResult:
+    stats: PrepareStats
+    out_dir: Path
+    dataset_dir: Path
+    documents_dir: Path
+    duplicates_path: Path
+    rejected_path: Path
+    stats_path: Path
+    contaminated_path: Path
+    card_path: Path
+
+
+@dataclass
+class Collected:
+    """Everything prepare writes, checked to reconcile before anything is written.
+
+    Rows live in stores (`ListRows`, `ArrowRows`): lists for collect() (tests read them), Arrow files for the stage, so a
+    tenant's data may be larger than memory. What stays in memory grows with the number of unique
+    rows (the exact and near-duplicate indexes, the test split's n-grams), not with their size.
+    """
+
+    stats: PrepareStats
+    splits: dict[str, ListRows | ArrowRows] = field(default_factory=lambda: {s: ListRows() for s in SPLITS})
+    documents: ListRows | ArrowRows = field(default_factory=ListRows)
+    rejects: RejectList | RejectFile = field(default_factory=RejectList)
+    scrubber: PiiScrubber | None = None  # rejects quote the raw row: PII must not survive there either
+    duplicates: list[dict] = field(default_factory=list)  # exact and near (kind), each naming its kept original
+    contaminated: list[dict] = field(default_factory=list)
+    synthetic_provenance: list[dict] = field(default_factory=list)  # of every synthetic row read, for the card
+    kept_by_file: Counter = field(default_factory=Counter)
+    shapes: Counter = field(default_factory=Counter)
+    synthetic_kept: int = 0
+    token_lengths: array = field(default_factory=lambda: array("i"))
+    answer_lengths: array = field(default_factory=lambda: array("i"))
+    dataset_digest: dict[str, Any] = field(default_factory=lambda: {name: hashlib.sha256() for name in (*SPLITS, "documents")})
+
+    def reject(self, reject: Reject) -> None:
+        if self.scrubber is not None:
+            reject = replace(reject, detail=self.scrubber.scrub(reject.detail)[0], excerpt=self.scrubber.scrub(reject.excerpt)[0])
+        self.rejects.append(reject)
+
+    def keep(self, split: str, row: dict) -> None:
+        """A row of the dataset (or of the documents): stored, and counted for the stats."""
+        (self.documents if split == "document" else self.splits[split]).append(row)
+        self.count(split, row)
+
+    def count(self, split: str, row: dict) -> None:
+        """A kept row counted for the stats (the row itself is already in its store)."""
+        if split == "document":
+            self.shapes["document"] += 1
+        else:
+            self.shapes[row["shape"]] += 1
+            self.token_lengths.append(row["n_tokens"])
+            self.answer_lengths.append(row["n_answer_tokens"])
+            self.synthetic_kept += row["source"] == "synthetic"
+        self.kept_by_file[row["source_file"]] += 1
+        # A row's content hash, origin and (synthetic) provenance determine it, given the tokenizer.
+        key = f"{row.get('id') or row['content_hash']}\t{row['source_file']}\t{row['row']}\t{row.get('provenance', '')}\n"
+        self.dataset_digest["documents" if split == "document" else split].update(key.encode("utf-8", "surrogatepass"))
+
+
+def prepare_tenant(
+    tenant: TenantParams,
+    params: PrepareParams,
+    tokenizer,
+    *,
+    out_dir: Path,
+    rejected_path: Path,
+    stats_path: Path,
+    system_prompt: str | None = None,
+    synthetic_rows: Path | None = None,
+    progress: bool = False,
+) -> PrepareResult:
+    """Prepare one tenant's raw folder. `system_prompt` defaults to the tenant's, then prepare's.
+
+    `synthetic_rows` is the synthesize stage's rows.jsonl; when it does not exist there are no
+    synthetic rows (so prepare works before that stage has run).
+
+    Rows stream through Arrow files beside out_dir, so memory does not grow with the data's size.
+    Raises PrepareError (naming the files) when no row is usable; the rejects are still written so
+    they can be inspected. Raises ChatTemplateError when the tokenizer's template cannot be masked.
+    """
+    out_dir, rejected_path, stats_path = Path(out_dir), Path(rejected_path), Path(stats_path)
+    # Rejects and stats live outside out_dir, so they are staged next to their final paths and
+    # renamed only once out_dir is in place: a failure leaves all previous outputs as they were.
+    staged = {path: path.with_name(f".{path.name}.staged-{os.getpid()}") for path in (rejected_path, stats_path)}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    spill = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.spill-", dir=out_dir.parent))
+    try:
+        rejects = RejectFile(spill / "rejected.jsonl")
+        collected = collect(
+            tenant, params, tokenizer, system_prompt=system_prompt, synthetic_rows=synthetic_rows, progress=progress,
+            spill_dir=spill, rejects=rejects,
+        )
+        rejects.close()
+        stats = collected.stats
+        if stats.kept == 0:
+            rejected_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(rejects.path, rejected_path)
+            raise PrepareError(_no_rows_message(stats, collected.rejects.summary, tenant, rejected_path))
+        with atomic_dir(out_dir) as tmp, _quiet_datasets(not progress):
+            splits = datasets.DatasetDict({s: _dataset(collected, s) for s in SPLITS})
+            # An empty dataset is saved with zero shards by default, which load_from_disk cannot read back.
+            splits.save_to_disk(str(tmp / "dataset"), num_shards={s: _shards(ds) for s, ds in splits.items()})
+            documents = _dataset(collected, "documents")
+            documents.save_to_disk(str(tmp / "documents"), num_shards=_shards(documents))
+            write_jsonl(tmp / "duplicates.jsonl", collected.duplicates)
+            write_jsonl(tmp / "contaminated.jsonl", collected.contaminated)
+            has_synthetic = synthetic_rows is not None and Path(synthetic_rows).is_file()
+            card = render_card(
+                stats, params,
+                raw_files=raw_file_hashes(Path(tenant.raw_dir), stats.by_file),
+                synthetic_file=Path(synthetic_rows).name if has_synthetic else None,
+                synthetic_provenance=collected.synthetic_provenance,
+                dataset_hash=hash_tree(tmp / "dataset"),
+                code_revision=code_revision(CODE_ROOT),
+                seed=params.seed if params.seed is not None else DEFAULT_SEED,
+            )
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+            write_json(staged[stats_path], stats.to_dict())
+            rejected_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(rejects.path, staged[rejected_path])  # the spill folder may be on another file system
+        for final, temporary in staged.items():  # stats.json, the stage's metric, last
+            os.replace(temporary, final)
+    finally:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
+        shutil.rmtree(spill, ignore_errors=True)
+    return PrepareResult(
+        stats=stats,
+        out_dir=out_dir,
+        dataset_dir=out_dir / "dataset",
+        documents_dir=out_dir / "documents",
+        duplicates_path=out_dir / "duplicates.jsonl",
+        rejected_path=rejected_path,
+        stats_path=stats_path,
+        contaminated_path=out_dir / "contaminated.jsonl",
+        card_path=out_dir / "README.md",
+    )
+
+
+def collect(
+    tenant: TenantParams,
+    params: PrepareParams,
+    tokenizer,
+    *,
+    system_prompt: str | None = None,
+    synthetic_rows: Path | None = None,
+    progress: bool = False,
+    spill_dir: Path | None = None,
+    rejects: RejectList | RejectFile | None = None,
+) -> Collected:
+    """Read, scrub, deduplicate, decontaminate, render, split and mix every row of the tenant.
+
+    Pass 1 streams the real rows in batches (read, map, shape, max_chars, PII, control tokens, render,
+    max_tokens, then exact duplicates in row order) into a candidates store, adding test rows to the
+    decontamination index. Pass 2 reads the candidates back in the same order: decontamination against
+    the test split, then near-duplicates. Then the synthetic rows, in their seeded draw, through the
+    same steps until the mix quota is reached. With `spill_dir` rows are kept in Arrow files there
+    (bounded memory), else in lists.
+    """
+    raw_dir = Path(tenant.raw_dir)
+    if not raw_dir.is_dir():
+        raise PrepareError(f"tenant {tenant.name!r}: raw folder {raw_dir} does not exist (tenants[].raw_dir in params.yaml)")
+    files = list_files(raw_dir)
+    if not files:
+        raise PrepareError(f"tenant {tenant.name!r}: raw folder {raw_dir} holds no files (hidden files are skipped)")
+    check_tokenizer(tokenizer)
+    if system_prompt is None:
+        system_prompt = tenant.system_prompt if tenant.system_prompt is not None else params.system_prompt
+
+    stats = PrepareStats(tenant=tenant.name)
+    scrubber = scrubber_for(params)
+    out = Collected(stats=stats, rejects=rejects if rejects is not None else RejectList(), scrubber=scrubber)
+    if spill_dir is not None:
+        out.splits = {s: ArrowRows(Path(spill_dir) / f"{s}.arrow", CHAT_FEATURES) for s in SPLITS}
+        out.documents = ArrowRows(Path(spill_dir) / "documents.arrow", DOCUMENT_FEATURES)
+    rows_in = {rel: 0 for _, rel in files}
+    seed = params.seed if params.seed is not None else DEFAULT_SEED
+    controls = control_tokens(tokenizer)
+    ctx = RowContext(tenant.name, params, tokenizer, system_prompt, Deduplicator(), controls, scrubber,
+                   options=source_options(DETECTED, params, controls, tokenizer))
+    q = Quality(
+        TestIndex(params.decontamination) if params.decontamination.enabled else None,
+        NearDuplicateIndex(params.near_dedup, seed=seed) if params.near_dedup.enabled else None,
+    )
+
+    specs = compile_sources(tenant.sources)
+    assigned = assign(files, specs)
+
+    def jobs() -> Iterator[tuple[int | None, list]]:
+        for path, rel, spec in assigned:
+            raw_rows = read_rows(path, rel, tenant.name, params.csv_delimiter, spec.format, whole_object=spec.explode is not None)
+            for batch in batches(map_rows(raw_rows, spec, tenant.name)):
+                rows_in[rel] += len(batch)
+                yield spec.index, batch
+
+    to_arrow = spill_dir is not None
+    rows.set_up_examiners(ctx, specs, to_arrow)
+    workers = params.num_proc or default_workers()
+    bar = tqdm(desc=f"prepare {tenant.name}", unit=" rows", disable=not progress)
+    for examined, pii, pii_rows, arrow_batches in ordered_map(rows.examine_job, jobs(), workers=workers,
+                                                        initializer=rows.set_up_examiners, initargs=(rows.portable(ctx), specs, to_arrow, True)):
+        ctx.pii.update(pii)
+        ctx.pii_rows[0] += pii_rows
+        for split, batch in arrow_batches.items():
+            out.splits[split].append_batch(batch)
+        for outcome in settle(examined, ctx.dedup):
+            _route(out, outcome, q, stored=to_arrow)
+        bar.update(len(examined))
+    bar.close()
+    second_pass(out, q, workers)
+
+    if synthetic_rows is not None and Path(synthetic_rows).is_file():
+        _mix_synthetic(out, Path(synthetic_rows), ctx, q, seed, rows_in)
+    _follow_removed_originals(out)
+    stats.pii = {kind: ctx.pii.get(kind, 0) for kind in sorted(PII_TYPES)}
+    stats.pii_rows = ctx.pii_rows[0]
+    _summarize(out, raw_dir, tokenizer, rows_in)
+    stats.sources = _by_source_entry(stats, [(rel, spec) for _, rel, spec in assigned])
+    return out
+
+
+def _by_source_entry(stats: PrepareStats, assigned: list[tuple[str, SourceSpec]]) -> list[dict]:
+    """prepare_stats.json's per-source counts: each sources[] entry (and the detected rest) with its files."""
+    entries: dict[int | None, dict] = {}
+    for rel, spec in assigned:
+        entry = entries.setdefault(spec.index, {
+            "path": spec.label, "format": spec.format, "files": 0, "rows_in": 0, **{k: 0 for k in OUTCOMES},
+        })
+        entry["files"] += 1
+        for key, n in stats.by_file.get(rel, {}).items():
+            entry[key] += n
+    out = [entries[k] for k in sorted(entries, key=lambda k: (k is None, k or 0))]
+    # the synthesize stage's rows are a source too, so the entries add up to rows_in
+    out += [{"path": rel, "format": "jsonl", "files": 1, **counts}
+            for rel, counts in stats.by_file.items() if rel.startswith(SYNTHETIC_PREFIX)]
+    return out
+
+
+DEFAULT_SEED = 1234  # Params.seed's default, for callers passing a PrepareParams without prepare_for()
+
+
+# -- pass 1 across processes: the same examine_batch, set up once per worker ----------------------
+
+
+def _route(out: Collected, outcome, q: Quality, stored: bool = False) -> None:
+    """Pass 1's outcome of a row: rejects and duplicates are final, documents kept, chat rows become
+    candidates in their split's store (in row order, numbered so that pass 2 can restore that order).
+    `stored`: the chat candidates, duplicates included, are in their stores already (Arrow batches)."""
+    if isinstance(outcome, Reject):
+        out.reject(outcome)
+    elif isinstance(outcome, dict):  # a synthetic row repeating a kept one
+        out.duplicates.append({**outcome, "kind": "exact"})
+    elif outcome[0] == "duplicate":
+        _, entry, split, row = outcome
+        out.duplicates.append({**entry, "kind": "exact"})
+        if split is not None:  # a chat candidate: it stays in its store, never to be kept
+            _candidate(out, q, split, row, stored, alive=False)
+    elif outcome[0] == "document":
+        out.keep("document", outcome[1])
+    else:
+        split, row = outcome
+        if split == "test":  # the whole test split is indexed before any row is checked against it
+            q.test_at.setdefault(row["id"], (row["source_file"], row["row"]))
+            if q.test_index is not None:
+                q.test_index.add(row["id"], row_text(row["messages"]))
+        _candidate(out, q, split, row, stored, alive=True)
+
+
+def _candidate(out: Collected, q: Quality, split: str, row: dict, stored: bool, alive: bool) -> None:
+    q.order[split].append(q.seen)
+    q.alive[split].append(alive)
+    q.seen += 1
+    if not stored:
+        out.splits[split].append(row)
+
+
+def _mix_synthetic(out: Collected, path: Path, ctx: RowContext, q: Quality, seed: int, rows_in: dict[str, int]) -> None:
+    """Synthetic rows into train: parsed and scrubbed, drawn in seeded order, then the quality steps
+    until floor(synthetic_ratio x real train rows) are kept; the rest are over_mix_ratio."""
+    rel = f"{SYNTHETIC_PREFIX}{path.name}"
+    rows_in[rel] = 0
+    out.stats.synthetic_hash = sha256_file(path)
+    drawn = []
+    for item in read_rows(path, rel, ctx.tenant, ctx.params.csv_delimiter):
+        rows_in[rel] += 1
+        if isinstance(item, Reject):
+            out.reject(item)
+            continue
+        provenance = item.value.get("provenance") if isinstance(item.value, dict) else None
+        if not isinstance(provenance, dict):
+            missing = not isinstance(item.value, dict) or "provenance" not in item.value
+            reason = RejectReason.MISSING_FIELD if missing else RejectReason.WRONG_TYPE
+            out.reject(Reject(
+                ctx.tenant, rel, item.row, "provenance", reason,
+                f"{locate(rel, item.row, 'provenance')}: a synthetic row needs its provenance object (generator, model, source)",
+                item.excerpt,
+            ))
+            continue
+        out.synthetic_provenance.append(provenance)
+        parsed = parse_row(item, ctx)
+        if isinstance(parsed, Reject):
+            out.reject(parsed)
+            continue
+        if parsed.record.kind != "chat":
+            out.reject(reject_row(item, parsed, None, RejectReason.UNKNOWN_SHAPE,
+                                       "a synthetic row must be a chat ({'messages': [...]}), not a document"))
+            continue
+        drawn.append((draw_key(seed, parsed.record.content_hash, item.row), item, parsed, provenance))
+    drawn.sort(key=lambda d: d[0])
+    real_train = len(out.splits["train"])
+    allowed = quota(real_train, ctx.params.synthetic_ratio)
+    out.stats.synthetic_quota = allowed
+    kept = 0
+    for _, item, parsed, provenance in drawn:
+        if kept >= allowed:
+            out.reject(reject_row(
+                item, parsed, None, RejectReason.OVER_MIX_RATIO,
+                f"beyond the mix quota: {allowed} synthetic rows for {real_train} real train rows "
+                f"(synthetic_ratio={ctx.params.synthetic_ratio})",
+            ))
+            continue
+        outcome = admit_synthetic(item, parsed, ctx)
+        if not isinstance(outcome, tuple):
+            _route(out, outcome, q)
+            continue
+        _, row = outcome
+        row["source"] = "synthetic"
+        row["provenance"] = json.dumps({"id": item.value.get("id"), **provenance}, sort_keys=True, ensure_ascii=False)
+        if quality_batch(out, [("train", row)], q)[0]:
+            ctx.dedup.keep(row["id"], row["source_file"], row["row"])
+            out.keep("train", row)
+            kept += 1
+
+
+SYNTHETIC_PREFIX = "synthetic:"  # by_file key and source_file of synthetic rows: never a raw file's path
+
+
+def _follow_removed_originals(out: Collected) -> None:
+    """An exact duplicate of a row that decontamination or near-dedup removed shares its fate: it
+    becomes contaminated (same overlap) or a near-duplicate of the same kept row. So every entry of
+    duplicates.jsonl points at a row of the dataset."""
+    contaminated = {c["id"]: c for c in out.contaminated}
+    near = {d["content_hash"]: d for d in out.duplicates if d["kind"] == "near"}
+    duplicates = []
+    for d in out.duplicates:
+        original = d["content_hash"]
+        if d["kind"] == "exact" and original in contaminated:
+            c = contaminated[original]
+            out.contaminated.append({**c, "source_file": d["source_file"], "row": d["row"]})
+        elif d["kind"] == "exact" and original in near:
+            n = near[original]
+            duplicates.append({**n, "source_file": d["source_file"], "row": d["row"]})
+        else:
+            duplicates.append(d)
+    out.duplicates = duplicates
+
+
+def _summarize(out: Collected, raw_dir: Path, tokenizer, rows_in: dict[str, int]) -> None:
+    stats = out.stats
+    summary = out.rejects.summary
+    stats.rows_in = sum(rows_in.values())
+    stats.rejected = summary.count
+    stats.duplicates = sum(1 for d in out.duplicates if d["kind"] == "exact")
+    stats.near_duplicates = sum(1 for d in out.duplicates if d["kind"] == "near")
+    stats.contaminated = len(out.contaminated)
+    stats.documents = len(out.documents)
+    stats.kept = sum(len(out.splits[s]) for s in SPLITS) + stats.documents
+    by_reason = sum(summary.by_file.values(), Counter())
+    stats.rejected_by_reason = {reason.value: by_reason.get(reason.value, 0) for reason in RejectReason}
+    stats.by_shape = dict(sorted(out.shapes.items()))
+    stats.splits = {s: len(out.splits[s]) for s in SPLITS}
+    stats.by_file = _by_file(out, rows_in)
+    synthetic_in = sum(n for rel, n in rows_in.items() if rel.startswith(SYNTHETIC_PREFIX))
+    synthetic_kept = out.synthetic_kept
+    stats.by_source = {
+        "real": {"rows_in": stats.rows_in - synthetic_in, "kept": stats.kept - synthetic_kept},
+        "synthetic": {"rows_in": synthetic_in, "kept": synthetic_kept},
+    }
+    stats.token_length_percentiles = percentiles(out.token_lengths)
+    stats.answer_token_percentiles = percentiles(out.answer_lengths)
+    stats.tokenizer = tokenizer_name(tokenizer)
+    stats.tokenizer_hash = tokenizer_hash(tokenizer)
+    # provenance.hash_tree cannot encode file names that are not UTF-8; those files are rejected as
+    # invalid_utf8 anyway, so the hash covers every file that could contribute a row.
+    undecodable = tuple(
+        rel for rel in (p.relative_to(raw_dir).as_posix() for p in raw_dir.rglob("*") if p.is_file()) if has_surrogates(rel)
+    )
+    stats.data_hash = hash_tree(raw_dir, exclude=undecodable)
+    # Checked in code, not by assert (stripped under -O): counts that do not add up mean a row was lost.
+    bad_files = [rel for rel, c in stats.by_file.items() if c["rows_in"] != sum(c[k] for k in OUTCOMES)]
+    if not stats.reconciles or bad_files:
+        raise RuntimeError(
+            f"tenant {stats.tenant!r}: counts do not reconcile: rows_in={stats.rows_in} kept={stats.kept} "
+            f"rejected={stats.rejected} duplicates={stats.duplicates} near_duplicates={stats.near_duplicates} "
+            f"contaminated={stats.contaminated} (files: {', '.join(bad_files) or 'totals'})"
+        )
+
+
+OUTCOMES = ("kept", "rejected", "duplicates", "near_duplicates", "contaminated")
+
+
+def _by_file(out: Collected, rows_in: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Per input file: rows_in and where each row ended (one of OUTCOMES)."""
+    counts = {rel: {"rows_in": n, **{k: 0 for k in OUTCOMES}} for rel, n in rows_in.items()}
+    for rel, n in out.kept_by_file.items():
+        counts[rel]["kept"] += n
+    for rel, reasons in out.rejects.summary.by_file.items():
+        counts[rel]["rejected"] += sum(reasons.values())
+    for d in out.duplicates:
+        counts[d["source_file"]]["duplicates" if d["kind"] == "exact" else "near_duplicates"] += 1
+    for c in out.contaminated:
+        counts[c["source_file"]]["contaminated"] += 1
+    return counts
+
+
+def percentiles(values: Sequence[int]) -> dict[str, float]:
+    """Nearest-rank p50/p90/p99 and max (0.0 when there are no values, so the keys are always there)."""
+    if not values:
+        return {**{f"p{p}": 0.0 for p in PERCENTILES}, "max": 0.0}
+    ordered = sorted(values)
+    n = len(ordered)
+    out = {f"p{p}": float(ordered[max(0, math.ceil(p / 100 * n) - 1)]) for p in PERCENTILES}
+    out["max"] = float(ordered[-1])
+    return out
+
+
+def _dataset(out: Collected, name: str) -> datasets.Dataset:
+    """One split (or the documents) as a Dataset: memory-mapped from its Arrow file, or from the list."""
+    store = out.documents if name == "documents" else out.splits[name]
+    features = DOCUMENT_FEATURES if name == "documents" else CHAT_FEATURES
+    if isinstance(store, ArrowRows):
+        ds = store.dataset()
+    else:
+        ds = datasets.Dataset.from_dict({col: [r[col] for r in store] for col in features}, features=features)
+    # The fingerprint lands in state.json; it is random for in-memory data in some datasets releases,
+    # so one derived from the tenant and the rows keeps saved datasets byte-identical across runs.
+    digest = out.dataset_digest[name].copy()
+    digest.update(f"{out.stats.tenant}/{name}/{out.stats.tokenizer_hash}".encode())
+    ds._fingerprint = digest.hexdigest()[:16]
+    return ds
+
+
+def _shards(ds: datasets.Dataset, max_shard_bytes: int = 500 << 20) -> int:
+    return max(1, math.ceil((ds.data.nbytes or 0) / max_shard_bytes))
+
+
+@contextlib.contextmanager
+def _quiet_datasets(quiet: bool) -> Iterator[None]:
+    was_enabled = datasets.utils.are_progress_bars_disabled() is False
+    if quiet and was_enabled:
+        datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            datasets.utils.enable_progress_bars()
+
+
+def _no_rows_message(stats: PrepareStats, rejects: RejectSummary, tenant: TenantParams, rejected_path: Path) -> str:
+    lines = [f"tenant {tenant.name!r}: no valid row in {tenant.raw_dir}; every row was rejected or a duplicate:"]
+    for rel, counts in stats.by_file.items():
+        reasons = rejects.by_file.get(rel, Counter())
+        summary = ", ".join(f"{reason} x{n}" for reason, n in sorted(reasons.items())) or "no rows"
+        first = rejects.first.get(rel)
+        lines.append(f"  {rel}: {counts['rows_in']} rows ({summary})" + (f"; first: {first}" if first else ""))
+    lines.append(f"every rejected row is listed in {rejected_path}")
+    return "\n".join(lines)
+
+
+def run(
+    params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, out_dir: Path | None = None,
+    tokenizer: Any = None, progress: bool = False,
+) -> PrepareResult:
+    """The prepare stage for one tenant: its sources (and synthesized rows, when the synthesize stage
+    wrote any) into data/prepared/<tenant>, rejects into data/rejected/<tenant>.jsonl."""
+    if tokenizer is None:
+        tokenizer = load_base_tokenizer(base_dir or layout.base_dir, params.base)
+    return prepare_tenant(
+        params.tenant(tenant),
+        params.prepare_for(tenant),
+        tokenizer,
+        out_dir=out_dir or layout.prepared_dir(tenant),
+        rejected_path=layout.rejected_path(tenant),
+        stats_path=layout.prepare_stats_path(tenant),
+        system_prompt=params.system_prompt_for(tenant),
+        synthetic_rows=layout.synthetic_rows_path(tenant),  # absent before synthesize has run: no synthetic rows
+        progress=progress,
+    )

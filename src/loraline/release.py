@@ -1,0 +1,175 @@
+"""The step after a tenant's DVC stages: register what they produced, and promote it if it deserves to be.
+
+The gate stage judged the candidate against the base and parity; production, though, is whatever
+the registry says *now*, which may have changed since the evaluate stage ran (another tenant run,
+a manual promotion, a rollback). So when a different version is in production, its merged model is
+fetched from DVC at that version's commit and measured on this candidate's test split, and the
+gate's rules are decided again against those numbers; the promotion then only lands if production
+is still the version it was decided against (the registry's lock and `expected_current`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraline import io
+from loraline.config import Params
+from loraline.layout import Layout, stage_id
+from loraline.registry.base import PromotionConflict, Registry, RegistryError, Version
+from loraline.registry.lineage import artifact_paths, check_artifacts_declared, locked_out, read_lock, tenant_lineage
+from loraline.registry.snapshot import snapshot_commit
+from loraline.gate.stage import read_parity
+
+ProductionEvaluator = Callable[[Path, Params, str, Version], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    tenant: str
+    version: str
+    registered_new: bool
+    promoted: bool
+    production_before: str | None
+    production_after: str | None
+    gate_passed: bool
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def release_path(root: str | Path, tenant: str) -> Path:
+    return Layout(Path(root)).release_path(tenant)
+
+
+def fetch_output(root: str | Path, path: str, commit: str, dest: Path) -> Path:
+    """`dvc get <root> <path> --rev <commit>`: from the local cache when it has it, else the DVC remote."""
+    from dvc.repo import Repo
+
+    Repo.get(str(root), path, out=str(dest), rev=commit)
+    return dest
+
+
+def evaluate_production(root: Path, params: Params, tenant: str, production: Version) -> dict[str, Any]:
+    """Production's merged model, as of its version's commit, measured like the candidate was."""
+    from loraline.evaluate.stage import evaluate_model
+
+    layout = Layout(root)
+    with tempfile.TemporaryDirectory(prefix=f"loraline-prod-{tenant}-") as tmp:
+        merged = Layout().relative(Layout().merged_dir(tenant))
+        model = fetch_output(root, merged, production.commit, Path(tmp) / "merged")
+        ev = params.evaluate
+        return evaluate_model(
+            model_dir=model, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=layout.base_dir,
+            base_params=params.base, max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
+        )
+
+
+def _next_version(registry: Registry, names: list[str]) -> str:
+    from loraline.registry.gto_registry import _bump_patch, _semver_key
+
+    latest = [v.version for v in (registry.latest(n) for n in names) if v is not None]
+    return _bump_patch(max(latest, key=_semver_key) if latest else None)
+
+
+def _register(root: Path, params: Params, tenant: str, registry: Registry, adapter_md5: str) -> tuple[str, bool]:
+    names = list(artifact_paths(tenant))
+    latest = registry.latest(names[0])
+    if latest is not None and (latest.lineage.get("outputs") or {}).get("adapter") == adapter_md5:
+        for name in names[1:]:  # an interrupted earlier release may have registered the adapter only
+            if all(v.version != latest.version for v in registry.versions(name)):
+                registry.register(name, latest.commit, latest.lineage, version=latest.version)
+        return latest.version, False
+    snapshot = snapshot_commit(root, f"loraline release {tenant}: the dvc.lock, params and data of this version")
+    lineage = tenant_lineage(root, params, tenant, snapshot=snapshot)
+    version = _next_version(registry, names)
+    for name in names:
+        registry.register(name, snapshot, lineage, version=version)
+    return version, True
+
+
+def release_tenant(
+    root: str | Path,
+    params: Params,
+    tenant: str,
+    registry: Registry | None = None,
+    promote: bool = True,
+    evaluate: ProductionEvaluator = evaluate_production,
+) -> ReleaseResult:
+    """Register the tenant's current outputs (once per adapter content) and promote them when the gate allows."""
+    from loraline.gate.decision import decide, to_json
+    from loraline.registry.gto_registry import GtoRegistry
+
+    root = Path(root)
+    layout, registry = Layout(root), registry or GtoRegistry(root)
+    check_artifacts_declared(root, params)
+    if not layout.gate_path(tenant).exists():
+        raise RegistryError(f"{layout.gate_path(tenant)} does not exist: run the gate stage first (dvc repro {stage_id('gate', tenant)})")
+    gate = json.loads(layout.gate_path(tenant).read_text())
+    adapter = Layout().relative(Layout().adapter_dir(tenant))
+    adapter_md5 = locked_out(read_lock(root), stage_id("train", tenant), adapter)
+    if adapter_md5 is None:
+        raise RegistryError(f"dvc.lock records no {adapter}: run the pipeline (dvc repro) first")
+
+    names = list(artifact_paths(tenant))
+    version, registered_new = _register(root, params, tenant, registry, adapter_md5)
+    current = {n: registry.production(n) for n in names}
+    before = current[names[0]].version if current[names[0]] else None
+    rules, passed = gate.get("rules", []), bool(gate.get("passed"))
+    done = dict(tenant=tenant, version=version, registered_new=registered_new, production_before=before, gate_passed=passed)
+
+    def finish(promoted: bool, after: str | None, reason: str, rules: list[dict[str, Any]] = rules) -> ReleaseResult:
+        result = ReleaseResult(**done, promoted=promoted, production_after=after, rules=rules, reason=reason)
+        io.write_json(release_path(root, tenant), result.to_json())
+        return result
+
+    if not passed:
+        failed = [r for r in rules if not r.get("passed")]
+        why = "; ".join(f"{r['name']}: {r.get('reason', '')}" for r in failed) or "gate.json says failed"
+        return finish(False, before, f"gate failed, production left at {before or 'nothing'}: {why}")
+    if not promote:
+        return finish(False, before, "promotion not requested (--no-promote)")
+    if all(current[n] is not None and current[n].version == version for n in names):
+        return finish(False, before, f"{version} already is production")
+    if before is not None and before != version:
+        evaluation = json.loads(layout.eval_metrics_path(tenant).read_text())["models"]
+        decision = decide(
+            params.gate_for(tenant), evaluation["candidate"], evaluation["base"],
+            evaluate(root, params, tenant, current[names[0]]), read_parity(layout, tenant),
+        )
+        rules = to_json(decision)["rules"]
+        if not decision.passed:
+            why = "; ".join(f"{r.name}: {r.reason}" for r in decision.rules if not r.passed)
+            return finish(False, before, f"not promoted against current production {before}: {why}", rules)
+    was = {n: current[n].version if current[n] else None for n in names}
+    try:
+        with registry.transaction():  # check both before moving either, so the pair moves together
+            for name in names:
+                now = registry.production(name)
+                if (now.version if now else None) != was[name]:
+                    raise PromotionConflict(name, was[name], now.version if now else None)
+            for name in names:
+                registry.promote(name, version, expected_current=was[name],
+                                 message=f"Promote {name} {version} to prod (loraline release, gate passed; was {was[name] or 'none'})")
+    except PromotionConflict as exc:
+        now = registry.production(names[0])
+        return finish(False, now.version if now else None, str(exc), rules)
+    return finish(True, version, f"promoted {version} (was {before or 'nothing'})", rules)
+
+
+def release_all(root: str | Path, params: Params, tenants: list[str] | None = None, promote: bool = True) -> list[ReleaseResult]:
+    from loraline.registry.gto_registry import GtoRegistry
+
+    registry = GtoRegistry(root)
+    return [release_tenant(root, params, t, registry, promote=promote) for t in tenants or params.tenant_names]
+
+
+def run(params: Params, layout: Layout, tenant: str, *, promote: bool = True) -> ReleaseResult:
+    """The flow's release step for one tenant (after its DVC stages): register, and promote if allowed."""
+    return release_tenant(layout.root, params, tenant, promote=promote)

@@ -1,0 +1,171 @@
+"""The synthesize stage for one tenant: its documents to instruction/answer rows with provenance.
+
+Reads `data/documents/<tenant>/` (the documents stage's output and its documents.json), and writes,
+the folder atomically:
+
+    out_dir/rows.jsonl       {"id", "messages": [user, assistant], "provenance": {...}} per kept row
+                             (the prepare stage reads this file: keep the shape)
+    out_dir/rejected.jsonl   {"reason", "detail", "question", "answer", "provenance"} per rejected row
+    stats_path               counts (generated = kept + rejected, by reason, by generator, by
+                             document), document hashes, params, code revision (a DVC metric)
+
+The counts are checked to reconcile before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from loraline.config import Params, SeedTask, SynthesizeParams
+from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
+from loraline.layout import Layout
+from loraline.io import atomic_dir, write_json, write_jsonl
+from loraline.provenance import code_revision, sha256_bytes
+from loraline.synthesize.base import Generated, Generator, SynthesizeError, make_generator
+from loraline.synthesize.filters import REASONS, FilterChain
+from loraline.synthesize.passages import Document, make_document
+
+ROWS = "rows.jsonl"
+REJECTED = "rejected.jsonl"
+
+
+@dataclass(frozen=True)
+class SynthesizeResult:
+    tenant: str
+    rows_path: Path
+    rejected_path: Path
+    stats_path: Path
+    generated: int
+    kept: int
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def load_documents(documents_dir: Path) -> list[Document]:
+    """The documents listed in documents.json, in a stable order, checked against their hashes."""
+    manifest_path = Path(documents_dir) / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: run `loraline documents` (or dvc repro documents) first")
+    files: dict[str, str] = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    docs = []
+    for rel in sorted(files):
+        data = (Path(documents_dir) / rel).read_bytes()
+        if sha256_bytes(data) != files[rel]:
+            raise SynthesizeError(f"{documents_dir}/{rel} differs from its hash in {MANIFEST}: re-run the documents stage")
+        docs.append(make_document(rel, data.decode("utf-8"), files[rel]))
+    return docs
+
+
+def synthesize_tenant(
+    tenant: str,
+    params: SynthesizeParams,
+    documents_dir: Path,
+    out_dir: Path,
+    stats_path: Path,
+    *,
+    seed: int,
+    seed_tasks: Sequence[SeedTask] = (),
+    cache_dir: Path | None = None,
+    generator: Generator | None = None,
+    progress: bool = False,
+) -> SynthesizeResult:
+    """Generate, filter and write one tenant's synthetic rows; see the module docstring."""
+    gen = generator or make_generator(params, cache_dir=cache_dir)
+    docs = load_documents(documents_dir)
+    chain = FilterChain(params.filters)
+    rows: list[dict] = []
+    rejected: list[dict] = []
+    by_document: dict[str, Counter] = {}
+    methods: Counter = Counter()
+    generated = 0
+    for doc in tqdm(docs, desc=f"synthesize[{tenant}]", unit="doc", disable=not progress):
+        counts = by_document.setdefault(doc.source, Counter())
+        for item in gen.generate(doc, seed, seed_tasks):
+            if params.max_rows_per_document is not None and counts["generated"] >= params.max_rows_per_document:
+                break
+            generated += 1
+            counts["generated"] += 1
+            methods[item.method.split(":")[0]] += 1
+            prov = _provenance(gen, item, doc, seed)
+            span_text = doc.text[item.span[0]:item.span[1]]
+            verdict = (item.reject, item.detail or "") if item.reject else chain.check(item.question, item.answer, span_text)
+            if verdict:
+                reason, detail = verdict
+                rejected.append({"reason": reason, "detail": detail, "question": item.question, "answer": item.answer,
+                                 "provenance": prov})
+                continue
+            row_id = _row_id(tenant, item)
+            chain.keep(item.question, item.answer, row_id)
+            counts["kept"] += 1
+            rows.append({"id": row_id, "messages": [{"role": "user", "content": item.question},
+                                                    {"role": "assistant", "content": item.answer}],
+                         "provenance": prov})
+
+    by_reason = Counter(r["reason"] for r in rejected)
+    if generated != len(rows) + sum(by_reason.values()) or any(r not in REASONS for r in by_reason):
+        raise SynthesizeError(f"synthesize[{tenant}]: counts do not reconcile: generated {generated} != "
+                              f"kept {len(rows)} + rejected {dict(by_reason)}")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_jsonl(tmp / ROWS, rows)
+        write_jsonl(tmp / REJECTED, rejected)
+    stats = {
+        "tenant": tenant,
+        "generator": gen.name,
+        "model": gen.model,
+        "prompt_template_sha256": gen.template_sha256,
+        "seed": seed,
+        "seed_tasks": len(seed_tasks),
+        "generated": generated,
+        "kept": len(rows),
+        "rejected": sum(by_reason.values()),
+        "rejected_by_reason": {r: by_reason.get(r, 0) for r in REASONS},
+        "by_generator": {gen.name: {"generated": generated, "kept": len(rows)}},
+        "by_method": dict(sorted(methods.items())),
+        "by_document": {k: {"generated": v["generated"], "kept": v["kept"]} for k, v in sorted(by_document.items())},
+        "documents": {d.source: d.sha256 for d in docs},
+        "rows_sha256": sha256_bytes((out_dir / ROWS).read_bytes()),
+        "usage": gen.usage(),
+        "params": params.model_dump(mode="json"),
+        "code_revision": code_revision(),
+    }
+    write_json(stats_path, stats)
+    return SynthesizeResult(tenant=tenant, rows_path=out_dir / ROWS, rejected_path=out_dir / REJECTED,
+                            stats_path=Path(stats_path), generated=generated, kept=len(rows),
+                            rejected=dict(by_reason), stats=stats)
+
+
+def _provenance(gen: Generator, item: Generated, doc: Document, seed: int) -> dict[str, Any]:
+    return {
+        "generator": gen.name,
+        "model": gen.model,
+        "prompt_template_sha256": gen.template_sha256,
+        "source": doc.source,
+        "document_sha256": doc.sha256,
+        "span": [item.span[0], item.span[1]],
+        "seed": seed,
+        "seed_tasks": list(item.seed_tasks),
+        "method": item.method,
+    }
+
+
+def _row_id(tenant: str, item: Generated) -> str:
+    key = f"{tenant}\0{item.source}\0{item.span[0]}\0{item.span[1]}\0{item.question}\0{item.answer}"
+    return "syn-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def run(params: Params, layout: Layout, tenant: str, *, progress: bool = False) -> SynthesizeResult:
+    """The synthesize stage for one tenant: rows from data/documents/<tenant> into data/synthetic/<tenant>."""
+    return synthesize_tenant(
+        tenant, params.synthesize, layout.documents_dir(tenant), layout.synthetic_dir(tenant),
+        layout.synthesize_stats_path(tenant), seed=params.seed, seed_tasks=params.tenant(tenant).seed_tasks,
+        cache_dir=layout.synth_cache_dir(tenant), progress=progress,
+    )
