@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from loraline.documents import MANIFEST, collect_documents
+from loraline.documents import collect_documents
+from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
 
 
 def test_collects_utf8_documents_and_lists_the_rest(tmp_path):
