@@ -55,3 +55,26 @@ def test_documents_command_writes_the_folder(params_file, tmp_path, capsys):
     assert main(["documents", "--params", str(params_file), "--tenant", "acme", "--out", str(out)]) == 0
     assert (out / "a.md").read_text() == "A document."
     assert "1 files" in capsys.readouterr().out
+
+
+def test_run_finds_the_project_root_from_any_folder_inside_it(tmp_path, monkeypatch):
+    from loraline.cli.main import _project_root
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    deep = tmp_path / "data" / "raw"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    assert _project_root() == tmp_path
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(FileNotFoundError, match="no dvc.yaml"):
+        _project_root()
+
+
+def test_the_flow_is_a_module_of_the_package_and_flows_pipeline_py_points_at_it():
+    import runpy
+    from pathlib import Path
+
+    from loraline.flows.pipeline import pipeline
+
+    entry = runpy.run_path(str(Path(__file__).resolve().parents[2] / "flows" / "pipeline.py"), run_name="entry")
+    assert entry["pipeline"] is pipeline
