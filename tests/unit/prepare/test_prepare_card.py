@@ -21,7 +21,7 @@ def test_card_lists_sources_counts_filters_and_hashes(raw_dir, tmp_path, run):
     card = result.card_path.read_text()
     s = result.stats
     assert card.startswith("# Dataset card: acme")
-    assert f"`a.jsonl`" in card and sha256_file(raw_dir / "a.jsonl") in card and sha256_file(raw_dir / "guide.md") in card
+    assert "`a.jsonl`" in card and sha256_file(raw_dir / "a.jsonl") in card and sha256_file(raw_dir / "guide.md") in card
     assert "| offline | teacher-1b |" in card and sha256_file(synth) in card
     assert (f"{s.rows_in} = {s.kept} + {s.rejected} + {s.duplicates} + {s.near_duplicates} + {s.contaminated}") in card
     assert f"train {s.splits['train']} + validation {s.splits['validation']} + test {s.splits['test']} + documents 1" in card
