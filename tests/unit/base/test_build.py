@@ -74,7 +74,9 @@ def test_record(built):
     pre = record["pretraining"]
     assert pre["steps"] == 20 and pre["tokens_seen"] == 20 * 4 * 64
     assert record["parameters"] == sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(result.out_dir).parameters())
-    assert record["library_versions"]["torch"] and record["code_revision"]
+    assert record["library_versions"]["torch"] and len(record["code"]["sha256"]) == 64
+    assert "wall_s" not in record and "wall_s" not in pre and "code_revision" not in record  # run facts: reports/timing/
+    assert result.timing["tokens_per_s"] > 0
     lines = (result.out_dir / LOSS_CSV).read_text().splitlines()
     assert lines[0] == "step,loss" and len(lines) == 21
 
@@ -120,7 +122,8 @@ def test_empty_corpus_fails_and_leaves_nothing(tmp_path):
 
 def test_exercise_loss_is_on_answers_only(raw_dirs):
     from loraline.base.exercises import make_exercises
-    from loraline.base.pretrain import IGNORE, tokenize_corpus
+    from loraline.base.pretrain import tokenize_corpus
+    from loraline.modelling.constants import IGNORE_INDEX as IGNORE
     from loraline.base.tokenizer import train_tokenizer
 
     corpus = build_corpus(raw_dirs, stdlib=False, max_stdlib_chars=0, exercises=20, seed=5)
