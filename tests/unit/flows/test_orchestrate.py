@@ -12,7 +12,7 @@ import yaml
 from loraline.flows.orchestrate import StageFailed, StageTimeout, plan_stages, run_stage
 from loraline.tools import tool, tool_env
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_plan_follows_dvc_graph_of_the_repository():
