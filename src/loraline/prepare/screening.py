@@ -10,8 +10,9 @@ from array import array
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from loraline.prepare.collected import Collected
 from loraline.prepare.pool import ordered_map
 from loraline.prepare.quality import row_text
 from loraline.prepare.quality.decontam import TestIndex
@@ -19,8 +20,6 @@ from loraline.prepare.quality.near_dup import NearDuplicateIndex
 from loraline.prepare.rows import batches
 from loraline.prepare.schema import SPLITS
 
-if TYPE_CHECKING:
-    from loraline.prepare.stage import Collected
 
 @dataclass
 class Quality:

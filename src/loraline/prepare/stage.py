@@ -26,16 +26,14 @@ and the counts are checked to add up before anything is written.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ from loraline.layout import Layout
 from loraline.modelling.loading import load_base_tokenizer
 from loraline.prepare import rows
 from loraline.prepare.card import raw_file_hashes, render_card
+from loraline.prepare.collected import Collected
 from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
 from loraline.prepare.mapping import DETECTED, SourceSpec, assign, compile_sources, map_rows
 from loraline.prepare.pool import default_workers, ordered_map
@@ -54,14 +53,14 @@ from loraline.prepare.quality import row_text
 from loraline.prepare.quality.decontam import TestIndex
 from loraline.prepare.quality.mix import draw_key, quota
 from loraline.prepare.quality.near_dup import NearDuplicateIndex
-from loraline.prepare.quality.pii import PII_TYPES, PiiScrubber
+from loraline.prepare.quality.pii import PII_TYPES
 from loraline.prepare.readers import has_surrogates, list_files, read_rows
 from loraline.prepare.render import check_tokenizer, control_tokens, tokenizer_hash, tokenizer_name
 from loraline.prepare.rows import RowContext, admit_synthetic, batches, parse_row, reject_row, scrubber_for, settle, source_options
 from loraline.prepare.schema import SPLITS, PrepareError, PrepareStats, Reject, RejectReason, locate
 from loraline.prepare.screening import Quality, quality_batch, second_pass
 from loraline.prepare.split import Deduplicator
-from loraline.prepare.stores import ArrowRows, ListRows, RejectFile, RejectList, RejectSummary
+from loraline.prepare.stores import ArrowRows, RejectFile, RejectList, RejectSummary
 from loraline.io import atomic_dir, write_json, write_jsonl
 from loraline.provenance import code_revision, hash_tree, sha256_file
 
@@ -80,55 +79,6 @@ class PrepareResult:
     stats_path: Path
     contaminated_path: Path
     card_path: Path
-
-
-@dataclass
-class Collected:
-    """Everything prepare writes, checked to reconcile before anything is written.
-
-    Rows live in stores (`ListRows`, `ArrowRows`): lists for collect() (tests read them), Arrow files for the stage, so a
-    tenant's data may be larger than memory. What stays in memory grows with the number of unique
-    rows (the exact and near-duplicate indexes, the test split's n-grams), not with their size.
-    """
-
-    stats: PrepareStats
-    splits: dict[str, ListRows | ArrowRows] = field(default_factory=lambda: {s: ListRows() for s in SPLITS})
-    documents: ListRows | ArrowRows = field(default_factory=ListRows)
-    rejects: RejectList | RejectFile = field(default_factory=RejectList)
-    scrubber: PiiScrubber | None = None  # rejects quote the raw row: PII must not survive there either
-    duplicates: list[dict] = field(default_factory=list)  # exact and near (kind), each naming its kept original
-    contaminated: list[dict] = field(default_factory=list)
-    synthetic_provenance: list[dict] = field(default_factory=list)  # of every synthetic row read, for the card
-    kept_by_file: Counter = field(default_factory=Counter)
-    shapes: Counter = field(default_factory=Counter)
-    synthetic_kept: int = 0
-    token_lengths: array = field(default_factory=lambda: array("i"))
-    answer_lengths: array = field(default_factory=lambda: array("i"))
-    dataset_digest: dict[str, Any] = field(default_factory=lambda: {name: hashlib.sha256() for name in (*SPLITS, "documents")})
-
-    def reject(self, reject: Reject) -> None:
-        if self.scrubber is not None:
-            reject = replace(reject, detail=self.scrubber.scrub(reject.detail)[0], excerpt=self.scrubber.scrub(reject.excerpt)[0])
-        self.rejects.append(reject)
-
-    def keep(self, split: str, row: dict) -> None:
-        """A row of the dataset (or of the documents): stored, and counted for the stats."""
-        (self.documents if split == "document" else self.splits[split]).append(row)
-        self.count(split, row)
-
-    def count(self, split: str, row: dict) -> None:
-        """A kept row counted for the stats (the row itself is already in its store)."""
-        if split == "document":
-            self.shapes["document"] += 1
-        else:
-            self.shapes[row["shape"]] += 1
-            self.token_lengths.append(row["n_tokens"])
-            self.answer_lengths.append(row["n_answer_tokens"])
-            self.synthetic_kept += row["source"] == "synthetic"
-        self.kept_by_file[row["source_file"]] += 1
-        # A row's content hash, origin and (synthetic) provenance determine it, given the tokenizer.
-        key = f"{row.get('id') or row['content_hash']}\t{row['source_file']}\t{row['row']}\t{row.get('provenance', '')}\n"
-        self.dataset_digest["documents" if split == "document" else split].update(key.encode("utf-8", "surrogatepass"))
 
 
 def prepare_tenant(
