@@ -1,15 +1,5 @@
 """The prepare stage for one tenant: raw folder to a split, chat-templated, completion-masked dataset.
 
-Output layout (everything rewritten atomically on each run):
-
-    out_dir/dataset/         datasets.DatasetDict with train, validation and test (always all three)
-    out_dir/documents/       datasets.Dataset of plain documents (text, source_file, row, content_hash, tenant)
-    out_dir/duplicates.jsonl one line per dropped duplicate (kind exact or near), naming the kept original
-    out_dir/contaminated.jsonl one line per train/validation row removed for overlapping a test row
-    out_dir/README.md        the dataset card: sources, counts, filters and parameters, hashes
-    rejected_path            one line per rejected row (written even when empty)
-    stats_path               PrepareStats as JSON: counts that reconcile, splits, token percentiles, hashes
-
 Documents are not split: they are unlabelled text (for continued pretraining or retrieval), not
 answers to evaluate, so they live in their own dataset; they still count as kept.
 Each row is checked in order: read and map (tenants.<t>.sources), shape, max_chars, PII, control
@@ -20,15 +10,14 @@ files (data/stores.py) and the per-row work runs in worker processes past ~8k ro
 (prepare.num_proc), with the same result for any number of them. A duplicate is
 only ever a duplicate of a kept row, so every row of duplicates.jsonl points at a row of the dataset.
 Every input row ends kept, rejected (with a reason), a duplicate, a near-duplicate or contaminated,
-and the counts are checked to add up before anything is written.
+and the counts are checked to add up before anything is written (outputs.py, which describes
+the output layout).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -37,17 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 from tqdm.auto import tqdm
 
 from loraline.config import Params, PrepareParams, TenantParams
 from loraline.layout import Layout
 from loraline.modelling.loading import load_base_tokenizer
 from loraline.prepare import rows
-from loraline.prepare.card import raw_file_hashes, render_card
 from loraline.prepare.collected import Collected
 from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
 from loraline.prepare.mapping import DETECTED, SourceSpec, assign, compile_sources, map_rows
+from loraline.prepare.outputs import no_rows_message, write_outputs
 from loraline.prepare.pool import default_workers, ordered_map
 from loraline.prepare.quality import row_text
 from loraline.prepare.quality.decontam import TestIndex
@@ -60,12 +48,10 @@ from loraline.prepare.rows import RowContext, admit_synthetic, batches, parse_ro
 from loraline.prepare.schema import SPLITS, PrepareError, PrepareStats, Reject, RejectReason, locate
 from loraline.prepare.screening import Quality, quality_batch, second_pass
 from loraline.prepare.split import Deduplicator
-from loraline.prepare.stores import ArrowRows, RejectFile, RejectList, RejectSummary
-from loraline.io import atomic_dir, write_json, write_jsonl
-from loraline.provenance import code_revision, hash_tree, sha256_file
+from loraline.prepare.stores import ArrowRows, RejectFile, RejectList
+from loraline.provenance import hash_tree, sha256_file
 
 PERCENTILES = (50, 90, 99)
-CODE_ROOT = Path(__file__).resolve().parents[3]  # the checkout holding src/loraline, for the card's code revision
 
 
 @dataclass
@@ -103,9 +89,6 @@ def prepare_tenant(
     they can be inspected. Raises ChatTemplateError when the tokenizer's template cannot be masked.
     """
     out_dir, rejected_path, stats_path = Path(out_dir), Path(rejected_path), Path(stats_path)
-    # Rejects and stats live outside out_dir, so they are staged next to their final paths and
-    # renamed only once out_dir is in place: a failure leaves all previous outputs as they were.
-    staged = {path: path.with_name(f".{path.name}.staged-{os.getpid()}") for path in (rejected_path, stats_path)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     spill = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.spill-", dir=out_dir.parent))
     try:
@@ -119,34 +102,13 @@ def prepare_tenant(
         if stats.kept == 0:
             rejected_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(rejects.path, rejected_path)
-            raise PrepareError(_no_rows_message(stats, collected.rejects.summary, tenant, rejected_path))
-        with atomic_dir(out_dir) as tmp, _quiet_datasets(not progress):
-            splits = datasets.DatasetDict({s: _dataset(collected, s) for s in SPLITS})
-            # An empty dataset is saved with zero shards by default, which load_from_disk cannot read back.
-            splits.save_to_disk(str(tmp / "dataset"), num_shards={s: _shards(ds) for s, ds in splits.items()})
-            documents = _dataset(collected, "documents")
-            documents.save_to_disk(str(tmp / "documents"), num_shards=_shards(documents))
-            write_jsonl(tmp / "duplicates.jsonl", collected.duplicates)
-            write_jsonl(tmp / "contaminated.jsonl", collected.contaminated)
-            has_synthetic = synthetic_rows is not None and Path(synthetic_rows).is_file()
-            card = render_card(
-                stats, params,
-                raw_files=raw_file_hashes(Path(tenant.raw_dir), stats.by_file),
-                synthetic_file=Path(synthetic_rows).name if has_synthetic else None,
-                synthetic_provenance=collected.synthetic_provenance,
-                dataset_hash=hash_tree(tmp / "dataset"),
-                code_revision=code_revision(CODE_ROOT),
-                seed=params.seed if params.seed is not None else DEFAULT_SEED,
-            )
-            (tmp / "README.md").write_text(card, encoding="utf-8")
-            write_json(staged[stats_path], stats.to_dict())
-            rejected_path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(rejects.path, staged[rejected_path])  # the spill folder may be on another file system
-        for final, temporary in staged.items():  # stats.json, the stage's metric, last
-            os.replace(temporary, final)
+            raise PrepareError(no_rows_message(stats, collected.rejects.summary, tenant, rejected_path))
+        write_outputs(
+            collected, params, Path(tenant.raw_dir), out_dir=out_dir, rejected_path=rejected_path, stats_path=stats_path,
+            spilled_rejects=rejects.path, synthetic_rows=synthetic_rows,
+            seed=params.seed if params.seed is not None else DEFAULT_SEED, progress=progress,
+        )
     finally:
-        for temporary in staged.values():
-            temporary.unlink(missing_ok=True)
         shutil.rmtree(spill, ignore_errors=True)
     return PrepareResult(
         stats=stats,
@@ -446,49 +408,6 @@ def percentiles(values: Sequence[int]) -> dict[str, float]:
     out = {f"p{p}": float(ordered[max(0, math.ceil(p / 100 * n) - 1)]) for p in PERCENTILES}
     out["max"] = float(ordered[-1])
     return out
-
-
-def _dataset(out: Collected, name: str) -> datasets.Dataset:
-    """One split (or the documents) as a Dataset: memory-mapped from its Arrow file, or from the list."""
-    store = out.documents if name == "documents" else out.splits[name]
-    features = DOCUMENT_FEATURES if name == "documents" else CHAT_FEATURES
-    if isinstance(store, ArrowRows):
-        ds = store.dataset()
-    else:
-        ds = datasets.Dataset.from_dict({col: [r[col] for r in store] for col in features}, features=features)
-    # The fingerprint lands in state.json; it is random for in-memory data in some datasets releases,
-    # so one derived from the tenant and the rows keeps saved datasets byte-identical across runs.
-    digest = out.dataset_digest[name].copy()
-    digest.update(f"{out.stats.tenant}/{name}/{out.stats.tokenizer_hash}".encode())
-    ds._fingerprint = digest.hexdigest()[:16]
-    return ds
-
-
-def _shards(ds: datasets.Dataset, max_shard_bytes: int = 500 << 20) -> int:
-    return max(1, math.ceil((ds.data.nbytes or 0) / max_shard_bytes))
-
-
-@contextlib.contextmanager
-def _quiet_datasets(quiet: bool) -> Iterator[None]:
-    was_enabled = datasets.utils.are_progress_bars_disabled() is False
-    if quiet and was_enabled:
-        datasets.utils.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if quiet and was_enabled:
-            datasets.utils.enable_progress_bars()
-
-
-def _no_rows_message(stats: PrepareStats, rejects: RejectSummary, tenant: TenantParams, rejected_path: Path) -> str:
-    lines = [f"tenant {tenant.name!r}: no valid row in {tenant.raw_dir}; every row was rejected or a duplicate:"]
-    for rel, counts in stats.by_file.items():
-        reasons = rejects.by_file.get(rel, Counter())
-        summary = ", ".join(f"{reason} x{n}" for reason, n in sorted(reasons.items())) or "no rows"
-        first = rejects.first.get(rel)
-        lines.append(f"  {rel}: {counts['rows_in']} rows ({summary})" + (f"; first: {first}" if first else ""))
-    lines.append(f"every rejected row is listed in {rejected_path}")
-    return "\n".join(lines)
 
 
 def run(

@@ -115,7 +115,7 @@ def test_a_failure_mid_way_leaves_no_output(run, raw_dir, monkeypatch, tmp_path)
         raise OSError("disk full")
 
     # The datasets are already saved when duplicates.jsonl is written: the temporary folder must go.
-    monkeypatch.setattr("loraline.prepare.stage.write_jsonl", boom)
+    monkeypatch.setattr("loraline.prepare.outputs.write_jsonl", boom)
     with pytest.raises(OSError, match="disk full"):
         run()
     out = tmp_path / "out"
@@ -134,7 +134,7 @@ def test_a_failure_keeps_the_previous_output_intact(run, raw_dir, monkeypatch):
         raise OSError("no space")
 
     # stats.json is written last, after the new rejects: those must not replace the old ones either.
-    monkeypatch.setattr("loraline.prepare.stage.write_json", boom)
+    monkeypatch.setattr("loraline.prepare.outputs.write_json", boom)
     with pytest.raises(OSError, match="no space"):
         run()
     assert file_hashes(before.out_dir) == hashes and before.stats_path.read_bytes() == stats

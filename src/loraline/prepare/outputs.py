@@ -1,0 +1,127 @@
+"""What the prepare stage writes for a tenant, all of it or none of it.
+
+Output layout (everything rewritten atomically on each run):
+
+    out_dir/dataset/         datasets.DatasetDict with train, validation and test (always all three)
+    out_dir/documents/       datasets.Dataset of plain documents (text, source_file, row, content_hash, tenant)
+    out_dir/duplicates.jsonl one line per dropped duplicate (kind exact or near), naming the kept original
+    out_dir/contaminated.jsonl one line per train/validation row removed for overlapping a test row
+    out_dir/README.md        the dataset card: sources, counts, filters and parameters, hashes
+    rejected_path            one line per rejected row (written even when empty)
+    stats_path               PrepareStats as JSON: counts that reconcile, splits, token percentiles, hashes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+
+from loraline.config import PrepareParams, TenantParams
+from loraline.io import atomic_dir, write_json, write_jsonl
+from loraline.prepare.card import raw_file_hashes, render_card
+from loraline.prepare.collected import Collected
+from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
+from loraline.prepare.schema import SPLITS, PrepareStats
+from loraline.prepare.stores import ArrowRows, RejectSummary
+from loraline.provenance import code_revision, hash_tree
+
+CODE_ROOT = Path(__file__).resolve().parents[3]  # the checkout holding src/loraline, for the card's code revision
+
+
+def write_outputs(
+    collected: Collected,
+    params: PrepareParams,
+    raw_dir: Path,
+    *,
+    out_dir: Path,
+    rejected_path: Path,
+    stats_path: Path,
+    spilled_rejects: Path,
+    synthetic_rows: Path | None,
+    seed: int,
+    progress: bool,
+) -> None:
+    """Every output of a tenant whose counts reconcile; `spilled_rejects` is moved to rejected_path."""
+    stats = collected.stats
+    # Rejects and stats live outside out_dir, so they are staged next to their final paths and
+    # renamed only once out_dir is in place: a failure leaves all previous outputs as they were.
+    staged = {path: path.with_name(f".{path.name}.staged-{os.getpid()}") for path in (rejected_path, stats_path)}
+    try:
+        with atomic_dir(out_dir) as tmp, _quiet_datasets(not progress):
+            splits = datasets.DatasetDict({s: _dataset(collected, s) for s in SPLITS})
+            # An empty dataset is saved with zero shards by default, which load_from_disk cannot read back.
+            splits.save_to_disk(str(tmp / "dataset"), num_shards={s: _shards(ds) for s, ds in splits.items()})
+            documents = _dataset(collected, "documents")
+            documents.save_to_disk(str(tmp / "documents"), num_shards=_shards(documents))
+            write_jsonl(tmp / "duplicates.jsonl", collected.duplicates)
+            write_jsonl(tmp / "contaminated.jsonl", collected.contaminated)
+            has_synthetic = synthetic_rows is not None and Path(synthetic_rows).is_file()
+            card = render_card(
+                stats, params,
+                raw_files=raw_file_hashes(raw_dir, stats.by_file),
+                synthetic_file=Path(synthetic_rows).name if has_synthetic else None,
+                synthetic_provenance=collected.synthetic_provenance,
+                dataset_hash=hash_tree(tmp / "dataset"),
+                code_revision=code_revision(CODE_ROOT),
+                seed=seed,
+            )
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+            write_json(staged[stats_path], stats.to_dict())
+            rejected_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(spilled_rejects, staged[rejected_path])  # the spill folder may be on another file system
+        for final, temporary in staged.items():  # stats.json, the stage's metric, last
+            os.replace(temporary, final)
+    finally:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
+
+
+def no_rows_message(stats: PrepareStats, rejects: RejectSummary, tenant: TenantParams, rejected_path: Path) -> str:
+    """Why a tenant has no dataset: each file's rejects by reason, and its first reject."""
+    lines = [f"tenant {tenant.name!r}: no valid row in {tenant.raw_dir}; every row was rejected or a duplicate:"]
+    for rel, counts in stats.by_file.items():
+        reasons = rejects.by_file.get(rel, Counter())
+        summary = ", ".join(f"{reason} x{n}" for reason, n in sorted(reasons.items())) or "no rows"
+        first = rejects.first.get(rel)
+        lines.append(f"  {rel}: {counts['rows_in']} rows ({summary})" + (f"; first: {first}" if first else ""))
+    lines.append(f"every rejected row is listed in {rejected_path}")
+    return "\n".join(lines)
+
+
+def _dataset(out: Collected, name: str) -> datasets.Dataset:
+    """One split (or the documents) as a Dataset: memory-mapped from its Arrow file, or from the list."""
+    store = out.documents if name == "documents" else out.splits[name]
+    features = DOCUMENT_FEATURES if name == "documents" else CHAT_FEATURES
+    if isinstance(store, ArrowRows):
+        ds = store.dataset()
+    else:
+        ds = datasets.Dataset.from_dict({col: [r[col] for r in store] for col in features}, features=features)
+    # The fingerprint lands in state.json; it is random for in-memory data in some datasets releases,
+    # so one derived from the tenant and the rows keeps saved datasets byte-identical across runs.
+    digest = out.dataset_digest[name].copy()
+    digest.update(f"{out.stats.tenant}/{name}/{out.stats.tokenizer_hash}".encode())
+    ds._fingerprint = digest.hexdigest()[:16]
+    return ds
+
+
+def _shards(ds: datasets.Dataset, max_shard_bytes: int = 500 << 20) -> int:
+    return max(1, math.ceil((ds.data.nbytes or 0) / max_shard_bytes))
+
+
+@contextlib.contextmanager
+def _quiet_datasets(quiet: bool) -> Iterator[None]:
+    was_enabled = datasets.utils.are_progress_bars_disabled() is False
+    if quiet and was_enabled:
+        datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            datasets.utils.enable_progress_bars()
