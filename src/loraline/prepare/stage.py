@@ -21,30 +21,27 @@ import math
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from loraline.config import Params, PrepareParams, TenantParams
 from loraline.layout import Layout
 from loraline.modelling.loading import load_base_tokenizer
-from loraline.prepare import rows
 from loraline.prepare.collected import Collected
 from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
-from loraline.prepare.mapping import DETECTED, SourceSpec, assign, compile_sources, map_rows
+from loraline.prepare.first_pass import first_pass, route
+from loraline.prepare.mapping import DETECTED, SourceSpec, assign, compile_sources
 from loraline.prepare.outputs import no_rows_message, write_outputs
-from loraline.prepare.pool import default_workers, ordered_map
-from loraline.prepare.quality import row_text
+from loraline.prepare.pool import default_workers
 from loraline.prepare.quality.decontam import TestIndex
 from loraline.prepare.quality.mix import draw_key, quota
 from loraline.prepare.quality.near_dup import NearDuplicateIndex
 from loraline.prepare.quality.pii import PII_TYPES
 from loraline.prepare.readers import has_surrogates, list_files, read_rows
 from loraline.prepare.render import check_tokenizer, control_tokens, tokenizer_hash, tokenizer_name
-from loraline.prepare.rows import RowContext, admit_synthetic, batches, parse_row, reject_row, scrubber_for, settle, source_options
+from loraline.prepare.rows import RowContext, admit_synthetic, parse_row, reject_row, scrubber_for, source_options
 from loraline.prepare.schema import SPLITS, PrepareError, PrepareStats, Reject, RejectReason, locate
 from loraline.prepare.screening import Quality, quality_batch, second_pass
 from loraline.prepare.split import Deduplicator
@@ -171,28 +168,8 @@ def collect(
 
     specs = compile_sources(tenant.sources)
     assigned = assign(files, specs)
-
-    def jobs() -> Iterator[tuple[int | None, list]]:
-        for path, rel, spec in assigned:
-            raw_rows = read_rows(path, rel, tenant.name, params.csv_delimiter, spec.format, whole_object=spec.explode is not None)
-            for batch in batches(map_rows(raw_rows, spec, tenant.name)):
-                rows_in[rel] += len(batch)
-                yield spec.index, batch
-
-    to_arrow = spill_dir is not None
-    rows.set_up_examiners(ctx, specs, to_arrow)
     workers = params.num_proc or default_workers()
-    bar = tqdm(desc=f"prepare {tenant.name}", unit=" rows", disable=not progress)
-    for examined, pii, pii_rows, arrow_batches in ordered_map(rows.examine_job, jobs(), workers=workers,
-                                                        initializer=rows.set_up_examiners, initargs=(rows.portable(ctx), specs, to_arrow, True)):
-        ctx.pii.update(pii)
-        ctx.pii_rows[0] += pii_rows
-        for split, batch in arrow_batches.items():
-            out.splits[split].append_batch(batch)
-        for outcome in settle(examined, ctx.dedup):
-            _route(out, outcome, q, stored=to_arrow)
-        bar.update(len(examined))
-    bar.close()
+    first_pass(out, q, ctx, assigned, specs, rows_in, to_arrow=spill_dir is not None, workers=workers, progress=progress)
     second_pass(out, q, workers)
 
     if synthetic_rows is not None and Path(synthetic_rows).is_file():
@@ -223,41 +200,6 @@ def _by_source_entry(stats: PrepareStats, assigned: list[tuple[str, SourceSpec]]
 
 
 DEFAULT_SEED = 1234  # Params.seed's default, for callers passing a PrepareParams without prepare_for()
-
-
-# -- pass 1 across processes: the same examine_batch, set up once per worker ----------------------
-
-
-def _route(out: Collected, outcome, q: Quality, stored: bool = False) -> None:
-    """Pass 1's outcome of a row: rejects and duplicates are final, documents kept, chat rows become
-    candidates in their split's store (in row order, numbered so that pass 2 can restore that order).
-    `stored`: the chat candidates, duplicates included, are in their stores already (Arrow batches)."""
-    if isinstance(outcome, Reject):
-        out.reject(outcome)
-    elif isinstance(outcome, dict):  # a synthetic row repeating a kept one
-        out.duplicates.append({**outcome, "kind": "exact"})
-    elif outcome[0] == "duplicate":
-        _, entry, split, row = outcome
-        out.duplicates.append({**entry, "kind": "exact"})
-        if split is not None:  # a chat candidate: it stays in its store, never to be kept
-            _candidate(out, q, split, row, stored, alive=False)
-    elif outcome[0] == "document":
-        out.keep("document", outcome[1])
-    else:
-        split, row = outcome
-        if split == "test":  # the whole test split is indexed before any row is checked against it
-            q.test_at.setdefault(row["id"], (row["source_file"], row["row"]))
-            if q.test_index is not None:
-                q.test_index.add(row["id"], row_text(row["messages"]))
-        _candidate(out, q, split, row, stored, alive=True)
-
-
-def _candidate(out: Collected, q: Quality, split: str, row: dict, stored: bool, alive: bool) -> None:
-    q.order[split].append(q.seen)
-    q.alive[split].append(alive)
-    q.seen += 1
-    if not stored:
-        out.splits[split].append(row)
 
 
 def _mix_synthetic(out: Collected, path: Path, ctx: RowContext, q: Quality, seed: int, rows_in: dict[str, int]) -> None:
@@ -307,7 +249,7 @@ def _mix_synthetic(out: Collected, path: Path, ctx: RowContext, q: Quality, seed
             continue
         outcome = admit_synthetic(item, parsed, ctx)
         if not isinstance(outcome, tuple):
-            _route(out, outcome, q)
+            route(out, outcome, q)
             continue
         _, row = outcome
         row["source"] = "synthetic"
