@@ -16,7 +16,6 @@ the output layout).
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tempfile
@@ -31,22 +30,22 @@ from loraline.layout import Layout
 from loraline.modelling.loading import load_base_tokenizer
 from loraline.prepare.collected import Collected
 from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
-from loraline.prepare.first_pass import first_pass, route
+from loraline.prepare.first_pass import first_pass
 from loraline.prepare.mapping import DETECTED, SourceSpec, assign, compile_sources
 from loraline.prepare.outputs import no_rows_message, write_outputs
 from loraline.prepare.pool import default_workers
 from loraline.prepare.quality.decontam import TestIndex
-from loraline.prepare.quality.mix import draw_key, quota
+from loraline.prepare.quality.mix import SYNTHETIC_PREFIX, mix_synthetic
 from loraline.prepare.quality.near_dup import NearDuplicateIndex
 from loraline.prepare.quality.pii import PII_TYPES
-from loraline.prepare.readers import has_surrogates, list_files, read_rows
+from loraline.prepare.readers import has_surrogates, list_files
 from loraline.prepare.render import check_tokenizer, control_tokens, tokenizer_hash, tokenizer_name
-from loraline.prepare.rows import RowContext, admit_synthetic, parse_row, reject_row, scrubber_for, source_options
-from loraline.prepare.schema import SPLITS, PrepareError, PrepareStats, Reject, RejectReason, locate
-from loraline.prepare.screening import Quality, quality_batch, second_pass
+from loraline.prepare.rows import RowContext, scrubber_for, source_options
+from loraline.prepare.schema import SPLITS, PrepareError, PrepareStats, RejectReason
+from loraline.prepare.screening import Quality, second_pass
 from loraline.prepare.split import Deduplicator
 from loraline.prepare.stores import ArrowRows, RejectFile, RejectList
-from loraline.provenance import hash_tree, sha256_file
+from loraline.provenance import hash_tree
 
 PERCENTILES = (50, 90, 99)
 
@@ -173,7 +172,7 @@ def collect(
     second_pass(out, q, workers)
 
     if synthetic_rows is not None and Path(synthetic_rows).is_file():
-        _mix_synthetic(out, Path(synthetic_rows), ctx, q, seed, rows_in)
+        mix_synthetic(out, Path(synthetic_rows), ctx, q, seed, rows_in)
     _follow_removed_originals(out)
     stats.pii = {kind: ctx.pii.get(kind, 0) for kind in sorted(PII_TYPES)}
     stats.pii_rows = ctx.pii_rows[0]
@@ -200,67 +199,6 @@ def _by_source_entry(stats: PrepareStats, assigned: list[tuple[str, SourceSpec]]
 
 
 DEFAULT_SEED = 1234  # Params.seed's default, for callers passing a PrepareParams without prepare_for()
-
-
-def _mix_synthetic(out: Collected, path: Path, ctx: RowContext, q: Quality, seed: int, rows_in: dict[str, int]) -> None:
-    """Synthetic rows into train: parsed and scrubbed, drawn in seeded order, then the quality steps
-    until floor(synthetic_ratio x real train rows) are kept; the rest are over_mix_ratio."""
-    rel = f"{SYNTHETIC_PREFIX}{path.name}"
-    rows_in[rel] = 0
-    out.stats.synthetic_hash = sha256_file(path)
-    drawn = []
-    for item in read_rows(path, rel, ctx.tenant, ctx.params.csv_delimiter):
-        rows_in[rel] += 1
-        if isinstance(item, Reject):
-            out.reject(item)
-            continue
-        provenance = item.value.get("provenance") if isinstance(item.value, dict) else None
-        if not isinstance(provenance, dict):
-            missing = not isinstance(item.value, dict) or "provenance" not in item.value
-            reason = RejectReason.MISSING_FIELD if missing else RejectReason.WRONG_TYPE
-            out.reject(Reject(
-                ctx.tenant, rel, item.row, "provenance", reason,
-                f"{locate(rel, item.row, 'provenance')}: a synthetic row needs its provenance object (generator, model, source)",
-                item.excerpt,
-            ))
-            continue
-        out.synthetic_provenance.append(provenance)
-        parsed = parse_row(item, ctx)
-        if isinstance(parsed, Reject):
-            out.reject(parsed)
-            continue
-        if parsed.record.kind != "chat":
-            out.reject(reject_row(item, parsed, None, RejectReason.UNKNOWN_SHAPE,
-                                       "a synthetic row must be a chat ({'messages': [...]}), not a document"))
-            continue
-        drawn.append((draw_key(seed, parsed.record.content_hash, item.row), item, parsed, provenance))
-    drawn.sort(key=lambda d: d[0])
-    real_train = len(out.splits["train"])
-    allowed = quota(real_train, ctx.params.synthetic_ratio)
-    out.stats.synthetic_quota = allowed
-    kept = 0
-    for _, item, parsed, provenance in drawn:
-        if kept >= allowed:
-            out.reject(reject_row(
-                item, parsed, None, RejectReason.OVER_MIX_RATIO,
-                f"beyond the mix quota: {allowed} synthetic rows for {real_train} real train rows "
-                f"(synthetic_ratio={ctx.params.synthetic_ratio})",
-            ))
-            continue
-        outcome = admit_synthetic(item, parsed, ctx)
-        if not isinstance(outcome, tuple):
-            route(out, outcome, q)
-            continue
-        _, row = outcome
-        row["source"] = "synthetic"
-        row["provenance"] = json.dumps({"id": item.value.get("id"), **provenance}, sort_keys=True, ensure_ascii=False)
-        if quality_batch(out, [("train", row)], q)[0]:
-            ctx.dedup.keep(row["id"], row["source_file"], row["row"])
-            out.keep("train", row)
-            kept += 1
-
-
-SYNTHETIC_PREFIX = "synthetic:"  # by_file key and source_file of synthetic rows: never a raw file's path
 
 
 def _follow_removed_originals(out: Collected) -> None:
