@@ -1,6 +1,7 @@
 """Pass 2 of prepare: decontamination against the complete test split, then near-duplicates, over
 the candidates in pass 1's order. What depends on the row alone (its contamination, its MinHash
-signature) runs in worker processes; the near-duplicate index is walked in order here.
+signature) runs in worker processes; the near-duplicate index is walked in order here. Once every
+row has been through (synthetic rows included), the exact duplicates of a removed row follow it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from loraline.prepare.quality.decontam import TestIndex
 from loraline.prepare.quality.near_dup import NearDuplicateIndex
 from loraline.prepare.rows import batches
 from loraline.prepare.schema import SPLITS
+
+# What pass 2 reads back of each candidate: not the token ids, which it leaves where they are.
+PASS2_COLUMNS = ("id", "messages", "source_file", "row", "source", "provenance", "shape", "n_tokens", "n_answer_tokens")
+
+_SCREEN: dict[str, Any] = {"test_index": None, "near": None}  # pass 2's read-only state, per process
 
 
 @dataclass
@@ -70,13 +76,6 @@ def second_pass(out: Collected, q: Quality, workers: int) -> None:
                 out.count(split, row)
     for split in SPLITS:
         out.splits[split].select(masks[split])
-
-
-# What pass 2 reads back of each candidate: not the token ids, which it leaves where they are.
-PASS2_COLUMNS = ("id", "messages", "source_file", "row", "source", "provenance", "shape", "n_tokens", "n_answer_tokens")
-
-
-_SCREEN: dict[str, Any] = {"test_index": None, "near": None}  # pass 2's read-only state, per process
 
 
 def set_up_screen(test_index: TestIndex | None, near: NearDuplicateIndex | None, worker: bool = False) -> None:
@@ -139,3 +138,23 @@ def _apply_screen(out: Collected, rows: list[tuple[str, dict]], screened: list[t
         q.kept_at.setdefault(row["id"], (row["source_file"], row["row"]))
         decisions[i] = True
     return decisions
+
+
+def follow_removed_originals(out: Collected) -> None:
+    """An exact duplicate of a row that decontamination or near-dedup removed shares its fate: it
+    becomes contaminated (same overlap) or a near-duplicate of the same kept row. So every entry of
+    duplicates.jsonl points at a row of the dataset."""
+    contaminated = {c["id"]: c for c in out.contaminated}
+    near = {d["content_hash"]: d for d in out.duplicates if d["kind"] == "near"}
+    duplicates = []
+    for d in out.duplicates:
+        original = d["content_hash"]
+        if d["kind"] == "exact" and original in contaminated:
+            c = contaminated[original]
+            out.contaminated.append({**c, "source_file": d["source_file"], "row": d["row"]})
+        elif d["kind"] == "exact" and original in near:
+            n = near[original]
+            duplicates.append({**n, "source_file": d["source_file"], "row": d["row"]})
+        else:
+            duplicates.append(d)
+    out.duplicates = duplicates

@@ -3,15 +3,15 @@
 Documents are not split: they are unlabelled text (for continued pretraining or retrieval), not
 answers to evaluate, so they live in their own dataset; they still count as kept.
 Each row is checked in order: read and map (tenants.<t>.sources), shape, max_chars, PII, control
-tokens, render, max_tokens, duplicate of a kept row (pass 1, data/rows.py), then across rows
-decontamination and near-duplicates (pass 2, data/screening.py); synthetic rows (train only) follow
-the real ones, drawn in a seeded order, until the mix quota is reached. Rows stream through Arrow
-files (data/stores.py) and the per-row work runs in worker processes past ~8k rows
+tokens, render, max_tokens, duplicate of a kept row (pass 1: first_pass.py, rows.py), then across rows
+decontamination and near-duplicates (pass 2: screening.py); synthetic rows (train only) follow
+the real ones, drawn in a seeded order, until the mix quota is reached (quality/mix.py). Rows stream
+through Arrow files (stores.py) and the per-row work runs in worker processes past ~8k rows
 (prepare.num_proc), with the same result for any number of them. A duplicate is
 only ever a duplicate of a kept row, so every row of duplicates.jsonl points at a row of the dataset.
 Every input row ends kept, rejected (with a reason), a duplicate, a near-duplicate or contaminated,
-and the counts are checked to add up before anything is written (outputs.py, which describes
-the output layout).
+and the counts are checked to add up (stats.py) before anything is written (outputs.py, which
+describes the output layout).
 """
 
 from __future__ import annotations
@@ -39,13 +39,15 @@ from loraline.prepare.readers import list_files
 from loraline.prepare.render import check_tokenizer, control_tokens
 from loraline.prepare.rows import RowContext, scrubber_for, source_options
 from loraline.prepare.schema import SPLITS, PrepareError, PrepareStats
-from loraline.prepare.screening import Quality, second_pass
+from loraline.prepare.screening import Quality, follow_removed_originals, second_pass
 from loraline.prepare.split import Deduplicator
 from loraline.prepare.stats import OUTCOMES, by_source_entry, percentiles, summarize
 from loraline.prepare.stores import ArrowRows, RejectFile, RejectList
 
 # OUTCOMES and percentiles are imported from here by callers that predate stats.py.
 __all__ = ["OUTCOMES", "PrepareResult", "collect", "percentiles", "prepare_tenant", "run"]
+
+DEFAULT_SEED = 1234  # Params.seed's default, for callers passing a PrepareParams without prepare_for()
 
 
 @dataclass
@@ -171,35 +173,12 @@ def collect(
 
     if synthetic_rows is not None and Path(synthetic_rows).is_file():
         mix_synthetic(out, Path(synthetic_rows), ctx, q, seed, rows_in)
-    _follow_removed_originals(out)
+    follow_removed_originals(out)
     stats.pii = {kind: ctx.pii.get(kind, 0) for kind in sorted(PII_TYPES)}
     stats.pii_rows = ctx.pii_rows[0]
     summarize(out, raw_dir, tokenizer, rows_in)
     stats.sources = by_source_entry(stats, [(rel, spec) for _, rel, spec in assigned])
     return out
-
-
-DEFAULT_SEED = 1234  # Params.seed's default, for callers passing a PrepareParams without prepare_for()
-
-
-def _follow_removed_originals(out: Collected) -> None:
-    """An exact duplicate of a row that decontamination or near-dedup removed shares its fate: it
-    becomes contaminated (same overlap) or a near-duplicate of the same kept row. So every entry of
-    duplicates.jsonl points at a row of the dataset."""
-    contaminated = {c["id"]: c for c in out.contaminated}
-    near = {d["content_hash"]: d for d in out.duplicates if d["kind"] == "near"}
-    duplicates = []
-    for d in out.duplicates:
-        original = d["content_hash"]
-        if d["kind"] == "exact" and original in contaminated:
-            c = contaminated[original]
-            out.contaminated.append({**c, "source_file": d["source_file"], "row": d["row"]})
-        elif d["kind"] == "exact" and original in near:
-            n = near[original]
-            duplicates.append({**n, "source_file": d["source_file"], "row": d["row"]})
-        else:
-            duplicates.append(d)
-    out.duplicates = duplicates
 
 
 def run(

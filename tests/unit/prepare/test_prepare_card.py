@@ -62,7 +62,7 @@ def test_a_lost_row_fails_before_anything_is_written(raw_dir, monkeypatch, run, 
     def lose_duplicates(out):
         out.duplicates = []
 
-    monkeypatch.setattr("loraline.prepare.stage._follow_removed_originals", lose_duplicates)
+    monkeypatch.setattr("loraline.prepare.stage.follow_removed_originals", lose_duplicates)
     with pytest.raises(RuntimeError, match="do not reconcile"):
         run()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json*"))
