@@ -25,6 +25,11 @@ from loraline.prepare.schema import ChatTemplateError, Message, Reject, RejectRe
 from loraline.prepare.shapes import NO_OPTIONS, Parsed, ShapeOptions, to_record
 from loraline.prepare.split import Deduplicator, content_hash, split_of
 
+BATCH_ROWS = 1024  # rows rendered and tokenized together: one tokenizer call, bounded memory
+_EXAMINERS: dict[int | None, RowContext] = {}  # per sources[] entry (None: detected), in this process
+_TO_ARROW: list[bool] = [False]  # candidates leave the examiner as Arrow record batches (the stage)
+
+
 @dataclass(frozen=True)
 class RowContext:
     tenant: str
@@ -92,12 +97,6 @@ def settle(examined: list, dedup: Deduplicator) -> Iterator[Reject | tuple]:
         else:
             dedup.keep(key, row["source_file"], row["row"])
             yield outcome
-
-
-_EXAMINERS: dict[int | None, RowContext] = {}  # per sources[] entry (None: detected), in this process
-
-
-_TO_ARROW: list[bool] = [False]  # candidates leave the examiner as Arrow record batches (the stage)
 
 
 def set_up_examiners(ctx: RowContext, specs: list[SourceSpec], to_arrow: bool, worker: bool = False) -> None:
@@ -247,9 +246,6 @@ def source_options(spec: SourceSpec, params: PrepareParams, controls: tuple[str,
     """A source's shape options: its roles and origins, and the text cleaner of its control-token policy."""
     policy = (spec.params.control_tokens if spec.params is not None else None) or params.control_tokens
     return spec.options(text_cleaner(policy, controls, tokenizer))
-
-
-BATCH_ROWS = 1024  # rows rendered and tokenized together: one tokenizer call, bounded memory
 
 
 def batches(items: Iterator) -> Iterator[list]:
