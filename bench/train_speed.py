@@ -187,8 +187,8 @@ def run_ours(shape_name: str, peer_path: Path, examples: int, root: Path, config
         recipe="loraline", config=config, shape=shape_name, examples=examples, batch_rows=params.batch_size,
         grad_accum=params.grad_accum, steps=rec["steps"]["done"], useful_tokens=useful, tokens_seen=rec["tokens_seen"]["useful"],
         gradient_checkpointing=params.gradient_checkpointing, speed=rec["speed"],
-        useful_tokens_per_s=round(rec["tokens_per_s"]), stage_wall_s=round(time.perf_counter() - started, 1),
-        peak_gib=round(rec["peak_memory"]["bytes"] / 2**30, 2), train_losses=[round(x, 5) for x in losses],
+        useful_tokens_per_s=round(result.timing["tokens_per_s"]), stage_wall_s=round(time.perf_counter() - started, 1),
+        peak_gib=round(result.timing["peak_memory"]["bytes"] / 2**30, 2), train_losses=[round(x, 5) for x in losses],
     )
     if prof is not None:
         res["profile"] = prof.table

@@ -113,6 +113,16 @@ class Layout:
     def gate_path(self, tenant: str) -> Path:
         return self.root / "reports" / tenant / "gate.json"
 
+    @property
+    def timing_dir(self) -> Path:
+        """Run facts (wall times, rates, memory peaks, the git commit): not a stage output, so that
+        dvc.lock records only what repeats; dvc.yaml lists this folder under its top-level `metrics`."""
+        return self.root / "reports" / "timing"
+
+    def timing_path(self, stage: str, tenant: str | None = None) -> Path:
+        """reports/timing/<stage id>.json: base.json, train@acme-shop.json."""
+        return self.timing_dir / f"{stage_id(stage, tenant)}.json"
+
     def release_path(self, tenant: str) -> Path:
         """What the last release did (registered version, promotion decision); not a DVC output."""
         return self.root / "reports" / tenant / "release.json"

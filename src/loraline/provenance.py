@@ -1,13 +1,28 @@
-"""Where an artifact came from: content hashes, code revision and library versions."""
+"""Where an artifact came from: content hashes, the code that made it and library versions.
+
+Two kinds of record, kept apart so that an output's bytes repeat when its inputs do:
+
+- inside a DVC output, only what determines it: content hashes, params, library versions and
+  `code_fingerprint` (the source of the stage's own modules, not the git commit, which moves with
+  any unrelated change);
+- outside the outputs (reports/timing/, see `run_facts`), what differs from run to run: wall times,
+  rates, memory peaks, the git commit.
+"""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 TRACKED_LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "bitsandbytes", "datasets", "dvc", "loraline")
+PACKAGE = "loraline"
+# The folder holding the loraline package (src/ in a checkout, site-packages when installed).
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -44,7 +59,9 @@ def file_hashes(root: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, st
 
 
 def code_revision(cwd: str | Path | None = None) -> str:
-    """The git commit of the working tree, with '-dirty' when library code differs from it."""
+    """The git commit of the working tree, with '-dirty' when library code differs from it.
+
+    Varies with any commit, so it belongs in run facts (reports/timing/), never inside an output."""
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
@@ -65,3 +82,79 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+# --- the code a stage runs --------------------------------------------------------------------------
+
+
+def module_file(name: str, root: Path = SOURCE_ROOT) -> Path | None:
+    """The source file of module `name` (`loraline.train.stage`) under `root`, or None if there is none."""
+    path = root.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path, root: Path = SOURCE_ROOT) -> set[str]:
+    """Every loraline module the source at `path` imports, with the packages an import of it initialises.
+
+    Read from the source (function-level imports included, since stages import heavy libraries lazily)."""
+    package = ".".join(path.relative_to(root).with_suffix("").parts)
+    if path.name == "__init__.py":
+        package = package.rsplit(".", 1)[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            # `from pkg import x` runs pkg, and x too when x is a submodule
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name == PACKAGE or name.startswith(PACKAGE + "."):
+                parts = name.split(".")
+                out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {m for m in out if module_file(m, root) is not None}
+
+
+def import_closure(module: str, root: Path = SOURCE_ROOT) -> set[Path]:
+    """The source files of `module`, the packages above it and every loraline module they import, transitively."""
+    parts = module.split(".")
+    todo = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = module_file(name, root)
+        if path is None:
+            raise ModuleNotFoundError(f"no source for {name} under {root}")
+        todo.extend(imported_modules(path, root))
+    return {module_file(m, root) for m in seen}
+
+
+def code_fingerprint(module: str, root: Path = SOURCE_ROOT) -> dict[str, Any]:
+    """What a stage's output records as its code: one sha256 over the relative path and content of
+    every file in `module`'s import closure (its entry module, `loraline.<stage>.stage`), and their
+    count. Editing code the stage does not run leaves it unchanged, unlike a git commit."""
+    files = sorted(import_closure(module, root), key=lambda p: p.relative_to(root).as_posix())
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + sha256_file(path).encode() + b"\n")
+    return {"sha256": h.hexdigest(), "modules": len(files)}
+
+
+# --- what differs between runs ----------------------------------------------------------------------
+
+
+def run_facts(started: float, **facts: Any) -> dict[str, Any]:
+    """A stage run's timing file (reports/timing/<stage>.json): seconds since `started`
+    (time.perf_counter()), the stage's own measurements (`facts`) and the git commit."""
+    return {"wall_s": round(time.perf_counter() - started, 2), **facts, "code_revision": code_revision()}

@@ -38,6 +38,7 @@ class TenantSummary:
     tenant: str
     prepare: dict[str, Any] | None
     train: dict[str, Any] | None
+    train_timing: dict[str, Any] | None
     metrics: dict[str, dict[str, float | None]]  # model ("base", "candidate", ...) -> metric -> value
     gate: dict[str, Any] | None
     release: dict[str, Any] | None
@@ -91,6 +92,7 @@ def collect_summary(params: Params, layout: Layout | None = None, tenants: list[
             tenant=name,
             prepare=_read(layout.prepare_stats_path(name)),
             train=_read(layout.train_metrics_path(name)),
+            train_timing=_read(layout.timing_path("train", name)),
             metrics=evaluation.get("models", {}),
             gate=_read(layout.gate_path(name)),
             release=_read(layout.release_path(name)),
@@ -122,13 +124,18 @@ def base_line(record: dict[str, Any]) -> str:
     )
 
 
-def train_line(name: str, m: dict[str, Any]) -> str:
+def train_line(name: str, m: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
+    """`m`: the train stage's metrics (train.train_metrics); `timing`: its run facts, when known."""
     gain = "n/a" if m.get("val_loss_gain") is None else f"{100 * m['val_loss_gain']:.0f}%"
-    return (
+    line = (
         f"train[{name}]: validation answer loss {_fmt(m.get('val_loss_base'))} (base) -> {_fmt(m.get('val_loss'))} "
-        f"(adapter), {gain} lower | {m['steps']} steps, {m['tokens_seen']} tokens, {m['tokens_per_s']:.0f} tokens/s "
-        f"on {m['device']}, {m['wall_s']:.0f}s"
+        f"(adapter), {gain} lower | {m['steps']} steps, {m['tokens_seen']} tokens"
     )
+    if timing:
+        line += f", {timing['tokens_per_s']:.0f} tokens/s on {timing['device']}"
+        if timing.get("wall_s") is not None:
+            line += f", {timing['wall_s']:.0f}s"
+    return line
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -156,7 +163,7 @@ def render_text(summary: RunSummary, seconds: float | None = None) -> str:
         if t.prepare:
             lines.append(f"  rejects: {reasons(t.prepare)}")
         if t.train:
-            lines.append("  " + train_line(t.tenant, t.train))
+            lines.append("  " + train_line(t.tenant, t.train, t.train_timing))
         rows = t.metric_rows()
         if rows:
             models = [k for k in rows[0] if k != "metric"]

@@ -1,71 +1,25 @@
 """dvc.yaml's deps cannot drift from the code: every loraline module a stage runs is listed.
 
 A stage's code is the import closure of its entry function's module (`loraline.<stage>.run`), read
-from the source (function-level imports included, since stages import heavy libraries lazily). A
+from the source (function-level imports included, since stages import heavy libraries lazily) by
+`loraline.provenance.import_closure`, the same closure whose fingerprint the stage records as its code. A
 module is covered when dvc.yaml lists its file or a folder above it. A module left out would let
 `dvc repro` call a stage "up to date" after that module changed.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from loraline.layout import STAGES
+from loraline.layout import STAGES, Layout
+from loraline.provenance import import_closure as closure
 
 ROOT = Path(__file__).resolve().parents[2]
-SRC = ROOT / "src"
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-
-def module_file(name: str) -> Path | None:
-    path = SRC.joinpath(*name.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Every loraline module `path` imports, with the packages an import of it initialises."""
-    package = ".".join(path.relative_to(SRC).with_suffix("").parts)
-    if path.name == "__init__.py":
-        package = package.rsplit(".", 1)[0]
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative import
-                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{parent}.{base}" if base else parent
-            # `from pkg import x` runs pkg, and x too when x is a submodule
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
-        else:
-            continue
-        for name in names:
-            if name == "loraline" or name.startswith("loraline."):
-                parts = name.split(".")
-                out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return {m for m in out if module_file(m) is not None}
-
-
-def closure(module: str) -> set[Path]:
-    parts = module.split(".")
-    todo = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    seen: set[str] = set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        todo.extend(imported_modules(module_file(name)))
-    return {module_file(m) for m in seen}
 
 
 def stage_deps(stage: str) -> list[str]:
@@ -112,3 +66,21 @@ def test_the_closure_finds_lazy_imports_and_fails_on_a_missing_dep():
     assert "src/loraline/modelling/device.py" in files  # imported at module level, used by the lazy 4-bit path
     deps = [d for d in stage_deps("merge") if not d.startswith("src/loraline/modelling")]
     assert any(not covered(p, deps) for p in closure("loraline.merge.stage"))
+
+
+
+LAYOUT = Layout()
+
+
+def stage_section(stage: str, section: str) -> list[str]:
+    spec = DVC_YAML[stage]
+    return [e if isinstance(e, str) else next(iter(e)) for e in spec.get("do", spec).get(section, [])]
+
+
+def test_timing_is_a_top_level_metric_and_no_stage_output():
+    """Run facts differ between identical runs: as a stage output they would change dvc.lock."""
+    timing = LAYOUT.relative(LAYOUT.timing_dir)
+    assert yaml.safe_load((ROOT / "dvc.yaml").read_text())["metrics"] == [timing]
+    for stage in STAGES:
+        for section in ("outs", "metrics", "plots"):
+            assert not any(p == timing or p.startswith(timing + "/") for p in stage_section(stage, section)), stage

@@ -122,7 +122,7 @@ def test_report(merged):
     assert set(report["adapter"]["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
     assert report["adapter"]["quantization"] == "nf4"
     assert len(report["base"]["sha256"]) == 64
-    assert report["code_revision"]
+    assert len(report["code"]["sha256"]) == 64 and "code_revision" not in report and "wall_s" not in report
     assert "model.safetensors" in report["files"]
 
 

@@ -5,9 +5,9 @@
 - base.model a local folder or a Hugging Face id: validate and record it, never download. Later
   stages load it through loraline.modelling.loading.
 
-The output folder always holds base_record.json. For a built model, every file except that record
-is byte-deterministic for the same params, seed and library versions; wall-clock times live only
-in the record.
+The output folder always holds base_record.json. For a built model, every file, the record
+included, is byte-deterministic for the same documents, params, seed, code (the record's `code`
+fingerprint) and library versions; wall-clock times and rates go to reports/timing/base.json.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import re
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from loraline.config import BaseParams, ConfigError, Params
 from loraline.layout import Layout
 from loraline.modelling.chat import CHAT_TEMPLATE, DOC_SEPARATOR, save_tokenizer
 from loraline.modelling.loading import RECORD, chat_template
-from loraline.provenance import code_revision, library_versions, sha256_file
+from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
 LOSS_CSV = "pretrain_loss.csv"
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -46,6 +46,7 @@ class BaseResult:
     source: str  # built | local | hub
     model_ref: str  # what from_pretrained gets: the out_dir, the local folder, or the hub id
     record: dict[str, Any]
+    timing: dict[str, Any] = field(default_factory=dict)  # what differs between identical runs (rates)
 
 
 def build_base(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path, progress: bool = False) -> BaseResult:
@@ -61,7 +62,6 @@ def build_base(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
 
 def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path, progress: bool) -> BaseResult:
     p = params.build
-    start = time.perf_counter()
     corpus = build_corpus(
         raw_dirs, stdlib=p.stdlib_docstrings, max_stdlib_chars=p.max_stdlib_chars, exercises=p.exercises, seed=seed
     )
@@ -114,19 +114,18 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
                 "epochs": round(result.epochs, 3),
                 "final_loss": _tail_mean(result.losses),
                 "loss_curve": _curve_summary(result.losses),
-                "wall_s": round(result.wall_s, 1),
                 "threads": p.num_threads or prev_threads,
             },
-            "wall_s": round(time.perf_counter() - start, 1),
             "files": {f: sha256_file(tmp / f) for f in sorted(os.listdir(tmp)) if f != RECORD},
-            "code_revision": code_revision(),
+            "code": code_fingerprint(__name__),
             "library_versions": library_versions(),
         }
         missing = [f for f in MODEL_FILES if f not in record["files"]]
         if missing:  # a transformers upgrade that renames an output must fail here, not in a later stage
             raise RuntimeError(f"saving the base model did not write {', '.join(missing)}")
         io.write_json(tmp / RECORD, record)
-    return BaseResult(out_dir=out_dir, source="built", model_ref=str(out_dir), record=record)
+    timing = {"tokens_per_s": round(result.tokens_seen / max(result.wall_s, 1e-9), 1)}  # of pretraining
+    return BaseResult(out_dir=out_dir, source="built", model_ref=str(out_dir), record=record, timing=timing)
 
 
 def _tail_mean(losses: list[float], n: int = 10) -> float:
@@ -159,7 +158,7 @@ def _record_external(params: BaseParams, out_dir: Path) -> BaseResult:
     else:
         record = _inspect_hub(ref, params)
     record["params"] = params.model_dump(mode="json", exclude={"build"})
-    record["code_revision"] = code_revision()
+    record["code"] = code_fingerprint(__name__)
     record["library_versions"] = library_versions()
     with io.atomic_dir(out_dir) as tmp:
         io.write_json(tmp / RECORD, record)
@@ -264,6 +263,10 @@ def _safetensors_parameters(path: Path) -> int | None:
 def run(
     params: Params, layout: Layout, *, docs: list[Path] | None = None, out_dir: Path | None = None, progress: bool = False
 ) -> BaseResult:
-    """The base stage: pretrain on `docs` (default: the tenants' raw folders), or record base.model."""
+    """The base stage: pretrain on `docs` (default: the tenants' raw folders), or record base.model;
+    the run's wall time and rate into reports/timing/base.json."""
+    started = time.perf_counter()
     docs = list(docs) if docs else [params.tenant(n).raw_dir for n in params.tenant_names]
-    return build_base(params.base, seed=params.seed, raw_dirs=docs, out_dir=out_dir or layout.base_dir, progress=progress)
+    result = build_base(params.base, seed=params.seed, raw_dirs=docs, out_dir=out_dir or layout.base_dir, progress=progress)
+    io.write_json(layout.timing_path("base"), run_facts(started, **result.timing))
+    return result

@@ -87,7 +87,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     for name in _tenants(params, args.tenant):
         result = synthesize.run(params, layout, name, progress=not args.quiet)
         rejects = ", ".join(f"{k} {v}" for k, v in sorted(result.rejected.items())) or "none"
-        usage = "".join(f", {k} {v}" for k, v in result.stats["usage"].items())
+        usage = "".join(f", {k} {v}" for k, v in result.usage.items())
         print(
             f"synthesize[{name}]: {result.generated} generated = {result.kept} kept + {sum(result.rejected.values())} "
             f"rejected ({rejects}) by {result.stats['generator']}{usage} -> {result.rows_path}"
@@ -162,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name in _tenants(params, args.tenant):
         result = train.run(params, layout, name, base_dir=Path(args.base) if args.base else None,
                            checkpoints=not args.no_checkpoints, progress=not args.quiet)
-        print(train_line(name, train.train_metrics(result.record)) + f" -> {result.out_dir}")
+        print(train_line(name, train.train_metrics(result.record), result.timing) + f" -> {result.out_dir}")
     return 0
 
 

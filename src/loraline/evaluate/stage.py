@@ -17,6 +17,8 @@ out_dir (replaced atomically):
     report.md          metrics table (models side by side + candidate-vs-base delta), example generations
     generations.jsonl  one row per test row: id, prompt (last user turn), reference,
                        predictions {model: text}, exact_match {model: bool}
+
+`run` also writes the run's timing (reports/timing/evaluate@<tenant>.json).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from loraline.evaluate import metrics as M
 from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation
 from loraline.modelling.device import pick_device
 from loraline.evaluate.report import render_report
+from loraline.provenance import run_facts
 
 METRICS = "metrics.json"
 REPORT = "report.md"
@@ -236,9 +239,11 @@ def _progress(name: str, total: int, enabled: bool):
 
 def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, progress: bool = False) -> EvaluateResult:
     """The evaluate stage for one tenant: base and candidate on its test split into
-    reports/<tenant>/evaluation, the metrics also at reports/<tenant>/eval_metrics.json."""
+    reports/<tenant>/evaluation, the metrics also at reports/<tenant>/eval_metrics.json, the run's
+    timing at reports/timing/evaluate@<tenant>.json."""
     import shutil
 
+    started = time.perf_counter()
     ev = params.evaluate
     result = evaluate_tenant(
         tenant=tenant, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=base_dir or layout.base_dir,
@@ -247,4 +252,5 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
         examples_in_report=ev.examples_in_report, progress=progress,
     )
     shutil.copyfile(result.metrics_path, layout.eval_metrics_path(tenant))
+    io.write_json(layout.timing_path("evaluate", tenant), run_facts(started, device=str(pick_device())))
     return result

@@ -13,6 +13,9 @@ Parity, on a probe set of chat conversations (rendered with the model's chat tem
   same inputs) with present -> past; max abs logit difference per step;
 - greedy generation through onnxruntime vs transformers' generate: agreement fraction.
 fp32 must stay within `tolerance` (else ExportError); int8 numbers are reported only.
+
+The folder is the same bytes for the same merged model, params, code and library versions. `run` also
+writes the run's timing (reports/timing/export@<tenant>.json).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from loraline.export.onnx_export import export_model, quantize_int8
 from loraline.export.runtime import INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.parity import DEFAULT_PROBES, common_prefix, encode_probe, greedy_generate, summarize
-from loraline.provenance import code_revision, library_versions, sha256_file
+from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
 REPORT = "export_report.json"
 DECODE_STEPS = 4
@@ -79,7 +82,6 @@ def export_onnx(
     """Export `model_dir` to ONNX in `out_dir`, check it against PyTorch, optionally add an int8 copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     probes = DEFAULT_PROBES if probes is None else probes
     if not probes:
@@ -98,9 +100,7 @@ def export_onnx(
 
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
-        t0 = time.perf_counter()
         graph = export_model(model, tmp / MODEL_FILE, opset=opset)
-        graph["export_s"] = round(time.perf_counter() - t0, 1)
         model.config.save_pretrained(str(tmp))
         gen_config = model.generation_config if model.generation_config is not None else GenerationConfig()
         gen_config.save_pretrained(str(tmp))
@@ -129,13 +129,10 @@ def export_onnx(
                 report,
             )
         if int8:
-            t0 = time.perf_counter()
             quant = quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE)
-            quant["quantize_s"] = round(time.perf_counter() - t0, 1)
             report["int8"] = {**quant, **_parity(OnnxGenerator(tmp, INT8_FILE), inputs, ref, max_new_tokens)}
         report["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        report["wall_s"] = round(time.perf_counter() - start, 1)
-        report["code_revision"] = code_revision()
+        report["code"] = code_fingerprint(__name__)
         report["library_versions"] = _versions()
         io.write_json(tmp / REPORT, report)
     return ExportResult(out_dir, out_dir / REPORT, report)
@@ -224,7 +221,9 @@ def _versions() -> dict[str, Any]:
 
 def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
     """The export stage for one tenant: its merged model to models/onnx/<tenant>, the report also
-    copied to reports/<tenant>/export_report.json for DVC metrics."""
+    copied to reports/<tenant>/export_report.json for DVC metrics, the run's timing to
+    reports/timing/export@<tenant>.json."""
+    started = time.perf_counter()
     e = params.export
     result = export_onnx(
         model_dir=layout.merged_dir(tenant), out_dir=layout.onnx_dir(tenant), int8=e.int8, opset=e.opset,
@@ -232,4 +231,5 @@ def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
     )
     layout.export_report_path(tenant).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.report_path, layout.export_report_path(tenant))
+    io.write_json(layout.timing_path("export", tenant), run_facts(started))
     return result

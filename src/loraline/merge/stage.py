@@ -16,7 +16,9 @@ add_generation_prompt) before anything is written:
 out_dir (replaced atomically, safe to re-run):
     config.json, generation_config.json, model.safetensors   plain AutoModelForCausalLM loads it
     tokenizer.json, tokenizer_config.json (chat_template inside)
-    merge_report.json                                        numbers, tolerance, pass/fail, hashes
+    merge_report.json                                        numbers, tolerance, pass/fail, hashes, code
+
+`run` also writes the run's timing (reports/timing/merge@<tenant>.json).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from loraline.modelling.loading import (
     resolve_base_model_path,
 )
 from loraline.modelling.parity import DEFAULT_PROBES, ProbeOutputs, compare, encode_probe, run_probes
-from loraline.provenance import code_revision, library_versions, sha256_file
+from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
 REPORT = "merge_report.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -110,7 +112,6 @@ def merge_adapter(
     if not probes:
         raise MergeError("probes is empty: at least one conversation is needed to check the merge")
 
-    started = time.perf_counter()
     torch_dtype = DTYPES[dtype]
     base_record = read_base_record(base_dir)
     train_record = _read_train_record(adapter_dir)
@@ -149,7 +150,7 @@ def merge_adapter(
             "model_ref": base_record.get("model_ref"),
             "sha256": base_model_hash(base_record),
         },
-        "code_revision": code_revision(),
+        "code": code_fingerprint(__name__),
         "library_versions": library_versions(),
     }
     trained_base = ((train_record or {}).get("base") or {}).get("sha256")
@@ -192,7 +193,6 @@ def merge_adapter(
                     report,
                 )
         report["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != REPORT}
-        report["wall_s"] = round(time.perf_counter() - started, 2)
         io.write_json(tmp / REPORT, report)
     return MergeResult(out_dir, out_dir / REPORT, report)
 
@@ -269,7 +269,9 @@ def _discard(out_dir: Path) -> None:
 
 def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None) -> MergeResult:
     """The merge stage for one tenant: its adapter merged into models/merged/<tenant>, the report
-    also copied to reports/<tenant>/merge_report.json for DVC metrics."""
+    also copied to reports/<tenant>/merge_report.json for DVC metrics, the run's timing to
+    reports/timing/merge@<tenant>.json."""
+    started = time.perf_counter()
     m = params.merge
     result = merge_adapter(
         base_dir=base_dir or layout.base_dir, base_params=params.base, adapter_dir=layout.adapter_dir(tenant),
@@ -278,4 +280,5 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
     )
     layout.merge_report_path(tenant).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.report_path, layout.merge_report_path(tenant))
+    io.write_json(layout.timing_path("merge", tenant), run_facts(started))
     return result

@@ -39,7 +39,7 @@ def render_card(
     synthetic_file: str | None,
     synthetic_provenance: list[dict],
     dataset_hash: str,
-    code_revision: str,
+    code: dict,
     seed: int,
 ) -> str:
     s = stats
@@ -100,7 +100,7 @@ def render_card(
         f"- synthetic rows: `{s.synthetic_hash or '-'}`",
         f"- dataset (tree of `dataset/`): `{dataset_hash}`",
         f"- tokenizer: `{s.tokenizer or '(in memory)'}`, `{s.tokenizer_hash}`",
-        f"- code revision: `{code_revision}`",
+        f"- code: `{code['sha256']}` ({code['modules']} modules of loraline)",
         "",
     ]
     return "\n".join(lines)

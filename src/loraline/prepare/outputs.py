@@ -30,9 +30,9 @@ from loraline.prepare.collected import Collected
 from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
 from loraline.prepare.schema import SPLITS, PrepareStats
 from loraline.prepare.stores import ArrowRows, RejectSummary
-from loraline.provenance import code_revision, hash_tree
+from loraline.provenance import code_fingerprint, hash_tree
 
-CODE_ROOT = Path(__file__).resolve().parents[3]  # the checkout holding src/loraline, for the card's code revision
+ENTRY = "loraline.prepare.stage"  # the stage's entry module: the card records its import closure as the code
 
 
 def write_outputs(
@@ -69,7 +69,7 @@ def write_outputs(
                 synthetic_file=Path(synthetic_rows).name if has_synthetic else None,
                 synthetic_provenance=collected.synthetic_provenance,
                 dataset_hash=hash_tree(tmp / "dataset"),
-                code_revision=code_revision(CODE_ROOT),
+                code=code_fingerprint(ENTRY),
                 seed=seed,
             )
             (tmp / "README.md").write_text(card, encoding="utf-8")

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraline.config import Params, PrepareParams, TenantParams
+from loraline.io import write_json
 from loraline.layout import Layout
 from loraline.modelling.loading import load_base_tokenizer
 from loraline.prepare.collected import Collected
@@ -43,6 +45,7 @@ from loraline.prepare.screening import Quality, follow_removed_originals, second
 from loraline.prepare.split import Deduplicator
 from loraline.prepare.stats import OUTCOMES, by_source_entry, percentiles, summarize
 from loraline.prepare.stores import ArrowRows, RejectFile, RejectList
+from loraline.provenance import run_facts
 
 # OUTCOMES and percentiles are imported from here by callers that predate stats.py.
 __all__ = ["OUTCOMES", "PrepareResult", "collect", "percentiles", "prepare_tenant", "run"]
@@ -186,10 +189,12 @@ def run(
     tokenizer: Any = None, progress: bool = False,
 ) -> PrepareResult:
     """The prepare stage for one tenant: its sources (and synthesized rows, when the synthesize stage
-    wrote any) into data/prepared/<tenant>, rejects into data/rejected/<tenant>.jsonl."""
+    wrote any) into data/prepared/<tenant>, rejects into data/rejected/<tenant>.jsonl, the run's timing
+    into reports/timing/."""
+    started = time.perf_counter()
     if tokenizer is None:
         tokenizer = load_base_tokenizer(base_dir or layout.base_dir, params.base)
-    return prepare_tenant(
+    result = prepare_tenant(
         params.tenant(tenant),
         params.prepare_for(tenant),
         tokenizer,
@@ -200,3 +205,5 @@ def run(
         synthetic_rows=layout.synthetic_rows_path(tenant),  # absent before synthesize has run: no synthetic rows
         progress=progress,
     )
+    write_json(layout.timing_path("prepare", tenant), run_facts(started))
+    return result

@@ -7,15 +7,18 @@ the folder atomically:
                              (the prepare stage reads this file: keep the shape)
     out_dir/rejected.jsonl   {"reason", "detail", "question", "answer", "provenance"} per rejected row
     stats_path               counts (generated = kept + rejected, by reason, by generator, by
-                             document), document hashes, params, code revision (a DVC metric)
+                             document), document hashes, params, code fingerprint (a DVC output)
 
-The counts are checked to reconcile before anything is written.
+The counts are checked to reconcile before anything is written. `run` also writes the run's facts
+that differ from run to run, such as an endpoint's requests and cache hits
+(reports/timing/synthesize@<tenant>.json).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ from loraline.config import Params, SeedTask, SynthesizeParams
 from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
 from loraline.layout import Layout
 from loraline.io import atomic_dir, write_json, write_jsonl
-from loraline.provenance import code_revision, sha256_bytes
+from loraline.provenance import code_fingerprint, run_facts, sha256_bytes
 from loraline.synthesize.base import Generated, Generator, SynthesizeError, make_generator
 from loraline.synthesize.filters import REASONS, FilterChain
 from loraline.synthesize.passages import Document, make_document
@@ -47,6 +50,7 @@ class SynthesizeResult:
     kept: int
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
     stats: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)  # the generator's counters (requests, cache hits...)
 
 
 def load_documents(documents_dir: Path) -> list[Document]:
@@ -133,14 +137,13 @@ def synthesize_tenant(
         "by_document": {k: {"generated": v["generated"], "kept": v["kept"]} for k, v in sorted(by_document.items())},
         "documents": {d.source: d.sha256 for d in docs},
         "rows_sha256": sha256_bytes((out_dir / ROWS).read_bytes()),
-        "usage": gen.usage(),
         "params": params.model_dump(mode="json"),
-        "code_revision": code_revision(),
+        "code": code_fingerprint(__name__),
     }
     write_json(stats_path, stats)
     return SynthesizeResult(tenant=tenant, rows_path=out_dir / ROWS, rejected_path=out_dir / REJECTED,
                             stats_path=Path(stats_path), generated=generated, kept=len(rows),
-                            rejected=dict(by_reason), stats=stats)
+                            rejected=dict(by_reason), stats=stats, usage=gen.usage())
 
 
 def _provenance(gen: Generator, item: Generated, doc: Document, seed: int) -> dict[str, Any]:
@@ -164,8 +167,11 @@ def _row_id(tenant: str, item: Generated) -> str:
 
 def run(params: Params, layout: Layout, tenant: str, *, progress: bool = False) -> SynthesizeResult:
     """The synthesize stage for one tenant: rows from data/documents/<tenant> into data/synthetic/<tenant>."""
-    return synthesize_tenant(
+    started = time.perf_counter()
+    result = synthesize_tenant(
         tenant, params.synthesize, layout.documents_dir(tenant), layout.synthetic_dir(tenant),
         layout.synthesize_stats_path(tenant), seed=params.seed, seed_tasks=params.tenant(tenant).seed_tasks,
         cache_dir=layout.synth_cache_dir(tenant), progress=progress,
     )
+    write_json(layout.timing_path("synthesize", tenant), run_facts(started, **({"usage": result.usage} if result.usage else {})))
+    return result

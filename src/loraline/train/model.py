@@ -115,6 +115,16 @@ def attach_lora(params: TrainParams, model: nn.Module) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def sort_config_sets(model: nn.Module) -> None:
+    """Sets in the peft config (target_modules: "all-linear" resolves to a set of module names) as sorted
+    lists. peft writes a set in iteration order, which follows Python's per-process hash seed, so the
+    same adapter would get a different adapter_config.json (and folder hash) from run to run."""
+    for config in model.peft_config.values():
+        for key, value in vars(config).items():
+            if isinstance(value, (set, frozenset)):
+                setattr(config, key, sorted(value))
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
     """Name -> parameter for everything training changes (LoRA A/B, DoRA magnitudes, modules_to_save)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -2,13 +2,15 @@
 
     out_dir/adapter_config.json        peft's standard adapter (stock PeftModel.from_pretrained loads it)
     out_dir/adapter_model.safetensors
-    out_dir/train_record.json          params, hashes, seed, versions, tokens, memory, losses, timing
+    out_dir/train_record.json          params, hashes, seed, code fingerprint, versions, tokens, losses
     out_dir/train_loss.csv             step,train_loss,lr: every optimizer step (for dvc plots)
     out_dir/val_loss.csv               step,val_loss: every evaluation, step 0 = the base model
 
 Order of work: every check that can fail on bad input (base folder, dataset, splits, sequence
 length, module names, packing isolation) runs before the first optimizer step. out_dir is written
-atomically at the end; checkpoints (optional) make a killed run resumable.
+atomically at the end; checkpoints (optional) make a killed run resumable, with the same out_dir.
+What differs between identical runs (time, tokens/s, peak memory, the step a run resumed from) is
+in TrainResult.timing, which `run` writes to reports/timing/train@<tenant>.json, outside out_dir.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,12 @@ from loraline import io
 from loraline.modelling.loading import load_base_tokenizer, read_base_record
 from loraline.config import BaseParams, Params, TrainParams
 from loraline.layout import Layout
-from loraline.provenance import code_revision, hash_tree, library_versions, sha256_file
+from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_facts, sha256_file
 from loraline.train import checkpoint
 from loraline.train.data import check_splits, load_splits
 from loraline.train.errors import TrainError
 from loraline.train.loop import Progress, Run, train_loop
-from loraline.train.model import attach_lora, check_module_names, load_base_model, trainable_parameters
+from loraline.train.model import attach_lora, check_module_names, load_base_model, sort_config_sets, trainable_parameters
 from loraline.modelling.device import compute_dtype, pick_device
 from loraline.train.optim import make_optimizer, make_scheduler, warmup_steps
 from loraline.train.packing import check_packing_isolation, plan_steps
@@ -58,6 +60,7 @@ class TrainResult:
     train_curve: Path
     val_curve: Path
     record: dict[str, Any]
+    timing: dict[str, Any] = field(default_factory=dict)  # tokens_per_s, peak_memory, resumed_from_step, ...
 
 
 def train_adapter(
@@ -164,10 +167,8 @@ def train_adapter(
             "warmup": warmup_steps(params, len(plan)),
             "epochs_started": plan[steps_done - 1].epoch + 1 if steps_done else 0,
         },
-        "resumed_from_step": resumed,
         "stopped_early": state.stopped_early,
         "tokens_seen": {"useful": state.tokens_seen, "answer": state.answer_tokens_seen},
-        "tokens_per_s": round((state.tokens_seen - tokens_before) / max(train_wall, 1e-9), 1),  # this process's steps
         "loss": {
             "final_train": final_train_loss(state.history),
             "final_val": state.best_val_loss if shipped_best else _last_val(state.history),  # of the shipped adapter
@@ -175,21 +176,27 @@ def train_adapter(
             "best_val": state.best_val_loss,
             "best_step": state.best_step,
         },
-        "peak_memory": peak_memory(device),
-        "code_revision": code_revision(),
+        "code": code_fingerprint(__name__),
         "library_versions": library_versions(),
+    }
+    timing = {
+        "tokens_per_s": round((state.tokens_seen - tokens_before) / max(train_wall, 1e-9), 1),  # this process's steps
+        "peak_memory": peak_memory(device),
+        "resumed_from_step": resumed,
+        "device": record["device"],
     }
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
+        sort_config_sets(model)
         model.save_pretrained(tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's blank model card; train_record.json is ours
         write_curves(tmp, state.history)
         record["files"] = {f: sha256_file(tmp / f) for f in ADAPTER_FILES}
-        record["wall_s"] = round(time.perf_counter() - started, 2)
         io.write_json(tmp / RECORD, record)
+    timing["wall_s"] = round(time.perf_counter() - started, 2)
     return TrainResult(
         out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / RECORD,
-        out_dir / TRAIN_CURVE, out_dir / VAL_CURVE, record,
+        out_dir / TRAIN_CURVE, out_dir / VAL_CURVE, record, timing,
     )
 
 
@@ -264,9 +271,11 @@ def run(
     progress: bool = False,
 ) -> TrainResult:
     """The train stage for one tenant: its adapter into models/adapters/<tenant>, the numbers worth
-    comparing across runs into reports/<tenant>/train_metrics.json and the loss curves beside them."""
+    comparing across runs into reports/<tenant>/train_metrics.json, the loss curves into
+    reports/<tenant>/train/ and the run's timing into reports/timing/train@<tenant>.json."""
     import shutil
 
+    started = time.perf_counter()
     result = train_adapter(
         params.train_for(tenant),
         base_dir=base_dir or layout.base_dir,
@@ -282,6 +291,8 @@ def run(
     plots.mkdir(parents=True, exist_ok=True)
     for curve in (result.train_curve, result.val_curve):
         shutil.copyfile(curve, plots / curve.name)
+    timing = {k: v for k, v in result.timing.items() if k != "wall_s"}  # run_facts times the whole stage
+    io.write_json(layout.timing_path("train", tenant), run_facts(started, **timing))
     return result
 
 
@@ -297,7 +308,4 @@ def train_metrics(record: dict[str, Any]) -> dict[str, Any]:
         "train_loss": loss.get("final_train"),
         "steps": record["steps"]["done"],
         "tokens_seen": record["tokens_seen"]["useful"],
-        "tokens_per_s": record["tokens_per_s"],
-        "wall_s": record["wall_s"],
-        "device": record["device"],
     }

@@ -8,7 +8,7 @@ import pytest
 from prepare_helpers import chat, synthetic, write_jsonl
 
 from loraline.config import PiiParams, PrepareParams
-from loraline.provenance import hash_tree, sha256_file
+from loraline.provenance import code_fingerprint, hash_tree, sha256_file
 
 
 def test_card_lists_sources_counts_filters_and_hashes(raw_dir, tmp_path, run):
@@ -31,7 +31,7 @@ def test_card_lists_sources_counts_filters_and_hashes(raw_dir, tmp_path, run):
     for expected in ("threshold=0.85", "num_perm=128", "8-word n-grams", "overlap >= 0.5", "synthetic_ratio=0.5", "seed=1234", "types=['email', 'phone', 'card', 'ip']"):
         assert expected in card, expected
     assert s.data_hash in card and s.tokenizer_hash in card and hash_tree(result.dataset_dir) in card
-    assert "code revision: `" in card
+    assert f"code: `{code_fingerprint('loraline.prepare.stage')['sha256']}`" in card  # not the git commit
 
 
 def test_card_without_synthetic_rows(raw_dir, run):

@@ -37,9 +37,10 @@ def test_auth_retries_cache_and_no_key_on_disk(documents: Path, tmp_path: Path) 
     bodies = [r["body"] for r in server.requests]
     assert bodies[0] == bodies[1] == bodies[2]  # 429 and 500 retried with the same request
     passages = len(bodies) - 2
-    assert first.stats["usage"] == {"requests": passages + 2, "cache_hits": 0, "retries": 2}
-    assert second.stats["usage"] == {"requests": 0, "cache_hits": passages, "retries": 0}
+    assert first.usage == {"requests": passages + 2, "cache_hits": 0, "retries": 2}
+    assert second.usage == {"requests": 0, "cache_hits": passages, "retries": 0}
     assert first.rows_path.read_bytes() == second.rows_path.read_bytes()
+    assert first.stats_path.read_bytes() == second.stats_path.read_bytes()  # counters that differ stay out of the stats
     body = bodies[0]
     assert body["model"] == "teacher-7b" and body["temperature"] == 0.0 and isinstance(body["seed"], int)
     assert "Customer email: can I return a lamp?" in body["messages"][-1]["content"]  # seed task as few-shot

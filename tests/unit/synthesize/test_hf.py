@@ -62,7 +62,7 @@ def test_stage_runs_the_model_and_rejects_what_it_cannot_parse(
     first, second = run("a"), run("b")
     assert first.generated > 0 and first.generated == first.kept + sum(first.rejected.values())
     assert first.rejected_path.read_bytes() == second.rejected_path.read_bytes()  # seeded sampling repeats
-    assert first.stats["usage"]["generate_calls"] > 0
+    assert first.usage["generate_calls"] > 0
     assert first.stats["model"] == str(tiny_model) and first.stats["prompt_template_sha256"] == TEMPLATE_SHA256
     rejects = [json.loads(x) for x in first.rejected_path.read_text().splitlines()]
     assert rejects and {r["reason"] for r in rejects} <= {"unparseable", "question_length", "answer_length",

@@ -44,7 +44,7 @@ def test_checkpoints_of_another_run_are_discarded_not_resumed(reference, setup, 
     shutil.copytree(reference.checkpoint_dir, ck)
     (ck / ".step-00000012.tmp-abc").mkdir()  # what a kill during a checkpoint write leaves
     res = train_adapter(tiny_train(lora_r=4, max_steps=2, save_every=100), out_dir=tmp_path / "o", checkpoint_dir=ck, **setup.kwargs())
-    assert res.record["resumed_from_step"] is None
+    assert res.timing["resumed_from_step"] is None
     assert list(ck.iterdir()) == []
 
 
@@ -55,9 +55,10 @@ def test_resuming_a_finished_checkpoint_dir_reproduces_the_adapter(reference, se
     ck = tmp_path / "ck"
     shutil.copytree(reference.checkpoint_dir, ck)
     res = train_adapter(tiny_train(), out_dir=tmp_path / "o", checkpoint_dir=ck, **setup.kwargs())
-    assert res.record["resumed_from_step"] == 9
+    assert res.timing["resumed_from_step"] == 9
     assert res.record["files"] == reference.result.record["files"]
     assert res.record["tokens_seen"] == reference.result.record["tokens_seen"]
+    assert res.record_path.read_bytes() == reference.result.record_path.read_bytes()  # resumed or not: the same output
     assert res.train_curve.read_text() == reference.result.train_curve.read_text()
     assert res.val_curve.read_text() == reference.result.val_curve.read_text()
 
@@ -116,7 +117,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_adapter(reference, setup, t
     assert killed_at and killed_at[-1] < 12
 
     res = train_adapter(tiny_train(), out_dir=out, checkpoint_dir=ck, **setup.kwargs())
-    assert res.record["resumed_from_step"] == killed_at[-1]
+    assert res.timing["resumed_from_step"] == killed_at[-1]
     ours, ref = adapter_tensors(out), adapter_tensors(reference.result.out_dir)
     assert ours.keys() == ref.keys()
     diff = max((ours[k] - ref[k]).abs().max().item() for k in ref)

@@ -1,0 +1,34 @@
+"""Outputs are reproducible to the byte: rebuilding a stage from the same inputs, params, code and
+library versions on the same machine gives the same files, so `dvc repro -f` leaves dvc.lock as it was
+(and the registry sees no new adapter). Run facts (wall times, rates, memory, the git commit) change,
+and live outside the outputs, in reports/timing/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from e2e_project import make_tiny_project, sh, stages_run
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TENANT = "acme-shop"
+TARGET = f"export@{TENANT}"  # documents, synthesize, base, prepare, train, merge and export of one tenant
+
+
+def test_rebuilding_from_the_same_inputs_leaves_dvc_lock_byte_identical(tmp_path: Path):
+    project = make_tiny_project(tmp_path / "project")
+    first = sh("dvc", "repro", TARGET, cwd=project)
+    lock = (project / "dvc.lock").read_bytes()
+    timing = project / "reports" / "timing" / f"train@{TENANT}.json"
+    facts = json.loads(timing.read_text())
+    assert facts["wall_s"] > 0 and facts["tokens_per_s"] > 0 and facts["code_revision"]
+
+    again = sh("dvc", "repro", "--force", TARGET, cwd=project)
+
+    assert stages_run(again) == stages_run(first) >= {"base", f"train@{TENANT}", f"export@{TENANT}"}
+    assert (project / "dvc.lock").read_bytes() == lock
+    assert json.loads(timing.read_text()) != facts  # the run facts did change, outside dvc.lock
+    record = json.loads((project / "models" / "adapters" / TENANT / "train_record.json").read_text())
+    assert set(record["code"]) == {"sha256", "modules"} and "code_revision" not in record

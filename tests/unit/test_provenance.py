@@ -1,0 +1,38 @@
+"""What outputs record as their code: a fingerprint of the stage's own modules, not the git commit."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from loraline.provenance import SOURCE_ROOT, code_fingerprint, import_closure, run_facts
+
+
+def copy_of_the_package(tmp_path: Path) -> Path:
+    shutil.copytree(SOURCE_ROOT / "loraline", tmp_path / "loraline", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def test_the_fingerprint_covers_the_stage_closure_and_nothing_else(tmp_path):
+    root = copy_of_the_package(tmp_path)
+    before = code_fingerprint("loraline.merge.stage", root)
+    assert before == code_fingerprint("loraline.merge.stage")  # the same sources wherever they live
+    assert before["modules"] == len(import_closure("loraline.merge.stage", root))
+
+    # code merge does not run: the fingerprint (and so the merged output's bytes) stays
+    loop = root / "loraline" / "train" / "loop.py"
+    loop.write_text(loop.read_text() + "\n# an unrelated edit\n")
+    assert root / "loraline" / "train" / "loop.py" not in import_closure("loraline.merge.stage", root)
+    assert code_fingerprint("loraline.merge.stage", root) == before
+
+    # code merge runs, imported lazily or not: a new fingerprint
+    parity = root / "loraline" / "modelling" / "parity.py"
+    parity.write_text(parity.read_text() + "\n# an edit merge runs\n")
+    after = code_fingerprint("loraline.merge.stage", root)
+    assert after["sha256"] != before["sha256"] and after["modules"] == before["modules"]
+
+
+def test_run_facts_hold_the_wall_time_measurements_and_git_commit():
+    facts = run_facts(time.perf_counter() - 1.5, tokens_per_s=12.0)
+    assert facts["wall_s"] >= 1.5 and facts["tokens_per_s"] == 12.0 and facts["code_revision"]
