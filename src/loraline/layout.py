@@ -86,9 +86,6 @@ class Layout:
     def checkpoint_dir(self, tenant: str) -> Path:
         return self.root / "models" / "checkpoints" / tenant
 
-    def train_metrics_path(self, tenant: str) -> Path:
-        return self.root / "reports" / tenant / "train_metrics.json"
-
     def train_plots_dir(self, tenant: str) -> Path:
         return self.root / "reports" / tenant / "train"
 
@@ -112,6 +109,12 @@ class Layout:
 
     def gate_path(self, tenant: str) -> Path:
         return self.root / "reports" / tenant / "gate.json"
+
+    def metrics_path(self, stage: str, tenant: str) -> Path:
+        """The few numbers of a tenant's stage that people compare across runs (a DVC metric, e.g.
+        reports/<tenant>/metrics/train.json); the stage's detailed report is an ordinary output."""
+        stage_id(stage, tenant)  # an unknown stage fails here
+        return self.root / "reports" / tenant / "metrics" / f"{stage}.json"
 
     @property
     def timing_dir(self) -> Path:

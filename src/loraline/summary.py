@@ -12,25 +12,13 @@ from typing import Any
 from loraline.config import Params
 from loraline.layout import Layout
 
-# The metrics worth a column, in reading order; anything else stays in metrics.json.
+# The metrics worth a column, in reading order; anything else stays in metrics.json. The same as
+# loraline.evaluate.stage.HEADLINE_METRICS (importing that would load torch for every CLI command).
 HEADLINE_METRICS = ("answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy")
 
 
 def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def read_parity(layout: Layout, tenant: str) -> dict[str, float]:
-    """The parity evidence the gate decides on: merge and fp32-export max logit differences (absent
-    reports are left out, and the gate then fails the rule on missing evidence)."""
-    parity = {}
-    for key, path, (section, name) in (
-        ("merge_max_logit_diff", layout.merge_report_path(tenant), ("merged_vs_unmerged", "max_abs_logit_diff")),
-        ("export_max_logit_diff", layout.export_report_path(tenant), ("fp32", "max_abs_logit_diff")),
-    ):
-        if path.exists():
-            parity[key] = json.loads(path.read_text())[section][name]
-    return parity
 
 
 @dataclass
@@ -91,7 +79,7 @@ def collect_summary(params: Params, layout: Layout | None = None, tenants: list[
         out.append(TenantSummary(
             tenant=name,
             prepare=_read(layout.prepare_stats_path(name)),
-            train=_read(layout.train_metrics_path(name)),
+            train=_read(layout.metrics_path("train", name)),
             train_timing=_read(layout.timing_path("train", name)),
             metrics=evaluation.get("models", {}),
             gate=_read(layout.gate_path(name)),

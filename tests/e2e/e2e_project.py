@@ -56,6 +56,14 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
+def assert_new_rows_rerun(ran: set[str], tenant: str) -> None:
+    """What appending rows to `tenant`'s raw data re-runs: its stages from documents to evaluate, and the
+    gate when its evidence (the evaluation, the merge and export parity metrics) changed, which six
+    tiny training steps may leave as it was. Never a stage of another tenant, nor the base."""
+    every = {f"{stage}@{tenant}" for stage in ON_NEW_ROWS}
+    assert every - {f"gate@{tenant}"} <= ran <= every, sorted(ran)
+
+
 def make_tiny_project(dest: Path) -> Path:
     """A fresh git+DVC project at `dest` holding exactly the repository's files, with a tiny base model."""
     files = subprocess.run(

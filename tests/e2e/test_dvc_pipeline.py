@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e_project import ON_NEW_ROWS, PER_TENANT, TINY_TRAIN, make_tiny_project, sh, stages_run
+from e2e_project import PER_TENANT, TINY_TRAIN, assert_new_rows_rerun, make_tiny_project, sh, stages_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -54,10 +54,12 @@ def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str
         assert len(dataset["test"]) > 0 and len(dataset["train"]) > len(dataset["test"])
         adapter = project / "models" / "adapters" / t
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-        train = json.loads((project / "reports" / t / "train_metrics.json").read_text())
+        train = json.loads((project / "reports" / t / "metrics" / "train.json").read_text())
         assert train["steps"] == TINY_TRAIN["max_steps"] and train["val_loss"] is not None
         merge = json.loads((project / "reports" / t / "merge_report.json").read_text())
         assert merge["passed"] and merge["merged_vs_unmerged"]["max_abs_logit_diff"] < 1e-3
+        parity = json.loads((project / "reports" / t / "metrics" / "merge.json").read_text())
+        assert parity["max_abs_logit_diff"] == merge["merged_vs_unmerged"]["max_abs_logit_diff"]
         assert (project / "models" / "merged" / t / "model.safetensors").is_file()
         export = json.loads((project / "reports" / t / "export_report.json").read_text())
         assert export["passed"] and (project / "models" / "onnx" / t / "model.onnx").is_file()
@@ -96,7 +98,7 @@ def test_editing_one_tenants_rows_reruns_only_that_tenant(project: Path, first_r
 
     out = sh("dvc", "repro", cwd=project)
 
-    assert stages_run(out) == {f"{stage}@{tenant}" for stage in ON_NEW_ROWS}
+    assert_new_rows_rerun(stages_run(out), tenant)
     after = json.loads((project / "reports" / tenant / "prepare_stats.json").read_text())
     assert after["rows_in"] == before["rows_in"] + 1
     assert [p.stat().st_mtime_ns for p in others] == before_others
@@ -106,8 +108,21 @@ def test_push_to_the_default_local_remote_and_metrics(project: Path, first_run: 
     sh("dvc", "push", cwd=project)
     assert any((project / ".dvc-remote").rglob("*")), "the local remote holds the pushed outputs"
     shown = sh("dvc", "metrics", "show", cwd=project)
-    assert "reports/acme-shop/prepare_stats.json" in shown and "rows_in" in shown
-    assert "reports/acme-shop/train_metrics.json" in shown and "val_loss" in shown
+    assert "reports/acme-shop/metrics/prepare.json" in shown and "rows_in" in shown
+    assert "reports/acme-shop/metrics/train.json" in shown and "val_loss" in shown
+    assert "reports/timing/train@acme-shop.json" in shown and "wall_s" in shown
+    # only the small metrics files: the detailed reports (per-probe lists, library versions) are outputs
+    assert "prepare_stats.json" not in shown and "merge_report.json" not in shown and "per_probe" not in shown
+    metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=project))
+    files = next(iter(metrics.values()))["data"]  # the workspace's
+    tenants = ("acme-shop", "globex-it")
+    stages = ("synthesize", "prepare", "train", "merge", "export", "evaluate", "gate")
+    assert {f"reports/{t}/metrics/{s}.json" for t in tenants for s in stages} <= set(files)
+    assert all(f.startswith("reports/timing/") for f in set(files) - {f"reports/{t}/metrics/{s}.json" for t in tenants for s in stages})
+    header = shown.splitlines()[0].split()
+    assert len(header) <= 50, header  # one column per key across every file: a few dozen, not hundreds
+    diff = sh("dvc", "metrics", "diff", "--all", cwd=project)
+    assert "val_loss" in diff and "per_probe" not in diff
     plots = sh("dvc", "plots", "show", "--json", cwd=project)
     assert "reports/acme-shop/train/val_loss.csv" in plots
 

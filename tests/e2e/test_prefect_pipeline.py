@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e_project import ON_NEW_ROWS, PER_TENANT, make_tiny_project, sh, stages_run
+from e2e_project import PER_TENANT, assert_new_rows_rerun, make_tiny_project, sh, stages_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -114,7 +114,7 @@ def test_one_tenants_new_data_reruns_and_releases_only_that_tenant(project: Path
                              "input": "Hi, please cancel order 55120.", "output": '{"intent": "cancel"}'}) + "\n")
     state = pipeline(project_dir=str(project), return_state=True)
     assert state.is_completed(), state.message
-    assert stages_ran(state) == {f"{s}@acme-shop" for s in ON_NEW_ROWS}
+    assert_new_rows_rerun(stages_ran(state), "acme-shop")
     new_tags = tags(project) - before
     assert {"acme-shop-adapter@v0.0.2", "acme-shop-onnx@v0.0.2"} <= new_tags
     assert not any(t.startswith("globex-it") for t in new_tags)

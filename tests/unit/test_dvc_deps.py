@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraline.layout import STAGES, Layout
+from loraline.layout import STAGES, TENANT_STAGES, Layout
 from loraline.provenance import import_closure as closure
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,13 +68,26 @@ def test_the_closure_finds_lazy_imports_and_fails_on_a_missing_dep():
     assert any(not covered(p, deps) for p in closure("loraline.merge.stage"))
 
 
-
+TENANT = "${key}"  # how dvc.yaml's foreach stages spell the tenant
 LAYOUT = Layout()
 
 
 def stage_section(stage: str, section: str) -> list[str]:
     spec = DVC_YAML[stage]
     return [e if isinstance(e, str) else next(iter(e)) for e in spec.get("do", spec).get(section, [])]
+
+
+@pytest.mark.parametrize("stage", [s for s in TENANT_STAGES if s != "documents"])
+def test_each_stage_declares_only_its_small_metrics_file_as_a_metric(stage):
+    """`dvc metrics show` stays readable: one small file per tenant and stage; the detailed reports are outs."""
+    assert stage_section(stage, "metrics") == [LAYOUT.relative(LAYOUT.metrics_path(stage, TENANT))]
+
+
+def test_the_gate_depends_on_exactly_the_files_it_reads():
+    data = [d for d in stage_deps("gate") if not d.startswith("src/")]
+    reads = [LAYOUT.eval_metrics_path(TENANT), LAYOUT.metrics_path("merge", TENANT), LAYOUT.metrics_path("export", TENANT)]
+    assert sorted(data) == sorted(LAYOUT.relative(p) for p in reads)
+    assert stage_section("gate", "outs") == [LAYOUT.relative(LAYOUT.gate_path(TENANT))]
 
 
 def test_timing_is_a_top_level_metric_and_no_stage_output():

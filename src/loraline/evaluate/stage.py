@@ -18,7 +18,8 @@ out_dir (replaced atomically):
     generations.jsonl  one row per test row: id, prompt (last user turn), reference,
                        predictions {model: text}, exact_match {model: bool}
 
-`run` also writes the run's timing (reports/timing/evaluate@<tenant>.json).
+`run` also writes the headline metrics per model (reports/<tenant>/metrics/evaluate.json, a DVC
+metric) and the run's timing (reports/timing/evaluate@<tenant>.json).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ REPORT = "report.md"
 GENERATIONS = "generations.jsonl"
 SEED = 0
 BATCH_SIZE = 8
+# The metrics people compare across runs (reports/<tenant>/metrics/evaluate.json), in reading order;
+# the rest stays in metrics.json. loraline.summary shows the same ones.
+HEADLINE_METRICS = ("answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy")
 
 
 class EvaluateError(ValueError):
@@ -239,8 +243,8 @@ def _progress(name: str, total: int, enabled: bool):
 
 def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, progress: bool = False) -> EvaluateResult:
     """The evaluate stage for one tenant: base and candidate on its test split into
-    reports/<tenant>/evaluation, the metrics also at reports/<tenant>/eval_metrics.json, the run's
-    timing at reports/timing/evaluate@<tenant>.json."""
+    reports/<tenant>/evaluation, the metrics also at reports/<tenant>/eval_metrics.json, the headline
+    ones at reports/<tenant>/metrics/evaluate.json, the run's timing at reports/timing/evaluate@<tenant>.json."""
     import shutil
 
     started = time.perf_counter()
@@ -252,5 +256,15 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
         examples_in_report=ev.examples_in_report, progress=progress,
     )
     shutil.copyfile(result.metrics_path, layout.eval_metrics_path(tenant))
+    io.write_json(layout.metrics_path("evaluate", tenant), evaluate_metrics(result.metrics))
     io.write_json(layout.timing_path("evaluate", tenant), run_facts(started, device=str(pick_device())))
     return result
+
+
+def evaluate_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The headline metrics of each evaluated model (`dvc metrics diff`: base vs candidate across runs);
+    a metric the task does not have (json_* for plain-text answers) or a null one is left out."""
+    return {
+        model: {k: scores[k] for k in HEADLINE_METRICS if scores.get(k) is not None}
+        for model, scores in metrics["models"].items()
+    }

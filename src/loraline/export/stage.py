@@ -15,7 +15,8 @@ Parity, on a probe set of chat conversations (rendered with the model's chat tem
 fp32 must stay within `tolerance` (else ExportError); int8 numbers are reported only.
 
 The folder is the same bytes for the same merged model, params, code and library versions. `run` also
-writes the run's timing (reports/timing/export@<tenant>.json).
+writes the parity numbers people compare (reports/<tenant>/metrics/export.json, a DVC metric the gate
+reads) and the run's timing (reports/timing/export@<tenant>.json).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from loraline.layout import Layout
 from loraline.export.onnx_export import export_model, quantize_int8
 from loraline.export.runtime import INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
 from loraline.modelling.chat import save_tokenizer
-from loraline.modelling.parity import DEFAULT_PROBES, common_prefix, encode_probe, greedy_generate, summarize
+from loraline.modelling.parity import DEFAULT_PROBES, common_prefix, encode_probe, greedy_generate, headline, summarize
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
 REPORT = "export_report.json"
@@ -221,8 +222,8 @@ def _versions() -> dict[str, Any]:
 
 def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
     """The export stage for one tenant: its merged model to models/onnx/<tenant>, the report also
-    copied to reports/<tenant>/export_report.json for DVC metrics, the run's timing to
-    reports/timing/export@<tenant>.json."""
+    copied to reports/<tenant>/export_report.json, its parity numbers to reports/<tenant>/metrics/export.json
+    and the run's timing to reports/timing/export@<tenant>.json."""
     started = time.perf_counter()
     e = params.export
     result = export_onnx(
@@ -231,5 +232,18 @@ def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
     )
     layout.export_report_path(tenant).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.report_path, layout.export_report_path(tenant))
+    io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
     io.write_json(layout.timing_path("export", tenant), run_facts(started))
     return result
+
+
+def export_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """What people compare across runs (`dvc metrics diff`), and what the gate decides export parity on
+    (`max_abs_logit_diff`, fp32 on the prompt pass): fp32 ONNX vs PyTorch, and int8 when exported."""
+    fp32 = report["fp32"]
+    out: dict[str, Any] = {
+        "passed": bool(report["passed"]), **headline(fp32), "decode_max_abs_logit_diff": fp32["decode_max_abs_logit_diff"],
+    }
+    if report.get("int8"):
+        out["quantized"] = headline(report["int8"])
+    return out

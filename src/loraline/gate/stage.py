@@ -1,5 +1,6 @@
-"""The `gate` stage: decide from the evaluation and the parity reports whether a tenant's candidate
-may be promoted, and write that decision (reports/<tenant>/gate.json)."""
+"""The `gate` stage: decide from the evaluation and the parity metrics whether a tenant's candidate
+may be promoted, and write that decision (reports/<tenant>/gate.json, every rule with its reason)
+and its summary (reports/<tenant>/metrics/gate.json: passed and the failed rules, a DVC metric)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ from loraline.io import write_json
 from loraline.layout import Layout
 
 
+PARITY_SOURCES = ((MERGE_PARITY_KEY, "merge"), (EXPORT_PARITY_KEY, "export"))
+
+
 def read_parity(layout: Layout, tenant: str) -> dict[str, float]:
-    """The parity evidence the gate decides on: merge and fp32-export max logit differences (absent
-    reports are left out, and the gate then fails the rule on missing evidence)."""
+    """The parity evidence the gate decides on: `max_abs_logit_diff` of the merge and export stages'
+    metrics files (merged vs base+adapter, fp32 ONNX vs PyTorch). An absent file or number is left
+    out, and the gate then fails the rule on missing evidence."""
     parity = {}
-    for key, path, (section, name) in (
-        (MERGE_PARITY_KEY, layout.merge_report_path(tenant), ("merged_vs_unmerged", "max_abs_logit_diff")),
-        (EXPORT_PARITY_KEY, layout.export_report_path(tenant), ("fp32", "max_abs_logit_diff")),
-    ):
+    for key, stage in PARITY_SOURCES:
+        path = layout.metrics_path(stage, tenant)
         if path.exists():
-            parity[key] = json.loads(path.read_text())[section][name]
+            value = json.loads(path.read_text()).get("max_abs_logit_diff")
+            if value is not None:
+                parity[key] = value
     return parity
 
 
@@ -31,4 +36,10 @@ def run(params: Params, layout: Layout, tenant: str) -> GateDecision:
         params.gate_for(tenant), metrics["candidate"], metrics["base"], metrics.get("production"), read_parity(layout, tenant)
     )
     write_json(layout.gate_path(tenant), {"tenant": tenant, **to_json(decision)})
+    write_json(layout.metrics_path("gate", tenant), gate_metrics(decision))
     return decision
+
+
+def gate_metrics(decision: GateDecision) -> dict[str, bool | str]:
+    """The verdict as `dvc metrics show` can print it (it leaves lists out): the failed rules as one string."""
+    return {"passed": decision.passed, "failed": ", ".join(decision.failed)}

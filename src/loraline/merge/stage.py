@@ -18,7 +18,8 @@ out_dir (replaced atomically, safe to re-run):
     tokenizer.json, tokenizer_config.json (chat_template inside)
     merge_report.json                                        numbers, tolerance, pass/fail, hashes, code
 
-`run` also writes the run's timing (reports/timing/merge@<tenant>.json).
+`run` also writes the parity numbers people compare (reports/<tenant>/metrics/merge.json, a DVC metric
+the gate reads) and the run's timing (reports/timing/merge@<tenant>.json).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from loraline.modelling.loading import (
     read_base_record,
     resolve_base_model_path,
 )
-from loraline.modelling.parity import DEFAULT_PROBES, ProbeOutputs, compare, encode_probe, run_probes
+from loraline.modelling.parity import DEFAULT_PROBES, ProbeOutputs, compare, encode_probe, headline, run_probes
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
 REPORT = "merge_report.json"
@@ -269,8 +270,8 @@ def _discard(out_dir: Path) -> None:
 
 def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None) -> MergeResult:
     """The merge stage for one tenant: its adapter merged into models/merged/<tenant>, the report
-    also copied to reports/<tenant>/merge_report.json for DVC metrics, the run's timing to
-    reports/timing/merge@<tenant>.json."""
+    also copied to reports/<tenant>/merge_report.json, its parity numbers to
+    reports/<tenant>/metrics/merge.json and the run's timing to reports/timing/merge@<tenant>.json."""
     started = time.perf_counter()
     m = params.merge
     result = merge_adapter(
@@ -280,5 +281,16 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
     )
     layout.merge_report_path(tenant).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.report_path, layout.merge_report_path(tenant))
+    io.write_json(layout.metrics_path("merge", tenant), merge_metrics(result.report))
     io.write_json(layout.timing_path("merge", tenant), run_facts(started))
     return result
+
+
+def merge_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """What people compare across runs (`dvc metrics diff`), and what the gate decides merge parity on:
+    merged vs base+adapter, and (when measured) the gap to the 4-bit model the adapter was trained on."""
+    out: dict[str, Any] = {"passed": bool(report["passed"]), **headline(report["merged_vs_unmerged"])}
+    quantized = report.get("vs_4bit") or {}
+    if "skipped" not in quantized and "max_abs_logit_diff" in quantized:
+        out["quantized"] = headline(quantized)
+    return out

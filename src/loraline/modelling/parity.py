@@ -101,3 +101,9 @@ def summarize(per_probe: list[dict[str, Any]]) -> dict[str, Any]:
         "greedy_agreement": sum(p["greedy_equal"] for p in per_probe) / n,
         "next_token_agreement": sum(p["next_token_equal"] for p in per_probe) / n,
     }
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The parity numbers worth comparing across runs (a stage's metrics file): the worst logit
+    difference and the greedy agreement of a `compare`/`summarize` result."""
+    return {k: summary[k] for k in ("max_abs_logit_diff", "greedy_agreement")}

@@ -189,8 +189,8 @@ def run(
     tokenizer: Any = None, progress: bool = False,
 ) -> PrepareResult:
     """The prepare stage for one tenant: its sources (and synthesized rows, when the synthesize stage
-    wrote any) into data/prepared/<tenant>, rejects into data/rejected/<tenant>.jsonl, the run's timing
-    into reports/timing/."""
+    wrote any) into data/prepared/<tenant>, rejects into data/rejected/<tenant>.jsonl, the counts people
+    compare into reports/<tenant>/metrics/prepare.json, the run's timing into reports/timing/."""
     started = time.perf_counter()
     if tokenizer is None:
         tokenizer = load_base_tokenizer(base_dir or layout.base_dir, params.base)
@@ -205,5 +205,11 @@ def run(
         synthetic_rows=layout.synthetic_rows_path(tenant),  # absent before synthesize has run: no synthetic rows
         progress=progress,
     )
+    write_json(layout.metrics_path("prepare", tenant), prepare_metrics(result.stats))
     write_json(layout.timing_path("prepare", tenant), run_facts(started))
     return result
+
+
+def prepare_metrics(stats: PrepareStats) -> dict[str, Any]:
+    """The counts worth comparing across runs (`dvc metrics diff`); the rest is in prepare_stats.json."""
+    return {**{k: getattr(stats, k) for k in ("rows_in", *OUTCOMES)}, "split": {s: stats.splits.get(s, 0) for s in SPLITS}}

@@ -9,9 +9,9 @@ the folder atomically:
     stats_path               counts (generated = kept + rejected, by reason, by generator, by
                              document), document hashes, params, code fingerprint (a DVC output)
 
-The counts are checked to reconcile before anything is written. `run` also writes the run's facts
-that differ from run to run, such as an endpoint's requests and cache hits
-(reports/timing/synthesize@<tenant>.json).
+The counts are checked to reconcile before anything is written. `run` also writes the counts people
+compare (reports/<tenant>/metrics/synthesize.json, a DVC metric) and the run's facts that differ from
+run to run, such as an endpoint's requests and cache hits (reports/timing/synthesize@<tenant>.json).
 """
 
 from __future__ import annotations
@@ -173,5 +173,11 @@ def run(params: Params, layout: Layout, tenant: str, *, progress: bool = False) 
         layout.synthesize_stats_path(tenant), seed=params.seed, seed_tasks=params.tenant(tenant).seed_tasks,
         cache_dir=layout.synth_cache_dir(tenant), progress=progress,
     )
+    write_json(layout.metrics_path("synthesize", tenant), synthesize_metrics(result))
     write_json(layout.timing_path("synthesize", tenant), run_facts(started, **({"usage": result.usage} if result.usage else {})))
     return result
+
+
+def synthesize_metrics(result: SynthesizeResult) -> dict[str, int]:
+    """The counts worth comparing across runs (`dvc metrics diff`); the rest is in synthesize_stats.json."""
+    return {"generated": result.generated, "kept": result.kept, "rejected": sum(result.rejected.values())}

@@ -271,7 +271,7 @@ def run(
     progress: bool = False,
 ) -> TrainResult:
     """The train stage for one tenant: its adapter into models/adapters/<tenant>, the numbers worth
-    comparing across runs into reports/<tenant>/train_metrics.json, the loss curves into
+    comparing across runs into reports/<tenant>/metrics/train.json, the loss curves into
     reports/<tenant>/train/ and the run's timing into reports/timing/train@<tenant>.json."""
     import shutil
 
@@ -285,7 +285,7 @@ def run(
         checkpoint_dir=layout.checkpoint_dir(tenant) if checkpoints else None,
         progress=progress,
     )
-    io.write_json(layout.train_metrics_path(tenant), train_metrics(result.record))
+    io.write_json(layout.metrics_path("train", tenant), train_metrics(result.record))
     # The curves also live beside the adapter; DVC plots need them outside the adapter folder.
     plots = layout.train_plots_dir(tenant)
     plots.mkdir(parents=True, exist_ok=True)

@@ -272,3 +272,27 @@ def test_a_better_candidate_never_flips_beats_base_to_fail(base_value, cand_valu
     better = decide(gate, {"answer_loss": cand_value - improvement}, {"answer_loss": base_value}, None, PARITY)
     if worse.rule("beats_base").passed:
         assert better.rule("beats_base").passed
+
+
+# --- the stage: reads the metrics files, writes the verdict ----------------------------------------
+
+
+def test_the_stage_reads_parity_from_the_small_merge_and_export_metrics_files(tmp_path):
+    from loraline.config import parse_params
+    from loraline.gate.stage import run
+    from loraline.layout import Layout
+
+    layout, params = Layout(tmp_path), parse_params({"tenants": {"t1": {"raw_dir": "raw"}}})
+    layout.eval_metrics_path("t1").parent.mkdir(parents=True)
+    layout.eval_metrics_path("t1").write_text(json.dumps({"models": {"base": {"answer_loss": 2.0}, "candidate": {"answer_loss": 1.0}}}))
+    layout.metrics_path("merge", "t1").parent.mkdir()
+    layout.metrics_path("merge", "t1").write_text(json.dumps({"passed": True, "max_abs_logit_diff": 1e-6, "greedy_agreement": 1.0}))
+
+    decision = run(params, layout, "t1")  # export parity missing: the gate must not pass on missing evidence
+    assert decision.failed == ["export_parity"] and decision.rule("merge_parity").value == 1e-6
+    assert json.loads(layout.metrics_path("gate", "t1").read_text()) == {"passed": False, "failed": "export_parity"}
+    assert json.loads(layout.gate_path("t1").read_text())["rules"][3]["reason"].startswith("export_max_logit_diff is missing")
+
+    layout.metrics_path("export", "t1").write_text(json.dumps({"passed": True, "max_abs_logit_diff": 2e-6}))
+    assert run(params, layout, "t1").passed
+    assert json.loads(layout.metrics_path("gate", "t1").read_text()) == {"passed": True, "failed": ""}

@@ -85,7 +85,8 @@ def build(root: Path, content: str, gate_passed: bool = True) -> None:
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "eval_metrics.json").write_text(json.dumps({"test_rows": 2, "models": {
         "base": {"answer_loss": 2.0}, "candidate": {"answer_loss": 1.0}}}))
-    (reports / "merge_report.json").write_text(json.dumps({"merged_vs_unmerged": {"max_abs_logit_diff": 0.0}}))
-    (reports / "export_report.json").write_text(json.dumps({"fp32": {"max_abs_logit_diff": 0.0}}))
+    (reports / "metrics").mkdir(exist_ok=True)
+    (reports / "metrics" / "merge.json").write_text(json.dumps({"passed": True, "max_abs_logit_diff": 0.0}))
+    (reports / "metrics" / "export.json").write_text(json.dumps({"passed": True, "max_abs_logit_diff": 0.0}))
     rule = {"name": "beats_base", "passed": gate_passed, "reason": "answer_loss gain 0.5 >= 0.05" if gate_passed else "answer_loss gain 0.01 < 0.05"}
     (reports / "gate.json").write_text(json.dumps({"passed": gate_passed, "failed": [] if gate_passed else ["beats_base"], "rules": [rule]}))
