@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loraline.layout import TIMING_DIR
+
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 # DVC artifact names (<tenant>-adapter, <tenant>-onnx in dvc.yaml) allow only [a-z0-9-/].
 TENANT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
@@ -409,6 +411,8 @@ class TenantParams(_Section):
                 f"tenant name {v!r} must be 1-{TENANT_NAME_MAX} lower-case letters, digits and '-' (not first or last), "
                 f"e.g. acme-shop: it names the DVC artifacts <tenant>-adapter and <tenant>-onnx, which allow only [a-z0-9-]"
             )
+        if v == TIMING_DIR:
+            raise ValueError(f"tenant name {v!r} is reserved: reports/{TIMING_DIR}/ holds every stage's run timing")
         return v
 
 

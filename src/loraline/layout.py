@@ -17,6 +17,9 @@ TENANT_STAGES = tuple(s for s in STAGES if s not in SHARED_STAGES)
 DOCUMENTS_MANIFEST = "documents.json"
 SYNTHETIC_ROWS = "rows.jsonl"
 TRAIN_RECORD = "train_record.json"
+# reports/<tenant>/ holds each tenant's reports; reports/timing/ every stage's run facts, so no tenant
+# may be called that (config.py refuses it).
+TIMING_DIR = "timing"
 
 
 def stage_id(stage: str, tenant: str | None = None) -> str:
@@ -24,6 +27,12 @@ def stage_id(stage: str, tenant: str | None = None) -> str:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
     return stage if stage in SHARED_STAGES or tenant is None else f"{stage}@{tenant}"
+
+
+def split_stage_id(name: str) -> tuple[str, str | None]:
+    """(stage, tenant) of a DVC stage name: `train@acme-shop` -> ("train", "acme-shop"), `base` -> ("base", None)."""
+    stage, sep, tenant = name.partition("@")
+    return stage, tenant if sep else None
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,7 @@ class Layout:
     def timing_dir(self) -> Path:
         """Run facts (wall times, rates, memory peaks, the git commit): not a stage output, so that
         dvc.lock records only what repeats; dvc.yaml lists this folder under its top-level `metrics`."""
-        return self.root / "reports" / "timing"
+        return self.root / "reports" / TIMING_DIR
 
     def timing_path(self, stage: str, tenant: str | None = None) -> Path:
         """reports/timing/<stage id>.json: base.json, train@acme-shop.json."""

@@ -122,3 +122,11 @@ def test_params_are_frozen():
     with pytest.raises(Exception):
         params.seed = 3  # type: ignore[misc]
     assert isinstance(params, Params)
+
+
+def test_a_tenant_cannot_be_named_like_the_timing_reports_folder(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("acme-shop:", "timing:", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="'timing' is reserved"):
+        load_params(path)

@@ -37,19 +37,15 @@ from loraline.layout import Layout
 from loraline.export.onnx_export import export_model, quantize_int8
 from loraline.export.runtime import INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
 from loraline.modelling.chat import save_tokenizer
-from loraline.modelling.parity import DEFAULT_PROBES, common_prefix, encode_probe, greedy_generate, headline, summarize
+from loraline.modelling.parity import DEFAULT_PROBES, ParityError, common_prefix, encode_probe, greedy_generate, headline, summarize
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
 REPORT = "export_report.json"
 DECODE_STEPS = 4
 
 
-class ExportError(ValueError):
+class ExportError(ParityError):
     """The exported graph does not reproduce the PyTorch model (or the input cannot be exported)."""
-
-    def __init__(self, message: str, report: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass(frozen=True)

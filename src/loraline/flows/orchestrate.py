@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraline.layout import split_stage_id
 from loraline.tools import tool, tool_env
 
 __all__ = ["StageFailed", "StagePlan", "StageRun", "StageTimeout", "plan_stages", "push_outputs", "run_stage"]
@@ -81,7 +82,7 @@ def plan_stages(root: str | Path, tenants: Iterable[str]) -> StagePlan:
         order = [s.name for s in nx.lexicographical_topological_sort(graph.reverse(), key=position.__getitem__)]
 
         def owner(name: str) -> str | None:
-            return name.rsplit("@", 1)[1] if "@" in name else None
+            return split_stage_id(name)[1]
 
         unknown = [t for t in tenants if not any(owner(n) == t for n in by_name)]
         if unknown:

@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from loraline.config import OrchestrateParams, load_params
-from loraline.layout import Layout
+from loraline.layout import Layout, split_stage_id
 from loraline.flows.orchestrate import StageRun, plan_stages, push_outputs, run_stage
 from loraline.release import ReleaseResult, release_tenant
 from loraline.summary import collect_summary, gate_markdown, render_markdown
@@ -70,7 +70,7 @@ def publish_reports(project_dir: str, tenant: str) -> None:
 
 def _with_policy(stage: str, orchestrate: OrchestrateParams):
     timeout_s = orchestrate.stage_timeout_minutes * 60 if orchestrate.stage_timeout_minutes else None
-    retries = orchestrate.train_retries if stage.startswith("train@") else 0
+    retries = orchestrate.train_retries if split_stage_id(stage)[0] == "train" else 0
     return dvc_stage.with_options(retries=retries, retry_delay_seconds=orchestrate.retry_delay_seconds), timeout_s
 
 

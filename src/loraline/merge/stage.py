@@ -47,7 +47,7 @@ from loraline.modelling.loading import (
     read_base_record,
     resolve_base_model_path,
 )
-from loraline.modelling.parity import DEFAULT_PROBES, ProbeOutputs, compare, encode_probe, headline, run_probes
+from loraline.modelling.parity import DEFAULT_PROBES, ParityError, ProbeOutputs, compare, encode_probe, headline, run_probes
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
 REPORT = "merge_report.json"
@@ -59,12 +59,8 @@ RELOAD_TOLERANCE = 1e-5
 
 
 
-class MergeError(ValueError):
+class MergeError(ParityError):
     """The merged model does not reproduce base+adapter within tolerance (or the inputs are unusable)."""
-
-    def __init__(self, message: str, report: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,15 @@ DEFAULT_PROBES: list[list[dict[str, str]]] = [
 ]
 
 
+class ParityError(ValueError):
+    """A model does not behave like its reference within tolerance (or the probes are unusable);
+    `report` holds the numbers measured so far, for the caller to show or keep."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.report = report
+
+
 def encode_probe(tok: Any, conversation: list[dict[str, str]], error: type[Exception] = ValueError) -> list[int]:
     """Token ids of `conversation` rendered with the chat template, ready for the assistant's turn."""
     text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)

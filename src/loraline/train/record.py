@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import resource
 import sys
 from pathlib import Path
@@ -12,7 +10,6 @@ from typing import Any
 import torch
 
 from loraline import io
-from loraline.modelling.loading import RECORD as BASE_RECORD
 
 TRAIN_CURVE = "train_loss.csv"
 VAL_CURVE = "val_loss.csv"
@@ -37,17 +34,6 @@ def curves_csv(history: list[dict[str, Any]]) -> tuple[str, str]:
 def write_curves(out_dir: Path, history: list[dict[str, Any]]) -> tuple[Path, Path]:
     train, val = curves_csv(history)
     return io.atomic_write_text(out_dir / TRAIN_CURVE, train), io.atomic_write_text(out_dir / VAL_CURVE, val)
-
-
-def base_model_hash(base_record: dict[str, Any]) -> str:
-    """One hash for the base model: over the recorded file hashes (built or local folder), else the
-    hub id and revision (a hub model the base stage could not hash; pinned only by a commit revision)."""
-    files = {k: v for k, v in (base_record.get("files") or {}).items() if k != BASE_RECORD}
-    if files:
-        payload = json.dumps(files, sort_keys=True)
-    else:
-        payload = f"{base_record.get('model_ref')}@{base_record.get('revision')}"
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
