@@ -14,7 +14,9 @@ SHARED_STAGES = ("base",)
 TENANT_STAGES = tuple(s for s in STAGES if s not in SHARED_STAGES)
 
 # Files inside stage outputs that another stage (or the registry) reads.
+BASE_RECORD = "base_record.json"
 DOCUMENTS_MANIFEST = "documents.json"
+PREPARED_DATASET = "dataset"
 SYNTHETIC_ROWS = "rows.jsonl"
 TRAIN_RECORD = "train_record.json"
 # reports/<tenant>/ holds each tenant's reports; reports/timing/ every stage's run facts, so no tenant
@@ -60,6 +62,9 @@ class Layout:
     def synthetic_dir(self, tenant: str) -> Path:
         return self.root / "data" / "synthetic" / tenant
 
+    def base_record_path(self) -> Path:
+        return self.base_dir / BASE_RECORD
+
     def documents_manifest(self, tenant: str) -> Path:
         return self.documents_dir(tenant) / DOCUMENTS_MANIFEST
 
@@ -78,7 +83,7 @@ class Layout:
 
     def prepared_dataset_dir(self, tenant: str) -> Path:
         """The datasets `save_to_disk` folder (train/validation/test) inside the prepared output."""
-        return self.prepared_dir(tenant) / "dataset"
+        return self.prepared_dir(tenant) / PREPARED_DATASET
 
     def rejected_path(self, tenant: str) -> Path:
         return self.root / "data" / "rejected" / f"{tenant}.jsonl"

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from loraline.config import BaseParams, ConfigError
+from loraline.layout import BASE_RECORD
 
-RECORD = "base_record.json"
+RECORD = BASE_RECORD
 
 
 def read_base_record(base_dir: Path) -> dict[str, Any]:

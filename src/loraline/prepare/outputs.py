@@ -25,6 +25,7 @@ import datasets
 
 from loraline.config import PrepareParams, TenantParams
 from loraline.io import atomic_dir, write_json, write_jsonl
+from loraline.layout import PREPARED_DATASET
 from loraline.prepare.card import raw_file_hashes, render_card
 from loraline.prepare.collected import Collected
 from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
@@ -57,7 +58,7 @@ def write_outputs(
         with atomic_dir(out_dir) as tmp, _quiet_datasets(not progress):
             splits = datasets.DatasetDict({s: _dataset(collected, s) for s in SPLITS})
             # An empty dataset is saved with zero shards by default, which load_from_disk cannot read back.
-            splits.save_to_disk(str(tmp / "dataset"), num_shards={s: _shards(ds) for s, ds in splits.items()})
+            splits.save_to_disk(str(tmp / PREPARED_DATASET), num_shards={s: _shards(ds) for s, ds in splits.items()})
             documents = _dataset(collected, "documents")
             documents.save_to_disk(str(tmp / "documents"), num_shards=_shards(documents))
             write_jsonl(tmp / "duplicates.jsonl", collected.duplicates)
@@ -68,7 +69,7 @@ def write_outputs(
                 raw_files=raw_file_hashes(raw_dir, stats.by_file),
                 synthetic_file=Path(synthetic_rows).name if has_synthetic else None,
                 synthetic_provenance=collected.synthetic_provenance,
-                dataset_hash=hash_tree(tmp / "dataset"),
+                dataset_hash=hash_tree(tmp / PREPARED_DATASET),
                 code=code_fingerprint(ENTRY),
                 seed=seed,
             )

@@ -25,7 +25,7 @@ from typing import Any
 
 from loraline.config import Params, PrepareParams, TenantParams
 from loraline.io import write_json
-from loraline.layout import Layout
+from loraline.layout import PREPARED_DATASET, Layout
 from loraline.modelling.loading import load_base_tokenizer
 from loraline.prepare.collected import Collected
 from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
@@ -112,7 +112,7 @@ def prepare_tenant(
     return PrepareResult(
         stats=stats,
         out_dir=out_dir,
-        dataset_dir=out_dir / "dataset",
+        dataset_dir=out_dir / PREPARED_DATASET,
         documents_dir=out_dir / "documents",
         duplicates_path=out_dir / "duplicates.jsonl",
         rejected_path=rejected_path,

@@ -29,14 +29,14 @@ from tqdm.auto import tqdm
 
 from loraline.config import Params, SeedTask, SynthesizeParams
 from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
-from loraline.layout import Layout
+from loraline.layout import SYNTHETIC_ROWS, Layout
 from loraline.io import atomic_dir, write_json, write_jsonl
 from loraline.provenance import code_fingerprint, run_facts, sha256_bytes
 from loraline.synthesize.base import Generated, Generator, SynthesizeError, make_generator
 from loraline.synthesize.filters import REASONS, FilterChain
 from loraline.synthesize.passages import Document, make_document
 
-ROWS = "rows.jsonl"
+ROWS = SYNTHETIC_ROWS
 REJECTED = "rejected.jsonl"
 
 

@@ -32,7 +32,7 @@ import torch
 from loraline import io
 from loraline.modelling.loading import load_base_tokenizer, read_base_record
 from loraline.config import BaseParams, Params, TrainParams
-from loraline.layout import Layout
+from loraline.layout import TRAIN_RECORD, Layout
 from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_facts, sha256_file
 from loraline.train import checkpoint
 from loraline.train.data import check_splits, load_splits
@@ -46,7 +46,7 @@ from loraline.train.speed import fused_head
 from loraline.train.record import TRAIN_CURVE, VAL_CURVE, device_name, final_train_loss, peak_memory, write_curves
 from loraline.modelling.loading import base_model_hash
 
-RECORD = "train_record.json"
+RECORD = TRAIN_RECORD
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 log = logging.getLogger(__name__)
 
