@@ -86,7 +86,7 @@ def collect_summary(params: Params, layout: Layout | None = None, tenants: list[
             release=_read(layout.release_path(name)),
             paths={k: str(v) for k, v in paths.items() if v.exists()},
         ))
-    return RunSummary(base=_read(layout.base_record_path), tenants=out)
+    return RunSummary(base=_read(layout.base_record_path()), tenants=out)
 
 
 def _fmt(value: Any) -> str:
