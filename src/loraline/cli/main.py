@@ -131,7 +131,7 @@ def _one_tenant_for_out(args: argparse.Namespace, names: list[str]) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from loraline.prepare.inspection import default_cleaner, inspect_path, report_text
+    from loraline.inspection import default_cleaner, inspect_path, report_text
 
     path = Path(args.path)
     if not path.exists():

@@ -11,7 +11,7 @@ from prepare_helpers import write_jsonl
 
 from loraline.cli import main
 from loraline.config import SourceParams, TenantParams
-from loraline.prepare.inspection import default_cleaner, inspect_path, report_text
+from loraline.inspection import default_cleaner, inspect_path, report_text
 
 GSM = [{"question": f"Natalia sold clips to {n} friends, then half as many more. How many in all?",
         "answer": f"{n} / 2 = {n // 2}\n{n} + {n // 2} = {n + n // 2}\n#### {n + n // 2}"} for n in range(10, 40, 2)]
