@@ -371,6 +371,12 @@ class GateParams(_Section):
 
     primary_metric: str = "answer_loss"
     min_gain_over_base: float = Field(0.05, description="Relative improvement over the base on the primary metric")
+    secondary_metric: str | None = Field(
+        None,
+        description="A second metric the candidate must also improve on over the base, e.g. answer_loss when "
+        "the primary is a task metric such as json_field_accuracy (null: no second rule)",
+    )
+    min_secondary_gain: float = Field(0.05, description="Relative improvement over the base on the secondary metric")
     max_regression_vs_prod: float = Field(0.02, ge=0, description="Largest tolerated relative regression vs production")
     max_merge_logit_diff: float = Field(1e-3, gt=0)
     max_export_logit_diff: float = Field(1e-3, gt=0)

@@ -1,6 +1,6 @@
 """The promotion gate as a pure function of metrics: `decide` -> `GateDecision`, `to_json` for gate.json.
 
-Four rules, always evaluated and reported in this order (the decision passes only when all pass):
+Five rules, always evaluated and reported in this order (the decision passes only when all pass):
 
 ``beats_base``
     The candidate improves on the base model on ``gate.primary_metric`` by at least
@@ -11,6 +11,10 @@ Four rules, always evaluated and reported in this order (the decision passes onl
     infinite gain), so the denominator becomes 1 and the gain is the absolute difference.
     A gain equal to the threshold passes (``>=``, with a 1e-9 relative float tolerance so that
     ``(2.0 - 1.9) / 2.0`` counts as 0.05).
+``beats_base_secondary``
+    The same test on ``gate.secondary_metric`` with ``gate.min_secondary_gain``, so that a task
+    metric (exact match, JSON field accuracy) can decide while the answer loss must still fall.
+    Passes with reason "no secondary metric" when ``secondary_metric`` is null.
 ``no_regression_vs_prod``
     For every metric present in both the candidate and the current production version, the relative
     regression (the negative of the gain above, candidate vs production) is at most
@@ -56,7 +60,7 @@ EPS = 1e-12
 REL_TOL = 1e-9
 MERGE_PARITY_KEY = "merge_max_logit_diff"
 EXPORT_PARITY_KEY = "export_max_logit_diff"
-RULES = ("beats_base", "no_regression_vs_prod", "merge_parity", "export_parity")
+RULES = ("beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity", "export_parity")
 
 
 @dataclass(frozen=True)
@@ -120,14 +124,18 @@ def _direction(lower: bool) -> str:
     return "lower is better" if lower else "higher is better"
 
 
-def _beats_base(gate: GateParams, candidate: Mapping[str, Any], base: Mapping[str, Any], lower_set: Set[str]) -> RuleResult:
-    name, metric, threshold = "beats_base", gate.primary_metric, gate.min_gain_over_base
+def _beats_base(
+    name: str, metric: str | None, threshold: float, candidate: Mapping[str, Any], base: Mapping[str, Any], lower_set: Set[str]
+) -> RuleResult:
+    role = "primary" if name == "beats_base" else "secondary"
+    if metric is None:
+        return RuleResult(name, True, None, threshold, f"no {role} metric")
     if metric not in candidate or metric not in base:
         where = " and ".join(w for w, m in (("candidate", candidate), ("base", base)) if metric not in m)
         available = sorted(set(candidate) | set(base))
         return RuleResult(
             name, False, None, threshold,
-            f"primary metric {metric!r} is missing from the {where} metrics; available: {', '.join(available) or 'none'}",
+            f"{role} metric {metric!r} is missing from the {where} metrics; available: {', '.join(available) or 'none'}",
         )
     cand, cwhy = _number(candidate, metric)
     ref, bwhy = _number(base, metric)
@@ -197,9 +205,12 @@ def decide(
     parity: Mapping[str, float] | None = None,
     lower_is_better: Set[str] = DEFAULT_LOWER_IS_BETTER,
 ) -> GateDecision:
-    """Apply the four rules (see the module docstring); pure: no I/O, inputs are not modified."""
+    """Apply the five rules (see the module docstring); pure: no I/O, inputs are not modified."""
     rules = [
-        _beats_base(gate, candidate, base, lower_is_better),
+        _beats_base("beats_base", gate.primary_metric, gate.min_gain_over_base, candidate, base, lower_is_better),
+        _beats_base(
+            "beats_base_secondary", gate.secondary_metric, gate.min_secondary_gain, candidate, base, lower_is_better
+        ),
         _no_regression(gate, candidate, production, lower_is_better),
         _parity("merge_parity", MERGE_PARITY_KEY, gate.max_merge_logit_diff, parity),
         _parity("export_parity", EXPORT_PARITY_KEY, gate.max_export_logit_diff, parity),

@@ -291,8 +291,30 @@ def test_the_stage_reads_parity_from_the_small_merge_and_export_metrics_files(tm
     decision = run(params, layout, "t1")  # export parity missing: the gate must not pass on missing evidence
     assert decision.failed == ["export_parity"] and decision.rule("merge_parity").value == 1e-6
     assert json.loads(layout.metrics_path("gate", "t1").read_text()) == {"passed": False, "failed": "export_parity"}
-    assert json.loads(layout.gate_path("t1").read_text())["rules"][3]["reason"].startswith("export_max_logit_diff is missing")
+    assert json.loads(layout.gate_path("t1").read_text())["rules"][4]["reason"].startswith("export_max_logit_diff is missing")
 
     layout.metrics_path("export", "t1").write_text(json.dumps({"passed": True, "max_abs_logit_diff": 2e-6}))
     assert run(params, layout, "t1").passed
     assert json.loads(layout.metrics_path("gate", "t1").read_text()) == {"passed": True, "failed": ""}
+
+
+def test_secondary_rule_off_by_default_passes_with_reason() -> None:
+    r = _decide().rule("beats_base_secondary")
+    assert r.passed and r.reason == "no secondary metric" and r.value is None
+
+
+def test_task_metric_decides_and_answer_loss_must_still_fall() -> None:
+    gate = GATE.model_copy(update={"primary_metric": "json_field_accuracy", "min_gain_over_base": 0.5,
+                                   "secondary_metric": "answer_loss", "min_secondary_gain": 0.05})
+    base = {"json_field_accuracy": 0.0, "answer_loss": 4.0}
+    # Format learnt, content guessed: the loss falls a lot, the task metric does not reach the bar.
+    guessing = _decide(candidate={"json_field_accuracy": 0.25, "answer_loss": 0.5}, base=base, gate=gate)
+    assert guessing.failed == ["beats_base"]
+    assert guessing.rule("beats_base").reason.startswith("json_field_accuracy (higher is better)")
+    # A task metric gained while the loss got worse (e.g. a collapsed distribution) fails the second rule.
+    overconfident = _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 4.1}, base=base, gate=gate)
+    assert overconfident.failed == ["beats_base_secondary"]
+    assert overconfident.rule("beats_base_secondary").reason.startswith("answer_loss (lower is better)")
+    assert _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 0.4}, base=base, gate=gate).passed
+    missing = _decide(candidate={"json_field_accuracy": 0.9}, base=base, gate=gate).rule("beats_base_secondary")
+    assert not missing.passed and "secondary metric 'answer_loss' is missing from the candidate" in missing.reason
