@@ -47,16 +47,44 @@ class BuildParams(_Section):
     tie_word_embeddings: bool = True
     seq_len: int = Field(256, ge=16, description="Pretraining sequence length (tokens)")
     batch_size: int = Field(16, ge=1, description="Pretraining sequences per step")
-    max_steps: int = Field(400, ge=1, description="Pretraining optimizer steps: the budget (deterministic, unlike a time limit)")
-    learning_rate: float = Field(3e-3, gt=0, lt=1)
-    warmup_steps: int = Field(30, ge=0)
+    max_steps: int = Field(500, ge=1, description="Pretraining optimizer steps: the budget (deterministic, unlike a time limit)")
+    learning_rate: float = Field(5e-4, gt=0, lt=1)
+    warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     num_threads: int | None = Field(
         2, ge=1, description="torch CPU threads; fixed so that file hashes repeat across machines (null: torch's default)"
     )
     stdlib_docstrings: bool = Field(True, description="Add the Python standard library's docstrings to the corpus")
-    max_stdlib_chars: int = Field(400_000, ge=0, description="Cap on stdlib docstring text in the corpus")
-    exercises: int = Field(4000, ge=0, description="Generic chat-formatted exercises (copying, key-value to JSON, labelling) in the corpus")
+    max_stdlib_chars: int = Field(150_000, ge=0, description="Cap on stdlib docstring text in the corpus")
+    exercises: int = Field(8000, ge=0, description="Generic chat-formatted exercises (copying, key-value to JSON, labelling) in the corpus")
+    copy_drill_steps: int = Field(
+        200, ge=0,
+        description="First pretraining steps on copy drills only (digit strings repeated from the prompt): they form "
+        "the copying circuit that extraction needs, which a small model does not form from the mixed corpus within "
+        "a short budget (README: what the default model can and cannot do)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to pretrain; auto: CUDA when present")
+    on_cuda: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of this section that change when the base is built on CUDA, e.g. a larger shape for the "
+        "same budget in steps: {hidden_size: 512, intermediate_size: 1536, num_layers: 8, num_heads: 8}",
+    )
+
+    def for_device(self, device: str) -> BuildParams:
+        """These params as used on `device`: `on_cuda` applied on CUDA, validated like the section."""
+        if device != "cuda" or not self.on_cuda:
+            return self
+        return BuildParams(**{**self.model_dump(exclude={"on_cuda"}), **self.on_cuda})
+
+    @model_validator(mode="after")
+    def _on_cuda_keys(self) -> BuildParams:
+        unknown = sorted(set(self.on_cuda) - (set(type(self).model_fields) - {"on_cuda", "device"}))
+        if unknown:
+            allowed = ", ".join(sorted(set(type(self).model_fields) - {"on_cuda", "device"}))
+            raise ValueError(f"on_cuda: unknown key(s) {', '.join(unknown)}; allowed: {allowed}")
+        if self.on_cuda:
+            self.for_device("cuda")  # the CUDA shape must be valid too, and fail now rather than on the GPU
+        return self
 
     @model_validator(mode="after")
     def _heads_divide(self) -> BuildParams:

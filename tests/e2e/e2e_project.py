@@ -26,6 +26,7 @@ TINY_BUILD = {
     "warmup_steps": 2,
     "max_stdlib_chars": 20000,
     "exercises": 40,
+    "copy_drill_steps": 2,
 }
 PER_TENANT = ("documents", "synthesize", "prepare", "train", "merge", "export", "evaluate", "gate")
 # Appending instruction rows changes no document, so synthesize (it reads the documents only) is skipped.
@@ -80,6 +81,8 @@ def make_tiny_project(dest: Path) -> Path:
     params["train"].update(TINY_TRAIN)
     # six tiny training steps improve answer loss by about 1%: enough to promote, far from the default 5%
     params["gate"]["min_gain_over_base"] = 0.001
+    for tenant in params["tenants"].values():
+        tenant.pop("gate", None)  # the sample tenants' task-metric bars are for the default model, not a toy
     params["evaluate"].update({"max_examples": 6, "max_new_tokens": 12, "examples_in_report": 2})
     params["export"].update({"max_new_tokens": 8})
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -20,7 +20,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraline.base.exercises import make_exercises
+from loraline.base.exercises import make_copy_drills, make_exercises
 from loraline.modelling.chat import render_chat
 
 DOCUMENT_SUFFIXES = (".txt", ".md")
@@ -38,9 +38,15 @@ class Corpus:
     stdlib: list[str] = field(default_factory=list)
     exercises: list[str] = field(default_factory=list)
     answer_starts: list[int] = field(default_factory=list)  # per exercise: character where the answer begins
+    drills: list[str] = field(default_factory=list)  # copy drills for the first steps (BuildParams.copy_drill_steps)
+    drill_answer_starts: list[int] = field(default_factory=list)
 
     def sources(self) -> dict[str, list[str]]:
-        return {"documents": self.documents, "stdlib": self.stdlib, "exercises": self.exercises}
+        return {"documents": self.documents, "stdlib": self.stdlib, "exercises": self.exercises, "drills": self.drills}
+
+    def answer_starts_of(self, source: str) -> list[int] | None:
+        """Where each text's answer begins, for the sources that take loss on answers only."""
+        return {"exercises": self.answer_starts, "drills": self.drill_answer_starts}.get(source)
 
     def sha256(self) -> str:
         """One hash over every text, source by source: equal corpus <=> equal hash."""
@@ -111,19 +117,29 @@ def stdlib_docstrings(max_chars: int, stdlib_dir: Path | None = None) -> list[st
     return out
 
 
-def build_corpus(raw_dirs: list[Path], *, stdlib: bool, max_stdlib_chars: int, exercises: int, seed: int) -> Corpus:
-    """Collect the three sources."""
-    docs, names = read_documents(raw_dirs)
+def _render(exercises: list[tuple[str, list[dict[str, str]]]]) -> tuple[list[str], list[int]]:
     texts, starts = [], []
-    for _, messages in make_exercises(exercises, seed):
+    for _, messages in exercises:
         texts.append(render_chat(messages))
         starts.append(len(render_chat(messages[:-1], add_generation_prompt=True)))
+    return texts, starts
+
+
+def build_corpus(
+    raw_dirs: list[Path], *, stdlib: bool, max_stdlib_chars: int, exercises: int, seed: int, drills: int = 0
+) -> Corpus:
+    """Collect the three sources, and `drills` copy drills for the first steps."""
+    docs, names = read_documents(raw_dirs)
+    texts, starts = _render(make_exercises(exercises, seed))
+    drill_texts, drill_starts = _render(make_copy_drills(drills, seed))
     return Corpus(
         documents=docs,
         document_files=names,
         stdlib=stdlib_docstrings(max_stdlib_chars) if stdlib else [],
         exercises=texts,
         answer_starts=starts,
+        drills=drill_texts,
+        drill_answer_starts=drill_starts,
     )
 
 

@@ -176,7 +176,7 @@ def _yes_no(rng: random.Random) -> tuple[str, str]:
         target = word(rng)
         present = rng.random() < 0.5
         text = sentence(rng, include=[target] if present else [])
-        present = target in text.lower().replace(".", " ").replace("!", " ").replace("?", " ").split()
+        present = target in _words(text)
         ask = rng.choice(
             (
                 f"Does the text mention {target}? Answer yes or no.\nText: {text}",
@@ -190,13 +190,97 @@ def _yes_no(rng: random.Random) -> tuple[str, str]:
     return f"Is {a} larger than {b}? Answer yes or no.", "yes" if a > b else "no"
 
 
+def _digits(rng: random.Random) -> str:
+    return str(rng.randint(10 ** (n := rng.randint(3, 8)) // 10, 10**n - 1))
+
+
+def _copy_sequence(rng: random.Random) -> tuple[str, str]:
+    """Repeat a run of digits, codes and words exactly: every answer token is a copy from the prompt.
+
+    The densest form of the copying skill (a previous-token head feeding an induction head), which a
+    small model otherwise learns late; digit strings dominate because ids and numbers are what real
+    extraction tasks copy.
+    """
+    items = [_digits(rng) if rng.random() < 0.5 else code_value(rng) if rng.random() < 0.5 else word(rng)
+             for _ in range(rng.randint(1, 6))]
+    value = rng.choice((" ", ", ", " / ")).join(items)
+    ask = rng.choice(
+        (
+            f"Repeat exactly: {value}",
+            f"{passage(rng, 2)}\n\nCopy this line exactly:\n{value}",
+            f"Copy the reference {value} from this note. {passage(rng, 2)}",
+        )
+    )
+    return ask, value
+
+
+def _copy_number(rng: random.Random) -> tuple[str, str]:
+    """Repeat a digit string: the simplest copy, on which a small model forms its copying circuit first."""
+    value = _digits(rng)
+    return rng.choice((f"Repeat exactly: {value}", f"{value}\n\nRepeat the number above.", f"Number: {value}")), value
+
+
+_MARKERS = ("{k} {v}", "{k} #{v}", "#{v}", "{k} no. {v}", "({k} {v})", "{k}: {v}", "{k} number {v}", "ref {v}")
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().replace(".", " ").replace("!", " ").replace("?", " ").split()
+
+
+def _message_record(rng: random.Random) -> tuple[str, str]:
+    """A message of distractor sentences holding an id, a cue word and maybe a flag phrase -> a JSON
+    record that copies the id, labels the cue by rules given in the prompt, and sets the flag.
+
+    The shape of most extraction work (tickets, emails, forms), with random keys, labels and
+    vocabulary: the adapter still learns a tenant's own keys, labels and cues.
+    """
+    id_key, label_key, flag_key = (key_name(rng) for _ in range(3))
+    number = _digits(rng)
+    labels = list(dict.fromkeys(pseudo_word(rng) for _ in range(rng.randint(2, 6))))
+    key_words = set(_words(f"{id_key} {label_key} {flag_key}".replace("_", " ")))
+    cues = [c for c in dict.fromkeys(word(rng) for _ in range(len(labels) * 3)) if c not in key_words][: len(labels)]
+    labels = labels[: len(cues)]
+    i = rng.randrange(len(labels))
+    flag_cue = pseudo_word(rng)
+    flag = rng.random() < 0.4
+    marker = rng.choice(_MARKERS).format(k=id_key.replace("_", " "), v=number)
+    # Distractor sentences never mention another rule's cue or the flag cue: the answer is unambiguous.
+    banned = ({c for c in cues if c != cues[i]} | {flag_cue}) - key_words
+
+    def clean(include: list[str]) -> str:
+        while True:
+            text = sentence(rng, include=include)
+            if not banned & (set(_words(text)) - {w for inc in include for w in _words(inc)}):
+                return text
+
+    body = [clean([]) for _ in range(rng.randint(1, 4))]
+    body.insert(rng.randint(0, len(body)), clean([marker]))
+    body.insert(rng.randint(0, len(body)), clean([cues[i]]))
+    if flag:
+        body.insert(rng.randint(0, len(body)), clean([flag_cue]))
+    greeting = rng.choice(("", "Hello,\n\n", "Hi there,\n\n", f"Subject: {word(rng)} {word(rng)}\n\n"))
+    message = greeting + " ".join(body) + rng.choice(("", f"\n\n{pseudo_word(rng).title()}"))
+    rules = "\n".join(f"- mentions {c}: {lab}" for c, lab in zip(cues, labels, strict=True))
+    ask = (
+        f"Extract a JSON object with the keys {id_key}, {label_key}, {flag_key}.\n"
+        f"{label_key} by these rules:\n{rules}\n{flag_key} is true if the message mentions {flag_cue}.\n\n{message}"
+    )
+    return ask, json.dumps({id_key: number, label_key: labels[i], flag_key: flag})
+
+
+# kind -> (maker, weight): copying carries the most weight because it is the skill a small model
+# learns slowest and extraction tasks need most.
 KINDS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "copy_number": _copy_number,
     "copy_span": _copy_span,
+    "copy_sequence": _copy_sequence,
+    "message_record": _message_record,
     "kv_to_json": _kv_to_json,
     "prose_to_json": _prose_to_json,
     "pick_label": _pick_label,
     "yes_no": _yes_no,
 }
+WEIGHTS = {"copy_number": 2, "copy_span": 2, "copy_sequence": 3, "message_record": 3, "kv_to_json": 1, "prose_to_json": 2, "pick_label": 1, "yes_no": 1}
 
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -206,9 +290,9 @@ SYSTEM_PROMPTS = (
 
 
 def make_exercises(n: int, seed: int) -> list[tuple[str, list[dict[str, str]]]]:
-    """`n` (kind, messages) pairs, the kinds in equal rotation; a system turn on about a third."""
+    """`n` (kind, messages) pairs, the kinds in a fixed weighted rotation; a system turn on about a third."""
     rng = random.Random(f"loraline-exercises-{seed}")
-    kinds = list(KINDS)
+    kinds = [k for k in KINDS for _ in range(WEIGHTS[k])]
     out = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
@@ -217,4 +301,14 @@ def make_exercises(n: int, seed: int) -> list[tuple[str, list[dict[str, str]]]]:
         if rng.random() < 1 / 3:
             messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
         out.append((kind, messages))
+    return out
+
+
+def make_copy_drills(n: int, seed: int) -> list[tuple[str, list[dict[str, str]]]]:
+    """`n` copy_number exercises from their own stream (the mixed exercises do not change with `n`)."""
+    rng = random.Random(f"loraline-copy-drills-{seed}")
+    out = []
+    for _ in range(n):
+        user, answer = _copy_number(rng)
+        out.append(("copy_number", [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]))
     return out

@@ -56,39 +56,43 @@ def make_model(p: BuildParams, tokenizer: PreTrainedTokenizerFast, seed: int) ->
     return model
 
 
-def tokenize_corpus(tokenizer: PreTrainedTokenizerFast, corpus: Corpus) -> tuple[list[list[int]], list[list[int]], dict]:
-    """Token ids and labels of every text, and tokens per source.
+TokenLists = tuple[list[list[int]], list[list[int]]]
 
-    Labels equal the ids (loss on every token) except in exercises, where everything before the
-    answer is IGNORE_INDEX: their prompts are random words, and the skill to learn is the answer. Without
-    this, answers are a few percent of the loss and a small model never learns to copy.
+
+def tokenize_corpus(tokenizer: PreTrainedTokenizerFast, corpus: Corpus) -> tuple[dict[str, TokenLists], dict]:
+    """Token ids and labels of every text by source, and tokens per source.
+
+    Labels equal the ids (loss on every token) except in exercises and drills, where everything
+    before the answer is IGNORE_INDEX: their prompts are random words, and the skill to learn is the
+    answer. Without this, answers are a few percent of the loss and a small model never learns to copy.
     """
-    ids_all: list[list[int]] = []
-    labels_all: list[list[int]] = []
+    by_source: dict[str, TokenLists] = {}
     composition: dict[str, dict[str, int]] = {}
     for name, texts in corpus.sources().items():
         if not texts:
+            by_source[name] = ([], [])
             composition[name] = {"texts": 0, "chars": 0, "tokens": 0, "loss_tokens": 0}
             continue
+        starts = corpus.answer_starts_of(name)
         # split_special_tokens=False (the default) turns '<|im_start|>' in exercises into its one id.
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=name == "exercises")
-        loss_tokens = 0
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=starts is not None)
+        ids_all, labels_all, loss_tokens = [], [], 0
         for i, ids in enumerate(enc["input_ids"]):
-            if name == "exercises":
-                start = corpus.answer_starts[i]
-                labels = [t if s >= start else IGNORE_INDEX for t, (s, _) in zip(ids, enc["offset_mapping"][i], strict=True)]
+            if starts is not None:
+                labels = [t if s >= starts[i] else IGNORE_INDEX for t, (s, _) in zip(ids, enc["offset_mapping"][i], strict=True)]
             else:
                 labels = list(ids)
             loss_tokens += sum(x != IGNORE_INDEX for x in labels)
             ids_all.append(ids)
             labels_all.append(labels)
+        by_source[name] = (ids_all, labels_all)
         composition[name] = {
             "texts": len(texts),
             "chars": sum(map(len, texts)),
             "tokens": sum(map(len, enc["input_ids"])),
             "loss_tokens": loss_tokens,
         }
-    return ids_all, labels_all, composition
+    return by_source, composition
 
 
 def pack(
@@ -96,8 +100,8 @@ def pack(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle the texts (seeded per epoch), join them with the separator, cut into seq_len rows.
 
-    Returns (input_ids, labels). The tail shorter than seq_len is dropped; with a new shuffle each
-    epoch a different tail is lost.
+    Returns (input_ids, labels). The tail shorter than seq_len is dropped (with a new shuffle each
+    epoch a different tail is lost), and so are rows without a single token to take loss on.
     """
     order = list(range(len(token_lists)))
     random.Random(f"{seed}-{epoch}").shuffle(order)
@@ -111,7 +115,10 @@ def pack(
     n = len(flat) // seq_len
     ids = torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
     labels = torch.tensor(flat_labels[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    return ids, labels
+    # A row that is all exercise prompt has nothing to learn from; a batch of such rows would give
+    # a NaN loss (a mean over zero tokens) and poison the weights.
+    keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=1)
+    return ids[keep], labels[keep]
 
 
 def lr_at(step: int, p: BuildParams) -> float:
@@ -126,21 +133,50 @@ def lr_at(step: int, p: BuildParams) -> float:
 class PretrainResult:
     losses: list[float] = field(default_factory=list)
     tokens_seen: int = 0
-    epochs: float = 0.0
+    epochs: float = 0.0  # of the main corpus
+    drill_steps: int = 0
     wall_s: float = 0.0
+
+
+class _Batches:
+    """Endless batches of packed rows from one set of texts: a fresh shuffle and packing each epoch."""
+
+    def __init__(self, lists: TokenLists, separator: int, seq_len: int, seed: str) -> None:
+        self.lists, self.separator, self.seq_len, self.seed = lists, separator, seq_len, seed
+        self.epoch, self.cursor = 0, 0
+        self.rows, self.labels = pack(*lists, separator, seq_len, seed, 0)
+        if len(self.rows) == 0:
+            raise ValueError(f"the pretraining corpus is shorter than one sequence of seq_len={seq_len} tokens")
+
+    def next(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, batch_labels = [], []
+        while len(batch) < size:
+            if self.cursor == len(self.rows):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.rows, self.labels = pack(*self.lists, self.separator, self.seq_len, self.seed, self.epoch)
+            take = min(size - len(batch), len(self.rows) - self.cursor)
+            batch.extend(self.rows[self.cursor : self.cursor + take])
+            batch_labels.extend(self.labels[self.cursor : self.cursor + take])
+            self.cursor += take
+        return torch.stack(batch), torch.stack(batch_labels)
+
+    @property
+    def epochs(self) -> float:
+        return self.epoch + self.cursor / max(1, len(self.rows))
 
 
 def pretrain(
     model: LlamaForCausalLM,
-    token_lists: list[list[int]],
-    label_lists: list[list[int]],
+    corpus: TokenLists,
     separator: int,
     p: BuildParams,
     seed: int,
     progress: bool = False,
+    drills: TokenLists | None = None,
 ) -> PretrainResult:
-    """Train `model` in place for exactly p.max_steps steps of p.batch_size packed sequences."""
-    if not token_lists:
+    """Train `model` in place for exactly p.max_steps steps of p.batch_size packed sequences: the
+    first p.copy_drill_steps on `drills`, the rest on `corpus`."""
+    if not corpus[0]:
         raise ValueError("the pretraining corpus is empty: add documents, stdlib docstrings or exercises")
     # Weight decay on matrices only: decaying norms' gains and embeddings hurts small models.
     decay = [t for n, t in model.named_parameters() if t.ndim >= 2 and "embed" not in n]
@@ -152,10 +188,9 @@ def pretrain(
         eps=1e-8,
     )
     result = PretrainResult()
-    epoch, cursor = 0, 0
-    rows, row_labels = pack(token_lists, label_lists, separator, p.seq_len, seed, epoch)
-    if len(rows) == 0:
-        raise ValueError(f"the pretraining corpus is shorter than one sequence of seq_len={p.seq_len} tokens")
+    main = _Batches(corpus, separator, p.seq_len, str(seed))
+    drill_steps = min(p.copy_drill_steps, p.max_steps) if drills and drills[0] else 0
+    drill = _Batches(drills, separator, p.seq_len, f"{seed}-drills") if drill_steps else None
     bar = None
     if progress:
         from tqdm import tqdm
@@ -164,17 +199,10 @@ def pretrain(
     start = time.perf_counter()
     model.train()
     for step in range(p.max_steps):
-        batch, batch_labels = [], []
-        while len(batch) < p.batch_size:
-            if cursor == len(rows):  # next epoch: a fresh shuffle and packing
-                epoch, cursor = epoch + 1, 0
-                rows, row_labels = pack(token_lists, label_lists, separator, p.seq_len, seed, epoch)
-            take = min(p.batch_size - len(batch), len(rows) - cursor)
-            batch.extend(rows[cursor : cursor + take])
-            batch_labels.extend(row_labels[cursor : cursor + take])
-            cursor += take
-        input_ids = torch.stack(batch).to(model.device)  # CPU here; a caller may have moved the model
-        labels = torch.stack(batch_labels).to(model.device)
+        source = drill if drill is not None and step < drill_steps else main
+        ids, labels = source.next(p.batch_size)
+        input_ids = ids.to(model.device)  # CPU here; a caller may have moved the model
+        labels = labels.to(model.device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, p)
         loss = model(input_ids=input_ids, labels=labels).loss
@@ -190,7 +218,8 @@ def pretrain(
     if bar is not None:
         bar.close()
     model.eval()
-    result.epochs = epoch + cursor / max(1, len(rows))
+    result.epochs = main.epochs
+    result.drill_steps = drill_steps
     result.wall_s = time.perf_counter() - start
     return result
 

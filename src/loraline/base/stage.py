@@ -28,7 +28,7 @@ from loraline import io
 from loraline.base.corpus import build_corpus, python_version
 from loraline.base.pretrain import make_model, pretrain, special_ids, tokenize_corpus
 from loraline.base.tokenizer import train_tokenizer
-from loraline.config import BaseParams, ConfigError, Params
+from loraline.config import BaseParams, BuildParams, ConfigError, Params
 from loraline.layout import Layout
 from loraline.modelling.chat import CHAT_TEMPLATE, DOC_SEPARATOR, save_tokenizer
 from loraline.modelling.loading import RECORD, chat_template
@@ -60,19 +60,34 @@ def build_base(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
 # --- built -------------------------------------------------------------------------------------
 
 
+def build_device(p: BuildParams) -> torch.device:
+    """Where the base is pretrained: CUDA when present (device auto) or asked for."""
+    if p.device == "cuda" or (p.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("base.build.device is cuda but torch sees no CUDA device")
+        # cuBLAS needs this for deterministic algorithms; it must be set before the first cuBLAS call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path, progress: bool) -> BaseResult:
-    p = params.build
+    device = build_device(params.build)
+    p = params.build.for_device(device.type)
     corpus = build_corpus(
-        raw_dirs, stdlib=p.stdlib_docstrings, max_stdlib_chars=p.max_stdlib_chars, exercises=p.exercises, seed=seed
+        raw_dirs, stdlib=p.stdlib_docstrings, max_stdlib_chars=p.max_stdlib_chars, exercises=p.exercises, seed=seed,
+        drills=drill_count(p),
     )
-    all_texts = [t for texts in corpus.sources().values() for t in texts]
+    all_texts = [t for name, texts in corpus.sources().items() if name != "drills" for t in texts]
     if not all_texts:
         raise ValueError(
             "nothing to pretrain the base model on: no .txt/.md documents under the tenants' raw folders, "
             "base.build.stdlib_docstrings is false and base.build.exercises is 0"
         )
     tokenizer = train_tokenizer(all_texts, p.vocab_size)
-    token_lists, label_lists, composition = tokenize_corpus(tokenizer, corpus)
+    by_source, composition = tokenize_corpus(tokenizer, corpus)
+    mixed = ("documents", "stdlib", "exercises")
+    main = ([x for name in mixed for x in by_source[name][0]], [x for name in mixed for x in by_source[name][1]])
     separator = tokenizer.convert_tokens_to_ids(DOC_SEPARATOR)
 
     prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -80,12 +95,13 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
         if p.num_threads:
             torch.set_num_threads(p.num_threads)
         torch.use_deterministic_algorithms(True)
-        model = make_model(p, tokenizer, seed)
-        result = pretrain(model, token_lists, label_lists, separator, p, seed, progress=progress)
+        model = make_model(p, tokenizer, seed).to(device)
+        result = pretrain(model, main, separator, p, seed, progress=progress, drills=by_source["drills"])
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
 
+    model = model.to("cpu")
     n_params = sum(t.numel() for t in model.parameters())
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; the published folder should be readable like any other
@@ -99,6 +115,12 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
             "parameters": n_params,
             "seed": seed,
             "params": params.model_dump(mode="json"),
+            # Which device built it, and the shape and budget used there (base.build with on_cuda applied).
+            "built_on": {
+                "device": device.type,
+                "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "build": p.model_dump(mode="json", exclude={"on_cuda"}),
+            },
             "corpus": {
                 "sha256": corpus.sha256(),
                 "composition": composition,
@@ -109,6 +131,7 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
             "chat_template_sha256": _sha(CHAT_TEMPLATE),
             "pretraining": {
                 "steps": p.max_steps,
+                "copy_drill_steps": result.drill_steps,
                 "tokens_seen": result.tokens_seen,
                 "loss": "all tokens of documents and docstrings; answer tokens only of exercises",
                 "epochs": round(result.epochs, 3),
@@ -126,6 +149,11 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
         io.write_json(tmp / RECORD, record)
     timing = {"tokens_per_s": round(result.tokens_seen / max(result.wall_s, 1e-9), 1)}  # of pretraining
     return BaseResult(out_dir=out_dir, source="built", model_ref=str(out_dir), record=record, timing=timing)
+
+
+def drill_count(p: BuildParams) -> int:
+    """Copy drills for p.copy_drill_steps: about four passes over them (a drill is ~25 tokens)."""
+    return p.copy_drill_steps * p.batch_size * p.seq_len // 100
 
 
 def _tail_mean(losses: list[float], n: int = 10) -> float:

@@ -26,6 +26,7 @@ def tiny_build(**overrides) -> BuildParams:
         learning_rate=3e-3,
         max_stdlib_chars=20_000,
         exercises=60,
+        copy_drill_steps=0,
     )
     fields.update(overrides)
     return BuildParams(**fields)

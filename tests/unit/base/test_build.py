@@ -68,7 +68,7 @@ def test_record(built):
     for name in MODEL_FILES:
         assert record["files"][name] == sha256_file(result.out_dir / name)
     comp = record["corpus"]["composition"]
-    assert set(comp) == {"documents", "stdlib", "exercises"}
+    assert set(comp) == {"documents", "stdlib", "exercises", "drills"}
     assert comp["documents"]["texts"] == 2 and comp["exercises"]["texts"] == 60
     assert 0 < comp["stdlib"]["chars"] <= 20_000
     pre = record["pretraining"]
@@ -128,10 +128,70 @@ def test_exercise_loss_is_on_answers_only(raw_dirs):
 
     corpus = build_corpus(raw_dirs, stdlib=False, max_stdlib_chars=0, exercises=20, seed=5)
     tok = train_tokenizer(corpus.documents + corpus.exercises, 400)
-    ids, labels, comp = tokenize_corpus(tok, corpus)
-    n_docs = len(corpus.documents)
-    assert all(lab == i for i, lab in zip(ids[:n_docs], labels[:n_docs], strict=True))  # documents: every token
-    for (_, messages), i, lab in zip(make_exercises(20, seed=5), ids[n_docs:], labels[n_docs:], strict=True):
+    by_source, comp = tokenize_corpus(tok, corpus)
+    ids, labels = by_source["documents"]
+    assert all(lab == i for i, lab in zip(ids, labels, strict=True))  # documents: every token
+    ids, labels = by_source["exercises"]
+    for (_, messages), i, lab in zip(make_exercises(20, seed=5), ids, labels, strict=True):
         kept = [t for t, x in zip(i, lab, strict=True) if x != IGNORE]
         assert tok.decode(kept) == messages[-1]["content"] + IM_END + "\n"
     assert comp["exercises"]["loss_tokens"] < comp["exercises"]["tokens"] / 2
+
+
+def test_copy_drills_come_first_and_are_recorded(raw_dirs, tmp_path):
+    """The first copy_drill_steps batches are copy drills only; the record counts them."""
+    import unittest.mock as um
+
+    from loraline.base.exercises import make_copy_drills
+
+    seen: list[torch.Tensor] = []
+    original = torch.nn.Module.__call__
+
+    def spy(module, *args, **kwargs):
+        if "input_ids" in kwargs and type(module).__name__ == "LlamaForCausalLM":
+            seen.append(kwargs["input_ids"].clone())
+        return original(module, *args, **kwargs)
+
+    params = BaseParams(build=tiny_build(copy_drill_steps=5, max_steps=8, stdlib_docstrings=False))
+    with um.patch.object(torch.nn.Module, "__call__", spy):
+        result = build_base(params, seed=3, raw_dirs=raw_dirs, out_dir=tmp_path / "base")
+    assert result.record["pretraining"]["copy_drill_steps"] == 5
+    comp = result.record["corpus"]["composition"]
+    assert comp["drills"]["texts"] == 5 * 4 * 64 // 100 and comp["drills"]["loss_tokens"] < comp["drills"]["tokens"]
+    assert len(seen) == 8
+    tok = AutoTokenizer.from_pretrained(result.out_dir)
+    drill_text = tok.decode(seen[0][0])
+    assert "Repeat" in drill_text or "Number:" in drill_text or "Repeat the number above" in drill_text
+    # Drill rows hold no mixed-corpus text (no exercise keys, no documents); later rows do.
+    later = " ".join(tok.decode(s[0]) for s in seen[5:])
+    assert all("{" not in tok.decode(s[i]) for s in seen[:5] for i in range(s.shape[0]))
+    assert "{" in later or "Shipping" in later or "Printers" in later
+    assert make_copy_drills(3, 1) == make_copy_drills(3, 1) != make_copy_drills(3, 2)
+
+
+def test_on_cuda_keys_are_validated_and_applied_only_on_cuda():
+    from loraline.base.stage import build_device
+    from loraline.config import BuildParams, ConfigError
+
+    with pytest.raises(ValueError, match="on_cuda: unknown key"):
+        BuildParams(on_cuda={"hiden_size": 512})
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        BuildParams(on_cuda={"hidden_size": 510})
+    p = BuildParams(on_cuda={"hidden_size": 512, "num_layers": 8})
+    assert p.for_device("cpu") is p
+    big = p.for_device("cuda")
+    assert (big.hidden_size, big.num_layers, big.num_heads) == (512, 8, p.num_heads)
+    if not torch.cuda.is_available():
+        assert build_device(BuildParams()).type == "cpu"
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            build_device(BuildParams(device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_base_builds_on_cuda_with_the_cuda_shape(raw_dirs, tmp_path):
+    params = BaseParams(build=tiny_build(on_cuda={"hidden_size": 128, "intermediate_size": 256}))
+    result = build_base(params, seed=3, raw_dirs=raw_dirs, out_dir=tmp_path / "base")
+    assert result.record["built_on"]["device"] == "cuda"
+    assert result.record["built_on"]["build"]["hidden_size"] == 128
+    model = AutoModelForCausalLM.from_pretrained(result.out_dir)
+    assert model.config.hidden_size == 128

@@ -16,7 +16,7 @@ def tiny_build(**overrides) -> BuildParams:
     fields = dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
         max_position_embeddings=256, seq_len=64, batch_size=4, max_steps=150, warmup_steps=5,
-        learning_rate=3e-3, num_threads=1, stdlib_docstrings=False, max_stdlib_chars=0, exercises=60,
+        learning_rate=3e-3, num_threads=1, stdlib_docstrings=False, max_stdlib_chars=0, exercises=60, copy_drill_steps=0,
     )
     fields.update(overrides)
     return BuildParams(**fields)
