@@ -182,6 +182,24 @@ def json_field_accuracy(pred: str, ref: str) -> float:
     return hits / len(ref_value)
 
 
+def per_field_accuracy(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+    """For each key of the JSON-object references (first-seen order): the share of the rows whose
+    reference has that key where the prediction has the same value. Shows which fields a model gets
+    right, which one number over all fields hides ({} when no reference is a JSON object)."""
+    hits: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for pred, ref in zip(preds, refs, strict=True):
+        ref_value = parse_json(ref)
+        if not isinstance(ref_value, dict):
+            continue
+        pred_value = parse_json(pred)
+        pred_value = pred_value if isinstance(pred_value, dict) else {}
+        for key, value in ref_value.items():
+            seen[key] = seen.get(key, 0) + 1
+            hits[key] = hits.get(key, 0) + (key in pred_value and _same(pred_value[key], value))
+    return {key: hits[key] / n for key, n in seen.items()}
+
+
 def expects_json(refs: Sequence[str], share: float = JSON_OBJECT_SHARE) -> bool:
     """True when more than `share` of the references parse as JSON objects (False for no references)."""
     if not refs:

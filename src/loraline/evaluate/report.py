@@ -53,6 +53,7 @@ def metrics_table(models: Mapping[str, Mapping[str, Any]]) -> str:
 def render_report(
     *, tenant: str, test_rows: int, expects_json: bool, max_new_tokens: int,
     models: Mapping[str, Mapping[str, Any]], examples: Sequence[Mapping[str, Any]],
+    fields: Mapping[str, Mapping[str, float]] | None = None,
 ) -> str:
     """Markdown for one tenant; `examples` are generations.jsonl rows (with a "prompt" excerpt)."""
     parts = [
@@ -65,6 +66,12 @@ def render_report(
         "",
         metrics_table(models),
     ]
+    if fields:
+        names = list(fields)
+        keys = list(dict.fromkeys(k for f in fields.values() for k in f))
+        parts += ["", "## Accuracy per JSON field", "", "| field | " + " | ".join(names) + " |",
+                  "|" + "|".join(["---"] + ["---:"] * len(names)) + "|"]
+        parts += [f"| `{k}` | " + " | ".join(_fmt(fields[n].get(k)) for n in names) + " |" for k in keys]
     if examples:
         names = list(models)
         parts += ["", f"## Examples ({len(examples)} of {test_rows})"]

@@ -141,10 +141,16 @@ def evaluate_tenant(
         "max_new_tokens": max_new_tokens,
         "models": scores,
     }
+    fields: dict[str, dict[str, float]] = {}
+    if refs_json:
+        # Beside the models' metrics, not in them: the gate compares every model metric with
+        # production, and single fields over ~100 rows are too noisy for that.
+        fields = {name: M.per_field_accuracy(preds, test.references) for name, preds in predictions.items()}
+        result["field_accuracy"] = fields
     rows = _generation_rows(test, predictions)
     report = render_report(
         tenant=tenant, test_rows=len(test.ids), expects_json=refs_json, max_new_tokens=max_new_tokens,
-        models=scores, examples=rows[: max(examples_in_report, 0)],
+        models=scores, examples=rows[: max(examples_in_report, 0)], fields=fields,
     )
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)

@@ -226,3 +226,14 @@ def test_json_round_trip_matches_regardless_of_formatting(value: object) -> None
     assert canonical_json(json.loads(pretty)) == canonical_json(value)
     if isinstance(value, dict):
         assert json_field_accuracy(pretty, compact) == 1.0
+
+
+def test_per_field_accuracy_counts_each_key_over_the_rows_that_have_it():
+    from loraline.evaluate.metrics import per_field_accuracy
+
+    refs = ['{"a": 1, "b": "x"}', '{"a": 2, "b": "y"}', '{"a": 3}', "plain text"]
+    preds = ['{"a": 1, "b": "z"}', "not json", '{"a": 3, "b": "q"}', "plain text"]
+    assert per_field_accuracy(preds, refs) == {"a": 2 / 3, "b": 0.0}
+    assert per_field_accuracy(["x"], ["y"]) == {}
+    with pytest.raises(ValueError):
+        per_field_accuracy(["x"], [])

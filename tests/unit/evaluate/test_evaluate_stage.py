@@ -277,3 +277,21 @@ def test_a_nan_adapter_never_passes_merge_or_gate(setup: Setup, tmp_path):
     assert not decision.passed
     assert "beats_base" in decision.failed
     assert "answer_loss" in decision.rule("beats_base").reason
+
+
+def test_accuracy_per_field_is_reported_and_matches_the_generations(full):
+    from loraline.evaluate.metrics import per_field_accuracy
+
+    rows = _read_jsonl(full.generations_path)
+    fields = json.loads(full.metrics_path.read_text())["field_accuracy"]
+    assert set(fields) == {"base", "candidate", "production"}
+    for name, per_field in fields.items():
+        keys = list(json.loads(rows[0]["reference"]))
+        assert list(per_field)[: len(keys)] == keys or set(keys) <= set(per_field)
+        assert per_field == per_field_accuracy([r["predictions"][name] for r in rows], [r["reference"] for r in rows])
+        # The mean over fields equals json_field_accuracy when every reference has the same keys.
+        if all(list(json.loads(r["reference"])) == keys for r in rows):
+            mean = sum(per_field.values()) / len(per_field)
+            assert mean == pytest.approx(full.metrics["models"][name]["json_field_accuracy"])
+    report = full.report_path.read_text()
+    assert "## Accuracy per JSON field" in report and f"| `{next(iter(fields['candidate']))}` |" in report
