@@ -110,9 +110,32 @@ def attach_lora(params: TrainParams, model: nn.Module) -> nn.Module:
         use_rslora=params.use_rslora,
         use_dora=params.use_dora,
         modules_to_save=list(params.modules_to_save) or None,
+        ensure_weight_tying=trains_tied_embeddings(params, model),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def trains_tied_embeddings(params: TrainParams, model: nn.Module) -> bool:
+    """True when modules_to_save trains the input embeddings or the output head of a base that ties them.
+
+    peft otherwise trains a copy of one side only: the other keeps the base's weights, so the adapter
+    silently unties what the base shares (and the merged model carries two matrices). Kept tied, the
+    trained matrix serves both as the base intends, which is also what lets a small base learn the
+    tenant's words (README: what the default model can and cannot do).
+    """
+    config = getattr(model, "config", None)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if not (tied and params.modules_to_save and get_in and get_out):
+        return False
+    embed, head = get_in(), get_out()
+    if embed is None or head is None or embed.weight is not head.weight:
+        return False
+    names = {m: n for n, m in model.named_modules()}
+    sides = [names.get(embed, ""), names.get(head, "")]
+    return any(_matches(key, [side]) for key in params.modules_to_save for side in sides if side)
 
 
 def sort_config_sets(model: nn.Module) -> None:

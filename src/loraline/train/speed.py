@@ -106,7 +106,7 @@ def fused_head(model: nn.Module) -> FusedHead | None:
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     get_decoder = getattr(lm, "get_decoder", None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if get_decoder is None or type(head) is not nn.Linear or head.bias is not None:
+    if get_decoder is None or not _plain_linear(head):
         return None
     cfg = getattr(lm, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
@@ -120,6 +120,17 @@ def fused_head(model: nn.Module) -> FusedHead | None:
     except Exception:  # noqa: BLE001
         return None
     return (decoder, head) if decoder is not None else None
+
+
+def _plain_linear(head: nn.Module | None) -> bool:
+    """A bias-free nn.Linear, or peft's modules_to_save wrapper around them (train.modules_to_save:
+    [lm_head], or tied embeddings): the wrapper's `.weight` is the trained copy while the adapter is
+    active and the base's when it is disabled, which is what the loss must read."""
+    inner = getattr(head, "original_module", None)
+    copies = getattr(head, "modules_to_save", None)
+    if inner is not None and isinstance(copies, nn.ModuleDict):
+        return all(_plain_linear(m) for m in [inner, *copies.values()])
+    return type(head) is nn.Linear and head.bias is None
 
 
 # Causal LMs whose forward is `logits = lm_head(model(...)[0])` with nothing in between (checked by

@@ -98,8 +98,31 @@ def test_fused_head_only_for_a_plain_linear_head(setup):
     model = attach_lora(plain, load_base_model(plain, setup.base_dir, CPU))
     decoder, head = fused_head(model)
     assert head is model.get_base_model().lm_head and decoder is model.get_base_model().model
-    saved = tiny_train(modules_to_save=["lm_head"])  # a trained copy of the head: keep the plain path
-    assert fused_head(attach_lora(saved, load_base_model(saved, setup.base_dir, CPU))) is None
+    biased = attach_lora(plain, load_base_model(plain, setup.base_dir, CPU))
+    biased.get_base_model().lm_head.bias = torch.nn.Parameter(torch.zeros(biased.get_base_model().lm_head.out_features))
+    assert fused_head(biased) is None  # a head with a bias keeps the plain path
+
+
+@pytest.mark.parametrize("saved", [["lm_head"], ["embed_tokens"]])
+def test_fused_loss_reads_the_trained_head_copy_and_the_base_head_when_disabled(setup, saved):
+    """modules_to_save on the head (directly, or through tied embeddings) wraps it in peft's copy: the
+    fused loss must read the copy while the adapter is on and the base's head when it is off."""
+    from loraline.train.loop import loss_sum
+    from loraline.train.speed import fused_head
+
+    params = tiny_train(modules_to_save=saved, lora_dropout=0.0)
+    model = attach_lora(params, load_base_model(params, setup.base_dir, CPU)).eval()
+    fused = fused_head(model)
+    assert fused is not None
+    with torch.no_grad():  # as if trained: the copy differs from the base's head
+        model.get_base_model().get_output_embeddings().weight.add_(0.05)
+    batch = collate([load_splits(setup.dataset_dir).train[:3]], pad_id=0, packed=True)
+    with torch.no_grad():
+        on = (loss_sum(model, batch, CPU, fused=fused).item(), loss_sum(model, batch, CPU).item())
+        with model.disable_adapter():
+            off = (loss_sum(model, batch, CPU, fused=fused).item(), loss_sum(model, batch, CPU).item())
+    assert on[0] == pytest.approx(on[1], rel=1e-5) and off[0] == pytest.approx(off[1], rel=1e-5)
+    assert abs(on[1] - off[1]) > 1e-3 * off[1]  # the copy really is another head
 
 
 def _curve(res):
