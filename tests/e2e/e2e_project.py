@@ -82,7 +82,9 @@ def make_tiny_project(dest: Path) -> Path:
     # six tiny training steps improve answer loss by about 1%: enough to promote, far from the default 5%
     params["gate"]["min_gain_over_base"] = 0.001
     for tenant in params["tenants"].values():
-        tenant.pop("gate", None)  # the sample tenants' task-metric bars are for the default model, not a toy
+        # the sample tenants' task-metric bars and adapter recipes are for the default model, not a toy
+        for section in ("gate", "train", "synthetic_ratio"):
+            tenant.pop(section, None)
     params["evaluate"].update({"max_examples": 6, "max_new_tokens": 12, "examples_in_report": 2})
     params["export"].update({"max_new_tokens": 8})
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

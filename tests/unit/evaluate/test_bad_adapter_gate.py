@@ -7,7 +7,8 @@ Two bad adapters on the tiny built base (seconds on 2 CPU cores):
   evaluation or production; if it did reach the gate, its non-finite metrics fail ``beats_base``.
 * Shuffled answers: the same tickets with the answers permuted across rows, trained the same way.
   It learns the JSON format but not the routing, so on the original tenant's test split it must be
-  clearly worse than the properly trained adapter and fail a gate the good adapter passes.
+  clearly worse than the properly trained adapter and fail a gate the good adapter passes. Its answer
+  loss falls almost as far (the format is most answer tokens): the gate decides on field accuracy.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ from loraline.merge import MergeError, merge_adapter  # noqa: E402
 
 PARITY = {"merge_max_logit_diff": 0.0, "export_max_logit_diff": 0.0}
 PROBES = [[{"role": "user", "content": "ping"}]]
-# A realistic bar on this toy task: the properly trained adapter clears it by a wide margin, the
-# shuffled-answers one (format learned, content random) does not.
+# The default gate's bar on answer loss (params.yaml gate.min_gain_over_base).
 REALISTIC_GAIN = 0.05
 
 
@@ -77,11 +77,17 @@ def world(tmp_path_factory):
         datasets = {}
         for name, folder in (("good", raw), ("shuffled", shuffled_raw)):
             datasets[name] = prepare_tenant(
-                TenantParams(name="toy", raw_dir=folder), PrepareParams(), tok,
+                # The toy tickets share one template: decontamination would drop most training rows.
+                TenantParams(name="toy", raw_dir=folder), PrepareParams(decontamination={"enabled": False}), tok,
                 out_dir=root / f"prepared-{name}", rejected_path=root / f"rejected-{name}.jsonl",
                 stats_path=root / f"stats-{name}.json",
             ).dataset_dir
-        params = tiny_train(quantization="nf4", max_steps=60, grad_accum=1, eval_every=60, save_every=60, learning_rate=1e-2)
+        # The sample tenants' recipe (params.yaml): the tied embeddings train too, which is what lets a
+        # small base learn which words decide the label.
+        params = tiny_train(
+            quantization="nf4", max_steps=150, grad_accum=1, eval_every=150, save_every=150, learning_rate=1e-2,
+            modules_to_save=["embed_tokens"],
+        )
         for name in ("good", "shuffled"):
             with mock.patch.object(stage, "pick_device", return_value=torch.device("cpu")):
                 stage.train_adapter(
@@ -104,7 +110,7 @@ def _evaluate(world, candidate: Path, out: str):
         return evaluate_tenant(
             tenant="toy", dataset_dir=world["dataset_dir"], base_dir=world["base_dir"],
             base_params=world["base_params"], candidate_dir=candidate, production_dir=None,
-            out_dir=world["root"] / out, max_new_tokens=4, max_examples=16,
+            out_dir=world["root"] / out, max_new_tokens=24, max_examples=16,
         )
 
 
@@ -144,14 +150,11 @@ def test_nan_adapter_is_refused_before_production(world):
     assert "answer_loss" in reason and ("nan" in reason.lower() or "None" in reason or "finite" in reason)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="toy base too weak: it learns the JSON format but not the keyword->team/priority routing, so a "
-    "shuffled-answers adapter scores like the real one (measured answer_loss on 16 test rows: base 3.83, "
-    "good 2.12, shuffled 2.11 at 150 steps; 2.33 vs 2.28 at 60 steps). Strict: passing means the toy task "
-    "became learnable and this mark must go.",
-)
 def test_shuffled_answers_adapter_fails_the_gate(world):
+    """The sample tenants' gate (params.yaml): JSON field accuracy at least 0.4 over the base, and the
+    answer loss down by half. Measured (16 test rows, 150 steps): field accuracy base 0, good 0.89,
+    shuffled 0.33 (chance for a 5-way and a 3-way field is 0.27); answer loss base 3.93, good 0.007,
+    shuffled 0.12, so a loss-only gate would have promoted the shuffled adapter too."""
     good = _evaluate(world, world["root"] / "merged-good", "eval-good")
     shuffled = _evaluate(world, world["root"] / "merged-shuffled", "eval-shuffled")
     base = good.model_metrics("base")
@@ -160,10 +163,13 @@ def test_shuffled_answers_adapter_fails_the_gate(world):
     print(f"answer_loss base {base['answer_loss']:.4f} good {g['answer_loss']:.4f} shuffled {s['answer_loss']:.4f}")
     print(f"json_field_accuracy base {base['json_field_accuracy']:.3f} good {g['json_field_accuracy']:.3f} "
           f"shuffled {s['json_field_accuracy']:.3f}")
-    # The properly trained adapter is clearly better than the shuffled one on the real task.
-    assert g["answer_loss"] < s["answer_loss"]
+    assert g["json_field_accuracy"] >= s["json_field_accuracy"] + 0.3  # it learnt the routing, the other did not
 
-    gate = GateParams(primary_metric="answer_loss", min_gain_over_base=REALISTIC_GAIN)
+    loss_only = GateParams(primary_metric="answer_loss", min_gain_over_base=REALISTIC_GAIN)
+    assert decide(loss_only, s, base, None, parity=PARITY).passed  # why the task metric decides
+
+    gate = GateParams(primary_metric="json_field_accuracy", min_gain_over_base=0.4,
+                      secondary_metric="answer_loss", min_secondary_gain=0.5)
     good_decision = decide(gate, g, base, None, parity=PARITY)
     bad_decision = decide(gate, s, base, None, parity=PARITY)
     print("good:", good_decision.rule("beats_base").reason)
@@ -172,5 +178,5 @@ def test_shuffled_answers_adapter_fails_the_gate(world):
     assert not bad_decision.passed
     assert bad_decision.failed == ["beats_base"]
     reason = bad_decision.rule("beats_base").reason
-    assert reason.startswith("answer_loss") and f"< {REALISTIC_GAIN:.4g}" in reason
+    assert reason.startswith("json_field_accuracy") and "< 0.4" in reason
     assert to_json(bad_decision)["rules"][0]["name"] == "beats_base"
