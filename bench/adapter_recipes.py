@@ -1,0 +1,93 @@
+"""Which adapter recipe learns a tenant's task: held-out accuracy per JSON field, per variant.
+
+The lever search behind the sample tenants' `train` overrides (README: what the default model can
+and cannot do). Every variant starts from the project's own outputs of a finished run (the built
+base, the tenants' documents, synthetic rows and prepared datasets, as `make run` leaves them),
+copied into a scratch folder, then runs the real prepare (only when a variant overrides `prepare.*`
+or `tenants.*.synthetic_ratio`), train, merge and evaluate stages with params.yaml plus the
+variant's dotted overrides, and reads the evaluate stage's own metrics.
+
+    python bench/adapter_recipes.py --tenant acme-shop \
+        --variant default='{}' \
+        --variant tied-embeddings='{"tenants.acme-shop.train.modules_to_save": ["embed_tokens"]}'
+
+Prints one JSON line per variant, then a table. Variants run one after another, or `--jobs N` at
+once (a GPU machine: each process trains on the GPU with a few CPU threads). Minutes per variant on
+2 CPU cores; compare variants measured on the same kind of machine (CPU and CUDA arithmetic differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+FIELDS_SHOWN = 6
+
+
+def run_variant(project: str, params_path: str, tenant: str, name: str, overrides: dict[str, Any], scratch: str) -> dict[str, Any]:
+    from loraline import evaluate, merge, prepare, train
+    from loraline.config import load_params
+    from loraline.layout import Layout
+
+    source, root = Layout(Path(project)), Path(scratch) / name
+    for folder in (source.base_dir, source.documents_dir(tenant), source.synthetic_dir(tenant), source.prepared_dataset_dir(tenant).parent):
+        if not folder.exists():
+            raise SystemExit(f"{folder} is missing: run `make run` (or `dvc repro`) first; variants start from its outputs")
+        shutil.copytree(folder, root / folder.relative_to(project))
+    # The merge's extra checks (4-bit reference, reload) guard releases, not a recipe comparison.
+    params = load_params(params_path, overrides={"merge.quantized_reference": False, "merge.check_reload": False, **overrides})
+    layout = Layout(root)
+    started = time.perf_counter()
+    if any(key.startswith("prepare.") or key.endswith(".synthetic_ratio") for key in overrides):
+        prepare.run(params, layout, tenant)
+    trained = train.run(params, layout, tenant, checkpoints=False)
+    train_s = time.perf_counter() - started
+    merge.run(params, layout, tenant)
+    evaluate.run(params, layout, tenant)
+    metrics = json.loads((layout.evaluation_dir(tenant) / "metrics.json").read_text())
+    candidate = metrics["models"]["candidate"]
+    return {
+        "variant": name,
+        "steps": trained.record["steps"]["done"],
+        "train_s": round(train_s, 1),
+        "val_loss": round(trained.record["loss"]["final_val"], 4),
+        "exact_match": round(candidate["exact_match"], 3),
+        "json_field_accuracy": round(candidate["json_field_accuracy"], 3),
+        "fields": {k: round(v, 3) for k, v in metrics.get("field_accuracy", {}).get("candidate", {}).items()},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--project", default=".", help="a project folder after a finished run")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--tenant", required=True)
+    ap.add_argument("--variant", action="append", default=[], help="name=JSON of dotted params overrides (repeatable)")
+    ap.add_argument("--jobs", type=int, default=1, help="variants run at once")
+    args = ap.parse_args()
+    variants = [(name, json.loads(text)) for name, text in (v.split("=", 1) for v in args.variant)] or [("default", {})]
+    with tempfile.TemporaryDirectory() as scratch:
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(run_variant, args.project, args.params, args.tenant, n, o, scratch) for n, o in variants]
+            rows = []
+            for future in futures:
+                rows.append(future.result())
+                print(json.dumps(rows[-1]), flush=True)
+    fields = list(dict.fromkeys(k for r in rows for k in r["fields"]))[:FIELDS_SHOWN]
+    print(f"\n| variant ({args.tenant}) | steps | train s | exact | field acc | " + " | ".join(fields) + " |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(fields))
+    for r in rows:
+        cells = " | ".join(f"{r['fields'].get(f, float('nan')):.3f}" for f in fields)
+        print(f"| {r['variant']} | {r['steps']} | {r['train_s']} | {r['exact_match']:.3f} | {r['json_field_accuracy']:.3f} | {cells} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
