@@ -67,11 +67,15 @@ class Run:
         return self.params.packing and _uses_varlen(self.model)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return loss_sum(self.model, batch.to(self.device), self.device, fused=self.fused, chunk=self.params.cross_entropy_chunk)
+        return loss_sum(
+            self.model, batch.to(self.device), self.device, fused=self.fused, chunk=self.params.cross_entropy_chunk,
+            cpu_bf16=self.params.cpu_bf16,
+        )
 
 
 def loss_sum(
-    model: torch.nn.Module, batch: Batch, device: torch.device, *, fused: FusedHead | None = None, chunk: int = 1024
+    model: torch.nn.Module, batch: Batch, device: torch.device, *, fused: FusedHead | None = None, chunk: int = 1024,
+    cpu_bf16: bool = False,
 ) -> torch.Tensor:
     """Summed cross-entropy over the batch's target tokens (fp32 softmax for stability).
 
@@ -79,11 +83,11 @@ def loss_sum(
     (speed.chunked_linear_cross_entropy): the same value and gradients, without full-vocabulary logits.
     """
     inputs = batch.model_inputs(varlen=_uses_varlen(model))
-    with autocast(device):
+    with autocast(device, cpu_bf16):
         if fused is not None:
             decoder, head = fused
             hidden = decoder(**inputs, use_cache=False)[0]
-            return chunked_linear_cross_entropy(hidden, head.weight, batch.targets, chunk=chunk, dtype=compute_dtype(device))
+            return chunked_linear_cross_entropy(hidden, head.weight, batch.targets, chunk=chunk, dtype=compute_dtype(device, cpu_bf16))
         logits = model(**inputs, use_cache=False).logits
     keep = batch.targets != IGNORE_INDEX
     return F.cross_entropy(logits[keep].float(), batch.targets[keep], reduction="sum")
