@@ -302,10 +302,6 @@ class TrainParams(_Section):
     num_threads: int | None = Field(
         None, ge=1, description="torch CPU threads while training on CPU; fix it for adapter hashes that repeat across machines"
     )
-    cpu_bf16: bool = Field(
-        False, description="On CPU, compute in bf16 as on CUDA (autocast, bf16 non-quantized weights): faster on CPUs with "
-        "AMX or AVX512-BF16, still deterministic, but no longer exact to fp32"
-    )
 
 
 class MergeParams(_Section):

@@ -9,17 +9,15 @@ def pick_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def compute_dtype(device: torch.device, cpu_bf16: bool = False) -> torch.dtype:
+def compute_dtype(device: torch.device) -> torch.dtype:
     # bf16 on CUDA: tensor-core speed and fp32's exponent range, so no loss scaling is needed.
-    # fp32 on CPU by default: many CPUs have no fast bf16 matmul, and fp32 keeps CPU runs exact enough
-    # for the resume / determinism / packing-equivalence guarantees (tested to 1e-6 and below).
-    # `cpu_bf16` (train.cpu_bf16) opts a CPU with AMX or AVX512-BF16 into the CUDA recipe.
-    return torch.bfloat16 if device.type == "cuda" or cpu_bf16 else torch.float32
+    # fp32 on CPU: many CPUs have no fast bf16 matmul, and fp32 keeps CPU runs exact enough for the
+    # resume / determinism / packing-equivalence guarantees (tested to 1e-6 and below).
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def autocast(device: torch.device, cpu_bf16: bool = False):
-    """bf16 autocast on CUDA (the standard mixed-precision recipe), and on CPU with `cpu_bf16`;
-    otherwise a no-op context on CPU (fp32)."""
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the standard mixed-precision recipe); a no-op context on CPU (fp32)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
+    return torch.autocast("cpu", enabled=False)

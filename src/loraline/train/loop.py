@@ -67,15 +67,11 @@ class Run:
         return self.params.packing and _uses_varlen(self.model)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return loss_sum(
-            self.model, batch.to(self.device), self.device, fused=self.fused, chunk=self.params.cross_entropy_chunk,
-            cpu_bf16=self.params.cpu_bf16,
-        )
+        return loss_sum(self.model, batch.to(self.device), self.device, fused=self.fused, chunk=self.params.cross_entropy_chunk)
 
 
 def loss_sum(
-    model: torch.nn.Module, batch: Batch, device: torch.device, *, fused: FusedHead | None = None, chunk: int = 1024,
-    cpu_bf16: bool = False,
+    model: torch.nn.Module, batch: Batch, device: torch.device, *, fused: FusedHead | None = None, chunk: int = 1024
 ) -> torch.Tensor:
     """Summed cross-entropy over the batch's target tokens (fp32 softmax for stability).
 
@@ -83,11 +79,11 @@ def loss_sum(
     (speed.chunked_linear_cross_entropy): the same value and gradients, without full-vocabulary logits.
     """
     inputs = batch.model_inputs(varlen=_uses_varlen(model))
-    with autocast(device, cpu_bf16):
+    with autocast(device):
         if fused is not None:
             decoder, head = fused
             hidden = decoder(**inputs, use_cache=False)[0]
-            return chunked_linear_cross_entropy(hidden, head.weight, batch.targets, chunk=chunk, dtype=compute_dtype(device, cpu_bf16))
+            return chunked_linear_cross_entropy(hidden, head.weight, batch.targets, chunk=chunk, dtype=compute_dtype(device))
         logits = model(**inputs, use_cache=False).logits
     keep = batch.targets != IGNORE_INDEX
     return F.cross_entropy(logits[keep].float(), batch.targets[keep], reduction="sum")

@@ -20,8 +20,7 @@ from loraline.train.speed import apply_checkpoint_fraction, use_varlen_attention
 
 def load_base_model(params: TrainParams, base_dir: Path, device: torch.device) -> nn.Module:
     """The base causal LM on `device`, quantized when asked, ready for (k-bit) training."""
-    dtype = compute_dtype(device, params.cpu_bf16)
-    model = load_base_causal_lm(base_dir, device, dtype, params.quantization, params.double_quant)
+    model = load_base_causal_lm(base_dir, device, compute_dtype(device), params.quantization, params.double_quant)
     quant = params.quantization != "none"
     model.config.use_cache = False  # no KV cache in training; a cache would also disable packed-sequence masking
     # Non-reentrant checkpointing needs no requires_grad trick on the inputs and keeps dropout's RNG.

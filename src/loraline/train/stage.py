@@ -93,7 +93,7 @@ def train_adapter(
         pad_id, model = _load_base(params, base_params, base_dir, base_record, device)
         check_module_names(params, model)
         if params.packing:
-            check_packing_isolation(model, device, model.get_input_embeddings().num_embeddings, params.cpu_bf16)
+            check_packing_isolation(model, device, model.get_input_embeddings().num_embeddings)
         _seed_everything(params.seed)  # LoRA's initial weights depend on the seed alone, not on loading
         model = attach_lora(params, model)
         trainable = trainable_parameters(model)
@@ -154,7 +154,7 @@ def train_adapter(
             "sha256": base_hash,
         },
         "device": device_name(device),
-        "compute_dtype": str(compute_dtype(device, params.cpu_bf16)).removeprefix("torch."),
+        "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
         "optimizer": type(optimizer).__name__,
         "speed": {  # which speed options took effect (each falls back where it does not apply)
             "attention": getattr(model.config, "_attn_implementation", None),
