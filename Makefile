@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test check clean-outputs
+.PHONY: setup run test check clean-outputs serve-env
 
 setup: $(VENV)/.installed
 
@@ -27,3 +27,8 @@ test: setup
 
 check: setup
 	$(BIN)/loraline check
+
+# vLLM's own environment for serving (its pins conflict with the pipeline's): built once from
+# src/loraline/serve/locks/<cpu|cuda>.txt into .serve-venv, reused until the lock changes.
+serve-env: setup
+	$(BIN)/python -m loraline.serve.environment --env .serve-venv
