@@ -302,6 +302,10 @@ class TrainParams(_Section):
     num_threads: int | None = Field(
         None, ge=1, description="torch CPU threads while training on CPU; fix it for adapter hashes that repeat across machines"
     )
+    devices: int = Field(
+        1, ge=1, description="Data-parallel processes (torchrun): one per GPU on CUDA, gloo processes on CPU; "
+        "batch_size is per device, so the global batch is batch_size x grad_accum x devices",
+    )
 
 
 class MergeParams(_Section):

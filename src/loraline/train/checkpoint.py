@@ -6,7 +6,7 @@
         optimizer.safetensors   every tensor of the optimizer and RNG states
         state.json              fingerprint, step, data position (epoch, step in epoch), loop progress (history, best
                                 validation loss, token counts), optimizer/scheduler structure
-                                and scalars, python/numpy RNG states
+                                and scalars, python/numpy RNG states of every data-parallel rank
 
 A checkpoint is written into a temporary sibling folder and renamed into place (io.atomic_dir), so
 a step-N folder that exists is complete; a kill mid-write leaves only a hidden temporary folder,
@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from loraline import io
 
-FORMAT = 1
+FORMAT = 2  # 2: one RNG state per data-parallel rank
 KEEP = 2
 STATE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -81,18 +81,18 @@ def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # --- RNG states -----------------------------------------------------------------------------------
 
 
-def capture_rng(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+def capture_rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """This process's RNG states: (JSON-able python/numpy states, torch CPU and current-GPU tensors).
+
+    Only the current GPU's generator: a data-parallel rank owns one GPU, and reading the others'
+    would create a CUDA context on each of them."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, state, gauss_next = random.getstate()
-    return {
-        "python": [version, list(state), gauss_next],
-        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-    }
+    meta = {"python": [version, list(state), gauss_next], "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+    return meta, tensors
 
 
 def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -101,9 +101,8 @@ def restore_rng(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     kind, keys, pos, has_gauss, gauss = meta["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available() and meta["cuda_devices"]:
-        n = min(meta["cuda_devices"], torch.cuda.device_count())
-        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(n)])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
 # --- save / find / load ---------------------------------------------------------------------------
@@ -125,10 +124,15 @@ def save(
     progress: dict[str, Any],
     position: dict[str, int],
     keep: int = KEEP,
+    rng: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None,
 ) -> Path:
-    """Write step-N atomically (RNG states as they are now), then prune to the last `keep`."""
+    """Write step-N atomically, then prune to the last `keep`. `rng`: every rank's RNG states
+    (capture_rng_state, gathered in rank order); default this process's states as they are now."""
     final = step_dir(checkpoint_dir, step)
     tensors: dict[str, torch.Tensor] = {}
+    rng = rng if rng is not None else [capture_rng_state()]
+    for rank, (_, rank_tensors) in enumerate(rng):
+        tensors.update({f"rank{rank}.{name}": t for name, t in rank_tensors.items()})
     state = {
         "format": FORMAT,
         "fingerprint": fingerprint,
@@ -137,7 +141,7 @@ def save(
         "progress": progress,
         "optimizer": encode(optimizer.state_dict(), "optimizer", tensors),
         "scheduler": encode(scheduler.state_dict(), "scheduler", tensors),
-        "rng": capture_rng(tensors),
+        "rng": [meta for meta, _ in rng],
     }
     with io.atomic_dir(final) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, tmp / "adapter.safetensors")
@@ -186,8 +190,10 @@ def load(
     trainable: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    rank: int = 0,
 ) -> dict[str, torch.Tensor] | None:
-    """Restore weights, optimizer, scheduler and RNG states in place; returns the best adapter (if saved)."""
+    """Restore weights, optimizer, scheduler and (this rank's) RNG states in place; returns the best
+    adapter (if saved)."""
     weights = load_file(ckpt.path / "adapter.safetensors")
     if set(weights) != set(trainable):
         raise RuntimeError(f"checkpoint {ckpt.path} does not match the model's trainable parameters")
@@ -197,6 +203,7 @@ def load(
     tensors = load_file(ckpt.path / "optimizer.safetensors")
     optimizer.load_state_dict(decode(ckpt.state["optimizer"], tensors))
     scheduler.load_state_dict(decode(ckpt.state["scheduler"], tensors))
-    restore_rng(ckpt.state["rng"], tensors)
+    prefix = f"rank{rank}."
+    restore_rng(ckpt.state["rng"][rank], {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)})
     best = ckpt.path / "best.safetensors"
     return load_file(best) if best.exists() else None

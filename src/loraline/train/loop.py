@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from loraline.config import TrainParams
 from loraline.modelling.constants import IGNORE_INDEX
 from loraline.train.data import Example
+from loraline.train.distributed import World, shard, sum_grads, sum_numbers
 from loraline.modelling.device import autocast, compute_dtype
 from loraline.train.packing import Batch, PlannedStep, collate, pack_rows
 from loraline.train.speed import VARLEN, FusedHead, chunked_linear_cross_entropy
@@ -60,6 +61,7 @@ class Run:
     validation: list[Example]
     plan: list[PlannedStep]
     fused: FusedHead | None = None  # (decoder, lm_head) for the fused cross-entropy; None: plain logits
+    world: World = field(default_factory=World)  # data-parallel ranks (train.distributed)
 
     @property
     def flat(self) -> bool:
@@ -95,18 +97,26 @@ def _uses_varlen(model: torch.nn.Module) -> bool:
 
 def train_step(run: Run, planned: PlannedStep) -> tuple[float, int, int]:
     """One optimizer step over its micro-batches; returns (mean answer-token loss, tokens, answer tokens)."""
-    batches = [collate([[run.train[i] for i in row] for row in mb], run.pad_id, run.params.packing, run.flat) for mb in planned.micro_batches]
-    n_targets = sum(b.n_targets for b in batches)
+    world = run.world
+    mine = [shard(mb, world) for mb in planned.micro_batches] if world.distributed else planned.micro_batches
+    batches = [collate([[run.train[i] for i in row] for row in mb], run.pad_id, run.params.packing, run.flat) for mb in mine if mb]
+    if world.distributed:  # the divisor is the whole step's answer tokens, over every rank's share
+        n_targets = sum(run.train[i].n_targets for mb in planned.micro_batches for row in mb for i in row)
+    else:
+        n_targets = sum(b.n_targets for b in batches)
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     for batch in batches:
         loss = run.loss(batch)
         (loss / max(n_targets, 1)).backward()
         total += loss.detach()  # one device sync per step (below), not one per micro-batch
-    torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), run.params.max_grad_norm)
+    params = list(run.trainable.values())
+    sum_grads(params, world)
+    torch.nn.utils.clip_grad_norm_(params, run.params.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return total.item() / max(n_targets, 1), sum(b.n_tokens for b in batches), n_targets
+    loss_sum_, n_tokens = sum_numbers([total.item(), sum(b.n_tokens for b in batches)], world, run.device)
+    return loss_sum_ / max(n_targets, 1), int(n_tokens), n_targets
 
 
 @torch.no_grad()
@@ -118,6 +128,7 @@ def evaluate(run: Run) -> float | None:
     lengths = [e.n_tokens for e in examples]
     order = list(range(len(examples)))
     rows = pack_rows(lengths, order, run.params.max_seq_len) if run.params.packing else [[i] for i in order]
+    rows = shard(rows, run.world)  # each rank scores its share; the sums are added up below
     was_training = run.model.training
     run.model.eval()
     total, count = 0.0, 0
@@ -129,6 +140,7 @@ def evaluate(run: Run) -> float | None:
             count += batch.n_targets
     finally:
         run.model.train(was_training)
+    total, count = sum_numbers([total, count], run.world, run.device)
     return total / max(count, 1)
 
 

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from loraline.layout import TRAIN_RECORD, Layout
 from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_facts, sha256_file
 from loraline.train import checkpoint
 from loraline.train.data import check_splits, load_splits
+from loraline.train.distributed import World, barrier, gather, launch, process_group, world_from_env
 from loraline.train.errors import TrainError
 from loraline.train.loop import Progress, Run, train_loop
 from loraline.train.model import attach_lora, check_module_names, load_base_model, sort_config_sets, trainable_parameters
@@ -75,11 +77,51 @@ def train_adapter(
 ) -> TrainResult:
     """Train one LoRA adapter into `out_dir` (replaced atomically). `params.seed` must be set
     (Params.train_for fills in the top-level seed). With `checkpoint_dir`, checkpoints are written
-    every params.save_every steps and a matching checkpoint found there is resumed from."""
-    started = time.perf_counter()
+    every params.save_every steps and a matching checkpoint found there is resumed from.
+
+    With `params.devices` > 1 this launches that many data-parallel processes (torchrun; one per
+    GPU, or gloo processes on CPU) and returns what rank 0 wrote; see train.distributed."""
     base_dir, dataset_dir, out_dir = Path(base_dir), Path(dataset_dir), Path(out_dir)
     if params.seed is None:
         raise TrainError("train.seed is unset; set it, or build the params with Params.train_for(tenant) (top-level seed)")
+    world = world_from_env()
+    if params.devices > 1 and not world.distributed:
+        return _launch(params, base_dir, base_params, dataset_dir, out_dir, checkpoint_dir, progress)
+    if world.distributed and world.size != params.devices:
+        raise TrainError(f"train.devices is {params.devices} but {world.size} processes were launched; they must match")
+    with process_group(world, use_cuda=pick_device().type == "cuda"):
+        return _train(params, world, base_dir, base_params, dataset_dir, out_dir, checkpoint_dir, progress)
+
+
+def _launch(
+    params: TrainParams, base_dir: Path, base_params: BaseParams, dataset_dir: Path, out_dir: Path,
+    checkpoint_dir: Path | None, progress: bool,
+) -> TrainResult:
+    use_cuda = pick_device().type == "cuda"
+    if use_cuda and torch.cuda.device_count() < params.devices:
+        raise TrainError(
+            f"train.devices is {params.devices} but only {torch.cuda.device_count()} GPU(s) are visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
+    _read_base(base_dir)  # a missing base fails here, once, not in every rank
+    spec = {
+        "train": params.model_dump(mode="json"), "base": base_params.model_dump(mode="json"),
+        "base_dir": str(base_dir), "dataset_dir": str(dataset_dir), "out_dir": str(out_dir),
+        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None, "progress": progress,
+    }
+    result = launch(spec, params.devices, use_cuda)
+    record = json.loads((out_dir / RECORD).read_text(encoding="utf-8"))
+    return TrainResult(
+        out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / RECORD,
+        out_dir / TRAIN_CURVE, out_dir / VAL_CURVE, record, result["timing"],
+    )
+
+
+def _train(
+    params: TrainParams, world: World, base_dir: Path, base_params: BaseParams, dataset_dir: Path, out_dir: Path,
+    checkpoint_dir: Path | None, progress: bool,
+) -> TrainResult:
+    started = time.perf_counter()
     base_record = _read_base(base_dir)
     splits = load_splits(dataset_dir)
     check_splits(splits, params, dataset_dir)
@@ -96,38 +138,46 @@ def train_adapter(
             check_packing_isolation(model, device, model.get_input_embeddings().num_embeddings)
         _seed_everything(params.seed)  # LoRA's initial weights depend on the seed alone, not on loading
         model = attach_lora(params, model)
+        if world.distributed:
+            torch.manual_seed(params.seed + world.rank)  # dropout: one stream per rank, not N copies of one
         trainable = trainable_parameters(model)
         optimizer = make_optimizer(params, list(trainable.values()), device)
-        plan = plan_steps([e.n_tokens for e in splits.train], params, params.seed)
+        # The plan is of global micro-batches; each rank takes its share of every one (distributed.shard).
+        global_batch = params.model_copy(update={"batch_size": params.batch_size * world.size})
+        plan = plan_steps([e.n_tokens for e in splits.train], global_batch, params.seed)
         scheduler = make_scheduler(params, optimizer, len(plan))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
         state, best, start_step, resumed = Progress(), None, 0, None
         if checkpoint_dir is not None:
-            ckpt = checkpoint.find_resumable(checkpoint_dir, fingerprint)
+            ckpt = _find_checkpoint(checkpoint_dir, fingerprint, world)
             if ckpt is not None:
                 if ckpt.step >= len(plan) or ckpt.state["data_position"] != _position(plan, ckpt.step):
                     raise RuntimeError(f"checkpoint {ckpt.path} does not fit this run's data plan; delete {checkpoint_dir}")
-                best = checkpoint.load(ckpt, trainable=trainable, optimizer=optimizer, scheduler=scheduler)
+                best = checkpoint.load(ckpt, trainable=trainable, optimizer=optimizer, scheduler=scheduler, rank=world.rank)
                 state = Progress.from_dict(ckpt.state["progress"])
                 start_step = resumed = ckpt.step
                 log.info("resuming from checkpoint %s (step %d of %d)", ckpt.path, ckpt.step, len(plan))
 
         def save_checkpoint(step: int, prog: Progress, best_now: dict[str, torch.Tensor] | None) -> None:
-            checkpoint.save(
-                checkpoint_dir, step=step, fingerprint=fingerprint, trainable=trainable, best=best_now,
-                optimizer=optimizer, scheduler=scheduler, progress=prog.to_dict(), position=_position(plan, step),
-            )
+            rng = gather(checkpoint.capture_rng_state(), world)  # every rank's dropout stream
+            if world.main:  # the weights and optimizer state are the same on every rank
+                checkpoint.save(
+                    checkpoint_dir, step=step, fingerprint=fingerprint, trainable=trainable, best=best_now,
+                    optimizer=optimizer, scheduler=scheduler, progress=prog.to_dict(), position=_position(plan, step),
+                    rng=rng,
+                )
+            barrier(world)
 
         fused = fused_head(model) if params.fused_cross_entropy else None
         if params.fused_cross_entropy and fused is None:
             log.warning("train.fused_cross_entropy: this model's head is not a plain linear layer; computing full logits")
-        run = Run(model, trainable, optimizer, scheduler, params, device, pad_id, splits.train, splits.validation, plan, fused)
+        run = Run(model, trainable, optimizer, scheduler, params, device, pad_id, splits.train, splits.validation, plan, fused, world)
         train_wall, tokens_before = time.perf_counter(), state.tokens_seen
         state, best = train_loop(
             run, state, start_step=start_step, best=best,
-            save_checkpoint=save_checkpoint if checkpoint_dir is not None else None, show_progress=progress,
+            save_checkpoint=save_checkpoint if checkpoint_dir is not None else None, show_progress=progress and world.main,
         )
         train_wall = time.perf_counter() - train_wall
         if params.early_stopping_patience is not None and best is not None:
@@ -154,6 +204,7 @@ def train_adapter(
             "sha256": base_hash,
         },
         "device": device_name(device),
+        "devices": world.size,
         "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
         "optimizer": type(optimizer).__name__,
         "speed": {  # which speed options took effect (each falls back where it does not apply)
@@ -181,23 +232,39 @@ def train_adapter(
     }
     timing = {
         "tokens_per_s": round((state.tokens_seen - tokens_before) / max(train_wall, 1e-9), 1),  # this process's steps
-        "peak_memory": peak_memory(device),
+        "peak_memory": _peak_memory(device, world),
         "resumed_from_step": resumed,
         "device": record["device"],
     }
-    with io.atomic_dir(out_dir) as tmp:
-        tmp.chmod(0o755)
-        sort_config_sets(model)
-        model.save_pretrained(tmp)
-        (tmp / "README.md").unlink(missing_ok=True)  # peft's blank model card; train_record.json is ours
-        write_curves(tmp, state.history)
-        record["files"] = {f: sha256_file(tmp / f) for f in ADAPTER_FILES}
-        io.write_json(tmp / RECORD, record)
+    if world.main:
+        with io.atomic_dir(out_dir) as tmp:
+            tmp.chmod(0o755)
+            sort_config_sets(model)
+            model.save_pretrained(tmp)
+            (tmp / "README.md").unlink(missing_ok=True)  # peft's blank model card; train_record.json is ours
+            write_curves(tmp, state.history)
+            record["files"] = {f: sha256_file(tmp / f) for f in ADAPTER_FILES}
+            io.write_json(tmp / RECORD, record)
+    barrier(world)
     timing["wall_s"] = round(time.perf_counter() - started, 2)
     return TrainResult(
         out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / RECORD,
         out_dir / TRAIN_CURVE, out_dir / VAL_CURVE, record, timing,
     )
+
+
+def _find_checkpoint(checkpoint_dir: Path, fingerprint: str, world: World) -> checkpoint.Checkpoint | None:
+    """Rank 0 looks first (it removes other runs' checkpoints); the others look once it is done."""
+    found = checkpoint.find_resumable(checkpoint_dir, fingerprint) if world.main else None
+    barrier(world)
+    return found if world.main else checkpoint.find_resumable(checkpoint_dir, fingerprint)
+
+
+def _peak_memory(device: torch.device, world: World) -> dict[str, Any]:
+    """This process's peak; with several ranks, the highest of them (each rank holds a full model)."""
+    peaks = gather(peak_memory(device), world)
+    top = max(peaks, key=lambda p: p["bytes"])
+    return {**top, "ranks": world.size} if world.distributed else top
 
 
 def _read_base(base_dir: Path) -> dict[str, Any]:

@@ -30,11 +30,11 @@ def test_checkpoints_are_safetensors_and_json_and_only_the_last_two_are_kept(ref
     assert state["fingerprint"] == reference.result.record["fingerprint"]
     assert set(state["data_position"]) == {"epoch", "step_in_epoch"}
     assert len(state["progress"]["history"]) == 10  # base eval + 9 steps
-    assert {"python", "numpy"} <= set(state["rng"])
+    assert {"python", "numpy"} <= set(state["rng"][0])
     from safetensors.torch import load_file
 
     tensors = load_file(ck / "optimizer.safetensors")
-    assert "rng.torch" in tensors and any(k.endswith(".exp_avg") for k in tensors)
+    assert "rank0.rng.torch" in tensors and any(k.endswith(".exp_avg") for k in tensors)
 
 
 def test_checkpoints_of_another_run_are_discarded_not_resumed(reference, setup, tmp_path):
