@@ -425,6 +425,10 @@ class OrchestrateParams(_Section):
     )
     io_retries: int = Field(2, ge=0, le=10, description="Retries of DVC pushes and registry writes (I/O that may recover)")
     retry_delay_seconds: float = Field(10, ge=0, description="Wait between retries")
+    parallel_tenants: int = Field(
+        1, ge=1, description="Tenants whose stages run at once, each on an equal share of the visible GPUs "
+        "(`loraline run --parallel N` overrides it); the result is the same as one after another",
+    )
 
 
 class TenantParams(_Section):

@@ -15,6 +15,7 @@ import ast
 import hashlib
 import subprocess
 import time
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -156,5 +157,7 @@ def code_fingerprint(module: str, root: Path = SOURCE_ROOT) -> dict[str, Any]:
 
 def run_facts(started: float, **facts: Any) -> dict[str, Any]:
     """A stage run's timing file (reports/timing/<stage>.json): seconds since `started`
-    (time.perf_counter()), the stage's own measurements (`facts`) and the git commit."""
-    return {"wall_s": round(time.perf_counter() - started, 2), **facts, "code_revision": code_revision()}
+    (time.perf_counter()), when it finished (UTC: runs of concurrent tenants can be lined up), the
+    stage's own measurements (`facts`) and the git commit."""
+    finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return {"wall_s": round(time.perf_counter() - started, 2), "finished_at": finished, **facts, "code_revision": code_revision()}

@@ -95,6 +95,41 @@ def test_first_run_publishes_reports_as_prefect_artifacts(first):
     assert "loraline-run" in keys
 
 
+def _tag_lock(project: Path, tag: str) -> dict:
+    """The dvc.lock a registry tag's version was built from."""
+    return yaml.safe_load(subprocess.run(["git", "show", f"{tag}:dvc.lock"], cwd=project, capture_output=True,
+                                         text=True, check=True).stdout)
+
+
+def _interval(project: Path, stage: str) -> tuple[float, float]:
+    from datetime import datetime
+
+    timing = json.loads((project / "reports" / "timing" / f"{stage}.json").read_text())
+    end = datetime.fromisoformat(timing["finished_at"]).timestamp()
+    return end - timing["wall_s"], end
+
+
+def test_tenants_in_parallel_end_exactly_where_the_sequential_run_did(project: Path, pipeline, first):
+    """Every stage forced again, two tenants at once in one workspace: the same dvc.lock entries,
+    no lost update, and nothing new for the registry (the same adapters, so the same versions)."""
+    lock_before = yaml.safe_load((project / "dvc.lock").read_text())
+    tags_before = tags(project)
+    state = pipeline(project_dir=str(project), force=True, parallel=2, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert set(result["stages_ran"]) == {"base"} | {f"{s}@{t}" for s in PER_TENANT for t in TENANTS}
+    assert yaml.safe_load((project / "dvc.lock").read_text()) == lock_before
+    assert subprocess.run(["dvc", "status"], cwd=project, capture_output=True, text=True, check=True).stdout.strip() \
+        == "Data and pipelines are up to date."
+    assert tags(project) == tags_before
+    for tenant in TENANTS:
+        assert not result["releases"][tenant]["registered_new"], result["releases"][tenant]
+        assert _tag_lock(project, f"{tenant}-adapter@v0.0.1")["stages"] == lock_before["stages"]
+    # and it was parallel: some stage of one tenant ran while one of the other tenant did
+    spans = {t: [_interval(project, f"{s}@{t}") for s in ("prepare", "train", "merge", "export", "evaluate")] for t in TENANTS}
+    assert any(a0 < b1 and b0 < a1 for a0, a1 in spans[TENANTS[0]] for b0, b1 in spans[TENANTS[1]]), spans
+
+
 def test_second_run_reruns_nothing_and_promotes_nothing(project: Path, pipeline, first):
     before = tags(project)
     state = pipeline(project_dir=str(project), return_state=True)

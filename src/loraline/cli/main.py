@@ -304,13 +304,44 @@ def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list
     from loraline import release
     from loraline.flows.repro import reproduce
 
-    targets = None if tenants == params.tenant_names else [stage_id("gate", t) for t in tenants]
-    ran = reproduce(force=args.force, push=not args.no_push, targets=targets)
+    parallel = args.parallel or params.orchestrate.parallel_tenants
+    failures: dict[str, BaseException] = {}
+    if parallel > 1 and len(tenants) > 1:
+        ran, failures = _stages_in_parallel(args, tenants, parallel)
+    else:
+        targets = None if tenants == params.tenant_names else [stage_id("gate", t) for t in tenants]
+        ran = reproduce(force=args.force, push=not args.no_push, targets=targets)
     print(f"dvc repro: {len(ran)} stage(s) ran" + (f": {', '.join(ran)}" if ran else " (everything up to date)"))
     for name in tenants:
+        if name in failures:
+            continue
         result = release.run(params, Layout(), name, promote=not args.no_promote)
         print(f"release[{name}]: {result.reason}")
+    if failures:
+        return "; ".join(f"[{t}] {e}" for t, e in failures.items())
     return None
+
+
+def _stages_in_parallel(args: argparse.Namespace, tenants: list[str], parallel: int) -> tuple[list[str], dict[str, BaseException]]:
+    """The shared stages, then up to `parallel` tenants' stage chains at once (flows/orchestrate.py)."""
+    from loraline.flows.orchestrate import plan_stages, prefixed_echo, project_lock, push_outputs, run_chains, run_stage
+
+    root = _project_root()
+    plan = plan_stages(root, tenants)
+    ran: list[str] = []
+    with project_lock(root, "shared"):
+        ran += [s for s in plan.shared if run_stage(root, s, force=args.force).ran]
+
+    def chain(tenant: str, stages: list[str], env: dict[str, str]) -> list[str]:
+        echo = prefixed_echo(tenant)
+        return [s for s in stages if run_stage(root, s, force=args.force, env=env, echo=echo).ran]
+
+    results, failures = run_chains(plan.per_tenant, parallel, chain)
+    for done in results.values():
+        ran += done  # type: ignore[operator]
+    if not args.no_push:
+        push_outputs(root)
+    return ran, failures
 
 
 def _run_flow(args: argparse.Namespace, tenants: list[str]) -> str | None:
@@ -323,7 +354,7 @@ def _run_flow(args: argparse.Namespace, tenants: list[str]) -> str | None:
 
     try:
         pipeline(tenants=args.tenant, project_dir=str(_project_root()), promote=not args.no_promote,
-                 push=not args.no_push, force=args.force)
+                 push=not args.no_push, force=args.force, parallel=args.parallel)
     except Exception as exc:  # the flow run holds the details; the summary below still shows what finished
         return str(exc)
     return None
@@ -425,6 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-promote", action="store_true", help="register new versions but leave production as it is")
     p.add_argument("--force", action="store_true", help="re-run every stage even when DVC finds it up to date")
     p.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
+    p.add_argument(
+        "--parallel", type=int, metavar="N", help="run up to N tenants' stages at once, each on an equal share of the "
+        "visible GPUs (default: orchestrate.parallel_tenants); the outputs are those of a sequential run",
+    )
     p.set_defaults(func=cmd_run)
     return parser
 

@@ -10,7 +10,10 @@ run says why without anyone opening a terminal.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -18,14 +21,18 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraline.layout import split_stage_id
 from loraline.tools import tool, tool_env
 
-__all__ = ["StageFailed", "StagePlan", "StageRun", "StageTimeout", "plan_stages", "push_outputs", "run_stage"]
+__all__ = [
+    "DeviceSlots", "StageFailed", "StagePlan", "StageRun", "StageTimeout", "device_slots", "plan_stages", "project_lock",
+    "push_outputs", "run_chains", "run_stage", "visible_gpus",
+]
 
 _RAN = re.compile(r"Running stage '([^']+)'")
 _TAIL_LINES = 40
@@ -102,7 +109,8 @@ def plan_stages(root: str | Path, tenants: Iterable[str]) -> StagePlan:
 
 
 def _run_streaming(
-    cmd: list[str], cwd: Path, timeout_s: float | None, echo: Callable[[str], None] | None
+    cmd: list[str], cwd: Path, timeout_s: float | None, echo: Callable[[str], None] | None,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, list[str], bool, bool]:
     """Run `cmd`, passing its output through (progress bars included) and keeping the last lines.
 
@@ -111,7 +119,7 @@ def _run_streaming(
     The process gets its own session so that a timeout can stop the whole tree (dvc -> loraline).
     """
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, cwd=cwd, env={**tool_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     timed_out = threading.Event()
@@ -159,19 +167,23 @@ def run_stage(
     force: bool = False,
     timeout_s: float | None = None,
     echo: Callable[[str], None] | None = _echo_stderr,
+    env: dict[str, str] | None = None,
 ) -> StageRun:
     """`dvc repro --single-item <stage>`: runs it when its deps, params or code changed, else skips.
+
+    `env`: variables added to the stage's environment (e.g. CUDA_VISIBLE_DEVICES pinning it to a GPU).
+    It waits for DVC's repository lock rather than failing when another stage holds it.
 
     Raises StageFailed (or StageTimeout) naming the stage, with its last output lines. The stage's
     own outputs are written atomically and DVC removes stale outputs before running, so a failure
     leaves no half-written output behind.
     """
     root = Path(root)
-    cmd = [tool("dvc"), "repro", "--single-item", stage]
+    cmd = [tool("dvc"), "--wait-for-lock", "repro", "--single-item", stage]
     if force:
         cmd.append("--force")
     started = time.perf_counter()
-    returncode, tail, timed_out, ran = _run_streaming(cmd, root, timeout_s, echo)
+    returncode, tail, timed_out, ran = _run_streaming(cmd, root, timeout_s, echo, env)
     seconds = time.perf_counter() - started
     if timed_out:
         raise StageTimeout(stage, timeout_s or 0.0, tail)
@@ -187,7 +199,7 @@ def push_outputs(root: str | Path, echo: Callable[[str], None] | None = _echo_st
     """
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    with Repo(str(root), _wait_for_lock=True) as repo:  # another flow run's stage may hold it briefly
         if not repo.config.get("core", {}).get("remote"):
             if echo:
                 echo("dvc push: no default remote configured, skipped\n")
@@ -196,3 +208,93 @@ def push_outputs(root: str | Path, echo: Callable[[str], None] | None = _echo_st
     if echo:
         echo(f"dvc push: {pushed} file(s) pushed\n")
     return int(pushed)
+
+
+# ---- tenants in parallel -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def project_lock(root: str | Path, name: str) -> Iterator[None]:
+    """An exclusive lock shared by every process working in this project (flow runs, CLI runs);
+    blocks until it is free. Held for the shared stages and for registry writes."""
+    folder = Path(root) / ".dvc" / "tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"loraline-{name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand out: CUDA_VISIBLE_DEVICES when set ("" = none), else every GPU."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def device_slots(parallel: int, gpus: list[str]) -> list[dict[str, str]]:
+    """What each of `parallel` concurrent tenants sees: an equal share of the GPUs (at least one;
+    tenants share GPUs round-robin when there are more tenants than GPUs); nothing on a CPU machine."""
+    if not gpus:
+        return [{} for _ in range(parallel)]
+    per = max(1, len(gpus) // parallel)
+    return [
+        {"CUDA_VISIBLE_DEVICES": ",".join(gpus[(i * per + k) % len(gpus)] for k in range(per))} for i in range(parallel)
+    ]
+
+
+class DeviceSlots:
+    """A pool of device slots: a tenant's stages hold one slot from its first stage to its last."""
+
+    def __init__(self, slots: list[dict[str, str]]):
+        self._free: queue.Queue[dict[str, str]] = queue.Queue()
+        for slot in slots:
+            self._free.put(slot)
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[dict[str, str]]:
+        env = self._free.get()
+        try:
+            yield env
+        finally:
+            self._free.put(env)
+
+
+def prefixed_echo(tenant: str) -> Callable[[str], None]:
+    """Stage output of concurrent tenants, one whole line at a time, each marked with its tenant."""
+
+    def echo(text: str) -> None:
+        line = text.rstrip("\n").split("\r")[-1]
+        if line.strip():
+            _echo_stderr(f"[{tenant}] {line}\n")
+
+    return echo
+
+
+def run_chains(
+    chains: dict[str, list[str]], parallel: int, run_chain: Callable[[str, list[str], dict[str, str]], object]
+) -> tuple[dict[str, object], dict[str, BaseException]]:
+    """Run each tenant's stage chain, up to `parallel` tenants at once, each with its device slot.
+
+    Returns (results, failures) by tenant: a tenant that fails does not stop the others."""
+    slots = DeviceSlots(device_slots(parallel, visible_gpus()))
+
+    def one(tenant: str) -> object:
+        with slots.slot() as env:
+            return run_chain(tenant, chains[tenant], env)
+
+    results: dict[str, object] = {}
+    failures: dict[str, BaseException] = {}
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="tenant") as pool:
+        futures = {tenant: pool.submit(one, tenant) for tenant in chains}
+        for tenant, future in futures.items():
+            try:
+                results[tenant] = future.result()
+            except Exception as exc:
+                failures[tenant] = exc
+    return results, failures

@@ -8,9 +8,10 @@ Who owns what:
   are I/O that may recover; nothing else is retried, a deterministic failure would only fail again),
   timeouts, logs, the reports as artifacts, and the promotion decision (the release task).
 
-Tenants run one after another: DVC holds one lock per repository, so two stages of the same
-workspace cannot run at once. A tenant that fails does not stop the others; the flow run fails at
-the end naming every tenant that failed and why.
+Tenants run one after another, or with `parallel` N (orchestrate.parallel_tenants) up to N at once,
+each pinned to its share of the GPUs, as concurrent Prefect tasks over one DVC workspace (see
+flows/orchestrate.py for why that is safe and what it serializes). A tenant that fails does not
+stop the others; the flow run fails at the end naming every tenant that failed and why.
 """
 
 from __future__ import annotations
@@ -23,17 +24,25 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from loraline.config import OrchestrateParams, load_params
 from loraline.layout import Layout, split_stage_id
-from loraline.flows.orchestrate import StageRun, plan_stages, push_outputs, run_stage
+from loraline.flows.orchestrate import (
+    DeviceSlots, StageRun, device_slots, plan_stages, prefixed_echo, project_lock, push_outputs, run_stage, visible_gpus,
+)
 from loraline.release import ReleaseResult, release_tenant
 from loraline.summary import collect_summary, gate_markdown, render_markdown
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
-def dvc_stage(project_dir: str, stage: str, force: bool, timeout_s: float | None) -> StageRun:
-    result = run_stage(project_dir, stage, force=force, timeout_s=timeout_s)
+def dvc_stage(
+    project_dir: str, stage: str, force: bool, timeout_s: float | None, env: dict[str, str] | None = None,
+    tenant: str | None = None,
+) -> StageRun:
+    """One DVC stage; `env` pins it to its device slot, `tenant` marks its output lines (parallel runs)."""
+    echo = prefixed_echo(tenant) if tenant else None
+    result = run_stage(project_dir, stage, force=force, timeout_s=timeout_s, env=env, **({"echo": echo} if echo else {}))
     get_run_logger().info("%s: %s in %.1fs", stage, "ran" if result.ran else "up to date, skipped", result.seconds)
     return result
 
@@ -46,7 +55,8 @@ def dvc_push(project_dir: str) -> int:
 @task(task_run_name="release-{tenant}", cache_policy=NO_CACHE)
 def release(project_dir: str, tenant: str, promote: bool) -> ReleaseResult:
     params = load_params(Path(project_dir) / "params.yaml")
-    result = release_tenant(Path(project_dir), params, tenant, promote=promote)
+    with project_lock(project_dir, "registry"):  # version numbers and tags: one writer at a time
+        result = release_tenant(Path(project_dir), params, tenant, promote=promote)
     get_run_logger().info("release %s: %s", tenant, result.reason)
     return result
 
@@ -74,6 +84,28 @@ def _with_policy(stage: str, orchestrate: OrchestrateParams):
     return dvc_stage.with_options(retries=retries, retry_delay_seconds=orchestrate.retry_delay_seconds), timeout_s
 
 
+def _run_chain(
+    project_dir: str, stages: list[str], force: bool, orchestrate: OrchestrateParams, env: dict[str, str] | None = None,
+    tenant: str | None = None,
+) -> dict[str, bool]:
+    ran = {}
+    for stage in stages:
+        run, timeout_s = _with_policy(stage, orchestrate)
+        ran[stage] = run(project_dir, stage, force, timeout_s, env, tenant).ran
+    return ran
+
+
+@task(task_run_name="stages-{tenant}", cache_policy=NO_CACHE)
+def tenant_stages(
+    project_dir: str, tenant: str, stages: list[str], force: bool, orchestrate: OrchestrateParams, slots: DeviceSlots
+) -> dict[str, bool]:
+    """One tenant's chain of stages, run beside other tenants' chains, holding one device slot."""
+    with slots.slot() as env:
+        if env:
+            get_run_logger().info("%s: stages pinned to %s", tenant, env)
+        return _run_chain(project_dir, stages, force, orchestrate, env, tenant)
+
+
 def _run_name() -> str:
     tenants = flow_run.parameters.get("tenants")
     return "loraline-" + ("-".join(tenants) if tenants else "all-tenants")
@@ -86,11 +118,13 @@ def pipeline(
     promote: bool = True,
     push: bool = True,
     force: bool = False,
+    parallel: int | None = None,
 ) -> dict:
     """Raw data to production adapters: DVC stages per tenant, then register and promote.
 
     `tenants`: the tenants to run (default: every tenant in params.yaml). `promote`: register
     versions but leave production alone when False. `force`: re-run stages DVC finds up to date.
+    `parallel`: tenants whose stages run at once (default orchestrate.parallel_tenants).
     """
     started = time.perf_counter()
     project_dir = str(Path(project_dir).resolve())
@@ -102,20 +136,31 @@ def pipeline(
     orchestrate = params.orchestrate
 
     ran: dict[str, bool] = {}
-    for stage in plan.shared:
-        run, timeout_s = _with_policy(stage, orchestrate)
-        ran[stage] = run(project_dir, stage, force, timeout_s).ran
+    with project_lock(project_dir, "shared"):  # another flow run may be building the same base
+        ran.update(_run_chain(project_dir, plan.shared, force, orchestrate))
 
     failures: dict[str, str] = {}
-    for tenant, stages in plan.per_tenant.items():
-        try:
-            for stage in stages:
-                run, timeout_s = _with_policy(stage, orchestrate)
-                ran[stage] = run(project_dir, stage, force, timeout_s).ran
-        except Exception as exc:  # one tenant's failure must not stop the others
-            failures[tenant] = str(exc)
-            get_run_logger().error("tenant %s failed: %s", tenant, exc)
+    parallel = parallel or orchestrate.parallel_tenants
+    if parallel > 1 and len(plan.per_tenant) > 1:
+        slots = DeviceSlots(device_slots(parallel, visible_gpus()))
+        futures = {
+            tenant: tenant_stages.submit(project_dir, tenant, stages, force, orchestrate, quote(slots))
+            for tenant, stages in plan.per_tenant.items()
+        }
+        outcomes = {tenant: future.result(raise_on_failure=False) for tenant, future in futures.items()}
+    else:
+        outcomes = {}
+        for tenant, stages in plan.per_tenant.items():
+            try:
+                outcomes[tenant] = _run_chain(project_dir, stages, force, orchestrate)
+            except Exception as exc:  # one tenant's failure must not stop the others
+                outcomes[tenant] = exc
+    for tenant, outcome in outcomes.items():
+        if isinstance(outcome, BaseException):
+            failures[tenant] = str(outcome)
+            get_run_logger().error("tenant %s failed: %s", tenant, outcome)
             continue  # its reports on disk are from an earlier run: publishing them would mislead
+        ran.update(outcome)
         publish_reports(project_dir, tenant)
 
     if push:

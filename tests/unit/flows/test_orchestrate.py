@@ -76,3 +76,73 @@ def test_timeout_stops_the_stage_process_tree(project: Path):
     assert "started" in str(info.value)
     # nothing of the stage survives: a sleeping child would still hold DVC's lock
     assert run_stage(project, "copy@t1", echo=None).ran
+
+
+# ---- tenants in parallel ----------------------------------------------------------------------
+
+
+def test_device_slots_share_the_gpus_out():
+    from loraline.flows.orchestrate import device_slots
+
+    assert device_slots(2, ["0", "1"]) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    assert device_slots(2, ["0", "1", "2", "3"]) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    assert device_slots(3, ["4", "7"]) == [{"CUDA_VISIBLE_DEVICES": g} for g in ("4", "7", "4")]  # round-robin
+    assert device_slots(2, []) == [{}, {}]  # CPU: nothing to pin
+
+
+@pytest.fixture
+def chains_project(tmp_path: Path) -> Path:
+    """Two tenants, each a chain of two stages that take a second and report where they ran."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([tool("dvc"), "init", "-q"], cwd=tmp_path, env=tool_env(), check=True)
+    for t in ("t1", "t2"):
+        (tmp_path / f"in-{t}.txt").write_text(f"{t}\n")
+    code = ("import os, sys, time; t0 = time.time(); time.sleep(1); src, dst = sys.argv[1:]; "
+            "open(dst, 'w').write(open(src).read() + os.environ.get('CUDA_VISIBLE_DEVICES', '-') + '\\n'); "
+            "open('spans.log', 'a').write(f'{dst} {t0} {time.time()}\\n')")
+    stages = {
+        "first": {"foreach": ["t1", "t2"], "do": {"cmd": f'python -c "{code}" in-${{item}}.txt a-${{item}}.txt',
+                                                  "deps": ["in-${item}.txt"], "outs": ["a-${item}.txt"]}},
+        "second": {"foreach": ["t1", "t2"], "do": {"cmd": f'python -c "{code}" a-${{item}}.txt b-${{item}}.txt',
+                                                   "deps": ["a-${item}.txt"], "outs": ["b-${item}.txt"]}},
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    return tmp_path
+
+
+def test_two_tenants_chains_run_at_once_pinned_and_lose_no_lock_update(chains_project: Path, monkeypatch):
+    from loraline.flows.orchestrate import run_chains
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")
+    chains = {t: [f"first@{t}", f"second@{t}"] for t in ("t1", "t2")}
+
+    def chain(tenant, stages, env):
+        return [run_stage(chains_project, s, env=env, echo=None).ran for s in stages]
+
+    results, failures = run_chains(chains, 2, chain)
+    assert not failures and results == {"t1": [True, True], "t2": [True, True]}
+    lock = yaml.safe_load((chains_project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {f"{s}@{t}" for s in ("first", "second") for t in ("t1", "t2")}
+    pinned = {(chains_project / f"b-{t}.txt").read_text().split("\n")[1] for t in ("t1", "t2")}
+    assert pinned == {"5", "6"}  # each tenant held its own GPU for its whole chain
+    status = subprocess.run([tool("dvc"), "status"], cwd=chains_project, env=tool_env(), capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout
+    spans = {}
+    for line in (chains_project / "spans.log").read_text().splitlines():
+        out, t0, t1 = line.split()
+        spans[out] = (float(t0), float(t1))
+    t1_spans = [spans[f"{s}-t1.txt"] for s in ("a", "b")]
+    t2_spans = [spans[f"{s}-t2.txt"] for s in ("a", "b")]
+    assert any(a0 < b1 and b0 < a1 for a0, a1 in t1_spans for b0, b1 in t2_spans), spans  # they overlapped
+
+
+def test_a_failing_tenant_does_not_stop_the_other(chains_project: Path):
+    from loraline.flows.orchestrate import run_chains
+
+    (chains_project / "in-t1.txt").unlink()  # t1's first stage has no input
+    results, failures = run_chains(
+        {t: [f"first@{t}", f"second@{t}"] for t in ("t1", "t2")}, 2,
+        lambda tenant, stages, env: [run_stage(chains_project, s, env=env, echo=None).ran for s in stages],
+    )
+    assert set(failures) == {"t1"} and "in-t1.txt" in str(failures["t1"])
+    assert results == {"t2": [True, True]}
