@@ -24,6 +24,8 @@ loss-agreement check (--agree-steps): the same steps, same data and seed, with e
 off and with the final configuration, per-step training losses compared.
 
     python bench/train_speed.py --shape llama-1b --shape llama-8b --out bench.jsonl
+    python bench/train_speed.py --shape llama-8b --no-peer --examples 640 --config final --config final+devices=2
+        (data-parallel scaling: the same examples on 1 and on 2 GPUs, the same per-GPU micro-batch)
 
 Needs CUDA and bitsandbytes. Prints one JSON line per run, then a table.
 """
@@ -185,10 +187,10 @@ def run_ours(shape_name: str, peer_path: Path, examples: int, root: Path, config
     losses = [float(line.split(",")[1]) for line in (out / "adapter" / "train_loss.csv").read_text().splitlines()[1:]]
     res = dict(
         recipe="loraline", config=config, shape=shape_name, examples=examples, batch_rows=params.batch_size,
-        grad_accum=params.grad_accum, steps=rec["steps"]["done"], useful_tokens=useful, tokens_seen=rec["tokens_seen"]["useful"],
+        grad_accum=params.grad_accum, devices=params.devices, steps=rec["steps"]["done"], useful_tokens=useful, tokens_seen=rec["tokens_seen"]["useful"],
         gradient_checkpointing=params.gradient_checkpointing, speed=rec["speed"],
         useful_tokens_per_s=round(result.timing["tokens_per_s"]), stage_wall_s=round(time.perf_counter() - started, 1),
-        peak_gib=round(result.timing["peak_memory"]["bytes"] / 2**30, 2), train_losses=[round(x, 5) for x in losses],
+        peak_gib=round(result.timing["peak_memory"]["bytes"] / 2**30, 2),  # the highest rank's, per GPU train_losses=[round(x, 5) for x in losses],
     )
     if prof is not None:
         res["profile"] = prof.table
@@ -247,8 +249,8 @@ def agreement(reference: dict, final: dict) -> dict:
 
 def table(results: list[dict], tflops: float | None) -> str:
     peers = {r["shape"]: r for r in results if r["recipe"] == "peer-textbook-qlora"}
-    rows = ["| shape | recipe | useful tokens/s | peak GiB | speed vs peer | memory vs peer | MFU |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    rows = ["| shape | recipe | GPUs | useful tokens/s | peak GiB per GPU | speed vs peer | memory vs peer | MFU per GPU |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "useful_tokens_per_s" not in r or r.get("agree"):
             continue
@@ -257,7 +259,8 @@ def table(results: list[dict], tflops: float | None) -> str:
         mem = f"{r['peak_gib'] / p['peak_gib']:.2f}x" if p else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         name = r["recipe"] if r["recipe"] != "loraline" else f"loraline ({r['config']})"
-        rows.append(f"| {r['shape']} | {name} | {r['useful_tokens_per_s']:,} | {r['peak_gib']} | {speed} | {mem} | {mfu} |")
+        gpus = r.get("devices", 1)
+        rows.append(f"| {r['shape']} | {name} | {gpus} | {r['useful_tokens_per_s']:,} | {r['peak_gib']} | {speed} | {mem} | {mfu} |")
     for r in results:
         if r["recipe"] == "agreement":
             rows.append(f"\nloss agreement, {r['shape']}, {r['steps']} steps, speed options off vs final: "
@@ -326,7 +329,7 @@ def main() -> None:
             run_in_subprocess(["--only", "build", *common])
             for config in configs:
                 r = run_in_subprocess(["--only", "ours", "--config", config, *common])
-                r["mfu"] = r["useful_tokens_per_s"] * 6 * n_params / (tflops * 1e12)
+                r["mfu"] = r["useful_tokens_per_s"] * 6 * n_params / (tflops * 1e12 * r["devices"])  # per GPU
                 record(r)
             if a.agree_steps and shape == a.agree_shape:
                 final = our_params(shape, configs[-1])

@@ -119,8 +119,10 @@ def test_tenants_in_parallel_end_exactly_where_the_sequential_run_did(project: P
     result = state.result()
     assert set(result["stages_ran"]) == {"base"} | {f"{s}@{t}" for s in PER_TENANT for t in TENANTS}
     assert yaml.safe_load((project / "dvc.lock").read_text()) == lock_before
-    assert subprocess.run(["dvc", "status"], cwd=project, capture_output=True, text=True, check=True).stdout.strip() \
-        == "Data and pipelines are up to date."
+    from loraline.tools import tool, tool_env
+
+    status = subprocess.run([tool("dvc"), "status"], cwd=project, env=tool_env(), capture_output=True, text=True, check=True)
+    assert status.stdout.strip() == "Data and pipelines are up to date.", status.stdout
     assert tags(project) == tags_before
     for tenant in TENANTS:
         assert not result["releases"][tenant]["registered_new"], result["releases"][tenant]

@@ -306,7 +306,7 @@ def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list
 
     parallel = args.parallel or params.orchestrate.parallel_tenants
     failures: dict[str, BaseException] = {}
-    if parallel > 1 and len(tenants) > 1:
+    if parallel > 1:
         ran, failures = _stages_in_parallel(args, tenants, parallel)
     else:
         targets = None if tenants == params.tenant_names else [stage_id("gate", t) for t in tenants]
@@ -336,7 +336,7 @@ def _stages_in_parallel(args: argparse.Namespace, tenants: list[str], parallel: 
         echo = prefixed_echo(tenant)
         return [s for s in stages if run_stage(root, s, force=args.force, env=env, echo=echo).ran]
 
-    results, failures = run_chains(plan.per_tenant, parallel, chain)
+    results, failures = run_chains(root, plan.per_tenant, parallel, chain)
     for done in results.values():
         ran += done  # type: ignore[operator]
     if not args.no_push:

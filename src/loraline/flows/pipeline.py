@@ -141,8 +141,8 @@ def pipeline(
 
     failures: dict[str, str] = {}
     parallel = parallel or orchestrate.parallel_tenants
-    if parallel > 1 and len(plan.per_tenant) > 1:
-        slots = DeviceSlots(device_slots(parallel, visible_gpus()))
+    if parallel > 1:  # also with one tenant: concurrent flow runs (per-tenant deployments) share the slots
+        slots = DeviceSlots(project_dir, device_slots(parallel, visible_gpus()))
         futures = {
             tenant: tenant_stages.submit(project_dir, tenant, stages, force, orchestrate, quote(slots))
             for tenant, stages in plan.per_tenant.items()

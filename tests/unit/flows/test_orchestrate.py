@@ -81,13 +81,16 @@ def test_timeout_stops_the_stage_process_tree(project: Path):
 # ---- tenants in parallel ----------------------------------------------------------------------
 
 
-def test_device_slots_share_the_gpus_out():
+def test_device_slots_share_the_gpus_and_cpu_threads_out(monkeypatch):
     from loraline.flows.orchestrate import device_slots
 
-    assert device_slots(2, ["0", "1"]) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
-    assert device_slots(2, ["0", "1", "2", "3"]) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
-    assert device_slots(3, ["4", "7"]) == [{"CUDA_VISIBLE_DEVICES": g} for g in ("4", "7", "4")]  # round-robin
-    assert device_slots(2, []) == [{}, {}]  # CPU: nothing to pin
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert device_slots(2, ["0", "1"], cpus=32) == [{"CUDA_VISIBLE_DEVICES": g, "OMP_NUM_THREADS": "16"} for g in "01"]
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in device_slots(2, ["0", "1", "2", "3"], cpus=8)] == ["0,1", "2,3"]
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in device_slots(3, ["4", "7"], cpus=8)] == ["4", "7", "4"]  # round-robin
+    assert device_slots(2, [], cpus=2) == [{}, {}]  # CPU: nothing pinned, so outputs match a sequential run
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert device_slots(2, ["0", "1"], cpus=32)[0] == {"CUDA_VISIBLE_DEVICES": "0"}  # the user's setting stands
 
 
 @pytest.fixture
@@ -119,7 +122,7 @@ def test_two_tenants_chains_run_at_once_pinned_and_lose_no_lock_update(chains_pr
     def chain(tenant, stages, env):
         return [run_stage(chains_project, s, env=env, echo=None).ran for s in stages]
 
-    results, failures = run_chains(chains, 2, chain)
+    results, failures = run_chains(chains_project, chains, 2, chain)
     assert not failures and results == {"t1": [True, True], "t2": [True, True]}
     lock = yaml.safe_load((chains_project / "dvc.lock").read_text())
     assert set(lock["stages"]) == {f"{s}@{t}" for s in ("first", "second") for t in ("t1", "t2")}
@@ -141,8 +144,31 @@ def test_a_failing_tenant_does_not_stop_the_other(chains_project: Path):
 
     (chains_project / "in-t1.txt").unlink()  # t1's first stage has no input
     results, failures = run_chains(
-        {t: [f"first@{t}", f"second@{t}"] for t in ("t1", "t2")}, 2,
+        chains_project, {t: [f"first@{t}", f"second@{t}"] for t in ("t1", "t2")}, 2,
         lambda tenant, stages, env: [run_stage(chains_project, s, env=env, echo=None).ran for s in stages],
     )
     assert set(failures) == {"t1"} and "in-t1.txt" in str(failures["t1"])
     assert results == {"t2": [True, True]}
+
+
+def test_device_slots_are_shared_with_other_processes(tmp_path: Path):
+    """A second run (another process) waits for the slot the first holds, then gets it."""
+    import sys
+
+    from loraline.flows.orchestrate import DeviceSlots
+
+    slots = DeviceSlots(tmp_path, [{"CUDA_VISIBLE_DEVICES": "0"}], poll_s=0.05)
+    other = (
+        "import sys, time; from loraline.flows.orchestrate import DeviceSlots\n"
+        f"with DeviceSlots({str(tmp_path)!r}, [{{'CUDA_VISIBLE_DEVICES': '0'}}], poll_s=0.05).slot() as env:\n"
+        "    print(time.time(), env['CUDA_VISIBLE_DEVICES'], flush=True)\n"
+    )
+    with slots.slot() as env:
+        assert env == {"CUDA_VISIBLE_DEVICES": "0"}
+        proc = subprocess.Popen([sys.executable, "-c", other], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert proc.poll() is None  # still waiting for the slot
+        released = time.time()
+    out, _ = proc.communicate(timeout=30)
+    got_at, gpu = out.split()
+    assert gpu == "0" and float(got_at) >= released
