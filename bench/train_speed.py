@@ -190,7 +190,8 @@ def run_ours(shape_name: str, peer_path: Path, examples: int, root: Path, config
         grad_accum=params.grad_accum, devices=params.devices, steps=rec["steps"]["done"], useful_tokens=useful, tokens_seen=rec["tokens_seen"]["useful"],
         gradient_checkpointing=params.gradient_checkpointing, speed=rec["speed"],
         useful_tokens_per_s=round(result.timing["tokens_per_s"]), stage_wall_s=round(time.perf_counter() - started, 1),
-        peak_gib=round(result.timing["peak_memory"]["bytes"] / 2**30, 2),  # the highest rank's, per GPU train_losses=[round(x, 5) for x in losses],
+        peak_gib=round(result.timing["peak_memory"]["bytes"] / 2**30, 2),  # per GPU: the highest rank's
+        train_losses=[round(x, 5) for x in losses],
     )
     if prof is not None:
         res["profile"] = prof.table
