@@ -140,6 +140,7 @@ def test_loraline_run_without_prefect_releases_then_is_idempotent(project: Path,
     tags = set(sh("git", "tag", cwd=project).split())
     assert {"acme-shop-adapter@v0.0.1", "acme-shop-adapter#prod#1", "globex-it-onnx#prod#1"} <= tags
 
-    again = sh("loraline", "run", "--no-prefect", "--no-push", cwd=project)
+    again = sh("loraline", "run", "--no-prefect", "--no-push", "--parallel", "2", cwd=project)  # the parallel path
+    assert "dvc repro: 0 stage(s) ran" in again
     assert set(sh("git", "tag", cwd=project).split()) == tags
     assert again.count("registry: v0.0.1 (unchanged)") == 2, again[-3000:]

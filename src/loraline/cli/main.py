@@ -272,6 +272,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.chdir(root)
     params = _load(args)
     tenants = _tenants(params, args.tenant)
+    if args.parallel is not None and args.parallel < 1:
+        raise ConfigError(f"--parallel must be at least 1, got {args.parallel}")
     error = None
     if args.no_dvc:
         ns = dict(params=args.params, set=args.set, quiet=args.quiet, out=None, tenant=args.tenant, docs=None, base=None)
