@@ -14,8 +14,9 @@ from loraline.train.errors import TrainError
 from loraline.train.stage import train_adapter
 
 # Two gloo ranks add their partial sums in another order than one process does: float32 rounding,
-# compounded over 12 Adam steps. Measured on 2 CPU cores: at most ~2e-6 on the losses.
-LOSS_TOL = 1e-4
+# compounded over 12 Adam steps. Measured on 2 CPU cores: the same losses as train_loss.csv writes
+# them, adapter weights within 2e-7. The bounds leave room for other CPUs' kernels.
+LOSS_TOL = 1e-5
 
 
 def _losses(path) -> list[float]:
@@ -53,7 +54,7 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(setup, tmp
     assert abs(one.record["loss"]["base_val"] - two.record["loss"]["base_val"]) < 1e-5  # sharded evaluation
     ta, tb = adapter_tensors(one.out_dir), adapter_tensors(two.out_dir)
     assert ta.keys() == tb.keys()
-    assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-3
+    assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-5
     assert (a[0] - a[-1]) > 0.1  # it learnt: the comparison is not between two untrained adapters
 
 
