@@ -304,6 +304,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list[str]) -> str | None:
     from loraline import release
+    from loraline.flows.orchestrate import project_lock
     from loraline.flows.repro import reproduce
 
     parallel = args.parallel or params.orchestrate.parallel_tenants
@@ -317,7 +318,8 @@ def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list
     for name in tenants:
         if name in failures:
             continue
-        result = release.run(params, Layout(), name, promote=not args.no_promote)
+        with project_lock(Path.cwd(), "registry"):  # a concurrent run's release may be writing tags
+            result = release.run(params, Layout(), name, promote=not args.no_promote)
         print(f"release[{name}]: {result.reason}")
     if failures:
         return "; ".join(f"[{t}] {e}" for t, e in failures.items())
