@@ -304,13 +304,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list[str]) -> str | None:
     from loraline import release
-    from loraline.flows.orchestrate import project_lock
+    from loraline.flows.orchestrate import project_lock, run_stages_in_parallel
     from loraline.flows.repro import reproduce
 
     parallel = args.parallel or params.orchestrate.parallel_tenants
     failures: dict[str, BaseException] = {}
     if parallel > 1:
-        ran, failures = _stages_in_parallel(args, tenants, parallel)
+        ran, failures = run_stages_in_parallel(_project_root(), tenants, parallel, force=args.force, push=not args.no_push)
     else:
         targets = None if tenants == params.tenant_names else [stage_id("gate", t) for t in tenants]
         ran = reproduce(force=args.force, push=not args.no_push, targets=targets)
@@ -324,28 +324,6 @@ def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list
     if failures:
         return "; ".join(f"[{t}] {e}" for t, e in failures.items())
     return None
-
-
-def _stages_in_parallel(args: argparse.Namespace, tenants: list[str], parallel: int) -> tuple[list[str], dict[str, BaseException]]:
-    """The shared stages, then up to `parallel` tenants' stage chains at once (flows/orchestrate.py)."""
-    from loraline.flows.orchestrate import plan_stages, prefixed_echo, project_lock, push_outputs, run_chains, run_stage
-
-    root = _project_root()
-    plan = plan_stages(root, tenants)
-    ran: list[str] = []
-    with project_lock(root, "shared"):
-        ran += [s for s in plan.shared if run_stage(root, s, force=args.force).ran]
-
-    def chain(tenant: str, stages: list[str], env: dict[str, str]) -> list[str]:
-        echo = prefixed_echo(tenant)
-        return [s for s in stages if run_stage(root, s, force=args.force, env=env, echo=echo).ran]
-
-    results, failures = run_chains(root, plan.per_tenant, parallel, chain)
-    for done in results.values():
-        ran += done  # type: ignore[operator]
-    if not args.no_push:
-        push_outputs(root)
-    return ran, failures
 
 
 def _run_flow(args: argparse.Namespace, tenants: list[str]) -> str | None:

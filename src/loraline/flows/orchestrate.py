@@ -30,7 +30,7 @@ from loraline.tools import tool, tool_env
 
 __all__ = [
     "DeviceSlots", "StageFailed", "StagePlan", "StageRun", "StageTimeout", "device_slots", "plan_stages", "project_lock",
-    "push_outputs", "run_chains", "run_stage", "visible_gpus",
+    "push_outputs", "run_chains", "run_stage", "run_stages_in_parallel", "stage_echo", "visible_gpus",
 ]
 
 _RAN = re.compile(r"Running stage '([^']+)'")
@@ -212,13 +212,17 @@ def push_outputs(root: str | Path, echo: Callable[[str], None] | None = _echo_st
 # ---- tenants in parallel -------------------------------------------------------------------------
 
 
+def _lock_file(root: str | Path, name: str):
+    folder = Path(root) / ".dvc" / "tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    return open(folder / f"loraline-{name}.lock", "a")
+
+
 @contextlib.contextmanager
 def project_lock(root: str | Path, name: str) -> Iterator[None]:
     """An exclusive lock shared by every process working in this project (flow runs, CLI runs);
     blocks until it is free. Held for the shared stages and for registry writes."""
-    folder = Path(root) / ".dvc" / "tmp"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"loraline-{name}.lock", "a") as fh:
+    with _lock_file(root, name) as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -262,31 +266,30 @@ class DeviceSlots:
     and never put two tenants on the same slot's GPUs."""
 
     def __init__(self, root: str | Path, slots: list[dict[str, str]], poll_s: float = 1.0):
-        self.folder = Path(root) / ".dvc" / "tmp"
-        self.slots, self.poll_s = slots, poll_s
+        self.root, self.slots, self.poll_s = root, slots, poll_s
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[dict[str, str]]:
-        self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             for i, env in enumerate(self.slots):
-                fh = open(self.folder / f"loraline-slot-{i}.lock", "a")
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    fh.close()
-                    continue
-                try:
-                    yield env
-                finally:
-                    fcntl.flock(fh, fcntl.LOCK_UN)
-                    fh.close()
-                return
+                with _lock_file(self.root, f"slot-{i}") as fh:
+                    try:
+                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue
+                    try:
+                        yield env
+                    finally:
+                        fcntl.flock(fh, fcntl.LOCK_UN)
+                    return
             time.sleep(self.poll_s)
 
 
-def prefixed_echo(tenant: str) -> Callable[[str], None]:
-    """Stage output of concurrent tenants, one whole line at a time, each marked with its tenant."""
+def stage_echo(tenant: str | None) -> Callable[[str], None]:
+    """Where a stage's output goes: through as it is, or (`tenant`, for concurrent tenants) one whole
+    line at a time, each marked with its tenant."""
+    if tenant is None:
+        return _echo_stderr
 
     def echo(text: str) -> None:
         line = text.rstrip("\n").split("\r")[-1]
@@ -319,3 +322,23 @@ def run_chains(
             except Exception as exc:
                 failures[tenant] = exc
     return results, failures
+
+
+def run_stages_in_parallel(
+    root: str | Path, tenants: list[str], parallel: int, *, force: bool = False, push: bool = True
+) -> tuple[list[str], dict[str, BaseException]]:
+    """Without an orchestrator: the shared stages (under the project lock), then up to `parallel`
+    tenants' stage chains at once, then `dvc push`. Returns (stages that ran, failures by tenant)."""
+    plan = plan_stages(root, tenants)
+    with project_lock(root, "shared"):
+        ran = [s for s in plan.shared if run_stage(root, s, force=force).ran]
+
+    def chain(tenant: str, stages: list[str], env: dict[str, str]) -> list[str]:
+        return [s for s in stages if run_stage(root, s, force=force, env=env, echo=stage_echo(tenant)).ran]
+
+    results, failures = run_chains(root, plan.per_tenant, parallel, chain)
+    for done in results.values():
+        ran += done  # type: ignore[arg-type]
+    if push:
+        push_outputs(root)
+    return ran, failures

@@ -29,7 +29,7 @@ from prefect.utilities.annotations import quote
 from loraline.config import OrchestrateParams, load_params
 from loraline.layout import Layout, split_stage_id
 from loraline.flows.orchestrate import (
-    DeviceSlots, StageRun, device_slots, plan_stages, prefixed_echo, project_lock, push_outputs, run_stage, visible_gpus,
+    DeviceSlots, StageRun, device_slots, plan_stages, project_lock, push_outputs, run_stage, stage_echo, visible_gpus,
 )
 from loraline.release import ReleaseResult, release_tenant
 from loraline.summary import collect_summary, gate_markdown, render_markdown
@@ -41,8 +41,7 @@ def dvc_stage(
     tenant: str | None = None,
 ) -> StageRun:
     """One DVC stage; `env` pins it to its device slot, `tenant` marks its output lines (parallel runs)."""
-    echo = prefixed_echo(tenant) if tenant else None
-    result = run_stage(project_dir, stage, force=force, timeout_s=timeout_s, env=env, **({"echo": echo} if echo else {}))
+    result = run_stage(project_dir, stage, force=force, timeout_s=timeout_s, env=env, echo=stage_echo(tenant))
     get_run_logger().info("%s: %s in %.1fs", stage, "ran" if result.ran else "up to date, skipped", result.seconds)
     return result
 
