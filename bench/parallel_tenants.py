@@ -30,24 +30,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("train", "merge", "evaluate")
-EVAL_EXAMPLES = 32  # test rows generated per model in evaluate (set by --eval-examples)
 
 
-def stage_cmd(stage: str, tenant: str, params: Path, max_steps: int | None) -> list[str]:
+def stage_cmd(stage: str, tenant: str, params: Path, max_steps: int | None, eval_examples: int | None) -> list[str]:
     cmd = [sys.executable, "-c", "import sys; from loraline.cli.main import main; sys.exit(main())",
            stage, "--tenant", tenant, "--params", str(params), "-q"]
     if max_steps:
         cmd += ["--set", f"train.max_steps={max_steps}"]
-    if stage == "evaluate" and EVAL_EXAMPLES:
-        cmd += ["--set", f"evaluate.max_examples={EVAL_EXAMPLES}"]
+    if stage == "evaluate" and eval_examples:
+        cmd += ["--set", f"evaluate.max_examples={eval_examples}"]
     return cmd
 
 
-def run_chain(workdir: Path, params: Path, tenant: str, env: dict[str, str], max_steps: int | None) -> dict:
+def run_chain(
+    workdir: Path, params: Path, tenant: str, env: dict[str, str], max_steps: int | None, eval_examples: int | None
+) -> dict:
     started, times = time.perf_counter(), {}
     for stage in STAGES:
         t0 = time.perf_counter()
-        done = subprocess.run(stage_cmd(stage, tenant, params, max_steps), cwd=workdir, env={**os.environ, **env},
+        done = subprocess.run(stage_cmd(stage, tenant, params, max_steps, eval_examples), cwd=workdir, env={**os.environ, **env},
                               capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{stage} --tenant {tenant} failed:\n{done.stderr[-3000:]}")
@@ -89,8 +90,6 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=32, help="test rows evaluate generates per model (0: all)")
     ap.add_argument("--out", help="append the results as JSON lines to this file")
     a = ap.parse_args()
-    global EVAL_EXAMPLES
-    EVAL_EXAMPLES = a.eval_examples
 
     import torch
 
@@ -108,12 +107,12 @@ def main() -> None:
     steps = a.max_steps or None
 
     started = time.perf_counter()
-    sequential = [run_chain(a.workdir, params, t, {"CUDA_VISIBLE_DEVICES": gpus[0]}, steps) for t in tenants]
+    sequential = [run_chain(a.workdir, params, t, {"CUDA_VISIBLE_DEVICES": gpus[0]}, steps, a.eval_examples) for t in tenants]
     seq_s = time.perf_counter() - started
 
     started = time.perf_counter()
     results, failures = run_chains(a.workdir, {t: list(STAGES) for t in tenants}, 2,
-                                   lambda t, stages, env: run_chain(a.workdir, params, t, env, steps))
+                                   lambda t, stages, env: run_chain(a.workdir, params, t, env, steps, a.eval_examples))
     par_s = time.perf_counter() - started
     if failures:
         sys.exit(f"parallel run failed: {failures}")

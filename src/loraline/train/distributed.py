@@ -36,7 +36,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 # Never let NCCL use NVLink multicast (NVLS): on shared hosts a program that does can take the GPUs
-# out of service. Users who want it can set these themselves before launching.
+# out of service. Set in every launch, over whatever the caller's environment says.
 SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -118,14 +118,6 @@ def sum_numbers(values: list[float], world: World, device: torch.device) -> list
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
-
-
-def max_number(value: float, world: World, device: torch.device) -> float:
-    if not world.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 def gather(obj: Any, world: World) -> list[Any]:

@@ -115,8 +115,8 @@ def train_step(run: Run, planned: PlannedStep) -> tuple[float, int, int]:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    loss_sum_, n_tokens = sum_numbers([total.item(), sum(b.n_tokens for b in batches)], world, run.device)
-    return loss_sum_ / max(n_targets, 1), int(n_tokens), n_targets
+    summed, n_tokens = sum_numbers([total.item(), sum(b.n_tokens for b in batches)], world, run.device)
+    return summed / max(n_targets, 1), int(n_tokens), n_targets
 
 
 @torch.no_grad()

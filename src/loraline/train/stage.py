@@ -64,6 +64,12 @@ class TrainResult:
     record: dict[str, Any]
     timing: dict[str, Any] = field(default_factory=dict)  # tokens_per_s, peak_memory, resumed_from_step, ...
 
+    @classmethod
+    def of(cls, out_dir: Path, record: dict[str, Any], timing: dict[str, Any]) -> TrainResult:
+        """The result for an adapter folder written by the stage (its files have fixed names)."""
+        return cls(out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / RECORD,
+                   out_dir / TRAIN_CURVE, out_dir / VAL_CURVE, record, timing)
+
 
 def train_adapter(
     params: TrainParams,
@@ -110,11 +116,7 @@ def _launch(
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None, "progress": progress,
     }
     result = launch(spec, params.devices, use_cuda)
-    record = json.loads((out_dir / RECORD).read_text(encoding="utf-8"))
-    return TrainResult(
-        out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / RECORD,
-        out_dir / TRAIN_CURVE, out_dir / VAL_CURVE, record, result["timing"],
-    )
+    return TrainResult.of(out_dir, json.loads((out_dir / RECORD).read_text(encoding="utf-8")), result["timing"])
 
 
 def _train(
@@ -247,10 +249,7 @@ def _train(
             io.write_json(tmp / RECORD, record)
     barrier(world)
     timing["wall_s"] = round(time.perf_counter() - started, 2)
-    return TrainResult(
-        out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / RECORD,
-        out_dir / TRAIN_CURVE, out_dir / VAL_CURVE, record, timing,
-    )
+    return TrainResult.of(out_dir, record, timing)
 
 
 def _find_checkpoint(checkpoint_dir: Path, fingerprint: str, world: World) -> checkpoint.Checkpoint | None:
