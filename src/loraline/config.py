@@ -306,6 +306,19 @@ class TrainParams(_Section):
         1, ge=1, description="Data-parallel processes (torchrun): one per GPU on CUDA, gloo processes on CPU; "
         "batch_size is per device, so the global batch is batch_size x grad_accum x devices",
     )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp: each device keeps 1/devices of the frozen base weights (FSDP2), for bases that "
+        "do not fit one GPU; LoRA stays whole on every device. none: every device holds the whole base",
+    )
+
+    @model_validator(mode="after")
+    def _sharding_fits(self) -> TrainParams:
+        if self.sharding == "fsdp":
+            if self.use_dora:
+                raise ValueError("sharding fsdp does not support use_dora (DoRA reads the whole base weight outside the forward)")
+            if self.upcast_non_quantized:
+                raise ValueError("sharding fsdp keeps the base in the compute dtype; set upcast_non_quantized: false")
+        return self
 
 
 class MergeParams(_Section):

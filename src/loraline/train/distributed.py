@@ -66,16 +66,22 @@ def world_from_env() -> World:
 
 
 @contextlib.contextmanager
-def process_group(world: World, use_cuda: bool) -> Iterator[None]:
-    """Join the process group (NCCL on CUDA, gloo on CPU) for the duration; pins this rank's GPU."""
-    if not world.distributed:
+def process_group(world: World, use_cuda: bool, *, single: bool = False) -> Iterator[None]:
+    """Join the process group (NCCL on CUDA, gloo on CPU) for the duration; pins this rank's GPU.
+    With `single`, a one-process world gets a group of its own too (FSDP needs one even unsharded)."""
+    if not world.distributed and not single:
         yield
         return
     owns = not dist.is_initialized()
     if use_cuda:
         torch.cuda.set_device(world.local_rank)
     if owns:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=torch.device("cuda", world.local_rank) if use_cuda else None)
+        backend = "nccl" if use_cuda else "gloo"
+        device_id = torch.device("cuda", world.local_rank) if use_cuda else None
+        if world.distributed:
+            dist.init_process_group(backend, device_id=device_id)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
     try:
         yield
     finally:

@@ -7,6 +7,7 @@ so packing vs padding and any grad_accum give the same gradient for the same exa
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,9 @@ class Run:
     plan: list[PlannedStep]
     fused: FusedHead | None = None  # (decoder, lm_head) for the fused cross-entropy; None: plain logits
     world: World = field(default_factory=World)  # data-parallel ranks (train.distributed)
+    # Every rank runs every forward pass, an empty share included: sharded layers gather their
+    # weights collectively (train.sharded), so a rank that skipped one would hang the others.
+    lockstep: bool = False
 
     @property
     def flat(self) -> bool:
@@ -99,14 +103,16 @@ def train_step(run: Run, planned: PlannedStep) -> tuple[float, int, int]:
     """One optimizer step over its micro-batches; returns (mean answer-token loss, tokens, answer tokens)."""
     world = run.world
     mine = [shard(mb, world) for mb in planned.micro_batches] if world.distributed else planned.micro_batches
-    batches = [collate([[run.train[i] for i in row] for row in mb], run.pad_id, run.params.packing, run.flat) for mb in mine if mb]
+    # (rows, counts): an empty share runs in lockstep on the micro-batch's first row, weighted 0
+    work = [(m or mb[:1], bool(m)) for m, mb in zip(mine, planned.micro_batches) if m or run.lockstep]
+    batches = [(collate([[run.train[i] for i in row] for row in mb], run.pad_id, run.params.packing, run.flat), counts) for mb, counts in work]
     if world.distributed:  # the divisor is the whole step's answer tokens, over every rank's share
         n_targets = sum(run.train[i].n_targets for mb in planned.micro_batches for row in mb for i in row)
     else:
-        n_targets = sum(b.n_targets for b in batches)
+        n_targets = sum(b.n_targets for b, _ in batches)
     total = torch.zeros((), dtype=torch.float64, device=run.device)
-    for batch in batches:
-        loss = run.loss(batch)
+    for batch, counts in batches:
+        loss = run.loss(batch) if counts else run.loss(batch) * 0.0
         (loss / max(n_targets, 1)).backward()
         total += loss.detach()  # one device sync per step (below), not one per micro-batch
     params = list(run.trainable.values())
@@ -115,7 +121,7 @@ def train_step(run: Run, planned: PlannedStep) -> tuple[float, int, int]:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    summed, n_tokens = sum_numbers([total.item(), sum(b.n_tokens for b in batches)], world, run.device)
+    summed, n_tokens = sum_numbers([total.item(), sum(b.n_tokens for b, counts in batches if counts)], world, run.device)
     return summed / max(n_targets, 1), int(n_tokens), n_targets
 
 
@@ -128,16 +134,21 @@ def evaluate(run: Run) -> float | None:
     lengths = [e.n_tokens for e in examples]
     order = list(range(len(examples)))
     rows = pack_rows(lengths, order, run.params.max_seq_len) if run.params.packing else [[i] for i in order]
-    rows = shard(rows, run.world)  # each rank scores its share; the sums are added up below
+    mine = shard(rows, run.world)  # each rank scores its share; the sums are added up below
+    size = run.params.batch_size
+    # In lockstep every rank runs as many batches as the largest share needs (extra ones not counted).
+    n_batches = math.ceil((math.ceil(len(rows) / run.world.size) if run.lockstep else len(mine)) / size)
     was_training = run.model.training
     run.model.eval()
     total, count = 0.0, 0
     try:
-        for start in range(0, len(rows), run.params.batch_size):
-            mb = rows[start : start + run.params.batch_size]
-            batch = collate([[examples[i] for i in row] for row in mb], run.pad_id, run.params.packing, run.flat)
-            total += run.loss(batch).item()
-            count += batch.n_targets
+        for start in range(0, n_batches * size, size):
+            mb = mine[start : start + size]
+            batch = collate([[examples[i] for i in row] for row in mb or rows[:1]], run.pad_id, run.params.packing, run.flat)
+            loss = run.loss(batch).item()
+            if mb:
+                total += loss
+                count += batch.n_targets
     finally:
         run.model.train(was_training)
     total, count = sum_numbers([total, count], run.world, run.device)

@@ -18,9 +18,15 @@ from loraline.train.errors import TrainError
 from loraline.train.speed import apply_checkpoint_fraction, use_varlen_attention, varlen_available
 
 
-def load_base_model(params: TrainParams, base_dir: Path, device: torch.device) -> nn.Module:
-    """The base causal LM on `device`, quantized when asked, ready for (k-bit) training."""
-    model = load_base_causal_lm(base_dir, device, compute_dtype(device), params.quantization, params.double_quant)
+def load_base_model(params: TrainParams, base_dir: Path, device: torch.device, *, world_size: int = 1, progress: bool = False) -> nn.Module:
+    """The base causal LM on `device`, quantized when asked, ready for (k-bit) training; with
+    train.sharding fsdp, its decoder layers sharded over the `world_size` ranks (train.sharded)."""
+    if params.sharding == "fsdp":
+        from loraline.train.sharded import load_sharded_base
+
+        model = load_sharded_base(params, base_dir, device, world_size, progress=progress)
+    else:
+        model = load_base_causal_lm(base_dir, device, compute_dtype(device), params.quantization, params.double_quant)
     quant = params.quantization != "none"
     model.config.use_cache = False  # no KV cache in training; a cache would also disable packed-sequence masking
     # Non-reentrant checkpointing needs no requires_grad trick on the inputs and keeps dropout's RNG.

@@ -44,6 +44,7 @@ from loraline.train.model import attach_lora, check_module_names, load_base_mode
 from loraline.modelling.device import compute_dtype, pick_device
 from loraline.train.optim import make_optimizer, make_scheduler, warmup_steps
 from loraline.train.packing import check_packing_isolation, plan_steps
+from loraline.train.sharded import sharding_facts
 from loraline.train.speed import fused_head
 from loraline.train.record import TRAIN_CURVE, VAL_CURVE, device_name, final_train_loss, peak_memory, write_curves
 from loraline.modelling.loading import base_model_hash
@@ -95,7 +96,7 @@ def train_adapter(
         return _launch(params, base_dir, base_params, dataset_dir, out_dir, checkpoint_dir, progress)
     if world.distributed and world.size != params.devices:
         raise TrainError(f"train.devices is {params.devices} but {world.size} processes were launched; they must match")
-    with process_group(world, use_cuda=pick_device().type == "cuda"):
+    with process_group(world, use_cuda=pick_device().type == "cuda", single=params.sharding == "fsdp"):
         return _train(params, world, base_dir, base_params, dataset_dir, out_dir, checkpoint_dir, progress)
 
 
@@ -134,7 +135,7 @@ def _train(
 
     with _deterministic(device, params.num_threads):
         _seed_everything(params.seed)
-        pad_id, model = _load_base(params, base_params, base_dir, base_record, device)
+        pad_id, model = _load_base(params, base_params, base_dir, base_record, device, world, progress)
         check_module_names(params, model)
         if params.packing:
             check_packing_isolation(model, device, model.get_input_embeddings().num_embeddings)
@@ -175,7 +176,10 @@ def _train(
         fused = fused_head(model) if params.fused_cross_entropy else None
         if params.fused_cross_entropy and fused is None:
             log.warning("train.fused_cross_entropy: this model's head is not a plain linear layer; computing full logits")
-        run = Run(model, trainable, optimizer, scheduler, params, device, pad_id, splits.train, splits.validation, plan, fused, world)
+        run = Run(
+            model, trainable, optimizer, scheduler, params, device, pad_id, splits.train, splits.validation, plan, fused, world,
+            lockstep=params.sharding == "fsdp",
+        )
         train_wall, tokens_before = time.perf_counter(), state.tokens_seen
         state, best = train_loop(
             run, state, start_step=start_step, best=best,
@@ -207,6 +211,7 @@ def _train(
         },
         "device": device_name(device),
         "devices": world.size,
+        "sharding": sharding_facts(model) if params.sharding == "fsdp" else None,
         "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
         "optimizer": type(optimizer).__name__,
         "speed": {  # which speed options took effect (each falls back where it does not apply)
@@ -275,11 +280,13 @@ def _read_base(base_dir: Path) -> dict[str, Any]:
         raise TrainError(f"base model folder {base_dir} has no base_record.json: it was not written by the base stage ({exc})") from None
 
 
-def _load_base(params: TrainParams, base_params: BaseParams, base_dir: Path, record: dict[str, Any], device: torch.device):
+def _load_base(
+    params: TrainParams, base_params: BaseParams, base_dir: Path, record: dict[str, Any], device: torch.device, world: World, progress: bool
+):
     """(pad id, model); a base that cannot be found (e.g. a hub id not in the local cache) names itself."""
     try:
         pad_id = load_base_tokenizer(base_dir, base_params).pad_token_id
-        return pad_id, load_base_model(params, base_dir, device)
+        return pad_id, load_base_model(params, base_dir, device, world_size=world.size, progress=progress and world.main)
     except OSError as exc:
         ref = record.get("model_ref")
         raise TrainError(
