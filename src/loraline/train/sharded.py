@@ -13,11 +13,10 @@ layer's weights before its forward (again before its backward or its recomputati
 a gradient to reduce. Embeddings, the final norm and the head stay whole on every rank. Because
 every all-gather is a collective, the ranks run the same number of forward passes (loop.lockstep).
 
-4-bit weights keep bitsandbytes' packed storage with its quantization constants on the module:
-FSDP2 shards frozen parameters of any dtype and all-gathers a layer's mixed dtypes as raw bytes,
-so the packed NF4 codes arrive bit for bit. (FSDP1's flat parameters need a float
-`bnb_4bit_quant_storage` instead; in FSDP2 float storage exposes packed codes to float copies that
-may canonicalize NaN bit patterns, reported as bitsandbytes issue 1945.)
+4-bit weights keep bitsandbytes' packed codes and constants; which dtype holds the codes, and why
+their bytes must never pass through float arithmetic, is in _packed_storage. The first layer is
+gathered back once at load and compared bit for bit with what was sharded: a mismatch stops the
+stage instead of training on silently wrong weights.
 """
 
 from __future__ import annotations
@@ -101,8 +100,9 @@ def load_sharded_base(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=kwargs.get("trust_remote_code", False))
     expected, tied = _expected_names(model)
+    mesh = init_device_mesh(device.type, (world_size,))
     if params.quantization != "none":
-        _quantize_layout(model, params, dtype)
+        _quantize_layout(model, params, dtype, _packed_storage(mesh, device, dtype))
     names, read = tensors or checkpoint_tensors(model_folder(base_dir))
     missing = sorted(expected - names)
     if missing:
@@ -111,18 +111,20 @@ def load_sharded_base(
             f"e.g. {', '.join(missing[:3])}; sharded loading needs a checkpoint whose names match the model's "
             "(set train.sharding: none to load it through transformers)"
         )
-    mesh = init_device_mesh(device.type, (world_size,))
     layers = decoder_layers(model)
     prefix = {m: name for name, m in model.named_modules()}
     from tqdm.auto import tqdm
 
-    for layer in tqdm(layers, desc="load and shard", unit="layer", disable=not progress):
+    for i, layer in enumerate(tqdm(layers, desc="load and shard", unit="layer", disable=not progress)):
         _materialize(layer, prefix[layer] + ".", read, device, dtype, tied)
         described = _four_bit_settings(layer)
+        before = {name: p.detach().clone() for name, p in layer.named_parameters()} if i == 0 else None
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
         for module, settings in described:  # the sharded parameter keeps what peft reads off a 4-bit weight
             for key, value in settings.items():
                 setattr(module.weight, key, value)
+        if before is not None:
+            _check_gather_is_exact(layer, before)
     _materialize(model, "", read, device, dtype, tied)  # the rest: embeddings, final norm, head (whole)
     _rebuild_meta_buffers(model, device)
     model.tie_weights()
@@ -133,7 +135,44 @@ def load_sharded_base(
     return model
 
 
-def _quantize_layout(model: nn.Module, params: TrainParams, dtype: torch.dtype) -> None:
+def _packed_storage(mesh, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype that holds the packed 4-bit codes: uint8 (bitsandbytes' own) where this torch's
+    FSDP2 shards a frozen integer parameter. Older FSDP2 (torch 2.11) makes every sharded parameter
+    require grad, which an integer cannot; there a float container is used whose dtype differs from
+    the layer's other weights, so FSDP gathers the layer's mixed dtypes as raw bytes. (A container
+    in the compute dtype is gathered as that dtype, and on CUDA that rewrote a packed byte that
+    formed a NaN: measured on torch 2.11, as bitsandbytes issue 1945 reports.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    probe = nn.Module()
+    probe.packed = nn.Parameter(torch.zeros(2 * mesh.size(), 1, dtype=torch.uint8, device=device), requires_grad=False)
+    try:
+        fully_shard(probe, mesh=mesh)
+    except RuntimeError as exc:
+        container = torch.float32 if dtype != torch.float32 else torch.float16
+        log.info("train.sharding fsdp: packed 4-bit codes held as %s (%s)", container, exc)
+        return container
+    return torch.uint8
+
+
+def _check_gather_is_exact(layer: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Gather the first sharded layer back and compare it bit for bit with what was sharded: packed
+    4-bit codes in a float container must survive FSDP's copies unchanged (bitsandbytes issue 1945
+    reports NaN-patterned codes rewritten), or every matmul of the layer is silently wrong."""
+    layer.unshard()
+    try:
+        for name, p in layer.named_parameters():
+            got, want = p.detach(), before[name]
+            if got.shape != want.shape or not torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)):
+                raise TrainError(
+                    f"train.sharding fsdp: FSDP does not give back the weights it sharded ({name}); this torch "
+                    f"({torch.__version__}) cannot shard this base exactly: set train.sharding: none"
+                )
+    finally:
+        layer.reshard()
+
+
+def _quantize_layout(model: nn.Module, params: TrainParams, dtype: torch.dtype, storage: torch.dtype) -> None:
     """Swap the decoder layers' nn.Linear for bitsandbytes Linear4bit (still on meta)."""
     import bitsandbytes as bnb
 
@@ -143,7 +182,8 @@ def _quantize_layout(model: nn.Module, params: TrainParams, dtype: torch.dtype) 
                 if type(child) is nn.Linear:
                     q = bnb.nn.Linear4bit(
                         child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=dtype,
-                        compress_statistics=params.double_quant, quant_type=params.quantization, device="meta",
+                        compress_statistics=params.double_quant, quant_type=params.quantization, quant_storage=storage,
+                        device="meta",
                     )
                     setattr(module, child_name, q)
 
@@ -177,7 +217,7 @@ def _materialize(root: nn.Module, prefix: str, read: TensorSource, device: torch
             if isinstance(module, bnb.nn.Linear4bit) and pname == "weight":
                 weight = bnb.nn.Params4bit(
                     value.to(dtype), requires_grad=False, quant_type=module.weight.quant_type,
-                    compress_statistics=module.weight.compress_statistics, module=module,
+                    compress_statistics=module.weight.compress_statistics, quant_storage=module.weight.quant_storage, module=module,
                 )
                 module.weight = weight.to(device)  # quantizes; the constants land on module.quant_state
             else:

@@ -46,3 +46,25 @@ def test_two_processes_sharding_the_base_train_what_one_process_does(setup, tmp_
     assert ta.keys() == tb.keys()
     assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-5
     assert (a[0] - a[-1]) > 0.1
+
+
+two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+@pytest.mark.cuda
+@two_gpus
+def test_qlora_with_the_base_sharded_over_two_gpus_trains_what_one_gpu_does(setup, tmp_path):
+    """NF4 + paged AdamW, FSDP2 over NCCL, against one GPU holding the whole base: the bound is
+    bf16's, as for the unsharded two-GPU test; a checkpoint written sharded resumes sharded."""
+    common = dict(quantization="nf4", optimizer="paged_adamw_32bit", lora_dropout=0.0, max_steps=20, learning_rate=1e-2)
+    one = train_adapter(tiny_train(batch_size=4, **common), out_dir=tmp_path / "one", **setup.kwargs())
+    params = tiny_train(batch_size=2, devices=2, sharding="fsdp", **common)
+    two = train_adapter(params, out_dir=tmp_path / "two", checkpoint_dir=tmp_path / "ck", **setup.kwargs())
+    assert two.record["device"].startswith("cuda") and two.record["sharding"]["sharded_layers"] == 2
+    a, b = _losses(one.train_curve), _losses(two.train_curve)
+    assert max(abs(x - y) / max(abs(x), 1e-3) for x, y in zip(a, b)) < 0.05, (a, b)
+    assert b[-1] < 0.8 * b[0]
+    again = train_adapter(params, out_dir=tmp_path / "again", checkpoint_dir=tmp_path / "ck", **setup.kwargs())
+    assert again.timing["resumed_from_step"] is not None
+    n = again.timing["resumed_from_step"]
+    assert _losses(again.train_curve)[:n] == b[:n]
