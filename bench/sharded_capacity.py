@@ -125,7 +125,7 @@ def rank_run(shape: str, gpus: int, root: Path) -> None:
             "layer_weights_gib_per_gpu": round(facts["layer_bytes_held"] / 2**30, 1),
             "layer_weights_gib": round(facts["layer_bytes"] / 2**30, 1),
             "whole_weights_gib": round(facts["whole_bytes"] / 2**30, 1),
-            "useful_tokens_per_s": round(result.timing["tokens_per_s"] * gpus),
+            "useful_tokens_per_s": round(result.timing["tokens_per_s"]),  # all GPUs together
             "train_losses": [round(float(x.split(",")[1]), 4) for x in result.train_curve.read_text().splitlines()[1:]],
             "stage_wall_s": round(time.perf_counter() - started, 1),
         }), flush=True)

@@ -9,6 +9,7 @@ import torch
 from train_helpers import adapter_tensors, tiny_train
 
 from loraline.config import TrainParams
+from loraline.train.errors import TrainError
 from loraline.train.stage import train_adapter
 
 # As in test_distributed: two ranks add partial sums in another order than one process does.
@@ -46,6 +47,40 @@ def test_two_processes_sharding_the_base_train_what_one_process_does(setup, tmp_
     assert ta.keys() == tb.keys()
     assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-5
     assert (a[0] - a[-1]) > 0.1
+
+
+def test_one_process_loading_layer_by_layer_trains_what_transformers_loading_does(setup, tmp_path):
+    """train.sharding fsdp on one device: the layer-by-layer loader (a world of one) against
+    from_pretrained; the same weights and LoRA init give the same adapter, up to float sums."""
+    plain = train_adapter(tiny_train(max_steps=4), out_dir=tmp_path / "plain", **setup.kwargs())
+    streamed = train_adapter(tiny_train(max_steps=4, sharding="fsdp"), out_dir=tmp_path / "streamed", **setup.kwargs())
+    assert streamed.record["sharding"]["sharded_layers"] == 2
+    a, b = _losses(plain.train_curve), _losses(streamed.train_curve)
+    assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL, (a, b)
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_by_name(setup, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(setup.base_dir, base)
+    weights = load_file(base / "model.safetensors")
+    dropped = next(k for k in weights if k.endswith("mlp.down_proj.weight"))
+    save_file({k: v for k, v in weights.items() if k != dropped}, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(TrainError, match=rf"lacks 1 tensor\(s\) the model needs, e.g. {dropped}"):
+        train_adapter(tiny_train(sharding="fsdp"), out_dir=tmp_path / "out", **(setup.kwargs() | {"base_dir": base}))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(use_dora=True), "does not support use_dora"),
+    (dict(upcast_non_quantized=True), "set upcast_non_quantized: false"),
+])
+def test_settings_sharding_cannot_honour_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainParams(sharding="fsdp", **bad)
 
 
 two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
