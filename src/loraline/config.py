@@ -442,6 +442,10 @@ class OrchestrateParams(_Section):
         1, ge=1, description="Tenants whose stages run at once, each on an equal share of the visible GPUs "
         "(`loraline run --parallel N` overrides it); the result is the same as one after another",
     )
+    registry_remote: str | None = Field(
+        None, description="Git remote the registry's tags are fetched from before each release and pushed to after "
+        "it, so flow runs on several machines (work-pool workers) share one registry (null: tags stay in this clone)",
+    )
 
 
 class TenantParams(_Section):

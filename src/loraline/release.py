@@ -163,13 +163,22 @@ def release_tenant(
     return finish(True, version, f"promoted {version} (was {before or 'nothing'})", rules)
 
 
+def release_shared(root: str | Path, params: Params, tenant: str, registry: Registry | None = None, promote: bool = True) -> ReleaseResult:
+    """release_tenant against the registry shared through orchestrate.registry_remote, when one is set:
+    its tags fetched first, the tags this release made pushed after (registry.sync)."""
+    from loraline.registry.sync import shared_registry
+
+    with shared_registry(root, params.orchestrate.registry_remote):
+        return release_tenant(root, params, tenant, registry, promote=promote)
+
+
 def release_all(root: str | Path, params: Params, tenants: list[str] | None = None, promote: bool = True) -> list[ReleaseResult]:
     from loraline.registry.gto_registry import GtoRegistry
 
     registry = GtoRegistry(root)
-    return [release_tenant(root, params, t, registry, promote=promote) for t in tenants or params.tenant_names]
+    return [release_shared(root, params, t, registry, promote=promote) for t in tenants or params.tenant_names]
 
 
 def run(params: Params, layout: Layout, tenant: str, *, promote: bool = True) -> ReleaseResult:
     """The flow's release step for one tenant (after its DVC stages): register, and promote if allowed."""
-    return release_tenant(layout.root, params, tenant, promote=promote)
+    return release_shared(layout.root, params, tenant, promote=promote)

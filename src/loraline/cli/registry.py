@@ -45,13 +45,25 @@ def cmd_registry(args: argparse.Namespace) -> int:
     from loraline.registry.gto_registry import GtoRegistry
 
     registry = GtoRegistry(Path.cwd())
+    command = {"list": _list, "show": _show, "promote": _promote, "rollback": _rollback, "release": _release}[args.registry_command]
     try:
-        return {"list": _list, "show": _show, "promote": _promote, "rollback": _rollback, "release": _release}[
-            args.registry_command
-        ](registry, args)
+        if args.registry_command in ("promote", "rollback"):  # release shares the registry itself
+            from loraline.registry.sync import shared_registry
+
+            with shared_registry(Path.cwd(), _registry_remote()):
+                return command(registry, args)
+        return command(registry, args)
     except RegistryError as exc:
         print(f"loraline registry {args.registry_command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _registry_remote() -> str | None:
+    """orchestrate.registry_remote of ./params.yaml, so a manual promotion reaches every machine too."""
+    from loraline.config import load_params
+
+    path = Path("params.yaml")
+    return load_params(path).orchestrate.registry_remote if path.is_file() else None
 
 
 def _names(registry: Any, name: str) -> list[str]:
@@ -158,12 +170,12 @@ def _rollback(registry: Any, args: argparse.Namespace) -> int:
 
 def _release(registry: Any, args: argparse.Namespace) -> int:
     from loraline.config import load_params
-    from loraline.release import release_tenant
+    from loraline.release import release_shared
 
     params = load_params(args.params)
     for tenant in args.tenant or params.tenant_names:
         params.tenant(tenant)
-        r = release_tenant(Path.cwd(), params, tenant, registry, promote=not args.no_promote)
+        r = release_shared(Path.cwd(), params, tenant, registry, promote=not args.no_promote)
         new = "registered" if r.registered_new else "already registered"
         moved = f"promoted, {PROD} {r.production_before or 'none'} -> {r.production_after}" if r.promoted else f"{PROD} stays {r.production_after or 'none'}"
         print(f"release[{tenant}]: {r.version} {new}; {moved}; {r.reason}")

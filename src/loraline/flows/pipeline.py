@@ -31,7 +31,7 @@ from loraline.layout import Layout, split_stage_id
 from loraline.flows.orchestrate import (
     DeviceSlots, StageRun, device_slots, plan_stages, project_lock, push_outputs, run_stage, stage_echo, visible_gpus,
 )
-from loraline.release import ReleaseResult, release_tenant
+from loraline.release import ReleaseResult, release_shared
 from loraline.summary import collect_summary, gate_markdown, render_markdown
 
 
@@ -55,7 +55,7 @@ def dvc_push(project_dir: str) -> int:
 def release(project_dir: str, tenant: str, promote: bool) -> ReleaseResult:
     params = load_params(Path(project_dir) / "params.yaml")
     with project_lock(project_dir, "registry"):  # version numbers and tags: one writer at a time
-        result = release_tenant(Path(project_dir), params, tenant, promote=promote)
+        result = release_shared(Path(project_dir), params, tenant, promote=promote)
     get_run_logger().info("release %s: %s", tenant, result.reason)
     return result
 
