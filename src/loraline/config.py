@@ -448,6 +448,34 @@ class OrchestrateParams(_Section):
     )
 
 
+class ServeParams(_Section):
+    """`loraline serve`: every tenant's production adapter on one vLLM server, behind loraline's gateway."""
+
+    host: str = Field("127.0.0.1", description="Where the gateway listens (clients call it; 0.0.0.0 for every interface)")
+    port: int = Field(8000, ge=1, le=65535, description="The gateway's port (OpenAI-compatible API)")
+    engine_port: int = Field(8001, ge=1, le=65535, description="vLLM's own port, on 127.0.0.1 only: the gateway is the way in")
+    max_lora_rank: int | None = Field(
+        None, ge=1, description="vLLM --max-lora-rank (null: the largest rank among the servable adapters, rounded up to vLLM's sizes)"
+    )
+    max_loras: int | None = Field(
+        None, ge=1, description="Adapters vLLM keeps loaded at once (null: 2 per tenant, so a new version loads beside the old)"
+    )
+    max_model_len: int | None = Field(None, ge=16, description="Context length served (null: the base's)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="vLLM --dtype; the deployment check compares greedy answers with the float32 merged model"
+    )
+    engine_args: list[str] = Field(
+        default_factory=list, description="Extra vLLM server arguments passed as they are, e.g. [--enforce-eager, --max-num-seqs, '64']"
+    )
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="On CPU: vLLM's KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    poll_seconds: float = Field(5.0, gt=0, description="How often the gateway reads the registry for promotions, rollbacks and new tenants")
+    check_agreement: float = Field(
+        1.0, ge=0, le=1, description="Share of the merge stage's probes whose greedy answer through the server must equal "
+        "the merged model's for a (re)loaded version to be served; below it, serving keeps the previous version",
+    )
+    startup_timeout_s: float = Field(300, gt=0, description="How long vLLM may take to start")
+
+
 class TenantParams(_Section):
     name: str = Field(description="Lower-case id: letters, digits and inner '-' (the key under `tenants`)")
     raw_dir: Path = Field(description="Folder of this tenant's raw files (searched recursively)")
@@ -486,6 +514,7 @@ class Params(_Section):
     gate: GateParams = GateParams()
     synthesize: SynthesizeParams = SynthesizeParams()
     orchestrate: OrchestrateParams = OrchestrateParams()
+    serve: ServeParams = ServeParams()
     tenants: list[TenantParams] = Field(min_length=1)
 
     @field_validator("tenants", mode="before")

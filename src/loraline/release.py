@@ -21,7 +21,7 @@ from loraline import io
 from loraline.config import Params
 from loraline.layout import Layout, stage_id
 from loraline.registry.base import PromotionConflict, Registry, RegistryError, Version
-from loraline.registry.lineage import artifact_paths, check_artifacts_declared, locked_out, read_lock, tenant_lineage
+from loraline.registry.lineage import artifact_paths, check_artifacts_declared, fetch_output, locked_out, read_lock, tenant_lineage
 from loraline.registry.snapshot import snapshot_commit
 from loraline.gate.stage import read_parity
 
@@ -46,14 +46,6 @@ class ReleaseResult:
 
 def release_path(root: str | Path, tenant: str) -> Path:
     return Layout(Path(root)).release_path(tenant)
-
-
-def fetch_output(root: str | Path, path: str, commit: str, dest: Path) -> Path:
-    """`dvc get <root> <path> --rev <commit>`: from the local cache when it has it, else the DVC remote."""
-    from dvc.repo import Repo
-
-    Repo.get(str(root), path, out=str(dest), rev=commit)
-    return dest
 
 
 def evaluate_production(root: Path, params: Params, tenant: str, production: Version) -> dict[str, Any]:

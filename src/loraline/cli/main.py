@@ -18,6 +18,7 @@ import yaml
 from loraline.config import ConfigError, Params, load_params
 from loraline.layout import Layout, stage_id
 from loraline.cli.registry import add_registry_parser
+from loraline.cli.serve import add_serve_parser
 from loraline.summary import base_line, collect_summary, reasons, render_text, train_line
 
 
@@ -416,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit with status 3 when a tenant's gate fails")
     p.set_defaults(func=cmd_gate)
     add_registry_parser(sub)
+    add_serve_parser(sub, common)
 
     p = sub.add_parser("generate", help="chat with an exported model through plain onnxruntime (KV cache reused)")
     p.add_argument("--onnx", required=True, metavar="DIR", help="export folder written by `loraline export` (e.g. models/onnx/<tenant>)")

@@ -134,6 +134,9 @@ def merge_adapter(
         "tolerance": tolerance,
         "max_new_tokens": max_new_tokens,
         "probes": {"count": len(probes), "default": probes == DEFAULT_PROBES, "prompt_tokens": [len(x) for x in inputs]},
+        # The merged model's greedy answers to the probes, as token ids: what serving must reproduce
+        # (the deployment check of loraline serve sends these prompts through the server).
+        "probe_reference": {"prompts": inputs, "greedy": merged.greedy, "texts": merged.texts, "max_new_tokens": max_new_tokens},
         "merged_vs_unmerged": vs_unmerged,
         "adapter": {
             "dir": str(adapter_dir),

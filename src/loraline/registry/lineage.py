@@ -110,3 +110,12 @@ def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str 
         },
         "libraries": library_versions(),
     }
+
+
+def fetch_output(root: str | Path, path: str, commit: str, dest: Path) -> Path:
+    """`dvc get <root> <path> --rev <commit>`: a DVC output as of a version's commit, from the local
+    cache when it has it, else the DVC remote."""
+    from dvc.repo import Repo
+
+    Repo.get(str(root), path, out=str(dest), rev=commit)
+    return dest

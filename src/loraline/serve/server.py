@@ -1,0 +1,104 @@
+"""`loraline serve`: the engine started on the base, every tenant's production version loaded and
+checked, the gateway in front, and the registry followed until stopped (Ctrl-C stops it all)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from loraline.config import Params
+from loraline.layout import Layout
+from loraline.modelling.loading import resolve_base_model_path
+from loraline.serve.deployment import Deployment
+from loraline.serve.engine import Engine, engine_command, lora_rank_for, on_cpu
+from loraline.serve.versions import prepare_version, production_versions
+
+log = logging.getLogger(__name__)
+FALLBACK_RANK = 256  # nothing in production yet: room for adapters with trained embeddings (serve.adapters)
+
+
+@dataclass(frozen=True)
+class ServeFolders:
+    """Where serving keeps its state, under the project: prepared versions, the engine's log, events."""
+
+    root: Path
+
+    @property
+    def cache(self) -> Path:
+        return self.root / ".loraline" / "serve" / "versions"
+
+    @property
+    def engine_log(self) -> Path:
+        return self.root / "reports" / "serve" / "engine.log"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "reports" / "serve" / "events.jsonl"
+
+
+def start_deployment(params: Params, layout: Layout, python: Path) -> tuple[Engine, Deployment]:
+    """The engine running and every tenant's production version served (each one checked)."""
+    root, folders, tenants = layout.root, ServeFolders(layout.root), params.tenant_names
+    base_dir = layout.base_dir
+    prepare = partial(_prepare, root, base_dir, folders.cache)
+    production = production_versions(root, tenants)
+    ranks = [prepare(t, v, c).rank for t, (v, c, _) in production.items()]
+    rank = params.serve.max_lora_rank or lora_rank_for(ranks or [FALLBACK_RANK])
+    model = Path(resolve_base_model_path(base_dir))
+    cmd = engine_command(
+        python, model, params.serve, lora_rank=rank, max_loras=params.serve.max_loras or 2 * len(tenants),
+        max_model_len=params.serve.max_model_len or _context(model), on_cpu=on_cpu(),
+    )
+    engine = Engine.start(cmd, params.serve, folders.engine_log, on_cpu())
+    deployment = Deployment(engine, params.serve, prepare, partial(production_versions, root, tenants), folders.events)
+    try:
+        deployment.sync()
+    except BaseException:
+        engine.stop()
+        raise
+    return engine, deployment
+
+
+def serve(params: Params, layout: Layout, python: Path) -> None:
+    import uvicorn
+
+    from loraline.serve.gateway import create_app
+
+    engine, deployment = start_deployment(params, layout, python)
+    stop = threading.Event()
+    watcher = threading.Thread(target=deployment.watch, args=(stop,), daemon=True, name="registry-watcher")
+    watcher.start()
+    s = params.serve
+    print(f"serving {', '.join(f'{t} {v.version}' for t, v in sorted(deployment.routes.items())) or 'no tenant yet'} "
+          f"on http://{s.host}:{s.port}/v1 (OpenAI API; the model is the tenant's name); events: {ServeFolders(layout.root).events}",
+          flush=True)
+    try:
+        uvicorn.run(create_app(deployment, engine.url), host=s.host, port=s.port, log_level="warning", access_log=False)
+    finally:
+        stop.set()
+        engine.stop()
+
+
+def notify(params: Params) -> dict | None:
+    """Tell a running gateway on this machine to read the registry now (the flow's release step);
+    None when nothing is listening (no server running is not an error)."""
+    import httpx
+
+    try:
+        r = httpx.post(f"http://127.0.0.1:{params.serve.port}/loraline/refresh", timeout=600)
+    except httpx.HTTPError:
+        return None
+    return r.json() if r.status_code == 200 else {"status": r.status_code, "body": r.text[:300]}
+
+
+def _prepare(root: Path, base_dir: Path, cache: Path, tenant: str, version: str, commit: str):
+    return prepare_version(root, tenant, version, commit, base_dir, cache)
+
+
+def _context(model: Path) -> int | None:
+    config = model / "config.json"
+    return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None

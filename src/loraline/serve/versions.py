@@ -1,0 +1,84 @@
+"""What serving serves: each tenant's production version from the registry, fetched and made servable once.
+
+A version is fetched the way `dvc artifacts get --stage prod` fetches it: the adapter folder at the
+commit its version tag points at (the DVC cache, else the DVC remote), beside the merge report of
+the same commit, whose probe prompts and merged-model answers are the deployment check's reference.
+Prepared versions live under a cache folder (`<cache>/<tenant>/<version>/`) and are reused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from loraline.layout import Layout
+from loraline.registry.base import RegistryError
+
+ADAPTER_SUFFIX = "-adapter"
+
+
+@dataclass(frozen=True)
+class ProbeReference:
+    """The merge stage's probes as token ids and the merged model's greedy answers to them."""
+
+    prompts: list[list[int]]
+    texts: list[str]
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    tenant: str
+    version: str
+    commit: str
+    adapter: Path  # the servable adapter folder (LoRA only)
+    rank: int
+    reference: ProbeReference | None  # None: the version's merge report predates probe references
+
+    @property
+    def served_name(self) -> str:
+        """The name the engine knows this version by; clients use the tenant's name (the gateway maps it)."""
+        return f"{self.tenant}@{self.version}"
+
+
+def production_versions(root: Path, tenants: list[str]) -> dict[str, tuple[str, str, datetime]]:
+    """tenant -> (version, commit, when it was put in production) of its adapter; tenants with none are left out."""
+    from loraline.registry.gto_registry import GtoRegistry
+
+    registry = GtoRegistry(root)
+    out = {}
+    for tenant in tenants:
+        history = registry.history(tenant + ADAPTER_SUFFIX)
+        if history:
+            latest = history[-1]
+            out[tenant] = (latest.version, registry.version(latest.name, latest.version).commit, latest.created_at)
+    return out
+
+
+def prepare_version(root: Path, tenant: str, version: str, commit: str, base_dir: Path, cache: Path) -> ServedVersion:
+    """The servable adapter and probe reference of `tenant` `version` (fetched at `commit`), cached."""
+    from loraline.registry.lineage import fetch_output
+    from loraline.serve.adapters import ServableAdapter, make_servable
+
+    layout, here = Layout(), cache / tenant / version
+    done = here / "served.json"
+    if not done.is_file():
+        adapter_rel = layout.relative(layout.adapter_dir(tenant))
+        report_rel = layout.relative(layout.merge_report_path(tenant))
+        try:
+            fetch_output(root, adapter_rel, commit, here / "trained")
+            fetch_output(root, report_rel, commit, here / "merge_report.json")
+        except Exception as exc:  # noqa: BLE001 -- DVC raises many kinds; the message says which output and where
+            raise RegistryError(
+                f"cannot fetch {tenant} {version} (commit {commit[:12]}): {exc}. On another machine, `dvc push` the "
+                "outputs where they were built and configure the same DVC remote here"
+            ) from exc
+        servable: ServableAdapter = make_servable(here / "trained", base_dir, here / "servable")
+        report = json.loads((here / "merge_report.json").read_text(encoding="utf-8"))
+        done.write_text(json.dumps({"rank": servable.rank, "reference": report.get("probe_reference")}), encoding="utf-8")
+    facts = json.loads(done.read_text(encoding="utf-8"))
+    ref = facts.get("reference")
+    reference = ProbeReference(ref["prompts"], ref["texts"], ref["max_new_tokens"]) if ref else None
+    return ServedVersion(tenant, version, commit, here / "servable", int(facts["rank"]), reference)
