@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test check clean-outputs serve-env
+.PHONY: setup run test check clean-outputs serve-env serve test-serve
 
 setup: $(VENV)/.installed
 
@@ -32,3 +32,11 @@ check: setup
 # src/loraline/serve/locks/<cpu|cuda>.txt into .serve-venv, reused until the lock changes.
 serve-env: setup
 	$(BIN)/python -m loraline.serve.environment --env .serve-venv
+
+# Every tenant's production adapter on one vLLM server, behind the gateway (README: Serving).
+serve: serve-env
+	$(BIN)/loraline serve --python .serve-venv/bin/python
+
+# The serving end-to-end tests: the real vLLM server and openai client on the tiny project.
+test-serve: serve-env
+	HF_HUB_OFFLINE=1 LORALINE_SERVE_PYTHON=$(CURDIR)/.serve-venv/bin/python $(BIN)/python -m pytest -m serve tests/e2e/test_serve.py

@@ -16,6 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    if not os.environ.get("LORALINE_SERVE_PYTHON"):
+        skip_serve = pytest.mark.skip(reason="starts the real vLLM server: run `make test-serve` (builds the serving environment)")
+        for item in items:
+            if item.get_closest_marker("serve"):
+                item.add_marker(skip_serve)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (CUDA); run on a CUDA machine")

@@ -32,6 +32,7 @@ from loraline.flows.orchestrate import (
     DeviceSlots, StageRun, device_slots, plan_stages, project_lock, push_outputs, run_stage, stage_echo, visible_gpus,
 )
 from loraline.release import ReleaseResult, release_shared
+from loraline.serve.server import notify as notify_serving
 from loraline.summary import collect_summary, gate_markdown, render_markdown
 
 
@@ -57,6 +58,10 @@ def release(project_dir: str, tenant: str, promote: bool) -> ReleaseResult:
     with project_lock(project_dir, "registry"):  # version numbers and tags: one writer at a time
         result = release_shared(Path(project_dir), params, tenant, promote=promote)
     get_run_logger().info("release %s: %s", tenant, result.reason)
+    if result.promoted:  # a running `loraline serve` on this machine serves it now, not at its next poll
+        served = notify_serving(params)
+        if served is not None:
+            get_run_logger().info("serving told of %s %s: %s", tenant, result.version, served)
     return result
 
 

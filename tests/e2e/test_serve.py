@@ -1,0 +1,162 @@
+"""`loraline serve` end to end: the real vLLM server (CPU) behind the gateway, the real `openai` client,
+the real registry, on the tiny project's two promoted tenants.
+
+The serving environment is LORALINE_SERVE_PYTHON when set (a Python with vLLM), else the project's
+.serve-venv built from its lock (`make serve-env`; the first build downloads vLLM from the registry).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from e2e_project import REPO, _env, make_tiny_project, sh
+
+from loraline.tools import tool
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.serve]
+TENANTS = ("acme-shop", "globex-it")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serving_python() -> str:
+    given = os.environ.get("LORALINE_SERVE_PYTHON")
+    if given:
+        return given
+    from loraline.serve.environment import ensure_serving_env
+
+    return str(ensure_serving_env(REPO / ".serve-venv").python)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    project = make_tiny_project(tmp_path_factory.mktemp("serve") / "project")
+    sh("dvc", "repro", cwd=project)
+    out = sh("loraline", "registry", "release", cwd=project)
+    assert out.count("prod none -> v0.0.1") == len(TENANTS), out
+    return project
+
+
+@pytest.fixture(scope="module")
+def server(project: Path):
+    port, engine_port = _free_port(), _free_port()
+    overrides = [f"serve.port={port}", f"serve.engine_port={engine_port}", "serve.poll_seconds=1", "serve.max_model_len=256"]
+    cmd = [tool("loraline"), "serve", "--python", _serving_python(), *[x for o in overrides for x in ("--set", o)]]
+    log = open(project / "serve.log", "w")
+    proc = subprocess.Popen(cmd, cwd=project, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (project / "serve.log").read_text()[-4000:]
+        try:
+            if len(httpx.get(f"{url}/v1/models", timeout=2).json()["data"]) == len(TENANTS):
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        raise AssertionError("serve did not come up:\n" + (project / "serve.log").read_text()[-4000:])
+    yield url, proc
+    os.killpg(proc.pid, 15)
+    proc.wait(60)
+
+
+def _client(url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def _served(url: str) -> dict[str, str]:
+    return {m["id"]: m["version"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]}
+
+
+def _events(project: Path) -> list[dict]:
+    path = project / "reports" / "serve" / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_every_tenant_is_answered_by_its_production_adapter(project, server):
+    url, _ = server
+    assert _served(url) == {t: "v0.0.1" for t in TENANTS}
+    served = [e for e in _events(project) if e["event"] == "served"]
+    assert {e["tenant"] for e in served} == set(TENANTS)
+    assert all(e["check"]["agreement"] == 1.0 for e in served)  # greedy answers = the merged model's
+    client = _client(url)
+    for tenant in TENANTS:
+        raw = client.chat.completions.with_raw_response.create(
+            model=tenant, messages=[{"role": "user", "content": "Where is my order 12345?"}], max_tokens=8, temperature=0)
+        reply = raw.parse()
+        assert raw.headers["x-loraline-version"] == "v0.0.1" and reply.model == tenant
+        assert reply.choices[0].message.content is not None
+
+
+def test_streaming_unknown_models_and_overlong_prompts(server):
+    from openai import BadRequestError, NotFoundError
+
+    url, _ = server
+    client = _client(url)
+    stream = client.chat.completions.create(
+        model="acme-shop", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks and all(c.model == "acme-shop" for c in chunks)
+    with pytest.raises(NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="initech", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    with pytest.raises(BadRequestError):
+        client.completions.create(model="globex-it", prompt="word " * 600, max_tokens=4)
+
+
+def test_promotion_and_rollback_are_served_without_a_restart_and_a_corrupt_version_is_refused(project, server):
+    url, proc = server
+    # a second acme-shop version: another learning rate for that tenant only, registered, promoted by hand
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tenants"]["acme-shop"]["train"] = {"learning_rate": 0.004}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("dvc", "repro", "gate@acme-shop", cwd=project)
+    sh("loraline", "registry", "release", "--tenant", "acme-shop", "--no-promote", cwd=project)
+    sh("loraline", "registry", "promote", "acme-shop", "v0.0.2", "--force", "--reason", "serve e2e", cwd=project)
+    _wait_for(url, "acme-shop", "v0.0.2")
+    reply = _client(url).chat.completions.with_raw_response.create(
+        model="acme-shop", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+    assert reply.headers["x-loraline-version"] == "v0.0.2"
+    promoted = [e for e in _events(project) if e["event"] == "served" and e["version"] == "v0.0.2"][-1]
+    assert promoted["previous"] == "v0.0.1" and promoted["since_promotion_s"] < 60
+
+    sh("loraline", "registry", "rollback", "acme-shop", cwd=project)
+    _wait_for(url, "acme-shop", "v0.0.1")
+
+    # v0.0.2's servable adapter altered on disk after it was prepared: promoting it again must fail
+    # the deployment check and leave v0.0.1 served
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    servable = project / ".loraline" / "serve" / "versions" / "acme-shop" / "v0.0.2" / "servable" / "adapter_model.safetensors"
+    noise = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(v.shape, generator=noise) * 2 for k, v in load_file(servable).items()}, servable)
+    sh("loraline", "registry", "promote", "acme-shop", "v0.0.2", "--force", "--reason", "serve e2e: corrupted", cwd=project)
+    deadline = time.monotonic() + 120
+    while not [e for e in _events(project) if e["event"] == "check_failed"] and time.monotonic() < deadline:
+        time.sleep(1)
+    failed = [e for e in _events(project) if e["event"] == "check_failed"]
+    assert failed and failed[-1]["version"] == "v0.0.2" and failed[-1]["serving"] == "v0.0.1", _events(project)
+    assert _served(url)["acme-shop"] == "v0.0.1"
+    assert proc.poll() is None  # one server process throughout
+
+
+def _wait_for(url: str, tenant: str, version: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _served(url).get(tenant) != version:
+        assert time.monotonic() < deadline, f"{tenant} not served at {version}: {_served(url)}"
+        time.sleep(0.5)
