@@ -474,6 +474,10 @@ class ServeParams(_Section):
         "the merged model's for a (re)loaded version to be served; below it, serving keeps the previous version",
     )
     startup_timeout_s: float = Field(300, gt=0, description="How long vLLM may take to start")
+    auth: bool = Field(
+        False, description="Each tenant's key, from the environment variable LORALINE_SERVE_KEY_<TENANT> (upper case, '-' as '_'), "
+        "may call that tenant only: 401 without a valid key, 403 for another tenant. Off: no key is asked for",
+    )
 
 
 class TenantParams(_Section):

@@ -23,6 +23,7 @@ from loraline.tools import tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.serve]
 TENANTS = ("acme-shop", "globex-it")
+KEYS = {"acme-shop": "key-for-acme", "globex-it": "key-for-globex"}  # serve.auth: one key per tenant
 
 
 def _free_port() -> int:
@@ -52,16 +53,18 @@ def project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(project: Path):
     port, engine_port = _free_port(), _free_port()
-    overrides = [f"serve.port={port}", f"serve.engine_port={engine_port}", "serve.poll_seconds=1", "serve.max_model_len=256"]
+    overrides = [f"serve.port={port}", f"serve.engine_port={engine_port}", "serve.poll_seconds=1", "serve.max_model_len=256",
+                 "serve.auth=true"]
     cmd = [tool("loraline"), "serve", "--python", _serving_python(), *[x for o in overrides for x in ("--set", o)]]
     log = open(project / "serve.log", "w")
-    proc = subprocess.Popen(cmd, cwd=project, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**_env(), **{f"LORALINE_SERVE_KEY_{t.upper().replace('-', '_')}": k for t, k in KEYS.items()}}
+    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         assert proc.poll() is None, (project / "serve.log").read_text()[-4000:]
         try:
-            if len(httpx.get(f"{url}/v1/models", timeout=2).json()["data"]) == len(TENANTS):
+            if len(_served(url)) == len(TENANTS):
                 break
         except httpx.HTTPError:
             pass
@@ -73,14 +76,19 @@ def server(project: Path):
     proc.wait(60)
 
 
-def _client(url: str):
+def _client(url: str, tenant: str = "acme-shop"):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{url}/v1", api_key=KEYS[tenant], max_retries=0)
 
 
 def _served(url: str) -> dict[str, str]:
-    return {m["id"]: m["version"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]}
+    """tenant -> served version, as each tenant's own key sees /v1/models."""
+    out = {}
+    for tenant, key in KEYS.items():
+        data = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()["data"]
+        out.update({m["id"]: m["version"] for m in data})
+    return out
 
 
 def _events(project: Path) -> list[dict]:
@@ -94,17 +102,16 @@ def test_every_tenant_is_answered_by_its_production_adapter(project, server):
     served = [e for e in _events(project) if e["event"] == "served"]
     assert {e["tenant"] for e in served} == set(TENANTS)
     assert all(e["check"]["agreement"] == 1.0 for e in served)  # greedy answers = the merged model's
-    client = _client(url)
     for tenant in TENANTS:
-        raw = client.chat.completions.with_raw_response.create(
+        raw = _client(url, tenant).chat.completions.with_raw_response.create(
             model=tenant, messages=[{"role": "user", "content": "Where is my order 12345?"}], max_tokens=8, temperature=0)
         reply = raw.parse()
         assert raw.headers["x-loraline-version"] == "v0.0.1" and reply.model == tenant
         assert reply.choices[0].message.content is not None
 
 
-def test_streaming_unknown_models_and_overlong_prompts(server):
-    from openai import BadRequestError, NotFoundError
+def test_streaming_keys_unknown_models_and_overlong_prompts(server):
+    from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI, PermissionDeniedError
 
     url, _ = server
     client = _client(url)
@@ -112,10 +119,15 @@ def test_streaming_unknown_models_and_overlong_prompts(server):
         model="acme-shop", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0, stream=True)
     chunks = list(stream)
     assert chunks and all(c.model == "acme-shop" for c in chunks)
+    with pytest.raises(PermissionDeniedError):  # acme-shop's key, globex-it's model
+        client.chat.completions.create(model="globex-it", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{url}/v1", api_key="not-a-key", max_retries=0).completions.create(model="acme-shop", prompt="hi", max_tokens=4)
+    assert httpx.post(f"{url}/v1/completions", json={"model": "acme-shop", "prompt": "hi"}).status_code == 401  # no key
+    with pytest.raises(BadRequestError):
+        client.completions.create(model="acme-shop", prompt="word " * 600, max_tokens=4)
     with pytest.raises(NotFoundError, match="does not exist"):
         client.chat.completions.create(model="initech", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    with pytest.raises(BadRequestError):
-        client.completions.create(model="globex-it", prompt="word " * 600, max_tokens=4)
 
 
 def test_promotion_and_rollback_are_served_without_a_restart_and_a_corrupt_version_is_refused(project, server):

@@ -68,6 +68,11 @@ def serve(params: Params, layout: Layout, python: Path) -> None:
 
     from loraline.serve.gateway import create_app
 
+    import os
+
+    from loraline.serve.gateway import tenant_keys
+
+    keys = tenant_keys(params.tenant_names, dict(os.environ)) if params.serve.auth else None  # before anything starts
     engine, deployment = start_deployment(params, layout, python)
     stop = threading.Event()
     watcher = threading.Thread(target=deployment.watch, args=(stop,), daemon=True, name="registry-watcher")
@@ -77,7 +82,7 @@ def serve(params: Params, layout: Layout, python: Path) -> None:
           f"on http://{s.host}:{s.port}/v1 (OpenAI API; the model is the tenant's name); events: {ServeFolders(layout.root).events}",
           flush=True)
     try:
-        uvicorn.run(create_app(deployment, engine.url), host=s.host, port=s.port, log_level="warning", access_log=False)
+        uvicorn.run(create_app(deployment, engine.url, keys), host=s.host, port=s.port, log_level="warning", access_log=False)
     finally:
         stop.set()
         engine.stop()

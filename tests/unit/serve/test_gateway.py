@@ -69,7 +69,7 @@ def test_streaming_passes_through_chunk_by_chunk(client):
 def test_unknown_models_get_openai_404_and_engine_errors_pass_through(client):
     c, _ = client
     r = c.post("/v1/completions", json={"model": "nobody", "prompt": "hi"})
-    assert r.status_code == 404 and "nobody" in r.json()["error"]["message"] and "acme" in r.json()["error"]["message"]
+    assert r.status_code == 404 and "nobody" in r.json()["error"]["message"] and "Served: acme" in r.json()["error"]["message"]
     r = c.post("/v1/completions", json={"model": "acme", "prompt": "x" * 40})
     assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
     assert c.post("/v1/completions", content=b"not json").status_code == 400
@@ -88,3 +88,32 @@ def test_refresh_is_refused_from_other_machines(tmp_path):
         assert c.post("/loraline/refresh").status_code == 403
     with TestClient(app, client=("127.0.0.1", 5000)) as c:
         assert c.post("/loraline/refresh").json() == {"events": [], "serving": {}}
+
+
+def test_with_auth_each_key_calls_its_own_tenant_only(tmp_path):
+    from loraline.serve.gateway import tenant_keys
+
+    deployment = Deployment(None, ServeParams(auth=True), None, lambda: {}, tmp_path / "e.jsonl")
+    for t in ("acme", "globex"):
+        deployment.routes[t] = ServedVersion(t, "v0.0.1", "c", tmp_path, 16, None)
+    keys = tenant_keys(["acme", "globex"], {"LORALINE_SERVE_KEY_ACME": "k-acme", "LORALINE_SERVE_KEY_GLOBEX": "k-globex"})
+    app = create_app(deployment, "http://engine", keys, transport=httpx.ASGITransport(app=UPSTREAM))
+    body = {"model": "acme", "prompt": "hi"}
+    with TestClient(app) as c:
+        assert c.post("/v1/completions", json=body).status_code == 401
+        assert c.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-globex"}).status_code == 403
+        assert c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-acme"}).status_code == 200
+        unknown = c.post("/v1/completions", json={"model": "initech"}, headers={"Authorization": "Bearer k-acme"})
+        assert unknown.status_code == 404 and "globex" not in unknown.text  # names no other tenant
+        assert [m["id"] for m in c.get("/v1/models", headers={"Authorization": "Bearer k-globex"}).json()["data"]] == ["globex"]
+        assert c.get("/v1/models").status_code == 401
+
+
+def test_auth_needs_one_distinct_key_per_tenant():
+    from loraline.serve.gateway import tenant_keys
+
+    with pytest.raises(ValueError, match="LORALINE_SERVE_KEY_GLOBEX_IT is not set"):
+        tenant_keys(["acme", "globex-it"], {"LORALINE_SERVE_KEY_ACME": "a"})
+    with pytest.raises(ValueError, match="the same key"):
+        tenant_keys(["a", "b"], {"LORALINE_SERVE_KEY_A": "k", "LORALINE_SERVE_KEY_B": "k"})
