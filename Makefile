@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/loraline run
 
-# The test suite: unit tests plus the end-to-end `dvc repro` test on a tiny configuration.
-test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+# The test suite: unit tests plus the end-to-end tests on a tiny configuration (`dvc repro`, Prefect,
+# and serving through the real vLLM server, which needs the serving environment).
+test: setup serve-env
+	HF_HUB_OFFLINE=1 LORALINE_SERVE_PYTHON=$(CURDIR)/.serve-venv/bin/python $(BIN)/python -m pytest
 
 check: setup
 	$(BIN)/loraline check
@@ -37,6 +38,6 @@ serve-env: setup
 serve: serve-env
 	$(BIN)/loraline serve --python .serve-venv/bin/python
 
-# The serving end-to-end tests: the real vLLM server and openai client on the tiny project.
+# The serving end-to-end tests alone: the real vLLM server and openai client on the tiny project.
 test-serve: serve-env
-	HF_HUB_OFFLINE=1 LORALINE_SERVE_PYTHON=$(CURDIR)/.serve-venv/bin/python $(BIN)/python -m pytest -m serve tests/e2e/test_serve.py
+	HF_HUB_OFFLINE=1 LORALINE_SERVE_PYTHON=$(CURDIR)/.serve-venv/bin/python $(BIN)/python -m pytest tests/e2e/test_serve.py
