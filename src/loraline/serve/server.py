@@ -45,7 +45,7 @@ def start_deployment(params: Params, layout: Layout, python: Path) -> tuple[Engi
     root, folders, tenants = layout.root, ServeFolders(layout.root), params.tenant_names
     base_dir = layout.base_dir
     prepare = partial(_prepare, root, base_dir, folders.cache)
-    production = production_versions(root, tenants)
+    production = _read_production(root, tenants, params.orchestrate.registry_remote)
     ranks = [prepare(t, v, c).rank for t, (v, c, _) in production.items()]
     rank = params.serve.max_lora_rank or lora_rank_for(ranks or [FALLBACK_RANK])
     model = Path(resolve_base_model_path(base_dir))
@@ -54,7 +54,8 @@ def start_deployment(params: Params, layout: Layout, python: Path) -> tuple[Engi
         max_model_len=params.serve.max_model_len or _context(model), on_cpu=on_cpu(),
     )
     engine = Engine.start(cmd, params.serve, folders.engine_log, on_cpu())
-    deployment = Deployment(engine, params.serve, prepare, partial(production_versions, root, tenants), folders.events)
+    deployment = Deployment(engine, params.serve, prepare, partial(_read_production, root, tenants, params.orchestrate.registry_remote),
+                            folders.events)
     try:
         deployment.sync()
     except BaseException:
@@ -98,6 +99,16 @@ def notify(params: Params) -> dict | None:
     except httpx.HTTPError:
         return None
     return r.json() if r.status_code == 200 else {"status": r.status_code, "body": r.text[:300]}
+
+
+def _read_production(root: Path, tenants: list[str], remote: str | None):
+    """Production per tenant; with orchestrate.registry_remote, after fetching the remote's tags, so a
+    replica on another machine follows promotions made anywhere."""
+    if remote:
+        from loraline.registry.sync import fetch_tags
+
+        fetch_tags(root, remote)
+    return production_versions(root, tenants)
 
 
 def _prepare(root: Path, base_dir: Path, cache: Path, tenant: str, version: str, commit: str):
