@@ -144,10 +144,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         names = servable_names(tenants, Path(tmp))
         rank = lora_rank_for([json.loads((p / "adapter_config.json").read_text())["r"] for p in names.values()])
-        params = ServeParams(engine_port=a.port, max_loras=N_NAMES, max_model_len=1024, dtype="float32",
-                             engine_args=["--max-num-seqs", "32"])
+        context = json.loads(Path("models/base/config.json").read_text())["max_position_embeddings"]
+        params = ServeParams(engine_port=a.port, max_loras=N_NAMES, dtype="float32", engine_args=["--max-num-seqs", "32"])
         cmd = engine_command(Path(a.python), Path("models/base"), params, lora_rank=rank, max_loras=N_NAMES,
-                             max_model_len=1024, on_cpu=True)
+                             max_model_len=context, on_cpu=True)
         engine = Engine.start(cmd, params, Path(tmp) / "engine.log", on_cpu=True)
         try:
             for name, path in names.items():
