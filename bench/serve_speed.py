@@ -3,7 +3,9 @@
 On the outputs of a finished `make run` (models/base, models/adapters/<tenant>, models/merged/<tenant>,
 data/prepared/<tenant>): the trained adapters are made servable (serve.adapters) and copied under
 16 tenant names (`t00`..`t15`, cycling over the real tenants), then one vLLM server (the serving
-environment) serves them all. Requests are the held-out test prompts of the real tenants, sent to
+environment) serves them all. By default each adapter is its rank-16 LoRA pairs alone, as the issue
+specifies and as a real base's adapters are; `--servable` serves the production adapters as they
+are (their trained embeddings as rank-256 LoRA, see serve.adapters). Requests are the held-out test prompts of the real tenants, sent to
 /v1/completions as token ids, greedy, at concurrency 1, 8 and 32, spread round-robin over 1, 4 or
 16 of the tenant names. Reported per cell: output tokens/s, p50 and p95 request latency.
 
@@ -56,10 +58,27 @@ def prompts(tenants: list[str], n: int) -> list[tuple[str, list[int]]]:
     return out
 
 
-def servable_names(tenants: list[str], root: Path) -> dict[str, Path]:
+def lora_only(adapter: Path, dest: Path) -> Path:
+    """The adapter's LoRA pairs alone (its trained embeddings dropped): a rank-r adapter as a real
+    base's would be; it answers differently from the production adapter, which speed does not mind."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(modules_to_save=None, ensure_weight_tying=False)
+    dest.mkdir(parents=True)
+    (dest / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".lora_" in k}, dest / "adapter_model.safetensors")
+    return dest
+
+
+def servable_names(tenants: list[str], root: Path, rank_r_only: bool) -> dict[str, Path]:
     from loraline.serve.adapters import make_servable
 
-    real = {t: make_servable(Path(f"models/adapters/{t}"), Path("models/base"), root / "real" / t).path for t in tenants}
+    if rank_r_only:
+        real = {t: lora_only(Path(f"models/adapters/{t}"), root / "real" / t) for t in tenants}
+    else:
+        real = {t: make_servable(Path(f"models/adapters/{t}"), Path("models/base"), root / "real" / t).path for t in tenants}
     names = {}
     for i in range(N_NAMES):
         src = real[tenants[i % len(tenants)]]
@@ -124,6 +143,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--port", type=int, default=8311)
     ap.add_argument("--out", help="append the results as JSON lines to this file")
+    ap.add_argument("--servable", action="store_true",
+                    help="serve the production adapters as they are (trained embeddings as rank-256 LoRA) instead of their rank-r LoRA pairs")
     a = ap.parse_args()
 
     from loraline.config import ServeParams, load_params
@@ -142,7 +163,7 @@ def main() -> None:
                 fh.write(json.dumps(r) + "\n")
 
     with tempfile.TemporaryDirectory() as tmp:
-        names = servable_names(tenants, Path(tmp))
+        names = servable_names(tenants, Path(tmp), rank_r_only=not a.servable)
         rank = lora_rank_for([json.loads((p / "adapter_config.json").read_text())["r"] for p in names.values()])
         context = json.loads(Path("models/base/config.json").read_text())["max_position_embeddings"]
         params = ServeParams(engine_port=a.port, max_loras=N_NAMES, dtype="float32", engine_args=["--max-num-seqs", "32"])
@@ -156,7 +177,7 @@ def main() -> None:
             for spread in SPREAD:
                 for conc in CONCURRENCY:
                     cell = asyncio.run(run_cell(engine.url, list(names)[:spread], work, conc, a.max_tokens))
-                    record({"mode": "vllm multi-LoRA", "tenants": spread, "concurrency": conc, **cell})
+                    record({"mode": "vllm multi-LoRA", "lora_rank": rank, "tenants": spread, "concurrency": conc, **cell})
         finally:
             engine.stop()
     record({"mode": "naive: merged model per tenant, one request at a time", "tenants": len(tenants), "concurrency": 1,
