@@ -1,0 +1,74 @@
+"""QA-LoRA's arithmetic: group-wise quantization, the pooled adapter, and the exact fold into the zero points."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraline.modelling.qalora import QALoRALinear, quantize_groupwise
+
+
+def _weight(out=48, n=256, seed=0):
+    return torch.randn(out, n, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_every_weight_is_within_half_a_step_of_its_code(bits):
+    w = _weight()
+    q = quantize_groupwise(w, bits, 32)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 2**bits - 1
+    err = (q.dequantize() - w).abs().view(48, 8, 32)
+    assert (err <= q.scales.unsqueeze(-1) / 2 + 1e-7).all()
+    # a group's extremes are represented exactly (codes 0 and 2^bits - 1)
+    assert torch.allclose(q.dequantize().view(48, 8, 32).amax(-1), w.view(48, 8, 32).amax(-1), atol=1e-6)
+
+
+def test_bad_settings_are_refused_by_name():
+    with pytest.raises(ValueError, match="qalora.bits must be one of"):
+        quantize_groupwise(_weight(), 8, 32)
+    with pytest.raises(ValueError, match="not a multiple of qalora.group_size 64"):
+        quantize_groupwise(_weight(n=96), 4, 64)
+
+
+def _trained_layer(bits: int, group: int) -> tuple[QALoRALinear, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    w, bias = _weight(), torch.randn(48) * 0.1
+    layer = QALoRALinear(quantize_groupwise(w, bits, group), bias, r=8, alpha=16)
+    x = torch.randn(64, 256)
+    # a change the pooled adapter can express: low rank, constant within each group of inputs
+    shift = (torch.randn(48, 2) @ torch.randn(2, 256 // group)).repeat_interleave(group, dim=1) * 0.01
+    target = F.linear(x, layer.quantized.dequantize() + shift, bias)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = F.mse_loss(layer(x), target)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first  # the pooled adapter learns it
+    return layer, x, bias
+
+
+def test_only_the_adapter_trains_and_a_fresh_layer_is_the_quantized_base():
+    layer = QALoRALinear(quantize_groupwise(_weight(), 4, 32), None, r=4, alpha=8)
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A.weight", "lora_B.weight"}
+    assert layer.lora_A.weight.shape == (4, 256 // 32)  # A sees one feature per group
+    x = torch.randn(5, 256)
+    assert torch.equal(layer(x), x @ layer.quantized.dequantize().T)
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (3, 64), (2, 128)])
+def test_the_merge_folds_the_adapter_into_the_zero_points_exactly(bits, group):
+    layer, x, bias = _trained_layer(bits, group)
+    merged = layer.merged()
+    assert torch.equal(merged.codes, layer.codes) and torch.equal(merged.scales, layer.scales)  # still the same low-bit model
+    with torch.no_grad():
+        want = layer(x)
+        got = F.linear(x, merged.dequantize(), bias)
+    assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item() + 1e-6
+    # the update is constant within each group of input channels, as pooling makes it
+    delta = (merged.dequantize() - layer.quantized.dequantize()).view(48, 256 // group, group)
+    assert (delta - delta[..., :1]).abs().max().item() < 1e-6
+    assert delta.abs().max().item() > 1e-4  # and it is not nothing
