@@ -105,3 +105,23 @@ class QALoRALinear(nn.Module):
         """The same codes and scales with the adapter folded into the zero points (exact)."""
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling / self.group_size  # (out, groups)
         return GroupQuantized(self.codes.clone(), self.scales.clone(), self.zeros - delta / self.scales, self.bits, self.group_size)
+
+
+def matmul_nbits_initializers(q: GroupQuantized) -> dict:
+    """onnxruntime's MatMulNBits inputs for a 4-bit GroupQuantized weight: B packed two codes a byte
+    (low nibble first) as [N, K / block, block / 2], and per-block scales and *float* zero points
+    (the op dequantizes (code - zero) * scale, so a merged QA-LoRA's real-valued zero points are
+    served exactly), plus the node's attributes."""
+    import numpy as np
+
+    if q.bits != 4:
+        raise ValueError(f"MatMulNBits export takes 4-bit weights; this one has {q.bits} bits (qalora.bits: 4 for ONNX)")
+    out, n = q.shape
+    codes = q.codes.cpu().numpy().reshape(out, n // q.group_size, q.group_size)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return {
+        "B": packed,
+        "scales": q.scales.cpu().numpy().reshape(-1).astype(np.float32),
+        "zero_points": q.zeros.cpu().numpy().reshape(-1).astype(np.float32),
+        "attributes": {"K": n, "N": out, "bits": 4, "block_size": q.group_size},
+    }

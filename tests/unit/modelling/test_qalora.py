@@ -72,3 +72,28 @@ def test_the_merge_folds_the_adapter_into_the_zero_points_exactly(bits, group):
     delta = (merged.dequantize() - layer.quantized.dequantize()).view(48, 256 // group, group)
     assert (delta - delta[..., :1]).abs().max().item() < 1e-6
     assert delta.abs().max().item() > 1e-4  # and it is not nothing
+
+
+def test_a_merged_4bit_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch():
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from loraline.modelling.qalora import matmul_nbits_initializers
+
+    layer, x, _ = _trained_layer(4, 32)
+    merged = layer.merged()
+    init = matmul_nbits_initializers(merged)
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zero_points"], ["y"], domain="com.microsoft", **init["attributes"])
+    graph = helper.make_graph(
+        [node], "qalora", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])],
+        initializer=[numpy_helper.from_array(init[k], k) for k in ("B", "scales", "zero_points")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    want = x @ merged.dequantize().T
+    assert np.abs(y - want.numpy()).max() < 1e-5 * float(want.abs().max())
+    assert init["B"].nbytes == 48 * 256 // 2  # 4 bits a weight
+    with pytest.raises(ValueError, match="takes 4-bit weights"):
+        matmul_nbits_initializers(quantize_groupwise(_weight(), 3, 32))
