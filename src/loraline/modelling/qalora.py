@@ -125,3 +125,54 @@ def matmul_nbits_initializers(q: GroupQuantized) -> dict:
         "zero_points": q.zeros.cpu().numpy().reshape(-1).astype(np.float32),
         "attributes": {"K": n, "N": out, "bits": 4, "block_size": q.group_size},
     }
+
+
+class GroupQuantizedLinear(nn.Module):
+    """A frozen group-quantized linear layer (what a merged QA-LoRA model is made of)."""
+
+    def __init__(self, quantized: GroupQuantized, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        out, n = quantized.shape
+        self.bits, self.group_size, self.in_features, self.out_features = quantized.bits, quantized.group_size, n, out
+        self.register_buffer("codes", quantized.codes)
+        self.register_buffer("scales", quantized.scales)
+        self.register_buffer("zeros", quantized.zeros)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def quantized(self) -> GroupQuantized:
+        return GroupQuantized(self.codes, self.scales, self.zeros, self.bits, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def _swap(model: nn.Module, make) -> list[str]:
+    """Replace every nn.Linear but the output head by make(linear); returns the replaced names."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    done = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child is not head:
+                setattr(module, child_name, make(child))
+                done.append(f"{name}.{child_name}" if name else child_name)
+    return done
+
+
+def apply_qalora(model: nn.Module, *, bits: int, group_size: int, r: int, alpha: float, dropout: float = 0.0) -> list[str]:
+    """Quantize every linear layer but the head group-wise and give it a pooled adapter, in place.
+    Everything else is frozen; returns the adapted layers' names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return _swap(model, lambda lin: QALoRALinear(quantize_groupwise(lin.weight, bits, group_size), lin.bias, r, alpha, dropout))
+
+
+def merge_qalora(model: nn.Module) -> int:
+    """Fold every QA-LoRA adapter into its layer's zero points, in place; returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, QALoRALinear):
+                setattr(module, child_name, GroupQuantizedLinear(child.merged(), child.bias))
+                count += 1
+    return count

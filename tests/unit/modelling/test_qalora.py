@@ -97,3 +97,36 @@ def test_a_merged_4bit_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch
     assert init["B"].nbytes == 48 * 256 // 2  # 4 bits a weight
     with pytest.raises(ValueError, match="takes 4-bit weights"):
         matmul_nbits_initializers(quantize_groupwise(_weight(), 3, 32))
+
+
+def test_a_whole_model_trains_with_qalora_and_merges_to_the_same_logits():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraline.modelling.qalora import GroupQuantizedLinear, apply_qalora, merge_qalora
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    names = apply_qalora(model, bits=4, group_size=32, r=4, alpha=8)
+    assert len(names) == 2 * 7 and "lm_head" not in names  # q, k, v, o, gate, up, down per layer
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 2 * len(names)
+    ids = torch.randint(0, 128, (4, 16))
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0] - 0.1
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert merge_qalora(model) == len(names)
+        after = model(input_ids=ids).logits
+    assert not any(p.requires_grad for p in model.parameters())
+    assert sum(isinstance(m, GroupQuantizedLinear) for m in model.modules()) == len(names)
+    assert (after - before).abs().max().item() < 1e-4
+    assert torch.equal(after.argmax(-1), before.argmax(-1))
