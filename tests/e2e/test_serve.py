@@ -154,7 +154,7 @@ def test_promotion_and_rollback_are_served_without_a_restart_and_a_corrupt_versi
     import torch
     from safetensors.torch import load_file, save_file
 
-    servable = project / ".loraline" / "serve" / "versions" / "acme-shop" / "v0.0.2" / "servable" / "adapter_model.safetensors"
+    [servable] = (project / ".loraline" / "serve" / "versions" / "acme-shop").glob("v0.0.2-*/servable/adapter_model.safetensors")
     noise = torch.Generator().manual_seed(0)
     save_file({k: torch.randn(v.shape, generator=noise) * 2 for k, v in load_file(servable).items()}, servable)
     sh("loraline", "registry", "promote", "acme-shop", "v0.0.2", "--force", "--reason", "serve e2e: corrupted", cwd=project)

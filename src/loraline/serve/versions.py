@@ -3,7 +3,7 @@
 A version is fetched the way `dvc artifacts get --stage prod` fetches it: the adapter folder at the
 commit its version tag points at (the DVC cache, else the DVC remote), beside the merge report of
 the same commit, whose probe prompts and merged-model answers are the deployment check's reference.
-Prepared versions live under a cache folder (`<cache>/<tenant>/<version>/`) and are reused.
+Prepared versions live under a cache folder (`<cache>/<tenant>/<version>-<commit>/`) and are reused.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def prepare_version(root: Path, tenant: str, version: str, commit: str, base_dir
     from loraline.registry.lineage import fetch_output
     from loraline.serve.adapters import ServableAdapter, make_servable
 
-    layout, here = Layout(), cache / tenant / version
+    layout, here = Layout(), cache / tenant / f"{version}-{commit[:12]}"  # a re-created tag never reuses stale files
     done = here / "served.json"
     if not done.is_file():
         adapter_rel = layout.relative(layout.adapter_dir(tenant))
