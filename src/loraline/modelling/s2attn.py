@@ -1,0 +1,68 @@
+"""LongLoRA's shifted sparse attention (S2-Attn), the reference implementation (any device, O(T^2) masks).
+
+For training at a long context, S2-Attn (Chen et al., 2023) splits each sequence into groups of
+`group` tokens and attends within each group only; half of the heads use groups shifted by half a
+group, so information crosses group borders from layer to layer. At inference the model uses full
+attention again.
+
+Two choices differ from the paper's reference code, both for correctness:
+- The shifted heads' groups are offset, not rolled: the paper's `roll` wraps the last half group
+  onto the first, and under a causal mask the first tokens then see the last ones (a look into the
+  future). Here the shifted groups are [0, G/2), [G/2, 3G/2), ...: no token sees a later one.
+- Packed rows (several examples laid end to end, positions restarting at 0 for each): groups are
+  counted from each example's own start and never cross an example's border; an example no longer
+  than one group is a group of its own in every head, that is, plain causal attention.
+
+This is the reference the fast path (varlen flash attention on CUDA) is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+S2_ATTN = "loraline_s2"
+
+
+def segments(position_ids: torch.Tensor) -> torch.Tensor:
+    """Example index of every token of packed rows (a new example starts where the position is 0)."""
+    return torch.cumsum((position_ids == 0).to(torch.int64), dim=-1)
+
+
+def s2_mask(position_ids: torch.Tensor, group: int, heads: int) -> torch.Tensor:
+    """(batch, heads, T, T) boolean: may query i attend to key j. The first half of the heads uses
+    groups [0, G), [G, 2G), ...; the second half groups offset by G/2; always causal, always within
+    one example, and an example of at most `group` tokens is one group in every head."""
+    pos = position_ids.to(torch.int64)
+    seg = segments(pos)
+    t = pos.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=pos.device).tril()
+    same = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # (B, T, T)
+    # each token's example length: short examples attend fully
+    lengths = torch.zeros_like(pos)
+    for b in range(pos.shape[0]):
+        _, inverse, counts = torch.unique_consecutive(seg[b], return_inverse=True, return_counts=True)
+        lengths[b] = counts[inverse]
+    short = (lengths <= group).unsqueeze(-1)  # (B, T, 1): the query's example is one group
+
+    def grouped(offset: int) -> torch.Tensor:
+        g = torch.div(pos + offset, group, rounding_mode="floor")
+        return (g.unsqueeze(-1) == g.unsqueeze(-2)) | short
+
+    plain, shifted = grouped(0), grouped(group // 2)
+    half = heads // 2
+    per_head = torch.stack([plain] * (heads - half) + [shifted] * half, dim=1)  # (B, H, T, T)
+    return per_head & (same & causal).unsqueeze(1)
+
+
+def s2_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor, group: int,
+    scaling: float | None = None, dropout: float = 0.0,
+) -> torch.Tensor:
+    """query (B, H, T, D), key and value (B, H_kv, T, D): S2-Attn output (B, H, T, D)."""
+    b, h, t, d = query.shape
+    if key.shape[1] != h:  # grouped-query attention: each key/value head serves h / h_kv query heads
+        key = key.repeat_interleave(h // key.shape[1], dim=1)
+        value = value.repeat_interleave(h // value.shape[1], dim=1)
+    mask = s2_mask(position_ids.expand(b, t), group, h)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)

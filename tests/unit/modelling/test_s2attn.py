@@ -1,0 +1,60 @@
+"""S2-Attn's reference: groups, the shifted half of the heads, causality and packed examples."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loraline.modelling.s2attn import s2_attention, s2_mask
+
+
+def _qkv(b=1, h=4, t=16, d=8, h_kv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, t, d, generator=g), torch.randn(b, h_kv or h, t, d, generator=g), torch.randn(b, h_kv or h, t, d, generator=g))
+
+
+def test_with_one_group_spanning_the_sequence_it_is_causal_attention():
+    q, k, v = _qkv()
+    pos = torch.arange(16).unsqueeze(0)
+    got = s2_attention(q, k, v, pos, group=16)
+    assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
+
+
+def test_plain_heads_see_their_group_and_shifted_heads_the_group_offset_by_half():
+    mask = s2_mask(torch.arange(16).unsqueeze(0), group=8, heads=4)[0]
+    # query 9: plain heads (0, 1) see 8..9; shifted heads (2, 3) see 4..9 (groups [4, 12))
+    assert mask[0, 9].nonzero().flatten().tolist() == [8, 9]
+    assert mask[3, 9].nonzero().flatten().tolist() == [4, 5, 6, 7, 8, 9]
+    # shifted heads' first group is the first half group: query 2 sees 0..2, query 5 sees only 4..5
+    assert mask[2, 2].nonzero().flatten().tolist() == [0, 1, 2]
+    assert mask[2, 5].nonzero().flatten().tolist() == [4, 5]
+    assert not mask.triu(1).any()  # never a later token, in any head (no wrap-around as with roll)
+
+
+def test_outputs_depend_only_on_what_the_mask_allows():
+    q, k, v = _qkv(t=16)
+    pos = torch.arange(16).unsqueeze(0)
+    base = s2_attention(q, k, v, pos, group=8)
+    v2 = v.clone()
+    v2[:, :, 3] += 10.0  # change one early value
+    moved = (s2_attention(q, k, v2, pos, group=8) - base).abs().amax(-1)[0]  # (heads, T)
+    assert moved[0, 3:8].gt(0).all() and moved[0, 8:].eq(0).all()  # plain heads: only its group [0, 8)
+    assert moved[2, :3].eq(0).all()  # shifted heads: token 3 is in group [0, 4); nothing before it moves
+    assert moved[2, 3].gt(0) and moved[2, 4:].eq(0).all()
+
+
+def test_packed_examples_never_see_each_other_and_short_ones_attend_fully():
+    q, k, v = _qkv(t=20, h=4, h_kv=2)  # grouped-query attention too
+    pos = torch.cat([torch.arange(6), torch.arange(14)]).unsqueeze(0)  # a 6-token and a 14-token example
+    got = s2_attention(q, k, v, pos, group=8)
+    # the 6-token example (shorter than a group) gets plain causal attention, alone
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    alone = F.scaled_dot_product_attention(q[:, :, :6], kr[:, :, :6], vr[:, :, :6], is_causal=True)
+    assert torch.allclose(got[:, :, :6], alone, atol=1e-6)
+    # changing the first example leaves the second as it was
+    v2 = v.clone()
+    v2[:, :, :6] += 5.0
+    assert torch.equal(s2_attention(q, k, v2, pos, group=8)[:, :, 6:], got[:, :, 6:])
+    # and the second example is grouped from its own start: its token 8 (position 2) sees positions 0..2
+    mask = s2_mask(pos, group=8, heads=4)[0]
+    assert mask[0, 8].nonzero().flatten().tolist() == [6, 7, 8]
