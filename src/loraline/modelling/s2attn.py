@@ -66,3 +66,25 @@ def s2_attention(
         value = value.repeat_interleave(h // value.shape[1], dim=1)
     mask = s2_mask(position_ids.expand(b, t), group, h)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+
+
+def s2_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention-function signature (AttentionInterface). In training, S2-Attn with
+    groups of `config.s2_attn_group` tokens; in eval mode, full causal attention within each packed
+    example, as LongLoRA serves the model. Returns (output (B, T, H, D), None)."""
+    b, _, t, _ = query.shape
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(t, device=query.device).unsqueeze(0)
+    group = module.config.s2_attn_group if module.training else t
+    out = s2_attention(query, key, value, position_ids, group, scaling=scaling, dropout=dropout if module.training else 0.0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_s2_attention(model, group: int) -> None:
+    """Switch `model` to S2-Attn (registered with transformers' AttentionInterface; no model class is patched)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(S2_ATTN, s2_attention_forward)
+    model.config.s2_attn_group = group
+    model.set_attn_implementation(S2_ATTN)

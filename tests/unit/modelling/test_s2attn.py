@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -58,3 +60,26 @@ def test_packed_examples_never_see_each_other_and_short_ones_attend_fully():
     # and the second example is grouped from its own start: its token 8 (position 2) sees positions 0..2
     mask = s2_mask(pos, group=8, heads=4)[0]
     assert mask[0, 8].nonzero().flatten().tolist() == [6, 7, 8]
+
+
+def test_a_model_switched_to_s2_attention_trains_grouped_and_evaluates_with_full_attention():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraline.modelling.s2attn import use_s2_attention
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")
+    reference = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(copy.deepcopy(config))  # the switch is per config: the reference keeps sdpa
+    model.load_state_dict(reference.state_dict())
+    use_s2_attention(model, group=8)
+    assert model.config._attn_implementation == "loraline_s2"
+    ids = torch.randint(0, 64, (2, 32))
+    with torch.no_grad():
+        reference.eval(), model.eval()
+        assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)  # eval: full attention
+        model.train(), reference.train()
+        grouped, full = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert torch.allclose(grouped[:, :4], full[:, :4], atol=1e-5)  # the first half group sees the same in every head
+    assert (grouped - full).abs().max() > 1e-3  # later tokens see less: it is sparse
