@@ -67,13 +67,10 @@ def quantize_groupwise(weight: torch.Tensor, bits: int, group_size: int) -> Grou
     return GroupQuantized(codes.view(out, n), scales, zeros, bits, group_size)
 
 
-class QALoRALinear(nn.Module):
-    """A frozen group-quantized linear layer with QA-LoRA's pooled adapter beside it.
+class GroupQuantizedLinear(nn.Module):
+    """A frozen group-quantized linear layer (what a merged QA-LoRA model is made of)."""
 
-    y = x W~^T + bias + c * B(A(dropout(pool(x)))), pool averaging each group of input channels.
-    """
-
-    def __init__(self, quantized: GroupQuantized, bias: torch.Tensor | None, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, quantized: GroupQuantized, bias: torch.Tensor | None) -> None:
         super().__init__()
         out, n = quantized.shape
         self.bits, self.group_size, self.in_features, self.out_features = quantized.bits, quantized.group_size, n, out
@@ -81,22 +78,35 @@ class QALoRALinear(nn.Module):
         self.register_buffer("scales", quantized.scales)
         self.register_buffer("zeros", quantized.zeros)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.lora_A = nn.Linear(n // quantized.group_size, r, bias=False)
-        self.lora_B = nn.Linear(r, out, bias=False)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)  # starts as the quantized base exactly
-        self.scaling = alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
     def quantized(self) -> GroupQuantized:
         return GroupQuantized(self.codes, self.scales, self.zeros, self.bits, self.group_size)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class QALoRALinear(GroupQuantizedLinear):
+    """A frozen group-quantized linear layer with QA-LoRA's pooled adapter beside it.
+
+    y = x W~^T + bias + c * B(A(dropout(pool(x)))), pool averaging each group of input channels.
+    """
+
+    def __init__(self, quantized: GroupQuantized, bias: torch.Tensor | None, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(quantized, bias)
+        self.lora_A = nn.Linear(self.in_features // quantized.group_size, r, bias=False)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)  # starts as the quantized base exactly
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.in_features // self.group_size, self.group_size).mean(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.quantized.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        base = super().forward(x)
         update = self.lora_B(self.lora_A(self.dropout(self.pool(x)).to(self.lora_A.weight.dtype)))
         return base + (update * self.scaling).to(base.dtype)
 
@@ -125,26 +135,6 @@ def matmul_nbits_initializers(q: GroupQuantized) -> dict:
         "zero_points": q.zeros.cpu().numpy().reshape(-1).astype(np.float32),
         "attributes": {"K": n, "N": out, "bits": 4, "block_size": q.group_size},
     }
-
-
-class GroupQuantizedLinear(nn.Module):
-    """A frozen group-quantized linear layer (what a merged QA-LoRA model is made of)."""
-
-    def __init__(self, quantized: GroupQuantized, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        out, n = quantized.shape
-        self.bits, self.group_size, self.in_features, self.out_features = quantized.bits, quantized.group_size, n, out
-        self.register_buffer("codes", quantized.codes)
-        self.register_buffer("scales", quantized.scales)
-        self.register_buffer("zeros", quantized.zeros)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @property
-    def quantized(self) -> GroupQuantized:
-        return GroupQuantized(self.codes, self.scales, self.zeros, self.bits, self.group_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 def _swap(model: nn.Module, make) -> list[str]:

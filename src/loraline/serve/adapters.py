@@ -57,7 +57,7 @@ def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableA
         with io.atomic_dir(out_dir) as tmp:
             for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 shutil.copyfile(adapter_dir / name, tmp / name)
-        return ServableAdapter(out_dir, False, _serving_rank(int(config["r"])), [])
+        return ServableAdapter(out_dir, False, serving_rank(int(config["r"])), [])
     if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ServeAdapterError(f"{adapter_dir}: DoRA and per-module rank/alpha patterns cannot be re-expressed for vLLM")
 
@@ -83,7 +83,7 @@ def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableA
         us, vh, keep = _factor(tensors[key].float() - base[reference[module]], module)  # type: ignore[index]
         pairs[module] = (us, vh)
         rank = max(rank, keep)
-    r = _serving_rank(max(rank, int(config["r"])))
+    r = serving_rank(max(rank, int(config["r"])))
 
     out: dict[str, torch.Tensor] = {}
     old_scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
@@ -140,7 +140,8 @@ def _factor(delta: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor,
     return (u[:, :keep] * s[:keep]).float(), vh[:keep].float(), keep
 
 
-def _serving_rank(needed: int) -> int:
+def serving_rank(needed: int) -> int:
+    """The smallest LoRA rank vLLM accepts that holds `needed` (callers check it is not above the largest)."""
     return next(r for r in VLLM_RANKS if r >= needed)
 
 

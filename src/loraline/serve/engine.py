@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from loraline.config import ServeParams
-from loraline.serve.adapters import VLLM_RANKS
+from loraline.serve.adapters import VLLM_RANKS, serving_rank
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,10 @@ class EngineError(RuntimeError):
 
 def lora_rank_for(ranks: list[int]) -> int:
     """The smallest rank vLLM accepts that holds every adapter's."""
-    need = max(ranks, default=8)
-    for r in VLLM_RANKS:
-        if r >= need:
-            return r
-    raise EngineError(f"an adapter has LoRA rank {need}, above the largest vLLM serves ({VLLM_RANKS[-1]})")
+    need = max(ranks, default=VLLM_RANKS[0])
+    if need > VLLM_RANKS[-1]:
+        raise EngineError(f"an adapter has LoRA rank {need}, above the largest vLLM serves ({VLLM_RANKS[-1]})")
+    return serving_rank(need)
 
 
 def engine_command(python: Path, model: Path, params: ServeParams, *, lora_rank: int, max_loras: int, max_model_len: int | None,

@@ -44,7 +44,7 @@ def start_deployment(params: Params, layout: Layout, python: Path) -> tuple[Engi
     """The engine running and every tenant's production version served (each one checked)."""
     root, folders, tenants = layout.root, ServeFolders(layout.root), params.tenant_names
     base_dir = layout.base_dir
-    prepare = partial(_prepare, root, base_dir, folders.cache)
+    prepare = partial(prepare_version, root, base_dir=base_dir, cache=folders.cache)  # (tenant, version, commit)
     production = _read_production(root, tenants, params.orchestrate.registry_remote)
     ranks = [prepare(t, v, c).rank for t, (v, c, _) in production.items()]
     rank = params.serve.max_lora_rank or lora_rank_for(ranks or [FALLBACK_RANK])
@@ -109,10 +109,6 @@ def _read_production(root: Path, tenants: list[str], remote: str | None):
 
         fetch_tags(root, remote)
     return production_versions(root, tenants)
-
-
-def _prepare(root: Path, base_dir: Path, cache: Path, tenant: str, version: str, commit: str):
-    return prepare_version(root, tenant, version, commit, base_dir, cache)
 
 
 def _context(model: Path) -> int | None:

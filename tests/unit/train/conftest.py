@@ -97,3 +97,10 @@ def reference(setup: Setup, tmp_path_factory) -> Reference:
     finally:
         torch.set_num_threads(previous)
     return Reference(result, seen["model"], root / "ckpt")
+
+
+@pytest.fixture
+def cpu_ranks(monkeypatch):
+    """Launched ranks run on CPU (gloo) on a GPU machine too, one thread each."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 import torch
-from train_helpers import adapter_tensors, tiny_train
+from train_helpers import adapter_tensors, tiny_train, train_losses
 
 from loraline.train.distributed import World, shard
 from loraline.train.errors import TrainError
@@ -19,15 +18,6 @@ from loraline.train.stage import train_adapter
 LOSS_TOL = 1e-5
 
 
-def _losses(path) -> list[float]:
-    with open(path, newline="") as fh:
-        return [float(r["train_loss"]) for r in csv.DictReader(fh)]
-
-
-@pytest.fixture
-def cpu_ranks(monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the ranks run on CPU (gloo) on a GPU machine too
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 def test_shards_cover_a_micro_batch_once_in_order():
@@ -47,7 +37,7 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(setup, tmp
     # the same examples in the same steps: the same token counts, whatever the split
     assert two.record["tokens_seen"] == one.record["tokens_seen"]
     assert two.record["steps"] == one.record["steps"]
-    a, b = _losses(one.train_curve), _losses(two.train_curve)
+    a, b = train_losses(one.train_curve), train_losses(two.train_curve)
     assert len(a) == len(b) == 12
     assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL, (a, b)
     assert abs(one.record["loss"]["final_val"] - two.record["loss"]["final_val"]) < LOSS_TOL
@@ -99,10 +89,10 @@ def test_qlora_on_two_gpus_over_nccl_trains_what_one_gpu_does(setup, tmp_path):
                         checkpoint_dir=tmp_path / "ck", **setup.kwargs())
     assert two.record["devices"] == 2 and two.record["device"].startswith("cuda")
     assert two.record["tokens_seen"] == one.record["tokens_seen"]
-    a, b = _losses(one.train_curve), _losses(two.train_curve)
+    a, b = train_losses(one.train_curve), train_losses(two.train_curve)
     assert max(abs(x - y) / max(abs(x), 1e-3) for x, y in zip(a, b)) < 0.05, (a, b)
     assert b[-1] < 0.8 * b[0]  # it learnt
     again = train_adapter(tiny_train(batch_size=2, devices=2, **common), out_dir=tmp_path / "again",
                           checkpoint_dir=tmp_path / "ck", **setup.kwargs())
     assert again.timing["resumed_from_step"] is not None  # a checkpoint written by 2 GPUs resumes on 2
-    assert _losses(again.train_curve)[: again.timing["resumed_from_step"]] == b[: again.timing["resumed_from_step"]]
+    assert train_losses(again.train_curve)[: again.timing["resumed_from_step"]] == b[: again.timing["resumed_from_step"]]

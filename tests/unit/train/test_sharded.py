@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 
 import pytest
 import torch
-from train_helpers import adapter_tensors, tiny_train
+from train_helpers import adapter_tensors, tiny_train, train_losses
 
 from loraline.config import TrainParams
 from loraline.train.errors import TrainError
@@ -16,15 +15,6 @@ from loraline.train.stage import train_adapter
 LOSS_TOL = 1e-5
 
 
-def _losses(path) -> list[float]:
-    with open(path, newline="") as fh:
-        return [float(r["train_loss"]) for r in csv.DictReader(fh)]
-
-
-@pytest.fixture
-def cpu_ranks(monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
@@ -39,7 +29,7 @@ def test_two_processes_sharding_the_base_train_what_one_process_does(setup, tmp_
     # each rank holds half of every layer's frozen weights (up to FSDP's padding of a shard)
     assert facts["layer_bytes"] > 0 and abs(facts["layer_bytes_held"] - facts["layer_bytes"] / 2) <= 64 * 2, facts
     assert two.record["tokens_seen"] == one.record["tokens_seen"]
-    a, b = _losses(one.train_curve), _losses(two.train_curve)
+    a, b = train_losses(one.train_curve), train_losses(two.train_curve)
     assert len(a) == len(b) == 12
     assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL, (a, b)
     assert abs(one.record["loss"]["base_val"] - two.record["loss"]["base_val"]) < 1e-5
@@ -55,7 +45,7 @@ def test_one_process_loading_layer_by_layer_trains_what_transformers_loading_doe
     plain = train_adapter(tiny_train(max_steps=4), out_dir=tmp_path / "plain", **setup.kwargs())
     streamed = train_adapter(tiny_train(max_steps=4, sharding="fsdp"), out_dir=tmp_path / "streamed", **setup.kwargs())
     assert streamed.record["sharding"]["sharded_layers"] == 2
-    a, b = _losses(plain.train_curve), _losses(streamed.train_curve)
+    a, b = train_losses(plain.train_curve), train_losses(streamed.train_curve)
     assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL, (a, b)
 
 
@@ -96,10 +86,10 @@ def test_qlora_with_the_base_sharded_over_two_gpus_trains_what_one_gpu_does(setu
     params = tiny_train(batch_size=2, devices=2, sharding="fsdp", **common)
     two = train_adapter(params, out_dir=tmp_path / "two", checkpoint_dir=tmp_path / "ck", **setup.kwargs())
     assert two.record["device"].startswith("cuda") and two.record["sharding"]["sharded_layers"] == 2
-    a, b = _losses(one.train_curve), _losses(two.train_curve)
+    a, b = train_losses(one.train_curve), train_losses(two.train_curve)
     assert max(abs(x - y) / max(abs(x), 1e-3) for x, y in zip(a, b)) < 0.05, (a, b)
     assert b[-1] < 0.8 * b[0]
     again = train_adapter(params, out_dir=tmp_path / "again", checkpoint_dir=tmp_path / "ck", **setup.kwargs())
     assert again.timing["resumed_from_step"] is not None
     n = again.timing["resumed_from_step"]
-    assert _losses(again.train_curve)[:n] == b[:n]
+    assert train_losses(again.train_curve)[:n] == b[:n]

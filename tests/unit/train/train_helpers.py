@@ -61,3 +61,11 @@ def adapter_tensors(out_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(Path(out_dir) / "adapter_model.safetensors")
+
+
+def train_losses(path: Path) -> list[float]:
+    """The per-step training losses a run wrote to its train_loss.csv."""
+    import csv
+
+    with open(path, newline="") as fh:
+        return [float(r["train_loss"]) for r in csv.DictReader(fh)]
