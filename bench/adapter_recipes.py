@@ -3,8 +3,9 @@
 The lever search behind the sample tenants' `train` overrides (README: what the default model can
 and cannot do). Every variant starts from the project's own outputs of a finished run (the built
 base, the tenants' documents, synthetic rows and prepared datasets, as `make run` leaves them),
-copied into a scratch folder, then runs the real prepare (only when a variant overrides `prepare.*`
-or `tenants.*.synthetic_ratio`), train, merge and evaluate stages with params.yaml plus the
+copied into a scratch folder, then runs the real base stage (only when a variant overrides `base.*`:
+the base is rebuilt from every tenant's raw documents), prepare (only when a variant overrides
+`prepare.*` or `tenants.*.synthetic_ratio`), train, merge and evaluate stages with params.yaml plus the
 variant's dotted overrides, and reads the evaluate stage's own metrics.
 
     python bench/adapter_recipes.py --tenant acme-shop \
@@ -37,15 +38,27 @@ def run_variant(project: str, params_path: str, tenant: str, name: str, override
     from loraline.layout import Layout
 
     source, root = Layout(Path(project)), Path(scratch) / name
-    for folder in (source.base_dir, source.documents_dir(tenant), source.synthetic_dir(tenant), source.prepared_dataset_dir(tenant).parent):
+    rebuild_base = any(key.startswith("base.") for key in overrides)
+    folders = [source.documents_dir(tenant), source.synthetic_dir(tenant), source.prepared_dataset_dir(tenant).parent]
+    for folder in folders + ([] if rebuild_base else [source.base_dir]):
         if not folder.exists():
             raise SystemExit(f"{folder} is missing: run `make run` (or `dvc repro`) first; variants start from its outputs")
         shutil.copytree(folder, root / folder.relative_to(project))
     # The merge's extra checks (4-bit reference, reload) guard releases, not a recipe comparison.
     params = load_params(params_path, overrides={"merge.quantized_reference": False, "merge.check_reload": False, **overrides})
     layout = Layout(root)
+    base_s = None
+    if rebuild_base:
+        from loraline import base
+
+        started = time.perf_counter()
+        # The raw folders stay the project's own: the base pretrains on every tenant's documents.
+        base.run(params, layout, docs=[Path(project) / params.tenant(n).raw_dir for n in params.tenant_names])
+        base_s = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
-    if any(key.startswith("prepare.") or key.endswith(".synthetic_ratio") for key in overrides):
+    # A rebuilt base has its own tokenizer (its corpus includes this Python's stdlib docstrings), so
+    # the prepared token counts and limits are redone with it.
+    if rebuild_base or any(key.startswith("prepare.") or key.endswith(".synthetic_ratio") for key in overrides):
         prepare.run(params, layout, tenant)
     trained = train.run(params, layout, tenant, checkpoints=False)
     train_s = time.perf_counter() - started
@@ -56,6 +69,7 @@ def run_variant(project: str, params_path: str, tenant: str, name: str, override
     return {
         "variant": name,
         "steps": trained.record["steps"]["done"],
+        "base_s": base_s,
         "train_s": round(train_s, 1),
         "val_loss": round(trained.record["loss"]["final_val"], 4),
         "exact_match": round(candidate["exact_match"], 3),

@@ -17,6 +17,7 @@ TENANT_STAGES = tuple(s for s in STAGES if s not in SHARED_STAGES)
 BASE_RECORD = "base_record.json"
 DOCUMENTS_MANIFEST = "documents.json"
 PREPARED_DATASET = "dataset"
+TOKENIZER_STAMP = "tokenizer_stamp.json"  # in a prepared dataset: which tokenizer made its ids
 SYNTHETIC_ROWS = "rows.jsonl"
 TRAIN_RECORD = "train_record.json"
 # reports/<tenant>/ holds each tenant's reports; reports/timing/ every stage's run facts, so no tenant

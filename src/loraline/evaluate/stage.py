@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from loraline import io
-from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path
+from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path, tokenizer_mismatch
 from loraline.config import BaseParams, Params
 from loraline.layout import Layout
 from loraline.evaluate import metrics as M
@@ -199,6 +199,9 @@ def _load_test(dataset_dir: Path, tok: Any, max_examples: int | None) -> _TestSe
 
     if not dataset_dir.is_dir():
         raise EvaluateError(f"dataset {dataset_dir} does not exist: run the prepare stage for this tenant first")
+    mismatch = tokenizer_mismatch(dataset_dir, tok)
+    if mismatch:
+        raise EvaluateError(mismatch)
     dd = datasets.load_from_disk(str(dataset_dir))
     if "test" not in dd or len(dd["test"]) == 0:
         raise EvaluateError(f"dataset {dataset_dir} has no test rows: raise prepare.split.test or add data")

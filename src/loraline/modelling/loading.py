@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loraline.config import BaseParams, ConfigError
-from loraline.layout import BASE_RECORD
+from loraline.layout import BASE_RECORD, TOKENIZER_STAMP
 
 RECORD = BASE_RECORD
 
@@ -67,6 +67,39 @@ def load_base_tokenizer(base_dir: Path, params: BaseParams):
         # Batching needs a pad id; padded positions are masked, so which token it is does not matter.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """Identity of the tokenizer as used here: vocabulary, merges, normalization and the chat template."""
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8"))
+    h.update(b"\0" + str(tokenizer.chat_template).encode("utf-8"))
+    return h.hexdigest()
+
+
+def write_tokenizer_stamp(dataset_dir: Path, hash_: str, name: str) -> None:
+    """Record in a prepared dataset which tokenizer (tokenizer_hash, name_or_path) made its token ids."""
+    stamp = {"tokenizer_hash": hash_, "tokenizer": name}
+    (Path(dataset_dir) / TOKENIZER_STAMP).write_text(json.dumps(stamp, indent=1) + "\n", encoding="utf-8")
+
+
+def tokenizer_mismatch(dataset_dir: Path, tokenizer: Any) -> str | None:
+    """Why the ids in `dataset_dir` do not belong to `tokenizer`, or None when they do.
+
+    Token ids from another vocabulary train and score fine by the numbers (a low loss on the wrong
+    ids) and generate garbage: a base rebuilt or swapped after prepare must be caught here, loudly.
+    A dataset without a stamp (written before stamps existed) is not judged.
+    """
+    path = Path(dataset_dir) / TOKENIZER_STAMP
+    if not path.is_file():
+        return None
+    stamp = json.loads(path.read_text(encoding="utf-8"))
+    if stamp.get("tokenizer_hash") == tokenizer_hash(tokenizer):
+        return None
+    return (
+        f"dataset {dataset_dir} was tokenized with another tokenizer ({stamp.get('tokenizer') or 'in memory'}, "
+        f"{str(stamp.get('tokenizer_hash'))[:12]}) than the base's ({tokenizer_hash(tokenizer)[:12]}): its token ids "
+        "mean other words to this model; run the prepare stage again with this base"
+    )
 
 
 def base_model_hash(base_record: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ import datasets
 from loraline.config import PrepareParams, TenantParams
 from loraline.io import atomic_dir, write_json, write_jsonl
 from loraline.layout import PREPARED_DATASET
+from loraline.modelling.loading import write_tokenizer_stamp
 from loraline.prepare.card import raw_file_hashes, render_card
 from loraline.prepare.collected import Collected
 from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
@@ -59,6 +60,7 @@ def write_outputs(
             splits = datasets.DatasetDict({s: _dataset(collected, s) for s in SPLITS})
             # An empty dataset is saved with zero shards by default, which load_from_disk cannot read back.
             splits.save_to_disk(str(tmp / PREPARED_DATASET), num_shards={s: _shards(ds) for s, ds in splits.items()})
+            write_tokenizer_stamp(tmp / PREPARED_DATASET, stats.tokenizer_hash, stats.tokenizer)
             documents = _dataset(collected, "documents")
             documents.save_to_disk(str(tmp / "documents"), num_shards=_shards(documents))
             write_jsonl(tmp / "duplicates.jsonl", collected.duplicates)

@@ -11,7 +11,6 @@ token, so the model never has to produce it.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,13 +51,6 @@ def check_tokenizer(tokenizer) -> None:
 
 def tokenizer_name(tokenizer) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or "")
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """Identity of the tokenizer as used here: vocabulary, merges, normalization and the chat template."""
-    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8"))
-    h.update(b"\0" + str(tokenizer.chat_template).encode("utf-8"))
-    return h.hexdigest()
 
 
 def control_tokens(tokenizer) -> tuple[str, ...]:

@@ -15,7 +15,8 @@ from loraline.prepare.collected import Collected
 from loraline.prepare.mapping import SourceSpec
 from loraline.prepare.quality.mix import SYNTHETIC_PREFIX
 from loraline.prepare.readers import has_surrogates
-from loraline.prepare.render import tokenizer_hash, tokenizer_name
+from loraline.modelling.loading import tokenizer_hash
+from loraline.prepare.render import tokenizer_name
 from loraline.prepare.schema import SPLITS, PrepareStats, RejectReason
 from loraline.provenance import hash_tree
 

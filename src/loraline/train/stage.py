@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from loraline import io
-from loraline.modelling.loading import load_base_tokenizer, read_base_record
+from loraline.modelling.loading import load_base_tokenizer, read_base_record, tokenizer_mismatch
 from loraline.config import BaseParams, Params, TrainParams
 from loraline.layout import TRAIN_RECORD, Layout
 from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_facts, sha256_file
@@ -135,7 +135,7 @@ def _train(
 
     with _deterministic(device, params.num_threads):
         _seed_everything(params.seed)
-        pad_id, model = _load_base(params, base_params, base_dir, base_record, device, world, progress)
+        pad_id, model = _load_base(params, base_params, base_dir, base_record, device, world, progress, dataset_dir)
         check_module_names(params, model)
         if params.packing:
             check_packing_isolation(model, device, model.get_input_embeddings().num_embeddings)
@@ -281,12 +281,16 @@ def _read_base(base_dir: Path) -> dict[str, Any]:
 
 
 def _load_base(
-    params: TrainParams, base_params: BaseParams, base_dir: Path, record: dict[str, Any], device: torch.device, world: World, progress: bool
+    params: TrainParams, base_params: BaseParams, base_dir: Path, record: dict[str, Any], device: torch.device, world: World,
+    progress: bool, dataset_dir: Path,
 ):
-    """(pad id, model); a base that cannot be found (e.g. a hub id not in the local cache) names itself."""
+    """(pad id, model), once the dataset's ids are known to be this tokenizer's; a base that cannot be found (e.g. a hub id not in the local cache) names itself."""
     try:
-        pad_id = load_base_tokenizer(base_dir, base_params).pad_token_id
-        return pad_id, load_base_model(params, base_dir, device, world_size=world.size, progress=progress and world.main)
+        tokenizer = load_base_tokenizer(base_dir, base_params)
+        mismatch = tokenizer_mismatch(dataset_dir, tokenizer)
+        if mismatch:
+            raise TrainError(mismatch)
+        return tokenizer.pad_token_id, load_base_model(params, base_dir, device, world_size=world.size, progress=progress and world.main)
     except OSError as exc:
         ref = record.get("model_ref")
         raise TrainError(

@@ -9,6 +9,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import json  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -203,6 +204,13 @@ def test_bad_inputs(setup: Setup, tmp_path):
         evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(dataset_dir=tmp_path / "nothing"))
     with pytest.raises(EvaluateError, match="max_new_tokens"):
         evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(max_new_tokens=0))
+    from loraline.layout import TOKENIZER_STAMP
+
+    other = tmp_path / "dataset"
+    shutil.copytree(setup.dataset_dir, other)
+    (other / TOKENIZER_STAMP).write_text(json.dumps({"tokenizer_hash": "0" * 64, "tokenizer": "elsewhere"}))
+    with pytest.raises(EvaluateError, match=r"tokenized with another tokenizer \(elsewhere, 000000000000\)"):
+        evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(dataset_dir=other))
     assert not (tmp_path / "x").exists()
 
 

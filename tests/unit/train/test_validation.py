@@ -112,3 +112,17 @@ def test_base_model_that_does_not_exist(setup, tmp_path, no_training):
     (base / "base_record.json").write_text(json.dumps({"source": "hub", "model_ref": "nobody/no-such-model", "revision": "main"}))
     with pytest.raises(TrainError, match=r"cannot load the base model 'nobody/no-such-model' .*\(base.model\)"):
         _train(setup, tmp_path, base_dir=base)
+
+
+def test_a_dataset_tokenized_for_another_base_is_refused(setup, tmp_path, no_training):
+    # A base rebuilt after prepare (e.g. on another Python, whose stdlib docstrings are in its corpus)
+    # has another vocabulary: the old ids would train to a low loss and generate garbage.
+    from loraline.layout import TOKENIZER_STAMP
+
+    stamp = json.loads((setup.dataset_dir / TOKENIZER_STAMP).read_text())
+    assert len(stamp["tokenizer_hash"]) == 64
+    copy = tmp_path / "dataset"
+    shutil.copytree(setup.dataset_dir, copy)
+    (copy / TOKENIZER_STAMP).write_text(json.dumps({**stamp, "tokenizer_hash": "f" * 64}))
+    with pytest.raises(TrainError, match=r"tokenized with another tokenizer .*ffffffffffff.* run the prepare stage again"):
+        _train(setup, tmp_path, dataset_dir=copy)
