@@ -23,8 +23,11 @@ run: setup
 
 # The test suite: unit tests plus the end-to-end tests on a tiny configuration (`dvc repro`, Prefect,
 # and serving through the real vLLM server, which needs the serving environment).
+# Test files run TEST_WORKERS at a time (pytest-xdist): the end-to-end ones spend much of their time
+# starting stage processes, so two share 2 cores well.
+TEST_WORKERS ?= 2
 test: setup serve-env
-	HF_HUB_OFFLINE=1 LORALINE_SERVE_PYTHON=$(CURDIR)/.serve-venv/bin/python $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 LORALINE_SERVE_PYTHON=$(CURDIR)/.serve-venv/bin/python $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 check: setup
 	$(BIN)/loraline check

@@ -65,6 +65,13 @@ def assert_new_rows_rerun(ran: set[str], tenant: str) -> None:
     assert every - {f"gate@{tenant}"} <= ran <= every, sorted(ran)
 
 
+def copy_project(src: Path, dest: Path) -> Path:
+    """A copy of a project at `dest`, as another clone after the same runs would be: its git history,
+    DVC cache, dvc.lock and outputs. Nothing in a project names its own folder, so the copy works as is."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
 def make_tiny_project(dest: Path) -> Path:
     """A fresh git+DVC project at `dest` holding exactly the repository's files, with a tiny base model."""
     files = subprocess.run(

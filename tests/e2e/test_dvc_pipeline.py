@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e_project import PER_TENANT, TINY_TRAIN, assert_new_rows_rerun, make_tiny_project, sh, stages_run
+from e2e_project import PER_TENANT, TINY_TRAIN, assert_new_rows_rerun, copy_project, sh, stages_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    return make_tiny_project(tmp_path_factory.mktemp("e2e") / "project")
+def project(tmp_path_factory, built) -> Path:
+    return copy_project(built.project, tmp_path_factory.mktemp("e2e") / "project")
 
 
 @pytest.fixture(scope="module")
-def first_run(project: Path) -> str:
-    return sh("dvc", "repro", cwd=project)
+def first_run(built) -> str:
+    return built.repro_output
 
 
 def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str):

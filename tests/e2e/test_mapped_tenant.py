@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e_project import make_tiny_project, sh, stages_run
+from e2e_project import copy_project, sh, stages_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -41,8 +41,9 @@ def _export(project: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, int]:
-    project = make_tiny_project(tmp_path_factory.mktemp("mapped") / "project")
+def project(tmp_path_factory, built) -> tuple[Path, int]:
+    # A finished run whose globex-it then exports its tickets in another layout.
+    project = copy_project(built.project, tmp_path_factory.mktemp("mapped") / "project")
     rows = _export(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tenants"]["globex-it"]["sources"] = SOURCES

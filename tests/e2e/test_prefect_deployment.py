@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from e2e_project import make_tiny_project
+from e2e_project import copy_project
 
 from loraline.tools import tool, tool_env
 
@@ -65,8 +65,10 @@ def prefect(env: dict, *args: str, cwd: Path) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_deploy_all_and_a_worker_completes_a_triggered_run(tmp_path: Path, env: dict):
-    project = make_tiny_project(tmp_path / "project")
+def test_deploy_all_and_a_worker_completes_a_triggered_run(tmp_path: Path, env: dict, built):
+    # After a finished `dvc repro` (as on a machine that ran the pipeline before): the triggered run
+    # finds the stages up to date and releases.
+    project = copy_project(built.project, tmp_path / "project")
     env = {**env, "PWD": str(project)}  # prefect.yaml's pull step runs flows in the deploying folder
     prefect(env, "work-pool", "create", "loraline", "--type", "process", cwd=project)
     out = prefect(env, "deploy", "--all", cwd=project)

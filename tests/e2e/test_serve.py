@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from e2e_project import REPO, _env, make_tiny_project, sh
+from e2e_project import REPO, _env, copy_project, sh
 
 from loraline.tools import tool
 
@@ -42,9 +42,8 @@ def _serving_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    project = make_tiny_project(tmp_path_factory.mktemp("serve") / "project")
-    sh("dvc", "repro", cwd=project)
+def project(tmp_path_factory, built) -> Path:
+    project = copy_project(built.project, tmp_path_factory.mktemp("serve") / "project")
     out = sh("loraline", "registry", "release", cwd=project)
     assert out.count("prod none -> v0.0.1") == len(TENANTS), out
     return project
