@@ -52,3 +52,34 @@ def test_trained_embeddings_serve_as_the_head_and_merge_into_a_tied_model(setup,
     with safe_open(merged.out_dir / "model.safetensors", "pt") as f:
         assert torch.equal(f.get_tensor("model.embed_tokens.weight"), embed)
         assert "lm_head.weight" not in f.keys()  # stored once, as the base stores it
+
+
+def test_trained_embeddings_and_norms_load_in_stock_peft_and_merge(setup, tmp_path):
+    """LongLoRA's trainables (embeddings and every RMSNorm beside the LoRA matrices) go through the
+    stage in peft's own format: stock PeftModel.from_pretrained reproduces the adapter, and the merge
+    folds the trained norms into the merged model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    saved = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "model.norm"]
+    res = train_adapter(tiny_train(modules_to_save=saved, max_steps=3, learning_rate=2e-2), out_dir=tmp_path / "a", **setup.kwargs())
+    with safe_open(res.out_dir / "adapter_model.safetensors", "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    norms = {k: v for k, v in stored.items() if k.endswith("norm.weight")}
+    base = AutoModelForCausalLM.from_pretrained(setup.base_dir)
+    n_layers = base.config.num_hidden_layers
+    assert len(norms) == 2 * n_layers + 1, sorted(norms)  # two per decoder layer, and the final one
+    assert all(not torch.equal(v, torch.ones_like(v)) for v in norms.values())  # trained away from their init
+
+    ids = torch.tensor([[5, 17, 42, 9, 33, 7]])
+    stock = PeftModel.from_pretrained(base, res.out_dir).eval()
+    with torch.no_grad():
+        ours = stock(input_ids=ids).logits
+    merged = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
+                           out_dir=tmp_path / "m", quantized_reference=False)
+    assert merged.passed, merged.report
+    folded = AutoModelForCausalLM.from_pretrained(merged.out_dir).eval()
+    with torch.no_grad():
+        assert torch.allclose(folded(input_ids=ids).logits, ours, atol=1e-4)
+    final = next(v for k, v in norms.items() if k.endswith("model.norm.weight"))
+    assert torch.equal(folded.model.norm.weight, final)
