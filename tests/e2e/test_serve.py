@@ -73,6 +73,21 @@ def server(project: Path):
     yield url, proc
     os.killpg(proc.pid, 15)
     proc.wait(60)
+    # vLLM runs in a session of its own: stopping `loraline serve` must stop it too, not orphan it.
+    assert not _engines_on(engine_port), f"the vLLM engine on port {engine_port} outlived loraline serve"
+
+
+def _engines_on(port: int) -> list[int]:
+    """Live processes whose command line is a vLLM server on `port`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or it ended while we looked
+            continue
+        if b"vllm.entrypoints.openai.api_server" in argv and str(port).encode() in argv:
+            found.append(int(entry.name))
+    return found
 
 
 def _client(url: str, tenant: str = "acme-shop"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sys
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -82,6 +84,10 @@ def serve(params: Params, layout: Layout, python: Path) -> None:
     print(f"serving {', '.join(f'{t} {v.version}' for t, v in sorted(deployment.routes.items())) or 'no tenant yet'} "
           f"on http://{s.host}:{s.port}/v1 (OpenAI API; the model is the tenant's name); events: {ServeFolders(layout.root).events}",
           flush=True)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it
+    # found. Python's default one ends the process on the spot, skipping `finally`, and the engine
+    # (in a session of its own) would outlive us holding its memory and GPU: exit through Python instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(deployment, engine.url, keys), host=s.host, port=s.port, log_level="warning", access_log=False)
     finally:
