@@ -257,6 +257,36 @@ class PrepareParams(_Section):
     )
 
 
+class LongContextParams(_Section):
+    """LongLoRA (train.long_context): fine-tune the base for a longer context than it was trained on."""
+
+    target_len: int = Field(ge=128, description="The context (tokens) to extend to; must be above the base's own context")
+    rope_scaling: Literal["linear", "dynamic", "yarn"] = Field(
+        "linear", description="RoPE scaling written into the model config (position interpolation for linear)"
+    )
+    s2_attn: bool = Field(True, description="Train with shifted sparse attention; inference always uses full attention")
+    group_ratio: float = Field(0.25, gt=0, le=1, description="S2-Attn group size as a share of target_len")
+    trainable: list[Literal["embed", "norm"]] = Field(
+        ["embed", "norm"], description="Trained beside LoRA (the paper: both are needed for long context)"
+    )
+
+    @property
+    def group_size(self) -> int:
+        return round(self.target_len * self.group_ratio)
+
+    @model_validator(mode="after")
+    def _groups_tile(self) -> LongContextParams:
+        group = self.target_len * self.group_ratio
+        if abs(group - round(group)) > 1e-9 or self.target_len % round(group) or round(group) % 2:
+            raise ValueError(
+                f"group_ratio {self.group_ratio} does not divide target_len {self.target_len} into groups of an even "
+                "number of tokens (S2-Attn shifts half the heads by half a group); e.g. 0.25 or 0.125 with a power-of-two target_len"
+            )
+        if len(set(self.trainable)) != len(self.trainable):
+            raise ValueError(f"trainable lists an entry twice: {self.trainable}")
+        return self
+
+
 class TrainParams(_Section):
     """Adapter training (consumed by the train stage); tenants may override any key."""
 
@@ -310,6 +340,24 @@ class TrainParams(_Section):
         "none", description="fsdp: each device keeps 1/devices of the frozen base weights (FSDP2), for bases that "
         "do not fit one GPU; LoRA stays whole on every device. none: every device holds the whole base",
     )
+
+    long_context: LongContextParams | None = Field(
+        None, description="LongLoRA: extend the context (rope scaling, S2-Attn, trainable embeddings and norms)"
+    )
+
+    @model_validator(mode="after")
+    def _long_context_fits(self) -> TrainParams:
+        lc = self.long_context
+        if lc is None:
+            return self
+        if self.max_seq_len < lc.target_len:
+            raise ValueError(
+                f"long_context.target_len is {lc.target_len} but max_seq_len is {self.max_seq_len}: set max_seq_len to at "
+                "least target_len, or training never sees a row as long as the context it extends to"
+            )
+        if self.sharding == "fsdp":
+            raise ValueError("long_context is not supported with sharding fsdp (the sharded loader builds the base's own config)")
+        return self
 
     @model_validator(mode="after")
     def _sharding_fits(self) -> TrainParams:
@@ -572,6 +620,9 @@ class Params(_Section):
             update["synthetic_ratio"] = t.synthetic_ratio
         if self.prepare.seed is None:
             update["seed"] = self.seed
+        long_context = self.train_for(name).long_context
+        if long_context is not None and long_context.target_len > self.prepare.max_tokens:
+            update["max_tokens"] = long_context.target_len  # long rows are the point: too_long follows the target
         return self.prepare.model_copy(update=update)
 
     def system_prompt_for(self, name: str) -> str | None:

@@ -40,13 +40,13 @@ from loraline.layout import TRAIN_RECORD, Layout
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import compute_dtype
 from loraline.modelling.loading import (
-    base_load_kwargs,
     base_model_hash,
     load_base_causal_lm,
     load_base_tokenizer,
     read_base_record,
     resolve_base_model_path,
 )
+from loraline.modelling.long_context import base_config_overrides
 from loraline.modelling.parity import DEFAULT_PROBES, ParityError, ProbeOutputs, compare, encode_probe, headline, run_probes
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
@@ -93,7 +93,6 @@ def merge_adapter(
     older adapter survives) when merged and unmerged logits differ by more than `tolerance`.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     if dtype not in DTYPES:
@@ -115,9 +114,8 @@ def merge_adapter(
     tok = load_base_tokenizer(base_dir, base_params)
     inputs = [encode_probe(tok, conv, MergeError) for conv in probes]
 
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_base_model_path(base_dir), dtype=torch_dtype, device_map={"": "cpu"}, **base_load_kwargs(base_dir)
-    )
+    # A long-context adapter was trained on the base with its rope scaled: the merged config carries it.
+    base = load_base_causal_lm(base_dir, "cpu", torch_dtype, config_overrides=base_config_overrides(train_record or {}))
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
     unmerged = run_probes(model, tok, inputs, max_new_tokens)
@@ -218,7 +216,9 @@ def _quantized_gap(
     if params.quantization == "none":
         return {"skipped": "adapter trained with quantization none: there is no 4-bit model to compare against"}
     cpu = torch.device("cpu")
-    model = load_base_causal_lm(base_dir, cpu, compute_dtype(cpu), params.quantization, params.double_quant)
+    model = load_base_causal_lm(
+        base_dir, cpu, compute_dtype(cpu), params.quantization, params.double_quant, base_config_overrides(train_record)
+    )
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     model.eval()
     ref = run_probes(model, tok, inputs, max_new_tokens)

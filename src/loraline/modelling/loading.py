@@ -127,11 +127,27 @@ def quantization_config(quantization: str, double_quant: bool, compute_dtype: An
     )
 
 
-def load_base_causal_lm(base_dir: Path, device: Any, dtype: Any, quantization: str = "none", double_quant: bool = False):
-    """The base causal LM on `device` in `dtype`, 4-bit quantized when `quantization` asks for it."""
+def load_base_config(base_dir: Path):
+    """The base model's transformers config, as the base record says to load it."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_base_model_path(base_dir), **base_load_kwargs(base_dir))
+
+
+def load_base_causal_lm(
+    base_dir: Path, device: Any, dtype: Any, quantization: str = "none", double_quant: bool = False,
+    config_overrides: dict[str, Any] | None = None,
+):
+    """The base causal LM on `device` in `dtype`, 4-bit quantized when `quantization` asks for it;
+    `config_overrides` (e.g. an adapter's long-context rope scaling) are set on its config first."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(base_load_kwargs(base_dir))  # revision and trust_remote_code from the base record
+    if config_overrides:
+        config = load_base_config(base_dir)
+        for key, value in config_overrides.items():
+            setattr(config, key, value)
+        kwargs["config"] = config
     quant = quantization_config(quantization, double_quant, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant

@@ -7,26 +7,34 @@ BitsAndBytesConfig and prepare_model_for_kbit_training.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from loraline.modelling.device import compute_dtype
-from loraline.modelling.loading import load_base_causal_lm
-from loraline.config import TrainParams
+from loraline.modelling.loading import load_base_causal_lm, load_base_config
+from loraline.modelling.s2attn import use_s2_attention
+from loraline.config import ConfigError, TrainParams
 from loraline.train.errors import TrainError
 from loraline.train.speed import apply_checkpoint_fraction, use_varlen_attention, varlen_available
 
 
-def load_base_model(params: TrainParams, base_dir: Path, device: torch.device, *, world_size: int = 1, progress: bool = False) -> nn.Module:
+def load_base_model(
+    params: TrainParams, base_dir: Path, device: torch.device, *, world_size: int = 1, progress: bool = False,
+    config_overrides: dict[str, Any] | None = None,
+) -> nn.Module:
     """The base causal LM on `device`, quantized when asked, ready for (k-bit) training; with
-    train.sharding fsdp, its decoder layers sharded over the `world_size` ranks (train.sharded)."""
+    train.sharding fsdp, its decoder layers sharded over the `world_size` ranks (train.sharded).
+    `config_overrides`: train.long_context's rope scaling (long_context_overrides)."""
     if params.sharding == "fsdp":
         from loraline.train.sharded import load_sharded_base
 
         model = load_sharded_base(params, base_dir, device, world_size, progress=progress)
     else:
-        model = load_base_causal_lm(base_dir, device, compute_dtype(device), params.quantization, params.double_quant)
+        model = load_base_causal_lm(
+            base_dir, device, compute_dtype(device), params.quantization, params.double_quant, config_overrides
+        )
     quant = params.quantization != "none"
     model.config.use_cache = False  # no KV cache in training; a cache would also disable packed-sequence masking
     # Non-reentrant checkpointing needs no requires_grad trick on the inputs and keeps dropout's RNG.
@@ -52,9 +60,35 @@ def load_base_model(params: TrainParams, base_dir: Path, device: torch.device, *
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     if params.gradient_checkpointing and params.checkpoint_fraction < 1:
         apply_checkpoint_fraction(model, params.checkpoint_fraction)
-    if params.varlen_attention and params.packing and varlen_available(device):
+    lc = params.long_context
+    if lc is not None and lc.s2_attn:
+        use_s2_attention(model, lc.group_size)  # training only: in eval mode it attends in full
+    elif params.varlen_attention and params.packing and varlen_available(device):
         use_varlen_attention(model)
     return model
+
+
+def long_context_overrides(params: TrainParams, base_dir: Path) -> dict[str, Any] | None:
+    """The base config changes train.long_context asks for (None without it); a base that cannot be
+    extended so fails here, before the model is loaded."""
+    if params.long_context is None:
+        return None
+    from loraline.modelling.long_context import rope_overrides
+
+    try:
+        return rope_overrides(load_base_config(base_dir), params.long_context)
+    except ConfigError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def with_long_context_trainables(params: TrainParams, model: nn.Module) -> TrainParams:
+    """params with LongLoRA's trainable embeddings and norms added to modules_to_save (as this model names them)."""
+    if params.long_context is None:
+        return params
+    from loraline.modelling.long_context import trainable_module_names
+
+    extra = [n for n in trainable_module_names(model, params.long_context.trainable) if n not in params.modules_to_save]
+    return params.model_copy(update={"modules_to_save": [*params.modules_to_save, *extra]})
 
 
 def _keep_trainable_4bit_layout(model: nn.Module) -> None:

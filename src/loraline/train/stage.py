@@ -40,7 +40,10 @@ from loraline.train.data import check_splits, load_splits
 from loraline.train.distributed import World, barrier, gather, launch, process_group, world_from_env
 from loraline.train.errors import TrainError
 from loraline.train.loop import Progress, Run, train_loop
-from loraline.train.model import attach_lora, check_module_names, load_base_model, sort_config_sets, trainable_parameters
+from loraline.train.model import (
+    attach_lora, check_module_names, load_base_model, long_context_overrides, sort_config_sets, trainable_parameters,
+    with_long_context_trainables,
+)
 from loraline.modelling.device import compute_dtype, pick_device
 from loraline.train.optim import make_optimizer, make_scheduler, warmup_steps
 from loraline.train.packing import check_packing_isolation, plan_steps
@@ -135,7 +138,9 @@ def _train(
 
     with _deterministic(device, params.num_threads):
         _seed_everything(params.seed)
-        pad_id, model = _load_base(params, base_params, base_dir, base_record, device, world, progress, dataset_dir)
+        overrides = long_context_overrides(params, base_dir)
+        pad_id, model = _load_base(params, base_params, base_dir, base_record, device, world, progress, dataset_dir, overrides)
+        params = with_long_context_trainables(params, model)
         check_module_names(params, model)
         if params.packing:
             check_packing_isolation(model, device, model.get_input_embeddings().num_embeddings)
@@ -234,6 +239,7 @@ def _train(
             "best_val": state.best_val_loss,
             "best_step": state.best_step,
         },
+        "long_context": _long_context_facts(params, overrides),
         "code": code_fingerprint(__name__),
         "library_versions": library_versions(),
     }
@@ -255,6 +261,22 @@ def _train(
     barrier(world)
     timing["wall_s"] = round(time.perf_counter() - started, 2)
     return TrainResult.of(out_dir, record, timing)
+
+
+def _long_context_facts(params: TrainParams, overrides: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What train.long_context changed; merge applies config_overrides to the base before the adapter."""
+    lc = params.long_context
+    if lc is None or overrides is None:
+        return None
+    return {
+        "target_len": lc.target_len,
+        "original_context": overrides["rope_parameters"]["original_max_position_embeddings"],
+        "rope_scaling": lc.rope_scaling,
+        "s2_attn": lc.s2_attn,
+        "group_size": lc.group_size if lc.s2_attn else None,
+        "trainable": list(lc.trainable),
+        "config_overrides": overrides,
+    }
 
 
 def _find_checkpoint(checkpoint_dir: Path, fingerprint: str, world: World) -> checkpoint.Checkpoint | None:
@@ -282,7 +304,7 @@ def _read_base(base_dir: Path) -> dict[str, Any]:
 
 def _load_base(
     params: TrainParams, base_params: BaseParams, base_dir: Path, record: dict[str, Any], device: torch.device, world: World,
-    progress: bool, dataset_dir: Path,
+    progress: bool, dataset_dir: Path, config_overrides: dict[str, Any] | None,
 ):
     """(pad id, model), once the dataset's ids are known to be this tokenizer's; a base that cannot be found (e.g. a hub id not in the local cache) names itself."""
     try:
@@ -290,7 +312,9 @@ def _load_base(
         mismatch = tokenizer_mismatch(dataset_dir, tokenizer)
         if mismatch:
             raise TrainError(mismatch)
-        return tokenizer.pad_token_id, load_base_model(params, base_dir, device, world_size=world.size, progress=progress and world.main)
+        return tokenizer.pad_token_id, load_base_model(
+            params, base_dir, device, world_size=world.size, progress=progress and world.main, config_overrides=config_overrides
+        )
     except OSError as exc:
         ref = record.get("model_ref")
         raise TrainError(

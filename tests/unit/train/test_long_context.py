@@ -1,0 +1,129 @@
+"""train.long_context (LongLoRA): validated params, rope scaling on the base, S2-Attn in training,
+trainable embeddings and norms, and a merge whose config carries the extended context."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from train_helpers import tiny_train
+
+from loraline.config import LongContextParams, Params, TrainParams
+from loraline.merge.stage import merge_adapter
+from loraline.modelling.loading import load_base_causal_lm, load_base_config
+from loraline.modelling.long_context import rope_overrides, trainable_module_names
+from loraline.modelling.s2attn import S2_ATTN
+from loraline.train import train_adapter
+from loraline.train.errors import TrainError
+
+
+def long_train(**lc) -> TrainParams:
+    fields = {"target_len": 512, **lc}
+    return tiny_train(max_seq_len=fields["target_len"], max_steps=3, batch_size=2, grad_accum=1, learning_rate=2e-2,
+                      long_context=fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"target_len": 1000, "group_ratio": 0.3}, "does not divide target_len 1000"),
+        ({"target_len": 96, "group_ratio": 0.25}, "greater than or equal to 128"),
+        ({"target_len": 4096, "group_ratio": 1 / 3}, "does not divide"),
+        ({"target_len": 4096, "rope_scaling": "ntk"}, "rope_scaling"),
+        ({"target_len": 4096, "trainable": ["embed", "embed"]}, "twice"),
+        ({"target_len": 4096, "trainable": ["head"]}, "trainable"),
+    ],
+)
+def test_bad_long_context_params_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        LongContextParams(**fields)
+
+
+def test_max_seq_len_must_reach_the_target():
+    with pytest.raises(ValueError, match="set max_seq_len to at least target_len"):
+        TrainParams(max_seq_len=1024, long_context={"target_len": 4096})
+    assert TrainParams(max_seq_len=4096, long_context={"target_len": 4096}).long_context.group_size == 1024
+
+
+def test_a_tenants_long_context_raises_its_too_long_limit():
+    params = Params.model_validate({
+        "tenants": {
+            "long": {"raw_dir": "data/raw/long", "train": {"max_seq_len": 4096, "long_context": {"target_len": 4096}}},
+            "short": {"raw_dir": "data/raw/short"},
+        }
+    })
+    assert params.prepare_for("long").max_tokens == 4096
+    assert params.prepare_for("short").max_tokens == params.prepare.max_tokens
+
+
+def test_rope_overrides_refuse_a_target_within_the_base_context(setup):
+    config = load_base_config(setup.base_dir)
+    assert config.max_position_embeddings == 256
+    with pytest.raises(ValueError, match=r"target_len \(256\) must be above the base's context \(256 tokens\)"):
+        rope_overrides(config, LongContextParams(target_len=256))
+    over = rope_overrides(config, LongContextParams(target_len=1024, rope_scaling="yarn"))
+    assert over["max_position_embeddings"] == 1024
+    assert over["rope_parameters"]["rope_type"] == "yarn" and over["rope_parameters"]["factor"] == 4.0
+    assert over["rope_parameters"]["original_max_position_embeddings"] == 256
+
+
+def test_a_base_without_rope_is_refused():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="no rotary position embeddings"):
+        rope_overrides(GPT2Config(), LongContextParams(target_len=4096))
+
+
+def test_trainable_names_cover_the_embeddings_and_every_norm(setup):
+    model = load_base_causal_lm(setup.base_dir, "cpu", torch.float32)
+    names = trainable_module_names(model, ["embed", "norm"])
+    layers = model.config.num_hidden_layers
+    assert names[0] == "model.embed_tokens"
+    assert len(names) == 1 + 2 * layers + 1 and "model.norm" in names
+    assert trainable_module_names(model, ["embed"]) == ["model.embed_tokens"]
+
+
+def test_train_a_long_context_adapter_and_merge_it_at_the_extended_length(setup, tmp_path):
+    """The base (256 tokens) extended to 512: S2-Attn in training, embeddings and norms trained and
+    saved in peft's format, and a merged model whose config carries the rope scaling, agreeing with
+    the adapter on its scaled base at positions beyond the base's own context."""
+    from peft import PeftModel
+
+    res = train_adapter(long_train(), out_dir=tmp_path / "a", **setup.kwargs())
+    lc = res.record["long_context"]
+    assert lc["target_len"] == 512 and lc["original_context"] == 256 and lc["group_size"] == 128
+    assert lc["config_overrides"]["rope_parameters"]["factor"] == 2.0
+    assert res.record["speed"]["attention"] == S2_ATTN
+
+    saved = json.loads(res.adapter_config.read_text())["modules_to_save"]
+    assert "model.embed_tokens" in saved and "model.norm" in saved
+    with safe_open(res.out_dir / "adapter_model.safetensors", "pt") as f:
+        norms = [k for k in f.keys() if k.endswith("norm.weight")]
+        assert len(norms) == 2 * 2 + 1  # two per decoder layer of the tiny base, and the final one
+        assert not torch.equal(f.get_tensor("base_model.model.model.norm.weight"), torch.ones(64))
+
+    merged = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
+                           out_dir=tmp_path / "m", quantized_reference=False)
+    assert merged.passed, merged.report
+    config = json.loads((merged.out_dir / "config.json").read_text())
+    assert config["max_position_embeddings"] == 512
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 2.0
+
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(5, 400, (1, 480), generator=torch.Generator().manual_seed(0))
+    scaled_base = load_base_causal_lm(setup.base_dir, "cpu", torch.float32, config_overrides=lc["config_overrides"])
+    adapter = PeftModel.from_pretrained(scaled_base, res.out_dir).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(merged.out_dir).eval()
+    assert reloaded.config._attn_implementation != S2_ATTN  # inference attends in full
+    with torch.no_grad():
+        want, got = adapter(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    assert (want[0, 300:] - got[0, 300:]).abs().max() < 1e-3  # positions past the base's 256
+
+
+def test_train_refuses_a_target_the_base_already_has(setup, tmp_path):
+    with pytest.raises(TrainError, match="must be above the base's context"):
+        train_adapter(long_train(target_len=256), out_dir=tmp_path / "a", **setup.kwargs())
+    assert not (tmp_path / "a").exists()
