@@ -13,13 +13,18 @@ Two choices differ from the paper's reference code, both for correctness:
   counted from each example's own start and never cross an example's border; an example no longer
   than one group is a group of its own in every head, that is, plain causal attention.
 
-This is the reference the fast path (varlen flash attention on CUDA) is tested against.
+`s2_attention` (masks) is the reference; `s2_attention_segments` is what training runs: each
+group is a run of consecutive tokens, so S2-Attn is causal attention within runs, with one set of
+runs for the plain heads and one for the shifted heads (flash varlen attention on CUDA, SDPA per
+run elsewhere), and is tested against the reference.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from loraline.modelling.varlen import causal_varlen
 
 S2_ATTN = "loraline_s2"
 
@@ -68,17 +73,53 @@ def s2_attention(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
 
 
+def s2_boundaries(position_ids: torch.Tensor, group: int) -> tuple[list[int], list[int]]:
+    """Segment boundaries over the flattened (B*T) tokens for the plain heads and for the shifted
+    heads: the groups of s2_mask as runs of consecutive tokens, so attention is causal within each
+    run and nothing else. Returns (cu_plain, cu_shifted), each starting at 0 and ending at B*T."""
+    b, t = position_ids.shape
+    pos = position_ids.reshape(-1).tolist()
+    plain, shifted = [0], [0]
+    starts = [i for i, p in enumerate(pos) if p == 0 or i % t == 0] + [b * t]
+    for a, e in zip(starts[:-1], starts[1:]):
+        n = e - a
+        plain += list(range(a + group, e, group)) + [e]
+        shifted += ([] if n <= group else list(range(a + group // 2, e, group))) + [e]
+    return plain, shifted
+
+
+def s2_attention_segments(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor, group: int,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """The same output as s2_attention, computed run by run (O(T * group), not O(T^2)):
+    query (B, H, T, D), key and value (B, H_kv, T, D) -> (B, T, H, D)."""
+    b, h, t, d = query.shape
+    if key.shape[1] != h:
+        key = key.repeat_interleave(h // key.shape[1], dim=1)
+        value = value.repeat_interleave(h // value.shape[1], dim=1)
+    q, k, v = (x.transpose(1, 2).reshape(b * t, h, d) for x in (query, key, value))
+    plain, shifted = s2_boundaries(position_ids.expand(b, t), group)
+    half = h // 2
+    out = torch.cat([
+        causal_varlen(q[:, : h - half], k[:, : h - half], v[:, : h - half], plain, scaling),
+        causal_varlen(q[:, h - half :], k[:, h - half :], v[:, h - half :], shifted, scaling),
+    ], dim=1)
+    return out.view(b, t, h, d)
+
+
 def s2_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-function signature (AttentionInterface). In training, S2-Attn with
     groups of `config.s2_attn_group` tokens; in eval mode, full causal attention within each packed
     example, as LongLoRA serves the model. Returns (output (B, T, H, D), None)."""
+    if dropout and module.training:
+        raise RuntimeError("S2-Attn has no attention dropout")
     b, _, t, _ = query.shape
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(t, device=query.device).unsqueeze(0)
     group = module.config.s2_attn_group if module.training else t
-    out = s2_attention(query, key, value, position_ids, group, scaling=scaling, dropout=dropout if module.training else 0.0)
-    return out.transpose(1, 2).contiguous(), None
+    return s2_attention_segments(query, key, value, position_ids, group, scaling=scaling), None
 
 
 def use_s2_attention(model, group: int) -> None:

@@ -16,14 +16,13 @@ Every option falls back to the plain path where it does not apply, so CPU runs (
 
 from __future__ import annotations
 
-import inspect
 import logging
-from typing import Any
 
 import torch
 from torch import nn
 
 from loraline.modelling.constants import IGNORE_INDEX
+from loraline.modelling.varlen import causal_varlen, flash_varlen_available
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +143,8 @@ FUSED_ARCHITECTURES = frozenset({
 # ----------------------------------------------------------------------------- varlen attention
 
 
-def _varlen_fn():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
 def varlen_available(device: torch.device) -> bool:
-    return device.type == "cuda" and _varlen_fn() is not None
+    return flash_varlen_available(device)
 
 
 def segments_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -191,46 +182,15 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if dropout:
         raise RuntimeError("varlen attention has no attention dropout")
     b, hq, s, d = query.shape
-    hkv = key.shape[1]
     cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None:
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(s, device=query.device).expand(b, s)
         cu, longest = segments_from_positions(position_ids.expand(b, s))
-    cu = cu.to(device=query.device, dtype=torch.int32)
-    half = query.dtype in (torch.float16, torch.bfloat16) or query.device.type != "cuda"
-    dtype = query.dtype if half else torch.bfloat16  # flash kernels take half precision only
-    q = query.transpose(1, 2).reshape(b * s, hq, d).to(dtype)
-    k = key.transpose(1, 2).reshape(b * s, hkv, d).to(dtype)
-    v = value.transpose(1, 2).reshape(b * s, hkv, d).to(dtype)
-    fn, extra = _varlen_fn(), _varlen_kwargs()
-    if hkv != hq and not extra.get("enable_gqa"):
-        k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
-    out = fn(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
+    q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], d) for x in (query, key, value))
+    out = causal_varlen(q, k, v, cu.to(device=query.device, dtype=torch.int32), scaling, longest)
     return out.view(b, s, hq, d), None
-
-
-_varlen_kwargs_cache: dict[str, Any] | None = None
-
-
-def _varlen_kwargs() -> dict[str, Any]:
-    """Causal masking and GQA keywords for the installed torch's varlen_attn (its signature moved
-    between releases: torch 2.11 has window_size but no enable_gqa)."""
-    global _varlen_kwargs_cache
-    if _varlen_kwargs_cache is None:
-        names = inspect.signature(_varlen_fn()).parameters
-        extra: dict[str, Any] = {}
-        if "is_causal" in names:
-            extra["is_causal"] = True
-        elif "window_size" in names:
-            extra["window_size"] = (-1, 0)
-        else:
-            raise RuntimeError("torch.nn.attention.varlen.varlen_attn offers no causal masking here")
-        if "enable_gqa" in names:
-            extra["enable_gqa"] = True
-        _varlen_kwargs_cache = extra
-    return _varlen_kwargs_cache
 
 
 def use_varlen_attention(model: nn.Module) -> bool:

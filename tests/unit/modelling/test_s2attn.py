@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -83,3 +85,43 @@ def test_a_model_switched_to_s2_attention_trains_grouped_and_evaluates_with_full
         grouped, full = model(input_ids=ids).logits, reference(input_ids=ids).logits
     assert torch.allclose(grouped[:, :4], full[:, :4], atol=1e-5)  # the first half group sees the same in every head
     assert (grouped - full).abs().max() > 1e-3  # later tokens see less: it is sparse
+
+
+def test_boundaries_are_the_groups_as_runs_of_tokens():
+    from loraline.modelling.s2attn import s2_boundaries
+
+    # one 20-token example, then a 6-token one (shorter than a group), then a 2-token pad segment
+    pos = torch.cat([torch.arange(20), torch.arange(6), torch.arange(2)]).unsqueeze(0)
+    plain, shifted = s2_boundaries(pos, group=8)
+    assert plain == [0, 8, 16, 20, 26, 28]
+    assert shifted == [0, 4, 12, 20, 26, 28]  # offset by half a group inside the long example only
+    two_rows = s2_boundaries(torch.arange(16).repeat(2, 1), group=8)
+    assert two_rows == ([0, 8, 16, 24, 32], [0, 4, 12, 16, 20, 28, 32])
+
+
+@pytest.mark.parametrize(
+    ("lengths", "group", "h", "h_kv"),
+    [([64], 16, 4, 4), ([40, 9, 15], 8, 4, 2), ([33, 31], 16, 8, 2), ([12, 52], 32, 2, 1)],
+)
+def test_the_run_by_run_path_equals_the_mask_reference(lengths, group, h, h_kv):
+    from loraline.modelling.s2attn import s2_attention_segments
+
+    t = sum(lengths)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).expand(2, t)
+    q, k, v = _qkv(b=2, h=h, t=t, d=8, h_kv=h_kv, seed=len(lengths))
+    want = s2_attention(q, k, v, pos, group, scaling=0.3)
+    got = s2_attention_segments(q, k, v, pos, group, scaling=0.3)  # (B, T, H, D)
+    assert torch.allclose(got.transpose(1, 2), want, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_the_flash_varlen_kernel_gives_the_reference_s2_attention():
+    from loraline.modelling.s2attn import s2_attention_segments
+
+    lengths, group = [300, 77, 135], 64
+    t = sum(lengths)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    q, k, v = (x.cuda().to(torch.bfloat16) for x in _qkv(b=1, h=8, t=t, d=64, h_kv=2, seed=3))
+    want = s2_attention(q.float(), k.float(), v.float(), pos.cuda(), group)
+    got = s2_attention_segments(q, k, v, pos.cuda(), group).transpose(1, 2).float()
+    assert (got - want).abs().max().item() < 2e-2  # bf16 flash against the fp32 reference

@@ -53,32 +53,15 @@ def test_collated_segments_match_the_position_ids(setup):
     assert cu[-1].item() == batch.input_ids.numel()
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
-    """What flash varlen computes, segment by segment (test stand-in for the CUDA kernel)."""
-    assert window_size == (-1, 0) and enable_gqa
-    out = torch.empty_like(q)
-    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
-        out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
-    return out
-
-
 def test_varlen_attention_gives_the_same_logits_as_the_block_diagonal_mask(setup, monkeypatch):
-    """The plumbing (segments, layouts, GQA, transformers' attention interface) checked on CPU with a
-    reference kernel in place of flash varlen, which needs CUDA."""
-    from inspect import signature
-
-    if "window_size" not in signature(speed._varlen_fn() or (lambda: None)).parameters:
-        pytest.skip("this torch's varlen_attn has another signature")
+    """The plumbing (segments, layouts, GQA, transformers' attention interface) checked on CPU, where
+    causal_varlen runs SDPA run by run in place of flash varlen (test_cuda checks the kernel)."""
     examples = load_splits(setup.dataset_dir).train[:6]
     params = tiny_train(lora_dropout=0.0)
     model = attach_lora(params, load_base_model(params, setup.base_dir, CPU)).eval()
     batch = collate([examples[:4], examples[4:]], pad_id=0, packed=True)
     with torch.no_grad():
         masked = model(**batch.model_inputs(), use_cache=False).logits
-        monkeypatch.setattr(speed, "_varlen_fn", lambda: _reference_varlen)
-        # keywords are cached per signature: a CUDA test before this one cached the real kernel's
-        monkeypatch.setattr(speed, "_varlen_kwargs_cache", None)
         assert speed.use_varlen_attention(model)
         varlen = model(**batch.model_inputs(varlen=True), use_cache=False).logits
         derived = model(**batch.model_inputs(), use_cache=False).logits  # segments from position_ids
