@@ -53,7 +53,7 @@ def load_peer(path: Path):
     return module
 
 
-def make_base(shape: dict, root: Path) -> Path:
+def make_base(shape: dict, root: Path, max_position_embeddings: int = 8192) -> Path:
     """A base folder in the base stage's layout: random bf16 weights of the shape, our tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,7 +65,7 @@ def make_base(shape: dict, root: Path) -> Path:
 
     base = root / "base"
     torch.manual_seed(0)
-    config = LlamaConfig(max_position_embeddings=8192, **shape)
+    config = LlamaConfig(max_position_embeddings=max_position_embeddings, **shape)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(base)
