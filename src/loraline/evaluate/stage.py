@@ -17,6 +17,9 @@ out_dir (replaced atomically):
     report.md          metrics table (models side by side + candidate-vs-base delta), example generations
     generations.jsonl  one row per test row: id, prompt (last user turn), reference,
                        predictions {model: text}, exact_match {model: bool}
+    long_context.json  only for a candidate whose config extends the base's context (train.long_context):
+                       perplexity by length and passkey retrieval for base, base with the rope scaling
+                       alone, and candidate (evaluate/long_context.py)
 
 `run` also writes the headline metrics per model (reports/<tenant>/metrics/evaluate.json, a DVC
 metric) and the run's timing (reports/timing/evaluate@<tenant>.json).
@@ -37,6 +40,7 @@ from loraline import io
 from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path, tokenizer_mismatch
 from loraline.config import BaseParams, Params
 from loraline.layout import Layout
+from loraline.evaluate import long_context as LC
 from loraline.evaluate import metrics as M
 from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation
 from loraline.modelling.device import pick_device
@@ -46,6 +50,7 @@ from loraline.provenance import run_facts
 METRICS = "metrics.json"
 REPORT = "report.md"
 GENERATIONS = "generations.jsonl"
+LONG_CONTEXT = "long_context.json"  # LongLoRA candidates only (evaluate.long_context)
 SEED = 0
 BATCH_SIZE = 8
 # The metrics people compare across runs (reports/<tenant>/metrics/evaluate.json), in reading order;
@@ -152,12 +157,53 @@ def evaluate_tenant(
         tenant=tenant, test_rows=len(test.ids), expects_json=refs_json, max_new_tokens=max_new_tokens,
         models=scores, examples=rows[: max(examples_in_report, 0)], fields=fields,
     )
+    long_context = _long_context_report(models, tok, test, device)
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
+        if long_context is not None:
+            io.write_json(tmp / LONG_CONTEXT, long_context)
         io.write_jsonl(tmp / GENERATIONS, rows)
         io.atomic_write_text(tmp / REPORT, report)
         io.write_json(tmp / METRICS, result)
     return EvaluateResult(out_dir, result)
+
+
+def _long_context_report(
+    models: dict[str, tuple[str, dict[str, Any]]], tok: Any, test: _TestSet, device: Any
+) -> dict[str, Any] | None:
+    """For a candidate whose config extends the base's context (LongLoRA): perplexity by length and
+    passkey retrieval for the base, the base with the candidate's rope scaling alone, and the candidate."""
+    import json
+
+    from transformers import AutoConfig
+
+    candidate_config = json.loads((Path(models["candidate"][0]) / "config.json").read_text(encoding="utf-8"))
+    span = LC.extended_context(candidate_config)
+    if span is None:
+        return None
+    lengths = LC.lengths_between(*span)
+    base_path, base_kwargs = models["base"]
+    scaled = AutoConfig.from_pretrained(base_path, **base_kwargs)
+    for key in ("rope_parameters", "max_position_embeddings"):
+        setattr(scaled, key, candidate_config[key])
+    runs = {
+        "base": (base_path, base_kwargs),
+        "base_rope_scaled": (base_path, {**base_kwargs, "config": scaled}),
+        "candidate": models["candidate"],
+    }
+    stream = LC.held_out_stream(test.input_ids, tok.eos_token_id)
+    report: dict[str, Any] = {
+        "original_context": span[0], "extended_context": span[1], "lengths": lengths, "held_out_tokens": len(stream),
+        "rope_parameters": candidate_config["rope_parameters"], "models": {},
+    }
+    for name, (path, kwargs) in runs.items():
+        torch.manual_seed(SEED)
+        with loaded_model(path, device, **kwargs) as model:
+            report["models"][name] = {
+                "perplexity": LC.perplexity_by_length(model, stream, lengths),
+                "passkey": LC.passkey_retrieval(model, tok, lengths),
+            }
+    return report
 
 
 def evaluate_model(

@@ -85,13 +85,24 @@ def test_trainable_names_cover_the_embeddings_and_every_norm(setup):
     assert trainable_module_names(model, ["embed"]) == ["model.embed_tokens"]
 
 
-def test_train_a_long_context_adapter_and_merge_it_at_the_extended_length(setup, tmp_path):
+@pytest.fixture(scope="module")
+def long_run(setup, tmp_path_factory):
+    """A long-context adapter on the tiny base (256 tokens extended to 512), and its merge."""
+    tmp = tmp_path_factory.mktemp("long")
+    torch.set_num_threads(1)
+    res = train_adapter(long_train(), out_dir=tmp / "a", **setup.kwargs())
+    merged = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
+                           out_dir=tmp / "m", quantized_reference=False)
+    return res, merged
+
+
+def test_train_a_long_context_adapter_and_merge_it_at_the_extended_length(setup, long_run):
     """The base (256 tokens) extended to 512: S2-Attn in training, embeddings and norms trained and
     saved in peft's format, and a merged model whose config carries the rope scaling, agreeing with
     the adapter on its scaled base at positions beyond the base's own context."""
     from peft import PeftModel
 
-    res = train_adapter(long_train(), out_dir=tmp_path / "a", **setup.kwargs())
+    res, merged = long_run
     lc = res.record["long_context"]
     assert lc["target_len"] == 512 and lc["original_context"] == 256 and lc["group_size"] == 128
     assert lc["config_overrides"]["rope_parameters"]["factor"] == 2.0
@@ -104,8 +115,6 @@ def test_train_a_long_context_adapter_and_merge_it_at_the_extended_length(setup,
         assert len(norms) == 2 * 2 + 1  # two per decoder layer of the tiny base, and the final one
         assert not torch.equal(f.get_tensor("base_model.model.model.norm.weight"), torch.ones(64))
 
-    merged = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
-                           out_dir=tmp_path / "m", quantized_reference=False)
     assert merged.passed, merged.report
     config = json.loads((merged.out_dir / "config.json").read_text())
     assert config["max_position_embeddings"] == 512
@@ -127,3 +136,52 @@ def test_train_refuses_a_target_the_base_already_has(setup, tmp_path):
     with pytest.raises(TrainError, match="must be above the base's context"):
         train_adapter(long_train(target_len=256), out_dir=tmp_path / "a", **setup.kwargs())
     assert not (tmp_path / "a").exists()
+
+
+def test_evaluate_reports_perplexity_by_length_and_passkey_for_a_long_context_candidate(setup, long_run, tmp_path):
+    from loraline.evaluate.stage import LONG_CONTEXT, evaluate_tenant
+
+    res, merged = long_run
+    common = dict(tenant="t", dataset_dir=setup.dataset_dir, base_dir=setup.base_dir, base_params=setup.base_params,
+                  production_dir=None, max_new_tokens=8, max_examples=40)
+    evaluate_tenant(candidate_dir=merged.out_dir, out_dir=tmp_path / "ev", **common)
+    report = json.loads((tmp_path / "ev" / LONG_CONTEXT).read_text())
+    assert report["original_context"] == 256 and report["extended_context"] == 512 and report["lengths"] == [256, 512]
+    assert set(report["models"]) == {"base", "base_rope_scaled", "candidate"}
+    for name, m in report["models"].items():
+        assert set(m["perplexity"]) == {"256", "512"}, name
+        assert m["perplexity"]["512"]["windows"] >= 1 and m["perplexity"]["512"]["perplexity"] > 1
+        assert len(m["passkey"]["cells"]) == 2 * 3 and 0 <= m["passkey"]["by_length"]["512"] <= 1
+    # rope scaling alone changes the base's predictions; the trained candidate changes them again
+    ppl = {n: m["perplexity"]["512"]["perplexity"] for n, m in report["models"].items()}
+    assert len(set(ppl.values())) == 3, ppl
+    # the same models give the same report
+    evaluate_tenant(candidate_dir=merged.out_dir, out_dir=tmp_path / "ev2", **common)
+    assert json.loads((tmp_path / "ev2" / LONG_CONTEXT).read_text()) == report
+
+
+def test_a_candidate_of_the_base_context_gets_no_long_context_report(setup, tmp_path):
+    from loraline.evaluate.stage import LONG_CONTEXT, evaluate_tenant
+
+    res = train_adapter(tiny_train(max_steps=2), out_dir=tmp_path / "a", **setup.kwargs())
+    merged = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
+                           out_dir=tmp_path / "m", quantized_reference=False)
+    evaluate_tenant(tenant="t", dataset_dir=setup.dataset_dir, base_dir=setup.base_dir, base_params=setup.base_params,
+                    candidate_dir=merged.out_dir, production_dir=None, out_dir=tmp_path / "ev", max_new_tokens=4, max_examples=5)
+    assert (tmp_path / "ev" / "metrics.json").is_file() and not (tmp_path / "ev" / LONG_CONTEXT).exists()
+
+
+def test_passkey_prompt_hides_the_key_at_the_depth_asked():
+    from loraline.evaluate.long_context import lengths_between, passkey_prompt
+
+    assert lengths_between(1024, 4096) == [1024, 2048, 4096] and lengths_between(1000, 3000) == [1000, 2000, 3000]
+
+    class Tok:  # one token per character: depths and lengths are exact to check
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    ids = passkey_prompt(Tok(), 600, 0.5, 12345)
+    text = "".join(map(chr, ids))
+    assert len(ids) == 600 and text.endswith("What is the pass key? The pass key is")
+    at = text.index("The pass key is 12345")
+    assert 250 < at < 300  # the middle of the filler
