@@ -27,6 +27,7 @@ DEPTHS = (0.1, 0.5, 0.9)
 MAX_WINDOWS = 4
 PASSKEY_TRIALS = 2
 SEED = 0
+GATE_METRIC = "long_context_perplexity"  # held-out perplexity at the extended context, in metrics.json
 
 
 def extended_context(config: dict[str, Any]) -> tuple[int, int] | None:

@@ -55,7 +55,9 @@ SEED = 0
 BATCH_SIZE = 8
 # The metrics people compare across runs (reports/<tenant>/metrics/evaluate.json), in reading order;
 # the rest stays in metrics.json. loraline.summary shows the same ones.
-HEADLINE_METRICS = ("answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy")
+HEADLINE_METRICS = (
+    "answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy", "long_context_perplexity",
+)
 
 
 class EvaluateError(ValueError):
@@ -138,6 +140,16 @@ def evaluate_tenant(
         if progress:
             print(f"evaluate {tenant}/{name}: {time.perf_counter() - started:.1f}s {scores[name]}", file=sys.stderr)
 
+    long_context = _long_context_report(models, tok, test, device)
+    if long_context is not None:
+        # The gate may decide on it (gate.primary_metric: long_context_perplexity). The base it is
+        # compared with is the base with the rope scaling alone: what extending costs nothing to get.
+        at = str(long_context["extended_context"])
+        stand_in = {"base": "base_rope_scaled", "candidate": "candidate", "production": "production"}
+        for name in scores:
+            run_ = long_context["models"].get(stand_in[name])
+            if run_ is not None:
+                scores[name] |= _finite({LC.GATE_METRIC: run_["perplexity"][at]["perplexity"]})
     result = {
         "tenant": tenant,
         "test_rows": len(test.ids),
@@ -157,7 +169,6 @@ def evaluate_tenant(
         tenant=tenant, test_rows=len(test.ids), expects_json=refs_json, max_new_tokens=max_new_tokens,
         models=scores, examples=rows[: max(examples_in_report, 0)], fields=fields,
     )
-    long_context = _long_context_report(models, tok, test, device)
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
         if long_context is not None:
@@ -191,6 +202,11 @@ def _long_context_report(
         "base_rope_scaled": (base_path, {**base_kwargs, "config": scaled}),
         "candidate": models["candidate"],
     }
+    production = models.get("production")
+    if production is not None:
+        prod_config = json.loads((Path(production[0]) / "config.json").read_text(encoding="utf-8"))
+        if LC.extended_context(prod_config) == span:  # a production model of the same context compares
+            runs["production"] = production
     stream = LC.held_out_stream(test.input_ids, tok.eos_token_id)
     report: dict[str, Any] = {
         "original_context": span[0], "extended_context": span[1], "lengths": lengths, "held_out_tokens": len(stream),
@@ -281,7 +297,7 @@ def _generation_rows(test: _TestSet, predictions: dict[str, list[str]]) -> list[
 
 def _finite(values: dict[str, float]) -> dict[str, float | None]:
     """NaN / inf are not JSON: written as null (the gate treats a missing number as a failure)."""
-    return {k: (float(v) if math.isfinite(v) else None) for k, v in values.items()}
+    return {k: (float(v) if v is not None and math.isfinite(v) else None) for k, v in values.items()}
 
 
 def _progress(name: str, total: int, enabled: bool):

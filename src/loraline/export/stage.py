@@ -93,6 +93,10 @@ def export_onnx(
     model.eval()
     stop = eos_ids(model_dir, tok)
     inputs = [encode_probe(tok, p, ExportError) for p in probes]
+    config = model.config
+    long_probe = _long_context_probe(config, inputs, max_new_tokens)
+    if long_probe is not None:  # a LongLoRA model: parity must hold past the base's own context too
+        inputs.append(long_probe)
     ref = _reference(model, tok, inputs, max_new_tokens, stop)
 
     with io.atomic_dir(out_dir) as tmp:
@@ -117,6 +121,11 @@ def export_onnx(
             "fp32": fp32,
             "reference_greedy_texts": [tok.decode(g, skip_special_tokens=True) for g in ref.greedy],
         }
+        if long_probe is not None:  # the last entry of per_probe
+            report["long_context_probe"] = {
+                "tokens": len(long_probe), "original_context": _original_context(config),
+                "max_position_embeddings": config.max_position_embeddings,
+            }
         worst = max(fp32["max_abs_logit_diff"], fp32["decode_max_abs_logit_diff"])
         report["passed"] = bool(worst <= tolerance)
         if not report["passed"]:
@@ -136,6 +145,26 @@ def export_onnx(
 
 
 # --- reference (PyTorch) --------------------------------------------------------------------------
+
+
+def _original_context(config: Any) -> int | None:
+    rope = getattr(config, "rope_parameters", None) or {}
+    return rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
+
+
+def _long_context_probe(config: Any, inputs: list[list[int]], max_new_tokens: int) -> list[int] | None:
+    """For a model whose rope extends its base's context: the probes' tokens repeated to 64 tokens past
+    the original context (within the extended one), so the prompt pass and the cached steps run at
+    positions the base never had. None for other models."""
+    original = _original_context(config)
+    extended = getattr(config, "max_position_embeddings", None)
+    if not original or not extended or extended <= original:
+        return None
+    length = min(original + 64, extended - max_new_tokens - DECODE_STEPS - 1)
+    if length <= original:
+        return None
+    stream = [t for ids in inputs for t in ids]
+    return (stream * (length // len(stream) + 1))[:length]
 
 
 def _cache_kwarg(model: Any) -> str:

@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 DEFAULT_LOWER_IS_BETTER: frozenset[str] = frozenset(
-    {"answer_loss", "loss", "eval_loss", "nll", "perplexity", "answer_perplexity", "ppl"}
+    {"answer_loss", "loss", "eval_loss", "nll", "perplexity", "answer_perplexity", "ppl", "long_context_perplexity"}
 )
 EPS = 1e-12
 REL_TOL = 1e-9

@@ -47,10 +47,27 @@ class ServableAdapter:
     modules: list[str]  # the modules whose trained copies became LoRA pairs
 
 
+def _refuse_long_context(adapter_dir: Path) -> None:
+    """A LongLoRA adapter (train.long_context) was trained on the base with its rope rescaled, and
+    trains every norm: one shared vLLM base cannot change its rope per tenant, so it cannot be one
+    adapter among others there."""
+    record_path = adapter_dir / "train_record.json"
+    if not record_path.is_file():
+        return
+    long_context = json.loads(record_path.read_text(encoding="utf-8")).get("long_context")
+    if long_context:
+        raise ServeAdapterError(
+            f"{adapter_dir}: a long-context adapter (train.long_context, {long_context['original_context']} -> "
+            f"{long_context['target_len']} tokens) needs the base's rope scaled, which a shared vLLM base cannot do per "
+            "tenant; serve its merged model (models/merged/<tenant>) with a vLLM server of its own"
+        )
+
+
 def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableAdapter:
     """Write into `out_dir` (atomically) an adapter vLLM loads with the same function as `adapter_dir`."""
     adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
     config: dict[str, Any] = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    _refuse_long_context(adapter_dir)
     tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     saved = [k for k in tensors if ".lora_" not in k]  # whole trained modules (modules_to_save)
     if not saved:

@@ -78,3 +78,12 @@ def test_other_trained_modules_are_refused_by_name(base_dir, tmp_path):
     with pytest.raises(ServeAdapterError, match=r"orig: trained module model\.layers\.0\.input_layernorm is neither the embedding nor the head"):
         make_servable(original, base_dir, tmp_path / "served")
     assert not (tmp_path / "served").exists()
+
+
+def test_a_long_context_adapter_is_refused_with_what_to_do_instead(base_dir, tmp_path):
+    original = _adapter(base_dir, tmp_path / "orig")  # LoRA-only files: only the record says long context
+    record = {"long_context": {"original_context": 64, "target_len": 256}}
+    (original / "train_record.json").write_text(json.dumps(record))
+    with pytest.raises(ServeAdapterError, match=r"long-context adapter .*64 -> 256 tokens.*serve its merged model"):
+        make_servable(original, base_dir, tmp_path / "served")
+    assert not (tmp_path / "served").exists()

@@ -155,6 +155,10 @@ def test_evaluate_reports_perplexity_by_length_and_passkey_for_a_long_context_ca
     # rope scaling alone changes the base's predictions; the trained candidate changes them again
     ppl = {n: m["perplexity"]["512"]["perplexity"] for n, m in report["models"].items()}
     assert len(set(ppl.values())) == 3, ppl
+    # the gate's metric: perplexity at the extended context, the base's taken with the rope scaling alone
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["models"]
+    assert metrics["candidate"]["long_context_perplexity"] == ppl["candidate"]
+    assert metrics["base"]["long_context_perplexity"] == ppl["base_rope_scaled"]
     # the same models give the same report
     evaluate_tenant(candidate_dir=merged.out_dir, out_dir=tmp_path / "ev2", **common)
     assert json.loads((tmp_path / "ev2" / LONG_CONTEXT).read_text()) == report
@@ -185,3 +189,15 @@ def test_passkey_prompt_hides_the_key_at_the_depth_asked():
     assert len(ids) == 600 and text.endswith("What is the pass key? The pass key is")
     at = text.index("The pass key is 12345")
     assert 250 < at < 300  # the middle of the filler
+
+
+def test_the_onnx_export_keeps_parity_past_the_base_context(long_run, tmp_path):
+    from loraline.export.stage import export_onnx
+
+    _, merged = long_run
+    result = export_onnx(model_dir=merged.out_dir, out_dir=tmp_path / "onnx", max_new_tokens=8)
+    probe = result.report["long_context_probe"]
+    assert probe == {"tokens": 256 + 64, "original_context": 256, "max_position_embeddings": 512}
+    long_entry = result.report["fp32"]["per_probe"][-1]
+    assert long_entry["max_abs_logit_diff"] < 1e-3 and long_entry["decode_max_abs_logit_diff"] < 1e-3
+    assert long_entry["greedy_equal"] and result.report["passed"]
