@@ -235,6 +235,11 @@ class PrepareParams(_Section):
 
     max_chars: int = Field(20_000, ge=1, description="Rows with more characters are rejected as too_long")
     max_tokens: int = Field(1024, ge=8, description="Rendered rows with more tokens are rejected as too_long")
+    document_rows: int | None = Field(
+        None, ge=16, description="Also cut every document into language-modelling rows of at most this many tokens "
+        "(train_documents / validation_documents / test_documents, split per document); train.long_context sets it "
+        "to target_len",
+    )
     system_prompt: str | None = Field(None, description="System message added to rows that carry none")
     split: SplitParams = SplitParams()
     csv_delimiter: str = Field(",", min_length=1, max_length=1)
@@ -621,8 +626,10 @@ class Params(_Section):
         if self.prepare.seed is None:
             update["seed"] = self.seed
         long_context = self.train_for(name).long_context
-        if long_context is not None and long_context.target_len > self.prepare.max_tokens:
-            update["max_tokens"] = long_context.target_len  # long rows are the point: too_long follows the target
+        if long_context is not None:  # long rows are the point: too_long follows the target, documents become rows
+            update["max_tokens"] = max(self.prepare.max_tokens, long_context.target_len)
+            if self.prepare.document_rows is None:
+                update["document_rows"] = long_context.target_len
         return self.prepare.model_copy(update=update)
 
     def system_prompt_for(self, name: str) -> str | None:

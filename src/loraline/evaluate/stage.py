@@ -140,7 +140,7 @@ def evaluate_tenant(
         if progress:
             print(f"evaluate {tenant}/{name}: {time.perf_counter() - started:.1f}s {scores[name]}", file=sys.stderr)
 
-    long_context = _long_context_report(models, tok, test, device)
+    long_context = _long_context_report(models, tok, test, dataset_dir, device)
     if long_context is not None:
         # The gate may decide on it (gate.primary_metric: long_context_perplexity). The base it is
         # compared with is the base with the rope scaling alone: what extending costs nothing to get.
@@ -180,7 +180,7 @@ def evaluate_tenant(
 
 
 def _long_context_report(
-    models: dict[str, tuple[str, dict[str, Any]]], tok: Any, test: _TestSet, device: Any
+    models: dict[str, tuple[str, dict[str, Any]]], tok: Any, test: _TestSet, dataset_dir: Path, device: Any
 ) -> dict[str, Any] | None:
     """For a candidate whose config extends the base's context (LongLoRA): perplexity by length and
     passkey retrieval for the base, the base with the candidate's rope scaling alone, and the candidate."""
@@ -207,9 +207,16 @@ def _long_context_report(
         prod_config = json.loads((Path(production[0]) / "config.json").read_text(encoding="utf-8"))
         if LC.extended_context(prod_config) == span:  # a production model of the same context compares
             runs["production"] = production
-    stream = LC.held_out_stream(test.input_ids, tok.eos_token_id)
+    import datasets
+
+    dd = datasets.load_from_disk(str(dataset_dir))
+    if "test_documents" in dd and len(dd["test_documents"]):  # held-out documents (prepare.document_rows), end to end
+        held_out, stream = "test_documents", LC.held_out_stream(dd["test_documents"]["input_ids"], None)
+    else:
+        held_out, stream = "test rows", LC.held_out_stream(test.input_ids, tok.eos_token_id)
     report: dict[str, Any] = {
-        "original_context": span[0], "extended_context": span[1], "lengths": lengths, "held_out_tokens": len(stream),
+        "original_context": span[0], "extended_context": span[1], "lengths": lengths,
+        "held_out": held_out, "held_out_tokens": len(stream),
         "rope_parameters": candidate_config["rope_parameters"], "models": {},
     }
     for name, (path, kwargs) in runs.items():

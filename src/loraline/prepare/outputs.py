@@ -2,7 +2,8 @@
 
 Output layout (everything rewritten atomically on each run):
 
-    out_dir/dataset/         datasets.DatasetDict with train, validation and test (always all three)
+    out_dir/dataset/         datasets.DatasetDict with train, validation and test (always all three); with
+                             prepare.document_rows also {train,validation,test}_documents (document_rows.py)
     out_dir/documents/       datasets.Dataset of plain documents (text, source_file, row, content_hash, tenant)
     out_dir/duplicates.jsonl one line per dropped duplicate (kind exact or near), naming the kept original
     out_dir/contaminated.jsonl one line per train/validation row removed for overlapping a test row
@@ -20,6 +21,7 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 
@@ -28,6 +30,7 @@ from loraline.io import atomic_dir, write_json, write_jsonl
 from loraline.layout import PREPARED_DATASET
 from loraline.modelling.loading import write_tokenizer_stamp
 from loraline.prepare.card import raw_file_hashes, render_card
+from loraline.prepare.document_rows import document_splits
 from loraline.prepare.collected import Collected
 from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
 from loraline.prepare.schema import SPLITS, PrepareStats
@@ -49,19 +52,27 @@ def write_outputs(
     synthetic_rows: Path | None,
     seed: int,
     progress: bool,
+    tokenizer: Any = None,
+    spill_dir: Path | None = None,
 ) -> None:
-    """Every output of a tenant whose counts reconcile; `spilled_rejects` is moved to rejected_path."""
+    """Every output of a tenant whose counts reconcile; `spilled_rejects` is moved to rejected_path.
+    With prepare.document_rows, `tokenizer` cuts the documents into rows (streamed through `spill_dir`)."""
     stats = collected.stats
     # Rejects and stats live outside out_dir, so they are staged next to their final paths and
     # renamed only once out_dir is in place: a failure leaves all previous outputs as they were.
     staged = {path: path.with_name(f".{path.name}.staged-{os.getpid()}") for path in (rejected_path, stats_path)}
     try:
         with atomic_dir(out_dir) as tmp, _quiet_datasets(not progress):
-            splits = datasets.DatasetDict({s: _dataset(collected, s) for s in SPLITS})
+            documents = _dataset(collected, "documents")
+            long_rows = (
+                document_splits(documents, tokenizer, params.document_rows, params.split, spill_dir)
+                if params.document_rows else {}
+            )
+            stats.document_rows = {name: len(ds) for name, ds in long_rows.items()}
+            splits = datasets.DatasetDict({s: _dataset(collected, s) for s in SPLITS} | long_rows)
             # An empty dataset is saved with zero shards by default, which load_from_disk cannot read back.
             splits.save_to_disk(str(tmp / PREPARED_DATASET), num_shards={s: _shards(ds) for s, ds in splits.items()})
             write_tokenizer_stamp(tmp / PREPARED_DATASET, stats.tokenizer_hash, stats.tokenizer)
-            documents = _dataset(collected, "documents")
             documents.save_to_disk(str(tmp / "documents"), num_shards=_shards(documents))
             write_jsonl(tmp / "duplicates.jsonl", collected.duplicates)
             write_jsonl(tmp / "contaminated.jsonl", collected.contaminated)

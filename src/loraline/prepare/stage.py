@@ -106,6 +106,7 @@ def prepare_tenant(
             collected, params, Path(tenant.raw_dir), out_dir=out_dir, rejected_path=rejected_path, stats_path=stats_path,
             spilled_rejects=rejects.path, synthetic_rows=synthetic_rows,
             seed=params.seed if params.seed is not None else DEFAULT_SEED, progress=progress,
+            tokenizer=tokenizer, spill_dir=spill,
         )
     finally:
         shutil.rmtree(spill, ignore_errors=True)

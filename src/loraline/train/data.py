@@ -58,7 +58,9 @@ def load_splits(dataset_dir: Path) -> Splits:
         lacking = [c for c in REQUIRED_COLUMNS if c not in dd[split].column_names]
         if lacking:
             raise TrainError(f"dataset {dataset_dir} split {split} lacks column(s) {', '.join(lacking)}")
-    return Splits(*(_examples(dd[s]) for s in ("train", "validation")))
+    # Rows cut from documents (prepare.document_rows, e.g. for train.long_context) train beside the chat rows.
+    return Splits(*(_examples(dd[s]) + (_examples(dd[f"{s}_documents"]) if f"{s}_documents" in dd else [])
+                    for s in ("train", "validation")))
 
 
 def _examples(ds) -> list[Example]:
