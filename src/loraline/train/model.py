@@ -87,7 +87,8 @@ def with_long_context_trainables(params: TrainParams, model: nn.Module) -> Train
         return params
     from loraline.modelling.long_context import trainable_module_names
 
-    extra = [n for n in trainable_module_names(model, params.long_context.trainable) if n not in params.modules_to_save]
+    have = list(params.modules_to_save)
+    extra = [n for n in trainable_module_names(model, params.long_context.trainable) if not any(_matches(k, [n]) for k in have)]
     return params.model_copy(update={"modules_to_save": [*params.modules_to_save, *extra]})
 
 

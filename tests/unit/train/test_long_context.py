@@ -83,6 +83,11 @@ def test_trainable_names_cover_the_embeddings_and_every_norm(setup):
     assert names[0] == "model.embed_tokens"
     assert len(names) == 1 + 2 * layers + 1 and "model.norm" in names
     assert trainable_module_names(model, ["embed"]) == ["model.embed_tokens"]
+    from loraline.train.model import with_long_context_trainables
+
+    params = tiny_train(max_seq_len=512, modules_to_save=["embed_tokens"], long_context={"target_len": 512})
+    saved = with_long_context_trainables(params, model).modules_to_save
+    assert saved[0] == "embed_tokens" and "model.embed_tokens" not in saved and len(saved) == 1 + 2 * layers + 1
 
 
 @pytest.fixture(scope="module")
