@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loraline.modelling.varlen import causal_varlen
+from loraline.modelling.varlen import causal_varlen, flash_varlen_available
 
 S2_ATTN = "loraline_s2"
 
@@ -73,39 +73,86 @@ def s2_attention(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
 
 
-def s2_boundaries(position_ids: torch.Tensor, group: int) -> tuple[list[int], list[int]]:
-    """Segment boundaries over the flattened (B*T) tokens for the plain heads and for the shifted
-    heads: the groups of s2_mask as runs of consecutive tokens, so attention is causal within each
-    run and nothing else. Returns (cu_plain, cu_shifted), each starting at 0 and ending at B*T."""
+Run = tuple[int, int, int]  # (row, start, end): tokens [start, end) of one row attend causally among themselves
+
+
+def s2_runs(position_ids: torch.Tensor, group: int) -> tuple[list[Run], list[Run]]:
+    """The groups of s2_mask as runs of consecutive tokens, for the plain heads and for the shifted
+    heads: within each example (positions restart at 0), groups of `group` tokens, the shifted ones
+    offset by half a group; an example of at most `group` tokens is one run in both."""
     b, t = position_ids.shape
-    pos = position_ids.reshape(-1).tolist()
-    plain, shifted = [0], [0]
-    starts = [i for i, p in enumerate(pos) if p == 0 or i % t == 0] + [b * t]
-    for a, e in zip(starts[:-1], starts[1:]):
-        n = e - a
-        plain += list(range(a + group, e, group)) + [e]
-        shifted += ([] if n <= group else list(range(a + group // 2, e, group))) + [e]
+    plain: list[Run] = []
+    shifted: list[Run] = []
+    for row, pos in enumerate(position_ids.tolist()):
+        starts = [i for i, p in enumerate(pos) if p == 0 or i == 0] + [t]
+        for a, e in zip(starts[:-1], starts[1:]):
+            cuts = list(range(a, e, group)) + [e]
+            plain += [(row, x, y) for x, y in zip(cuts[:-1], cuts[1:])]
+            cuts = [a] + ([] if e - a <= group else list(range(a + group // 2, e, group))) + [e]
+            shifted += [(row, x, y) for x, y in zip(cuts[:-1], cuts[1:])]
     return plain, shifted
+
+
+def s2_boundaries(position_ids: torch.Tensor, group: int) -> tuple[list[int], list[int]]:
+    """s2_runs as cu_seqlens over the flattened (B*T) tokens (for flash varlen attention):
+    (cu_plain, cu_shifted), each starting at 0 and ending at B*T."""
+    t = position_ids.shape[-1]
+    return tuple([0] + [row * t + e for row, _, e in runs] for runs in s2_runs(position_ids, group))  # type: ignore[return-value]
+
+
+def _attend_runs(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: slice,
+                 runs: list[Run], scaling: float | None) -> None:
+    """Causal attention within each run, for query heads `heads`, written into out (B, H, T, D).
+    Runs of one length go through SDPA together (one batched call), on contiguous copies."""
+    h, hkv = query.shape[1], key.shape[1]
+    per_kv = h // hkv
+    if heads.start % per_kv == 0 and heads.stop % per_kv == 0:  # the heads' own key/value heads, shared (GQA)
+        kv_heads = slice(heads.start // per_kv, heads.stop // per_kv)
+    else:
+        key, value = (x.repeat_interleave(per_kv, dim=1) for x in (key, value))
+        kv_heads = heads
+    gqa = key[:, kv_heads].shape[1] != query[:, heads].shape[1]
+    t = query.shape[2]
+    by_length: dict[int, list[Run]] = {}
+    for run in runs:
+        by_length.setdefault(run[2] - run[1], []).append(run)
+    for length, same in by_length.items():
+        if length == t:  # whole rows: no copies
+            rows = [r for r, _, _ in same]
+            q, k, v = query[rows, heads], key[rows, kv_heads], value[rows, kv_heads]
+        else:
+            q, k, v = (torch.stack([x[r, hs, a:e] for r, a, e in same]) for x, hs in
+                       ((query, heads), (key, kv_heads), (value, kv_heads)))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        for i, (r, a, e) in enumerate(same):
+            out[r, heads, a:e] = o[i]
 
 
 def s2_attention_segments(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor, group: int,
     scaling: float | None = None,
 ) -> torch.Tensor:
-    """The same output as s2_attention, computed run by run (O(T * group), not O(T^2)):
-    query (B, H, T, D), key and value (B, H_kv, T, D) -> (B, T, H, D)."""
+    """The same output as s2_attention, computed group by group (O(T * group), not O(T^2)):
+    query (B, H, T, D), key and value (B, H_kv, T, D) -> (B, T, H, D). Flash varlen attention over
+    the flattened tokens on CUDA; elsewhere SDPA on the runs, those of one length batched."""
     b, h, t, d = query.shape
-    if key.shape[1] != h:
-        key = key.repeat_interleave(h // key.shape[1], dim=1)
-        value = value.repeat_interleave(h // value.shape[1], dim=1)
-    q, k, v = (x.transpose(1, 2).reshape(b * t, h, d) for x in (query, key, value))
-    plain, shifted = s2_boundaries(position_ids.expand(b, t), group)
     half = h // 2
-    out = torch.cat([
-        causal_varlen(q[:, : h - half], k[:, : h - half], v[:, : h - half], plain, scaling),
-        causal_varlen(q[:, h - half :], k[:, h - half :], v[:, h - half :], shifted, scaling),
-    ], dim=1)
-    return out.view(b, t, h, d)
+    plain_heads, shifted_heads = slice(0, h - half), slice(h - half, h)
+    if flash_varlen_available(query.device):
+        plain, shifted = s2_boundaries(position_ids.expand(b, t), group)
+        q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
+        if key.shape[1] != h:
+            k, v = (x.repeat_interleave(h // key.shape[1], dim=1) for x in (k, v))
+        out = torch.cat([
+            causal_varlen(q[:, plain_heads], k[:, plain_heads], v[:, plain_heads], plain, scaling),
+            causal_varlen(q[:, shifted_heads], k[:, shifted_heads], v[:, shifted_heads], shifted, scaling),
+        ], dim=1)
+        return out.view(b, t, h, d)
+    plain_runs, shifted_runs = s2_runs(position_ids.expand(b, t), group)
+    out = query.new_empty(b, h, t, d)
+    _attend_runs(out, query, key, value, plain_heads, plain_runs, scaling)
+    _attend_runs(out, query, key, value, shifted_heads, shifted_runs, scaling)
+    return out.transpose(1, 2)
 
 
 def s2_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
