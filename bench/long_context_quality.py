@@ -16,7 +16,8 @@ every model alike and does not change the comparison.
 
     python bench/long_context_quality.py --base models/base --steps 120 --out long_quality.json
 
-Prints a table last (perplexity by length, passkey accuracy, training seconds per step).
+Prints a table last: perplexity by length, passkey accuracy, the median seconds of one training step
+(forward and backward of one row, evaluation left out) and the whole train stage's seconds.
 """
 
 from __future__ import annotations
@@ -47,6 +48,30 @@ def stdlib_documents(raw_dir: Path, count: int, min_chars: int, max_chars: int) 
             if len(picked) == count:
                 break
     return picked
+
+
+def step_seconds(base: Path, target: int, s2: bool, repeats: int = 4) -> float:
+    """Median wall time of one training step (forward + backward, one row of `target` tokens) of the
+    QLoRA model the train stage builds for train.long_context, evaluation passes left out."""
+    import statistics
+    import time
+
+    import torch
+
+    from loraline.config import TrainParams
+    from loraline.train.model import attach_lora, load_base_model, long_context_overrides, with_long_context_trainables
+
+    params = TrainParams(quantization="nf4", lora_dropout=0.0, max_seq_len=target,
+                         long_context={"target_len": target, "s2_attn": s2})
+    model = load_base_model(params, base, torch.device("cpu"), config_overrides=long_context_overrides(params, base))
+    model = attach_lora(with_long_context_trainables(params, model), model).train()
+    ids = torch.randint(5, model.config.vocab_size, (1, target), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model(input_ids=ids, labels=ids, position_ids=torch.arange(target)[None]).loss.backward()
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times[1:]), 3)
 
 
 def main() -> None:
@@ -99,7 +124,7 @@ def main() -> None:
         train_s = time.perf_counter() - started
         merged = merge_adapter(base_dir=args.base, base_params=base_params, adapter_dir=trained.out_dir,
                                out_dir=work / name / "merged", quantized_reference=False)
-        results[name] = {"train_s": round(train_s, 1), "s_per_step": round(args.target / trained.timing["tokens_per_s"], 3),
+        results[name] = {"train_s": round(train_s, 1), "step_s": step_seconds(args.base, args.target, s2),
                          "merge_passed": merged.passed, "final_train_loss": trained.record["loss"]["final_train"]}
         models[name] = (str(merged.out_dir), {})
         print(f"{name}: {train_s:.0f}s, {results[name]}", flush=True)
@@ -132,11 +157,11 @@ def main() -> None:
 
     print(f"\nheld-out: {len(held_out)} rows of test documents, {len(stream)} tokens; {args.steps} steps of {args.target} tokens")
     head = "".join(f"{'ppl@' + str(n):>11}" for n in lengths) + "".join(f"{'key@' + str(n):>9}" for n in lengths)
-    print(f"{'model':<10}{head}{'s/step':>8}")
+    print(f"{'model':<10}{head}{'s/step':>8}{'stage s':>9}")
     for name, r in results.items():
         ppl = "".join(f"{(r['perplexity'][str(n)]['perplexity'] or float('nan')):>11.2f}" for n in lengths)
         key = "".join(f"{r['passkey']['by_length'][str(n)]:>9.2f}" for n in lengths)
-        print(f"{name:<10}{ppl}{key}{r.get('s_per_step', ''):>8}")
+        print(f"{name:<10}{ppl}{key}{r.get('step_s', ''):>8}{r.get('train_s', ''):>9}")
 
 
 if __name__ == "__main__":
