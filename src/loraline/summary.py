@@ -14,7 +14,9 @@ from loraline.layout import Layout
 
 # The metrics worth a column, in reading order; anything else stays in metrics.json. The same as
 # loraline.evaluate.stage.HEADLINE_METRICS (importing that would load torch for every CLI command).
-HEADLINE_METRICS = ("answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy")
+HEADLINE_METRICS = (
+    "answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy", "long_context_perplexity",
+)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
