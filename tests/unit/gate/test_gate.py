@@ -318,3 +318,15 @@ def test_task_metric_decides_and_answer_loss_must_still_fall() -> None:
     assert _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 0.4}, base=base, gate=gate).passed
     missing = _decide(candidate={"json_field_accuracy": 0.9}, base=base, gate=gate).rule("beats_base_secondary")
     assert not missing.passed and "secondary metric 'answer_loss' is missing from the candidate" in missing.reason
+
+
+def test_long_context_perplexity_is_a_lower_is_better_primary_metric() -> None:
+    """A LongLoRA tenant gates on held-out perplexity at the extended context (evaluate's metrics.json
+    holds the candidate's, and the rope-scaled base's under "base")."""
+    gate = GATE.model_copy(update={"primary_metric": "long_context_perplexity", "min_gain_over_base": 0.5})
+    base, good, poor = ({"answer_loss": 2.0, "long_context_perplexity": p} for p in (699.6, 111.0, 420.0))
+    assert _decide(candidate={**good, "answer_loss": 1.5}, base=base, gate=gate).rule("beats_base").passed
+    worse = _decide(candidate={**poor, "answer_loss": 1.5}, base=base, gate=gate).rule("beats_base")
+    assert not worse.passed and "lower is better" in worse.reason
+    missing = _decide(candidate={**good, "long_context_perplexity": None}, base=base, gate=gate).rule("beats_base")
+    assert not missing.passed and "long_context_perplexity" in missing.reason
