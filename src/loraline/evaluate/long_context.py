@@ -30,15 +30,6 @@ SEED = 0
 GATE_METRIC = "long_context_perplexity"  # held-out perplexity at the extended context, in metrics.json
 
 
-def extended_context(config: dict[str, Any]) -> tuple[int, int] | None:
-    """(original context, extended context) when a model config extends its rope; else None."""
-    rope = config.get("rope_parameters") or {}
-    original, extended = rope.get("original_max_position_embeddings"), config.get("max_position_embeddings")
-    if isinstance(original, int) and isinstance(extended, int) and extended > original:
-        return original, extended
-    return None
-
-
 def lengths_between(original: int, extended: int) -> list[int]:
     """original, 2x original, ... up to and including the extended context."""
     out, n = [], original

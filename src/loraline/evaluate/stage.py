@@ -44,6 +44,7 @@ from loraline.evaluate import long_context as LC
 from loraline.evaluate import metrics as M
 from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation
 from loraline.modelling.device import pick_device
+from loraline.modelling.long_context import extended_context
 from loraline.evaluate.report import render_report
 from loraline.provenance import run_facts
 
@@ -189,7 +190,7 @@ def _long_context_report(
     from transformers import AutoConfig
 
     candidate_config = json.loads((Path(models["candidate"][0]) / "config.json").read_text(encoding="utf-8"))
-    span = LC.extended_context(candidate_config)
+    span = extended_context(candidate_config)
     if span is None:
         return None
     lengths = LC.lengths_between(*span)
@@ -205,7 +206,7 @@ def _long_context_report(
     production = models.get("production")
     if production is not None:
         prod_config = json.loads((Path(production[0]) / "config.json").read_text(encoding="utf-8"))
-        if LC.extended_context(prod_config) == span:  # a production model of the same context compares
+        if extended_context(prod_config) == span:  # a production model of the same context compares
             runs["production"] = production
     import datasets
 

@@ -37,6 +37,7 @@ from loraline.layout import Layout
 from loraline.export.onnx_export import export_model, quantize_int8
 from loraline.export.runtime import INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
 from loraline.modelling.chat import save_tokenizer
+from loraline.modelling.long_context import extended_context
 from loraline.modelling.parity import DEFAULT_PROBES, ParityError, common_prefix, encode_probe, greedy_generate, headline, summarize
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
@@ -123,7 +124,7 @@ def export_onnx(
         }
         if long_probe is not None:  # the last entry of per_probe
             report["long_context_probe"] = {
-                "tokens": len(long_probe), "original_context": _original_context(config),
+                "tokens": len(long_probe), "original_context": extended_context(config)[0],
                 "max_position_embeddings": config.max_position_embeddings,
             }
         worst = max(fp32["max_abs_logit_diff"], fp32["decode_max_abs_logit_diff"])
@@ -147,19 +148,14 @@ def export_onnx(
 # --- reference (PyTorch) --------------------------------------------------------------------------
 
 
-def _original_context(config: Any) -> int | None:
-    rope = getattr(config, "rope_parameters", None) or {}
-    return rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
-
-
 def _long_context_probe(config: Any, inputs: list[list[int]], max_new_tokens: int) -> list[int] | None:
     """For a model whose rope extends its base's context: the probes' tokens repeated to 64 tokens past
     the original context (within the extended one), so the prompt pass and the cached steps run at
     positions the base never had. None for other models."""
-    original = _original_context(config)
-    extended = getattr(config, "max_position_embeddings", None)
-    if not original or not extended or extended <= original:
+    span = extended_context(config)
+    if span is None:
         return None
+    original, extended = span
     length = min(original + 64, extended - max_new_tokens - DECODE_STEPS - 1)
     if length <= original:
         return None

@@ -22,6 +22,17 @@ def original_context(config: Any) -> int:
     return int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
+def extended_context(config: Any) -> tuple[int, int] | None:
+    """(original context, extended context) when a model config (object or config.json dict) carries
+    rope scaling that extends its base's context, as train.long_context writes it; else None."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    rope, extended = get("rope_parameters"), get("max_position_embeddings")
+    original = rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
+    if isinstance(original, int) and isinstance(extended, int) and extended > original:
+        return original, extended
+    return None
+
+
 def _rope_parameters(config: Any) -> dict[str, Any] | None:
     """The config's single rope setting; None for no rope, or one per layer type (e.g. Gemma 3), not handled here."""
     rope = getattr(config, "rope_parameters", None)
