@@ -1,13 +1,13 @@
 """LongLoRA training speed: S2-Attn against full attention at long context, same GPU, same run.
 
 The real train stage (`loraline.train.train_adapter`) with `train.long_context` on a base of the
-peer's llama-1b shape (random bf16 weights, seed 0, a 4,096-token context), extended to 8k, 16k and
-32k tokens: QLoRA NF4, r=16 on all linear layers, embeddings and norms trained, gradient
+peer's llama-1b shape (random bf16 weights, seed 0, a 4,096-token context), extended to 8k, 16k, 32k and
+64k tokens: QLoRA NF4, r=16 on all linear layers, embeddings and norms trained, gradient
 checkpointing, one row of `target_len` tokens per step. "full" trains with s2_attn off (flash varlen
 attention over the whole example: full causal attention), "s2" with groups of target_len / 4.
 Every configuration runs in its own process, so peak-memory figures are not shared.
 
-    python bench/long_context_speed.py --lengths 8192 16384 32768 --steps 6 --out long.jsonl
+    python bench/long_context_speed.py --lengths 8192 16384 32768 65536 --steps 10 --out long.jsonl
 
 Needs CUDA and bitsandbytes. Prints one JSON line per run, then a table with S2's speed-up.
 """
@@ -56,8 +56,8 @@ def run_one(shape: str, length: int, mode: str, steps: int, root: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-1b")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peer", type=Path, default=HERE.parent.parent / "shared" / "bench" / "peer_qlora.py")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--one", nargs=3, metavar=("LENGTH", "MODE", "ROOT"), help=argparse.SUPPRESS)

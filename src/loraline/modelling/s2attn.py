@@ -21,6 +21,8 @@ run elsewhere), and is tested against the reference.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -76,20 +78,30 @@ def s2_attention(
 Run = tuple[int, int, int]  # (row, start, end): tokens [start, end) of one row attend causally among themselves
 
 
+def _group_cuts(a: int, e: int, group: int) -> tuple[list[int], list[int]]:
+    """Cut points of one example's tokens [a, e), for the plain heads and for the shifted heads."""
+    plain = list(range(a, e, group)) + [e]
+    shifted = [a] + ([] if e - a <= group else list(range(a + group // 2, e, group))) + [e]
+    return plain, shifted
+
+
 def s2_runs(position_ids: torch.Tensor, group: int) -> tuple[list[Run], list[Run]]:
     """The groups of s2_mask as runs of consecutive tokens, for the plain heads and for the shifted
     heads: within each example (positions restart at 0), groups of `group` tokens, the shifted ones
     offset by half a group; an example of at most `group` tokens is one run in both."""
     b, t = position_ids.shape
+    is_start = position_ids == 0
+    is_start[:, 0] = True
+    starts: list[list[int]] = [[] for _ in range(b)]
+    for row, i in torch.nonzero(is_start).tolist():  # one small transfer, not one per token
+        starts[row].append(i)
     plain: list[Run] = []
     shifted: list[Run] = []
-    for row, pos in enumerate(position_ids.tolist()):
-        starts = [i for i, p in enumerate(pos) if p == 0 or i == 0] + [t]
-        for a, e in zip(starts[:-1], starts[1:]):
-            cuts = list(range(a, e, group)) + [e]
-            plain += [(row, x, y) for x, y in zip(cuts[:-1], cuts[1:])]
-            cuts = [a] + ([] if e - a <= group else list(range(a + group // 2, e, group))) + [e]
-            shifted += [(row, x, y) for x, y in zip(cuts[:-1], cuts[1:])]
+    for row, row_starts in enumerate(starts):
+        for a, e in zip(row_starts, row_starts[1:] + [t]):
+            p, s = _group_cuts(a, e, group)
+            plain += [(row, x, y) for x, y in zip(p[:-1], p[1:])]
+            shifted += [(row, x, y) for x, y in zip(s[:-1], s[1:])]
     return plain, shifted
 
 
@@ -100,17 +112,47 @@ def s2_boundaries(position_ids: torch.Tensor, group: int) -> tuple[list[int], li
     return tuple([0] + [row * t + e for row, _, e in runs] for runs in s2_runs(position_ids, group))  # type: ignore[return-value]
 
 
+def s2_boundaries_from_segments(cu_seqlens: list[int], group: int) -> tuple[list[int], list[int]]:
+    """The same from the packed batch's own example boundaries over the flattened tokens (every
+    example, and every row's pad segment, as the collator lays them out): no look at the positions."""
+    plain, shifted = [0], [0]
+    for a, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if e > a:
+            p, s = _group_cuts(a, e, group)
+            plain += p[1:]
+            shifted += s[1:]
+    return plain, shifted
+
+
+# Every layer of a forward pass (and its recomputation under gradient checkpointing) gets the same
+# boundaries tensor: the runs are computed once per tensor, not once per layer.
+_last_boundaries: list = []
+
+
+def _boundaries_once(source: torch.Tensor, group: int, compute) -> tuple[list[int], list[int]]:
+    key = (group, source._version, tuple(source.shape))
+    if _last_boundaries and _last_boundaries[0]() is source and _last_boundaries[1] == key:
+        return _last_boundaries[2]
+    value = compute()
+    _last_boundaries[:] = [weakref.ref(source), key, value]
+    return value
+
+
+def _shared_kv(heads: slice, key: torch.Tensor, value: torch.Tensor, h: int):
+    """(key, value, kv_heads) for query heads `heads` of h, in the (B, H, T, D) layout: under GQA the
+    key/value heads those query heads share, unless the slice splits a key/value head's group; then
+    key/value repeated to every query head, and `heads` itself."""
+    per_kv = h // key.shape[1]
+    if heads.start % per_kv == 0 and heads.stop % per_kv == 0:
+        return key, value, slice(heads.start // per_kv, heads.stop // per_kv)
+    return key.repeat_interleave(per_kv, dim=1), value.repeat_interleave(per_kv, dim=1), heads
+
+
 def _attend_runs(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: slice,
                  runs: list[Run], scaling: float | None) -> None:
     """Causal attention within each run, for query heads `heads`, written into out (B, H, T, D).
     Runs of one length go through SDPA together (one batched call), on contiguous copies."""
-    h, hkv = query.shape[1], key.shape[1]
-    per_kv = h // hkv
-    if heads.start % per_kv == 0 and heads.stop % per_kv == 0:  # the heads' own key/value heads, shared (GQA)
-        kv_heads = slice(heads.start // per_kv, heads.stop // per_kv)
-    else:
-        key, value = (x.repeat_interleave(per_kv, dim=1) for x in (key, value))
-        kv_heads = heads
+    key, value, kv_heads = _shared_kv(heads, key, value, query.shape[1])
     gqa = key[:, kv_heads].shape[1] != query[:, heads].shape[1]
     t = query.shape[2]
     by_length: dict[int, list[Run]] = {}
@@ -128,26 +170,68 @@ def _attend_runs(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, valu
             out[r, heads, a:e] = o[i]
 
 
+class _HalvesAttention(torch.autograd.Function):
+    """Causal varlen attention for the plain heads over one set of runs and for the shifted heads over
+    another, assembled into one (N, H, D) output. The kernels' own outputs are not kept for backward:
+    the assembled output lives on anyway (as o_proj's input), and keeping both would cost S2-Attn one
+    attention output per layer more memory than full attention. Backward recomputes each half's
+    attention instead, one half at a time (a forward over groups, a fraction of full attention's)."""
+
+    @staticmethod
+    def forward(ctx, q1, k1, v1, q2, k2, v2, runs, scaling):  # noqa: ANN001 (autograd's signature)
+        ctx.save_for_backward(q1, k1, v1, q2, k2, v2)
+        ctx.runs, ctx.scaling = runs, scaling
+        return torch.cat([causal_varlen(q1, k1, v1, runs[0], scaling), causal_varlen(q2, k2, v2, runs[1], scaling)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        saved = ctx.saved_tensors
+        split = saved[0].shape[1]
+        grads: list[torch.Tensor] = []
+        for inputs, runs, g in ((saved[:3], ctx.runs[0], grad[:, :split]), (saved[3:], ctx.runs[1], grad[:, split:])):
+            with torch.enable_grad():
+                leaves = [x.detach().requires_grad_() for x in inputs]
+                out = causal_varlen(*leaves, runs, ctx.scaling)
+                grads += torch.autograd.grad(out, leaves, g)
+        return (*grads, None, None)
+
+
+def _s2_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plain: list[int], shifted: list[int],
+               scaling: float | None) -> torch.Tensor:
+    """S2-Attn through causal_varlen: (B, H, T, D) in, (B, T, H, D) out; `plain` and `shifted` are the
+    two halves' runs as cu_seqlens over the flattened tokens."""
+    b, h, t, d = query.shape
+    half = h // 2
+    inputs: list[torch.Tensor] = []
+    for heads in (slice(0, h - half), slice(h - half, h)):
+        # Each half is made contiguous in the kernel's (tokens, heads, dim) layout straight from the
+        # model's, with only its own key/value heads (GQA): no full-width copy is sliced again.
+        k_src, v_src, kv_heads = _shared_kv(heads, key, value, h)
+        inputs += [x[:, hs].transpose(1, 2).reshape(b * t, -1, d)
+                   for x, hs in ((query, heads), (k_src, kv_heads), (v_src, kv_heads))]
+    return _HalvesAttention.apply(*inputs, (plain, shifted), scaling).view(b, t, h, d)
+
+
 def s2_attention_segments(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor, group: int,
-    scaling: float | None = None,
+    scaling: float | None = None, cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same output as s2_attention, computed group by group (O(T * group), not O(T^2)):
     query (B, H, T, D), key and value (B, H_kv, T, D) -> (B, T, H, D). Flash varlen attention over
-    the flattened tokens on CUDA; elsewhere SDPA on the runs, those of one length batched."""
+    the flattened tokens on CUDA; elsewhere SDPA on the runs, those of one length batched.
+    `cu_seqlens`: the packed batch's example boundaries over the flattened tokens, if the caller has
+    them (then the positions are not read)."""
     b, h, t, d = query.shape
     half = h // 2
     plain_heads, shifted_heads = slice(0, h - half), slice(h - half, h)
     if flash_varlen_available(query.device):
-        plain, shifted = s2_boundaries(position_ids.expand(b, t), group)
-        q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
-        if key.shape[1] != h:
-            k, v = (x.repeat_interleave(h // key.shape[1], dim=1) for x in (k, v))
-        out = torch.cat([
-            causal_varlen(q[:, plain_heads], k[:, plain_heads], v[:, plain_heads], plain, scaling),
-            causal_varlen(q[:, shifted_heads], k[:, shifted_heads], v[:, shifted_heads], shifted, scaling),
-        ], dim=1)
-        return out.view(b, t, h, d)
+        if cu_seqlens is not None:
+            plain, shifted = _boundaries_once(
+                cu_seqlens, group, lambda: s2_boundaries_from_segments(cu_seqlens.tolist(), group))
+        else:
+            plain, shifted = _boundaries_once(
+                position_ids, group, lambda: s2_boundaries(position_ids.expand(b, t), group))
+        return _s2_varlen(query, key, value, plain, shifted, scaling)
     plain_runs, shifted_runs = s2_runs(position_ids.expand(b, t), group)
     out = query.new_empty(b, h, t, d)
     _attend_runs(out, query, key, value, plain_heads, plain_runs, scaling)
@@ -166,7 +250,9 @@ def s2_attention_forward(module, query, key, value, attention_mask, scaling=None
     if position_ids is None:
         position_ids = torch.arange(t, device=query.device).unsqueeze(0)
     group = module.config.s2_attn_group if module.training else t
-    return s2_attention_segments(query, key, value, position_ids, group, scaling=scaling), None
+    out = s2_attention_segments(query, key, value, position_ids, group, scaling=scaling,
+                                cu_seqlens=kwargs.get("cu_seq_lens_q"))
+    return out, None
 
 
 def use_s2_attention(model, group: int) -> None:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from loraline.config import TrainParams
 from loraline.modelling.constants import IGNORE_INDEX
+from loraline.modelling.s2attn import S2_ATTN
 from loraline.train.data import Example
 from loraline.train.distributed import World, shard, sum_grads, sum_numbers
 from loraline.modelling.device import autocast, compute_dtype
@@ -84,7 +85,7 @@ def loss_sum(
     With `fused` (decoder, lm_head), the loss comes from the decoder's hidden states chunk by chunk
     (speed.chunked_linear_cross_entropy): the same value and gradients, without full-vocabulary logits.
     """
-    inputs = batch.model_inputs(varlen=_uses_varlen(model))
+    inputs = batch.model_inputs(varlen=_attends_by_segments(model))
     with autocast(device):
         if fused is not None:
             decoder, head = fused
@@ -97,6 +98,11 @@ def loss_sum(
 
 def _uses_varlen(model: torch.nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == VARLEN
+
+
+def _attends_by_segments(model: torch.nn.Module) -> bool:
+    """Whether the attention function takes the packed batch's example boundaries (cu_seq_lens_q)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in (VARLEN, S2_ATTN)
 
 
 def train_step(run: Run, planned: PlannedStep) -> tuple[float, int, int]:

@@ -115,13 +115,82 @@ def test_the_run_by_run_path_equals_the_mask_reference(lengths, group, h, h_kv):
 
 
 @pytest.mark.cuda
-def test_the_flash_varlen_kernel_gives_the_reference_s2_attention():
+@pytest.mark.parametrize("h_kv", [2, 1, 8], ids=["gqa-shared-per-half", "mqa-split-group", "mha"])
+def test_the_flash_varlen_kernel_gives_the_reference_s2_attention(h_kv):
     from loraline.modelling.s2attn import s2_attention_segments
 
     lengths, group = [300, 77, 135], 64
     t = sum(lengths)
     pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-    q, k, v = (x.cuda().to(torch.bfloat16) for x in _qkv(b=1, h=8, t=t, d=64, h_kv=2, seed=3))
-    want = s2_attention(q.float(), k.float(), v.float(), pos.cuda(), group)
-    got = s2_attention_segments(q, k, v, pos.cuda(), group).transpose(1, 2).float()
-    assert (got - want).abs().max().item() < 2e-2  # bf16 flash against the fp32 reference
+    q, k, v = (x.cuda().to(torch.bfloat16).requires_grad_() for x in _qkv(b=1, h=8, t=t, d=64, h_kv=h_kv, seed=3))
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    upstream = torch.randn(1, 8, t, 64, generator=torch.Generator().manual_seed(1)).cuda()
+    want = s2_attention(q32, k32, v32, pos.cuda(), group)
+    got = s2_attention_segments(q, k, v, pos.cuda(), group).transpose(1, 2)
+    assert (got.float() - want).abs().max().item() < 2e-2  # bf16 flash against the fp32 reference
+    (want * upstream).sum().backward()
+    (got.float() * upstream).sum().backward()  # through the recomputing backward
+    for g, w in ((q.grad, q32.grad), (k.grad, k32.grad), (v.grad, v32.grad)):
+        assert (g.float() - w).abs().max().item() < 3e-2 * w.abs().max().item()
+
+
+@pytest.mark.parametrize("group", [4, 6, 20])
+def test_boundaries_from_the_collators_segments_equal_those_from_the_positions(group):
+    """The CUDA path takes the packed batch's cu_seqlens when it has them: the same runs as the positions give."""
+    from loraline.modelling.s2attn import s2_boundaries, s2_boundaries_from_segments
+    from loraline.train.speed import segments_from_rows
+
+    width, rows = 20, [[7, 9], [20], [3]]  # the first and last rows end with a pad segment
+    cu, _ = segments_from_rows(rows, width)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, lengths in enumerate(rows):
+        at = 0
+        for n in lengths + [width - sum(lengths)]:
+            pos[r, at : at + n] = torch.arange(n)
+            at += n
+    assert s2_boundaries_from_segments(cu.tolist(), group) == s2_boundaries(pos, group)
+
+
+def test_runs_are_computed_once_per_boundaries_tensor():
+    from loraline.modelling import s2attn
+
+    pos = torch.arange(12).unsqueeze(0)
+    calls = []
+    def compute():
+        calls.append(1)
+        return s2attn.s2_boundaries(pos, 4)
+    first = s2attn._boundaries_once(pos, 4, compute)
+    assert s2attn._boundaries_once(pos, 4, compute) is first and len(calls) == 1
+    s2attn._boundaries_once(pos, 8, compute)  # another group size: computed again
+    other = torch.arange(12).unsqueeze(0)  # equal values, another tensor: computed again
+    s2attn._boundaries_once(other, 8, compute)
+    pos.add_(0)  # changed in place: computed again
+    s2attn._boundaries_once(pos, 4, compute)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize(("h", "h_kv"), [(8, 2), (8, 1), (4, 4)])
+def test_the_varlen_path_matches_the_reference_in_values_and_gradients(h, h_kv):
+    """The path training takes on CUDA (two halves of the heads, each over its own runs, backward by
+    recomputation) run here through causal_varlen's SDPA fallback: outputs and all three gradients
+    equal the mask reference's."""
+    from loraline.modelling.s2attn import _s2_varlen, s2_attention, s2_boundaries
+
+    lengths, group = [40, 9, 15], 8
+    t = sum(lengths)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    inputs = _qkv(b=1, h=h, t=t, d=8, h_kv=h_kv, seed=7)
+    upstream = torch.randn(1, h, t, 8, generator=torch.Generator().manual_seed(1))
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        out = fn(*leaves)
+        (out * upstream).sum().backward()
+        return out.detach(), [x.grad for x in leaves]
+
+    want, want_grads = run(lambda q, k, v: s2_attention(q, k, v, pos, group, scaling=0.3))
+    plain, shifted = s2_boundaries(pos, group)
+    got, got_grads = run(lambda q, k, v: _s2_varlen(q, k, v, plain, shifted, 0.3).transpose(1, 2))
+    assert torch.allclose(got, want, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-5)
