@@ -274,6 +274,11 @@ class LongContextParams(_Section):
     trainable: list[Literal["embed", "norm"]] = Field(
         ["embed", "norm"], description="Trained beside LoRA (the paper: both are needed for long context)"
     )
+    reference: bool = Field(
+        False,
+        description="Also train a full-attention twin of the same budget (same data, steps and seed; doubles the train "
+        "stage's time), which the evaluation reports beside the S2-Attn adapter",
+    )
 
     @property
     def group_size(self) -> int:
@@ -289,6 +294,11 @@ class LongContextParams(_Section):
             )
         if len(set(self.trainable)) != len(self.trainable):
             raise ValueError(f"trainable lists an entry twice: {self.trainable}")
+        if self.reference and not self.s2_attn:
+            raise ValueError(
+                "reference trains a full-attention twin to compare S2-Attn with; with s2_attn: false the adapter "
+                "itself trains with full attention (set s2_attn: true, or reference: false)"
+            )
         return self
 
 

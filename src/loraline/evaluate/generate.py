@@ -21,13 +21,18 @@ from loraline.modelling.constants import IGNORE_INDEX
 from loraline.modelling.device import compute_dtype
 
 @contextmanager
-def loaded_model(path: str | Path, device: torch.device, **kwargs: Any) -> Iterator[Any]:
-    """A causal LM in eval mode on `device`, released (and the CUDA cache emptied) afterwards."""
+def loaded_model(path: str | Path, device: torch.device, adapter: Path | None = None, **kwargs: Any) -> Iterator[Any]:
+    """A causal LM in eval mode on `device` (with a peft `adapter` folder on it, unmerged, if given),
+    released (and the CUDA cache emptied) afterwards."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=compute_dtype(device), device_map={"": str(device)}, **kwargs
     )
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     try:
         yield model

@@ -19,7 +19,8 @@ out_dir (replaced atomically):
                        predictions {model: text}, exact_match {model: bool}
     long_context.json  only for a candidate whose config extends the base's context (train.long_context):
                        perplexity by length and passkey retrieval for base, base with the rope scaling
-                       alone, and candidate (evaluate/long_context.py)
+                       alone, candidate, and the candidate's full-attention twin when it was trained
+                       (train.long_context.reference) (evaluate/long_context.py)
 
 `run` also writes the headline metrics per model (reports/<tenant>/metrics/evaluate.json, a DVC
 metric) and the run's timing (reports/timing/evaluate@<tenant>.json).
@@ -44,7 +45,7 @@ from loraline.evaluate import long_context as LC
 from loraline.evaluate import metrics as M
 from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation
 from loraline.modelling.device import pick_device
-from loraline.modelling.long_context import extended_context
+from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE, extended_context
 from loraline.evaluate.report import render_report
 from loraline.provenance import run_facts
 
@@ -109,8 +110,11 @@ def evaluate_tenant(
     max_examples: int | None = None,
     examples_in_report: int = 3,
     progress: bool = False,
+    full_attention_reference: Path | None = None,
 ) -> EvaluateResult:
-    """Evaluate base, candidate and (when `production_dir` exists) production on the test split."""
+    """Evaluate base, candidate and (when `production_dir` exists) production on the test split.
+    `full_attention_reference`: a LongLoRA candidate's full-attention twin (an adapter folder, see
+    train.long_context.reference), set beside it in the long-context report."""
     dataset_dir, base_dir, candidate_dir, out_dir = map(Path, (dataset_dir, base_dir, candidate_dir, out_dir))
     if max_new_tokens < 1:
         raise EvaluateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -141,7 +145,7 @@ def evaluate_tenant(
         if progress:
             print(f"evaluate {tenant}/{name}: {time.perf_counter() - started:.1f}s {scores[name]}", file=sys.stderr)
 
-    long_context = _long_context_report(models, tok, test, dataset_dir, device)
+    long_context = _long_context_report(models, tok, test, dataset_dir, device, full_attention_reference)
     if long_context is not None:
         # The gate may decide on it (gate.primary_metric: long_context_perplexity). The base it is
         # compared with is the base with the rope scaling alone: what extending costs nothing to get.
@@ -181,10 +185,12 @@ def evaluate_tenant(
 
 
 def _long_context_report(
-    models: dict[str, tuple[str, dict[str, Any]]], tok: Any, test: _TestSet, dataset_dir: Path, device: Any
+    models: dict[str, tuple[str, dict[str, Any]]], tok: Any, test: _TestSet, dataset_dir: Path, device: Any,
+    full_attention_reference: Path | None = None,
 ) -> dict[str, Any] | None:
     """For a candidate whose config extends the base's context (LongLoRA): perplexity by length and
-    passkey retrieval for the base, the base with the candidate's rope scaling alone, and the candidate."""
+    passkey retrieval for the base, the base with the candidate's rope scaling alone, the candidate,
+    its full-attention twin when there is one, and production when it has the same context."""
     import json
 
     from transformers import AutoConfig
@@ -203,6 +209,8 @@ def _long_context_report(
         "base_rope_scaled": (base_path, {**base_kwargs, "config": scaled}),
         "candidate": models["candidate"],
     }
+    if full_attention_reference is not None:  # the twin's adapter on the same rope-scaled base, unmerged
+        runs["full_attention_reference"] = (base_path, {**base_kwargs, "config": scaled, "adapter": Path(full_attention_reference)})
     production = models.get("production")
     if production is not None:
         prod_config = json.loads((Path(production[0]) / "config.json").read_text(encoding="utf-8"))
@@ -227,6 +235,10 @@ def _long_context_report(
                 "perplexity": LC.perplexity_by_length(model, stream, lengths),
                 "passkey": LC.passkey_retrieval(model, tok, lengths),
             }
+    if "full_attention_reference" in report["models"]:  # the paper's claim: S2-Attn close to full attention
+        at = str(span[1])
+        s2, full = (report["models"][n]["perplexity"][at]["perplexity"] for n in ("candidate", "full_attention_reference"))
+        report["s2_attn_against_full_attention"] = {"at": span[1], "perplexity_ratio": s2 / full if full else None}
     return report
 
 
@@ -328,11 +340,13 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
 
     started = time.perf_counter()
     ev = params.evaluate
+    reference = layout.adapter_dir(tenant) / FULL_ATTENTION_REFERENCE  # train.long_context.reference
     result = evaluate_tenant(
         tenant=tenant, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=base_dir or layout.base_dir,
         base_params=params.base, candidate_dir=layout.merged_dir(tenant), production_dir=None,
         out_dir=layout.evaluation_dir(tenant), max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
         examples_in_report=ev.examples_in_report, progress=progress,
+        full_attention_reference=reference if reference.is_dir() else None,
     )
     shutil.copyfile(result.metrics_path, layout.eval_metrics_path(tenant))
     io.write_json(layout.metrics_path("evaluate", tenant), evaluate_metrics(result.metrics))

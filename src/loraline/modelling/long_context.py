@@ -15,6 +15,9 @@ from torch import nn
 
 from loraline.config import ConfigError, LongContextParams
 
+# The full-attention twin of a LongLoRA adapter (train.long_context.reference), inside its adapter folder.
+FULL_ATTENTION_REFERENCE = "full_attention_reference"
+
 
 def original_context(config: Any) -> int:
     """The context the base was trained on (its rope's original length when it was extended before)."""

@@ -51,6 +51,7 @@ from loraline.train.sharded import sharding_facts
 from loraline.train.speed import fused_head
 from loraline.train.record import TRAIN_CURVE, VAL_CURVE, device_name, final_train_loss, peak_memory, write_curves
 from loraline.modelling.loading import base_model_hash
+from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE
 
 RECORD = TRAIN_RECORD
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -386,7 +387,15 @@ def run(
         checkpoint_dir=layout.checkpoint_dir(tenant) if checkpoints else None,
         progress=progress,
     )
-    io.write_json(layout.metrics_path("train", tenant), train_metrics(result.record))
+    metrics = train_metrics(result.record)
+    lc = params.train_for(tenant).long_context
+    if lc is not None and lc.reference:
+        reference = train_full_attention_reference(
+            params.train_for(tenant), base_dir=base_dir or layout.base_dir, base_params=params.base,
+            dataset_dir=layout.prepared_dataset_dir(tenant), adapter_dir=result.out_dir, progress=progress,
+        )
+        metrics["full_attention_reference_val_loss"] = reference.record["loss"]["final_val"]
+    io.write_json(layout.metrics_path("train", tenant), metrics)
     # The curves also live beside the adapter; DVC plots need them outside the adapter folder.
     plots = layout.train_plots_dir(tenant)
     plots.mkdir(parents=True, exist_ok=True)
@@ -395,6 +404,21 @@ def run(
     timing = {k: v for k, v in result.timing.items() if k != "wall_s"}  # run_facts times the whole stage
     io.write_json(layout.timing_path("train", tenant), run_facts(started, **timing))
     return result
+
+
+def train_full_attention_reference(
+    params: TrainParams, *, base_dir: Path, base_params: BaseParams, dataset_dir: Path, adapter_dir: Path,
+    progress: bool = False,
+) -> TrainResult:
+    """LongLoRA's reference (train.long_context.reference): the same adapter trained with full attention
+    instead of S2-Attn, on the same data, steps and seed, into <adapter_dir>/full_attention_reference,
+    for the evaluation to set beside the S2-Attn adapter (the paper's claim: close to full attention)."""
+    lc = params.long_context
+    if lc is None or not lc.s2_attn:
+        raise TrainError("a full-attention reference is trained only for an S2-Attn long-context adapter")
+    twin = params.model_copy(update={"long_context": lc.model_copy(update={"s2_attn": False, "reference": False})})
+    return train_adapter(twin, base_dir=base_dir, base_params=base_params, dataset_dir=dataset_dir,
+                         out_dir=Path(adapter_dir) / FULL_ATTENTION_REFERENCE, progress=progress)
 
 
 def train_metrics(record: dict[str, Any]) -> dict[str, Any]:

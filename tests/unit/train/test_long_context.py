@@ -34,6 +34,7 @@ def long_train(**lc) -> TrainParams:
         ({"target_len": 4096, "rope_scaling": "ntk"}, "rope_scaling"),
         ({"target_len": 4096, "trainable": ["embed", "embed"]}, "twice"),
         ({"target_len": 4096, "trainable": ["head"]}, "trainable"),
+        ({"target_len": 4096, "s2_attn": False, "reference": True}, "itself trains with full attention"),
     ],
 )
 def test_bad_long_context_params_are_refused(fields, message):
@@ -206,3 +207,47 @@ def test_the_onnx_export_keeps_parity_past_the_base_context(long_run, tmp_path):
     long_entry = result.report["fp32"]["per_probe"][-1]
     assert long_entry["max_abs_logit_diff"] < 1e-3 and long_entry["decode_max_abs_logit_diff"] < 1e-3
     assert long_entry["greedy_equal"] and result.report["passed"]
+
+
+def test_a_full_attention_reference_is_trained_alike_and_reported_beside_the_candidate(setup, tmp_path):
+    """train.long_context.reference through the train and evaluate stages: the same budget with full
+    attention, in the adapter's folder, set beside the S2-Attn candidate on the same rope-scaled base.
+    Groups of 32 tokens, so that the toy rows are longer than a group and S2-Attn differs from full attention."""
+    import shutil
+
+    from loraline.evaluate.stage import LONG_CONTEXT
+    from loraline.evaluate.stage import run as evaluate_stage
+    from loraline.layout import Layout
+    from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE
+    from loraline.train.stage import run as train_stage
+    from loraline.train.stage import train_full_attention_reference
+
+    layout = Layout(tmp_path)
+    shutil.copytree(setup.dataset_dir, layout.prepared_dataset_dir("t"))
+    train = long_train(group_ratio=0.0625, reference=True)
+    params = Params.model_validate({
+        "base": setup.base_params.model_dump(), "evaluate": {"max_new_tokens": 4, "max_examples": 20},
+        "tenants": {"t": {"raw_dir": "data/raw/t", "train": train.model_dump(exclude_defaults=True)}},
+    })
+    res = train_stage(params, layout, "t", base_dir=setup.base_dir, checkpoints=False)
+    ref_dir = res.out_dir / FULL_ATTENTION_REFERENCE
+    ref = json.loads((ref_dir / "train_record.json").read_text())
+    assert ref["speed"]["attention"] != S2_ATTN and ref["long_context"]["s2_attn"] is False
+    assert ref["steps"] == res.record["steps"] and ref["data"] == res.record["data"] and ref["seed"] == res.record["seed"]
+    assert ref["long_context"]["config_overrides"] == res.record["long_context"]["config_overrides"]
+    assert ref["loss"]["final_train"] != res.record["loss"]["final_train"]  # S2 groups did cut the rows
+    metrics = json.loads(layout.metrics_path("train", "t").read_text())
+    assert metrics["full_attention_reference_val_loss"] == ref["loss"]["final_val"]
+
+    merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
+                  out_dir=layout.merged_dir("t"), quantized_reference=False)
+    evaluate_stage(params, layout, "t", base_dir=setup.base_dir)
+    report = json.loads((layout.evaluation_dir("t") / LONG_CONTEXT).read_text())
+    assert set(report["models"]) == {"base", "base_rope_scaled", "candidate", "full_attention_reference"}
+    ppl = {n: m["perplexity"]["512"]["perplexity"] for n, m in report["models"].items()}
+    assert ppl["full_attention_reference"] != ppl["candidate"] and ppl["full_attention_reference"] < ppl["base_rope_scaled"]
+    comparison = report["s2_attn_against_full_attention"]
+    assert comparison["at"] == 512 and comparison["perplexity_ratio"] == pytest.approx(ppl["candidate"] / ppl["full_attention_reference"])
+
+    with pytest.raises(TrainError, match="only for an S2-Attn long-context adapter"):
+        train_full_attention_reference(long_train(s2_attn=False), adapter_dir=tmp_path / "x", **setup.kwargs())
