@@ -13,16 +13,18 @@ zero points move, so it is the same low-bit model with no quantization after tra
 the zero points here are real numbers, not integers: an integer zero point could not absorb the
 update without rounding it.
 
-Pure torch (CPU and CUDA); the train, merge and export stages build on it.
+Torch and peft (CPU and CUDA): peft's LoRA layer and its QA-LoRA variant on our quantized layer, so the
+adapter is an ordinary peft adapter; the train, merge and export stages build on it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.variants import QALoraLinearVariant
 from torch import nn
 
 BITS = (2, 3, 4)
@@ -68,53 +70,76 @@ def quantize_groupwise(weight: torch.Tensor, bits: int, group_size: int) -> Grou
 
 
 class GroupQuantizedLinear(nn.Module):
-    """A frozen group-quantized linear layer (what a merged QA-LoRA model is made of)."""
+    """A frozen group-quantized linear layer: what QA-LoRA trains on and what its merge writes.
+    The codes are the `qweight` buffer (peft finds a quantized base layer's device by that name)."""
 
     def __init__(self, quantized: GroupQuantized, bias: torch.Tensor | None) -> None:
         super().__init__()
         out, n = quantized.shape
         self.bits, self.group_size, self.in_features, self.out_features = quantized.bits, quantized.group_size, n, out
-        self.register_buffer("codes", quantized.codes)
+        self.register_buffer("qweight", quantized.codes)
         self.register_buffer("scales", quantized.scales)
         self.register_buffer("zeros", quantized.zeros)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @property
     def quantized(self) -> GroupQuantized:
-        return GroupQuantized(self.codes, self.scales, self.zeros, self.bits, self.group_size)
+        return GroupQuantized(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
-class QALoRALinear(GroupQuantizedLinear):
-    """A frozen group-quantized linear layer with QA-LoRA's pooled adapter beside it.
 
-    y = x W~^T + bias + c * B(A(dropout(pool(x)))), pool averaging each group of input channels.
-    """
+class QALoraGroupLinear(nn.Module, LoraLayer):
+    """peft's LoRA layer on a GroupQuantizedLinear, with peft's own QA-LoRA variant (its A matrix sees
+    the input averaged over each group). Registered with LoraConfig._register_custom_module, so the
+    adapter is saved and loaded by peft in its own format (use_qalora, qalora_group_size)."""
 
-    def __init__(self, quantized: GroupQuantized, bias: torch.Tensor | None, r: int, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__(quantized, bias)
-        self.lora_A = nn.Linear(self.in_features // quantized.group_size, r, bias=False)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)  # starts as the quantized base exactly
-        self.scaling = alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs) -> None:
+        nn.Module.__init__(self)
+        LoraLayer.__init__(self, base_layer)
+        if config.use_dora:
+            raise ValueError("QA-LoRA does not combine with DoRA (train.use_dora)")
+        if config.lora_bias:
+            raise ValueError("QA-LoRA folds into zero points; a LoRA bias would not fold")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(*x.shape[:-1], self.in_features // self.group_size, self.group_size).mean(-1)
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = super().forward(x)
-        update = self.lora_B(self.lora_A(self.dropout(self.pool(x)).to(self.lora_A.weight.dtype)))
-        return base + (update * self.scaling).to(base.dtype)
+    def resolve_lora_variant(self, *, config, **kwargs):
+        return QALoraLinearVariant()
 
-    @torch.no_grad()
-    def merged(self) -> GroupQuantized:
-        """The same codes and scales with the adapter folded into the zero points (exact)."""
-        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling / self.group_size  # (out, groups)
-        return GroupQuantized(self.codes.clone(), self.scales.clone(), self.zeros - delta / self.scales, self.bits, self.group_size)
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            dtype = result.dtype
+            cast = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
+            result = self.lora_variant[name].forward(self, active_adapter=name, x=cast, result=result).to(dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+@torch.no_grad()
+def fold_adapter(layer: nn.Module, adapter: str = "default") -> GroupQuantized:
+    """The layer's quantized base with its QA-LoRA adapter folded into the zero points (exact): the
+    same codes and scales. peft's variant adds scaling * (n_groups * mean_g(x)) A^T B^T, so every weight
+    of group g in row o moves by scaling * n_groups * (B A)[o, g] / G."""
+    base = layer.get_base_layer().quantized
+    groups = base.shape[1] // base.group_size
+    ba = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()  # (out, groups)
+    delta = ba * (layer.scaling[adapter] * groups / base.group_size)
+    return GroupQuantized(base.codes.clone(), base.scales.clone(), base.zeros - delta / base.scales, base.bits, base.group_size)
 
 
 def matmul_nbits_initializers(q: GroupQuantized) -> dict:
@@ -137,32 +162,39 @@ def matmul_nbits_initializers(q: GroupQuantized) -> dict:
     }
 
 
-def _swap(model: nn.Module, make) -> list[str]:
-    """Replace every nn.Linear but the output head by make(linear); returns the replaced names."""
+def quantize_linears(model: nn.Module, *, bits: int, group_size: int) -> list[str]:
+    """Replace every nn.Linear but the output head by its GroupQuantizedLinear (round to nearest,
+    from the float32 weights, so every device gets the same codes), frozen; returns their names.
+    A layer whose input width the group size does not divide is refused, by name."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     done = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and child is not head:
-                setattr(module, child_name, make(child))
-                done.append(f"{name}.{child_name}" if name else child_name)
+                full = f"{name}.{child_name}" if name else child_name
+                if child.in_features % group_size:
+                    raise ValueError(f"qalora.group_size {group_size} does not divide the input width {child.in_features} of layer {full}")
+                layer = GroupQuantizedLinear(quantize_groupwise(child.weight.float(), bits, group_size), child.bias)
+                setattr(module, child_name, layer.to(child.weight.device))
+                done.append(full)
+    for p in model.parameters():
+        p.requires_grad_(False)
     return done
 
 
-def apply_qalora(model: nn.Module, *, bits: int, group_size: int, r: int, alpha: float, dropout: float = 0.0) -> list[str]:
-    """Quantize every linear layer but the head group-wise and give it a pooled adapter, in place.
-    Everything else is frozen; returns the adapted layers' names."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return _swap(model, lambda lin: QALoRALinear(quantize_groupwise(lin.weight, bits, group_size), lin.bias, r, alpha, dropout))
+def register_with(config) -> None:
+    """Let peft put QA-LoRA layers on GroupQuantizedLinear bases (a LoraConfig with use_qalora)."""
+    config._register_custom_module({GroupQuantizedLinear: QALoraGroupLinear})
 
 
-def merge_qalora(model: nn.Module) -> int:
-    """Fold every QA-LoRA adapter into its layer's zero points, in place; returns how many."""
+def merge_qalora(model: nn.Module, adapter: str = "default") -> int:
+    """Fold every QA-LoRA layer of a peft model into its base's zero points and put the plain
+    GroupQuantizedLinear back, in place; returns how many."""
     count = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, QALoRALinear):
-                setattr(module, child_name, GroupQuantizedLinear(child.merged(), child.bias))
+            if isinstance(child, QALoraGroupLinear):
+                base = child.get_base_layer()
+                setattr(module, child_name, GroupQuantizedLinear(fold_adapter(child, adapter), base.bias))
                 count += 1
     return count

@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraline.modelling.qalora import QALoRALinear, quantize_groupwise
+from torch import nn
+
+from loraline.modelling.qalora import (
+    GroupQuantizedLinear,
+    QALoraGroupLinear,
+    fold_adapter,
+    quantize_groupwise,
+    register_with,
+)
 
 
 def _weight(out=48, n=256, seed=0):
@@ -31,45 +39,69 @@ def test_bad_settings_are_refused_by_name():
         quantize_groupwise(_weight(n=96), 4, 64)
 
 
-def _trained_layer(bits: int, group: int) -> tuple[QALoRALinear, torch.Tensor, torch.Tensor]:
+class _One(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+        self.norm = nn.LayerNorm(8)  # a model has some float parameter (peft places adapters by it)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _qalora_layer(bits: int, group: int, bias: torch.Tensor | None, r: int = 8, alpha: int = 16):
+    """One GroupQuantizedLinear in a module, with peft's QA-LoRA layer on it: (peft model, the layer)."""
+    from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(0)
-    w, bias = _weight(), torch.randn(48) * 0.1
-    layer = QALoRALinear(quantize_groupwise(w, bits, group), bias, r=8, alpha=16)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"], use_qalora=True,
+                        qalora_group_size=group)
+    register_with(config)
+    model = get_peft_model(_One(GroupQuantizedLinear(quantize_groupwise(_weight(), bits, group), bias)), config)
+    return model, model.base_model.model.proj
+
+
+def _trained_layer(bits: int, group: int):
+    bias = torch.randn(48) * 0.1
+    model, layer = _qalora_layer(bits, group, bias)
     x = torch.randn(64, 256)
     # a change the pooled adapter can express: low rank, constant within each group of inputs
     shift = (torch.randn(48, 2) @ torch.randn(2, 256 // group)).repeat_interleave(group, dim=1) * 0.01
-    target = F.linear(x, layer.quantized.dequantize() + shift, bias)
-    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    base = layer.get_base_layer().quantized.dequantize()
+    target = F.linear(x, base + shift, bias)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     first = None
     for _ in range(60):
-        loss = F.mse_loss(layer(x), target)
+        loss = F.mse_loss(model(x), target)
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.2 * first  # the pooled adapter learns it
-    return layer, x, bias
+    return model, layer, x, bias
 
 
 def test_only_the_adapter_trains_and_a_fresh_layer_is_the_quantized_base():
-    layer = QALoRALinear(quantize_groupwise(_weight(), 4, 32), None, r=4, alpha=8)
-    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A.weight", "lora_B.weight"}
-    assert layer.lora_A.weight.shape == (4, 256 // 32)  # A sees one feature per group
+    model, layer = _qalora_layer(4, 32, None, r=4, alpha=8)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "base_model.model.proj.lora_A.default.weight", "base_model.model.proj.lora_B.default.weight"}
+    assert layer.lora_A["default"].weight.shape == (4, 256 // 32)  # A sees one feature per group
     x = torch.randn(5, 256)
-    assert torch.equal(layer(x), x @ layer.quantized.dequantize().T)
+    assert torch.equal(model(x), x @ layer.get_base_layer().quantized.dequantize().T)
 
 
 @pytest.mark.parametrize("bits, group", [(4, 32), (3, 64), (2, 128)])
 def test_the_merge_folds_the_adapter_into_the_zero_points_exactly(bits, group):
-    layer, x, bias = _trained_layer(bits, group)
-    merged = layer.merged()
-    assert torch.equal(merged.codes, layer.codes) and torch.equal(merged.scales, layer.scales)  # still the same low-bit model
+    model, layer, x, bias = _trained_layer(bits, group)
+    merged = fold_adapter(layer)
+    base = layer.get_base_layer()
+    assert torch.equal(merged.codes, base.qweight) and torch.equal(merged.scales, base.scales)  # the same low-bit model
     with torch.no_grad():
-        want = layer(x)
+        want = model(x)
         got = F.linear(x, merged.dequantize(), bias)
     assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item() + 1e-6
     # the update is constant within each group of input channels, as pooling makes it
-    delta = (merged.dequantize() - layer.quantized.dequantize()).view(48, 256 // group, group)
+    delta = (merged.dequantize() - base.quantized.dequantize()).view(48, 256 // group, group)
     assert (delta - delta[..., :1]).abs().max().item() < 1e-6
     assert delta.abs().max().item() > 1e-4  # and it is not nothing
 
@@ -81,8 +113,8 @@ def test_a_merged_4bit_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch
 
     from loraline.modelling.qalora import matmul_nbits_initializers
 
-    layer, x, _ = _trained_layer(4, 32)
-    merged = layer.merged()
+    _, layer, x, _ = _trained_layer(4, 32)
+    merged = fold_adapter(layer)
     init = matmul_nbits_initializers(merged)
     node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zero_points"], ["y"], domain="com.microsoft", **init["attributes"])
     graph = helper.make_graph(
@@ -100,33 +132,44 @@ def test_a_merged_4bit_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch
 
 
 def test_a_whole_model_trains_with_qalora_and_merges_to_the_same_logits():
+    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loraline.modelling.qalora import GroupQuantizedLinear, apply_qalora, merge_qalora
+    from loraline.modelling.qalora import merge_qalora, quantize_linears
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     model = LlamaForCausalLM(config).eval()
-    names = apply_qalora(model, bits=4, group_size=32, r=4, alpha=8)
+    names = quantize_linears(model, bits=4, group_size=32)
     assert len(names) == 2 * 7 and "lm_head" not in names  # q, k, v, o, gate, up, down per layer
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=names, use_qalora=True, qalora_group_size=32)
+    register_with(lora)
+    peft_model = get_peft_model(model, lora)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
     assert len(trainable) == 2 * len(names)
     ids = torch.randint(0, 128, (4, 16))
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     losses = []
     for _ in range(15):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = peft_model(input_ids=ids, labels=ids).loss
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0] - 0.1
     with torch.no_grad():
-        before = model(input_ids=ids).logits
-        assert merge_qalora(model) == len(names)
-        after = model(input_ids=ids).logits
-    assert not any(p.requires_grad for p in model.parameters())
+        before = peft_model(input_ids=ids).logits
+        assert merge_qalora(peft_model) == len(names)
+        after = peft_model.base_model.model(input_ids=ids).logits
     assert sum(isinstance(m, GroupQuantizedLinear) for m in model.modules()) == len(names)
+    assert not any(isinstance(m, QALoraGroupLinear) for m in model.modules())
     assert (after - before).abs().max().item() < 1e-4
     assert torch.equal(after.argmax(-1), before.argmax(-1))
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_by_name():
+    from loraline.modelling.qalora import quantize_linears
+
+    with pytest.raises(ValueError, match="does not divide the input width 48 of layer proj"):
+        quantize_linears(_One(nn.Linear(48, 8)), bits=4, group_size=32)
