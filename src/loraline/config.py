@@ -302,10 +302,26 @@ class LongContextParams(_Section):
         return self
 
 
+class QALoRAParams(_Section):
+    """QA-LoRA (train.method: qalora): the base's linear layers quantized group-wise, a pooled adapter."""
+
+    bits: Literal[2, 3, 4] = Field(4, description="Bits per weight of the group-wise quantized base (ONNX export: 4)")
+    group_size: Literal[32, 64, 128] = Field(
+        32, description="Input channels per quantization group; each group's pooled input is one feature of LoRA's A"
+    )
+
+
 class TrainParams(_Section):
     """Adapter training (consumed by the train stage); tenants may override any key."""
 
-    quantization: Literal["nf4", "fp4", "none"] = "nf4"
+    method: Literal["lora", "qalora"] = Field(
+        "lora", description="lora: LoRA on the base as `quantization` loads it (nf4/fp4: QLoRA; none: 16-bit LoRA). "
+        "qalora: QA-LoRA, the base quantized group-wise (train.qalora) and an adapter that folds into it exactly",
+    )
+    qalora: QALoRAParams = Field(default_factory=QALoRAParams, description="With method qalora")
+    quantization: Literal["nf4", "fp4", "none"] = Field(
+        "nf4", description="How method lora loads the base (method qalora quantizes it its own way: train.qalora)"
+    )
     double_quant: bool = True
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
@@ -372,6 +388,17 @@ class TrainParams(_Section):
             )
         if self.sharding == "fsdp":
             raise ValueError("long_context is not supported with sharding fsdp (the sharded loader builds the base's own config)")
+        return self
+
+    @model_validator(mode="after")
+    def _qalora_fits(self) -> TrainParams:
+        if self.method != "qalora":
+            return self
+        if self.use_dora:
+            raise ValueError("method qalora does not combine with use_dora: DoRA's magnitude rescales whole weights, "
+                             "which cannot fold into per-group zero points")
+        if self.sharding == "fsdp":
+            raise ValueError("method qalora is not supported with sharding fsdp (the sharded loader keeps the base's own layers)")
         return self
 
     @model_validator(mode="after")

@@ -111,6 +111,11 @@ def merge_adapter(
     torch_dtype = DTYPES[dtype]
     base_record = read_base_record(base_dir)
     train_record = _read_train_record(adapter_dir)
+    if (train_record or {}).get("qalora") or json.loads((adapter_dir / ADAPTER_FILES[0]).read_text()).get("use_qalora"):
+        raise MergeError(
+            f"{adapter_dir} is a QA-LoRA adapter (train.method: qalora): it folds into the group-quantized base, "
+            "which this merge stage does not write yet; it merges only LoRA/QLoRA adapters into a full-precision base"
+        )
     tok = load_base_tokenizer(base_dir, base_params)
     inputs = [encode_probe(tok, conv, MergeError) for conv in probes]
 

@@ -33,9 +33,16 @@ def load_base_model(
         model = load_sharded_base(params, base_dir, device, world_size, progress=progress)
     else:
         model = load_base_causal_lm(
-            base_dir, device, compute_dtype(device), params.quantization, params.double_quant, config_overrides
+            base_dir, device, compute_dtype(device), base_quantization(params), params.double_quant, config_overrides
         )
-    quant = params.quantization != "none"
+    if params.method == "qalora":
+        from loraline.modelling.qalora import quantize_linears
+
+        try:
+            quantize_linears(model, bits=params.qalora.bits, group_size=params.qalora.group_size)
+        except ValueError as exc:
+            raise TrainError(f"train.qalora: {exc}") from None
+    quant = base_quantization(params) != "none"
     model.config.use_cache = False  # no KV cache in training; a cache would also disable packed-sequence masking
     # Non-reentrant checkpointing needs no requires_grad trick on the inputs and keeps dropout's RNG.
     ckpt_kwargs = {"use_reentrant": False}
@@ -66,6 +73,12 @@ def load_base_model(
     elif params.varlen_attention and params.packing and varlen_available(device):
         use_varlen_attention(model)
     return model
+
+
+def base_quantization(params: TrainParams) -> str:
+    """How bitsandbytes loads the base: train.quantization for LoRA; QA-LoRA loads it in the compute
+    dtype and quantizes it group-wise itself."""
+    return "none" if params.method == "qalora" else params.quantization
 
 
 def long_context_overrides(params: TrainParams, base_dir: Path) -> dict[str, Any] | None:
@@ -112,7 +125,10 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """Last name component of every LoRA-targetable layer (nn.Linear, bnb Linear4bit, GPT-2 Conv1D)."""
     from transformers.pytorch_utils import Conv1D
 
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and name})
+    from loraline.modelling.qalora import GroupQuantizedLinear
+
+    kinds = (nn.Linear, Conv1D, GroupQuantizedLinear)
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, kinds) and name})
 
 
 def check_module_names(params: TrainParams, model: nn.Module) -> None:
@@ -143,18 +159,35 @@ def _matches(key: str, names: list[str]) -> bool:
 def attach_lora(params: TrainParams, model: nn.Module) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    qalora = params.method == "qalora"
+    targets = params.target_modules if params.target_modules == "all-linear" else list(params.target_modules)
+    if qalora:  # peft's "all-linear" knows nn.Linear only: name the quantized layers the targets cover
+        targets = _qalora_targets(model, targets)
     config = LoraConfig(
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
         lora_dropout=params.lora_dropout,
-        target_modules=params.target_modules if params.target_modules == "all-linear" else list(params.target_modules),
+        target_modules=targets,
         use_rslora=params.use_rslora,
         use_dora=params.use_dora,
         modules_to_save=list(params.modules_to_save) or None,
         ensure_weight_tying=trains_tied_embeddings(params, model),
         task_type="CAUSAL_LM",
+        use_qalora=qalora,
+        qalora_group_size=params.qalora.group_size,
     )
+    if qalora:
+        from loraline.modelling.qalora import register_with
+
+        register_with(config)
     return get_peft_model(model, config)
+
+
+def _qalora_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    from loraline.modelling.qalora import GroupQuantizedLinear
+
+    names = [n for n, m in model.named_modules() if isinstance(m, GroupQuantizedLinear)]
+    return sorted(names if targets == "all-linear" else [n for n in names if any(_matches(t, [n]) for t in targets)])
 
 
 def trains_tied_embeddings(params: TrainParams, model: nn.Module) -> bool:

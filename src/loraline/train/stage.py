@@ -241,6 +241,7 @@ def _train(
             "best_step": state.best_step,
         },
         "long_context": _long_context_facts(params, overrides),
+        "qalora": _qalora_facts(params, model),
         "code": code_fingerprint(__name__),
         "library_versions": library_versions(),
     }
@@ -277,6 +278,21 @@ def _long_context_facts(params: TrainParams, overrides: dict[str, Any] | None) -
         "group_size": lc.group_size if lc.s2_attn else None,
         "trainable": list(lc.trainable),
         "config_overrides": overrides,
+    }
+
+
+def _qalora_facts(params: TrainParams, model: torch.nn.Module) -> dict[str, Any] | None:
+    """What train.method qalora did to the base: the merge quantizes the base the same way and folds in."""
+    if params.method != "qalora":
+        return None
+    from loraline.modelling.qalora import GroupQuantizedLinear, QALoraGroupLinear
+
+    return {
+        "bits": params.qalora.bits,
+        "group_size": params.qalora.group_size,
+        "quantizer": "round-to-nearest, asymmetric, per (row, group of input channels), from float32 weights",
+        "quantized_layers": sum(isinstance(m, GroupQuantizedLinear) for m in model.modules()),
+        "adapted_layers": sum(isinstance(m, QALoraGroupLinear) for m in model.modules()),
     }
 
 

@@ -1,0 +1,123 @@
+"""train.method qalora: validated params, a group-quantized base with peft's pooled QA-LoRA layers,
+an adapter in peft's format that folds into the base's zero points exactly, and the train stage's
+guarantees (determinism, exact resume) kept."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from train_helpers import tiny_train
+
+from loraline.config import TrainParams
+from loraline.train import train_adapter
+from loraline.train.errors import TrainError
+
+
+def qalora_train(**overrides) -> TrainParams:
+    fields = dict(method="qalora", qalora={"bits": 4, "group_size": 32}, lora_dropout=0.0, learning_rate=2e-2,
+                  max_steps=8, save_every=3, eval_every=4)
+    fields.update(overrides)
+    return tiny_train(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"method": "qalora", "use_dora": True}, "does not combine with use_dora"),
+        ({"method": "qalora", "sharding": "fsdp", "devices": 2}, "not supported with sharding fsdp"),
+        ({"method": "qalora", "qalora": {"bits": 8}}, "bits"),
+        ({"method": "qalora", "qalora": {"group_size": 48}}, "group_size"),
+        ({"method": "qlora"}, "method"),
+    ],
+)
+def test_bad_qalora_params_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainParams(**fields)
+
+
+@pytest.fixture(scope="module")
+def qalora_run(setup, tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("qalora")
+    return train_adapter(qalora_train(), out_dir=tmp / "a", checkpoint_dir=tmp / "ck", **setup.kwargs()), tmp
+
+
+def _adapter_on_quantized_base(setup, adapter_dir):
+    """What the merge does: the base quantized the same way, the adapter loaded by peft onto it."""
+    from peft import LoraConfig, PeftModel
+
+    from loraline.modelling.loading import load_base_causal_lm
+    from loraline.modelling.qalora import quantize_linears, register_with
+
+    record = json.loads((adapter_dir / "train_record.json").read_text())["qalora"]
+    model = load_base_causal_lm(setup.base_dir, "cpu", torch.float32)
+    quantize_linears(model, bits=record["bits"], group_size=record["group_size"])
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    register_with(config)
+    return PeftModel.from_pretrained(model, str(adapter_dir), config=config).eval()
+
+
+def test_a_qalora_adapter_trains_on_the_quantized_base_and_is_a_peft_adapter(setup, qalora_run):
+    res, _ = qalora_run
+    facts = res.record["qalora"]
+    assert facts["bits"] == 4 and facts["group_size"] == 32
+    assert facts["quantized_layers"] == facts["adapted_layers"] == 2 * 7  # every linear layer but the head
+    config = json.loads(res.adapter_config.read_text())
+    assert config["use_qalora"] is True and config["qalora_group_size"] == 32 and config["peft_type"] == "LORA"
+    from safetensors.torch import load_file
+
+    tensors = load_file(res.adapter_weights)
+    a = [t for k, t in tensors.items() if "lora_A" in k]
+    assert a and all(t.shape[1] in (64 // 32, 128 // 32) for t in a)  # A sees one feature per group of inputs
+    assert res.record["loss"]["final_val"] < res.record["loss"]["base_val"]  # it learnt
+
+
+def test_the_adapter_folds_into_the_zero_points_exactly(setup, qalora_run):
+    from loraline.modelling.qalora import GroupQuantizedLinear, QALoraGroupLinear, merge_qalora
+
+    res, _ = qalora_run
+    model = _adapter_on_quantized_base(setup, res.out_dir)
+    ids = torch.randint(5, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert merge_qalora(model) == 14
+        merged = model.base_model.model
+        after = merged(input_ids=ids).logits
+    assert not any(isinstance(m, QALoraGroupLinear) for m in merged.modules())
+    assert sum(isinstance(m, GroupQuantizedLinear) for m in merged.modules()) == 14
+    assert (after - before).abs().max().item() < 1e-4
+    assert torch.equal(after.argmax(-1), before.argmax(-1))
+
+
+def test_qalora_training_is_deterministic_and_resumes_exactly(setup, qalora_run, tmp_path):
+    res, tmp = qalora_run
+    again = train_adapter(qalora_train(), out_dir=tmp_path / "again", **setup.kwargs())
+    assert again.record["files"] == res.record["files"]  # the same bytes from the same inputs
+    ck = tmp_path / "ck"
+    shutil.copytree(tmp / "ck", ck)
+    resumed = train_adapter(qalora_train(), out_dir=tmp_path / "resumed", checkpoint_dir=ck, **setup.kwargs())
+    assert resumed.timing["resumed_from_step"] == 6
+    assert resumed.record["files"] == res.record["files"]
+
+
+def test_qalora_adapts_only_the_targets_and_quantizes_every_linear_layer(setup, tmp_path):
+    res = train_adapter(qalora_train(target_modules=["q_proj", "v_proj"], max_steps=2), out_dir=tmp_path / "a", **setup.kwargs())
+    assert res.record["qalora"]["quantized_layers"] == 14 and res.record["qalora"]["adapted_layers"] == 4
+
+
+def test_a_group_size_that_does_not_divide_a_layer_fails_naming_it(setup, tmp_path):
+    with pytest.raises(TrainError, match="train.qalora: qalora.group_size 128 does not divide the input width 64 of layer"):
+        train_adapter(qalora_train(qalora={"bits": 4, "group_size": 128}), out_dir=tmp_path / "a", **setup.kwargs())
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_merge_stage_refuses_a_qalora_adapter_by_name_for_now(setup, qalora_run, tmp_path):
+    from loraline.merge.stage import MergeError, merge_adapter
+
+    res, _ = qalora_run
+    with pytest.raises(MergeError, match="is a QA-LoRA adapter"):
+        merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir, out_dir=tmp_path / "m")
+    assert not (tmp_path / "m").exists()
