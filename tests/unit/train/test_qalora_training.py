@@ -121,3 +121,26 @@ def test_the_merge_stage_refuses_a_qalora_adapter_by_name_for_now(setup, qalora_
     with pytest.raises(MergeError, match="is a QA-LoRA adapter"):
         merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir, out_dir=tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.cuda
+def test_qalora_trains_on_cuda_and_folds_there_too(setup, tmp_path):
+    """The same stage on CUDA (bf16 compute, paged AdamW, gradient checkpointing): the quantized base
+    and its adapters on the GPU, the loss falls, and the fold agrees with the unmerged adapter."""
+    from loraline.modelling.qalora import merge_qalora
+
+    res = train_adapter(
+        qalora_train(optimizer="paged_adamw_32bit", max_steps=30, eval_every=10, gradient_checkpointing=True),
+        out_dir=tmp_path / "a", **setup.kwargs(),
+    )
+    rec = res.record
+    assert rec["device"].startswith("cuda") and rec["compute_dtype"] == "bfloat16"
+    assert rec["qalora"]["adapted_layers"] == 14
+    assert rec["loss"]["final_val"] < 0.9 * rec["loss"]["base_val"], rec["loss"]
+    model = _adapter_on_quantized_base(setup, res.out_dir).to("cuda")
+    ids = torch.randint(5, 500, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        merge_qalora(model)
+        after = model.base_model.model(input_ids=ids).logits
+    assert (after - before).abs().max().item() < 1e-3
