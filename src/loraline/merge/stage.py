@@ -111,20 +111,35 @@ def merge_adapter(
     torch_dtype = DTYPES[dtype]
     base_record = read_base_record(base_dir)
     train_record = _read_train_record(adapter_dir)
-    if (train_record or {}).get("qalora") or json.loads((adapter_dir / ADAPTER_FILES[0]).read_text()).get("use_qalora"):
-        raise MergeError(
-            f"{adapter_dir} is a QA-LoRA adapter (train.method: qalora): it folds into the group-quantized base, "
-            "which this merge stage does not write yet; it merges only LoRA/QLoRA adapters into a full-precision base"
-        )
+    qalora = _qalora_settings(train_record, adapter_dir)
     tok = load_base_tokenizer(base_dir, base_params)
     inputs = [encode_probe(tok, conv, MergeError) for conv in probes]
 
     # A long-context adapter was trained on the base with its rope scaled: the merged config carries it.
-    base = load_base_causal_lm(base_dir, "cpu", torch_dtype, config_overrides=base_config_overrides(train_record or {}))
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    # QA-LoRA: quantized from the float32 weights, as training did, whatever dtype the merge is written at.
+    load_dtype = torch.float32 if qalora is not None else torch_dtype
+    base = load_base_causal_lm(base_dir, "cpu", load_dtype, config_overrides=base_config_overrides(train_record or {}))
+    if qalora is None:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    else:  # the base as training saw it (group-quantized), and peft's QA-LoRA layers on it
+        from peft import LoraConfig
+
+        from loraline.modelling.qalora import quantize_linears, register_with
+
+        quantize_linears(base, bits=qalora["bits"], group_size=qalora["group_size"])
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+        register_with(config)
+        model = PeftModel.from_pretrained(base, str(adapter_dir), config=config, is_trainable=False)
     model.eval()
     unmerged = run_probes(model, tok, inputs, max_new_tokens)
+    if qalora is not None:
+        qalora["layers"] = _fold_qalora(model)
     merged_model = model.merge_and_unload()
+    if qalora is not None:
+        from loraline.modelling.qalora import dequantize_linears
+
+        dequantize_linears(merged_model, torch.float32)
+        merged_model.to(torch_dtype)
     merged_model.eval()
     merged = run_probes(merged_model, tok, inputs, max_new_tokens)
     vs_unmerged = compare(merged, unmerged)
@@ -156,6 +171,12 @@ def merge_adapter(
         "code": code_fingerprint(__name__),
         "library_versions": library_versions(),
     }
+    if qalora is not None:
+        report["qalora"] = {
+            **qalora,
+            "merged": "the group-quantized base with the adapter folded into its zero points (same codes and scales), "
+                      f"stored dequantized at {dtype}; merged_vs_unmerged compares it with the adapter on that base",
+        }
     trained_base = ((train_record or {}).get("base") or {}).get("sha256")
     if trained_base and trained_base != report["base"]["sha256"]:
         _discard(out_dir)
@@ -181,11 +202,14 @@ def merge_adapter(
         (tmp / "README.md").unlink(missing_ok=True)
         del merged_model
         gc.collect()
-        report["vs_4bit"] = (
-            _quantized_gap(train_record, base_dir, adapter_dir, tok, inputs, max_new_tokens, merged)
-            if quantized_reference
-            else {"skipped": "quantized_reference=False"}
-        )
+        if qalora is not None:  # the unmerged reference already ran on the quantized base it trained on
+            report["vs_4bit"] = {"skipped": "QA-LoRA: merged_vs_unmerged is against the group-quantized base itself"}
+        else:
+            report["vs_4bit"] = (
+                _quantized_gap(train_record, base_dir, adapter_dir, tok, inputs, max_new_tokens, merged)
+                if quantized_reference
+                else {"skipped": "quantized_reference=False"}
+            )
         if check_reload:
             report["reload"] = _reload_check(tmp, inputs, merged)
             if report["reload"]["max_abs_logit_diff"] > RELOAD_TOLERANCE:
@@ -263,7 +287,26 @@ def _read_train_record(adapter_dir: Path) -> dict[str, Any] | None:
 
 
 def _quantization(train_record: dict[str, Any] | None) -> str | None:
-    return ((train_record or {}).get("params") or {}).get("quantization")
+    params = (train_record or {}).get("params") or {}
+    return "qalora" if params.get("method") == "qalora" else params.get("quantization")
+
+
+def _qalora_settings(train_record: dict[str, Any] | None, adapter_dir: Path) -> dict[str, Any] | None:
+    """bits and group size of a QA-LoRA adapter's quantized base (train_record.json's qalora); None
+    for a LoRA adapter. A QA-LoRA adapter without them cannot be folded: refused."""
+    facts = (train_record or {}).get("qalora")
+    if facts:
+        return {"bits": facts["bits"], "group_size": facts["group_size"]}
+    if json.loads((adapter_dir / ADAPTER_FILES[0]).read_text(encoding="utf-8")).get("use_qalora"):
+        raise MergeError(f"{adapter_dir} is a QA-LoRA adapter but its {TRAIN_RECORD} does not say how the base was "
+                         "quantized (qalora.bits, qalora.group_size): retrain it with this loraline")
+    return None
+
+
+def _fold_qalora(model: Any) -> int:
+    from loraline.modelling.qalora import merge_qalora
+
+    return merge_qalora(model)
 
 
 def _discard(out_dir: Path) -> None:

@@ -198,3 +198,23 @@ def merge_qalora(model: nn.Module, adapter: str = "default") -> int:
                 setattr(module, child_name, GroupQuantizedLinear(fold_adapter(child, adapter), base.bias))
                 count += 1
     return count
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every GroupQuantizedLinear by an nn.Linear holding its dequantized weight, in place, so
+    that any loader reads the model; returns how many. At float32 the weights are the low-bit model's
+    own values (codes, scales and folded zero points give them exactly, up to float32 rounding)."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, GroupQuantizedLinear):
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, dtype=dtype,
+                                  device=child.qweight.device)
+                with torch.no_grad():
+                    plain.weight.copy_(child.quantized.dequantize(dtype))
+                    if child.bias is not None:
+                        plain.bias.copy_(child.bias.to(dtype))
+                plain.requires_grad_(False)
+                setattr(module, child_name, plain)
+                count += 1
+    return count

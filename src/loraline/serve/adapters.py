@@ -63,11 +63,24 @@ def _refuse_long_context(adapter_dir: Path) -> None:
         )
 
 
+def _refuse_qalora(adapter_dir: Path) -> None:
+    """A QA-LoRA adapter (train.method: qalora) belongs to a group-quantized base, and its A matrix reads
+    the input pooled over groups: vLLM's LoRA on the shared base computes neither."""
+    path = adapter_dir / "adapter_config.json"
+    if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("use_qalora"):
+        raise ServeAdapterError(
+            f"{adapter_dir}: a QA-LoRA adapter (train.method: qalora) works on a group-quantized base with pooled "
+            "inputs, which vLLM's LoRA on the shared base does not compute; serve its merged model "
+            "(models/merged/<tenant>) with a vLLM server of its own"
+        )
+
+
 def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableAdapter:
     """Write into `out_dir` (atomically) an adapter vLLM loads with the same function as `adapter_dir`."""
     adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
     config: dict[str, Any] = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     _refuse_long_context(adapter_dir)
+    _refuse_qalora(adapter_dir)
     tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     saved = [k for k in tensors if ".lora_" not in k]  # whole trained modules (modules_to_save)
     if not saved:

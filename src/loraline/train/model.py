@@ -32,16 +32,22 @@ def load_base_model(
 
         model = load_sharded_base(params, base_dir, device, world_size, progress=progress)
     else:
+        # QA-LoRA quantizes from the float32 weights, so CPU and CUDA runs (and the merge) get the same codes.
+        load_dtype = torch.float32 if params.method == "qalora" else compute_dtype(device)
         model = load_base_causal_lm(
-            base_dir, device, compute_dtype(device), base_quantization(params), params.double_quant, config_overrides
+            base_dir, device, load_dtype, base_quantization(params), params.double_quant, config_overrides
         )
     if params.method == "qalora":
-        from loraline.modelling.qalora import quantize_linears
+        from loraline.modelling.qalora import GroupQuantizedLinear, quantize_linears
 
         try:
             quantize_linears(model, bits=params.qalora.bits, group_size=params.qalora.group_size)
         except ValueError as exc:
             raise TrainError(f"train.qalora: {exc}") from None
+        for module in model.modules():  # the rest in the compute dtype; scales and zero points stay float32
+            if not isinstance(module, GroupQuantizedLinear):
+                for param in module.parameters(recurse=False):
+                    param.data = param.data.to(compute_dtype(device))
     quant = base_quantization(params) != "none"
     model.config.use_cache = False  # no KV cache in training; a cache would also disable packed-sequence masking
     # Non-reentrant checkpointing needs no requires_grad trick on the inputs and keeps dropout's RNG.

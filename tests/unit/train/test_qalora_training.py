@@ -114,13 +114,42 @@ def test_a_group_size_that_does_not_divide_a_layer_fails_naming_it(setup, tmp_pa
     assert not (tmp_path / "a").exists()
 
 
-def test_the_merge_stage_refuses_a_qalora_adapter_by_name_for_now(setup, qalora_run, tmp_path):
-    from loraline.merge.stage import MergeError, merge_adapter
+def test_the_merge_stage_folds_a_qalora_adapter_into_the_same_low_bit_model(setup, qalora_run, tmp_path):
+    """merge: the adapter folded into the zero points of the base quantized as training saw it; the
+    merged folder (dequantized, any loader reads it) agrees with the unmerged adapter, and its weights
+    are still the base's codes and scales, with only the zero points moved."""
+    from transformers import AutoModelForCausalLM
+
+    from loraline.merge.stage import merge_adapter
+    from loraline.modelling.loading import load_base_causal_lm
+    from loraline.modelling.qalora import quantize_groupwise
 
     res, _ = qalora_run
-    with pytest.raises(MergeError, match="is a QA-LoRA adapter"):
-        merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir, out_dir=tmp_path / "m")
-    assert not (tmp_path / "m").exists()
+    merged = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
+                           out_dir=tmp_path / "m")
+    report = merged.report
+    assert merged.passed and report["qalora"]["bits"] == 4 and report["qalora"]["layers"] == 14
+    assert report["merged_vs_unmerged"]["max_abs_logit_diff"] < 1e-4
+    assert report["merged_vs_unmerged"]["greedy_agreement"] == 1.0
+    assert report["adapter"]["quantization"] == "qalora" and "skipped" in report["vs_4bit"]
+    assert report["reload"]["max_abs_logit_diff"] < 1e-5
+
+    model = AutoModelForCausalLM.from_pretrained(merged.out_dir)
+    base = load_base_causal_lm(setup.base_dir, "cpu", torch.float32)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w = dict(model.named_parameters())[name].detach()
+    q = quantize_groupwise(dict(base.named_parameters())[name].detach(), 4, 32)
+    offset = (w.view(w.shape[0], -1, 32) / q.scales.unsqueeze(-1)) - q.codes.view(w.shape[0], -1, 32).float()
+    assert (offset - offset[..., :1]).abs().max().item() < 1e-3  # same codes and scales: one zero point per group
+    assert not torch.allclose(offset[..., 0], -q.zeros, atol=1e-4)  # and the zero points did move
+
+
+def test_serving_refuses_a_qalora_adapter_naming_the_way_out(setup, qalora_run, tmp_path):
+    from loraline.serve.adapters import ServeAdapterError, make_servable
+
+    res, _ = qalora_run
+    with pytest.raises(ServeAdapterError, match="QA-LoRA adapter .* serve its merged model"):
+        make_servable(res.out_dir, setup.base_dir, tmp_path / "s")
 
 
 @pytest.mark.cuda
