@@ -122,22 +122,15 @@ def merge_adapter(
     if qalora is None:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     else:  # the base as training saw it (group-quantized), and peft's QA-LoRA layers on it
-        from peft import LoraConfig
+        from loraline.modelling.qalora import dequantize_linears, load_qalora_adapter, merge_qalora
 
-        from loraline.modelling.qalora import quantize_linears, register_with
-
-        quantize_linears(base, bits=qalora["bits"], group_size=qalora["group_size"])
-        config = LoraConfig.from_pretrained(str(adapter_dir))
-        register_with(config)
-        model = PeftModel.from_pretrained(base, str(adapter_dir), config=config, is_trainable=False)
+        model = load_qalora_adapter(base, adapter_dir, bits=qalora["bits"], group_size=qalora["group_size"])
     model.eval()
     unmerged = run_probes(model, tok, inputs, max_new_tokens)
     if qalora is not None:
-        qalora["layers"] = _fold_qalora(model)
+        qalora["layers"] = merge_qalora(model)
     merged_model = model.merge_and_unload()
     if qalora is not None:
-        from loraline.modelling.qalora import dequantize_linears
-
         dequantize_linears(merged_model, torch.float32)
         merged_model.to(torch_dtype)
     merged_model.eval()
@@ -301,12 +294,6 @@ def _qalora_settings(train_record: dict[str, Any] | None, adapter_dir: Path) -> 
         raise MergeError(f"{adapter_dir} is a QA-LoRA adapter but its {TRAIN_RECORD} does not say how the base was "
                          "quantized (qalora.bits, qalora.group_size): retrain it with this loraline")
     return None
-
-
-def _fold_qalora(model: Any) -> int:
-    from loraline.modelling.qalora import merge_qalora
-
-    return merge_qalora(model)
 
 
 def _discard(out_dir: Path) -> None:

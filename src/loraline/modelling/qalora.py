@@ -187,6 +187,17 @@ def register_with(config) -> None:
     config._register_custom_module({GroupQuantizedLinear: QALoraGroupLinear})
 
 
+def load_qalora_adapter(base: nn.Module, adapter_dir, *, bits: int, group_size: int) -> nn.Module:
+    """A trained QA-LoRA adapter on `base`, quantized in place as training quantized it (the base must
+    be loaded in float32 for the same codes): peft's model, ready for inference or merge_qalora."""
+    from peft import LoraConfig, PeftModel
+
+    quantize_linears(base, bits=bits, group_size=group_size)
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    register_with(config)
+    return PeftModel.from_pretrained(base, str(adapter_dir), config=config, is_trainable=False)
+
+
 def merge_qalora(model: nn.Module, adapter: str = "default") -> int:
     """Fold every QA-LoRA layer of a peft model into its base's zero points and put the plain
     GroupQuantizedLinear back, in place; returns how many."""

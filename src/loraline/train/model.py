@@ -82,8 +82,8 @@ def load_base_model(
 
 
 def base_quantization(params: TrainParams) -> str:
-    """How bitsandbytes loads the base: train.quantization for LoRA; QA-LoRA loads it in the compute
-    dtype and quantizes it group-wise itself."""
+    """How bitsandbytes loads the base: train.quantization for LoRA; QA-LoRA loads it unquantized (in
+    float32) and quantizes it group-wise itself."""
     return "none" if params.method == "qalora" else params.quantization
 
 
@@ -128,7 +128,8 @@ def _keep_trainable_4bit_layout(model: nn.Module) -> None:
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Last name component of every LoRA-targetable layer (nn.Linear, bnb Linear4bit, GPT-2 Conv1D)."""
+    """Last name component of every LoRA-targetable layer (nn.Linear, bnb Linear4bit, GPT-2 Conv1D,
+    QA-LoRA's GroupQuantizedLinear)."""
     from transformers.pytorch_utils import Conv1D
 
     from loraline.modelling.qalora import GroupQuantizedLinear

@@ -394,22 +394,16 @@ def run(
     import shutil
 
     started = time.perf_counter()
+    train = params.train_for(tenant)
+    inputs = {"base_dir": base_dir or layout.base_dir, "base_params": params.base,
+              "dataset_dir": layout.prepared_dataset_dir(tenant), "progress": progress}
     result = train_adapter(
-        params.train_for(tenant),
-        base_dir=base_dir or layout.base_dir,
-        base_params=params.base,
-        dataset_dir=layout.prepared_dataset_dir(tenant),
-        out_dir=layout.adapter_dir(tenant),
-        checkpoint_dir=layout.checkpoint_dir(tenant) if checkpoints else None,
-        progress=progress,
+        train, out_dir=layout.adapter_dir(tenant), checkpoint_dir=layout.checkpoint_dir(tenant) if checkpoints else None,
+        **inputs,
     )
     metrics = train_metrics(result.record)
-    lc = params.train_for(tenant).long_context
-    if lc is not None and lc.reference:
-        reference = train_full_attention_reference(
-            params.train_for(tenant), base_dir=base_dir or layout.base_dir, base_params=params.base,
-            dataset_dir=layout.prepared_dataset_dir(tenant), adapter_dir=result.out_dir, progress=progress,
-        )
+    if train.long_context is not None and train.long_context.reference:
+        reference = train_full_attention_reference(train, adapter_dir=result.out_dir, **inputs)
         metrics["full_attention_reference_val_loss"] = reference.record["loss"]["final_val"]
     io.write_json(layout.metrics_path("train", tenant), metrics)
     # The curves also live beside the adapter; DVC plots need them outside the adapter folder.

@@ -47,17 +47,12 @@ def qalora_run(setup, tmp_path_factory):
 
 def _adapter_on_quantized_base(setup, adapter_dir):
     """What the merge does: the base quantized the same way, the adapter loaded by peft onto it."""
-    from peft import LoraConfig, PeftModel
-
     from loraline.modelling.loading import load_base_causal_lm
-    from loraline.modelling.qalora import quantize_linears, register_with
+    from loraline.modelling.qalora import load_qalora_adapter
 
     record = json.loads((adapter_dir / "train_record.json").read_text())["qalora"]
     model = load_base_causal_lm(setup.base_dir, "cpu", torch.float32)
-    quantize_linears(model, bits=record["bits"], group_size=record["group_size"])
-    config = LoraConfig.from_pretrained(str(adapter_dir))
-    register_with(config)
-    return PeftModel.from_pretrained(model, str(adapter_dir), config=config).eval()
+    return load_qalora_adapter(model, adapter_dir, bits=record["bits"], group_size=record["group_size"]).eval()
 
 
 def test_a_qalora_adapter_trains_on_the_quantized_base_and_is_a_peft_adapter(setup, qalora_run):
