@@ -351,7 +351,7 @@ class TrainParams(_Section):
     )
     cross_entropy_chunk: int = Field(1024, ge=1, description="Tokens per chunk of the fused cross-entropy")
     varlen_attention: bool = Field(
-        True, description="Packed rows use flash varlen attention, one sequence per example (CUDA; SDPA with a block mask elsewhere)"
+        True, description="Packed rows attend one example at a time, micro-batch as one row without pad tokens: flash varlen on CUDA, SDPA per example elsewhere (off: SDPA with a block-diagonal mask over each packed row)"
     )
     upcast_non_quantized: bool = Field(
         False, description="4-bit bases: cast embeddings, norms and lm_head to fp32 (peft's prepare_model_for_kbit_training); off keeps the compute dtype"

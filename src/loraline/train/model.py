@@ -17,7 +17,7 @@ from loraline.modelling.loading import load_base_causal_lm, load_base_config
 from loraline.modelling.s2attn import use_s2_attention
 from loraline.config import ConfigError, TrainParams
 from loraline.train.errors import TrainError
-from loraline.train.speed import apply_checkpoint_fraction, use_varlen_attention, varlen_available
+from loraline.train.speed import apply_checkpoint_fraction, use_varlen_attention
 
 
 def load_base_model(
@@ -76,7 +76,7 @@ def load_base_model(
     lc = params.long_context
     if lc is not None and lc.s2_attn:
         use_s2_attention(model, lc.group_size)  # training only: in eval mode it attends in full
-    elif params.varlen_attention and params.packing and varlen_available(device):
+    elif params.varlen_attention and params.packing:  # flash varlen on CUDA, SDPA per example elsewhere
         use_varlen_attention(model)
     return model
 
