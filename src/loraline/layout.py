@@ -20,6 +20,8 @@ PREPARED_DATASET = "dataset"
 TOKENIZER_STAMP = "tokenizer_stamp.json"  # in a prepared dataset: which tokenizer made its ids
 SYNTHETIC_ROWS = "rows.jsonl"
 TRAIN_RECORD = "train_record.json"
+# In a merged QA-LoRA model's folder: its codes, scales and zero points (modelling.qalora), which export reads.
+QALORA_QUANTIZED = "qalora_quantized.safetensors"
 # reports/<tenant>/ holds each tenant's reports; reports/timing/ every stage's run facts, so no tenant
 # may be called that (config.py refuses it).
 TIMING_DIR = "timing"

@@ -8,6 +8,7 @@ Heavy libraries are imported inside the commands so that `--help` answers at onc
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -241,10 +242,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         messages.append({"role": "system", "content": args.system})
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     messages.append({"role": "user", "content": prompt})
-    gen = OnnxGenerator(args.onnx, model_file="model.int8.onnx" if args.int8 else "model.onnx")
+    gen = OnnxGenerator(args.onnx, model_file=_graph_file(args))
     print(gen.generate(messages, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed))
     return 0
+
+
+def _graph_file(args: argparse.Namespace) -> str:
+    """Which graph of an export folder `generate` runs: float, int8, or a QA-LoRA model's own low-bit one."""
+    if args.int8 and args.lowbit:
+        raise SystemExit("loraline generate: choose one of --int8 and --lowbit")
+    if args.int8:
+        return "model.int8.onnx"
+    if not args.lowbit:
+        return "model.onnx"
+    report = Path(args.onnx) / "export_report.json"
+    low = json.loads(report.read_text(encoding="utf-8")).get("lowbit") if report.is_file() else None
+    if not low:
+        raise SystemExit(f"loraline generate: {args.onnx} has no low-bit graph (--lowbit is for a merged QA-LoRA "
+                         "model's export, train.method: qalora)")
+    return low["file"]
 
 
 def _prepare_line(name: str, stats: Any) -> str:
@@ -424,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the user message (default: read from standard input)")
     p.add_argument("--system", help="an optional system message")
     p.add_argument("--int8", action="store_true", help="use the int8-quantized graph (model.int8.onnx)")
+    p.add_argument("--lowbit", action="store_true",
+                   help="use a QA-LoRA model's own low-bit graph (model.int<bits>.onnx, onnxruntime MatMulNBits)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")

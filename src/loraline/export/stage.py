@@ -3,6 +3,7 @@
 out_dir (replaced atomically; nothing is left when a check fails):
     model.onnx (+ model.onnx.data when large)   KV cache in the graph (see loraline.export.wrapper)
     model.int8.onnx                             optional, onnxruntime dynamic int8 quantization
+    model.int<bits>.onnx                        a merged QA-LoRA model: its own codes in MatMulNBits (export.lowbit)
     config.json, generation_config.json
     tokenizer.json, tokenizer_config.json       chat_template inside tokenizer_config.json
     export_report.json                          parity vs PyTorch for fp32 and int8, tolerance, pass
@@ -33,7 +34,7 @@ import torch
 
 from loraline import io
 from loraline.config import Params
-from loraline.layout import Layout
+from loraline.layout import QALORA_QUANTIZED, Layout
 from loraline.export.onnx_export import export_model, quantize_int8
 from loraline.export.runtime import INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
 from loraline.modelling.chat import save_tokenizer
@@ -138,11 +139,37 @@ def export_onnx(
         if int8:
             quant = quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE)
             report["int8"] = {**quant, **_parity(OnnxGenerator(tmp, INT8_FILE), inputs, ref, max_new_tokens)}
+        if (model_dir / QALORA_QUANTIZED).is_file():  # a merged QA-LoRA model: its own low-bit graph, checked as strictly
+            report["lowbit"] = _lowbit(model_dir, tmp, inputs, ref, max_new_tokens)
+            worst = max(report["lowbit"]["max_abs_logit_diff"], report["lowbit"]["decode_max_abs_logit_diff"])
+            if worst > tolerance:
+                report["passed"] = False
+                raise ExportError(
+                    f"the low-bit graph {report['lowbit']['file']} differs from the merged model by {worst:.3g} "
+                    f"> tolerance {tolerance:g}", report,
+                )
         report["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         report["code"] = code_fingerprint(__name__)
         report["library_versions"] = _versions()
         io.write_json(tmp / REPORT, report)
     return ExportResult(out_dir, out_dir / REPORT, report)
+
+
+def _lowbit(model_dir: Path, tmp: Path, inputs: list[list[int]], ref: _Reference, max_new_tokens: int) -> dict[str, Any]:
+    """The merged QA-LoRA model as onnxruntime MatMulNBits (its codes, scales and folded zero points),
+    against the PyTorch merged model, whose float weights are exactly those codes dequantized."""
+    from loraline.export.lowbit import graph_bytes, lowbit_file, write_matmul_nbits  # peft's tuners: only when needed
+    from loraline.modelling.qalora import load_quantized_layers
+
+    try:
+        layers = load_quantized_layers(model_dir / QALORA_QUANTIZED)
+        facts = write_matmul_nbits(tmp / MODEL_FILE, tmp / lowbit_file(next(iter(layers.values())).bits), layers)
+    except ValueError as exc:
+        raise ExportError(f"{model_dir}: {exc}") from exc
+    facts["bytes"] = graph_bytes(tmp, facts["file"])
+    facts["float_bytes"] = graph_bytes(tmp, MODEL_FILE)
+    facts["size_vs_float"] = round(facts["bytes"] / facts["float_bytes"], 4)
+    return {**facts, **_parity(OnnxGenerator(tmp, facts["file"]), inputs, ref, max_new_tokens)}
 
 
 # --- reference (PyTorch) --------------------------------------------------------------------------
@@ -267,4 +294,7 @@ def export_metrics(report: dict[str, Any]) -> dict[str, Any]:
     }
     if report.get("int8"):
         out["quantized"] = headline(report["int8"])
+    if report.get("lowbit"):
+        low = report["lowbit"]
+        out["lowbit"] = {**headline(low), "bits": low["bits"], "size_vs_float": low["size_vs_float"]}
     return out

@@ -15,6 +15,7 @@ add_generation_prompt) before anything is written:
 
 out_dir (replaced atomically, safe to re-run):
     config.json, generation_config.json, model.safetensors   plain AutoModelForCausalLM loads it
+    qalora_quantized.safetensors                             QA-LoRA only: the codes, scales and folded zero points
     tokenizer.json, tokenizer_config.json (chat_template inside)
     merge_report.json                                        numbers, tolerance, pass/fail, hashes, code
 
@@ -36,7 +37,7 @@ import torch
 
 from loraline import io
 from loraline.config import BaseParams, Params
-from loraline.layout import TRAIN_RECORD, Layout
+from loraline.layout import QALORA_QUANTIZED, TRAIN_RECORD, Layout
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import compute_dtype
 from loraline.modelling.loading import (
@@ -122,7 +123,7 @@ def merge_adapter(
     if qalora is None:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     else:  # the base as training saw it (group-quantized), and peft's QA-LoRA layers on it
-        from loraline.modelling.qalora import dequantize_linears, load_qalora_adapter, merge_qalora
+        from loraline.modelling.qalora import dequantize_linears, load_qalora_adapter, merge_qalora, quantized_layers
 
         model = load_qalora_adapter(base, adapter_dir, bits=qalora["bits"], group_size=qalora["group_size"])
     model.eval()
@@ -130,7 +131,9 @@ def merge_adapter(
     if qalora is not None:
         qalora["layers"] = merge_qalora(model)
     merged_model = model.merge_and_unload()
-    if qalora is not None:
+    lowbit = None
+    if qalora is not None:  # its codes, scales and folded zero points go beside the float weights, for export
+        lowbit = quantized_layers(merged_model)
         dequantize_linears(merged_model, torch.float32)
         merged_model.to(torch_dtype)
     merged_model.eval()
@@ -169,6 +172,7 @@ def merge_adapter(
             **qalora,
             "merged": "the group-quantized base with the adapter folded into its zero points (same codes and scales), "
                       f"stored dequantized at {dtype}; merged_vs_unmerged compares it with the adapter on that base",
+            "lowbit_file": QALORA_QUANTIZED,
         }
     trained_base = ((train_record or {}).get("base") or {}).get("sha256")
     if trained_base and trained_base != report["base"]["sha256"]:
@@ -193,6 +197,10 @@ def merge_adapter(
         merged_model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tok, tmp, resolve_base_model_path(base_dir) if base_record.get("source") != "hub" else None)
         (tmp / "README.md").unlink(missing_ok=True)
+        if lowbit is not None:
+            from loraline.modelling.qalora import save_quantized_layers
+
+            save_quantized_layers(lowbit, tmp / QALORA_QUANTIZED)
         del merged_model
         gc.collect()
         if qalora is not None:  # the unmerged reference already ran on the quantized base it trained on

@@ -142,24 +142,76 @@ def fold_adapter(layer: nn.Module, adapter: str = "default") -> GroupQuantized:
     return GroupQuantized(base.codes.clone(), base.scales.clone(), base.zeros - delta / base.scales, base.bits, base.group_size)
 
 
+# onnxruntime's MatMulNBits has 2-, 4- and 8-bit kernels: 3-bit codes travel in 4-bit blobs (same values).
+MATMUL_NBITS_BITS = {2: 2, 3: 4, 4: 4}
+
+
 def matmul_nbits_initializers(q: GroupQuantized) -> dict:
-    """onnxruntime's MatMulNBits inputs for a 4-bit GroupQuantized weight: B packed two codes a byte
-    (low nibble first) as [N, K / block, block / 2], and per-block scales and *float* zero points
-    (the op dequantizes (code - zero) * scale, so a merged QA-LoRA's real-valued zero points are
-    served exactly), plus the node's attributes."""
+    """onnxruntime's MatMulNBits inputs for a GroupQuantized weight: B packed along K, low bits first
+    (two 4-bit or four 2-bit codes a byte), as [N, K / block, block * bits / 8], and per-block scales
+    and *float* zero points (the op dequantizes (code - zero) * scale, so a merged QA-LoRA's
+    real-valued zero points are served exactly), plus the node's attributes. 3-bit codes are stored
+    in 4-bit blobs: onnxruntime has no 3-bit kernel."""
     import numpy as np
 
-    if q.bits != 4:
-        raise ValueError(f"MatMulNBits export takes 4-bit weights; this one has {q.bits} bits (qalora.bits: 4 for ONNX)")
+    if q.bits not in MATMUL_NBITS_BITS:
+        raise ValueError(f"MatMulNBits export takes {sorted(MATMUL_NBITS_BITS)}-bit weights; this one has {q.bits} bits")
+    bits = MATMUL_NBITS_BITS[q.bits]
+    per_byte = 8 // bits
     out, n = q.shape
-    codes = q.codes.cpu().numpy().reshape(out, n // q.group_size, q.group_size)
-    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    codes = q.codes.cpu().numpy().astype(np.uint8).reshape(out, n // q.group_size, q.group_size // per_byte, per_byte)
+    packed = np.zeros(codes.shape[:-1], dtype=np.uint8)
+    for i in range(per_byte):
+        packed |= codes[..., i] << (bits * i)
     return {
         "B": packed,
         "scales": q.scales.cpu().numpy().reshape(-1).astype(np.float32),
         "zero_points": q.zeros.cpu().numpy().reshape(-1).astype(np.float32),
-        "attributes": {"K": n, "N": out, "bits": 4, "block_size": q.group_size},
+        "attributes": {"K": n, "N": out, "bits": bits, "block_size": q.group_size},
     }
+
+
+# The merged low-bit model's own numbers (layout.QALORA_QUANTIZED beside the dequantized weights in the
+# merged folder): what the export stage builds its MatMulNBits graph from (floats do not give the codes back exactly).
+QUANTIZED_FORMAT = "loraline-qalora-groupwise-v1"
+
+
+def quantized_layers(model: nn.Module) -> dict[str, GroupQuantized]:
+    """Every GroupQuantizedLinear of `model`, by its module name."""
+    return {name: m.quantized for name, m in model.named_modules() if isinstance(m, GroupQuantizedLinear)}
+
+
+def save_quantized_layers(layers: dict[str, GroupQuantized], path) -> None:
+    """codes (uint8), scales and zero points (float32) per layer, with bits and group size in the
+    header: safetensors, readable without loraline."""
+    from safetensors.torch import save_file
+
+    if not layers:
+        raise ValueError("no group-quantized layers to save")
+    bits = {q.bits for q in layers.values()}
+    groups = {q.group_size for q in layers.values()}
+    if len(bits) != 1 or len(groups) != 1:
+        raise ValueError(f"one bit width and group size per model, got bits {sorted(bits)}, group sizes {sorted(groups)}")
+    tensors = {}
+    for name, q in sorted(layers.items()):
+        tensors[f"{name}.qweight"] = q.codes.contiguous().cpu()
+        tensors[f"{name}.scales"] = q.scales.contiguous().cpu()
+        tensors[f"{name}.zeros"] = q.zeros.contiguous().cpu()
+    save_file(tensors, str(path), metadata={"format": QUANTIZED_FORMAT, "bits": str(bits.pop()), "group_size": str(groups.pop())})
+
+
+def load_quantized_layers(path) -> dict[str, GroupQuantized]:
+    """What save_quantized_layers wrote; a file of another format is refused by name."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != QUANTIZED_FORMAT:
+            raise ValueError(f"{path} is not a {QUANTIZED_FORMAT} file (format {meta.get('format')!r})")
+        bits, group = int(meta["bits"]), int(meta["group_size"])
+        names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
+        return {n: GroupQuantized(f.get_tensor(f"{n}.qweight"), f.get_tensor(f"{n}.scales"), f.get_tensor(f"{n}.zeros"), bits, group)
+                for n in names}
 
 
 def quantize_linears(model: nn.Module, *, bits: int, group_size: int) -> list[str]:

@@ -106,16 +106,20 @@ def test_the_merge_folds_the_adapter_into_the_zero_points_exactly(bits, group):
     assert delta.abs().max().item() > 1e-4  # and it is not nothing
 
 
-def test_a_merged_4bit_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch():
+@pytest.mark.parametrize("bits, stored", [(4, 4), (3, 4), (2, 2)])
+def test_a_merged_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch(bits, stored):
+    """MatMulNBits on the merged layer's own codes and float zero points computes what torch does;
+    3-bit codes travel in 4-bit blobs (onnxruntime has 2-, 4- and 8-bit kernels)."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from loraline.modelling.qalora import matmul_nbits_initializers
 
-    _, layer, x, _ = _trained_layer(4, 32)
+    _, layer, x, _ = _trained_layer(bits, 32)
     merged = fold_adapter(layer)
     init = matmul_nbits_initializers(merged)
+    assert init["attributes"]["bits"] == stored
     node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zero_points"], ["y"], domain="com.microsoft", **init["attributes"])
     graph = helper.make_graph(
         [node], "qalora", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
@@ -126,9 +130,26 @@ def test_a_merged_4bit_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     want = x @ merged.dequantize().T
     assert np.abs(y - want.numpy()).max() < 1e-5 * float(want.abs().max())
-    assert init["B"].nbytes == 48 * 256 // 2  # 4 bits a weight
-    with pytest.raises(ValueError, match="takes 4-bit weights"):
-        matmul_nbits_initializers(quantize_groupwise(_weight(), 3, 32))
+    assert init["B"].nbytes == 48 * 256 * stored // 8
+
+
+def test_low_bit_layers_round_trip_through_their_file_and_another_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from loraline.modelling.qalora import load_quantized_layers, save_quantized_layers
+
+    layers = {"a.proj": quantize_groupwise(_weight(), 3, 64), "b.proj": quantize_groupwise(_weight() * 2, 3, 64)}
+    save_quantized_layers(layers, tmp_path / "q.safetensors")
+    back = load_quantized_layers(tmp_path / "q.safetensors")
+    assert set(back) == set(layers)
+    for name, q in layers.items():
+        assert (back[name].bits, back[name].group_size) == (3, 64)
+        assert torch.equal(back[name].dequantize(), q.dequantize())
+    with pytest.raises(ValueError, match="one bit width and group size per model"):
+        save_quantized_layers({**layers, "c": quantize_groupwise(_weight(), 4, 64)}, tmp_path / "mixed.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="other.safetensors is not a loraline-qalora-groupwise-v1 file"):
+        load_quantized_layers(tmp_path / "other.safetensors")
 
 
 def test_a_whole_model_trains_with_qalora_and_merges_to_the_same_logits():

@@ -139,6 +139,69 @@ def test_the_merge_stage_folds_a_qalora_adapter_into_the_same_low_bit_model(setu
     assert not torch.allclose(offset[..., 0], -q.zeros, atol=1e-4)  # and the zero points did move
 
 
+@pytest.fixture(scope="module")
+def qalora_merged(setup, qalora_run, tmp_path_factory):
+    from loraline.merge.stage import merge_adapter
+
+    res, _ = qalora_run
+    return merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
+                         out_dir=tmp_path_factory.mktemp("qalora-merged") / "m")
+
+
+def test_the_merged_folder_carries_the_low_bit_codes_its_float_weights_are_made_of(qalora_merged):
+    from safetensors.torch import load_file
+
+    from loraline.layout import QALORA_QUANTIZED
+    from loraline.modelling.qalora import load_quantized_layers
+
+    layers = load_quantized_layers(qalora_merged.out_dir / QALORA_QUANTIZED)
+    assert len(layers) == 14 and {(q.bits, q.group_size) for q in layers.values()} == {(4, 32)}
+    assert QALORA_QUANTIZED in qalora_merged.report["files"]
+    weights = load_file(str(qalora_merged.out_dir / "model.safetensors"))
+    for name, q in layers.items():
+        assert int(q.codes.max()) <= 15
+        assert torch.equal(weights[f"{name}.weight"], q.dequantize(torch.float32))  # float32 merge: bit for bit
+
+
+def test_export_writes_the_merged_qalora_model_as_matmulnbits_and_it_matches_the_merged_model(qalora_merged, tmp_path, capsys):
+    """export: the low-bit graph carries the merged model's own 4-bit codes and folded zero points
+    (MatMulNBits), agrees with PyTorch as strictly as the float graph, and is smaller."""
+    import onnx
+
+    from loraline.export.stage import export_metrics, export_onnx
+    from loraline.layout import QALORA_QUANTIZED
+    from loraline.modelling.qalora import load_quantized_layers
+
+    result = export_onnx(model_dir=qalora_merged.out_dir, out_dir=tmp_path / "onnx", max_new_tokens=8)
+    low = result.report["lowbit"]
+    assert result.report["passed"] and low["file"] == "model.int4.onnx" and low["layers"] == 14
+    assert low["max_abs_logit_diff"] < 1e-3 and low["decode_max_abs_logit_diff"] < 1e-3
+    assert low["greedy_agreement"] == 1.0
+    # 4 bytes a weight -> half a byte of code and a quarter of fp32 scale and zero point (groups of 32);
+    # the embeddings and the head stay float
+    linear_float_bytes = sum(q.codes.numel() * 4 for q in load_quantized_layers(qalora_merged.out_dir / QALORA_QUANTIZED).values())
+    assert low["float_bytes"] - low["bytes"] > 0.8 * linear_float_bytes
+    graph = onnx.load(str(result.out_dir / "model.int4.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == 14
+    assert ops.count("MatMul") < [n.op_type for n in onnx.load(str(result.model_path)).graph.node].count("MatMul")
+    assert export_metrics(result.report)["lowbit"]["bits"] == 4
+
+    # `loraline generate --onnx --lowbit` runs that graph: the merged model's greedy answer
+    from loraline.cli import main
+    from loraline.export.runtime import OnnxGenerator
+
+    messages = [{"role": "user", "content": "colour=blue size=4"}]
+    expected = OnnxGenerator(result.out_dir, "model.int4.onnx").generate(messages, max_new_tokens=8)
+    assert expected == OnnxGenerator(result.out_dir).generate(messages, max_new_tokens=8)  # greedy: as the float graph
+    capsys.readouterr()
+    assert main(["generate", "--onnx", str(result.out_dir), "--lowbit", "--prompt", "colour=blue size=4", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    (result.out_dir / "export_report.json").write_text("{}")  # an export of a LoRA model has no low-bit graph
+    with pytest.raises(SystemExit, match="has no low-bit graph"):
+        main(["generate", "--onnx", str(result.out_dir), "--lowbit", "--prompt", "hi"])
+
+
 def test_serving_refuses_a_qalora_adapter_naming_the_way_out(setup, qalora_run, tmp_path):
     from loraline.serve.adapters import ServeAdapterError, make_servable
 

@@ -1,0 +1,116 @@
+"""A QA-LoRA model's low-bit ONNX graph: the exported float graph with every group-quantized linear
+layer's MatMul replaced by onnxruntime's MatMulNBits on the layer's own codes, scales and (float) zero
+points, so the graph computes the merged low-bit model itself rather than a re-quantization of it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from loraline.modelling.qalora import MATMUL_NBITS_BITS, GroupQuantized, matmul_nbits_initializers
+
+# Above this many bytes of initializers the graph goes to external data (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
+MS_DOMAIN = "com.microsoft"
+
+
+def lowbit_file(bits: int) -> str:
+    return f"model.int{bits}.onnx"
+
+
+def _key(array: np.ndarray) -> str:
+    return f"{array.shape}:{hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()}"
+
+
+def _match_layers(initializers: dict[str, np.ndarray], layers: dict[str, GroupQuantized]) -> dict[str, str]:
+    """initializer name -> layer name. The exporter folds each linear weight into a transposed
+    initializer [K, N] under a generated name, so a layer is found by value: first by the exact bytes
+    of its dequantized weight (a float32 merge), then, for a merge written at lower precision, as the
+    one same-shaped initializer within that precision's rounding."""
+    wanted = {name: q.dequantize(torch.float32).T.contiguous().numpy() for name, q in layers.items()}
+    by_bytes = {_key(w): name for name, w in wanted.items()}
+    found: dict[str, str] = {}
+    for init_name, array in initializers.items():
+        layer = by_bytes.get(_key(array)) if array.dtype == np.float32 else None
+        if layer is not None:
+            found[init_name] = layer
+    missing = set(wanted) - set(found.values())
+    for layer in sorted(missing):
+        w = wanted[layer]
+        scale = float(np.abs(w).max()) or 1.0
+        close = [n for n, a in initializers.items() if n not in found and a.shape == w.shape
+                 and float(np.abs(a.astype(np.float32) - w).max()) <= 1e-2 * scale]
+        if len(close) == 1:
+            found[close[0]] = layer
+    return found
+
+
+def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) -> dict[str, Any]:
+    """Rewrite the float graph `src` into `dst` with MatMulNBits for every layer in `layers`.
+    Raises ValueError naming the layers whose weight is not found in the graph."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer if len(t.dims) == 2}
+    found = _match_layers(initializers, layers)
+    unmatched = sorted(set(layers) - set(found.values()))
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} quantized layers have no weight in {src.name}: {', '.join(unmatched[:5])}")
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    new_inits, nodes, replaced = [], [], {}
+    for node in graph.node:
+        weight = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight not in found:
+            nodes.append(node)
+            continue
+        layer = found[weight]
+        init = matmul_nbits_initializers(layers[layer])
+        prefix = f"{layer}.nbits"
+        for part in ("B", "scales", "zero_points"):
+            new_inits.append(numpy_helper.from_array(init[part], f"{prefix}.{part}"))
+        nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], f"{prefix}.B", f"{prefix}.scales", f"{prefix}.zero_points"], list(node.output),
+            name=f"{layer}.MatMulNBits", domain=MS_DOMAIN, **init["attributes"],
+        ))
+        replaced[layer] = replaced.get(layer, 0) + 1
+        consumers[weight] -= 1
+    if set(replaced) != set(layers):
+        missing = sorted(set(layers) - set(replaced))
+        raise ValueError(f"no MatMul reads the weight of {len(missing)} quantized layers in {src.name}: {', '.join(missing[:5])}")
+    kept = [t for t in graph.initializer if consumers.get(t.name, 1) > 0]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    size = sum(numpy_helper.to_array(t).nbytes for t in graph.initializer)
+    external = size > EXTERNAL_DATA_BYTES
+    if external:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data")
+    else:
+        onnx.save_model(model, str(dst))
+    q = next(iter(layers.values()))
+    return {
+        "file": dst.name,
+        "op": f"{MS_DOMAIN}.MatMulNBits",
+        "bits": q.bits,
+        "stored_bits": MATMUL_NBITS_BITS[q.bits],
+        "block_size": q.group_size,
+        "layers": len(replaced),
+        "external_data": external,
+    }
+
+
+def graph_bytes(folder: Path, file: str) -> int:
+    """A graph's size on disk, its external data included."""
+    return sum(p.stat().st_size for p in folder.glob(file + "*") if p.is_file())
