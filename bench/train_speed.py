@@ -17,6 +17,7 @@ Configurations of ours (--config, repeatable; cumulative, for the ablation):
     bf16       + embeddings/norms/lm_head kept in bf16 (no fp32 upcast of the non-quantized weights)
     varlen     + flash varlen attention, micro-batch laid out as one row (no pad tokens)
     final      + the shape's micro-batch and checkpointing (SHAPE_FINAL): the stage's defaults otherwise
+    qalora     final's settings with train.method qalora (INT4, groups of 32): QA-LoRA beside QLoRA
 
 Also printed: MFU = useful tokens/s x 6 x N / the card's bf16 matmul rate, measured in the same
 run (an 8192^3 bf16 product), N = the weights of every matmul (decoder linears + lm_head); and a
@@ -105,6 +106,9 @@ CONFIGS = {
     "bf16": {**OFF, "fused_cross_entropy": True, "upcast_non_quantized": False},
     "varlen": {**OFF, "fused_cross_entropy": True, "upcast_non_quantized": False, "varlen_attention": True},
     "final": {},  # the stage's defaults + SHAPE_FINAL
+    # QA-LoRA on the same workload: the base quantized group-wise (INT4, groups of 32) by our own
+    # quantizer, the pooled-input adapter; its loss curve is compared with final's
+    "qalora": {"method": "qalora", "qalora": {"bits": 4, "group_size": 32}},
 }
 # Micro-batch (packed rows of <= 2048 tokens, laid end to end) and checkpointing per shape, chosen
 # to stay under the peer's peak memory (15.9 GiB llama-1b, 21.5 GiB llama-8b).
@@ -126,7 +130,7 @@ def our_params(shape: str, config: str, overrides: dict | None = None):
 
     name, *extra = config.split("+")
     own = {k: json.loads(v) for k, v in (x.split("=", 1) for x in extra)}
-    fields = {**COMMON, **CONFIGS[name], **(SHAPE_FINAL[shape] if name == "final" else {}), **own, **(overrides or {})}
+    fields = {**COMMON, **CONFIGS[name], **(SHAPE_FINAL[shape] if name in ("final", "qalora") else {}), **own, **(overrides or {})}
     return TrainParams(**fields)
 
 
@@ -262,6 +266,12 @@ def table(results: list[dict], tflops: float | None) -> str:
         name = r["recipe"] if r["recipe"] != "loraline" else f"loraline ({r['config']})"
         gpus = r.get("devices", 1)
         rows.append(f"| {r['shape']} | {name} | {gpus} | {r['useful_tokens_per_s']:,} | {r['peak_gib']} | {speed} | {mem} | {mfu} |")
+    for r in results:  # does each recipe learn the workload (QA-LoRA's pooled adapter beside QLoRA's)
+        losses = r.get("train_losses") if r["recipe"] == "loraline" and not r.get("agree") else None
+        if losses:
+            k = max(1, len(losses) // 10)
+            rows.append(f"\ntraining loss, {r['shape']} {r['config']}: mean of the first {k} steps {sum(losses[:k]) / k:.4f} "
+                        f"-> of the last {k} {sum(losses[-k:]) / k:.4f}")
     for r in results:
         if r["recipe"] == "agreement":
             rows.append(f"\nloss agreement, {r['shape']}, {r['steps']} steps, speed options off vs final: "

@@ -22,7 +22,8 @@ def lowbit_file(bits: int) -> str:
     return f"model.int{bits}.onnx"
 
 
-def _key(array: np.ndarray) -> str:
+def weight_key(array: np.ndarray) -> str:
+    """A float weight's identity: its shape and the sha256 of its float32 bytes."""
     return f"{array.shape}:{hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()}"
 
 
@@ -32,10 +33,10 @@ def _match_layers(initializers: dict[str, np.ndarray], layers: dict[str, GroupQu
     of its dequantized weight (a float32 merge), then, for a merge written at lower precision, as the
     one same-shaped initializer within that precision's rounding."""
     wanted = {name: q.dequantize(torch.float32).T.contiguous().numpy() for name, q in layers.items()}
-    by_bytes = {_key(w): name for name, w in wanted.items()}
+    by_bytes = {weight_key(w): name for name, w in wanted.items()}
     found: dict[str, str] = {}
     for init_name, array in initializers.items():
-        layer = by_bytes.get(_key(array)) if array.dtype == np.float32 else None
+        layer = by_bytes.get(weight_key(array)) if array.dtype == np.float32 else None
         if layer is not None:
             found[init_name] = layer
     missing = set(wanted) - set(found.values())
