@@ -194,3 +194,34 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_by_name():
 
     with pytest.raises(ValueError, match="does not divide the input width 48 of layer proj"):
         quantize_linears(_One(nn.Linear(48, 8)), bits=4, group_size=32)
+
+
+def test_the_matmulnbits_rewrite_finds_layers_by_their_weights_and_refuses_a_missing_one(tmp_path):
+    """export.lowbit: the exporter names folded weights arbitrarily, so layers are found by value;
+    a layer whose weight is not in the graph is refused by name, not silently left in float."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from loraline.export.lowbit import write_matmul_nbits
+
+    q = quantize_groupwise(_weight(), 4, 32)
+    w_t = q.dequantize().T.contiguous().numpy()
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "val_7"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])],
+        initializer=[numpy_helper.from_array(w_t, "val_7")],
+    )
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "model.onnx"))
+    facts = write_matmul_nbits(tmp_path / "model.onnx", tmp_path / "model.int4.onnx", {"layers.0.proj": q})
+    assert facts["layers"] == 1 and facts["bits"] == 4
+    low = onnx.load(str(tmp_path / "model.int4.onnx"))
+    assert [n.op_type for n in low.graph.node] == ["MatMulNBits"] and not [t for t in low.graph.initializer if t.name == "val_7"]
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    y = ort.InferenceSession(str(tmp_path / "model.int4.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(y - x @ w_t).max() < 1e-5
+    other = quantize_groupwise(_weight(seed=1), 4, 32)
+    with pytest.raises(ValueError, match="1 quantized layers have no weight in model.onnx: layers.1.proj"):
+        write_matmul_nbits(tmp_path / "model.onnx", tmp_path / "x.onnx", {"layers.0.proj": q, "layers.1.proj": other})
