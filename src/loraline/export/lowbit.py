@@ -50,6 +50,28 @@ def _match_layers(initializers: dict[str, np.ndarray], layers: dict[str, GroupQu
     return found
 
 
+def matmul_nbits_nodes(a: str, y: str, init: dict[str, Any], prefix: str) -> tuple[list, list, Any]:
+    """y = MatMulNBits(a) - (a @ pool) @ correction: the low-bit layer with integer zero points and
+    the exact rest of its real-valued ones (modelling.qalora.matmul_nbits_initializers). Returns the
+    nodes, the layer's initializers and the pooling matrix (shared by layers of the same width)."""
+    from onnx import helper, numpy_helper
+
+    k, block = init["attributes"]["K"], init["attributes"]["block_size"]
+    pool = np.zeros((k, k // block), dtype=np.float32)
+    pool[np.arange(k), np.arange(k) // block] = 1.0  # sums each group of `block` inputs
+    pool_name = f"qalora.pool.{k}.{block}"
+    names = {part: f"{prefix}.nbits.{part}" for part in ("B", "scales", "zero_points", "correction")}
+    nodes = [
+        helper.make_node("MatMulNBits", [a, names["B"], names["scales"], names["zero_points"]], [f"{prefix}.nbits.out"],
+                         name=f"{prefix}.MatMulNBits", domain=MS_DOMAIN, **init["attributes"]),
+        helper.make_node("MatMul", [a, pool_name], [f"{prefix}.nbits.pooled"], name=f"{prefix}.pool"),
+        helper.make_node("MatMul", [f"{prefix}.nbits.pooled", names["correction"]], [f"{prefix}.nbits.rest"], name=f"{prefix}.rest"),
+        helper.make_node("Sub", [f"{prefix}.nbits.out", f"{prefix}.nbits.rest"], [y], name=f"{prefix}.zero_point_rest"),
+    ]
+    inits = [numpy_helper.from_array(init[part], name) for part, name in names.items()]
+    return nodes, inits, numpy_helper.from_array(pool, pool_name)
+
+
 def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) -> dict[str, Any]:
     """Rewrite the float graph `src` into `dst` with MatMulNBits for every layer in `layers`.
     Raises ValueError naming the layers whose weight is not found in the graph."""
@@ -67,7 +89,7 @@ def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) 
     for node in graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
-    new_inits, nodes, replaced = [], [], {}
+    new_inits, nodes, replaced, pools = [], [], {}, set()
     for node in graph.node:
         weight = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
         if weight not in found:
@@ -75,13 +97,12 @@ def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) 
             continue
         layer = found[weight]
         init = matmul_nbits_initializers(layers[layer])
-        prefix = f"{layer}.nbits"
-        for part in ("B", "scales", "zero_points"):
-            new_inits.append(numpy_helper.from_array(init[part], f"{prefix}.{part}"))
-        nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], f"{prefix}.B", f"{prefix}.scales", f"{prefix}.zero_points"], list(node.output),
-            name=f"{layer}.MatMulNBits", domain=MS_DOMAIN, **init["attributes"],
-        ))
+        layer_nodes, layer_inits, pool = matmul_nbits_nodes(node.input[0], node.output[0], init, layer)
+        nodes.extend(layer_nodes)
+        new_inits.extend(layer_inits)
+        if pool.name not in pools:
+            pools.add(pool.name)
+            new_inits.append(pool)
         replaced[layer] = replaced.get(layer, 0) + 1
         consumers[weight] -= 1
     if set(replaced) != set(layers):

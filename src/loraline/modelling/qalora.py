@@ -147,10 +147,17 @@ MATMUL_NBITS_BITS = {2: 2, 3: 4, 4: 4}
 
 
 def matmul_nbits_initializers(q: GroupQuantized) -> dict:
-    """onnxruntime's MatMulNBits inputs for a GroupQuantized weight: B packed along K, low bits first
-    (two 4-bit or four 2-bit codes a byte), as [N, K / block, block * bits / 8], and per-block scales
-    and *float* zero points (the op dequantizes (code - zero) * scale, so a merged QA-LoRA's
-    real-valued zero points are served exactly), plus the node's attributes. 3-bit codes are stored
+    """onnxruntime's MatMulNBits inputs for a GroupQuantized weight, plus the exact correction its
+    integer zero points leave over.
+
+    MatMulNBits dequantizes (code - zero) * scale. Its fast kernels take integer zero points; float
+    ones run about ten times slower on CPU. A merged QA-LoRA's zero points are real numbers, so each is
+    split as z = round(z) + f: MatMulNBits takes the integer part, and the rest, s * f, is constant
+    within a group, so its share of the output is (x summed over each group) @ correction, with
+    correction[g, o] = scales[o, g] * f[o, g]: y = MatMulNBits(x) - pooled(x) @ correction, exact.
+
+    B is packed along K, low bits first (two 4-bit or four 2-bit codes a byte) as
+    [N, K / block, block * bits / 8]; zero points are packed the same way per row. 3-bit codes travel
     in 4-bit blobs: onnxruntime has no 3-bit kernel."""
     import numpy as np
 
@@ -160,15 +167,28 @@ def matmul_nbits_initializers(q: GroupQuantized) -> dict:
     per_byte = 8 // bits
     out, n = q.shape
     codes = q.codes.cpu().numpy().astype(np.uint8).reshape(out, n // q.group_size, q.group_size // per_byte, per_byte)
-    packed = np.zeros(codes.shape[:-1], dtype=np.uint8)
-    for i in range(per_byte):
-        packed |= codes[..., i] << (bits * i)
+    zeros = q.zeros.cpu().numpy().astype(np.float64)
+    whole = np.clip(np.round(zeros), 0, 2**bits - 1)
+    blocks = zeros.shape[1]
+    padded = np.zeros((out, -(-blocks // per_byte) * per_byte), dtype=np.uint8)
+    padded[:, :blocks] = whole.astype(np.uint8)
     return {
-        "B": packed,
+        "B": _pack(codes, bits),
         "scales": q.scales.cpu().numpy().reshape(-1).astype(np.float32),
-        "zero_points": q.zeros.cpu().numpy().reshape(-1).astype(np.float32),
+        "zero_points": _pack(padded.reshape(out, -1, per_byte), bits).reshape(-1),
+        "correction": (q.scales.cpu().numpy().astype(np.float64) * (zeros - whole)).T.astype(np.float32),  # [K / block, N]
         "attributes": {"K": n, "N": out, "bits": bits, "block_size": q.group_size},
     }
+
+
+def _pack(values, bits: int):
+    """[..., per_byte] small integers -> [...] bytes, the first in the low bits."""
+    import numpy as np
+
+    packed = np.zeros(values.shape[:-1], dtype=np.uint8)
+    for i in range(values.shape[-1]):
+        packed |= values[..., i] << (bits * i)
+    return packed
 
 
 # The merged low-bit model's own numbers (layout.QALORA_QUANTIZED beside the dequantized weights in the

@@ -108,23 +108,27 @@ def test_the_merge_folds_the_adapter_into_the_zero_points_exactly(bits, group):
 
 @pytest.mark.parametrize("bits, stored", [(4, 4), (3, 4), (2, 2)])
 def test_a_merged_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch(bits, stored):
-    """MatMulNBits on the merged layer's own codes and float zero points computes what torch does;
-    3-bit codes travel in 4-bit blobs (onnxruntime has 2-, 4- and 8-bit kernels)."""
+    """MatMulNBits on the merged layer's own codes and the whole part of its zero points, plus the
+    exact rest of them on the group-summed input, computes what torch does; 3-bit codes travel in
+    4-bit blobs (onnxruntime has 2-, 4- and 8-bit kernels)."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from loraline.modelling.qalora import matmul_nbits_initializers
 
+    from loraline.export.lowbit import matmul_nbits_nodes
+
     _, layer, x, _ = _trained_layer(bits, 32)
     merged = fold_adapter(layer)
     init = matmul_nbits_initializers(merged)
     assert init["attributes"]["bits"] == stored
-    node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zero_points"], ["y"], domain="com.microsoft", **init["attributes"])
+    assert init["zero_points"].dtype == np.uint8 and init["zero_points"].nbytes == 48 * (256 // 32) * stored // 8
+    assert np.abs(init["correction"]).max() > 0  # the folded zero points are not whole numbers
+    nodes, inits, pool = matmul_nbits_nodes("x", "y", init, "layer")
     graph = helper.make_graph(
-        [node], "qalora", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])],
-        initializer=[numpy_helper.from_array(init[k], k) for k in ("B", "scales", "zero_points")],
+        nodes, "qalora", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])], initializer=[*inits, pool],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
@@ -218,7 +222,8 @@ def test_the_matmulnbits_rewrite_finds_layers_by_their_weights_and_refuses_a_mis
     facts = write_matmul_nbits(tmp_path / "model.onnx", tmp_path / "model.int4.onnx", {"layers.0.proj": q})
     assert facts["layers"] == 1 and facts["bits"] == 4
     low = onnx.load(str(tmp_path / "model.int4.onnx"))
-    assert [n.op_type for n in low.graph.node] == ["MatMulNBits"] and not [t for t in low.graph.initializer if t.name == "val_7"]
+    assert [n.op_type for n in low.graph.node] == ["MatMulNBits", "MatMul", "MatMul", "Sub"]
+    assert not [t for t in low.graph.initializer if t.name == "val_7"]
     x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
     y = ort.InferenceSession(str(tmp_path / "model.int4.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(y - x @ w_t).max() < 1e-5
