@@ -38,6 +38,9 @@ from loraline.merge import MergeError, merge_adapter  # noqa: E402
 
 PARITY = {"merge_max_logit_diff": 0.0, "export_max_logit_diff": 0.0}
 PROBES = [[{"role": "user", "content": "ping"}]]
+# Enough tickets for about 18 held-out rows: with 9, one row moved the shuffled adapter's field
+# accuracy by 0.056 and a chance score could land on either side of the gate's 0.4.
+TOY_ROWS = 120
 # The default gate's bar on answer loss (params.yaml gate.min_gain_over_base).
 REALISTIC_GAIN = 0.05
 
@@ -69,8 +72,8 @@ def world(tmp_path_factory):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        raw = make_raw(root / "raw" / "toy", n=60)
-        shuffled_raw = _make_shuffled_raw(root / "raw" / "shuffled", n=60)
+        raw = make_raw(root / "raw" / "toy", n=TOY_ROWS)
+        shuffled_raw = _make_shuffled_raw(root / "raw" / "shuffled", n=TOY_ROWS)
         base_params = BaseParams(build=tiny_build())
         base = build_base(base_params, seed=5, raw_dirs=[raw], out_dir=root / "base")
         tok = load_base_tokenizer(base.out_dir, base_params)
@@ -110,7 +113,7 @@ def _evaluate(world, candidate: Path, out: str):
         return evaluate_tenant(
             tenant="toy", dataset_dir=world["dataset_dir"], base_dir=world["base_dir"],
             base_params=world["base_params"], candidate_dir=candidate, production_dir=None,
-            out_dir=world["root"] / out, max_new_tokens=24, max_examples=16,
+            out_dir=world["root"] / out, max_new_tokens=24, max_examples=None,
         )
 
 
@@ -152,9 +155,11 @@ def test_nan_adapter_is_refused_before_production(world):
 
 def test_shuffled_answers_adapter_fails_the_gate(world):
     """The sample tenants' gate (params.yaml): JSON field accuracy at least 0.4 over the base, and the
-    answer loss down by half. Measured (16 test rows, 150 steps): field accuracy base 0, good 0.89,
-    shuffled 0.33 (chance for a 5-way and a 3-way field is 0.27); answer loss base 3.93, good 0.007,
-    shuffled 0.12, so a loss-only gate would have promoted the shuffled adapter too."""
+    answer loss down by half. Measured (120 tickets, 20 test rows, 150 steps): field accuracy base 0,
+    good 0.825, shuffled 0.05 (chance for a 5-way and a 3-way field is 0.27); answer loss base 3.93,
+    good 0.025, shuffled 0.12, so a loss-only gate would have promoted the shuffled adapter too.
+    (With 60 tickets, 9 test rows, the shuffled adapter scored 0.33 or 0.44 depending on float
+    summation order alone.)"""
     good = _evaluate(world, world["root"] / "merged-good", "eval-good")
     shuffled = _evaluate(world, world["root"] / "merged-shuffled", "eval-shuffled")
     base = good.model_metrics("base")
