@@ -1,6 +1,7 @@
 """A QA-LoRA model's low-bit ONNX graph: the exported float graph with every group-quantized linear
-layer's MatMul replaced by onnxruntime's MatMulNBits on the layer's own codes, scales and (float) zero
-points, so the graph computes the merged low-bit model itself rather than a re-quantization of it."""
+layer's MatMul replaced by onnxruntime's MatMulNBits on the layer's own codes and scales (the whole
+part of each folded zero point, its exact rest in a small matmul beside it), so the graph computes the
+merged low-bit model itself rather than a re-quantization of it."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from loraline.export.onnx_export import EXTERNAL_DATA_BYTES
 from loraline.modelling.qalora import MATMUL_NBITS_BITS, GroupQuantized, matmul_nbits_initializers
 
-# Above this many bytes of initializers the graph goes to external data (protobuf's limit is 2 GiB).
-EXTERNAL_DATA_BYTES = 1 << 30
 MS_DOMAIN = "com.microsoft"
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from loraline.modelling.constants import IGNORE_INDEX
-from loraline.modelling.varlen import causal_varlen, flash_varlen_available
+from loraline.modelling.varlen import causal_varlen
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,6 @@ FUSED_ARCHITECTURES = frozenset({
 
 
 # ----------------------------------------------------------------------------- varlen attention
-
-
-def varlen_available(device: torch.device) -> bool:
-    return flash_varlen_available(device)
 
 
 def segments_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
