@@ -67,7 +67,7 @@ def causal_varlen(
     bounds = cu.tolist() if isinstance(cu, torch.Tensor) else list(cu)
     sizes = [e - a for a, e in zip(bounds[:-1], bounds[1:])]
     # split, not slices: split's backward concatenates the runs' gradients, where every slice's
-    # backward would zero-fill a gradient as large as the whole input (a fifth of a CPU step).
+    # backward would zero-fill a gradient as large as the whole input (7% of a CPU step).
     outs = [
         F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scaling, enable_gqa=hkv != hq,
