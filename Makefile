@@ -10,13 +10,14 @@ export DVC_NO_ANALYTICS := 1
 
 # torch through pip, so that the machine's pip configuration (a CUDA index, a local wheel folder)
 # picks the build; everything else through uv, which installs the same versions in seconds where
-# pip took about a minute of a fresh machine's set-up.
+# pip took about a minute of a fresh machine's set-up. --system-certs: uv trusts the machine's CA store
+# (as pip does), not only its bundled one.
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" "uv>=0.13,<1"
+	$(BIN)/uv pip install -q --system-certs --python $(BIN)/python -e ".[dev]"
 	touch $@
 
 # The whole pipeline on the embedded defaults, through `dvc repro`.
