@@ -90,17 +90,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = [pool.submit(run_variant, args.project, args.params, args.tenant, n, o, scratch) for n, o in variants]
-            rows = []
-            for future in futures:
-                rows.append(future.result())
+            rows, failed = [], []
+            for (name, _), future in zip(variants, futures):
+                try:  # a variant that fails (a diverged run refused by the merge) must not cost the others
+                    rows.append(future.result())
+                except Exception as exc:  # noqa: BLE001
+                    failed.append(name)
+                    print(json.dumps({"variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}), flush=True)
+                    continue
                 print(json.dumps(rows[-1]), flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
     fields = list(dict.fromkeys(k for r in rows for k in r["fields"]))[:FIELDS_SHOWN]
     print(f"\n| variant ({args.tenant}) | steps | train s | exact | field acc | " + " | ".join(fields) + " |")
     print("|---|---:|---:|---:|---:|" + "---:|" * len(fields))
     for r in rows:
         cells = " | ".join(f"{r['fields'].get(f, float('nan')):.3f}" for f in fields)
         print(f"| {r['variant']} | {r['steps']} | {r['train_s']} | {r['exact_match']:.3f} | {r['json_field_accuracy']:.3f} | {cells} |")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

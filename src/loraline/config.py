@@ -332,6 +332,12 @@ class TrainParams(_Section):
     modules_to_save: list[str] = []
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = "paged_adamw_32bit"
     learning_rate: float = Field(2e-3, gt=0, lt=1)
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: LoRA's B matrices learn at learning_rate times this (the paper suggests 16); null: one rate"
+    )
+    modules_to_save_learning_rate: float | None = Field(
+        None, gt=0, lt=1, description="Learning rate of the modules_to_save copies (e.g. trained embeddings); null: learning_rate"
+    )
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

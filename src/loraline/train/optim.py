@@ -19,8 +19,34 @@ from loraline.config import TrainParams
 log = logging.getLogger(__name__)
 
 
-def make_optimizer(params: TrainParams, trainable: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def parameter_groups(params: TrainParams, trainable: dict[str, torch.nn.Parameter]) -> list[dict]:
+    """The trainable parameters in groups by learning rate (in name order, so a resumed run's optimizer
+    state lines up with the same groups):
+
+    - LoRA's B matrices at learning_rate x loraplus_lr_ratio (LoRA+, Hayou et al. 2024: B and A learn
+      best at different rates; the A matrices, DoRA magnitudes and the rest stay at learning_rate);
+    - modules_to_save (full copies, e.g. trained embeddings) at modules_to_save_learning_rate.
+    Groups that would be empty are left out; without either setting there is one group.
+    """
+    base_lr = params.learning_rate
+    b_lr = base_lr * params.loraplus_lr_ratio if params.loraplus_lr_ratio else base_lr
+    saved_lr = params.modules_to_save_learning_rate or base_lr
+    groups: dict[str, dict] = {}
+    for name in sorted(trainable):
+        if ".modules_to_save." in name:
+            kind, lr = "modules_to_save", saved_lr
+        elif ".lora_B." in name or ".lora_embedding_B." in name:
+            kind, lr = "lora_B", b_lr
+        else:
+            kind, lr = "lora", base_lr
+        key = kind if lr != base_lr else "lora"
+        groups.setdefault(key, {"params": [], "lr": lr, "name": key})["params"].append(trainable[name])
+    return list(groups.values())
+
+
+def make_optimizer(params: TrainParams, trainable: dict[str, torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     kwargs = dict(lr=params.learning_rate, weight_decay=params.weight_decay)
+    trainable = parameter_groups(params, trainable)
     name = params.optimizer
     if name == "adamw_torch":
         return torch.optim.AdamW(trainable, **kwargs)

@@ -150,7 +150,7 @@ def _train(
         if world.distributed:
             torch.manual_seed(params.seed + world.rank)  # dropout: one stream per rank, not N copies of one
         trainable = trainable_parameters(model)
-        optimizer = make_optimizer(params, list(trainable.values()), device)
+        optimizer = make_optimizer(params, trainable, device)
         # The plan is of global micro-batches; each rank takes its share of every one (distributed.shard).
         global_batch = params.model_copy(update={"batch_size": params.batch_size * world.size})
         plan = plan_steps([e.n_tokens for e in splits.train], global_batch, params.seed)
