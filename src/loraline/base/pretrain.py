@@ -205,7 +205,7 @@ def pretrain(
         labels = labels.to(model.device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, p)
-        loss = model(input_ids=input_ids, labels=labels).loss
+        loss = next_token_loss(model, input_ids, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -222,6 +222,18 @@ def pretrain(
     result.drill_steps = drill_steps
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def next_token_loss(model: LlamaForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not IGNORE_INDEX: the loss
+    transformers computes from `labels`, with the output head applied to those positions only. Drills
+    and exercises take loss on their answers alone, so most positions need no logits; skipping them
+    makes a drill step about 15% cheaper on CPU."""
+    hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
 
 
 def special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
