@@ -229,7 +229,7 @@ def next_token_loss(model: LlamaForCausalLM, input_ids: torch.Tensor, labels: to
     transformers computes from `labels`, with the output head applied to those positions only. Drills
     and exercises take loss on their answers alone, so most positions need no logits; skipping them
     makes a drill step about 15% cheaper on CPU."""
-    hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1]
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = model.get_output_embeddings()(hidden[keep]).float()

@@ -50,16 +50,15 @@ def _match_layers(initializers: dict[str, np.ndarray], layers: dict[str, GroupQu
     return found
 
 
-def matmul_nbits_nodes(a: str, y: str, init: dict[str, Any], prefix: str) -> tuple[list, list, Any]:
+def matmul_nbits_nodes(a: str, y: str, init: dict[str, Any], prefix: str) -> tuple[list, list, tuple[int, int]]:
     """y = MatMulNBits(a) - (a @ pool) @ correction: the low-bit layer with integer zero points and
     the exact rest of its real-valued ones (modelling.qalora.matmul_nbits_initializers). Returns the
-    nodes, the layer's initializers and the pooling matrix (shared by layers of the same width)."""
+    nodes, the layer's initializers and the (K, block) of the pooling matrix it reads: one
+    pool_initializer per (K, block), shared by the layers of that width and group size."""
     from onnx import helper, numpy_helper
 
     k, block = init["attributes"]["K"], init["attributes"]["block_size"]
-    pool = np.zeros((k, k // block), dtype=np.float32)
-    pool[np.arange(k), np.arange(k) // block] = 1.0  # sums each group of `block` inputs
-    pool_name = f"qalora.pool.{k}.{block}"
+    pool_name = _pool_name(k, block)
     names = {part: f"{prefix}.nbits.{part}" for part in ("B", "scales", "zero_points", "correction")}
     nodes = [
         helper.make_node("MatMulNBits", [a, names["B"], names["scales"], names["zero_points"]], [f"{prefix}.nbits.out"],
@@ -69,7 +68,20 @@ def matmul_nbits_nodes(a: str, y: str, init: dict[str, Any], prefix: str) -> tup
         helper.make_node("Sub", [f"{prefix}.nbits.out", f"{prefix}.nbits.rest"], [y], name=f"{prefix}.zero_point_rest"),
     ]
     inits = [numpy_helper.from_array(init[part], name) for part, name in names.items()]
-    return nodes, inits, numpy_helper.from_array(pool, pool_name)
+    return nodes, inits, (k, block)
+
+
+def pool_initializer(k: int, block: int) -> Any:
+    """The [K, K / block] matrix that sums each group of `block` inputs."""
+    from onnx import numpy_helper
+
+    pool = np.zeros((k, k // block), dtype=np.float32)
+    pool[np.arange(k), np.arange(k) // block] = 1.0
+    return numpy_helper.from_array(pool, _pool_name(k, block))
+
+
+def _pool_name(k: int, block: int) -> str:
+    return f"qalora.pool.{k}.{block}"
 
 
 def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) -> dict[str, Any]:
@@ -100,9 +112,9 @@ def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) 
         layer_nodes, layer_inits, pool = matmul_nbits_nodes(node.input[0], node.output[0], init, layer)
         nodes.extend(layer_nodes)
         new_inits.extend(layer_inits)
-        if pool.name not in pools:
-            pools.add(pool.name)
-            new_inits.append(pool)
+        if pool not in pools:
+            pools.add(pool)
+            new_inits.append(pool_initializer(*pool))
         replaced[layer] = replaced.get(layer, 0) + 1
         consumers[weight] -= 1
     if set(replaced) != set(layers):

@@ -33,33 +33,32 @@ def parameter_groups(params: TrainParams, trainable: dict[str, torch.nn.Paramete
     saved_lr = params.modules_to_save_learning_rate or base_lr
     groups: dict[str, dict] = {}
     for name in sorted(trainable):
-        if ".modules_to_save." in name:
+        if ".modules_to_save." in name and saved_lr != base_lr:
             kind, lr = "modules_to_save", saved_lr
-        elif ".lora_B." in name or ".lora_embedding_B." in name:
+        elif (".lora_B." in name or ".lora_embedding_B." in name) and b_lr != base_lr:
             kind, lr = "lora_B", b_lr
         else:
             kind, lr = "lora", base_lr
-        key = kind if lr != base_lr else "lora"
-        groups.setdefault(key, {"params": [], "lr": lr, "name": key})["params"].append(trainable[name])
+        groups.setdefault(kind, {"params": [], "lr": lr, "name": kind})["params"].append(trainable[name])
     return list(groups.values())
 
 
 def make_optimizer(params: TrainParams, trainable: dict[str, torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     kwargs = dict(lr=params.learning_rate, weight_decay=params.weight_decay)
-    trainable = parameter_groups(params, trainable)
+    groups = parameter_groups(params, trainable)
     name = params.optimizer
     if name == "adamw_torch":
-        return torch.optim.AdamW(trainable, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs)
     import bitsandbytes.optim as bnb_optim
 
     if device.type == "cuda":
         cls = bnb_optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb_optim.PagedAdamW32bit
-        return cls(trainable, **kwargs)
+        return cls(groups, **kwargs)
     if name == "paged_adamw_8bit":
         log.warning("train.optimizer paged_adamw_8bit: paging is CUDA-only; using non-paged 8-bit AdamW (bitsandbytes) on CPU")
-        return bnb_optim.AdamW8bit(trainable, **kwargs)
+        return bnb_optim.AdamW8bit(groups, **kwargs)
     log.warning("train.optimizer paged_adamw_32bit: paging is CUDA-only; using torch AdamW on CPU")
-    return torch.optim.AdamW(trainable, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def warmup_steps(params: TrainParams, total_steps: int) -> int:

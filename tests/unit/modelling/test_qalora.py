@@ -117,7 +117,7 @@ def test_a_merged_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch(bits
 
     from loraline.modelling.qalora import matmul_nbits_initializers
 
-    from loraline.export.lowbit import matmul_nbits_nodes
+    from loraline.export.lowbit import matmul_nbits_nodes, pool_initializer
 
     _, layer, x, _ = _trained_layer(bits, 32)
     merged = fold_adapter(layer)
@@ -128,7 +128,7 @@ def test_a_merged_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch(bits
     nodes, inits, pool = matmul_nbits_nodes("x", "y", init, "layer")
     graph = helper.make_graph(
         nodes, "qalora", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])], initializer=[*inits, pool],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])], initializer=[*inits, pool_initializer(*pool)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
