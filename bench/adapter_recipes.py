@@ -5,8 +5,10 @@ and cannot do). Every variant starts from the project's own outputs of a finishe
 base, the tenants' documents, synthetic rows and prepared datasets, as `make run` leaves them),
 copied into a scratch folder, then runs the real base stage (only when a variant overrides `base.*`:
 the base is rebuilt from every tenant's raw documents), prepare (only when a variant overrides
-`prepare.*` or `tenants.*.synthetic_ratio`), train, merge and evaluate stages with params.yaml plus the
-variant's dotted overrides, and reads the evaluate stage's own metrics.
+`prepare.*`, `tenants.*.synthetic_ratio` or `tenants.*.raw_dir`), train, merge and evaluate stages
+with params.yaml plus the variant's dotted overrides, and reads the evaluate stage's own metrics.
+A `raw_dir` variant compares data sizes, e.g. a folder written by
+`python tools/make_sample_data.py --out exp/raw400 --acme-q2-rows 400`.
 
     python bench/adapter_recipes.py --tenant acme-shop \
         --variant default='{}' \
@@ -58,7 +60,7 @@ def run_variant(project: str, params_path: str, tenant: str, name: str, override
     started = time.perf_counter()
     # A rebuilt base has its own tokenizer (its corpus includes this Python's stdlib docstrings), so
     # the prepared token counts and limits are redone with it.
-    if rebuild_base or any(key.startswith("prepare.") or key.endswith(".synthetic_ratio") for key in overrides):
+    if rebuild_base or any(key.startswith("prepare.") or key.endswith((".synthetic_ratio", ".raw_dir")) for key in overrides):
         prepare.run(params, layout, tenant)
     trained = train.run(params, layout, tenant, checkpoints=False)
     train_s = time.perf_counter() - started

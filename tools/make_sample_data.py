@@ -705,7 +705,7 @@ class Builder:
         }
 
 
-def build_acme() -> tuple[Builder, dict]:
+def build_acme(n_q2: int = 800) -> tuple[Builder, dict]:
     rng = random.Random(20240117)
     b = Builder("acme-shop")
     n_jsonl, n_csv, n_chat = 345, 225, 230
@@ -817,6 +817,19 @@ def build_acme() -> tuple[Builder, dict]:
     b.files[fname] = body.encode("utf-8")
     b.rows_in[fname] = len(elems)
     b.valid[fname] = valid_n
+
+    # ---- JSONL, alpaca shape: the next quarter's export, clean. Drawn after every other acme file, so
+    # adding it left those files byte-identical; its order numbers are new ones.
+    fname = "orders_email_2024q2.jsonl"
+    used = set(orders)
+    q2_orders = [str(x) for x in rng.sample([x for x in range(10000, 100000) if str(x) not in used], n_q2)]
+    lines = [{"instruction": rng.choice(ACME_INSTRUCTIONS), "input": text, "output": label}
+             for text, label in acme_rows(rng, n_q2, q2_orders, seen)]
+    for i, item in enumerate(lines, start=1):
+        b.check_unique(fname, i, item["instruction"] + "\n" + item["input"])
+        count(item["output"])
+    b.files[fname] = jsonl_bytes(lines)
+    b.rows_in[fname] = b.valid[fname] = len(lines)
 
     for name, text in ACME_DOCS.items():
         b.files[name] = text.encode("utf-8")
@@ -1300,8 +1313,8 @@ Intentional defects:
 """
 
 
-def generate() -> dict[Path, bytes]:
-    acme, acme_stats = build_acme()
+def generate(acme_q2_rows: int = 800) -> dict[Path, bytes]:
+    acme, acme_stats = build_acme(acme_q2_rows)
     globex, globex_stats = build_globex()
     out: dict[Path, bytes] = {}
     for b in (acme, globex):
@@ -1327,8 +1340,20 @@ def generate() -> dict[Path, bytes]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on any difference")
+    ap.add_argument("--acme-q2-rows", type=int, default=800,
+                    help="emails in acme-shop's second-quarter export (the data-size study in docs/benchmarks.md; "
+                         "only the default gives the committed files)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write the raw folders here instead of data/raw (the manifest is not written)")
     args = ap.parse_args(argv)
-    files = generate()
+    files = generate(args.acme_q2_rows)
+    if args.out is not None:
+        files = {args.out / p.relative_to(RAW): data for p, data in files.items() if RAW in p.parents}
+        for p, data in sorted(files.items()):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        print(f"wrote {len(files)} files under {args.out}")
+        return 0
     tenant_dirs = sorted({p.parent for p in files if p.parent.parent == RAW})
     if args.check:
         bad = [str(p.relative_to(ROOT)) for p, data in files.items() if not p.exists() or p.read_bytes() != data]
