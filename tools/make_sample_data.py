@@ -15,6 +15,9 @@ Tenants and tasks (see data/raw/README.md for the full description):
    "category": <kitchen|bedding|bath|lighting|furniture|decor>, "urgent": <true|false>}
   intent is cued by the request wording, category by the product named, urgent by an explicit
   urgency phrase; "order" is the only field copied from the text (the only 5-digit number in it).
+  The emails come as a first quarter in three shapes with the seeded defects below, and a clean
+  second-quarter JSONL export of 800 (docs/benchmarks.md: half the emails, passed over twice as
+  often, taught the category less).
 * globex-it  -- IT helpdesk tickets -> {"team": <network|identity|hardware|email|database>,
   "priority": <P1|P2|P3|P4>}; team is cued by the ticket vocabulary, priority by the impact sentence
   (whole office/site down -> P1, one user fully blocked -> P2, annoyance / workaround -> P3,
