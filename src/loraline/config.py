@@ -442,6 +442,10 @@ class EvaluateParams(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens generated per test row")
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test rows (null: all)")
     examples_in_report: int = Field(3, ge=0, description="Example generations shown side by side in report.md")
+    batch_size: int = Field(
+        32, ge=1, description="Test rows scored and generated at once (left-padded); the answers do not depend on it. "
+        "Lower it for a large model on a small GPU: the KV cache grows with it"
+    )
 
 
 class SeedTask(_Section):

@@ -54,7 +54,6 @@ REPORT = "report.md"
 GENERATIONS = "generations.jsonl"
 LONG_CONTEXT = "long_context.json"  # LongLoRA candidates only (evaluate.long_context)
 SEED = 0
-BATCH_SIZE = 8
 # The metrics people compare across runs (reports/<tenant>/metrics/evaluate.json), in reading order;
 # the rest stays in metrics.json. loraline.summary shows the same ones.
 HEADLINE_METRICS = (
@@ -109,6 +108,7 @@ def evaluate_tenant(
     max_new_tokens: int = 64,
     max_examples: int | None = None,
     examples_in_report: int = 3,
+    batch_size: int = 32,
     progress: bool = False,
     full_attention_reference: Path | None = None,
 ) -> EvaluateResult:
@@ -120,6 +120,8 @@ def evaluate_tenant(
         raise EvaluateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if max_examples is not None and max_examples < 1:
         raise EvaluateError(f"max_examples must be >= 1 or None, got {max_examples}")
+    if batch_size < 1:
+        raise EvaluateError(f"batch_size must be >= 1, got {batch_size}")
     if not (candidate_dir / "config.json").is_file():
         raise EvaluateError(f"{candidate_dir} is not a model folder (no config.json): run the merge stage first")
 
@@ -140,7 +142,7 @@ def evaluate_tenant(
     for name, (path, kwargs) in models.items():
         started = time.perf_counter()
         scores[name], predictions[name], answer_tokens = _score(
-            path, kwargs, tok, test, refs_json, max_new_tokens, device, _progress(name, len(test.ids), progress)
+            path, kwargs, tok, test, refs_json, max_new_tokens, batch_size, device, _progress(name, len(test.ids), progress)
         )
         if progress:
             print(f"evaluate {tenant}/{name}: {time.perf_counter() - started:.1f}s {scores[name]}", file=sys.stderr)
@@ -250,6 +252,7 @@ def evaluate_model(
     base_params: BaseParams,
     max_new_tokens: int = 64,
     max_examples: int | None = None,
+    batch_size: int = 32,
 ) -> dict[str, float | None]:
     """One model's metrics, computed as evaluate_tenant computes each of its models (so the numbers compare).
 
@@ -259,17 +262,20 @@ def evaluate_model(
         raise EvaluateError(f"{model_dir} is not a model folder (no config.json)")
     tok = load_base_tokenizer(Path(base_dir), base_params)
     test = _load_test(Path(dataset_dir), tok, max_examples)
-    return _score(str(model_dir), {}, tok, test, M.expects_json(test.references), max_new_tokens, pick_device(), None)[0]
+    return _score(
+        str(model_dir), {}, tok, test, M.expects_json(test.references), max_new_tokens, batch_size, pick_device(), None
+    )[0]
 
 
 def _score(
-    path: str, kwargs: dict[str, Any], tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, device: Any, on_batch: Any
+    path: str, kwargs: dict[str, Any], tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, batch_size: int,
+    device: Any, on_batch: Any,
 ) -> tuple[dict[str, float | None], list[str], int]:
     """(metrics, greedy predictions, answer tokens) of the model at `path` on `test`."""
     torch.manual_seed(SEED)
     with loaded_model(path, device, **kwargs) as model:
-        loss = answer_loss(model, test.input_ids, test.labels, tok.pad_token_id, BATCH_SIZE)
-        predictions = generate_greedy(model, tok, test.prompts, max_new_tokens, BATCH_SIZE, on_batch=on_batch)
+        loss = answer_loss(model, test.input_ids, test.labels, tok.pad_token_id, batch_size)
+        predictions = generate_greedy(model, tok, test.prompts, max_new_tokens, batch_size, on_batch=on_batch)
     scores = _finite(
         {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | M.aggregate(predictions, test.references, refs_json)
     )
@@ -345,7 +351,7 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
         tenant=tenant, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=base_dir or layout.base_dir,
         base_params=params.base, candidate_dir=layout.merged_dir(tenant), production_dir=None,
         out_dir=layout.evaluation_dir(tenant), max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
-        examples_in_report=ev.examples_in_report, progress=progress,
+        examples_in_report=ev.examples_in_report, batch_size=ev.batch_size, progress=progress,
         full_attention_reference=reference if reference.is_dir() else None,
     )
     shutil.copyfile(result.metrics_path, layout.eval_metrics_path(tenant))

@@ -204,6 +204,8 @@ def test_bad_inputs(setup: Setup, tmp_path):
         evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(dataset_dir=tmp_path / "nothing"))
     with pytest.raises(EvaluateError, match="max_new_tokens"):
         evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(max_new_tokens=0))
+    with pytest.raises(EvaluateError, match="batch_size must be >= 1, got 0"):
+        evaluate_tenant(out_dir=tmp_path / "x", batch_size=0, **setup.kwargs())
     from loraline.layout import TOKENIZER_STAMP
 
     other = tmp_path / "dataset"
@@ -212,6 +214,18 @@ def test_bad_inputs(setup: Setup, tmp_path):
     with pytest.raises(EvaluateError, match=r"tokenized with another tokenizer \(elsewhere, 000000000000\)"):
         evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(dataset_dir=other))
     assert not (tmp_path / "x").exists()
+
+
+def test_the_stage_batch_size_changes_no_answer(setup: Setup, full, tmp_path):
+    """evaluate.batch_size is speed only: one row at a time gives the default batch's answers and losses."""
+    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
+        one = evaluate_tenant(out_dir=tmp_path / "eval", batch_size=1, **setup.kwargs(production_dir=setup.base_dir))
+    assert [r["predictions"] for r in _read_jsonl(one.generations_path)] == [
+        r["predictions"] for r in _read_jsonl(full.generations_path)
+    ]
+    for name, scores in full.metrics["models"].items():
+        for metric, value in scores.items():
+            assert one.metrics["models"][name][metric] == pytest.approx(value, rel=1e-5), (name, metric)
 
 
 def test_batching_changes_nothing(setup: Setup):
