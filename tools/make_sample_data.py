@@ -74,6 +74,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "data" / "raw"
 MANIFEST = ROOT / "tools" / "sample_data_manifest.json"
+ACME_Q2_ROWS = 800  # the committed second-quarter export; --acme-q2-rows writes other sizes
 MAX_CHARS = 20000  # params.yaml prepare.max_chars
 
 
@@ -708,7 +709,7 @@ class Builder:
         }
 
 
-def build_acme(n_q2: int = 800) -> tuple[Builder, dict]:
+def build_acme(n_q2: int = ACME_Q2_ROWS) -> tuple[Builder, dict]:
     rng = random.Random(20240117)
     b = Builder("acme-shop")
     n_jsonl, n_csv, n_chat = 345, 225, 230
@@ -1316,7 +1317,7 @@ Intentional defects:
 """
 
 
-def generate(acme_q2_rows: int = 800) -> dict[Path, bytes]:
+def generate(acme_q2_rows: int = ACME_Q2_ROWS) -> dict[Path, bytes]:
     acme, acme_stats = build_acme(acme_q2_rows)
     globex, globex_stats = build_globex()
     out: dict[Path, bytes] = {}
@@ -1343,7 +1344,7 @@ def generate(acme_q2_rows: int = 800) -> dict[Path, bytes]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on any difference")
-    ap.add_argument("--acme-q2-rows", type=int, default=800,
+    ap.add_argument("--acme-q2-rows", type=int, default=ACME_Q2_ROWS,
                     help="emails in acme-shop's second-quarter export (the data-size study in docs/benchmarks.md; "
                          "only the default gives the committed files)")
     ap.add_argument("--out", type=Path, default=None,
