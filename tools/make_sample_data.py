@@ -1343,11 +1343,12 @@ def generate(acme_q2_rows: int = ACME_Q2_ROWS) -> dict[Path, bytes]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on any difference")
+    where = ap.add_mutually_exclusive_group()  # --check compares data/raw; --out never touches it
+    where.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on any difference")
     ap.add_argument("--acme-q2-rows", type=int, default=ACME_Q2_ROWS,
                     help="emails in acme-shop's second-quarter export (the data-size study in docs/benchmarks.md; "
                          "only the default gives the committed files)")
-    ap.add_argument("--out", type=Path, default=None,
+    where.add_argument("--out", type=Path, default=None,
                     help="write the raw folders here instead of data/raw (the manifest is not written)")
     args = ap.parse_args(argv)
     files = generate(args.acme_q2_rows)
