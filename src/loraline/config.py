@@ -47,7 +47,7 @@ class BuildParams(_Section):
     tie_word_embeddings: bool = True
     seq_len: int = Field(256, ge=16, description="Pretraining sequence length (tokens)")
     batch_size: int = Field(16, ge=1, description="Pretraining sequences per step")
-    max_steps: int = Field(500, ge=1, description="Pretraining optimizer steps: the budget (deterministic, unlike a time limit)")
+    max_steps: int = Field(400, ge=1, description="Pretraining optimizer steps: the budget (deterministic, unlike a time limit)")
     learning_rate: float = Field(5e-4, gt=0, lt=1)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)
