@@ -4,7 +4,7 @@ The lever search behind the sample tenants' `train` overrides (README: what the 
 and cannot do). Every variant starts from the project's own outputs of a finished run (the built
 base, the tenants' documents, synthetic rows and prepared datasets, as `make run` leaves them),
 copied into a scratch folder, then runs the real base stage (only when a variant overrides `base.*`:
-the base is rebuilt from every tenant's raw documents), prepare (only when a variant overrides
+the base is rebuilt from data/documents, as dvc.yaml's base stage does), prepare (only when a variant overrides
 `prepare.*`, `tenants.*.synthetic_ratio` or `tenants.*.raw_dir`), train, merge and evaluate stages
 with params.yaml plus the variant's dotted overrides, and reads the evaluate stage's own metrics.
 A `raw_dir` variant compares data sizes, e.g. a folder written by
@@ -54,8 +54,9 @@ def run_variant(project: str, params_path: str, tenant: str, name: str, override
         from loraline import base
 
         started = time.perf_counter()
-        # The raw folders stay the project's own: the base pretrains on every tenant's documents.
-        base.run(params, layout, docs=[Path(project) / params.tenant(n).raw_dir for n in params.tenant_names])
+        # As dvc.yaml's base stage does: every tenant's documents, as the documents stage wrote them
+        # into data/documents (the raw folders would give the base another corpus and tokenizer).
+        base.run(params, layout, docs=[source.documents_dir(params.tenant_names[0]).parent])
         base_s = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
     # A rebuilt base has its own tokenizer (its corpus includes this Python's stdlib docstrings), so
