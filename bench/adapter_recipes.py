@@ -54,8 +54,8 @@ def run_variant(project: str, params_path: str, tenant: str, name: str, override
         from loraline import base
 
         started = time.perf_counter()
-        # As dvc.yaml's base stage does: every tenant's documents, as the documents stage wrote them
-        # into data/documents (the raw folders would give the base another corpus and tokenizer).
+        # As dvc.yaml's base stage does: every tenant's documents, from data/documents. The base also
+        # reads this Python's stdlib docstrings: another Python version builds another base.
         base.run(params, layout, docs=[source.documents_dir(params.tenant_names[0]).parent])
         base_s = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
