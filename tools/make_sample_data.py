@@ -1351,6 +1351,10 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--out", type=Path, default=None,
                     help="write the raw folders here instead of data/raw (the manifest is not written)")
     args = ap.parse_args(argv)
+    if args.acme_q2_rows != ACME_Q2_ROWS and args.out is None:
+        # data/raw and the manifest hold the committed files: another size would overwrite them
+        # (or, with --check, report every acme file as differing).
+        ap.error(f"--acme-q2-rows {args.acme_q2_rows} is not the committed data ({ACME_Q2_ROWS}): give --out DIR")
     files = generate(args.acme_q2_rows)
     if args.out is not None:
         files = {args.out / p.relative_to(RAW): data for p, data in files.items() if RAW in p.parents}

@@ -90,3 +90,18 @@ def test_generator_reproduces_the_committed_files():
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--check"]])
+def test_another_data_size_needs_its_own_folder(extra, tmp_path):
+    """--acme-q2-rows other than the committed size is refused unless --out names where it goes.
+    The tool runs from a copy, so that a regression would write into tmp_path, not the repo's data/raw."""
+    tool = tmp_path / "tools" / "make_sample_data.py"
+    tool.parent.mkdir()
+    tool.write_bytes((REPO / "tools" / "make_sample_data.py").read_bytes())
+    proc = subprocess.run(
+        [sys.executable, str(tool), "--acme-q2-rows", "400", *extra], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--acme-q2-rows 400 is not the committed data (800): give --out DIR" in proc.stderr
+    assert not (tmp_path / "data").exists()
