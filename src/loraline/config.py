@@ -309,6 +309,11 @@ class QALoRAParams(_Section):
     group_size: Literal[32, 64, 128] = Field(
         32, description="Input channels per quantization group; each group's pooled input is one feature of LoRA's A"
     )
+    reference: bool = Field(
+        False,
+        description="Also train the tenant's QLoRA twin (method lora: same data, steps and seed; doubles the train stage's "
+        "time), which the evaluation compares with: merged in float, and rounded to these bits and groups after training",
+    )
 
 
 class TrainParams(_Section):
@@ -399,6 +404,9 @@ class TrainParams(_Section):
     @model_validator(mode="after")
     def _qalora_fits(self) -> TrainParams:
         if self.method != "qalora":
+            if self.qalora.reference:
+                raise ValueError(f"qalora.reference trains a QLoRA twin to compare a QA-LoRA adapter with; method is "
+                                 f"{self.method!r} (set method: qalora, or reference: false)")
             return self
         if self.use_dora:
             raise ValueError("method qalora does not combine with use_dora: DoRA's magnitude rescales whole weights, "

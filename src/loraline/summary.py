@@ -30,6 +30,7 @@ class TenantSummary:
     train: dict[str, Any] | None
     train_timing: dict[str, Any] | None
     metrics: dict[str, dict[str, float | None]]  # model ("base", "candidate", ...) -> metric -> value
+    low_bit: dict[str, Any] | None  # the evaluation's QA-LoRA comparison (train.qalora.reference)
     gate: dict[str, Any] | None
     release: dict[str, Any] | None
     paths: dict[str, str] = field(default_factory=dict)
@@ -84,6 +85,7 @@ def collect_summary(params: Params, layout: Layout | None = None, tenants: list[
             train=_read(layout.metrics_path("train", name)),
             train_timing=_read(layout.timing_path("train", name)),
             metrics=evaluation.get("models", {}),
+            low_bit=evaluation.get("qalora_comparison"),
             gate=_read(layout.gate_path(name)),
             release=_read(layout.release_path(name)),
             paths={k: str(v) for k, v in paths.items() if v.exists()},
@@ -158,6 +160,10 @@ def render_text(summary: RunSummary, seconds: float | None = None) -> str:
         if rows:
             models = [k for k in rows[0] if k != "metric"]
             lines += ["  " + r for r in _table(["metric", *models], [[r["metric"], *(r[m] for m in models)] for r in rows])]
+        if t.low_bit:
+            from loraline.evaluate.lowbit import summary_line  # torch: only for a run that has the comparison
+
+            lines.append("  " + summary_line(t.low_bit))
         lines.append(f"  gate: {t.verdict}")
         lines.append(f"  registry: {t.registry_line}")
         for kind, path in t.paths.items():

@@ -40,11 +40,12 @@ import torch
 from loraline import io
 from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path, tokenizer_mismatch
 from loraline.config import BaseParams, Params
-from loraline.layout import Layout
+from loraline.layout import QLORA_REFERENCE, Layout
 from loraline.evaluate import long_context as LC
+from loraline.evaluate import lowbit as LB
 from loraline.evaluate import metrics as M
 from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation
-from loraline.modelling.device import pick_device
+from loraline.modelling.device import compute_dtype, pick_device
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE, extended_context
 from loraline.evaluate.report import render_report
 from loraline.provenance import run_facts
@@ -111,10 +112,13 @@ def evaluate_tenant(
     batch_size: int = 32,
     progress: bool = False,
     full_attention_reference: Path | None = None,
+    qlora_reference: Path | None = None,
 ) -> EvaluateResult:
     """Evaluate base, candidate and (when `production_dir` exists) production on the test split.
     `full_attention_reference`: a LongLoRA candidate's full-attention twin (an adapter folder, see
-    train.long_context.reference), set beside it in the long-context report."""
+    train.long_context.reference), set beside it in the long-context report.
+    `qlora_reference`: a QA-LoRA candidate's QLoRA twin (an adapter folder, see train.qalora.reference):
+    the candidate against it merged in float and rounded after training (evaluate/lowbit.py)."""
     dataset_dir, base_dir, candidate_dir, out_dir = map(Path, (dataset_dir, base_dir, candidate_dir, out_dir))
     if max_new_tokens < 1:
         raise EvaluateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -124,6 +128,11 @@ def evaluate_tenant(
         raise EvaluateError(f"batch_size must be >= 1, got {batch_size}")
     if not (candidate_dir / "config.json").is_file():
         raise EvaluateError(f"{candidate_dir} is not a model folder (no config.json): run the merge stage first")
+    if qlora_reference is not None:  # before any model is scored: a mismatch is an error, not a late surprise
+        try:
+            quantization = LB.candidate_quantization(candidate_dir)
+        except LB.LowBitComparisonError as e:
+            raise EvaluateError(str(e)) from e
 
     tok = load_base_tokenizer(base_dir, base_params)
     test = _load_test(dataset_dir, tok, max_examples)
@@ -147,6 +156,10 @@ def evaluate_tenant(
         if progress:
             print(f"evaluate {tenant}/{name}: {time.perf_counter() - started:.1f}s {scores[name]}", file=sys.stderr)
 
+    low_bit = None
+    if qlora_reference is not None:
+        low_bit = _low_bit_comparison(models["base"], Path(qlora_reference), quantization, scores["candidate"], tok, test,
+                                      refs_json, max_new_tokens, batch_size, device, predictions, progress)
     long_context = _long_context_report(models, tok, test, dataset_dir, device, full_attention_reference)
     if long_context is not None:
         # The gate may decide on it (gate.primary_metric: long_context_perplexity). The base it is
@@ -165,6 +178,8 @@ def evaluate_tenant(
         "max_new_tokens": max_new_tokens,
         "models": scores,
     }
+    if low_bit is not None:
+        result["qalora_comparison"] = low_bit
     fields: dict[str, dict[str, float]] = {}
     if refs_json:
         # Beside the models' metrics, not in them: the gate compares every model metric with
@@ -176,6 +191,8 @@ def evaluate_tenant(
         tenant=tenant, test_rows=len(test.ids), expects_json=refs_json, max_new_tokens=max_new_tokens,
         models=scores, examples=rows[: max(examples_in_report, 0)], fields=fields,
     )
+    if low_bit is not None:
+        report += "\n".join(LB.render(low_bit)) + "\n"
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
         if long_context is not None:
@@ -244,6 +261,30 @@ def _long_context_report(
     return report
 
 
+def _low_bit_comparison(
+    base: tuple[str, dict[str, Any]], twin: Path, quantization: tuple[int, int], candidate: dict[str, float | None],
+    tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, batch_size: int, device: Any,
+    predictions: dict[str, list[str]], progress: bool,
+) -> dict[str, Any]:
+    """QA-LoRA's candidate against its QLoRA twin, merged in float and rounded after training; the
+    twin's predictions join generations.jsonl under the comparison's names."""
+    if not (twin / "adapter_config.json").is_file():
+        raise EvaluateError(f"{twin} is not a trained adapter (no adapter_config.json): run the train stage (train.qalora.reference)")
+    bits, group_size = quantization
+    base_path, base_kwargs = base
+    scores = {LB.QALORA: candidate}
+    args = (tok, test, refs_json, max_new_tokens, batch_size)
+    scores[LB.FLOAT_MERGE], predictions[LB.FLOAT_MERGE], _ = _score(
+        base_path, {**base_kwargs, "adapter": twin}, *args, device, _progress(LB.FLOAT_MERGE, len(test.ids), progress))
+    with LB.rounded_after_training(base_path, base_kwargs, twin, bits, group_size, device, compute_dtype(device)) as (
+        model, float_bytes, lowbit_bytes,
+    ):
+        scores[LB.ROUNDED_AFTER], predictions[LB.ROUNDED_AFTER], _ = _score_loaded(
+            model, *args, _progress(LB.ROUNDED_AFTER, len(test.ids), progress))
+    return LB.comparison(bits=bits, group_size=group_size, scores=scores, float_bytes=float_bytes,
+                         lowbit_bytes=lowbit_bytes, twin=twin)
+
+
 def evaluate_model(
     *,
     model_dir: Path,
@@ -274,8 +315,15 @@ def _score(
     """(metrics, greedy predictions, answer tokens) of the model at `path` on `test`."""
     torch.manual_seed(SEED)
     with loaded_model(path, device, **kwargs) as model:
-        loss = answer_loss(model, test.input_ids, test.labels, tok.pad_token_id, batch_size)
-        predictions = generate_greedy(model, tok, test.prompts, max_new_tokens, batch_size, on_batch=on_batch)
+        return _score_loaded(model, tok, test, refs_json, max_new_tokens, batch_size, on_batch)
+
+
+def _score_loaded(
+    model: Any, tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, batch_size: int, on_batch: Any,
+) -> tuple[dict[str, float | None], list[str], int]:
+    torch.manual_seed(SEED)
+    loss = answer_loss(model, test.input_ids, test.labels, tok.pad_token_id, batch_size)
+    predictions = generate_greedy(model, tok, test.prompts, max_new_tokens, batch_size, on_batch=on_batch)
     scores = _finite(
         {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | M.aggregate(predictions, test.references, refs_json)
     )
@@ -347,12 +395,14 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
     started = time.perf_counter()
     ev = params.evaluate
     reference = layout.adapter_dir(tenant) / FULL_ATTENTION_REFERENCE  # train.long_context.reference
+    twin = layout.adapter_dir(tenant) / QLORA_REFERENCE  # train.qalora.reference
     result = evaluate_tenant(
         tenant=tenant, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=base_dir or layout.base_dir,
         base_params=params.base, candidate_dir=layout.merged_dir(tenant), production_dir=None,
         out_dir=layout.evaluation_dir(tenant), max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
         examples_in_report=ev.examples_in_report, batch_size=ev.batch_size, progress=progress,
         full_attention_reference=reference if reference.is_dir() else None,
+        qlora_reference=twin if twin.is_dir() else None,
     )
     shutil.copyfile(result.metrics_path, layout.eval_metrics_path(tenant))
     io.write_json(layout.metrics_path("evaluate", tenant), evaluate_metrics(result.metrics))
@@ -363,7 +413,11 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
 def evaluate_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     """The headline metrics of each evaluated model (`dvc metrics diff`: base vs candidate across runs);
     a metric the task does not have (json_* for plain-text answers) or a null one is left out."""
-    return {
-        model: {k: scores[k] for k in HEADLINE_METRICS if scores.get(k) is not None}
-        for model, scores in metrics["models"].items()
-    }
+    def headline(scores: dict[str, Any], *extra: str) -> dict[str, float]:
+        return {k: scores[k] for k in (*HEADLINE_METRICS, *extra) if scores.get(k) is not None}
+
+    out: dict[str, Any] = {model: headline(scores) for model, scores in metrics["models"].items()}
+    if "qalora_comparison" in metrics:  # train.qalora.reference: QA-LoRA against its QLoRA twin, across runs too
+        out["qalora_comparison"] = {name: headline(scores, "weight_bytes")
+                                    for name, scores in metrics["qalora_comparison"]["models"].items()}
+    return out

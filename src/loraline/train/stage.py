@@ -33,7 +33,7 @@ import torch
 from loraline import io
 from loraline.modelling.loading import load_base_tokenizer, read_base_record, tokenizer_mismatch
 from loraline.config import BaseParams, Params, TrainParams
-from loraline.layout import TRAIN_RECORD, Layout
+from loraline.layout import QLORA_REFERENCE, TRAIN_RECORD, Layout
 from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_facts, sha256_file
 from loraline.train import checkpoint
 from loraline.train.data import check_splits, load_splits
@@ -405,6 +405,9 @@ def run(
     if train.long_context is not None and train.long_context.reference:
         reference = train_full_attention_reference(train, adapter_dir=result.out_dir, **inputs)
         metrics["full_attention_reference_val_loss"] = reference.record["loss"]["final_val"]
+    if train.method == "qalora" and train.qalora.reference:
+        twin = train_qlora_reference(train, adapter_dir=result.out_dir, **inputs)
+        metrics["qlora_reference_val_loss"] = twin.record["loss"]["final_val"]
     io.write_json(layout.metrics_path("train", tenant), metrics)
     # The curves also live beside the adapter; DVC plots need them outside the adapter folder.
     plots = layout.train_plots_dir(tenant)
@@ -429,6 +432,21 @@ def train_full_attention_reference(
     twin = params.model_copy(update={"long_context": lc.model_copy(update={"s2_attn": False, "reference": False})})
     return train_adapter(twin, base_dir=base_dir, base_params=base_params, dataset_dir=dataset_dir,
                          out_dir=Path(adapter_dir) / FULL_ATTENTION_REFERENCE, progress=progress)
+
+
+def train_qlora_reference(
+    params: TrainParams, *, base_dir: Path, base_params: BaseParams, dataset_dir: Path, adapter_dir: Path,
+    progress: bool = False,
+) -> TrainResult:
+    """QA-LoRA's reference (train.qalora.reference): the same adapter trained as the pipeline's lora method
+    (QLoRA with the default quantization) on the same data, steps and seed, into
+    <adapter_dir>/qlora_reference, for the evaluation to compare QA-LoRA with QLoRA merged in float
+    and rounded after training."""
+    if params.method != "qalora":
+        raise TrainError("a QLoRA reference is trained only for a QA-LoRA adapter (train.method qalora)")
+    twin = params.model_copy(update={"method": "lora", "qalora": params.qalora.model_copy(update={"reference": False})})
+    return train_adapter(twin, base_dir=base_dir, base_params=base_params, dataset_dir=dataset_dir,
+                         out_dir=Path(adapter_dir) / QLORA_REFERENCE, progress=progress)
 
 
 def train_metrics(record: dict[str, Any]) -> dict[str, Any]:

@@ -214,6 +214,88 @@ def test_serving_refuses_a_qalora_adapter_naming_the_way_out(setup, qalora_run, 
         make_servable(res.out_dir, setup.base_dir, tmp_path / "s")
 
 
+def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(setup, tmp_path):
+    """train.qalora.reference through the train, merge and evaluate stages: the tenant's QLoRA twin
+    (NF4, same data, steps and seed) in the adapter's folder, and the evaluation's comparison of
+    (a) the merged QA-LoRA model, (b) the twin merged in float and (c) (b) rounded after training at
+    the same bits and groups, with the bytes each model's weights take."""
+    import shutil
+
+    from loraline.config import Params
+    from loraline.evaluate import lowbit as LB
+    from loraline.evaluate.stage import EvaluateError, evaluate_model, evaluate_tenant
+    from loraline.evaluate.stage import run as evaluate_stage
+    from loraline.layout import QLORA_REFERENCE, Layout
+    from loraline.merge.stage import merge_adapter
+    from loraline.modelling.loading import load_base_causal_lm
+    from loraline.summary import collect_summary, render_text
+    from loraline.train.stage import run as train_stage
+    from loraline.train.stage import train_qlora_reference
+
+    layout = Layout(tmp_path)
+    shutil.copytree(setup.dataset_dir, layout.prepared_dataset_dir("t"))
+    train = qalora_train(qalora={"bits": 4, "group_size": 32, "reference": True}, quantization="nf4", max_steps=6)
+    params = Params.model_validate({
+        "base": setup.base_params.model_dump(), "evaluate": {"max_new_tokens": 8, "max_examples": 24},
+        "tenants": {"t": {"raw_dir": "data/raw/t", "train": train.model_dump(exclude_defaults=True)}},
+    })
+    res = train_stage(params, layout, "t", base_dir=setup.base_dir, checkpoints=False)
+    twin = json.loads((res.out_dir / QLORA_REFERENCE / "train_record.json").read_text())
+    assert (twin["params"]["method"], twin["params"]["quantization"], twin["qalora"]) == ("lora", "nf4", None)
+    assert res.record["qalora"]["bits"] == 4
+    assert twin["steps"] == res.record["steps"] and twin["data"] == res.record["data"] and twin["seed"] == res.record["seed"]
+    metrics = json.loads(layout.metrics_path("train", "t").read_text())
+    assert metrics["qlora_reference_val_loss"] == twin["loss"]["final_val"]
+
+    merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
+                  out_dir=layout.merged_dir("t"))
+    result = evaluate_stage(params, layout, "t", base_dir=setup.base_dir)
+    section = result.metrics["qalora_comparison"]
+    models = section["models"]
+    assert (section["bits"], section["group_size"]) == (4, 32) and set(models) == {LB.QALORA, LB.FLOAT_MERGE, LB.ROUNDED_AFTER}
+    candidate = result.metrics["models"]["candidate"]
+    assert {k: models[LB.QALORA][k] for k in candidate} == candidate  # (a) is the candidate, scored once
+    assert models[LB.ROUNDED_AFTER]["answer_loss"] != models[LB.FLOAT_MERGE]["answer_loss"]  # rounding did move it
+    for key, gap in section["qalora_minus_rounded_after"].items():
+        assert gap == pytest.approx(models[LB.QALORA][key] - models[LB.ROUNDED_AFTER][key], abs=1e-6)
+
+    # (b) as a full-precision merge would serve it: the twin merged into a float32 folder, scored alike.
+    float_merge = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params,
+                                adapter_dir=res.out_dir / QLORA_REFERENCE, out_dir=tmp_path / "twin-merged").out_dir
+    alone = evaluate_model(model_dir=float_merge, dataset_dir=layout.prepared_dataset_dir("t"), base_dir=setup.base_dir,
+                           base_params=setup.base_params, max_new_tokens=8, max_examples=24)
+    assert models[LB.FLOAT_MERGE]["answer_loss"] == pytest.approx(alone["answer_loss"], rel=1e-4)
+    assert models[LB.FLOAT_MERGE]["exact_match"] == alone["exact_match"]
+
+    # Sizes, counted here from the base's shapes: 14 layers at 4 bits with a float32 scale and zero per 32 weights.
+    base = load_base_causal_lm(setup.base_dir, "cpu", torch.float32)
+    head = base.get_output_embeddings()
+    linears = [m for m in base.modules() if type(m) is torch.nn.Linear and m is not head]
+    float_bytes = 4 * sum(p.numel() for p in base.parameters())
+    low = float_bytes - sum(4 * m.weight.numel() - m.weight.numel() // 2 - 2 * 4 * m.weight.numel() // 32 for m in linears)
+    assert len(linears) == 14 and models[LB.FLOAT_MERGE]["weight_bytes"] == float_bytes
+    assert models[LB.QALORA]["weight_bytes"] == models[LB.ROUNDED_AFTER]["weight_bytes"] == low
+
+    rows = [json.loads(line) for line in result.generations_path.read_text().splitlines()]
+    assert len(rows) == 24 and all(set(r["predictions"]) >= {LB.FLOAT_MERGE, LB.ROUNDED_AFTER} for r in rows)
+    assert "## QA-LoRA against QLoRA (INT4, groups of 32)" in result.report_path.read_text()
+    dvc_metric = json.loads(layout.metrics_path("evaluate", "t").read_text())["qalora_comparison"]
+    assert dvc_metric[LB.ROUNDED_AFTER]["answer_loss"] == models[LB.ROUNDED_AFTER]["answer_loss"]
+    assert dvc_metric[LB.QALORA]["weight_bytes"] == low and section["reference_adapter"] == QLORA_REFERENCE
+    text = render_text(collect_summary(params, layout))
+    assert f"QA-LoRA INT4 json_field_accuracy: {models[LB.QALORA]['json_field_accuracy']:.3f}, QLoRA float" in text
+
+    with pytest.raises(EvaluateError, match="has no qalora_quantized.safetensors: a QLoRA twin compares only with a merged QA-LoRA"):
+        evaluate_tenant(tenant="t", dataset_dir=layout.prepared_dataset_dir("t"), base_dir=setup.base_dir,
+                        base_params=setup.base_params, candidate_dir=float_merge, production_dir=None,
+                        out_dir=tmp_path / "never", qlora_reference=res.out_dir / QLORA_REFERENCE)
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(TrainError, match="only for a QA-LoRA adapter"):
+        train_qlora_reference(tiny_train(), adapter_dir=tmp_path / "x", **setup.kwargs())
+    with pytest.raises(ValueError, match="qalora.reference trains a QLoRA twin to compare a QA-LoRA adapter with; method is 'lora'"):
+        TrainParams(qalora={"reference": True})
+
+
 @pytest.mark.cuda
 def test_qalora_trains_on_cuda_and_folds_there_too(setup, tmp_path):
     """The same stage on CUDA (bf16 compute, paged AdamW, gradient checkpointing): the quantized base
