@@ -22,6 +22,8 @@ SYNTHETIC_ROWS = "rows.jsonl"
 TRAIN_RECORD = "train_record.json"
 # In a merged QA-LoRA model's folder: its codes, scales and zero points (modelling.qalora), which export reads.
 QALORA_QUANTIZED = "qalora_quantized.safetensors"
+# Beside it: the same low-bit model as a folder transformers loads through torchao (modelling.qalora_torchao).
+QALORA_TORCHAO = "torchao"
 # In a QA-LoRA adapter's folder: its QLoRA twin (train.qalora.reference), which the evaluation compares it with.
 QLORA_REFERENCE = "qlora_reference"
 # reports/<tenant>/ holds each tenant's reports; reports/timing/ every stage's run facts, so no tenant

@@ -37,7 +37,7 @@ import torch
 
 from loraline import io
 from loraline.config import BaseParams, Params
-from loraline.layout import QALORA_QUANTIZED, TRAIN_RECORD, Layout
+from loraline.layout import QALORA_QUANTIZED, QALORA_TORCHAO, TRAIN_RECORD, Layout
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import compute_dtype
 from loraline.modelling.loading import (
@@ -201,6 +201,12 @@ def merge_adapter(
             from loraline.modelling.qalora import save_quantized_layers
 
             save_quantized_layers(lowbit, tmp / QALORA_QUANTIZED)
+            report["qalora"]["torchao"] = _torchao_checkpoint(tmp, lowbit, tok, inputs, max_new_tokens, unmerged, base_dir,
+                                                              base_record, tolerance)
+            if not report["qalora"]["torchao"]["passed"]:
+                _discard(out_dir)
+                raise MergeError(f"the torchao checkpoint ({QALORA_TORCHAO}/) does not load to the merged low-bit model: "
+                                 f"{report['qalora']['torchao']}; nothing written", report)
         del merged_model
         gc.collect()
         if qalora is not None:  # the unmerged reference already ran on the quantized base it trained on
@@ -223,6 +229,26 @@ def merge_adapter(
         report["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != REPORT}
         io.write_json(tmp / REPORT, report)
     return MergeResult(out_dir, out_dir / REPORT, report)
+
+
+def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, inputs: list[list[int]], max_new_tokens: int, unmerged: Any,
+                        base_dir: Path, base_record: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """The merged low-bit model as a checkpoint transformers loads through torchao (<merged>/torchao), loaded back
+    by that loader and checked: its weights against the codes, its probes against the unmerged adapter."""
+    from loraline.modelling.qalora_torchao import load_torchao_checkpoint, max_weight_diff, save_torchao_checkpoint
+
+    folder = tmp / QALORA_TORCHAO
+    facts = save_torchao_checkpoint(tmp, lowbit, folder)
+    save_tokenizer(tok, folder, resolve_base_model_path(base_dir) if base_record.get("source") != "hub" else None)
+    (folder / "README.md").unlink(missing_ok=True)
+    model = load_torchao_checkpoint(folder)
+    facts["max_abs_weight_diff"] = max_weight_diff(model, lowbit)
+    facts["vs_unmerged"] = compare(run_probes(model, tok, inputs, max_new_tokens), unmerged)
+    facts["files"] = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()}
+    facts["passed"] = facts["max_abs_weight_diff"] == 0.0 and facts["vs_unmerged"]["max_abs_logit_diff"] <= tolerance
+    del model
+    gc.collect()
+    return facts
 
 
 # --- references -----------------------------------------------------------------------------------

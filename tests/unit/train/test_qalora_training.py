@@ -163,6 +163,38 @@ def test_the_merged_folder_carries_the_low_bit_codes_its_float_weights_are_made_
         assert torch.equal(weights[f"{name}.weight"], q.dequantize(torch.float32))  # float32 merge: bit for bit
 
 
+def test_the_merge_writes_a_torchao_checkpoint_that_transformers_loads_bit_for_bit(qalora_merged):
+    """<merged>/torchao: the low-bit model as safetensors that transformers' own loader reads (torchao's
+    IntxUnpackedToInt8Tensor, float zero points): the loaded weights are the codes dequantized, exactly,
+    and the model answers as the float32 merged folder does."""
+    from safetensors import safe_open
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from transformers import AutoModelForCausalLM
+
+    from loraline.layout import QALORA_QUANTIZED, QALORA_TORCHAO
+    from loraline.modelling.qalora import load_quantized_layers
+
+    facts = qalora_merged.report["qalora"]["torchao"]
+    assert facts["passed"] and facts["max_abs_weight_diff"] == 0.0 and (facts["bits"], facts["group_size"]) == (4, 32)
+    assert facts["vs_unmerged"]["max_abs_logit_diff"] < 1e-4 and facts["vs_unmerged"]["greedy_agreement"] == 1.0
+    folder = qalora_merged.out_dir / QALORA_TORCHAO
+    assert not [f.name for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl")]  # no pickles
+    layers = load_quantized_layers(qalora_merged.out_dir / QALORA_QUANTIZED)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        codes = {k: f.get_tensor(k) for k in f.keys() if k.endswith("_weight_qdata")}
+    assert len(codes) == len(layers) == 14 and all(c.dtype == torch.int8 and 0 <= c.min() and c.max() <= 15 for c in codes.values())
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()  # no loraline involved
+    merged = AutoModelForCausalLM.from_pretrained(str(qalora_merged.out_dir), dtype=torch.float32).eval()
+    for name, q in layers.items():
+        weight = loaded.get_submodule(name).weight
+        assert isinstance(weight, IntxUnpackedToInt8Tensor)
+        assert torch.equal(weight.dequantize(), q.dequantize(torch.float32))
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (loaded(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item() < 1e-5
+
+
 def test_export_writes_the_merged_qalora_model_as_matmulnbits_and_it_matches_the_merged_model(qalora_merged, tmp_path, capsys):
     """export: the low-bit graph carries the merged model's own 4-bit codes and folded zero points
     (MatMulNBits), agrees with PyTorch as strictly as the float graph, and is smaller."""
