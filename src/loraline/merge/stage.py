@@ -16,6 +16,9 @@ add_generation_prompt) before anything is written:
 out_dir (replaced atomically, safe to re-run):
     config.json, generation_config.json, model.safetensors   plain AutoModelForCausalLM loads it
     qalora_quantized.safetensors                             QA-LoRA only: the codes, scales and folded zero points
+    torchao/                                                 QA-LoRA only: the same low-bit model, which transformers
+                                                             loads through torchao (modelling/qalora_torchao.py),
+                                                             loaded back and checked before anything is written
     tokenizer.json, tokenizer_config.json (chat_template inside)
     merge_report.json                                        numbers, tolerance, pass/fail, hashes, code
 
