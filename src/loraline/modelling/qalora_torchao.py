@@ -20,7 +20,6 @@ Load it in float32: torchao keeps these weights in the dtype they were saved wit
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,7 @@ LOADER = "transformers AutoModelForCausalLM.from_pretrained (TorchAoConfig) with
 
 
 def _torchao() -> Any:
-    # torchao logs, on import, the CUDA extensions it cannot load on a CPU build; they are not used here.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    import torchao
+    import torchao  # its import-time warnings are silenced in loraline/__init__.py
     import torchao.quantization as Q
 
     return torchao, Q
