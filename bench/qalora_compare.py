@@ -12,6 +12,10 @@ leaves them) and runs the real train, merge and export stages in a scratch folde
                 quantizer, exported as MatMulNBits the same way as (a)
       ort-rtn   (b)'s ONNX graph through onnxruntime's MatMulNBits quantizer (integer zero points;
                 2 and 4 bits, it has no 3-bit one)
+  (a) served    (a)'s adapter as `loraline serve` puts it on the shared float base (the pooled A
+                re-expressed as plain LoRA, serve/adapters.py), merged into the float base in PyTorch
+                and exported as a float32 graph: what serving answers with. Also: how many of the
+                merge stage's probes it answers as the merged low-bit model does (the deployment check)
 
 Every model is scored the same way, through onnxruntime on the CPU on the tenant's held-out test
 rows: answer loss, exact match, token F1 (JSON field accuracy where the answers are JSON), graph size
@@ -92,6 +96,46 @@ def unmerged_qalora_loss(base_dir: Path, adapter_dir: Path, rows: dict[str, list
     model = load_qalora_adapter(load_base_causal_lm(base_dir, "cpu", torch.float32), adapter_dir, bits=bits, group_size=group)
     model.eval()
     return answer_loss(model, rows["input_ids"], rows["labels"], 0, 1).loss  # one row a batch: no padding
+
+
+def served_on_float_base(base_dir: Path, base_params: Any, adapter_dir: Path, merged_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """(a)'s adapter as serving runs it on the float base, written as a float merged folder (the
+    low-bit files removed, so export writes the float graph), with its probe agreement against the
+    merged low-bit model as the deployment check of `loraline serve` measures it.
+
+    The servable adapter (make_servable: trained embeddings as LoRA on embed_tokens and lm_head) is
+    scored unmerged: peft's merge would add both pairs to a tied base's one matrix. The folder is the
+    same function merged through the adapter with its pooled A unpooled and its embeddings kept whole."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    from loraline.layout import QALORA_QUANTIZED, QALORA_TORCHAO
+    from loraline.modelling.loading import load_base_causal_lm, load_base_tokenizer
+    from loraline.modelling.parity import run_probes
+    from loraline.serve.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, make_servable, unpool_qalora
+
+    ref = json.loads((merged_dir / "merge_report.json").read_text(encoding="utf-8"))["probe_reference"]
+    tok = load_base_tokenizer(base_dir, base_params)
+    servable = make_servable(adapter_dir, base_dir, out_dir.parent / "servable").path
+    with torch.no_grad():
+        served = PeftModel.from_pretrained(load_base_causal_lm(base_dir, "cpu", torch.float32), str(servable)).eval()
+        answers = run_probes(served, tok, ref["prompts"], ref["max_new_tokens"])
+        unpooled = out_dir.parent / "unpooled"
+        unpooled.mkdir(parents=True, exist_ok=True)
+        config, tensors = unpool_qalora(json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")),
+                                        load_file(str(adapter_dir / ADAPTER_WEIGHTS)))
+        (unpooled / ADAPTER_CONFIG).write_text(json.dumps(config), encoding="utf-8")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(unpooled / ADAPTER_WEIGHTS))
+        model = PeftModel.from_pretrained(load_base_causal_lm(base_dir, "cpu", torch.float32), str(unpooled)).merge_and_unload().eval()
+        ids = torch.tensor([ref["prompts"][0]])
+        gap = float((model(input_ids=ids).logits - served(input_ids=ids).logits).abs().max())
+    if gap > 1e-3:
+        raise SystemExit(f"the merged served model is not the servable adapter's function (max logit gap {gap})")
+    agree = sum(a.strip() == b.strip() for a, b in zip(answers.texts, ref["texts"], strict=True))
+    shutil.copytree(merged_dir, out_dir, ignore=shutil.ignore_patterns(QALORA_QUANTIZED, QALORA_TORCHAO))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return {"probes_as_merged": agree, "probes": len(ref["texts"])}
 
 
 def rtn_model(merged_dir: Path, out_dir: Path, bits: int, group: int) -> None:
@@ -204,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         unmerged = unmerged_qalora_loss(base_dir, adapter, rows, bits, args.group_size)
         emit({**common, "model": f"(a) qalora int{bits} merged", "bits": bits, "train_s": round(train_s, 1), **row,
               "unmerged_answer_loss": round(unmerged, 5), "merged_vs_unmerged_loss": round(row["answer_loss"] / unmerged - 1, 5),
+              "size_vs_fp32": round(row["bytes"] / float_bytes, 3)})
+        served_dir = scratch / name / "served-merged"
+        probes = served_on_float_base(base_dir, params.base, adapter, merged, served_dir)
+        export = export_onnx(model_dir=served_dir, out_dir=scratch / name / "served-onnx", max_new_tokens=8)
+        row = score_onnx(export.out_dir, "model.onnx", rows, args.max_new_tokens, args.threads)
+        emit({**common, "model": f"(a) qalora int{bits} served on the float base", "bits": bits, **row, **probes,
               "size_vs_fp32": round(row["bytes"] / float_bytes, 3)})
 
         rtn_dir = scratch / f"rtn-int{bits}"

@@ -14,6 +14,12 @@ same function as the trained adapter; `check_same_function` measures it with pef
 
 This only suits small vocabularies and hidden sizes (the built base: rank <= 256). For a real base,
 train without `modules_to_save` (LoRA only), which vLLM loads as it is.
+
+A QA-LoRA adapter (train.method: qalora) is re-expressed the same way: its A matrix, which reads the
+input averaged over groups, becomes the plain (rank x input) matrix of the same linear map. On the
+shared base it adds the trained update to the float weights, not to the low-bit ones it was trained
+and gated on, so its answers may differ from the merged low-bit model's: the deployment check
+(serve.deployment) measures exactly that on the merge stage's probes and refuses a version that differs.
 """
 
 from __future__ import annotations
@@ -63,16 +69,18 @@ def _refuse_long_context(adapter_dir: Path) -> None:
         )
 
 
-def _refuse_qalora(adapter_dir: Path) -> None:
-    """A QA-LoRA adapter (train.method: qalora) belongs to a group-quantized base, and its A matrix reads
-    the input pooled over groups: vLLM's LoRA on the shared base computes neither."""
-    path = adapter_dir / "adapter_config.json"
-    if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("use_qalora"):
-        raise ServeAdapterError(
-            f"{adapter_dir}: a QA-LoRA adapter (train.method: qalora) works on a group-quantized base with pooled "
-            "inputs, which vLLM's LoRA on the shared base does not compute; serve its merged model "
-            "(models/merged/<tenant>) with a vLLM server of its own"
-        )
+def unpool_qalora(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A QA-LoRA adapter as plain LoRA, exactly: its A matrix reads the input averaged over groups of G
+    channels and peft scales that by the number of groups n, so A_plain[:, j] = A[:, j // G] * n / G
+    (an (r x in) matrix that is the same linear map). On the shared float base it computes the adapter's
+    update on the unquantized weights; the deployment check measures what that changes in the answers."""
+    group = int(config["qalora_group_size"])
+    out = dict(tensors)
+    for key, a in tensors.items():
+        if ".lora_A." in key:
+            groups = a.shape[1]
+            out[key] = (a.float().repeat_interleave(group, dim=1) * (groups / group)).to(a.dtype)
+    return {**config, "use_qalora": False}, out
 
 
 def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableAdapter:
@@ -80,14 +88,20 @@ def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableA
     adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
     config: dict[str, Any] = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     _refuse_long_context(adapter_dir)
-    _refuse_qalora(adapter_dir)
     tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    pooled = bool(config.get("use_qalora"))
+    if pooled:
+        config, tensors = unpool_qalora(config, tensors)
     saved = [k for k in tensors if ".lora_" not in k]  # whole trained modules (modules_to_save)
     if not saved:
         with io.atomic_dir(out_dir) as tmp:
-            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-                shutil.copyfile(adapter_dir / name, tmp / name)
-        return ServableAdapter(out_dir, False, serving_rank(int(config["r"])), [])
+            if pooled:
+                save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / ADAPTER_WEIGHTS))
+                io.write_json(tmp / ADAPTER_CONFIG, config)
+            else:
+                for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                    shutil.copyfile(adapter_dir / name, tmp / name)
+        return ServableAdapter(out_dir, pooled, serving_rank(int(config["r"])), [])
     if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ServeAdapterError(f"{adapter_dir}: DoRA and per-module rank/alpha patterns cannot be re-expressed for vLLM")
 

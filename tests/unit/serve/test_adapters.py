@@ -87,3 +87,47 @@ def test_a_long_context_adapter_is_refused_with_what_to_do_instead(base_dir, tmp
     with pytest.raises(ServeAdapterError, match=r"long-context adapter .*64 -> 256 tokens.*serve its merged model"):
         make_servable(original, base_dir, tmp_path / "served")
     assert not (tmp_path / "served").exists()
+
+
+def test_a_qalora_adapter_becomes_plain_lora_computing_the_same_update(tmp_path):
+    """The pooled A re-expressed per input channel: on the base QA-LoRA trained on (the dequantized
+    low-bit weights) the plain adapter gives the QA-LoRA model's logits; on the float base it is the
+    same update on the unquantized weights."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from loraline.modelling.qalora import dequantize_linears, load_qalora_adapter, quantize_linears, register_with
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    names = quantize_linears(model, bits=4, group_size=32)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=names, use_qalora=True, qalora_group_size=32,
+                      modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    register_with(lora)
+    trained = get_peft_model(model, lora)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    trained.save_pretrained(tmp_path / "qalora")
+
+    served = make_servable(tmp_path / "qalora", tmp_path / "base", tmp_path / "served")
+    config = json.loads((served.path / "adapter_config.json").read_text())
+    assert served.converted and not config["use_qalora"] and served.modules == ["lm_head", "model.embed_tokens"]
+
+    ids = torch.randint(1, 96, (1, 24))
+    with torch.no_grad():
+        qalora = load_qalora_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32),
+                                     tmp_path / "qalora", bits=4, group_size=32).eval()
+        want = qalora(input_ids=ids).logits
+        low_bit = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+        quantize_linears(low_bit, bits=4, group_size=32)
+        dequantize_linears(low_bit)
+        got = PeftModel.from_pretrained(low_bit, str(served.path)).eval()(input_ids=ids).logits
+        with qalora.disable_adapter():
+            untrained = qalora(input_ids=ids).logits
+    assert (got - want).abs().max().item() < 1e-4
+    assert (want - untrained).abs().max().item() > 1e-2  # the adapter does something
