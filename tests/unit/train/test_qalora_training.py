@@ -238,12 +238,27 @@ def test_export_writes_the_merged_qalora_model_as_matmulnbits_and_it_matches_the
         main(["generate", "--onnx", str(result.out_dir), "--lowbit", "--prompt", "hi"])
 
 
-def test_serving_refuses_a_qalora_adapter_naming_the_way_out(setup, qalora_run, tmp_path):
-    from loraline.serve.adapters import ServeAdapterError, make_servable
+def test_serving_takes_a_trained_qalora_adapter_as_plain_lora_with_the_same_function(setup, qalora_run, tmp_path):
+    """The train stage's adapter made servable for vLLM's shared base: on the low-bit base's weights it
+    is the QA-LoRA model (so what the shared float base adds is the trained update, nothing else)."""
+    from peft import PeftModel
+
+    from loraline.modelling.loading import load_base_causal_lm
+    from loraline.modelling.qalora import dequantize_linears, quantize_linears
+    from loraline.serve.adapters import make_servable
 
     res, _ = qalora_run
-    with pytest.raises(ServeAdapterError, match="QA-LoRA adapter .* serve its merged model"):
-        make_servable(res.out_dir, setup.base_dir, tmp_path / "s")
+    served = make_servable(res.out_dir, setup.base_dir, tmp_path / "s")
+    assert served.converted and not json.loads((served.path / "adapter_config.json").read_text())["use_qalora"]
+    record = json.loads((res.out_dir / "train_record.json").read_text())["qalora"]
+    ids = torch.arange(3, 40).unsqueeze(0)
+    low_bit = load_base_causal_lm(setup.base_dir, "cpu", torch.float32)
+    quantize_linears(low_bit, bits=record["bits"], group_size=record["group_size"])
+    dequantize_linears(low_bit)
+    with torch.no_grad():
+        want = _adapter_on_quantized_base(setup, res.out_dir)(input_ids=ids).logits
+        got = PeftModel.from_pretrained(low_bit, str(served.path)).eval()(input_ids=ids).logits
+    assert (got - want).abs().max().item() < 1e-4
 
 
 def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(setup, tmp_path):
