@@ -167,7 +167,7 @@ def main() -> None:
         rank = lora_rank_for([json.loads((p / "adapter_config.json").read_text())["r"] for p in names.values()])
         context = json.loads(Path("models/base/config.json").read_text())["max_position_embeddings"]
         params = ServeParams(engine_port=a.port, max_loras=N_NAMES, dtype="float32", engine_args=["--max-num-seqs", "32"])
-        cmd = engine_command(Path(a.python), Path("models/base"), params, lora_rank=rank, max_loras=N_NAMES,
+        cmd = engine_command(Path(a.python), Path("models/base"), params, dtype=params.dtype, lora_rank=rank, max_loras=N_NAMES,
                              max_model_len=context, on_cpu=True)
         engine = Engine.start(cmd, params, Path(tmp) / "engine.log", on_cpu=True)
         try:

@@ -569,8 +569,9 @@ class ServeParams(_Section):
         None, ge=1, description="Adapters vLLM keeps loaded at once (null: 2 per tenant, so a new version loads beside the old)"
     )
     max_model_len: int | None = Field(None, ge=16, description="Context length served (null: the base's)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="vLLM --dtype; the deployment check compares greedy answers with the float32 merged model"
+    dtype: Literal["merge", "auto", "float32", "bfloat16", "float16"] = Field(
+        "merge", description="vLLM --dtype. merge: merge.dtype, the precision of the merged model whose greedy answers the "
+        "deployment check compares with; auto: vLLM's choice, which serves a float32 model in 16 bits"
     )
     engine_args: list[str] = Field(
         default_factory=list, description="Extra vLLM server arguments passed as they are, e.g. [--enforce-eager, --max-num-seqs, '64']"

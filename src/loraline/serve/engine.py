@@ -34,12 +34,19 @@ def lora_rank_for(ranks: list[int]) -> int:
     return serving_rank(need)
 
 
-def engine_command(python: Path, model: Path, params: ServeParams, *, lora_rank: int, max_loras: int, max_model_len: int | None,
-                   on_cpu: bool) -> list[str]:
+def engine_dtype(params: ServeParams, merge_dtype: str) -> str:
+    """vLLM's --dtype: serve.dtype, where `merge` means the merged model's own precision. vLLM's `auto`
+    serves a float32 model in 16 bits, and greedy answers then part from the float32 merged model's
+    wherever two tokens are within a tenth of a logit: the deployment check refuses such versions."""
+    return merge_dtype if params.dtype == "merge" else params.dtype
+
+
+def engine_command(python: Path, model: Path, params: ServeParams, *, dtype: str, lora_rank: int, max_loras: int,
+                   max_model_len: int | None, on_cpu: bool) -> list[str]:
     cmd = [
         str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
         "--port", str(params.engine_port), "--enable-lora", "--max-lora-rank", str(lora_rank), "--max-loras", str(max_loras),
-        "--max-cpu-loras", str(max_loras), "--dtype", params.dtype, "--disable-uvicorn-access-log",
+        "--max-cpu-loras", str(max_loras), "--dtype", dtype, "--disable-uvicorn-access-log",
     ]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]

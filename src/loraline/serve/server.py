@@ -16,7 +16,7 @@ from loraline.config import Params
 from loraline.layout import Layout
 from loraline.modelling.loading import resolve_base_model_path
 from loraline.serve.deployment import Deployment
-from loraline.serve.engine import Engine, engine_command, lora_rank_for, on_cpu
+from loraline.serve.engine import Engine, engine_command, engine_dtype, lora_rank_for, on_cpu
 from loraline.serve.versions import prepare_version, production_versions
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def start_deployment(params: Params, layout: Layout, python: Path) -> tuple[Engi
     rank = params.serve.max_lora_rank or lora_rank_for(ranks or [FALLBACK_RANK])
     model = Path(resolve_base_model_path(base_dir))
     cmd = engine_command(
-        python, model, params.serve, lora_rank=rank, max_loras=params.serve.max_loras or 2 * len(tenants),
+        python, model, params.serve, dtype=engine_dtype(params.serve, params.merge.dtype), lora_rank=rank, max_loras=params.serve.max_loras or 2 * len(tenants),
         max_model_len=params.serve.max_model_len or _context(model), on_cpu=on_cpu(),
     )
     engine = Engine.start(cmd, params.serve, folders.engine_log, on_cpu())
