@@ -108,12 +108,12 @@ def served_on_float_base(base_dir: Path, base_params: Any, adapter_dir: Path, me
     same function merged through the adapter with its pooled A unpooled and its embeddings kept whole."""
     import torch
     from peft import PeftModel
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from loraline.layout import QALORA_QUANTIZED, QALORA_TORCHAO
     from loraline.modelling.loading import load_base_causal_lm, load_base_tokenizer
     from loraline.modelling.parity import run_probes
-    from loraline.serve.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, make_servable, unpool_qalora
+    from loraline.serve.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, make_servable, unpool_qalora, write_adapter
 
     ref = json.loads((merged_dir / "merge_report.json").read_text(encoding="utf-8"))["probe_reference"]
     tok = load_base_tokenizer(base_dir, base_params)
@@ -122,11 +122,8 @@ def served_on_float_base(base_dir: Path, base_params: Any, adapter_dir: Path, me
         served = PeftModel.from_pretrained(load_base_causal_lm(base_dir, "cpu", torch.float32), str(servable)).eval()
         answers = run_probes(served, tok, ref["prompts"], ref["max_new_tokens"])
         unpooled = out_dir.parent / "unpooled"
-        unpooled.mkdir(parents=True, exist_ok=True)
-        config, tensors = unpool_qalora(json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")),
-                                        load_file(str(adapter_dir / ADAPTER_WEIGHTS)))
-        (unpooled / ADAPTER_CONFIG).write_text(json.dumps(config), encoding="utf-8")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(unpooled / ADAPTER_WEIGHTS))
+        write_adapter(unpooled, *unpool_qalora(json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")),
+                                               load_file(str(adapter_dir / ADAPTER_WEIGHTS))))
         model = PeftModel.from_pretrained(load_base_causal_lm(base_dir, "cpu", torch.float32), str(unpooled)).merge_and_unload().eval()
         ids = torch.tensor([ref["prompts"][0]])
         gap = float((model(input_ids=ids).logits - served(input_ids=ids).logits).abs().max())

@@ -94,11 +94,10 @@ def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableA
         config, tensors = unpool_qalora(config, tensors)
     saved = [k for k in tensors if ".lora_" not in k]  # whole trained modules (modules_to_save)
     if not saved:
-        with io.atomic_dir(out_dir) as tmp:
-            if pooled:
-                save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / ADAPTER_WEIGHTS))
-                io.write_json(tmp / ADAPTER_CONFIG, config)
-            else:
+        if pooled:
+            write_adapter(out_dir, config, tensors)
+        else:
+            with io.atomic_dir(out_dir) as tmp:
                 for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                     shutil.copyfile(adapter_dir / name, tmp / name)
         return ServableAdapter(out_dir, pooled, serving_rank(int(config["r"])), [])
@@ -149,10 +148,15 @@ def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableA
         **config, "r": r, "lora_alpha": r, "use_rslora": False, "target_modules": targets,
         "modules_to_save": None, "ensure_weight_tying": False,
     }
-    with io.atomic_dir(out_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in sorted(out.items())}, str(tmp / ADAPTER_WEIGHTS))
-        io.write_json(tmp / ADAPTER_CONFIG, new_config)
+    write_adapter(out_dir, new_config, out)
     return ServableAdapter(out_dir, True, r, sorted(pairs))
+
+
+def write_adapter(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """A peft adapter folder (its config and safetensors weights), written atomically."""
+    with io.atomic_dir(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp / ADAPTER_WEIGHTS))
+        io.write_json(tmp / ADAPTER_CONFIG, config)
 
 
 def _keys(base_dir: Path) -> set[str]:

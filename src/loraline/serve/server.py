@@ -52,8 +52,9 @@ def start_deployment(params: Params, layout: Layout, python: Path) -> tuple[Engi
     rank = params.serve.max_lora_rank or lora_rank_for(ranks or [FALLBACK_RANK])
     model = Path(resolve_base_model_path(base_dir))
     cmd = engine_command(
-        python, model, params.serve, dtype=engine_dtype(params.serve, params.merge.dtype), lora_rank=rank, max_loras=params.serve.max_loras or 2 * len(tenants),
-        max_model_len=params.serve.max_model_len or _context(model), on_cpu=on_cpu(),
+        python, model, params.serve, dtype=engine_dtype(params.serve, params.merge.dtype), lora_rank=rank,
+        max_loras=params.serve.max_loras or 2 * len(tenants), max_model_len=params.serve.max_model_len or _context(model),
+        on_cpu=on_cpu(),
     )
     engine = Engine.start(cmd, params.serve, folders.engine_log, on_cpu())
     deployment = Deployment(engine, params.serve, prepare, partial(_read_production, root, tenants, params.orchestrate.registry_remote),
