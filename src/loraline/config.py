@@ -31,7 +31,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: YAML's .nan fails every comparison (a gate threshold of .nan fails every gate) and
+    # .inf silently switches a check off; "no limit" is spelled null where a field offers it.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class BuildParams(_Section):
@@ -735,6 +737,8 @@ def _format_errors(
             lines.append(f"{key}: unknown key; allowed keys here: {allowed}")
         elif err["type"] in ("literal_error", "enum"):
             lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+        elif err["type"] == "finite_number":
+            lines.append(f"{key}: must be a finite number, got {err.get('input')!r}")
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"

@@ -130,3 +130,51 @@ def test_a_tenant_cannot_be_named_like_the_timing_reports_folder(tmp_path):
     path.write_text(text)
     with pytest.raises(ConfigError, match="'timing' is reserved"):
         load_params(path)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize(
+    ("key", "yaml_key"),
+    [
+        ("gate.min_gain_over_base", "gate: {min_gain_over_base: %s}"),
+        ("train.learning_rate", "train: {learning_rate: %s}"),
+        ("tenants.acme.gate.max_regression_vs_prod", "tenants: {acme: {raw_dir: raw, gate: {max_regression_vs_prod: %s}}}"),
+        ("tenants.acme.train.lora_dropout", "tenants: {acme: {raw_dir: raw, train: {lora_dropout: %s}}}"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, key, yaml_key, value):
+    """YAML's .nan fails every comparison (a gate would fail with "gain < nan") and .inf switches a check off."""
+    text = yaml_key % value
+    if not text.startswith("tenants"):
+        text += "\ntenants: {acme: {raw_dir: raw}}"
+    path = tmp_path / "params.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    shown = {".nan": "nan", ".inf": "inf", "-.inf": "-inf"}[value]
+    assert f"{key}: must be a finite number, got {shown}" in str(err.value)
+
+
+def test_every_params_section_refuses_non_finite_numbers():
+    """The refusal lives in the shared model config: every section reached from Params must inherit it."""
+    seen: set[type] = set()
+
+    def walk(model: type) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        assert model.model_config.get("allow_inf_nan") is False, f"{model.__name__} accepts nan/inf"
+        for field in model.model_fields.values():
+            for arg in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                for inner in (arg, *getattr(arg, "__args__", ())):
+                    if isinstance(inner, type) and hasattr(inner, "model_fields"):
+                        walk(inner)
+
+    walk(Params)
+    assert len(seen) > 15  # every section, sub-section, source and seed task
+
+
+def test_committed_params_load_with_finite_numbers_only(monkeypatch):
+    monkeypatch.chdir(REPO)
+    params = load_params(REPO / "params.yaml")
+    assert params.gate.min_gain_over_base == 0.05 and params.gate_for("acme-shop").min_gain_over_base == 0.4
