@@ -11,6 +11,7 @@ is still the version it was decided against (the registry's lock and `expected_c
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,12 @@ def _next_version(registry: Registry, names: list[str]) -> str:
     return _bump_patch(max(latest, key=_semver_key) if latest else None)
 
 
+def _raw_dirs(root: Path, params: Params) -> list[str]:
+    """Every tenant's raw_dir relative to the project (those outside it cannot be in a snapshot)."""
+    rels = [os.path.relpath(t.raw_dir if t.raw_dir.is_absolute() else root / t.raw_dir, root) for t in params.tenants]
+    return [Path(r).as_posix() for r in rels if not r.startswith("..")]
+
+
 def _register(root: Path, params: Params, tenant: str, registry: Registry, adapter_md5: str) -> tuple[str, bool]:
     names = list(artifact_paths(tenant))
     latest = registry.latest(names[0])
@@ -79,7 +86,8 @@ def _register(root: Path, params: Params, tenant: str, registry: Registry, adapt
             if all(v.version != latest.version for v in registry.versions(name)):
                 registry.register(name, latest.commit, latest.lineage, version=latest.version)
         return latest.version, False
-    snapshot = snapshot_commit(root, f"loraline release {tenant}: the dvc.lock, params and data of this version")
+    snapshot = snapshot_commit(root, f"loraline release {tenant}: the dvc.lock, params and data of this version",
+                               extra=_raw_dirs(root, params))
     lineage = tenant_lineage(root, params, tenant, snapshot=snapshot)
     version = _next_version(registry, names)
     for name in names:
