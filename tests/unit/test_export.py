@@ -88,6 +88,7 @@ def test_folder_is_self_contained(exported: Exported):
     config = json.loads((exported.out_dir / "tokenizer_config.json").read_text())
     assert config.get("chat_template")
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # resolvable by transformers 4 tools too
+    assert "local_files_only" not in config  # how the tests loaded it (HF_HUB_OFFLINE=1) is no part of the export
     tok = AutoTokenizer.from_pretrained(str(exported.out_dir))
     base_tok = AutoTokenizer.from_pretrained(str(exported.base_dir))
     assert tok.apply_chat_template(PROBES[0], tokenize=False, add_generation_prompt=True) == \

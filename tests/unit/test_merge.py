@@ -174,3 +174,39 @@ def test_bfloat16_merge_needs_a_looser_tolerance(trained: Trained, tmp_path):
     result = merge_adapter(out_dir=tmp_path / "bf16", tolerance=0.5, **kwargs)
     assert result.report["dtype"] == "bfloat16" and result.report["reload"]["loaded_dtype"] == "bfloat16"
     assert 1e-4 < result.report["merged_vs_unmerged"]["max_abs_logit_diff"] <= 0.5
+
+
+_LOAD_AND_SAVE = """
+import sys
+from transformers import AutoTokenizer
+from loraline.modelling.chat import save_tokenizer
+save_tokenizer(AutoTokenizer.from_pretrained(sys.argv[1]), sys.argv[2], sys.argv[1])
+"""
+
+
+def test_a_saved_tokenizer_is_the_same_bytes_with_or_without_offline_mode(tmp_path):
+    """merge and export save the tokenizer they loaded (save_tokenizer); transformers records how it was
+    loaded (HF_HUB_OFFLINE=1 forces local_files_only=True, read once at import), and those keys must not
+    reach the output. One process per setting, since the setting is read at import time."""
+    import subprocess
+
+    from loraline.base.tokenizer import train_tokenizer
+
+    train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, 300).save_pretrained(tmp_path / "source")
+    clean = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    settings = {"online": clean, "offline": {**clean, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+                "other-home": {**clean, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}}
+    for name, env in settings.items():
+        subprocess.run([sys.executable, "-c", _LOAD_AND_SAVE, str(tmp_path / "source"), str(tmp_path / name)],
+                       env=env, check=True, capture_output=True)
+    online = {f.name: f.read_bytes() for f in (tmp_path / "online").iterdir()}
+    assert "tokenizer_config.json" in online and "tokenizer.json" in online
+    for name in ("offline", "other-home"):
+        assert {f.name: f.read_bytes() for f in (tmp_path / name).iterdir()} == online, name
+    config = json.loads(online["tokenizer_config.json"])
+    assert not {"local_files_only", "is_local"} & set(config), config
+
+
+def test_the_merged_tokenizer_records_nothing_of_how_it_was_loaded(merged):
+    config = json.loads((merged.out_dir / "tokenizer_config.json").read_text())
+    assert not {"local_files_only", "is_local"} & set(config), config

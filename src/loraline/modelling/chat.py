@@ -30,6 +30,14 @@ CHAT_TEMPLATE = (
 # converters) cannot resolve.
 _BACKEND_CLASS = "TokenizersBackend"
 _PORTABLE_CLASS = "PreTrainedTokenizerFast"
+# How a tokenizer was loaded, not what it is: transformers keeps the from_pretrained arguments and facts
+# in init_kwargs and save_pretrained writes them out, so HF_HUB_OFFLINE=1 (which forces
+# local_files_only) or loading from the hub rather than a folder (is_local) would change the bytes of
+# every saved tokenizer_config.json, and with them the merge and export hashes.
+LOAD_TIME_KEYS = (
+    "local_files_only", "is_local", "cache_dir", "token", "use_auth_token", "revision", "trust_remote_code",
+    "force_download", "proxies", "subfolder", "_commit_hash",
+)
 
 
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
@@ -55,15 +63,21 @@ def save_tokenizer(tokenizer: Any, out_dir: str | Path, source_dir: str | Path |
     save_jinja_files=False keeps the template inside tokenizer_config.json, where every loader
     (older transformers, vLLM, llama.cpp converters) looks for it. A tokenizer_class of transformers 5's
     backend is replaced by the source folder's class, or PreTrainedTokenizerFast, which names the same
-    tokenizer for every transformers version.
+    tokenizer for every transformers version. The load-time keys (LOAD_TIME_KEYS) are left out, so the
+    same tokenizer gives the same bytes whatever the environment it was loaded in.
     """
     tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
     path = Path(out_dir) / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
-    if config.get("tokenizer_class", _BACKEND_CLASS) != _BACKEND_CLASS:
-        return
+    portable = {k: v for k, v in config.items() if k not in LOAD_TIME_KEYS}
+    if portable.get("tokenizer_class", _BACKEND_CLASS) == _BACKEND_CLASS:
+        portable["tokenizer_class"] = _portable_class(source_dir)
+    if portable != config:
+        io.write_json(path, portable)
+
+
+def _portable_class(source_dir: str | Path | None) -> str:
     original = None
     if source_dir is not None and (Path(source_dir) / "tokenizer_config.json").is_file():
         original = json.loads((Path(source_dir) / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
-    config["tokenizer_class"] = original if original and original != _BACKEND_CLASS else _PORTABLE_CLASS
-    io.write_json(path, config)
+    return original if original and original != _BACKEND_CLASS else _PORTABLE_CLASS
