@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,16 @@ def add_serve_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from loraline.cli.main import _load
     from loraline.layout import Layout
+    from loraline.serve.claims import ClaimError
+    from loraline.serve.engine import EngineError
     from loraline.serve.environment import ensure_serving_env
     from loraline.serve.server import serve
 
     params = _load(args)
     python = Path(args.python) if args.python else ensure_serving_env(Path(args.env)).python
-    serve(params, Layout(), python)
+    try:
+        serve(params, Layout(), python)
+    except (ClaimError, EngineError) as exc:  # a taken port, a serve already running, vLLM failing to start: no traceback
+        print(f"loraline serve: error: {exc}", file=sys.stderr)
+        return 1
     return 0

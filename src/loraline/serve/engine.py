@@ -2,14 +2,19 @@
 
 Started with the base model and LoRA enabled, with runtime adapter loading on
 (VLLM_ALLOW_RUNTIME_LORA_UPDATING), so versions come and go without a restart. Only the gateway
-talks to it; it listens on the loopback interface alone.
+talks to it; it listens on the loopback interface alone. It ends with the `loraline serve` that
+started it, however that ends (a parent-death signal, _die_with_parent), and is recorded in a pid
+file while it runs, so a start finds and stops what a killed serve left (serve.claims).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +23,10 @@ import httpx
 
 from loraline.config import ServeParams
 from loraline.serve.adapters import VLLM_RANKS, serving_rank
+from loraline.serve.claims import EngineRecord, command, group_members, listeners, record_engine, release
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class EngineError(RuntimeError):
@@ -61,33 +68,72 @@ class Engine:
 
     url: str
     process: subprocess.Popen | None = None
+    log_path: Path | None = None
+    log_from: int = 0  # where this start's lines begin in the (appended) log
+    pid_file: Path | None = None
+    record: EngineRecord | None = None
 
     @classmethod
-    def start(cls, cmd: list[str], params: ServeParams, log_path: Path, on_cpu: bool) -> Engine:
+    def start(cls, cmd: list[str], params: ServeParams, log_path: Path, on_cpu: bool, pid_file: Path | None = None) -> Engine:
+        """vLLM started and answering, or an EngineError (and nothing left running). Call it from the
+        main thread: the engine is told to end when the thread that started it ends (see _die_with_parent).
+        `pid_file`: where the engine is recorded while it runs (serve.claims)."""
+        if threading.current_thread() is not threading.main_thread():
+            raise EngineError("Engine.start must run on the main thread: the engine ends when the thread that started it does")
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         if on_cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{params.cpu_kv_cache_gib:g}")
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_from = log_path.stat().st_size if log_path.is_file() else 0
         log.info("starting vLLM: %s (its log: %s)", " ".join(cmd), log_path)
+        # its own session: Ctrl-C in the terminal reaches `loraline serve` alone, which stops the engine in order
         with open(log_path, "ab") as out:
-            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        engine = cls(f"http://127.0.0.1:{params.engine_port}", process)
-        engine.wait_ready(params.startup_timeout_s, log_path)
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                       preexec_fn=_die_with_parent(os.getpid()))
+        engine = cls(f"http://127.0.0.1:{params.engine_port}", process, log_path, log_from, pid_file)
+        try:
+            if pid_file is not None:
+                engine.record = record_engine(pid_file, process.pid, params.engine_port)
+            engine.wait_ready(params.startup_timeout_s)
+        except BaseException:
+            engine.stop()
+            raise
         return engine
 
-    def wait_ready(self, timeout_s: float, log_path: Path | None = None) -> None:
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until our own process answers /health: another server already on the port (an orphan of
+        an earlier start, say) answers too, and must not pass for ours."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.is_file() else ""
-                raise EngineError(f"vLLM exited with {self.process.returncode} while starting:\n{tail}")
+                raise EngineError(self._exit_message())
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200 and self._listening_is_ours():
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(1)
         raise EngineError(f"vLLM did not answer {self.url}/health within {timeout_s:.0f} s (serve.startup_timeout_s)")
+
+    def _listening_is_ours(self) -> bool:
+        """Whether a process of our engine's group listens on its port (True where /proc cannot tell)."""
+        if self.process is None or not Path("/proc/net/tcp").is_file():
+            return True
+        port = int(self.url.rsplit(":", 1)[1])
+        return any(pid in group_members(self.process.pid) for pid in listeners(port))
+
+    def _exit_message(self) -> str:
+        tail = ""
+        if self.log_path is not None and self.log_path.is_file():
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self.log_from)
+                tail = fh.read().decode(errors="replace")[-3000:]
+        if "Address already in use" in tail:
+            port = self.url.rsplit(":", 1)[1]
+            holders = ", ".join(f"pid {p} ({command(p)})" for p in listeners(int(port))) or "another process"
+            return (f"vLLM could not listen on 127.0.0.1:{port} (serve.engine_port): it is taken by {holders}. "
+                    f"Stop it, or choose another port with --set serve.engine_port=<port>")
+        return f"vLLM exited with {self.process.returncode} while starting:\n{tail}"
 
     def load(self, name: str, path: Path) -> None:
         r = httpx.post(f"{self.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=300)
@@ -110,13 +156,36 @@ class Engine:
         return r.json()["choices"][0]["text"]
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, 15)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, 9)
+        """SIGTERM to the engine's process group (vLLM stops its engine core), SIGKILL after 30 s."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        if self.pid_file is not None and self.record is not None:
+            release(self.pid_file, self.record)
+
+
+def _die_with_parent(parent: int):
+    """The engine's preexec_fn: Linux sends it SIGTERM when the thread that forked it ends, so a
+    `loraline serve` killed outright (kill -9) does not leave vLLM running, holding its port and
+    memory (SIGTERM: vLLM then stops its engine core itself). The signal is tied to the forking
+    thread, not the process, hence Engine.start's main-thread rule. A parent already gone before
+    the call: the engine exits at once. Elsewhere than Linux: nothing (the pid file still catches
+    a stale engine at the next start)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child must not load libraries
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def on_cpu() -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 from loraline.config import Params
 from loraline.layout import Layout
 from loraline.modelling.loading import resolve_base_model_path
+from loraline.serve.claims import claim
 from loraline.serve.deployment import Deployment
 from loraline.serve.engine import Engine, engine_command, engine_dtype, lora_rank_for, on_cpu
 from loraline.serve.versions import prepare_version, production_versions
@@ -32,6 +33,10 @@ class ServeFolders:
     @property
     def cache(self) -> Path:
         return self.root / ".loraline" / "serve" / "versions"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / ".loraline" / "serve" / "engine.pid"
 
     @property
     def engine_log(self) -> Path:
@@ -56,7 +61,7 @@ def start_deployment(params: Params, layout: Layout, python: Path) -> tuple[Engi
         max_loras=params.serve.max_loras or 2 * len(tenants), max_model_len=params.serve.max_model_len or _context(model),
         on_cpu=on_cpu(),
     )
-    engine = Engine.start(cmd, params.serve, folders.engine_log, on_cpu())
+    engine = Engine.start(cmd, params.serve, folders.engine_log, on_cpu(), pid_file=folders.pid_file)
     deployment = Deployment(engine, params.serve, prepare, partial(_read_production, root, tenants, params.orchestrate.registry_remote),
                             folders.events)
     try:
@@ -77,11 +82,12 @@ def serve(params: Params, layout: Layout, python: Path) -> None:
     from loraline.serve.gateway import tenant_keys
 
     keys = tenant_keys(params.tenant_names, dict(os.environ)) if params.serve.auth else None  # before anything starts
+    s = params.serve
+    claim(ServeFolders(layout.root).pid_file, engine_port=s.engine_port, host=s.host, port=s.port)
     engine, deployment = start_deployment(params, layout, python)
     stop = threading.Event()
     watcher = threading.Thread(target=deployment.watch, args=(stop,), daemon=True, name="registry-watcher")
     watcher.start()
-    s = params.serve
     print(f"serving {', '.join(f'{t} {v.version}' for t, v in sorted(deployment.routes.items())) or 'no tenant yet'} "
           f"on http://{s.host}:{s.port}/v1 (OpenAI API; the model is the tenant's name); events: {ServeFolders(layout.root).events}",
           flush=True)
