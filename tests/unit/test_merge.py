@@ -210,3 +210,60 @@ def test_a_saved_tokenizer_is_the_same_bytes_with_or_without_offline_mode(tmp_pa
 def test_the_merged_tokenizer_records_nothing_of_how_it_was_loaded(merged):
     config = json.loads((merged.out_dir / "tokenizer_config.json").read_text())
     assert not {"local_files_only", "is_local"} & set(config), config
+
+
+@pytest.fixture
+def merge_project(trained: Trained, tmp_path, monkeypatch) -> Path:
+    """A project folder where `loraline merge --tenant toy` finds the trained adapter (cwd)."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(trained.adapter_dir, tmp_path / "models" / "adapters" / "toy")
+    shutil.copytree(trained.root / "raw" / "toy", tmp_path / "data" / "raw" / "toy")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "tenants": {"toy": {"raw_dir": "data/raw/toy"}},
+        "merge": {"max_new_tokens": 2, "quantized_reference": False, "check_reload": False},
+    }))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _merge_cli(trained: Trained) -> int:
+    from loraline.cli import main
+
+    return main(["merge", "--tenant", "toy", "--base", str(trained.base_dir)])
+
+
+def test_unwritable_timing_is_one_warning_and_the_stage_succeeds(trained: Trained, merge_project: Path, capsys):
+    (merge_project / "reports").mkdir()
+    (merge_project / "reports" / "timing").write_text("a file where the timing folder should be")
+    assert _merge_cli(trained) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loraline")]
+    assert err == ["loraline: warning: run timing not recorded: cannot write reports/timing/merge@toy.json: "
+                   "reports/timing is a file, not a folder (the stage's outputs are complete)"]
+    assert (merge_project / "models" / "merged" / "toy" / REPORT).is_file()
+    assert json.loads((merge_project / "reports" / "toy" / "metrics" / "merge.json").read_text())["passed"] is True
+    assert (merge_project / "reports" / "toy" / REPORT).read_bytes() == \
+        (merge_project / "models" / "merged" / "toy" / REPORT).read_bytes()
+
+
+def test_an_output_that_cannot_be_written_is_one_error_line_and_no_temp_file(trained: Trained, merge_project: Path,
+                                                                             capsys, monkeypatch):
+    import errno
+
+    from loraline import io
+
+    real_replace = os.replace
+
+    def replace(src, dst):  # the disk fills up as the metrics file lands
+        if str(dst).endswith("metrics/merge.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    assert _merge_cli(trained) == 1
+    err = capsys.readouterr().err
+    assert "loraline merge: error: cannot write reports/toy/metrics/merge.json: No space left on device\n" in err
+    assert "Traceback" not in err
+    assert list((merge_project / "reports" / "toy" / "metrics").iterdir()) == []  # no .merge.json.tmp-* left

@@ -296,5 +296,5 @@ def run(
     started = time.perf_counter()
     docs = list(docs) if docs else [params.tenant(n).raw_dir for n in params.tenant_names]
     result = build_base(params.base, seed=params.seed, raw_dirs=docs, out_dir=out_dir or layout.base_dir, progress=progress)
-    io.write_json(layout.timing_path("base"), run_facts(started, **result.timing))
+    io.write_timing(layout.timing_path("base"), run_facts(started, **result.timing))
     return result

@@ -477,6 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"loraline {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        line = _write_error_line(exc)
+        if line is None:
+            raise
+        print(f"loraline {args.command}: error: {line}", file=sys.stderr)
+        return 1
     except Exception as exc:
         from dvc.exceptions import DvcException
 
@@ -485,6 +491,19 @@ def main(argv: list[str] | None = None) -> int:
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
         print(f"loraline {args.command}: dvc: {exc}{cause}; the stage's own error is printed above", file=sys.stderr)
         return 1
+
+
+def _write_error_line(exc: OSError) -> str | None:
+    """`cannot write <path>: <reason>` for an output that could not be written (loraline.io's WriteError,
+    or a library's own write failing for lack of space or a read-only disk); None for any other OSError,
+    whose traceback is worth seeing."""
+    from loraline.io import WRITE_ERRNOS, WriteError
+
+    if isinstance(exc, WriteError):
+        return str(exc)
+    if exc.errno in WRITE_ERRNOS:
+        return f"cannot write {exc.filename or '(a file)'}: {exc.strerror or exc}"
+    return None
 
 
 if __name__ == "__main__":

@@ -390,8 +390,6 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
     """The evaluate stage for one tenant: base and candidate on its test split into
     reports/<tenant>/evaluation, the metrics also at reports/<tenant>/eval_metrics.json, the headline
     ones at reports/<tenant>/metrics/evaluate.json, the run's timing at reports/timing/evaluate@<tenant>.json."""
-    import shutil
-
     started = time.perf_counter()
     ev = params.evaluate
     reference = layout.adapter_dir(tenant) / FULL_ATTENTION_REFERENCE  # train.long_context.reference
@@ -404,9 +402,9 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
         full_attention_reference=reference if reference.is_dir() else None,
         qlora_reference=twin if twin.is_dir() else None,
     )
-    shutil.copyfile(result.metrics_path, layout.eval_metrics_path(tenant))
+    io.copy_file(result.metrics_path, layout.eval_metrics_path(tenant))
     io.write_json(layout.metrics_path("evaluate", tenant), evaluate_metrics(result.metrics))
-    io.write_json(layout.timing_path("evaluate", tenant), run_facts(started, device=str(pick_device())))
+    io.write_timing(layout.timing_path("evaluate", tenant), run_facts(started, device=str(pick_device())))
     return result
 
 

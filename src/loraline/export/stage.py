@@ -278,10 +278,9 @@ def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
         model_dir=layout.merged_dir(tenant), out_dir=layout.onnx_dir(tenant), int8=e.int8, opset=e.opset,
         max_new_tokens=e.max_new_tokens, tolerance=params.gate_for(tenant).max_export_logit_diff,
     )
-    layout.export_report_path(tenant).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(result.report_path, layout.export_report_path(tenant))
+    io.copy_file(result.report_path, layout.export_report_path(tenant))
     io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
-    io.write_json(layout.timing_path("export", tenant), run_facts(started))
+    io.write_timing(layout.timing_path("export", tenant), run_facts(started))
     return result
 
 

@@ -350,10 +350,9 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
         out_dir=layout.merged_dir(tenant), dtype=m.dtype, tolerance=params.gate_for(tenant).max_merge_logit_diff,
         max_new_tokens=m.max_new_tokens, quantized_reference=m.quantized_reference, check_reload=m.check_reload,
     )
-    layout.merge_report_path(tenant).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(result.report_path, layout.merge_report_path(tenant))
+    io.copy_file(result.report_path, layout.merge_report_path(tenant))
     io.write_json(layout.metrics_path("merge", tenant), merge_metrics(result.report))
-    io.write_json(layout.timing_path("merge", tenant), run_facts(started))
+    io.write_timing(layout.timing_path("merge", tenant), run_facts(started))
     return result
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from loraline.config import Params, SeedTask, SynthesizeParams
 from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
 from loraline.layout import SYNTHETIC_ROWS, Layout
-from loraline.io import atomic_dir, write_json, write_jsonl
+from loraline.io import atomic_dir, write_json, write_jsonl, write_timing
 from loraline.provenance import code_fingerprint, run_facts, sha256_bytes
 from loraline.synthesize.base import Generated, Generator, SynthesizeError, make_generator
 from loraline.synthesize.filters import REASONS, FilterChain
@@ -174,7 +174,7 @@ def run(params: Params, layout: Layout, tenant: str, *, progress: bool = False) 
         cache_dir=layout.synth_cache_dir(tenant), progress=progress,
     )
     write_json(layout.metrics_path("synthesize", tenant), synthesize_metrics(result))
-    write_json(layout.timing_path("synthesize", tenant), run_facts(started, **({"usage": result.usage} if result.usage else {})))
+    write_timing(layout.timing_path("synthesize", tenant), run_facts(started, **({"usage": result.usage} if result.usage else {})))
     return result
 
 

@@ -391,8 +391,6 @@ def run(
     """The train stage for one tenant: its adapter into models/adapters/<tenant>, the numbers worth
     comparing across runs into reports/<tenant>/metrics/train.json, the loss curves into
     reports/<tenant>/train/ and the run's timing into reports/timing/train@<tenant>.json."""
-    import shutil
-
     started = time.perf_counter()
     train = params.train_for(tenant)
     inputs = {"base_dir": base_dir or layout.base_dir, "base_params": params.base,
@@ -411,11 +409,10 @@ def run(
     io.write_json(layout.metrics_path("train", tenant), metrics)
     # The curves also live beside the adapter; DVC plots need them outside the adapter folder.
     plots = layout.train_plots_dir(tenant)
-    plots.mkdir(parents=True, exist_ok=True)
     for curve in (result.train_curve, result.val_curve):
-        shutil.copyfile(curve, plots / curve.name)
+        io.copy_file(curve, plots / curve.name)
     timing = {k: v for k, v in result.timing.items() if k != "wall_s"}  # run_facts times the whole stage
-    io.write_json(layout.timing_path("train", tenant), run_facts(started, **timing))
+    io.write_timing(layout.timing_path("train", tenant), run_facts(started, **timing))
     return result
 
 
