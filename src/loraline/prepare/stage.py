@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from loraline.config import Params, PrepareParams, TenantParams
-from loraline.io import write_json
+from loraline.io import write_json, write_timing
 from loraline.layout import PREPARED_DATASET, Layout
 from loraline.modelling.loading import load_base_tokenizer
 from loraline.prepare.collected import Collected
@@ -207,7 +207,7 @@ def run(
         progress=progress,
     )
     write_json(layout.metrics_path("prepare", tenant), prepare_metrics(result.stats))
-    write_json(layout.timing_path("prepare", tenant), run_facts(started))
+    write_timing(layout.timing_path("prepare", tenant), run_facts(started))
     return result
 
 
