@@ -587,7 +587,15 @@ class ServeParams(_Section):
     startup_timeout_s: float = Field(300, gt=0, description="How long vLLM may take to start")
     auth: bool = Field(
         False, description="Each tenant's key, from the environment variable LORALINE_SERVE_KEY_<TENANT> (upper case, '-' as '_'), "
-        "may call that tenant only: 401 without a valid key, 403 for another tenant. Off: no key is asked for",
+        "may call that tenant only: 401 without a valid key; another tenant's model is a 404, as an unknown one is, so a key "
+        "learns of no other tenant. Off: no key is asked for",
+    )
+    # 32: the 64 concurrent requests took about 50 s each on 2 CPU cores; half that bounds a
+    # request near 25 s there. vLLM batches up to --max-num-seqs at once (128 on CPU, 256 or 1024 on
+    # a GPU): on a GPU, raise this towards it, or the engine runs smaller batches than it could.
+    max_queue: int = Field(
+        32, ge=0, description="Requests the gateway has at the engine at once (a stream counts until its last chunk); "
+        "one more is answered at once with 429 and Retry-After instead of waiting behind them. 0: no limit",
     )
 
 

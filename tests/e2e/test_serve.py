@@ -70,11 +70,41 @@ def server(project: Path):
         time.sleep(1)
     else:
         raise AssertionError("serve did not come up:\n" + (project / "serve.log").read_text()[-4000:])
+    engine_group = json.loads((project / ".loraline" / "serve" / "engine.pid").read_text())["engine"]["pid"]
     yield url, proc
-    os.killpg(proc.pid, 15)
+    # Killed outright, as the OOM killer or kill -9 would: vLLM runs in a session of its own and must
+    # still end with it (a parent-death signal), its engine core too, freeing its port.
+    os.killpg(proc.pid, 9)
     proc.wait(60)
-    # vLLM runs in a session of its own: stopping `loraline serve` must stop it too, not orphan it.
-    assert not _engines_on(engine_port), f"the vLLM engine on port {engine_port} outlived loraline serve"
+    deadline = time.monotonic() + 15
+    while (_group(engine_group) or not _port_free(engine_port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group(engine_group) and _port_free(engine_port), \
+        f"the vLLM engine (processes {_group(engine_group)}, port {engine_port}) outlived a killed loraline serve"
+    assert not _engines_on(engine_port)
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes of process group `pgid` (vLLM's API server and its engine core)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            state, _, group = (entry / "stat").read_text().rsplit(") ", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue
+        if int(group) == pgid and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _engines_on(port: int) -> list[int]:
@@ -110,6 +140,24 @@ def _events(project: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def test_a_start_fails_at_once_naming_a_taken_port(project, tmp_path):
+    """Before vLLM starts: a port already listened on is named with its param and its holder (this
+    test's own socket here), instead of a gateway talking to whatever answers there."""
+    (tmp_path / "params.yaml").write_text((project / "params.yaml").read_text())  # a project of its own: no pid file
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        for param, other in (("serve.engine_port", "serve.port"), ("serve.port", "serve.engine_port")):
+            cmd = [tool("loraline"), "serve", "--python", _serving_python(), "--set", f"{param}={port}", "--set", f"{other}={_free_port()}"]
+            started = time.monotonic()
+            out = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+            assert out.returncode == 1 and time.monotonic() - started < 60, out.stderr[-3000:]
+            assert f"loraline serve: error: port {port} on 127.0.0.1 ({param}) is already in use by pid {os.getpid()} (" in out.stderr
+            assert "Traceback" not in out.stderr
+    assert not (tmp_path / "reports" / "serve" / "engine.log").exists()  # vLLM was never started
+
+
 def test_every_tenant_is_answered_by_its_production_adapter(project, server):
     url, _ = server
     assert _served(url) == {t: "v0.0.1" for t in TENANTS}
@@ -125,7 +173,7 @@ def test_every_tenant_is_answered_by_its_production_adapter(project, server):
 
 
 def test_streaming_keys_unknown_models_and_overlong_prompts(server):
-    from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI, PermissionDeniedError
+    from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
 
     url, _ = server
     client = _client(url)
@@ -133,8 +181,17 @@ def test_streaming_keys_unknown_models_and_overlong_prompts(server):
         model="acme-shop", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0, stream=True)
     chunks = list(stream)
     assert chunks and all(c.model == "acme-shop" for c in chunks)
-    with pytest.raises(PermissionDeniedError):  # acme-shop's key, globex-it's model
+    # acme-shop's key: globex-it's model is answered as a model that does not exist is
+    with pytest.raises(NotFoundError, match="does not exist or you do not have access to it"):
         client.chat.completions.create(model="globex-it", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    key = {"Authorization": f"Bearer {KEYS['acme-shop']}"}
+    other, none = (httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "hi"}, headers=key) for m in ("globex-it", "initech"))
+    assert other.status_code == none.status_code == 404 and other.text.replace("globex-it", "initech") == none.text
+    assert httpx.get(f"{url}/health").json() == {"engine": True}  # no key: up or down, no tenant named
+    assert httpx.get(f"{url}/health", headers=key).json() == {"engine": True, "serving": {"acme-shop": "v0.0.1"}}
+    for body in ([{"model": "acme-shop"}], {"model": ["acme-shop"], "prompt": "hi"}):
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=key)
+        assert r.status_code == 400 and "must be" in r.json()["error"]["message"], r.text
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=f"{url}/v1", api_key="not-a-key", max_retries=0).completions.create(model="acme-shop", prompt="hi", max_tokens=4)
     assert httpx.post(f"{url}/v1/completions", json={"model": "acme-shop", "prompt": "hi"}).status_code == 401  # no key

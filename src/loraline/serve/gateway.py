@@ -4,11 +4,15 @@ Clients name the tenant as the model. The gateway forwards the request to the ve
 is served at (serve.deployment), streaming included, names the tenant again in the response, and
 says which version answered in the `x-loraline-version` header; `/v1/models` lists every tenant
 with its version and commit. Errors of the engine (a prompt over the context: 400) pass through;
-an unknown tenant is a 404 in OpenAI's error shape. With serve.auth, each tenant's key calls that
-tenant only (401 without a valid key, 403 for another tenant's model), and /v1/models lists the
-caller's tenant alone. `POST /loraline/refresh` (from this machine
-only) makes the gateway read the registry now: the flow's release step calls it after a promotion.
-Request bodies and headers are never logged.
+errors of its own come in OpenAI's error shape: a body that is not a JSON object, or a `model`
+that is not a string, is a 400; an unknown tenant a 404. With serve.auth, each tenant's key calls
+that tenant only: 401 without a valid key, and another tenant's model is the same 404 as an
+unknown one (a key must not learn which tenants exist); /v1/models lists the caller's tenant
+alone, and /health says up or down alone without a valid key (with one: its tenant's version).
+At most serve.max_queue requests are at the engine at once (a stream until its last chunk): one
+more is a 429 with Retry-After at once, rather than a wait behind all of them.
+`POST /loraline/refresh` (from this machine only) makes the gateway read the registry now: the
+flow's release step calls it after a promotion. Request bodies and headers are never logged.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import asyncio
 import contextlib
 import hmac
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -26,13 +32,19 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from loraline.serve.deployment import Deployment
+from loraline.serve.versions import ServedVersion
 
 VERSION_HEADER = "x-loraline-version"
 FORWARDED = ("/v1/chat/completions", "/v1/completions")
+# A slot frees whenever any request in flight ends: with max_queue of them at the engine, that is
+# far more often than one request's own duration (64 requests of about 50 s each on 2 CPU cores:
+# one every 0.8 s). The OpenAI client waits this long before its own retry.
+RETRY_AFTER_S = 1
+JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number", type(None): "null"}
 
 
-def openai_error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": "model", "code": status}}, status_code=status)
+def openai_error(status: int, message: str, kind: str, param: str | None = "model", headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status, headers=headers)
 
 
 def key_variable(tenant: str) -> str:
@@ -57,6 +69,7 @@ def create_app(
     """`keys` (tenant -> key): each key may call its tenant only; None: no key asked for.
     `transport` replaces the network to the engine (tests)."""
     client = httpx.AsyncClient(base_url=engine_url, timeout=httpx.Timeout(600, connect=10), transport=transport)
+    admission = Admission(deployment.params.max_queue)
 
     def caller(request: Request) -> str | None:
         """The tenant whose key the request carries (compared in constant time); None: no valid key."""
@@ -82,43 +95,63 @@ def create_app(
         who = caller(request) if keys is not None else None
         if keys is not None and who is None:
             return openai_error(401, "a valid API key is required", "AuthenticationError")
-        try:
-            body: dict[str, Any] = json.loads(await request.body())
-        except ValueError:
-            return openai_error(400, "the request body is not JSON", "BadRequestError")
+        body = await json_object(request)
+        if isinstance(body, Response):
+            return body
         tenant = body.get("model")
-        if keys is not None and tenant != who and tenant in deployment.routes:
-            return openai_error(403, f"this key may call the model `{who}` only", "PermissionDeniedError")
-        served = deployment.acquire(tenant) if isinstance(tenant, str) and (keys is None or tenant == who) else None
-        if served is None:  # with keys, the message names no other tenant
-            known = (", ".join(sorted(deployment.routes)) or "none yet") if keys is None else who
-            return openai_error(404, f"The model `{tenant}` does not exist. Served: {known}", "NotFoundError")
+        if not isinstance(tenant, str):
+            return openai_error(400, f"`model` must be a string, the tenant's name, not {JSON_TYPES.get(type(tenant), 'an object')}",
+                                "BadRequestError")
+        served = deployment.acquire(tenant) if keys is None or tenant == who else None
+        if served is None:
+            return not_found(tenant, who)
+        if not admission.take():
+            deployment.release(served)
+            return openai_error(429, f"the server is busy: {admission.limit} requests are in progress (serve.max_queue); "
+                                f"retry in {RETRY_AFTER_S} s", "RateLimitError", None, {"Retry-After": str(RETRY_AFTER_S)})
+        done = _once(lambda: (admission.give_back(), deployment.release(served)))
+        try:
+            return await relay(request.url.path, body, served, tenant, done)
+        except BaseException:
+            done()
+            raise
+
+    def not_found(tenant: str, who: str | None) -> Response:
+        if keys is None:
+            return openai_error(404, f"The model `{tenant}` does not exist. Served: {', '.join(sorted(deployment.routes)) or 'none yet'}",
+                                "NotFoundError")
+        # the same answer for another tenant's model as for one that does not exist
+        return openai_error(404, f"The model `{tenant}` does not exist or you do not have access to it (this key calls `{who}`)",
+                            "NotFoundError")
+
+    async def relay(path: str, body: dict[str, Any], served: ServedVersion, tenant: str, done: Callable[[], None]) -> Response:
+        """The engine's answer, renamed; `done` runs once it is over (for a stream: after its last chunk)."""
         body["model"] = served.served_name
         rename = (json.dumps(served.served_name).encode(), json.dumps(tenant).encode())
         headers = {VERSION_HEADER: served.version}
         try:
-            upstream = await client.send(client.build_request("POST", request.url.path, json=body), stream=True)
+            upstream = await client.send(client.build_request("POST", path, json=body), stream=True)
         except httpx.HTTPError as exc:
-            deployment.release(served)
-            return openai_error(502, f"the engine did not answer: {exc}", "APIConnectionError")
+            done()
+            return openai_error(502, f"the engine did not answer: {exc}", "APIConnectionError", None)
         content_type = upstream.headers.get("content-type", "application/json")
         if not body.get("stream"):
             try:
                 payload = await upstream.aread()
             finally:
+                done()
                 await upstream.aclose()
-                deployment.release(served)
             return Response(payload.replace(*rename), status_code=upstream.status_code, media_type=content_type, headers=headers)
 
         async def lines():
-            try:
-                async for line in upstream.aiter_lines():  # server-sent events: one JSON chunk per data line
-                    yield line.encode().replace(*rename) + b"\n"
-            finally:
-                await upstream.aclose()
-                deployment.release(served)
+            async for line in upstream.aiter_lines():  # server-sent events: one JSON chunk per data line
+                yield line.encode().replace(*rename) + b"\n"
 
-        return StreamingResponse(lines(), status_code=upstream.status_code, media_type=content_type, headers=headers)
+        async def finish() -> None:
+            done()
+            await upstream.aclose()
+
+        return Relayed(lines(), finish, status_code=upstream.status_code, media_type=content_type, headers=headers)
 
     async def refresh(request: Request) -> Response:
         if request.client is None or request.client.host not in ("127.0.0.1", "::1"):
@@ -127,11 +160,16 @@ def create_app(
         return JSONResponse({"events": events, "serving": {t: v.version for t, v in deployment.routes.items()}})
 
     async def health(request: Request) -> Response:
+        """200 while the engine answers, 503 otherwise. With keys: the versions only to a valid key, its own tenant's."""
         try:
             ok = (await client.get("/health")).status_code == 200
         except httpx.HTTPError:
             ok = False
-        return JSONResponse({"engine": ok, "serving": {t: v.version for t, v in deployment.routes.items()}}, status_code=200 if ok else 503)
+        serving = {t: v.version for t, v in deployment.routes.items()}
+        if keys is not None:
+            who = caller(request)
+            serving = {t: v for t, v in serving.items() if t == who} if who else None
+        return JSONResponse({"engine": ok, **({"serving": serving} if serving is not None else {})}, status_code=200 if ok else 503)
 
     routes = [Route("/v1/models", models), Route("/health", health), Route("/loraline/refresh", refresh, methods=["POST"])]
     routes += [Route(path, forward, methods=["POST"]) for path in FORWARDED]
@@ -141,4 +179,64 @@ def create_app(
         yield
         await client.aclose()
 
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.admission = admission
+    return app
+
+
+@dataclass
+class Admission:
+    """Requests at the engine now, against serve.max_queue (0: no limit). The gateway's requests all
+    run on one event loop, so a plain counter is exact."""
+
+    limit: int
+    in_flight: int = 0
+
+    def take(self) -> bool:
+        if self.limit and self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        return True
+
+    def give_back(self) -> None:
+        self.in_flight -= 1
+
+
+class Relayed(StreamingResponse):
+    """A streamed answer whose `finish` runs once it is over, however that happens: sent whole, the
+    client gone, the engine failing mid-stream. A generator's own `finally` would not run for a
+    response that never started iterating it, and the request would count as in flight for ever."""
+
+    def __init__(self, content: AsyncIterator[bytes], finish: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.finish = finish
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.finish()
+
+
+async def json_object(request: Request) -> dict[str, Any] | Response:
+    """The request's JSON object, or the 400 that says what it is instead."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        return openai_error(400, "the request body is not JSON", "BadRequestError", None)
+    if not isinstance(body, dict):
+        return openai_error(400, f"the request body must be a JSON object, not {JSON_TYPES.get(type(body), 'another value')}",
+                            "BadRequestError", None)
+    return body
+
+
+def _once(action: Callable[[], object]) -> Callable[[], None]:
+    ran = False
+
+    def run() -> None:
+        nonlocal ran
+        if not ran:
+            ran = True
+            action()
+
+    return run
