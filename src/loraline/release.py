@@ -6,6 +6,10 @@ a manual promotion, a rollback). So when a different version is in production, i
 fetched from DVC at that version's commit and measured on this candidate's test split, and the
 gate's rules are decided again against those numbers; the promotion then only lands if production
 is still the version it was decided against (the registry's lock and `expected_current`).
+
+Nothing is registered while DVC finds a stage of the tenant (or a shared one) out of date, or dvc.lock's
+records disagree about which adapter merge, export, evaluate and gate used (registry.consistency): the
+gate's verdict, the ONNX export and the lineage in the tag must all describe the adapter registered.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from loraline import io
 from loraline.config import Params
 from loraline.layout import Layout, stage_id
 from loraline.registry.base import PromotionConflict, Registry, RegistryError, Version
-from loraline.registry.lineage import artifact_paths, check_artifacts_declared, fetch_output, locked_out, read_lock, tenant_lineage
+from loraline.registry.consistency import check_releasable, evidence_problems
+from loraline.registry.lineage import (
+    artifact_paths, check_artifacts_declared, fetch_output, gate_summary, locked_out, read_lock, tenant_lineage, tenant_outputs,
+)
 from loraline.registry.snapshot import snapshot_commit
 from loraline.gate.stage import read_parity
 
@@ -78,10 +85,12 @@ def _raw_dirs(root: Path, params: Params) -> list[str]:
     return [Path(r).as_posix() for r in rels if not r.startswith("..")]
 
 
-def _register(root: Path, params: Params, tenant: str, registry: Registry, adapter_md5: str) -> tuple[str, bool]:
+def _register(root: Path, params: Params, tenant: str, registry: Registry, gate: dict[str, Any]) -> tuple[str, bool]:
+    """The version of the tenant's current outputs: the latest one when it records the same outputs, gate verdict
+    and a consistent lineage (a release run again), else a new one over a fresh snapshot."""
     names = list(artifact_paths(tenant))
     latest = registry.latest(names[0])
-    if latest is not None and (latest.lineage.get("outputs") or {}).get("adapter") == adapter_md5:
+    if latest is not None and _same_candidate(latest, tenant_outputs(read_lock(root), tenant), gate_summary(gate)):
         for name in names[1:]:  # an interrupted earlier release may have registered the adapter only
             if all(v.version != latest.version for v in registry.versions(name)):
                 registry.register(name, latest.commit, latest.lineage, version=latest.version)
@@ -93,6 +102,14 @@ def _register(root: Path, params: Params, tenant: str, registry: Registry, adapt
     for name in names:
         registry.register(name, snapshot, lineage, version=version)
     return version, True
+
+
+def _same_candidate(version: Version, outputs: dict[str, str | None], verdict: dict[str, Any] | None) -> bool:
+    """Whether `version` already records these outputs and verdict; one registered while stages were stale
+    (its lineage disagreeing with itself) never is, so the consistent state gets a version of its own."""
+    lineage = version.lineage
+    return (lineage.get("outputs") == outputs and (lineage.get("metrics") or {}).get("gate") == verdict
+            and not evidence_problems(lineage.get("dvc") or {}))
 
 
 def release_tenant(
@@ -117,9 +134,10 @@ def release_tenant(
     adapter_md5 = locked_out(read_lock(root), stage_id("train", tenant), adapter)
     if adapter_md5 is None:
         raise RegistryError(f"dvc.lock records no {adapter}: run the pipeline (dvc repro) first")
+    check_releasable(root, tenant)  # else the gate's verdict and the lineage may describe another adapter
 
     names = list(artifact_paths(tenant))
-    version, registered_new = _register(root, params, tenant, registry, adapter_md5)
+    version, registered_new = _register(root, params, tenant, registry, gate)
     current = {n: registry.production(n) for n in names}
     before = current[names[0]].version if current[names[0]] else None
     rules, passed = gate.get("rules", []), bool(gate.get("passed"))

@@ -15,9 +15,11 @@ from typing import Any
 import yaml
 
 from loraline.config import ConfigError, Params
-from loraline.layout import SHARED_STAGES, TENANT_STAGES, Layout, stage_id
+from loraline.layout import Layout, stage_id
 from loraline.provenance import library_versions
+from loraline.registry.consistency import entry_hashes, evidence_problems, lock_stages, read_lock, tenant_stages
 from loraline.registry.snapshot import head_commit
+
 
 def artifact_paths(tenant: str) -> dict[str, str]:
     """The registry's artifact names for a tenant and the DVC output each versions."""
@@ -47,20 +49,25 @@ def check_artifacts_declared(root: str | Path, params: Params, if_present: bool 
         )
 
 
-def read_lock(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / "dvc.lock"
-    if not path.exists():
-        return {}
-    return (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
-
-
-def _hashes(entries: list[dict[str, Any]] | None) -> dict[str, str | None]:
-    return {e["path"]: e.get("md5") or e.get("etag") or e.get("checksum") for e in entries or []}
-
-
 def locked_out(lock: dict[str, Any], stage: str, path: str) -> str | None:
     """The md5 dvc.lock records for `stage`'s output `path` (None when the stage has not run)."""
-    return _hashes((lock.get(stage) or {}).get("outs")).get(path)
+    return entry_hashes((lock.get(stage) or {}).get("outs")).get(path)
+
+
+def tenant_outputs(lock: dict[str, Any], tenant: str) -> dict[str, str | None]:
+    """The hashes dvc.lock records for the tenant's adapter, merged model and ONNX export, and the base."""
+    rel = Layout()  # dvc.lock names outputs relative to the project root
+    return {
+        "adapter": locked_out(lock, stage_id("train", tenant), rel.relative(rel.adapter_dir(tenant))),
+        "merged": locked_out(lock, stage_id("merge", tenant), rel.relative(rel.merged_dir(tenant))),
+        "onnx": locked_out(lock, stage_id("export", tenant), rel.relative(rel.onnx_dir(tenant))),
+        "base": locked_out(lock, stage_id("base"), rel.relative(rel.base_dir)),
+    }
+
+
+def gate_summary(gate: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The verdict a version's lineage keeps of gate.json: passed and the failed rules."""
+    return None if gate is None else {"passed": gate.get("passed"), "failed": gate.get("failed", [])}
 
 
 def _json(path: Path) -> Any:
@@ -75,23 +82,17 @@ def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str 
     root, layout = Path(root), Layout(Path(root))
     params.tenant(tenant)
     lock = read_lock(root)
-    stages = {}
-    for stage in (*SHARED_STAGES, *(stage_id(s, tenant) for s in TENANT_STAGES)):
-        if stage in lock:
-            stages[stage] = {"deps": _hashes(lock[stage].get("deps")), "outs": _hashes(lock[stage].get("outs"))}
+    stages = lock_stages(lock, tenant_stages(tenant))
     record = _json(layout.train_record_path(tenant)) or {}
     rel = Layout()  # dvc.lock names outputs relative to the project root
     evaluation = _json(layout.eval_metrics_path(tenant)) or {}
-    gate = _json(layout.gate_path(tenant))
+    problems = evidence_problems(stages)
     return {
         "tenant": tenant,
         "git": {"head": head_commit(root), "snapshot": snapshot},
-        "outputs": {
-            "adapter": locked_out(lock, stage_id("train", tenant), rel.relative(rel.adapter_dir(tenant))),
-            "merged": locked_out(lock, stage_id("merge", tenant), rel.relative(rel.merged_dir(tenant))),
-            "onnx": locked_out(lock, stage_id("export", tenant), rel.relative(rel.onnx_dir(tenant))),
-            "base": locked_out(lock, stage_id("base"), rel.relative(rel.base_dir)),
-        },
+        "outputs": tenant_outputs(lock, tenant),
+        # dvc.lock's chain: whether merge, export, evaluate and gate ran on the outputs recorded here
+        "consistency": {"consistent": not problems, "problems": problems},
         "data": {
             "prepared_md5": locked_out(lock, stage_id("prepare", tenant), rel.relative(rel.prepared_dir(tenant))),
             "train_data_sha256": (record.get("data") or {}).get("sha256"),
@@ -106,7 +107,7 @@ def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str 
         "metrics": {
             "eval": evaluation.get("models"),
             "test_rows": evaluation.get("test_rows"),
-            "gate": None if gate is None else {"passed": gate.get("passed"), "failed": gate.get("failed", [])},
+            "gate": gate_summary(_json(layout.gate_path(tenant))),
         },
         "libraries": library_versions(),
     }

@@ -35,24 +35,65 @@ stages:
   merge:
     foreach: [t1]
     do:
-      cmd: rm -rf models/merged/${item} && mkdir -p models/merged && cp -r models/adapters/${item} models/merged/${item}
+      cmd: mkdir -p models/merged reports/${item}/metrics && cp -r models/adapters/${item} models/merged/${item} && cp parity.json reports/${item}/metrics/merge.json
       deps:
         - models/adapters/${item}
+        - parity.json
       outs:
         - models/merged/${item}
+      metrics:
+        - reports/${item}/metrics/merge.json:
+            cache: false
   export:
     foreach: [t1]
     do:
-      cmd: mkdir -p models/onnx/${item} && cp models/merged/${item}/adapter.bin models/onnx/${item}/model.onnx
+      cmd: mkdir -p models/onnx/${item} reports/${item}/metrics && cp models/merged/${item}/adapter.bin models/onnx/${item}/model.onnx && cp parity.json reports/${item}/metrics/export.json
       deps:
         - models/merged/${item}
+        - parity.json
       outs:
         - models/onnx/${item}
+      metrics:
+        - reports/${item}/metrics/export.json:
+            cache: false
+  evaluate:
+    foreach: [t1]
+    do:
+      cmd: mkdir -p reports/${item} && cp evaluation.json reports/${item}/eval_metrics.json
+      deps:
+        - models/adapters/${item}
+        - models/merged/${item}
+        - evaluation.json
+      outs:
+        - reports/${item}/eval_metrics.json
+  gate:
+    foreach: [t1]
+    do:
+      cmd: cp verdict.json reports/${item}/gate.json
+      deps:
+        - reports/${item}/eval_metrics.json
+        - reports/${item}/metrics/merge.json
+        - reports/${item}/metrics/export.json
+        - verdict.json
+      outs:
+        - reports/${item}/gate.json
 """
+
+# What the stub evaluate and gate stages copy into place (the real stages compute them).
+EVALUATION = {"test_rows": 2, "models": {"base": {"answer_loss": 2.0}, "candidate": {"answer_loss": 1.0}}}
+PARITY = {"passed": True, "max_abs_logit_diff": 0.0}
+
+
+def verdict(gate_passed: bool) -> dict:
+    rule = {"name": "beats_base", "passed": gate_passed,
+            "reason": "answer_loss gain 0.5 >= 0.05" if gate_passed else "answer_loss gain 0.01 < 0.05"}
+    return {"passed": gate_passed, "failed": [] if gate_passed else ["beats_base"], "rules": [rule]}
 
 
 def dvc_project(root: Path, remote: Path) -> Path:
-    """A git + DVC project whose three tiny stages stand in for train/merge/export of tenant t1."""
+    """A git + DVC project whose five tiny stages stand in for train/merge/export/evaluate/gate of tenant t1."""
+    import json
+
     import yaml
     from dvc.repo import Repo
 
@@ -64,29 +105,50 @@ def dvc_project(root: Path, remote: Path) -> Path:
     (root / "dvc.yaml").write_text(DVC_YAML)
     (root / "params.yaml").write_text(yaml.safe_dump({"tenants": {"t1": {"raw_dir": "data/raw/t1"}}}))
     (root / "src.txt").write_text("adapter one\n")
+    (root / "parity.json").write_text(json.dumps(PARITY))
+    (root / "evaluation.json").write_text(json.dumps(EVALUATION))
+    (root / "verdict.json").write_text(json.dumps(verdict(True)))
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "project")
     return root
 
 
+def repro(root: Path, *targets: str, single_item: bool = False) -> None:
+    """`dvc repro [targets]` in `root`, as a user would run it there."""
+    import contextlib
+
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(str(root)) as repo:  # DVC resolves targets from the working directory
+        if targets:
+            for target in targets:
+                repo.reproduce(target, single_item=single_item)
+        else:
+            repo.reproduce()
+
+
 def build(root: Path, content: str, gate_passed: bool = True) -> None:
-    """Change the source, `dvc repro` + `dvc push`, and write the reports the real evaluate/gate stages would."""
+    """Change the adapter's source (and the gate's verdict), then `dvc repro` + `dvc push`."""
+    import contextlib
     import json
 
     from dvc.repo import Repo
 
+    (root / "src.txt").write_text(content)
+    (root / "verdict.json").write_text(json.dumps(verdict(gate_passed)))
+    repro(root)
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        repo.push()
+
+
+def commit_new_adapter(root: Path, content: str) -> None:
+    """The adapter changes and only train's record follows (`dvc commit -f train@t1`): the stages after it are stale."""
     import contextlib
 
-    (root / "src.txt").write_text(content)
-    with contextlib.chdir(root), Repo(str(root)) as repo:  # DVC resolves "no targets" from the working directory
-        repo.reproduce()
-        repo.push()
-    reports = root / "reports" / "t1"
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "eval_metrics.json").write_text(json.dumps({"test_rows": 2, "models": {
-        "base": {"answer_loss": 2.0}, "candidate": {"answer_loss": 1.0}}}))
-    (reports / "metrics").mkdir(exist_ok=True)
-    (reports / "metrics" / "merge.json").write_text(json.dumps({"passed": True, "max_abs_logit_diff": 0.0}))
-    (reports / "metrics" / "export.json").write_text(json.dumps({"passed": True, "max_abs_logit_diff": 0.0}))
-    rule = {"name": "beats_base", "passed": gate_passed, "reason": "answer_loss gain 0.5 >= 0.05" if gate_passed else "answer_loss gain 0.01 < 0.05"}
-    (reports / "gate.json").write_text(json.dumps({"passed": gate_passed, "failed": [] if gate_passed else ["beats_base"], "rules": [rule]}))
+    from dvc.repo import Repo
+
+    adapter = root / "models/adapters/t1/adapter.bin"
+    adapter.unlink()  # DVC may have linked it to its cache: replace it, never write through
+    adapter.write_text(content)
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        repo.commit("train@t1", force=True)

@@ -6,10 +6,12 @@ import json
 import subprocess
 
 import pytest
-from registry_helpers import build, dvc_project, git
+from registry_helpers import build, commit_new_adapter, dvc_project, git, repro
 
 from loraline.config import load_params
+from loraline.registry import RegistryError
 from loraline.registry.gto_registry import GtoRegistry
+from loraline.registry.lineage import tenant_lineage
 from loraline.release import fetch_output, release_path, release_tenant
 from loraline.tools import tool, tool_env
 
@@ -100,3 +102,62 @@ def test_no_promote_registers_only(project):
     build(project, "adapter one\n")
     result, _ = _release(project, promote=False)
     assert result.registered_new and not result.promoted and GtoRegistry(project).production("t1-adapter") is None
+
+
+def _change_adapter_and_commit_train(root):
+    commit_new_adapter(root, "adapter two\n")
+
+
+def _train_only(root):
+    """What a partial `dvc repro train@t1` leaves: a new adapter, everything after it from the old one."""
+    (root / "src.txt").write_text("adapter two\n")
+    repro(root, "train@t1", single_item=True)
+
+
+@pytest.mark.parametrize("make_stale", [_change_adapter_and_commit_train, _train_only])
+def test_a_stale_pipeline_registers_nothing_until_reproduced(project, make_stale):
+    build(project, "adapter one\n")
+    first, _ = _release(project)
+    assert first.version == "v0.0.1" and GtoRegistry(project).version("t1-onnx", "v0.0.1").lineage["consistency"] == {
+        "consistent": True, "problems": []}
+    tags = git(project, "tag", "-l")
+    make_stale(project)
+
+    with pytest.raises(RegistryError) as err:
+        _release(project)
+    message = str(err.value)
+    assert "t1: not released, DVC reports stages out of date: merge@t1 (changed deps: models/adapters/t1 modified)" in message
+    assert "evaluate@t1 (changed deps: models/adapters/t1 modified" in message and "train@t1" not in message
+    assert "Run `dvc repro gate@t1`" in message
+    assert git(project, "tag", "-l") == tags  # nothing registered, nothing promoted
+    with pytest.raises(RegistryError, match="merge@t1"):
+        _release(project, promote=False)
+
+    repro(project)
+    second, _ = _release(project)
+    assert (second.version, second.registered_new, second.promoted) == ("v0.0.2", True, True)
+    lineage = GtoRegistry(project).version("t1-onnx", "v0.0.2").lineage
+    assert lineage["consistency"]["consistent"] and lineage["outputs"]["adapter"] != first_adapter(project, "v0.0.1")
+    onnx = fetch_output(project, "models/onnx/t1", GtoRegistry(project).version("t1-onnx", "v0.0.2").commit, project.parent / "onnx2")
+    assert (onnx / "model.onnx").read_text() == "adapter two\n"  # t1-onnx@v0.0.2 is the new adapter's export
+
+
+def first_adapter(root, version):
+    return GtoRegistry(root).version("t1-adapter", version).lineage["outputs"]["adapter"]
+
+
+def test_a_version_registered_from_stale_stages_is_not_reused(project):
+    """A version an earlier loraline registered while merge..gate were stale: after repro the release makes a new one."""
+    build(project, "adapter one\n")
+    _release(project)
+    _change_adapter_and_commit_train(project)
+    stale = tenant_lineage(project, load_params(project / "params.yaml"), "t1", snapshot=None)
+    assert not stale["consistency"]["consistent"]
+    assert any(p.startswith("merge@t1 used models/adapters/t1") and "but train@t1 produced" in p
+               for p in stale["consistency"]["problems"])
+    for name in ("t1-adapter", "t1-onnx"):
+        GtoRegistry(project).register(name, "HEAD", stale, version="v0.0.2")
+
+    repro(project)
+    result, _ = _release(project)
+    assert (result.version, result.registered_new) == ("v0.0.3", True)

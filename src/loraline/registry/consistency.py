@@ -1,0 +1,141 @@
+"""Whether a tenant's outputs and the evidence about them belong together, before they are versioned or promoted.
+
+A release registers the adapter that dvc.lock records for train@<tenant> and reads the gate's verdict
+from reports/<tenant>/gate.json. Both only describe one candidate when every stage between them ran on
+the other's outputs: after `dvc commit -f train@<t>` (what a partial `dvc repro train@<t>` leaves) the
+adapter is new while merge, export, evaluate and gate still describe the previous one. Two checks:
+
+- `check_up_to_date`: DVC's own status (the Python API of `dvc status`) of every stage of the tenant and
+  of the shared stages: the workspace is what dvc.lock says, and no stage needs re-running.
+- `evidence_problems`: inside dvc.lock (or a version's recorded lineage, which quotes it), every stage
+  that depends on another stage's output used the hash that stage produced: merge and evaluate used
+  train's adapter, export used merge's model, gate used evaluate's metrics and the parity metrics.
+
+`version_problems` applies the second check (and the recorded gate verdict) to a registered version,
+which is what a manual promotion or a rollback must respect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraline.layout import SHARED_STAGES, TENANT_STAGES, stage_id
+from loraline.registry.base import RegistryError, Version
+
+
+def check_releasable(root: str | Path, tenant: str) -> None:
+    """RegistryError, naming the stages and the command that fixes them, unless DVC finds every stage of the
+    tenant (and the shared ones) up to date and dvc.lock's chain from train to gate agrees with itself."""
+    stale, checked = dvc_status(root, tenant_stages(tenant))
+    if not checked:
+        raise RegistryError(f"{tenant}: {Path(root) / 'dvc.yaml'} defines none of {', '.join(tenant_stages(tenant))}, "
+                            "so DVC cannot say whether its outputs are up to date: is this the project's root?")
+    fix = f"dvc repro {next((s for s in reversed(tenant_stages(tenant)) if s in checked), stage_id('gate', tenant))}"
+    if stale:
+        details = "; ".join(f"{name} ({_describe(changes)})" for name, changes in stale.items())
+        raise RegistryError(
+            f"{tenant}: not released, DVC reports stages out of date: {details}. Their outputs and reports "
+            f"(the gate's verdict included) would describe another adapter than the one registered. "
+            f"Run `{fix}` (it re-runs exactly what is out of date) and release again"
+        )
+    problems = evidence_problems(lock_stages(read_lock(root), tenant_stages(tenant)))
+    if problems:  # DVC's status was clean, so a stage dvc.yaml no longer defines left its record behind
+        raise RegistryError(
+            f"{tenant}: not released, dvc.lock's records disagree: {'; '.join(problems)}. Re-run the stages "
+            f"that used the old hashes (`dvc repro --force --single-item <stage>`), or `{fix} --force`, and release again"
+        )
+
+
+def read_lock(root: str | Path) -> dict[str, Any]:
+    """dvc.lock's `stages` ({} when there is no dvc.lock)."""
+    path = Path(root) / "dvc.lock"
+    if not path.exists():
+        return {}
+    return (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+
+
+def tenant_stages(tenant: str) -> list[str]:
+    """A tenant's stage names in pipeline order, with the shared stages its outputs depend on."""
+    return [*SHARED_STAGES, *(stage_id(s, tenant) for s in TENANT_STAGES)]
+
+
+def dvc_status(root: str | Path, wanted: list[str]) -> tuple[dict[str, list[Any]], list[str]]:
+    """({stale stage: DVC's changes}, the stages of `wanted` that dvc.yaml defines), through DVC's status API."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+    try:
+        with Repo(str(root), _wait_for_lock=True) as repo:  # a stage of another flow run may hold the lock
+            dvc_yaml = root / "dvc.yaml"  # (a stage's `addressing` is relative to the process's cwd)
+            known = {stage.name for stage in repo.index.stages if Path(stage.path) == dvc_yaml}
+            checked = [name for name in wanted if name in known]
+            # targets name dvc.yaml by its absolute path: DVC resolves relative targets from the process's cwd
+            found = repo.status(targets=[f"{root / 'dvc.yaml'}:{name}" for name in checked]) if checked else {}
+    except DvcException as exc:
+        raise RegistryError(f"cannot read DVC's status of {', '.join(wanted)} in {root}: {exc}") from exc
+    return {key.rpartition(":")[2]: changes for key, changes in found.items()}, checked
+
+
+def _describe(changes: list[Any]) -> str:
+    """DVC's status entries of one stage in words: `changed deps: models/adapters/t1 modified`."""
+    parts = []
+    for change in changes:
+        if isinstance(change, dict):
+            parts += [f"{kind}: " + ", ".join(f"{path} {state}" for path, state in files.items())
+                      for kind, files in change.items()]
+        else:
+            parts.append(str(change))
+    return "; ".join(parts)
+
+
+def evidence_problems(stages: dict[str, dict[str, dict[str, str | None]]]) -> list[str]:
+    """Where a stage used another hash of a path than the stage producing it recorded.
+
+    `stages` maps a stage to its `deps` and `outs` as {path: hash} (lineage's `dvc` section; `lock_stages`)."""
+    producers = {path: (name, digest) for name, s in stages.items() for path, digest in (s.get("outs") or {}).items()}
+    problems = []
+    for name, s in stages.items():
+        for path, used in (s.get("deps") or {}).items():
+            producer, made = producers.get(path, (None, None))
+            if producer is not None and producer != name and used != made:
+                problems.append(f"{name} used {path} {_short(used)} but {producer} produced {_short(made)}")
+    return problems
+
+
+def lock_stages(lock: dict[str, Any], names: list[str]) -> dict[str, dict[str, dict[str, str | None]]]:
+    """dvc.lock's `stages` entries of `names` as lineage records them: {stage: {deps: {path: hash}, outs: {...}}}."""
+    return {name: {"deps": entry_hashes(lock[name].get("deps")), "outs": entry_hashes(lock[name].get("outs"))}
+            for name in names if name in lock}
+
+
+def entry_hashes(entries: list[dict[str, Any]] | None) -> dict[str, str | None]:
+    return {e["path"]: e.get("md5") or e.get("etag") or e.get("checksum") for e in entries or []}
+
+
+def _short(digest: str | None) -> str:
+    return digest[:12] if digest else "nothing"
+
+
+def version_problems(version: Version) -> list[str]:
+    """Why `version` should not become production: its recorded gate failed, or its lineage disagrees with itself."""
+    lineage = version.lineage
+    problems = []
+    gate = (lineage.get("metrics") or {}).get("gate") or {}
+    if gate.get("passed") is False:
+        problems.append(f"failed its gate ({', '.join(gate.get('failed') or []) or 'no rule named'})")
+    recorded = (lineage.get("consistency") or {}).get("problems") or []
+    inconsistent = list(dict.fromkeys([*recorded, *evidence_problems(lineage.get("dvc") or {})]))
+    if inconsistent:
+        problems.append(f"has an inconsistent lineage ({'; '.join(inconsistent)})")
+    return problems
+
+
+def forced_note(problems: list[str]) -> str:
+    """What a tag message says about a forced promotion or rollback: which rule --force overrode."""
+    words = [w for w, hit in (("gate FAILED", any(p.startswith("failed its gate") for p in problems)),
+                              ("lineage INCONSISTENT", any(p.startswith("has an inconsistent") for p in problems))) if hit]
+    return f" ({', '.join(words)}, --force)" if words else ""
