@@ -2,7 +2,9 @@
 
 NAME is an artifact (`acme-shop-adapter`) or a tenant (`acme-shop`, meaning both of its artifacts,
 which move together). Manual promotions go through the same lock as releases, and their tag
-message records who promoted and why, since the gate did not decide them.
+message records who promoted and why, since the gate did not decide them. Promote and rollback refuse
+a version whose recorded gate failed or whose lineage disagrees with itself (registry.consistency)
+unless --force is given, and the tag message then says which rule was overridden.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loraline.registry.base import PROD, RegistryError, Version
+from loraline.registry.consistency import forced_note, version_problems
 from loraline.registry.lineage import artifact_paths
 
 
@@ -27,13 +30,18 @@ def add_registry_parser(subparsers: Any) -> None:
     s = sub.add_parser("show", help="an artifact's (or a tenant's) versions, lineage summary and promotion history")
     s.add_argument("name", metavar="NAME", help="artifact name (e.g. acme-shop-adapter) or tenant (both its artifacts)")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
-    s = sub.add_parser("promote", help="make VERSION production by hand (refused when its gate failed, unless --force)")
+    s = sub.add_parser("promote", help="make VERSION production by hand (refused when its gate failed or its lineage "
+                                        "is inconsistent, unless --force)")
     s.add_argument("name", metavar="NAME", help="artifact name or tenant (both its artifacts)")
     s.add_argument("version", metavar="VERSION", help="a registered version, e.g. v0.0.3")
-    s.add_argument("--force", action="store_true", help="promote even though the version's recorded gate failed")
+    s.add_argument("--force", action="store_true", help="promote even though the version's recorded gate failed "
+                                                         "or its lineage is inconsistent")
     s.add_argument("--reason", default="", help="why; recorded in the promotion's tag message")
-    s = sub.add_parser("rollback", help="make production again the version that was production before the current one")
+    s = sub.add_parser("rollback", help="make production again the version that was production before the current one "
+                                         "(refused when its gate failed or its lineage is inconsistent, unless --force)")
     s.add_argument("name", metavar="NAME", help="artifact name or tenant (both its artifacts)")
+    s.add_argument("--force", action="store_true", help="roll back even onto a version whose recorded gate failed "
+                                                         "or whose lineage is inconsistent")
     s = sub.add_parser("release", help="register each tenant's current DVC outputs and promote them if the gate passes")
     s.add_argument("--params", default="params.yaml", help="the params file to read (default: params.yaml)")
     s.add_argument("--tenant", action="append", help="this tenant only (repeatable; default: every tenant)")
@@ -142,29 +150,38 @@ def _who() -> str:
     return f"{getpass.getuser()}" + (f" ({git_name})" if git_name else "")
 
 
+def _allowed(version: Version, force: bool, action: str) -> str:
+    """What the tag message says --force overrode ("" when nothing); RegistryError when `version` may not become
+    production without --force: its recorded gate failed or its lineage disagrees with itself (registry.consistency)."""
+    problems = version_problems(version)
+    if problems and not force:
+        raise RegistryError(f"{version.name} {version.version} {' and '.join(problems)}; pass --force to {action} it anyway")
+    return forced_note(problems)
+
+
 def _promote(registry: Any, args: argparse.Namespace) -> int:
     names = _names(registry, args.name)
     with registry.transaction():
-        for name in names:  # refuse before moving anything, so a tenant's pair moves together
-            gate = (registry.version(name, args.version).lineage.get("metrics") or {}).get("gate") or {}
-            if gate.get("passed") is False and not args.force:
-                raise RegistryError(
-                    f"{name} {args.version} failed its gate ({', '.join(gate.get('failed') or [])}); pass --force to promote it anyway"
-                )
+        # refuse before moving anything, so a tenant's pair moves together
+        notes = {name: _allowed(registry.version(name, args.version), args.force, "promote") for name in names}
         for name in names:
             before = registry.production(name)
-            forced = " (gate FAILED, --force)" if args.force else ""
-            msg = f"Manual promotion of {name} {args.version} to {PROD} by {_who()}{forced}: {args.reason or 'no reason given'}"
+            msg = f"Manual promotion of {name} {args.version} to {PROD} by {_who()}{notes[name]}: {args.reason or 'no reason given'}"
             a = registry.promote(name, args.version, message=msg)
             print(f"{name}: {PROD} {before.version if before else 'none'} -> {a.version} ({name}#{PROD}#{a.number})")
     return 0
 
 
 def _rollback(registry: Any, args: argparse.Namespace) -> int:
-    for name in _names(registry, args.name):
-        before = registry.production(name)
-        a = registry.rollback(name, message=f"Roll back {name} {PROD} from {before.version if before else 'none'} by {_who()}")
-        print(f"{name}: {PROD} {before.version if before else 'none'} -> {a.version} ({name}#{PROD}#{a.number}, rollback by {_who()})")
+    names = _names(registry, args.name)
+    with registry.transaction():  # the same rule as promote, checked for the pair before either moves
+        moves = {}
+        for name in names:
+            current, target = registry.rollback_target(name)
+            moves[name] = current, target, _allowed(registry.version(name, target), args.force, "roll back to")
+        for name, (current, target, note) in moves.items():
+            a = registry.rollback(name, message=f"Roll back {name} {PROD} from {current} to {target} by {_who()}{note}")
+            print(f"{name}: {PROD} {current} -> {a.version} ({name}#{PROD}#{a.number}, rollback by {_who()})")
     return 0
 
 

@@ -90,6 +90,10 @@ class Registry(Protocol):
         """Make `version` production, refusing (PromotionConflict) if production is no longer `expected_current`."""
         ...
 
+    def rollback_target(self, name: str) -> tuple[str, str]:
+        """(production now, the version `rollback` would make production); RegistryError when there is none."""
+        ...
+
     def rollback(self, name: str, message: str | None = None) -> Assignment:
         """Make production again the version that was production before the current one."""
         ...

@@ -173,17 +173,20 @@ class GtoRegistry:
                 return self.history(name)[-1]
             return self._assign(name, version, message or f"Promote {name} {version} to {PROD} (was {current_version or 'none'})")
 
+    def rollback_target(self, name: str) -> tuple[str, str]:
+        """(production now, the version a rollback makes production): the latest other version that was production."""
+        assignments = self.history(name)
+        if not assignments:
+            raise RegistryError(f"{name} has never been promoted: there is no production to roll back")
+        current = assignments[-1].version
+        before = next((a.version for a in reversed(assignments[:-1]) if a.version != current), None)
+        if before is None:
+            raise RegistryError(f"{name}: nothing to roll back to, {current} is the only version that has been in {PROD}")
+        return current, before
+
     def rollback(self, name: str, message: str | None = None) -> Assignment:
         with self.transaction():
-            assignments = self.history(name)
-            if not assignments:
-                raise RegistryError(f"{name} has never been promoted: there is no production to roll back")
-            current = assignments[-1].version
-            before = next((a.version for a in reversed(assignments[:-1]) if a.version != current), None)
-            if before is None:
-                raise RegistryError(
-                    f"{name}: nothing to roll back to, {current} is the only version that has been in {PROD}"
-                )
+            current, before = self.rollback_target(name)
             return self._assign(name, before, message or f"Roll back {name} {PROD} from {current} to {before}")
 
     def _assign(self, name: str, version: str, message: str) -> Assignment:
