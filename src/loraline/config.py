@@ -6,17 +6,23 @@ dotted path and the keys that are allowed there, instead of being silently ignor
 stages `prepare@<tenant>` and tracks `tenants.<tenant>` as that tenant's params alone); a list of
 entries with a `name` key is accepted too. Tenants may override the `train` and `gate` sections;
 `Params.train_for` / `Params.gate_for` merge and re-validate.
+Numbers must be finite (YAML's .nan and .inf are refused). Raw data stays inside the project (the folder
+of params.yaml) unless tenants.<t>.allow_outside_dirs names the outside folder: load_params refuses an
+outside raw_dir, and the documents and prepare stages refuse a raw file that is a symlink out
+(TenantParams.check_raw_dir / check_sources). base.model and synthesize.model may name a model folder
+anywhere: a model is not data that lands in a split, and an 8B model usually lives outside the project.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from loraline.layout import TIMING_DIR
 
@@ -28,6 +34,11 @@ TENANT_NAME_MAX = 63
 
 class ConfigError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the key and the fix."""
+
+
+class OutsidePathError(ConfigError):
+    """Data the pipeline would read resolves outside the project, and params.yaml does not allow its folder
+    (tenants.<t>.allow_outside_dirs); the message names the key or file, where it resolves, and the opt-in."""
 
 
 class _Section(BaseModel):
@@ -601,7 +612,16 @@ class ServeParams(_Section):
 
 class TenantParams(_Section):
     name: str = Field(description="Lower-case id: letters, digits and inner '-' (the key under `tenants`)")
-    raw_dir: Path = Field(description="Folder of this tenant's raw files (searched recursively)")
+    raw_dir: Path = Field(
+        description="Folder of this tenant's raw files (searched recursively); inside the project unless allow_outside_dirs holds it"
+    )
+    allow_outside_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Absolute folders outside the project that this tenant's raw data may come from: raw_dir itself, or "
+        "the targets of symlinked files inside raw_dir. Empty (the default): a raw_dir or raw file resolving outside the "
+        "project is refused. DVC still tracks the data: an outside raw_dir is the stages' dependency (by hash), and a "
+        "symlinked file is hashed by its content as part of raw_dir",
+    )
     system_prompt: str | None = Field(None, description="Overrides prepare.system_prompt for this tenant")
     synthetic_ratio: float | None = Field(None, ge=0, description="Overrides prepare.synthetic_ratio for this tenant")
     sources: list[SourceParams] = Field(
@@ -625,6 +645,67 @@ class TenantParams(_Section):
             raise ValueError(f"tenant name {v!r} is reserved: reports/{TIMING_DIR}/ holds every stage's run timing")
         return v
 
+    @field_validator("allow_outside_dirs")
+    @classmethod
+    def _absolute_dirs(cls, v: list[Path]) -> list[Path]:
+        for path in v:
+            if not path.is_absolute():
+                raise ValueError(f"{str(path)!r} must be an absolute folder path (a folder outside the project, e.g. /mnt/data/acme)")
+        return v
+
+    def read_roots(self, project: Path | None) -> tuple[Path, ...]:
+        """Folders this tenant's raw files may resolve into: the project first (raw_dir itself when the project
+        is not known, as for params built in code), then allow_outside_dirs; all resolved."""
+        return tuple(Path(p).resolve() for p in (project if project is not None else self.raw_dir, *self.allow_outside_dirs))
+
+    def check_raw_dir(self, project: Path, read_as: Path | None = None) -> None:
+        """Refuse a raw_dir that resolves (symlinks followed) outside `project` and every allowed folder.
+        `read_as`: the path a stage reads it by (relative ones from the working folder); default: the project's."""
+        target = (read_as if read_as is not None else Path(project) / self.raw_dir).resolve()
+        if not _within(target, self.read_roots(project)):
+            raise OutsidePathError(
+                f"tenants.{self.name}.raw_dir: {str(self.raw_dir)!r} resolves to {target}, outside the project "
+                f"({Path(project).resolve()}). Data from outside the project is read only when params.yaml says so: "
+                f"add the folder to tenants.{self.name}.allow_outside_dirs (e.g. allow_outside_dirs: [{target}]); "
+                "DVC then tracks it by hash as the documents and prepare stages' dependency"
+            )
+
+    def check_sources(self, sources: Iterable[tuple[Path, str]], project: Path | None) -> None:
+        """Refuse a raw source (file, or save_to_disk folder) of raw_dir that resolves outside the project and
+        every allowed folder: a symlink out of the project. A symlinked folder outside the project is refused
+        even when allowed, since DVC hashes the files under raw_dir but does not look into linked folders."""
+        roots = self.read_roots(project)
+        where = f"{'the project' if project is not None else 'raw_dir'} ({roots[0]})"
+        for path, rel in (member for source in sources for member in _members(*source)):
+            target = path.resolve()
+            if _within(target, roots[:1]):
+                continue
+            if path.is_symlink() and path.is_dir():
+                raise OutsidePathError(
+                    f"tenants.{self.name}: raw folder {rel} (in {self.raw_dir}) is a symlink to {target}, outside "
+                    f"{where}. DVC does not look inside a linked folder, so its changes would not re-run the stages: "
+                    f"set raw_dir to a folder holding it and add that folder to tenants.{self.name}.allow_outside_dirs"
+                )
+            if not _within(target, roots[1:]):
+                raise OutsidePathError(
+                    f"tenants.{self.name}: raw file {rel} (in {self.raw_dir}) resolves to {target}, outside {where}. "
+                    "Data from outside the project is read only when params.yaml says so: add a folder holding it to "
+                    f"tenants.{self.name}.allow_outside_dirs (e.g. allow_outside_dirs: [{target.parent}]); DVC then "
+                    "tracks the file by its content as part of raw_dir"
+                )
+
+
+def _within(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def _members(path: Path, rel: str) -> Iterator[tuple[Path, str]]:
+    """A raw source and, for a save_to_disk folder, every entry inside it (each may be a symlink)."""
+    yield path, rel
+    if path.is_dir():
+        for inner in sorted(path.rglob("*")):
+            yield inner, f"{rel}/{inner.relative_to(path).as_posix()}"
+
 
 class Params(_Section):
     seed: int = 1234
@@ -639,6 +720,14 @@ class Params(_Section):
     orchestrate: OrchestrateParams = OrchestrateParams()
     serve: ServeParams = ServeParams()
     tenants: list[TenantParams] = Field(min_length=1)
+    # Not a key of params.yaml: where it was loaded from, so that the stages bound their reads by the same folder.
+    _project: Path | None = PrivateAttr(None)
+
+    @property
+    def project(self) -> Path | None:
+        """The project folder (params.yaml's, resolved) that the tenants' raw data must stay in unless
+        tenants.<t>.allow_outside_dirs allows more; None for params built in code (each raw_dir bounds its reads)."""
+        return self._project
 
     @field_validator("tenants", mode="before")
     @classmethod
@@ -754,8 +843,14 @@ def _format_errors(
     return "\n".join(lines)
 
 
-def parse_params(data: Any, source: str = "params.yaml", root: Path | None = None) -> Params:
-    """Validate a params mapping; relative tenant folders are resolved against `root` when given."""
+def parse_params(
+    data: Any, source: str = "params.yaml", root: Path | None = None, *, project: Path | None = None
+) -> Params:
+    """Validate a params mapping; relative tenant folders are resolved against `root` when given.
+
+    `project` (default: `root`) is the folder the tenants' raw data must stay in unless
+    tenants.<t>.allow_outside_dirs says otherwise; None (params built in code) skips that check.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
     try:
@@ -765,14 +860,18 @@ def parse_params(data: Any, source: str = "params.yaml", root: Path | None = Non
         raise ConfigError(f"{source} is invalid:\n{_format_errors(exc, Params, tenant_names=names)}") from None
     try:
         params.check_overrides()
+        for tenant in params.tenants if (project or root) is not None else ():
+            tenant.check_raw_dir(project or root)
     except ConfigError as exc:
-        raise ConfigError(f"{source} is invalid:\n{exc}") from None
+        raise type(exc)(f"{source} is invalid:\n{exc}") from None
     if root is not None:
         tenants = [
             t.model_copy(update={"raw_dir": t.raw_dir if t.raw_dir.is_absolute() else root / t.raw_dir})
             for t in params.tenants
         ]
         params = params.model_copy(update={"tenants": tenants})
+    if (project or root) is not None:
+        params._project = Path(project or root).resolve()
     return params
 
 
@@ -789,7 +888,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS_PATH, overrides: dict[str, Any
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     for dotted, value in (overrides or {}).items():
         data = set_dotted(data, dotted, value)
-    return parse_params(data, source=str(path))
+    return parse_params(data, source=str(path), project=path.parent)  # the project: where params.yaml and dvc.yaml are
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> dict:

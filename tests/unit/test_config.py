@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraline.config import ConfigError, Params, load_params, parse_params, set_dotted
+from loraline.config import ConfigError, OutsidePathError, Params, load_params, parse_params, set_dotted
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -178,3 +178,54 @@ def test_committed_params_load_with_finite_numbers_only(monkeypatch):
     monkeypatch.chdir(REPO)
     params = load_params(REPO / "params.yaml")
     assert params.gate.min_gain_over_base == 0.05 and params.gate_for("acme-shop").min_gain_over_base == 0.4
+
+
+def outside_setup(tmp_path: Path, raw_dir: str, **tenant) -> Path:
+    """params.yaml in tmp_path/project naming `raw_dir` ({outside}: tmp_path/outside, a real folder)."""
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    (project / "data" / "raw").mkdir(parents=True)
+    outside.mkdir()
+    entry = {"raw_dir": raw_dir.format(outside=outside), **tenant}
+    (project / "params.yaml").write_text(yaml.safe_dump({"tenants": {"acme": entry}}))
+    return project
+
+
+@pytest.mark.parametrize("raw_dir", ["../outside", "{outside}", "data/raw/linked"])
+def test_a_raw_dir_outside_the_project_is_refused_naming_the_key(tmp_path, raw_dir):
+    project = outside_setup(tmp_path, raw_dir)
+    (project / "data" / "raw" / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(OutsidePathError) as err:
+        load_params(project / "params.yaml")
+    outside = (tmp_path / "outside").resolve()
+    assert (
+        f"tenants.acme.raw_dir: {raw_dir.format(outside=tmp_path / 'outside')!r} resolves to {outside}, "
+        f"outside the project ({project.resolve()})"
+    ) in str(err.value)
+    assert f"tenants.acme.allow_outside_dirs (e.g. allow_outside_dirs: [{outside}])" in str(err.value)
+    assert isinstance(err.value, ConfigError)  # the CLI reports it as a configuration error
+
+
+def test_a_raw_dir_set_outside_from_the_command_line_is_refused(tmp_path):
+    project = outside_setup(tmp_path, "data/raw/acme")
+    with pytest.raises(OutsidePathError, match=r"tenants\.acme\.raw_dir: '/'"):
+        load_params(project / "params.yaml", overrides={"tenants.acme.raw_dir": "/"})
+
+
+@pytest.mark.parametrize("raw_dir", ["../outside", "{outside}", "{outside}/acme"])
+def test_an_allowed_outside_raw_dir_loads(tmp_path, raw_dir):
+    outside = tmp_path / "outside"
+    project = outside_setup(tmp_path, raw_dir, allow_outside_dirs=[str(outside)])
+    params = load_params(project / "params.yaml")
+    assert params.tenant("acme").allow_outside_dirs == [outside]
+
+
+def test_allowed_outside_dirs_must_be_absolute(tmp_path):
+    project = outside_setup(tmp_path, "data/raw/acme", allow_outside_dirs=["../outside"])
+    with pytest.raises(ConfigError, match=r"tenants\.acme\.allow_outside_dirs: .*'\.\./outside' must be an absolute folder path"):
+        load_params(project / "params.yaml")
+
+
+def test_params_built_in_code_are_not_bound_to_a_project():
+    assert parse_params({"tenants": {"acme": {"raw_dir": "/data/acme"}}}).tenant("acme").raw_dir == Path("/data/acme")
+    with pytest.raises(OutsidePathError, match=r"tenants\.acme\.raw_dir: '/data/acme'"):
+        parse_params({"tenants": {"acme": {"raw_dir": "/data/acme"}}}, project=Path("/work"))

@@ -3,8 +3,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
+from loraline import documents
+from loraline.config import OutsidePathError, load_params
 from loraline.documents import collect_documents
+from loraline.layout import Layout
 from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
 
 
@@ -49,3 +53,48 @@ def test_missing_raw_dir_names_the_param(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"tenants\.acme\.raw_dir"):
         collect_documents("acme", tmp_path / "nope", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def project_with_linked_document(tmp_path):
+    """(project, raw_dir, outside target): raw_dir holds policy.md and a symlink to a document outside."""
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    raw = project / "data" / "raw" / "acme"
+    raw.mkdir(parents=True)
+    outside.mkdir()
+    (raw / "policy.md").write_text("Returns within thirty days.")
+    target = outside / "secret.md"
+    target.write_text("A document from outside the project.")
+    (raw / "secret.md").symlink_to(target)
+    return project, raw, target
+
+
+def test_a_document_linking_out_of_the_project_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    project, raw, target = project_with_linked_document(tmp_path)
+    (project / "params.yaml").write_text(yaml.safe_dump({"tenants": {"acme": {"raw_dir": "data/raw/acme"}}}))
+    monkeypatch.chdir(project)
+    layout = Layout()
+    with pytest.raises(OutsidePathError) as err:
+        documents.run(load_params("params.yaml"), layout, "acme")
+    assert f"tenants.acme: raw file secret.md (in data/raw/acme) resolves to {target.resolve()}, outside the project" in str(err.value)
+    assert "tenants.acme.allow_outside_dirs" in str(err.value)
+    assert not (project / "data" / "documents").exists()  # checked before the output folder is made
+
+
+def test_a_document_in_an_allowed_outside_folder_is_collected(tmp_path, monkeypatch):
+    project, raw, target = project_with_linked_document(tmp_path)
+    tenant = {"raw_dir": "data/raw/acme", "allow_outside_dirs": [str(target.parent)]}
+    (project / "params.yaml").write_text(yaml.safe_dump({"tenants": {"acme": tenant}}))
+    monkeypatch.chdir(project)
+    result = documents.run(load_params("params.yaml"), Layout(), "acme")
+    assert sorted(result.files) == ["policy.md", "secret.md"]
+    assert (result.out_dir / "secret.md").read_text() == "A document from outside the project."
+
+
+def test_without_a_project_raw_dir_bounds_the_documents(tmp_path):
+    _, raw, target = project_with_linked_document(tmp_path)
+    with pytest.raises(OutsidePathError, match=r"secret\.md .*outside raw_dir"):
+        collect_documents("acme", raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert sorted(collect_documents("acme", raw, tmp_path / "out", allow_outside_dirs=[target.parent]).files) == [
+        "policy.md", "secret.md"
+    ]

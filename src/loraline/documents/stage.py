@@ -8,10 +8,11 @@ instruction rows re-runs this stage, whose output stays the same, and DVC then l
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraline.config import Params
+from loraline.config import Params, TenantParams
 from loraline.io import atomic_dir, write_json
 from loraline.layout import Layout
 from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
@@ -28,24 +29,28 @@ class DocumentsResult:
     skipped: dict[str, str] = field(default_factory=dict)  # relative path -> reason
 
 
-def collect_documents(tenant: str, raw_dir: Path, out_dir: Path) -> DocumentsResult:
+def collect_documents(
+    tenant: str, raw_dir: Path, out_dir: Path, *, allow_outside_dirs: Sequence[Path] = (), project: Path | None = None
+) -> DocumentsResult:
     """Copy the tenant's UTF-8 documents from `raw_dir` into `out_dir`, keeping relative paths.
 
     Files that are empty or not valid UTF-8 are left out and listed with the reason; the prepare
-    stage rejects the same files row by row, so nothing is silently lost.
+    stage rejects the same files row by row, so nothing is silently lost. A document that resolves
+    outside `project` (raw_dir when None) and `allow_outside_dirs` (a symlink out) is refused with
+    OutsidePathError before anything is written.
     """
     raw_dir = Path(raw_dir)
+    reads = TenantParams(name=tenant, raw_dir=raw_dir, allow_outside_dirs=list(allow_outside_dirs))
+    if project is not None:
+        reads.check_raw_dir(project, read_as=raw_dir)
     if not raw_dir.is_dir():
         raise FileNotFoundError(f"tenant {tenant!r}: raw_dir {raw_dir} is not a folder (params: tenants.{tenant}.raw_dir)")
+    documents = _document_files(raw_dir)
+    reads.check_sources(documents, project)
     files: dict[str, str] = {}
     skipped: dict[str, str] = {}
     with atomic_dir(out_dir) as tmp:
-        for path in sorted(raw_dir.rglob("*")):
-            rel = path.relative_to(raw_dir).as_posix()
-            if not path.is_file() or path.suffix.lower() not in DOCUMENT_SUFFIXES or any(
-                part.startswith(".") for part in path.relative_to(raw_dir).parts
-            ):
-                continue
+        for path, rel in documents:
             data = path.read_bytes()
             try:
                 text = data.decode("utf-8")
@@ -63,6 +68,18 @@ def collect_documents(tenant: str, raw_dir: Path, out_dir: Path) -> DocumentsRes
     return DocumentsResult(tenant=tenant, out_dir=Path(out_dir), files=files, skipped=skipped)
 
 
+def _document_files(raw_dir: Path) -> list[tuple[Path, str]]:
+    """(path, path relative to raw_dir) of every .txt/.md file under raw_dir, hidden ones left out, sorted."""
+    found = []
+    for path in sorted(raw_dir.rglob("*")):
+        parts = path.relative_to(raw_dir).parts
+        if path.is_file() and path.suffix.lower() in DOCUMENT_SUFFIXES and not any(p.startswith(".") for p in parts):
+            found.append((path, "/".join(parts)))
+    return found
+
+
 def run(params: Params, layout: Layout, tenant: str, out_dir: Path | None = None) -> DocumentsResult:
     """The documents stage for one tenant: its raw folder's documents into data/documents/<tenant>."""
-    return collect_documents(tenant, params.tenant(tenant).raw_dir, out_dir or layout.documents_dir(tenant))
+    t = params.tenant(tenant)
+    out_dir = out_dir or layout.documents_dir(tenant)
+    return collect_documents(tenant, t.raw_dir, out_dir, allow_outside_dirs=t.allow_outside_dirs, project=params.project)

@@ -77,6 +77,7 @@ def prepare_tenant(
     system_prompt: str | None = None,
     synthetic_rows: Path | None = None,
     progress: bool = False,
+    project: Path | None = None,
 ) -> PrepareResult:
     """Prepare one tenant's raw folder. `system_prompt` defaults to the tenant's, then prepare's.
 
@@ -86,6 +87,8 @@ def prepare_tenant(
     Rows stream through Arrow files beside out_dir, so memory does not grow with the data's size.
     Raises PrepareError (naming the files) when no row is usable; the rejects are still written so
     they can be inspected. Raises ChatTemplateError when the tokenizer's template cannot be masked.
+    Raises OutsidePathError, before any row is read or written, when raw_dir or a raw file resolves
+    outside `project` (raw_dir when None) and the tenant's allow_outside_dirs.
     """
     out_dir, rejected_path, stats_path = Path(out_dir), Path(rejected_path), Path(stats_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +97,7 @@ def prepare_tenant(
         rejects = RejectFile(spill / "rejected.jsonl")
         collected = collect(
             tenant, params, tokenizer, system_prompt=system_prompt, synthetic_rows=synthetic_rows, progress=progress,
-            spill_dir=spill, rejects=rejects,
+            spill_dir=spill, rejects=rejects, project=project,
         )
         rejects.close()
         stats = collected.stats
@@ -133,6 +136,7 @@ def collect(
     progress: bool = False,
     spill_dir: Path | None = None,
     rejects: RejectList | RejectFile | None = None,
+    project: Path | None = None,
 ) -> Collected:
     """Read, scrub, deduplicate, decontaminate, render, split and mix every row of the tenant.
 
@@ -141,14 +145,18 @@ def collect(
     decontamination index. Pass 2 reads the candidates back in the same order: decontamination against
     the test split, then near-duplicates. Then the synthetic rows, in their seeded draw, through the
     same steps until the mix quota is reached. With `spill_dir` rows are kept in Arrow files there
-    (bounded memory), else in lists.
+    (bounded memory), else in lists. Every raw source must resolve inside `project` (raw_dir when None)
+    or the tenant's allow_outside_dirs: a symlink out of it is refused before any row is read.
     """
     raw_dir = Path(tenant.raw_dir)
+    if project is not None:
+        tenant.check_raw_dir(project, read_as=raw_dir)  # as load_params did, for the path read from here
     if not raw_dir.is_dir():
         raise PrepareError(f"tenant {tenant.name!r}: raw folder {raw_dir} does not exist (tenants[].raw_dir in params.yaml)")
     files = list_files(raw_dir)
     if not files:
         raise PrepareError(f"tenant {tenant.name!r}: raw folder {raw_dir} holds no files (hidden files are skipped)")
+    tenant.check_sources(files, project)
     check_tokenizer(tokenizer)
     if system_prompt is None:
         system_prompt = tenant.system_prompt if tenant.system_prompt is not None else params.system_prompt
@@ -205,6 +213,7 @@ def run(
         system_prompt=params.system_prompt_for(tenant),
         synthetic_rows=layout.synthetic_rows_path(tenant),  # absent before synthesize has run: no synthetic rows
         progress=progress,
+        project=params.project,
     )
     write_json(layout.metrics_path("prepare", tenant), prepare_metrics(result.stats))
     write_timing(layout.timing_path("prepare", tenant), run_facts(started))
