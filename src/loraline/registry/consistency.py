@@ -80,15 +80,17 @@ def dvc_status(root: str | Path, wanted: list[str]) -> tuple[dict[str, list[Any]
     return {key.rpartition(":")[2]: changes for key, changes in found.items()}, checked
 
 
-def _describe(changes: list[Any]) -> str:
-    """DVC's status entries of one stage in words: `changed deps: models/adapters/t1 modified`."""
+def _describe(changes: list[Any], shown: int = 3) -> str:
+    """DVC's status entries of one stage in words (`changed deps: models/adapters/t1 modified`), `shown` paths a kind."""
     parts = []
     for change in changes:
-        if isinstance(change, dict):
-            parts += [f"{kind}: " + ", ".join(f"{path} {state}" for path, state in files.items())
-                      for kind, files in change.items()]
-        else:
+        if not isinstance(change, dict):
             parts.append(str(change))
+            continue
+        for kind, files in change.items():
+            listed = [f"{path} {state}" for path, state in files.items()]
+            more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
+            parts.append(f"{kind}: {', '.join(listed[:shown])}{more}")
     return "; ".join(parts)
 
 
