@@ -58,7 +58,7 @@ def read_lock(root: str | Path) -> dict[str, Any]:
 
 
 def tenant_stages(tenant: str) -> list[str]:
-    """A tenant's stage names in pipeline order, with the shared stages its outputs depend on."""
+    """The shared stages the tenant's outputs depend on, then the tenant's own stages in pipeline order."""
     return [*SHARED_STAGES, *(stage_id(s, tenant) for s in TENANT_STAGES)]
 
 
