@@ -17,10 +17,15 @@ from typing import Any
 import yaml
 
 from loraline.config import ConfigError, Params, load_params
+from loraline.flows.orchestrate import WorkspaceBusy, workspace_lock
 from loraline.layout import Layout, stage_id
 from loraline.cli.registry import add_registry_parser
 from loraline.cli.serve import add_serve_parser
 from loraline.summary import base_line, collect_summary, reasons, render_text, train_line
+
+
+# `loraline run` while another holds the workspace: a temporary failure, worth trying again (sysexits' EX_TEMPFAIL).
+EXIT_BUSY = 75
 
 
 def _parse_set(values: list[str] | None) -> dict[str, Any]:
@@ -66,7 +71,25 @@ def cmd_check(args: argparse.Namespace) -> int:
             mapped = ", ".join(f"{k}<-{v!r}" for k, v in source.columns.items()) or "shape detection"
             extra = "".join(f" {k}={getattr(source, k)}" for k in ("format", "explode", "control_tokens") if getattr(source, k))
             print(f"    source {source.path}:{extra} {mapped}" + (f" roles={source.roles}" if source.roles else ""))
-    return 0
+    return _check_dvc_cache(Path(args.params).resolve().parent)
+
+
+def _check_dvc_cache(root: Path) -> int:
+    """Re-hash the cache files dvc.lock's outputs point at (when the project has run): 1 when one is corrupted."""
+    if not ((root / "dvc.lock").is_file() and (root / ".dvc").is_dir()):
+        return 0
+    from loraline.flows.cache import QUARANTINE, check_cache
+
+    check = check_cache(root)
+    print(check.summary())
+    if check.ok:
+        return 0
+    for bad in check.corrupt:
+        print(f"loraline check: error: {bad.describe(root)}", file=sys.stderr)
+    print(f"loraline check: to repair, `loraline run` restores each from its workspace copy when that is intact, else "
+          f"moves it aside ({QUARANTINE}/) so that DVC pulls or rebuilds it; or by hand: delete the cache file, then "
+          "`dvc pull` (from the remote) or `dvc repro <stage>` (rebuilds it)", file=sys.stderr)
+    return 1
 
 
 def cmd_documents(args: argparse.Namespace) -> int:
@@ -292,6 +315,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     tenants = _tenants(params, args.tenant)
     if args.parallel is not None and args.parallel < 1:
         raise ConfigError(f"--parallel must be at least 1, got {args.parallel}")
+    if args.set and not args.no_dvc:
+        raise ConfigError("--set does not apply to a DVC run; use `dvc exp run -S key=value` or edit params.yaml")
+    with workspace_lock(root, wait=args.wait, on_wait=lambda line: print(f"loraline run: {line}", file=sys.stderr, flush=True)):
+        return _run_holding_the_workspace(args, params, tenants, started)
+
+
+def _run_holding_the_workspace(args: argparse.Namespace, params: Params, tenants: list[str], started: float) -> int:
     error = None
     if args.no_dvc:
         ns = dict(params=args.params, set=args.set, quiet=args.quiet, out=None, tenant=args.tenant, docs=None, base=None)
@@ -307,8 +337,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd_evaluate(argparse.Namespace(**ns))
         cmd_gate(argparse.Namespace(**ns, strict=False))
     else:
-        if args.set:
-            raise ConfigError("--set does not apply to a DVC run; use `dvc exp run -S key=value` or edit params.yaml")
+        _repair_dvc_cache(Path.cwd())
         if args.no_prefect:
             error = _run_without_prefect(args, params, tenants)
         else:
@@ -318,6 +347,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"loraline run: failed: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _repair_dvc_cache(root: Path) -> None:
+    """Before DVC relies on its cache: a corrupted cache file is named and repaired (restored from the
+    workspace copy, else moved aside so that DVC pulls or rebuilds it), never silently rebuilt."""
+    from loraline.flows.cache import check_cache, repair
+
+    if not (root / "dvc.lock").is_file():
+        return
+    check = check_cache(root)
+    for bad in check.corrupt:
+        print(f"loraline run: warning: {bad.describe(root)}", file=sys.stderr)
+    for line in repair(check):
+        print(f"loraline run: {line}", file=sys.stderr, flush=True)
 
 
 def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list[str]) -> str | None:
@@ -460,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run every stage even when DVC finds it up to date")
     p.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
     p.add_argument(
+        "--wait", action="store_true", help="when another `loraline run` holds this workspace, wait for it to end "
+        f"(default: exit at once with status {EXIT_BUSY}, naming its pid)",
+    )
+    p.add_argument(
         "--parallel", type=int, metavar="N", help="run up to N tenants' stages at once, each on an equal share of the "
         "visible GPUs (default: orchestrate.parallel_tenants); the outputs are those of a sequential run",
     )
@@ -474,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"loraline: configuration error: {exc}", file=sys.stderr)
         return 2
+    except WorkspaceBusy as exc:
+        print(f"loraline {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except (FileNotFoundError, ValueError) as exc:
         print(f"loraline {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from loraline.layout import split_stage_id
@@ -30,7 +32,8 @@ from loraline.tools import tool, tool_env
 
 __all__ = [
     "DeviceSlots", "StageFailed", "StagePlan", "StageRun", "StageTimeout", "device_slots", "plan_stages", "project_lock",
-    "push_outputs", "run_chains", "run_stage", "run_stages_in_parallel", "stage_echo", "visible_gpus",
+    "push_outputs", "run_chains", "run_stage", "run_stages_in_parallel", "stage_echo", "visible_gpus", "WorkspaceBusy",
+    "workspace_lock",
 ]
 
 _RAN = re.compile(r"Running stage '([^']+)'")
@@ -228,6 +231,51 @@ def project_lock(root: str | Path, name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another `loraline run` holds this workspace; the message names its pid and start time."""
+
+
+@contextlib.contextmanager
+def workspace_lock(root: str | Path, *, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Held by `loraline run` from start to end: one run per workspace.
+
+    Two runs at once would run the same stages against each other, and the second would stop at DVC's
+    read/write lock with advice (delete .dvc/tmp/rwlock) that is dangerous while the first runs. The
+    lock file (.dvc/tmp/loraline-run.lock) holds the holder's pid and start time for that message; the
+    kernel releases the lock when its process ends, however it ends, so a crashed run leaves nothing
+    to clean up. Raises WorkspaceBusy when it is held, or (`wait`) tells `on_wait` and waits for it.
+    """
+    with _lock_file(root, "run") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f"another loraline run ({_run_lock_holder(Path(fh.name))}) holds this workspace"
+            if not wait:
+                raise WorkspaceBusy(f"{holder}; wait for it to end, or pass --wait to start when it does") from None
+            if on_wait:
+                on_wait(f"{holder}: waiting for it to end")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.truncate(0)
+            fh.write(json.dumps({"pid": os.getpid(), "started_at": datetime.now().astimezone().isoformat(timespec="seconds")}))
+            fh.flush()
+            yield
+        finally:
+            fh.truncate(0)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run_lock_holder(path: Path) -> str:
+    """`pid N, started at T` from the lock file (the holder may not have written it yet: a moment's grace)."""
+    for _ in range(20):
+        try:
+            facts = json.loads(path.read_text(encoding="utf-8"))
+            return f"pid {facts['pid']}, started at {facts['started_at']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "pid unknown"
 
 
 def visible_gpus() -> list[str]:

@@ -1,0 +1,181 @@
+"""Checking DVC's cache before a run relies on it.
+
+A cache file whose bytes no longer match its name (a disk error, a stray write through a link) is
+reported by `dvc status` as "not in cache", removed, and its stage silently rebuilt on the next
+`dvc repro`: an hour of training redone without a word. `check_cache` re-hashes, once, every cache
+file that an output in dvc.lock points at (for a folder output, its .dir manifest and every file the
+manifest lists), so that `loraline check` can say which file is damaged and `loraline run` can repair
+it before DVC sees it: from the workspace copy when that is intact (nothing rebuilt), else by moving
+the damaged file aside, so that `dvc pull` restores it or the run rebuilds its stage, saying so.
+
+It reads dvc.lock and the cache directly rather than asking DVC: DVC's own check trusts its state
+database (a file whose size, mtime and inode did not change is not re-read), which is exactly what a
+damaged file in place defeats. Cache files that are absent (never built here, not pulled) are not
+damage and are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["CacheCheck", "CorruptFile", "QUARANTINE", "check_cache", "repair"]
+
+# Where `repair` moves a damaged cache file that it cannot restore (kept, not deleted: evidence).
+QUARANTINE = Path(".dvc") / "tmp" / "corrupted-cache"
+
+
+@dataclass(frozen=True)
+class CorruptFile:
+    cache_path: Path
+    output: str  # the workspace path it belongs to, relative to the project root (a file inside a folder output)
+    stage: str
+    expected: str  # the hash its name says
+    actual: str  # the hash of its bytes
+    hash_name: str  # "md5" (DVC 3), "md5-dos2unix" (a DVC 2 lock entry)
+
+    def describe(self, root: Path) -> str:
+        return (f"DVC cache file {_shown(self.cache_path, root)} is corrupted: its bytes hash to {self.actual}, "
+                f"not {self.expected.removesuffix('.dir')}; it holds {self.output} of stage {self.stage}")
+
+
+@dataclass(frozen=True)
+class CacheCheck:
+    root: Path
+    files: int = 0  # cache files hashed
+    bytes: int = 0
+    missing: int = 0  # referenced by dvc.lock but not in this cache (not built or not pulled here)
+    seconds: float = 0.0
+    corrupt: list[CorruptFile] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt
+
+    def summary(self) -> str:
+        missing = f", {self.missing} not in this cache" if self.missing else ""
+        verdict = "intact" if self.ok else f"{len(self.corrupt)} corrupted"
+        return (f"DVC cache: {self.files} files of dvc.lock's outputs checked ({self.bytes / 1e6:.1f} MB in "
+                f"{self.seconds:.1f}s): {verdict}{missing}")
+
+
+def check_cache(root: str | Path) -> CacheCheck:
+    """Re-hash every cache file that an output recorded in `root`/dvc.lock points at."""
+    root = Path(root).resolve()
+    started = time.perf_counter()
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return CacheCheck(root)
+    locate = _cache_locator(root)
+    state = _Scan(root)
+    for stage, output, oid, hash_name in _locked_outputs(lock):
+        cache_path = locate(oid, hash_name)
+        if not oid.endswith(".dir"):
+            state.check(cache_path, output, stage, oid, hash_name)
+        elif state.check(cache_path, output, stage, oid, hash_name):  # an intact manifest: now its files
+            for entry in json.loads(cache_path.read_text(encoding="utf-8")):
+                state.check(locate(entry["md5"], hash_name), f"{output}/{entry['relpath']}", stage, entry["md5"], hash_name)
+    return CacheCheck(root, state.files, state.bytes, state.missing, time.perf_counter() - started, state.corrupt)
+
+
+def repair(check: CacheCheck) -> list[str]:
+    """Repair what `check` found, one line per file saying what was done: restored from the workspace
+    copy when that hashes right (the stage need not run again), else moved aside to QUARANTINE, so
+    that DVC finds it missing and `dvc pull` restores it, or `dvc repro` rebuilds its stage."""
+    lines = []
+    for bad in check.corrupt:
+        workspace = check.root / bad.output
+        if not bad.expected.endswith(".dir") and workspace.is_file() and _hash(workspace, bad.hash_name) == bad.expected:
+            _restore(workspace, bad.cache_path)
+            lines.append(f"{_shown(bad.cache_path, check.root)}: restored from the intact workspace copy {bad.output}")
+            continue
+        aside = check.root / QUARANTINE / f"{bad.hash_name}-{bad.expected}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(bad.cache_path), aside)
+        lines.append(
+            f"{_shown(bad.cache_path, check.root)}: moved aside to {_shown(aside, check.root)} (the workspace copy of "
+            f"{bad.output} does not match either); `dvc pull` restores it from the remote, else this run rebuilds "
+            f"stage {bad.stage}"
+        )
+    return lines
+
+
+class _Scan:
+    """Hash each cache file once (outputs of several stages may share one), counting what was read."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.files = self.bytes = self.missing = 0
+        self.corrupt: list[CorruptFile] = []
+        self._seen: dict[Path, bool] = {}
+
+    def check(self, cache_path: Path, output: str, stage: str, oid: str, hash_name: str) -> bool:
+        """Whether `cache_path` is present and intact; a damaged one is recorded in `corrupt`."""
+        if cache_path in self._seen:
+            return self._seen[cache_path]
+        if not cache_path.is_file():
+            self.missing += 1
+            self._seen[cache_path] = False
+            return False
+        actual = _hash(cache_path, hash_name)
+        self.files += 1
+        self.bytes += cache_path.stat().st_size
+        intact = actual == oid.removesuffix(".dir")
+        if not intact:
+            self.corrupt.append(CorruptFile(cache_path, output, stage, oid, actual, hash_name))
+        self._seen[cache_path] = intact
+        return intact
+
+
+def _locked_outputs(lock: Path) -> list[tuple[str, str, str, str]]:
+    """(stage, output path, hash, hash name) of every output recorded in dvc.lock."""
+    data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
+    found = []
+    for stage, entry in (data.get("stages") or {}).items():
+        for out in entry.get("outs") or []:
+            if out.get("md5"):  # a lock entry without `hash: md5` was written by DVC 2 (md5 over dos2unix text)
+                found.append((stage, out["path"], out["md5"], out.get("hash") or "md5-dos2unix"))
+    return found
+
+
+def _cache_locator(root: Path):
+    """oid, hash name -> the cache file's path, as DVC lays out this project's cache (cache.dir honoured)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        to_path = {"md5": repo.cache.local.oid_to_path, "md5-dos2unix": repo.cache.legacy.oid_to_path}
+    return lambda oid, hash_name: Path(to_path[hash_name](oid))
+
+
+def _hash(path: Path, hash_name: str) -> str:
+    from dvc_data.hashfile.hash import file_md5
+
+    return file_md5(str(path), name=hash_name)
+
+
+def _restore(source: Path, cache_path: Path) -> None:
+    """Put `source`'s bytes at `cache_path` (atomically, read-only like DVC's own cache files)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{cache_path.name}.tmp-", dir=cache_path.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, cache_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _shown(path: Path, root: Path) -> str:
+    """`path` relative to the project when inside it (a cache elsewhere, cache.dir, stays absolute)."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
