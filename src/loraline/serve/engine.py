@@ -119,8 +119,8 @@ class Engine:
         """Whether a process of our engine's group listens on its port (True where /proc cannot tell)."""
         if self.process is None or not Path("/proc/net/tcp").is_file():
             return True
-        port = int(self.url.rsplit(":", 1)[1])
-        return any(pid in group_members(self.process.pid) for pid in listeners(port))
+        ours = group_members(self.process.pid)
+        return any(pid in ours for pid in listeners(int(self.url.rsplit(":", 1)[1])))
 
     def _exit_message(self) -> str:
         tail = ""
