@@ -351,12 +351,14 @@ def _run_holding_the_workspace(args: argparse.Namespace, params: Params, tenants
 
 def _repair_dvc_cache(root: Path) -> None:
     """Before DVC relies on its cache: a corrupted cache file is named and repaired (restored from the
-    workspace copy, else moved aside so that DVC pulls or rebuilds it), never silently rebuilt."""
+    workspace copy, else moved aside so that DVC pulls or rebuilds it), never silently rebuilt. Only
+    files changed since they were last verified are re-hashed (`loraline check` re-hashes all)."""
     from loraline.flows.cache import check_cache, repair
 
     if not (root / "dvc.lock").is_file():
         return
-    check = check_cache(root)
+    check = check_cache(root, incremental=True)
+    print(check.summary(), flush=True)
     for bad in check.corrupt:
         print(f"loraline run: warning: {bad.describe(root)}", file=sys.stderr)
     for line in repair(check):

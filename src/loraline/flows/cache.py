@@ -12,6 +12,13 @@ It reads dvc.lock and the cache directly rather than asking DVC: DVC's own check
 database (a file whose size, mtime and inode did not change is not re-read), which is exactly what a
 damaged file in place defeats. Cache files that are absent (never built here, not pulled) are not
 damage and are skipped.
+
+Re-hashing an 8B model's cache at every run start costs 15-30 s, so the run-start check is
+incremental: VERIFIED remembers each file found intact with its (size, mtime, ctime, inode), and only
+a file whose stat differs, or that is not remembered, is re-hashed. Unlike DVC's state, it compares
+ctime: any write, in place or through a link, changes it, and user space cannot set it back (mtime
+it can, with os.utime). Only bytes that rot on the disk without a write go unseen; finding those is
+what `loraline check`'s full re-hash is for (it refreshes VERIFIED).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,10 +34,17 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["CacheCheck", "CorruptFile", "QUARANTINE", "check_cache", "repair"]
+from loraline import io
+
+__all__ = ["CacheCheck", "CorruptFile", "QUARANTINE", "VERIFIED", "check_cache", "repair"]
 
 # Where `repair` moves a damaged cache file that it cannot restore (kept, not deleted: evidence).
 QUARANTINE = Path(".dvc") / "tmp" / "corrupted-cache"
+# The cache files found intact, with the stat they had when hashed: {path: [size, mtime_ns, ctime_ns, inode]}.
+VERIFIED = Path(".dvc") / "tmp" / "loraline-cache-verified.json"
+# A file whose ctime is this close to the moment it was hashed is not remembered: a write in the same
+# timestamp tick (a few ms locally, more on a network file system) would leave its stat unchanged.
+SETTLED_NS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -49,11 +64,14 @@ class CorruptFile:
 @dataclass(frozen=True)
 class CacheCheck:
     root: Path
-    files: int = 0  # cache files hashed
-    bytes: int = 0
+    files: int = 0  # cache files checked: re-hashed, or unchanged since they were verified
+    bytes: int = 0  # of the files re-hashed
     missing: int = 0  # referenced by dvc.lock but not in this cache (not built or not pulled here)
     seconds: float = 0.0
     corrupt: list[CorruptFile] = field(default_factory=list)
+    rehashed: int = 0
+    incremental: bool = False  # files unchanged since verified were trusted, not re-hashed
+    unrecorded: str | None = None  # why VERIFIED could not be written (the next check re-hashes all)
 
     @property
     def ok(self) -> bool:
@@ -62,19 +80,24 @@ class CacheCheck:
     def summary(self) -> str:
         missing = f", {self.missing} not in this cache" if self.missing else ""
         verdict = "intact" if self.ok else f"{len(self.corrupt)} corrupted"
-        return (f"DVC cache: {self.files} files of dvc.lock's outputs checked ({self.bytes / 1e6:.1f} MB in "
-                f"{self.seconds:.1f}s): {verdict}{missing}")
+        read = f"{self.bytes / 1e6:.1f} MB in {self.seconds:.1f}s"
+        how = (f"{self.rehashed} re-hashed ({self.files - self.rehashed} unchanged since verified; {read})"
+               if self.incremental else f"all re-hashed ({read})")
+        unrecorded = f"; {self.unrecorded}, so the next run re-hashes every file" if self.unrecorded else ""
+        return f"DVC cache: {self.files} files of dvc.lock's outputs checked, {how}: {verdict}{missing}{unrecorded}"
 
 
-def check_cache(root: str | Path) -> CacheCheck:
-    """Re-hash every cache file that an output recorded in `root`/dvc.lock points at."""
+def check_cache(root: str | Path, *, incremental: bool = False) -> CacheCheck:
+    """Re-hash every cache file that an output recorded in `root`/dvc.lock points at; `incremental`:
+    only those whose stat changed since VERIFIED recorded them intact (or that it does not record).
+    Either way VERIFIED is rewritten to record the files found intact now."""
     root = Path(root).resolve()
     started = time.perf_counter()
     lock = root / "dvc.lock"
     if not lock.is_file():
-        return CacheCheck(root)
+        return CacheCheck(root, incremental=incremental)
     locate = _cache_locator(root)
-    state = _Scan(root)
+    state = _Scan(root, _read_verified(root) if incremental else {})
     for stage, output, oid, hash_name in _locked_outputs(lock):
         cache_path = locate(oid, hash_name)
         if not oid.endswith(".dir"):
@@ -82,7 +105,9 @@ def check_cache(root: str | Path) -> CacheCheck:
         elif state.check(cache_path, output, stage, oid, hash_name):  # an intact manifest: now its files
             for entry in json.loads(cache_path.read_text(encoding="utf-8")):
                 state.check(locate(entry["md5"], hash_name), f"{output}/{entry['relpath']}", stage, entry["md5"], hash_name)
-    return CacheCheck(root, state.files, state.bytes, state.missing, time.perf_counter() - started, state.corrupt)
+    unrecorded = _write_verified(root, state.verified, state.trusted)
+    return CacheCheck(root, state.files, state.bytes, state.missing, time.perf_counter() - started, state.corrupt,
+                      state.rehashed, incremental, unrecorded)
 
 
 def repair(check: CacheCheck) -> list[str]:
@@ -108,30 +133,72 @@ def repair(check: CacheCheck) -> list[str]:
 
 
 class _Scan:
-    """Hash each cache file once (outputs of several stages may share one), counting what was read."""
+    """Check each cache file once (outputs of several stages may share one), counting what was read:
+    trusted when its stat is what `trusted` recorded, else hashed; `verified` collects the intact ones."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.files = self.bytes = self.missing = 0
+    def __init__(self, root: Path, trusted: dict[str, list[int]]):
+        self.root, self.trusted = root, trusted
+        self.files = self.bytes = self.missing = self.rehashed = 0
         self.corrupt: list[CorruptFile] = []
+        self.verified: dict[str, list[int]] = {}
         self._seen: dict[Path, bool] = {}
 
     def check(self, cache_path: Path, output: str, stage: str, oid: str, hash_name: str) -> bool:
         """Whether `cache_path` is present and intact; a damaged one is recorded in `corrupt`."""
-        if cache_path in self._seen:
-            return self._seen[cache_path]
-        if not cache_path.is_file():
+        if cache_path not in self._seen:
+            self._seen[cache_path] = self._check(cache_path, output, stage, oid, hash_name)
+        return self._seen[cache_path]
+
+    def _check(self, cache_path: Path, output: str, stage: str, oid: str, hash_name: str) -> bool:
+        try:
+            st = cache_path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             self.missing += 1
-            self._seen[cache_path] = False
             return False
-        actual = _hash(cache_path, hash_name)
+        before = _stat_key(st)
         self.files += 1
-        self.bytes += cache_path.stat().st_size
-        intact = actual == oid.removesuffix(".dir")
-        if not intact:
+        key = _shown(cache_path, self.root)
+        if self.trusted.get(key) == before:
+            self.verified[key] = before
+            return True
+        hashed_at = time.time_ns()
+        actual = _hash(cache_path, hash_name)
+        self.rehashed += 1
+        self.bytes += before[0]
+        if actual != oid.removesuffix(".dir"):
             self.corrupt.append(CorruptFile(cache_path, output, stage, oid, actual, hash_name))
-        self._seen[cache_path] = intact
-        return intact
+            return False
+        # Remembered only when no write can hide behind an unchanged stat: none during the hashing,
+        # and its last change a tick before it (else a write in that same tick leaves ctime as it is).
+        if _stat_key(cache_path.stat()) == before and before[2] < hashed_at - SETTLED_NS:
+            self.verified[key] = before
+        return True
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_verified(root: Path) -> dict[str, list[int]]:
+    """VERIFIED's record ({} when absent or unreadable: then every file is re-hashed, nothing is lost)."""
+    try:
+        data = json.loads((root / VERIFIED).read_text(encoding="utf-8"))
+        return {str(k): list(v) for k, v in data["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _write_verified(root: Path, verified: dict[str, list[int]], before: dict[str, list[int]]) -> str | None:
+    """Record `verified` in VERIFIED (not rewritten when unchanged); why it could not be, else None."""
+    if verified == before:
+        return None
+    try:
+        io.write_json(root / VERIFIED, {"files": verified})
+    except io.WriteError as exc:
+        return f"could not record the verified files ({exc})"
+    return None
 
 
 def _locked_outputs(lock: Path) -> list[tuple[str, str, str, str]]:

@@ -1,16 +1,19 @@
 """loraline.flows.cache against a real DVC project: a damaged cache file is named (cache path, output,
-stage) by `loraline check` and repaired by `loraline run` before DVC would silently rebuild its stage."""
+stage) by `loraline check` and repaired by `loraline run` before DVC would silently rebuild its stage;
+the run-start check re-hashes only the files written since they were verified."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from loraline.flows.cache import QUARANTINE, check_cache, repair
+from loraline.flows import cache
+from loraline.flows.cache import QUARANTINE, SETTLED_NS, VERIFIED, check_cache, repair
 from loraline.tools import tool, tool_env
 
 # The stage counts its runs in runs.log (not an output): a rebuild is visible.
@@ -93,6 +96,69 @@ def test_a_damaged_file_without_a_good_copy_is_moved_aside_and_its_stage_rebuilt
     assert check_cache(project).ok
 
 
+def _settle() -> None:
+    """Let the fixture's cache files age past SETTLED_NS: a file changed less than that before it is
+    hashed is not remembered (a write in the same timestamp tick would leave its stat as it was)."""
+    time.sleep(SETTLED_NS / 1e9 + 0.2)
+
+
+def test_the_run_start_check_re_hashes_nothing_unchanged_since_verified(project: Path):
+    _settle()
+    first = check_cache(project, incremental=True)
+    assert first.ok and first.files == 4 and first.rehashed == 4 and (project / VERIFIED).is_file()
+    again = check_cache(project, incremental=True)
+    assert again.ok and again.files == 4 and again.rehashed == 0 and again.bytes == 0
+    assert "4 files of dvc.lock's outputs checked, 0 re-hashed (4 unchanged since verified; 0.0 MB" in again.summary()
+    full = check_cache(project)  # `loraline check`: every file, whatever VERIFIED says
+    assert full.rehashed == 4 and "4 files of dvc.lock's outputs checked, all re-hashed" in full.summary()
+
+
+@pytest.mark.parametrize("write", ["append", "same size in place, mtime set back"])
+def test_the_run_start_check_re_hashes_a_file_written_since_verified(project: Path, write: str):
+    _settle()
+    assert check_cache(project, incremental=True).rehashed == 4
+    cache_file = _cache_file(project, "model/weights.bin")
+    before = cache_file.stat()
+    if write == "append":
+        os.chmod(cache_file, 0o644)
+        with open(cache_file, "ab") as fh:
+            fh.write(b"junk")
+    else:
+        _damage(cache_file)
+        after = cache_file.stat()  # only ctime tells: size, mtime and inode are as they were
+        assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    check = check_cache(project, incremental=True)
+    assert check.rehashed == 1 and [(c.cache_path, c.output) for c in check.corrupt] == [(cache_file, "model/weights.bin")]
+    assert "1 re-hashed (3 unchanged since verified;" in check.summary() and "1 corrupted" in check.summary()
+    repair(check)
+    assert check_cache(project, incremental=True).ok  # the restored file (a new one) is hashed, not trusted
+
+
+def test_loraline_run_starts_with_the_incremental_check_and_says_so(project: Path, capsys):
+    from loraline.cli.main import _repair_dvc_cache
+
+    _settle()
+    _repair_dvc_cache(project)
+    assert "4 files of dvc.lock's outputs checked, 4 re-hashed (0 unchanged since verified;" in capsys.readouterr().out
+    _repair_dvc_cache(project)
+    assert "4 files of dvc.lock's outputs checked, 0 re-hashed (4 unchanged since verified;" in capsys.readouterr().out
+
+
+def test_a_file_changed_just_before_it_was_hashed_is_not_remembered(project: Path, monkeypatch):
+    monkeypatch.setattr(cache, "SETTLED_NS", 3600 * 10**9)  # every fixture file is "just written"
+    assert check_cache(project, incremental=True).rehashed == 4
+    assert check_cache(project, incremental=True).rehashed == 4
+
+
+def test_an_unreadable_record_of_verified_files_means_re_hashing_all(project: Path):
+    _settle()
+    check_cache(project, incremental=True)
+    (project / VERIFIED).write_text("{not json")
+    check = check_cache(project, incremental=True)
+    assert check.ok and check.rehashed == 4
+    assert check_cache(project, incremental=True).rehashed == 0  # and it is written anew
+
+
 def _damage_small(path: Path) -> None:
     os.chmod(path, 0o644)
     path.write_text(path.read_text().replace("true", "ture"))
@@ -108,8 +174,11 @@ def test_loraline_check_names_the_damaged_file_and_says_what_to_do(project: Path
     (project / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
     (project / "raw").mkdir()
     (project / "raw" / "a.md").write_text("A document.")
+    _settle()
+    check_cache(project, incremental=True)  # a run started: every file is recorded as verified
     assert main(["check", "--params", str(project / "params.yaml")]) == 0
-    assert "intact" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4 files of dvc.lock's outputs checked, all re-hashed" in out and "intact" in out
     _damage(_cache_file(project, "model/weights.bin"))
     assert main(["check", "--params", str(project / "params.yaml")]) == 1
     captured = capsys.readouterr()
