@@ -5,7 +5,8 @@ Who owns what:
   inputs did not change is skipped by DVC, and after the flow `dvc status` is clean and dvc.lock is
   what `dvc repro` would have written.
 - Prefect owns the run: order, retries (train resumes from its checkpoint; pushes and registry writes
-  are I/O that may recover; nothing else is retried, a deterministic failure would only fail again),
+  are I/O that may recover; nothing else is retried, a deterministic failure would only fail again,
+  and neither is a release refused for the project's state: stale stages, ReleaseRefused),
   timeouts, logs, the reports as artifacts, and the promotion decision (the release task).
 
 Tenants run one after another, or with `parallel` N (orchestrate.parallel_tenants) up to N at once,
@@ -31,6 +32,7 @@ from loraline.layout import Layout, split_stage_id
 from loraline.flows.orchestrate import (
     DeviceSlots, StageRun, device_slots, plan_stages, project_lock, push_outputs, run_stage, stage_echo, visible_gpus,
 )
+from loraline.registry.base import ReleaseRefused
 from loraline.release import ReleaseResult, release_shared
 from loraline.serve.server import notify as notify_serving
 from loraline.summary import collect_summary, gate_markdown, render_markdown
@@ -80,6 +82,18 @@ def publish_reports(project_dir: str, tenant: str) -> None:
         create_table_artifact(key=f"{tenant}-metrics", table=rows, description=f"{tenant}: test-split metrics")
     create_markdown_artifact(key=f"{tenant}-gate", markdown=gate_markdown(summary),
                              description=f"{tenant}: promotion gate {summary.verdict}")
+
+
+def retry_unless_refused(task, task_run, state) -> bool:
+    """Prefect's retry condition of the I/O tasks (push, release): a failure that may recover (a git push,
+    a busy registry, a promotion race) is retried; a release refused for the project's state (stages out
+    of date) is not, since it would only be refused again after each retry delay."""
+    return not isinstance(state.result(raise_on_failure=False), ReleaseRefused)
+
+
+def _io_policy(orchestrate: OrchestrateParams) -> dict:
+    return dict(retries=orchestrate.io_retries, retry_delay_seconds=orchestrate.retry_delay_seconds,
+                retry_condition_fn=retry_unless_refused)
 
 
 def _with_policy(stage: str, orchestrate: OrchestrateParams):
@@ -168,14 +182,12 @@ def pipeline(
         publish_reports(project_dir, tenant)
 
     if push:
-        dvc_push.with_options(retries=orchestrate.io_retries, retry_delay_seconds=orchestrate.retry_delay_seconds)(project_dir)
+        dvc_push.with_options(**_io_policy(orchestrate))(project_dir)
     releases = {}
     for tenant in chosen:
         if tenant in failures:
             continue
-        releases[tenant] = release.with_options(
-            retries=orchestrate.io_retries, retry_delay_seconds=orchestrate.retry_delay_seconds
-        )(project_dir, tenant, promote)
+        releases[tenant] = release.with_options(**_io_policy(orchestrate))(project_dir, tenant, promote)
 
     seconds = time.perf_counter() - started
     summary = collect_summary(params, Layout(Path(project_dir)), chosen)

@@ -55,6 +55,22 @@ class RegistryError(RuntimeError):
     """The registry refused an operation; the message says why and what to do."""
 
 
+class ReleaseRefused(RegistryError):
+    """The project's state forbids the release (stages out of date, dvc.lock disagreeing with itself):
+    not I/O that may recover, so the flow does not retry it; the message says what to run first."""
+
+
+class StaleRelease(ReleaseRefused):
+    """DVC reports stages of the tenant out of date (`stages`): its reports would describe another adapter."""
+
+    def __init__(self, message: str, tenant: str = "", stages: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.tenant, self.stages = tenant, tuple(stages)
+
+    def __reduce__(self):  # pickled with its fields (Prefect may persist a task's exception)
+        return type(self), (str(self), self.tenant, self.stages)
+
+
 class PromotionConflict(RegistryError):
     """Production changed between the caller's decision and its promotion: decide again."""
 

@@ -23,27 +23,29 @@ from typing import Any
 import yaml
 
 from loraline.layout import SHARED_STAGES, TENANT_STAGES, stage_id
-from loraline.registry.base import RegistryError, Version
+from loraline.registry.base import RegistryError, ReleaseRefused, StaleRelease, Version
 
 
 def check_releasable(root: str | Path, tenant: str) -> None:
-    """RegistryError, naming the stages and the command that fixes them, unless DVC finds every stage of the
-    tenant (and the shared ones) up to date and dvc.lock's chain from train to gate agrees with itself."""
+    """StaleRelease (a ReleaseRefused, which a retry cannot change), naming the stages and the command that
+    fixes them, unless DVC finds every stage of the tenant (and the shared ones) up to date; ReleaseRefused
+    unless dvc.lock's chain from train to gate agrees with itself. RegistryError when DVC cannot answer."""
     stale, checked = dvc_status(root, tenant_stages(tenant))
     if not checked:
-        raise RegistryError(f"{tenant}: {Path(root) / 'dvc.yaml'} defines none of {', '.join(tenant_stages(tenant))}, "
-                            "so DVC cannot say whether its outputs are up to date: is this the project's root?")
+        raise ReleaseRefused(f"{tenant}: {Path(root) / 'dvc.yaml'} defines none of {', '.join(tenant_stages(tenant))}, "
+                             "so DVC cannot say whether its outputs are up to date: is this the project's root?")
     fix = f"dvc repro {next((s for s in reversed(tenant_stages(tenant)) if s in checked), stage_id('gate', tenant))}"
     if stale:
         details = "; ".join(f"{name} ({_describe(changes)})" for name, changes in stale.items())
-        raise RegistryError(
+        raise StaleRelease(
             f"{tenant}: not released, DVC reports stages out of date: {details}. Their outputs and reports "
             f"(the gate's verdict included) would describe another adapter than the one registered. "
-            f"Run `{fix}` (it re-runs exactly what is out of date) and release again"
+            f"Run `{fix}` (it re-runs exactly what is out of date) and release again",
+            tenant, tuple(stale),
         )
     problems = evidence_problems(lock_stages(read_lock(root), tenant_stages(tenant)))
     if problems:  # DVC's status was clean, so a stage dvc.yaml no longer defines left its record behind
-        raise RegistryError(
+        raise ReleaseRefused(
             f"{tenant}: not released, dvc.lock's records disagree: {'; '.join(problems)}. Re-run the stages "
             f"that used the old hashes (`dvc repro --force --single-item <stage>`), or `{fix} --force`, and release again"
         )

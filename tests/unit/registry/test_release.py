@@ -9,7 +9,7 @@ import pytest
 from registry_helpers import build, commit_new_adapter, dvc_project, git, repro
 
 from loraline.config import load_params
-from loraline.registry import RegistryError
+from loraline.registry.base import StaleRelease
 from loraline.registry.gto_registry import GtoRegistry
 from loraline.registry.lineage import tenant_lineage
 from loraline.release import fetch_output, release_path, release_tenant
@@ -123,14 +123,15 @@ def test_a_stale_pipeline_registers_nothing_until_reproduced(project, make_stale
     tags = git(project, "tag", "-l")
     make_stale(project)
 
-    with pytest.raises(RegistryError) as err:
+    with pytest.raises(StaleRelease) as err:  # not retried by the flow: only `dvc repro` changes the answer
         _release(project)
+    assert err.value.tenant == "t1" and set(err.value.stages) == {"merge@t1", "evaluate@t1"}  # those using the adapter
     message = str(err.value)
     assert "t1: not released, DVC reports stages out of date: merge@t1 (changed deps: models/adapters/t1 modified)" in message
     assert "evaluate@t1 (changed deps: models/adapters/t1 modified" in message and "train@t1" not in message
     assert "Run `dvc repro gate@t1`" in message
     assert git(project, "tag", "-l") == tags  # nothing registered, nothing promoted
-    with pytest.raises(RegistryError, match="merge@t1"):
+    with pytest.raises(StaleRelease, match="merge@t1"):
         _release(project, promote=False)
 
     repro(project)
