@@ -25,7 +25,7 @@ from typing import Any
 from loraline import io
 from loraline.config import Params
 from loraline.layout import Layout, stage_id
-from loraline.registry.base import PromotionConflict, Registry, RegistryError, Version
+from loraline.registry.base import PromotionConflict, Registry, ReleaseRefused, Version
 from loraline.registry.consistency import check_releasable, evidence_problems
 from loraline.registry.lineage import (
     artifact_paths, check_artifacts_declared, fetch_output, gate_summary, locked_out, read_lock, tenant_lineage, tenant_outputs,
@@ -128,12 +128,12 @@ def release_tenant(
     layout, registry = Layout(root), registry or GtoRegistry(root)
     check_artifacts_declared(root, params)
     if not layout.gate_path(tenant).exists():
-        raise RegistryError(f"{layout.gate_path(tenant)} does not exist: run the gate stage first (dvc repro {stage_id('gate', tenant)})")
+        raise ReleaseRefused(f"{layout.gate_path(tenant)} does not exist: run the gate stage first (dvc repro {stage_id('gate', tenant)})")
     gate = json.loads(layout.gate_path(tenant).read_text())
     adapter = Layout().relative(Layout().adapter_dir(tenant))
     adapter_md5 = locked_out(read_lock(root), stage_id("train", tenant), adapter)
     if adapter_md5 is None:
-        raise RegistryError(f"dvc.lock records no {adapter}: run the pipeline (dvc repro) first")
+        raise ReleaseRefused(f"dvc.lock records no {adapter}: run the pipeline (dvc repro) first")
     check_releasable(root, tenant)  # else the gate's verdict and the lineage may describe another adapter
 
     names = list(artifact_paths(tenant))
