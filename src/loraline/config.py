@@ -47,6 +47,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
+# Where a stage runs its models: auto is CUDA when torch sees a GPU, else the CPU; cuda without a GPU is an
+# error naming the key (loraline.modelling.device.resolve_device), never a silent fall back to hours on the CPU.
+Device = Literal["auto", "cpu", "cuda"]
+
+
 class BuildParams(_Section):
     """Shape and pretraining budget of the small base model that loraline builds offline."""
 
@@ -76,7 +81,7 @@ class BuildParams(_Section):
         "the copying circuit that extraction needs, which a small model does not form from the mixed corpus within "
         "a short budget (README: what the default model can and cannot do)",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to pretrain; auto: CUDA when present")
+    device: Device = Field("auto", description="Where to pretrain; auto: CUDA when present")
     on_cuda: dict[str, Any] = Field(
         default_factory=dict,
         description="Keys of this section that change when the base is built on CUDA, e.g. a larger shape for the "
@@ -447,6 +452,10 @@ class MergeParams(_Section):
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per probe for the agreement check")
     quantized_reference: bool = Field(True, description="Also measure the gap to the 4-bit model the adapter was trained on")
     check_reload: bool = Field(True, description="Reload the saved merged folder and compare its logits")
+    device: Device = Field(
+        "auto", description="Where the merge, its probes and its references run; auto: CUDA when present. The weights "
+        "are written from the CPU at dtype either way; a merge on CUDA may differ from the CPU's in the last bits"
+    )
 
 
 class ExportParams(_Section):
@@ -455,6 +464,10 @@ class ExportParams(_Section):
     int8: bool = Field(True, description="Also write a dynamically int8-quantized graph, with its own parity numbers")
     opset: int | None = Field(None, ge=14, description="ONNX opset; null lets torch.onnx choose")
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens per probe for the generation parity check")
+    device: Device = Field(
+        "auto", description="Where the PyTorch reference of the parity checks runs; auto: CUDA when present. The graph "
+        "itself is always traced on the CPU, so it is the same bytes on any machine"
+    )
 
 
 class EvaluateParams(_Section):
@@ -466,6 +479,10 @@ class EvaluateParams(_Section):
     batch_size: int = Field(
         32, ge=1, description="Test rows scored and generated at once (left-padded); the answers do not depend on it. "
         "Lower it for a large model on a small GPU: the KV cache grows with it"
+    )
+    device: Device = Field(
+        "auto", description="Where the models are scored and generate; auto: CUDA when present (bfloat16 there, "
+        "float32 on the CPU, so the numbers of the two differ slightly)"
     )
 
 
