@@ -68,7 +68,7 @@ def evaluate_production(root: Path, params: Params, tenant: str, production: Ver
         return evaluate_model(
             model_dir=model, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=layout.base_dir,
             base_params=params.base, max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
-            batch_size=ev.batch_size,
+            batch_size=ev.batch_size, device=ev.device,
         )
 
 

@@ -58,7 +58,7 @@ def exported(tmp_path_factory) -> Exported:
         raw = make_raw(root / "raw" / "toy", n=60)
         base = build_base(BaseParams(build=tiny_build()), seed=5, raw_dirs=[raw], out_dir=root / "base")
         result = export_onnx(model_dir=base.out_dir, out_dir=root / "onnx", int8=True, probes=PROBES,
-                             max_new_tokens=MAX_NEW, tolerance=1e-4)
+                             max_new_tokens=MAX_NEW, tolerance=1e-4, device="cpu")
     finally:
         torch.set_num_threads(previous)
     assert result.report_path == result.out_dir / REPORT
@@ -96,6 +96,7 @@ def test_folder_is_self_contained(exported: Exported):
     assert AutoConfig.from_pretrained(str(exported.out_dir)).num_hidden_layers == 2
     report = json.loads((exported.out_dir / REPORT).read_text())
     assert report["passed"] is True and report["files"][MODEL_FILE]
+    assert report["device"] == "cpu"
     assert report["graph"]["inputs"][:2] == ["input_ids", "attention_mask"]
     assert "past_key.1" in report["graph"]["inputs"] and "present.1.value" in report["graph"]["outputs"]
 
@@ -224,11 +225,21 @@ def test_int8_report_and_model(exported: Exported):
 def test_too_tight_tolerance_raises_and_leaves_nothing(exported: Exported):
     out = exported.root / "onnx_tight"
     with pytest.raises(ExportError) as info:
-        export_onnx(model_dir=exported.base_dir, out_dir=out, probes=PROBES[:1], max_new_tokens=2, tolerance=1e-12)
+        export_onnx(model_dir=exported.base_dir, out_dir=out, probes=PROBES[:1], max_new_tokens=2, tolerance=1e-12,
+                    device="cpu")
     assert isinstance(info.value, ValueError)
     assert info.value.report is not None and info.value.report["passed"] is False
     assert not out.exists()
     assert not [p for p in exported.root.iterdir() if p.name.startswith(".onnx_tight")]
+
+
+def test_cuda_without_a_gpu_names_the_key_and_writes_nothing(exported: Exported, tmp_path, monkeypatch):
+    from loraline.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^export\.device is cuda but torch sees no CUDA device"):
+        export_onnx(model_dir=exported.base_dir, out_dir=tmp_path / "x", probes=PROBES[:1], device="cuda")
+    assert not (tmp_path / "x").exists()
 
 
 def test_left_padded_batch_matches_single_rows(generator: OnnxGenerator):
@@ -254,7 +265,7 @@ def test_large_models_use_external_data(exported: Exported, monkeypatch):
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     out = exported.root / "onnx_external"
     result = export_onnx(model_dir=exported.base_dir, out_dir=out, int8=True, probes=PROBES[:1], max_new_tokens=4,
-                         tolerance=1e-4)
+                         tolerance=1e-4, device="cpu")
     assert result.report["graph"]["external_data"] is True and (out / "model.onnx.data").is_file()
     assert result.report["int8"]["external_data"] is True and (out / "model.int8.onnx.data").is_file()
     assert "model.onnx.data" in result.report["files"]
@@ -286,7 +297,7 @@ def random_llama(tmp_path_factory) -> Path:
 
 def test_random_llama_greedy_agreement_is_not_vacuous(random_llama: Path, tmp_path):
     result = export_onnx(model_dir=random_llama, out_dir=tmp_path / "onnx", probes=PROBES, max_new_tokens=24,
-                         tolerance=1e-4)
+                         tolerance=1e-4, device="cpu")
     fp32 = result.report["fp32"]
     assert fp32["max_abs_logit_diff"] < 1e-4 and fp32["decode_max_abs_logit_diff"] < 1e-4
     assert fp32["greedy_agreement"] == 1.0
@@ -297,6 +308,26 @@ def test_random_llama_greedy_agreement_is_not_vacuous(random_llama: Path, tmp_pa
     assert generator.kv_heads == 2
     config = json.loads((result.out_dir / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["chat_template"]
+
+
+@pytest.mark.cuda
+def test_export_parity_on_cuda(exported: Exported, random_llama: Path, tmp_path):
+    """export.device cuda: the PyTorch reference runs on the GPU (probes batched), the graph is still traced on
+    the CPU (the same bytes as the CPU's export), and onnxruntime's answers match the GPU's."""
+    result = export_onnx(model_dir=exported.base_dir, out_dir=tmp_path / "onnx", int8=False, probes=PROBES,
+                         max_new_tokens=MAX_NEW, tolerance=1e-3, device="cuda")
+    report = json.loads(result.report_path.read_text())
+    assert report["passed"] is True and report["device"] == "cuda" and report["device_name"]
+    assert report["fp32"]["max_abs_logit_diff"] < 1e-3 and report["fp32"]["decode_max_abs_logit_diff"] < 1e-3
+    assert report["fp32"]["greedy_agreement"] == 1.0
+    assert report["files"][MODEL_FILE] == exported.report["files"][MODEL_FILE]
+    assert report["reference_greedy_texts"] == exported.report["reference_greedy_texts"]
+    # Long, varied answers (no early eos): every batched, cached step on the GPU agrees with onnxruntime.
+    result = export_onnx(model_dir=random_llama, out_dir=tmp_path / "random", probes=PROBES, max_new_tokens=24,
+                         tolerance=1e-3, device="cuda")
+    fp32 = result.report["fp32"]
+    assert result.report["device"] == "cuda" and fp32["greedy_agreement"] == 1.0
+    assert min(p["greedy_tokens"] for p in fp32["per_probe"]) >= 10
 
 
 def test_cli_generate_prints_what_the_generator_returns(exported: Exported, generator: OnnxGenerator, capsys):

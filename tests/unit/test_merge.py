@@ -31,7 +31,8 @@ class Trained:
     root: Path
 
     def kwargs(self) -> dict:
-        return {"base_dir": self.base_dir, "base_params": self.base_params, "adapter_dir": self.adapter_dir}
+        # device cpu: these tests pin the CPU's numbers on any machine (test_merge_on_cuda runs the GPU).
+        return {"base_dir": self.base_dir, "base_params": self.base_params, "adapter_dir": self.adapter_dir, "device": "cpu"}
 
 
 # CPU results depend on the thread count: one thread keeps them repeatable (tests/conftest.py).
@@ -109,13 +110,14 @@ def test_report(merged):
     assert report == json.loads(json.dumps(merged.report))
     assert report["passed"] is True and merged.passed
     assert report["dtype"] == "float32" and report["tolerance"] == 1e-4
+    assert report["device"] == "cpu" and "device_name" not in report
     m = report["merged_vs_unmerged"]
     assert m["max_abs_logit_diff"] < 1e-4
     assert m["greedy_agreement"] == 1.0
     assert len(m["per_probe"]) == len(DEFAULT_PROBES)
     assert any(t.strip() for t in m["merged_greedy_texts"]), "degenerate greedy outputs would make agreement vacuous"
     gap = report["vs_4bit"]
-    assert gap["quantization"]["type"] == "nf4"
+    assert gap["quantization"]["type"] == "nf4" and gap["quantization"]["compute_dtype"] == "float32"
     assert gap["max_abs_logit_diff"] > 0
     assert 0 <= gap["greedy_agreement"] <= 1
     assert report["reload"]["max_abs_logit_diff"] <= 1e-5 and report["reload"]["loaded_dtype"] == "float32"
@@ -163,6 +165,15 @@ def test_bad_arguments(trained: Trained, tmp_path):
             base_dir=trained.base_dir, base_params=trained.base_params, adapter_dir=tmp_path,
             out_dir=tmp_path / "x", tolerance=1e-3,
         )
+    assert not (tmp_path / "x").exists()
+
+
+def test_cuda_without_a_gpu_names_the_key_and_writes_nothing(trained: Trained, tmp_path, monkeypatch):
+    from loraline.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^merge\.device is cuda but torch sees no CUDA device"):
+        merge_adapter(out_dir=tmp_path / "x", tolerance=1e-3, **{**trained.kwargs(), "device": "cuda"})
     assert not (tmp_path / "x").exists()
 
 
@@ -223,7 +234,7 @@ def merge_project(trained: Trained, tmp_path, monkeypatch) -> Path:
     shutil.copytree(trained.root / "raw" / "toy", tmp_path / "data" / "raw" / "toy")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "tenants": {"toy": {"raw_dir": "data/raw/toy"}},
-        "merge": {"max_new_tokens": 2, "quantized_reference": False, "check_reload": False},
+        "merge": {"max_new_tokens": 2, "quantized_reference": False, "check_reload": False, "device": "cpu"},
     }))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -233,6 +244,35 @@ def _merge_cli(trained: Trained) -> int:
     from loraline.cli import main
 
     return main(["merge", "--tenant", "toy", "--base", str(trained.base_dir)])
+
+
+def test_the_stage_records_its_device_in_the_report_and_the_timing(trained: Trained, merge_project: Path):
+    assert _merge_cli(trained) == 0
+    assert json.loads((merge_project / "reports" / "toy" / REPORT).read_text())["device"] == "cpu"
+    timing = json.loads((merge_project / "reports" / "timing" / "merge@toy.json").read_text())
+    assert timing["device"] == "cpu" and "device_name" not in timing and timing["wall_s"] > 0
+
+
+@pytest.mark.cuda
+def test_merge_on_cuda(trained: Trained, merged, tmp_path):
+    """merge.device cuda: base + adapter, the merge, the probes, the 4-bit reference (bitsandbytes' CUDA kernels,
+    bfloat16 as training on a GPU) and the reload check on the GPU; the weights are written from the CPU at
+    float32, within float error of the CPU's merge, and the probes answer as they do on the CPU."""
+    from safetensors.torch import load_file
+
+    result = merge_adapter(out_dir=tmp_path / "cuda", tolerance=1e-4, max_new_tokens=12, **{**trained.kwargs(), "device": "cuda"})
+    report = json.loads(result.report_path.read_text())
+    assert report["passed"] is True and report["device"] == "cuda" and report["device_name"]
+    assert report["merged_vs_unmerged"]["max_abs_logit_diff"] < 1e-4
+    assert report["merged_vs_unmerged"]["greedy_agreement"] == 1.0
+    gap = report["vs_4bit"]
+    assert gap["quantization"]["compute_dtype"] == "bfloat16" and 0 < gap["max_abs_logit_diff"] < 10
+    assert report["reload"]["max_abs_logit_diff"] <= 1e-5 and report["reload"]["loaded_dtype"] == "float32"
+    assert report["probe_reference"]["greedy"] == merged.report["probe_reference"]["greedy"]
+    on_gpu, on_cpu = load_file(result.out_dir / "model.safetensors"), load_file(merged.out_dir / "model.safetensors")
+    assert on_gpu.keys() == on_cpu.keys()
+    for name, weight in on_gpu.items():
+        assert weight.dtype == torch.float32 and (weight - on_cpu[name]).abs().max().item() < 1e-5, name
 
 
 def test_unwritable_timing_is_one_warning_and_the_stage_succeeds(trained: Trained, merge_project: Path, capsys):

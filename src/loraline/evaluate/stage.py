@@ -10,8 +10,12 @@ Prompt = the conversation up to the last assistant turn, rendered with the base'
 add_generation_prompt; reference = that assistant turn's content. Generation is greedy and stops at
 eos (<|im_end|> for loraline's models). All models use the base tokenizer (see generate.py).
 
+Where: `device` (evaluate.device: auto, cpu or cuda, as base.build.device): every model is loaded, scored
+and generates there, batch_size rows at once with the KV cache (left-padded); bfloat16 on CUDA, float32 on
+the CPU. metrics.json and the timing file record the device.
+
 out_dir (replaced atomically):
-    metrics.json       {"tenant", "test_rows", "answer_tokens", "expects_json", "max_new_tokens",
+    metrics.json       {"tenant", "device", "test_rows", "answer_tokens", "expects_json", "max_new_tokens",
                         "models": {"base": {...}, "candidate": {...}[, "production": {...}]}}
                        flat numeric metrics per model (non-finite values are written as null)
     report.md          metrics table (models side by side + candidate-vs-base delta), example generations
@@ -45,7 +49,7 @@ from loraline.evaluate import long_context as LC
 from loraline.evaluate import lowbit as LB
 from loraline.evaluate import metrics as M
 from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation
-from loraline.modelling.device import compute_dtype, pick_device
+from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE, extended_context
 from loraline.evaluate.report import render_report
 from loraline.provenance import run_facts
@@ -113,12 +117,14 @@ def evaluate_tenant(
     progress: bool = False,
     full_attention_reference: Path | None = None,
     qlora_reference: Path | None = None,
+    device: str = "auto",
 ) -> EvaluateResult:
     """Evaluate base, candidate and (when `production_dir` exists) production on the test split.
     `full_attention_reference`: a LongLoRA candidate's full-attention twin (an adapter folder, see
     train.long_context.reference), set beside it in the long-context report.
     `qlora_reference`: a QA-LoRA candidate's QLoRA twin (an adapter folder, see train.qalora.reference):
-    the candidate against it merged in float and rounded after training (evaluate/lowbit.py)."""
+    the candidate against it merged in float and rounded after training (evaluate/lowbit.py).
+    `device`: auto, cpu or cuda (evaluate.device)."""
     dataset_dir, base_dir, candidate_dir, out_dir = map(Path, (dataset_dir, base_dir, candidate_dir, out_dir))
     if max_new_tokens < 1:
         raise EvaluateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -126,6 +132,7 @@ def evaluate_tenant(
         raise EvaluateError(f"max_examples must be >= 1 or None, got {max_examples}")
     if batch_size < 1:
         raise EvaluateError(f"batch_size must be >= 1, got {batch_size}")
+    where = resolve_device(device, "evaluate.device")
     if not (candidate_dir / "config.json").is_file():
         raise EvaluateError(f"{candidate_dir} is not a model folder (no config.json): run the merge stage first")
     if qlora_reference is not None:  # before any model is scored: a mismatch is an error, not a late surprise
@@ -144,14 +151,13 @@ def evaluate_tenant(
     if production_dir is not None and (Path(production_dir) / "config.json").is_file():
         models["production"] = (str(production_dir), {})
 
-    device = pick_device()
     scores: dict[str, dict[str, float | None]] = {}
     predictions: dict[str, list[str]] = {}
     answer_tokens = 0
     for name, (path, kwargs) in models.items():
         started = time.perf_counter()
         scores[name], predictions[name], answer_tokens = _score(
-            path, kwargs, tok, test, refs_json, max_new_tokens, batch_size, device, _progress(name, len(test.ids), progress)
+            path, kwargs, tok, test, refs_json, max_new_tokens, batch_size, where, _progress(name, len(test.ids), progress)
         )
         if progress:
             print(f"evaluate {tenant}/{name}: {time.perf_counter() - started:.1f}s {scores[name]}", file=sys.stderr)
@@ -159,8 +165,8 @@ def evaluate_tenant(
     low_bit = None
     if qlora_reference is not None:
         low_bit = _low_bit_comparison(models["base"], Path(qlora_reference), quantization, scores["candidate"], tok, test,
-                                      refs_json, max_new_tokens, batch_size, device, predictions, progress)
-    long_context = _long_context_report(models, tok, test, dataset_dir, device, full_attention_reference)
+                                      refs_json, max_new_tokens, batch_size, where, predictions, progress)
+    long_context = _long_context_report(models, tok, test, dataset_dir, where, full_attention_reference)
     if long_context is not None:
         # The gate may decide on it (gate.primary_metric: long_context_perplexity). The base it is
         # compared with is the base with the rope scaling alone: what extending costs nothing to get.
@@ -172,6 +178,7 @@ def evaluate_tenant(
                 scores[name] |= _finite({LC.GATE_METRIC: run_["perplexity"][at]["perplexity"]})
     result = {
         "tenant": tenant,
+        **device_facts(where),
         "test_rows": len(test.ids),
         "answer_tokens": answer_tokens,
         "expects_json": refs_json,
@@ -294,17 +301,20 @@ def evaluate_model(
     max_new_tokens: int = 64,
     max_examples: int | None = None,
     batch_size: int = 32,
+    device: str = "auto",
 ) -> dict[str, float | None]:
-    """One model's metrics, computed as evaluate_tenant computes each of its models (so the numbers compare).
+    """One model's metrics, computed as evaluate_tenant computes each of its models (so the numbers compare:
+    on the same `device` setting too).
 
     The registry uses it to measure the current production model at promotion time, when production
     may have changed since the evaluate stage ran."""
     if not (Path(model_dir) / "config.json").is_file():
         raise EvaluateError(f"{model_dir} is not a model folder (no config.json)")
+    where = resolve_device(device, "evaluate.device")
     tok = load_base_tokenizer(Path(base_dir), base_params)
     test = _load_test(Path(dataset_dir), tok, max_examples)
     return _score(
-        str(model_dir), {}, tok, test, M.expects_json(test.references), max_new_tokens, batch_size, pick_device(), None
+        str(model_dir), {}, tok, test, M.expects_json(test.references), max_new_tokens, batch_size, where, None
     )[0]
 
 
@@ -400,11 +410,12 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
         out_dir=layout.evaluation_dir(tenant), max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
         examples_in_report=ev.examples_in_report, batch_size=ev.batch_size, progress=progress,
         full_attention_reference=reference if reference.is_dir() else None,
-        qlora_reference=twin if twin.is_dir() else None,
+        qlora_reference=twin if twin.is_dir() else None, device=ev.device,
     )
     io.copy_file(result.metrics_path, layout.eval_metrics_path(tenant))
     io.write_json(layout.metrics_path("evaluate", tenant), evaluate_metrics(result.metrics))
-    io.write_timing(layout.timing_path("evaluate", tenant), run_facts(started, device=str(pick_device())))
+    where = {k: result.metrics[k] for k in ("device", "device_name") if k in result.metrics}
+    io.write_timing(layout.timing_path("evaluate", tenant), run_facts(started, **where))
     return result
 
 

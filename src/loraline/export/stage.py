@@ -15,6 +15,13 @@ Parity, on a probe set of chat conversations (rendered with the model's chat tem
 - greedy generation through onnxruntime vs transformers' generate: agreement fraction.
 fp32 must stay within `tolerance` (else ExportError); int8 numbers are reported only.
 
+Where: the PyTorch reference (prompt logits, cached decoding, greedy generation) runs on `device`
+(export.device: auto, cpu or cuda, as base.build.device; the probes batched on CUDA). The graph itself is
+traced on the CPU whatever the device: tracing does no heavy matrix work, so a GPU would save little; the
+graph runs on onnxruntime's CPU provider; and traced on the CPU it is the same bytes whatever machine
+exports it, which a graph traced on CUDA is not promised to be (tensors made on the device, the attention
+kernel chosen and constant folding can differ there). The report and the timing file record the device.
+
 The folder is the same bytes for the same merged model, params, code and library versions. `run` also
 writes the parity numbers people compare (reports/<tenant>/metrics/export.json, a DVC metric the gate
 reads) and the run's timing (reports/timing/export@<tenant>.json).
@@ -38,8 +45,19 @@ from loraline.layout import QALORA_QUANTIZED, Layout
 from loraline.export.onnx_export import export_model, quantize_int8
 from loraline.export.runtime import INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
 from loraline.modelling.chat import save_tokenizer
+from loraline.modelling.device import device_facts, resolve_device
 from loraline.modelling.long_context import extended_context
-from loraline.modelling.parity import DEFAULT_PROBES, ParityError, common_prefix, encode_probe, greedy_generate, headline, summarize
+from loraline.modelling.parity import (
+    DEFAULT_PROBES,
+    ParityError,
+    common_prefix,
+    encode_probe,
+    greedy_tokens,
+    headline,
+    probe_batch_size,
+    prompt_logits,
+    summarize,
+)
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
 REPORT = "export_report.json"
@@ -76,15 +94,17 @@ class _Reference:
 
 def export_onnx(
     *, model_dir: Path, out_dir: Path, int8: bool = False, opset: int | None = None,
-    probes: list[list[dict]] | None = None, max_new_tokens: int = 32, tolerance: float = 1e-3,
+    probes: list[list[dict]] | None = None, max_new_tokens: int = 32, tolerance: float = 1e-3, device: str = "auto",
 ) -> ExportResult:
-    """Export `model_dir` to ONNX in `out_dir`, check it against PyTorch, optionally add an int8 copy."""
+    """Export `model_dir` to ONNX in `out_dir`, check it against PyTorch (run on `device`: auto, cpu or
+    cuda), optionally add an int8 copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     probes = DEFAULT_PROBES if probes is None else probes
     if not probes:
         raise ExportError("the probe set is empty: parity cannot be checked")
+    where = resolve_device(device, "export.device")
     if out_dir.exists():  # an export of an older model must not pass for this one's
         shutil.rmtree(out_dir)
 
@@ -99,7 +119,11 @@ def export_onnx(
     long_probe = _long_context_probe(config, inputs, max_new_tokens)
     if long_probe is not None:  # a LongLoRA model: parity must hold past the base's own context too
         inputs.append(long_probe)
+    model.to(where)  # a no-op on the CPU; on CUDA the weights go there and back unchanged, bit for bit
     ref = _reference(model, tok, inputs, max_new_tokens, stop)
+    model.to("cpu")  # traced on the CPU (see the module's docstring)
+    if where.type == "cuda":
+        torch.cuda.empty_cache()
 
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
@@ -114,6 +138,7 @@ def export_onnx(
         fp32 = _parity(OnnxGenerator(tmp, MODEL_FILE), inputs, ref, max_new_tokens)
         report: dict[str, Any] = {
             "model_dir": str(model_dir),
+            **device_facts(where),
             "graph": graph,
             "tolerance": tolerance,
             "probes": probes,
@@ -198,29 +223,39 @@ def _cache_kwarg(model: Any) -> str:
 
 @torch.no_grad()
 def _reference(model: Any, tok: Any, inputs: list[list[int]], max_new_tokens: int, stop: list[int]) -> _Reference:
-    from transformers import DynamicCache
-
-    ref = _Reference([], [], [], [])
-    key = _cache_kwarg(model)
+    """PyTorch's numbers on the probes, on the model's device: prompt logits and greedy generations (one
+    probe at a time on the CPU, batched on CUDA), and the cached decoding steps, one probe at a time."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
+    batch = probe_batch_size(model.device)
+    ref = _Reference([], [], [], [])
+    ref.prompt_logits = [x.numpy() for x in prompt_logits(model, inputs, pad, batch)]
     for ids in inputs:
-        x = torch.tensor([ids], dtype=torch.long)
-        attn = torch.ones_like(x)
-        ref.prompt_logits.append(model(input_ids=x, attention_mask=attn, use_cache=False).logits[0].float().numpy())
-        # Cached decoding: the prompt once, then one token a step with transformers' own cache.
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=x, attention_mask=attn, use_cache=True, **{key: cache})
-        tokens, steps = [], []
-        for _ in range(DECODE_STEPS):
-            token = int(out.logits[0, -1].argmax())
-            tokens.append(token)
-            attn = torch.ones(1, attn.shape[1] + 1, dtype=torch.long)
-            out = model(input_ids=torch.tensor([[token]]), attention_mask=attn, use_cache=True, **{key: cache})
-            steps.append(out.logits[0, -1].float().numpy())
+        tokens, steps = _decode_steps(model, ids)
         ref.decode_tokens.append(tokens)
         ref.decode_logits.append(steps)
-        ref.greedy.append(greedy_generate(model, x, max_new_tokens, pad, stop or None))
+    ref.greedy = greedy_tokens(model, inputs, max_new_tokens, pad, stop or None, batch)
     return ref
+
+
+def _decode_steps(model: Any, ids: list[int]) -> tuple[list[int], list[np.ndarray]]:
+    """Cached decoding: the prompt once, then DECODE_STEPS greedy tokens one a step with transformers' own
+    cache; (the tokens fed, the logits [vocab] after each)."""
+    from transformers import DynamicCache
+
+    key = _cache_kwarg(model)
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    attn = torch.ones_like(x)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=x, attention_mask=attn, use_cache=True, **{key: cache})
+    tokens, steps = [], []
+    for _ in range(DECODE_STEPS):
+        token = int(out.logits[0, -1].argmax())
+        tokens.append(token)
+        attn = torch.ones(1, attn.shape[1] + 1, dtype=torch.long, device=model.device)
+        out = model(input_ids=torch.tensor([[token]], device=model.device), attention_mask=attn, use_cache=True,
+                    **{key: cache})
+        steps.append(out.logits[0, -1].float().cpu().numpy())
+    return tokens, steps
 
 
 # --- parity (onnxruntime) -------------------------------------------------------------------------
@@ -276,11 +311,12 @@ def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
     e = params.export
     result = export_onnx(
         model_dir=layout.merged_dir(tenant), out_dir=layout.onnx_dir(tenant), int8=e.int8, opset=e.opset,
-        max_new_tokens=e.max_new_tokens, tolerance=params.gate_for(tenant).max_export_logit_diff,
+        max_new_tokens=e.max_new_tokens, tolerance=params.gate_for(tenant).max_export_logit_diff, device=e.device,
     )
     io.copy_file(result.report_path, layout.export_report_path(tenant))
     io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
-    io.write_timing(layout.timing_path("export", tenant), run_facts(started))
+    where = {k: result.report[k] for k in ("device", "device_name") if k in result.report}
+    io.write_timing(layout.timing_path("export", tenant), run_facts(started, **where))
     return result
 
 

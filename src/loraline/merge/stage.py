@@ -4,6 +4,12 @@ Recipe (peft's advice for QLoRA): reload the base in full precision (fp32 by def
 request), apply the adapter with stock PeftModel.from_pretrained, merge_and_unload(). Merging into a
 4-bit layer would re-quantize and drift, so the 4-bit model is only ever a *reference* here.
 
+Where: `device` (merge.device: auto, cpu or cuda, as the base stage's base.build.device): the base and
+adapter load there, merge there and answer the probes there (batched on CUDA, one at a time on the CPU);
+the 4-bit reference runs there too (bitsandbytes' CUDA kernels, or its CPU ones), and so does the reload
+check. The merged weights are moved to the CPU to be written, at `dtype` either way; on the CPU the merge
+is the same bytes as ever. The report and the timing file record the device.
+
 Checked on a fixed probe set (chat conversations rendered with the base's chat template and
 add_generation_prompt) before anything is written:
 
@@ -28,6 +34,7 @@ the gate reads) and the run's timing (reports/timing/merge@<tenant>.json).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import shutil
@@ -42,7 +49,7 @@ from loraline import io
 from loraline.config import BaseParams, Params
 from loraline.layout import QALORA_QUANTIZED, QALORA_TORCHAO, TRAIN_RECORD, Layout
 from loraline.modelling.chat import save_tokenizer
-from loraline.modelling.device import compute_dtype
+from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.loading import (
     base_model_hash,
     load_base_causal_lm,
@@ -51,7 +58,17 @@ from loraline.modelling.loading import (
     resolve_base_model_path,
 )
 from loraline.modelling.long_context import base_config_overrides
-from loraline.modelling.parity import DEFAULT_PROBES, ParityError, ProbeOutputs, compare, encode_probe, headline, run_probes
+from loraline.modelling.parity import (
+    DEFAULT_PROBES,
+    ParityError,
+    ProbeOutputs,
+    compare,
+    encode_probe,
+    headline,
+    probe_batch_size,
+    prompt_logits,
+    run_probes,
+)
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
 REPORT = "merge_report.json"
@@ -90,8 +107,10 @@ def merge_adapter(
     max_new_tokens: int = 32,
     quantized_reference: bool = True,
     check_reload: bool = True,
+    device: str = "auto",
 ) -> MergeResult:
-    """Merge `adapter_dir` into the base at `dtype` and write a standalone model into `out_dir`.
+    """Merge `adapter_dir` into the base at `dtype` on `device` (auto, cpu or cuda) and write a standalone
+    model into `out_dir`.
 
     Raises MergeError (nothing written; a previous out_dir is removed so that no stale merge of an
     older adapter survives) when merged and unmerged logits differ by more than `tolerance`.
@@ -111,6 +130,7 @@ def merge_adapter(
     probes = [list(p) for p in (probes if probes is not None else DEFAULT_PROBES)]
     if not probes:
         raise MergeError("probes is empty: at least one conversation is needed to check the merge")
+    where = resolve_device(device, "merge.device")
 
     torch_dtype = DTYPES[dtype]
     base_record = read_base_record(base_dir)
@@ -122,7 +142,7 @@ def merge_adapter(
     # A long-context adapter was trained on the base with its rope scaled: the merged config carries it.
     # QA-LoRA: quantized from the float32 weights, as training did, whatever dtype the merge is written at.
     load_dtype = torch.float32 if qalora is not None else torch_dtype
-    base = load_base_causal_lm(base_dir, "cpu", load_dtype, config_overrides=base_config_overrides(train_record or {}))
+    base = load_base_causal_lm(base_dir, where, load_dtype, config_overrides=base_config_overrides(train_record or {}))
     if qalora is None:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     else:  # the base as training saw it (group-quantized), and peft's QA-LoRA layers on it
@@ -136,17 +156,19 @@ def merge_adapter(
     merged_model = model.merge_and_unload()
     lowbit = None
     if qalora is not None:  # its codes, scales and folded zero points go beside the float weights, for export
-        lowbit = quantized_layers(merged_model)
+        lowbit = {name: _on_cpu(q) for name, q in quantized_layers(merged_model).items()}
         dequantize_linears(merged_model, torch.float32)
         merged_model.to(torch_dtype)
     merged_model.eval()
     merged = run_probes(merged_model, tok, inputs, max_new_tokens)
     vs_unmerged = compare(merged, unmerged)
     del model, base
-    gc.collect()
+    merged_model.to("cpu")  # written from the CPU; the GPU is free for the references (a no-op on the CPU)
+    _release(where)
 
     report: dict[str, Any] = {
         "passed": vs_unmerged["max_abs_logit_diff"] <= tolerance,
+        **device_facts(where),
         "dtype": dtype,
         "tolerance": tolerance,
         "max_new_tokens": max_new_tokens,
@@ -216,12 +238,12 @@ def merge_adapter(
             report["vs_4bit"] = {"skipped": "QA-LoRA: merged_vs_unmerged is against the group-quantized base itself"}
         else:
             report["vs_4bit"] = (
-                _quantized_gap(train_record, base_dir, adapter_dir, tok, inputs, max_new_tokens, merged)
+                _quantized_gap(train_record, base_dir, adapter_dir, tok, inputs, max_new_tokens, merged, where)
                 if quantized_reference
                 else {"skipped": "quantized_reference=False"}
             )
         if check_reload:
-            report["reload"] = _reload_check(tmp, inputs, merged)
+            report["reload"] = _reload_check(tmp, inputs, merged, tok.pad_token_id, where)
             if report["reload"]["max_abs_logit_diff"] > RELOAD_TOLERANCE:
                 _discard(out_dir)
                 raise MergeError(
@@ -237,7 +259,8 @@ def merge_adapter(
 def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, inputs: list[list[int]], max_new_tokens: int, unmerged: Any,
                         base_dir: Path, base_record: dict[str, Any], tolerance: float) -> dict[str, Any]:
     """The merged low-bit model as a checkpoint transformers loads through torchao (<merged>/torchao), loaded back
-    by that loader and checked: its weights against the codes, its probes against the unmerged adapter."""
+    by that loader (on the CPU, where a user without a GPU loads it too) and checked: its weights against the codes,
+    its probes against the unmerged adapter (which ran on merge.device)."""
     from loraline.modelling.qalora_torchao import load_torchao_checkpoint, max_weight_diff, save_torchao_checkpoint
 
     folder = tmp / QALORA_TORCHAO
@@ -259,9 +282,10 @@ def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, inputs: list[list[int]
 
 def _quantized_gap(
     train_record: dict[str, Any] | None, base_dir: Path, adapter_dir: Path, tok: Any,
-    inputs: list[list[int]], max_new_tokens: int, merged: ProbeOutputs,
+    inputs: list[list[int]], max_new_tokens: int, merged: ProbeOutputs, device: torch.device,
 ) -> dict[str, Any]:
-    """Merged model vs the 4-bit base + adapter it was trained against (what training optimised)."""
+    """Merged model vs the 4-bit base + adapter it was trained against (what training optimised), on `device`:
+    bitsandbytes' CUDA kernels in bfloat16 on a GPU, as training ran there; its CPU ones in float32 otherwise."""
     from peft import PeftModel
 
     from loraline.config import TrainParams
@@ -274,36 +298,47 @@ def _quantized_gap(
         return {"skipped": f"{TRAIN_RECORD} params do not validate with this loraline version: {exc}"}
     if params.quantization == "none":
         return {"skipped": "adapter trained with quantization none: there is no 4-bit model to compare against"}
-    cpu = torch.device("cpu")
     model = load_base_causal_lm(
-        base_dir, cpu, compute_dtype(cpu), params.quantization, params.double_quant, base_config_overrides(train_record)
+        base_dir, device, compute_dtype(device), params.quantization, params.double_quant, base_config_overrides(train_record)
     )
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     model.eval()
     ref = run_probes(model, tok, inputs, max_new_tokens)
     del model
-    gc.collect()
+    _release(device)
     gap = compare(merged, ref)
     gap.pop("merged_greedy_texts")
-    gap["quantization"] = {"type": params.quantization, "double_quant": params.double_quant, "compute_dtype": "float32"}
+    gap["quantization"] = {"type": params.quantization, "double_quant": params.double_quant,
+                           "compute_dtype": str(compute_dtype(device)).removeprefix("torch.")}
     return gap
 
 
-def _reload_check(folder: Path, inputs: list[list[int]], merged: ProbeOutputs) -> dict[str, Any]:
+def _reload_check(folder: Path, inputs: list[list[int]], merged: ProbeOutputs, pad_token_id: int | None,
+                  device: torch.device) -> dict[str, Any]:
+    """The written folder loaded with plain transformers on `device`, its prompt logits computed exactly as
+    the merged model's were (same device, same batches): only a save/load bug can make them differ."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": str(device)})
     model.eval()
-    worst = 0.0
-    with torch.no_grad():
-        for ids, ref in zip(inputs, merged.logits, strict=True):
-            x = torch.tensor([ids], dtype=torch.long)
-            logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0].float()
-            worst = max(worst, float((logits - ref).abs().max()))
+    logits = prompt_logits(model, inputs, pad_token_id, probe_batch_size(device))
+    worst = max(float((a - b).abs().max()) for a, b in zip(logits, merged.logits, strict=True))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     del model
-    gc.collect()
+    _release(device)
     return {"max_abs_logit_diff": worst, "loaded_dtype": dtype}
+
+
+def _on_cpu(q: Any) -> Any:
+    """A layer's codes, scales and zero points on the CPU (they are written, and compared on the CPU)."""
+    return dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
+
+
+def _release(device: torch.device) -> None:
+    """Free what the dropped models held (and, on CUDA, the allocator's cache, for the next model)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -349,10 +384,12 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
         base_dir=base_dir or layout.base_dir, base_params=params.base, adapter_dir=layout.adapter_dir(tenant),
         out_dir=layout.merged_dir(tenant), dtype=m.dtype, tolerance=params.gate_for(tenant).max_merge_logit_diff,
         max_new_tokens=m.max_new_tokens, quantized_reference=m.quantized_reference, check_reload=m.check_reload,
+        device=m.device,
     )
     io.copy_file(result.report_path, layout.merge_report_path(tenant))
     io.write_json(layout.metrics_path("merge", tenant), merge_metrics(result.report))
-    io.write_timing(layout.timing_path("merge", tenant), run_facts(started))
+    where = {k: result.report[k] for k in ("device", "device_name") if k in result.report}
+    io.write_timing(layout.timing_path("merge", tenant), run_facts(started, **where))
     return result
 
 

@@ -100,7 +100,7 @@ def world(tmp_path_factory):
             merge_adapter(
                 base_dir=base.out_dir, base_params=base_params, adapter_dir=root / f"adapter-{name}",
                 out_dir=root / f"merged-{name}", tolerance=1e-3, probes=PROBES, max_new_tokens=1,
-                quantized_reference=False, check_reload=False,
+                quantized_reference=False, check_reload=False, device="cpu",
             )
     finally:
         torch.set_num_threads(previous)
@@ -109,12 +109,11 @@ def world(tmp_path_factory):
 
 def _evaluate(world, candidate: Path, out: str):
     """Base vs `candidate` on the ORIGINAL tenant's test split (answer loss is teacher-forced)."""
-    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
-        return evaluate_tenant(
-            tenant="toy", dataset_dir=world["dataset_dir"], base_dir=world["base_dir"],
-            base_params=world["base_params"], candidate_dir=candidate, production_dir=None,
-            out_dir=world["root"] / out, max_new_tokens=24, max_examples=None,
-        )
+    return evaluate_tenant(
+        tenant="toy", dataset_dir=world["dataset_dir"], base_dir=world["base_dir"],
+        base_params=world["base_params"], candidate_dir=candidate, production_dir=None,
+        out_dir=world["root"] / out, max_new_tokens=24, max_examples=None, device="cpu",
+    )
 
 
 # CPU results depend on the thread count: one thread keeps them repeatable (tests/conftest.py).

@@ -39,7 +39,7 @@ class Setup:
     def kwargs(self, **overrides) -> dict:
         kw = dict(
             tenant="toy", dataset_dir=self.dataset_dir, base_dir=self.base_dir, base_params=self.base_params,
-            candidate_dir=self.candidate_dir, production_dir=None, max_new_tokens=16,
+            candidate_dir=self.candidate_dir, production_dir=None, max_new_tokens=16, device="cpu",
         )
         return kw | overrides
 
@@ -77,7 +77,7 @@ def setup(tmp_path_factory) -> Setup:
         merge_adapter(
             base_dir=base.out_dir, base_params=base_params, adapter_dir=root / "adapter", out_dir=root / "merged",
             tolerance=1e-3, probes=[[{"role": "user", "content": "ping"}]], max_new_tokens=1,
-            quantized_reference=False, check_reload=False,
+            quantized_reference=False, check_reload=False, device="cpu",
         )
     finally:
         torch.set_num_threads(previous)
@@ -94,17 +94,15 @@ def test_rows(setup: Setup) -> int:
 @pytest.fixture(scope="module")
 def full(setup: Setup):
     """Base, candidate and production (the base folder itself, a plain HF model dir) on every test row."""
-    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
-        return evaluate_tenant(out_dir=setup.root / "eval-full", **setup.kwargs(production_dir=setup.base_dir))
+    return evaluate_tenant(out_dir=setup.root / "eval-full", **setup.kwargs(production_dir=setup.base_dir))
 
 
 def test_evaluate_model_matches_the_stage(setup: Setup, full):
     """The registry measures production alone at promotion; its numbers must equal the stage's."""
-    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
-        alone = evaluate_model(
-            model_dir=setup.candidate_dir, dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
-            base_params=setup.base_params, max_new_tokens=16,
-        )
+    alone = evaluate_model(
+        model_dir=setup.candidate_dir, dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
+        base_params=setup.base_params, max_new_tokens=16, device="cpu",
+    )
     assert alone == full.metrics["models"]["candidate"]
     with pytest.raises(EvaluateError, match="not a model folder"):
         evaluate_model(model_dir=setup.root / "nope", dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
@@ -122,6 +120,7 @@ def test_files_and_metrics(full, test_rows: int):
     metrics = json.loads(full.metrics_path.read_text())
     assert metrics == json.loads(json.dumps(full.metrics))
     assert metrics["tenant"] == "toy" and metrics["test_rows"] == test_rows >= 2
+    assert metrics["device"] == "cpu" and "device_name" not in metrics  # evaluate.device, as it was run
     assert metrics["expects_json"] is True  # the toy triage answers are JSON objects
     assert metrics["answer_tokens"] > 0
     assert set(metrics["models"]) == {"base", "candidate", "production"}
@@ -175,11 +174,10 @@ def test_report(full):
 
 def test_max_examples_and_no_production(setup: Setup, full, tmp_path):
     missing = tmp_path / "no-production-yet"
-    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
-        small = evaluate_tenant(
-            out_dir=tmp_path / "eval", max_examples=2, examples_in_report=1,
-            **setup.kwargs(production_dir=missing, max_new_tokens=4),
-        )
+    small = evaluate_tenant(
+        out_dir=tmp_path / "eval", max_examples=2, examples_in_report=1,
+        **setup.kwargs(production_dir=missing, max_new_tokens=4),
+    )
     assert small.metrics["test_rows"] == 2
     assert set(small.metrics["models"]) == {"base", "candidate"}
     rows = _read_jsonl(small.generations_path)
@@ -191,10 +189,28 @@ def test_max_examples_and_no_production(setup: Setup, full, tmp_path):
     assert [r["id"] for r in rows] == [r["id"] for r in full_rows[:2]]
     # Re-running replaces the folder.
     (small.out_dir / "stale.txt").write_text("x")
-    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
-        again = evaluate_tenant(out_dir=tmp_path / "eval", max_examples=2, **setup.kwargs(max_new_tokens=4))
+    again = evaluate_tenant(out_dir=tmp_path / "eval", max_examples=2, **setup.kwargs(max_new_tokens=4))
     assert not (again.out_dir / "stale.txt").exists()
     assert again.metrics == small.metrics  # deterministic
+
+
+@pytest.mark.cuda
+def test_evaluate_on_cuda(setup: Setup, full, tmp_path):
+    """evaluate.device cuda: every model scored and generating on the GPU (bfloat16), recorded in metrics.json;
+    the numbers are the CPU's within bfloat16's error, and the registry's evaluate_model measures the same there."""
+    result = evaluate_tenant(out_dir=tmp_path / "eval", **setup.kwargs(production_dir=setup.base_dir, device="cuda"))
+    metrics = json.loads(result.metrics_path.read_text())
+    assert metrics["device"] == "cuda" and metrics["device_name"]
+    assert metrics["test_rows"] == full.metrics["test_rows"] and metrics["answer_tokens"] == full.metrics["answer_tokens"]
+    assert set(metrics["models"]) == {"base", "candidate", "production"}
+    for name, scores in metrics["models"].items():
+        assert set(scores) == set(full.metrics["models"][name]), name
+        assert scores["answer_loss"] == pytest.approx(full.metrics["models"][name]["answer_loss"], rel=0.05), name
+    assert metrics["models"]["candidate"]["answer_loss"] < metrics["models"]["base"]["answer_loss"]
+    assert len(_read_jsonl(result.generations_path)) == metrics["test_rows"]
+    alone = evaluate_model(model_dir=setup.candidate_dir, dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
+                           base_params=setup.base_params, max_new_tokens=16, device="cuda")
+    assert alone == pytest.approx(metrics["models"]["candidate"], rel=1e-5)
 
 
 def test_bad_inputs(setup: Setup, tmp_path):
@@ -216,10 +232,21 @@ def test_bad_inputs(setup: Setup, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_cuda_without_a_gpu_names_the_key_and_writes_nothing(setup: Setup, tmp_path, monkeypatch):
+    from loraline.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^evaluate\.device is cuda but torch sees no CUDA device"):
+        evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(device="cuda"))
+    with pytest.raises(ConfigError, match=r"^evaluate\.device is cuda"):
+        evaluate_model(model_dir=setup.candidate_dir, dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
+                       base_params=setup.base_params, device="cuda")
+    assert not (tmp_path / "x").exists()
+
+
 def test_the_stage_batch_size_changes_no_answer(setup: Setup, full, tmp_path):
     """evaluate.batch_size is speed only: one row at a time gives the default batch's answers and losses."""
-    with mock.patch("loraline.evaluate.stage.pick_device", return_value=torch.device("cpu")):
-        one = evaluate_tenant(out_dir=tmp_path / "eval", batch_size=1, **setup.kwargs(production_dir=setup.base_dir))
+    one = evaluate_tenant(out_dir=tmp_path / "eval", batch_size=1, **setup.kwargs(production_dir=setup.base_dir))
     assert [r["predictions"] for r in _read_jsonl(one.generations_path)] == [
         r["predictions"] for r in _read_jsonl(full.generations_path)
     ]
@@ -278,7 +305,7 @@ def test_a_nan_adapter_never_passes_merge_or_gate(setup: Setup, tmp_path):
         merge_adapter(
             base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=bad, out_dir=tmp_path / "merged",
             tolerance=1e-3, probes=[[{"role": "user", "content": "ping"}]], max_new_tokens=1,
-            quantized_reference=False, check_reload=False,
+            quantized_reference=False, check_reload=False, device="cpu",
         )
     assert not (tmp_path / "merged").exists()
 
