@@ -78,6 +78,9 @@ class CacheCheck:
         return not self.corrupt
 
     def summary(self) -> str:
+        if not self.files:  # a fresh clone before its first run or pull: nothing to vouch for yet
+            return (f"DVC cache: nothing of dvc.lock's outputs is in this cache yet ({self.missing} missing; nothing to check)"
+                    if self.missing else "DVC cache: dvc.lock records no outputs yet (nothing to check)")
         missing = f", {self.missing} not in this cache" if self.missing else ""
         verdict = "intact" if self.ok else f"{len(self.corrupt)} corrupted"
         read = f"{self.bytes / 1e6:.1f} MB in {self.seconds:.1f}s"

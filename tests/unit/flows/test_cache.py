@@ -185,3 +185,13 @@ def test_loraline_check_names_the_damaged_file_and_says_what_to_do(project: Path
     assert "1 corrupted" in captured.out
     assert "loraline check: error: DVC cache file .dvc/cache/files/md5/" in captured.err
     assert "model/weights.bin of stage train" in captured.err and "dvc pull" in captured.err
+
+
+def test_a_cache_without_the_outputs_says_there_is_nothing_to_check(project: Path):
+    """A fresh clone before its first run or pull: every file dvc.lock needs is absent, none damaged."""
+    import shutil
+
+    shutil.rmtree(project / ".dvc" / "cache")
+    check = check_cache(project)
+    assert check.ok and check.files == 0 and check.missing == 2  # report.json and the model folder's .dir manifest
+    assert check.summary() == "DVC cache: nothing of dvc.lock's outputs is in this cache yet (2 missing; nothing to check)"
