@@ -18,6 +18,9 @@ Configurations of ours (--config, repeatable; cumulative, for the ablation):
     varlen     + flash varlen attention, micro-batch laid out as one row (no pad tokens)
     final      + the shape's micro-batch and checkpointing (SHAPE_FINAL): the stage's defaults otherwise
     qalora     final's settings with train.method qalora (INT4, groups of 32): QA-LoRA beside QLoRA
+    default    not cumulative: the train section of the repository's params.yaml as a user gets it
+               (train.batch_size auto, no checkpointing, dropout), only max_seq_len raised to the
+               workload's 2048 and one epoch; compare it with final (issue 36: at least 80%)
 
 Also printed: MFU = useful tokens/s x 6 x N / the card's bf16 matmul rate, measured in the same
 run (an 8192^3 bf16 product), N = the weights of every matmul (decoder linears + lm_head); and a
@@ -26,6 +29,8 @@ off and with the final configuration, per-step training losses compared.
 
     python bench/train_speed.py --shape llama-1b --shape llama-8b --out bench.jsonl
     python bench/train_speed.py --shape llama-8b --no-peer --examples 640 --config final --config final+devices=2
+    python bench/train_speed.py --no-peer --examples 256 --config final --config default
+        (params.yaml's defaults, batch auto, against final on llama-1b)
         (data-parallel scaling: the same examples on 1 and on 2 GPUs, the same per-GPU micro-batch)
 
 Needs CUDA and bitsandbytes. Prints one JSON line per run, then a table.
@@ -130,8 +135,20 @@ def our_params(shape: str, config: str, overrides: dict | None = None):
 
     name, *extra = config.split("+")
     own = {k: json.loads(v) for k, v in (x.split("=", 1) for x in extra)}
+    if name == "default":
+        return TrainParams(**{**stage_defaults(), **own, **(overrides or {})})
     fields = {**COMMON, **CONFIGS[name], **(SHAPE_FINAL[shape] if name in ("final", "qalora") else {}), **own, **(overrides or {})}
     return TrainParams(**fields)
+
+
+def stage_defaults() -> dict:
+    """params.yaml's train section (what the train stage runs with), on the benchmark's workload: rows of up to
+    2048 tokens (the stage's max_seq_len refuses longer examples), one epoch, no evaluation or checkpoints."""
+    from loraline.config import load_params
+
+    train = load_params(HERE.parent / "params.yaml").train.model_dump()
+    return {**train, "max_seq_len": COMMON["max_seq_len"], "epochs": 1, "max_steps": None, "seed": 0,
+            "eval_every": COMMON["eval_every"], "save_every": COMMON["save_every"]}
 
 
 def matmul_params(shape: dict) -> int:
@@ -190,7 +207,8 @@ def run_ours(shape_name: str, peer_path: Path, examples: int, root: Path, config
     useful = sum(lengths)
     losses = [float(line.split(",")[1]) for line in (out / "adapter" / "train_loss.csv").read_text().splitlines()[1:]]
     res = dict(
-        recipe="loraline", config=config, shape=shape_name, examples=examples, batch_rows=params.batch_size,
+        recipe="loraline", config=config, shape=shape_name, examples=examples, batch_rows=rec["batch"]["rows"],
+        batch=rec["batch"]["note"],
         grad_accum=params.grad_accum, devices=params.devices, steps=rec["steps"]["done"], useful_tokens=useful, tokens_seen=rec["tokens_seen"]["useful"],
         gradient_checkpointing=params.gradient_checkpointing, speed=rec["speed"],
         useful_tokens_per_s=round(result.timing["tokens_per_s"]), stage_wall_s=round(time.perf_counter() - started, 1),
@@ -344,6 +362,8 @@ def main() -> None:
                 record(r)
             if a.agree_steps and shape == a.agree_shape:
                 final = our_params(shape, configs[-1])
+                if not isinstance(final.batch_size, int):
+                    sys.exit(f"--agree-steps compares with the last --config at a fixed batch; {configs[-1]} has batch_size {final.batch_size}")
                 # The same optimizer steps: the reference takes the final micro-batch in halves or
                 # single rows (grad_accum), since the unoptimized path needs more memory per row.
                 ref_rows = 1

@@ -19,7 +19,7 @@ import copy
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -367,7 +367,12 @@ class TrainParams(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set")
-    batch_size: int = Field(8, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        8, description="Packed rows per micro-batch, per device. auto: 2 on the CPU; on CUDA the most rows (up to 16 "
+        "and the dataset's packed rows) that fit the GPU's free memory, measured with the model loaded "
+        "(loraline.train.autobatch; single-device runs only). The micro-batch changes, grad_accum still multiplies it, "
+        "so the tokens per optimizer step scale with the GPU; train_record.json's `batch` says what was resolved and how",
+    )
     grad_accum: int = Field(1, ge=1)
     packing: bool = True
     max_seq_len: int = Field(1024, ge=16)
@@ -404,6 +409,14 @@ class TrainParams(_Section):
     long_context: LongContextParams | None = Field(
         None, description="LongLoRA: extend the context (rope scaling, S2-Attn, trainable embeddings and norms)"
     )
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size_form(cls, v: Any) -> Any:
+        # one clear message instead of pydantic's one per member of the union (and no bool as 1)
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be a whole number of packed rows >= 1, or auto")
 
     @model_validator(mode="after")
     def _long_context_fits(self) -> TrainParams:

@@ -6,7 +6,8 @@
         optimizer.safetensors   every tensor of the optimizer and RNG states
         state.json              fingerprint, step, data position (epoch, step in epoch), loop progress (history, best
                                 validation loss, token counts), optimizer/scheduler structure
-                                and scalars, python/numpy RNG states of every data-parallel rank
+                                and scalars, python/numpy RNG states of every data-parallel rank, the resolved
+                                micro-batch (train.batch_size auto resumes with it, never probing again)
 
 A checkpoint is written into a temporary sibling folder and renamed into place (io.atomic_dir), so
 a step-N folder that exists is complete; a kill mid-write leaves only a hidden temporary folder,
@@ -125,9 +126,11 @@ def save(
     position: dict[str, int],
     keep: int = KEEP,
     rng: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None,
+    batch: dict[str, Any] | None = None,
 ) -> Path:
     """Write step-N atomically, then prune to the last `keep`. `rng`: every rank's RNG states
-    (capture_rng_state, gathered in rank order); default this process's states as they are now."""
+    (capture_rng_state, gathered in rank order); default this process's states as they are now. `batch`: the
+    micro-batch the run resolved (autobatch.BatchChoice), which a resumed train.batch_size auto run reuses."""
     final = step_dir(checkpoint_dir, step)
     tensors: dict[str, torch.Tensor] = {}
     rng = rng if rng is not None else [capture_rng_state()]
@@ -142,6 +145,7 @@ def save(
         "optimizer": encode(optimizer.state_dict(), "optimizer", tensors),
         "scheduler": encode(scheduler.state_dict(), "scheduler", tensors),
         "rng": [meta for meta, _ in rng],
+        "batch": batch,
     }
     with io.atomic_dir(final) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, tmp / "adapter.safetensors")

@@ -2,7 +2,8 @@
 
     out_dir/adapter_config.json        peft's standard adapter (stock PeftModel.from_pretrained loads it)
     out_dir/adapter_model.safetensors
-    out_dir/train_record.json          params, hashes, seed, code fingerprint, versions, tokens, losses
+    out_dir/train_record.json          params, hashes, seed, code fingerprint, versions, tokens, losses, the micro-batch
+                                       it trained with (`batch`: train.batch_size auto resolved, see train.autobatch)
     out_dir/train_loss.csv             step,train_loss,lr: every optimizer step (for dvc plots)
     out_dir/val_loss.csv               step,val_loss: every evaluation, step 0 = the base model
 
@@ -35,7 +36,7 @@ from loraline.modelling.loading import load_base_tokenizer, read_base_record, to
 from loraline.config import BaseParams, Params, TrainParams
 from loraline.layout import QLORA_REFERENCE, TRAIN_RECORD, Layout
 from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_facts, sha256_file
-from loraline.train import checkpoint
+from loraline.train import autobatch, checkpoint
 from loraline.train.data import check_splits, load_splits
 from loraline.train.distributed import World, barrier, gather, launch, process_group, world_from_env
 from loraline.train.errors import TrainError
@@ -46,7 +47,7 @@ from loraline.train.model import (
 )
 from loraline.modelling.device import compute_dtype, pick_device
 from loraline.train.optim import make_optimizer, make_scheduler, warmup_steps
-from loraline.train.packing import check_packing_isolation, plan_steps
+from loraline.train.packing import check_packing_isolation, collate, pack_rows, plan_steps
 from loraline.train.sharded import sharding_facts
 from loraline.train.speed import fused_head
 from loraline.train.record import TRAIN_CURVE, VAL_CURVE, device_name, final_train_loss, peak_memory, write_curves
@@ -96,6 +97,7 @@ def train_adapter(
     if params.seed is None:
         raise TrainError("train.seed is unset; set it, or build the params with Params.train_for(tenant) (top-level seed)")
     world = world_from_env()
+    autobatch.check_auto_allowed(params.batch_size, params.devices, params.sharding, pick_device())
     if params.devices > 1 and not world.distributed:
         return _launch(params, base_dir, base_params, dataset_dir, out_dir, checkpoint_dir, progress)
     if world.distributed and world.size != params.devices:
@@ -151,6 +153,16 @@ def _train(
             torch.manual_seed(params.seed + world.rank)  # dropout: one stream per rank, not N copies of one
         trainable = trainable_parameters(model)
         optimizer = make_optimizer(params, trainable, device)
+        fused = fused_head(model) if params.fused_cross_entropy else None
+        if params.fused_cross_entropy and fused is None:
+            log.warning("train.fused_cross_entropy: this model's head is not a plain linear layer; computing full logits")
+        ckpt = _find_checkpoint(checkpoint_dir, fingerprint, world) if checkpoint_dir is not None else None
+        # train.batch_size auto: resolved here, with the model loaded; a resumed run keeps its recorded batch
+        batch = autobatch.resolve(
+            params.batch_size, device, resumed=ckpt.state.get("batch") if ckpt is not None else None,
+            probe=lambda: _probe_batch(params, model, trainable, device, pad_id, splits.train, fused),
+        )
+        params = params.model_copy(update={"batch_size": batch.rows})
         # The plan is of global micro-batches; each rank takes its share of every one (distributed.shard).
         global_batch = params.model_copy(update={"batch_size": params.batch_size * world.size})
         plan = plan_steps([e.n_tokens for e in splits.train], global_batch, params.seed)
@@ -159,15 +171,13 @@ def _train(
             torch.cuda.reset_peak_memory_stats(device)
 
         state, best, start_step, resumed = Progress(), None, 0, None
-        if checkpoint_dir is not None:
-            ckpt = _find_checkpoint(checkpoint_dir, fingerprint, world)
-            if ckpt is not None:
-                if ckpt.step >= len(plan) or ckpt.state["data_position"] != _position(plan, ckpt.step):
-                    raise RuntimeError(f"checkpoint {ckpt.path} does not fit this run's data plan; delete {checkpoint_dir}")
-                best = checkpoint.load(ckpt, trainable=trainable, optimizer=optimizer, scheduler=scheduler, rank=world.rank)
-                state = Progress.from_dict(ckpt.state["progress"])
-                start_step = resumed = ckpt.step
-                log.info("resuming from checkpoint %s (step %d of %d)", ckpt.path, ckpt.step, len(plan))
+        if ckpt is not None:
+            if ckpt.step >= len(plan) or ckpt.state["data_position"] != _position(plan, ckpt.step):
+                raise RuntimeError(f"checkpoint {ckpt.path} does not fit this run's data plan; delete {checkpoint_dir}")
+            best = checkpoint.load(ckpt, trainable=trainable, optimizer=optimizer, scheduler=scheduler, rank=world.rank)
+            state = Progress.from_dict(ckpt.state["progress"])
+            start_step = resumed = ckpt.step
+            log.info("resuming from checkpoint %s (step %d of %d)", ckpt.path, ckpt.step, len(plan))
 
         def save_checkpoint(step: int, prog: Progress, best_now: dict[str, torch.Tensor] | None) -> None:
             rng = gather(checkpoint.capture_rng_state(), world)  # every rank's dropout stream
@@ -175,13 +185,10 @@ def _train(
                 checkpoint.save(
                     checkpoint_dir, step=step, fingerprint=fingerprint, trainable=trainable, best=best_now,
                     optimizer=optimizer, scheduler=scheduler, progress=prog.to_dict(), position=_position(plan, step),
-                    rng=rng,
+                    rng=rng, batch=batch.to_dict(),
                 )
             barrier(world)
 
-        fused = fused_head(model) if params.fused_cross_entropy else None
-        if params.fused_cross_entropy and fused is None:
-            log.warning("train.fused_cross_entropy: this model's head is not a plain linear layer; computing full logits")
         run = Run(
             model, trainable, optimizer, scheduler, params, device, pad_id, splits.train, splits.validation, plan, fused, world,
             lockstep=params.sharding == "fsdp",
@@ -200,7 +207,8 @@ def _train(
     steps_done = state.history[-1]["step"] if state.history else 0
     shipped_best = params.early_stopping_patience is not None and best is not None
     record: dict[str, Any] = {
-        "params": params.model_dump(mode="json"),
+        "params": {**params.model_dump(mode="json"), "batch_size": batch.requested},  # as asked; "batch": what ran
+        "batch": batch.to_dict(),
         "seed": params.seed,
         "fingerprint": fingerprint,
         "data": {
@@ -250,6 +258,7 @@ def _train(
         "peak_memory": _peak_memory(device, world),
         "resumed_from_step": resumed,
         "device": record["device"],
+        "batch": {"rows": batch.rows, "how": batch.how, "note": batch.note},
     }
     if world.main:
         with io.atomic_dir(out_dir) as tmp:
@@ -263,6 +272,35 @@ def _train(
     barrier(world)
     timing["wall_s"] = round(time.perf_counter() - started, 2)
     return TrainResult.of(out_dir, record, timing)
+
+
+def _probe_batch(
+    params: TrainParams, model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], device: torch.device,
+    pad_id: int, examples: list, fused: Any,
+) -> autobatch.BatchChoice:
+    """train.batch_size auto on CUDA: probe steps on the dataset's fullest packed rows, through the loop's own
+    loss (same attention layout, fused head and checkpointing as training), leaving no trace (autobatch.untouched)."""
+    lengths = [e.n_tokens for e in examples]
+    order = list(range(len(examples)))
+    rows = pack_rows(lengths, order, params.max_seq_len) if params.packing else [[i] for i in order]
+    rows.sort(key=lambda row: -sum(lengths[i] for i in row))
+    probe = Run(model, trainable, None, None, params, device, pad_id, examples, [], [], fused)
+
+    def step(n: int) -> torch.Tensor:
+        for p in trainable.values():
+            p.grad = None
+        batch = collate([[examples[i] for i in row] for row in rows[:n]], pad_id, params.packing, probe.flat)
+        return probe.loss(batch) / max(batch.n_targets, 1)
+
+    # optimizer state still to come (AdamW: two fp32 moments per trainable weight; 8-bit ones need less)
+    optimizer_bytes = 8 * sum(p.numel() for p in trainable.values())
+    with autobatch.untouched(model, trainable):
+        choice = autobatch.probe_choice(
+            autobatch.cuda_measure(step, device), device=device, optimizer_bytes=optimizer_bytes,
+            cap=min(autobatch.MAX_ROWS, len(rows)),
+        )
+    log.info("train.batch_size %s", choice.note)
+    return choice
 
 
 def _long_context_facts(params: TrainParams, overrides: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -400,6 +438,8 @@ def run(
         **inputs,
     )
     metrics = train_metrics(result.record)
+    # the twins train the same steps: the batch the adapter resolved (train.batch_size auto), not a new probe
+    train = train.model_copy(update={"batch_size": result.record["batch"]["rows"]})
     if train.long_context is not None and train.long_context.reference:
         reference = train_full_attention_reference(train, adapter_dir=result.out_dir, **inputs)
         metrics["full_attention_reference_val_loss"] = reference.record["loss"]["final_val"]
