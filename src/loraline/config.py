@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from loraline.layout import TIMING_DIR
+from loraline.layout import DEPLOY_TARGETS, TIMING_DIR
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 # DVC artifact names (<tenant>-adapter, <tenant>-onnx in dvc.yaml) allow only [a-z0-9-/].
@@ -578,6 +578,39 @@ class GateParams(_Section):
     max_export_logit_diff: float = Field(1e-3, gt=0)
 
 
+# DEPLOY_TARGETS (layout) spelled as a type; a test checks the two agree.
+DeployTarget = Literal["adapter", "merged", "onnx"]
+
+
+class DeployParams(_Section):
+    """What each tenant is deployed as (read by merge, export, evaluate, gate, the registry and the summary);
+    tenants.<t>.deploy replaces it for one tenant."""
+
+    targets: list[DeployTarget] = Field(
+        default_factory=lambda: list(DEPLOY_TARGETS),
+        description="adapter: the adapter served on the shared base (loraline serve); merged: a standalone Hugging Face "
+        "folder (models/merged/<t>); onnx: its ONNX export (models/onnx/<t>). Without merged, the merge stage writes only "
+        "its report (the probes' reference answers, from base + adapter) and the gate's evidence is the adapter on the base",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_fit(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"must name at least adapter; allowed: {', '.join(DEPLOY_TARGETS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a target twice: {v}")
+        if "adapter" not in v:
+            raise ValueError("must include adapter: serving (loraline serve) loads the adapter on the shared base, the "
+                             "registry versions it, and merged and onnx are built from it")
+        if "onnx" in v and "merged" not in v:
+            raise ValueError("onnx needs merged: the ONNX graph is exported from the merged model's folder")
+        return v
+
+    def builds(self, target: str) -> bool:
+        return target in self.targets
+
+
 class OrchestrateParams(_Section):
     """How the Prefect flow drives the DVC stages (read by flows/, never by a stage)."""
 
@@ -662,6 +695,7 @@ class TenantParams(_Section):
     )
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the train section")
     gate: dict[str, Any] = Field(default_factory=dict, description="Overrides of the gate section")
+    deploy: DeployParams | None = Field(None, description="Replaces the deploy section for this tenant (null: the default)")
 
     @field_validator("name")
     @classmethod
@@ -746,6 +780,7 @@ class Params(_Section):
     export: ExportParams = ExportParams()
     evaluate: EvaluateParams = EvaluateParams()
     gate: GateParams = GateParams()
+    deploy: DeployParams = DeployParams()
     synthesize: SynthesizeParams = SynthesizeParams()
     orchestrate: OrchestrateParams = OrchestrateParams()
     serve: ServeParams = ServeParams()
@@ -782,6 +817,17 @@ class Params(_Section):
                     model.model_validate({**base.model_dump(), **getattr(t, section)})
                 except ValidationError as exc:
                     raise ConfigError(_format_errors(exc, model, prefix=f"tenants.{t.name}.{section}")) from None
+            self._deploy_fits(t.name)
+
+    def _deploy_fits(self, name: str) -> None:
+        """Adapters that only a merged folder describes whole need `merged`: the evaluation and the probes of an
+        adapter-only tenant load the adapter on the plain base, which would drop a LongLoRA adapter's rope scaling
+        and a QA-LoRA adapter's quantized base."""
+        train = self.train_for(name)
+        needs = "train.long_context" if train.long_context is not None else "train.method qalora" if train.method == "qalora" else None
+        if needs and not self.deploy_for(name).builds("merged"):
+            raise ConfigError(f"tenants.{name}.deploy.targets: {needs} needs merged in deploy.targets (the adapter alone, "
+                              "on the plain base, is not the model it trained); add merged")
 
     def tenant(self, name: str) -> TenantParams:
         for t in self.tenants:
@@ -798,6 +844,10 @@ class Params(_Section):
         if merged.get("seed") is None:
             merged["seed"] = self.seed
         return TrainParams.model_validate(merged)
+
+    def deploy_for(self, name: str) -> DeployParams:
+        """The tenant's deploy section: tenants.<t>.deploy when given, else the top-level one."""
+        return self.tenant(name).deploy or self.deploy
 
     def gate_for(self, name: str) -> GateParams:
         return GateParams.model_validate({**self.gate.model_dump(), **self.tenant(name).gate})

@@ -26,6 +26,11 @@ QALORA_QUANTIZED = "qalora_quantized.safetensors"
 QALORA_TORCHAO = "torchao"
 # In a QA-LoRA adapter's folder: its QLoRA twin (train.qalora.reference), which the evaluation compares it with.
 QLORA_REFERENCE = "qlora_reference"
+# What a tenant is deployed as (deploy.targets): its adapter served on the shared base (`loraline serve`),
+# a standalone merged Hugging Face folder, and an ONNX export of that folder. A stage whose target is not
+# built still writes its (small) outputs, a report saying so, because DVC requires every declared output.
+DEPLOY_TARGETS = ("adapter", "merged", "onnx")
+NOT_BUILT = "not built (deploy.targets)"
 # reports/<tenant>/ holds each tenant's reports; reports/timing/ every stage's run facts, so no tenant
 # may be called that (config.py refuses it).
 TIMING_DIR = "timing"
@@ -52,12 +57,13 @@ class Layout:
         """`path` as dvc.yaml and dvc.lock write it: relative to the project root, with forward slashes."""
         return Path(path).relative_to(self.root).as_posix()
 
-    def artifacts(self, tenant: str) -> dict[str, str]:
-        """The registry's artifact names for a tenant and the DVC output (relative path) each versions."""
-        return {
-            f"{tenant}-adapter": self.relative(self.adapter_dir(tenant)),
-            f"{tenant}-onnx": self.relative(self.onnx_dir(tenant)),
-        }
+    def artifacts(self, tenant: str, targets: tuple[str, ...] | list[str] = DEPLOY_TARGETS) -> dict[str, str]:
+        """The registry's artifact names for a tenant and the DVC output (relative path) each versions: the
+        adapter always, the ONNX export only when `targets` (deploy.targets) builds it."""
+        out = {f"{tenant}-adapter": self.relative(self.adapter_dir(tenant))}
+        if "onnx" in targets:
+            out[f"{tenant}-onnx"] = self.relative(self.onnx_dir(tenant))
+        return out
 
     @property
     def base_dir(self) -> Path:

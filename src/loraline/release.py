@@ -57,13 +57,17 @@ def release_path(root: str | Path, tenant: str) -> Path:
 
 
 def evaluate_production(root: Path, params: Params, tenant: str, production: Version) -> dict[str, Any]:
-    """Production's merged model, as of its version's commit, measured like the candidate was."""
+    """Production's merged model, as of its version's commit, measured like the candidate was; its adapter on
+    the base when that version built no merged model (deploy.targets then: the merge folder holds a report only)."""
     from loraline.evaluate.stage import evaluate_model
 
     layout = Layout(root)
     with tempfile.TemporaryDirectory(prefix=f"loraline-prod-{tenant}-") as tmp:
         merged = Layout().relative(Layout().merged_dir(tenant))
         model = fetch_output(root, merged, production.commit, Path(tmp) / "merged")
+        if not (model / "config.json").is_file():
+            adapter = Layout().relative(Layout().adapter_dir(tenant))
+            model = fetch_output(root, adapter, production.commit, Path(tmp) / "adapter")
         ev = params.evaluate
         return evaluate_model(
             model_dir=model, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=layout.base_dir,
@@ -88,7 +92,7 @@ def _raw_dirs(root: Path, params: Params) -> list[str]:
 def _register(root: Path, params: Params, tenant: str, registry: Registry, gate: dict[str, Any]) -> tuple[str, bool]:
     """The version of the tenant's current outputs: the latest one when it records the same outputs, gate verdict
     and a consistent lineage (a release run again), else a new one over a fresh snapshot."""
-    names = list(artifact_paths(tenant))
+    names = list(artifact_paths(tenant, params))
     latest = registry.latest(names[0])
     if latest is not None and _same_candidate(latest, tenant_outputs(read_lock(root), tenant), gate_summary(gate)):
         for name in names[1:]:  # an interrupted earlier release may have registered the adapter only
@@ -136,7 +140,7 @@ def release_tenant(
         raise ReleaseRefused(f"dvc.lock records no {adapter}: run the pipeline (dvc repro) first")
     check_releasable(root, tenant)  # else the gate's verdict and the lineage may describe another adapter
 
-    names = list(artifact_paths(tenant))
+    names = list(artifact_paths(tenant, params))  # the onnx artifact only when deploy.targets builds it
     version, registered_new = _register(root, params, tenant, registry, gate)
     current = {n: registry.production(n) for n in names}
     before = current[names[0]].version if current[names[0]] else None
@@ -161,6 +165,7 @@ def release_tenant(
         decision = decide(
             params.gate_for(tenant), evaluation["candidate"], evaluation["base"],
             evaluate(root, params, tenant, current[names[0]]), read_parity(layout, tenant),
+            targets=params.deploy_for(tenant).targets,
         )
         rules = to_json(decision)["rules"]
         if not decision.passed:

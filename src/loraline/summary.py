@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loraline.config import Params
-from loraline.layout import Layout
+from loraline.layout import NOT_BUILT, Layout
 
 # The metrics worth a column, in reading order; anything else stays in metrics.json. The same as
 # loraline.evaluate.stage.HEADLINE_METRICS (importing that would load torch for every CLI command).
@@ -88,9 +88,20 @@ def collect_summary(params: Params, layout: Layout | None = None, tenants: list[
             low_bit=evaluation.get("qalora_comparison"),
             gate=_read(layout.gate_path(name)),
             release=_read(layout.release_path(name)),
-            paths={k: str(v) for k, v in paths.items() if v.exists()},
+            paths=_paths(paths, params.deploy_for(name).targets),
         ))
     return RunSummary(base=_read(layout.base_record_path()), tenants=out)
+
+
+def _paths(paths: dict[str, Path], targets: list[str]) -> dict[str, str]:
+    """Each output that exists; a deploy target not built says so (its stage wrote only a report)."""
+    out = {}
+    for kind, path in paths.items():
+        if kind in ("merged", "onnx") and kind not in targets:
+            out[kind] = NOT_BUILT
+        elif path.exists():
+            out[kind] = str(path)
+    return out
 
 
 def _fmt(value: Any) -> str:

@@ -197,6 +197,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     params, layout = _load(args), Layout()
     for name in _tenants(params, args.tenant):
         r = merge.run(params, layout, name, base_dir=Path(args.base) if args.base else None).report
+        if "merged_vs_unmerged" not in r:  # deploy.targets without merged
+            print(f"merge[{name}]: merged {r['merged']}; probe reference answers from base + adapter "
+                  f"-> {layout.merge_report_path(name)}")
+            continue
         q = r.get("vs_4bit", {})
         gap = "skipped" if "skipped" in q else f"{q.get('max_abs_logit_diff', float('nan')):.3g} (greedy agreement {q.get('greedy_agreement', 0):.0%})"
         mv = r["merged_vs_unmerged"]
@@ -214,6 +218,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     params, layout = _load(args), Layout()
     for name in _tenants(params, args.tenant):
         r = export.run(params, layout, name).report
+        if "fp32" not in r:  # deploy.targets without onnx
+            print(f"export[{name}]: onnx {r['onnx']}")
+            continue
         int8 = r.get("int8")
         extra = f"; int8 max diff {int8['max_abs_logit_diff']:.3g}, greedy agreement {int8['greedy_agreement']:.0%}" if int8 else ""
         print(

@@ -10,6 +10,10 @@ Prompt = the conversation up to the last assistant turn, rendered with the base'
 add_generation_prompt; reference = that assistant turn's content. Generation is greedy and stops at
 eos (<|im_end|> for loraline's models). All models use the base tokenizer (see generate.py).
 
+The candidate is the merged model (models/merged/<tenant>), or, when deploy.targets has no merged, the
+adapter itself on the base, unmerged through peft (models/adapters/<tenant>), as serving runs it: either
+folder kind is accepted wherever a model is evaluated (candidate, production, `evaluate_model`).
+
 Where: `device` (evaluate.device: auto, cpu or cuda, as base.build.device): every model is loaded, scored
 and generates there, batch_size rows at once with the KV cache (left-padded); bfloat16 on CUDA, float32 on
 the CPU. metrics.json and the timing file record the device.
@@ -57,6 +61,7 @@ from loraline.provenance import run_facts
 METRICS = "metrics.json"
 REPORT = "report.md"
 GENERATIONS = "generations.jsonl"
+ADAPTER_CONFIG = "adapter_config.json"
 LONG_CONTEXT = "long_context.json"  # LongLoRA candidates only (evaluate.long_context)
 SEED = 0
 # The metrics people compare across runs (reports/<tenant>/metrics/evaluate.json), in reading order;
@@ -133,8 +138,7 @@ def evaluate_tenant(
     if batch_size < 1:
         raise EvaluateError(f"batch_size must be >= 1, got {batch_size}")
     where = resolve_device(device, "evaluate.device")
-    if not (candidate_dir / "config.json").is_file():
-        raise EvaluateError(f"{candidate_dir} is not a model folder (no config.json): run the merge stage first")
+    candidate = _model_spec(candidate_dir, base_dir, "run the merge stage first")
     if qlora_reference is not None:  # before any model is scored: a mismatch is an error, not a late surprise
         try:
             quantization = LB.candidate_quantization(candidate_dir)
@@ -146,10 +150,10 @@ def evaluate_tenant(
     refs_json = M.expects_json(test.references)
     models: dict[str, tuple[str, dict[str, Any]]] = {
         "base": (resolve_base_model_path(base_dir), base_load_kwargs(base_dir)),
-        "candidate": (str(candidate_dir), {}),
+        "candidate": candidate,
     }
-    if production_dir is not None and (Path(production_dir) / "config.json").is_file():
-        models["production"] = (str(production_dir), {})
+    if production_dir is not None and _is_model(Path(production_dir)):
+        models["production"] = _model_spec(Path(production_dir), base_dir, "")
 
     scores: dict[str, dict[str, float | None]] = {}
     predictions: dict[str, list[str]] = {}
@@ -308,14 +312,28 @@ def evaluate_model(
 
     The registry uses it to measure the current production model at promotion time, when production
     may have changed since the evaluate stage ran."""
-    if not (Path(model_dir) / "config.json").is_file():
-        raise EvaluateError(f"{model_dir} is not a model folder (no config.json)")
+    path, kwargs = _model_spec(Path(model_dir), Path(base_dir), "")
     where = resolve_device(device, "evaluate.device")
     tok = load_base_tokenizer(Path(base_dir), base_params)
     test = _load_test(Path(dataset_dir), tok, max_examples)
     return _score(
-        str(model_dir), {}, tok, test, M.expects_json(test.references), max_new_tokens, batch_size, where, None
+        path, kwargs, tok, test, M.expects_json(test.references), max_new_tokens, batch_size, where, None
     )[0]
+
+
+def _is_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file() or (folder / ADAPTER_CONFIG).is_file()
+
+
+def _model_spec(folder: Path, base_dir: Path, hint: str) -> tuple[str, dict[str, Any]]:
+    """(path, loading kwargs) of a model folder: a merged model as it is, an adapter folder (deploy.targets
+    without merged) on the base, unmerged through peft."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        return resolve_base_model_path(base_dir), {**base_load_kwargs(base_dir), "adapter": folder}
+    if (folder / "config.json").is_file():
+        return str(folder), {}
+    raise EvaluateError(f"{folder} is not a model folder (no config.json), nor an adapter (no {ADAPTER_CONFIG})"
+                        + (f": {hint}" if hint else ""))
 
 
 def _score(
@@ -404,9 +422,11 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
     ev = params.evaluate
     reference = layout.adapter_dir(tenant) / FULL_ATTENTION_REFERENCE  # train.long_context.reference
     twin = layout.adapter_dir(tenant) / QLORA_REFERENCE  # train.qalora.reference
+    # deploy.targets decides what the candidate is: the merged folder, or (no merged) the adapter on the base
+    candidate = layout.merged_dir(tenant) if params.deploy_for(tenant).builds("merged") else layout.adapter_dir(tenant)
     result = evaluate_tenant(
         tenant=tenant, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=base_dir or layout.base_dir,
-        base_params=params.base, candidate_dir=layout.merged_dir(tenant), production_dir=None,
+        base_params=params.base, candidate_dir=candidate, production_dir=None,
         out_dir=layout.evaluation_dir(tenant), max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
         examples_in_report=ev.examples_in_report, batch_size=ev.batch_size, progress=progress,
         full_attention_reference=reference if reference.is_dir() else None,

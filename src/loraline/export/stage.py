@@ -22,6 +22,9 @@ graph runs on onnxruntime's CPU provider; and traced on the CPU it is the same b
 exports it, which a graph traced on CUDA is not promised to be (tensors made on the device, the attention
 kernel chosen and constant folding can differ there). The report and the timing file record the device.
 
+Without `onnx` in deploy.targets, `run` exports nothing: out_dir holds export_report.json alone, saying
+`"onnx": "not built (deploy.targets)"` (DVC needs the declared folder to exist), and the metrics say the same.
+
 The folder is the same bytes for the same merged model, params, code and library versions. `run` also
 writes the parity numbers people compare (reports/<tenant>/metrics/export.json, a DVC metric the gate
 reads) and the run's timing (reports/timing/export@<tenant>.json).
@@ -41,7 +44,7 @@ import torch
 
 from loraline import io
 from loraline.config import Params
-from loraline.layout import QALORA_QUANTIZED, Layout
+from loraline.layout import NOT_BUILT, QALORA_QUANTIZED, Layout
 from loraline.export.onnx_export import export_model, quantize_int8
 from loraline.export.runtime import INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
 from loraline.modelling.chat import save_tokenizer
@@ -309,6 +312,12 @@ def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
     and the run's timing to reports/timing/export@<tenant>.json."""
     started = time.perf_counter()
     e = params.export
+    if not params.deploy_for(tenant).builds("onnx"):
+        result = _not_built(layout.onnx_dir(tenant), params.deploy_for(tenant).targets)
+        io.copy_file(result.report_path, layout.export_report_path(tenant))
+        io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
+        io.write_timing(layout.timing_path("export", tenant), run_facts(started))
+        return result
     result = export_onnx(
         model_dir=layout.merged_dir(tenant), out_dir=layout.onnx_dir(tenant), int8=e.int8, opset=e.opset,
         max_new_tokens=e.max_new_tokens, tolerance=params.gate_for(tenant).max_export_logit_diff, device=e.device,
@@ -320,9 +329,20 @@ def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
     return result
 
 
+def _not_built(out_dir: Path, targets: list[str]) -> ExportResult:
+    """deploy.targets without onnx: the folder DVC expects, holding only a report that says so."""
+    report = {"passed": True, "onnx": NOT_BUILT, "targets": list(targets)}
+    with io.atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)
+        io.write_json(tmp / REPORT, report)
+    return ExportResult(out_dir, out_dir / REPORT, report)
+
+
 def export_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """What people compare across runs (`dvc metrics diff`), and what the gate decides export parity on
     (`max_abs_logit_diff`, fp32 on the prompt pass): fp32 ONNX vs PyTorch, and int8 when exported."""
+    if "fp32" not in report:  # not built (deploy.targets): no graph, so no parity to measure
+        return {"passed": bool(report["passed"]), "onnx": report.get("onnx", NOT_BUILT)}
     fp32 = report["fp32"]
     out: dict[str, Any] = {
         "passed": bool(report["passed"]), **headline(fp32), "decode_max_abs_logit_diff": fp32["decode_max_abs_logit_diff"],

@@ -25,7 +25,9 @@ Five rules, always evaluated and reported in this order (the decision passes onl
     ``parity["merge_max_logit_diff"] <= gate.max_merge_logit_diff`` and
     ``parity["export_max_logit_diff"] <= gate.max_export_logit_diff``. A number absent from
     ``parity`` (or ``parity`` None) **fails** with reason "missing": the gate must never pass on
-    missing evidence, so a pipeline that skipped the parity check cannot promote.
+    missing evidence, so a pipeline that skipped the parity check cannot promote. A target that
+    deploy.targets does not build (``merged`` for merge parity, ``onnx`` for export parity) has no
+    parity to measure: its rule passes with reason "not built (deploy.targets)", whatever ``parity`` holds.
 
 A missing, non-numeric or non-finite (NaN, ±inf) metric fails the rule that needs it, and the
 reason names the metric. Metrics not in ``lower_is_better`` are treated as higher-is-better.
@@ -34,11 +36,12 @@ reason names the metric. Metrics not in ``lower_is_better`` are treated as highe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Set
+from collections.abc import Collection, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
 from loraline.config import GateParams
+from loraline.layout import DEPLOY_TARGETS, NOT_BUILT
 
 __all__ = [
     "DEFAULT_LOWER_IS_BETTER",
@@ -189,7 +192,9 @@ def _no_regression(gate: GateParams, candidate: Mapping[str, Any], production: M
     )
 
 
-def _parity(name: str, key: str, threshold: float, parity: Mapping[str, Any] | None) -> RuleResult:
+def _parity(name: str, key: str, threshold: float, parity: Mapping[str, Any] | None, built: bool) -> RuleResult:
+    if not built:
+        return RuleResult(name, True, None, threshold, NOT_BUILT)
     value, why = _number(parity, key)
     if value is None:
         return RuleResult(name, False, None, threshold, f"{key} is {why}: parity was not measured, so the gate cannot pass")
@@ -204,16 +209,18 @@ def decide(
     production: Mapping[str, float] | None,
     parity: Mapping[str, float] | None = None,
     lower_is_better: Set[str] = DEFAULT_LOWER_IS_BETTER,
+    targets: Collection[str] = DEPLOY_TARGETS,
 ) -> GateDecision:
-    """Apply the five rules (see the module docstring); pure: no I/O, inputs are not modified."""
+    """Apply the five rules (see the module docstring); pure: no I/O, inputs are not modified.
+    `targets`: the tenant's deploy.targets; the parity of a target not built is not required."""
     rules = [
         _beats_base("beats_base", gate.primary_metric, gate.min_gain_over_base, candidate, base, lower_is_better),
         _beats_base(
             "beats_base_secondary", gate.secondary_metric, gate.min_secondary_gain, candidate, base, lower_is_better
         ),
         _no_regression(gate, candidate, production, lower_is_better),
-        _parity("merge_parity", MERGE_PARITY_KEY, gate.max_merge_logit_diff, parity),
-        _parity("export_parity", EXPORT_PARITY_KEY, gate.max_export_logit_diff, parity),
+        _parity("merge_parity", MERGE_PARITY_KEY, gate.max_merge_logit_diff, parity, "merged" in targets),
+        _parity("export_parity", EXPORT_PARITY_KEY, gate.max_export_logit_diff, parity, "onnx" in targets),
     ]
     return GateDecision(passed=all(r.passed for r in rules), rules=rules)
 

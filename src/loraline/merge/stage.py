@@ -28,6 +28,12 @@ out_dir (replaced atomically, safe to re-run):
     tokenizer.json, tokenizer_config.json (chat_template inside)
     merge_report.json                                        numbers, tolerance, pass/fail, hashes, code
 
+Without `merged` in deploy.targets (`merged=False`), nothing full-size is written: the base and adapter load at
+`dtype` (the precision serve.dtype `merge` serves at), the probes run on base + adapter unmerged, and out_dir
+holds merge_report.json alone, with those answers as probe_reference (what `loraline serve`'s deployment check
+compares with) and `"merged": "not built (deploy.targets)"`. DVC needs the declared folder to exist, hence the
+small folder rather than none.
+
 `run` also writes the parity numbers people compare (reports/<tenant>/metrics/merge.json, a DVC metric
 the gate reads) and the run's timing (reports/timing/merge@<tenant>.json).
 """
@@ -47,7 +53,7 @@ import torch
 
 from loraline import io
 from loraline.config import BaseParams, Params
-from loraline.layout import QALORA_QUANTIZED, QALORA_TORCHAO, TRAIN_RECORD, Layout
+from loraline.layout import NOT_BUILT, QALORA_QUANTIZED, QALORA_TORCHAO, TRAIN_RECORD, Layout
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.loading import (
@@ -108,9 +114,11 @@ def merge_adapter(
     quantized_reference: bool = True,
     check_reload: bool = True,
     device: str = "auto",
+    merged: bool = True,
 ) -> MergeResult:
     """Merge `adapter_dir` into the base at `dtype` on `device` (auto, cpu or cuda) and write a standalone
-    model into `out_dir`.
+    model into `out_dir`; `merged=False` (deploy.targets without merged): only the report, with the reference
+    answers of base + adapter unmerged (module docstring).
 
     Raises MergeError (nothing written; a previous out_dir is removed so that no stale merge of an
     older adapter survives) when merged and unmerged logits differ by more than `tolerance`.
@@ -151,6 +159,12 @@ def merge_adapter(
         model = load_qalora_adapter(base, adapter_dir, bits=qalora["bits"], group_size=qalora["group_size"])
     model.eval()
     unmerged = run_probes(model, tok, inputs, max_new_tokens)
+    if not merged:
+        del model, base
+        _release(where)
+        facts = dict(where=where, dtype=dtype, probes=probes, inputs=inputs, max_new_tokens=max_new_tokens,
+                     adapter_dir=adapter_dir, train_record=train_record, base_dir=base_dir, base_record=base_record)
+        return _reference_only(out_dir, unmerged, facts)
     if qalora is not None:
         qalora["layers"] = merge_qalora(model)
     merged_model = model.merge_and_unload()
@@ -252,6 +266,42 @@ def merge_adapter(
                     report,
                 )
         report["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != REPORT}
+        io.write_json(tmp / REPORT, report)
+    return MergeResult(out_dir, out_dir / REPORT, report)
+
+
+def _reference_only(out_dir: Path, unmerged: ProbeOutputs, facts: dict[str, Any]) -> MergeResult:
+    """deploy.targets without merged: out_dir holds the report alone, whose probe_reference is base + adapter's
+    answers (what serving reproduces). Refused, as a merge is, when the adapter was trained on another base."""
+    inputs, max_new_tokens, adapter_dir = facts["inputs"], facts["max_new_tokens"], facts["adapter_dir"]
+    train_record = facts["train_record"]
+    report: dict[str, Any] = {
+        "passed": True,
+        "merged": NOT_BUILT,
+        **device_facts(facts["where"]),
+        "dtype": facts["dtype"],
+        "max_new_tokens": max_new_tokens,
+        "probes": {"count": len(inputs), "default": facts["probes"] == DEFAULT_PROBES, "prompt_tokens": [len(x) for x in inputs]},
+        "probe_reference": {"prompts": inputs, "greedy": unmerged.greedy, "texts": unmerged.texts,
+                            "max_new_tokens": max_new_tokens, "model": "base + adapter, unmerged"},
+        "adapter": {
+            "dir": str(adapter_dir),
+            "files": {f: sha256_file(adapter_dir / f) for f in ADAPTER_FILES},
+            "train_fingerprint": (train_record or {}).get("fingerprint"),
+            "quantization": _quantization(train_record),
+        },
+        "base": {"dir": str(facts["base_dir"]), "source": facts["base_record"].get("source"),
+                 "model_ref": facts["base_record"].get("model_ref"), "sha256": base_model_hash(facts["base_record"])},
+        "code": code_fingerprint(__name__),
+        "library_versions": library_versions(),
+    }
+    trained_base = ((train_record or {}).get("base") or {}).get("sha256")
+    if trained_base and trained_base != report["base"]["sha256"]:
+        _discard(out_dir)
+        raise MergeError(f"the adapter in {adapter_dir} was trained on a different base (sha256 {trained_base[:12]}...) "
+                         f"than {facts['base_dir']}: rerun the train stage on this base", report)
+    with io.atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)
         io.write_json(tmp / REPORT, report)
     return MergeResult(out_dir, out_dir / REPORT, report)
 
@@ -384,7 +434,7 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
         base_dir=base_dir or layout.base_dir, base_params=params.base, adapter_dir=layout.adapter_dir(tenant),
         out_dir=layout.merged_dir(tenant), dtype=m.dtype, tolerance=params.gate_for(tenant).max_merge_logit_diff,
         max_new_tokens=m.max_new_tokens, quantized_reference=m.quantized_reference, check_reload=m.check_reload,
-        device=m.device,
+        device=m.device, merged=params.deploy_for(tenant).builds("merged"),
     )
     io.copy_file(result.report_path, layout.merge_report_path(tenant))
     io.write_json(layout.metrics_path("merge", tenant), merge_metrics(result.report))
@@ -396,6 +446,8 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
 def merge_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """What people compare across runs (`dvc metrics diff`), and what the gate decides merge parity on:
     merged vs base+adapter, and (when measured) the gap to the 4-bit model the adapter was trained on."""
+    if "merged_vs_unmerged" not in report:  # deploy.targets without merged: no merge, so no parity to measure
+        return {"passed": bool(report["passed"]), "merged": report.get("merged", NOT_BUILT)}
     out: dict[str, Any] = {"passed": bool(report["passed"]), **headline(report["merged_vs_unmerged"])}
     quantized = report.get("vs_4bit") or {}
     if "skipped" not in quantized and "max_abs_logit_diff" in quantized:

@@ -21,16 +21,17 @@ from loraline.registry.consistency import entry_hashes, evidence_problems, lock_
 from loraline.registry.snapshot import head_commit
 
 
-def artifact_paths(tenant: str) -> dict[str, str]:
-    """The registry's artifact names for a tenant and the DVC output each versions."""
-    return Layout().artifacts(tenant)
+def artifact_paths(tenant: str, params: Params | None = None) -> dict[str, str]:
+    """The registry's artifact names for a tenant and the DVC output each versions: <tenant>-adapter, and
+    <tenant>-onnx when the tenant's deploy.targets builds it (every target when `params` is not given)."""
+    return Layout().artifacts(tenant) if params is None else Layout().artifacts(tenant, params.deploy_for(tenant).targets)
 
 
 def missing_artifacts(root: str | Path, params: Params) -> dict[str, str]:
     """Artifacts params.yaml's tenants need that dvc.yaml's `artifacts:` lacks (or declares at another path)."""
     path = Path(root) / "dvc.yaml"
     declared = (yaml.safe_load(path.read_text()) or {}).get("artifacts") or {} if path.exists() else {}
-    want = {name: rel for t in params.tenant_names for name, rel in artifact_paths(t).items()}
+    want = {name: rel for t in params.tenant_names for name, rel in artifact_paths(t, params).items()}
     return {name: rel for name, rel in want.items() if (declared.get(name) or {}).get("path") != rel}
 
 
@@ -44,8 +45,8 @@ def check_artifacts_declared(root: str | Path, params: Params, if_present: bool 
     if missing:
         entries = "".join(f"  {name}:\n    path: {rel}\n    type: model\n" for name, rel in missing.items())
         raise ConfigError(
-            f"dvc.yaml's artifacts: section lacks {', '.join(missing)} (one adapter and one onnx entry per tenant "
-            f"in params.yaml; DVC does not generate them). Add:\nartifacts:\n{entries}"
+            f"dvc.yaml's artifacts: section lacks {', '.join(missing)} (one adapter entry per tenant in params.yaml, "
+            f"and one onnx entry per tenant whose deploy.targets has onnx; DVC does not generate them). Add:\nartifacts:\n{entries}"
         )
 
 
@@ -102,6 +103,7 @@ def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str 
         "params": {
             "train": params.train_for(tenant).model_dump(mode="json"),
             "gate": params.gate_for(tenant).model_dump(mode="json"),
+            "deploy": params.deploy_for(tenant).model_dump(mode="json"),
             **{s: getattr(params, s).model_dump(mode="json") for s in ("prepare", "merge", "export", "evaluate")},
         },
         "metrics": {

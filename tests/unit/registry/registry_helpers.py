@@ -90,20 +90,28 @@ def verdict(gate_passed: bool) -> dict:
     return {"passed": gate_passed, "failed": [] if gate_passed else ["beats_base"], "rules": [rule]}
 
 
-def dvc_project(root: Path, remote: Path) -> Path:
-    """A git + DVC project whose five tiny stages stand in for train/merge/export/evaluate/gate of tenant t1."""
+def dvc_project(root: Path, remote: Path, targets: list[str] | None = None) -> Path:
+    """A git + DVC project whose five tiny stages stand in for train/merge/export/evaluate/gate of tenant t1.
+    `targets`: t1's deploy.targets; without onnx, dvc.yaml declares no t1-onnx artifact (as a user's would not)."""
     import json
 
     import yaml
     from dvc.repo import Repo
+
+    tenant: dict = {"raw_dir": "data/raw/t1"}
+    dvc_yaml = DVC_YAML
+    if targets is not None:
+        tenant["deploy"] = {"targets": targets}
+        if "onnx" not in targets:
+            dvc_yaml = dvc_yaml.replace("  t1-onnx: {path: models/onnx/t1, type: model}\n", "")
 
     git(root, "init", "-q", "-b", "main")
     Repo.init(str(root))
     (root / ".dvc" / "config").write_text(
         f"[core]\n    analytics = false\n    remote = local\n['remote \"local\"']\n    url = {remote}\n"
     )
-    (root / "dvc.yaml").write_text(DVC_YAML)
-    (root / "params.yaml").write_text(yaml.safe_dump({"tenants": {"t1": {"raw_dir": "data/raw/t1"}}}))
+    (root / "dvc.yaml").write_text(dvc_yaml)
+    (root / "params.yaml").write_text(yaml.safe_dump({"tenants": {"t1": tenant}}))
     (root / "src.txt").write_text("adapter one\n")
     (root / "parity.json").write_text(json.dumps(PARITY))
     (root / "evaluation.json").write_text(json.dumps(EVALUATION))
