@@ -6,7 +6,8 @@ check, and only then moves the tenant's route in one assignment. Requests alread
 on the old version, which is unloaded once none is left on it; nothing is restarted.
 
 The deployment check: the merge stage's probe prompts go through the engine under the new name,
-greedy, and the answers must equal the merged model's (at least serve.check_agreement of them).
+greedy, and at least serve.check_agreement of the answers must equal the merge report's reference
+answers: the merged model's, or base + adapter's for a tenant whose deploy.targets has no merged.
 Otherwise the new version is unloaded and the tenant stays on the version it had: the registry is
 left as it is, and the event is logged and written to the events file (one JSON line per event).
 """
@@ -109,7 +110,7 @@ class Deployment:
         })
 
     def check(self, served: ServedVersion) -> dict[str, Any]:
-        """Greedy answers through the engine against the merged model's, on the merge stage's probes."""
+        """Greedy answers through the engine against the merge report's reference answers, on its probes."""
         ref = served.reference
         if ref is None:
             return {"passed": self.params.check_agreement == 0, "summary": "no probe reference in this version's merge report",
@@ -120,7 +121,7 @@ class Deployment:
         mismatches = [{"probe": i, "served": a, "merged": t} for i, (a, t, ok) in enumerate(zip(answers, ref.texts, equal)) if not ok]
         return {
             "passed": agreement >= self.params.check_agreement, "agreement": round(agreement, 4),
-            "summary": f"{sum(equal)}/{len(equal)} probes answered as the merged model does (need {self.params.check_agreement:.0%})",
+            "summary": f"{sum(equal)}/{len(equal)} probes answered as the merge report's reference does (need {self.params.check_agreement:.0%})",
             "mismatches": mismatches[:3],
         }
 
