@@ -98,16 +98,19 @@ class Deployment:
             kept = current.version if current else "nothing"
             log.error("%s %s failed the deployment check (%s); still serving %s", tenant, version, check["summary"], kept)
             return self._record({**event, "event": "check_failed", "serving": current.version if current else None})
+        now = time.time()
+        # Recorded before the route moves, so the events file never lags the traffic it describes:
+        # whoever sees the new version answer finds its event already written.
+        served = self._record({
+            **event, "event": "served", "serving": version, "swap_s": round(now - started, 2),
+            "since_promotion_s": round(now - assigned_at.timestamp(), 2),
+        })
         with self._lock:
             self.routes[tenant] = new
         self._refused.pop(tenant, None)
         if current is not None:
             threading.Thread(target=self._unload_when_idle, args=(current,), daemon=True).start()
-        now = time.time()
-        return self._record({
-            **event, "event": "served", "serving": version, "swap_s": round(now - started, 2),
-            "since_promotion_s": round(now - assigned_at.timestamp(), 2),
-        })
+        return served
 
     def check(self, served: ServedVersion) -> dict[str, Any]:
         """Greedy answers through the engine against the merge report's reference answers, on its probes."""
