@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
-from train_helpers import make_raw, tiny_build  # noqa: E402
+from train_helpers import build_tiny_base, tiny_build  # noqa: E402
 
 from loraline.modelling.parity import DEFAULT_PROBES, encode_probe, greedy_tokens, prompt_logits, run_probes  # noqa: E402
 
@@ -46,19 +46,11 @@ class Tiny:
 def built(tmp_path_factory) -> Tiny:
     from transformers import AutoModelForCausalLM
 
-    from loraline.base.stage import build_base
     from loraline.config import BaseParams
     from loraline.modelling.loading import load_base_tokenizer
 
-    root = tmp_path_factory.mktemp("parity")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        params = BaseParams(build=tiny_build())
-        base = build_base(params, seed=5, raw_dirs=[make_raw(root / "raw", n=60)], out_dir=root / "base")
-    finally:
-        torch.set_num_threads(previous)
-    tok = load_base_tokenizer(base.out_dir, params)
+    base = build_tiny_base(tmp_path_factory.mktemp("parity"))
+    tok = load_base_tokenizer(base.out_dir, BaseParams(build=tiny_build()))
     model = AutoModelForCausalLM.from_pretrained(str(base.out_dir), dtype=torch.float32).eval()
     return Tiny("built", model, tok, [encode_probe(tok, p) for p in PROBES], [tok.eos_token_id])
 

@@ -45,6 +45,23 @@ def triage_rows(n: int) -> list[dict]:
     return rows
 
 
+def build_tiny_base(root: Path, seed: int = 5, rows: int = 60):
+    """The tiny base the stage tests share, built from `rows` triage rows on one torch thread (so it
+    repeats bit for bit); the thread count is restored after. Returns build_base's result."""
+    import torch
+
+    from loraline.base.stage import build_base
+    from loraline.config import BaseParams
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_base(BaseParams(build=tiny_build()), seed=seed, raw_dirs=[make_raw(root / "raw", n=rows)],
+                          out_dir=root / "base")
+    finally:
+        torch.set_num_threads(previous)
+
+
 def make_raw(root: Path, n: int = 150) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "tickets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in triage_rows(n)), encoding="utf-8")
