@@ -32,9 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from loraline import io
+from loraline.registry.consistency import read_lock
 
 __all__ = ["CacheCheck", "CorruptFile", "QUARANTINE", "VERIFIED", "check_cache", "repair"]
 
@@ -101,7 +100,7 @@ def check_cache(root: str | Path, *, incremental: bool = False) -> CacheCheck:
         return CacheCheck(root, incremental=incremental)
     locate = _cache_locator(root)
     state = _Scan(root, _read_verified(root) if incremental else {})
-    for stage, output, oid, hash_name in _locked_outputs(lock):
+    for stage, output, oid, hash_name in _locked_outputs(root):
         cache_path = locate(oid, hash_name)
         if not oid.endswith(".dir"):
             state.check(cache_path, output, stage, oid, hash_name)
@@ -204,11 +203,10 @@ def _write_verified(root: Path, verified: dict[str, list[int]], before: dict[str
     return None
 
 
-def _locked_outputs(lock: Path) -> list[tuple[str, str, str, str]]:
+def _locked_outputs(root: Path) -> list[tuple[str, str, str, str]]:
     """(stage, output path, hash, hash name) of every output recorded in dvc.lock."""
-    data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
     found = []
-    for stage, entry in (data.get("stages") or {}).items():
+    for stage, entry in read_lock(root).items():
         for out in entry.get("outs") or []:
             if out.get("md5"):  # a lock entry without `hash: md5` was written by DVC 2 (md5 over dos2unix text)
                 found.append((stage, out["path"], out["md5"], out.get("hash") or "md5-dos2unix"))
