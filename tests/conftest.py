@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def random_llama(tmp_path_factory) -> Path:
+    """A random-init Llama (GQA, untied head): its greedy outputs are long and varied, never an early eos."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraline.modelling.chat import save_tokenizer
+    from loraline.base.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("random_llama")
+    corpus = [f"Ticket {i} from {who}: the {thing} is {state}. Please route it." for i, (who, thing, state) in
+              enumerate([("Ana", "printer", "down"), ("Bo", "vpn", "slow"), ("Chen", "mailbox", "down")] * 20)]
+    tok = train_tokenizer(corpus, 400)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.2,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).eval().save_pretrained(root / "model")
+    save_tokenizer(tok, root / "model")
+    return root / "model"

@@ -474,7 +474,27 @@ class MergeParams(_Section):
 class ExportParams(_Section):
     """ONNX export of each merged model, with the KV cache in the graph, for plain onnxruntime."""
 
-    int8: bool = Field(True, description="Also write a dynamically int8-quantized graph, with its own parity numbers")
+    graphs: list[Literal["fp32", "fp16", "int8", "int4"]] = Field(
+        ["fp32", "int8"], min_length=1, description="The graphs written: fp32 (model.onnx), fp16, int8 (onnxruntime "
+        "dynamic quantization of fp32), int4 (MatMulNBits from the merged weights, no float32 graph written: the one "
+        "for 8B+ bases). fp32 or int4 is required (their parity is exact); int8 needs fp32"
+    )
+    fp16_max_logit_diff: float = Field(
+        0.05, gt=0, description="The fp16 graph's bound: max abs logit difference from the float32 model (export fails above)"
+    )
+    int4_block_size: Literal[16, 32, 64, 128] = Field(32, description="Input channels per int4 scale and zero point")
+
+    @field_validator("graphs")
+    @classmethod
+    def _buildable(cls, graphs: list[str]) -> list[str]:
+        if len(set(graphs)) != len(graphs):
+            raise ValueError(f"{graphs} names a graph twice")
+        if not {"fp32", "int4"} & set(graphs):
+            raise ValueError("needs fp32 or int4: the gate's export parity is measured on a graph with an exact "
+                             "float32 twin (fp16 and int8 are only checked loosely against it)")
+        if "int8" in graphs and "fp32" not in graphs:
+            raise ValueError("int8 is quantized from the fp32 graph, so it needs fp32 too")
+        return graphs
     opset: int | None = Field(None, ge=14, description="ONNX opset; null lets torch.onnx choose")
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens per probe for the generation parity check")
     device: Device = Field(

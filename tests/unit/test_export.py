@@ -57,7 +57,7 @@ def exported(tmp_path_factory) -> Exported:
     try:
         raw = make_raw(root / "raw" / "toy", n=60)
         base = build_base(BaseParams(build=tiny_build()), seed=5, raw_dirs=[raw], out_dir=root / "base")
-        result = export_onnx(model_dir=base.out_dir, out_dir=root / "onnx", int8=True, probes=PROBES,
+        result = export_onnx(model_dir=base.out_dir, out_dir=root / "onnx", graphs=("fp32", "int8"), probes=PROBES,
                              max_new_tokens=MAX_NEW, tolerance=1e-4, device="cpu")
     finally:
         torch.set_num_threads(previous)
@@ -264,35 +264,12 @@ def test_large_models_use_external_data(exported: Exported, monkeypatch):
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     out = exported.root / "onnx_external"
-    result = export_onnx(model_dir=exported.base_dir, out_dir=out, int8=True, probes=PROBES[:1], max_new_tokens=4,
+    result = export_onnx(model_dir=exported.base_dir, out_dir=out, graphs=("fp32", "int8"), probes=PROBES[:1], max_new_tokens=4,
                          tolerance=1e-4, device="cpu")
     assert result.report["graph"]["external_data"] is True and (out / "model.onnx.data").is_file()
     assert result.report["int8"]["external_data"] is True and (out / "model.int8.onnx.data").is_file()
     assert "model.onnx.data" in result.report["files"]
     assert result.report["fp32"]["greedy_agreement"] == 1.0
-
-
-@pytest.fixture(scope="module")
-def random_llama(tmp_path_factory) -> Path:
-    """A random-init Llama (GQA, untied head): its greedy outputs are long and varied, never an early eos."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loraline.modelling.chat import save_tokenizer
-    from loraline.base.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("random_llama")
-    corpus = [f"Ticket {i} from {who}: the {thing} is {state}. Please route it." for i, (who, thing, state) in
-              enumerate([("Ana", "printer", "down"), ("Bo", "vpn", "slow"), ("Chen", "mailbox", "down")] * 20)]
-    tok = train_tokenizer(corpus, 400)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.2,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).eval().save_pretrained(root / "model")
-    save_tokenizer(tok, root / "model")
-    return root / "model"
 
 
 def test_random_llama_greedy_agreement_is_not_vacuous(random_llama: Path, tmp_path):
@@ -314,7 +291,7 @@ def test_random_llama_greedy_agreement_is_not_vacuous(random_llama: Path, tmp_pa
 def test_export_parity_on_cuda(exported: Exported, random_llama: Path, tmp_path):
     """export.device cuda: the PyTorch reference runs on the GPU (probes batched), the graph is still traced on
     the CPU (the same bytes as the CPU's export), and onnxruntime's answers match the GPU's."""
-    result = export_onnx(model_dir=exported.base_dir, out_dir=tmp_path / "onnx", int8=False, probes=PROBES,
+    result = export_onnx(model_dir=exported.base_dir, out_dir=tmp_path / "onnx", probes=PROBES,
                          max_new_tokens=MAX_NEW, tolerance=1e-3, device="cuda")
     report = json.loads(result.report_path.read_text())
     assert report["passed"] is True and report["device"] == "cuda" and report["device_name"]

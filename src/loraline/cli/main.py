@@ -218,16 +218,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     params, layout = _load(args), Layout()
     for name in _tenants(params, args.tenant):
         r = export.run(params, layout, name).report
-        if "fp32" not in r:  # deploy.targets without onnx
+        if "graph" not in r:  # deploy.targets without onnx
             print(f"export[{name}]: onnx {r['onnx']}")
             continue
-        int8 = r.get("int8")
-        extra = f"; int8 max diff {int8['max_abs_logit_diff']:.3g}, greedy agreement {int8['greedy_agreement']:.0%}" if int8 else ""
-        print(
-            f"export[{name}]: ONNX fp32 max logit diff {r['fp32']['max_abs_logit_diff']:.2e} (cached decoding "
-            f"{r['fp32']['decode_max_abs_logit_diff']:.2e}), greedy agreement {r['fp32']['greedy_agreement']:.0%}{extra} "
-            f"-> {layout.onnx_dir(name)}"
-        )
+        print(f"export[{name}] -> {layout.onnx_dir(name)}")
+        for graph in r["graphs"]:
+            g = r[graph]
+            drift = f"; vs the float model {g['vs_float']['max_abs_logit_diff']:.3g}" if "vs_float" in g else ""
+            print(f"  {graph:<5} {g['file']:<17} {g['bytes'] / 2**20:9.1f} MiB  max logit diff "
+                  f"{g['max_abs_logit_diff']:.2e}, greedy agreement {g['greedy_agreement']:.0%}{drift}")
     return 0
 
 
@@ -279,19 +278,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _graph_file(args: argparse.Namespace) -> str:
-    """Which graph of an export folder `generate` runs: float, int8, or a QA-LoRA model's own low-bit one."""
-    if args.int8 and args.lowbit:
-        raise SystemExit("loraline generate: choose one of --int8 and --lowbit")
-    if args.int8:
-        return "model.int8.onnx"
-    if not args.lowbit:
-        return "model.onnx"
-    report = Path(args.onnx) / "export_report.json"
-    low = json.loads(report.read_text(encoding="utf-8")).get("lowbit") if report.is_file() else None
-    if not low:
-        raise SystemExit(f"loraline generate: {args.onnx} has no low-bit graph (--lowbit is for a merged QA-LoRA "
-                         "model's export, train.method: qalora)")
-    return low["file"]
+    """Which graph of an export folder `generate` runs: --graph (export.graphs' names), --int8 (= --graph
+    int8), or a QA-LoRA model's own low-bit one; fp32 by default."""
+    from loraline.export.runtime import GRAPH_FILES
+
+    chosen = [flag for flag, on in (("--graph", args.graph), ("--int8", args.int8), ("--lowbit", args.lowbit)) if on]
+    if len(chosen) > 1:
+        raise SystemExit(f"loraline generate: choose one of {', '.join(chosen)}")
+    if args.lowbit:
+        report = Path(args.onnx) / "export_report.json"
+        low = json.loads(report.read_text(encoding="utf-8")).get("lowbit") if report.is_file() else None
+        if not low:
+            raise SystemExit(f"loraline generate: {args.onnx} has no low-bit graph (--lowbit is for a merged QA-LoRA "
+                             "model's export, train.method: qalora)")
+        return low["file"]
+    graph = "int8" if args.int8 else args.graph or "fp32"
+    if not (Path(args.onnx) / GRAPH_FILES[graph]).is_file():
+        have = [g for g, f in GRAPH_FILES.items() if (Path(args.onnx) / f).is_file()]
+        raise SystemExit(f"loraline generate: {args.onnx} has no {graph} graph ({GRAPH_FILES[graph]}); it has: "
+                         f"{', '.join(have) or 'none'} (export.graphs in params.yaml says which are written)")
+    return GRAPH_FILES[graph]
 
 
 def _prepare_line(name: str, stats: Any) -> str:
@@ -492,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, metavar="DIR", help="export folder written by `loraline export` (e.g. models/onnx/<tenant>)")
     p.add_argument("--prompt", help="the user message (default: read from standard input)")
     p.add_argument("--system", help="an optional system message")
-    p.add_argument("--int8", action="store_true", help="use the int8-quantized graph (model.int8.onnx)")
+    p.add_argument("--graph", choices=["fp32", "fp16", "int8", "int4"],
+                   help="which graph of the folder to run (export.graphs; default fp32)")
+    p.add_argument("--int8", action="store_true", help="same as --graph int8 (model.int8.onnx)")
     p.add_argument("--lowbit", action="store_true",
                    help="use a QA-LoRA model's own low-bit graph (model.int<bits>.onnx, onnxruntime MatMulNBits)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: 64)")

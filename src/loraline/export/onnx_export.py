@@ -44,21 +44,39 @@ def example_inputs(layout: CacheLayout, vocab_size: int, dtype: torch.dtype) -> 
 
 def export_model(model: torch.nn.Module, path: Path, opset: int | None = None) -> dict[str, Any]:
     """Export `model` (a transformers causal LM, eval mode) wrapped in KVCacheWrapper to `path`."""
+    return save_graph(trace_model(model, opset), model, path)
+
+
+def trace_model(model: torch.nn.Module, opset: int | None = None) -> Any:
+    """torch.onnx's program of `model` wrapped in KVCacheWrapper, traced and not yet optimised (so each
+    linear layer is still `MatMul(x, Transpose(weight))` under the weight's own name: export.int4 reads
+    that). The program refers to the model's parameters; it copies none."""
     wrapper = KVCacheWrapper(model).eval()
     layout = wrapper.layout
     dtype = next(model.parameters()).dtype
     args = example_inputs(layout, model.config.get_text_config().vocab_size, dtype)
-    external = parameter_bytes(model) > EXTERNAL_DATA_BYTES
     kwargs: dict[str, Any] = {}
     if opset is not None:
         kwargs["opset_version"] = opset
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
+        return torch.onnx.export(
             wrapper, args, dynamo=True, input_names=layout.input_names(), output_names=layout.output_names(),
-            dynamic_shapes=dynamic_axes(layout), verbose=False, **kwargs,
+            dynamic_shapes=dynamic_axes(layout), verbose=False, optimize=False, **kwargs,
         )
+
+
+def save_graph(program: Any, model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Optimise `program` (constant folding; in place) and save it at the model's precision to `path`,
+    its weights in `<path>.data` past EXTERNAL_DATA_BYTES. Returns the graph's facts for the report."""
+    layout = KVCacheWrapper(model).layout
+    external = parameter_bytes(model) > EXTERNAL_DATA_BYTES
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program.optimize()
+        for node in program.model.graph:  # the tracer's per-node notes (source stack traces): no use to a runtime
+            node.metadata_props.clear()
         program.save(str(path), external_data=external)
     import onnx
 
@@ -73,7 +91,7 @@ def export_model(model: torch.nn.Module, path: Path, opset: int | None = None) -
         "num_layers": layout.num_layers,
         "num_kv_heads": layout.num_kv_heads,
         "head_dim": layout.head_dim,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
 
 

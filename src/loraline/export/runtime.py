@@ -11,6 +11,9 @@ import numpy as np
 
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+# export.graphs: each precision's file in an export folder (weights past 1 GiB in <file>.data beside it).
+GRAPH_FILES = {"fp32": MODEL_FILE, "fp16": "model.fp16.onnx", "int8": INT8_FILE, "int4": "model.int4.onnx"}
+GRAPHS = tuple(GRAPH_FILES)
 
 
 def eos_ids(folder: Path, tok: Any) -> list[int]:

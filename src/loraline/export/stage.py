@@ -35,6 +35,7 @@ from __future__ import annotations
 import gc
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,10 @@ import torch
 from loraline import io
 from loraline.config import Params
 from loraline.layout import NOT_BUILT, QALORA_QUANTIZED, Layout
-from loraline.export.onnx_export import export_model, quantize_int8
-from loraline.export.runtime import INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
+from loraline.export.int4 import dequantized_twin, write_int4_graph
+from loraline.export.lowbit import graph_bytes
+from loraline.export.onnx_export import quantize_int8, save_graph, trace_model
+from loraline.export.runtime import GRAPH_FILES, GRAPHS, INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import device_facts, resolve_device
 from loraline.modelling.long_context import extended_context
@@ -65,6 +68,9 @@ from loraline.provenance import code_fingerprint, library_versions, run_facts, s
 
 REPORT = "export_report.json"
 DECODE_STEPS = 4
+# Graphs that compute exactly what a float32 PyTorch model computes (the fp32 graph: the merged model;
+# int4: the merged model with its linear weights dequantized), held to the float32 tolerance.
+EXACT_GRAPHS = ("fp32", "int4")
 
 
 class ExportError(ParityError):
@@ -96,59 +102,56 @@ class _Reference:
 
 
 def export_onnx(
-    *, model_dir: Path, out_dir: Path, int8: bool = False, opset: int | None = None,
-    probes: list[list[dict]] | None = None, max_new_tokens: int = 32, tolerance: float = 1e-3, device: str = "auto",
+    *, model_dir: Path, out_dir: Path, graphs: Sequence[str] = ("fp32",), opset: int | None = None,
+    probes: list[list[dict]] | None = None, max_new_tokens: int = 32, tolerance: float = 1e-3,
+    fp16_tolerance: float = 0.05, int4_block_size: int = 32, device: str = "auto",
 ) -> ExportResult:
-    """Export `model_dir` to ONNX in `out_dir`, check it against PyTorch (run on `device`: auto, cpu or
-    cuda), optionally add an int8 copy."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
+    """Export `model_dir` to ONNX in `out_dir` as each of `graphs` (fp32, fp16, int8, int4; see GRAPHS),
+    and check each against PyTorch (run on `device`: auto, cpu or cuda)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    graphs = check_graphs(graphs)
     probes = DEFAULT_PROBES if probes is None else probes
     if not probes:
         raise ExportError("the probe set is empty: parity cannot be checked")
     where = resolve_device(device, "export.device")
+    if "int4" in graphs and (model_dir / QALORA_QUANTIZED).is_file():
+        raise ExportError(f"{model_dir} is a merged QA-LoRA model, which carries its own low-bit graph: drop int4 "
+                          "from export.graphs (re-quantizing its weights to nearest would lose what QA-LoRA trained for)")
     if out_dir.exists():  # an export of an older model must not pass for this one's
         shutil.rmtree(out_dir)
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if not tok.chat_template:
-        raise ExportError(f"{model_dir}: the tokenizer has no chat template; export needs one to be self-contained")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, device_map={"": "cpu"})
-    model.eval()
+    tok, model = _load(model_dir, torch.float32)
     stop = eos_ids(model_dir, tok)
     inputs = [encode_probe(tok, p, ExportError) for p in probes]
     config = model.config
     long_probe = _long_context_probe(config, inputs, max_new_tokens)
     if long_probe is not None:  # a LongLoRA model: parity must hold past the base's own context too
         inputs.append(long_probe)
-    model.to(where)  # a no-op on the CPU; on CUDA the weights go there and back unchanged, bit for bit
-    ref = _reference(model, tok, inputs, max_new_tokens, stop)
-    model.to("cpu")  # traced on the CPU (see the module's docstring)
-    if where.type == "cuda":
-        torch.cuda.empty_cache()
+    ref = _reference_on(model, where, tok, inputs, max_new_tokens, stop)
 
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
-        graph = export_model(model, tmp / MODEL_FILE, opset=opset)
-        model.config.save_pretrained(str(tmp))
-        gen_config = model.generation_config if model.generation_config is not None else GenerationConfig()
-        gen_config.save_pretrained(str(tmp))
-        save_tokenizer(tok, tmp, model_dir)
+        written, int4_layers = _write_float_and_int4(model, tmp, graphs, opset, int4_block_size)
+        _save_companions(model, tok, model_dir, tmp)
+        twin = None
+        if int4_layers is not None:  # the PyTorch model the int4 graph computes: its reference numbers
+            dequantized_twin(model, int4_layers)
+            twin = _reference_on(model, where, tok, inputs, max_new_tokens, stop)
         del model
         gc.collect()
-
-        fp32 = _parity(OnnxGenerator(tmp, MODEL_FILE), inputs, ref, max_new_tokens)
+        if "fp16" in graphs:
+            written["fp16"] = _write_fp16(model_dir, tmp / GRAPH_FILES["fp16"], opset)
         report: dict[str, Any] = {
             "model_dir": str(model_dir),
             **device_facts(where),
-            "graph": graph,
+            "graph": written[graphs[0]],
+            "graphs": list(graphs),
             "tolerance": tolerance,
+            "fp16_tolerance": fp16_tolerance,
             "probes": probes,
             "max_new_tokens": max_new_tokens,
             "decode_steps": DECODE_STEPS,
             "eos_token_ids": stop,
-            "fp32": fp32,
             "reference_greedy_texts": [tok.decode(g, skip_special_tokens=True) for g in ref.greedy],
         }
         if long_probe is not None:  # the last entry of per_probe
@@ -156,31 +159,123 @@ def export_onnx(
                 "tokens": len(long_probe), "original_context": extended_context(config)[0],
                 "max_position_embeddings": config.max_position_embeddings,
             }
-        worst = max(fp32["max_abs_logit_diff"], fp32["decode_max_abs_logit_diff"])
-        report["passed"] = bool(worst <= tolerance)
-        if not report["passed"]:
-            raise ExportError(
-                f"ONNX fp32 logits differ from PyTorch by {worst:.3g} > tolerance {tolerance:g} "
-                f"(prompt {fp32['max_abs_logit_diff']:.3g}, cached decoding {fp32['decode_max_abs_logit_diff']:.3g})",
-                report,
-            )
-        if int8:
-            quant = quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE)
-            report["int8"] = {**quant, **_parity(OnnxGenerator(tmp, INT8_FILE), inputs, ref, max_new_tokens)}
+        report["passed"] = True
+        for name in graphs:
+            report[name] = _check_graph(name, tmp, written, inputs, ref, twin, max_new_tokens)
+            _enforce(report, name, tolerance if name in EXACT_GRAPHS else fp16_tolerance)
         if (model_dir / QALORA_QUANTIZED).is_file():  # a merged QA-LoRA model: its own low-bit graph, checked as strictly
+            if "fp32" not in graphs:
+                raise ExportError(f"{model_dir} is a merged QA-LoRA model: its low-bit graph is rewritten from the "
+                                  "fp32 graph, so export.graphs must include fp32", report)
             report["lowbit"] = _lowbit(model_dir, tmp, inputs, ref, max_new_tokens)
-            worst = max(report["lowbit"]["max_abs_logit_diff"], report["lowbit"]["decode_max_abs_logit_diff"])
-            if worst > tolerance:
-                report["passed"] = False
-                raise ExportError(
-                    f"the low-bit graph {report['lowbit']['file']} differs from the merged model by {worst:.3g} "
-                    f"> tolerance {tolerance:g}", report,
-                )
+            _enforce(report, "lowbit", tolerance)
         report["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         report["code"] = code_fingerprint(__name__)
         report["library_versions"] = _versions()
         io.write_json(tmp / REPORT, report)
     return ExportResult(out_dir, out_dir / REPORT, report)
+
+
+def check_graphs(graphs: Sequence[str]) -> tuple[str, ...]:
+    """`graphs` in GRAPHS order, refused with the reason when it cannot be built or checked."""
+    unknown = sorted(set(graphs) - set(GRAPHS))
+    if unknown:
+        raise ExportError(f"export.graphs: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(GRAPHS)}")
+    if not set(graphs) & set(EXACT_GRAPHS):
+        raise ExportError("export.graphs needs fp32 or int4: the gate's export parity is measured on a graph with "
+                          "an exact float32 twin in PyTorch (fp16 and int8 are checked against it only loosely)")
+    if "int8" in graphs and "fp32" not in graphs:
+        raise ExportError("export.graphs: int8 is quantized from the fp32 graph, so it needs fp32 too")
+    return tuple(g for g in GRAPHS if g in graphs)
+
+
+def _load(model_dir: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if not tok.chat_template:
+        raise ExportError(f"{model_dir}: the tokenizer has no chat template; export needs one to be self-contained")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map={"": "cpu"})
+    return tok, model.eval()
+
+
+def _reference_on(model: Any, where: torch.device, tok: Any, inputs: list[list[int]], max_new_tokens: int,
+                  stop: list[int]) -> _Reference:
+    """PyTorch's numbers on `where`; the model is back on the CPU after (graphs are traced there)."""
+    model.to(where)  # a no-op on the CPU; on CUDA the weights go there and back unchanged, bit for bit
+    ref = _reference(model, tok, inputs, max_new_tokens, stop)
+    model.to("cpu")
+    if where.type == "cuda":
+        torch.cuda.empty_cache()
+    return ref
+
+
+def _write_float_and_int4(model: Any, tmp: Path, graphs: tuple[str, ...], opset: int | None,
+                          block_size: int) -> tuple[dict[str, dict[str, Any]], dict | None]:
+    """One trace of the float32 model, written as the int4 graph and/or the fp32 graph (the int4 graph is
+    assembled from the unoptimised program, so it comes first). Returns each graph's facts and the int4
+    layers' quantized weights (None without int4)."""
+    program = trace_model(model, opset)
+    written: dict[str, dict[str, Any]] = {}
+    layers = None
+    if "int4" in graphs:
+        try:
+            written["int4"], layers = write_int4_graph(program, model, tmp / GRAPH_FILES["int4"], block_size)
+        except ValueError as exc:
+            raise ExportError(f"int4 graph: {exc}") from exc
+    if "fp32" in graphs:
+        written["fp32"] = save_graph(program, model, tmp / GRAPH_FILES["fp32"])
+    if "int8" in graphs:
+        written["int8"] = quantize_int8(tmp / GRAPH_FILES["fp32"], tmp / GRAPH_FILES["int8"])
+    del program
+    gc.collect()
+    return written, layers
+
+
+def _write_fp16(model_dir: Path, path: Path, opset: int | None) -> dict[str, Any]:
+    """The model loaded again at float16 (a second trace: the graph's activations are float16 too)."""
+    _, half = _load(model_dir, torch.float16)
+    facts = save_graph(trace_model(half, opset), half, path)
+    del half
+    gc.collect()
+    return facts
+
+
+def _save_companions(model: Any, tok: Any, model_dir: Path, tmp: Path) -> None:
+    from transformers import GenerationConfig
+
+    model.config.save_pretrained(str(tmp))
+    gen_config = model.generation_config if model.generation_config is not None else GenerationConfig()
+    gen_config.save_pretrained(str(tmp))
+    save_tokenizer(tok, tmp, model_dir)
+
+
+def _check_graph(name: str, tmp: Path, written: dict[str, dict[str, Any]], inputs: list[list[int]], ref: _Reference,
+                 twin: _Reference | None, max_new_tokens: int) -> dict[str, Any]:
+    """A graph's file facts, size and parity: int4 against its dequantized twin (and, reported, against the
+    float model: the quantization's own error), the others against the float model."""
+    facts = {**written[name], "bytes": graph_bytes(tmp, written[name]["file"])}
+    gen = OnnxGenerator(tmp, written[name]["file"])
+    if name == "int4":
+        return {**facts, **_parity(gen, inputs, twin, max_new_tokens, float_ref=ref)}
+    return {**facts, **_parity(gen, inputs, ref, max_new_tokens)}
+
+
+def _enforce(report: dict[str, Any], name: str, tolerance: float) -> None:
+    """Fail the export (ExportError, nothing written) when graph `name` is past its tolerance; int8 is
+    reported only (dynamic activation quantization has no exact twin to hold it to)."""
+    if name == "int8":
+        return
+    numbers = report[name]
+    worst = max(numbers["max_abs_logit_diff"], numbers["decode_max_abs_logit_diff"])
+    if worst > tolerance:
+        report["passed"] = False
+        against = "its dequantized float32 twin" if name == "int4" else "PyTorch"
+        raise ExportError(
+            f"ONNX {name} logits ({numbers['file']}) differ from {against} by {worst:.3g} > tolerance {tolerance:g} "
+            f"(prompt {numbers['max_abs_logit_diff']:.3g}, cached decoding {numbers['decode_max_abs_logit_diff']:.3g})",
+            report,
+        )
 
 
 def _lowbit(model_dir: Path, tmp: Path, inputs: list[list[int]], ref: _Reference, max_new_tokens: int) -> dict[str, Any]:
@@ -264,13 +359,18 @@ def _decode_steps(model: Any, ids: list[int]) -> tuple[list[int], list[np.ndarra
 # --- parity (onnxruntime) -------------------------------------------------------------------------
 
 
-def _parity(gen: OnnxGenerator, inputs: list[list[int]], ref: _Reference, max_new_tokens: int) -> dict[str, Any]:
-    per_probe, texts = [], []
+def _parity(gen: OnnxGenerator, inputs: list[list[int]], ref: _Reference, max_new_tokens: int,
+            float_ref: _Reference | None = None) -> dict[str, Any]:
+    """The graph against `ref` on every probe (prompt logits, cached decoding fed ref's tokens, greedy
+    generation); with `float_ref`, also its prompt logits and greedy tokens against that model
+    (`vs_float`: a quantized graph's distance from the unquantized model)."""
+    per_probe, texts, drift = [], [], []
     for i, ids in enumerate(inputs):
         x = np.asarray([ids], dtype=np.int64)
         mask = np.ones_like(x)
         logits, past = gen.forward(x, mask, gen.empty_past(1))
-        prompt_diff = np.abs(logits[0].astype(np.float64) - ref.prompt_logits[i])
+        prompt = logits[0].astype(np.float64)
+        prompt_diff = np.abs(prompt - ref.prompt_logits[i])
         step_diffs = []
         for token, expected in zip(ref.decode_tokens[i], ref.decode_logits[i], strict=True):
             mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
@@ -288,12 +388,23 @@ def _parity(gen: OnnxGenerator, inputs: list[list[int]], ref: _Reference, max_ne
             "greedy_common_prefix": common_prefix(greedy, ref.greedy[i]),
             "greedy_tokens": len(greedy),
         })
-    return {
+        if float_ref is not None:
+            diff = np.abs(prompt - float_ref.prompt_logits[i])
+            drift.append({
+                "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+                "next_token_equal": bool(prompt[-1].argmax() == float_ref.prompt_logits[i][-1].argmax()),
+                "greedy_equal": greedy == float_ref.greedy[i],
+                "greedy_common_prefix": common_prefix(greedy, float_ref.greedy[i]), "greedy_tokens": len(greedy),
+            })
+    out = {
         **summarize(per_probe),
         "decode_max_abs_logit_diff": max(p["decode_max_abs_logit_diff"] for p in per_probe),
         "per_probe": per_probe,
         "greedy_texts": texts,
     }
+    if float_ref is not None:
+        out["vs_float"] = {**summarize(drift), "per_probe": drift}
+    return out
 
 
 def _versions() -> dict[str, Any]:
@@ -319,8 +430,9 @@ def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
         io.write_timing(layout.timing_path("export", tenant), run_facts(started))
         return result
     result = export_onnx(
-        model_dir=layout.merged_dir(tenant), out_dir=layout.onnx_dir(tenant), int8=e.int8, opset=e.opset,
-        max_new_tokens=e.max_new_tokens, tolerance=params.gate_for(tenant).max_export_logit_diff, device=e.device,
+        model_dir=layout.merged_dir(tenant), out_dir=layout.onnx_dir(tenant), graphs=e.graphs, opset=e.opset,
+        max_new_tokens=e.max_new_tokens, tolerance=params.gate_for(tenant).max_export_logit_diff,
+        fp16_tolerance=e.fp16_max_logit_diff, int4_block_size=e.int4_block_size, device=e.device,
     )
     io.copy_file(result.report_path, layout.export_report_path(tenant))
     io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
@@ -339,16 +451,24 @@ def _not_built(out_dir: Path, targets: list[str]) -> ExportResult:
 
 
 def export_metrics(report: dict[str, Any]) -> dict[str, Any]:
-    """What people compare across runs (`dvc metrics diff`), and what the gate decides export parity on
-    (`max_abs_logit_diff`, fp32 on the prompt pass): fp32 ONNX vs PyTorch, and int8 when exported."""
-    if "fp32" not in report:  # not built (deploy.targets): no graph, so no parity to measure
+    """What people compare across runs (`dvc metrics diff`), and what the gate decides export parity on:
+    `max_abs_logit_diff`, the worst prompt-pass difference of the graphs with an exact float32 twin (fp32
+    against the merged model, int4 against its dequantized twin); then each graph's own numbers."""
+    if "graph" not in report:  # not built (deploy.targets): no graph, so no parity to measure
         return {"passed": bool(report["passed"]), "onnx": report.get("onnx", NOT_BUILT)}
-    fp32 = report["fp32"]
+    exact = [report[g] for g in EXACT_GRAPHS if g in report]
     out: dict[str, Any] = {
-        "passed": bool(report["passed"]), **headline(fp32), "decode_max_abs_logit_diff": fp32["decode_max_abs_logit_diff"],
+        "passed": bool(report["passed"]),
+        "max_abs_logit_diff": max(e["max_abs_logit_diff"] for e in exact),
+        "greedy_agreement": min(e["greedy_agreement"] for e in exact),
+        "decode_max_abs_logit_diff": max(e["decode_max_abs_logit_diff"] for e in exact),
     }
-    if report.get("int8"):
-        out["quantized"] = headline(report["int8"])
+    for name in report.get("graphs", ["fp32", "int8"]):
+        if name in report:
+            graph = report[name]
+            out[name] = {**headline(graph), **({"bytes": graph["bytes"]} if "bytes" in graph else {})}
+            if "vs_float" in graph:
+                out[name]["vs_float"] = headline(graph["vs_float"])
     if report.get("lowbit"):
         low = report["lowbit"]
         out["lowbit"] = {**headline(low), "bits": low["bits"], "size_vs_float": low["size_vs_float"]}
