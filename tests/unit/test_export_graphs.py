@@ -142,3 +142,14 @@ def test_cli_generate_runs_each_graph(int4_export: dict, capsys):
     with pytest.raises(SystemExit, match="has no fp32 graph .*it has: int4"):
         main(["generate", "--onnx", str(int4_export["out"]), "--prompt", "Hello"])
     assert json.loads((int4_export["out"] / "export_report.json").read_text())["graphs"] == ["int4"]
+
+
+@pytest.mark.cuda
+def test_int4_and_fp16_with_the_reference_on_cuda(int4_export: dict, random_llama: Path, tmp_path: Path):
+    """export.device cuda: the float and twin references run on the GPU, the graphs are still built on the CPU
+    (the int4 file is the same bytes as the CPU export's), and onnxruntime agrees with the GPU's numbers."""
+    report = export_onnx(model_dir=random_llama, out_dir=tmp_path / "onnx", graphs=["fp16", "int4"], probes=PROBES,
+                         max_new_tokens=12, tolerance=1e-3, fp16_tolerance=0.1, device="cuda").report
+    assert report["device"] == "cuda" and report["int4"]["greedy_agreement"] == 1.0
+    assert report["int4"]["max_abs_logit_diff"] <= 1e-3 and report["fp16"]["max_abs_logit_diff"] <= 0.1
+    assert report["files"]["model.int4.onnx"] == int4_export["files"]["model.int4.onnx"]
