@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -126,3 +127,29 @@ def test_run_killed_with_sigkill_resumes_to_the_same_adapter(reference, setup, t
     assert res.train_curve.read_text() == reference.result.train_curve.read_text()
     assert res.val_curve.read_text() == reference.result.val_curve.read_text()
     assert torch.get_num_threads() == THREADS
+
+
+def test_the_stage_removes_its_checkpoints_once_the_adapter_is_written(setup, tmp_path, monkeypatch):
+    """A finished run's checkpoints repeat its adapter (and the optimizer's state): the stage keeps the adapter."""
+    import loraline.train.stage as stage_module
+    from loraline.config import Params
+    from loraline.layout import Layout
+
+    layout = Layout(tmp_path)
+    shutil.copytree(setup.dataset_dir, layout.prepared_dataset_dir("t"))
+    params = Params.model_validate({
+        "base": setup.base_params.model_dump(),
+        "tenants": {"t": {"raw_dir": "data/raw/t", "train": tiny_train(max_steps=4, save_every=2).model_dump(exclude_defaults=True)}},
+    })
+    written = []
+    real = stage_module.train_adapter
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        written.append(sorted(p.name for p in kwargs["checkpoint_dir"].iterdir()))
+        return result
+
+    monkeypatch.setattr(stage_module, "train_adapter", spy)
+    res = stage_module.run(params, layout, "t", base_dir=setup.base_dir)
+    assert written == [["step-00000002"]]  # written during the run (the last step is the adapter itself)
+    assert not layout.checkpoint_dir("t").exists() and (res.out_dir / "adapter_model.safetensors").is_file()
