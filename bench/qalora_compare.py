@@ -55,7 +55,7 @@ def score_onnx(onnx_dir: Path, file: str, rows: dict[str, list], max_new_tokens:
     """Answer loss, exact match, F1 (and JSON field accuracy), size and greedy tokens/s of one graph."""
     from loraline.evaluate import metrics as M
     from loraline.evaluate.generate import encode_prompt
-    from loraline.export.lowbit import graph_bytes
+    from loraline.export.onnx_export import graph_bytes
     from loraline.export.runtime import OnnxGenerator
     from loraline.modelling.constants import IGNORE_INDEX
 

@@ -143,8 +143,3 @@ def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) 
         "layers": len(replaced),
         "external_data": external,
     }
-
-
-def graph_bytes(folder: Path, file: str) -> int:
-    """A graph's size on disk, its external data included."""
-    return sum(p.stat().st_size for p in folder.glob(file + "*") if p.is_file())

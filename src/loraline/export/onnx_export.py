@@ -106,3 +106,8 @@ def quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
     )
     return {"file": dst.name, "weight_type": "QInt8", "method": "onnxruntime.quantization.quantize_dynamic",
             "external_data": external}
+
+
+def graph_bytes(folder: Path, file: str) -> int:
+    """A graph's size on disk, its external data included."""
+    return sum(p.stat().st_size for p in folder.glob(file + "*") if p.is_file())

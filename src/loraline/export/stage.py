@@ -46,9 +46,7 @@ import torch
 from loraline import io
 from loraline.config import Params
 from loraline.layout import NOT_BUILT, QALORA_QUANTIZED, Layout
-from loraline.export.int4 import dequantized_twin, write_int4_graph
-from loraline.export.lowbit import graph_bytes
-from loraline.export.onnx_export import quantize_int8, save_graph, trace_model
+from loraline.export.onnx_export import graph_bytes, quantize_int8, save_graph, trace_model
 from loraline.export.runtime import GRAPH_FILES, GRAPHS, INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import device_facts, resolve_device
@@ -135,6 +133,8 @@ def export_onnx(
         _save_companions(model, tok, model_dir, tmp)
         twin = None
         if int4_layers is not None:  # the PyTorch model the int4 graph computes: its reference numbers
+            from loraline.export.int4 import dequantized_twin
+
             dequantized_twin(model, int4_layers)
             twin = _reference_on(model, where, tok, inputs, max_new_tokens, stop)
         del model
@@ -219,6 +219,8 @@ def _write_float_and_int4(model: Any, tmp: Path, graphs: tuple[str, ...], opset:
     written: dict[str, dict[str, Any]] = {}
     layers = None
     if "int4" in graphs:
+        from loraline.export.int4 import write_int4_graph  # peft's tuners (via qalora): only when needed
+
         try:
             written["int4"], layers = write_int4_graph(program, model, tmp / GRAPH_FILES["int4"], block_size)
         except ValueError as exc:
@@ -281,7 +283,7 @@ def _enforce(report: dict[str, Any], name: str, tolerance: float) -> None:
 def _lowbit(model_dir: Path, tmp: Path, inputs: list[list[int]], ref: _Reference, max_new_tokens: int) -> dict[str, Any]:
     """The merged QA-LoRA model as onnxruntime MatMulNBits (its codes, scales and folded zero points),
     against the PyTorch merged model, whose float weights are exactly those codes dequantized."""
-    from loraline.export.lowbit import graph_bytes, lowbit_file, write_matmul_nbits  # peft's tuners: only when needed
+    from loraline.export.lowbit import lowbit_file, write_matmul_nbits  # peft's tuners: only when needed
     from loraline.modelling.qalora import load_quantized_layers
 
     try:
