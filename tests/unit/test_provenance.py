@@ -36,3 +36,14 @@ def test_the_fingerprint_covers_the_stage_closure_and_nothing_else(tmp_path):
 def test_run_facts_hold_the_wall_time_measurements_and_git_commit():
     facts = run_facts(time.perf_counter() - 1.5, tokens_per_s=12.0)
     assert facts["wall_s"] >= 1.5 and facts["tokens_per_s"] == 12.0 and facts["code_revision"]
+
+
+def test_sha256_files_matches_one_at_a_time_in_order(tmp_path):
+    from loraline.provenance import sha256_file, sha256_files
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"f{i}")
+        paths[-1].write_bytes(bytes([i]) * (1 << 20) * (i + 1))
+    assert sha256_files(paths, workers=3) == [sha256_file(p) for p in paths]
+    assert sha256_files([]) == []

@@ -32,7 +32,7 @@ from loraline.config import BaseParams, BuildParams, ConfigError, Params
 from loraline.layout import Layout
 from loraline.modelling.chat import CHAT_TEMPLATE, DOC_SEPARATOR, save_tokenizer
 from loraline.modelling.loading import RECORD, chat_template
-from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
+from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file, sha256_files
 
 LOSS_CSV = "pretrain_loss.csv"
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -203,11 +203,9 @@ def _inspect_local(path: Path, params: BaseParams) -> dict[str, Any]:
     record = {"source": "local", "model_ref": str(path), "revision": None}
     record.update(_describe(str(path), params, {}))
     # Hash what is there (not copied: the record pins the content, so a changed folder is detectable).
-    record["files"] = {
-        p.relative_to(path).as_posix(): sha256_file(p)
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    }
+    files = [p for p in sorted(path.rglob("*"))
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    record["files"] = dict(zip((p.relative_to(path).as_posix() for p in files), sha256_files(files), strict=True))
     record["parameters"] = _safetensors_parameters(path)
     return record
 
