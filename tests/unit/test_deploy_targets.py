@@ -136,3 +136,28 @@ def test_the_adapter_on_the_base_scores_as_the_merged_model(trained: Trained, fu
     assert set(adapter) == set(merged)
     for name, value in merged.items():
         assert adapter[name] == pytest.approx(value, abs=1e-4), name
+
+
+def test_the_base_and_its_adapter_share_one_load_and_score_as_each_loaded_alone(trained: Trained, tmp_path, monkeypatch):  # noqa: F811
+    """evaluate loads the base once for base + candidate adapter (at 8B a load outweighs the scoring); the
+    base, scored with the adapter disabled, and the candidate give the numbers each gives loaded on its own."""
+    import loraline.evaluate.stage as evaluate_stage
+
+    params, layout = _adapter_only_project(trained, tmp_path)
+    loads, real = [], evaluate_stage.loaded_model
+
+    def counting(path, device, **kwargs):
+        loads.append((str(path), "adapter" in kwargs))
+        return real(path, device, **kwargs)
+
+    monkeypatch.setattr(evaluate_stage, "loaded_model", counting)
+    models = evaluate_stage.run(params, layout, "toy", base_dir=trained.base_dir).metrics["models"]
+    assert len(loads) == 1 and loads[0][1] is False
+    monkeypatch.setattr(evaluate_stage, "loaded_model", real)
+    common = dict(dataset_dir=layout.prepared_dataset_dir("toy"), base_dir=trained.base_dir,
+                  base_params=trained.base_params, max_new_tokens=8, max_examples=6, device="cpu")
+    alone = {"base": evaluate_stage.evaluate_model(model_dir=trained.base_dir, **common),
+             "candidate": evaluate_stage.evaluate_model(model_dir=layout.adapter_dir("toy"), **common)}
+    for name in ("base", "candidate"):
+        assert models[name] == pytest.approx(alone[name], abs=1e-6), name
+    assert models["candidate"] != models["base"]

@@ -36,6 +36,7 @@ metric) and the run's timing (reports/timing/evaluate@<tenant>.json).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -158,13 +159,11 @@ def evaluate_tenant(
     scores: dict[str, dict[str, float | None]] = {}
     predictions: dict[str, list[str]] = {}
     answer_tokens = 0
-    for name, (path, kwargs) in models.items():
-        started = time.perf_counter()
-        scores[name], predictions[name], answer_tokens = _score(
-            path, kwargs, tok, test, refs_json, max_new_tokens, batch_size, where, _progress(name, len(test.ids), progress)
-        )
+    for name, (scored, seconds) in _score_models(models, tok, test, refs_json, max_new_tokens, batch_size, where,
+                                                 progress).items():
+        scores[name], predictions[name], answer_tokens = scored
         if progress:
-            print(f"evaluate {tenant}/{name}: {time.perf_counter() - started:.1f}s {scores[name]}", file=sys.stderr)
+            print(f"evaluate {tenant}/{name}: {seconds:.1f}s {scores[name]}", file=sys.stderr)
 
     low_bit = None
     if qlora_reference is not None:
@@ -334,6 +333,42 @@ def _model_spec(folder: Path, base_dir: Path, hint: str) -> tuple[str, dict[str,
         return str(folder), {}
     raise EvaluateError(f"{folder} is not a model folder (no config.json), nor an adapter (no {ADAPTER_CONFIG})"
                         + (f": {hint}" if hint else ""))
+
+
+def _score_models(
+    models: dict[str, tuple[str, dict[str, Any]]], tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int,
+    batch_size: int, device: Any, progress: bool,
+) -> dict[str, tuple[tuple[dict[str, float | None], list[str], int], float]]:
+    """Each model's (metrics, predictions, answer tokens) and seconds, in `models`' order. The base and
+    the adapters on it (deploy.targets without merged) share one load of the base: at 8B a load costs
+    more than the scoring. peft runs the base layers alone while its adapters are disabled, so the base
+    scores as it does loaded on its own."""
+    base_path, base_kwargs = models["base"]
+    on_base = [name for name, (path, kwargs) in models.items() if name != "base" and "adapter" in kwargs
+               and path == base_path and {k: v for k, v in kwargs.items() if k != "adapter"} == base_kwargs]
+    args = (tok, test, refs_json, max_new_tokens, batch_size)
+    out: dict[str, tuple[tuple[dict[str, float | None], list[str], int], float]] = {}
+    if on_base:
+        from peft import PeftModel
+
+        with loaded_model(base_path, device, **base_kwargs) as model:
+            shared = PeftModel.from_pretrained(model, str(models[on_base[0]][1]["adapter"]), adapter_name=on_base[0])
+            for name in on_base[1:]:
+                shared.load_adapter(str(models[name][1]["adapter"]), adapter_name=name)
+            shared.eval()
+            for name in ["base", *on_base]:
+                started = time.perf_counter()
+                with shared.disable_adapter() if name == "base" else contextlib.nullcontext():
+                    if name != "base":
+                        shared.set_adapter(name)
+                    out[name] = (_score_loaded(shared, *args, _progress(name, len(test.ids), progress)),
+                                 time.perf_counter() - started)
+    for name, (path, kwargs) in models.items():
+        if name not in out:
+            started = time.perf_counter()
+            out[name] = (_score(path, kwargs, *args, device, _progress(name, len(test.ids), progress)),
+                         time.perf_counter() - started)
+    return {name: out[name] for name in models}
 
 
 def _score(
