@@ -472,6 +472,8 @@ def call_stage(stage: str, params: Any, layout: Any, tenant: str) -> Any:
         datasets.disable_progress_bars()  # as the CLI does
     if stage == "train":
         return run(params, layout, tenant, checkpoints=True)  # the CLI's default (no --no-checkpoints)
+    if stage == "evaluate":  # its stderr (logs/) then says how long each model took
+        return run(params, layout, tenant, progress=True)
     return run(params, layout, tenant)
 
 
