@@ -267,6 +267,12 @@ class PrepareParams(_Section):
         "(others still reject), escape all of them as literal text, or reject the row; tenants.<t>.sources[] override",
     )
     near_dedup: NearDedupParams = NearDedupParams()
+    conflicts: Literal["keep", "first", "reject"] = Field(
+        "keep",
+        description="Rows with the same prompt (normalized system, user and tool turns) and different answers "
+        "(counted as conflicting_answers): keep all of them, keep the first in file and row order and reject the "
+        "others, or reject all of them (reason conflicting_answers, the detail naming the other row)",
+    )
     pii: PiiParams = PiiParams()
     decontamination: DecontamParams = DecontamParams()
     synthetic_ratio: float = Field(

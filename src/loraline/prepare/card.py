@@ -78,6 +78,8 @@ def render_card(
         f"- real: {s.by_source.get('real', {}).get('rows_in', 0)} in, {s.by_source.get('real', {}).get('kept', 0)} kept; "
         f"synthetic: {syn.get('rows_in', 0)} in, {syn.get('kept', 0)} kept (quota {s.synthetic_quota})",
         f"- exact duplicates: {s.duplicates}; near-duplicates: {s.near_duplicates}; contaminated: {s.contaminated}",
+        f"- conflicting answers: {s.conflicting_answers} rows over {s.conflicting_prompts} prompts asked with different "
+        f"answers (`conflicts={params.conflicts}`; rejected: {s.rejected_by_reason.get('conflicting_answers', 0)})",
         f"- PII ({params.pii.mode}): {s.pii_rows} rows; "
         + ", ".join(f"{kind} {n}" for kind, n in s.pii.items()),
         "- rejected by reason: " + (", ".join(f"{r} {n}" for r, n in s.rejected_by_reason.items() if n) or "none"),
@@ -88,7 +90,11 @@ def render_card(
         "- exact duplicates: same normalized content (NFKC, whitespace collapsed); the first in file order is kept",
         f"- PII: `mode={params.pii.mode}`, `types={list(params.pii.types)}`",
         f"- near-duplicates: `enabled={params.near_dedup.enabled}`, MinHash LSH over {params.near_dedup.shingle_words}-word "
-        f"shingles of the user and assistant turns, `threshold={params.near_dedup.threshold}`, `num_perm={params.near_dedup.num_perm}`",
+        f"shingles of the user and assistant turns, `threshold={params.near_dedup.threshold}`, `num_perm={params.near_dedup.num_perm}`; "
+        "the answers (assistant turns) must reach the threshold too, so rows asking different questions of one passage are kept",
+        "- conflicting answers: the same prompt (system, user and tool turns, normalized) with a different answer; "
+        f"`conflicts={params.conflicts}` (keep: all kept; first: the first in file and row order kept, the others rejected; "
+        "reject: all rejected)",
         f"- decontamination: `enabled={params.decontamination.enabled}`, {params.decontamination.ngram}-word n-grams, "
         f"a train/validation row is removed when `overlap >= {params.decontamination.threshold}` with one test row",
         f"- mix: `synthetic_ratio={params.synthetic_ratio}` (at most that many synthetic rows per real train row), seeded draw and MinHash `seed={seed}`",

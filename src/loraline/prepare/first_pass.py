@@ -21,6 +21,7 @@ from loraline.prepare.readers import read_rows
 from loraline.prepare.rows import RowContext, batches, settle
 from loraline.prepare.schema import Reject
 from loraline.prepare.screening import Quality
+from loraline.prepare.split import prompt_key
 
 
 def first_pass(
@@ -75,8 +76,12 @@ def route(out: Collected, outcome, q: Quality, stored: bool = False) -> None:
 
 
 def _candidate(out: Collected, q: Quality, split: str, row: dict, stored: bool, alive: bool) -> None:
+    prompt = (row["_prompt"] if "_prompt" in row else prompt_key(row["messages"])) if alive else 0
+    if alive:
+        q.ask(prompt, q.seen, row["source_file"], row["row"])
     q.order[split].append(q.seen)
     q.alive[split].append(alive)
+    q.prompts[split].append(prompt)
     q.seen += 1
     if not stored:
         out.splits[split].append(row)

@@ -23,7 +23,7 @@ from loraline.prepare.readers import RawRow
 from loraline.prepare.render import Rendered, find_control_token, render_batch
 from loraline.prepare.schema import ChatTemplateError, Message, Reject, RejectReason, locate, top_field
 from loraline.prepare.shapes import NO_OPTIONS, Parsed, ShapeOptions, to_record
-from loraline.prepare.split import Deduplicator, content_hash, split_of
+from loraline.prepare.split import Deduplicator, content_hash, prompt_key, split_of
 
 BATCH_ROWS = 1024  # rows rendered and tokenized together: one tokenizer call, bounded memory
 _EXAMINERS: dict[int | None, RowContext] = {}  # per sources[] entry (None: detected), in this process
@@ -136,7 +136,7 @@ def examine_job(job: tuple[int | None, list]) -> tuple[list, Counter, int, dict[
             if isinstance(outcome, tuple) and outcome[0] != "document":
                 split, row = outcome
                 rows.setdefault(split, []).append(row)
-                light = {"id": row["id"], "source_file": row["source_file"], "row": row["row"]}
+                light = {"id": row["id"], "source_file": row["source_file"], "row": row["row"], "_prompt": prompt_key(row["messages"])}
                 outcomes[i] = (split, {**light, "messages": row["messages"]} if split == "test" else light)
         batches = {split: pa.RecordBatch.from_pylist(r, schema=CHAT_SCHEMA) for split, r in rows.items()}
     return outcomes, Counter(ctx.pii), ctx.pii_rows[0], batches

@@ -32,6 +32,9 @@ class RejectReason(str, Enum):
     OVER_MIX_RATIO = "over_mix_ratio"
     # tenants.<t>.sources[]: a mapped field's source path is missing from the row (or is not text).
     MAPPING = "mapping"
+    # prepare.conflicts first|reject: the row asks what another row asks (same normalized prompt) with a
+    # different answer; the detail names that row.
+    CONFLICTING_ANSWERS = "conflicting_answers"
 
 
 class PrepareError(ValueError):
@@ -128,6 +131,11 @@ class PrepareStats:
     duplicates: int = 0  # exact (same normalized content)
     near_duplicates: int = 0  # MinHash LSH, prepare.near_dedup
     contaminated: int = 0  # train/validation rows overlapping a test row, prepare.decontamination
+    # Rows (exact duplicates aside) asking the same normalized prompt as another row with a different
+    # answer, and how many prompts that is; prepare.conflicts keeps them (counted in kept or wherever
+    # the later steps put them) or rejects some (rejected_by_reason.conflicting_answers).
+    conflicting_answers: int = 0
+    conflicting_prompts: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     by_file: dict[str, dict[str, int]] = field(default_factory=dict)
     by_shape: dict[str, int] = field(default_factory=dict)

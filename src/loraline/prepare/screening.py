@@ -1,5 +1,5 @@
-"""Pass 2 of prepare: decontamination against the complete test split, then near-duplicates, over
-the candidates in pass 1's order. What depends on the row alone (its contamination, its MinHash
+"""Pass 2 of prepare: conflicting answers (prepare.conflicts), decontamination against the complete
+test split, then near-duplicates, over the candidates in pass 1's order. What depends on the row alone (its contamination, its MinHash
 signature) runs in worker processes; the near-duplicate index is walked in order here. Once every
 row has been through (synthetic rows included), the exact duplicates of a removed row follow it.
 """
@@ -7,6 +7,7 @@ row has been through (synthetic rows included), the exact duplicates of a remove
 from __future__ import annotations
 
 import heapq
+import json
 from array import array
 from collections import deque
 from collections.abc import Iterator
@@ -15,11 +16,12 @@ from typing import Any
 
 from loraline.prepare.collected import Collected
 from loraline.prepare.pool import ordered_map
-from loraline.prepare.quality import row_text
+from loraline.prepare.quality import answer_text, row_text
 from loraline.prepare.quality.decontam import TestIndex
 from loraline.prepare.quality.near_dup import NearDuplicateIndex
+from loraline.prepare.readers import excerpt
 from loraline.prepare.rows import batches
-from loraline.prepare.schema import SPLITS
+from loraline.prepare.schema import SPLITS, Reject, RejectReason, locate
 
 # What pass 2 reads back of each candidate: not the token ids, which it leaves where they are.
 PASS2_COLUMNS = ("id", "messages", "source_file", "row", "source", "provenance", "shape", "n_tokens", "n_answer_tokens")
@@ -38,6 +40,32 @@ class Quality:
     order: dict[str, array] = field(default_factory=lambda: {s: array("q") for s in SPLITS})  # pass-1 number of each candidate
     alive: dict[str, bytearray] = field(default_factory=lambda: {s: bytearray() for s in SPLITS})  # not an exact duplicate
     seen: int = 0
+    conflicts: str = "keep"  # prepare.conflicts
+    prompts: dict[str, array] = field(default_factory=lambda: {s: array("q") for s in SPLITS})  # split.prompt_key of each candidate
+    # prompt key -> (pass-1 number, file, row) of its first candidate that is no exact duplicate; a
+    # second such candidate is a different answer to the same prompt (same answer: same content hash).
+    asked: dict[int, tuple[int, str, int]] = field(default_factory=dict)
+    repeats: dict[int, list] = field(default_factory=dict)  # conflicting prompt key -> [rows, (file, row) of the second]
+    conflicted: set[str] = field(default_factory=set)  # ids rejected as conflicting_answers
+
+    def ask(self, key: int, seq: int, source_file: str, row: int) -> None:
+        """A candidate (no exact duplicate) asking prompt `key`, in pass-1 order."""
+        first = self.asked.setdefault(key, (seq, source_file, row))
+        if first[0] != seq:
+            self.repeats.setdefault(key, [1, (source_file, row)])[0] += 1
+
+    def conflict(self, key: int, seq: int) -> tuple[str, int] | None:
+        """The other row (file, row) when prepare.conflicts removes this candidate, else None."""
+        if self.conflicts == "keep" or key not in self.repeats:
+            return None
+        first_seq, first_file, first_row = self.asked[key]
+        if first_seq != seq:
+            return first_file, first_row
+        return None if self.conflicts == "first" else self.repeats[key][1]
+
+    @property
+    def conflicting_rows(self) -> int:
+        return sum(n for n, _ in self.repeats.values())
 
 
 def second_pass(out: Collected, q: Quality, workers: int) -> None:
@@ -49,10 +77,16 @@ def second_pass(out: Collected, q: Quality, workers: int) -> None:
     meets the rows kept before it, is walked here, in order.
     """
     def numbered(split: str) -> Iterator[tuple[int, str, int, dict]]:
-        alive = q.alive[split]
+        alive, prompts = q.alive[split], q.prompts[split]
         for i, (seq, row) in enumerate(zip(q.order[split], out.splits[split].columns(PASS2_COLUMNS))):
-            if alive[i]:  # exact duplicates are already settled
-                yield seq, split, i, row
+            if not alive[i]:  # exact duplicates are already settled
+                continue
+            other = q.conflict(prompts[i], seq)
+            if other is not None:
+                out.reject(conflict_reject(out.stats.tenant, row, other, q.conflicts))
+                q.conflicted.add(row["id"])
+                continue
+            yield seq, split, i, row
 
     streams = [numbered(split) for split in SPLITS]
     masks: dict[str, bytearray] = {split: bytearray(len(q.order[split])) for split in SPLITS}
@@ -78,6 +112,13 @@ def second_pass(out: Collected, q: Quality, workers: int) -> None:
         out.splits[split].select(masks[split])
 
 
+def conflict_reject(tenant: str, row: dict, other: tuple[str, int], policy: str) -> Reject:
+    where = locate(row["source_file"], row["row"])
+    return Reject(tenant, row["source_file"], row["row"], None, RejectReason.CONFLICTING_ANSWERS,
+                  f"{where}: asks what {locate(*other)} asks, with a different answer (prepare.conflicts={policy})",
+                  excerpt(json.dumps(row["messages"], ensure_ascii=False)))
+
+
 def set_up_screen(test_index: TestIndex | None, near: NearDuplicateIndex | None, worker: bool = False) -> None:
     _SCREEN["test_index"], _SCREEN["near"] = test_index, near
 
@@ -98,15 +139,16 @@ def quality_batch(out: Collected, rows: list[tuple[str, dict]], q: Quality) -> l
 
 def _screen(rows: list[tuple[str, dict]], test_index: TestIndex | None, near: NearDuplicateIndex | None) -> list[tuple[Any, Any]]:
     """Per row, what depends on the row alone: its contamination (a train/validation row against the
-    whole test index) or, when it is clean, its MinHash signature."""
+    whole test index) or, when it is clean, the MinHash signatures of its text and of its answer."""
     texts = [row_text(row["messages"]) for _, row in rows]
     hits = [test_index.match(text) if test_index is not None and split != "test" else None
             for (split, _), text in zip(rows, texts)]
     clean = [i for i, hit in enumerate(hits) if hit is None]
     sigs: list = [None] * len(rows)
     if near is not None and clean:
-        for i, sig in zip(clean, near.signatures([texts[i] for i in clean])):
-            sigs[i] = sig
+        answers = near.signatures([answer_text(rows[i][1]["messages"]) for i in clean])
+        for i, sig, answer in zip(clean, near.signatures([texts[i] for i in clean]), answers):
+            sigs[i] = (sig, answer)
     return list(zip(hits, sigs))
 
 
@@ -124,7 +166,8 @@ def _apply_screen(out: Collected, rows: list[tuple[str, dict]], screened: list[t
             "source": row["source"], "matched_test_id": hit.test_key, "matched_test_file": test_file,
             "matched_test_row": test_row, "overlap": hit.overlap,
         })
-    matches = (q.near.check_signatures([row["id"] for _, row, _ in survivors], [sig for _, _, sig in survivors])
+    matches = (q.near.check_signatures([row["id"] for _, row, _ in survivors], [sig for _, _, (sig, _) in survivors],
+                                       [answer for _, _, (_, answer) in survivors])
                if q.near is not None else [None] * len(survivors))
     for (i, row, _), match in zip(survivors, matches):
         if match is not None:
@@ -140,16 +183,21 @@ def _apply_screen(out: Collected, rows: list[tuple[str, dict]], screened: list[t
     return decisions
 
 
-def follow_removed_originals(out: Collected) -> None:
-    """An exact duplicate of a row that decontamination or near-dedup removed shares its fate: it
-    becomes contaminated (same overlap) or a near-duplicate of the same kept row. So every entry of
-    duplicates.jsonl points at a row of the dataset."""
+def follow_removed_originals(out: Collected, conflicted: set[str] | frozenset[str] = frozenset()) -> None:
+    """An exact duplicate of a row that decontamination, near-dedup or prepare.conflicts removed shares
+    its fate: it becomes contaminated (same overlap), a near-duplicate of the same kept row, or a
+    conflicting_answers reject (`conflicted`: those rows' ids). So every entry of duplicates.jsonl
+    points at a row of the dataset."""
     contaminated = {c["id"]: c for c in out.contaminated}
     near = {d["content_hash"]: d for d in out.duplicates if d["kind"] == "near"}
     duplicates = []
     for d in out.duplicates:
         original = d["content_hash"]
-        if d["kind"] == "exact" and original in contaminated:
+        if d["kind"] == "exact" and original in conflicted:
+            out.reject(Reject(out.stats.tenant, d["source_file"], d["row"], None, RejectReason.CONFLICTING_ANSWERS,
+                              f"{locate(d['source_file'], d['row'])}: repeats {locate(d['duplicate_of_file'], d['duplicate_of_row'])}, "
+                              "which prepare.conflicts rejected (its prompt has another answer)"))
+        elif d["kind"] == "exact" and original in contaminated:
             c = contaminated[original]
             out.contaminated.append({**c, "source_file": d["source_file"], "row": d["row"]})
         elif d["kind"] == "exact" and original in near:

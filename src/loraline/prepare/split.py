@@ -33,6 +33,14 @@ def content_hash(turns: Iterable[tuple[str, str]]) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def prompt_key(messages: Iterable[dict]) -> int:
+    """64 bits of the content hash with every assistant turn blanked: rows with the same key and a
+    different content hash ask the same thing (system, user and tool turns alike, in the same order)
+    and answer it differently."""
+    digest = content_hash((m["role"], "" if m["role"] == "assistant" else m["content"]) for m in messages)
+    return int(digest[:16], 16) - (1 << 63)  # signed, for array("q")
+
+
 def bucket(content_hash_hex: str, salt: str) -> float:
     """First 8 bytes of sha256(salt + content_hash) as a fraction in [0, 1)."""
     digest = hashlib.sha256((salt + content_hash_hex).encode("utf-8")).digest()

@@ -4,7 +4,7 @@ Documents are not split: they are unlabelled text (for continued pretraining or 
 answers to evaluate, so they live in their own dataset; they still count as kept.
 Each row is checked in order: read and map (tenants.<t>.sources), shape, max_chars, PII, control
 tokens, render, max_tokens, duplicate of a kept row (pass 1: first_pass.py, rows.py), then across rows
-decontamination and near-duplicates (pass 2: screening.py); synthetic rows (train only) follow
+conflicting answers (prepare.conflicts), decontamination and near-duplicates (pass 2: screening.py); synthetic rows (train only) follow
 the real ones, drawn in a seeded order, until the mix quota is reached (quality/mix.py). Rows stream
 through Arrow files (stores.py) and the per-row work runs in worker processes past ~8k rows
 (prepare.num_proc), with the same result for any number of them. A duplicate is
@@ -175,6 +175,7 @@ def collect(
     q = Quality(
         TestIndex(params.decontamination) if params.decontamination.enabled else None,
         NearDuplicateIndex(params.near_dedup, seed=seed) if params.near_dedup.enabled else None,
+        conflicts=params.conflicts,
     )
 
     specs = compile_sources(tenant.sources)
@@ -185,7 +186,8 @@ def collect(
 
     if synthetic_rows is not None and Path(synthetic_rows).is_file():
         mix_synthetic(out, Path(synthetic_rows), ctx, q, seed, rows_in)
-    follow_removed_originals(out)
+    follow_removed_originals(out, q.conflicted)
+    stats.conflicting_answers, stats.conflicting_prompts = q.conflicting_rows, len(q.repeats)
     stats.pii = {kind: ctx.pii.get(kind, 0) for kind in sorted(PII_TYPES)}
     stats.pii_rows = ctx.pii_rows[0]
     summarize(out, raw_dir, tokenizer, rows_in)

@@ -59,7 +59,7 @@ def test_every_outcome_reconciles_per_file_and_in_total(raw_dir, tmp_path, gathe
 def test_a_lost_row_fails_before_anything_is_written(raw_dir, monkeypatch, run, tmp_path):
     write_jsonl(raw_dir / "a.jsonl", [chat("Hello", "Hello world"), chat("Hello", "Hello world")])
 
-    def lose_duplicates(out):
+    def lose_duplicates(out, *_):
         out.duplicates = []
 
     monkeypatch.setattr("loraline.prepare.stage.follow_removed_originals", lose_duplicates)

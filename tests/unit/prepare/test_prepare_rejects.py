@@ -121,9 +121,9 @@ def test_bad_row_gets_exactly_its_reason_row_and_field(case, raw_dir, gather):
 def test_reason_table_covers_every_reason():
     from loraline.prepare.schema import RejectReason
 
-    # pii (test_quality_pii.py), over_mix_ratio (test_quality_mix.py) and mapping (test_prepare_sources.py)
-    # need their own params or inputs.
-    elsewhere = {"pii", "over_mix_ratio", "mapping"}
+    # pii (test_quality_pii.py), over_mix_ratio (test_quality_mix.py), mapping (test_prepare_sources.py)
+    # and conflicting_answers (test_quality_conflicts.py) need their own params or inputs.
+    elsewhere = {"pii", "over_mix_ratio", "mapping", "conflicting_answers"}
     assert {expected[0] for _, expected in CASES.values()} | elsewhere == {r.value for r in RejectReason}
 
 

@@ -20,6 +20,16 @@ def row_text(messages: Iterable[dict]) -> str:
     return "\n".join(m["content"] for m in messages if m["role"] in ("user", "assistant"))
 
 
+def prompt_text(messages: Iterable[dict]) -> str:
+    """The user turns joined: what a row asks (the system prompt left out, as in row_text)."""
+    return "\n".join(m["content"] for m in messages if m["role"] == "user")
+
+
+def answer_text(messages: Iterable[dict]) -> str:
+    """The assistant turns joined: what a row trains on, which makes two rows the same example or not."""
+    return "\n".join(m["content"] for m in messages if m["role"] == "assistant")
+
+
 def words(text: str) -> list[str]:
     """NFKC-normalized, case-folded word tokens: punctuation and whitespace do not make rows differ."""
     return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())

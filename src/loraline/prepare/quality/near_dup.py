@@ -11,6 +11,11 @@ permutations drawn from the seed), so decisions are the same as with datasketch 
 arithmetic is done with numpy over the shingles of many rows at once instead of one MinHash object
 and one numpy call per row, and the LSH tables are plain dicts keyed by the same band bytes. A test
 checks the signatures against datasketch's.
+
+A near-duplicate is a copy of the whole example, not only of its text: with the rows' answer
+signatures (the assistant turns, check_signatures' `answers`), a candidate is a match only when the
+answers' Jaccard also reaches the threshold. Rows that share a long passage and ask different
+questions of it have near-identical text but different answers; they are different examples.
 """
 
 from __future__ import annotations
@@ -67,7 +72,9 @@ class NearDuplicateIndex:
         self._keys: list[str] = []  # kept rows in insertion order: an index here is the row's rank
         self._rank: dict[str, int] = {}
         self._kept = np.empty((1024, params.num_perm), dtype=template.hashvalues.dtype)  # signature by rank
-        self._last: tuple[str, np.ndarray | None] | None = None
+        self._answers = np.empty_like(self._kept)  # the answer's signature by rank (only with answers)
+        self._no_answer: list[bool] = []  # by rank: no answer signature (an answer without words, or none given)
+        self._last: tuple[str, np.ndarray | None, tuple] | None = None
 
     @property
     def seed(self) -> int:
@@ -110,22 +117,31 @@ class NearDuplicateIndex:
             raise ValueError(f"check_batch: {len(keys)} keys for {len(texts)} texts")
         return [self._check(key, sig, add=True) for key, sig in zip(keys, self.signatures(texts))]
 
-    def check_signatures(self, keys: Sequence[str], sigs: Sequence[np.ndarray | None]) -> list[NearMatch | None]:
-        """check_batch with the signatures computed elsewhere (signatures(), e.g. in another process)."""
-        if len(keys) != len(sigs):
+    def check_signatures(
+        self, keys: Sequence[str], sigs: Sequence[np.ndarray | None], answers: Sequence[np.ndarray | None] | None = None,
+    ) -> list[NearMatch | None]:
+        """check_batch with the signatures computed elsewhere (signatures(), e.g. in another process).
+
+        With `answers` (each row's answer signature, None for an answer without words) a row matches a
+        kept row only when their answers are near-identical too; pass answers for every row or none.
+        """
+        if len(keys) != len(sigs) or (answers is not None and len(answers) != len(keys)):
             raise ValueError(f"check_signatures: {len(keys)} keys for {len(sigs)} signatures")
-        return [self._check(key, sig, add=True) for key, sig in zip(keys, sigs)]
+        if answers is None:
+            return [self._check(key, sig, add=True) for key, sig in zip(keys, sigs)]
+        return [self._check(key, sig, add=True, answer=(answer,)) for key, sig, answer in zip(keys, sigs, answers)]
 
     def add(self, key: str) -> None:
         """Keep the row last passed to check(add=False)."""
         if self._last is None or self._last[0] != key:
             raise ValueError(f"add({key!r}) must follow check({key!r}, add=False)")
-        self._insert(key, self._last[1])
+        self._insert(key, self._last[1], self._last[2])
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _check(self, key: str, sig: np.ndarray | None, *, add: bool) -> NearMatch | None:
+    def _check(self, key: str, sig: np.ndarray | None, *, add: bool, answer: tuple = ()) -> NearMatch | None:
+        """`answer`: () to compare the text alone, else (the answer's signature or None,)."""
         best: NearMatch | None = None
         if sig is not None:
             raw = sig.tobytes()
@@ -139,22 +155,36 @@ class NearDuplicateIndex:
             best_rank, best_jaccard = -1, 0.0
             for rank in sorted(candidates):
                 jaccard = float(np.count_nonzero(self._kept[rank] == sig)) / len(sig)
-                if jaccard >= self.params.threshold and jaccard > best_jaccard:
+                if jaccard >= self.params.threshold and jaccard > best_jaccard and self._same_answer(rank, answer):
                     best_rank, best_jaccard = rank, jaccard
             if best_rank >= 0:
                 best = NearMatch(self._keys[best_rank], round(best_jaccard, 4))
         if best is None and add:
-            self._insert(key, sig)
-        self._last = (key, sig)
+            self._insert(key, sig, answer)
+        self._last = (key, sig, answer)
         return best
 
-    def _insert(self, key: str, sig: np.ndarray | None) -> None:
+    def _same_answer(self, rank: int, answer: tuple) -> bool:
+        """Whether the kept row's answer is near-identical to `answer` (always, when no answer is given)."""
+        if not answer:
+            return True
+        (sig,) = answer
+        if sig is None or self._no_answer[rank]:
+            return sig is None and self._no_answer[rank]  # two answers without words are the same
+        return float(np.count_nonzero(self._answers[rank] == sig)) / len(sig) >= self.params.threshold
+
+    def _insert(self, key: str, sig: np.ndarray | None, answer: tuple = ()) -> None:
         if sig is None or key in self._rank:
             return
         rank = len(self._keys)
         if rank == len(self._kept):
             self._kept = np.concatenate([self._kept, np.empty_like(self._kept)])
+            self._answers = np.concatenate([self._answers, np.empty_like(self._answers)])
         self._kept[rank] = sig
+        answer_sig = answer[0] if answer else None
+        if answer_sig is not None:
+            self._answers[rank] = answer_sig
+        self._no_answer.append(answer_sig is None)
         self._keys.append(key)
         self._rank[key] = rank
         raw = sig.tobytes()
