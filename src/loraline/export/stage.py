@@ -468,7 +468,7 @@ def export_metrics(report: dict[str, Any]) -> dict[str, Any]:
     for name in report.get("graphs", ["fp32", "int8"]):
         if name in report:
             graph = report[name]
-            out[name] = {**headline(graph), **({"bytes": graph["bytes"]} if "bytes" in graph else {})}
+            out[name] = headline(graph)  # sizes stay in the report: `dvc metrics show` has a column per key
             if "vs_float" in graph:
                 out[name]["vs_float"] = headline(graph["vs_float"])
     if report.get("lowbit"):
