@@ -96,7 +96,8 @@ def render_card(
         f"`conflicts={params.conflicts}` (keep: all kept; first: the first in file and row order kept, the others rejected; "
         "reject: all rejected)",
         f"- decontamination: `enabled={params.decontamination.enabled}`, {params.decontamination.ngram}-word n-grams, "
-        f"a train/validation row is removed when `overlap >= {params.decontamination.threshold}` with one test row",
+        f"a train/validation row is removed when `overlap >= {params.decontamination.threshold}` with one test row, "
+        "both in its text (user and assistant turns) and in its answer (assistant turns): sharing a passage is no copy",
         f"- mix: `synthetic_ratio={params.synthetic_ratio}` (at most that many synthetic rows per real train row), seeded draw and MinHash `seed={seed}`",
         f"- split by content hash: validation {params.split.validation}, test {params.split.test}, salt `{params.split.salt}`",
         "",

@@ -16,7 +16,7 @@ from loraline.prepare import rows
 from loraline.prepare.collected import Collected
 from loraline.prepare.mapping import SourceSpec, map_rows
 from loraline.prepare.pool import ordered_map
-from loraline.prepare.quality import row_text
+from loraline.prepare.quality import answer_turns, row_text
 from loraline.prepare.readers import read_rows
 from loraline.prepare.rows import RowContext, batches, settle
 from loraline.prepare.schema import Reject
@@ -71,7 +71,7 @@ def route(out: Collected, outcome, q: Quality, stored: bool = False) -> None:
         if split == "test":  # the whole test split is indexed before any row is checked against it
             q.test_at.setdefault(row["id"], (row["source_file"], row["row"]))
             if q.test_index is not None:
-                q.test_index.add(row["id"], row_text(row["messages"]))
+                q.test_index.add(row["id"], row_text(row["messages"]), answer_turns(row["messages"]))
         _candidate(out, q, split, row, stored, alive=True)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from loraline.prepare.collected import Collected
 from loraline.prepare.pool import ordered_map
-from loraline.prepare.quality import answer_text, row_text
+from loraline.prepare.quality import answer_text, answer_turns, row_text
 from loraline.prepare.quality.decontam import TestIndex
 from loraline.prepare.quality.near_dup import NearDuplicateIndex
 from loraline.prepare.readers import excerpt
@@ -141,8 +141,8 @@ def _screen(rows: list[tuple[str, dict]], test_index: TestIndex | None, near: Ne
     """Per row, what depends on the row alone: its contamination (a train/validation row against the
     whole test index) or, when it is clean, the MinHash signatures of its text and of its answer."""
     texts = [row_text(row["messages"]) for _, row in rows]
-    hits = [test_index.match(text) if test_index is not None and split != "test" else None
-            for (split, _), text in zip(rows, texts)]
+    hits = [test_index.match(text, answer_turns(row["messages"])) if test_index is not None and split != "test" else None
+            for (split, row), text in zip(rows, texts)]
     clean = [i for i, hit in enumerate(hits) if hit is None]
     sigs: list = [None] * len(rows)
     if near is not None and clean:

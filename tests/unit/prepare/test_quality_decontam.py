@@ -100,3 +100,23 @@ def test_disabled_keeps_the_copy(raw_dir, gather):
     write_jsonl(raw_dir / "a.jsonl", [chat(*ticket(i)), chat(*copy)])
     out = gather(params=NO_NEAR.model_copy(update={"decontamination": DecontamParams(enabled=False)}))
     assert out.contaminated == [] and out.stats.kept == 2
+
+
+def test_sharing_a_passage_with_a_test_row_is_no_copy_of_it():
+    """Issue 37: a row asking another question about a test row's passage was contaminated."""
+    index = TestIndex(DecontamParams())
+    passage = " ".join(ticket(i)[0] for i in range(3))
+    test_q, test_a = f"{passage}\nWhich order arrived first?", "Order 10000 arrived first."
+    index.add("t", f"{test_q}\n{test_a}", [test_a])
+    other_q, other_a = f"{passage}\nWho asked for a replacement?", "Customers 0, 1 and 2 did."
+    assert index.overlap(f"{other_q}\n{other_a}").overlap >= 0.5  # the text alone: a copy
+    assert index.match(f"{other_q}\n{other_a}", [other_a]) is None  # with its answer: no copy
+    assert index.match(f"{test_q}\n{test_a}", [test_a]).overlap == 1.0  # the test example itself
+
+
+def test_answering_a_test_conversations_first_turn_copies_it():
+    index = TestIndex(DecontamParams())
+    user, answer = ticket(4)
+    index.add("t", f"{user}\n{answer}\nAnd now?\nNow it is fixed.", [answer, "Now it is fixed."])
+    assert index.match(f"{user}\n{answer}", [answer]) is not None
+    assert index.match(f"{user}\nSomething else entirely.", ["Something else entirely."]) is None

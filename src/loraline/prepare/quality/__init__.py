@@ -25,9 +25,14 @@ def prompt_text(messages: Iterable[dict]) -> str:
     return "\n".join(m["content"] for m in messages if m["role"] == "user")
 
 
+def answer_turns(messages: Iterable[dict]) -> list[str]:
+    """The assistant turns: what a row trains on, which makes two rows the same example or not."""
+    return [m["content"] for m in messages if m["role"] == "assistant"]
+
+
 def answer_text(messages: Iterable[dict]) -> str:
-    """The assistant turns joined: what a row trains on, which makes two rows the same example or not."""
-    return "\n".join(m["content"] for m in messages if m["role"] == "assistant")
+    """The assistant turns joined."""
+    return "\n".join(answer_turns(messages))
 
 
 def words(text: str) -> list[str]:

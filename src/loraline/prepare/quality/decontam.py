@@ -1,5 +1,13 @@
 """Decontamination: train/validation rows that copy a held-out test row are removed.
 
+A copy is of the whole example: prepare also indexes each test row's answer (assistant turns) apart,
+and a row's overlap with a test row is the lower of its text's (user and assistant turns) and its
+answer's. A row sharing only a passage with a test row (another question about it, another answer)
+does not copy it, however much of its text the passage is; one asking the test question again with
+the test answer does. The answer's n-grams are taken turn by turn, so that a row answering a test
+conversation's first turn as it does still copies that turn (a short answer is one n-gram of all its
+words, which a longer joined answer would never hold).
+
 overlap(row, t) = |ngrams(row) & ngrams(t)| / |ngrams(row)| with word n-grams (quality.words), and a
 row is contaminated when its best overlap with one single test row reaches the threshold. One test
 row, not the union of all test n-grams: on templated data (the same greeting, the same instruction)
@@ -20,6 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loraline.config import DecontamParams
@@ -52,23 +61,29 @@ class TestIndex:
         # of the index's memory); a collision would need two different 8-word n-grams of one tenant to
         # share a 64-bit hash.
         self._grams: dict[str, frozenset[int]] = {}
+        self._answers: dict[str, frozenset[int]] = {}  # the answer's n-grams, for rows added with one
         self._postings: dict[int, list[str]] = {}
         self._order: dict[str, int] = {}
 
-    def add(self, key: str, text: str) -> None:
+    def add(self, key: str, text: str, answer: Sequence[str] | None = None) -> None:
+        """A test row: its text (user and assistant turns), and its `answer` (assistant turns) to be compared apart."""
         if key in self._grams:
             return
-        grams = frozenset(map(_gram_key, ngrams(words(text), self.params.ngram)))
+        grams = self._ngrams(text)
         self._grams[key] = grams
         self._order[key] = len(self._order)
+        if answer is not None:
+            self._answers[key] = self._turn_ngrams(answer)
         for gram in grams:
             self._postings.setdefault(gram, []).append(key)
 
-    def overlap(self, text: str) -> Contamination | None:
-        """The best-overlapping test row (ties: the first added), whatever the threshold; None without one."""
+    def overlap(self, text: str, answer: Sequence[str] | None = None) -> Contamination | None:
+        """The best-overlapping test row (ties: the first added), whatever the threshold; None without one.
+        With `answer`, the overlap is the lower of the text's and the answer's."""
         if not self._grams:
             return None
-        grams = set(map(_gram_key, ngrams(words(text), self.params.ngram)))
+        grams = set(self._ngrams(text))
+        answer_grams = self._turn_ngrams(answer) if answer is not None else None
         hits = [posting for posting in map(self._postings.get, grams) if posting is not None and len(posting) <= MAX_POSTING]
         if not hits:  # most rows share no distinctive n-gram with any test row: nothing to rank
             return None
@@ -86,15 +101,30 @@ class TestIndex:
         ranked.sort(key=lambda kv: self._order[kv[0]])
         best: Contamination | None = None
         for key, _ in ranked:
-            score = len(grams & self._grams[key]) / len(grams)
+            score = _share(grams, self._grams[key])
+            if answer_grams is not None:
+                score = min(score, _share(answer_grams, self._answers.get(key, frozenset())))
             if best is None or score > best.overlap:
                 best = Contamination(key, round(score, 4))
         return best
 
-    def match(self, text: str) -> Contamination | None:
+    def match(self, text: str, answer: Sequence[str] | None = None) -> Contamination | None:
         """The contamination when the best overlap reaches the threshold, else None."""
-        found = self.overlap(text)
+        found = self.overlap(text, answer)
         return found if found is not None and found.overlap >= self.params.threshold else None
 
     def __len__(self) -> int:
         return len(self._grams)
+
+    def _ngrams(self, text: str) -> frozenset[int]:
+        return frozenset(map(_gram_key, ngrams(words(text), self.params.ngram)))
+
+    def _turn_ngrams(self, turns: Sequence[str]) -> frozenset[int]:
+        return frozenset().union(*map(self._ngrams, turns))
+
+
+def _share(grams: set[int] | frozenset[int], test_grams: frozenset[int]) -> float:
+    """The share of `grams` in the test row's; text without words matches only text without words."""
+    if not grams:
+        return 1.0 if not test_grams else 0.0
+    return len(grams & test_grams) / len(grams)
