@@ -204,6 +204,11 @@ class SourceParams(_Section):
         description="canonical field -> a field path (meta.answer, instances[0].output) or a template ('{context} {question}'); empty: shape detection",
     )
     explode: str | None = Field(None, description="A list field: each element becomes one row, addressed as item (item.output)")
+    group: str | None = Field(
+        None,
+        description="A field path or template naming what rows share (context, meta.doc_id, item.passage): rows with "
+        "the same value go whole to one split; default: prepare.group_min_chars finds a shared passage",
+    )
     roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
         default_factory=dict, description="Source role name -> role; tool turns are context, never trained on"
     )
@@ -226,10 +231,12 @@ class SourceParams(_Section):
         try:
             if self.explode is not None and parse_path(self.explode).root == "item":
                 raise ValueError(f"explode: {self.explode!r} names the element itself; give the parent's list field")
-            for name, text in self.columns.items():
+            named = [*self.columns.items(), *([("group", self.group)] if self.group is not None else [])]
+            for name, text in named:
+                label = name if name == "group" else f"columns.{name}"
                 for path in _paths_of(parse_source(text)):
                     if path.root == "item" and self.explode is None:
-                        raise ValueError(f"columns.{name}: {text!r} addresses item, which needs explode (the list field)")
+                        raise ValueError(f"{label}: {text!r} addresses item, which needs explode (the list field)")
         except PathSyntaxError as exc:
             raise ValueError(str(exc)) from None
         if self.columns:
@@ -239,8 +246,8 @@ class SourceParams(_Section):
                 shapes = "; ".join(f"{s}: {' + '.join(sorted(n))} (optional: {', '.join(sorted(a - n)) or 'none'})"
                                    for s, (n, a) in SOURCE_SHAPES.items())
                 raise ValueError(f"columns map {', '.join(sorted(keys))}, which is no single shape; one of: {shapes}")
-        if self.format in ("txt", "md") and (self.columns or self.explode):
-            raise ValueError(f"format {self.format!r} is a whole document; columns and explode apply to structured rows")
+        if self.format in ("txt", "md") and (self.columns or self.explode or self.group):
+            raise ValueError(f"format {self.format!r} is a whole document; columns, explode and group apply to structured rows")
         return self
 
 
@@ -267,6 +274,12 @@ class PrepareParams(_Section):
         "(others still reject), escape all of them as literal text, or reject the row; tenants.<t>.sources[] override",
     )
     near_dedup: NearDedupParams = NearDedupParams()
+    group_min_chars: int | None = Field(
+        200, ge=1,
+        description="Rows whose first user turn holds a line of at least this many characters besides other text (a "
+        "passage and a question) are grouped by that line: a group goes whole to one split; tenants.<t>.sources[].group "
+        "names the group instead; null: no automatic groups",
+    )
     conflicts: Literal["keep", "first", "reject"] = Field(
         "keep",
         description="Rows with the same prompt (normalized system, user and tool turns) and different answers "
@@ -489,6 +502,10 @@ class ExportParams(_Section):
         0.05, gt=0, description="The fp16 graph's bound: max abs logit difference from the float32 model (export fails above)"
     )
     int4_block_size: Literal[16, 32, 64, 128] = Field(32, description="Input channels per int4 scale and zero point")
+    min_greedy_agreement: float = Field(
+        0.75, ge=0, le=1, description="Each graph but int8 must generate what its reference generates (greedy, "
+        "max_new_tokens) on at least this share of the probes; below it the export fails"
+    )
 
     @field_validator("graphs")
     @classmethod

@@ -153,3 +153,19 @@ def test_int4_and_fp16_with_the_reference_on_cuda(int4_export: dict, random_llam
     assert report["device"] == "cuda" and report["int4"]["greedy_agreement"] == 1.0
     assert report["int4"]["max_abs_logit_diff"] <= 1e-3 and report["fp16"]["max_abs_logit_diff"] <= 0.1
     assert report["files"]["model.int4.onnx"] == int4_export["files"]["model.int4.onnx"]
+
+
+def test_a_graph_that_generates_otherwise_fails_on_greedy_agreement():
+    from loraline.export.stage import _enforce
+
+    numbers = {"file": "model.fp16.onnx", "max_abs_logit_diff": 0.01, "decode_max_abs_logit_diff": 0.01, "greedy_agreement": 0.5}
+    report = {"passed": True, "fp16": numbers}
+    _enforce(report, "fp16", 0.05, 0.5)
+    assert report["passed"] is True
+    with pytest.raises(ExportError, match=r"fp16 \(model.fp16.onnx\) generates what PyTorch generates on 50% of the "
+                                          r"probes < export.min_greedy_agreement 75%"):
+        _enforce(report, "fp16", 0.05, 0.75)
+    assert report["passed"] is False
+    report = {"passed": True, "int8": {**numbers, "greedy_agreement": 0.0}}
+    _enforce(report, "int8", 0.05, 0.75)  # reported only
+    assert report["passed"] is True
