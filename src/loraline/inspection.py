@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraline.config import SourceParams
+from loraline.config import PrepareParams, SourceParams
 from loraline.prepare.controls import text_cleaner
 from loraline.prepare.mapping import SourceSpec, compile_sources, map_rows
 from loraline.prepare.readers import RawRow, format_of, list_files, read_rows
 from loraline.prepare.schema import Message, Reject
 from loraline.prepare.shapes import ShapeOptions, json_type, to_record
+from loraline.prepare.split import group_of, normalize
 
 INSTRUCTION_KEYS = ("instruction", "question", "query", "prompt", "problem", "request", "input_text", "title", "q", "source")
 INPUT_KEYS = ("input", "context", "passage", "document", "article", "code")
@@ -34,6 +35,7 @@ ROLE_GUESSES = {
 }
 SAMPLES = 3
 MAX_CHARS = 10**9  # inspect shows every row's shape; prepare.max_chars applies in prepare
+GROUP_MIN_CHARS = PrepareParams().group_min_chars or 200  # what prepare groups on by default
 
 
 @dataclass
@@ -55,6 +57,8 @@ class SourceInspection:
     suggestion: dict | None = None  # a sources[] entry
     suggestion_fits: tuple[int, int] = (0, 0)  # (rows it maps to a record, rows tried)
     samples: list[tuple[Message, ...]] = field(default_factory=list)
+    contexts: Counter = field(default_factory=Counter)  # the automatic group key (its hash) -> rows
+    context_fields: dict[str, Counter] = field(default_factory=dict)  # a long context-like field -> its values' rows
 
     @property
     def unknown(self) -> int:
@@ -101,6 +105,10 @@ def _inspect_source(path: Path, rel: str, clean) -> SourceInspection:
             result.shapes[parsed.record.shape] += 1
             if len(result.samples) < SAMPLES and parsed.record.kind == "chat":
                 result.samples.append(parsed.record.messages)
+            group = group_of(parsed.record.messages, None, GROUP_MIN_CHARS) if parsed.record.kind == "chat" else None
+            if group is not None:
+                result.contexts[hash(group)] += 1
+        _count_contexts(result, item.value)
         if len(first_rows) < 2000:
             first_rows.append(item)
     if result.unknown and first_rows:
@@ -133,6 +141,22 @@ def _count_keys(result: SourceInspection, value: Any, tabular: bool) -> None:
 
 
 # -- the suggestion ------------------------------------------------------------------------------
+
+
+def _count_contexts(result: SourceInspection, value: Any) -> None:
+    """Long text in a context-like field (context, passage, document...), counted by value."""
+    if not isinstance(value, dict):
+        return
+    for key in INPUT_KEYS:
+        text = value.get(key)
+        if isinstance(text, str) and len(text) >= GROUP_MIN_CHARS:
+            result.context_fields.setdefault(key, Counter())[hash(normalize(text))] += 1
+
+
+def shared(counts: Counter) -> tuple[int, int, int]:
+    """(groups of two rows or more, rows in them, the largest)."""
+    sizes = [n for n in counts.values() if n >= 2]
+    return len(sizes), sum(sizes), max(sizes, default=0)
 
 
 def _suggest(result: SourceInspection, rows: Sequence[RawRow], clean) -> None:
@@ -314,6 +338,7 @@ def report_text(results: Sequence[SourceInspection], tokenizer=None, *, color: b
                 lines.append(f"     {key.ljust(width)}  {fill:>13}  {types}")
         if r.shapes:
             lines.append("   shapes: " + ", ".join(f"{s} {n}" for s, n in r.shapes.most_common()))
+        lines += _context_lines(r)
         if r.suggestion is not None:
             import yaml
 
@@ -334,6 +359,22 @@ def report_text(results: Sequence[SourceInspection], tokenizer=None, *, color: b
             lines.append(f"   sample {i} (chat template; trained part {mark[0]}marked{mark[1]}):")
             lines += [f"     | {line}" for line in _marked(text, spans, mark).splitlines()]
     return "\n".join(lines)
+
+
+def _context_lines(r: SourceInspection) -> list[str]:
+    """Whether rows share contexts, and the grouping prepare would use (the split keeps a group together)."""
+    lines = []
+    groups, rows, largest = shared(r.contexts)
+    if groups:
+        lines.append(f"   shared contexts: {rows} rows in {groups} groups (largest {largest}) share a line of at least "
+                     f"{GROUP_MIN_CHARS} characters in their first user turn; prepare groups them by it and keeps each "
+                     "group in one split (prepare.group_min_chars)")
+    for key, counts in r.context_fields.items():
+        groups, rows, largest = shared(counts)
+        if groups:
+            lines.append(f"   field {key!r} repeats: {rows} rows in {groups} groups (largest {largest}); to group by it, "
+                         f"add group: {key} to this file's sources entry")
+    return lines
 
 
 def _quoted_dumper():

@@ -80,6 +80,9 @@ def render_card(
         f"- exact duplicates: {s.duplicates}; near-duplicates: {s.near_duplicates}; contaminated: {s.contaminated}",
         f"- conflicting answers: {s.conflicting_answers} rows over {s.conflicting_prompts} prompts asked with different "
         f"answers (`conflicts={params.conflicts}`; rejected: {s.rejected_by_reason.get('conflicting_answers', 0)})",
+        f"- groups: {s.groups.get('groups', 0)} groups of rows sharing a context ({s.groups.get('rows', 0)} rows, "
+        f"largest {s.groups.get('largest', 0)}), each whole in one split: "
+        + ", ".join(f"{split} {n}" for split, n in s.groups.get("by_split", {}).items()),
         f"- PII ({params.pii.mode}): {s.pii_rows} rows; "
         + ", ".join(f"{kind} {n}" for kind, n in s.pii.items()),
         "- rejected by reason: " + (", ".join(f"{r} {n}" for r, n in s.rejected_by_reason.items() if n) or "none"),
@@ -99,7 +102,9 @@ def render_card(
         f"a train/validation row is removed when `overlap >= {params.decontamination.threshold}` with one test row, "
         "both in its text (user and assistant turns) and in its answer (assistant turns): sharing a passage is no copy",
         f"- mix: `synthetic_ratio={params.synthetic_ratio}` (at most that many synthetic rows per real train row), seeded draw and MinHash `seed={seed}`",
-        f"- split by content hash: validation {params.split.validation}, test {params.split.test}, salt `{params.split.salt}`",
+        f"- split by content hash: validation {params.split.validation}, test {params.split.test}, salt `{params.split.salt}`; "
+        "a row in a group (`sources[].group`, or the longest line of its first user turn when that turn holds more and the "
+        f"line has at least `group_min_chars={params.group_min_chars}` characters) by its group's key instead",
         "",
         "## Hashes",
         "",

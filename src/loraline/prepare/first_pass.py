@@ -82,6 +82,7 @@ def _candidate(out: Collected, q: Quality, split: str, row: dict, stored: bool, 
     q.order[split].append(q.seen)
     q.alive[split].append(alive)
     q.prompts[split].append(prompt)
+    q.groups[split].append(row.get("_group", 0))
     q.seen += 1
     if not stored:
-        out.splits[split].append(row)
+        out.splits[split].append({k: v for k, v in row.items() if k[0] != "_"} if "_group" in row else row)

@@ -5,13 +5,16 @@ a folder above it; sources matched by no entry are read with shape detection, as
 existed. Mapping turns each raw row into a row of canonical fields (instruction, output, messages...)
 that shape detection then reads; `explode` first turns a row into one row per element of a list.
 Every raw row still ends as exactly one item per mapped row: a row that cannot be mapped is one
-`Reject` (reason mapping) naming the file, row and the source path that was missing.
+`Reject` (reason mapping) naming the file, row and the source path that was missing. `group` names
+what rows share (a passage, a document id): its value travels with the row (RawRow.group) to the
+split, which sends a group whole to one side; a null value leaves the row in no named group.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -32,6 +35,7 @@ class SourceSpec:
     params: SourceParams | None
     columns: dict[str, Source] = field(default_factory=dict)
     explode: FieldPath | None = None
+    group: Source | None = None
 
     @property
     def label(self) -> str:
@@ -43,7 +47,7 @@ class SourceSpec:
 
     @property
     def mapped(self) -> bool:
-        return bool(self.columns) or self.explode is not None
+        return bool(self.columns) or self.explode is not None or self.group is not None
 
     def options(self, clean) -> ShapeOptions:
         roles = {} if self.params is None else dict(self.params.roles)
@@ -59,6 +63,7 @@ def compile_sources(sources: Iterable[SourceParams]) -> list[SourceSpec]:
         SourceSpec(
             i, s, {name: parse_source(text) for name, text in s.columns.items()},
             parse_path(s.explode) if s.explode else None,
+            parse_source(s.group) if s.group else None,
         )
         for i, s in enumerate(sources)
     ]
@@ -128,8 +133,35 @@ def _explode(raw: RawRow, spec: SourceSpec, tenant: str) -> Iterator[RawRow | Re
 
 
 def _map_one(raw: RawRow, value: Any, element: Any, spec: SourceSpec, tenant: str) -> RawRow | Reject:
-    if not spec.columns:  # explode alone: the element is the row, read with shape detection
-        return RawRow(raw.source_file, raw.row, element, raw.raw, raw.tabular, raw.item)
+    mapped = _map_columns(raw, value, element, spec, tenant)
+    if spec.group is None or isinstance(mapped, Reject):
+        return mapped
+    if not isinstance(value, dict):
+        return Reject(tenant, raw.source_file, raw.row, None, RejectReason.WRONG_TYPE,
+                      f"{locate(raw.source_file, raw.row, None, raw.item)}: row is a JSON {json_type(value)}; "
+                      "group names a field of an object", raw.excerpt)
+    scope = value if element is None else {**value, "item": element}
+    try:
+        group = _resolve(spec.group, scope, "group")
+    except Missing as missing:
+        return _mapping_reject(raw, tenant, _raw_key(missing.path, spec), f"group: source path {missing.path!r} is missing ({missing.why})")
+    except _NotText as bad:
+        return _mapping_reject(raw, tenant, _raw_key(bad.path, spec), f"group: {bad.path!r} {bad.why}")
+    return replace(mapped, group=_group_text(group))
+
+
+def _group_text(value: Any) -> str | None:
+    """A group value as text: objects and lists by their sorted JSON, null as no group."""
+    if value is None or isinstance(value, str):
+        return value
+    if _is_scalar(value):
+        return _scalar_text(value)
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def _map_columns(raw: RawRow, value: Any, element: Any, spec: SourceSpec, tenant: str) -> RawRow | Reject:
+    if not spec.columns:  # explode alone: the element is the row (no explode: the row), read with shape detection
+        return RawRow(raw.source_file, raw.row, value if spec.explode is None else element, raw.raw, raw.tabular, raw.item)
     if not isinstance(value, dict):
         return Reject(tenant, raw.source_file, raw.row, None, RejectReason.WRONG_TYPE,
                       f"{locate(raw.source_file, raw.row, None, raw.item)}: row is a JSON {json_type(value)}; "
@@ -192,8 +224,6 @@ def _raw_key(path_text: str, spec: SourceSpec) -> str:
 
 
 def _json_cell(text: str) -> Any:
-    import json
-
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError):

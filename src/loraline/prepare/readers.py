@@ -50,6 +50,7 @@ class RawRow:
     raw: str | None = None  # the row as written (JSONL line), preferred for excerpts
     tabular: bool = False  # CSV/Parquet/Arrow: a cell may hold JSON text for a nested column
     item: int | None = None  # with sources[].explode: the element of the row's list (0-based)
+    group: str | None = None  # with sources[].group: the value rows of one group share
 
     @property
     def excerpt(self) -> str:

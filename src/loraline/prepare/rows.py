@@ -23,7 +23,7 @@ from loraline.prepare.readers import RawRow
 from loraline.prepare.render import Rendered, find_control_token, render_batch
 from loraline.prepare.schema import ChatTemplateError, Message, Reject, RejectReason, locate, top_field
 from loraline.prepare.shapes import NO_OPTIONS, Parsed, ShapeOptions, to_record
-from loraline.prepare.split import Deduplicator, content_hash, prompt_key, split_of
+from loraline.prepare.split import Deduplicator, content_hash, group_id, group_of, prompt_key, split_key, split_of
 
 BATCH_ROWS = 1024  # rows rendered and tokenized together: one tokenizer call, bounded memory
 _EXAMINERS: dict[int | None, RowContext] = {}  # per sources[] entry (None: detected), in this process
@@ -76,7 +76,10 @@ def examine_batch(batch: list[RawRow | Reject], ctx: RowContext) -> list:
         elif result.n_tokens > ctx.params.max_tokens:
             outcomes[i] = too_long(item, parsed, result, ctx.params)
         else:
-            outcomes[i] = (split_of(record.content_hash, ctx.params.split), _chat_row(record, result, ctx.tenant))
+            group = group_of(record.messages, item.group, ctx.params.group_min_chars)
+            row = _chat_row(record, result, ctx.tenant)
+            row["_group"] = group_id(group)  # read by pass 1 (first_pass._candidate), never stored
+            outcomes[i] = (split_of(split_key(record.content_hash, group), ctx.params.split), row)
     return outcomes
 
 
@@ -136,7 +139,8 @@ def examine_job(job: tuple[int | None, list]) -> tuple[list, Counter, int, dict[
             if isinstance(outcome, tuple) and outcome[0] != "document":
                 split, row = outcome
                 rows.setdefault(split, []).append(row)
-                light = {"id": row["id"], "source_file": row["source_file"], "row": row["row"], "_prompt": prompt_key(row["messages"])}
+                light = {"id": row["id"], "source_file": row["source_file"], "row": row["row"],
+                         "_prompt": prompt_key(row["messages"]), "_group": row["_group"]}
                 outcomes[i] = (split, {**light, "messages": row["messages"]} if split == "test" else light)
         batches = {split: pa.RecordBatch.from_pylist(r, schema=CHAT_SCHEMA) for split, r in rows.items()}
     return outcomes, Counter(ctx.pii), ctx.pii_rows[0], batches

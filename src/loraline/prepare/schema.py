@@ -136,6 +136,9 @@ class PrepareStats:
     # the later steps put them) or rejects some (rejected_by_reason.conflicting_answers).
     conflicting_answers: int = 0
     conflicting_prompts: int = 0
+    # Kept chat rows sharing a group (sources[].group, or the passage prepare.group_min_chars finds), each
+    # group whole in one split: groups of two rows or more, the rows in them, the largest, groups per split.
+    groups: dict[str, object] = field(default_factory=dict)
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     by_file: dict[str, dict[str, int]] = field(default_factory=dict)
     by_shape: dict[str, int] = field(default_factory=dict)

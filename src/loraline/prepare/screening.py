@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 import json
 from array import array
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +47,15 @@ class Quality:
     asked: dict[int, tuple[int, str, int]] = field(default_factory=dict)
     repeats: dict[int, list] = field(default_factory=dict)  # conflicting prompt key -> [rows, (file, row) of the second]
     conflicted: set[str] = field(default_factory=set)  # ids rejected as conflicting_answers
+    groups: dict[str, array] = field(default_factory=lambda: {s: array("q") for s in SPLITS})  # split.group_id of each candidate
+    kept_groups: dict[str, Counter] = field(default_factory=lambda: {s: Counter() for s in SPLITS})  # group id -> kept rows
+
+    def group_stats(self) -> dict[str, Any]:
+        """The groups of kept rows that hold two or more (a group of one is a row like any other)."""
+        shared = {split: {g: n for g, n in kept.items() if n >= 2} for split, kept in self.kept_groups.items()}
+        sizes = [n for groups in shared.values() for n in groups.values()]
+        return {"groups": len(sizes), "rows": sum(sizes), "largest": max(sizes, default=0),
+                "by_split": {split: len(groups) for split, groups in shared.items()}}
 
     def ask(self, key: int, seq: int, source_file: str, row: int) -> None:
         """A candidate (no exact duplicate) asking prompt `key`, in pass-1 order."""
@@ -108,6 +117,8 @@ def second_pass(out: Collected, q: Quality, workers: int) -> None:
             if kept:
                 masks[split][i] = 1
                 out.count(split, row)
+                if q.groups[split][i]:
+                    q.kept_groups[split][q.groups[split][i]] += 1
     for split in SPLITS:
         out.splits[split].select(masks[split])
 

@@ -1,7 +1,16 @@
 """Identity of a row (normalized content hash), exact deduplication and the hash-based split.
 
-The split depends only on the row's own content hash and the salt, so adding, removing or
-reordering other rows never moves a row between train, validation and test.
+The split depends only on the row's own content and the salt, so adding, removing or reordering
+other rows never moves a row between train, validation and test. A row in a group (rows sharing a
+context: tenants.<t>.sources[].group, or the long line that prepare.group_min_chars finds) is split
+by the hash of its group's key instead of its content hash, so a group goes whole to one split and
+no passage is both trained on and tested.
+
+The automatic key is cheap and needs no other row: the longest line (normalized) of the first user
+turn, when that turn holds other text too (a passage and its question) and the line has at least
+group_min_chars characters, keyed by its words (quality.words). Rows asking about one passage share
+it; a passage quoted once is a group of one (split by the passage's hash, like any row by its own). Only the first user turn is read: a long system prompt is the
+tenant's instructions, shared by all its rows, and grouping on it would put the tenant in one split.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import unicodedata
 from collections.abc import Iterable
 
 from loraline.config import SplitParams
+from loraline.prepare.quality import words
 
 
 def normalize(text: str) -> str:
@@ -31,6 +41,35 @@ def content_hash(turns: Iterable[tuple[str, str]]) -> str:
     """
     payload = json.dumps([[role, normalize(content)] for role, content in turns], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def group_of(messages: Iterable, named: str | None, min_chars: int | None) -> str | None:
+    """The key of a row's group (messages with .role and .content): the `named` value
+    (sources[].group), else the long line of the first user turn, else None (no group)."""
+    if named is not None:
+        return "group\x00" + normalize(named)
+    if min_chars is None:
+        return None
+    first = next((m.content for m in messages if m.role == "user"), "")
+    lines = [line for line in map(normalize, first.splitlines()) if line]
+    if len(lines) < 2:  # the whole prompt is one line: no shared context apart from the question
+        return None
+    longest = max(lines, key=len)
+    if len(longest) < min_chars:
+        return None
+    # Its words (case-folded, punctuation aside), as near-dedup compares: a copy with other case or
+    # punctuation stays in its original's group, where near-dedup finds it.
+    return "context\x00" + " ".join(words(longest))
+
+
+def split_key(content_hash_hex: str, group: str | None) -> str:
+    """What the split hashes: the group's key when the row has one, else its content hash."""
+    return content_hash_hex if group is None else hashlib.sha256(group.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def group_id(group: str | None) -> int:
+    """A group key as a signed 64-bit number for array("q"); 0 for no group."""
+    return 0 if group is None else (int(split_key("", group)[:16], 16) - (1 << 63)) or 1
 
 
 def prompt_key(messages: Iterable[dict]) -> int:

@@ -188,6 +188,7 @@ def collect(
         mix_synthetic(out, Path(synthetic_rows), ctx, q, seed, rows_in)
     follow_removed_originals(out, q.conflicted)
     stats.conflicting_answers, stats.conflicting_prompts = q.conflicting_rows, len(q.repeats)
+    stats.groups = q.group_stats()
     stats.pii = {kind: ctx.pii.get(kind, 0) for kind in sorted(PII_TYPES)}
     stats.pii_rows = ctx.pii_rows[0]
     summarize(out, raw_dir, tokenizer, rows_in)
