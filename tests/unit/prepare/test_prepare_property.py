@@ -42,7 +42,14 @@ SOURCES = st.lists(st.fixed_dictionaries({
     "explode": st.sampled_from([None, "instances", "meta"]),
     "roles": st.sampled_from([{}, {"human": "user", "bot": "assistant", "tool": "tool"}]),
     "control_tokens": st.sampled_from([None, "reject", "strip", "escape"]),
+    "group": st.sampled_from([None, "meta", "question", "item.output", "{meta.q}"]),
 }), max_size=2)
+# Rows asking about a few shared passages (issue 37), so that groups of several rows occur.
+PASSAGE_TEXT = [f"Passage {p}: " + " ".join(f"word{p}{i}" for i in range(40)) for p in range(3)]
+PASSAGE_ROWS = st.lists(st.builds(lambda p, q, a: {"prompt": f"{PASSAGE_TEXT[p]}\n{q}", "completion": a},
+                                  st.integers(0, 2), TEXT, TEXT), max_size=8)
+PARAMS = st.builds(lambda conflicts, min_chars: PrepareParams(conflicts=conflicts, group_min_chars=min_chars),
+                   st.sampled_from(["keep", "first", "reject"]), st.sampled_from([None, 1, 200]))
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -80,15 +87,15 @@ def _write(raw: Path, rows: list, bad: list[bytes]) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(rows=ROWS, bad=BAD_LINES, sources=SOURCES)
-def test_prepare_never_loses_a_row(rows, bad, sources, tokenizer):
+@given(rows=ROWS, passages=PASSAGE_ROWS, bad=BAD_LINES, sources=SOURCES, params=PARAMS)
+def test_prepare_never_loses_a_row(rows, passages, bad, sources, params, tokenizer):
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"
-        _write(raw, rows, bad)
+        _write(raw, rows + passages, bad)
         tenant = TenantParams(name="acme", raw_dir=raw, sources=_valid_sources(sources))
         out = Path(tmp) / "out"
         try:
-            result = prepare_tenant(tenant, PrepareParams(), tokenizer, out_dir=out / "prepared",
+            result = prepare_tenant(tenant, params, tokenizer, out_dir=out / "prepared",
                                     rejected_path=out / "rejected.jsonl", stats_path=out / "stats.json")
         except PrepareError:  # no usable row: a clear error, and every row is in the reject file
             rejected = _jsonl(out / "rejected.jsonl")
@@ -104,3 +111,32 @@ def test_prepare_never_loses_a_row(rows, bad, sources, tokenizer):
         # JSONL rows: one per non-blank line, whatever it held (explode may make several of one line)
         lines = [line for line in (raw / "data.jsonl").read_bytes().split(b"\n") if line.strip()]
         assert stats.by_file["data.jsonl"]["rows_in"] >= len(lines) or any(s.explode for s in tenant.sources)
+        _groups_whole(result, stats, params, tenant)
+
+
+def _groups_whole(result, stats, params: PrepareParams, tenant: TenantParams) -> None:
+    """Grouping neither loses nor double-counts a row: each kept row is in exactly one split, the
+    splits hold what the stats count, and an automatic group never straddles two splits."""
+    import datasets
+
+    from loraline.prepare.schema import Message
+    from loraline.prepare.split import group_of
+
+    dataset = datasets.load_from_disk(str(result.dataset_dir))
+    seen: dict[tuple, str] = {}
+    group_split: dict[str, set] = {}
+    for split in ("train", "validation", "test"):
+        assert len(dataset[split]) == stats.splits[split]
+        for row in dataset[split]:
+            key = (row["source_file"], row["row"], row["id"])
+            assert key not in seen, (key, seen.get(key), split)  # not in two splits, nor twice in one
+            seen[key] = split
+            if not tenant.sources:  # every file detected: only automatic groups
+                group = group_of([Message(m["role"], m["content"]) for m in row["messages"]], None, params.group_min_chars)
+                if group is not None:
+                    group_split.setdefault(group, set()).add(split)
+    assert sum(stats.splits.values()) + stats.documents == stats.kept
+    assert all(len(splits) == 1 for splits in group_split.values())
+    groups = stats.groups
+    assert sum(groups["by_split"].values()) == groups["groups"] and groups["rows"] <= sum(stats.splits.values())
+    assert groups["groups"] == 0 or 2 <= groups["largest"] <= groups["rows"]
