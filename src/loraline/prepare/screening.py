@@ -22,11 +22,12 @@ from loraline.prepare.quality.near_dup import NearDuplicateIndex
 from loraline.prepare.readers import excerpt
 from loraline.prepare.rows import batches
 from loraline.prepare.schema import SPLITS, Reject, RejectReason, locate
+from loraline.prepare.split import context_line
 
 # What pass 2 reads back of each candidate: not the token ids, which it leaves where they are.
 PASS2_COLUMNS = ("id", "messages", "source_file", "row", "source", "provenance", "shape", "n_tokens", "n_answer_tokens")
 
-_SCREEN: dict[str, Any] = {"test_index": None, "near": None}  # pass 2's read-only state, per process
+_SCREEN: dict[str, Any] = {"test_index": None, "near": None, "min_chars": None}  # pass 2's read-only state, per process
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Quality:
     alive: dict[str, bytearray] = field(default_factory=lambda: {s: bytearray() for s in SPLITS})  # not an exact duplicate
     seen: int = 0
     conflicts: str = "keep"  # prepare.conflicts
+    group_min_chars: int | None = None  # prepare.group_min_chars: a passage is set aside when comparing rows
     prompts: dict[str, array] = field(default_factory=lambda: {s: array("q") for s in SPLITS})  # split.prompt_key of each candidate
     # prompt key -> (pass-1 number, file, row) of its first candidate that is no exact duplicate; a
     # second such candidate is a different answer to the same prompt (same answer: same content hash).
@@ -108,9 +110,9 @@ def second_pass(out: Collected, q: Quality, workers: int) -> None:
 
     # Workers forked now inherit the complete test index; the near-duplicate index they get is only
     # used for its signature function (the kept rows are walked here).
-    set_up_screen(q.test_index, q.near)
+    set_up_screen(q.test_index, q.near, min_chars=q.group_min_chars)
     for screened in ordered_map(screen_job, jobs(), workers=workers, initializer=set_up_screen,
-                                initargs=(q.test_index, _signer(q.near), True)):
+                                initargs=(q.test_index, _signer(q.near), True, q.group_min_chars)):
         batch = in_flight.popleft()
         rows = [(split, row) for _, split, _, row in batch]
         for (_, split, i, row), kept in zip(batch, _apply_screen(out, rows, screened, q)):
@@ -130,8 +132,21 @@ def conflict_reject(tenant: str, row: dict, other: tuple[str, int], policy: str)
                   excerpt(json.dumps(row["messages"], ensure_ascii=False)))
 
 
-def set_up_screen(test_index: TestIndex | None, near: NearDuplicateIndex | None, worker: bool = False) -> None:
-    _SCREEN["test_index"], _SCREEN["near"] = test_index, near
+def set_up_screen(test_index: TestIndex | None, near: NearDuplicateIndex | None, worker: bool = False,
+                  min_chars: int | None = None) -> None:
+    _SCREEN["test_index"], _SCREEN["near"], _SCREEN["min_chars"] = test_index, near, min_chars
+
+
+def own_part(messages: list[dict], min_chars: int | None) -> str:
+    """What must also be near-identical for a near-duplicate: the answer, and with a passage in the
+    first user turn (split.context_line) the rest of the text too, so that two questions about one
+    passage with the same short answer stay two examples."""
+    first = next((m for m in messages if m["role"] == "user"), None)
+    line = context_line(first["content"], min_chars) if first is not None else None
+    if line is None:
+        return answer_text(messages)
+    return "\n".join(m["content"].replace(line, "", 1) if m is first else m["content"]
+                     for m in messages if m["role"] in ("user", "assistant"))
 
 
 def _signer(near: NearDuplicateIndex | None) -> NearDuplicateIndex | None:
@@ -157,7 +172,7 @@ def _screen(rows: list[tuple[str, dict]], test_index: TestIndex | None, near: Ne
     clean = [i for i, hit in enumerate(hits) if hit is None]
     sigs: list = [None] * len(rows)
     if near is not None and clean:
-        answers = near.signatures([answer_text(rows[i][1]["messages"]) for i in clean])
+        answers = near.signatures([own_part(rows[i][1]["messages"], _SCREEN["min_chars"]) for i in clean])
         for i, sig, answer in zip(clean, near.signatures([texts[i] for i in clean]), answers):
             sigs[i] = (sig, answer)
     return list(zip(hits, sigs))

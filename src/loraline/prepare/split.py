@@ -48,18 +48,25 @@ def group_of(messages: Iterable, named: str | None, min_chars: int | None) -> st
     (sources[].group), else the long line of the first user turn, else None (no group)."""
     if named is not None:
         return "group\x00" + normalize(named)
-    if min_chars is None:
-        return None
     first = next((m.content for m in messages if m.role == "user"), "")
-    lines = [line for line in map(normalize, first.splitlines()) if line]
-    if len(lines) < 2:  # the whole prompt is one line: no shared context apart from the question
-        return None
-    longest = max(lines, key=len)
-    if len(longest) < min_chars:
+    longest = context_line(first, min_chars)
+    if longest is None:
         return None
     # Its words (case-folded, punctuation aside), as near-dedup compares: a copy with other case or
     # punctuation stays in its original's group, where near-dedup finds it.
     return "context\x00" + " ".join(words(longest))
+
+
+def context_line(prompt: str, min_chars: int | None) -> str | None:
+    """The longest line of `prompt` (as written) when the prompt holds other text too and the line,
+    normalized, has at least min_chars characters: a passage the question is asked about."""
+    if min_chars is None:
+        return None
+    lines = [line for line in prompt.splitlines() if line.strip()]
+    if len(lines) < 2:  # the whole prompt is one line: no shared context apart from the question
+        return None
+    longest = max(lines, key=lambda line: len(normalize(line)))
+    return longest if len(normalize(longest)) >= min_chars else None
 
 
 def split_key(content_hash_hex: str, group: str | None) -> str:

@@ -175,7 +175,7 @@ def collect(
     q = Quality(
         TestIndex(params.decontamination) if params.decontamination.enabled else None,
         NearDuplicateIndex(params.near_dedup, seed=seed) if params.near_dedup.enabled else None,
-        conflicts=params.conflicts,
+        conflicts=params.conflicts, group_min_chars=params.group_min_chars,
     )
 
     specs = compile_sources(tenant.sources)

@@ -104,3 +104,10 @@ def test_inspect_says_rows_share_contexts(raw_dir):
     report = report_text([result])
     assert "shared contexts: 8 rows in 2 groups (largest 4)" in report
     assert "field 'context' repeats: 9 rows in 3 groups (largest 3); to group by it, add group: context" in report
+
+
+def test_two_questions_with_one_answer_about_a_passage_are_two_rows(raw_dir, gather):
+    """The same short answer to two questions about a passage: the passage set aside, the questions differ."""
+    write_jsonl(raw_dir / "a.jsonl", [chat(f"{passage(0)}\nQuestion: who wrote it?", "Kaba."),
+                                      chat(f"{passage(0)}\nQuestion: whose name opens the passage?", "Kaba.")])
+    assert gather().stats.kept == 2
