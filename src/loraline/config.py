@@ -490,6 +490,25 @@ class MergeParams(_Section):
     )
 
 
+EXPORT_GRAPHS = ("fp32", "fp16", "int8", "int4")
+
+
+def export_graphs_problem(graphs: list[str] | tuple[str, ...]) -> str | None:
+    """Why a list of export graphs cannot be built and checked, or None. Params load and export_onnx
+    (callable without params) both ask it."""
+    unknown = sorted(set(graphs) - set(EXPORT_GRAPHS))
+    if unknown:
+        return f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(EXPORT_GRAPHS)}"
+    if len(set(graphs)) != len(graphs):
+        return f"{list(graphs)} names a graph twice"
+    if not {"fp32", "int4"} & set(graphs):
+        return ("needs fp32 or int4: the gate's export parity is measured on a graph with an exact float32 twin "
+                "(fp16 and int8 are only checked loosely against it)")
+    if "int8" in graphs and "fp32" not in graphs:
+        return "int8 is quantized from the fp32 graph, so it needs fp32 too"
+    return None
+
+
 class ExportParams(_Section):
     """ONNX export of each merged model, with the KV cache in the graph, for plain onnxruntime."""
 
@@ -510,13 +529,9 @@ class ExportParams(_Section):
     @field_validator("graphs")
     @classmethod
     def _buildable(cls, graphs: list[str]) -> list[str]:
-        if len(set(graphs)) != len(graphs):
-            raise ValueError(f"{graphs} names a graph twice")
-        if not {"fp32", "int4"} & set(graphs):
-            raise ValueError("needs fp32 or int4: the gate's export parity is measured on a graph with an exact "
-                             "float32 twin (fp16 and int8 are only checked loosely against it)")
-        if "int8" in graphs and "fp32" not in graphs:
-            raise ValueError("int8 is quantized from the fp32 graph, so it needs fp32 too")
+        problem = export_graphs_problem(graphs)
+        if problem:
+            raise ValueError(problem)
         return graphs
     opset: int | None = Field(None, ge=14, description="ONNX opset; null lets torch.onnx choose")
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens per probe for the generation parity check")

@@ -17,7 +17,7 @@ Quantization runs on the CPU, so the graph is the same bytes on any machine (as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ from loraline.export.lowbit import MS_DOMAIN, matmul_nbits_nodes
 from loraline.export import onnx_export
 from loraline.modelling.qalora import GroupQuantized
 
-BLOCK_SIZES = (16, 32, 64, 128)
 _ALIGN = 4096  # external tensors start on a page: onnxruntime can map them without copying
 
 
@@ -77,16 +76,6 @@ def write_int4_graph(program: Any, model: torch.nn.Module, dst: Path, block_size
     return facts, layers
 
 
-@dataclass(frozen=True)
-class _Initializer:
-    """A float initializer of the traced program: read only when written."""
-
-    value: Any  # onnx_ir tensor
-
-    def numpy(self) -> np.ndarray:
-        return self.value.numpy()
-
-
 def linear_weights(model: torch.nn.Module, block_size: int) -> dict[str, str]:
     """The traced program's name of each quantizable linear weight -> the module's name in `model`.
     Quantizable: a decoder linear layer whose input width is a multiple of `block_size`. The output head
@@ -125,8 +114,6 @@ def dequantized_twin(model: torch.nn.Module, layers: dict[str, GroupQuantized]) 
 
 def _matmul_nbits(node: Any, q: GroupQuantized, name: str) -> tuple[list, dict[str, np.ndarray]]:
     """The MatMulNBits nodes replacing `node` (x @ W.T), and their arrays by initializer name."""
-    from onnx import numpy_helper
-
     from loraline.modelling.qalora import matmul_nbits_initializers
 
     init = matmul_nbits_initializers(q)
@@ -134,7 +121,8 @@ def _matmul_nbits(node: Any, q: GroupQuantized, name: str) -> tuple[list, dict[s
     nbits = nodes[0]
     del nbits.output[:]
     nbits.output.append(node.output[0])  # integer zero points: no rest to subtract, MatMulNBits alone
-    return [nbits], {p.name: numpy_helper.to_array(p) for p in protos[:3]}
+    # MatMulNBits' own inputs, by the initializer names the nodes read (the arrays, not copies of them)
+    return [nbits], {proto.name: init[part] for proto, part in zip(protos, ("B", "scales", "zero_points"))}
 
 
 def _skeleton(program: Any, dst: Path) -> Any:
@@ -149,22 +137,23 @@ def _skeleton(program: Any, dst: Path) -> Any:
         path.unlink(missing_ok=True)
 
 
-def _program_initializers(program: Any) -> dict[str, _Initializer]:
-    return {name: _Initializer(value.const_value) for name, value in program.model.graph.initializers.items()
+def _program_initializers(program: Any) -> dict[str, Any]:
+    """The traced program's initializers (onnx_ir tensors over the model's own parameters: read only when written)."""
+    return {name: value.const_value for name, value in program.model.graph.initializers.items()
             if value.const_value is not None}
 
 
-def _write(model: Any, dst: Path, floats: dict[str, _Initializer], arrays: dict[str, np.ndarray]) -> bool:
+def _write(model: Any, dst: Path, floats: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
     """Save `model` with the initializers, streamed into `<dst>.data` when they pass onnx_export.EXTERNAL_DATA_BYTES
     (one tensor in memory at a time), else inside the file. Returns whether external data was used."""
     import onnx
     from onnx import numpy_helper
 
     names = sorted(floats) + sorted(arrays)
-    size = sum(int(f.value.nbytes) for f in floats.values()) + sum(a.nbytes for a in arrays.values())
+    size = sum(int(f.nbytes) for f in floats.values()) + sum(a.nbytes for a in arrays.values())
     external = size > onnx_export.EXTERNAL_DATA_BYTES
     data_path = dst.with_name(dst.name + ".data")
-    with open(data_path, "wb") if external else _NoFile() as data:
+    with open(data_path, "wb") if external else contextlib.nullcontext() as data:
         for name in names:
             array = floats[name].numpy() if name in floats else arrays[name]
             tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
@@ -184,12 +173,4 @@ def _move_to_file(tensor: Any, data: Any, location: str) -> None:
     data.write(raw)
     set_external_data(tensor, location=location, offset=offset, length=len(raw))
     tensor.ClearField("raw_data")
-
-
-class _NoFile:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 

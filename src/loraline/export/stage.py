@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from loraline import io
-from loraline.config import Params
+from loraline.config import Params, export_graphs_problem
 from loraline.layout import NOT_BUILT, QALORA_QUANTIZED, Layout
 from loraline.export.onnx_export import graph_bytes, quantize_int8, save_graph, trace_model
 from loraline.export.runtime import GRAPH_FILES, GRAPHS, INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
@@ -179,14 +179,9 @@ def export_onnx(
 
 def check_graphs(graphs: Sequence[str]) -> tuple[str, ...]:
     """`graphs` in GRAPHS order, refused with the reason when it cannot be built or checked."""
-    unknown = sorted(set(graphs) - set(GRAPHS))
-    if unknown:
-        raise ExportError(f"export.graphs: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(GRAPHS)}")
-    if not set(graphs) & set(EXACT_GRAPHS):
-        raise ExportError("export.graphs needs fp32 or int4: the gate's export parity is measured on a graph with "
-                          "an exact float32 twin in PyTorch (fp16 and int8 are checked against it only loosely)")
-    if "int8" in graphs and "fp32" not in graphs:
-        raise ExportError("export.graphs: int8 is quantized from the fp32 graph, so it needs fp32 too")
+    problem = export_graphs_problem(tuple(graphs))
+    if problem:
+        raise ExportError(f"export.graphs: {problem}")
     return tuple(g for g in GRAPHS if g in graphs)
 
 
