@@ -547,14 +547,24 @@ class EvaluateParams(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens generated per test row")
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test rows (null: all)")
     examples_in_report: int = Field(3, ge=0, description="Example generations shown side by side in report.md")
-    batch_size: int = Field(
-        32, ge=1, description="Test rows scored and generated at once (left-padded); the answers do not depend on it. "
-        "Lower it for a large model on a small GPU: the KV cache grows with it"
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Test rows scored and generated at once (left-padded); on the CPU the answers do not depend "
+        "on it. auto: 32 on the CPU; on CUDA as many rows (up to 256) as the card's memory holds beside the loaded model "
+        "(evaluate/batching.py: from the card's total memory, so a card of one kind always picks the same number), "
+        "halved and retried on an out-of-memory error. metrics.json's `batch_rows` says what was used"
     )
     device: Device = Field(
         "auto", description="Where the models are scored and generate; auto: CUDA when present (bfloat16 there, "
         "float32 on the CPU, so the numbers of the two differ slightly)"
     )
+
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size_form(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be a whole number of test rows >= 1, or auto")
 
 
 class SeedTask(_Section):

@@ -16,7 +16,8 @@ folder kind is accepted wherever a model is evaluated (candidate, production, `e
 
 Where: `device` (evaluate.device: auto, cpu or cuda, as base.build.device): every model is loaded, scored
 and generates there, batch_size rows at once with the KV cache (left-padded); bfloat16 on CUDA, float32 on
-the CPU. metrics.json and the timing file record the device.
+the CPU. metrics.json and the timing file record the device; metrics.json's batch_rows the rows per batch
+each model ran with (evaluate.batch_size: auto sizes them to the card, evaluate/batching.py).
 
 out_dir (replaced atomically):
     metrics.json       {"tenant", "device", "test_rows", "answer_tokens", "expects_json", "max_new_tokens",
@@ -53,6 +54,7 @@ from loraline.layout import QLORA_REFERENCE, Layout
 from loraline.evaluate import long_context as LC
 from loraline.evaluate import lowbit as LB
 from loraline.evaluate import metrics as M
+from loraline.evaluate.batching import rows_for, scored_in_batches
 from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE, extended_context
@@ -98,6 +100,17 @@ class EvaluateResult:
 
 
 @dataclass(frozen=True)
+class _Scored:
+    """One model's evaluation: its flat metrics, greedy predictions, the answer tokens scored, and how
+    many test rows went through it at once (evaluate.batch_size, resolved)."""
+
+    scores: dict[str, float | None]
+    predictions: list[str]
+    answer_tokens: int
+    batch_rows: int
+
+
+@dataclass(frozen=True)
 class _TestSet:
     ids: list[str]
     input_ids: list[list[int]]
@@ -119,7 +132,7 @@ def evaluate_tenant(
     max_new_tokens: int = 64,
     max_examples: int | None = None,
     examples_in_report: int = 3,
-    batch_size: int = 32,
+    batch_size: int | str = "auto",
     progress: bool = False,
     full_attention_reference: Path | None = None,
     qlora_reference: Path | None = None,
@@ -136,8 +149,8 @@ def evaluate_tenant(
         raise EvaluateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if max_examples is not None and max_examples < 1:
         raise EvaluateError(f"max_examples must be >= 1 or None, got {max_examples}")
-    if batch_size < 1:
-        raise EvaluateError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise EvaluateError(f"batch_size must be >= 1 or auto, got {batch_size!r}")
     where = resolve_device(device, "evaluate.device")
     candidate = _model_spec(candidate_dir, base_dir, "run the merge stage first")
     if qlora_reference is not None:  # before any model is scored: a mismatch is an error, not a late surprise
@@ -158,10 +171,12 @@ def evaluate_tenant(
 
     scores: dict[str, dict[str, float | None]] = {}
     predictions: dict[str, list[str]] = {}
+    batch_rows: dict[str, int] = {}
     answer_tokens = 0
     for name, (scored, seconds) in _score_models(models, tok, test, refs_json, max_new_tokens, batch_size, where,
                                                  progress).items():
-        scores[name], predictions[name], answer_tokens = scored
+        scores[name], predictions[name], answer_tokens = scored.scores, scored.predictions, scored.answer_tokens
+        batch_rows[name] = scored.batch_rows
         if progress:
             print(f"evaluate {tenant}/{name}: {seconds:.1f}s {scores[name]}", file=sys.stderr)
 
@@ -186,6 +201,7 @@ def evaluate_tenant(
         "answer_tokens": answer_tokens,
         "expects_json": refs_json,
         "max_new_tokens": max_new_tokens,
+        "batch_rows": batch_rows,
         "models": scores,
     }
     if low_bit is not None:
@@ -273,7 +289,7 @@ def _long_context_report(
 
 def _low_bit_comparison(
     base: tuple[str, dict[str, Any]], twin: Path, quantization: tuple[int, int], candidate: dict[str, float | None],
-    tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, batch_size: int, device: Any,
+    tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, batch_size: int | str, device: Any,
     predictions: dict[str, list[str]], progress: bool,
 ) -> dict[str, Any]:
     """QA-LoRA's candidate against its QLoRA twin, merged in float and rounded after training; the
@@ -284,13 +300,14 @@ def _low_bit_comparison(
     base_path, base_kwargs = base
     scores = {LB.QALORA: candidate}
     args = (tok, test, refs_json, max_new_tokens, batch_size)
-    scores[LB.FLOAT_MERGE], predictions[LB.FLOAT_MERGE], _ = _score(
+    float_merge = _score(
         base_path, {**base_kwargs, "adapter": twin}, *args, device, _progress(LB.FLOAT_MERGE, len(test.ids), progress))
+    scores[LB.FLOAT_MERGE], predictions[LB.FLOAT_MERGE] = float_merge.scores, float_merge.predictions
     with LB.rounded_after_training(base_path, base_kwargs, twin, bits, group_size, device, compute_dtype(device)) as (
         model, float_bytes, lowbit_bytes,
     ):
-        scores[LB.ROUNDED_AFTER], predictions[LB.ROUNDED_AFTER], _ = _score_loaded(
-            model, *args, _progress(LB.ROUNDED_AFTER, len(test.ids), progress))
+        rounded = _score_loaded(model, *args, _progress(LB.ROUNDED_AFTER, len(test.ids), progress))
+        scores[LB.ROUNDED_AFTER], predictions[LB.ROUNDED_AFTER] = rounded.scores, rounded.predictions
     return LB.comparison(bits=bits, group_size=group_size, scores=scores, float_bytes=float_bytes,
                          lowbit_bytes=lowbit_bytes, twin=twin)
 
@@ -303,7 +320,7 @@ def evaluate_model(
     base_params: BaseParams,
     max_new_tokens: int = 64,
     max_examples: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | str = "auto",
     device: str = "auto",
 ) -> dict[str, float | None]:
     """One model's metrics, computed as evaluate_tenant computes each of its models (so the numbers compare:
@@ -317,7 +334,7 @@ def evaluate_model(
     test = _load_test(Path(dataset_dir), tok, max_examples)
     return _score(
         path, kwargs, tok, test, M.expects_json(test.references), max_new_tokens, batch_size, where, None
-    )[0]
+    ).scores
 
 
 def _is_model(folder: Path) -> bool:
@@ -337,8 +354,8 @@ def _model_spec(folder: Path, base_dir: Path, hint: str) -> tuple[str, dict[str,
 
 def _score_models(
     models: dict[str, tuple[str, dict[str, Any]]], tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int,
-    batch_size: int, device: Any, progress: bool,
-) -> dict[str, tuple[tuple[dict[str, float | None], list[str], int], float]]:
+    batch_size: int | str, device: Any, progress: bool,
+) -> dict[str, tuple[_Scored, float]]:
     """Each model's (metrics, predictions, answer tokens) and seconds, in `models`' order. The base and
     the adapters on it (deploy.targets without merged) share one load of the base: at 8B a load costs
     more than the scoring. peft runs the base layers alone while its adapters are disabled, so the base
@@ -347,7 +364,7 @@ def _score_models(
     on_base = [name for name, (path, kwargs) in models.items() if name != "base" and "adapter" in kwargs
                and path == base_path and {k: v for k, v in kwargs.items() if k != "adapter"} == base_kwargs]
     args = (tok, test, refs_json, max_new_tokens, batch_size)
-    out: dict[str, tuple[tuple[dict[str, float | None], list[str], int], float]] = {}
+    out: dict[str, tuple[_Scored, float]] = {}
     if on_base:
         from peft import PeftModel
 
@@ -372,25 +389,31 @@ def _score_models(
 
 
 def _score(
-    path: str, kwargs: dict[str, Any], tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, batch_size: int,
-    device: Any, on_batch: Any,
-) -> tuple[dict[str, float | None], list[str], int]:
-    """(metrics, greedy predictions, answer tokens) of the model at `path` on `test`."""
+    path: str, kwargs: dict[str, Any], tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int,
+    batch_size: int | str, device: Any, on_batch: Any,
+) -> _Scored:
+    """The model at `path` scored on `test`."""
     torch.manual_seed(SEED)
     with loaded_model(path, device, **kwargs) as model:
         return _score_loaded(model, tok, test, refs_json, max_new_tokens, batch_size, on_batch)
 
 
 def _score_loaded(
-    model: Any, tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, batch_size: int, on_batch: Any,
-) -> tuple[dict[str, float | None], list[str], int]:
-    torch.manual_seed(SEED)
-    loss = answer_loss(model, test.input_ids, test.labels, tok.pad_token_id, batch_size)
-    predictions = generate_greedy(model, tok, test.prompts, max_new_tokens, batch_size, on_batch=on_batch)
+    model: Any, tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, batch_size: int | str, on_batch: Any,
+) -> _Scored:
+    longest = max(max(map(len, test.input_ids)), max(map(len, test.prompts)) + max_new_tokens)
+    rows = rows_for(batch_size, model, longest, len(test.ids))
+
+    def score(rows: int) -> tuple[Any, list[str]]:
+        torch.manual_seed(SEED)
+        loss = answer_loss(model, test.input_ids, test.labels, tok.pad_token_id, rows)
+        return loss, generate_greedy(model, tok, test.prompts, max_new_tokens, rows, on_batch=on_batch)
+
+    (loss, predictions), rows = scored_in_batches(batch_size, rows, score, "evaluate")
     scores = _finite(
         {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | M.aggregate(predictions, test.references, refs_json)
     )
-    return scores, predictions, loss.tokens
+    return _Scored(scores, predictions, loss.tokens, rows)
 
 
 def _load_test(dataset_dir: Path, tok: Any, max_examples: int | None) -> _TestSet:

@@ -208,6 +208,8 @@ def test_evaluate_on_cuda(setup: Setup, full, tmp_path):
         assert scores["answer_loss"] == pytest.approx(full.metrics["models"][name]["answer_loss"], rel=0.05), name
     assert metrics["models"]["candidate"]["answer_loss"] < metrics["models"]["base"]["answer_loss"]
     assert len(_read_jsonl(result.generations_path)) == metrics["test_rows"]
+    # evaluate.batch_size auto: a tiny model on a GPU takes the whole split in one batch
+    assert metrics["batch_rows"] == {name: metrics["test_rows"] for name in metrics["models"]}
     alone = evaluate_model(model_dir=setup.candidate_dir, dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
                            base_params=setup.base_params, max_new_tokens=16, device="cuda")
     assert alone == pytest.approx(metrics["models"]["candidate"], rel=1e-5)
@@ -220,7 +222,7 @@ def test_bad_inputs(setup: Setup, tmp_path):
         evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(dataset_dir=tmp_path / "nothing"))
     with pytest.raises(EvaluateError, match="max_new_tokens"):
         evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(max_new_tokens=0))
-    with pytest.raises(EvaluateError, match="batch_size must be >= 1, got 0"):
+    with pytest.raises(EvaluateError, match="batch_size must be >= 1 or auto, got 0"):
         evaluate_tenant(out_dir=tmp_path / "x", batch_size=0, **setup.kwargs())
     from loraline.layout import TOKENIZER_STAMP
 
@@ -247,6 +249,8 @@ def test_cuda_without_a_gpu_names_the_key_and_writes_nothing(setup: Setup, tmp_p
 def test_the_stage_batch_size_changes_no_answer(setup: Setup, full, tmp_path):
     """evaluate.batch_size is speed only: one row at a time gives the default batch's answers and losses."""
     one = evaluate_tenant(out_dir=tmp_path / "eval", batch_size=1, **setup.kwargs(production_dir=setup.base_dir))
+    assert one.metrics["batch_rows"] == {name: 1 for name in one.metrics["models"]}
+    assert full.metrics["batch_rows"] == {name: min(32, full.metrics["test_rows"]) for name in full.metrics["models"]}
     assert [r["predictions"] for r in _read_jsonl(one.generations_path)] == [
         r["predictions"] for r in _read_jsonl(full.generations_path)
     ]
