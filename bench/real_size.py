@@ -489,7 +489,8 @@ def outcome_of(stage: str, result: Any) -> dict[str, Any] | None:
         return {k: report[k] for k in ("device", "device_name", "passed", "merged", "onnx", "graphs") if k in report}
     if stage == "evaluate":
         metrics = result.metrics
-        return {"test_rows": metrics.get("test_rows"), "device": metrics.get("device"), "models": sorted(metrics["models"])}
+        return {"test_rows": metrics.get("test_rows"), "device": metrics.get("device"), "models": sorted(metrics["models"]),
+                "batch_rows": metrics.get("batch_rows")}
     if stage == "prepare":
         stats = result.stats if isinstance(result.stats, dict) else result.stats.__dict__
         return {k: stats[k] for k in ("rows_in", "kept", "splits") if k in stats}
