@@ -193,9 +193,9 @@ def pretrain(
     drill = _Batches(drills, separator, p.seq_len, f"{seed}-drills") if drill_steps else None
     bar = None
     if progress:
-        from tqdm import tqdm
+        from loraline.progress import progress_bar
 
-        bar = tqdm(total=p.max_steps, desc="pretrain base", unit="step")
+        bar = progress_bar(total=p.max_steps, desc="pretrain base", unit="step")
     start = time.perf_counter()
     model.train()
     for step in range(p.max_steps):
@@ -213,8 +213,8 @@ def pretrain(
         result.losses.append(loss.item())
         result.tokens_seen += input_ids.numel()
         if bar is not None:
+            bar.set_postfix(loss=f"{result.losses[-1]:.3f}", refresh=False)  # update() draws, at its pace
             bar.update(1)
-            bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
     if bar is not None:
         bar.close()
     model.eval()

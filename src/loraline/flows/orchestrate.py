@@ -28,6 +28,8 @@ from datetime import datetime
 from pathlib import Path
 
 from loraline.layout import split_stage_id
+from loraline.progress import ENV as PROGRESS_ENV
+from loraline.progress import mode_for_children
 from loraline.tools import tool, tool_env
 
 __all__ = [
@@ -120,8 +122,10 @@ def _run_streaming(
 
     The process gets its own session so that a timeout can stop the whole tree (dvc -> loraline).
     """
+    # the stage's progress: bars when this process's stderr is a terminal, else lines (loraline.progress)
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env={**tool_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, cwd=cwd, env={**tool_env(), PROGRESS_ENV: mode_for_children(), **(env or {})}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True,
     )
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     timed_out = threading.Event()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from loraline.progress import progress_bar
 
 from loraline.prepare import rows
 from loraline.prepare.collected import Collected
@@ -38,7 +38,7 @@ def first_pass(
                 yield spec.index, batch
 
     rows.set_up_examiners(ctx, specs, to_arrow)
-    bar = tqdm(desc=f"prepare {ctx.tenant}", unit=" rows", disable=not progress)
+    bar = progress_bar(desc=f"prepare {ctx.tenant}", unit=" rows", disable=not progress)
     for examined, pii, pii_rows, arrow_batches in ordered_map(rows.examine_job, jobs(), workers=workers,
                                                         initializer=rows.set_up_examiners, initargs=(rows.portable(ctx), specs, to_arrow, True)):
         ctx.pii.update(pii)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from loraline.progress import progress_bar
 
 from loraline.config import Params, SeedTask, SynthesizeParams
 from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
@@ -90,7 +90,7 @@ def synthesize_tenant(
     by_document: dict[str, Counter] = {}
     methods: Counter = Counter()
     generated = 0
-    for doc in tqdm(docs, desc=f"synthesize[{tenant}]", unit="doc", disable=not progress):
+    for doc in progress_bar(docs, desc=f"synthesize[{tenant}]", unit="doc", disable=not progress):
         counts = by_document.setdefault(doc.source, Counter())
         for item in gen.generate(doc, seed, seed_tasks):
             if params.max_rows_per_document is not None and counts["generated"] >= params.max_rows_per_document:

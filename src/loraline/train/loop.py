@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from loraline.progress import progress_bar
 
 from loraline.config import TrainParams
 from loraline.modelling.constants import IGNORE_INDEX
@@ -183,7 +183,7 @@ def train_loop(
         progress.history.append({"step": 0, "train_loss": None, "val_loss": progress.base_val_loss, "lr": None})
     run.model.train()
     started, tokens_here = time.perf_counter(), 0
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not show_progress)
+    bar = progress_bar(total=total_steps, initial=start_step, desc="train", unit="step", disable=not show_progress)
     try:
         for step in range(start_step, total_steps):
             lr = run.optimizer.param_groups[0]["lr"]
@@ -206,7 +206,7 @@ def train_loop(
                 if early is not None and progress.evals_without_improvement >= early:
                     progress.stopped_early = True
             rate = tokens_here / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{rate:.0f}", refresh=False)  # update() draws, at its pace
             bar.update(1)
             if progress.stopped_early:
                 break

@@ -113,9 +113,9 @@ def load_sharded_base(
         )
     layers = decoder_layers(model)
     prefix = {m: name for name, m in model.named_modules()}
-    from tqdm.auto import tqdm
+    from loraline.progress import progress_bar
 
-    for i, layer in enumerate(tqdm(layers, desc="load and shard", unit="layer", disable=not progress)):
+    for i, layer in enumerate(progress_bar(layers, desc="load and shard", unit="layer", disable=not progress)):
         _materialize(layer, prefix[layer] + ".", read, device, dtype, tied)
         described = _four_bit_settings(layer)
         before = {name: p.detach().clone() for name, p in layer.named_parameters()} if i == 0 else None
