@@ -30,6 +30,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _third_party_noise_filtered():
+    """loraline/quiet.py's filters again inside each test: pytest shows every DeprecationWarning by putting
+    its own filters in front of those `import loraline` installed."""
+    from loraline import quiet
+
+    quiet.install()
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run a test on one torch CPU thread (results then repeat bit for bit), restoring the count after."""
