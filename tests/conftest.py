@@ -14,6 +14,16 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """loraline/quiet.py's warning filters as pytest's own: pytest shows every DeprecationWarning by putting
+    its filters in front of those `import loraline` installed, in each test (its fixtures included)."""
+    from loraline import quiet
+
+    for noise in quiet.NOISE:
+        if noise.kind == "warning":
+            config.addinivalue_line("filterwarnings", f"ignore:{noise.message}:{noise.category.__name__}:{noise.source}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
@@ -28,15 +38,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(autouse=True)
-def _third_party_noise_filtered():
-    """loraline/quiet.py's filters again inside each test: pytest shows every DeprecationWarning by putting
-    its own filters in front of those `import loraline` installed."""
-    from loraline import quiet
-
-    quiet.install()
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 Each entry names the library's logger or warning module, the message and the category, and says why the
 message is harmless here; nothing broader is filtered, so a new warning still shows (it may be news:
 tests/e2e/test_dvc_pipeline.py fails on any warning a stage prints that is not ours). `install` runs on
-`import loraline`, so every stage process and the CLI start with these filters; pytest's own filters
-(which show every DeprecationWarning) get them again per test (tests/conftest.py).
+`import loraline`, so every stage process and the CLI start with these filters; pytest, which shows every
+DeprecationWarning with filters of its own, gets them as its own (tests/conftest.py).
 """
 
 from __future__ import annotations
