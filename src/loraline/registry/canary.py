@@ -29,7 +29,7 @@ from loraline.registry.snapshot import git
 from loraline.registry.sync import shared_registry
 
 CANARY_NOTE = "Canary: on probation until a serving replica keeps it or rolls it back (serve.canary)"
-ADAPTER_SUFFIX = "-adapter"
+ADAPTER_SUFFIX = "-adapter"  # the artifact serving loads (<tenant>-adapter); its canary decides for the tenant
 
 
 @dataclass(frozen=True)
