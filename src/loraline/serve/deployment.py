@@ -75,6 +75,8 @@ class Deployment:
     _inflight: Counter = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)  # routes, canaries and in-flight counts
     _sync_lock: threading.Lock = field(default_factory=threading.Lock)  # one swap at a time (watcher, refresh)
+    _engine_lock: threading.Lock = field(default_factory=threading.Lock)  # orders loads and unloads of one name
+    _unloading: dict[str, threading.Event] = field(default_factory=dict)  # engine name -> cancels its pending unload
     _refused: dict[str, str] = field(default_factory=dict)  # tenant -> version its check refused (not retried)
     _unwritten: dict[str, tuple[int, str, Verdict]] = field(default_factory=dict)  # failed checks whose rollback the registry lacks
 
@@ -237,7 +239,7 @@ class Deployment:
         event: dict[str, Any] = {"tenant": tenant, "version": version, "commit": commit, "previous": current.version if current else None}
         try:
             new = self.prepare(tenant, version, commit)
-            self.engine.load(new.served_name, new.adapter)
+            self._load(new)
         except Exception as exc:  # noqa: BLE001 -- any failure leaves the tenant on what it had
             self._refused[tenant] = version
             return None, {**event, "event": "load_failed", "error": str(exc)[:1000]}
@@ -267,17 +269,35 @@ class Deployment:
             "mismatches": mismatches[:3],
         }
 
-    def _unload_later(self, old: ServedVersion) -> None:
-        threading.Thread(target=self._unload_when_idle, args=(old,), daemon=True).start()
+    def _load(self, new: ServedVersion) -> None:
+        """Into the engine; a version still draining there (a rollback onto it, a canary's stable version taken
+        up again) is taken back from its pending unload instead: the engine refuses a name it has."""
+        with self._engine_lock:
+            pending = self._unloading.pop(new.served_name, None)
+            if pending is not None:
+                pending.set()
+                return
+            self.engine.load(new.served_name, new.adapter)
 
-    def _unload_when_idle(self, old: ServedVersion, timeout_s: float = 600) -> None:
+    def _unload_later(self, old: ServedVersion) -> None:
+        cancel = threading.Event()
+        with self._engine_lock:
+            self._unloading[old.served_name] = cancel
+        threading.Thread(target=self._unload_when_idle, args=(old, cancel), daemon=True).start()
+
+    def _unload_when_idle(self, old: ServedVersion, cancel: threading.Event, timeout_s: float = 600) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._inflight[old.served_name] <= 0 and old.served_name not in self._routed():
-                    break
+        while True:
+            with self._engine_lock:
+                if cancel.is_set():
+                    return
+                with self._lock:
+                    idle = self._inflight[old.served_name] <= 0 and old.served_name not in self._routed()
+                if idle or time.monotonic() >= deadline:
+                    del self._unloading[old.served_name]
+                    self.engine.unload(old.served_name)
+                    return
             time.sleep(0.2)
-        self.engine.unload(old.served_name)
 
     def _routed(self) -> set[str]:
         """Engine names requests may go to now (under the lock)."""

@@ -24,6 +24,8 @@ class ScriptedEngine:
         self.answers: dict[str, list[str]] = {}
 
     def load(self, name: str, path: Path) -> None:
+        if name in self.loaded:  # as vLLM does
+            raise RuntimeError(f"The lora adapter '{name}' has already been loaded")
         self.calls.append(("load", name))
         self.loaded.append(name)
 
