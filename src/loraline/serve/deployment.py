@@ -221,7 +221,7 @@ class Deployment:
             log.warning("serve: could not write the canary verdict on %s %s to the registry (%s); retrying at the next poll",
                         tenant, version, exc)
             return None
-        if self._unwritten.get(tenant, (None,))[0] == number:
+        if tenant in self._unwritten and self._unwritten[tenant][0] == number:
             del self._unwritten[tenant]
         if decision is None:
             return None
