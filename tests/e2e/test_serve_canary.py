@@ -125,8 +125,8 @@ def test_a_good_canary_is_kept_and_broken_ones_are_rolled_back_with_no_failed_re
     number = GtoRegistry(project).history(ARTIFACTS[0])[-1].number
     kept = read_decision(project, ARTIFACTS[0], number)
     assert kept.kept and kept.facts["canary"]["answers"] >= CANARY["min_requests"] and kept.by.startswith("loraline serve on ")
+    _wait_until(lambda: "canary" not in _models(url)[TENANT], project)  # the event is written just before the route moves
     assert set(_traffic_until_count(url, 3)) == {good}
-    assert "canary" not in _models(url)[TENANT]
 
     # 2. a corrupted adapter: the deployment check refuses it and the server rolls the registry back at once
     broken = _corrupted_build(project)
@@ -143,10 +143,7 @@ def test_a_good_canary_is_kept_and_broken_ones_are_rolled_back_with_no_failed_re
     # engine restart or eviction would; its requests are answered by the stable version, then it is rolled back
     lost = _same_build(project, good)
     sh("loraline", "registry", "promote", TENANT, lost, "--reason", "canary e2e: engine loses it", cwd=project)
-    deadline = time.monotonic() + 120
-    while _models(url)[TENANT].get("canary", {}).get("version") != lost:
-        assert time.monotonic() < deadline, _events(project)[-3:]
-        time.sleep(0.5)
+    _wait_until(lambda: _models(url)[TENANT].get("canary", {}).get("version") == lost, project)
     assert httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": f"{TENANT}@{lost}"}, timeout=30).status_code == 200
     answered = _traffic_until(url, "canary_rolled_back", lost, project)
     assert set(answered) == {good}  # every canary request was answered again by the stable version
@@ -165,3 +162,10 @@ def _traffic_until_count(url: str, n: int) -> list[str]:
     return [client.chat.completions.with_raw_response.create(
         model=TENANT, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0).headers["x-loraline-version"]
         for _ in range(n)]
+
+
+def _wait_until(condition, project: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, _events(project)[-3:]
+        time.sleep(0.5)

@@ -188,18 +188,20 @@ class Deployment:
         decision = self._read_decision(tenant, canary.number)
         kept = production.version == canary.version.version
         with self._lock:
-            del self.canaries[tenant]
-            if kept:
-                self.routes[tenant] = canary.version
             here = {"canary": canary.on_canary.summary(), "stable": canary.on_stable.summary()}
-        self._unload_later(canary.stable if kept else canary.version)
         name = "canary_ended" if decision is None else "canary_kept" if decision.kept else "canary_rolled_back"
-        return self._record({
+        event = self._record({  # before the traffic moves, as a swap's
             "event": name, "tenant": tenant, "version": canary.version.version, "stable": canary.stable.version,
-            "serving": self.routes[tenant].version, "production": production.version,
+            "serving": (canary.version if kept else canary.stable).version, "production": production.version,
             "reason": decision.reason if decision else f"production is {production.version} in the registry",
             "decided_by": decision.by if decision else None, "counted_here": here,
         })
+        with self._lock:
+            del self.canaries[tenant]
+            if kept:
+                self.routes[tenant] = canary.version
+        self._unload_later(canary.stable if kept else canary.version)
+        return event
 
     def _conclude(self) -> None:
         """Write to the registry every verdict that is in (a canary's, or a failed check's rollback not yet written)."""
