@@ -3,7 +3,8 @@
 A promotion made while serve.canary is set (the release, `loraline registry promote`) carries CANARY_NOTE
 in its `#prod#N` tag message: serving replicas then give the new version a share of the tenant's
 requests beside the previous production until one of them decides (loraline.serve.canary). A promotion
-without the note (serve.canary null, a rollback, a `gto assign` by hand) is served wholly at once.
+without the note (serve.canary null, `promote --no-canary`, a first production, a rollback, a `gto assign`
+by hand) is served wholly at once.
 
 The decision is an annotated git tag `canary/<artifact>/prod-<N>` beside the assignment it decides,
 its message a summary line and the facts as JSON. GTO ignores such tags (they parse as no action), so
