@@ -93,13 +93,15 @@ class Deployment:
             return served
 
     def fall_back(self, served: ServedVersion) -> ServedVersion | None:
-        """The stable version, counted in flight, for a request the canary `served` failed; None when `served` is no canary."""
+        """The tenant's route, counted in flight, for a request that `served` failed with a server error when that
+        is not the route: a canary, even one rolled back while the request ran, or a version being replaced.
+        None when `served` is the route itself."""
         with self._lock:
-            canary = self.canaries.get(served.tenant)
-            if canary is None or canary.version.served_name != served.served_name:
+            route = self.routes.get(served.tenant)
+            if route is None or route.served_name == served.served_name:
                 return None
-            self._inflight[canary.stable.served_name] += 1
-            return canary.stable
+            self._inflight[route.served_name] += 1
+            return route
 
     def release(self, served: ServedVersion, outcome: Outcome | None = None) -> None:
         """The request on `served` is over; `outcome`: what it says about that version (None: nothing, a client's 4xx)."""

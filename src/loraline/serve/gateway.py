@@ -14,8 +14,8 @@ more is a 429 with Retry-After at once, rather than a wait behind all of them.
 Under a canary (serve.canary), the tenant's requests are split between its two versions
 (serve.canary: sticky per client where the request names one), each answer is counted for the
 version that gave it, and a request the canary fails with a server error is sent once more, to the
-stable version, before the client has seen a byte (a stream broken midway cannot be); /v1/models
-then names the canary beside the tenant's version.
+stable version, before the client has seen a byte (a stream broken midway cannot be); so is one
+that a version being replaced fails. /v1/models names the canary beside the tenant's version.
 `POST /loraline/refresh` (from this machine only) makes the gateway read the registry now: the
 flow's release step calls it after a promotion. Request bodies and headers are never logged.
 """
@@ -147,7 +147,8 @@ def create_app(
 
     async def relay(path: str, body: dict[str, Any], ticket: Ticket, tenant: str) -> Response:
         """The engine's answer, renamed; the ticket closes once it is over (for a stream: after its last chunk).
-        A canary's server error is answered by the stable version instead, before the client sees a byte."""
+        A server error of a version other than the tenant's route (a canary) is answered by the route instead,
+        before the client sees a byte."""
         started = time.monotonic()
         upstream = await send(path, body, ticket.served)
         if _failed(upstream) and (stable := deployment.fall_back(ticket.served)) is not None:

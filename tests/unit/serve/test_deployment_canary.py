@@ -131,6 +131,20 @@ def test_a_failing_canary_is_rolled_back_in_the_registry_and_its_requests_finish
     assert rolled["event"] == "canary_rolled_back" and rolled["serving"] == "v0.0.1" and rolled["production"] == "v0.0.1"
 
 
+def test_a_request_the_canary_fails_goes_to_the_stable_version_even_once_the_canary_is_over(on_canary):
+    deployment, _, registry = on_canary
+    deployment.release(deployment.acquire("acme"))
+    on_new = deployment.acquire("acme")
+    assert on_new.version == "v0.0.2" and deployment.fall_back(deployment.routes["acme"]) is None  # the route has nothing behind it
+    registry.promote("acme", "v0.0.1", canary=False)  # rolled back (elsewhere) while the request ran
+    deployment.sync()
+    stable = deployment.fall_back(on_new)
+    assert stable.version == "v0.0.1" and deployment._inflight["acme@v0.0.1"] == 1
+    deployment.release(on_new, Outcome(False, 1.0, 0))
+    deployment.release(stable, Outcome(True, 1.0, 3))
+    assert deployment._inflight["acme@v0.0.1"] == deployment._inflight["acme@v0.0.2"] == 0
+
+
 def test_a_canary_failing_the_deployment_check_is_rolled_back_at_once(tmp_path):
     registry = Registry()
     registry.promote("acme", "v0.0.1")
