@@ -700,6 +700,28 @@ class OrchestrateParams(_Section):
     )
 
 
+class CanaryParams(_Section):
+    """serve.canary: a promotion first takes a share of its tenant's requests beside the version it replaces,
+    and a serving replica keeps it or rolls it back in the registry once it has the evidence (README: Serving)."""
+
+    fraction: float = Field(
+        0.1, gt=0, le=1, description="Share of the tenant's requests the promoted version takes during its canary (sticky "
+        "per client: the request's `user` field, else its X-Client-Id header; other requests are split by a counter)",
+    )
+    min_requests: int = Field(
+        50, ge=1, description="Answers (successes and server errors; client 4xx do not count) the promoted version needs on "
+        "one replica before that replica decides; below fraction 1, the previous version needs as many for the latency comparison",
+    )
+    max_error_rate: float = Field(
+        0.02, ge=0, le=1, description="The promoted version is rolled back when more than this share of its answers are "
+        "server errors (engine 5xx, an engine that lost the adapter, timeouts, a broken stream)",
+    )
+    max_latency_ratio: float = Field(
+        1.5, gt=0, description="The promoted version is rolled back when its median seconds per output token exceed the "
+        "previous version's over the same window by more than this factor",
+    )
+
+
 class ServeParams(_Section):
     """`loraline serve`: every tenant's production adapter on one vLLM server, behind loraline's gateway."""
 
@@ -738,6 +760,11 @@ class ServeParams(_Section):
     max_queue: int = Field(
         32, ge=0, description="Requests the gateway has at the engine at once (a stream counts until its last chunk); "
         "one more is answered at once with 429 and Retry-After instead of waiting behind them. 0: no limit",
+    )
+    canary: CanaryParams | None = Field(
+        None, description="Canary rollout: promotions made while this is set (release, `loraline registry promote`) first take "
+        "canary.fraction of their tenant's requests, then are kept or rolled back in the registry by a serving replica. "
+        "null: a promotion moves all of its tenant's traffic at once",
     )
 
 

@@ -26,6 +26,7 @@ from loraline import io
 from loraline.config import Params
 from loraline.layout import Layout, stage_id
 from loraline.registry.base import PromotionConflict, Registry, ReleaseRefused, Version
+from loraline.registry.canary import provisional
 from loraline.registry.consistency import check_releasable, evidence_problems
 from loraline.registry.lineage import (
     artifact_paths, check_artifacts_declared, fetch_output, gate_summary, locked_out, read_lock, tenant_lineage, tenant_outputs,
@@ -179,12 +180,14 @@ def release_tenant(
                 if (now.version if now else None) != was[name]:
                     raise PromotionConflict(name, was[name], now.version if now else None)
             for name in names:
+                message = f"Promote {name} {version} to prod (loraline release, gate passed; was {was[name] or 'none'})"
                 registry.promote(name, version, expected_current=was[name],
-                                 message=f"Promote {name} {version} to prod (loraline release, gate passed; was {was[name] or 'none'})")
+                                 message=provisional(message) if on_canary(params, was[name]) else message)
     except PromotionConflict as exc:
         now = registry.production(names[0])
         return finish(False, now.version if now else None, str(exc), rules)
-    return finish(True, version, f"promoted {version} (was {before or 'nothing'})", rules)
+    canary = "; on canary (serve.canary)" if on_canary(params, before) else ""
+    return finish(True, version, f"promoted {version} (was {before or 'nothing'}){canary}", rules)
 
 
 def release_shared(root: str | Path, params: Params, tenant: str, registry: Registry | None = None, promote: bool = True) -> ReleaseResult:
@@ -206,3 +209,10 @@ def release_all(root: str | Path, params: Params, tenants: list[str] | None = No
 def run(params: Params, layout: Layout, tenant: str, *, promote: bool = True) -> ReleaseResult:
     """The flow's release step for one tenant (after its DVC stages): register, and promote if allowed."""
     return release_shared(layout.root, params, tenant, promote=promote)
+
+
+
+def on_canary(params: Params, replaced: str | None) -> bool:
+    """Whether a promotion starts a canary (registry.canary): serve.canary is set and the promotion replaces
+    a version, against which serving measures the new one."""
+    return params.serve.canary is not None and replaced is not None

@@ -15,11 +15,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraline.registry.base import PROD, RegistryError, Version
-from loraline.registry.consistency import forced_note, version_problems
+from loraline.registry.consistency import allowed
 from loraline.registry.lineage import artifact_paths
+from loraline.registry.rollback import rollback_artifacts
+
+if TYPE_CHECKING:
+    from loraline.config import Params
 
 
 def add_registry_parser(subparsers: Any) -> None:
@@ -37,6 +41,8 @@ def add_registry_parser(subparsers: Any) -> None:
     s.add_argument("--force", action="store_true", help="promote even though the version's recorded gate failed "
                                                          "or its lineage is inconsistent")
     s.add_argument("--reason", default="", help="why; recorded in the promotion's tag message")
+    s.add_argument("--no-canary", action="store_true", help="move all of the tenant's traffic at once even though serve.canary "
+                                                             "is set (a fix that must not wait for a canary's evidence)")
     s = sub.add_parser("rollback", help="make production again the version that was production before the current one "
                                          "(refused when its gate failed or its lineage is inconsistent, unless --force)")
     s.add_argument("name", metavar="NAME", help="artifact name or tenant (both its artifacts)")
@@ -68,10 +74,16 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 def _registry_remote() -> str | None:
     """orchestrate.registry_remote of ./params.yaml, so a manual promotion reaches every machine too."""
+    params = _params()
+    return params.orchestrate.registry_remote if params is not None else None
+
+
+def _params() -> Params | None:
+    """./params.yaml's params; None where there is none."""
     from loraline.config import load_params
 
     path = Path("params.yaml")
-    return load_params(path).orchestrate.registry_remote if path.is_file() else None
+    return load_params(path) if path.is_file() else None
 
 
 def _names(registry: Any, name: str) -> list[str]:
@@ -150,38 +162,29 @@ def _who() -> str:
     return f"{getpass.getuser()}" + (f" ({git_name})" if git_name else "")
 
 
-def _allowed(version: Version, force: bool, action: str) -> str:
-    """What the tag message says --force overrode ("" when nothing); RegistryError when `version` may not become
-    production without --force: its recorded gate failed or its lineage disagrees with itself (registry.consistency)."""
-    problems = version_problems(version)
-    if problems and not force:
-        raise RegistryError(f"{version.name} {version.version} {' and '.join(problems)}; pass --force to {action} it anyway")
-    return forced_note(problems)
-
-
 def _promote(registry: Any, args: argparse.Namespace) -> int:
+    from loraline.registry.canary import provisional
+    from loraline.release import on_canary
+
     names = _names(registry, args.name)
+    params = _params()
     with registry.transaction():
         # refuse before moving anything, so a tenant's pair moves together
-        notes = {name: _allowed(registry.version(name, args.version), args.force, "promote") for name in names}
+        notes = {name: allowed(registry.version(name, args.version), args.force, "promote") for name in names}
         for name in names:
             before = registry.production(name)
             msg = f"Manual promotion of {name} {args.version} to {PROD} by {_who()}{notes[name]}: {args.reason or 'no reason given'}"
-            a = registry.promote(name, args.version, message=msg)
-            print(f"{name}: {PROD} {before.version if before else 'none'} -> {a.version} ({name}#{PROD}#{a.number})")
+            canary = params is not None and on_canary(params, before.version if before else None) and not args.no_canary
+            a = registry.promote(name, args.version, message=provisional(msg) if canary else msg)
+            print(f"{name}: {PROD} {before.version if before else 'none'} -> {a.version} ({name}#{PROD}#{a.number})"
+                  + (", on canary (serve.canary)" if canary else ""))
     return 0
 
 
 def _rollback(registry: Any, args: argparse.Namespace) -> int:
-    names = _names(registry, args.name)
-    with registry.transaction():  # the same rule as promote, checked for the pair before either moves
-        moves = {}
-        for name in names:
-            current, target = registry.rollback_target(name)
-            moves[name] = current, target, _allowed(registry.version(name, target), args.force, "roll back to")
-        for name, (current, target, note) in moves.items():
-            a = registry.rollback(name, message=f"Roll back {name} {PROD} from {current} to {target} by {_who()}{note}")
-            print(f"{name}: {PROD} {current} -> {a.version} ({name}#{PROD}#{a.number}, rollback by {_who()})")
+    for moved in rollback_artifacts(registry, _names(registry, args.name), _who(), force=args.force):
+        a = moved.assignment
+        print(f"{moved.name}: {PROD} {moved.was} -> {a.version} ({moved.name}#{PROD}#{a.number}, rollback by {_who()})")
     return 0
 
 

@@ -143,3 +143,12 @@ def forced_note(problems: list[str]) -> str:
     words = [w for w, hit in (("gate FAILED", any(p.startswith("failed its gate") for p in problems)),
                               ("lineage INCONSISTENT", any(p.startswith("has an inconsistent") for p in problems))) if hit]
     return f" ({', '.join(words)}, --force)" if words else ""
+
+
+def allowed(version: Version, force: bool, action: str) -> str:
+    """What the tag message says --force overrode ("" when nothing); RegistryError when `version` may not become
+    production without --force: its recorded gate failed or its lineage disagrees with itself."""
+    problems = version_problems(version)
+    if problems and not force:
+        raise RegistryError(f"{version.name} {version.version} {' and '.join(problems)}; pass --force to {action} it anyway")
+    return forced_note(problems)

@@ -178,8 +178,7 @@ class GtoRegistry:
         assignments = self.history(name)
         if not assignments:
             raise RegistryError(f"{name} has never been promoted: there is no production to roll back")
-        current = assignments[-1].version
-        before = next((a.version for a in reversed(assignments[:-1]) if a.version != current), None)
+        current, before = assignments[-1].version, previous_production(assignments)
         if before is None:
             raise RegistryError(f"{name}: nothing to roll back to, {current} is the only version that has been in {PROD}")
         return current, before
@@ -216,6 +215,11 @@ class GtoRegistry:
 
     def _resolve(self, ref: str) -> str:
         return self._git("rev-parse", "--verify", f"{ref}^{{commit}}")
+
+
+def previous_production(assignments: list[Assignment]) -> str | None:
+    """The version a rollback returns to: the latest one in `assignments` (oldest first) other than the last's."""
+    return next((a.version for a in reversed(assignments[:-1]) if a.version != assignments[-1].version), None)
 
 
 def _wait_past(moment: datetime) -> None:

@@ -11,6 +11,11 @@ unknown one (a key must not learn which tenants exist); /v1/models lists the cal
 alone, and /health says up or down alone without a valid key (with one: its tenant's version).
 At most serve.max_queue requests are at the engine at once (a stream until its last chunk): one
 more is a 429 with Retry-After at once, rather than a wait behind all of them.
+Under a canary (serve.canary), the tenant's requests are split between its two versions
+(serve.canary: sticky per client where the request names one), each answer is counted for the
+version that gave it, and a request the canary fails with a server error is sent once more, to the
+stable version, before the client has seen a byte (a stream broken midway cannot be); so is one
+that a version being replaced fails. /v1/models names the canary beside the tenant's version.
 `POST /loraline/refresh` (from this machine only) makes the gateway read the registry now: the
 flow's release step calls it after a promotion. Request bodies and headers are never logged.
 """
@@ -21,6 +26,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from loraline.serve.canary import Outcome
 from loraline.serve.deployment import Deployment
 from loraline.serve.versions import ServedVersion
 
@@ -87,9 +94,16 @@ def create_app(
             if who is None:
                 return openai_error(401, "a valid API key is required", "AuthenticationError")
             visible = {t: v for t, v in visible.items() if t == who}
-        data = [{"id": t, "object": "model", "owned_by": "loraline", "version": v.version, "commit": v.commit}
+        data = [{"id": t, "object": "model", "owned_by": "loraline", "version": v.version, "commit": v.commit, **on_canary(t)}
                 for t, v in sorted(visible.items())]
         return JSONResponse({"object": "list", "data": data})
+
+    def on_canary(tenant: str) -> dict[str, Any]:
+        """A canary's version and share beside the tenant's version ({} when none)."""
+        canary = deployment.canaries.get(tenant)
+        if canary is None:
+            return {}
+        return {"canary": {"version": canary.version.version, "commit": canary.version.commit, "fraction": canary.params.fraction}}
 
     async def forward(request: Request) -> Response:
         who = caller(request) if keys is not None else None
@@ -102,18 +116,18 @@ def create_app(
         if not isinstance(tenant, str):
             return openai_error(400, f"`model` must be a string, the tenant's name, not {JSON_TYPES.get(type(tenant), 'an object')}",
                                 "BadRequestError")
-        served = deployment.acquire(tenant) if keys is None or tenant == who else None
+        served = deployment.acquire(tenant, client_of(request, body)) if keys is None or tenant == who else None
         if served is None:
             return not_found(tenant, who)
         if not admission.take():
             deployment.release(served)
             return openai_error(429, f"the server is busy: {admission.limit} requests are in progress (serve.max_queue); "
                                 f"retry in {RETRY_AFTER_S} s", "RateLimitError", None, {"Retry-After": str(RETRY_AFTER_S)})
-        done = _once(lambda: (admission.give_back(), deployment.release(served)))
+        ticket = Ticket(deployment, admission, served)
         try:
-            return await relay(request.url.path, body, served, tenant, done)
+            return await relay(request.url.path, body, ticket, tenant)
         except BaseException:
-            done()
+            ticket.close()
             raise
 
     def not_found(tenant: str, who: str | None) -> Response:
@@ -124,34 +138,60 @@ def create_app(
         return openai_error(404, f"The model `{tenant}` does not exist or you do not have access to it (this key calls `{who}`)",
                             "NotFoundError")
 
-    async def relay(path: str, body: dict[str, Any], served: ServedVersion, tenant: str, done: Callable[[], None]) -> Response:
-        """The engine's answer, renamed; `done` runs once it is over (for a stream: after its last chunk)."""
-        body["model"] = served.served_name
-        rename = (json.dumps(served.served_name).encode(), json.dumps(tenant).encode())
-        headers = {VERSION_HEADER: served.version}
+    async def send(path: str, body: dict[str, Any], served: ServedVersion) -> httpx.Response | httpx.HTTPError:
+        """The engine's answer (its body not read yet), or the error that stopped it."""
         try:
-            upstream = await client.send(client.build_request("POST", path, json=body), stream=True)
+            return await client.send(client.build_request("POST", path, json={**body, "model": served.served_name}), stream=True)
         except httpx.HTTPError as exc:
-            done()
-            return openai_error(502, f"the engine did not answer: {exc}", "APIConnectionError", None)
+            return exc
+
+    async def relay(path: str, body: dict[str, Any], ticket: Ticket, tenant: str) -> Response:
+        """The engine's answer, renamed; the ticket closes once it is over (for a stream: after its last chunk).
+        A server error of a version other than the tenant's route (a canary) is answered by the route instead,
+        before the client sees a byte."""
+        started = time.monotonic()
+        upstream = await send(path, body, ticket.served)
+        if _failed(upstream) and (stable := deployment.fall_back(ticket.served)) is not None:
+            if isinstance(upstream, httpx.Response):
+                await upstream.aclose()
+            ticket.move_to(stable, Outcome(False, time.monotonic() - started, 0))
+            started = time.monotonic()
+            upstream = await send(path, body, ticket.served)
+        if isinstance(upstream, httpx.HTTPError):
+            ticket.close(Outcome(False, time.monotonic() - started, 0))
+            return openai_error(502, f"the engine did not answer: {upstream}", "APIConnectionError", None)
+        rename = (json.dumps(ticket.served.served_name).encode(), json.dumps(tenant).encode())
+        headers = {VERSION_HEADER: ticket.served.version}
         content_type = upstream.headers.get("content-type", "application/json")
+        status = upstream.status_code
         if not body.get("stream"):
             try:
                 payload = await upstream.aread()
+            except httpx.HTTPError as exc:
+                ticket.close(Outcome(False, time.monotonic() - started, 0))
+                return openai_error(502, f"the engine's answer broke off: {exc}", "APIConnectionError", None)
             finally:
-                done()
                 await upstream.aclose()
-            return Response(payload.replace(*rename), status_code=upstream.status_code, media_type=content_type, headers=headers)
+            ticket.close(_outcome(status, time.monotonic() - started, _completion_tokens(payload)))
+            return Response(payload.replace(*rename), status_code=status, media_type=content_type, headers=headers)
+        chunks = StreamCount()
 
         async def lines():
-            async for line in upstream.aiter_lines():  # server-sent events: one JSON chunk per data line
-                yield line.encode().replace(*rename) + b"\n"
+            try:
+                async for line in upstream.aiter_lines():  # server-sent events: one JSON chunk per data line
+                    chunks.data += line.startswith("data: {")
+                    yield line.encode().replace(*rename) + b"\n"
+            except httpx.HTTPError:
+                chunks.broken = True
+                raise
+            chunks.complete = True
 
         async def finish() -> None:
-            done()
+            seconds = time.monotonic() - started
+            ticket.close(Outcome(False, seconds, 0) if chunks.broken else _outcome(status, seconds, chunks.data) if chunks.complete else None)
             await upstream.aclose()
 
-        return Relayed(lines(), finish, status_code=upstream.status_code, media_type=content_type, headers=headers)
+        return Relayed(lines(), finish, status_code=status, media_type=content_type, headers=headers)
 
     async def refresh(request: Request) -> Response:
         if request.client is None or request.client.host not in ("127.0.0.1", "::1"):
@@ -182,6 +222,67 @@ def create_app(
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.admission = admission
     return app
+
+
+@dataclass
+class Ticket:
+    """A forwarded request's hold on the engine: its admission slot and the version it is in flight on,
+    given back once however the request ends, with what its answer says about that version."""
+
+    deployment: Deployment
+    admission: Admission
+    served: ServedVersion
+    closed: bool = False
+
+    def move_to(self, other: ServedVersion, outcome: Outcome) -> None:
+        """The request goes to `other` (already counted in flight there); `outcome` is the first version's."""
+        self.deployment.release(self.served, outcome)
+        self.served = other
+
+    def close(self, outcome: Outcome | None = None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.admission.give_back()
+            self.deployment.release(self.served, outcome)
+
+
+@dataclass
+class StreamCount:
+    data: int = 0  # data chunks relayed: about one output token each
+    complete: bool = False  # the engine ended the stream
+    broken: bool = False  # the engine's stream failed midway
+
+
+def client_of(request: Request, body: dict[str, Any]) -> str | None:
+    """Who sent the request, where it says so (a canary keeps a client on one side): OpenAI's `user`, else X-Client-Id."""
+    user = body.get("user")
+    return user if isinstance(user, str) and user else request.headers.get("x-client-id") or None
+
+
+def _failed(answer: httpx.Response | httpx.HTTPError) -> bool:
+    return isinstance(answer, httpx.HTTPError) or server_error(answer.status_code)
+
+
+def server_error(status: int) -> bool:
+    """Whether the engine's status counts against the version: a 5xx, or a 404 for the engine name the gateway
+    routed to (the engine no longer has that adapter). Other 4xx are the client's request."""
+    return status >= 500 or status == 404
+
+
+def _outcome(status: int, seconds: float, tokens: int) -> Outcome | None:
+    if server_error(status):
+        return Outcome(False, seconds, 0)
+    return Outcome(True, seconds, tokens) if status < 400 else None
+
+
+def _completion_tokens(payload: bytes) -> int:
+    """usage.completion_tokens of an engine's JSON answer (0 when it has none)."""
+    try:
+        usage = json.loads(payload).get("usage") or {}
+    except (ValueError, AttributeError):
+        return 0
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) else 0
 
 
 @dataclass
@@ -228,15 +329,3 @@ async def json_object(request: Request) -> dict[str, Any] | Response:
         return openai_error(400, f"the request body must be a JSON object, not {JSON_TYPES.get(type(body), 'another value')}",
                             "BadRequestError", None)
     return body
-
-
-def _once(action: Callable[[], object]) -> Callable[[], None]:
-    ran = False
-
-    def run() -> None:
-        nonlocal ran
-        if not ran:
-            ran = True
-            action()
-
-    return run

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -15,10 +17,12 @@ from pathlib import Path
 from loraline.config import Params
 from loraline.layout import Layout
 from loraline.modelling.loading import resolve_base_model_path
+from loraline.registry.canary import CanaryDecision, read_decision, record_decision
+from loraline.serve.canary import Verdict
 from loraline.serve.claims import claim
 from loraline.serve.deployment import Deployment
 from loraline.serve.engine import Engine, engine_command, engine_dtype, lora_rank_for, on_cpu
-from loraline.serve.versions import prepare_version, production_versions
+from loraline.serve.versions import ADAPTER_SUFFIX, Production, prepare_version, production_versions
 
 log = logging.getLogger(__name__)
 FALLBACK_RANK = 256  # nothing in production yet: room for adapters with trained embeddings (serve.adapters)
@@ -52,8 +56,10 @@ def start_deployment(params: Params, layout: Layout, python: Path) -> tuple[Engi
     root, folders, tenants = layout.root, ServeFolders(layout.root), params.tenant_names
     base_dir = layout.base_dir
     prepare = partial(prepare_version, root, base_dir=base_dir, cache=folders.cache)  # (tenant, version, commit)
-    production = _read_production(root, tenants, params.orchestrate.registry_remote)
-    ranks = [prepare(t, v, c).rank for t, (v, c, _) in production.items()]
+    remote, canary = params.orchestrate.registry_remote, params.serve.canary is not None
+    production = _read_production(root, tenants, remote, canary)
+    versions = [(t, p.version, p.commit) for t, p in production.items()] + [(t, *p.stable) for t, p in production.items() if p.stable]
+    ranks = [prepare(*v).rank for v in versions]
     rank = params.serve.max_lora_rank or lora_rank_for(ranks or [FALLBACK_RANK])
     model = Path(resolve_base_model_path(base_dir))
     cmd = engine_command(
@@ -62,8 +68,8 @@ def start_deployment(params: Params, layout: Layout, python: Path) -> tuple[Engi
         on_cpu=on_cpu(),
     )
     engine = Engine.start(cmd, params.serve, folders.engine_log, on_cpu(), pid_file=folders.pid_file)
-    deployment = Deployment(engine, params.serve, prepare, partial(_read_production, root, tenants, params.orchestrate.registry_remote),
-                            folders.events)
+    deployment = Deployment(engine, params.serve, prepare, partial(_read_production, root, tenants, remote, canary), folders.events,
+                            RegistryCanaryRecords(root, remote, replica_name()) if canary else None)
     try:
         deployment.sync()
     except BaseException:
@@ -75,11 +81,7 @@ def start_deployment(params: Params, layout: Layout, python: Path) -> tuple[Engi
 def serve(params: Params, layout: Layout, python: Path) -> None:
     import uvicorn
 
-    from loraline.serve.gateway import create_app
-
-    import os
-
-    from loraline.serve.gateway import tenant_keys
+    from loraline.serve.gateway import create_app, tenant_keys
 
     keys = tenant_keys(params.tenant_names, dict(os.environ)) if params.serve.auth else None  # before anything starts
     s = params.serve
@@ -114,14 +116,34 @@ def notify(params: Params) -> dict | None:
     return r.json() if r.status_code == 200 else {"status": r.status_code, "body": r.text[:300]}
 
 
-def _read_production(root: Path, tenants: list[str], remote: str | None):
+def _read_production(root: Path, tenants: list[str], remote: str | None, canary: bool) -> dict[str, Production]:
     """Production per tenant; with orchestrate.registry_remote, after fetching the remote's tags, so a
-    replica on another machine follows promotions made anywhere."""
+    replica on another machine follows promotions (and canary decisions) made anywhere."""
     if remote:
         from loraline.registry.sync import fetch_tags
 
         fetch_tags(root, remote)
-    return production_versions(root, tenants)
+    return production_versions(root, tenants, canary)
+
+
+@dataclass(frozen=True)
+class RegistryCanaryRecords:
+    """Canary decisions kept as registry tags (registry.canary), against the registry remote when there is one."""
+
+    root: Path
+    remote: str | None
+    replica: str  # who decides, in the tag message
+
+    def decide(self, tenant: str, number: int, version: str, verdict: Verdict) -> CanaryDecision | None:
+        return record_decision(self.root, self.remote, tenant, number, version, kept=verdict.keep, reason=verdict.reason,
+                               facts=verdict.facts(), by=self.replica)
+
+    def decision(self, tenant: str, number: int) -> CanaryDecision | None:
+        return read_decision(self.root, tenant + ADAPTER_SUFFIX, number)
+
+
+def replica_name() -> str:
+    return f"loraline serve on {socket.gethostname()} (pid {os.getpid()})"
 
 
 def _context(model: Path) -> int | None:

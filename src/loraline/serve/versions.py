@@ -15,8 +15,7 @@ from pathlib import Path
 
 from loraline.layout import Layout
 from loraline.registry.base import RegistryError
-
-ADAPTER_SUFFIX = "-adapter"
+from loraline.registry.canary import ADAPTER_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -43,17 +42,36 @@ class ServedVersion:
         return f"{self.tenant}@{self.version}"
 
 
-def production_versions(root: Path, tenants: list[str]) -> dict[str, tuple[str, str, datetime]]:
-    """tenant -> (version, commit, when it was put in production) of its adapter; tenants with none are left out."""
-    from loraline.registry.gto_registry import GtoRegistry
+@dataclass(frozen=True)
+class Production:
+    """A tenant's production in the registry, as serving reads it."""
+
+    version: str
+    commit: str
+    assigned_at: datetime  # when it was put in production
+    number: int  # its `#prod#N` assignment
+    stable: tuple[str, str] | None = None  # on canary: (version, commit) it is measured against; None: served wholly
+
+
+def production_versions(root: Path, tenants: list[str], canary: bool = False) -> dict[str, Production]:
+    """tenant -> its adapter's production; tenants with none are left out. With `canary` (serve.canary set),
+    a promotion on probation that no replica has decided yet (registry.canary) names the previous production."""
+    from loraline.registry.canary import is_provisional, read_decision
+    from loraline.registry.gto_registry import GtoRegistry, previous_production
 
     registry = GtoRegistry(root)
     out = {}
     for tenant in tenants:
-        history = registry.history(tenant + ADAPTER_SUFFIX)
-        if history:
-            latest = history[-1]
-            out[tenant] = (latest.version, registry.version(latest.name, latest.version).commit, latest.created_at)
+        name = tenant + ADAPTER_SUFFIX
+        history = registry.history(name)
+        if not history:
+            continue
+        latest = history[-1]
+        stable = None
+        if canary and is_provisional(latest.message) and read_decision(root, name, latest.number) is None:
+            before = previous_production(history)  # what a rollback would restore
+            stable = (before, registry.version(name, before).commit) if before else None
+        out[tenant] = Production(latest.version, registry.version(name, latest.version).commit, latest.created_at, latest.number, stable)
     return out
 
 

@@ -99,3 +99,25 @@ def test_a_version_with_an_inconsistent_lineage_needs_force(project, capsys):
     assert main(["registry", "rollback", "t1"]) == 0
     assert main(["registry", "rollback", "t1"]) == 1
     assert "v0.0.2 has an inconsistent lineage" in capsys.readouterr().err
+
+
+def test_with_serve_canary_a_manual_promotion_is_a_canary_unless_told_otherwise(project, capsys):
+    import yaml
+
+    from loraline.registry.canary import is_provisional
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump({**params, "serve": {"canary": {"fraction": 0.2}}}))
+    build(project, "adapter one\n")
+    assert main(["registry", "release"]) == 0
+    build(project, "adapter two\n")
+    assert main(["registry", "release", "--no-promote"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "promote", "t1", "v0.0.2", "--reason", "try it"]) == 0
+    assert "t1-adapter: prod v0.0.1 -> v0.0.2 (t1-adapter#prod#2), on canary (serve.canary)" in capsys.readouterr().out
+    assert is_provisional(GtoRegistry(project).history("t1-adapter")[-1].message)
+    assert main(["registry", "promote", "t1", "v0.0.1", "--no-canary", "--reason", "urgent"]) == 0
+    assert "on canary" not in capsys.readouterr().out
+    assert not any(is_provisional(GtoRegistry(project).history(n)[-1].message) for n in ("t1-adapter", "t1-onnx"))
+    assert main(["registry", "rollback", "t1"]) == 0  # a rollback is never a canary
+    assert not is_provisional(GtoRegistry(project).history("t1-adapter")[-1].message)

@@ -162,3 +162,20 @@ def test_a_version_registered_from_stale_stages_is_not_reused(project):
     repro(project)
     result, _ = _release(project)
     assert (result.version, result.registered_new) == ("v0.0.3", True)
+
+
+def test_with_serve_canary_a_release_replacing_production_starts_a_canary(project):
+    import yaml
+
+    from loraline.registry.canary import is_provisional
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump({**params, "serve": {"canary": {"fraction": 0.2}}}))
+    build(project, "adapter one\n")
+    first, _ = _release(project)
+    assert first.promoted and "canary" not in first.reason  # nothing to measure it against
+    assert not is_provisional(GtoRegistry(project).history("t1-adapter")[-1].message)
+    build(project, "adapter two\n")
+    second, _ = _release(project)
+    assert second.promoted and second.reason == "promoted v0.0.2 (was v0.0.1); on canary (serve.canary)"
+    assert all(is_provisional(GtoRegistry(project).history(name)[-1].message) for name in ("t1-adapter", "t1-onnx"))

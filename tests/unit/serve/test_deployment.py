@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loraline.config import ServeParams
 from loraline.serve.deployment import Deployment
-from loraline.serve.versions import ProbeReference, ServedVersion
+from loraline.serve.versions import ProbeReference, Production, ServedVersion
 
 REF = ProbeReference(prompts=[[1, 2], [3]], texts=['{"a": 1}', "hello"], max_new_tokens=8)
 
@@ -24,6 +24,8 @@ class ScriptedEngine:
         self.answers: dict[str, list[str]] = {}
 
     def load(self, name: str, path: Path) -> None:
+        if name in self.loaded:  # as vLLM does
+            raise RuntimeError(f"The lora adapter '{name}' has already been loaded")
         self.calls.append(("load", name))
         self.loaded.append(name)
 
@@ -43,7 +45,7 @@ def make(tmp_path: Path, production: dict, engine: ScriptedEngine | None = None,
         return ServedVersion(tenant, version, commit, tmp_path / tenant / version, 16, REF)
 
     now = datetime.now(timezone.utc)
-    read = lambda: {t: (v, f"c-{v}", now) for t, v in production.items()}  # noqa: E731
+    read = lambda: {t: Production(v, f"c-{v}", now, 1) for t, v in production.items()}  # noqa: E731
     return Deployment(engine, ServeParams(**serve), prepare, read, tmp_path / "events.jsonl"), engine
 
 
