@@ -41,6 +41,9 @@ NOISE: tuple[Noise, ...] = (
     Noise(r"torch\.jit\._script", r"`torch.jit.script_method` is deprecated", "warning",
           "torch's own mkldnn utilities, imported by torch itself, still use the deprecated decorator; loraline "
           "scripts nothing.", DeprecationWarning),
+    Noise(r"dvc\.repo\.\w+", r"_NoneStep\.value will soon raise AttributeError", "warning",
+          "DVC's own index code reads a value the way its trie library (dvc-data) is deprecating; DVC's to change.",
+          DeprecationWarning),
     # the compiler names the module by its file: shown once, when Python first compiles torchao's source
     Noise(r".*torchao/quantization/quant_api", r"invalid escape sequence", "warning",
           "A docstring of torchao's with a regular expression in it, read by Python's compiler; nothing runs it.",
