@@ -20,8 +20,8 @@ GATE = GateParams(
     max_export_logit_diff=1e-3,
 )
 PARITY = {"merge_max_logit_diff": 1e-4, "export_max_logit_diff": 2e-4}
-BASE = {"answer_loss": 2.0, "exact_match": 0.2}
-GOOD = {"answer_loss": 1.5, "exact_match": 0.5}
+BASE = {"answer_loss": 2.0, "exact_match": 0.2, "general_loss": 3.0}
+GOOD = {"answer_loss": 1.5, "exact_match": 0.5, "general_loss": 3.1}
 
 
 def _decide(candidate=GOOD, base=BASE, production=None, parity=PARITY, gate=GATE, **kw) -> GateDecision:
@@ -215,7 +215,7 @@ def test_inputs_are_not_modified() -> None:
 
 
 def test_to_json_shape_and_order() -> None:
-    d = _decide(candidate={"answer_loss": math.nan}, parity=None)
+    d = _decide(candidate={"answer_loss": math.nan, "general_loss": 3.0}, parity=None)
     out = to_json(d)
     assert list(out) == ["passed", "failed", "rules"]
     assert out["passed"] is False
@@ -284,7 +284,8 @@ def test_the_stage_reads_parity_from_the_small_merge_and_export_metrics_files(tm
 
     layout, params = Layout(tmp_path), parse_params({"tenants": {"t1": {"raw_dir": "raw"}}})
     layout.eval_metrics_path("t1").parent.mkdir(parents=True)
-    layout.eval_metrics_path("t1").write_text(json.dumps({"models": {"base": {"answer_loss": 2.0}, "candidate": {"answer_loss": 1.0}}}))
+    layout.eval_metrics_path("t1").write_text(json.dumps({"models": {"base": {"answer_loss": 2.0, "general_loss": 3.0},
+                                                                 "candidate": {"answer_loss": 1.0, "general_loss": 3.0}}}))
     layout.metrics_path("merge", "t1").parent.mkdir()
     layout.metrics_path("merge", "t1").write_text(json.dumps({"passed": True, "max_abs_logit_diff": 1e-6, "greedy_agreement": 1.0}))
 
@@ -306,16 +307,16 @@ def test_secondary_rule_off_by_default_passes_with_reason() -> None:
 def test_task_metric_decides_and_answer_loss_must_still_fall() -> None:
     gate = GATE.model_copy(update={"primary_metric": "json_field_accuracy", "min_gain_over_base": 0.5,
                                    "secondary_metric": "answer_loss", "min_secondary_gain": 0.05})
-    base = {"json_field_accuracy": 0.0, "answer_loss": 4.0}
+    base = {"json_field_accuracy": 0.0, "answer_loss": 4.0, "general_loss": 3.0}
     # Format learnt, content guessed: the loss falls a lot, the task metric does not reach the bar.
-    guessing = _decide(candidate={"json_field_accuracy": 0.25, "answer_loss": 0.5}, base=base, gate=gate)
+    guessing = _decide(candidate={"json_field_accuracy": 0.25, "answer_loss": 0.5, "general_loss": 3.0}, base=base, gate=gate)
     assert guessing.failed == ["beats_base"]
     assert guessing.rule("beats_base").reason.startswith("json_field_accuracy (higher is better)")
     # A task metric gained while the loss got worse (e.g. a collapsed distribution) fails the second rule.
-    overconfident = _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 4.1}, base=base, gate=gate)
+    overconfident = _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 4.1, "general_loss": 3.0}, base=base, gate=gate)
     assert overconfident.failed == ["beats_base_secondary"]
     assert overconfident.rule("beats_base_secondary").reason.startswith("answer_loss (lower is better)")
-    assert _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 0.4}, base=base, gate=gate).passed
+    assert _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 0.4, "general_loss": 3.0}, base=base, gate=gate).passed
     missing = _decide(candidate={"json_field_accuracy": 0.9}, base=base, gate=gate).rule("beats_base_secondary")
     assert not missing.passed and "secondary metric 'answer_loss' is missing from the candidate" in missing.reason
 
