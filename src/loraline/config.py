@@ -9,8 +9,10 @@ entries with a `name` key is accepted too. Tenants may override the `train` and 
 Numbers must be finite (YAML's .nan and .inf are refused). Raw data stays inside the project (the folder
 of params.yaml) unless tenants.<t>.allow_outside_dirs names the outside folder: load_params refuses an
 outside raw_dir, and the documents and prepare stages refuse a raw file that is a symlink out
-(TenantParams.check_raw_dir / check_sources). base.model and synthesize.model may name a model folder
-anywhere: a model is not data that lands in a split, and an 8B model usually lives outside the project.
+(TenantParams.check_raw_dir / check_sources); the forgetting check's sample, evaluate.general.path, likewise
+unless evaluate.general.allow_outside_dirs holds it (GeneralParams.check_inside). base.model and
+synthesize.model may name a model folder anywhere: a model is not data that lands in a split, and an 8B
+model usually lives outside the project.
 """
 
 from __future__ import annotations
