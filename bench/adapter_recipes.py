@@ -6,7 +6,8 @@ base, the tenants' documents, synthetic rows, prepared datasets and general-text
 copied into a scratch folder, then runs the real base stage (only when a variant overrides `base.*`:
 the base is rebuilt from data/documents, as dvc.yaml's base stage does), prepare (only when a variant overrides
 `prepare.*`, `tenants.*.synthetic_ratio` or `tenants.*.raw_dir`), train, merge and evaluate stages
-with params.yaml plus the variant's dotted overrides, and reads the evaluate stage's own metrics (general_loss too: what the recipe forgets).
+with params.yaml plus the variant's dotted overrides, and reads the evaluate stage's own metrics
+(general_loss too: what the recipe forgets).
 A `raw_dir` variant compares data sizes, e.g. a folder written by
 `python tools/make_sample_data.py --out exp/raw400 --acme-q2-rows 400`.
 
