@@ -582,16 +582,20 @@ class GeneralParams(_Section):
         """`path` as the stages read it: relative ones from `project` (the working folder when None)."""
         return self.path if self.path.is_absolute() or project is None else Path(project) / self.path
 
-    def check_inside(self, project: Path) -> None:
-        """Refuse a path that resolves (symlinks followed) outside `project` and every allowed folder."""
-        target = self.resolved(project).resolve()
+    def check_inside(self, project: Path, sources: Iterable[tuple[Path, str]] = ()) -> None:
+        """Refuse a path, or one of its `sources` (the files of a folder, each a (path, relative name)), that
+        resolves (symlinks followed) outside `project` and every allowed folder."""
         roots = (Path(project).resolve(), *(Path(p).resolve() for p in self.allow_outside_dirs))
-        if not _within(target, roots):
-            raise OutsidePathError(
-                f"evaluate.general.path: {str(self.path)!r} resolves to {target}, outside the project "
-                f"({roots[0]}). Data from outside the project is read only when params.yaml says so: add the folder to "
-                f"evaluate.general.allow_outside_dirs (e.g. allow_outside_dirs: [{target.parent}])"
-            )
+        given = [(self.resolved(project), str(self.path))]
+        for path, name in [*given, *(member for source in sources for member in _members(*source))]:
+            target = path.resolve()
+            if not _within(target, roots):
+                what = repr(name) if name == given[0][1] else f"{name} (in {str(self.path)!r})"
+                raise OutsidePathError(
+                    f"evaluate.general.path: {what} resolves to {target}, outside the project ({roots[0]}). Data from "
+                    "outside the project is read only when params.yaml says so: add the folder to "
+                    f"evaluate.general.allow_outside_dirs (e.g. allow_outside_dirs: [{target.parent}])"
+                )
 
 
 class EvaluateParams(_Section):

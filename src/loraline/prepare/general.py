@@ -93,6 +93,7 @@ def general_sample(general: GeneralParams, prepare: PrepareParams, tokenizer: An
     sources = [(path, path.name)] if path.is_file() or is_hf_folder(path) else list_files(path)
     if not sources:
         raise PrepareError(f"{KEY}: folder {str(general.path)!r} holds no files")
+    general.check_inside(project, sources if path.is_dir() else ())  # a file linked out of the folder, too
     if not path.is_dir() and format_of(path) is None:
         raise PrepareError(f"{KEY}: {str(general.path)!r} is not a format prepare reads (JSONL, JSON, CSV, TSV, Parquet, "
                            "Arrow, .txt, .md, also .gz/.zst, or a save_to_disk folder)")

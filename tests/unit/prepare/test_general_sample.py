@@ -117,6 +117,11 @@ def test_a_sample_outside_the_project_is_refused_before_it_is_read(tmp_path, tok
         general_sample(GeneralParams(path=outside), PrepareParams(), tokenizer, project)
     allowed = GeneralParams(path=outside, allow_outside_dirs=[outside.parent])
     assert general_sample(allowed, PrepareParams(), tokenizer, project).rows == 1
+    inside = project / "general"
+    write(inside / "ok.jsonl", [{"text": PROSE[1]}])
+    (inside / "linked.jsonl").symlink_to(outside)
+    with pytest.raises(OutsidePathError, match=r"evaluate\.general\.path: linked\.jsonl \(in 'general'\) resolves to .* outside"):
+        sample(project, tokenizer, "general")
 
 
 def test_written_sample_holds_the_rows_and_where_they_came_from(tmp_path, tokenizer):
