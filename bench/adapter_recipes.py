@@ -2,11 +2,12 @@
 
 The lever search behind the sample tenants' `train` overrides (README: what the default model can
 and cannot do). Every variant starts from the project's own outputs of a finished run (the built
-base, the tenants' documents, synthetic rows and prepared datasets, as `make run` leaves them),
+base, the tenants' documents, synthetic rows, prepared datasets and general-text samples, as `make run` leaves them),
 copied into a scratch folder, then runs the real base stage (only when a variant overrides `base.*`:
 the base is rebuilt from data/documents, as dvc.yaml's base stage does), prepare (only when a variant overrides
 `prepare.*`, `tenants.*.synthetic_ratio` or `tenants.*.raw_dir`), train, merge and evaluate stages
-with params.yaml plus the variant's dotted overrides, and reads the evaluate stage's own metrics.
+with params.yaml plus the variant's dotted overrides, and reads the evaluate stage's own metrics
+(general_loss too: what the recipe forgets).
 A `raw_dir` variant compares data sizes, e.g. a folder written by
 `python tools/make_sample_data.py --out exp/raw400 --acme-q2-rows 400`.
 
@@ -41,7 +42,8 @@ def run_variant(project: str, params_path: str, tenant: str, name: str, override
 
     source, root = Layout(Path(project)), Path(scratch) / name
     rebuild_base = any(key.startswith("base.") for key in overrides)
-    folders = [source.documents_dir(tenant), source.synthetic_dir(tenant), source.prepared_dataset_dir(tenant).parent]
+    folders = [source.documents_dir(tenant), source.synthetic_dir(tenant), source.prepared_dataset_dir(tenant).parent,
+               source.general_sample_dir(tenant)]
     for folder in folders + ([] if rebuild_base else [source.base_dir]):
         if not folder.exists():
             raise SystemExit(f"{folder} is missing: run `make run` (or `dvc repro`) first; variants start from its outputs")
@@ -77,6 +79,7 @@ def run_variant(project: str, params_path: str, tenant: str, name: str, override
         "val_loss": round(trained.record["loss"]["final_val"], 4),
         "exact_match": round(candidate["exact_match"], 3),
         "json_field_accuracy": round(candidate["json_field_accuracy"], 3),
+        "general_loss": {m: round(metrics["models"][m]["general_loss"], 4) for m in ("base", "candidate")},
         "fields": {k: round(v, 3) for k, v in metrics.get("field_accuracy", {}).get("candidate", {}).items()},
     }
 

@@ -9,8 +9,10 @@ entries with a `name` key is accepted too. Tenants may override the `train` and 
 Numbers must be finite (YAML's .nan and .inf are refused). Raw data stays inside the project (the folder
 of params.yaml) unless tenants.<t>.allow_outside_dirs names the outside folder: load_params refuses an
 outside raw_dir, and the documents and prepare stages refuse a raw file that is a symlink out
-(TenantParams.check_raw_dir / check_sources). base.model and synthesize.model may name a model folder
-anywhere: a model is not data that lands in a split, and an 8B model usually lives outside the project.
+(TenantParams.check_raw_dir / check_sources); the forgetting check's sample, evaluate.general.path, likewise
+unless evaluate.general.allow_outside_dirs holds it (GeneralParams.check_inside). base.model and
+synthesize.model may name a model folder anywhere: a model is not data that lands in a split, and an 8B
+model usually lives outside the project.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from loraline.layout import DEPLOY_TARGETS, TIMING_DIR
+from loraline.layout import DEPLOY_TARGETS, GENERAL_TEXT, TIMING_DIR
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 # DVC artifact names (<tenant>-adapter, <tenant>-onnx in dvc.yaml) allow only [a-z0-9-/].
@@ -541,6 +543,61 @@ class ExportParams(_Section):
     )
 
 
+class GeneralParams(_Section):
+    """The general-text sample the evaluation measures forgetting on (evaluate.general): not the tenant's data.
+    The prepare stage reads and tokenizes it (data/general/<tenant>), the evaluate stage scores base, candidate
+    and production on it (general_loss), and the gate refuses a candidate past gate.max_forgetting."""
+
+    path: Path = Field(
+        Path(f"models/base/{GENERAL_TEXT}"),
+        description="A file or folder in any format prepare reads (JSONL, JSON, CSV, Parquet, Arrow, save_to_disk, "
+        ".txt/.md; plain-text rows are scored on every token, chat rows on their answers), relative to the project. "
+        f"Default: the base stage's {GENERAL_TEXT}, Python standard-library docstrings the built base did not "
+        "pretrain on (for base.model, the same docstrings, not held out: set a sample of the text to keep)",
+    )
+    rows: int = Field(128, ge=1, description="Rows scored: the same ones every run (the lowest content hashes), not the first ones")
+    max_tokens: int = Field(256, ge=8, description="Each row is cut to this many tokens (its first ones)")
+    allow_outside_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Absolute folders outside the project that `path` may resolve into; empty: a path outside the "
+        "project is refused (DVC tracks it as the prepare stage's dependency either way)",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _a_path(cls, v: Path) -> Path:
+        if str(v) in ("", "."):
+            raise ValueError("must name a file or folder of general text (a path relative to the project, or absolute)")
+        return v
+
+    @field_validator("allow_outside_dirs")
+    @classmethod
+    def _absolute_dirs(cls, v: list[Path]) -> list[Path]:
+        for path in v:
+            if not path.is_absolute():
+                raise ValueError(f"{str(path)!r} must be an absolute folder path (a folder outside the project)")
+        return v
+
+    def resolved(self, project: Path | None) -> Path:
+        """`path` as the stages read it: relative ones from `project` (the working folder when None)."""
+        return self.path if self.path.is_absolute() or project is None else Path(project) / self.path
+
+    def check_inside(self, project: Path, sources: Iterable[tuple[Path, str]] = ()) -> None:
+        """Refuse a path, or one of its `sources` (the files of a folder, each a (path, relative name)), that
+        resolves (symlinks followed) outside `project` and every allowed folder."""
+        roots = (Path(project).resolve(), *(Path(p).resolve() for p in self.allow_outside_dirs))
+        given = [(self.resolved(project), str(self.path))]
+        for path, name in [*given, *(member for source in sources for member in _members(*source))]:
+            target = path.resolve()
+            if not _within(target, roots):
+                what = repr(name) if name == given[0][1] else f"{name} (in {str(self.path)!r})"
+                raise OutsidePathError(
+                    f"evaluate.general.path: {what} resolves to {target}, outside the project ({roots[0]}). Data from "
+                    "outside the project is read only when params.yaml says so: add the folder to "
+                    f"evaluate.general.allow_outside_dirs (e.g. allow_outside_dirs: [{target.parent}])"
+                )
+
+
 class EvaluateParams(_Section):
     """Held-out evaluation of base, candidate and production on each tenant's test split."""
 
@@ -556,6 +613,9 @@ class EvaluateParams(_Section):
     device: Device = Field(
         "auto", description="Where the models are scored and generate; auto: CUDA when present (bfloat16 there, "
         "float32 on the CPU, so the numbers of the two differ slightly)"
+    )
+    general: GeneralParams = Field(
+        GeneralParams(), description="The general-text sample general_loss is measured on (forgetting, gate.max_forgetting)"
     )
 
 
@@ -642,6 +702,11 @@ class GateParams(_Section):
     )
     min_secondary_gain: float = Field(0.05, description="Relative improvement over the base on the secondary metric")
     max_regression_vs_prod: float = Field(0.02, ge=0, description="Largest tolerated relative regression vs production")
+    max_forgetting: float | None = Field(
+        0.10, ge=0, description="Largest tolerated relative increase of the candidate's general_loss over the base's "
+        "(the loss on evaluate.general, text that is not the tenant's): more, and the adapter forgot too much of "
+        "everything else. null: the rule is off (the gate says so)",
+    )
     max_merge_logit_diff: float = Field(1e-3, gt=0)
     max_export_logit_diff: float = Field(1e-3, gt=0)
 
@@ -1037,6 +1102,8 @@ def parse_params(
         params.check_overrides()
         for tenant in params.tenants if (project or root) is not None else ():
             tenant.check_raw_dir(project or root)
+        if (project or root) is not None:
+            params.evaluate.general.check_inside(project or root)
     except ConfigError as exc:
         raise type(exc)(f"{source} is invalid:\n{exc}") from None
     if root is not None:

@@ -15,6 +15,11 @@ TENANT_STAGES = tuple(s for s in STAGES if s not in SHARED_STAGES)
 
 # Files inside stage outputs that another stage (or the registry) reads.
 BASE_RECORD = "base_record.json"
+# In the base's folder: general text the built base did not pretrain on (evaluate.general's default path).
+GENERAL_TEXT = "general_text.jsonl"
+# In data/general/<tenant>/ (the prepare stage's): the tokenized general-text sample, and where it came from.
+GENERAL_ROWS = "rows.jsonl"
+GENERAL_SAMPLE = "sample.json"
 DOCUMENTS_MANIFEST = "documents.json"
 PREPARED_DATASET = "dataset"
 TOKENIZER_STAMP = "tokenizer_stamp.json"  # in a prepared dataset: which tokenizer made its ids
@@ -97,6 +102,10 @@ class Layout:
     def prepared_dataset_dir(self, tenant: str) -> Path:
         """The datasets `save_to_disk` folder (train/validation/test) inside the prepared output."""
         return self.prepared_dir(tenant) / PREPARED_DATASET
+
+    def general_sample_dir(self, tenant: str) -> Path:
+        """The general-text sample (evaluate.general) tokenized for the tenant's evaluation: not its data."""
+        return self.root / "data" / "general" / tenant
 
     def rejected_path(self, tenant: str) -> Path:
         return self.root / "data" / "rejected" / f"{tenant}.jsonl"

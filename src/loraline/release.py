@@ -3,9 +3,10 @@
 The gate stage judged the candidate against the base and parity; production, though, is whatever
 the registry says *now*, which may have changed since the evaluate stage ran (another tenant run,
 a manual promotion, a rollback). So when a different version is in production, its merged model is
-fetched from DVC at that version's commit and measured on this candidate's test split, and the
-gate's rules are decided again against those numbers; the promotion then only lands if production
-is still the version it was decided against (the registry's lock and `expected_current`).
+fetched from DVC at that version's commit and measured on this candidate's test split and general-text
+sample (so its general_loss compares with the candidate's), and the gate's rules are decided again
+against those numbers; the promotion then only lands if production is still the version it was
+decided against (the registry's lock and `expected_current`).
 
 Nothing is registered while DVC finds a stage of the tenant (or a shared one) out of date, or dvc.lock's
 records disagree about which adapter merge, export, evaluate and gate used (registry.consistency): the
@@ -73,7 +74,7 @@ def evaluate_production(root: Path, params: Params, tenant: str, production: Ver
         return evaluate_model(
             model_dir=model, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=layout.base_dir,
             base_params=params.base, max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
-            batch_size=ev.batch_size, device=ev.device,
+            batch_size=ev.batch_size, device=ev.device, general_dir=layout.general_sample_dir(tenant),
         )
 
 

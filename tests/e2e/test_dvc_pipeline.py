@@ -68,13 +68,17 @@ def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str
         assert "answer_loss" in evaluation["models"]["candidate"]
         assert (project / "reports" / t / "evaluation" / "report.md").is_file()
         gate = json.loads((project / "reports" / t / "gate.json").read_text())
-        assert [r["name"] for r in gate["rules"]] == ["beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity", "export_parity"]
+        assert [r["name"] for r in gate["rules"]] == ["beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity",
+                                                      "export_parity", "max_forgetting"]
+        general = evaluation["general"]  # the forgetting check: the base's held-out docstrings, tokenized by prepare
+        assert general["measured"] and general["path"] == "models/base/general_text.jsonl" and general["rows"] == 128
+        assert all(evaluation["models"][m]["general_loss"] > 0 for m in ("base", "candidate"))
         assert gate["passed"] == all(r["passed"] for r in gate["rules"])
         assert next(r for r in gate["rules"] if r["name"] == "merge_parity")["passed"]
 
     # Generated outputs are DVC's, never git's.
     ignored = sh("git", "status", "--porcelain", "--ignored", cwd=project)
-    assert "models/base" in ignored and "data/prepared" in ignored
+    assert "models/base" in ignored and "data/prepared" in ignored and "data/general" in ignored
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == expected
 
@@ -134,7 +138,7 @@ def test_push_to_the_default_local_remote_and_metrics(project: Path, first_run: 
     assert {f"reports/{t}/metrics/{s}.json" for t in tenants for s in stages} <= set(files)
     assert all(f.startswith("reports/timing/") for f in set(files) - {f"reports/{t}/metrics/{s}.json" for t in tenants for s in stages})
     header = shown.splitlines()[0].split()
-    assert len(header) <= 50, header  # one column per key across every file: a few dozen, not hundreds
+    assert len(header) <= 60, header  # one column per key across every file: a few dozen (52 with general_loss), not hundreds
     diff = sh("dvc", "metrics", "diff", "--all", cwd=project)
     assert "val_loss" in diff and "per_probe" not in diff
     plots = sh("dvc", "plots", "show", "--json", cwd=project)

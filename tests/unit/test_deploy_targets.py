@@ -14,7 +14,7 @@ from test_merge import Trained, trained  # noqa: F401 -- the module's tiny base 
 
 from loraline.config import ConfigError, DeployParams, EvaluateParams, MergeParams, Params, TenantParams, parse_params
 from loraline.gate.decision import EXPORT_PARITY_KEY, MERGE_PARITY_KEY, decide
-from loraline.layout import NOT_BUILT, PREPARED_DATASET, Layout
+from loraline.layout import GENERAL_TEXT, NOT_BUILT, PREPARED_DATASET, Layout
 from loraline.merge import REPORT, merge_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -55,7 +55,7 @@ def test_adapters_only_a_merged_folder_describes_need_merged():
 # --- gate ---------------------------------------------------------------------------------------------
 
 
-GOOD = ({"answer_loss": 1.0}, {"answer_loss": 2.0}, None)
+GOOD = ({"answer_loss": 1.0, "general_loss": 3.0}, {"answer_loss": 2.0, "general_loss": 3.0}, None)
 
 
 def test_the_gate_asks_no_parity_of_targets_not_built():
@@ -90,15 +90,22 @@ def test_merge_without_merged_writes_the_reference_answers_alone(trained: Traine
 
 
 def _adapter_only_project(trained: Trained, root: Path) -> tuple[Params, Layout]:  # noqa: F811
+    from loraline.modelling.loading import load_base_tokenizer
+    from loraline.prepare.general import general_sample, write_general_sample
+
     layout = Layout(root)
     shutil.copytree(trained.adapter_dir, layout.adapter_dir("toy"))
     shutil.copytree(trained.root / "prepared" / PREPARED_DATASET, layout.prepared_dataset_dir("toy"))
+    layout.base_dir.mkdir(parents=True)
+    shutil.copy(trained.base_dir / GENERAL_TEXT, layout.base_dir / GENERAL_TEXT)  # evaluate.general's default path
     params = Params(
         base=trained.base_params, merge=MergeParams(max_new_tokens=8, device="cpu"),
         evaluate=EvaluateParams(max_new_tokens=8, max_examples=6, device="cpu"),
         tenants=[TenantParams(name="toy", raw_dir=trained.root / "raw" / "toy", deploy=DeployParams(targets=["adapter"]),
                               gate={"min_gain_over_base": -1.0})],  # the gate's parity rules are the point here
     )
+    tok = load_base_tokenizer(trained.base_dir, trained.base_params)
+    write_general_sample(general_sample(params.evaluate.general, params.prepare, tok, root), layout.general_sample_dir("toy"))
     return params, layout
 
 
@@ -140,7 +147,8 @@ def test_the_adapter_on_the_base_scores_as_the_merged_model(trained: Trained, fu
 
 def test_the_base_and_its_adapter_share_one_load_and_score_as_each_loaded_alone(trained: Trained, tmp_path, monkeypatch):  # noqa: F811
     """evaluate loads the base once for base + candidate adapter (at 8B a load outweighs the scoring); the
-    base, scored with the adapter disabled, and the candidate give the numbers each gives loaded on its own."""
+    base, scored with the adapter disabled, and the candidate give the numbers each gives loaded on its own,
+    the general-text sample's general_loss included."""
     import loraline.evaluate.stage as evaluate_stage
 
     params, layout = _adapter_only_project(trained, tmp_path)
@@ -154,10 +162,10 @@ def test_the_base_and_its_adapter_share_one_load_and_score_as_each_loaded_alone(
     models = evaluate_stage.run(params, layout, "toy", base_dir=trained.base_dir).metrics["models"]
     assert len(loads) == 1 and loads[0][1] is False
     monkeypatch.setattr(evaluate_stage, "loaded_model", real)
-    common = dict(dataset_dir=layout.prepared_dataset_dir("toy"), base_dir=trained.base_dir,
-                  base_params=trained.base_params, max_new_tokens=8, max_examples=6, device="cpu")
+    common = dict(dataset_dir=layout.prepared_dataset_dir("toy"), base_dir=trained.base_dir, base_params=trained.base_params,
+                  max_new_tokens=8, max_examples=6, device="cpu", general_dir=layout.general_sample_dir("toy"))
     alone = {"base": evaluate_stage.evaluate_model(model_dir=trained.base_dir, **common),
              "candidate": evaluate_stage.evaluate_model(model_dir=layout.adapter_dir("toy"), **common)}
     for name in ("base", "candidate"):
         assert models[name] == pytest.approx(alone[name], abs=1e-6), name
-    assert models["candidate"] != models["base"]
+    assert models["candidate"] != models["base"] and models["base"]["general_loss"] > 0

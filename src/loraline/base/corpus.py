@@ -17,6 +17,7 @@ import ast
 import hashlib
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,36 @@ def stdlib_docstrings(max_chars: int, stdlib_dir: Path | None = None) -> list[st
     """
     if max_chars <= 0:
         return []
+    out: list[str] = []
+    total = 0
+    for _, doc in _docstrings_by_file(stdlib_dir):
+        doc = doc[: max_chars - total]
+        out.append(doc)
+        total += len(doc)
+        if total >= max_chars:
+            return out
+    return out
+
+
+def held_out_docstrings(pretrained_chars: int, count: int, stdlib_dir: Path | None = None) -> list[str]:
+    """Up to `count` docstrings the base never saw: from the files after the one where
+    stdlib_docstrings(pretrained_chars) stopped (none of a file it read from), in the same fixed order, so
+    they are the pretraining prose's own kind, held out. `pretrained_chars` 0: from the first file."""
+    out: list[str] = []
+    total, stop_file = 0, -1
+    for index, doc in _docstrings_by_file(stdlib_dir):
+        if total < pretrained_chars:
+            total += len(doc)
+            stop_file = index
+        elif index > stop_file:
+            out.append(doc)
+            if len(out) == count:
+                break
+    return out
+
+
+def _docstrings_by_file(stdlib_dir: Path | None) -> Iterator[tuple[int, str]]:
+    """(file number, docstring) of the standard library in the fixed file order, each text once."""
     root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
     files = [
         p
@@ -95,10 +126,8 @@ def stdlib_docstrings(max_chars: int, stdlib_dir: Path | None = None) -> list[st
         if not (_STDLIB_SKIP & set(p.relative_to(root).parts[:-1])) and not p.name.startswith("test_")
     ]
     files.sort(key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
-    out: list[str] = []
     seen: set[str] = set()
-    total = 0
-    for path in files:
+    for index, path in enumerate(files):
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))
         except (SyntaxError, ValueError, OSError):
@@ -108,13 +137,8 @@ def stdlib_docstrings(max_chars: int, stdlib_dir: Path | None = None) -> list[st
             doc = ast.get_docstring(node, clean=True)
             if not doc or len(doc) < _MIN_DOCSTRING_CHARS or doc in seen:
                 continue
-            doc = doc[: max_chars - total]
             seen.add(doc)
-            out.append(doc)
-            total += len(doc)
-            if total >= max_chars:
-                return out
-    return out
+            yield index, doc
 
 
 def _render(exercises: list[tuple[str, list[dict[str, str]]]]) -> tuple[list[str], list[int]]:

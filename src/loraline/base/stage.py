@@ -5,6 +5,12 @@
 - base.model a local folder or a Hugging Face id: validate and record it, never download. Later
   stages load it through loraline.modelling.loading.
 
+Either way the folder also holds general_text.jsonl (layout.GENERAL_TEXT), evaluate.general's default
+sample for measuring forgetting: {"text": ...} rows of Python standard-library docstrings. For a built base
+they come from the files after those its pretraining read (corpus.held_out_docstrings): the corpus's own
+kind of prose, never trained on, and the model's bytes are the same as without them. A base of your own
+gets the same docstrings, which it has likely seen: a loss before vs after, not a held-out one.
+
 The output folder always holds base_record.json. For a built model, every file, the record
 included, is byte-deterministic for the same documents, params, seed, code (the record's `code`
 fingerprint) and library versions; wall-clock times and rates go to reports/timing/base.json.
@@ -25,11 +31,11 @@ from typing import Any
 import torch
 
 from loraline import io
-from loraline.base.corpus import build_corpus, python_version
+from loraline.base.corpus import build_corpus, held_out_docstrings, python_version
 from loraline.base.pretrain import make_model, pretrain, special_ids, tokenize_corpus
 from loraline.base.tokenizer import train_tokenizer
 from loraline.config import BaseParams, BuildParams, ConfigError, Params
-from loraline.layout import Layout
+from loraline.layout import GENERAL_TEXT, Layout
 from loraline.modelling.chat import CHAT_TEMPLATE, DOC_SEPARATOR, save_tokenizer
 from loraline.modelling.loading import RECORD, chat_template
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file, sha256_files
@@ -38,6 +44,7 @@ LOSS_CSV = "pretrain_loss.csv"
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+GENERAL_TEXT_ROWS = 1024  # docstrings written to general_text.jsonl (~230k characters); evaluate.general.rows picks from them
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
         io.atomic_write_text(tmp / LOSS_CSV, "step,loss\n" + "".join(f"{i + 1},{x:.6f}\n" for i, x in enumerate(result.losses)))
+        general_text = _write_general_text(tmp, p.max_stdlib_chars if p.stdlib_docstrings else 0)
         record = {
             "source": "built",
             "model_ref": ".",
@@ -128,6 +136,7 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
                 "python_version": python_version(),  # the stdlib docstrings depend on it
             },
             "tokenizer": {"vocab_size": len(tokenizer), "special_tokens": special_ids(tokenizer)},
+            "general_text": general_text,
             "chat_template_sha256": _sha(CHAT_TEMPLATE),
             "pretraining": {
                 "steps": p.max_steps,
@@ -149,6 +158,15 @@ def _build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Pat
         io.write_json(tmp / RECORD, record)
     timing = {"tokens_per_s": round(result.tokens_seen / max(result.wall_s, 1e-9), 1)}  # of pretraining
     return BaseResult(out_dir=out_dir, source="built", model_ref=str(out_dir), record=record, timing=timing)
+
+
+def _write_general_text(folder: Path, pretrained_chars: int) -> dict[str, Any]:
+    """general_text.jsonl in `folder`: stdlib docstrings after the first `pretrained_chars` worth (those the
+    base pretrained on); what it holds, for the record."""
+    texts = held_out_docstrings(pretrained_chars, GENERAL_TEXT_ROWS)
+    io.write_jsonl(folder / GENERAL_TEXT, [{"text": t} for t in texts])
+    held_out = "after the docstrings pretraining read" if pretrained_chars else "none of which the build read"
+    return {"file": GENERAL_TEXT, "rows": len(texts), "source": f"Python {python_version()} standard-library docstrings, {held_out}"}
 
 
 def drill_count(p: BuildParams) -> int:
@@ -189,6 +207,7 @@ def _record_external(params: BaseParams, out_dir: Path) -> BaseResult:
     record["code"] = code_fingerprint(__name__)
     record["library_versions"] = library_versions()
     with io.atomic_dir(out_dir) as tmp:
+        record["general_text"] = _write_general_text(tmp, 0)
         io.write_json(tmp / RECORD, record)
     return BaseResult(out_dir=out_dir, source=record["source"], model_ref=record["model_ref"], record=record)
 

@@ -1,4 +1,5 @@
-"""report.md: one metrics table (models side by side, candidate-vs-base delta) and example generations."""
+"""report.md: one metrics table (models side by side, candidate-vs-base delta), the forgetting check (general_loss
+on text that is not the tenant's, and its rise over the base's), and example generations."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ EXCERPT_CHARS = 300
 # Display order of the metrics; any other metric follows in its own order.
 METRIC_ORDER = (
     "answer_loss", "answer_perplexity", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy",
+    "general_loss",
 )
-LOWER_IS_BETTER = frozenset({"answer_loss", "answer_perplexity"})
+LOWER_IS_BETTER = frozenset({"answer_loss", "answer_perplexity", "general_loss"})
 
 
 def _fmt(value: Any) -> str:
@@ -53,9 +55,10 @@ def metrics_table(models: Mapping[str, Mapping[str, Any]]) -> str:
 def render_report(
     *, tenant: str, test_rows: int, expects_json: bool, max_new_tokens: int,
     models: Mapping[str, Mapping[str, Any]], examples: Sequence[Mapping[str, Any]],
-    fields: Mapping[str, Mapping[str, float]] | None = None,
+    fields: Mapping[str, Mapping[str, float]] | None = None, general: Mapping[str, Any] | None = None,
 ) -> str:
-    """Markdown for one tenant; `examples` are generations.jsonl rows (with a "prompt" excerpt)."""
+    """Markdown for one tenant; `examples` are generations.jsonl rows (with a "prompt" excerpt); `general` is
+    metrics.json's `general` (the forgetting check's sample, or why it was not measured)."""
     parts = [
         f"# Evaluation: {tenant}",
         "",
@@ -72,6 +75,8 @@ def render_report(
         parts += ["", "## Accuracy per JSON field", "", "| field | " + " | ".join(names) + " |",
                   "|" + "|".join(["---"] + ["---:"] * len(names)) + "|"]
         parts += [f"| `{k}` | " + " | ".join(_fmt(fields[n].get(k)) for n in names) + " |" for k in keys]
+    if general is not None:
+        parts += ["", "## Forgetting: general text", "", *forgetting_lines(models, general)]
     if examples:
         names = list(models)
         parts += ["", f"## Examples ({len(examples)} of {test_rows})"]
@@ -83,3 +88,30 @@ def render_report(
                 mark = "✓" if ex["exact_match"][name] else "✗"
                 parts.append(f"| {name} | {_cell(pred)} | {mark} |")
     return "\n".join(parts) + "\n"
+
+
+def forgetting_lines(models: Mapping[str, Mapping[str, Any]], general: Mapping[str, Any]) -> list[str]:
+    """The sample general_loss was measured on and each model's rise over the base (the gate's max_forgetting
+    decides on the candidate's), or the line saying it was not measured and why."""
+    if not general.get("measured"):
+        return [f"Not measured: {general.get('reason', 'no general-text sample')}."]
+    kinds = ", ".join(f"{n} {kind}" for kind, n in general.get("kinds", {}).items())
+    lines = [
+        f"Sample `{general['path']}` (sha256 `{str(general['sha256'])[:12]}`): {general['rows']} rows ({kinds}), "
+        f"{general['target_tokens']} scored tokens, each row cut to {general['max_tokens']} tokens. "
+        "Plain text is scored on every token, chat rows on their answers.",
+        "",
+        "| model | general_loss ↓ | rise over base |",
+        "|---|---:|---:|",
+    ]
+    base = models.get("base", {}).get("general_loss")
+    for name, scores in models.items():
+        value = scores.get("general_loss")
+        rise = (f"{(value - base) / abs(base):+.2%}" if name != "base" and _finite(value) and _finite(base) and base
+                else "")
+        lines.append(f"| {name} | {_fmt(value)} | {rise} |")
+    return lines
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

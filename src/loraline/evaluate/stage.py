@@ -6,6 +6,12 @@ Per model:
   exact_match, token_f1, rouge_l    from greedy generations (metrics.aggregate), with json_valid and
   (+ json_valid, json_field_accuracy)  json_field_accuracy when the references are JSON objects
 
+  general_loss                      the same cross-entropy on the general-text sample (evaluate.general: not the
+                                    tenant's data, read and tokenized by the prepare stage into data/general/<tenant>,
+                                    prepare/general.py says how): plain text on every token, chat rows on their
+                                    answers. Its rise over the base's is what the adapter forgot (gate.max_forgetting).
+                                    Scored in the same model load as the test split, batched the same way.
+
 Prompt = the conversation up to the last assistant turn, rendered with the base's chat template and
 add_generation_prompt; reference = that assistant turn's content. Generation is greedy and stops at
 eos (<|im_end|> for loraline's models). All models use the base tokenizer (see generate.py).
@@ -21,9 +27,11 @@ each model ran with (evaluate.batch_size: auto sizes them to the card, evaluate/
 
 out_dir (replaced atomically):
     metrics.json       {"tenant", "device", "test_rows", "answer_tokens", "expects_json", "max_new_tokens",
+                        "general": {"measured", the sample's path, sha256, rows, kinds, target_tokens, ...},
                         "models": {"base": {...}, "candidate": {...}[, "production": {...}]}}
                        flat numeric metrics per model (non-finite values are written as null)
-    report.md          metrics table (models side by side + candidate-vs-base delta), example generations
+    report.md          metrics table (models side by side + candidate-vs-base delta), the forgetting check's
+                       sample and general_loss, example generations
     generations.jsonl  one row per test row: id, prompt (last user turn), reference,
                        predictions {model: text}, exact_match {model: bool}
     long_context.json  only for a candidate whose config extends the base's context (train.long_context):
@@ -50,12 +58,14 @@ import torch
 from loraline import io
 from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path, tokenizer_mismatch
 from loraline.config import BaseParams, Params
-from loraline.layout import QLORA_REFERENCE, Layout
+from loraline.layout import GENERAL_ROWS, GENERAL_SAMPLE, QLORA_REFERENCE, Layout
 from loraline.evaluate import long_context as LC
 from loraline.evaluate import lowbit as LB
 from loraline.evaluate import metrics as M
 from loraline.evaluate.batching import rows_for, scored_in_batches
-from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation
+from loraline.evaluate.generate import (
+    AnswerLoss, answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation,
+)
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE, extended_context
 from loraline.evaluate.report import render_report
@@ -71,7 +81,9 @@ SEED = 0
 # the rest stays in metrics.json. loraline.summary shows the same ones.
 HEADLINE_METRICS = (
     "answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy", "long_context_perplexity",
+    "general_loss",
 )
+GENERAL_METRIC = "general_loss"
 
 
 class EvaluateError(ValueError):
@@ -120,6 +132,15 @@ class _TestSet:
     references: list[str]
 
 
+@dataclass(frozen=True)
+class _GeneralSet:
+    """The general-text sample (data/general/<tenant>): token rows, and sample.json's facts about where they came from."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    facts: dict[str, Any]
+
+
 def evaluate_tenant(
     *,
     tenant: str,
@@ -137,13 +158,16 @@ def evaluate_tenant(
     full_attention_reference: Path | None = None,
     qlora_reference: Path | None = None,
     device: str = "auto",
+    general_dir: Path | None = None,
 ) -> EvaluateResult:
     """Evaluate base, candidate and (when `production_dir` exists) production on the test split.
     `full_attention_reference`: a LongLoRA candidate's full-attention twin (an adapter folder, see
     train.long_context.reference), set beside it in the long-context report.
     `qlora_reference`: a QA-LoRA candidate's QLoRA twin (an adapter folder, see train.qalora.reference):
     the candidate against it merged in float and rounded after training (evaluate/lowbit.py).
-    `device`: auto, cpu or cuda (evaluate.device)."""
+    `device`: auto, cpu or cuda (evaluate.device).
+    `general_dir`: the prepare stage's general-text sample (data/general/<tenant>), scored as general_loss for
+    every model; None: not measured, which metrics.json and the report say (and the gate's max_forgetting fails)."""
     dataset_dir, base_dir, candidate_dir, out_dir = map(Path, (dataset_dir, base_dir, candidate_dir, out_dir))
     if max_new_tokens < 1:
         raise EvaluateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -161,6 +185,7 @@ def evaluate_tenant(
 
     tok = load_base_tokenizer(base_dir, base_params)
     test = _load_test(dataset_dir, tok, max_examples)
+    general = load_general(Path(general_dir)) if general_dir is not None else None
     refs_json = M.expects_json(test.references)
     models: dict[str, tuple[str, dict[str, Any]]] = {
         "base": (resolve_base_model_path(base_dir), base_load_kwargs(base_dir)),
@@ -173,8 +198,8 @@ def evaluate_tenant(
     predictions: dict[str, list[str]] = {}
     batch_rows: dict[str, int] = {}
     answer_tokens = 0
-    for name, (scored, seconds) in _score_models(models, tok, test, refs_json, max_new_tokens, batch_size, where,
-                                                 progress).items():
+    for name, (scored, seconds) in _score_models(models, tok, test, general, refs_json, max_new_tokens, batch_size,
+                                                 where, progress).items():
         scores[name], predictions[name], answer_tokens = scored.scores, scored.predictions, scored.answer_tokens
         batch_rows[name] = scored.batch_rows
         if progress:
@@ -202,6 +227,7 @@ def evaluate_tenant(
         "expects_json": refs_json,
         "max_new_tokens": max_new_tokens,
         "batch_rows": batch_rows,
+        "general": general_facts(general),
         "models": scores,
     }
     if low_bit is not None:
@@ -215,7 +241,7 @@ def evaluate_tenant(
     rows = _generation_rows(test, predictions)
     report = render_report(
         tenant=tenant, test_rows=len(test.ids), expects_json=refs_json, max_new_tokens=max_new_tokens,
-        models=scores, examples=rows[: max(examples_in_report, 0)], fields=fields,
+        models=scores, examples=rows[: max(examples_in_report, 0)], fields=fields, general=result["general"],
     )
     if low_bit is not None:
         report += "\n".join(LB.render(low_bit)) + "\n"
@@ -299,7 +325,7 @@ def _low_bit_comparison(
     bits, group_size = quantization
     base_path, base_kwargs = base
     scores = {LB.QALORA: candidate}
-    args = (tok, test, refs_json, max_new_tokens, batch_size)
+    args = (tok, test, None, refs_json, max_new_tokens, batch_size)
     float_merge = _score(
         base_path, {**base_kwargs, "adapter": twin}, *args, device, _progress(LB.FLOAT_MERGE, len(test.ids), progress))
     scores[LB.FLOAT_MERGE], predictions[LB.FLOAT_MERGE] = float_merge.scores, float_merge.predictions
@@ -322,9 +348,10 @@ def evaluate_model(
     max_examples: int | None = None,
     batch_size: int | str = "auto",
     device: str = "auto",
+    general_dir: Path | None = None,
 ) -> dict[str, float | None]:
     """One model's metrics, computed as evaluate_tenant computes each of its models (so the numbers compare:
-    on the same `device` setting too).
+    on the same `device` setting and general-text sample too).
 
     The registry uses it to measure the current production model at promotion time, when production
     may have changed since the evaluate stage ran."""
@@ -332,8 +359,9 @@ def evaluate_model(
     where = resolve_device(device, "evaluate.device")
     tok = load_base_tokenizer(Path(base_dir), base_params)
     test = _load_test(Path(dataset_dir), tok, max_examples)
+    general = load_general(Path(general_dir)) if general_dir is not None else None
     return _score(
-        path, kwargs, tok, test, M.expects_json(test.references), max_new_tokens, batch_size, where, None
+        path, kwargs, tok, test, general, M.expects_json(test.references), max_new_tokens, batch_size, where, None
     ).scores
 
 
@@ -353,8 +381,8 @@ def _model_spec(folder: Path, base_dir: Path, hint: str) -> tuple[str, dict[str,
 
 
 def _score_models(
-    models: dict[str, tuple[str, dict[str, Any]]], tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int,
-    batch_size: int | str, device: Any, progress: bool,
+    models: dict[str, tuple[str, dict[str, Any]]], tok: Any, test: _TestSet, general: _GeneralSet | None, refs_json: bool,
+    max_new_tokens: int, batch_size: int | str, device: Any, progress: bool,
 ) -> dict[str, tuple[_Scored, float]]:
     """Each model's (metrics, predictions, answer tokens) and seconds, in `models`' order. The base and
     the adapters on it (deploy.targets without merged) share one load of the base: at 8B a load costs
@@ -363,7 +391,7 @@ def _score_models(
     base_path, base_kwargs = models["base"]
     on_base = [name for name, (path, kwargs) in models.items() if name != "base" and "adapter" in kwargs
                and path == base_path and {k: v for k, v in kwargs.items() if k != "adapter"} == base_kwargs]
-    args = (tok, test, refs_json, max_new_tokens, batch_size)
+    args = (tok, test, general, refs_json, max_new_tokens, batch_size)
     out: dict[str, tuple[_Scored, float]] = {}
     if on_base:
         from peft import PeftModel
@@ -389,17 +417,18 @@ def _score_models(
 
 
 def _score(
-    path: str, kwargs: dict[str, Any], tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int,
-    batch_size: int | str, device: Any, on_batch: Any,
+    path: str, kwargs: dict[str, Any], tok: Any, test: _TestSet, general: _GeneralSet | None, refs_json: bool,
+    max_new_tokens: int, batch_size: int | str, device: Any, on_batch: Any,
 ) -> _Scored:
-    """The model at `path` scored on `test`."""
+    """The model at `path` scored on `test` (and `general`)."""
     torch.manual_seed(SEED)
     with loaded_model(path, device, **kwargs) as model:
-        return _score_loaded(model, tok, test, refs_json, max_new_tokens, batch_size, on_batch)
+        return _score_loaded(model, tok, test, general, refs_json, max_new_tokens, batch_size, on_batch)
 
 
 def _score_loaded(
-    model: Any, tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, batch_size: int | str, on_batch: Any,
+    model: Any, tok: Any, test: _TestSet, general: _GeneralSet | None, refs_json: bool, max_new_tokens: int,
+    batch_size: int | str, on_batch: Any,
 ) -> _Scored:
     longest = max(max(map(len, test.input_ids)), max(map(len, test.prompts)) + max_new_tokens)
     rows = rows_for(batch_size, model, longest, len(test.ids))
@@ -410,10 +439,44 @@ def _score_loaded(
         return loss, generate_greedy(model, tok, test.prompts, max_new_tokens, rows, on_batch=on_batch)
 
     (loss, predictions), rows = scored_in_batches(batch_size, rows, score, "evaluate")
-    scores = _finite(
-        {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | M.aggregate(predictions, test.references, refs_json)
-    )
-    return _Scored(scores, predictions, loss.tokens, rows)
+    scores = {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | M.aggregate(predictions, test.references, refs_json)
+    if general is not None:
+        scores[GENERAL_METRIC] = general_loss(model, tok, general, batch_size).loss
+    return _Scored(_finite(scores), predictions, loss.tokens, rows)
+
+
+def general_loss(model: Any, tok: Any, general: _GeneralSet, batch_size: int | str) -> AnswerLoss:
+    """Mean cross-entropy per target token of the loaded `model` on the general-text sample, batched as the
+    test split is (evaluate.batch_size; rows sized to the sample's own longest row on CUDA)."""
+    rows = rows_for(batch_size, model, max(map(len, general.input_ids)), len(general.input_ids))
+
+    def score(rows: int) -> AnswerLoss:
+        return answer_loss(model, general.input_ids, general.labels, tok.pad_token_id, rows)
+
+    loss, _ = scored_in_batches(batch_size, rows, score, "evaluate (general text)")
+    return loss
+
+
+def load_general(general_dir: Path) -> _GeneralSet:
+    """The prepare stage's general-text sample (rows.jsonl, sample.json in `general_dir`)."""
+    import json
+
+    rows_path, facts_path = general_dir / GENERAL_ROWS, general_dir / GENERAL_SAMPLE
+    if not (rows_path.is_file() and facts_path.is_file()):
+        raise EvaluateError(f"{general_dir} holds no general-text sample ({GENERAL_ROWS}, {GENERAL_SAMPLE}): run the "
+                            "prepare stage for this tenant, which writes it from evaluate.general")
+    rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise EvaluateError(f"{rows_path} holds no rows: run the prepare stage again")
+    return _GeneralSet([r["input_ids"] for r in rows], [r["labels"] for r in rows],
+                       json.loads(facts_path.read_text(encoding="utf-8")))
+
+
+def general_facts(general: _GeneralSet | None) -> dict[str, Any]:
+    """metrics.json's `general`: where the sample came from and how big it is, or that it was not measured."""
+    if general is None:
+        return {"measured": False, "reason": "no general-text sample was given (general_dir): general_loss not measured"}
+    return {"measured": True, **general.facts}
 
 
 def _load_test(dataset_dir: Path, tok: Any, max_examples: int | None) -> _TestSet:
@@ -488,7 +551,7 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
         out_dir=layout.evaluation_dir(tenant), max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
         examples_in_report=ev.examples_in_report, batch_size=ev.batch_size, progress=progress,
         full_attention_reference=reference if reference.is_dir() else None,
-        qlora_reference=twin if twin.is_dir() else None, device=ev.device,
+        qlora_reference=twin if twin.is_dir() else None, device=ev.device, general_dir=layout.general_sample_dir(tenant),
     )
     io.copy_file(result.metrics_path, layout.eval_metrics_path(tenant))
     io.write_json(layout.metrics_path("evaluate", tenant), evaluate_metrics(result.metrics))

@@ -1,6 +1,6 @@
 """The promotion gate as a pure function of metrics: `decide` -> `GateDecision`, `to_json` for gate.json.
 
-Five rules, always evaluated and reported in this order (the decision passes only when all pass):
+Six rules, always evaluated and reported in this order (the decision passes only when all pass):
 
 ``beats_base``
     The candidate improves on the base model on ``gate.primary_metric`` by at least
@@ -20,7 +20,9 @@ Five rules, always evaluated and reported in this order (the decision passes onl
     regression (the negative of the gain above, candidate vs production) is at most
     ``gate.max_regression_vs_prod`` (``<=``, same tolerance). Passes with reason
     "no production version" when ``production`` is None. Metrics only production reports are listed
-    in the reason as not compared; no metric in common fails (no evidence).
+    in the reason as not compared; no metric in common fails (no evidence). ``general_loss`` is not
+    compared here but by ``max_forgetting``: what an adapter may forget is bounded against the base,
+    by its own threshold, so two versions that each forget within it are not refused for the gap.
 ``merge_parity`` / ``export_parity``
     ``parity["merge_max_logit_diff"] <= gate.max_merge_logit_diff`` and
     ``parity["export_max_logit_diff"] <= gate.max_export_logit_diff``. A number absent from
@@ -28,6 +30,12 @@ Five rules, always evaluated and reported in this order (the decision passes onl
     missing evidence, so a pipeline that skipped the parity check cannot promote. A target that
     deploy.targets does not build (``merged`` for merge parity, ``onnx`` for export parity) has no
     parity to measure: its rule passes with reason "not built (deploy.targets)", whatever ``parity`` holds.
+``max_forgetting``
+    The candidate's ``general_loss`` (its loss on general text that is not the tenant's, evaluate.general)
+    rose over the base's by at most ``gate.max_forgetting``, relatively: ``(candidate - base) / |base|``
+    ``<=`` the threshold (same tolerance; a fall is negative and passes). Passes with reason "disabled
+    (gate.max_forgetting is null)" when the threshold is null. A general_loss missing or non-finite on
+    either side fails, naming it: an evaluation that did not measure forgetting cannot promote.
 
 A missing, non-numeric or non-finite (NaN, ±inf) metric fails the rule that needs it, and the
 reason names the metric. Metrics not in ``lower_is_better`` are treated as higher-is-better.
@@ -47,6 +55,7 @@ __all__ = [
     "DEFAULT_LOWER_IS_BETTER",
     "EPS",
     "EXPORT_PARITY_KEY",
+    "FORGETTING_METRIC",
     "MERGE_PARITY_KEY",
     "RULES",
     "GateDecision",
@@ -57,13 +66,15 @@ __all__ = [
 ]
 
 DEFAULT_LOWER_IS_BETTER: frozenset[str] = frozenset(
-    {"answer_loss", "loss", "eval_loss", "nll", "perplexity", "answer_perplexity", "ppl", "long_context_perplexity"}
+    {"answer_loss", "loss", "eval_loss", "nll", "perplexity", "answer_perplexity", "ppl", "long_context_perplexity",
+     "general_loss"}
 )
 EPS = 1e-12
 REL_TOL = 1e-9
 MERGE_PARITY_KEY = "merge_max_logit_diff"
 EXPORT_PARITY_KEY = "export_max_logit_diff"
-RULES = ("beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity", "export_parity")
+FORGETTING_METRIC = "general_loss"
+RULES = ("beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity", "export_parity", "max_forgetting")
 
 
 @dataclass(frozen=True)
@@ -161,7 +172,7 @@ def _no_regression(gate: GateParams, candidate: Mapping[str, Any], production: M
     name, threshold = "no_regression_vs_prod", gate.max_regression_vs_prod
     if production is None:
         return RuleResult(name, True, None, threshold, "no production version")
-    common = sorted(set(candidate) & set(production))
+    common = sorted((set(candidate) & set(production)) - {FORGETTING_METRIC})  # max_forgetting's, against the base
     prod_only = sorted(set(production) - set(candidate))
     note = f"; not compared (production only): {', '.join(prod_only)}" if prod_only else ""
     if not common:
@@ -202,6 +213,24 @@ def _parity(name: str, key: str, threshold: float, parity: Mapping[str, Any] | N
     return RuleResult(name, ok, value, threshold, f"{key} {value:.4g} {'<=' if ok else '>'} {threshold:.4g}")
 
 
+def _forgetting(threshold: float | None, candidate: Mapping[str, Any], base: Mapping[str, Any]) -> RuleResult:
+    name, metric = "max_forgetting", FORGETTING_METRIC
+    if threshold is None:
+        return RuleResult(name, True, None, None, "disabled (gate.max_forgetting is null): forgetting not checked")
+    cand, cwhy = _number(candidate, metric)
+    ref, bwhy = _number(base, metric)
+    values = {"candidate": cand, "base": ref}
+    if cand is None or ref is None:
+        bad = "; ".join(f"{w} {metric} is {why}" for w, why in (("candidate", cwhy), ("base", bwhy)) if why)
+        return RuleResult(name, False, None, threshold, f"{bad}: forgetting was not measured on general text "
+                          "(evaluate.general), so the gate cannot pass", values)
+    rise = -relative_gain(cand, ref, lower_is_better=True)
+    ok = _at_most(rise, threshold)
+    verdict = "<=" if ok else "> (the adapter forgot too much of text that is not the tenant's)"
+    reason = f"{metric} on general text: candidate {cand:.6g} vs base {ref:.6g}, relative rise {rise:.4g} {verdict} {threshold:.4g}"
+    return RuleResult(name, ok, rise, threshold, reason, values)
+
+
 def decide(
     gate: GateParams,
     candidate: Mapping[str, float],
@@ -211,7 +240,7 @@ def decide(
     lower_is_better: Set[str] = DEFAULT_LOWER_IS_BETTER,
     targets: Collection[str] = DEPLOY_TARGETS,
 ) -> GateDecision:
-    """Apply the five rules (see the module docstring); pure: no I/O, inputs are not modified.
+    """Apply the six rules (see the module docstring); pure: no I/O, inputs are not modified.
     `targets`: the tenant's deploy.targets; the parity of a target not built is not required."""
     rules = [
         _beats_base("beats_base", gate.primary_metric, gate.min_gain_over_base, candidate, base, lower_is_better),
@@ -221,6 +250,7 @@ def decide(
         _no_regression(gate, candidate, production, lower_is_better),
         _parity("merge_parity", MERGE_PARITY_KEY, gate.max_merge_logit_diff, parity, "merged" in targets),
         _parity("export_parity", EXPORT_PARITY_KEY, gate.max_export_logit_diff, parity, "onnx" in targets),
+        _forgetting(gate.max_forgetting, candidate, base),
     ]
     return GateDecision(passed=all(r.passed for r in rules), rules=rules)
 

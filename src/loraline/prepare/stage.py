@@ -30,6 +30,7 @@ from loraline.modelling.loading import load_base_tokenizer
 from loraline.prepare.collected import Collected
 from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
 from loraline.prepare.first_pass import first_pass
+from loraline.prepare.general import general_sample, write_general_sample
 from loraline.prepare.mapping import DETECTED, assign, compile_sources
 from loraline.prepare.outputs import no_rows_message, write_outputs
 from loraline.prepare.pool import default_workers
@@ -201,11 +202,14 @@ def run(
     tokenizer: Any = None, progress: bool = False,
 ) -> PrepareResult:
     """The prepare stage for one tenant: its sources (and synthesized rows, when the synthesize stage
-    wrote any) into data/prepared/<tenant>, rejects into data/rejected/<tenant>.jsonl, the counts people
+    wrote any) into data/prepared/<tenant>, rejects into data/rejected/<tenant>.jsonl, the general-text
+    sample of the forgetting check (evaluate.general) into data/general/<tenant>, the counts people
     compare into reports/<tenant>/metrics/prepare.json, the run's timing into reports/timing/."""
     started = time.perf_counter()
     if tokenizer is None:
         tokenizer = load_base_tokenizer(base_dir or layout.base_dir, params.base)
+    # Before the tenant's rows: a bad evaluate.general fails in seconds, and no output is written before it.
+    general = general_sample(params.evaluate.general, params.prepare_for(tenant), tokenizer, params.project or layout.root)
     result = prepare_tenant(
         params.tenant(tenant),
         params.prepare_for(tenant),
@@ -218,6 +222,7 @@ def run(
         progress=progress,
         project=params.project,
     )
+    write_general_sample(general, layout.general_sample_dir(tenant))
     write_json(layout.metrics_path("prepare", tenant), prepare_metrics(result.stats))
     write_timing(layout.timing_path("prepare", tenant), run_facts(started))
     return result

@@ -9,8 +9,9 @@ import torch
 from base_helpers import DOC_TEXT, MARKER, tiny_build
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from loraline.base.corpus import build_corpus, read_documents, stdlib_docstrings
-from loraline.base.stage import LOSS_CSV, MODEL_FILES, build_base
+from loraline.base.corpus import build_corpus, held_out_docstrings, read_documents, stdlib_docstrings
+from loraline.base.stage import GENERAL_TEXT_ROWS, LOSS_CSV, MODEL_FILES, build_base
+from loraline.layout import GENERAL_TEXT
 from loraline.modelling.loading import RECORD, resolve_base_model_path
 from loraline.modelling.chat import IM_END
 from loraline.config import BaseParams
@@ -81,6 +82,21 @@ def test_record(built):
     assert lines[0] == "step,loss" and len(lines) == 21
 
 
+def test_general_text_is_held_out_from_pretraining(built):
+    """models/base/general_text.jsonl, evaluate.general's default sample: stdlib docstrings pretraining never read,
+    the same bytes every build, recorded with the other files."""
+    params, result = built
+    path = result.out_dir / GENERAL_TEXT
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    pretrained = stdlib_docstrings(params.build.max_stdlib_chars)
+    assert len(texts) == GENERAL_TEXT_ROWS == result.record["general_text"]["rows"] and len(set(texts)) == len(texts)
+    assert not set(texts) & set(pretrained)
+    assert not any(t.startswith(pretrained[-1]) for t in texts)  # nor the rest of the docstring the cap cut
+    assert texts == held_out_docstrings(params.build.max_stdlib_chars, GENERAL_TEXT_ROWS)
+    assert "after the docstrings pretraining read" in result.record["general_text"]["source"]
+    assert result.record["files"][GENERAL_TEXT] == sha256_file(path)
+
+
 def test_loss_decreases(built):
     _, result = built
     curve = result.record["pretraining"]["loss_curve"]
@@ -91,7 +107,7 @@ def test_same_seed_same_files_other_seed_other_model(built, raw_dirs, tmp_path):
     params, first = built
     again = build_base(params, seed=7, raw_dirs=raw_dirs, out_dir=tmp_path / "again")
     other = build_base(params, seed=8, raw_dirs=raw_dirs, out_dir=tmp_path / "other")
-    for name in MODEL_FILES:
+    for name in (*MODEL_FILES, GENERAL_TEXT):
         assert sha256_file(again.out_dir / name) == sha256_file(first.out_dir / name), name
     assert sha256_file(other.out_dir / "model.safetensors") != sha256_file(first.out_dir / "model.safetensors")
 

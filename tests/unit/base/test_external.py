@@ -9,9 +9,11 @@ import huggingface_hub.constants
 import pytest
 
 from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path
+from loraline.base.corpus import held_out_docstrings, stdlib_docstrings
 from loraline.base.stage import build_base
 from loraline.modelling.chat import CHAT_TEMPLATE
 from loraline.config import BaseParams, ConfigError
+from loraline.layout import GENERAL_TEXT
 from loraline.provenance import sha256_file
 
 OTHER_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -29,7 +31,7 @@ def test_local_folder_is_recorded_not_copied(built, tmp_path):
     _, source = built
     params = BaseParams(model=str(source.out_dir))
     result = build_base(params, seed=1, raw_dirs=[], out_dir=tmp_path / "base")
-    assert sorted(p.name for p in result.out_dir.iterdir()) == ["base_record.json"]
+    assert sorted(p.name for p in result.out_dir.iterdir()) == ["base_record.json", GENERAL_TEXT]  # no weights copied
     rec = result.record
     assert rec["source"] == "local" and rec["model_ref"] == str(source.out_dir.resolve())
     assert rec["architecture"] == "LlamaForCausalLM" and rec["model_type"] == "llama"
@@ -40,6 +42,17 @@ def test_local_folder_is_recorded_not_copied(built, tmp_path):
     assert base_load_kwargs(result.out_dir) == {}
     tok = load_base_tokenizer(result.out_dir, params)
     assert tok.chat_template == CHAT_TEMPLATE
+
+
+def test_a_base_of_your_own_gets_general_text_it_was_not_built_from_here(built, tmp_path):
+    """evaluate.general's default sample exists for any base: for one not built here, the same kind of docstrings
+    from the first file on (it was not pretrained by loraline, so none of them is set aside)."""
+    _, source = built
+    result = build_base(BaseParams(model=str(source.out_dir)), seed=1, raw_dirs=[], out_dir=tmp_path / "base")
+    texts = [json.loads(line)["text"] for line in (result.out_dir / GENERAL_TEXT).read_text().splitlines()]
+    assert texts == held_out_docstrings(0, len(texts)) and len(texts) == result.record["general_text"]["rows"] > 100
+    assert texts[:20] == stdlib_docstrings(10**9)[:20]
+    assert "none of which the build read" in result.record["general_text"]["source"]
 
 
 def test_missing_chat_template_is_a_clear_error(built, tmp_path):

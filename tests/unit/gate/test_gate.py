@@ -20,8 +20,8 @@ GATE = GateParams(
     max_export_logit_diff=1e-3,
 )
 PARITY = {"merge_max_logit_diff": 1e-4, "export_max_logit_diff": 2e-4}
-BASE = {"answer_loss": 2.0, "exact_match": 0.2}
-GOOD = {"answer_loss": 1.5, "exact_match": 0.5}
+BASE = {"answer_loss": 2.0, "exact_match": 0.2, "general_loss": 3.0}
+GOOD = {"answer_loss": 1.5, "exact_match": 0.5, "general_loss": 3.1}
 
 
 def _decide(candidate=GOOD, base=BASE, production=None, parity=PARITY, gate=GATE, **kw) -> GateDecision:
@@ -215,7 +215,7 @@ def test_inputs_are_not_modified() -> None:
 
 
 def test_to_json_shape_and_order() -> None:
-    d = _decide(candidate={"answer_loss": math.nan}, parity=None)
+    d = _decide(candidate={"answer_loss": math.nan, "general_loss": 3.0}, parity=None)
     out = to_json(d)
     assert list(out) == ["passed", "failed", "rules"]
     assert out["passed"] is False
@@ -237,7 +237,7 @@ def test_relative_gain() -> None:
 
 finite = st.floats(-1e6, 1e6, allow_nan=False)
 anyfloat = st.floats(allow_nan=True, allow_infinity=True)
-metric_names = st.sampled_from(["answer_loss", "perplexity", "exact_match", "token_f1", "rouge_l"])
+metric_names = st.sampled_from(["answer_loss", "perplexity", "exact_match", "token_f1", "rouge_l", "general_loss"])
 metrics = st.dictionaries(metric_names, anyfloat | finite, max_size=5)
 gates = st.builds(
     GateParams,
@@ -246,6 +246,7 @@ gates = st.builds(
     max_regression_vs_prod=st.floats(0, 1),
     max_merge_logit_diff=st.floats(1e-6, 1),
     max_export_logit_diff=st.floats(1e-6, 1),
+    max_forgetting=st.none() | st.floats(0, 1),
 )
 parities = st.none() | st.dictionaries(st.sampled_from(["merge_max_logit_diff", "export_max_logit_diff"]), anyfloat)
 
@@ -263,6 +264,8 @@ def test_decision_is_the_conjunction_of_its_rules(gate, candidate, base, product
         assert not d.passed  # never passes on missing parity evidence
     if gate.primary_metric not in candidate or gate.primary_metric not in base:
         assert not d.passed
+    if gate.max_forgetting is not None and ("general_loss" not in candidate or "general_loss" not in base):
+        assert not d.passed  # nor on forgetting that was not measured
 
 
 @given(finite, finite, st.floats(0.0, 10.0), st.floats(-1, 1))
@@ -284,7 +287,8 @@ def test_the_stage_reads_parity_from_the_small_merge_and_export_metrics_files(tm
 
     layout, params = Layout(tmp_path), parse_params({"tenants": {"t1": {"raw_dir": "raw"}}})
     layout.eval_metrics_path("t1").parent.mkdir(parents=True)
-    layout.eval_metrics_path("t1").write_text(json.dumps({"models": {"base": {"answer_loss": 2.0}, "candidate": {"answer_loss": 1.0}}}))
+    layout.eval_metrics_path("t1").write_text(json.dumps({"models": {"base": {"answer_loss": 2.0, "general_loss": 3.0},
+                                                                 "candidate": {"answer_loss": 1.0, "general_loss": 3.0}}}))
     layout.metrics_path("merge", "t1").parent.mkdir()
     layout.metrics_path("merge", "t1").write_text(json.dumps({"passed": True, "max_abs_logit_diff": 1e-6, "greedy_agreement": 1.0}))
 
@@ -306,16 +310,16 @@ def test_secondary_rule_off_by_default_passes_with_reason() -> None:
 def test_task_metric_decides_and_answer_loss_must_still_fall() -> None:
     gate = GATE.model_copy(update={"primary_metric": "json_field_accuracy", "min_gain_over_base": 0.5,
                                    "secondary_metric": "answer_loss", "min_secondary_gain": 0.05})
-    base = {"json_field_accuracy": 0.0, "answer_loss": 4.0}
+    base = {"json_field_accuracy": 0.0, "answer_loss": 4.0, "general_loss": 3.0}
     # Format learnt, content guessed: the loss falls a lot, the task metric does not reach the bar.
-    guessing = _decide(candidate={"json_field_accuracy": 0.25, "answer_loss": 0.5}, base=base, gate=gate)
+    guessing = _decide(candidate={"json_field_accuracy": 0.25, "answer_loss": 0.5, "general_loss": 3.0}, base=base, gate=gate)
     assert guessing.failed == ["beats_base"]
     assert guessing.rule("beats_base").reason.startswith("json_field_accuracy (higher is better)")
     # A task metric gained while the loss got worse (e.g. a collapsed distribution) fails the second rule.
-    overconfident = _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 4.1}, base=base, gate=gate)
+    overconfident = _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 4.1, "general_loss": 3.0}, base=base, gate=gate)
     assert overconfident.failed == ["beats_base_secondary"]
     assert overconfident.rule("beats_base_secondary").reason.startswith("answer_loss (lower is better)")
-    assert _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 0.4}, base=base, gate=gate).passed
+    assert _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 0.4, "general_loss": 3.0}, base=base, gate=gate).passed
     missing = _decide(candidate={"json_field_accuracy": 0.9}, base=base, gate=gate).rule("beats_base_secondary")
     assert not missing.passed and "secondary metric 'answer_loss' is missing from the candidate" in missing.reason
 
@@ -330,3 +334,69 @@ def test_long_context_perplexity_is_a_lower_is_better_primary_metric() -> None:
     assert not worse.passed and "lower is better" in worse.reason
     missing = _decide(candidate={**good, "long_context_perplexity": None}, base=base, gate=gate).rule("beats_base")
     assert not missing.passed and "long_context_perplexity" in missing.reason
+
+
+# --- max_forgetting: general_loss (text that is not the tenant's) against the base's -------------------
+
+
+@pytest.mark.parametrize(
+    ("cand_general", "passed"), [(3.3, True), (3.2999, True), (3.3001, False), (4.0, False), (3.0, True), (2.5, True)]
+)
+def test_max_forgetting_bounds_the_relative_rise_over_the_base(cand_general: float, passed: bool) -> None:
+    r = _decide(candidate={**GOOD, "general_loss": cand_general}).rule("max_forgetting")  # base 3.0, threshold 0.10
+    assert r.passed is passed
+    assert r.value == pytest.approx((cand_general - 3.0) / 3.0) and r.threshold == pytest.approx(0.10)
+    assert r.values == {"candidate": cand_general, "base": 3.0}
+
+
+def test_a_forgetting_candidate_is_refused_with_the_numbers() -> None:
+    d = _decide(candidate={**GOOD, "general_loss": 3.6})
+    assert not d.passed and d.failed == ["max_forgetting"]
+    reason = d.rule("max_forgetting").reason
+    assert reason.startswith("general_loss on general text: candidate 3.6 vs base 3, relative rise 0.2 >")
+    assert reason.endswith("0.1") and "forgot" in reason
+
+
+def test_max_forgetting_null_disables_the_rule_and_says_so() -> None:
+    gate = GATE.model_copy(update={"max_forgetting": None})
+    r = _decide(candidate={**GOOD, "general_loss": 30.0}, gate=gate).rule("max_forgetting")
+    assert r.passed and r.value is None and r.threshold is None
+    assert r.reason.startswith("disabled (gate.max_forgetting is null)")
+    assert _decide(candidate={"answer_loss": 1.5}, base={"answer_loss": 2.0}, gate=gate).passed  # nothing to measure
+
+
+@pytest.mark.parametrize(
+    ("candidate", "base", "said"),
+    [
+        ({"answer_loss": 1.5}, BASE, "candidate general_loss is missing"),
+        (GOOD, {"answer_loss": 2.0}, "base general_loss is missing"),
+        ({"answer_loss": 1.5, "general_loss": math.nan}, BASE, "candidate general_loss is not finite (nan)"),
+        ({"answer_loss": 1.5, "general_loss": None}, BASE, "candidate general_loss is not a number (None)"),
+    ],
+)
+def test_forgetting_not_measured_fails_saying_why(candidate, base, said: str) -> None:
+    d = _decide(candidate=candidate, base=base)
+    r = d.rule("max_forgetting")
+    assert not d.passed and not r.passed and r.value is None
+    assert r.reason.startswith(said) and "forgetting was not measured on general text (evaluate.general)" in r.reason
+
+
+def test_general_loss_is_left_out_of_the_comparison_with_production() -> None:
+    """Both within the forgetting bound against the base: a candidate forgetting 8% is not refused because
+    production forgot 1% (max_regression_vs_prod 0.02 would be), nor is general_loss a metric in common."""
+    production = {"answer_loss": 1.5, "exact_match": 0.5, "general_loss": 3.03}
+    d = _decide(candidate={**GOOD, "general_loss": 3.24}, production=production)
+    assert d.passed, to_json(d)
+    assert set(d.rule("no_regression_vs_prod").values) == {"answer_loss", "exact_match"}
+    only = _decide(candidate={"general_loss": 3.0, "answer_loss": 1.5}, production={"general_loss": 3.0})
+    assert only.rule("no_regression_vs_prod").reason.startswith("no metric in common with production")
+
+
+def test_tenant_gate_override_of_max_forgetting() -> None:
+    from loraline.config import parse_params
+
+    params = parse_params({"gate": {"max_forgetting": 0.05},
+                           "tenants": {"t1": {"raw_dir": "raw"}, "t2": {"raw_dir": "raw", "gate": {"max_forgetting": None}}}})
+    assert params.gate_for("t1").max_forgetting == pytest.approx(0.05)
+    assert params.gate_for("t2").max_forgetting is None
+    assert GateParams().max_forgetting == pytest.approx(0.10)

@@ -80,7 +80,8 @@ stages:
 """
 
 # What the stub evaluate and gate stages copy into place (the real stages compute them).
-EVALUATION = {"test_rows": 2, "models": {"base": {"answer_loss": 2.0}, "candidate": {"answer_loss": 1.0}}}
+EVALUATION = {"test_rows": 2, "models": {"base": {"answer_loss": 2.0, "general_loss": 3.0},
+                                         "candidate": {"answer_loss": 1.0, "general_loss": 3.1}}}
 PARITY = {"passed": True, "max_abs_logit_diff": 0.0}
 
 
