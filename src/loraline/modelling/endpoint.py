@@ -1,12 +1,14 @@
-"""An OpenAI-compatible chat endpoint as teacher (`synthesize.generator: openai`): vLLM, Ollama,
-OpenAI and the like, through `POST {base_url}/chat/completions` with the standard library.
+"""An OpenAI-compatible chat endpoint (vLLM, Ollama, OpenAI and the like) through
+`POST {base_url}/chat/completions` with the standard library: the synthesize stage's teacher
+(`synthesize.generator: openai`) and the evaluate stage's judge (`evaluate.judge`).
 
-The key is read from the environment variable that `synthesize.endpoint.api_key_env` names, at the
+The key is read from the environment variable that the endpoint's `api_key_env` names, at the
 moment of each request; it goes in the Authorization header only, never in a message, log, cache
 or report. HTTP 429, 5xx, timeouts and dropped connections are retried with exponential backoff and
 jitter (at most `max_retries` times, honouring Retry-After); other errors fail at once with the URL
 and the status. Requests start at least 60/`requests_per_minute` seconds apart. Replies are cached
-(cache.py), so a re-run sends nothing.
+(request_cache.py), so a re-run sends nothing. Errors name the params key of the endpoint
+(`setting`, e.g. evaluate.judge.endpoint), so the user knows which setting to check.
 """
 
 from __future__ import annotations
@@ -23,41 +25,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loraline.config import SynthesizeParams
-from loraline.synthesize.base import SynthesizeError
-from loraline.synthesize.cache import RequestCache, request_key
-from loraline.synthesize.prompt import ModelGenerator
+from loraline.config import SynthEndpointParams
+from loraline.modelling.request_cache import RequestCache, request_key
 
 MAX_BACKOFF_S = 60.0
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
-class RateLimiter:
-    """Spaces request starts at least `60 / per_minute` seconds apart (thread-safe)."""
-
-    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self.interval = 60.0 / per_minute
-        self.clock, self.sleep = clock, sleep
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def wait(self) -> None:
-        with self._lock:
-            now = self.clock()
-            if now < self._next:
-                self.sleep(self._next - now)
-                now = self._next
-            self._next = now + self.interval
+class EndpointError(ValueError):
+    """The endpoint cannot answer (unreachable, an HTTP error that is not retried, a reply that is no chat completion)."""
 
 
 class ChatClient:
-    """One chat-completion call with cache, rate limit and retries; counts what it did."""
+    """One chat-completion call with cache, rate limit and retries; counts what it did.
+    `setting`: the params key of the endpoint settings, named in errors."""
 
     def __init__(self, base_url: str, api_key_env: str, *, requests_per_minute: float, max_retries: int,
-                 backoff_s: float, timeout_s: float, cache_dir: Path | None,
+                 backoff_s: float, timeout_s: float, cache_dir: Path | None, setting: str,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self.setting = setting
         self.api_key_env = api_key_env
         self.max_retries, self.backoff_s, self.timeout_s = max_retries, backoff_s, timeout_s
         self.cache = RequestCache(cache_dir)
@@ -65,6 +52,15 @@ class ChatClient:
         self.sleep = sleep
         self._jitter = random.Random()  # timing only: never affects the rows
         self.counts = {"requests": 0, "cache_hits": 0, "retries": 0}
+
+    @classmethod
+    def from_params(cls, endpoint: SynthEndpointParams, setting: str, cache_dir: Path | None,
+                    sleep: Callable[[float], None] = time.sleep) -> ChatClient:
+        if not endpoint.base_url:
+            raise EndpointError(f"{setting}.base_url is not set")
+        return cls(endpoint.base_url, endpoint.api_key_env, requests_per_minute=endpoint.requests_per_minute,
+                   max_retries=endpoint.max_retries, backoff_s=endpoint.backoff_s, timeout_s=endpoint.timeout_s,
+                   cache_dir=cache_dir, setting=setting, sleep=sleep)
 
     def chat(self, body: dict[str, Any]) -> str:
         key = request_key(body)
@@ -76,8 +72,8 @@ class ChatClient:
         try:
             content = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise SynthesizeError(f"{self.url}: reply is not a chat completion (no choices[0].message.content): "
-                                  f"{json.dumps(reply)[:300]}") from None
+            raise EndpointError(f"{self.url}: reply is not a chat completion (no choices[0].message.content): "
+                                f"{json.dumps(reply)[:300]}") from None
         content = content if isinstance(content, str) else ""
         self.cache.put(key, body, content)
         return content
@@ -105,12 +101,12 @@ class ChatClient:
                 try:
                     return json.loads(payload)
                 except json.JSONDecodeError:
-                    raise SynthesizeError(f"{self.url}: reply is not JSON: {payload[:200]!r}") from None
+                    raise EndpointError(f"{self.url}: reply is not JSON: {payload[:200]!r}") from None
             except urllib.error.HTTPError as exc:
                 detail = _safe(exc.read()[:300].decode("utf-8", "replace"), self.api_key_env)
                 last = f"HTTP {exc.code} {exc.reason}: {detail}"
                 if exc.code not in RETRY_STATUS:
-                    raise SynthesizeError(f"POST {self.url} failed: {last}") from None
+                    raise EndpointError(f"POST {self.url} failed: {last}") from None
                 retry_after = _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
@@ -118,10 +114,29 @@ class ChatClient:
             if attempt < self.max_retries:
                 delay = min(MAX_BACKOFF_S, self.backoff_s * 2**attempt) + self._jitter.uniform(0, self.backoff_s)
                 self.sleep(max(delay, retry_after or 0.0))
-        raise SynthesizeError(
+        raise EndpointError(
             f"POST {self.url} failed after {self.max_retries + 1} attempt(s): {last} "
-            "(check synthesize.endpoint.base_url and that the server is up)"
+            f"(check {self.setting}.base_url and that the server is up)"
         )
+
+
+class RateLimiter:
+    """Spaces request starts at least `60 / per_minute` seconds apart (thread-safe)."""
+
+    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.interval = 60.0 / per_minute
+        self.clock, self.sleep = clock, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = self.clock()
+            if now < self._next:
+                self.sleep(self._next - now)
+                now = self._next
+            self._next = now + self.interval
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -135,27 +150,3 @@ def _safe(text: str, env: str) -> str:
     """A server's error text, with the key blanked should the server echo it back."""
     secret = os.environ.get(env)
     return text.replace(secret, "***") if secret else text
-
-
-class EndpointGenerator(ModelGenerator):
-    name = "openai"
-
-    def __init__(self, params: SynthesizeParams, cache_dir: Path | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        super().__init__(params)
-        self.model = params.model
-        e = params.endpoint
-        if not e.base_url:
-            raise SynthesizeError("synthesize.endpoint.base_url is not set")
-        self.client = ChatClient(
-            e.base_url, e.api_key_env, requests_per_minute=e.requests_per_minute, max_retries=e.max_retries,
-            backoff_s=e.backoff_s, timeout_s=e.timeout_s, cache_dir=cache_dir, sleep=sleep,
-        )
-
-    def complete(self, messages: list[dict[str, str]], seed: int) -> str:
-        body = {"model": self.model, "messages": messages, "temperature": self.params.temperature,
-                "max_tokens": self.params.max_new_tokens, "seed": seed, "n": 1}
-        return self.client.chat(body)
-
-    def usage(self) -> dict:
-        return dict(self.client.counts)
