@@ -68,7 +68,8 @@ def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str
         assert "answer_loss" in evaluation["models"]["candidate"]
         assert (project / "reports" / t / "evaluation" / "report.md").is_file()
         gate = json.loads((project / "reports" / t / "gate.json").read_text())
-        assert [r["name"] for r in gate["rules"]] == ["beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity", "export_parity"]
+        assert [r["name"] for r in gate["rules"]] == ["beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity",
+                                                     "export_parity", "judge_win_rate"]
         assert gate["passed"] == all(r["passed"] for r in gate["rules"])
         assert next(r for r in gate["rules"] if r["name"] == "merge_parity")["passed"]
 
