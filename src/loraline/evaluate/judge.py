@@ -230,11 +230,11 @@ def render(block: dict[str, Any]) -> list[str]:
     """report.md's judge section."""
     rate = block["win_rate"]
     bias = block["position_bias"]
-    against = block["against"] + "".join(f", {k} `{str(v)[:12]}`" for k, v in block["against_model"].items())
+    identity = ", ".join(f"{k} `{str(v)[:12]}`" for k, v in block["against_model"].items())
     share = "n/a" if bias["first_share"] is None else f"{bias['first_share']:.2f}"
     return [
         "", "## LLM judge", "",
-        f"The candidate against **{against}**, judged by `{block['model']}` at `{block['endpoint']}` "
+        f"The candidate against **{block['against']}** ({identity}), judged by `{block['model']}` at `{block['endpoint']}` "
         f"({'default' if block['default_rubric'] else 'custom'} rubric `{block['rubric_sha256'][:12]}`"
         f"{', reference shown' if block['with_reference'] else ''}); {block['rows']} test rows, each in both orders.",
         "",

@@ -223,3 +223,24 @@ def test_judge_win_rate_as_the_primary_metric_is_higher_is_better_against_the_ev
     rule = decide(gate, {"judge_win_rate": rate}, {"judge_win_rate": 0.5}, None, PARITY).rule("beats_base")
     assert rule.passed is passed and rule.value == pytest.approx((rate - 0.5) / 0.5)
     assert "higher is better" in rule.reason
+
+
+def test_the_gate_stage_decides_on_the_evaluations_judge_block(tmp_path: Path):
+    from loraline.config import parse_params
+    from loraline.gate.stage import run
+    from loraline.layout import Layout
+
+    layout = Layout(tmp_path)
+    params = parse_params({"tenants": {"t1": {"raw_dir": "raw"}}, "gate": {"min_judge_win_rate": 0.6}})
+    evaluation = {"models": {"base": {"answer_loss": 2.0}, "candidate": {"answer_loss": 1.0}}}
+    for stage in ("merge", "export"):
+        layout.metrics_path(stage, "t1").parent.mkdir(parents=True, exist_ok=True)
+        layout.metrics_path(stage, "t1").write_text(json.dumps({"max_abs_logit_diff": 0.0}))
+    layout.eval_metrics_path("t1").write_text(json.dumps(evaluation))
+    assert run(params, layout, "t1").failed == ["judge_win_rate"]  # set, but the evaluation has no judge block
+    judged = {**JUDGE, "against": "base", "against_model": {"base_record_sha256": "ab" * 32}}
+    layout.eval_metrics_path("t1").write_text(json.dumps({**evaluation, "judge": judged}))
+    decision = run(params, layout, "t1")
+    assert decision.passed and "against base (base_record_sha256 abababababab) 0.6111 >= 0.6" in decision.rule("judge_win_rate").reason
+    rule = json.loads(layout.gate_path("t1").read_text())["rules"][-1]
+    assert rule["name"] == "judge_win_rate" and rule["value"] == pytest.approx(11 / 18) and rule["threshold"] == 0.6
