@@ -106,7 +106,8 @@ class ChatClient:
                 detail = _safe(exc.read()[:300].decode("utf-8", "replace"), self.api_key_env)
                 last = f"HTTP {exc.code} {exc.reason}: {detail}"
                 if exc.code not in RETRY_STATUS:
-                    raise EndpointError(f"POST {self.url} failed: {last}") from None
+                    raise EndpointError(f"POST {self.url} failed: {last} (check {self.setting}: its base_url, "
+                                        f"and the key in ${self.api_key_env})") from None
                 retry_after = _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)

@@ -155,7 +155,9 @@ def test_an_http_error_that_is_not_retried_fails_at_once_naming_the_setting():
     with FakeJudge(longer_wins, fail=[401]) as server:
         with pytest.raises(EndpointError, match="HTTP 401") as info:
             judge_pairs(judge_params(server.base_url), _pairs(["c"], ["o"]), BASE, None)
-    assert len(server.requests) == 1 and server.base_url in str(info.value) and SECRET not in str(info.value)
+    message = str(info.value)
+    assert len(server.requests) == 1 and server.base_url in message and SECRET not in message
+    assert f"check evaluate.judge.endpoint: its base_url, and the key in ${KEY_ENV}" in message
 
 
 def test_the_judged_rows_are_a_fixed_sample_in_test_order():
