@@ -16,6 +16,7 @@ from loraline.layout import NOT_BUILT, Layout
 # loraline.evaluate.stage.HEADLINE_METRICS (importing that would load torch for every CLI command).
 HEADLINE_METRICS = (
     "answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy", "long_context_perplexity",
+    "judge_win_rate",
 )
 
 
