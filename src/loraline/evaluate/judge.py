@@ -24,9 +24,10 @@ with the same answers sends nothing (modelling/endpoint.py: key handling, rate l
 metrics.json records the endpoint's host only, never its path, query or credentials.
 
 The evaluate stage judges against the base: it never reads the registry, so what it writes depends on
-its inputs alone. At release, when another version is in production, the candidate is judged again
-against that version's answers (loraline.release), and the gate's judge rule decides on that; the
-stage's win rate against the base is never taken for one against production.
+its inputs alone (evaluate_tenant called with a production model judges against that). At release,
+when another version is in production and gate.min_judge_win_rate is set, the candidate is judged
+again against that version's answers (loraline.release), and the gate's judge rule decides on that;
+the stage's win rate against the base is never taken for one against production.
 """
 
 from __future__ import annotations

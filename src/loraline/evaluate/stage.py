@@ -53,9 +53,9 @@ from loraline import io
 from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path, tokenizer_mismatch
 from loraline.config import BaseParams, JudgeParams, Params
 from loraline.layout import BASE_RECORD, QLORA_REFERENCE, Layout
+from loraline.evaluate import judge as JG
 from loraline.evaluate import long_context as LC
 from loraline.evaluate import lowbit as LB
-from loraline.evaluate import judge as JG
 from loraline.evaluate import metrics as M
 from loraline.evaluate.batching import rows_for, scored_in_batches
 from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation
