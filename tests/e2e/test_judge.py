@@ -6,6 +6,7 @@ mechanics (requests, verdict counts, cache, key handling, the gate rule), not th
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from loraline.tools import tool
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.serve]
 TENANT = "acme-shop"
 KEY_ENV = "LORALINE_E2E_JUDGE_KEY"
-KEY = "sk-e2e-judge-NEVER-WRITE-ME-7731"
+KEY = f"sk-e2e-judge-{secrets.token_hex(8)}"  # made here: the project copy holds this file, which must not hold the key
 ROWS = 3  # evaluate.judge.max_rows; the tiny project evaluates 6 test rows
 
 
