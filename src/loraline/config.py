@@ -617,6 +617,11 @@ class EvaluateParams(_Section):
     general: GeneralParams = Field(
         GeneralParams(), description="The general-text sample general_loss is measured on (forgetting, gate.max_forgetting)"
     )
+    judge: JudgeParams | None = Field(
+        None, description="An LLM judge (an OpenAI-compatible server) comparing the candidate's answers with production's, "
+        "else the base's, pairwise in both orders: metrics.json's `judge` block and the candidate's judge_win_rate "
+        "(evaluate/judge.py; README: LLM judge). null: no judge"
+    )
 
 
     @field_validator("batch_size", mode="before")
@@ -645,6 +650,32 @@ class SynthEndpointParams(_Section):
     max_retries: int = Field(5, ge=0, le=20, description="Retries of a request after HTTP 429, 5xx or a timeout (exponential backoff + jitter)")
     backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubled at each retry, capped at 60 s")
     timeout_s: float = Field(60, gt=0, description="Per-request timeout")
+
+
+class JudgeParams(_Section):
+    """evaluate.judge: the model asked which of two answers to a test row is better (evaluate/judge.py)."""
+
+    endpoint: SynthEndpointParams = Field(
+        description="The judge's server, as synthesize.endpoint: base_url, api_key_env (the key is sent to base_url only, "
+        "in the Authorization header), requests_per_minute, max_retries, backoff_s, timeout_s"
+    )
+    model: str = Field(min_length=1, description="The model name sent to the endpoint")
+    rubric: str | None = Field(
+        None, min_length=1, description="What makes an answer better: the judge's system message (null: the default "
+        "rubric, evaluate/judge.py DEFAULT_RUBRIC). loraline adds the question, the answers and the reply format"
+    )
+    with_reference: bool = Field(True, description="Show the judge the test row's reference answer (reference-guided judging)")
+    max_rows: int | None = Field(
+        100, ge=1, description="Test rows judged: the first max_rows of those evaluated, each judged twice (both orders); null: all"
+    )
+    max_tokens: int = Field(256, ge=1, description="Most tokens of one verdict reply")
+    seed: int = Field(0, ge=0, description="Sent with temperature 0 so that the verdicts repeat where the server honours it")
+
+    @model_validator(mode="after")
+    def _endpoint_given(self) -> JudgeParams:
+        if not self.endpoint.base_url:
+            raise ValueError("evaluate.judge needs endpoint.base_url")
+        return self
 
 
 class SynthFilterParams(_Section):
@@ -709,6 +740,10 @@ class GateParams(_Section):
     )
     max_merge_logit_diff: float = Field(1e-3, gt=0)
     max_export_logit_diff: float = Field(1e-3, gt=0)
+    min_judge_win_rate: float | None = Field(
+        None, ge=0, le=1, description="The candidate's judge win rate (evaluate.judge) against the version it replaces "
+        "(production, judged again at release) or else the base must be at least this; null: no judge rule"
+    )
 
 
 # DEPLOY_TARGETS (layout) spelled as a type; a test checks the two agree.

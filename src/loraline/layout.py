@@ -96,6 +96,10 @@ class Layout:
         """Endpoint replies, kept outside DVC outputs (DVC deletes a stage's outputs before re-running it)."""
         return self.root / ".cache" / "synth" / tenant
 
+    def judge_cache_dir(self, tenant: str) -> Path:
+        """evaluate.judge's replies, outside DVC outputs as synth_cache_dir's."""
+        return self.root / ".cache" / "judge" / tenant
+
     def prepared_dir(self, tenant: str) -> Path:
         return self.root / "data" / "prepared" / tenant
 

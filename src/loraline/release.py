@@ -8,6 +8,12 @@ sample (so its general_loss compares with the candidate's), and the gate's rules
 against those numbers; the promotion then only lands if production is still the version it was
 decided against (the registry's lock and `expected_current`).
 
+The LLM judge (evaluate.judge) is part of that re-measure: the evaluate stage judged the candidate against
+the base (it does not read the registry), so with gate.min_judge_win_rate set the candidate's answers
+(the evaluation's generations.jsonl) are judged again against the production version's, and the gate's
+judge rule decides on that win rate, recorded with the version and commit it was measured against.
+A win rate is never carried over to a production it was not measured against.
+
 Nothing is registered while DVC finds a stage of the tenant (or a shared one) out of date, or dvc.lock's
 records disagree about which adapter merge, export, evaluate and gate used (registry.consistency): the
 gate's verdict, the ONNX export and the lineage in the tag must all describe the adapter registered.
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from loraline import io
-from loraline.config import Params
+from loraline.config import JudgeParams, Params
 from loraline.layout import Layout, stage_id
 from loraline.registry.base import PromotionConflict, Registry, ReleaseRefused, Version
 from loraline.registry.canary import provisional
@@ -35,7 +41,17 @@ from loraline.registry.lineage import (
 from loraline.registry.snapshot import snapshot_commit
 from loraline.gate.stage import read_parity
 
-ProductionEvaluator = Callable[[Path, Params, str, Version], dict[str, Any]]
+
+@dataclass(frozen=True)
+class ProductionMeasure:
+    """The production version measured at release: its metrics, and (evaluate.judge with gate.min_judge_win_rate)
+    the candidate judged against its answers, metrics.json's `judge` block as evaluate/judge.py writes it."""
+
+    metrics: dict[str, Any]
+    judge: dict[str, Any] | None = None
+
+
+ProductionEvaluator = Callable[[Path, Params, str, Version], ProductionMeasure]
 
 
 @dataclass(frozen=True)
@@ -58,10 +74,10 @@ def release_path(root: str | Path, tenant: str) -> Path:
     return Layout(Path(root)).release_path(tenant)
 
 
-def evaluate_production(root: Path, params: Params, tenant: str, production: Version) -> dict[str, Any]:
+def evaluate_production(root: Path, params: Params, tenant: str, production: Version) -> ProductionMeasure:
     """Production's merged model, as of its version's commit, measured like the candidate was; its adapter on
     the base when that version built no merged model (deploy.targets then: the merge folder holds a report only)."""
-    from loraline.evaluate.stage import evaluate_model
+    from loraline.evaluate.stage import evaluate_model_answers
 
     layout = Layout(root)
     with tempfile.TemporaryDirectory(prefix=f"loraline-prod-{tenant}-") as tmp:
@@ -71,11 +87,32 @@ def evaluate_production(root: Path, params: Params, tenant: str, production: Ver
             adapter = Layout().relative(Layout().adapter_dir(tenant))
             model = fetch_output(root, adapter, production.commit, Path(tmp) / "adapter")
         ev = params.evaluate
-        return evaluate_model(
+        answers = evaluate_model_answers(
             model_dir=model, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=layout.base_dir,
             base_params=params.base, max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
             batch_size=ev.batch_size, device=ev.device, general_dir=layout.general_sample_dir(tenant),
         )
+    judged = None
+    if ev.judge is not None and params.gate_for(tenant).min_judge_win_rate is not None:
+        judged = judge_production(layout, ev.judge, tenant, production, answers.ids, answers.predictions)
+    return ProductionMeasure(answers.scores, judged)
+
+
+def judge_production(layout: Layout, judge: JudgeParams, tenant: str, production: Version, ids: list[str],
+                     answers: list[str]) -> dict[str, Any]:
+    """The candidate's answers (the evaluation's generations.jsonl) judged against `answers`, production's to
+    the same test rows: the `judge` block the gate's judge rule decides on at release."""
+    from loraline.evaluate import judge as JG
+    from loraline.evaluate.stage import GENERATIONS
+
+    path = layout.evaluation_dir(tenant) / GENERATIONS
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    if [r["id"] for r in rows] != ids:
+        raise ReleaseRefused(f"{path} holds other test rows than production was measured on: "
+                             f"run the evaluate stage again (dvc repro {stage_id('evaluate', tenant)})")
+    against = JG.Opponent("production", {"version": production.version, "commit": production.commit})
+    pairs = JG.pairings(rows, against.role, judge.max_rows, answers)
+    return JG.judge_pairs(judge, pairs, against, layout.judge_cache_dir(tenant)).block
 
 
 def _next_version(registry: Registry, names: list[str]) -> str:
@@ -164,10 +201,11 @@ def release_tenant(
         return finish(False, before, f"{version} already is production")
     if before is not None and before != version:
         evaluation = json.loads(layout.eval_metrics_path(tenant).read_text())["models"]
+        production = evaluate(root, params, tenant, current[names[0]])
         decision = decide(
             params.gate_for(tenant), evaluation["candidate"], evaluation["base"],
-            evaluate(root, params, tenant, current[names[0]]), read_parity(layout, tenant),
-            targets=params.deploy_for(tenant).targets,
+            production.metrics, read_parity(layout, tenant),
+            targets=params.deploy_for(tenant).targets, judge=production.judge,
         )
         rules = to_json(decision)["rules"]
         if not decision.passed:

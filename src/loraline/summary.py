@@ -17,6 +17,7 @@ from loraline.layout import NOT_BUILT, Layout
 HEADLINE_METRICS = (
     "answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy", "long_context_perplexity",
     "general_loss",
+    "judge_win_rate",
 )
 
 

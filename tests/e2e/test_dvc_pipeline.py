@@ -69,7 +69,7 @@ def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str
         assert (project / "reports" / t / "evaluation" / "report.md").is_file()
         gate = json.loads((project / "reports" / t / "gate.json").read_text())
         assert [r["name"] for r in gate["rules"]] == ["beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity",
-                                                      "export_parity", "max_forgetting"]
+                                                      "export_parity", "max_forgetting", "judge_win_rate"]
         general = evaluation["general"]  # the forgetting check: the base's held-out docstrings, tokenized by prepare
         assert general["measured"] and general["path"] == "models/base/general_text.jsonl" and general["rows"] == 128
         assert all(evaluation["models"][m]["general_loss"] > 0 for m in ("base", "candidate"))

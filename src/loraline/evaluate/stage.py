@@ -34,6 +34,8 @@ out_dir (replaced atomically):
                        sample and general_loss, example generations
     generations.jsonl  one row per test row: id, prompt (last user turn), reference,
                        predictions {model: text}, exact_match {model: bool}
+    judgements.jsonl   only with evaluate.judge: each judged row's two verdicts and replies; metrics.json
+                       then has a `judge` block and the candidate's judge_win_rate (evaluate/judge.py)
     long_context.json  only for a candidate whose config extends the base's context (train.long_context):
                        perplexity by length and passkey retrieval for base, base with the rope scaling
                        alone, candidate, and the candidate's full-attention twin when it was trained
@@ -49,7 +51,7 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +59,9 @@ import torch
 
 from loraline import io
 from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path, tokenizer_mismatch
-from loraline.config import BaseParams, Params
-from loraline.layout import GENERAL_ROWS, GENERAL_SAMPLE, QLORA_REFERENCE, Layout
+from loraline.config import BaseParams, JudgeParams, Params
+from loraline.layout import BASE_RECORD, GENERAL_ROWS, GENERAL_SAMPLE, QLORA_REFERENCE, Layout
+from loraline.evaluate import judge as JG
 from loraline.evaluate import long_context as LC
 from loraline.evaluate import lowbit as LB
 from loraline.evaluate import metrics as M
@@ -67,9 +70,10 @@ from loraline.evaluate.generate import (
     AnswerLoss, answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation,
 )
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
+from loraline.modelling.endpoint import EndpointError
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE, extended_context
 from loraline.evaluate.report import render_report
-from loraline.provenance import run_facts
+from loraline.provenance import hash_tree, run_facts, sha256_file
 
 METRICS = "metrics.json"
 REPORT = "report.md"
@@ -82,6 +86,7 @@ SEED = 0
 HEADLINE_METRICS = (
     "answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy", "long_context_perplexity",
     "general_loss",
+    JG.METRIC,
 )
 GENERAL_METRIC = "general_loss"
 
@@ -94,6 +99,7 @@ class EvaluateError(ValueError):
 class EvaluateResult:
     out_dir: Path
     metrics: dict[str, Any]  # the content of metrics.json
+    judge_usage: dict[str, int] = field(default_factory=dict)  # evaluate.judge's requests and cache hits (not an output)
 
     @property
     def metrics_path(self) -> Path:
@@ -159,6 +165,8 @@ def evaluate_tenant(
     qlora_reference: Path | None = None,
     device: str = "auto",
     general_dir: Path | None = None,
+    judge: JudgeParams | None = None,
+    judge_cache_dir: Path | None = None,
 ) -> EvaluateResult:
     """Evaluate base, candidate and (when `production_dir` exists) production on the test split.
     `full_attention_reference`: a LongLoRA candidate's full-attention twin (an adapter folder, see
@@ -167,7 +175,9 @@ def evaluate_tenant(
     the candidate against it merged in float and rounded after training (evaluate/lowbit.py).
     `device`: auto, cpu or cuda (evaluate.device).
     `general_dir`: the prepare stage's general-text sample (data/general/<tenant>), scored as general_loss for
-    every model; None: not measured, which metrics.json and the report say (and the gate's max_forgetting fails)."""
+    every model; None: not measured, which metrics.json and the report say (and the gate's max_forgetting fails).
+    `judge`: evaluate.judge, the candidate judged against production when there is one, else the base;
+    its requests cached in `judge_cache_dir` (evaluate/judge.py)."""
     dataset_dir, base_dir, candidate_dir, out_dir = map(Path, (dataset_dir, base_dir, candidate_dir, out_dir))
     if max_new_tokens < 1:
         raise EvaluateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -219,6 +229,11 @@ def evaluate_tenant(
             run_ = long_context["models"].get(stand_in[name])
             if run_ is not None:
                 scores[name] |= _finite({LC.GATE_METRIC: run_["perplexity"][at]["perplexity"]})
+    judged = None
+    if judge is not None:
+        judged = _judged(judge, judge_cache_dir, test, predictions, base_dir, production_dir)
+        against = judged.block["against"]
+        scores["candidate"][JG.METRIC], scores[against][JG.METRIC] = judged.win_rate, JG.EVEN
     result = {
         "tenant": tenant,
         **device_facts(where),
@@ -232,6 +247,8 @@ def evaluate_tenant(
     }
     if low_bit is not None:
         result["qalora_comparison"] = low_bit
+    if judged is not None:
+        result["judge"] = judged.block
     fields: dict[str, dict[str, float]] = {}
     if refs_json:
         # Beside the models' metrics, not in them: the gate compares every model metric with
@@ -245,14 +262,32 @@ def evaluate_tenant(
     )
     if low_bit is not None:
         report += "\n".join(LB.render(low_bit)) + "\n"
+    if judged is not None:
+        report += "\n".join(JG.render(judged.block)) + "\n"
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
         if long_context is not None:
             io.write_json(tmp / LONG_CONTEXT, long_context)
         io.write_jsonl(tmp / GENERATIONS, rows)
+        if judged is not None:
+            io.write_jsonl(tmp / JG.JUDGEMENTS, judged.rows)
         io.atomic_write_text(tmp / REPORT, report)
         io.write_json(tmp / METRICS, result)
-    return EvaluateResult(out_dir, result)
+    return EvaluateResult(out_dir, result, judged.usage if judged is not None else {})
+
+
+def _judged(judge: JudgeParams, cache_dir: Path | None, test: _TestSet, predictions: dict[str, list[str]],
+            base_dir: Path, production_dir: Path | None) -> JG.Judged:
+    """The candidate's answers judged against production's when production was evaluated, else the base's."""
+    if "production" in predictions:
+        against = JG.Opponent("production", {"sha256": hash_tree(Path(production_dir))})
+    else:
+        against = JG.Opponent("base", {"base_record_sha256": sha256_file(base_dir / BASE_RECORD)})
+    pairs = JG.pairings(_generation_rows(test, predictions), against.role, judge.max_rows)
+    try:
+        return JG.judge_pairs(judge, pairs, against, cache_dir)
+    except EndpointError as e:
+        raise EvaluateError(f"evaluate.judge: {e}") from None
 
 
 def _long_context_report(
@@ -355,14 +390,35 @@ def evaluate_model(
 
     The registry uses it to measure the current production model at promotion time, when production
     may have changed since the evaluate stage ran."""
+    return evaluate_model_answers(
+        model_dir=model_dir, dataset_dir=dataset_dir, base_dir=base_dir, base_params=base_params,
+        max_new_tokens=max_new_tokens, max_examples=max_examples, batch_size=batch_size, device=device,
+        general_dir=general_dir,
+    ).scores
+
+
+@dataclass(frozen=True)
+class ModelAnswers:
+    """One model's metrics and its greedy answer to each test row, in test order (`ids`)."""
+
+    scores: dict[str, float | None]
+    ids: list[str]
+    predictions: list[str]
+
+
+def evaluate_model_answers(
+    *, model_dir: Path, dataset_dir: Path, base_dir: Path, base_params: BaseParams, max_new_tokens: int = 64,
+    max_examples: int | None = None, batch_size: int | str = "auto", device: str = "auto", general_dir: Path | None = None,
+) -> ModelAnswers:
+    """evaluate_model with the answers it scored, which the release judges the candidate's against (evaluate.judge)."""
     path, kwargs = _model_spec(Path(model_dir), Path(base_dir), "")
     where = resolve_device(device, "evaluate.device")
     tok = load_base_tokenizer(Path(base_dir), base_params)
     test = _load_test(Path(dataset_dir), tok, max_examples)
     general = load_general(Path(general_dir)) if general_dir is not None else None
-    return _score(
-        path, kwargs, tok, test, general, M.expects_json(test.references), max_new_tokens, batch_size, where, None
-    ).scores
+    scored = _score(path, kwargs, tok, test, general, M.expects_json(test.references), max_new_tokens, batch_size,
+                    where, None)
+    return ModelAnswers(scored.scores, test.ids, scored.predictions)
 
 
 def _is_model(folder: Path) -> bool:
@@ -552,11 +608,13 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
         examples_in_report=ev.examples_in_report, batch_size=ev.batch_size, progress=progress,
         full_attention_reference=reference if reference.is_dir() else None,
         qlora_reference=twin if twin.is_dir() else None, device=ev.device, general_dir=layout.general_sample_dir(tenant),
+        judge=ev.judge, judge_cache_dir=layout.judge_cache_dir(tenant),
     )
     io.copy_file(result.metrics_path, layout.eval_metrics_path(tenant))
     io.write_json(layout.metrics_path("evaluate", tenant), evaluate_metrics(result.metrics))
     where = {k: result.metrics[k] for k in ("device", "device_name") if k in result.metrics}
-    io.write_timing(layout.timing_path("evaluate", tenant), run_facts(started, **where))
+    judged = {"judge": result.judge_usage} if result.judge_usage else {}  # requests sent and cache hits vary run to run
+    io.write_timing(layout.timing_path("evaluate", tenant), run_facts(started, **where, **judged))
     return result
 
 

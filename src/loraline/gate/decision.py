@@ -37,6 +37,16 @@ Six rules, always evaluated and reported in this order (the decision passes only
     (gate.max_forgetting is null)" when the threshold is null. A general_loss missing or non-finite on
     either side fails, naming it: an evaluation that did not measure forgetting cannot promote.
 
+``judge_win_rate``
+    ``judge["win_rate"] >= gate.min_judge_win_rate``: the LLM judge's win rate (evaluate.judge) of the
+    candidate against the model its ``judge`` block names (``against``: the base at the gate stage,
+    the production version at release, where loraline.release judges again). Passes with reason
+    "no judge rule" when the threshold is null; fails without a ``judge`` block or without a valid verdict.
+
+``judge_win_rate`` is also a metric of metrics.json's models (the candidate's rate, and 0.5 for the
+model judged against: itself in both orders), so it may be the primary or secondary metric, compared
+with the base as every metric: higher is better, a relative gain of (rate - 0.5) / 0.5.
+
 A missing, non-numeric or non-finite (NaN, ±inf) metric fails the rule that needs it, and the
 reason names the metric. Metrics not in ``lower_is_better`` are treated as higher-is-better.
 """
@@ -74,7 +84,8 @@ REL_TOL = 1e-9
 MERGE_PARITY_KEY = "merge_max_logit_diff"
 EXPORT_PARITY_KEY = "export_max_logit_diff"
 FORGETTING_METRIC = "general_loss"
-RULES = ("beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity", "export_parity", "max_forgetting")
+RULES = ("beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity", "export_parity", "max_forgetting",
+         "judge_win_rate")
 
 
 @dataclass(frozen=True)
@@ -231,6 +242,28 @@ def _forgetting(threshold: float | None, candidate: Mapping[str, Any], base: Map
     return RuleResult(name, ok, rise, threshold, reason, values)
 
 
+def _judge_win_rate(threshold: float | None, judge: Mapping[str, Any] | None) -> RuleResult:
+    name = "judge_win_rate"
+    if threshold is None:
+        return RuleResult(name, True, None, None, "no judge rule (gate.min_judge_win_rate is null)")
+    if judge is None:
+        return RuleResult(name, False, None, threshold, "no judge verdicts: gate.min_judge_win_rate needs evaluate.judge")
+    counts = {k: judge.get(k) for k in ("wins", "losses", "ties", "invalid")}
+    values = {k: float(v) for k, v in counts.items() if isinstance(v, (int, float))}
+    identity = ", ".join(f"{k} {str(v)[:12]}" for k, v in (judge.get("against_model") or {}).items())
+    against = f"{judge.get('against')}" + (f" ({identity})" if identity else "")
+    tally = (f"{counts['wins']} wins, {counts['losses']} losses, {counts['ties']} ties, {counts['invalid']} invalid "
+             f"of {judge.get('comparisons')} verdicts")
+    rate, why = _number(judge, "win_rate")
+    if rate is None:
+        why = "missing: no valid verdict" if judge.get("win_rate") is None else why
+        return RuleResult(name, False, None, threshold, f"judge win rate against {against} is {why} ({tally})", values)
+    ok = _at_least(rate, threshold)
+    values["win_rate"] = rate
+    return RuleResult(name, ok, rate, threshold,
+                      f"judge win rate against {against} {rate:.4g} {'>=' if ok else '<'} {threshold:.4g} ({tally})", values)
+
+
 def decide(
     gate: GateParams,
     candidate: Mapping[str, float],
@@ -239,9 +272,11 @@ def decide(
     parity: Mapping[str, float] | None = None,
     lower_is_better: Set[str] = DEFAULT_LOWER_IS_BETTER,
     targets: Collection[str] = DEPLOY_TARGETS,
+    judge: Mapping[str, Any] | None = None,
 ) -> GateDecision:
     """Apply the six rules (see the module docstring); pure: no I/O, inputs are not modified.
-    `targets`: the tenant's deploy.targets; the parity of a target not built is not required."""
+    `targets`: the tenant's deploy.targets; the parity of a target not built is not required.
+    `judge`: the LLM judge's block (metrics.json's `judge`, or the release's against production)."""
     rules = [
         _beats_base("beats_base", gate.primary_metric, gate.min_gain_over_base, candidate, base, lower_is_better),
         _beats_base(
@@ -251,6 +286,7 @@ def decide(
         _parity("merge_parity", MERGE_PARITY_KEY, gate.max_merge_logit_diff, parity, "merged" in targets),
         _parity("export_parity", EXPORT_PARITY_KEY, gate.max_export_logit_diff, parity, "onnx" in targets),
         _forgetting(gate.max_forgetting, candidate, base),
+        _judge_win_rate(gate.min_judge_win_rate, judge),
     ]
     return GateDecision(passed=all(r.passed for r in rules), rules=rules)
 

@@ -31,10 +31,11 @@ def read_parity(layout: Layout, tenant: str) -> dict[str, float]:
 
 def run(params: Params, layout: Layout, tenant: str) -> GateDecision:
     """Decide on `tenant`'s candidate from the files the evaluate, merge and export stages wrote."""
-    metrics = json.loads(layout.eval_metrics_path(tenant).read_text())["models"]
+    evaluation = json.loads(layout.eval_metrics_path(tenant).read_text())
+    metrics = evaluation["models"]
     decision = decide(
         params.gate_for(tenant), metrics["candidate"], metrics["base"], metrics.get("production"), read_parity(layout, tenant),
-        targets=params.deploy_for(tenant).targets,
+        targets=params.deploy_for(tenant).targets, judge=evaluation.get("judge"),
     )
     write_json(layout.gate_path(tenant), {"tenant": tenant, **to_json(decision)})
     write_json(layout.metrics_path("gate", tenant), gate_metrics(decision))

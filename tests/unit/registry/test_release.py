@@ -12,7 +12,7 @@ from loraline.config import load_params
 from loraline.registry.base import StaleRelease
 from loraline.registry.gto_registry import GtoRegistry
 from loraline.registry.lineage import tenant_lineage
-from loraline.release import fetch_output, release_path, release_tenant
+from loraline.release import ProductionMeasure, fetch_output, release_path, release_tenant
 from loraline.tools import tool, tool_env
 
 
@@ -28,7 +28,7 @@ def _release(root, evaluate=None, **kw):
 
     def fake(root_, params, tenant, production):
         calls.append(production.version)
-        return evaluate or {"answer_loss": 1.0}
+        return ProductionMeasure(evaluate or {"answer_loss": 1.0})
 
     result = release_tenant(root, load_params(root / "params.yaml"), "t1", evaluate=fake, **kw)
     return result, calls

@@ -8,7 +8,7 @@ from registry_helpers import build, dvc_project
 from loraline.config import ConfigError, load_params
 from loraline.registry.gto_registry import GtoRegistry
 from loraline.registry.lineage import check_artifacts_declared
-from loraline.release import release_tenant
+from loraline.release import ProductionMeasure, release_tenant
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def _release(root, evaluate=None):
 
     def fake(root_, params, tenant, production):
         calls.append(production.version)
-        return evaluate or {"answer_loss": 1.0}
+        return ProductionMeasure(evaluate or {"answer_loss": 1.0})
 
     return release_tenant(root, load_params(root / "params.yaml"), "t1", evaluate=fake), calls
 

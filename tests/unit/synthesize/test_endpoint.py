@@ -11,7 +11,7 @@ from synth_helpers import SECRET, FakeOpenAI, endpoint_params
 
 from loraline.config import SeedTask
 from loraline.synthesize import SynthesizeError, synthesize_tenant
-from loraline.synthesize.endpoint import RateLimiter
+from loraline.modelling.endpoint import RateLimiter
 from loraline.synthesize.prompt import TEMPLATE_SHA256
 
 

@@ -1,9 +1,10 @@
-"""On-disk cache of endpoint replies, keyed by the sha256 of the request body.
+"""On-disk cache of endpoint replies (endpoint.ChatClient), keyed by the sha256 of the request body.
 
 The body holds everything that decides the reply (model, messages, temperature, seed, max_tokens)
 and never the API key, which travels in a header; so the key is in no cache file or cache name, and
-a re-run with the same inputs sends no request at all. The cache lives under .cache/synth/<tenant>/,
-outside the stage's DVC output, because DVC deletes a stage's outputs before running it again.
+a re-run with the same inputs sends no request at all. Each user keeps its cache inside the project
+but outside its stage's DVC outputs, because DVC deletes a stage's outputs before running it again:
+.cache/synth/<tenant>/ (synthesize), .cache/judge/<tenant>/ (evaluate.judge).
 """
 
 from __future__ import annotations
