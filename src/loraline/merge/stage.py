@@ -10,8 +10,9 @@ the 4-bit reference runs there too (bitsandbytes' CUDA kernels, or its CPU ones)
 check. The merged weights are moved to the CPU to be written, at `dtype` either way; on the CPU the merge
 is the same bytes as ever. The report and the timing file record the device.
 
-Checked on a fixed probe set (chat conversations rendered with the base's chat template and
-add_generation_prompt) before anything is written:
+Checked on a probe set (chat conversations rendered with the base's chat template and add_generation_prompt:
+the built-in ones, and merge.probes prompts drawn from the tenant's test split, loraline.merge.probes)
+before anything is written:
 
 - merged vs base+adapter unmerged at the same precision: max abs logit difference (must not exceed
   `tolerance`, else MergeError and no out_dir) and greedy-generation agreement;
@@ -63,13 +64,13 @@ from loraline.modelling.loading import (
     read_base_record,
     resolve_base_model_path,
 )
+from loraline.merge.probes import ProbeSet, TenantDraw, probe_set
 from loraline.modelling.long_context import base_config_overrides
 from loraline.modelling.parity import (
     DEFAULT_PROBES,
     ParityError,
     ProbeOutputs,
     compare,
-    encode_probe,
     headline,
     probe_batch_size,
     prompt_logits,
@@ -110,6 +111,7 @@ def merge_adapter(
     dtype: str = "float32",
     tolerance: float = 1e-3,
     probes: list[list[dict[str, str]]] | None = None,
+    tenant_probes: TenantDraw | None = None,
     max_new_tokens: int = 32,
     quantized_reference: bool = True,
     check_reload: bool = True,
@@ -118,7 +120,8 @@ def merge_adapter(
 ) -> MergeResult:
     """Merge `adapter_dir` into the base at `dtype` on `device` (auto, cpu or cuda) and write a standalone
     model into `out_dir`; `merged=False` (deploy.targets without merged): only the report, with the reference
-    answers of base + adapter unmerged (module docstring).
+    answers of base + adapter unmerged (module docstring). The probes: `probes` (default: the built-in ones),
+    then those `tenant_probes` draws from the tenant's test split.
 
     Raises MergeError (nothing written; a previous out_dir is removed so that no stale merge of an
     older adapter survives) when merged and unmerged logits differ by more than `tolerance`.
@@ -136,8 +139,6 @@ def merge_adapter(
     if missing:
         raise MergeError(f"{adapter_dir} is not a trained adapter: {', '.join(missing)} missing (run the train stage)")
     probes = [list(p) for p in (probes if probes is not None else DEFAULT_PROBES)]
-    if not probes:
-        raise MergeError("probes is empty: at least one conversation is needed to check the merge")
     where = resolve_device(device, "merge.device")
 
     torch_dtype = DTYPES[dtype]
@@ -145,7 +146,10 @@ def merge_adapter(
     train_record = _read_train_record(adapter_dir)
     qalora = _qalora_settings(train_record, adapter_dir)
     tok = load_base_tokenizer(base_dir, base_params)
-    inputs = [encode_probe(tok, conv, MergeError) for conv in probes]
+    drawn = probe_set(tok, probes, tenant_probes, MergeError)
+    if not drawn.probes:
+        raise MergeError("the probe set is empty: at least one conversation is needed to check the merge")
+    inputs = drawn.prompts
 
     # A long-context adapter was trained on the base with its rope scaled: the merged config carries it.
     # QA-LoRA: quantized from the float32 weights, as training did, whatever dtype the merge is written at.
@@ -162,7 +166,7 @@ def merge_adapter(
     if not merged:
         del model, base
         _release(where)
-        facts = dict(where=where, dtype=dtype, probes=probes, inputs=inputs, max_new_tokens=max_new_tokens,
+        facts = dict(where=where, dtype=dtype, probes=probes, drawn=drawn, max_new_tokens=max_new_tokens,
                      adapter_dir=adapter_dir, train_record=train_record, base_dir=base_dir, base_record=base_record)
         return _reference_only(out_dir, unmerged, facts)
     if qalora is not None:
@@ -186,10 +190,11 @@ def merge_adapter(
         "dtype": dtype,
         "tolerance": tolerance,
         "max_new_tokens": max_new_tokens,
-        "probes": {"count": len(probes), "default": probes == DEFAULT_PROBES, "prompt_tokens": [len(x) for x in inputs]},
+        "probes": _probe_facts(drawn, probes),
         # The merged model's greedy answers to the probes, as token ids: what serving must reproduce
         # (the deployment check of loraline serve sends these prompts through the server).
-        "probe_reference": {"prompts": inputs, "greedy": merged.greedy, "texts": merged.texts, "max_new_tokens": max_new_tokens},
+        "probe_reference": {**_reference_prompts(drawn), "greedy": merged.greedy, "texts": merged.texts,
+                            "max_new_tokens": max_new_tokens},
         "merged_vs_unmerged": vs_unmerged,
         "adapter": {
             "dir": str(adapter_dir),
@@ -273,7 +278,7 @@ def merge_adapter(
 def _reference_only(out_dir: Path, unmerged: ProbeOutputs, facts: dict[str, Any]) -> MergeResult:
     """deploy.targets without merged: out_dir holds the report alone, whose probe_reference is base + adapter's
     answers (what serving reproduces). Refused, as a merge is, when the adapter was trained on another base."""
-    inputs, max_new_tokens, adapter_dir = facts["inputs"], facts["max_new_tokens"], facts["adapter_dir"]
+    drawn, max_new_tokens, adapter_dir = facts["drawn"], facts["max_new_tokens"], facts["adapter_dir"]
     train_record = facts["train_record"]
     report: dict[str, Any] = {
         "passed": True,
@@ -281,8 +286,8 @@ def _reference_only(out_dir: Path, unmerged: ProbeOutputs, facts: dict[str, Any]
         **device_facts(facts["where"]),
         "dtype": facts["dtype"],
         "max_new_tokens": max_new_tokens,
-        "probes": {"count": len(inputs), "default": facts["probes"] == DEFAULT_PROBES, "prompt_tokens": [len(x) for x in inputs]},
-        "probe_reference": {"prompts": inputs, "greedy": unmerged.greedy, "texts": unmerged.texts,
+        "probes": _probe_facts(drawn, facts["probes"]),
+        "probe_reference": {**_reference_prompts(drawn), "greedy": unmerged.greedy, "texts": unmerged.texts,
                             "max_new_tokens": max_new_tokens, "model": "base + adapter, unmerged"},
         "adapter": {
             "dir": str(adapter_dir),
@@ -304,6 +309,15 @@ def _reference_only(out_dir: Path, unmerged: ProbeOutputs, facts: dict[str, Any]
         tmp.chmod(0o755)
         io.write_json(tmp / REPORT, report)
     return MergeResult(out_dir, out_dir / REPORT, report)
+
+
+def _probe_facts(drawn: ProbeSet, builtin: list[list[dict[str, str]]]) -> dict[str, Any]:
+    return {**drawn.facts(), "default": builtin == DEFAULT_PROBES}
+
+
+def _reference_prompts(drawn: ProbeSet) -> dict[str, Any]:
+    """The probes as the deployment check replays them: token ids, and where each comes from (parallel lists)."""
+    return {"prompts": drawn.prompts, "sources": [p.origin() for p in drawn.probes]}
 
 
 def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, inputs: list[list[int]], max_new_tokens: int, unmerged: Any,
@@ -430,11 +444,12 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
     reports/<tenant>/metrics/merge.json and the run's timing to reports/timing/merge@<tenant>.json."""
     started = time.perf_counter()
     m = params.merge
+    draw = TenantDraw(layout.prepared_dataset_dir(tenant), tenant, params.seed, m.probes, m.probe_max_tokens)
     result = merge_adapter(
         base_dir=base_dir or layout.base_dir, base_params=params.base, adapter_dir=layout.adapter_dir(tenant),
         out_dir=layout.merged_dir(tenant), dtype=m.dtype, tolerance=params.gate_for(tenant).max_merge_logit_diff,
-        max_new_tokens=m.max_new_tokens, quantized_reference=m.quantized_reference, check_reload=m.check_reload,
-        device=m.device, merged=params.deploy_for(tenant).builds("merged"),
+        tenant_probes=draw, max_new_tokens=m.max_new_tokens, quantized_reference=m.quantized_reference,
+        check_reload=m.check_reload, device=m.device, merged=params.deploy_for(tenant).builds("merged"),
     )
     io.copy_file(result.report_path, layout.merge_report_path(tenant))
     io.write_json(layout.metrics_path("merge", tenant), merge_metrics(result.report))
