@@ -496,8 +496,8 @@ class MergeParams(_Section):
     )
     probe_max_tokens: int = Field(
         256, ge=1, description="Longest drawn probe prompt (tokens, chat template applied): longer rows are skipped, "
-        "not cut, and the next in rank order taken. Bounds the probes' cost: their prompt logits are kept per token "
-        "(vocabulary-wide) for the parity checks"
+        "not cut, and the next in rank order taken. Bounds the probes' cost (their prompt logits are kept per token, "
+        "vocabulary-wide, for the parity checks); with merge.max_new_tokens it must fit serve.max_model_len"
     )
 
 

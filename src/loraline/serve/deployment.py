@@ -91,7 +91,10 @@ class Deployment:
         except Exception as exc:  # noqa: BLE001 -- any failure leaves the tenant on what it had
             self._refused[tenant] = version
             return self._record({**event, "event": "load_failed", "error": str(exc)[:1000]})
-        check = self.check(new)
+        try:
+            check = self.check(new)
+        except Exception as exc:  # noqa: BLE001 -- a probe the engine refuses (one past serve.max_model_len, say) fails it
+            check = {"passed": False, "agreement": None, "summary": f"a probe failed in the engine: {exc}"[:1000]}
         event["check"] = check
         if not check["passed"]:
             self.engine.unload(new.served_name)

@@ -120,6 +120,24 @@ def test_the_check_counts_the_tenant_probes_with_the_built_in_ones(tmp_path):
     assert "(built-in 2/2, tenant 0/2;" in event["check"]["summary"] and deployment.routes["acme"].version == "v0.0.1"
 
 
+def test_a_probe_the_engine_refuses_fails_the_check_and_keeps_the_old_version(tmp_path):
+    class Refusing(ScriptedEngine):
+        def greedy(self, name, prompt, max_tokens):
+            if name == "acme@v0.0.2" and prompt == REF.prompts[-1]:
+                raise RuntimeError("probe through acme@v0.0.2 failed: 400 maximum context length is 16 tokens")
+            return super().greedy(name, prompt, max_tokens)
+
+    production = {"acme": "v0.0.1"}
+    deployment, engine = make(tmp_path, production, engine=Refusing())
+    deployment.sync()
+    production["acme"] = "v0.0.2"
+    [event] = deployment.sync()
+    assert event["event"] == "check_failed" and event["serving"] == "v0.0.1" and engine.loaded == ["acme@v0.0.1"]
+    assert event["check"]["summary"] == ("a probe failed in the engine: probe through acme@v0.0.2 failed: 400 maximum "
+                                         "context length is 16 tokens")
+    assert deployment.sync() == []  # refused, as a failed check is
+
+
 def test_a_merge_report_from_before_tenant_probes_is_still_served(tmp_path):
     old = {"prompts": [[1, 2], [3]], "texts": ['{"a": 1}', "hello"], "greedy": [[7], [8]], "max_new_tokens": 8}
     ref = ProbeReference.from_report(old)
