@@ -75,7 +75,8 @@ def test_adding_rows_keeps_the_drawn_ones_unless_a_new_row_ranks_before_them(tok
 
 def test_zero_draws_nothing_and_reads_no_dataset(tok, tmp_path):
     drawn = probe_set(tok, DEFAULT_PROBES, _draw(tmp_path / "absent", 0))
-    assert [p.source for p in drawn.probes] == [BUILTIN] * 4 and drawn.facts()["tenant"] == 0
+    assert [p.source for p in drawn.probes] == [BUILTIN] * 4
+    assert drawn.facts()["tenant"] == 0 and "tenant_draw" not in drawn.facts()
 
 
 def test_more_than_the_split_holds_takes_all_of_it(tok, tmp_path):

@@ -80,15 +80,16 @@ def probe_set(tok: Any, builtin: list[list[dict[str, str]]], draw: TenantDraw | 
     (none when `draw` is None or asks for 0)."""
     probes = [Probe(BUILTIN, str(i), encode_probe(tok, conv, error)) for i, conv in enumerate(builtin)]
     if draw is None or draw.count == 0:
-        return ProbeSet(probes, draw)
+        return ProbeSet(probes)
     test = _test_split(draw.dataset_dir, error)
     skipped: list[str] = []
     for index in ranked_rows(list(test["id"]), draw.seed, draw.tenant):
         if len(probes) - len(builtin) == draw.count:
             break
-        row_id = test[index]["id"]
+        row = test[index]
+        row_id = row["id"]
         try:
-            context, _ = split_conversation(test[index]["messages"])
+            context, _ = split_conversation(row["messages"])
         except ValueError as exc:
             raise error(f"{draw.dataset_dir} test row {row_id}: {exc}") from exc
         prompt = encode_probe(tok, context, error)
