@@ -73,6 +73,20 @@ def test_adding_rows_keeps_the_drawn_ones_unless_a_new_row_ranks_before_them(tok
     assert len(kept) < 6, "no added row ranked among the first six: the check above proved nothing"
 
 
+def test_on_the_cpu_built_in_probes_run_one_at_a_time_and_drawn_ones_batched(tok, tmp_path):
+    import torch
+
+    from loraline.merge.probes import CPU_DRAWN_BATCH
+    from loraline.modelling.parity import CUDA_PROBE_BATCH
+
+    drawn = probe_set(tok, DEFAULT_PROBES, _draw(_dataset(tmp_path, [_row(i) for i in range(30)]), 10))
+    builtin, tenant = drawn.prompts[:4], drawn.prompts[4:]
+    assert drawn.batches(torch.device("cpu")) == [(builtin, 1), (tenant, CPU_DRAWN_BATCH)]
+    assert drawn.batches(torch.device("cuda")) == [(drawn.prompts, CUDA_PROBE_BATCH)]
+    alone = probe_set(tok, DEFAULT_PROBES, None)
+    assert alone.batches(torch.device("cpu")) == [(builtin, 1)]  # as the merge ran before merge.probes
+
+
 def test_zero_draws_nothing_and_reads_no_dataset(tok, tmp_path):
     drawn = probe_set(tok, DEFAULT_PROBES, _draw(tmp_path / "absent", 0))
     assert [p.source for p in drawn.probes] == [BUILTIN] * 4

@@ -64,7 +64,7 @@ from loraline.modelling.loading import (
     read_base_record,
     resolve_base_model_path,
 )
-from loraline.merge.probes import ProbeSet, TenantDraw, probe_set
+from loraline.merge.probes import ProbeSet, TenantDraw, probe_set, probe_set_logits, run_probe_set
 from loraline.modelling.long_context import base_config_overrides
 from loraline.modelling.parity import (
     DEFAULT_PROBES,
@@ -72,9 +72,6 @@ from loraline.modelling.parity import (
     ProbeOutputs,
     compare,
     headline,
-    probe_batch_size,
-    prompt_logits,
-    run_probes,
 )
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
@@ -149,7 +146,6 @@ def merge_adapter(
     drawn = probe_set(tok, probes, tenant_probes, MergeError)
     if not drawn.probes:
         raise MergeError("the probe set is empty: at least one conversation is needed to check the merge")
-    inputs = drawn.prompts
 
     # A long-context adapter was trained on the base with its rope scaled: the merged config carries it.
     # QA-LoRA: quantized from the float32 weights, as training did, whatever dtype the merge is written at.
@@ -162,7 +158,7 @@ def merge_adapter(
 
         model = load_qalora_adapter(base, adapter_dir, bits=qalora["bits"], group_size=qalora["group_size"])
     model.eval()
-    unmerged = run_probes(model, tok, inputs, max_new_tokens)
+    unmerged = run_probe_set(model, tok, drawn, max_new_tokens)
     if not merged:
         del model, base
         _release(where)
@@ -178,7 +174,7 @@ def merge_adapter(
         dequantize_linears(merged_model, torch.float32)
         merged_model.to(torch_dtype)
     merged_model.eval()
-    merged = run_probes(merged_model, tok, inputs, max_new_tokens)
+    merged = run_probe_set(merged_model, tok, drawn, max_new_tokens)
     vs_unmerged = compare(merged, unmerged)
     del model, base
     merged_model.to("cpu")  # written from the CPU; the GPU is free for the references (a no-op on the CPU)
@@ -245,7 +241,7 @@ def merge_adapter(
             from loraline.modelling.qalora import save_quantized_layers
 
             save_quantized_layers(lowbit, tmp / QALORA_QUANTIZED)
-            report["qalora"]["torchao"] = _torchao_checkpoint(tmp, lowbit, tok, inputs, max_new_tokens, unmerged, base_dir,
+            report["qalora"]["torchao"] = _torchao_checkpoint(tmp, lowbit, tok, drawn, max_new_tokens, unmerged, base_dir,
                                                               base_record, tolerance)
             if not report["qalora"]["torchao"]["passed"]:
                 _discard(out_dir)
@@ -257,12 +253,12 @@ def merge_adapter(
             report["vs_4bit"] = {"skipped": "QA-LoRA: merged_vs_unmerged is against the group-quantized base itself"}
         else:
             report["vs_4bit"] = (
-                _quantized_gap(train_record, base_dir, adapter_dir, tok, inputs, max_new_tokens, merged, where)
+                _quantized_gap(train_record, base_dir, adapter_dir, tok, drawn, max_new_tokens, merged, where)
                 if quantized_reference
                 else {"skipped": "quantized_reference=False"}
             )
         if check_reload:
-            report["reload"] = _reload_check(tmp, inputs, merged, tok.pad_token_id, where)
+            report["reload"] = _reload_check(tmp, drawn, merged, tok.pad_token_id, where)
             if report["reload"]["max_abs_logit_diff"] > RELOAD_TOLERANCE:
                 _discard(out_dir)
                 raise MergeError(
@@ -320,7 +316,7 @@ def _reference_prompts(drawn: ProbeSet) -> dict[str, Any]:
     return {"prompts": drawn.prompts, "sources": [p.origin() for p in drawn.probes]}
 
 
-def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, inputs: list[list[int]], max_new_tokens: int, unmerged: Any,
+def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, probes: ProbeSet, max_new_tokens: int, unmerged: Any,
                         base_dir: Path, base_record: dict[str, Any], tolerance: float) -> dict[str, Any]:
     """The merged low-bit model as a checkpoint transformers loads through torchao (<merged>/torchao), loaded back
     by that loader (on the CPU, where a user without a GPU loads it too) and checked: its weights against the codes,
@@ -333,7 +329,7 @@ def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, inputs: list[list[int]
     (folder / "README.md").unlink(missing_ok=True)
     model = load_torchao_checkpoint(folder)
     facts["max_abs_weight_diff"] = max_weight_diff(model, lowbit)
-    facts["vs_unmerged"] = compare(run_probes(model, tok, inputs, max_new_tokens), unmerged)
+    facts["vs_unmerged"] = compare(run_probe_set(model, tok, probes, max_new_tokens), unmerged)
     facts["files"] = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()}
     facts["passed"] = facts["max_abs_weight_diff"] == 0.0 and facts["vs_unmerged"]["max_abs_logit_diff"] <= tolerance
     del model
@@ -346,7 +342,7 @@ def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, inputs: list[list[int]
 
 def _quantized_gap(
     train_record: dict[str, Any] | None, base_dir: Path, adapter_dir: Path, tok: Any,
-    inputs: list[list[int]], max_new_tokens: int, merged: ProbeOutputs, device: torch.device,
+    probes: ProbeSet, max_new_tokens: int, merged: ProbeOutputs, device: torch.device,
 ) -> dict[str, Any]:
     """Merged model vs the 4-bit base + adapter it was trained against (what training optimised), on `device`:
     bitsandbytes' CUDA kernels in bfloat16 on a GPU, as training ran there; its CPU ones in float32 otherwise."""
@@ -367,7 +363,7 @@ def _quantized_gap(
     )
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     model.eval()
-    ref = run_probes(model, tok, inputs, max_new_tokens)
+    ref = run_probe_set(model, tok, probes, max_new_tokens)
     del model
     _release(device)
     gap = compare(merged, ref)
@@ -377,7 +373,7 @@ def _quantized_gap(
     return gap
 
 
-def _reload_check(folder: Path, inputs: list[list[int]], merged: ProbeOutputs, pad_token_id: int | None,
+def _reload_check(folder: Path, probes: ProbeSet, merged: ProbeOutputs, pad_token_id: int | None,
                   device: torch.device) -> dict[str, Any]:
     """The written folder loaded with plain transformers on `device`, its prompt logits computed exactly as
     the merged model's were (same device, same batches): only a save/load bug can make them differ."""
@@ -385,7 +381,7 @@ def _reload_check(folder: Path, inputs: list[list[int]], merged: ProbeOutputs, p
 
     model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": str(device)})
     model.eval()
-    logits = prompt_logits(model, inputs, pad_token_id, probe_batch_size(device))
+    logits = probe_set_logits(model, probes, pad_token_id)
     worst = max(float((a - b).abs().max()) for a, b in zip(logits, merged.logits, strict=True))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     del model
