@@ -489,7 +489,7 @@ class MergeParams(_Section):
         "are written from the CPU at dtype either way; a merge on CUDA may differ from the CPU's in the last bits"
     )
     probes: int = Field(
-        8, ge=0, le=256, description="Prompts drawn from the tenant's test split (the same ones on every run: rows "
+        16, ge=0, le=256, description="Prompts drawn from the tenant's test split (the same ones on every run: rows "
         "ranked by a hash of the top-level seed, the tenant and the row id) added to the built-in probes; all of them "
         "are checked merged vs unmerged and their reference answers recorded for serve's deployment check. More "
         "than the split holds takes all of it; 0: the built-in probes only"
