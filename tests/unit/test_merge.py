@@ -277,8 +277,8 @@ def test_the_stage_records_its_device_in_the_report_and_the_timing(trained: Trai
     assert _merge_cli(trained) == 0
     report = json.loads((merge_project / "reports" / "toy" / REPORT).read_text())
     assert report["device"] == "cpu"
-    drawn = report["probes"]["tenant"]  # merge.probes' default, drawn from data/prepared/toy under the top-level seed
-    assert drawn == MergeParams().probes and report["probes"]["tenant_draw"]["seed"] == Params.model_fields["seed"].default
+    drawn, draw = report["probes"]["tenant"], report["probes"]["tenant_draw"]  # from data/prepared/toy, top-level seed
+    assert drawn == min(MergeParams().probes, draw["test_rows"]) > 0 and draw["seed"] == Params.model_fields["seed"].default
     assert f"on {len(DEFAULT_PROBES) + drawn} probes ({len(DEFAULT_PROBES)} built-in, {drawn} from the test split)" \
         in capsys.readouterr().out
     timing = json.loads((merge_project / "reports" / "timing" / "merge@toy.json").read_text())
