@@ -55,6 +55,7 @@ import torch
 from loraline import io
 from loraline.config import BaseParams, Params
 from loraline.layout import NOT_BUILT, QALORA_QUANTIZED, QALORA_TORCHAO, TRAIN_RECORD, Layout
+from loraline.merge.probes import ProbeSet, TenantDraw, probe_set, probe_set_logits, run_probe_set
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.loading import (
@@ -64,7 +65,6 @@ from loraline.modelling.loading import (
     read_base_record,
     resolve_base_model_path,
 )
-from loraline.merge.probes import ProbeSet, TenantDraw, probe_set, probe_set_logits, run_probe_set
 from loraline.modelling.long_context import base_config_overrides
 from loraline.modelling.parity import (
     DEFAULT_PROBES,
