@@ -41,7 +41,7 @@ import numpy as np
 def _test_rows(dataset_dir: Path, limit: int | None) -> dict[str, list]:
     import datasets
 
-    from loraline.evaluate.generate import split_conversation
+    from loraline.modelling.conversation import split_conversation
 
     ds = datasets.load_from_disk(str(dataset_dir))["test"]
     if limit is not None:

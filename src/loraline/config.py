@@ -490,6 +490,17 @@ class MergeParams(_Section):
         "auto", description="Where the merge, its probes and its references run; auto: CUDA when present. The weights "
         "are written from the CPU at dtype either way; a merge on CUDA may differ from the CPU's in the last bits"
     )
+    probes: int = Field(
+        16, ge=0, le=256, description="Prompts drawn from the tenant's test split (the same ones on every run: rows "
+        "ranked by a hash of the top-level seed, the tenant and the row id) added to the built-in probes; all of them "
+        "are checked merged vs unmerged and their reference answers recorded for serve's deployment check. More "
+        "than the split holds takes all of it; 0: the built-in probes only"
+    )
+    probe_max_tokens: int = Field(
+        256, ge=1, description="Longest drawn probe prompt (tokens, chat template applied): longer rows are skipped, "
+        "not cut, and the next in rank order taken. Bounds the probes' cost (their prompt logits are kept per token, "
+        "vocabulary-wide, for the parity checks); with merge.max_new_tokens it must fit serve.max_model_len"
+    )
 
 
 EXPORT_GRAPHS = ("fp32", "fp16", "int8", "int4")

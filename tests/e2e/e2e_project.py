@@ -94,6 +94,8 @@ def make_tiny_project(dest: Path) -> Path:
             tenant.pop(section, None)
     params["evaluate"].update({"max_examples": 6, "max_new_tokens": 12, "examples_in_report": 2})
     params["export"].update({"max_new_tokens": 8})
+    # the deployment check replays the drawn probes on test_serve.py's serve.max_model_len 256: prompt + 32 tokens fit
+    params["merge"].update({"probe_max_tokens": 192})
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=dest)
     sh("git", "add", "-A", cwd=dest)

@@ -90,6 +90,13 @@ def test_the_gate_depends_on_exactly_the_files_it_reads():
     assert stage_section("gate", "outs") == [LAYOUT.relative(LAYOUT.gate_path(TENANT))]
 
 
+def test_merge_depends_on_the_prepared_dataset_and_the_seed_its_probes_are_drawn_with():
+    """merge.probes draws prompts from the tenant's test split, ranked under the top-level seed: new test rows or
+    another seed must re-run merge, or the deployment check would replay probes of an older draw."""
+    assert LAYOUT.relative(LAYOUT.prepared_dir(TENANT)) in stage_deps("merge")
+    assert {"merge", "seed"} <= set(stage_section("merge", "params"))
+
+
 def test_timing_is_a_top_level_metric_and_no_stage_output():
     """Run facts differ between identical runs: as a stage output they would change dvc.lock."""
     timing = LAYOUT.relative(LAYOUT.timing_dir)

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent / "train"))
 from train_helpers import make_raw, tiny_build, tiny_train  # noqa: E402
 
-from loraline.config import BaseParams, PrepareParams, TenantParams  # noqa: E402
+from loraline.config import BaseParams, MergeParams, Params, PrepareParams, TenantParams  # noqa: E402
 from loraline.merge import DEFAULT_PROBES, REPORT, MergeError, merge_adapter  # noqa: E402
 
 
@@ -223,6 +223,32 @@ def test_the_merged_tokenizer_records_nothing_of_how_it_was_loaded(merged):
     assert not {"local_files_only", "is_local"} & set(config), config
 
 
+def test_tenant_probes_join_the_checks_and_the_reference_answers(trained: Trained, merged, tmp_path):
+    """merge.probes' rows run through every check the built-in probes do, and their reference answers are
+    recorded with the row ids they come from, the same on every run."""
+    import datasets
+
+    from loraline.layout import PREPARED_DATASET
+    from loraline.merge.probes import TenantDraw
+
+    dataset = trained.root / "prepared" / PREPARED_DATASET
+    test_ids = set(datasets.load_from_disk(str(dataset))["test"]["id"])
+    quick = dict(tolerance=1e-4, probes=DEFAULT_PROBES[:2], tenant_probes=TenantDraw(dataset, "toy", 1234, 3, 256),
+                 max_new_tokens=6, quantized_reference=False, **trained.kwargs())
+    first, second = merge_adapter(out_dir=tmp_path / "a", **quick), merge_adapter(out_dir=tmp_path / "b", **quick)
+    report = json.loads(first.report_path.read_text())
+    ref = report["probe_reference"]
+    assert ref == second.report["probe_reference"] and report["probes"] == second.report["probes"]
+    assert [o["source"] for o in ref["sources"]] == ["builtin", "builtin", "test", "test", "test"]
+    assert [o["id"] for o in ref["sources"][:2]] == ["0", "1"] and {o["id"] for o in ref["sources"][2:]} <= test_ids
+    assert ref["prompts"][:2] == merged.report["probe_reference"]["prompts"][:2]
+    assert report["probes"]["tenant"] == 3 and report["probes"]["tenant_draw"]["test_rows"] == len(test_ids)
+    assert len(ref["texts"]) == len(ref["greedy"]) == 5 and any(t.strip() for t in ref["texts"][2:])
+    checked = report["merged_vs_unmerged"]
+    assert len(checked["per_probe"]) == 5 and checked["max_abs_logit_diff"] < 1e-4 and checked["greedy_agreement"] == 1.0
+    assert report["reload"]["max_abs_logit_diff"] <= 1e-5
+
+
 @pytest.fixture
 def merge_project(trained: Trained, tmp_path, monkeypatch) -> Path:
     """A project folder where `loraline merge --tenant toy` finds the trained adapter (cwd)."""
@@ -232,6 +258,7 @@ def merge_project(trained: Trained, tmp_path, monkeypatch) -> Path:
 
     shutil.copytree(trained.adapter_dir, tmp_path / "models" / "adapters" / "toy")
     shutil.copytree(trained.root / "raw" / "toy", tmp_path / "data" / "raw" / "toy")
+    shutil.copytree(trained.root / "prepared", tmp_path / "data" / "prepared" / "toy")  # merge.probes draws from it
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "tenants": {"toy": {"raw_dir": "data/raw/toy"}},
         "merge": {"max_new_tokens": 2, "quantized_reference": False, "check_reload": False, "device": "cpu"},
@@ -246,9 +273,14 @@ def _merge_cli(trained: Trained) -> int:
     return main(["merge", "--tenant", "toy", "--base", str(trained.base_dir)])
 
 
-def test_the_stage_records_its_device_in_the_report_and_the_timing(trained: Trained, merge_project: Path):
+def test_the_stage_records_its_device_in_the_report_and_the_timing(trained: Trained, merge_project: Path, capsys):
     assert _merge_cli(trained) == 0
-    assert json.loads((merge_project / "reports" / "toy" / REPORT).read_text())["device"] == "cpu"
+    report = json.loads((merge_project / "reports" / "toy" / REPORT).read_text())
+    assert report["device"] == "cpu"
+    drawn, draw = report["probes"]["tenant"], report["probes"]["tenant_draw"]  # from data/prepared/toy, top-level seed
+    assert drawn == min(MergeParams().probes, draw["test_rows"]) > 0 and draw["seed"] == Params.model_fields["seed"].default
+    assert f"on {len(DEFAULT_PROBES) + drawn} probes ({len(DEFAULT_PROBES)} built-in, {drawn} from the test split)" \
+        in capsys.readouterr().out
     timing = json.loads((merge_project / "reports" / "timing" / "merge@toy.json").read_text())
     assert timing["device"] == "cpu" and "device_name" not in timing and timing["wall_s"] > 0
 

@@ -197,8 +197,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     params, layout = _load(args), Layout()
     for name in _tenants(params, args.tenant):
         r = merge.run(params, layout, name, base_dir=Path(args.base) if args.base else None).report
+        probes = f"{r['probes']['count']} probes ({r['probes']['builtin']} built-in, {r['probes']['tenant']} from the test split)"
         if "merged_vs_unmerged" not in r:  # deploy.targets without merged
-            print(f"merge[{name}]: merged {r['merged']}; probe reference answers from base + adapter "
+            print(f"merge[{name}]: merged {r['merged']}; reference answers to {probes} from base + adapter "
                   f"-> {layout.merge_report_path(name)}")
             continue
         q = r.get("vs_4bit", {})
@@ -206,7 +207,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         mv = r["merged_vs_unmerged"]
         print(
             f"merge[{name}]: merged vs adapter max logit diff {mv['max_abs_logit_diff']:.2e} "
-            f"(tolerance {r['tolerance']:g}), greedy agreement {mv['greedy_agreement']:.0%}; gap to 4-bit {gap} "
+            f"(tolerance {r['tolerance']:g}), greedy agreement {mv['greedy_agreement']:.0%} on {probes}; gap to 4-bit {gap} "
             f"-> {layout.merged_dir(name)}"
         )
     return 0

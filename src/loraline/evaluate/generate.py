@@ -82,14 +82,6 @@ def answer_loss(
     return AnswerLoss(total / count if count else math.nan, count)
 
 
-def split_conversation(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
-    """(the conversation before the last assistant turn, that turn's content)."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise ValueError("a test row has no assistant turn: nothing to compare a generation against")
-    return [dict(m) for m in messages[:last]], messages[last]["content"]
-
-
 def encode_prompt(tok: Any, context: list[dict[str, str]]) -> list[int]:
     text = tok.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
     return list(tok(text, add_special_tokens=False)["input_ids"])

@@ -66,9 +66,8 @@ from loraline.evaluate import long_context as LC
 from loraline.evaluate import lowbit as LB
 from loraline.evaluate import metrics as M
 from loraline.evaluate.batching import rows_for, scored_in_batches
-from loraline.evaluate.generate import (
-    AnswerLoss, answer_loss, encode_prompt, generate_greedy, loaded_model, split_conversation,
-)
+from loraline.evaluate.generate import AnswerLoss, answer_loss, encode_prompt, generate_greedy, loaded_model
+from loraline.modelling.conversation import split_conversation
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.endpoint import EndpointError
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE, extended_context

@@ -8,7 +8,9 @@ out_dir (replaced atomically; nothing is left when a check fails):
     tokenizer.json, tokenizer_config.json       chat_template inside tokenizer_config.json
     export_report.json                          parity vs PyTorch for fp32 and int8, tolerance, pass
 
-Parity, on a probe set of chat conversations (rendered with the model's chat template):
+Parity, on a probe set of chat conversations (rendered with the model's chat template; the built-in ones: the
+graph's arithmetic is what is checked here, while the tenant's own prompts, merge.probes, check what serving
+answers, and onnxruntime's greedy decoding on the CPU would make each of them cost seconds to minutes at 8B):
 - prompt pass: max abs logit difference over every prompt position;
 - cached decoding: a few steps fed one token at a time (PyTorch's greedy tokens, so both sides see the
   same inputs) with present -> past; max abs logit difference per step;

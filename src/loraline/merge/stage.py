@@ -10,8 +10,9 @@ the 4-bit reference runs there too (bitsandbytes' CUDA kernels, or its CPU ones)
 check. The merged weights are moved to the CPU to be written, at `dtype` either way; on the CPU the merge
 is the same bytes as ever. The report and the timing file record the device.
 
-Checked on a fixed probe set (chat conversations rendered with the base's chat template and
-add_generation_prompt) before anything is written:
+Checked on a probe set (chat conversations rendered with the base's chat template and add_generation_prompt:
+the built-in ones, and merge.probes prompts drawn from the tenant's test split, loraline.merge.probes)
+before anything is written:
 
 - merged vs base+adapter unmerged at the same precision: max abs logit difference (must not exceed
   `tolerance`, else MergeError and no out_dir) and greedy-generation agreement;
@@ -54,6 +55,7 @@ import torch
 from loraline import io
 from loraline.config import BaseParams, Params
 from loraline.layout import NOT_BUILT, QALORA_QUANTIZED, QALORA_TORCHAO, TRAIN_RECORD, Layout
+from loraline.merge.probes import ProbeSet, TenantDraw, probe_set, probe_set_logits, run_probe_set
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.loading import (
@@ -69,11 +71,7 @@ from loraline.modelling.parity import (
     ParityError,
     ProbeOutputs,
     compare,
-    encode_probe,
     headline,
-    probe_batch_size,
-    prompt_logits,
-    run_probes,
 )
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
@@ -110,6 +108,7 @@ def merge_adapter(
     dtype: str = "float32",
     tolerance: float = 1e-3,
     probes: list[list[dict[str, str]]] | None = None,
+    tenant_probes: TenantDraw | None = None,
     max_new_tokens: int = 32,
     quantized_reference: bool = True,
     check_reload: bool = True,
@@ -118,7 +117,8 @@ def merge_adapter(
 ) -> MergeResult:
     """Merge `adapter_dir` into the base at `dtype` on `device` (auto, cpu or cuda) and write a standalone
     model into `out_dir`; `merged=False` (deploy.targets without merged): only the report, with the reference
-    answers of base + adapter unmerged (module docstring).
+    answers of base + adapter unmerged (module docstring). The probes: `probes` (default: the built-in ones),
+    then those `tenant_probes` draws from the tenant's test split.
 
     Raises MergeError (nothing written; a previous out_dir is removed so that no stale merge of an
     older adapter survives) when merged and unmerged logits differ by more than `tolerance`.
@@ -136,8 +136,6 @@ def merge_adapter(
     if missing:
         raise MergeError(f"{adapter_dir} is not a trained adapter: {', '.join(missing)} missing (run the train stage)")
     probes = [list(p) for p in (probes if probes is not None else DEFAULT_PROBES)]
-    if not probes:
-        raise MergeError("probes is empty: at least one conversation is needed to check the merge")
     where = resolve_device(device, "merge.device")
 
     torch_dtype = DTYPES[dtype]
@@ -145,7 +143,9 @@ def merge_adapter(
     train_record = _read_train_record(adapter_dir)
     qalora = _qalora_settings(train_record, adapter_dir)
     tok = load_base_tokenizer(base_dir, base_params)
-    inputs = [encode_probe(tok, conv, MergeError) for conv in probes]
+    drawn = probe_set(tok, probes, tenant_probes, MergeError)
+    if not drawn.probes:
+        raise MergeError("the probe set is empty: at least one conversation is needed to check the merge")
 
     # A long-context adapter was trained on the base with its rope scaled: the merged config carries it.
     # QA-LoRA: quantized from the float32 weights, as training did, whatever dtype the merge is written at.
@@ -158,11 +158,11 @@ def merge_adapter(
 
         model = load_qalora_adapter(base, adapter_dir, bits=qalora["bits"], group_size=qalora["group_size"])
     model.eval()
-    unmerged = run_probes(model, tok, inputs, max_new_tokens)
+    unmerged = run_probe_set(model, tok, drawn, max_new_tokens)
     if not merged:
         del model, base
         _release(where)
-        facts = dict(where=where, dtype=dtype, probes=probes, inputs=inputs, max_new_tokens=max_new_tokens,
+        facts = dict(where=where, dtype=dtype, probes=probes, drawn=drawn, max_new_tokens=max_new_tokens,
                      adapter_dir=adapter_dir, train_record=train_record, base_dir=base_dir, base_record=base_record)
         return _reference_only(out_dir, unmerged, facts)
     if qalora is not None:
@@ -174,7 +174,7 @@ def merge_adapter(
         dequantize_linears(merged_model, torch.float32)
         merged_model.to(torch_dtype)
     merged_model.eval()
-    merged = run_probes(merged_model, tok, inputs, max_new_tokens)
+    merged = run_probe_set(merged_model, tok, drawn, max_new_tokens)
     vs_unmerged = compare(merged, unmerged)
     del model, base
     merged_model.to("cpu")  # written from the CPU; the GPU is free for the references (a no-op on the CPU)
@@ -186,10 +186,11 @@ def merge_adapter(
         "dtype": dtype,
         "tolerance": tolerance,
         "max_new_tokens": max_new_tokens,
-        "probes": {"count": len(probes), "default": probes == DEFAULT_PROBES, "prompt_tokens": [len(x) for x in inputs]},
+        "probes": _probe_facts(drawn, probes),
         # The merged model's greedy answers to the probes, as token ids: what serving must reproduce
         # (the deployment check of loraline serve sends these prompts through the server).
-        "probe_reference": {"prompts": inputs, "greedy": merged.greedy, "texts": merged.texts, "max_new_tokens": max_new_tokens},
+        "probe_reference": {**_reference_prompts(drawn), "greedy": merged.greedy, "texts": merged.texts,
+                            "max_new_tokens": max_new_tokens},
         "merged_vs_unmerged": vs_unmerged,
         "adapter": {
             "dir": str(adapter_dir),
@@ -240,7 +241,7 @@ def merge_adapter(
             from loraline.modelling.qalora import save_quantized_layers
 
             save_quantized_layers(lowbit, tmp / QALORA_QUANTIZED)
-            report["qalora"]["torchao"] = _torchao_checkpoint(tmp, lowbit, tok, inputs, max_new_tokens, unmerged, base_dir,
+            report["qalora"]["torchao"] = _torchao_checkpoint(tmp, lowbit, tok, drawn, max_new_tokens, unmerged, base_dir,
                                                               base_record, tolerance)
             if not report["qalora"]["torchao"]["passed"]:
                 _discard(out_dir)
@@ -252,12 +253,12 @@ def merge_adapter(
             report["vs_4bit"] = {"skipped": "QA-LoRA: merged_vs_unmerged is against the group-quantized base itself"}
         else:
             report["vs_4bit"] = (
-                _quantized_gap(train_record, base_dir, adapter_dir, tok, inputs, max_new_tokens, merged, where)
+                _quantized_gap(train_record, base_dir, adapter_dir, tok, drawn, max_new_tokens, merged, where)
                 if quantized_reference
                 else {"skipped": "quantized_reference=False"}
             )
         if check_reload:
-            report["reload"] = _reload_check(tmp, inputs, merged, tok.pad_token_id, where)
+            report["reload"] = _reload_check(tmp, drawn, merged, tok.pad_token_id, where)
             if report["reload"]["max_abs_logit_diff"] > RELOAD_TOLERANCE:
                 _discard(out_dir)
                 raise MergeError(
@@ -273,7 +274,7 @@ def merge_adapter(
 def _reference_only(out_dir: Path, unmerged: ProbeOutputs, facts: dict[str, Any]) -> MergeResult:
     """deploy.targets without merged: out_dir holds the report alone, whose probe_reference is base + adapter's
     answers (what serving reproduces). Refused, as a merge is, when the adapter was trained on another base."""
-    inputs, max_new_tokens, adapter_dir = facts["inputs"], facts["max_new_tokens"], facts["adapter_dir"]
+    drawn, max_new_tokens, adapter_dir = facts["drawn"], facts["max_new_tokens"], facts["adapter_dir"]
     train_record = facts["train_record"]
     report: dict[str, Any] = {
         "passed": True,
@@ -281,8 +282,8 @@ def _reference_only(out_dir: Path, unmerged: ProbeOutputs, facts: dict[str, Any]
         **device_facts(facts["where"]),
         "dtype": facts["dtype"],
         "max_new_tokens": max_new_tokens,
-        "probes": {"count": len(inputs), "default": facts["probes"] == DEFAULT_PROBES, "prompt_tokens": [len(x) for x in inputs]},
-        "probe_reference": {"prompts": inputs, "greedy": unmerged.greedy, "texts": unmerged.texts,
+        "probes": _probe_facts(drawn, facts["probes"]),
+        "probe_reference": {**_reference_prompts(drawn), "greedy": unmerged.greedy, "texts": unmerged.texts,
                             "max_new_tokens": max_new_tokens, "model": "base + adapter, unmerged"},
         "adapter": {
             "dir": str(adapter_dir),
@@ -306,7 +307,16 @@ def _reference_only(out_dir: Path, unmerged: ProbeOutputs, facts: dict[str, Any]
     return MergeResult(out_dir, out_dir / REPORT, report)
 
 
-def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, inputs: list[list[int]], max_new_tokens: int, unmerged: Any,
+def _probe_facts(drawn: ProbeSet, builtin: list[list[dict[str, str]]]) -> dict[str, Any]:
+    return {**drawn.facts(), "default": builtin == DEFAULT_PROBES}
+
+
+def _reference_prompts(drawn: ProbeSet) -> dict[str, Any]:
+    """The probes as the deployment check replays them: token ids, and where each comes from (parallel lists)."""
+    return {"prompts": drawn.prompts, "sources": [p.origin() for p in drawn.probes]}
+
+
+def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, probes: ProbeSet, max_new_tokens: int, unmerged: Any,
                         base_dir: Path, base_record: dict[str, Any], tolerance: float) -> dict[str, Any]:
     """The merged low-bit model as a checkpoint transformers loads through torchao (<merged>/torchao), loaded back
     by that loader (on the CPU, where a user without a GPU loads it too) and checked: its weights against the codes,
@@ -319,7 +329,7 @@ def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, inputs: list[list[int]
     (folder / "README.md").unlink(missing_ok=True)
     model = load_torchao_checkpoint(folder)
     facts["max_abs_weight_diff"] = max_weight_diff(model, lowbit)
-    facts["vs_unmerged"] = compare(run_probes(model, tok, inputs, max_new_tokens), unmerged)
+    facts["vs_unmerged"] = compare(run_probe_set(model, tok, probes, max_new_tokens), unmerged)
     facts["files"] = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()}
     facts["passed"] = facts["max_abs_weight_diff"] == 0.0 and facts["vs_unmerged"]["max_abs_logit_diff"] <= tolerance
     del model
@@ -332,7 +342,7 @@ def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, inputs: list[list[int]
 
 def _quantized_gap(
     train_record: dict[str, Any] | None, base_dir: Path, adapter_dir: Path, tok: Any,
-    inputs: list[list[int]], max_new_tokens: int, merged: ProbeOutputs, device: torch.device,
+    probes: ProbeSet, max_new_tokens: int, merged: ProbeOutputs, device: torch.device,
 ) -> dict[str, Any]:
     """Merged model vs the 4-bit base + adapter it was trained against (what training optimised), on `device`:
     bitsandbytes' CUDA kernels in bfloat16 on a GPU, as training ran there; its CPU ones in float32 otherwise."""
@@ -353,7 +363,7 @@ def _quantized_gap(
     )
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     model.eval()
-    ref = run_probes(model, tok, inputs, max_new_tokens)
+    ref = run_probe_set(model, tok, probes, max_new_tokens)
     del model
     _release(device)
     gap = compare(merged, ref)
@@ -363,7 +373,7 @@ def _quantized_gap(
     return gap
 
 
-def _reload_check(folder: Path, inputs: list[list[int]], merged: ProbeOutputs, pad_token_id: int | None,
+def _reload_check(folder: Path, probes: ProbeSet, merged: ProbeOutputs, pad_token_id: int | None,
                   device: torch.device) -> dict[str, Any]:
     """The written folder loaded with plain transformers on `device`, its prompt logits computed exactly as
     the merged model's were (same device, same batches): only a save/load bug can make them differ."""
@@ -371,7 +381,7 @@ def _reload_check(folder: Path, inputs: list[list[int]], merged: ProbeOutputs, p
 
     model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": str(device)})
     model.eval()
-    logits = prompt_logits(model, inputs, pad_token_id, probe_batch_size(device))
+    logits = probe_set_logits(model, probes, pad_token_id)
     worst = max(float((a - b).abs().max()) for a, b in zip(logits, merged.logits, strict=True))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     del model
@@ -430,11 +440,12 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
     reports/<tenant>/metrics/merge.json and the run's timing to reports/timing/merge@<tenant>.json."""
     started = time.perf_counter()
     m = params.merge
+    draw = TenantDraw(layout.prepared_dataset_dir(tenant), tenant, params.seed, m.probes, m.probe_max_tokens)
     result = merge_adapter(
         base_dir=base_dir or layout.base_dir, base_params=params.base, adapter_dir=layout.adapter_dir(tenant),
         out_dir=layout.merged_dir(tenant), dtype=m.dtype, tolerance=params.gate_for(tenant).max_merge_logit_diff,
-        max_new_tokens=m.max_new_tokens, quantized_reference=m.quantized_reference, check_reload=m.check_reload,
-        device=m.device, merged=params.deploy_for(tenant).builds("merged"),
+        tenant_probes=draw, max_new_tokens=m.max_new_tokens, quantized_reference=m.quantized_reference,
+        check_reload=m.check_reload, device=m.device, merged=params.deploy_for(tenant).builds("merged"),
     )
     io.copy_file(result.report_path, layout.merge_report_path(tenant))
     io.write_json(layout.metrics_path("merge", tenant), merge_metrics(result.report))

@@ -55,8 +55,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-# Probes run at once on CUDA (left-padded): a handful of short prompts, so one batch is all of them.
-CUDA_PROBE_BATCH = 16
+# Probes run at once on CUDA (left-padded): the 4 built-in ones and merge.probes' 16 drawn from the tenant
+# (up to merge.probe_max_tokens each) make one batch.
+CUDA_PROBE_BATCH = 32
 
 
 def greedy_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, pad_token_id: int | None,

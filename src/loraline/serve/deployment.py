@@ -5,8 +5,9 @@ version beside the old one under its own engine name (`<tenant>@<version>`), run
 check, and only then moves the tenant's route in one assignment. Requests already forwarded finish
 on the old version, which is unloaded once none is left on it; nothing is restarted.
 
-The deployment check: the merge stage's probe prompts go through the engine under the new name,
-greedy, and at least serve.check_agreement of the answers must equal the merge report's reference
+The deployment check: the merge stage's probe prompts (the built-in ones and those drawn from the
+tenant's test split, merge.probes) go through the engine under the new name, greedy, and at least
+serve.check_agreement of the answers, counted over all of them, must equal the merge report's reference
 answers: the merged model's, or base + adapter's for a tenant whose deploy.targets has no merged.
 Otherwise the new version is unloaded and the tenant stays on the version it had: the registry is
 left as it is, and the event is logged and written to the events file (one JSON line per event).
@@ -247,7 +248,10 @@ class Deployment:
         except Exception as exc:  # noqa: BLE001 -- any failure leaves the tenant on what it had
             self._refused[tenant] = version
             return None, {**event, "event": "load_failed", "error": str(exc)[:1000]}
-        check = self.check(new)
+        try:
+            check = self.check(new)
+        except Exception as exc:  # noqa: BLE001 -- a probe the engine refuses (one past serve.max_model_len, say) fails it
+            check = {"passed": False, "agreement": None, "summary": f"a probe failed in the engine: {exc}"[:1000]}
         event["check"] = check
         if not check["passed"]:
             self.engine.unload(new.served_name)
@@ -264,12 +268,17 @@ class Deployment:
             return {"passed": self.params.check_agreement == 0, "summary": "no probe reference in this version's merge report",
                     "agreement": None}
         answers = [self.engine.greedy(served.served_name, p, ref.max_new_tokens) for p in ref.prompts]
-        equal = [a.strip() == t.strip() for a, t in zip(answers, ref.texts)]
+        equal = [a.strip() == t.strip() for a, t in zip(answers, ref.texts, strict=True)]
         agreement = sum(equal) / max(len(equal), 1)
-        mismatches = [{"probe": i, "served": a, "merged": t} for i, (a, t, ok) in enumerate(zip(answers, ref.texts, equal)) if not ok]
+        mismatches = [{"probe": i, "source": s, "served": a, "merged": t}
+                      for i, (a, t, s, ok) in enumerate(zip(answers, ref.texts, ref.sources, equal, strict=True)) if not ok]
+        builtin, tenant = _agreed(equal, ref.sources, "builtin"), _agreed(equal, ref.sources, "test")
         return {
             "passed": agreement >= self.params.check_agreement, "agreement": round(agreement, 4),
-            "summary": f"{sum(equal)}/{len(equal)} probes answered as the merge report's reference does (need {self.params.check_agreement:.0%})",
+            "by_source": {"builtin": builtin, "tenant": tenant},
+            "summary": f"{sum(equal)}/{len(equal)} probes answered as the merge report's reference does (built-in "
+                       f"{builtin['agreed']}/{builtin['probes']}, tenant {tenant['agreed']}/{tenant['probes']}; "
+                       f"need {self.params.check_agreement:.0%})",
             "mismatches": mismatches[:3],
         }
 
@@ -327,3 +336,9 @@ class Deployment:
             self.sync()
         except Exception as exc:  # noqa: BLE001 -- a failed pass (e.g. git busy) is retried at the next one
             log.warning("serve: reading the registry failed: %s", exc)
+
+
+def _agreed(equal: list[bool], sources: list[str], source: str) -> dict[str, int]:
+    """How many probes of `source` there are and how many of them were answered as the reference does."""
+    mine = [ok for ok, s in zip(equal, sources, strict=True) if s == source]
+    return {"probes": len(mine), "agreed": sum(mine)}

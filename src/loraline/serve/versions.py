@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from loraline.layout import Layout
 from loraline.registry.base import RegistryError
@@ -20,11 +21,22 @@ from loraline.registry.canary import ADAPTER_SUFFIX
 
 @dataclass(frozen=True)
 class ProbeReference:
-    """The merge stage's probes as token ids and the merged model's greedy answers to them."""
+    """The merge stage's probes as token ids, the reference model's greedy answers to them, and where each probe
+    comes from: "builtin" or "test" (a row of the tenant's test split, merge.probes)."""
 
     prompts: list[list[int]]
     texts: list[str]
     max_new_tokens: int
+    sources: list[str]
+
+    @classmethod
+    def from_report(cls, ref: dict[str, Any]) -> ProbeReference:
+        """From a merge report's probe_reference; one written before merge.probes has built-in probes only."""
+        origins = ref.get("sources") or [{"source": "builtin"}] * len(ref["prompts"])
+        if not len(ref["prompts"]) == len(ref["texts"]) == len(origins):
+            raise ValueError(f"the merge report's probe_reference is inconsistent: {len(ref['prompts'])} prompts, "
+                             f"{len(ref['texts'])} answers, {len(origins)} sources")
+        return cls(ref["prompts"], ref["texts"], ref["max_new_tokens"], [o["source"] for o in origins])
 
 
 @dataclass(frozen=True)
@@ -98,5 +110,5 @@ def prepare_version(root: Path, tenant: str, version: str, commit: str, base_dir
         done.write_text(json.dumps({"rank": servable.rank, "reference": report.get("probe_reference")}), encoding="utf-8")
     facts = json.loads(done.read_text(encoding="utf-8"))
     ref = facts.get("reference")
-    reference = ProbeReference(ref["prompts"], ref["texts"], ref["max_new_tokens"]) if ref else None
+    reference = ProbeReference.from_report(ref) if ref else None
     return ServedVersion(tenant, version, commit, here / "servable", int(facts["rank"]), reference)

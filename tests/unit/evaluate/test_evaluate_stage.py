@@ -23,7 +23,7 @@ from train_helpers import make_raw, tiny_build, tiny_train  # noqa: E402
 
 from loraline.config import BaseParams, PrepareParams, TenantParams  # noqa: E402
 from loraline.evaluate.stage import GENERATIONS, METRICS, REPORT, EvaluateError, evaluate_model, evaluate_tenant  # noqa: E402
-from loraline.evaluate.generate import split_conversation  # noqa: E402
+from loraline.modelling.conversation import split_conversation  # noqa: E402
 
 TASK_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy")
 

@@ -8,11 +8,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
+
 from loraline.config import ServeParams
 from loraline.serve.deployment import Deployment
 from loraline.serve.versions import ProbeReference, Production, ServedVersion
 
-REF = ProbeReference(prompts=[[1, 2], [3]], texts=['{"a": 1}', "hello"], max_new_tokens=8)
+REF = ProbeReference(prompts=[[1, 2], [3], [4, 5], [6]], texts=['{"a": 1}', "hello", "order 17 shipped", "P2"],
+                     max_new_tokens=8, sources=["builtin", "builtin", "test", "test"])
 
 
 class ScriptedEngine:
@@ -84,11 +87,11 @@ def test_a_version_failing_the_deployment_check_is_unloaded_and_the_old_one_kept
     production = {"acme": "v0.0.1"}
     deployment, engine = make(tmp_path, production)
     deployment.sync()
-    engine.answers["acme@v0.0.2"] = ['{"a": 2}', "hello"]  # one probe answered unlike the merged model
+    engine.answers["acme@v0.0.2"] = ['{"a": 2}', *REF.texts[1:]]  # one probe answered unlike the merged model
     production["acme"] = "v0.0.2"
     [event] = deployment.sync()
     assert event["event"] == "check_failed" and event["serving"] == "v0.0.1"
-    assert event["check"]["agreement"] == 0.5 and event["check"]["mismatches"][0]["served"] == ' {"a": 2}'
+    assert event["check"]["agreement"] == 0.75 and event["check"]["mismatches"][0]["served"] == ' {"a": 2}'
     assert deployment.routes["acme"].version == "v0.0.1" and engine.loaded == ["acme@v0.0.1"]
     assert deployment.sync() == []  # the refused version is not retried on every poll ...
     production["acme"] = "v0.0.3"  # ... but the next promotion is
@@ -98,8 +101,61 @@ def test_a_version_failing_the_deployment_check_is_unloaded_and_the_old_one_kept
 
 def test_check_agreement_below_one_tolerates_that_many_mismatches(tmp_path):
     deployment, engine = make(tmp_path, {"acme": "v0.0.1"}, check_agreement=0.5)
-    engine.answers["acme@v0.0.1"] = ["wrong", "hello"]
+    engine.answers["acme@v0.0.1"] = ["wrong", "hello", "wrong", "P2"]
     assert deployment.sync()[0]["event"] == "served"
+
+
+def test_the_check_counts_the_tenant_probes_with_the_built_in_ones(tmp_path):
+    production = {"acme": "v0.0.1"}
+    deployment, engine = make(tmp_path, production, check_agreement=0.75)
+    engine.answers["acme@v0.0.1"] = [*REF.texts[:3], "P3"]  # one tenant probe answered otherwise: 3/4 passes 75%
+    [event] = deployment.sync()
+    assert event["event"] == "served" and event["check"]["agreement"] == 0.75
+    assert event["check"]["by_source"] == {"builtin": {"probes": 2, "agreed": 2}, "tenant": {"probes": 2, "agreed": 1}}
+    assert event["check"]["summary"] == ("3/4 probes answered as the merge report's reference does "
+                                         "(built-in 2/2, tenant 1/2; need 75%)")
+    assert event["check"]["mismatches"] == [{"probe": 3, "source": "test", "served": " P3", "merged": "P2"}]
+    engine.answers["acme@v0.0.2"] = [*REF.texts[:2], "wrong", "P3"]  # the built-in probes alone cannot carry it
+    production["acme"] = "v0.0.2"
+    [event] = deployment.sync()
+    assert event["event"] == "check_failed" and event["check"]["summary"].startswith("2/4 probes")
+    assert "(built-in 2/2, tenant 0/2;" in event["check"]["summary"] and deployment.routes["acme"].version == "v0.0.1"
+
+
+def test_a_probe_the_engine_refuses_fails_the_check_and_keeps_the_old_version(tmp_path):
+    class Refusing(ScriptedEngine):
+        def greedy(self, name, prompt, max_tokens):
+            if name == "acme@v0.0.2" and prompt == REF.prompts[-1]:
+                raise RuntimeError("probe through acme@v0.0.2 failed: 400 maximum context length is 16 tokens")
+            return super().greedy(name, prompt, max_tokens)
+
+    production = {"acme": "v0.0.1"}
+    deployment, engine = make(tmp_path, production, engine=Refusing())
+    deployment.sync()
+    production["acme"] = "v0.0.2"
+    [event] = deployment.sync()
+    assert event["event"] == "check_failed" and event["serving"] == "v0.0.1" and engine.loaded == ["acme@v0.0.1"]
+    assert event["check"]["summary"] == ("a probe failed in the engine: probe through acme@v0.0.2 failed: 400 maximum "
+                                         "context length is 16 tokens")
+    assert deployment.sync() == []  # refused, as a failed check is
+
+
+def test_a_merge_report_from_before_tenant_probes_is_still_served(tmp_path):
+    old = {"prompts": [[1, 2], [3]], "texts": ['{"a": 1}', "hello"], "greedy": [[7], [8]], "max_new_tokens": 8}
+    ref = ProbeReference.from_report(old)
+    assert ref.sources == ["builtin", "builtin"] and ref.prompts == old["prompts"]
+    engine = ScriptedEngine()
+    engine.greedy = lambda name, prompt, max_tokens: old["texts"][old["prompts"].index(prompt)]
+    deployment = Deployment(engine, ServeParams(), lambda t, v, c: None, dict, tmp_path / "events.jsonl")
+    check = deployment.check(ServedVersion("acme", "v0.0.1", "c", tmp_path, 16, ref))
+    assert check["passed"] and check["summary"] == ("2/2 probes answered as the merge report's reference does "
+                                                    "(built-in 2/2, tenant 0/0; need 100%)")
+
+
+def test_a_probe_reference_whose_lists_disagree_is_refused():
+    with pytest.raises(ValueError, match="inconsistent: 2 prompts, 2 answers, 1 sources"):
+        ProbeReference.from_report({"prompts": [[1], [2]], "texts": ["a", "b"], "max_new_tokens": 8,
+                                    "sources": [{"source": "builtin", "id": "0"}]})
 
 
 def test_a_version_that_cannot_be_loaded_leaves_the_tenant_as_it_was(tmp_path):

@@ -150,11 +150,11 @@ def test_a_canary_failing_the_deployment_check_is_rolled_back_at_once(tmp_path):
     registry.promote("acme", "v0.0.1")
     deployment, engine = make(tmp_path, registry)
     deployment.sync()
-    engine.answers["acme@v0.0.2"] = ["wrong", "hello"]
+    engine.answers["acme@v0.0.2"] = ["wrong", *REF.texts[1:]]
     registry.promote("acme", "v0.0.2")
     [failed] = deployment.sync()
     assert failed["event"] == "check_failed" and failed["serving"] == "v0.0.1"
-    assert failed["registry"]["kept"] is False and "deployment check failed: 1/2 probes" in failed["registry"]["reason"]
+    assert failed["registry"]["kept"] is False and "deployment check failed: 3/4 probes" in failed["registry"]["reason"]
     assert registry.production["acme"].version == "v0.0.1" and deployment.canaries == {}
     assert engine.loaded == ["acme@v0.0.1"] and deployment.sync() == []
 
@@ -164,7 +164,7 @@ def test_a_rollback_the_registry_could_not_take_is_written_at_a_later_pass(tmp_p
     registry.promote("acme", "v0.0.1")
     deployment, engine = make(tmp_path, registry)
     deployment.sync()
-    engine.answers["acme@v0.0.2"] = ["wrong", "wrong"]
+    engine.answers["acme@v0.0.2"] = ["wrong"] * len(REF.texts)
     registry.promote("acme", "v0.0.2")
     registry.fail = RuntimeError("git remote unreachable")
     [failed] = deployment.sync()
