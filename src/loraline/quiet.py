@@ -48,6 +48,8 @@ NOISE: tuple[Noise, ...] = (
     Noise(r".*torchao/quantization/quant_api", r"invalid escape sequence", "warning",
           "A docstring of torchao's with a regular expression in it, read by Python's compiler; nothing runs it.",
           DeprecationWarning),
+    Noise(r".*torchao/quantization/quant_api", r"invalid escape sequence", "warning",
+          "The same docstring on Python 3.12 and later, whose compiler says it as a SyntaxWarning.", SyntaxWarning),
 )
 
 
