@@ -32,6 +32,14 @@ def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
     return tqdm(iterable, **kwargs)
 
 
+def hub_bars_off_in_logs() -> None:
+    """In a log, the Hugging Face libraries' own bars (transformers' "Loading weights", datasets' saving) would be
+    carriage-return updates too: off there. Their switch is an environment variable that huggingface_hub reads
+    when it is imported, so this runs on `import loraline`, before any stage imports them."""
+    if lines_wanted():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def lines_wanted() -> bool:
     setting = os.environ.get(ENV)
     if setting in ("bar", "lines"):

@@ -56,3 +56,14 @@ def test_stages_started_by_loraline_run_follow_its_stderr(monkeypatch, tmp_path,
         [sys.executable, "-c", f"import os; print(os.environ['{progress.ENV}'])"], tmp_path, None, None
     )
     assert code == 0 and tail == [expected]
+
+
+@pytest.mark.parametrize("mode, hub_bars", [("lines", "1"), ("bar", None)])
+def test_in_a_log_the_hugging_face_bars_are_off_before_any_stage_imports_them(tmp_path, mode, hub_bars):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"} | {progress.ENV: mode}
+    out = subprocess.run([sys.executable, "-c", "import os, loraline; print(os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'))"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(hub_bars)
