@@ -189,7 +189,6 @@ SOURCE_SHAPES = {
     "sharegpt": ({"conversations"}, {"conversations"}),
     "document": ({"text"}, {"text"}),
 }
-SOURCE_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "arrow", "hf", "txt", "md")
 ControlTokenPolicy = Literal["reject", "strip", "escape"]
 
 

@@ -238,12 +238,6 @@ def release_shared(root: str | Path, params: Params, tenant: str, registry: Regi
         return release_tenant(root, params, tenant, registry, promote=promote)
 
 
-def release_all(root: str | Path, params: Params, tenants: list[str] | None = None, promote: bool = True) -> list[ReleaseResult]:
-    from loraline.registry.gto_registry import GtoRegistry
-
-    registry = GtoRegistry(root)
-    return [release_shared(root, params, t, registry, promote=promote) for t in tenants or params.tenant_names]
-
 
 def run(params: Params, layout: Layout, tenant: str, *, promote: bool = True) -> ReleaseResult:
     """The flow's release step for one tenant (after its DVC stages): register, and promote if allowed."""

@@ -28,7 +28,6 @@ from peft.tuners.lora.variants import QALoraLinearVariant
 from torch import nn
 
 BITS = (2, 3, 4)
-GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass

@@ -34,8 +34,6 @@ FORMATS = {
     ".parquet": "parquet", ".arrow": "arrow", ".txt": "txt", ".md": "md",
 }
 COMPRESSIONS = (".gz", ".zst")
-DOCUMENT_FORMATS = ("txt", "md")
-SUPPORTED = tuple(FORMATS) + tuple(f"{s}{c}" for s in (".jsonl", ".json", ".csv", ".tsv", ".txt", ".md") for c in COMPRESSIONS)
 # What `datasets.Dataset.save_to_disk` writes: such a folder is one source, not three files.
 HF_MARKERS = ("dataset_info.json", "state.json")
 EXCERPT_CHARS = 200

@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Literal
 
-ROLES = ("system", "user", "assistant", "tool")  # tool turns are context, never trained on
 SPLITS = ("train", "validation", "test")
 
 

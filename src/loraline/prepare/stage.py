@@ -44,12 +44,11 @@ from loraline.prepare.rows import RowContext, scrubber_for, source_options
 from loraline.prepare.schema import SPLITS, PrepareError, PrepareStats
 from loraline.prepare.screening import Quality, follow_removed_originals, second_pass
 from loraline.prepare.split import Deduplicator
-from loraline.prepare.stats import OUTCOMES, by_source_entry, percentiles, summarize
+from loraline.prepare.stats import OUTCOMES, by_source_entry, summarize
 from loraline.prepare.stores import ArrowRows, RejectFile, RejectList
 from loraline.provenance import run_facts
 
-# OUTCOMES and percentiles are imported from here by callers that predate stats.py.
-__all__ = ["OUTCOMES", "PrepareResult", "collect", "percentiles", "prepare_tenant", "run"]
+__all__ = ["PrepareResult", "collect", "prepare_tenant", "run"]
 
 DEFAULT_SEED = 1234  # Params.seed's default, for callers passing a PrepareParams without prepare_for()
 

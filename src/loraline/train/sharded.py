@@ -259,12 +259,6 @@ def _keep_quant_state_on_gathered_weights(model: nn.Module) -> None:
             module.register_forward_pre_hook(attach)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
 def sharding_facts(model: nn.Module) -> dict[str, int]:
     """Sharded layers, and the bytes of their frozen weights this rank holds against the whole
     (FSDP pads a shard to equal sizes); `whole_bytes` is what every rank holds in full (embeddings,

@@ -55,7 +55,6 @@ from loraline.train.record import TRAIN_CURVE, VAL_CURVE, device_name, final_tra
 from loraline.modelling.loading import base_model_hash
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE
 
-RECORD = TRAIN_RECORD
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class TrainResult:
     @classmethod
     def of(cls, out_dir: Path, record: dict[str, Any], timing: dict[str, Any]) -> TrainResult:
         """The result for an adapter folder written by the stage (its files have fixed names)."""
-        return cls(out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / RECORD,
+        return cls(out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / TRAIN_RECORD,
                    out_dir / TRAIN_CURVE, out_dir / VAL_CURVE, record, timing)
 
 
@@ -124,7 +123,7 @@ def _launch(
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None, "progress": progress,
     }
     result = launch(spec, params.devices, use_cuda)
-    return TrainResult.of(out_dir, json.loads((out_dir / RECORD).read_text(encoding="utf-8")), result["timing"])
+    return TrainResult.of(out_dir, json.loads((out_dir / TRAIN_RECORD).read_text(encoding="utf-8")), result["timing"])
 
 
 def _train(
@@ -269,7 +268,7 @@ def _train(
             (tmp / "README.md").unlink(missing_ok=True)  # peft's blank model card; train_record.json is ours
             write_curves(tmp, state.history)
             record["files"] = {f: sha256_file(tmp / f) for f in ADAPTER_FILES}
-            io.write_json(tmp / RECORD, record)
+            io.write_json(tmp / TRAIN_RECORD, record)
     barrier(world)
     timing["wall_s"] = round(time.perf_counter() - started, 2)
     return TrainResult.of(out_dir, record, timing)

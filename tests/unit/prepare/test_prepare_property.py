@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loraline.config import PrepareParams, SourceParams, TenantParams
-from loraline.prepare.stage import OUTCOMES, prepare_tenant
+from loraline.prepare.stage import prepare_tenant
+from loraline.prepare.stats import OUTCOMES
 from loraline.prepare.schema import PrepareError
 
 KEYS = st.sampled_from(["instruction", "input", "output", "prompt", "completion", "messages", "conversations", "text",

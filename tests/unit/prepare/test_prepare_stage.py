@@ -15,7 +15,8 @@ from prepare_helpers import chat, write_jsonl
 
 from loraline.config import PrepareParams, TenantParams
 from loraline.prepare import CHAT_FEATURES, DOCUMENT_FEATURES, PrepareError
-from loraline.prepare.stage import collect, percentiles
+from loraline.prepare.stage import collect
+from loraline.prepare.stats import percentiles
 from loraline.provenance import file_hashes, hash_tree
 
 

@@ -13,13 +13,13 @@ from train_helpers import adapter_tensors, tiny_train
 
 from loraline.provenance import hash_tree, sha256_file
 from loraline.train import train_adapter
-from loraline.train.stage import RECORD
+from loraline.layout import TRAIN_RECORD
 
 
 def test_out_dir_holds_exactly_the_adapter_record_and_curve(reference):
     out = reference.result.out_dir
     assert {p.name for p in out.iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", RECORD, "train_loss.csv", "val_loss.csv",
+        "adapter_config.json", "adapter_model.safetensors", TRAIN_RECORD, "train_loss.csv", "val_loss.csv",
     }
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))  # the atomic write left no temporary behind
     # all-linear resolves to a set: written sorted, not in the process's hash order, so equal adapters are equal bytes
