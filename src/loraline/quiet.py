@@ -38,6 +38,12 @@ NOISE: tuple[Noise, ...] = (
     Noise(r"transformers\.modeling_utils", r"`is_gradient_checkpointing` is deprecated", "warning",
           "peft reads transformers' old property name when wrapping a model; the value is the same, and the rename "
           "is peft's to follow.", FutureWarning),
+    Noise(r"transformers\.modeling_utils", r"`gradient_checkpointing_enable` is deprecated", "warning",
+          "peft's prepare_model_for_kbit_training (train.upcast_non_quantized) calls transformers' old name for "
+          "activation checkpointing, an alias of the new one; loraline's own code calls the new one.", FutureWarning),
+    Noise("root", r"Please consider to run pre-processing before quantization", "log",
+          "onnxruntime's int8 quantizer suggests its shape-inference pre-pass on every call (its example is an image "
+          "model); the int8 graph's parity with the model is measured and reported either way (export_report.json)."),
     Noise(r"torch\.jit\._script", r"`torch.jit.script_method` is deprecated", "warning",
           "torch's own mkldnn utilities, imported by torch itself, still use the deprecated decorator; loraline "
           "scripts nothing.", DeprecationWarning),

@@ -70,7 +70,7 @@ def load_base_model(
         for p in model.parameters():
             p.requires_grad_(False)
         if params.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            enable_activation_checkpointing(model, ckpt_kwargs)
     if params.gradient_checkpointing and params.checkpoint_fraction < 1:
         apply_checkpoint_fraction(model, params.checkpoint_fraction)
     lc = params.long_context
@@ -232,3 +232,13 @@ def sort_config_sets(model: nn.Module) -> None:
 def trainable_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
     """Name -> parameter for everything training changes (LoRA A/B, DoRA magnitudes, modules_to_save)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def enable_activation_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
+    """transformers' activation checkpointing under its current name (`gradient_checkpointing_enable` is a
+    deprecated alias since 5.x, removed in 6); the old name where an older 5.x has no new one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

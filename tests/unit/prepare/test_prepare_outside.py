@@ -16,7 +16,7 @@ import yaml
 from prepare_helpers import chat, ticket, write_jsonl
 
 from loraline.config import OutsidePathError, TenantParams, load_params
-from loraline.layout import Layout
+from loraline.layout import GENERAL_TEXT, Layout
 from loraline.prepare import stage as prepare_stage
 from loraline.prepare.readers import HF_MARKERS
 
@@ -30,6 +30,8 @@ def make_project(tmp_path: Path, **tenant) -> tuple[Path, Path, Path]:
     raw = project / "data" / "raw" / "acme"
     write_jsonl(raw / "tickets.jsonl", [chat(*ticket(i)) for i in range(20)])
     outside.mkdir()
+    # evaluate.general's default sample, which the base stage would have written (prepare tokenizes it)
+    write_jsonl(project / "models" / "base" / GENERAL_TEXT, [{"text": f"General text, line {i}."} for i in range(8)])
     tenants = {"acme": {"raw_dir": "data/raw/acme", **{k: [str(p) for p in v] for k, v in tenant.items()}}}
     (project / "params.yaml").write_text(yaml.safe_dump({"tenants": tenants}))
     return project, raw, outside
@@ -41,7 +43,7 @@ def outside_rows(path: Path) -> Path:
 
 def files_written(project: Path, raw: Path) -> list[str]:
     return sorted(p.relative_to(project).as_posix() for p in project.rglob("*")
-                  if p.is_file() and not p.is_relative_to(raw) and p.name != "params.yaml")
+                  if p.is_file() and not p.is_relative_to(raw) and p.name not in ("params.yaml", GENERAL_TEXT))
 
 
 def test_a_symlink_out_of_the_project_fails_the_stage_and_writes_nothing(tmp_path, tokenizer, monkeypatch):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from train_helpers import tiny_train
+from train_helpers import tiny_train, write_general_sample
 
 from loraline.config import LongContextParams, Params, TrainParams
 from loraline.merge.stage import merge_adapter
@@ -241,6 +241,7 @@ def test_a_full_attention_reference_is_trained_alike_and_reported_beside_the_can
 
     merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
                   out_dir=layout.merged_dir("t"), quantized_reference=False)
+    write_general_sample(params, layout, setup.base_dir, "t")
     evaluate_stage(params, layout, "t", base_dir=setup.base_dir)
     report = json.loads((layout.evaluation_dir("t") / LONG_CONTEXT).read_text())
     assert set(report["models"]) == {"base", "base_rope_scaled", "candidate", "full_attention_reference"}

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from train_helpers import tiny_train
+from train_helpers import tiny_train, write_general_sample
 
 from loraline.config import TrainParams
 from loraline.train import train_adapter
@@ -297,6 +297,7 @@ def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(se
 
     merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
                   out_dir=layout.merged_dir("t"))
+    write_general_sample(params, layout, setup.base_dir, "t")
     result = evaluate_stage(params, layout, "t", base_dir=setup.base_dir)
     section = result.metrics["qalora_comparison"]
     models = section["models"]

@@ -86,3 +86,19 @@ def train_losses(path: Path) -> list[float]:
 
     with open(path, newline="") as fh:
         return [float(r["train_loss"]) for r in csv.DictReader(fh)]
+
+
+def write_general_sample(params, layout, base_dir: Path, tenant: str) -> None:
+    """What the prepare stage leaves for evaluate's forgetting check (data/general/<tenant>), from the built
+    base's held-out general_text.jsonl copied to the project's models/base (evaluate.general's default path)."""
+    import shutil
+
+    from loraline.layout import GENERAL_TEXT
+    from loraline.modelling.loading import load_base_tokenizer
+    from loraline.prepare.general import general_sample
+    from loraline.prepare.general import write_general_sample as write
+
+    layout.base_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(base_dir) / GENERAL_TEXT, layout.base_dir / GENERAL_TEXT)
+    tok = load_base_tokenizer(Path(base_dir), params.base)
+    write(general_sample(params.evaluate.general, params.prepare, tok, layout.root), layout.general_sample_dir(tenant))
