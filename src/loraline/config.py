@@ -354,6 +354,22 @@ class QALoRAParams(_Section):
     )
 
 
+def _count_or_auto(v: Any, what: str) -> Any:
+    """A `batch_size`-like setting: a whole number >= 1 or "auto". One clear message instead of pydantic's one
+    per member of the union (and no bool taken as 1)."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError(f"must be a whole number of {what} >= 1, or auto")
+
+
+def _absolute_folders(v: list[Path], example: str) -> list[Path]:
+    """An `allow_outside_dirs` list: absolute folders only (a relative one would silently mean inside the project)."""
+    for path in v:
+        if not path.is_absolute():
+            raise ValueError(f"{str(path)!r} must be an absolute folder path (a folder outside the project{example})")
+    return v
+
+
 class TrainParams(_Section):
     """Adapter training (consumed by the train stage); tenants may override any key."""
 
@@ -433,10 +449,7 @@ class TrainParams(_Section):
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch_size_form(cls, v: Any) -> Any:
-        # one clear message instead of pydantic's one per member of the union (and no bool as 1)
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError("must be a whole number of packed rows >= 1, or auto")
+        return _count_or_auto(v, "packed rows")
 
     @model_validator(mode="after")
     def _long_context_fits(self) -> TrainParams:
@@ -583,10 +596,7 @@ class GeneralParams(_Section):
     @field_validator("allow_outside_dirs")
     @classmethod
     def _absolute_dirs(cls, v: list[Path]) -> list[Path]:
-        for path in v:
-            if not path.is_absolute():
-                raise ValueError(f"{str(path)!r} must be an absolute folder path (a folder outside the project)")
-        return v
+        return _absolute_folders(v, "")
 
     def resolved(self, project: Path | None) -> Path:
         """`path` as the stages read it: relative ones from `project` (the working folder when None)."""
@@ -637,9 +647,7 @@ class EvaluateParams(_Section):
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch_size_form(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError("must be a whole number of test rows >= 1, or auto")
+        return _count_or_auto(v, "test rows")
 
 
 class SeedTask(_Section):
@@ -917,10 +925,7 @@ class TenantParams(_Section):
     @field_validator("allow_outside_dirs")
     @classmethod
     def _absolute_dirs(cls, v: list[Path]) -> list[Path]:
-        for path in v:
-            if not path.is_absolute():
-                raise ValueError(f"{str(path)!r} must be an absolute folder path (a folder outside the project, e.g. /mnt/data/acme)")
-        return v
+        return _absolute_folders(v, ", e.g. /mnt/data/acme")
 
     def read_roots(self, project: Path | None) -> tuple[Path, ...]:
         """Folders this tenant's raw files may resolve into: the project first (raw_dir itself when the project
