@@ -161,3 +161,13 @@ def commit_new_adapter(root: Path, content: str) -> None:
     adapter.write_text(content)
     with contextlib.chdir(root), Repo(str(root)) as repo:
         repo.commit("train@t1", force=True)
+
+
+def bare_remote_and_two_clones(repo: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(remote, machine A, machine B): `repo` pushed to a bare remote that A and B clone, as two workers of a pool would."""
+    remote = tmp_path / "remote.git"
+    git(tmp_path, "clone", "-q", "--bare", str(repo), str(remote))
+    for name in ("a", "b"):
+        git(tmp_path, "clone", "-q", str(remote), str(tmp_path / name))
+    return remote, tmp_path / "a", tmp_path / "b"
+

@@ -4,7 +4,7 @@ rollback is the same tags `loraline registry rollback` makes (real git, real GTO
 from __future__ import annotations
 
 import pytest
-from registry_helpers import commit_file, git
+from registry_helpers import bare_remote_and_two_clones, commit_file, git
 
 from loraline.registry import RegistryError
 from loraline.registry.canary import decision_tag, provisional, read_decision, record_decision
@@ -27,13 +27,7 @@ def machines(repo, tmp_path):
         registry.register(name, second, {})
         registry.promote(name, "v0.0.1")
         registry.promote(name, "v0.0.2", message=provisional(f"Promote {name} v0.0.2"))
-    remote = tmp_path / "remote.git"
-    git(tmp_path, "clone", "-q", "--bare", str(repo), str(remote))
-    clones = []
-    for name in ("a", "b"):
-        git(tmp_path, "clone", "-q", str(remote), str(tmp_path / name))
-        clones.append(tmp_path / name)
-    return remote, *clones
+    return bare_remote_and_two_clones(repo, tmp_path)
 
 
 def _number(root) -> int:

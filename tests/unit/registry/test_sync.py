@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from registry_helpers import commit_file, git
+from registry_helpers import bare_remote_and_two_clones, commit_file, git
 
 from loraline.registry import RegistryError
 from loraline.registry.gto_registry import GtoRegistry
@@ -14,13 +14,7 @@ from loraline.registry.sync import fetch_tags, shared_registry
 def machines(repo, tmp_path):
     """(remote, machine A, machine B): A and B clone one bare remote, as two workers of a pool would."""
     commit_file(repo, "dvc.lock", "one\n")
-    remote = tmp_path / "remote.git"
-    git(tmp_path, "clone", "-q", "--bare", str(repo), str(remote))
-    clones = []
-    for name in ("a", "b"):
-        git(tmp_path, "clone", "-q", str(remote), str(tmp_path / name))
-        clones.append(tmp_path / name)
-    return remote, *clones
+    return bare_remote_and_two_clones(repo, tmp_path)
 
 
 def test_a_release_on_one_machine_is_seen_on_the_other(machines):
