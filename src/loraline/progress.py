@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from tqdm.auto import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 ENV = "LORALINE_PROGRESS"
 LINE_SECONDS = 10.0
@@ -24,6 +25,7 @@ LINE_SECONDS = 10.0
 
 def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
     """tqdm(iterable, **kwargs) that redraws in place on a terminal and writes a line every LINE_SECONDS elsewhere."""
+    from tqdm.auto import tqdm  # here, not at the top: `import loraline` (every CLI command) imports this module
     if lines_wanted():
         stream = kwargs.get("file") or sys.stderr
         kwargs.update(file=_OneLinePerUpdate(stream), mininterval=max(kwargs.get("mininterval", 0), LINE_SECONDS),
