@@ -445,8 +445,8 @@ def stage_child(argv: list[str]) -> int:
     ap.add_argument("--result", type=Path, required=True)
     args = ap.parse_args(argv)
     os.chdir(args.project)  # the CLI runs from the project root; Layout() and relative raw_dirs follow it
-    import torch  # noqa: F401 -- imported before the clock starts in the stage call, as every stage imports it
-
+    # torch is not imported here: the stage imports what it needs (documents, synthesize, gate and a base
+    # of the user's own load no torch, as `loraline <stage>` does not), and the wall time shows it.
     from loraline.config import load_params
     from loraline.layout import Layout
 
@@ -544,11 +544,10 @@ def raw_texts(raw: Path) -> list[str]:
 
 def write_measures(path: Path, call_s: float, **extra: Any) -> None:
     """What only the process itself can see: torch's GPU peaks, its own and its children's peak RSS."""
-    import torch
-
     alloc = reserved = 0
-    device = "cpu"  # the stage never started CUDA
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    device = "cpu"  # the stage never started CUDA (or never imported torch: importing it here would cost seconds)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         # a fresh process: the peaks count from zero, so no reset is needed (and none starts CUDA in a CPU-only stage)
         alloc, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
         device = torch.cuda.get_device_name()

@@ -186,7 +186,7 @@ def test_copy_drills_come_first_and_are_recorded(raw_dirs, tmp_path):
 
 
 def test_on_cuda_keys_are_validated_and_applied_only_on_cuda():
-    from loraline.base.stage import build_device
+    from loraline.base.build import build_device
     from loraline.config import BuildParams, ConfigError
 
     with pytest.raises(ValueError, match="on_cuda: unknown key"):
