@@ -35,21 +35,31 @@ from typing import Any
 FIELDS_SHOWN = 6
 
 
-def run_variant(project: str, params_path: str, tenant: str, name: str, overrides: dict[str, Any], scratch: str) -> dict[str, Any]:
+def run_variant(
+    project: str, params_path: str, tenant: str, name: str, overrides: dict[str, Any], scratch: str
+) -> dict[str, Any]:
     from loraline import evaluate, merge, prepare, train
     from loraline.config import load_params
     from loraline.layout import Layout
 
     source, root = Layout(Path(project)), Path(scratch) / name
     rebuild_base = any(key.startswith("base.") for key in overrides)
-    folders = [source.documents_dir(tenant), source.synthetic_dir(tenant), source.prepared_dataset_dir(tenant).parent,
-               source.general_sample_dir(tenant)]
+    folders = [
+        source.documents_dir(tenant),
+        source.synthetic_dir(tenant),
+        source.prepared_dataset_dir(tenant).parent,
+        source.general_sample_dir(tenant),
+    ]
     for folder in folders + ([] if rebuild_base else [source.base_dir]):
         if not folder.exists():
-            raise SystemExit(f"{folder} is missing: run `make run` (or `dvc repro`) first; variants start from its outputs")
+            raise SystemExit(
+                f"{folder} is missing: run `make run` (or `dvc repro`) first; variants start from its outputs"
+            )
         shutil.copytree(folder, root / folder.relative_to(project))
     # The merge's extra checks (4-bit reference, reload) guard releases, not a recipe comparison.
-    params = load_params(params_path, overrides={"merge.quantized_reference": False, "merge.check_reload": False, **overrides})
+    params = load_params(
+        params_path, overrides={"merge.quantized_reference": False, "merge.check_reload": False, **overrides}
+    )
     layout = Layout(root)
     base_s = None
     if rebuild_base:
@@ -63,7 +73,9 @@ def run_variant(project: str, params_path: str, tenant: str, name: str, override
     started = time.perf_counter()
     # A rebuilt base has its own tokenizer (its corpus includes this Python's stdlib docstrings), so
     # the prepared token counts and limits are redone with it.
-    if rebuild_base or any(key.startswith("prepare.") or key.endswith((".synthetic_ratio", ".raw_dir")) for key in overrides):
+    if rebuild_base or any(
+        key.startswith("prepare.") or key.endswith((".synthetic_ratio", ".raw_dir")) for key in overrides
+    ):
         prepare.run(params, layout, tenant)
     trained = train.run(params, layout, tenant, checkpoints=False)
     train_s = time.perf_counter() - started
@@ -92,17 +104,23 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], help="name=JSON of dotted params overrides (repeatable)")
     ap.add_argument("--jobs", type=int, default=1, help="variants run at once")
     args = ap.parse_args()
-    variants = [(name, json.loads(text)) for name, text in (v.split("=", 1) for v in args.variant)] or [("default", {})]
+    variants = [(name, json.loads(text)) for name, text in (v.split("=", 1) for v in args.variant)] or [
+        ("default", {})
+    ]
     with tempfile.TemporaryDirectory() as scratch:
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = [pool.submit(run_variant, args.project, args.params, args.tenant, n, o, scratch) for n, o in variants]
+            futures = [
+                pool.submit(run_variant, args.project, args.params, args.tenant, n, o, scratch) for n, o in variants
+            ]
             rows, failed = [], []
             for (name, _), future in zip(variants, futures):
                 try:  # a variant that fails (a diverged run refused by the merge) must not cost the others
                     rows.append(future.result())
                 except Exception as exc:  # noqa: BLE001
                     failed.append(name)
-                    print(json.dumps({"variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}), flush=True)
+                    print(
+                        json.dumps({"variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}), flush=True
+                    )
                     continue
                 print(json.dumps(rows[-1]), flush=True)
     if failed:
@@ -112,7 +130,9 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|" + "---:|" * len(fields))
     for r in rows:
         cells = " | ".join(f"{r['fields'].get(f, float('nan')):.3f}" for f in fields)
-        print(f"| {r['variant']} | {r['steps']} | {r['train_s']} | {r['exact_match']:.3f} | {r['json_field_accuracy']:.3f} | {cells} |")
+        print(
+            f"| {r['variant']} | {r['steps']} | {r['train_s']} | {r['exact_match']:.3f} | {r['json_field_accuracy']:.3f} | {cells} |"
+        )
     return 1 if failed else 0
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from loraline.config import BuildParams, PrepareParams
+from loraline.prepare import split as split_module
 from loraline.prepare.quality import row_text
 from loraline.prepare.quality.decontam import TestIndex
 from loraline.prepare.quality.near_dup import NearDuplicateIndex
@@ -42,7 +43,6 @@ from loraline.prepare.readers import read_rows
 from loraline.prepare.render import render_batch
 from loraline.prepare.schema import ChatTemplateError, Message
 from loraline.prepare.shapes import to_record
-from loraline.prepare import split as split_module
 
 ROOT = Path(__file__).resolve().parents[1]
 # The last commit before the batched render, near-dup, PII and decontamination paths.
@@ -56,7 +56,26 @@ TEMPLATES = [
 
 
 def vocabulary(rng: random.Random, n: int = 4000) -> list[str]:
-    syllables = ["ka", "lo", "mi", "nu", "po", "ri", "su", "te", "va", "we", "xo", "yu", "zi", "bra", "cle", "dro", "fin", "gal"]
+    syllables = [
+        "ka",
+        "lo",
+        "mi",
+        "nu",
+        "po",
+        "ri",
+        "su",
+        "te",
+        "va",
+        "we",
+        "xo",
+        "yu",
+        "zi",
+        "bra",
+        "cle",
+        "dro",
+        "fin",
+        "gal",
+    ]
     return sorted({"".join(rng.choices(syllables, k=rng.randint(2, 4))) for _ in range(n * 2)})[:n]
 
 
@@ -85,10 +104,14 @@ def make_rows(n: int, seed: int) -> Iterator[dict]:
             slots = {k: rng.choice(words) for k in "abcdefghij"}
             user = rng.choice(TEMPLATES).format(order=rng.randint(10000, 99999), name=rng.choice(names), **slots)
             if roll > 0.97:
-                user += " " + rng.choice([
-                    f"Reach me at {rng.choice(words)}@example.com.", f"Call +44 20 {rng.randint(1000, 9999)} {rng.randint(1000, 9999)}.",
-                    "My card is 4111 1111 1111 1111.", f"My IP is 10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.7.",
-                ])
+                user += " " + rng.choice(
+                    [
+                        f"Reach me at {rng.choice(words)}@example.com.",
+                        f"Call +44 20 {rng.randint(1000, 9999)} {rng.randint(1000, 9999)}.",
+                        "My card is 4111 1111 1111 1111.",
+                        f"My IP is 10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.7.",
+                    ]
+                )
             row = (user, " ".join(rng.choices(words, k=rng.randint(8, 30))))
         rows.append(row)
         yield {"instruction": row[0], "output": row[1]}
@@ -113,13 +136,23 @@ class Steps:
         t = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - t
-        step = {"rows": n, "seconds": round(seconds, 3), "rows_per_s": round(n / seconds) if seconds else None,
-                "rss_mib": round(rss_mib()), "peak_mib": round(peak_mib()), "peak_growth_mib": round(peak_mib() - peak_before)}
+        step = {
+            "rows": n,
+            "seconds": round(seconds, 3),
+            "rows_per_s": round(n / seconds) if seconds else None,
+            "rss_mib": round(rss_mib()),
+            "peak_mib": round(peak_mib()),
+            "peak_growth_mib": round(peak_mib() - peak_before),
+        }
         if baseline is not None:
             t = time.perf_counter()
             same = baseline(out)
             base_seconds = time.perf_counter() - t
-            step["baseline"] = {"seconds": round(base_seconds, 3), "rows_per_s": round(n / base_seconds), "same_results": same}
+            step["baseline"] = {
+                "seconds": round(base_seconds, 3),
+                "rows_per_s": round(n / base_seconds),
+                "same_results": same,
+            }
             step["speedup"] = round(base_seconds / seconds, 2)
         self.results[name] = step
         print(f"  {name}: {step}", file=sys.stderr, flush=True)
@@ -128,7 +161,9 @@ class Steps:
 
 def load_baseline(rev: str, path: str) -> types.ModuleType:
     """The module at `path` as of commit `rev`, loaded under a name of its own."""
-    source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     name = f"baseline_{rev}_{Path(path).stem}"
     module = types.ModuleType(name)
     module.__file__ = f"{rev}:{path}"
@@ -164,12 +199,16 @@ def rendered_digest(results, digest) -> tuple[int, int]:
 
 def table(results: dict[str, dict], rows: int, quality_seconds: float, total: float) -> str:
     """The results as a Markdown table (docs/benchmarks.md takes it as is)."""
-    lines = ["| step | rows | seconds | rows/s | baseline rows/s | speedup | same results | RSS MiB | peak MiB |",
-             "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        "| step | rows | seconds | rows/s | baseline rows/s | speedup | same results | RSS MiB | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
     for name, s in results.items():
         b = s.get("baseline")
         base = f"{b['rows_per_s']:,} | {s['speedup']:.2f}x | {'yes' if b['same_results'] else 'NO'}" if b else " | | "
-        lines.append(f"| {name} | {s['rows']:,} | {s['seconds']:.2f} | {s['rows_per_s']:,} | {base} | {s['rss_mib']:,} | {s['peak_mib']:,} |")
+        lines.append(
+            f"| {name} | {s['rows']:,} | {s['seconds']:.2f} | {s['rows_per_s']:,} | {base} | {s['rss_mib']:,} | {s['peak_mib']:,} |"
+        )
     for name, seconds in (("quality path (all but render)", quality_seconds), ("all steps", total)):
         lines.append(f"| **{name}** | {rows:,} | {seconds:.2f} | **{round(rows / seconds):,}** | | | | | |")
     return "\n".join(lines)
@@ -180,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--no-render", action="store_true", help="skip rendering (the slowest step)")
-    ap.add_argument("--baseline", action="store_true", help=f"also time the per-row paths of {BASELINE_REV} on the same rows")
+    ap.add_argument(
+        "--baseline", action="store_true", help=f"also time the per-row paths of {BASELINE_REV} on the same rows"
+    )
     ap.add_argument("--baseline-rev", default=BASELINE_REV)
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args(argv)
@@ -189,8 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     summary_extra: dict = {}
     old = {}
     if args.baseline:
-        for key, path in [("pii", "src/loraline/prepare/quality/pii.py"), ("split", "src/loraline/prepare/split.py"), ("decontam", "src/loraline/prepare/quality/decontam.py"),
-                          ("near", "src/loraline/prepare/quality/near_dup.py"), ("render", "src/loraline/prepare/render.py")]:
+        for key, path in [
+            ("pii", "src/loraline/prepare/quality/pii.py"),
+            ("split", "src/loraline/prepare/split.py"),
+            ("decontam", "src/loraline/prepare/quality/decontam.py"),
+            ("near", "src/loraline/prepare/quality/near_dup.py"),
+            ("render", "src/loraline/prepare/render.py"),
+        ]:
             old[key] = load_baseline(args.baseline_rev, path)
     started = time.perf_counter()
 
@@ -201,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps(row) + "\n")
 
         def read() -> list:
-            return [to_record(item, "bench", max_chars=params.max_chars).record for item in read_rows(path, "rows.jsonl", "bench")]
+            return [
+                to_record(item, "bench", max_chars=params.max_chars).record
+                for item in read_rows(path, "rows.jsonl", "bench")
+            ]
 
         records = steps.run("read+shape", args.rows, read)
 
@@ -220,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         return messages, pii_rows
 
     baseline_pii = old["pii"].PiiScrubber(params.pii.types).scrub if old else None
-    messages, pii_rows = steps.run("pii", len(records), lambda: pii(scrubber.scrub),
-                                   (lambda new: pii(baseline_pii) == new) if old else None)
+    messages, pii_rows = steps.run(
+        "pii", len(records), lambda: pii(scrubber.scrub), (lambda new: pii(baseline_pii) == new) if old else None
+    )
 
     def exact(split) -> list[tuple[str, str, str]]:
         dedup, kept = split.Deduplicator(), []
@@ -232,8 +282,12 @@ def main(argv: list[str] | None = None) -> int:
                 kept.append((h, split.split_of(h, params.split), row_text(turns)))
         return kept
 
-    kept = steps.run("exact-dedup+split", len(records), lambda: exact(split_module),
-                     (lambda new: exact(old["split"]) == new) if old else None)
+    kept = steps.run(
+        "exact-dedup+split",
+        len(records),
+        lambda: exact(split_module),
+        (lambda new: exact(old["split"]) == new) if old else None,
+    )
 
     def decontaminate(index_class) -> list[tuple[str, str, str]]:
         index = index_class(params.decontamination)
@@ -242,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
                 index.add(h, text)
         return [(h, split, text) for h, split, text in kept if split == "test" or index.match(text) is None]
 
-    clean = steps.run("decontamination", len(kept), lambda: decontaminate(TestIndex),
-                      (lambda new: decontaminate(old["decontam"].TestIndex) == new) if old else None)
+    clean = steps.run(
+        "decontamination",
+        len(kept),
+        lambda: decontaminate(TestIndex),
+        (lambda new: decontaminate(old["decontam"].TestIndex) == new) if old else None,
+    )
 
     def near_dedup() -> list:
         near, decisions = NearDuplicateIndex(params.near_dedup, seed=args.seed), []
@@ -263,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             if want is None or got is None:
                 if want is not got:
                     return False
-            elif want.jaccard != got[1] or (want.kept_key != got[0] and near._order[got[0]] > near._order[want.kept_key]):
+            elif want.jaccard != got[1] or (
+                want.kept_key != got[0] and near._order[got[0]] > near._order[want.kept_key]
+            ):
                 return False
             else:
                 ties += want.kept_key != got[0]
@@ -274,8 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     final = sum(d is None for d in decisions)
     quality_seconds = sum(s["seconds"] for s in steps.results.values())
 
-    summary: dict = {"rows": args.rows, "seed": args.seed, "pii_rows": pii_rows, "exact_duplicates": len(records) - len(kept),
-                     "contaminated": len(kept) - len(clean), "near_duplicates": len(clean) - final, "kept": final}
+    summary: dict = {
+        "rows": args.rows,
+        "seed": args.seed,
+        "pii_rows": pii_rows,
+        "exact_duplicates": len(records) - len(kept),
+        "contaminated": len(kept) - len(clean),
+        "near_duplicates": len(clean) - final,
+        "kept": final,
+    }
     if not args.no_render:
         tokenizer, source = bench_tokenizer(args.rows, args.seed)
         summary["tokenizer"] = source

@@ -37,7 +37,9 @@ def torch_runner(merged: Path, threads: int):
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
 
     def run(messages, max_new_tokens):
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+            "input_ids"
+        ]
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
         return out.shape[1] - ids.shape[1]
@@ -81,7 +83,13 @@ def main() -> None:
     }
     results = []
     for name, make in runners.items():
-        r = {"runtime": name, "tenant": a.tenant, "prompts": len(prompts), "threads": a.threads, **measure(make(), prompts, a.max_new_tokens)}
+        r = {
+            "runtime": name,
+            "tenant": a.tenant,
+            "prompts": len(prompts),
+            "threads": a.threads,
+            **measure(make(), prompts, a.max_new_tokens),
+        }
         results.append(r)
         print(json.dumps(r), flush=True)
     if a.out:

@@ -61,8 +61,9 @@ def step_seconds(base: Path, target: int, s2: bool, repeats: int = 4) -> float:
     from loraline.config import TrainParams
     from loraline.train.model import attach_lora, load_base_model, long_context_overrides, with_long_context_trainables
 
-    params = TrainParams(quantization="nf4", lora_dropout=0.0, max_seq_len=target,
-                         long_context={"target_len": target, "s2_attn": s2})
+    params = TrainParams(
+        quantization="nf4", lora_dropout=0.0, max_seq_len=target, long_context={"target_len": target, "s2_attn": s2}
+    )
     model = load_base_model(params, base, torch.device("cpu"), config_overrides=long_context_overrides(params, base))
     model = attach_lora(with_long_context_trainables(params, model), model).train()
     ids = torch.randint(5, model.config.vocab_size, (1, target), generator=torch.Generator().manual_seed(0))
@@ -104,7 +105,10 @@ def main() -> None:
     prepared = prepare_tenant(
         TenantParams(name="stdlib", raw_dir=work / "raw"),
         PrepareParams(max_chars=200_000, max_tokens=args.target, document_rows=args.target, seed=1234),
-        tok, out_dir=work / "prepared", rejected_path=work / "rejected.jsonl", stats_path=work / "stats.json",
+        tok,
+        out_dir=work / "prepared",
+        rejected_path=work / "rejected.jsonl",
+        stats_path=work / "stats.json",
     )
     stats = json.loads((work / "stats.json").read_text())
     print(f"documents: {len(picked)} stdlib modules -> rows {stats['document_rows']}", flush=True)
@@ -113,19 +117,45 @@ def main() -> None:
     models: dict[str, tuple[str, dict]] = {"base": (str(args.base), {})}
     for name, s2 in (("longlora", True), ("lora-full", False)):
         params = TrainParams(
-            quantization="nf4", lora_r=16, lora_alpha=32, lora_dropout=0.0, optimizer="adamw_torch",
-            learning_rate=args.learning_rate, warmup_ratio=0.05, max_steps=args.steps, batch_size=1, grad_accum=1,
-            max_seq_len=args.target, eval_every=10_000, save_every=10_000, seed=1234, num_threads=args.threads,
+            quantization="nf4",
+            lora_r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            optimizer="adamw_torch",
+            learning_rate=args.learning_rate,
+            warmup_ratio=0.05,
+            max_steps=args.steps,
+            batch_size=1,
+            grad_accum=1,
+            max_seq_len=args.target,
+            eval_every=10_000,
+            save_every=10_000,
+            seed=1234,
+            num_threads=args.threads,
             long_context={"target_len": args.target, "s2_attn": s2},
         )
         started = time.perf_counter()
-        trained = train_adapter(params, base_dir=args.base, base_params=base_params, dataset_dir=prepared.dataset_dir,
-                                out_dir=work / name / "adapter")
+        trained = train_adapter(
+            params,
+            base_dir=args.base,
+            base_params=base_params,
+            dataset_dir=prepared.dataset_dir,
+            out_dir=work / name / "adapter",
+        )
         train_s = time.perf_counter() - started
-        merged = merge_adapter(base_dir=args.base, base_params=base_params, adapter_dir=trained.out_dir,
-                               out_dir=work / name / "merged", quantized_reference=False)
-        results[name] = {"train_s": round(train_s, 1), "step_s": step_seconds(args.base, args.target, s2),
-                         "merge_passed": merged.passed, "final_train_loss": trained.record["loss"]["final_train"]}
+        merged = merge_adapter(
+            base_dir=args.base,
+            base_params=base_params,
+            adapter_dir=trained.out_dir,
+            out_dir=work / name / "merged",
+            quantized_reference=False,
+        )
+        results[name] = {
+            "train_s": round(train_s, 1),
+            "step_s": step_seconds(args.base, args.target, s2),
+            "merge_passed": merged.passed,
+            "final_train_loss": trained.record["loss"]["final_train"],
+        }
         models[name] = (str(merged.out_dir), {})
         print(f"{name}: {train_s:.0f}s, {results[name]}", flush=True)
 
@@ -135,8 +165,12 @@ def main() -> None:
     base_config = load_base_config(args.base)
     for key in ("rope_parameters", "max_position_embeddings"):
         setattr(base_config, key, getattr(scaled, key))
-    models = {"base": models["base"], "base+rope": (str(args.base), {"config": base_config}),
-              "longlora": models["longlora"], "lora-full": models["lora-full"]}
+    models = {
+        "base": models["base"],
+        "base+rope": (str(args.base), {"config": base_config}),
+        "longlora": models["longlora"],
+        "lora-full": models["lora-full"],
+    }
 
     import datasets
 
@@ -149,13 +183,22 @@ def main() -> None:
             results.setdefault(name, {})
             results[name]["perplexity"] = LC.perplexity_by_length(model, stream, lengths)
             results[name]["passkey"] = LC.passkey_retrieval(model, tok, lengths)
-    report = {"documents": picked, "held_out_tokens": len(stream), "lengths": lengths, "steps": args.steps,
-              "target": args.target, "original": original, "results": results}
+    report = {
+        "documents": picked,
+        "held_out_tokens": len(stream),
+        "lengths": lengths,
+        "steps": args.steps,
+        "target": args.target,
+        "original": original,
+        "results": results,
+    }
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nheld-out: {len(held_out)} rows of test documents, {len(stream)} tokens; {args.steps} steps of {args.target} tokens")
+    print(
+        f"\nheld-out: {len(held_out)} rows of test documents, {len(stream)} tokens; {args.steps} steps of {args.target} tokens"
+    )
     head = "".join(f"{'ppl@' + str(n):>11}" for n in lengths) + "".join(f"{'key@' + str(n):>9}" for n in lengths)
     print(f"{'model':<10}{head}{'s/step':>8}{'stage s':>9}")
     for name, r in results.items():

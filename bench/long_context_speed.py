@@ -34,20 +34,45 @@ def run_one(shape: str, length: int, mode: str, steps: int, root: Path) -> dict:
     from loraline.train import train_adapter
 
     params = TrainParams(
-        quantization="nf4", double_quant=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-        optimizer="paged_adamw_32bit", learning_rate=1e-4, lr_scheduler="constant", warmup_ratio=0.0,
-        max_steps=steps, batch_size=1, grad_accum=1, packing=True, max_seq_len=length, gradient_checkpointing=True,
-        eval_every=10_000, save_every=10_000, seed=0,
+        quantization="nf4",
+        double_quant=True,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        optimizer="paged_adamw_32bit",
+        learning_rate=1e-4,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        max_steps=steps,
+        batch_size=1,
+        grad_accum=1,
+        packing=True,
+        max_seq_len=length,
+        gradient_checkpointing=True,
+        eval_every=10_000,
+        save_every=10_000,
+        seed=0,
         long_context={"target_len": length, "rope_scaling": "linear", "s2_attn": mode == "s2", "group_ratio": 0.25},
     )
     torch.cuda.reset_peak_memory_stats()
     out = Path(tempfile.mkdtemp(dir=root))
-    result = train_adapter(params, base_dir=root / "base", base_params=BaseParams(), dataset_dir=root / f"data-{length}",
-                           out_dir=out / "adapter")
+    result = train_adapter(
+        params,
+        base_dir=root / "base",
+        base_params=BaseParams(),
+        dataset_dir=root / f"data-{length}",
+        out_dir=out / "adapter",
+    )
     rec = result.record
     return dict(
-        shape=shape, length=length, mode=mode, steps=rec["steps"]["done"], attention=rec["speed"]["attention"],
-        tokens_per_s=round(result.timing["tokens_per_s"]), s_per_step=round(length / result.timing["tokens_per_s"], 3),
+        shape=shape,
+        length=length,
+        mode=mode,
+        steps=rec["steps"]["done"],
+        attention=rec["speed"]["attention"],
+        tokens_per_s=round(result.timing["tokens_per_s"]),
+        s_per_step=round(length / result.timing["tokens_per_s"], 3),
         peak_gib=round(result.timing["peak_memory"]["bytes"] / 2**30, 2),
         first_loss=float((out / "adapter" / "train_loss.csv").read_text().splitlines()[1].split(",")[1]),
     )
@@ -63,7 +88,10 @@ def main() -> None:
     ap.add_argument("--one", nargs=3, metavar=("LENGTH", "MODE", "ROOT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.shape, int(args.one[0]), args.one[1], args.steps, Path(args.one[2]))), flush=True)
+        print(
+            "RESULT " + json.dumps(run_one(args.shape, int(args.one[0]), args.one[1], args.steps, Path(args.one[2]))),
+            flush=True,
+        )
         return
 
     import train_speed
@@ -78,12 +106,32 @@ def main() -> None:
     for length in args.lengths:
         for mode in ("full", "s2"):
             proc = subprocess.run(
-                [sys.executable, __file__, "--shape", args.shape, "--steps", str(args.steps), "--one", str(length), mode, str(root)],
-                capture_output=True, text=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--shape",
+                    args.shape,
+                    "--steps",
+                    str(args.steps),
+                    "--one",
+                    str(length),
+                    mode,
+                    str(root),
+                ],
+                capture_output=True,
+                text=True,
             )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            res = json.loads(line[7:]) if line else {"shape": args.shape, "length": length, "mode": mode,
-                                                      "error": (proc.stderr or proc.stdout)[-600:]}
+            res = (
+                json.loads(line[7:])
+                if line
+                else {
+                    "shape": args.shape,
+                    "length": length,
+                    "mode": mode,
+                    "error": (proc.stderr or proc.stdout)[-600:],
+                }
+            )
             print(json.dumps(res), flush=True)
             results.append(res)
             if args.out:
@@ -97,7 +145,9 @@ def main() -> None:
         if "error" in r:
             print(f"{r['length']:>7} {r['mode']:>5}  error: {r['error'][-120:]!r}")
         else:
-            print(f"{r['length']:>7} {r['mode']:>5} {r['s_per_step']:>8} {r['tokens_per_s']:>8} {r['peak_gib']:>9} {up:>9}")
+            print(
+                f"{r['length']:>7} {r['mode']:>5} {r['s_per_step']:>8} {r['tokens_per_s']:>8} {r['peak_gib']:>9} {up:>9}"
+            )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,17 @@ STAGES = ("train", "merge", "evaluate")
 
 
 def stage_cmd(stage: str, tenant: str, params: Path, max_steps: int | None, eval_examples: int | None) -> list[str]:
-    cmd = [sys.executable, "-c", "import sys; from loraline.cli.main import main; sys.exit(main())",
-           stage, "--tenant", tenant, "--params", str(params), "-q"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from loraline.cli.main import main; sys.exit(main())",
+        stage,
+        "--tenant",
+        tenant,
+        "--params",
+        str(params),
+        "-q",
+    ]
     if max_steps:
         cmd += ["--set", f"train.max_steps={max_steps}"]
     if stage == "evaluate" and eval_examples:
@@ -48,14 +57,23 @@ def run_chain(
     started, times = time.perf_counter(), {}
     for stage in STAGES:
         t0 = time.perf_counter()
-        done = subprocess.run(stage_cmd(stage, tenant, params, max_steps, eval_examples), cwd=workdir, env={**os.environ, **env},
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            stage_cmd(stage, tenant, params, max_steps, eval_examples),
+            cwd=workdir,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             raise RuntimeError(f"{stage} --tenant {tenant} failed:\n{done.stderr[-3000:]}")
         times[stage] = round(time.perf_counter() - t0, 1)
         print(f"  {tenant} {stage} on GPU {env.get('CUDA_VISIBLE_DEVICES')}: {times[stage]} s", flush=True)
-    return {"tenant": tenant, "wall_s": round(time.perf_counter() - started, 1), "stages_s": times,
-            "gpus": env.get("CUDA_VISIBLE_DEVICES")}
+    return {
+        "tenant": tenant,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "stages_s": times,
+        "gpus": env.get("CUDA_VISIBLE_DEVICES"),
+    }
 
 
 def prepare_workdir(workdir: Path) -> Path:
@@ -86,7 +104,9 @@ def prepare_workdir(workdir: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/loraline-parallel-bench"))
-    ap.add_argument("--max-steps", type=int, default=300, help="cap on each tenant's optimizer steps (0: the params' own)")
+    ap.add_argument(
+        "--max-steps", type=int, default=300, help="cap on each tenant's optimizer steps (0: the params' own)"
+    )
     ap.add_argument("--eval-examples", type=int, default=32, help="test rows evaluate generates per model (0: all)")
     ap.add_argument("--out", help="append the results as JSON lines to this file")
     a = ap.parse_args()
@@ -107,20 +127,35 @@ def main() -> None:
     steps = a.max_steps or None
 
     started = time.perf_counter()
-    sequential = [run_chain(a.workdir, params, t, {"CUDA_VISIBLE_DEVICES": gpus[0]}, steps, a.eval_examples) for t in tenants]
+    sequential = [
+        run_chain(a.workdir, params, t, {"CUDA_VISIBLE_DEVICES": gpus[0]}, steps, a.eval_examples) for t in tenants
+    ]
     seq_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    results, failures = run_chains(a.workdir, {t: list(STAGES) for t in tenants}, 2,
-                                   lambda t, stages, env: run_chain(a.workdir, params, t, env, steps, a.eval_examples))
+    results, failures = run_chains(
+        a.workdir,
+        {t: list(STAGES) for t in tenants},
+        2,
+        lambda t, stages, env: run_chain(a.workdir, params, t, env, steps, a.eval_examples),
+    )
     par_s = time.perf_counter() - started
     if failures:
         sys.exit(f"parallel run failed: {failures}")
 
-    rows = [{"mode": "sequential", "gpus": 1, "wall_s": round(seq_s, 1), "chains": sequential},
-            {"mode": "parallel", "gpus": 2, "wall_s": round(par_s, 1), "chains": list(results.values())}]
-    summary = {"bench": "parallel_tenants", "tenants": tenants, "max_steps": steps, "sequential_s": round(seq_s, 1),
-               "parallel_s": round(par_s, 1), "speedup": round(seq_s / par_s, 2), "gpu": torch.cuda.get_device_name(0)}
+    rows = [
+        {"mode": "sequential", "gpus": 1, "wall_s": round(seq_s, 1), "chains": sequential},
+        {"mode": "parallel", "gpus": 2, "wall_s": round(par_s, 1), "chains": list(results.values())},
+    ]
+    summary = {
+        "bench": "parallel_tenants",
+        "tenants": tenants,
+        "max_steps": steps,
+        "sequential_s": round(seq_s, 1),
+        "parallel_s": round(par_s, 1),
+        "speedup": round(seq_s / par_s, 2),
+        "gpu": torch.cuda.get_device_name(0),
+    }
     for r in [*rows, summary]:
         print(json.dumps(r), flush=True)
     if a.out:
@@ -131,7 +166,9 @@ def main() -> None:
     print("| mode | GPUs | wall s | per tenant (train / merge / evaluate s) |")
     print("|---|---|---|---|")
     for r in rows:
-        per = "; ".join(f"{c['tenant']}: {c['wall_s']} ({' / '.join(str(v) for v in c['stages_s'].values())})" for c in r["chains"])
+        per = "; ".join(
+            f"{c['tenant']}: {c['wall_s']} ({' / '.join(str(v) for v in c['stages_s'].values())})" for c in r["chains"]
+        )
         print(f"| {r['mode']} | {r['gpus']} | {r['wall_s']} | {per} |")
     print(f"\nspeedup (sequential / parallel): {summary['speedup']}x  (goal >= 1.8x)")
 

@@ -46,9 +46,9 @@ def write_rows(path: Path, rows: int | None, gigabytes: float | None, seed: int)
 
 
 def child(raw_dir: Path, work: Path) -> dict:
-    from loraline.modelling.chat import CHAT_TEMPLATE
     from loraline.base.tokenizer import train_tokenizer
     from loraline.config import PrepareParams, TenantParams
+    from loraline.modelling.chat import CHAT_TEMPLATE
     from loraline.prepare.stage import prepare_tenant
 
     sample = []
@@ -60,16 +60,28 @@ def child(raw_dir: Path, work: Path) -> dict:
     tokenizer.chat_template = CHAT_TEMPLATE
     started = time.perf_counter()
     result = prepare_tenant(
-        TenantParams(name="bench", raw_dir=raw_dir), PrepareParams(seed=1234), tokenizer,
-        out_dir=work / "prepared", rejected_path=work / "rejected.jsonl", stats_path=work / "stats.json",
+        TenantParams(name="bench", raw_dir=raw_dir),
+        PrepareParams(seed=1234),
+        tokenizer,
+        out_dir=work / "prepared",
+        rejected_path=work / "rejected.jsonl",
+        stats_path=work / "stats.json",
     )
     seconds = time.perf_counter() - started
     s = result.stats
-    return {"rows_in": s.rows_in, "kept": s.kept, "rejected": s.rejected, "duplicates": s.duplicates,
-            "near_duplicates": s.near_duplicates, "contaminated": s.contaminated, "seconds": round(seconds, 1),
-            # the main process: workers are forked from it, so most of their pages are its pages (and a
-            # child's ru_maxrss counts the parent's pages it shared at fork, even for a `git` it execs)
-            "rows_per_s": round(s.rows_in / seconds), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {
+        "rows_in": s.rows_in,
+        "kept": s.kept,
+        "rejected": s.rejected,
+        "duplicates": s.duplicates,
+        "near_duplicates": s.near_duplicates,
+        "contaminated": s.contaminated,
+        "seconds": round(seconds, 1),
+        # the main process: workers are forked from it, so most of their pages are its pages (and a
+        # child's ru_maxrss counts the parent's pages it shared at fork, even for a `git` it execs)
+        "rows_per_s": round(s.rows_in / seconds),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         data = raw / "rows.jsonl"
         started = time.perf_counter()
         n = write_rows(data, rows, a.gigabytes, a.seed)
-        print(f"generated {n:,} rows, {data.stat().st_size / 1e6:,.0f} MB in {time.perf_counter() - started:.0f}s", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", str(raw), str(Path(tmp) / "work")],
-                              capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
+        print(
+            f"generated {n:,} rows, {data.stat().st_size / 1e6:,.0f} MB in {time.perf_counter() - started:.0f}s",
+            flush=True,
+        )
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", str(raw), str(Path(tmp) / "work")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "true"},
+        )
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
             return proc.returncode
@@ -102,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| rows in | file MB | kept | rejected | dup | near-dup | contaminated | seconds | rows/s | peak RSS MiB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     r = result
-    print(f"| {r['rows_in']:,} | {r['file_mb']:,} | {r['kept']:,} | {r['rejected']:,} | {r['duplicates']:,} | "
-          f"{r['near_duplicates']:,} | {r['contaminated']:,} | {r['seconds']} | {r['rows_per_s']:,} | {r['peak_rss_mib']:,} |")
+    print(
+        f"| {r['rows_in']:,} | {r['file_mb']:,} | {r['kept']:,} | {r['rejected']:,} | {r['duplicates']:,} | "
+        f"{r['near_duplicates']:,} | {r['contaminated']:,} | {r['seconds']} | {r['rows_per_s']:,} | {r['peak_rss_mib']:,} |"
+    )
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

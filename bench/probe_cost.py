@@ -26,10 +26,22 @@ import torch
 from loraline.modelling import parity
 
 SHAPES = {
-    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8),
-    "tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2),
+    "llama-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+    "tiny": dict(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
 }
 BUILTIN_LENGTHS = (14, 34, 31, 36)  # the built-in probes' prompt tokens with loraline's own base tokenizer
 
@@ -61,8 +73,19 @@ def main() -> None:
         for n in args.tenant:
             lengths = [args.max_prompt_tokens * (i + 1) // n for i in range(n)]
             prompts = builtin + [[rng.randrange(2, vocab) for _ in range(k)] for k in lengths]
-            print(json.dumps({"shape": args.shape, "device": str(model.device), "batch": batch, "builtin": len(builtin),
-                              "tenant": n, **timed(model, prompts, args.max_new_tokens, batch)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "shape": args.shape,
+                        "device": str(model.device),
+                        "batch": batch,
+                        "builtin": len(builtin),
+                        "tenant": n,
+                        **timed(model, prompts, args.max_new_tokens, batch),
+                    }
+                ),
+                flush=True,
+            )
 
 
 def build(shape: str) -> torch.nn.Module:
@@ -87,9 +110,12 @@ def timed(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int,
     if cuda:
         torch.cuda.synchronize()
     logits_gib = sum(t.numel() * t.element_size() for t in out.logits) / 2**30
-    return {"seconds": round(time.perf_counter() - started, 2), "prompt_tokens": sum(map(len, prompts)),
-            "kept_logits_gib": round(logits_gib, 2),
-            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else 0.0}
+    return {
+        "seconds": round(time.perf_counter() - started, 2),
+        "prompt_tokens": sum(map(len, prompts)),
+        "kept_logits_gib": round(logits_gib, 2),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else 0.0,
+    }
 
 
 if __name__ == "__main__":

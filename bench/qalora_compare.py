@@ -48,10 +48,17 @@ def _test_rows(dataset_dir: Path, limit: int | None) -> dict[str, list]:
         ds = ds.select(range(min(limit, len(ds))))
     cols = ds.select_columns(["messages", "input_ids", "labels"]).to_dict()
     contexts, refs = zip(*(split_conversation(m) for m in cols["messages"]), strict=True)
-    return {"contexts": list(contexts), "references": list(refs), "input_ids": cols["input_ids"], "labels": cols["labels"]}
+    return {
+        "contexts": list(contexts),
+        "references": list(refs),
+        "input_ids": cols["input_ids"],
+        "labels": cols["labels"],
+    }
 
 
-def score_onnx(onnx_dir: Path, file: str, rows: dict[str, list], max_new_tokens: int, threads: int | None) -> dict[str, Any]:
+def score_onnx(
+    onnx_dir: Path, file: str, rows: dict[str, list], max_new_tokens: int, threads: int | None
+) -> dict[str, Any]:
     """Answer loss, exact match, F1 (and JSON field accuracy), size and greedy tokens/s of one graph."""
     from loraline.evaluate import metrics as M
     from loraline.evaluate.generate import encode_prompt
@@ -93,12 +100,16 @@ def unmerged_qalora_loss(base_dir: Path, adapter_dir: Path, rows: dict[str, list
     from loraline.modelling.loading import load_base_causal_lm
     from loraline.modelling.qalora import load_qalora_adapter
 
-    model = load_qalora_adapter(load_base_causal_lm(base_dir, "cpu", torch.float32), adapter_dir, bits=bits, group_size=group)
+    model = load_qalora_adapter(
+        load_base_causal_lm(base_dir, "cpu", torch.float32), adapter_dir, bits=bits, group_size=group
+    )
     model.eval()
     return answer_loss(model, rows["input_ids"], rows["labels"], 0, 1).loss  # one row a batch: no padding
 
 
-def served_on_float_base(base_dir: Path, base_params: Any, adapter_dir: Path, merged_dir: Path, out_dir: Path) -> dict[str, Any]:
+def served_on_float_base(
+    base_dir: Path, base_params: Any, adapter_dir: Path, merged_dir: Path, out_dir: Path
+) -> dict[str, Any]:
     """(a)'s adapter as serving runs it on the float base, written as a float merged folder (the
     low-bit files removed, so export writes the float graph), with its probe agreement against the
     merged low-bit model as the deployment check of `loraline serve` measures it.
@@ -122,9 +133,18 @@ def served_on_float_base(base_dir: Path, base_params: Any, adapter_dir: Path, me
         served = PeftModel.from_pretrained(load_base_causal_lm(base_dir, "cpu", torch.float32), str(servable)).eval()
         answers = run_probes(served, tok, ref["prompts"], ref["max_new_tokens"])
         unpooled = out_dir.parent / "unpooled"
-        write_adapter(unpooled, *unpool_qalora(json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")),
-                                               load_file(str(adapter_dir / ADAPTER_WEIGHTS))))
-        model = PeftModel.from_pretrained(load_base_causal_lm(base_dir, "cpu", torch.float32), str(unpooled)).merge_and_unload().eval()
+        write_adapter(
+            unpooled,
+            *unpool_qalora(
+                json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")),
+                load_file(str(adapter_dir / ADAPTER_WEIGHTS)),
+            ),
+        )
+        model = (
+            PeftModel.from_pretrained(load_base_causal_lm(base_dir, "cpu", torch.float32), str(unpooled))
+            .merge_and_unload()
+            .eval()
+        )
         ids = torch.tensor([ref["prompts"][0]])
         gap = float((model(input_ids=ids).logits - served(input_ids=ids).logits).abs().max())
     if gap > 1e-3:
@@ -163,14 +183,25 @@ def ort_rtn(onnx_dir: Path, merged_dir: Path, out_dir: Path, bits: int, group: i
     from loraline.export.lowbit import weight_key
 
     weights = load_file(str(merged_dir / "model.safetensors"))
-    linear = {weight_key(w.T.contiguous().numpy()) for n, w in weights.items() if w.ndim == 2 and "embed" not in n and "lm_head" not in n}
+    linear = {
+        weight_key(w.T.contiguous().numpy())
+        for n, w in weights.items()
+        if w.ndim == 2 and "embed" not in n and "lm_head" not in n
+    }
     model = onnx.load(str(onnx_dir / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
-    include = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
-               and weight_key(numpy_helper.to_array(inits[n.input[1]])) in linear]
+    include = [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+        and n.input[1] in inits
+        and weight_key(numpy_helper.to_array(inits[n.input[1]])) in linear
+    ]
     shutil.copytree(onnx_dir, out_dir)
     config = DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=False, bits=bits)
-    quant = MatMulNBitsQuantizer(model, bits=bits, block_size=group, is_symmetric=False, nodes_to_include=include, algo_config=config)
+    quant = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=group, is_symmetric=False, nodes_to_include=include, algo_config=config
+    )
     quant.process()
     file = f"model.ort-int{bits}.onnx"
     quant.model.save_model_to_file(str(out_dir / file), False)
@@ -185,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--max-examples", type=int, default=None, help="held-out rows scored (default: all)")
-    ap.add_argument("--max-steps", type=int, default=None, help="training steps of every adapter (default: the tenant's epochs)")
+    ap.add_argument(
+        "--max-steps", type=int, default=None, help="training steps of every adapter (default: the tenant's epochs)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: its own choice)")
     ap.add_argument("--scratch", default=None, help="where models are written (default: a temporary folder, removed)")
@@ -224,51 +257,109 @@ def main(argv: list[str] | None = None) -> int:
     def build(name: str, train_update: dict[str, Any]) -> tuple[Path, Path, float]:
         started = time.perf_counter()
         adapter = scratch / name / "adapter"
-        variant = type(train_params).model_validate({**train_params.model_dump(), **train_update})  # validated, as params.yaml is
+        variant = type(train_params).model_validate(
+            {**train_params.model_dump(), **train_update}
+        )  # validated, as params.yaml is
         train_adapter(variant, out_dir=adapter, **inputs)
         train_s = time.perf_counter() - started
-        merged = merge_adapter(base_dir=base_dir, base_params=params.base, adapter_dir=adapter, out_dir=scratch / name / "merged",
-                               quantized_reference=False, check_reload=False).out_dir
+        merged = merge_adapter(
+            base_dir=base_dir,
+            base_params=params.base,
+            adapter_dir=adapter,
+            out_dir=scratch / name / "merged",
+            quantized_reference=False,
+            check_reload=False,
+        ).out_dir
         return adapter, merged, train_s
 
-    common = {"tenant": tenant, "group_size": args.group_size, "test_rows": len(rows["references"]), "seed": train_params.seed}
+    common = {
+        "tenant": tenant,
+        "group_size": args.group_size,
+        "test_rows": len(rows["references"]),
+        "seed": train_params.seed,
+    }
     _, qlora_merged, train_s = build("qlora", {"method": "lora"})
     qlora_onnx = export_onnx(model_dir=qlora_merged, out_dir=scratch / "qlora" / "onnx", max_new_tokens=8).out_dir
-    emit({**common, "model": "(b) qlora nf4 -> fp32 merge", "bits": 32, "train_s": round(train_s, 1),
-          **score_onnx(qlora_onnx, "model.onnx", rows, args.max_new_tokens, args.threads)})
+    emit(
+        {
+            **common,
+            "model": "(b) qlora nf4 -> fp32 merge",
+            "bits": 32,
+            "train_s": round(train_s, 1),
+            **score_onnx(qlora_onnx, "model.onnx", rows, args.max_new_tokens, args.threads),
+        }
+    )
     float_bytes = results[-1]["bytes"]
     for bits in args.bits:
         name = f"qalora-int{bits}"
-        adapter, merged, train_s = build(name, {"method": "qalora", "qalora": {"bits": bits, "group_size": args.group_size}})
+        adapter, merged, train_s = build(
+            name, {"method": "qalora", "qalora": {"bits": bits, "group_size": args.group_size}}
+        )
         export = export_onnx(model_dir=merged, out_dir=scratch / name / "onnx", max_new_tokens=8)
         row = score_onnx(export.out_dir, export.report["lowbit"]["file"], rows, args.max_new_tokens, args.threads)
         unmerged = unmerged_qalora_loss(base_dir, adapter, rows, bits, args.group_size)
-        emit({**common, "model": f"(a) qalora int{bits} merged", "bits": bits, "train_s": round(train_s, 1), **row,
-              "unmerged_answer_loss": round(unmerged, 5), "merged_vs_unmerged_loss": round(row["answer_loss"] / unmerged - 1, 5),
-              "size_vs_fp32": round(row["bytes"] / float_bytes, 3)})
+        emit(
+            {
+                **common,
+                "model": f"(a) qalora int{bits} merged",
+                "bits": bits,
+                "train_s": round(train_s, 1),
+                **row,
+                "unmerged_answer_loss": round(unmerged, 5),
+                "merged_vs_unmerged_loss": round(row["answer_loss"] / unmerged - 1, 5),
+                "size_vs_fp32": round(row["bytes"] / float_bytes, 3),
+            }
+        )
         served_dir = scratch / name / "served-merged"
         probes = served_on_float_base(base_dir, params.base, adapter, merged, served_dir)
         export = export_onnx(model_dir=served_dir, out_dir=scratch / name / "served-onnx", max_new_tokens=8)
         row = score_onnx(export.out_dir, "model.onnx", rows, args.max_new_tokens, args.threads)
-        emit({**common, "model": f"(a) qalora int{bits} served on the float base", "bits": bits, **row, **probes,
-              "size_vs_fp32": round(row["bytes"] / float_bytes, 3)})
+        emit(
+            {
+                **common,
+                "model": f"(a) qalora int{bits} served on the float base",
+                "bits": bits,
+                **row,
+                **probes,
+                "size_vs_fp32": round(row["bytes"] / float_bytes, 3),
+            }
+        )
 
         rtn_dir = scratch / f"rtn-int{bits}"
         rtn_model(qlora_merged, rtn_dir / "merged", bits, args.group_size)
         export = export_onnx(model_dir=rtn_dir / "merged", out_dir=rtn_dir / "onnx", max_new_tokens=8)
         row = score_onnx(export.out_dir, export.report["lowbit"]["file"], rows, args.max_new_tokens, args.threads)
-        emit({**common, "model": f"(c) qlora -> rtn int{bits}", "bits": bits, **row, "size_vs_fp32": round(row["bytes"] / float_bytes, 3)})
+        emit(
+            {
+                **common,
+                "model": f"(c) qlora -> rtn int{bits}",
+                "bits": bits,
+                **row,
+                "size_vs_fp32": round(row["bytes"] / float_bytes, 3),
+            }
+        )
         if bits in (2, 4):
             file = ort_rtn(qlora_onnx, qlora_merged, scratch / f"ort-int{bits}", bits, args.group_size)
             row = score_onnx(scratch / f"ort-int{bits}", file, rows, args.max_new_tokens, args.threads)
-            emit({**common, "model": f"(c) qlora -> onnxruntime matmulnbits int{bits}", "bits": bits, **row,
-                  "size_vs_fp32": round(row["bytes"] / float_bytes, 3)})
+            emit(
+                {
+                    **common,
+                    "model": f"(c) qlora -> onnxruntime matmulnbits int{bits}",
+                    "bits": bits,
+                    **row,
+                    "size_vs_fp32": round(row["bytes"] / float_bytes, 3),
+                }
+            )
 
-    print(f"\n| model ({tenant}, groups of {args.group_size}) | answer loss | exact match | token F1 | field acc | MB | x fp32 | tok/s |")
+    print(
+        f"\n| model ({tenant}, groups of {args.group_size}) | answer loss | exact match | token F1 | field acc | MB | x fp32 | tok/s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['model']} | {r['answer_loss']:.4f} | {r.get('exact_match', 0):.3f} | {r.get('token_f1', 0):.3f} | "
-              f"{r.get('json_field_accuracy', float('nan')):.3f} | {r['bytes'] / 1e6:.2f} | {r['bytes'] / float_bytes:.2f} | {r['tokens_per_s']} |")
+        print(
+            f"| {r['model']} | {r['answer_loss']:.4f} | {r.get('exact_match', 0):.3f} | {r.get('token_f1', 0):.3f} | "
+            f"{r.get('json_field_accuracy', float('nan')):.3f} | {r['bytes'] / 1e6:.2f} | {r['bytes'] / float_bytes:.2f} | {r['tokens_per_s']} |"
+        )
     if args.scratch is None:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -43,7 +43,6 @@ stage ends its config; its row holds the last lines of its stderr).
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.metadata
 import importlib.util
 import json
@@ -68,14 +67,32 @@ TENANT = "acme-shop"
 # The published Llama-3.2-1B / Llama-3.1-8B dims, as ../shared/bench/peer_qlora.py's SHAPES has them
 # (read from there when it is readable, so that train_speed.py and this benchmark share one definition).
 LLAMA_SHAPES = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
 }
 # Small enough that the whole benchmark runs in a few minutes on 2 CPU cores.
-TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, vocab_size=2048)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=2048,
+)
 MAX_POSITIONS = 8192
 # The tokenizer learns at most this many tokens from the tenant's ~600 KB of text (more would be
 # merges seen once); the model keeps the shape's vocabulary, so the embedding and lm_head cost what they would.
@@ -105,20 +122,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shape", action="append", choices=["tiny", *LLAMA_SHAPES], help="repeatable (default: tiny)")
-    ap.add_argument("--root", type=Path, default=Path("/tmp/real_size"), help="working folder: model folders, projects, logs")
+    ap.add_argument(
+        "--root", type=Path, default=Path("/tmp/real_size"), help="working folder: model folders, projects, logs"
+    )
     ap.add_argument("--out", type=Path, default=None, help="jsonl file the rows are appended to")
-    ap.add_argument("--targets", action="append", help="a comma list of deploy targets, repeatable; "
-                    f"default: {' and '.join(DEFAULT_TARGETS)}, in that order")
-    ap.add_argument("--graphs", default="int4", help="export.graphs of the onnx target, a comma list (set only where "
-                    "params.yaml's export section has the key)")
+    ap.add_argument(
+        "--targets",
+        action="append",
+        help=f"a comma list of deploy targets, repeatable; default: {' and '.join(DEFAULT_TARGETS)}, in that order",
+    )
+    ap.add_argument(
+        "--graphs",
+        default="int4",
+        help="export.graphs of the onnx target, a comma list (set only where "
+        "params.yaml's export section has the key)",
+    )
     ap.add_argument("--merge-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--merge-logit-diff", type=float, default=0.5,
-                    help="gate.max_merge_logit_diff when --merge-dtype is not float32 (params.yaml's 1e-3 suits float32)")
+    ap.add_argument(
+        "--merge-logit-diff",
+        type=float,
+        default=0.5,
+        help="gate.max_merge_logit_diff when --merge-dtype is not float32 (params.yaml's 1e-3 suits float32)",
+    )
     ap.add_argument("--max-steps", type=int, default=None, help="train.max_steps (default: params.yaml's epochs)")
-    ap.add_argument("--keep-outputs", action="store_true", help="keep each shape's merged, ONNX and checkpoint "
-                    "folders (default: removed before the next shape starts, to leave disk for it)")
+    ap.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="keep each shape's merged, ONNX and checkpoint "
+        "folders (default: removed before the next shape starts, to leave disk for it)",
+    )
     args = ap.parse_args(argv)
     args.targets = [parse_targets(t) for t in (args.targets or DEFAULT_TARGETS)]
     args.graphs = [g.strip() for g in args.graphs.split(",") if g.strip()]
@@ -164,17 +200,34 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.rows: list[dict[str, Any]] = []
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false"}
-        self.common = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "gpu": _gpu_name(), "torch": _version("torch"),
-                       "transformers": _version("transformers"), "commit": _git_commit()}
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        self.common = {
+            "run": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "gpu": _gpu_name(),
+            "torch": _version("torch"),
+            "transformers": _version("transformers"),
+            "commit": _git_commit(),
+        }
         self.graphs_supported = _export_has_graphs()
 
     def notes(self) -> list[str]:
         a = self.args
-        graphs = (f"export.graphs {a.graphs}" if self.graphs_supported
-                  else "export.graphs not in params (ExportParams has no such key yet): export's default graphs")
-        loose = f", gate.max_merge_logit_diff {a.merge_logit_diff} (params.yaml's 1e-3 is for float32)" if a.merge_dtype != "float32" else ""
+        graphs = (
+            f"export.graphs {a.graphs}"
+            if self.graphs_supported
+            else "export.graphs not in params (ExportParams has no such key yet): export's default graphs"
+        )
+        loose = (
+            f", gate.max_merge_logit_diff {a.merge_logit_diff} (params.yaml's 1e-3 is for float32)"
+            if a.merge_dtype != "float32"
+            else ""
+        )
         return [
             "documents, synthesize, base, prepare and train are shared by the configs: measured once, counted in each "
             "config's end to end time; the model folder's build is not",
@@ -227,22 +280,58 @@ class Bench:
         shutil.rmtree(model_dir, ignore_errors=True)
         shape_dir.mkdir(parents=True, exist_ok=True)
         raw = REPO / "data" / "raw" / TENANT
-        run = self.child(name, "model", "build", shape_dir, shape_dir / "logs",
-                         ["_model", "--dims", json.dumps(dims), "--raw", str(raw), "--out", str(model_dir)])
+        run = self.child(
+            name,
+            "model",
+            "build",
+            shape_dir,
+            shape_dir / "logs",
+            ["_model", "--dims", json.dumps(dims), "--raw", str(raw), "--out", str(model_dir)],
+        )
         run.bytes_written = dir_bytes(model_dir)
-        row = {"kind": "model", "shape": name, "reused": False, "dims": dims, "model_dir": str(model_dir), **asdict(run)}
+        row = {
+            "kind": "model",
+            "shape": name,
+            "reused": False,
+            "dims": dims,
+            "model_dir": str(model_dir),
+            **asdict(run),
+        }
         self.record(row)
         if run.rc == 0:
-            marker.write_text(json.dumps({k: row[k] for k in ("dims", "model_dir", "wall_s", "bytes_written", "device",
-                                                             "peak_gpu_alloc_gib", "peak_rss_gib")}), encoding="utf-8")
+            marker.write_text(
+                json.dumps(
+                    {
+                        k: row[k]
+                        for k in (
+                            "dims",
+                            "model_dir",
+                            "wall_s",
+                            "bytes_written",
+                            "device",
+                            "peak_gpu_alloc_gib",
+                            "peak_rss_gib",
+                        )
+                    }
+                ),
+                encoding="utf-8",
+            )
         return run
 
-    def run_stages(self, shape: str, targets: str, project: Path, logs: Path, stages: tuple[str, ...]) -> list[StageRun]:
+    def run_stages(
+        self, shape: str, targets: str, project: Path, logs: Path, stages: tuple[str, ...]
+    ) -> list[StageRun]:
         runs = []
         for stage in stages:
             before = snapshot(project)
-            run = self.child(shape, targets, stage, project, logs,
-                             ["_stage", "--project", str(project), "--stage", stage, "--tenant", TENANT])
+            run = self.child(
+                shape,
+                targets,
+                stage,
+                project,
+                logs,
+                ["_stage", "--project", str(project), "--stage", stage, "--tenant", TENANT],
+            )
             run.bytes_by_area = written_bytes(before, snapshot(project))
             run.bytes_written = sum(run.bytes_by_area.values())
             runs.append(run)
@@ -260,18 +349,33 @@ class Bench:
         print(f"[{shape}] {targets}: {stage} ...", flush=True)
         with out.open("w") as fo, err.open("w") as fe, DevicePeak() as device_peak:
             started = time.perf_counter()
-            rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--result", str(result)],
-                                cwd=cwd, env=self.env, stdout=fo, stderr=fe).returncode
+            rc = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), *argv, "--result", str(result)],
+                cwd=cwd,
+                env=self.env,
+                stdout=fo,
+                stderr=fe,
+            ).returncode
             wall = time.perf_counter() - started
         inside = json.loads(result.read_text(encoding="utf-8")) if rc == 0 and result.is_file() else {}
-        run = StageRun(shape=shape, targets=targets, stage=stage, rc=rc, wall_s=round(wall, 2),
-                       device_peak_used_gib=device_peak.gib, **inside)
+        run = StageRun(
+            shape=shape,
+            targets=targets,
+            stage=stage,
+            rc=rc,
+            wall_s=round(wall, 2),
+            device_peak_used_gib=device_peak.gib,
+            **inside,
+        )
         if rc != 0:
             run.error = tail(err, STDERR_TAIL)
             print(f"[{shape}] {targets}: {stage} FAILED (rc {rc}, log {err}):\n{run.error}", flush=True)
         else:
-            print(f"[{shape}] {targets}: {stage} {wall:.1f}s, peak GPU {run.peak_gpu_alloc_gib:.2f} GiB, "
-                  f"RSS {run.peak_rss_gib:.2f} GiB", flush=True)
+            print(
+                f"[{shape}] {targets}: {stage} {wall:.1f}s, peak GPU {run.peak_gpu_alloc_gib:.2f} GiB, "
+                f"RSS {run.peak_rss_gib:.2f} GiB",
+                flush=True,
+            )
         return run
 
 
@@ -324,7 +428,9 @@ def stages_for(data: dict[str, Any]) -> tuple[str, ...]:
     return tuple(s for s in SHARED_STAGES if s != "synthesize" or data["synthesize"]["generator"] == "offline")
 
 
-def config_summary(shape: str, targets: list[str], shared: list[StageRun], runs: list[StageRun], project: Path) -> dict[str, Any]:
+def config_summary(
+    shape: str, targets: list[str], shared: list[StageRun], runs: list[StageRun], project: Path
+) -> dict[str, Any]:
     """A config's totals: end to end time (shared stages included), the tenant's bytes, the goals of issue 36."""
     every = shared + runs
     wall = sum(r.wall_s for r in every)
@@ -343,20 +449,33 @@ def config_summary(shape: str, targets: list[str], shared: list[StageRun], runs:
     kind = "adapter" if targets == ["adapter"] else "full" if set(targets) == {"adapter", "merged", "onnx"} else None
     goals: dict[str, bool | None] = {"goal_time": None, "goal_train_half": None, "goal_bytes": None}
     if finished and kind == "adapter":
-        goals = {"goal_time": wall <= GOAL_ADAPTER_S, "goal_train_half": train_s >= wall / 2,
-                 "goal_bytes": models <= 2 * adapter}  # bytes <= 2 x adapter + the bytes outside models/
+        goals = {
+            "goal_time": wall <= GOAL_ADAPTER_S,
+            "goal_train_half": train_s >= wall / 2,
+            "goal_bytes": models <= 2 * adapter,
+        }  # bytes <= 2 x adapter + the bytes outside models/
     elif finished and kind == "full":
         goals["goal_time"] = wall <= GOAL_FULL_S
     gate = next((r.outcome for r in runs if r.stage == "gate" and r.outcome), {})
     return {
-        "shape": shape, "targets": ",".join(targets), "finished": finished,
+        "shape": shape,
+        "targets": ",".join(targets),
+        "finished": finished,
         "failed_stage": next((r.stage for r in every if r.rc != 0), None),
-        "end_to_end_s": round(wall, 1), "train_s": train_s, "shared_s": round(sum(r.wall_s for r in shared), 1),
-        "tenant_bytes": models + outside + checkpoints, "tenant_bytes_models": models, "tenant_bytes_outside_models": outside,
-        "checkpoint_bytes": checkpoints, "bytes_by_area": areas, "adapter_bytes": adapter, "adapter_weights_bytes": adapter_weights,
+        "end_to_end_s": round(wall, 1),
+        "train_s": train_s,
+        "shared_s": round(sum(r.wall_s for r in shared), 1),
+        "tenant_bytes": models + outside + checkpoints,
+        "tenant_bytes_models": models,
+        "tenant_bytes_outside_models": outside,
+        "checkpoint_bytes": checkpoints,
+        "bytes_by_area": areas,
+        "adapter_bytes": adapter,
+        "adapter_weights_bytes": adapter_weights,
         "peak_gpu_alloc_gib": max((r.peak_gpu_alloc_gib for r in every), default=0.0),
         "peak_rss_gib": max((max(r.peak_rss_gib, r.peak_rss_children_gib) for r in every), default=0.0),
-        "device": next((r.device for r in every if r.device and r.device != "cpu"), "cpu"), "gate_passed": gate.get("passed"),
+        "device": next((r.device for r in every if r.device and r.device != "cpu"), "cpu"),
+        "gate_passed": gate.get("passed"),
         "training_shared": "documents..train measured once per shape, included in every config's end_to_end_s",
         **goals,
     }
@@ -411,8 +530,12 @@ class DevicePeak:
         exe = shutil.which("nvidia-smi")
         self._proc = None
         if exe:
-            self._proc = subprocess.Popen([exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
-                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._proc = subprocess.Popen(
+                [exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             self._reader = threading.Thread(target=self._read, daemon=True)
             self._reader.start()
         return self
@@ -489,8 +612,12 @@ def outcome_of(stage: str, result: Any) -> dict[str, Any] | None:
         return {k: report[k] for k in ("device", "device_name", "passed", "merged", "onnx", "graphs") if k in report}
     if stage == "evaluate":
         metrics = result.metrics
-        return {"test_rows": metrics.get("test_rows"), "device": metrics.get("device"), "models": sorted(metrics["models"]),
-                "batch_rows": metrics.get("batch_rows")}
+        return {
+            "test_rows": metrics.get("test_rows"),
+            "device": metrics.get("device"),
+            "models": sorted(metrics["models"]),
+            "batch_rows": metrics.get("batch_rows"),
+        }
     if stage == "prepare":
         stats = result.stats if isinstance(result.stats, dict) else result.stats.__dict__
         return {k: stats[k] for k in ("rows_in", "kept", "splits") if k in stats}
@@ -514,8 +641,13 @@ def model_child(argv: list[str]) -> int:
     started = time.perf_counter()
     dims = json.loads(args.dims)
     tokenizer = train_tokenizer(raw_texts(args.raw), vocab_size=min(dims["vocab_size"], TOKENIZER_VOCAB))
-    config = LlamaConfig(max_position_embeddings=MAX_POSITIONS, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **dims)
+    config = LlamaConfig(
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **dims,
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -529,7 +661,11 @@ def model_child(argv: list[str]) -> int:
     model.save_pretrained(args.out, max_shard_size="5GB")  # safetensors, sharded as Hub folders are
     save_tokenizer(tokenizer, args.out)
     parameters = sum(p.numel() for p in model.parameters())
-    write_measures(args.result, time.perf_counter() - started, outcome={"parameters": parameters, "tokenizer_vocab": len(tokenizer)})
+    write_measures(
+        args.result,
+        time.perf_counter() - started,
+        outcome={"parameters": parameters, "tokenizer_vocab": len(tokenizer)},
+    )
     return 0
 
 
@@ -553,11 +689,21 @@ def write_measures(path: Path, call_s: float, **extra: Any) -> None:
         device = torch.cuda.get_device_name()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    path.write_text(json.dumps({
-        "stage_call_s": round(call_s, 2), "device": device,
-        "peak_gpu_alloc_gib": round(alloc / GIB, 3), "peak_gpu_reserved_gib": round(reserved / GIB, 3),
-        "peak_rss_gib": round(rss / GIB, 3), "peak_rss_children_gib": round(rss_children / GIB, 3), **extra,
-    }, default=str), encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {
+                "stage_call_s": round(call_s, 2),
+                "device": device,
+                "peak_gpu_alloc_gib": round(alloc / GIB, 3),
+                "peak_gpu_reserved_gib": round(reserved / GIB, 3),
+                "peak_rss_gib": round(rss / GIB, 3),
+                "peak_rss_children_gib": round(rss_children / GIB, 3),
+                **extra,
+            },
+            default=str,
+        ),
+        encoding="utf-8",
+    )
 
 
 CHILDREN = {"_stage": stage_child, "_model": model_child}
@@ -576,17 +722,23 @@ def render_table(rows: list[dict[str, Any]], notes: list[str]) -> str:
             stage += f" FAILED rc {r['rc']}" if r.get("rc") else ""
             rss = max(r.get("peak_rss_gib", 0.0), r.get("peak_rss_children_gib", 0.0))
             card = f" ({r['device_peak_used_gib']:.1f})" if r.get("device_peak_used_gib") is not None else ""
-            lines.append(f"| {r['shape']} | {targets} | {stage} | {r['wall_s']:.1f} | {r.get('peak_gpu_alloc_gib', 0.0):.2f}{card} | "
-                         f"{rss:.2f} | {human(r.get('bytes_written', 0))} |")
+            lines.append(
+                f"| {r['shape']} | {targets} | {stage} | {r['wall_s']:.1f} | {r.get('peak_gpu_alloc_gib', 0.0):.2f}{card} | "
+                f"{rss:.2f} | {human(r.get('bytes_written', 0))} |"
+            )
         else:
             total = "end to end" if r["finished"] else f"end to end (stopped at {r['failed_stage']})"
-            lines.append(f"| {r['shape']} | **{r['targets']}** | **{total}** | **{r['end_to_end_s']:.1f}** | "
-                         f"{r['peak_gpu_alloc_gib']:.2f} | {r['peak_rss_gib']:.2f} | **{human(r['tenant_bytes'])}** |")
+            lines.append(
+                f"| {r['shape']} | **{r['targets']}** | **{total}** | **{r['end_to_end_s']:.1f}** | "
+                f"{r['peak_gpu_alloc_gib']:.2f} | {r['peak_rss_gib']:.2f} | **{human(r['tenant_bytes'])}** |"
+            )
     lines += ["", "Totals per config:", ""]
     for r in rows:
         if r["kind"] == "config":
             state = "finished" if r["finished"] else f"stopped at {r['failed_stage']}"
-            goals = ", ".join(f"{k[5:]} {'ok' if v else 'MISSED'}" for k, v in r.items() if k.startswith("goal_") and v is not None)
+            goals = ", ".join(
+                f"{k[5:]} {'ok' if v else 'MISSED'}" for k, v in r.items() if k.startswith("goal_") and v is not None
+            )
             lines.append(
                 f"- {r['shape']} [{r['targets']}] ({state}, {r['device']}): end to end {r['end_to_end_s']:.0f} s "
                 f"(train {r['train_s']:.0f} s, {r['train_s'] / max(r['end_to_end_s'], 1e-9):.0%}); tenant bytes "
@@ -597,11 +749,19 @@ def render_table(rows: list[dict[str, Any]], notes: list[str]) -> str:
             )
     errors = [r for r in rows if r.get("error")]
     for r in errors:
-        lines += ["", f"{r['shape']} {r['targets']} {r['stage']} failed (rc {r['rc']}), stderr tail:", "```", r["error"], "```"]
+        lines += [
+            "",
+            f"{r['shape']} {r['targets']} {r['stage']} failed (rc {r['rc']}), stderr tail:",
+            "```",
+            r["error"],
+            "```",
+        ]
     lines += ["", "Notes:", *(f"- {n}" for n in notes)]
     if rows:
-        lines.append(f"- {rows[0]['gpu'] or 'no GPU'}; torch {rows[0]['torch']}, transformers {rows[0]['transformers']}, "
-                     f"commit {rows[0]['commit']}")
+        lines.append(
+            f"- {rows[0]['gpu'] or 'no GPU'}; torch {rows[0]['torch']}, transformers {rows[0]['transformers']}, "
+            f"commit {rows[0]['commit']}"
+        )
     return "\n".join(lines)
 
 
@@ -626,7 +786,9 @@ def _version(package: str) -> str | None:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
@@ -638,7 +800,9 @@ def _gpu_name() -> str | None:
     if not exe:
         return None
     try:
-        out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     names = [line.strip() for line in out.stdout.splitlines() if line.strip()]

@@ -53,9 +53,14 @@ def main() -> None:
             ids, labels = test[i]["input_ids"], test[i]["labels"]
             prompt = ids[: next(j for j, label in enumerate(labels) if label != IGNORE_INDEX)]
             with torch.no_grad():
-                out = model.generate(torch.tensor([prompt]), max_new_tokens=a.max_tokens, do_sample=False,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            local = tok.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+                out = model.generate(
+                    torch.tensor([prompt]),
+                    max_new_tokens=a.max_tokens,
+                    do_sample=False,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                )
+            local = tok.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
             remote = served(a.url, tenant, prompt, a.max_tokens).strip()
             same += local == remote
             if local != remote:

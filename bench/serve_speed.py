@@ -78,7 +78,10 @@ def servable_names(tenants: list[str], root: Path, rank_r_only: bool) -> dict[st
     if rank_r_only:
         real = {t: lora_only(Path(f"models/adapters/{t}"), root / "real" / t) for t in tenants}
     else:
-        real = {t: make_servable(Path(f"models/adapters/{t}"), Path("models/base"), root / "real" / t).path for t in tenants}
+        real = {
+            t: make_servable(Path(f"models/adapters/{t}"), Path("models/base"), root / "real" / t).path
+            for t in tenants
+        }
     names = {}
     for i in range(N_NAMES):
         src = real[tenants[i % len(tenants)]]
@@ -88,12 +91,15 @@ def servable_names(tenants: list[str], root: Path, rank_r_only: bool) -> dict[st
     return names
 
 
-async def run_cell(url: str, names: list[str], work: list[tuple[str, list[int]]], concurrency: int, max_tokens: int) -> dict:
+async def run_cell(
+    url: str, names: list[str], work: list[tuple[str, list[int]]], concurrency: int, max_tokens: int
+) -> dict:
     latencies: list[float] = []
     out_tokens = 0
     queue = list(enumerate(work))
 
     async with httpx.AsyncClient(timeout=600) as client:
+
         async def worker():
             nonlocal out_tokens
             while queue:
@@ -109,8 +115,14 @@ async def run_cell(url: str, names: list[str], work: list[tuple[str, list[int]]]
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
-    return {"output_tokens_per_s": round(out_tokens / wall, 1), "p50_s": round(statistics.median(latencies), 3),
-            "p95_s": round(q[18], 3), "requests": len(latencies), "output_tokens": out_tokens, "wall_s": round(wall, 1)}
+    return {
+        "output_tokens_per_s": round(out_tokens / wall, 1),
+        "p50_s": round(statistics.median(latencies), 3),
+        "p95_s": round(q[18], 3),
+        "requests": len(latencies),
+        "output_tokens": out_tokens,
+        "wall_s": round(wall, 1),
+    }
 
 
 def naive_baseline(work: list[tuple[str, list[int]]], max_tokens: int) -> dict:
@@ -119,32 +131,53 @@ def naive_baseline(work: list[tuple[str, list[int]]], max_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained("models/base")
-    models = {t: AutoModelForCausalLM.from_pretrained(f"models/merged/{t}", dtype=torch.float32).eval() for t in {t for t, _ in work}}
+    models = {
+        t: AutoModelForCausalLM.from_pretrained(f"models/merged/{t}", dtype=torch.float32).eval()
+        for t in {t for t, _ in work}
+    }
     latencies, out_tokens = [], 0
     started = time.perf_counter()
     for tenant, prompt in work:
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = models[tenant].generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
-                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            out = models[tenant].generate(
+                torch.tensor([prompt]),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
         latencies.append(time.perf_counter() - t0)
         out_tokens += out.shape[1] - len(prompt)
     wall = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=20)
-    return {"output_tokens_per_s": round(out_tokens / wall, 1), "p50_s": round(statistics.median(latencies), 3),
-            "p95_s": round(q[18], 3), "requests": len(work), "output_tokens": out_tokens, "wall_s": round(wall, 1)}
+    return {
+        "output_tokens_per_s": round(out_tokens / wall, 1),
+        "p50_s": round(statistics.median(latencies), 3),
+        "p95_s": round(q[18], 3),
+        "requests": len(work),
+        "output_tokens": out_tokens,
+        "wall_s": round(wall, 1),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--python", required=True, help="the serving environment's Python (make serve-env: .serve-venv/bin/python)")
-    ap.add_argument("--tenant", action="append", help="real tenants whose adapters and prompts are used (default: params.yaml's)")
+    ap.add_argument(
+        "--python", required=True, help="the serving environment's Python (make serve-env: .serve-venv/bin/python)"
+    )
+    ap.add_argument(
+        "--tenant", action="append", help="real tenants whose adapters and prompts are used (default: params.yaml's)"
+    )
     ap.add_argument("--requests", type=int, default=64, help="requests per cell")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--port", type=int, default=8311)
     ap.add_argument("--out", help="append the results as JSON lines to this file")
-    ap.add_argument("--servable", action="store_true",
-                    help="serve the production adapters as they are (trained embeddings as rank-256 LoRA) instead of their rank-r LoRA pairs")
+    ap.add_argument(
+        "--servable",
+        action="store_true",
+        help="serve the production adapters as they are (trained embeddings as rank-256 LoRA) instead of their rank-r LoRA pairs",
+    )
     a = ap.parse_args()
 
     from loraline.config import ServeParams, load_params
@@ -166,9 +199,19 @@ def main() -> None:
         names = servable_names(tenants, Path(tmp), rank_r_only=not a.servable)
         rank = lora_rank_for([json.loads((p / "adapter_config.json").read_text())["r"] for p in names.values()])
         context = json.loads(Path("models/base/config.json").read_text())["max_position_embeddings"]
-        params = ServeParams(engine_port=a.port, max_loras=N_NAMES, dtype="float32", engine_args=["--max-num-seqs", "32"])
-        cmd = engine_command(Path(a.python), Path("models/base"), params, dtype=params.dtype, lora_rank=rank, max_loras=N_NAMES,
-                             max_model_len=context, on_cpu=True)
+        params = ServeParams(
+            engine_port=a.port, max_loras=N_NAMES, dtype="float32", engine_args=["--max-num-seqs", "32"]
+        )
+        cmd = engine_command(
+            Path(a.python),
+            Path("models/base"),
+            params,
+            dtype=params.dtype,
+            lora_rank=rank,
+            max_loras=N_NAMES,
+            max_model_len=context,
+            on_cpu=True,
+        )
         engine = Engine.start(cmd, params, Path(tmp) / "engine.log", on_cpu=True)
         try:
             for name, path in names.items():
@@ -177,24 +220,37 @@ def main() -> None:
             for spread in SPREAD:
                 for conc in CONCURRENCY:
                     cell = asyncio.run(run_cell(engine.url, list(names)[:spread], work, conc, a.max_tokens))
-                    record({"mode": "vllm multi-LoRA", "lora_rank": rank, "tenants": spread, "concurrency": conc, **cell})
+                    record(
+                        {"mode": "vllm multi-LoRA", "lora_rank": rank, "tenants": spread, "concurrency": conc, **cell}
+                    )
         finally:
             engine.stop()
-    record({"mode": "naive: merged model per tenant, one request at a time", "tenants": len(tenants), "concurrency": 1,
-            **naive_baseline(work, a.max_tokens)})
+    record(
+        {
+            "mode": "naive: merged model per tenant, one request at a time",
+            "tenants": len(tenants),
+            "concurrency": 1,
+            **naive_baseline(work, a.max_tokens),
+        }
+    )
     print(table(results))
 
 
 def table(results: list[dict]) -> str:
     naive = next(r for r in results if r["mode"].startswith("naive"))
     one = {r["concurrency"]: r for r in results if r["mode"] == "vllm multi-LoRA" and r["tenants"] == 1}
-    rows = ["| tenants | concurrency | output tokens/s | p50 s | p95 s | vs 1 tenant | vs naive |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| tenants | concurrency | output tokens/s | p50 s | p95 s | vs 1 tenant | vs naive |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         if r["mode"].startswith("naive"):
             continue
-        rows.append(f"| {r['tenants']} | {r['concurrency']} | {r['output_tokens_per_s']} | {r['p50_s']} | {r['p95_s']} | "
-                    f"{r['output_tokens_per_s'] / one[r['concurrency']]['output_tokens_per_s']:.2f}x | "
-                    f"{r['output_tokens_per_s'] / naive['output_tokens_per_s']:.2f}x |")
+        rows.append(
+            f"| {r['tenants']} | {r['concurrency']} | {r['output_tokens_per_s']} | {r['p50_s']} | {r['p95_s']} | "
+            f"{r['output_tokens_per_s'] / one[r['concurrency']]['output_tokens_per_s']:.2f}x | "
+            f"{r['output_tokens_per_s'] / naive['output_tokens_per_s']:.2f}x |"
+        )
     rows.append(f"| naive | 1 | {naive['output_tokens_per_s']} | {naive['p50_s']} | {naive['p95_s']} | - | 1.00x |")
     return "\n".join(rows)
 

@@ -31,12 +31,30 @@ sys.path.insert(0, str(HERE))
 
 # The published configs of these families (hidden, intermediate, layers, heads, kv heads, vocab).
 SHAPES = {
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
-    "llama-405b": dict(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
-                       num_attention_heads=128, num_key_value_heads=8, vocab_size=128256),
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "llama-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "llama-405b": dict(
+        hidden_size=16384,
+        intermediate_size=53248,
+        num_hidden_layers=126,
+        num_attention_heads=128,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
 }
 STEPS = 3
 
@@ -52,8 +70,16 @@ def make_base(shape: str, root: Path) -> Path:
     base = root / "base"
     LlamaConfig(max_position_embeddings=8192, tie_word_embeddings=False, **SHAPES[shape]).save_pretrained(base)
     save_tokenizer(train_tokenizer(["benchmark text only"] * 4, vocab_size=300), base)
-    write_json(base / "base_record.json", {"source": "built", "model_ref": ".", "architecture": "LlamaForCausalLM",
-                                           "note": "random weights for bench/sharded_capacity.py", "files": {"weights": "random"}})
+    write_json(
+        base / "base_record.json",
+        {
+            "source": "built",
+            "model_ref": ".",
+            "architecture": "LlamaForCausalLM",
+            "note": "random weights for bench/sharded_capacity.py",
+            "files": {"weights": "random"},
+        },
+    )
     return base
 
 
@@ -65,10 +91,12 @@ def make_dataset(shape: str, rows: int, root: Path) -> Path:
     ids = [rng.integers(0, SHAPES[shape]["vocab_size"], 2048).astype("int32").tolist() for _ in range(rows)]
     val = [rng.integers(0, SHAPES[shape]["vocab_size"], 64).astype("int32").tolist()]
     out = root / "dataset"
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}),
-        "validation": datasets.Dataset.from_dict({"input_ids": val, "labels": val}),
-    }).save_to_disk(str(out))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}),
+            "validation": datasets.Dataset.from_dict({"input_ids": val, "labels": val}),
+        }
+    ).save_to_disk(str(out))
     return out
 
 
@@ -102,33 +130,76 @@ def rank_run(shape: str, gpus: int, root: Path) -> None:
     real_load = sharded.load_sharded_base
     sharded.load_sharded_base = lambda *a, **k: real_load(*a, **{**k, "tensors": source})
     params = TrainParams(
-        quantization="nf4", double_quant=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-        optimizer="paged_adamw_32bit", learning_rate=1e-4, lr_scheduler="constant", warmup_ratio=0.0,
-        max_steps=STEPS, batch_size=1, grad_accum=1, packing=True, max_seq_len=2048, gradient_checkpointing=True,
-        eval_every=10_000, save_every=10_000, seed=0, devices=gpus, sharding="fsdp",
+        quantization="nf4",
+        double_quant=True,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        optimizer="paged_adamw_32bit",
+        learning_rate=1e-4,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        max_steps=STEPS,
+        batch_size=1,
+        grad_accum=1,
+        packing=True,
+        max_seq_len=2048,
+        gradient_checkpointing=True,
+        eval_every=10_000,
+        save_every=10_000,
+        seed=0,
+        devices=gpus,
+        sharding="fsdp",
     )
     rank = int(os.environ.get("RANK", "0"))
     started = time.perf_counter()
     try:
-        result = train_adapter(params, base_dir=root / "base", base_params=BaseParams(), dataset_dir=root / "dataset",
-                               out_dir=root / "adapter")
+        result = train_adapter(
+            params,
+            base_dir=root / "base",
+            base_params=BaseParams(),
+            dataset_dir=root / "dataset",
+            out_dir=root / "adapter",
+        )
     except torch.OutOfMemoryError as exc:
         peak = torch.cuda.max_memory_allocated() / 2**30
-        print(json.dumps({"shape": shape, "gpus": gpus, "fits": False, "rank": rank, "peak_gib": round(peak, 1),
-                          "error": str(exc).splitlines()[0][:200]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "shape": shape,
+                    "gpus": gpus,
+                    "fits": False,
+                    "rank": rank,
+                    "peak_gib": round(peak, 1),
+                    "error": str(exc).splitlines()[0][:200],
+                }
+            ),
+            flush=True,
+        )
         raise SystemExit(3) from None
     if rank == 0:
         rec, facts = result.record, result.record["sharding"]
-        print(json.dumps({
-            "shape": shape, "gpus": gpus, "fits": True, "steps": rec["steps"]["done"],
-            "peak_gib": round(result.timing["peak_memory"]["bytes"] / 2**30, 1),
-            "layer_weights_gib_per_gpu": round(facts["layer_bytes_held"] / 2**30, 1),
-            "layer_weights_gib": round(facts["layer_bytes"] / 2**30, 1),
-            "whole_weights_gib": round(facts["whole_bytes"] / 2**30, 1),
-            "useful_tokens_per_s": round(result.timing["tokens_per_s"]),  # all GPUs together
-            "train_losses": [round(float(x.split(",")[1]), 4) for x in result.train_curve.read_text().splitlines()[1:]],
-            "stage_wall_s": round(time.perf_counter() - started, 1),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "shape": shape,
+                    "gpus": gpus,
+                    "fits": True,
+                    "steps": rec["steps"]["done"],
+                    "peak_gib": round(result.timing["peak_memory"]["bytes"] / 2**30, 1),
+                    "layer_weights_gib_per_gpu": round(facts["layer_bytes_held"] / 2**30, 1),
+                    "layer_weights_gib": round(facts["layer_bytes"] / 2**30, 1),
+                    "whole_weights_gib": round(facts["whole_bytes"] / 2**30, 1),
+                    "useful_tokens_per_s": round(result.timing["tokens_per_s"]),  # all GPUs together
+                    "train_losses": [
+                        round(float(x.split(",")[1]), 4) for x in result.train_curve.read_text().splitlines()[1:]
+                    ],
+                    "stage_wall_s": round(time.perf_counter() - started, 1),
+                }
+            ),
+            flush=True,
+        )
 
 
 def launch(shape: str, gpus: int, timeout: int) -> dict:
@@ -136,9 +207,24 @@ def launch(shape: str, gpus: int, timeout: int) -> dict:
         root = Path(tmp)
         make_base(shape, root)
         make_dataset(shape, rows=STEPS * gpus, root=root)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", __file__,
-               "--rank-run", shape, str(gpus), str(root)]
-        env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={gpus}",
+            __file__,
+            "--rank-run",
+            shape,
+            str(gpus),
+            str(root),
+        ]
+        env = {
+            **os.environ,
+            "NCCL_NVLS_ENABLE": "0",
+            "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1",
+        }
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
@@ -146,19 +232,30 @@ def launch(shape: str, gpus: int, timeout: int) -> dict:
         lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
         if not lines:
             sys.stderr.write(proc.stderr[-4000:])
-            return {"shape": shape, "gpus": gpus, "fits": None, "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else ''}"}
+            return {
+                "shape": shape,
+                "gpus": gpus,
+                "fits": None,
+                "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else ''}",
+            }
         return lines[0]
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| shape | GPUs | trains | peak GiB per GPU | 4-bit layer weights per GPU (of all) | whole on every GPU | useful tokens/s |",
-            "|---|---:|---|---:|---:|---:|---:|"]
+    rows = [
+        "| shape | GPUs | trains | peak GiB per GPU | 4-bit layer weights per GPU (of all) | whole on every GPU | useful tokens/s |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
     for r in results:
         if r.get("fits"):
-            rows.append(f"| {r['shape']} | {r['gpus']} | yes | {r['peak_gib']} | {r['layer_weights_gib_per_gpu']} GiB "
-                        f"({r['layer_weights_gib']}) | {r['whole_weights_gib']} GiB | {r['useful_tokens_per_s']:,} |")
+            rows.append(
+                f"| {r['shape']} | {r['gpus']} | yes | {r['peak_gib']} | {r['layer_weights_gib_per_gpu']} GiB "
+                f"({r['layer_weights_gib']}) | {r['whole_weights_gib']} GiB | {r['useful_tokens_per_s']:,} |"
+            )
         else:
-            rows.append(f"| {r['shape']} | {r['gpus']} | no: {r.get('error', '')[:80]} | {r.get('peak_gib', '-')} | - | - | - |")
+            rows.append(
+                f"| {r['shape']} | {r['gpus']} | no: {r.get('error', '')[:80]} | {r.get('peak_gib', '-')} | - | - | - |"
+            )
     return "\n".join(rows)
 
 

@@ -64,9 +64,9 @@ def make_base(shape: dict, root: Path, max_position_embeddings: int = 8192) -> P
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loraline.modelling.chat import save_tokenizer
     from loraline.base.tokenizer import train_tokenizer
     from loraline.io import write_json
+    from loraline.modelling.chat import save_tokenizer
     from loraline.provenance import sha256_file
 
     base = root / "base"
@@ -79,11 +79,16 @@ def make_base(shape: dict, root: Path, max_position_embeddings: int = 8192) -> P
     torch.cuda.empty_cache()
     # Token ids are random; the tokenizer only supplies the pad id and chat template the stage reads.
     save_tokenizer(train_tokenizer(["benchmark text only"] * 4, vocab_size=300), base)
-    write_json(base / "base_record.json", {
-        "source": "built", "model_ref": ".", "architecture": "LlamaForCausalLM",
-        "note": "random weights (seed 0) for bench/train_speed.py",
-        "files": {"config.json": sha256_file(base / "config.json"), "weights": "random-seed-0"},
-    })
+    write_json(
+        base / "base_record.json",
+        {
+            "source": "built",
+            "model_ref": ".",
+            "architecture": "LlamaForCausalLM",
+            "note": "random weights (seed 0) for bench/train_speed.py",
+            "files": {"config.json": sha256_file(base / "config.json"), "weights": "random-seed-0"},
+        },
+    )
     return base
 
 
@@ -103,8 +108,13 @@ def make_dataset(lengths: list[int], vocab: int, root: Path) -> Path:
 
 
 # Cumulative configurations (TrainParams overrides on top of COMMON); "final" adds SHAPE_FINAL.
-OFF = dict(fused_cross_entropy=False, upcast_non_quantized=True, varlen_attention=False,
-           gradient_checkpointing=True, batch_size=4)
+OFF = dict(
+    fused_cross_entropy=False,
+    upcast_non_quantized=True,
+    varlen_attention=False,
+    gradient_checkpointing=True,
+    batch_size=4,
+)
 CONFIGS = {
     "packing": OFF,
     "fused-ce": {**OFF, "fused_cross_entropy": True},
@@ -122,10 +132,23 @@ SHAPE_FINAL = {
     "llama-8b": dict(batch_size=8, gradient_checkpointing=True, checkpoint_fraction=1.0),
 }
 COMMON = dict(
-    quantization="nf4", double_quant=True, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-    target_modules="all-linear", optimizer="paged_adamw_32bit", learning_rate=1e-4,
-    lr_scheduler="constant", warmup_ratio=0.0, epochs=1, grad_accum=1,
-    packing=True, max_seq_len=2048, eval_every=10_000, save_every=10_000, seed=0,
+    quantization="nf4",
+    double_quant=True,
+    lora_r=16,
+    lora_alpha=32,
+    lora_dropout=0.0,
+    target_modules="all-linear",
+    optimizer="paged_adamw_32bit",
+    learning_rate=1e-4,
+    lr_scheduler="constant",
+    warmup_ratio=0.0,
+    epochs=1,
+    grad_accum=1,
+    packing=True,
+    max_seq_len=2048,
+    eval_every=10_000,
+    save_every=10_000,
+    seed=0,
 )
 
 
@@ -137,7 +160,13 @@ def our_params(shape: str, config: str, overrides: dict | None = None):
     own = {k: json.loads(v) for k, v in (x.split("=", 1) for x in extra)}
     if name == "default":
         return TrainParams(**{**stage_defaults(), **own, **(overrides or {})})
-    fields = {**COMMON, **CONFIGS[name], **(SHAPE_FINAL[shape] if name in ("final", "qalora") else {}), **own, **(overrides or {})}
+    fields = {
+        **COMMON,
+        **CONFIGS[name],
+        **(SHAPE_FINAL[shape] if name in ("final", "qalora") else {}),
+        **own,
+        **(overrides or {}),
+    }
     return TrainParams(**fields)
 
 
@@ -147,8 +176,15 @@ def stage_defaults() -> dict:
     from loraline.config import load_params
 
     train = load_params(HERE.parent / "params.yaml").train.model_dump()
-    return {**train, "max_seq_len": COMMON["max_seq_len"], "epochs": 1, "max_steps": None, "seed": 0,
-            "eval_every": COMMON["eval_every"], "save_every": COMMON["save_every"]}
+    return {
+        **train,
+        "max_seq_len": COMMON["max_seq_len"],
+        "epochs": 1,
+        "max_steps": None,
+        "seed": 0,
+        "eval_every": COMMON["eval_every"],
+        "save_every": COMMON["save_every"],
+    }
 
 
 def matmul_params(shape: dict) -> int:
@@ -185,7 +221,9 @@ def build(shape_name: str, peer_path: Path, examples: int, root: Path) -> None:
     make_dataset(peer.workload(examples, 2048), peer.SHAPES[shape_name]["vocab_size"], root)
 
 
-def run_ours(shape_name: str, peer_path: Path, examples: int, root: Path, config: str, overrides: dict, profile: bool) -> dict:
+def run_ours(
+    shape_name: str, peer_path: Path, examples: int, root: Path, config: str, overrides: dict, profile: bool
+) -> dict:
     import torch
 
     from loraline.config import BaseParams
@@ -199,7 +237,13 @@ def run_ours(shape_name: str, peer_path: Path, examples: int, root: Path, config
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     try:
-        result = train_adapter(params, base_dir=root / "base", base_params=BaseParams(), dataset_dir=root / "dataset", out_dir=out / "adapter")
+        result = train_adapter(
+            params,
+            base_dir=root / "base",
+            base_params=BaseParams(),
+            dataset_dir=root / "dataset",
+            out_dir=out / "adapter",
+        )
     finally:
         if prof is not None:
             prof.__exit__(None, None, None)
@@ -207,11 +251,21 @@ def run_ours(shape_name: str, peer_path: Path, examples: int, root: Path, config
     useful = sum(lengths)
     losses = [float(line.split(",")[1]) for line in (out / "adapter" / "train_loss.csv").read_text().splitlines()[1:]]
     res = dict(
-        recipe="loraline", config=config, shape=shape_name, examples=examples, batch_rows=rec["batch"]["rows"],
+        recipe="loraline",
+        config=config,
+        shape=shape_name,
+        examples=examples,
+        batch_rows=rec["batch"]["rows"],
         batch=rec["batch"]["note"],
-        grad_accum=params.grad_accum, devices=params.devices, steps=rec["steps"]["done"], useful_tokens=useful, tokens_seen=rec["tokens_seen"]["useful"],
-        gradient_checkpointing=params.gradient_checkpointing, speed=rec["speed"],
-        useful_tokens_per_s=round(result.timing["tokens_per_s"]), stage_wall_s=round(time.perf_counter() - started, 1),
+        grad_accum=params.grad_accum,
+        devices=params.devices,
+        steps=rec["steps"]["done"],
+        useful_tokens=useful,
+        tokens_seen=rec["tokens_seen"]["useful"],
+        gradient_checkpointing=params.gradient_checkpointing,
+        speed=rec["speed"],
+        useful_tokens_per_s=round(result.timing["tokens_per_s"]),
+        stage_wall_s=round(time.perf_counter() - started, 1),
         peak_gib=round(result.timing["peak_memory"]["bytes"] / 2**30, 2),  # per GPU: the highest rank's
         train_losses=[round(x, 5) for x in losses],
     )
@@ -228,7 +282,10 @@ def _profile_steps():
     import loraline.train.loop as loop
 
     real = loop.train_step
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule(wait=1, warmup=0, active=2, repeat=1))
+    prof = profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        schedule=schedule(wait=1, warmup=0, active=2, repeat=1),
+    )
 
     class Holder:
         table = ""
@@ -255,7 +312,9 @@ def run_in_subprocess(args: list[str]) -> dict:
     sys.stderr.write(proc.stderr[-6000:])
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     return json.loads(lines[-1])
 
 
@@ -265,15 +324,25 @@ AGREE_TOLERANCE = 1e-3  # relative, per step: bf16 kernels differ between the pa
 def agreement(reference: dict, final: dict) -> dict:
     a, b = reference["train_losses"], final["train_losses"]
     gaps = [abs(x - y) / abs(x) for x, y in zip(a, b)]
-    return dict(recipe="agreement", shape=final["shape"], steps=len(gaps), reference=a, final=b,
-                max_rel_gap=round(max(gaps), 6), last_rel_gap=round(gaps[-1], 6),
-                tolerance=AGREE_TOLERANCE, ok=len(a) == len(b) and max(gaps) <= AGREE_TOLERANCE)
+    return dict(
+        recipe="agreement",
+        shape=final["shape"],
+        steps=len(gaps),
+        reference=a,
+        final=b,
+        max_rel_gap=round(max(gaps), 6),
+        last_rel_gap=round(gaps[-1], 6),
+        tolerance=AGREE_TOLERANCE,
+        ok=len(a) == len(b) and max(gaps) <= AGREE_TOLERANCE,
+    )
 
 
 def table(results: list[dict], tflops: float | None) -> str:
     peers = {r["shape"]: r for r in results if r["recipe"] == "peer-textbook-qlora"}
-    rows = ["| shape | recipe | GPUs | useful tokens/s | peak GiB per GPU | speed vs peer | memory vs peer | MFU per GPU |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| shape | recipe | GPUs | useful tokens/s | peak GiB per GPU | speed vs peer | memory vs peer | MFU per GPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         if "useful_tokens_per_s" not in r or r.get("agree"):
             continue
@@ -283,18 +352,24 @@ def table(results: list[dict], tflops: float | None) -> str:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         name = r["recipe"] if r["recipe"] != "loraline" else f"loraline ({r['config']})"
         gpus = r.get("devices", 1)
-        rows.append(f"| {r['shape']} | {name} | {gpus} | {r['useful_tokens_per_s']:,} | {r['peak_gib']} | {speed} | {mem} | {mfu} |")
+        rows.append(
+            f"| {r['shape']} | {name} | {gpus} | {r['useful_tokens_per_s']:,} | {r['peak_gib']} | {speed} | {mem} | {mfu} |"
+        )
     for r in results:  # does each recipe learn the workload (QA-LoRA's pooled adapter beside QLoRA's)
         losses = r.get("train_losses") if r["recipe"] == "loraline" and not r.get("agree") else None
         if losses:
             k = max(1, len(losses) // 10)
-            rows.append(f"\ntraining loss, {r['shape']} {r['config']}: mean of the first {k} steps {sum(losses[:k]) / k:.4f} "
-                        f"-> of the last {k} {sum(losses[-k:]) / k:.4f}")
+            rows.append(
+                f"\ntraining loss, {r['shape']} {r['config']}: mean of the first {k} steps {sum(losses[:k]) / k:.4f} "
+                f"-> of the last {k} {sum(losses[-k:]) / k:.4f}"
+            )
     for r in results:
         if r["recipe"] == "agreement":
-            rows.append(f"\nloss agreement, {r['shape']}, {r['steps']} steps, speed options off vs final: "
-                        f"max relative gap {r['max_rel_gap']:.2e}, after the last step {r['last_rel_gap']:.2e} "
-                        f"({'within' if r['ok'] else 'OUTSIDE'} the tolerance {r['tolerance']:.0e})")
+            rows.append(
+                f"\nloss agreement, {r['shape']}, {r['steps']} steps, speed options off vs final: "
+                f"max relative gap {r['max_rel_gap']:.2e}, after the last step {r['last_rel_gap']:.2e} "
+                f"({'within' if r['ok'] else 'OUTSIDE'} the tolerance {r['tolerance']:.0e})"
+            )
     if tflops:
         rows.append(f"\nMFU against the bf16 matmul rate measured in this run: {tflops} TFLOP/s (8192^3, random data)")
     return "\n".join(rows)
@@ -302,17 +377,30 @@ def table(results: list[dict], tflops: float | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", action="append", choices=["llama-1b", "llama-8b"], help="repeatable (default: llama-1b)")
+    ap.add_argument(
+        "--shape", action="append", choices=["llama-1b", "llama-8b"], help="repeatable (default: llama-1b)"
+    )
     ap.add_argument("--peer", type=Path, default=DEFAULT_PEER, help="path to peer_qlora.py")
     ap.add_argument("--examples", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4, help="the peer's examples per batch")
-    ap.add_argument("--config", action="append",
-                    help=f"ours, repeatable (default: final): one of {', '.join(CONFIGS)}, optionally +KEY=JSON...")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="extra TrainParams override for ours (all configs)")
+    ap.add_argument(
+        "--config",
+        action="append",
+        help=f"ours, repeatable (default: final): one of {', '.join(CONFIGS)}, optionally +KEY=JSON...",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="extra TrainParams override for ours (all configs)",
+    )
     ap.add_argument("--no-peer", action="store_true", help="skip the peer (exploration only: ratios need it)")
     ap.add_argument("--agree-steps", type=int, default=0, help="loss-agreement check over this many steps (0: skip)")
     ap.add_argument("--agree-shape", default="llama-1b", help="the shape the agreement check runs on")
-    ap.add_argument("--profile", action="store_true", help="also a short profiled run of the last config (top kernels)")
+    ap.add_argument(
+        "--profile", action="store_true", help="also a short profiled run of the last config (top kernels)"
+    )
     ap.add_argument("--out", help="append every result as a JSON line to this file")
     ap.add_argument("--only", choices=["ours", "build"], help=argparse.SUPPRESS)  # one job, in a child process
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
@@ -326,7 +414,10 @@ def main() -> None:
         print(json.dumps({"built": str(a.root)}), flush=True)
         return
     if a.only == "ours":
-        print(json.dumps(run_ours(shapes[0], a.peer, a.examples, a.root, configs[0], overrides, a.profile_run)), flush=True)
+        print(
+            json.dumps(run_ours(shapes[0], a.peer, a.examples, a.root, configs[0], overrides, a.profile_run)),
+            flush=True,
+        )
         return
 
     import torch
@@ -345,16 +436,37 @@ def main() -> None:
     for shape in shapes:
         n_params = matmul_params(load_peer(a.peer).SHAPES[shape])
         if not a.no_peer:
-            peer = subprocess.run([sys.executable, str(a.peer), "--shape", shape, "--examples", str(a.examples),
-                                   "--batch", str(a.batch)], capture_output=True, text=True)
+            peer = subprocess.run(
+                [
+                    sys.executable,
+                    str(a.peer),
+                    "--shape",
+                    shape,
+                    "--examples",
+                    str(a.examples),
+                    "--batch",
+                    str(a.batch),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if peer.returncode != 0:
                 raise RuntimeError(f"peer failed on {shape}:\n{peer.stderr[-3000:]}")
             r = json.loads([x for x in peer.stdout.splitlines() if x.startswith("{")][-1])
             r["mfu"] = r["useful_tokens_per_s"] * 6 * n_params / (tflops * 1e12)
             record(r)
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-            common = ["--shape", shape, "--peer", str(a.peer), "--examples", str(a.examples), "--root", tmp,
-                      *[x for kv in a.set for x in ("--set", kv)]]
+            common = [
+                "--shape",
+                shape,
+                "--peer",
+                str(a.peer),
+                "--examples",
+                str(a.examples),
+                "--root",
+                tmp,
+                *[x for kv in a.set for x in ("--set", kv)],
+            ]
             run_in_subprocess(["--only", "build", *common])
             for config in configs:
                 r = run_in_subprocess(["--only", "ours", "--config", config, *common])
@@ -363,19 +475,34 @@ def main() -> None:
             if a.agree_steps and shape == a.agree_shape:
                 final = our_params(shape, configs[-1])
                 if not isinstance(final.batch_size, int):
-                    sys.exit(f"--agree-steps compares with the last --config at a fixed batch; {configs[-1]} has batch_size {final.batch_size}")
+                    sys.exit(
+                        f"--agree-steps compares with the last --config at a fixed batch; {configs[-1]} has batch_size {final.batch_size}"
+                    )
                 # The same optimizer steps: the reference takes the final micro-batch in halves or
                 # single rows (grad_accum), since the unoptimized path needs more memory per row.
                 ref_rows = 1
                 steps = ["--set", f"max_steps={a.agree_steps}", "--set", "learning_rate=1e-3"]
-                ref = run_in_subprocess(["--only", "ours", "--config", "packing", *common, *steps,
-                                         "--set", f"batch_size={ref_rows}", "--set", f"grad_accum={final.batch_size // ref_rows}"])
+                ref = run_in_subprocess(
+                    [
+                        "--only",
+                        "ours",
+                        "--config",
+                        "packing",
+                        *common,
+                        *steps,
+                        "--set",
+                        f"batch_size={ref_rows}",
+                        "--set",
+                        f"grad_accum={final.batch_size // ref_rows}",
+                    ]
+                )
                 fin = run_in_subprocess(["--only", "ours", "--config", configs[-1], *common, *steps])
                 ref["agree"] = fin["agree"] = True
                 record(agreement(ref, fin))
             if a.profile:
-                r = run_in_subprocess(["--only", "ours", "--config", configs[-1], *common, "--profile-run",
-                                       "--set", "max_steps=4"])
+                r = run_in_subprocess(
+                    ["--only", "ours", "--config", configs[-1], *common, "--profile-run", "--set", "max_steps=4"]
+                )
                 print(r.get("profile", ""), flush=True)
         torch.cuda.empty_cache()
     print()

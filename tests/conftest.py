@@ -15,20 +15,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """loraline/quiet.py's warning filters as pytest's own: pytest shows every DeprecationWarning by putting
-    its filters in front of those `import loraline` installed, in each test (its fixtures included)."""
+    """Deprecations are errors, except loraline/quiet.py's narrow filters, made pytest's own: pytest puts its
+    filters in front of those `import loraline` installed, in each test (its fixtures included)."""
     from loraline import quiet
 
+    # A deprecation (transformers', peft's, any library's) fails the test that meets it: it announces the
+    # next upgrade's breakage. Added first, so that quiet.py's narrow filters below take precedence.
+    for category in ("DeprecationWarning", "PendingDeprecationWarning", "FutureWarning"):
+        config.addinivalue_line("filterwarnings", f"error::{category}")
     for noise in quiet.NOISE:
         if noise.kind == "warning":
-            config.addinivalue_line("filterwarnings", f"ignore:{noise.message}:{noise.category.__name__}:{noise.source}")
+            config.addinivalue_line(
+                "filterwarnings", f"ignore:{noise.message}:{noise.category.__name__}:{noise.source}"
+            )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
     if not os.environ.get("LORALINE_SERVE_PYTHON"):
-        skip_serve = pytest.mark.skip(reason="starts the real vLLM server: run `make test-serve` (builds the serving environment)")
+        skip_serve = pytest.mark.skip(
+            reason="starts the real vLLM server: run `make test-serve` (builds the serving environment)"
+        )
         for item in items:
             if item.get_closest_marker("serve"):
                 item.add_marker(skip_serve)
@@ -57,17 +65,30 @@ def random_llama(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loraline.modelling.chat import save_tokenizer
     from loraline.base.tokenizer import train_tokenizer
+    from loraline.modelling.chat import save_tokenizer
 
     root = tmp_path_factory.mktemp("random_llama")
-    corpus = [f"Ticket {i} from {who}: the {thing} is {state}. Please route it." for i, (who, thing, state) in
-              enumerate([("Ana", "printer", "down"), ("Bo", "vpn", "slow"), ("Chen", "mailbox", "down")] * 20)]
+    corpus = [
+        f"Ticket {i} from {who}: the {thing} is {state}. Please route it."
+        for i, (who, thing, state) in enumerate(
+            [("Ana", "printer", "down"), ("Bo", "vpn", "slow"), ("Chen", "mailbox", "down")] * 20
+        )
+    ]
     tok = train_tokenizer(corpus, 400)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.2,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).eval().save_pretrained(root / "model")

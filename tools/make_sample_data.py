@@ -103,8 +103,11 @@ PROTECTED = re.compile(
 
 
 def add_typo(rng: random.Random, text: str, products: list[str]) -> str:
-    words = [m for m in re.finditer(r"[A-Za-z]{5,}", text)
-             if not PROTECTED.search(m.group()) and not any(m.group().lower() in p.lower() for p in products)]
+    words = [
+        m
+        for m in re.finditer(r"[A-Za-z]{5,}", text)
+        if not PROTECTED.search(m.group()) and not any(m.group().lower() in p.lower() for p in products)
+    ]
     if not words:
         return text
     m = rng.choice(words)
@@ -112,35 +115,89 @@ def add_typo(rng: random.Random, text: str, products: list[str]) -> str:
     i = rng.randrange(1, len(w) - 2)
     kind = rng.randrange(3)
     if kind == 0:
-        w2 = w[:i] + w[i + 1] + w[i] + w[i + 2:]  # swap
+        w2 = w[:i] + w[i + 1] + w[i] + w[i + 2 :]  # swap
     elif kind == 1:
-        w2 = w[:i] + w[i + 1:]  # drop
+        w2 = w[:i] + w[i + 1 :]  # drop
     else:
         w2 = w[:i] + w[i] + w[i:]  # double
-    return text[: m.start()] + w2 + text[m.end():]
+    return text[: m.start()] + w2 + text[m.end() :]
 
 
 # ====================================================================================== acme-shop
 
 ACME_PRODUCTS = {
-    "kitchen": ["cast-iron skillet", "ceramic dinner plate set", "bamboo cutting board", "stainless steel kettle",
-                "enamel Dutch oven", "glass storage jar set", "espresso cup set", "knife block set",
-                "stoneware mixing bowl", "copper measuring jug"],
-    "bedding": ["linen duvet cover", "percale sheet set", "down pillow", "quilted bedspread",
-                "flannel pillowcase pair", "memory foam mattress topper", "cotton quilt", "weighted blanket",
-                "silk pillowcase", "fitted sheet"],
-    "bath": ["Turkish bath towel set", "waffle bathrobe", "cotton bath mat", "linen shower curtain",
-             "hand towel set", "bamboo bath caddy", "teak shower stool", "ceramic soap dispenser",
-             "heated towel rail", "bath sheet bundle"],
-    "lighting": ["brass floor lamp", "rattan pendant shade", "ceramic table lamp", "LED desk lamp",
-                 "plug-in wall sconce", "outdoor string light chain", "smoked glass pendant light", "arc reading lamp",
-                 "pleated lampshade", "dimmable bulb 4-pack"],
-    "furniture": ["oak coffee table", "velvet armchair", "ladder bookshelf", "counter-height bar stool",
-                  "walnut side table", "low TV console", "dining chair pair", "storage ottoman",
-                  "writing desk", "slim shoe cabinet"],
-    "decor": ["woven wall hanging", "ribbed ceramic vase", "framed botanical print", "round wall mirror",
-              "scented candle trio", "jute rug", "throw cushion cover", "faux olive tree",
-              "gallery picture frame set", "hand-tufted wool rug"],
+    "kitchen": [
+        "cast-iron skillet",
+        "ceramic dinner plate set",
+        "bamboo cutting board",
+        "stainless steel kettle",
+        "enamel Dutch oven",
+        "glass storage jar set",
+        "espresso cup set",
+        "knife block set",
+        "stoneware mixing bowl",
+        "copper measuring jug",
+    ],
+    "bedding": [
+        "linen duvet cover",
+        "percale sheet set",
+        "down pillow",
+        "quilted bedspread",
+        "flannel pillowcase pair",
+        "memory foam mattress topper",
+        "cotton quilt",
+        "weighted blanket",
+        "silk pillowcase",
+        "fitted sheet",
+    ],
+    "bath": [
+        "Turkish bath towel set",
+        "waffle bathrobe",
+        "cotton bath mat",
+        "linen shower curtain",
+        "hand towel set",
+        "bamboo bath caddy",
+        "teak shower stool",
+        "ceramic soap dispenser",
+        "heated towel rail",
+        "bath sheet bundle",
+    ],
+    "lighting": [
+        "brass floor lamp",
+        "rattan pendant shade",
+        "ceramic table lamp",
+        "LED desk lamp",
+        "plug-in wall sconce",
+        "outdoor string light chain",
+        "smoked glass pendant light",
+        "arc reading lamp",
+        "pleated lampshade",
+        "dimmable bulb 4-pack",
+    ],
+    "furniture": [
+        "oak coffee table",
+        "velvet armchair",
+        "ladder bookshelf",
+        "counter-height bar stool",
+        "walnut side table",
+        "low TV console",
+        "dining chair pair",
+        "storage ottoman",
+        "writing desk",
+        "slim shoe cabinet",
+    ],
+    "decor": [
+        "woven wall hanging",
+        "ribbed ceramic vase",
+        "framed botanical print",
+        "round wall mirror",
+        "scented candle trio",
+        "jute rug",
+        "throw cushion cover",
+        "faux olive tree",
+        "gallery picture frame set",
+        "hand-tufted wool rug",
+    ],
 }
 ACME_CATEGORIES = list(ACME_PRODUCTS)
 ACME_DAMAGE = {
@@ -156,8 +213,13 @@ ACME_VARIANTS = {
     "bedding": ["the queen size", "the king size", "the double size", "the sage green one", "the white one"],
     "bath": ["the charcoal colour", "the white one", "the larger size", "the navy colour", "the sand colour"],
     "lighting": ["the brass finish", "the matte black finish", "the smaller size", "the white one", "the larger size"],
-    "furniture": ["the natural oak finish", "the walnut finish", "the larger size", "the charcoal colour",
-                  "the white one"],
+    "furniture": [
+        "the natural oak finish",
+        "the walnut finish",
+        "the larger size",
+        "the charcoal colour",
+        "the white one",
+    ],
     "decor": ["the larger size", "the terracotta colour", "the 120 cm size", "the smaller size", "the white one"],
 }
 ACME_INTENTS = ["refund", "return", "exchange", "track", "cancel", "change_address"]
@@ -249,41 +311,177 @@ ACME_SUBJECTS = {
     "refund": ["Refund request", "Money back please", "Refund for {ord}", "Refund please", "Refund"],
     "return": ["Return request", "Returning an item", "Return label for {ord}", "How to return", "Return"],
     "exchange": ["Exchange request", "Swap item", "Exchange for {ord}", "Exchange", "Can I swap?"],
-    "track": ["Where is my order?", "Tracking for {ord}", "Delivery status", "Order not arrived yet", "Shipping update?"],
+    "track": [
+        "Where is my order?",
+        "Tracking for {ord}",
+        "Delivery status",
+        "Order not arrived yet",
+        "Shipping update?",
+    ],
     "cancel": ["Cancel order", "Cancellation {ord}", "Please cancel", "Cancel {ord}", "Cancel my order"],
-    "change_address": ["Change of address", "Delivery address update", "Wrong address on {ord}", "New address",
-                       "Redirect delivery"],
+    "change_address": [
+        "Change of address",
+        "Delivery address update",
+        "Wrong address on {ord}",
+        "New address",
+        "Redirect delivery",
+    ],
 }
-ACME_ORDER_REFS = ["order #{n}", "order {n}", "order no. {n}", "order number {n}", "order ref {n}", "#{n}",
-                   "order #{n}", "order {n}"]
+ACME_ORDER_REFS = [
+    "order #{n}",
+    "order {n}",
+    "order no. {n}",
+    "order number {n}",
+    "order ref {n}",
+    "#{n}",
+    "order #{n}",
+    "order {n}",
+]
 ACME_URGENT = [
-    "This is urgent.", "Please treat this as urgent.", "I need this sorted today, please.",
-    "Please handle this ASAP.", "Could you deal with this as soon as possible?", "I need an answer right away.",
-    "Time-sensitive, please reply immediately.", "It's a gift for Saturday, so this is really urgent.",
-    "We move out tomorrow, so I need this fixed today.", "URGENT - please get back to me asap.",
+    "This is urgent.",
+    "Please treat this as urgent.",
+    "I need this sorted today, please.",
+    "Please handle this ASAP.",
+    "Could you deal with this as soon as possible?",
+    "I need an answer right away.",
+    "Time-sensitive, please reply immediately.",
+    "It's a gift for Saturday, so this is really urgent.",
+    "We move out tomorrow, so I need this fixed today.",
+    "URGENT - please get back to me asap.",
     "Please help as soon as possible, I'm running out of time.",
 ]
-ACME_CALM = ["No rush on this.", "Whenever you get a chance.", "No hurry at all.", "No rush, just let me know.",
-             "Take your time."]
-ACME_GREETINGS = ["Hi,", "Hello,", "Hi there,", "Dear Acme Home team,", "Good morning,", "Hey,", "Hello Acme,",
-                  "Dear customer service,", "Hi team,", "Good afternoon,"]
-ACME_CLOSINGS = ["Thanks,", "Thank you,", "Many thanks,", "Best,", "Kind regards,", "Cheers,", "Regards,",
-                 "Thanks in advance,", "Best wishes,"]
-FIRST_NAMES = ["Maria", "James", "Priya", "Tom", "Aisha", "Daniel", "Chloe", "Mateo", "Hannah", "Liam", "Sofia",
-               "Noah", "Grace", "Oliver", "Yuki", "Ethan", "Zoë", "Samuel", "Amelia", "Lucas", "Fatima", "Jack",
-               "Ingrid", "Kwame", "Elena", "Ben", "Nadia", "Oscar", "Mei", "Rafael", "Julia", "Connor", "Leila",
-               "Marcus", "Ruth", "Tariq", "Emma", "José", "Freya", "Dmitri"]
-LAST_NAMES = ["Lopez", "Carter", "Shah", "Nguyen", "Okafor", "Brennan", "Müller", "Rossi", "Kim", "Walsh",
-              "Haddad", "Jensen", "Patel", "Morgan", "Silva", "Novak", "Reid", "Tanaka", "Hughes", "Adeyemi"]
-STREETS = ["Maple", "Elm", "Harbour", "Station", "Church", "Willow", "Cedar", "Mill", "Park", "Orchard", "Bridge",
-           "Lakeview", "Chestnut", "High"]
+ACME_CALM = [
+    "No rush on this.",
+    "Whenever you get a chance.",
+    "No hurry at all.",
+    "No rush, just let me know.",
+    "Take your time.",
+]
+ACME_GREETINGS = [
+    "Hi,",
+    "Hello,",
+    "Hi there,",
+    "Dear Acme Home team,",
+    "Good morning,",
+    "Hey,",
+    "Hello Acme,",
+    "Dear customer service,",
+    "Hi team,",
+    "Good afternoon,",
+]
+ACME_CLOSINGS = [
+    "Thanks,",
+    "Thank you,",
+    "Many thanks,",
+    "Best,",
+    "Kind regards,",
+    "Cheers,",
+    "Regards,",
+    "Thanks in advance,",
+    "Best wishes,",
+]
+FIRST_NAMES = [
+    "Maria",
+    "James",
+    "Priya",
+    "Tom",
+    "Aisha",
+    "Daniel",
+    "Chloe",
+    "Mateo",
+    "Hannah",
+    "Liam",
+    "Sofia",
+    "Noah",
+    "Grace",
+    "Oliver",
+    "Yuki",
+    "Ethan",
+    "Zoë",
+    "Samuel",
+    "Amelia",
+    "Lucas",
+    "Fatima",
+    "Jack",
+    "Ingrid",
+    "Kwame",
+    "Elena",
+    "Ben",
+    "Nadia",
+    "Oscar",
+    "Mei",
+    "Rafael",
+    "Julia",
+    "Connor",
+    "Leila",
+    "Marcus",
+    "Ruth",
+    "Tariq",
+    "Emma",
+    "José",
+    "Freya",
+    "Dmitri",
+]
+LAST_NAMES = [
+    "Lopez",
+    "Carter",
+    "Shah",
+    "Nguyen",
+    "Okafor",
+    "Brennan",
+    "Müller",
+    "Rossi",
+    "Kim",
+    "Walsh",
+    "Haddad",
+    "Jensen",
+    "Patel",
+    "Morgan",
+    "Silva",
+    "Novak",
+    "Reid",
+    "Tanaka",
+    "Hughes",
+    "Adeyemi",
+]
+STREETS = [
+    "Maple",
+    "Elm",
+    "Harbour",
+    "Station",
+    "Church",
+    "Willow",
+    "Cedar",
+    "Mill",
+    "Park",
+    "Orchard",
+    "Bridge",
+    "Lakeview",
+    "Chestnut",
+    "High",
+]
 STREET_KINDS = ["Street", "Road", "Avenue", "Lane", "Drive", "Close", "Way"]
-CITIES = ["Portland, OR", "Austin, TX", "Madison, WI", "Raleigh, NC", "Boise, ID", "Tucson, AZ", "Albany, NY",
-          "Dayton, OH", "Eugene, OR", "Savannah, GA", "Burlington, VT", "Fresno, CA"]
-ACME_INSTRUCTIONS = ["Extract the order request as JSON.", "Extract the order request as JSON.",
-                     "Convert this customer email into a JSON record for the order system.",
-                     "Read the email and return the order request as JSON.",
-                     "Turn this customer email into order-system JSON."]
+CITIES = [
+    "Portland, OR",
+    "Austin, TX",
+    "Madison, WI",
+    "Raleigh, NC",
+    "Boise, ID",
+    "Tucson, AZ",
+    "Albany, NY",
+    "Dayton, OH",
+    "Eugene, OR",
+    "Savannah, GA",
+    "Burlington, VT",
+    "Fresno, CA",
+]
+ACME_INSTRUCTIONS = [
+    "Extract the order request as JSON.",
+    "Extract the order request as JSON.",
+    "Convert this customer email into a JSON record for the order system.",
+    "Read the email and return the order request as JSON.",
+    "Turn this customer email into order-system JSON.",
+]
 ACME_SYSTEMS = [
     "You are Acme Home's order-desk assistant. Read the customer's email and reply with one JSON object "
     "with the keys intent, order, category and urgent.",
@@ -301,21 +499,33 @@ def acme_email(rng: random.Random, intent: str, category: str, urgent: bool, ord
     product = rng.choice(ACME_PRODUCTS[category])
     template = rng.choice(ACME_TEMPLATES[intent])
     ref = rng.choice(ACME_ORDER_REFS).format(n=order)
-    body = template.format(p=product, o=ref, O=ref[0].upper() + ref[1:], d=rng.randint(3, 40),
-                           v=rng.choice(ACME_VARIANTS[category]), a=acme_address(rng),
-                           x=rng.choice(ACME_DAMAGE[category]))
+    body = template.format(
+        p=product,
+        o=ref,
+        O=ref[0].upper() + ref[1:],
+        d=rng.randint(3, 40),
+        v=rng.choice(ACME_VARIANTS[category]),
+        a=acme_address(rng),
+        x=rng.choice(ACME_DAMAGE[category]),
+    )
     extra = []
     if urgent:
         extra.append(rng.choice(ACME_URGENT))
     elif rng.random() < 0.25:
         extra.append(rng.choice(ACME_CALM))
     if rng.random() < 0.2:
-        extra.append(rng.choice(["I've been a customer for years and this is the first problem I've had.",
-                                 "I checked the FAQ but couldn't find an answer.",
-                                 "My phone number is on the account if that helps.",
-                                 "Photos can be sent if you need them.",
-                                 "I ordered through the website, not the app.",
-                                 "Please reply to me by email rather than phone."]))
+        extra.append(
+            rng.choice(
+                [
+                    "I've been a customer for years and this is the first problem I've had.",
+                    "I checked the FAQ but couldn't find an answer.",
+                    "My phone number is on the account if that helps.",
+                    "Photos can be sent if you need them.",
+                    "I ordered through the website, not the app.",
+                    "Please reply to me by email rather than phone.",
+                ]
+            )
+        )
     if extra and urgent and rng.random() < 0.35:
         body = extra[0] + " " + body + ("" if len(extra) == 1 else " " + " ".join(extra[1:]))
     elif extra:
@@ -367,14 +577,18 @@ def long_email_thread(rng: random.Random, order: str) -> tuple[str, str]:
     while sum(len(x) + 1 for x in lines) < MAX_CHARS + 3000:
         k += 1
         lines.append(f"> On {k} March, Acme Home Support wrote:")
-        lines.append("> Thank you for contacting Acme Home. We're sorry to hear about the problem with your order. "
-                     "Our team is reviewing the photos you sent and we will update you within two business days. "
-                     "If you have any further details, simply reply to this email and they will be added to your case.")
+        lines.append(
+            "> Thank you for contacting Acme Home. We're sorry to hear about the problem with your order. "
+            "Our team is reviewing the photos you sent and we will update you within two business days. "
+            "If you have any further details, simply reply to this email and they will be added to your case."
+        )
         lines.append(">")
         lines.append(f"> > On {k} March, the customer wrote:")
-        lines.append("> > I'm still waiting to hear back about the coffee table. The top is split along the grain and "
-                     "one of the legs doesn't line up with the bracket. I've attached more photos from a different "
-                     "angle and the packaging it came in, which was also damaged on one corner.")
+        lines.append(
+            "> > I'm still waiting to hear back about the coffee table. The top is split along the grain and "
+            "one of the legs doesn't line up with the bracket. I've attached more photos from a different "
+            "angle and the packaging it came in, which was also damaged on one corner."
+        )
         lines.append("")
     return "\n".join(lines), dumps(label)
 
@@ -396,13 +610,33 @@ GLOBEX_PROBLEMS = {
         ("VPN keeps dropping", "My VPN connection drops every few minutes and I have to reconnect.", "site"),
         ("Wi-Fi not connecting", "The office Wi-Fi (GLOBEX-CORP) won't connect, it just says no internet.", "site"),
         ("Network drive times out", "I can't reach the network drive \\\\fs01\\shared, it times out.", "site"),
-        ("Dead ethernet port", "The ethernet port at desk {desk} gives no connection, there is no link light.", "user"),
+        (
+            "Dead ethernet port",
+            "The ethernet port at desk {desk} gives no connection, there is no link light.",
+            "user",
+        ),
         ("DNS errors on intranet", "Internal sites like intranet.globex.local fail with DNS errors.", "site"),
-        ("Network very slow", "The network is extremely slow, pages take a minute to load and Teams calls drop.", "site"),
-        ("Firewall blocking supplier portal", "The firewall seems to be blocking the supplier portal on port 8443.", "site"),
-        ("Packet loss on VPN", "Lots of packet loss on the VPN from home, ping to the gateway is all over the place.", "user"),
+        (
+            "Network very slow",
+            "The network is extremely slow, pages take a minute to load and Teams calls drop.",
+            "site",
+        ),
+        (
+            "Firewall blocking supplier portal",
+            "The firewall seems to be blocking the supplier portal on port 8443.",
+            "site",
+        ),
+        (
+            "Packet loss on VPN",
+            "Lots of packet loss on the VPN from home, ping to the gateway is all over the place.",
+            "user",
+        ),
         ("No IP address", "My laptop gets a 169.254 address on the wired network, so no connection at all.", "user"),
-        ("Switch lights flashing", "The switch in the comms room has orange lights flashing and the desks on that side have no network.", "wide"),
+        (
+            "Switch lights flashing",
+            "The switch in the comms room has orange lights flashing and the desks on that side have no network.",
+            "wide",
+        ),
     ],
     "identity": [
         ("Locked out", "I'm locked out of my account after too many password attempts.", "user"),
@@ -424,15 +658,27 @@ GLOBEX_PROBLEMS = {
         ("Monitor flickering", "My monitor flickers and goes black every few minutes.", "user"),
         ("Headset mic not working", "My headset microphone isn't picked up by the laptop.", "user"),
         ("Laptop overheating", "The laptop fan is very loud and the machine is overheating.", "user"),
-        ("Laptops won't boot after BIOS update", "Laptops that got last night's BIOS update won't boot past the logo.", "wide"),
-        ("Meeting room screens dead", "The meeting room displays and the docking stations on floor {floor} have no power.", "wide"),
+        (
+            "Laptops won't boot after BIOS update",
+            "Laptops that got last night's BIOS update won't boot past the logo.",
+            "wide",
+        ),
+        (
+            "Meeting room screens dead",
+            "The meeting room displays and the docking stations on floor {floor} have no power.",
+            "wide",
+        ),
     ],
     "email": [
         ("Outlook won't sync", "Outlook keeps asking for my password and the mailbox won't sync.", "site"),
         ("External mail bouncing", "Emails to external addresses bounce back with a 550 error.", "site"),
         ("Mailbox full", "My mailbox is full and I can't send any email.", "user"),
         ("Shared mailbox missing", "The shared mailbox {mbx}@globex.com has disappeared from Outlook.", "user"),
-        ("Calendar invites broken", "Calendar invites from outside arrive as plain text emails with no accept button.", "site"),
+        (
+            "Calendar invites broken",
+            "Calendar invites from outside arrive as plain text emails with no accept button.",
+            "site",
+        ),
         ("Phishing getting through", "Lots of phishing emails are getting past the spam filter into inboxes.", "wide"),
         ("Attachments not sending", "Emails with attachments over 5 MB never arrive.", "user"),
         ("Outlook crashes", "Outlook crashes as soon as I open it.", "user"),
@@ -440,15 +686,30 @@ GLOBEX_PROBLEMS = {
     "database": [
         ("Queries timing out", "Queries against the {db} database are timing out.", "site"),
         ("ETL deadlock", "The nightly ETL job failed with a deadlock error on the orders table.", "site"),
-        ("Slow report query", "My saved SQL query on the {db} database now takes ten minutes instead of seconds.", "user"),
-        ("DB login failed",
-         "I get 'login failed for user' when connecting to the {db} database from SQL Management Studio.", "user"),
+        (
+            "Slow report query",
+            "My saved SQL query on the {db} database now takes ten minutes instead of seconds.",
+            "user",
+        ),
+        (
+            "DB login failed",
+            "I get 'login failed for user' when connecting to the {db} database from SQL Management Studio.",
+            "user",
+        ),
         ("Replication stuck", "The reporting database still shows yesterday's data, replication looks stuck.", "site"),
         ("Too many connections", "The app logs show 'too many connections' errors from Postgres.", "site"),
         ("SQL Server at 100% CPU", "The SQL Server instance for {db} is at 100% CPU.", "site"),
         ("DB backup failed", "Last night's backup job for the {db} database failed.", "site"),
-        ("Report query returns wrong totals", "My SQL report against the {db} database returns wrong totals since the schema migration.", "user"),
-        ("Database connection refused", "My client gets 'connection refused' from the {db} database on port 5432.", "user"),
+        (
+            "Report query returns wrong totals",
+            "My SQL report against the {db} database returns wrong totals since the schema migration.",
+            "user",
+        ),
+        (
+            "Database connection refused",
+            "My client gets 'connection refused' from the {db} database on port 5432.",
+            "user",
+        ),
     ],
 }
 GLOBEX_REQUESTS = {
@@ -456,9 +717,15 @@ GLOBEX_REQUESTS = {
         ("Second network port", "Could I get a second network port patched at desk {desk}?"),
         ("VPN on home PC", "How do I connect to the VPN from my home PC?"),
         ("Guest Wi-Fi for visitors", "Is there a guest Wi-Fi password I can give to visitors next week?"),
-        ("Wi-Fi for new meeting room", "Could you extend the wireless network to the new meeting room on floor {floor}?"),
+        (
+            "Wi-Fi for new meeting room",
+            "Could you extend the wireless network to the new meeting room on floor {floor}?",
+        ),
         ("Static IP request", "What's the process for requesting a static IP for a lab device?"),
-        ("Open firewall port", "Can you open a firewall rule for the new vendor portal? Nothing is broken yet, it goes live next month."),
+        (
+            "Open firewall port",
+            "Can you open a firewall rule for the new vendor portal? Nothing is broken yet, it goes live next month.",
+        ),
     ],
     "identity": [
         ("Access group request", "Could you add me to the {group} access group?"),
@@ -527,39 +794,61 @@ GLOBEX_IMPACT = {
         "Thanks in advance.",
     ],
 }
-GLOBEX_DETAILS = ["I already restarted twice.", "It started this morning around 9:40.", "Screenshot attached.",
-                  "I'm working from home today.", "Asset tag GX-{tag}.", "It was fine yesterday.",
-                  "I'm working from the {site} office today.", ""]
+GLOBEX_DETAILS = [
+    "I already restarted twice.",
+    "It started this morning around 9:40.",
+    "Screenshot attached.",
+    "I'm working from home today.",
+    "Asset tag GX-{tag}.",
+    "It was fine yesterday.",
+    "I'm working from the {site} office today.",
+    "",
+]
 GLOBEX_GREETINGS = ["Hi IT,", "Hello,", "Hi team,", "Hi,", "Morning,", "Hello helpdesk,", ""]
 GLOBEX_SYSTEMS = [
-    "You are Globex IT helpdesk triage. Route the ticket: reply with JSON {\"team\": ..., \"priority\": ...}.",
+    'You are Globex IT helpdesk triage. Route the ticket: reply with JSON {"team": ..., "priority": ...}.',
     "Route this helpdesk ticket. Answer with the team and priority as JSON.",
     "You triage Globex IT tickets into a team (network, identity, hardware, email, database) and a priority "
     "(P1-P4). Reply with compact JSON only.",
 ]
 FOLLOWUPS = {
-    "to_P1": ["Update: now everyone in the {site} office has the same problem, nobody can work.",
-              "It's spread: the whole {dept} department is affected now, about {n} people.",
-              "Update - every user on floor {floor} is seeing this now."],
-    "to_P2": ["Update: it got worse, I can't work at all now.",
-              "Follow-up: this is now blocking me completely, I can't do my job.",
-              "Now I'm fully blocked, nothing works."],
-    "to_P3": ["Update: a restart fixed it for now, so I can work around it. It just keeps coming back now and then.",
-              "Found a workaround, so it's only annoying now.",
-              "It's better now, I can keep working; it only happens occasionally."],
-    "reroute": ["Sorry, I described that wrong. The real problem is: {body}",
-                "Correction from my side: {body}",
-                "Actually it's something else: {body}"],
+    "to_P1": [
+        "Update: now everyone in the {site} office has the same problem, nobody can work.",
+        "It's spread: the whole {dept} department is affected now, about {n} people.",
+        "Update - every user on floor {floor} is seeing this now.",
+    ],
+    "to_P2": [
+        "Update: it got worse, I can't work at all now.",
+        "Follow-up: this is now blocking me completely, I can't do my job.",
+        "Now I'm fully blocked, nothing works.",
+    ],
+    "to_P3": [
+        "Update: a restart fixed it for now, so I can work around it. It just keeps coming back now and then.",
+        "Found a workaround, so it's only annoying now.",
+        "It's better now, I can keep working; it only happens occasionally.",
+    ],
+    "reroute": [
+        "Sorry, I described that wrong. The real problem is: {body}",
+        "Correction from my side: {body}",
+        "Actually it's something else: {body}",
+    ],
 }
 
 
 def globex_fill(rng: random.Random, s: str, ctx: dict | None = None) -> str:
     """Fill a template; ctx pins the sender's site and department so the impact text agrees with them."""
     ctx = ctx or {}
-    return s.format(desk=f"{rng.choice('ABCDEF')}{rng.randint(1, 48)}", floor=rng.randint(1, 6),
-                    group=rng.choice(GROUPS), db=rng.choice(DBS), mbx=rng.choice(MAILBOXES),
-                    dept=ctx.get("dept") or rng.choice(DEPTS), site=ctx.get("site") or rng.choice(SITES),
-                    n=rng.randint(12, 240), tag=rng.randint(1000, 9999))
+    return s.format(
+        desk=f"{rng.choice('ABCDEF')}{rng.randint(1, 48)}",
+        floor=rng.randint(1, 6),
+        group=rng.choice(GROUPS),
+        db=rng.choice(DBS),
+        mbx=rng.choice(MAILBOXES),
+        dept=ctx.get("dept") or rng.choice(DEPTS),
+        site=ctx.get("site") or rng.choice(SITES),
+        n=rng.randint(12, 240),
+        tag=rng.randint(1000, 9999),
+    )
 
 
 def problem_pool(team: str, prio: str) -> list[tuple[str, str, str]]:
@@ -589,8 +878,9 @@ def globex_ticket(rng: random.Random, team: str, prio: str) -> tuple[str, dict]:
     head = f"Subject: {subject}\n{sender}\n\n" if rng.random() < 0.8 else ""
     text = head + (greeting + "\n" if greeting else "") + " ".join(sentences)
     if rng.random() < 0.5:
-        text += "\n\n" + rng.choice(["Thanks", "Thanks,\n" + name.split()[0], "Cheers", "Regards,\n" + name,
-                                     name.split()[0]])
+        text += "\n\n" + rng.choice(
+            ["Thanks", "Thanks,\n" + name.split()[0], "Cheers", "Regards,\n" + name, name.split()[0]]
+        )
     if rng.random() < 0.08:
         text = add_typo(rng, text, [])
     return text, ctx
@@ -602,41 +892,64 @@ def glabel(team: str, prio: str) -> str:
 
 def globex_followup(rng: random.Random, team: str, prio: str, ctx: dict) -> tuple[str, str, str]:
     """A follow-up user turn after the first answer: (text, new team, new priority)."""
-    options = {"P1": ["to_P2", "reroute"], "P2": ["to_P1", "to_P3", "reroute"], "P3": ["to_P1", "to_P2", "reroute"],
-               "P4": ["to_P2"]}[prio]
+    options = {
+        "P1": ["to_P2", "reroute"],
+        "P2": ["to_P1", "to_P3", "reroute"],
+        "P3": ["to_P1", "to_P2", "reroute"],
+        "P4": ["to_P2"],
+    }[prio]
     kind = rng.choice(options)
     if kind == "to_P2" and prio == "P1":
-        return (rng.choice(["Update: the rest of the office is back, it's only me now but I still can't work at all.",
-                            "Most people are fine again. I'm still completely blocked though."]),
-                team, "P2")
+        return (
+            rng.choice(
+                [
+                    "Update: the rest of the office is back, it's only me now but I still can't work at all.",
+                    "Most people are fine again. I'm still completely blocked though.",
+                ]
+            ),
+            team,
+            "P2",
+        )
     if kind == "reroute":
         other = rng.choice([t for t in GLOBEX_TEAMS if t != team])
         body = globex_fill(rng, rng.choice(problem_pool(other, prio))[1], ctx)
-        text = rng.choice(FOLLOWUPS["reroute"]).format(body=body) + " " + globex_fill(
-            rng, rng.choice(GLOBEX_IMPACT[prio]), ctx)
+        text = (
+            rng.choice(FOLLOWUPS["reroute"]).format(body=body)
+            + " "
+            + globex_fill(rng, rng.choice(GLOBEX_IMPACT[prio]), ctx)
+        )
         return text, other, prio
     return globex_fill(rng, rng.choice(FOLLOWUPS[kind]), ctx), team, kind[3:]
 
 
 def long_vpn_log(rng: random.Random) -> str:
-    head = ("Subject: VPN keeps dropping\nFrom: Kwame Adeyemi (Sales, Leeds)\n\nHi IT,\nMy VPN connection drops "
-            "every few minutes and I have to reconnect. I'm completely blocked. Full client log below:\n\n")
+    head = (
+        "Subject: VPN keeps dropping\nFrom: Kwame Adeyemi (Sales, Leeds)\n\nHi IT,\nMy VPN connection drops "
+        "every few minutes and I have to reconnect. I'm completely blocked. Full client log below:\n\n"
+    )
     lines = []
     t = 0
     while len(head) + sum(len(x) + 1 for x in lines) < MAX_CHARS + 4000:
         t += rng.randint(1, 9)
-        lines.append(f"2024-03-14 09:{(t // 60) % 60:02d}:{t % 60:02d}.{rng.randint(0, 999):03d} "
-                     f"[{rng.choice(['INFO', 'WARN', 'ERROR'])}] tunnel[{rng.randint(1, 4)}]: "
-                     + rng.choice(["DPD timeout, peer 203.0.113.7 not responding",
-                                   "re-keying IKE SA, spi=0x{:08x}".format(rng.getrandbits(32)),
-                                   "keepalive sent, no reply",
-                                   "interface utun3 down, reconnecting",
-                                   "TLS handshake ok, session resumed",
-                                   "MTU probe 1400 failed, falling back to 1280"]))
+        lines.append(
+            f"2024-03-14 09:{(t // 60) % 60:02d}:{t % 60:02d}.{rng.randint(0, 999):03d} "
+            f"[{rng.choice(['INFO', 'WARN', 'ERROR'])}] tunnel[{rng.randint(1, 4)}]: "
+            + rng.choice(
+                [
+                    "DPD timeout, peer 203.0.113.7 not responding",
+                    f"re-keying IKE SA, spi=0x{rng.getrandbits(32):08x}",
+                    "keepalive sent, no reply",
+                    "interface utun3 down, reconnecting",
+                    "TLS handshake ok, session resumed",
+                    "MTU probe 1400 failed, falling back to 1280",
+                ]
+            )
+        )
     return head + "\n".join(lines)
 
 
 # ====================================================================================== writers
+
 
 def jsonl_bytes(lines: list) -> bytes:
     """lines: dicts (serialised) or raw bytes (written as-is, a defect)."""
@@ -656,8 +969,9 @@ def csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
 
 
 def parquet_bytes(rows: list[dict]) -> bytes:
-    schema = pa.schema([("id", pa.string()),
-                        ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])))])
+    schema = pa.schema(
+        [("id", pa.string()), ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])))]
+    )
     table = pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", row_group_size=1000, write_statistics=False)
@@ -687,8 +1001,9 @@ class Builder:
         self.rejects.append({"file": fname, "row": row, "reason": reason, "field": field, "defect": what})
 
     def duplicate(self, fname: str, row: int, of_row: int, what: str) -> None:
-        self.duplicates.append({"file": fname, "row": row, "duplicate_of": {"file": fname, "row": of_row},
-                                "defect": what})
+        self.duplicates.append(
+            {"file": fname, "row": row, "duplicate_of": {"file": fname, "row": of_row}, "defect": what}
+        )
 
     def manifest(self) -> dict:
         rows_in = sum(self.rows_in.values()) + len(self.unreadable)
@@ -740,12 +1055,15 @@ def build_acme(n_q2: int = ACME_Q2_ROWS) -> tuple[Builder, dict]:
     missing = {"instruction": ACME_INSTRUCTIONS[0], "input": t2}
     wrongtype = {"instruction": ACME_INSTRUCTIONS[3], "input": t3, "output": int(extra_order[2])}
     t4 = t4 + "\n\nRen\udce9e"  # a lone surrogate-escaped byte: encodes back to the single byte 0xE9
-    latin1 = json.dumps({"instruction": ACME_INSTRUCTIONS[0], "input": t4, "output": dumps(l4)},
-                        ensure_ascii=False).encode("utf-8", "surrogateescape")
-    plan = [(41, truncated, "malformed_json", None, "line cut off mid-object (export interrupted)"),
-            (97, missing, "missing_field", "output", "row has instruction and input but no output"),
-            (158, wrongtype, "wrong_type", "output", "output is the number %s, not a JSON string" % extra_order[2]),
-            (230, latin1, "invalid_utf8", None, "customer name written in latin-1 (byte 0xE9), not UTF-8")]
+    latin1 = json.dumps(
+        {"instruction": ACME_INSTRUCTIONS[0], "input": t4, "output": dumps(l4)}, ensure_ascii=False
+    ).encode("utf-8", "surrogateescape")
+    plan = [
+        (41, truncated, "malformed_json", None, "line cut off mid-object (export interrupted)"),
+        (97, missing, "missing_field", "output", "row has instruction and input but no output"),
+        (158, wrongtype, "wrong_type", "output", f"output is the number {extra_order[2]}, not a JSON string"),
+        (230, latin1, "invalid_utf8", None, "customer name written in latin-1 (byte 0xE9), not UTF-8"),
+    ]
     for pos, item, reason, field, what in plan:
         lines.insert(pos - 1, item)
         b.reject(fname, pos, reason, field, what)
@@ -764,7 +1082,7 @@ def build_acme(n_q2: int = ACME_Q2_ROWS) -> tuple[Builder, dict]:
 
     # ---- CSV, prompt/completion shape
     fname = "support_inbox_export.csv"
-    rows = acme_rows(rng, n_csv, orders[n_jsonl:n_jsonl + n_csv], seen)
+    rows = acme_rows(rng, n_csv, orders[n_jsonl : n_jsonl + n_csv], seen)
     recs = []
     for text, label in rows:
         recs.append([rng.choice(ACME_INSTRUCTIONS) + "\n\n" + text, label])
@@ -791,27 +1109,48 @@ def build_acme(n_q2: int = ACME_Q2_ROWS) -> tuple[Builder, dict]:
 
     # ---- JSON array, OpenAI chat shape
     fname = "chat_transcripts.json"
-    rows = acme_rows(rng, n_chat, orders[n_jsonl + n_csv:n_jsonl + n_csv + n_chat], seen)
+    rows = acme_rows(rng, n_chat, orders[n_jsonl + n_csv : n_jsonl + n_csv + n_chat], seen)
     elems = []
     for text, label in rows:
-        elems.append({"messages": [{"role": "system", "content": rng.choice(ACME_SYSTEMS)},
-                                   {"role": "user", "content": text},
-                                   {"role": "assistant", "content": label}]})
+        elems.append(
+            {
+                "messages": [
+                    {"role": "system", "content": rng.choice(ACME_SYSTEMS)},
+                    {"role": "user", "content": text},
+                    {"role": "assistant", "content": label},
+                ]
+            }
+        )
         count(label)
     valid_n = len(elems)
     t7, l7 = acme_email(rng, "return", "kitchen", False, extra_order[6])
     t8, _ = acme_email(rng, "track", "furniture", True, extra_order[7])
     long_text, long_label = long_email_thread(rng, extra_order[8])
-    elems.insert(33 - 1, {"messages": [{"role": "system", "content": ACME_SYSTEMS[0]},
-                                       {"role": "user", "content": t7},
-                                       {"role": "bot", "content": dumps(l7)}]})
+    elems.insert(
+        33 - 1,
+        {
+            "messages": [
+                {"role": "system", "content": ACME_SYSTEMS[0]},
+                {"role": "user", "content": t7},
+                {"role": "bot", "content": dumps(l7)},
+            ]
+        },
+    )
     b.reject(fname, 33, "unknown_role", "messages", 'answer turn has role "bot"')
-    elems.insert(118 - 1, {"messages": [{"role": "system", "content": ACME_SYSTEMS[1]},
-                                        {"role": "user", "content": t8}]})
+    elems.insert(
+        118 - 1, {"messages": [{"role": "system", "content": ACME_SYSTEMS[1]}, {"role": "user", "content": t8}]}
+    )
     b.reject(fname, 118, "no_assistant_turn", "messages", "conversation ends with the user turn, no answer")
-    elems.insert(201 - 1, {"messages": [{"role": "system", "content": ACME_SYSTEMS[0]},
-                                        {"role": "user", "content": long_text},
-                                        {"role": "assistant", "content": long_label}]})
+    elems.insert(
+        201 - 1,
+        {
+            "messages": [
+                {"role": "system", "content": ACME_SYSTEMS[0]},
+                {"role": "user", "content": long_text},
+                {"role": "assistant", "content": long_label},
+            ]
+        },
+    )
     assert len(long_text) > MAX_CHARS
     b.reject(fname, 201, "too_long", None, f"customer pasted the whole quoted thread ({len(long_text)} characters)")
     for i, e in enumerate(elems, start=1):
@@ -827,8 +1166,10 @@ def build_acme(n_q2: int = ACME_Q2_ROWS) -> tuple[Builder, dict]:
     fname = "orders_email_2024q2.jsonl"
     used = set(orders)
     q2_orders = [str(x) for x in rng.sample([x for x in range(10000, 100000) if str(x) not in used], n_q2)]
-    lines = [{"instruction": rng.choice(ACME_INSTRUCTIONS), "input": text, "output": label}
-             for text, label in acme_rows(rng, n_q2, q2_orders, seen)]
+    lines = [
+        {"instruction": rng.choice(ACME_INSTRUCTIONS), "input": text, "output": label}
+        for text, label in acme_rows(rng, n_q2, q2_orders, seen)
+    ]
     for i, item in enumerate(lines, start=1):
         b.check_unique(fname, i, item["instruction"] + "\n" + item["input"])
         count(item["output"])
@@ -887,14 +1228,27 @@ def build_globex() -> tuple[Builder, dict]:
     tc = defect_ticket("network", "P3")
     rows.insert(57 - 1, [{"from": "human", "value": ta}, {"from": "gpt", "value": " \n "}])
     b.reject(fname, 57, "empty_field", "conversations", "gpt answer is whitespace only")
-    rows.insert(173 - 1, [{"from": "system", "value": GLOBEX_SYSTEMS[0]}, {"from": "human", "value": tb},
-                          {"from": "bot", "value": glabel("hardware", "P3")}])
+    rows.insert(
+        173 - 1,
+        [
+            {"from": "system", "value": GLOBEX_SYSTEMS[0]},
+            {"from": "human", "value": tb},
+            {"from": "bot", "value": glabel("hardware", "P3")},
+        ],
+    )
     b.reject(fname, 173, "unknown_role", "conversations", 'answer turn has from "bot"')
-    rows.insert(260 - 1, [{"from": "system", "value": GLOBEX_SYSTEMS[1]}, {"from": "human", "value": tc},
-                          {"from": "gpt", "value": glabel("network", "P3")},
-                          {"from": "human", "value": globex_fill(rng, FOLLOWUPS["to_P1"][0], last_ctx)}])
-    b.reject(fname, 260, "no_assistant_turn", "conversations",
-             "ends with the user's follow-up, which was never answered")
+    rows.insert(
+        260 - 1,
+        [
+            {"from": "system", "value": GLOBEX_SYSTEMS[1]},
+            {"from": "human", "value": tc},
+            {"from": "gpt", "value": glabel("network", "P3")},
+            {"from": "human", "value": globex_fill(rng, FOLLOWUPS["to_P1"][0], last_ctx)},
+        ],
+    )
+    b.reject(
+        fname, 260, "no_assistant_turn", "conversations", "ends with the user's follow-up, which was never answered"
+    )
     src = 140
     rows.insert(333 - 1, rows[src - 1])
     b.duplicate(fname, 333, src, "exact copy of an earlier row (exported twice)")
@@ -928,22 +1282,35 @@ def build_globex() -> tuple[Builder, dict]:
     td = defect_ticket("identity", "P2")
     te = defect_ticket("database", "P1")
     tf = defect_ticket("email", "P4") + "\n\nJ\udcfcrgen"
-    trunc = json.dumps({"messages": [{"role": "user", "content": td},
-                                     {"role": "assistant", "content": glabel("identity", "P2")}]}, ensure_ascii=False)
+    trunc = json.dumps(
+        {"messages": [{"role": "user", "content": td}, {"role": "assistant", "content": glabel("identity", "P2")}]},
+        ensure_ascii=False,
+    )
     trunc = trunc[: len(trunc) // 2].encode("utf-8")
-    as_string = {"messages": json.dumps([{"role": "user", "content": te},
-                                         {"role": "assistant", "content": glabel("database", "P1")}])}
-    latin = json.dumps({"messages": [{"role": "user", "content": tf},
-                                     {"role": "assistant", "content": glabel("email", "P4")}]},
-                       ensure_ascii=False).encode("utf-8", "surrogateescape")
+    as_string = {
+        "messages": json.dumps(
+            [{"role": "user", "content": te}, {"role": "assistant", "content": glabel("database", "P1")}]
+        )
+    }
+    latin = json.dumps(
+        {"messages": [{"role": "user", "content": tf}, {"role": "assistant", "content": glabel("email", "P4")}]},
+        ensure_ascii=False,
+    ).encode("utf-8", "surrogateescape")
     log = long_vpn_log(rng)
     assert len(log) > MAX_CHARS
-    too_long = {"messages": [{"role": "system", "content": GLOBEX_SYSTEMS[0]}, {"role": "user", "content": log},
-                             {"role": "assistant", "content": glabel("network", "P2")}]}
-    plan = [(25, trunc, "malformed_json", None, "line cut off mid-object"),
-            (111, as_string, "wrong_type", "messages", "messages is a JSON-encoded string, not a list"),
-            (205, latin, "invalid_utf8", None, "requester name in latin-1 (byte 0xFC), not UTF-8"),
-            (290, too_long, "too_long", None, f"user pasted a full VPN client log ({len(log)} characters)")]
+    too_long = {
+        "messages": [
+            {"role": "system", "content": GLOBEX_SYSTEMS[0]},
+            {"role": "user", "content": log},
+            {"role": "assistant", "content": glabel("network", "P2")},
+        ]
+    }
+    plan = [
+        (25, trunc, "malformed_json", None, "line cut off mid-object"),
+        (111, as_string, "wrong_type", "messages", "messages is a JSON-encoded string, not a list"),
+        (205, latin, "invalid_utf8", None, "requester name in latin-1 (byte 0xFC), not UTF-8"),
+        (290, too_long, "too_long", None, f"user pasted a full VPN client log ({len(log)} characters)"),
+    ]
     for pos, item, reason, field, what in plan:
         lines.insert(pos - 1, item)
         b.reject(fname, pos, reason, field, what)
@@ -965,13 +1332,26 @@ def build_globex() -> tuple[Builder, dict]:
     old = []
     for i in range(40):
         team, prio = rng.choice(GLOBEX_TEAMS), rng.choice(GLOBEX_PRIORITIES)
-        old.append({"id": f"GX-2023-{90000 + i:06d}",
-                    "conversations": [{"from": "human", "value": globex_ticket(rng, team, prio)[0]},
-                                      {"from": "gpt", "value": glabel(team, prio)}]})
+        old.append(
+            {
+                "id": f"GX-2023-{90000 + i:06d}",
+                "conversations": [
+                    {"from": "human", "value": globex_ticket(rng, team, prio)[0]},
+                    {"from": "gpt", "value": glabel(team, prio)},
+                ],
+            }
+        )
     data = parquet_bytes(old)
     b.files[fname] = data[: len(data) * 3 // 5]
-    b.unreadable.append({"file": fname, "row": None, "reason": "unreadable_file", "field": None,
-                         "defect": "export truncated at 60% of its bytes: no Parquet footer"})
+    b.unreadable.append(
+        {
+            "file": fname,
+            "row": None,
+            "reason": "unreadable_file",
+            "field": None,
+            "defect": "export truncated at 60% of its bytes: no Parquet footer",
+        }
+    )
     b.reject(fname, None, "unreadable_file", None, "export truncated at 60% of its bytes: no Parquet footer")
 
     for name, text in GLOBEX_DOCS.items():
@@ -1221,14 +1601,19 @@ working day, and the email team can forward their mail to the manager for 30 day
 
 # ====================================================================================== README
 
+
 def readme(acme: Builder, globex: Builder, acme_stats: dict, globex_stats: dict) -> str:
     def defects(b: Builder) -> str:
         out = ["| file | row | expected | field | defect |", "|---|---|---|---|---|"]
         for r in sorted(b.rejects, key=lambda r: (r["file"], r["row"] or 0)):
-            out.append(f"| `{r['file']}` | {r['row'] if r['row'] is not None else '(file)'} | `{r['reason']}` "
-                       f"| {r['field'] or ''} | {r['defect']} |")
+            out.append(
+                f"| `{r['file']}` | {r['row'] if r['row'] is not None else '(file)'} | `{r['reason']}` "
+                f"| {r['field'] or ''} | {r['defect']} |"
+            )
         for d in b.duplicates:
-            out.append(f"| `{d['file']}` | {d['row']} | duplicate of row {d['duplicate_of']['row']} | | {d['defect']} |")
+            out.append(
+                f"| `{d['file']}` | {d['row']} | duplicate of row {d['duplicate_of']['row']} | | {d['defect']} |"
+            )
         return "\n".join(out)
 
     def counts(b: Builder) -> str:
@@ -1278,8 +1663,8 @@ the instruction, a blank line and the email), and OpenAI chat (`messages` with a
 email as the user turn and the JSON as the assistant turn). Three plain documents describe the shop's
 policies.
 
-Label counts over valid rows: intent {json.dumps(acme_stats['intent'], sort_keys=True)};
-category {json.dumps(acme_stats['category'], sort_keys=True)}; urgent {json.dumps(acme_stats['urgent'], sort_keys=True)}.
+Label counts over valid rows: intent {json.dumps(acme_stats["intent"], sort_keys=True)};
+category {json.dumps(acme_stats["category"], sort_keys=True)}; urgent {json.dumps(acme_stats["urgent"], sort_keys=True)}.
 
 {counts(acme)}
 
@@ -1306,8 +1691,8 @@ multi-turn: after the first answer the user follows up, saying the impact change
 that the problem is really elsewhere (re-route, same priority), and the assistant answers again).
 Three plain documents: the priority/routing reference, a VPN runbook and a password/MFA FAQ.
 
-Label counts over all assistant answers in valid rows: team {json.dumps(globex_stats['team'], sort_keys=True)};
-priority {json.dumps(globex_stats['priority'], sort_keys=True)}.
+Label counts over all assistant answers in valid rows: team {json.dumps(globex_stats["team"], sort_keys=True)};
+priority {json.dumps(globex_stats["priority"], sort_keys=True)}.
 
 {counts(globex)}
 
@@ -1330,10 +1715,13 @@ def generate(acme_q2_rows: int = ACME_Q2_ROWS) -> dict[Path, bytes]:
         "row_numbering": "1-based: JSONL line, JSON array element, CSV data record (header excluded), Parquet row",
         "duplicate_rule": "the later row is the duplicate; whitespace-only differences are duplicates",
         "counting": "rows_in = rows of readable structured files + 1 per unreadable file (its single reject); "
-                    "rows_in == valid_rows + rejected + duplicates; documents (.md/.txt) are counted separately",
+        "rows_in == valid_rows + rejected + duplicates; documents (.md/.txt) are counted separately",
         "tenants": {
-            "acme-shop": {**acme.manifest(), "label_counts": acme_stats,
-                          "answer_keys": ["intent", "order", "category", "urgent"]},
+            "acme-shop": {
+                **acme.manifest(),
+                "label_counts": acme_stats,
+                "answer_keys": ["intent", "order", "category", "urgent"],
+            },
             "globex-it": {**globex.manifest(), "label_counts": globex_stats, "answer_keys": ["team", "priority"]},
         },
     }
@@ -1345,11 +1733,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = ap.add_mutually_exclusive_group()  # --check compares data/raw; --out never touches it
     where.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on any difference")
-    ap.add_argument("--acme-q2-rows", type=int, default=ACME_Q2_ROWS,
-                    help="emails in acme-shop's second-quarter export (the data-size study in docs/benchmarks.md; "
-                         "only the default gives the committed files)")
-    where.add_argument("--out", type=Path, default=None,
-                    help="write the raw folders here instead of data/raw (the manifest is not written)")
+    ap.add_argument(
+        "--acme-q2-rows",
+        type=int,
+        default=ACME_Q2_ROWS,
+        help="emails in acme-shop's second-quarter export (the data-size study in docs/benchmarks.md; "
+        "only the default gives the committed files)",
+    )
+    where.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the raw folders here instead of data/raw (the manifest is not written)",
+    )
     args = ap.parse_args(argv)
     if args.acme_q2_rows != ACME_Q2_ROWS and args.out is None:
         # data/raw and the manifest hold the committed files: another size would overwrite them
@@ -1367,8 +1763,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         bad = [str(p.relative_to(ROOT)) for p, data in files.items() if not p.exists() or p.read_bytes() != data]
         for d in tenant_dirs:
-            bad += [str(p.relative_to(ROOT)) + " (unexpected)" for p in sorted(d.rglob("*"))
-                    if p.is_file() and p not in files]
+            bad += [
+                str(p.relative_to(ROOT)) + " (unexpected)"
+                for p in sorted(d.rglob("*"))
+                if p.is_file() and p not in files
+            ]
         for line in bad:
             print("differs:", line, file=sys.stderr)
         return 1 if bad else 0

@@ -67,18 +67,27 @@ class BuildParams(_Section):
     tie_word_embeddings: bool = True
     seq_len: int = Field(256, ge=16, description="Pretraining sequence length (tokens)")
     batch_size: int = Field(16, ge=1, description="Pretraining sequences per step")
-    max_steps: int = Field(400, ge=1, description="Pretraining optimizer steps: the budget (deterministic, unlike a time limit)")
+    max_steps: int = Field(
+        400, ge=1, description="Pretraining optimizer steps: the budget (deterministic, unlike a time limit)"
+    )
     learning_rate: float = Field(5e-4, gt=0, lt=1)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     num_threads: int | None = Field(
-        2, ge=1, description="torch CPU threads; fixed so that file hashes repeat across machines (null: torch's default)"
+        2,
+        ge=1,
+        description="torch CPU threads; fixed so that file hashes repeat across machines (null: torch's default)",
     )
     stdlib_docstrings: bool = Field(True, description="Add the Python standard library's docstrings to the corpus")
     max_stdlib_chars: int = Field(150_000, ge=0, description="Cap on stdlib docstring text in the corpus")
-    exercises: int = Field(8000, ge=0, description="Generic chat-formatted exercises (copying, key-value to JSON, labelling) in the corpus")
+    exercises: int = Field(
+        8000,
+        ge=0,
+        description="Generic chat-formatted exercises (copying, key-value to JSON, labelling) in the corpus",
+    )
     copy_drill_steps: int = Field(
-        200, ge=0,
+        200,
+        ge=0,
         description="First pretraining steps on copy drills only (digit strings repeated from the prompt): they form "
         "the copying circuit that extraction needs, which a small model does not form from the mixed corpus within "
         "a short budget (README: what the default model can and cannot do)",
@@ -113,7 +122,9 @@ class BuildParams(_Section):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         if self.seq_len > self.max_position_embeddings:
-            raise ValueError(f"seq_len ({self.seq_len}) exceeds max_position_embeddings ({self.max_position_embeddings})")
+            raise ValueError(
+                f"seq_len ({self.seq_len}) exceeds max_position_embeddings ({self.max_position_embeddings})"
+            )
         return self
 
 
@@ -153,7 +164,9 @@ class NearDedupParams(_Section):
     """
 
     enabled: bool = True
-    threshold: float = Field(0.85, gt=0, le=1, description="Estimated Jaccard at or above which a later row is a near-duplicate")
+    threshold: float = Field(
+        0.85, gt=0, le=1, description="Estimated Jaccard at or above which a later row is a near-duplicate"
+    )
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: more is more precise and slower")
     shingle_words: int = Field(3, ge=1, le=10, description="Words per shingle")
 
@@ -163,7 +176,9 @@ class PiiParams(_Section):
 
     mode: Literal["mask", "drop", "off"] = "mask"
     types: list[Literal["email", "phone", "card", "ip"]] = Field(
-        default_factory=lambda: ["email", "phone", "card", "ip"], min_length=1, description="Which kinds of PII to look for"
+        default_factory=lambda: ["email", "phone", "card", "ip"],
+        min_length=1,
+        description="Which kinds of PII to look for",
     )
 
 
@@ -177,10 +192,22 @@ class DecontamParams(_Section):
 
     enabled: bool = True
     ngram: int = Field(8, ge=2, le=32, description="Words per n-gram")
-    threshold: float = Field(0.5, gt=0, le=1, description="Overlap at or above which a train/validation row is removed")
+    threshold: float = Field(
+        0.5, gt=0, le=1, description="Overlap at or above which a train/validation row is removed"
+    )
 
 
-CANONICAL_FIELDS = ("instruction", "input", "output", "system", "prompt", "completion", "messages", "conversations", "text")
+CANONICAL_FIELDS = (
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "prompt",
+    "completion",
+    "messages",
+    "conversations",
+    "text",
+)
 # The canonical fields a mapped row must end up with: one shape's required fields, and none of another's.
 SOURCE_SHAPES = {
     "instruction": ({"instruction", "output"}, {"instruction", "input", "output", "system"}),
@@ -196,15 +223,20 @@ class SourceParams(_Section):
     """How to read some of a tenant's raw files: which files, their format, and which of their fields
     become loraline's canonical ones (README: "Bring your own data")."""
 
-    path: str = Field(min_length=1, description="Glob under the tenant's raw_dir (** spans folders); the first matching entry wins")
+    path: str = Field(
+        min_length=1, description="Glob under the tenant's raw_dir (** spans folders); the first matching entry wins"
+    )
     format: Literal["jsonl", "json", "csv", "tsv", "parquet", "arrow", "hf", "txt", "md"] | None = Field(
-        None, description="Default: from the file name (.gz and .zst are read transparently); hf: a save_to_disk folder"
+        None,
+        description="Default: from the file name (.gz and .zst are read transparently); hf: a save_to_disk folder",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="canonical field -> a field path (meta.answer, instances[0].output) or a template ('{context} {question}'); empty: shape detection",
     )
-    explode: str | None = Field(None, description="A list field: each element becomes one row, addressed as item (item.output)")
+    explode: str | None = Field(
+        None, description="A list field: each element becomes one row, addressed as item (item.output)"
+    )
     group: str | None = Field(
         None,
         description="A field path or template naming what rows share (context, meta.doc_id, item.passage): rows with "
@@ -213,7 +245,9 @@ class SourceParams(_Section):
     roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
         default_factory=dict, description="Source role name -> role; tool turns are context, never trained on"
     )
-    control_tokens: ControlTokenPolicy | None = Field(None, description="Overrides prepare.control_tokens for these files")
+    control_tokens: ControlTokenPolicy | None = Field(
+        None, description="Overrides prepare.control_tokens for these files"
+    )
 
     @field_validator("path")
     @classmethod
@@ -228,7 +262,9 @@ class SourceParams(_Section):
 
         unknown = sorted(set(self.columns) - set(CANONICAL_FIELDS))
         if unknown:
-            raise ValueError(f"columns: unknown canonical field(s) {', '.join(unknown)}; allowed: {', '.join(CANONICAL_FIELDS)}")
+            raise ValueError(
+                f"columns: unknown canonical field(s) {', '.join(unknown)}; allowed: {', '.join(CANONICAL_FIELDS)}"
+            )
         try:
             if self.explode is not None and parse_path(self.explode).root == "item":
                 raise ValueError(f"explode: {self.explode!r} names the element itself; give the parent's list field")
@@ -244,11 +280,15 @@ class SourceParams(_Section):
             keys = set(self.columns)
             fits = [shape for shape, (need, allowed) in SOURCE_SHAPES.items() if need <= keys and keys <= allowed]
             if not fits:
-                shapes = "; ".join(f"{s}: {' + '.join(sorted(n))} (optional: {', '.join(sorted(a - n)) or 'none'})"
-                                   for s, (n, a) in SOURCE_SHAPES.items())
+                shapes = "; ".join(
+                    f"{s}: {' + '.join(sorted(n))} (optional: {', '.join(sorted(a - n)) or 'none'})"
+                    for s, (n, a) in SOURCE_SHAPES.items()
+                )
                 raise ValueError(f"columns map {', '.join(sorted(keys))}, which is no single shape; one of: {shapes}")
         if self.format in ("txt", "md") and (self.columns or self.explode or self.group):
-            raise ValueError(f"format {self.format!r} is a whole document; columns, explode and group apply to structured rows")
+            raise ValueError(
+                f"format {self.format!r} is a whole document; columns, explode and group apply to structured rows"
+            )
         return self
 
 
@@ -262,7 +302,9 @@ class PrepareParams(_Section):
     max_chars: int = Field(20_000, ge=1, description="Rows with more characters are rejected as too_long")
     max_tokens: int = Field(1024, ge=8, description="Rendered rows with more tokens are rejected as too_long")
     document_rows: int | None = Field(
-        None, ge=16, description="Also cut every document into language-modelling rows of at most this many tokens "
+        None,
+        ge=16,
+        description="Also cut every document into language-modelling rows of at most this many tokens "
         "(train_documents / validation_documents / test_documents, split per document); train.long_context sets it "
         "to target_len",
     )
@@ -276,7 +318,8 @@ class PrepareParams(_Section):
     )
     near_dedup: NearDedupParams = NearDedupParams()
     group_min_chars: int | None = Field(
-        200, ge=1,
+        200,
+        ge=1,
         description="Rows whose first user turn holds a line of at least this many characters besides other text (a "
         "passage and a question) are grouped by that line: a group goes whole to one split; tenants.<t>.sources[].group "
         "names the group instead; null: no automatic groups",
@@ -292,9 +335,13 @@ class PrepareParams(_Section):
     synthetic_ratio: float = Field(
         0.5, ge=0, description="Most synthetic train rows per real train row (tenants.<t>.synthetic_ratio overrides)"
     )
-    seed: int | None = Field(None, description="Seeds MinHash and the choice of synthetic rows; defaults to the top-level seed")
+    seed: int | None = Field(
+        None, description="Seeds MinHash and the choice of synthetic rows; defaults to the top-level seed"
+    )
     num_proc: int | None = Field(
-        None, ge=1, le=64,
+        None,
+        ge=1,
+        le=64,
         description="Processes for the per-row work (shape, PII, chat template, tokens) once a tenant has more than "
         "~8k rows; the result is the same for any number (null: the CPUs available, at most 8)",
     )
@@ -303,11 +350,15 @@ class PrepareParams(_Section):
 class LongContextParams(_Section):
     """LongLoRA (train.long_context): fine-tune the base for a longer context than it was trained on."""
 
-    target_len: int = Field(ge=128, description="The context (tokens) to extend to; must be above the base's own context")
+    target_len: int = Field(
+        ge=128, description="The context (tokens) to extend to; must be above the base's own context"
+    )
     rope_scaling: Literal["linear", "dynamic", "yarn"] = Field(
         "linear", description="RoPE scaling written into the model config (position interpolation for linear)"
     )
-    s2_attn: bool = Field(True, description="Train with shifted sparse attention; inference always uses full attention")
+    s2_attn: bool = Field(
+        True, description="Train with shifted sparse attention; inference always uses full attention"
+    )
     group_ratio: float = Field(0.25, gt=0, le=1, description="S2-Attn group size as a share of target_len")
     trainable: list[Literal["embed", "norm"]] = Field(
         ["embed", "norm"], description="Trained beside LoRA (the paper: both are needed for long context)"
@@ -374,7 +425,8 @@ class TrainParams(_Section):
     """Adapter training (consumed by the train stage); tenants may override any key."""
 
     method: Literal["lora", "qalora"] = Field(
-        "lora", description="lora: LoRA on the base as `quantization` loads it (nf4/fp4: QLoRA; none: 16-bit LoRA). "
+        "lora",
+        description="lora: LoRA on the base as `quantization` loads it (nf4/fp4: QLoRA; none: 16-bit LoRA). "
         "qalora: QA-LoRA, the base quantized group-wise (train.qalora) and an adapter that folds into it exactly",
     )
     qalora: QALoRAParams = Field(default_factory=QALoRAParams, description="With method qalora")
@@ -392,10 +444,15 @@ class TrainParams(_Section):
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = "paged_adamw_32bit"
     learning_rate: float = Field(2e-3, gt=0, lt=1)
     loraplus_lr_ratio: float | None = Field(
-        None, gt=0, description="LoRA+: LoRA's B matrices learn at learning_rate times this (the paper suggests 16); null: one rate"
+        None,
+        gt=0,
+        description="LoRA+: LoRA's B matrices learn at learning_rate times this (the paper suggests 16); null: one rate",
     )
     modules_to_save_learning_rate: float | None = Field(
-        None, gt=0, lt=1, description="Learning rate of the modules_to_save copies (e.g. trained embeddings); null: learning_rate"
+        None,
+        gt=0,
+        lt=1,
+        description="Learning rate of the modules_to_save copies (e.g. trained embeddings); null: learning_rate",
     )
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -404,7 +461,8 @@ class TrainParams(_Section):
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set")
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        8, description="Packed rows per micro-batch, per device. auto: 2 on the CPU; on CUDA the most rows (up to 16 "
+        8,
+        description="Packed rows per micro-batch, per device. auto: 2 on the CPU; on CUDA the most rows (up to 16 "
         "and the dataset's packed rows) that fit the GPU's free memory, measured with the model loaded "
         "(loraline.train.autobatch; single-device runs only). The micro-batch changes, grad_accum still multiplies it, "
         "so the tokens per optimizer step scale with the GPU; train_record.json's `batch` says what was resolved and how",
@@ -414,31 +472,42 @@ class TrainParams(_Section):
     max_seq_len: int = Field(1024, ge=16)
     gradient_checkpointing: bool = False
     checkpoint_fraction: float = Field(
-        1.0, gt=0, le=1, description="With gradient_checkpointing: share of decoder layers checkpointed (the first ones); the rest keep activations"
+        1.0,
+        gt=0,
+        le=1,
+        description="With gradient_checkpointing: share of decoder layers checkpointed (the first ones); the rest keep activations",
     )
     fused_cross_entropy: bool = Field(
-        True, description="Loss from hidden states chunk by chunk, never materializing [tokens x vocab] logits (exact; plain path for unsupported heads)"
+        True,
+        description="Loss from hidden states chunk by chunk, never materializing [tokens x vocab] logits (exact; plain path for unsupported heads)",
     )
     cross_entropy_chunk: int = Field(1024, ge=1, description="Tokens per chunk of the fused cross-entropy")
     varlen_attention: bool = Field(
-        True, description="Packed rows attend one example at a time, micro-batch as one row without pad tokens: flash varlen on CUDA, SDPA per example elsewhere (off: SDPA with a block-diagonal mask over each packed row)"
+        True,
+        description="Packed rows attend one example at a time, micro-batch as one row without pad tokens: flash varlen on CUDA, SDPA per example elsewhere (off: SDPA with a block-diagonal mask over each packed row)",
     )
     upcast_non_quantized: bool = Field(
-        False, description="4-bit bases: cast embeddings, norms and lm_head to fp32 (peft's prepare_model_for_kbit_training); off keeps the compute dtype"
+        False,
+        description="4-bit bases: cast embeddings, norms and lm_head to fp32 (peft's prepare_model_for_kbit_training); off keeps the compute dtype",
     )
     eval_every: int = Field(50, ge=1)
     save_every: int = Field(100, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)
     seed: int | None = Field(None, description="Defaults to the top-level seed")
     num_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads while training on CPU; fix it for adapter hashes that repeat across machines"
+        None,
+        ge=1,
+        description="torch CPU threads while training on CPU; fix it for adapter hashes that repeat across machines",
     )
     devices: int = Field(
-        1, ge=1, description="Data-parallel processes (torchrun): one per GPU on CUDA, gloo processes on CPU; "
+        1,
+        ge=1,
+        description="Data-parallel processes (torchrun): one per GPU on CUDA, gloo processes on CPU; "
         "batch_size is per device, so the global batch is batch_size x grad_accum x devices",
     )
     sharding: Literal["none", "fsdp"] = Field(
-        "none", description="fsdp: each device keeps 1/devices of the frozen base weights (FSDP2), for bases that "
+        "none",
+        description="fsdp: each device keeps 1/devices of the frozen base weights (FSDP2), for bases that "
         "do not fit one GPU; LoRA stays whole on every device. none: every device holds the whole base",
     )
 
@@ -462,28 +531,38 @@ class TrainParams(_Section):
                 "least target_len, or training never sees a row as long as the context it extends to"
             )
         if self.sharding == "fsdp":
-            raise ValueError("long_context is not supported with sharding fsdp (the sharded loader builds the base's own config)")
+            raise ValueError(
+                "long_context is not supported with sharding fsdp (the sharded loader builds the base's own config)"
+            )
         return self
 
     @model_validator(mode="after")
     def _qalora_fits(self) -> TrainParams:
         if self.method != "qalora":
             if self.qalora.reference:
-                raise ValueError(f"qalora.reference trains a QLoRA twin to compare a QA-LoRA adapter with; method is "
-                                 f"{self.method!r} (set method: qalora, or reference: false)")
+                raise ValueError(
+                    f"qalora.reference trains a QLoRA twin to compare a QA-LoRA adapter with; method is "
+                    f"{self.method!r} (set method: qalora, or reference: false)"
+                )
             return self
         if self.use_dora:
-            raise ValueError("method qalora does not combine with use_dora: DoRA's magnitude rescales whole weights, "
-                             "which cannot fold into per-group zero points")
+            raise ValueError(
+                "method qalora does not combine with use_dora: DoRA's magnitude rescales whole weights, "
+                "which cannot fold into per-group zero points"
+            )
         if self.sharding == "fsdp":
-            raise ValueError("method qalora is not supported with sharding fsdp (the sharded loader keeps the base's own layers)")
+            raise ValueError(
+                "method qalora is not supported with sharding fsdp (the sharded loader keeps the base's own layers)"
+            )
         return self
 
     @model_validator(mode="after")
     def _sharding_fits(self) -> TrainParams:
         if self.sharding == "fsdp":
             if self.use_dora:
-                raise ValueError("sharding fsdp does not support use_dora (DoRA reads the whole base weight outside the forward)")
+                raise ValueError(
+                    "sharding fsdp does not support use_dora (DoRA reads the whole base weight outside the forward)"
+                )
             if self.upcast_non_quantized:
                 raise ValueError("sharding fsdp keeps the base in the compute dtype; set upcast_non_quantized: false")
         return self
@@ -493,25 +572,34 @@ class MergeParams(_Section):
     """Merging each adapter into a full-precision copy of the base, and the check that it behaves the same."""
 
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Precision of the merged model; gate.max_merge_logit_diff must suit it (1e-3 fits float32)"
+        "float32",
+        description="Precision of the merged model; gate.max_merge_logit_diff must suit it (1e-3 fits float32)",
     )
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens generated per probe for the agreement check")
-    quantized_reference: bool = Field(True, description="Also measure the gap to the 4-bit model the adapter was trained on")
+    quantized_reference: bool = Field(
+        True, description="Also measure the gap to the 4-bit model the adapter was trained on"
+    )
     check_reload: bool = Field(True, description="Reload the saved merged folder and compare its logits")
     device: Device = Field(
-        "auto", description="Where the merge, its probes and its references run; auto: CUDA when present. The weights "
-        "are written from the CPU at dtype either way; a merge on CUDA may differ from the CPU's in the last bits"
+        "auto",
+        description="Where the merge, its probes and its references run; auto: CUDA when present. The weights "
+        "are written from the CPU at dtype either way; a merge on CUDA may differ from the CPU's in the last bits",
     )
     probes: int = Field(
-        16, ge=0, le=256, description="Prompts drawn from the tenant's test split (the same ones on every run: rows "
+        16,
+        ge=0,
+        le=256,
+        description="Prompts drawn from the tenant's test split (the same ones on every run: rows "
         "ranked by a hash of the top-level seed, the tenant and the row id) added to the built-in probes; all of them "
         "are checked merged vs unmerged and their reference answers recorded for serve's deployment check. More "
-        "than the split holds takes all of it; 0: the built-in probes only"
+        "than the split holds takes all of it; 0: the built-in probes only",
     )
     probe_max_tokens: int = Field(
-        256, ge=1, description="Longest drawn probe prompt (tokens, chat template applied): longer rows are skipped, "
+        256,
+        ge=1,
+        description="Longest drawn probe prompt (tokens, chat template applied): longer rows are skipped, "
         "not cut, and the next in rank order taken. Bounds the probes' cost (their prompt logits are kept per token, "
-        "vocabulary-wide, for the parity checks); with merge.max_new_tokens it must fit serve.max_model_len"
+        "vocabulary-wide, for the parity checks); with merge.max_new_tokens it must fit serve.max_model_len",
     )
 
 
@@ -527,8 +615,10 @@ def export_graphs_problem(graphs: list[str] | tuple[str, ...]) -> str | None:
     if len(set(graphs)) != len(graphs):
         return f"{list(graphs)} names a graph twice"
     if not {"fp32", "int4"} & set(graphs):
-        return ("needs fp32 or int4: the gate's export parity is measured on a graph with an exact float32 twin "
-                "(fp16 and int8 are only checked loosely against it)")
+        return (
+            "needs fp32 or int4: the gate's export parity is measured on a graph with an exact float32 twin "
+            "(fp16 and int8 are only checked loosely against it)"
+        )
     if "int8" in graphs and "fp32" not in graphs:
         return "int8 is quantized from the fp32 graph, so it needs fp32 too"
     return None
@@ -538,17 +628,24 @@ class ExportParams(_Section):
     """ONNX export of each merged model, with the KV cache in the graph, for plain onnxruntime."""
 
     graphs: list[Literal["fp32", "fp16", "int8", "int4"]] = Field(
-        ["fp32", "int8"], min_length=1, description="The graphs written: fp32 (model.onnx), fp16, int8 (onnxruntime "
+        ["fp32", "int8"],
+        min_length=1,
+        description="The graphs written: fp32 (model.onnx), fp16, int8 (onnxruntime "
         "dynamic quantization of fp32), int4 (MatMulNBits from the merged weights, no float32 graph written: the one "
-        "for 8B+ bases). fp32 or int4 is required (their parity is exact); int8 needs fp32"
+        "for 8B+ bases). fp32 or int4 is required (their parity is exact); int8 needs fp32",
     )
     fp16_max_logit_diff: float = Field(
-        0.05, gt=0, description="The fp16 graph's bound: max abs logit difference from the float32 model (export fails above)"
+        0.05,
+        gt=0,
+        description="The fp16 graph's bound: max abs logit difference from the float32 model (export fails above)",
     )
     int4_block_size: Literal[16, 32, 64, 128] = Field(32, description="Input channels per int4 scale and zero point")
     min_greedy_agreement: float = Field(
-        0.75, ge=0, le=1, description="Each graph but int8 must generate what its reference generates (greedy, "
-        "max_new_tokens) on at least this share of the probes; below it the export fails"
+        0.75,
+        ge=0,
+        le=1,
+        description="Each graph but int8 must generate what its reference generates (greedy, "
+        "max_new_tokens) on at least this share of the probes; below it the export fails",
     )
 
     @field_validator("graphs")
@@ -558,11 +655,13 @@ class ExportParams(_Section):
         if problem:
             raise ValueError(problem)
         return graphs
+
     opset: int | None = Field(None, ge=14, description="ONNX opset; null lets torch.onnx choose")
     max_new_tokens: int = Field(32, ge=1, description="Greedy tokens per probe for the generation parity check")
     device: Device = Field(
-        "auto", description="Where the PyTorch reference of the parity checks runs; auto: CUDA when present. The graph "
-        "itself is always traced on the CPU, so it is the same bytes on any machine"
+        "auto",
+        description="Where the PyTorch reference of the parity checks runs; auto: CUDA when present. The graph "
+        "itself is always traced on the CPU, so it is the same bytes on any machine",
     )
 
 
@@ -578,7 +677,9 @@ class GeneralParams(_Section):
         f"Default: the base stage's {GENERAL_TEXT}, Python standard-library docstrings the built base did not "
         "pretrain on (for base.model, the same docstrings, not held out: set a sample of the text to keep)",
     )
-    rows: int = Field(128, ge=1, description="Rows scored: the same ones every run (the lowest content hashes), not the first ones")
+    rows: int = Field(
+        128, ge=1, description="Rows scored: the same ones every run (the lowest content hashes), not the first ones"
+    )
     max_tokens: int = Field(256, ge=8, description="Each row is cut to this many tokens (its first ones)")
     allow_outside_dirs: list[Path] = Field(
         default_factory=list,
@@ -590,7 +691,9 @@ class GeneralParams(_Section):
     @classmethod
     def _a_path(cls, v: Path) -> Path:
         if str(v) in ("", "."):
-            raise ValueError("must name a file or folder of general text (a path relative to the project, or absolute)")
+            raise ValueError(
+                "must name a file or folder of general text (a path relative to the project, or absolute)"
+            )
         return v
 
     @field_validator("allow_outside_dirs")
@@ -625,24 +728,27 @@ class EvaluateParams(_Section):
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test rows (null: all)")
     examples_in_report: int = Field(3, ge=0, description="Example generations shown side by side in report.md")
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="Test rows scored and generated at once (left-padded); on the CPU the answers do not depend "
+        "auto",
+        description="Test rows scored and generated at once (left-padded); on the CPU the answers do not depend "
         "on it. auto: 32 on the CPU; on CUDA as many rows (up to 256) as the card's memory holds beside the loaded model "
         "(evaluate/batching.py: from the card's total memory, so a card of one kind always picks the same number), "
-        "halved and retried on an out-of-memory error. metrics.json's `batch_rows` says what was used"
+        "halved and retried on an out-of-memory error. metrics.json's `batch_rows` says what was used",
     )
     device: Device = Field(
-        "auto", description="Where the models are scored and generate; auto: CUDA when present (bfloat16 there, "
-        "float32 on the CPU, so the numbers of the two differ slightly)"
+        "auto",
+        description="Where the models are scored and generate; auto: CUDA when present (bfloat16 there, "
+        "float32 on the CPU, so the numbers of the two differ slightly)",
     )
     general: GeneralParams = Field(
-        GeneralParams(), description="The general-text sample general_loss is measured on (forgetting, gate.max_forgetting)"
+        GeneralParams(),
+        description="The general-text sample general_loss is measured on (forgetting, gate.max_forgetting)",
     )
     judge: JudgeParams | None = Field(
-        None, description="An LLM judge (an OpenAI-compatible server) comparing the candidate's answers with production's, "
+        None,
+        description="An LLM judge (an OpenAI-compatible server) comparing the candidate's answers with production's, "
         "else the base's, pairwise in both orders: metrics.json's `judge` block and the candidate's judge_win_rate "
-        "(evaluate/judge.py; README: LLM judge). null: no judge"
+        "(evaluate/judge.py; README: LLM judge). null: no judge",
     )
-
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -660,12 +766,23 @@ class SeedTask(_Section):
 class SynthEndpointParams(_Section):
     """An OpenAI-compatible server (vLLM, Ollama, OpenAI...) for `synthesize.generator: openai`."""
 
-    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1 (the /chat/completions path is appended)")
-    api_key_env: str = Field(
-        "OPENAI_API_KEY", min_length=1, description="Name of the environment variable holding the API key (the key itself never goes in a file)"
+    base_url: str | None = Field(
+        None, description="e.g. http://127.0.0.1:8000/v1 (the /chat/completions path is appended)"
     )
-    requests_per_minute: float = Field(60, gt=0, description="Client-side rate limit: requests start at least 60/rpm seconds apart")
-    max_retries: int = Field(5, ge=0, le=20, description="Retries of a request after HTTP 429, 5xx or a timeout (exponential backoff + jitter)")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        min_length=1,
+        description="Name of the environment variable holding the API key (the key itself never goes in a file)",
+    )
+    requests_per_minute: float = Field(
+        60, gt=0, description="Client-side rate limit: requests start at least 60/rpm seconds apart"
+    )
+    max_retries: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="Retries of a request after HTTP 429, 5xx or a timeout (exponential backoff + jitter)",
+    )
     backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubled at each retry, capped at 60 s")
     timeout_s: float = Field(60, gt=0, description="Per-request timeout")
 
@@ -679,15 +796,23 @@ class JudgeParams(_Section):
     )
     model: str = Field(min_length=1, description="The model name sent to the endpoint")
     rubric: str | None = Field(
-        None, min_length=1, description="What makes an answer better: the judge's system message (null: the default "
-        "rubric, evaluate/judge.py DEFAULT_RUBRIC). loraline adds the question, the answers and the reply format"
+        None,
+        min_length=1,
+        description="What makes an answer better: the judge's system message (null: the default "
+        "rubric, evaluate/judge.py DEFAULT_RUBRIC). loraline adds the question, the answers and the reply format",
     )
-    with_reference: bool = Field(True, description="Show the judge the test row's reference answer (reference-guided judging)")
+    with_reference: bool = Field(
+        True, description="Show the judge the test row's reference answer (reference-guided judging)"
+    )
     max_rows: int | None = Field(
-        100, ge=1, description="Test rows judged: the first max_rows of those evaluated, each judged twice (both orders); null: all"
+        100,
+        ge=1,
+        description="Test rows judged: the first max_rows of those evaluated, each judged twice (both orders); null: all",
     )
     max_tokens: int = Field(256, ge=1, description="Most tokens of one verdict reply")
-    seed: int = Field(0, ge=0, description="Sent with temperature 0 so that the verdicts repeat where the server honours it")
+    seed: int = Field(
+        0, ge=0, description="Sent with temperature 0 so that the verdicts repeat where the server honours it"
+    )
 
     @model_validator(mode="after")
     def _endpoint_given(self) -> JudgeParams:
@@ -718,13 +843,20 @@ class SynthesizeParams(_Section):
     """Instruction/answer pairs generated from each tenant's documents (the synthesize stage)."""
 
     generator: Literal["offline", "hf", "openai"] = Field(
-        "offline", description="offline: rule-based, no model; hf: a transformers teacher model; openai: an OpenAI-compatible endpoint"
+        "offline",
+        description="offline: rule-based, no model; hf: a transformers teacher model; openai: an OpenAI-compatible endpoint",
     )
-    model: str | None = Field(None, description="hf: model id or local path; openai: the model name sent to the endpoint")
+    model: str | None = Field(
+        None, description="hf: model id or local path; openai: the model name sent to the endpoint"
+    )
     trust_remote_code: bool = Field(False, description="hf: run code shipped with the model; off unless you trust it")
     questions_per_fact: int = Field(3, ge=1, le=10, description="offline: phrasings generated per extracted fact")
-    pairs_per_passage: int = Field(3, ge=1, le=20, description="hf/openai: question/answer pairs asked for per passage")
-    max_rows_per_document: int | None = Field(None, ge=1, description="Cap on generated rows per document (null: no cap)")
+    pairs_per_passage: int = Field(
+        3, ge=1, le=20, description="hf/openai: question/answer pairs asked for per passage"
+    )
+    max_rows_per_document: int | None = Field(
+        None, ge=1, description="Cap on generated rows per document (null: no cap)"
+    )
     temperature: float = Field(0.7, ge=0, le=2, description="hf/openai sampling temperature (0: greedy)")
     max_new_tokens: int = Field(512, ge=16, description="hf/openai: most tokens generated per passage")
     endpoint: SynthEndpointParams = SynthEndpointParams()
@@ -750,17 +882,24 @@ class GateParams(_Section):
         "the primary is a task metric such as json_field_accuracy (null: no second rule)",
     )
     min_secondary_gain: float = Field(0.05, description="Relative improvement over the base on the secondary metric")
-    max_regression_vs_prod: float = Field(0.02, ge=0, description="Largest tolerated relative regression vs production")
+    max_regression_vs_prod: float = Field(
+        0.02, ge=0, description="Largest tolerated relative regression vs production"
+    )
     max_forgetting: float | None = Field(
-        0.10, ge=0, description="Largest tolerated relative increase of the candidate's general_loss over the base's "
+        0.10,
+        ge=0,
+        description="Largest tolerated relative increase of the candidate's general_loss over the base's "
         "(the loss on evaluate.general, text that is not the tenant's): more, and the adapter forgot too much of "
         "everything else. null: the rule is off (the gate says so)",
     )
     max_merge_logit_diff: float = Field(1e-3, gt=0)
     max_export_logit_diff: float = Field(1e-3, gt=0)
     min_judge_win_rate: float | None = Field(
-        None, ge=0, le=1, description="The candidate's judge win rate (evaluate.judge) against the version it replaces "
-        "(production, judged again at release) or else the base must be at least this; null: no judge rule"
+        None,
+        ge=0,
+        le=1,
+        description="The candidate's judge win rate (evaluate.judge) against the version it replaces "
+        "(production, judged again at release) or else the base must be at least this; null: no judge rule",
     )
 
 
@@ -787,8 +926,10 @@ class DeployParams(_Section):
         if len(set(v)) != len(v):
             raise ValueError(f"lists a target twice: {v}")
         if "adapter" not in v:
-            raise ValueError("must include adapter: serving (loraline serve) loads the adapter on the shared base, the "
-                             "registry versions it, and merged and onnx are built from it")
+            raise ValueError(
+                "must include adapter: serving (loraline serve) loads the adapter on the shared base, the "
+                "registry versions it, and merged and onnx are built from it"
+            )
         if "onnx" in v and "merged" not in v:
             raise ValueError("onnx needs merged: the ONNX graph is exported from the merged model's folder")
         return v
@@ -806,14 +947,19 @@ class OrchestrateParams(_Section):
     train_retries: int = Field(
         1, ge=0, le=5, description="Retries of a failed train stage; a retry resumes from the last checkpoint"
     )
-    io_retries: int = Field(2, ge=0, le=10, description="Retries of DVC pushes and registry writes (I/O that may recover)")
+    io_retries: int = Field(
+        2, ge=0, le=10, description="Retries of DVC pushes and registry writes (I/O that may recover)"
+    )
     retry_delay_seconds: float = Field(10, ge=0, description="Wait between retries")
     parallel_tenants: int = Field(
-        1, ge=1, description="Tenants whose stages run at once, each on an equal share of the visible GPUs "
+        1,
+        ge=1,
+        description="Tenants whose stages run at once, each on an equal share of the visible GPUs "
         "(`loraline run --parallel N` overrides it); the result is the same as one after another",
     )
     registry_remote: str | None = Field(
-        None, description="Git remote the registry's tags are fetched from before each release and pushed to after "
+        None,
+        description="Git remote the registry's tags are fetched from before each release and pushed to after "
         "it, so flow runs on several machines (work-pool workers) share one registry (null: tags stay in this clone)",
     )
 
@@ -823,19 +969,29 @@ class CanaryParams(_Section):
     and a serving replica keeps it or rolls it back in the registry once it has the evidence (README: Serving)."""
 
     fraction: float = Field(
-        0.1, gt=0, le=1, description="Share of the tenant's requests the promoted version takes during its canary (sticky "
+        0.1,
+        gt=0,
+        le=1,
+        description="Share of the tenant's requests the promoted version takes during its canary (sticky "
         "per client: the request's `user` field, else its X-Client-Id header; other requests are split by a counter)",
     )
     min_requests: int = Field(
-        50, ge=1, description="Answers (successes and server errors; client 4xx do not count) the promoted version needs on "
+        50,
+        ge=1,
+        description="Answers (successes and server errors; client 4xx do not count) the promoted version needs on "
         "one replica before that replica decides; below fraction 1, the previous version needs as many for the latency comparison",
     )
     max_error_rate: float = Field(
-        0.02, ge=0, le=1, description="The promoted version is rolled back when more than this share of its answers are "
+        0.02,
+        ge=0,
+        le=1,
+        description="The promoted version is rolled back when more than this share of its answers are "
         "server errors (engine 5xx, an engine that lost the adapter, timeouts, a broken stream)",
     )
     max_latency_ratio: float = Field(
-        1.5, gt=0, description="The promoted version is rolled back when its median seconds per output token exceed the "
+        1.5,
+        gt=0,
+        description="The promoted version is rolled back when its median seconds per output token exceed the "
         "previous version's over the same window by more than this factor",
     )
 
@@ -843,32 +999,48 @@ class CanaryParams(_Section):
 class ServeParams(_Section):
     """`loraline serve`: every tenant's production adapter on one vLLM server, behind loraline's gateway."""
 
-    host: str = Field("127.0.0.1", description="Where the gateway listens (clients call it; 0.0.0.0 for every interface)")
+    host: str = Field(
+        "127.0.0.1", description="Where the gateway listens (clients call it; 0.0.0.0 for every interface)"
+    )
     port: int = Field(8000, ge=1, le=65535, description="The gateway's port (OpenAI-compatible API)")
-    engine_port: int = Field(8001, ge=1, le=65535, description="vLLM's own port, on 127.0.0.1 only: the gateway is the way in")
+    engine_port: int = Field(
+        8001, ge=1, le=65535, description="vLLM's own port, on 127.0.0.1 only: the gateway is the way in"
+    )
     max_lora_rank: int | None = Field(
-        None, ge=1, description="vLLM --max-lora-rank (null: the largest rank among the servable adapters, rounded up to vLLM's sizes)"
+        None,
+        ge=1,
+        description="vLLM --max-lora-rank (null: the largest rank among the servable adapters, rounded up to vLLM's sizes)",
     )
     max_loras: int | None = Field(
-        None, ge=1, description="Adapters vLLM keeps loaded at once (null: 2 per tenant, so a new version loads beside the old)"
+        None,
+        ge=1,
+        description="Adapters vLLM keeps loaded at once (null: 2 per tenant, so a new version loads beside the old)",
     )
     max_model_len: int | None = Field(None, ge=16, description="Context length served (null: the base's)")
     dtype: Literal["merge", "auto", "float32", "bfloat16", "float16"] = Field(
-        "merge", description="vLLM --dtype. merge: merge.dtype, the precision of the merged model whose greedy answers the "
-        "deployment check compares with; auto: vLLM's choice, which serves a float32 model in 16 bits"
+        "merge",
+        description="vLLM --dtype. merge: merge.dtype, the precision of the merged model whose greedy answers the "
+        "deployment check compares with; auto: vLLM's choice, which serves a float32 model in 16 bits",
     )
     engine_args: list[str] = Field(
-        default_factory=list, description="Extra vLLM server arguments passed as they are, e.g. [--enforce-eager, --max-num-seqs, '64']"
+        default_factory=list,
+        description="Extra vLLM server arguments passed as they are, e.g. [--enforce-eager, --max-num-seqs, '64']",
     )
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="On CPU: vLLM's KV cache size (VLLM_CPU_KVCACHE_SPACE)")
-    poll_seconds: float = Field(5.0, gt=0, description="How often the gateway reads the registry for promotions, rollbacks and new tenants")
+    poll_seconds: float = Field(
+        5.0, gt=0, description="How often the gateway reads the registry for promotions, rollbacks and new tenants"
+    )
     check_agreement: float = Field(
-        1.0, ge=0, le=1, description="Share of the merge stage's probes whose greedy answer through the server must equal "
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of the merge stage's probes whose greedy answer through the server must equal "
         "the merged model's for a (re)loaded version to be served; below it, serving keeps the previous version",
     )
     startup_timeout_s: float = Field(300, gt=0, description="How long vLLM may take to start")
     auth: bool = Field(
-        False, description="Each tenant's key, from the environment variable LORALINE_SERVE_KEY_<TENANT> (upper case, '-' as '_'), "
+        False,
+        description="Each tenant's key, from the environment variable LORALINE_SERVE_KEY_<TENANT> (upper case, '-' as '_'), "
         "may call that tenant only: 401 without a valid key; another tenant's model is a 404, as an unknown one is, so a key "
         "learns of no other tenant. Off: no key is asked for",
     )
@@ -876,11 +1048,14 @@ class ServeParams(_Section):
     # request near 25 s there. vLLM batches up to --max-num-seqs at once (128 on CPU, 256 or 1024 on
     # a GPU): on a GPU, raise this towards it, or the engine runs smaller batches than it could.
     max_queue: int = Field(
-        32, ge=0, description="Requests the gateway has at the engine at once (a stream counts until its last chunk); "
+        32,
+        ge=0,
+        description="Requests the gateway has at the engine at once (a stream counts until its last chunk); "
         "one more is answered at once with 429 and Retry-After instead of waiting behind them. 0: no limit",
     )
     canary: CanaryParams | None = Field(
-        None, description="Canary rollout: promotions made while this is set (release, `loraline registry promote`) first take "
+        None,
+        description="Canary rollout: promotions made while this is set (release, `loraline registry promote`) first take "
         "canary.fraction of their tenant's requests, then are kept or rolled back in the registry by a serving replica. "
         "null: a promotion moves all of its tenant's traffic at once",
     )
@@ -901,14 +1076,17 @@ class TenantParams(_Section):
     system_prompt: str | None = Field(None, description="Overrides prepare.system_prompt for this tenant")
     synthetic_ratio: float | None = Field(None, ge=0, description="Overrides prepare.synthetic_ratio for this tenant")
     sources: list[SourceParams] = Field(
-        default_factory=list, description="How to read raw files whose layout is not detected (README: Bring your own data)"
+        default_factory=list,
+        description="How to read raw files whose layout is not detected (README: Bring your own data)",
     )
     seed_tasks: list[SeedTask] = Field(
         default_factory=list, description="A handful of example tasks whose style the synthesize stage imitates"
     )
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the train section")
     gate: dict[str, Any] = Field(default_factory=dict, description="Overrides of the gate section")
-    deploy: DeployParams | None = Field(None, description="Replaces the deploy section for this tenant (null: the default)")
+    deploy: DeployParams | None = Field(
+        None, description="Replaces the deploy section for this tenant (null: the default)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -930,7 +1108,9 @@ class TenantParams(_Section):
     def read_roots(self, project: Path | None) -> tuple[Path, ...]:
         """Folders this tenant's raw files may resolve into: the project first (raw_dir itself when the project
         is not known, as for params built in code), then allow_outside_dirs; all resolved."""
-        return tuple(Path(p).resolve() for p in (project if project is not None else self.raw_dir, *self.allow_outside_dirs))
+        return tuple(
+            Path(p).resolve() for p in (project if project is not None else self.raw_dir, *self.allow_outside_dirs)
+        )
 
     def check_raw_dir(self, project: Path, read_as: Path | None = None) -> None:
         """Refuse a raw_dir that resolves (symlinks followed) outside `project` and every allowed folder.
@@ -1008,7 +1188,10 @@ class Params(_Section):
     @classmethod
     def _tenants_from_mapping(cls, v: Any) -> Any:
         if isinstance(v, dict):
-            return [{**(entry if isinstance(entry, dict) else {"raw_dir": entry}), "name": name} for name, entry in v.items()]
+            return [
+                {**(entry if isinstance(entry, dict) else {"raw_dir": entry}), "name": name}
+                for name, entry in v.items()
+            ]
         return v
 
     @model_validator(mode="after")
@@ -1034,10 +1217,18 @@ class Params(_Section):
         adapter-only tenant load the adapter on the plain base, which would drop a LongLoRA adapter's rope scaling
         and a QA-LoRA adapter's quantized base."""
         train = self.train_for(name)
-        needs = "train.long_context" if train.long_context is not None else "train.method qalora" if train.method == "qalora" else None
+        needs = (
+            "train.long_context"
+            if train.long_context is not None
+            else "train.method qalora"
+            if train.method == "qalora"
+            else None
+        )
         if needs and not self.deploy_for(name).builds("merged"):
-            raise ConfigError(f"tenants.{name}.deploy.targets: {needs} needs merged in deploy.targets (the adapter alone, "
-                              "on the plain base, is not the model it trained); add merged")
+            raise ConfigError(
+                f"tenants.{name}.deploy.targets: {needs} needs merged in deploy.targets (the adapter alone, "
+                "on the plain base, is not the model it trained); add merged"
+            )
 
     def tenant(self, name: str) -> TenantParams:
         for t in self.tenants:
@@ -1115,7 +1306,13 @@ def _format_errors(
     for err in exc.errors():
         loc = tuple(err["loc"])
         shown_loc = list(loc)
-        if tenant_names and len(loc) > 1 and loc[0] == "tenants" and isinstance(loc[1], int) and loc[1] < len(tenant_names):
+        if (
+            tenant_names
+            and len(loc) > 1
+            and loc[0] == "tenants"
+            and isinstance(loc[1], int)
+            and loc[1] < len(tenant_names)
+        ):
             shown_loc[1] = tenant_names[loc[1]]
         key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(shown_loc)) or "(top level)"
         if err["type"] == "extra_forbidden":

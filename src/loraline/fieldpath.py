@@ -101,7 +101,7 @@ def parse_path(text: str) -> FieldPath:
                 pos = index.end()
             else:
                 raise PathSyntaxError(
-                    f"field path {text!r}: bad index at character {pos}; use [0] for a list element or [\"key\"] for a key"
+                    f'field path {text!r}: bad index at character {pos}; use [0] for a list element or ["key"] for a key'
                 )
             continue
         name = _NAME.match(text, pos)
@@ -131,17 +131,21 @@ def parse_source(text: str) -> Source:
         elif ch == "{":
             end = text.find("}", pos)
             if end < 0:
-                raise PathSyntaxError(f"template {text!r}: '{{' at character {pos} is never closed (write {{{{ for a literal brace)")
+                raise PathSyntaxError(
+                    f"template {text!r}: '{{' at character {pos} is never closed (write {{{{ for a literal brace)"
+                )
             if literal:
                 pieces.append("".join(literal))
                 literal = []
             try:
                 pieces.append(parse_path(text[pos + 1 : end]))
             except PathSyntaxError as exc:
-                raise PathSyntaxError(f"template {text!r}: placeholder {{{text[pos + 1:end]}}}: {exc}") from None
+                raise PathSyntaxError(f"template {text!r}: placeholder {{{text[pos + 1 : end]}}}: {exc}") from None
             pos = end + 1
         elif ch == "}":
-            raise PathSyntaxError(f"template {text!r}: '}}' at character {pos} closes nothing (write }}}} for a literal brace)")
+            raise PathSyntaxError(
+                f"template {text!r}: '}}' at character {pos} closes nothing (write }}}} for a literal brace)"
+            )
         else:
             literal.append(ch)
             pos += 1

@@ -22,7 +22,18 @@ from loraline.prepare.schema import Message, Reject
 from loraline.prepare.shapes import ShapeOptions, json_type, to_record
 from loraline.prepare.split import group_of, normalize
 
-INSTRUCTION_KEYS = ("instruction", "question", "query", "prompt", "problem", "request", "input_text", "title", "q", "source")
+INSTRUCTION_KEYS = (
+    "instruction",
+    "question",
+    "query",
+    "prompt",
+    "problem",
+    "request",
+    "input_text",
+    "title",
+    "q",
+    "source",
+)
 INPUT_KEYS = ("input", "context", "passage", "document", "article", "code")
 OUTPUT_KEYS = ("output", "answer", "response", "completion", "solution", "target", "reply", "answers", "a", "label")
 ROLE_KEYS = ("role", "from")
@@ -65,7 +76,9 @@ class SourceInspection:
         return sum(n for shape, n in self.shapes.items() if shape.startswith("rejected"))
 
 
-def inspect_path(path: Path, root: Path | None = None, *, clean: Callable[[str], str] | None = None) -> list[SourceInspection]:
+def inspect_path(
+    path: Path, root: Path | None = None, *, clean: Callable[[str], str] | None = None
+) -> list[SourceInspection]:
     """Every source at `path` (a file, a save_to_disk folder or a folder of them). `root` is the
     tenant's raw_dir when known, so that suggested globs are relative to it."""
     path = Path(path)
@@ -179,7 +192,7 @@ def _filled_text(result: SourceInspection, path: str) -> bool:
 
 
 def _pick(result: SourceInspection, names: Sequence[str], prefix: str = "") -> str | None:
-    lowered = {k.lower(): k for k in result.keys if k.startswith(prefix) and "." not in k[len(prefix):]}
+    lowered = {k.lower(): k for k in result.keys if k.startswith(prefix) and "." not in k[len(prefix) :]}
     for name in names:
         key = lowered.get(prefix + name)
         if key is not None and _filled_text(result, key):
@@ -236,12 +249,15 @@ def _nested_answer(result: SourceInspection) -> str | None:
 
 
 def _as_item(key: str, prefix: str) -> str:
-    return f"item.{key[len(prefix):]}" if key.startswith(prefix) else key
+    return f"item.{key[len(prefix) :]}" if key.startswith(prefix) else key
 
 
 def _roles(values: Counter, canonical: str) -> dict[str, str]:
-    known = ("system", "user", "assistant", "tool") if canonical == "messages" else (
-        "human", "user", "gpt", "assistant", "system", "tool")
+    known = (
+        ("system", "user", "assistant", "tool")
+        if canonical == "messages"
+        else ("human", "user", "gpt", "assistant", "system", "tool")
+    )
     roles = {}
     for value in values:
         if value.strip().lower() in known:
@@ -265,7 +281,9 @@ def _fits(entry: dict, rows: Sequence[RawRow], clean) -> tuple[int, int]:
     ok = tried = 0
     for item in _mapped(rows, spec):
         tried += 1
-        if not isinstance(item, Reject) and not isinstance(to_record(item, "inspect", max_chars=MAX_CHARS, options=options), Reject):
+        if not isinstance(item, Reject) and not isinstance(
+            to_record(item, "inspect", max_chars=MAX_CHARS, options=options), Reject
+        ):
             ok += 1
     return ok, tried
 
@@ -343,13 +361,19 @@ def report_text(results: Sequence[SourceInspection], tokenizer=None, *, color: b
             import yaml
 
             ok, tried = r.suggestion_fits
-            lines.append(f"   {r.unknown} rows fit no shape. Suggested entry (fits {ok} of the first {tried} rows);"
-                         " paste it under tenants.<tenant>: in params.yaml (path is relative to the tenant's raw_dir):")
-            block = yaml.dump({"sources": [r.suggestion]}, Dumper=_quoted_dumper(), sort_keys=False, allow_unicode=True, width=200)
+            lines.append(
+                f"   {r.unknown} rows fit no shape. Suggested entry (fits {ok} of the first {tried} rows);"
+                " paste it under tenants.<tenant>: in params.yaml (path is relative to the tenant's raw_dir):"
+            )
+            block = yaml.dump(
+                {"sources": [r.suggestion]}, Dumper=_quoted_dumper(), sort_keys=False, allow_unicode=True, width=200
+            )
             lines += [f"     {line}" for line in block.rstrip().splitlines()]
         elif r.unknown:
-            lines.append(f"   {r.unknown} rows fit no shape and no mapping could be guessed: write a sources: entry "
-                         "(README: Bring your own data)")
+            lines.append(
+                f"   {r.unknown} rows fit no shape and no mapping could be guessed: write a sources: entry "
+                "(README: Bring your own data)"
+            )
         for i, messages in enumerate(r.samples, start=1):
             try:
                 text, spans = rendered_with_spans(messages, tokenizer)
@@ -366,14 +390,18 @@ def _context_lines(r: SourceInspection) -> list[str]:
     lines = []
     groups, rows, largest = shared(r.contexts)
     if groups:
-        lines.append(f"   shared contexts: {rows} rows in {groups} groups (largest {largest}) share a line of at least "
-                     f"{GROUP_MIN_CHARS} characters in their first user turn; prepare groups them by it and keeps each "
-                     "group in one split (prepare.group_min_chars)")
+        lines.append(
+            f"   shared contexts: {rows} rows in {groups} groups (largest {largest}) share a line of at least "
+            f"{GROUP_MIN_CHARS} characters in their first user turn; prepare groups them by it and keeps each "
+            "group in one split (prepare.group_min_chars)"
+        )
     for key, counts in r.context_fields.items():
         groups, rows, largest = shared(counts)
         if groups:
-            lines.append(f"   field {key!r} repeats: {rows} rows in {groups} groups (largest {largest}); to group by it, "
-                         f"add group: {key} to this file's sources entry")
+            lines.append(
+                f"   field {key!r} repeats: {rows} rows in {groups} groups (largest {largest}); to group by it, "
+                f"add group: {key} to this file's sources entry"
+            )
     return lines
 
 

@@ -26,11 +26,17 @@ LINE_SECONDS = 10.0
 def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
     """tqdm(iterable, **kwargs) that redraws in place on a terminal and writes a line every LINE_SECONDS elsewhere."""
     from tqdm.auto import tqdm  # here, not at the top: `import loraline` (every CLI command) imports this module
+
     if lines_wanted():
         stream = kwargs.get("file") or sys.stderr
-        kwargs.update(file=_OneLinePerUpdate(stream), mininterval=max(kwargs.get("mininterval", 0), LINE_SECONDS),
-                      maxinterval=max(kwargs.get("maxinterval", 0), LINE_SECONDS), ascii=True, ncols=100,
-                      dynamic_ncols=False)
+        kwargs.update(
+            file=_OneLinePerUpdate(stream),
+            mininterval=max(kwargs.get("mininterval", 0), LINE_SECONDS),
+            maxinterval=max(kwargs.get("maxinterval", 0), LINE_SECONDS),
+            ascii=True,
+            ncols=100,
+            dynamic_ncols=False,
+        )
     return tqdm(iterable, **kwargs)
 
 

@@ -171,4 +171,9 @@ def run_facts(started: float, **facts: Any) -> dict[str, Any]:
     (time.perf_counter()), when it finished (UTC: runs of concurrent tenants can be lined up), the
     stage's own measurements (`facts`) and the git commit."""
     finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-    return {"wall_s": round(time.perf_counter() - started, 2), "finished_at": finished, **facts, "code_revision": code_revision()}
+    return {
+        "wall_s": round(time.perf_counter() - started, 2),
+        "finished_at": finished,
+        **facts,
+        "code_revision": code_revision(),
+    }

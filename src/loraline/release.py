@@ -31,15 +31,22 @@ from typing import Any
 
 from loraline import io
 from loraline.config import JudgeParams, Params
+from loraline.gate.stage import read_parity
 from loraline.layout import Layout, stage_id
 from loraline.registry.base import PromotionConflict, Registry, ReleaseRefused, Version
 from loraline.registry.canary import provisional
 from loraline.registry.consistency import check_releasable, evidence_problems
 from loraline.registry.lineage import (
-    artifact_paths, check_artifacts_declared, fetch_output, gate_summary, locked_out, read_lock, tenant_lineage, tenant_outputs,
+    artifact_paths,
+    check_artifacts_declared,
+    fetch_output,
+    gate_summary,
+    locked_out,
+    read_lock,
+    tenant_lineage,
+    tenant_outputs,
 )
 from loraline.registry.snapshot import snapshot_commit
-from loraline.gate.stage import read_parity
 
 
 @dataclass(frozen=True)
@@ -88,9 +95,15 @@ def evaluate_production(root: Path, params: Params, tenant: str, production: Ver
             model = fetch_output(root, adapter, production.commit, Path(tmp) / "adapter")
         ev = params.evaluate
         answers = evaluate_model_answers(
-            model_dir=model, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=layout.base_dir,
-            base_params=params.base, max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
-            batch_size=ev.batch_size, device=ev.device, general_dir=layout.general_sample_dir(tenant),
+            model_dir=model,
+            dataset_dir=layout.prepared_dataset_dir(tenant),
+            base_dir=layout.base_dir,
+            base_params=params.base,
+            max_new_tokens=ev.max_new_tokens,
+            max_examples=ev.max_examples,
+            batch_size=ev.batch_size,
+            device=ev.device,
+            general_dir=layout.general_sample_dir(tenant),
         )
     judged = None
     if ev.judge is not None and params.gate_for(tenant).min_judge_win_rate is not None:
@@ -98,8 +111,9 @@ def evaluate_production(root: Path, params: Params, tenant: str, production: Ver
     return ProductionMeasure(answers.scores, judged)
 
 
-def judge_production(layout: Layout, judge: JudgeParams, tenant: str, production: Version, ids: list[str],
-                     answers: list[str]) -> dict[str, Any]:
+def judge_production(
+    layout: Layout, judge: JudgeParams, tenant: str, production: Version, ids: list[str], answers: list[str]
+) -> dict[str, Any]:
     """The candidate's answers (the evaluation's generations.jsonl) judged against `answers`, production's to
     the same test rows: the `judge` block the gate's judge rule decides on at release."""
     from loraline.evaluate import judge as JG
@@ -108,8 +122,10 @@ def judge_production(layout: Layout, judge: JudgeParams, tenant: str, production
     path = layout.evaluation_dir(tenant) / GENERATIONS
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     if [r["id"] for r in rows] != ids:
-        raise ReleaseRefused(f"{path} holds other test rows than production was measured on: "
-                             f"run the evaluate stage again (dvc repro {stage_id('evaluate', tenant)})")
+        raise ReleaseRefused(
+            f"{path} holds other test rows than production was measured on: "
+            f"run the evaluate stage again (dvc repro {stage_id('evaluate', tenant)})"
+        )
     against = JG.Opponent("production", {"version": production.version, "commit": production.commit})
     pairs = JG.pairings(rows, against.role, judge.max_rows, answers)
     return JG.judge_pairs(judge, pairs, against, layout.judge_cache_dir(tenant)).block
@@ -138,8 +154,11 @@ def _register(root: Path, params: Params, tenant: str, registry: Registry, gate:
             if all(v.version != latest.version for v in registry.versions(name)):
                 registry.register(name, latest.commit, latest.lineage, version=latest.version)
         return latest.version, False
-    snapshot = snapshot_commit(root, f"loraline release {tenant}: the dvc.lock, params and data of this version",
-                               extra=_raw_dirs(root, params))
+    snapshot = snapshot_commit(
+        root,
+        f"loraline release {tenant}: the dvc.lock, params and data of this version",
+        extra=_raw_dirs(root, params),
+    )
     lineage = tenant_lineage(root, params, tenant, snapshot=snapshot)
     version = _next_version(registry, names)
     for name in names:
@@ -151,8 +170,11 @@ def _same_candidate(version: Version, outputs: dict[str, str | None], verdict: d
     """Whether `version` already records these outputs and verdict; one registered while stages were stale
     (its lineage disagreeing with itself) never is, so the consistent state gets a version of its own."""
     lineage = version.lineage
-    return (lineage.get("outputs") == outputs and (lineage.get("metrics") or {}).get("gate") == verdict
-            and not evidence_problems(lineage.get("dvc") or {}))
+    return (
+        lineage.get("outputs") == outputs
+        and (lineage.get("metrics") or {}).get("gate") == verdict
+        and not evidence_problems(lineage.get("dvc") or {})
+    )
 
 
 def release_tenant(
@@ -171,7 +193,9 @@ def release_tenant(
     layout, registry = Layout(root), registry or GtoRegistry(root)
     check_artifacts_declared(root, params)
     if not layout.gate_path(tenant).exists():
-        raise ReleaseRefused(f"{layout.gate_path(tenant)} does not exist: run the gate stage first (dvc repro {stage_id('gate', tenant)})")
+        raise ReleaseRefused(
+            f"{layout.gate_path(tenant)} does not exist: run the gate stage first (dvc repro {stage_id('gate', tenant)})"
+        )
     gate = json.loads(layout.gate_path(tenant).read_text())
     adapter = Layout().relative(Layout().adapter_dir(tenant))
     adapter_md5 = locked_out(read_lock(root), stage_id("train", tenant), adapter)
@@ -184,7 +208,9 @@ def release_tenant(
     current = {n: registry.production(n) for n in names}
     before = current[names[0]].version if current[names[0]] else None
     rules, passed = gate.get("rules", []), bool(gate.get("passed"))
-    done = dict(tenant=tenant, version=version, registered_new=registered_new, production_before=before, gate_passed=passed)
+    done = dict(
+        tenant=tenant, version=version, registered_new=registered_new, production_before=before, gate_passed=passed
+    )
 
     def finish(promoted: bool, after: str | None, reason: str, rules: list[dict[str, Any]] = rules) -> ReleaseResult:
         result = ReleaseResult(**done, promoted=promoted, production_after=after, rules=rules, reason=reason)
@@ -203,9 +229,13 @@ def release_tenant(
         evaluation = json.loads(layout.eval_metrics_path(tenant).read_text())["models"]
         production = evaluate(root, params, tenant, current[names[0]])
         decision = decide(
-            params.gate_for(tenant), evaluation["candidate"], evaluation["base"],
-            production.metrics, read_parity(layout, tenant),
-            targets=params.deploy_for(tenant).targets, judge=production.judge,
+            params.gate_for(tenant),
+            evaluation["candidate"],
+            evaluation["base"],
+            production.metrics,
+            read_parity(layout, tenant),
+            targets=params.deploy_for(tenant).targets,
+            judge=production.judge,
         )
         rules = to_json(decision)["rules"]
         if not decision.passed:
@@ -219,9 +249,15 @@ def release_tenant(
                 if (now.version if now else None) != was[name]:
                     raise PromotionConflict(name, was[name], now.version if now else None)
             for name in names:
-                message = f"Promote {name} {version} to prod (loraline release, gate passed; was {was[name] or 'none'})"
-                registry.promote(name, version, expected_current=was[name],
-                                 message=provisional(message) if on_canary(params, was[name]) else message)
+                message = (
+                    f"Promote {name} {version} to prod (loraline release, gate passed; was {was[name] or 'none'})"
+                )
+                registry.promote(
+                    name,
+                    version,
+                    expected_current=was[name],
+                    message=provisional(message) if on_canary(params, was[name]) else message,
+                )
     except PromotionConflict as exc:
         now = registry.production(names[0])
         return finish(False, now.version if now else None, str(exc), rules)
@@ -229,7 +265,9 @@ def release_tenant(
     return finish(True, version, f"promoted {version} (was {before or 'nothing'}){canary}", rules)
 
 
-def release_shared(root: str | Path, params: Params, tenant: str, registry: Registry | None = None, promote: bool = True) -> ReleaseResult:
+def release_shared(
+    root: str | Path, params: Params, tenant: str, registry: Registry | None = None, promote: bool = True
+) -> ReleaseResult:
     """release_tenant against the registry shared through orchestrate.registry_remote, when one is set:
     its tags fetched first, the tags this release made pushed after (registry.sync)."""
     from loraline.registry.sync import shared_registry
@@ -238,11 +276,9 @@ def release_shared(root: str | Path, params: Params, tenant: str, registry: Regi
         return release_tenant(root, params, tenant, registry, promote=promote)
 
 
-
 def run(params: Params, layout: Layout, tenant: str, *, promote: bool = True) -> ReleaseResult:
     """The flow's release step for one tenant (after its DVC stages): register, and promote if allowed."""
     return release_shared(layout.root, params, tenant, promote=promote)
-
 
 
 def on_canary(params: Params, replaced: str | None) -> bool:

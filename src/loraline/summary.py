@@ -15,7 +15,13 @@ from loraline.layout import NOT_BUILT, Layout
 # The metrics worth a column, in reading order; anything else stays in metrics.json. The same as
 # loraline.evaluate.stage.HEADLINE_METRICS (importing that would load torch for every CLI command).
 HEADLINE_METRICS = (
-    "answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy", "long_context_perplexity",
+    "answer_loss",
+    "exact_match",
+    "token_f1",
+    "rouge_l",
+    "json_valid",
+    "json_field_accuracy",
+    "long_context_perplexity",
     "general_loss",
     "judge_win_rate",
 )
@@ -81,17 +87,19 @@ def collect_summary(params: Params, layout: Layout | None = None, tenants: list[
             "onnx": layout.onnx_dir(name),
             "report": layout.evaluation_dir(name) / "report.md",
         }
-        out.append(TenantSummary(
-            tenant=name,
-            prepare=_read(layout.prepare_stats_path(name)),
-            train=_read(layout.metrics_path("train", name)),
-            train_timing=_read(layout.timing_path("train", name)),
-            metrics=evaluation.get("models", {}),
-            low_bit=evaluation.get("qalora_comparison"),
-            gate=_read(layout.gate_path(name)),
-            release=_read(layout.release_path(name)),
-            paths=_paths(paths, params.deploy_for(name).targets),
-        ))
+        out.append(
+            TenantSummary(
+                tenant=name,
+                prepare=_read(layout.prepare_stats_path(name)),
+                train=_read(layout.metrics_path("train", name)),
+                train_timing=_read(layout.timing_path("train", name)),
+                metrics=evaluation.get("models", {}),
+                low_bit=evaluation.get("qalora_comparison"),
+                gate=_read(layout.gate_path(name)),
+                release=_read(layout.release_path(name)),
+                paths=_paths(paths, params.deploy_for(name).targets),
+            )
+        )
     return RunSummary(base=_read(layout.base_record_path()), tenants=out)
 
 
@@ -154,15 +162,40 @@ def render_text(summary: RunSummary, seconds: float | None = None) -> str:
     if summary.base:
         lines.append(base_line(summary.base))
     data_rows = [
-        [t.tenant, s["rows_in"], s["kept"], s["rejected"], s["duplicates"], s.get("near_duplicates", 0),
-         s.get("contaminated", 0), s.get("by_source", {}).get("synthetic", {}).get("kept", 0),
-         *(s.get("splits", {}).get(k, 0) for k in ("train", "validation", "test"))]
-        for t in summary.tenants if (s := t.prepare)
+        [
+            t.tenant,
+            s["rows_in"],
+            s["kept"],
+            s["rejected"],
+            s["duplicates"],
+            s.get("near_duplicates", 0),
+            s.get("contaminated", 0),
+            s.get("by_source", {}).get("synthetic", {}).get("kept", 0),
+            *(s.get("splits", {}).get(k, 0) for k in ("train", "validation", "test")),
+        ]
+        for t in summary.tenants
+        if (s := t.prepare)
     ]
     if data_rows:
-        lines += ["", "data:"] + ["  " + r for r in _table(
-            ["tenant", "rows in", "kept", "rejected", "duplicates", "near dup", "contaminated", "synthetic",
-             "train", "validation", "test"], data_rows)]
+        lines += ["", "data:"] + [
+            "  " + r
+            for r in _table(
+                [
+                    "tenant",
+                    "rows in",
+                    "kept",
+                    "rejected",
+                    "duplicates",
+                    "near dup",
+                    "contaminated",
+                    "synthetic",
+                    "train",
+                    "validation",
+                    "test",
+                ],
+                data_rows,
+            )
+        ]
     for t in summary.tenants:
         lines += ["", f"{t.tenant}:"]
         if t.prepare:
@@ -172,7 +205,9 @@ def render_text(summary: RunSummary, seconds: float | None = None) -> str:
         rows = t.metric_rows()
         if rows:
             models = [k for k in rows[0] if k != "metric"]
-            lines += ["  " + r for r in _table(["metric", *models], [[r["metric"], *(r[m] for m in models)] for r in rows])]
+            lines += [
+                "  " + r for r in _table(["metric", *models], [[r["metric"], *(r[m] for m in models)] for r in rows])
+            ]
         if t.low_bit:
             from loraline.evaluate.lowbit import summary_line  # torch: only for a run that has the comparison
 
@@ -191,12 +226,17 @@ def render_markdown(summary: RunSummary, seconds: float | None = None) -> str:
     out = ["# loraline run", ""]
     if summary.base:
         out += [base_line(summary.base), ""]
-    out += ["| tenant | gate | version | promoted | prod | answer loss base → candidate |", "|---|---|---|---|---|---|"]
+    out += [
+        "| tenant | gate | version | promoted | prod | answer loss base → candidate |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in summary.tenants:
         r = t.release or {}
         loss = " → ".join(_fmt(t.metrics.get(m, {}).get("answer_loss")) for m in ("base", "candidate"))
-        out.append(f"| {t.tenant} | {t.verdict} | {r.get('version') or '-'} | {'yes' if r.get('promoted') else 'no'} "
-                   f"| {r.get('production_after') or '-'} | {loss} |")
+        out.append(
+            f"| {t.tenant} | {t.verdict} | {r.get('version') or '-'} | {'yes' if r.get('promoted') else 'no'} "
+            f"| {r.get('production_after') or '-'} | {loss} |"
+        )
     if seconds is not None:
         out += ["", f"Total time: {seconds:.0f} s"]
     return "\n".join(out)

@@ -37,8 +37,12 @@ TINY_TRAIN = {"max_steps": 6, "batch_size": 4, "eval_every": 3, "save_every": 3,
 def _env() -> dict[str, str]:
     env = tool_env()
     env.update(
-        DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid",
-        GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid",
+        DVC_NO_ANALYTICS="1",
+        HF_HUB_OFFLINE="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t.invalid",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t.invalid",
     )
     return env
 
@@ -49,7 +53,9 @@ def sh(*cmd: str, cwd: Path) -> str:
         cmd = (tool(cmd[0]), *cmd[1:])
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc.stdout + proc.stderr
 
 
@@ -74,10 +80,16 @@ def copy_project(src: Path, dest: Path) -> Path:
 
 def make_tiny_project(dest: Path) -> Path:
     """A fresh git+DVC project at `dest` holding exactly the repository's files, with a tiny base model."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file():
@@ -101,5 +113,3 @@ def make_tiny_project(dest: Path) -> Path:
     sh("git", "add", "-A", cwd=dest)
     sh("git", "commit", "-qm", "fixture", cwd=dest)
     return dest
-
-

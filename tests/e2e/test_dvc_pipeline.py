@@ -33,8 +33,14 @@ def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str
     assert stages_run(first_run) == expected
 
     base = project / "models" / "base"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "base_record.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "base_record.json",
+    ):
         assert (base / name).is_file(), name
     assert "chat_template" in json.loads((base / "tokenizer_config.json").read_text())
 
@@ -68,8 +74,15 @@ def test_repro_runs_every_stage_and_writes_outputs(project: Path, first_run: str
         assert "answer_loss" in evaluation["models"]["candidate"]
         assert (project / "reports" / t / "evaluation" / "report.md").is_file()
         gate = json.loads((project / "reports" / t / "gate.json").read_text())
-        assert [r["name"] for r in gate["rules"]] == ["beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity",
-                                                      "export_parity", "max_forgetting", "judge_win_rate"]
+        assert [r["name"] for r in gate["rules"]] == [
+            "beats_base",
+            "beats_base_secondary",
+            "no_regression_vs_prod",
+            "merge_parity",
+            "export_parity",
+            "max_forgetting",
+            "judge_win_rate",
+        ]
         general = evaluation["general"]  # the forgetting check: the base's held-out docstrings, tokenized by prepare
         assert general["measured"] and general["path"] == "models/base/general_text.jsonl" and general["rows"] == 128
         assert all(evaluation["models"][m]["general_loss"] > 0 for m in ("base", "candidate"))
@@ -110,8 +123,11 @@ def test_editing_one_tenants_rows_reruns_only_that_tenant(project: Path, first_r
     before_others = [p.stat().st_mtime_ns for p in others]
     target = sorted((project / "data" / "raw" / tenant).glob("*.jsonl"))[0]
     with target.open("a", encoding="utf-8") as fh:
-        row = {"instruction": "Extract the order request as JSON.",
-               "input": "Hello, where is my parcel? Order 99173, thanks.", "output": '{"intent": "track"}'}
+        row = {
+            "instruction": "Extract the order request as JSON.",
+            "input": "Hello, where is my parcel? Order 99173, thanks.",
+            "output": '{"intent": "track"}',
+        }
         fh.write(json.dumps(row) + "\n")
 
     out = sh("dvc", "repro", cwd=project)
@@ -136,9 +152,14 @@ def test_push_to_the_default_local_remote_and_metrics(project: Path, first_run: 
     tenants = ("acme-shop", "globex-it")
     stages = ("synthesize", "prepare", "train", "merge", "export", "evaluate", "gate")
     assert {f"reports/{t}/metrics/{s}.json" for t in tenants for s in stages} <= set(files)
-    assert all(f.startswith("reports/timing/") for f in set(files) - {f"reports/{t}/metrics/{s}.json" for t in tenants for s in stages})
+    assert all(
+        f.startswith("reports/timing/")
+        for f in set(files) - {f"reports/{t}/metrics/{s}.json" for t in tenants for s in stages}
+    )
     header = shown.splitlines()[0].split()
-    assert len(header) <= 60, header  # one column per key across every file: a few dozen (52 with general_loss), not hundreds
+    assert len(header) <= 60, (
+        header
+    )  # one column per key across every file: a few dozen (52 with general_loss), not hundreds
     diff = sh("dvc", "metrics", "diff", "--all", cwd=project)
     assert "val_loss" in diff and "per_probe" not in diff
     plots = sh("dvc", "plots", "show", "--json", cwd=project)
@@ -149,7 +170,9 @@ def test_loraline_run_without_prefect_releases_then_is_idempotent(project: Path,
     sh("dvc", "repro", cwd=project)  # whatever earlier tests changed
     out = sh("loraline", "run", "--no-prefect", "--no-push", cwd=project)
     # nothing to run: one DVC status of every stage in-process, no `dvc repro` per stage, straight to the releases
-    assert re.search(r"loraline run: all 17 stages up to date \(DVC status, [\d.]+s\): nothing to run", out), out[-3000:]
+    assert re.search(r"loraline run: all 17 stages up to date \(DVC status, [\d.]+s\): nothing to run", out), out[
+        -3000:
+    ]
     assert "dvc repro:" not in out
     assert "== loraline summary ==" in out
     for tenant in ("acme-shop", "globex-it"):

@@ -14,8 +14,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SOURCES = [
     # a ticketing system's export: nested fields, the system prompt from another key, the answer as text
-    {"path": "exports/*.jsonl.gz", "columns": {"system": "meta.guidance", "instruction": "{ticket.subject}\n\n{ticket.body}",
-                                               "output": "routing"}},
+    {
+        "path": "exports/*.jsonl.gz",
+        "columns": {
+            "system": "meta.guidance",
+            "instruction": "{ticket.subject}\n\n{ticket.body}",
+            "output": "routing",
+        },
+    },
 ]
 
 
@@ -33,10 +39,18 @@ def _export(project: Path) -> int:
         except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
             continue  # the sample's deliberately bad rows
         subject, _, body = user.partition("\n")
-        rows.append({"ticket": {"subject": subject, "body": body.strip() or "-"}, "meta": {"guidance": system}, "routing": assistant})
+        rows.append(
+            {
+                "ticket": {"subject": subject, "body": body.strip() or "-"},
+                "meta": {"guidance": system},
+                "routing": assistant,
+            }
+        )
     (raw / "helpdesk_chats.jsonl").unlink()
     (raw / "exports").mkdir()
-    (raw / "exports" / "tickets.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    (raw / "exports" / "tickets.jsonl.gz").write_bytes(
+        gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    )
     return len(rows)
 
 
@@ -56,17 +70,29 @@ def project(tmp_path_factory, built) -> tuple[Path, int]:
 def test_a_mapped_tenant_trains_and_passes_its_gate(project):
     project, rows = project
     out = sh("dvc", "repro", "gate@globex-it", cwd=project)
-    assert {"prepare@globex-it", "train@globex-it", "merge@globex-it", "export@globex-it", "gate@globex-it"} <= stages_run(out)
+    assert {
+        "prepare@globex-it",
+        "train@globex-it",
+        "merge@globex-it",
+        "export@globex-it",
+        "gate@globex-it",
+    } <= stages_run(out)
 
     stats = json.loads((project / "reports" / "globex-it" / "prepare_stats.json").read_text())
     outcomes = ("kept", "rejected", "duplicates", "near_duplicates", "contaminated")
     (mapped, *rest) = stats["sources"]
     assert mapped["path"] == "exports/*.jsonl.gz" and mapped["files"] == 1 and mapped["rows_in"] == rows
     assert mapped["kept"] > 0.8 * rows
-    rejects = [json.loads(line) for line in (project / "data" / "rejected" / "globex-it.jsonl").read_text().split("\n") if line]
+    rejects = [
+        json.loads(line)
+        for line in (project / "data" / "rejected" / "globex-it.jsonl").read_text().split("\n")
+        if line
+    ]
     assert len(rejects) == stats["rejected"]
     assert not [r for r in rejects if r["reason"] == "mapping"], "every exported row maps"
-    assert mapped["rows_in"] == sum(mapped[k] for k in outcomes) and stats["rows_in"] == sum(stats[k] for k in outcomes)
+    assert mapped["rows_in"] == sum(mapped[k] for k in outcomes) and stats["rows_in"] == sum(
+        stats[k] for k in outcomes
+    )
     # the rest: files no entry matches (read by shape detection) and the synthesize stage's rows
     assert {e["path"] for e in rest} <= {"(detected)", "synthetic:rows.jsonl"}, rest
     assert sum(e["rows_in"] for e in stats["sources"]) == stats["rows_in"]

@@ -35,12 +35,19 @@ def env(tmp_path_factory):
         PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-home")),
         PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1",
-        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid",
+        DVC_NO_ANALYTICS="1",
+        HF_HUB_OFFLINE="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t.invalid",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t.invalid",
     )
     server = subprocess.Popen(
         [tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 120
@@ -59,8 +66,9 @@ def env(tmp_path_factory):
 
 
 def prefect(env: dict, *args: str, cwd: Path) -> str:
-    proc = subprocess.run([tool("prefect"), "--no-prompt", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [tool("prefect"), "--no-prompt", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
@@ -83,7 +91,12 @@ def test_deploy_all_and_a_worker_completes_a_triggered_run(tmp_path: Path, env: 
     run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
     worker = subprocess.Popen(
         [tool("prefect"), "worker", "start", "--pool", "loraline", "--type", "process"],
-        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True,
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
     )
     try:
         deadline, state = time.time() + 900, None

@@ -34,8 +34,13 @@ def project(tmp_path_factory, harness) -> Path:
     dest = make_tiny_project(tmp_path_factory.mktemp("prefect") / "project")
     saved = dict(os.environ)
     # the registry commits version snapshots: git needs an identity, whatever the machine has
-    os.environ.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid", GIT_COMMITTER_NAME="t",
-                      GIT_COMMITTER_EMAIL="t@t.invalid", DVC_NO_ANALYTICS="1")
+    os.environ.update(
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t.invalid",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t.invalid",
+        DVC_NO_ANALYTICS="1",
+    )
     yield dest
     os.environ.clear()
     os.environ.update(saved)
@@ -97,8 +102,11 @@ def test_first_run_publishes_reports_as_prefect_artifacts(first):
 
 def _tag_lock(project: Path, tag: str) -> dict:
     """The dvc.lock a registry tag's version was built from."""
-    return yaml.safe_load(subprocess.run(["git", "show", f"{tag}:dvc.lock"], cwd=project, capture_output=True,
-                                         text=True, check=True).stdout)
+    return yaml.safe_load(
+        subprocess.run(
+            ["git", "show", f"{tag}:dvc.lock"], cwd=project, capture_output=True, text=True, check=True
+        ).stdout
+    )
 
 
 def _interval(project: Path, stage: str) -> tuple[float, float]:
@@ -121,14 +129,19 @@ def test_tenants_in_parallel_end_exactly_where_the_sequential_run_did(project: P
     assert yaml.safe_load((project / "dvc.lock").read_text()) == lock_before
     from loraline.tools import tool, tool_env
 
-    status = subprocess.run([tool("dvc"), "status"], cwd=project, env=tool_env(), capture_output=True, text=True, check=True)
+    status = subprocess.run(
+        [tool("dvc"), "status"], cwd=project, env=tool_env(), capture_output=True, text=True, check=True
+    )
     assert status.stdout.strip() == "Data and pipelines are up to date.", status.stdout
     assert tags(project) == tags_before
     for tenant in TENANTS:
         assert not result["releases"][tenant]["registered_new"], result["releases"][tenant]
         assert _tag_lock(project, f"{tenant}-adapter@v0.0.1")["stages"] == lock_before["stages"]
     # and it was parallel: some stage of one tenant ran while one of the other tenant did
-    spans = {t: [_interval(project, f"{s}@{t}") for s in ("prepare", "train", "merge", "export", "evaluate")] for t in TENANTS}
+    spans = {
+        t: [_interval(project, f"{s}@{t}") for s in ("prepare", "train", "merge", "export", "evaluate")]
+        for t in TENANTS
+    }
     assert any(a0 < b1 and b0 < a1 for a0, a1 in spans[TENANTS[0]] for b0, b1 in spans[TENANTS[1]]), spans
 
 
@@ -147,8 +160,16 @@ def test_one_tenants_new_data_reruns_and_releases_only_that_tenant(project: Path
     before = tags(project)
     target = sorted((project / "data" / "raw" / "acme-shop").glob("*.jsonl"))[0]
     with target.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"instruction": "Extract the order request as JSON.",
-                             "input": "Hi, please cancel order 55120.", "output": '{"intent": "cancel"}'}) + "\n")
+        fh.write(
+            json.dumps(
+                {
+                    "instruction": "Extract the order request as JSON.",
+                    "input": "Hi, please cancel order 55120.",
+                    "output": '{"intent": "cancel"}',
+                }
+            )
+            + "\n"
+        )
     state = pipeline(project_dir=str(project), return_state=True)
     assert state.is_completed(), state.message
     assert_new_rows_rerun(stages_ran(state), "acme-shop")
@@ -176,7 +197,17 @@ def test_rollback_and_consumers_fetch_production_with_dvc_artifacts_get(project:
     assert prod_adapter(tmp_path / "v2") == (project / "models" / "adapters" / "acme-shop" / weights).read_bytes()
     out = sh("loraline", "registry", "rollback", "acme-shop", cwd=project)
     assert "v0.0.2 -> v0.0.1" in out
-    sh("dvc", "get", ".", "models/adapters/acme-shop", "--rev", "acme-shop-adapter@v0.0.1", "-o", str(tmp_path / "ref"), cwd=project)
+    sh(
+        "dvc",
+        "get",
+        ".",
+        "models/adapters/acme-shop",
+        "--rev",
+        "acme-shop-adapter@v0.0.1",
+        "-o",
+        str(tmp_path / "ref"),
+        cwd=project,
+    )
     assert prod_adapter(tmp_path / "v1") == (tmp_path / "ref" / weights).read_bytes()
     assert (tmp_path / "v1" / weights).read_bytes() != (tmp_path / "v2" / weights).read_bytes()
     shown = sh("loraline", "registry", "show", "acme-shop-adapter", cwd=project)

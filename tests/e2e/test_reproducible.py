@@ -16,7 +16,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TENANT = "acme-shop"
 TARGET = f"export@{TENANT}"
 # The base pretrains on every tenant's documents, so forcing it re-runs each tenant's documents stage.
-UPSTREAM = {"base", "documents@globex-it"} | {f"{stage}@{TENANT}" for stage in ("documents", "synthesize", "prepare", "train", "merge", "export")}
+UPSTREAM = {"base", "documents@globex-it"} | {
+    f"{stage}@{TENANT}" for stage in ("documents", "synthesize", "prepare", "train", "merge", "export")
+}
 
 
 def test_rebuilding_from_the_same_inputs_leaves_dvc_lock_byte_identical(tmp_path: Path, built):

@@ -52,8 +52,13 @@ def project(tmp_path_factory, built) -> Path:
 @pytest.fixture(scope="module")
 def server(project: Path):
     port, engine_port = _free_port(), _free_port()
-    overrides = [f"serve.port={port}", f"serve.engine_port={engine_port}", "serve.poll_seconds=1", "serve.max_model_len=256",
-                 "serve.auth=true"]
+    overrides = [
+        f"serve.port={port}",
+        f"serve.engine_port={engine_port}",
+        "serve.poll_seconds=1",
+        "serve.max_model_len=256",
+        "serve.auth=true",
+    ]
     cmd = [tool("loraline"), "serve", "--python", _serving_python(), *[x for o in overrides for x in ("--set", o)]]
     log = open(project / "serve.log", "w")
     env = {**_env(), **{f"LORALINE_SERVE_KEY_{t.upper().replace('-', '_')}": k for t, k in KEYS.items()}}
@@ -79,8 +84,9 @@ def server(project: Path):
     deadline = time.monotonic() + 15
     while (_group(engine_group) or not _port_free(engine_port)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _group(engine_group) and _port_free(engine_port), \
+    assert not _group(engine_group) and _port_free(engine_port), (
         f"the vLLM engine (processes {_group(engine_group)}, port {engine_port}) outlived a killed loraline serve"
+    )
     assert not _engines_on(engine_port)
 
 
@@ -149,24 +155,40 @@ def test_a_start_fails_at_once_naming_a_taken_port(project, tmp_path):
         held.listen()
         port = held.getsockname()[1]
         for param, other in (("serve.engine_port", "serve.port"), ("serve.port", "serve.engine_port")):
-            cmd = [tool("loraline"), "serve", "--python", _serving_python(), "--set", f"{param}={port}", "--set", f"{other}={_free_port()}"]
+            cmd = [
+                tool("loraline"),
+                "serve",
+                "--python",
+                _serving_python(),
+                "--set",
+                f"{param}={port}",
+                "--set",
+                f"{other}={_free_port()}",
+            ]
             started = time.monotonic()
             out = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
             assert out.returncode == 1 and time.monotonic() - started < 60, out.stderr[-3000:]
-            assert f"loraline serve: error: port {port} on 127.0.0.1 ({param}) is already in use by pid {os.getpid()} (" in out.stderr
+            assert (
+                f"loraline serve: error: port {port} on 127.0.0.1 ({param}) is already in use by pid {os.getpid()} ("
+                in out.stderr
+            )
             assert "Traceback" not in out.stderr
     assert not (tmp_path / "reports" / "serve" / "engine.log").exists()  # vLLM was never started
 
 
 def test_every_tenant_is_answered_by_its_production_adapter(project, server):
     url, _ = server
-    assert _served(url) == {t: "v0.0.1" for t in TENANTS}
+    assert _served(url) == dict.fromkeys(TENANTS, "v0.0.1")
     served = [e for e in _events(project) if e["event"] == "served"]
     assert {e["tenant"] for e in served} == set(TENANTS)
     assert all(e["check"]["agreement"] == 1.0 for e in served)  # greedy answers = the merged model's
     for tenant in TENANTS:
         raw = _client(url, tenant).chat.completions.with_raw_response.create(
-            model=tenant, messages=[{"role": "user", "content": "Where is my order 12345?"}], max_tokens=8, temperature=0)
+            model=tenant,
+            messages=[{"role": "user", "content": "Where is my order 12345?"}],
+            max_tokens=8,
+            temperature=0,
+        )
         reply = raw.parse()
         assert raw.headers["x-loraline-version"] == "v0.0.1" and reply.model == tenant
         assert reply.choices[0].message.content is not None
@@ -178,14 +200,18 @@ def test_streaming_keys_unknown_models_and_overlong_prompts(server):
     url, _ = server
     client = _client(url)
     stream = client.chat.completions.create(
-        model="acme-shop", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0, stream=True)
+        model="acme-shop", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks and all(c.model == "acme-shop" for c in chunks)
     # acme-shop's key: globex-it's model is answered as a model that does not exist is
     with pytest.raises(NotFoundError, match="does not exist or you do not have access to it"):
         client.chat.completions.create(model="globex-it", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     key = {"Authorization": f"Bearer {KEYS['acme-shop']}"}
-    other, none = (httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "hi"}, headers=key) for m in ("globex-it", "initech"))
+    other, none = (
+        httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "hi"}, headers=key)
+        for m in ("globex-it", "initech")
+    )
     assert other.status_code == none.status_code == 404 and other.text.replace("globex-it", "initech") == none.text
     assert httpx.get(f"{url}/health").json() == {"engine": True}  # no key: up or down, no tenant named
     assert httpx.get(f"{url}/health", headers=key).json() == {"engine": True, "serving": {"acme-shop": "v0.0.1"}}
@@ -193,8 +219,12 @@ def test_streaming_keys_unknown_models_and_overlong_prompts(server):
         r = httpx.post(f"{url}/v1/completions", json=body, headers=key)
         assert r.status_code == 400 and "must be" in r.json()["error"]["message"], r.text
     with pytest.raises(AuthenticationError):
-        OpenAI(base_url=f"{url}/v1", api_key="not-a-key", max_retries=0).completions.create(model="acme-shop", prompt="hi", max_tokens=4)
-    assert httpx.post(f"{url}/v1/completions", json={"model": "acme-shop", "prompt": "hi"}).status_code == 401  # no key
+        OpenAI(base_url=f"{url}/v1", api_key="not-a-key", max_retries=0).completions.create(
+            model="acme-shop", prompt="hi", max_tokens=4
+        )
+    assert (
+        httpx.post(f"{url}/v1/completions", json={"model": "acme-shop", "prompt": "hi"}).status_code == 401
+    )  # no key
     with pytest.raises(BadRequestError):
         client.completions.create(model="acme-shop", prompt="word " * 600, max_tokens=4)
     with pytest.raises(NotFoundError, match="does not exist"):
@@ -212,7 +242,8 @@ def test_promotion_and_rollback_are_served_without_a_restart_and_a_corrupt_versi
     sh("loraline", "registry", "promote", "acme-shop", "v0.0.2", "--force", "--reason", "serve e2e", cwd=project)
     _wait_for(url, "acme-shop", "v0.0.2")
     reply = _client(url).chat.completions.with_raw_response.create(
-        model="acme-shop", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+        model="acme-shop", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
     assert reply.headers["x-loraline-version"] == "v0.0.2"
     promoted = [e for e in _events(project) if e["event"] == "served" and e["version"] == "v0.0.2"][-1]
     assert promoted["previous"] == "v0.0.1" and promoted["since_promotion_s"] < 60
@@ -225,10 +256,22 @@ def test_promotion_and_rollback_are_served_without_a_restart_and_a_corrupt_versi
     import torch
     from safetensors.torch import load_file, save_file
 
-    [servable] = (project / ".loraline" / "serve" / "versions" / "acme-shop").glob("v0.0.2-*/servable/adapter_model.safetensors")
+    [servable] = (project / ".loraline" / "serve" / "versions" / "acme-shop").glob(
+        "v0.0.2-*/servable/adapter_model.safetensors"
+    )
     noise = torch.Generator().manual_seed(0)
     save_file({k: torch.randn(v.shape, generator=noise) * 2 for k, v in load_file(servable).items()}, servable)
-    sh("loraline", "registry", "promote", "acme-shop", "v0.0.2", "--force", "--reason", "serve e2e: corrupted", cwd=project)
+    sh(
+        "loraline",
+        "registry",
+        "promote",
+        "acme-shop",
+        "v0.0.2",
+        "--force",
+        "--reason",
+        "serve e2e: corrupted",
+        cwd=project,
+    )
     deadline = time.monotonic() + 120
     while not [e for e in _events(project) if e["event"] == "check_failed"] and time.monotonic() < deadline:
         time.sleep(1)

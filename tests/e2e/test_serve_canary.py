@@ -40,7 +40,12 @@ def project(tmp_path_factory, built) -> Path:
 @pytest.fixture(scope="module")
 def server(project: Path):
     port, engine_port = _free_port(), _free_port()
-    overrides = [f"serve.port={port}", f"serve.engine_port={engine_port}", "serve.poll_seconds=1", "serve.max_model_len=256"]
+    overrides = [
+        f"serve.port={port}",
+        f"serve.engine_port={engine_port}",
+        "serve.poll_seconds=1",
+        "serve.max_model_len=256",
+    ]
     cmd = [tool("loraline"), "serve", "--python", _serving_python(), *[x for o in overrides for x in ("--set", o)]]
     log = open(project / "serve.log", "w")
     proc = subprocess.Popen(cmd, cwd=project, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -69,9 +74,15 @@ def _traffic_until(url: str, event: str, version: str, project: Path, timeout_s:
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     answered, deadline = [], time.monotonic() + timeout_s
     while not any(e["event"] == event and e["version"] == version for e in _events(project)):
-        assert time.monotonic() < deadline, f"no {event} for {version} after {len(answered)} requests: {_events(project)[-3:]}"
+        assert time.monotonic() < deadline, (
+            f"no {event} for {version} after {len(answered)} requests: {_events(project)[-3:]}"
+        )
         raw = client.chat.completions.with_raw_response.create(
-            model=TENANT, messages=[{"role": "user", "content": "Where is my order 12345?"}], max_tokens=4, temperature=0)
+            model=TENANT,
+            messages=[{"role": "user", "content": "Where is my order 12345?"}],
+            max_tokens=4,
+            temperature=0,
+        )
         assert raw.parse().model == TENANT and raw.parse().choices[0].message.content is not None
         answered.append(raw.headers["x-loraline-version"])
     return answered
@@ -88,8 +99,16 @@ def _register(project: Path, commit: str, lineage: dict) -> str:
 def _same_build(project: Path, version: str) -> str:
     """A new version of the very build `version` is (the same tree in a commit of its own), registered."""
     old = GtoRegistry(project).version(ARTIFACTS[0], version)
-    commit = sh("git", "commit-tree", f"{old.commit}^{{tree}}", "-p", old.commit, "-m", f"e2e: {version}'s build again",
-                cwd=project).strip()
+    commit = sh(
+        "git",
+        "commit-tree",
+        f"{old.commit}^{{tree}}",
+        "-p",
+        old.commit,
+        "-m",
+        f"e2e: {version}'s build again",
+        cwd=project,
+    ).strip()
     return _register(project, commit, old.lineage)
 
 
@@ -124,8 +143,14 @@ def test_a_good_canary_is_kept_and_broken_ones_are_rolled_back_with_no_failed_re
     assert _production(project) == [good, good]
     number = GtoRegistry(project).history(ARTIFACTS[0])[-1].number
     kept = read_decision(project, ARTIFACTS[0], number)
-    assert kept.kept and kept.facts["canary"]["answers"] >= CANARY["min_requests"] and kept.by.startswith("loraline serve on ")
-    _wait_until(lambda: "canary" not in _models(url)[TENANT], project)  # the event is written just before the route moves
+    assert (
+        kept.kept
+        and kept.facts["canary"]["answers"] >= CANARY["min_requests"]
+        and kept.by.startswith("loraline serve on ")
+    )
+    _wait_until(
+        lambda: "canary" not in _models(url)[TENANT], project
+    )  # the event is written just before the route moves
     assert set(_traffic_until_count(url, 3)) == {good}
 
     # 2. a corrupted adapter: the deployment check refuses it and the server rolls the registry back at once
@@ -137,14 +162,21 @@ def test_a_good_canary_is_kept_and_broken_ones_are_rolled_back_with_no_failed_re
     assert failed["registry"]["kept"] is False and failed["registry"]["reason"].startswith("deployment check failed")
     assert _production(project) == [good, good]
     rollback = GtoRegistry(project).history(ARTIFACTS[0])[-1]
-    assert rollback.version == good and "after the canary of" in rollback.message and "deployment check failed" in rollback.message
+    assert (
+        rollback.version == good
+        and "after the canary of" in rollback.message
+        and "deployment check failed" in rollback.message
+    )
 
     # 3. a version the engine fails on: its adapter taken out of vLLM behind the gateway's back, as an
     # engine restart or eviction would; its requests are answered by the stable version, then it is rolled back
     lost = _same_build(project, good)
     sh("loraline", "registry", "promote", TENANT, lost, "--reason", "canary e2e: engine loses it", cwd=project)
     _wait_until(lambda: _models(url)[TENANT].get("canary", {}).get("version") == lost, project)
-    assert httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": f"{TENANT}@{lost}"}, timeout=30).status_code == 200
+    assert (
+        httpx.post(f"{engine}/v1/unload_lora_adapter", json={"lora_name": f"{TENANT}@{lost}"}, timeout=30).status_code
+        == 200
+    )
     answered = _traffic_until(url, "canary_rolled_back", lost, project)
     assert set(answered) == {good}  # every canary request was answered again by the stable version
     rolled = [e for e in _events(project) if e["event"] == "canary_rolled_back"][-1]
@@ -159,9 +191,12 @@ def _traffic_until_count(url: str, n: int) -> list[str]:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    return [client.chat.completions.with_raw_response.create(
-        model=TENANT, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0).headers["x-loraline-version"]
-        for _ in range(n)]
+    return [
+        client.chat.completions.with_raw_response.create(
+            model=TENANT, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+        ).headers["x-loraline-version"]
+        for _ in range(n)
+    ]
 
 
 def _wait_until(condition, project: Path, timeout_s: float = 120) -> None:

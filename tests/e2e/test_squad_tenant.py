@@ -29,10 +29,16 @@ def prepared(tmp_path_factory, built) -> tuple[Path, dict]:
     suggested = sh("loraline", "inspect", str(raw / SQUAD.name), cwd=project)
     assert "group: context" in suggested, suggested  # inspect sees the shared passages and names the field
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["tenants"]["squad"] = {"raw_dir": "data/raw/squad", "sources": [{
-        "path": SQUAD.name, "columns": {"instruction": "{context}\n\n{question}", "output": "answers.text[0]"},
-        "group": "context",
-    }]}
+    params["tenants"]["squad"] = {
+        "raw_dir": "data/raw/squad",
+        "sources": [
+            {
+                "path": SQUAD.name,
+                "columns": {"instruction": "{context}\n\n{question}", "output": "answers.text[0]"},
+                "group": "context",
+            }
+        ],
+    }
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "a SQuAD tenant", cwd=project)

@@ -5,7 +5,21 @@ import yaml
 
 from loraline.cli import build_parser, main
 
-COMMANDS = ["check", "documents", "synthesize", "base", "prepare", "train", "merge", "export", "evaluate", "gate", "generate", "run", "registry"]
+COMMANDS = [
+    "check",
+    "documents",
+    "synthesize",
+    "base",
+    "prepare",
+    "train",
+    "merge",
+    "export",
+    "evaluate",
+    "gate",
+    "generate",
+    "run",
+    "registry",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -49,7 +49,10 @@ def test_repository_params_are_valid(monkeypatch):
         ({"tenants": {"acme-": {"raw_dir": "x"}}}, ["tenant name 'acme-'", "not first or last"]),
         ({"tenants": {"acme": {"raw_dir": "x", "colour": 1}}}, ["tenants.acme.colour: unknown key", "raw_dir"]),
         ({"tenants": {"acme": {"raw_dir": "x", "train": {"lora_r": -1}}}}, ["tenants.acme.train.lora_r", "got -1"]),
-        ({"tenants": {"acme": {"raw_dir": "x", "gate": {"nope": 1}}}}, ["tenants.acme.gate.nope: unknown key", "primary_metric"]),
+        (
+            {"tenants": {"acme": {"raw_dir": "x", "gate": {"nope": 1}}}},
+            ["tenants.acme.gate.nope: unknown key", "primary_metric"],
+        ),
         ({"tenants": [{"name": "a", "raw_dir": "x"}, {"name": "a", "raw_dir": "y"}]}, ["unique", "a"]),
         (minimal(seed="abc"), ["seed", "integer"]),
     ],
@@ -144,7 +147,10 @@ def test_a_tenant_cannot_be_named_like_the_timing_reports_folder(tmp_path):
     [
         ("gate.min_gain_over_base", "gate: {min_gain_over_base: %s}"),
         ("train.learning_rate", "train: {learning_rate: %s}"),
-        ("tenants.acme.gate.max_regression_vs_prod", "tenants: {acme: {raw_dir: raw, gate: {max_regression_vs_prod: %s}}}"),
+        (
+            "tenants.acme.gate.max_regression_vs_prod",
+            "tenants: {acme: {raw_dir: raw, gate: {max_regression_vs_prod: %s}}}",
+        ),
         ("tenants.acme.train.lora_dropout", "tenants: {acme: {raw_dir: raw, train: {lora_dropout: %s}}}"),
     ],
 )
@@ -227,7 +233,9 @@ def test_an_allowed_outside_raw_dir_loads(tmp_path, raw_dir):
 
 def test_allowed_outside_dirs_must_be_absolute(tmp_path):
     project = outside_setup(tmp_path, "data/raw/acme", allow_outside_dirs=["../outside"])
-    with pytest.raises(ConfigError, match=r"tenants\.acme\.allow_outside_dirs: .*'\.\./outside' must be an absolute folder path"):
+    with pytest.raises(
+        ConfigError, match=r"tenants\.acme\.allow_outside_dirs: .*'\.\./outside' must be an absolute folder path"
+    ):
         load_params(project / "params.yaml")
 
 

@@ -22,7 +22,9 @@ def test_defaults_point_at_the_base_stages_held_out_text_and_turn_the_rule_on(mo
     monkeypatch.chdir(REPO)
     params = load_params(REPO / "params.yaml")
     general = params.evaluate.general
-    assert general.path.as_posix() == Layout().relative(Layout().base_dir / GENERAL_TEXT) == f"models/base/{GENERAL_TEXT}"
+    assert (
+        general.path.as_posix() == Layout().relative(Layout().base_dir / GENERAL_TEXT) == f"models/base/{GENERAL_TEXT}"
+    )
     assert (general.rows, general.max_tokens, general.allow_outside_dirs) == (128, 256, [])
     assert params.gate.max_forgetting == pytest.approx(0.10)
     assert parse_params(minimal()).evaluate.general == general  # params.yaml repeats the code's defaults
@@ -33,12 +35,18 @@ def test_defaults_point_at_the_base_stages_held_out_text_and_turn_the_rule_on(mo
     [
         (minimal(evaluate={"general": {"rows": 0}}), ["evaluate.general.rows", "greater than or equal to 1", "got 0"]),
         (minimal(evaluate={"general": {"max_tokens": 4}}), ["evaluate.general.max_tokens", "got 4"]),
-        (minimal(evaluate={"general": {"path": ""}}), ["evaluate.general.path", "must name a file or folder of general text"]),
+        (
+            minimal(evaluate={"general": {"path": ""}}),
+            ["evaluate.general.path", "must name a file or folder of general text"],
+        ),
         (minimal(evaluate={"general": {"paths": "x"}}), ["evaluate.general.paths: unknown key", "path, rows"]),
         (minimal(evaluate={"general": None}), ["evaluate.general"]),
         (minimal(gate={"max_forgetting": -0.1}), ["gate.max_forgetting", "greater than or equal to 0", "got -0.1"]),
         (minimal(gate={"max_forgetting": "ten percent"}), ["gate.max_forgetting", "got 'ten percent'"]),
-        ({"tenants": {"acme": {"raw_dir": "x", "gate": {"max_forgetting": -1}}}}, ["tenants.acme.gate.max_forgetting"]),
+        (
+            {"tenants": {"acme": {"raw_dir": "x", "gate": {"max_forgetting": -1}}}},
+            ["tenants.acme.gate.max_forgetting"],
+        ),
     ],
 )
 def test_bad_values_name_the_key(data, expected):
@@ -54,10 +62,13 @@ def project_with(tmp_path: Path, general: dict) -> Path:
     (project / "data").mkdir(parents=True)
     outside.mkdir()
     (outside / "wiki.jsonl").write_text('{"text": "general prose"}\n')
-    general = {k: (v.format(outside=outside) if isinstance(v, str) else [p.format(outside=outside) for p in v])
-               for k, v in general.items()}
-    (project / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"general": general},
-                                                         "tenants": {"acme": {"raw_dir": "data"}}}))
+    general = {
+        k: (v.format(outside=outside) if isinstance(v, str) else [p.format(outside=outside) for p in v])
+        for k, v in general.items()
+    }
+    (project / "params.yaml").write_text(
+        yaml.safe_dump({"evaluate": {"general": general}, "tenants": {"acme": {"raw_dir": "data"}}})
+    )
     return project
 
 
@@ -68,8 +79,10 @@ def test_a_sample_outside_the_project_is_refused_naming_the_key(tmp_path, path):
     with pytest.raises(OutsidePathError) as err:
         load_params(project / "params.yaml")
     target = (tmp_path / "outside" / "wiki.jsonl").resolve()
-    assert (f"evaluate.general.path: {path.format(outside=tmp_path / 'outside')!r} resolves to {target}, outside the "
-            f"project ({project.resolve()})") in str(err.value)
+    assert (
+        f"evaluate.general.path: {path.format(outside=tmp_path / 'outside')!r} resolves to {target}, outside the "
+        f"project ({project.resolve()})"
+    ) in str(err.value)
     assert f"evaluate.general.allow_outside_dirs (e.g. allow_outside_dirs: [{target.parent}])" in str(err.value)
 
 
@@ -82,7 +95,9 @@ def test_an_allowed_outside_sample_loads(tmp_path, path):
 
 def test_allowed_outside_dirs_must_be_absolute(tmp_path):
     project = project_with(tmp_path, {"path": "../outside/wiki.jsonl", "allow_outside_dirs": ["../outside"]})
-    with pytest.raises(ConfigError, match=r"evaluate\.general\.allow_outside_dirs: .*'\.\./outside' must be an absolute"):
+    with pytest.raises(
+        ConfigError, match=r"evaluate\.general\.allow_outside_dirs: .*'\.\./outside' must be an absolute"
+    ):
         load_params(project / "params.yaml")
 
 

@@ -30,18 +30,25 @@ def _params(**tenant) -> Params:
 def test_every_target_by_default_and_a_tenant_may_replace_them():
     assert _params().deploy_for("acme").targets == ["adapter", "merged", "onnx"]
     assert _params(deploy={"targets": ["adapter"]}).deploy_for("acme").targets == ["adapter"]
-    both = parse_params({"deploy": {"targets": ["adapter", "merged"]},
-                         "tenants": {"a": {"raw_dir": "x"}, "b": {"raw_dir": "y", "deploy": {"targets": ["adapter"]}}}})
+    both = parse_params(
+        {
+            "deploy": {"targets": ["adapter", "merged"]},
+            "tenants": {"a": {"raw_dir": "x"}, "b": {"raw_dir": "y", "deploy": {"targets": ["adapter"]}}},
+        }
+    )
     assert (both.deploy_for("a").targets, both.deploy_for("b").targets) == (["adapter", "merged"], ["adapter"])
 
 
-@pytest.mark.parametrize(("targets", "says"), [
-    (["adaptr"], r"tenants\.acme\.deploy\.targets\.0: .*'adapter', 'merged' or 'onnx' \(got 'adaptr'\)"),
-    ([], r"tenants\.acme\.deploy\.targets: .*at least adapter"),
-    (["merged"], r"tenants\.acme\.deploy\.targets: .*must include adapter: serving"),
-    (["adapter", "onnx"], r"tenants\.acme\.deploy\.targets: .*onnx needs merged"),
-    (["adapter", "adapter"], r"tenants\.acme\.deploy\.targets: .*twice"),
-])
+@pytest.mark.parametrize(
+    ("targets", "says"),
+    [
+        (["adaptr"], r"tenants\.acme\.deploy\.targets\.0: .*'adapter', 'merged' or 'onnx' \(got 'adaptr'\)"),
+        ([], r"tenants\.acme\.deploy\.targets: .*at least adapter"),
+        (["merged"], r"tenants\.acme\.deploy\.targets: .*must include adapter: serving"),
+        (["adapter", "onnx"], r"tenants\.acme\.deploy\.targets: .*onnx needs merged"),
+        (["adapter", "adapter"], r"tenants\.acme\.deploy\.targets: .*twice"),
+    ],
+)
 def test_bad_targets_name_the_key(targets, says):
     with pytest.raises(ConfigError, match=says):
         _params(deploy={"targets": targets})
@@ -79,7 +86,9 @@ def full_merge(trained: Trained):  # noqa: F811
 
 
 def test_merge_without_merged_writes_the_reference_answers_alone(trained: Trained, full_merge, tmp_path):  # noqa: F811
-    result = merge_adapter(out_dir=tmp_path / "merged", tolerance=1e-4, max_new_tokens=12, merged=False, **trained.kwargs())
+    result = merge_adapter(
+        out_dir=tmp_path / "merged", tolerance=1e-4, max_new_tokens=12, merged=False, **trained.kwargs()
+    )
     assert sorted(p.name for p in result.out_dir.iterdir()) == [REPORT]
     report = json.loads(result.report_path.read_text())
     assert report["merged"] == NOT_BUILT and report["passed"] is True and report["dtype"] == "float32"
@@ -99,13 +108,22 @@ def _adapter_only_project(trained: Trained, root: Path) -> tuple[Params, Layout]
     layout.base_dir.mkdir(parents=True)
     shutil.copy(trained.base_dir / GENERAL_TEXT, layout.base_dir / GENERAL_TEXT)  # evaluate.general's default path
     params = Params(
-        base=trained.base_params, merge=MergeParams(max_new_tokens=8, device="cpu"),
+        base=trained.base_params,
+        merge=MergeParams(max_new_tokens=8, device="cpu"),
         evaluate=EvaluateParams(max_new_tokens=8, max_examples=6, device="cpu"),
-        tenants=[TenantParams(name="toy", raw_dir=trained.root / "raw" / "toy", deploy=DeployParams(targets=["adapter"]),
-                              gate={"min_gain_over_base": -1.0})],  # the gate's parity rules are the point here
+        tenants=[
+            TenantParams(
+                name="toy",
+                raw_dir=trained.root / "raw" / "toy",
+                deploy=DeployParams(targets=["adapter"]),
+                gate={"min_gain_over_base": -1.0},
+            )
+        ],  # the gate's parity rules are the point here
     )
     tok = load_base_tokenizer(trained.base_dir, trained.base_params)
-    write_general_sample(general_sample(params.evaluate.general, params.prepare, tok, root), layout.general_sample_dir("toy"))
+    write_general_sample(
+        general_sample(params.evaluate.general, params.prepare, tok, root), layout.general_sample_dir("toy")
+    )
     return params, layout
 
 
@@ -122,7 +140,9 @@ def test_an_adapter_only_tenant_passes_its_gate_with_no_merged_or_onnx_output(tr
     written = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "models").rglob("*") if p.is_file())
     assert not [p for p in written if p.endswith((".safetensors", ".onnx")) and not p.startswith("models/adapters/")]
     assert [p for p in written if p.startswith(("models/merged/", "models/onnx/"))] == [
-        "models/merged/toy/merge_report.json", "models/onnx/toy/export_report.json"]
+        "models/merged/toy/merge_report.json",
+        "models/onnx/toy/export_report.json",
+    ]
     assert json.loads(layout.metrics_path("merge", "toy").read_text()) == {"passed": True, "merged": NOT_BUILT}
     assert json.loads(layout.metrics_path("export", "toy").read_text()) == {"passed": True, "onnx": NOT_BUILT}
     assert json.loads(layout.merge_report_path("toy").read_text())["probe_reference"]["greedy"]
@@ -136,8 +156,14 @@ def test_an_adapter_only_tenant_passes_its_gate_with_no_merged_or_onnx_output(tr
 def test_the_adapter_on_the_base_scores_as_the_merged_model(trained: Trained, full_merge):  # noqa: F811
     from loraline.evaluate.stage import evaluate_model
 
-    common = dict(dataset_dir=trained.root / "prepared" / PREPARED_DATASET, base_dir=trained.base_dir,
-                  base_params=trained.base_params, max_new_tokens=8, max_examples=6, device="cpu")
+    common = dict(
+        dataset_dir=trained.root / "prepared" / PREPARED_DATASET,
+        base_dir=trained.base_dir,
+        base_params=trained.base_params,
+        max_new_tokens=8,
+        max_examples=6,
+        device="cpu",
+    )
     adapter = evaluate_model(model_dir=trained.adapter_dir, **common)
     merged = evaluate_model(model_dir=full_merge.out_dir, **common)
     assert set(adapter) == set(merged)
@@ -145,7 +171,9 @@ def test_the_adapter_on_the_base_scores_as_the_merged_model(trained: Trained, fu
         assert adapter[name] == pytest.approx(value, abs=1e-4), name
 
 
-def test_the_base_and_its_adapter_share_one_load_and_score_as_each_loaded_alone(trained: Trained, tmp_path, monkeypatch):  # noqa: F811
+def test_the_base_and_its_adapter_share_one_load_and_score_as_each_loaded_alone(
+    trained: Trained, tmp_path, monkeypatch
+):  # noqa: F811
     """evaluate loads the base once for base + candidate adapter (at 8B a load outweighs the scoring); the
     base, scored with the adapter disabled, and the candidate give the numbers each gives loaded on its own,
     the general-text sample's general_loss included."""
@@ -162,10 +190,19 @@ def test_the_base_and_its_adapter_share_one_load_and_score_as_each_loaded_alone(
     models = evaluate_stage.run(params, layout, "toy", base_dir=trained.base_dir).metrics["models"]
     assert len(loads) == 1 and loads[0][1] is False
     monkeypatch.setattr(evaluate_stage, "loaded_model", real)
-    common = dict(dataset_dir=layout.prepared_dataset_dir("toy"), base_dir=trained.base_dir, base_params=trained.base_params,
-                  max_new_tokens=8, max_examples=6, device="cpu", general_dir=layout.general_sample_dir("toy"))
-    alone = {"base": evaluate_stage.evaluate_model(model_dir=trained.base_dir, **common),
-             "candidate": evaluate_stage.evaluate_model(model_dir=layout.adapter_dir("toy"), **common)}
+    common = dict(
+        dataset_dir=layout.prepared_dataset_dir("toy"),
+        base_dir=trained.base_dir,
+        base_params=trained.base_params,
+        max_new_tokens=8,
+        max_examples=6,
+        device="cpu",
+        general_dir=layout.general_sample_dir("toy"),
+    )
+    alone = {
+        "base": evaluate_stage.evaluate_model(model_dir=trained.base_dir, **common),
+        "candidate": evaluate_stage.evaluate_model(model_dir=layout.adapter_dir("toy"), **common),
+    }
     for name in ("base", "candidate"):
         assert models[name] == pytest.approx(alone[name], abs=1e-6), name
     assert models["candidate"] != models["base"] and models["base"]["general_loss"] > 0

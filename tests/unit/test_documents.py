@@ -8,8 +8,8 @@ import yaml
 from loraline import documents
 from loraline.config import OutsidePathError, load_params
 from loraline.documents import collect_documents
-from loraline.layout import Layout
 from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
+from loraline.layout import Layout
 
 
 def test_collects_utf8_documents_and_lists_the_rest(tmp_path):
@@ -75,7 +75,10 @@ def test_a_document_linking_out_of_the_project_is_refused_before_anything_is_wri
     layout = Layout()
     with pytest.raises(OutsidePathError) as err:
         documents.run(load_params("params.yaml"), layout, "acme")
-    assert f"tenants.acme: raw file secret.md (in data/raw/acme) resolves to {target.resolve()}, outside the project" in str(err.value)
+    assert (
+        f"tenants.acme: raw file secret.md (in data/raw/acme) resolves to {target.resolve()}, outside the project"
+        in str(err.value)
+    )
     assert "tenants.acme.allow_outside_dirs" in str(err.value)
     assert not (project / "data" / "documents").exists()  # checked before the output folder is made
 
@@ -96,5 +99,6 @@ def test_without_a_project_raw_dir_bounds_the_documents(tmp_path):
         collect_documents("acme", raw, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert sorted(collect_documents("acme", raw, tmp_path / "out", allow_outside_dirs=[target.parent]).files) == [
-        "policy.md", "secret.md"
+        "policy.md",
+        "secret.md",
     ]

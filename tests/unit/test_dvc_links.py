@@ -16,8 +16,10 @@ from loraline.tools import tool, tool_env
 ROOT = Path(__file__).resolve().parents[2]
 # The stage writes its output by rename, as every loraline stage does (loraline.io): a linked
 # workspace file is replaced, never written through, so the cache file behind it stays intact.
-WRITE = ("python -c \"import os, pathlib; p = pathlib.Path('model'); p.mkdir(exist_ok=True); "
-         "(p / 'w.tmp').write_bytes(os.urandom(1 << 20)); os.replace(p / 'w.tmp', p / 'weights.bin')\"")
+WRITE = (
+    "python -c \"import os, pathlib; p = pathlib.Path('model'); p.mkdir(exist_ok=True); "
+    "(p / 'w.tmp').write_bytes(os.urandom(1 << 20)); os.replace(p / 'w.tmp', p / 'weights.bin')\""
+)
 
 
 def project_cache_types() -> list[str]:

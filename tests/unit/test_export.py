@@ -57,8 +57,15 @@ def exported(tmp_path_factory) -> Exported:
     try:
         raw = make_raw(root / "raw" / "toy", n=60)
         base = build_base(BaseParams(build=tiny_build()), seed=5, raw_dirs=[raw], out_dir=root / "base")
-        result = export_onnx(model_dir=base.out_dir, out_dir=root / "onnx", graphs=("fp32", "int8"), probes=PROBES,
-                             max_new_tokens=MAX_NEW, tolerance=1e-4, device="cpu")
+        result = export_onnx(
+            model_dir=base.out_dir,
+            out_dir=root / "onnx",
+            graphs=("fp32", "int8"),
+            probes=PROBES,
+            max_new_tokens=MAX_NEW,
+            tolerance=1e-4,
+            device="cpu",
+        )
     finally:
         torch.set_num_threads(previous)
     assert result.report_path == result.out_dir / REPORT
@@ -81,8 +88,15 @@ def test_folder_is_self_contained(exported: Exported):
     from transformers import AutoConfig, AutoTokenizer
 
     names = {p.name for p in exported.out_dir.iterdir()}
-    assert {MODEL_FILE, INT8_FILE, REPORT, "config.json", "generation_config.json",
-            "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        MODEL_FILE,
+        INT8_FILE,
+        REPORT,
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     assert "base_record.json" not in names  # nothing from the base stage's bookkeeping
     assert not [p for p in exported.root.iterdir() if p.name.startswith(".onnx")]  # no temp folders left
     config = json.loads((exported.out_dir / "tokenizer_config.json").read_text())
@@ -91,8 +105,9 @@ def test_folder_is_self_contained(exported: Exported):
     assert "local_files_only" not in config  # how the tests loaded it (HF_HUB_OFFLINE=1) is no part of the export
     tok = AutoTokenizer.from_pretrained(str(exported.out_dir))
     base_tok = AutoTokenizer.from_pretrained(str(exported.base_dir))
-    assert tok.apply_chat_template(PROBES[0], tokenize=False, add_generation_prompt=True) == \
-        base_tok.apply_chat_template(PROBES[0], tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template(
+        PROBES[0], tokenize=False, add_generation_prompt=True
+    ) == base_tok.apply_chat_template(PROBES[0], tokenize=False, add_generation_prompt=True)
     assert AutoConfig.from_pretrained(str(exported.out_dir)).num_hidden_layers == 2
     report = json.loads((exported.out_dir / REPORT).read_text())
     assert report["passed"] is True and report["files"][MODEL_FILE]
@@ -158,10 +173,16 @@ def test_greedy_matches_transformers_generate(generator: OnnxGenerator, torch_mo
         ids = generator.encode(conversation)
         x = torch.tensor([ids])
         ref = torch_model.generate(
-            input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW, do_sample=False,
-            temperature=None, top_p=None, top_k=None, eos_token_id=generator.eos_ids,
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=generator.eos_ids,
             pad_token_id=generator.tokenizer.pad_token_id,
-        )[0, len(ids):].tolist()
+        )[0, len(ids) :].tolist()
         got = generator.generate_ids(ids, max_new_tokens=MAX_NEW)
         assert got == ref
         lengths.append(len(got))
@@ -225,8 +246,14 @@ def test_int8_report_and_model(exported: Exported):
 def test_too_tight_tolerance_raises_and_leaves_nothing(exported: Exported):
     out = exported.root / "onnx_tight"
     with pytest.raises(ExportError) as info:
-        export_onnx(model_dir=exported.base_dir, out_dir=out, probes=PROBES[:1], max_new_tokens=2, tolerance=1e-12,
-                    device="cpu")
+        export_onnx(
+            model_dir=exported.base_dir,
+            out_dir=out,
+            probes=PROBES[:1],
+            max_new_tokens=2,
+            tolerance=1e-12,
+            device="cpu",
+        )
     assert isinstance(info.value, ValueError)
     assert info.value.report is not None and info.value.report["passed"] is False
     assert not out.exists()
@@ -254,7 +281,7 @@ def test_left_padded_batch_matches_single_rows(generator: OnnxGenerator):
     step, _ = generator.forward(np.array([[7], [7]]), mask, past)
     for i, row in enumerate(rows):
         alone, alone_past = generator.forward(np.array([row]), np.ones((1, len(row))), generator.empty_past(1))
-        assert np.abs(logits[i, width - len(row):] - alone[0]).max() < 1e-4
+        assert np.abs(logits[i, width - len(row) :] - alone[0]).max() < 1e-4
         alone_step, _ = generator.forward(np.array([[7]]), np.ones((1, len(row) + 1)), alone_past)
         assert np.abs(step[i, -1] - alone_step[0, -1]).max() < 1e-4
 
@@ -264,8 +291,15 @@ def test_large_models_use_external_data(exported: Exported, monkeypatch):
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     out = exported.root / "onnx_external"
-    result = export_onnx(model_dir=exported.base_dir, out_dir=out, graphs=("fp32", "int8"), probes=PROBES[:1], max_new_tokens=4,
-                         tolerance=1e-4, device="cpu")
+    result = export_onnx(
+        model_dir=exported.base_dir,
+        out_dir=out,
+        graphs=("fp32", "int8"),
+        probes=PROBES[:1],
+        max_new_tokens=4,
+        tolerance=1e-4,
+        device="cpu",
+    )
     assert result.report["graph"]["external_data"] is True and (out / "model.onnx.data").is_file()
     assert result.report["int8"]["external_data"] is True and (out / "model.int8.onnx.data").is_file()
     assert "model.onnx.data" in result.report["files"]
@@ -273,8 +307,14 @@ def test_large_models_use_external_data(exported: Exported, monkeypatch):
 
 
 def test_random_llama_greedy_agreement_is_not_vacuous(random_llama: Path, tmp_path):
-    result = export_onnx(model_dir=random_llama, out_dir=tmp_path / "onnx", probes=PROBES, max_new_tokens=24,
-                         tolerance=1e-4, device="cpu")
+    result = export_onnx(
+        model_dir=random_llama,
+        out_dir=tmp_path / "onnx",
+        probes=PROBES,
+        max_new_tokens=24,
+        tolerance=1e-4,
+        device="cpu",
+    )
     fp32 = result.report["fp32"]
     assert fp32["max_abs_logit_diff"] < 1e-4 and fp32["decode_max_abs_logit_diff"] < 1e-4
     assert fp32["greedy_agreement"] == 1.0
@@ -291,8 +331,14 @@ def test_random_llama_greedy_agreement_is_not_vacuous(random_llama: Path, tmp_pa
 def test_export_parity_on_cuda(exported: Exported, random_llama: Path, tmp_path):
     """export.device cuda: the PyTorch reference runs on the GPU (probes batched), the graph is still traced on
     the CPU (the same bytes as the CPU's export), and onnxruntime's answers match the GPU's."""
-    result = export_onnx(model_dir=exported.base_dir, out_dir=tmp_path / "onnx", probes=PROBES,
-                         max_new_tokens=MAX_NEW, tolerance=1e-3, device="cuda")
+    result = export_onnx(
+        model_dir=exported.base_dir,
+        out_dir=tmp_path / "onnx",
+        probes=PROBES,
+        max_new_tokens=MAX_NEW,
+        tolerance=1e-3,
+        device="cuda",
+    )
     report = json.loads(result.report_path.read_text())
     assert report["passed"] is True and report["device"] == "cuda" and report["device_name"]
     assert report["fp32"]["max_abs_logit_diff"] < 1e-3 and report["fp32"]["decode_max_abs_logit_diff"] < 1e-3
@@ -300,8 +346,14 @@ def test_export_parity_on_cuda(exported: Exported, random_llama: Path, tmp_path)
     assert report["files"][MODEL_FILE] == exported.report["files"][MODEL_FILE]
     assert report["reference_greedy_texts"] == exported.report["reference_greedy_texts"]
     # Long, varied answers (no early eos): every batched, cached step on the GPU agrees with onnxruntime.
-    result = export_onnx(model_dir=random_llama, out_dir=tmp_path / "random", probes=PROBES, max_new_tokens=24,
-                         tolerance=1e-3, device="cuda")
+    result = export_onnx(
+        model_dir=random_llama,
+        out_dir=tmp_path / "random",
+        probes=PROBES,
+        max_new_tokens=24,
+        tolerance=1e-3,
+        device="cuda",
+    )
     fp32 = result.report["fp32"]
     assert result.report["device"] == "cuda" and fp32["greedy_agreement"] == 1.0
     assert min(p["greedy_tokens"] for p in fp32["per_probe"]) >= 10
@@ -312,9 +364,29 @@ def test_cli_generate_prints_what_the_generator_returns(exported: Exported, gene
 
     messages = [{"role": "user", "content": "colour=blue size=4"}]
     expected = generator.generate(messages, max_new_tokens=12)
-    assert main(["generate", "--onnx", str(exported.out_dir), "--prompt", "colour=blue size=4", "--max-new-tokens", "12"]) == 0
+    assert (
+        main(["generate", "--onnx", str(exported.out_dir), "--prompt", "colour=blue size=4", "--max-new-tokens", "12"])
+        == 0
+    )
     assert capsys.readouterr().out == expected + "\n"
     sampled = generator.generate(messages, max_new_tokens=12, do_sample=True, temperature=0.8, seed=3)
-    assert main(["generate", "--onnx", str(exported.out_dir), "--prompt", "colour=blue size=4", "--max-new-tokens", "12",
-                 "--sample", "--temperature", "0.8", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--onnx",
+                str(exported.out_dir),
+                "--prompt",
+                "colour=blue size=4",
+                "--max-new-tokens",
+                "12",
+                "--sample",
+                "--temperature",
+                "0.8",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == sampled + "\n"

@@ -28,8 +28,15 @@ PROBES = [
 @pytest.fixture(scope="module")
 def int4_export(random_llama: Path, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("int4") / "onnx"
-    return export_onnx(model_dir=random_llama, out_dir=out, graphs=["int4"], probes=PROBES, max_new_tokens=12,
-                       tolerance=1e-4, device="cpu").report | {"out": out}
+    return export_onnx(
+        model_dir=random_llama,
+        out_dir=out,
+        graphs=["int4"],
+        probes=PROBES,
+        max_new_tokens=12,
+        tolerance=1e-4,
+        device="cpu",
+    ).report | {"out": out}
 
 
 def test_int4_graph_computes_the_dequantized_model(int4_export: dict):
@@ -83,16 +90,32 @@ def test_dequantized_twin_replaces_only_the_quantized_layers(random_llama: Path)
 
 def test_fp16_graph_within_its_bound_and_runs_with_a_half_cache(random_llama: Path, tmp_path: Path):
     out = tmp_path / "onnx"
-    report = export_onnx(model_dir=random_llama, out_dir=out, graphs=["fp32", "fp16"], probes=PROBES,
-                         max_new_tokens=8, tolerance=1e-4, fp16_tolerance=0.1, device="cpu").report
+    report = export_onnx(
+        model_dir=random_llama,
+        out_dir=out,
+        graphs=["fp32", "fp16"],
+        probes=PROBES,
+        max_new_tokens=8,
+        tolerance=1e-4,
+        fp16_tolerance=0.1,
+        device="cpu",
+    ).report
     fp16 = report["fp16"]
     assert 1e-5 < fp16["max_abs_logit_diff"] <= 0.1  # really half precision, and within its bound
     assert report["fp16"]["bytes"] < 0.6 * report["fp32"]["bytes"]
     gen = OnnxGenerator(out, GRAPH_FILES["fp16"])
     assert gen.past_dtype == np.float16 and gen.generate_ids([1, 5, 9], max_new_tokens=4)
     with pytest.raises(ExportError, match="fp16 logits .* differ from PyTorch") as err:
-        export_onnx(model_dir=random_llama, out_dir=tmp_path / "tight", graphs=["fp32", "fp16"], probes=PROBES[:1],
-                    max_new_tokens=2, tolerance=1e-4, fp16_tolerance=1e-7, device="cpu")
+        export_onnx(
+            model_dir=random_llama,
+            out_dir=tmp_path / "tight",
+            graphs=["fp32", "fp16"],
+            probes=PROBES[:1],
+            max_new_tokens=2,
+            tolerance=1e-4,
+            fp16_tolerance=1e-7,
+            device="cpu",
+        )
     assert not (tmp_path / "tight").exists() and err.value.report["fp32"]["max_abs_logit_diff"] < 1e-4
 
 
@@ -101,20 +124,30 @@ def test_int4_with_external_data(random_llama: Path, tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     out = tmp_path / "onnx"
-    report = export_onnx(model_dir=random_llama, out_dir=out, graphs=["int4"], probes=PROBES[:1], max_new_tokens=4,
-                         tolerance=1e-4, device="cpu").report
+    report = export_onnx(
+        model_dir=random_llama,
+        out_dir=out,
+        graphs=["int4"],
+        probes=PROBES[:1],
+        max_new_tokens=4,
+        tolerance=1e-4,
+        device="cpu",
+    ).report
     assert report["int4"]["external_data"] is True and (out / "model.int4.onnx.data").is_file()
     assert (out / "model.int4.onnx").stat().st_size < 100_000  # the weights are beside it
     assert report["int4"]["greedy_agreement"] == 1.0 and "model.int4.onnx.data" in report["files"]
 
 
-@pytest.mark.parametrize("graphs, message", [
-    (["int8"], "needs fp32 or int4"),
-    (["fp16"], "needs fp32 or int4"),
-    (["int4", "int8"], "int8 is quantized from the fp32 graph"),
-    (["fp32", "fp32"], "twice"),
-    (["fp32", "bf16"], "Input should be 'fp32'"),
-])
+@pytest.mark.parametrize(
+    "graphs, message",
+    [
+        (["int8"], "needs fp32 or int4"),
+        (["fp16"], "needs fp32 or int4"),
+        (["int4", "int8"], "int8 is quantized from the fp32 graph"),
+        (["fp32", "fp32"], "twice"),
+        (["fp32", "bf16"], "Input should be 'fp32'"),
+    ],
+)
 def test_bad_graph_lists_name_the_key(graphs: list[str], message: str):
     from pydantic import ValidationError
 
@@ -136,8 +169,22 @@ def test_cli_generate_runs_each_graph(int4_export: dict, capsys):
 
     gen = OnnxGenerator(int4_export["out"], GRAPH_FILES["int4"])
     expected = gen.generate([{"role": "user", "content": "Hello"}], max_new_tokens=6)
-    assert main(["generate", "--onnx", str(int4_export["out"]), "--graph", "int4", "--prompt", "Hello",
-                 "--max-new-tokens", "6"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--onnx",
+                str(int4_export["out"]),
+                "--graph",
+                "int4",
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "6",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == expected + "\n"
     with pytest.raises(SystemExit, match="has no fp32 graph .*it has: int4"):
         main(["generate", "--onnx", str(int4_export["out"]), "--prompt", "Hello"])
@@ -148,8 +195,16 @@ def test_cli_generate_runs_each_graph(int4_export: dict, capsys):
 def test_int4_and_fp16_with_the_reference_on_cuda(int4_export: dict, random_llama: Path, tmp_path: Path):
     """export.device cuda: the float and twin references run on the GPU, the graphs are still built on the CPU
     (the int4 file is the same bytes as the CPU export's), and onnxruntime agrees with the GPU's numbers."""
-    report = export_onnx(model_dir=random_llama, out_dir=tmp_path / "onnx", graphs=["fp16", "int4"], probes=PROBES,
-                         max_new_tokens=12, tolerance=1e-3, fp16_tolerance=0.1, device="cuda").report
+    report = export_onnx(
+        model_dir=random_llama,
+        out_dir=tmp_path / "onnx",
+        graphs=["fp16", "int4"],
+        probes=PROBES,
+        max_new_tokens=12,
+        tolerance=1e-3,
+        fp16_tolerance=0.1,
+        device="cuda",
+    ).report
     assert report["device"] == "cuda" and report["int4"]["greedy_agreement"] == 1.0
     assert report["int4"]["max_abs_logit_diff"] <= 1e-3 and report["fp16"]["max_abs_logit_diff"] <= 0.1
     assert report["files"]["model.int4.onnx"] == int4_export["files"]["model.int4.onnx"]
@@ -158,12 +213,20 @@ def test_int4_and_fp16_with_the_reference_on_cuda(int4_export: dict, random_llam
 def test_a_graph_that_generates_otherwise_fails_on_greedy_agreement():
     from loraline.export.stage import _enforce
 
-    numbers = {"file": "model.fp16.onnx", "max_abs_logit_diff": 0.01, "decode_max_abs_logit_diff": 0.01, "greedy_agreement": 0.5}
+    numbers = {
+        "file": "model.fp16.onnx",
+        "max_abs_logit_diff": 0.01,
+        "decode_max_abs_logit_diff": 0.01,
+        "greedy_agreement": 0.5,
+    }
     report = {"passed": True, "fp16": numbers}
     _enforce(report, "fp16", 0.05, 0.5)
     assert report["passed"] is True
-    with pytest.raises(ExportError, match=r"fp16 \(model.fp16.onnx\) generates what PyTorch generates on 50% of the "
-                                          r"probes < export.min_greedy_agreement 75%"):
+    with pytest.raises(
+        ExportError,
+        match=r"fp16 \(model.fp16.onnx\) generates what PyTorch generates on 50% of the "
+        r"probes < export.min_greedy_agreement 75%",
+    ):
         _enforce(report, "fp16", 0.05, 0.75)
     assert report["passed"] is False
     report = {"passed": True, "int8": {**numbers, "greedy_agreement": 0.0}}

@@ -32,7 +32,9 @@ def test_a_stage_importing_another_stage_breaks_the_contract(tmp_path):
     shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     merge = tmp_path / "src" / "loraline" / "merge" / "stage.py"
-    merge.write_text(merge.read_text() + "\n\ndef _reach_into_train():\n    from loraline.train import model  # noqa: F401\n")
+    merge.write_text(
+        merge.read_text() + "\n\ndef _reach_into_train():\n    from loraline.train import model  # noqa: F401\n"
+    )
     result = lint(tmp_path)
     assert result.returncode != 0
     assert "loraline.merge.stage -> loraline.train.model" in result.stdout

@@ -32,7 +32,12 @@ class Trained:
 
     def kwargs(self) -> dict:
         # device cpu: these tests pin the CPU's numbers on any machine (test_merge_on_cuda runs the GPU).
-        return {"base_dir": self.base_dir, "base_params": self.base_params, "adapter_dir": self.adapter_dir, "device": "cpu"}
+        return {
+            "base_dir": self.base_dir,
+            "base_params": self.base_params,
+            "adapter_dir": self.adapter_dir,
+            "device": "cpu",
+        }
 
 
 # CPU results depend on the thread count: one thread keeps them repeatable (tests/conftest.py).
@@ -55,14 +60,24 @@ def trained(tmp_path_factory) -> Trained:
         base = build_base(base_params, seed=5, raw_dirs=[raw], out_dir=root / "base")
         tok = load_base_tokenizer(base.out_dir, base_params)
         prepared = prepare_tenant(
-            TenantParams(name="toy", raw_dir=raw), PrepareParams(), tok,
-            out_dir=root / "prepared", rejected_path=root / "rejected.jsonl", stats_path=root / "stats.json",
+            TenantParams(name="toy", raw_dir=raw),
+            PrepareParams(),
+            tok,
+            out_dir=root / "prepared",
+            rejected_path=root / "rejected.jsonl",
+            stats_path=root / "stats.json",
         )
-        params = tiny_train(quantization="nf4", max_steps=8, grad_accum=1, eval_every=8, save_every=8, learning_rate=1e-2)
+        params = tiny_train(
+            quantization="nf4", max_steps=8, grad_accum=1, eval_every=8, save_every=8, learning_rate=1e-2
+        )
         with mock.patch.object(stage, "pick_device", return_value=torch.device("cpu")):
             stage.train_adapter(
-                params, base_dir=base.out_dir, base_params=base_params, dataset_dir=prepared.dataset_dir,
-                out_dir=root / "adapter", checkpoint_dir=root / "ckpt",
+                params,
+                base_dir=base.out_dir,
+                base_params=base_params,
+                dataset_dir=prepared.dataset_dir,
+                out_dir=root / "adapter",
+                checkpoint_dir=root / "ckpt",
             )
     finally:
         torch.set_num_threads(previous)
@@ -84,7 +99,14 @@ def test_merged_folder_loads_with_plain_transformers(trained: Trained, merged):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = merged.out_dir
-    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", REPORT):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        REPORT,
+    ):
         assert (out / name).is_file(), name
     assert not list(out.glob("adapter_*")), "a merged model carries no adapter files"
     tok = AutoTokenizer.from_pretrained(out)
@@ -132,7 +154,11 @@ def test_tolerance_exceeded_raises_and_writes_nothing(trained: Trained, merged):
     out = trained.root / "too-strict"
     with pytest.raises(MergeError) as info:
         merge_adapter(
-            out_dir=out, tolerance=1e-12, probes=DEFAULT_PROBES[:1], max_new_tokens=2, quantized_reference=False,
+            out_dir=out,
+            tolerance=1e-12,
+            probes=DEFAULT_PROBES[:1],
+            max_new_tokens=2,
+            quantized_reference=False,
             **trained.kwargs(),
         )
     assert isinstance(info.value, ValueError)
@@ -162,8 +188,11 @@ def test_bad_arguments(trained: Trained, tmp_path):
         merge_adapter(out_dir=tmp_path / "x", dtype="int8", tolerance=1e-3, **trained.kwargs())
     with pytest.raises(MergeError, match="not a trained adapter"):
         merge_adapter(
-            base_dir=trained.base_dir, base_params=trained.base_params, adapter_dir=tmp_path,
-            out_dir=tmp_path / "x", tolerance=1e-3,
+            base_dir=trained.base_dir,
+            base_params=trained.base_params,
+            adapter_dir=tmp_path,
+            out_dir=tmp_path / "x",
+            tolerance=1e-3,
         )
     assert not (tmp_path / "x").exists()
 
@@ -205,11 +234,18 @@ def test_a_saved_tokenizer_is_the_same_bytes_with_or_without_offline_mode(tmp_pa
 
     train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, 300).save_pretrained(tmp_path / "source")
     clean = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    settings = {"online": clean, "offline": {**clean, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-                "other-home": {**clean, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}}
+    settings = {
+        "online": clean,
+        "offline": {**clean, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        "other-home": {**clean, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")},
+    }
     for name, env in settings.items():
-        subprocess.run([sys.executable, "-c", _LOAD_AND_SAVE, str(tmp_path / "source"), str(tmp_path / name)],
-                       env=env, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-c", _LOAD_AND_SAVE, str(tmp_path / "source"), str(tmp_path / name)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     online = {f.name: f.read_bytes() for f in (tmp_path / "online").iterdir()}
     assert "tokenizer_config.json" in online and "tokenizer.json" in online
     for name in ("offline", "other-home"):
@@ -233,8 +269,14 @@ def test_tenant_probes_join_the_checks_and_the_reference_answers(trained: Traine
 
     dataset = trained.root / "prepared" / PREPARED_DATASET
     test_ids = set(datasets.load_from_disk(str(dataset))["test"]["id"])
-    quick = dict(tolerance=1e-4, probes=DEFAULT_PROBES[:2], tenant_probes=TenantDraw(dataset, "toy", 1234, 3, 256),
-                 max_new_tokens=6, quantized_reference=False, **trained.kwargs())
+    quick = dict(
+        tolerance=1e-4,
+        probes=DEFAULT_PROBES[:2],
+        tenant_probes=TenantDraw(dataset, "toy", 1234, 3, 256),
+        max_new_tokens=6,
+        quantized_reference=False,
+        **trained.kwargs(),
+    )
     first, second = merge_adapter(out_dir=tmp_path / "a", **quick), merge_adapter(out_dir=tmp_path / "b", **quick)
     report = json.loads(first.report_path.read_text())
     ref = report["probe_reference"]
@@ -245,7 +287,9 @@ def test_tenant_probes_join_the_checks_and_the_reference_answers(trained: Traine
     assert report["probes"]["tenant"] == 3 and report["probes"]["tenant_draw"]["test_rows"] == len(test_ids)
     assert len(ref["texts"]) == len(ref["greedy"]) == 5 and any(t.strip() for t in ref["texts"][2:])
     checked = report["merged_vs_unmerged"]
-    assert len(checked["per_probe"]) == 5 and checked["max_abs_logit_diff"] < 1e-4 and checked["greedy_agreement"] == 1.0
+    assert (
+        len(checked["per_probe"]) == 5 and checked["max_abs_logit_diff"] < 1e-4 and checked["greedy_agreement"] == 1.0
+    )
     assert report["reload"]["max_abs_logit_diff"] <= 1e-5
 
 
@@ -259,10 +303,14 @@ def merge_project(trained: Trained, tmp_path, monkeypatch) -> Path:
     shutil.copytree(trained.adapter_dir, tmp_path / "models" / "adapters" / "toy")
     shutil.copytree(trained.root / "raw" / "toy", tmp_path / "data" / "raw" / "toy")
     shutil.copytree(trained.root / "prepared", tmp_path / "data" / "prepared" / "toy")  # merge.probes draws from it
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "tenants": {"toy": {"raw_dir": "data/raw/toy"}},
-        "merge": {"max_new_tokens": 2, "quantized_reference": False, "check_reload": False, "device": "cpu"},
-    }))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "tenants": {"toy": {"raw_dir": "data/raw/toy"}},
+                "merge": {"max_new_tokens": 2, "quantized_reference": False, "check_reload": False, "device": "cpu"},
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -278,9 +326,14 @@ def test_the_stage_records_its_device_in_the_report_and_the_timing(trained: Trai
     report = json.loads((merge_project / "reports" / "toy" / REPORT).read_text())
     assert report["device"] == "cpu"
     drawn, draw = report["probes"]["tenant"], report["probes"]["tenant_draw"]  # from data/prepared/toy, top-level seed
-    assert drawn == min(MergeParams().probes, draw["test_rows"]) > 0 and draw["seed"] == Params.model_fields["seed"].default
-    assert f"on {len(DEFAULT_PROBES) + drawn} probes ({len(DEFAULT_PROBES)} built-in, {drawn} from the test split)" \
+    assert (
+        drawn == min(MergeParams().probes, draw["test_rows"]) > 0
+        and draw["seed"] == Params.model_fields["seed"].default
+    )
+    assert (
+        f"on {len(DEFAULT_PROBES) + drawn} probes ({len(DEFAULT_PROBES)} built-in, {drawn} from the test split)"
         in capsys.readouterr().out
+    )
     timing = json.loads((merge_project / "reports" / "timing" / "merge@toy.json").read_text())
     assert timing["device"] == "cpu" and "device_name" not in timing and timing["wall_s"] > 0
 
@@ -292,7 +345,9 @@ def test_merge_on_cuda(trained: Trained, merged, tmp_path):
     float32, within float error of the CPU's merge, and the probes answer as they do on the CPU."""
     from safetensors.torch import load_file
 
-    result = merge_adapter(out_dir=tmp_path / "cuda", tolerance=1e-4, max_new_tokens=12, **{**trained.kwargs(), "device": "cuda"})
+    result = merge_adapter(
+        out_dir=tmp_path / "cuda", tolerance=1e-4, max_new_tokens=12, **{**trained.kwargs(), "device": "cuda"}
+    )
     report = json.loads(result.report_path.read_text())
     assert report["passed"] is True and report["device"] == "cuda" and report["device_name"]
     assert report["merged_vs_unmerged"]["max_abs_logit_diff"] < 1e-4
@@ -312,16 +367,20 @@ def test_unwritable_timing_is_one_warning_and_the_stage_succeeds(trained: Traine
     (merge_project / "reports" / "timing").write_text("a file where the timing folder should be")
     assert _merge_cli(trained) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loraline")]
-    assert err == ["loraline: warning: run timing not recorded: cannot write reports/timing/merge@toy.json: "
-                   "reports/timing is a file, not a folder (the stage's outputs are complete)"]
+    assert err == [
+        "loraline: warning: run timing not recorded: cannot write reports/timing/merge@toy.json: "
+        "reports/timing is a file, not a folder (the stage's outputs are complete)"
+    ]
     assert (merge_project / "models" / "merged" / "toy" / REPORT).is_file()
     assert json.loads((merge_project / "reports" / "toy" / "metrics" / "merge.json").read_text())["passed"] is True
-    assert (merge_project / "reports" / "toy" / REPORT).read_bytes() == \
-        (merge_project / "models" / "merged" / "toy" / REPORT).read_bytes()
+    assert (merge_project / "reports" / "toy" / REPORT).read_bytes() == (
+        merge_project / "models" / "merged" / "toy" / REPORT
+    ).read_bytes()
 
 
-def test_an_output_that_cannot_be_written_is_one_error_line_and_no_temp_file(trained: Trained, merge_project: Path,
-                                                                             capsys, monkeypatch):
+def test_an_output_that_cannot_be_written_is_one_error_line_and_no_temp_file(
+    trained: Trained, merge_project: Path, capsys, monkeypatch
+):
     import errno
 
     from loraline import io

@@ -17,18 +17,23 @@ from loraline.modelling.parity import DEFAULT_PROBES, encode_probe
 
 def _row(i: int, words: int = 3) -> dict:
     question = " ".join(["ticket"] * words) + f" {i}: the vpn is down"
-    return {"id": f"row-{i:03d}", "messages": [
-        {"role": "system", "content": "Route tickets."},
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": f"network {i}"},
-    ]}
+    return {
+        "id": f"row-{i:03d}",
+        "messages": [
+            {"role": "system", "content": "Route tickets."},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": f"network {i}"},
+        ],
+    }
 
 
 def _dataset(tmp_path: Path, rows: list[dict], name: str = "prepared") -> Path:
     out = tmp_path / name
     split = lambda rs: datasets.Dataset.from_list(rs) if rs else datasets.Dataset.from_dict({"id": [], "messages": []})  # noqa: E731
     # one shard each: an empty split saved with none cannot be loaded back (prepare saves them so too)
-    datasets.DatasetDict({"train": split(rows[:1]), "test": split(rows)}).save_to_disk(str(out), num_shards={"train": 1, "test": 1})
+    datasets.DatasetDict({"train": split(rows[:1]), "test": split(rows)}).save_to_disk(
+        str(out), num_shards={"train": 1, "test": 1}
+    )
     return out
 
 
@@ -66,10 +71,12 @@ def test_adding_rows_keeps_the_drawn_ones_unless_a_new_row_ranks_before_them(tok
     rows = [_row(i) for i in range(30)]
     before = [p.id for p in probe_set(tok, [], _draw(_dataset(tmp_path, rows, "before"), 6)).probes]
     added = [_row(i) for i in range(30, 60)]
-    after = [p.id for p in probe_set(tok, [], _draw(_dataset(tmp_path, added[:15] + rows + added[15:], "after"), 6)).probes]
+    after = [
+        p.id for p in probe_set(tok, [], _draw(_dataset(tmp_path, added[:15] + rows + added[15:], "after"), 6)).probes
+    ]
     new_ids = {r["id"] for r in added}
     kept = [i for i in after if i not in new_ids]
-    assert kept == before[:len(kept)] and len(after) == 6
+    assert kept == before[: len(kept)] and len(after) == 6
     assert len(kept) < 6, "no added row ranked among the first six: the check above proved nothing"
 
 
@@ -111,13 +118,16 @@ def test_long_prompts_are_skipped_in_rank_order_and_recorded(tok, tmp_path):
     ranked = [rows[i]["id"] for i in ranked_rows([r["id"] for r in rows], 1234, "acme")]
     last = ranked.index(ids[-1])
     assert drawn.skipped_long == [i for i in ranked[:last] if int(i[-3:]) % 2 == 0] and drawn.skipped_long
-    assert ids == [i for i in ranked[:last + 1] if i not in drawn.skipped_long]
+    assert ids == [i for i in ranked[: last + 1] if i not in drawn.skipped_long]
     assert drawn.facts()["tenant_draw"]["skipped_long"] == drawn.skipped_long
 
 
 def test_a_missing_dataset_or_test_split_names_merge_probes(tok, tmp_path):
-    with pytest.raises(ValueError, match=r"merge\.probes draws from the prepared dataset, but .*absent does not exist.*"
-                                         r"merge\.probes: 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"merge\.probes draws from the prepared dataset, but .*absent does not exist.*"
+        r"merge\.probes: 0",
+    ):
         probe_set(tok, DEFAULT_PROBES, _draw(tmp_path / "absent", 3))
     datasets.DatasetDict({"train": datasets.Dataset.from_list([_row(1)])}).save_to_disk(str(tmp_path / "no-test"))
     with pytest.raises(ValueError, match=r"no test split for merge\.probes .*\(splits: train\)"):
@@ -130,13 +140,16 @@ def test_a_test_row_without_an_answer_names_the_row(tok, tmp_path):
         probe_set(tok, [], _draw(_dataset(tmp_path, [row]), 3))
 
 
-@pytest.mark.parametrize(("merge", "says"), [
-    ({"probes": -1}, r"merge\.probes: .*greater than or equal to 0"),
-    ({"probes": 1000}, r"merge\.probes: .*less than or equal to 256"),
-    ({"probes": "many"}, r"merge\.probes: .*integer"),
-    ({"probes": 2.5}, r"merge\.probes: .*integer"),
-    ({"probe_max_tokens": 0}, r"merge\.probe_max_tokens: .*greater than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    ("merge", "says"),
+    [
+        ({"probes": -1}, r"merge\.probes: .*greater than or equal to 0"),
+        ({"probes": 1000}, r"merge\.probes: .*less than or equal to 256"),
+        ({"probes": "many"}, r"merge\.probes: .*integer"),
+        ({"probes": 2.5}, r"merge\.probes: .*integer"),
+        ({"probe_max_tokens": 0}, r"merge\.probe_max_tokens: .*greater than or equal to 1"),
+    ],
+)
 def test_bad_values_name_the_key(merge, says):
     with pytest.raises(ConfigError, match=says):
         parse_params({"merge": merge, "tenants": {"acme": {"raw_dir": "data/raw/acme"}}})

@@ -64,6 +64,11 @@ def test_in_a_log_the_hugging_face_bars_are_off_before_any_stage_imports_them(tm
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"} | {progress.ENV: mode}
-    out = subprocess.run([sys.executable, "-c", "import os, loraline; print(os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'))"],
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", "import os, loraline; print(os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'))"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert out == str(hub_bars)

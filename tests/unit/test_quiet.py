@@ -21,8 +21,12 @@ def test_each_listed_log_message_is_dropped_and_its_neighbours_kept(caplog):
         logging.getLogger("torchao").warning("Failed to load /x/site-packages/torchao/_C_cutlass_90a.abi3.so: nope")
         logging.getLogger("torchao").warning("Failed to quantize layer 3")
         logging.getLogger("torch.utils._pytree").warning(
-            "%s is an Enum subclass and is now natively supported by torch.compile", "<enum 'KernelPreference'>")
-    assert [r.getMessage() for r in caplog.records] == ["Failed to load the CUDA library", "Failed to quantize layer 3"]
+            "%s is an Enum subclass and is now natively supported by torch.compile", "<enum 'KernelPreference'>"
+        )
+    assert [r.getMessage() for r in caplog.records] == [
+        "Failed to load the CUDA library",
+        "Failed to quantize layer 3",
+    ]
 
 
 def test_a_listed_warning_is_dropped_only_from_its_module_and_category():
@@ -30,14 +34,31 @@ def test_a_listed_warning_is_dropped_only_from_its_module_and_category():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         quiet.install()  # in front of "always", as the conftest fixture puts them in front of pytest's
-        warnings.warn_explicit("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning,
-                               "modeling_utils.py", 1, module="transformers.modeling_utils")
-        warnings.warn_explicit("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning,
-                               "ours.py", 1, module="loraline.train.stage")  # ours: must show
-        warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", UserWarning, "modeling_utils.py", 2,
-                               module="transformers.modeling_utils")  # another category: must show
+        warnings.warn_explicit(
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+            FutureWarning,
+            "modeling_utils.py",
+            1,
+            module="transformers.modeling_utils",
+        )
+        warnings.warn_explicit(
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+            FutureWarning,
+            "ours.py",
+            1,
+            module="loraline.train.stage",
+        )  # ours: must show
+        warnings.warn_explicit(
+            "`is_gradient_checkpointing` is deprecated",
+            UserWarning,
+            "modeling_utils.py",
+            2,
+            module="transformers.modeling_utils",
+        )  # another category: must show
     assert [(str(w.message)[:30], w.category) for w in seen] == [
-        ("`is_gradient_checkpointing` is", FutureWarning), ("`is_gradient_checkpointing` is", UserWarning)]
+        ("`is_gradient_checkpointing` is", FutureWarning),
+        ("`is_gradient_checkpointing` is", UserWarning),
+    ]
 
 
 @pytest.mark.parametrize("noise", quiet.NOISE, ids=lambda n: n.source)

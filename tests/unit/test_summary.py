@@ -8,7 +8,14 @@ from loraline.config import parse_params
 from loraline.layout import Layout
 from loraline.summary import HEADLINE_METRICS, collect_summary, render_text, train_line
 
-TRAIN = {"val_loss_base": 2.0, "val_loss": 1.5, "val_loss_gain": 0.25, "train_loss": 1.4, "steps": 6, "tokens_seen": 900}
+TRAIN = {
+    "val_loss_base": 2.0,
+    "val_loss": 1.5,
+    "val_loss_gain": 0.25,
+    "train_loss": 1.4,
+    "steps": 6,
+    "tokens_seen": 900,
+}
 
 
 def test_the_summary_headline_is_what_the_evaluate_stage_writes_as_metrics():
@@ -25,8 +32,10 @@ def test_train_line_adds_the_timing_when_there_is_one():
 
 def test_collect_summary_reads_the_train_metrics_and_timing_files(tmp_path):
     layout, params = Layout(tmp_path), parse_params({"tenants": {"t1": {"raw_dir": "raw"}}})
-    for path, content in ((layout.metrics_path("train", "t1"), TRAIN),
-                          (layout.timing_path("train", "t1"), {"tokens_per_s": 50.0, "device": "cpu", "wall_s": 3.0})):
+    for path, content in (
+        (layout.metrics_path("train", "t1"), TRAIN),
+        (layout.timing_path("train", "t1"), {"tokens_per_s": 50.0, "device": "cpu", "wall_s": 3.0}),
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(content))
     summary = collect_summary(params, layout)

@@ -38,7 +38,9 @@ def test_tool_env_puts_this_environment_first_once():
 def test_a_shell_command_finds_our_dvc_with_an_empty_path():
     """What dvc.yaml's `cmd:` lines rely on: a bare name resolves to this environment's script."""
     env = tool_env({"PATH": "/usr/bin:/bin"})
-    out = subprocess.run(["sh", "-c", "command -v dvc; command -v loraline"], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["sh", "-c", "command -v dvc; command -v loraline"], env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.split() == [tool("dvc"), tool("loraline")]
 
 
@@ -48,6 +50,10 @@ def test_no_test_or_library_code_starts_our_tools_by_bare_name():
     for folder in ("src", "tests", "flows"):
         for path in REPO.joinpath(folder).rglob("*.py"):
             text = path.read_text().replace(" ", "")
-            offenders += [f"{path.relative_to(REPO)}: {name}" for name in TOOLS
-                          for quote in "\"'" if f"([{quote}{name}{quote}" in text]
+            offenders += [
+                f"{path.relative_to(REPO)}: {name}"
+                for name in TOOLS
+                for quote in "\"'"
+                if f"([{quote}{name}{quote}" in text
+            ]
     assert offenders == []

@@ -35,7 +35,11 @@ def build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path
     device = build_device(params.build)
     p = params.build.for_device(device.type)
     corpus = build_corpus(
-        raw_dirs, stdlib=p.stdlib_docstrings, max_stdlib_chars=p.max_stdlib_chars, exercises=p.exercises, seed=seed,
+        raw_dirs,
+        stdlib=p.stdlib_docstrings,
+        max_stdlib_chars=p.max_stdlib_chars,
+        exercises=p.exercises,
+        seed=seed,
         drills=drill_count(p),
     )
     all_texts = [t for name, texts in corpus.sources().items() if name != "drills" for t in texts]
@@ -67,7 +71,9 @@ def build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; the published folder should be readable like any other
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
-        io.atomic_write_text(tmp / stage.LOSS_CSV, "step,loss\n" + "".join(f"{i + 1},{x:.6f}\n" for i, x in enumerate(result.losses)))
+        io.atomic_write_text(
+            tmp / stage.LOSS_CSV, "step,loss\n" + "".join(f"{i + 1},{x:.6f}\n" for i, x in enumerate(result.losses))
+        )
         general_text = stage._write_general_text(tmp, p.max_stdlib_chars if p.stdlib_docstrings else 0)
         record = {
             "source": "built",

@@ -132,7 +132,10 @@ def _docstrings_by_file(stdlib_dir: Path | None) -> Iterator[tuple[int, str]]:
             tree = ast.parse(path.read_bytes(), filename=str(path))
         except (SyntaxError, ValueError, OSError):
             continue
-        nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef))]
+        nodes = [
+            tree,
+            *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)),
+        ]
         for node in nodes:
             doc = ast.get_docstring(node, clean=True)
             if not doc or len(doc) < _MIN_DOCSTRING_CHARS or doc in seen:

@@ -201,8 +201,10 @@ def _copy_sequence(rng: random.Random) -> tuple[str, str]:
     small model otherwise learns late; digit strings dominate because ids and numbers are what real
     extraction tasks copy.
     """
-    items = [_digits(rng) if rng.random() < 0.5 else code_value(rng) if rng.random() < 0.5 else word(rng)
-             for _ in range(rng.randint(1, 6))]
+    items = [
+        _digits(rng) if rng.random() < 0.5 else code_value(rng) if rng.random() < 0.5 else word(rng)
+        for _ in range(rng.randint(1, 6))
+    ]
     value = rng.choice((" ", ", ", " / ")).join(items)
     ask = rng.choice(
         (
@@ -280,7 +282,16 @@ KINDS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "pick_label": _pick_label,
     "yes_no": _yes_no,
 }
-WEIGHTS = {"copy_number": 2, "copy_span": 2, "copy_sequence": 3, "message_record": 3, "kv_to_json": 1, "prose_to_json": 2, "pick_label": 1, "yes_no": 1}
+WEIGHTS = {
+    "copy_number": 2,
+    "copy_span": 2,
+    "copy_sequence": 3,
+    "message_record": 3,
+    "kv_to_json": 1,
+    "prose_to_json": 2,
+    "pick_label": 1,
+    "yes_no": 1,
+}
 
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",

@@ -17,10 +17,9 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from loraline.base.corpus import Corpus
-from loraline.modelling.chat import DOC_SEPARATOR, IM_END, IM_START
 from loraline.config import BuildParams
+from loraline.modelling.chat import DOC_SEPARATOR, IM_END, IM_START
 from loraline.modelling.constants import IGNORE_INDEX
-
 
 
 def make_model(p: BuildParams, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
@@ -79,7 +78,10 @@ def tokenize_corpus(tokenizer: PreTrainedTokenizerFast, corpus: Corpus) -> tuple
         ids_all, labels_all, loss_tokens = [], [], 0
         for i, ids in enumerate(enc["input_ids"]):
             if starts is not None:
-                labels = [t if s >= starts[i] else IGNORE_INDEX for t, (s, _) in zip(ids, enc["offset_mapping"][i], strict=True)]
+                labels = [
+                    t if s >= starts[i] else IGNORE_INDEX
+                    for t, (s, _) in zip(ids, enc["offset_mapping"][i], strict=True)
+                ]
             else:
                 labels = list(ids)
             loss_tokens += sum(x != IGNORE_INDEX for x in labels)

@@ -39,7 +39,9 @@ LOSS_CSV = "pretrain_loss.csv"
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-GENERAL_TEXT_ROWS = 1024  # docstrings written to general_text.jsonl (~230k characters); evaluate.general.rows picks from them
+GENERAL_TEXT_ROWS = (
+    1024  # docstrings written to general_text.jsonl (~230k characters); evaluate.general.rows picks from them
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ class BaseResult:
     timing: dict[str, Any] = field(default_factory=dict)  # what differs between identical runs (rates)
 
 
-def build_base(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path, progress: bool = False) -> BaseResult:
+def build_base(
+    params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path, progress: bool = False
+) -> BaseResult:
     """Run the base stage into `out_dir` (replaced atomically)."""
     out_dir = Path(out_dir)
     if params.model is None:
@@ -69,7 +73,11 @@ def _write_general_text(folder: Path, pretrained_chars: int) -> dict[str, Any]:
     texts = held_out_docstrings(pretrained_chars, GENERAL_TEXT_ROWS)
     io.write_jsonl(folder / GENERAL_TEXT, [{"text": t} for t in texts])
     held_out = "after the docstrings pretraining read" if pretrained_chars else "none of which the build read"
-    return {"file": GENERAL_TEXT, "rows": len(texts), "source": f"Python {python_version()} standard-library docstrings, {held_out}"}
+    return {
+        "file": GENERAL_TEXT,
+        "rows": len(texts),
+        "source": f"Python {python_version()} standard-library docstrings, {held_out}",
+    }
 
 
 def _sha(text: str) -> str:
@@ -106,8 +114,11 @@ def _inspect_local(path: Path, params: BaseParams) -> dict[str, Any]:
     record = {"source": "local", "model_ref": str(path), "revision": None}
     record.update(_describe(str(path), params, {}))
     # Hash what is there (not copied: the record pins the content, so a changed folder is detectable).
-    files = [p for p in sorted(path.rglob("*"))
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    files = [
+        p
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
     record["files"] = dict(zip((p.relative_to(path).as_posix() for p in files), sha256_files(files), strict=True))
     record["parameters"] = _safetensors_parameters(path)
     return record
@@ -117,7 +128,9 @@ def _inspect_hub(ref: str, params: BaseParams) -> dict[str, Any]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    looks_like_path = ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or (os.sep != "/" and os.sep in ref)
+    looks_like_path = (
+        ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or (os.sep != "/" and os.sep in ref)
+    )
     try:
         if looks_like_path:
             raise HFValidationError("a path")
@@ -145,7 +158,9 @@ def _inspect_hub(ref: str, params: BaseParams) -> dict[str, Any]:
         record.update(_describe(snapshot, params, {"revision": revision}))
         record["parameters"] = _safetensors_parameters(Path(snapshot))
     else:
-        record["note"] = "not in the local Hugging Face cache; config and chat template are checked when a later stage loads it"
+        record["note"] = (
+            "not in the local Hugging Face cache; config and chat template are checked when a later stage loads it"
+        )
         record["chat_template_source"] = "params" if params.chat_template else "unverified"
         record["chat_template_sha256"] = _sha(params.chat_template) if params.chat_template else None
     return record
@@ -190,12 +205,19 @@ def _safetensors_parameters(path: Path) -> int | None:
 
 
 def run(
-    params: Params, layout: Layout, *, docs: list[Path] | None = None, out_dir: Path | None = None, progress: bool = False
+    params: Params,
+    layout: Layout,
+    *,
+    docs: list[Path] | None = None,
+    out_dir: Path | None = None,
+    progress: bool = False,
 ) -> BaseResult:
     """The base stage: pretrain on `docs` (default: the tenants' raw folders), or record base.model;
     the run's wall time and rate into reports/timing/base.json."""
     started = time.perf_counter()
     docs = list(docs) if docs else [params.tenant(n).raw_dir for n in params.tenant_names]
-    result = build_base(params.base, seed=params.seed, raw_dirs=docs, out_dir=out_dir or layout.base_dir, progress=progress)
+    result = build_base(
+        params.base, seed=params.seed, raw_dirs=docs, out_dir=out_dir or layout.base_dir, progress=progress
+    )
     io.write_timing(layout.timing_path("base"), run_facts(started, **result.timing))
     return result

@@ -15,7 +15,6 @@ from transformers import PreTrainedTokenizerFast
 from loraline.modelling.chat import CHAT_TEMPLATE, DOC_SEPARATOR, IM_END, IM_START, SPECIAL_TOKENS
 
 
-
 def strip_special(text: str) -> str:
     """Text with the special tokens replaced by newlines, for tokenizer training.
 

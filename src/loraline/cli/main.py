@@ -16,13 +16,12 @@ from typing import Any
 
 import yaml
 
+from loraline.cli.registry import add_registry_parser
+from loraline.cli.serve import add_serve_parser
 from loraline.config import ConfigError, Params, load_params
 from loraline.flows.orchestrate import WorkspaceBusy, workspace_lock
 from loraline.layout import Layout, stage_id
-from loraline.cli.registry import add_registry_parser
-from loraline.cli.serve import add_serve_parser
 from loraline.summary import base_line, collect_summary, reasons, render_text, train_line
-
 
 # `loraline run` while another holds the workspace: a temporary failure, worth trying again (sysexits' EX_TEMPFAIL).
 EXIT_BUSY = 75
@@ -33,7 +32,9 @@ def _parse_set(values: list[str] | None) -> dict[str, Any]:
     for item in values or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE with a dotted key (e.g. base.build.max_steps=50), got {item!r}")
+            raise ConfigError(
+                f"--set expects KEY=VALUE with a dotted key (e.g. base.build.max_steps=50), got {item!r}"
+            )
         out[key] = yaml.safe_load(raw)
     return out
 
@@ -69,7 +70,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         for source in t.sources:
             mapped = ", ".join(f"{k}<-{v!r}" for k, v in source.columns.items()) or "shape detection"
-            extra = "".join(f" {k}={getattr(source, k)}" for k in ("format", "explode", "control_tokens") if getattr(source, k))
+            extra = "".join(
+                f" {k}={getattr(source, k)}" for k in ("format", "explode", "control_tokens") if getattr(source, k)
+            )
             print(f"    source {source.path}:{extra} {mapped}" + (f" roles={source.roles}" if source.roles else ""))
     return _check_dvc_cache(Path(args.params).resolve().parent)
 
@@ -86,9 +89,12 @@ def _check_dvc_cache(root: Path) -> int:
         return 0
     for bad in check.corrupt:
         print(f"loraline check: error: {bad.describe(root)}", file=sys.stderr)
-    print(f"loraline check: to repair, `loraline run` restores each from its workspace copy when that is intact, else "
-          f"moves it aside ({QUARANTINE}/) so that DVC pulls or rebuilds it; or by hand: delete the cache file, then "
-          "`dvc pull` (from the remote) or `dvc repro <stage>` (rebuilds it)", file=sys.stderr)
+    print(
+        f"loraline check: to repair, `loraline run` restores each from its workspace copy when that is intact, else "
+        f"moves it aside ({QUARANTINE}/) so that DVC pulls or rebuilds it; or by hand: delete the cache file, then "
+        "`dvc pull` (from the remote) or `dvc repro <stage>` (rebuilds it)",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -100,7 +106,11 @@ def cmd_documents(args: argparse.Namespace) -> int:
     _one_tenant_for_out(args, names)
     for name in names:
         result = documents.run(params, layout, name, out_dir=Path(args.out) if args.out else None)
-        skipped = f", {len(result.skipped)} skipped ({'; '.join(f'{k}: {v}' for k, v in result.skipped.items())})" if result.skipped else ""
+        skipped = (
+            f", {len(result.skipped)} skipped ({'; '.join(f'{k}: {v}' for k, v in result.skipped.items())})"
+            if result.skipped
+            else ""
+        )
         print(f"documents[{name}]: {len(result.files)} files -> {result.out_dir}{skipped}")
     return 0
 
@@ -125,8 +135,13 @@ def cmd_base(args: argparse.Namespace) -> int:
 
     params, layout = _load(args), Layout()
     started = time.perf_counter()
-    result = base.run(params, layout, docs=[Path(d) for d in args.docs or []], out_dir=Path(args.out) if args.out else None,
-                      progress=not args.quiet)
+    result = base.run(
+        params,
+        layout,
+        docs=[Path(d) for d in args.docs or []],
+        out_dir=Path(args.out) if args.out else None,
+        progress=not args.quiet,
+    )
     print(f"{base_line(result.record)} -> {result.out_dir} ({time.perf_counter() - started:.0f}s)")
     return 0
 
@@ -142,10 +157,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     params, layout = _load(args), Layout()
     names = _tenants(params, args.tenant)
     _one_tenant_for_out(args, names)
-    tokenizer = load_base_tokenizer(Path(args.base) if args.base else layout.base_dir, params.base)  # once for all tenants
+    tokenizer = load_base_tokenizer(
+        Path(args.base) if args.base else layout.base_dir, params.base
+    )  # once for all tenants
     for name in names:
-        result = prepare.run(params, layout, name, out_dir=Path(args.out) if args.out else None, tokenizer=tokenizer,
-                             progress=not args.quiet)
+        result = prepare.run(
+            params,
+            layout,
+            name,
+            out_dir=Path(args.out) if args.out else None,
+            tokenizer=tokenizer,
+            progress=not args.quiet,
+        )
         print(_prepare_line(name, result.stats))
     return 0
 
@@ -185,8 +208,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     params, layout = _load(args), Layout()
     for name in _tenants(params, args.tenant):
-        result = train.run(params, layout, name, base_dir=Path(args.base) if args.base else None,
-                           checkpoints=not args.no_checkpoints, progress=not args.quiet)
+        result = train.run(
+            params,
+            layout,
+            name,
+            base_dir=Path(args.base) if args.base else None,
+            checkpoints=not args.no_checkpoints,
+            progress=not args.quiet,
+        )
         print(train_line(name, train.train_metrics(result.record), result.timing) + f" -> {result.out_dir}")
     return 0
 
@@ -199,11 +228,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
         r = merge.run(params, layout, name, base_dir=Path(args.base) if args.base else None).report
         probes = f"{r['probes']['count']} probes ({r['probes']['builtin']} built-in, {r['probes']['tenant']} from the test split)"
         if "merged_vs_unmerged" not in r:  # deploy.targets without merged
-            print(f"merge[{name}]: merged {r['merged']}; reference answers to {probes} from base + adapter "
-                  f"-> {layout.merge_report_path(name)}")
+            print(
+                f"merge[{name}]: merged {r['merged']}; reference answers to {probes} from base + adapter "
+                f"-> {layout.merge_report_path(name)}"
+            )
             continue
         q = r.get("vs_4bit", {})
-        gap = "skipped" if "skipped" in q else f"{q.get('max_abs_logit_diff', float('nan')):.3g} (greedy agreement {q.get('greedy_agreement', 0):.0%})"
+        gap = (
+            "skipped"
+            if "skipped" in q
+            else f"{q.get('max_abs_logit_diff', float('nan')):.3g} (greedy agreement {q.get('greedy_agreement', 0):.0%})"
+        )
         mv = r["merged_vs_unmerged"]
         print(
             f"merge[{name}]: merged vs adapter max logit diff {mv['max_abs_logit_diff']:.2e} "
@@ -226,8 +261,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         for graph in r["graphs"]:
             g = r[graph]
             drift = f"; vs the float model {g['vs_float']['max_abs_logit_diff']:.3g}" if "vs_float" in g else ""
-            print(f"  {graph:<5} {g['file']:<17} {g['bytes'] / 2**20:9.1f} MiB  max logit diff "
-                  f"{g['max_abs_logit_diff']:.2e}, greedy agreement {g['greedy_agreement']:.0%}{drift}")
+            print(
+                f"  {graph:<5} {g['file']:<17} {g['bytes'] / 2**20:9.1f} MiB  max logit diff "
+                f"{g['max_abs_logit_diff']:.2e}, greedy agreement {g['greedy_agreement']:.0%}{drift}"
+            )
     return 0
 
 
@@ -236,13 +273,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     params, layout = _load(args), Layout()
     for name in _tenants(params, args.tenant):
-        result = evaluate.run(params, layout, name, base_dir=Path(args.base) if args.base else None, progress=not args.quiet)
+        result = evaluate.run(
+            params, layout, name, base_dir=Path(args.base) if args.base else None, progress=not args.quiet
+        )
         models = result.metrics["models"]
         cols = [m for m in ("base", "candidate", "production") if m in models]
-        print(f"evaluate[{name}]: {result.metrics['test_rows']} test rows; " + "; ".join(
-            f"{k}: " + " / ".join(f"{m} {models[m].get(k) if models[m].get(k) is None else round(models[m][k], 3)}" for m in cols)
-            for k in models["candidate"]
-        ) + f" -> {result.report_path}")
+        print(
+            f"evaluate[{name}]: {result.metrics['test_rows']} test rows; "
+            + "; ".join(
+                f"{k}: "
+                + " / ".join(
+                    f"{m} {models[m].get(k) if models[m].get(k) is None else round(models[m][k], 3)}" for m in cols
+                )
+                for k in models["candidate"]
+            )
+            + f" -> {result.report_path}"
+        )
     return 0
 
 
@@ -273,8 +319,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     messages.append({"role": "user", "content": prompt})
     gen = OnnxGenerator(args.onnx, model_file=_graph_file(args))
-    print(gen.generate(messages, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    print(
+        gen.generate(
+            messages,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    )
     return 0
 
 
@@ -290,14 +344,18 @@ def _graph_file(args: argparse.Namespace) -> str:
         report = Path(args.onnx) / "export_report.json"
         low = json.loads(report.read_text(encoding="utf-8")).get("lowbit") if report.is_file() else None
         if not low:
-            raise SystemExit(f"loraline generate: {args.onnx} has no low-bit graph (--lowbit is for a merged QA-LoRA "
-                             "model's export, train.method: qalora)")
+            raise SystemExit(
+                f"loraline generate: {args.onnx} has no low-bit graph (--lowbit is for a merged QA-LoRA "
+                "model's export, train.method: qalora)"
+            )
         return low["file"]
     graph = "int8" if args.int8 else args.graph or "fp32"
     if not (Path(args.onnx) / GRAPH_FILES[graph]).is_file():
         have = [g for g, f in GRAPH_FILES.items() if (Path(args.onnx) / f).is_file()]
-        raise SystemExit(f"loraline generate: {args.onnx} has no {graph} graph ({GRAPH_FILES[graph]}); it has: "
-                         f"{', '.join(have) or 'none'} (export.graphs in params.yaml says which are written)")
+        raise SystemExit(
+            f"loraline generate: {args.onnx} has no {graph} graph ({GRAPH_FILES[graph]}); it has: "
+            f"{', '.join(have) or 'none'} (export.graphs in params.yaml says which are written)"
+        )
     return GRAPH_FILES[graph]
 
 
@@ -331,14 +389,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--parallel must be at least 1, got {args.parallel}")
     if args.set and not args.no_dvc:
         raise ConfigError("--set does not apply to a DVC run; use `dvc exp run -S key=value` or edit params.yaml")
-    with workspace_lock(root, wait=args.wait, on_wait=lambda line: print(f"loraline run: {line}", file=sys.stderr, flush=True)):
+    with workspace_lock(
+        root, wait=args.wait, on_wait=lambda line: print(f"loraline run: {line}", file=sys.stderr, flush=True)
+    ):
         return _run_holding_the_workspace(args, params, tenants, started)
 
 
 def _run_holding_the_workspace(args: argparse.Namespace, params: Params, tenants: list[str], started: float) -> int:
     error = None
     if args.no_dvc:
-        ns = dict(params=args.params, set=args.set, quiet=args.quiet, out=None, tenant=args.tenant, docs=None, base=None)
+        ns = dict(
+            params=args.params, set=args.set, quiet=args.quiet, out=None, tenant=args.tenant, docs=None, base=None
+        )
         cmd_documents(argparse.Namespace(**{**ns, "tenant": None}))
         ns["docs"] = [str(Layout().documents_dir(n)) for n in params.tenant_names]
         cmd_base(argparse.Namespace(**ns))
@@ -388,7 +450,9 @@ def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list
     parallel = args.parallel or params.orchestrate.parallel_tenants
     failures: dict[str, BaseException] = {}
     if parallel > 1:
-        ran, failures = run_stages_in_parallel(_project_root(), tenants, parallel, force=args.force, push=not args.no_push)
+        ran, failures = run_stages_in_parallel(
+            _project_root(), tenants, parallel, force=args.force, push=not args.no_push
+        )
     else:
         targets = None if tenants == params.tenant_names else [stage_id("gate", t) for t in tenants]
         ran = reproduce(force=args.force, push=not args.no_push, targets=targets)
@@ -411,8 +475,11 @@ def _every_stage_up_to_date(tenants: list[str]) -> bool:
     stale, _ = dvc_status(_project_root(), stages)
     if stale:
         return False
-    print(f"loraline run: all {len(stages)} stages up to date (DVC status, {time.perf_counter() - started:.1f}s): "
-          "nothing to run, so no Prefect flow run; pushing and releasing", flush=True)
+    print(
+        f"loraline run: all {len(stages)} stages up to date (DVC status, {time.perf_counter() - started:.1f}s): "
+        "nothing to run, so no Prefect flow run; pushing and releasing",
+        flush=True,
+    )
     return True
 
 
@@ -454,8 +521,14 @@ def _run_flow(args: argparse.Namespace, tenants: list[str]) -> str | None:
     from loraline.flows.pipeline import pipeline
 
     try:
-        pipeline(tenants=args.tenant, project_dir=str(_project_root()), promote=not args.no_promote,
-                 push=not args.no_push, force=args.force, parallel=args.parallel)
+        pipeline(
+            tenants=args.tenant,
+            project_dir=str(_project_root()),
+            promote=not args.no_promote,
+            push=not args.no_push,
+            force=args.force,
+            parallel=args.parallel,
+        )
     except Exception as exc:  # the flow run holds the details; the summary below still shows what finished
         return str(exc)
     return None
@@ -481,13 +554,17 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="the params file to read (default: params.yaml)")
     common.add_argument(
-        "--set", action="append", metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
         help="override one param for this command only, dotted key, YAML value (repeatable), "
         "e.g. --set base.build.max_steps=50",
     )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     tenant = argparse.ArgumentParser(add_help=False)
-    tenant.add_argument("--tenant", action="append", help="run for this tenant only (repeatable; default: every tenant)")
+    tenant.add_argument(
+        "--tenant", action="append", help="run for this tenant only (repeatable; default: every tenant)"
+    )
 
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("check", parents=[common], help="validate params.yaml and show each tenant's resolved settings")
@@ -497,55 +574,99 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: data/documents/<tenant>; one tenant only)")
     p.set_defaults(func=cmd_documents)
 
-    p = sub.add_parser("synthesize", parents=[common, tenant], help="generate instruction/answer rows from each tenant's documents")
+    p = sub.add_parser(
+        "synthesize", parents=[common, tenant], help="generate instruction/answer rows from each tenant's documents"
+    )
     p.set_defaults(func=cmd_synthesize)
 
-    p = sub.add_parser("base", parents=[common], help="build the offline base model, or validate and record base.model")
-    p.add_argument("--docs", nargs="+", metavar="DIR", help="folders of documents for pretraining (default: the tenants' raw folders)")
+    p = sub.add_parser(
+        "base", parents=[common], help="build the offline base model, or validate and record base.model"
+    )
+    p.add_argument(
+        "--docs",
+        nargs="+",
+        metavar="DIR",
+        help="folders of documents for pretraining (default: the tenants' raw folders)",
+    )
     p.add_argument("--out", help="output folder (default: models/base)")
     p.set_defaults(func=cmd_base)
 
-    p = sub.add_parser("prepare", parents=[common, tenant], help="raw files to a clean, deduplicated, split, chat-templated dataset")
+    p = sub.add_parser(
+        "prepare", parents=[common, tenant], help="raw files to a clean, deduplicated, split, chat-templated dataset"
+    )
     p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
     p.add_argument("--out", help="output folder (default: data/prepared/<tenant>; one tenant only)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("inspect", parents=[common], help="what a raw file or folder holds, row shapes, a suggested sources: entry, rendered samples")
+    p = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="what a raw file or folder holds, row shapes, a suggested sources: entry, rendered samples",
+    )
     p.add_argument("path", help="a raw file, a save_to_disk folder, or a folder of them")
     p.add_argument("--base", help="base model folder whose chat template renders the samples (default: models/base)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", parents=[common, tenant], help="train each tenant's LoRA/QLoRA adapter on its prepared train split")
+    p = sub.add_parser(
+        "train", parents=[common, tenant], help="train each tenant's LoRA/QLoRA adapter on its prepared train split"
+    )
     p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
-    p.add_argument("--no-checkpoints", action="store_true", help="write no periodic checkpoints (a killed run then starts over)")
+    p.add_argument(
+        "--no-checkpoints", action="store_true", help="write no periodic checkpoints (a killed run then starts over)"
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("merge", parents=[common, tenant], help="merge each adapter into a full-precision base and prove it behaves the same")
+    p = sub.add_parser(
+        "merge",
+        parents=[common, tenant],
+        help="merge each adapter into a full-precision base and prove it behaves the same",
+    )
     p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", parents=[common, tenant], help="export each merged model to ONNX with the KV cache and prove parity")
+    p = sub.add_parser(
+        "export", parents=[common, tenant], help="export each merged model to ONNX with the KV cache and prove parity"
+    )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("evaluate", parents=[common, tenant], help="evaluate base, candidate and production on each tenant's test split")
+    p = sub.add_parser(
+        "evaluate",
+        parents=[common, tenant],
+        help="evaluate base, candidate and production on each tenant's test split",
+    )
     p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("gate", parents=[common, tenant], help="decide promotion from the evaluation and parity reports (writes gate.json)")
+    p = sub.add_parser(
+        "gate",
+        parents=[common, tenant],
+        help="decide promotion from the evaluation and parity reports (writes gate.json)",
+    )
     p.add_argument("--strict", action="store_true", help="exit with status 3 when a tenant's gate fails")
     p.set_defaults(func=cmd_gate)
     add_registry_parser(sub)
     add_serve_parser(sub, common)
 
     p = sub.add_parser("generate", help="chat with an exported model through plain onnxruntime (KV cache reused)")
-    p.add_argument("--onnx", required=True, metavar="DIR", help="export folder written by `loraline export` (e.g. models/onnx/<tenant>)")
+    p.add_argument(
+        "--onnx",
+        required=True,
+        metavar="DIR",
+        help="export folder written by `loraline export` (e.g. models/onnx/<tenant>)",
+    )
     p.add_argument("--prompt", help="the user message (default: read from standard input)")
     p.add_argument("--system", help="an optional system message")
-    p.add_argument("--graph", choices=["fp32", "fp16", "int8", "int4"],
-                   help="which graph of the folder to run (export.graphs; default fp32)")
+    p.add_argument(
+        "--graph",
+        choices=["fp32", "fp16", "int8", "int4"],
+        help="which graph of the folder to run (export.graphs; default fp32)",
+    )
     p.add_argument("--int8", action="store_true", help="same as --graph int8 (model.int8.onnx)")
-    p.add_argument("--lowbit", action="store_true",
-                   help="use a QA-LoRA model's own low-bit graph (model.int<bits>.onnx, onnxruntime MatMulNBits)")
+    p.add_argument(
+        "--lowbit",
+        action="store_true",
+        help="use a QA-LoRA model's own low-bit graph (model.int<bits>.onnx, onnxruntime MatMulNBits)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
@@ -554,20 +675,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
-        "run", parents=[common, tenant],
+        "run",
+        parents=[common, tenant],
         help="the whole pipeline: DVC stages through the Prefect flow, then register and promote each tenant's adapter",
     )
     p.add_argument("--no-prefect", action="store_true", help="run `dvc repro` and release directly, without Prefect")
-    p.add_argument("--no-dvc", action="store_true", help="call the stages directly: no DVC caching or lineage, no registry")
+    p.add_argument(
+        "--no-dvc", action="store_true", help="call the stages directly: no DVC caching or lineage, no registry"
+    )
     p.add_argument("--no-promote", action="store_true", help="register new versions but leave production as it is")
     p.add_argument("--force", action="store_true", help="re-run every stage even when DVC finds it up to date")
     p.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
     p.add_argument(
-        "--wait", action="store_true", help="when another `loraline run` holds this workspace, wait for it to end "
+        "--wait",
+        action="store_true",
+        help="when another `loraline run` holds this workspace, wait for it to end "
         f"(default: exit at once with status {EXIT_BUSY}, naming its pid)",
     )
     p.add_argument(
-        "--parallel", type=int, metavar="N", help="run up to N tenants' stages at once, each on an equal share of the "
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="run up to N tenants' stages at once, each on an equal share of the "
         "visible GPUs (default: orchestrate.parallel_tenants); the outputs are those of a sequential run",
     )
     p.set_defaults(func=cmd_run)

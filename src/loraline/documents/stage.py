@@ -14,8 +14,8 @@ from pathlib import Path
 
 from loraline.config import Params, TenantParams
 from loraline.io import atomic_dir, write_json
-from loraline.layout import Layout
 from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
+from loraline.layout import Layout
 from loraline.provenance import sha256_file
 
 DOCUMENT_SUFFIXES = (".txt", ".md")
@@ -44,7 +44,9 @@ def collect_documents(
     if project is not None:
         reads.check_raw_dir(project, read_as=raw_dir)
     if not raw_dir.is_dir():
-        raise FileNotFoundError(f"tenant {tenant!r}: raw_dir {raw_dir} is not a folder (params: tenants.{tenant}.raw_dir)")
+        raise FileNotFoundError(
+            f"tenant {tenant!r}: raw_dir {raw_dir} is not a folder (params: tenants.{tenant}.raw_dir)"
+        )
     documents = _document_files(raw_dir)
     reads.check_sources(documents, project)
     files: dict[str, str] = {}
@@ -82,4 +84,6 @@ def run(params: Params, layout: Layout, tenant: str, out_dir: Path | None = None
     """The documents stage for one tenant: its raw folder's documents into data/documents/<tenant>."""
     t = params.tenant(tenant)
     out_dir = out_dir or layout.documents_dir(tenant)
-    return collect_documents(tenant, t.raw_dir, out_dir, allow_outside_dirs=t.allow_outside_dirs, project=params.project)
+    return collect_documents(
+        tenant, t.raw_dir, out_dir, allow_outside_dirs=t.allow_outside_dirs, project=params.project
+    )

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from loraline.modelling.constants import IGNORE_INDEX
 from loraline.modelling.device import compute_dtype
 
+
 @contextmanager
 def loaded_model(path: str | Path, device: torch.device, adapter: Path | None = None, **kwargs: Any) -> Iterator[Any]:
     """A causal LM in eval mode on `device` (with a peft `adapter` folder on it, unmerged, if given),
@@ -120,9 +121,17 @@ def generate_greedy(
             ids[row, width - len(p) :] = torch.tensor(p)
             attn[row, width - len(p) :] = 1
         gen = model.generate(
-            input_ids=ids.to(model.device), attention_mask=attn.to(model.device), max_new_tokens=max_new_tokens,
-            do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, use_cache=True,
-            pad_token_id=pad, eos_token_id=eos,
+            input_ids=ids.to(model.device),
+            attention_mask=attn.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            use_cache=True,
+            pad_token_id=pad,
+            eos_token_id=eos,
         )
         for row in gen[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))

@@ -112,8 +112,13 @@ class Judged:
         return self.block["win_rate"]
 
 
-def judge_pairs(params: JudgeParams, pairs: Sequence[Pairing], against: Opponent, cache_dir: Path | None,
-                sleep: Callable[[float], None] = time.sleep) -> Judged:
+def judge_pairs(
+    params: JudgeParams,
+    pairs: Sequence[Pairing],
+    against: Opponent,
+    cache_dir: Path | None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Judged:
     """Every pairing judged in both orders; raises modelling.endpoint.EndpointError (naming
     evaluate.judge.endpoint) when the endpoint cannot answer."""
     client = ChatClient.from_params(params.endpoint, SETTING, cache_dir, sleep=sleep)
@@ -128,9 +133,16 @@ def judge_pairs(params: JudgeParams, pairs: Sequence[Pairing], against: Opponent
         judged.append((pair, comparisons))
     block = _summary(params, rubric, against, [c for _, cs in judged for c in cs], len(pairs))
     block["consistent_rows"], block["inconsistent_rows"] = _agreement([cs for _, cs in judged])
-    rows = [{"id": pair.row_id, "comparisons": [
-        {"candidate_as": c.candidate_as, "verdict": c.verdict, "outcome": c.outcome, "reply": c.reply} for c in cs
-    ]} for pair, cs in judged]
+    rows = [
+        {
+            "id": pair.row_id,
+            "comparisons": [
+                {"candidate_as": c.candidate_as, "verdict": c.verdict, "outcome": c.outcome, "reply": c.reply}
+                for c in cs
+            ],
+        }
+        for pair, cs in judged
+    ]
     return Judged(block, rows, dict(client.counts))
 
 
@@ -142,14 +154,19 @@ def judged_rows(ids: Sequence[str], max_rows: int | None) -> list[int]:
     return sorted(ranked[:max_rows])
 
 
-def pairings(rows: Sequence[dict[str, Any]], other: str, max_rows: int | None,
-             other_answers: Sequence[str] | None = None) -> list[Pairing]:
+def pairings(
+    rows: Sequence[dict[str, Any]], other: str, max_rows: int | None, other_answers: Sequence[str] | None = None
+) -> list[Pairing]:
     """The judged pairings of generations.jsonl rows (id, prompt, reference, predictions): the candidate's
     answer against `other`'s, or against `other_answers` (one per row, e.g. production's measured at release)."""
     picked = judged_rows([r["id"] for r in rows], max_rows)
     answers = other_answers if other_answers is not None else [r["predictions"][other] for r in rows]
-    return [Pairing(rows[i]["id"], rows[i]["prompt"], rows[i]["reference"], rows[i]["predictions"]["candidate"],
-                    answers[i]) for i in picked]
+    return [
+        Pairing(
+            rows[i]["id"], rows[i]["prompt"], rows[i]["reference"], rows[i]["predictions"]["candidate"], answers[i]
+        )
+        for i in picked
+    ]
 
 
 def parse_verdict(reply: str) -> str | None:
@@ -180,11 +197,19 @@ def _request(params: JudgeParams, rubric: str, pair: Pairing, a: str, b: str) ->
         parts.append(f"[Reference answer]\n{pair.reference}")
     parts += [f"[Answer A]\n{a}", f"[Answer B]\n{b}", REPLY_FORMAT]
     messages = [{"role": "system", "content": rubric}, {"role": "user", "content": "\n\n".join(parts)}]
-    return {"model": params.model, "messages": messages, "temperature": TEMPERATURE, "max_tokens": params.max_tokens,
-            "seed": params.seed, "n": 1}
+    return {
+        "model": params.model,
+        "messages": messages,
+        "temperature": TEMPERATURE,
+        "max_tokens": params.max_tokens,
+        "seed": params.seed,
+        "n": 1,
+    }
 
 
-def _summary(params: JudgeParams, rubric: str, against: Opponent, comparisons: list[Comparison], rows: int) -> dict[str, Any]:
+def _summary(
+    params: JudgeParams, rubric: str, against: Opponent, comparisons: list[Comparison], rows: int
+) -> dict[str, Any]:
     outcomes = [c.outcome for c in comparisons]
     wins, losses, ties, invalid = (outcomes.count(o) for o in ("win", "loss", "tie", "invalid"))
     valid = wins + losses + ties
@@ -209,8 +234,11 @@ def _summary(params: JudgeParams, rubric: str, against: Opponent, comparisons: l
         "ties": ties,
         "invalid": invalid,
         "win_rate": (wins + ties / 2) / valid if valid else None,
-        "position_bias": {"first_wins": first, "second_wins": second,
-                          "first_share": first / (first + second) if first + second else None},
+        "position_bias": {
+            "first_wins": first,
+            "second_wins": second,
+            "first_share": first / (first + second) if first + second else None,
+        },
     }
 
 
@@ -234,7 +262,9 @@ def render(block: dict[str, Any]) -> list[str]:
     identity = ", ".join(f"{k} `{str(v)[:12]}`" for k, v in block["against_model"].items())
     share = "n/a" if bias["first_share"] is None else f"{bias['first_share']:.2f}"
     return [
-        "", "## LLM judge", "",
+        "",
+        "## LLM judge",
+        "",
         f"The candidate against **{block['against']}** ({identity}), judged by `{block['model']}` at `{block['endpoint']}` "
         f"({'default' if block['default_rubric'] else 'custom'} rubric `{block['rubric_sha256'][:12]}`"
         f"{', reference shown' if block['with_reference'] else ''}); {block['rows']} test rows, each in both orders.",

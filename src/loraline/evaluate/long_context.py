@@ -50,7 +50,9 @@ def held_out_stream(rows: Sequence[Sequence[int]], separator: int | None) -> lis
 
 
 @torch.no_grad()
-def perplexity_by_length(model: Any, stream: list[int], lengths: list[int], max_windows: int = MAX_WINDOWS) -> dict[str, Any]:
+def perplexity_by_length(
+    model: Any, stream: list[int], lengths: list[int], max_windows: int = MAX_WINDOWS
+) -> dict[str, Any]:
     """Perplexity over non-overlapping windows of each length (every next-token prediction in the
     window counts); a length the held-out text cannot fill once is reported as such, not guessed."""
     out: dict[str, Any] = {}
@@ -66,7 +68,10 @@ def perplexity_by_length(model: Any, stream: list[int], lengths: list[int], max_
             nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
             count += len(window) - 1
         loss = nll / count
-        out[str(length)] = {"perplexity": round(math.exp(loss), 4) if loss < 700 else math.inf, "windows": len(windows)}
+        out[str(length)] = {
+            "perplexity": round(math.exp(loss), 4) if loss < 700 else math.inf,
+            "windows": len(windows),
+        }
     return out
 
 
@@ -82,7 +87,9 @@ def passkey_prompt(tok: Any, length: int, depth: float, key: int) -> list[int]:
 
 
 @torch.no_grad()
-def passkey_retrieval(model: Any, tok: Any, lengths: list[int], depths: Sequence[float] = DEPTHS, trials: int = PASSKEY_TRIALS) -> dict[str, Any]:
+def passkey_retrieval(
+    model: Any, tok: Any, lengths: list[int], depths: Sequence[float] = DEPTHS, trials: int = PASSKEY_TRIALS
+) -> dict[str, Any]:
     """Share of prompts whose greedy continuation starts with the hidden key, by length and by depth."""
     rng = random.Random(SEED)
     cells, by_length, by_depth = [], {}, {}
@@ -92,9 +99,14 @@ def passkey_retrieval(model: Any, tok: Any, lengths: list[int], depths: Sequence
             for _ in range(trials):
                 key = rng.randint(10000, 99999)
                 ids = torch.tensor([passkey_prompt(tok, length, depth, key)], device=model.device)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
-                text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=8,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
+                text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
                 hits += text.strip().startswith(str(key))
             cells.append({"length": length, "depth": depth, "accuracy": hits / trials})
     for length in lengths:

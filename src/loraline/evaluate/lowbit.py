@@ -80,8 +80,15 @@ def weight_bytes(model: torch.nn.Module, bits: int | None = None) -> int:
 
 
 @contextmanager
-def rounded_after_training(base_path: str, base_kwargs: dict[str, Any], adapter: Path, bits: int, group_size: int,
-                           device: torch.device, dtype: torch.dtype) -> Iterator[tuple[Any, int, int]]:
+def rounded_after_training(
+    base_path: str,
+    base_kwargs: dict[str, Any],
+    adapter: Path,
+    bits: int,
+    group_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Iterator[tuple[Any, int, int]]:
     """(c): the twin merged into the float32 base, then rounded to nearest at `bits` per group; yields
     (the model in eval mode on `device`, its float32 bytes, its low-bit bytes)."""
     from peft import PeftModel
@@ -105,40 +112,72 @@ def rounded_after_training(base_path: str, base_kwargs: dict[str, Any], adapter:
             torch.cuda.empty_cache()
 
 
-def comparison(*, bits: int, group_size: int, scores: dict[str, dict[str, float | None]], float_bytes: int,
-               lowbit_bytes: int, twin: Path) -> dict[str, Any]:
+def comparison(
+    *,
+    bits: int,
+    group_size: int,
+    scores: dict[str, dict[str, float | None]],
+    float_bytes: int,
+    lowbit_bytes: int,
+    twin: Path,
+) -> dict[str, Any]:
     """The comparison's entry of metrics.json, from the three models' scores (keys QALORA, FLOAT_MERGE, ROUNDED_AFTER)."""
     sizes = {QALORA: lowbit_bytes, FLOAT_MERGE: float_bytes, ROUNDED_AFTER: lowbit_bytes}
-    models = {name: {**scores[name], "weight_bytes": sizes[name], "size_vs_float": round(sizes[name] / float_bytes, 4)}
-              for name in (QALORA, FLOAT_MERGE, ROUNDED_AFTER)}
+    models = {
+        name: {**scores[name], "weight_bytes": sizes[name], "size_vs_float": round(sizes[name] / float_bytes, 4)}
+        for name in (QALORA, FLOAT_MERGE, ROUNDED_AFTER)
+    }
     gap = {}
     for key in COMPARED:
         a, c = scores[QALORA].get(key), scores[ROUNDED_AFTER].get(key)
         if a is not None and c is not None:
             gap[key] = round(a - c, 6)
     # The twin's folder relative to the adapter's: no machine's paths in a metrics file.
-    return {"bits": bits, "group_size": group_size, "reference_adapter": twin.name, "models": models,
-            "qalora_minus_rounded_after": gap}
+    return {
+        "bits": bits,
+        "group_size": group_size,
+        "reference_adapter": twin.name,
+        "models": models,
+        "qalora_minus_rounded_after": gap,
+    }
 
 
 def summary_line(section: dict[str, Any]) -> str:
     """One line for the end-of-run summary: the headline metric of (a), (b) and (c)."""
-    key = next((k for k in ("json_field_accuracy", "exact_match") if section["models"][QALORA].get(k) is not None), "answer_loss")
+    key = next(
+        (k for k in ("json_field_accuracy", "exact_match") if section["models"][QALORA].get(k) is not None),
+        "answer_loss",
+    )
     a, b, c = (section["models"][n].get(key) for n in (QALORA, FLOAT_MERGE, ROUNDED_AFTER))
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    return (f"QA-LoRA INT{section['bits']} {key}: {fmt(a)}, QLoRA float {fmt(b)}, QLoRA rounded after {fmt(c)} "
-            f"(size {section['models'][QALORA]['size_vs_float']:.2f}x float)")
+    return (
+        f"QA-LoRA INT{section['bits']} {key}: {fmt(a)}, QLoRA float {fmt(b)}, QLoRA rounded after {fmt(c)} "
+        f"(size {section['models'][QALORA]['size_vs_float']:.2f}x float)"
+    )
 
 
 def render(section: dict[str, Any]) -> list[str]:
     """report.md's section: the three models side by side."""
-    labels = {QALORA: "(a) QA-LoRA merged", FLOAT_MERGE: "(b) QLoRA, float merge", ROUNDED_AFTER: "(c) (b) rounded after"}
-    keys = [k for k in ("answer_loss", "exact_match", "token_f1", "json_field_accuracy", "weight_bytes", "size_vs_float")
-            if any(k in m for m in section["models"].values())]
-    lines = ["", f"## QA-LoRA against QLoRA (INT{section['bits']}, groups of {section['group_size']})", "",
-             "The same data, steps and seed; (c) is rounded to nearest with the same bits and group size. "
-             "Weight bytes: as export's low-bit graph stores them ((b): float32).", "",
-             "| metric | " + " | ".join(labels.values()) + " | (a) − (c) |", "|---|---:|---:|---:|---:|"]
+    labels = {
+        QALORA: "(a) QA-LoRA merged",
+        FLOAT_MERGE: "(b) QLoRA, float merge",
+        ROUNDED_AFTER: "(c) (b) rounded after",
+    }
+    keys = [
+        k
+        for k in ("answer_loss", "exact_match", "token_f1", "json_field_accuracy", "weight_bytes", "size_vs_float")
+        if any(k in m for m in section["models"].values())
+    ]
+    lines = [
+        "",
+        f"## QA-LoRA against QLoRA (INT{section['bits']}, groups of {section['group_size']})",
+        "",
+        "The same data, steps and seed; (c) is rounded to nearest with the same bits and group size. "
+        "Weight bytes: as export's low-bit graph stores them ((b): float32).",
+        "",
+        "| metric | " + " | ".join(labels.values()) + " | (a) − (c) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for key in keys:
         cells = []
         for name in labels:
@@ -148,4 +187,3 @@ def render(section: dict[str, Any]) -> list[str]:
         label = f"{key} ↓" if key == "answer_loss" else key
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {'' if gap is None else f'{gap:+.4f}'} |")
     return lines
-

@@ -10,7 +10,13 @@ from typing import Any
 EXCERPT_CHARS = 300
 # Display order of the metrics; any other metric follows in its own order.
 METRIC_ORDER = (
-    "answer_loss", "answer_perplexity", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy",
+    "answer_loss",
+    "answer_perplexity",
+    "exact_match",
+    "token_f1",
+    "rouge_l",
+    "json_valid",
+    "json_field_accuracy",
     "general_loss",
 )
 LOWER_IS_BETTER = frozenset({"answer_loss", "answer_perplexity", "general_loss"})
@@ -53,9 +59,15 @@ def metrics_table(models: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def render_report(
-    *, tenant: str, test_rows: int, expects_json: bool, max_new_tokens: int,
-    models: Mapping[str, Mapping[str, Any]], examples: Sequence[Mapping[str, Any]],
-    fields: Mapping[str, Mapping[str, float]] | None = None, general: Mapping[str, Any] | None = None,
+    *,
+    tenant: str,
+    test_rows: int,
+    expects_json: bool,
+    max_new_tokens: int,
+    models: Mapping[str, Mapping[str, Any]],
+    examples: Sequence[Mapping[str, Any]],
+    fields: Mapping[str, Mapping[str, float]] | None = None,
+    general: Mapping[str, Any] | None = None,
 ) -> str:
     """Markdown for one tenant; `examples` are generations.jsonl rows (with a "prompt" excerpt); `general` is
     metrics.json's `general` (the forgetting check's sample, or why it was not measured)."""
@@ -72,8 +84,13 @@ def render_report(
     if fields:
         names = list(fields)
         keys = list(dict.fromkeys(k for f in fields.values() for k in f))
-        parts += ["", "## Accuracy per JSON field", "", "| field | " + " | ".join(names) + " |",
-                  "|" + "|".join(["---"] + ["---:"] * len(names)) + "|"]
+        parts += [
+            "",
+            "## Accuracy per JSON field",
+            "",
+            "| field | " + " | ".join(names) + " |",
+            "|" + "|".join(["---"] + ["---:"] * len(names)) + "|",
+        ]
         parts += [f"| `{k}` | " + " | ".join(_fmt(fields[n].get(k)) for n in names) + " |" for k in keys]
     if general is not None:
         parts += ["", "## Forgetting: general text", "", *forgetting_lines(models, general)]
@@ -107,8 +124,11 @@ def forgetting_lines(models: Mapping[str, Mapping[str, Any]], general: Mapping[s
     base = models.get("base", {}).get("general_loss")
     for name, scores in models.items():
         value = scores.get("general_loss")
-        rise = (f"{(value - base) / abs(base):+.2%}" if name != "base" and _finite(value) and _finite(base) and base
-                else "")
+        rise = (
+            f"{(value - base) / abs(base):+.2%}"
+            if name != "base" and _finite(value) and _finite(base) and base
+            else ""
+        )
         lines.append(f"| {name} | {_fmt(value)} | {rise} |")
     return lines
 

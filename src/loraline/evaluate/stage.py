@@ -58,20 +58,25 @@ from typing import Any
 import torch
 
 from loraline import io
-from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path, tokenizer_mismatch
 from loraline.config import BaseParams, JudgeParams, Params
-from loraline.layout import BASE_RECORD, GENERAL_ROWS, GENERAL_SAMPLE, QLORA_REFERENCE, Layout
 from loraline.evaluate import judge as JG
 from loraline.evaluate import long_context as LC
 from loraline.evaluate import lowbit as LB
 from loraline.evaluate import metrics as M
 from loraline.evaluate.batching import rows_for, scored_in_batches
 from loraline.evaluate.generate import AnswerLoss, answer_loss, encode_prompt, generate_greedy, loaded_model
+from loraline.evaluate.report import render_report
+from loraline.layout import BASE_RECORD, GENERAL_ROWS, GENERAL_SAMPLE, QLORA_REFERENCE, Layout
 from loraline.modelling.conversation import split_conversation
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.endpoint import EndpointError
+from loraline.modelling.loading import (
+    base_load_kwargs,
+    load_base_tokenizer,
+    resolve_base_model_path,
+    tokenizer_mismatch,
+)
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE, extended_context
-from loraline.evaluate.report import render_report
 from loraline.provenance import hash_tree, run_facts, sha256_file
 
 METRICS = "metrics.json"
@@ -83,7 +88,13 @@ SEED = 0
 # The metrics people compare across runs (reports/<tenant>/metrics/evaluate.json), in reading order;
 # the rest stays in metrics.json. loraline.summary shows the same ones.
 HEADLINE_METRICS = (
-    "answer_loss", "exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy", "long_context_perplexity",
+    "answer_loss",
+    "exact_match",
+    "token_f1",
+    "rouge_l",
+    "json_valid",
+    "json_field_accuracy",
+    "long_context_perplexity",
     "general_loss",
     JG.METRIC,
 )
@@ -98,7 +109,9 @@ class EvaluateError(ValueError):
 class EvaluateResult:
     out_dir: Path
     metrics: dict[str, Any]  # the content of metrics.json
-    judge_usage: dict[str, int] = field(default_factory=dict)  # evaluate.judge's requests and cache hits (not an output)
+    judge_usage: dict[str, int] = field(
+        default_factory=dict
+    )  # evaluate.judge's requests and cache hits (not an output)
 
     @property
     def metrics_path(self) -> Path:
@@ -207,8 +220,9 @@ def evaluate_tenant(
     predictions: dict[str, list[str]] = {}
     batch_rows: dict[str, int] = {}
     answer_tokens = 0
-    for name, (scored, seconds) in _score_models(models, tok, test, general, refs_json, max_new_tokens, batch_size,
-                                                 where, progress).items():
+    for name, (scored, seconds) in _score_models(
+        models, tok, test, general, refs_json, max_new_tokens, batch_size, where, progress
+    ).items():
         scores[name], predictions[name], answer_tokens = scored.scores, scored.predictions, scored.answer_tokens
         batch_rows[name] = scored.batch_rows
         if progress:
@@ -216,8 +230,20 @@ def evaluate_tenant(
 
     low_bit = None
     if qlora_reference is not None:
-        low_bit = _low_bit_comparison(models["base"], Path(qlora_reference), quantization, scores["candidate"], tok, test,
-                                      refs_json, max_new_tokens, batch_size, where, predictions, progress)
+        low_bit = _low_bit_comparison(
+            models["base"],
+            Path(qlora_reference),
+            quantization,
+            scores["candidate"],
+            tok,
+            test,
+            refs_json,
+            max_new_tokens,
+            batch_size,
+            where,
+            predictions,
+            progress,
+        )
     long_context = _long_context_report(models, tok, test, dataset_dir, where, full_attention_reference)
     if long_context is not None:
         # The gate may decide on it (gate.primary_metric: long_context_perplexity). The base it is
@@ -256,8 +282,14 @@ def evaluate_tenant(
         result["field_accuracy"] = fields
     rows = _generation_rows(test, predictions)
     report = render_report(
-        tenant=tenant, test_rows=len(test.ids), expects_json=refs_json, max_new_tokens=max_new_tokens,
-        models=scores, examples=rows[: max(examples_in_report, 0)], fields=fields, general=result["general"],
+        tenant=tenant,
+        test_rows=len(test.ids),
+        expects_json=refs_json,
+        max_new_tokens=max_new_tokens,
+        models=scores,
+        examples=rows[: max(examples_in_report, 0)],
+        fields=fields,
+        general=result["general"],
     )
     if low_bit is not None:
         report += "\n".join(LB.render(low_bit)) + "\n"
@@ -275,8 +307,14 @@ def evaluate_tenant(
     return EvaluateResult(out_dir, result, judged.usage if judged is not None else {})
 
 
-def _judged(judge: JudgeParams, cache_dir: Path | None, test: _TestSet, predictions: dict[str, list[str]],
-            base_dir: Path, production_dir: Path | None) -> JG.Judged:
+def _judged(
+    judge: JudgeParams,
+    cache_dir: Path | None,
+    test: _TestSet,
+    predictions: dict[str, list[str]],
+    base_dir: Path,
+    production_dir: Path | None,
+) -> JG.Judged:
     """The candidate's answers judged against production's when production was evaluated, else the base's."""
     if "production" in predictions:
         against = JG.Opponent("production", {"sha256": hash_tree(Path(production_dir))})
@@ -290,7 +328,11 @@ def _judged(judge: JudgeParams, cache_dir: Path | None, test: _TestSet, predicti
 
 
 def _long_context_report(
-    models: dict[str, tuple[str, dict[str, Any]]], tok: Any, test: _TestSet, dataset_dir: Path, device: Any,
+    models: dict[str, tuple[str, dict[str, Any]]],
+    tok: Any,
+    test: _TestSet,
+    dataset_dir: Path,
+    device: Any,
     full_attention_reference: Path | None = None,
 ) -> dict[str, Any] | None:
     """For a candidate whose config extends the base's context (LongLoRA): perplexity by length and
@@ -315,7 +357,10 @@ def _long_context_report(
         "candidate": models["candidate"],
     }
     if full_attention_reference is not None:  # the twin's adapter on the same rope-scaled base, unmerged
-        runs["full_attention_reference"] = (base_path, {**base_kwargs, "config": scaled, "adapter": Path(full_attention_reference)})
+        runs["full_attention_reference"] = (
+            base_path,
+            {**base_kwargs, "config": scaled, "adapter": Path(full_attention_reference)},
+        )
     production = models.get("production")
     if production is not None:
         prod_config = json.loads((Path(production[0]) / "config.json").read_text(encoding="utf-8"))
@@ -329,9 +374,13 @@ def _long_context_report(
     else:
         held_out, stream = "test rows", LC.held_out_stream(test.input_ids, tok.eos_token_id)
     report: dict[str, Any] = {
-        "original_context": span[0], "extended_context": span[1], "lengths": lengths,
-        "held_out": held_out, "held_out_tokens": len(stream),
-        "rope_parameters": candidate_config["rope_parameters"], "models": {},
+        "original_context": span[0],
+        "extended_context": span[1],
+        "lengths": lengths,
+        "held_out": held_out,
+        "held_out_tokens": len(stream),
+        "rope_parameters": candidate_config["rope_parameters"],
+        "models": {},
     }
     for name, (path, kwargs) in runs.items():
         torch.manual_seed(SEED)
@@ -342,34 +391,51 @@ def _long_context_report(
             }
     if "full_attention_reference" in report["models"]:  # the paper's claim: S2-Attn close to full attention
         at = str(span[1])
-        s2, full = (report["models"][n]["perplexity"][at]["perplexity"] for n in ("candidate", "full_attention_reference"))
+        s2, full = (
+            report["models"][n]["perplexity"][at]["perplexity"] for n in ("candidate", "full_attention_reference")
+        )
         report["s2_attn_against_full_attention"] = {"at": span[1], "perplexity_ratio": s2 / full if full else None}
     return report
 
 
 def _low_bit_comparison(
-    base: tuple[str, dict[str, Any]], twin: Path, quantization: tuple[int, int], candidate: dict[str, float | None],
-    tok: Any, test: _TestSet, refs_json: bool, max_new_tokens: int, batch_size: int | str, device: Any,
-    predictions: dict[str, list[str]], progress: bool,
+    base: tuple[str, dict[str, Any]],
+    twin: Path,
+    quantization: tuple[int, int],
+    candidate: dict[str, float | None],
+    tok: Any,
+    test: _TestSet,
+    refs_json: bool,
+    max_new_tokens: int,
+    batch_size: int | str,
+    device: Any,
+    predictions: dict[str, list[str]],
+    progress: bool,
 ) -> dict[str, Any]:
     """QA-LoRA's candidate against its QLoRA twin, merged in float and rounded after training; the
     twin's predictions join generations.jsonl under the comparison's names."""
     if not (twin / "adapter_config.json").is_file():
-        raise EvaluateError(f"{twin} is not a trained adapter (no adapter_config.json): run the train stage (train.qalora.reference)")
+        raise EvaluateError(
+            f"{twin} is not a trained adapter (no adapter_config.json): run the train stage (train.qalora.reference)"
+        )
     bits, group_size = quantization
     base_path, base_kwargs = base
     scores = {LB.QALORA: candidate}
     args = (tok, test, None, refs_json, max_new_tokens, batch_size)
     float_merge = _score(
-        base_path, {**base_kwargs, "adapter": twin}, *args, device, _progress(LB.FLOAT_MERGE, len(test.ids), progress))
+        base_path, {**base_kwargs, "adapter": twin}, *args, device, _progress(LB.FLOAT_MERGE, len(test.ids), progress)
+    )
     scores[LB.FLOAT_MERGE], predictions[LB.FLOAT_MERGE] = float_merge.scores, float_merge.predictions
     with LB.rounded_after_training(base_path, base_kwargs, twin, bits, group_size, device, compute_dtype(device)) as (
-        model, float_bytes, lowbit_bytes,
+        model,
+        float_bytes,
+        lowbit_bytes,
     ):
         rounded = _score_loaded(model, *args, _progress(LB.ROUNDED_AFTER, len(test.ids), progress))
         scores[LB.ROUNDED_AFTER], predictions[LB.ROUNDED_AFTER] = rounded.scores, rounded.predictions
-    return LB.comparison(bits=bits, group_size=group_size, scores=scores, float_bytes=float_bytes,
-                         lowbit_bytes=lowbit_bytes, twin=twin)
+    return LB.comparison(
+        bits=bits, group_size=group_size, scores=scores, float_bytes=float_bytes, lowbit_bytes=lowbit_bytes, twin=twin
+    )
 
 
 def evaluate_model(
@@ -390,8 +456,14 @@ def evaluate_model(
     The registry uses it to measure the current production model at promotion time, when production
     may have changed since the evaluate stage ran."""
     return evaluate_model_answers(
-        model_dir=model_dir, dataset_dir=dataset_dir, base_dir=base_dir, base_params=base_params,
-        max_new_tokens=max_new_tokens, max_examples=max_examples, batch_size=batch_size, device=device,
+        model_dir=model_dir,
+        dataset_dir=dataset_dir,
+        base_dir=base_dir,
+        base_params=base_params,
+        max_new_tokens=max_new_tokens,
+        max_examples=max_examples,
+        batch_size=batch_size,
+        device=device,
         general_dir=general_dir,
     ).scores
 
@@ -406,8 +478,16 @@ class ModelAnswers:
 
 
 def evaluate_model_answers(
-    *, model_dir: Path, dataset_dir: Path, base_dir: Path, base_params: BaseParams, max_new_tokens: int = 64,
-    max_examples: int | None = None, batch_size: int | str = "auto", device: str = "auto", general_dir: Path | None = None,
+    *,
+    model_dir: Path,
+    dataset_dir: Path,
+    base_dir: Path,
+    base_params: BaseParams,
+    max_new_tokens: int = 64,
+    max_examples: int | None = None,
+    batch_size: int | str = "auto",
+    device: str = "auto",
+    general_dir: Path | None = None,
 ) -> ModelAnswers:
     """evaluate_model with the answers it scored, which the release judges the candidate's against (evaluate.judge)."""
     path, kwargs = _model_spec(Path(model_dir), Path(base_dir), "")
@@ -415,8 +495,9 @@ def evaluate_model_answers(
     tok = load_base_tokenizer(Path(base_dir), base_params)
     test = _load_test(Path(dataset_dir), tok, max_examples)
     general = load_general(Path(general_dir)) if general_dir is not None else None
-    scored = _score(path, kwargs, tok, test, general, M.expects_json(test.references), max_new_tokens, batch_size,
-                    where, None)
+    scored = _score(
+        path, kwargs, tok, test, general, M.expects_json(test.references), max_new_tokens, batch_size, where, None
+    )
     return ModelAnswers(scored.scores, test.ids, scored.predictions)
 
 
@@ -431,21 +512,36 @@ def _model_spec(folder: Path, base_dir: Path, hint: str) -> tuple[str, dict[str,
         return resolve_base_model_path(base_dir), {**base_load_kwargs(base_dir), "adapter": folder}
     if (folder / "config.json").is_file():
         return str(folder), {}
-    raise EvaluateError(f"{folder} is not a model folder (no config.json), nor an adapter (no {ADAPTER_CONFIG})"
-                        + (f": {hint}" if hint else ""))
+    raise EvaluateError(
+        f"{folder} is not a model folder (no config.json), nor an adapter (no {ADAPTER_CONFIG})"
+        + (f": {hint}" if hint else "")
+    )
 
 
 def _score_models(
-    models: dict[str, tuple[str, dict[str, Any]]], tok: Any, test: _TestSet, general: _GeneralSet | None, refs_json: bool,
-    max_new_tokens: int, batch_size: int | str, device: Any, progress: bool,
+    models: dict[str, tuple[str, dict[str, Any]]],
+    tok: Any,
+    test: _TestSet,
+    general: _GeneralSet | None,
+    refs_json: bool,
+    max_new_tokens: int,
+    batch_size: int | str,
+    device: Any,
+    progress: bool,
 ) -> dict[str, tuple[_Scored, float]]:
     """Each model's (metrics, predictions, answer tokens) and seconds, in `models`' order. The base and
     the adapters on it (deploy.targets without merged) share one load of the base: at 8B a load costs
     more than the scoring. peft runs the base layers alone while its adapters are disabled, so the base
     scores as it does loaded on its own."""
     base_path, base_kwargs = models["base"]
-    on_base = [name for name, (path, kwargs) in models.items() if name != "base" and "adapter" in kwargs
-               and path == base_path and {k: v for k, v in kwargs.items() if k != "adapter"} == base_kwargs]
+    on_base = [
+        name
+        for name, (path, kwargs) in models.items()
+        if name != "base"
+        and "adapter" in kwargs
+        and path == base_path
+        and {k: v for k, v in kwargs.items() if k != "adapter"} == base_kwargs
+    ]
     args = (tok, test, general, refs_json, max_new_tokens, batch_size)
     out: dict[str, tuple[_Scored, float]] = {}
     if on_base:
@@ -461,19 +557,31 @@ def _score_models(
                 with shared.disable_adapter() if name == "base" else contextlib.nullcontext():
                     if name != "base":
                         shared.set_adapter(name)
-                    out[name] = (_score_loaded(shared, *args, _progress(name, len(test.ids), progress)),
-                                 time.perf_counter() - started)
+                    out[name] = (
+                        _score_loaded(shared, *args, _progress(name, len(test.ids), progress)),
+                        time.perf_counter() - started,
+                    )
     for name, (path, kwargs) in models.items():
         if name not in out:
             started = time.perf_counter()
-            out[name] = (_score(path, kwargs, *args, device, _progress(name, len(test.ids), progress)),
-                         time.perf_counter() - started)
+            out[name] = (
+                _score(path, kwargs, *args, device, _progress(name, len(test.ids), progress)),
+                time.perf_counter() - started,
+            )
     return {name: out[name] for name in models}
 
 
 def _score(
-    path: str, kwargs: dict[str, Any], tok: Any, test: _TestSet, general: _GeneralSet | None, refs_json: bool,
-    max_new_tokens: int, batch_size: int | str, device: Any, on_batch: Any,
+    path: str,
+    kwargs: dict[str, Any],
+    tok: Any,
+    test: _TestSet,
+    general: _GeneralSet | None,
+    refs_json: bool,
+    max_new_tokens: int,
+    batch_size: int | str,
+    device: Any,
+    on_batch: Any,
 ) -> _Scored:
     """The model at `path` scored on `test` (and `general`)."""
     torch.manual_seed(SEED)
@@ -482,8 +590,14 @@ def _score(
 
 
 def _score_loaded(
-    model: Any, tok: Any, test: _TestSet, general: _GeneralSet | None, refs_json: bool, max_new_tokens: int,
-    batch_size: int | str, on_batch: Any,
+    model: Any,
+    tok: Any,
+    test: _TestSet,
+    general: _GeneralSet | None,
+    refs_json: bool,
+    max_new_tokens: int,
+    batch_size: int | str,
+    on_batch: Any,
 ) -> _Scored:
     longest = max(max(map(len, test.input_ids)), max(map(len, test.prompts)) + max_new_tokens)
     rows = rows_for(batch_size, model, longest, len(test.ids))
@@ -494,7 +608,9 @@ def _score_loaded(
         return loss, generate_greedy(model, tok, test.prompts, max_new_tokens, rows, on_batch=on_batch)
 
     (loss, predictions), rows = scored_in_batches(batch_size, rows, score, "evaluate")
-    scores = {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | M.aggregate(predictions, test.references, refs_json)
+    scores = {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | M.aggregate(
+        predictions, test.references, refs_json
+    )
     if general is not None:
         scores[GENERAL_METRIC] = general_loss(model, tok, general, batch_size).loss
     return _Scored(_finite(scores), predictions, loss.tokens, rows)
@@ -518,19 +634,25 @@ def load_general(general_dir: Path) -> _GeneralSet:
 
     rows_path, facts_path = general_dir / GENERAL_ROWS, general_dir / GENERAL_SAMPLE
     if not (rows_path.is_file() and facts_path.is_file()):
-        raise EvaluateError(f"{general_dir} holds no general-text sample ({GENERAL_ROWS}, {GENERAL_SAMPLE}): run the "
-                            "prepare stage for this tenant, which writes it from evaluate.general")
+        raise EvaluateError(
+            f"{general_dir} holds no general-text sample ({GENERAL_ROWS}, {GENERAL_SAMPLE}): run the "
+            "prepare stage for this tenant, which writes it from evaluate.general"
+        )
     rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
         raise EvaluateError(f"{rows_path} holds no rows: run the prepare stage again")
-    return _GeneralSet([r["input_ids"] for r in rows], [r["labels"] for r in rows],
-                       json.loads(facts_path.read_text(encoding="utf-8")))
+    return _GeneralSet(
+        [r["input_ids"] for r in rows], [r["labels"] for r in rows], json.loads(facts_path.read_text(encoding="utf-8"))
+    )
 
 
 def general_facts(general: _GeneralSet | None) -> dict[str, Any]:
     """metrics.json's `general`: where the sample came from and how big it is, or that it was not measured."""
     if general is None:
-        return {"measured": False, "reason": "no general-text sample was given (general_dir): general_loss not measured"}
+        return {
+            "measured": False,
+            "reason": "no general-text sample was given (general_dir): general_loss not measured",
+        }
     return {"measured": True, **general.facts}
 
 
@@ -590,7 +712,9 @@ def _progress(name: str, total: int, enabled: bool):
     return step
 
 
-def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, progress: bool = False) -> EvaluateResult:
+def run(
+    params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, progress: bool = False
+) -> EvaluateResult:
     """The evaluate stage for one tenant: base and candidate on its test split into
     reports/<tenant>/evaluation, the metrics also at reports/<tenant>/eval_metrics.json, the headline
     ones at reports/<tenant>/metrics/evaluate.json, the run's timing at reports/timing/evaluate@<tenant>.json."""
@@ -601,18 +725,31 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
     # deploy.targets decides what the candidate is: the merged folder, or (no merged) the adapter on the base
     candidate = layout.merged_dir(tenant) if params.deploy_for(tenant).builds("merged") else layout.adapter_dir(tenant)
     result = evaluate_tenant(
-        tenant=tenant, dataset_dir=layout.prepared_dataset_dir(tenant), base_dir=base_dir or layout.base_dir,
-        base_params=params.base, candidate_dir=candidate, production_dir=None,
-        out_dir=layout.evaluation_dir(tenant), max_new_tokens=ev.max_new_tokens, max_examples=ev.max_examples,
-        examples_in_report=ev.examples_in_report, batch_size=ev.batch_size, progress=progress,
+        tenant=tenant,
+        dataset_dir=layout.prepared_dataset_dir(tenant),
+        base_dir=base_dir or layout.base_dir,
+        base_params=params.base,
+        candidate_dir=candidate,
+        production_dir=None,
+        out_dir=layout.evaluation_dir(tenant),
+        max_new_tokens=ev.max_new_tokens,
+        max_examples=ev.max_examples,
+        examples_in_report=ev.examples_in_report,
+        batch_size=ev.batch_size,
+        progress=progress,
         full_attention_reference=reference if reference.is_dir() else None,
-        qlora_reference=twin if twin.is_dir() else None, device=ev.device, general_dir=layout.general_sample_dir(tenant),
-        judge=ev.judge, judge_cache_dir=layout.judge_cache_dir(tenant),
+        qlora_reference=twin if twin.is_dir() else None,
+        device=ev.device,
+        general_dir=layout.general_sample_dir(tenant),
+        judge=ev.judge,
+        judge_cache_dir=layout.judge_cache_dir(tenant),
     )
     io.copy_file(result.metrics_path, layout.eval_metrics_path(tenant))
     io.write_json(layout.metrics_path("evaluate", tenant), evaluate_metrics(result.metrics))
     where = {k: result.metrics[k] for k in ("device", "device_name") if k in result.metrics}
-    judged = {"judge": result.judge_usage} if result.judge_usage else {}  # requests sent and cache hits vary run to run
+    judged = (
+        {"judge": result.judge_usage} if result.judge_usage else {}
+    )  # requests sent and cache hits vary run to run
     io.write_timing(layout.timing_path("evaluate", tenant), run_facts(started, **where, **judged))
     return result
 
@@ -620,11 +757,13 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
 def evaluate_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     """The headline metrics of each evaluated model (`dvc metrics diff`: base vs candidate across runs);
     a metric the task does not have (json_* for plain-text answers) or a null one is left out."""
+
     def headline(scores: dict[str, Any], *extra: str) -> dict[str, float]:
         return {k: scores[k] for k in (*HEADLINE_METRICS, *extra) if scores.get(k) is not None}
 
     out: dict[str, Any] = {model: headline(scores) for model, scores in metrics["models"].items()}
     if "qalora_comparison" in metrics:  # train.qalora.reference: QA-LoRA against its QLoRA twin, across runs too
-        out["qalora_comparison"] = {name: headline(scores, "weight_bytes")
-                                    for name, scores in metrics["qalora_comparison"]["models"].items()}
+        out["qalora_comparison"] = {
+            name: headline(scores, "weight_bytes") for name, scores in metrics["qalora_comparison"]["models"].items()
+        }
     return out

@@ -4,4 +4,13 @@ from loraline.export.runtime import OnnxGenerator
 from loraline.export.stage import REPORT, ExportError, ExportResult, export_onnx, run
 from loraline.export.wrapper import CacheLayout, KVCacheWrapper
 
-__all__ = ["REPORT", "CacheLayout", "ExportError", "ExportResult", "KVCacheWrapper", "OnnxGenerator", "export_onnx", "run"]
+__all__ = [
+    "REPORT",
+    "CacheLayout",
+    "ExportError",
+    "ExportResult",
+    "KVCacheWrapper",
+    "OnnxGenerator",
+    "export_onnx",
+    "run",
+]

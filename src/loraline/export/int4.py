@@ -24,14 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from loraline.export.lowbit import MS_DOMAIN, matmul_nbits_nodes
 from loraline.export import onnx_export
+from loraline.export.lowbit import MS_DOMAIN, matmul_nbits_nodes
 from loraline.modelling.qalora import GroupQuantized
 
 _ALIGN = 4096  # external tensors start on a page: onnxruntime can map them without copying
 
 
-def write_int4_graph(program: Any, model: torch.nn.Module, dst: Path, block_size: int) -> tuple[dict[str, Any], dict[str, GroupQuantized]]:
+def write_int4_graph(
+    program: Any, model: torch.nn.Module, dst: Path, block_size: int
+) -> tuple[dict[str, Any], dict[str, GroupQuantized]]:
     """Write `program` (torch.onnx's traced, unoptimised program of KVCacheWrapper(model)) to `dst` with
     every quantizable linear layer as MatMulNBits. Returns the facts for the report and the layers'
     quantized weights (keyed by module name in `model`), from which `dequantized_twin` builds the
@@ -40,7 +42,9 @@ def write_int4_graph(program: Any, model: torch.nn.Module, dst: Path, block_size
 
     skeleton = _skeleton(program, dst)
     weights = linear_weights(model, block_size)
-    transposed = {n.output[0]: n.input[0] for n in skeleton.graph.node if n.op_type == "Transpose" and n.input[0] in weights}
+    transposed = {
+        n.output[0]: n.input[0] for n in skeleton.graph.node if n.op_type == "Transpose" and n.input[0] in weights
+    }
     layers: dict[str, GroupQuantized] = {}
     nodes, new_arrays = [], {}
     for node in skeleton.graph.node:
@@ -69,9 +73,14 @@ def write_int4_graph(program: Any, model: torch.nn.Module, dst: Path, block_size
     floats = {name: v for name, v in _program_initializers(program).items() if name in used and name not in weights}
     external = _write(skeleton, dst, floats, new_arrays)
     facts = {
-        "file": dst.name, "op": f"{MS_DOMAIN}.MatMulNBits", "bits": 4, "block_size": block_size,
-        "method": "round to nearest, asymmetric, integer zero points", "layers": len(layers),
-        "float_layers": sorted(set(_all_linears(model)) - set(layers)), "external_data": external,
+        "file": dst.name,
+        "op": f"{MS_DOMAIN}.MatMulNBits",
+        "bits": 4,
+        "block_size": block_size,
+        "method": "round to nearest, asymmetric, integer zero points",
+        "layers": len(layers),
+        "float_layers": sorted(set(_all_linears(model)) - set(layers)),
+        "external_data": external,
     }
     return facts, layers
 
@@ -82,7 +91,8 @@ def linear_weights(model: torch.nn.Module, block_size: int) -> dict[str, str]:
     stays float (its error lands on every logit directly), as do layers of another width."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
-        f"model.{name}.weight": name for name, module in _all_linears(model).items()
+        f"model.{name}.weight": name
+        for name, module in _all_linears(model).items()
         if module is not head and module.in_features % block_size == 0
     }
 
@@ -139,8 +149,11 @@ def _skeleton(program: Any, dst: Path) -> Any:
 
 def _program_initializers(program: Any) -> dict[str, Any]:
     """The traced program's initializers (onnx_ir tensors over the model's own parameters: read only when written)."""
-    return {name: value.const_value for name, value in program.model.graph.initializers.items()
-            if value.const_value is not None}
+    return {
+        name: value.const_value
+        for name, value in program.model.graph.initializers.items()
+        if value.const_value is not None
+    }
 
 
 def _write(model: Any, dst: Path, floats: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
@@ -173,4 +186,3 @@ def _move_to_file(tensor: Any, data: Any, location: str) -> None:
     data.write(raw)
     set_external_data(tensor, location=location, offset=offset, length=len(raw))
     tensor.ClearField("raw_data")
-

@@ -43,8 +43,11 @@ def _match_layers(initializers: dict[str, np.ndarray], layers: dict[str, GroupQu
     for layer in sorted(missing):
         w = wanted[layer]
         scale = float(np.abs(w).max()) or 1.0
-        close = [n for n, a in initializers.items() if n not in found and a.shape == w.shape
-                 and float(np.abs(a.astype(np.float32) - w).max()) <= 1e-2 * scale]
+        close = [
+            n
+            for n, a in initializers.items()
+            if n not in found and a.shape == w.shape and float(np.abs(a.astype(np.float32) - w).max()) <= 1e-2 * scale
+        ]
         if len(close) == 1:
             found[close[0]] = layer
     return found
@@ -61,11 +64,21 @@ def matmul_nbits_nodes(a: str, y: str, init: dict[str, Any], prefix: str) -> tup
     pool_name = _pool_name(k, block)
     names = {part: f"{prefix}.nbits.{part}" for part in ("B", "scales", "zero_points", "correction")}
     nodes = [
-        helper.make_node("MatMulNBits", [a, names["B"], names["scales"], names["zero_points"]], [f"{prefix}.nbits.out"],
-                         name=f"{prefix}.MatMulNBits", domain=MS_DOMAIN, **init["attributes"]),
+        helper.make_node(
+            "MatMulNBits",
+            [a, names["B"], names["scales"], names["zero_points"]],
+            [f"{prefix}.nbits.out"],
+            name=f"{prefix}.MatMulNBits",
+            domain=MS_DOMAIN,
+            **init["attributes"],
+        ),
         helper.make_node("MatMul", [a, pool_name], [f"{prefix}.nbits.pooled"], name=f"{prefix}.pool"),
-        helper.make_node("MatMul", [f"{prefix}.nbits.pooled", names["correction"]], [f"{prefix}.nbits.rest"], name=f"{prefix}.rest"),
-        helper.make_node("Sub", [f"{prefix}.nbits.out", f"{prefix}.nbits.rest"], [y], name=f"{prefix}.zero_point_rest"),
+        helper.make_node(
+            "MatMul", [f"{prefix}.nbits.pooled", names["correction"]], [f"{prefix}.nbits.rest"], name=f"{prefix}.rest"
+        ),
+        helper.make_node(
+            "Sub", [f"{prefix}.nbits.out", f"{prefix}.nbits.rest"], [y], name=f"{prefix}.zero_point_rest"
+        ),
     ]
     inits = [numpy_helper.from_array(init[part], name) for part, name in names.items()]
     return nodes, inits, (k, block)
@@ -119,7 +132,9 @@ def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) 
         consumers[weight] -= 1
     if set(replaced) != set(layers):
         missing = sorted(set(layers) - set(replaced))
-        raise ValueError(f"no MatMul reads the weight of {len(missing)} quantized layers in {src.name}: {', '.join(missing[:5])}")
+        raise ValueError(
+            f"no MatMul reads the weight of {len(missing)} quantized layers in {src.name}: {', '.join(missing[:5])}"
+        )
     kept = [t for t in graph.initializer if consumers.get(t.name, 1) > 0]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -130,7 +145,9 @@ def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) 
     size = sum(numpy_helper.to_array(t).nbytes for t in graph.initializer)
     external = size > EXTERNAL_DATA_BYTES
     if external:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data")
+        onnx.save_model(
+            model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data"
+        )
     else:
         onnx.save_model(model, str(dst))
     q = next(iter(layers.values()))

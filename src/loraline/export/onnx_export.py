@@ -62,8 +62,15 @@ def trace_model(model: torch.nn.Module, opset: int | None = None) -> Any:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.onnx.export(
-            wrapper, args, dynamo=True, input_names=layout.input_names(), output_names=layout.output_names(),
-            dynamic_shapes=dynamic_axes(layout), verbose=False, optimize=False, **kwargs,
+            wrapper,
+            args,
+            dynamo=True,
+            input_names=layout.input_names(),
+            output_names=layout.output_names(),
+            dynamic_shapes=dynamic_axes(layout),
+            verbose=False,
+            optimize=False,
+            **kwargs,
         )
 
 
@@ -101,11 +108,19 @@ def quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
 
     external = any(p.name != src.name for p in src.parent.glob(src.name + "*"))
     quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        per_channel=False,
+        reduce_range=False,
         use_external_data_format=external,
     )
-    return {"file": dst.name, "weight_type": "QInt8", "method": "onnxruntime.quantization.quantize_dynamic",
-            "external_data": external}
+    return {
+        "file": dst.name,
+        "weight_type": "QInt8",
+        "method": "onnxruntime.quantization.quantize_dynamic",
+        "external_data": external,
+    }
 
 
 def graph_bytes(folder: Path, file: str) -> int:

@@ -86,8 +86,13 @@ class OnnxGenerator:
     # --- generation --------------------------------------------------------------------------------
 
     def generate_ids(
-        self, prompt_ids: Sequence[int], max_new_tokens: int = 32, do_sample: bool = False,
-        temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
     ) -> list[int]:
         """New token ids (prompt excluded), stopping after an eos token or max_new_tokens."""
         if not prompt_ids:
@@ -112,8 +117,13 @@ class OnnxGenerator:
         return new
 
     def generate(
-        self, prompt: Sequence[dict[str, str]] | Sequence[int], max_new_tokens: int = 32, do_sample: bool = False,
-        temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+        self,
+        prompt: Sequence[dict[str, str]] | Sequence[int],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
     ) -> str:
         """`prompt`: chat messages (rendered with the saved chat template) or prompt token ids."""
         prompt = list(prompt)

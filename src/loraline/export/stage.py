@@ -47,9 +47,9 @@ import torch
 
 from loraline import io
 from loraline.config import Params, export_graphs_problem
-from loraline.layout import NOT_BUILT, QALORA_QUANTIZED, Layout
 from loraline.export.onnx_export import graph_bytes, quantize_int8, save_graph, trace_model
 from loraline.export.runtime import GRAPH_FILES, GRAPHS, INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
+from loraline.layout import NOT_BUILT, QALORA_QUANTIZED, Layout
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import device_facts, resolve_device
 from loraline.modelling.long_context import extended_context
@@ -102,9 +102,18 @@ class _Reference:
 
 
 def export_onnx(
-    *, model_dir: Path, out_dir: Path, graphs: Sequence[str] = ("fp32",), opset: int | None = None,
-    probes: list[list[dict]] | None = None, max_new_tokens: int = 32, tolerance: float = 1e-3,
-    fp16_tolerance: float = 0.05, int4_block_size: int = 32, min_greedy_agreement: float = 0.75, device: str = "auto",
+    *,
+    model_dir: Path,
+    out_dir: Path,
+    graphs: Sequence[str] = ("fp32",),
+    opset: int | None = None,
+    probes: list[list[dict]] | None = None,
+    max_new_tokens: int = 32,
+    tolerance: float = 1e-3,
+    fp16_tolerance: float = 0.05,
+    int4_block_size: int = 32,
+    min_greedy_agreement: float = 0.75,
+    device: str = "auto",
 ) -> ExportResult:
     """Export `model_dir` to ONNX in `out_dir` as each of `graphs` (fp32, fp16, int8, int4; see GRAPHS),
     and check each against PyTorch (run on `device`: auto, cpu or cuda)."""
@@ -115,8 +124,10 @@ def export_onnx(
         raise ExportError("the probe set is empty: parity cannot be checked")
     where = resolve_device(device, "export.device")
     if "int4" in graphs and (model_dir / QALORA_QUANTIZED).is_file():
-        raise ExportError(f"{model_dir} is a merged QA-LoRA model, which carries its own low-bit graph: drop int4 "
-                          "from export.graphs (re-quantizing its weights to nearest would lose what QA-LoRA trained for)")
+        raise ExportError(
+            f"{model_dir} is a merged QA-LoRA model, which carries its own low-bit graph: drop int4 "
+            "from export.graphs (re-quantizing its weights to nearest would lose what QA-LoRA trained for)"
+        )
     if out_dir.exists():  # an export of an older model must not pass for this one's
         shutil.rmtree(out_dir)
 
@@ -159,17 +170,23 @@ def export_onnx(
         }
         if long_probe is not None:  # the last entry of per_probe
             report["long_context_probe"] = {
-                "tokens": len(long_probe), "original_context": extended_context(config)[0],
+                "tokens": len(long_probe),
+                "original_context": extended_context(config)[0],
                 "max_position_embeddings": config.max_position_embeddings,
             }
         report["passed"] = True
         for name in graphs:
             report[name] = _check_graph(name, tmp, written, inputs, ref, twin, max_new_tokens)
             _enforce(report, name, tolerance if name in EXACT_GRAPHS else fp16_tolerance, min_greedy_agreement)
-        if (model_dir / QALORA_QUANTIZED).is_file():  # a merged QA-LoRA model: its own low-bit graph, checked as strictly
+        if (
+            model_dir / QALORA_QUANTIZED
+        ).is_file():  # a merged QA-LoRA model: its own low-bit graph, checked as strictly
             if "fp32" not in graphs:
-                raise ExportError(f"{model_dir} is a merged QA-LoRA model: its low-bit graph is rewritten from the "
-                                  "fp32 graph, so export.graphs must include fp32", report)
+                raise ExportError(
+                    f"{model_dir} is a merged QA-LoRA model: its low-bit graph is rewritten from the "
+                    "fp32 graph, so export.graphs must include fp32",
+                    report,
+                )
             report["lowbit"] = _lowbit(model_dir, tmp, inputs, ref, max_new_tokens)
             _enforce(report, "lowbit", tolerance, min_greedy_agreement)
         report["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -197,8 +214,9 @@ def _load(model_dir: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return tok, model.eval()
 
 
-def _reference_on(model: Any, where: torch.device, tok: Any, inputs: list[list[int]], max_new_tokens: int,
-                  stop: list[int]) -> _Reference:
+def _reference_on(
+    model: Any, where: torch.device, tok: Any, inputs: list[list[int]], max_new_tokens: int, stop: list[int]
+) -> _Reference:
     """PyTorch's numbers on `where`; the model is back on the CPU after (graphs are traced there)."""
     model.to(where)  # a no-op on the CPU; on CUDA the weights go there and back unchanged, bit for bit
     ref = _reference(model, tok, inputs, max_new_tokens, stop)
@@ -208,8 +226,9 @@ def _reference_on(model: Any, where: torch.device, tok: Any, inputs: list[list[i
     return ref
 
 
-def _write_float_and_int4(model: Any, tmp: Path, graphs: tuple[str, ...], opset: int | None,
-                          block_size: int) -> tuple[dict[str, dict[str, Any]], dict | None]:
+def _write_float_and_int4(
+    model: Any, tmp: Path, graphs: tuple[str, ...], opset: int | None, block_size: int
+) -> tuple[dict[str, dict[str, Any]], dict | None]:
     """One trace of the float32 model, written as the int4 graph and/or the fp32 graph (the int4 graph is
     assembled from the unoptimised program, so it comes first). Returns each graph's facts and the int4
     layers' quantized weights (None without int4)."""
@@ -250,8 +269,15 @@ def _save_companions(model: Any, tok: Any, model_dir: Path, tmp: Path) -> None:
     save_tokenizer(tok, tmp, model_dir)
 
 
-def _check_graph(name: str, tmp: Path, written: dict[str, dict[str, Any]], inputs: list[list[int]], ref: _Reference,
-                 twin: _Reference | None, max_new_tokens: int) -> dict[str, Any]:
+def _check_graph(
+    name: str,
+    tmp: Path,
+    written: dict[str, dict[str, Any]],
+    inputs: list[list[int]],
+    ref: _Reference,
+    twin: _Reference | None,
+    max_new_tokens: int,
+) -> dict[str, Any]:
     """A graph's file facts, size and parity: int4 against its dequantized twin (and, reported, against the
     float model: the quantization's own error), the others against the float model."""
     facts = {**written[name], "bytes": graph_bytes(tmp, written[name]["file"])}
@@ -282,11 +308,14 @@ def _enforce(report: dict[str, Any], name: str, tolerance: float, min_greedy_agr
         report["passed"] = False
         raise ExportError(
             f"ONNX {name} ({numbers['file']}) generates what {against} generates on {numbers['greedy_agreement']:.0%} of "
-            f"the probes < export.min_greedy_agreement {min_greedy_agreement:.0%}", report,
+            f"the probes < export.min_greedy_agreement {min_greedy_agreement:.0%}",
+            report,
         )
 
 
-def _lowbit(model_dir: Path, tmp: Path, inputs: list[list[int]], ref: _Reference, max_new_tokens: int) -> dict[str, Any]:
+def _lowbit(
+    model_dir: Path, tmp: Path, inputs: list[list[int]], ref: _Reference, max_new_tokens: int
+) -> dict[str, Any]:
     """The merged QA-LoRA model as onnxruntime MatMulNBits (its codes, scales and folded zero points),
     against the PyTorch merged model, whose float weights are exactly those codes dequantized."""
     from loraline.export.lowbit import lowbit_file, write_matmul_nbits  # peft's tuners: only when needed
@@ -358,8 +387,9 @@ def _decode_steps(model: Any, ids: list[int]) -> tuple[list[int], list[np.ndarra
         token = int(out.logits[0, -1].argmax())
         tokens.append(token)
         attn = torch.ones(1, attn.shape[1] + 1, dtype=torch.long, device=model.device)
-        out = model(input_ids=torch.tensor([[token]], device=model.device), attention_mask=attn, use_cache=True,
-                    **{key: cache})
+        out = model(
+            input_ids=torch.tensor([[token]], device=model.device), attention_mask=attn, use_cache=True, **{key: cache}
+        )
         steps.append(out.logits[0, -1].float().cpu().numpy())
     return tokens, steps
 
@@ -367,8 +397,13 @@ def _decode_steps(model: Any, ids: list[int]) -> tuple[list[int], list[np.ndarra
 # --- parity (onnxruntime) -------------------------------------------------------------------------
 
 
-def _parity(gen: OnnxGenerator, inputs: list[list[int]], ref: _Reference, max_new_tokens: int,
-            float_ref: _Reference | None = None) -> dict[str, Any]:
+def _parity(
+    gen: OnnxGenerator,
+    inputs: list[list[int]],
+    ref: _Reference,
+    max_new_tokens: int,
+    float_ref: _Reference | None = None,
+) -> dict[str, Any]:
     """The graph against `ref` on every probe (prompt logits, cached decoding fed ref's tokens, greedy
     generation); with `float_ref`, also its prompt logits and greedy tokens against that model
     (`vs_float`: a quantized graph's distance from the unquantized model)."""
@@ -386,24 +421,30 @@ def _parity(gen: OnnxGenerator, inputs: list[list[int]], ref: _Reference, max_ne
             step_diffs.append(float(np.abs(logits[0, -1].astype(np.float64) - expected).max()))
         greedy = gen.generate_ids(ids, max_new_tokens=max_new_tokens)
         texts.append(gen.tokenizer.decode(greedy, skip_special_tokens=True))
-        per_probe.append({
-            "max_abs_logit_diff": float(prompt_diff.max()),
-            "mean_abs_logit_diff": float(prompt_diff.mean()),
-            "decode_max_abs_logit_diff": max(step_diffs),
-            "decode_step_diffs": step_diffs,
-            "next_token_equal": bool(int(logits.argmax(-1)[0, -1]) == int(ref.decode_logits[i][-1].argmax())),
-            "greedy_equal": greedy == ref.greedy[i],
-            "greedy_common_prefix": common_prefix(greedy, ref.greedy[i]),
-            "greedy_tokens": len(greedy),
-        })
+        per_probe.append(
+            {
+                "max_abs_logit_diff": float(prompt_diff.max()),
+                "mean_abs_logit_diff": float(prompt_diff.mean()),
+                "decode_max_abs_logit_diff": max(step_diffs),
+                "decode_step_diffs": step_diffs,
+                "next_token_equal": bool(int(logits.argmax(-1)[0, -1]) == int(ref.decode_logits[i][-1].argmax())),
+                "greedy_equal": greedy == ref.greedy[i],
+                "greedy_common_prefix": common_prefix(greedy, ref.greedy[i]),
+                "greedy_tokens": len(greedy),
+            }
+        )
         if float_ref is not None:
             diff = np.abs(prompt - float_ref.prompt_logits[i])
-            drift.append({
-                "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
-                "next_token_equal": bool(prompt[-1].argmax() == float_ref.prompt_logits[i][-1].argmax()),
-                "greedy_equal": greedy == float_ref.greedy[i],
-                "greedy_common_prefix": common_prefix(greedy, float_ref.greedy[i]), "greedy_tokens": len(greedy),
-            })
+            drift.append(
+                {
+                    "max_abs_logit_diff": float(diff.max()),
+                    "mean_abs_logit_diff": float(diff.mean()),
+                    "next_token_equal": bool(prompt[-1].argmax() == float_ref.prompt_logits[i][-1].argmax()),
+                    "greedy_equal": greedy == float_ref.greedy[i],
+                    "greedy_common_prefix": common_prefix(greedy, float_ref.greedy[i]),
+                    "greedy_tokens": len(greedy),
+                }
+            )
     out = {
         **summarize(per_probe),
         "decode_max_abs_logit_diff": max(p["decode_max_abs_logit_diff"] for p in per_probe),
@@ -438,10 +479,16 @@ def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
         io.write_timing(layout.timing_path("export", tenant), run_facts(started))
         return result
     result = export_onnx(
-        model_dir=layout.merged_dir(tenant), out_dir=layout.onnx_dir(tenant), graphs=e.graphs, opset=e.opset,
-        max_new_tokens=e.max_new_tokens, tolerance=params.gate_for(tenant).max_export_logit_diff,
-        fp16_tolerance=e.fp16_max_logit_diff, int4_block_size=e.int4_block_size,
-        min_greedy_agreement=e.min_greedy_agreement, device=e.device,
+        model_dir=layout.merged_dir(tenant),
+        out_dir=layout.onnx_dir(tenant),
+        graphs=e.graphs,
+        opset=e.opset,
+        max_new_tokens=e.max_new_tokens,
+        tolerance=params.gate_for(tenant).max_export_logit_diff,
+        fp16_tolerance=e.fp16_max_logit_diff,
+        int4_block_size=e.int4_block_size,
+        min_greedy_agreement=e.min_greedy_agreement,
+        device=e.device,
     )
     io.copy_file(result.report_path, layout.export_report_path(tenant))
     io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))

@@ -77,8 +77,12 @@ class KVCacheWrapper(torch.nn.Module):
         seq = input_ids.shape[1]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=True, return_dict=True, **{self._cache_arg: cache},
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            return_dict=True,
+            **{self._cache_arg: cache},
         )
         present = getattr(out, "cache", None) or out.past_key_values
         flat: list[torch.Tensor] = []

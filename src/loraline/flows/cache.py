@@ -56,8 +56,10 @@ class CorruptFile:
     hash_name: str  # "md5" (DVC 3), "md5-dos2unix" (a DVC 2 lock entry)
 
     def describe(self, root: Path) -> str:
-        return (f"DVC cache file {_shown(self.cache_path, root)} is corrupted: its bytes hash to {self.actual}, "
-                f"not {self.expected.removesuffix('.dir')}; it holds {self.output} of stage {self.stage}")
+        return (
+            f"DVC cache file {_shown(self.cache_path, root)} is corrupted: its bytes hash to {self.actual}, "
+            f"not {self.expected.removesuffix('.dir')}; it holds {self.output} of stage {self.stage}"
+        )
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,19 @@ class CacheCheck:
 
     def summary(self) -> str:
         if not self.files:  # a fresh clone before its first run or pull: nothing to vouch for yet
-            return (f"DVC cache: nothing of dvc.lock's outputs is in this cache yet ({self.missing} missing; nothing to check)"
-                    if self.missing else "DVC cache: dvc.lock records no outputs yet (nothing to check)")
+            return (
+                f"DVC cache: nothing of dvc.lock's outputs is in this cache yet ({self.missing} missing; nothing to check)"
+                if self.missing
+                else "DVC cache: dvc.lock records no outputs yet (nothing to check)"
+            )
         missing = f", {self.missing} not in this cache" if self.missing else ""
         verdict = "intact" if self.ok else f"{len(self.corrupt)} corrupted"
         read = f"{self.bytes / 1e6:.1f} MB in {self.seconds:.1f}s"
-        how = (f"{self.rehashed} re-hashed ({self.files - self.rehashed} unchanged since verified; {read})"
-               if self.incremental else f"all re-hashed ({read})")
+        how = (
+            f"{self.rehashed} re-hashed ({self.files - self.rehashed} unchanged since verified; {read})"
+            if self.incremental
+            else f"all re-hashed ({read})"
+        )
         unrecorded = f"; {self.unrecorded}, so the next run re-hashes every file" if self.unrecorded else ""
         return f"DVC cache: {self.files} files of dvc.lock's outputs checked, {how}: {verdict}{missing}{unrecorded}"
 
@@ -106,10 +114,21 @@ def check_cache(root: str | Path, *, incremental: bool = False) -> CacheCheck:
             state.check(cache_path, output, stage, oid, hash_name)
         elif state.check(cache_path, output, stage, oid, hash_name):  # an intact manifest: now its files
             for entry in json.loads(cache_path.read_text(encoding="utf-8")):
-                state.check(locate(entry["md5"], hash_name), f"{output}/{entry['relpath']}", stage, entry["md5"], hash_name)
+                state.check(
+                    locate(entry["md5"], hash_name), f"{output}/{entry['relpath']}", stage, entry["md5"], hash_name
+                )
     unrecorded = _write_verified(root, state.verified, state.trusted)
-    return CacheCheck(root, state.files, state.bytes, state.missing, time.perf_counter() - started, state.corrupt,
-                      state.rehashed, incremental, unrecorded)
+    return CacheCheck(
+        root,
+        state.files,
+        state.bytes,
+        state.missing,
+        time.perf_counter() - started,
+        state.corrupt,
+        state.rehashed,
+        incremental,
+        unrecorded,
+    )
 
 
 def repair(check: CacheCheck) -> list[str]:
@@ -119,7 +138,11 @@ def repair(check: CacheCheck) -> list[str]:
     lines = []
     for bad in check.corrupt:
         workspace = check.root / bad.output
-        if not bad.expected.endswith(".dir") and workspace.is_file() and _hash(workspace, bad.hash_name) == bad.expected:
+        if (
+            not bad.expected.endswith(".dir")
+            and workspace.is_file()
+            and _hash(workspace, bad.hash_name) == bad.expected
+        ):
             _restore(workspace, bad.cache_path)
             lines.append(f"{_shown(bad.cache_path, check.root)}: restored from the intact workspace copy {bad.output}")
             continue

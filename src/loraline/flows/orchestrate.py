@@ -33,8 +33,21 @@ from loraline.progress import mode_for_children
 from loraline.tools import tool, tool_env
 
 __all__ = [
-    "DeviceSlots", "StageFailed", "StagePlan", "StageRun", "StageTimeout", "device_slots", "plan_stages", "project_lock",
-    "push_outputs", "run_chains", "run_stage", "run_stages_in_parallel", "stage_echo", "visible_gpus", "WorkspaceBusy",
+    "DeviceSlots",
+    "StageFailed",
+    "StagePlan",
+    "StageRun",
+    "StageTimeout",
+    "device_slots",
+    "plan_stages",
+    "project_lock",
+    "push_outputs",
+    "run_chains",
+    "run_stage",
+    "run_stages_in_parallel",
+    "stage_echo",
+    "visible_gpus",
+    "WorkspaceBusy",
     "workspace_lock",
 ]
 
@@ -113,7 +126,10 @@ def plan_stages(root: str | Path, tenants: Iterable[str]) -> StagePlan:
 
 
 def _run_streaming(
-    cmd: list[str], cwd: Path, timeout_s: float | None, echo: Callable[[str], None] | None,
+    cmd: list[str],
+    cwd: Path,
+    timeout_s: float | None,
+    echo: Callable[[str], None] | None,
     env: dict[str, str] | None = None,
 ) -> tuple[int, list[str], bool, bool]:
     """Run `cmd`, passing its output through (progress bars included) and keeping the last lines.
@@ -124,8 +140,12 @@ def _run_streaming(
     """
     # the stage's progress: bars when this process's stderr is a terminal, else lines (loraline.progress)
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env={**tool_env(), PROGRESS_ENV: mode_for_children(), **(env or {})}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True,
+        cmd,
+        cwd=cwd,
+        env={**tool_env(), PROGRESS_ENV: mode_for_children(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     timed_out = threading.Event()
@@ -242,7 +262,9 @@ class WorkspaceBusy(RuntimeError):
 
 
 @contextlib.contextmanager
-def workspace_lock(root: str | Path, *, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+def workspace_lock(
+    root: str | Path, *, wait: bool = False, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
     """Held by `loraline run` from start to end: one run per workspace.
 
     Two runs at once would run the same stages against each other, and the second would stop at DVC's
@@ -263,7 +285,11 @@ def workspace_lock(root: str | Path, *, wait: bool = False, on_wait: Callable[[s
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             fh.truncate(0)
-            fh.write(json.dumps({"pid": os.getpid(), "started_at": datetime.now().astimezone().isoformat(timespec="seconds")}))
+            fh.write(
+                json.dumps(
+                    {"pid": os.getpid(), "started_at": datetime.now().astimezone().isoformat(timespec="seconds")}
+                )
+            )
             fh.flush()
             yield
         finally:
@@ -304,7 +330,11 @@ def device_slots(parallel: int, gpus: list[str], cpus: int | None = None) -> lis
     if not gpus:
         return [{} for _ in range(parallel)]
     per = max(1, len(gpus) // parallel)
-    threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, (cpus or os.cpu_count() or 1) // parallel))}
+    threads = (
+        {}
+        if "OMP_NUM_THREADS" in os.environ
+        else {"OMP_NUM_THREADS": str(max(1, (cpus or os.cpu_count() or 1) // parallel))}
+    )
     return [
         {"CUDA_VISIBLE_DEVICES": ",".join(gpus[(i * per + k) % len(gpus)] for k in range(per)), **threads}
         for i in range(parallel)
@@ -352,7 +382,9 @@ def stage_echo(tenant: str | None) -> Callable[[str], None]:
 
 
 def run_chains(
-    root: str | Path, chains: dict[str, list[str]], parallel: int,
+    root: str | Path,
+    chains: dict[str, list[str]],
+    parallel: int,
     run_chain: Callable[[str, list[str], dict[str, str]], object],
 ) -> tuple[dict[str, object], dict[str, BaseException]]:
     """Run each tenant's stage chain, up to `parallel` tenants at once, each with its device slot.

@@ -28,10 +28,18 @@ from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from loraline.config import OrchestrateParams, load_params
-from loraline.layout import Layout, split_stage_id
 from loraline.flows.orchestrate import (
-    DeviceSlots, StageRun, device_slots, plan_stages, project_lock, push_outputs, run_stage, stage_echo, visible_gpus,
+    DeviceSlots,
+    StageRun,
+    device_slots,
+    plan_stages,
+    project_lock,
+    push_outputs,
+    run_stage,
+    stage_echo,
+    visible_gpus,
 )
+from loraline.layout import Layout, split_stage_id
 from loraline.registry.base import ReleaseRefused
 from loraline.release import ReleaseResult, release_shared
 from loraline.serve.server import notify as notify_serving
@@ -40,7 +48,11 @@ from loraline.summary import collect_summary, gate_markdown, render_markdown
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
 def dvc_stage(
-    project_dir: str, stage: str, force: bool, timeout_s: float | None, env: dict[str, str] | None = None,
+    project_dir: str,
+    stage: str,
+    force: bool,
+    timeout_s: float | None,
+    env: dict[str, str] | None = None,
     tenant: str | None = None,
 ) -> StageRun:
     """One DVC stage; `env` pins it to its device slot, `tenant` marks its output lines (parallel runs)."""
@@ -75,13 +87,19 @@ def publish_reports(project_dir: str, tenant: str) -> None:
     summary = collect_summary(params, layout, [tenant]).tenants[0]
     report = layout.evaluation_dir(tenant) / "report.md"
     if report.is_file():
-        create_markdown_artifact(key=f"{tenant}-evaluation", markdown=report.read_text(),
-                                 description=f"{tenant}: base vs candidate on the held-out test split")
+        create_markdown_artifact(
+            key=f"{tenant}-evaluation",
+            markdown=report.read_text(),
+            description=f"{tenant}: base vs candidate on the held-out test split",
+        )
     rows = summary.metric_rows()
     if rows:
         create_table_artifact(key=f"{tenant}-metrics", table=rows, description=f"{tenant}: test-split metrics")
-    create_markdown_artifact(key=f"{tenant}-gate", markdown=gate_markdown(summary),
-                             description=f"{tenant}: promotion gate {summary.verdict}")
+    create_markdown_artifact(
+        key=f"{tenant}-gate",
+        markdown=gate_markdown(summary),
+        description=f"{tenant}: promotion gate {summary.verdict}",
+    )
 
 
 def retry_unless_refused(task, task_run, state) -> bool:
@@ -92,8 +110,11 @@ def retry_unless_refused(task, task_run, state) -> bool:
 
 
 def _io_policy(orchestrate: OrchestrateParams) -> dict:
-    return dict(retries=orchestrate.io_retries, retry_delay_seconds=orchestrate.retry_delay_seconds,
-                retry_condition_fn=retry_unless_refused)
+    return dict(
+        retries=orchestrate.io_retries,
+        retry_delay_seconds=orchestrate.retry_delay_seconds,
+        retry_condition_fn=retry_unless_refused,
+    )
 
 
 def _with_policy(stage: str, orchestrate: OrchestrateParams):
@@ -103,7 +124,11 @@ def _with_policy(stage: str, orchestrate: OrchestrateParams):
 
 
 def _run_chain(
-    project_dir: str, stages: list[str], force: bool, orchestrate: OrchestrateParams, env: dict[str, str] | None = None,
+    project_dir: str,
+    stages: list[str],
+    force: bool,
+    orchestrate: OrchestrateParams,
+    env: dict[str, str] | None = None,
     tenant: str | None = None,
 ) -> dict[str, bool]:
     ran = {}
@@ -191,14 +216,23 @@ def pipeline(
 
     seconds = time.perf_counter() - started
     summary = collect_summary(params, Layout(Path(project_dir)), chosen)
-    create_markdown_artifact(key="loraline-run", markdown=render_markdown(summary, seconds),
-                             description="per tenant: gate verdict, registered version, production")
+    create_markdown_artifact(
+        key="loraline-run",
+        markdown=render_markdown(summary, seconds),
+        description="per tenant: gate verdict, registered version, production",
+    )
     if failures:
         raise RuntimeError(
-            "loraline pipeline failed for " + ", ".join(failures) + ":\n" + "\n".join(f"[{t}] {e}" for t, e in failures.items())
+            "loraline pipeline failed for "
+            + ", ".join(failures)
+            + ":\n"
+            + "\n".join(f"[{t}] {e}" for t, e in failures.items())
         )
-    return {"seconds": seconds, "stages_ran": [s for s, did in ran.items() if did],
-            "releases": {t: asdict(r) for t, r in releases.items()}}
+    return {
+        "seconds": seconds,
+        "stages_ran": [s for s, did in ran.items() if did],
+        "releases": {t: asdict(r) for t, r in releases.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ from pathlib import Path
 from loraline.tools import use_tool_env
 
 
-def reproduce(root: str | Path = ".", force: bool = False, push: bool = True, targets: list[str] | None = None) -> list[str]:
+def reproduce(
+    root: str | Path = ".", force: bool = False, push: bool = True, targets: list[str] | None = None
+) -> list[str]:
     """Run `dvc repro` in-process (for `targets` and what they need, default every stage of dvc.yaml);
     return the names of the stages that ran.
 

@@ -76,16 +76,32 @@ __all__ = [
 ]
 
 DEFAULT_LOWER_IS_BETTER: frozenset[str] = frozenset(
-    {"answer_loss", "loss", "eval_loss", "nll", "perplexity", "answer_perplexity", "ppl", "long_context_perplexity",
-     "general_loss"}
+    {
+        "answer_loss",
+        "loss",
+        "eval_loss",
+        "nll",
+        "perplexity",
+        "answer_perplexity",
+        "ppl",
+        "long_context_perplexity",
+        "general_loss",
+    }
 )
 EPS = 1e-12
 REL_TOL = 1e-9
 MERGE_PARITY_KEY = "merge_max_logit_diff"
 EXPORT_PARITY_KEY = "export_max_logit_diff"
 FORGETTING_METRIC = "general_loss"
-RULES = ("beats_base", "beats_base_secondary", "no_regression_vs_prod", "merge_parity", "export_parity", "max_forgetting",
-         "judge_win_rate")
+RULES = (
+    "beats_base",
+    "beats_base_secondary",
+    "no_regression_vs_prod",
+    "merge_parity",
+    "export_parity",
+    "max_forgetting",
+    "judge_win_rate",
+)
 
 
 @dataclass(frozen=True)
@@ -150,7 +166,12 @@ def _direction(lower: bool) -> str:
 
 
 def _beats_base(
-    name: str, metric: str | None, threshold: float, candidate: Mapping[str, Any], base: Mapping[str, Any], lower_set: Set[str]
+    name: str,
+    metric: str | None,
+    threshold: float,
+    candidate: Mapping[str, Any],
+    base: Mapping[str, Any],
+    lower_set: Set[str],
 ) -> RuleResult:
     role = "primary" if name == "beats_base" else "secondary"
     if metric is None:
@@ -159,7 +180,10 @@ def _beats_base(
         where = " and ".join(w for w, m in (("candidate", candidate), ("base", base)) if metric not in m)
         available = sorted(set(candidate) | set(base))
         return RuleResult(
-            name, False, None, threshold,
+            name,
+            False,
+            None,
+            threshold,
             f"{role} metric {metric!r} is missing from the {where} metrics; available: {', '.join(available) or 'none'}",
         )
     cand, cwhy = _number(candidate, metric)
@@ -179,7 +203,9 @@ def _beats_base(
     return RuleResult(name, ok, gain, threshold, reason, values)
 
 
-def _no_regression(gate: GateParams, candidate: Mapping[str, Any], production: Mapping[str, Any] | None, lower_set: Set[str]) -> RuleResult:
+def _no_regression(
+    gate: GateParams, candidate: Mapping[str, Any], production: Mapping[str, Any] | None, lower_set: Set[str]
+) -> RuleResult:
     name, threshold = "no_regression_vs_prod", gate.max_regression_vs_prod
     if production is None:
         return RuleResult(name, True, None, threshold, "no production version")
@@ -196,7 +222,9 @@ def _no_regression(gate: GateParams, candidate: Mapping[str, Any], production: M
         prod, pwhy = _number(production, metric)
         if cand is None or prod is None:
             values[metric] = None
-            problems.extend(f"{w} {metric!r} is {why}" for w, why in (("candidate", cwhy), ("production", pwhy)) if why)
+            problems.extend(
+                f"{w} {metric!r} is {why}" for w, why in (("candidate", cwhy), ("production", pwhy)) if why
+            )
             continue
         regression = -relative_gain(cand, prod, metric in lower_set)
         values[metric] = regression
@@ -209,8 +237,12 @@ def _no_regression(gate: GateParams, candidate: Mapping[str, Any], production: M
     if problems:
         return RuleResult(name, False, worst, threshold, "; ".join(problems) + note, values)
     return RuleResult(
-        name, True, worst, threshold,
-        f"worst relative regression {worst:.4g} <= {threshold:.4g} over {len(common)} metric(s){note}", values,
+        name,
+        True,
+        worst,
+        threshold,
+        f"worst relative regression {worst:.4g} <= {threshold:.4g} over {len(common)} metric(s){note}",
+        values,
     )
 
 
@@ -219,7 +251,9 @@ def _parity(name: str, key: str, threshold: float, parity: Mapping[str, Any] | N
         return RuleResult(name, True, None, threshold, NOT_BUILT)
     value, why = _number(parity, key)
     if value is None:
-        return RuleResult(name, False, None, threshold, f"{key} is {why}: parity was not measured, so the gate cannot pass")
+        return RuleResult(
+            name, False, None, threshold, f"{key} is {why}: parity was not measured, so the gate cannot pass"
+        )
     ok = _at_most(value, threshold)
     return RuleResult(name, ok, value, threshold, f"{key} {value:.4g} {'<=' if ok else '>'} {threshold:.4g}")
 
@@ -233,8 +267,14 @@ def _forgetting(threshold: float | None, candidate: Mapping[str, Any], base: Map
     values = {"candidate": cand, "base": ref}
     if cand is None or ref is None:
         bad = "; ".join(f"{w} {metric} is {why}" for w, why in (("candidate", cwhy), ("base", bwhy)) if why)
-        return RuleResult(name, False, None, threshold, f"{bad}: forgetting was not measured on general text "
-                          "(evaluate.general), so the gate cannot pass", values)
+        return RuleResult(
+            name,
+            False,
+            None,
+            threshold,
+            f"{bad}: forgetting was not measured on general text (evaluate.general), so the gate cannot pass",
+            values,
+        )
     rise = -relative_gain(cand, ref, lower_is_better=True)
     ok = _at_most(rise, threshold)
     verdict = "<=" if ok else "> (the adapter forgot too much of text that is not the tenant's)"
@@ -247,21 +287,31 @@ def _judge_win_rate(threshold: float | None, judge: Mapping[str, Any] | None) ->
     if threshold is None:
         return RuleResult(name, True, None, None, "no judge rule (gate.min_judge_win_rate is null)")
     if judge is None:
-        return RuleResult(name, False, None, threshold, "no judge verdicts: gate.min_judge_win_rate needs evaluate.judge")
+        return RuleResult(
+            name, False, None, threshold, "no judge verdicts: gate.min_judge_win_rate needs evaluate.judge"
+        )
     counts = {k: judge.get(k) for k in ("wins", "losses", "ties", "invalid")}
     values = {k: float(v) for k, v in counts.items() if isinstance(v, (int, float))}
     identity = ", ".join(f"{k} {str(v)[:12]}" for k, v in (judge.get("against_model") or {}).items())
     against = f"{judge.get('against')}" + (f" ({identity})" if identity else "")
-    tally = (f"{counts['wins']} wins, {counts['losses']} losses, {counts['ties']} ties, {counts['invalid']} invalid "
-             f"of {judge.get('comparisons')} verdicts")
+    tally = (
+        f"{counts['wins']} wins, {counts['losses']} losses, {counts['ties']} ties, {counts['invalid']} invalid "
+        f"of {judge.get('comparisons')} verdicts"
+    )
     rate, why = _number(judge, "win_rate")
     if rate is None:
         why = "missing: no valid verdict" if judge.get("win_rate") is None else why
         return RuleResult(name, False, None, threshold, f"judge win rate against {against} is {why} ({tally})", values)
     ok = _at_least(rate, threshold)
     values["win_rate"] = rate
-    return RuleResult(name, ok, rate, threshold,
-                      f"judge win rate against {against} {rate:.4g} {'>=' if ok else '<'} {threshold:.4g} ({tally})", values)
+    return RuleResult(
+        name,
+        ok,
+        rate,
+        threshold,
+        f"judge win rate against {against} {rate:.4g} {'>=' if ok else '<'} {threshold:.4g} ({tally})",
+        values,
+    )
 
 
 def decide(

@@ -11,7 +11,6 @@ from loraline.gate.decision import EXPORT_PARITY_KEY, MERGE_PARITY_KEY, GateDeci
 from loraline.io import write_json
 from loraline.layout import Layout
 
-
 PARITY_SOURCES = ((MERGE_PARITY_KEY, "merge"), (EXPORT_PARITY_KEY, "export"))
 
 
@@ -34,8 +33,13 @@ def run(params: Params, layout: Layout, tenant: str) -> GateDecision:
     evaluation = json.loads(layout.eval_metrics_path(tenant).read_text())
     metrics = evaluation["models"]
     decision = decide(
-        params.gate_for(tenant), metrics["candidate"], metrics["base"], metrics.get("production"), read_parity(layout, tenant),
-        targets=params.deploy_for(tenant).targets, judge=evaluation.get("judge"),
+        params.gate_for(tenant),
+        metrics["candidate"],
+        metrics["base"],
+        metrics.get("production"),
+        read_parity(layout, tenant),
+        targets=params.deploy_for(tenant).targets,
+        judge=evaluation.get("judge"),
     )
     write_json(layout.gate_path(tenant), {"tenant": tenant, **to_json(decision)})
     write_json(layout.metrics_path("gate", tenant), gate_metrics(decision))

@@ -74,25 +74,36 @@ class ProbeSet:
         the built-in probes come first in every set."""
         if device.type == "cuda":
             return [(self.prompts, probe_batch_size(device))]
-        groups = [([p.prompt for p in self.probes if p.source == source], size)
-                  for source, size in ((BUILTIN, 1), (TEST, CPU_DRAWN_BATCH))]
+        groups = [
+            ([p.prompt for p in self.probes if p.source == source], size)
+            for source, size in ((BUILTIN, 1), (TEST, CPU_DRAWN_BATCH))
+        ]
         return [(prompts, size) for prompts, size in groups if prompts]
 
     def facts(self) -> dict[str, Any]:
         """The probe set as the merge report records it (probes: ...)."""
-        out: dict[str, Any] = {"count": len(self.probes), BUILTIN: self.count(BUILTIN), "tenant": self.count(TEST),
-                               "prompt_tokens": [len(p.prompt) for p in self.probes]}
+        out: dict[str, Any] = {
+            "count": len(self.probes),
+            BUILTIN: self.count(BUILTIN),
+            "tenant": self.count(TEST),
+            "prompt_tokens": [len(p.prompt) for p in self.probes],
+        }
         if self.draw is not None:
             out["tenant_draw"] = {
-                "split": TEST, "requested": self.draw.count, "test_rows": self.test_rows, "seed": self.draw.seed,
-                "order": "sha256 of '<seed>:<tenant>:<row id>', ascending", "max_prompt_tokens": self.draw.max_prompt_tokens,
+                "split": TEST,
+                "requested": self.draw.count,
+                "test_rows": self.test_rows,
+                "seed": self.draw.seed,
+                "order": "sha256 of '<seed>:<tenant>:<row id>', ascending",
+                "max_prompt_tokens": self.draw.max_prompt_tokens,
                 "skipped_long": self.skipped_long,
             }
         return out
 
 
-def probe_set(tok: Any, builtin: list[list[dict[str, str]]], draw: TenantDraw | None,
-              error: type[Exception] = ValueError) -> ProbeSet:
+def probe_set(
+    tok: Any, builtin: list[list[dict[str, str]]], draw: TenantDraw | None, error: type[Exception] = ValueError
+) -> ProbeSet:
     """The built-in conversations encoded with `tok`, then the probes `draw` takes from the tenant's test split
     (none when `draw` is None or asks for 0)."""
     probes = [Probe(BUILTIN, str(i), encode_probe(tok, conv, error)) for i, conv in enumerate(builtin)]
@@ -120,17 +131,21 @@ def probe_set(tok: Any, builtin: list[list[dict[str, str]]], draw: TenantDraw | 
 def run_probe_set(model: Any, tok: Any, probes: ProbeSet, max_new_tokens: int) -> ProbeOutputs:
     """parity.run_probes on every probe of the set, batched as ProbeSet.batches says for the model's device."""
     parts = [run_probes(model, tok, prompts, max_new_tokens, size) for prompts, size in probes.batches(model.device)]
-    return ProbeOutputs([x for p in parts for x in p.logits], [x for p in parts for x in p.greedy],
-                        [x for p in parts for x in p.texts])
+    return ProbeOutputs(
+        [x for p in parts for x in p.logits], [x for p in parts for x in p.greedy], [x for p in parts for x in p.texts]
+    )
 
 
 def probe_set_logits(model: Any, probes: ProbeSet, pad_token_id: int | None) -> list[torch.Tensor]:
     """parity.prompt_logits on every probe of the set, in the same batches as run_probe_set."""
-    return [x for prompts, size in probes.batches(model.device) for x in prompt_logits(model, prompts, pad_token_id, size)]
+    return [
+        x for prompts, size in probes.batches(model.device) for x in prompt_logits(model, prompts, pad_token_id, size)
+    ]
 
 
 def ranked_rows(ids: list[str], seed: int, tenant: str) -> list[int]:
     """Row indices in draw order: by sha256 of "<seed>:<tenant>:<id>" (ties, i.e. repeated ids, by position)."""
+
     def key(index: int) -> tuple[str, int]:
         return hashlib.sha256(f"{seed}:{tenant}:{ids[index]}".encode()).hexdigest(), index
 
@@ -141,8 +156,10 @@ def _test_split(dataset_dir: Path, error: type[Exception]) -> Any:
     import datasets
 
     if not Path(dataset_dir).is_dir():
-        raise error(f"merge.probes draws from the prepared dataset, but {dataset_dir} does not exist: run the prepare "
-                    "stage for this tenant first, or set merge.probes: 0")
+        raise error(
+            f"merge.probes draws from the prepared dataset, but {dataset_dir} does not exist: run the prepare "
+            "stage for this tenant first, or set merge.probes: 0"
+        )
     dd = datasets.load_from_disk(str(dataset_dir))
     if "test" not in dd:
         raise error(f"{dataset_dir} has no test split for merge.probes to draw from (splits: {', '.join(dd)})")

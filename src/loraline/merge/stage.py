@@ -83,7 +83,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 RELOAD_TOLERANCE = 1e-5
 
 
-
 class MergeError(ParityError):
     """The merged model does not reproduce base+adapter within tolerance (or the inputs are unusable)."""
 
@@ -162,8 +161,17 @@ def merge_adapter(
     if not merged:
         del model, base
         _release(where)
-        facts = dict(where=where, dtype=dtype, probes=probes, drawn=drawn, max_new_tokens=max_new_tokens,
-                     adapter_dir=adapter_dir, train_record=train_record, base_dir=base_dir, base_record=base_record)
+        facts = dict(
+            where=where,
+            dtype=dtype,
+            probes=probes,
+            drawn=drawn,
+            max_new_tokens=max_new_tokens,
+            adapter_dir=adapter_dir,
+            train_record=train_record,
+            base_dir=base_dir,
+            base_record=base_record,
+        )
         return _reference_only(out_dir, unmerged, facts)
     if qalora is not None:
         qalora["layers"] = merge_qalora(model)
@@ -189,8 +197,12 @@ def merge_adapter(
         "probes": _probe_facts(drawn, probes),
         # The merged model's greedy answers to the probes, as token ids: what serving must reproduce
         # (the deployment check of loraline serve sends these prompts through the server).
-        "probe_reference": {**_reference_prompts(drawn), "greedy": merged.greedy, "texts": merged.texts,
-                            "max_new_tokens": max_new_tokens},
+        "probe_reference": {
+            **_reference_prompts(drawn),
+            "greedy": merged.greedy,
+            "texts": merged.texts,
+            "max_new_tokens": max_new_tokens,
+        },
         "merged_vs_unmerged": vs_unmerged,
         "adapter": {
             "dir": str(adapter_dir),
@@ -211,7 +223,7 @@ def merge_adapter(
         report["qalora"] = {
             **qalora,
             "merged": "the group-quantized base with the adapter folded into its zero points (same codes and scales), "
-                      f"stored dequantized at {dtype}; merged_vs_unmerged compares it with the adapter on that base",
+            f"stored dequantized at {dtype}; merged_vs_unmerged compares it with the adapter on that base",
             "lowbit_file": QALORA_QUANTIZED,
         }
     trained_base = ((train_record or {}).get("base") or {}).get("sha256")
@@ -241,12 +253,16 @@ def merge_adapter(
             from loraline.modelling.qalora import save_quantized_layers
 
             save_quantized_layers(lowbit, tmp / QALORA_QUANTIZED)
-            report["qalora"]["torchao"] = _torchao_checkpoint(tmp, lowbit, tok, drawn, max_new_tokens, unmerged, base_dir,
-                                                              base_record, tolerance)
+            report["qalora"]["torchao"] = _torchao_checkpoint(
+                tmp, lowbit, tok, drawn, max_new_tokens, unmerged, base_dir, base_record, tolerance
+            )
             if not report["qalora"]["torchao"]["passed"]:
                 _discard(out_dir)
-                raise MergeError(f"the torchao checkpoint ({QALORA_TORCHAO}/) does not load to the merged low-bit model: "
-                                 f"{report['qalora']['torchao']}; nothing written", report)
+                raise MergeError(
+                    f"the torchao checkpoint ({QALORA_TORCHAO}/) does not load to the merged low-bit model: "
+                    f"{report['qalora']['torchao']}; nothing written",
+                    report,
+                )
         del merged_model
         gc.collect()
         if qalora is not None:  # the unmerged reference already ran on the quantized base it trained on
@@ -283,24 +299,36 @@ def _reference_only(out_dir: Path, unmerged: ProbeOutputs, facts: dict[str, Any]
         "dtype": facts["dtype"],
         "max_new_tokens": max_new_tokens,
         "probes": _probe_facts(drawn, facts["probes"]),
-        "probe_reference": {**_reference_prompts(drawn), "greedy": unmerged.greedy, "texts": unmerged.texts,
-                            "max_new_tokens": max_new_tokens, "model": "base + adapter, unmerged"},
+        "probe_reference": {
+            **_reference_prompts(drawn),
+            "greedy": unmerged.greedy,
+            "texts": unmerged.texts,
+            "max_new_tokens": max_new_tokens,
+            "model": "base + adapter, unmerged",
+        },
         "adapter": {
             "dir": str(adapter_dir),
             "files": {f: sha256_file(adapter_dir / f) for f in ADAPTER_FILES},
             "train_fingerprint": (train_record or {}).get("fingerprint"),
             "quantization": _quantization(train_record),
         },
-        "base": {"dir": str(facts["base_dir"]), "source": facts["base_record"].get("source"),
-                 "model_ref": facts["base_record"].get("model_ref"), "sha256": base_model_hash(facts["base_record"])},
+        "base": {
+            "dir": str(facts["base_dir"]),
+            "source": facts["base_record"].get("source"),
+            "model_ref": facts["base_record"].get("model_ref"),
+            "sha256": base_model_hash(facts["base_record"]),
+        },
         "code": code_fingerprint(__name__),
         "library_versions": library_versions(),
     }
     trained_base = ((train_record or {}).get("base") or {}).get("sha256")
     if trained_base and trained_base != report["base"]["sha256"]:
         _discard(out_dir)
-        raise MergeError(f"the adapter in {adapter_dir} was trained on a different base (sha256 {trained_base[:12]}...) "
-                         f"than {facts['base_dir']}: rerun the train stage on this base", report)
+        raise MergeError(
+            f"the adapter in {adapter_dir} was trained on a different base (sha256 {trained_base[:12]}...) "
+            f"than {facts['base_dir']}: rerun the train stage on this base",
+            report,
+        )
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
         io.write_json(tmp / REPORT, report)
@@ -316,8 +344,17 @@ def _reference_prompts(drawn: ProbeSet) -> dict[str, Any]:
     return {"prompts": drawn.prompts, "sources": [p.origin() for p in drawn.probes]}
 
 
-def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, probes: ProbeSet, max_new_tokens: int, unmerged: Any,
-                        base_dir: Path, base_record: dict[str, Any], tolerance: float) -> dict[str, Any]:
+def _torchao_checkpoint(
+    tmp: Path,
+    lowbit: Any,
+    tok: Any,
+    probes: ProbeSet,
+    max_new_tokens: int,
+    unmerged: Any,
+    base_dir: Path,
+    base_record: dict[str, Any],
+    tolerance: float,
+) -> dict[str, Any]:
     """The merged low-bit model as a checkpoint transformers loads through torchao (<merged>/torchao), loaded back
     by that loader (on the CPU, where a user without a GPU loads it too) and checked: its weights against the codes,
     its probes against the unmerged adapter (which ran on merge.device)."""
@@ -341,8 +378,14 @@ def _torchao_checkpoint(tmp: Path, lowbit: Any, tok: Any, probes: ProbeSet, max_
 
 
 def _quantized_gap(
-    train_record: dict[str, Any] | None, base_dir: Path, adapter_dir: Path, tok: Any,
-    probes: ProbeSet, max_new_tokens: int, merged: ProbeOutputs, device: torch.device,
+    train_record: dict[str, Any] | None,
+    base_dir: Path,
+    adapter_dir: Path,
+    tok: Any,
+    probes: ProbeSet,
+    max_new_tokens: int,
+    merged: ProbeOutputs,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Merged model vs the 4-bit base + adapter it was trained against (what training optimised), on `device`:
     bitsandbytes' CUDA kernels in bfloat16 on a GPU, as training ran there; its CPU ones in float32 otherwise."""
@@ -359,7 +402,12 @@ def _quantized_gap(
     if params.quantization == "none":
         return {"skipped": "adapter trained with quantization none: there is no 4-bit model to compare against"}
     model = load_base_causal_lm(
-        base_dir, device, compute_dtype(device), params.quantization, params.double_quant, base_config_overrides(train_record)
+        base_dir,
+        device,
+        compute_dtype(device),
+        params.quantization,
+        params.double_quant,
+        base_config_overrides(train_record),
     )
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     model.eval()
@@ -368,13 +416,17 @@ def _quantized_gap(
     _release(device)
     gap = compare(merged, ref)
     gap.pop("merged_greedy_texts")
-    gap["quantization"] = {"type": params.quantization, "double_quant": params.double_quant,
-                           "compute_dtype": str(compute_dtype(device)).removeprefix("torch.")}
+    gap["quantization"] = {
+        "type": params.quantization,
+        "double_quant": params.double_quant,
+        "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
+    }
     return gap
 
 
-def _reload_check(folder: Path, probes: ProbeSet, merged: ProbeOutputs, pad_token_id: int | None,
-                  device: torch.device) -> dict[str, Any]:
+def _reload_check(
+    folder: Path, probes: ProbeSet, merged: ProbeOutputs, pad_token_id: int | None, device: torch.device
+) -> dict[str, Any]:
     """The written folder loaded with plain transformers on `device`, its prompt logits computed exactly as
     the merged model's were (same device, same batches): only a save/load bug can make them differ."""
     from transformers import AutoModelForCausalLM
@@ -423,8 +475,10 @@ def _qalora_settings(train_record: dict[str, Any] | None, adapter_dir: Path) -> 
     if facts:
         return {"bits": facts["bits"], "group_size": facts["group_size"]}
     if json.loads((adapter_dir / ADAPTER_FILES[0]).read_text(encoding="utf-8")).get("use_qalora"):
-        raise MergeError(f"{adapter_dir} is a QA-LoRA adapter but its {TRAIN_RECORD} does not say how the base was "
-                         "quantized (qalora.bits, qalora.group_size): retrain it with this loraline")
+        raise MergeError(
+            f"{adapter_dir} is a QA-LoRA adapter but its {TRAIN_RECORD} does not say how the base was "
+            "quantized (qalora.bits, qalora.group_size): retrain it with this loraline"
+        )
     return None
 
 
@@ -442,10 +496,18 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
     m = params.merge
     draw = TenantDraw(layout.prepared_dataset_dir(tenant), tenant, params.seed, m.probes, m.probe_max_tokens)
     result = merge_adapter(
-        base_dir=base_dir or layout.base_dir, base_params=params.base, adapter_dir=layout.adapter_dir(tenant),
-        out_dir=layout.merged_dir(tenant), dtype=m.dtype, tolerance=params.gate_for(tenant).max_merge_logit_diff,
-        tenant_probes=draw, max_new_tokens=m.max_new_tokens, quantized_reference=m.quantized_reference,
-        check_reload=m.check_reload, device=m.device, merged=params.deploy_for(tenant).builds("merged"),
+        base_dir=base_dir or layout.base_dir,
+        base_params=params.base,
+        adapter_dir=layout.adapter_dir(tenant),
+        out_dir=layout.merged_dir(tenant),
+        dtype=m.dtype,
+        tolerance=params.gate_for(tenant).max_merge_logit_diff,
+        tenant_probes=draw,
+        max_new_tokens=m.max_new_tokens,
+        quantized_reference=m.quantized_reference,
+        check_reload=m.check_reload,
+        device=m.device,
+        merged=params.deploy_for(tenant).builds("merged"),
     )
     io.copy_file(result.report_path, layout.merge_report_path(tenant))
     io.write_json(layout.metrics_path("merge", tenant), merge_metrics(result.report))

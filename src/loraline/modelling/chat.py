@@ -35,8 +35,17 @@ _PORTABLE_CLASS = "PreTrainedTokenizerFast"
 # local_files_only) or loading from the hub rather than a folder (is_local) would change the bytes of
 # every saved tokenizer_config.json, and with them the merge and export hashes.
 LOAD_TIME_KEYS = (
-    "local_files_only", "is_local", "cache_dir", "token", "use_auth_token", "revision", "trust_remote_code",
-    "force_download", "proxies", "subfolder", "_commit_hash",
+    "local_files_only",
+    "is_local",
+    "cache_dir",
+    "token",
+    "use_auth_token",
+    "revision",
+    "trust_remote_code",
+    "force_download",
+    "proxies",
+    "subfolder",
+    "_commit_hash",
 )
 
 
@@ -79,5 +88,7 @@ def save_tokenizer(tokenizer: Any, out_dir: str | Path, source_dir: str | Path |
 def _portable_class(source_dir: str | Path | None) -> str:
     original = None
     if source_dir is not None and (Path(source_dir) / "tokenizer_config.json").is_file():
-        original = json.loads((Path(source_dir) / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+        original = json.loads((Path(source_dir) / "tokenizer_config.json").read_text(encoding="utf-8")).get(
+            "tokenizer_class"
+        )
     return original if original and original != _BACKEND_CLASS else _PORTABLE_CLASS

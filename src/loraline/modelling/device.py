@@ -17,8 +17,10 @@ def resolve_device(setting: str, key: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ConfigError(f"{key} is cuda but torch sees no CUDA device (torch {torch.__version__}, {build}); "
-                          f"set {key}: auto to use the CPU here")
+        raise ConfigError(
+            f"{key} is cuda but torch sees no CUDA device (torch {torch.__version__}, {build}); "
+            f"set {key}: auto to use the CPU here"
+        )
     return torch.device("cuda", torch.cuda.current_device())
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import threading
 import time
 import urllib.error
@@ -40,9 +39,19 @@ class ChatClient:
     """One chat-completion call with cache, rate limit and retries; counts what it did.
     `setting`: the params key of the endpoint settings, named in errors."""
 
-    def __init__(self, base_url: str, api_key_env: str, *, requests_per_minute: float, max_retries: int,
-                 backoff_s: float, timeout_s: float, cache_dir: Path | None, setting: str,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key_env: str,
+        *,
+        requests_per_minute: float,
+        max_retries: int,
+        backoff_s: float,
+        timeout_s: float,
+        cache_dir: Path | None,
+        setting: str,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.setting = setting
         self.api_key_env = api_key_env
@@ -54,13 +63,26 @@ class ChatClient:
         self.counts = {"requests": 0, "cache_hits": 0, "retries": 0}
 
     @classmethod
-    def from_params(cls, endpoint: SynthEndpointParams, setting: str, cache_dir: Path | None,
-                    sleep: Callable[[float], None] = time.sleep) -> ChatClient:
+    def from_params(
+        cls,
+        endpoint: SynthEndpointParams,
+        setting: str,
+        cache_dir: Path | None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> ChatClient:
         if not endpoint.base_url:
             raise EndpointError(f"{setting}.base_url is not set")
-        return cls(endpoint.base_url, endpoint.api_key_env, requests_per_minute=endpoint.requests_per_minute,
-                   max_retries=endpoint.max_retries, backoff_s=endpoint.backoff_s, timeout_s=endpoint.timeout_s,
-                   cache_dir=cache_dir, setting=setting, sleep=sleep)
+        return cls(
+            endpoint.base_url,
+            endpoint.api_key_env,
+            requests_per_minute=endpoint.requests_per_minute,
+            max_retries=endpoint.max_retries,
+            backoff_s=endpoint.backoff_s,
+            timeout_s=endpoint.timeout_s,
+            cache_dir=cache_dir,
+            setting=setting,
+            sleep=sleep,
+        )
 
     def chat(self, body: dict[str, Any]) -> str:
         key = request_key(body)
@@ -72,8 +94,10 @@ class ChatClient:
         try:
             content = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise EndpointError(f"{self.url}: reply is not a chat completion (no choices[0].message.content): "
-                                f"{json.dumps(reply)[:300]}") from None
+            raise EndpointError(
+                f"{self.url}: reply is not a chat completion (no choices[0].message.content): "
+                f"{json.dumps(reply)[:300]}"
+            ) from None
         content = content if isinstance(content, str) else ""
         self.cache.put(key, body, content)
         return content
@@ -106,10 +130,12 @@ class ChatClient:
                 detail = _safe(exc.read()[:300].decode("utf-8", "replace"), self.api_key_env)
                 last = f"HTTP {exc.code} {exc.reason}: {detail}"
                 if exc.code not in RETRY_STATUS:
-                    raise EndpointError(f"POST {self.url} failed: {last} (check {self.setting}: its base_url, "
-                                        f"and the key in ${self.api_key_env})") from None
+                    raise EndpointError(
+                        f"POST {self.url} failed: {last} (check {self.setting}: its base_url, "
+                        f"and the key in ${self.api_key_env})"
+                    ) from None
                 retry_after = _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
                 last = f"{type(reason).__name__}: {reason}"
             if attempt < self.max_retries:
@@ -124,8 +150,12 @@ class ChatClient:
 class RateLimiter:
     """Spaces request starts at least `60 / per_minute` seconds apart (thread-safe)."""
 
-    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        per_minute: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.interval = 60.0 / per_minute
         self.clock, self.sleep = clock, sleep
         self._next = 0.0

@@ -23,7 +23,9 @@ def read_base_record(base_dir: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: run the base stage first (loraline base / dvc repro base)") from None
+        raise FileNotFoundError(
+            f"{path} is missing: run the base stage first (loraline base / dvc repro base)"
+        ) from None
 
 
 def resolve_base_model_path(base_dir: Path) -> str:
@@ -135,7 +137,11 @@ def load_base_config(base_dir: Path):
 
 
 def load_base_causal_lm(
-    base_dir: Path, device: Any, dtype: Any, quantization: str = "none", double_quant: bool = False,
+    base_dir: Path,
+    device: Any,
+    dtype: Any,
+    quantization: str = "none",
+    double_quant: bool = False,
     config_overrides: dict[str, Any] | None = None,
 ):
     """The base causal LM on `device` in `dtype`, 4-bit quantized when `quantization` asks for it;

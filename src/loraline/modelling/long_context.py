@@ -69,7 +69,9 @@ def rope_overrides(config: Any, lc: LongContextParams) -> dict[str, Any]:
             f"train.long_context.target_len ({lc.target_len}) must be above the base's context ({original} tokens)"
         )
     new_rope = {k: v for k, v in rope.items() if k not in ("factor", "rope_type", "original_max_position_embeddings")}
-    new_rope.update(rope_type=lc.rope_scaling, factor=lc.target_len / original, original_max_position_embeddings=original)
+    new_rope.update(
+        rope_type=lc.rope_scaling, factor=lc.target_len / original, original_max_position_embeddings=original
+    )
     return {"max_position_embeddings": lc.target_len, "rope_parameters": new_rope}
 
 

@@ -18,7 +18,7 @@ DEFAULT_PROBES: list[list[dict[str, str]]] = [
         {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
         {"role": "user", "content": "Summarise in one sentence: the printer on floor 2 is down again."},
     ],
-    [{"role": "user", "content": 'Turn this into JSON: name=Ana, team=network, priority=P2'}],
+    [{"role": "user", "content": "Turn this into JSON: name=Ana, team=network, priority=P2"}],
     [
         {"role": "user", "content": "What is 2 + 3?"},
         {"role": "assistant", "content": "5"},
@@ -60,16 +60,30 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 CUDA_PROBE_BATCH = 32
 
 
-def greedy_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, pad_token_id: int | None,
-                    eos_token_id: int | list[int] | None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def greedy_generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    pad_token_id: int | None,
+    eos_token_id: int | list[int] | None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """transformers' generate, greedy with every sampling knob off, with the KV cache; the new tokens only,
     [rows, new] (rows of a batch that stopped early are padded with pad_token_id)."""
     gen = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask,
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
-        use_cache=True, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        use_cache=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
     )
-    return gen[:, input_ids.shape[1]:]
+    return gen[:, input_ids.shape[1] :]
 
 
 @dataclass
@@ -80,8 +94,9 @@ class ProbeOutputs:
 
 
 @torch.no_grad()
-def run_probes(model: Any, tok: Any, inputs: list[list[int]], max_new_tokens: int,
-               batch_size: int | None = None) -> ProbeOutputs:
+def run_probes(
+    model: Any, tok: Any, inputs: list[list[int]], max_new_tokens: int, batch_size: int | None = None
+) -> ProbeOutputs:
     """Prompt logits and greedy generations of a PyTorch model on every probe. `batch_size` None: one
     probe at a time on the CPU (the numbers CPU runs always had, and the same bytes in the reports),
     CUDA_PROBE_BATCH at once, left-padded, on CUDA."""
@@ -97,7 +112,9 @@ def probe_batch_size(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def prompt_logits(model: Any, inputs: list[list[int]], pad_token_id: int | None, batch_size: int = 1) -> list[torch.Tensor]:
+def prompt_logits(
+    model: Any, inputs: list[list[int]], pad_token_id: int | None, batch_size: int = 1
+) -> list[torch.Tensor]:
     """Per prompt, the logits at each of its positions ([len, vocab] float32 on the CPU), from one
     forward pass without the cache; a batch is left-padded and each prompt's rows are its own positions."""
     out: list[torch.Tensor] = []
@@ -106,13 +123,19 @@ def prompt_logits(model: Any, inputs: list[list[int]], pad_token_id: int | None,
         # Positions count real tokens only (as generate does), so padding shifts no prompt's rope phase.
         positions = None if len(batch) == 1 else padded_positions(attn)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=False).logits
-        out += [logits[row, ids.shape[1] - len(p):].float().cpu() for row, p in enumerate(batch)]
+        out += [logits[row, ids.shape[1] - len(p) :].float().cpu() for row, p in enumerate(batch)]
     return out
 
 
 @torch.no_grad()
-def greedy_tokens(model: Any, inputs: list[list[int]], max_new_tokens: int, pad_token_id: int | None,
-                  eos_token_id: int | list[int] | None, batch_size: int = 1) -> list[list[int]]:
+def greedy_tokens(
+    model: Any,
+    inputs: list[list[int]],
+    max_new_tokens: int,
+    pad_token_id: int | None,
+    eos_token_id: int | list[int] | None,
+    batch_size: int = 1,
+) -> list[list[int]]:
     """Per prompt, its greedy continuation with the KV cache (up to and including the first eos); a batch
     is left-padded, and what a row generates after its eos (padding) is cut."""
     stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
@@ -132,8 +155,8 @@ def left_pad(batch: list[list[int]], pad: int, device: Any) -> tuple[torch.Tenso
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     attn = torch.zeros((len(batch), width), dtype=torch.long)
     for row, p in enumerate(batch):
-        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attn[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attn[row, width - len(p) :] = 1
     return ids.to(device), attn.to(device)
 
 
@@ -145,7 +168,7 @@ def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def _batches(inputs: list[list[int]], size: int) -> list[list[list[int]]]:
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")
-    return [inputs[i:i + size] for i in range(0, len(inputs), size)]
+    return [inputs[i : i + size] for i in range(0, len(inputs), size)]
 
 
 def compare(a: ProbeOutputs, b: ProbeOutputs) -> dict[str, Any]:
@@ -153,13 +176,15 @@ def compare(a: ProbeOutputs, b: ProbeOutputs) -> dict[str, Any]:
     per_probe = []
     for la, lb, ga, gb in zip(a.logits, b.logits, a.greedy, b.greedy, strict=True):
         diff = (la - lb).abs()
-        per_probe.append({
-            "max_abs_logit_diff": float(diff.max()),
-            "mean_abs_logit_diff": float(diff.mean()),
-            "next_token_equal": bool(la[-1].argmax() == lb[-1].argmax()),
-            "greedy_equal": ga == gb,
-            "greedy_common_prefix": common_prefix(ga, gb),
-        })
+        per_probe.append(
+            {
+                "max_abs_logit_diff": float(diff.max()),
+                "mean_abs_logit_diff": float(diff.mean()),
+                "next_token_equal": bool(la[-1].argmax() == lb[-1].argmax()),
+                "greedy_equal": ga == gb,
+                "greedy_common_prefix": common_prefix(ga, gb),
+            }
+        )
     return {**summarize(per_probe), "per_probe": per_probe, "merged_greedy_texts": a.texts}
 
 

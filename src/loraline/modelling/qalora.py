@@ -97,7 +97,9 @@ class QALoraGroupLinear(nn.Module, LoraLayer):
     the input averaged over each group). Registered with LoraConfig._register_custom_module, so the
     adapter is saved and loaded by peft in its own format (use_qalora, qalora_group_size)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs
+    ) -> None:
         nn.Module.__init__(self)
         LoraLayer.__init__(self, base_layer)
         if config.use_dora:
@@ -138,7 +140,9 @@ def fold_adapter(layer: nn.Module, adapter: str = "default") -> GroupQuantized:
     groups = base.shape[1] // base.group_size
     ba = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()  # (out, groups)
     delta = ba * (layer.scaling[adapter] * groups / base.group_size)
-    return GroupQuantized(base.codes.clone(), base.scales.clone(), base.zeros - delta / base.scales, base.bits, base.group_size)
+    return GroupQuantized(
+        base.codes.clone(), base.scales.clone(), base.zeros - delta / base.scales, base.bits, base.group_size
+    )
 
 
 # onnxruntime's MatMulNBits has 2-, 4- and 8-bit kernels: 3-bit codes travel in 4-bit blobs (same values).
@@ -161,7 +165,9 @@ def matmul_nbits_initializers(q: GroupQuantized) -> dict:
     import numpy as np
 
     if q.bits not in MATMUL_NBITS_BITS:
-        raise ValueError(f"MatMulNBits export takes {sorted(MATMUL_NBITS_BITS)}-bit weights; this one has {q.bits} bits")
+        raise ValueError(
+            f"MatMulNBits export takes {sorted(MATMUL_NBITS_BITS)}-bit weights; this one has {q.bits} bits"
+        )
     bits = MATMUL_NBITS_BITS[q.bits]
     per_byte = 8 // bits
     out, n = q.shape
@@ -175,7 +181,9 @@ def matmul_nbits_initializers(q: GroupQuantized) -> dict:
         "B": _pack(codes, bits),
         "scales": q.scales.cpu().numpy().reshape(-1).astype(np.float32),
         "zero_points": _pack(padded.reshape(out, -1, per_byte), bits).reshape(-1),
-        "correction": (q.scales.cpu().numpy().astype(np.float64) * (zeros - whole)).T.astype(np.float32),  # [K / block, N]
+        "correction": (q.scales.cpu().numpy().astype(np.float64) * (zeros - whole)).T.astype(
+            np.float32
+        ),  # [K / block, N]
         "attributes": {"K": n, "N": out, "bits": bits, "block_size": q.group_size},
     }
 
@@ -210,13 +218,19 @@ def save_quantized_layers(layers: dict[str, GroupQuantized], path) -> None:
     bits = {q.bits for q in layers.values()}
     groups = {q.group_size for q in layers.values()}
     if len(bits) != 1 or len(groups) != 1:
-        raise ValueError(f"one bit width and group size per model, got bits {sorted(bits)}, group sizes {sorted(groups)}")
+        raise ValueError(
+            f"one bit width and group size per model, got bits {sorted(bits)}, group sizes {sorted(groups)}"
+        )
     tensors = {}
     for name, q in sorted(layers.items()):
         tensors[f"{name}.qweight"] = q.codes.contiguous().cpu()
         tensors[f"{name}.scales"] = q.scales.contiguous().cpu()
         tensors[f"{name}.zeros"] = q.zeros.contiguous().cpu()
-    save_file(tensors, str(path), metadata={"format": QUANTIZED_FORMAT, "bits": str(bits.pop()), "group_size": str(groups.pop())})
+    save_file(
+        tensors,
+        str(path),
+        metadata={"format": QUANTIZED_FORMAT, "bits": str(bits.pop()), "group_size": str(groups.pop())},
+    )
 
 
 def load_quantized_layers(path) -> dict[str, GroupQuantized]:
@@ -229,8 +243,12 @@ def load_quantized_layers(path) -> dict[str, GroupQuantized]:
             raise ValueError(f"{path} is not a {QUANTIZED_FORMAT} file (format {meta.get('format')!r})")
         bits, group = int(meta["bits"]), int(meta["group_size"])
         names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
-        return {n: GroupQuantized(f.get_tensor(f"{n}.qweight"), f.get_tensor(f"{n}.scales"), f.get_tensor(f"{n}.zeros"), bits, group)
-                for n in names}
+        return {
+            n: GroupQuantized(
+                f.get_tensor(f"{n}.qweight"), f.get_tensor(f"{n}.scales"), f.get_tensor(f"{n}.zeros"), bits, group
+            )
+            for n in names
+        }
 
 
 def quantize_linears(model: nn.Module, *, bits: int, group_size: int) -> list[str]:
@@ -244,7 +262,9 @@ def quantize_linears(model: nn.Module, *, bits: int, group_size: int) -> list[st
             if type(child) is nn.Linear and child is not head:
                 full = f"{name}.{child_name}" if name else child_name
                 if child.in_features % group_size:
-                    raise ValueError(f"qalora.group_size {group_size} does not divide the input width {child.in_features} of layer {full}")
+                    raise ValueError(
+                        f"qalora.group_size {group_size} does not divide the input width {child.in_features} of layer {full}"
+                    )
                 layer = GroupQuantizedLinear(quantize_groupwise(child.weight.float(), bits, group_size), child.bias)
                 setattr(module, child_name, layer.to(child.weight.device))
                 done.append(full)
@@ -290,8 +310,13 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> 
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, GroupQuantizedLinear):
-                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, dtype=dtype,
-                                  device=child.qweight.device)
+                plain = nn.Linear(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    dtype=dtype,
+                    device=child.qweight.device,
+                )
                 with torch.no_grad():
                     plain.weight.copy_(child.quantized.dequantize(dtype))
                     if child.bias is not None:

@@ -45,25 +45,37 @@ def save_torchao_checkpoint(merged_dir: Path, layers: dict[str, GroupQuantized],
     torchao, Q = _torchao()
     bits = {q.bits for q in layers.values()}.pop()
     group = {q.group_size for q in layers.values()}.pop()
-    config = Q.IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=Q.PerGroup(group),
-                                    mapping_type=Q.MappingType.ASYMMETRIC)
+    config = Q.IntxWeightOnlyConfig(
+        weight_dtype=getattr(torch, f"int{bits}"), granularity=Q.PerGroup(group), mapping_type=Q.MappingType.ASYMMETRIC
+    )
     plain = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
     head = [n for n, m in plain.named_modules() if m is plain.get_output_embeddings()]
     del plain
     # torchao converts every linear layer but the head on load (its own rounding); each is then given our codes.
     model = AutoModelForCausalLM.from_pretrained(
-        str(merged_dir), dtype=torch.float32, quantization_config=TorchAoConfig(config, modules_to_not_convert=head),
+        str(merged_dir),
+        dtype=torch.float32,
+        quantization_config=TorchAoConfig(config, modules_to_not_convert=head),
     )
-    converted = {n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), Q.IntxUnpackedToInt8Tensor)}
+    converted = {
+        n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), Q.IntxUnpackedToInt8Tensor)
+    }
     if converted != set(layers):
-        raise ValueError(f"torchao converted other layers than the merged model's quantized ones: "
-                         f"{sorted(converted ^ set(layers))[:4]}")
+        raise ValueError(
+            f"torchao converted other layers than the merged model's quantized ones: "
+            f"{sorted(converted ^ set(layers))[:4]}"
+        )
     declared = getattr(torch, f"int{bits + 1}")  # unsigned codes in a signed range, see the module's docstring
     for name, q in layers.items():
         module = model.get_submodule(name)
         weight = Q.IntxUnpackedToInt8Tensor(
-            qdata=q.codes.to(torch.int8), scale=q.scales.clone(), zero_point=q.zeros.clone(), target_dtype=declared,
-            block_size=[1, group], dtype=torch.float32, activation_quantization=None,
+            qdata=q.codes.to(torch.int8),
+            scale=q.scales.clone(),
+            zero_point=q.zeros.clone(),
+            target_dtype=declared,
+            block_size=[1, group],
+            dtype=torch.float32,
+            activation_quantization=None,
         )
         module.weight = torch.nn.Parameter(weight, requires_grad=False)
     model.save_pretrained(str(out_dir), safe_serialization=True)

@@ -63,8 +63,13 @@ def s2_mask(position_ids: torch.Tensor, group: int, heads: int) -> torch.Tensor:
 
 
 def s2_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor, group: int,
-    scaling: float | None = None, dropout: float = 0.0,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position_ids: torch.Tensor,
+    group: int,
+    scaling: float | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """query (B, H, T, D), key and value (B, H_kv, T, D): S2-Attn output (B, H, T, D)."""
     b, h, t, d = query.shape
@@ -148,8 +153,15 @@ def _shared_kv(heads: slice, key: torch.Tensor, value: torch.Tensor, h: int):
     return key.repeat_interleave(per_kv, dim=1), value.repeat_interleave(per_kv, dim=1), heads
 
 
-def _attend_runs(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: slice,
-                 runs: list[Run], scaling: float | None) -> None:
+def _attend_runs(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    heads: slice,
+    runs: list[Run],
+    scaling: float | None,
+) -> None:
     """Causal attention within each run, for query heads `heads`, written into out (B, H, T, D).
     Runs of one length go through SDPA together (one batched call), on contiguous copies."""
     key, value, kv_heads = _shared_kv(heads, key, value, query.shape[1])
@@ -163,8 +175,10 @@ def _attend_runs(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, valu
             rows = [r for r, _, _ in same]
             q, k, v = query[rows, heads], key[rows, kv_heads], value[rows, kv_heads]
         else:
-            q, k, v = (torch.stack([x[r, hs, a:e] for r, a, e in same]) for x, hs in
-                       ((query, heads), (key, kv_heads), (value, kv_heads)))
+            q, k, v = (
+                torch.stack([x[r, hs, a:e] for r, a, e in same])
+                for x, hs in ((query, heads), (key, kv_heads), (value, kv_heads))
+            )
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
         for i, (r, a, e) in enumerate(same):
             out[r, heads, a:e] = o[i]
@@ -181,7 +195,9 @@ class _HalvesAttention(torch.autograd.Function):
     def forward(ctx, q1, k1, v1, q2, k2, v2, runs, scaling):  # noqa: ANN001 (autograd's signature)
         ctx.save_for_backward(q1, k1, v1, q2, k2, v2)
         ctx.runs, ctx.scaling = runs, scaling
-        return torch.cat([causal_varlen(q1, k1, v1, runs[0], scaling), causal_varlen(q2, k2, v2, runs[1], scaling)], dim=1)
+        return torch.cat(
+            [causal_varlen(q1, k1, v1, runs[0], scaling), causal_varlen(q2, k2, v2, runs[1], scaling)], dim=1
+        )
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
@@ -196,8 +212,14 @@ class _HalvesAttention(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _s2_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plain: list[int], shifted: list[int],
-               scaling: float | None) -> torch.Tensor:
+def _s2_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plain: list[int],
+    shifted: list[int],
+    scaling: float | None,
+) -> torch.Tensor:
     """S2-Attn through causal_varlen: (B, H, T, D) in, (B, T, H, D) out; `plain` and `shifted` are the
     two halves' runs as cu_seqlens over the flattened tokens."""
     b, h, t, d = query.shape
@@ -207,14 +229,21 @@ def _s2_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plai
         # Each half is made contiguous in the kernel's (tokens, heads, dim) layout straight from the
         # model's, with only its own key/value heads (GQA): no full-width copy is sliced again.
         k_src, v_src, kv_heads = _shared_kv(heads, key, value, h)
-        inputs += [x[:, hs].transpose(1, 2).reshape(b * t, -1, d)
-                   for x, hs in ((query, heads), (k_src, kv_heads), (v_src, kv_heads))]
+        inputs += [
+            x[:, hs].transpose(1, 2).reshape(b * t, -1, d)
+            for x, hs in ((query, heads), (k_src, kv_heads), (v_src, kv_heads))
+        ]
     return _HalvesAttention.apply(*inputs, (plain, shifted), scaling).view(b, t, h, d)
 
 
 def s2_attention_segments(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor, group: int,
-    scaling: float | None = None, cu_seqlens: torch.Tensor | None = None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position_ids: torch.Tensor,
+    group: int,
+    scaling: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same output as s2_attention, computed group by group (O(T * group), not O(T^2)):
     query (B, H, T, D), key and value (B, H_kv, T, D) -> (B, T, H, D). Flash varlen attention over
@@ -227,10 +256,12 @@ def s2_attention_segments(
     if flash_varlen_available(query.device):
         if cu_seqlens is not None:
             plain, shifted = _boundaries_once(
-                cu_seqlens, group, lambda: s2_boundaries_from_segments(cu_seqlens.tolist(), group))
+                cu_seqlens, group, lambda: s2_boundaries_from_segments(cu_seqlens.tolist(), group)
+            )
         else:
             plain, shifted = _boundaries_once(
-                position_ids, group, lambda: s2_boundaries(position_ids.expand(b, t), group))
+                position_ids, group, lambda: s2_boundaries(position_ids.expand(b, t), group)
+            )
         return _s2_varlen(query, key, value, plain, shifted, scaling)
     plain_runs, shifted_runs = s2_runs(position_ids.expand(b, t), group)
     out = query.new_empty(b, h, t, d)
@@ -250,8 +281,9 @@ def s2_attention_forward(module, query, key, value, attention_mask, scaling=None
     if position_ids is None:
         position_ids = torch.arange(t, device=query.device).unsqueeze(0)
     group = module.config.s2_attn_group if module.training else t
-    out = s2_attention_segments(query, key, value, position_ids, group, scaling=scaling,
-                                cu_seqlens=kwargs.get("cu_seq_lens_q"))
+    out = s2_attention_segments(
+        query, key, value, position_ids, group, scaling=scaling, cu_seqlens=kwargs.get("cu_seq_lens_q")
+    )
     return out, None
 
 

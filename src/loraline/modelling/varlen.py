@@ -49,7 +49,11 @@ def varlen_kwargs() -> dict[str, Any]:
 
 
 def causal_varlen(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: list[int] | torch.Tensor, scaling: float | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu: list[int] | torch.Tensor,
+    scaling: float | None,
     longest: int | None = None,
 ) -> torch.Tensor:
     """query (N, Hq, D), key/value (N, Hkv, D), runs [cu[i], cu[i+1]) -> (N, Hq, D), causal within each run."""
@@ -59,7 +63,9 @@ def causal_varlen(
         if longest is None:
             longest = int((cu_t[1:] - cu_t[:-1]).max().item())
         extra = varlen_kwargs()
-        dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # flash: half precision only
+        dtype = (
+            query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        )  # flash: half precision only
         q, k, v = (x.to(dtype) for x in (query, key, value))
         if hkv != hq and not extra.get("enable_gqa"):
             k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
@@ -70,8 +76,14 @@ def causal_varlen(
     # backward would zero-fill a gradient as large as the whole input (7% of a CPU step).
     outs = [
         F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scaling, enable_gqa=hkv != hq,
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=hkv != hq,
         ).transpose(0, 1)
-        for q, k, v in zip(query.split(sizes), key.split(sizes), value.split(sizes)) if q.shape[0]
+        for q, k, v in zip(query.split(sizes), key.split(sizes), value.split(sizes))
+        if q.shape[0]
     ]
     return torch.cat(outs, dim=0)

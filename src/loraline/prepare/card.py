@@ -17,7 +17,10 @@ from loraline.prepare.schema import PrepareStats
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
 
@@ -56,14 +59,28 @@ def render_card(
     file_rows = []
     for rel, c in sorted(s.by_file.items()):
         digest = raw_files.get(rel, s.synthetic_hash if synthetic_file and rel.endswith(synthetic_file) else "")
-        file_rows.append([f"`{rel}`", c["rows_in"], c["kept"], c["rejected"], c["duplicates"], c["near_duplicates"],
-                          c["contaminated"], f"`{digest}`" if digest else "-"])
-    lines += _table(["file", "rows in", "kept", "rejected", "duplicates", "near-duplicates", "contaminated", "sha256"], file_rows)
+        file_rows.append(
+            [
+                f"`{rel}`",
+                c["rows_in"],
+                c["kept"],
+                c["rejected"],
+                c["duplicates"],
+                c["near_duplicates"],
+                c["contaminated"],
+                f"`{digest}`" if digest else "-",
+            ]
+        )
+    lines += _table(
+        ["file", "rows in", "kept", "rejected", "duplicates", "near-duplicates", "contaminated", "sha256"], file_rows
+    )
     lines.append("")
     if synthetic_file:
         lines += [f"Synthetic rows: `{synthetic_file}` (sha256 `{s.synthetic_hash}`), by generator:", ""]
-        lines += _table(["generator", "model", "prompt template sha256", "rows read"],
-                        [[g, m, f"`{t}`" if t != "-" else t, n] for g, m, t, n in generators(synthetic_provenance)])
+        lines += _table(
+            ["generator", "model", "prompt template sha256", "rows read"],
+            [[g, m, f"`{t}`" if t != "-" else t, n] for g, m, t, n in generators(synthetic_provenance)],
+        )
     else:
         lines.append("Synthetic rows: none (no synthetic rows file).")
     lines += [
@@ -83,8 +100,7 @@ def render_card(
         f"- groups: {s.groups.get('groups', 0)} groups of rows sharing a context ({s.groups.get('rows', 0)} rows, "
         f"largest {s.groups.get('largest', 0)}), each whole in one split: "
         + ", ".join(f"{split} {n}" for split, n in s.groups.get("by_split", {}).items()),
-        f"- PII ({params.pii.mode}): {s.pii_rows} rows; "
-        + ", ".join(f"{kind} {n}" for kind, n in s.pii.items()),
+        f"- PII ({params.pii.mode}): {s.pii_rows} rows; " + ", ".join(f"{kind} {n}" for kind, n in s.pii.items()),
         "- rejected by reason: " + (", ".join(f"{r} {n}" for r, n in s.rejected_by_reason.items() if n) or "none"),
         "",
         "## Filters and parameters",

@@ -38,11 +38,15 @@ class Collected:
     synthetic_kept: int = 0
     token_lengths: array = field(default_factory=lambda: array("i"))
     answer_lengths: array = field(default_factory=lambda: array("i"))
-    dataset_digest: dict[str, Any] = field(default_factory=lambda: {name: hashlib.sha256() for name in (*SPLITS, "documents")})
+    dataset_digest: dict[str, Any] = field(
+        default_factory=lambda: {name: hashlib.sha256() for name in (*SPLITS, "documents")}
+    )
 
     def reject(self, reject: Reject) -> None:
         if self.scrubber is not None:
-            reject = replace(reject, detail=self.scrubber.scrub(reject.detail)[0], excerpt=self.scrubber.scrub(reject.excerpt)[0])
+            reject = replace(
+                reject, detail=self.scrubber.scrub(reject.detail)[0], excerpt=self.scrubber.scrub(reject.excerpt)[0]
+            )
         self.rejects.append(reject)
 
     def keep(self, split: str, row: dict) -> None:

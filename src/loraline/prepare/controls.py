@@ -56,7 +56,7 @@ def stripper(starts: tuple[str, ...], ends: tuple[str, ...]) -> Callable[[str], 
             trimmed = out.lstrip()
             for marker in starts:
                 if trimmed.startswith(marker):
-                    out, changed = trimmed[len(marker):], True
+                    out, changed = trimmed[len(marker) :], True
                     break
         # Whitespace around a removed marker went with it; text without markers is returned as written.
         return out.strip() if out != text else text

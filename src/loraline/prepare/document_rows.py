@@ -43,7 +43,9 @@ def split_name(split: str) -> str:
     return f"{split}{SPLIT_SUFFIX}"
 
 
-def document_rows(documents: Iterable[dict[str, Any]], tokenizer: Any, max_tokens: int, split: SplitParams, which: str) -> Iterator[dict[str, Any]]:
+def document_rows(
+    documents: Iterable[dict[str, Any]], tokenizer: Any, max_tokens: int, split: SplitParams, which: str
+) -> Iterator[dict[str, Any]]:
     """The rows of split `which` cut from `documents` (rows of the documents dataset), in document order."""
     eos = tokenizer.eos_token_id
     for doc in documents:
@@ -53,8 +55,13 @@ def document_rows(documents: Iterable[dict[str, Any]], tokenizer: Any, max_token
         for chunk, start in enumerate(range(0, len(ids), max_tokens)):
             piece = ids[start : start + max_tokens]
             yield {
-                "id": f"{doc['content_hash'][:16]}-{chunk}", "source_file": doc["source_file"], "row": doc["row"],
-                "chunk": chunk, "content_hash": doc["content_hash"], "input_ids": piece, "labels": piece,
+                "id": f"{doc['content_hash'][:16]}-{chunk}",
+                "source_file": doc["source_file"],
+                "row": doc["row"],
+                "chunk": chunk,
+                "content_hash": doc["content_hash"],
+                "input_ids": piece,
+                "labels": piece,
             }
 
 

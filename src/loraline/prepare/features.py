@@ -12,7 +12,9 @@ CHAT_FEATURES = datasets.Features(
         "row": datasets.Value("int64"),
         "shape": datasets.Value("string"),
         "source": datasets.Value("string"),  # "real" or "synthetic"
-        "provenance": datasets.Value("string"),  # JSON: a synthetic row's generator, model, source span...; "null" for real rows
+        "provenance": datasets.Value(
+            "string"
+        ),  # JSON: a synthetic row's generator, model, source span...; "null" for real rows
         "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
         "text": datasets.Value("string"),
         "input_ids": datasets.List(datasets.Value("int32")),

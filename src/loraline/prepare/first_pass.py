@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from loraline.progress import progress_bar
-
 from loraline.prepare import rows
 from loraline.prepare.collected import Collected
 from loraline.prepare.mapping import SourceSpec, map_rows
@@ -22,25 +20,42 @@ from loraline.prepare.rows import RowContext, batches, settle
 from loraline.prepare.schema import Reject
 from loraline.prepare.screening import Quality
 from loraline.prepare.split import prompt_key
+from loraline.progress import progress_bar
 
 
 def first_pass(
-    out: Collected, q: Quality, ctx: RowContext, assigned: list[tuple[Path, str, SourceSpec]], specs: list[SourceSpec],
-    rows_in: dict[str, int], *, to_arrow: bool, workers: int, progress: bool,
+    out: Collected,
+    q: Quality,
+    ctx: RowContext,
+    assigned: list[tuple[Path, str, SourceSpec]],
+    specs: list[SourceSpec],
+    rows_in: dict[str, int],
+    *,
+    to_arrow: bool,
+    workers: int,
+    progress: bool,
 ) -> None:
     """Every row of the assigned files through pass 1, counted into `rows_in` by file.
     `to_arrow`: the workers hand the chat candidates over as Arrow batches for the stores."""
+
     def jobs() -> Iterator[tuple[int | None, list]]:
         for path, rel, spec in assigned:
-            raw_rows = read_rows(path, rel, ctx.tenant, ctx.params.csv_delimiter, spec.format, whole_object=spec.explode is not None)
+            raw_rows = read_rows(
+                path, rel, ctx.tenant, ctx.params.csv_delimiter, spec.format, whole_object=spec.explode is not None
+            )
             for batch in batches(map_rows(raw_rows, spec, ctx.tenant)):
                 rows_in[rel] += len(batch)
                 yield spec.index, batch
 
     rows.set_up_examiners(ctx, specs, to_arrow)
     bar = progress_bar(desc=f"prepare {ctx.tenant}", unit=" rows", disable=not progress)
-    for examined, pii, pii_rows, arrow_batches in ordered_map(rows.examine_job, jobs(), workers=workers,
-                                                        initializer=rows.set_up_examiners, initargs=(rows.portable(ctx), specs, to_arrow, True)):
+    for examined, pii, pii_rows, arrow_batches in ordered_map(
+        rows.examine_job,
+        jobs(),
+        workers=workers,
+        initializer=rows.set_up_examiners,
+        initargs=(rows.portable(ctx), specs, to_arrow, True),
+    ):
         ctx.pii.update(pii)
         ctx.pii_rows[0] += pii_rows
         for split, batch in arrow_batches.items():

@@ -95,8 +95,10 @@ def general_sample(general: GeneralParams, prepare: PrepareParams, tokenizer: An
         raise PrepareError(f"{KEY}: folder {str(general.path)!r} holds no files")
     general.check_inside(project, sources if path.is_dir() else ())  # a file linked out of the folder, too
     if not path.is_dir() and format_of(path) is None:
-        raise PrepareError(f"{KEY}: {str(general.path)!r} is not a format prepare reads (JSONL, JSON, CSV, TSV, Parquet, "
-                           "Arrow, .txt, .md, also .gz/.zst, or a save_to_disk folder)")
+        raise PrepareError(
+            f"{KEY}: {str(general.path)!r} is not a format prepare reads (JSONL, JSON, CSV, TSV, Parquet, "
+            "Arrow, .txt, .md, also .gz/.zst, or a save_to_disk folder)"
+        )
     controls = control_tokens(tokenizer)
     options = ShapeOptions(clean=text_cleaner(prepare.control_tokens, controls, tokenizer))
     kept: list[tuple[str, Record]] = []  # a heap of the lowest hashes, as (negated order key, record)
@@ -106,7 +108,11 @@ def general_sample(general: GeneralParams, prepare: PrepareParams, tokenizer: An
     for source, rel in sources:
         for item in read_rows(source, rel, "evaluate.general", prepare.csv_delimiter):
             read += 1  # a file that cannot be read is one reject, as prepare counts it
-            parsed = item if isinstance(item, Reject) else to_record(item, "evaluate.general", max_chars=NO_LIMIT, options=options)
+            parsed = (
+                item
+                if isinstance(item, Reject)
+                else to_record(item, "evaluate.general", max_chars=NO_LIMIT, options=options)
+            )
             if isinstance(parsed, Reject):
                 skipped[parsed.reason.value] += 1
                 continue
@@ -121,12 +127,21 @@ def general_sample(general: GeneralParams, prepare: PrepareParams, tokenizer: An
     targets = sum(_targets(row) for row in sample)
     if targets == 0:
         why = ", ".join(f"{reason} x{n}" for reason, n in sorted(skipped.items())) or "no rows"
-        raise PrepareError(f"{KEY}: {str(general.path)!r} leaves no token to score ({read} rows read; skipped: {why}); rows "
-                           "need a known shape: text (plain text), messages, instruction/output, conversations or prompt/completion")
+        raise PrepareError(
+            f"{KEY}: {str(general.path)!r} leaves no token to score ({read} rows read; skipped: {why}); rows "
+            "need a known shape: text (plain text), messages, instruction/output, conversations or prompt/completion"
+        )
     return GeneralSample(
-        path=str(general.path), sha256=_content_sha256(path, sources), rows_read=read, skipped=dict(sorted(skipped.items())),
-        rows=len(sample), kinds=dict(sorted(Counter(r.kind for r in sample).items())), target_tokens=targets,
-        rows_requested=general.rows, max_tokens=general.max_tokens, sample=sample,
+        path=str(general.path),
+        sha256=_content_sha256(path, sources),
+        rows_read=read,
+        skipped=dict(sorted(skipped.items())),
+        rows=len(sample),
+        kinds=dict(sorted(Counter(r.kind for r in sample).items())),
+        target_tokens=targets,
+        rows_requested=general.rows,
+        max_tokens=general.max_tokens,
+        sample=sample,
     )
 
 
@@ -163,7 +178,9 @@ _REVERSE_HEX = str.maketrans("0123456789abcdef", "fedcba9876543210")
 
 def _tokenize(records: list[Record], tokenizer: Any, max_tokens: int) -> list[GeneralRow]:
     chats = [r for r in records if r.kind == "chat"]
-    rendered = dict(zip((r.content_hash for r in chats), render_batch([r.messages for r in chats], tokenizer), strict=True))
+    rendered = dict(
+        zip((r.content_hash for r in chats), render_batch([r.messages for r in chats], tokenizer), strict=True)
+    )
     eos = tokenizer.eos_token_id
     out = []
     for record in records:

@@ -61,7 +61,9 @@ DETECTED = SourceSpec(None, None)
 def compile_sources(sources: Iterable[SourceParams]) -> list[SourceSpec]:
     return [
         SourceSpec(
-            i, s, {name: parse_source(text) for name, text in s.columns.items()},
+            i,
+            s,
+            {name: parse_source(text) for name, text in s.columns.items()},
             parse_path(s.explode) if s.explode else None,
             parse_source(s.group) if s.group else None,
         )
@@ -74,7 +76,9 @@ def assign(files: list[tuple[Path, str]], specs: list[SourceSpec]) -> list[tuple
     out = []
     for path, rel in files:
         candidates = [PurePosixPath(rel), *PurePosixPath(rel).parents]
-        spec = next((s for s in specs if any(_glob_match(c, s.params.path) for c in candidates if str(c) != ".")), DETECTED)
+        spec = next(
+            (s for s in specs if any(_glob_match(c, s.params.path) for c in candidates if str(c) != ".")), DETECTED
+        )
         out.append((path, rel, spec))
     return out
 
@@ -119,17 +123,31 @@ def _explode(raw: RawRow, spec: SourceSpec, tenant: str) -> Iterator[RawRow | Re
     if raw.tabular and isinstance(elements, str):
         elements = _json_cell(elements)
     if not isinstance(elements, list):
-        yield Reject(tenant, raw.source_file, raw.row, path.root, RejectReason.WRONG_TYPE,
-                     f"{locate(raw.source_file, raw.row, path.text)}: explode needs a list, got a JSON {json_type(elements)}",
-                     raw.excerpt)
+        yield Reject(
+            tenant,
+            raw.source_file,
+            raw.row,
+            path.root,
+            RejectReason.WRONG_TYPE,
+            f"{locate(raw.source_file, raw.row, path.text)}: explode needs a list, got a JSON {json_type(elements)}",
+            raw.excerpt,
+        )
         return
     if not elements:
-        yield Reject(tenant, raw.source_file, raw.row, path.root, RejectReason.EMPTY_FIELD,
-                     f"{locate(raw.source_file, raw.row, path.text)}: is an empty list; explode has no element to make a row of",
-                     raw.excerpt)
+        yield Reject(
+            tenant,
+            raw.source_file,
+            raw.row,
+            path.root,
+            RejectReason.EMPTY_FIELD,
+            f"{locate(raw.source_file, raw.row, path.text)}: is an empty list; explode has no element to make a row of",
+            raw.excerpt,
+        )
         return
     for i, element in enumerate(elements):
-        yield _map_one(RawRow(raw.source_file, raw.row, raw.value, raw.raw, raw.tabular, item=i), raw.value, element, spec, tenant)
+        yield _map_one(
+            RawRow(raw.source_file, raw.row, raw.value, raw.raw, raw.tabular, item=i), raw.value, element, spec, tenant
+        )
 
 
 def _map_one(raw: RawRow, value: Any, element: Any, spec: SourceSpec, tenant: str) -> RawRow | Reject:
@@ -137,14 +155,26 @@ def _map_one(raw: RawRow, value: Any, element: Any, spec: SourceSpec, tenant: st
     if spec.group is None or isinstance(mapped, Reject):
         return mapped
     if not isinstance(value, dict):
-        return Reject(tenant, raw.source_file, raw.row, None, RejectReason.WRONG_TYPE,
-                      f"{locate(raw.source_file, raw.row, None, raw.item)}: row is a JSON {json_type(value)}; "
-                      "group names a field of an object", raw.excerpt)
+        return Reject(
+            tenant,
+            raw.source_file,
+            raw.row,
+            None,
+            RejectReason.WRONG_TYPE,
+            f"{locate(raw.source_file, raw.row, None, raw.item)}: row is a JSON {json_type(value)}; "
+            "group names a field of an object",
+            raw.excerpt,
+        )
     scope = value if element is None else {**value, "item": element}
     try:
         group = _resolve(spec.group, scope, "group")
     except Missing as missing:
-        return _mapping_reject(raw, tenant, _raw_key(missing.path, spec), f"group: source path {missing.path!r} is missing ({missing.why})")
+        return _mapping_reject(
+            raw,
+            tenant,
+            _raw_key(missing.path, spec),
+            f"group: source path {missing.path!r} is missing ({missing.why})",
+        )
     except _NotText as bad:
         return _mapping_reject(raw, tenant, _raw_key(bad.path, spec), f"group: {bad.path!r} {bad.why}")
     return replace(mapped, group=_group_text(group))
@@ -161,19 +191,32 @@ def _group_text(value: Any) -> str | None:
 
 def _map_columns(raw: RawRow, value: Any, element: Any, spec: SourceSpec, tenant: str) -> RawRow | Reject:
     if not spec.columns:  # explode alone: the element is the row (no explode: the row), read with shape detection
-        return RawRow(raw.source_file, raw.row, value if spec.explode is None else element, raw.raw, raw.tabular, raw.item)
+        return RawRow(
+            raw.source_file, raw.row, value if spec.explode is None else element, raw.raw, raw.tabular, raw.item
+        )
     if not isinstance(value, dict):
-        return Reject(tenant, raw.source_file, raw.row, None, RejectReason.WRONG_TYPE,
-                      f"{locate(raw.source_file, raw.row, None, raw.item)}: row is a JSON {json_type(value)}; "
-                      "columns name fields of an object", raw.excerpt)
+        return Reject(
+            tenant,
+            raw.source_file,
+            raw.row,
+            None,
+            RejectReason.WRONG_TYPE,
+            f"{locate(raw.source_file, raw.row, None, raw.item)}: row is a JSON {json_type(value)}; "
+            "columns name fields of an object",
+            raw.excerpt,
+        )
     scope = value if element is None else {**value, "item": element}  # the parent's fields stay addressable
     canonical: dict[str, Any] = {}
     for name, source in spec.columns.items():
         try:
             canonical[name] = _resolve(source, scope, name)
         except Missing as missing:
-            return _mapping_reject(raw, tenant, _raw_key(missing.path, spec),
-                                   f"columns.{name}: source path {missing.path!r} is missing ({missing.why})")
+            return _mapping_reject(
+                raw,
+                tenant,
+                _raw_key(missing.path, spec),
+                f"columns.{name}: source path {missing.path!r} is missing ({missing.why})",
+            )
         except _NotText as bad:
             return _mapping_reject(raw, tenant, _raw_key(bad.path, spec), f"columns.{name}: {bad.path!r} {bad.why}")
     return RawRow(raw.source_file, raw.row, canonical, raw.raw, raw.tabular, raw.item)
@@ -231,8 +274,15 @@ def _json_cell(text: str) -> Any:
 
 
 def _mapping_reject(raw: RawRow, tenant: str, field_name: str | None, message: str) -> Reject:
-    return Reject(tenant, raw.source_file, raw.row, field_name, RejectReason.MAPPING,
-                  f"{locate(raw.source_file, raw.row, None, raw.item)}: {message}", excerpt(raw.excerpt))
+    return Reject(
+        tenant,
+        raw.source_file,
+        raw.row,
+        field_name,
+        RejectReason.MAPPING,
+        f"{locate(raw.source_file, raw.row, None, raw.item)}: {message}",
+        excerpt(raw.excerpt),
+    )
 
 
 __all__ = ["DETECTED", "SourceSpec", "Template", "assign", "compile_sources", "map_rows"]

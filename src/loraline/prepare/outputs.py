@@ -30,8 +30,8 @@ from loraline.io import atomic_dir, write_json, write_jsonl
 from loraline.layout import PREPARED_DATASET
 from loraline.modelling.loading import write_tokenizer_stamp
 from loraline.prepare.card import raw_file_hashes, render_card
-from loraline.prepare.document_rows import document_splits
 from loraline.prepare.collected import Collected
+from loraline.prepare.document_rows import document_splits
 from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
 from loraline.prepare.schema import SPLITS, PrepareStats
 from loraline.prepare.stores import ArrowRows, RejectSummary
@@ -66,7 +66,8 @@ def write_outputs(
             documents = _dataset(collected, "documents")
             long_rows = (
                 document_splits(documents, tokenizer, params.document_rows, params.split, spill_dir)
-                if params.document_rows else {}
+                if params.document_rows
+                else {}
             )
             stats.document_rows = {name: len(ds) for name, ds in long_rows.items()}
             splits = datasets.DatasetDict({s: _dataset(collected, s) for s in SPLITS} | long_rows)
@@ -78,7 +79,8 @@ def write_outputs(
             write_jsonl(tmp / "contaminated.jsonl", collected.contaminated)
             has_synthetic = synthetic_rows is not None and Path(synthetic_rows).is_file()
             card = render_card(
-                stats, params,
+                stats,
+                params,
                 raw_files=raw_file_hashes(raw_dir, stats.by_file),
                 synthetic_file=Path(synthetic_rows).name if has_synthetic else None,
                 synthetic_provenance=collected.synthetic_provenance,

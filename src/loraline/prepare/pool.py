@@ -55,8 +55,9 @@ def ordered_map(
     # On Linux fork shares the parent's loaded modules and objects (no re-import, no pickling of the
     # state); elsewhere fork is unsafe or missing, and spawn pickles initargs instead.
     method = START_METHOD or ("fork" if sys.platform.startswith("linux") else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                             initializer=initializer, initargs=initargs) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(method), initializer=initializer, initargs=initargs
+    ) as pool:
         pending: deque[Future] = deque()
         for item in iterator:
             pending.append(pool.submit(fn, item))

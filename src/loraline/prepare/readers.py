@@ -30,8 +30,15 @@ import pyarrow.parquet as pq
 from loraline.prepare.schema import Reject, RejectReason, locate, safe_text
 
 FORMATS = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-    ".parquet": "parquet", ".arrow": "arrow", ".txt": "txt", ".md": "md",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "txt",
+    ".md": "md",
 }
 COMPRESSIONS = (".gz", ".zst")
 # What `datasets.Dataset.save_to_disk` writes: such a folder is one source, not three files.
@@ -121,7 +128,9 @@ def read_rows(
     if fmt is None:
         suffix = "".join(path.suffixes[-2:]) or "(no extension)"
         yield _file_reject(
-            tenant, rel, RejectReason.UNREADABLE_FILE,
+            tenant,
+            rel,
+            RejectReason.UNREADABLE_FILE,
             f"unsupported file type {suffix!r}; supported: {', '.join(FORMATS)} (also .gz/.zst) and "
             "Hugging Face save_to_disk folders, or set tenants.<t>.sources[].format",
         )
@@ -201,22 +210,37 @@ def _jsonl(lines: Iterable[bytes], rel: str, tenant: str) -> Iterator[RawRow | R
             continue
         if has_surrogates(line):
             yield Reject(
-                tenant, rel, lineno, None, RejectReason.INVALID_UTF8,
-                f"{locate(rel, lineno)}: line {bad_utf8_detail(line)}", excerpt(line),
+                tenant,
+                rel,
+                lineno,
+                None,
+                RejectReason.INVALID_UTF8,
+                f"{locate(rel, lineno)}: line {bad_utf8_detail(line)}",
+                excerpt(line),
             )
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             yield Reject(
-                tenant, rel, lineno, None, RejectReason.MALFORMED_JSON,
-                f"{locate(rel, lineno)}: not valid JSON ({exc.msg}: column {exc.colno})", excerpt(line),
+                tenant,
+                rel,
+                lineno,
+                None,
+                RejectReason.MALFORMED_JSON,
+                f"{locate(rel, lineno)}: not valid JSON ({exc.msg}: column {exc.colno})",
+                excerpt(line),
             )
             continue
         except RecursionError:
             yield Reject(
-                tenant, rel, lineno, None, RejectReason.MALFORMED_JSON,
-                f"{locate(rel, lineno)}: nested too deeply to parse (over {sys.getrecursionlimit()} levels)", excerpt(line),
+                tenant,
+                rel,
+                lineno,
+                None,
+                RejectReason.MALFORMED_JSON,
+                f"{locate(rel, lineno)}: nested too deeply to parse (over {sys.getrecursionlimit()} levels)",
+                excerpt(line),
             )
             continue
         yield RawRow(rel, lineno, value, raw=line)
@@ -236,8 +260,11 @@ def _json_array(data: bytes, rel: str, tenant: str, whole_object: bool) -> Itera
             yield from _jsonl(io.BytesIO(data), rel, tenant)
             return
         yield _file_reject(
-            tenant, rel, RejectReason.MALFORMED_JSON,
-            f"not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})", text,
+            tenant,
+            rel,
+            RejectReason.MALFORMED_JSON,
+            f"not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})",
+            text,
         )
         return
     except RecursionError:
@@ -248,7 +275,9 @@ def _json_array(data: bytes, rel: str, tenant: str, whole_object: bool) -> Itera
         return
     if not isinstance(value, list):
         yield _file_reject(
-            tenant, rel, RejectReason.WRONG_TYPE,
+            tenant,
+            rel,
+            RejectReason.WRONG_TYPE,
             f"top level is a JSON {type(value).__name__}; a .json file must hold a list of row objects "
             "(use .jsonl for one object per line, or sources[].explode to take the rows from a list inside it)",
             text,
@@ -274,7 +303,9 @@ def _csv(binary: IO[bytes], rel: str, tenant: str, delimiter: str) -> Iterator[R
             yield _csv_row(rel, tenant, row, header, cells, delimiter)
     except csv.Error as exc:
         after = f" after row {row}" if row else ""
-        yield _file_reject(tenant, rel, RejectReason.UNREADABLE_FILE, f"not valid CSV at line {reader.line_num}{after}: {exc}")
+        yield _file_reject(
+            tenant, rel, RejectReason.UNREADABLE_FILE, f"not valid CSV at line {reader.line_num}{after}: {exc}"
+        )
     finally:
         text.detach()  # the caller closes the underlying file
 
@@ -283,7 +314,11 @@ def _csv_row(rel: str, tenant: str, row: int, header: list[str], cells: list[str
     raw = delimiter.join(cells)
     if len(cells) != len(header):
         return Reject(
-            tenant, rel, row, None, RejectReason.WRONG_TYPE,
+            tenant,
+            rel,
+            row,
+            None,
+            RejectReason.WRONG_TYPE,
             f"{locate(rel, row)}: has {len(cells)} values but the header names {len(header)} columns "
             f"({', '.join(header)}); quote values that contain {delimiter!r}",
             excerpt(raw),
@@ -291,8 +326,13 @@ def _csv_row(rel: str, tenant: str, row: int, header: list[str], cells: list[str
     for name, cell in zip(header, cells):
         if has_surrogates(cell) or has_surrogates(name):
             return Reject(
-                tenant, rel, row, safe_text(name), RejectReason.INVALID_UTF8,
-                f"{locate(rel, row, safe_text(name))}: value {bad_utf8_detail(cell + name)}", excerpt(raw),
+                tenant,
+                rel,
+                row,
+                safe_text(name),
+                RejectReason.INVALID_UTF8,
+                f"{locate(rel, row, safe_text(name))}: value {bad_utf8_detail(cell + name)}",
+                excerpt(raw),
             )
     return RawRow(rel, row, dict(zip(header, cells)), raw=raw, tabular=True)
 
@@ -337,8 +377,13 @@ def _document(data: bytes, rel: str, tenant: str) -> Iterator[RawRow | Reject]:
     text = data.decode("utf-8-sig", errors="surrogateescape")
     if has_surrogates(text):
         yield Reject(
-            tenant, rel, 1, "text", RejectReason.INVALID_UTF8,
-            f"{locate(rel, 1, 'text')}: document {bad_utf8_detail(text)}", excerpt(text),
+            tenant,
+            rel,
+            1,
+            "text",
+            RejectReason.INVALID_UTF8,
+            f"{locate(rel, 1, 'text')}: document {bad_utf8_detail(text)}",
+            excerpt(text),
         )
         return
     yield RawRow(rel, 1, {"text": text}, raw=text)

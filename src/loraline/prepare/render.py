@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loraline.prepare.schema import ChatTemplateError, Message
 from loraline.modelling.constants import IGNORE_INDEX
-
+from loraline.prepare.schema import ChatTemplateError, Message
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,11 @@ def render_batch(conversations: Sequence[Sequence[Message]], tokenizer) -> list[
         # The attention mask and token type ids are not used; converting them to Python lists cost
         # as much as a third of the tokenizer call.
         encoding = tokenizer(
-            texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, return_token_type_ids=False
+            texts,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
         )
         ids_rows, offset_rows = encoding["input_ids"], encoding["offset_mapping"]
         label_rows = _masks(ids_rows, offset_rows, [spans for _, _, spans in located], [len(t) for t in texts])
@@ -171,14 +174,22 @@ class _Template:
 
     def __call__(self, messages: list[dict], *, generation_prompt: bool) -> str:
         try:
-            if self._compiled is not None and messages and all(
-                type(m["role"]) is str and type(m["content"]) is str for m in messages
+            if (
+                self._compiled is not None
+                and messages
+                and all(type(m["role"]) is str and type(m["content"]) is str for m in messages)
             ):
                 text = self._compiled.render(
-                    messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt, **self._variables
+                    messages=messages,
+                    tools=None,
+                    documents=None,
+                    add_generation_prompt=generation_prompt,
+                    **self._variables,
                 )
             else:
-                text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+                text = self._tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=generation_prompt
+                )
         except Exception as exc:  # jinja raise_exception() and template bugs surface as many types
             raise ChatTemplateError(
                 f"the chat template of tokenizer {tokenizer_name(self._tokenizer)!r} failed: {type(exc).__name__}: {exc}"
@@ -205,7 +216,9 @@ def _masks(ids_rows, offset_rows, spans_rows: list[list[tuple[int, int]]], text_
         lengths = np.fromiter((len(ids_rows[r]) for r in fast), dtype=np.int64, count=len(fast))
         bases = np.zeros(len(fast), dtype=np.int64)
         np.cumsum([text_lengths[r] + 1 for r in fast[:-1]], out=bases[1:])
-        ids = np.fromiter(itertools.chain.from_iterable(ids_rows[r] for r in fast), dtype=np.int64, count=int(lengths.sum()))
+        ids = np.fromiter(
+            itertools.chain.from_iterable(ids_rows[r] for r in fast), dtype=np.int64, count=int(lengths.sum())
+        )
         offsets = np.fromiter(
             itertools.chain.from_iterable(itertools.chain.from_iterable(offset_rows[r] for r in fast)),
             dtype=np.int64,

@@ -65,7 +65,9 @@ def examine_batch(batch: list[RawRow | Reject], ctx: RowContext) -> list:
         else:
             pending.append((i, item, parsed))
     chats = [(i, item, parsed) for i, item, parsed in pending if parsed.record.kind == "chat"]
-    rendered = dict(zip((i for i, _, _ in chats), render_batch([p.record.messages for _, _, p in chats], ctx.tokenizer)))
+    rendered = dict(
+        zip((i for i, _, _ in chats), render_batch([p.record.messages for _, _, p in chats], ctx.tokenizer))
+    )
     for i, item, parsed in pending:
         record = parsed.record
         result = rendered.get(i)
@@ -110,8 +112,9 @@ def set_up_examiners(ctx: RowContext, specs: list[SourceSpec], to_arrow: bool, w
         ctx = replace(ctx, scrubber=scrubber_for(ctx.params))
     _EXAMINERS.clear()
     for spec in [DETECTED, *specs]:
-        _EXAMINERS[spec.index] = replace(ctx, options=source_options(spec, ctx.params, ctx.controls, ctx.tokenizer),
-                                         pii=Counter(), pii_rows=[0])
+        _EXAMINERS[spec.index] = replace(
+            ctx, options=source_options(spec, ctx.params, ctx.controls, ctx.tokenizer), pii=Counter(), pii_rows=[0]
+        )
 
 
 def portable(ctx: RowContext) -> RowContext:
@@ -139,8 +142,13 @@ def examine_job(job: tuple[int | None, list]) -> tuple[list, Counter, int, dict[
             if isinstance(outcome, tuple) and outcome[0] != "document":
                 split, row = outcome
                 rows.setdefault(split, []).append(row)
-                light = {"id": row["id"], "source_file": row["source_file"], "row": row["row"],
-                         "_prompt": prompt_key(row["messages"]), "_group": row["_group"]}
+                light = {
+                    "id": row["id"],
+                    "source_file": row["source_file"],
+                    "row": row["row"],
+                    "_prompt": prompt_key(row["messages"]),
+                    "_group": row["_group"],
+                }
                 outcomes[i] = (split, {**light, "messages": row["messages"]} if split == "test" else light)
         batches = {split: pa.RecordBatch.from_pylist(r, schema=CHAT_SCHEMA) for split, r in rows.items()}
     return outcomes, Counter(ctx.pii), ctx.pii_rows[0], batches
@@ -149,7 +157,9 @@ def examine_job(job: tuple[int | None, list]) -> tuple[list, Counter, int, dict[
 def parse_row(item: RawRow, ctx: RowContext) -> Parsed | Reject:
     """Shape and max_chars, then PII: masked rows get the content hash of their masked content, so
     that exact deduplication and the split see what the dataset holds."""
-    parsed = to_record(item, ctx.tenant, max_chars=ctx.params.max_chars, system_prompt=ctx.system_prompt, options=ctx.options)
+    parsed = to_record(
+        item, ctx.tenant, max_chars=ctx.params.max_chars, system_prompt=ctx.system_prompt, options=ctx.options
+    )
     if isinstance(parsed, Reject) or ctx.scrubber is None:
         return parsed
     record = parsed.record
@@ -185,19 +195,34 @@ def control_reject(item: RawRow, parsed: Parsed, ctx: RowContext) -> Reject | No
     if found is None:
         return None
     index, token = found
-    return reject_row(item, parsed, parsed.fields[index], RejectReason.CONTROL_TOKEN,
-                   f"contains the tokenizer's control token {token!r}, which would be read as template markup "
-                   "(control_tokens: escape keeps it as literal text; strip removes end-of-text markers at the ends)")
+    return reject_row(
+        item,
+        parsed,
+        parsed.fields[index],
+        RejectReason.CONTROL_TOKEN,
+        f"contains the tokenizer's control token {token!r}, which would be read as template markup "
+        "(control_tokens: escape keeps it as literal text; strip removes end-of-text markers at the ends)",
+    )
 
 
 def too_long(item: RawRow, parsed: Parsed, rendered: Rendered, params: PrepareParams) -> Reject:
-    return reject_row(item, parsed, None, RejectReason.TOO_LONG,
-                   f"renders to {rendered.n_tokens} tokens with the chat template (prepare.max_tokens={params.max_tokens})")
+    return reject_row(
+        item,
+        parsed,
+        None,
+        RejectReason.TOO_LONG,
+        f"renders to {rendered.n_tokens} tokens with the chat template (prepare.max_tokens={params.max_tokens})",
+    )
 
 
 def _document_row(record, tenant: str) -> dict:
-    return {"text": record.text, "source_file": record.source_file, "row": record.row,
-            "content_hash": record.content_hash, "tenant": tenant}
+    return {
+        "text": record.text,
+        "source_file": record.source_file,
+        "row": record.row,
+        "content_hash": record.content_hash,
+        "tenant": tenant,
+    }
 
 
 def _chat_row(record, rendered: Rendered, tenant: str) -> dict:
@@ -238,8 +263,15 @@ def admit_synthetic(item: RawRow, parsed: Parsed, ctx: RowContext) -> Reject | d
 
 def reject_row(raw: RawRow, parsed: Parsed, path: str | None, reason: RejectReason, message: str) -> Reject:
     rec = parsed.record
-    return Reject(rec.tenant, rec.source_file, rec.row, top_field(path), reason,
-                  f"{locate(rec.source_file, rec.row, path, raw.item)}: {message}", raw.excerpt)
+    return Reject(
+        rec.tenant,
+        rec.source_file,
+        rec.row,
+        top_field(path),
+        reason,
+        f"{locate(rec.source_file, rec.row, path, raw.item)}: {message}",
+        raw.excerpt,
+    )
 
 
 def scrubber_for(params: PrepareParams) -> PiiScrubber | None:

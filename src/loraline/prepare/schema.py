@@ -143,7 +143,9 @@ class PrepareStats:
     by_shape: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
     documents: int = 0
-    document_rows: dict[str, int] = field(default_factory=dict)  # prepare.document_rows: rows cut from documents, by split
+    document_rows: dict[str, int] = field(
+        default_factory=dict
+    )  # prepare.document_rows: rows cut from documents, by split
     token_length_percentiles: dict[str, float] = field(default_factory=dict)
     answer_token_percentiles: dict[str, float] = field(default_factory=dict)
     tokenizer: str = ""  # name_or_path; empty for an in-memory tokenizer, hence also tokenizer_hash

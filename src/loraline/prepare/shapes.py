@@ -40,7 +40,12 @@ SHAPES_HELP = (
     "instruction+output (alpaca), messages (chat), conversations (sharegpt), prompt+completion, or text (document)"
 )
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system", "tool": "tool",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
 }
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -80,8 +85,13 @@ def to_record(
         if origin is not None:
             shown = f"{bad.field} (from {origin})"
         return Reject(
-            tenant, raw.source_file, raw.row, top_field(bad.field), bad.reason,
-            f"{locate(raw.source_file, raw.row, shown, raw.item)}: {bad.message}", raw.excerpt,
+            tenant,
+            raw.source_file,
+            raw.row,
+            top_field(bad.field),
+            bad.reason,
+            f"{locate(raw.source_file, raw.row, shown, raw.item)}: {bad.message}",
+            raw.excerpt,
         )
 
 
@@ -98,12 +108,15 @@ def json_type(value: Any) -> str:
 def _parse(raw: RawRow, tenant: str, max_chars: int, system_prompt: str | None, options: ShapeOptions) -> Parsed:
     row = raw.value
     if not isinstance(row, dict):
-        raise _Bad(RejectReason.WRONG_TYPE, None, f"row is a JSON {json_type(row)}; expected an object with {SHAPES_HELP}")
+        raise _Bad(
+            RejectReason.WRONG_TYPE, None, f"row is a JSON {json_type(row)}; expected an object with {SHAPES_HELP}"
+        )
     present = {k for k, v in row.items() if v is not None}
     shapes = [name for name, keys in SHAPE_KEYS.items() if present.intersection(keys)]
     if len(shapes) > 1:
         raise _Bad(
-            RejectReason.UNKNOWN_SHAPE, None,
+            RejectReason.UNKNOWN_SHAPE,
+            None,
             f"mixes the keys of several shapes ({', '.join(shapes)}); a row must have exactly one of {SHAPES_HELP}",
         )
     if not shapes:
@@ -172,7 +185,9 @@ def _conversation(row: dict, shape: str, tabular: bool, options: ShapeOptions) -
         try:
             items = json.loads(items)
         except json.JSONDecodeError as exc:
-            raise _Bad(RejectReason.MALFORMED_JSON, key, f"is not valid JSON ({exc.msg}: column {exc.colno})") from None
+            raise _Bad(
+                RejectReason.MALFORMED_JSON, key, f"is not valid JSON ({exc.msg}: column {exc.colno})"
+            ) from None
     if not isinstance(items, list):
         raise _Bad(RejectReason.WRONG_TYPE, key, f"must be a list of messages, got a JSON {json_type(items)}")
     if not items:
@@ -182,7 +197,11 @@ def _conversation(row: dict, shape: str, tabular: bool, options: ShapeOptions) -
     for i, item in enumerate(items):
         path = f"{key}[{i}]"
         if not isinstance(item, dict):
-            raise _Bad(RejectReason.WRONG_TYPE, path, f"must be an object with {role_key!r} and {content_key!r}, got a JSON {json_type(item)}")
+            raise _Bad(
+                RejectReason.WRONG_TYPE,
+                path,
+                f"must be an object with {role_key!r} and {content_key!r}, got a JSON {json_type(item)}",
+            )
         raw_role = _text(item, role_key, f"{path}.{role_key}")
         name = raw_role.strip().lower()
         role = options.roles.get(raw_role.strip(), options.roles.get(name))
@@ -191,7 +210,8 @@ def _conversation(row: dict, shape: str, tabular: bool, options: ShapeOptions) -
         if role not in CHAT_ROLES:
             allowed = (*(CHAT_ROLES if shape == "chat" else tuple(SHAREGPT_ROLES)), *options.roles)
             raise _Bad(
-                RejectReason.UNKNOWN_ROLE, f"{path}.{role_key}",
+                RejectReason.UNKNOWN_ROLE,
+                f"{path}.{role_key}",
                 f"{raw_role!r} is not one of {', '.join(allowed)} (map it with the source's roles: in params.yaml)",
             )
         content = _text(item, content_key, f"{path}.{content_key}", clean=options.clean)
@@ -199,26 +219,36 @@ def _conversation(row: dict, shape: str, tabular: bool, options: ShapeOptions) -
     return turns
 
 
-def _chat(raw: RawRow, tenant: str, shape: str, turns: list[Turn], max_chars: int, system_prompt: str | None) -> Parsed:
+def _chat(
+    raw: RawRow, tenant: str, shape: str, turns: list[Turn], max_chars: int, system_prompt: str | None
+) -> Parsed:
     if system_prompt and not any(role == "system" for role, _, _ in turns):
         turns = [("system", system_prompt, "system_prompt"), *turns]
     list_field = SHAPE_KEYS[shape][0] if shape in ("chat", "sharegpt") else None
     roles = [role for role, _, _ in turns]
     if "assistant" not in roles:
-        raise _Bad(RejectReason.NO_ASSISTANT_TURN, list_field, "has no assistant message; there is nothing to train on")
+        raise _Bad(
+            RejectReason.NO_ASSISTANT_TURN, list_field, "has no assistant message; there is nothing to train on"
+        )
     if roles[-1] != "assistant":
         raise _Bad(
-            RejectReason.NO_ASSISTANT_TURN, turns[-1][2],
+            RejectReason.NO_ASSISTANT_TURN,
+            turns[-1][2],
             f"the conversation ends with a {roles[-1]} message; the last message must be the assistant's answer",
         )
     if all(i == 0 for i, role in enumerate(roles) if role == "assistant"):
         # A chat template cannot render the prompt of an opening assistant message (there is none).
-        raise _Bad(RejectReason.NO_ASSISTANT_TURN, turns[0][2], "the only assistant message is the first one; nothing prompts it")
+        raise _Bad(
+            RejectReason.NO_ASSISTANT_TURN,
+            turns[0][2],
+            "the only assistant message is the first one; nothing prompts it",
+        )
     total = sum(len(content) for _, content, _ in turns)
     if total > max_chars:
         longest = max(turns, key=lambda t: len(t[1]))
         raise _Bad(
-            RejectReason.TOO_LONG, None,
+            RejectReason.TOO_LONG,
+            None,
             f"the conversation has {total} characters (prepare.max_chars={max_chars}); "
             f"the longest field, {longest[2]!r}, has {len(longest[1])}",
         )
@@ -237,7 +267,9 @@ def _chat(raw: RawRow, tenant: str, shape: str, turns: list[Turn], max_chars: in
 def _document(raw: RawRow, tenant: str, row: dict, max_chars: int, clean) -> Parsed:
     text = _text(row, "text", clean=clean)
     if len(text) > max_chars:
-        raise _Bad(RejectReason.TOO_LONG, None, f"field 'text' has {len(text)} characters (prepare.max_chars={max_chars})")
+        raise _Bad(
+            RejectReason.TOO_LONG, None, f"field 'text' has {len(text)} characters (prepare.max_chars={max_chars})"
+        )
     record = Record(
         tenant=tenant,
         kind="document",

@@ -39,7 +39,9 @@ def content_hash(turns: Iterable[tuple[str, str]]) -> str:
     Roles are part of the identity: the same words said by the user or by the assistant are different
     training rows.
     """
-    payload = json.dumps([[role, normalize(content)] for role, content in turns], ensure_ascii=False, separators=(",", ":"))
+    payload = json.dumps(
+        [[role, normalize(content)] for role, content in turns], ensure_ascii=False, separators=(",", ":")
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

@@ -96,8 +96,15 @@ def prepare_tenant(
     try:
         rejects = RejectFile(spill / "rejected.jsonl")
         collected = collect(
-            tenant, params, tokenizer, system_prompt=system_prompt, synthetic_rows=synthetic_rows, progress=progress,
-            spill_dir=spill, rejects=rejects, project=project,
+            tenant,
+            params,
+            tokenizer,
+            system_prompt=system_prompt,
+            synthetic_rows=synthetic_rows,
+            progress=progress,
+            spill_dir=spill,
+            rejects=rejects,
+            project=project,
         )
         rejects.close()
         stats = collected.stats
@@ -106,10 +113,18 @@ def prepare_tenant(
             shutil.move(rejects.path, rejected_path)
             raise PrepareError(no_rows_message(stats, collected.rejects.summary, tenant, rejected_path))
         write_outputs(
-            collected, params, Path(tenant.raw_dir), out_dir=out_dir, rejected_path=rejected_path, stats_path=stats_path,
-            spilled_rejects=rejects.path, synthetic_rows=synthetic_rows,
-            seed=params.seed if params.seed is not None else DEFAULT_SEED, progress=progress,
-            tokenizer=tokenizer, spill_dir=spill,
+            collected,
+            params,
+            Path(tenant.raw_dir),
+            out_dir=out_dir,
+            rejected_path=rejected_path,
+            stats_path=stats_path,
+            spilled_rejects=rejects.path,
+            synthetic_rows=synthetic_rows,
+            seed=params.seed if params.seed is not None else DEFAULT_SEED,
+            progress=progress,
+            tokenizer=tokenizer,
+            spill_dir=spill,
         )
     finally:
         shutil.rmtree(spill, ignore_errors=True)
@@ -152,7 +167,9 @@ def collect(
     if project is not None:
         tenant.check_raw_dir(project, read_as=raw_dir)  # as load_params did, for the path read from here
     if not raw_dir.is_dir():
-        raise PrepareError(f"tenant {tenant.name!r}: raw folder {raw_dir} does not exist (tenants[].raw_dir in params.yaml)")
+        raise PrepareError(
+            f"tenant {tenant.name!r}: raw folder {raw_dir} does not exist (tenants[].raw_dir in params.yaml)"
+        )
     files = list_files(raw_dir)
     if not files:
         raise PrepareError(f"tenant {tenant.name!r}: raw folder {raw_dir} holds no files (hidden files are skipped)")
@@ -170,18 +187,29 @@ def collect(
     rows_in = {rel: 0 for _, rel in files}
     seed = params.seed if params.seed is not None else DEFAULT_SEED
     controls = control_tokens(tokenizer)
-    ctx = RowContext(tenant.name, params, tokenizer, system_prompt, Deduplicator(), controls, scrubber,
-                   options=source_options(DETECTED, params, controls, tokenizer))
+    ctx = RowContext(
+        tenant.name,
+        params,
+        tokenizer,
+        system_prompt,
+        Deduplicator(),
+        controls,
+        scrubber,
+        options=source_options(DETECTED, params, controls, tokenizer),
+    )
     q = Quality(
         TestIndex(params.decontamination) if params.decontamination.enabled else None,
         NearDuplicateIndex(params.near_dedup, seed=seed) if params.near_dedup.enabled else None,
-        conflicts=params.conflicts, group_min_chars=params.group_min_chars,
+        conflicts=params.conflicts,
+        group_min_chars=params.group_min_chars,
     )
 
     specs = compile_sources(tenant.sources)
     assigned = assign(files, specs)
     workers = params.num_proc or default_workers()
-    first_pass(out, q, ctx, assigned, specs, rows_in, to_arrow=spill_dir is not None, workers=workers, progress=progress)
+    first_pass(
+        out, q, ctx, assigned, specs, rows_in, to_arrow=spill_dir is not None, workers=workers, progress=progress
+    )
     second_pass(out, q, workers)
 
     if synthetic_rows is not None and Path(synthetic_rows).is_file():
@@ -197,8 +225,14 @@ def collect(
 
 
 def run(
-    params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, out_dir: Path | None = None,
-    tokenizer: Any = None, progress: bool = False,
+    params: Params,
+    layout: Layout,
+    tenant: str,
+    *,
+    base_dir: Path | None = None,
+    out_dir: Path | None = None,
+    tokenizer: Any = None,
+    progress: bool = False,
 ) -> PrepareResult:
     """The prepare stage for one tenant: its sources (and synthesized rows, when the synthesize stage
     wrote any) into data/prepared/<tenant>, rejects into data/rejected/<tenant>.jsonl, the general-text
@@ -208,7 +242,9 @@ def run(
     if tokenizer is None:
         tokenizer = load_base_tokenizer(base_dir or layout.base_dir, params.base)
     # Before the tenant's rows: a bad evaluate.general fails in seconds, and no output is written before it.
-    general = general_sample(params.evaluate.general, params.prepare_for(tenant), tokenizer, params.project or layout.root)
+    general = general_sample(
+        params.evaluate.general, params.prepare_for(tenant), tokenizer, params.project or layout.root
+    )
     result = prepare_tenant(
         params.tenant(tenant),
         params.prepare_for(tenant),
@@ -229,4 +265,7 @@ def run(
 
 def prepare_metrics(stats: PrepareStats) -> dict[str, Any]:
     """The counts worth comparing across runs (`dvc metrics diff`); the rest is in prepare_stats.json."""
-    return {**{k: getattr(stats, k) for k in ("rows_in", *OUTCOMES)}, "split": {s: stats.splits.get(s, 0) for s in SPLITS}}
+    return {
+        **{k: getattr(stats, k) for k in ("rows_in", *OUTCOMES)},
+        "split": {s: stats.splits.get(s, 0) for s in SPLITS},
+    }

@@ -14,11 +14,11 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from loraline.modelling.loading import tokenizer_hash
 from loraline.prepare.collected import Collected
 from loraline.prepare.mapping import SourceSpec
 from loraline.prepare.quality.mix import SYNTHETIC_PREFIX
 from loraline.prepare.readers import has_surrogates
-from loraline.modelling.loading import tokenizer_hash
 from loraline.prepare.render import tokenizer_name
 from loraline.prepare.schema import SPLITS, PrepareStats, RejectReason
 from loraline.provenance import hash_tree
@@ -55,7 +55,9 @@ def summarize(out: Collected, raw_dir: Path, tokenizer, rows_in: dict[str, int])
     # provenance.hash_tree cannot encode file names that are not UTF-8; those files are rejected as
     # invalid_utf8 anyway, so the hash covers every file that could contribute a row.
     undecodable = tuple(
-        rel for rel in (p.relative_to(raw_dir).as_posix() for p in raw_dir.rglob("*") if p.is_file()) if has_surrogates(rel)
+        rel
+        for rel in (p.relative_to(raw_dir).as_posix() for p in raw_dir.rglob("*") if p.is_file())
+        if has_surrogates(rel)
     )
     stats.data_hash = hash_tree(raw_dir, exclude=undecodable)
     # Checked in code, not by assert (stripped under -O): counts that do not add up mean a row was lost.
@@ -70,7 +72,7 @@ def summarize(out: Collected, raw_dir: Path, tokenizer, rows_in: dict[str, int])
 
 def _by_file(out: Collected, rows_in: dict[str, int]) -> dict[str, dict[str, int]]:
     """Per input file: rows_in and where each row ended (one of OUTCOMES)."""
-    counts = {rel: {"rows_in": n, **{k: 0 for k in OUTCOMES}} for rel, n in rows_in.items()}
+    counts = {rel: {"rows_in": n, **dict.fromkeys(OUTCOMES, 0)} for rel, n in rows_in.items()}
     for rel, n in out.kept_by_file.items():
         counts[rel]["kept"] += n
     for rel, reasons in out.rejects.summary.by_file.items():
@@ -86,16 +88,26 @@ def by_source_entry(stats: PrepareStats, assigned: list[tuple[str, SourceSpec]])
     """prepare_stats.json's per-source counts: each sources[] entry (and the detected rest) with its files."""
     entries: dict[int | None, dict] = {}
     for rel, spec in assigned:
-        entry = entries.setdefault(spec.index, {
-            "path": spec.label, "format": spec.format, "files": 0, "rows_in": 0, **{k: 0 for k in OUTCOMES},
-        })
+        entry = entries.setdefault(
+            spec.index,
+            {
+                "path": spec.label,
+                "format": spec.format,
+                "files": 0,
+                "rows_in": 0,
+                **dict.fromkeys(OUTCOMES, 0),
+            },
+        )
         entry["files"] += 1
         for key, n in stats.by_file.get(rel, {}).items():
             entry[key] += n
     out = [entries[k] for k in sorted(entries, key=lambda k: (k is None, k or 0))]
     # the synthesize stage's rows are a source too, so the entries add up to rows_in
-    out += [{"path": rel, "format": "jsonl", "files": 1, **counts}
-            for rel, counts in stats.by_file.items() if rel.startswith(SYNTHETIC_PREFIX)]
+    out += [
+        {"path": rel, "format": "jsonl", "files": 1, **counts}
+        for rel, counts in stats.by_file.items()
+        if rel.startswith(SYNTHETIC_PREFIX)
+    ]
     return out
 
 

@@ -102,8 +102,11 @@ class ArrowRows:
         """The kept rows as a Dataset over the memory-mapped files (nothing is loaded into memory)."""
         self.close()
         parts = [datasets.Dataset.from_file(str(segment)) for segment in self._segments]
-        ds = datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict(
-            {name: [] for name in self.features}, features=self.features)
+        ds = (
+            datasets.concatenate_datasets(parts)
+            if parts
+            else datasets.Dataset.from_dict({name: [] for name in self.features}, features=self.features)
+        )
         if self._keep is not None and not all(self._keep):
             ds = ds.select([i for i, k in enumerate(self._keep) if k])
         return ds

@@ -44,8 +44,18 @@ class CanaryDecision:
     facts: dict[str, Any]  # the evidence: answers, errors, latencies of both versions
 
 
-def record_decision(root: str | Path, remote: str | None, tenant: str, number: int, version: str, *, kept: bool,
-                    reason: str, facts: dict[str, Any], by: str) -> CanaryDecision | None:
+def record_decision(
+    root: str | Path,
+    remote: str | None,
+    tenant: str,
+    number: int,
+    version: str,
+    *,
+    kept: bool,
+    reason: str,
+    facts: dict[str, Any],
+    by: str,
+) -> CanaryDecision | None:
     """Decide the canary of `tenant`'s promotion `#prod#<number>` to `version`: kept, or its artifacts rolled
     back (the reason in the rollback's tag message). Returns the decision that stands: this one, or one
     another replica made first; None when production has moved on from that promotion (nothing to decide).
@@ -64,7 +74,9 @@ def record_decision(root: str | Path, remote: str | None, tenant: str, number: i
         decision = CanaryDecision(artifact, number, version, kept, reason, by, facts)
         if not kept:  # onto what was serving moments ago: its gate's verdict is noted in the tag, not a refusal
             names = [n for n in artifact_paths(tenant) if registry.history(n)]
-            rollback_artifacts(registry, names, f"{by} after the canary of {artifact}#{PROD}#{number}", force=True, reason=reason)
+            rollback_artifacts(
+                registry, names, f"{by} after the canary of {artifact}#{PROD}#{number}", force=True, reason=reason
+            )
         git(root, "tag", "-a", decision_tag(artifact, number), history[-1].commit, "-m", _message(decision))
     return decision
 
@@ -92,5 +104,7 @@ def read_decision(root: str | Path, artifact: str, number: int) -> CanaryDecisio
 
 def _message(decision: CanaryDecision) -> str:
     verb = "Keep" if decision.kept else "Roll back"
-    summary = f"{verb} {decision.artifact} {decision.version} after its canary ({PROD}#{decision.number}): {decision.reason}"
+    summary = (
+        f"{verb} {decision.artifact} {decision.version} after its canary ({PROD}#{decision.number}): {decision.reason}"
+    )
     return f"{summary}\n{json.dumps(asdict(decision), indent=2, sort_keys=True)}\n"

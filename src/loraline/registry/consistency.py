@@ -32,8 +32,10 @@ def check_releasable(root: str | Path, tenant: str) -> None:
     unless dvc.lock's chain from train to gate agrees with itself. RegistryError when DVC cannot answer."""
     stale, checked = dvc_status(root, tenant_stages(tenant))
     if not checked:
-        raise ReleaseRefused(f"{tenant}: {Path(root) / 'dvc.yaml'} defines none of {', '.join(tenant_stages(tenant))}, "
-                             "so DVC cannot say whether its outputs are up to date: is this the project's root?")
+        raise ReleaseRefused(
+            f"{tenant}: {Path(root) / 'dvc.yaml'} defines none of {', '.join(tenant_stages(tenant))}, "
+            "so DVC cannot say whether its outputs are up to date: is this the project's root?"
+        )
     fix = f"dvc repro {next((s for s in reversed(tenant_stages(tenant)) if s in checked), stage_id('gate', tenant))}"
     if stale:
         details = "; ".join(f"{name} ({_describe(changes)})" for name, changes in stale.items())
@@ -41,7 +43,8 @@ def check_releasable(root: str | Path, tenant: str) -> None:
             f"{tenant}: not released, DVC reports stages out of date: {details}. Their outputs and reports "
             f"(the gate's verdict included) would describe another adapter than the one registered. "
             f"Run `{fix}` (it re-runs exactly what is out of date) and release again",
-            tenant, tuple(stale),
+            tenant,
+            tuple(stale),
         )
     problems = evidence_problems(lock_stages(read_lock(root), tenant_stages(tenant)))
     if problems:  # DVC's status was clean, so a stage dvc.yaml no longer defines left its record behind
@@ -112,8 +115,11 @@ def evidence_problems(stages: dict[str, dict[str, dict[str, str | None]]]) -> li
 
 def lock_stages(lock: dict[str, Any], names: list[str]) -> dict[str, dict[str, dict[str, str | None]]]:
     """dvc.lock's `stages` entries of `names` as lineage records them: {stage: {deps: {path: hash}, outs: {...}}}."""
-    return {name: {"deps": entry_hashes(lock[name].get("deps")), "outs": entry_hashes(lock[name].get("outs"))}
-            for name in names if name in lock}
+    return {
+        name: {"deps": entry_hashes(lock[name].get("deps")), "outs": entry_hashes(lock[name].get("outs"))}
+        for name in names
+        if name in lock
+    }
 
 
 def entry_hashes(entries: list[dict[str, Any]] | None) -> dict[str, str | None]:
@@ -140,8 +146,14 @@ def version_problems(version: Version) -> list[str]:
 
 def forced_note(problems: list[str]) -> str:
     """What a tag message says about a forced promotion or rollback: which rule --force overrode."""
-    words = [w for w, hit in (("gate FAILED", any(p.startswith("failed its gate") for p in problems)),
-                              ("lineage INCONSISTENT", any(p.startswith("has an inconsistent") for p in problems))) if hit]
+    words = [
+        w
+        for w, hit in (
+            ("gate FAILED", any(p.startswith("failed its gate") for p in problems)),
+            ("lineage INCONSISTENT", any(p.startswith("has an inconsistent") for p in problems)),
+        )
+        if hit
+    ]
     return f" ({', '.join(words)}, --force)" if words else ""
 
 
@@ -150,5 +162,7 @@ def allowed(version: Version, force: bool, action: str) -> str:
     production without --force: its recorded gate failed or its lineage disagrees with itself."""
     problems = version_problems(version)
     if problems and not force:
-        raise RegistryError(f"{version.name} {version.version} {' and '.join(problems)}; pass --force to {action} it anyway")
+        raise RegistryError(
+            f"{version.name} {version.version} {' and '.join(problems)}; pass --force to {action} it anyway"
+        )
     return forced_note(problems)

@@ -88,7 +88,9 @@ class GtoRegistry:
 
     def versions(self, name: str) -> list[Version]:
         found = {
-            e["version"]: Version(name, e["version"], e["commit"], e["timestamp"], parse_lineage(e.get("message") or ""))
+            e["version"]: Version(
+                name, e["version"], e["commit"], e["timestamp"], parse_lineage(e.get("message") or "")
+            )
             for e in self._events(name)
             if e["event"] == "registration" and _SEMVER.match(e["version"] or "")
         }
@@ -111,7 +113,9 @@ class GtoRegistry:
             if e["event"] != "assignment" or e["stage"] != stage:
                 continue
             number = int(str(e["ref"]).rsplit("#", 1)[-1]) if str(e["ref"]).count("#") == 2 else 0
-            out.append(Assignment(name, e["version"], stage, number, e["commit"], e["timestamp"], e.get("message") or ""))
+            out.append(
+                Assignment(name, e["version"], stage, number, e["commit"], e["timestamp"], e.get("message") or "")
+            )
         return sorted(out, key=lambda a: (a.created_at, a.number))
 
     def production(self, name: str) -> Version | None:
@@ -154,8 +158,13 @@ class GtoRegistry:
             version = version or _bump_patch(latest.version if latest else None)
             _semver_key(version)
             try:
-                api.register(str(self.root), name, commit, version=version,
-                             message=version_message(name, version, commit, lineage))
+                api.register(
+                    str(self.root),
+                    name,
+                    commit,
+                    version=version,
+                    message=version_message(name, version, commit, lineage),
+                )
             except GTOException as exc:
                 raise RegistryError(f"cannot register {name} {version} at {commit[:12]}: {exc}") from exc
         return self.version(name, version)
@@ -171,7 +180,9 @@ class GtoRegistry:
                 raise PromotionConflict(name, expected_current, current_version)
             if current_version == version:
                 return self.history(name)[-1]
-            return self._assign(name, version, message or f"Promote {name} {version} to {PROD} (was {current_version or 'none'})")
+            return self._assign(
+                name, version, message or f"Promote {name} {version} to {PROD} (was {current_version or 'none'})"
+            )
 
     def rollback_target(self, name: str) -> tuple[str, str]:
         """(production now, the version a rollback makes production): the latest other version that was production."""
@@ -180,7 +191,9 @@ class GtoRegistry:
             raise RegistryError(f"{name} has never been promoted: there is no production to roll back")
         current, before = assignments[-1].version, previous_production(assignments)
         if before is None:
-            raise RegistryError(f"{name}: nothing to roll back to, {current} is the only version that has been in {PROD}")
+            raise RegistryError(
+                f"{name}: nothing to roll back to, {current} is the only version that has been in {PROD}"
+            )
         return current, before
 
     def rollback(self, name: str, message: str | None = None) -> Assignment:

@@ -24,7 +24,9 @@ from loraline.registry.snapshot import head_commit
 def artifact_paths(tenant: str, params: Params | None = None) -> dict[str, str]:
     """The registry's artifact names for a tenant and the DVC output each versions: <tenant>-adapter, and
     <tenant>-onnx when the tenant's deploy.targets builds it (every target when `params` is not given)."""
-    return Layout().artifacts(tenant) if params is None else Layout().artifacts(tenant, params.deploy_for(tenant).targets)
+    return (
+        Layout().artifacts(tenant) if params is None else Layout().artifacts(tenant, params.deploy_for(tenant).targets)
+    )
 
 
 def missing_artifacts(root: str | Path, params: Params) -> dict[str, str]:

@@ -17,7 +17,9 @@ class RolledBack:
     assignment: Assignment  # the new `#prod#N` tag, at the version production went back to
 
 
-def rollback_artifacts(registry: Registry, names: list[str], by: str, *, force: bool, reason: str = "") -> list[RolledBack]:
+def rollback_artifacts(
+    registry: Registry, names: list[str], by: str, *, force: bool, reason: str = ""
+) -> list[RolledBack]:
     """Every artifact of `names` back to its previous production, under the registry's lock; the rule that a
     target's gate passed and its lineage agrees is checked for all before any moves (--force overrides it,
     and the tag message then says which rule). `by` (who rolls back) and `reason` go into the tag message."""
@@ -27,7 +29,14 @@ def rollback_artifacts(registry: Registry, names: list[str], by: str, *, force: 
             current, target = registry.rollback_target(name)
             moves[name] = current, target, allowed(registry.version(name, target), force, "roll back to")
         return [
-            RolledBack(name, current, registry.rollback(
-                name, message=f"Roll back {name} {PROD} from {current} to {target} by {by}{note}" + (f": {reason}" if reason else "")))
+            RolledBack(
+                name,
+                current,
+                registry.rollback(
+                    name,
+                    message=f"Roll back {name} {PROD} from {current} to {target} by {by}{note}"
+                    + (f": {reason}" if reason else ""),
+                ),
+            )
             for name, (current, target, note) in moves.items()
         ]

@@ -38,9 +38,31 @@ from loraline.registry.base import RegistryError
 # File names (matched case-insensitively, on the name alone) that hold credentials often enough
 # that a snapshot never takes them from the working tree.
 SECRET_PATTERNS = (
-    ".env", ".env.*", "*.env", ".envrc", ".netrc", "_netrc", ".pypirc", ".npmrc", ".git-credentials",
-    "config.local", "credentials", "credentials.*", "secrets.*", "*.secret", "*.secrets",
-    "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*",
+    ".env",
+    ".env.*",
+    "*.env",
+    ".envrc",
+    ".netrc",
+    "_netrc",
+    ".pypirc",
+    ".npmrc",
+    ".git-credentials",
+    "config.local",
+    "credentials",
+    "credentials.*",
+    "secrets.*",
+    "*.secret",
+    "*.secrets",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
 )
 LINEAGE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvc/config", ".dvcignore")
 
@@ -65,7 +87,7 @@ def lineage_paths(root: str | Path, extra: Iterable[str] = ()) -> list[str]:
     lock = _read_yaml(Path(root) / "dvc.lock").get("stages") or {}
     paths = set(LINEAGE_FILES) | {str(p) for p in extra}
     for stage in lock.values():
-        paths |= set((stage.get("params") or {}))
+        paths |= set(stage.get("params") or {})
         for dep in stage.get("deps") or []:
             paths |= {dep["path"], f"{dep['path']}.dvc"}
     return sorted(p for p in paths if _inside(p))
@@ -93,7 +115,9 @@ def _read_yaml(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except yaml.YAMLError as exc:
-        raise RegistryError(f"{path} is not valid YAML ({exc}); fix or regenerate it (dvc repro) and release again") from None
+        raise RegistryError(
+            f"{path} is not valid YAML ({exc}); fix or regenerate it (dvc repro) and release again"
+        ) from None
     return value if isinstance(value, dict) else {}
 
 
@@ -120,8 +144,18 @@ def _tracked_changes(root: Path, env: dict[str, str], lineage: list[str]) -> lis
 
 
 def _untracked_lineage_files(root: Path, env: dict[str, str], lineage: list[str]) -> list[str]:
-    listed = git(root, "--literal-pathspecs", "ls-files", "-z", "--others", "--exclude-standard", "--", *lineage,
-                 env=env, strip=False)
+    listed = git(
+        root,
+        "--literal-pathspecs",
+        "ls-files",
+        "-z",
+        "--others",
+        "--exclude-standard",
+        "--",
+        *lineage,
+        env=env,
+        strip=False,
+    )
     untracked = _nul_list(listed)
     _refuse_secrets_in_lineage(untracked, lineage, "untracked")
     return untracked
@@ -141,15 +175,25 @@ def _refuse_secrets_in_lineage(paths: list[str], lineage: list[str], state: str)
 def _add(root: Path, env: dict[str, str], paths: list[str], *flags: str) -> None:
     """`git add` exactly `paths` (never an empty list: `git add -u` without paths means the whole tree)."""
     if paths:
-        git(root, "--literal-pathspecs", "add", *flags, "--pathspec-from-file=-", "--pathspec-file-nul",
-            env=env, stdin="\0".join(paths))
+        git(
+            root,
+            "--literal-pathspecs",
+            "add",
+            *flags,
+            "--pathspec-from-file=-",
+            "--pathspec-file-nul",
+            env=env,
+            stdin="\0".join(paths),
+        )
 
 
 def _nul_list(text: str) -> list[str]:
     return [p for p in text.split("\0") if p]
 
 
-def git(root: str | Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None, strip: bool = True) -> str:
+def git(
+    root: str | Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None, strip: bool = True
+) -> str:
     """`git <args>` in `root`; its stdout, or RegistryError with git's own message."""
     done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=env, input=stdin)
     if done.returncode:
@@ -167,7 +211,9 @@ def ensure_git_identity(root: str | Path) -> None:
     sign as "loraline <loraline@localhost>"; a configured identity is always used as it is.
     """
     for key in ("name", "email"):
-        configured = subprocess.run(["git", "config", f"user.{key}"], cwd=root, capture_output=True, text=True).stdout.strip()
+        configured = subprocess.run(
+            ["git", "config", f"user.{key}"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
         if configured:
             continue
         for role in ("AUTHOR", "COMMITTER"):
@@ -176,5 +222,7 @@ def ensure_git_identity(root: str | Path) -> None:
 
 def head_commit(root: str | Path) -> str | None:
     """HEAD's sha, or None in a repository without commits."""
-    done = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD^{commit}"], cwd=root, capture_output=True, text=True)
+    done = subprocess.run(
+        ["git", "rev-parse", "--verify", "-q", "HEAD^{commit}"], cwd=root, capture_output=True, text=True
+    )
     return done.stdout.strip() or None

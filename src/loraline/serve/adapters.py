@@ -69,7 +69,9 @@ def _refuse_long_context(adapter_dir: Path) -> None:
         )
 
 
-def unpool_qalora(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def unpool_qalora(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A QA-LoRA adapter as plain LoRA, exactly: its A matrix reads the input averaged over groups of G
     channels and peft scales that by the number of groups n, so A_plain[:, j] = A[:, j // G] * n / G
     (an (r x in) matrix that is the same linear map). On the shared float base it computes the adapter's
@@ -102,7 +104,9 @@ def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableA
                     shutil.copyfile(adapter_dir / name, tmp / name)
         return ServableAdapter(out_dir, pooled, serving_rank(int(config["r"])), [])
     if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ServeAdapterError(f"{adapter_dir}: DoRA and per-module rank/alpha patterns cannot be re-expressed for vLLM")
+        raise ServeAdapterError(
+            f"{adapter_dir}: DoRA and per-module rank/alpha patterns cannot be re-expressed for vLLM"
+        )
 
     by_module: dict[str, str] = {}
     for key in saved:
@@ -145,8 +149,13 @@ def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableA
     targets = config["target_modules"]
     targets = sorted({*(targets if isinstance(targets, list) else [targets]), *[m.split(".")[-1] for m in pairs]})
     new_config = {
-        **config, "r": r, "lora_alpha": r, "use_rslora": False, "target_modules": targets,
-        "modules_to_save": None, "ensure_weight_tying": False,
+        **config,
+        "r": r,
+        "lora_alpha": r,
+        "use_rslora": False,
+        "target_modules": targets,
+        "modules_to_save": None,
+        "ensure_weight_tying": False,
     }
     write_adapter(out_dir, new_config, out)
     return ServableAdapter(out_dir, True, r, sorted(pairs))

@@ -61,8 +61,13 @@ class Tally:
 
     def summary(self) -> dict[str, Any]:
         median = self.median_per_token_s
-        return {"answers": self.answers, "errors": self.errors, "error_rate": round(self.error_rate, 4),
-                "median_s_per_token": round(median, 6) if median is not None else None, "latency_samples": len(self.per_token_s)}
+        return {
+            "answers": self.answers,
+            "errors": self.errors,
+            "error_rate": round(self.error_rate, 4),
+            "median_s_per_token": round(median, 6) if median is not None else None,
+            "latency_samples": len(self.per_token_s),
+        }
 
 
 @dataclass(frozen=True)
@@ -111,23 +116,40 @@ class Canary:
         if canary.answers < p.min_requests:
             return None
         if canary.error_rate > p.max_error_rate:
-            return self._verdict(False, f"error rate {canary.error_rate:.2f} ({canary.errors} of {canary.answers} answers) "
-                                        f"above serve.canary.max_error_rate {p.max_error_rate:g}", None)
+            return self._verdict(
+                False,
+                f"error rate {canary.error_rate:.2f} ({canary.errors} of {canary.answers} answers) "
+                f"above serve.canary.max_error_rate {p.max_error_rate:g}",
+                None,
+            )
         if p.fraction < 1 and stable.answers < p.min_requests:
             return None
         ratio = self._latency_ratio()
         if ratio is not None and ratio > p.max_latency_ratio:
-            return self._verdict(False, f"median {canary.median_per_token_s * 1000:.1f} ms per output token, {ratio:.2f} times "
-                                        f"{self.stable.version}'s {stable.median_per_token_s * 1000:.1f} ms, above "
-                                        f"serve.canary.max_latency_ratio {p.max_latency_ratio:g}", ratio)
+            return self._verdict(
+                False,
+                f"median {canary.median_per_token_s * 1000:.1f} ms per output token, {ratio:.2f} times "
+                f"{self.stable.version}'s {stable.median_per_token_s * 1000:.1f} ms, above "
+                f"serve.canary.max_latency_ratio {p.max_latency_ratio:g}",
+                ratio,
+            )
         latency = f"latency {ratio:.2f} times {self.stable.version}'s" if ratio is not None else "latency not compared"
-        return self._verdict(True, f"error rate {canary.error_rate:.2f} ({canary.errors} of {canary.answers} answers), "
-                                   f"{latency}: within serve.canary's bounds", ratio)
+        return self._verdict(
+            True,
+            f"error rate {canary.error_rate:.2f} ({canary.errors} of {canary.answers} answers), "
+            f"{latency}: within serve.canary's bounds",
+            ratio,
+        )
 
     def _latency_ratio(self) -> float | None:
         mine, theirs = self.on_canary.median_per_token_s, self.on_stable.median_per_token_s
         return mine / theirs if mine is not None and theirs else None
 
     def _verdict(self, keep: bool, reason: str, ratio: float | None) -> Verdict:
-        return Verdict(keep, reason, self.on_canary.summary(), self.on_stable.summary(),
-                       round(ratio, 4) if ratio is not None else None)
+        return Verdict(
+            keep,
+            reason,
+            self.on_canary.summary(),
+            self.on_stable.summary(),
+            round(ratio, 4) if ratio is not None else None,
+        )

@@ -103,8 +103,13 @@ def settle_pid_file(pid_file: Path, stop_timeout_s: float = 30) -> None:
     if record is not None:
         left = stale_engine(record)
         if left:
-            log.warning("stopping the vLLM engine (pids %s) left running by a `loraline serve` (pid %s) that ended without "
-                        "stopping it (%s)", left, record.serve.pid, pid_file)
+            log.warning(
+                "stopping the vLLM engine (pids %s) left running by a `loraline serve` (pid %s) that ended without "
+                "stopping it (%s)",
+                left,
+                record.serve.pid,
+                pid_file,
+            )
             stop_group(record.engine.pid, stop_timeout_s)
     pid_file.unlink(missing_ok=True)
 
@@ -150,8 +155,10 @@ def check_port_free(host: str, port: int, param: str) -> None:
         return
     holders = [f"pid {pid} ({command(pid)})" for pid in listeners(port)]
     by = f" by {', '.join(holders)}" if holders else ""
-    raise ClaimError(f"port {port} on {host} ({param}) is already in use{by}: stop it, or choose another port with "
-                     f"--set {param}=<port>")
+    raise ClaimError(
+        f"port {port} on {host} ({param}) is already in use{by}: stop it, or choose another port with "
+        f"--set {param}=<port>"
+    )
 
 
 def port_free(host: str, port: int) -> bool:
@@ -214,4 +221,4 @@ def _stat(pid: int) -> list[str] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return raw[raw.rindex(")") + 2:].split()
+    return raw[raw.rindex(")") + 2 :].split()

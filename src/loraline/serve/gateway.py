@@ -47,11 +47,24 @@ FORWARDED = ("/v1/chat/completions", "/v1/completions")
 # far more often than one request's own duration (64 requests of about 50 s each on 2 CPU cores:
 # one every 0.8 s). The OpenAI client waits this long before its own retry.
 RETRY_AFTER_S = 1
-JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number", type(None): "null"}
+JSON_TYPES = {
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
 
 
-def openai_error(status: int, message: str, kind: str, param: str | None = "model", headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status, headers=headers)
+def openai_error(
+    status: int, message: str, kind: str, param: str | None = "model", headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": status}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 def key_variable(tenant: str) -> str:
@@ -62,8 +75,10 @@ def tenant_keys(tenants: list[str], environ: dict[str, str]) -> dict[str, str]:
     """tenant -> its key, from the environment (serve.auth); a missing or shared key is an error."""
     missing = [key_variable(t) for t in tenants if not environ.get(key_variable(t))]
     if missing:
-        raise ValueError(f"serve.auth is on but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
-                         "set one key per tenant in the environment")
+        raise ValueError(
+            f"serve.auth is on but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
+            "set one key per tenant in the environment"
+        )
     keys = {t: environ[key_variable(t)] for t in tenants}
     if len(set(keys.values())) != len(keys):
         raise ValueError("serve.auth: two tenants have the same key; each tenant needs its own")
@@ -71,7 +86,10 @@ def tenant_keys(tenants: list[str], environ: dict[str, str]) -> dict[str, str]:
 
 
 def create_app(
-    deployment: Deployment, engine_url: str, keys: dict[str, str] | None = None, transport: httpx.AsyncBaseTransport | None = None,
+    deployment: Deployment,
+    engine_url: str,
+    keys: dict[str, str] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> Starlette:
     """`keys` (tenant -> key): each key may call its tenant only; None: no key asked for.
     `transport` replaces the network to the engine (tests)."""
@@ -94,8 +112,17 @@ def create_app(
             if who is None:
                 return openai_error(401, "a valid API key is required", "AuthenticationError")
             visible = {t: v for t, v in visible.items() if t == who}
-        data = [{"id": t, "object": "model", "owned_by": "loraline", "version": v.version, "commit": v.commit, **on_canary(t)}
-                for t, v in sorted(visible.items())]
+        data = [
+            {
+                "id": t,
+                "object": "model",
+                "owned_by": "loraline",
+                "version": v.version,
+                "commit": v.commit,
+                **on_canary(t),
+            }
+            for t, v in sorted(visible.items())
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     def on_canary(tenant: str) -> dict[str, Any]:
@@ -103,7 +130,13 @@ def create_app(
         canary = deployment.canaries.get(tenant)
         if canary is None:
             return {}
-        return {"canary": {"version": canary.version.version, "commit": canary.version.commit, "fraction": canary.params.fraction}}
+        return {
+            "canary": {
+                "version": canary.version.version,
+                "commit": canary.version.commit,
+                "fraction": canary.params.fraction,
+            }
+        }
 
     async def forward(request: Request) -> Response:
         who = caller(request) if keys is not None else None
@@ -114,15 +147,24 @@ def create_app(
             return body
         tenant = body.get("model")
         if not isinstance(tenant, str):
-            return openai_error(400, f"`model` must be a string, the tenant's name, not {JSON_TYPES.get(type(tenant), 'an object')}",
-                                "BadRequestError")
+            return openai_error(
+                400,
+                f"`model` must be a string, the tenant's name, not {JSON_TYPES.get(type(tenant), 'an object')}",
+                "BadRequestError",
+            )
         served = deployment.acquire(tenant, client_of(request, body)) if keys is None or tenant == who else None
         if served is None:
             return not_found(tenant, who)
         if not admission.take():
             deployment.release(served)
-            return openai_error(429, f"the server is busy: {admission.limit} requests are in progress (serve.max_queue); "
-                                f"retry in {RETRY_AFTER_S} s", "RateLimitError", None, {"Retry-After": str(RETRY_AFTER_S)})
+            return openai_error(
+                429,
+                f"the server is busy: {admission.limit} requests are in progress (serve.max_queue); "
+                f"retry in {RETRY_AFTER_S} s",
+                "RateLimitError",
+                None,
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
         ticket = Ticket(deployment, admission, served)
         try:
             return await relay(request.url.path, body, ticket, tenant)
@@ -132,16 +174,24 @@ def create_app(
 
     def not_found(tenant: str, who: str | None) -> Response:
         if keys is None:
-            return openai_error(404, f"The model `{tenant}` does not exist. Served: {', '.join(sorted(deployment.routes)) or 'none yet'}",
-                                "NotFoundError")
+            return openai_error(
+                404,
+                f"The model `{tenant}` does not exist. Served: {', '.join(sorted(deployment.routes)) or 'none yet'}",
+                "NotFoundError",
+            )
         # the same answer for another tenant's model as for one that does not exist
-        return openai_error(404, f"The model `{tenant}` does not exist or you do not have access to it (this key calls `{who}`)",
-                            "NotFoundError")
+        return openai_error(
+            404,
+            f"The model `{tenant}` does not exist or you do not have access to it (this key calls `{who}`)",
+            "NotFoundError",
+        )
 
     async def send(path: str, body: dict[str, Any], served: ServedVersion) -> httpx.Response | httpx.HTTPError:
         """The engine's answer (its body not read yet), or the error that stopped it."""
         try:
-            return await client.send(client.build_request("POST", path, json={**body, "model": served.served_name}), stream=True)
+            return await client.send(
+                client.build_request("POST", path, json={**body, "model": served.served_name}), stream=True
+            )
         except httpx.HTTPError as exc:
             return exc
 
@@ -188,7 +238,13 @@ def create_app(
 
         async def finish() -> None:
             seconds = time.monotonic() - started
-            ticket.close(Outcome(False, seconds, 0) if chunks.broken else _outcome(status, seconds, chunks.data) if chunks.complete else None)
+            ticket.close(
+                Outcome(False, seconds, 0)
+                if chunks.broken
+                else _outcome(status, seconds, chunks.data)
+                if chunks.complete
+                else None
+            )
             await upstream.aclose()
 
         return Relayed(lines(), finish, status_code=status, media_type=content_type, headers=headers)
@@ -209,9 +265,15 @@ def create_app(
         if keys is not None:
             who = caller(request)
             serving = {t: v for t, v in serving.items() if t == who} if who else None
-        return JSONResponse({"engine": ok, **({"serving": serving} if serving is not None else {})}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"engine": ok, **({"serving": serving} if serving is not None else {})}, status_code=200 if ok else 503
+        )
 
-    routes = [Route("/v1/models", models), Route("/health", health), Route("/loraline/refresh", refresh, methods=["POST"])]
+    routes = [
+        Route("/v1/models", models),
+        Route("/health", health),
+        Route("/loraline/refresh", refresh, methods=["POST"]),
+    ]
     routes += [Route(path, forward, methods=["POST"]) for path in FORWARDED]
 
     @contextlib.asynccontextmanager
@@ -326,6 +388,10 @@ async def json_object(request: Request) -> dict[str, Any] | Response:
     except ValueError:
         return openai_error(400, "the request body is not JSON", "BadRequestError", None)
     if not isinstance(body, dict):
-        return openai_error(400, f"the request body must be a JSON object, not {JSON_TYPES.get(type(body), 'another value')}",
-                            "BadRequestError", None)
+        return openai_error(
+            400,
+            f"the request body must be a JSON object, not {JSON_TYPES.get(type(body), 'another value')}",
+            "BadRequestError",
+            None,
+        )
     return body

@@ -58,18 +58,31 @@ def start_deployment(params: Params, layout: Layout, python: Path) -> tuple[Engi
     prepare = partial(prepare_version, root, base_dir=base_dir, cache=folders.cache)  # (tenant, version, commit)
     remote, canary = params.orchestrate.registry_remote, params.serve.canary is not None
     production = _read_production(root, tenants, remote, canary)
-    versions = [(t, p.version, p.commit) for t, p in production.items()] + [(t, *p.stable) for t, p in production.items() if p.stable]
+    versions = [(t, p.version, p.commit) for t, p in production.items()] + [
+        (t, *p.stable) for t, p in production.items() if p.stable
+    ]
     ranks = [prepare(*v).rank for v in versions]
     rank = params.serve.max_lora_rank or lora_rank_for(ranks or [FALLBACK_RANK])
     model = Path(resolve_base_model_path(base_dir))
     cmd = engine_command(
-        python, model, params.serve, dtype=engine_dtype(params.serve, params.merge.dtype), lora_rank=rank,
-        max_loras=params.serve.max_loras or 2 * len(tenants), max_model_len=params.serve.max_model_len or _context(model),
+        python,
+        model,
+        params.serve,
+        dtype=engine_dtype(params.serve, params.merge.dtype),
+        lora_rank=rank,
+        max_loras=params.serve.max_loras or 2 * len(tenants),
+        max_model_len=params.serve.max_model_len or _context(model),
         on_cpu=on_cpu(),
     )
     engine = Engine.start(cmd, params.serve, folders.engine_log, on_cpu(), pid_file=folders.pid_file)
-    deployment = Deployment(engine, params.serve, prepare, partial(_read_production, root, tenants, remote, canary), folders.events,
-                            RegistryCanaryRecords(root, remote, replica_name()) if canary else None)
+    deployment = Deployment(
+        engine,
+        params.serve,
+        prepare,
+        partial(_read_production, root, tenants, remote, canary),
+        folders.events,
+        RegistryCanaryRecords(root, remote, replica_name()) if canary else None,
+    )
     try:
         deployment.sync()
     except BaseException:
@@ -90,15 +103,19 @@ def serve(params: Params, layout: Layout, python: Path) -> None:
     stop = threading.Event()
     watcher = threading.Thread(target=deployment.watch, args=(stop,), daemon=True, name="registry-watcher")
     watcher.start()
-    print(f"serving {', '.join(f'{t} {v.version}' for t, v in sorted(deployment.routes.items())) or 'no tenant yet'} "
-          f"on http://{s.host}:{s.port}/v1 (OpenAI API; the model is the tenant's name); events: {ServeFolders(layout.root).events}",
-          flush=True)
+    print(
+        f"serving {', '.join(f'{t} {v.version}' for t, v in sorted(deployment.routes.items())) or 'no tenant yet'} "
+        f"on http://{s.host}:{s.port}/v1 (OpenAI API; the model is the tenant's name); events: {ServeFolders(layout.root).events}",
+        flush=True,
+    )
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it
     # found. Python's default one ends the process on the spot, skipping `finally`, and the engine
     # (in a session of its own) would outlive us holding its memory and GPU: exit through Python instead.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(create_app(deployment, engine.url, keys), host=s.host, port=s.port, log_level="warning", access_log=False)
+        uvicorn.run(
+            create_app(deployment, engine.url, keys), host=s.host, port=s.port, log_level="warning", access_log=False
+        )
     finally:
         stop.set()
         engine.stop()
@@ -135,8 +152,17 @@ class RegistryCanaryRecords:
     replica: str  # who decides, in the tag message
 
     def decide(self, tenant: str, number: int, version: str, verdict: Verdict) -> CanaryDecision | None:
-        return record_decision(self.root, self.remote, tenant, number, version, kept=verdict.keep, reason=verdict.reason,
-                               facts=verdict.facts(), by=self.replica)
+        return record_decision(
+            self.root,
+            self.remote,
+            tenant,
+            number,
+            version,
+            kept=verdict.keep,
+            reason=verdict.reason,
+            facts=verdict.facts(),
+            by=self.replica,
+        )
 
     def decision(self, tenant: str, number: int) -> CanaryDecision | None:
         return read_decision(self.root, tenant + ADAPTER_SUFFIX, number)

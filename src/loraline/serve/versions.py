@@ -34,8 +34,10 @@ class ProbeReference:
         """From a merge report's probe_reference; one written before merge.probes has built-in probes only."""
         origins = ref.get("sources") or [{"source": "builtin"}] * len(ref["prompts"])
         if not len(ref["prompts"]) == len(ref["texts"]) == len(origins):
-            raise ValueError(f"the merge report's probe_reference is inconsistent: {len(ref['prompts'])} prompts, "
-                             f"{len(ref['texts'])} answers, {len(origins)} sources")
+            raise ValueError(
+                f"the merge report's probe_reference is inconsistent: {len(ref['prompts'])} prompts, "
+                f"{len(ref['texts'])} answers, {len(origins)} sources"
+            )
         return cls(ref["prompts"], ref["texts"], ref["max_new_tokens"], [o["source"] for o in origins])
 
 
@@ -83,7 +85,9 @@ def production_versions(root: Path, tenants: list[str], canary: bool = False) ->
         if canary and is_provisional(latest.message) and read_decision(root, name, latest.number) is None:
             before = previous_production(history)  # what a rollback would restore
             stable = (before, registry.version(name, before).commit) if before else None
-        out[tenant] = Production(latest.version, registry.version(name, latest.version).commit, latest.created_at, latest.number, stable)
+        out[tenant] = Production(
+            latest.version, registry.version(name, latest.version).commit, latest.created_at, latest.number, stable
+        )
     return out
 
 
@@ -107,7 +111,9 @@ def prepare_version(root: Path, tenant: str, version: str, commit: str, base_dir
             ) from exc
         servable: ServableAdapter = make_servable(here / "trained", base_dir, here / "servable")
         report = json.loads((here / "merge_report.json").read_text(encoding="utf-8"))
-        done.write_text(json.dumps({"rank": servable.rank, "reference": report.get("probe_reference")}), encoding="utf-8")
+        done.write_text(
+            json.dumps({"rank": servable.rank, "reference": report.get("probe_reference")}), encoding="utf-8"
+        )
     facts = json.loads(done.read_text(encoding="utf-8"))
     ref = facts.get("reference")
     reference = ProbeReference.from_report(ref) if ref else None

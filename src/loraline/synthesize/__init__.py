@@ -9,4 +9,12 @@ is kept; stage.py writes data/synthetic/<tenant>/.
 from loraline.synthesize.base import Generated, Generator, SynthesizeError, make_generator
 from loraline.synthesize.stage import SynthesizeResult, run, synthesize_tenant
 
-__all__ = ["Generated", "Generator", "SynthesizeError", "SynthesizeResult", "make_generator", "run", "synthesize_tenant"]
+__all__ = [
+    "Generated",
+    "Generator",
+    "SynthesizeError",
+    "SynthesizeResult",
+    "make_generator",
+    "run",
+    "synthesize_tenant",
+]

@@ -16,8 +16,9 @@ from loraline.synthesize.prompt import ModelGenerator
 class EndpointGenerator(ModelGenerator):
     name = "openai"
 
-    def __init__(self, params: SynthesizeParams, cache_dir: Path | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self, params: SynthesizeParams, cache_dir: Path | None = None, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         super().__init__(params)
         self.model = params.model
         try:
@@ -26,8 +27,14 @@ class EndpointGenerator(ModelGenerator):
             raise SynthesizeError(str(e)) from None
 
     def complete(self, messages: list[dict[str, str]], seed: int) -> str:
-        body = {"model": self.model, "messages": messages, "temperature": self.params.temperature,
-                "max_tokens": self.params.max_new_tokens, "seed": seed, "n": 1}
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.params.temperature,
+            "max_tokens": self.params.max_new_tokens,
+            "seed": seed,
+            "n": 1,
+        }
         try:
             return self.client.chat(body)
         except EndpointError as e:

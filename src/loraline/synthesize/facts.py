@@ -44,11 +44,28 @@ IMPERATIVE = frozenset(
     "set try restart remove install change press see shake store switch turn unplug let return send select "
     "click enter update".split()
 )
-AUX = {"is": "Is", "are": "Are", "can": "Can", "will": "Will", "must": "Must", "should": "Should",
-       "may": "May", "cannot": "Can", "can't": "Can", "won't": "Will", "isn't": "Is", "aren't": "Are"}
+AUX = {
+    "is": "Is",
+    "are": "Are",
+    "can": "Can",
+    "will": "Will",
+    "must": "Must",
+    "should": "Should",
+    "may": "May",
+    "cannot": "Can",
+    "can't": "Can",
+    "won't": "Will",
+    "isn't": "Is",
+    "aren't": "Are",
+}
 _YESNO = re.compile(r"^(?P<x>[A-Za-z][\w'’\-, ]{0,80}?) (?P<aux>" + "|".join(map(re.escape, AUX)) + r") (?P<y>.+)$")
-_CLAUSE_END = re.compile(r"[;:]|, (?:but|which|so|and|as|because|with|usually)\b| and (?:is|are|can|will|should)\b| \(")
-_NOT_SUBJECT = re.compile(r"^(?:if|when|as|once|before|after|until|because|while|for|to|in|on|at|from|there|it|this|these|that|those)\b", re.I)
+_CLAUSE_END = re.compile(
+    r"[;:]|, (?:but|which|so|and|as|because|with|usually)\b| and (?:is|are|can|will|should)\b| \("
+)
+_NOT_SUBJECT = re.compile(
+    r"^(?:if|when|as|once|before|after|until|because|while|for|to|in|on|at|from|there|it|this|these|that|those)\b",
+    re.I,
+)
 _CLAUSE_WORD = re.compile(r"\b(?:when|that|because|if|where|which|who|whether|than|so|and then)\b", re.I)
 ANAPHORA = re.compile(r"^(?:this|that|these|those|it|they|both|below that|after that|otherwise)\b", re.I)
 _KV = re.compile(r"^(?P<k>[^:.!?]{1,32}): (?P<v>\S.*)$")
@@ -84,7 +101,9 @@ def extract_facts(doc: Document) -> list[Fact]:
 
 def _faq(doc: Document, block: Block) -> Fact:
     q = clean(doc.text[slice(*block.question)])
-    return Fact("faq", block.answer, clean(doc.text[slice(*block.answer)]), {"question": q, "topic": block.title or ""})
+    return Fact(
+        "faq", block.answer, clean(doc.text[slice(*block.answer)]), {"question": q, "topic": block.title or ""}
+    )
 
 
 def _section(doc: Document, heading: str, blocks: list[Block]) -> Fact:
@@ -113,8 +132,14 @@ def _sentence_facts(doc: Document, span: Span, block: Block) -> list[Fact]:
         sentence = clean(doc.text[s:e])
         meta = _META.match(sentence)
         if meta and len(meta.group("v")) < 120:
-            out.append(Fact("meta", (s, e), sentence, {"key": meta.group("k"), "value": meta.group("v").rstrip("."),
-                                                      "topic": block.title or ""}))
+            out.append(
+                Fact(
+                    "meta",
+                    (s, e),
+                    sentence,
+                    {"key": meta.group("k"), "value": meta.group("v").rstrip("."), "topic": block.title or ""},
+                )
+            )
             continue
         if len(sentence.split()) < 4 or ANAPHORA.match(sentence):
             continue
@@ -130,19 +155,47 @@ def _sentence_facts(doc: Document, span: Span, block: Block) -> list[Fact]:
                 unit = unit if unit.endswith("s") else unit + "s"
                 noun = m.group(1).lower() if "{noun}" in phrase else ""
                 wh = phrase.format(unit=unit, noun=noun)
-                out.append(Fact("number", ctx, answer, {**slots, "wh": wh, "quantity": m.group(0),
-                                                        "before": sentence[: m.start()], "after": sentence[m.end():],
-                                                        "imperative": "1" if imperative else ""}))
+                out.append(
+                    Fact(
+                        "number",
+                        ctx,
+                        answer,
+                        {
+                            **slots,
+                            "wh": wh,
+                            "quantity": m.group(0),
+                            "before": sentence[: m.start()],
+                            "after": sentence[m.end() :],
+                            "imperative": "1" if imperative else "",
+                        },
+                    )
+                )
                 break
         if imperative:
             out.append(Fact("howto", ctx, answer, slots))
             continue
         m = _YESNO.match(sentence)
-        if m and not _NOT_SUBJECT.match(m.group("x")) and len(m.group("x").split()) <= 10 and not _CLAUSE_WORD.search(m.group("x")):
+        if (
+            m
+            and not _NOT_SUBJECT.match(m.group("x"))
+            and len(m.group("x").split()) <= 10
+            and not _CLAUSE_WORD.search(m.group("x"))
+        ):
             y = _CLAUSE_END.split(m.group("y"), maxsplit=1)[0].rstrip(" .,!")
             if len(y.split()) >= 1:
-                out.append(Fact("yesno", ctx, answer, {**slots, "aux": AUX[m.group("aux").lower()],
-                                                       "x": re.sub(r"\s*\([^)]*\)", "", m.group("x")), "y": y}))
+                out.append(
+                    Fact(
+                        "yesno",
+                        ctx,
+                        answer,
+                        {
+                            **slots,
+                            "aux": AUX[m.group("aux").lower()],
+                            "x": re.sub(r"\s*\([^)]*\)", "", m.group("x")),
+                            "y": y,
+                        },
+                    )
+                )
     return out
 
 
@@ -154,16 +207,28 @@ def _list_facts(doc: Document, block: Block) -> list[Fact]:
     if kvs and all(m for _, m in kvs):
         for item, m in kvs:
             assert m is not None
-            out.append(Fact("kv", item.span, clean(doc.text[slice(*item.span)]),
-                            {"key": m.group("k"), "value": m.group("v"), "heading": heading, "topic": block.title or ""}))
+            out.append(
+                Fact(
+                    "kv",
+                    item.span,
+                    clean(doc.text[slice(*item.span)]),
+                    {"key": m.group("k"), "value": m.group("v"), "heading": heading, "topic": block.title or ""},
+                )
+            )
         keys = ", ".join(m.group("k") for _, m in kvs if m)
         out.append(Fact("list", block.span, keys, {"heading": heading, "topic": block.title or "", "keys": "1"}))
         return out
     for n, (item, text) in enumerate(items):
         if item.number is not None:
             prev = items[n - 1][1].split(".")[0] if n else ""
-            out.append(Fact("step", item.span, text, {"heading": heading, "number": str(item.number), "previous": prev,
-                                                      "topic": block.title or ""}))
+            out.append(
+                Fact(
+                    "step",
+                    item.span,
+                    text,
+                    {"heading": heading, "number": str(item.number), "previous": prev, "topic": block.title or ""},
+                )
+            )
     listed = "\n".join(f"{item.number}. {text}" if item.number is not None else f"- {text}" for item, text in items)
     if len(listed) <= 1500:
         out.append(Fact("list", block.span, listed, {"heading": heading, "topic": block.title or "", "keys": ""}))

@@ -40,7 +40,10 @@ _WORD = re.compile(r"\w+")
 
 def check_length(question: str, answer: str, p: SynthFilterParams) -> Verdict:
     if not p.min_question_chars <= len(question) <= p.max_question_chars:
-        return QUESTION_LENGTH, f"question has {len(question)} chars (allowed {p.min_question_chars}-{p.max_question_chars})"
+        return (
+            QUESTION_LENGTH,
+            f"question has {len(question)} chars (allowed {p.min_question_chars}-{p.max_question_chars})",
+        )
     if not p.min_answer_chars <= len(answer) <= p.max_answer_chars:
         return ANSWER_LENGTH, f"answer has {len(answer)} chars (allowed {p.min_answer_chars}-{p.max_answer_chars})"
     return None
@@ -74,7 +77,11 @@ def grounding(answer: str, span_text: str) -> float:
 
 def check_grounding(answer: str, span_text: str, min_grounding: float) -> Verdict:
     g = grounding(answer, span_text)
-    return (UNGROUNDED, f"{g:.2f} of the answer's words are in its source span (min {min_grounding})") if g < min_grounding else None
+    return (
+        (UNGROUNDED, f"{g:.2f} of the answer's words are in its source span (min {min_grounding})")
+        if g < min_grounding
+        else None
+    )
 
 
 class FilterChain:

@@ -34,7 +34,9 @@ class HFGenerator(ModelGenerator):
             self._tokenizer = AutoTokenizer.from_pretrained(self.model, trust_remote_code=trust)
             self._model = AutoModelForCausalLM.from_pretrained(self.model, trust_remote_code=trust)
         except OSError as exc:
-            raise FileNotFoundError(f"synthesize.model {self.model!r}: cannot load it with transformers: {exc}") from exc
+            raise FileNotFoundError(
+                f"synthesize.model {self.model!r}: cannot load it with transformers: {exc}"
+            ) from exc
         self._model.eval()
 
     def render(self, messages: list[dict[str, str]]) -> str:
@@ -55,11 +57,13 @@ class HFGenerator(ModelGenerator):
         kwargs: dict[str, Any] = dict(max_new_tokens=self.params.max_new_tokens, do_sample=sample)
         if sample:
             kwargs["temperature"] = self.params.temperature
-        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else self._tokenizer.eos_token_id
+        pad = (
+            self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else self._tokenizer.eos_token_id
+        )
         with torch.no_grad():
             out = self._model.generate(**enc, **kwargs, pad_token_id=pad)
         self.calls += 1
-        return self._tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self._tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def usage(self) -> dict:
         return {"generate_calls": self.calls}

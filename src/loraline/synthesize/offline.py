@@ -85,11 +85,22 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 STYLES: tuple[str, ...] = (
-    "{q}", "{q}", "{q}", "Hi, {q_l}", "Hello! {q}", "Quick question: {q_l}", "{q} Thanks!", "{q} Thank you.",
-    "{q_lower}", "Please help: {q_l}",
+    "{q}",
+    "{q}",
+    "{q}",
+    "Hi, {q_l}",
+    "Hello! {q}",
+    "Quick question: {q_l}",
+    "{q} Thanks!",
+    "{q} Thank you.",
+    "{q_lower}",
+    "Please help: {q_l}",
 )
-META_QUESTIONS = {"owner": "Who owns {doc}?", "applies to": "What does {doc} apply to?",
-                  "last updated": "When was {doc} last updated?"}
+META_QUESTIONS = {
+    "owner": "Who owns {doc}?",
+    "applies to": "What does {doc} apply to?",
+    "last updated": "When was {doc} last updated?",
+}
 PREPOSITIONS = ("within", "after", "in", "for", "at", "over", "under", "before", "every")
 MODALS = ("can", "will", "must", "should", "may")
 _SWAP = {"you": "I", "your": "my", "yours": "mine", "we": "you", "our": "your", "us": "you"}
@@ -125,8 +136,14 @@ class OfflineGenerator:
                 if question in seen:
                     continue
                 seen.add(question)
-                yield Generated(question=question, answer=fact.answer, source=doc.source, span=fact.span,
-                                seed_tasks=used, method=f"{fact.kind}:{TEMPLATES[fact.kind].index(template)}")
+                yield Generated(
+                    question=question,
+                    answer=fact.answer,
+                    source=doc.source,
+                    span=fact.span,
+                    seed_tasks=used,
+                    method=f"{fact.kind}:{TEMPLATES[fact.kind].index(template)}",
+                )
 
     def usage(self) -> dict:
         return {}
@@ -172,8 +189,13 @@ def _slots(fact: Fact, doc: Document, proper: set[str], rng: random.Random) -> d
     heading = s.get("heading") or topic.split(":")[0]
     h = re.sub(r"\s*\([^)]*\)", "", heading).strip()
     h_l = " ".join(w if _keep_case(w, proper) else w.lower() for w in h.split())
-    s.update(h=h_l, H=h_l[:1].upper() + h_l[1:], topic_l=_lower_first(topic.split(":")[0], proper),
-             doc=_doc_ref(topic, doc.source, rng), sing=_singular(h_l))
+    s.update(
+        h=h_l,
+        H=h_l[:1].upper() + h_l[1:],
+        topic_l=_lower_first(topic.split(":")[0], proper),
+        doc=_doc_ref(topic, doc.source, rng),
+        sing=_singular(h_l),
+    )
     s["doc_cap"] = s["doc"][:1].upper() + s["doc"][1:]
     if fact.kind == "faq":
         q = s["question"]
@@ -193,7 +215,9 @@ def _slots(fact: Fact, doc: Document, proper: set[str], rng: random.Random) -> d
         yesno = f"{s['aux']} {_lower_first(x, proper) if x != 'I' else x} {y}?"
         s["yesno"], s["yesno_l"] = yesno, _lower_first(yesno, proper)
     elif fact.kind == "howto":
-        imperative = re.split(r"[;:]|, (?:which|so|and|but|as|don't|never)\b", s["sentence"], maxsplit=1)[0].rstrip(" .,!")
+        imperative = re.split(r"[;:]|, (?:which|so|and|but|as|don't|never)\b", s["sentence"], maxsplit=1)[0].rstrip(
+            " .,!"
+        )
         words = imperative.split()
         if words and words[0].lower() in ("always", "please"):
             words = words[1:]
@@ -237,7 +261,7 @@ def _fronted(before: str, wh: str, imperative: bool, proper: set[str]) -> str | 
         if w.lower() in MODALS and i > 0:
             subject = " ".join(rest[:i])
             subject = _SWAP.get(subject.lower(), _swap(_lower_first(subject, proper)))
-            return f"{prep.capitalize()} {wh} {w.lower()} {subject} {_swap(' '.join(rest[i + 1:]))}?"
+            return f"{prep.capitalize()} {wh} {w.lower()} {subject} {_swap(' '.join(rest[i + 1 :]))}?"
     return None
 
 
@@ -261,11 +285,15 @@ def _singular(h: str) -> str:
 
 def _swap(text: str) -> str:
     """Second person to first and first to second: the customer asks about what the document tells them."""
+
     def repl(m: re.Match[str]) -> str:
         word = m.group(0)
         out = _SWAP[word.lower()]
-        if word.lower() == "you" and m.start() > 0 and not re.search(r"(?:^|[,;] |\b(?:if|when|so|until|and|or) )$",
-                                                                     text[: m.start()], re.I):
+        if (
+            word.lower() == "you"
+            and m.start() > 0
+            and not re.search(r"(?:^|[,;] |\b(?:if|when|so|until|and|or) )$", text[: m.start()], re.I)
+        ):
             out = "me"
         return out if not word[0].isupper() or out == "I" else out.capitalize()
 

@@ -122,8 +122,12 @@ def _make_block(lines: list[tuple[int, str]], heading: str | None, title: str | 
     if faq and len(lines) > 1:
         q_start = start + first.index("**") + 2
         return Block(
-            kind="faq", span=(start, end), heading=heading, title=title,
-            question=(q_start, q_start + len(faq.group(1))), answer=(lines[1][0], end),
+            kind="faq",
+            span=(start, end),
+            heading=heading,
+            title=title,
+            question=(q_start, q_start + len(faq.group(1))),
+            answer=(lines[1][0], end),
         )
     if _LIST_ITEM.match(first):
         items: list[Item] = []

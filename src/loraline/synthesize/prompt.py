@@ -54,9 +54,11 @@ def passages(doc: Document, max_chars: int = MAX_PASSAGE_CHARS) -> list[Span]:
 def build_messages(doc: Document, span: Span, seed_tasks: Sequence[SeedTask], n: int) -> list[dict[str, str]]:
     examples = ""
     if seed_tasks:
-        lines = "\n".join(json.dumps({"question": t.instruction, "answer": t.output}, ensure_ascii=False) for t in seed_tasks)
+        lines = "\n".join(
+            json.dumps({"question": t.instruction, "answer": t.output}, ensure_ascii=False) for t in seed_tasks
+        )
         examples = EXAMPLES.format(lines=lines)
-    user = USER.format(examples=examples, source=doc.source, passage=doc.text[span[0]:span[1]].strip(), n=n)
+    user = USER.format(examples=examples, source=doc.source, passage=doc.text[span[0] : span[1]].strip(), n=n)
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -98,8 +100,13 @@ def parse_pairs(text: str) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def _take(item: object, where: str, raw: str, pairs: list, errors: list) -> None:
-    if isinstance(item, dict) and isinstance(item.get("question"), str) and isinstance(item.get("answer"), str) \
-            and item["question"].strip() and item["answer"].strip():
+    if (
+        isinstance(item, dict)
+        and isinstance(item.get("question"), str)
+        and isinstance(item.get("answer"), str)
+        and item["question"].strip()
+        and item["answer"].strip()
+    ):
         pairs.append((clean(item["question"]), item["answer"].strip()))
     else:
         errors.append(f'{where}: not an object with non-empty "question" and "answer" strings: {raw[:200]}')
@@ -127,8 +134,16 @@ class ModelGenerator:
             for q, a in pairs:
                 yield Generated(question=q, answer=a, source=doc.source, span=span, seed_tasks=used, method=self.name)
             for error in errors:
-                yield Generated(question="", answer="", source=doc.source, span=span, seed_tasks=used,
-                                method=self.name, reject="unparseable", detail=error)
+                yield Generated(
+                    question="",
+                    answer="",
+                    source=doc.source,
+                    span=span,
+                    seed_tasks=used,
+                    method=self.name,
+                    reject="unparseable",
+                    detail=error,
+                )
 
     def usage(self) -> dict:
         return {}

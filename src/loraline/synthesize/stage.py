@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraline.progress import progress_bar
-
 from loraline.config import Params, SeedTask, SynthesizeParams
+from loraline.io import atomic_dir, write_json, write_jsonl, write_timing
 from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
 from loraline.layout import SYNTHETIC_ROWS, Layout
-from loraline.io import atomic_dir, write_json, write_jsonl, write_timing
+from loraline.progress import progress_bar
 from loraline.provenance import code_fingerprint, run_facts, sha256_bytes
 from loraline.synthesize.base import Generated, Generator, SynthesizeError, make_generator
 from loraline.synthesize.filters import REASONS, FilterChain
@@ -63,7 +62,9 @@ def load_documents(documents_dir: Path) -> list[Document]:
     for rel in sorted(files):
         data = (Path(documents_dir) / rel).read_bytes()
         if sha256_bytes(data) != files[rel]:
-            raise SynthesizeError(f"{documents_dir}/{rel} differs from its hash in {MANIFEST}: re-run the documents stage")
+            raise SynthesizeError(
+                f"{documents_dir}/{rel} differs from its hash in {MANIFEST}: re-run the documents stage"
+            )
         docs.append(make_document(rel, data.decode("utf-8"), files[rel]))
     return docs
 
@@ -99,24 +100,42 @@ def synthesize_tenant(
             counts["generated"] += 1
             methods[item.method.split(":")[0]] += 1
             prov = _provenance(gen, item, doc, seed)
-            span_text = doc.text[item.span[0]:item.span[1]]
-            verdict = (item.reject, item.detail or "") if item.reject else chain.check(item.question, item.answer, span_text)
+            span_text = doc.text[item.span[0] : item.span[1]]
+            verdict = (
+                (item.reject, item.detail or "") if item.reject else chain.check(item.question, item.answer, span_text)
+            )
             if verdict:
                 reason, detail = verdict
-                rejected.append({"reason": reason, "detail": detail, "question": item.question, "answer": item.answer,
-                                 "provenance": prov})
+                rejected.append(
+                    {
+                        "reason": reason,
+                        "detail": detail,
+                        "question": item.question,
+                        "answer": item.answer,
+                        "provenance": prov,
+                    }
+                )
                 continue
             row_id = _row_id(tenant, item)
             chain.keep(item.question, item.answer, row_id)
             counts["kept"] += 1
-            rows.append({"id": row_id, "messages": [{"role": "user", "content": item.question},
-                                                    {"role": "assistant", "content": item.answer}],
-                         "provenance": prov})
+            rows.append(
+                {
+                    "id": row_id,
+                    "messages": [
+                        {"role": "user", "content": item.question},
+                        {"role": "assistant", "content": item.answer},
+                    ],
+                    "provenance": prov,
+                }
+            )
 
     by_reason = Counter(r["reason"] for r in rejected)
     if generated != len(rows) + sum(by_reason.values()) or any(r not in REASONS for r in by_reason):
-        raise SynthesizeError(f"synthesize[{tenant}]: counts do not reconcile: generated {generated} != "
-                              f"kept {len(rows)} + rejected {dict(by_reason)}")
+        raise SynthesizeError(
+            f"synthesize[{tenant}]: counts do not reconcile: generated {generated} != "
+            f"kept {len(rows)} + rejected {dict(by_reason)}"
+        )
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / ROWS, rows)
@@ -141,9 +160,17 @@ def synthesize_tenant(
         "code": code_fingerprint(__name__),
     }
     write_json(stats_path, stats)
-    return SynthesizeResult(tenant=tenant, rows_path=out_dir / ROWS, rejected_path=out_dir / REJECTED,
-                            stats_path=Path(stats_path), generated=generated, kept=len(rows),
-                            rejected=dict(by_reason), stats=stats, usage=gen.usage())
+    return SynthesizeResult(
+        tenant=tenant,
+        rows_path=out_dir / ROWS,
+        rejected_path=out_dir / REJECTED,
+        stats_path=Path(stats_path),
+        generated=generated,
+        kept=len(rows),
+        rejected=dict(by_reason),
+        stats=stats,
+        usage=gen.usage(),
+    )
 
 
 def _provenance(gen: Generator, item: Generated, doc: Document, seed: int) -> dict[str, Any]:
@@ -169,12 +196,21 @@ def run(params: Params, layout: Layout, tenant: str, *, progress: bool = False) 
     """The synthesize stage for one tenant: rows from data/documents/<tenant> into data/synthetic/<tenant>."""
     started = time.perf_counter()
     result = synthesize_tenant(
-        tenant, params.synthesize, layout.documents_dir(tenant), layout.synthetic_dir(tenant),
-        layout.synthesize_stats_path(tenant), seed=params.seed, seed_tasks=params.tenant(tenant).seed_tasks,
-        cache_dir=layout.synth_cache_dir(tenant), progress=progress,
+        tenant,
+        params.synthesize,
+        layout.documents_dir(tenant),
+        layout.synthetic_dir(tenant),
+        layout.synthesize_stats_path(tenant),
+        seed=params.seed,
+        seed_tasks=params.tenant(tenant).seed_tasks,
+        cache_dir=layout.synth_cache_dir(tenant),
+        progress=progress,
     )
     write_json(layout.metrics_path("synthesize", tenant), synthesize_metrics(result))
-    write_timing(layout.timing_path("synthesize", tenant), run_facts(started, **({"usage": result.usage} if result.usage else {})))
+    write_timing(
+        layout.timing_path("synthesize", tenant),
+        run_facts(started, **({"usage": result.usage} if result.usage else {})),
+    )
     return result
 
 

@@ -67,15 +67,25 @@ def check_auto_allowed(batch_size: int | str, devices: int, sharding: str, devic
 
 
 def resolve(
-    batch_size: int | str, device: torch.device, *, resumed: dict[str, Any] | None, probe: Callable[[], BatchChoice],
+    batch_size: int | str,
+    device: torch.device,
+    *,
+    resumed: dict[str, Any] | None,
+    probe: Callable[[], BatchChoice],
 ) -> BatchChoice:
     """The batch for this run: a number as given; auto from a resumed checkpoint's record, CPU_ROWS on the
     CPU, else `probe()` (fit_rows on the loaded model)."""
     if batch_size != AUTO:
         return BatchChoice(int(batch_size), batch_size, "given", f"given: {batch_size} rows")
     if resumed is not None:
-        return BatchChoice(resumed["rows"], AUTO, "checkpoint", f"{resumed['note']} (from the checkpoint resumed)",
-                           resumed.get("peak_bytes"), resumed.get("budget_bytes"))
+        return BatchChoice(
+            resumed["rows"],
+            AUTO,
+            "checkpoint",
+            f"{resumed['note']} (from the checkpoint resumed)",
+            resumed.get("peak_bytes"),
+            resumed.get("budget_bytes"),
+        )
     if device.type != "cuda":
         return BatchChoice(CPU_ROWS, AUTO, "cpu", f"auto: {CPU_ROWS} rows (the CPU default)")
     return probe()

@@ -208,6 +208,8 @@ def load(
     optimizer.load_state_dict(decode(ckpt.state["optimizer"], tensors))
     scheduler.load_state_dict(decode(ckpt.state["scheduler"], tensors))
     prefix = f"rank{rank}."
-    restore_rng(ckpt.state["rng"][rank], {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)})
+    restore_rng(
+        ckpt.state["rng"][rank], {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}
+    )
     best = ckpt.path / "best.safetensors"
     return load_file(best) if best.exists() else None

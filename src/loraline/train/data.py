@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraline.config import TrainParams
-from loraline.train.errors import TrainError
 from loraline.modelling.constants import IGNORE_INDEX
+from loraline.train.errors import TrainError
 
 REQUIRED_COLUMNS = ("input_ids", "labels")
 
@@ -59,8 +59,12 @@ def load_splits(dataset_dir: Path) -> Splits:
         if lacking:
             raise TrainError(f"dataset {dataset_dir} split {split} lacks column(s) {', '.join(lacking)}")
     # Rows cut from documents (prepare.document_rows, e.g. for train.long_context) train beside the chat rows.
-    return Splits(*(_examples(dd[s]) + (_examples(dd[f"{s}_documents"]) if f"{s}_documents" in dd else [])
-                    for s in ("train", "validation")))
+    return Splits(
+        *(
+            _examples(dd[s]) + (_examples(dd[f"{s}_documents"]) if f"{s}_documents" in dd else [])
+            for s in ("train", "validation")
+        )
+    )
 
 
 def _examples(ds) -> list[Example]:
@@ -76,7 +80,9 @@ def check_splits(splits: Splits, params: TrainParams, dataset_dir: Path) -> None
     The prepare stage already caps rows at prepare.max_tokens, so the fix is to align the two.
     """
     if not splits.train:
-        raise TrainError(f"dataset {dataset_dir}: the train split is empty; add rows or lower prepare.split.validation/test")
+        raise TrainError(
+            f"dataset {dataset_dir}: the train split is empty; add rows or lower prepare.split.validation/test"
+        )
     if not any(e.n_targets for e in splits.train):
         raise TrainError(f"dataset {dataset_dir}: no train example has answer tokens (labels are all -100)")
     for name, examples in (("train", splits.train), ("validation", splits.validation)):

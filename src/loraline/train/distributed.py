@@ -164,8 +164,14 @@ def launch(spec: dict[str, Any], devices: int, use_cuda: bool) -> dict[str, Any]
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps({**spec, "result_path": str(result_path)}), encoding="utf-8")
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
-            "-m", "loraline.train.worker", str(spec_path),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={devices}",
+            "-m",
+            "loraline.train.worker",
+            str(spec_path),
         ]
         log.info("training on %d %s processes: %s", devices, "CUDA" if use_cuda else "CPU (gloo)", " ".join(cmd))
         proc = subprocess.Popen(cmd, env=launch_env(devices, use_cuda), stderr=subprocess.PIPE, text=True)

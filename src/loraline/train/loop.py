@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from loraline.progress import progress_bar
 
 from loraline.config import TrainParams
 from loraline.modelling.constants import IGNORE_INDEX
+from loraline.modelling.device import autocast, compute_dtype
 from loraline.modelling.s2attn import S2_ATTN
+from loraline.progress import progress_bar
 from loraline.train.data import Example
 from loraline.train.distributed import World, shard, sum_grads, sum_numbers
-from loraline.modelling.device import autocast, compute_dtype
 from loraline.train.packing import Batch, PlannedStep, collate, pack_rows
 from loraline.train.speed import VARLEN, FusedHead, chunked_linear_cross_entropy
 
@@ -74,7 +74,9 @@ class Run:
         return self.params.packing and _uses_varlen(self.model)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return loss_sum(self.model, batch.to(self.device), self.device, fused=self.fused, chunk=self.params.cross_entropy_chunk)
+        return loss_sum(
+            self.model, batch.to(self.device), self.device, fused=self.fused, chunk=self.params.cross_entropy_chunk
+        )
 
 
 def loss_sum(
@@ -90,7 +92,9 @@ def loss_sum(
         if fused is not None:
             decoder, head = fused
             hidden = decoder(**inputs, use_cache=False)[0]
-            return chunked_linear_cross_entropy(hidden, head.weight, batch.targets, chunk=chunk, dtype=compute_dtype(device))
+            return chunked_linear_cross_entropy(
+                hidden, head.weight, batch.targets, chunk=chunk, dtype=compute_dtype(device)
+            )
         logits = model(**inputs, use_cache=False).logits
     keep = batch.targets != IGNORE_INDEX
     return F.cross_entropy(logits[keep].float(), batch.targets[keep], reduction="sum")
@@ -111,7 +115,10 @@ def train_step(run: Run, planned: PlannedStep) -> tuple[float, int, int]:
     mine = [shard(mb, world) for mb in planned.micro_batches] if world.distributed else planned.micro_batches
     # (rows, counts): an empty share runs in lockstep on the micro-batch's first row, weighted 0
     work = [(m or mb[:1], bool(m)) for m, mb in zip(mine, planned.micro_batches) if m or run.lockstep]
-    batches = [(collate([[run.train[i] for i in row] for row in mb], run.pad_id, run.params.packing, run.flat), counts) for mb, counts in work]
+    batches = [
+        (collate([[run.train[i] for i in row] for row in mb], run.pad_id, run.params.packing, run.flat), counts)
+        for mb, counts in work
+    ]
     if world.distributed:  # the divisor is the whole step's answer tokens, over every rank's share
         n_targets = sum(run.train[i].n_targets for mb in planned.micro_batches for row in mb for i in row)
     else:
@@ -127,7 +134,9 @@ def train_step(run: Run, planned: PlannedStep) -> tuple[float, int, int]:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    summed, n_tokens = sum_numbers([total.item(), sum(b.n_tokens for b, counts in batches if counts)], world, run.device)
+    summed, n_tokens = sum_numbers(
+        [total.item(), sum(b.n_tokens for b, counts in batches if counts)], world, run.device
+    )
     return summed / max(n_targets, 1), int(n_tokens), n_targets
 
 
@@ -150,7 +159,9 @@ def evaluate(run: Run) -> float | None:
     try:
         for start in range(0, n_batches * size, size):
             mb = mine[start : start + size]
-            batch = collate([[examples[i] for i in row] for row in mb or rows[:1]], run.pad_id, run.params.packing, run.flat)
+            batch = collate(
+                [[examples[i] for i in row] for row in mb or rows[:1]], run.pad_id, run.params.packing, run.flat
+            )
             loss = run.loss(batch).item()
             if mb:
                 total += loss
@@ -206,7 +217,9 @@ def train_loop(
                 if early is not None and progress.evals_without_improvement >= early:
                     progress.stopped_early = True
             rate = tokens_here / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{rate:.0f}", refresh=False)  # update() draws, at its pace
+            bar.set_postfix(
+                loss=f"{train_loss:.4f}", tok_s=f"{rate:.0f}", refresh=False
+            )  # update() draws, at its pace
             bar.update(1)
             if progress.stopped_early:
                 break

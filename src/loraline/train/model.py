@@ -12,16 +12,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraline.config import ConfigError, TrainParams
 from loraline.modelling.device import compute_dtype
 from loraline.modelling.loading import load_base_causal_lm, load_base_config
 from loraline.modelling.s2attn import use_s2_attention
-from loraline.config import ConfigError, TrainParams
 from loraline.train.errors import TrainError
 from loraline.train.speed import apply_checkpoint_fraction, use_varlen_attention
 
 
 def load_base_model(
-    params: TrainParams, base_dir: Path, device: torch.device, *, world_size: int = 1, progress: bool = False,
+    params: TrainParams,
+    base_dir: Path,
+    device: torch.device,
+    *,
+    world_size: int = 1,
+    progress: bool = False,
     config_overrides: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The base causal LM on `device`, quantized when asked, ready for (k-bit) training; with
@@ -107,7 +112,11 @@ def with_long_context_trainables(params: TrainParams, model: nn.Module) -> Train
     from loraline.modelling.long_context import trainable_module_names
 
     have = list(params.modules_to_save)
-    extra = [n for n in trainable_module_names(model, params.long_context.trainable) if not any(_matches(k, [n]) for k in have)]
+    extra = [
+        n
+        for n in trainable_module_names(model, params.long_context.trainable)
+        if not any(_matches(k, [n]) for k in have)
+    ]
     return params.model_copy(update={"modules_to_save": [*params.modules_to_save, *extra]})
 
 
@@ -143,11 +152,15 @@ def check_module_names(params: TrainParams, model: nn.Module) -> None:
     names = [name for name, _ in model.named_modules() if name]
     if params.target_modules != "all-linear":
         available = linear_module_names(model)
-        unknown = [t for t in params.target_modules if not _matches(t, [n for n in names if n.rsplit(".", 1)[-1] in available])]
+        unknown = [
+            t
+            for t in params.target_modules
+            if not _matches(t, [n for n in names if n.rsplit(".", 1)[-1] in available])
+        ]
         if unknown:
             raise TrainError(
                 f"train.target_modules: {', '.join(map(repr, unknown))} match no linear layer of the base model; "
-                f"available: {', '.join(available)} (or \"all-linear\")"
+                f'available: {", ".join(available)} (or "all-linear")'
             )
     unknown = [m for m in params.modules_to_save if not _matches(m, names)]
     if unknown:

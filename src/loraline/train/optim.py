@@ -43,7 +43,9 @@ def parameter_groups(params: TrainParams, trainable: dict[str, torch.nn.Paramete
     return list(groups.values())
 
 
-def make_optimizer(params: TrainParams, trainable: dict[str, torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: TrainParams, trainable: dict[str, torch.nn.Parameter], device: torch.device
+) -> torch.optim.Optimizer:
     kwargs = dict(lr=params.learning_rate, weight_decay=params.weight_decay)
     groups = parameter_groups(params, trainable)
     name = params.optimizer
@@ -55,7 +57,9 @@ def make_optimizer(params: TrainParams, trainable: dict[str, torch.nn.Parameter]
         cls = bnb_optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb_optim.PagedAdamW32bit
         return cls(groups, **kwargs)
     if name == "paged_adamw_8bit":
-        log.warning("train.optimizer paged_adamw_8bit: paging is CUDA-only; using non-paged 8-bit AdamW (bitsandbytes) on CPU")
+        log.warning(
+            "train.optimizer paged_adamw_8bit: paging is CUDA-only; using non-paged 8-bit AdamW (bitsandbytes) on CPU"
+        )
         return bnb_optim.AdamW8bit(groups, **kwargs)
     log.warning("train.optimizer paged_adamw_32bit: paging is CUDA-only; using torch AdamW on CPU")
     return torch.optim.AdamW(groups, **kwargs)

@@ -22,8 +22,8 @@ import torch
 
 from loraline.config import TrainParams
 from loraline.modelling.constants import IGNORE_INDEX
-from loraline.train.data import Example
 from loraline.modelling.device import autocast
+from loraline.train.data import Example
 from loraline.train.speed import segments_from_rows
 
 Row = list[int]  # example indices
@@ -101,17 +101,29 @@ class Batch:
         mask = None if self.attention_mask is None else self.attention_mask.to(device)
         cu = None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=True)
         return Batch(
-            self.input_ids.to(device), self.position_ids.to(device), mask, self.targets.to(device),
-            self.n_tokens, self.n_targets, cu, self.max_seqlen,
+            self.input_ids.to(device),
+            self.position_ids.to(device),
+            mask,
+            self.targets.to(device),
+            self.n_tokens,
+            self.n_targets,
+            cu,
+            self.max_seqlen,
         )
 
     def model_inputs(self, varlen: bool = False) -> dict[str, torch.Tensor | int | None]:
         inputs: dict[str, torch.Tensor | int | None] = {
-            "input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": self.attention_mask,
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "attention_mask": self.attention_mask,
         }
         if varlen and self.cu_seqlens is not None:  # transformers passes these through to the attention function
-            inputs.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
-                          max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+            inputs.update(
+                cu_seq_lens_q=self.cu_seqlens,
+                cu_seq_lens_k=self.cu_seqlens,
+                max_length_q=self.max_seqlen,
+                max_length_k=self.max_seqlen,
+            )
         return inputs
 
 
@@ -177,4 +189,3 @@ def check_packing_isolation(model: torch.nn.Module, device: torch.device, vocab_
             "derive a per-example mask from position_ids; set train.packing: false"
         )
     return diff
-

@@ -45,12 +45,16 @@ def checkpoint_tensors(folder: Path) -> tuple[set[str], TensorSource]:
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        where = {name: folder / file for name, file in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+        where = {
+            name: folder / file for name, file in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()
+        }
     elif (folder / "model.safetensors").is_file():
         with safe_open(folder / "model.safetensors", framework="pt") as f:
-            where = {name: folder / "model.safetensors" for name in f.keys()}
+            where = dict.fromkeys(f.keys(), folder / "model.safetensors")
     else:
-        raise TrainError(f"train.sharding fsdp: {folder} has no model.safetensors(.index.json); sharded loading reads safetensors only")
+        raise TrainError(
+            f"train.sharding fsdp: {folder} has no model.safetensors(.index.json); sharded loading reads safetensors only"
+        )
 
     def read(name: str, device: torch.device) -> torch.Tensor:
         with safe_open(where[name], framework="pt", device=str(device)) as f:
@@ -74,15 +78,24 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder layers (the largest ModuleList of checkpointable layers)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and m and all(isinstance(x, GradientCheckpointingLayer) for x in m)]
+    lists = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList) and m and all(isinstance(x, GradientCheckpointingLayer) for x in m)
+    ]
     if not lists:
         raise TrainError(f"train.sharding fsdp: found no stack of decoder layers in {type(model).__name__}")
     return max(lists, key=len)
 
 
 def load_sharded_base(
-    params: TrainParams, base_dir: Path, device: torch.device, world_size: int, *,
-    tensors: tuple[set[str], TensorSource] | None = None, progress: bool = False,
+    params: TrainParams,
+    base_dir: Path,
+    device: torch.device,
+    world_size: int,
+    *,
+    tensors: tuple[set[str], TensorSource] | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """The base causal LM with every decoder layer's frozen weights sharded over the `world_size` ranks.
 
@@ -98,7 +111,9 @@ def load_sharded_base(
     kwargs = base_load_kwargs(base_dir)
     config = AutoConfig.from_pretrained(resolve_base_model_path(base_dir), **kwargs)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=kwargs.get("trust_remote_code", False))
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=kwargs.get("trust_remote_code", False)
+        )
     expected, tied = _expected_names(model)
     mesh = init_device_mesh(device.type, (world_size,))
     if params.quantization != "none":
@@ -163,7 +178,9 @@ def _check_gather_is_exact(layer: nn.Module, before: dict[str, torch.Tensor]) ->
     try:
         for name, p in layer.named_parameters():
             got, want = p.detach(), before[name]
-            if got.shape != want.shape or not torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)):
+            if got.shape != want.shape or not torch.equal(
+                got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)
+            ):
                 raise TrainError(
                     f"train.sharding fsdp: FSDP does not give back the weights it sharded ({name}); this torch "
                     f"({torch.__version__}) cannot shard this base exactly: set train.sharding: none"
@@ -181,8 +198,13 @@ def _quantize_layout(model: nn.Module, params: TrainParams, dtype: torch.dtype, 
             for child_name, child in list(module.named_children()):
                 if type(child) is nn.Linear:
                     q = bnb.nn.Linear4bit(
-                        child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=dtype,
-                        compress_statistics=params.double_quant, quant_type=params.quantization, quant_storage=storage,
+                        child.in_features,
+                        child.out_features,
+                        bias=child.bias is not None,
+                        compute_dtype=dtype,
+                        compress_statistics=params.double_quant,
+                        quant_type=params.quantization,
+                        quant_storage=storage,
                         device="meta",
                     )
                     setattr(module, child_name, q)
@@ -197,11 +219,15 @@ def _four_bit_settings(layer: nn.Module) -> list[tuple[nn.Module, dict]]:
 
 def _expected_names(model: nn.Module) -> tuple[set[str], set[str]]:
     """(names the checkpoint must hold, names of parameters tied to another: tie_weights sets them)."""
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()
+    }
     return set(model.state_dict(keep_vars=True)) - tied, tied
 
 
-def _materialize(root: nn.Module, prefix: str, read: TensorSource, device: torch.device, dtype: torch.dtype, tied: set[str]) -> None:
+def _materialize(
+    root: nn.Module, prefix: str, read: TensorSource, device: torch.device, dtype: torch.dtype, tied: set[str]
+) -> None:
     """Load every meta parameter and persistent buffer under `root` from the checkpoint, frozen;
     4-bit layers are quantized on `device` as their weight arrives."""
     import bitsandbytes as bnb
@@ -216,12 +242,23 @@ def _materialize(root: nn.Module, prefix: str, read: TensorSource, device: torch
             value = read(full, device)
             if isinstance(module, bnb.nn.Linear4bit) and pname == "weight":
                 weight = bnb.nn.Params4bit(
-                    value.to(dtype), requires_grad=False, quant_type=module.weight.quant_type,
-                    compress_statistics=module.weight.compress_statistics, quant_storage=module.weight.quant_storage, module=module,
+                    value.to(dtype),
+                    requires_grad=False,
+                    quant_type=module.weight.quant_type,
+                    compress_statistics=module.weight.compress_statistics,
+                    quant_storage=module.weight.quant_storage,
+                    module=module,
                 )
                 module.weight = weight.to(device)  # quantizes; the constants land on module.quant_state
             else:
-                setattr(module, pname, nn.Parameter(value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype), requires_grad=False))
+                setattr(
+                    module,
+                    pname,
+                    nn.Parameter(
+                        value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype),
+                        requires_grad=False,
+                    ),
+                )
         persistent = set(module.state_dict(keep_vars=True)) if module._buffers else set()
         for bname, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.is_meta and bname in persistent:
@@ -237,7 +274,9 @@ def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
             continue
         config = getattr(module, "config", None)
         if config is None:
-            raise TrainError(f"train.sharding fsdp: {name} ({type(module).__name__}) has buffers that cannot be rebuilt off the meta device")
+            raise TrainError(
+                f"train.sharding fsdp: {name} ({type(module).__name__}) has buffers that cannot be rebuilt off the meta device"
+            )
         with torch.device(device):
             fresh = type(module)(config=config)
         parent_name, _, leaf = name.rpartition(".")

@@ -82,7 +82,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int = 1024, dtype: torch.dtype | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk: int = 1024,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX positions skipped),
     without ever holding more than `chunk` rows of logits. hidden: [..., H]; targets: [...]."""
@@ -92,7 +97,13 @@ def chunked_linear_cross_entropy(
     hidden, targets = hidden[keep], targets[keep]
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(
-        hidden, weight, targets, chunk, dtype or hidden.dtype, grad and hidden.requires_grad, grad and weight.requires_grad
+        hidden,
+        weight,
+        targets,
+        chunk,
+        dtype or hidden.dtype,
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
     )
 
 
@@ -134,10 +145,20 @@ def _plain_linear(head: nn.Module | None) -> bool:
 
 # Causal LMs whose forward is `logits = lm_head(model(...)[0])` with nothing in between (checked by
 # reading their modeling code); others keep the plain path.
-FUSED_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "PhiForCausalLM",
-    "Phi3ForCausalLM", "GPTNeoXForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "StableLmForCausalLM",
-})
+FUSED_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "PhiForCausalLM",
+        "Phi3ForCausalLM",
+        "GPTNeoXForCausalLM",
+        "OlmoForCausalLM",
+        "Olmo2ForCausalLM",
+        "StableLmForCausalLM",
+    }
+)
 
 
 # ----------------------------------------------------------------------------- varlen attention
@@ -148,7 +169,7 @@ def segments_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, i
     restart at 0 for every example (and for a row's trailing pad segment)."""
     b, s = position_ids.shape
     flat = position_ids.reshape(-1)
-    starts = (flat == 0)
+    starts = flat == 0
     starts[torch.arange(0, b * s, s, device=flat.device)] = True  # every row starts a segment
     idx = torch.nonzero(starts).flatten()
     cu = torch.cat([idx, idx.new_tensor([b * s])]).to(torch.int32)
@@ -198,7 +219,11 @@ def use_varlen_attention(model: nn.Module) -> bool:
     try:
         model.set_attn_implementation(VARLEN)
     except Exception as exc:  # noqa: BLE001 -- an old or remote-code model: keep its attention
-        log.warning("train.varlen_attention: this model cannot switch attention implementation (%s); keeping %s", exc, cfg._attn_implementation)
+        log.warning(
+            "train.varlen_attention: this model cannot switch attention implementation (%s); keeping %s",
+            exc,
+            cfg._attn_implementation,
+        )
         return False
     return cfg._attn_implementation == VARLEN
 

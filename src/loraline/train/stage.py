@@ -33,9 +33,11 @@ import numpy as np
 import torch
 
 from loraline import io
-from loraline.modelling.loading import load_base_tokenizer, read_base_record, tokenizer_mismatch
 from loraline.config import BaseParams, Params, TrainParams
 from loraline.layout import QLORA_REFERENCE, TRAIN_RECORD, Layout
+from loraline.modelling.device import compute_dtype, pick_device
+from loraline.modelling.loading import base_model_hash, load_base_tokenizer, read_base_record, tokenizer_mismatch
+from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE
 from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_facts, sha256_file
 from loraline.train import autobatch, checkpoint
 from loraline.train.data import check_splits, load_splits
@@ -43,17 +45,19 @@ from loraline.train.distributed import World, barrier, gather, launch, process_g
 from loraline.train.errors import TrainError
 from loraline.train.loop import Progress, Run, train_loop
 from loraline.train.model import (
-    attach_lora, check_module_names, load_base_model, long_context_overrides, sort_config_sets, trainable_parameters,
+    attach_lora,
+    check_module_names,
+    load_base_model,
+    long_context_overrides,
+    sort_config_sets,
+    trainable_parameters,
     with_long_context_trainables,
 )
-from loraline.modelling.device import compute_dtype, pick_device
 from loraline.train.optim import make_optimizer, make_scheduler, warmup_steps
 from loraline.train.packing import check_packing_isolation, collate, pack_rows, plan_steps
+from loraline.train.record import TRAIN_CURVE, VAL_CURVE, device_name, final_train_loss, peak_memory, write_curves
 from loraline.train.sharded import sharding_facts
 from loraline.train.speed import fused_head
-from loraline.train.record import TRAIN_CURVE, VAL_CURVE, device_name, final_train_loss, peak_memory, write_curves
-from loraline.modelling.loading import base_model_hash
-from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 log = logging.getLogger(__name__)
@@ -73,8 +77,16 @@ class TrainResult:
     @classmethod
     def of(cls, out_dir: Path, record: dict[str, Any], timing: dict[str, Any]) -> TrainResult:
         """The result for an adapter folder written by the stage (its files have fixed names)."""
-        return cls(out_dir, out_dir / ADAPTER_FILES[0], out_dir / ADAPTER_FILES[1], out_dir / TRAIN_RECORD,
-                   out_dir / TRAIN_CURVE, out_dir / VAL_CURVE, record, timing)
+        return cls(
+            out_dir,
+            out_dir / ADAPTER_FILES[0],
+            out_dir / ADAPTER_FILES[1],
+            out_dir / TRAIN_RECORD,
+            out_dir / TRAIN_CURVE,
+            out_dir / VAL_CURVE,
+            record,
+            timing,
+        )
 
 
 def train_adapter(
@@ -95,20 +107,29 @@ def train_adapter(
     GPU, or gloo processes on CPU) and returns what rank 0 wrote; see train.distributed."""
     base_dir, dataset_dir, out_dir = Path(base_dir), Path(dataset_dir), Path(out_dir)
     if params.seed is None:
-        raise TrainError("train.seed is unset; set it, or build the params with Params.train_for(tenant) (top-level seed)")
+        raise TrainError(
+            "train.seed is unset; set it, or build the params with Params.train_for(tenant) (top-level seed)"
+        )
     world = world_from_env()
     autobatch.check_auto_allowed(params.batch_size, params.devices, params.sharding, pick_device())
     if params.devices > 1 and not world.distributed:
         return _launch(params, base_dir, base_params, dataset_dir, out_dir, checkpoint_dir, progress)
     if world.distributed and world.size != params.devices:
-        raise TrainError(f"train.devices is {params.devices} but {world.size} processes were launched; they must match")
+        raise TrainError(
+            f"train.devices is {params.devices} but {world.size} processes were launched; they must match"
+        )
     with process_group(world, use_cuda=pick_device().type == "cuda", single=params.sharding == "fsdp"):
         return _train(params, world, base_dir, base_params, dataset_dir, out_dir, checkpoint_dir, progress)
 
 
 def _launch(
-    params: TrainParams, base_dir: Path, base_params: BaseParams, dataset_dir: Path, out_dir: Path,
-    checkpoint_dir: Path | None, progress: bool,
+    params: TrainParams,
+    base_dir: Path,
+    base_params: BaseParams,
+    dataset_dir: Path,
+    out_dir: Path,
+    checkpoint_dir: Path | None,
+    progress: bool,
 ) -> TrainResult:
     use_cuda = pick_device().type == "cuda"
     if use_cuda and torch.cuda.device_count() < params.devices:
@@ -118,17 +139,27 @@ def _launch(
         )
     _read_base(base_dir)  # a missing base fails here, once, not in every rank
     spec = {
-        "train": params.model_dump(mode="json"), "base": base_params.model_dump(mode="json"),
-        "base_dir": str(base_dir), "dataset_dir": str(dataset_dir), "out_dir": str(out_dir),
-        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None, "progress": progress,
+        "train": params.model_dump(mode="json"),
+        "base": base_params.model_dump(mode="json"),
+        "base_dir": str(base_dir),
+        "dataset_dir": str(dataset_dir),
+        "out_dir": str(out_dir),
+        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
+        "progress": progress,
     }
     result = launch(spec, params.devices, use_cuda)
     return TrainResult.of(out_dir, json.loads((out_dir / TRAIN_RECORD).read_text(encoding="utf-8")), result["timing"])
 
 
 def _train(
-    params: TrainParams, world: World, base_dir: Path, base_params: BaseParams, dataset_dir: Path, out_dir: Path,
-    checkpoint_dir: Path | None, progress: bool,
+    params: TrainParams,
+    world: World,
+    base_dir: Path,
+    base_params: BaseParams,
+    dataset_dir: Path,
+    out_dir: Path,
+    checkpoint_dir: Path | None,
+    progress: bool,
 ) -> TrainResult:
     started = time.perf_counter()
     base_record = _read_base(base_dir)
@@ -142,7 +173,9 @@ def _train(
     with _deterministic(device, params.num_threads):
         _seed_everything(params.seed)
         overrides = long_context_overrides(params, base_dir)
-        pad_id, model = _load_base(params, base_params, base_dir, base_record, device, world, progress, dataset_dir, overrides)
+        pad_id, model = _load_base(
+            params, base_params, base_dir, base_record, device, world, progress, dataset_dir, overrides
+        )
         params = with_long_context_trainables(params, model)
         check_module_names(params, model)
         if params.packing:
@@ -155,11 +188,15 @@ def _train(
         optimizer = make_optimizer(params, trainable, device)
         fused = fused_head(model) if params.fused_cross_entropy else None
         if params.fused_cross_entropy and fused is None:
-            log.warning("train.fused_cross_entropy: this model's head is not a plain linear layer; computing full logits")
+            log.warning(
+                "train.fused_cross_entropy: this model's head is not a plain linear layer; computing full logits"
+            )
         ckpt = _find_checkpoint(checkpoint_dir, fingerprint, world) if checkpoint_dir is not None else None
         # train.batch_size auto: resolved here, with the model loaded; a resumed run keeps its recorded batch
         batch = autobatch.resolve(
-            params.batch_size, device, resumed=ckpt.state.get("batch") if ckpt is not None else None,
+            params.batch_size,
+            device,
+            resumed=ckpt.state.get("batch") if ckpt is not None else None,
             probe=lambda: _probe_batch(params, model, trainable, device, pad_id, splits.train, fused),
         )
         params = params.model_copy(update={"batch_size": batch.rows})
@@ -173,8 +210,12 @@ def _train(
         state, best, start_step, resumed = Progress(), None, 0, None
         if ckpt is not None:
             if ckpt.step >= len(plan) or ckpt.state["data_position"] != _position(plan, ckpt.step):
-                raise RuntimeError(f"checkpoint {ckpt.path} does not fit this run's data plan; delete {checkpoint_dir}")
-            best = checkpoint.load(ckpt, trainable=trainable, optimizer=optimizer, scheduler=scheduler, rank=world.rank)
+                raise RuntimeError(
+                    f"checkpoint {ckpt.path} does not fit this run's data plan; delete {checkpoint_dir}"
+                )
+            best = checkpoint.load(
+                ckpt, trainable=trainable, optimizer=optimizer, scheduler=scheduler, rank=world.rank
+            )
             state = Progress.from_dict(ckpt.state["progress"])
             start_step = resumed = ckpt.step
             log.info("resuming from checkpoint %s (step %d of %d)", ckpt.path, ckpt.step, len(plan))
@@ -183,20 +224,43 @@ def _train(
             rng = gather(checkpoint.capture_rng_state(), world)  # every rank's dropout stream
             if world.main:  # the weights and optimizer state are the same on every rank
                 checkpoint.save(
-                    checkpoint_dir, step=step, fingerprint=fingerprint, trainable=trainable, best=best_now,
-                    optimizer=optimizer, scheduler=scheduler, progress=prog.to_dict(), position=_position(plan, step),
-                    rng=rng, batch=batch.to_dict(),
+                    checkpoint_dir,
+                    step=step,
+                    fingerprint=fingerprint,
+                    trainable=trainable,
+                    best=best_now,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    progress=prog.to_dict(),
+                    position=_position(plan, step),
+                    rng=rng,
+                    batch=batch.to_dict(),
                 )
             barrier(world)
 
         run = Run(
-            model, trainable, optimizer, scheduler, params, device, pad_id, splits.train, splits.validation, plan, fused, world,
+            model,
+            trainable,
+            optimizer,
+            scheduler,
+            params,
+            device,
+            pad_id,
+            splits.train,
+            splits.validation,
+            plan,
+            fused,
+            world,
             lockstep=params.sharding == "fsdp",
         )
         train_wall, tokens_before = time.perf_counter(), state.tokens_seen
         state, best = train_loop(
-            run, state, start_step=start_step, best=best,
-            save_checkpoint=save_checkpoint if checkpoint_dir is not None else None, show_progress=progress and world.main,
+            run,
+            state,
+            start_step=start_step,
+            best=best,
+            save_checkpoint=save_checkpoint if checkpoint_dir is not None else None,
+            show_progress=progress and world.main,
         )
         train_wall = time.perf_counter() - train_wall
         if params.early_stopping_patience is not None and best is not None:
@@ -275,8 +339,13 @@ def _train(
 
 
 def _probe_batch(
-    params: TrainParams, model: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], device: torch.device,
-    pad_id: int, examples: list, fused: Any,
+    params: TrainParams,
+    model: torch.nn.Module,
+    trainable: dict[str, torch.nn.Parameter],
+    device: torch.device,
+    pad_id: int,
+    examples: list,
+    fused: Any,
 ) -> autobatch.BatchChoice:
     """train.batch_size auto on CUDA: probe steps on the dataset's fullest packed rows, through the loop's own
     loss (same attention layout, fused head and checkpointing as training), leaving no trace (autobatch.untouched)."""
@@ -296,7 +365,9 @@ def _probe_batch(
     optimizer_bytes = 8 * sum(p.numel() for p in trainable.values())
     with autobatch.untouched(model, trainable):
         choice = autobatch.probe_choice(
-            autobatch.cuda_measure(step, device), device=device, optimizer_bytes=optimizer_bytes,
+            autobatch.cuda_measure(step, device),
+            device=device,
+            optimizer_bytes=optimizer_bytes,
             cap=min(autobatch.MAX_ROWS, len(rows)),
         )
     log.info("train.batch_size %s", choice.note)
@@ -354,12 +425,21 @@ def _read_base(base_dir: Path) -> dict[str, Any]:
     try:
         return read_base_record(base_dir)
     except FileNotFoundError as exc:
-        raise TrainError(f"base model folder {base_dir} has no base_record.json: it was not written by the base stage ({exc})") from None
+        raise TrainError(
+            f"base model folder {base_dir} has no base_record.json: it was not written by the base stage ({exc})"
+        ) from None
 
 
 def _load_base(
-    params: TrainParams, base_params: BaseParams, base_dir: Path, record: dict[str, Any], device: torch.device, world: World,
-    progress: bool, dataset_dir: Path, config_overrides: dict[str, Any] | None,
+    params: TrainParams,
+    base_params: BaseParams,
+    base_dir: Path,
+    record: dict[str, Any],
+    device: torch.device,
+    world: World,
+    progress: bool,
+    dataset_dir: Path,
+    config_overrides: dict[str, Any] | None,
 ):
     """(pad id, model), once the dataset's ids are known to be this tokenizer's; a base that cannot be found (e.g. a hub id not in the local cache) names itself."""
     try:
@@ -368,7 +448,12 @@ def _load_base(
         if mismatch:
             raise TrainError(mismatch)
         return tokenizer.pad_token_id, load_base_model(
-            params, base_dir, device, world_size=world.size, progress=progress and world.main, config_overrides=config_overrides
+            params,
+            base_dir,
+            device,
+            world_size=world.size,
+            progress=progress and world.main,
+            config_overrides=config_overrides,
         )
     except OSError as exc:
         ref = record.get("model_ref")
@@ -378,7 +463,12 @@ def _load_base(
 
 
 def _fingerprint(params: TrainParams, data_hash: str, base_hash: str) -> str:
-    payload = {"params": params.model_dump(mode="json"), "data": data_hash, "base": base_hash, "format": checkpoint.FORMAT}
+    payload = {
+        "params": params.model_dump(mode="json"),
+        "data": data_hash,
+        "base": base_hash,
+        "format": checkpoint.FORMAT,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -423,7 +513,12 @@ def _last_val(history: list[dict[str, Any]]) -> float | None:
 
 
 def run(
-    params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, checkpoints: bool = True,
+    params: Params,
+    layout: Layout,
+    tenant: str,
+    *,
+    base_dir: Path | None = None,
+    checkpoints: bool = True,
     progress: bool = False,
 ) -> TrainResult:
     """The train stage for one tenant: its adapter into models/adapters/<tenant>, the numbers worth
@@ -431,10 +526,16 @@ def run(
     reports/<tenant>/train/ and the run's timing into reports/timing/train@<tenant>.json."""
     started = time.perf_counter()
     train = params.train_for(tenant)
-    inputs = {"base_dir": base_dir or layout.base_dir, "base_params": params.base,
-              "dataset_dir": layout.prepared_dataset_dir(tenant), "progress": progress}
+    inputs = {
+        "base_dir": base_dir or layout.base_dir,
+        "base_params": params.base,
+        "dataset_dir": layout.prepared_dataset_dir(tenant),
+        "progress": progress,
+    }
     result = train_adapter(
-        train, out_dir=layout.adapter_dir(tenant), checkpoint_dir=layout.checkpoint_dir(tenant) if checkpoints else None,
+        train,
+        out_dir=layout.adapter_dir(tenant),
+        checkpoint_dir=layout.checkpoint_dir(tenant) if checkpoints else None,
         **inputs,
     )
     metrics = train_metrics(result.record)
@@ -460,7 +561,12 @@ def run(
 
 
 def train_full_attention_reference(
-    params: TrainParams, *, base_dir: Path, base_params: BaseParams, dataset_dir: Path, adapter_dir: Path,
+    params: TrainParams,
+    *,
+    base_dir: Path,
+    base_params: BaseParams,
+    dataset_dir: Path,
+    adapter_dir: Path,
     progress: bool = False,
 ) -> TrainResult:
     """LongLoRA's reference (train.long_context.reference): the same adapter trained with full attention
@@ -470,12 +576,23 @@ def train_full_attention_reference(
     if lc is None or not lc.s2_attn:
         raise TrainError("a full-attention reference is trained only for an S2-Attn long-context adapter")
     twin = params.model_copy(update={"long_context": lc.model_copy(update={"s2_attn": False, "reference": False})})
-    return train_adapter(twin, base_dir=base_dir, base_params=base_params, dataset_dir=dataset_dir,
-                         out_dir=Path(adapter_dir) / FULL_ATTENTION_REFERENCE, progress=progress)
+    return train_adapter(
+        twin,
+        base_dir=base_dir,
+        base_params=base_params,
+        dataset_dir=dataset_dir,
+        out_dir=Path(adapter_dir) / FULL_ATTENTION_REFERENCE,
+        progress=progress,
+    )
 
 
 def train_qlora_reference(
-    params: TrainParams, *, base_dir: Path, base_params: BaseParams, dataset_dir: Path, adapter_dir: Path,
+    params: TrainParams,
+    *,
+    base_dir: Path,
+    base_params: BaseParams,
+    dataset_dir: Path,
+    adapter_dir: Path,
     progress: bool = False,
 ) -> TrainResult:
     """QA-LoRA's reference (train.qalora.reference): the same adapter trained as the pipeline's lora method
@@ -484,9 +601,17 @@ def train_qlora_reference(
     and rounded after training."""
     if params.method != "qalora":
         raise TrainError("a QLoRA reference is trained only for a QA-LoRA adapter (train.method qalora)")
-    twin = params.model_copy(update={"method": "lora", "qalora": params.qalora.model_copy(update={"reference": False})})
-    return train_adapter(twin, base_dir=base_dir, base_params=base_params, dataset_dir=dataset_dir,
-                         out_dir=Path(adapter_dir) / QLORA_REFERENCE, progress=progress)
+    twin = params.model_copy(
+        update={"method": "lora", "qalora": params.qalora.model_copy(update={"reference": False})}
+    )
+    return train_adapter(
+        twin,
+        base_dir=base_dir,
+        base_params=base_params,
+        dataset_dir=dataset_dir,
+        out_dir=Path(adapter_dir) / QLORA_REFERENCE,
+        progress=progress,
+    )
 
 
 def train_metrics(record: dict[str, Any]) -> dict[str, Any]:

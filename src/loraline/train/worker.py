@@ -23,7 +23,9 @@ def main(spec_path: str) -> int:
         return _train(spec)
     except Exception as exc:  # the launcher shows this, not torchrun's wall of text
         rank = world_from_env().rank
-        Path(spec["result_path"]).with_name(f"error-rank{rank}.txt").write_text(f"{type(exc).__name__}: {exc}", encoding="utf-8")
+        Path(spec["result_path"]).with_name(f"error-rank{rank}.txt").write_text(
+            f"{type(exc).__name__}: {exc}", encoding="utf-8"
+        )
         raise
 
 

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from loraline.base.corpus import build_corpus, held_out_docstrings, read_documents, stdlib_docstrings
 from loraline.base.stage import GENERAL_TEXT_ROWS, LOSS_CSV, MODEL_FILES, build_base
-from loraline.layout import GENERAL_TEXT
-from loraline.modelling.loading import RECORD, resolve_base_model_path
-from loraline.modelling.chat import IM_END
 from loraline.config import BaseParams
+from loraline.layout import GENERAL_TEXT
+from loraline.modelling.chat import IM_END
+from loraline.modelling.loading import RECORD, resolve_base_model_path
 from loraline.provenance import sha256_file
 
 
@@ -37,7 +37,9 @@ def test_files_written_and_loadable(built):
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
     assert not list(out.glob("*.jinja"))
 
-    enc = tok.apply_chat_template([{"role": "user", "content": "Copy 4711."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "Copy 4711."}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         logits = model(**enc).logits
     assert logits.shape == (1, enc["input_ids"].shape[1], len(tok)) and torch.isfinite(logits).all()
@@ -48,7 +50,10 @@ def test_files_written_and_loadable(built):
 def test_loads_in_4bit_and_runs_forward(built):
     _, result = built
     bnb = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(result.out_dir, quantization_config=bnb, device_map="cpu")
     import bitsandbytes as bnb_lib
@@ -74,9 +79,13 @@ def test_record(built):
     assert 0 < comp["stdlib"]["chars"] <= 20_000
     pre = record["pretraining"]
     assert pre["steps"] == 20 and pre["tokens_seen"] == 20 * 4 * 64
-    assert record["parameters"] == sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(result.out_dir).parameters())
+    assert record["parameters"] == sum(
+        t.numel() for t in AutoModelForCausalLM.from_pretrained(result.out_dir).parameters()
+    )
     assert record["library_versions"]["torch"] and len(record["code"]["sha256"]) == 64
-    assert "wall_s" not in record and "wall_s" not in pre and "code_revision" not in record  # run facts: reports/timing/
+    assert (
+        "wall_s" not in record and "wall_s" not in pre and "code_revision" not in record
+    )  # run facts: reports/timing/
     assert result.timing["tokens_per_s"] > 0
     lines = (result.out_dir / LOSS_CSV).read_text().splitlines()
     assert lines[0] == "step,loss" and len(lines) == 21
@@ -139,8 +148,8 @@ def test_empty_corpus_fails_and_leaves_nothing(tmp_path):
 def test_exercise_loss_is_on_answers_only(raw_dirs):
     from loraline.base.exercises import make_exercises
     from loraline.base.pretrain import tokenize_corpus
-    from loraline.modelling.constants import IGNORE_INDEX as IGNORE
     from loraline.base.tokenizer import train_tokenizer
+    from loraline.modelling.constants import IGNORE_INDEX as IGNORE
 
     corpus = build_corpus(raw_dirs, stdlib=False, max_stdlib_chars=0, exercises=20, seed=5)
     tok = train_tokenizer(corpus.documents + corpus.exercises, 400)
@@ -164,7 +173,9 @@ def test_copy_drills_come_first_and_are_recorded(raw_dirs, tmp_path):
     original = torch.nn.Module.__call__
 
     def spy(module, *args, **kwargs):
-        if "input_ids" in kwargs and type(module).__name__ == "LlamaModel":  # the decoder: pretrain runs the head itself
+        if (
+            "input_ids" in kwargs and type(module).__name__ == "LlamaModel"
+        ):  # the decoder: pretrain runs the head itself
             seen.append(kwargs["input_ids"].clone())
         return original(module, *args, **kwargs)
 

@@ -8,12 +8,12 @@ import shutil
 import huggingface_hub.constants
 import pytest
 
-from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path
 from loraline.base.corpus import held_out_docstrings, stdlib_docstrings
 from loraline.base.stage import build_base
-from loraline.modelling.chat import CHAT_TEMPLATE
 from loraline.config import BaseParams, ConfigError
 from loraline.layout import GENERAL_TEXT
+from loraline.modelling.chat import CHAT_TEMPLATE
+from loraline.modelling.loading import base_load_kwargs, load_base_tokenizer, resolve_base_model_path
 from loraline.provenance import sha256_file
 
 OTHER_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 from loraline.base.exercises import KINDS, WORDS, make_exercises
-from loraline.modelling.chat import CHAT_TEMPLATE, DOC_SEPARATOR, IM_END, IM_START, render_chat
 from loraline.base.tokenizer import train_tokenizer
+from loraline.modelling.chat import CHAT_TEMPLATE, DOC_SEPARATOR, IM_END, IM_START, render_chat
 
-TEXTS = ["Order 40417 shipped to Zürich on 2024-03-05.", "def f(x):\n    return x * 2\n", "Ünïcödé ✓ and emoji 🙂"] * 20
+TEXTS = [
+    "Order 40417 shipped to Zürich on 2024-03-05.",
+    "def f(x):\n    return x * 2\n",
+    "Ünïcödé ✓ and emoji 🙂",
+] * 20
 
 
 def test_round_trip_and_digits_split():
@@ -24,12 +28,21 @@ def test_round_trip_and_digits_split():
 def test_special_tokens_are_single_ids_and_template_matches():
     tok = train_tokenizer(TEXTS, 300)
     assert tok.eos_token == IM_END and tok.pad_token == DOC_SEPARATOR and tok.chat_template == CHAT_TEMPLATE
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     text = tok.apply_chat_template(messages, tokenize=False)
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    assert (
+        text
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    )
     assert text == render_chat(messages)
     prompt = tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
-    assert prompt.endswith("<|im_start|>assistant\n") and prompt == render_chat(messages[:2], add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n") and prompt == render_chat(
+        messages[:2], add_generation_prompt=True
+    )
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids.count(tok.convert_tokens_to_ids(IM_START)) == 3
     assert ids.count(tok.convert_tokens_to_ids(IM_END)) == 3

@@ -45,6 +45,7 @@ class FakeJudge(FakeOpenAI):
 
 
 def judge_params(base_url: str, **overrides) -> JudgeParams:
-    endpoint = dict(base_url=base_url, api_key_env=KEY_ENV, requests_per_minute=60000, max_retries=2, backoff_s=0.01,
-                    timeout_s=5)
+    endpoint = dict(
+        base_url=base_url, api_key_env=KEY_ENV, requests_per_minute=60000, max_retries=2, backoff_s=0.01, timeout_s=5
+    )
     return JudgeParams(**{"endpoint": endpoint, "model": "judge-7b", **overrides})

@@ -81,26 +81,45 @@ def world(tmp_path_factory):
         for name, folder in (("good", raw), ("shuffled", shuffled_raw)):
             datasets[name] = prepare_tenant(
                 # The toy tickets share one template: decontamination would drop most training rows.
-                TenantParams(name="toy", raw_dir=folder), PrepareParams(decontamination={"enabled": False}), tok,
-                out_dir=root / f"prepared-{name}", rejected_path=root / f"rejected-{name}.jsonl",
+                TenantParams(name="toy", raw_dir=folder),
+                PrepareParams(decontamination={"enabled": False}),
+                tok,
+                out_dir=root / f"prepared-{name}",
+                rejected_path=root / f"rejected-{name}.jsonl",
                 stats_path=root / f"stats-{name}.json",
             ).dataset_dir
         # The sample tenants' recipe (params.yaml): the tied embeddings train too, which is what lets a
         # small base learn which words decide the label.
         params = tiny_train(
-            quantization="nf4", max_steps=150, grad_accum=1, eval_every=150, save_every=150, learning_rate=1e-2,
+            quantization="nf4",
+            max_steps=150,
+            grad_accum=1,
+            eval_every=150,
+            save_every=150,
+            learning_rate=1e-2,
             modules_to_save=["embed_tokens"],
         )
         for name in ("good", "shuffled"):
             with mock.patch.object(stage, "pick_device", return_value=torch.device("cpu")):
                 stage.train_adapter(
-                    params, base_dir=base.out_dir, base_params=base_params, dataset_dir=datasets[name],
-                    out_dir=root / f"adapter-{name}", checkpoint_dir=root / f"ckpt-{name}",
+                    params,
+                    base_dir=base.out_dir,
+                    base_params=base_params,
+                    dataset_dir=datasets[name],
+                    out_dir=root / f"adapter-{name}",
+                    checkpoint_dir=root / f"ckpt-{name}",
                 )
             merge_adapter(
-                base_dir=base.out_dir, base_params=base_params, adapter_dir=root / f"adapter-{name}",
-                out_dir=root / f"merged-{name}", tolerance=1e-3, probes=PROBES, max_new_tokens=1,
-                quantized_reference=False, check_reload=False, device="cpu",
+                base_dir=base.out_dir,
+                base_params=base_params,
+                adapter_dir=root / f"adapter-{name}",
+                out_dir=root / f"merged-{name}",
+                tolerance=1e-3,
+                probes=PROBES,
+                max_new_tokens=1,
+                quantized_reference=False,
+                check_reload=False,
+                device="cpu",
             )
     finally:
         torch.set_num_threads(previous)
@@ -110,9 +129,16 @@ def world(tmp_path_factory):
 def _evaluate(world, candidate: Path, out: str):
     """Base vs `candidate` on the ORIGINAL tenant's test split (answer loss is teacher-forced)."""
     return evaluate_tenant(
-        tenant="toy", dataset_dir=world["dataset_dir"], base_dir=world["base_dir"],
-        base_params=world["base_params"], candidate_dir=candidate, production_dir=None,
-        out_dir=world["root"] / out, max_new_tokens=24, max_examples=None, device="cpu",
+        tenant="toy",
+        dataset_dir=world["dataset_dir"],
+        base_dir=world["base_dir"],
+        base_params=world["base_params"],
+        candidate_dir=candidate,
+        production_dir=None,
+        out_dir=world["root"] / out,
+        max_new_tokens=24,
+        max_examples=None,
+        device="cpu",
     )
 
 
@@ -133,8 +159,15 @@ def test_nan_adapter_is_refused_before_production(world):
     out = world["root"] / "merged-nan"
     try:
         merge_adapter(
-            base_dir=world["base_dir"], base_params=world["base_params"], adapter_dir=bad, out_dir=out,
-            tolerance=1e-3, probes=PROBES, max_new_tokens=1, quantized_reference=False, check_reload=False,
+            base_dir=world["base_dir"],
+            base_params=world["base_params"],
+            adapter_dir=bad,
+            out_dir=out,
+            tolerance=1e-3,
+            probes=PROBES,
+            max_new_tokens=1,
+            quantized_reference=False,
+            check_reload=False,
         )
     except MergeError as e:
         # The merge stage refuses it: the logit difference is NaN, which does not pass the tolerance.
@@ -145,7 +178,9 @@ def test_nan_adapter_is_refused_before_production(world):
         return
     # Had the merge let it through, the gate must fail it on the primary metric.
     result = _evaluate(world, out, "eval-nan")
-    decision = decide(GateParams(), result.model_metrics("candidate"), result.model_metrics("base"), None, parity=PARITY)
+    decision = decide(
+        GateParams(), result.model_metrics("candidate"), result.model_metrics("base"), None, parity=PARITY
+    )
     print("NaN adapter gate:", json.dumps(to_json(decision)))
     assert not decision.passed and "beats_base" in decision.failed
     reason = decision.rule("beats_base").reason
@@ -165,16 +200,23 @@ def test_shuffled_answers_adapter_fails_the_gate(world):
     assert shuffled.model_metrics("base") == base  # same base, same rows
     g, s = good.model_metrics("candidate"), shuffled.model_metrics("candidate")
     print(f"answer_loss base {base['answer_loss']:.4f} good {g['answer_loss']:.4f} shuffled {s['answer_loss']:.4f}")
-    print(f"json_field_accuracy base {base['json_field_accuracy']:.3f} good {g['json_field_accuracy']:.3f} "
-          f"shuffled {s['json_field_accuracy']:.3f}")
+    print(
+        f"json_field_accuracy base {base['json_field_accuracy']:.3f} good {g['json_field_accuracy']:.3f} "
+        f"shuffled {s['json_field_accuracy']:.3f}"
+    )
     assert g["json_field_accuracy"] >= s["json_field_accuracy"] + 0.3  # it learnt the routing, the other did not
 
     # The task metric is the point here: forgetting is gated on its own (test_forgetting_gate.py).
     loss_only = GateParams(primary_metric="answer_loss", min_gain_over_base=REALISTIC_GAIN, max_forgetting=None)
     assert decide(loss_only, s, base, None, parity=PARITY).passed  # why the task metric decides
 
-    gate = GateParams(primary_metric="json_field_accuracy", min_gain_over_base=0.4,
-                      secondary_metric="answer_loss", min_secondary_gain=0.5, max_forgetting=None)
+    gate = GateParams(
+        primary_metric="json_field_accuracy",
+        min_gain_over_base=0.4,
+        secondary_metric="answer_loss",
+        min_secondary_gain=0.5,
+        max_forgetting=None,
+    )
     good_decision = decide(gate, g, base, None, parity=PARITY)
     bad_decision = decide(gate, s, base, None, parity=PARITY)
     print("good:", good_decision.rule("beats_base").reason)

@@ -12,8 +12,14 @@ from loraline.config import ConfigError, load_params
 from loraline.evaluate.batching import CPU_ROWS, MAX_ROWS, bytes_per_token, rows_for, scored_in_batches
 
 GIB = 1024**3
-LLAMA_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256)
+LLAMA_8B = LlamaConfig(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
 
 
 def _model(device: str, config=LLAMA_8B):
@@ -21,7 +27,9 @@ def _model(device: str, config=LLAMA_8B):
 
 
 def _card(monkeypatch, total_gib: float, allocated_gib: float) -> None:
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=int(total_gib * GIB)))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=int(total_gib * GIB))
+    )
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: int(allocated_gib * GIB))
 
 

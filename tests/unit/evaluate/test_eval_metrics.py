@@ -61,8 +61,8 @@ def test_normalize(text: str, expected: str) -> None:
         ('{"a": 1', '{"a": 1}', False),  # truncated JSON never matches
         ("a 1", '{"a": 1}', False),
         ('```json\n{"a": 1}\n```', '{"a": 1}', False),  # fences make it invalid
-        ('[1, 2]', '[1,2]', True),
-        ('[2, 1]', '[1,2]', False),
+        ("[1, 2]", "[1,2]", True),
+        ("[2, 1]", "[1,2]", False),
         ('{"a": {"y": 2, "x": 1}}', '{"a": {"x": 1, "y": 2}}', True),
         ("42", "42", True),
         ("42.0", "42", True),

@@ -38,8 +38,14 @@ class Setup:
 
     def kwargs(self, **overrides) -> dict:
         kw = dict(
-            tenant="toy", dataset_dir=self.dataset_dir, base_dir=self.base_dir, base_params=self.base_params,
-            candidate_dir=self.candidate_dir, production_dir=None, max_new_tokens=16, device="cpu",
+            tenant="toy",
+            dataset_dir=self.dataset_dir,
+            base_dir=self.base_dir,
+            base_params=self.base_params,
+            candidate_dir=self.candidate_dir,
+            production_dir=None,
+            max_new_tokens=16,
+            device="cpu",
         )
         return kw | overrides
 
@@ -52,9 +58,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def setup(tmp_path_factory) -> Setup:
     import loraline.train.stage as stage
     from loraline.base.stage import build_base
+    from loraline.merge import merge_adapter
     from loraline.modelling.loading import load_base_tokenizer
     from loraline.prepare.stage import prepare_tenant
-    from loraline.merge import merge_adapter
 
     root = tmp_path_factory.mktemp("evaluate")
     previous = torch.get_num_threads()
@@ -65,19 +71,36 @@ def setup(tmp_path_factory) -> Setup:
         base = build_base(base_params, seed=5, raw_dirs=[raw], out_dir=root / "base")
         tok = load_base_tokenizer(base.out_dir, base_params)
         prepared = prepare_tenant(
-            TenantParams(name="toy", raw_dir=raw), PrepareParams(), tok,
-            out_dir=root / "prepared", rejected_path=root / "rejected.jsonl", stats_path=root / "stats.json",
+            TenantParams(name="toy", raw_dir=raw),
+            PrepareParams(),
+            tok,
+            out_dir=root / "prepared",
+            rejected_path=root / "rejected.jsonl",
+            stats_path=root / "stats.json",
         )
-        params = tiny_train(quantization="nf4", max_steps=12, grad_accum=1, eval_every=12, save_every=12, learning_rate=1e-2)
+        params = tiny_train(
+            quantization="nf4", max_steps=12, grad_accum=1, eval_every=12, save_every=12, learning_rate=1e-2
+        )
         with mock.patch.object(stage, "pick_device", return_value=torch.device("cpu")):
             stage.train_adapter(
-                params, base_dir=base.out_dir, base_params=base_params, dataset_dir=prepared.dataset_dir,
-                out_dir=root / "adapter", checkpoint_dir=root / "ckpt",
+                params,
+                base_dir=base.out_dir,
+                base_params=base_params,
+                dataset_dir=prepared.dataset_dir,
+                out_dir=root / "adapter",
+                checkpoint_dir=root / "ckpt",
             )
         merge_adapter(
-            base_dir=base.out_dir, base_params=base_params, adapter_dir=root / "adapter", out_dir=root / "merged",
-            tolerance=1e-3, probes=[[{"role": "user", "content": "ping"}]], max_new_tokens=1,
-            quantized_reference=False, check_reload=False, device="cpu",
+            base_dir=base.out_dir,
+            base_params=base_params,
+            adapter_dir=root / "adapter",
+            out_dir=root / "merged",
+            tolerance=1e-3,
+            probes=[[{"role": "user", "content": "ping"}]],
+            max_new_tokens=1,
+            quantized_reference=False,
+            check_reload=False,
+            device="cpu",
         )
     finally:
         torch.set_num_threads(previous)
@@ -100,13 +123,21 @@ def full(setup: Setup):
 def test_evaluate_model_matches_the_stage(setup: Setup, full):
     """The registry measures production alone at promotion; its numbers must equal the stage's."""
     alone = evaluate_model(
-        model_dir=setup.candidate_dir, dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
-        base_params=setup.base_params, max_new_tokens=16, device="cpu",
+        model_dir=setup.candidate_dir,
+        dataset_dir=setup.dataset_dir,
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        max_new_tokens=16,
+        device="cpu",
     )
     assert alone == full.metrics["models"]["candidate"]
     with pytest.raises(EvaluateError, match="not a model folder"):
-        evaluate_model(model_dir=setup.root / "nope", dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
-                       base_params=setup.base_params)
+        evaluate_model(
+            model_dir=setup.root / "nope",
+            dataset_dir=setup.dataset_dir,
+            base_dir=setup.base_dir,
+            base_params=setup.base_params,
+        )
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -175,7 +206,9 @@ def test_report(full):
 def test_max_examples_and_no_production(setup: Setup, full, tmp_path):
     missing = tmp_path / "no-production-yet"
     small = evaluate_tenant(
-        out_dir=tmp_path / "eval", max_examples=2, examples_in_report=1,
+        out_dir=tmp_path / "eval",
+        max_examples=2,
+        examples_in_report=1,
         **setup.kwargs(production_dir=missing, max_new_tokens=4),
     )
     assert small.metrics["test_rows"] == 2
@@ -201,7 +234,9 @@ def test_evaluate_on_cuda(setup: Setup, full, tmp_path):
     result = evaluate_tenant(out_dir=tmp_path / "eval", **setup.kwargs(production_dir=setup.base_dir, device="cuda"))
     metrics = json.loads(result.metrics_path.read_text())
     assert metrics["device"] == "cuda" and metrics["device_name"]
-    assert metrics["test_rows"] == full.metrics["test_rows"] and metrics["answer_tokens"] == full.metrics["answer_tokens"]
+    assert (
+        metrics["test_rows"] == full.metrics["test_rows"] and metrics["answer_tokens"] == full.metrics["answer_tokens"]
+    )
     assert set(metrics["models"]) == {"base", "candidate", "production"}
     for name, scores in metrics["models"].items():
         assert set(scores) == set(full.metrics["models"][name]), name
@@ -209,9 +244,15 @@ def test_evaluate_on_cuda(setup: Setup, full, tmp_path):
     assert metrics["models"]["candidate"]["answer_loss"] < metrics["models"]["base"]["answer_loss"]
     assert len(_read_jsonl(result.generations_path)) == metrics["test_rows"]
     # evaluate.batch_size auto: a tiny model on a GPU takes the whole split in one batch
-    assert metrics["batch_rows"] == {name: metrics["test_rows"] for name in metrics["models"]}
-    alone = evaluate_model(model_dir=setup.candidate_dir, dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
-                           base_params=setup.base_params, max_new_tokens=16, device="cuda")
+    assert metrics["batch_rows"] == dict.fromkeys(metrics["models"], metrics["test_rows"])
+    alone = evaluate_model(
+        model_dir=setup.candidate_dir,
+        dataset_dir=setup.dataset_dir,
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        max_new_tokens=16,
+        device="cuda",
+    )
     assert alone == pytest.approx(metrics["models"]["candidate"], rel=1e-5)
 
 
@@ -241,15 +282,20 @@ def test_cuda_without_a_gpu_names_the_key_and_writes_nothing(setup: Setup, tmp_p
     with pytest.raises(ConfigError, match=r"^evaluate\.device is cuda but torch sees no CUDA device"):
         evaluate_tenant(out_dir=tmp_path / "x", **setup.kwargs(device="cuda"))
     with pytest.raises(ConfigError, match=r"^evaluate\.device is cuda"):
-        evaluate_model(model_dir=setup.candidate_dir, dataset_dir=setup.dataset_dir, base_dir=setup.base_dir,
-                       base_params=setup.base_params, device="cuda")
+        evaluate_model(
+            model_dir=setup.candidate_dir,
+            dataset_dir=setup.dataset_dir,
+            base_dir=setup.base_dir,
+            base_params=setup.base_params,
+            device="cuda",
+        )
     assert not (tmp_path / "x").exists()
 
 
 def test_the_stage_batch_size_changes_no_answer(setup: Setup, full, tmp_path):
     """evaluate.batch_size is speed only: one row at a time gives the default batch's answers and losses."""
     one = evaluate_tenant(out_dir=tmp_path / "eval", batch_size=1, **setup.kwargs(production_dir=setup.base_dir))
-    assert one.metrics["batch_rows"] == {name: 1 for name in one.metrics["models"]}
+    assert one.metrics["batch_rows"] == dict.fromkeys(one.metrics["models"], 1)
     assert full.metrics["batch_rows"] == {name: min(32, full.metrics["test_rows"]) for name in full.metrics["models"]}
     assert [r["predictions"] for r in _read_jsonl(one.generations_path)] == [
         r["predictions"] for r in _read_jsonl(full.generations_path)
@@ -264,8 +310,8 @@ def test_batching_changes_nothing(setup: Setup):
     the eval prompt is exactly the stored row's prefix before its answer (same rendering as prepare)."""
     import datasets
 
-    from loraline.modelling.loading import load_base_tokenizer
     from loraline.evaluate.generate import answer_loss, encode_prompt, generate_greedy, loaded_model
+    from loraline.modelling.loading import load_base_tokenizer
 
     tok = load_base_tokenizer(setup.base_dir, setup.base_params)
     test = datasets.load_from_disk(str(setup.dataset_dir))["test"].select(range(4))
@@ -307,9 +353,16 @@ def test_a_nan_adapter_never_passes_merge_or_gate(setup: Setup, tmp_path):
     bad = _nan_adapter(setup, tmp_path / "nan-adapter")
     with pytest.raises(MergeError):
         merge_adapter(
-            base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=bad, out_dir=tmp_path / "merged",
-            tolerance=1e-3, probes=[[{"role": "user", "content": "ping"}]], max_new_tokens=1,
-            quantized_reference=False, check_reload=False, device="cpu",
+            base_dir=setup.base_dir,
+            base_params=setup.base_params,
+            adapter_dir=bad,
+            out_dir=tmp_path / "merged",
+            tolerance=1e-3,
+            probes=[[{"role": "user", "content": "ping"}]],
+            max_new_tokens=1,
+            quantized_reference=False,
+            check_reload=False,
+            device="cpu",
         )
     assert not (tmp_path / "merged").exists()
 
@@ -323,10 +376,17 @@ def test_a_nan_adapter_never_passes_merge_or_gate(setup: Setup, tmp_path):
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(str(setup.candidate_dir)).save_pretrained(tmp_path / "broken")
-    result = evaluate_tenant(out_dir=tmp_path / "eval", **setup.kwargs(candidate_dir=tmp_path / "broken", max_examples=3))
+    result = evaluate_tenant(
+        out_dir=tmp_path / "eval", **setup.kwargs(candidate_dir=tmp_path / "broken", max_examples=3)
+    )
     models = result.metrics["models"]
-    decision = decide(GateParams(primary_metric="answer_loss"), models["candidate"], models["base"], None,
-                      {"merge_max_logit_diff": 0.0, "export_max_logit_diff": 0.0})
+    decision = decide(
+        GateParams(primary_metric="answer_loss"),
+        models["candidate"],
+        models["base"],
+        None,
+        {"merge_max_logit_diff": 0.0, "export_max_logit_diff": 0.0},
+    )
     assert not decision.passed
     assert "beats_base" in decision.failed
     assert "answer_loss" in decision.rule("beats_base").reason

@@ -31,8 +31,17 @@ from loraline.layout import GENERAL_TEXT  # noqa: E402
 ADAPTER_ONLY = ["adapter"]  # deploy.targets: the candidate is the adapter on the base, as served
 RECIPES = {
     "normal": dict(quantization="nf4", max_steps=40, grad_accum=1, eval_every=40, save_every=40, learning_rate=2e-3),
-    "overfit": dict(quantization="nf4", max_steps=300, batch_size=2, grad_accum=1, eval_every=300, save_every=300,
-                    learning_rate=3e-2, lora_dropout=0.0, warmup_ratio=0.0),
+    "overfit": dict(
+        quantization="nf4",
+        max_steps=300,
+        batch_size=2,
+        grad_accum=1,
+        eval_every=300,
+        save_every=300,
+        learning_rate=3e-2,
+        lora_dropout=0.0,
+        warmup_ratio=0.0,
+    ),
 }
 
 
@@ -55,28 +64,49 @@ def world(tmp_path_factory):
         tok = load_base_tokenizer(base.out_dir, base_params)
         # The toy tickets share one template: decontamination would drop most training rows.
         prepared = prepare_tenant(
-            TenantParams(name="toy", raw_dir=raw), PrepareParams(decontamination={"enabled": False}), tok,
-            out_dir=root / "prepared", rejected_path=root / "rejected.jsonl", stats_path=root / "stats.json",
+            TenantParams(name="toy", raw_dir=raw),
+            PrepareParams(decontamination={"enabled": False}),
+            tok,
+            out_dir=root / "prepared",
+            rejected_path=root / "rejected.jsonl",
+            stats_path=root / "stats.json",
         )
         general = general_sample(GeneralParams(), PrepareParams(), tok, root)  # the default path, in this project
         write_general_sample(general, root / "general")
         for name, recipe in RECIPES.items():
             with mock.patch.object(stage, "pick_device", return_value=torch.device("cpu")):
                 stage.train_adapter(
-                    tiny_train(**recipe), base_dir=base.out_dir, base_params=base_params, dataset_dir=prepared.dataset_dir,
-                    out_dir=root / f"adapter-{name}", checkpoint_dir=root / f"ckpt-{name}",
+                    tiny_train(**recipe),
+                    base_dir=base.out_dir,
+                    base_params=base_params,
+                    dataset_dir=prepared.dataset_dir,
+                    out_dir=root / f"adapter-{name}",
+                    checkpoint_dir=root / f"ckpt-{name}",
                 )
     finally:
         torch.set_num_threads(previous)
-    return dict(root=root, base_params=base_params, base_dir=base.out_dir, dataset_dir=prepared.dataset_dir,
-                general_dir=root / "general", record=base.record)
+    return dict(
+        root=root,
+        base_params=base_params,
+        base_dir=base.out_dir,
+        dataset_dir=prepared.dataset_dir,
+        general_dir=root / "general",
+        record=base.record,
+    )
 
 
 def _evaluate(world, name: str):
     return evaluate_tenant(
-        tenant="toy", dataset_dir=world["dataset_dir"], base_dir=world["base_dir"], base_params=world["base_params"],
-        candidate_dir=world["root"] / f"adapter-{name}", production_dir=None, out_dir=world["root"] / f"eval-{name}",
-        max_new_tokens=8, device="cpu", general_dir=world["general_dir"],
+        tenant="toy",
+        dataset_dir=world["dataset_dir"],
+        base_dir=world["base_dir"],
+        base_params=world["base_params"],
+        candidate_dir=world["root"] / f"adapter-{name}",
+        production_dir=None,
+        out_dir=world["root"] / f"eval-{name}",
+        max_new_tokens=8,
+        device="cpu",
+        general_dir=world["general_dir"],
     )
 
 
@@ -89,10 +119,15 @@ def test_the_overfitted_adapter_is_refused_for_forgetting_and_the_normal_one_pas
     base = normal.model_metrics("base")
     assert overfit.model_metrics("base") == base  # the same base, rows and sample
     n, o = normal.model_metrics("candidate"), overfit.model_metrics("candidate")
-    rise = {name: (m["general_loss"] - base["general_loss"]) / base["general_loss"] for name, m in (("normal", n), ("overfit", o))}
-    print(f"general_loss base {base['general_loss']:.4f} normal {n['general_loss']:.4f} ({rise['normal']:+.1%}) "
-          f"overfit {o['general_loss']:.4f} ({rise['overfit']:+.1%}); answer_loss base {base['answer_loss']:.3f} "
-          f"normal {n['answer_loss']:.3f} overfit {o['answer_loss']:.3f}")
+    rise = {
+        name: (m["general_loss"] - base["general_loss"]) / base["general_loss"]
+        for name, m in (("normal", n), ("overfit", o))
+    }
+    print(
+        f"general_loss base {base['general_loss']:.4f} normal {n['general_loss']:.4f} ({rise['normal']:+.1%}) "
+        f"overfit {o['general_loss']:.4f} ({rise['overfit']:+.1%}); answer_loss base {base['answer_loss']:.3f} "
+        f"normal {n['answer_loss']:.3f} overfit {o['answer_loss']:.3f}"
+    )
     assert rise["normal"] < 0.07 and rise["overfit"] > 0.2  # measured +3.5% and +32%: far from the 0.10 either way
 
     gate = GateParams()  # the defaults: answer_loss down 5% over the base, general_loss up at most 10%
@@ -102,7 +137,9 @@ def test_the_overfitted_adapter_is_refused_for_forgetting_and_the_normal_one_pas
     assert refused.failed == ["max_forgetting"], to_json(refused)  # it still beats the base on its task
     assert refused.rule("beats_base").passed
     reason = refused.rule("max_forgetting").reason
-    assert reason.startswith(f"general_loss on general text: candidate {o['general_loss']:.6g} vs base {base['general_loss']:.6g}")
+    assert reason.startswith(
+        f"general_loss on general text: candidate {o['general_loss']:.6g} vs base {base['general_loss']:.6g}"
+    )
     assert f"relative rise {rise['overfit']:.4g} > (the adapter forgot" in reason and reason.endswith(" 0.1")
     assert not decide(gate.model_copy(update={"max_forgetting": None}), o, base, None, targets=ADAPTER_ONLY).failed
 
@@ -125,7 +162,12 @@ def test_production_measured_at_release_compares_with_the_candidate(world):
     number for the same model, so max_forgetting and the reports compare like with like."""
     staged = _evaluate(world, "overfit").model_metrics("candidate")
     alone = evaluate_model(
-        model_dir=world["root"] / "adapter-overfit", dataset_dir=world["dataset_dir"], base_dir=world["base_dir"],
-        base_params=world["base_params"], max_new_tokens=8, device="cpu", general_dir=world["general_dir"],
+        model_dir=world["root"] / "adapter-overfit",
+        dataset_dir=world["dataset_dir"],
+        base_dir=world["base_dir"],
+        base_params=world["base_params"],
+        max_new_tokens=8,
+        device="cpu",
+        general_dir=world["general_dir"],
     )
     assert alone["general_loss"] == pytest.approx(staged["general_loss"], rel=1e-6)

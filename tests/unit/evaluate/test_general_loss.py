@@ -29,7 +29,11 @@ def model_and_tokenizer(random_llama: Path):
 
 def _rows(tok) -> _GeneralSet:
     """Three plain-text rows of different lengths (every token a target) and one chat-like row (its last four only)."""
-    texts = ["Ticket 1 from Ana: the printer is down.", "Bo", "Chen says the vpn is slow. Please route it to network now."]
+    texts = [
+        "Ticket 1 from Ana: the printer is down.",
+        "Bo",
+        "Chen says the vpn is slow. Please route it to network now.",
+    ]
     ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
     chat = tok("Ticket 7 from Bo: the mailbox is down. Please route it.", add_special_tokens=False)["input_ids"]
     return _GeneralSet([*ids, chat], [*ids, [IGNORE_INDEX] * (len(chat) - 4) + chat[-4:]], {})
@@ -66,7 +70,9 @@ def test_the_sample_is_read_back_from_the_prepare_stages_folder(tmp_path):
     with pytest.raises(EvaluateError, match="holds no general-text sample .* run the prepare stage for this tenant"):
         load_general(folder)
     folder.mkdir()
-    (folder / GENERAL_ROWS).write_text(json.dumps({"id": "ab", "kind": "document", "input_ids": [1, 2], "labels": [1, 2]}) + "\n")
+    (folder / GENERAL_ROWS).write_text(
+        json.dumps({"id": "ab", "kind": "document", "input_ids": [1, 2], "labels": [1, 2]}) + "\n"
+    )
     (folder / GENERAL_SAMPLE).write_text(json.dumps({"path": "g.jsonl", "rows": 1}))
     general = load_general(folder)
     assert general.input_ids == [[1, 2]] and general.labels == [[1, 2]]
@@ -75,16 +81,35 @@ def test_the_sample_is_read_back_from_the_prepare_stages_folder(tmp_path):
 
 
 def test_the_report_shows_the_sample_and_each_models_rise_over_the_base():
-    facts = {"measured": True, "path": "models/base/general_text.jsonl", "sha256": "0123456789abcdef" * 4, "rows": 128,
-             "kinds": {"document": 128}, "target_tokens": 9551, "max_tokens": 256}
-    models = {"base": {"answer_loss": 4.7, "general_loss": 6.6}, "candidate": {"answer_loss": 0.1, "general_loss": 9.9}}
+    facts = {
+        "measured": True,
+        "path": "models/base/general_text.jsonl",
+        "sha256": "0123456789abcdef" * 4,
+        "rows": 128,
+        "kinds": {"document": 128},
+        "target_tokens": 9551,
+        "max_tokens": 256,
+    }
+    models = {
+        "base": {"answer_loss": 4.7, "general_loss": 6.6},
+        "candidate": {"answer_loss": 0.1, "general_loss": 9.9},
+    }
     lines = forgetting_lines(models, facts)
-    assert lines[0].startswith("Sample `models/base/general_text.jsonl` (sha256 `0123456789ab`): 128 rows (128 document), "
-                               "9551 scored tokens")
+    assert lines[0].startswith(
+        "Sample `models/base/general_text.jsonl` (sha256 `0123456789ab`): 128 rows (128 document), 9551 scored tokens"
+    )
     assert "| candidate | 9.9000 | +50.00% |" in lines and "| base | 6.6000 |  |" in lines
-    report = render_report(tenant="t", test_rows=2, expects_json=False, max_new_tokens=4, models=models, examples=[],
-                           general=facts)
+    report = render_report(
+        tenant="t", test_rows=2, expects_json=False, max_new_tokens=4, models=models, examples=[], general=facts
+    )
     assert "## Forgetting: general text" in report and "| general_loss ↓ | 6.6000 | 9.9000 | +3.3000 |" in report
-    missing = render_report(tenant="t", test_rows=2, expects_json=False, max_new_tokens=4, examples=[],
-                            models={"base": {"answer_loss": 4.7}}, general=general_facts(None))
+    missing = render_report(
+        tenant="t",
+        test_rows=2,
+        expects_json=False,
+        max_new_tokens=4,
+        examples=[],
+        models={"base": {"answer_loss": 4.7}},
+        general=general_facts(None),
+    )
     assert "Not measured: no general-text sample was given" in missing

@@ -13,7 +13,15 @@ from judge_helpers import KEY_ENV, SECRET, FakeJudge, judge_params, longer_wins,
 
 from loraline.config import GateParams, JudgeParams, load_params
 from loraline.evaluate.judge import (
-    DEFAULT_RUBRIC, Opponent, Pairing, endpoint_host, judge_pairs, judged_rows, pairings, parse_verdict, render,
+    DEFAULT_RUBRIC,
+    Opponent,
+    Pairing,
+    endpoint_host,
+    judge_pairs,
+    judged_rows,
+    pairings,
+    parse_verdict,
+    render,
 )
 from loraline.gate.decision import DEFAULT_LOWER_IS_BETTER, decide
 from loraline.modelling.endpoint import EndpointError
@@ -27,26 +35,31 @@ def api_key(monkeypatch) -> None:
 
 
 def _pairs(candidate: list[str], other: list[str]) -> list[Pairing]:
-    return [Pairing(f"row-{i}", f"question {i}?", f"reference {i}", c, o) for i, (c, o) in enumerate(zip(candidate, other))]
+    return [
+        Pairing(f"row-{i}", f"question {i}?", f"reference {i}", c, o) for i, (c, o) in enumerate(zip(candidate, other))
+    ]
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ('{"reason": "B is wrong", "verdict": "A"}', "A"),
-    ('```json\n{"verdict": "b", "reason": "shorter"}\n```', "B"),
-    ('Both say the same. {"Verdict": "Tie"}', "tie"),
-    ("A", "A"),
-    (" b.\n", "B"),
-    ("**Tie**", "tie"),
-    ("[[B]]", "B"),
-    ("Answer A", "A"),
-    ('{"reason": "{nested}", "verdict": " A "}', "A"),
-    ("I think A is better", None),
-    ("", None),
-    ('{"verdict": "C"}', None),
-    ('{"winner": "A"}', None),
-    ('{"verdict": 1}', None),
-    ("AB", None),
-])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ('{"reason": "B is wrong", "verdict": "A"}', "A"),
+        ('```json\n{"verdict": "b", "reason": "shorter"}\n```', "B"),
+        ('Both say the same. {"Verdict": "Tie"}', "tie"),
+        ("A", "A"),
+        (" b.\n", "B"),
+        ("**Tie**", "tie"),
+        ("[[B]]", "B"),
+        ("Answer A", "A"),
+        ('{"reason": "{nested}", "verdict": " A "}', "A"),
+        ("I think A is better", None),
+        ("", None),
+        ('{"verdict": "C"}', None),
+        ('{"winner": "A"}', None),
+        ('{"verdict": 1}', None),
+        ("AB", None),
+    ],
+)
 def test_verdicts_are_read_from_json_or_a_lone_word_and_nothing_else(reply, expected):
     assert parse_verdict(reply) == expected
 
@@ -65,7 +78,9 @@ def test_both_orders_are_asked_and_the_win_rate_counts_wins_and_half_ties(tmp_pa
         assert f"[Answer A]\n{other[i]}\n\n[Answer B]\n{candidate[i]}\n" in second["messages"][1]["content"]
         assert f"[Reference answer]\nreference {i}" in first["messages"][1]["content"]
     body = bodies[0]
-    assert body["model"] == "judge-7b" and body["temperature"] == 0.0 and body["seed"] == 0 and body["max_tokens"] == 256
+    assert (
+        body["model"] == "judge-7b" and body["temperature"] == 0.0 and body["seed"] == 0 and body["max_tokens"] == 256
+    )
     assert body["messages"][0] == {"role": "system", "content": DEFAULT_RUBRIC}
     block = judged.block
     assert (block["wins"], block["losses"], block["ties"], block["invalid"], block["valid"]) == (4, 2, 2, 0, 8)
@@ -77,7 +92,12 @@ def test_both_orders_are_asked_and_the_win_rate_counts_wins_and_half_ties(tmp_pa
     assert block["rubric_sha256"] == hashlib.sha256(DEFAULT_RUBRIC.encode()).hexdigest() and block["default_rubric"]
     assert [r["id"] for r in judged.rows] == ["row-0", "row-1", "row-2", "row-3"]
     assert [c["outcome"] for c in judged.rows[2]["comparisons"]] == ["loss", "loss"]
-    assert judged.rows[0]["comparisons"][1] == {"candidate_as": "B", "verdict": "B", "outcome": "win", "reply": verdict("B")}
+    assert judged.rows[0]["comparisons"][1] == {
+        "candidate_as": "B",
+        "verdict": "B",
+        "outcome": "win",
+        "reply": verdict("B"),
+    }
 
 
 def test_a_judge_that_always_picks_the_first_position_shows_as_bias_not_as_a_winner(tmp_path: Path):
@@ -96,8 +116,12 @@ def test_unparseable_replies_are_invalid_never_a_win(tmp_path: Path):
     assert (block["wins"], block["losses"], block["ties"], block["invalid"], block["valid"]) == (1, 0, 1, 2, 2)
     assert block["win_rate"] == 0.75  # (1 win + 1 tie / 2) / 2 valid: the invalid verdicts count for neither side
     assert (block["consistent_rows"], block["inconsistent_rows"]) == (0, 0)  # no row has two valid verdicts
-    assert judged.rows[0]["comparisons"][1] == {"candidate_as": "B", "verdict": None, "outcome": "invalid",
-                                                "reply": "The first answer, clearly."}
+    assert judged.rows[0]["comparisons"][1] == {
+        "candidate_as": "B",
+        "verdict": None,
+        "outcome": "invalid",
+        "reply": "The first answer, clearly.",
+    }
     with FakeJudge(lambda a, b: "no idea") as server:
         none_valid = judge_pairs(judge_params(server.base_url), _pairs(["c"], ["o"]), BASE, None).block
     assert none_valid["win_rate"] is None and none_valid["invalid"] == 2
@@ -130,10 +154,15 @@ def test_a_second_run_is_served_from_the_cache_which_holds_no_key(tmp_path: Path
 
 def test_without_reference_the_judge_sees_question_and_answers_only(tmp_path: Path):
     with FakeJudge(longer_wins) as server:
-        block = judge_pairs(judge_params(server.base_url, with_reference=False, rubric="Be strict."),
-                            _pairs(["c"], ["o"]), BASE, None).block
+        block = judge_pairs(
+            judge_params(server.base_url, with_reference=False, rubric="Be strict."), _pairs(["c"], ["o"]), BASE, None
+        ).block
     content = server.chats()[0]["messages"][1]["content"]
-    assert "[Reference answer]" not in content and "reference 0" not in content and "[User message]\nquestion 0?" in content
+    assert (
+        "[Reference answer]" not in content
+        and "reference 0" not in content
+        and "[User message]\nquestion 0?" in content
+    )
     assert not block["default_rubric"] and not block["with_reference"]
     assert block["rubric_sha256"] == hashlib.sha256(b"Be strict.").hexdigest()
 
@@ -144,10 +173,18 @@ def test_an_unreachable_endpoint_names_the_setting_and_the_url_not_the_key(tmp_p
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
     with pytest.raises(EndpointError) as info:
-        judge_pairs(judge_params(url, endpoint={"base_url": url, "api_key_env": KEY_ENV, "max_retries": 1, "backoff_s": 0}),
-                    _pairs(["c"], ["o"]), BASE, tmp_path / "cache")
+        judge_pairs(
+            judge_params(url, endpoint={"base_url": url, "api_key_env": KEY_ENV, "max_retries": 1, "backoff_s": 0}),
+            _pairs(["c"], ["o"]),
+            BASE,
+            tmp_path / "cache",
+        )
     message = str(info.value)
-    assert f"{url}/chat/completions" in message and "evaluate.judge.endpoint.base_url" in message and SECRET not in message
+    assert (
+        f"{url}/chat/completions" in message
+        and "evaluate.judge.endpoint.base_url" in message
+        and SECRET not in message
+    )
     assert not (tmp_path / "cache").exists()
 
 
@@ -167,8 +204,10 @@ def test_the_judged_rows_are_a_fixed_sample_in_test_order():
     assert picked == sorted(sorted(range(50), key=lambda i: hashlib.sha256(ids[i].encode()).hexdigest())[:10])
     assert picked != list(range(10))  # spread over the split, not its head
     assert judged_rows(ids, None) == judged_rows(ids, 50) == list(range(50))
-    rows = [{"id": i, "prompt": "q", "reference": "r", "predictions": {"candidate": f"c{n}", "base": f"b{n}"}}
-            for n, i in enumerate(ids)]
+    rows = [
+        {"id": i, "prompt": "q", "reference": "r", "predictions": {"candidate": f"c{n}", "base": f"b{n}"}}
+        for n, i in enumerate(ids)
+    ]
     pairs = pairings(rows, "base", 10)
     assert [p.row_id for p in pairs] == [ids[i] for i in picked] and pairs[0].other == f"b{picked[0]}"
     assert pairings(rows, "production", 10, [f"p{n}" for n in range(50)])[0].other == f"p{picked[0]}"
@@ -193,18 +232,38 @@ def test_the_judge_is_off_by_default_and_needs_an_endpoint_and_a_model():
 # --- the gate -----------------------------------------------------------------------------------------
 
 PARITY = {"merge_max_logit_diff": 0.0, "export_max_logit_diff": 0.0}
-JUDGE = {"against": "production", "against_model": {"version": "v0.0.1", "commit": "c" * 40}, "comparisons": 20,
-         "wins": 10, "losses": 6, "ties": 2, "invalid": 2, "win_rate": 11 / 18}
+JUDGE = {
+    "against": "production",
+    "against_model": {"version": "v0.0.1", "commit": "c" * 40},
+    "comparisons": 20,
+    "wins": 10,
+    "losses": 6,
+    "ties": 2,
+    "invalid": 2,
+    "win_rate": 11 / 18,
+}
 
 
 def test_the_judge_rule_passes_at_the_threshold_and_names_what_the_rate_is_against():
     gate = GateParams(min_judge_win_rate=11 / 18)
     rule = decide(gate, {"answer_loss": 1.0}, {"answer_loss": 2.0}, None, PARITY, judge=JUDGE).rule("judge_win_rate")
     assert rule.passed and rule.value == pytest.approx(11 / 18)
-    assert "against production (version v0.0.1, commit cccccccccccc)" in rule.reason and "2 invalid of 20" in rule.reason
-    assert rule.values == {"wins": 10.0, "losses": 6.0, "ties": 2.0, "invalid": 2.0, "win_rate": pytest.approx(11 / 18)}
+    assert (
+        "against production (version v0.0.1, commit cccccccccccc)" in rule.reason and "2 invalid of 20" in rule.reason
+    )
+    assert rule.values == {
+        "wins": 10.0,
+        "losses": 6.0,
+        "ties": 2.0,
+        "invalid": 2.0,
+        "win_rate": pytest.approx(11 / 18),
+    }
     higher = GateParams(min_judge_win_rate=0.62)
-    assert not decide(higher, {"answer_loss": 1.0}, {"answer_loss": 2.0}, None, PARITY, judge=JUDGE).rule("judge_win_rate").passed
+    assert (
+        not decide(higher, {"answer_loss": 1.0}, {"answer_loss": 2.0}, None, PARITY, judge=JUDGE)
+        .rule("judge_win_rate")
+        .passed
+    )
 
 
 def test_the_judge_rule_fails_on_missing_evidence_and_is_off_by_default():
@@ -235,8 +294,12 @@ def test_the_gate_stage_decides_on_the_evaluations_judge_block(tmp_path: Path):
 
     layout = Layout(tmp_path)
     params = parse_params({"tenants": {"t1": {"raw_dir": "raw"}}, "gate": {"min_judge_win_rate": 0.6}})
-    evaluation = {"models": {"base": {"answer_loss": 2.0, "general_loss": 3.0},
-                             "candidate": {"answer_loss": 1.0, "general_loss": 3.0}}}  # no forgetting
+    evaluation = {
+        "models": {
+            "base": {"answer_loss": 2.0, "general_loss": 3.0},
+            "candidate": {"answer_loss": 1.0, "general_loss": 3.0},
+        }
+    }  # no forgetting
     for stage in ("merge", "export"):
         layout.metrics_path(stage, "t1").parent.mkdir(parents=True, exist_ok=True)
         layout.metrics_path(stage, "t1").write_text(json.dumps({"max_abs_logit_diff": 0.0}))
@@ -245,6 +308,9 @@ def test_the_gate_stage_decides_on_the_evaluations_judge_block(tmp_path: Path):
     judged = {**JUDGE, "against": "base", "against_model": {"base_record_sha256": "ab" * 32}}
     layout.eval_metrics_path("t1").write_text(json.dumps({**evaluation, "judge": judged}))
     decision = run(params, layout, "t1")
-    assert decision.passed and "against base (base_record_sha256 abababababab) 0.6111 >= 0.6" in decision.rule("judge_win_rate").reason
+    assert (
+        decision.passed
+        and "against base (base_record_sha256 abababababab) 0.6111 >= 0.6" in decision.rule("judge_win_rate").reason
+    )
     rule = json.loads(layout.gate_path("t1").read_text())["rules"][-1]
     assert rule["name"] == "judge_win_rate" and rule["value"] == pytest.approx(11 / 18) and rule["threshold"] == 0.6

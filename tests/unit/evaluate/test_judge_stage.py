@@ -38,8 +38,12 @@ def _outcome(rule, candidate: str, other: str, candidate_as: str) -> str:
 
 
 def _evaluate(setup: Setup, out: Path, url: str, cache: Path, **kw):
-    return evaluate_tenant(out_dir=out, judge=judge_params(url, max_rows=JUDGED), judge_cache_dir=cache,
-                           **setup.kwargs(max_examples=ROWS, **kw))
+    return evaluate_tenant(
+        out_dir=out,
+        judge=judge_params(url, max_rows=JUDGED),
+        judge_cache_dir=cache,
+        **setup.kwargs(max_examples=ROWS, **kw),
+    )
 
 
 def _read(path: Path) -> list[dict]:
@@ -60,14 +64,26 @@ def test_the_candidate_is_judged_against_the_base_in_both_orders(setup: Setup, t
     metrics = json.loads((tmp_path / "eval" / METRICS).read_text())
     block = metrics["judge"]
     assert block["against"] == "base" and block["rows"] == JUDGED and block["comparisons"] == 2 * JUDGED
-    assert block["against_model"] == {"base_record_sha256": hashlib.sha256((setup.base_dir / BASE_RECORD).read_bytes()).hexdigest()}
+    assert block["against_model"] == {
+        "base_record_sha256": hashlib.sha256((setup.base_dir / BASE_RECORD).read_bytes()).hexdigest()
+    }
     assert block["endpoint"] == server.base_url.split("//")[1].split("/")[0] and block["model"] == "judge-7b"
     # the verdicts, recomputed from the answers generations.jsonl holds
     generations = {r["id"]: r["predictions"] for r in _read(tmp_path / "eval" / GENERATIONS)}
     judged = _read(tmp_path / "eval" / JUDGEMENTS)
     assert len(judged) == JUDGED and len(generations) == ROWS
-    outcomes = [[_outcome(first_unless_worse, generations[row["id"]]["candidate"], generations[row["id"]]["base"], x["candidate_as"])
-                 for x in row["comparisons"]] for row in judged]
+    outcomes = [
+        [
+            _outcome(
+                first_unless_worse,
+                generations[row["id"]]["candidate"],
+                generations[row["id"]]["base"],
+                x["candidate_as"],
+            )
+            for x in row["comparisons"]
+        ]
+        for row in judged
+    ]
     assert [[x["outcome"] for x in row["comparisons"]] for row in judged] == outcomes
     assert [[x["candidate_as"] for x in row["comparisons"]] for row in judged] == [["A", "B"]] * JUDGED
     wins = sum(o.count("win") for o in outcomes)
@@ -94,7 +110,9 @@ def test_with_a_production_model_the_candidate_is_judged_against_it(setup: Setup
     assert models["candidate"]["judge_win_rate"] == block["win_rate"]
 
 
-def test_an_unreachable_judge_fails_the_stage_naming_the_setting_and_leaves_the_outputs_alone(setup: Setup, tmp_path: Path):
+def test_an_unreachable_judge_fails_the_stage_naming_the_setting_and_leaves_the_outputs_alone(
+    setup: Setup, tmp_path: Path
+):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -104,7 +122,9 @@ def test_an_unreachable_judge_fails_the_stage_naming_the_setting_and_leaves_the_
     (out / METRICS).write_text("{}")  # what an earlier run wrote
     params = judge_params(url, endpoint={"base_url": url, "api_key_env": KEY_ENV, "max_retries": 0})
     with pytest.raises(EvaluateError) as info:
-        evaluate_tenant(out_dir=out, judge=params, judge_cache_dir=None, **setup.kwargs(max_examples=2, max_new_tokens=2))
+        evaluate_tenant(
+            out_dir=out, judge=params, judge_cache_dir=None, **setup.kwargs(max_examples=2, max_new_tokens=2)
+        )
     message = str(info.value)
     assert message.startswith("evaluate.judge: ") and "evaluate.judge.endpoint.base_url" in message
     assert f"{url}/chat/completions" in message and SECRET not in message

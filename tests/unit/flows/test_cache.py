@@ -17,17 +17,21 @@ from loraline.flows.cache import QUARANTINE, SETTLED_NS, VERIFIED, check_cache, 
 from loraline.tools import tool, tool_env
 
 # The stage counts its runs in runs.log (not an output): a rebuild is visible.
-MAKE = ("python -c \"import pathlib; p = pathlib.Path('model'); p.mkdir(exist_ok=True); "
-        "(p / 'weights.bin').write_text('w' * 4096); (p / 'config.json').write_text('{}'); "
-        "pathlib.Path('report.json').write_text('{\\\"ok\\\": true}'); "
-        "open('runs.log', 'a').write('ran\\n')\"")
+MAKE = (
+    "python -c \"import pathlib; p = pathlib.Path('model'); p.mkdir(exist_ok=True); "
+    "(p / 'weights.bin').write_text('w' * 4096); (p / 'config.json').write_text('{}'); "
+    "pathlib.Path('report.json').write_text('{\\\"ok\\\": true}'); "
+    "open('runs.log', 'a').write('ran\\n')\""
+)
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([tool("dvc"), "init", "-q"], cwd=tmp_path, env=tool_env(), check=True)
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {"cmd": MAKE, "outs": ["model", "report.json"]}}}))
+    (tmp_path / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"train": {"cmd": MAKE, "outs": ["model", "report.json"]}}})
+    )
     _dvc(tmp_path, "repro", "-q")
     assert (tmp_path / "runs.log").read_text() == "ran\n"
     return tmp_path
@@ -69,7 +73,9 @@ def test_a_damaged_file_of_a_folder_output_is_named_with_its_output_and_stage(pr
     check = check_cache(project)
     assert [(c.cache_path, c.output, c.stage) for c in check.corrupt] == [(cache_file, "model/weights.bin", "train")]
     line = check.corrupt[0].describe(project)
-    assert line.startswith(f"DVC cache file {cache_file.relative_to(project).as_posix()} is corrupted: its bytes hash to ")
+    assert line.startswith(
+        f"DVC cache file {cache_file.relative_to(project).as_posix()} is corrupted: its bytes hash to "
+    )
     assert line.endswith("it holds model/weights.bin of stage train")
 
 
@@ -77,7 +83,9 @@ def test_run_repairs_from_the_intact_workspace_copy_and_nothing_is_rebuilt(proje
     cache_file = _cache_file(project, "model/weights.bin")
     _damage(cache_file)
     lines = repair(check_cache(project))
-    assert lines == [f"{cache_file.relative_to(project).as_posix()}: restored from the intact workspace copy model/weights.bin"]
+    assert lines == [
+        f"{cache_file.relative_to(project).as_posix()}: restored from the intact workspace copy model/weights.bin"
+    ]
     assert check_cache(project).ok
     assert "up to date" in _dvc(project, "status")
     _dvc(project, "repro", "-q")
@@ -128,7 +136,9 @@ def test_the_run_start_check_re_hashes_a_file_written_since_verified(project: Pa
         after = cache_file.stat()  # only ctime tells: size, mtime and inode are as they were
         assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
     check = check_cache(project, incremental=True)
-    assert check.rehashed == 1 and [(c.cache_path, c.output) for c in check.corrupt] == [(cache_file, "model/weights.bin")]
+    assert check.rehashed == 1 and [(c.cache_path, c.output) for c in check.corrupt] == [
+        (cache_file, "model/weights.bin")
+    ]
     assert "1 re-hashed (3 unchanged since verified;" in check.summary() and "1 corrupted" in check.summary()
     repair(check)
     assert check_cache(project, incremental=True).ok  # the restored file (a new one) is hashed, not trusted
@@ -169,8 +179,10 @@ def test_loraline_check_names_the_damaged_file_and_says_what_to_do(project: Path
 
     (project / "params.yaml").write_text(yaml.safe_dump({"tenants": {"acme": {"raw_dir": "raw"}}}))
     dvc_yaml = yaml.safe_load((project / "dvc.yaml").read_text())
-    dvc_yaml["artifacts"] = {f"acme-{kind}": {"path": f"models/{folder}/acme", "type": "model"}
-                             for kind, folder in (("adapter", "adapters"), ("onnx", "onnx"))}
+    dvc_yaml["artifacts"] = {
+        f"acme-{kind}": {"path": f"models/{folder}/acme", "type": "model"}
+        for kind, folder in (("adapter", "adapters"), ("onnx", "onnx"))
+    }
     (project / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
     (project / "raw").mkdir()
     (project / "raw" / "a.md").write_text("A document.")
@@ -194,4 +206,7 @@ def test_a_cache_without_the_outputs_says_there_is_nothing_to_check(project: Pat
     shutil.rmtree(project / ".dvc" / "cache")
     check = check_cache(project)
     assert check.ok and check.files == 0 and check.missing == 2  # report.json and the model folder's .dir manifest
-    assert check.summary() == "DVC cache: nothing of dvc.lock's outputs is in this cache yet (2 missing; nothing to check)"
+    assert (
+        check.summary()
+        == "DVC cache: nothing of dvc.lock's outputs is in this cache yet (2 missing; nothing to check)"
+    )

@@ -19,8 +19,11 @@ def test_plan_follows_dvc_graph_of_the_repository():
     plan = plan_stages(REPO, ["globex-it"])
     # the base is built from every tenant's documents, so those run first even for one tenant
     assert plan.shared == ["documents@acme-shop", "documents@globex-it", "base"]
-    assert plan.per_tenant == {"globex-it": [f"{s}@globex-it" for s in
-                                             ("synthesize", "prepare", "train", "merge", "export", "evaluate", "gate")]}
+    assert plan.per_tenant == {
+        "globex-it": [
+            f"{s}@globex-it" for s in ("synthesize", "prepare", "train", "merge", "export", "evaluate", "gate")
+        ]
+    }
     both = plan_stages(REPO, ["acme-shop", "globex-it"])
     assert both.all.index("base") < both.all.index("prepare@acme-shop")
     assert not any("globex" in s for s in both.per_tenant["acme-shop"])
@@ -38,10 +41,20 @@ def project(tmp_path: Path) -> Path:
     (tmp_path / "in.txt").write_text("hello\n")
     # `name@t1` addresses come from foreach, as in the real dvc.yaml
     stages = {
-        "copy": {"cmd": "python -c \"import shutil; shutil.copy('in.txt', 'out.txt')\"", "deps": ["in.txt"], "outs": ["out.txt"]},
-        "fail": {"cmd": "python -c \"import sys; print('line one'); print('bad row 7: field x', file=sys.stderr); sys.exit(3)\"",
-                 "deps": ["out.txt"], "outs": ["never.txt"]},
-        "slow": {"cmd": "python -c \"import time; print('started', flush=True); time.sleep(60)\"", "outs": ["slow.txt"]},
+        "copy": {
+            "cmd": "python -c \"import shutil; shutil.copy('in.txt', 'out.txt')\"",
+            "deps": ["in.txt"],
+            "outs": ["out.txt"],
+        },
+        "fail": {
+            "cmd": "python -c \"import sys; print('line one'); print('bad row 7: field x', file=sys.stderr); sys.exit(3)\"",
+            "deps": ["out.txt"],
+            "outs": ["never.txt"],
+        },
+        "slow": {
+            "cmd": "python -c \"import time; print('started', flush=True); time.sleep(60)\"",
+            "outs": ["slow.txt"],
+        },
     }
     stages = {name: {"foreach": ["t1"], "do": body} for name, body in stages.items()}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
@@ -100,14 +113,28 @@ def chains_project(tmp_path: Path) -> Path:
     subprocess.run([tool("dvc"), "init", "-q"], cwd=tmp_path, env=tool_env(), check=True)
     for t in ("t1", "t2"):
         (tmp_path / f"in-{t}.txt").write_text(f"{t}\n")
-    code = ("import os, sys, time; t0 = time.time(); time.sleep(1); src, dst = sys.argv[1:]; "
-            "open(dst, 'w').write(open(src).read() + os.environ.get('CUDA_VISIBLE_DEVICES', '-') + '\\n'); "
-            "open('spans.log', 'a').write(f'{dst} {t0} {time.time()}\\n')")
+    code = (
+        "import os, sys, time; t0 = time.time(); time.sleep(1); src, dst = sys.argv[1:]; "
+        "open(dst, 'w').write(open(src).read() + os.environ.get('CUDA_VISIBLE_DEVICES', '-') + '\\n'); "
+        "open('spans.log', 'a').write(f'{dst} {t0} {time.time()}\\n')"
+    )
     stages = {
-        "first": {"foreach": ["t1", "t2"], "do": {"cmd": f'python -c "{code}" in-${{item}}.txt a-${{item}}.txt',
-                                                  "deps": ["in-${item}.txt"], "outs": ["a-${item}.txt"]}},
-        "second": {"foreach": ["t1", "t2"], "do": {"cmd": f'python -c "{code}" a-${{item}}.txt b-${{item}}.txt',
-                                                   "deps": ["a-${item}.txt"], "outs": ["b-${item}.txt"]}},
+        "first": {
+            "foreach": ["t1", "t2"],
+            "do": {
+                "cmd": f'python -c "{code}" in-${{item}}.txt a-${{item}}.txt',
+                "deps": ["in-${item}.txt"],
+                "outs": ["a-${item}.txt"],
+            },
+        },
+        "second": {
+            "foreach": ["t1", "t2"],
+            "do": {
+                "cmd": f'python -c "{code}" a-${{item}}.txt b-${{item}}.txt',
+                "deps": ["a-${item}.txt"],
+                "outs": ["b-${item}.txt"],
+            },
+        },
     }
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     return tmp_path
@@ -128,7 +155,9 @@ def test_two_tenants_chains_run_at_once_pinned_and_lose_no_lock_update(chains_pr
     assert set(lock["stages"]) == {f"{s}@{t}" for s in ("first", "second") for t in ("t1", "t2")}
     pinned = {(chains_project / f"b-{t}.txt").read_text().split("\n")[1] for t in ("t1", "t2")}
     assert pinned == {"5", "6"}  # each tenant held its own GPU for its whole chain
-    status = subprocess.run([tool("dvc"), "status"], cwd=chains_project, env=tool_env(), capture_output=True, text=True)
+    status = subprocess.run(
+        [tool("dvc"), "status"], cwd=chains_project, env=tool_env(), capture_output=True, text=True
+    )
     assert "up to date" in status.stdout, status.stdout
     spans = {}
     for line in (chains_project / "spans.log").read_text().splitlines():
@@ -144,7 +173,9 @@ def test_a_failing_tenant_does_not_stop_the_other(chains_project: Path):
 
     (chains_project / "in-t1.txt").unlink()  # t1's first stage has no input
     results, failures = run_chains(
-        chains_project, {t: [f"first@{t}", f"second@{t}"] for t in ("t1", "t2")}, 2,
+        chains_project,
+        {t: [f"first@{t}", f"second@{t}"] for t in ("t1", "t2")},
+        2,
         lambda tenant, stages, env: [run_stage(chains_project, s, env=env, echo=None).ran for s in stages],
     )
     assert set(failures) == {"t1"} and "in-t1.txt" in str(failures["t1"])

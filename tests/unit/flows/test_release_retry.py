@@ -24,10 +24,14 @@ def _failed(exc: BaseException) -> Failed:
 
 def test_a_release_refused_for_stale_stages_is_not_retried():
     assert not retry_unless_refused(None, None, _failed(STALE))
-    assert not retry_unless_refused(None, None, _failed(ReleaseRefused("t1: not released, dvc.lock's records disagree")))
+    assert not retry_unless_refused(
+        None, None, _failed(ReleaseRefused("t1: not released, dvc.lock's records disagree"))
+    )
 
 
-@pytest.mark.parametrize("error", [PUSH_FAILED, PromotionConflict("t1-adapter", "v0.0.1", "v0.0.2"), OSError("disk busy")])
+@pytest.mark.parametrize(
+    "error", [PUSH_FAILED, PromotionConflict("t1-adapter", "v0.0.1", "v0.0.2"), OSError("disk busy")]
+)
 def test_a_failure_that_may_recover_is_retried(error: BaseException):
     assert retry_unless_refused(None, None, _failed(error))
 
@@ -35,7 +39,12 @@ def test_a_failure_that_may_recover_is_retried(error: BaseException):
 def test_the_stale_error_is_a_registry_error_that_keeps_its_stages_when_pickled():
     assert isinstance(STALE, RegistryError)  # callers catching RegistryError (the CLI) still report it
     copy = pickle.loads(pickle.dumps(STALE))
-    assert (type(copy), str(copy), copy.tenant, copy.stages) == (StaleRelease, str(STALE), "t1", ("merge@t1", "gate@t1"))
+    assert (type(copy), str(copy), copy.tenant, copy.stages) == (
+        StaleRelease,
+        str(STALE),
+        "t1",
+        ("merge@t1", "gate@t1"),
+    )
 
 
 def test_the_flows_io_tasks_carry_the_condition():

@@ -129,7 +129,9 @@ def test_regression_vs_production_lower_is_better(prod_loss: float, passed: bool
         assert "answer_loss" in r.reason and "regressed" in r.reason
 
 
-@pytest.mark.parametrize(("prod_em", "passed"), [(0.5, True), (0.51, True), (0.5105, False), (0.6, False), (0.4, True)])
+@pytest.mark.parametrize(
+    ("prod_em", "passed"), [(0.5, True), (0.51, True), (0.5105, False), (0.6, False), (0.4, True)]
+)
 def test_regression_vs_production_higher_is_better(prod_em: float, passed: bool) -> None:
     # candidate exact_match 0.5: 0.51 -> relative regression 0.0196 (under 2%), 0.5105 -> 0.0206 (over)
     prod = {"answer_loss": 1.5, "exact_match": prod_em}
@@ -169,7 +171,11 @@ def test_regression_nan_metric_fails_naming_it(side: str) -> None:
 
 def test_regression_with_zero_production_value() -> None:
     prod = {"answer_loss": 1.5, "exact_match": 0.0}
-    assert _decide(candidate={"answer_loss": 1.5, "exact_match": 0.0}, production=prod).rule("no_regression_vs_prod").passed
+    assert (
+        _decide(candidate={"answer_loss": 1.5, "exact_match": 0.0}, production=prod)
+        .rule("no_regression_vs_prod")
+        .passed
+    )
     prod = {"answer_loss": 0.0}
     r = _decide(candidate={"answer_loss": 0.01}, production=prod).rule("no_regression_vs_prod")
     assert r.passed and r.value == pytest.approx(0.01)  # absolute when production is 0
@@ -287,15 +293,27 @@ def test_the_stage_reads_parity_from_the_small_merge_and_export_metrics_files(tm
 
     layout, params = Layout(tmp_path), parse_params({"tenants": {"t1": {"raw_dir": "raw"}}})
     layout.eval_metrics_path("t1").parent.mkdir(parents=True)
-    layout.eval_metrics_path("t1").write_text(json.dumps({"models": {"base": {"answer_loss": 2.0, "general_loss": 3.0},
-                                                                 "candidate": {"answer_loss": 1.0, "general_loss": 3.0}}}))
+    layout.eval_metrics_path("t1").write_text(
+        json.dumps(
+            {
+                "models": {
+                    "base": {"answer_loss": 2.0, "general_loss": 3.0},
+                    "candidate": {"answer_loss": 1.0, "general_loss": 3.0},
+                }
+            }
+        )
+    )
     layout.metrics_path("merge", "t1").parent.mkdir()
-    layout.metrics_path("merge", "t1").write_text(json.dumps({"passed": True, "max_abs_logit_diff": 1e-6, "greedy_agreement": 1.0}))
+    layout.metrics_path("merge", "t1").write_text(
+        json.dumps({"passed": True, "max_abs_logit_diff": 1e-6, "greedy_agreement": 1.0})
+    )
 
     decision = run(params, layout, "t1")  # export parity missing: the gate must not pass on missing evidence
     assert decision.failed == ["export_parity"] and decision.rule("merge_parity").value == 1e-6
     assert json.loads(layout.metrics_path("gate", "t1").read_text()) == {"passed": False, "failed": "export_parity"}
-    assert json.loads(layout.gate_path("t1").read_text())["rules"][4]["reason"].startswith("export_max_logit_diff is missing")
+    assert json.loads(layout.gate_path("t1").read_text())["rules"][4]["reason"].startswith(
+        "export_max_logit_diff is missing"
+    )
 
     layout.metrics_path("export", "t1").write_text(json.dumps({"passed": True, "max_abs_logit_diff": 2e-6}))
     assert run(params, layout, "t1").passed
@@ -308,18 +326,30 @@ def test_secondary_rule_off_by_default_passes_with_reason() -> None:
 
 
 def test_task_metric_decides_and_answer_loss_must_still_fall() -> None:
-    gate = GATE.model_copy(update={"primary_metric": "json_field_accuracy", "min_gain_over_base": 0.5,
-                                   "secondary_metric": "answer_loss", "min_secondary_gain": 0.05})
+    gate = GATE.model_copy(
+        update={
+            "primary_metric": "json_field_accuracy",
+            "min_gain_over_base": 0.5,
+            "secondary_metric": "answer_loss",
+            "min_secondary_gain": 0.05,
+        }
+    )
     base = {"json_field_accuracy": 0.0, "answer_loss": 4.0, "general_loss": 3.0}
     # Format learnt, content guessed: the loss falls a lot, the task metric does not reach the bar.
-    guessing = _decide(candidate={"json_field_accuracy": 0.25, "answer_loss": 0.5, "general_loss": 3.0}, base=base, gate=gate)
+    guessing = _decide(
+        candidate={"json_field_accuracy": 0.25, "answer_loss": 0.5, "general_loss": 3.0}, base=base, gate=gate
+    )
     assert guessing.failed == ["beats_base"]
     assert guessing.rule("beats_base").reason.startswith("json_field_accuracy (higher is better)")
     # A task metric gained while the loss got worse (e.g. a collapsed distribution) fails the second rule.
-    overconfident = _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 4.1, "general_loss": 3.0}, base=base, gate=gate)
+    overconfident = _decide(
+        candidate={"json_field_accuracy": 0.9, "answer_loss": 4.1, "general_loss": 3.0}, base=base, gate=gate
+    )
     assert overconfident.failed == ["beats_base_secondary"]
     assert overconfident.rule("beats_base_secondary").reason.startswith("answer_loss (lower is better)")
-    assert _decide(candidate={"json_field_accuracy": 0.9, "answer_loss": 0.4, "general_loss": 3.0}, base=base, gate=gate).passed
+    assert _decide(
+        candidate={"json_field_accuracy": 0.9, "answer_loss": 0.4, "general_loss": 3.0}, base=base, gate=gate
+    ).passed
     missing = _decide(candidate={"json_field_accuracy": 0.9}, base=base, gate=gate).rule("beats_base_secondary")
     assert not missing.passed and "secondary metric 'answer_loss' is missing from the candidate" in missing.reason
 
@@ -395,8 +425,12 @@ def test_general_loss_is_left_out_of_the_comparison_with_production() -> None:
 def test_tenant_gate_override_of_max_forgetting() -> None:
     from loraline.config import parse_params
 
-    params = parse_params({"gate": {"max_forgetting": 0.05},
-                           "tenants": {"t1": {"raw_dir": "raw"}, "t2": {"raw_dir": "raw", "gate": {"max_forgetting": None}}}})
+    params = parse_params(
+        {
+            "gate": {"max_forgetting": 0.05},
+            "tenants": {"t1": {"raw_dir": "raw"}, "t2": {"raw_dir": "raw", "gate": {"max_forgetting": None}}},
+        }
+    )
     assert params.gate_for("t1").max_forgetting == pytest.approx(0.05)
     assert params.gate_for("t2").max_forgetting is None
     assert GateParams().max_forgetting == pytest.approx(0.10)

@@ -101,7 +101,9 @@ def test_cached_greedy_probes_equal_the_full_forward_loop(tiny: Tiny, reference)
 def test_batched_cached_greedy_equals_the_full_forward_loop(tiny: Tiny, reference):
     """The CUDA path (left-padded batches, rows cut after their eos), run here on the CPU."""
     for batch_size in (2, len(tiny.inputs)):
-        assert greedy_tokens(tiny.model, tiny.inputs, MAX_NEW, tiny.tok.pad_token_id, tiny.stops, batch_size) == reference
+        assert (
+            greedy_tokens(tiny.model, tiny.inputs, MAX_NEW, tiny.tok.pad_token_id, tiny.stops, batch_size) == reference
+        )
 
 
 def test_batched_prompt_logits_are_each_prompts_own(tiny: Tiny):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from loraline.modelling.qalora import (
@@ -54,8 +53,9 @@ def _qalora_layer(bits: int, group: int, bias: torch.Tensor | None, r: int = 8, 
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"], use_qalora=True,
-                        qalora_group_size=group)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"], use_qalora=True, qalora_group_size=group
+    )
     register_with(config)
     model = get_peft_model(_One(GroupQuantizedLinear(quantize_groupwise(_weight(), bits, group), bias)), config)
     return model, model.base_model.model.proj
@@ -84,7 +84,9 @@ def _trained_layer(bits: int, group: int):
 def test_only_the_adapter_trains_and_a_fresh_layer_is_the_quantized_base():
     model, layer = _qalora_layer(4, 32, None, r=4, alpha=8)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        "base_model.model.proj.lora_A.default.weight", "base_model.model.proj.lora_B.default.weight"}
+        "base_model.model.proj.lora_A.default.weight",
+        "base_model.model.proj.lora_B.default.weight",
+    }
     assert layer.lora_A["default"].weight.shape == (4, 256 // 32)  # A sees one feature per group
     x = torch.randn(5, 256)
     assert torch.equal(model(x), x @ layer.get_base_layer().quantized.dequantize().T)
@@ -95,7 +97,9 @@ def test_the_merge_folds_the_adapter_into_the_zero_points_exactly(bits, group):
     model, layer, x, bias = _trained_layer(bits, group)
     merged = fold_adapter(layer)
     base = layer.get_base_layer()
-    assert torch.equal(merged.codes, base.qweight) and torch.equal(merged.scales, base.scales)  # the same low-bit model
+    assert torch.equal(merged.codes, base.qweight) and torch.equal(
+        merged.scales, base.scales
+    )  # the same low-bit model
     with torch.no_grad():
         want = model(x)
         got = F.linear(x, merged.dequantize(), bias)
@@ -113,11 +117,10 @@ def test_a_merged_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch(bits
     4-bit blobs (onnxruntime has 2-, 4- and 8-bit kernels)."""
     import numpy as np
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    from loraline.modelling.qalora import matmul_nbits_initializers
+    from onnx import TensorProto, helper
 
     from loraline.export.lowbit import matmul_nbits_nodes, pool_initializer
+    from loraline.modelling.qalora import matmul_nbits_initializers
 
     _, layer, x, _ = _trained_layer(bits, 32)
     merged = fold_adapter(layer)
@@ -127,11 +130,18 @@ def test_a_merged_layer_runs_in_onnxruntime_matmulnbits_as_it_does_in_torch(bits
     assert np.abs(init["correction"]).max() > 0  # the folded zero points are not whole numbers
     nodes, inits, pool = matmul_nbits_nodes("x", "y", init, "layer")
     graph = helper.make_graph(
-        nodes, "qalora", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])], initializer=[*inits, pool_initializer(*pool)],
+        nodes,
+        "qalora",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])],
+        initializer=[*inits, pool_initializer(*pool)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )[0]
     want = x @ merged.dequantize().T
     assert np.abs(y - want.numpy()).max() < 1e-5 * float(want.abs().max())
     assert init["B"].nbytes == 48 * 256 * stored // 8
@@ -163,8 +173,15 @@ def test_a_whole_model_trains_with_qalora_and_merges_to_the_same_logits():
     from loraline.modelling.qalora import merge_qalora, quantize_linears
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config).eval()
     names = quantize_linears(model, bits=4, group_size=32)
     assert len(names) == 2 * 7 and "lm_head" not in names  # q, k, v, o, gate, up, down per layer
@@ -213,19 +230,24 @@ def test_the_matmulnbits_rewrite_finds_layers_by_their_weights_and_refuses_a_mis
     q = quantize_groupwise(_weight(), 4, 32)
     w_t = q.dequantize().T.contiguous().numpy()
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "val_7"], ["y"])], "g",
+        [helper.make_node("MatMul", ["x", "val_7"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])],
         initializer=[numpy_helper.from_array(w_t, "val_7")],
     )
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "model.onnx"))
+    onnx.save_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "model.onnx")
+    )
     facts = write_matmul_nbits(tmp_path / "model.onnx", tmp_path / "model.int4.onnx", {"layers.0.proj": q})
     assert facts["layers"] == 1 and facts["bits"] == 4
     low = onnx.load(str(tmp_path / "model.int4.onnx"))
     assert [n.op_type for n in low.graph.node] == ["MatMulNBits", "MatMul", "MatMul", "Sub"]
     assert not [t for t in low.graph.initializer if t.name == "val_7"]
     x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
-    y = ort.InferenceSession(str(tmp_path / "model.int4.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    y = ort.InferenceSession(str(tmp_path / "model.int4.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
     assert np.abs(y - x @ w_t).max() < 1e-5
     other = quantize_groupwise(_weight(seed=1), 4, 32)
     with pytest.raises(ValueError, match="1 quantized layers have no weight in model.onnx: layers.1.proj"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +13,11 @@ from loraline.modelling.s2attn import s2_attention, s2_mask
 
 def _qkv(b=1, h=4, t=16, d=8, h_kv=None, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, t, d, generator=g), torch.randn(b, h_kv or h, t, d, generator=g), torch.randn(b, h_kv or h, t, d, generator=g))
+    return (
+        torch.randn(b, h, t, d, generator=g),
+        torch.randn(b, h_kv or h, t, d, generator=g),
+        torch.randn(b, h_kv or h, t, d, generator=g),
+    )
 
 
 def test_with_one_group_spanning_the_sequence_it_is_causal_attention():
@@ -70,8 +73,16 @@ def test_a_model_switched_to_s2_attention_trains_grouped_and_evaluates_with_full
     from loraline.modelling.s2attn import use_s2_attention
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
     reference = LlamaForCausalLM(config)
     model = LlamaForCausalLM(copy.deepcopy(config))  # the switch is per config: the reference keeps sdpa
     model.load_state_dict(reference.state_dict())
@@ -80,7 +91,9 @@ def test_a_model_switched_to_s2_attention_trains_grouped_and_evaluates_with_full
     ids = torch.randint(0, 64, (2, 32))
     with torch.no_grad():
         reference.eval(), model.eval()
-        assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)  # eval: full attention
+        assert torch.allclose(
+            model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5
+        )  # eval: full attention
         model.train(), reference.train()
         grouped, full = model(input_ids=ids).logits, reference(input_ids=ids).logits
     assert torch.allclose(grouped[:, :4], full[:, :4], atol=1e-5)  # the first half group sees the same in every head
@@ -156,9 +169,11 @@ def test_runs_are_computed_once_per_boundaries_tensor():
 
     pos = torch.arange(12).unsqueeze(0)
     calls = []
+
     def compute():
         calls.append(1)
         return s2attn.s2_boundaries(pos, 4)
+
     first = s2attn._boundaries_once(pos, 4, compute)
     assert s2attn._boundaries_once(pos, 4, compute) is first and len(calls) == 1
     s2attn._boundaries_once(pos, 8, compute)  # another group size: computed again

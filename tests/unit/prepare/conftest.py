@@ -64,6 +64,8 @@ def gather(tenant: TenantParams, params: PrepareParams, tokenizer):
     """collect() (in memory, nothing written) with the default fixtures."""
 
     def _gather(**kwargs):
-        return collect(kwargs.pop("tenant", tenant), kwargs.pop("params", params), kwargs.pop("tokenizer", tokenizer), **kwargs)
+        return collect(
+            kwargs.pop("tenant", tenant), kwargs.pop("params", params), kwargs.pop("tokenizer", tokenizer), **kwargs
+        )
 
     return _gather

@@ -22,8 +22,13 @@ def synthetic(user: str, answer: str, i: int = 0, **provenance) -> dict:
         "id": f"syn-{i:04d}",
         "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
         "provenance": {
-            "generator": "offline", "model": None, "prompt_template_sha256": "ab" * 32,
-            "source_file": "guide.md", "span": [0, 10], "seed": 1234, **provenance,
+            "generator": "offline",
+            "model": None,
+            "prompt_template_sha256": "ab" * 32,
+            "source_file": "guide.md",
+            "span": [0, 10],
+            "seed": 1234,
+            **provenance,
         },
     }
 
@@ -37,8 +42,16 @@ def split_for(user: str, answer: str, salt: str = "loraline") -> str:
 
 
 TOPICS = [
-    "the blue kettle", "a velvet armchair", "the oak dining table", "linen bed sheets", "a ceramic vase",
-    "the brass floor lamp", "a wool rug", "the bamboo bath mat", "a cast iron skillet", "the glass pendant light",
+    "the blue kettle",
+    "a velvet armchair",
+    "the oak dining table",
+    "linen bed sheets",
+    "a ceramic vase",
+    "the brass floor lamp",
+    "a wool rug",
+    "the bamboo bath mat",
+    "a cast iron skillet",
+    "the glass pendant light",
 ]
 
 

@@ -48,7 +48,10 @@ def test_documents_become_rows_of_at_most_n_tokens_split_per_document(run, raw_d
     assert sum(len(rows[s]) for s in rows) > len(docs)  # long documents gave several rows
     stats = json.loads(result.stats_path.read_text())
     assert stats["document_rows"] == {f"{s}_documents": len(rows[s]) for s in rows}
-    assert stats["rows_in"] == stats["kept"] + stats["rejected"] + stats["duplicates"] + stats["near_duplicates"] + stats["contaminated"]
+    assert (
+        stats["rows_in"]
+        == stats["kept"] + stats["rejected"] + stats["duplicates"] + stats["near_duplicates"] + stats["contaminated"]
+    )
 
 
 def test_the_same_documents_give_the_same_bytes_and_without_the_param_no_rows(run, raw_dir):

@@ -9,26 +9,32 @@ from loraline.fieldpath import FieldPath, Missing, PathSyntaxError, Template, pa
 ROW = {"meta": {"answer": "42", "Question Title": "Why?"}, "instances": [{"output": "a"}, {"output": "b"}], "n": 3}
 
 
-@pytest.mark.parametrize("text, parts", [
-    ("n", ("n",)),
-    ("meta.answer", ("meta", "answer")),
-    ("instances[1].output", ("instances", 1, "output")),
-    ("instances[-1].output", ("instances", -1, "output")),
-    ('meta["Question Title"]', ("meta", "Question Title")),
-    ('["a.b"].c', ("a.b", "c")),
-])
+@pytest.mark.parametrize(
+    "text, parts",
+    [
+        ("n", ("n",)),
+        ("meta.answer", ("meta", "answer")),
+        ("instances[1].output", ("instances", 1, "output")),
+        ("instances[-1].output", ("instances", -1, "output")),
+        ('meta["Question Title"]', ("meta", "Question Title")),
+        ('["a.b"].c', ("a.b", "c")),
+    ],
+)
 def test_paths_parse_to_keys_and_indices(text, parts):
     assert parse_path(text).parts == parts
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "non-empty"),
-    ("a.", "expected a key name at character 2"),
-    ("a..b", "expected a key name at character 2"),
-    ("[0].a", "must start with a key"),
-    ("a[x]", "bad index at character 1"),
-    ("a b.c", None),  # spaces inside a key are allowed (CSV headers have them)
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "non-empty"),
+        ("a.", "expected a key name at character 2"),
+        ("a..b", "expected a key name at character 2"),
+        ("[0].a", "must start with a key"),
+        ("a[x]", "bad index at character 1"),
+        ("a b.c", None),  # spaces inside a key are allowed (CSV headers have them)
+    ],
+)
 def test_bad_paths_say_where(text, message):
     if message is None:
         assert parse_path(text).parts == ("a b", "c")
@@ -52,8 +58,18 @@ def test_resolve_and_missing_name_the_part_that_was_not_there():
 def test_templates_hold_literals_and_placeholders():
     source = parse_source("{{note}} {meta.answer}\n\nQ: {n}")
     assert isinstance(source, Template)
-    assert source.pieces == ("{note} ", FieldPath("meta.answer", ("meta", "answer")), "\n\nQ: ", FieldPath("n", ("n",)))
+    assert source.pieces == (
+        "{note} ",
+        FieldPath("meta.answer", ("meta", "answer")),
+        "\n\nQ: ",
+        FieldPath("n", ("n",)),
+    )
     assert isinstance(parse_source("meta.answer"), FieldPath)
-    for bad, message in [("{a", "never closed"), ("a}", "closes nothing"), ("{{a}}", "no {placeholder}"), ("{a..b}", "placeholder")]:
+    for bad, message in [
+        ("{a", "never closed"),
+        ("a}", "closes nothing"),
+        ("{{a}}", "no {placeholder}"),
+        ("{a..b}", "placeholder"),
+    ]:
         with pytest.raises(PathSyntaxError, match=message):
             parse_source(bad)

@@ -17,7 +17,10 @@ from loraline.prepare.general import general_sample, write_general_sample
 from loraline.prepare.schema import PrepareError
 from loraline.provenance import sha256_file
 
-PROSE = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog, and the world says hello {i} times." for i in range(40)]
+PROSE = [
+    f"Paragraph {i}: the quick brown fox jumps over the lazy dog, and the world says hello {i} times."
+    for i in range(40)
+]
 
 
 def write(path: Path, rows: list[dict]) -> Path:
@@ -31,8 +34,18 @@ def sample(tmp_path: Path, tokenizer, path: str, **general):
 
 
 def test_plain_text_is_scored_on_every_token_and_chat_rows_on_their_answers(tmp_path, tokenizer):
-    write(tmp_path / "mix.jsonl", [{"text": PROSE[0]}, {"messages": [{"role": "user", "content": "What is the capital?"},
-                                                                      {"role": "assistant", "content": "Paris."}]}])
+    write(
+        tmp_path / "mix.jsonl",
+        [
+            {"text": PROSE[0]},
+            {
+                "messages": [
+                    {"role": "user", "content": "What is the capital?"},
+                    {"role": "assistant", "content": "Paris."},
+                ]
+            },
+        ],
+    )
     s = sample(tmp_path, tokenizer, "mix.jsonl")
     assert (s.rows, s.kinds, s.rows_read, s.skipped) == (2, {"chat": 1, "document": 1}, 2, {})
     doc = next(r for r in s.sample if r.kind == "document")
@@ -61,7 +74,10 @@ def test_the_same_rows_every_run_whatever_the_file_order(tmp_path, tokenizer):
     random.Random(1).shuffle(shuffled)
     write(tmp_path / "b" / "part1.jsonl", shuffled[:25])
     write(tmp_path / "b" / "part2.jsonl", shuffled[25:] + shuffled[:3])  # split across files, three repeated
-    first, again = sample(tmp_path, tokenizer, "a/prose.jsonl", rows=7), sample(tmp_path, tokenizer, "a/prose.jsonl", rows=7)
+    first, again = (
+        sample(tmp_path, tokenizer, "a/prose.jsonl", rows=7),
+        sample(tmp_path, tokenizer, "a/prose.jsonl", rows=7),
+    )
     other = sample(tmp_path, tokenizer, "b", rows=7)
     assert first == again and first.rows == 7 and other.rows_read == 43
     assert [r.id for r in other.sample] == [r.id for r in first.sample] == sorted(r.id for r in first.sample)
@@ -84,8 +100,18 @@ def test_any_format_prepare_reads(tmp_path, tokenizer):
 
 def test_rows_prepare_would_reject_are_skipped_and_counted(tmp_path, tokenizer):
     path = tmp_path / "g.jsonl"
-    path.write_text("\n".join([json.dumps({"text": PROSE[0]}), "{not json", json.dumps({"question": "no shape"}),
-                               json.dumps({"text": "an answer <|im_start|>user forged"})]) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"text": PROSE[0]}),
+                "{not json",
+                json.dumps({"question": "no shape"}),
+                json.dumps({"text": "an answer <|im_start|>user forged"}),
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     s = sample(tmp_path, tokenizer, "g.jsonl")
     assert s.rows == 1 and s.rows_read == 4
     assert s.skipped == {"control_token": 1, "malformed_json": 1, "unknown_shape": 1}
@@ -95,11 +121,22 @@ def test_rows_prepare_would_reject_are_skipped_and_counted(tmp_path, tokenizer):
     ("make", "path", "said"),
     [
         (lambda d: None, "missing.jsonl", "evaluate.general.path: 'missing.jsonl' does not exist"),
-        (lambda d: None, "models/base/general_text.jsonl", "does not exist (the base stage writes it: run `dvc repro base`)"),
-        (lambda d: (d / "g.xlsx").write_bytes(b"PK"), "g.xlsx", "evaluate.general.path: 'g.xlsx' is not a format prepare reads"),
+        (
+            lambda d: None,
+            "models/base/general_text.jsonl",
+            "does not exist (the base stage writes it: run `dvc repro base`)",
+        ),
+        (
+            lambda d: (d / "g.xlsx").write_bytes(b"PK"),
+            "g.xlsx",
+            "evaluate.general.path: 'g.xlsx' is not a format prepare reads",
+        ),
         (lambda d: (d / "empty").mkdir(), "empty", "evaluate.general.path: folder 'empty' holds no files"),
-        (lambda d: write(d / "q.jsonl", [{"question": "q", "answer": "a"}] * 3), "q.jsonl",
-         "evaluate.general.path: 'q.jsonl' leaves no token to score (3 rows read; skipped: unknown_shape x3)"),
+        (
+            lambda d: write(d / "q.jsonl", [{"question": "q", "answer": "a"}] * 3),
+            "q.jsonl",
+            "evaluate.general.path: 'q.jsonl' leaves no token to score (3 rows read; skipped: unknown_shape x3)",
+        ),
     ],
 )
 def test_bad_samples_are_refused_naming_the_key(tmp_path, tokenizer, make, path, said):
@@ -120,7 +157,9 @@ def test_a_sample_outside_the_project_is_refused_before_it_is_read(tmp_path, tok
     inside = project / "general"
     write(inside / "ok.jsonl", [{"text": PROSE[1]}])
     (inside / "linked.jsonl").symlink_to(outside)
-    with pytest.raises(OutsidePathError, match=r"evaluate\.general\.path: linked\.jsonl \(in 'general'\) resolves to .* outside"):
+    with pytest.raises(
+        OutsidePathError, match=r"evaluate\.general\.path: linked\.jsonl \(in 'general'\) resolves to .* outside"
+    ):
         sample(project, tokenizer, "general")
 
 
@@ -129,7 +168,12 @@ def test_written_sample_holds_the_rows_and_where_they_came_from(tmp_path, tokeni
     s = sample(tmp_path, tokenizer, "g.jsonl", rows=3)
     out = write_general_sample(s, tmp_path / "data" / "general" / "acme")
     rows = [json.loads(line) for line in (out / GENERAL_ROWS).read_text().splitlines()]
-    assert [r["id"] for r in rows] == [r.id for r in s.sample] and set(rows[0]) == {"id", "kind", "input_ids", "labels"}
+    assert [r["id"] for r in rows] == [r.id for r in s.sample] and set(rows[0]) == {
+        "id",
+        "kind",
+        "input_ids",
+        "labels",
+    }
     facts = json.loads((out / GENERAL_SAMPLE).read_text())
     assert facts == s.facts() and facts["path"] == "g.jsonl" and facts["rows"] == 3 and facts["rows_requested"] == 3
     assert sorted(p.name for p in out.iterdir()) == [GENERAL_ROWS, GENERAL_SAMPLE]

@@ -13,16 +13,38 @@ from loraline.cli import main
 from loraline.config import SourceParams, TenantParams
 from loraline.inspection import default_cleaner, inspect_path, report_text
 
-GSM = [{"question": f"Natalia sold clips to {n} friends, then half as many more. How many in all?",
-        "answer": f"{n} / 2 = {n // 2}\n{n} + {n // 2} = {n + n // 2}\n#### {n + n // 2}"} for n in range(10, 40, 2)]
+GSM = [
+    {
+        "question": f"Natalia sold clips to {n} friends, then half as many more. How many in all?",
+        "answer": f"{n} / 2 = {n // 2}\n{n} + {n // 2} = {n + n // 2}\n#### {n + n // 2}",
+    }
+    for n in range(10, 40, 2)
+]
 SEEDS = [
-    {"id": "seed_task_0", "name": "breakfast", "instruction": "Is there anything I can eat for a breakfast that doesn't include eggs?",
-     "instances": [{"input": "", "output": "Yes: oatmeal, yoghurt with fruit, or toast with peanut butter."}], "is_classification": False},
-    {"id": "seed_task_1", "name": "sentiment", "instruction": "Classify the sentiment of the review.",
-     "instances": [{"input": "Great value, would buy again.", "output": "positive"},
-                   {"input": "Broke after a day.", "output": "negative"}], "is_classification": True},
-    {"id": "seed_task_2", "name": "antonym", "instruction": "Give the antonym of the word.",
-     "instances": [{"input": "hot", "output": "cold"}], "is_classification": False},
+    {
+        "id": "seed_task_0",
+        "name": "breakfast",
+        "instruction": "Is there anything I can eat for a breakfast that doesn't include eggs?",
+        "instances": [{"input": "", "output": "Yes: oatmeal, yoghurt with fruit, or toast with peanut butter."}],
+        "is_classification": False,
+    },
+    {
+        "id": "seed_task_1",
+        "name": "sentiment",
+        "instruction": "Classify the sentiment of the review.",
+        "instances": [
+            {"input": "Great value, would buy again.", "output": "positive"},
+            {"input": "Broke after a day.", "output": "negative"},
+        ],
+        "is_classification": True,
+    },
+    {
+        "id": "seed_task_2",
+        "name": "antonym",
+        "instruction": "Give the antonym of the word.",
+        "instances": [{"input": "hot", "output": "cold"}],
+        "is_classification": False,
+    },
 ]
 
 
@@ -48,8 +70,13 @@ def test_question_answer_file_gets_a_mapping_that_keeps_every_row(raw_dir, gathe
     (result,) = inspect_path(raw_dir / "gsm8k" / "test.jsonl", raw_dir, clean=default_cleaner(tokenizer))
     assert (result.format, result.rows, result.shapes) == ("jsonl", len(GSM), {"rejected: unknown_shape": len(GSM)})
     assert {k: (dict(s.types), s.filled) for k, s in result.keys.items()} == {
-        "question": ({"string": len(GSM)}, len(GSM)), "answer": ({"string": len(GSM)}, len(GSM))}
-    assert result.suggestion == {"path": "gsm8k/test.jsonl", "columns": {"instruction": "question", "output": "answer"}}
+        "question": ({"string": len(GSM)}, len(GSM)),
+        "answer": ({"string": len(GSM)}, len(GSM)),
+    }
+    assert result.suggestion == {
+        "path": "gsm8k/test.jsonl",
+        "columns": {"instruction": "question", "output": "answer"},
+    }
     report = report_text([result], tokenizer)
     out = _gather_with(gather, raw_dir, report)
     assert out.rejects == [] and out.stats.kept == len(GSM)
@@ -59,16 +86,25 @@ def test_question_answer_file_gets_a_mapping_that_keeps_every_row(raw_dir, gathe
 def test_instances_file_gets_an_explode_mapping_that_keeps_every_instance(raw_dir, gather, tokenizer):
     write_jsonl(raw_dir / "seed_tasks.jsonl", SEEDS)
     (result,) = inspect_path(raw_dir / "seed_tasks.jsonl", raw_dir)
-    assert result.suggestion == {"path": "seed_tasks.jsonl", "explode": "instances",
-                                 "columns": {"instruction": "instruction", "input": "item.input", "output": "item.output"}}
+    assert result.suggestion == {
+        "path": "seed_tasks.jsonl",
+        "explode": "instances",
+        "columns": {"instruction": "instruction", "input": "item.input", "output": "item.output"},
+    }
     assert result.keys["instances[].input"].filled == 2 and result.keys["is_classification"].types == {"boolean": 3}
     out = _gather_with(gather, raw_dir, report_text([result], tokenizer))
     assert out.rejects == [] and out.stats.rows_in == 4 and out.stats.kept == 4
 
 
 def test_context_question_answers_gets_a_template(raw_dir, gather, tokenizer):
-    rows = [{"context": f"Fact {i}: the sky is blue at noon.", "question": f"What colour is the sky ({i})?",
-             "answers": {"text": ["blue"], "answer_start": [20]}} for i in range(5)]
+    rows = [
+        {
+            "context": f"Fact {i}: the sky is blue at noon.",
+            "question": f"What colour is the sky ({i})?",
+            "answers": {"text": ["blue"], "answer_start": [20]},
+        }
+        for i in range(5)
+    ]
     write_jsonl(raw_dir / "squad.jsonl", rows)
     (result,) = inspect_path(raw_dir / "squad.jsonl", raw_dir)
     assert result.suggestion["columns"] == {"instruction": "{context}\n\n{question}", "output": "answers.text[0]"}
@@ -77,8 +113,15 @@ def test_context_question_answers_gets_a_template(raw_dir, gather, tokenizer):
 
 
 def test_an_often_empty_context_becomes_an_optional_input(raw_dir, gather, tokenizer):
-    rows = [{"instruction": f"Name a colour ({i}).", "context": "" if i % 3 else f"Paint shop {i}.", "response": "Blue.",
-             "category": "open_qa"} for i in range(6)]
+    rows = [
+        {
+            "instruction": f"Name a colour ({i}).",
+            "context": "" if i % 3 else f"Paint shop {i}.",
+            "response": "Blue.",
+            "category": "open_qa",
+        }
+        for i in range(6)
+    ]
     write_jsonl(raw_dir / "dolly.jsonl", rows)
     (result,) = inspect_path(raw_dir / "dolly.jsonl", raw_dir)
     assert result.suggestion["columns"] == {"instruction": "instruction", "input": "context", "output": "response"}
@@ -88,8 +131,16 @@ def test_an_often_empty_context_becomes_an_optional_input(raw_dir, gather, token
 
 
 def test_unknown_roles_get_a_roles_mapping(raw_dir, gather, tokenizer):
-    rows = [{"conversations": [{"from": "human", "value": f"Weather {i}?"}, {"from": "function_response", "value": "{}"},
-                               {"from": "bot", "value": f"Sunny {i}."}]} for i in range(3)]
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"Weather {i}?"},
+                {"from": "function_response", "value": "{}"},
+                {"from": "bot", "value": f"Sunny {i}."},
+            ]
+        }
+        for i in range(3)
+    ]
     write_jsonl(raw_dir / "chat.jsonl", rows)
     (result,) = inspect_path(raw_dir / "chat.jsonl", raw_dir)
     assert result.suggestion["roles"] == {"function_response": "tool", "bot": "assistant"}

@@ -42,8 +42,11 @@ def outside_rows(path: Path) -> Path:
 
 
 def files_written(project: Path, raw: Path) -> list[str]:
-    return sorted(p.relative_to(project).as_posix() for p in project.rglob("*")
-                  if p.is_file() and not p.is_relative_to(raw) and p.name not in ("params.yaml", GENERAL_TEXT))
+    return sorted(
+        p.relative_to(project).as_posix()
+        for p in project.rglob("*")
+        if p.is_file() and not p.is_relative_to(raw) and p.name not in ("params.yaml", GENERAL_TEXT)
+    )
 
 
 def test_a_symlink_out_of_the_project_fails_the_stage_and_writes_nothing(tmp_path, tokenizer, monkeypatch):
@@ -71,8 +74,14 @@ def test_an_allowed_outside_folder_is_read(tmp_path, tokenizer, monkeypatch):
     result = prepare_stage.run(load_params("params.yaml"), Layout(), "acme", tokenizer=tokenizer)
 
     assert result.stats.by_file["archive.jsonl"]["rows_in"] == 20
-    users = [m[0]["content"] for split in datasets.load_from_disk(str(result.dataset_dir)).values() for m in split["messages"]]
-    assert sum(u.startswith("Which warehouse code") for u in users) == result.stats.by_file["archive.jsonl"]["kept"] > 0
+    users = [
+        m[0]["content"]
+        for split in datasets.load_from_disk(str(result.dataset_dir)).values()
+        for m in split["messages"]
+    ]
+    assert (
+        sum(u.startswith("Which warehouse code") for u in users) == result.stats.by_file["archive.jsonl"]["kept"] > 0
+    )
 
 
 def test_an_allowed_outside_raw_dir_is_read(tmp_path, tokenizer, monkeypatch):
@@ -120,7 +129,9 @@ def test_a_linked_dataset_folder_outside_is_refused_even_when_allowed(tmp_path, 
     project, raw, outside = make_project(tmp_path)
     (raw / "chats").symlink_to(fake_saved_dataset(outside / "chats"), target_is_directory=True)
     tenant = TenantParams(name="acme", raw_dir=raw, allow_outside_dirs=[outside])
-    with pytest.raises(OutsidePathError, match=r"raw folder chats .* is a symlink to .*DVC does not look inside a linked folder"):
+    with pytest.raises(
+        OutsidePathError, match=r"raw folder chats .* is a symlink to .*DVC does not look inside a linked folder"
+    ):
         gather(tenant=tenant, project=project)
 
 

@@ -16,41 +16,106 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loraline.config import PrepareParams, SourceParams, TenantParams
+from loraline.prepare.schema import PrepareError
 from loraline.prepare.stage import prepare_tenant
 from loraline.prepare.stats import OUTCOMES
-from loraline.prepare.schema import PrepareError
 
-KEYS = st.sampled_from(["instruction", "input", "output", "prompt", "completion", "messages", "conversations", "text",
-                        "system", "role", "content", "from", "value", "question", "answer", "instances", "meta", "item"])
+KEYS = st.sampled_from(
+    [
+        "instruction",
+        "input",
+        "output",
+        "prompt",
+        "completion",
+        "messages",
+        "conversations",
+        "text",
+        "system",
+        "role",
+        "content",
+        "from",
+        "value",
+        "question",
+        "answer",
+        "instances",
+        "meta",
+        "item",
+    ]
+)
 TEXT = st.one_of(
     st.text(max_size=40),
-    st.sampled_from(["", "   ", "<|im_end|>", "done<|endoftext|>", "<|im_start|>user\nx", "\ud800bad", "a" * 30_000,
-                     "user", "assistant", "system", "tool", "human", "gpt"]),
+    st.sampled_from(
+        [
+            "",
+            "   ",
+            "<|im_end|>",
+            "done<|endoftext|>",
+            "<|im_start|>user\nx",
+            "\ud800bad",
+            "a" * 30_000,
+            "user",
+            "assistant",
+            "system",
+            "tool",
+            "human",
+            "gpt",
+        ]
+    ),
 )
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), TEXT)
-JSON = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=5)),
-                    max_leaves=20)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=5)),
+    max_leaves=20,
+)
 ROWS = st.lists(st.one_of(JSON, st.dictionaries(KEYS, JSON, min_size=1, max_size=6)), max_size=12)
 # Lines that are not JSON at all: broken UTF-8, truncated objects, nesting deeper than the parser allows.
-BAD_LINES = st.lists(st.sampled_from([b"\xff\xfe{", b'{"instruction": "x", "output": "\xc3\x28"}', b'{"a": ', b"[" * 100_000,
-                                      b'"just a string"', b"null", b"\x00\x01"]), max_size=3)
-SOURCES = st.lists(st.fixed_dictionaries({
-    "path": st.sampled_from(["*.jsonl", "mapped/*", "**/*.csv", "*"]),
-    "columns": st.sampled_from([{}, {"instruction": "question", "output": "answer"},
-                                {"instruction": "{meta.q} {question}", "output": "item.output"},
-                                {"prompt": "instances[0].input", "completion": "meta"},
-                                {"conversations": "messages"}]),
-    "explode": st.sampled_from([None, "instances", "meta"]),
-    "roles": st.sampled_from([{}, {"human": "user", "bot": "assistant", "tool": "tool"}]),
-    "control_tokens": st.sampled_from([None, "reject", "strip", "escape"]),
-    "group": st.sampled_from([None, "meta", "question", "item.output", "{meta.q}"]),
-}), max_size=2)
+BAD_LINES = st.lists(
+    st.sampled_from(
+        [
+            b"\xff\xfe{",
+            b'{"instruction": "x", "output": "\xc3\x28"}',
+            b'{"a": ',
+            b"[" * 100_000,
+            b'"just a string"',
+            b"null",
+            b"\x00\x01",
+        ]
+    ),
+    max_size=3,
+)
+SOURCES = st.lists(
+    st.fixed_dictionaries(
+        {
+            "path": st.sampled_from(["*.jsonl", "mapped/*", "**/*.csv", "*"]),
+            "columns": st.sampled_from(
+                [
+                    {},
+                    {"instruction": "question", "output": "answer"},
+                    {"instruction": "{meta.q} {question}", "output": "item.output"},
+                    {"prompt": "instances[0].input", "completion": "meta"},
+                    {"conversations": "messages"},
+                ]
+            ),
+            "explode": st.sampled_from([None, "instances", "meta"]),
+            "roles": st.sampled_from([{}, {"human": "user", "bot": "assistant", "tool": "tool"}]),
+            "control_tokens": st.sampled_from([None, "reject", "strip", "escape"]),
+            "group": st.sampled_from([None, "meta", "question", "item.output", "{meta.q}"]),
+        }
+    ),
+    max_size=2,
+)
 # Rows asking about a few shared passages (issue 37), so that groups of several rows occur.
 PASSAGE_TEXT = [f"Passage {p}: " + " ".join(f"word{p}{i}" for i in range(40)) for p in range(3)]
-PASSAGE_ROWS = st.lists(st.builds(lambda p, q, a: {"prompt": f"{PASSAGE_TEXT[p]}\n{q}", "completion": a},
-                                  st.integers(0, 2), TEXT, TEXT), max_size=8)
-PARAMS = st.builds(lambda conflicts, min_chars: PrepareParams(conflicts=conflicts, group_min_chars=min_chars),
-                   st.sampled_from(["keep", "first", "reject"]), st.sampled_from([None, 1, 200]))
+PASSAGE_ROWS = st.lists(
+    st.builds(lambda p, q, a: {"prompt": f"{PASSAGE_TEXT[p]}\n{q}", "completion": a}, st.integers(0, 2), TEXT, TEXT),
+    max_size=8,
+)
+PARAMS = st.builds(
+    lambda conflicts, min_chars: PrepareParams(conflicts=conflicts, group_min_chars=min_chars),
+    st.sampled_from(["keep", "first", "reject"]),
+    st.sampled_from([None, 1, 200]),
+)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -75,7 +140,9 @@ def _write(raw: Path, rows: list, bad: list[bytes]) -> None:
     (raw / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (raw / "mapped" / "cut.jsonl.gz").write_bytes(gzip.compress(b"\n".join(lines))[:-3])  # truncated mid-stream
     (raw / "mapped" / "rows.json").write_text(json.dumps(rows, allow_nan=True))
-    text_rows = [{k: json.dumps(v) if not isinstance(v, str) else v for k, v in r.items()} for r in rows if isinstance(r, dict)]
+    text_rows = [
+        {k: json.dumps(v) if not isinstance(v, str) else v for k, v in r.items()} for r in rows if isinstance(r, dict)
+    ]
     header = sorted({k for r in text_rows for k in r}) or ["text"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=header)
@@ -87,7 +154,9 @@ def _write(raw: Path, rows: list, bad: list[bytes]) -> None:
     pq.write_table(pa.Table.from_pylist([{"text": t} for t in texts] or [{"text": "x"}]), raw / "t.parquet")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(rows=ROWS, passages=PASSAGE_ROWS, bad=BAD_LINES, sources=SOURCES, params=PARAMS)
 def test_prepare_never_loses_a_row(rows, passages, bad, sources, params, tokenizer):
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,8 +165,14 @@ def test_prepare_never_loses_a_row(rows, passages, bad, sources, params, tokeniz
         tenant = TenantParams(name="acme", raw_dir=raw, sources=_valid_sources(sources))
         out = Path(tmp) / "out"
         try:
-            result = prepare_tenant(tenant, params, tokenizer, out_dir=out / "prepared",
-                                    rejected_path=out / "rejected.jsonl", stats_path=out / "stats.json")
+            result = prepare_tenant(
+                tenant,
+                params,
+                tokenizer,
+                out_dir=out / "prepared",
+                rejected_path=out / "rejected.jsonl",
+                stats_path=out / "stats.json",
+            )
         except PrepareError:  # no usable row: a clear error, and every row is in the reject file
             rejected = _jsonl(out / "rejected.jsonl")
             assert all(r["reason"] and r["detail"] for r in rejected)
@@ -133,7 +208,9 @@ def _groups_whole(result, stats, params: PrepareParams, tenant: TenantParams) ->
             assert key not in seen, (key, seen.get(key), split)  # not in two splits, nor twice in one
             seen[key] = split
             if not tenant.sources:  # every file detected: only automatic groups
-                group = group_of([Message(m["role"], m["content"]) for m in row["messages"]], None, params.group_min_chars)
+                group = group_of(
+                    [Message(m["role"], m["content"]) for m in row["messages"]], None, params.group_min_chars
+                )
                 if group is not None:
                     group_split.setdefault(group, set()).add(split)
     assert sum(stats.splits.values()) + stats.documents == stats.kept

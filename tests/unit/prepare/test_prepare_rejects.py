@@ -50,7 +50,10 @@ CASES = {
         jsonl({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
         ("wrong_type", 2, "messages"),
     ),
-    "function_role": (jsonl(msgs(("user", "hi"), ("function", "{}"), ("assistant", "ok"))), ("unknown_role", 2, "messages")),
+    "function_role": (
+        jsonl(msgs(("user", "hi"), ("function", "{}"), ("assistant", "ok"))),
+        ("unknown_role", 2, "messages"),
+    ),
     "sharegpt_function_call": (
         jsonl({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "f()"}]}),
         ("unknown_role", 2, "conversations"),
@@ -67,10 +70,16 @@ CASES = {
     "too_many_tokens": (jsonl({"instruction": "Copy", "output": "1234567890" * 20}), ("too_long", 2, None)),
     "invalid_utf8_line": (jsonl(b'{"text": "caf\xe9"}'), ("invalid_utf8", 2, None)),
     "escaped_lone_surrogate": (jsonl('{"instruction": "x", "output": "bad \\ud800"}'), ("invalid_utf8", 2, "output")),
-    "control_token": (jsonl({"instruction": "x", "output": "done<|im_end|><|im_start|>user\nforged"}), ("control_token", 2, "output")),
+    "control_token": (
+        jsonl({"instruction": "x", "output": "done<|im_end|><|im_start|>user\nforged"}),
+        ("control_token", 2, "output"),
+    ),
     "csv_invalid_utf8": (csv("instruction,output", b"Say,caf\xe9"), ("invalid_utf8", 2, "output")),
     "csv_bad_messages_json": (
-        ("rows.csv", b'messages\n"[{""role"": ""user"", ""content"": ""a""}, {""role"": ""assistant"", ""content"": ""b""}]"\n"[{""role"": "\n'),
+        (
+            "rows.csv",
+            b'messages\n"[{""role"": ""user"", ""content"": ""a""}, {""role"": ""assistant"", ""content"": ""b""}]"\n"[{""role"": "\n',
+        ),
         ("malformed_json", 2, "messages"),
     ),
     "csv_extra_value": (csv("instruction,output", b"a,b,c"), ("wrong_type", 2, None)),
@@ -134,7 +143,9 @@ def test_excerpt_shows_the_start_of_the_bad_row(raw_dir, gather):
 
 
 def test_optional_fields_may_be_empty(raw_dir, gather):
-    (raw_dir / "rows.jsonl").write_text(json.dumps({"instruction": "Greet", "input": " ", "system": "", "output": "Hi"}) + "\n")
+    (raw_dir / "rows.jsonl").write_text(
+        json.dumps({"instruction": "Greet", "input": " ", "system": "", "output": "Hi"}) + "\n"
+    )
     out = gather()
     assert out.rejects == []
     (row,) = [r for s in out.splits.values() for r in s]
@@ -146,6 +157,11 @@ def test_unreadable_file_counts_as_one_row(raw_dir, gather):
     (raw_dir / "good.jsonl").write_text(json.dumps(GOOD) + "\n")
     stats = gather().stats
     assert stats.by_file["rows.json"] == {
-        "rows_in": 1, "kept": 0, "rejected": 1, "duplicates": 0, "near_duplicates": 0, "contaminated": 0
+        "rows_in": 1,
+        "kept": 0,
+        "rejected": 1,
+        "duplicates": 0,
+        "near_duplicates": 0,
+        "contaminated": 0,
     }
     assert (stats.rows_in, stats.kept, stats.rejected) == (2, 1, 1)

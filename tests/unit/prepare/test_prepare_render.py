@@ -46,7 +46,10 @@ def test_every_assistant_turn_of_a_multi_turn_chat_is_trained(tokenizer):
         Message("assistant", "Order 12345 shipped.\nThank you!"),
     ]
     r = render(messages, tokenizer)
-    assert label_runs(tokenizer, r) == ["Hello! How are you today?<|im_end|>", "Order 12345 shipped.\nThank you!<|im_end|>"]
+    assert label_runs(tokenizer, r) == [
+        "Hello! How are you today?<|im_end|>",
+        "Order 12345 shipped.\nThank you!<|im_end|>",
+    ]
     trained = tokenizer.decode([t for t in r.labels if t != IGNORE_INDEX])
     assert SYSTEM.content not in trained and "Hello\n" not in trained and "user" not in trained
 
@@ -55,7 +58,10 @@ def test_an_opening_assistant_message_is_context_only(tokenizer):
     messages = [Message("assistant", "Welcome!"), Message("user", "Hi"), Message("assistant", "Hi there")]
     assert label_runs(tokenizer, render(messages, tokenizer)) == ["Hi there<|im_end|>"]
     # After a system message the template can prompt it, so it is trained like any answer.
-    assert label_runs(tokenizer, render([SYSTEM, *messages], tokenizer)) == ["Welcome!<|im_end|>", "Hi there<|im_end|>"]
+    assert label_runs(tokenizer, render([SYSTEM, *messages], tokenizer)) == [
+        "Welcome!<|im_end|>",
+        "Hi there<|im_end|>",
+    ]
 
 
 LLAMA2_LIKE = (
@@ -70,7 +76,13 @@ LLAMA2_LIKE = (
 def test_any_template_that_only_appends_works(tokenizer):
     other = copy.deepcopy(tokenizer)
     other.chat_template = LLAMA2_LIKE
-    messages = [SYSTEM, Message("user", "q1"), Message("assistant", "a1"), Message("user", "q2"), Message("assistant", "a2")]
+    messages = [
+        SYSTEM,
+        Message("user", "q1"),
+        Message("assistant", "a1"),
+        Message("user", "q2"),
+        Message("assistant", "a2"),
+    ]
     r = render(messages, other)
     assert r.text.startswith("<<SYS>>")
     assert label_runs(other, r) == [" a1<|endoftext|>", " a2<|endoftext|>"]
@@ -78,7 +90,9 @@ def test_any_template_that_only_appends_works(tokenizer):
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer):
     other = copy.deepcopy(tokenizer)
-    other.chat_template = "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    other.chat_template = (
+        "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
     with pytest.raises(ChatTemplateError, match="prefix"):
         render([Message("user", "q"), Message("assistant", "a")], other)
 

@@ -22,16 +22,34 @@ SHAPES = {
         [(S, "Be brief."), (U, "Greet"), (A, "Hi")],
     ),
     "chat": (
-        {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 1}]},
+        {
+            "messages": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a", "weight": 1},
+            ]
+        },
         [(S, "sys"), (U, "q"), (A, "a")],
     ),
     "chat_multi_turn": (
-        {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-                      {"role": "User", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "a1"},
+                {"role": "User", "content": "q2"},
+                {"role": "assistant", "content": "a2"},
+            ]
+        },
         [(U, "q1"), (A, "a1"), (U, "q2"), (A, "a2")],
     ),
     "sharegpt": (
-        {"conversations": [{"from": "system", "value": "sys"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {
+            "conversations": [
+                {"from": "system", "value": "sys"},
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "a"},
+            ]
+        },
         [(S, "sys"), (U, "q"), (A, "a")],
     ),
     "sharegpt_user_assistant": (
@@ -49,7 +67,9 @@ EXPECTED_SHAPE = {
 
 
 def parse(value, *, system_prompt=None, tabular=False, max_chars=10_000) -> Parsed | Reject:
-    return to_record(RawRow("f.jsonl", 7, value, tabular=tabular), "acme", max_chars=max_chars, system_prompt=system_prompt)
+    return to_record(
+        RawRow("f.jsonl", 7, value, tabular=tabular), "acme", max_chars=max_chars, system_prompt=system_prompt
+    )
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

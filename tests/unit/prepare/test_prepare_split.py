@@ -24,7 +24,10 @@ def test_bucket_is_first_8_bytes_of_salted_sha256():
     assert 0 <= bucket(h, "") < 1
 
 
-@pytest.mark.parametrize(("b", "split"), [(0.0, "test"), (0.1499, "test"), (0.15, "validation"), (0.2499, "validation"), (0.25, "train"), (0.999, "train")])
+@pytest.mark.parametrize(
+    ("b", "split"),
+    [(0.0, "test"), (0.1499, "test"), (0.15, "validation"), (0.2499, "validation"), (0.25, "train"), (0.999, "train")],
+)
 def test_thresholds(monkeypatch, b, split):
     monkeypatch.setattr("loraline.prepare.split.bucket", lambda h, salt: b)
     assert split_of("x", SPLIT) == split
@@ -98,7 +101,12 @@ def test_duplicates_across_files_and_shapes_keep_the_first_in_sorted_order(raw_d
     a_hash = next(r["id"] for s in out.splits.values() for r in s if r["row"] == 2)
     assert out.duplicates[0]["content_hash"] == a_hash
     assert out.stats.by_file["b.jsonl"] == {
-        "rows_in": 2, "kept": 1, "rejected": 0, "duplicates": 1, "near_duplicates": 0, "contaminated": 0
+        "rows_in": 2,
+        "kept": 1,
+        "rejected": 0,
+        "duplicates": 1,
+        "near_duplicates": 0,
+        "contaminated": 0,
     }
     assert (out.stats.rows_in, out.stats.kept, out.stats.duplicates) == (5, 3, 2)
 

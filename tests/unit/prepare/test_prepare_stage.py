@@ -40,7 +40,11 @@ def test_output_layout_columns_and_stats(run, raw_dir, tokenizer):
     mixed_raw(raw_dir)
     result = run()
     assert {p.name for p in result.out_dir.iterdir()} == {
-        "dataset", "documents", "duplicates.jsonl", "contaminated.jsonl", "README.md"
+        "dataset",
+        "documents",
+        "duplicates.jsonl",
+        "contaminated.jsonl",
+        "README.md",
     }
     ds = datasets.load_from_disk(str(result.dataset_dir))
     assert list(ds) == ["train", "validation", "test"]
@@ -57,7 +61,12 @@ def test_output_layout_columns_and_stats(run, raw_dir, tokenizer):
     assert stats["rows_in"] == stats["kept"] + stats["rejected"] + stats["duplicates"]
     assert stats["rejected_by_reason"]["malformed_json"] == 1 and stats["rejected_by_reason"]["empty_field"] == 1
     assert stats["by_file"]["sub/more.csv"] == {
-        "rows_in": 1, "kept": 1, "rejected": 0, "duplicates": 0, "near_duplicates": 0, "contaminated": 0
+        "rows_in": 1,
+        "kept": 1,
+        "rejected": 0,
+        "duplicates": 0,
+        "near_duplicates": 0,
+        "contaminated": 0,
     }
     assert stats["by_shape"] == {"chat": 1, "document": 1, "instruction": 1, "prompt_completion": 1}
     assert stats["splits"] == {name: len(ds[name]) for name in ("train", "validation", "test")}
@@ -140,7 +149,9 @@ def test_a_failure_keeps_the_previous_output_intact(run, raw_dir, monkeypatch):
         run()
     assert file_hashes(before.out_dir) == hashes and before.stats_path.read_bytes() == stats
     assert before.rejected_path.read_text() == ""
-    leftovers = [p for d in (before.out_dir.parent, before.rejected_path.parent) for p in d.iterdir() if p.name.startswith(".")]
+    leftovers = [
+        p for d in (before.out_dir.parent, before.rejected_path.parent) for p in d.iterdir() if p.name.startswith(".")
+    ]
     assert leftovers == []
 
 
@@ -151,7 +162,16 @@ def test_no_valid_rows_names_every_file_and_writes_nothing_but_rejects(run, raw_
     with pytest.raises(PrepareError) as info:
         run()
     message = str(info.value)
-    for expected in ("acme", "a.jsonl", "malformed_json", "unknown_shape", "b.json", "wrong_type", "c.md", "empty_field"):
+    for expected in (
+        "acme",
+        "a.jsonl",
+        "malformed_json",
+        "unknown_shape",
+        "b.json",
+        "wrong_type",
+        "c.md",
+        "empty_field",
+    ):
         assert expected in message
     assert not (tmp_path / "out" / "prepared").exists() and not (tmp_path / "out" / "stats.json").exists()
     rejected = (tmp_path / "out" / "rejected" / "acme.jsonl").read_text().splitlines()
@@ -218,7 +238,11 @@ def test_counts_always_reconcile(rows, n_files, broken_file, tokenizer):
         if row[0] == "dup" and goods:
             original = goods[row[1] % len(goods)]
             # Same content, different whitespace/shape: still a duplicate.
-            lines.append(json.dumps({"prompt": f" {original}  ", "completion": "answer"} if row[2] else chat(original, "answer")))
+            lines.append(
+                json.dumps(
+                    {"prompt": f" {original}  ", "completion": "answer"} if row[2] else chat(original, "answer")
+                )
+            )
             expected["duplicates"] += 1
         elif row[0] == "bad":
             lines.append(BAD_LINES[row[1]])
@@ -263,8 +287,14 @@ def _prepare_files(tmp_path: Path, tenant: TenantParams, tokenizer, name: str, n
     from loraline.prepare.stage import prepare_tenant
 
     out = tmp_path / name
-    prepare_tenant(tenant, PrepareParams(num_proc=num_proc), tokenizer, out_dir=out / "prepared",
-                   rejected_path=out / "rejected.jsonl", stats_path=out / "stats.json")
+    prepare_tenant(
+        tenant,
+        PrepareParams(num_proc=num_proc),
+        tokenizer,
+        out_dir=out / "prepared",
+        rejected_path=out / "rejected.jsonl",
+        stats_path=out / "stats.json",
+    )
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
@@ -276,7 +306,9 @@ def test_spawned_workers_give_the_same_outputs(tmp_path, tokenizer, monkeypatch)
     raw = tmp_path / "raw"
     write_jsonl(raw / "rows.jsonl", [chat(f"Question {i} about order {1000 + i}?", f"Answer {i}.") for i in range(40)])
     write_jsonl(raw / "qa.jsonl", [{"q": f"Q{i}?", "a": f"A{i}<|endoftext|>"} for i in range(20)])
-    tenant = TenantParams(name="acme", raw_dir=raw, sources=[{"path": "qa.jsonl", "columns": {"instruction": "q", "output": "a"}}])
+    tenant = TenantParams(
+        name="acme", raw_dir=raw, sources=[{"path": "qa.jsonl", "columns": {"instruction": "q", "output": "a"}}]
+    )
     one, spawned = (_prepare_files(tmp_path, tenant, tokenizer, name, n) for name, n in (("one", 1), ("spawned", 2)))
     assert [k for k in one if one[k] != spawned.get(k)] == [] and one.keys() == spawned.keys()
 
@@ -296,11 +328,15 @@ def test_worker_processes_give_byte_identical_outputs(tmp_path, tokenizer, monke
         if i % 17 == 0:
             rows.append(rows[rng.randrange(len(rows))])  # exact duplicates
         if i % 23 == 0:
-            rows.append(chat(question + " write to a@b.example", "Done<|im_end|> <|im_start|>user"))  # PII, control token
+            rows.append(
+                chat(question + " write to a@b.example", "Done<|im_end|> <|im_start|>user")
+            )  # PII, control token
     raw = tmp_path / "raw"
     write_jsonl(raw / "rows.jsonl", rows)
     write_jsonl(raw / "qa" / "pairs.jsonl", [{"q": f"Q{i}", "a": f"A{i}"} for i in range(40)] + [{"q": "no answer"}])
-    tenant = TenantParams(name="acme", raw_dir=raw, sources=[{"path": "qa/*", "columns": {"instruction": "q", "output": "a"}}])
+    tenant = TenantParams(
+        name="acme", raw_dir=raw, sources=[{"path": "qa/*", "columns": {"instruction": "q", "output": "a"}}]
+    )
 
     def run(name: str, num_proc: int):
         return _prepare_files(tmp_path, tenant, tokenizer, name, num_proc)

@@ -24,11 +24,14 @@ def params(policy: str) -> PrepareParams:
     return PrepareParams(conflicts=policy, decontamination=DecontamParams(enabled=False))
 
 
-@pytest.mark.parametrize(("policy", "kept", "rejected_rows"), [
-    ("keep", 5, []),
-    ("first", 3, [3, 5]),
-    ("reject", 2, [1, 3, 4, 5]),
-])
+@pytest.mark.parametrize(
+    ("policy", "kept", "rejected_rows"),
+    [
+        ("keep", 5, []),
+        ("first", 3, [3, 5]),
+        ("reject", 2, [1, 3, 4, 5]),
+    ],
+)
 def test_conflicting_answers_by_policy(raw_dir, run, policy, kept, rejected_rows):
     write_jsonl(raw_dir / "a.jsonl", ROWS)
     result = run(params=params(policy))
@@ -43,7 +46,7 @@ def test_conflicting_answers_by_policy(raw_dir, run, policy, kept, rejected_rows
     assert stats.duplicates == (0 if policy == "reject" else 1)
     assert stats.rows_in == stats.kept + stats.rejected + stats.duplicates + stats.near_duplicates + stats.contaminated
     card = result.card_path.read_text()
-    assert f"conflicting answers: 3 rows over 1 prompts" in card and f"`conflicts={policy}`" in card
+    assert "conflicting answers: 3 rows over 1 prompts" in card and f"`conflicts={policy}`" in card
 
 
 def test_a_reject_names_the_other_row(raw_dir, run):

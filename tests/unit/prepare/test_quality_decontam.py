@@ -11,7 +11,11 @@ from loraline.config import DecontamParams, NearDedupParams, PrepareParams
 from loraline.prepare.quality.decontam import TestIndex
 
 NO_NEAR = PrepareParams(near_dedup=NearDedupParams(enabled=False))
-VOCAB = [f"{a}{b}" for a in ("lor", "ip", "dol", "sit", "am", "con", "sec", "adi", "pis", "eli") for b in ("a", "e", "i", "o", "u", "an", "en", "in", "on", "un")]
+VOCAB = [
+    f"{a}{b}"
+    for a in ("lor", "ip", "dol", "sit", "am", "con", "sec", "adi", "pis", "eli")
+    for b in ("a", "e", "i", "o", "u", "an", "en", "in", "on", "un")
+]
 
 
 def unrelated(j: int) -> tuple[str, str]:
@@ -22,7 +26,9 @@ def unrelated(j: int) -> tuple[str, str]:
 def edited(i: int, k: int) -> tuple[str, str]:
     """ticket(i) with three words changed (k picks which wording)."""
     user, answer = ticket(i)
-    user = user.replace("Hello", ("Hi", "Hey", "Dear team")[k % 3]).replace("crushed", "dented").replace("usual", "same")
+    user = (
+        user.replace("Hello", ("Hi", "Hey", "Dear team")[k % 3]).replace("crushed", "dented").replace("usual", "same")
+    )
     return user, answer
 
 

@@ -12,7 +12,11 @@ from prepare_helpers import chat, synthetic, write_jsonl
 from loraline.config import PrepareParams, TenantParams, parse_params
 from loraline.prepare.quality.mix import quota
 
-WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "po", "ri", "su", "te", "vo", "wa") for b in ("b", "d", "g", "k", "m", "n", "p", "r", "s", "t")]
+WORDS = [
+    f"{a}{b}"
+    for a in ("ka", "lo", "mi", "nu", "po", "ri", "su", "te", "vo", "wa")
+    for b in ("b", "d", "g", "k", "m", "n", "p", "r", "s", "t")
+]
 
 
 def sentence(seed: int, n: int) -> str:
@@ -33,7 +37,13 @@ def synth_path(tmp_path):
 
 
 def test_quota():
-    assert quota(10, 0.5) == 5 and quota(11, 0.5) == 5 and quota(3, 0.1) == 0 and quota(10, 0.3) == 3 and quota(7, 2) == 14
+    assert (
+        quota(10, 0.5) == 5
+        and quota(11, 0.5) == 5
+        and quota(3, 0.1) == 0
+        and quota(10, 0.3) == 3
+        and quota(7, 2) == 14
+    )
 
 
 def test_synthetic_rows_join_train_only_with_provenance_up_to_the_ratio(raw_dir, synth_path, gather):
@@ -45,7 +55,9 @@ def test_synthetic_rows_join_train_only_with_provenance_up_to_the_ratio(raw_dir,
     assert len(synth) == quota(real_train, 0.5) == out.stats.synthetic_quota > 0
     assert all(r["source"] == "real" for s in ("validation", "test") for r in out.splits[s])
     provenance = json.loads(synth[0]["provenance"])
-    assert provenance["generator"] == "offline" and provenance["id"].startswith("syn-") and provenance["span"] == [0, 10]
+    assert (
+        provenance["generator"] == "offline" and provenance["id"].startswith("syn-") and provenance["span"] == [0, 10]
+    )
     over = [r for r in out.rejects if r.reason.value == "over_mix_ratio"]
     assert len(over) == 100 - len(synth) and all(r.source_file == "synthetic:rows.jsonl" for r in over)
     stats = out.stats

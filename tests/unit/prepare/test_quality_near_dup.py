@@ -79,9 +79,13 @@ def test_same_input_same_decisions(raw_dir, gather):
 def test_rows_sharing_a_passage_with_different_answers_are_not_near_duplicates(raw_dir, gather):
     """Issue 37: a long shared passage made rows asking different questions look alike (Jaccard > 0.9)."""
     passage = " ".join(ticket(i)[0] for i in range(4))  # ~120 words shared by every row
-    rows = [chat(f"{passage}\nQuestion {q}: which order is meant?", f"Order {10000 + q * 37}, answer number {q}.")
-            for q in range(5)]
-    rows.append(chat(f"{passage}\nQuestion 0: which order is meant?", f"Order {10000}, answer number 0!"))  # row 6: a copy of row 1
+    rows = [
+        chat(f"{passage}\nQuestion {q}: which order is meant?", f"Order {10000 + q * 37}, answer number {q}.")
+        for q in range(5)
+    ]
+    rows.append(
+        chat(f"{passage}\nQuestion 0: which order is meant?", f"Order {10000}, answer number 0!")
+    )  # row 6: a copy of row 1
     write_jsonl(raw_dir / "a.jsonl", rows)
     out = gather(params=NO_DECONTAM)
     assert [(d["row"], d["duplicate_of_row"]) for d in out.duplicates if d["kind"] == "near"] == [(6, 1)]
@@ -95,6 +99,8 @@ def test_index_compares_answers_when_given():
     assert index.check_signatures(["a"], [sig], [answer_a]) == [None]
     assert index.check_signatures(["b"], [sig], [answer_b]) == [None]  # same text, another answer: kept
     assert index.check_signatures(["c"], [sig], [answer_a])[0].kept_key == "a"
-    assert index.check_signatures(["d"], [sig], [None]) == [None]  # an answer without words differs from one with words
+    assert index.check_signatures(["d"], [sig], [None]) == [
+        None
+    ]  # an answer without words differs from one with words
     assert index.check_signatures(["e"], [sig], [None])[0].kept_key == "d"
     assert len(index) == 3

@@ -14,22 +14,70 @@ from loraline.prepare.quality.pii import PiiScrubber, luhn_ok
 TRUE = {
     "email": ["jane.doe@example.com", "j.doe+orders@mail.example.co.uk", "SUPPORT@GLOBEX.COM", "a_b-c@sub.domain.io"],
     "phone": [
-        "+44 20 7946 0958", "+1 (555) 123-4567", "+33 1 23 45 67 89", "+4930123456", "(555) 123-4567",
-        "555-123-4567", "555.123.4567", "555 123 4567", "020 7946 0958", "07700 900123", "01 23 45 67 89",
+        "+44 20 7946 0958",
+        "+1 (555) 123-4567",
+        "+33 1 23 45 67 89",
+        "+4930123456",
+        "(555) 123-4567",
+        "555-123-4567",
+        "555.123.4567",
+        "555 123 4567",
+        "020 7946 0958",
+        "07700 900123",
+        "01 23 45 67 89",
         "(030) 1234567",
     ],
-    "card": ["4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111", "378282246310005", "3782 822463 10005",
-             "5555 5555 5555 4444", "6011 0009 9013 9424 124"],
-    "ip": ["192.168.1.10", "10.0.0.1", "203.0.113.7", "2001:db8::8a2e:370:7334", "fe80::1ff:fe23:4567:890a",
-           "::ffff:192.0.2.1", "2001:0db8:0000:0000:0000:ff00:0042:8329"],
+    "card": [
+        "4111 1111 1111 1111",
+        "4111-1111-1111-1111",
+        "4111111111111111",
+        "378282246310005",
+        "3782 822463 10005",
+        "5555 5555 5555 4444",
+        "6011 0009 9013 9424 124",
+    ],
+    "ip": [
+        "192.168.1.10",
+        "10.0.0.1",
+        "203.0.113.7",
+        "2001:db8::8a2e:370:7334",
+        "fe80::1ff:fe23:4567:890a",
+        "::ffff:192.0.2.1",
+        "2001:0db8:0000:0000:0000:ff00:0042:8329",
+    ],
 }
 FALSE = {
     "email": ["user@localhost", "@handle", "name at example dot com", "a@b"],
-    "phone": ["Order 99173", "order #63143", "ticket 4822-1193", "2024-01-15", "15.01.2024", "from 2019-2023",
-              "1234567890", "SKU-1234-5678", "$1,299.99", "10:30", "ISBN 978-3-16-148410-0", "error 50.4", "Apt 38C"],
+    "phone": [
+        "Order 99173",
+        "order #63143",
+        "ticket 4822-1193",
+        "2024-01-15",
+        "15.01.2024",
+        "from 2019-2023",
+        "1234567890",
+        "SKU-1234-5678",
+        "$1,299.99",
+        "10:30",
+        "ISBN 978-3-16-148410-0",
+        "error 50.4",
+        "Apt 38C",
+    ],
     "card": ["4111 1111 1111 1112", "1234567890123", "order 12345 67890", "2024-01-15 10:30", "1700000000001"],
-    "ip": ["1.2.3.4.5", "999.1.1.1", "version 1.2.3.4", "v1.2.3.4", "build 10.0.19045.1", "release 2.1.0.7",
-           "std::vector", "10:30:00", "00:1A:2B:3C:4D:5E", "::1", "3.14.159", "192.168.1"],
+    "ip": [
+        "1.2.3.4.5",
+        "999.1.1.1",
+        "version 1.2.3.4",
+        "v1.2.3.4",
+        "build 10.0.19045.1",
+        "release 2.1.0.7",
+        "std::vector",
+        "10:30:00",
+        "00:1A:2B:3C:4D:5E",
+        "::1",
+        "3.14.159",
+        "192.168.1",
+    ],
 }
 PLACEHOLDER = {"email": "<EMAIL>", "phone": "<PHONE>", "card": "<CARD>", "ip": "<IP>"}
 
@@ -79,9 +127,16 @@ def test_mask_rewrites_rows_and_counts_by_type(raw_dir, gather):
 
 def test_masked_content_is_the_row_identity(raw_dir, gather):
     # Two rows differing only in the email become the same row once masked: an exact duplicate.
-    write_jsonl(raw_dir / "a.jsonl", [chat("Write to ann@example.com please", "Done."), chat("Write to bob@example.org please", "Done.")])
+    write_jsonl(
+        raw_dir / "a.jsonl",
+        [chat("Write to ann@example.com please", "Done."), chat("Write to bob@example.org please", "Done.")],
+    )
     out = gather()
-    assert out.stats.kept == 1 and out.stats.duplicates == 1 and out.stats.pii == {"card": 0, "email": 2, "ip": 0, "phone": 0}
+    assert (
+        out.stats.kept == 1
+        and out.stats.duplicates == 1
+        and out.stats.pii == {"card": 0, "email": 2, "ip": 0, "phone": 0}
+    )
 
 
 def test_drop_rejects_rows_naming_the_types_with_a_masked_excerpt(raw_dir, gather):

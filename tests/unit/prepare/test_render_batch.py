@@ -84,7 +84,9 @@ SYSTEM_DEFAULT = (
     "{% endfor %}"
 )
 # Marks the last message: rendering one more turn rewrites the one before, so answers cannot be located.
-NOT_PREFIX_STABLE = "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+NOT_PREFIX_STABLE = (
+    "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+)
 RAISES_ON_SYSTEM = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
     "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -93,10 +95,32 @@ RAISES_ON_SYSTEM = (
 # Answers glued to the prompt: a token can span the boundary, leaving no trainable token.
 GLUED = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
-TEMPLATES = {"chatml": CHAT_TEMPLATE, "system-default": SYSTEM_DEFAULT, "not-prefix-stable": NOT_PREFIX_STABLE,
-             "raises": RAISES_ON_SYSTEM, "glued": GLUED}
+TEMPLATES = {
+    "chatml": CHAT_TEMPLATE,
+    "system-default": SYSTEM_DEFAULT,
+    "not-prefix-stable": NOT_PREFIX_STABLE,
+    "raises": RAISES_ON_SYSTEM,
+    "glued": GLUED,
+}
 
-WORDS = ["Hello", "world", "order", "12345", "refund", "Paris", "  ", "\n", "é", "日本", "?", "!", "the", "fox", "<b>", "{{x}}"]
+WORDS = [
+    "Hello",
+    "world",
+    "order",
+    "12345",
+    "refund",
+    "Paris",
+    "  ",
+    "\n",
+    "é",
+    "日本",
+    "?",
+    "!",
+    "the",
+    "fox",
+    "<b>",
+    "{{x}}",
+]
 
 
 def conversations(seed: int, n: int) -> list[list[Message]]:
@@ -156,7 +180,10 @@ def test_system_default_template_sees_bos_and_eos(tokenizer):
     other = copy.deepcopy(tokenizer)
     other.chat_template = SYSTEM_DEFAULT
     (r,) = render_batch([[Message("user", "q"), Message("assistant", "a")]], other)
-    assert r.text == f"{other.bos_token}<<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n[INST] q [/INST] a {other.eos_token}"
+    assert (
+        r.text
+        == f"{other.bos_token}<<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n[INST] q [/INST] a {other.eos_token}"
+    )
     assert r == reference_render([Message("user", "q"), Message("assistant", "a")], other)
 
 
@@ -202,8 +229,12 @@ def test_a_tokenizer_that_overrides_apply_chat_template_is_honoured(tokenizer):
     other = copy.copy(tokenizer)
     other.__class__ = Shouting
     (r,) = render_batch([[Message("user", "q"), Message("assistant", "a")]], other)
-    assert r.text == tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                                                   tokenize=False).upper()
+    assert (
+        r.text
+        == tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], tokenize=False
+        ).upper()
+    )
 
 
 def test_the_vectorized_mask_equals_the_per_token_rule():

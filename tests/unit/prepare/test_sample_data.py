@@ -61,22 +61,32 @@ def test_prepare_matches_the_sample_data_manifest(name, run):
         (e["file"], e["row"], e["reason"]) for e in expected["expected_rejects"]
     )
     duplicates = [json.loads(line) for line in result.duplicates_path.read_text().splitlines()]
-    pairs = {kind: sorted((d["source_file"], d["row"], d["duplicate_of_file"], d["duplicate_of_row"])
-                          for d in duplicates if d["kind"] == kind) for kind in ("exact", "near")}
+    pairs = {
+        kind: sorted(
+            (d["source_file"], d["row"], d["duplicate_of_file"], d["duplicate_of_row"])
+            for d in duplicates
+            if d["kind"] == kind
+        )
+        for kind in ("exact", "near")
+    }
     assert pairs["exact"] == sorted(
-        (e["file"], e["row"], e["duplicate_of"]["file"], e["duplicate_of"]["row"]) for e in expected["expected_duplicates"]
+        (e["file"], e["row"], e["duplicate_of"]["file"], e["duplicate_of"]["row"])
+        for e in expected["expected_duplicates"]
     )
     assert pairs["near"] == sorted(quality["near"])
     contaminated = [json.loads(line) for line in result.contaminated_path.read_text().splitlines()]
-    assert sorted((c["source_file"], c["row"], c["matched_test_file"], c["matched_test_row"]) for c in contaminated) == sorted(
-        quality["contaminated"]
-    )
+    assert sorted(
+        (c["source_file"], c["row"], c["matched_test_file"], c["matched_test_row"]) for c in contaminated
+    ) == sorted(quality["contaminated"])
     assert all(c["overlap"] >= 0.5 and c["split"] in ("train", "validation") for c in contaminated)
     # The manifest counts documents apart; prepare counts each document as one kept row.
     documents = len(expected["documents"])
     removed = len(quality["near"]) + len(quality["contaminated"])
     assert stats.documents == documents
-    assert (stats.rows_in, stats.kept) == (expected["rows_in"] + documents, expected["valid_rows"] + documents - removed)
+    assert (stats.rows_in, stats.kept) == (
+        expected["rows_in"] + documents,
+        expected["valid_rows"] + documents - removed,
+    )
     assert (stats.rejected, stats.duplicates) == (expected["rejected"], expected["duplicates"])
     assert (stats.near_duplicates, stats.contaminated) == (len(quality["near"]), len(quality["contaminated"]))
     assert (stats.pii, stats.pii_rows) == (quality["pii"], quality["pii_rows"])
@@ -87,7 +97,10 @@ def test_prepare_matches_the_sample_data_manifest(name, run):
 def test_generator_reproduces_the_committed_files():
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "make_sample_data.py"), "--check"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -100,7 +113,11 @@ def test_another_data_size_needs_its_own_folder(extra, tmp_path):
     tool.parent.mkdir()
     tool.write_bytes((REPO / "tools" / "make_sample_data.py").read_bytes())
     proc = subprocess.run(
-        [sys.executable, str(tool), "--acme-q2-rows", "400", *extra], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [sys.executable, str(tool), "--acme-q2-rows", "400", *extra],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "--acme-q2-rows 400 is not the committed data (800): give --out DIR" in proc.stderr

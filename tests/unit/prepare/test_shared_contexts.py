@@ -13,8 +13,12 @@ from prepare_helpers import chat, write_jsonl
 from loraline.config import PrepareParams, SourceParams, TenantParams
 from loraline.inspection import inspect_path, report_text
 
-VOCAB = [f"{a}{b}{c}" for a in ("ka", "lo", "mi", "nu", "po", "ri", "sa", "te") for b in ("b", "d", "g", "k", "m", "n")
-         for c in ("a", "e", "i", "o", "u")]
+VOCAB = [
+    f"{a}{b}{c}"
+    for a in ("ka", "lo", "mi", "nu", "po", "ri", "sa", "te")
+    for b in ("b", "d", "g", "k", "m", "n")
+    for c in ("a", "e", "i", "o", "u")
+]
 PASSAGES, QUESTIONS = 8, 4
 
 
@@ -26,7 +30,10 @@ def passage(p: int) -> str:
 def question(p: int, q: int) -> tuple[str, str]:
     rng = random.Random(1000 * p + q)
     ask = f"Question: what does the passage say about {' '.join(rng.choices(VOCAB, k=3))}?"
-    return f"Read the passage and answer the question.\n{passage(p)}\n{ask}", f"It says {' '.join(rng.choices(VOCAB, k=5))}."
+    return (
+        f"Read the passage and answer the question.\n{passage(p)}\n{ask}",
+        f"It says {' '.join(rng.choices(VOCAB, k=5))}.",
+    )
 
 
 def hand_built() -> list[dict]:
@@ -78,11 +85,20 @@ def test_without_groups_no_row_is_lost_to_its_passage(raw_dir, gather):
 def test_a_named_group_keeps_its_rows_together(tmp_path, raw_dir, tokenizer):
     from loraline.prepare.stage import collect
 
-    rows = [{"doc": f"d{i % 5}", "prompt": f"Short question {i} about {VOCAB[i]}?", "completion": f"Answer {VOCAB[i + 1]}."}
-            for i in range(40)]
+    rows = [
+        {
+            "doc": f"d{i % 5}",
+            "prompt": f"Short question {i} about {VOCAB[i]}?",
+            "completion": f"Answer {VOCAB[i + 1]}.",
+        }
+        for i in range(40)
+    ]
     write_jsonl(raw_dir / "a.jsonl", rows)
-    tenant = TenantParams(name="acme", raw_dir=raw_dir, sources=[SourceParams(path="*.jsonl", group="doc",
-                                                                              columns={"prompt": "prompt", "completion": "completion"})])
+    tenant = TenantParams(
+        name="acme",
+        raw_dir=raw_dir,
+        sources=[SourceParams(path="*.jsonl", group="doc", columns={"prompt": "prompt", "completion": "completion"})],
+    )
     out = collect(tenant, PrepareParams(), tokenizer)
     assert out.stats.kept == 40 and out.stats.groups["groups"] == 5 and out.stats.groups["largest"] == 8
     doc_split = {}
@@ -98,8 +114,11 @@ def test_group_needs_explode_for_item():
 
 
 def test_inspect_says_rows_share_contexts(raw_dir):
-    write_jsonl(raw_dir / "a.jsonl", [{"context": passage(i % 3), "question": f"Q{i}?", "answer": f"A{i}."} for i in range(9)]
-                + [json.loads(json.dumps(r)) for r in hand_built()[:8]])
+    write_jsonl(
+        raw_dir / "a.jsonl",
+        [{"context": passage(i % 3), "question": f"Q{i}?", "answer": f"A{i}."} for i in range(9)]
+        + [json.loads(json.dumps(r)) for r in hand_built()[:8]],
+    )
     (result,) = inspect_path(raw_dir / "a.jsonl")
     report = report_text([result])
     assert "shared contexts: 8 rows in 2 groups (largest 4)" in report
@@ -108,6 +127,11 @@ def test_inspect_says_rows_share_contexts(raw_dir):
 
 def test_two_questions_with_one_answer_about_a_passage_are_two_rows(raw_dir, gather):
     """The same short answer to two questions about a passage: the passage set aside, the questions differ."""
-    write_jsonl(raw_dir / "a.jsonl", [chat(f"{passage(0)}\nQuestion: who wrote it?", "Kaba."),
-                                      chat(f"{passage(0)}\nQuestion: whose name opens the passage?", "Kaba.")])
+    write_jsonl(
+        raw_dir / "a.jsonl",
+        [
+            chat(f"{passage(0)}\nQuestion: who wrote it?", "Kaba."),
+            chat(f"{passage(0)}\nQuestion: whose name opens the passage?", "Kaba."),
+        ],
+    )
     assert gather().stats.kept == 2

@@ -68,7 +68,9 @@ def test_overlap_equals_the_full_ranking_with_many_candidates():
     index = TestIndex(DecontamParams())
     for i, text in enumerate(tests):
         index.add(f"t{i}", text)
-    rows = [" ".join(rng.sample(phrases, rng.randint(1, 4)) + rng.choices(vocab, k=rng.randint(0, 8))) for _ in range(500)]
+    rows = [
+        " ".join(rng.sample(phrases, rng.randint(1, 4)) + rng.choices(vocab, k=rng.randint(0, 8))) for _ in range(500)
+    ]
     rows += [t.replace("w1 ", "w2 ", 1) for t in rng.sample(tests, 100)]
     widest = max(len({k for g in ngrams(words(t), 8) for k in index._postings.get(_gram_key(g), [])}) for t in rows)
     assert widest > 4 * TOP_CANDIDATES

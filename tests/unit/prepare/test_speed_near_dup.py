@@ -42,7 +42,8 @@ class ReferenceIndex:
                 other = self.signatures[candidate]
                 jaccard = float(np.count_nonzero(other == mh.hashvalues)) / len(other)
                 if jaccard >= self.params.threshold and (
-                    best is None or jaccard > best_jaccard
+                    best is None
+                    or jaccard > best_jaccard
                     or (jaccard == best_jaccard and self.order[candidate] < self.order[best.kept_key])
                 ):
                     best, best_jaccard = NearMatch(candidate, round(jaccard, 4)), jaccard
@@ -53,7 +54,22 @@ class ReferenceIndex:
         return best
 
 
-VOCAB = ["order", "refund", "box", "crushed", "replacement", "été", "naïve", "日本", "x2", "42", "ok", "the", "a", "to"]
+VOCAB = [
+    "order",
+    "refund",
+    "box",
+    "crushed",
+    "replacement",
+    "été",
+    "naïve",
+    "日本",
+    "x2",
+    "42",
+    "ok",
+    "the",
+    "a",
+    "to",
+]
 
 
 def corpus(seed: int, n: int) -> list[str]:

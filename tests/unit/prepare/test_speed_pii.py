@@ -9,11 +9,42 @@ from collections import Counter
 from loraline.prepare.quality.pii import PII_TYPES, PLACEHOLDERS, RULES, PiiScrubber
 
 PIECES = [
-    "jane.doe@example.com", "a@b", "+44 20 7946 0958", "+1 (555) 123-4567", "(555) 123-4567", "555.123.4567",
-    "020 7946 0958", "07700 900123", "01 23 45 67 89", "4111 1111 1111 1111", "4111-1111-1111-1111",
-    "378282246310005", "3782 822463 10005", "10.0.0.7", "192.168.001.1", "v1.2.3.4", "2001:db8::1", "::1",
-    "fe80::1%eth0", "10:30:00", "std::vector", "order 12345", "ticket #99812", "1.2.3", "١٢٣٤٥٦٧٨٩٠١٢٣",
-    "４１１１ １１１１ １１１１ １１１１", "+４４ ２０ ７９４６ ０９５８", "été", "call me", ".", ":", "+", "@", "-", "(", ")",
+    "jane.doe@example.com",
+    "a@b",
+    "+44 20 7946 0958",
+    "+1 (555) 123-4567",
+    "(555) 123-4567",
+    "555.123.4567",
+    "020 7946 0958",
+    "07700 900123",
+    "01 23 45 67 89",
+    "4111 1111 1111 1111",
+    "4111-1111-1111-1111",
+    "378282246310005",
+    "3782 822463 10005",
+    "10.0.0.7",
+    "192.168.001.1",
+    "v1.2.3.4",
+    "2001:db8::1",
+    "::1",
+    "fe80::1%eth0",
+    "10:30:00",
+    "std::vector",
+    "order 12345",
+    "ticket #99812",
+    "1.2.3",
+    "١٢٣٤٥٦٧٨٩٠١٢٣",
+    "４１１１ １１１１ １１１１ １１１１",
+    "+４４ ２０ ７９４６ ０９５８",
+    "été",
+    "call me",
+    ".",
+    ":",
+    "+",
+    "@",
+    "-",
+    "(",
+    ")",
 ]
 
 
@@ -22,6 +53,7 @@ def reference_scrub(types, text: str) -> tuple[str, Counter]:
     found: Counter = Counter()
     for kind in types:
         for pattern, valid, _ in RULES[kind]:
+
             def replace(match: re.Match, kind=kind, valid=valid) -> str:
                 if valid is not None and not valid(match):
                     return match.group(0)

@@ -8,8 +8,10 @@ import pytest
 from registry_helpers import git
 
 IDENTITY = {
-    "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.com",
-    "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
     "DVC_NO_ANALYTICS": "1",
 }
 
@@ -29,4 +31,3 @@ def repo(tmp_path) -> Path:
     git(root, "config", "user.name", "Test")
     git(root, "config", "user.email", "test@example.com")
     return root
-

@@ -80,14 +80,22 @@ stages:
 """
 
 # What the stub evaluate and gate stages copy into place (the real stages compute them).
-EVALUATION = {"test_rows": 2, "models": {"base": {"answer_loss": 2.0, "general_loss": 3.0},
-                                         "candidate": {"answer_loss": 1.0, "general_loss": 3.1}}}
+EVALUATION = {
+    "test_rows": 2,
+    "models": {
+        "base": {"answer_loss": 2.0, "general_loss": 3.0},
+        "candidate": {"answer_loss": 1.0, "general_loss": 3.1},
+    },
+}
 PARITY = {"passed": True, "max_abs_logit_diff": 0.0}
 
 
 def verdict(gate_passed: bool) -> dict:
-    rule = {"name": "beats_base", "passed": gate_passed,
-            "reason": "answer_loss gain 0.5 >= 0.05" if gate_passed else "answer_loss gain 0.01 < 0.05"}
+    rule = {
+        "name": "beats_base",
+        "passed": gate_passed,
+        "reason": "answer_loss gain 0.5 >= 0.05" if gate_passed else "answer_loss gain 0.01 < 0.05",
+    }
     return {"passed": gate_passed, "failed": [] if gate_passed else ["beats_base"], "rules": [rule]}
 
 
@@ -170,4 +178,3 @@ def bare_remote_and_two_clones(repo: Path, tmp_path: Path) -> tuple[Path, Path, 
     for name in ("a", "b"):
         git(tmp_path, "clone", "-q", str(remote), str(tmp_path / name))
     return remote, tmp_path / "a", tmp_path / "b"
-

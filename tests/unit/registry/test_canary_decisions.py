@@ -40,7 +40,9 @@ def test_a_promotion_on_canary_names_the_version_it_is_measured_against_until_de
     assert (production.version, production.stable[0]) == ("v0.0.2", "v0.0.1")
     assert production.stable[1] == GtoRegistry(a).version("t1-adapter", "v0.0.1").commit
     assert production_versions(a, ["t1"], canary=False)["t1"].stable is None  # serve.canary off: served wholly
-    record_decision(a, "origin", "t1", production.number, "v0.0.2", kept=True, reason="fine", facts={"n": 1}, by="replica a")
+    record_decision(
+        a, "origin", "t1", production.number, "v0.0.2", kept=True, reason="fine", facts={"n": 1}, by="replica a"
+    )
     after = production_versions(a, ["t1"], canary=True)["t1"]
     assert (after.version, after.stable) == ("v0.0.2", None)  # kept: the whole tenant, on every replica that reads it
 
@@ -48,19 +50,34 @@ def test_a_promotion_on_canary_names_the_version_it_is_measured_against_until_de
 def test_a_rollback_decision_moves_both_artifacts_back_with_the_reason_and_first_decision_wins(machines):
     remote, a, b = machines
     number = _number(a)
-    made = record_decision(a, "origin", "t1", number, "v0.0.2", kept=False, reason="error rate 0.50 above 0.02",
-                           facts={"canary": {"answers": 4}}, by="replica a")
+    made = record_decision(
+        a,
+        "origin",
+        "t1",
+        number,
+        "v0.0.2",
+        kept=False,
+        reason="error rate 0.50 above 0.02",
+        facts={"canary": {"answers": 4}},
+        by="replica a",
+    )
     assert made is not None and not made.kept
     for name in ARTIFACTS:  # on the remote, for every replica
         fetch_tags(b, "origin")
         history = GtoRegistry(b).history(name)
         assert history[-1].version == "v0.0.1"
-        assert "Roll back" in history[-1].message and "replica a" in history[-1].message and "error rate 0.50 above 0.02" in history[-1].message
+        assert (
+            "Roll back" in history[-1].message
+            and "replica a" in history[-1].message
+            and "error rate 0.50 above 0.02" in history[-1].message
+        )
     tag = git(remote, "tag", "--list", decision_tag("t1-adapter", number), "-n1")
     assert "Roll back t1-adapter v0.0.2 after its canary" in tag
     # B reaches its own verdict later: the standing decision is A's, and nothing more is written
     tags_before = git(remote, "tag", "--list")
-    standing = record_decision(b, "origin", "t1", number, "v0.0.2", kept=True, reason="fine here", facts={}, by="replica b")
+    standing = record_decision(
+        b, "origin", "t1", number, "v0.0.2", kept=True, reason="fine here", facts={}, by="replica b"
+    )
     assert (standing.kept, standing.by, standing.facts) == (False, "replica a", {"canary": {"answers": 4}})
     assert git(remote, "tag", "--list") == tags_before
     assert read_decision(b, "t1-adapter", number) == standing
@@ -90,7 +107,10 @@ def test_two_replicas_deciding_at_once_one_push_wins_and_the_other_takes_it(mach
     # B's rollback and decision were refused as a whole and dropped: B now holds A's decision, production stands
     assert read_decision(b, "t1-adapter", number).by == "replica a"
     assert GtoRegistry(b).production("t1-adapter").version == GtoRegistry(b).production("t1-onnx").version == "v0.0.2"
-    assert git(remote, "tag", "--list", "t1-adapter#prod#*").split() == ["t1-adapter#prod#1", "t1-adapter#prod#2"]  # no rollback
+    assert git(remote, "tag", "--list", "t1-adapter#prod#*").split() == [
+        "t1-adapter#prod#1",
+        "t1-adapter#prod#2",
+    ]  # no rollback
 
 
 def test_nothing_is_decided_once_production_has_moved_on(machines):
@@ -98,6 +118,9 @@ def test_nothing_is_decided_once_production_has_moved_on(machines):
     number = _number(a)
     with shared_registry(a, "origin"):
         GtoRegistry(a).rollback("t1-adapter", message="by hand")
-    assert record_decision(a, "origin", "t1", number, "v0.0.2", kept=False, reason="late", facts={}, by="replica a") is None
+    assert (
+        record_decision(a, "origin", "t1", number, "v0.0.2", kept=False, reason="late", facts={}, by="replica a")
+        is None
+    )
     assert read_decision(a, "t1-adapter", number) is None
     assert GtoRegistry(a).production("t1-onnx").version == "v0.0.2"  # no second rollback of anything

@@ -18,7 +18,9 @@ def two_commits(repo):
 def test_register_bumps_patch_and_tag_carries_lineage(two_commits):
     repo, c1, c2 = two_commits
     reg = GtoRegistry(repo)
-    assert reg.latest("t1-adapter") is None and reg.production("t1-adapter") is None and reg.versions("t1-adapter") == []
+    assert (
+        reg.latest("t1-adapter") is None and reg.production("t1-adapter") is None and reg.versions("t1-adapter") == []
+    )
     v1 = reg.register("t1-adapter", c1, {"outputs": {"adapter": "abc.dir"}})
     v2 = reg.register("t1-adapter", c2, {"outputs": {"adapter": "def.dir"}})
     assert (v1.version, v1.commit, v2.version, v2.commit) == ("v0.0.1", c1, "v0.0.2", c2)

@@ -44,20 +44,32 @@ def test_repo_dvc_yaml_declares_every_tenant():
 
 
 def test_lineage_quotes_dvc_lock_params_and_metrics(tmp_path):
-    lock = {"schema": "2.0", "stages": {
-        "prepare@t1": {"outs": [{"path": "data/prepared/t1", "md5": "p.dir"}]},
-        "train@t1": {"deps": [{"path": "data/prepared/t1", "md5": "p.dir"}], "outs": [{"path": "models/adapters/t1", "md5": "a.dir"}]},
-        "export@t1": {"outs": [{"path": "models/onnx/t1", "md5": "o.dir"}]},
-        "train@t2": {"outs": [{"path": "models/adapters/t2", "md5": "other.dir"}]},
-    }}
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "prepare@t1": {"outs": [{"path": "data/prepared/t1", "md5": "p.dir"}]},
+            "train@t1": {
+                "deps": [{"path": "data/prepared/t1", "md5": "p.dir"}],
+                "outs": [{"path": "models/adapters/t1", "md5": "a.dir"}],
+            },
+            "export@t1": {"outs": [{"path": "models/onnx/t1", "md5": "o.dir"}]},
+            "train@t2": {"outs": [{"path": "models/adapters/t2", "md5": "other.dir"}]},
+        },
+    }
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     (tmp_path / "models/adapters/t1").mkdir(parents=True)
     (tmp_path / "models/adapters/t1/train_record.json").write_text(json.dumps({"data": {"sha256": "d"}}))
     (tmp_path / "reports/t1").mkdir(parents=True)
-    (tmp_path / "reports/t1/eval_metrics.json").write_text(json.dumps({"test_rows": 3, "models": {"candidate": {"answer_loss": 1.0}}}))
-    (tmp_path / "reports/t1/gate.json").write_text(json.dumps({"passed": False, "failed": ["beats_base"], "rules": []}))
+    (tmp_path / "reports/t1/eval_metrics.json").write_text(
+        json.dumps({"test_rows": 3, "models": {"candidate": {"answer_loss": 1.0}}})
+    )
+    (tmp_path / "reports/t1/gate.json").write_text(
+        json.dumps({"passed": False, "failed": ["beats_base"], "rules": []})
+    )
     lin = tenant_lineage(tmp_path, _params("t1", "t2"), "t1", snapshot="abc")
-    assert lin["outputs"]["adapter"] == "a.dir" and lin["outputs"]["onnx"] == "o.dir" and lin["outputs"]["merged"] is None
+    assert (
+        lin["outputs"]["adapter"] == "a.dir" and lin["outputs"]["onnx"] == "o.dir" and lin["outputs"]["merged"] is None
+    )
     assert lin["data"] == {"prepared_md5": "p.dir", "train_data_sha256": "d", "raw_dir": "data/raw/t1"}
     assert set(lin["dvc"]) == {"prepare@t1", "train@t1", "export@t1"}
     assert lin["params"]["train"]["lora_r"] == 4 and "primary_metric" in lin["params"]["gate"]

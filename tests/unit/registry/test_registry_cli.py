@@ -32,7 +32,10 @@ def test_release_list_show_promote_rollback(project, capsys):
 
     assert main(["registry", "list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["artifact"], r["latest"], r["prod"]) for r in rows] == [("t1-adapter", "v0.0.2", "v0.0.1"), ("t1-onnx", "v0.0.2", "v0.0.1")]
+    assert [(r["artifact"], r["latest"], r["prod"]) for r in rows] == [
+        ("t1-adapter", "v0.0.2", "v0.0.1"),
+        ("t1-onnx", "v0.0.2", "v0.0.1"),
+    ]
     assert main(["registry", "show", "t1-adapter"]) == 0
     out = capsys.readouterr().out
     assert "t1-adapter: production v0.0.1" in out and "gate FAIL (beats_base)" in out and "prod#1: v0.0.1" in out
@@ -41,13 +44,19 @@ def test_release_list_show_promote_rollback(project, capsys):
     assert "failed its gate (beats_base); pass --force" in capsys.readouterr().err
     assert main(["registry", "promote", "t1", "v0.0.2", "--force", "--reason", "hotfix"]) == 0
     assert "t1-onnx: prod v0.0.1 -> v0.0.2 (t1-onnx#prod#2)" in capsys.readouterr().out
-    assert "hotfix" in git(project, "tag", "-l", "-n1", "t1-adapter#prod#2") and "--force" in git(project, "tag", "-l", "-n1", "t1-adapter#prod#2")
+    assert "hotfix" in git(project, "tag", "-l", "-n1", "t1-adapter#prod#2") and "--force" in git(
+        project, "tag", "-l", "-n1", "t1-adapter#prod#2"
+    )
 
     assert main(["registry", "rollback", "t1"]) == 0
     assert "t1-adapter: prod v0.0.2 -> v0.0.1 (t1-adapter#prod#3" in capsys.readouterr().out
     assert main(["registry", "show", "t1", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["t1-onnx"]["production"] == "v0.0.1" and [h["version"] for h in shown["t1-onnx"]["history"]] == ["v0.0.1", "v0.0.2", "v0.0.1"]
+    assert shown["t1-onnx"]["production"] == "v0.0.1" and [h["version"] for h in shown["t1-onnx"]["history"]] == [
+        "v0.0.1",
+        "v0.0.2",
+        "v0.0.1",
+    ]
     assert main(["registry", "show", "nope"]) == 1
     assert "no artifact or tenant named 'nope'" in capsys.readouterr().err
 
@@ -68,7 +77,10 @@ def test_rollback_onto_a_gate_failed_version_needs_force(project, capsys):
     tags = _prod_tags(project)
 
     assert main(["registry", "rollback", "t1"]) == 1  # the next rollback target is the forced v0.0.2
-    assert "t1-adapter v0.0.2 failed its gate (beats_base); pass --force to roll back to it anyway" in capsys.readouterr().err
+    assert (
+        "t1-adapter v0.0.2 failed its gate (beats_base); pass --force to roll back to it anyway"
+        in capsys.readouterr().err
+    )
     assert _prod_tags(project) == tags and GtoRegistry(project).production("t1-onnx").version == "v0.0.1"
 
     assert main(["registry", "rollback", "t1", "--force"]) == 0

@@ -35,8 +35,14 @@ def _release(root, evaluate=None, **kw):
 
 
 def _artifacts_get(root, dest):
-    subprocess.run([tool("dvc"), "artifacts", "get", ".", "t1-adapter", "--stage", "prod", "-o", str(dest)],
-                   cwd=root, env=tool_env(), check=True, capture_output=True, text=True)
+    subprocess.run(
+        [tool("dvc"), "artifacts", "get", ".", "t1-adapter", "--stage", "prod", "-o", str(dest)],
+        cwd=root,
+        env=tool_env(),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return (dest / "adapter.bin").read_text()
 
 
@@ -44,9 +50,16 @@ def test_dvc_artifacts_get_follows_promotion_and_rollback(project, tmp_path):
     build(project, "adapter one\n")
     status_before = git(project, "status", "--porcelain")
     first, calls = _release(project)
-    assert (first.version, first.registered_new, first.promoted, first.production_after) == ("v0.0.1", True, True, "v0.0.1")
+    assert (first.version, first.registered_new, first.promoted, first.production_after) == (
+        "v0.0.1",
+        True,
+        True,
+        "v0.0.1",
+    )
     assert calls == []  # nothing in production: nothing to compare against
-    assert git(project, "status", "--porcelain") == status_before and git(project, "rev-list", "--count", "HEAD") == "1"
+    assert (
+        git(project, "status", "--porcelain") == status_before and git(project, "rev-list", "--count", "HEAD") == "1"
+    )
     assert _artifacts_get(project, tmp_path / "get1") == "adapter one\n"
 
     build(project, "adapter two\n")
@@ -81,7 +94,12 @@ def test_failed_gate_registers_but_leaves_production(project):
     _release(project)
     build(project, "adapter bad\n", gate_passed=False)
     result, calls = _release(project)
-    assert (result.version, result.registered_new, result.promoted, result.production_after) == ("v0.0.2", True, False, "v0.0.1")
+    assert (result.version, result.registered_new, result.promoted, result.production_after) == (
+        "v0.0.2",
+        True,
+        False,
+        "v0.0.1",
+    )
     assert "gate failed" in result.reason and "beats_base" in result.reason and calls == []
     assert GtoRegistry(project).production("t1-adapter").version == "v0.0.1"
     assert git(project, "tag", "-l", "*#prod#*").split() == ["t1-adapter#prod#1", "t1-onnx#prod#1"]
@@ -119,7 +137,9 @@ def test_a_stale_pipeline_registers_nothing_until_reproduced(project, make_stale
     build(project, "adapter one\n")
     first, _ = _release(project)
     assert first.version == "v0.0.1" and GtoRegistry(project).version("t1-onnx", "v0.0.1").lineage["consistency"] == {
-        "consistent": True, "problems": []}
+        "consistent": True,
+        "problems": [],
+    }
     tags = git(project, "tag", "-l")
     make_stale(project)
 
@@ -127,7 +147,10 @@ def test_a_stale_pipeline_registers_nothing_until_reproduced(project, make_stale
         _release(project)
     assert err.value.tenant == "t1" and set(err.value.stages) == {"merge@t1", "evaluate@t1"}  # those using the adapter
     message = str(err.value)
-    assert "t1: not released, DVC reports stages out of date: merge@t1 (changed deps: models/adapters/t1 modified)" in message
+    assert (
+        "t1: not released, DVC reports stages out of date: merge@t1 (changed deps: models/adapters/t1 modified)"
+        in message
+    )
     assert "evaluate@t1 (changed deps: models/adapters/t1 modified" in message and "train@t1" not in message
     assert "Run `dvc repro gate@t1`" in message
     assert git(project, "tag", "-l") == tags  # nothing registered, nothing promoted
@@ -139,7 +162,9 @@ def test_a_stale_pipeline_registers_nothing_until_reproduced(project, make_stale
     assert (second.version, second.registered_new, second.promoted) == ("v0.0.2", True, True)
     lineage = GtoRegistry(project).version("t1-onnx", "v0.0.2").lineage
     assert lineage["consistency"]["consistent"] and lineage["outputs"]["adapter"] != first_adapter(project, "v0.0.1")
-    onnx = fetch_output(project, "models/onnx/t1", GtoRegistry(project).version("t1-onnx", "v0.0.2").commit, project.parent / "onnx2")
+    onnx = fetch_output(
+        project, "models/onnx/t1", GtoRegistry(project).version("t1-onnx", "v0.0.2").commit, project.parent / "onnx2"
+    )
     assert (onnx / "model.onnx").read_text() == "adapter two\n"  # t1-onnx@v0.0.2 is the new adapter's export
 
 
@@ -154,8 +179,10 @@ def test_a_version_registered_from_stale_stages_is_not_reused(project):
     _change_adapter_and_commit_train(project)
     stale = tenant_lineage(project, load_params(project / "params.yaml"), "t1", snapshot=None)
     assert not stale["consistency"]["consistent"]
-    assert any(p.startswith("merge@t1 used models/adapters/t1") and "but train@t1 produced" in p
-               for p in stale["consistency"]["problems"])
+    assert any(
+        p.startswith("merge@t1 used models/adapters/t1") and "but train@t1 produced" in p
+        for p in stale["consistency"]["problems"]
+    )
     for name in ("t1-adapter", "t1-onnx"):
         GtoRegistry(project).register(name, "HEAD", stale, version="v0.0.2")
 

@@ -20,8 +20,15 @@ from loraline.layout import Layout  # noqa: E402
 from loraline.registry.base import ReleaseRefused, Version  # noqa: E402
 from loraline.release import ProductionMeasure, judge_production, release_tenant  # noqa: E402
 
-ROWS = [{"id": f"r{i}", "prompt": f"question {i}?", "reference": "ref", "predictions": {"base": "b", "candidate": f"answer {i}"}}
-        for i in range(4)]
+ROWS = [
+    {
+        "id": f"r{i}",
+        "prompt": f"question {i}?",
+        "reference": "ref",
+        "predictions": {"base": "b", "candidate": f"answer {i}"},
+    }
+    for i in range(4)
+]
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +50,14 @@ def test_the_candidates_answers_are_judged_against_productions_with_its_version(
     _generations(tmp_path)
     production = ["a much longer answer", "x", "answer 2", "short"]  # the candidate: longer, shorter... than these
     with FakeJudge(longer_wins) as server:
-        block = judge_production(Layout(tmp_path), judge_params(server.base_url, max_rows=None), "t1", _version("v0.0.3"),
-                                 [r["id"] for r in ROWS], production)
+        block = judge_production(
+            Layout(tmp_path),
+            judge_params(server.base_url, max_rows=None),
+            "t1",
+            _version("v0.0.3"),
+            [r["id"] for r in ROWS],
+            production,
+        )
     shown = [body["messages"][1]["content"] for body in server.chats()]
     assert "[Answer A]\nanswer 0\n\n[Answer B]\na much longer answer\n" in shown[0]
     assert block["against"] == "production" and block["against_model"] == {"version": "v0.0.3", "commit": "c" * 40}
@@ -52,12 +65,22 @@ def test_the_candidates_answers_are_judged_against_productions_with_its_version(
     assert (Layout(tmp_path).judge_cache_dir("t1")).is_dir()
 
     with pytest.raises(ReleaseRefused, match="other test rows than production was measured on"):
-        judge_production(Layout(tmp_path), judge_params("http://127.0.0.1:1/v1"), "t1", _version("v0.0.3"),
-                         ["r0", "r1"], production[:2])
+        judge_production(
+            Layout(tmp_path),
+            judge_params("http://127.0.0.1:1/v1"),
+            "t1",
+            _version("v0.0.3"),
+            ["r0", "r1"],
+            production[:2],
+        )
 
 
-@pytest.mark.parametrize("production_answer, promoted", [("", True), ("an answer longer than every candidate's", False)])
-def test_promotion_waits_on_the_judge_against_the_current_production(tmp_path: Path, production_answer: str, promoted: bool):
+@pytest.mark.parametrize(
+    "production_answer, promoted", [("", True), ("an answer longer than every candidate's", False)]
+)
+def test_promotion_waits_on_the_judge_against_the_current_production(
+    tmp_path: Path, production_answer: str, promoted: bool
+):
     (tmp_path / "proj").mkdir()
     root = dvc_project(tmp_path / "proj", tmp_path / "remote")
     build(root, "adapter one\n")
@@ -68,20 +91,31 @@ def test_promotion_waits_on_the_judge_against_the_current_production(tmp_path: P
     build(root, "adapter two\n")
     _generations(root)
     with FakeJudge(longer_wins) as server:
-        params = load_params(root / "params.yaml", overrides={
-            "evaluate.judge": judge_params(server.base_url).model_dump(), "gate.min_judge_win_rate": 0.6})
+        params = load_params(
+            root / "params.yaml",
+            overrides={"evaluate.judge": judge_params(server.base_url).model_dump(), "gate.min_judge_win_rate": 0.6},
+        )
 
         def measure(root_, params_, tenant, production):  # production's metrics as good; its answers given
             answers = [production_answer] * len(ROWS)
-            return ProductionMeasure({"answer_loss": 1.0}, judge_production(
-                Layout(root_), params_.evaluate.judge, tenant, production, [r["id"] for r in ROWS], answers))
+            return ProductionMeasure(
+                {"answer_loss": 1.0},
+                judge_production(
+                    Layout(root_), params_.evaluate.judge, tenant, production, [r["id"] for r in ROWS], answers
+                ),
+            )
 
         second = release_tenant(root, params, "t1", evaluate=measure)
     rule = next(r for r in second.rules if r["name"] == "judge_win_rate")
     assert second.promoted is promoted and rule["passed"] is promoted
-    assert rule["value"] == (1.0 if promoted else 0.0) and "against production (version v0.0.1, commit " in rule["reason"]
+    assert (
+        rule["value"] == (1.0 if promoted else 0.0) and "against production (version v0.0.1, commit " in rule["reason"]
+    )
     if not promoted:
-        assert "judge_win_rate: judge win rate against production" in second.reason and second.production_after == "v0.0.1"
+        assert (
+            "judge_win_rate: judge win rate against production" in second.reason
+            and second.production_after == "v0.0.1"
+        )
     for path in root.rglob("*"):
         if path.is_file() and ".git" not in path.parts:
             assert SECRET not in path.read_text(encoding="utf-8", errors="replace"), path

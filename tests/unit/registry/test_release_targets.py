@@ -31,7 +31,12 @@ def _release(root, evaluate=None):
 def test_an_adapter_only_tenant_registers_and_promotes_its_adapter_alone(adapter_only):
     build(adapter_only, "adapter one\n")
     first, _ = _release(adapter_only)
-    assert (first.version, first.registered_new, first.promoted, first.production_after) == ("v0.0.1", True, True, "v0.0.1")
+    assert (first.version, first.registered_new, first.promoted, first.production_after) == (
+        "v0.0.1",
+        True,
+        True,
+        "v0.0.1",
+    )
     registry = GtoRegistry(adapter_only)
     assert registry.artifacts() == ["t1-adapter"]
     assert registry.production("t1-adapter").version == "v0.0.1"
@@ -46,6 +51,8 @@ def test_an_adapter_only_tenant_registers_and_promotes_its_adapter_alone(adapter
 
 def test_the_onnx_artifact_is_demanded_only_of_tenants_that_build_it(adapter_only):
     check_artifacts_declared(adapter_only, load_params(adapter_only / "params.yaml"))  # no t1-onnx, none needed
-    params = load_params(adapter_only / "params.yaml", overrides={"tenants.t1.deploy.targets": ["adapter", "merged", "onnx"]})
+    params = load_params(
+        adapter_only / "params.yaml", overrides={"tenants.t1.deploy.targets": ["adapter", "merged", "onnx"]}
+    )
     with pytest.raises(ConfigError, match="lacks t1-onnx"):
         check_artifacts_declared(adapter_only, params)

@@ -11,14 +11,25 @@ from registry_helpers import commit_file, git
 from loraline.registry import RegistryError
 from loraline.registry.snapshot import lineage_paths, snapshot_commit
 
-LOCK = yaml.safe_dump({"schema": "2.0", "stages": {"prepare@t1": {
-    "deps": [{"path": "data/raw/t1", "md5": "r.dir"}, {"path": "src/code", "md5": "c.dir"}],
-    "params": {"params.yaml": {"seed": 1}},
-}}})
+LOCK = yaml.safe_dump(
+    {
+        "schema": "2.0",
+        "stages": {
+            "prepare@t1": {
+                "deps": [{"path": "data/raw/t1", "md5": "r.dir"}, {"path": "src/code", "md5": "c.dir"}],
+                "params": {"params.yaml": {"seed": 1}},
+            }
+        },
+    }
+)
 
 
 def _state(root):
-    return git(root, "rev-parse", "HEAD"), git(root, "status", "--porcelain"), git(root, "diff", "--cached", "--name-only")
+    return (
+        git(root, "rev-parse", "HEAD"),
+        git(root, "status", "--porcelain"),
+        git(root, "diff", "--cached", "--name-only"),
+    )
 
 
 def _files(root, sha):
@@ -101,7 +112,9 @@ def test_a_tracked_secret_keeps_heads_content(project):
 
 def test_a_secret_inside_a_path_the_pipeline_reads_is_refused(project):
     (project / "data/raw/t1/.env").write_text("TOKEN=abc\n")
-    with pytest.raises(RegistryError, match=r"data/raw/t1/\.env looks like a secret and is untracked inside a path the pipeline reads"):
+    with pytest.raises(
+        RegistryError, match=r"data/raw/t1/\.env looks like a secret and is untracked inside a path the pipeline reads"
+    ):
         snapshot_commit(project, "snap")
 
 
@@ -158,5 +171,7 @@ def test_a_machine_without_git_identity_still_gets_snapshots(tmp_path, monkeypat
     (repo / "dvc.yaml").write_text("stages: {}\n")
     ensure_git_identity(repo)
     sha = snapshot_commit(repo, "snapshot")
-    author = subprocess.run(["git", "log", "-1", "--format=%an <%ae>", sha], cwd=repo, capture_output=True, text=True).stdout
+    author = subprocess.run(
+        ["git", "log", "-1", "--format=%an <%ae>", sha], cwd=repo, capture_output=True, text=True
+    ).stdout
     assert author.strip() == "loraline <loraline@localhost>"

@@ -43,7 +43,9 @@ def test_two_machines_promoting_at_once_lose_nothing_and_the_second_is_told(mach
     # both decide against the same registry (v0.0.1 registered, nothing in production) ...
     with shared_registry(a, "origin"):
         GtoRegistry(a).promote("t1-adapter", "v0.0.1")
-    with pytest.raises(RegistryError, match=r"changed the registry on 'origin' meanwhile, so t1-adapter#prod#1 were not pushed"):
+    with pytest.raises(
+        RegistryError, match=r"changed the registry on 'origin' meanwhile, so t1-adapter#prod#1 were not pushed"
+    ):
         with _without_fetch(b):  # B fetched before A promoted, and promotes too
             GtoRegistry(b).promote("t1-adapter", "v0.0.1", message="from b")
     # B's assignment is gone, A's is there, in both clones: one promotion, none lost or doubled
@@ -69,6 +71,8 @@ def _without_fetch(root):
 
 
 def test_an_unknown_remote_names_the_setting(repo):
-    with pytest.raises(RegistryError, match="orchestrate.registry_remote is 'nowhere' but this repository has no git remote"):
+    with pytest.raises(
+        RegistryError, match="orchestrate.registry_remote is 'nowhere' but this repository has no git remote"
+    ):
         with shared_registry(repo, "nowhere"):
             pass

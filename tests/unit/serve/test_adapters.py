@@ -15,8 +15,16 @@ def base_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     path = tmp_path_factory.mktemp("base") / "base"
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -27,8 +35,10 @@ def _adapter(base_dir, out, **lora):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **lora))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **lora),
+    )
     with torch.no_grad():  # a "trained" adapter: B away from zero, embeddings moved
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -64,8 +74,15 @@ def test_an_untied_trained_head_is_measured_against_its_own_base_weight(tmp_path
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(2)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     base = tmp_path / "untied"
     LlamaForCausalLM(cfg).save_pretrained(base)
     original = _adapter(base, tmp_path / "orig", modules_to_save=["lm_head"])
@@ -78,12 +95,17 @@ def test_a_lora_only_adapter_is_served_as_it_is(base_dir, tmp_path):
     original = _adapter(base_dir, tmp_path / "orig")
     served = make_servable(original, base_dir, tmp_path / "served")
     assert not served.converted and served.rank == 8  # r=4 rounds up to vLLM's smallest rank
-    assert (served.path / "adapter_model.safetensors").read_bytes() == (original / "adapter_model.safetensors").read_bytes()
+    assert (served.path / "adapter_model.safetensors").read_bytes() == (
+        original / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_other_trained_modules_are_refused_by_name(base_dir, tmp_path):
     original = _adapter(base_dir, tmp_path / "orig", modules_to_save=["norm"])
-    with pytest.raises(ServeAdapterError, match=r"orig: trained module model\.layers\.0\.input_layernorm is neither the embedding nor the head"):
+    with pytest.raises(
+        ServeAdapterError,
+        match=r"orig: trained module model\.layers\.0\.input_layernorm is neither the embedding nor the head",
+    ):
         make_servable(original, base_dir, tmp_path / "served")
     assert not (tmp_path / "served").exists()
 
@@ -108,13 +130,29 @@ def test_a_qalora_adapter_becomes_plain_lora_computing_the_same_update(tmp_path)
     from loraline.modelling.qalora import dequantize_linears, load_qalora_adapter, quantize_linears, register_with
 
     torch.manual_seed(3)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     names = quantize_linears(model, bits=4, group_size=32)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=names, use_qalora=True, qalora_group_size=32,
-                      modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=names,
+        use_qalora=True,
+        qalora_group_size=32,
+        modules_to_save=["embed_tokens"],
+        ensure_weight_tying=True,
+    )
     register_with(lora)
     trained = get_peft_model(model, lora)
     with torch.no_grad():
@@ -129,8 +167,12 @@ def test_a_qalora_adapter_becomes_plain_lora_computing_the_same_update(tmp_path)
 
     ids = torch.randint(1, 96, (1, 24))
     with torch.no_grad():
-        qalora = load_qalora_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32),
-                                     tmp_path / "qalora", bits=4, group_size=32).eval()
+        qalora = load_qalora_adapter(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32),
+            tmp_path / "qalora",
+            bits=4,
+            group_size=32,
+        ).eval()
         want = qalora(input_ids=ids).logits
         low_bit = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
         quantize_linears(low_bit, bits=4, group_size=32)

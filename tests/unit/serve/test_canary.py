@@ -59,7 +59,9 @@ def test_an_error_rate_over_the_bound_rolls_back_without_waiting_for_the_stable_
     assert c.verdict() is None  # 0.25 is within the bound: the latency comparison still waits for the stable version
     answers(c, NEW, 1, ok=False)
     verdict = c.verdict()
-    assert not verdict.keep and verdict.reason.startswith("error rate 0.40 (2 of 5 answers) above serve.canary.max_error_rate 0.25")
+    assert not verdict.keep and verdict.reason.startswith(
+        "error rate 0.40 (2 of 5 answers) above serve.canary.max_error_rate 0.25"
+    )
     assert verdict.canary["errors"] == 2 and verdict.stable["answers"] == 0
 
 
@@ -81,7 +83,9 @@ def test_errors_and_empty_answers_count_as_answers_but_give_no_latency_sample():
     c.record(NEW, Outcome(False, 9.0, 0))
     c.record(NEW, Outcome(True, 2.0, 0))
     c.record(NEW, Outcome(True, 1.0, 4))
-    c.record(ServedVersion("acme", "v0.0.9", "c9", Path("x"), 16, None), Outcome(True, 1.0, 1))  # neither side: not counted
+    c.record(
+        ServedVersion("acme", "v0.0.9", "c9", Path("x"), 16, None), Outcome(True, 1.0, 1)
+    )  # neither side: not counted
     assert (c.on_canary.answers, c.on_canary.errors, c.on_canary.per_token_s) == (3, 1, [0.25])
     assert c.on_stable.answers == 0
 
@@ -93,13 +97,16 @@ def test_with_the_whole_traffic_on_the_canary_latency_is_not_compared():
     assert verdict.keep and verdict.latency_ratio is None and "latency not compared" in verdict.reason
 
 
-@pytest.mark.parametrize("key, value, words", [
-    ("fraction", 0, "serve.canary.fraction: Input should be greater than 0"),
-    ("fraction", 1.5, "serve.canary.fraction: Input should be less than or equal to 1"),
-    ("min_requests", 0, "serve.canary.min_requests: Input should be greater than or equal to 1"),
-    ("max_error_rate", -0.1, "serve.canary.max_error_rate: Input should be greater than or equal to 0"),
-    ("max_latency_ratio", 0, "serve.canary.max_latency_ratio: Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("fraction", 0, "serve.canary.fraction: Input should be greater than 0"),
+        ("fraction", 1.5, "serve.canary.fraction: Input should be less than or equal to 1"),
+        ("min_requests", 0, "serve.canary.min_requests: Input should be greater than or equal to 1"),
+        ("max_error_rate", -0.1, "serve.canary.max_error_rate: Input should be greater than or equal to 0"),
+        ("max_latency_ratio", 0, "serve.canary.max_latency_ratio: Input should be greater than 0"),
+    ],
+)
 def test_bad_canary_params_name_their_key(key, value, words):
     with pytest.raises(ConfigError, match=words):
         parse_params({"serve": {"canary": {key: value}}})

@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 from loraline.config import ServeParams
-from loraline.serve.claims import ClaimError, EngineRecord, Proc, check_port_free, claim, group_members, port_free, settle_pid_file
+from loraline.serve.claims import (
+    ClaimError,
+    EngineRecord,
+    Proc,
+    check_port_free,
+    claim,
+    group_members,
+    port_free,
+    settle_pid_file,
+)
 from loraline.serve.engine import Engine, EngineError
 
 # A stand-in for vLLM: answers 200 on every GET (its /health) on the port given, until terminated.
@@ -83,8 +92,15 @@ def fake_engine(tmp_path) -> list[str]:
 
 def test_a_taken_port_is_refused_naming_the_port_its_param_and_its_holder(tmp_path):
     port = _free_port()
-    holder = subprocess.Popen([sys.executable, "-c", f"import socket, time; s = socket.socket(); s.bind(('0.0.0.0', {port})); "
-                               "s.listen(); print('up', flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import socket, time; s = socket.socket(); s.bind(('0.0.0.0', {port})); "
+            "s.listen(); print('up', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+    )
     try:
         assert holder.stdout.readline() == b"up\n"
         assert not port_free("127.0.0.1", port)  # a listener on every interface holds the loopback one too
@@ -92,7 +108,7 @@ def test_a_taken_port_is_refused_naming_the_port_its_param_and_its_holder(tmp_pa
             check_port_free("127.0.0.1", port, "serve.engine_port")
         message = str(err.value)
         assert f"port {port} on 127.0.0.1 (serve.engine_port) is already in use by pid {holder.pid} (" in message
-        assert "s.bind" in message and f"--set serve.engine_port=<port>" in message
+        assert "s.bind" in message and "--set serve.engine_port=<port>" in message
         gateway = _free_port()
         with pytest.raises(ClaimError, match=rf"port {port} on 127.0.0.1 \(serve.port\)"):
             claim(tmp_path / "engine.pid", engine_port=gateway, host="127.0.0.1", port=port)
@@ -108,9 +124,16 @@ def test_a_stale_engine_of_a_dead_serve_is_stopped_with_its_children(tmp_path):
     dead_serve = subprocess.Popen([sys.executable, "-c", "pass"])
     serve = Proc.of(dead_serve.pid)
     dead_serve.wait()
-    engine = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
-                               f"c = subprocess.Popen({SLEEPER!r}); print(c.pid, flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, start_new_session=True)
+    engine = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; "
+            f"c = subprocess.Popen({SLEEPER!r}); print(c.pid, flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     core = int(engine.stdout.readline())
     assert sorted(group_members(engine.pid)) == sorted([engine.pid, core])
     pid_file = tmp_path / "engine.pid"
@@ -124,9 +147,14 @@ def test_a_running_serve_is_refused_and_a_reused_pid_is_not_touched(tmp_path):
     pid_file = tmp_path / "engine.pid"
     other = subprocess.Popen(SLEEPER, start_new_session=True)
     try:
-        EngineRecord(Proc.of(os.getpid()), Proc.of(other.pid), 8001).write(pid_file)  # its serve (this process) is alive
-        with pytest.raises(ClaimError, match=rf"another `loraline serve` of this project is running \(pid {os.getpid()}, "
-                                             rf"its vLLM engine pid {other.pid} on 127.0.0.1:8001"):
+        EngineRecord(Proc.of(os.getpid()), Proc.of(other.pid), 8001).write(
+            pid_file
+        )  # its serve (this process) is alive
+        with pytest.raises(
+            ClaimError,
+            match=rf"another `loraline serve` of this project is running \(pid {os.getpid()}, "
+            rf"its vLLM engine pid {other.pid} on 127.0.0.1:8001",
+        ):
             settle_pid_file(pid_file)
         assert other.poll() is None and pid_file.exists()
         dead = Proc(os.getpid() + 10**6, 1)  # a serve that no longer runs ...
@@ -148,8 +176,13 @@ def test_an_unreadable_pid_file_is_replaced(tmp_path):
 
 def test_the_engine_is_recorded_while_it_runs_and_stopped_with_its_record(tmp_path, fake_engine):
     port, pid_file = _free_port(), tmp_path / "serve" / "engine.pid"
-    engine = Engine.start([*fake_engine, str(port)], ServeParams(engine_port=port, startup_timeout_s=30), tmp_path / "e.log",
-                          on_cpu=False, pid_file=pid_file)
+    engine = Engine.start(
+        [*fake_engine, str(port)],
+        ServeParams(engine_port=port, startup_timeout_s=30),
+        tmp_path / "e.log",
+        on_cpu=False,
+        pid_file=pid_file,
+    )
     record = EngineRecord.read(pid_file)
     assert record == EngineRecord(Proc.of(os.getpid()), Proc.of(engine.process.pid), port)
     engine.stop()
@@ -172,7 +205,10 @@ def test_another_server_already_answering_on_the_port_is_not_taken_for_the_engin
         assert not [pid for pid in _pids() if silent[-1] in _cmdline(pid)]  # a failed start leaves nothing running
         with pytest.raises(EngineError) as err:
             Engine.start([*fake_engine, str(port)], params, tmp_path / "e.log", on_cpu=False)
-        assert f"vLLM could not listen on 127.0.0.1:{port} (serve.engine_port): it is taken by pid {orphan.pid}" in str(err.value)
+        assert (
+            f"vLLM could not listen on 127.0.0.1:{port} (serve.engine_port): it is taken by pid {orphan.pid}"
+            in str(err.value)
+        )
         assert "--set serve.engine_port=<port>" in str(err.value)
         assert orphan.poll() is None  # not ours: left alone
     finally:
@@ -182,7 +218,11 @@ def test_another_server_already_answering_on_the_port_is_not_taken_for_the_engin
 
 def test_the_engine_ends_when_the_serve_that_started_it_is_killed(tmp_path, fake_engine):
     port = _free_port()
-    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import time
         from pathlib import Path
         from loraline.config import ServeParams
@@ -191,7 +231,11 @@ def test_the_engine_ends_when_the_serve_that_started_it_is_killed(tmp_path, fake
                          Path({str(tmp_path / "e.log")!r}), on_cpu=False, pid_file=Path({str(tmp_path / "engine.pid")!r}))
         print(e.process.pid, flush=True)
         time.sleep(120)
-    """)], stdout=subprocess.PIPE, start_new_session=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     engine_pid = int(parent.stdout.readline())
     assert not port_free("127.0.0.1", port)
     os.killpg(parent.pid, signal.SIGKILL)  # the serve's whole group: the engine is in a session of its own

@@ -14,8 +14,12 @@ from loraline.config import ServeParams
 from loraline.serve.deployment import Deployment
 from loraline.serve.versions import ProbeReference, Production, ServedVersion
 
-REF = ProbeReference(prompts=[[1, 2], [3], [4, 5], [6]], texts=['{"a": 1}', "hello", "order 17 shipped", "P2"],
-                     max_new_tokens=8, sources=["builtin", "builtin", "test", "test"])
+REF = ProbeReference(
+    prompts=[[1, 2], [3], [4, 5], [6]],
+    texts=['{"a": 1}', "hello", "order 17 shipped", "P2"],
+    max_new_tokens=8,
+    sources=["builtin", "builtin", "test", "test"],
+)
 
 
 class ScriptedEngine:
@@ -41,7 +45,9 @@ class ScriptedEngine:
         return " " + texts[REF.prompts.index(prompt)]  # leading space: compared stripped, as vLLM's text is
 
 
-def make(tmp_path: Path, production: dict, engine: ScriptedEngine | None = None, **serve) -> tuple[Deployment, ScriptedEngine]:
+def make(
+    tmp_path: Path, production: dict, engine: ScriptedEngine | None = None, **serve
+) -> tuple[Deployment, ScriptedEngine]:
     engine = engine or ScriptedEngine()
 
     def prepare(tenant, version, commit):
@@ -112,8 +118,9 @@ def test_the_check_counts_the_tenant_probes_with_the_built_in_ones(tmp_path):
     [event] = deployment.sync()
     assert event["event"] == "served" and event["check"]["agreement"] == 0.75
     assert event["check"]["by_source"] == {"builtin": {"probes": 2, "agreed": 2}, "tenant": {"probes": 2, "agreed": 1}}
-    assert event["check"]["summary"] == ("3/4 probes answered as the merge report's reference does "
-                                         "(built-in 2/2, tenant 1/2; need 75%)")
+    assert event["check"]["summary"] == (
+        "3/4 probes answered as the merge report's reference does (built-in 2/2, tenant 1/2; need 75%)"
+    )
     assert event["check"]["mismatches"] == [{"probe": 3, "source": "test", "served": " P3", "merged": "P2"}]
     engine.answers["acme@v0.0.2"] = [*REF.texts[:2], "wrong", "P3"]  # the built-in probes alone cannot carry it
     production["acme"] = "v0.0.2"
@@ -135,8 +142,9 @@ def test_a_probe_the_engine_refuses_fails_the_check_and_keeps_the_old_version(tm
     production["acme"] = "v0.0.2"
     [event] = deployment.sync()
     assert event["event"] == "check_failed" and event["serving"] == "v0.0.1" and engine.loaded == ["acme@v0.0.1"]
-    assert event["check"]["summary"] == ("a probe failed in the engine: probe through acme@v0.0.2 failed: 400 maximum "
-                                         "context length is 16 tokens")
+    assert event["check"]["summary"] == (
+        "a probe failed in the engine: probe through acme@v0.0.2 failed: 400 maximum context length is 16 tokens"
+    )
     assert deployment.sync() == []  # refused, as a failed check is
 
 
@@ -148,14 +156,21 @@ def test_a_merge_report_from_before_tenant_probes_is_still_served(tmp_path):
     engine.greedy = lambda name, prompt, max_tokens: old["texts"][old["prompts"].index(prompt)]
     deployment = Deployment(engine, ServeParams(), lambda t, v, c: None, dict, tmp_path / "events.jsonl")
     check = deployment.check(ServedVersion("acme", "v0.0.1", "c", tmp_path, 16, ref))
-    assert check["passed"] and check["summary"] == ("2/2 probes answered as the merge report's reference does "
-                                                    "(built-in 2/2, tenant 0/0; need 100%)")
+    assert check["passed"] and check["summary"] == (
+        "2/2 probes answered as the merge report's reference does (built-in 2/2, tenant 0/0; need 100%)"
+    )
 
 
 def test_a_probe_reference_whose_lists_disagree_is_refused():
     with pytest.raises(ValueError, match="inconsistent: 2 prompts, 2 answers, 1 sources"):
-        ProbeReference.from_report({"prompts": [[1], [2]], "texts": ["a", "b"], "max_new_tokens": 8,
-                                    "sources": [{"source": "builtin", "id": "0"}]})
+        ProbeReference.from_report(
+            {
+                "prompts": [[1], [2]],
+                "texts": ["a", "b"],
+                "max_new_tokens": 8,
+                "sources": [{"source": "builtin", "id": "0"}],
+            }
+        )
 
 
 def test_a_version_that_cannot_be_loaded_leaves_the_tenant_as_it_was(tmp_path):

@@ -40,8 +40,9 @@ class Registry:
         now = self.production[tenant]
         if (now.number, now.version) != (number, version):
             return None
-        self.decisions[(tenant, number)] = made = CanaryDecision(f"{tenant}-adapter", number, version, verdict.keep,
-                                                                  verdict.reason, "this replica", verdict.facts())
+        self.decisions[(tenant, number)] = made = CanaryDecision(
+            f"{tenant}-adapter", number, version, verdict.keep, verdict.reason, "this replica", verdict.facts()
+        )
         if verdict.keep:
             self.production[tenant] = Production(version, now.commit, NOW, number)
         else:
@@ -52,14 +53,18 @@ class Registry:
         return self.decisions.get((tenant, number))
 
 
-def make(tmp_path, registry: Registry, engine: ScriptedEngine | None = None, **canary) -> tuple[Deployment, ScriptedEngine]:
+def make(
+    tmp_path, registry: Registry, engine: ScriptedEngine | None = None, **canary
+) -> tuple[Deployment, ScriptedEngine]:
     engine = engine or ScriptedEngine()
 
     def prepare(tenant, version, commit):
         return ServedVersion(tenant, version, commit, tmp_path / tenant / version, 16, REF)
 
     params = ServeParams(canary=CanaryParams(**{"fraction": 0.5, "min_requests": 2, **canary}))
-    return Deployment(engine, params, prepare, lambda: dict(registry.production), tmp_path / "events.jsonl", registry), engine
+    return Deployment(
+        engine, params, prepare, lambda: dict(registry.production), tmp_path / "events.jsonl", registry
+    ), engine
 
 
 def serve(deployment: Deployment, n: int, ok_on: dict[str, bool] | None = None, tokens: int = 10) -> list[str]:
@@ -105,7 +110,11 @@ def test_a_good_canary_is_kept_in_the_registry_and_takes_the_whole_tenant(on_can
     serve(deployment, 4)  # 2 answers each: the verdict is in, written by a thread of its own
     wait_for(lambda: "acme" not in deployment.canaries)
     decision = registry.decisions[("acme", 2)]
-    assert decision.kept and "within serve.canary's bounds" in decision.reason and decision.facts["canary"]["answers"] == 2
+    assert (
+        decision.kept
+        and "within serve.canary's bounds" in decision.reason
+        and decision.facts["canary"]["answers"] == 2
+    )
     assert deployment.routes["acme"].version == "v0.0.2" and serve(deployment, 3) == ["v0.0.2"] * 3
     wait_for(lambda: engine.loaded == ["acme@v0.0.2"])  # the previous version unloaded once idle
     kept = events(tmp_path)[-1]
@@ -128,14 +137,18 @@ def test_a_failing_canary_is_rolled_back_in_the_registry_and_its_requests_finish
     deployment.release(running, Outcome(True, 1.0, 5))
     wait_for(lambda: engine.loaded == ["acme@v0.0.1"])
     rolled = events(tmp_path)[-1]
-    assert rolled["event"] == "canary_rolled_back" and rolled["serving"] == "v0.0.1" and rolled["production"] == "v0.0.1"
+    assert (
+        rolled["event"] == "canary_rolled_back" and rolled["serving"] == "v0.0.1" and rolled["production"] == "v0.0.1"
+    )
 
 
 def test_a_request_the_canary_fails_goes_to_the_stable_version_even_once_the_canary_is_over(on_canary):
     deployment, _, registry = on_canary
     deployment.release(deployment.acquire("acme"))
     on_new = deployment.acquire("acme")
-    assert on_new.version == "v0.0.2" and deployment.fall_back(deployment.routes["acme"]) is None  # the route has nothing behind it
+    assert (
+        on_new.version == "v0.0.2" and deployment.fall_back(deployment.routes["acme"]) is None
+    )  # the route has nothing behind it
     registry.promote("acme", "v0.0.1", canary=False)  # rolled back (elsewhere) while the request ran
     deployment.sync()
     stable = deployment.fall_back(on_new)
@@ -154,7 +167,9 @@ def test_a_canary_failing_the_deployment_check_is_rolled_back_at_once(tmp_path):
     registry.promote("acme", "v0.0.2")
     [failed] = deployment.sync()
     assert failed["event"] == "check_failed" and failed["serving"] == "v0.0.1"
-    assert failed["registry"]["kept"] is False and "deployment check failed: 3/4 probes" in failed["registry"]["reason"]
+    assert (
+        failed["registry"]["kept"] is False and "deployment check failed: 3/4 probes" in failed["registry"]["reason"]
+    )
     assert registry.production["acme"].version == "v0.0.1" and deployment.canaries == {}
     assert engine.loaded == ["acme@v0.0.1"] and deployment.sync() == []
 
@@ -177,10 +192,16 @@ def test_a_rollback_the_registry_could_not_take_is_written_at_a_later_pass(tmp_p
 
 def test_a_replica_follows_a_decision_made_by_another(on_canary, tmp_path):
     deployment, engine, registry = on_canary
-    registry.decisions[("acme", 2)] = CanaryDecision("acme-adapter", 2, "v0.0.2", False, "slow elsewhere", "replica b", {})
+    registry.decisions[("acme", 2)] = CanaryDecision(
+        "acme-adapter", 2, "v0.0.2", False, "slow elsewhere", "replica b", {}
+    )
     registry.promote("acme", "v0.0.1", canary=False)  # replica b's rollback, fetched here
     [ended] = deployment.sync()
-    assert ended["event"] == "canary_rolled_back" and ended["decided_by"] == "replica b" and ended["reason"] == "slow elsewhere"
+    assert (
+        ended["event"] == "canary_rolled_back"
+        and ended["decided_by"] == "replica b"
+        and ended["reason"] == "slow elsewhere"
+    )
     assert deployment.canaries == {} and serve(deployment, 2) == ["v0.0.1"] * 2
     wait_for(lambda: engine.loaded == ["acme@v0.0.1"])
 

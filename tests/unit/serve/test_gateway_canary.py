@@ -31,10 +31,12 @@ async def completions(request: Request):
     if body["model"] == "acme@v0.0.2" and BROKEN["status"]:
         return JSONResponse({"error": {"message": "engine failure"}}, status_code=BROKEN["status"])
     if body.get("stream"):
+
         async def events():
             for word in ("hel", "lo", "!"):
-                yield f'data: {json.dumps({"model": body["model"], "choices": [{"text": word}]})}\n\n'
+                yield f"data: {json.dumps({'model': body['model'], 'choices': [{'text': word}]})}\n\n"
             yield "data: [DONE]\n\n"
+
         return StreamingResponse(events(), media_type="text/event-stream")
     return JSONResponse({"model": body["model"], "choices": [{"text": "hello"}], "usage": {"completion_tokens": 4}})
 
@@ -49,7 +51,9 @@ def gateway(tmp_path):
     BROKEN["status"] = 0
     stable = ServedVersion("acme", "v0.0.1", "c1", tmp_path, 16, None)
     new = ServedVersion("acme", "v0.0.2", "c2", tmp_path, 16, None)
-    params = CanaryParams(fraction=0.5, min_requests=1000)  # no verdict here: these tests look at one request at a time
+    params = CanaryParams(
+        fraction=0.5, min_requests=1000
+    )  # no verdict here: these tests look at one request at a time
     deployment = Deployment(None, ServeParams(canary=params), None, lambda: {}, tmp_path / "events.jsonl")
     deployment.routes["acme"] = stable
     deployment.canaries["acme"] = canary = Canary(2, new, stable, params)
@@ -122,7 +126,10 @@ def test_a_stream_broken_midway_counts_as_the_canarys_error(tmp_path):
     deployment = Deployment(None, ServeParams(canary=params), None, lambda: {}, tmp_path / "events.jsonl")
     deployment.routes["acme"] = stable
     deployment.canaries["acme"] = canary = Canary(2, new, stable, params)
-    with TestClient(create_app(deployment, "http://engine", transport=_Broken(mid_stream=True))) as c, pytest.raises(httpx.ReadError):
+    with (
+        TestClient(create_app(deployment, "http://engine", transport=_Broken(mid_stream=True))) as c,
+        pytest.raises(httpx.ReadError),
+    ):
         with c.stream("POST", "/v1/completions", json={"model": "acme", "prompt": "hi", "stream": True}) as r:
             list(r.iter_lines())  # the first chunk reached the client: too late to go to v0.0.1
     assert (canary.on_canary.answers, canary.on_canary.errors, canary.on_stable.answers) == (1, 1, 0)

@@ -65,8 +65,14 @@ def normalized(text: str) -> str:
 
 
 def endpoint_params(base_url: str, **endpoint) -> SynthesizeParams:
-    ep = dict(base_url=base_url, api_key_env="LORALINE_TEST_KEY", requests_per_minute=6000, max_retries=3,
-              backoff_s=0.01, timeout_s=5)
+    ep = dict(
+        base_url=base_url,
+        api_key_env="LORALINE_TEST_KEY",
+        requests_per_minute=6000,
+        max_retries=3,
+        backoff_s=0.01,
+        timeout_s=5,
+    )
     ep.update(endpoint)
     return SynthesizeParams(generator="openai", model="teacher-7b", temperature=0.0, endpoint=ep)
 
@@ -89,8 +95,14 @@ class FakeOpenAI:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
-                    server.requests.append({"t": time.monotonic(), "path": self.path,
-                                            "auth": self.headers.get("Authorization"), "body": body})
+                    server.requests.append(
+                        {
+                            "t": time.monotonic(),
+                            "path": self.path,
+                            "auth": self.headers.get("Authorization"),
+                            "body": body,
+                        }
+                    )
                     status = server.fail.pop(0) if server.fail else 200
                 if status != 200:
                     self._send(status, {"error": {"message": f"status {status}"}})

@@ -16,11 +16,25 @@ def test_cli_writes_rows_rejects_and_stats(tmp_path: Path, monkeypatch, capsys) 
     raw.mkdir(parents=True)
     (raw / "policy.md").write_text(POLICY, encoding="utf-8")
     (raw / "faq.md").write_text(FAQ, encoding="utf-8")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "seed": 11, "synthesize": {"questions_per_fact": 2},
-        "tenants": {"lampwick": {"raw_dir": "raw/lampwick", "seed_tasks": [
-            {"instruction": "Customer email: is my parcel late?", "output": "Parcels arrive in five days."}]}},
-    }))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "seed": 11,
+                "synthesize": {"questions_per_fact": 2},
+                "tenants": {
+                    "lampwick": {
+                        "raw_dir": "raw/lampwick",
+                        "seed_tasks": [
+                            {
+                                "instruction": "Customer email: is my parcel late?",
+                                "output": "Parcels arrive in five days.",
+                            }
+                        ],
+                    }
+                },
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)
     assert main(["documents", "-q"]) == 0
     assert main(["synthesize", "--tenant", "lampwick", "-q"]) == 0

@@ -10,8 +10,8 @@ import pytest
 from synth_helpers import SECRET, FakeOpenAI, endpoint_params
 
 from loraline.config import SeedTask
-from loraline.synthesize import SynthesizeError, synthesize_tenant
 from loraline.modelling.endpoint import RateLimiter
+from loraline.synthesize import SynthesizeError, synthesize_tenant
 from loraline.synthesize.prompt import TEMPLATE_SHA256
 
 
@@ -21,8 +21,16 @@ def api_key(monkeypatch) -> None:
 
 
 def run(documents: Path, tmp: Path, params, name: str = "out", **kwargs):
-    return synthesize_tenant("lampwick", params, documents, tmp / name / "synthetic", tmp / name / "stats.json",
-                             seed=3, cache_dir=tmp / ".cache" / "synth" / "lampwick", **kwargs)
+    return synthesize_tenant(
+        "lampwick",
+        params,
+        documents,
+        tmp / name / "synthetic",
+        tmp / name / "stats.json",
+        seed=3,
+        cache_dir=tmp / ".cache" / "synth" / "lampwick",
+        **kwargs,
+    )
 
 
 def test_auth_retries_cache_and_no_key_on_disk(documents: Path, tmp_path: Path) -> None:
@@ -40,7 +48,9 @@ def test_auth_retries_cache_and_no_key_on_disk(documents: Path, tmp_path: Path) 
     assert first.usage == {"requests": passages + 2, "cache_hits": 0, "retries": 2}
     assert second.usage == {"requests": 0, "cache_hits": passages, "retries": 0}
     assert first.rows_path.read_bytes() == second.rows_path.read_bytes()
-    assert first.stats_path.read_bytes() == second.stats_path.read_bytes()  # counters that differ stay out of the stats
+    assert (
+        first.stats_path.read_bytes() == second.stats_path.read_bytes()
+    )  # counters that differ stay out of the stats
     body = bodies[0]
     assert body["model"] == "teacher-7b" and body["temperature"] == 0.0 and isinstance(body["seed"], int)
     assert "Customer email: can I return a lamp?" in body["messages"][-1]["content"]  # seed task as few-shot

@@ -16,13 +16,29 @@ from loraline.synthesize.filters import grounding
 from loraline.synthesize.offline import OfflineGenerator
 from loraline.synthesize.passages import make_document
 
-PROVENANCE = {"generator", "model", "prompt_template_sha256", "source", "document_sha256", "span", "seed",
-              "seed_tasks", "method"}
+PROVENANCE = {
+    "generator",
+    "model",
+    "prompt_template_sha256",
+    "source",
+    "document_sha256",
+    "span",
+    "seed",
+    "seed_tasks",
+    "method",
+}
 
 
 def run(documents: Path, out: Path, seed: int = 7, **kwargs):
-    return synthesize_tenant("lampwick", kwargs.pop("params", SynthesizeParams()), documents, out / "synthetic",
-                             out / "stats.json", seed=seed, **kwargs)
+    return synthesize_tenant(
+        "lampwick",
+        kwargs.pop("params", SynthesizeParams()),
+        documents,
+        out / "synthetic",
+        out / "stats.json",
+        seed=seed,
+        **kwargs,
+    )
 
 
 def rows(path: Path) -> list[dict]:
@@ -90,8 +106,10 @@ def test_questions_vary(documents: Path, tmp_path: Path) -> None:
 
 
 def test_seed_tasks_lend_their_framing(documents: Path, tmp_path: Path) -> None:
-    seeds = [SeedTask(instruction="Customer email: where is my parcel?", output="It ships tomorrow."),
-             SeedTask(instruction="hey can i pay by card", output="Yes.")]
+    seeds = [
+        SeedTask(instruction="Customer email: where is my parcel?", output="It ships tomorrow."),
+        SeedTask(instruction="hey can i pay by card", output="Yes."),
+    ]
     out = rows(run(documents, tmp_path, seed_tasks=seeds).rows_path)
     framed = [r for r in out if r["provenance"]["seed_tasks"] == [0]]
     lower = [r for r in out if r["provenance"]["seed_tasks"] == [1]]

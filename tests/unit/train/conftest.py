@@ -63,8 +63,12 @@ def setup(tmp_path_factory) -> Setup:
     base = build_base(base_params, seed=5, raw_dirs=[raw], out_dir=root / "base")
     tok = load_base_tokenizer(base.out_dir, base_params)
     prepared = prepare_tenant(
-        TenantParams(name="toy", raw_dir=raw), PrepareParams(), tok,
-        out_dir=root / "prepared", rejected_path=root / "rejected.jsonl", stats_path=root / "stats.json",
+        TenantParams(name="toy", raw_dir=raw),
+        PrepareParams(),
+        tok,
+        out_dir=root / "prepared",
+        rejected_path=root / "rejected.jsonl",
+        stats_path=root / "stats.json",
     )
     return Setup(base_params, base.out_dir, prepared.dataset_dir, root)
 
@@ -92,8 +96,13 @@ def reference(setup: Setup, tmp_path_factory) -> Reference:
     previous = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        with mock.patch.object(stage, "train_loop", capture), mock.patch.object(stage, "pick_device", return_value=torch.device("cpu")):
-            result = stage.train_adapter(tiny_train(), out_dir=root / "out", checkpoint_dir=root / "ckpt", **setup.kwargs())
+        with (
+            mock.patch.object(stage, "train_loop", capture),
+            mock.patch.object(stage, "pick_device", return_value=torch.device("cpu")),
+        ):
+            result = stage.train_adapter(
+                tiny_train(), out_dir=root / "out", checkpoint_dir=root / "ckpt", **setup.kwargs()
+            )
     finally:
         torch.set_num_threads(previous)
     return Reference(result, seen["model"], root / "ckpt")

@@ -59,13 +59,18 @@ def test_a_peak_over_the_budget_on_the_check_halves_the_batch():
 
 
 def test_an_oom_at_two_rows_keeps_one():
-    assert autobatch.fit_rows(FakeGPU(10 * GIB, 4 * GIB, oom_from=2), budget=60 * GIB, fixed_extra=0, cap=32) == (1, 14 * GIB)
+    assert autobatch.fit_rows(FakeGPU(10 * GIB, 4 * GIB, oom_from=2), budget=60 * GIB, fixed_extra=0, cap=32) == (
+        1,
+        14 * GIB,
+    )
 
 
 @pytest.mark.parametrize("oom_from", [1, None])
 def test_one_row_that_does_not_fit_says_to_checkpoint(oom_from):
     gpu = FakeGPU(fixed=50 * GIB, per_row=20 * GIB, oom_from=oom_from)
-    with pytest.raises(TrainError, match="train.batch_size: auto: one packed row .*train.gradient_checkpointing: true"):
+    with pytest.raises(
+        TrainError, match="train.batch_size: auto: one packed row .*train.gradient_checkpointing: true"
+    ):
         autobatch.fit_rows(gpu, budget=60 * GIB, fixed_extra=0, cap=32)
 
 
@@ -96,8 +101,14 @@ def test_auto_on_the_cpu_trains_exactly_like_an_explicit_two(setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert auto.record["loss"] == two.record["loss"]
     assert auto.record["params"]["batch_size"] == "auto" and two.record["params"]["batch_size"] == 2
-    assert auto.record["batch"] == {"rows": 2, "requested": "auto", "how": "cpu", "note": "auto: 2 rows (the CPU default)",
-                                    "peak_bytes": None, "budget_bytes": None}
+    assert auto.record["batch"] == {
+        "rows": 2,
+        "requested": "auto",
+        "how": "cpu",
+        "note": "auto: 2 rows (the CPU default)",
+        "peak_bytes": None,
+        "budget_bytes": None,
+    }
     assert auto.timing["batch"]["rows"] == 2 and two.record["batch"]["how"] == "given"
 
 

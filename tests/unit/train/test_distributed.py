@@ -18,8 +18,6 @@ from loraline.train.stage import train_adapter
 LOSS_TOL = 1e-5
 
 
-
-
 def test_shards_cover_a_micro_batch_once_in_order():
     rows = list(range(7))
     parts = [shard(rows, World(3, r, r)) for r in range(3)]
@@ -30,7 +28,9 @@ def test_shards_cover_a_micro_batch_once_in_order():
 
 def test_two_processes_train_what_one_does_with_the_same_global_batch(setup, tmp_path, cpu_ranks):
     one = train_adapter(tiny_train(lora_dropout=0.0, batch_size=4), out_dir=tmp_path / "one", **setup.kwargs())
-    two = train_adapter(tiny_train(lora_dropout=0.0, batch_size=2, devices=2), out_dir=tmp_path / "two", **setup.kwargs())
+    two = train_adapter(
+        tiny_train(lora_dropout=0.0, batch_size=2, devices=2), out_dir=tmp_path / "two", **setup.kwargs()
+    )
 
     assert two.record["devices"] == 2 and one.record["devices"] == 1
     assert two.timing["peak_memory"]["ranks"] == 2
@@ -70,7 +70,9 @@ def test_launched_processes_must_match_train_devices(setup, tmp_path, monkeypatc
 
 def test_a_failing_rank_fails_the_launch_with_its_output(setup, tmp_path, cpu_ranks):
     bad = setup.kwargs() | {"dataset_dir": tmp_path / "missing"}
-    with pytest.raises(TrainError, match=r"data-parallel training on 2 processes failed \(exit 1\): TrainError: .*missing"):
+    with pytest.raises(
+        TrainError, match=r"data-parallel training on 2 processes failed \(exit 1\): TrainError: .*missing"
+    ):
         train_adapter(tiny_train(devices=2), out_dir=tmp_path / "out", **bad)
     assert not (tmp_path / "out").exists()
 
@@ -83,16 +85,28 @@ two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device
 def test_qlora_on_two_gpus_over_nccl_trains_what_one_gpu_does(setup, tmp_path):
     """NF4 + paged AdamW on 2 GPUs (NCCL) against 1 GPU with the same global batch. bf16 autocast
     and 4-bit kernels are not bit-exact across different row splits: the bound is bf16's."""
-    common = dict(quantization="nf4", optimizer="paged_adamw_32bit", lora_dropout=0.0, max_steps=20, learning_rate=1e-2)
+    common = dict(
+        quantization="nf4", optimizer="paged_adamw_32bit", lora_dropout=0.0, max_steps=20, learning_rate=1e-2
+    )
     one = train_adapter(tiny_train(batch_size=4, **common), out_dir=tmp_path / "one", **setup.kwargs())
-    two = train_adapter(tiny_train(batch_size=2, devices=2, **common), out_dir=tmp_path / "two",
-                        checkpoint_dir=tmp_path / "ck", **setup.kwargs())
+    two = train_adapter(
+        tiny_train(batch_size=2, devices=2, **common),
+        out_dir=tmp_path / "two",
+        checkpoint_dir=tmp_path / "ck",
+        **setup.kwargs(),
+    )
     assert two.record["devices"] == 2 and two.record["device"].startswith("cuda")
     assert two.record["tokens_seen"] == one.record["tokens_seen"]
     a, b = train_losses(one.train_curve), train_losses(two.train_curve)
     assert max(abs(x - y) / max(abs(x), 1e-3) for x, y in zip(a, b)) < 0.05, (a, b)
     assert b[-1] < 0.8 * b[0]  # it learnt
-    again = train_adapter(tiny_train(batch_size=2, devices=2, **common), out_dir=tmp_path / "again",
-                          checkpoint_dir=tmp_path / "ck", **setup.kwargs())
+    again = train_adapter(
+        tiny_train(batch_size=2, devices=2, **common),
+        out_dir=tmp_path / "again",
+        checkpoint_dir=tmp_path / "ck",
+        **setup.kwargs(),
+    )
     assert again.timing["resumed_from_step"] is not None  # a checkpoint written by 2 GPUs resumes on 2
-    assert train_losses(again.train_curve)[: again.timing["resumed_from_step"]] == b[: again.timing["resumed_from_step"]]
+    assert (
+        train_losses(again.train_curve)[: again.timing["resumed_from_step"]] == b[: again.timing["resumed_from_step"]]
+    )

@@ -21,8 +21,14 @@ from loraline.train.errors import TrainError
 
 def long_train(**lc) -> TrainParams:
     fields = {"target_len": 512, **lc}
-    return tiny_train(max_seq_len=fields["target_len"], max_steps=3, batch_size=2, grad_accum=1, learning_rate=2e-2,
-                      long_context=fields)
+    return tiny_train(
+        max_seq_len=fields["target_len"],
+        max_steps=3,
+        batch_size=2,
+        grad_accum=1,
+        learning_rate=2e-2,
+        long_context=fields,
+    )
 
 
 @pytest.mark.parametrize(
@@ -49,12 +55,17 @@ def test_max_seq_len_must_reach_the_target():
 
 
 def test_a_tenants_long_context_raises_its_too_long_limit():
-    params = Params.model_validate({
-        "tenants": {
-            "long": {"raw_dir": "data/raw/long", "train": {"max_seq_len": 4096, "long_context": {"target_len": 4096}}},
-            "short": {"raw_dir": "data/raw/short"},
+    params = Params.model_validate(
+        {
+            "tenants": {
+                "long": {
+                    "raw_dir": "data/raw/long",
+                    "train": {"max_seq_len": 4096, "long_context": {"target_len": 4096}},
+                },
+                "short": {"raw_dir": "data/raw/short"},
+            }
         }
-    })
+    )
     assert params.prepare_for("long").max_tokens == 4096
     assert params.prepare_for("short").max_tokens == params.prepare.max_tokens
 
@@ -97,8 +108,13 @@ def long_run(setup, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("long")
     torch.set_num_threads(1)
     res = train_adapter(long_train(), out_dir=tmp / "a", **setup.kwargs())
-    merged = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
-                           out_dir=tmp / "m", quantized_reference=False)
+    merged = merge_adapter(
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        adapter_dir=res.out_dir,
+        out_dir=tmp / "m",
+        quantized_reference=False,
+    )
     return res, merged
 
 
@@ -148,8 +164,15 @@ def test_evaluate_reports_perplexity_by_length_and_passkey_for_a_long_context_ca
     from loraline.evaluate.stage import LONG_CONTEXT, evaluate_tenant
 
     res, merged = long_run
-    common = dict(tenant="t", dataset_dir=setup.dataset_dir, base_dir=setup.base_dir, base_params=setup.base_params,
-                  production_dir=None, max_new_tokens=8, max_examples=40)
+    common = dict(
+        tenant="t",
+        dataset_dir=setup.dataset_dir,
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        production_dir=None,
+        max_new_tokens=8,
+        max_examples=40,
+    )
     evaluate_tenant(candidate_dir=merged.out_dir, out_dir=tmp_path / "ev", **common)
     report = json.loads((tmp_path / "ev" / LONG_CONTEXT).read_text())
     assert report["original_context"] == 256 and report["extended_context"] == 512 and report["lengths"] == [256, 512]
@@ -174,10 +197,24 @@ def test_a_candidate_of_the_base_context_gets_no_long_context_report(setup, tmp_
     from loraline.evaluate.stage import LONG_CONTEXT, evaluate_tenant
 
     res = train_adapter(tiny_train(max_steps=2), out_dir=tmp_path / "a", **setup.kwargs())
-    merged = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
-                           out_dir=tmp_path / "m", quantized_reference=False)
-    evaluate_tenant(tenant="t", dataset_dir=setup.dataset_dir, base_dir=setup.base_dir, base_params=setup.base_params,
-                    candidate_dir=merged.out_dir, production_dir=None, out_dir=tmp_path / "ev", max_new_tokens=4, max_examples=5)
+    merged = merge_adapter(
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        adapter_dir=res.out_dir,
+        out_dir=tmp_path / "m",
+        quantized_reference=False,
+    )
+    evaluate_tenant(
+        tenant="t",
+        dataset_dir=setup.dataset_dir,
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        candidate_dir=merged.out_dir,
+        production_dir=None,
+        out_dir=tmp_path / "ev",
+        max_new_tokens=4,
+        max_examples=5,
+    )
     assert (tmp_path / "ev" / "metrics.json").is_file() and not (tmp_path / "ev" / LONG_CONTEXT).exists()
 
 
@@ -225,30 +262,45 @@ def test_a_full_attention_reference_is_trained_alike_and_reported_beside_the_can
     layout = Layout(tmp_path)
     shutil.copytree(setup.dataset_dir, layout.prepared_dataset_dir("t"))
     train = long_train(group_ratio=0.0625, reference=True)
-    params = Params.model_validate({
-        "base": setup.base_params.model_dump(), "evaluate": {"max_new_tokens": 4, "max_examples": 20},
-        "tenants": {"t": {"raw_dir": "data/raw/t", "train": train.model_dump(exclude_defaults=True)}},
-    })
+    params = Params.model_validate(
+        {
+            "base": setup.base_params.model_dump(),
+            "evaluate": {"max_new_tokens": 4, "max_examples": 20},
+            "tenants": {"t": {"raw_dir": "data/raw/t", "train": train.model_dump(exclude_defaults=True)}},
+        }
+    )
     res = train_stage(params, layout, "t", base_dir=setup.base_dir, checkpoints=False)
     ref_dir = res.out_dir / FULL_ATTENTION_REFERENCE
     ref = json.loads((ref_dir / "train_record.json").read_text())
     assert ref["speed"]["attention"] != S2_ATTN and ref["long_context"]["s2_attn"] is False
-    assert ref["steps"] == res.record["steps"] and ref["data"] == res.record["data"] and ref["seed"] == res.record["seed"]
+    assert (
+        ref["steps"] == res.record["steps"] and ref["data"] == res.record["data"] and ref["seed"] == res.record["seed"]
+    )
     assert ref["long_context"]["config_overrides"] == res.record["long_context"]["config_overrides"]
     assert ref["loss"]["final_train"] != res.record["loss"]["final_train"]  # S2 groups did cut the rows
     metrics = json.loads(layout.metrics_path("train", "t").read_text())
     assert metrics["full_attention_reference_val_loss"] == ref["loss"]["final_val"]
 
-    merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
-                  out_dir=layout.merged_dir("t"), quantized_reference=False)
+    merge_adapter(
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        adapter_dir=res.out_dir,
+        out_dir=layout.merged_dir("t"),
+        quantized_reference=False,
+    )
     write_general_sample(params, layout, setup.base_dir, "t")
     evaluate_stage(params, layout, "t", base_dir=setup.base_dir)
     report = json.loads((layout.evaluation_dir("t") / LONG_CONTEXT).read_text())
     assert set(report["models"]) == {"base", "base_rope_scaled", "candidate", "full_attention_reference"}
     ppl = {n: m["perplexity"]["512"]["perplexity"] for n, m in report["models"].items()}
-    assert ppl["full_attention_reference"] != ppl["candidate"] and ppl["full_attention_reference"] < ppl["base_rope_scaled"]
+    assert (
+        ppl["full_attention_reference"] != ppl["candidate"]
+        and ppl["full_attention_reference"] < ppl["base_rope_scaled"]
+    )
     comparison = report["s2_attn_against_full_attention"]
-    assert comparison["at"] == 512 and comparison["perplexity_ratio"] == pytest.approx(ppl["candidate"] / ppl["full_attention_reference"])
+    assert comparison["at"] == 512 and comparison["perplexity_ratio"] == pytest.approx(
+        ppl["candidate"] / ppl["full_attention_reference"]
+    )
 
     with pytest.raises(TrainError, match="only for an S2-Attn long-context adapter"):
         train_full_attention_reference(long_train(s2_attn=False), adapter_dir=tmp_path / "x", **setup.kwargs())

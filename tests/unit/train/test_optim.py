@@ -33,7 +33,9 @@ def test_groups_split_b_matrices_and_saved_modules_each_parameter_once(setup):
     trainable = trainable_parameters(_peft_model(setup, params))
     groups = {g["name"]: g for g in parameter_groups(params, trainable)}
     assert {name: g["lr"] for name, g in groups.items()} == {
-        "lora": params.learning_rate, "lora_B": params.learning_rate * 16, "modules_to_save": 0.02,
+        "lora": params.learning_rate,
+        "lora_B": params.learning_rate * 16,
+        "modules_to_save": 0.02,
     }
     by_id = {id(p): name for name, p in trainable.items()}
     members = {name: sorted(by_id[id(p)] for p in g["params"]) for name, g in groups.items()}
@@ -64,18 +66,28 @@ def test_first_adam_step_moves_each_group_by_its_own_rate(setup):
 
 
 def test_resume_keeps_the_groups_and_reproduces_the_adapter(setup, tmp_path):
-    params = tiny_train(modules_to_save=["embed_tokens"], modules_to_save_learning_rate=0.01, loraplus_lr_ratio=4,
-                        max_steps=6, save_every=2, lora_dropout=0.0)
+    params = tiny_train(
+        modules_to_save=["embed_tokens"],
+        modules_to_save_learning_rate=0.01,
+        loraplus_lr_ratio=4,
+        max_steps=6,
+        save_every=2,
+        lora_dropout=0.0,
+    )
     full = train_adapter(params, out_dir=tmp_path / "full", checkpoint_dir=tmp_path / "ck", **setup.kwargs())
     shutil.copytree(tmp_path / "ck", tmp_path / "ck2")
     resumed = train_adapter(params, out_dir=tmp_path / "resumed", checkpoint_dir=tmp_path / "ck2", **setup.kwargs())
     assert resumed.timing["resumed_from_step"] == 4
-    assert (resumed.out_dir / "adapter_model.safetensors").read_bytes() == (full.out_dir / "adapter_model.safetensors").read_bytes()
+    assert (resumed.out_dir / "adapter_model.safetensors").read_bytes() == (
+        full.out_dir / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_bad_rates_are_refused_by_name(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("tenants:\n  t:\n    raw_dir: raw\n    train: {modules_to_save_learning_rate: 0}\n", encoding="utf-8")
+    path.write_text(
+        "tenants:\n  t:\n    raw_dir: raw\n    train: {modules_to_save_learning_rate: 0}\n", encoding="utf-8"
+    )
     with pytest.raises(ConfigError, match="modules_to_save_learning_rate"):
         load_params(path)
     with pytest.raises(ValueError, match="loraplus_lr_ratio"):

@@ -137,7 +137,9 @@ def test_loss_normalization_makes_accumulation_and_packing_irrelevant(setup, exa
         trainable = trainable_parameters(model)
         opt = torch.optim.SGD(list(trainable.values()), lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-        run = Run(model, trainable, opt, sched, tiny_train(packing=packing, max_grad_norm=1e9), CPU, 0, examples, [], [])
+        run = Run(
+            model, trainable, opt, sched, tiny_train(packing=packing, max_grad_norm=1e9), CPU, 0, examples, [], []
+        )
         loss, _, n_targets = train_step(run, PlannedStep(0, 0, micro_batches))
         results.append((loss, {n: p.detach().clone() for n, p in trainable.items()}))
     (loss_a, weights_a), (loss_b, weights_b) = results

@@ -17,8 +17,15 @@ from loraline.train.errors import TrainError
 
 
 def qalora_train(**overrides) -> TrainParams:
-    fields = dict(method="qalora", qalora={"bits": 4, "group_size": 32}, lora_dropout=0.0, learning_rate=2e-2,
-                  max_steps=8, save_every=3, eval_every=4)
+    fields = dict(
+        method="qalora",
+        qalora={"bits": 4, "group_size": 32},
+        lora_dropout=0.0,
+        learning_rate=2e-2,
+        max_steps=8,
+        save_every=3,
+        eval_every=4,
+    )
     fields.update(overrides)
     return tiny_train(**fields)
 
@@ -99,12 +106,16 @@ def test_qalora_training_is_deterministic_and_resumes_exactly(setup, qalora_run,
 
 
 def test_qalora_adapts_only_the_targets_and_quantizes_every_linear_layer(setup, tmp_path):
-    res = train_adapter(qalora_train(target_modules=["q_proj", "v_proj"], max_steps=2), out_dir=tmp_path / "a", **setup.kwargs())
+    res = train_adapter(
+        qalora_train(target_modules=["q_proj", "v_proj"], max_steps=2), out_dir=tmp_path / "a", **setup.kwargs()
+    )
     assert res.record["qalora"]["quantized_layers"] == 14 and res.record["qalora"]["adapted_layers"] == 4
 
 
 def test_a_group_size_that_does_not_divide_a_layer_fails_naming_it(setup, tmp_path):
-    with pytest.raises(TrainError, match="train.qalora: qalora.group_size 128 does not divide the input width 64 of layer"):
+    with pytest.raises(
+        TrainError, match="train.qalora: qalora.group_size 128 does not divide the input width 64 of layer"
+    ):
         train_adapter(qalora_train(qalora={"bits": 4, "group_size": 128}), out_dir=tmp_path / "a", **setup.kwargs())
     assert not (tmp_path / "a").exists()
 
@@ -120,8 +131,9 @@ def test_the_merge_stage_folds_a_qalora_adapter_into_the_same_low_bit_model(setu
     from loraline.modelling.qalora import quantize_groupwise
 
     res, _ = qalora_run
-    merged = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
-                           out_dir=tmp_path / "m")
+    merged = merge_adapter(
+        base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir, out_dir=tmp_path / "m"
+    )
     report = merged.report
     assert merged.passed and report["qalora"]["bits"] == 4 and report["qalora"]["layers"] == 14
     assert report["merged_vs_unmerged"]["max_abs_logit_diff"] < 1e-4
@@ -144,8 +156,12 @@ def qalora_merged(setup, qalora_run, tmp_path_factory):
     from loraline.merge.stage import merge_adapter
 
     res, _ = qalora_run
-    return merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
-                         out_dir=tmp_path_factory.mktemp("qalora-merged") / "m")
+    return merge_adapter(
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        adapter_dir=res.out_dir,
+        out_dir=tmp_path_factory.mktemp("qalora-merged") / "m",
+    )
 
 
 def test_the_merged_folder_carries_the_low_bit_codes_its_float_weights_are_made_of(qalora_merged):
@@ -182,7 +198,9 @@ def test_the_merge_writes_a_torchao_checkpoint_that_transformers_loads_bit_for_b
     layers = load_quantized_layers(qalora_merged.out_dir / QALORA_QUANTIZED)
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         codes = {k: f.get_tensor(k) for k in f.keys() if k.endswith("_weight_qdata")}
-    assert len(codes) == len(layers) == 14 and all(c.dtype == torch.int8 and 0 <= c.min() and c.max() <= 15 for c in codes.values())
+    assert len(codes) == len(layers) == 14 and all(
+        c.dtype == torch.int8 and 0 <= c.min() and c.max() <= 15 for c in codes.values()
+    )
 
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()  # no loraline involved
     merged = AutoModelForCausalLM.from_pretrained(str(qalora_merged.out_dir), dtype=torch.float32).eval()
@@ -195,11 +213,12 @@ def test_the_merge_writes_a_torchao_checkpoint_that_transformers_loads_bit_for_b
         assert (loaded(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item() < 1e-5
 
 
-def test_export_writes_the_merged_qalora_model_as_matmulnbits_and_it_matches_the_merged_model(qalora_merged, tmp_path, capsys):
+def test_export_writes_the_merged_qalora_model_as_matmulnbits_and_it_matches_the_merged_model(
+    qalora_merged, tmp_path, capsys
+):
     """export: the low-bit graph carries the merged model's own 4-bit codes and folded zero points
     (MatMulNBits), agrees with PyTorch as strictly as the float graph, and is smaller."""
     import onnx
-
     from onnx import numpy_helper
 
     from loraline.export.lowbit import weight_key
@@ -221,7 +240,9 @@ def test_export_writes_the_merged_qalora_model_as_matmulnbits_and_it_matches_the
     graph = onnx.load(str(result.out_dir / "model.int4.onnx"))
     assert [n.op_type for n in graph.graph.node].count("MatMulNBits") == 14
     float_weights = {weight_key(q.dequantize().T.contiguous().numpy()) for q in layers.values()}
-    assert not any(weight_key(numpy_helper.to_array(t)) in float_weights for t in graph.graph.initializer if len(t.dims) == 2)
+    assert not any(
+        weight_key(numpy_helper.to_array(t)) in float_weights for t in graph.graph.initializer if len(t.dims) == 2
+    )
     assert export_metrics(result.report)["lowbit"]["bits"] == 4
 
     # `loraline generate --onnx --lowbit` runs that graph: the merged model's greedy answer
@@ -232,7 +253,21 @@ def test_export_writes_the_merged_qalora_model_as_matmulnbits_and_it_matches_the
     expected = OnnxGenerator(result.out_dir, "model.int4.onnx").generate(messages, max_new_tokens=8)
     assert expected == OnnxGenerator(result.out_dir).generate(messages, max_new_tokens=8)  # greedy: as the float graph
     capsys.readouterr()
-    assert main(["generate", "--onnx", str(result.out_dir), "--lowbit", "--prompt", "colour=blue size=4", "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--onnx",
+                str(result.out_dir),
+                "--lowbit",
+                "--prompt",
+                "colour=blue size=4",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == expected + "\n"
     (result.out_dir / "export_report.json").write_text("{}")  # an export of a LoRA model has no low-bit graph
     with pytest.raises(SystemExit, match="has no low-bit graph"):
@@ -283,25 +318,37 @@ def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(se
     layout = Layout(tmp_path)
     shutil.copytree(setup.dataset_dir, layout.prepared_dataset_dir("t"))
     train = qalora_train(qalora={"bits": 4, "group_size": 32, "reference": True}, quantization="nf4", max_steps=6)
-    params = Params.model_validate({
-        "base": setup.base_params.model_dump(), "evaluate": {"max_new_tokens": 8, "max_examples": 24},
-        "tenants": {"t": {"raw_dir": "data/raw/t", "train": train.model_dump(exclude_defaults=True)}},
-    })
+    params = Params.model_validate(
+        {
+            "base": setup.base_params.model_dump(),
+            "evaluate": {"max_new_tokens": 8, "max_examples": 24},
+            "tenants": {"t": {"raw_dir": "data/raw/t", "train": train.model_dump(exclude_defaults=True)}},
+        }
+    )
     res = train_stage(params, layout, "t", base_dir=setup.base_dir, checkpoints=False)
     twin = json.loads((res.out_dir / QLORA_REFERENCE / "train_record.json").read_text())
     assert (twin["params"]["method"], twin["params"]["quantization"], twin["qalora"]) == ("lora", "nf4", None)
     assert res.record["qalora"]["bits"] == 4
-    assert twin["steps"] == res.record["steps"] and twin["data"] == res.record["data"] and twin["seed"] == res.record["seed"]
+    assert (
+        twin["steps"] == res.record["steps"]
+        and twin["data"] == res.record["data"]
+        and twin["seed"] == res.record["seed"]
+    )
     metrics = json.loads(layout.metrics_path("train", "t").read_text())
     assert metrics["qlora_reference_val_loss"] == twin["loss"]["final_val"]
 
-    merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
-                  out_dir=layout.merged_dir("t"))
+    merge_adapter(
+        base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir, out_dir=layout.merged_dir("t")
+    )
     write_general_sample(params, layout, setup.base_dir, "t")
     result = evaluate_stage(params, layout, "t", base_dir=setup.base_dir)
     section = result.metrics["qalora_comparison"]
     models = section["models"]
-    assert (section["bits"], section["group_size"]) == (4, 32) and set(models) == {LB.QALORA, LB.FLOAT_MERGE, LB.ROUNDED_AFTER}
+    assert (section["bits"], section["group_size"]) == (4, 32) and set(models) == {
+        LB.QALORA,
+        LB.FLOAT_MERGE,
+        LB.ROUNDED_AFTER,
+    }
     candidate = result.metrics["models"]["candidate"]
     assert {k: models[LB.QALORA][k] for k in candidate} == candidate  # (a) is the candidate, scored once
     assert models[LB.ROUNDED_AFTER]["answer_loss"] != models[LB.FLOAT_MERGE]["answer_loss"]  # rounding did move it
@@ -309,10 +356,20 @@ def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(se
         assert gap == pytest.approx(models[LB.QALORA][key] - models[LB.ROUNDED_AFTER][key], abs=1e-6)
 
     # (b) as a full-precision merge would serve it: the twin merged into a float32 folder, scored alike.
-    float_merge = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params,
-                                adapter_dir=res.out_dir / QLORA_REFERENCE, out_dir=tmp_path / "twin-merged").out_dir
-    alone = evaluate_model(model_dir=float_merge, dataset_dir=layout.prepared_dataset_dir("t"), base_dir=setup.base_dir,
-                           base_params=setup.base_params, max_new_tokens=8, max_examples=24)
+    float_merge = merge_adapter(
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        adapter_dir=res.out_dir / QLORA_REFERENCE,
+        out_dir=tmp_path / "twin-merged",
+    ).out_dir
+    alone = evaluate_model(
+        model_dir=float_merge,
+        dataset_dir=layout.prepared_dataset_dir("t"),
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        max_new_tokens=8,
+        max_examples=24,
+    )
     assert models[LB.FLOAT_MERGE]["answer_loss"] == pytest.approx(alone["answer_loss"], rel=1e-4)
     assert models[LB.FLOAT_MERGE]["exact_match"] == alone["exact_match"]
 
@@ -321,7 +378,9 @@ def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(se
     head = base.get_output_embeddings()
     linears = [m for m in base.modules() if type(m) is torch.nn.Linear and m is not head]
     float_bytes = 4 * sum(p.numel() for p in base.parameters())
-    low = float_bytes - sum(4 * m.weight.numel() - m.weight.numel() // 2 - 2 * 4 * m.weight.numel() // 32 for m in linears)
+    low = float_bytes - sum(
+        4 * m.weight.numel() - m.weight.numel() // 2 - 2 * 4 * m.weight.numel() // 32 for m in linears
+    )
     assert len(linears) == 14 and models[LB.FLOAT_MERGE]["weight_bytes"] == float_bytes
     assert models[LB.QALORA]["weight_bytes"] == models[LB.ROUNDED_AFTER]["weight_bytes"] == low
 
@@ -334,14 +393,25 @@ def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(se
     text = render_text(collect_summary(params, layout))
     assert f"QA-LoRA INT4 json_field_accuracy: {models[LB.QALORA]['json_field_accuracy']:.3f}, QLoRA float" in text
 
-    with pytest.raises(EvaluateError, match="has no qalora_quantized.safetensors: a QLoRA twin compares only with a merged QA-LoRA"):
-        evaluate_tenant(tenant="t", dataset_dir=layout.prepared_dataset_dir("t"), base_dir=setup.base_dir,
-                        base_params=setup.base_params, candidate_dir=float_merge, production_dir=None,
-                        out_dir=tmp_path / "never", qlora_reference=res.out_dir / QLORA_REFERENCE)
+    with pytest.raises(
+        EvaluateError, match="has no qalora_quantized.safetensors: a QLoRA twin compares only with a merged QA-LoRA"
+    ):
+        evaluate_tenant(
+            tenant="t",
+            dataset_dir=layout.prepared_dataset_dir("t"),
+            base_dir=setup.base_dir,
+            base_params=setup.base_params,
+            candidate_dir=float_merge,
+            production_dir=None,
+            out_dir=tmp_path / "never",
+            qlora_reference=res.out_dir / QLORA_REFERENCE,
+        )
     assert not (tmp_path / "never").exists()
     with pytest.raises(TrainError, match="only for a QA-LoRA adapter"):
         train_qlora_reference(tiny_train(), adapter_dir=tmp_path / "x", **setup.kwargs())
-    with pytest.raises(ValueError, match="qalora.reference trains a QLoRA twin to compare a QA-LoRA adapter with; method is 'lora'"):
+    with pytest.raises(
+        ValueError, match="qalora.reference trains a QLoRA twin to compare a QA-LoRA adapter with; method is 'lora'"
+    ):
         TrainParams(qalora={"reference": True})
 
 
@@ -353,7 +423,8 @@ def test_qalora_trains_on_cuda_and_folds_there_too(setup, tmp_path):
 
     res = train_adapter(
         qalora_train(optimizer="paged_adamw_32bit", max_steps=30, eval_every=10, gradient_checkpointing=True),
-        out_dir=tmp_path / "a", **setup.kwargs(),
+        out_dir=tmp_path / "a",
+        **setup.kwargs(),
     )
     rec = res.record
     assert rec["device"].startswith("cuda") and rec["compute_dtype"] == "bfloat16"

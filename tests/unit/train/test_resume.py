@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,7 +44,9 @@ def test_checkpoints_of_another_run_are_discarded_not_resumed(reference, setup, 
     ck = tmp_path / "ck"
     shutil.copytree(reference.checkpoint_dir, ck)
     (ck / ".step-00000012.tmp-abc").mkdir()  # what a kill during a checkpoint write leaves
-    res = train_adapter(tiny_train(lora_r=4, max_steps=2, save_every=100), out_dir=tmp_path / "o", checkpoint_dir=ck, **setup.kwargs())
+    res = train_adapter(
+        tiny_train(lora_r=4, max_steps=2, save_every=100), out_dir=tmp_path / "o", checkpoint_dir=ck, **setup.kwargs()
+    )
     assert res.timing["resumed_from_step"] is None
     assert list(ck.iterdir()) == []
 
@@ -93,7 +95,14 @@ def test_run_killed_with_sigkill_resumes_to_the_same_adapter(reference, setup, t
     ck, out = tmp_path / "ck", tmp_path / "out"
     script = tmp_path / "train_script.py"
     script.write_text(
-        SCRIPT.format(threads=THREADS, helpers=str(HERE), base=str(setup.base_dir), data=str(setup.dataset_dir), out=str(out), ck=str(ck))
+        SCRIPT.format(
+            threads=THREADS,
+            helpers=str(HERE),
+            base=str(setup.base_dir),
+            data=str(setup.dataset_dir),
+            out=str(out),
+            ck=str(ck),
+        )
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -101,7 +110,9 @@ def test_run_killed_with_sigkill_resumes_to_the_same_adapter(reference, setup, t
         deadline = time.monotonic() + 120
         while not list(ck.glob("step-*")):
             if proc.poll() is not None:
-                pytest.fail(f"training script ended before its first checkpoint:\n{proc.stderr.read().decode()[-3000:]}")
+                pytest.fail(
+                    f"training script ended before its first checkpoint:\n{proc.stderr.read().decode()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail("no checkpoint within 120 s")
             time.sleep(0.01)
@@ -123,7 +134,10 @@ def test_run_killed_with_sigkill_resumes_to_the_same_adapter(reference, setup, t
     assert ours.keys() == ref.keys()
     diff = max((ours[k] - ref[k]).abs().max().item() for k in ref)
     assert diff == 0.0, diff  # identical on CPU (the issue allows 1e-6)
-    assert res.record["files"]["adapter_model.safetensors"] == reference.result.record["files"]["adapter_model.safetensors"]
+    assert (
+        res.record["files"]["adapter_model.safetensors"]
+        == reference.result.record["files"]["adapter_model.safetensors"]
+    )
     assert res.train_curve.read_text() == reference.result.train_curve.read_text()
     assert res.val_curve.read_text() == reference.result.val_curve.read_text()
     assert torch.get_num_threads() == THREADS
@@ -137,10 +151,17 @@ def test_the_stage_removes_its_checkpoints_once_the_adapter_is_written(setup, tm
 
     layout = Layout(tmp_path)
     shutil.copytree(setup.dataset_dir, layout.prepared_dataset_dir("t"))
-    params = Params.model_validate({
-        "base": setup.base_params.model_dump(),
-        "tenants": {"t": {"raw_dir": "data/raw/t", "train": tiny_train(max_steps=4, save_every=2).model_dump(exclude_defaults=True)}},
-    })
+    params = Params.model_validate(
+        {
+            "base": setup.base_params.model_dump(),
+            "tenants": {
+                "t": {
+                    "raw_dir": "data/raw/t",
+                    "train": tiny_train(max_steps=4, save_every=2).model_dump(exclude_defaults=True),
+                }
+            },
+        }
+    )
     written = []
     real = stage_module.train_adapter
 

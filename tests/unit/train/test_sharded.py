@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from train_helpers import adapter_tensors, tiny_train, train_losses
@@ -15,13 +14,13 @@ from loraline.train.stage import train_adapter
 LOSS_TOL = 1e-5
 
 
-
-
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_two_processes_sharding_the_base_train_what_one_process_does(setup, tmp_path, cpu_ranks, quantization):
     common = dict(lora_dropout=0.0, quantization=quantization)
     one = train_adapter(tiny_train(batch_size=4, **common), out_dir=tmp_path / "one", **setup.kwargs())
-    two = train_adapter(tiny_train(batch_size=2, devices=2, sharding="fsdp", **common), out_dir=tmp_path / "two", **setup.kwargs())
+    two = train_adapter(
+        tiny_train(batch_size=2, devices=2, sharding="fsdp", **common), out_dir=tmp_path / "two", **setup.kwargs()
+    )
 
     assert two.record["params"]["sharding"] == "fsdp" and two.record["devices"] == 2
     facts = two.record["sharding"]
@@ -58,16 +57,21 @@ def test_a_checkpoint_missing_a_tensor_is_refused_by_name(setup, tmp_path):
     shutil.copytree(setup.base_dir, base)
     weights = load_file(base / "model.safetensors")
     dropped = next(k for k in weights if k.endswith("mlp.down_proj.weight"))
-    save_file({k: v for k, v in weights.items() if k != dropped}, base / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if k != dropped}, base / "model.safetensors", metadata={"format": "pt"}
+    )
     with pytest.raises(TrainError, match=rf"lacks 1 tensor\(s\) the model needs, e.g. {dropped}"):
         train_adapter(tiny_train(sharding="fsdp"), out_dir=tmp_path / "out", **(setup.kwargs() | {"base_dir": base}))
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(use_dora=True), "does not support use_dora"),
-    (dict(upcast_non_quantized=True), "set upcast_non_quantized: false"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(use_dora=True), "does not support use_dora"),
+        (dict(upcast_non_quantized=True), "set upcast_non_quantized: false"),
+    ],
+)
 def test_settings_sharding_cannot_honour_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         TrainParams(sharding="fsdp", **bad)
@@ -81,7 +85,9 @@ two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device
 def test_qlora_with_the_base_sharded_over_two_gpus_trains_what_one_gpu_does(setup, tmp_path):
     """NF4 + paged AdamW, FSDP2 over NCCL, against one GPU holding the whole base: the bound is
     bf16's, as for the unsharded two-GPU test; a checkpoint written sharded resumes sharded."""
-    common = dict(quantization="nf4", optimizer="paged_adamw_32bit", lora_dropout=0.0, max_steps=20, learning_rate=1e-2)
+    common = dict(
+        quantization="nf4", optimizer="paged_adamw_32bit", lora_dropout=0.0, max_steps=20, learning_rate=1e-2
+    )
     one = train_adapter(tiny_train(batch_size=4, **common), out_dir=tmp_path / "one", **setup.kwargs())
     params = tiny_train(batch_size=2, devices=2, sharding="fsdp", **common)
     two = train_adapter(params, out_dir=tmp_path / "two", checkpoint_dir=tmp_path / "ck", **setup.kwargs())

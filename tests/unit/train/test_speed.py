@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from train_helpers import tiny_train
 
-from loraline.train import speed, train_adapter
 from loraline.modelling.constants import IGNORE_INDEX
+from loraline.train import speed, train_adapter
 from loraline.train.data import load_splits
 from loraline.train.model import attach_lora, load_base_model
 from loraline.train.packing import collate
@@ -42,7 +42,9 @@ def test_chunked_cross_entropy_equals_plain_loss_and_gradients(weight_grad):
     for a, b in zip(plain_grads, fused_grads):
         assert (a - b).abs().max().item() < 1e-5 * max(a.abs().max().item(), 1.0)
     with torch.no_grad():  # evaluation: the same value, no gradient work
-        assert chunked_linear_cross_entropy(hidden, weight, targets, chunk=8).item() == pytest.approx(plain.item(), rel=1e-6)
+        assert chunked_linear_cross_entropy(hidden, weight, targets, chunk=8).item() == pytest.approx(
+            plain.item(), rel=1e-6
+        )
 
 
 def test_collated_segments_match_the_position_ids(setup):
@@ -82,7 +84,9 @@ def test_fused_head_only_for_a_plain_linear_head(setup):
     decoder, head = fused_head(model)
     assert head is model.get_base_model().lm_head and decoder is model.get_base_model().model
     biased = attach_lora(plain, load_base_model(plain, setup.base_dir, CPU))
-    biased.get_base_model().lm_head.bias = torch.nn.Parameter(torch.zeros(biased.get_base_model().lm_head.out_features))
+    biased.get_base_model().lm_head.bias = torch.nn.Parameter(
+        torch.zeros(biased.get_base_model().lm_head.out_features)
+    )
     assert fused_head(biased) is None  # a head with a bias keeps the plain path
 
 
@@ -118,11 +122,21 @@ def test_training_with_the_speed_options_on_matches_training_with_them_off(setup
     (fp32 CPU). Dropout is off: per-example attention lays each micro-batch out as one row, so
     dropout would draw its masks for another shape and the two runs would differ by design."""
     common = dict(max_steps=8, eval_every=4, save_every=100, lora_dropout=0.0)
-    on = train_adapter(tiny_train(fused_cross_entropy=True, gradient_checkpointing=True, checkpoint_fraction=0.5, **common),
-                       out_dir=tmp_path / "on", **setup.kwargs())
-    off = train_adapter(tiny_train(fused_cross_entropy=False, varlen_attention=False, gradient_checkpointing=False, **common),
-                        out_dir=tmp_path / "off", **setup.kwargs())
-    assert on.record["speed"] == {"attention": "loraline_varlen", "fused_cross_entropy": True, "checkpointed_layers": 1}
+    on = train_adapter(
+        tiny_train(fused_cross_entropy=True, gradient_checkpointing=True, checkpoint_fraction=0.5, **common),
+        out_dir=tmp_path / "on",
+        **setup.kwargs(),
+    )
+    off = train_adapter(
+        tiny_train(fused_cross_entropy=False, varlen_attention=False, gradient_checkpointing=False, **common),
+        out_dir=tmp_path / "off",
+        **setup.kwargs(),
+    )
+    assert on.record["speed"] == {
+        "attention": "loraline_varlen",
+        "fused_cross_entropy": True,
+        "checkpointed_layers": 1,
+    }
     assert off.record["speed"]["attention"] == "sdpa"
     assert off.record["speed"]["fused_cross_entropy"] is False
     a, b = _curve(on), _curve(off)
@@ -138,11 +152,21 @@ def test_speed_options_on_cuda_learn_the_same_as_the_plain_path(setup, tmp_path)
     """On the GPU (bf16, NF4): varlen attention + fused cross-entropy + bf16 non-quantized weights
     against all three off, 30 steps, same data and seed: both learn, and the final validation
     losses agree within 5% (bf16 rounding differs between the paths and compounds over steps)."""
-    common = dict(quantization="nf4", optimizer="paged_adamw_32bit", max_steps=30, learning_rate=2e-2,
-                  eval_every=10, save_every=100, lora_dropout=0.0)
+    common = dict(
+        quantization="nf4",
+        optimizer="paged_adamw_32bit",
+        max_steps=30,
+        learning_rate=2e-2,
+        eval_every=10,
+        save_every=100,
+        lora_dropout=0.0,
+    )
     on = train_adapter(tiny_train(**common), out_dir=tmp_path / "on", **setup.kwargs())
-    off = train_adapter(tiny_train(fused_cross_entropy=False, varlen_attention=False, upcast_non_quantized=True, **common),
-                        out_dir=tmp_path / "off", **setup.kwargs())
+    off = train_adapter(
+        tiny_train(fused_cross_entropy=False, varlen_attention=False, upcast_non_quantized=True, **common),
+        out_dir=tmp_path / "off",
+        **setup.kwargs(),
+    )
     assert on.record["speed"]["attention"] == speed.VARLEN and on.record["speed"]["fused_cross_entropy"]
     assert off.record["speed"]["attention"] == "sdpa"
     a, b = on.record["loss"], off.record["loss"]

@@ -35,7 +35,9 @@ def test_untied_base_keeps_peft_default(setup):
 
 
 def test_trained_embeddings_serve_as_the_head_and_merge_into_a_tied_model(setup, tmp_path):
-    res = train_adapter(tiny_train(modules_to_save=["embed_tokens"], max_steps=3), out_dir=tmp_path / "a", **setup.kwargs())
+    res = train_adapter(
+        tiny_train(modules_to_save=["embed_tokens"], max_steps=3), out_dir=tmp_path / "a", **setup.kwargs()
+    )
     assert json.loads(res.adapter_config.read_text())["ensure_weight_tying"] is True
     with safe_open(res.out_dir / "adapter_model.safetensors", "pt") as f:
         embed = f.get_tensor("base_model.model.model.embed_tokens.weight")
@@ -44,8 +46,13 @@ def test_trained_embeddings_serve_as_the_head_and_merge_into_a_tied_model(setup,
     assert torch.equal(embed, head)  # one trained matrix, both roles
     assert not torch.equal(embed, base.get_input_embeddings().weight)  # and it was trained
 
-    merged = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
-                           out_dir=tmp_path / "m", quantized_reference=False)
+    merged = merge_adapter(
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        adapter_dir=res.out_dir,
+        out_dir=tmp_path / "m",
+        quantized_reference=False,
+    )
     assert merged.passed and merged.report["reload"]["max_abs_logit_diff"] < 1e-5
     config = json.loads((merged.out_dir / "config.json").read_text())
     assert config["tie_word_embeddings"] is True
@@ -62,7 +69,9 @@ def test_trained_embeddings_and_norms_load_in_stock_peft_and_merge(setup, tmp_pa
     from transformers import AutoModelForCausalLM
 
     saved = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "model.norm"]
-    res = train_adapter(tiny_train(modules_to_save=saved, max_steps=3, learning_rate=2e-2), out_dir=tmp_path / "a", **setup.kwargs())
+    res = train_adapter(
+        tiny_train(modules_to_save=saved, max_steps=3, learning_rate=2e-2), out_dir=tmp_path / "a", **setup.kwargs()
+    )
     with safe_open(res.out_dir / "adapter_model.safetensors", "pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
     norms = {k: v for k, v in stored.items() if k.endswith("norm.weight")}
@@ -75,8 +84,13 @@ def test_trained_embeddings_and_norms_load_in_stock_peft_and_merge(setup, tmp_pa
     stock = PeftModel.from_pretrained(base, res.out_dir).eval()
     with torch.no_grad():
         ours = stock(input_ids=ids).logits
-    merged = merge_adapter(base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir,
-                           out_dir=tmp_path / "m", quantized_reference=False)
+    merged = merge_adapter(
+        base_dir=setup.base_dir,
+        base_params=setup.base_params,
+        adapter_dir=res.out_dir,
+        out_dir=tmp_path / "m",
+        quantized_reference=False,
+    )
     assert merged.passed, merged.report
     folded = AutoModelForCausalLM.from_pretrained(merged.out_dir).eval()
     with torch.no_grad():

@@ -11,15 +11,19 @@ import pytest
 import torch
 from train_helpers import adapter_tensors, tiny_train
 
+from loraline.layout import TRAIN_RECORD
 from loraline.provenance import hash_tree, sha256_file
 from loraline.train import train_adapter
-from loraline.layout import TRAIN_RECORD
 
 
 def test_out_dir_holds_exactly_the_adapter_record_and_curve(reference):
     out = reference.result.out_dir
     assert {p.name for p in out.iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", TRAIN_RECORD, "train_loss.csv", "val_loss.csv",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        TRAIN_RECORD,
+        "train_loss.csv",
+        "val_loss.csv",
     }
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))  # the atomic write left no temporary behind
     # all-linear resolves to a set: written sorted, not in the process's hash order, so equal adapters are equal bytes
@@ -91,14 +95,18 @@ def test_same_seed_data_and_params_give_identical_adapter_files(reference, setup
     again = train_adapter(tiny_train(), out_dir=tmp_path / "again", **setup.kwargs())
     assert sha256_file(again.adapter_weights) == sha256_file(reference.result.adapter_weights)
     assert again.record["loss"] == reference.result.record["loss"]
-    other = train_adapter(tiny_train(seed=12, max_steps=2, eval_every=100), out_dir=tmp_path / "other", **setup.kwargs())
+    other = train_adapter(
+        tiny_train(seed=12, max_steps=2, eval_every=100), out_dir=tmp_path / "other", **setup.kwargs()
+    )
     assert sha256_file(other.adapter_weights) != sha256_file(reference.result.adapter_weights)
 
 
 def test_training_lowers_held_out_loss_against_the_base(setup, tmp_path):
     """Toy triage data: 30 steps cut the validation answer loss by about a quarter (4.4 -> 3.3 seen)."""
     res = train_adapter(
-        tiny_train(max_steps=30, learning_rate=2e-2, eval_every=10, lora_dropout=0.0), out_dir=tmp_path / "o", **setup.kwargs()
+        tiny_train(max_steps=30, learning_rate=2e-2, eval_every=10, lora_dropout=0.0),
+        out_dir=tmp_path / "o",
+        **setup.kwargs(),
     )
     loss = res.record["loss"]
     assert loss["final_val"] < 0.85 * loss["base_val"], loss
@@ -112,8 +120,11 @@ def test_nf4_with_paged_8bit_adamw_on_cpu_trains_and_says_paging_is_cuda_only(se
 
     with caplog.at_level(logging.WARNING, logger="loraline.train"):
         res = train_adapter(
-            tiny_train(quantization="nf4", optimizer="paged_adamw_8bit", max_steps=3, eval_every=3, learning_rate=2e-2),
-            out_dir=tmp_path / "nf4", **setup.kwargs(),
+            tiny_train(
+                quantization="nf4", optimizer="paged_adamw_8bit", max_steps=3, eval_every=3, learning_rate=2e-2
+            ),
+            out_dir=tmp_path / "nf4",
+            **setup.kwargs(),
         )
     notes = [r.getMessage() for r in caplog.records if "CUDA-only" in r.getMessage()]
     assert len(notes) == 1 and "paged_adamw_8bit" in notes[0]
@@ -163,8 +174,13 @@ def test_early_stopping_stops_and_ships_the_best_adapter(setup, tmp_path):
         snapshots.append(real_snapshot(trainable))
         return snapshots[-1]
 
-    with mock.patch.object(loop, "evaluate", lambda run: next(scripted)), mock.patch.object(loop, "snapshot", record_snapshot):
-        res = train_adapter(tiny_train(eval_every=1, early_stopping_patience=2), out_dir=tmp_path / "o", **setup.kwargs())
+    with (
+        mock.patch.object(loop, "evaluate", lambda run: next(scripted)),
+        mock.patch.object(loop, "snapshot", record_snapshot),
+    ):
+        res = train_adapter(
+            tiny_train(eval_every=1, early_stopping_patience=2), out_dir=tmp_path / "o", **setup.kwargs()
+        )
     rec = res.record
     assert rec["stopped_early"] and rec["steps"]["done"] == 4 and rec["steps"]["planned"] == 12
     assert rec["loss"]["best_step"] == 2 and rec["loss"]["final_val"] == 3.0

@@ -75,7 +75,7 @@ def _dataset_with(setup, tmp_path, **splits):
     for name, ds in splits.items():
         dd[name] = ds(dd[name])
     out = tmp_path / "ds"
-    dd.save_to_disk(str(out), num_shards={k: 1 for k in dd})
+    dd.save_to_disk(str(out), num_shards=dict.fromkeys(dd, 1))
     return out
 
 
@@ -109,7 +109,9 @@ def test_base_model_that_does_not_exist(setup, tmp_path, no_training):
     """A recorded hub id that is in no cache fails offline, naming the model and the key (no download)."""
     base = tmp_path / "hub-base"
     base.mkdir()
-    (base / "base_record.json").write_text(json.dumps({"source": "hub", "model_ref": "nobody/no-such-model", "revision": "main"}))
+    (base / "base_record.json").write_text(
+        json.dumps({"source": "hub", "model_ref": "nobody/no-such-model", "revision": "main"})
+    )
     with pytest.raises(TrainError, match=r"cannot load the base model 'nobody/no-such-model' .*\(base.model\)"):
         _train(setup, tmp_path, base_dir=base)
 
@@ -124,5 +126,7 @@ def test_a_dataset_tokenized_for_another_base_is_refused(setup, tmp_path, no_tra
     copy = tmp_path / "dataset"
     shutil.copytree(setup.dataset_dir, copy)
     (copy / TOKENIZER_STAMP).write_text(json.dumps({**stamp, "tokenizer_hash": "f" * 64}))
-    with pytest.raises(TrainError, match=r"tokenized with another tokenizer .*ffffffffffff.* run the prepare stage again"):
+    with pytest.raises(
+        TrainError, match=r"tokenized with another tokenizer .*ffffffffffff.* run the prepare stage again"
+    ):
         _train(setup, tmp_path, dataset_dir=copy)

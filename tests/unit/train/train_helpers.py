@@ -14,9 +14,23 @@ PEOPLE = ("Ana", "Bo", "Chen", "Dita", "Emil", "Fay", "Gus", "Hana", "Ivo", "Jun
 
 def tiny_build(**overrides) -> BuildParams:
     fields = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
-        max_position_embeddings=256, seq_len=64, batch_size=4, max_steps=150, warmup_steps=5,
-        learning_rate=3e-3, num_threads=1, stdlib_docstrings=False, max_stdlib_chars=0, exercises=60, copy_drill_steps=0,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        max_position_embeddings=256,
+        seq_len=64,
+        batch_size=4,
+        max_steps=150,
+        warmup_steps=5,
+        learning_rate=3e-3,
+        num_threads=1,
+        stdlib_docstrings=False,
+        max_stdlib_chars=0,
+        exercises=60,
+        copy_drill_steps=0,
     )
     fields.update(overrides)
     return BuildParams(**fields)
@@ -25,9 +39,20 @@ def tiny_build(**overrides) -> BuildParams:
 def tiny_train(**overrides) -> TrainParams:
     """Small, fast settings: fp32 LoRA, a few steps, frequent evals and checkpoints."""
     fields = dict(
-        quantization="none", lora_r=8, lora_alpha=16, lora_dropout=0.1, optimizer="adamw_torch",
-        learning_rate=5e-3, warmup_ratio=0.1, max_steps=12, batch_size=4, grad_accum=2, max_seq_len=256,
-        eval_every=4, save_every=3, seed=11,
+        quantization="none",
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        optimizer="adamw_torch",
+        learning_rate=5e-3,
+        warmup_ratio=0.1,
+        max_steps=12,
+        batch_size=4,
+        grad_accum=2,
+        max_seq_len=256,
+        eval_every=4,
+        save_every=3,
+        seed=11,
     )
     fields.update(overrides)
     return TrainParams(**fields)
@@ -56,8 +81,9 @@ def build_tiny_base(root: Path, seed: int = 5, rows: int = 60):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return build_base(BaseParams(build=tiny_build()), seed=seed, raw_dirs=[make_raw(root / "raw", n=rows)],
-                          out_dir=root / "base")
+        return build_base(
+            BaseParams(build=tiny_build()), seed=seed, raw_dirs=[make_raw(root / "raw", n=rows)], out_dir=root / "base"
+        )
     finally:
         torch.set_num_threads(previous)
 
@@ -70,6 +96,7 @@ def make_raw(root: Path, n: int = 150) -> Path:
         encoding="utf-8",
     )
     return root
+
 
 THREADS = 1
 

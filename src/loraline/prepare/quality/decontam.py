@@ -31,9 +31,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loraline.config import DecontamParams
 from xxhash import xxh3_64_intdigest
 
+from loraline.config import DecontamParams
 from loraline.prepare.quality import ngrams, words
 
 MAX_POSTING = 64
@@ -84,7 +84,11 @@ class TestIndex:
             return None
         grams = set(self._ngrams(text))
         answer_grams = self._turn_ngrams(answer) if answer is not None else None
-        hits = [posting for posting in map(self._postings.get, grams) if posting is not None and len(posting) <= MAX_POSTING]
+        hits = [
+            posting
+            for posting in map(self._postings.get, grams)
+            if posting is not None and len(posting) <= MAX_POSTING
+        ]
         if not hits:  # most rows share no distinctive n-gram with any test row: nothing to rank
             return None
         shared = Counter(itertools.chain.from_iterable(hits))

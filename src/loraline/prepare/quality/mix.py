@@ -55,11 +55,17 @@ def mix_synthetic(out: Collected, path: Path, ctx: RowContext, q: Quality, seed:
         if not isinstance(provenance, dict):
             missing = not isinstance(item.value, dict) or "provenance" not in item.value
             reason = RejectReason.MISSING_FIELD if missing else RejectReason.WRONG_TYPE
-            out.reject(Reject(
-                ctx.tenant, rel, item.row, "provenance", reason,
-                f"{locate(rel, item.row, 'provenance')}: a synthetic row needs its provenance object (generator, model, source)",
-                item.excerpt,
-            ))
+            out.reject(
+                Reject(
+                    ctx.tenant,
+                    rel,
+                    item.row,
+                    "provenance",
+                    reason,
+                    f"{locate(rel, item.row, 'provenance')}: a synthetic row needs its provenance object (generator, model, source)",
+                    item.excerpt,
+                )
+            )
             continue
         out.synthetic_provenance.append(provenance)
         parsed = parse_row(item, ctx)
@@ -67,8 +73,15 @@ def mix_synthetic(out: Collected, path: Path, ctx: RowContext, q: Quality, seed:
             out.reject(parsed)
             continue
         if parsed.record.kind != "chat":
-            out.reject(reject_row(item, parsed, None, RejectReason.UNKNOWN_SHAPE,
-                                       "a synthetic row must be a chat ({'messages': [...]}), not a document"))
+            out.reject(
+                reject_row(
+                    item,
+                    parsed,
+                    None,
+                    RejectReason.UNKNOWN_SHAPE,
+                    "a synthetic row must be a chat ({'messages': [...]}), not a document",
+                )
+            )
             continue
         drawn.append((draw_key(seed, parsed.record.content_hash, item.row), item, parsed, provenance))
     drawn.sort(key=lambda d: d[0])
@@ -78,11 +91,16 @@ def mix_synthetic(out: Collected, path: Path, ctx: RowContext, q: Quality, seed:
     kept = 0
     for _, item, parsed, provenance in drawn:
         if kept >= allowed:
-            out.reject(reject_row(
-                item, parsed, None, RejectReason.OVER_MIX_RATIO,
-                f"beyond the mix quota: {allowed} synthetic rows for {real_train} real train rows "
-                f"(synthetic_ratio={ctx.params.synthetic_ratio})",
-            ))
+            out.reject(
+                reject_row(
+                    item,
+                    parsed,
+                    None,
+                    RejectReason.OVER_MIX_RATIO,
+                    f"beyond the mix quota: {allowed} synthetic rows for {real_train} real train rows "
+                    f"(synthetic_ratio={ctx.params.synthetic_ratio})",
+                )
+            )
             continue
         outcome = admit_synthetic(item, parsed, ctx)
         if not isinstance(outcome, tuple):

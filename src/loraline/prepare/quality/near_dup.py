@@ -118,7 +118,10 @@ class NearDuplicateIndex:
         return [self._check(key, sig, add=True) for key, sig in zip(keys, self.signatures(texts))]
 
     def check_signatures(
-        self, keys: Sequence[str], sigs: Sequence[np.ndarray | None], answers: Sequence[np.ndarray | None] | None = None,
+        self,
+        keys: Sequence[str],
+        sigs: Sequence[np.ndarray | None],
+        answers: Sequence[np.ndarray | None] | None = None,
     ) -> list[NearMatch | None]:
         """check_batch with the signatures computed elsewhere (signatures(), e.g. in another process).
 
@@ -228,8 +231,12 @@ class NearDuplicateIndex:
         return np.ascontiguousarray(np.minimum.reduceat(permuted, firsts, axis=1).T)
 
     def _datasketch_signature(self, shingles: list[bytes]) -> np.ndarray | None:
-        mh = MinHash(num_perm=self.params.num_perm, seed=self._seed, permutations=self._template.permutations,
-                     scheme=self._template.scheme)
+        mh = MinHash(
+            num_perm=self.params.num_perm,
+            seed=self._seed,
+            permutations=self._template.permutations,
+            scheme=self._template.scheme,
+        )
         if shingles:
             mh.update_batch(sorted(set(shingles)))
         return None if mh.is_empty() else mh.hashvalues

@@ -135,7 +135,9 @@ class PiiScrubber:
         if unknown:
             raise ValueError(f"unknown PII types {sorted(unknown)}; known: {', '.join(PII_TYPES)}")
         self.types = tuple(t for t in PII_TYPES if t in wanted)
-        self._rules = [(kind, pattern, valid, possible) for kind in self.types for pattern, valid, possible in RULES[kind]]
+        self._rules = [
+            (kind, pattern, valid, possible) for kind in self.types for pattern, valid, possible in RULES[kind]
+        ]
 
     def scrub(self, text: str) -> tuple[str, Counter]:
         """(text with each PII span replaced by its placeholder, occurrences by type)."""
