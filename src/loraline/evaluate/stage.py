@@ -152,7 +152,8 @@ class _TestSet:
 
 @dataclass(frozen=True)
 class _GeneralSet:
-    """The general-text sample (data/general/<tenant>): token rows, and sample.json's facts about where they came from."""
+    """The general-text sample (data/general/<tenant>): token rows, and sample.json's facts about where they came
+    from."""
 
     input_ids: list[list[int]]
     labels: list[list[int]]

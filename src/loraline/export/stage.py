@@ -301,14 +301,15 @@ def _enforce(report: dict[str, Any], name: str, tolerance: float, min_greedy_agr
         report["passed"] = False
         raise ExportError(
             f"ONNX {name} logits ({numbers['file']}) differ from {against} by {worst:.3g} > tolerance {tolerance:g} "
-            f"(prompt {numbers['max_abs_logit_diff']:.3g}, cached decoding {numbers['decode_max_abs_logit_diff']:.3g})",
+            f"(prompt {numbers['max_abs_logit_diff']:.3g}, cached "
+            f"decoding {numbers['decode_max_abs_logit_diff']:.3g})",
             report,
         )
     if numbers["greedy_agreement"] < min_greedy_agreement:
         report["passed"] = False
         raise ExportError(
-            f"ONNX {name} ({numbers['file']}) generates what {against} generates on {numbers['greedy_agreement']:.0%} of "
-            f"the probes < export.min_greedy_agreement {min_greedy_agreement:.0%}",
+            f"ONNX {name} ({numbers['file']}) generates what {against} generates on {numbers['greedy_agreement']:.0%} "
+            f"of the probes < export.min_greedy_agreement {min_greedy_agreement:.0%}",
             report,
         )
 

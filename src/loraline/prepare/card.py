@@ -92,11 +92,12 @@ def render_card(
         "",
         f"- kept: {s.kept} = train {s.splits.get('train', 0)} + validation {s.splits.get('validation', 0)} "
         f"+ test {s.splits.get('test', 0)} + documents {s.documents}",
-        f"- real: {s.by_source.get('real', {}).get('rows_in', 0)} in, {s.by_source.get('real', {}).get('kept', 0)} kept; "
-        f"synthetic: {syn.get('rows_in', 0)} in, {syn.get('kept', 0)} kept (quota {s.synthetic_quota})",
+        f"- real: {s.by_source.get('real', {}).get('rows_in', 0)} in, {s.by_source.get('real', {}).get('kept', 0)} "
+        f"kept; synthetic: {syn.get('rows_in', 0)} in, {syn.get('kept', 0)} kept (quota {s.synthetic_quota})",
         f"- exact duplicates: {s.duplicates}; near-duplicates: {s.near_duplicates}; contaminated: {s.contaminated}",
-        f"- conflicting answers: {s.conflicting_answers} rows over {s.conflicting_prompts} prompts asked with different "
-        f"answers (`conflicts={params.conflicts}`; rejected: {s.rejected_by_reason.get('conflicting_answers', 0)})",
+        f"- conflicting answers: {s.conflicting_answers} rows over {s.conflicting_prompts} prompts asked with "
+        f"different answers (`conflicts={params.conflicts}`; rejected: "
+        f"{s.rejected_by_reason.get('conflicting_answers', 0)})",
         f"- groups: {s.groups.get('groups', 0)} groups of rows sharing a context ({s.groups.get('rows', 0)} rows, "
         f"largest {s.groups.get('largest', 0)}), each whole in one split: "
         + ", ".join(f"{split} {n}" for split, n in s.groups.get("by_split", {}).items()),
@@ -105,22 +106,27 @@ def render_card(
         "",
         "## Filters and parameters",
         "",
-        f"- shape and length: `max_chars={params.max_chars}`, `max_tokens={params.max_tokens}`; rows holding the tokenizer's control tokens are rejected",
+        f"- shape and length: `max_chars={params.max_chars}`, `max_tokens={params.max_tokens}`; "
+        "rows holding the tokenizer's control tokens are rejected",
         "- exact duplicates: same normalized content (NFKC, whitespace collapsed); the first in file order is kept",
         f"- PII: `mode={params.pii.mode}`, `types={list(params.pii.types)}`",
-        f"- near-duplicates: `enabled={params.near_dedup.enabled}`, MinHash LSH over {params.near_dedup.shingle_words}-word "
-        f"shingles of the user and assistant turns, `threshold={params.near_dedup.threshold}`, `num_perm={params.near_dedup.num_perm}`; "
-        "the answers (assistant turns) must reach the threshold too, so rows asking different questions of one passage are kept",
+        f"- near-duplicates: `enabled={params.near_dedup.enabled}`, MinHash LSH over "
+        f"{params.near_dedup.shingle_words}-word shingles of the user and assistant turns, "
+        f"`threshold={params.near_dedup.threshold}`, `num_perm={params.near_dedup.num_perm}`; the answers (assistant "
+        "turns) must reach the threshold too, so rows asking different questions of one passage are kept",
         "- conflicting answers: the same prompt (system, user and tool turns, normalized) with a different answer; "
-        f"`conflicts={params.conflicts}` (keep: all kept; first: the first in file and row order kept, the others rejected; "
-        "reject: all rejected)",
+        f"`conflicts={params.conflicts}` (keep: all kept; first: the first in file and row order kept, the others "
+        "rejected; reject: all rejected)",
         f"- decontamination: `enabled={params.decontamination.enabled}`, {params.decontamination.ngram}-word n-grams, "
         f"a train/validation row is removed when `overlap >= {params.decontamination.threshold}` with one test row, "
-        "both in its text (user and assistant turns) and in its answer (assistant turns): sharing a passage is no copy",
-        f"- mix: `synthetic_ratio={params.synthetic_ratio}` (at most that many synthetic rows per real train row), seeded draw and MinHash `seed={seed}`",
-        f"- split by content hash: validation {params.split.validation}, test {params.split.test}, salt `{params.split.salt}`; "
-        "a row in a group (`sources[].group`, or the longest line of its first user turn when that turn holds more and the "
-        f"line has at least `group_min_chars={params.group_min_chars}` characters) by its group's key instead",
+        "both in its text (user and assistant turns) and in its "
+        "answer (assistant turns): sharing a passage is no copy",
+        f"- mix: `synthetic_ratio={params.synthetic_ratio}` (at most that many "
+        f"synthetic rows per real train row), seeded draw and MinHash `seed={seed}`",
+        f"- split by content hash: validation {params.split.validation}, test {params.split.test}, salt "
+        f"`{params.split.salt}`; a row in a group (`sources[].group`, or the longest line of its first user turn when "
+        "that turn holds more and the line has at least "
+        f"`group_min_chars={params.group_min_chars}` characters) by its group's key instead",
         "",
         "## Hashes",
         "",

@@ -140,7 +140,8 @@ def _explode(raw: RawRow, spec: SourceSpec, tenant: str) -> Iterator[RawRow | Re
             raw.row,
             path.root,
             RejectReason.EMPTY_FIELD,
-            f"{locate(raw.source_file, raw.row, path.text)}: is an empty list; explode has no element to make a row of",
+            f"{locate(raw.source_file, raw.row, path.text)}: is an "
+            "empty list; explode has no element to make a row of",
             raw.excerpt,
         )
         return

@@ -4,8 +4,9 @@ Documents are not split: they are unlabelled text (for continued pretraining or 
 answers to evaluate, so they live in their own dataset; they still count as kept.
 Each row is checked in order: read and map (tenants.<t>.sources), shape, max_chars, PII, control
 tokens, render, max_tokens, duplicate of a kept row (pass 1: first_pass.py, rows.py), then across rows
-conflicting answers (prepare.conflicts), decontamination and near-duplicates (pass 2: screening.py); synthetic rows (train only) follow
-the real ones, drawn in a seeded order, until the mix quota is reached (quality/mix.py). Rows stream
+conflicting answers (prepare.conflicts), decontamination and near-duplicates (pass 2: screening.py);
+synthetic rows (train only) follow the real ones, drawn in a seeded order, until the mix quota is
+reached (quality/mix.py). Rows stream
 through Arrow files (stores.py) and the per-row work runs in worker processes past ~8k rows
 (prepare.num_proc), with the same result for any number of them. A duplicate is
 only ever a duplicate of a kept row, so every row of duplicates.jsonl points at a row of the dataset.

@@ -172,7 +172,8 @@ def lock_header(flavour: str) -> str:
     )
     return (
         f"# The serving environment ({flavour}): {', '.join(REQUIREMENTS[flavour])} and everything it needs, exactly\n"
-        f"# pinned, installed with --no-deps. {left_out} Regenerate: python -m loraline.serve.environment --relock {flavour}\n"
+        f"# pinned, installed with --no-deps. {left_out} Regenerate: "
+        f"python -m loraline.serve.environment --relock {flavour}\n"
     )
 
 

@@ -62,7 +62,8 @@ def mix_synthetic(out: Collected, path: Path, ctx: RowContext, q: Quality, seed:
                     item.row,
                     "provenance",
                     reason,
-                    f"{locate(rel, item.row, 'provenance')}: a synthetic row needs its provenance object (generator, model, source)",
+                    f"{locate(rel, item.row, 'provenance')}: a synthetic row "
+                    "needs its provenance object (generator, model, source)",
                     item.excerpt,
                 )
             )
