@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -377,8 +378,6 @@ def _prepare_line(name: str, stats: Any) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import os
-
     started = time.perf_counter()
     # The whole pipeline runs from the project root (where dvc.yaml is), whichever folder of the
     # project it was started in; a relative --params path stays relative to where it was typed.
@@ -519,8 +518,6 @@ def _release(args: argparse.Namespace, params: Params, tenants: list[str]) -> No
 def _run_flow(args: argparse.Namespace, tenants: list[str]) -> str | None:
     """The Prefect flow (loraline.flows.pipeline); with no PREFECT_API_URL set, Prefect starts a
     temporary local server for the run (the embedded default)."""
-    import os
-
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from loraline.flows.pipeline import pipeline
 

@@ -48,6 +48,7 @@ metric) and the run's timing (reports/timing/evaluate@<tenant>.json).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -339,8 +340,6 @@ def _long_context_report(
     """For a candidate whose config extends the base's context (LongLoRA): perplexity by length and
     passkey retrieval for the base, the base with the candidate's rope scaling alone, the candidate,
     its full-attention twin when there is one, and production when it has the same context."""
-    import json
-
     from transformers import AutoConfig
 
     candidate_config = json.loads((Path(models["candidate"][0]) / "config.json").read_text(encoding="utf-8"))
@@ -631,8 +630,6 @@ def general_loss(model: Any, tok: Any, general: _GeneralSet, batch_size: int | s
 
 def load_general(general_dir: Path) -> _GeneralSet:
     """The prepare stage's general-text sample (rows.jsonl, sample.json in `general_dir`)."""
-    import json
-
     rows_path, facts_path = general_dir / GENERAL_ROWS, general_dir / GENERAL_SAMPLE
     if not (rows_path.is_file() and facts_path.is_file()):
         raise EvaluateError(

@@ -35,6 +35,7 @@ reads) and the run's timing (reports/timing/export@<tenant>.json).
 from __future__ import annotations
 
 import gc
+import inspect
 import shutil
 import time
 from collections.abc import Sequence
@@ -352,8 +353,6 @@ def _long_context_probe(config: Any, inputs: list[list[int]], max_new_tokens: in
 
 
 def _cache_kwarg(model: Any) -> str:
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
