@@ -16,24 +16,6 @@ from loraline.config import PrepareParams
 from loraline.prepare.schema import PrepareStats
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
-    ]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
-
-
-def generators(provenance: list[dict]) -> list[tuple[str, str, str, int]]:
-    """(generator, model, prompt_template_sha256, rows) for every distinct synthetic source, sorted."""
-    counts = Counter(
-        (str(p.get("generator", "?")), str(p.get("model") or "-"), str(p.get("prompt_template_sha256") or "-"))
-        for p in provenance
-    )
-    return [(*key, n) for key, n in sorted(counts.items())]
-
-
 def render_card(
     stats: PrepareStats,
     params: PrepareParams,
@@ -45,17 +27,30 @@ def render_card(
     code: dict,
     seed: int,
 ) -> str:
-    s = stats
-    syn = s.by_source.get("synthetic", {})
     lines = [
-        f"# Dataset card: {s.tenant}",
+        f"# Dataset card: {stats.tenant}",
         "",
         "Written by loraline's `prepare` stage with the dataset (`dataset/`: train, validation, test; "
         "`documents/`: plain documents). Synthetic rows are in train only; validation and test are real.",
         "",
         "## Sources",
         "",
+        *_sources(stats, raw_files, synthetic_file, synthetic_provenance),
+        "",
+        *_counts(stats, params),
+        "",
+        *_filters(params, seed),
+        "",
+        *_hashes(stats, dataset_hash, code),
+        "",
     ]
+    return "\n".join(lines)
+
+
+def _sources(
+    s: PrepareStats, raw_files: dict[str, str], synthetic_file: str | None, synthetic_provenance: list[dict]
+) -> list[str]:
+    """Each raw file's reconciliation with its sha256, then the synthetic rows by generator."""
     file_rows = []
     for rel, c in sorted(s.by_file.items()):
         digest = raw_files.get(rel, s.synthetic_hash if synthetic_file and rel.endswith(synthetic_file) else "")
@@ -71,7 +66,7 @@ def render_card(
                 f"`{digest}`" if digest else "-",
             ]
         )
-    lines += _table(
+    lines = _table(
         ["file", "rows in", "kept", "rejected", "duplicates", "near-duplicates", "contaminated", "sha256"], file_rows
     )
     lines.append("")
@@ -83,8 +78,13 @@ def render_card(
         )
     else:
         lines.append("Synthetic rows: none (no synthetic rows file).")
-    lines += [
-        "",
+    return lines
+
+
+def _counts(s: PrepareStats, params: PrepareParams) -> list[str]:
+    """Where every input row went: kept (by split and source), rejected (by reason) or removed."""
+    syn = s.by_source.get("synthetic", {})
+    return [
         "## Counts",
         "",
         f"rows_in = kept + rejected + duplicates + near_duplicates + contaminated: "
@@ -103,7 +103,12 @@ def render_card(
         + ", ".join(f"{split} {n}" for split, n in s.groups.get("by_split", {}).items()),
         f"- PII ({params.pii.mode}): {s.pii_rows} rows; " + ", ".join(f"{kind} {n}" for kind, n in s.pii.items()),
         "- rejected by reason: " + (", ".join(f"{r} {n}" for r, n in s.rejected_by_reason.items() if n) or "none"),
-        "",
+    ]
+
+
+def _filters(params: PrepareParams, seed: int) -> list[str]:
+    """Which filters ran, with which parameters."""
+    return [
         "## Filters and parameters",
         "",
         f"- shape and length: `max_chars={params.max_chars}`, `max_tokens={params.max_tokens}`; "
@@ -127,7 +132,12 @@ def render_card(
         f"`{params.split.salt}`; a row in a group (`sources[].group`, or the longest line of its first user turn when "
         "that turn holds more and the line has at least "
         f"`group_min_chars={params.group_min_chars}` characters) by its group's key instead",
-        "",
+    ]
+
+
+def _hashes(s: PrepareStats, dataset_hash: str, code: dict) -> list[str]:
+    """The hashes that pin data, tokenizer and code."""
+    return [
         "## Hashes",
         "",
         f"- raw data (tree): `{s.data_hash}`",
@@ -135,9 +145,25 @@ def render_card(
         f"- dataset (tree of `dataset/`): `{dataset_hash}`",
         f"- tokenizer: `{s.tokenizer or '(in memory)'}`, `{s.tokenizer_hash}`",
         f"- code: `{code['sha256']}` ({code['modules']} modules of loraline)",
-        "",
     ]
-    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def generators(provenance: list[dict]) -> list[tuple[str, str, str, int]]:
+    """(generator, model, prompt_template_sha256, rows) for every distinct synthetic source, sorted."""
+    counts = Counter(
+        (str(p.get("generator", "?")), str(p.get("model") or "-"), str(p.get("prompt_template_sha256") or "-"))
+        for p in provenance
+    )
+    return [(*key, n) for key, n in sorted(counts.items())]
 
 
 def raw_file_hashes(raw_dir: Path, by_file: dict) -> dict[str, str]:
