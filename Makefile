@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test check clean-outputs serve-env serve test-serve
+.PHONY: setup run lint test check clean-outputs serve-env serve test-serve
 
 # torch through pip, so that the machine's pip configuration (a CUDA index, a local wheel folder)
 # picks the build; everything else through uv, which installs the same versions in seconds where
@@ -24,12 +24,17 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/loraline run
 
+# Formatting and lint findings (ruff, configured in pyproject.toml) fail before any test runs.
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
 # The test suite: unit tests plus the end-to-end tests on a tiny configuration (`dvc repro`, Prefect,
 # and serving through the real vLLM server, which needs the serving environment).
 # Test files run TEST_WORKERS at a time (pytest-xdist): the end-to-end ones spend much of their time
 # starting stage processes, so two share 2 cores well.
 TEST_WORKERS ?= 2
-test: setup serve-env
+test: setup serve-env lint
 	HF_HUB_OFFLINE=1 LORALINE_SERVE_PYTHON=$(CURDIR)/.serve-venv/bin/python $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 check: setup

@@ -131,7 +131,8 @@ def main() -> int:
     for r in rows:
         cells = " | ".join(f"{r['fields'].get(f, float('nan')):.3f}" for f in fields)
         print(
-            f"| {r['variant']} | {r['steps']} | {r['train_s']} | {r['exact_match']:.3f} | {r['json_field_accuracy']:.3f} | {cells} |"
+            f"| {r['variant']} | {r['steps']} | {r['train_s']} | "
+            f"{r['exact_match']:.3f} | {r['json_field_accuracy']:.3f} | {cells} |"
         )
     return 1 if failed else 0
 

@@ -50,7 +50,8 @@ BASELINE_REV = "4f40589"
 BATCH = 1024  # rows per render_batch / check_batch call
 TEMPLATES = [
     "Hello, my order {order} with the {a} {b} arrived {c} but {d} {e} {f}. Could you {g} it please? {h} {i} {j}.",
-    "Subject: {a} {b}\n\nHi team,\n{c} {d} {e} since {f}. I {g} {h} and {i} the {j}. Order {order}.\n\nThanks,\n{name}",
+    "Subject: {a} {b}\n\nHi team,\n{c} {d} {e} since {f}. I {g} "
+    "{h} and {i} the {j}. Order {order}.\n\nThanks,\n{name}",
     "Can you tell me how to {a} the {b} {c}? I tried {d} and {e} but {f} keeps {g}. It is {h} {i} {j}.",
 ]
 
@@ -207,7 +208,8 @@ def table(results: dict[str, dict], rows: int, quality_seconds: float, total: fl
         b = s.get("baseline")
         base = f"{b['rows_per_s']:,} | {s['speedup']:.2f}x | {'yes' if b['same_results'] else 'NO'}" if b else " | | "
         lines.append(
-            f"| {name} | {s['rows']:,} | {s['seconds']:.2f} | {s['rows_per_s']:,} | {base} | {s['rss_mib']:,} | {s['peak_mib']:,} |"
+            f"| {name} | {s['rows']:,} | {s['seconds']:.2f} | {s['rows_per_s']:,} "
+            f"| {base} | {s['rss_mib']:,} | {s['peak_mib']:,} |"
         )
     for name, seconds in (("quality path (all but render)", quality_seconds), ("all steps", total)):
         lines.append(f"| **{name}** | {rows:,} | {seconds:.2f} | **{round(rows / seconds):,}** | | | | | |")

@@ -197,7 +197,8 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
     print(
-        f"\nheld-out: {len(held_out)} rows of test documents, {len(stream)} tokens; {args.steps} steps of {args.target} tokens"
+        f"\nheld-out: {len(held_out)} rows of test documents, "
+        f"{len(stream)} tokens; {args.steps} steps of {args.target} tokens"
     )
     head = "".join(f"{'ppl@' + str(n):>11}" for n in lengths) + "".join(f"{'key@' + str(n):>9}" for n in lengths)
     print(f"{'model':<10}{head}{'s/step':>8}{'stage s':>9}")

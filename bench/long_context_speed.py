@@ -146,7 +146,8 @@ def main() -> None:
             print(f"{r['length']:>7} {r['mode']:>5}  error: {r['error'][-120:]!r}")
         else:
             print(
-                f"{r['length']:>7} {r['mode']:>5} {r['s_per_step']:>8} {r['tokens_per_s']:>8} {r['peak_gib']:>9} {up:>9}"
+                f"{r['length']:>7} {r['mode']:>5} {r['s_per_step']:>8} "
+                f"{r['tokens_per_s']:>8} {r['peak_gib']:>9} {up:>9}"
             )
 
 

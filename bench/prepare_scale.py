@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     r = result
     print(
         f"| {r['rows_in']:,} | {r['file_mb']:,} | {r['kept']:,} | {r['rejected']:,} | {r['duplicates']:,} | "
-        f"{r['near_duplicates']:,} | {r['contaminated']:,} | {r['seconds']} | {r['rows_per_s']:,} | {r['peak_rss_mib']:,} |"
+        f"{r['near_duplicates']:,} | {r['contaminated']:,} | "
+        f"{r['seconds']} | {r['rows_per_s']:,} | {r['peak_rss_mib']:,} |"
     )
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -352,13 +352,15 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     print(
-        f"\n| model ({tenant}, groups of {args.group_size}) | answer loss | exact match | token F1 | field acc | MB | x fp32 | tok/s |"
+        f"\n| model ({tenant}, groups of {args.group_size}) | answer loss "
+        "| exact match | token F1 | field acc | MB | x fp32 | tok/s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r['model']} | {r['answer_loss']:.4f} | {r.get('exact_match', 0):.3f} | {r.get('token_f1', 0):.3f} | "
-            f"{r.get('json_field_accuracy', float('nan')):.3f} | {r['bytes'] / 1e6:.2f} | {r['bytes'] / float_bytes:.2f} | {r['tokens_per_s']} |"
+            f"{r.get('json_field_accuracy', float('nan')):.3f} | {r['bytes'] / 1e6:.2f} "
+            f"| {r['bytes'] / float_bytes:.2f} | {r['tokens_per_s']} |"
         )
     if args.scratch is None:
         shutil.rmtree(scratch, ignore_errors=True)

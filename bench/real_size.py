@@ -234,10 +234,10 @@ class Bench:
             f"merge.dtype {a.merge_dtype}{loose}; {graphs}; train: params.yaml's train section (batch_size auto), "
             f"acme-shop's tiny-base recipe dropped" + (f", max_steps {a.max_steps}" if a.max_steps else ""),
             "wall s: the stage's process (imports and CUDA set-up included); peak GPU: max_memory_allocated in it "
-            "(in brackets: the card's peak used memory, every process, from nvidia-smi); peak RSS: the process or its largest child; "
-            "bytes: files new or changed under the project (the tenant's: every stage but base)",
-            f"goals (issue 36, apply to llama-8b): [adapter] <= {GOAL_ADAPTER_S // 60} min with train >= half; full <= "
-            f"{GOAL_FULL_S // 60} min; [adapter] bytes <= 2 x adapter folder + bytes outside models/ (checkpoints, "
+            "(in brackets: the card's peak used memory, every process, from nvidia-smi); peak RSS: the process or its "
+            "largest child; bytes: files new or changed under the project (the tenant's: every stage but base)",
+            f"goals (issue 36, apply to llama-8b): [adapter] <= {GOAL_ADAPTER_S // 60} min with train >= half; full "
+            f"<= {GOAL_FULL_S // 60} min; [adapter] bytes <= 2 x adapter folder + bytes outside models/ (checkpoints, "
             "resumable state in models/checkpoints, shown apart)",
         ]
 
@@ -723,8 +723,8 @@ def render_table(rows: list[dict[str, Any]], notes: list[str]) -> str:
             rss = max(r.get("peak_rss_gib", 0.0), r.get("peak_rss_children_gib", 0.0))
             card = f" ({r['device_peak_used_gib']:.1f})" if r.get("device_peak_used_gib") is not None else ""
             lines.append(
-                f"| {r['shape']} | {targets} | {stage} | {r['wall_s']:.1f} | {r.get('peak_gpu_alloc_gib', 0.0):.2f}{card} | "
-                f"{rss:.2f} | {human(r.get('bytes_written', 0))} |"
+                f"| {r['shape']} | {targets} | {stage} | {r['wall_s']:.1f} | "
+                f"{r.get('peak_gpu_alloc_gib', 0.0):.2f}{card} | {rss:.2f} | {human(r.get('bytes_written', 0))} |"
             )
         else:
             total = "end to end" if r["finished"] else f"end to end (stopped at {r['failed_stage']})"
@@ -744,7 +744,8 @@ def render_table(rows: list[dict[str, Any]], notes: list[str]) -> str:
                 f"(train {r['train_s']:.0f} s, {r['train_s'] / max(r['end_to_end_s'], 1e-9):.0%}); tenant bytes "
                 f"{human(r['tenant_bytes'])} = models {human(r['tenant_bytes_models'])} + outside models "
                 f"{human(r['tenant_bytes_outside_models'])} + checkpoints {human(r['checkpoint_bytes'])}; adapter "
-                f"{human(r['adapter_bytes'])}; gate {'PASS' if r['gate_passed'] else 'FAIL' if r['gate_passed'] is False else '-'}"
+                f"{human(r['adapter_bytes'])}; gate "
+                f"{'PASS' if r['gate_passed'] else 'FAIL' if r['gate_passed'] is False else '-'}"
                 + (f"; goals: {goals}" if goals else "")
             )
     errors = [r for r in rows if r.get("error")]

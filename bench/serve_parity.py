@@ -8,7 +8,8 @@ generate. The answers are compared as text.
 Start the server first (in the serving environment), with the adapters made servable:
 
     python -c "from loraline.serve.adapters import make_servable; \\
-               [make_servable(f'models/adapters/{t}', 'models/base', f'/tmp/servable/{t}') for t in ('acme-shop', 'globex-it')]"
+               [make_servable(f'models/adapters/{t}', 'models/base', f'/tmp/servable/{t}') \\
+                for t in ('acme-shop', 'globex-it')]"
     VLLM_CPU_KVCACHE_SPACE=1 .serve-venv/bin/python -m vllm.entrypoints.openai.api_server --model models/base \\
         --enable-lora --max-lora-rank 256 --max-model-len 1024 --dtype float32 --enforce-eager --port 8011 \\
         --lora-modules acme-shop=/tmp/servable/acme-shop globex-it=/tmp/servable/globex-it

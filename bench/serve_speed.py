@@ -5,15 +5,17 @@ data/prepared/<tenant>): the trained adapters are made servable (serve.adapters)
 16 tenant names (`t00`..`t15`, cycling over the real tenants), then one vLLM server (the serving
 environment) serves them all. By default each adapter is its rank-16 LoRA pairs alone, as the issue
 specifies and as a real base's adapters are; `--servable` serves the production adapters as they
-are (their trained embeddings as rank-256 LoRA, see serve.adapters). Requests are the held-out test prompts of the real tenants, sent to
-/v1/completions as token ids, greedy, at concurrency 1, 8 and 32, spread round-robin over 1, 4 or
-16 of the tenant names. Reported per cell: output tokens/s, p50 and p95 request latency.
+are (their trained embeddings as rank-256 LoRA, see serve.adapters). Requests are the held-out test
+prompts of the real tenants, sent to /v1/completions as token ids, greedy, at concurrency 1, 8 and
+32, spread round-robin over 1, 4 or 16 of the tenant names. Reported per cell: output tokens/s, p50
+and p95 request latency.
 
 The baseline is what a team without multi-LoRA serving does: one merged model per tenant in
 transformers, one request at a time (greedy generate with the KV cache), on the same prompts.
 
     make run && make serve-env
-    .venv/bin/python bench/serve_speed.py --python .serve-venv/bin/python --requests 64 --out bench/results/serve_speed.jsonl
+    .venv/bin/python bench/serve_speed.py --python .serve-venv/bin/python --requests 64 \\
+        --out bench/results/serve_speed.jsonl
 
 Prints one JSON line per cell, then a table with the ratios the issue asks for.
 """
@@ -176,7 +178,8 @@ def main() -> None:
     ap.add_argument(
         "--servable",
         action="store_true",
-        help="serve the production adapters as they are (trained embeddings as rank-256 LoRA) instead of their rank-r LoRA pairs",
+        help="serve the production adapters as they are (trained embeddings "
+        "as rank-256 LoRA) instead of their rank-r LoRA pairs",
     )
     a = ap.parse_args()
 

@@ -236,14 +236,16 @@ def launch(shape: str, gpus: int, timeout: int) -> dict:
                 "shape": shape,
                 "gpus": gpus,
                 "fits": None,
-                "error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else ''}",
+                "error": f"exit {proc.returncode}: "
+                f"{proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else ''}",
             }
         return lines[0]
 
 
 def table(results: list[dict]) -> str:
     rows = [
-        "| shape | GPUs | trains | peak GiB per GPU | 4-bit layer weights per GPU (of all) | whole on every GPU | useful tokens/s |",
+        "| shape | GPUs | trains | peak GiB per GPU "
+        "| 4-bit layer weights per GPU (of all) | whole on every GPU | useful tokens/s |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -254,7 +256,8 @@ def table(results: list[dict]) -> str:
             )
         else:
             rows.append(
-                f"| {r['shape']} | {r['gpus']} | no: {r.get('error', '')[:80]} | {r.get('peak_gib', '-')} | - | - | - |"
+                f"| {r['shape']} | {r['gpus']} | no: {r.get('error', '')[:80]} "
+                f"| {r.get('peak_gib', '-')} | - | - | - |"
             )
     return "\n".join(rows)
 

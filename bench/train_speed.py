@@ -340,7 +340,8 @@ def agreement(reference: dict, final: dict) -> dict:
 def table(results: list[dict], tflops: float | None) -> str:
     peers = {r["shape"]: r for r in results if r["recipe"] == "peer-textbook-qlora"}
     rows = [
-        "| shape | recipe | GPUs | useful tokens/s | peak GiB per GPU | speed vs peer | memory vs peer | MFU per GPU |",
+        "| shape | recipe | GPUs | useful tokens/s | peak GiB per GPU "
+        "| speed vs peer | memory vs peer | MFU per GPU |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -353,7 +354,8 @@ def table(results: list[dict], tflops: float | None) -> str:
         name = r["recipe"] if r["recipe"] != "loraline" else f"loraline ({r['config']})"
         gpus = r.get("devices", 1)
         rows.append(
-            f"| {r['shape']} | {name} | {gpus} | {r['useful_tokens_per_s']:,} | {r['peak_gib']} | {speed} | {mem} | {mfu} |"
+            f"| {r['shape']} | {name} | {gpus} | {r['useful_tokens_per_s']:,} "
+            f"| {r['peak_gib']} | {speed} | {mem} | {mfu} |"
         )
     for r in results:  # does each recipe learn the workload (QA-LoRA's pooled adapter beside QLoRA's)
         losses = r.get("train_losses") if r["recipe"] == "loraline" and not r.get("agree") else None
@@ -476,7 +478,8 @@ def main() -> None:
                 final = our_params(shape, configs[-1])
                 if not isinstance(final.batch_size, int):
                     sys.exit(
-                        f"--agree-steps compares with the last --config at a fixed batch; {configs[-1]} has batch_size {final.batch_size}"
+                        "--agree-steps compares with the last --config at a fixed "
+                        f"batch; {configs[-1]} has batch_size {final.batch_size}"
                     )
                 # The same optimizer steps: the reference takes the final micro-batch in halves or
                 # single rows (grad_accum), since the unoptimized path needs more memory per row.

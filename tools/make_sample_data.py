@@ -1602,7 +1602,37 @@ working day, and the email team can forward their mail to the manager for 30 day
 # ====================================================================================== README
 
 
+# The field rows of the README's acme-shop table (each ends its line).
+ACME_FIELDS = (
+    "| `intent` | `refund`, `return`, `exchange`, `track`, `cancel`, `change_address` | the request wording: refund "
+    "/ money back / charged twice -> refund; return / send back / return label -> return; swap / exchange / "
+    "replacement / different size or colour -> exchange; where is / tracking / status / dispatched -> track; cancel "
+    "/ void -> cancel; new / wrong / change of address, redirect -> change_address |\n"
+    "| `order` | a 5-digit string | the only 5-digit number in the email (`order #48213`, `order no. 48213`, "
+    "`#48213`, ...) |\n"
+    "| `category` | `kitchen`, `bedding`, `bath`, `lighting`, `furniture`, `decor` | the product named (10 fixed "
+    "products per category, e.g. cast-iron skillet -> kitchen, brass floor lamp -> lighting) |\n"
+    "| `urgent` | `true` / `false` | true only with an explicit urgency phrase (urgent, ASAP, as soon as possible, "
+    'right away, immediately, today, time-sensitive, "URGENT:" subject); "no rush" phrases appear only on false '
+    "rows |\n"
+)
+# The field rows of the README's globex-it table (each ends its line).
+GLOBEX_FIELDS = (
+    "| `team` | `network`, `identity`, `hardware`, `email`, `database` | ticket vocabulary: VPN / Wi-Fi / DNS / "
+    "port / switch / firewall -> network; password / locked out / MFA / SSO / Okta / access group / account -> "
+    "identity; laptop / dock / monitor / printer / keyboard / headset -> hardware; Outlook / mailbox / shared "
+    "mailbox / distribution list / calendar invites / bounce / phishing -> email; database / SQL / Postgres / query "
+    "/ replication / backup / ETL -> database |\n"
+    "| `priority` | `P1`, `P2`, `P3`, `P4` | impact sentence: whole office / site / department / floor affected -> "
+    "P1; one user completely blocked, can't work -> P2; annoying, workaround, now and then, slows me down -> P3; a "
+    "question or request (how do I, could I get, please create), nothing broken -> P4 |\n"
+)
+
+
 def readme(acme: Builder, globex: Builder, acme_stats: dict, globex_stats: dict) -> str:
+    def sorted_json(label_counts: dict) -> str:
+        return json.dumps(label_counts, sort_keys=True)
+
     def defects(b: Builder) -> str:
         out = ["| file | row | expected | field | defect |", "|---|---|---|---|---|"]
         for r in sorted(b.rejects, key=lambda r: (r["file"], r["row"] or 0)):
@@ -1652,19 +1682,15 @@ JSON object with a fixed key order:
 
 | field | values | cue |
 |---|---|---|
-| `intent` | `refund`, `return`, `exchange`, `track`, `cancel`, `change_address` | the request wording: refund / money back / charged twice -> refund; return / send back / return label -> return; swap / exchange / replacement / different size or colour -> exchange; where is / tracking / status / dispatched -> track; cancel / void -> cancel; new / wrong / change of address, redirect -> change_address |
-| `order` | a 5-digit string | the only 5-digit number in the email (`order #48213`, `order no. 48213`, `#48213`, ...) |
-| `category` | `kitchen`, `bedding`, `bath`, `lighting`, `furniture`, `decor` | the product named (10 fixed products per category, e.g. cast-iron skillet -> kitchen, brass floor lamp -> lighting) |
-| `urgent` | `true` / `false` | true only with an explicit urgency phrase (urgent, ASAP, as soon as possible, right away, immediately, today, time-sensitive, "URGENT:" subject); "no rush" phrases appear only on false rows |
-
+{ACME_FIELDS}
 The question arrives in three shapes: alpaca (`instruction` / `input` / `output`, the instruction is
 one of a few variants of "Extract the order request as JSON."), prompt/completion CSV (the prompt is
 the instruction, a blank line and the email), and OpenAI chat (`messages` with a system prompt, the
 email as the user turn and the JSON as the assistant turn). Three plain documents describe the shop's
 policies.
 
-Label counts over valid rows: intent {json.dumps(acme_stats["intent"], sort_keys=True)};
-category {json.dumps(acme_stats["category"], sort_keys=True)}; urgent {json.dumps(acme_stats["urgent"], sort_keys=True)}.
+Label counts over valid rows: intent {sorted_json(acme_stats["intent"])};
+category {sorted_json(acme_stats["category"])}; urgent {sorted_json(acme_stats["urgent"])}.
 
 {counts(acme)}
 
@@ -1682,17 +1708,15 @@ An IT service desk's tickets. The answer is a compact JSON routing decision:
 
 | field | values | cue |
 |---|---|---|
-| `team` | `network`, `identity`, `hardware`, `email`, `database` | ticket vocabulary: VPN / Wi-Fi / DNS / port / switch / firewall -> network; password / locked out / MFA / SSO / Okta / access group / account -> identity; laptop / dock / monitor / printer / keyboard / headset -> hardware; Outlook / mailbox / shared mailbox / distribution list / calendar invites / bounce / phishing -> email; database / SQL / Postgres / query / replication / backup / ETL -> database |
-| `priority` | `P1`, `P2`, `P3`, `P4` | impact sentence: whole office / site / department / floor affected -> P1; one user completely blocked, can't work -> P2; annoying, workaround, now and then, slows me down -> P3; a question or request (how do I, could I get, please create), nothing broken -> P4 |
-
+{GLOBEX_FIELDS}
 Shapes: sharegpt in Parquet (`id`, `conversations` of `from` system/human/gpt and `value`; 70% of rows
 carry a system turn), and OpenAI `messages` in JSONL (80% with a system turn; about a third are
 multi-turn: after the first answer the user follows up, saying the impact changed (re-prioritise) or
 that the problem is really elsewhere (re-route, same priority), and the assistant answers again).
 Three plain documents: the priority/routing reference, a VPN runbook and a password/MFA FAQ.
 
-Label counts over all assistant answers in valid rows: team {json.dumps(globex_stats["team"], sort_keys=True)};
-priority {json.dumps(globex_stats["priority"], sort_keys=True)}.
+Label counts over all assistant answers in valid rows: team {sorted_json(globex_stats["team"])};
+priority {sorted_json(globex_stats["priority"])}.
 
 {counts(globex)}
 

@@ -232,7 +232,8 @@ class SourceParams(_Section):
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="canonical field -> a field path (meta.answer, instances[0].output) or a template ('{context} {question}'); empty: shape detection",
+        description="canonical field -> a field path (meta.answer, instances[0].output) "
+        "or a template ('{context} {question}'); empty: shape detection",
     )
     explode: str | None = Field(
         None, description="A list field: each element becomes one row, addressed as item (item.output)"
@@ -321,8 +322,8 @@ class PrepareParams(_Section):
         200,
         ge=1,
         description="Rows whose first user turn holds a line of at least this many characters besides other text (a "
-        "passage and a question) are grouped by that line: a group goes whole to one split; tenants.<t>.sources[].group "
-        "names the group instead; null: no automatic groups",
+        "passage and a question) are grouped by that line: a group goes whole to one split; "
+        "tenants.<t>.sources[].group names the group instead; null: no automatic groups",
     )
     conflicts: Literal["keep", "first", "reject"] = Field(
         "keep",
@@ -365,8 +366,8 @@ class LongContextParams(_Section):
     )
     reference: bool = Field(
         False,
-        description="Also train a full-attention twin of the same budget (same data, steps and seed; doubles the train "
-        "stage's time), which the evaluation reports beside the S2-Attn adapter",
+        description="Also train a full-attention twin of the same budget (same data, steps and seed; doubles the "
+        "train stage's time), which the evaluation reports beside the S2-Attn adapter",
     )
 
     @property
@@ -379,7 +380,8 @@ class LongContextParams(_Section):
         if abs(group - round(group)) > 1e-9 or self.target_len % round(group) or round(group) % 2:
             raise ValueError(
                 f"group_ratio {self.group_ratio} does not divide target_len {self.target_len} into groups of an even "
-                "number of tokens (S2-Attn shifts half the heads by half a group); e.g. 0.25 or 0.125 with a power-of-two target_len"
+                "number of tokens (S2-Attn shifts half the heads by half a "
+                "group); e.g. 0.25 or 0.125 with a power-of-two target_len"
             )
         if len(set(self.trainable)) != len(self.trainable):
             raise ValueError(f"trainable lists an entry twice: {self.trainable}")
@@ -400,8 +402,9 @@ class QALoRAParams(_Section):
     )
     reference: bool = Field(
         False,
-        description="Also train the tenant's QLoRA twin (method lora: same data, steps and seed; doubles the train stage's "
-        "time), which the evaluation compares with: merged in float, and rounded to these bits and groups after training",
+        description="Also train the tenant's QLoRA twin (method lora: same data, steps and seed; doubles the train "
+        "stage's time), which the evaluation compares with: merged in "
+        "float, and rounded to these bits and groups after training",
     )
 
 
@@ -446,7 +449,8 @@ class TrainParams(_Section):
     loraplus_lr_ratio: float | None = Field(
         None,
         gt=0,
-        description="LoRA+: LoRA's B matrices learn at learning_rate times this (the paper suggests 16); null: one rate",
+        description="LoRA+: LoRA's B matrices learn at learning_rate "
+        "times this (the paper suggests 16); null: one rate",
     )
     modules_to_save_learning_rate: float | None = Field(
         None,
@@ -464,8 +468,9 @@ class TrainParams(_Section):
         8,
         description="Packed rows per micro-batch, per device. auto: 2 on the CPU; on CUDA the most rows (up to 16 "
         "and the dataset's packed rows) that fit the GPU's free memory, measured with the model loaded "
-        "(loraline.train.autobatch; single-device runs only). The micro-batch changes, grad_accum still multiplies it, "
-        "so the tokens per optimizer step scale with the GPU; train_record.json's `batch` says what was resolved and how",
+        "(loraline.train.autobatch; single-device runs only). The micro-batch changes, grad_accum still multiplies "
+        "it, so the tokens per optimizer step scale with the GPU; "
+        "train_record.json's `batch` says what was resolved and how",
     )
     grad_accum: int = Field(1, ge=1)
     packing: bool = True
@@ -475,20 +480,24 @@ class TrainParams(_Section):
         1.0,
         gt=0,
         le=1,
-        description="With gradient_checkpointing: share of decoder layers checkpointed (the first ones); the rest keep activations",
+        description="With gradient_checkpointing: share of decoder layers "
+        "checkpointed (the first ones); the rest keep activations",
     )
     fused_cross_entropy: bool = Field(
         True,
-        description="Loss from hidden states chunk by chunk, never materializing [tokens x vocab] logits (exact; plain path for unsupported heads)",
+        description="Loss from hidden states chunk by chunk, never materializing "
+        "[tokens x vocab] logits (exact; plain path for unsupported heads)",
     )
     cross_entropy_chunk: int = Field(1024, ge=1, description="Tokens per chunk of the fused cross-entropy")
     varlen_attention: bool = Field(
         True,
-        description="Packed rows attend one example at a time, micro-batch as one row without pad tokens: flash varlen on CUDA, SDPA per example elsewhere (off: SDPA with a block-diagonal mask over each packed row)",
+        description="Packed rows attend one example at a time, micro-batch as one row without pad tokens: flash "
+        "varlen on CUDA, SDPA per example elsewhere (off: SDPA with a block-diagonal mask over each packed row)",
     )
     upcast_non_quantized: bool = Field(
         False,
-        description="4-bit bases: cast embeddings, norms and lm_head to fp32 (peft's prepare_model_for_kbit_training); off keeps the compute dtype",
+        description="4-bit bases: cast embeddings, norms and lm_head to fp32 "
+        "(peft's prepare_model_for_kbit_training); off keeps the compute dtype",
     )
     eval_every: int = Field(50, ge=1)
     save_every: int = Field(100, ge=1)
@@ -527,8 +536,8 @@ class TrainParams(_Section):
             return self
         if self.max_seq_len < lc.target_len:
             raise ValueError(
-                f"long_context.target_len is {lc.target_len} but max_seq_len is {self.max_seq_len}: set max_seq_len to at "
-                "least target_len, or training never sees a row as long as the context it extends to"
+                f"long_context.target_len is {lc.target_len} but max_seq_len is {self.max_seq_len}: set max_seq_len "
+                "to at least target_len, or training never sees a row as long as the context it extends to"
             )
         if self.sharding == "fsdp":
             raise ValueError(
@@ -730,9 +739,9 @@ class EvaluateParams(_Section):
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="Test rows scored and generated at once (left-padded); on the CPU the answers do not depend "
-        "on it. auto: 32 on the CPU; on CUDA as many rows (up to 256) as the card's memory holds beside the loaded model "
-        "(evaluate/batching.py: from the card's total memory, so a card of one kind always picks the same number), "
-        "halved and retried on an out-of-memory error. metrics.json's `batch_rows` says what was used",
+        "on it. auto: 32 on the CPU; on CUDA as many rows (up to 256) as the card's memory holds beside the loaded "
+        "model (evaluate/batching.py: from the card's total memory, so a card of one kind always picks the same "
+        "number), halved and retried on an out-of-memory error. metrics.json's `batch_rows` says what was used",
     )
     device: Device = Field(
         "auto",
@@ -791,8 +800,8 @@ class JudgeParams(_Section):
     """evaluate.judge: the model asked which of two answers to a test row is better (evaluate/judge.py)."""
 
     endpoint: SynthEndpointParams = Field(
-        description="The judge's server, as synthesize.endpoint: base_url, api_key_env (the key is sent to base_url only, "
-        "in the Authorization header), requests_per_minute, max_retries, backoff_s, timeout_s"
+        description="The judge's server, as synthesize.endpoint: base_url, api_key_env (the key is sent to base_url "
+        "only, in the Authorization header), requests_per_minute, max_retries, backoff_s, timeout_s"
     )
     model: str = Field(min_length=1, description="The model name sent to the endpoint")
     rubric: str | None = Field(
@@ -807,7 +816,8 @@ class JudgeParams(_Section):
     max_rows: int | None = Field(
         100,
         ge=1,
-        description="Test rows judged: the first max_rows of those evaluated, each judged twice (both orders); null: all",
+        description="Test rows judged: the first max_rows of those "
+        "evaluated, each judged twice (both orders); null: all",
     )
     max_tokens: int = Field(256, ge=1, description="Most tokens of one verdict reply")
     seed: int = Field(
@@ -844,7 +854,8 @@ class SynthesizeParams(_Section):
 
     generator: Literal["offline", "hf", "openai"] = Field(
         "offline",
-        description="offline: rule-based, no model; hf: a transformers teacher model; openai: an OpenAI-compatible endpoint",
+        description="offline: rule-based, no model; hf: a transformers "
+        "teacher model; openai: an OpenAI-compatible endpoint",
     )
     model: str | None = Field(
         None, description="hf: model id or local path; openai: the model name sent to the endpoint"
@@ -913,9 +924,10 @@ class DeployParams(_Section):
 
     targets: list[DeployTarget] = Field(
         default_factory=lambda: list(DEPLOY_TARGETS),
-        description="adapter: the adapter served on the shared base (loraline serve); merged: a standalone Hugging Face "
-        "folder (models/merged/<t>); onnx: its ONNX export (models/onnx/<t>). Without merged, the merge stage writes only "
-        "its report (the probes' reference answers, from base + adapter) and the gate's evidence is the adapter on the base",
+        description="adapter: the adapter served on the shared base (loraline serve); merged: a standalone Hugging "
+        "Face folder (models/merged/<t>); onnx: its ONNX export (models/onnx/<t>). Without merged, the merge stage "
+        "writes only its report (the probes' reference answers, from base "
+        "+ adapter) and the gate's evidence is the adapter on the base",
     )
 
     @field_validator("targets")
@@ -979,7 +991,8 @@ class CanaryParams(_Section):
         50,
         ge=1,
         description="Answers (successes and server errors; client 4xx do not count) the promoted version needs on "
-        "one replica before that replica decides; below fraction 1, the previous version needs as many for the latency comparison",
+        "one replica before that replica decides; below fraction 1, "
+        "the previous version needs as many for the latency comparison",
     )
     max_error_rate: float = Field(
         0.02,
@@ -1009,7 +1022,8 @@ class ServeParams(_Section):
     max_lora_rank: int | None = Field(
         None,
         ge=1,
-        description="vLLM --max-lora-rank (null: the largest rank among the servable adapters, rounded up to vLLM's sizes)",
+        description="vLLM --max-lora-rank (null: the largest rank "
+        "among the servable adapters, rounded up to vLLM's sizes)",
     )
     max_loras: int | None = Field(
         None,
@@ -1040,9 +1054,9 @@ class ServeParams(_Section):
     startup_timeout_s: float = Field(300, gt=0, description="How long vLLM may take to start")
     auth: bool = Field(
         False,
-        description="Each tenant's key, from the environment variable LORALINE_SERVE_KEY_<TENANT> (upper case, '-' as '_'), "
-        "may call that tenant only: 401 without a valid key; another tenant's model is a 404, as an unknown one is, so a key "
-        "learns of no other tenant. Off: no key is asked for",
+        description="Each tenant's key, from the environment variable LORALINE_SERVE_KEY_<TENANT> (upper case, '-' as "
+        "'_'), may call that tenant only: 401 without a valid key; another tenant's model is a 404, as an unknown one "
+        "is, so a key learns of no other tenant. Off: no key is asked for",
     )
     # 32: the issue's 64 concurrent requests took about 50 s each on 2 CPU cores; half that bounds a
     # request near 25 s there. vLLM batches up to --max-num-seqs at once (128 on CPU, 256 or 1024 on
@@ -1055,23 +1069,24 @@ class ServeParams(_Section):
     )
     canary: CanaryParams | None = Field(
         None,
-        description="Canary rollout: promotions made while this is set (release, `loraline registry promote`) first take "
-        "canary.fraction of their tenant's requests, then are kept or rolled back in the registry by a serving replica. "
-        "null: a promotion moves all of its tenant's traffic at once",
+        description="Canary rollout: promotions made while this is set (release, `loraline registry promote`) first "
+        "take canary.fraction of their tenant's requests, then are kept or rolled back in the registry by a serving "
+        "replica. null: a promotion moves all of its tenant's traffic at once",
     )
 
 
 class TenantParams(_Section):
     name: str = Field(description="Lower-case id: letters, digits and inner '-' (the key under `tenants`)")
     raw_dir: Path = Field(
-        description="Folder of this tenant's raw files (searched recursively); inside the project unless allow_outside_dirs holds it"
+        description="Folder of this tenant's raw files (searched recursively); "
+        "inside the project unless allow_outside_dirs holds it"
     )
     allow_outside_dirs: list[Path] = Field(
         default_factory=list,
-        description="Absolute folders outside the project that this tenant's raw data may come from: raw_dir itself, or "
-        "the targets of symlinked files inside raw_dir. Empty (the default): a raw_dir or raw file resolving outside the "
-        "project is refused. DVC still tracks the data: an outside raw_dir is the stages' dependency (by hash), and a "
-        "symlinked file is hashed by its content as part of raw_dir",
+        description="Absolute folders outside the project that this tenant's raw data may come from: raw_dir itself, "
+        "or the targets of symlinked files inside raw_dir. Empty (the default): a raw_dir or raw file resolving "
+        "outside the project is refused. DVC still tracks the data: an outside raw_dir is the stages' dependency (by "
+        "hash), and a symlinked file is hashed by its content as part of raw_dir",
     )
     system_prompt: str | None = Field(None, description="Overrides prepare.system_prompt for this tenant")
     synthetic_ratio: float | None = Field(None, ge=0, description="Overrides prepare.synthetic_ratio for this tenant")
@@ -1093,8 +1108,9 @@ class TenantParams(_Section):
     def _name_ok(cls, v: str) -> str:
         if not TENANT_NAME.match(v) or len(v) > TENANT_NAME_MAX:
             raise ValueError(
-                f"tenant name {v!r} must be 1-{TENANT_NAME_MAX} lower-case letters, digits and '-' (not first or last), "
-                f"e.g. acme-shop: it names the DVC artifacts <tenant>-adapter and <tenant>-onnx, which allow only [a-z0-9-]"
+                f"tenant name {v!r} must be 1-{TENANT_NAME_MAX} lower-case letters, digits and '-' (not first or "
+                "last), e.g. acme-shop: it names the DVC artifacts "
+                "<tenant>-adapter and <tenant>-onnx, which allow only [a-z0-9-]"
             )
         if v == TIMING_DIR:
             raise ValueError(f"tenant name {v!r} is reserved: reports/{TIMING_DIR}/ holds every stage's run timing")
@@ -1254,7 +1270,8 @@ class Params(_Section):
         return GateParams.model_validate({**self.gate.model_dump(), **self.tenant(name).gate})
 
     def prepare_for(self, name: str) -> PrepareParams:
-        """The prepare section for one tenant: its synthetic_ratio override, the seed defaulted to the top-level one."""
+        """The prepare section for one tenant: its synthetic_ratio override, the seed defaulted to the top-level
+        one."""
         t = self.tenant(name)
         update: dict[str, Any] = {}
         if t.synthetic_ratio is not None:

@@ -101,7 +101,8 @@ def parse_path(text: str) -> FieldPath:
                 pos = index.end()
             else:
                 raise PathSyntaxError(
-                    f'field path {text!r}: bad index at character {pos}; use [0] for a list element or ["key"] for a key'
+                    f"field path {text!r}: bad index at character {pos}; "
+                    'use [0] for a list element or ["key"] for a key'
                 )
             continue
         name = _NAME.match(text, pos)

@@ -309,7 +309,6 @@ def _mapped_samples(entry: dict, rows: Sequence[RawRow], clean) -> list[tuple[Me
 
 def default_cleaner(tokenizer=None) -> Callable[[str], str] | None:
     """prepare's default control-token policy, so inspect shows rows as prepare would read them."""
-    from loraline.config import PrepareParams
     from loraline.prepare.render import control_tokens
 
     controls = control_tokens(tokenizer) if tokenizer is not None else ()

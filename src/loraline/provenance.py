@@ -16,6 +16,7 @@ import hashlib
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -42,8 +43,6 @@ def sha256_file(path: str | Path) -> str:
 def sha256_files(paths: list[Path], workers: int | None = None) -> list[str]:
     """sha256_file of each path, in order, several files at once: hashlib lets go of the GIL while it
     hashes, so an 8B model's shards (15 GB in four files) take a quarter of the time one after another."""
-    from concurrent.futures import ThreadPoolExecutor
-
     workers = workers or min(8, os.cpu_count() or 1, max(len(paths), 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(sha256_file, paths))

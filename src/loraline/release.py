@@ -194,7 +194,8 @@ def release_tenant(
     check_artifacts_declared(root, params)
     if not layout.gate_path(tenant).exists():
         raise ReleaseRefused(
-            f"{layout.gate_path(tenant)} does not exist: run the gate stage first (dvc repro {stage_id('gate', tenant)})"
+            f"{layout.gate_path(tenant)} does not exist: run the gate "
+            f"stage first (dvc repro {stage_id('gate', tenant)})"
         )
     gate = json.loads(layout.gate_path(tenant).read_text())
     adapter = Layout().relative(Layout().adapter_dir(tenant))

@@ -1,7 +1,8 @@
 """deploy.targets: what a tenant is built and registered as. An [adapter] tenant writes no full-size file:
 merge writes only its report (the probes' reference answers, from base + adapter), export only a report,
 evaluate measures the adapter on the base, and the gate asks no parity of targets not built. On the tiny
-built base and nf4 adapter of test_merge (seconds on 2 CPU cores). The registry side: registry/test_release_targets.py."""
+built base and nf4 adapter of test_merge (seconds on 2 CPU cores). The registry side:
+registry/test_release_targets.py."""
 
 from __future__ import annotations
 

@@ -158,7 +158,10 @@ def _pick_label(rng: random.Random) -> tuple[str, str]:
         answer = rng.choice(labels)
         cue = answer.replace("_", " ")
         text = sentence(rng, include=[cue])
-        ask = f"Labels: {', '.join(labels)}\nWhich label does the text mention? Answer with the label only.\nText: {text}"
+        ask = (
+            f"Labels: {', '.join(labels)}\nWhich label does the "
+            f"text mention? Answer with the label only.\nText: {text}"
+        )
     else:
         # A keyword -> label rule list in the prompt, like "mentions X -> label".
         cues = list(dict.fromkeys(word(rng) for _ in range(len(labels) * 2)))[: len(labels)]

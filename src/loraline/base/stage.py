@@ -53,6 +53,25 @@ class BaseResult:
     timing: dict[str, Any] = field(default_factory=dict)  # what differs between identical runs (rates)
 
 
+def run(
+    params: Params,
+    layout: Layout,
+    *,
+    docs: list[Path] | None = None,
+    out_dir: Path | None = None,
+    progress: bool = False,
+) -> BaseResult:
+    """The base stage: pretrain on `docs` (default: the tenants' raw folders), or record base.model;
+    the run's wall time and rate into reports/timing/base.json."""
+    started = time.perf_counter()
+    docs = list(docs) if docs else [params.tenant(n).raw_dir for n in params.tenant_names]
+    result = build_base(
+        params.base, seed=params.seed, raw_dirs=docs, out_dir=out_dir or layout.base_dir, progress=progress
+    )
+    io.write_timing(layout.timing_path("base"), run_facts(started, **result.timing))
+    return result
+
+
 def build_base(
     params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path, progress: bool = False
 ) -> BaseResult:
@@ -202,22 +221,3 @@ def _safetensors_parameters(path: Path) -> int | None:
                     count *= d
                 total += count
     return total
-
-
-def run(
-    params: Params,
-    layout: Layout,
-    *,
-    docs: list[Path] | None = None,
-    out_dir: Path | None = None,
-    progress: bool = False,
-) -> BaseResult:
-    """The base stage: pretrain on `docs` (default: the tenants' raw folders), or record base.model;
-    the run's wall time and rate into reports/timing/base.json."""
-    started = time.perf_counter()
-    docs = list(docs) if docs else [params.tenant(n).raw_dir for n in params.tenant_names]
-    result = build_base(
-        params.base, seed=params.seed, raw_dirs=docs, out_dir=out_dir or layout.base_dir, progress=progress
-    )
-    io.write_timing(layout.timing_path("base"), run_facts(started, **result.timing))
-    return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -226,7 +227,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     params, layout = _load(args), Layout()
     for name in _tenants(params, args.tenant):
         r = merge.run(params, layout, name, base_dir=Path(args.base) if args.base else None).report
-        probes = f"{r['probes']['count']} probes ({r['probes']['builtin']} built-in, {r['probes']['tenant']} from the test split)"
+        probes = (
+            f"{r['probes']['count']} probes ({r['probes']['builtin']} "
+            f"built-in, {r['probes']['tenant']} from the test split)"
+        )
         if "merged_vs_unmerged" not in r:  # deploy.targets without merged
             print(
                 f"merge[{name}]: merged {r['merged']}; reference answers to {probes} from base + adapter "
@@ -237,13 +241,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         gap = (
             "skipped"
             if "skipped" in q
-            else f"{q.get('max_abs_logit_diff', float('nan')):.3g} (greedy agreement {q.get('greedy_agreement', 0):.0%})"
+            else f"{q.get('max_abs_logit_diff', float('nan')):.3g} "
+            f"(greedy agreement {q.get('greedy_agreement', 0):.0%})"
         )
         mv = r["merged_vs_unmerged"]
         print(
             f"merge[{name}]: merged vs adapter max logit diff {mv['max_abs_logit_diff']:.2e} "
-            f"(tolerance {r['tolerance']:g}), greedy agreement {mv['greedy_agreement']:.0%} on {probes}; gap to 4-bit {gap} "
-            f"-> {layout.merged_dir(name)}"
+            f"(tolerance {r['tolerance']:g}), greedy agreement {mv['greedy_agreement']:.0%} on {probes}; gap to 4-bit "
+            f"{gap} -> {layout.merged_dir(name)}"
         )
     return 0
 
@@ -364,8 +369,8 @@ def _prepare_line(name: str, stats: Any) -> str:
     splits = " / ".join(f"{k} {s.get('splits', {}).get(k, 0)}" for k in ("train", "validation", "test"))
     return (
         f"prepare[{name}]: {s['rows_in']} rows in = {s['kept']} kept + {s['rejected']} rejected "
-        f"+ {s['duplicates']} duplicates + {s.get('near_duplicates', 0)} near-duplicates + {s.get('contaminated', 0)} contaminated"
-        f" | {splits} | documents {s.get('documents', 0)} | rejects: {reasons(s)}"
+        f"+ {s['duplicates']} duplicates + {s.get('near_duplicates', 0)} near-duplicates + {s.get('contaminated', 0)} "
+        f"contaminated | {splits} | documents {s.get('documents', 0)} | rejects: {reasons(s)}"
     )
 
 
@@ -373,8 +378,6 @@ def _prepare_line(name: str, stats: Any) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import os
-
     started = time.perf_counter()
     # The whole pipeline runs from the project root (where dvc.yaml is), whichever folder of the
     # project it was started in; a relative --params path stays relative to where it was typed.
@@ -515,8 +518,6 @@ def _release(args: argparse.Namespace, params: Params, tenants: list[str]) -> No
 def _run_flow(args: argparse.Namespace, tenants: list[str]) -> str | None:
     """The Prefect flow (loraline.flows.pipeline); with no PREFECT_API_URL set, Prefect starts a
     temporary local server for the run (the embedded default)."""
-    import os
-
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from loraline.flows.pipeline import pipeline
 
@@ -677,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         parents=[common, tenant],
-        help="the whole pipeline: DVC stages through the Prefect flow, then register and promote each tenant's adapter",
+        help="the whole pipeline: DVC stages through the Prefect "
+        "flow, then register and promote each tenant's adapter",
     )
     p.add_argument("--no-prefect", action="store_true", help="run `dvc repro` and release directly, without Prefect")
     p.add_argument(

@@ -204,7 +204,8 @@ def _show(registry: Any, args: argparse.Namespace) -> int:
             )
             mark = "*" if v["version"] == info["production"] else " "
             print(
-                f" {mark} {v['version']}  {v['created_at']}  commit {v['commit'][:12]}  gate {verdict}{numbers}  data {str(v['data'])[:12]}"
+                f" {mark} {v['version']}  {v['created_at']}  commit {v['commit'][:12]}  "
+                f"gate {verdict}{numbers}  data {str(v['data'])[:12]}"
             )
         for a in info["history"]:
             print(f"    {PROD}#{a['number']}: {a['version']} at {a['at']}  {a['message']}")
@@ -228,7 +229,10 @@ def _promote(registry: Any, args: argparse.Namespace) -> int:
         notes = {name: allowed(registry.version(name, args.version), args.force, "promote") for name in names}
         for name in names:
             before = registry.production(name)
-            msg = f"Manual promotion of {name} {args.version} to {PROD} by {_who()}{notes[name]}: {args.reason or 'no reason given'}"
+            msg = (
+                f"Manual promotion of {name} {args.version} to {PROD} by "
+                f"{_who()}{notes[name]}: {args.reason or 'no reason given'}"
+            )
             canary = (
                 params is not None and on_canary(params, before.version if before else None) and not args.no_canary
             )

@@ -29,6 +29,15 @@ class DocumentsResult:
     skipped: dict[str, str] = field(default_factory=dict)  # relative path -> reason
 
 
+def run(params: Params, layout: Layout, tenant: str, out_dir: Path | None = None) -> DocumentsResult:
+    """The documents stage for one tenant: its raw folder's documents into data/documents/<tenant>."""
+    t = params.tenant(tenant)
+    out_dir = out_dir or layout.documents_dir(tenant)
+    return collect_documents(
+        tenant, t.raw_dir, out_dir, allow_outside_dirs=t.allow_outside_dirs, project=params.project
+    )
+
+
 def collect_documents(
     tenant: str, raw_dir: Path, out_dir: Path, *, allow_outside_dirs: Sequence[Path] = (), project: Path | None = None
 ) -> DocumentsResult:
@@ -78,12 +87,3 @@ def _document_files(raw_dir: Path) -> list[tuple[Path, str]]:
         if path.is_file() and path.suffix.lower() in DOCUMENT_SUFFIXES and not any(p.startswith(".") for p in parts):
             found.append((path, "/".join(parts)))
     return found
-
-
-def run(params: Params, layout: Layout, tenant: str, out_dir: Path | None = None) -> DocumentsResult:
-    """The documents stage for one tenant: its raw folder's documents into data/documents/<tenant>."""
-    t = params.tenant(tenant)
-    out_dir = out_dir or layout.documents_dir(tenant)
-    return collect_documents(
-        tenant, t.raw_dir, out_dir, allow_outside_dirs=t.allow_outside_dirs, project=params.project
-    )

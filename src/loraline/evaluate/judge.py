@@ -47,15 +47,16 @@ from loraline.modelling.endpoint import ChatClient
 SETTING = "evaluate.judge.endpoint"
 JUDGEMENTS = "judgements.jsonl"  # one row per judged test row, beside metrics.json
 METRIC = "judge_win_rate"  # the candidate's, in metrics.json's models; the model judged against has EVEN
-EVEN = 0.5  # a model's win rate against itself under both orders: the same request twice, one win and one loss (or two ties)
+# A model's win rate against itself under both orders: the same request twice, one win and one loss (or two ties).
+EVEN = 0.5
 REPLY_CHARS = 500  # of each reply kept in judgements.jsonl
 TEMPERATURE = 0.0
 
 DEFAULT_RUBRIC = (
     "You are an impartial judge. Two assistants answered the same user message. Decide which answer serves the user "
-    "better: correct (in agreement with the reference answer when one is given), complete, and no longer than it needs "
-    "to be. Judge the content, not the order in which the answers appear, their length or their style. When both are "
-    "equally good or equally bad, the verdict is a tie."
+    "better: correct (in agreement with the reference answer when one is given), complete, and no longer than it "
+    "needs to be. Judge the content, not the order in which the answers appear, their length or their style. When "
+    "both are equally good or equally bad, the verdict is a tie."
 )
 REPLY_FORMAT = (
     'Which answer is better? Reply with one JSON object and nothing else: {"reason": "<one sentence>", '
@@ -265,9 +266,10 @@ def render(block: dict[str, Any]) -> list[str]:
         "",
         "## LLM judge",
         "",
-        f"The candidate against **{block['against']}** ({identity}), judged by `{block['model']}` at `{block['endpoint']}` "
-        f"({'default' if block['default_rubric'] else 'custom'} rubric `{block['rubric_sha256'][:12]}`"
-        f"{', reference shown' if block['with_reference'] else ''}); {block['rows']} test rows, each in both orders.",
+        f"The candidate against **{block['against']}** ({identity}), judged by `{block['model']}` at "
+        f"`{block['endpoint']}` ({'default' if block['default_rubric'] else 'custom'} rubric "
+        f"`{block['rubric_sha256'][:12]}`{', reference shown' if block['with_reference'] else ''}); "
+        f"{block['rows']} test rows, each in both orders.",
         "",
         "| win rate | wins | losses | ties | invalid | first position won | consistent rows |",
         "|---:|---:|---:|---:|---:|---:|---:|",

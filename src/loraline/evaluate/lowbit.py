@@ -121,7 +121,8 @@ def comparison(
     lowbit_bytes: int,
     twin: Path,
 ) -> dict[str, Any]:
-    """The comparison's entry of metrics.json, from the three models' scores (keys QALORA, FLOAT_MERGE, ROUNDED_AFTER)."""
+    """The comparison's entry of metrics.json, from the three models' scores (keys QALORA, FLOAT_MERGE,
+    ROUNDED_AFTER)."""
     sizes = {QALORA: lowbit_bytes, FLOAT_MERGE: float_bytes, ROUNDED_AFTER: lowbit_bytes}
     models = {
         name: {**scores[name], "weight_bytes": sizes[name], "size_vs_float": round(sizes[name] / float_bytes, 4)}

@@ -48,6 +48,7 @@ metric) and the run's timing (reports/timing/evaluate@<tenant>.json).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -152,7 +153,8 @@ class _TestSet:
 
 @dataclass(frozen=True)
 class _GeneralSet:
-    """The general-text sample (data/general/<tenant>): token rows, and sample.json's facts about where they came from."""
+    """The general-text sample (data/general/<tenant>): token rows, and sample.json's facts about where they came
+    from."""
 
     input_ids: list[list[int]]
     labels: list[list[int]]
@@ -338,8 +340,6 @@ def _long_context_report(
     """For a candidate whose config extends the base's context (LongLoRA): perplexity by length and
     passkey retrieval for the base, the base with the candidate's rope scaling alone, the candidate,
     its full-attention twin when there is one, and production when it has the same context."""
-    import json
-
     from transformers import AutoConfig
 
     candidate_config = json.loads((Path(models["candidate"][0]) / "config.json").read_text(encoding="utf-8"))
@@ -630,8 +630,6 @@ def general_loss(model: Any, tok: Any, general: _GeneralSet, batch_size: int | s
 
 def load_general(general_dir: Path) -> _GeneralSet:
     """The prepare stage's general-text sample (rows.jsonl, sample.json in `general_dir`)."""
-    import json
-
     rows_path, facts_path = general_dir / GENERAL_ROWS, general_dir / GENERAL_SAMPLE
     if not (rows_path.is_file() and facts_path.is_file()):
         raise EvaluateError(

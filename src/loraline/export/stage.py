@@ -35,6 +35,7 @@ reads) and the run's timing (reports/timing/export@<tenant>.json).
 from __future__ import annotations
 
 import gc
+import inspect
 import shutil
 import time
 from collections.abc import Sequence
@@ -301,14 +302,15 @@ def _enforce(report: dict[str, Any], name: str, tolerance: float, min_greedy_agr
         report["passed"] = False
         raise ExportError(
             f"ONNX {name} logits ({numbers['file']}) differ from {against} by {worst:.3g} > tolerance {tolerance:g} "
-            f"(prompt {numbers['max_abs_logit_diff']:.3g}, cached decoding {numbers['decode_max_abs_logit_diff']:.3g})",
+            f"(prompt {numbers['max_abs_logit_diff']:.3g}, cached "
+            f"decoding {numbers['decode_max_abs_logit_diff']:.3g})",
             report,
         )
     if numbers["greedy_agreement"] < min_greedy_agreement:
         report["passed"] = False
         raise ExportError(
-            f"ONNX {name} ({numbers['file']}) generates what {against} generates on {numbers['greedy_agreement']:.0%} of "
-            f"the probes < export.min_greedy_agreement {min_greedy_agreement:.0%}",
+            f"ONNX {name} ({numbers['file']}) generates what {against} generates on {numbers['greedy_agreement']:.0%} "
+            f"of the probes < export.min_greedy_agreement {min_greedy_agreement:.0%}",
             report,
         )
 
@@ -351,8 +353,6 @@ def _long_context_probe(config: Any, inputs: list[list[int]], max_new_tokens: in
 
 
 def _cache_kwarg(model: Any) -> str:
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

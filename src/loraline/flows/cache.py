@@ -81,7 +81,8 @@ class CacheCheck:
     def summary(self) -> str:
         if not self.files:  # a fresh clone before its first run or pull: nothing to vouch for yet
             return (
-                f"DVC cache: nothing of dvc.lock's outputs is in this cache yet ({self.missing} missing; nothing to check)"
+                "DVC cache: nothing of dvc.lock's outputs is in this "
+                f"cache yet ({self.missing} missing; nothing to check)"
                 if self.missing
                 else "DVC cache: dvc.lock records no outputs yet (nothing to check)"
             )

@@ -184,7 +184,8 @@ def _beats_base(
             False,
             None,
             threshold,
-            f"{role} metric {metric!r} is missing from the {where} metrics; available: {', '.join(available) or 'none'}",
+            f"{role} metric {metric!r} is missing from the {where} "
+            f"metrics; available: {', '.join(available) or 'none'}",
         )
     cand, cwhy = _number(candidate, metric)
     ref, bwhy = _number(base, metric)
@@ -278,7 +279,10 @@ def _forgetting(threshold: float | None, candidate: Mapping[str, Any], base: Map
     rise = -relative_gain(cand, ref, lower_is_better=True)
     ok = _at_most(rise, threshold)
     verdict = "<=" if ok else "> (the adapter forgot too much of text that is not the tenant's)"
-    reason = f"{metric} on general text: candidate {cand:.6g} vs base {ref:.6g}, relative rise {rise:.4g} {verdict} {threshold:.4g}"
+    reason = (
+        f"{metric} on general text: candidate {cand:.6g} vs base "
+        f"{ref:.6g}, relative rise {rise:.4g} {verdict} {threshold:.4g}"
+    )
     return RuleResult(name, ok, rise, threshold, reason, values)
 
 

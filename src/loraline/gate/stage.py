@@ -14,20 +14,6 @@ from loraline.layout import Layout
 PARITY_SOURCES = ((MERGE_PARITY_KEY, "merge"), (EXPORT_PARITY_KEY, "export"))
 
 
-def read_parity(layout: Layout, tenant: str) -> dict[str, float]:
-    """The parity evidence the gate decides on: `max_abs_logit_diff` of the merge and export stages'
-    metrics files (merged vs base+adapter, fp32 ONNX vs PyTorch). An absent file or number is left
-    out, and the gate then fails the rule on missing evidence."""
-    parity = {}
-    for key, stage in PARITY_SOURCES:
-        path = layout.metrics_path(stage, tenant)
-        if path.exists():
-            value = json.loads(path.read_text()).get("max_abs_logit_diff")
-            if value is not None:
-                parity[key] = value
-    return parity
-
-
 def run(params: Params, layout: Layout, tenant: str) -> GateDecision:
     """Decide on `tenant`'s candidate from the files the evaluate, merge and export stages wrote."""
     evaluation = json.loads(layout.eval_metrics_path(tenant).read_text())
@@ -44,6 +30,20 @@ def run(params: Params, layout: Layout, tenant: str) -> GateDecision:
     write_json(layout.gate_path(tenant), {"tenant": tenant, **to_json(decision)})
     write_json(layout.metrics_path("gate", tenant), gate_metrics(decision))
     return decision
+
+
+def read_parity(layout: Layout, tenant: str) -> dict[str, float]:
+    """The parity evidence the gate decides on: `max_abs_logit_diff` of the merge and export stages'
+    metrics files (merged vs base+adapter, fp32 ONNX vs PyTorch). An absent file or number is left
+    out, and the gate then fails the rule on missing evidence."""
+    parity = {}
+    for key, stage in PARITY_SOURCES:
+        path = layout.metrics_path(stage, tenant)
+        if path.exists():
+            value = json.loads(path.read_text()).get("max_abs_logit_diff")
+            if value is not None:
+                parity[key] = value
+    return parity
 
 
 def gate_metrics(decision: GateDecision) -> dict[str, bool | str]:

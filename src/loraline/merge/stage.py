@@ -239,8 +239,9 @@ def merge_adapter(
         raise MergeError(
             f"merged model drifts from base+adapter at {dtype}: max abs logit diff "
             f"{vs_unmerged['max_abs_logit_diff']:.3g} > tolerance {tolerance:.3g} "
-            f"(mean {vs_unmerged['mean_abs_logit_diff']:.3g}, greedy agreement {vs_unmerged['greedy_agreement']:.2f}); "
-            "nothing written. Merge at float32, or raise the tolerance if this precision is intended.",
+            f"(mean {vs_unmerged['mean_abs_logit_diff']:.3g}, greedy agreement "
+            f"{vs_unmerged['greedy_agreement']:.2f}); nothing written. Merge at "
+            "float32, or raise the tolerance if this precision is intended.",
             report,
         )
 

@@ -32,7 +32,8 @@ RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class EndpointError(ValueError):
-    """The endpoint cannot answer (unreachable, an HTTP error that is not retried, a reply that is no chat completion)."""
+    """The endpoint cannot answer (unreachable, an HTTP error that is not retried, a reply that is no chat
+    completion)."""
 
 
 class ChatClient:

@@ -89,7 +89,10 @@ class GroupQuantizedLinear(nn.Module):
         return F.linear(x, self.quantized.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}"
+        )
 
 
 class QALoraGroupLinear(nn.Module, LoraLayer):
@@ -263,7 +266,8 @@ def quantize_linears(model: nn.Module, *, bits: int, group_size: int) -> list[st
                 full = f"{name}.{child_name}" if name else child_name
                 if child.in_features % group_size:
                     raise ValueError(
-                        f"qalora.group_size {group_size} does not divide the input width {child.in_features} of layer {full}"
+                        f"qalora.group_size {group_size} does not divide the "
+                        f"input width {child.in_features} of layer {full}"
                     )
                 layer = GroupQuantizedLinear(quantize_groupwise(child.weight.float(), bits, group_size), child.bias)
                 setattr(module, child_name, layer.to(child.weight.device))

@@ -20,8 +20,8 @@ from loraline.prepare.stores import ArrowRows, ListRows, RejectFile, RejectList
 class Collected:
     """Everything prepare writes, checked to reconcile before anything is written.
 
-    Rows live in stores (`ListRows`, `ArrowRows`): lists for collect() (tests read them), Arrow files for the stage, so a
-    tenant's data may be larger than memory. What stays in memory grows with the number of unique
+    Rows live in stores (`ListRows`, `ArrowRows`): lists for collect() (tests read them), Arrow files for the
+    stage, so a tenant's data may be larger than memory. What stays in memory grows with the number of unique
     rows (the exact and near-duplicate indexes, the test split's n-grams), not with their size.
     """
 
@@ -65,5 +65,8 @@ class Collected:
             self.synthetic_kept += row["source"] == "synthetic"
         self.kept_by_file[row["source_file"]] += 1
         # A row's content hash, origin and (synthetic) provenance determine it, given the tokenizer.
-        key = f"{row.get('id') or row['content_hash']}\t{row['source_file']}\t{row['row']}\t{row.get('provenance', '')}\n"
+        key = (
+            f"{row.get('id') or row['content_hash']}\t{row['source_file']}\t"
+            f"{row['row']}\t{row.get('provenance', '')}\n"
+        )
         self.dataset_digest["documents" if split == "document" else split].update(key.encode("utf-8", "surrogatepass"))

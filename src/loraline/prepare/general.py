@@ -84,12 +84,45 @@ def general_sample(general: GeneralParams, prepare: PrepareParams, tokenizer: An
     """Read, select and tokenize `general.path` (relative to `project`; refused outside it unless
     general.allow_outside_dirs holds it). Raises PrepareError naming evaluate.general.path when it does not
     exist, holds nothing prepare reads, or leaves no row to score."""
+    path = _existing_path(general, project)
+    check_tokenizer(tokenizer)
+    sources = _readable_sources(general, path, project)
+    records, read, skipped = _lowest_hash_records(sources, general, prepare, tokenizer)
+    sample = _tokenize(records, tokenizer, general.max_tokens)
+    targets = sum(_targets(row) for row in sample)
+    if targets == 0:
+        why = ", ".join(f"{reason} x{n}" for reason, n in sorted(skipped.items())) or "no rows"
+        raise PrepareError(
+            f"{KEY}: {str(general.path)!r} leaves no token to score ({read} rows read; skipped: {why}); rows "
+            "need a known shape: text (plain text), messages, instruction/output, conversations or prompt/completion"
+        )
+    return GeneralSample(
+        path=str(general.path),
+        sha256=_content_sha256(path, sources),
+        rows_read=read,
+        skipped=dict(sorted(skipped.items())),
+        rows=len(sample),
+        kinds=dict(sorted(Counter(r.kind for r in sample).items())),
+        target_tokens=targets,
+        rows_requested=general.rows,
+        max_tokens=general.max_tokens,
+        sample=sample,
+    )
+
+
+def _existing_path(general: GeneralParams, project: Path) -> Path:
+    """general.path resolved against `project`, refused outside it (unless allowed) or when it does not exist."""
     general.check_inside(project)
     path = general.resolved(project)
     if not path.exists():
         hint = " (the base stage writes it: run `dvc repro base`)" if path.name == GENERAL_TEXT else ""
         raise PrepareError(f"{KEY}: {str(general.path)!r} does not exist{hint}")
-    check_tokenizer(tokenizer)
+    return path
+
+
+def _readable_sources(general: GeneralParams, path: Path, project: Path) -> list[tuple[Path, str]]:
+    """(file, relative name) of each source under `path`; refused when none is, or one is not a format prepare
+    reads, or a file is linked out of the folder."""
     sources = [(path, path.name)] if path.is_file() or is_hf_folder(path) else list_files(path)
     if not sources:
         raise PrepareError(f"{KEY}: folder {str(general.path)!r} holds no files")
@@ -99,6 +132,13 @@ def general_sample(general: GeneralParams, prepare: PrepareParams, tokenizer: An
             f"{KEY}: {str(general.path)!r} is not a format prepare reads (JSONL, JSON, CSV, TSV, Parquet, "
             "Arrow, .txt, .md, also .gz/.zst, or a save_to_disk folder)"
         )
+    return sources
+
+
+def _lowest_hash_records(
+    sources: list[tuple[Path, str]], general: GeneralParams, prepare: PrepareParams, tokenizer: Any
+) -> tuple[list[Record], int, Counter[str]]:
+    """(the general.rows records of lowest content hash, in hash order; rows read; rows skipped by reason)."""
     controls = control_tokens(tokenizer)
     options = ShapeOptions(clean=text_cleaner(prepare.control_tokens, controls, tokenizer))
     kept: list[tuple[str, Record]] = []  # a heap of the lowest hashes, as (negated order key, record)
@@ -122,27 +162,7 @@ def general_sample(general: GeneralParams, prepare: PrepareParams, tokenizer: An
                 skipped["control_token"] += 1
                 continue
             _keep(kept, taken, record, general.rows)
-    records = sorted((r for _, r in kept), key=lambda r: r.content_hash)
-    sample = _tokenize(records, tokenizer, general.max_tokens)
-    targets = sum(_targets(row) for row in sample)
-    if targets == 0:
-        why = ", ".join(f"{reason} x{n}" for reason, n in sorted(skipped.items())) or "no rows"
-        raise PrepareError(
-            f"{KEY}: {str(general.path)!r} leaves no token to score ({read} rows read; skipped: {why}); rows "
-            "need a known shape: text (plain text), messages, instruction/output, conversations or prompt/completion"
-        )
-    return GeneralSample(
-        path=str(general.path),
-        sha256=_content_sha256(path, sources),
-        rows_read=read,
-        skipped=dict(sorted(skipped.items())),
-        rows=len(sample),
-        kinds=dict(sorted(Counter(r.kind for r in sample).items())),
-        target_tokens=targets,
-        rows_requested=general.rows,
-        max_tokens=general.max_tokens,
-        sample=sample,
-    )
+    return sorted((r for _, r in kept), key=lambda r: r.content_hash), read, skipped
 
 
 def write_general_sample(sample: GeneralSample, out_dir: Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -89,8 +90,6 @@ def _glob_match(rel: PurePosixPath, pattern: str) -> bool:
 
 
 def _match_parts(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
-    from fnmatch import fnmatchcase
-
     if not pattern:
         return not parts
     if pattern[0] == "**":
@@ -140,7 +139,8 @@ def _explode(raw: RawRow, spec: SourceSpec, tenant: str) -> Iterator[RawRow | Re
             raw.row,
             path.root,
             RejectReason.EMPTY_FIELD,
-            f"{locate(raw.source_file, raw.row, path.text)}: is an empty list; explode has no element to make a row of",
+            f"{locate(raw.source_file, raw.row, path.text)}: is an "
+            "empty list; explode has no element to make a row of",
             raw.excerpt,
         )
         return

@@ -192,7 +192,8 @@ class _Template:
                 )
         except Exception as exc:  # jinja raise_exception() and template bugs surface as many types
             raise ChatTemplateError(
-                f"the chat template of tokenizer {tokenizer_name(self._tokenizer)!r} failed: {type(exc).__name__}: {exc}"
+                f"the chat template of tokenizer {tokenizer_name(self._tokenizer)!r} "
+                f"failed: {type(exc).__name__}: {exc}"
             ) from exc
         if not isinstance(text, str):
             raise ChatTemplateError(f"apply_chat_template returned {type(text).__name__}, expected the rendered text")

@@ -1,7 +1,8 @@
 """Pass 2 of prepare: conflicting answers (prepare.conflicts), decontamination against the complete
-test split, then near-duplicates, over the candidates in pass 1's order. What depends on the row alone (its contamination, its MinHash
-signature) runs in worker processes; the near-duplicate index is walked in order here. Once every
-row has been through (synthetic rows included), the exact duplicates of a removed row follow it.
+test split, then near-duplicates, over the candidates in pass 1's order. What depends on the row
+alone (its contamination, its MinHash signature) runs in worker processes; the near-duplicate index
+is walked in order here. Once every row has been through (synthetic rows included), the exact
+duplicates of a removed row follow it.
 """
 
 from __future__ import annotations
@@ -300,8 +301,9 @@ def follow_removed_originals(out: Collected, conflicted: set[str] | frozenset[st
                     d["row"],
                     None,
                     RejectReason.CONFLICTING_ANSWERS,
-                    f"{locate(d['source_file'], d['row'])}: repeats {locate(d['duplicate_of_file'], d['duplicate_of_row'])}, "
-                    "which prepare.conflicts rejected (its prompt has another answer)",
+                    f"{locate(d['source_file'], d['row'])}: repeats "
+                    f"{locate(d['duplicate_of_file'], d['duplicate_of_row'])}, which "
+                    "prepare.conflicts rejected (its prompt has another answer)",
                 )
             )
         elif d["kind"] == "exact" and original in contaminated:

@@ -10,8 +10,9 @@ ignored):
 - document: only text (plus ignored metadata); .txt/.md files are documents
 
 A reject's field is the row's top-level key ("messages"), and its detail gives the full path, which
-indexes lists from 0: "messages[2].role". too_long concerns the whole row, so its field is None. Optional fields that are empty are
-treated as absent; required ones are rejected as empty_field (whitespace-only counts as empty).
+indexes lists from 0: "messages[2].role". too_long concerns the whole row, so its field is None.
+Optional fields that are empty are treated as absent; required ones are rejected as empty_field
+(whitespace-only counts as empty).
 
 Options for mapped sources (tenants.<t>.sources[]): `roles` renames source roles (tool turns stay
 context: only assistant turns are trained on), `clean` rewrites every text field (the control-token

@@ -9,8 +9,9 @@ no passage is both trained on and tested.
 The automatic key is cheap and needs no other row: the longest line (normalized) of the first user
 turn, when that turn holds other text too (a passage and its question) and the line has at least
 group_min_chars characters, keyed by its words (quality.words). Rows asking about one passage share
-it; a passage quoted once is a group of one (split by the passage's hash, like any row by its own). Only the first user turn is read: a long system prompt is the
-tenant's instructions, shared by all its rows, and grouping on it would put the tenant in one split.
+it; a passage quoted once is a group of one (split by the passage's hash, like any row by its own).
+Only the first user turn is read: a long system prompt is the tenant's instructions, shared by all
+its rows, and grouping on it would put the tenant in one split.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ def check_releasable(root: str | Path, tenant: str) -> None:
     if problems:  # DVC's status was clean, so a stage dvc.yaml no longer defines left its record behind
         raise ReleaseRefused(
             f"{tenant}: not released, dvc.lock's records disagree: {'; '.join(problems)}. Re-run the stages "
-            f"that used the old hashes (`dvc repro --force --single-item <stage>`), or `{fix} --force`, and release again"
+            "that used the old hashes (`dvc repro --force --single-item "
+            f"<stage>`), or `{fix} --force`, and release again"
         )
 
 
@@ -86,7 +87,8 @@ def dvc_status(root: str | Path, wanted: list[str]) -> tuple[dict[str, list[Any]
 
 
 def _describe(changes: list[Any], shown: int = 3) -> str:
-    """DVC's status entries of one stage in words (`changed deps: models/adapters/t1 modified`), `shown` paths a kind."""
+    """DVC's status entries of one stage in words (`changed deps: models/adapters/t1 modified`), `shown` paths a
+    kind."""
     parts = []
     for change in changes:
         if not isinstance(change, dict):

@@ -202,7 +202,8 @@ class GtoRegistry:
             return self._assign(name, before, message or f"Roll back {name} {PROD} from {current} to {before}")
 
     def _assign(self, name: str, version: str, message: str) -> Assignment:
-        """Under the lock: a new `#prod#N` tag; gto's force only allows re-assigning a version once in prod (never `git tag -f`)."""
+        """Under the lock: a new `#prod#N` tag; gto's force only allows re-assigning a version once in prod (never
+        `git tag -f`)."""
         from gto import api
         from gto.exceptions import GTOException
 

@@ -48,7 +48,8 @@ def check_artifacts_declared(root: str | Path, params: Params, if_present: bool 
         entries = "".join(f"  {name}:\n    path: {rel}\n    type: model\n" for name, rel in missing.items())
         raise ConfigError(
             f"dvc.yaml's artifacts: section lacks {', '.join(missing)} (one adapter entry per tenant in params.yaml, "
-            f"and one onnx entry per tenant whose deploy.targets has onnx; DVC does not generate them). Add:\nartifacts:\n{entries}"
+            "and one onnx entry per tenant whose deploy.targets has onnx; "
+            f"DVC does not generate them). Add:\nartifacts:\n{entries}"
         )
 
 

@@ -64,8 +64,8 @@ def _refuse_long_context(adapter_dir: Path) -> None:
     if long_context:
         raise ServeAdapterError(
             f"{adapter_dir}: a long-context adapter (train.long_context, {long_context['original_context']} -> "
-            f"{long_context['target_len']} tokens) needs the base's rope scaled, which a shared vLLM base cannot do per "
-            "tenant; serve its merged model (models/merged/<tenant>) with a vLLM server of its own"
+            f"{long_context['target_len']} tokens) needs the base's rope scaled, which a shared vLLM base cannot do "
+            "per tenant; serve its merged model (models/merged/<tenant>) with a vLLM server of its own"
         )
 
 

@@ -98,7 +98,8 @@ def settle_pid_file(pid_file: Path, stop_timeout_s: float = 30) -> None:
     if record is not None and record.serve.alive():
         raise ClaimError(
             f"another `loraline serve` of this project is running (pid {record.serve.pid}, its vLLM engine pid "
-            f"{record.engine.pid} on 127.0.0.1:{record.port}; recorded in {pid_file}): stop it first, or serve from another clone"
+            f"{record.engine.pid} on 127.0.0.1:{record.port}; recorded "
+            f"in {pid_file}): stop it first, or serve from another clone"
         )
     if record is not None:
         left = stale_engine(record)

@@ -109,7 +109,8 @@ class Deployment:
             return route
 
     def release(self, served: ServedVersion, outcome: Outcome | None = None) -> None:
-        """The request on `served` is over; `outcome`: what it says about that version (None: nothing, a client's 4xx)."""
+        """The request on `served` is over; `outcome`: what it says about that version (None: nothing, a client's
+        4xx)."""
         with self._lock:
             self._inflight[served.served_name] -= 1
             canary = self.canaries.get(served.tenant)
@@ -223,7 +224,8 @@ class Deployment:
         return recorded
 
     def _end_canary(self, tenant: str, canary: Canary, production: Production) -> dict[str, Any]:
-        """The registry has moved on from the canary's promotion: kept, rolled back, or replaced by another promotion."""
+        """The registry has moved on from the canary's promotion: kept, rolled back, or replaced by another
+        promotion."""
         decision = self._read_decision(tenant, canary.number)
         kept = production.version == canary.version.version
         with self._lock:
@@ -250,7 +252,8 @@ class Deployment:
         return event
 
     def _conclude(self) -> None:
-        """Write to the registry every verdict that is in (a canary's, or a failed check's rollback not yet written)."""
+        """Write to the registry every verdict that is in (a canary's, or a failed check's rollback not yet
+        written)."""
         with self._lock:
             ready = [(t, c.number, c.version.version, c.verdict()) for t, c in self.canaries.items()]
         for tenant, number, version, verdict in ready:

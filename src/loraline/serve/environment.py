@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +126,6 @@ def ensure_serving_env(
 
 def relock(flavour: str, locks: Path = LOCKS, python: str = sys.executable) -> Path:
     """Resolve the flavour's requirements with pip (no install) and write every pin into its lock."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run(
@@ -172,7 +171,8 @@ def lock_header(flavour: str) -> str:
     )
     return (
         f"# The serving environment ({flavour}): {', '.join(REQUIREMENTS[flavour])} and everything it needs, exactly\n"
-        f"# pinned, installed with --no-deps. {left_out} Regenerate: python -m loraline.serve.environment --relock {flavour}\n"
+        f"# pinned, installed with --no-deps. {left_out} Regenerate: "
+        f"python -m loraline.serve.environment --relock {flavour}\n"
     )
 
 

@@ -256,7 +256,8 @@ def create_app(
         return JSONResponse({"events": events, "serving": {t: v.version for t, v in deployment.routes.items()}})
 
     async def health(request: Request) -> Response:
-        """200 while the engine answers, 503 otherwise. With keys: the versions only to a valid key, its own tenant's."""
+        """200 while the engine answers, 503 otherwise. With keys: the versions only to a valid key, its own
+        tenant's."""
         try:
             ok = (await client.get("/health")).status_code == 200
         except httpx.HTTPError:
@@ -316,7 +317,8 @@ class StreamCount:
 
 
 def client_of(request: Request, body: dict[str, Any]) -> str | None:
-    """Who sent the request, where it says so (a canary keeps a client on one side): OpenAI's `user`, else X-Client-Id."""
+    """Who sent the request, where it says so (a canary keeps a client on one side): OpenAI's `user`, else
+    X-Client-Id."""
     user = body.get("user")
     return user if isinstance(user, str) and user else request.headers.get("x-client-id") or None
 

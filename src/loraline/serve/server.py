@@ -105,7 +105,8 @@ def serve(params: Params, layout: Layout, python: Path) -> None:
     watcher.start()
     print(
         f"serving {', '.join(f'{t} {v.version}' for t, v in sorted(deployment.routes.items())) or 'no tenant yet'} "
-        f"on http://{s.host}:{s.port}/v1 (OpenAI API; the model is the tenant's name); events: {ServeFolders(layout.root).events}",
+        f"on http://{s.host}:{s.port}/v1 (OpenAI API; the model is the "
+        f"tenant's name); events: {ServeFolders(layout.root).events}",
         flush=True,
     )
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it

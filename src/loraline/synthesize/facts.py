@@ -126,20 +126,14 @@ def _context(doc: Document, spans: list[Span], i: int) -> Span:
 
 
 def _sentence_facts(doc: Document, span: Span, block: Block) -> list[Fact]:
+    """The meta, number, howto and yesno facts of each sentence of `span`, in reading order."""
     spans = sentences(doc.text, span)
     out: list[Fact] = []
     for i, (s, e) in enumerate(spans):
         sentence = clean(doc.text[s:e])
-        meta = _META.match(sentence)
-        if meta and len(meta.group("v")) < 120:
-            out.append(
-                Fact(
-                    "meta",
-                    (s, e),
-                    sentence,
-                    {"key": meta.group("k"), "value": meta.group("v").rstrip("."), "topic": block.title or ""},
-                )
-            )
+        meta = _meta_fact(sentence, (s, e), block)
+        if meta is not None:
+            out.append(meta)
             continue
         if len(sentence.split()) < 4 or ANAPHORA.match(sentence):
             continue
@@ -148,55 +142,80 @@ def _sentence_facts(doc: Document, span: Span, block: Block) -> list[Fact]:
         slots = {"sentence": sentence, "heading": block.heading or "", "topic": block.title or ""}
         first = sentence.split()[0].lower().strip(",")
         imperative = first in IMPERATIVE
-        for pattern, phrase in QUANTITIES:
-            m = pattern.search(sentence)
-            if m:
-                unit = m.group(1).lower() if "{unit}" in phrase else ""
-                unit = unit if unit.endswith("s") else unit + "s"
-                noun = m.group(1).lower() if "{noun}" in phrase else ""
-                wh = phrase.format(unit=unit, noun=noun)
-                out.append(
-                    Fact(
-                        "number",
-                        ctx,
-                        answer,
-                        {
-                            **slots,
-                            "wh": wh,
-                            "quantity": m.group(0),
-                            "before": sentence[: m.start()],
-                            "after": sentence[m.end() :],
-                            "imperative": "1" if imperative else "",
-                        },
-                    )
-                )
-                break
+        number = _number_fact(sentence, ctx, answer, slots, imperative)
+        if number is not None:
+            out.append(number)
         if imperative:
             out.append(Fact("howto", ctx, answer, slots))
             continue
-        m = _YESNO.match(sentence)
-        if (
-            m
-            and not _NOT_SUBJECT.match(m.group("x"))
-            and len(m.group("x").split()) <= 10
-            and not _CLAUSE_WORD.search(m.group("x"))
-        ):
-            y = _CLAUSE_END.split(m.group("y"), maxsplit=1)[0].rstrip(" .,!")
-            if len(y.split()) >= 1:
-                out.append(
-                    Fact(
-                        "yesno",
-                        ctx,
-                        answer,
-                        {
-                            **slots,
-                            "aux": AUX[m.group("aux").lower()],
-                            "x": re.sub(r"\s*\([^)]*\)", "", m.group("x")),
-                            "y": y,
-                        },
-                    )
-                )
+        yesno = _yesno_fact(sentence, ctx, answer, slots)
+        if yesno is not None:
+            out.append(yesno)
     return out
+
+
+def _meta_fact(sentence: str, span: Span, block: Block) -> Fact | None:
+    """A "Key: value" line about the document (Owner:, Last updated:), when the value is short."""
+    meta = _META.match(sentence)
+    if not meta or len(meta.group("v")) >= 120:
+        return None
+    return Fact(
+        "meta",
+        span,
+        sentence,
+        {"key": meta.group("k"), "value": meta.group("v").rstrip("."), "topic": block.title or ""},
+    )
+
+
+def _number_fact(sentence: str, ctx: Span, answer: str, slots: dict[str, str], imperative: bool) -> Fact | None:
+    """The sentence's first quantity (QUANTITIES' order), with the question phrase that asks for it."""
+    for pattern, phrase in QUANTITIES:
+        m = pattern.search(sentence)
+        if m:
+            unit = m.group(1).lower() if "{unit}" in phrase else ""
+            unit = unit if unit.endswith("s") else unit + "s"
+            noun = m.group(1).lower() if "{noun}" in phrase else ""
+            wh = phrase.format(unit=unit, noun=noun)
+            return Fact(
+                "number",
+                ctx,
+                answer,
+                {
+                    **slots,
+                    "wh": wh,
+                    "quantity": m.group(0),
+                    "before": sentence[: m.start()],
+                    "after": sentence[m.end() :],
+                    "imperative": "1" if imperative else "",
+                },
+            )
+    return None
+
+
+def _yesno_fact(sentence: str, ctx: Span, answer: str, slots: dict[str, str]) -> Fact | None:
+    """A sentence "X is/can/must Y" whose X is a plain subject of at most ten words, turned around."""
+    m = _YESNO.match(sentence)
+    if (
+        not m
+        or _NOT_SUBJECT.match(m.group("x"))
+        or len(m.group("x").split()) > 10
+        or _CLAUSE_WORD.search(m.group("x"))
+    ):
+        return None
+    y = _CLAUSE_END.split(m.group("y"), maxsplit=1)[0].rstrip(" .,!")
+    if len(y.split()) < 1:
+        return None
+    return Fact(
+        "yesno",
+        ctx,
+        answer,
+        {
+            **slots,
+            "aux": AUX[m.group("aux").lower()],
+            "x": re.sub(r"\s*\([^)]*\)", "", m.group("x")),
+            "y": y,
+        },
+    )
 
 
 def _list_facts(doc: Document, block: Block) -> list[Fact]:

@@ -61,8 +61,8 @@ def check_auto_allowed(batch_size: int | str, devices: int, sharding: str, devic
     """auto probes one GPU: refuse it, naming the key, where several devices would each have to agree."""
     if batch_size == AUTO and device.type == "cuda" and (devices > 1 or sharding != "none"):
         raise TrainError(
-            f"train.batch_size: auto sizes the micro-batch on one GPU; with train.devices {devices} and train.sharding "
-            f"{sharding} give the per-device batch as a number (e.g. train.batch_size: 8)"
+            f"train.batch_size: auto sizes the micro-batch on one GPU; with train.devices {devices} and "
+            f"train.sharding {sharding} give the per-device batch as a number (e.g. train.batch_size: 8)"
         )
 
 
@@ -104,8 +104,8 @@ def fit_rows(measure: Measure, *, budget: int, fixed_extra: int, cap: int) -> tu
         ) from None
     if one + fixed_extra > budget:
         raise TrainError(
-            f"train.batch_size: auto: one packed row peaks at {one / GIB:.1f} GiB, over the budget of {budget / GIB:.1f} GiB; "
-            "set train.gradient_checkpointing: true (or a smaller train.max_seq_len)"
+            f"train.batch_size: auto: one packed row peaks at {one / GIB:.1f} GiB, over the budget of "
+            f"{budget / GIB:.1f} GiB; set train.gradient_checkpointing: true (or a smaller train.max_seq_len)"
         )
     if cap < 2:
         return 1, one

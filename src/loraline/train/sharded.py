@@ -53,7 +53,8 @@ def checkpoint_tensors(folder: Path) -> tuple[set[str], TensorSource]:
             where = dict.fromkeys(f.keys(), folder / "model.safetensors")
     else:
         raise TrainError(
-            f"train.sharding fsdp: {folder} has no model.safetensors(.index.json); sharded loading reads safetensors only"
+            f"train.sharding fsdp: {folder} has no model.safetensors(.index.json); "
+            "sharded loading reads safetensors only"
         )
 
     def read(name: str, device: torch.device) -> torch.Tensor:
@@ -275,7 +276,8 @@ def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
         config = getattr(module, "config", None)
         if config is None:
             raise TrainError(
-                f"train.sharding fsdp: {name} ({type(module).__name__}) has buffers that cannot be rebuilt off the meta device"
+                f"train.sharding fsdp: {name} ({type(module).__name__}) "
+                "has buffers that cannot be rebuilt off the meta device"
             )
         with torch.device(device):
             fresh = type(module)(config=config)

@@ -2,8 +2,9 @@
 
     out_dir/adapter_config.json        peft's standard adapter (stock PeftModel.from_pretrained loads it)
     out_dir/adapter_model.safetensors
-    out_dir/train_record.json          params, hashes, seed, code fingerprint, versions, tokens, losses, the micro-batch
-                                       it trained with (`batch`: train.batch_size auto resolved, see train.autobatch)
+    out_dir/train_record.json          params, hashes, seed, code fingerprint, versions, tokens, losses, the
+                                       micro-batch it trained with (`batch`: train.batch_size auto resolved, see
+                                       train.autobatch)
     out_dir/train_loss.csv             step,train_loss,lr: every optimizer step (for dvc plots)
     out_dir/val_loss.csv               step,val_loss: every evaluation, step 0 = the base model
 
@@ -441,7 +442,8 @@ def _load_base(
     dataset_dir: Path,
     config_overrides: dict[str, Any] | None,
 ):
-    """(pad id, model), once the dataset's ids are known to be this tokenizer's; a base that cannot be found (e.g. a hub id not in the local cache) names itself."""
+    """(pad id, model), once the dataset's ids are known to be this tokenizer's; a base that cannot be found
+    (e.g. a hub id not in the local cache) names itself."""
     try:
         tokenizer = load_base_tokenizer(base_dir, base_params)
         mismatch = tokenizer_mismatch(dataset_dir, tokenizer)

@@ -34,9 +34,9 @@ def test_special_tokens_are_single_ids_and_template_matches():
         {"role": "assistant", "content": "Hello"},
     ]
     text = tok.apply_chat_template(messages, tokenize=False)
-    assert (
-        text
-        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
     )
     assert text == render_chat(messages)
     prompt = tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)

@@ -58,7 +58,8 @@ def world(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         raw = make_raw(root / "raw" / "toy", n=120)
-        # Enough docstrings and steps that the base models prose a little: a base that knows nothing has nothing to forget.
+        # Enough docstrings and steps that the base models prose a little: a base that knows nothing has nothing
+        # to forget.
         base_params = BaseParams(build=tiny_build(stdlib_docstrings=True, max_stdlib_chars=60000, max_steps=400))
         base = build_base(base_params, seed=5, raw_dirs=[raw], out_dir=root / "models" / "base")
         tok = load_base_tokenizer(base.out_dir, base_params)

@@ -47,7 +47,8 @@ def project(tmp_path: Path) -> Path:
             "outs": ["out.txt"],
         },
         "fail": {
-            "cmd": "python -c \"import sys; print('line one'); print('bad row 7: field x', file=sys.stderr); sys.exit(3)\"",
+            "cmd": "python -c \"import sys; print('line one'); "
+            "print('bad row 7: field x', file=sys.stderr); sys.exit(3)\"",
             "deps": ["out.txt"],
             "outs": ["never.txt"],
         },

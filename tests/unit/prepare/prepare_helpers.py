@@ -63,5 +63,8 @@ def ticket(i: int, variant: int = 0) -> tuple[str, str]:
         f"Hello, my order number {10000 + i * 37} with {topic} {verb} yesterday but the box was crushed and "
         f"one corner is cracked. Customer {i} would like a replacement sent to the usual address rather than a refund."
     )
-    answer = f"Sorry about {topic}. A replacement for order {10000 + i * 37} ships today, no need to return the damaged one."
+    answer = (
+        f"Sorry about {topic}. A replacement for order "
+        f"{10000 + i * 37} ships today, no need to return the damaged one."
+    )
     return user, answer

@@ -78,7 +78,8 @@ CASES = {
     "csv_bad_messages_json": (
         (
             "rows.csv",
-            b'messages\n"[{""role"": ""user"", ""content"": ""a""}, {""role"": ""assistant"", ""content"": ""b""}]"\n"[{""role"": "\n',
+            b'messages\n"[{""role"": ""user"", ""content"": ""a""}, {""role"": '
+            b'""assistant"", ""content"": ""b""}]"\n"[{""role"": "\n',
         ),
         ("malformed_json", 2, "messages"),
     ),

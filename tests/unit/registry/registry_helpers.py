@@ -27,7 +27,8 @@ stages:
   train:
     foreach: [t1]
     do:
-      cmd: mkdir -p models/adapters/${item} && cp src.txt models/adapters/${item}/adapter.bin && echo cfg > models/adapters/${item}/config.json
+      cmd: mkdir -p models/adapters/${item} && cp src.txt models/adapters/${item}/adapter.bin
+        && echo cfg > models/adapters/${item}/config.json
       deps:
         - src.txt
       outs:
@@ -35,7 +36,8 @@ stages:
   merge:
     foreach: [t1]
     do:
-      cmd: mkdir -p models/merged reports/${item}/metrics && cp -r models/adapters/${item} models/merged/${item} && cp parity.json reports/${item}/metrics/merge.json
+      cmd: mkdir -p models/merged reports/${item}/metrics && cp -r models/adapters/${item} models/merged/${item}
+        && cp parity.json reports/${item}/metrics/merge.json
       deps:
         - models/adapters/${item}
         - parity.json
@@ -47,7 +49,9 @@ stages:
   export:
     foreach: [t1]
     do:
-      cmd: mkdir -p models/onnx/${item} reports/${item}/metrics && cp models/merged/${item}/adapter.bin models/onnx/${item}/model.onnx && cp parity.json reports/${item}/metrics/export.json
+      cmd: mkdir -p models/onnx/${item} reports/${item}/metrics
+        && cp models/merged/${item}/adapter.bin models/onnx/${item}/model.onnx
+        && cp parity.json reports/${item}/metrics/export.json
       deps:
         - models/merged/${item}
         - parity.json
@@ -159,7 +163,8 @@ def build(root: Path, content: str, gate_passed: bool = True) -> None:
 
 
 def commit_new_adapter(root: Path, content: str) -> None:
-    """The adapter changes and only train's record follows (`dvc commit -f train@t1`): the stages after it are stale."""
+    """The adapter changes and only train's record follows (`dvc commit -f train@t1`): the stages after it are
+    stale."""
     import contextlib
 
     from dvc.repo import Repo
@@ -172,7 +177,8 @@ def commit_new_adapter(root: Path, content: str) -> None:
 
 
 def bare_remote_and_two_clones(repo: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
-    """(remote, machine A, machine B): `repo` pushed to a bare remote that A and B clone, as two workers of a pool would."""
+    """(remote, machine A, machine B): `repo` pushed to a bare remote that A and B clone, as two workers of a
+    pool would."""
     remote = tmp_path / "remote.git"
     git(tmp_path, "clone", "-q", "--bare", str(repo), str(remote))
     for name in ("a", "b"):

@@ -1,4 +1,5 @@
-"""release_tenant against a real git + DVC project (tiny stages) and real GTO tags; only the model evaluation is faked."""
+"""release_tenant against a real git + DVC project (tiny stages) and real GTO tags; only the model evaluation is
+faked."""
 
 from __future__ import annotations
 
@@ -173,7 +174,8 @@ def first_adapter(root, version):
 
 
 def test_a_version_registered_from_stale_stages_is_not_reused(project):
-    """A version an earlier loraline registered while merge..gate were stale: after repro the release makes a new one."""
+    """A version an earlier loraline registered while merge..gate were stale: after repro the release makes a new
+    one."""
     build(project, "adapter one\n")
     _release(project)
     _change_adapter_and_commit_train(project)

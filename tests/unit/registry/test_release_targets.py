@@ -1,4 +1,5 @@
-"""Release of a tenant whose deploy.targets is [adapter]: only <tenant>-adapter is declared, registered and promoted."""
+"""Release of a tenant whose deploy.targets is [adapter]: only <tenant>-adapter is declared, registered and
+promoted."""
 
 from __future__ import annotations
 

@@ -228,7 +228,8 @@ def test_the_engine_ends_when_the_serve_that_started_it_is_killed(tmp_path, fake
         from loraline.config import ServeParams
         from loraline.serve.engine import Engine
         e = Engine.start({[*fake_engine, str(port)]!r}, ServeParams(engine_port={port}, startup_timeout_s=60),
-                         Path({str(tmp_path / "e.log")!r}), on_cpu=False, pid_file=Path({str(tmp_path / "engine.pid")!r}))
+                         Path({str(tmp_path / "e.log")!r}), on_cpu=False,
+                         pid_file=Path({str(tmp_path / "engine.pid")!r}))
         print(e.process.pid, flush=True)
         time.sleep(120)
     """),

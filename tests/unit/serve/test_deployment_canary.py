@@ -1,5 +1,6 @@
 """A canary through the deployment: started from a promotion on probation, split, decided, followed,
-with a scripted engine and an in-memory registry of canary decisions (the real ones: tests/e2e/test_serve_canary.py)."""
+with a scripted engine and an in-memory registry of canary decisions (the real ones:
+tests/e2e/test_serve_canary.py)."""
 
 from __future__ import annotations
 

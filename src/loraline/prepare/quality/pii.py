@@ -39,7 +39,8 @@ IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
 IPV6_CANDIDATE = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:\.\d{1,3}){0,3}(?![\w:])")
 VERSION_CUE = re.compile(r"(?:\bversion|\bver\.?|\bbuild|\brelease|\bfirmware)\s*$", re.IGNORECASE)
 CARD = re.compile(
-    r"(?<![\w+.,-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,4}(?:\1\d{1,3})?|\d{4}([ -])\d{6}\2\d{4,5})(?![\w]|[.,-]\d)"
+    r"(?<![\w+.,-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,4}(?:\1\d{1,3})?"
+    r"|\d{4}([ -])\d{6}\2\d{4,5})(?![\w]|[.,-]\d)"
 )
 _END = r"(?![\w]|[.-]\d)"
 PHONE_INTL = re.compile(rf"(?<![\w+])\+\d{{1,3}}(?:[ .-]?\(\d{{1,4}}\)|[ .-]?\d{{1,5}}){{1,6}}{_END}")
