@@ -1,6 +1,6 @@
 """Which adapter recipe learns a tenant's task: held-out accuracy per JSON field, per variant.
 
-The lever search behind the sample tenants' `train` overrides (README: what the default model can
+The lever search behind the sample tenants' `train` overrides (docs/default-model.md: what the default model can
 and cannot do). Every variant starts from the project's own outputs of a finished run (the built
 base, the tenants' documents, synthetic rows, prepared datasets and general-text samples, as `make run` leaves them),
 copied into a scratch folder, then runs the real base stage (only when a variant overrides `base.*`:

@@ -90,7 +90,7 @@ class BuildParams(_Section):
         ge=0,
         description="First pretraining steps on copy drills only (digit strings repeated from the prompt): they form "
         "the copying circuit that extraction needs, which a small model does not form from the mixed corpus within "
-        "a short budget (README: what the default model can and cannot do)",
+        "a short budget (docs/default-model.md)",
     )
     device: Device = Field("auto", description="Where to pretrain; auto: CUDA when present")
     on_cuda: dict[str, Any] = Field(
@@ -221,7 +221,7 @@ ControlTokenPolicy = Literal["reject", "strip", "escape"]
 
 class SourceParams(_Section):
     """How to read some of a tenant's raw files: which files, their format, and which of their fields
-    become loraline's canonical ones (README: "Bring your own data")."""
+    become loraline's canonical ones (docs/data.md, "Bring your own data")."""
 
     path: str = Field(
         min_length=1, description="Glob under the tenant's raw_dir (** spans folders); the first matching entry wins"
@@ -756,7 +756,7 @@ class EvaluateParams(_Section):
         None,
         description="An LLM judge (an OpenAI-compatible server) comparing the candidate's answers with production's, "
         "else the base's, pairwise in both orders: metrics.json's `judge` block and the candidate's judge_win_rate "
-        "(evaluate/judge.py; README: LLM judge). null: no judge",
+        "(evaluate/judge.py; docs/evaluation.md: LLM judge). null: no judge",
     )
 
     @field_validator("batch_size", mode="before")
@@ -978,7 +978,7 @@ class OrchestrateParams(_Section):
 
 class CanaryParams(_Section):
     """serve.canary: a promotion first takes a share of its tenant's requests beside the version it replaces,
-    and a serving replica keeps it or rolls it back in the registry once it has the evidence (README: Serving)."""
+    and a serving replica keeps it or rolls it back in the registry once it has the evidence (docs/serving.md)."""
 
     fraction: float = Field(
         0.1,
@@ -1092,7 +1092,7 @@ class TenantParams(_Section):
     synthetic_ratio: float | None = Field(None, ge=0, description="Overrides prepare.synthetic_ratio for this tenant")
     sources: list[SourceParams] = Field(
         default_factory=list,
-        description="How to read raw files whose layout is not detected (README: Bring your own data)",
+        description="How to read raw files whose layout is not detected (docs/data.md)",
     )
     seed_tasks: list[SeedTask] = Field(
         default_factory=list, description="A handful of example tasks whose style the synthesize stage imitates"

@@ -371,7 +371,7 @@ def report_text(results: Sequence[SourceInspection], tokenizer=None, *, color: b
         elif r.unknown:
             lines.append(
                 f"   {r.unknown} rows fit no shape and no mapping could be guessed: write a sources: entry "
-                "(README: Bring your own data)"
+                "(docs/data.md)"
             )
         for i, messages in enumerate(r.samples, start=1):
             try:
