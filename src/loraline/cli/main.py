@@ -486,6 +486,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loraline",
         description="Raw data to gated, versioned LoRA/QLoRA adapters. Settings come from params.yaml.",
     )
+    common, tenant = _common_options(), _tenant_option()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("check", parents=[common], help="validate params.yaml and show each tenant's resolved settings")
+    p.set_defaults(func=cmd_check)
+    _add_data_commands(sub, common, tenant)
+    _add_model_commands(sub, common, tenant)
+    add_registry_parser(sub)
+    add_serve_parser(sub, common)
+    _add_generate_command(sub)
+    _add_run_command(sub, common, tenant)
+    return parser
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """--params, --set and --quiet: every command that reads params.yaml takes them."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="the params file to read (default: params.yaml)")
     common.add_argument(
@@ -496,15 +511,23 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. --set base.build.max_steps=50",
     )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return common
+
+
+def _tenant_option() -> argparse.ArgumentParser:
     tenant = argparse.ArgumentParser(add_help=False)
     tenant.add_argument(
         "--tenant", action="append", help="run for this tenant only (repeatable; default: every tenant)"
     )
+    return tenant
 
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("check", parents=[common], help="validate params.yaml and show each tenant's resolved settings")
-    p.set_defaults(func=cmd_check)
 
+def _add_base_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+
+
+def _add_data_commands(sub: Any, common: argparse.ArgumentParser, tenant: argparse.ArgumentParser) -> None:
+    """The stages up to the prepared dataset (documents, synthesize, base, prepare), and `inspect`."""
     p = sub.add_parser("documents", parents=[common, tenant], help="collect each tenant's plain documents (.txt/.md)")
     p.add_argument("--out", help="output folder (default: data/documents/<tenant>; one tenant only)")
     p.set_defaults(func=cmd_documents)
@@ -529,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare", parents=[common, tenant], help="raw files to a clean, deduplicated, split, chat-templated dataset"
     )
-    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    _add_base_option(p)
     p.add_argument("--out", help="output folder (default: data/prepared/<tenant>; one tenant only)")
     p.set_defaults(func=cmd_prepare)
 
@@ -542,10 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model folder whose chat template renders the samples (default: models/base)")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_model_commands(sub: Any, common: argparse.ArgumentParser, tenant: argparse.ArgumentParser) -> None:
+    """The stages from the adapter to the promotion decision: train, merge, export, evaluate, gate."""
     p = sub.add_parser(
         "train", parents=[common, tenant], help="train each tenant's LoRA/QLoRA adapter on its prepared train split"
     )
-    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    _add_base_option(p)
     p.add_argument(
         "--no-checkpoints", action="store_true", help="write no periodic checkpoints (a killed run then starts over)"
     )
@@ -556,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, tenant],
         help="merge each adapter into a full-precision base and prove it behaves the same",
     )
-    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    _add_base_option(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
@@ -569,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, tenant],
         help="evaluate base, candidate and production on each tenant's test split",
     )
-    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    _add_base_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -579,9 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strict", action="store_true", help="exit with status 3 when a tenant's gate fails")
     p.set_defaults(func=cmd_gate)
-    add_registry_parser(sub)
-    add_serve_parser(sub, common)
 
+
+def _add_generate_command(sub: Any) -> None:
     p = sub.add_parser("generate", help="chat with an exported model through plain onnxruntime (KV cache reused)")
     p.add_argument(
         "--onnx",
@@ -609,10 +635,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_run_command(sub: Any, common: argparse.ArgumentParser, tenant: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "run",
         parents=[common, tenant],
-        help="the whole pipeline: DVC stages through the Prefect flow, then register and promote each tenant's adapter",
+        help="the whole pipeline: DVC stages through the Prefect flow, "
+        "then register and promote each tenant's adapter",
     )
     p.add_argument("--no-prefect", action="store_true", help="run `dvc repro` and release directly, without Prefect")
     p.add_argument(
@@ -635,7 +664,6 @@ def build_parser() -> argparse.ArgumentParser:
         "visible GPUs (default: orchestrate.parallel_tenants); the outputs are those of a sequential run",
     )
     p.set_defaults(func=cmd_run)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
