@@ -264,7 +264,32 @@ def render_text(summary: RunSummary, seconds: float | None = None) -> str:
     lines = ["", "== loraline summary =="]
     if summary.base:
         lines.append(base_line(summary.base))
-    data_rows = [
+    lines += _data_table(summary.tenants)
+    for t in summary.tenants:
+        lines += ["", f"{t.tenant}:", *_tenant_lines(t)]
+    if seconds is not None:
+        lines += ["", f"total time: {seconds:.0f}s"]
+    return "\n".join(lines)
+
+
+DATA_COLUMNS = [
+    "tenant",
+    "rows in",
+    "kept",
+    "rejected",
+    "duplicates",
+    "near dup",
+    "contaminated",
+    "synthetic",
+    "train",
+    "validation",
+    "test",
+]
+
+
+def _data_table(tenants: list[TenantSummary]) -> list[str]:
+    """What the prepare stage made of each tenant's rows (DATA_COLUMNS), under a blank line and `data:`."""
+    rows = [
         [
             t.tenant,
             s["rows_in"],
@@ -276,52 +301,35 @@ def render_text(summary: RunSummary, seconds: float | None = None) -> str:
             s.get("by_source", {}).get("synthetic", {}).get("kept", 0),
             *(s.get("splits", {}).get(k, 0) for k in ("train", "validation", "test")),
         ]
-        for t in summary.tenants
+        for t in tenants
         if (s := t.prepare)
     ]
-    if data_rows:
-        lines += ["", "data:"] + [
-            "  " + r
-            for r in _table(
-                [
-                    "tenant",
-                    "rows in",
-                    "kept",
-                    "rejected",
-                    "duplicates",
-                    "near dup",
-                    "contaminated",
-                    "synthetic",
-                    "train",
-                    "validation",
-                    "test",
-                ],
-                data_rows,
-            )
-        ]
-    for t in summary.tenants:
-        lines += ["", f"{t.tenant}:"]
-        if t.prepare:
-            lines.append(f"  rejects: {reasons(t.prepare)}")
-        if t.train:
-            lines.append("  " + train_line(t.tenant, t.train, t.train_timing))
-        rows = t.metric_rows()
-        if rows:
-            models = [k for k in rows[0] if k != "metric"]
-            lines += [
-                "  " + r for r in _table(["metric", *models], [[r["metric"], *(r[m] for m in models)] for r in rows])
-            ]
-        if t.low_bit:
-            from loraline.evaluate.lowbit import summary_line  # torch: only for a run that has the comparison
+    if not rows:
+        return []
+    return ["", "data:"] + ["  " + r for r in _table(DATA_COLUMNS, rows)]
 
-            lines.append("  " + summary_line(t.low_bit))
-        lines.append(f"  gate: {t.verdict}")
-        lines.append(f"  registry: {t.registry_line}")
-        for kind, path in t.paths.items():
-            lines.append(f"  {kind}: {path}")
-    if seconds is not None:
-        lines += ["", f"total time: {seconds:.0f}s"]
-    return "\n".join(lines)
+
+def _tenant_lines(t: TenantSummary) -> list[str]:
+    """One tenant's section, indented: rejects, training, metrics, gate, registry and output paths."""
+    lines = []
+    if t.prepare:
+        lines.append(f"  rejects: {reasons(t.prepare)}")
+    if t.train:
+        lines.append("  " + train_line(t.tenant, t.train, t.train_timing))
+    rows = t.metric_rows()
+    if rows:
+        models = [k for k in rows[0] if k != "metric"]
+        lines += [
+            "  " + r for r in _table(["metric", *models], [[r["metric"], *(r[m] for m in models)] for r in rows])
+        ]
+    if t.low_bit:
+        from loraline.evaluate.lowbit import summary_line  # torch: only for a run that has the comparison
+
+        lines.append("  " + summary_line(t.low_bit))
+    lines.append(f"  gate: {t.verdict}")
+    lines.append(f"  registry: {t.registry_line}")
+    lines += [f"  {kind}: {path}" for kind, path in t.paths.items()]
+    return lines
 
 
 def render_markdown(summary: RunSummary, seconds: float | None = None) -> str:
