@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraline import io
 from loraline.config import JudgeParams, Params
@@ -47,6 +47,9 @@ from loraline.registry.lineage import (
     tenant_outputs,
 )
 from loraline.registry.snapshot import snapshot_commit
+
+if TYPE_CHECKING:
+    from loraline.gate.decision import GateDecision
 
 
 @dataclass(frozen=True)
@@ -186,24 +189,12 @@ def release_tenant(
     evaluate: ProductionEvaluator = evaluate_production,
 ) -> ReleaseResult:
     """Register the tenant's current outputs (once per adapter content) and promote them when the gate allows."""
-    from loraline.gate.decision import decide, to_json
+    from loraline.gate.decision import to_json
     from loraline.registry.gto_registry import GtoRegistry
 
     root = Path(root)
     layout, registry = Layout(root), registry or GtoRegistry(root)
-    check_artifacts_declared(root, params)
-    if not layout.gate_path(tenant).exists():
-        raise ReleaseRefused(
-            f"{layout.gate_path(tenant)} does not exist: run the gate "
-            f"stage first (dvc repro {stage_id('gate', tenant)})"
-        )
-    gate = json.loads(layout.gate_path(tenant).read_text())
-    adapter = Layout().relative(Layout().adapter_dir(tenant))
-    adapter_md5 = locked_out(read_lock(root), stage_id("train", tenant), adapter)
-    if adapter_md5 is None:
-        raise ReleaseRefused(f"dvc.lock records no {adapter}: run the pipeline (dvc repro) first")
-    check_releasable(root, tenant)  # else the gate's verdict and the lineage may describe another adapter
-
+    gate = _releasable_gate(root, params, layout, tenant)
     names = list(artifact_paths(tenant, params))  # the onnx artifact only when deploy.targets builds it
     version, registered_new = _register(root, params, tenant, registry, gate)
     current = {n: registry.production(n) for n in names}
@@ -227,43 +218,73 @@ def release_tenant(
     if all(current[n] is not None and current[n].version == version for n in names):
         return finish(False, before, f"{version} already is production")
     if before is not None and before != version:
-        evaluation = json.loads(layout.eval_metrics_path(tenant).read_text())["models"]
-        production = evaluate(root, params, tenant, current[names[0]])
-        decision = decide(
-            params.gate_for(tenant),
-            evaluation["candidate"],
-            evaluation["base"],
-            production.metrics,
-            read_parity(layout, tenant),
-            targets=params.deploy_for(tenant).targets,
-            judge=production.judge,
-        )
+        decision = _decide_against_production(root, params, layout, tenant, current[names[0]], evaluate)
         rules = to_json(decision)["rules"]
         if not decision.passed:
             why = "; ".join(f"{r.name}: {r.reason}" for r in decision.rules if not r.passed)
             return finish(False, before, f"not promoted against current production {before}: {why}", rules)
-    was = {n: current[n].version if current[n] else None for n in names}
     try:
-        with registry.transaction():  # check both before moving either, so the pair moves together
-            for name in names:
-                now = registry.production(name)
-                if (now.version if now else None) != was[name]:
-                    raise PromotionConflict(name, was[name], now.version if now else None)
-            for name in names:
-                message = (
-                    f"Promote {name} {version} to prod (loraline release, gate passed; was {was[name] or 'none'})"
-                )
-                registry.promote(
-                    name,
-                    version,
-                    expected_current=was[name],
-                    message=provisional(message) if on_canary(params, was[name]) else message,
-                )
+        _promote_together(params, registry, version, {n: current[n].version if current[n] else None for n in names})
     except PromotionConflict as exc:
         now = registry.production(names[0])
         return finish(False, now.version if now else None, str(exc), rules)
     canary = "; on canary (serve.canary)" if on_canary(params, before) else ""
     return finish(True, version, f"promoted {version} (was {before or 'nothing'}){canary}", rules)
+
+
+def _releasable_gate(root: Path, params: Params, layout: Layout, tenant: str) -> dict[str, Any]:
+    """The tenant's gate.json, once the project shows it describes the adapter dvc.lock records (else
+    ReleaseRefused: the gate's verdict and the lineage may describe another adapter)."""
+    check_artifacts_declared(root, params)
+    if not layout.gate_path(tenant).exists():
+        raise ReleaseRefused(
+            f"{layout.gate_path(tenant)} does not exist: run the gate stage first "
+            f"(dvc repro {stage_id('gate', tenant)})"
+        )
+    gate = json.loads(layout.gate_path(tenant).read_text())
+    adapter = Layout().relative(Layout().adapter_dir(tenant))
+    adapter_md5 = locked_out(read_lock(root), stage_id("train", tenant), adapter)
+    if adapter_md5 is None:
+        raise ReleaseRefused(f"dvc.lock records no {adapter}: run the pipeline (dvc repro) first")
+    check_releasable(root, tenant)
+    return gate
+
+
+def _decide_against_production(
+    root: Path, params: Params, layout: Layout, tenant: str, production: Version, evaluate: ProductionEvaluator
+) -> GateDecision:
+    """The gate again, with the current production version measured (`evaluate`) beside base and candidate."""
+    from loraline.gate.decision import decide
+
+    evaluation = json.loads(layout.eval_metrics_path(tenant).read_text())["models"]
+    measured = evaluate(root, params, tenant, production)
+    return decide(
+        params.gate_for(tenant),
+        evaluation["candidate"],
+        evaluation["base"],
+        measured.metrics,
+        read_parity(layout, tenant),
+        targets=params.deploy_for(tenant).targets,
+        judge=measured.judge,
+    )
+
+
+def _promote_together(params: Params, registry: Registry, version: str, was: dict[str, str | None]) -> None:
+    """Promote `version` of every artifact in `was` (name -> its production version now), or none of them:
+    PromotionConflict when another release moved one since `was` was read."""
+    with registry.transaction():  # check both before moving either, so the pair moves together
+        for name in was:
+            now = registry.production(name)
+            if (now.version if now else None) != was[name]:
+                raise PromotionConflict(name, was[name], now.version if now else None)
+        for name in was:
+            message = f"Promote {name} {version} to prod (loraline release, gate passed; was {was[name] or 'none'})"
+            registry.promote(
+                name,
+                version,
+                expected_current=was[name],
+                message=provisional(message) if on_canary(params, was[name]) else message,
+            )
 
 
 def release_shared(

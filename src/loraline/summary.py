@@ -151,6 +151,109 @@ def train_line(name: str, m: dict[str, Any], timing: dict[str, Any] | None = Non
     return line
 
 
+# -- one stage's report lines: what `loraline <stage>` and `loraline run --no-dvc` print per tenant --
+
+
+def documents_line(name: str, result: Any) -> str:
+    """`result`: the documents stage's DocumentsResult."""
+    skipped = (
+        f", {len(result.skipped)} skipped ({'; '.join(f'{k}: {v}' for k, v in result.skipped.items())})"
+        if result.skipped
+        else ""
+    )
+    return f"documents[{name}]: {len(result.files)} files -> {result.out_dir}{skipped}"
+
+
+def synthesize_line(name: str, result: Any) -> str:
+    """`result`: the synthesize stage's SynthesizeResult."""
+    rejects = ", ".join(f"{k} {v}" for k, v in sorted(result.rejected.items())) or "none"
+    usage = "".join(f", {k} {v}" for k, v in result.usage.items())
+    return (
+        f"synthesize[{name}]: {result.generated} generated = {result.kept} kept + {sum(result.rejected.values())} "
+        f"rejected ({rejects}) by {result.stats['generator']}{usage} -> {result.rows_path}"
+    )
+
+
+def prepare_line(name: str, stats: Any) -> str:
+    """`stats`: the prepare stage's PrepareStats (or its dict)."""
+    s = stats if isinstance(stats, dict) else stats.__dict__
+    splits = " / ".join(f"{k} {s.get('splits', {}).get(k, 0)}" for k in ("train", "validation", "test"))
+    return (
+        f"prepare[{name}]: {s['rows_in']} rows in = {s['kept']} kept + {s['rejected']} rejected "
+        f"+ {s['duplicates']} duplicates + {s.get('near_duplicates', 0)} near-duplicates "
+        f"+ {s.get('contaminated', 0)} contaminated | {splits} | documents {s.get('documents', 0)} "
+        f"| rejects: {reasons(s)}"
+    )
+
+
+def merge_line(name: str, report: dict[str, Any], layout: Layout) -> str:
+    """`report`: the merge stage's report (merge_report.json)."""
+    r, p = report, report["probes"]
+    probes = f"{p['count']} probes ({p['builtin']} built-in, {p['tenant']} from the test split)"
+    if "merged_vs_unmerged" not in r:  # deploy.targets without merged
+        return (
+            f"merge[{name}]: merged {r['merged']}; reference answers to {probes} from base + adapter "
+            f"-> {layout.merge_report_path(name)}"
+        )
+    q = r.get("vs_4bit", {})
+    gap = (
+        "skipped"
+        if "skipped" in q
+        else f"{q.get('max_abs_logit_diff', float('nan')):.3g} (greedy agreement {q.get('greedy_agreement', 0):.0%})"
+    )
+    mv = r["merged_vs_unmerged"]
+    return (
+        f"merge[{name}]: merged vs adapter max logit diff {mv['max_abs_logit_diff']:.2e} "
+        f"(tolerance {r['tolerance']:g}), greedy agreement {mv['greedy_agreement']:.0%} on {probes}; "
+        f"gap to 4-bit {gap} -> {layout.merged_dir(name)}"
+    )
+
+
+def export_lines(name: str, report: dict[str, Any], layout: Layout) -> list[str]:
+    """`report`: the export stage's report (export_report.json): a headline, then one line per graph."""
+    r = report
+    if "graph" not in r:  # deploy.targets without onnx
+        return [f"export[{name}]: onnx {r['onnx']}"]
+    lines = [f"export[{name}] -> {layout.onnx_dir(name)}"]
+    for graph in r["graphs"]:
+        g = r[graph]
+        drift = f"; vs the float model {g['vs_float']['max_abs_logit_diff']:.3g}" if "vs_float" in g else ""
+        lines.append(
+            f"  {graph:<5} {g['file']:<17} {g['bytes'] / 2**20:9.1f} MiB  max logit diff "
+            f"{g['max_abs_logit_diff']:.2e}, greedy agreement {g['greedy_agreement']:.0%}{drift}"
+        )
+    return lines
+
+
+def evaluate_line(name: str, result: Any) -> str:
+    """`result`: the evaluate stage's EvaluateResult."""
+    models = result.metrics["models"]
+    cols = [m for m in ("base", "candidate", "production") if m in models]
+    return (
+        f"evaluate[{name}]: {result.metrics['test_rows']} test rows; "
+        + "; ".join(
+            f"{k}: "
+            + " / ".join(
+                f"{m} {models[m].get(k) if models[m].get(k) is None else round(models[m][k], 3)}" for m in cols
+            )
+            for k in models["candidate"]
+        )
+        + f" -> {result.report_path}"
+    )
+
+
+def gate_lines(name: str, decision: Any) -> list[str]:
+    """`decision`: the gate stage's GateDecision: the verdict, then one line per rule."""
+    lines = [f"gate[{name}]: {'PASS' if decision.passed else 'FAIL'}"]
+    lines += [f"    {'ok  ' if rule.passed else 'FAIL'} {rule.name}: {rule.reason}" for rule in decision.rules]
+    return lines
+
+
+def tenant_failures(failures: dict[str, Any], sep: str = "; ") -> str:
+    """Why each failed tenant failed, `[tenant] error` (a run goes on past a failed tenant and says so at the end)."""
+    return sep.join(f"[{t}] {e}" for t, e in failures.items())
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     cells = [header, *[[_fmt(v) for v in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -161,7 +264,32 @@ def render_text(summary: RunSummary, seconds: float | None = None) -> str:
     lines = ["", "== loraline summary =="]
     if summary.base:
         lines.append(base_line(summary.base))
-    data_rows = [
+    lines += _data_table(summary.tenants)
+    for t in summary.tenants:
+        lines += ["", f"{t.tenant}:", *_tenant_lines(t)]
+    if seconds is not None:
+        lines += ["", f"total time: {seconds:.0f}s"]
+    return "\n".join(lines)
+
+
+DATA_COLUMNS = [
+    "tenant",
+    "rows in",
+    "kept",
+    "rejected",
+    "duplicates",
+    "near dup",
+    "contaminated",
+    "synthetic",
+    "train",
+    "validation",
+    "test",
+]
+
+
+def _data_table(tenants: list[TenantSummary]) -> list[str]:
+    """What the prepare stage made of each tenant's rows (DATA_COLUMNS), under a blank line and `data:`."""
+    rows = [
         [
             t.tenant,
             s["rows_in"],
@@ -173,52 +301,35 @@ def render_text(summary: RunSummary, seconds: float | None = None) -> str:
             s.get("by_source", {}).get("synthetic", {}).get("kept", 0),
             *(s.get("splits", {}).get(k, 0) for k in ("train", "validation", "test")),
         ]
-        for t in summary.tenants
+        for t in tenants
         if (s := t.prepare)
     ]
-    if data_rows:
-        lines += ["", "data:"] + [
-            "  " + r
-            for r in _table(
-                [
-                    "tenant",
-                    "rows in",
-                    "kept",
-                    "rejected",
-                    "duplicates",
-                    "near dup",
-                    "contaminated",
-                    "synthetic",
-                    "train",
-                    "validation",
-                    "test",
-                ],
-                data_rows,
-            )
-        ]
-    for t in summary.tenants:
-        lines += ["", f"{t.tenant}:"]
-        if t.prepare:
-            lines.append(f"  rejects: {reasons(t.prepare)}")
-        if t.train:
-            lines.append("  " + train_line(t.tenant, t.train, t.train_timing))
-        rows = t.metric_rows()
-        if rows:
-            models = [k for k in rows[0] if k != "metric"]
-            lines += [
-                "  " + r for r in _table(["metric", *models], [[r["metric"], *(r[m] for m in models)] for r in rows])
-            ]
-        if t.low_bit:
-            from loraline.evaluate.lowbit import summary_line  # torch: only for a run that has the comparison
+    if not rows:
+        return []
+    return ["", "data:"] + ["  " + r for r in _table(DATA_COLUMNS, rows)]
 
-            lines.append("  " + summary_line(t.low_bit))
-        lines.append(f"  gate: {t.verdict}")
-        lines.append(f"  registry: {t.registry_line}")
-        for kind, path in t.paths.items():
-            lines.append(f"  {kind}: {path}")
-    if seconds is not None:
-        lines += ["", f"total time: {seconds:.0f}s"]
-    return "\n".join(lines)
+
+def _tenant_lines(t: TenantSummary) -> list[str]:
+    """One tenant's section, indented: rejects, training, metrics, gate, registry and output paths."""
+    lines = []
+    if t.prepare:
+        lines.append(f"  rejects: {reasons(t.prepare)}")
+    if t.train:
+        lines.append("  " + train_line(t.tenant, t.train, t.train_timing))
+    rows = t.metric_rows()
+    if rows:
+        models = [k for k in rows[0] if k != "metric"]
+        lines += [
+            "  " + r for r in _table(["metric", *models], [[r["metric"], *(r[m] for m in models)] for r in rows])
+        ]
+    if t.low_bit:
+        from loraline.evaluate.lowbit import summary_line  # torch: only for a run that has the comparison
+
+        lines.append("  " + summary_line(t.low_bit))
+    lines.append(f"  gate: {t.verdict}")
+    lines.append(f"  registry: {t.registry_line}")
+    lines += [f"  {kind}: {path}" for kind, path in t.paths.items()]
+    return lines
 
 
 def render_markdown(summary: RunSummary, seconds: float | None = None) -> str:

@@ -22,7 +22,20 @@ from loraline.cli.serve import add_serve_parser
 from loraline.config import ConfigError, Params, load_params
 from loraline.flows.orchestrate import WorkspaceBusy, workspace_lock
 from loraline.layout import Layout, stage_id
-from loraline.summary import base_line, collect_summary, reasons, render_text, train_line
+from loraline.summary import (
+    base_line,
+    collect_summary,
+    documents_line,
+    evaluate_line,
+    export_lines,
+    gate_lines,
+    merge_line,
+    prepare_line,
+    render_text,
+    synthesize_line,
+    tenant_failures,
+    train_line,
+)
 
 # `loraline run` while another holds the workspace: a temporary failure, worth trying again (sysexits' EX_TEMPFAIL).
 EXIT_BUSY = 75
@@ -106,13 +119,7 @@ def cmd_documents(args: argparse.Namespace) -> int:
     names = _tenants(params, args.tenant)
     _one_tenant_for_out(args, names)
     for name in names:
-        result = documents.run(params, layout, name, out_dir=Path(args.out) if args.out else None)
-        skipped = (
-            f", {len(result.skipped)} skipped ({'; '.join(f'{k}: {v}' for k, v in result.skipped.items())})"
-            if result.skipped
-            else ""
-        )
-        print(f"documents[{name}]: {len(result.files)} files -> {result.out_dir}{skipped}")
+        print(documents_line(name, documents.run(params, layout, name, out_dir=Path(args.out) if args.out else None)))
     return 0
 
 
@@ -121,13 +128,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
     params, layout = _load(args), Layout()
     for name in _tenants(params, args.tenant):
-        result = synthesize.run(params, layout, name, progress=not args.quiet)
-        rejects = ", ".join(f"{k} {v}" for k, v in sorted(result.rejected.items())) or "none"
-        usage = "".join(f", {k} {v}" for k, v in result.usage.items())
-        print(
-            f"synthesize[{name}]: {result.generated} generated = {result.kept} kept + {sum(result.rejected.values())} "
-            f"rejected ({rejects}) by {result.stats['generator']}{usage} -> {result.rows_path}"
-        )
+        print(synthesize_line(name, synthesize.run(params, layout, name, progress=not args.quiet)))
     return 0
 
 
@@ -170,7 +171,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             tokenizer=tokenizer,
             progress=not args.quiet,
         )
-        print(_prepare_line(name, result.stats))
+        print(prepare_line(name, result.stats))
     return 0
 
 
@@ -226,30 +227,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     params, layout = _load(args), Layout()
     for name in _tenants(params, args.tenant):
-        r = merge.run(params, layout, name, base_dir=Path(args.base) if args.base else None).report
-        probes = (
-            f"{r['probes']['count']} probes ({r['probes']['builtin']} "
-            f"built-in, {r['probes']['tenant']} from the test split)"
-        )
-        if "merged_vs_unmerged" not in r:  # deploy.targets without merged
-            print(
-                f"merge[{name}]: merged {r['merged']}; reference answers to {probes} from base + adapter "
-                f"-> {layout.merge_report_path(name)}"
-            )
-            continue
-        q = r.get("vs_4bit", {})
-        gap = (
-            "skipped"
-            if "skipped" in q
-            else f"{q.get('max_abs_logit_diff', float('nan')):.3g} "
-            f"(greedy agreement {q.get('greedy_agreement', 0):.0%})"
-        )
-        mv = r["merged_vs_unmerged"]
-        print(
-            f"merge[{name}]: merged vs adapter max logit diff {mv['max_abs_logit_diff']:.2e} "
-            f"(tolerance {r['tolerance']:g}), greedy agreement {mv['greedy_agreement']:.0%} on {probes}; gap to 4-bit "
-            f"{gap} -> {layout.merged_dir(name)}"
-        )
+        report = merge.run(params, layout, name, base_dir=Path(args.base) if args.base else None).report
+        print(merge_line(name, report, layout))
     return 0
 
 
@@ -258,18 +237,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     params, layout = _load(args), Layout()
     for name in _tenants(params, args.tenant):
-        r = export.run(params, layout, name).report
-        if "graph" not in r:  # deploy.targets without onnx
-            print(f"export[{name}]: onnx {r['onnx']}")
-            continue
-        print(f"export[{name}] -> {layout.onnx_dir(name)}")
-        for graph in r["graphs"]:
-            g = r[graph]
-            drift = f"; vs the float model {g['vs_float']['max_abs_logit_diff']:.3g}" if "vs_float" in g else ""
-            print(
-                f"  {graph:<5} {g['file']:<17} {g['bytes'] / 2**20:9.1f} MiB  max logit diff "
-                f"{g['max_abs_logit_diff']:.2e}, greedy agreement {g['greedy_agreement']:.0%}{drift}"
-            )
+        print("\n".join(export_lines(name, export.run(params, layout, name).report, layout)))
     return 0
 
 
@@ -281,19 +249,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = evaluate.run(
             params, layout, name, base_dir=Path(args.base) if args.base else None, progress=not args.quiet
         )
-        models = result.metrics["models"]
-        cols = [m for m in ("base", "candidate", "production") if m in models]
-        print(
-            f"evaluate[{name}]: {result.metrics['test_rows']} test rows; "
-            + "; ".join(
-                f"{k}: "
-                + " / ".join(
-                    f"{m} {models[m].get(k) if models[m].get(k) is None else round(models[m][k], 3)}" for m in cols
-                )
-                for k in models["candidate"]
-            )
-            + f" -> {result.report_path}"
-        )
+        print(evaluate_line(name, result))
     return 0
 
 
@@ -304,9 +260,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     failed = []
     for name in _tenants(params, args.tenant):
         decision = gate.run(params, layout, name)
-        print(f"gate[{name}]: {'PASS' if decision.passed else 'FAIL'}")
-        for rule in decision.rules:
-            print(f"    {'ok  ' if rule.passed else 'FAIL'} {rule.name}: {rule.reason}")
+        print("\n".join(gate_lines(name, decision)))
         if not decision.passed:
             failed.append(name)
     if failed and args.strict:
@@ -364,16 +318,6 @@ def _graph_file(args: argparse.Namespace) -> str:
     return GRAPH_FILES[graph]
 
 
-def _prepare_line(name: str, stats: Any) -> str:
-    s = stats if isinstance(stats, dict) else stats.__dict__
-    splits = " / ".join(f"{k} {s.get('splits', {}).get(k, 0)}" for k in ("train", "validation", "test"))
-    return (
-        f"prepare[{name}]: {s['rows_in']} rows in = {s['kept']} kept + {s['rejected']} rejected "
-        f"+ {s['duplicates']} duplicates + {s.get('near_duplicates', 0)} near-duplicates + {s.get('contaminated', 0)} "
-        f"contaminated | {splits} | documents {s.get('documents', 0)} | rejects: {reasons(s)}"
-    )
-
-
 # -- whole pipeline ---------------------------------------------------------------------------
 
 
@@ -401,20 +345,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_holding_the_workspace(args: argparse.Namespace, params: Params, tenants: list[str], started: float) -> int:
     error = None
     if args.no_dvc:
-        ns = dict(
-            params=args.params, set=args.set, quiet=args.quiet, out=None, tenant=args.tenant, docs=None, base=None
-        )
-        cmd_documents(argparse.Namespace(**{**ns, "tenant": None}))
-        ns["docs"] = [str(Layout().documents_dir(n)) for n in params.tenant_names]
-        cmd_base(argparse.Namespace(**ns))
-        ns["docs"] = None
-        cmd_synthesize(argparse.Namespace(**ns))
-        cmd_prepare(argparse.Namespace(**ns))
-        cmd_train(argparse.Namespace(**ns, no_checkpoints=False))
-        cmd_merge(argparse.Namespace(**ns))
-        cmd_export(argparse.Namespace(**ns))
-        cmd_evaluate(argparse.Namespace(**ns))
-        cmd_gate(argparse.Namespace(**ns, strict=False))
+        from loraline.flows.direct import run_direct
+
+        error = tenant_failures(run_direct(params, Layout(), tenants, progress=not args.quiet)) or None
     else:
         _repair_dvc_cache(Path.cwd())
         if not args.force and _every_stage_up_to_date(tenants):
@@ -451,7 +384,7 @@ def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list
     from loraline.flows.repro import reproduce
 
     parallel = args.parallel or params.orchestrate.parallel_tenants
-    failures: dict[str, BaseException] = {}
+    failures: dict[str, Exception] = {}
     if parallel > 1:
         ran, failures = run_stages_in_parallel(
             _project_root(), tenants, parallel, force=args.force, push=not args.no_push
@@ -461,9 +394,7 @@ def _run_without_prefect(args: argparse.Namespace, params: Params, tenants: list
         ran = reproduce(force=args.force, push=not args.no_push, targets=targets)
     print(f"dvc repro: {len(ran)} stage(s) ran" + (f": {', '.join(ran)}" if ran else " (everything up to date)"))
     _release(args, params, [t for t in tenants if t not in failures])
-    if failures:
-        return "; ".join(f"[{t}] {e}" for t, e in failures.items())
-    return None
+    return tenant_failures(failures) or None
 
 
 def _every_stage_up_to_date(tenants: list[str]) -> bool:
@@ -552,6 +483,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loraline",
         description="Raw data to gated, versioned LoRA/QLoRA adapters. Settings come from params.yaml.",
     )
+    common, tenant = _common_options(), _tenant_option()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("check", parents=[common], help="validate params.yaml and show each tenant's resolved settings")
+    p.set_defaults(func=cmd_check)
+    _add_data_commands(sub, common, tenant)
+    _add_model_commands(sub, common, tenant)
+    add_registry_parser(sub)
+    add_serve_parser(sub, common)
+    _add_generate_command(sub)
+    _add_run_command(sub, common, tenant)
+    return parser
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """--params, --set and --quiet: every command that reads params.yaml takes them."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="the params file to read (default: params.yaml)")
     common.add_argument(
@@ -562,15 +508,23 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. --set base.build.max_steps=50",
     )
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return common
+
+
+def _tenant_option() -> argparse.ArgumentParser:
     tenant = argparse.ArgumentParser(add_help=False)
     tenant.add_argument(
         "--tenant", action="append", help="run for this tenant only (repeatable; default: every tenant)"
     )
+    return tenant
 
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("check", parents=[common], help="validate params.yaml and show each tenant's resolved settings")
-    p.set_defaults(func=cmd_check)
 
+def _add_base_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+
+
+def _add_data_commands(sub: Any, common: argparse.ArgumentParser, tenant: argparse.ArgumentParser) -> None:
+    """The stages up to the prepared dataset (documents, synthesize, base, prepare), and `inspect`."""
     p = sub.add_parser("documents", parents=[common, tenant], help="collect each tenant's plain documents (.txt/.md)")
     p.add_argument("--out", help="output folder (default: data/documents/<tenant>; one tenant only)")
     p.set_defaults(func=cmd_documents)
@@ -595,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare", parents=[common, tenant], help="raw files to a clean, deduplicated, split, chat-templated dataset"
     )
-    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    _add_base_option(p)
     p.add_argument("--out", help="output folder (default: data/prepared/<tenant>; one tenant only)")
     p.set_defaults(func=cmd_prepare)
 
@@ -608,10 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model folder whose chat template renders the samples (default: models/base)")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_model_commands(sub: Any, common: argparse.ArgumentParser, tenant: argparse.ArgumentParser) -> None:
+    """The stages from the adapter to the promotion decision: train, merge, export, evaluate, gate."""
     p = sub.add_parser(
         "train", parents=[common, tenant], help="train each tenant's LoRA/QLoRA adapter on its prepared train split"
     )
-    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    _add_base_option(p)
     p.add_argument(
         "--no-checkpoints", action="store_true", help="write no periodic checkpoints (a killed run then starts over)"
     )
@@ -622,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, tenant],
         help="merge each adapter into a full-precision base and prove it behaves the same",
     )
-    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    _add_base_option(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
@@ -635,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, tenant],
         help="evaluate base, candidate and production on each tenant's test split",
     )
-    p.add_argument("--base", help="base model folder written by `loraline base` (default: models/base)")
+    _add_base_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -645,9 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strict", action="store_true", help="exit with status 3 when a tenant's gate fails")
     p.set_defaults(func=cmd_gate)
-    add_registry_parser(sub)
-    add_serve_parser(sub, common)
 
+
+def _add_generate_command(sub: Any) -> None:
     p = sub.add_parser("generate", help="chat with an exported model through plain onnxruntime (KV cache reused)")
     p.add_argument(
         "--onnx",
@@ -675,11 +632,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_run_command(sub: Any, common: argparse.ArgumentParser, tenant: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "run",
         parents=[common, tenant],
-        help="the whole pipeline: DVC stages through the Prefect "
-        "flow, then register and promote each tenant's adapter",
+        help="the whole pipeline: DVC stages through the Prefect flow, "
+        "then register and promote each tenant's adapter",
     )
     p.add_argument("--no-prefect", action="store_true", help="run `dvc repro` and release directly, without Prefect")
     p.add_argument(
@@ -702,7 +661,6 @@ def build_parser() -> argparse.ArgumentParser:
         "visible GPUs (default: orchestrate.parallel_tenants); the outputs are those of a sequential run",
     )
     p.set_defaults(func=cmd_run)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,2 +1,3 @@
 """Orchestration on top of the stages: the Prefect flow (`pipeline`), the DVC stage runner it uses
-(`orchestrate`) and the in-process `dvc repro` (`repro`). Composition only: no stage logic here."""
+(`orchestrate`), the in-process `dvc repro` (`repro`) and the stages called directly without DVC
+(`direct`, `loraline run --no-dvc`). Composition only: no stage logic here."""

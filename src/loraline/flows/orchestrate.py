@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from loraline.layout import split_stage_id
 from loraline.progress import ENV as PROGRESS_ENV
@@ -39,6 +41,7 @@ __all__ = [
     "StageRun",
     "StageTimeout",
     "device_slots",
+    "each_tenant",
     "plan_stages",
     "project_lock",
     "push_outputs",
@@ -51,6 +54,7 @@ __all__ = [
     "workspace_lock",
 ]
 
+T = TypeVar("T")
 _RAN = re.compile(r"Running stage '([^']+)'")
 _TAIL_LINES = 40
 
@@ -385,32 +389,56 @@ def run_chains(
     root: str | Path,
     chains: dict[str, list[str]],
     parallel: int,
-    run_chain: Callable[[str, list[str], dict[str, str]], object],
-) -> tuple[dict[str, object], dict[str, BaseException]]:
+    run_chain: Callable[[str, list[str], dict[str, str]], T],
+) -> tuple[dict[str, T], dict[str, Exception]]:
     """Run each tenant's stage chain, up to `parallel` tenants at once, each with its device slot.
 
     Returns (results, failures) by tenant: a tenant that fails does not stop the others."""
     slots = DeviceSlots(root, device_slots(parallel, visible_gpus()))
 
-    def one(tenant: str) -> object:
+    def one(tenant: str) -> T:
         with slots.slot() as env:
             return run_chain(tenant, chains[tenant], env)
 
-    results: dict[str, object] = {}
-    failures: dict[str, BaseException] = {}
-    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="tenant") as pool:
-        futures = {tenant: pool.submit(one, tenant) for tenant in chains}
+    return each_tenant(chains, one, parallel=max(1, parallel))
+
+
+def each_tenant(
+    tenants: Iterable[str],
+    work: Callable[[str], T],
+    *,
+    parallel: int = 1,
+    on_failure: Callable[[str, Exception], None] | None = None,
+) -> tuple[dict[str, T], dict[str, Exception]]:
+    """`work(tenant)` for each tenant, one after another or (`parallel` > 1) up to `parallel` at once in
+    threads: the one place a run (the flow, `loraline run --no-prefect` or `--no-dvc`) collects per-tenant
+    failures. Returns (results, failures) by tenant: a tenant whose work raises does not stop the others;
+    `on_failure` hears of each failure as it is collected."""
+    results: dict[str, T] = {}
+    failures: dict[str, Exception] = {}
+
+    def collect(tenant: str, outcome: Callable[[], T]) -> None:
+        try:
+            results[tenant] = outcome()
+        except Exception as exc:  # one tenant's failure must not stop the others
+            failures[tenant] = exc
+            if on_failure:
+                on_failure(tenant, exc)
+
+    if parallel <= 1:
+        for tenant in tenants:
+            collect(tenant, functools.partial(work, tenant))
+        return results, failures
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="tenant") as pool:
+        futures = {tenant: pool.submit(work, tenant) for tenant in tenants}
         for tenant, future in futures.items():
-            try:
-                results[tenant] = future.result()
-            except Exception as exc:
-                failures[tenant] = exc
+            collect(tenant, future.result)
     return results, failures
 
 
 def run_stages_in_parallel(
     root: str | Path, tenants: list[str], parallel: int, *, force: bool = False, push: bool = True
-) -> tuple[list[str], dict[str, BaseException]]:
+) -> tuple[list[str], dict[str, Exception]]:
     """Without an orchestrator: the shared stages (under the project lock), then up to `parallel`
     tenants' stage chains at once, then `dvc push`. Returns (stages that ran, failures by tenant)."""
     plan = plan_stages(root, tenants)
@@ -422,7 +450,7 @@ def run_stages_in_parallel(
 
     results, failures = run_chains(root, plan.per_tenant, parallel, chain)
     for done in results.values():
-        ran += done  # type: ignore[arg-type]
+        ran += done
     if push:
         push_outputs(root)
     return ran, failures

@@ -27,11 +27,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
-from loraline.config import OrchestrateParams, load_params
+from loraline.config import OrchestrateParams, Params, load_params
 from loraline.flows.orchestrate import (
     DeviceSlots,
+    StagePlan,
     StageRun,
     device_slots,
+    each_tenant,
     plan_stages,
     project_lock,
     push_outputs,
@@ -43,7 +45,7 @@ from loraline.layout import Layout, split_stage_id
 from loraline.registry.base import ReleaseRefused
 from loraline.release import ReleaseResult, release_shared
 from loraline.serve.server import notify as notify_serving
-from loraline.summary import collect_summary, gate_markdown, render_markdown
+from loraline.summary import collect_summary, gate_markdown, render_markdown, tenant_failures
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
@@ -178,61 +180,62 @@ def pipeline(
     plan = plan_stages(project_dir, chosen)
     orchestrate = params.orchestrate
 
-    ran: dict[str, bool] = {}
     with project_lock(project_dir, "shared"):  # another flow run may be building the same base
-        ran.update(_run_chain(project_dir, plan.shared, force, orchestrate))
-
-    failures: dict[str, str] = {}
-    parallel = parallel or orchestrate.parallel_tenants
-    if parallel > 1:  # also with one tenant: concurrent flow runs (per-tenant deployments) share the slots
-        slots = DeviceSlots(project_dir, device_slots(parallel, visible_gpus()))
-        futures = {
-            tenant: tenant_stages.submit(project_dir, tenant, stages, force, orchestrate, quote(slots))
-            for tenant, stages in plan.per_tenant.items()
-        }
-        outcomes = {tenant: future.result(raise_on_failure=False) for tenant, future in futures.items()}
-    else:
-        outcomes = {}
-        for tenant, stages in plan.per_tenant.items():
-            try:
-                outcomes[tenant] = _run_chain(project_dir, stages, force, orchestrate)
-            except Exception as exc:  # one tenant's failure must not stop the others
-                outcomes[tenant] = exc
-    for tenant, outcome in outcomes.items():
-        if isinstance(outcome, BaseException):
-            failures[tenant] = str(outcome)
-            get_run_logger().error("tenant %s failed: %s", tenant, outcome)
-            continue  # its reports on disk are from an earlier run: publishing them would mislead
-        ran.update(outcome)
-        publish_reports(project_dir, tenant)
+        ran = _run_chain(project_dir, plan.shared, force, orchestrate)
+    chains, failures = _tenant_chains(project_dir, plan, force, orchestrate, parallel or orchestrate.parallel_tenants)
+    for tenant, tenant_ran in chains.items():
+        ran.update(tenant_ran)
+        publish_reports(project_dir, tenant)  # not a failed tenant's: its reports are an earlier run's
 
     if push:
         dvc_push.with_options(**_io_policy(orchestrate))(project_dir)
-    releases = {}
-    for tenant in chosen:
-        if tenant in failures:
-            continue
-        releases[tenant] = release.with_options(**_io_policy(orchestrate))(project_dir, tenant, promote)
-
+    releases = {
+        tenant: release.with_options(**_io_policy(orchestrate))(project_dir, tenant, promote)
+        for tenant in chosen
+        if tenant not in failures
+    }
     seconds = time.perf_counter() - started
-    summary = collect_summary(params, Layout(Path(project_dir)), chosen)
-    create_markdown_artifact(
-        key="loraline-run",
-        markdown=render_markdown(summary, seconds),
-        description="per tenant: gate verdict, registered version, production",
-    )
+    _publish_run_summary(params, project_dir, chosen, seconds)
     if failures:
-        raise RuntimeError(
-            "loraline pipeline failed for "
-            + ", ".join(failures)
-            + ":\n"
-            + "\n".join(f"[{t}] {e}" for t, e in failures.items())
-        )
+        raise RuntimeError(f"loraline pipeline failed for {', '.join(failures)}:\n" + tenant_failures(failures, "\n"))
     return {
         "seconds": seconds,
         "stages_ran": [s for s, did in ran.items() if did],
         "releases": {t: asdict(r) for t, r in releases.items()},
     }
+
+
+def _tenant_chains(
+    project_dir: str, plan: StagePlan, force: bool, orchestrate: OrchestrateParams, parallel: int
+) -> tuple[dict[str, dict[str, bool]], dict[str, Exception]]:
+    """Each tenant's own stages: (stages run by tenant, failures by tenant); a failed tenant does not stop
+    the others. With `parallel` > 1 (also with one tenant: concurrent flow runs, per-tenant deployments,
+    share the slots) up to `parallel` tenants' chains run at once as Prefect tasks, each on its device slot."""
+
+    def tell(tenant: str, exc: Exception) -> None:
+        get_run_logger().error("tenant %s failed: %s", tenant, exc)
+
+    if parallel <= 1:
+        return each_tenant(
+            plan.per_tenant,
+            lambda tenant: _run_chain(project_dir, plan.per_tenant[tenant], force, orchestrate),
+            on_failure=tell,
+        )
+    slots = DeviceSlots(project_dir, device_slots(parallel, visible_gpus()))
+    futures = {
+        tenant: tenant_stages.submit(project_dir, tenant, stages, force, orchestrate, quote(slots))
+        for tenant, stages in plan.per_tenant.items()
+    }
+    return each_tenant(futures, lambda tenant: futures[tenant].result(), on_failure=tell)
+
+
+def _publish_run_summary(params: Params, project_dir: str, tenants: list[str], seconds: float) -> None:
+    summary = collect_summary(params, Layout(Path(project_dir)), tenants)
+    create_markdown_artifact(
+        key="loraline-run",
+        markdown=render_markdown(summary, seconds),
+        description="per tenant: gate verdict, registered version, production",
+    )
 
 
 if __name__ == "__main__":

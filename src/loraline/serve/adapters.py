@@ -103,11 +103,21 @@ def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableA
                 for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                     shutil.copyfile(adapter_dir / name, tmp / name)
         return ServableAdapter(out_dir, pooled, serving_rank(int(config["r"])), [])
+    pairs, rank = _saved_module_deltas(adapter_dir, base_dir, config, tensors, saved)
+    r = serving_rank(max(rank, int(config["r"])))
+    write_adapter(out_dir, _servable_config(config, r, pairs), _servable_tensors(config, tensors, pairs, r))
+    return ServableAdapter(out_dir, True, r, sorted(pairs))
+
+
+def _saved_module_deltas(
+    adapter_dir: Path, base_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], saved: list[str]
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """Each trained whole module (the embedding, the head) as its change from the base, factored:
+    (module -> (U S, V^T), the rank that keeps every change)."""
     if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ServeAdapterError(
             f"{adapter_dir}: DoRA and per-module rank/alpha patterns cannot be re-expressed for vLLM"
         )
-
     by_module: dict[str, str] = {}
     for key in saved:
         module = key.removeprefix(PREFIX).removesuffix(".weight")
@@ -130,8 +140,16 @@ def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableA
         us, vh, keep = _factor(tensors[key].float() - base[reference[module]], module)  # type: ignore[index]
         pairs[module] = (us, vh)
         rank = max(rank, keep)
-    r = serving_rank(max(rank, int(config["r"])))
+    return pairs, rank
 
+
+def _servable_tensors(
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    r: int,
+) -> dict[str, torch.Tensor]:
+    """The LoRA pairs at rank `r` with their scaling folded into B, plus one pair per trained whole module."""
     out: dict[str, torch.Tensor] = {}
     old_scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
     for key, t in tensors.items():
@@ -146,9 +164,14 @@ def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableA
         else:  # peft Embedding: E + (B @ A)^T, A (r x vocab), B (hidden x r)
             out[f"{PREFIX}{module}.lora_embedding_A"] = _pad_rows(us.T.contiguous(), r)
             out[f"{PREFIX}{module}.lora_embedding_B"] = _pad_cols(vh.T.contiguous(), r)
+    return out
+
+
+def _servable_config(config: dict[str, Any], r: int, pairs: dict[str, Any]) -> dict[str, Any]:
+    """The adapter config of _servable_tensors: rank `r`, scaling 1 (alpha = r), the trained modules as targets."""
     targets = config["target_modules"]
     targets = sorted({*(targets if isinstance(targets, list) else [targets]), *[m.split(".")[-1] for m in pairs]})
-    new_config = {
+    return {
         **config,
         "r": r,
         "lora_alpha": r,
@@ -157,8 +180,6 @@ def make_servable(adapter_dir: Path, base_dir: Path, out_dir: Path) -> ServableA
         "modules_to_save": None,
         "ensure_weight_tying": False,
     }
-    write_adapter(out_dir, new_config, out)
-    return ServableAdapter(out_dir, True, r, sorted(pairs))
 
 
 def write_adapter(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -94,21 +94,51 @@ def create_app(
     """`keys` (tenant -> key): each key may call its tenant only; None: no key asked for.
     `transport` replaces the network to the engine (tests)."""
     client = httpx.AsyncClient(base_url=engine_url, timeout=httpx.Timeout(600, connect=10), transport=transport)
-    admission = Admission(deployment.params.max_queue)
+    gateway = Gateway(deployment, client, keys, Admission(deployment.params.max_queue))
 
-    def caller(request: Request) -> str | None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        await client.aclose()
+
+    app = Starlette(routes=gateway.routes(), lifespan=lifespan)
+    app.state.admission = gateway.admission
+    return app
+
+
+@dataclass
+class Gateway:
+    """The gateway's endpoints over one engine client: listing, health and refresh, and the forwarded
+    OpenAI requests. `keys`: tenant -> key (serve.auth), None when no key is asked for."""
+
+    deployment: Deployment
+    client: httpx.AsyncClient
+    keys: dict[str, str] | None
+    admission: Admission
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self.models),
+            Route("/health", self.health),
+            Route("/loraline/refresh", self.refresh, methods=["POST"]),
+            *(Route(path, self.forward, methods=["POST"]) for path in FORWARDED),
+        ]
+
+    def caller(self, request: Request) -> str | None:
         """The tenant whose key the request carries (compared in constant time); None: no valid key."""
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
         found = None
-        for tenant, key in (keys or {}).items():
+        for tenant, key in (self.keys or {}).items():
             if hmac.compare_digest(given, key.encode()):
                 found = tenant
         return found
 
-    async def models(request: Request) -> Response:
-        visible = deployment.routes
-        if keys is not None:
-            who = caller(request)
+    # -- listing and operations ------------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        visible = self.deployment.routes
+        if self.keys is not None:
+            who = self.caller(request)
             if who is None:
                 return openai_error(401, "a valid API key is required", "AuthenticationError")
             visible = {t: v for t, v in visible.items() if t == who}
@@ -119,15 +149,15 @@ def create_app(
                 "owned_by": "loraline",
                 "version": v.version,
                 "commit": v.commit,
-                **on_canary(t),
+                **self.on_canary(t),
             }
             for t, v in sorted(visible.items())
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    def on_canary(tenant: str) -> dict[str, Any]:
+    def on_canary(self, tenant: str) -> dict[str, Any]:
         """A canary's version and share beside the tenant's version ({} when none)."""
-        canary = deployment.canaries.get(tenant)
+        canary = self.deployment.canaries.get(tenant)
         if canary is None:
             return {}
         return {
@@ -138,9 +168,32 @@ def create_app(
             }
         }
 
-    async def forward(request: Request) -> Response:
-        who = caller(request) if keys is not None else None
-        if keys is not None and who is None:
+    async def refresh(self, request: Request) -> Response:
+        if request.client is None or request.client.host not in ("127.0.0.1", "::1"):
+            return openai_error(403, "refresh is allowed from this machine only", "PermissionDeniedError")
+        events = await asyncio.to_thread(self.deployment.sync)
+        return JSONResponse({"events": events, "serving": {t: v.version for t, v in self.deployment.routes.items()}})
+
+    async def health(self, request: Request) -> Response:
+        """200 while the engine answers, 503 otherwise. With keys: the versions only to a valid key, its own
+        tenant's."""
+        try:
+            ok = (await self.client.get("/health")).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        serving = {t: v.version for t, v in self.deployment.routes.items()}
+        if self.keys is not None:
+            who = self.caller(request)
+            serving = {t: v for t, v in serving.items() if t == who} if who else None
+        return JSONResponse(
+            {"engine": ok, **({"serving": serving} if serving is not None else {})}, status_code=200 if ok else 503
+        )
+
+    # -- forwarded requests ----------------------------------------------------------------------
+
+    async def forward(self, request: Request) -> Response:
+        who = self.caller(request) if self.keys is not None else None
+        if self.keys is not None and who is None:
             return openai_error(401, "a valid API key is required", "AuthenticationError")
         body = await json_object(request)
         if isinstance(body, Response):
@@ -152,33 +205,31 @@ def create_app(
                 f"`model` must be a string, the tenant's name, not {JSON_TYPES.get(type(tenant), 'an object')}",
                 "BadRequestError",
             )
-        served = deployment.acquire(tenant, client_of(request, body)) if keys is None or tenant == who else None
+        allowed = self.keys is None or tenant == who
+        served = self.deployment.acquire(tenant, client_of(request, body)) if allowed else None
         if served is None:
-            return not_found(tenant, who)
-        if not admission.take():
-            deployment.release(served)
+            return self.not_found(tenant, who)
+        if not self.admission.take():
+            self.deployment.release(served)
             return openai_error(
                 429,
-                f"the server is busy: {admission.limit} requests are in progress (serve.max_queue); "
+                f"the server is busy: {self.admission.limit} requests are in progress (serve.max_queue); "
                 f"retry in {RETRY_AFTER_S} s",
                 "RateLimitError",
                 None,
                 {"Retry-After": str(RETRY_AFTER_S)},
             )
-        ticket = Ticket(deployment, admission, served)
+        ticket = Ticket(self.deployment, self.admission, served)
         try:
-            return await relay(request.url.path, body, ticket, tenant)
+            return await self.relay(request.url.path, body, ticket, tenant)
         except BaseException:
             ticket.close()
             raise
 
-    def not_found(tenant: str, who: str | None) -> Response:
-        if keys is None:
-            return openai_error(
-                404,
-                f"The model `{tenant}` does not exist. Served: {', '.join(sorted(deployment.routes)) or 'none yet'}",
-                "NotFoundError",
-            )
+    def not_found(self, tenant: str, who: str | None) -> Response:
+        if self.keys is None:
+            served = ", ".join(sorted(self.deployment.routes)) or "none yet"
+            return openai_error(404, f"The model `{tenant}` does not exist. Served: {served}", "NotFoundError")
         # the same answer for another tenant's model as for one that does not exist
         return openai_error(
             404,
@@ -186,45 +237,73 @@ def create_app(
             "NotFoundError",
         )
 
-    async def send(path: str, body: dict[str, Any], served: ServedVersion) -> httpx.Response | httpx.HTTPError:
+    async def send(self, path: str, body: dict[str, Any], served: ServedVersion) -> httpx.Response | httpx.HTTPError:
         """The engine's answer (its body not read yet), or the error that stopped it."""
         try:
-            return await client.send(
-                client.build_request("POST", path, json={**body, "model": served.served_name}), stream=True
+            return await self.client.send(
+                self.client.build_request("POST", path, json={**body, "model": served.served_name}), stream=True
             )
         except httpx.HTTPError as exc:
             return exc
 
-    async def relay(path: str, body: dict[str, Any], ticket: Ticket, tenant: str) -> Response:
+    async def relay(self, path: str, body: dict[str, Any], ticket: Ticket, tenant: str) -> Response:
         """The engine's answer, renamed; the ticket closes once it is over (for a stream: after its last chunk).
         A server error of a version other than the tenant's route (a canary) is answered by the route instead,
         before the client sees a byte."""
         started = time.monotonic()
-        upstream = await send(path, body, ticket.served)
-        if _failed(upstream) and (stable := deployment.fall_back(ticket.served)) is not None:
+        upstream = await self.send(path, body, ticket.served)
+        if _failed(upstream) and (stable := self.deployment.fall_back(ticket.served)) is not None:
             if isinstance(upstream, httpx.Response):
                 await upstream.aclose()
             ticket.move_to(stable, Outcome(False, time.monotonic() - started, 0))
             started = time.monotonic()
-            upstream = await send(path, body, ticket.served)
+            upstream = await self.send(path, body, ticket.served)
         if isinstance(upstream, httpx.HTTPError):
             ticket.close(Outcome(False, time.monotonic() - started, 0))
             return openai_error(502, f"the engine did not answer: {upstream}", "APIConnectionError", None)
-        rename = (json.dumps(ticket.served.served_name).encode(), json.dumps(tenant).encode())
-        headers = {VERSION_HEADER: ticket.served.version}
-        content_type = upstream.headers.get("content-type", "application/json")
-        status = upstream.status_code
-        if not body.get("stream"):
-            try:
-                payload = await upstream.aread()
-            except httpx.HTTPError as exc:
-                ticket.close(Outcome(False, time.monotonic() - started, 0))
-                return openai_error(502, f"the engine's answer broke off: {exc}", "APIConnectionError", None)
-            finally:
-                await upstream.aclose()
-            ticket.close(_outcome(status, time.monotonic() - started, _completion_tokens(payload)))
-            return Response(payload.replace(*rename), status_code=status, media_type=content_type, headers=headers)
-        chunks = StreamCount()
+        answer = EngineAnswer(upstream, ticket, tenant, started)
+        return await answer.whole() if not body.get("stream") else answer.stream()
+
+
+@dataclass
+class EngineAnswer:
+    """The engine's answer to one forwarded request, relayed to the client with the engine's name for the
+    version replaced by the tenant's, and the version in the x-loraline-version header; the ticket closes
+    with what the answer says about the version once it is over."""
+
+    upstream: httpx.Response
+    ticket: Ticket
+    tenant: str
+    started: float
+
+    @property
+    def rename(self) -> tuple[bytes, bytes]:
+        return json.dumps(self.ticket.served.served_name).encode(), json.dumps(self.tenant).encode()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {VERSION_HEADER: self.ticket.served.version}
+
+    @property
+    def content_type(self) -> str:
+        return self.upstream.headers.get("content-type", "application/json")
+
+    async def whole(self) -> Response:
+        status = self.upstream.status_code
+        try:
+            payload = await self.upstream.aread()
+        except httpx.HTTPError as exc:
+            self.ticket.close(Outcome(False, time.monotonic() - self.started, 0))
+            return openai_error(502, f"the engine's answer broke off: {exc}", "APIConnectionError", None)
+        finally:
+            await self.upstream.aclose()
+        self.ticket.close(_outcome(status, time.monotonic() - self.started, _completion_tokens(payload)))
+        return Response(
+            payload.replace(*self.rename), status_code=status, media_type=self.content_type, headers=self.headers
+        )
+
+    def stream(self) -> Response:
+        upstream, rename, status, chunks = self.upstream, self.rename, self.upstream.status_code, StreamCount()
 
         async def lines():
             try:
@@ -237,8 +316,8 @@ def create_app(
             chunks.complete = True
 
         async def finish() -> None:
-            seconds = time.monotonic() - started
-            ticket.close(
+            seconds = time.monotonic() - self.started
+            self.ticket.close(
                 Outcome(False, seconds, 0)
                 if chunks.broken
                 else _outcome(status, seconds, chunks.data)
@@ -247,44 +326,7 @@ def create_app(
             )
             await upstream.aclose()
 
-        return Relayed(lines(), finish, status_code=status, media_type=content_type, headers=headers)
-
-    async def refresh(request: Request) -> Response:
-        if request.client is None or request.client.host not in ("127.0.0.1", "::1"):
-            return openai_error(403, "refresh is allowed from this machine only", "PermissionDeniedError")
-        events = await asyncio.to_thread(deployment.sync)
-        return JSONResponse({"events": events, "serving": {t: v.version for t, v in deployment.routes.items()}})
-
-    async def health(request: Request) -> Response:
-        """200 while the engine answers, 503 otherwise. With keys: the versions only to a valid key, its own
-        tenant's."""
-        try:
-            ok = (await client.get("/health")).status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        serving = {t: v.version for t, v in deployment.routes.items()}
-        if keys is not None:
-            who = caller(request)
-            serving = {t: v for t, v in serving.items() if t == who} if who else None
-        return JSONResponse(
-            {"engine": ok, **({"serving": serving} if serving is not None else {})}, status_code=200 if ok else 503
-        )
-
-    routes = [
-        Route("/v1/models", models),
-        Route("/health", health),
-        Route("/loraline/refresh", refresh, methods=["POST"]),
-    ]
-    routes += [Route(path, forward, methods=["POST"]) for path in FORWARDED]
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        yield
-        await client.aclose()
-
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.admission = admission
-    return app
+        return Relayed(lines(), finish, status_code=status, media_type=self.content_type, headers=self.headers)
 
 
 @dataclass

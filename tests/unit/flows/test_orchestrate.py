@@ -204,3 +204,21 @@ def test_device_slots_are_shared_with_other_processes(tmp_path: Path):
     out, _ = proc.communicate(timeout=30)
     got_at, gpu = out.split()
     assert gpu == "0" and float(got_at) >= released
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_each_tenant_collects_failures_and_goes_on(parallel: int):
+    from loraline.flows.orchestrate import each_tenant
+
+    def work(tenant: str) -> str:
+        if tenant == "t1":
+            raise ValueError("t1 has no rows")
+        return tenant.upper()
+
+    told = []
+    results, failures = each_tenant(
+        ["t1", "t2", "t3"], work, parallel=parallel, on_failure=lambda t, e: told.append((t, str(e)))
+    )
+    assert results == {"t2": "T2", "t3": "T3"}
+    assert list(failures) == ["t1"] and str(failures["t1"]) == "t1 has no rows"
+    assert told == [("t1", "t1 has no rows")]
