@@ -17,6 +17,10 @@ Invariants:
   adapter's train_record.json says it was trained as (`from_record`), never from the stage's own settings.
 - The record fields each variant owns are always present in the train record (None when it does not apply), so
   records of plain adapters keep their `qalora` and `long_context` keys.
+
+The evaluate stage's side of the variants (QA-LoRA's comparison with its QLoRA twin, the long-context report) is
+its `_Extra` evaluations (evaluate/stage.py): they are picked from what the candidate's folders hold (a twin
+trained, a config that extends the context), as the evaluation of a merged model has no train params to read.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from loraline.config import LongContextParams, TrainParams
+from loraline.layout import QALORA_QUANTIZED, QALORA_TORCHAO
+from loraline.provenance import sha256_file
 
 # The train record's fields that belong to a variant (None for an adapter it does not apply to).
 RECORD_FIELDS = ("qalora", "long_context")
@@ -262,6 +268,8 @@ class QALoraVariant(AdapterVariant):
         """Folded into the zero points; its codes, scales and folded zero points kept (on the CPU) for export."""
         import dataclasses
 
+        import torch
+
         from loraline.modelling.qalora import dequantize_linears, merge_qalora, quantized_layers
 
         self.layers = merge_qalora(model)
@@ -270,12 +278,10 @@ class QALoraVariant(AdapterVariant):
             name: dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
             for name, q in quantized_layers(merged).items()
         }
-        dequantize_linears(merged, dtype_float32())
+        dequantize_linears(merged, torch.float32)
         return merged.to(dtype)
 
     def merge_report(self, dtype: str) -> dict[str, Any]:
-        from loraline.layout import QALORA_QUANTIZED
-
         facts: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size}
         if self.layers is not None:
             facts["layers"] = self.layers
@@ -297,7 +303,6 @@ class QALoraVariant(AdapterVariant):
         loads it too) and checked: its weights against the codes, its probes against the unmerged adapter."""
         import gc
 
-        from loraline.layout import QALORA_QUANTIZED, QALORA_TORCHAO
         from loraline.modelling.qalora import save_quantized_layers
         from loraline.modelling.qalora_torchao import load_torchao_checkpoint, max_weight_diff, save_torchao_checkpoint
 
@@ -308,7 +313,7 @@ class QALoraVariant(AdapterVariant):
         model = load_torchao_checkpoint(torchao)
         facts["max_abs_weight_diff"] = max_weight_diff(model, self.lowbit)
         facts["vs_unmerged"] = check.vs_unmerged(model)
-        facts["files"] = {f.name: _sha256(f) for f in sorted(torchao.iterdir()) if f.is_file()}
+        facts["files"] = {f.name: sha256_file(f) for f in sorted(torchao.iterdir()) if f.is_file()}
         close = facts["vs_unmerged"]["max_abs_logit_diff"] <= check.tolerance
         facts["passed"] = facts["max_abs_weight_diff"] == 0.0 and close
         self.torchao = facts
@@ -364,15 +369,3 @@ class LongContextVariant(AdapterVariant):
                 "config_overrides": self.overrides,
             }
         }
-
-
-def dtype_float32() -> Any:
-    import torch
-
-    return torch.float32
-
-
-def _sha256(path: Path) -> str:
-    from loraline.provenance import sha256_file
-
-    return sha256_file(path)
