@@ -34,12 +34,12 @@ def load_base_model(
     `variants`: the adapter's variants (training_variants; picked from `params` when not given), which
     load and prepare the base their way (QA-LoRA's group-wise quantization, long context's rope scaling)."""
     variants = variants if variants is not None else training_variants(params, base_dir)
+    quantization = variants.base_quantization(params.quantization)  # QA-LoRA: none, it quantizes the base itself
     if params.sharding == "fsdp":
         from loraline.train.sharded import load_sharded_base
 
         model = load_sharded_base(params, base_dir, device, world_size, progress=progress)
     else:
-        quantization = variants.base_quantization(params.quantization)
         model = load_base_causal_lm(
             base_dir,
             device,
@@ -53,7 +53,7 @@ def load_base_model(
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     model.config.use_cache = False  # no KV cache in training; a cache would also disable packed-sequence masking
-    model = _prepare_for_training(model, params, quantized=variants.base_quantization(params.quantization) != "none")
+    model = _prepare_for_training(model, params, quantized=quantization != "none")
     if params.gradient_checkpointing and params.checkpoint_fraction < 1:
         apply_checkpoint_fraction(model, params.checkpoint_fraction)
     if not variants.use_attention(model) and params.varlen_attention and params.packing:
