@@ -59,12 +59,12 @@ def step_seconds(base: Path, target: int, s2: bool, repeats: int = 4) -> float:
     import torch
 
     from loraline.config import TrainParams
-    from loraline.train.model import attach_lora, load_base_model, long_context_overrides, with_long_context_trainables
+    from loraline.train.model import attach_lora, load_base_model, with_long_context_trainables
 
     params = TrainParams(
         quantization="nf4", lora_dropout=0.0, max_seq_len=target, long_context={"target_len": target, "s2_attn": s2}
     )
-    model = load_base_model(params, base, torch.device("cpu"), config_overrides=long_context_overrides(params, base))
+    model = load_base_model(params, base, torch.device("cpu"))
     model = attach_lora(with_long_context_trainables(params, model), model).train()
     ids = torch.randint(5, model.config.vocab_size, (1, target), generator=torch.Generator().manual_seed(0))
     times = []

@@ -161,6 +161,88 @@ class _GeneralSet:
     facts: dict[str, Any]
 
 
+@dataclass
+class _Evaluation:
+    """One evaluate_tenant run as its extra evaluations see it: the models, what they are scored on and how,
+    and (once scored) each model's scores and predictions, which the extras add to."""
+
+    models: dict[str, tuple[str, dict[str, Any]]]
+    tok: Any
+    test: _TestSet
+    refs_json: bool
+    max_new_tokens: int
+    batch_size: int | str
+    device: Any
+    progress: bool
+    scores: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    predictions: dict[str, list[str]] = field(default_factory=dict)
+
+
+class _Extra:
+    """An extra evaluation beside the models' metrics, which a candidate's variant (QA-LoRA's comparison with its
+    QLoRA twin, LongLoRA's long-context report) or evaluate.judge asks for. The core calls every hook of each one
+    it picked (`_extras`), in order."""
+
+    def check(self) -> None:
+        """Before any model is scored: a mismatch is an error, not a late surprise."""
+
+    def measure(self, ev: _Evaluation) -> None:
+        """After the models are scored; may add to their scores and predictions."""
+
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json's fields of its own."""
+        return {}
+
+    def report(self) -> str:
+        """report.md's section of its own (after the models' tables)."""
+        return ""
+
+    def write(self, folder: Path) -> None:
+        """Files of its own into the evaluation folder."""
+
+
+def run(
+    params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, progress: bool = False
+) -> EvaluateResult:
+    """The evaluate stage for one tenant: base and candidate on its test split into
+    reports/<tenant>/evaluation, the metrics also at reports/<tenant>/eval_metrics.json, the headline
+    ones at reports/<tenant>/metrics/evaluate.json, the run's timing at reports/timing/evaluate@<tenant>.json."""
+    started = time.perf_counter()
+    ev = params.evaluate
+    reference = layout.adapter_dir(tenant) / FULL_ATTENTION_REFERENCE  # train.long_context.reference
+    twin = layout.adapter_dir(tenant) / QLORA_REFERENCE  # train.qalora.reference
+    # deploy.targets decides what the candidate is: the merged folder, or (no merged) the adapter on the base
+    candidate = layout.merged_dir(tenant) if params.deploy_for(tenant).builds("merged") else layout.adapter_dir(tenant)
+    result = evaluate_tenant(
+        tenant=tenant,
+        dataset_dir=layout.prepared_dataset_dir(tenant),
+        base_dir=base_dir or layout.base_dir,
+        base_params=params.base,
+        candidate_dir=candidate,
+        production_dir=None,
+        out_dir=layout.evaluation_dir(tenant),
+        max_new_tokens=ev.max_new_tokens,
+        max_examples=ev.max_examples,
+        examples_in_report=ev.examples_in_report,
+        batch_size=ev.batch_size,
+        progress=progress,
+        full_attention_reference=reference if reference.is_dir() else None,
+        qlora_reference=twin if twin.is_dir() else None,
+        device=ev.device,
+        general_dir=layout.general_sample_dir(tenant),
+        judge=ev.judge,
+        judge_cache_dir=layout.judge_cache_dir(tenant),
+    )
+    io.copy_file(result.metrics_path, layout.eval_metrics_path(tenant))
+    io.write_json(layout.metrics_path("evaluate", tenant), evaluate_metrics(result.metrics))
+    where = {k: result.metrics[k] for k in ("device", "device_name") if k in result.metrics}
+    judged = (
+        {"judge": result.judge_usage} if result.judge_usage else {}
+    )  # requests sent and cache hits vary run to run
+    io.write_timing(layout.timing_path("evaluate", tenant), run_facts(started, **where, **judged))
+    return result
+
+
 def evaluate_tenant(
     *,
     tenant: str,
@@ -193,120 +275,201 @@ def evaluate_tenant(
     `judge`: evaluate.judge, the candidate judged against production when there is one, else the base;
     its requests cached in `judge_cache_dir` (evaluate/judge.py)."""
     dataset_dir, base_dir, candidate_dir, out_dir = map(Path, (dataset_dir, base_dir, candidate_dir, out_dir))
+    _check_settings(max_new_tokens, max_examples, batch_size)
+    where = resolve_device(device, "evaluate.device")
+    candidate = _model_spec(candidate_dir, base_dir, "run the merge stage first")
+    extras = _extras(candidate_dir, dataset_dir, base_dir, production_dir, full_attention_reference, qlora_reference)
+    extras += [_Judge(judge, judge_cache_dir, base_dir, production_dir)] if judge is not None else []
+    for extra in extras:
+        extra.check()
+    tok = load_base_tokenizer(base_dir, base_params)
+    test = _load_test(dataset_dir, tok, max_examples)
+    general = load_general(Path(general_dir)) if general_dir is not None else None
+    models = {"base": (resolve_base_model_path(base_dir), base_load_kwargs(base_dir)), "candidate": candidate}
+    if production_dir is not None and _is_model(Path(production_dir)):
+        models["production"] = _model_spec(Path(production_dir), base_dir, "")
+    refs_json = M.expects_json(test.references)
+    ev = _Evaluation(models, tok, test, refs_json, max_new_tokens, batch_size, where, progress)
+    batch_rows, answer_tokens = _score_all(ev, general, tenant)
+    for extra in extras:
+        extra.measure(ev)
+    result = _metrics(tenant, ev, general, batch_rows, answer_tokens, extras)
+    rows = _generation_rows(test, ev.predictions)
+    report = _report(tenant, ev, result, rows, examples_in_report) + "".join(extra.report() for extra in extras)
+    _write(out_dir, extras, rows, report, result)
+    usage = next((extra.usage for extra in extras if isinstance(extra, _Judge)), {})
+    return EvaluateResult(out_dir, result, usage)
+
+
+def _metrics(
+    tenant: str,
+    ev: _Evaluation,
+    general: _GeneralSet | None,
+    batch_rows: dict[str, int],
+    answer_tokens: int,
+    extras: list[_Extra],
+) -> dict[str, Any]:
+    """metrics.json (less field_accuracy, which the report adds)."""
+    result = {
+        "tenant": tenant,
+        **device_facts(ev.device),
+        "test_rows": len(ev.test.ids),
+        "answer_tokens": answer_tokens,
+        "expects_json": ev.refs_json,
+        "max_new_tokens": ev.max_new_tokens,
+        "batch_rows": batch_rows,
+        "general": general_facts(general),
+        "models": ev.scores,
+    }
+    for extra in extras:
+        result |= extra.metrics()
+    return result
+
+
+def _extras(
+    candidate_dir: Path,
+    dataset_dir: Path,
+    base_dir: Path,
+    production_dir: Path | None,
+    full_attention_reference: Path | None,
+    qlora_reference: Path | None,
+) -> list[_Extra]:
+    """The extra evaluations the candidate's variant asks for: QA-LoRA's comparison with its QLoRA twin when
+    that was trained; the long-context report (which measures only a candidate that extends the context)."""
+    extras: list[_Extra] = []
+    if qlora_reference is not None:
+        extras.append(_LowBit(candidate_dir, Path(qlora_reference)))
+    extras.append(_LongContext(dataset_dir, full_attention_reference))
+    return extras
+
+
+def _write(
+    out_dir: Path, extras: list[_Extra], rows: list[dict[str, Any]], report: str, result: dict[str, Any]
+) -> None:
+    with io.atomic_dir(out_dir) as tmp:
+        tmp.chmod(0o755)
+        for extra in extras:
+            extra.write(tmp)
+        io.write_jsonl(tmp / GENERATIONS, rows)
+        io.atomic_write_text(tmp / REPORT, report)
+        io.write_json(tmp / METRICS, result)
+
+
+def _check_settings(max_new_tokens: int, max_examples: int | None, batch_size: int | str) -> None:
     if max_new_tokens < 1:
         raise EvaluateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if max_examples is not None and max_examples < 1:
         raise EvaluateError(f"max_examples must be >= 1 or None, got {max_examples}")
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise EvaluateError(f"batch_size must be >= 1 or auto, got {batch_size!r}")
-    where = resolve_device(device, "evaluate.device")
-    candidate = _model_spec(candidate_dir, base_dir, "run the merge stage first")
-    if qlora_reference is not None:  # before any model is scored: a mismatch is an error, not a late surprise
-        try:
-            quantization = LB.candidate_quantization(candidate_dir)
-        except LB.LowBitComparisonError as e:
-            raise EvaluateError(str(e)) from e
 
-    tok = load_base_tokenizer(base_dir, base_params)
-    test = _load_test(dataset_dir, tok, max_examples)
-    general = load_general(Path(general_dir)) if general_dir is not None else None
-    refs_json = M.expects_json(test.references)
-    models: dict[str, tuple[str, dict[str, Any]]] = {
-        "base": (resolve_base_model_path(base_dir), base_load_kwargs(base_dir)),
-        "candidate": candidate,
-    }
-    if production_dir is not None and _is_model(Path(production_dir)):
-        models["production"] = _model_spec(Path(production_dir), base_dir, "")
 
-    scores: dict[str, dict[str, float | None]] = {}
-    predictions: dict[str, list[str]] = {}
+def _score_all(ev: _Evaluation, general: _GeneralSet | None, tenant: str) -> tuple[dict[str, int], int]:
+    """Every model scored into ev.scores and ev.predictions; (rows per batch of each, answer tokens scored)."""
     batch_rows: dict[str, int] = {}
     answer_tokens = 0
-    for name, (scored, seconds) in _score_models(
-        models, tok, test, general, refs_json, max_new_tokens, batch_size, where, progress
-    ).items():
-        scores[name], predictions[name], answer_tokens = scored.scores, scored.predictions, scored.answer_tokens
+    settings = (ev.refs_json, ev.max_new_tokens, ev.batch_size, ev.device, ev.progress)
+    for name, (scored, seconds) in _score_models(ev.models, ev.tok, ev.test, general, *settings).items():
+        ev.scores[name], ev.predictions[name], answer_tokens = scored.scores, scored.predictions, scored.answer_tokens
         batch_rows[name] = scored.batch_rows
-        if progress:
-            print(f"evaluate {tenant}/{name}: {seconds:.1f}s {scores[name]}", file=sys.stderr)
+        if ev.progress:
+            print(f"evaluate {tenant}/{name}: {seconds:.1f}s {ev.scores[name]}", file=sys.stderr)
+    return batch_rows, answer_tokens
 
-    low_bit = None
-    if qlora_reference is not None:
-        low_bit = _low_bit_comparison(
-            models["base"],
-            Path(qlora_reference),
-            quantization,
-            scores["candidate"],
-            tok,
-            test,
-            refs_json,
-            max_new_tokens,
-            batch_size,
-            where,
-            predictions,
-            progress,
-        )
-    long_context = _long_context_report(models, tok, test, dataset_dir, where, full_attention_reference)
-    if long_context is not None:
-        # The gate may decide on it (gate.primary_metric: long_context_perplexity). The base it is
-        # compared with is the base with the rope scaling alone: what extending costs nothing to get.
-        at = str(long_context["extended_context"])
-        stand_in = {"base": "base_rope_scaled", "candidate": "candidate", "production": "production"}
-        for name in scores:
-            run_ = long_context["models"].get(stand_in[name])
-            if run_ is not None:
-                scores[name] |= _finite({LC.GATE_METRIC: run_["perplexity"][at]["perplexity"]})
-    judged = None
-    if judge is not None:
-        judged = _judged(judge, judge_cache_dir, test, predictions, base_dir, production_dir)
-        against = judged.block["against"]
-        scores["candidate"][JG.METRIC], scores[against][JG.METRIC] = judged.win_rate, JG.EVEN
-    result = {
-        "tenant": tenant,
-        **device_facts(where),
-        "test_rows": len(test.ids),
-        "answer_tokens": answer_tokens,
-        "expects_json": refs_json,
-        "max_new_tokens": max_new_tokens,
-        "batch_rows": batch_rows,
-        "general": general_facts(general),
-        "models": scores,
-    }
-    if low_bit is not None:
-        result["qalora_comparison"] = low_bit
-    if judged is not None:
-        result["judge"] = judged.block
+
+def _report(tenant: str, ev: _Evaluation, result: dict[str, Any], rows: list[dict[str, Any]], examples: int) -> str:
+    """report.md's models part; with JSON references, their per-field accuracy joins `result` (beside the
+    models' metrics, not in them: the gate compares every model metric with production, and single fields over
+    ~100 rows are too noisy for that)."""
     fields: dict[str, dict[str, float]] = {}
-    if refs_json:
-        # Beside the models' metrics, not in them: the gate compares every model metric with
-        # production, and single fields over ~100 rows are too noisy for that.
-        fields = {name: M.per_field_accuracy(preds, test.references) for name, preds in predictions.items()}
+    if ev.refs_json:
+        fields = {name: M.per_field_accuracy(preds, ev.test.references) for name, preds in ev.predictions.items()}
         result["field_accuracy"] = fields
-    rows = _generation_rows(test, predictions)
-    report = render_report(
+    return render_report(
         tenant=tenant,
-        test_rows=len(test.ids),
-        expects_json=refs_json,
-        max_new_tokens=max_new_tokens,
-        models=scores,
-        examples=rows[: max(examples_in_report, 0)],
+        test_rows=len(ev.test.ids),
+        expects_json=ev.refs_json,
+        max_new_tokens=ev.max_new_tokens,
+        models=ev.scores,
+        examples=rows[: max(examples, 0)],
         fields=fields,
         general=result["general"],
     )
-    if low_bit is not None:
-        report += "\n".join(LB.render(low_bit)) + "\n"
-    if judged is not None:
-        report += "\n".join(JG.render(judged.block)) + "\n"
-    with io.atomic_dir(out_dir) as tmp:
-        tmp.chmod(0o755)
-        if long_context is not None:
-            io.write_json(tmp / LONG_CONTEXT, long_context)
-        io.write_jsonl(tmp / GENERATIONS, rows)
-        if judged is not None:
-            io.write_jsonl(tmp / JG.JUDGEMENTS, judged.rows)
-        io.atomic_write_text(tmp / REPORT, report)
-        io.write_json(tmp / METRICS, result)
-    return EvaluateResult(out_dir, result, judged.usage if judged is not None else {})
+
+
+class _LowBit(_Extra):
+    """A QA-LoRA candidate against its QLoRA twin (train.qalora.reference), merged in float and rounded after
+    training (evaluate/lowbit.py): metrics.json's qalora_comparison and a report section."""
+
+    def __init__(self, candidate_dir: Path, twin: Path) -> None:
+        self.candidate_dir, self.twin = candidate_dir, twin
+        self.comparison: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        try:
+            self.quantization = LB.candidate_quantization(self.candidate_dir)
+        except LB.LowBitComparisonError as e:
+            raise EvaluateError(str(e)) from e
+
+    def measure(self, ev: _Evaluation) -> None:
+        self.comparison = _low_bit_comparison(ev, self.twin, self.quantization)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"qalora_comparison": self.comparison}
+
+    def report(self) -> str:
+        return "\n".join(LB.render(self.comparison)) + "\n"
+
+
+class _LongContext(_Extra):
+    """For a candidate whose config extends the base's context (LongLoRA): long_context.json, and the gate's
+    long-context metric in the models' scores (none for other candidates)."""
+
+    def __init__(self, dataset_dir: Path, full_attention_reference: Path | None) -> None:
+        self.dataset_dir, self.full_attention_reference = dataset_dir, full_attention_reference
+        self.report_: dict[str, Any] | None = None
+
+    def measure(self, ev: _Evaluation) -> None:
+        self.report_ = _long_context_report(ev, self.dataset_dir, self.full_attention_reference)
+        if self.report_ is None:
+            return
+        # The gate may decide on it (gate.primary_metric: long_context_perplexity). The base it is
+        # compared with is the base with the rope scaling alone: what extending costs nothing to get.
+        at = str(self.report_["extended_context"])
+        stand_in = {"base": "base_rope_scaled", "candidate": "candidate", "production": "production"}
+        for name in ev.scores:
+            run_ = self.report_["models"].get(stand_in[name])
+            if run_ is not None:
+                ev.scores[name] |= _finite({LC.GATE_METRIC: run_["perplexity"][at]["perplexity"]})
+
+    def write(self, folder: Path) -> None:
+        if self.report_ is not None:
+            io.write_json(folder / LONG_CONTEXT, self.report_)
+
+
+class _Judge(_Extra):
+    """evaluate.judge: the candidate's answers judged against production's, else the base's (evaluate/judge.py);
+    its win rate in the candidate's scores, the verdicts in judgements.jsonl."""
+
+    def __init__(self, judge: JudgeParams, cache_dir: Path | None, base_dir: Path, production_dir: Path | None):
+        self.judge, self.cache_dir, self.base_dir, self.production_dir = judge, cache_dir, base_dir, production_dir
+        self.judged: JG.Judged | None = None
+        self.usage: dict[str, int] = {}
+
+    def measure(self, ev: _Evaluation) -> None:
+        self.judged = _judged(self.judge, self.cache_dir, ev.test, ev.predictions, self.base_dir, self.production_dir)
+        self.usage = self.judged.usage
+        against = self.judged.block["against"]
+        ev.scores["candidate"][JG.METRIC], ev.scores[against][JG.METRIC] = self.judged.win_rate, JG.EVEN
+
+    def metrics(self) -> dict[str, Any]:
+        return {"judge": self.judged.block}
+
+    def report(self) -> str:
+        return "\n".join(JG.render(self.judged.block)) + "\n"
+
+    def write(self, folder: Path) -> None:
+        io.write_jsonl(folder / JG.JUDGEMENTS, self.judged.rows)
 
 
 def _judged(
@@ -330,23 +493,59 @@ def _judged(
 
 
 def _long_context_report(
-    models: dict[str, tuple[str, dict[str, Any]]],
-    tok: Any,
-    test: _TestSet,
-    dataset_dir: Path,
-    device: Any,
-    full_attention_reference: Path | None = None,
+    ev: _Evaluation, dataset_dir: Path, full_attention_reference: Path | None = None
 ) -> dict[str, Any] | None:
     """For a candidate whose config extends the base's context (LongLoRA): perplexity by length and
     passkey retrieval for the base, the base with the candidate's rope scaling alone, the candidate,
     its full-attention twin when there is one, and production when it has the same context."""
-    from transformers import AutoConfig
-
-    candidate_config = json.loads((Path(models["candidate"][0]) / "config.json").read_text(encoding="utf-8"))
+    candidate_config = _config_json(ev.models["candidate"][0])
     span = extended_context(candidate_config)
     if span is None:
         return None
     lengths = LC.lengths_between(*span)
+    held_out, stream = _held_out_stream(dataset_dir, ev.test, ev.tok)
+    report: dict[str, Any] = {
+        "original_context": span[0],
+        "extended_context": span[1],
+        "lengths": lengths,
+        "held_out": held_out,
+        "held_out_tokens": len(stream),
+        "rope_parameters": candidate_config["rope_parameters"],
+        "models": {},
+    }
+    for name, (path, kwargs) in _long_context_runs(
+        ev.models, candidate_config, span, full_attention_reference
+    ).items():
+        torch.manual_seed(SEED)
+        with loaded_model(path, ev.device, **kwargs) as model:
+            report["models"][name] = {
+                "perplexity": LC.perplexity_by_length(model, stream, lengths),
+                "passkey": LC.passkey_retrieval(model, ev.tok, lengths),
+            }
+    if "full_attention_reference" in report["models"]:  # the paper's claim: S2-Attn close to full attention
+        at = str(span[1])
+        s2, full = (
+            report["models"][n]["perplexity"][at]["perplexity"] for n in ("candidate", "full_attention_reference")
+        )
+        report["s2_attn_against_full_attention"] = {"at": span[1], "perplexity_ratio": s2 / full if full else None}
+    return report
+
+
+def _config_json(folder: str) -> dict[str, Any]:
+    import json
+
+    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+
+
+def _long_context_runs(
+    models: dict[str, tuple[str, dict[str, Any]]],
+    candidate_config: dict[str, Any],
+    span: tuple[int, int],
+    full_attention_reference: Path | None,
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The models the long-context report measures: (path, loading kwargs) by name."""
+    from transformers import AutoConfig
+
     base_path, base_kwargs = models["base"]
     scaled = AutoConfig.from_pretrained(base_path, **base_kwargs)
     for key in ("rope_parameters", "max_position_embeddings"):
@@ -362,56 +561,23 @@ def _long_context_report(
             {**base_kwargs, "config": scaled, "adapter": Path(full_attention_reference)},
         )
     production = models.get("production")
-    if production is not None:
-        prod_config = json.loads((Path(production[0]) / "config.json").read_text(encoding="utf-8"))
-        if extended_context(prod_config) == span:  # a production model of the same context compares
-            runs["production"] = production
+    if production is not None and extended_context(_config_json(production[0])) == span:
+        runs["production"] = production  # a production model of the same context compares
+    return runs
+
+
+def _held_out_stream(dataset_dir: Path, test: _TestSet, tok: Any) -> tuple[str, list[int]]:
+    """(what it is, the tokens) the long-context perplexity runs over: the held-out documents
+    (prepare.document_rows), end to end, or else the test rows."""
     import datasets
 
     dd = datasets.load_from_disk(str(dataset_dir))
-    if "test_documents" in dd and len(dd["test_documents"]):  # held-out documents (prepare.document_rows), end to end
-        held_out, stream = "test_documents", LC.held_out_stream(dd["test_documents"]["input_ids"], None)
-    else:
-        held_out, stream = "test rows", LC.held_out_stream(test.input_ids, tok.eos_token_id)
-    report: dict[str, Any] = {
-        "original_context": span[0],
-        "extended_context": span[1],
-        "lengths": lengths,
-        "held_out": held_out,
-        "held_out_tokens": len(stream),
-        "rope_parameters": candidate_config["rope_parameters"],
-        "models": {},
-    }
-    for name, (path, kwargs) in runs.items():
-        torch.manual_seed(SEED)
-        with loaded_model(path, device, **kwargs) as model:
-            report["models"][name] = {
-                "perplexity": LC.perplexity_by_length(model, stream, lengths),
-                "passkey": LC.passkey_retrieval(model, tok, lengths),
-            }
-    if "full_attention_reference" in report["models"]:  # the paper's claim: S2-Attn close to full attention
-        at = str(span[1])
-        s2, full = (
-            report["models"][n]["perplexity"][at]["perplexity"] for n in ("candidate", "full_attention_reference")
-        )
-        report["s2_attn_against_full_attention"] = {"at": span[1], "perplexity_ratio": s2 / full if full else None}
-    return report
+    if "test_documents" in dd and len(dd["test_documents"]):
+        return "test_documents", LC.held_out_stream(dd["test_documents"]["input_ids"], None)
+    return "test rows", LC.held_out_stream(test.input_ids, tok.eos_token_id)
 
 
-def _low_bit_comparison(
-    base: tuple[str, dict[str, Any]],
-    twin: Path,
-    quantization: tuple[int, int],
-    candidate: dict[str, float | None],
-    tok: Any,
-    test: _TestSet,
-    refs_json: bool,
-    max_new_tokens: int,
-    batch_size: int | str,
-    device: Any,
-    predictions: dict[str, list[str]],
-    progress: bool,
-) -> dict[str, Any]:
+def _low_bit_comparison(ev: _Evaluation, twin: Path, quantization: tuple[int, int]) -> dict[str, Any]:
     """QA-LoRA's candidate against its QLoRA twin, merged in float and rounded after training; the
     twin's predictions join generations.jsonl under the comparison's names."""
     if not (twin / "adapter_config.json").is_file():
@@ -419,20 +585,17 @@ def _low_bit_comparison(
             f"{twin} is not a trained adapter (no adapter_config.json): run the train stage (train.qalora.reference)"
         )
     bits, group_size = quantization
-    base_path, base_kwargs = base
-    scores = {LB.QALORA: candidate}
-    args = (tok, test, None, refs_json, max_new_tokens, batch_size)
-    float_merge = _score(
-        base_path, {**base_kwargs, "adapter": twin}, *args, device, _progress(LB.FLOAT_MERGE, len(test.ids), progress)
-    )
-    scores[LB.FLOAT_MERGE], predictions[LB.FLOAT_MERGE] = float_merge.scores, float_merge.predictions
-    with LB.rounded_after_training(base_path, base_kwargs, twin, bits, group_size, device, compute_dtype(device)) as (
-        model,
-        float_bytes,
-        lowbit_bytes,
-    ):
-        rounded = _score_loaded(model, *args, _progress(LB.ROUNDED_AFTER, len(test.ids), progress))
-        scores[LB.ROUNDED_AFTER], predictions[LB.ROUNDED_AFTER] = rounded.scores, rounded.predictions
+    base_path, base_kwargs = ev.models["base"]
+    device, rows = ev.device, len(ev.test.ids)
+    scores = {LB.QALORA: ev.scores["candidate"]}  # the same dict: what later extras add to it shows here too
+    args = (ev.tok, ev.test, None, ev.refs_json, ev.max_new_tokens, ev.batch_size)
+    twin_kwargs = {**base_kwargs, "adapter": twin}
+    float_merge = _score(base_path, twin_kwargs, *args, device, _progress(LB.FLOAT_MERGE, rows, ev.progress))
+    scores[LB.FLOAT_MERGE], ev.predictions[LB.FLOAT_MERGE] = float_merge.scores, float_merge.predictions
+    rounding = LB.rounded_after_training(base_path, base_kwargs, twin, bits, group_size, device, compute_dtype(device))
+    with rounding as (model, float_bytes, lowbit_bytes):
+        rounded = _score_loaded(model, *args, _progress(LB.ROUNDED_AFTER, rows, ev.progress))
+        scores[LB.ROUNDED_AFTER], ev.predictions[LB.ROUNDED_AFTER] = rounded.scores, rounded.predictions
     return LB.comparison(
         bits=bits, group_size=group_size, scores=scores, float_bytes=float_bytes, lowbit_bytes=lowbit_bytes, twin=twin
     )
@@ -708,48 +871,6 @@ def _progress(name: str, total: int, enabled: bool):
         print(f"  {name}: generated {done[0]}/{total}", file=sys.stderr)
 
     return step
-
-
-def run(
-    params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, progress: bool = False
-) -> EvaluateResult:
-    """The evaluate stage for one tenant: base and candidate on its test split into
-    reports/<tenant>/evaluation, the metrics also at reports/<tenant>/eval_metrics.json, the headline
-    ones at reports/<tenant>/metrics/evaluate.json, the run's timing at reports/timing/evaluate@<tenant>.json."""
-    started = time.perf_counter()
-    ev = params.evaluate
-    reference = layout.adapter_dir(tenant) / FULL_ATTENTION_REFERENCE  # train.long_context.reference
-    twin = layout.adapter_dir(tenant) / QLORA_REFERENCE  # train.qalora.reference
-    # deploy.targets decides what the candidate is: the merged folder, or (no merged) the adapter on the base
-    candidate = layout.merged_dir(tenant) if params.deploy_for(tenant).builds("merged") else layout.adapter_dir(tenant)
-    result = evaluate_tenant(
-        tenant=tenant,
-        dataset_dir=layout.prepared_dataset_dir(tenant),
-        base_dir=base_dir or layout.base_dir,
-        base_params=params.base,
-        candidate_dir=candidate,
-        production_dir=None,
-        out_dir=layout.evaluation_dir(tenant),
-        max_new_tokens=ev.max_new_tokens,
-        max_examples=ev.max_examples,
-        examples_in_report=ev.examples_in_report,
-        batch_size=ev.batch_size,
-        progress=progress,
-        full_attention_reference=reference if reference.is_dir() else None,
-        qlora_reference=twin if twin.is_dir() else None,
-        device=ev.device,
-        general_dir=layout.general_sample_dir(tenant),
-        judge=ev.judge,
-        judge_cache_dir=layout.judge_cache_dir(tenant),
-    )
-    io.copy_file(result.metrics_path, layout.eval_metrics_path(tenant))
-    io.write_json(layout.metrics_path("evaluate", tenant), evaluate_metrics(result.metrics))
-    where = {k: result.metrics[k] for k in ("device", "device_name") if k in result.metrics}
-    judged = (
-        {"judge": result.judge_usage} if result.judge_usage else {}
-    )  # requests sent and cache hits vary run to run
-    io.write_timing(layout.timing_path("evaluate", tenant), run_facts(started, **where, **judged))
-    return result
 
 
 def evaluate_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -110,6 +110,37 @@ def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) 
     unmatched = sorted(set(layers) - set(found.values()))
     if unmatched:
         raise ValueError(f"{len(unmatched)} quantized layers have no weight in {src.name}: {', '.join(unmatched[:5])}")
+    nodes, new_inits, replaced, consumers = _replace_matmuls(graph, found, layers)
+    if set(replaced) != set(layers):
+        missing = sorted(set(layers) - set(replaced))
+        raise ValueError(
+            f"no MatMul reads the weight of {len(missing)} quantized layers in {src.name}: {', '.join(missing[:5])}"
+        )
+    kept = [t for t in graph.initializer if consumers.get(t.name, 1) > 0]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    external = _save(model, dst)
+    q = next(iter(layers.values()))
+    return {
+        "file": dst.name,
+        "op": f"{MS_DOMAIN}.MatMulNBits",
+        "bits": q.bits,
+        "stored_bits": MATMUL_NBITS_BITS[q.bits],
+        "block_size": q.group_size,
+        "layers": len(replaced),
+        "external_data": external,
+    }
+
+
+def _replace_matmuls(
+    graph: Any, found: dict[str, str], layers: dict[str, GroupQuantized]
+) -> tuple[list, list, dict[str, int], dict[str, int]]:
+    """The graph's nodes with each MatMul on a found weight replaced by its layer's MatMulNBits nodes: (nodes, the
+    initializers they add, MatMuls replaced per layer, readers left per input name)."""
     consumers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
@@ -130,19 +161,15 @@ def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) 
             new_inits.append(pool_initializer(*pool))
         replaced[layer] = replaced.get(layer, 0) + 1
         consumers[weight] -= 1
-    if set(replaced) != set(layers):
-        missing = sorted(set(layers) - set(replaced))
-        raise ValueError(
-            f"no MatMul reads the weight of {len(missing)} quantized layers in {src.name}: {', '.join(missing[:5])}"
-        )
-    kept = [t for t in graph.initializer if consumers.get(t.name, 1) > 0]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    size = sum(numpy_helper.to_array(t).nbytes for t in graph.initializer)
+    return nodes, new_inits, replaced, consumers
+
+
+def _save(model: Any, dst: Path) -> bool:
+    """The graph into `dst`, its weights in dst.data beside it when they are large; True when they are."""
+    import onnx
+    from onnx import numpy_helper
+
+    size = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
     external = size > EXTERNAL_DATA_BYTES
     if external:
         onnx.save_model(
@@ -150,13 +177,4 @@ def write_matmul_nbits(src: Path, dst: Path, layers: dict[str, GroupQuantized]) 
         )
     else:
         onnx.save_model(model, str(dst))
-    q = next(iter(layers.values()))
-    return {
-        "file": dst.name,
-        "op": f"{MS_DOMAIN}.MatMulNBits",
-        "bits": q.bits,
-        "stored_bits": MATMUL_NBITS_BITS[q.bits],
-        "block_size": q.group_size,
-        "layers": len(replaced),
-        "external_data": external,
-    }
+    return external

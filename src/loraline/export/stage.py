@@ -102,6 +102,37 @@ class _Reference:
     greedy: list[list[int]]
 
 
+def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
+    """The export stage for one tenant: its merged model to models/onnx/<tenant>, the report also
+    copied to reports/<tenant>/export_report.json, its parity numbers to reports/<tenant>/metrics/export.json
+    and the run's timing to reports/timing/export@<tenant>.json."""
+    started = time.perf_counter()
+    e = params.export
+    if not params.deploy_for(tenant).builds("onnx"):
+        result = _not_built(layout.onnx_dir(tenant), params.deploy_for(tenant).targets)
+        io.copy_file(result.report_path, layout.export_report_path(tenant))
+        io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
+        io.write_timing(layout.timing_path("export", tenant), run_facts(started))
+        return result
+    result = export_onnx(
+        model_dir=layout.merged_dir(tenant),
+        out_dir=layout.onnx_dir(tenant),
+        graphs=e.graphs,
+        opset=e.opset,
+        max_new_tokens=e.max_new_tokens,
+        tolerance=params.gate_for(tenant).max_export_logit_diff,
+        fp16_tolerance=e.fp16_max_logit_diff,
+        int4_block_size=e.int4_block_size,
+        min_greedy_agreement=e.min_greedy_agreement,
+        device=e.device,
+    )
+    io.copy_file(result.report_path, layout.export_report_path(tenant))
+    io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
+    where = {k: result.report[k] for k in ("device", "device_name") if k in result.report}
+    io.write_timing(layout.timing_path("export", tenant), run_facts(started, **where))
+    return result
+
+
 def export_onnx(
     *,
     model_dir: Path,
@@ -124,14 +155,9 @@ def export_onnx(
     if not probes:
         raise ExportError("the probe set is empty: parity cannot be checked")
     where = resolve_device(device, "export.device")
-    if "int4" in graphs and (model_dir / QALORA_QUANTIZED).is_file():
-        raise ExportError(
-            f"{model_dir} is a merged QA-LoRA model, which carries its own low-bit graph: drop int4 "
-            "from export.graphs (re-quantizing its weights to nearest would lose what QA-LoRA trained for)"
-        )
+    _refuse_requantizing(model_dir, graphs)
     if out_dir.exists():  # an export of an older model must not pass for this one's
         shutil.rmtree(out_dir)
-
     tok, model = _load(model_dir, torch.float32)
     stop = eos_ids(model_dir, tok)
     inputs = [encode_probe(tok, p, ExportError) for p in probes]
@@ -140,17 +166,11 @@ def export_onnx(
     if long_probe is not None:  # a LongLoRA model: parity must hold past the base's own context too
         inputs.append(long_probe)
     ref = _reference_on(model, where, tok, inputs, max_new_tokens, stop)
-
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
         written, int4_layers = _write_float_and_int4(model, tmp, graphs, opset, int4_block_size)
         _save_companions(model, tok, model_dir, tmp)
-        twin = None
-        if int4_layers is not None:  # the PyTorch model the int4 graph computes: its reference numbers
-            from loraline.export.int4 import dequantized_twin
-
-            dequantized_twin(model, int4_layers)
-            twin = _reference_on(model, where, tok, inputs, max_new_tokens, stop)
+        twin = _int4_reference(model, int4_layers, where, tok, inputs, max_new_tokens, stop)
         del model
         gc.collect()
         if "fp16" in graphs:
@@ -160,41 +180,100 @@ def export_onnx(
             **device_facts(where),
             "graph": written[graphs[0]],
             "graphs": list(graphs),
-            "tolerance": tolerance,
-            "fp16_tolerance": fp16_tolerance,
-            "min_greedy_agreement": min_greedy_agreement,
-            "probes": probes,
-            "max_new_tokens": max_new_tokens,
-            "decode_steps": DECODE_STEPS,
+            **_settings(tolerance, fp16_tolerance, min_greedy_agreement, probes, max_new_tokens),
             "eos_token_ids": stop,
             "reference_greedy_texts": [tok.decode(g, skip_special_tokens=True) for g in ref.greedy],
+            **_long_context_facts(config, long_probe),
+            "passed": True,
         }
-        if long_probe is not None:  # the last entry of per_probe
-            report["long_context_probe"] = {
-                "tokens": len(long_probe),
-                "original_context": extended_context(config)[0],
-                "max_position_embeddings": config.max_position_embeddings,
-            }
-        report["passed"] = True
-        for name in graphs:
-            report[name] = _check_graph(name, tmp, written, inputs, ref, twin, max_new_tokens)
-            _enforce(report, name, tolerance if name in EXACT_GRAPHS else fp16_tolerance, min_greedy_agreement)
-        if (
-            model_dir / QALORA_QUANTIZED
-        ).is_file():  # a merged QA-LoRA model: its own low-bit graph, checked as strictly
-            if "fp32" not in graphs:
-                raise ExportError(
-                    f"{model_dir} is a merged QA-LoRA model: its low-bit graph is rewritten from the "
-                    "fp32 graph, so export.graphs must include fp32",
-                    report,
-                )
-            report["lowbit"] = _lowbit(model_dir, tmp, inputs, ref, max_new_tokens)
-            _enforce(report, "lowbit", tolerance, min_greedy_agreement)
+        checks = _Checks(
+            tmp, model_dir, inputs, ref, twin, max_new_tokens, tolerance, fp16_tolerance, min_greedy_agreement
+        )
+        _check_graphs(report, checks, graphs, written)
         report["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         report["code"] = code_fingerprint(__name__)
         report["library_versions"] = _versions()
         io.write_json(tmp / REPORT, report)
     return ExportResult(out_dir, out_dir / REPORT, report)
+
+
+def _int4_reference(
+    model: Any, int4_layers: Any, where: Any, tok: Any, inputs: list[list[int]], max_new_tokens: int, stop: list[int]
+) -> _Reference | None:
+    """With an int4 graph: the PyTorch model it computes (the weights dequantized in place), its reference numbers."""
+    if int4_layers is None:
+        return None
+    from loraline.export.int4 import dequantized_twin
+
+    dequantized_twin(model, int4_layers)
+    return _reference_on(model, where, tok, inputs, max_new_tokens, stop)
+
+
+def _settings(
+    tolerance: float, fp16_tolerance: float, min_greedy_agreement: float, probes: list, max_new_tokens: int
+) -> dict[str, Any]:
+    return {
+        "tolerance": tolerance,
+        "fp16_tolerance": fp16_tolerance,
+        "min_greedy_agreement": min_greedy_agreement,
+        "probes": probes,
+        "max_new_tokens": max_new_tokens,
+        "decode_steps": DECODE_STEPS,
+    }
+
+
+@dataclass(frozen=True)
+class _Checks:
+    """What every graph is checked against, and how strictly."""
+
+    tmp: Path
+    model_dir: Path
+    inputs: list[list[int]]
+    ref: _Reference
+    twin: _Reference | None
+    max_new_tokens: int
+    tolerance: float
+    fp16_tolerance: float
+    min_greedy_agreement: float
+
+
+def _check_graphs(report: dict[str, Any], c: _Checks, graphs: tuple[str, ...], written: dict[str, Any]) -> None:
+    """Each written graph's parity into `report` (ExportError at the first out of bounds); a merged QA-LoRA model's
+    own low-bit graph, rewritten from the fp32 one, checked as strictly as fp32."""
+    for name in graphs:
+        report[name] = _check_graph(name, c.tmp, written, c.inputs, c.ref, c.twin, c.max_new_tokens)
+        _enforce(report, name, c.tolerance if name in EXACT_GRAPHS else c.fp16_tolerance, c.min_greedy_agreement)
+    if not (c.model_dir / QALORA_QUANTIZED).is_file():
+        return
+    if "fp32" not in graphs:
+        raise ExportError(
+            f"{c.model_dir} is a merged QA-LoRA model: its low-bit graph is rewritten from the "
+            "fp32 graph, so export.graphs must include fp32",
+            report,
+        )
+    report["lowbit"] = _lowbit(c.model_dir, c.tmp, c.inputs, c.ref, c.max_new_tokens)
+    _enforce(report, "lowbit", c.tolerance, c.min_greedy_agreement)
+
+
+def _refuse_requantizing(model_dir: Path, graphs: tuple[str, ...]) -> None:
+    if "int4" in graphs and (model_dir / QALORA_QUANTIZED).is_file():
+        raise ExportError(
+            f"{model_dir} is a merged QA-LoRA model, which carries its own low-bit graph: drop int4 "
+            "from export.graphs (re-quantizing its weights to nearest would lose what QA-LoRA trained for)"
+        )
+
+
+def _long_context_facts(config: Any, long_probe: list[int] | None) -> dict[str, Any]:
+    """The report's long_context_probe (the last entry of per_probe), for a LongLoRA model."""
+    if long_probe is None:
+        return {}
+    return {
+        "long_context_probe": {
+            "tokens": len(long_probe),
+            "original_context": extended_context(config)[0],
+            "max_position_embeddings": config.max_position_embeddings,
+        }
+    }
 
 
 def check_graphs(graphs: Sequence[str]) -> tuple[str, ...]:
@@ -464,37 +543,6 @@ def _versions() -> dict[str, Any]:
         except Exception:  # noqa: BLE001
             versions[name] = None
     return versions
-
-
-def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
-    """The export stage for one tenant: its merged model to models/onnx/<tenant>, the report also
-    copied to reports/<tenant>/export_report.json, its parity numbers to reports/<tenant>/metrics/export.json
-    and the run's timing to reports/timing/export@<tenant>.json."""
-    started = time.perf_counter()
-    e = params.export
-    if not params.deploy_for(tenant).builds("onnx"):
-        result = _not_built(layout.onnx_dir(tenant), params.deploy_for(tenant).targets)
-        io.copy_file(result.report_path, layout.export_report_path(tenant))
-        io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
-        io.write_timing(layout.timing_path("export", tenant), run_facts(started))
-        return result
-    result = export_onnx(
-        model_dir=layout.merged_dir(tenant),
-        out_dir=layout.onnx_dir(tenant),
-        graphs=e.graphs,
-        opset=e.opset,
-        max_new_tokens=e.max_new_tokens,
-        tolerance=params.gate_for(tenant).max_export_logit_diff,
-        fp16_tolerance=e.fp16_max_logit_diff,
-        int4_block_size=e.int4_block_size,
-        min_greedy_agreement=e.min_greedy_agreement,
-        device=e.device,
-    )
-    io.copy_file(result.report_path, layout.export_report_path(tenant))
-    io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
-    where = {k: result.report[k] for k in ("device", "device_name") if k in result.report}
-    io.write_timing(layout.timing_path("export", tenant), run_facts(started, **where))
-    return result
 
 
 def _not_built(out_dir: Path, targets: list[str]) -> ExportResult:

@@ -41,7 +41,6 @@ the gate reads) and the run's timing (reports/timing/merge@<tenant>.json).
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import shutil
@@ -54,7 +53,7 @@ import torch
 
 from loraline import io
 from loraline.config import BaseParams, Params
-from loraline.layout import NOT_BUILT, QALORA_QUANTIZED, QALORA_TORCHAO, TRAIN_RECORD, Layout
+from loraline.layout import NOT_BUILT, TRAIN_RECORD, Layout
 from loraline.merge.probes import ProbeSet, TenantDraw, probe_set, probe_set_logits, run_probe_set
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
@@ -65,7 +64,6 @@ from loraline.modelling.loading import (
     read_base_record,
     resolve_base_model_path,
 )
-from loraline.modelling.long_context import base_config_overrides
 from loraline.modelling.parity import (
     DEFAULT_PROBES,
     ParityError,
@@ -73,6 +71,7 @@ from loraline.modelling.parity import (
     compare,
     headline,
 )
+from loraline.modelling.variants import MergedCheck, Variants
 from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
 
 REPORT = "merge_report.json"
@@ -98,6 +97,57 @@ class MergeResult:
         return bool(self.report["passed"])
 
 
+@dataclass(frozen=True)
+class _Merge:
+    """One merge's settings and inputs, as its reports record them."""
+
+    where: torch.device
+    dtype: str
+    tolerance: float
+    probes: list[list[dict[str, str]]]  # the built-in ones (merge_adapter's `probes`)
+    drawn: ProbeSet  # every probe, the built-in ones and the tenant's
+    max_new_tokens: int
+    adapter_dir: Path
+    train_record: dict[str, Any] | None
+    base_dir: Path
+    base_record: dict[str, Any]
+    tok: Any
+
+    def save_tokenizer(self, folder: Path) -> None:
+        """The base's tokenizer (chat template inside) into a written model folder, without peft's model card."""
+        local = resolve_base_model_path(self.base_dir) if self.base_record.get("source") != "hub" else None
+        save_tokenizer(self.tok, folder, local)
+        (folder / "README.md").unlink(missing_ok=True)
+
+
+def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None) -> MergeResult:
+    """The merge stage for one tenant: its adapter merged into models/merged/<tenant>, the report
+    also copied to reports/<tenant>/merge_report.json, its parity numbers to
+    reports/<tenant>/metrics/merge.json and the run's timing to reports/timing/merge@<tenant>.json."""
+    started = time.perf_counter()
+    m = params.merge
+    draw = TenantDraw(layout.prepared_dataset_dir(tenant), tenant, params.seed, m.probes, m.probe_max_tokens)
+    result = merge_adapter(
+        base_dir=base_dir or layout.base_dir,
+        base_params=params.base,
+        adapter_dir=layout.adapter_dir(tenant),
+        out_dir=layout.merged_dir(tenant),
+        dtype=m.dtype,
+        tolerance=params.gate_for(tenant).max_merge_logit_diff,
+        tenant_probes=draw,
+        max_new_tokens=m.max_new_tokens,
+        quantized_reference=m.quantized_reference,
+        check_reload=m.check_reload,
+        device=m.device,
+        merged=params.deploy_for(tenant).builds("merged"),
+    )
+    io.copy_file(result.report_path, layout.merge_report_path(tenant))
+    io.write_json(layout.metrics_path("merge", tenant), merge_metrics(result.report))
+    where = {k: result.report[k] for k in ("device", "device_name") if k in result.report}
+    io.write_timing(layout.timing_path("merge", tenant), run_facts(started, **where))
+    return result
+
+
 def merge_adapter(
     *,
     base_dir: Path,
@@ -117,14 +167,73 @@ def merge_adapter(
     """Merge `adapter_dir` into the base at `dtype` on `device` (auto, cpu or cuda) and write a standalone
     model into `out_dir`; `merged=False` (deploy.targets without merged): only the report, with the reference
     answers of base + adapter unmerged (module docstring). The probes: `probes` (default: the built-in ones),
-    then those `tenant_probes` draws from the tenant's test split.
+    then those `tenant_probes` draws from the tenant's test split. The adapter's variants (QA-LoRA, long
+    context: modelling/variants.py) load the base, put the adapter on it and merge it their way.
 
     Raises MergeError (nothing written; a previous out_dir is removed so that no stale merge of an
     older adapter survives) when merged and unmerged logits differ by more than `tolerance`.
     """
-    from peft import PeftModel
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    settings = (dtype, tolerance, probes, tenant_probes, max_new_tokens, device)
+    m, variants = _inputs(Path(base_dir), base_params, adapter_dir, *settings)
+    where, tok, drawn = m.where, m.tok, m.drawn
+    load_dtype = variants.load_dtype(DTYPES[dtype])
+    base = load_base_causal_lm(m.base_dir, where, load_dtype, config_overrides=variants.config_overrides())
+    model = variants.attach(base, adapter_dir)
+    model.eval()
+    unmerged = run_probe_set(model, tok, drawn, max_new_tokens)
+    if not merged:
+        del model, base
+        _release(where)
+        return _reference_only(out_dir, unmerged, m)
+    merged_model = variants.merge(model, DTYPES[dtype])
+    merged_model.eval()
+    merged_outputs = run_probe_set(merged_model, tok, drawn, max_new_tokens)
+    del model, base
+    merged_model.to("cpu")  # written from the CPU; the GPU is free for the references (a no-op on the CPU)
+    _release(where)
 
-    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    report = _merge_report(m, merged_outputs, compare(merged_outputs, unmerged)) | variants.merge_report(dtype)
+    _refuse_drift(out_dir, m, report)
+    with io.atomic_dir(out_dir) as tmp:
+        _write_merged(tmp, out_dir, merged_model, m, variants, unmerged, report)
+        del merged_model
+        gc.collect()
+        report["vs_4bit"] = _vs_4bit(m, variants, merged_outputs, quantized_reference)
+        if check_reload:
+            _check_reload(tmp, out_dir, m, merged_outputs, report)
+        report["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != REPORT}
+        io.write_json(tmp / REPORT, report)
+    return MergeResult(out_dir, out_dir / REPORT, report)
+
+
+def _inputs(
+    base_dir: Path,
+    base_params: BaseParams,
+    adapter_dir: Path,
+    dtype: str,
+    tolerance: float,
+    probes: list[list[dict[str, str]]] | None,
+    tenant_probes: TenantDraw | None,
+    max_new_tokens: int,
+    device: str,
+) -> tuple[_Merge, Variants]:
+    """The merge's settings checked, its inputs read and its probes drawn; the adapter's variants."""
+    _check_settings(adapter_dir, dtype, tolerance, max_new_tokens)
+    probes = [list(p) for p in (probes if probes is not None else DEFAULT_PROBES)]
+    where = resolve_device(device, "merge.device")
+    base_record = read_base_record(base_dir)
+    train_record = _read_train_record(adapter_dir)
+    variants = _variants(train_record, adapter_dir)
+    tok = load_base_tokenizer(base_dir, base_params)
+    drawn = probe_set(tok, probes, tenant_probes, MergeError)
+    if not drawn.probes:
+        raise MergeError("the probe set is empty: at least one conversation is needed to check the merge")
+    facts = (where, dtype, tolerance, probes, drawn, max_new_tokens, adapter_dir, train_record, base_dir, base_record)
+    return _Merge(*facts, tok), variants
+
+
+def _check_settings(adapter_dir: Path, dtype: str, tolerance: float, max_new_tokens: int) -> None:
     if dtype not in DTYPES:
         raise MergeError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not tolerance >= 0:
@@ -134,202 +243,131 @@ def merge_adapter(
     missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
     if missing:
         raise MergeError(f"{adapter_dir} is not a trained adapter: {', '.join(missing)} missing (run the train stage)")
-    probes = [list(p) for p in (probes if probes is not None else DEFAULT_PROBES)]
-    where = resolve_device(device, "merge.device")
 
-    torch_dtype = DTYPES[dtype]
-    base_record = read_base_record(base_dir)
-    train_record = _read_train_record(adapter_dir)
-    qalora = _qalora_settings(train_record, adapter_dir)
-    tok = load_base_tokenizer(base_dir, base_params)
-    drawn = probe_set(tok, probes, tenant_probes, MergeError)
-    if not drawn.probes:
-        raise MergeError("the probe set is empty: at least one conversation is needed to check the merge")
 
-    # A long-context adapter was trained on the base with its rope scaled: the merged config carries it.
-    # QA-LoRA: quantized from the float32 weights, as training did, whatever dtype the merge is written at.
-    load_dtype = torch.float32 if qalora is not None else torch_dtype
-    base = load_base_causal_lm(base_dir, where, load_dtype, config_overrides=base_config_overrides(train_record or {}))
-    if qalora is None:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    else:  # the base as training saw it (group-quantized), and peft's QA-LoRA layers on it
-        from loraline.modelling.qalora import dequantize_linears, load_qalora_adapter, merge_qalora, quantized_layers
+def _write_merged(
+    tmp: Path,
+    out_dir: Path,
+    merged_model: Any,
+    m: _Merge,
+    variants: Variants,
+    unmerged: ProbeOutputs,
+    report: dict[str, Any],
+) -> None:
+    """The merged model and the base's tokenizer into `tmp`, and what the variants write beside them (checked
+    there; MergeError and no out_dir when it does not load back to the merge); their facts join `report`."""
+    tmp.chmod(0o755)
+    merged_model.save_pretrained(tmp, safe_serialization=True)
+    m.save_tokenizer(tmp)
+    check = MergedCheck(m.save_tokenizer, lambda loaded: _vs(loaded, m, unmerged), m.tolerance)
+    try:
+        variants.write_merged(tmp, check)
+    except ValueError as exc:
+        _discard(out_dir)
+        raise MergeError(str(exc), report | variants.merge_report(m.dtype)) from None
+    report |= variants.merge_report(m.dtype)
 
-        model = load_qalora_adapter(base, adapter_dir, bits=qalora["bits"], group_size=qalora["group_size"])
-    model.eval()
-    unmerged = run_probe_set(model, tok, drawn, max_new_tokens)
-    if not merged:
-        del model, base
-        _release(where)
-        facts = dict(
-            where=where,
-            dtype=dtype,
-            probes=probes,
-            drawn=drawn,
-            max_new_tokens=max_new_tokens,
-            adapter_dir=adapter_dir,
-            train_record=train_record,
-            base_dir=base_dir,
-            base_record=base_record,
-        )
-        return _reference_only(out_dir, unmerged, facts)
-    if qalora is not None:
-        qalora["layers"] = merge_qalora(model)
-    merged_model = model.merge_and_unload()
-    lowbit = None
-    if qalora is not None:  # its codes, scales and folded zero points go beside the float weights, for export
-        lowbit = {name: _on_cpu(q) for name, q in quantized_layers(merged_model).items()}
-        dequantize_linears(merged_model, torch.float32)
-        merged_model.to(torch_dtype)
-    merged_model.eval()
-    merged = run_probe_set(merged_model, tok, drawn, max_new_tokens)
-    vs_unmerged = compare(merged, unmerged)
-    del model, base
-    merged_model.to("cpu")  # written from the CPU; the GPU is free for the references (a no-op on the CPU)
-    _release(where)
 
-    report: dict[str, Any] = {
-        "passed": vs_unmerged["max_abs_logit_diff"] <= tolerance,
-        **device_facts(where),
-        "dtype": dtype,
-        "tolerance": tolerance,
-        "max_new_tokens": max_new_tokens,
-        "probes": _probe_facts(drawn, probes),
+def _vs(model: Any, m: _Merge, unmerged: ProbeOutputs) -> dict[str, Any]:
+    """A loaded model's probe outputs against the unmerged adapter's."""
+    return compare(run_probe_set(model, m.tok, m.drawn, m.max_new_tokens), unmerged)
+
+
+def _common_report(m: _Merge) -> dict[str, Any]:
+    """The fields both reports have: where and how the merge ran, the probes, the adapter and the base."""
+    return {
+        **device_facts(m.where),
+        "dtype": m.dtype,
+        "max_new_tokens": m.max_new_tokens,
+        "probes": _probe_facts(m.drawn, m.probes),
+        "adapter": {
+            "dir": str(m.adapter_dir),
+            "files": {f: sha256_file(m.adapter_dir / f) for f in ADAPTER_FILES},
+            "train_fingerprint": (m.train_record or {}).get("fingerprint"),
+            "quantization": _quantization(m.train_record),
+        },
+        "base": {
+            "dir": str(m.base_dir),
+            "source": m.base_record.get("source"),
+            "model_ref": m.base_record.get("model_ref"),
+            "sha256": base_model_hash(m.base_record),
+        },
+        "code": code_fingerprint(__name__),
+        "library_versions": library_versions(),
+    }
+
+
+def _merge_report(m: _Merge, merged: ProbeOutputs, vs_unmerged: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **_common_report(m),
+        "passed": vs_unmerged["max_abs_logit_diff"] <= m.tolerance,
+        "tolerance": m.tolerance,
         # The merged model's greedy answers to the probes, as token ids: what serving must reproduce
         # (the deployment check of loraline serve sends these prompts through the server).
         "probe_reference": {
-            **_reference_prompts(drawn),
+            **_reference_prompts(m.drawn),
             "greedy": merged.greedy,
             "texts": merged.texts,
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": m.max_new_tokens,
         },
         "merged_vs_unmerged": vs_unmerged,
-        "adapter": {
-            "dir": str(adapter_dir),
-            "files": {f: sha256_file(adapter_dir / f) for f in ADAPTER_FILES},
-            "train_fingerprint": (train_record or {}).get("fingerprint"),
-            "quantization": _quantization(train_record),
-        },
-        "base": {
-            "dir": str(base_dir),
-            "source": base_record.get("source"),
-            "model_ref": base_record.get("model_ref"),
-            "sha256": base_model_hash(base_record),
-        },
-        "code": code_fingerprint(__name__),
-        "library_versions": library_versions(),
     }
-    if qalora is not None:
-        report["qalora"] = {
-            **qalora,
-            "merged": "the group-quantized base with the adapter folded into its zero points (same codes and scales), "
-            f"stored dequantized at {dtype}; merged_vs_unmerged compares it with the adapter on that base",
-            "lowbit_file": QALORA_QUANTIZED,
-        }
-    trained_base = ((train_record or {}).get("base") or {}).get("sha256")
-    if trained_base and trained_base != report["base"]["sha256"]:
-        _discard(out_dir)
-        raise MergeError(
-            f"the adapter in {adapter_dir} was trained on a different base (sha256 {trained_base[:12]}...) than "
-            f"{base_dir} ({report['base']['sha256'][:12]}...): rerun the train stage on this base",
-            report,
-        )
+
+
+def _refuse_drift(out_dir: Path, m: _Merge, report: dict[str, Any]) -> None:
+    """MergeError (and no out_dir) for an adapter trained on another base, or a merge that drifts from it."""
+    _refuse_other_base(out_dir, m, report)
     if not report["passed"]:
         _discard(out_dir)
+        vs_unmerged = report["merged_vs_unmerged"]
         raise MergeError(
-            f"merged model drifts from base+adapter at {dtype}: max abs logit diff "
-            f"{vs_unmerged['max_abs_logit_diff']:.3g} > tolerance {tolerance:.3g} "
-            f"(mean {vs_unmerged['mean_abs_logit_diff']:.3g}, greedy agreement "
-            f"{vs_unmerged['greedy_agreement']:.2f}); nothing written. Merge at "
-            "float32, or raise the tolerance if this precision is intended.",
+            f"merged model drifts from base+adapter at {m.dtype}: max abs logit diff "
+            f"{vs_unmerged['max_abs_logit_diff']:.3g} > tolerance {m.tolerance:.3g} "
+            f"(mean {vs_unmerged['mean_abs_logit_diff']:.3g}, "
+            f"greedy agreement {vs_unmerged['greedy_agreement']:.2f}); nothing written. "
+            "Merge at float32, or raise the tolerance if this precision is intended.",
             report,
         )
 
-    with io.atomic_dir(out_dir) as tmp:
-        tmp.chmod(0o755)
-        merged_model.save_pretrained(tmp, safe_serialization=True)
-        save_tokenizer(tok, tmp, resolve_base_model_path(base_dir) if base_record.get("source") != "hub" else None)
-        (tmp / "README.md").unlink(missing_ok=True)
-        if lowbit is not None:
-            from loraline.modelling.qalora import save_quantized_layers
 
-            save_quantized_layers(lowbit, tmp / QALORA_QUANTIZED)
-            report["qalora"]["torchao"] = _torchao_checkpoint(
-                tmp, lowbit, tok, drawn, max_new_tokens, unmerged, base_dir, base_record, tolerance
-            )
-            if not report["qalora"]["torchao"]["passed"]:
-                _discard(out_dir)
-                raise MergeError(
-                    f"the torchao checkpoint ({QALORA_TORCHAO}/) does not load to the merged low-bit model: "
-                    f"{report['qalora']['torchao']}; nothing written",
-                    report,
-                )
-        del merged_model
-        gc.collect()
-        if qalora is not None:  # the unmerged reference already ran on the quantized base it trained on
-            report["vs_4bit"] = {"skipped": "QA-LoRA: merged_vs_unmerged is against the group-quantized base itself"}
-        else:
-            report["vs_4bit"] = (
-                _quantized_gap(train_record, base_dir, adapter_dir, tok, drawn, max_new_tokens, merged, where)
-                if quantized_reference
-                else {"skipped": "quantized_reference=False"}
-            )
-        if check_reload:
-            report["reload"] = _reload_check(tmp, drawn, merged, tok.pad_token_id, where)
-            if report["reload"]["max_abs_logit_diff"] > RELOAD_TOLERANCE:
-                _discard(out_dir)
-                raise MergeError(
-                    f"the saved merged model does not reload to the same logits "
-                    f"(max abs diff {report['reload']['max_abs_logit_diff']:.3g}); nothing written",
-                    report,
-                )
-        report["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != REPORT}
-        io.write_json(tmp / REPORT, report)
-    return MergeResult(out_dir, out_dir / REPORT, report)
-
-
-def _reference_only(out_dir: Path, unmerged: ProbeOutputs, facts: dict[str, Any]) -> MergeResult:
-    """deploy.targets without merged: out_dir holds the report alone, whose probe_reference is base + adapter's
-    answers (what serving reproduces). Refused, as a merge is, when the adapter was trained on another base."""
-    drawn, max_new_tokens, adapter_dir = facts["drawn"], facts["max_new_tokens"], facts["adapter_dir"]
-    train_record = facts["train_record"]
-    report: dict[str, Any] = {
-        "passed": True,
-        "merged": NOT_BUILT,
-        **device_facts(facts["where"]),
-        "dtype": facts["dtype"],
-        "max_new_tokens": max_new_tokens,
-        "probes": _probe_facts(drawn, facts["probes"]),
-        "probe_reference": {
-            **_reference_prompts(drawn),
-            "greedy": unmerged.greedy,
-            "texts": unmerged.texts,
-            "max_new_tokens": max_new_tokens,
-            "model": "base + adapter, unmerged",
-        },
-        "adapter": {
-            "dir": str(adapter_dir),
-            "files": {f: sha256_file(adapter_dir / f) for f in ADAPTER_FILES},
-            "train_fingerprint": (train_record or {}).get("fingerprint"),
-            "quantization": _quantization(train_record),
-        },
-        "base": {
-            "dir": str(facts["base_dir"]),
-            "source": facts["base_record"].get("source"),
-            "model_ref": facts["base_record"].get("model_ref"),
-            "sha256": base_model_hash(facts["base_record"]),
-        },
-        "code": code_fingerprint(__name__),
-        "library_versions": library_versions(),
-    }
-    trained_base = ((train_record or {}).get("base") or {}).get("sha256")
+def _refuse_other_base(out_dir: Path, m: _Merge, report: dict[str, Any]) -> None:
+    trained_base = ((m.train_record or {}).get("base") or {}).get("sha256")
     if trained_base and trained_base != report["base"]["sha256"]:
         _discard(out_dir)
         raise MergeError(
-            f"the adapter in {adapter_dir} was trained on a different base (sha256 {trained_base[:12]}...) "
-            f"than {facts['base_dir']}: rerun the train stage on this base",
+            f"the adapter in {m.adapter_dir} was trained on a different base (sha256 {trained_base[:12]}...) than "
+            f"{m.base_dir} ({report['base']['sha256'][:12]}...): rerun the train stage on this base",
             report,
         )
+
+
+def _check_reload(tmp: Path, out_dir: Path, m: _Merge, merged: ProbeOutputs, report: dict[str, Any]) -> None:
+    report["reload"] = _reload_check(tmp, m.drawn, merged, m.tok.pad_token_id, m.where)
+    if report["reload"]["max_abs_logit_diff"] > RELOAD_TOLERANCE:
+        _discard(out_dir)
+        raise MergeError(
+            f"the saved merged model does not reload to the same logits "
+            f"(max abs diff {report['reload']['max_abs_logit_diff']:.3g}); nothing written",
+            report,
+        )
+
+
+def _reference_only(out_dir: Path, unmerged: ProbeOutputs, m: _Merge) -> MergeResult:
+    """deploy.targets without merged: out_dir holds the report alone, whose probe_reference is base + adapter's
+    answers (what serving reproduces). Refused, as a merge is, when the adapter was trained on another base."""
+    report: dict[str, Any] = {
+        **_common_report(m),
+        "passed": True,
+        "merged": NOT_BUILT,
+        "probe_reference": {
+            **_reference_prompts(m.drawn),
+            "greedy": unmerged.greedy,
+            "texts": unmerged.texts,
+            "max_new_tokens": m.max_new_tokens,
+            "model": "base + adapter, unmerged",
+        },
+    }
+    _refuse_other_base(out_dir, m, report)
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
         io.write_json(tmp / REPORT, report)
@@ -345,74 +383,44 @@ def _reference_prompts(drawn: ProbeSet) -> dict[str, Any]:
     return {"prompts": drawn.prompts, "sources": [p.origin() for p in drawn.probes]}
 
 
-def _torchao_checkpoint(
-    tmp: Path,
-    lowbit: Any,
-    tok: Any,
-    probes: ProbeSet,
-    max_new_tokens: int,
-    unmerged: Any,
-    base_dir: Path,
-    base_record: dict[str, Any],
-    tolerance: float,
-) -> dict[str, Any]:
-    """The merged low-bit model as a checkpoint transformers loads through torchao (<merged>/torchao), loaded back
-    by that loader (on the CPU, where a user without a GPU loads it too) and checked: its weights against the codes,
-    its probes against the unmerged adapter (which ran on merge.device)."""
-    from loraline.modelling.qalora_torchao import load_torchao_checkpoint, max_weight_diff, save_torchao_checkpoint
-
-    folder = tmp / QALORA_TORCHAO
-    facts = save_torchao_checkpoint(tmp, lowbit, folder)
-    save_tokenizer(tok, folder, resolve_base_model_path(base_dir) if base_record.get("source") != "hub" else None)
-    (folder / "README.md").unlink(missing_ok=True)
-    model = load_torchao_checkpoint(folder)
-    facts["max_abs_weight_diff"] = max_weight_diff(model, lowbit)
-    facts["vs_unmerged"] = compare(run_probe_set(model, tok, probes, max_new_tokens), unmerged)
-    facts["files"] = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()}
-    facts["passed"] = facts["max_abs_weight_diff"] == 0.0 and facts["vs_unmerged"]["max_abs_logit_diff"] <= tolerance
-    del model
-    gc.collect()
-    return facts
-
-
 # --- references -----------------------------------------------------------------------------------
 
 
-def _quantized_gap(
-    train_record: dict[str, Any] | None,
-    base_dir: Path,
-    adapter_dir: Path,
-    tok: Any,
-    probes: ProbeSet,
-    max_new_tokens: int,
-    merged: ProbeOutputs,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Merged model vs the 4-bit base + adapter it was trained against (what training optimised), on `device`:
+def _vs_4bit(m: _Merge, variants: Variants, merged: ProbeOutputs, measured: bool) -> dict[str, Any]:
+    """The report's vs_4bit: as the variants decide it (QA-LoRA: no 4-bit model), else the quantized gap."""
+    decided = variants.quantized_reference()
+    if decided is not None:
+        return decided
+    return _quantized_gap(m, variants, merged) if measured else {"skipped": "quantized_reference=False"}
+
+
+def _quantized_gap(m: _Merge, variants: Variants, merged: ProbeOutputs) -> dict[str, Any]:
+    """Merged model vs the 4-bit base + adapter it was trained against (what training optimised), on merge.device:
     bitsandbytes' CUDA kernels in bfloat16 on a GPU, as training ran there; its CPU ones in float32 otherwise."""
     from peft import PeftModel
 
     from loraline.config import TrainParams
 
-    if train_record is None:
+    if m.train_record is None:
         return {"skipped": f"no {TRAIN_RECORD} in the adapter folder: its quantization settings are unknown"}
     try:
-        params = TrainParams.model_validate(train_record["params"])
+        params = TrainParams.model_validate(m.train_record["params"])
     except Exception as exc:  # noqa: BLE001 -- an old record the current schema rejects: report, don't fail
         return {"skipped": f"{TRAIN_RECORD} params do not validate with this loraline version: {exc}"}
     if params.quantization == "none":
         return {"skipped": "adapter trained with quantization none: there is no 4-bit model to compare against"}
+    device = m.where
     model = load_base_causal_lm(
-        base_dir,
+        m.base_dir,
         device,
         compute_dtype(device),
         params.quantization,
         params.double_quant,
-        base_config_overrides(train_record),
+        variants.config_overrides(),
     )
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    model = PeftModel.from_pretrained(model, str(m.adapter_dir), is_trainable=False)
     model.eval()
-    ref = run_probe_set(model, tok, probes, max_new_tokens)
+    ref = run_probe_set(model, m.tok, m.drawn, m.max_new_tokens)
     del model
     _release(device)
     gap = compare(merged, ref)
@@ -442,11 +450,6 @@ def _reload_check(
     return {"max_abs_logit_diff": worst, "loaded_dtype": dtype}
 
 
-def _on_cpu(q: Any) -> Any:
-    """A layer's codes, scales and zero points on the CPU (they are written, and compared on the CPU)."""
-    return dataclasses.replace(q, codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu())
-
-
 def _release(device: torch.device) -> None:
     """Free what the dropped models held (and, on CUDA, the allocator's cache, for the next model)."""
     gc.collect()
@@ -469,52 +472,22 @@ def _quantization(train_record: dict[str, Any] | None) -> str | None:
     return "qalora" if params.get("method") == "qalora" else params.get("quantization")
 
 
-def _qalora_settings(train_record: dict[str, Any] | None, adapter_dir: Path) -> dict[str, Any] | None:
-    """bits and group size of a QA-LoRA adapter's quantized base (train_record.json's qalora); None
-    for a LoRA adapter. A QA-LoRA adapter without them cannot be folded: refused."""
-    facts = (train_record or {}).get("qalora")
-    if facts:
-        return {"bits": facts["bits"], "group_size": facts["group_size"]}
-    if json.loads((adapter_dir / ADAPTER_FILES[0]).read_text(encoding="utf-8")).get("use_qalora"):
+def _variants(train_record: dict[str, Any] | None, adapter_dir: Path) -> Variants:
+    """The adapter's variants, as its train_record.json names them (plain LoRA without one). A QA-LoRA adapter
+    whose record does not say how the base was quantized cannot be folded: refused."""
+    qalora = bool((train_record or {}).get("qalora"))
+    if not qalora and json.loads((adapter_dir / ADAPTER_FILES[0]).read_text(encoding="utf-8")).get("use_qalora"):
         raise MergeError(
             f"{adapter_dir} is a QA-LoRA adapter but its {TRAIN_RECORD} does not say how the base was "
             "quantized (qalora.bits, qalora.group_size): retrain it with this loraline"
         )
-    return None
+    return Variants.from_record(train_record)
 
 
 def _discard(out_dir: Path) -> None:
     """Remove a previous output: a merge of an older adapter must not pass for this one's."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
-
-
-def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None) -> MergeResult:
-    """The merge stage for one tenant: its adapter merged into models/merged/<tenant>, the report
-    also copied to reports/<tenant>/merge_report.json, its parity numbers to
-    reports/<tenant>/metrics/merge.json and the run's timing to reports/timing/merge@<tenant>.json."""
-    started = time.perf_counter()
-    m = params.merge
-    draw = TenantDraw(layout.prepared_dataset_dir(tenant), tenant, params.seed, m.probes, m.probe_max_tokens)
-    result = merge_adapter(
-        base_dir=base_dir or layout.base_dir,
-        base_params=params.base,
-        adapter_dir=layout.adapter_dir(tenant),
-        out_dir=layout.merged_dir(tenant),
-        dtype=m.dtype,
-        tolerance=params.gate_for(tenant).max_merge_logit_diff,
-        tenant_probes=draw,
-        max_new_tokens=m.max_new_tokens,
-        quantized_reference=m.quantized_reference,
-        check_reload=m.check_reload,
-        device=m.device,
-        merged=params.deploy_for(tenant).builds("merged"),
-    )
-    io.copy_file(result.report_path, layout.merge_report_path(tenant))
-    io.write_json(layout.metrics_path("merge", tenant), merge_metrics(result.report))
-    where = {k: result.report[k] for k in ("device", "device_name") if k in result.report}
-    io.write_timing(layout.timing_path("merge", tenant), run_facts(started, **where))
-    return result
 
 
 def merge_metrics(report: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from torch import nn
 from loraline.config import ConfigError, TrainParams
 from loraline.modelling.device import compute_dtype
 from loraline.modelling.loading import load_base_causal_lm, load_base_config
-from loraline.modelling.s2attn import use_s2_attention
+from loraline.modelling.variants import Variants
 from loraline.train.errors import TrainError
 from loraline.train.speed import apply_checkpoint_fraction, use_varlen_attention
 
@@ -27,96 +27,84 @@ def load_base_model(
     *,
     world_size: int = 1,
     progress: bool = False,
-    config_overrides: dict[str, Any] | None = None,
+    variants: Variants | None = None,
 ) -> nn.Module:
     """The base causal LM on `device`, quantized when asked, ready for (k-bit) training; with
     train.sharding fsdp, its decoder layers sharded over the `world_size` ranks (train.sharded).
-    `config_overrides`: train.long_context's rope scaling (long_context_overrides)."""
+    `variants`: the adapter's variants (training_variants; picked from `params` when not given), which
+    load and prepare the base their way (QA-LoRA's group-wise quantization, long context's rope scaling)."""
+    variants = variants if variants is not None else training_variants(params, base_dir)
+    quantization = variants.base_quantization(params.quantization)  # QA-LoRA: none, it quantizes the base itself
     if params.sharding == "fsdp":
         from loraline.train.sharded import load_sharded_base
 
         model = load_sharded_base(params, base_dir, device, world_size, progress=progress)
     else:
-        # QA-LoRA quantizes from the float32 weights, so CPU and CUDA runs (and the merge) get the same codes.
-        load_dtype = torch.float32 if params.method == "qalora" else compute_dtype(device)
         model = load_base_causal_lm(
-            base_dir, device, load_dtype, base_quantization(params), params.double_quant, config_overrides
+            base_dir,
+            device,
+            variants.load_dtype(compute_dtype(device)),
+            quantization,
+            params.double_quant,
+            variants.config_overrides() or None,
         )
-    if params.method == "qalora":
-        from loraline.modelling.qalora import GroupQuantizedLinear, quantize_linears
-
-        try:
-            quantize_linears(model, bits=params.qalora.bits, group_size=params.qalora.group_size)
-        except ValueError as exc:
-            raise TrainError(f"train.qalora: {exc}") from None
-        for module in model.modules():  # the rest in the compute dtype; scales and zero points stay float32
-            if not isinstance(module, GroupQuantizedLinear):
-                for param in module.parameters(recurse=False):
-                    param.data = param.data.to(compute_dtype(device))
-    quant = base_quantization(params) != "none"
+    try:
+        variants.prepare_base(model, compute_dtype(device))
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
     model.config.use_cache = False  # no KV cache in training; a cache would also disable packed-sequence masking
+    model = _prepare_for_training(model, params, quantized=quantization != "none")
+    if params.gradient_checkpointing and params.checkpoint_fraction < 1:
+        apply_checkpoint_fraction(model, params.checkpoint_fraction)
+    if not variants.use_attention(model) and params.varlen_attention and params.packing:
+        use_varlen_attention(model)  # flash varlen on CUDA, SDPA per example elsewhere
+    return model
+
+
+def _prepare_for_training(model: nn.Module, params: TrainParams, *, quantized: bool) -> nn.Module:
+    """Frozen base weights and activation checkpointing; a 4-bit base also through peft's k-bit preparation
+    (which upcasts the non-quantized weights to fp32) when train.upcast_non_quantized asks for it."""
     # Non-reentrant checkpointing needs no requires_grad trick on the inputs and keeps dropout's RNG.
     ckpt_kwargs = {"use_reentrant": False}
-    if quant and params.upcast_non_quantized:
+    if quantized:
+        _keep_trainable_4bit_layout(model)
+    if quantized and params.upcast_non_quantized:
         from peft import prepare_model_for_kbit_training
 
-        _keep_trainable_4bit_layout(model)
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=params.gradient_checkpointing,
             gradient_checkpointing_kwargs=ckpt_kwargs,
         )
-    else:
-        # The same preparation without the fp32 upcast of embeddings, norms and lm_head: they stay in
-        # the compute dtype, so the residual stream and saved activations stay bf16 on CUDA (as in the
-        # textbook recipe, which skips the preparation); on CPU the compute dtype is fp32 anyway.
-        if quant:
-            _keep_trainable_4bit_layout(model)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if params.gradient_checkpointing:
-            enable_activation_checkpointing(model, ckpt_kwargs)
-    if params.gradient_checkpointing and params.checkpoint_fraction < 1:
-        apply_checkpoint_fraction(model, params.checkpoint_fraction)
-    lc = params.long_context
-    if lc is not None and lc.s2_attn:
-        use_s2_attention(model, lc.group_size)  # training only: in eval mode it attends in full
-    elif params.varlen_attention and params.packing:  # flash varlen on CUDA, SDPA per example elsewhere
-        use_varlen_attention(model)
+    # The same preparation without the fp32 upcast of embeddings, norms and lm_head: they stay in
+    # the compute dtype, so the residual stream and saved activations stay bf16 on CUDA (as in the
+    # textbook recipe, which skips the preparation); on CPU the compute dtype is fp32 anyway.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if params.gradient_checkpointing:
+        enable_activation_checkpointing(model, ckpt_kwargs)
     return model
 
 
-def base_quantization(params: TrainParams) -> str:
-    """How bitsandbytes loads the base: train.quantization for LoRA; QA-LoRA loads it unquantized (in
-    float32) and quantizes it group-wise itself."""
-    return "none" if params.method == "qalora" else params.quantization
-
-
-def long_context_overrides(params: TrainParams, base_dir: Path) -> dict[str, Any] | None:
-    """The base config changes train.long_context asks for (None without it); a base that cannot be
-    extended so fails here, before the model is loaded."""
-    if params.long_context is None:
-        return None
-    from loraline.modelling.long_context import rope_overrides
-
+def training_variants(params: TrainParams, base_dir: Path) -> Variants:
+    """The variants train.method and train.long_context ask for (modelling/variants.py); a base that cannot be
+    extended as train.long_context asks fails here, before the model is loaded."""
     try:
-        return rope_overrides(load_base_config(base_dir), params.long_context)
+        return Variants.for_training(params, lambda: load_base_config(base_dir))
     except ConfigError as exc:
         raise TrainError(str(exc)) from None
 
 
-def with_long_context_trainables(params: TrainParams, model: nn.Module) -> TrainParams:
-    """params with LongLoRA's trainable embeddings and norms added to modules_to_save (as this model names them)."""
-    if params.long_context is None:
-        return params
-    from loraline.modelling.long_context import trainable_module_names
-
+def with_long_context_trainables(
+    params: TrainParams, model: nn.Module, variants: Variants | None = None
+) -> TrainParams:
+    """params with the trainables the variants add (LongLoRA's embeddings and norms, as this model names them) in
+    modules_to_save, those not already there."""
+    variants = variants if variants is not None else Variants.for_training(params, lambda: model.config)
     have = list(params.modules_to_save)
-    extra = [
-        n
-        for n in trainable_module_names(model, params.long_context.trainable)
-        if not any(_matches(k, [n]) for k in have)
-    ]
+    extra = [n for n in variants.trainables(model) if not any(_matches(k, [n]) for k in have)]
+    if not extra:
+        return params
     return params.model_copy(update={"modules_to_save": [*params.modules_to_save, *extra]})
 
 
@@ -176,38 +164,29 @@ def _matches(key: str, names: list[str]) -> bool:
     return any(n == key or n.endswith("." + key) for n in names)
 
 
-def attach_lora(params: TrainParams, model: nn.Module) -> nn.Module:
+def attach_lora(params: TrainParams, model: nn.Module, variants: Variants | None = None) -> nn.Module:
+    """LoRA on the prepared base, through peft; `variants` (picked from `params` when not given) set their own
+    LoraConfig options (QA-LoRA's pooled layers on the group-quantized ones)."""
     from peft import LoraConfig, get_peft_model
 
-    qalora = params.method == "qalora"
+    variants = variants if variants is not None else Variants.for_training(params, lambda: model.config)
     targets = params.target_modules if params.target_modules == "all-linear" else list(params.target_modules)
-    if qalora:  # peft's "all-linear" knows nn.Linear only: name the quantized layers the targets cover
-        targets = _qalora_targets(model, targets)
-    config = LoraConfig(
-        r=params.lora_r,
-        lora_alpha=params.lora_alpha,
-        lora_dropout=params.lora_dropout,
-        target_modules=targets,
-        use_rslora=params.use_rslora,
-        use_dora=params.use_dora,
-        modules_to_save=list(params.modules_to_save) or None,
-        ensure_weight_tying=trains_tied_embeddings(params, model),
-        task_type="CAUSAL_LM",
-        use_qalora=qalora,
-        qalora_group_size=params.qalora.group_size,
-    )
-    if qalora:
-        from loraline.modelling.qalora import register_with
-
-        register_with(config)
+    options = {
+        "r": params.lora_r,
+        "lora_alpha": params.lora_alpha,
+        "lora_dropout": params.lora_dropout,
+        "target_modules": targets,
+        "use_rslora": params.use_rslora,
+        "use_dora": params.use_dora,
+        "modules_to_save": list(params.modules_to_save) or None,
+        "ensure_weight_tying": trains_tied_embeddings(params, model),
+        "task_type": "CAUSAL_LM",
+        "use_qalora": False,
+        "qalora_group_size": params.qalora.group_size,
+    }
+    config = LoraConfig(**(options | variants.lora_options(model, targets)))
+    variants.registered(config)
     return get_peft_model(model, config)
-
-
-def _qalora_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    from loraline.modelling.qalora import GroupQuantizedLinear
-
-    names = [n for n, m in model.named_modules() if isinstance(m, GroupQuantizedLinear)]
-    return sorted(names if targets == "all-linear" else [n for n in names if any(_matches(t, [n]) for t in targets)])
 
 
 def trains_tied_embeddings(params: TrainParams, model: nn.Module) -> bool:

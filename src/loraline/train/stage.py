@@ -39,6 +39,7 @@ from loraline.layout import QLORA_REFERENCE, TRAIN_RECORD, Layout
 from loraline.modelling.device import compute_dtype, pick_device
 from loraline.modelling.loading import base_model_hash, load_base_tokenizer, read_base_record, tokenizer_mismatch
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE
+from loraline.modelling.variants import Variants
 from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_facts, sha256_file
 from loraline.train import autobatch, checkpoint
 from loraline.train.data import check_splits, load_splits
@@ -49,9 +50,9 @@ from loraline.train.model import (
     attach_lora,
     check_module_names,
     load_base_model,
-    long_context_overrides,
     sort_config_sets,
     trainable_parameters,
+    training_variants,
     with_long_context_trainables,
 )
 from loraline.train.optim import make_optimizer, make_scheduler, warmup_steps
@@ -88,6 +89,81 @@ class TrainResult:
             record,
             timing,
         )
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What a run trains from, read and hashed before anything loads."""
+
+    base_record: dict[str, Any]
+    splits: Any
+    data_hash: str
+    base_hash: str
+    fingerprint: str
+
+
+@dataclass
+class _Session:
+    """The model ready to train and what trains it (params: with the variants' trainables and the batch resolved)."""
+
+    params: TrainParams
+    model: torch.nn.Module
+    variants: Variants
+    pad_id: int
+    trainable: dict[str, torch.nn.Parameter]
+    optimizer: Any
+    fused: Any
+    batch: Any = None
+    plan: list = field(default_factory=list)
+    scheduler: Any = None
+
+
+def run(
+    params: Params,
+    layout: Layout,
+    tenant: str,
+    *,
+    base_dir: Path | None = None,
+    checkpoints: bool = True,
+    progress: bool = False,
+) -> TrainResult:
+    """The train stage for one tenant: its adapter into models/adapters/<tenant>, the numbers worth
+    comparing across runs into reports/<tenant>/metrics/train.json, the loss curves into
+    reports/<tenant>/train/ and the run's timing into reports/timing/train@<tenant>.json."""
+    started = time.perf_counter()
+    train = params.train_for(tenant)
+    inputs = {
+        "base_dir": base_dir or layout.base_dir,
+        "base_params": params.base,
+        "dataset_dir": layout.prepared_dataset_dir(tenant),
+        "progress": progress,
+    }
+    result = train_adapter(
+        train,
+        out_dir=layout.adapter_dir(tenant),
+        checkpoint_dir=layout.checkpoint_dir(tenant) if checkpoints else None,
+        **inputs,
+    )
+    metrics = train_metrics(result.record)
+    # the twins train the same steps: the batch the adapter resolved (train.batch_size auto), not a new probe
+    train = train.model_copy(update={"batch_size": result.record["batch"]["rows"]})
+    if train.long_context is not None and train.long_context.reference:
+        reference = train_full_attention_reference(train, adapter_dir=result.out_dir, **inputs)
+        metrics["full_attention_reference_val_loss"] = reference.record["loss"]["final_val"]
+    if train.method == "qalora" and train.qalora.reference:
+        twin = train_qlora_reference(train, adapter_dir=result.out_dir, **inputs)
+        metrics["qlora_reference_val_loss"] = twin.record["loss"]["final_val"]
+    io.write_json(layout.metrics_path("train", tenant), metrics)
+    # The curves also live beside the adapter; DVC plots need them outside the adapter folder.
+    plots = layout.train_plots_dir(tenant)
+    for curve in (result.train_curve, result.val_curve):
+        io.copy_file(curve, plots / curve.name)
+    timing = {k: v for k, v in result.timing.items() if k != "wall_s"}  # run_facts times the whole stage
+    io.write_timing(layout.timing_path("train", tenant), run_facts(started, **timing))
+    # Checkpoints exist to resume a run that was stopped; once the adapter is written they repeat it
+    # (with the optimizer's state, about 3x its size: 480 MB at 8B), per tenant, so they go.
+    shutil.rmtree(layout.checkpoint_dir(tenant), ignore_errors=True)
+    return result
 
 
 def train_adapter(
@@ -163,140 +239,224 @@ def _train(
     progress: bool,
 ) -> TrainResult:
     started = time.perf_counter()
+    inputs = _read_inputs(params, base_dir, dataset_dir)
+    device = pick_device()
+    with _deterministic(device, params.num_threads):
+        _seed_everything(params.seed)
+        session = _session(params, base_params, base_dir, inputs, dataset_dir, device, world, progress)
+        ckpt = _find_checkpoint(checkpoint_dir, inputs.fingerprint, world) if checkpoint_dir is not None else None
+        _plan(session, ckpt, inputs, device, world)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        state, best, resumed, train_wall, tokens = _run_loop(
+            session, ckpt, device, checkpoint_dir, inputs, world, progress
+        )
+        if session.params.early_stopping_patience is not None and best is not None:
+            with torch.no_grad():  # ship the best-validation adapter, not the one that stopped improving
+                for name, p in session.trainable.items():
+                    p.copy_(best[name])
+
+    record = _record(session, inputs, state, best, base_dir, dataset_dir, device, world)
+    timing = {
+        "tokens_per_s": round(tokens / max(train_wall, 1e-9), 1),  # this process's steps
+        "peak_memory": _peak_memory(device, world),
+        "resumed_from_step": resumed,
+        "device": record["device"],
+        "batch": {"rows": session.batch.rows, "how": session.batch.how, "note": session.batch.note},
+    }
+    if world.main:
+        with io.atomic_dir(out_dir) as tmp:
+            tmp.chmod(0o755)
+            sort_config_sets(session.model)
+            session.model.save_pretrained(tmp)
+            (tmp / "README.md").unlink(missing_ok=True)  # peft's blank model card; train_record.json is ours
+            write_curves(tmp, state.history)
+            record["files"] = {f: sha256_file(tmp / f) for f in ADAPTER_FILES}
+            io.write_json(tmp / TRAIN_RECORD, record)
+    barrier(world)
+    timing["wall_s"] = round(time.perf_counter() - started, 2)
+    return TrainResult.of(out_dir, record, timing)
+
+
+def _read_inputs(params: TrainParams, base_dir: Path, dataset_dir: Path) -> _Inputs:
     base_record = _read_base(base_dir)
     splits = load_splits(dataset_dir)
     check_splits(splits, params, dataset_dir)
     data_hash = hash_tree(dataset_dir)
     base_hash = base_model_hash(base_record)
-    fingerprint = _fingerprint(params, data_hash, base_hash)
-    device = pick_device()
+    return _Inputs(base_record, splits, data_hash, base_hash, _fingerprint(params, data_hash, base_hash))
 
-    with _deterministic(device, params.num_threads):
-        _seed_everything(params.seed)
-        overrides = long_context_overrides(params, base_dir)
-        pad_id, model = _load_base(
-            params, base_params, base_dir, base_record, device, world, progress, dataset_dir, overrides
-        )
-        params = with_long_context_trainables(params, model)
-        check_module_names(params, model)
-        if params.packing:
-            check_packing_isolation(model, device, model.get_input_embeddings().num_embeddings)
-        _seed_everything(params.seed)  # LoRA's initial weights depend on the seed alone, not on loading
-        model = attach_lora(params, model)
-        if world.distributed:
-            torch.manual_seed(params.seed + world.rank)  # dropout: one stream per rank, not N copies of one
-        trainable = trainable_parameters(model)
-        optimizer = make_optimizer(params, trainable, device)
-        fused = fused_head(model) if params.fused_cross_entropy else None
-        if params.fused_cross_entropy and fused is None:
-            log.warning(
-                "train.fused_cross_entropy: this model's head is not a plain linear layer; computing full logits"
+
+def _session(
+    params: TrainParams,
+    base_params: BaseParams,
+    base_dir: Path,
+    inputs: _Inputs,
+    dataset_dir: Path,
+    device: torch.device,
+    world: World,
+    progress: bool,
+) -> _Session:
+    """The base loaded as the adapter's variants load it, checked, with LoRA on it and the optimizer."""
+    variants = training_variants(params, base_dir)
+    pad_id, model = _load_base(
+        params, base_params, base_dir, inputs.base_record, device, world, progress, dataset_dir, variants
+    )
+    params = with_long_context_trainables(params, model, variants)
+    check_module_names(params, model)
+    if params.packing:
+        check_packing_isolation(model, device, model.get_input_embeddings().num_embeddings)
+    _seed_everything(params.seed)  # LoRA's initial weights depend on the seed alone, not on loading
+    model = attach_lora(params, model, variants)
+    if world.distributed:
+        torch.manual_seed(params.seed + world.rank)  # dropout: one stream per rank, not N copies of one
+    trainable = trainable_parameters(model)
+    optimizer = make_optimizer(params, trainable, device)
+    fused = fused_head(model) if params.fused_cross_entropy else None
+    if params.fused_cross_entropy and fused is None:
+        log.warning("train.fused_cross_entropy: this model's head is not a plain linear layer; computing full logits")
+    return _Session(params, model, variants, pad_id, trainable, optimizer, fused)
+
+
+def _plan(
+    session: _Session, ckpt: checkpoint.Checkpoint | None, inputs: _Inputs, device: torch.device, world: World
+) -> None:
+    """The micro-batch (train.batch_size auto: resolved here, with the model loaded; a resumed run keeps its
+    recorded batch), the plan of global micro-batches (each rank takes its share of every one: distributed.shard)
+    and the scheduler over it."""
+    s = session
+    s.batch = autobatch.resolve(
+        s.params.batch_size,
+        device,
+        resumed=ckpt.state.get("batch") if ckpt is not None else None,
+        probe=lambda: _probe_batch(s.params, s.model, s.trainable, device, s.pad_id, inputs.splits.train, s.fused),
+    )
+    s.params = s.params.model_copy(update={"batch_size": s.batch.rows})
+    global_batch = s.params.model_copy(update={"batch_size": s.params.batch_size * world.size})
+    s.plan = plan_steps([e.n_tokens for e in inputs.splits.train], global_batch, s.params.seed)
+    s.scheduler = make_scheduler(s.params, s.optimizer, len(s.plan))
+
+
+def _run_loop(
+    s: _Session,
+    ckpt: checkpoint.Checkpoint | None,
+    device: torch.device,
+    checkpoint_dir: Path | None,
+    inputs: _Inputs,
+    world: World,
+    progress: bool,
+) -> tuple[Progress, Any, int | None, float, int]:
+    """The training loop from the start or from `ckpt`: (progress, best weights, step resumed from, seconds
+    in the loop, tokens this process trained on)."""
+    state, best, start_step = _resume(s, ckpt, checkpoint_dir, world)
+    splits = inputs.splits
+    run = Run(
+        s.model,
+        s.trainable,
+        s.optimizer,
+        s.scheduler,
+        s.params,
+        device,
+        s.pad_id,
+        splits.train,
+        splits.validation,
+        s.plan,
+        s.fused,
+        world,
+        lockstep=s.params.sharding == "fsdp",
+    )
+    wall, tokens_before = time.perf_counter(), state.tokens_seen
+    state, best = train_loop(
+        run,
+        state,
+        start_step=start_step,
+        best=best,
+        save_checkpoint=_checkpoint_saver(s, checkpoint_dir, inputs, world) if checkpoint_dir is not None else None,
+        show_progress=progress and world.main,
+    )
+    resumed = start_step if ckpt is not None else None
+    return state, best, resumed, time.perf_counter() - wall, state.tokens_seen - tokens_before
+
+
+def _resume(
+    s: _Session, ckpt: checkpoint.Checkpoint | None, checkpoint_dir: Path | None, world: World
+) -> tuple[Progress, Any, int]:
+    """(progress, best weights, first step) of a fresh run, or of the run `ckpt` stopped (its weights, optimizer
+    and scheduler state loaded)."""
+    if ckpt is None:
+        return Progress(), None, 0
+    if ckpt.step >= len(s.plan) or ckpt.state["data_position"] != _position(s.plan, ckpt.step):
+        raise RuntimeError(f"checkpoint {ckpt.path} does not fit this run's data plan; delete {checkpoint_dir}")
+    best = checkpoint.load(ckpt, trainable=s.trainable, optimizer=s.optimizer, scheduler=s.scheduler, rank=world.rank)
+    log.info("resuming from checkpoint %s (step %d of %d)", ckpt.path, ckpt.step, len(s.plan))
+    return Progress.from_dict(ckpt.state["progress"]), best, ckpt.step
+
+
+def _checkpoint_saver(s: _Session, checkpoint_dir: Path, inputs: _Inputs, world: World):
+    """What the loop calls every train.save_every steps: the run's state saved by rank 0."""
+
+    def save_checkpoint(step: int, prog: Progress, best_now: dict[str, torch.Tensor] | None) -> None:
+        rng = gather(checkpoint.capture_rng_state(), world)  # every rank's dropout stream
+        if world.main:  # the weights and optimizer state are the same on every rank
+            checkpoint.save(
+                checkpoint_dir,
+                step=step,
+                fingerprint=inputs.fingerprint,
+                trainable=s.trainable,
+                best=best_now,
+                optimizer=s.optimizer,
+                scheduler=s.scheduler,
+                progress=prog.to_dict(),
+                position=_position(s.plan, step),
+                rng=rng,
+                batch=s.batch.to_dict(),
             )
-        ckpt = _find_checkpoint(checkpoint_dir, fingerprint, world) if checkpoint_dir is not None else None
-        # train.batch_size auto: resolved here, with the model loaded; a resumed run keeps its recorded batch
-        batch = autobatch.resolve(
-            params.batch_size,
-            device,
-            resumed=ckpt.state.get("batch") if ckpt is not None else None,
-            probe=lambda: _probe_batch(params, model, trainable, device, pad_id, splits.train, fused),
-        )
-        params = params.model_copy(update={"batch_size": batch.rows})
-        # The plan is of global micro-batches; each rank takes its share of every one (distributed.shard).
-        global_batch = params.model_copy(update={"batch_size": params.batch_size * world.size})
-        plan = plan_steps([e.n_tokens for e in splits.train], global_batch, params.seed)
-        scheduler = make_scheduler(params, optimizer, len(plan))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        barrier(world)
 
-        state, best, start_step, resumed = Progress(), None, 0, None
-        if ckpt is not None:
-            if ckpt.step >= len(plan) or ckpt.state["data_position"] != _position(plan, ckpt.step):
-                raise RuntimeError(
-                    f"checkpoint {ckpt.path} does not fit this run's data plan; delete {checkpoint_dir}"
-                )
-            best = checkpoint.load(
-                ckpt, trainable=trainable, optimizer=optimizer, scheduler=scheduler, rank=world.rank
-            )
-            state = Progress.from_dict(ckpt.state["progress"])
-            start_step = resumed = ckpt.step
-            log.info("resuming from checkpoint %s (step %d of %d)", ckpt.path, ckpt.step, len(plan))
+    return save_checkpoint
 
-        def save_checkpoint(step: int, prog: Progress, best_now: dict[str, torch.Tensor] | None) -> None:
-            rng = gather(checkpoint.capture_rng_state(), world)  # every rank's dropout stream
-            if world.main:  # the weights and optimizer state are the same on every rank
-                checkpoint.save(
-                    checkpoint_dir,
-                    step=step,
-                    fingerprint=fingerprint,
-                    trainable=trainable,
-                    best=best_now,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    progress=prog.to_dict(),
-                    position=_position(plan, step),
-                    rng=rng,
-                    batch=batch.to_dict(),
-                )
-            barrier(world)
 
-        run = Run(
-            model,
-            trainable,
-            optimizer,
-            scheduler,
-            params,
-            device,
-            pad_id,
-            splits.train,
-            splits.validation,
-            plan,
-            fused,
-            world,
-            lockstep=params.sharding == "fsdp",
-        )
-        train_wall, tokens_before = time.perf_counter(), state.tokens_seen
-        state, best = train_loop(
-            run,
-            state,
-            start_step=start_step,
-            best=best,
-            save_checkpoint=save_checkpoint if checkpoint_dir is not None else None,
-            show_progress=progress and world.main,
-        )
-        train_wall = time.perf_counter() - train_wall
-        if params.early_stopping_patience is not None and best is not None:
-            with torch.no_grad():  # ship the best-validation adapter, not the one that stopped improving
-                for name, p in trainable.items():
-                    p.copy_(best[name])
-
+def _record(
+    s: _Session,
+    inputs: _Inputs,
+    state: Progress,
+    best: Any,
+    base_dir: Path,
+    dataset_dir: Path,
+    device: torch.device,
+    world: World,
+) -> dict[str, Any]:
+    """train_record.json (less its `files`): what trained, on what, how, and what came out; the variants'
+    fields (qalora, long_context) say what they did to the base, for the merge to do it again."""
+    params, plan = s.params, s.plan
     steps_done = state.history[-1]["step"] if state.history else 0
     shipped_best = params.early_stopping_patience is not None and best is not None
-    record: dict[str, Any] = {
-        "params": {**params.model_dump(mode="json"), "batch_size": batch.requested},  # as asked; "batch": what ran
-        "batch": batch.to_dict(),
+    return {
+        "params": {**params.model_dump(mode="json"), "batch_size": s.batch.requested},  # as asked; "batch": what ran
+        "batch": s.batch.to_dict(),
         "seed": params.seed,
-        "fingerprint": fingerprint,
+        "fingerprint": inputs.fingerprint,
         "data": {
             "dataset_dir": str(dataset_dir),
-            "sha256": data_hash,
-            "train_examples": len(splits.train),
-            "validation_examples": len(splits.validation),
+            "sha256": inputs.data_hash,
+            "train_examples": len(inputs.splits.train),
+            "validation_examples": len(inputs.splits.validation),
         },
         "base": {
             "dir": str(base_dir),
-            "source": base_record.get("source"),
-            "model_ref": base_record.get("model_ref"),
-            "sha256": base_hash,
+            "source": inputs.base_record.get("source"),
+            "model_ref": inputs.base_record.get("model_ref"),
+            "sha256": inputs.base_hash,
         },
         "device": device_name(device),
         "devices": world.size,
-        "sharding": sharding_facts(model) if params.sharding == "fsdp" else None,
+        "sharding": sharding_facts(s.model) if params.sharding == "fsdp" else None,
         "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
-        "optimizer": type(optimizer).__name__,
+        "optimizer": type(s.optimizer).__name__,
         "speed": {  # which speed options took effect (each falls back where it does not apply)
-            "attention": getattr(model.config, "_attn_implementation", None),
-            "fused_cross_entropy": fused is not None,
-            "checkpointed_layers": _checkpointed_layers(model),
+            "attention": getattr(s.model.config, "_attn_implementation", None),
+            "fused_cross_entropy": s.fused is not None,
+            "checkpointed_layers": _checkpointed_layers(s.model),
         },
         "steps": {
             "planned": len(plan),
@@ -313,30 +473,10 @@ def _train(
             "best_val": state.best_val_loss,
             "best_step": state.best_step,
         },
-        "long_context": _long_context_facts(params, overrides),
-        "qalora": _qalora_facts(params, model),
+        **s.variants.record(s.model),
         "code": code_fingerprint(__name__),
         "library_versions": library_versions(),
     }
-    timing = {
-        "tokens_per_s": round((state.tokens_seen - tokens_before) / max(train_wall, 1e-9), 1),  # this process's steps
-        "peak_memory": _peak_memory(device, world),
-        "resumed_from_step": resumed,
-        "device": record["device"],
-        "batch": {"rows": batch.rows, "how": batch.how, "note": batch.note},
-    }
-    if world.main:
-        with io.atomic_dir(out_dir) as tmp:
-            tmp.chmod(0o755)
-            sort_config_sets(model)
-            model.save_pretrained(tmp)
-            (tmp / "README.md").unlink(missing_ok=True)  # peft's blank model card; train_record.json is ours
-            write_curves(tmp, state.history)
-            record["files"] = {f: sha256_file(tmp / f) for f in ADAPTER_FILES}
-            io.write_json(tmp / TRAIN_RECORD, record)
-    barrier(world)
-    timing["wall_s"] = round(time.perf_counter() - started, 2)
-    return TrainResult.of(out_dir, record, timing)
 
 
 def _probe_batch(
@@ -375,37 +515,6 @@ def _probe_batch(
     return choice
 
 
-def _long_context_facts(params: TrainParams, overrides: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What train.long_context changed; merge applies config_overrides to the base before the adapter."""
-    lc = params.long_context
-    if lc is None or overrides is None:
-        return None
-    return {
-        "target_len": lc.target_len,
-        "original_context": overrides["rope_parameters"]["original_max_position_embeddings"],
-        "rope_scaling": lc.rope_scaling,
-        "s2_attn": lc.s2_attn,
-        "group_size": lc.group_size if lc.s2_attn else None,
-        "trainable": list(lc.trainable),
-        "config_overrides": overrides,
-    }
-
-
-def _qalora_facts(params: TrainParams, model: torch.nn.Module) -> dict[str, Any] | None:
-    """What train.method qalora did to the base: the merge quantizes the base the same way and folds in."""
-    if params.method != "qalora":
-        return None
-    from loraline.modelling.qalora import GroupQuantizedLinear, QALoraGroupLinear
-
-    return {
-        "bits": params.qalora.bits,
-        "group_size": params.qalora.group_size,
-        "quantizer": "round-to-nearest, asymmetric, per (row, group of input channels), from float32 weights",
-        "quantized_layers": sum(isinstance(m, GroupQuantizedLinear) for m in model.modules()),
-        "adapted_layers": sum(isinstance(m, QALoraGroupLinear) for m in model.modules()),
-    }
-
-
 def _find_checkpoint(checkpoint_dir: Path, fingerprint: str, world: World) -> checkpoint.Checkpoint | None:
     """Rank 0 looks first (it removes other runs' checkpoints); the others look once it is done."""
     found = checkpoint.find_resumable(checkpoint_dir, fingerprint) if world.main else None
@@ -440,7 +549,7 @@ def _load_base(
     world: World,
     progress: bool,
     dataset_dir: Path,
-    config_overrides: dict[str, Any] | None,
+    variants: Variants,
 ):
     """(pad id, model), once the dataset's ids are known to be this tokenizer's; a base that cannot be found
     (e.g. a hub id not in the local cache) names itself."""
@@ -455,7 +564,7 @@ def _load_base(
             device,
             world_size=world.size,
             progress=progress and world.main,
-            config_overrides=config_overrides,
+            variants=variants,
         )
     except OSError as exc:
         ref = record.get("model_ref")
@@ -512,54 +621,6 @@ def _checkpointed_layers(model: torch.nn.Module) -> int:
 def _last_val(history: list[dict[str, Any]]) -> float | None:
     vals = [r["val_loss"] for r in history if r["val_loss"] is not None and r["step"] > 0]
     return vals[-1] if vals else None
-
-
-def run(
-    params: Params,
-    layout: Layout,
-    tenant: str,
-    *,
-    base_dir: Path | None = None,
-    checkpoints: bool = True,
-    progress: bool = False,
-) -> TrainResult:
-    """The train stage for one tenant: its adapter into models/adapters/<tenant>, the numbers worth
-    comparing across runs into reports/<tenant>/metrics/train.json, the loss curves into
-    reports/<tenant>/train/ and the run's timing into reports/timing/train@<tenant>.json."""
-    started = time.perf_counter()
-    train = params.train_for(tenant)
-    inputs = {
-        "base_dir": base_dir or layout.base_dir,
-        "base_params": params.base,
-        "dataset_dir": layout.prepared_dataset_dir(tenant),
-        "progress": progress,
-    }
-    result = train_adapter(
-        train,
-        out_dir=layout.adapter_dir(tenant),
-        checkpoint_dir=layout.checkpoint_dir(tenant) if checkpoints else None,
-        **inputs,
-    )
-    metrics = train_metrics(result.record)
-    # the twins train the same steps: the batch the adapter resolved (train.batch_size auto), not a new probe
-    train = train.model_copy(update={"batch_size": result.record["batch"]["rows"]})
-    if train.long_context is not None and train.long_context.reference:
-        reference = train_full_attention_reference(train, adapter_dir=result.out_dir, **inputs)
-        metrics["full_attention_reference_val_loss"] = reference.record["loss"]["final_val"]
-    if train.method == "qalora" and train.qalora.reference:
-        twin = train_qlora_reference(train, adapter_dir=result.out_dir, **inputs)
-        metrics["qlora_reference_val_loss"] = twin.record["loss"]["final_val"]
-    io.write_json(layout.metrics_path("train", tenant), metrics)
-    # The curves also live beside the adapter; DVC plots need them outside the adapter folder.
-    plots = layout.train_plots_dir(tenant)
-    for curve in (result.train_curve, result.val_curve):
-        io.copy_file(curve, plots / curve.name)
-    timing = {k: v for k, v in result.timing.items() if k != "wall_s"}  # run_facts times the whole stage
-    io.write_timing(layout.timing_path("train", tenant), run_facts(started, **timing))
-    # Checkpoints exist to resume a run that was stopped; once the adapter is written they repeat it
-    # (with the optimizer's state, about 3x its size: 480 MB at 8B), per tenant, so they go.
-    shutil.rmtree(layout.checkpoint_dir(tenant), ignore_errors=True)
-    return result
 
 
 def train_full_attention_reference(
