@@ -23,13 +23,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError
 
 from loraline import io
 
-Real = float | int  # a measured number or a tolerance, kept as written (an int is not rewritten as 1.0)
+
+def _number(value: Any) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("should be a number")
+    return value
+
+
+# A measured number or a tolerance, kept as written: an int is not rewritten as 1.0 (one error, not one per type).
+Real = Annotated[float | int, PlainValidator(_number)]
 Hashes = dict[str, str]  # file name -> sha256
 R = TypeVar("R", bound="Record")
 
@@ -83,7 +91,7 @@ def _problems(exc: ValidationError) -> str:
     """Each error as `field.path: message (got value)`, joined."""
     out = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(the whole file)"
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "(the file)"
         got = "" if err["type"] == "missing" else f" (got {_short(err.get('input'))})"
         out.append(f"{where}: {err['msg']}{got}")
     return "; ".join(out)
