@@ -25,6 +25,13 @@ PREPARED_DATASET = "dataset"
 TOKENIZER_STAMP = "tokenizer_stamp.json"  # in a prepared dataset: which tokenizer made its ids
 SYNTHETIC_ROWS = "rows.jsonl"
 TRAIN_RECORD = "train_record.json"
+# In an adapter's folder (peft's format, the train stage's output) beside TRAIN_RECORD.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+# In the merged and ONNX folders, each copied to reports/<tenant>/ (loraline.records reads and writes all four).
+MERGE_REPORT = "merge_report.json"
+EXPORT_REPORT = "export_report.json"
 # In a merged QA-LoRA model's folder: its codes, scales and zero points (modelling.qalora), which export reads.
 QALORA_QUANTIZED = "qalora_quantized.safetensors"
 # Beside it: the same low-bit model as a folder transformers loads through torchao (modelling.qalora_torchao).
@@ -133,13 +140,13 @@ class Layout:
         return self.root / "models" / "merged" / tenant
 
     def merge_report_path(self, tenant: str) -> Path:
-        return self.root / "reports" / tenant / "merge_report.json"
+        return self.root / "reports" / tenant / MERGE_REPORT
 
     def onnx_dir(self, tenant: str) -> Path:
         return self.root / "models" / "onnx" / tenant
 
     def export_report_path(self, tenant: str) -> Path:
-        return self.root / "reports" / tenant / "export_report.json"
+        return self.root / "reports" / tenant / EXPORT_REPORT
 
     def evaluation_dir(self, tenant: str) -> Path:
         return self.root / "reports" / tenant / "evaluation"

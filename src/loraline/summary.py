@@ -11,6 +11,7 @@ from typing import Any
 
 from loraline.config import Params
 from loraline.layout import NOT_BUILT, Layout
+from loraline.records import BaseRecord
 
 # The metrics worth a column, in reading order; anything else stays in metrics.json. The same as
 # loraline.evaluate.stage.HEADLINE_METRICS (importing that would load torch for every CLI command).
@@ -72,7 +73,7 @@ class TenantSummary:
 
 @dataclass
 class RunSummary:
-    base: dict[str, Any] | None
+    base: BaseRecord | None
     tenants: list[TenantSummary]
 
 
@@ -100,7 +101,8 @@ def collect_summary(params: Params, layout: Layout | None = None, tenants: list[
                 paths=_paths(paths, params.deploy_for(name).targets),
             )
         )
-    return RunSummary(base=_read(layout.base_record_path()), tenants=out)
+    base = layout.base_record_path()
+    return RunSummary(base=BaseRecord.read(base) if base.is_file() else None, tenants=out)
 
 
 def _paths(paths: dict[str, Path], targets: list[str]) -> dict[str, str]:
@@ -126,14 +128,15 @@ def reasons(stats: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(stats.get("rejected_by_reason", {}).items()) if v) or "none"
 
 
-def base_line(record: dict[str, Any]) -> str:
-    if record.get("source") != "built":
-        return f"base: {record.get('source')} model {record.get('model_ref')} (recorded, not downloaded)"
-    pre = record.get("pretraining", {})
+def base_line(record: BaseRecord) -> str:
+    if record.source != "built":
+        return f"base: {record.source} model {record.model_ref} (recorded, not downloaded)"
+    pre = record.pretraining
+    tokens = (pre.tokens_seen if pre else None) or 0
+    loss = pre.final_loss if pre and pre.final_loss is not None else float("nan")
     return (
-        f"base: built {record.get('architecture')}, {record.get('parameters', 0) / 1e6:.1f}M parameters, "
-        f"{pre.get('steps')} steps / {pre.get('tokens_seen', 0) / 1e6:.2f}M tokens, "
-        f"final pretraining loss {pre.get('final_loss', float('nan')):.3f}"
+        f"base: built {record.architecture}, {(record.parameters or 0) / 1e6:.1f}M parameters, "
+        f"{pre.steps if pre else None} steps / {tokens / 1e6:.2f}M tokens, final pretraining loss {loss:.3f}"
     )
 
 

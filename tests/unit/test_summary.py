@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 from loraline.config import parse_params
 from loraline.layout import Layout
-from loraline.summary import HEADLINE_METRICS, collect_summary, render_text, train_line
+from loraline.records import BaseRecord
+from loraline.summary import HEADLINE_METRICS, base_line, collect_summary, render_text, train_line
+
+RECORDS = Path(__file__).resolve().parent.parent / "data" / "records"
 
 TRAIN = {
     "val_loss_base": 2.0,
@@ -41,3 +46,18 @@ def test_collect_summary_reads_the_train_metrics_and_timing_files(tmp_path):
     summary = collect_summary(params, layout)
     assert "train[t1]: validation answer loss 2.000 (base) -> 1.500 (adapter), 25% lower" in render_text(summary)
     assert "50 tokens/s on cpu, 3s" in render_text(summary)
+
+
+def test_the_base_line_says_what_the_base_record_says(tmp_path):
+    """A built base: its size and pretraining; a recorded one: where it is (base_record.json, loraline.records)."""
+    built = BaseRecord.read(RECORDS / "base_built.json")
+    assert base_line(built) == (
+        "base: built LlamaForCausalLM, 0.1M parameters, 150 steps / 0.04M tokens, final pretraining loss 2.724"
+    )
+    local = BaseRecord.read(RECORDS / "base_local.json")
+    assert base_line(local) == f"base: local model {local.model_ref} (recorded, not downloaded)"
+    layout = Layout(tmp_path)
+    layout.base_dir.mkdir(parents=True)
+    shutil.copy(RECORDS / "base_built.json", layout.base_record_path())
+    summary = collect_summary(parse_params({"tenants": {"t1": {"raw_dir": "data/raw/t1"}}}), layout)
+    assert summary.base == built

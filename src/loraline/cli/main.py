@@ -8,7 +8,6 @@ Heavy libraries are imported inside the commands so that `--help` answers at onc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,7 +20,8 @@ from loraline.cli.registry import add_registry_parser
 from loraline.cli.serve import add_serve_parser
 from loraline.config import ConfigError, Params, load_params
 from loraline.flows.orchestrate import WorkspaceBusy, workspace_lock
-from loraline.layout import Layout, stage_id
+from loraline.layout import BASE_RECORD, EXPORT_REPORT, Layout, stage_id
+from loraline.records import BaseRecord, ExportReport
 from loraline.summary import (
     base_line,
     collect_summary,
@@ -144,7 +144,8 @@ def cmd_base(args: argparse.Namespace) -> int:
         out_dir=Path(args.out) if args.out else None,
         progress=not args.quiet,
     )
-    print(f"{base_line(result.record)} -> {result.out_dir} ({time.perf_counter() - started:.0f}s)")
+    record = BaseRecord.parse(result.record, result.out_dir / BASE_RECORD)
+    print(f"{base_line(record)} -> {result.out_dir} ({time.perf_counter() - started:.0f}s)")
     return 0
 
 
@@ -300,14 +301,14 @@ def _graph_file(args: argparse.Namespace) -> str:
     if len(chosen) > 1:
         raise SystemExit(f"loraline generate: choose one of {', '.join(chosen)}")
     if args.lowbit:
-        report = Path(args.onnx) / "export_report.json"
-        low = json.loads(report.read_text(encoding="utf-8")).get("lowbit") if report.is_file() else None
-        if not low:
+        report = Path(args.onnx) / EXPORT_REPORT
+        low = ExportReport.read(report).lowbit if report.is_file() else None
+        if not low or not low.file:
             raise SystemExit(
                 f"loraline generate: {args.onnx} has no low-bit graph (--lowbit is for a merged QA-LoRA "
                 "model's export, train.method: qalora)"
             )
-        return low["file"]
+        return low.file
     graph = "int8" if args.int8 else args.graph or "fp32"
     if not (Path(args.onnx) / GRAPH_FILES[graph]).is_file():
         have = [g for g, f in GRAPH_FILES.items() if (Path(args.onnx) / f).is_file()]

@@ -14,34 +14,40 @@ from typing import Any
 
 from loraline.config import BaseParams, ConfigError
 from loraline.layout import BASE_RECORD, TOKENIZER_STAMP
+from loraline.records import BaseRecord
 
 RECORD = BASE_RECORD
 
 
-def read_base_record(base_dir: Path) -> dict[str, Any]:
+def base_record(base_dir: Path) -> BaseRecord:
+    """The base stage's record in `base_dir` (RecordError naming the field when it is not one)."""
     path = Path(base_dir) / RECORD
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return BaseRecord.read(path)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{path} is missing: run the base stage first (loraline base / dvc repro base)"
         ) from None
 
 
+def read_base_record(base_dir: Path) -> dict[str, Any]:
+    """base_record as the dict its file holds, for the stages that still read it so."""
+    return base_record(base_dir).to_json()
+
+
 def resolve_base_model_path(base_dir: Path) -> str:
     """What to pass to from_pretrained: the built folder, the recorded local folder, or the hub id."""
-    record = read_base_record(base_dir)
-    return str(Path(base_dir)) if record["source"] == "built" else record["model_ref"]
+    record = base_record(base_dir)
+    return str(Path(base_dir)) if record.source == "built" else record.model_ref
 
 
 def base_load_kwargs(base_dir: Path) -> dict[str, Any]:
     """The from_pretrained keyword arguments that go with resolve_base_model_path (revision, trust)."""
-    record = read_base_record(base_dir)
+    record = base_record(base_dir)
     kwargs: dict[str, Any] = {}
-    if record["source"] == "hub":
-        kwargs["revision"] = record["revision"]
-    trust = record.get("params", {}).get("trust_remote_code")
-    if trust:
+    if record.source == "hub":
+        kwargs["revision"] = record.revision
+    if record.trust_remote_code:
         kwargs["trust_remote_code"] = True
     return kwargs
 

@@ -17,6 +17,7 @@ import yaml
 from loraline.config import ConfigError, Params
 from loraline.layout import Layout, stage_id
 from loraline.provenance import library_versions
+from loraline.records import RecordError, TrainRecord
 from loraline.registry.consistency import entry_hashes, evidence_problems, lock_stages, read_lock, tenant_stages
 from loraline.registry.snapshot import head_commit
 
@@ -81,13 +82,20 @@ def _json(path: Path) -> Any:
         return None
 
 
+def _train_data_sha256(path: Path) -> str | None:
+    """The train record's data hash; None when there is no readable record (lineage records what it finds)."""
+    try:
+        return TrainRecord.read(path).data.sha256
+    except (OSError, RecordError):
+        return None
+
+
 def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str | None = None) -> dict[str, Any]:
     """Hashes, params, metrics and library versions behind the tenant's current DVC outputs (JSON-safe)."""
     root, layout = Path(root), Layout(Path(root))
     params.tenant(tenant)
     lock = read_lock(root)
     stages = lock_stages(lock, tenant_stages(tenant))
-    record = _json(layout.train_record_path(tenant)) or {}
     rel = Layout()  # dvc.lock names outputs relative to the project root
     evaluation = _json(layout.eval_metrics_path(tenant)) or {}
     problems = evidence_problems(stages)
@@ -99,7 +107,7 @@ def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str 
         "consistency": {"consistent": not problems, "problems": problems},
         "data": {
             "prepared_md5": locked_out(lock, stage_id("prepare", tenant), rel.relative(rel.prepared_dir(tenant))),
-            "train_data_sha256": (record.get("data") or {}).get("sha256"),
+            "train_data_sha256": _train_data_sha256(layout.train_record_path(tenant)),
             "raw_dir": str(params.tenant(tenant).raw_dir),
         },
         "dvc": stages,

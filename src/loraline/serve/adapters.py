@@ -35,8 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loraline import io
+from loraline.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAIN_RECORD
+from loraline.records import TrainRecord
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the LoRA ranks vLLM accepts (max_lora_rank)
 
@@ -57,15 +58,15 @@ def _refuse_long_context(adapter_dir: Path) -> None:
     """A LongLoRA adapter (train.long_context) was trained on the base with its rope rescaled, and
     trains every norm: one shared vLLM base cannot change its rope per tenant, so it cannot be one
     adapter among others there."""
-    record_path = adapter_dir / "train_record.json"
+    record_path = adapter_dir / TRAIN_RECORD
     if not record_path.is_file():
         return
-    long_context = json.loads(record_path.read_text(encoding="utf-8")).get("long_context")
+    long_context = TrainRecord.read(record_path).long_context
     if long_context:
         raise ServeAdapterError(
-            f"{adapter_dir}: a long-context adapter (train.long_context, {long_context['original_context']} -> "
-            f"{long_context['target_len']} tokens) needs the base's rope scaled, which a shared vLLM base cannot do "
-            "per tenant; serve its merged model (models/merged/<tenant>) with a vLLM server of its own"
+            f"{adapter_dir}: a long-context adapter (train.long_context, {long_context.original_context} -> "
+            f"{long_context.target_len} tokens) needs the base's rope scaled, which a shared vLLM base cannot do per "
+            "tenant; serve its merged model (models/merged/<tenant>) with a vLLM server of its own"
         )
 
 

@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from loraline.layout import Layout
+from loraline import records
+from loraline.layout import MERGE_REPORT, Layout
 from loraline.registry.base import RegistryError
 from loraline.registry.canary import ADAPTER_SUFFIX
 
@@ -30,15 +30,15 @@ class ProbeReference:
     sources: list[str]
 
     @classmethod
-    def from_report(cls, ref: dict[str, Any]) -> ProbeReference:
+    def from_report(cls, ref: records.ProbeReference) -> ProbeReference:
         """From a merge report's probe_reference; one written before merge.probes has built-in probes only."""
-        origins = ref.get("sources") or [{"source": "builtin"}] * len(ref["prompts"])
-        if not len(ref["prompts"]) == len(ref["texts"]) == len(origins):
+        sources = [o.source for o in ref.sources] if ref.sources else ["builtin"] * len(ref.prompts)
+        if not len(ref.prompts) == len(ref.texts) == len(sources):
             raise ValueError(
-                f"the merge report's probe_reference is inconsistent: {len(ref['prompts'])} prompts, "
-                f"{len(ref['texts'])} answers, {len(origins)} sources"
+                f"the merge report's probe_reference is inconsistent: {len(ref.prompts)} prompts, "
+                f"{len(ref.texts)} answers, {len(sources)} sources"
             )
-        return cls(ref["prompts"], ref["texts"], ref["max_new_tokens"], [o["source"] for o in origins])
+        return cls(ref.prompts, ref.texts, ref.max_new_tokens, sources)
 
 
 @dataclass(frozen=True)
@@ -103,18 +103,17 @@ def prepare_version(root: Path, tenant: str, version: str, commit: str, base_dir
         report_rel = layout.relative(layout.merge_report_path(tenant))
         try:
             fetch_output(root, adapter_rel, commit, here / "trained")
-            fetch_output(root, report_rel, commit, here / "merge_report.json")
+            fetch_output(root, report_rel, commit, here / MERGE_REPORT)
         except Exception as exc:  # noqa: BLE001 -- DVC raises many kinds; the message says which output and where
             raise RegistryError(
                 f"cannot fetch {tenant} {version} (commit {commit[:12]}): {exc}. On another machine, `dvc push` the "
                 "outputs where they were built and configure the same DVC remote here"
             ) from exc
         servable: ServableAdapter = make_servable(here / "trained", base_dir, here / "servable")
-        report = json.loads((here / "merge_report.json").read_text(encoding="utf-8"))
-        done.write_text(
-            json.dumps({"rank": servable.rank, "reference": report.get("probe_reference")}), encoding="utf-8"
-        )
+        ref = records.MergeReport.read(here / MERGE_REPORT).probe_reference
+        reference = ref.model_dump(exclude_unset=True) if ref else None  # as the report holds it (sorted keys)
+        done.write_text(json.dumps({"rank": servable.rank, "reference": reference}, sort_keys=True), encoding="utf-8")
     facts = json.loads(done.read_text(encoding="utf-8"))
     ref = facts.get("reference")
-    reference = ProbeReference.from_report(ref) if ref else None
+    reference = ProbeReference.from_report(records.ProbeReference.model_validate(ref)) if ref else None
     return ServedVersion(tenant, version, commit, here / "servable", int(facts["rank"]), reference)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -8,6 +9,8 @@ import yaml
 from loraline.cli import main
 from loraline.config import ConfigError, parse_params
 from loraline.registry.lineage import artifact_paths, check_artifacts_declared, missing_artifacts, tenant_lineage
+
+RECORDS = Path(__file__).resolve().parents[2] / "data" / "records"
 
 
 def _params(*tenants):
@@ -58,7 +61,9 @@ def test_lineage_quotes_dvc_lock_params_and_metrics(tmp_path):
     }
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     (tmp_path / "models/adapters/t1").mkdir(parents=True)
-    (tmp_path / "models/adapters/t1/train_record.json").write_text(json.dumps({"data": {"sha256": "d"}}))
+    record = json.loads((RECORDS / "train_lora.json").read_text())  # a real train record
+    record["data"]["sha256"] = "d"
+    (tmp_path / "models/adapters/t1/train_record.json").write_text(json.dumps(record))
     (tmp_path / "reports/t1").mkdir(parents=True)
     (tmp_path / "reports/t1/eval_metrics.json").write_text(
         json.dumps({"test_rows": 3, "models": {"candidate": {"answer_loss": 1.0}}})

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from loraline.serve.adapters import VLLM_RANKS, ServeAdapterError, check_same_function, make_servable
+
+RECORDS = Path(__file__).resolve().parents[2] / "data" / "records"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +115,16 @@ def test_other_trained_modules_are_refused_by_name(base_dir, tmp_path):
 
 def test_a_long_context_adapter_is_refused_with_what_to_do_instead(base_dir, tmp_path):
     original = _adapter(base_dir, tmp_path / "orig")  # LoRA-only files: only the record says long context
-    record = {"long_context": {"original_context": 64, "target_len": 256}}
+    record = json.loads((RECORDS / "train_lora.json").read_text())  # a real train record, made long-context
+    record["long_context"] = {
+        "original_context": 64,
+        "target_len": 256,
+        "rope_scaling": "linear",
+        "s2_attn": True,
+        "group_size": 64,
+        "trainable": ["embed", "norm"],
+        "config_overrides": {"rope_parameters": {"factor": 4.0, "original_max_position_embeddings": 64}},
+    }
     (original / "train_record.json").write_text(json.dumps(record))
     with pytest.raises(ServeAdapterError, match=r"long-context adapter .*64 -> 256 tokens.*serve its merged model"):
         make_servable(original, base_dir, tmp_path / "served")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from loraline import records
 from loraline.config import ServeParams
 from loraline.serve.deployment import Deployment
 from loraline.serve.versions import ProbeReference, Production, ServedVersion
@@ -150,7 +151,7 @@ def test_a_probe_the_engine_refuses_fails_the_check_and_keeps_the_old_version(tm
 
 def test_a_merge_report_from_before_tenant_probes_is_still_served(tmp_path):
     old = {"prompts": [[1, 2], [3]], "texts": ['{"a": 1}', "hello"], "greedy": [[7], [8]], "max_new_tokens": 8}
-    ref = ProbeReference.from_report(old)
+    ref = ProbeReference.from_report(records.ProbeReference.model_validate(old))
     assert ref.sources == ["builtin", "builtin"] and ref.prompts == old["prompts"]
     engine = ScriptedEngine()
     engine.greedy = lambda name, prompt, max_tokens: old["texts"][old["prompts"].index(prompt)]
@@ -164,12 +165,14 @@ def test_a_merge_report_from_before_tenant_probes_is_still_served(tmp_path):
 def test_a_probe_reference_whose_lists_disagree_is_refused():
     with pytest.raises(ValueError, match="inconsistent: 2 prompts, 2 answers, 1 sources"):
         ProbeReference.from_report(
-            {
-                "prompts": [[1], [2]],
-                "texts": ["a", "b"],
-                "max_new_tokens": 8,
-                "sources": [{"source": "builtin", "id": "0"}],
-            }
+            records.ProbeReference.model_validate(
+                {
+                    "prompts": [[1], [2]],
+                    "texts": ["a", "b"],
+                    "max_new_tokens": 8,
+                    "sources": [{"source": "builtin", "id": "0"}],
+                }
+            )
         )
 
 
