@@ -1364,8 +1364,8 @@ def parse_params(
         raise ConfigError(f"{source} is invalid:\n{_format_errors(exc, Params, tenant_names=names)}") from None
     try:
         params.check_overrides()
-        for tenant in params.tenants if (project or root) is not None else ():
-            tenant.check_raw_dir(project or root)
+        for tenant_params in params.tenants if (project or root) is not None else ():
+            tenant_params.check_raw_dir(project or root)
         if (project or root) is not None:
             params.evaluate.general.check_inside(project or root)
     except ConfigError as exc:

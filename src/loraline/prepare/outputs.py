@@ -99,9 +99,12 @@ def write_outputs(
             temporary.unlink(missing_ok=True)
 
 
-def no_rows_message(stats: PrepareStats, rejects: RejectSummary, tenant: TenantParams, rejected_path: Path) -> str:
+def no_rows_message(
+    stats: PrepareStats, rejects: RejectSummary, tenant_params: TenantParams, rejected_path: Path
+) -> str:
     """Why a tenant has no dataset: each file's rejects by reason, and its first reject."""
-    lines = [f"tenant {tenant.name!r}: no valid row in {tenant.raw_dir}; every row was rejected or a duplicate:"]
+    name, raw_dir = tenant_params.name, tenant_params.raw_dir
+    lines = [f"tenant {name!r}: no valid row in {raw_dir}; every row was rejected or a duplicate:"]
     for rel, counts in stats.by_file.items():
         reasons = rejects.by_file.get(rel, Counter())
         summary = ", ".join(f"{reason} x{n}" for reason, n in sorted(reasons.items())) or "no rows"

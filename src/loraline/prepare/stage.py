@@ -130,7 +130,7 @@ def prepare_metrics(stats: PrepareStats) -> dict[str, Any]:
 
 
 def prepare_tenant(
-    tenant: TenantParams,
+    tenant_params: TenantParams,
     params: PrepareParams,
     tokenizer,
     *,
@@ -159,7 +159,7 @@ def prepare_tenant(
     try:
         rejects = RejectFile(spill / "rejected.jsonl")
         collected = collect(
-            tenant,
+            tenant_params,
             params,
             tokenizer,
             system_prompt=system_prompt,
@@ -172,7 +172,7 @@ def prepare_tenant(
         rejects.close()
         _write(
             collected,
-            tenant,
+            tenant_params,
             params,
             tokenizer,
             spill=spill,
@@ -190,7 +190,7 @@ def prepare_tenant(
 
 def _write(
     collected: Collected,
-    tenant: TenantParams,
+    tenant_params: TenantParams,
     params: PrepareParams,
     tokenizer: Any,
     *,
@@ -207,11 +207,11 @@ def _write(
     if stats.kept == 0:
         rejected_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(rejects.path, rejected_path)
-        raise PrepareError(no_rows_message(stats, collected.rejects.summary, tenant, rejected_path))
+        raise PrepareError(no_rows_message(stats, collected.rejects.summary, tenant_params, rejected_path))
     write_outputs(
         collected,
         params,
-        Path(tenant.raw_dir),
+        Path(tenant_params.raw_dir),
         out_dir=out_dir,
         rejected_path=rejected_path,
         stats_path=stats_path,
@@ -225,7 +225,7 @@ def _write(
 
 
 def collect(
-    tenant: TenantParams,
+    tenant_params: TenantParams,
     params: PrepareParams,
     tokenizer,
     *,
@@ -246,19 +246,21 @@ def collect(
     (bounded memory), else in lists. Every raw source must resolve inside `project` (raw_dir when None)
     or the tenant's allow_outside_dirs: a symlink out of it is refused before any row is read.
     """
-    raw_dir = Path(tenant.raw_dir)
-    files = _raw_files(tenant, raw_dir, project)
+    raw_dir = Path(tenant_params.raw_dir)
+    files = _raw_files(tenant_params, raw_dir, project)
     check_tokenizer(tokenizer)
     if system_prompt is None:
-        system_prompt = tenant.system_prompt if tenant.system_prompt is not None else params.system_prompt
+        system_prompt = (
+            tenant_params.system_prompt if tenant_params.system_prompt is not None else params.system_prompt
+        )
 
     scrubber = scrubber_for(params)
-    out = _collected(tenant.name, rejects, scrubber, spill_dir)
+    out = _collected(tenant_params.name, rejects, scrubber, spill_dir)
     rows_in = {rel: 0 for _, rel in files}
     seed = params.seed if params.seed is not None else DEFAULT_SEED
     controls = control_tokens(tokenizer)
     ctx = RowContext(
-        tenant.name,
+        tenant_params.name,
         params,
         tokenizer,
         system_prompt,
@@ -269,7 +271,7 @@ def collect(
     )
     q = _quality(params, seed)
 
-    specs = compile_sources(tenant.sources)
+    specs = compile_sources(tenant_params.sources)
     assigned = assign(files, specs)
     workers = params.num_proc or default_workers()
     first_pass(
@@ -284,18 +286,20 @@ def collect(
     return out
 
 
-def _raw_files(tenant: TenantParams, raw_dir: Path, project: Path | None) -> list[tuple[Path, str]]:
+def _raw_files(tenant_params: TenantParams, raw_dir: Path, project: Path | None) -> list[tuple[Path, str]]:
     """The tenant's raw files, refused when raw_dir is missing or empty or a file resolves outside `project`."""
     if project is not None:
-        tenant.check_raw_dir(project, read_as=raw_dir)  # as load_params did, for the path read from here
+        tenant_params.check_raw_dir(project, read_as=raw_dir)  # as load_params did, for the path read from here
     if not raw_dir.is_dir():
         raise PrepareError(
-            f"tenant {tenant.name!r}: raw folder {raw_dir} does not exist (tenants[].raw_dir in params.yaml)"
+            f"tenant {tenant_params.name!r}: raw folder {raw_dir} does not exist (tenants[].raw_dir in params.yaml)"
         )
     files = list_files(raw_dir)
     if not files:
-        raise PrepareError(f"tenant {tenant.name!r}: raw folder {raw_dir} holds no files (hidden files are skipped)")
-    tenant.check_sources(files, project)
+        raise PrepareError(
+            f"tenant {tenant_params.name!r}: raw folder {raw_dir} holds no files (hidden files are skipped)"
+        )
+    tenant_params.check_sources(files, project)
     return files
 
 
