@@ -64,7 +64,7 @@ def main() -> int:
     args = ap.parse_args()
     params = load_params(args.params)
     variants = [v.split("=", 1) for v in args.variant] or [["default", "{}"]]
-    docs = [params.tenant(n).raw_dir for n in params.tenant_names]
+    docs = [params.tenant_params(n).raw_dir for n in params.tenant_names]
     rows = []
     for name, overrides in variants:
         build = params.base.build.model_copy(update=json.loads(overrides))

@@ -1246,7 +1246,7 @@ class Params(_Section):
                 "on the plain base, is not the model it trained); add merged"
             )
 
-    def tenant(self, name: str) -> TenantParams:
+    def tenant_params(self, name: str) -> TenantParams:
         for t in self.tenants:
             if t.name == name:
                 return t
@@ -1257,22 +1257,22 @@ class Params(_Section):
         return [t.name for t in self.tenants]
 
     def train_for(self, name: str) -> TrainParams:
-        merged = {**self.train.model_dump(), **self.tenant(name).train}
+        merged = {**self.train.model_dump(), **self.tenant_params(name).train}
         if merged.get("seed") is None:
             merged["seed"] = self.seed
         return TrainParams.model_validate(merged)
 
     def deploy_for(self, name: str) -> DeployParams:
         """The tenant's deploy section: tenants.<t>.deploy when given, else the top-level one."""
-        return self.tenant(name).deploy or self.deploy
+        return self.tenant_params(name).deploy or self.deploy
 
     def gate_for(self, name: str) -> GateParams:
-        return GateParams.model_validate({**self.gate.model_dump(), **self.tenant(name).gate})
+        return GateParams.model_validate({**self.gate.model_dump(), **self.tenant_params(name).gate})
 
     def prepare_for(self, name: str) -> PrepareParams:
         """The prepare section for one tenant: its synthetic_ratio override, the seed defaulted to the top-level
         one."""
-        t = self.tenant(name)
+        t = self.tenant_params(name)
         update: dict[str, Any] = {}
         if t.synthetic_ratio is not None:
             update["synthetic_ratio"] = t.synthetic_ratio
@@ -1286,7 +1286,7 @@ class Params(_Section):
         return self.prepare.model_copy(update=update)
 
     def system_prompt_for(self, name: str) -> str | None:
-        t = self.tenant(name)
+        t = self.tenant_params(name)
         return t.system_prompt if t.system_prompt is not None else self.prepare.system_prompt
 
 

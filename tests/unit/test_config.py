@@ -22,7 +22,7 @@ def test_repository_params_are_valid(monkeypatch):
     assert params.tenant_names == ["acme-shop", "globex-it"]
     assert params.base.model is None and params.base.trust_remote_code is False
     for name in params.tenant_names:
-        assert params.tenant(name).raw_dir.is_dir(), f"raw_dir of {name} must exist in the repository"
+        assert params.tenant_params(name).raw_dir.is_dir(), f"raw_dir of {name} must exist in the repository"
 
 
 @pytest.mark.parametrize(
@@ -91,12 +91,12 @@ def test_list_form_of_tenants_is_accepted():
 def test_unknown_tenant_lists_known_ones():
     params = parse_params(minimal())
     with pytest.raises(ConfigError, match="unknown tenant 'zzz'.*acme"):
-        params.tenant("zzz")
+        params.tenant_params("zzz")
 
 
 def test_relative_raw_dirs_resolve_against_root(tmp_path):
     params = parse_params(minimal(), root=tmp_path)
-    assert params.tenant("acme").raw_dir == tmp_path / "data/raw/acme"
+    assert params.tenant_params("acme").raw_dir == tmp_path / "data/raw/acme"
 
 
 def test_load_params_file_errors(tmp_path):
@@ -228,7 +228,7 @@ def test_an_allowed_outside_raw_dir_loads(tmp_path, raw_dir):
     outside = tmp_path / "outside"
     project = outside_setup(tmp_path, raw_dir, allow_outside_dirs=[str(outside)])
     params = load_params(project / "params.yaml")
-    assert params.tenant("acme").allow_outside_dirs == [outside]
+    assert params.tenant_params("acme").allow_outside_dirs == [outside]
 
 
 def test_allowed_outside_dirs_must_be_absolute(tmp_path):
@@ -240,6 +240,8 @@ def test_allowed_outside_dirs_must_be_absolute(tmp_path):
 
 
 def test_params_built_in_code_are_not_bound_to_a_project():
-    assert parse_params({"tenants": {"acme": {"raw_dir": "/data/acme"}}}).tenant("acme").raw_dir == Path("/data/acme")
+    assert parse_params({"tenants": {"acme": {"raw_dir": "/data/acme"}}}).tenant_params("acme").raw_dir == Path(
+        "/data/acme"
+    )
     with pytest.raises(OutsidePathError, match=r"tenants\.acme\.raw_dir: '/data/acme'"):
         parse_params({"tenants": {"acme": {"raw_dir": "/data/acme"}}}, project=Path("/work"))

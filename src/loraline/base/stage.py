@@ -64,7 +64,7 @@ def run(
     """The base stage: pretrain on `docs` (default: the tenants' raw folders), or record base.model;
     the run's wall time and rate into reports/timing/base.json."""
     started = time.perf_counter()
-    docs = list(docs) if docs else [params.tenant(n).raw_dir for n in params.tenant_names]
+    docs = list(docs) if docs else [params.tenant_params(n).raw_dir for n in params.tenant_names]
     result = build_base(
         params.base, seed=params.seed, raw_dirs=docs, out_dir=out_dir or layout.base_dir, progress=progress
     )

@@ -61,7 +61,7 @@ def _tenants(params: Params, chosen: list[str] | None) -> list[str]:
     if not chosen:
         return params.tenant_names
     for name in chosen:
-        params.tenant(name)  # raises ConfigError naming the known tenants
+        params.tenant_params(name)  # raises ConfigError naming the known tenants
     return chosen
 
 
@@ -76,7 +76,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.params}: valid")
     print(f"  base: {params.base.model or 'built offline (base.build)'}")
     for name in params.tenant_names:
-        t = params.tenant(name)
+        t = params.tenant_params(name)
         train = params.train_for(name)
         print(
             f"  tenant {name}: raw_dir={t.raw_dir} quantization={train.quantization} "
@@ -198,7 +198,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"(no base model at {base_dir} yet: samples use loraline's ChatML template)")
     root = None
     for name in params.tenant_names:  # suggested globs relative to the tenant's raw_dir when PATH is inside it
-        raw_dir = params.tenant(name).raw_dir.resolve()
+        raw_dir = params.tenant_params(name).raw_dir.resolve()
         if path.resolve() == raw_dir or raw_dir in path.resolve().parents:
             root = raw_dir
     results = inspect_path(path.resolve(), root, clean=default_cleaner(tokenizer))

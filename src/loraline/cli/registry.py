@@ -259,7 +259,7 @@ def _release(registry: Any, args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     for tenant in args.tenant or params.tenant_names:
-        params.tenant(tenant)
+        params.tenant_params(tenant)
         r = release_shared(Path.cwd(), params, tenant, registry, promote=not args.no_promote)
         new = "registered" if r.registered_new else "already registered"
         moved = (

@@ -31,7 +31,7 @@ class DocumentsResult:
 
 def run(params: Params, layout: Layout, tenant: str, out_dir: Path | None = None) -> DocumentsResult:
     """The documents stage for one tenant: its raw folder's documents into data/documents/<tenant>."""
-    t = params.tenant(tenant)
+    t = params.tenant_params(tenant)
     out_dir = out_dir or layout.documents_dir(tenant)
     return collect_documents(
         tenant, t.raw_dir, out_dir, allow_outside_dirs=t.allow_outside_dirs, project=params.project

@@ -176,7 +176,7 @@ def pipeline(
     params = load_params(Path(project_dir) / "params.yaml")
     chosen = tenants or params.tenant_names
     for name in chosen:
-        params.tenant(name)  # unknown tenants fail here, before anything runs
+        params.tenant_params(name)  # unknown tenants fail here, before anything runs
     plan = plan_stages(project_dir, chosen)
     orchestrate = params.orchestrate
 

@@ -104,7 +104,7 @@ def run(
         params.evaluate.general, params.prepare_for(tenant), tokenizer, params.project or layout.root
     )
     result = prepare_tenant(
-        params.tenant(tenant),
+        params.tenant_params(tenant),
         params.prepare_for(tenant),
         tokenizer,
         out_dir=out_dir or layout.prepared_dir(tenant),

@@ -93,7 +93,7 @@ def _train_data_sha256(path: Path) -> str | None:
 def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str | None = None) -> dict[str, Any]:
     """Hashes, params, metrics and library versions behind the tenant's current DVC outputs (JSON-safe)."""
     root, layout = Path(root), Layout(Path(root))
-    params.tenant(tenant)
+    params.tenant_params(tenant)
     lock = read_lock(root)
     stages = lock_stages(lock, tenant_stages(tenant))
     rel = Layout()  # dvc.lock names outputs relative to the project root
@@ -108,7 +108,7 @@ def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str 
         "data": {
             "prepared_md5": locked_out(lock, stage_id("prepare", tenant), rel.relative(rel.prepared_dir(tenant))),
             "train_data_sha256": _train_data_sha256(layout.train_record_path(tenant)),
-            "raw_dir": str(params.tenant(tenant).raw_dir),
+            "raw_dir": str(params.tenant_params(tenant).raw_dir),
         },
         "dvc": stages,
         "params": {

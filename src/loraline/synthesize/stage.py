@@ -73,7 +73,7 @@ def run(params: Params, layout: Layout, tenant: str, *, progress: bool = False) 
         layout.synthetic_dir(tenant),
         layout.synthesize_stats_path(tenant),
         seed=params.seed,
-        seed_tasks=params.tenant(tenant).seed_tasks,
+        seed_tasks=params.tenant_params(tenant).seed_tasks,
         cache_dir=layout.synth_cache_dir(tenant),
         progress=progress,
     )

@@ -189,7 +189,7 @@ def test_dvc_tracks_an_allowed_outside_raw_dir_as_the_stages_dependency(dvc_proj
         load_params("params.yaml")
 
     set_tenant(dvc_project, allow_outside_dirs=[str(lake)])
-    assert load_params("params.yaml").tenant("acme-shop").raw_dir == lake / "acme"
+    assert load_params("params.yaml").tenant_params("acme-shop").raw_dir == lake / "acme"
     for stage in ("documents@acme-shop", "prepare@acme-shop"):
         assert stage_dep_paths(stage)[0] == str(lake / "acme"), stage
 
