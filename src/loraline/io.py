@@ -136,12 +136,12 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     return atomic_write_text(path, text)
 
 
-def write_timing(path: str | Path, facts: dict[str, Any]) -> Path | None:
-    """Write a stage's run facts (reports/timing/<stage>.json), which lie outside its outputs: if that
+def write_timing(path: str | Path, timing: dict[str, Any]) -> Path | None:
+    """Write a stage run's timing (reports/timing/<stage>.json), which lies outside its outputs: if that
     fails, one warning line naming the file and the reason, and the stage carries on (its outputs are
     complete; DVC records them). Returns the path written, or None."""
     try:
-        return write_json(path, facts)
+        return write_json(path, timing)
     except WriteError as exc:
         print(f"loraline: warning: run timing not recorded: {exc} (the stage's outputs are complete)", file=sys.stderr)
         return None

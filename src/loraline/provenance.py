@@ -5,7 +5,7 @@ Two kinds of record, kept apart so that an output's bytes repeat when its inputs
 - inside a DVC output, only what determines it: content hashes, params, library versions and
   `code_fingerprint` (the source of the stage's own modules, not the git commit, which moves with
   any unrelated change);
-- outside the outputs (reports/timing/, see `run_facts`), what differs from run to run: wall times,
+- outside the outputs (reports/timing/, see `run_timing`), what differs from run to run: wall times,
   rates, memory peaks, the git commit.
 """
 
@@ -165,14 +165,14 @@ def code_fingerprint(module: str, root: Path = SOURCE_ROOT) -> dict[str, Any]:
 # --- what differs between runs ----------------------------------------------------------------------
 
 
-def run_facts(started: float, **facts: Any) -> dict[str, Any]:
-    """A stage run's timing file (reports/timing/<stage>.json): seconds since `started`
+def run_timing(started: float, **measured: Any) -> dict[str, Any]:
+    """A stage run's timing (reports/timing/<stage>.json): seconds since `started`
     (time.perf_counter()), when it finished (UTC: runs of concurrent tenants can be lined up), the
-    stage's own measurements (`facts`) and the git commit."""
+    stage's own measurements (`measured`) and the git commit."""
     finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     return {
         "wall_s": round(time.perf_counter() - started, 2),
         "finished_at": finished,
-        **facts,
+        **measured,
         "code_revision": code_revision(),
     }

@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from loraline.provenance import SOURCE_ROOT, code_fingerprint, import_closure, run_facts
+from loraline.provenance import SOURCE_ROOT, code_fingerprint, import_closure, run_timing
 
 
 def copy_of_the_package(tmp_path: Path) -> Path:
@@ -33,9 +33,9 @@ def test_the_fingerprint_covers_the_stage_closure_and_nothing_else(tmp_path):
     assert after["sha256"] != before["sha256"] and after["modules"] == before["modules"]
 
 
-def test_run_facts_hold_the_wall_time_measurements_and_git_commit():
-    facts = run_facts(time.perf_counter() - 1.5, tokens_per_s=12.0)
-    assert facts["wall_s"] >= 1.5 and facts["tokens_per_s"] == 12.0 and facts["code_revision"]
+def test_run_timing_holds_the_wall_time_measurements_and_git_commit():
+    timing = run_timing(time.perf_counter() - 1.5, tokens_per_s=12.0)
+    assert timing["wall_s"] >= 1.5 and timing["tokens_per_s"] == 12.0 and timing["code_revision"]
 
 
 def test_sha256_files_matches_one_at_a_time_in_order(tmp_path):

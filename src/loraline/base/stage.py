@@ -33,7 +33,7 @@ from loraline.base.corpus import held_out_docstrings, python_version
 from loraline.config import BaseParams, ConfigError, Params
 from loraline.layout import GENERAL_TEXT, Layout
 from loraline.modelling.loading import RECORD, chat_template
-from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_files
+from loraline.provenance import code_fingerprint, library_versions, run_timing, sha256_files
 
 LOSS_CSV = "pretrain_loss.csv"
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -68,7 +68,7 @@ def run(
     result = build_base(
         params.base, seed=params.seed, raw_dirs=docs, out_dir=out_dir or layout.base_dir, progress=progress
     )
-    io.write_timing(layout.timing_path("base"), run_facts(started, **result.timing))
+    io.write_timing(layout.timing_path("base"), run_timing(started, **result.timing))
     return result
 
 

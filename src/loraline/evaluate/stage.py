@@ -78,7 +78,7 @@ from loraline.modelling.loading import (
     tokenizer_mismatch,
 )
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE, extended_context
-from loraline.provenance import hash_tree, run_facts, sha256_file
+from loraline.provenance import hash_tree, run_timing, sha256_file
 
 METRICS = "metrics.json"
 REPORT = "report.md"
@@ -239,7 +239,7 @@ def run(
     judged = (
         {"judge": result.judge_usage} if result.judge_usage else {}
     )  # requests sent and cache hits vary run to run
-    io.write_timing(layout.timing_path("evaluate", tenant), run_facts(started, **where, **judged))
+    io.write_timing(layout.timing_path("evaluate", tenant), run_timing(started, **where, **judged))
     return result
 
 

@@ -65,7 +65,7 @@ from loraline.modelling.parity import (
     prompt_logits,
     summarize,
 )
-from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
+from loraline.provenance import code_fingerprint, library_versions, run_timing, sha256_file
 
 REPORT = "export_report.json"
 DECODE_STEPS = 4
@@ -112,7 +112,7 @@ def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
         result = _not_built(layout.onnx_dir(tenant), params.deploy_for(tenant).targets)
         io.copy_file(result.report_path, layout.export_report_path(tenant))
         io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
-        io.write_timing(layout.timing_path("export", tenant), run_facts(started))
+        io.write_timing(layout.timing_path("export", tenant), run_timing(started))
         return result
     result = export_onnx(
         model_dir=layout.merged_dir(tenant),
@@ -129,7 +129,7 @@ def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
     io.copy_file(result.report_path, layout.export_report_path(tenant))
     io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
     where = {k: result.report[k] for k in ("device", "device_name") if k in result.report}
-    io.write_timing(layout.timing_path("export", tenant), run_facts(started, **where))
+    io.write_timing(layout.timing_path("export", tenant), run_timing(started, **where))
     return result
 
 

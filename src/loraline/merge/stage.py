@@ -72,7 +72,7 @@ from loraline.modelling.parity import (
     headline,
 )
 from loraline.modelling.variants import MergedCheck, Variants
-from loraline.provenance import code_fingerprint, library_versions, run_facts, sha256_file
+from loraline.provenance import code_fingerprint, library_versions, run_timing, sha256_file
 
 REPORT = "merge_report.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -144,7 +144,7 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
     io.copy_file(result.report_path, layout.merge_report_path(tenant))
     io.write_json(layout.metrics_path("merge", tenant), merge_metrics(result.report))
     where = {k: result.report[k] for k in ("device", "device_name") if k in result.report}
-    io.write_timing(layout.timing_path("merge", tenant), run_facts(started, **where))
+    io.write_timing(layout.timing_path("merge", tenant), run_timing(started, **where))
     return result
 
 

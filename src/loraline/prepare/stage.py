@@ -47,7 +47,7 @@ from loraline.prepare.screening import Quality, follow_removed_originals, second
 from loraline.prepare.split import Deduplicator
 from loraline.prepare.stats import OUTCOMES, by_source_entry, summarize
 from loraline.prepare.stores import ArrowRows, RejectFile, RejectList
-from loraline.provenance import run_facts
+from loraline.provenance import run_timing
 
 __all__ = ["PrepareResult", "collect", "prepare_tenant", "run"]
 
@@ -117,7 +117,7 @@ def run(
     )
     write_general_sample(general, layout.general_sample_dir(tenant))
     write_json(layout.metrics_path("prepare", tenant), prepare_metrics(result.stats))
-    write_timing(layout.timing_path("prepare", tenant), run_facts(started))
+    write_timing(layout.timing_path("prepare", tenant), run_timing(started))
     return result
 
 

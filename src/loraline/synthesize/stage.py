@@ -30,7 +30,7 @@ from loraline.io import atomic_dir, write_json, write_jsonl, write_timing
 from loraline.layout import DOCUMENTS_MANIFEST as MANIFEST
 from loraline.layout import SYNTHETIC_ROWS, Layout
 from loraline.progress import progress_bar
-from loraline.provenance import code_fingerprint, run_facts, sha256_bytes
+from loraline.provenance import code_fingerprint, run_timing, sha256_bytes
 from loraline.synthesize.base import Generated, Generator, SynthesizeError, make_generator
 from loraline.synthesize.filters import REASONS, FilterChain
 from loraline.synthesize.passages import Document, make_document
@@ -80,7 +80,7 @@ def run(params: Params, layout: Layout, tenant: str, *, progress: bool = False) 
     write_json(layout.metrics_path("synthesize", tenant), synthesize_metrics(result))
     write_timing(
         layout.timing_path("synthesize", tenant),
-        run_facts(started, **({"usage": result.usage} if result.usage else {})),
+        run_timing(started, **({"usage": result.usage} if result.usage else {})),
     )
     return result
 

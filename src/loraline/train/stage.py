@@ -40,7 +40,7 @@ from loraline.modelling.device import compute_dtype, pick_device
 from loraline.modelling.loading import base_model_hash, load_base_tokenizer, read_base_record, tokenizer_mismatch
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE
 from loraline.modelling.variants import Variants
-from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_facts, sha256_file
+from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_timing, sha256_file
 from loraline.train import autobatch, checkpoint
 from loraline.train.data import check_splits, load_splits
 from loraline.train.distributed import World, barrier, gather, launch, process_group, world_from_env
@@ -158,8 +158,8 @@ def run(
     plots = layout.train_plots_dir(tenant)
     for curve in (result.train_curve, result.val_curve):
         io.copy_file(curve, plots / curve.name)
-    timing = {k: v for k, v in result.timing.items() if k != "wall_s"}  # run_facts times the whole stage
-    io.write_timing(layout.timing_path("train", tenant), run_facts(started, **timing))
+    timing = {k: v for k, v in result.timing.items() if k != "wall_s"}  # run_timing times the whole stage
+    io.write_timing(layout.timing_path("train", tenant), run_timing(started, **timing))
     # Checkpoints exist to resume a run that was stopped; once the adapter is written they repeat it
     # (with the optimizer's state, about 3x its size: 480 MB at 8B), per tenant, so they go.
     shutil.rmtree(layout.checkpoint_dir(tenant), ignore_errors=True)
