@@ -60,12 +60,13 @@ import torch
 
 from loraline import io
 from loraline.config import BaseParams, JudgeParams, Params
-from loraline.evaluate import judge as JG
-from loraline.evaluate import long_context as LC
-from loraline.evaluate import lowbit as LB
-from loraline.evaluate import metrics as M
+from loraline.evaluate import long_context, lowbit
 from loraline.evaluate.batching import rows_for, scored_in_batches
 from loraline.evaluate.generate import AnswerLoss, answer_loss, encode_prompt, generate_greedy, loaded_model
+from loraline.evaluate.judge import EVEN, JUDGEMENTS, Judged, Opponent, judge_pairs, pairings
+from loraline.evaluate.judge import METRIC as JUDGE_METRIC
+from loraline.evaluate.judge import render as render_judged
+from loraline.evaluate.metrics import aggregate, exact_match, expects_json, per_field_accuracy
 from loraline.evaluate.report import render_report
 from loraline.layout import BASE_RECORD, GENERAL_ROWS, GENERAL_SAMPLE, QLORA_REFERENCE, Layout
 from loraline.modelling.conversation import split_conversation
@@ -97,7 +98,7 @@ HEADLINE_METRICS = (
     "json_field_accuracy",
     "long_context_perplexity",
     "general_loss",
-    JG.METRIC,
+    JUDGE_METRIC,
 )
 GENERAL_METRIC = "general_loss"
 
@@ -288,7 +289,7 @@ def evaluate_tenant(
     models = {"base": (resolve_base_model_path(base_dir), base_load_kwargs(base_dir)), "candidate": candidate}
     if production_dir is not None and _is_model(Path(production_dir)):
         models["production"] = _model_spec(Path(production_dir), base_dir, "")
-    refs_json = M.expects_json(test.references)
+    refs_json = expects_json(test.references)
     ev = _Evaluation(models, tok, test, refs_json, max_new_tokens, batch_size, where, progress)
     batch_rows, answer_tokens = _score_all(ev, general, tenant)
     for extra in extras:
@@ -383,7 +384,7 @@ def _report(tenant: str, ev: _Evaluation, result: dict[str, Any], rows: list[dic
     ~100 rows are too noisy for that)."""
     fields: dict[str, dict[str, float]] = {}
     if ev.refs_json:
-        fields = {name: M.per_field_accuracy(preds, ev.test.references) for name, preds in ev.predictions.items()}
+        fields = {name: per_field_accuracy(preds, ev.test.references) for name, preds in ev.predictions.items()}
         result["field_accuracy"] = fields
     return render_report(
         tenant=tenant,
@@ -407,8 +408,8 @@ class _LowBit(_Extra):
 
     def check(self) -> None:
         try:
-            self.quantization = LB.candidate_quantization(self.candidate_dir)
-        except LB.LowBitComparisonError as e:
+            self.quantization = lowbit.candidate_quantization(self.candidate_dir)
+        except lowbit.LowBitComparisonError as e:
             raise EvaluateError(str(e)) from e
 
     def measure(self, ev: _Evaluation) -> None:
@@ -418,7 +419,7 @@ class _LowBit(_Extra):
         return {"qalora_comparison": self.comparison}
 
     def report(self) -> str:
-        return "\n".join(LB.render(self.comparison)) + "\n"
+        return "\n".join(lowbit.render(self.comparison)) + "\n"
 
 
 class _LongContext(_Extra):
@@ -440,7 +441,7 @@ class _LongContext(_Extra):
         for name in ev.scores:
             run_ = self.report_["models"].get(stand_in[name])
             if run_ is not None:
-                ev.scores[name] |= _finite({LC.GATE_METRIC: run_["perplexity"][at]["perplexity"]})
+                ev.scores[name] |= _finite({long_context.GATE_METRIC: run_["perplexity"][at]["perplexity"]})
 
     def write(self, folder: Path) -> None:
         if self.report_ is not None:
@@ -453,23 +454,23 @@ class _Judge(_Extra):
 
     def __init__(self, judge: JudgeParams, cache_dir: Path | None, base_dir: Path, production_dir: Path | None):
         self.judge, self.cache_dir, self.base_dir, self.production_dir = judge, cache_dir, base_dir, production_dir
-        self.judged: JG.Judged | None = None
+        self.judged: Judged | None = None
         self.usage: dict[str, int] = {}
 
     def measure(self, ev: _Evaluation) -> None:
         self.judged = _judged(self.judge, self.cache_dir, ev.test, ev.predictions, self.base_dir, self.production_dir)
         self.usage = self.judged.usage
         against = self.judged.block["against"]
-        ev.scores["candidate"][JG.METRIC], ev.scores[against][JG.METRIC] = self.judged.win_rate, JG.EVEN
+        ev.scores["candidate"][JUDGE_METRIC], ev.scores[against][JUDGE_METRIC] = self.judged.win_rate, EVEN
 
     def metrics(self) -> dict[str, Any]:
         return {"judge": self.judged.block}
 
     def report(self) -> str:
-        return "\n".join(JG.render(self.judged.block)) + "\n"
+        return "\n".join(render_judged(self.judged.block)) + "\n"
 
     def write(self, folder: Path) -> None:
-        io.write_jsonl(folder / JG.JUDGEMENTS, self.judged.rows)
+        io.write_jsonl(folder / JUDGEMENTS, self.judged.rows)
 
 
 def _judged(
@@ -479,15 +480,15 @@ def _judged(
     predictions: dict[str, list[str]],
     base_dir: Path,
     production_dir: Path | None,
-) -> JG.Judged:
+) -> Judged:
     """The candidate's answers judged against production's when production was evaluated, else the base's."""
     if "production" in predictions:
-        against = JG.Opponent("production", {"sha256": hash_tree(Path(production_dir))})
+        against = Opponent("production", {"sha256": hash_tree(Path(production_dir))})
     else:
-        against = JG.Opponent("base", {"base_record_sha256": sha256_file(base_dir / BASE_RECORD)})
-    pairs = JG.pairings(_generation_rows(test, predictions), against.role, judge.max_rows)
+        against = Opponent("base", {"base_record_sha256": sha256_file(base_dir / BASE_RECORD)})
+    pairs = pairings(_generation_rows(test, predictions), against.role, judge.max_rows)
     try:
-        return JG.judge_pairs(judge, pairs, against, cache_dir)
+        return judge_pairs(judge, pairs, against, cache_dir)
     except EndpointError as e:
         raise EvaluateError(f"evaluate.judge: {e}") from None
 
@@ -502,7 +503,7 @@ def _long_context_report(
     span = extended_context(candidate_config)
     if span is None:
         return None
-    lengths = LC.lengths_between(*span)
+    lengths = long_context.lengths_between(*span)
     held_out, stream = _held_out_stream(dataset_dir, ev.test, ev.tok)
     report: dict[str, Any] = {
         "original_context": span[0],
@@ -519,8 +520,8 @@ def _long_context_report(
         torch.manual_seed(SEED)
         with loaded_model(path, ev.device, **kwargs) as model:
             report["models"][name] = {
-                "perplexity": LC.perplexity_by_length(model, stream, lengths),
-                "passkey": LC.passkey_retrieval(model, ev.tok, lengths),
+                "perplexity": long_context.perplexity_by_length(model, stream, lengths),
+                "passkey": long_context.passkey_retrieval(model, ev.tok, lengths),
             }
     if "full_attention_reference" in report["models"]:  # the paper's claim: S2-Attn close to full attention
         at = str(span[1])
@@ -573,8 +574,8 @@ def _held_out_stream(dataset_dir: Path, test: _TestSet, tok: Any) -> tuple[str, 
 
     dd = datasets.load_from_disk(str(dataset_dir))
     if "test_documents" in dd and len(dd["test_documents"]):
-        return "test_documents", LC.held_out_stream(dd["test_documents"]["input_ids"], None)
-    return "test rows", LC.held_out_stream(test.input_ids, tok.eos_token_id)
+        return "test_documents", long_context.held_out_stream(dd["test_documents"]["input_ids"], None)
+    return "test rows", long_context.held_out_stream(test.input_ids, tok.eos_token_id)
 
 
 def _low_bit_comparison(ev: _Evaluation, twin: Path, quantization: tuple[int, int]) -> dict[str, Any]:
@@ -587,16 +588,18 @@ def _low_bit_comparison(ev: _Evaluation, twin: Path, quantization: tuple[int, in
     bits, group_size = quantization
     base_path, base_kwargs = ev.models["base"]
     device, rows = ev.device, len(ev.test.ids)
-    scores = {LB.QALORA: ev.scores["candidate"]}  # the same dict: what later extras add to it shows here too
+    scores = {lowbit.QALORA: ev.scores["candidate"]}  # the same dict: what later extras add to it shows here too
     args = (ev.tok, ev.test, None, ev.refs_json, ev.max_new_tokens, ev.batch_size)
     twin_kwargs = {**base_kwargs, "adapter": twin}
-    float_merge = _score(base_path, twin_kwargs, *args, device, _progress(LB.FLOAT_MERGE, rows, ev.progress))
-    scores[LB.FLOAT_MERGE], ev.predictions[LB.FLOAT_MERGE] = float_merge.scores, float_merge.predictions
-    rounding = LB.rounded_after_training(base_path, base_kwargs, twin, bits, group_size, device, compute_dtype(device))
+    float_merge = _score(base_path, twin_kwargs, *args, device, _progress(lowbit.FLOAT_MERGE, rows, ev.progress))
+    scores[lowbit.FLOAT_MERGE], ev.predictions[lowbit.FLOAT_MERGE] = float_merge.scores, float_merge.predictions
+    rounding = lowbit.rounded_after_training(
+        base_path, base_kwargs, twin, bits, group_size, device, compute_dtype(device)
+    )
     with rounding as (model, float_bytes, lowbit_bytes):
-        rounded = _score_loaded(model, *args, _progress(LB.ROUNDED_AFTER, rows, ev.progress))
-        scores[LB.ROUNDED_AFTER], ev.predictions[LB.ROUNDED_AFTER] = rounded.scores, rounded.predictions
-    return LB.comparison(
+        rounded = _score_loaded(model, *args, _progress(lowbit.ROUNDED_AFTER, rows, ev.progress))
+        scores[lowbit.ROUNDED_AFTER], ev.predictions[lowbit.ROUNDED_AFTER] = rounded.scores, rounded.predictions
+    return lowbit.comparison(
         bits=bits, group_size=group_size, scores=scores, float_bytes=float_bytes, lowbit_bytes=lowbit_bytes, twin=twin
     )
 
@@ -659,7 +662,7 @@ def evaluate_model_answers(
     test = _load_test(Path(dataset_dir), tok, max_examples)
     general = load_general(Path(general_dir)) if general_dir is not None else None
     scored = _score(
-        path, kwargs, tok, test, general, M.expects_json(test.references), max_new_tokens, batch_size, where, None
+        path, kwargs, tok, test, general, expects_json(test.references), max_new_tokens, batch_size, where, None
     )
     return ModelAnswers(scored.scores, test.ids, scored.predictions)
 
@@ -771,7 +774,7 @@ def _score_loaded(
         return loss, generate_greedy(model, tok, test.prompts, max_new_tokens, rows, on_batch=on_batch)
 
     (loss, predictions), rows = scored_in_batches(batch_size, rows, score, "evaluate")
-    scores = {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | M.aggregate(
+    scores = {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | aggregate(
         predictions, test.references, refs_json
     )
     if general is not None:
@@ -850,7 +853,7 @@ def _generation_rows(test: _TestSet, predictions: dict[str, list[str]]) -> list[
             "prompt": question,
             "reference": ref,
             "predictions": {name: preds[i] for name, preds in predictions.items()},
-            "exact_match": {name: M.exact_match(preds[i], ref) for name, preds in predictions.items()},
+            "exact_match": {name: exact_match(preds[i], ref) for name, preds in predictions.items()},
         }
         for i, (rid, question, ref) in enumerate(zip(test.ids, test.questions, test.references, strict=True))
     ]
