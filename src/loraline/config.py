@@ -366,7 +366,7 @@ class LongContextParams(_Section):
     )
     reference: bool = Field(
         False,
-        description="Also train a full-attention twin of the same budget (same data, steps and seed; doubles the "
+        description="Also train a full-attention reference of the same budget (same data, steps and seed; doubles the "
         "train stage's time), which the evaluation reports beside the S2-Attn adapter",
     )
 
@@ -387,7 +387,7 @@ class LongContextParams(_Section):
             raise ValueError(f"trainable lists an entry twice: {self.trainable}")
         if self.reference and not self.s2_attn:
             raise ValueError(
-                "reference trains a full-attention twin to compare S2-Attn with; with s2_attn: false the adapter "
+                "reference trains a full-attention adapter to compare S2-Attn with; with s2_attn: false the adapter "
                 "itself trains with full attention (set s2_attn: true, or reference: false)"
             )
         return self
@@ -402,9 +402,9 @@ class QALoRAParams(_Section):
     )
     reference: bool = Field(
         False,
-        description="Also train the tenant's QLoRA twin (method lora: same data, steps and seed; doubles the train "
-        "stage's time), which the evaluation compares with: merged in "
-        "float, and rounded to these bits and groups after training",
+        description="Also train the tenant's QLoRA reference (method lora: same data, steps and seed; doubles the "
+        "train stage's time), which the evaluation compares with: merged in float, and rounded to these bits and "
+        "groups after training",
     )
 
 
@@ -550,7 +550,7 @@ class TrainParams(_Section):
         if self.method != "qalora":
             if self.qalora.reference:
                 raise ValueError(
-                    f"qalora.reference trains a QLoRA twin to compare a QA-LoRA adapter with; method is "
+                    f"qalora.reference trains a QLoRA adapter to compare a QA-LoRA adapter with; method is "
                     f"{self.method!r} (set method: qalora, or reference: false)"
                 )
             return self

@@ -36,7 +36,7 @@ EXPORT_REPORT = "export_report.json"
 QALORA_QUANTIZED = "qalora_quantized.safetensors"
 # Beside it: the same low-bit model as a folder transformers loads through torchao (modelling.qalora_torchao).
 QALORA_TORCHAO = "torchao"
-# In a QA-LoRA adapter's folder: its QLoRA twin (train.qalora.reference), which the evaluation compares it with.
+# In a QA-LoRA adapter's folder: its QLoRA reference (train.qalora.reference), which the evaluation compares it with.
 QLORA_REFERENCE = "qlora_reference"
 # What a tenant is deployed as (deploy.targets): its adapter served on the shared base (`loraline serve`),
 # a standalone merged Hugging Face folder, and an ONNX export of that folder. A stage whose target is not

@@ -1,12 +1,12 @@
 """QA-LoRA against QLoRA in a QA-LoRA tenant's own evaluation (train.qalora.reference).
 
-The train stage trains the tenant's QLoRA twin (same data, steps and seed, train.method lora) into
+The train stage trains the tenant's QLoRA reference (same data, steps and seed, train.method lora) into
 <adapter>/qlora_reference. The evaluation scores, on the same test rows and in the same way as its
 other models:
 
   qalora_merged          (a) the candidate: the QA-LoRA adapter folded into the zero points of the
                              group-wise low-bit base (the merge stage's model)
-  qlora_merged_float     (b) the twin on the float base, unmerged: what a full-precision merge serves
+  qlora_merged_float     (b) the reference on the float base, unmerged: what a full-precision merge serves
   qlora_rounded_after    (c) (b) merged, then every linear layer but the head rounded to nearest at the
                              candidate's bits and group size (the same quantizer as QA-LoRA's base):
                              the usual way to get a low-bit model out of QLoRA
@@ -39,7 +39,7 @@ COMPARED = ("answer_loss", "exact_match", "token_f1", "json_field_accuracy")
 
 
 class LowBitComparisonError(ValueError):
-    """A QLoRA twin was given for a candidate that is not a merged QA-LoRA model."""
+    """A QLoRA reference was given for a candidate that is not a merged QA-LoRA model."""
 
 
 def candidate_quantization(candidate_dir: Path) -> tuple[int, int]:
@@ -51,8 +51,8 @@ def candidate_quantization(candidate_dir: Path) -> tuple[int, int]:
     path = Path(candidate_dir) / QALORA_QUANTIZED
     if not path.is_file():
         raise LowBitComparisonError(
-            f"{candidate_dir} has no {QALORA_QUANTIZED}: a QLoRA twin compares only with a merged QA-LoRA candidate "
-            "(train.method qalora)"
+            f"{candidate_dir} has no {QALORA_QUANTIZED}: a QLoRA reference compares only with a merged QA-LoRA "
+            "candidate (train.method qalora)"
         )
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -89,7 +89,7 @@ def rounded_after_training(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Iterator[tuple[Any, int, int]]:
-    """(c): the twin merged into the float32 base, then rounded to nearest at `bits` per group; yields
+    """(c): the reference merged into the float32 base, then rounded to nearest at `bits` per group; yields
     (the model in eval mode on `device`, its float32 bytes, its low-bit bytes)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -119,7 +119,7 @@ def comparison(
     scores: dict[str, dict[str, float | None]],
     float_bytes: int,
     lowbit_bytes: int,
-    twin: Path,
+    reference: Path,
 ) -> dict[str, Any]:
     """The comparison's entry of metrics.json, from the three models' scores (keys QALORA, FLOAT_MERGE,
     ROUNDED_AFTER)."""
@@ -133,11 +133,11 @@ def comparison(
         a, c = scores[QALORA].get(key), scores[ROUNDED_AFTER].get(key)
         if a is not None and c is not None:
             gap[key] = round(a - c, 6)
-    # The twin's folder relative to the adapter's: no machine's paths in a metrics file.
+    # The reference's folder relative to the adapter's: no machine's paths in a metrics file.
     return {
         "bits": bits,
         "group_size": group_size,
-        "reference_adapter": twin.name,
+        "reference_adapter": reference.name,
         "models": models,
         "qalora_minus_rounded_after": gap,
     }

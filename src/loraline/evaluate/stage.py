@@ -38,7 +38,7 @@ out_dir (replaced atomically):
                        then has a `judge` block and the candidate's judge_win_rate (evaluate/judge.py)
     long_context.json  only for a candidate whose config extends the base's context (train.long_context):
                        perplexity by length and passkey retrieval for base, base with the rope scaling
-                       alone, candidate, and the candidate's full-attention twin when it was trained
+                       alone, candidate, and the candidate's full-attention reference when it was trained
                        (train.long_context.reference) (evaluate/long_context.py)
 
 `run` also writes the headline metrics per model (reports/<tenant>/metrics/evaluate.json, a DVC
@@ -181,7 +181,7 @@ class _Evaluation:
 
 class _Extra:
     """An extra evaluation beside the models' metrics, which a candidate's variant (QA-LoRA's comparison with its
-    QLoRA twin, LongLoRA's long-context report) or evaluate.judge asks for. The core calls every hook of each one
+    QLoRA reference, LongLoRA's long-context report) or evaluate.judge asks for. The core calls every hook of each one
     it picked (`_extras`), in order."""
 
     def check(self) -> None:
@@ -210,8 +210,8 @@ def run(
     ones at reports/<tenant>/metrics/evaluate.json, the run's timing at reports/timing/evaluate@<tenant>.json."""
     started = time.perf_counter()
     ev = params.evaluate
-    reference = layout.adapter_dir(tenant) / FULL_ATTENTION_REFERENCE  # train.long_context.reference
-    twin = layout.adapter_dir(tenant) / QLORA_REFERENCE  # train.qalora.reference
+    full_attention_reference = layout.adapter_dir(tenant) / FULL_ATTENTION_REFERENCE  # train.long_context.reference
+    qlora_reference = layout.adapter_dir(tenant) / QLORA_REFERENCE  # train.qalora.reference
     # deploy.targets decides what the candidate is: the merged folder, or (no merged) the adapter on the base
     candidate = layout.merged_dir(tenant) if params.deploy_for(tenant).builds("merged") else layout.adapter_dir(tenant)
     result = evaluate_tenant(
@@ -227,8 +227,8 @@ def run(
         examples_in_report=ev.examples_in_report,
         batch_size=ev.batch_size,
         progress=progress,
-        full_attention_reference=reference if reference.is_dir() else None,
-        qlora_reference=twin if twin.is_dir() else None,
+        full_attention_reference=full_attention_reference if full_attention_reference.is_dir() else None,
+        qlora_reference=qlora_reference if qlora_reference.is_dir() else None,
         device=ev.device,
         general_dir=layout.general_sample_dir(tenant),
         judge=ev.judge,
@@ -266,9 +266,9 @@ def evaluate_tenant(
     judge_cache_dir: Path | None = None,
 ) -> EvaluateResult:
     """Evaluate base, candidate and (when `production_dir` exists) production on the test split.
-    `full_attention_reference`: a LongLoRA candidate's full-attention twin (an adapter folder, see
+    `full_attention_reference`: a LongLoRA candidate's full-attention reference (an adapter folder, see
     train.long_context.reference), set beside it in the long-context report.
-    `qlora_reference`: a QA-LoRA candidate's QLoRA twin (an adapter folder, see train.qalora.reference):
+    `qlora_reference`: a QA-LoRA candidate's QLoRA reference (an adapter folder, see train.qalora.reference):
     the candidate against it merged in float and rounded after training (evaluate/lowbit.py).
     `device`: auto, cpu or cuda (evaluate.device).
     `general_dir`: the prepare stage's general-text sample (data/general/<tenant>), scored as general_loss for
@@ -335,7 +335,7 @@ def _extras(
     full_attention_reference: Path | None,
     qlora_reference: Path | None,
 ) -> list[_Extra]:
-    """The extra evaluations the candidate's variant asks for: QA-LoRA's comparison with its QLoRA twin when
+    """The extra evaluations the candidate's variant asks for: QA-LoRA's comparison with its QLoRA reference when
     that was trained; the long-context report (which measures only a candidate that extends the context)."""
     extras: list[_Extra] = []
     if qlora_reference is not None:
@@ -399,11 +399,11 @@ def _report(tenant: str, ev: _Evaluation, result: dict[str, Any], rows: list[dic
 
 
 class _LowBit(_Extra):
-    """A QA-LoRA candidate against its QLoRA twin (train.qalora.reference), merged in float and rounded after
+    """A QA-LoRA candidate against its QLoRA reference (train.qalora.reference), merged in float and rounded after
     training (evaluate/lowbit.py): metrics.json's qalora_comparison and a report section."""
 
-    def __init__(self, candidate_dir: Path, twin: Path) -> None:
-        self.candidate_dir, self.twin = candidate_dir, twin
+    def __init__(self, candidate_dir: Path, reference: Path) -> None:
+        self.candidate_dir, self.reference = candidate_dir, reference
         self.comparison: dict[str, Any] | None = None
 
     def check(self) -> None:
@@ -413,7 +413,7 @@ class _LowBit(_Extra):
             raise EvaluateError(str(e)) from e
 
     def measure(self, ev: _Evaluation) -> None:
-        self.comparison = _low_bit_comparison(ev, self.twin, self.quantization)
+        self.comparison = _low_bit_comparison(ev, self.reference, self.quantization)
 
     def metrics(self) -> dict[str, Any]:
         return {"qalora_comparison": self.comparison}
@@ -498,7 +498,7 @@ def _long_context_report(
 ) -> dict[str, Any] | None:
     """For a candidate whose config extends the base's context (LongLoRA): perplexity by length and
     passkey retrieval for the base, the base with the candidate's rope scaling alone, the candidate,
-    its full-attention twin when there is one, and production when it has the same context."""
+    its full-attention reference when there is one, and production when it has the same context."""
     candidate_config = _config_json(ev.models["candidate"][0])
     span = extended_context(candidate_config)
     if span is None:
@@ -556,7 +556,7 @@ def _long_context_runs(
         "base_rope_scaled": (base_path, {**base_kwargs, "config": scaled}),
         "candidate": models["candidate"],
     }
-    if full_attention_reference is not None:  # the twin's adapter on the same rope-scaled base, unmerged
+    if full_attention_reference is not None:  # the reference's adapter on the same rope-scaled base, unmerged
         runs["full_attention_reference"] = (
             base_path,
             {**base_kwargs, "config": scaled, "adapter": Path(full_attention_reference)},
@@ -578,29 +578,35 @@ def _held_out_stream(dataset_dir: Path, test: _TestSet, tok: Any) -> tuple[str, 
     return "test rows", long_context.held_out_stream(test.input_ids, tok.eos_token_id)
 
 
-def _low_bit_comparison(ev: _Evaluation, twin: Path, quantization: tuple[int, int]) -> dict[str, Any]:
-    """QA-LoRA's candidate against its QLoRA twin, merged in float and rounded after training; the
-    twin's predictions join generations.jsonl under the comparison's names."""
-    if not (twin / "adapter_config.json").is_file():
+def _low_bit_comparison(ev: _Evaluation, reference: Path, quantization: tuple[int, int]) -> dict[str, Any]:
+    """QA-LoRA's candidate against its QLoRA reference, merged in float and rounded after training;
+    the reference's predictions join generations.jsonl under the comparison's names."""
+    if not (reference / "adapter_config.json").is_file():
         raise EvaluateError(
-            f"{twin} is not a trained adapter (no adapter_config.json): run the train stage (train.qalora.reference)"
+            f"{reference} is not a trained adapter (no adapter_config.json): run the train stage "
+            "(train.qalora.reference)"
         )
     bits, group_size = quantization
     base_path, base_kwargs = ev.models["base"]
     device, rows = ev.device, len(ev.test.ids)
     scores = {lowbit.QALORA: ev.scores["candidate"]}  # the same dict: what later extras add to it shows here too
     args = (ev.tok, ev.test, None, ev.refs_json, ev.max_new_tokens, ev.batch_size)
-    twin_kwargs = {**base_kwargs, "adapter": twin}
-    float_merge = _score(base_path, twin_kwargs, *args, device, _progress(lowbit.FLOAT_MERGE, rows, ev.progress))
+    reference_kwargs = {**base_kwargs, "adapter": reference}
+    float_merge = _score(base_path, reference_kwargs, *args, device, _progress(lowbit.FLOAT_MERGE, rows, ev.progress))
     scores[lowbit.FLOAT_MERGE], ev.predictions[lowbit.FLOAT_MERGE] = float_merge.scores, float_merge.predictions
     rounding = lowbit.rounded_after_training(
-        base_path, base_kwargs, twin, bits, group_size, device, compute_dtype(device)
+        base_path, base_kwargs, reference, bits, group_size, device, compute_dtype(device)
     )
     with rounding as (model, float_bytes, lowbit_bytes):
         rounded = _score_loaded(model, *args, _progress(lowbit.ROUNDED_AFTER, rows, ev.progress))
         scores[lowbit.ROUNDED_AFTER], ev.predictions[lowbit.ROUNDED_AFTER] = rounded.scores, rounded.predictions
     return lowbit.comparison(
-        bits=bits, group_size=group_size, scores=scores, float_bytes=float_bytes, lowbit_bytes=lowbit_bytes, twin=twin
+        bits=bits,
+        group_size=group_size,
+        scores=scores,
+        float_bytes=float_bytes,
+        lowbit_bytes=lowbit_bytes,
+        reference=reference,
     )
 
 
@@ -884,7 +890,7 @@ def evaluate_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
         return {k: scores[k] for k in (*HEADLINE_METRICS, *extra) if scores.get(k) is not None}
 
     out: dict[str, Any] = {model: headline(scores) for model, scores in metrics["models"].items()}
-    if "qalora_comparison" in metrics:  # train.qalora.reference: QA-LoRA against its QLoRA twin, across runs too
+    if "qalora_comparison" in metrics:  # train.qalora.reference: QA-LoRA against its QLoRA reference, across runs too
         out["qalora_comparison"] = {
             name: headline(scores, "weight_bytes") for name, scores in metrics["qalora_comparison"]["models"].items()
         }

@@ -15,7 +15,7 @@ from torch import nn
 
 from loraline.config import ConfigError, LongContextParams
 
-# The full-attention twin of a LongLoRA adapter (train.long_context.reference), inside its adapter folder.
+# The full-attention reference of a LongLoRA adapter (train.long_context.reference), inside its adapter folder.
 FULL_ATTENTION_REFERENCE = "full_attention_reference"
 
 

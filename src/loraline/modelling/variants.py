@@ -18,9 +18,9 @@ Invariants:
 - The record fields each variant owns are always present in the train record (None when it does not apply), so
   records of plain adapters keep their `qalora` and `long_context` keys.
 
-The evaluate stage's side of the variants (QA-LoRA's comparison with its QLoRA twin, the long-context report) is
-its `_Extra` evaluations (evaluate/stage.py): they are picked from what the candidate's folders hold (a twin
-trained, a config that extends the context), as the evaluation of a merged model has no train params to read.
+The evaluate stage's side of the variants (QA-LoRA's comparison with its QLoRA reference, the long-context report)
+is its `_Extra` evaluations (evaluate/stage.py): they are picked from what the candidate's folders hold (a
+reference trained, a config that extends the context), as the evaluation of a merged model has no train params to read.
 """
 
 from __future__ import annotations

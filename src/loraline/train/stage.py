@@ -145,14 +145,14 @@ def run(
         **inputs,
     )
     metrics = train_metrics(result.record)
-    # the twins train the same steps: the batch the adapter resolved (train.batch_size auto), not a new probe
+    # the references train the same steps: the batch the adapter resolved (train.batch_size auto), not a new probe
     train = train.model_copy(update={"batch_size": result.record["batch"]["rows"]})
     if train.long_context is not None and train.long_context.reference:
         reference = train_full_attention_reference(train, adapter_dir=result.out_dir, **inputs)
         metrics["full_attention_reference_val_loss"] = reference.record["loss"]["final_val"]
     if train.method == "qalora" and train.qalora.reference:
-        twin = train_qlora_reference(train, adapter_dir=result.out_dir, **inputs)
-        metrics["qlora_reference_val_loss"] = twin.record["loss"]["final_val"]
+        reference = train_qlora_reference(train, adapter_dir=result.out_dir, **inputs)
+        metrics["qlora_reference_val_loss"] = reference.record["loss"]["final_val"]
     io.write_json(layout.metrics_path("train", tenant), metrics)
     # The curves also live beside the adapter; DVC plots need them outside the adapter folder.
     plots = layout.train_plots_dir(tenant)
@@ -638,9 +638,11 @@ def train_full_attention_reference(
     lc = params.long_context
     if lc is None or not lc.s2_attn:
         raise TrainError("a full-attention reference is trained only for an S2-Attn long-context adapter")
-    twin = params.model_copy(update={"long_context": lc.model_copy(update={"s2_attn": False, "reference": False})})
+    reference = params.model_copy(
+        update={"long_context": lc.model_copy(update={"s2_attn": False, "reference": False})}
+    )
     return train_adapter(
-        twin,
+        reference,
         base_dir=base_dir,
         base_params=base_params,
         dataset_dir=dataset_dir,
@@ -664,11 +666,11 @@ def train_qlora_reference(
     and rounded after training."""
     if params.method != "qalora":
         raise TrainError("a QLoRA reference is trained only for a QA-LoRA adapter (train.method qalora)")
-    twin = params.model_copy(
+    reference = params.model_copy(
         update={"method": "lora", "qalora": params.qalora.model_copy(update={"reference": False})}
     )
     return train_adapter(
-        twin,
+        reference,
         base_dir=base_dir,
         base_params=base_params,
         dataset_dir=dataset_dir,

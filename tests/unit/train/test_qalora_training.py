@@ -297,15 +297,15 @@ def test_serving_takes_a_trained_qalora_adapter_as_plain_lora_with_the_same_func
     assert (got - want).abs().max().item() < 1e-4
 
 
-def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(setup, tmp_path):
-    """train.qalora.reference through the train, merge and evaluate stages: the tenant's QLoRA twin
+def test_a_qlora_reference_is_trained_alike_and_the_evaluation_compares_it_low_bit(setup, tmp_path):
+    """train.qalora.reference through the train, merge and evaluate stages: the tenant's QLoRA reference
     (NF4, same data, steps and seed) in the adapter's folder, and the evaluation's comparison of
-    (a) the merged QA-LoRA model, (b) the twin merged in float and (c) (b) rounded after training at
+    (a) the merged QA-LoRA model, (b) the reference merged in float and (c) (b) rounded after training at
     the same bits and groups, with the bytes each model's weights take."""
     import shutil
 
     from loraline.config import Params
-    from loraline.evaluate import lowbit as LB
+    from loraline.evaluate import lowbit
     from loraline.evaluate.stage import EvaluateError, evaluate_model, evaluate_tenant
     from loraline.evaluate.stage import run as evaluate_stage
     from loraline.layout import QLORA_REFERENCE, Layout
@@ -326,16 +326,17 @@ def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(se
         }
     )
     res = train_stage(params, layout, "t", base_dir=setup.base_dir, checkpoints=False)
-    twin = json.loads((res.out_dir / QLORA_REFERENCE / "train_record.json").read_text())
-    assert (twin["params"]["method"], twin["params"]["quantization"], twin["qalora"]) == ("lora", "nf4", None)
+    reference = json.loads((res.out_dir / QLORA_REFERENCE / "train_record.json").read_text())
+    assert (reference["params"]["method"], reference["params"]["quantization"]) == ("lora", "nf4")
+    assert reference["qalora"] is None
     assert res.record["qalora"]["bits"] == 4
     assert (
-        twin["steps"] == res.record["steps"]
-        and twin["data"] == res.record["data"]
-        and twin["seed"] == res.record["seed"]
+        reference["steps"] == res.record["steps"]
+        and reference["data"] == res.record["data"]
+        and reference["seed"] == res.record["seed"]
     )
     metrics = json.loads(layout.metrics_path("train", "t").read_text())
-    assert metrics["qlora_reference_val_loss"] == twin["loss"]["final_val"]
+    assert metrics["qlora_reference_val_loss"] == reference["loss"]["final_val"]
 
     merge_adapter(
         base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir, out_dir=layout.merged_dir("t")
@@ -345,22 +346,23 @@ def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(se
     section = result.metrics["qalora_comparison"]
     models = section["models"]
     assert (section["bits"], section["group_size"]) == (4, 32) and set(models) == {
-        LB.QALORA,
-        LB.FLOAT_MERGE,
-        LB.ROUNDED_AFTER,
+        lowbit.QALORA,
+        lowbit.FLOAT_MERGE,
+        lowbit.ROUNDED_AFTER,
     }
     candidate = result.metrics["models"]["candidate"]
-    assert {k: models[LB.QALORA][k] for k in candidate} == candidate  # (a) is the candidate, scored once
-    assert models[LB.ROUNDED_AFTER]["answer_loss"] != models[LB.FLOAT_MERGE]["answer_loss"]  # rounding did move it
+    assert {k: models[lowbit.QALORA][k] for k in candidate} == candidate  # (a) is the candidate, scored once
+    # rounding did move it
+    assert models[lowbit.ROUNDED_AFTER]["answer_loss"] != models[lowbit.FLOAT_MERGE]["answer_loss"]
     for key, gap in section["qalora_minus_rounded_after"].items():
-        assert gap == pytest.approx(models[LB.QALORA][key] - models[LB.ROUNDED_AFTER][key], abs=1e-6)
+        assert gap == pytest.approx(models[lowbit.QALORA][key] - models[lowbit.ROUNDED_AFTER][key], abs=1e-6)
 
-    # (b) as a full-precision merge would serve it: the twin merged into a float32 folder, scored alike.
+    # (b) as a full-precision merge would serve it: the reference merged into a float32 folder, scored alike.
     float_merge = merge_adapter(
         base_dir=setup.base_dir,
         base_params=setup.base_params,
         adapter_dir=res.out_dir / QLORA_REFERENCE,
-        out_dir=tmp_path / "twin-merged",
+        out_dir=tmp_path / "reference-merged",
     ).out_dir
     alone = evaluate_model(
         model_dir=float_merge,
@@ -370,8 +372,8 @@ def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(se
         max_new_tokens=8,
         max_examples=24,
     )
-    assert models[LB.FLOAT_MERGE]["answer_loss"] == pytest.approx(alone["answer_loss"], rel=1e-4)
-    assert models[LB.FLOAT_MERGE]["exact_match"] == alone["exact_match"]
+    assert models[lowbit.FLOAT_MERGE]["answer_loss"] == pytest.approx(alone["answer_loss"], rel=1e-4)
+    assert models[lowbit.FLOAT_MERGE]["exact_match"] == alone["exact_match"]
 
     # Sizes, counted here from the base's shapes: 14 layers at 4 bits with a float32 scale and zero per 32 weights.
     base = load_base_causal_lm(setup.base_dir, "cpu", torch.float32)
@@ -381,20 +383,21 @@ def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(se
     low = float_bytes - sum(
         4 * m.weight.numel() - m.weight.numel() // 2 - 2 * 4 * m.weight.numel() // 32 for m in linears
     )
-    assert len(linears) == 14 and models[LB.FLOAT_MERGE]["weight_bytes"] == float_bytes
-    assert models[LB.QALORA]["weight_bytes"] == models[LB.ROUNDED_AFTER]["weight_bytes"] == low
+    assert len(linears) == 14 and models[lowbit.FLOAT_MERGE]["weight_bytes"] == float_bytes
+    assert models[lowbit.QALORA]["weight_bytes"] == models[lowbit.ROUNDED_AFTER]["weight_bytes"] == low
 
     rows = [json.loads(line) for line in result.generations_path.read_text().splitlines()]
-    assert len(rows) == 24 and all(set(r["predictions"]) >= {LB.FLOAT_MERGE, LB.ROUNDED_AFTER} for r in rows)
+    assert len(rows) == 24 and all(set(r["predictions"]) >= {lowbit.FLOAT_MERGE, lowbit.ROUNDED_AFTER} for r in rows)
     assert "## QA-LoRA against QLoRA (INT4, groups of 32)" in result.report_path.read_text()
     dvc_metric = json.loads(layout.metrics_path("evaluate", "t").read_text())["qalora_comparison"]
-    assert dvc_metric[LB.ROUNDED_AFTER]["answer_loss"] == models[LB.ROUNDED_AFTER]["answer_loss"]
-    assert dvc_metric[LB.QALORA]["weight_bytes"] == low and section["reference_adapter"] == QLORA_REFERENCE
+    assert dvc_metric[lowbit.ROUNDED_AFTER]["answer_loss"] == models[lowbit.ROUNDED_AFTER]["answer_loss"]
+    assert dvc_metric[lowbit.QALORA]["weight_bytes"] == low and section["reference_adapter"] == QLORA_REFERENCE
     text = render_text(collect_summary(params, layout))
-    assert f"QA-LoRA INT4 json_field_accuracy: {models[LB.QALORA]['json_field_accuracy']:.3f}, QLoRA float" in text
+    assert f"QA-LoRA INT4 json_field_accuracy: {models[lowbit.QALORA]['json_field_accuracy']:.3f}, QLoRA float" in text
 
     with pytest.raises(
-        EvaluateError, match="has no qalora_quantized.safetensors: a QLoRA twin compares only with a merged QA-LoRA"
+        EvaluateError,
+        match="has no qalora_quantized.safetensors: a QLoRA reference compares only with a merged QA-LoRA",
     ):
         evaluate_tenant(
             tenant="t",
@@ -410,7 +413,7 @@ def test_a_qlora_twin_is_trained_alike_and_the_evaluation_compares_it_low_bit(se
     with pytest.raises(TrainError, match="only for a QA-LoRA adapter"):
         train_qlora_reference(tiny_train(), adapter_dir=tmp_path / "x", **setup.kwargs())
     with pytest.raises(
-        ValueError, match="qalora.reference trains a QLoRA twin to compare a QA-LoRA adapter with; method is 'lora'"
+        ValueError, match="qalora.reference trains a QLoRA adapter to compare a QA-LoRA adapter with; method is 'lora'"
     ):
         TrainParams(qalora={"reference": True})
 
