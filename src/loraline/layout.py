@@ -151,7 +151,10 @@ class Layout:
     def evaluation_dir(self, tenant: str) -> Path:
         return self.root / "reports" / tenant / "evaluation"
 
-    def eval_metrics_path(self, tenant: str) -> Path:
+    def evaluation_results_path(self, tenant: str) -> Path:
+        """The evaluation's full results, every metric of every model (a copy of evaluation/metrics.json that the
+        gate, the release and the summary read): a report, though its file name says metrics; the DVC metrics
+        are metrics_path("evaluate", tenant)."""
         return self.root / "reports" / tenant / "eval_metrics.json"
 
     def gate_path(self, tenant: str) -> Path:

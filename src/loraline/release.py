@@ -256,7 +256,7 @@ def _decide_against_production(
     """The gate again, with the current production version measured (`evaluate`) beside base and candidate."""
     from loraline.gate.decision import decide
 
-    evaluation = json.loads(layout.eval_metrics_path(tenant).read_text())["models"]
+    evaluation = json.loads(layout.evaluation_results_path(tenant).read_text())["models"]
     measured = evaluate(root, params, tenant, production)
     return decide(
         params.gate_for(tenant),

@@ -81,7 +81,7 @@ def collect_summary(params: Params, layout: Layout | None = None, tenants: list[
     layout = layout or Layout()
     out = []
     for name in tenants or params.tenant_names:
-        evaluation = _read(layout.eval_metrics_path(name)) or {}
+        evaluation = _read(layout.evaluation_results_path(name)) or {}
         paths = {
             "adapter": layout.adapter_dir(name),
             "merged": layout.merged_dir(name),

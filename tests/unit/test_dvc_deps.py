@@ -86,7 +86,7 @@ def test_each_stage_declares_only_its_small_metrics_file_as_a_metric(stage):
 def test_the_gate_depends_on_exactly_the_files_it_reads():
     data = [d for d in stage_deps("gate") if not d.startswith("src/")]
     reads = [
-        LAYOUT.eval_metrics_path(TENANT),
+        LAYOUT.evaluation_results_path(TENANT),
         LAYOUT.metrics_path("merge", TENANT),
         LAYOUT.metrics_path("export", TENANT),
     ]

@@ -206,8 +206,9 @@ def run(
     params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = None, progress: bool = False
 ) -> EvaluateResult:
     """The evaluate stage for one tenant: base and candidate on its test split into
-    reports/<tenant>/evaluation, the metrics also at reports/<tenant>/eval_metrics.json, the headline
-    ones at reports/<tenant>/metrics/evaluate.json, the run's timing at reports/timing/evaluate@<tenant>.json."""
+    reports/<tenant>/evaluation, its full results (metrics.json) also at reports/<tenant>/eval_metrics.json
+    (Layout.evaluation_results_path), the headline metrics (DVC's) at reports/<tenant>/metrics/evaluate.json,
+    the run's timing at reports/timing/evaluate@<tenant>.json."""
     started = time.perf_counter()
     ev = params.evaluate
     full_attention_reference = layout.adapter_dir(tenant) / FULL_ATTENTION_REFERENCE  # train.long_context.reference
@@ -234,7 +235,7 @@ def run(
         judge=ev.judge,
         judge_cache_dir=layout.judge_cache_dir(tenant),
     )
-    io.copy_file(result.metrics_path, layout.eval_metrics_path(tenant))
+    io.copy_file(result.metrics_path, layout.evaluation_results_path(tenant))
     io.write_json(layout.metrics_path("evaluate", tenant), evaluate_metrics(result.metrics))
     where = {k: result.metrics[k] for k in ("device", "device_name") if k in result.metrics}
     judged = (

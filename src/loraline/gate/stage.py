@@ -16,13 +16,13 @@ PARITY_SOURCES = ((MERGE_PARITY_KEY, "merge"), (EXPORT_PARITY_KEY, "export"))
 
 def run(params: Params, layout: Layout, tenant: str) -> GateDecision:
     """Decide on `tenant`'s candidate from the files the evaluate, merge and export stages wrote."""
-    evaluation = json.loads(layout.eval_metrics_path(tenant).read_text())
-    metrics = evaluation["models"]
+    evaluation = json.loads(layout.evaluation_results_path(tenant).read_text())
+    models = evaluation["models"]
     decision = decide(
         params.gate_for(tenant),
-        metrics["candidate"],
-        metrics["base"],
-        metrics.get("production"),
+        models["candidate"],
+        models["base"],
+        models.get("production"),
         read_parity(layout, tenant),
         targets=params.deploy_for(tenant).targets,
         judge=evaluation.get("judge"),

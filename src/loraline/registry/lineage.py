@@ -97,7 +97,7 @@ def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str 
     lock = read_lock(root)
     stages = lock_stages(lock, tenant_stages(tenant))
     rel = Layout()  # dvc.lock names outputs relative to the project root
-    evaluation = _json(layout.eval_metrics_path(tenant)) or {}
+    evaluation = _json(layout.evaluation_results_path(tenant)) or {}
     problems = evidence_problems(stages)
     return {
         "tenant": tenant,

@@ -303,10 +303,10 @@ def test_the_gate_stage_decides_on_the_evaluations_judge_block(tmp_path: Path):
     for stage in ("merge", "export"):
         layout.metrics_path(stage, "t1").parent.mkdir(parents=True, exist_ok=True)
         layout.metrics_path(stage, "t1").write_text(json.dumps({"max_abs_logit_diff": 0.0}))
-    layout.eval_metrics_path("t1").write_text(json.dumps(evaluation))
+    layout.evaluation_results_path("t1").write_text(json.dumps(evaluation))
     assert run(params, layout, "t1").failed == ["judge_win_rate"]  # set, but the evaluation has no judge block
     judged = {**JUDGE, "against": "base", "against_model": {"base_record_sha256": "ab" * 32}}
-    layout.eval_metrics_path("t1").write_text(json.dumps({**evaluation, "judge": judged}))
+    layout.evaluation_results_path("t1").write_text(json.dumps({**evaluation, "judge": judged}))
     decision = run(params, layout, "t1")
     assert (
         decision.passed

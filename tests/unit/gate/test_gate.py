@@ -292,8 +292,8 @@ def test_the_stage_reads_parity_from_the_small_merge_and_export_metrics_files(tm
     from loraline.layout import Layout
 
     layout, params = Layout(tmp_path), parse_params({"tenants": {"t1": {"raw_dir": "raw"}}})
-    layout.eval_metrics_path("t1").parent.mkdir(parents=True)
-    layout.eval_metrics_path("t1").write_text(
+    layout.evaluation_results_path("t1").parent.mkdir(parents=True)
+    layout.evaluation_results_path("t1").write_text(
         json.dumps(
             {
                 "models": {
