@@ -43,7 +43,7 @@ QLORA_REFERENCE = "qlora_reference"
 # built still writes its (small) outputs, a report saying so, because DVC requires every declared output.
 DEPLOY_TARGETS = ("adapter", "merged", "onnx")
 NOT_BUILT = "not built (deploy.targets)"
-# reports/<tenant>/ holds each tenant's reports; reports/timing/ every stage's run facts, so no tenant
+# reports/<tenant>/ holds each tenant's reports; reports/timing/ every stage's timing, so no tenant
 # may be called that (config.py refuses it).
 TIMING_DIR = "timing"
 

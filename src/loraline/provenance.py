@@ -72,7 +72,7 @@ def file_hashes(root: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, st
 def code_revision(cwd: str | Path | None = None) -> str:
     """The git commit of the working tree, with '-dirty' when library code differs from it.
 
-    Varies with any commit, so it belongs in run facts (reports/timing/), never inside an output."""
+    Varies with any commit, so it belongs in the timing (reports/timing/), never inside an output."""
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10

@@ -35,10 +35,10 @@ def _read(path: Path) -> dict[str, Any] | None:
 @dataclass
 class TenantSummary:
     tenant: str
-    prepare: dict[str, Any] | None
-    train: dict[str, Any] | None
+    prepare_stats: dict[str, Any] | None  # reports/<tenant>/prepare_stats.json
+    train_metrics: dict[str, Any] | None  # the train stage's DVC metrics
     train_timing: dict[str, Any] | None
-    metrics: dict[str, dict[str, float | None]]  # model ("base", "candidate", ...) -> metric -> value
+    scores: dict[str, dict[str, float | None]]  # the evaluation's: model ("base", "candidate", ...) -> metric -> value
     low_bit: dict[str, Any] | None  # the evaluation's QA-LoRA comparison (train.qalora.reference)
     gate: dict[str, Any] | None
     release: dict[str, Any] | None
@@ -63,11 +63,11 @@ class TenantSummary:
 
     def metric_rows(self) -> list[dict[str, Any]]:
         """One row per headline metric, one column per evaluated model."""
-        models = [m for m in ("base", "candidate", "production") if m in self.metrics]
+        models = [m for m in ("base", "candidate", "production") if m in self.scores]
         return [
-            {"metric": name, **{m: self.metrics[m].get(name) for m in models}}
+            {"metric": name, **{m: self.scores[m].get(name) for m in models}}
             for name in HEADLINE_METRICS
-            if any(name in self.metrics[m] for m in models)
+            if any(name in self.scores[m] for m in models)
         ]
 
 
@@ -91,10 +91,10 @@ def collect_summary(params: Params, layout: Layout | None = None, tenants: list[
         out.append(
             TenantSummary(
                 tenant=name,
-                prepare=_read(layout.prepare_stats_path(name)),
-                train=_read(layout.metrics_path("train", name)),
+                prepare_stats=_read(layout.prepare_stats_path(name)),
+                train_metrics=_read(layout.metrics_path("train", name)),
                 train_timing=_read(layout.timing_path("train", name)),
-                metrics=evaluation.get("models", {}),
+                scores=evaluation.get("models", {}),
                 low_bit=evaluation.get("qalora_comparison"),
                 gate=_read(layout.gate_path(name)),
                 release=_read(layout.release_path(name)),
@@ -141,7 +141,7 @@ def base_line(record: BaseRecord) -> str:
 
 
 def train_line(name: str, m: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
-    """`m`: the train stage's metrics (train.train_metrics); `timing`: its run facts, when known."""
+    """`m`: the train stage's metrics (train.train_metrics); `timing`: its run timing, when known."""
     gain = "n/a" if m.get("val_loss_gain") is None else f"{100 * m['val_loss_gain']:.0f}%"
     line = (
         f"train[{name}]: validation answer loss {_fmt(m.get('val_loss_base'))} (base) -> {_fmt(m.get('val_loss'))} "
@@ -305,7 +305,7 @@ def _data_table(tenants: list[TenantSummary]) -> list[str]:
             *(s.get("splits", {}).get(k, 0) for k in ("train", "validation", "test")),
         ]
         for t in tenants
-        if (s := t.prepare)
+        if (s := t.prepare_stats)
     ]
     if not rows:
         return []
@@ -315,10 +315,10 @@ def _data_table(tenants: list[TenantSummary]) -> list[str]:
 def _tenant_lines(t: TenantSummary) -> list[str]:
     """One tenant's section, indented: rejects, training, metrics, gate, registry and output paths."""
     lines = []
-    if t.prepare:
-        lines.append(f"  rejects: {reasons(t.prepare)}")
-    if t.train:
-        lines.append("  " + train_line(t.tenant, t.train, t.train_timing))
+    if t.prepare_stats:
+        lines.append(f"  rejects: {reasons(t.prepare_stats)}")
+    if t.train_metrics:
+        lines.append("  " + train_line(t.tenant, t.train_metrics, t.train_timing))
     rows = t.metric_rows()
     if rows:
         models = [k for k in rows[0] if k != "metric"]
@@ -346,7 +346,7 @@ def render_markdown(summary: RunSummary, seconds: float | None = None) -> str:
     ]
     for t in summary.tenants:
         r = t.release or {}
-        loss = " → ".join(_fmt(t.metrics.get(m, {}).get("answer_loss")) for m in ("base", "candidate"))
+        loss = " → ".join(_fmt(t.scores.get(m, {}).get("answer_loss")) for m in ("base", "candidate"))
         out.append(
             f"| {t.tenant} | {t.verdict} | {r.get('version') or '-'} | {'yes' if r.get('promoted') else 'no'} "
             f"| {r.get('production_after') or '-'} | {loss} |"
