@@ -67,7 +67,7 @@ from loraline.evaluate import metrics as M
 from loraline.evaluate.batching import rows_for, scored_in_batches
 from loraline.evaluate.generate import AnswerLoss, answer_loss, encode_prompt, generate_greedy, loaded_model
 from loraline.evaluate.report import render_report
-from loraline.layout import BASE_RECORD, GENERAL_ROWS, GENERAL_SAMPLE, QLORA_REFERENCE, Layout
+from loraline.layout import ADAPTER_CONFIG, BASE_RECORD, GENERAL_ROWS, GENERAL_SAMPLE, QLORA_REFERENCE, Layout
 from loraline.modelling.conversation import split_conversation
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.endpoint import EndpointError
@@ -83,7 +83,6 @@ from loraline.provenance import hash_tree, run_facts, sha256_file
 METRICS = "metrics.json"
 REPORT = "report.md"
 GENERATIONS = "generations.jsonl"
-ADAPTER_CONFIG = "adapter_config.json"
 LONG_CONTEXT = "long_context.json"  # LongLoRA candidates only (evaluate.long_context)
 SEED = 0
 # The metrics people compare across runs (reports/<tenant>/metrics/evaluate.json), in reading order;
