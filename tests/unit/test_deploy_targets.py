@@ -93,10 +93,10 @@ def test_merge_without_merged_writes_the_reference_answers_alone(trained: Traine
     assert sorted(p.name for p in result.out_dir.iterdir()) == [MERGE_REPORT]
     report = json.loads(result.report_path.read_text())
     assert report["merged"] == NOT_BUILT and report["passed"] is True and report["dtype"] == "float32"
-    ref, full = report["probe_reference"], full_merge.report["probe_reference"]
-    assert ref["prompts"] == full["prompts"] and ref["model"] == "base + adapter, unmerged"
+    ref, full = report["probe_reference"], full_merge.report.probe_reference
+    assert ref["prompts"] == full.prompts and ref["model"] == "base + adapter, unmerged"
     # base + adapter at float32 answers as the merged model does: the deployment check's reference is the same
-    assert ref["greedy"] == full["greedy"] and any(t.strip() for t in ref["texts"])
+    assert ref["greedy"] == full.greedy and any(t.strip() for t in ref["texts"])
 
 
 def _adapter_only_project(trained: Trained, root: Path) -> tuple[Params, Layout]:  # noqa: F811
