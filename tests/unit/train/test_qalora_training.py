@@ -135,11 +135,11 @@ def test_the_merge_stage_folds_a_qalora_adapter_into_the_same_low_bit_model(setu
         base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir, out_dir=tmp_path / "m"
     )
     report = merged.report
-    assert merged.passed and report["qalora"]["bits"] == 4 and report["qalora"]["layers"] == 14
-    assert report["merged_vs_unmerged"]["max_abs_logit_diff"] < 1e-4
-    assert report["merged_vs_unmerged"]["greedy_agreement"] == 1.0
-    assert report["adapter"]["quantization"] == "qalora" and "skipped" in report["vs_4bit"]
-    assert report["reload"]["max_abs_logit_diff"] < 1e-5
+    assert merged.passed and report.qalora.bits == 4 and report.qalora.layers == 14
+    assert report.merged_vs_unmerged.max_abs_logit_diff < 1e-4
+    assert report.merged_vs_unmerged.greedy_agreement == 1.0
+    assert report.adapter.quantization == "qalora" and report.vs_4bit.skipped
+    assert report.reload.max_abs_logit_diff < 1e-5
 
     model = AutoModelForCausalLM.from_pretrained(merged.out_dir)
     base = load_base_causal_lm(setup.base_dir, "cpu", torch.float32)

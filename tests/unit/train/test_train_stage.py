@@ -46,7 +46,7 @@ def test_record_has_provenance_and_measurements(reference, setup):
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(rec.library_versions)
     assert len(rec.code.sha256) == 64 and rec.code.modules > 10
     # what differs between identical runs is in the timing, not in the output
-    assert not {"code_revision", "wall_s", "tokens_per_s", "peak_memory", "resumed_from_step"} & set(rec)
+    assert not {"code_revision", "wall_s", "tokens_per_s", "peak_memory", "resumed_from_step"} & set(rec.to_json())
     timing = reference.result.timing
     assert timing["peak_memory"]["kind"] == "process_max_rss" and timing["peak_memory"]["bytes"] > 10 << 20
     assert timing["wall_s"] > 0 and timing["tokens_per_s"] > 0 and timing["resumed_from_step"] is None
