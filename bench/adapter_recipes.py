@@ -85,10 +85,10 @@ def run_variant(
     candidate = metrics["models"]["candidate"]
     return {
         "variant": name,
-        "steps": trained.record["steps"]["done"],
+        "steps": trained.record.steps.done,
         "base_s": base_s,
         "train_s": round(train_s, 1),
-        "val_loss": round(trained.record["loss"]["final_val"], 4),
+        "val_loss": round(trained.record.loss.final_val, 4),
         "exact_match": round(candidate["exact_match"], 3),
         "json_field_accuracy": round(candidate["json_field_accuracy"], 3),
         "general_loss": {m: round(metrics["models"][m]["general_loss"], 4) for m in ("base", "candidate")},

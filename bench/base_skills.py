@@ -75,9 +75,9 @@ def main() -> int:
             wall = time.perf_counter() - started
             row = {
                 "variant": name,
-                "device": result.record["built_on"]["device"],
-                "steps": result.record["pretraining"]["steps"],
-                "final_loss": result.record["pretraining"]["final_loss"],
+                "device": result.record.built_on.device,
+                "steps": result.record.pretraining.steps,
+                "final_loss": result.record.pretraining.final_loss,
                 "build_s": round(wall, 1),
                 "accuracy": probe(Path(tmp) / "base", args.per_kind),
             }

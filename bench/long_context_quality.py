@@ -154,7 +154,7 @@ def main() -> None:
             "train_s": round(train_s, 1),
             "step_s": step_seconds(args.base, args.target, s2),
             "merge_passed": merged.passed,
-            "final_train_loss": trained.record["loss"]["final_train"],
+            "final_train_loss": trained.record.loss.final_train,
         }
         models[name] = (str(merged.out_dir), {})
         print(f"{name}: {train_s:.0f}s, {results[name]}", flush=True)

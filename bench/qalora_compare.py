@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             name, {"method": "qalora", "qalora": {"bits": bits, "group_size": args.group_size}}
         )
         export = export_onnx(model_dir=merged, out_dir=scratch / name / "onnx", max_new_tokens=8)
-        row = score_onnx(export.out_dir, export.report["lowbit"]["file"], rows, args.max_new_tokens, args.threads)
+        row = score_onnx(export.out_dir, export.report.lowbit.file, rows, args.max_new_tokens, args.threads)
         unmerged = unmerged_qalora_loss(base_dir, adapter, rows, bits, args.group_size)
         emit(
             {
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         rtn_dir = scratch / f"rtn-int{bits}"
         rtn_model(qlora_merged, rtn_dir / "merged", bits, args.group_size)
         export = export_onnx(model_dir=rtn_dir / "merged", out_dir=rtn_dir / "onnx", max_new_tokens=8)
-        row = score_onnx(export.out_dir, export.report["lowbit"]["file"], rows, args.max_new_tokens, args.threads)
+        row = score_onnx(export.out_dir, export.report.lowbit.file, rows, args.max_new_tokens, args.threads)
         emit(
             {
                 **common,

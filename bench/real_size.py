@@ -605,11 +605,10 @@ def outcome_of(stage: str, result: Any) -> dict[str, Any] | None:
     if stage == "gate":
         return {"passed": bool(result.passed), "failed_rules": [r.name for r in result.rules if not r.passed]}
     if stage == "train":
-        record = result.record
-        return {k: record[k] for k in ("batch", "steps", "device", "loss") if k in record}
+        return result.record.model_dump(include={"batch", "steps", "device", "loss"}, exclude_unset=True)
     if stage in ("merge", "export"):
-        report = result.report
-        return {k: report[k] for k in ("device", "device_name", "passed", "merged", "onnx", "graphs") if k in report}
+        keys = {"device", "device_name", "passed", "merged", "onnx", "graphs"}
+        return result.report.model_dump(include=keys, exclude_unset=True)
     if stage == "evaluate":
         metrics = result.metrics
         return {

@@ -179,18 +179,18 @@ def rank_run(shape: str, gpus: int, root: Path) -> None:
         )
         raise SystemExit(3) from None
     if rank == 0:
-        rec, facts = result.record, result.record["sharding"]
+        rec, facts = result.record, result.record.sharding
         print(
             json.dumps(
                 {
                     "shape": shape,
                     "gpus": gpus,
                     "fits": True,
-                    "steps": rec["steps"]["done"],
+                    "steps": rec.steps.done,
                     "peak_gib": round(result.timing["peak_memory"]["bytes"] / 2**30, 1),
-                    "layer_weights_gib_per_gpu": round(facts["layer_bytes_held"] / 2**30, 1),
-                    "layer_weights_gib": round(facts["layer_bytes"] / 2**30, 1),
-                    "whole_weights_gib": round(facts["whole_bytes"] / 2**30, 1),
+                    "layer_weights_gib_per_gpu": round(facts.layer_bytes_held / 2**30, 1),
+                    "layer_weights_gib": round(facts.layer_bytes / 2**30, 1),
+                    "whole_weights_gib": round(facts.whole_bytes / 2**30, 1),
                     "useful_tokens_per_s": round(result.timing["tokens_per_s"]),  # all GPUs together
                     "train_losses": [
                         round(float(x.split(",")[1]), 4) for x in result.train_curve.read_text().splitlines()[1:]

@@ -12,6 +12,8 @@ Invariants:
   `extra="allow"`: a file read and written again is unchanged). Only the keys every record has ever had
   are required.
 - A record built in code with a key no model declares is refused by `write` (a typo is not a new field).
+  A field assigned after construction is validated as the constructor's are (`report.vs_4bit = {...}` holds
+  a QuantizedGap), so the stages build a record piece by piece and still write only typed parts.
 - A file that does not match raises RecordError naming the file and the field (`steps.done: Input
   should be a valid integer`).
 
@@ -49,7 +51,7 @@ class RecordError(ValueError):
 class Part(BaseModel):
     """A piece of a record: declared fields typed, undeclared (older) keys kept as they are."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
 
 class Record(Part):
@@ -78,6 +80,12 @@ class Record(Part):
     def to_json(self) -> dict[str, Any]:
         """The record as the dict its file holds: the fields given, nothing else."""
         return self.model_dump(exclude_unset=True)
+
+    def assign(self: R, fields: dict[str, Any]) -> R:
+        """Each of `fields` set on the record (validated as the constructor validates it); the record."""
+        for name, value in fields.items():
+            setattr(self, name, value)
+        return self
 
     def write(self, path: str | Path) -> Path:
         """Write the record to `path` atomically (io.write_json); refused when it holds undeclared keys."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from loraline.config import Params
 from loraline.layout import NOT_BUILT, Layout
-from loraline.records import BaseRecord
+from loraline.records import BaseRecord, ExportReport, GraphReport, MergeReport, QuantizedGap
 
 # The metrics worth a column, in reading order; anything else stays in metrics.json. The same as
 # loraline.evaluate.stage.HEADLINE_METRICS (importing that would load torch for every CLI command).
@@ -189,41 +189,38 @@ def prepare_line(name: str, stats: Any) -> str:
     )
 
 
-def merge_line(name: str, report: dict[str, Any], layout: Layout) -> str:
+def merge_line(name: str, report: MergeReport, layout: Layout) -> str:
     """`report`: the merge stage's report (merge_report.json)."""
-    r, p = report, report["probes"]
-    probes = f"{p['count']} probes ({p['builtin']} built-in, {p['tenant']} from the test split)"
-    if "merged_vs_unmerged" not in r:  # deploy.targets without merged
+    r, p = report, report.probes
+    probes = f"{p.count} probes ({p.builtin} built-in, {p.tenant} from the test split)"
+    mv = r.merged_vs_unmerged
+    if mv is None:  # deploy.targets without merged
         return (
-            f"merge[{name}]: merged {r['merged']}; reference answers to {probes} from base + adapter "
+            f"merge[{name}]: merged {r.merged}; reference answers to {probes} from base + adapter "
             f"-> {layout.merge_report_path(name)}"
         )
-    q = r.get("vs_4bit", {})
-    gap = (
-        "skipped"
-        if "skipped" in q
-        else f"{q.get('max_abs_logit_diff', float('nan')):.3g} (greedy agreement {q.get('greedy_agreement', 0):.0%})"
-    )
-    mv = r["merged_vs_unmerged"]
+    q = r.vs_4bit or QuantizedGap()
+    worst = q.max_abs_logit_diff if q.max_abs_logit_diff is not None else float("nan")
+    gap = "skipped" if q.skipped is not None else f"{worst:.3g} (greedy agreement {q.greedy_agreement or 0:.0%})"
     return (
-        f"merge[{name}]: merged vs adapter max logit diff {mv['max_abs_logit_diff']:.2e} "
-        f"(tolerance {r['tolerance']:g}), greedy agreement {mv['greedy_agreement']:.0%} on {probes}; "
+        f"merge[{name}]: merged vs adapter max logit diff {mv.max_abs_logit_diff:.2e} "
+        f"(tolerance {r.tolerance:g}), greedy agreement {mv.greedy_agreement:.0%} on {probes}; "
         f"gap to 4-bit {gap} -> {layout.merged_dir(name)}"
     )
 
 
-def export_lines(name: str, report: dict[str, Any], layout: Layout) -> list[str]:
+def export_lines(name: str, report: ExportReport, layout: Layout) -> list[str]:
     """`report`: the export stage's report (export_report.json): a headline, then one line per graph."""
     r = report
-    if "graph" not in r:  # deploy.targets without onnx
-        return [f"export[{name}]: onnx {r['onnx']}"]
+    if r.graph is None:  # deploy.targets without onnx
+        return [f"export[{name}]: onnx {r.onnx}"]
     lines = [f"export[{name}] -> {layout.onnx_dir(name)}"]
-    for graph in r["graphs"]:
-        g = r[graph]
-        drift = f"; vs the float model {g['vs_float']['max_abs_logit_diff']:.3g}" if "vs_float" in g else ""
+    for graph in r.graphs or []:
+        g: GraphReport = getattr(r, graph)
+        drift = f"; vs the float model {g.vs_float.max_abs_logit_diff:.3g}" if g.vs_float is not None else ""
         lines.append(
-            f"  {graph:<5} {g['file']:<17} {g['bytes'] / 2**20:9.1f} MiB  max logit diff "
-            f"{g['max_abs_logit_diff']:.2e}, greedy agreement {g['greedy_agreement']:.0%}{drift}"
+            f"  {graph:<5} {g.file:<17} {g.bytes / 2**20:9.1f} MiB  max logit diff "
+            f"{g.max_abs_logit_diff:.2e}, greedy agreement {g.greedy_agreement:.0%}{drift}"
         )
     return lines
 

@@ -15,8 +15,8 @@ from test_merge import Trained, trained  # noqa: F401 -- the module's tiny base 
 
 from loraline.config import ConfigError, DeployParams, EvaluateParams, MergeParams, Params, TenantParams, parse_params
 from loraline.gate.decision import EXPORT_PARITY_KEY, MERGE_PARITY_KEY, decide
-from loraline.layout import GENERAL_TEXT, NOT_BUILT, PREPARED_DATASET, Layout
-from loraline.merge import REPORT, merge_adapter
+from loraline.layout import GENERAL_TEXT, MERGE_REPORT, NOT_BUILT, PREPARED_DATASET, Layout
+from loraline.merge import merge_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -90,13 +90,13 @@ def test_merge_without_merged_writes_the_reference_answers_alone(trained: Traine
     result = merge_adapter(
         out_dir=tmp_path / "merged", tolerance=1e-4, max_new_tokens=12, merged=False, **trained.kwargs()
     )
-    assert sorted(p.name for p in result.out_dir.iterdir()) == [REPORT]
+    assert sorted(p.name for p in result.out_dir.iterdir()) == [MERGE_REPORT]
     report = json.loads(result.report_path.read_text())
     assert report["merged"] == NOT_BUILT and report["passed"] is True and report["dtype"] == "float32"
-    ref, full = report["probe_reference"], full_merge.report["probe_reference"]
-    assert ref["prompts"] == full["prompts"] and ref["model"] == "base + adapter, unmerged"
+    ref, full = report["probe_reference"], full_merge.report.probe_reference
+    assert ref["prompts"] == full.prompts and ref["model"] == "base + adapter, unmerged"
     # base + adapter at float32 answers as the merged model does: the deployment check's reference is the same
-    assert ref["greedy"] == full["greedy"] and any(t.strip() for t in ref["texts"])
+    assert ref["greedy"] == full.greedy and any(t.strip() for t in ref["texts"])
 
 
 def _adapter_only_project(trained: Trained, root: Path) -> tuple[Params, Layout]:  # noqa: F811

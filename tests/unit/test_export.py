@@ -19,8 +19,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent / "train"))
 from train_helpers import make_raw, tiny_build  # noqa: E402
 
-from loraline.export import REPORT, ExportError, OnnxGenerator, export_onnx  # noqa: E402
+from loraline.export import ExportError, OnnxGenerator, export_onnx  # noqa: E402
 from loraline.export.runtime import INT8_FILE, MODEL_FILE  # noqa: E402
+from loraline.layout import EXPORT_REPORT  # noqa: E402
+from loraline.records import ExportReport  # noqa: E402
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -38,7 +40,7 @@ MAX_NEW = 12
 class Exported:
     base_dir: Path
     out_dir: Path
-    report: dict
+    report: ExportReport
     root: Path
 
 
@@ -68,7 +70,7 @@ def exported(tmp_path_factory) -> Exported:
         )
     finally:
         torch.set_num_threads(previous)
-    assert result.report_path == result.out_dir / REPORT
+    assert result.report_path == result.out_dir / EXPORT_REPORT
     return Exported(base.out_dir, result.out_dir, result.report, root)
 
 
@@ -91,7 +93,7 @@ def test_folder_is_self_contained(exported: Exported):
     assert {
         MODEL_FILE,
         INT8_FILE,
-        REPORT,
+        EXPORT_REPORT,
         "config.json",
         "generation_config.json",
         "tokenizer.json",
@@ -109,7 +111,7 @@ def test_folder_is_self_contained(exported: Exported):
         PROBES[0], tokenize=False, add_generation_prompt=True
     ) == base_tok.apply_chat_template(PROBES[0], tokenize=False, add_generation_prompt=True)
     assert AutoConfig.from_pretrained(str(exported.out_dir)).num_hidden_layers == 2
-    report = json.loads((exported.out_dir / REPORT).read_text())
+    report = json.loads((exported.out_dir / EXPORT_REPORT).read_text())
     assert report["passed"] is True and report["files"][MODEL_FILE]
     assert report["device"] == "cpu"
     assert report["graph"]["inputs"][:2] == ["input_ids", "attention_mask"]
@@ -126,11 +128,11 @@ def test_graph_has_dynamic_batch_sequence_and_past(generator: OnnxGenerator):
 
 
 def test_fp32_report_parity(exported: Exported):
-    fp32 = exported.report["fp32"]
-    assert fp32["max_abs_logit_diff"] < 1e-4
-    assert fp32["decode_max_abs_logit_diff"] < 1e-4
-    assert fp32["greedy_agreement"] == 1.0 and fp32["next_token_agreement"] == 1.0
-    assert len(fp32["per_probe"]) == len(PROBES)
+    fp32 = exported.report.fp32
+    assert fp32.max_abs_logit_diff < 1e-4
+    assert fp32.decode_max_abs_logit_diff < 1e-4
+    assert fp32.greedy_agreement == 1.0 and fp32.next_token_agreement == 1.0
+    assert len(fp32.per_probe) == len(PROBES)
 
 
 @torch.no_grad()
@@ -232,12 +234,12 @@ def test_sampling_is_reproducible_under_a_seed(generator: OnnxGenerator):
 
 
 def test_int8_report_and_model(exported: Exported):
-    int8 = exported.report["int8"]
-    assert int8["file"] == INT8_FILE and (exported.out_dir / INT8_FILE).is_file()
+    int8 = exported.report.int8
+    assert int8.file == INT8_FILE and (exported.out_dir / INT8_FILE).is_file()
     for key in ("max_abs_logit_diff", "decode_max_abs_logit_diff", "greedy_agreement", "next_token_agreement"):
-        assert np.isfinite(int8[key])
-    assert 0.0 <= int8["greedy_agreement"] <= 1.0
-    assert int8["max_abs_logit_diff"] < 5.0  # quantized, not broken
+        assert np.isfinite(getattr(int8, key))
+    assert 0.0 <= int8.greedy_agreement <= 1.0
+    assert int8.max_abs_logit_diff < 5.0  # quantized, not broken
     assert (exported.out_dir / INT8_FILE).stat().st_size < (exported.out_dir / MODEL_FILE).stat().st_size
     q = OnnxGenerator(exported.out_dir, model_file=INT8_FILE, threads=1)
     assert isinstance(q.generate(PROBES[0], max_new_tokens=4), str)
@@ -255,7 +257,7 @@ def test_too_tight_tolerance_raises_and_leaves_nothing(exported: Exported):
             device="cpu",
         )
     assert isinstance(info.value, ValueError)
-    assert info.value.report is not None and info.value.report["passed"] is False
+    assert info.value.report is not None and info.value.report.passed is False
     assert not out.exists()
     assert not [p for p in exported.root.iterdir() if p.name.startswith(".onnx_tight")]
 
@@ -300,10 +302,10 @@ def test_large_models_use_external_data(exported: Exported, monkeypatch):
         tolerance=1e-4,
         device="cpu",
     )
-    assert result.report["graph"]["external_data"] is True and (out / "model.onnx.data").is_file()
-    assert result.report["int8"]["external_data"] is True and (out / "model.int8.onnx.data").is_file()
-    assert "model.onnx.data" in result.report["files"]
-    assert result.report["fp32"]["greedy_agreement"] == 1.0
+    assert result.report.graph.external_data is True and (out / "model.onnx.data").is_file()
+    assert result.report.int8.external_data is True and (out / "model.int8.onnx.data").is_file()
+    assert "model.onnx.data" in result.report.files
+    assert result.report.fp32.greedy_agreement == 1.0
 
 
 def test_random_llama_greedy_agreement_is_not_vacuous(random_llama: Path, tmp_path):
@@ -315,10 +317,10 @@ def test_random_llama_greedy_agreement_is_not_vacuous(random_llama: Path, tmp_pa
         tolerance=1e-4,
         device="cpu",
     )
-    fp32 = result.report["fp32"]
-    assert fp32["max_abs_logit_diff"] < 1e-4 and fp32["decode_max_abs_logit_diff"] < 1e-4
-    assert fp32["greedy_agreement"] == 1.0
-    assert min(p["greedy_tokens"] for p in fp32["per_probe"]) >= 10
+    fp32 = result.report.fp32
+    assert fp32.max_abs_logit_diff < 1e-4 and fp32.decode_max_abs_logit_diff < 1e-4
+    assert fp32.greedy_agreement == 1.0
+    assert min(p.greedy_tokens for p in fp32.per_probe) >= 10
     generator = OnnxGenerator(result.out_dir, threads=1)
     tokens = generator.generate_ids(generator.encode(PROBES[0]), max_new_tokens=24)
     assert len(set(tokens)) > 3
@@ -343,8 +345,8 @@ def test_export_parity_on_cuda(exported: Exported, random_llama: Path, tmp_path)
     assert report["passed"] is True and report["device"] == "cuda" and report["device_name"]
     assert report["fp32"]["max_abs_logit_diff"] < 1e-3 and report["fp32"]["decode_max_abs_logit_diff"] < 1e-3
     assert report["fp32"]["greedy_agreement"] == 1.0
-    assert report["files"][MODEL_FILE] == exported.report["files"][MODEL_FILE]
-    assert report["reference_greedy_texts"] == exported.report["reference_greedy_texts"]
+    assert report["files"][MODEL_FILE] == exported.report.files[MODEL_FILE]
+    assert report["reference_greedy_texts"] == exported.report.reference_greedy_texts
     # Long, varied answers (no early eos): every batched, cached step on the GPU agrees with onnxruntime.
     result = export_onnx(
         model_dir=random_llama,
@@ -354,9 +356,9 @@ def test_export_parity_on_cuda(exported: Exported, random_llama: Path, tmp_path)
         tolerance=1e-3,
         device="cuda",
     )
-    fp32 = result.report["fp32"]
-    assert result.report["device"] == "cuda" and fp32["greedy_agreement"] == 1.0
-    assert min(p["greedy_tokens"] for p in fp32["per_probe"]) >= 10
+    fp32 = result.report.fp32
+    assert result.report.device == "cuda" and fp32.greedy_agreement == 1.0
+    assert min(p.greedy_tokens for p in fp32.per_probe) >= 10
 
 
 def test_cli_generate_prints_what_the_generator_returns(exported: Exported, generator: OnnxGenerator, capsys):

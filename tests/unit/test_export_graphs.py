@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from loraline.export import ExportError, OnnxGenerator, export_onnx
+from loraline.export import ExportError, ExportResult, OnnxGenerator, export_onnx
 from loraline.export.int4 import dequantized_twin, linear_weights, quantize_rtn
 from loraline.export.runtime import GRAPH_FILES
 from loraline.export.stage import export_metrics
+from loraline.records import ExportReport
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -26,41 +27,40 @@ PROBES = [
 
 
 @pytest.fixture(scope="module")
-def int4_export(random_llama: Path, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("int4") / "onnx"
+def int4_export(random_llama: Path, tmp_path_factory) -> ExportResult:
     return export_onnx(
         model_dir=random_llama,
-        out_dir=out,
+        out_dir=tmp_path_factory.mktemp("int4") / "onnx",
         graphs=["int4"],
         probes=PROBES,
         max_new_tokens=12,
         tolerance=1e-4,
         device="cpu",
-    ).report | {"out": out}
+    )
 
 
-def test_int4_graph_computes_the_dequantized_model(int4_export: dict):
-    int4 = int4_export["int4"]
-    assert int4["max_abs_logit_diff"] <= 1e-4 and int4["decode_max_abs_logit_diff"] <= 1e-4
-    assert int4["greedy_agreement"] == 1.0
+def test_int4_graph_computes_the_dequantized_model(int4_export: ExportResult):
+    int4 = int4_export.report.int4
+    assert int4.max_abs_logit_diff <= 1e-4 and int4.decode_max_abs_logit_diff <= 1e-4
+    assert int4.greedy_agreement == 1.0
     # the quantization's own error is measured against the float model and reported, not hidden
-    assert int4["vs_float"]["max_abs_logit_diff"] > 1e-3 and "greedy_agreement" in int4["vs_float"]
-    assert int4["layers"] == 14 and int4["float_layers"] == ["lm_head"] and int4["bits"] == 4
+    assert int4.vs_float.max_abs_logit_diff > 1e-3 and int4.vs_float.greedy_agreement is not None
+    assert int4.layers == 14 and int4.float_layers == ["lm_head"] and int4.bits == 4
 
 
-def test_int4_folder_holds_no_float32_graph_and_is_small(int4_export: dict, random_llama: Path):
+def test_int4_folder_holds_no_float32_graph_and_is_small(int4_export: ExportResult, random_llama: Path):
     import onnx
 
-    out = int4_export["out"]
+    out = int4_export.out_dir
     assert not (out / "model.onnx").exists() and (out / "model.int4.onnx").is_file()
     graph = onnx.load(str(out / "model.int4.onnx"))
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("MatMulNBits") == 14
     linear_bytes = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128) * 4
-    assert int4_export["int4"]["bytes"] < 2 * 400 * 64 * 4 + linear_bytes / 4 + 64_000  # embeddings, head, int4 codes
-    metrics = export_metrics(int4_export)
-    assert metrics["max_abs_logit_diff"] == int4_export["int4"]["max_abs_logit_diff"]  # what the gate reads
-    assert metrics["int4"]["vs_float"]["greedy_agreement"] == int4_export["int4"]["vs_float"]["greedy_agreement"]
+    assert int4_export.report.int4.bytes < 2 * 400 * 64 * 4 + linear_bytes / 4 + 64_000  # embeddings, head, int4 codes
+    metrics = export_metrics(int4_export.report)
+    assert metrics["max_abs_logit_diff"] == int4_export.report.int4.max_abs_logit_diff  # what the gate reads
+    assert metrics["int4"]["vs_float"]["greedy_agreement"] == int4_export.report.int4.vs_float.greedy_agreement
 
 
 def test_rtn_is_within_half_a_step_and_keeps_zero():
@@ -100,9 +100,9 @@ def test_fp16_graph_within_its_bound_and_runs_with_a_half_cache(random_llama: Pa
         fp16_tolerance=0.1,
         device="cpu",
     ).report
-    fp16 = report["fp16"]
-    assert 1e-5 < fp16["max_abs_logit_diff"] <= 0.1  # really half precision, and within its bound
-    assert report["fp16"]["bytes"] < 0.6 * report["fp32"]["bytes"]
+    fp16 = report.fp16
+    assert 1e-5 < fp16.max_abs_logit_diff <= 0.1  # really half precision, and within its bound
+    assert report.fp16.bytes < 0.6 * report.fp32.bytes
     gen = OnnxGenerator(out, GRAPH_FILES["fp16"])
     assert gen.past_dtype == np.float16 and gen.generate_ids([1, 5, 9], max_new_tokens=4)
     with pytest.raises(ExportError, match="fp16 logits .* differ from PyTorch") as err:
@@ -116,7 +116,7 @@ def test_fp16_graph_within_its_bound_and_runs_with_a_half_cache(random_llama: Pa
             fp16_tolerance=1e-7,
             device="cpu",
         )
-    assert not (tmp_path / "tight").exists() and err.value.report["fp32"]["max_abs_logit_diff"] < 1e-4
+    assert not (tmp_path / "tight").exists() and err.value.report.fp32.max_abs_logit_diff < 1e-4
 
 
 def test_int4_with_external_data(random_llama: Path, tmp_path: Path, monkeypatch):
@@ -133,9 +133,9 @@ def test_int4_with_external_data(random_llama: Path, tmp_path: Path, monkeypatch
         tolerance=1e-4,
         device="cpu",
     ).report
-    assert report["int4"]["external_data"] is True and (out / "model.int4.onnx.data").is_file()
+    assert report.int4.external_data is True and (out / "model.int4.onnx.data").is_file()
     assert (out / "model.int4.onnx").stat().st_size < 100_000  # the weights are beside it
-    assert report["int4"]["greedy_agreement"] == 1.0 and "model.int4.onnx.data" in report["files"]
+    assert report.int4.greedy_agreement == 1.0 and "model.int4.onnx.data" in report.files
 
 
 @pytest.mark.parametrize(
@@ -164,17 +164,17 @@ def test_export_refuses_bad_graph_lists_before_writing(random_llama: Path, tmp_p
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_generate_runs_each_graph(int4_export: dict, capsys):
+def test_cli_generate_runs_each_graph(int4_export: ExportResult, capsys):
     from loraline.cli import main
 
-    gen = OnnxGenerator(int4_export["out"], GRAPH_FILES["int4"])
+    gen = OnnxGenerator(int4_export.out_dir, GRAPH_FILES["int4"])
     expected = gen.generate([{"role": "user", "content": "Hello"}], max_new_tokens=6)
     assert (
         main(
             [
                 "generate",
                 "--onnx",
-                str(int4_export["out"]),
+                str(int4_export.out_dir),
                 "--graph",
                 "int4",
                 "--prompt",
@@ -187,12 +187,12 @@ def test_cli_generate_runs_each_graph(int4_export: dict, capsys):
     )
     assert capsys.readouterr().out == expected + "\n"
     with pytest.raises(SystemExit, match="has no fp32 graph .*it has: int4"):
-        main(["generate", "--onnx", str(int4_export["out"]), "--prompt", "Hello"])
-    assert json.loads((int4_export["out"] / "export_report.json").read_text())["graphs"] == ["int4"]
+        main(["generate", "--onnx", str(int4_export.out_dir), "--prompt", "Hello"])
+    assert json.loads((int4_export.out_dir / "export_report.json").read_text())["graphs"] == ["int4"]
 
 
 @pytest.mark.cuda
-def test_int4_and_fp16_with_the_reference_on_cuda(int4_export: dict, random_llama: Path, tmp_path: Path):
+def test_int4_and_fp16_with_the_reference_on_cuda(int4_export: ExportResult, random_llama: Path, tmp_path: Path):
     """export.device cuda: the float and twin references run on the GPU, the graphs are still built on the CPU
     (the int4 file is the same bytes as the CPU export's), and onnxruntime agrees with the GPU's numbers."""
     report = export_onnx(
@@ -205,9 +205,9 @@ def test_int4_and_fp16_with_the_reference_on_cuda(int4_export: dict, random_llam
         fp16_tolerance=0.1,
         device="cuda",
     ).report
-    assert report["device"] == "cuda" and report["int4"]["greedy_agreement"] == 1.0
-    assert report["int4"]["max_abs_logit_diff"] <= 1e-3 and report["fp16"]["max_abs_logit_diff"] <= 0.1
-    assert report["files"]["model.int4.onnx"] == int4_export["files"]["model.int4.onnx"]
+    assert report.device == "cuda" and report.int4.greedy_agreement == 1.0
+    assert report.int4.max_abs_logit_diff <= 1e-3 and report.fp16.max_abs_logit_diff <= 0.1
+    assert report.files["model.int4.onnx"] == int4_export.report.files["model.int4.onnx"]
 
 
 def test_a_graph_that_generates_otherwise_fails_on_greedy_agreement():
@@ -219,16 +219,16 @@ def test_a_graph_that_generates_otherwise_fails_on_greedy_agreement():
         "decode_max_abs_logit_diff": 0.01,
         "greedy_agreement": 0.5,
     }
-    report = {"passed": True, "fp16": numbers}
+    report = ExportReport(passed=True, fp16=numbers)
     _enforce(report, "fp16", 0.05, 0.5)
-    assert report["passed"] is True
+    assert report.passed is True
     with pytest.raises(
         ExportError,
         match=r"fp16 \(model.fp16.onnx\) generates what PyTorch generates on 50% of the "
         r"probes < export.min_greedy_agreement 75%",
     ):
         _enforce(report, "fp16", 0.05, 0.75)
-    assert report["passed"] is False
-    report = {"passed": True, "int8": {**numbers, "greedy_agreement": 0.0}}
+    assert report.passed is False
+    report = ExportReport(passed=True, int8={**numbers, "greedy_agreement": 0.0})
     _enforce(report, "int8", 0.05, 0.75)  # reported only
-    assert report["passed"] is True
+    assert report.passed is True

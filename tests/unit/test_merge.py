@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent / "train"))
 from train_helpers import make_raw, tiny_build, tiny_train  # noqa: E402
 
 from loraline.config import BaseParams, MergeParams, Params, PrepareParams, TenantParams  # noqa: E402
-from loraline.merge import DEFAULT_PROBES, REPORT, MergeError, merge_adapter  # noqa: E402
+from loraline.layout import MERGE_REPORT  # noqa: E402
+from loraline.merge import DEFAULT_PROBES, MergeError, merge_adapter  # noqa: E402
+from loraline.records import QuantizedGap  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def test_merged_folder_loads_with_plain_transformers(trained: Trained, merged):
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
-        REPORT,
+        MERGE_REPORT,
     ):
         assert (out / name).is_file(), name
     assert not list(out.glob("adapter_*")), "a merged model carries no adapter files"
@@ -129,7 +131,7 @@ def test_merged_folder_loads_with_plain_transformers(trained: Trained, merged):
 
 def test_report(merged):
     report = json.loads(merged.report_path.read_text())
-    assert report == json.loads(json.dumps(merged.report))
+    assert report == json.loads(json.dumps(merged.report.to_json()))
     assert report["passed"] is True and merged.passed
     assert report["dtype"] == "float32" and report["tolerance"] == 1e-4
     assert report["device"] == "cpu" and "device_name" not in report
@@ -162,7 +164,7 @@ def test_tolerance_exceeded_raises_and_writes_nothing(trained: Trained, merged):
             **trained.kwargs(),
         )
     assert isinstance(info.value, ValueError)
-    assert "tolerance" in str(info.value) and info.value.report["merged_vs_unmerged"]["max_abs_logit_diff"] > 1e-12
+    assert "tolerance" in str(info.value) and info.value.report.merged_vs_unmerged.max_abs_logit_diff > 1e-12
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".too-strict")]
 
@@ -175,9 +177,9 @@ def test_rerun_replaces(trained: Trained, merged):
     (out / "stale.txt").write_text("left over")
     second = merge_adapter(out_dir=out, max_new_tokens=3, **quick)
     assert not (out / "stale.txt").exists()
-    assert json.loads((out / REPORT).read_text())["max_new_tokens"] == 3
-    assert first.report["files"]["model.safetensors"] == second.report["files"]["model.safetensors"]
-    assert second.report["vs_4bit"] == {"skipped": "quantized_reference=False"}
+    assert json.loads((out / MERGE_REPORT).read_text())["max_new_tokens"] == 3
+    assert first.report.files["model.safetensors"] == second.report.files["model.safetensors"]
+    assert second.report.vs_4bit == QuantizedGap(skipped="quantized_reference=False")
     with pytest.raises(MergeError):  # a failing re-run leaves no stale merge behind
         merge_adapter(out_dir=out, max_new_tokens=2, **{**quick, "tolerance": 1e-12})
     assert not out.exists()
@@ -212,8 +214,8 @@ def test_bfloat16_merge_needs_a_looser_tolerance(trained: Trained, tmp_path):
     with pytest.raises(MergeError, match="bfloat16"):
         merge_adapter(out_dir=tmp_path / "strict", tolerance=1e-4, **kwargs)
     result = merge_adapter(out_dir=tmp_path / "bf16", tolerance=0.5, **kwargs)
-    assert result.report["dtype"] == "bfloat16" and result.report["reload"]["loaded_dtype"] == "bfloat16"
-    assert 1e-4 < result.report["merged_vs_unmerged"]["max_abs_logit_diff"] <= 0.5
+    assert result.report.dtype == "bfloat16" and result.report.reload.loaded_dtype == "bfloat16"
+    assert 1e-4 < result.report.merged_vs_unmerged.max_abs_logit_diff <= 0.5
 
 
 _LOAD_AND_SAVE = """
@@ -280,10 +282,11 @@ def test_tenant_probes_join_the_checks_and_the_reference_answers(trained: Traine
     first, second = merge_adapter(out_dir=tmp_path / "a", **quick), merge_adapter(out_dir=tmp_path / "b", **quick)
     report = json.loads(first.report_path.read_text())
     ref = report["probe_reference"]
-    assert ref == second.report["probe_reference"] and report["probes"] == second.report["probes"]
+    a, b = first.report, second.report
+    assert a.probe_reference == b.probe_reference and a.probes == b.probes
     assert [o["source"] for o in ref["sources"]] == ["builtin", "builtin", "test", "test", "test"]
     assert [o["id"] for o in ref["sources"][:2]] == ["0", "1"] and {o["id"] for o in ref["sources"][2:]} <= test_ids
-    assert ref["prompts"][:2] == merged.report["probe_reference"]["prompts"][:2]
+    assert ref["prompts"][:2] == merged.report.probe_reference.prompts[:2]
     assert report["probes"]["tenant"] == 3 and report["probes"]["tenant_draw"]["test_rows"] == len(test_ids)
     assert len(ref["texts"]) == len(ref["greedy"]) == 5 and any(t.strip() for t in ref["texts"][2:])
     checked = report["merged_vs_unmerged"]
@@ -323,7 +326,7 @@ def _merge_cli(trained: Trained) -> int:
 
 def test_the_stage_records_its_device_in_the_report_and_the_timing(trained: Trained, merge_project: Path, capsys):
     assert _merge_cli(trained) == 0
-    report = json.loads((merge_project / "reports" / "toy" / REPORT).read_text())
+    report = json.loads((merge_project / "reports" / "toy" / MERGE_REPORT).read_text())
     assert report["device"] == "cpu"
     drawn, draw = report["probes"]["tenant"], report["probes"]["tenant_draw"]  # from data/prepared/toy, top-level seed
     assert (
@@ -355,7 +358,7 @@ def test_merge_on_cuda(trained: Trained, merged, tmp_path):
     gap = report["vs_4bit"]
     assert gap["quantization"]["compute_dtype"] == "bfloat16" and 0 < gap["max_abs_logit_diff"] < 10
     assert report["reload"]["max_abs_logit_diff"] <= 1e-5 and report["reload"]["loaded_dtype"] == "float32"
-    assert report["probe_reference"]["greedy"] == merged.report["probe_reference"]["greedy"]
+    assert report["probe_reference"]["greedy"] == merged.report.probe_reference.greedy
     on_gpu, on_cpu = load_file(result.out_dir / "model.safetensors"), load_file(merged.out_dir / "model.safetensors")
     assert on_gpu.keys() == on_cpu.keys()
     for name, weight in on_gpu.items():
@@ -371,10 +374,10 @@ def test_unwritable_timing_is_one_warning_and_the_stage_succeeds(trained: Traine
         "loraline: warning: run timing not recorded: cannot write reports/timing/merge@toy.json: "
         "reports/timing is a file, not a folder (the stage's outputs are complete)"
     ]
-    assert (merge_project / "models" / "merged" / "toy" / REPORT).is_file()
+    assert (merge_project / "models" / "merged" / "toy" / MERGE_REPORT).is_file()
     assert json.loads((merge_project / "reports" / "toy" / "metrics" / "merge.json").read_text())["passed"] is True
-    assert (merge_project / "reports" / "toy" / REPORT).read_bytes() == (
-        merge_project / "models" / "merged" / "toy" / REPORT
+    assert (merge_project / "reports" / "toy" / MERGE_REPORT).read_bytes() == (
+        merge_project / "models" / "merged" / "toy" / MERGE_REPORT
     ).read_bytes()
 
 

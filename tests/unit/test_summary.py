@@ -8,8 +8,16 @@ from pathlib import Path
 
 from loraline.config import parse_params
 from loraline.layout import Layout
-from loraline.records import BaseRecord
-from loraline.summary import HEADLINE_METRICS, base_line, collect_summary, render_text, train_line
+from loraline.records import BaseRecord, ExportReport, MergeReport
+from loraline.summary import (
+    HEADLINE_METRICS,
+    base_line,
+    collect_summary,
+    export_lines,
+    merge_line,
+    render_text,
+    train_line,
+)
 
 RECORDS = Path(__file__).resolve().parent.parent / "data" / "records"
 
@@ -61,3 +69,19 @@ def test_the_base_line_says_what_the_base_record_says(tmp_path):
     shutil.copy(RECORDS / "base_built.json", layout.base_record_path())
     summary = collect_summary(parse_params({"tenants": {"t1": {"raw_dir": "data/raw/t1"}}}), layout)
     assert summary.base == built
+
+
+def test_the_merge_and_export_lines_say_what_their_reports_say():
+    """The lines `loraline merge`/`export` and the direct runner print, from the typed reports real runs wrote."""
+    layout = Layout()
+    merged = merge_line("t", MergeReport.read(RECORDS / "merge_qalora.json"), layout)
+    assert merged.startswith("merge[t]: merged vs adapter max logit diff 3.34e-06 (tolerance 0.001)")
+    assert merged.endswith("on 4 probes (4 built-in, 0 from the test split); gap to 4-bit skipped -> models/merged/t")
+    not_built = merge_line("t", MergeReport.read(RECORDS / "merge_not_built.json"), layout)
+    assert not_built.startswith("merge[t]: merged not built (deploy.targets); reference answers to 20 probes")
+    assert export_lines("t", ExportReport.read(RECORDS / "export_not_built.json"), layout) == [
+        "export[t]: onnx not built (deploy.targets)"
+    ]
+    lines = export_lines("t", ExportReport.read(RECORDS / "export_fp32_fp16_int4.json"), layout)
+    assert [line.split()[0] for line in lines] == ["export[t]", "fp32", "fp16", "int4"]
+    assert lines[3].endswith("greedy agreement 100%; vs the float model 2.04")

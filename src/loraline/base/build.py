@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -17,9 +16,11 @@ from loraline.base.corpus import Corpus, build_corpus, python_version
 from loraline.base.pretrain import PretrainResult, TokenLists, make_model, pretrain, special_ids, tokenize_corpus
 from loraline.base.tokenizer import train_tokenizer
 from loraline.config import BaseParams, BuildParams, ConfigError
+from loraline.layout import BASE_RECORD
 from loraline.modelling.chat import CHAT_TEMPLATE, DOC_SEPARATOR, save_tokenizer
-from loraline.modelling.loading import RECORD
 from loraline.provenance import code_fingerprint, library_versions, sha256_file
+from loraline.records import BaseRecord, BuiltOn, GeneralText, Pretraining, TokenizerFacts
+from loraline.records import Corpus as CorpusFacts
 
 
 def build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path, progress: bool) -> stage.BaseResult:
@@ -72,10 +73,10 @@ def build_own(params: BaseParams, seed: int, raw_dirs: list[Path], out_dir: Path
             result=result,
             threads=threads,
         )
-        missing = [f for f in stage.MODEL_FILES if f not in record["files"]]
+        missing = [f for f in stage.MODEL_FILES if f not in record.files]
         if missing:  # a transformers upgrade that renames an output must fail here, not in a later stage
             raise RuntimeError(f"saving the base model did not write {', '.join(missing)}")
-        io.write_json(tmp / RECORD, record)
+        record.write(tmp / BASE_RECORD)
     timing = {"tokens_per_s": round(result.tokens_seen / max(result.wall_s, 1e-9), 1)}  # of pretraining
     return stage.BaseResult(out_dir=out_dir, source="built", model_ref=str(out_dir), record=record, timing=timing)
 
@@ -127,47 +128,47 @@ def _record(
     corpus: Corpus,
     composition: dict,
     tokenizer: PreTrainedTokenizerFast,
-    general_text: dict[str, Any],
+    general_text: GeneralText,
     result: PretrainResult,
     threads: int,
-) -> dict[str, Any]:
+) -> BaseRecord:
     """base_record.json of the build being written in `tmp` (its files hashed as they are now)."""
-    return {
-        "source": "built",
-        "model_ref": ".",
-        "architecture": "LlamaForCausalLM",
-        "parameters": sum(t.numel() for t in model.parameters()),
-        "seed": seed,
-        "params": params.model_dump(mode="json"),
+    return BaseRecord(
+        source="built",
+        model_ref=".",
+        architecture="LlamaForCausalLM",
+        parameters=sum(t.numel() for t in model.parameters()),
+        seed=seed,
+        params=params.model_dump(mode="json"),
         # Which device built it, and the shape and budget used there (base.build with on_cuda applied).
-        "built_on": {
-            "device": device.type,
-            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "build": p.model_dump(mode="json", exclude={"on_cuda"}),
-        },
-        "corpus": {
-            "sha256": corpus.sha256(),
-            "composition": composition,
-            "document_files": corpus.document_files,
-            "python_version": python_version(),  # the stdlib docstrings depend on it
-        },
-        "tokenizer": {"vocab_size": len(tokenizer), "special_tokens": special_ids(tokenizer)},
-        "general_text": general_text,
-        "chat_template_sha256": stage._sha(CHAT_TEMPLATE),
-        "pretraining": {
-            "steps": p.max_steps,
-            "copy_drill_steps": result.drill_steps,
-            "tokens_seen": result.tokens_seen,
-            "loss": "all tokens of documents and docstrings; answer tokens only of exercises",
-            "epochs": round(result.epochs, 3),
-            "final_loss": _tail_mean(result.losses),
-            "loss_curve": _curve_summary(result.losses),
-            "threads": threads,
-        },
-        "files": {f: sha256_file(tmp / f) for f in sorted(os.listdir(tmp)) if f != RECORD},
-        "code": code_fingerprint(stage.__name__),  # the stage module's closure, as a recorded base has
-        "library_versions": library_versions(),
-    }
+        built_on=BuiltOn(
+            device=device.type,
+            name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            build=p.model_dump(mode="json", exclude={"on_cuda"}),
+        ),
+        corpus=CorpusFacts(
+            sha256=corpus.sha256(),
+            composition=composition,
+            document_files=corpus.document_files,
+            python_version=python_version(),  # the stdlib docstrings depend on it
+        ),
+        tokenizer=TokenizerFacts(vocab_size=len(tokenizer), special_tokens=special_ids(tokenizer)),
+        general_text=general_text,
+        chat_template_sha256=stage._sha(CHAT_TEMPLATE),
+        pretraining=Pretraining(
+            steps=p.max_steps,
+            copy_drill_steps=result.drill_steps,
+            tokens_seen=result.tokens_seen,
+            loss="all tokens of documents and docstrings; answer tokens only of exercises",
+            epochs=round(result.epochs, 3),
+            final_loss=_tail_mean(result.losses),
+            loss_curve=_curve_summary(result.losses),
+            threads=threads,
+        ),
+        files={f: sha256_file(tmp / f) for f in sorted(os.listdir(tmp)) if f != BASE_RECORD},
+        code=code_fingerprint(stage.__name__),  # the stage module's closure, as a recorded base has
+        library_versions=library_versions(),
+    )
 
 
 def drill_count(p: BuildParams) -> int:

@@ -31,9 +31,10 @@ from typing import Any
 from loraline import io
 from loraline.base.corpus import held_out_docstrings, python_version
 from loraline.config import BaseParams, ConfigError, Params
-from loraline.layout import GENERAL_TEXT, Layout
-from loraline.modelling.loading import RECORD, chat_template
+from loraline.layout import BASE_RECORD, GENERAL_TEXT, Layout
+from loraline.modelling.loading import chat_template
 from loraline.provenance import code_fingerprint, library_versions, run_timing, sha256_files
+from loraline.records import BaseRecord, GeneralText
 
 LOSS_CSV = "pretrain_loss.csv"
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -49,7 +50,7 @@ class BaseResult:
     out_dir: Path
     source: str  # built | local | hub
     model_ref: str  # what from_pretrained gets: the out_dir, the local folder, or the hub id
-    record: dict[str, Any]
+    record: BaseRecord
     timing: dict[str, Any] = field(default_factory=dict)  # what differs between identical runs (rates)
 
 
@@ -86,17 +87,17 @@ def build_base(
     return _record_external(params, out_dir)
 
 
-def _write_general_text(folder: Path, pretrained_chars: int) -> dict[str, Any]:
+def _write_general_text(folder: Path, pretrained_chars: int) -> GeneralText:
     """general_text.jsonl in `folder`: stdlib docstrings after the first `pretrained_chars` worth (those the
     base pretrained on); what it holds, for the record."""
     texts = held_out_docstrings(pretrained_chars, GENERAL_TEXT_ROWS)
     io.write_jsonl(folder / GENERAL_TEXT, [{"text": t} for t in texts])
     held_out = "after the docstrings pretraining read" if pretrained_chars else "none of which the build read"
-    return {
-        "file": GENERAL_TEXT,
-        "rows": len(texts),
-        "source": f"Python {python_version()} standard-library docstrings, {held_out}",
-    }
+    return GeneralText(
+        file=GENERAL_TEXT,
+        rows=len(texts),
+        source=f"Python {python_version()} standard-library docstrings, {held_out}",
+    )
 
 
 def _sha(text: str) -> str:
@@ -114,36 +115,35 @@ def _record_external(params: BaseParams, out_dir: Path) -> BaseResult:
         record = _inspect_local(path.resolve(), params)
     else:
         record = _inspect_hub(ref, params)
-    record["params"] = params.model_dump(mode="json", exclude={"build"})
-    record["code"] = code_fingerprint(__name__)
-    record["library_versions"] = library_versions()
+    record.params = params.model_dump(mode="json", exclude={"build"})
+    record.code = code_fingerprint(__name__)
+    record.library_versions = library_versions()
     with io.atomic_dir(out_dir) as tmp:
-        record["general_text"] = _write_general_text(tmp, 0)
-        io.write_json(tmp / RECORD, record)
-    return BaseResult(out_dir=out_dir, source=record["source"], model_ref=record["model_ref"], record=record)
+        record.general_text = _write_general_text(tmp, 0)
+        record.write(tmp / BASE_RECORD)
+    return BaseResult(out_dir=out_dir, source=record.source, model_ref=record.model_ref, record=record)
 
 
-def _inspect_local(path: Path, params: BaseParams) -> dict[str, Any]:
+def _inspect_local(path: Path, params: BaseParams) -> BaseRecord:
     if not path.is_dir():
         raise ConfigError(f"base.model: {path} is a file; point it at the model's folder (with config.json)")
     if not (path / "config.json").is_file():
         raise ConfigError(f"base.model: {path} has no config.json; is it a Hugging Face model folder?")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"base.model: {path} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
-    record = {"source": "local", "model_ref": str(path), "revision": None}
-    record.update(_describe(str(path), params, {}))
+    record = BaseRecord(source="local", model_ref=str(path), revision=None, **_describe(str(path), params, {}))
     # Hash what is there (not copied: the record pins the content, so a changed folder is detectable).
     files = [
         p
         for p in sorted(path.rglob("*"))
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
     ]
-    record["files"] = dict(zip((p.relative_to(path).as_posix() for p in files), sha256_files(files), strict=True))
-    record["parameters"] = _safetensors_parameters(path)
+    record.files = dict(zip((p.relative_to(path).as_posix() for p in files), sha256_files(files), strict=True))
+    record.parameters = _safetensors_parameters(path)
     return record
 
 
-def _inspect_hub(ref: str, params: BaseParams) -> dict[str, Any]:
+def _inspect_hub(ref: str, params: BaseParams) -> BaseRecord:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -160,28 +160,28 @@ def _inspect_hub(ref: str, params: BaseParams) -> dict[str, Any]:
             "(like 'org/name'); fix the path, or set base.model to null to build loraline's own base model"
         ) from None
     revision = params.revision or "main"
-    record: dict[str, Any] = {
-        "source": "hub",
-        "model_ref": ref,
-        "revision": revision,
+    record = BaseRecord(
+        source="hub",
+        model_ref=ref,
+        revision=revision,
         # A branch name can move; only a commit hash makes the base reproducible.
-        "revision_pinned": bool(_COMMIT.match(revision)),
-    }
+        revision_pinned=bool(_COMMIT.match(revision)),
+    )
     try:
         # local_files_only: look in the HF cache, never download (the base stage works offline).
         snapshot = snapshot_download(ref, revision=revision, local_files_only=True)
     except Exception:  # noqa: BLE001 -- any miss means "not cached", which is allowed here
         snapshot = None
-    record["cached"] = snapshot is not None
+    record.cached = snapshot is not None
     if snapshot is not None:
-        record.update(_describe(snapshot, params, {"revision": revision}))
-        record["parameters"] = _safetensors_parameters(Path(snapshot))
+        record.assign(_describe(snapshot, params, {"revision": revision}))
+        record.parameters = _safetensors_parameters(Path(snapshot))
     else:
-        record["note"] = (
+        record.note = (
             "not in the local Hugging Face cache; config and chat template are checked when a later stage loads it"
         )
-        record["chat_template_source"] = "params" if params.chat_template else "unverified"
-        record["chat_template_sha256"] = _sha(params.chat_template) if params.chat_template else None
+        record.chat_template_source = "params" if params.chat_template else "unverified"
+        record.chat_template_sha256 = _sha(params.chat_template) if params.chat_template else None
     return record
 
 

@@ -20,8 +20,8 @@ from loraline.cli.registry import add_registry_parser
 from loraline.cli.serve import add_serve_parser
 from loraline.config import ConfigError, Params, load_params
 from loraline.flows.orchestrate import WorkspaceBusy, workspace_lock
-from loraline.layout import BASE_RECORD, EXPORT_REPORT, Layout, stage_id
-from loraline.records import BaseRecord, ExportReport
+from loraline.layout import EXPORT_REPORT, Layout, stage_id
+from loraline.records import ExportReport
 from loraline.summary import (
     base_line,
     collect_summary,
@@ -144,8 +144,7 @@ def cmd_base(args: argparse.Namespace) -> int:
         out_dir=Path(args.out) if args.out else None,
         progress=not args.quiet,
     )
-    record = BaseRecord.parse(result.record, result.out_dir / BASE_RECORD)
-    print(f"{base_line(record)} -> {result.out_dir} ({time.perf_counter() - started:.0f}s)")
+    print(f"{base_line(result.record)} -> {result.out_dir} ({time.perf_counter() - started:.0f}s)")
     return 0
 
 

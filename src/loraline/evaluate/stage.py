@@ -68,7 +68,7 @@ from loraline.evaluate.judge import METRIC as JUDGE_METRIC
 from loraline.evaluate.judge import render as render_judged
 from loraline.evaluate.metrics import aggregate, exact_match, expects_json, per_field_accuracy
 from loraline.evaluate.report import render_report
-from loraline.layout import BASE_RECORD, GENERAL_ROWS, GENERAL_SAMPLE, QLORA_REFERENCE, Layout
+from loraline.layout import ADAPTER_CONFIG, BASE_RECORD, GENERAL_ROWS, GENERAL_SAMPLE, QLORA_REFERENCE, Layout
 from loraline.modelling.conversation import split_conversation
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.endpoint import EndpointError
@@ -84,7 +84,6 @@ from loraline.provenance import hash_tree, run_timing, sha256_file
 METRICS = "metrics.json"
 REPORT = "report.md"
 GENERATIONS = "generations.jsonl"
-ADAPTER_CONFIG = "adapter_config.json"
 LONG_CONTEXT = "long_context.json"  # LongLoRA candidates only (evaluate.long_context)
 SEED = 0
 # The metrics people compare across runs (reports/<tenant>/metrics/evaluate.json), in reading order;

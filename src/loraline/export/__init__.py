@@ -1,11 +1,10 @@
 """Export stage: a merged Hugging Face causal LM -> ONNX (KV cache in the graph), optional int8, runtime."""
 
 from loraline.export.runtime import OnnxGenerator
-from loraline.export.stage import REPORT, ExportError, ExportResult, export_onnx, run
+from loraline.export.stage import ExportError, ExportResult, export_onnx, run
 from loraline.export.wrapper import CacheLayout, KVCacheWrapper
 
 __all__ = [
-    "REPORT",
     "CacheLayout",
     "ExportError",
     "ExportResult",

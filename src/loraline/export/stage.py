@@ -50,7 +50,7 @@ from loraline import io
 from loraline.config import Params, export_graphs_problem
 from loraline.export.onnx_export import graph_bytes, quantize_int8, save_graph, trace_model
 from loraline.export.runtime import GRAPH_FILES, GRAPHS, INT8_FILE, MODEL_FILE, OnnxGenerator, eos_ids
-from loraline.layout import NOT_BUILT, QALORA_QUANTIZED, Layout
+from loraline.layout import EXPORT_REPORT, NOT_BUILT, QALORA_QUANTIZED, Layout
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import device_facts, resolve_device
 from loraline.modelling.long_context import extended_context
@@ -66,8 +66,8 @@ from loraline.modelling.parity import (
     summarize,
 )
 from loraline.provenance import code_fingerprint, library_versions, run_timing, sha256_file
+from loraline.records import ExportReport, GraphReport, LongContextProbe
 
-REPORT = "export_report.json"
 DECODE_STEPS = 4
 # Graphs that compute exactly what a float32 PyTorch model computes (the fp32 graph: the merged model;
 # int4: the merged model with its linear weights dequantized), held to the float32 tolerance.
@@ -82,7 +82,7 @@ class ExportError(ParityError):
 class ExportResult:
     out_dir: Path
     report_path: Path
-    report: dict[str, Any]
+    report: ExportReport
 
     @property
     def model_path(self) -> Path:
@@ -128,7 +128,7 @@ def run(params: Params, layout: Layout, tenant: str) -> ExportResult:
     )
     io.copy_file(result.report_path, layout.export_report_path(tenant))
     io.write_json(layout.metrics_path("export", tenant), export_metrics(result.report))
-    where = {k: result.report[k] for k in ("device", "device_name") if k in result.report}
+    where = result.report.model_dump(include={"device", "device_name"}, exclude_unset=True)
     io.write_timing(layout.timing_path("export", tenant), run_timing(started, **where))
     return result
 
@@ -175,26 +175,26 @@ def export_onnx(
         gc.collect()
         if "fp16" in graphs:
             written["fp16"] = _write_fp16(model_dir, tmp / GRAPH_FILES["fp16"], opset)
-        report: dict[str, Any] = {
-            "model_dir": str(model_dir),
+        report = ExportReport(
+            model_dir=str(model_dir),
             **device_facts(where),
-            "graph": written[graphs[0]],
-            "graphs": list(graphs),
+            graph=written[graphs[0]],
+            graphs=list(graphs),
             **_settings(tolerance, fp16_tolerance, min_greedy_agreement, probes, max_new_tokens),
-            "eos_token_ids": stop,
-            "reference_greedy_texts": [tok.decode(g, skip_special_tokens=True) for g in ref.greedy],
+            eos_token_ids=stop,
+            reference_greedy_texts=[tok.decode(g, skip_special_tokens=True) for g in ref.greedy],
             **_long_context_facts(config, long_probe),
-            "passed": True,
-        }
+            passed=True,
+        )
         checks = _Checks(
             tmp, model_dir, inputs, ref, twin, max_new_tokens, tolerance, fp16_tolerance, min_greedy_agreement
         )
         _check_graphs(report, checks, graphs, written)
-        report["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        report["code"] = code_fingerprint(__name__)
-        report["library_versions"] = _versions()
-        io.write_json(tmp / REPORT, report)
-    return ExportResult(out_dir, out_dir / REPORT, report)
+        report.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        report.code = code_fingerprint(__name__)
+        report.library_versions = _versions()
+        report.write(tmp / EXPORT_REPORT)
+    return ExportResult(out_dir, out_dir / EXPORT_REPORT, report)
 
 
 def _int4_reference(
@@ -237,11 +237,11 @@ class _Checks:
     min_greedy_agreement: float
 
 
-def _check_graphs(report: dict[str, Any], c: _Checks, graphs: tuple[str, ...], written: dict[str, Any]) -> None:
+def _check_graphs(report: ExportReport, c: _Checks, graphs: tuple[str, ...], written: dict[str, Any]) -> None:
     """Each written graph's parity into `report` (ExportError at the first out of bounds); a merged QA-LoRA model's
     own low-bit graph, rewritten from the fp32 one, checked as strictly as fp32."""
     for name in graphs:
-        report[name] = _check_graph(name, c.tmp, written, c.inputs, c.ref, c.twin, c.max_new_tokens)
+        setattr(report, name, _check_graph(name, c.tmp, written, c.inputs, c.ref, c.twin, c.max_new_tokens))
         _enforce(report, name, c.tolerance if name in EXACT_GRAPHS else c.fp16_tolerance, c.min_greedy_agreement)
     if not (c.model_dir / QALORA_QUANTIZED).is_file():
         return
@@ -251,7 +251,7 @@ def _check_graphs(report: dict[str, Any], c: _Checks, graphs: tuple[str, ...], w
             "fp32 graph, so export.graphs must include fp32",
             report,
         )
-    report["lowbit"] = _lowbit(c.model_dir, c.tmp, c.inputs, c.ref, c.max_new_tokens)
+    report.lowbit = _lowbit(c.model_dir, c.tmp, c.inputs, c.ref, c.max_new_tokens)
     _enforce(report, "lowbit", c.tolerance, c.min_greedy_agreement)
 
 
@@ -267,13 +267,12 @@ def _long_context_facts(config: Any, long_probe: list[int] | None) -> dict[str, 
     """The report's long_context_probe (the last entry of per_probe), for a LongLoRA model."""
     if long_probe is None:
         return {}
-    return {
-        "long_context_probe": {
-            "tokens": len(long_probe),
-            "original_context": extended_context(config)[0],
-            "max_position_embeddings": config.max_position_embeddings,
-        }
-    }
+    probe = LongContextProbe(
+        tokens=len(long_probe),
+        original_context=extended_context(config)[0],
+        max_position_embeddings=config.max_position_embeddings,
+    )
+    return {"long_context_probe": probe}
 
 
 def check_graphs(graphs: Sequence[str]) -> tuple[str, ...]:
@@ -367,28 +366,28 @@ def _check_graph(
     return {**facts, **_parity(gen, inputs, ref, max_new_tokens)}
 
 
-def _enforce(report: dict[str, Any], name: str, tolerance: float, min_greedy_agreement: float) -> None:
+def _enforce(report: ExportReport, name: str, tolerance: float, min_greedy_agreement: float) -> None:
     """Fail the export (ExportError, nothing written) when graph `name` is past its logit bound or its
     greedy generations agree with its reference on fewer than `min_greedy_agreement` of the probes
     (an argmax near a tie may flip on rounding, so not all); int8 is reported only (dynamic activation
     quantization has no exact twin to hold it to)."""
     if name == "int8":
         return
-    numbers = report[name]
-    worst = max(numbers["max_abs_logit_diff"], numbers["decode_max_abs_logit_diff"])
+    numbers: GraphReport = getattr(report, name)
+    worst = max(numbers.max_abs_logit_diff, numbers.decode_max_abs_logit_diff)
     against = "its dequantized float32 twin" if name == "int4" else "PyTorch"
     if worst > tolerance:
-        report["passed"] = False
+        report.passed = False
         raise ExportError(
-            f"ONNX {name} logits ({numbers['file']}) differ from {against} by {worst:.3g} > tolerance {tolerance:g} "
-            f"(prompt {numbers['max_abs_logit_diff']:.3g}, cached "
-            f"decoding {numbers['decode_max_abs_logit_diff']:.3g})",
+            f"ONNX {name} logits ({numbers.file}) differ from {against} by {worst:.3g} > tolerance {tolerance:g} "
+            f"(prompt {numbers.max_abs_logit_diff:.3g}, cached "
+            f"decoding {numbers.decode_max_abs_logit_diff:.3g})",
             report,
         )
-    if numbers["greedy_agreement"] < min_greedy_agreement:
-        report["passed"] = False
+    if numbers.greedy_agreement < min_greedy_agreement:
+        report.passed = False
         raise ExportError(
-            f"ONNX {name} ({numbers['file']}) generates what {against} generates on {numbers['greedy_agreement']:.0%} "
+            f"ONNX {name} ({numbers.file}) generates what {against} generates on {numbers.greedy_agreement:.0%} "
             f"of the probes < export.min_greedy_agreement {min_greedy_agreement:.0%}",
             report,
         )
@@ -547,33 +546,33 @@ def _versions() -> dict[str, Any]:
 
 def _not_built(out_dir: Path, targets: list[str]) -> ExportResult:
     """deploy.targets without onnx: the folder DVC expects, holding only a report that says so."""
-    report = {"passed": True, "onnx": NOT_BUILT, "targets": list(targets)}
+    report = ExportReport(passed=True, onnx=NOT_BUILT, targets=list(targets))
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
-        io.write_json(tmp / REPORT, report)
-    return ExportResult(out_dir, out_dir / REPORT, report)
+        report.write(tmp / EXPORT_REPORT)
+    return ExportResult(out_dir, out_dir / EXPORT_REPORT, report)
 
 
-def export_metrics(report: dict[str, Any]) -> dict[str, Any]:
+def export_metrics(report: ExportReport) -> dict[str, Any]:
     """What people compare across runs (`dvc metrics diff`), and what the gate decides export parity on:
     `max_abs_logit_diff`, the worst prompt-pass difference of the graphs with an exact float32 twin (fp32
     against the merged model, int4 against its dequantized twin); then each graph's own numbers."""
-    if "graph" not in report:  # not built (deploy.targets): no graph, so no parity to measure
-        return {"passed": bool(report["passed"]), "onnx": report.get("onnx", NOT_BUILT)}
-    exact = [report[g] for g in EXACT_GRAPHS if g in report]
+    if report.graph is None:  # not built (deploy.targets): no graph, so no parity to measure
+        return {"passed": report.passed, "onnx": report.onnx or NOT_BUILT}
+    exact = [graph for name in EXACT_GRAPHS if (graph := getattr(report, name)) is not None]
     out: dict[str, Any] = {
-        "passed": bool(report["passed"]),
-        "max_abs_logit_diff": max(e["max_abs_logit_diff"] for e in exact),
-        "greedy_agreement": min(e["greedy_agreement"] for e in exact),
-        "decode_max_abs_logit_diff": max(e["decode_max_abs_logit_diff"] for e in exact),
+        "passed": report.passed,
+        "max_abs_logit_diff": max(e.max_abs_logit_diff for e in exact),
+        "greedy_agreement": min(e.greedy_agreement for e in exact),
+        "decode_max_abs_logit_diff": max(e.decode_max_abs_logit_diff for e in exact),
     }
-    for name in report.get("graphs", ["fp32", "int8"]):
-        if name in report:
-            graph = report[name]
-            out[name] = headline(graph)  # sizes stay in the report: `dvc metrics show` has a column per key
-            if "vs_float" in graph:
-                out[name]["vs_float"] = headline(graph["vs_float"])
-    if report.get("lowbit"):
-        low = report["lowbit"]
-        out["lowbit"] = {**headline(low), "bits": low["bits"], "size_vs_float": low["size_vs_float"]}
+    for name in report.graphs if report.graphs is not None else ["fp32", "int8"]:
+        graph: GraphReport | None = getattr(report, name, None)
+        if graph is not None:  # sizes stay in the report: `dvc metrics show` has a column per key
+            out[name] = headline(graph.model_dump())
+            if graph.vs_float is not None:
+                out[name]["vs_float"] = headline(graph.vs_float.model_dump())
+    if report.lowbit is not None:
+        low = report.lowbit
+        out["lowbit"] = {**headline(low.model_dump()), "bits": low.bits, "size_vs_float": low.size_vs_float}
     return out

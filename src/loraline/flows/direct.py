@@ -22,8 +22,7 @@ from collections.abc import Callable
 
 from loraline.config import Params
 from loraline.flows.orchestrate import each_tenant
-from loraline.layout import BASE_RECORD, TENANT_STAGES, Layout
-from loraline.records import BaseRecord
+from loraline.layout import TENANT_STAGES, Layout
 from loraline.summary import (
     base_line,
     documents_line,
@@ -68,8 +67,7 @@ def _run_shared_stages(params: Params, layout: Layout, progress: bool, echo: Cal
     started = time.perf_counter()
     docs = [layout.documents_dir(n) for n in params.tenant_names]  # what dvc.yaml's base stage reads
     result = base.run(params, layout, docs=docs, progress=progress)
-    record = BaseRecord.parse(result.record, result.out_dir / BASE_RECORD)
-    echo(f"{base_line(record)} -> {result.out_dir} ({time.perf_counter() - started:.0f}s)")
+    echo(f"{base_line(result.record)} -> {result.out_dir} ({time.perf_counter() - started:.0f}s)")
 
 
 def _report_failure(stage: str, tenant: str, exc: Exception) -> None:

@@ -53,15 +53,15 @@ import torch
 
 from loraline import io
 from loraline.config import BaseParams, Params
-from loraline.layout import NOT_BUILT, TRAIN_RECORD, Layout
+from loraline.layout import ADAPTER_CONFIG, ADAPTER_FILES, MERGE_REPORT, NOT_BUILT, TRAIN_RECORD, Layout
 from loraline.merge.probes import ProbeSet, TenantDraw, probe_set, probe_set_logits, run_probe_set
 from loraline.modelling.chat import save_tokenizer
 from loraline.modelling.device import compute_dtype, device_facts, resolve_device
 from loraline.modelling.loading import (
     base_model_hash,
+    base_record,
     load_base_causal_lm,
     load_base_tokenizer,
-    read_base_record,
     resolve_base_model_path,
 )
 from loraline.modelling.parity import (
@@ -73,9 +73,8 @@ from loraline.modelling.parity import (
 )
 from loraline.modelling.variants import MergedCheck, Variants
 from loraline.provenance import code_fingerprint, library_versions, run_timing, sha256_file
+from loraline.records import BaseRecord, MergeReport, ProbeReference, QuantizedGap, ReloadCheck, TrainRecord
 
-REPORT = "merge_report.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Logits of the reloaded folder vs the in-memory merge: the same weights, so only save/load bugs
 # (tied weights, dtype casts) can make them differ.
@@ -90,11 +89,11 @@ class MergeError(ParityError):
 class MergeResult:
     out_dir: Path
     report_path: Path
-    report: dict[str, Any]
+    report: MergeReport
 
     @property
     def passed(self) -> bool:
-        return bool(self.report["passed"])
+        return self.report.passed
 
 
 @dataclass(frozen=True)
@@ -108,14 +107,14 @@ class _Merge:
     drawn: ProbeSet  # every probe, the built-in ones and the tenant's
     max_new_tokens: int
     adapter_dir: Path
-    train_record: dict[str, Any] | None
+    train_record: TrainRecord | None
     base_dir: Path
-    base_record: dict[str, Any]
+    base_record: BaseRecord
     tok: Any
 
     def save_tokenizer(self, folder: Path) -> None:
         """The base's tokenizer (chat template inside) into a written model folder, without peft's model card."""
-        local = resolve_base_model_path(self.base_dir) if self.base_record.get("source") != "hub" else None
+        local = resolve_base_model_path(self.base_dir) if self.base_record.source != "hub" else None
         save_tokenizer(self.tok, folder, local)
         (folder / "README.md").unlink(missing_ok=True)
 
@@ -143,7 +142,7 @@ def run(params: Params, layout: Layout, tenant: str, *, base_dir: Path | None = 
     )
     io.copy_file(result.report_path, layout.merge_report_path(tenant))
     io.write_json(layout.metrics_path("merge", tenant), merge_metrics(result.report))
-    where = {k: result.report[k] for k in ("device", "device_name") if k in result.report}
+    where = result.report.model_dump(include={"device", "device_name"}, exclude_unset=True)
     io.write_timing(layout.timing_path("merge", tenant), run_timing(started, **where))
     return result
 
@@ -193,18 +192,19 @@ def merge_adapter(
     merged_model.to("cpu")  # written from the CPU; the GPU is free for the references (a no-op on the CPU)
     _release(where)
 
-    report = _merge_report(m, merged_outputs, compare(merged_outputs, unmerged)) | variants.merge_report(dtype)
+    report = _merge_report(m, merged_outputs, compare(merged_outputs, unmerged)).assign(variants.merge_report(dtype))
     _refuse_drift(out_dir, m, report)
     with io.atomic_dir(out_dir) as tmp:
         _write_merged(tmp, out_dir, merged_model, m, variants, unmerged, report)
         del merged_model
         gc.collect()
-        report["vs_4bit"] = _vs_4bit(m, variants, merged_outputs, quantized_reference)
+        report.vs_4bit = _vs_4bit(m, variants, merged_outputs, quantized_reference)
         if check_reload:
             _check_reload(tmp, out_dir, m, merged_outputs, report)
-        report["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != REPORT}
-        io.write_json(tmp / REPORT, report)
-    return MergeResult(out_dir, out_dir / REPORT, report)
+        files = sorted(f for f in tmp.iterdir() if f.is_file() and f.name != MERGE_REPORT)
+        report.files = {f.name: sha256_file(f) for f in files}
+        report.write(tmp / MERGE_REPORT)
+    return MergeResult(out_dir, out_dir / MERGE_REPORT, report)
 
 
 def _inputs(
@@ -222,14 +222,14 @@ def _inputs(
     _check_settings(adapter_dir, dtype, tolerance, max_new_tokens)
     probes = [list(p) for p in (probes if probes is not None else DEFAULT_PROBES)]
     where = resolve_device(device, "merge.device")
-    base_record = read_base_record(base_dir)
+    base = base_record(base_dir)
     train_record = _read_train_record(adapter_dir)
     variants = _variants(train_record, adapter_dir)
     tok = load_base_tokenizer(base_dir, base_params)
     drawn = probe_set(tok, probes, tenant_probes, MergeError)
     if not drawn.probes:
         raise MergeError("the probe set is empty: at least one conversation is needed to check the merge")
-    facts = (where, dtype, tolerance, probes, drawn, max_new_tokens, adapter_dir, train_record, base_dir, base_record)
+    facts = (where, dtype, tolerance, probes, drawn, max_new_tokens, adapter_dir, train_record, base_dir, base)
     return _Merge(*facts, tok), variants
 
 
@@ -252,7 +252,7 @@ def _write_merged(
     m: _Merge,
     variants: Variants,
     unmerged: ProbeOutputs,
-    report: dict[str, Any],
+    report: MergeReport,
 ) -> None:
     """The merged model and the base's tokenizer into `tmp`, and what the variants write beside them (checked
     there; MergeError and no out_dir when it does not load back to the merge); their facts join `report`."""
@@ -264,8 +264,8 @@ def _write_merged(
         variants.write_merged(tmp, check)
     except ValueError as exc:
         _discard(out_dir)
-        raise MergeError(str(exc), report | variants.merge_report(m.dtype)) from None
-    report |= variants.merge_report(m.dtype)
+        raise MergeError(str(exc), report.assign(variants.merge_report(m.dtype))) from None
+    report.assign(variants.merge_report(m.dtype))
 
 
 def _vs(model: Any, m: _Merge, unmerged: ProbeOutputs) -> dict[str, Any]:
@@ -283,13 +283,13 @@ def _common_report(m: _Merge) -> dict[str, Any]:
         "adapter": {
             "dir": str(m.adapter_dir),
             "files": {f: sha256_file(m.adapter_dir / f) for f in ADAPTER_FILES},
-            "train_fingerprint": (m.train_record or {}).get("fingerprint"),
-            "quantization": _quantization(m.train_record),
+            "train_fingerprint": m.train_record.fingerprint if m.train_record else None,
+            "quantization": m.train_record.quantization if m.train_record else None,
         },
         "base": {
             "dir": str(m.base_dir),
-            "source": m.base_record.get("source"),
-            "model_ref": m.base_record.get("model_ref"),
+            "source": m.base_record.source,
+            "model_ref": m.base_record.model_ref,
             "sha256": base_model_hash(m.base_record),
         },
         "code": code_fingerprint(__name__),
@@ -297,57 +297,57 @@ def _common_report(m: _Merge) -> dict[str, Any]:
     }
 
 
-def _merge_report(m: _Merge, merged: ProbeOutputs, vs_unmerged: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _merge_report(m: _Merge, merged: ProbeOutputs, vs_unmerged: dict[str, Any]) -> MergeReport:
+    return MergeReport(
         **_common_report(m),
-        "passed": vs_unmerged["max_abs_logit_diff"] <= m.tolerance,
-        "tolerance": m.tolerance,
+        passed=vs_unmerged["max_abs_logit_diff"] <= m.tolerance,
+        tolerance=m.tolerance,
         # The merged model's greedy answers to the probes, as token ids: what serving must reproduce
         # (the deployment check of loraline serve sends these prompts through the server).
-        "probe_reference": {
+        probe_reference=ProbeReference(
             **_reference_prompts(m.drawn),
-            "greedy": merged.greedy,
-            "texts": merged.texts,
-            "max_new_tokens": m.max_new_tokens,
-        },
-        "merged_vs_unmerged": vs_unmerged,
-    }
+            greedy=merged.greedy,
+            texts=merged.texts,
+            max_new_tokens=m.max_new_tokens,
+        ),
+        merged_vs_unmerged=vs_unmerged,
+    )
 
 
-def _refuse_drift(out_dir: Path, m: _Merge, report: dict[str, Any]) -> None:
+def _refuse_drift(out_dir: Path, m: _Merge, report: MergeReport) -> None:
     """MergeError (and no out_dir) for an adapter trained on another base, or a merge that drifts from it."""
     _refuse_other_base(out_dir, m, report)
-    if not report["passed"]:
+    if not report.passed:
         _discard(out_dir)
-        vs_unmerged = report["merged_vs_unmerged"]
+        vs_unmerged = report.merged_vs_unmerged
         raise MergeError(
             f"merged model drifts from base+adapter at {m.dtype}: max abs logit diff "
-            f"{vs_unmerged['max_abs_logit_diff']:.3g} > tolerance {m.tolerance:.3g} "
-            f"(mean {vs_unmerged['mean_abs_logit_diff']:.3g}, "
-            f"greedy agreement {vs_unmerged['greedy_agreement']:.2f}); nothing written. "
+            f"{vs_unmerged.max_abs_logit_diff:.3g} > tolerance {m.tolerance:.3g} "
+            f"(mean {vs_unmerged.mean_abs_logit_diff:.3g}, "
+            f"greedy agreement {vs_unmerged.greedy_agreement:.2f}); nothing written. "
             "Merge at float32, or raise the tolerance if this precision is intended.",
             report,
         )
 
 
-def _refuse_other_base(out_dir: Path, m: _Merge, report: dict[str, Any]) -> None:
-    trained_base = ((m.train_record or {}).get("base") or {}).get("sha256")
-    if trained_base and trained_base != report["base"]["sha256"]:
+def _refuse_other_base(out_dir: Path, m: _Merge, report: MergeReport) -> None:
+    trained_base = m.train_record.base.sha256 if m.train_record else None
+    if trained_base and trained_base != report.base.sha256:
         _discard(out_dir)
         raise MergeError(
             f"the adapter in {m.adapter_dir} was trained on a different base (sha256 {trained_base[:12]}...) than "
-            f"{m.base_dir} ({report['base']['sha256'][:12]}...): rerun the train stage on this base",
+            f"{m.base_dir} ({report.base.sha256[:12]}...): rerun the train stage on this base",
             report,
         )
 
 
-def _check_reload(tmp: Path, out_dir: Path, m: _Merge, merged: ProbeOutputs, report: dict[str, Any]) -> None:
-    report["reload"] = _reload_check(tmp, m.drawn, merged, m.tok.pad_token_id, m.where)
-    if report["reload"]["max_abs_logit_diff"] > RELOAD_TOLERANCE:
+def _check_reload(tmp: Path, out_dir: Path, m: _Merge, merged: ProbeOutputs, report: MergeReport) -> None:
+    report.reload = _reload_check(tmp, m.drawn, merged, m.tok.pad_token_id, m.where)
+    if report.reload.max_abs_logit_diff > RELOAD_TOLERANCE:
         _discard(out_dir)
         raise MergeError(
             f"the saved merged model does not reload to the same logits "
-            f"(max abs diff {report['reload']['max_abs_logit_diff']:.3g}); nothing written",
+            f"(max abs diff {report.reload.max_abs_logit_diff:.3g}); nothing written",
             report,
         )
 
@@ -355,23 +355,23 @@ def _check_reload(tmp: Path, out_dir: Path, m: _Merge, merged: ProbeOutputs, rep
 def _reference_only(out_dir: Path, unmerged: ProbeOutputs, m: _Merge) -> MergeResult:
     """deploy.targets without merged: out_dir holds the report alone, whose probe_reference is base + adapter's
     answers (what serving reproduces). Refused, as a merge is, when the adapter was trained on another base."""
-    report: dict[str, Any] = {
+    report = MergeReport(
         **_common_report(m),
-        "passed": True,
-        "merged": NOT_BUILT,
-        "probe_reference": {
+        passed=True,
+        merged=NOT_BUILT,
+        probe_reference=ProbeReference(
             **_reference_prompts(m.drawn),
-            "greedy": unmerged.greedy,
-            "texts": unmerged.texts,
-            "max_new_tokens": m.max_new_tokens,
-            "model": "base + adapter, unmerged",
-        },
-    }
+            greedy=unmerged.greedy,
+            texts=unmerged.texts,
+            max_new_tokens=m.max_new_tokens,
+            model="base + adapter, unmerged",
+        ),
+    )
     _refuse_other_base(out_dir, m, report)
     with io.atomic_dir(out_dir) as tmp:
         tmp.chmod(0o755)
-        io.write_json(tmp / REPORT, report)
-    return MergeResult(out_dir, out_dir / REPORT, report)
+        report.write(tmp / MERGE_REPORT)
+    return MergeResult(out_dir, out_dir / MERGE_REPORT, report)
 
 
 def _probe_facts(drawn: ProbeSet, builtin: list[list[dict[str, str]]]) -> dict[str, Any]:
@@ -386,12 +386,12 @@ def _reference_prompts(drawn: ProbeSet) -> dict[str, Any]:
 # --- references -----------------------------------------------------------------------------------
 
 
-def _vs_4bit(m: _Merge, variants: Variants, merged: ProbeOutputs, measured: bool) -> dict[str, Any]:
+def _vs_4bit(m: _Merge, variants: Variants, merged: ProbeOutputs, measured: bool) -> QuantizedGap:
     """The report's vs_4bit: as the variants decide it (QA-LoRA: no 4-bit model), else the quantized gap."""
     decided = variants.quantized_reference()
-    if decided is not None:
-        return decided
-    return _quantized_gap(m, variants, merged) if measured else {"skipped": "quantized_reference=False"}
+    if decided is None:
+        decided = _quantized_gap(m, variants, merged) if measured else {"skipped": "quantized_reference=False"}
+    return QuantizedGap(**decided)
 
 
 def _quantized_gap(m: _Merge, variants: Variants, merged: ProbeOutputs) -> dict[str, Any]:
@@ -404,7 +404,7 @@ def _quantized_gap(m: _Merge, variants: Variants, merged: ProbeOutputs) -> dict[
     if m.train_record is None:
         return {"skipped": f"no {TRAIN_RECORD} in the adapter folder: its quantization settings are unknown"}
     try:
-        params = TrainParams.model_validate(m.train_record["params"])
+        params = TrainParams.model_validate(m.train_record.params)
     except Exception as exc:  # noqa: BLE001 -- an old record the current schema rejects: report, don't fail
         return {"skipped": f"{TRAIN_RECORD} params do not validate with this loraline version: {exc}"}
     if params.quantization == "none":
@@ -435,7 +435,7 @@ def _quantized_gap(m: _Merge, variants: Variants, merged: ProbeOutputs) -> dict[
 
 def _reload_check(
     folder: Path, probes: ProbeSet, merged: ProbeOutputs, pad_token_id: int | None, device: torch.device
-) -> dict[str, Any]:
+) -> ReloadCheck:
     """The written folder loaded with plain transformers on `device`, its prompt logits computed exactly as
     the merged model's were (same device, same batches): only a save/load bug can make them differ."""
     from transformers import AutoModelForCausalLM
@@ -447,7 +447,7 @@ def _reload_check(
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     del model
     _release(device)
-    return {"max_abs_logit_diff": worst, "loaded_dtype": dtype}
+    return ReloadCheck(max_abs_logit_diff=worst, loaded_dtype=dtype)
 
 
 def _release(device: torch.device) -> None:
@@ -460,23 +460,16 @@ def _release(device: torch.device) -> None:
 # --- files ----------------------------------------------------------------------------------------
 
 
-def _read_train_record(adapter_dir: Path) -> dict[str, Any] | None:
+def _read_train_record(adapter_dir: Path) -> TrainRecord | None:
     path = adapter_dir / TRAIN_RECORD
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return TrainRecord.read(path) if path.is_file() else None
 
 
-def _quantization(train_record: dict[str, Any] | None) -> str | None:
-    params = (train_record or {}).get("params") or {}
-    return "qalora" if params.get("method") == "qalora" else params.get("quantization")
-
-
-def _variants(train_record: dict[str, Any] | None, adapter_dir: Path) -> Variants:
+def _variants(train_record: TrainRecord | None, adapter_dir: Path) -> Variants:
     """The adapter's variants, as its train_record.json names them (plain LoRA without one). A QA-LoRA adapter
     whose record does not say how the base was quantized cannot be folded: refused."""
-    qalora = bool((train_record or {}).get("qalora"))
-    if not qalora and json.loads((adapter_dir / ADAPTER_FILES[0]).read_text(encoding="utf-8")).get("use_qalora"):
+    qalora = train_record is not None and train_record.qalora is not None
+    if not qalora and json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("use_qalora"):
         raise MergeError(
             f"{adapter_dir} is a QA-LoRA adapter but its {TRAIN_RECORD} does not say how the base was "
             "quantized (qalora.bits, qalora.group_size): retrain it with this loraline"
@@ -490,13 +483,13 @@ def _discard(out_dir: Path) -> None:
         shutil.rmtree(out_dir)
 
 
-def merge_metrics(report: dict[str, Any]) -> dict[str, Any]:
+def merge_metrics(report: MergeReport) -> dict[str, Any]:
     """What people compare across runs (`dvc metrics diff`), and what the gate decides merge parity on:
     merged vs base+adapter, and (when measured) the gap to the 4-bit model the adapter was trained on."""
-    if "merged_vs_unmerged" not in report:  # deploy.targets without merged: no merge, so no parity to measure
-        return {"passed": bool(report["passed"]), "merged": report.get("merged", NOT_BUILT)}
-    out: dict[str, Any] = {"passed": bool(report["passed"]), **headline(report["merged_vs_unmerged"])}
-    quantized = report.get("vs_4bit") or {}
-    if "skipped" not in quantized and "max_abs_logit_diff" in quantized:
-        out["quantized"] = headline(quantized)
+    if report.merged_vs_unmerged is None:  # deploy.targets without merged: no merge, so no parity to measure
+        return {"passed": report.passed, "merged": report.merged or NOT_BUILT}
+    out: dict[str, Any] = {"passed": report.passed, **headline(report.merged_vs_unmerged.model_dump())}
+    quantized = report.vs_4bit
+    if quantized is not None and quantized.skipped is None and quantized.max_abs_logit_diff is not None:
+        out["quantized"] = headline(quantized.model_dump())
     return out

@@ -30,11 +30,6 @@ def base_record(base_dir: Path) -> BaseRecord:
         ) from None
 
 
-def read_base_record(base_dir: Path) -> dict[str, Any]:
-    """base_record as the dict its file holds, for the stages that still read it so."""
-    return base_record(base_dir).to_json()
-
-
 def resolve_base_model_path(base_dir: Path) -> str:
     """What to pass to from_pretrained: the built folder, the recorded local folder, or the hub id."""
     record = base_record(base_dir)
@@ -110,14 +105,14 @@ def tokenizer_mismatch(dataset_dir: Path, tokenizer: Any) -> str | None:
     )
 
 
-def base_model_hash(base_record: dict[str, Any]) -> str:
+def base_model_hash(record: BaseRecord) -> str:
     """One hash for the base model: over the recorded file hashes (built or local folder), else the
     hub id and revision (a hub model the base stage could not hash; pinned only by a commit revision)."""
-    files = {k: v for k, v in (base_record.get("files") or {}).items() if k != RECORD}
+    files = {k: v for k, v in (record.files or {}).items() if k != RECORD}
     if files:
         payload = json.dumps(files, sort_keys=True)
     else:
-        payload = f"{base_record.get('model_ref')}@{base_record.get('revision')}"
+        payload = f"{record.model_ref}@{record.revision}"
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

@@ -3,8 +3,9 @@ embeddings and norms that train beside LoRA (Chen et al., 2023).
 
 The train stage writes what it changed into the adapter's train_record.json (`long_context`); every
 later stage that puts the adapter on the base (merge, the quantized reference) applies the same
-config overrides through `base_config_overrides`, so the merged model's config carries the rope
-scaling and the extended max_position_embeddings, and inference needs nothing else.
+config overrides (records.TrainRecord.config_overrides, through modelling/variants.py's
+LongContextVariant), so the merged model's config carries the rope scaling and the extended
+max_position_embeddings, and inference needs nothing else.
 """
 
 from __future__ import annotations
@@ -73,11 +74,6 @@ def rope_overrides(config: Any, lc: LongContextParams) -> dict[str, Any]:
         rope_type=lc.rope_scaling, factor=lc.target_len / original, original_max_position_embeddings=original
     )
     return {"max_position_embeddings": lc.target_len, "rope_parameters": new_rope}
-
-
-def base_config_overrides(train_record: dict[str, Any]) -> dict[str, Any]:
-    """What an adapter's train record says to change in the base config before putting the adapter on it."""
-    return dict((train_record.get("long_context") or {}).get("config_overrides") or {})
 
 
 def trainable_module_names(model: nn.Module, trainable: list[str]) -> list[str]:

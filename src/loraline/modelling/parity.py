@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from loraline.records import Record
+
 DEFAULT_PROBES: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "Hello! Who are you?"}],
     [
@@ -29,9 +31,9 @@ DEFAULT_PROBES: list[list[dict[str, str]]] = [
 
 class ParityError(ValueError):
     """A model does not behave like its reference within tolerance (or the probes are unusable);
-    `report` holds the numbers measured so far, for the caller to show or keep."""
+    `report` holds the numbers measured so far (the stage's report model), for the caller to show or keep."""
 
-    def __init__(self, message: str, report: dict[str, Any] | None = None):
+    def __init__(self, message: str, report: Record | None = None):
         super().__init__(message)
         self.report = report
 

@@ -32,6 +32,7 @@ from typing import Any
 from loraline.config import LongContextParams, TrainParams
 from loraline.layout import QALORA_QUANTIZED, QALORA_TORCHAO
 from loraline.provenance import sha256_file
+from loraline.records import TrainRecord
 
 # The train record's fields that belong to a variant (None for an adapter it does not apply to).
 RECORD_FIELDS = ("qalora", "long_context")
@@ -135,14 +136,13 @@ class Variants(AdapterVariant):
         return cls(found)
 
     @classmethod
-    def from_record(cls, train_record: dict[str, Any] | None) -> Variants:
+    def from_record(cls, record: TrainRecord | None) -> Variants:
         """The variants a trained adapter's train_record.json names (none without a record)."""
-        record = train_record or {}
         found: list[AdapterVariant] = []
-        if record.get("qalora"):
-            found.append(QALoraVariant(record["qalora"]["bits"], record["qalora"]["group_size"]))
-        if (record.get("long_context") or {}).get("config_overrides"):
-            found.append(LongContextVariant(dict(record["long_context"]["config_overrides"]), None))
+        if record is not None and record.qalora is not None:
+            found.append(QALoraVariant(record.qalora.bits, record.qalora.group_size))
+        if record is not None and record.config_overrides:
+            found.append(LongContextVariant(record.config_overrides, None))
         return cls(found)
 
     def load_dtype(self, dtype: Any) -> Any:

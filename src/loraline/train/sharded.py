@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from loraline.config import TrainParams
-from loraline.modelling.loading import base_load_kwargs, read_base_record, resolve_base_model_path
+from loraline.modelling.loading import base_load_kwargs, base_record, resolve_base_model_path
 from loraline.train.errors import TrainError
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ def model_folder(base_dir: Path) -> Path:
         return ref
     from huggingface_hub import snapshot_download
 
-    record = read_base_record(base_dir)
-    return Path(snapshot_download(record["model_ref"], revision=record.get("revision"), local_files_only=True))
+    record = base_record(base_dir)
+    return Path(snapshot_download(record.model_ref, revision=record.revision, local_files_only=True))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

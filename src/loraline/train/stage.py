@@ -35,12 +35,21 @@ import torch
 
 from loraline import io
 from loraline.config import BaseParams, Params, TrainParams
-from loraline.layout import QLORA_REFERENCE, TRAIN_RECORD, Layout
+from loraline.layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS,
+    BASE_RECORD,
+    QLORA_REFERENCE,
+    TRAIN_RECORD,
+    Layout,
+)
 from loraline.modelling.device import compute_dtype, pick_device
-from loraline.modelling.loading import base_model_hash, load_base_tokenizer, read_base_record, tokenizer_mismatch
+from loraline.modelling.loading import base_model_hash, base_record, load_base_tokenizer, tokenizer_mismatch
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE
 from loraline.modelling.variants import Variants
 from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_timing, sha256_file
+from loraline.records import BaseRecord, BaseRef, Loss, Speed, Steps, TokensSeen, TrainData, TrainRecord
 from loraline.train import autobatch, checkpoint
 from loraline.train.data import check_splits, load_splits
 from loraline.train.distributed import World, barrier, gather, launch, process_group, world_from_env
@@ -61,7 +70,6 @@ from loraline.train.record import TRAIN_CURVE, VAL_CURVE, device_name, final_tra
 from loraline.train.sharded import sharding_facts
 from loraline.train.speed import fused_head
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 log = logging.getLogger(__name__)
 
 
@@ -73,16 +81,16 @@ class TrainResult:
     record_path: Path
     train_curve: Path
     val_curve: Path
-    record: dict[str, Any]
+    record: TrainRecord
     timing: dict[str, Any] = field(default_factory=dict)  # tokens_per_s, peak_memory, resumed_from_step, ...
 
     @classmethod
-    def of(cls, out_dir: Path, record: dict[str, Any], timing: dict[str, Any]) -> TrainResult:
+    def of(cls, out_dir: Path, record: TrainRecord, timing: dict[str, Any]) -> TrainResult:
         """The result for an adapter folder written by the stage (its files have fixed names)."""
         return cls(
             out_dir,
-            out_dir / ADAPTER_FILES[0],
-            out_dir / ADAPTER_FILES[1],
+            out_dir / ADAPTER_CONFIG,
+            out_dir / ADAPTER_WEIGHTS,
             out_dir / TRAIN_RECORD,
             out_dir / TRAIN_CURVE,
             out_dir / VAL_CURVE,
@@ -95,7 +103,7 @@ class TrainResult:
 class _Inputs:
     """What a run trains from, read and hashed before anything loads."""
 
-    base_record: dict[str, Any]
+    base_record: BaseRecord
     splits: Any
     data_hash: str
     base_hash: str
@@ -146,13 +154,13 @@ def run(
     )
     metrics = train_metrics(result.record)
     # the references train the same steps: the batch the adapter resolved (train.batch_size auto), not a new probe
-    train = train.model_copy(update={"batch_size": result.record["batch"]["rows"]})
+    train = train.model_copy(update={"batch_size": result.record.batch.rows})
     if train.long_context is not None and train.long_context.reference:
         reference = train_full_attention_reference(train, adapter_dir=result.out_dir, **inputs)
-        metrics["full_attention_reference_val_loss"] = reference.record["loss"]["final_val"]
+        metrics["full_attention_reference_val_loss"] = reference.record.loss.final_val
     if train.method == "qalora" and train.qalora.reference:
         reference = train_qlora_reference(train, adapter_dir=result.out_dir, **inputs)
-        metrics["qlora_reference_val_loss"] = reference.record["loss"]["final_val"]
+        metrics["qlora_reference_val_loss"] = reference.record.loss.final_val
     io.write_json(layout.metrics_path("train", tenant), metrics)
     # The curves also live beside the adapter; DVC plots need them outside the adapter folder.
     plots = layout.train_plots_dir(tenant)
@@ -225,7 +233,7 @@ def _launch(
         "progress": progress,
     }
     result = launch(spec, params.devices, use_cuda)
-    return TrainResult.of(out_dir, json.loads((out_dir / TRAIN_RECORD).read_text(encoding="utf-8")), result["timing"])
+    return TrainResult.of(out_dir, TrainRecord.read(out_dir / TRAIN_RECORD), result["timing"])
 
 
 def _train(
@@ -261,7 +269,7 @@ def _train(
         "tokens_per_s": round(tokens / max(train_wall, 1e-9), 1),  # this process's steps
         "peak_memory": _peak_memory(device, world),
         "resumed_from_step": resumed,
-        "device": record["device"],
+        "device": record.device,
         "batch": {"rows": session.batch.rows, "how": session.batch.how, "note": session.batch.note},
     }
     if world.main:
@@ -271,8 +279,8 @@ def _train(
             session.model.save_pretrained(tmp)
             (tmp / "README.md").unlink(missing_ok=True)  # peft's blank model card; train_record.json is ours
             write_curves(tmp, state.history)
-            record["files"] = {f: sha256_file(tmp / f) for f in ADAPTER_FILES}
-            io.write_json(tmp / TRAIN_RECORD, record)
+            record.files = {f: sha256_file(tmp / f) for f in ADAPTER_FILES}
+            record.write(tmp / TRAIN_RECORD)
     barrier(world)
     timing["wall_s"] = round(time.perf_counter() - started, 2)
     return TrainResult.of(out_dir, record, timing)
@@ -425,58 +433,58 @@ def _record(
     dataset_dir: Path,
     device: torch.device,
     world: World,
-) -> dict[str, Any]:
+) -> TrainRecord:
     """train_record.json (less its `files`): what trained, on what, how, and what came out; the variants'
     fields (qalora, long_context) say what they did to the base, for the merge to do it again."""
     params, plan = s.params, s.plan
     steps_done = state.history[-1]["step"] if state.history else 0
     shipped_best = params.early_stopping_patience is not None and best is not None
-    return {
-        "params": {**params.model_dump(mode="json"), "batch_size": s.batch.requested},  # as asked; "batch": what ran
-        "batch": s.batch.to_dict(),
-        "seed": params.seed,
-        "fingerprint": inputs.fingerprint,
-        "data": {
-            "dataset_dir": str(dataset_dir),
-            "sha256": inputs.data_hash,
-            "train_examples": len(inputs.splits.train),
-            "validation_examples": len(inputs.splits.validation),
-        },
-        "base": {
-            "dir": str(base_dir),
-            "source": inputs.base_record.get("source"),
-            "model_ref": inputs.base_record.get("model_ref"),
-            "sha256": inputs.base_hash,
-        },
-        "device": device_name(device),
-        "devices": world.size,
-        "sharding": sharding_facts(s.model) if params.sharding == "fsdp" else None,
-        "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
-        "optimizer": type(s.optimizer).__name__,
-        "speed": {  # which speed options took effect (each falls back where it does not apply)
-            "attention": getattr(s.model.config, "_attn_implementation", None),
-            "fused_cross_entropy": s.fused is not None,
-            "checkpointed_layers": _checkpointed_layers(s.model),
-        },
-        "steps": {
-            "planned": len(plan),
-            "done": steps_done,
-            "warmup": warmup_steps(params, len(plan)),
-            "epochs_started": plan[steps_done - 1].epoch + 1 if steps_done else 0,
-        },
-        "stopped_early": state.stopped_early,
-        "tokens_seen": {"useful": state.tokens_seen, "answer": state.answer_tokens_seen},
-        "loss": {
-            "final_train": final_train_loss(state.history),
-            "final_val": state.best_val_loss if shipped_best else _last_val(state.history),  # of the shipped adapter
-            "base_val": state.base_val_loss,
-            "best_val": state.best_val_loss,
-            "best_step": state.best_step,
-        },
+    return TrainRecord(
+        params={**params.model_dump(mode="json"), "batch_size": s.batch.requested},  # as asked; `batch`: what ran
+        batch=s.batch.to_dict(),
+        seed=params.seed,
+        fingerprint=inputs.fingerprint,
+        data=TrainData(
+            dataset_dir=str(dataset_dir),
+            sha256=inputs.data_hash,
+            train_examples=len(inputs.splits.train),
+            validation_examples=len(inputs.splits.validation),
+        ),
+        base=BaseRef(
+            dir=str(base_dir),
+            source=inputs.base_record.source,
+            model_ref=inputs.base_record.model_ref,
+            sha256=inputs.base_hash,
+        ),
+        device=device_name(device),
+        devices=world.size,
+        sharding=sharding_facts(s.model) if params.sharding == "fsdp" else None,
+        compute_dtype=str(compute_dtype(device)).removeprefix("torch."),
+        optimizer=type(s.optimizer).__name__,
+        speed=Speed(  # which speed options took effect (each falls back where it does not apply)
+            attention=getattr(s.model.config, "_attn_implementation", None),
+            fused_cross_entropy=s.fused is not None,
+            checkpointed_layers=_checkpointed_layers(s.model),
+        ),
+        steps=Steps(
+            planned=len(plan),
+            done=steps_done,
+            warmup=warmup_steps(params, len(plan)),
+            epochs_started=plan[steps_done - 1].epoch + 1 if steps_done else 0,
+        ),
+        stopped_early=state.stopped_early,
+        tokens_seen=TokensSeen(useful=state.tokens_seen, answer=state.answer_tokens_seen),
+        loss=Loss(
+            final_train=final_train_loss(state.history),
+            final_val=state.best_val_loss if shipped_best else _last_val(state.history),  # of the shipped adapter
+            base_val=state.base_val_loss,
+            best_val=state.best_val_loss,
+            best_step=state.best_step,
+        ),
         **s.variants.record(s.model),
-        "code": code_fingerprint(__name__),
-        "library_versions": library_versions(),
-    }
+        code=code_fingerprint(__name__),
+        library_versions=library_versions(),
+    )
 
 
 def _probe_batch(
@@ -529,11 +537,11 @@ def _peak_memory(device: torch.device, world: World) -> dict[str, Any]:
     return {**top, "ranks": world.size} if world.distributed else top
 
 
-def _read_base(base_dir: Path) -> dict[str, Any]:
+def _read_base(base_dir: Path) -> BaseRecord:
     if not base_dir.is_dir():
         raise TrainError(f"base model folder {base_dir} does not exist: run the base stage first (loraline base)")
     try:
-        return read_base_record(base_dir)
+        return base_record(base_dir)
     except FileNotFoundError as exc:
         raise TrainError(
             f"base model folder {base_dir} has no base_record.json: it was not written by the base stage ({exc})"
@@ -544,7 +552,7 @@ def _load_base(
     params: TrainParams,
     base_params: BaseParams,
     base_dir: Path,
-    record: dict[str, Any],
+    record: BaseRecord,
     device: torch.device,
     world: World,
     progress: bool,
@@ -567,9 +575,8 @@ def _load_base(
             variants=variants,
         )
     except OSError as exc:
-        ref = record.get("model_ref")
         raise TrainError(
-            f"cannot load the base model {ref!r} recorded in {base_dir / 'base_record.json'} (base.model): {exc}"
+            f"cannot load the base model {record.model_ref!r} recorded in {base_dir / BASE_RECORD} (base.model): {exc}"
         ) from exc
 
 
@@ -679,16 +686,16 @@ def train_qlora_reference(
     )
 
 
-def train_metrics(record: dict[str, Any]) -> dict[str, Any]:
+def train_metrics(record: TrainRecord) -> dict[str, Any]:
     """The numbers of a training run worth comparing across runs (`dvc metrics diff`)."""
-    loss = record["loss"]
-    base, val = loss.get("base_val"), loss.get("final_val")
+    loss = record.loss
+    base, val = loss.base_val, loss.final_val
     gain = (base - val) / base if base and val is not None else None
     return {
         "val_loss_base": base,
         "val_loss": val,
         "val_loss_gain": None if gain is None else round(gain, 6),
-        "train_loss": loss.get("final_train"),
-        "steps": record["steps"]["done"],
-        "tokens_seen": record["tokens_seen"]["useful"],
+        "train_loss": loss.final_train,
+        "steps": record.steps.done,
+        "tokens_seen": record.tokens_seen.useful,
     }

@@ -68,7 +68,7 @@ def test_loads_in_4bit_and_runs_forward(built):
 def test_record(built):
     params, result = built
     record = json.loads((result.out_dir / RECORD).read_text())
-    assert record == json.loads(json.dumps(result.record))
+    assert record == json.loads(json.dumps(result.record.to_json()))
     assert record["source"] == "built" and record["seed"] == 7
     assert record["params"] == params.model_dump(mode="json")
     for name in MODEL_FILES:
@@ -98,18 +98,18 @@ def test_general_text_is_held_out_from_pretraining(built):
     path = result.out_dir / GENERAL_TEXT
     texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     pretrained = stdlib_docstrings(params.build.max_stdlib_chars)
-    assert len(texts) == GENERAL_TEXT_ROWS == result.record["general_text"]["rows"] and len(set(texts)) == len(texts)
+    assert len(texts) == GENERAL_TEXT_ROWS == result.record.general_text.rows and len(set(texts)) == len(texts)
     assert not set(texts) & set(pretrained)
     assert not any(t.startswith(pretrained[-1]) for t in texts)  # nor the rest of the docstring the cap cut
     assert texts == held_out_docstrings(params.build.max_stdlib_chars, GENERAL_TEXT_ROWS)
-    assert "after the docstrings pretraining read" in result.record["general_text"]["source"]
-    assert result.record["files"][GENERAL_TEXT] == sha256_file(path)
+    assert "after the docstrings pretraining read" in result.record.general_text.source
+    assert result.record.files[GENERAL_TEXT] == sha256_file(path)
 
 
 def test_loss_decreases(built):
     _, result = built
-    curve = result.record["pretraining"]["loss_curve"]
-    assert result.record["pretraining"]["final_loss"] < curve["first"] - 0.3
+    curve = result.record.pretraining.loss_curve
+    assert result.record.pretraining.final_loss < curve["first"] - 0.3
 
 
 def test_same_seed_same_files_other_seed_other_model(built, raw_dirs, tmp_path):
@@ -182,8 +182,8 @@ def test_copy_drills_come_first_and_are_recorded(raw_dirs, tmp_path):
     params = BaseParams(build=tiny_build(copy_drill_steps=5, max_steps=8, stdlib_docstrings=False))
     with um.patch.object(torch.nn.Module, "__call__", spy):
         result = build_base(params, seed=3, raw_dirs=raw_dirs, out_dir=tmp_path / "base")
-    assert result.record["pretraining"]["copy_drill_steps"] == 5
-    comp = result.record["corpus"]["composition"]
+    assert result.record.pretraining.copy_drill_steps == 5
+    comp = result.record.corpus.composition
     assert comp["drills"]["texts"] == 5 * 4 * 64 // 100 and comp["drills"]["loss_tokens"] < comp["drills"]["tokens"]
     assert len(seen) == 8
     tok = AutoTokenizer.from_pretrained(result.out_dir)
@@ -218,7 +218,7 @@ def test_on_cuda_keys_are_validated_and_applied_only_on_cuda():
 def test_base_builds_on_cuda_with_the_cuda_shape(raw_dirs, tmp_path):
     params = BaseParams(build=tiny_build(on_cuda={"hidden_size": 128, "intermediate_size": 256}))
     result = build_base(params, seed=3, raw_dirs=raw_dirs, out_dir=tmp_path / "base")
-    assert result.record["built_on"]["device"] == "cuda"
-    assert result.record["built_on"]["build"]["hidden_size"] == 128
+    assert result.record.built_on.device == "cuda"
+    assert result.record.built_on.build["hidden_size"] == 128
     model = AutoModelForCausalLM.from_pretrained(result.out_dir)
     assert model.config.hidden_size == 128

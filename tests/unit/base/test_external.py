@@ -33,11 +33,11 @@ def test_local_folder_is_recorded_not_copied(built, tmp_path):
     result = build_base(params, seed=1, raw_dirs=[], out_dir=tmp_path / "base")
     assert sorted(p.name for p in result.out_dir.iterdir()) == ["base_record.json", GENERAL_TEXT]  # no weights copied
     rec = result.record
-    assert rec["source"] == "local" and rec["model_ref"] == str(source.out_dir.resolve())
-    assert rec["architecture"] == "LlamaForCausalLM" and rec["model_type"] == "llama"
-    assert rec["parameters"] == source.record["parameters"]
-    assert rec["chat_template_source"] == "model"
-    assert rec["files"]["model.safetensors"] == sha256_file(source.out_dir / "model.safetensors")
+    assert rec.source == "local" and rec.model_ref == str(source.out_dir.resolve())
+    assert rec.architecture == "LlamaForCausalLM" and rec.model_type == "llama"
+    assert rec.parameters == source.record.parameters
+    assert rec.chat_template_source == "model"
+    assert rec.files["model.safetensors"] == sha256_file(source.out_dir / "model.safetensors")
     assert resolve_base_model_path(result.out_dir) == str(source.out_dir.resolve())
     assert base_load_kwargs(result.out_dir) == {}
     tok = load_base_tokenizer(result.out_dir, params)
@@ -50,9 +50,9 @@ def test_a_base_of_your_own_gets_general_text_it_was_not_built_from_here(built, 
     _, source = built
     result = build_base(BaseParams(model=str(source.out_dir)), seed=1, raw_dirs=[], out_dir=tmp_path / "base")
     texts = [json.loads(line)["text"] for line in (result.out_dir / GENERAL_TEXT).read_text().splitlines()]
-    assert texts == held_out_docstrings(0, len(texts)) and len(texts) == result.record["general_text"]["rows"] > 100
+    assert texts == held_out_docstrings(0, len(texts)) and len(texts) == result.record.general_text.rows > 100
     assert texts[:20] == stdlib_docstrings(10**9)[:20]
-    assert "none of which the build read" in result.record["general_text"]["source"]
+    assert "none of which the build read" in result.record.general_text.source
 
 
 def test_missing_chat_template_is_a_clear_error(built, tmp_path):
@@ -68,7 +68,7 @@ def test_params_chat_template_fills_the_gap(built, tmp_path):
     folder = _without_template(source.out_dir, tmp_path / "model")
     params = BaseParams(model=str(folder), chat_template=OTHER_TEMPLATE)
     result = build_base(params, seed=1, raw_dirs=[], out_dir=tmp_path / "base")
-    assert result.record["chat_template_source"] == "params"
+    assert result.record.chat_template_source == "params"
     tok = load_base_tokenizer(result.out_dir, params)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text == "[user] hi\n"
@@ -100,8 +100,8 @@ def test_hub_id_not_cached_is_recorded(tmp_path, monkeypatch):
     params = BaseParams(model="example-org/tiny-chat-model", revision="v1.0")
     result = build_base(params, seed=1, raw_dirs=[], out_dir=tmp_path / "base")
     rec = result.record
-    assert rec["source"] == "hub" and rec["cached"] is False and rec["revision"] == "v1.0"
-    assert rec["revision_pinned"] is False
+    assert rec.source == "hub" and rec.cached is False and rec.revision == "v1.0"
+    assert rec.revision_pinned is False
     assert resolve_base_model_path(result.out_dir) == "example-org/tiny-chat-model"
     assert base_load_kwargs(result.out_dir) == {"revision": "v1.0"}
 
@@ -118,5 +118,5 @@ def test_hub_id_in_local_cache_is_inspected(built, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     result = build_base(BaseParams(model="example-org/tiny"), seed=1, raw_dirs=[], out_dir=tmp_path / "base")
     rec = result.record
-    assert rec["cached"] is True and rec["architecture"] == "LlamaForCausalLM"
-    assert rec["parameters"] == source.record["parameters"] and rec["chat_template_source"] == "model"
+    assert rec.cached is True and rec.architecture == "LlamaForCausalLM"
+    assert rec.parameters == source.record.parameters and rec.chat_template_source == "model"

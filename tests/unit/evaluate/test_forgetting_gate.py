@@ -152,7 +152,7 @@ def test_the_evidence_is_traceable_to_its_sample(world):
     assert general == {"measured": True, **sample}
     assert general["path"] == f"models/base/{GENERAL_TEXT}" and general["rows"] == 128 == general["rows_requested"]
     assert general["kinds"] == {"document": 128} and general["target_tokens"] > 5000 and general["skipped"] == {}
-    assert world["record"]["general_text"]["rows"] == 1024  # what the base stage wrote, after what it pretrained on
+    assert world["record"].general_text.rows == 1024  # what the base stage wrote, after what it pretrained on
     report = (result.out_dir / REPORT).read_text()
     assert "## Forgetting: general text" in report and f"Sample `models/base/{GENERAL_TEXT}`" in report
     assert json.loads(result.metrics_path.read_text())["general"] == general

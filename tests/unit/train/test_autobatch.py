@@ -7,6 +7,7 @@ import pytest
 import torch
 from train_helpers import adapter_tensors, tiny_train
 
+from loraline.records import Batch
 from loraline.train import autobatch, train_adapter
 from loraline.train.errors import TrainError
 
@@ -99,17 +100,12 @@ def test_auto_on_the_cpu_trains_exactly_like_an_explicit_two(setup, tmp_path):
     two = train_adapter(tiny_train(batch_size=2, max_steps=4), out_dir=tmp_path / "two", **setup.kwargs())
     a, b = adapter_tensors(auto.out_dir), adapter_tensors(two.out_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert auto.record["loss"] == two.record["loss"]
-    assert auto.record["params"]["batch_size"] == "auto" and two.record["params"]["batch_size"] == 2
-    assert auto.record["batch"] == {
-        "rows": 2,
-        "requested": "auto",
-        "how": "cpu",
-        "note": "auto: 2 rows (the CPU default)",
-        "peak_bytes": None,
-        "budget_bytes": None,
-    }
-    assert auto.timing["batch"]["rows"] == 2 and two.record["batch"]["how"] == "given"
+    assert auto.record.loss == two.record.loss
+    assert auto.record.params["batch_size"] == "auto" and two.record.params["batch_size"] == 2
+    assert auto.record.batch == Batch(
+        rows=2, requested="auto", how="cpu", note="auto: 2 rows (the CPU default)", peak_bytes=None, budget_bytes=None
+    )
+    assert auto.timing["batch"]["rows"] == 2 and two.record.batch.how == "given"
 
 
 def test_a_resumed_auto_run_reuses_the_checkpoints_batch_and_ends_identical(setup, tmp_path):
@@ -117,6 +113,6 @@ def test_a_resumed_auto_run_reuses_the_checkpoints_batch_and_ends_identical(setu
     full = train_adapter(params, out_dir=tmp_path / "full", checkpoint_dir=tmp_path / "ck", **setup.kwargs())
     again = train_adapter(params, out_dir=tmp_path / "again", checkpoint_dir=tmp_path / "ck", **setup.kwargs())
     assert again.timing["resumed_from_step"] == 4
-    assert again.record["batch"]["how"] == "checkpoint" and again.record["batch"]["rows"] == 2
+    assert again.record.batch.how == "checkpoint" and again.record.batch.rows == 2
     a, b = adapter_tensors(full.out_dir), adapter_tensors(again.out_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -31,10 +31,10 @@ def test_nf4_with_paged_8bit_adamw_trains_on_cuda_and_stock_peft_loads_it(setup,
         **setup.kwargs(),
     )
     rec = res.record
-    assert rec["device"].startswith("cuda") and rec["compute_dtype"] == "bfloat16"
-    assert rec["optimizer"] == bnb.optim.PagedAdamW8bit.__name__
+    assert rec.device.startswith("cuda") and rec.compute_dtype == "bfloat16"
+    assert rec.optimizer == bnb.optim.PagedAdamW8bit.__name__
     assert res.timing["peak_memory"]["kind"] == "cuda_max_memory_allocated" and res.timing["peak_memory"]["bytes"] > 0
-    assert rec["loss"]["final_val"] < 0.9 * rec["loss"]["base_val"], rec["loss"]
+    assert rec.loss.final_val < 0.9 * rec.loss.base_val, rec.loss
     rows = list(csv.DictReader(res.train_curve.open()))
     assert float(rows[-1]["train_loss"]) < float(rows[1]["train_loss"])
 
@@ -68,17 +68,15 @@ def test_auto_batch_fills_the_gpu_and_trains_like_the_batch_given(setup, tmp_pat
         batch_size="auto", quantization="nf4", optimizer="paged_adamw_32bit", max_steps=4, grad_accum=1
     )
     auto = train_adapter(params, out_dir=tmp_path / "auto", **setup.kwargs())
-    batch = auto.record["batch"]
+    batch = auto.record.batch
     total = torch.cuda.get_device_properties(0).total_memory
-    assert batch["how"] == "probe" and batch["rows"] > 2, batch
-    assert 0 < batch["peak_bytes"] <= batch["budget_bytes"] < total, batch
-    assert auto.timing["peak_memory"]["bytes"] < total and auto.timing["batch"]["rows"] == batch["rows"]
-    assert auto.record["params"]["batch_size"] == "auto" and batch["note"].startswith(
-        f"auto: {batch['rows']} rows, peak "
-    )
+    assert batch.how == "probe" and batch.rows > 2, batch
+    assert 0 < batch.peak_bytes <= batch.budget_bytes < total, batch
+    assert auto.timing["peak_memory"]["bytes"] < total and auto.timing["batch"]["rows"] == batch.rows
+    assert auto.record.params["batch_size"] == "auto" and batch.note.startswith(f"auto: {batch.rows} rows, peak ")
     given = train_adapter(
-        params.model_copy(update={"batch_size": batch["rows"]}), out_dir=tmp_path / "given", **setup.kwargs()
+        params.model_copy(update={"batch_size": batch.rows}), out_dir=tmp_path / "given", **setup.kwargs()
     )
-    assert given.record["steps"] == auto.record["steps"]
+    assert given.record.steps == auto.record.steps
     a, b = train_losses(auto.train_curve), train_losses(given.train_curve)
     assert len(a) == len(b) and max(abs(x - y) / abs(y) for x, y in zip(a, b)) < 1e-2, (a, b)

@@ -32,16 +32,16 @@ def test_two_processes_train_what_one_does_with_the_same_global_batch(setup, tmp
         tiny_train(lora_dropout=0.0, batch_size=2, devices=2), out_dir=tmp_path / "two", **setup.kwargs()
     )
 
-    assert two.record["devices"] == 2 and one.record["devices"] == 1
+    assert two.record.devices == 2 and one.record.devices == 1
     assert two.timing["peak_memory"]["ranks"] == 2
     # the same examples in the same steps: the same token counts, whatever the split
-    assert two.record["tokens_seen"] == one.record["tokens_seen"]
-    assert two.record["steps"] == one.record["steps"]
+    assert two.record.tokens_seen == one.record.tokens_seen
+    assert two.record.steps == one.record.steps
     a, b = train_losses(one.train_curve), train_losses(two.train_curve)
     assert len(a) == len(b) == 12
     assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL, (a, b)
-    assert abs(one.record["loss"]["final_val"] - two.record["loss"]["final_val"]) < LOSS_TOL
-    assert abs(one.record["loss"]["base_val"] - two.record["loss"]["base_val"]) < 1e-5  # sharded evaluation
+    assert abs(one.record.loss.final_val - two.record.loss.final_val) < LOSS_TOL
+    assert abs(one.record.loss.base_val - two.record.loss.base_val) < 1e-5  # sharded evaluation
     ta, tb = adapter_tensors(one.out_dir), adapter_tensors(two.out_dir)
     assert ta.keys() == tb.keys()
     assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-5
@@ -95,8 +95,8 @@ def test_qlora_on_two_gpus_over_nccl_trains_what_one_gpu_does(setup, tmp_path):
         checkpoint_dir=tmp_path / "ck",
         **setup.kwargs(),
     )
-    assert two.record["devices"] == 2 and two.record["device"].startswith("cuda")
-    assert two.record["tokens_seen"] == one.record["tokens_seen"]
+    assert two.record.devices == 2 and two.record.device.startswith("cuda")
+    assert two.record.tokens_seen == one.record.tokens_seen
     a, b = train_losses(one.train_curve), train_losses(two.train_curve)
     assert max(abs(x - y) / max(abs(x), 1e-3) for x, y in zip(a, b)) < 0.05, (a, b)
     assert b[-1] < 0.8 * b[0]  # it learnt

@@ -125,10 +125,10 @@ def test_train_a_long_context_adapter_and_merge_it_at_the_extended_length(setup,
     from peft import PeftModel
 
     res, merged = long_run
-    lc = res.record["long_context"]
-    assert lc["target_len"] == 512 and lc["original_context"] == 256 and lc["group_size"] == 128
-    assert lc["config_overrides"]["rope_parameters"]["factor"] == 2.0
-    assert res.record["speed"]["attention"] == S2_ATTN
+    lc = res.record.long_context
+    assert lc.target_len == 512 and lc.original_context == 256 and lc.group_size == 128
+    assert lc.config_overrides["rope_parameters"]["factor"] == 2.0
+    assert res.record.speed.attention == S2_ATTN
 
     saved = json.loads(res.adapter_config.read_text())["modules_to_save"]
     assert "model.embed_tokens" in saved and "model.norm" in saved
@@ -145,7 +145,7 @@ def test_train_a_long_context_adapter_and_merge_it_at_the_extended_length(setup,
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(5, 400, (1, 480), generator=torch.Generator().manual_seed(0))
-    scaled_base = load_base_causal_lm(setup.base_dir, "cpu", torch.float32, config_overrides=lc["config_overrides"])
+    scaled_base = load_base_causal_lm(setup.base_dir, "cpu", torch.float32, config_overrides=lc.config_overrides)
     adapter = PeftModel.from_pretrained(scaled_base, res.out_dir).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(merged.out_dir).eval()
     assert reloaded.config._attn_implementation != S2_ATTN  # inference attends in full
@@ -239,11 +239,11 @@ def test_the_onnx_export_keeps_parity_past_the_base_context(long_run, tmp_path):
 
     _, merged = long_run
     result = export_onnx(model_dir=merged.out_dir, out_dir=tmp_path / "onnx", max_new_tokens=8)
-    probe = result.report["long_context_probe"]
-    assert probe == {"tokens": 256 + 64, "original_context": 256, "max_position_embeddings": 512}
-    long_entry = result.report["fp32"]["per_probe"][-1]
-    assert long_entry["max_abs_logit_diff"] < 1e-3 and long_entry["decode_max_abs_logit_diff"] < 1e-3
-    assert long_entry["greedy_equal"] and result.report["passed"]
+    probe = result.report.long_context_probe
+    assert (probe.tokens, probe.original_context, probe.max_position_embeddings) == (256 + 64, 256, 512)
+    long_entry = result.report.fp32.per_probe[-1]
+    assert long_entry.max_abs_logit_diff < 1e-3 and long_entry.decode_max_abs_logit_diff < 1e-3
+    assert long_entry.greedy_equal and result.report.passed
 
 
 def test_a_full_attention_reference_is_trained_alike_and_reported_beside_the_candidate(setup, tmp_path):
@@ -254,8 +254,9 @@ def test_a_full_attention_reference_is_trained_alike_and_reported_beside_the_can
 
     from loraline.evaluate.stage import LONG_CONTEXT
     from loraline.evaluate.stage import run as evaluate_stage
-    from loraline.layout import Layout
+    from loraline.layout import TRAIN_RECORD, Layout
     from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE
+    from loraline.records import TrainRecord
     from loraline.train.stage import run as train_stage
     from loraline.train.stage import train_full_attention_reference
 
@@ -271,15 +272,13 @@ def test_a_full_attention_reference_is_trained_alike_and_reported_beside_the_can
     )
     res = train_stage(params, layout, "t", base_dir=setup.base_dir, checkpoints=False)
     ref_dir = res.out_dir / FULL_ATTENTION_REFERENCE
-    ref = json.loads((ref_dir / "train_record.json").read_text())
-    assert ref["speed"]["attention"] != S2_ATTN and ref["long_context"]["s2_attn"] is False
-    assert (
-        ref["steps"] == res.record["steps"] and ref["data"] == res.record["data"] and ref["seed"] == res.record["seed"]
-    )
-    assert ref["long_context"]["config_overrides"] == res.record["long_context"]["config_overrides"]
-    assert ref["loss"]["final_train"] != res.record["loss"]["final_train"]  # S2 groups did cut the rows
+    ref = TrainRecord.read(ref_dir / TRAIN_RECORD)
+    assert ref.speed.attention != S2_ATTN and ref.long_context.s2_attn is False
+    assert ref.steps == res.record.steps and ref.data == res.record.data and ref.seed == res.record.seed
+    assert ref.config_overrides == res.record.config_overrides
+    assert ref.loss.final_train != res.record.loss.final_train  # S2 groups did cut the rows
     metrics = json.loads(layout.metrics_path("train", "t").read_text())
-    assert metrics["full_attention_reference_val_loss"] == ref["loss"]["final_val"]
+    assert metrics["full_attention_reference_val_loss"] == ref.loss.final_val
 
     merge_adapter(
         base_dir=setup.base_dir,

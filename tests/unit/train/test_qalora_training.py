@@ -64,9 +64,9 @@ def _adapter_on_quantized_base(setup, adapter_dir):
 
 def test_a_qalora_adapter_trains_on_the_quantized_base_and_is_a_peft_adapter(setup, qalora_run):
     res, _ = qalora_run
-    facts = res.record["qalora"]
-    assert facts["bits"] == 4 and facts["group_size"] == 32
-    assert facts["quantized_layers"] == facts["adapted_layers"] == 2 * 7  # every linear layer but the head
+    facts = res.record.qalora
+    assert facts.bits == 4 and facts.group_size == 32
+    assert facts.quantized_layers == facts.adapted_layers == 2 * 7  # every linear layer but the head
     config = json.loads(res.adapter_config.read_text())
     assert config["use_qalora"] is True and config["qalora_group_size"] == 32 and config["peft_type"] == "LORA"
     from safetensors.torch import load_file
@@ -74,7 +74,7 @@ def test_a_qalora_adapter_trains_on_the_quantized_base_and_is_a_peft_adapter(set
     tensors = load_file(res.adapter_weights)
     a = [t for k, t in tensors.items() if "lora_A" in k]
     assert a and all(t.shape[1] in (64 // 32, 128 // 32) for t in a)  # A sees one feature per group of inputs
-    assert res.record["loss"]["final_val"] < res.record["loss"]["base_val"]  # it learnt
+    assert res.record.loss.final_val < res.record.loss.base_val  # it learnt
 
 
 def test_the_adapter_folds_into_the_zero_points_exactly(setup, qalora_run):
@@ -97,19 +97,19 @@ def test_the_adapter_folds_into_the_zero_points_exactly(setup, qalora_run):
 def test_qalora_training_is_deterministic_and_resumes_exactly(setup, qalora_run, tmp_path):
     res, tmp = qalora_run
     again = train_adapter(qalora_train(), out_dir=tmp_path / "again", **setup.kwargs())
-    assert again.record["files"] == res.record["files"]  # the same bytes from the same inputs
+    assert again.record.files == res.record.files  # the same bytes from the same inputs
     ck = tmp_path / "ck"
     shutil.copytree(tmp / "ck", ck)
     resumed = train_adapter(qalora_train(), out_dir=tmp_path / "resumed", checkpoint_dir=ck, **setup.kwargs())
     assert resumed.timing["resumed_from_step"] == 6
-    assert resumed.record["files"] == res.record["files"]
+    assert resumed.record.files == res.record.files
 
 
 def test_qalora_adapts_only_the_targets_and_quantizes_every_linear_layer(setup, tmp_path):
     res = train_adapter(
         qalora_train(target_modules=["q_proj", "v_proj"], max_steps=2), out_dir=tmp_path / "a", **setup.kwargs()
     )
-    assert res.record["qalora"]["quantized_layers"] == 14 and res.record["qalora"]["adapted_layers"] == 4
+    assert res.record.qalora.quantized_layers == 14 and res.record.qalora.adapted_layers == 4
 
 
 def test_a_group_size_that_does_not_divide_a_layer_fails_naming_it(setup, tmp_path):
@@ -135,11 +135,11 @@ def test_the_merge_stage_folds_a_qalora_adapter_into_the_same_low_bit_model(setu
         base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir, out_dir=tmp_path / "m"
     )
     report = merged.report
-    assert merged.passed and report["qalora"]["bits"] == 4 and report["qalora"]["layers"] == 14
-    assert report["merged_vs_unmerged"]["max_abs_logit_diff"] < 1e-4
-    assert report["merged_vs_unmerged"]["greedy_agreement"] == 1.0
-    assert report["adapter"]["quantization"] == "qalora" and "skipped" in report["vs_4bit"]
-    assert report["reload"]["max_abs_logit_diff"] < 1e-5
+    assert merged.passed and report.qalora.bits == 4 and report.qalora.layers == 14
+    assert report.merged_vs_unmerged.max_abs_logit_diff < 1e-4
+    assert report.merged_vs_unmerged.greedy_agreement == 1.0
+    assert report.adapter.quantization == "qalora" and report.vs_4bit.skipped
+    assert report.reload.max_abs_logit_diff < 1e-5
 
     model = AutoModelForCausalLM.from_pretrained(merged.out_dir)
     base = load_base_causal_lm(setup.base_dir, "cpu", torch.float32)
@@ -172,7 +172,7 @@ def test_the_merged_folder_carries_the_low_bit_codes_its_float_weights_are_made_
 
     layers = load_quantized_layers(qalora_merged.out_dir / QALORA_QUANTIZED)
     assert len(layers) == 14 and {(q.bits, q.group_size) for q in layers.values()} == {(4, 32)}
-    assert QALORA_QUANTIZED in qalora_merged.report["files"]
+    assert QALORA_QUANTIZED in qalora_merged.report.files
     weights = load_file(str(qalora_merged.out_dir / "model.safetensors"))
     for name, q in layers.items():
         assert int(q.codes.max()) <= 15
@@ -190,9 +190,9 @@ def test_the_merge_writes_a_torchao_checkpoint_that_transformers_loads_bit_for_b
     from loraline.layout import QALORA_QUANTIZED, QALORA_TORCHAO
     from loraline.modelling.qalora import load_quantized_layers
 
-    facts = qalora_merged.report["qalora"]["torchao"]
-    assert facts["passed"] and facts["max_abs_weight_diff"] == 0.0 and (facts["bits"], facts["group_size"]) == (4, 32)
-    assert facts["vs_unmerged"]["max_abs_logit_diff"] < 1e-4 and facts["vs_unmerged"]["greedy_agreement"] == 1.0
+    facts = qalora_merged.report.qalora.torchao
+    assert facts.passed and facts.max_abs_weight_diff == 0.0 and (facts.bits, facts.group_size) == (4, 32)
+    assert facts.vs_unmerged.max_abs_logit_diff < 1e-4 and facts.vs_unmerged.greedy_agreement == 1.0
     folder = qalora_merged.out_dir / QALORA_TORCHAO
     assert not [f.name for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl")]  # no pickles
     layers = load_quantized_layers(qalora_merged.out_dir / QALORA_QUANTIZED)
@@ -227,16 +227,16 @@ def test_export_writes_the_merged_qalora_model_as_matmulnbits_and_it_matches_the
     from loraline.modelling.qalora import load_quantized_layers
 
     result = export_onnx(model_dir=qalora_merged.out_dir, out_dir=tmp_path / "onnx", max_new_tokens=8)
-    low = result.report["lowbit"]
-    assert result.report["passed"] and low["file"] == "model.int4.onnx" and low["layers"] == 14
-    assert low["max_abs_logit_diff"] < 1e-3 and low["decode_max_abs_logit_diff"] < 1e-3
-    assert low["greedy_agreement"] == 1.0
+    low = result.report.lowbit
+    assert result.report.passed and low.file == "model.int4.onnx" and low.layers == 14
+    assert low.max_abs_logit_diff < 1e-3 and low.decode_max_abs_logit_diff < 1e-3
+    assert low.greedy_agreement == 1.0
     # 4 bytes a weight -> half a byte of code, an eighth of fp32 scale, a sixty-fourth of zero point and
     # an eighth of the zero points' float rest (groups of 32), saving 0.81 of the float bytes; the embeddings
     # and the head stay float; at this toy size the four new nodes per layer and their names cost ~5% more
     layers = load_quantized_layers(qalora_merged.out_dir / QALORA_QUANTIZED)
     linear_float_bytes = sum(q.codes.numel() * 4 for q in layers.values())
-    assert low["float_bytes"] - low["bytes"] > 0.7 * linear_float_bytes
+    assert low.float_bytes - low.bytes > 0.7 * linear_float_bytes
     graph = onnx.load(str(result.out_dir / "model.int4.onnx"))
     assert [n.op_type for n in graph.graph.node].count("MatMulNBits") == 14
     float_weights = {weight_key(q.dequantize().T.contiguous().numpy()) for q in layers.values()}
@@ -308,9 +308,10 @@ def test_a_qlora_reference_is_trained_alike_and_the_evaluation_compares_it_low_b
     from loraline.evaluate import lowbit
     from loraline.evaluate.stage import EvaluateError, evaluate_model, evaluate_tenant
     from loraline.evaluate.stage import run as evaluate_stage
-    from loraline.layout import QLORA_REFERENCE, Layout
+    from loraline.layout import QLORA_REFERENCE, TRAIN_RECORD, Layout
     from loraline.merge.stage import merge_adapter
     from loraline.modelling.loading import load_base_causal_lm
+    from loraline.records import TrainRecord
     from loraline.summary import collect_summary, render_text
     from loraline.train.stage import run as train_stage
     from loraline.train.stage import train_qlora_reference
@@ -326,17 +327,13 @@ def test_a_qlora_reference_is_trained_alike_and_the_evaluation_compares_it_low_b
         }
     )
     res = train_stage(params, layout, "t", base_dir=setup.base_dir, checkpoints=False)
-    reference = json.loads((res.out_dir / QLORA_REFERENCE / "train_record.json").read_text())
-    assert (reference["params"]["method"], reference["params"]["quantization"]) == ("lora", "nf4")
-    assert reference["qalora"] is None
-    assert res.record["qalora"]["bits"] == 4
-    assert (
-        reference["steps"] == res.record["steps"]
-        and reference["data"] == res.record["data"]
-        and reference["seed"] == res.record["seed"]
-    )
+    reference = TrainRecord.read(res.out_dir / QLORA_REFERENCE / TRAIN_RECORD)
+    assert (reference.params["method"], reference.params["quantization"], reference.qalora) == ("lora", "nf4", None)
+    assert res.record.qalora.bits == 4
+    assert reference.steps == res.record.steps and reference.data == res.record.data
+    assert reference.seed == res.record.seed
     metrics = json.loads(layout.metrics_path("train", "t").read_text())
-    assert metrics["qlora_reference_val_loss"] == reference["loss"]["final_val"]
+    assert metrics["qlora_reference_val_loss"] == reference.loss.final_val
 
     merge_adapter(
         base_dir=setup.base_dir, base_params=setup.base_params, adapter_dir=res.out_dir, out_dir=layout.merged_dir("t")
@@ -430,9 +427,9 @@ def test_qalora_trains_on_cuda_and_folds_there_too(setup, tmp_path):
         **setup.kwargs(),
     )
     rec = res.record
-    assert rec["device"].startswith("cuda") and rec["compute_dtype"] == "bfloat16"
-    assert rec["qalora"]["adapted_layers"] == 14
-    assert rec["loss"]["final_val"] < 0.9 * rec["loss"]["base_val"], rec["loss"]
+    assert rec.device.startswith("cuda") and rec.compute_dtype == "bfloat16"
+    assert rec.qalora.adapted_layers == 14
+    assert rec.loss.final_val < 0.9 * rec.loss.base_val, rec.loss
     model = _adapter_on_quantized_base(setup, res.out_dir).to("cuda")
     ids = torch.randint(5, 500, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():

@@ -28,7 +28,7 @@ def test_checkpoints_are_safetensors_and_json_and_only_the_last_two_are_kept(ref
     assert sorted(p.name for p in ck.iterdir()) == ["adapter.safetensors", "optimizer.safetensors", "state.json"]
     state = json.loads((ck / "state.json").read_text())
     assert state["step"] == 9 and state["format"] == checkpoint.FORMAT
-    assert state["fingerprint"] == reference.result.record["fingerprint"]
+    assert state["fingerprint"] == reference.result.record.fingerprint
     assert set(state["data_position"]) == {"epoch", "step_in_epoch"}
     assert len(state["progress"]["history"]) == 10  # base eval + 9 steps
     assert {"python", "numpy"} <= set(state["rng"][0])
@@ -59,8 +59,8 @@ def test_resuming_a_finished_checkpoint_dir_reproduces_the_adapter(reference, se
     shutil.copytree(reference.checkpoint_dir, ck)
     res = train_adapter(tiny_train(), out_dir=tmp_path / "o", checkpoint_dir=ck, **setup.kwargs())
     assert res.timing["resumed_from_step"] == 9
-    assert res.record["files"] == reference.result.record["files"]
-    assert res.record["tokens_seen"] == reference.result.record["tokens_seen"]
+    assert res.record.files == reference.result.record.files
+    assert res.record.tokens_seen == reference.result.record.tokens_seen
     assert res.record_path.read_bytes() == reference.result.record_path.read_bytes()  # resumed or not: the same output
     assert res.train_curve.read_text() == reference.result.train_curve.read_text()
     assert res.val_curve.read_text() == reference.result.val_curve.read_text()
@@ -134,10 +134,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_adapter(reference, setup, t
     assert ours.keys() == ref.keys()
     diff = max((ours[k] - ref[k]).abs().max().item() for k in ref)
     assert diff == 0.0, diff  # identical on CPU (the issue allows 1e-6)
-    assert (
-        res.record["files"]["adapter_model.safetensors"]
-        == reference.result.record["files"]["adapter_model.safetensors"]
-    )
+    assert res.record.files["adapter_model.safetensors"] == reference.result.record.files["adapter_model.safetensors"]
     assert res.train_curve.read_text() == reference.result.train_curve.read_text()
     assert res.val_curve.read_text() == reference.result.val_curve.read_text()
     assert torch.get_num_threads() == THREADS

@@ -22,16 +22,16 @@ def test_two_processes_sharding_the_base_train_what_one_process_does(setup, tmp_
         tiny_train(batch_size=2, devices=2, sharding="fsdp", **common), out_dir=tmp_path / "two", **setup.kwargs()
     )
 
-    assert two.record["params"]["sharding"] == "fsdp" and two.record["devices"] == 2
-    facts = two.record["sharding"]
-    assert facts["sharded_layers"] == 2  # the tiny base's two decoder layers
+    assert two.record.params["sharding"] == "fsdp" and two.record.devices == 2
+    facts = two.record.sharding
+    assert facts.sharded_layers == 2  # the tiny base's two decoder layers
     # each rank holds half of every layer's frozen weights (up to FSDP's padding of a shard)
-    assert facts["layer_bytes"] > 0 and abs(facts["layer_bytes_held"] - facts["layer_bytes"] / 2) <= 64 * 2, facts
-    assert two.record["tokens_seen"] == one.record["tokens_seen"]
+    assert facts.layer_bytes > 0 and abs(facts.layer_bytes_held - facts.layer_bytes / 2) <= 64 * 2, facts
+    assert two.record.tokens_seen == one.record.tokens_seen
     a, b = train_losses(one.train_curve), train_losses(two.train_curve)
     assert len(a) == len(b) == 12
     assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL, (a, b)
-    assert abs(one.record["loss"]["base_val"] - two.record["loss"]["base_val"]) < 1e-5
+    assert abs(one.record.loss.base_val - two.record.loss.base_val) < 1e-5
     ta, tb = adapter_tensors(one.out_dir), adapter_tensors(two.out_dir)
     assert ta.keys() == tb.keys()
     assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-5
@@ -43,7 +43,7 @@ def test_one_process_loading_layer_by_layer_trains_what_transformers_loading_doe
     from_pretrained; the same weights and LoRA init give the same adapter, up to float sums."""
     plain = train_adapter(tiny_train(max_steps=4), out_dir=tmp_path / "plain", **setup.kwargs())
     streamed = train_adapter(tiny_train(max_steps=4, sharding="fsdp"), out_dir=tmp_path / "streamed", **setup.kwargs())
-    assert streamed.record["sharding"]["sharded_layers"] == 2
+    assert streamed.record.sharding.sharded_layers == 2
     a, b = train_losses(plain.train_curve), train_losses(streamed.train_curve)
     assert max(abs(x - y) for x, y in zip(a, b)) < LOSS_TOL, (a, b)
 
@@ -91,7 +91,7 @@ def test_qlora_with_the_base_sharded_over_two_gpus_trains_what_one_gpu_does(setu
     one = train_adapter(tiny_train(batch_size=4, **common), out_dir=tmp_path / "one", **setup.kwargs())
     params = tiny_train(batch_size=2, devices=2, sharding="fsdp", **common)
     two = train_adapter(params, out_dir=tmp_path / "two", checkpoint_dir=tmp_path / "ck", **setup.kwargs())
-    assert two.record["device"].startswith("cuda") and two.record["sharding"]["sharded_layers"] == 2
+    assert two.record.device.startswith("cuda") and two.record.sharding.sharded_layers == 2
     a, b = train_losses(one.train_curve), train_losses(two.train_curve)
     assert max(abs(x - y) / max(abs(x), 1e-3) for x, y in zip(a, b)) < 0.05, (a, b)
     assert b[-1] < 0.8 * b[0]

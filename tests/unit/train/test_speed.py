@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from train_helpers import tiny_train
 
 from loraline.modelling.constants import IGNORE_INDEX
+from loraline.records import Speed
 from loraline.train import speed, train_adapter
 from loraline.train.data import load_splits
 from loraline.train.model import attach_lora, load_base_model
@@ -132,19 +133,15 @@ def test_training_with_the_speed_options_on_matches_training_with_them_off(setup
         out_dir=tmp_path / "off",
         **setup.kwargs(),
     )
-    assert on.record["speed"] == {
-        "attention": "loraline_varlen",
-        "fused_cross_entropy": True,
-        "checkpointed_layers": 1,
-    }
-    assert off.record["speed"]["attention"] == "sdpa"
-    assert off.record["speed"]["fused_cross_entropy"] is False
+    assert on.record.speed == Speed(attention="loraline_varlen", fused_cross_entropy=True, checkpointed_layers=1)
+    assert off.record.speed.attention == "sdpa"
+    assert off.record.speed.fused_cross_entropy is False
     a, b = _curve(on), _curve(off)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
     assert a[-1][1] < a[0][1]  # it learns
     for (_, la), (_, lb) in zip(a, b):
         assert la == pytest.approx(lb, rel=1e-5)
-    assert on.record["loss"]["final_val"] == pytest.approx(off.record["loss"]["final_val"], rel=1e-5)
+    assert on.record.loss.final_val == pytest.approx(off.record.loss.final_val, rel=1e-5)
 
 
 @pytest.mark.cuda
@@ -167,10 +164,10 @@ def test_speed_options_on_cuda_learn_the_same_as_the_plain_path(setup, tmp_path)
         out_dir=tmp_path / "off",
         **setup.kwargs(),
     )
-    assert on.record["speed"]["attention"] == speed.VARLEN and on.record["speed"]["fused_cross_entropy"]
-    assert off.record["speed"]["attention"] == "sdpa"
-    a, b = on.record["loss"], off.record["loss"]
-    assert a["base_val"] == pytest.approx(b["base_val"], rel=1e-2), (a, b)
-    assert a["final_val"] < 0.9 * a["base_val"] and b["final_val"] < 0.9 * b["base_val"], (a, b)
-    assert a["final_val"] == pytest.approx(b["final_val"], rel=5e-2), (a, b)
+    assert on.record.speed.attention == speed.VARLEN and on.record.speed.fused_cross_entropy
+    assert off.record.speed.attention == "sdpa"
+    a, b = on.record.loss, off.record.loss
+    assert a.base_val == pytest.approx(b.base_val, rel=1e-2), (a, b)
+    assert a.final_val < 0.9 * a.base_val and b.final_val < 0.9 * b.base_val, (a, b)
+    assert a.final_val == pytest.approx(b.final_val, rel=5e-2), (a, b)
     print("cuda loss agreement", a, b)

@@ -53,7 +53,7 @@ def test_trained_embeddings_serve_as_the_head_and_merge_into_a_tied_model(setup,
         out_dir=tmp_path / "m",
         quantized_reference=False,
     )
-    assert merged.passed and merged.report["reload"]["max_abs_logit_diff"] < 1e-5
+    assert merged.passed and merged.report.reload.max_abs_logit_diff < 1e-5
     config = json.loads((merged.out_dir / "config.json").read_text())
     assert config["tie_word_embeddings"] is True
     with safe_open(merged.out_dir / "model.safetensors", "pt") as f:

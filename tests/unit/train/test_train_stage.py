@@ -13,6 +13,7 @@ from train_helpers import adapter_tensors, tiny_train
 
 from loraline.layout import TRAIN_RECORD
 from loraline.provenance import hash_tree, sha256_file
+from loraline.records import TrainRecord
 from loraline.train import train_adapter
 
 
@@ -32,20 +33,20 @@ def test_out_dir_holds_exactly_the_adapter_record_and_curve(reference):
 
 
 def test_record_has_provenance_and_measurements(reference, setup):
-    rec = json.loads(reference.result.record_path.read_text())
+    rec = TrainRecord.read(reference.result.record_path)
     assert rec == reference.result.record
-    assert rec["seed"] == 11 and rec["params"]["lora_r"] == 8
-    assert rec["data"]["sha256"] == hash_tree(setup.dataset_dir)
-    assert rec["base"]["sha256"] and len(rec["base"]["sha256"]) == 64
-    assert rec["device"] == "cpu" and rec["compute_dtype"] == "float32"
-    assert rec["steps"] == {"planned": 12, "done": 12, "warmup": 2, "epochs_started": rec["steps"]["epochs_started"]}
-    assert rec["tokens_seen"]["useful"] > rec["tokens_seen"]["answer"] > 0
-    assert rec["loss"]["final_val"] is not None and rec["loss"]["base_val"] is not None
-    assert rec["files"]["adapter_model.safetensors"] == sha256_file(reference.result.adapter_weights)
-    assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(rec["library_versions"])
-    assert len(rec["code"]["sha256"]) == 64 and rec["code"]["modules"] > 10
+    assert rec.seed == 11 and rec.params["lora_r"] == 8
+    assert rec.data.sha256 == hash_tree(setup.dataset_dir)
+    assert rec.base.sha256 and len(rec.base.sha256) == 64
+    assert rec.device == "cpu" and rec.compute_dtype == "float32"
+    assert (rec.steps.planned, rec.steps.done, rec.steps.warmup) == (12, 12, 2)
+    assert rec.tokens_seen.useful > rec.tokens_seen.answer > 0
+    assert rec.loss.final_val is not None and rec.loss.base_val is not None
+    assert rec.files["adapter_model.safetensors"] == sha256_file(reference.result.adapter_weights)
+    assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(rec.library_versions)
+    assert len(rec.code.sha256) == 64 and rec.code.modules > 10
     # what differs between identical runs is in the timing, not in the output
-    assert not {"code_revision", "wall_s", "tokens_per_s", "peak_memory", "resumed_from_step"} & set(rec)
+    assert not {"code_revision", "wall_s", "tokens_per_s", "peak_memory", "resumed_from_step"} & set(rec.to_json())
     timing = reference.result.timing
     assert timing["peak_memory"]["kind"] == "process_max_rss" and timing["peak_memory"]["bytes"] > 10 << 20
     assert timing["wall_s"] > 0 and timing["tokens_per_s"] > 0 and timing["resumed_from_step"] is None
@@ -60,7 +61,7 @@ def test_loss_curves_are_full_csvs_that_dvc_plots_can_read(reference):
     val = list(csv.DictReader(reference.result.val_curve.open()))
     assert list(val[0]) == ["step", "val_loss"]
     assert [int(r["step"]) for r in val] == [0, 4, 8, 12]  # the base model, then every eval_every=4
-    assert float(val[0]["val_loss"]) == pytest.approx(reference.result.record["loss"]["base_val"], rel=1e-5)
+    assert float(val[0]["val_loss"]) == pytest.approx(reference.result.record.loss.base_val, rel=1e-5)
 
 
 def test_dvc_reads_the_curves_as_numbers(reference):
@@ -94,7 +95,7 @@ def test_stock_peft_loads_the_adapter_and_matches_our_model(reference, setup):
 def test_same_seed_data_and_params_give_identical_adapter_files(reference, setup, tmp_path):
     again = train_adapter(tiny_train(), out_dir=tmp_path / "again", **setup.kwargs())
     assert sha256_file(again.adapter_weights) == sha256_file(reference.result.adapter_weights)
-    assert again.record["loss"] == reference.result.record["loss"]
+    assert again.record.loss == reference.result.record.loss
     other = train_adapter(
         tiny_train(seed=12, max_steps=2, eval_every=100), out_dir=tmp_path / "other", **setup.kwargs()
     )
@@ -108,8 +109,8 @@ def test_training_lowers_held_out_loss_against_the_base(setup, tmp_path):
         out_dir=tmp_path / "o",
         **setup.kwargs(),
     )
-    loss = res.record["loss"]
-    assert loss["final_val"] < 0.85 * loss["base_val"], loss
+    loss = res.record.loss
+    assert loss.final_val < 0.85 * loss.base_val, loss
     rows = list(csv.DictReader(res.train_curve.open()))
     first, last = [float(r["train_loss"]) for r in rows[:3]], [float(r["train_loss"]) for r in rows[-3:]]
     assert sum(last) < 0.9 * sum(first)
@@ -128,8 +129,8 @@ def test_nf4_with_paged_8bit_adamw_on_cpu_trains_and_says_paging_is_cuda_only(se
         )
     notes = [r.getMessage() for r in caplog.records if "CUDA-only" in r.getMessage()]
     assert len(notes) == 1 and "paged_adamw_8bit" in notes[0]
-    assert res.record["optimizer"] == "AdamW8bit" and bnb.optim.AdamW8bit.__name__ == "AdamW8bit"
-    assert res.record["loss"]["final_val"] < res.record["loss"]["base_val"]
+    assert res.record.optimizer == "AdamW8bit" and bnb.optim.AdamW8bit.__name__ == "AdamW8bit"
+    assert res.record.loss.final_val < res.record.loss.base_val
     cfg = json.loads(res.adapter_config.read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
 
@@ -182,8 +183,8 @@ def test_early_stopping_stops_and_ships_the_best_adapter(setup, tmp_path):
             tiny_train(eval_every=1, early_stopping_patience=2), out_dir=tmp_path / "o", **setup.kwargs()
         )
     rec = res.record
-    assert rec["stopped_early"] and rec["steps"]["done"] == 4 and rec["steps"]["planned"] == 12
-    assert rec["loss"]["best_step"] == 2 and rec["loss"]["final_val"] == 3.0
+    assert rec.stopped_early and rec.steps.done == 4 and rec.steps.planned == 12
+    assert rec.loss.best_step == 2 and rec.loss.final_val == 3.0
     saved = adapter_tensors(res.out_dir)
     best = {k.replace(".default", ""): v for k, v in snapshots[-1].items()}
     assert len(saved) == len(best)
