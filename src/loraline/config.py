@@ -207,6 +207,8 @@ CANONICAL_FIELDS = (
     "messages",
     "conversations",
     "text",
+    "chosen",
+    "rejected",
 )
 # The canonical fields a mapped row must end up with: one shape's required fields, and none of another's.
 SOURCE_SHAPES = {
@@ -215,8 +217,42 @@ SOURCE_SHAPES = {
     "chat": ({"messages"}, {"messages"}),
     "sharegpt": ({"conversations"}, {"conversations"}),
     "document": ({"text"}, {"text"}),
+    "preference": ({"chosen", "rejected"}, {"prompt", "messages", "system", "chosen", "rejected"}),
 }
 ControlTokenPolicy = Literal["reject", "strip", "escape"]
+
+
+class PairPickParams(_Section):
+    """tenants.<t>.sources[].preference: one preference pair from a list of rated answers (UltraFeedback's
+    completions), the context coming from the entry's columns (prompt or messages)."""
+
+    list: str = Field(min_length=1, description="The field path of the list of rated answers (completions)")
+    answer: str = Field("response", min_length=1, description="Path of an answer's text inside a list element")
+    score: str = Field(
+        "overall_score", min_length=1, description="Path of an answer's score (a number) inside a list element"
+    )
+    pick: Literal["best_vs_worst", "best_vs_second"] = Field(
+        "best_vs_worst",
+        description="The highest-scored answer is chosen; rejected is the lowest-scored one (best_vs_worst) or "
+        "the best scored below the chosen (best_vs_second); ties go to the earlier element",
+    )
+    min_margin: float = Field(
+        0.0,
+        ge=0,
+        description="Least score difference between chosen and rejected (the chosen must score higher in any "
+        "case); a row without such a pair is rejected as no_pair",
+    )
+
+    @model_validator(mode="after")
+    def _paths_parse(self) -> PairPickParams:
+        from loraline.fieldpath import PathSyntaxError, parse_path
+
+        for name in ("list", "answer", "score"):
+            try:
+                parse_path(getattr(self, name))
+            except PathSyntaxError as exc:
+                raise ValueError(f"preference.{name}: {exc}") from None
+        return self
 
 
 class SourceParams(_Section):
@@ -249,6 +285,11 @@ class SourceParams(_Section):
     control_tokens: ControlTokenPolicy | None = Field(
         None, description="Overrides prepare.control_tokens for these files"
     )
+    preference: PairPickParams | None = Field(
+        None,
+        description="Rows holding a list of rated answers: the pair they give (chosen and rejected; columns map "
+        "the prompt or messages)",
+    )
 
     @field_validator("path")
     @classmethod
@@ -277,8 +318,10 @@ class SourceParams(_Section):
                         raise ValueError(f"{label}: {text!r} addresses item, which needs explode (the list field)")
         except PathSyntaxError as exc:
             raise ValueError(str(exc)) from None
+        if self.preference is not None:
+            self._check_preference()
         if self.columns:
-            keys = set(self.columns)
+            keys = set(self.columns) | ({"chosen", "rejected"} if self.preference is not None else set())
             fits = [shape for shape, (need, allowed) in SOURCE_SHAPES.items() if need <= keys and keys <= allowed]
             if not fits:
                 shapes = "; ".join(
@@ -291,6 +334,15 @@ class SourceParams(_Section):
                 f"format {self.format!r} is a whole document; columns, explode and group apply to structured rows"
             )
         return self
+
+    def _check_preference(self) -> None:
+        picked = sorted({"chosen", "rejected"} & set(self.columns))
+        if picked:
+            raise ValueError(f"preference picks chosen and rejected from the rated list; columns also map {picked}")
+        if not {"prompt", "messages"} & set(self.columns):
+            raise ValueError(
+                "preference needs the context the answers reply to: map columns.prompt (or columns.messages)"
+            )
 
 
 def _paths_of(source: Any) -> tuple:

@@ -35,12 +35,18 @@ class Collected:
     synthetic_provenance: list[dict] = field(default_factory=list)  # of every synthetic row read, for the card
     kept_by_file: Counter = field(default_factory=Counter)
     shapes: Counter = field(default_factory=Counter)
+    pairs: Counter = field(default_factory=Counter)  # kept preference pairs by split
     synthetic_kept: int = 0
     token_lengths: array = field(default_factory=lambda: array("i"))
     answer_lengths: array = field(default_factory=lambda: array("i"))
     dataset_digest: dict[str, Any] = field(
         default_factory=lambda: {name: hashlib.sha256() for name in (*SPLITS, "documents")}
     )
+
+    @property
+    def has_pairs(self) -> bool:
+        """Whether any preference pair was kept: the splits then carry features.PREFERENCE_COLUMNS."""
+        return any(self.pairs.values())
 
     def reject(self, reject: Reject) -> None:
         if self.scrubber is not None:
@@ -60,6 +66,7 @@ class Collected:
             self.shapes["document"] += 1
         else:
             self.shapes[row["shape"]] += 1
+            self.pairs[split] += row["shape"] == "preference"
             self.token_lengths.append(row["n_tokens"])
             self.answer_lengths.append(row["n_answer_tokens"])
             self.synthetic_kept += row["source"] == "synthetic"

@@ -1,4 +1,10 @@
-"""The columns of what prepare writes: the chat dataset's splits and the plain documents."""
+"""The columns of what prepare writes: the chat dataset's splits and the plain documents.
+
+A tenant whose data holds preference pairs gets PREFERENCE_COLUMNS on every split (rows that are no
+pair hold empty values; a row is a pair iff len(rejected_input_ids) > 0); any other tenant gets
+exactly CHAT_FEATURES. Rows are stored between passes with both (STORE_FEATURES), and the columns a
+tenant does not need are dropped when the dataset is written (`written_columns`).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,23 @@ CHAT_FEATURES = datasets.Features(
     }
 )
 
+# A pair's rejected answer, and the context with that answer rendered and masked as input_ids/labels are.
+PREFERENCE_COLUMNS = ("rejected", "rejected_input_ids", "rejected_labels", "n_rejected_tokens")
+PREFERENCE_FEATURES = datasets.Features(
+    {
+        "rejected": datasets.Value("string"),
+        "rejected_input_ids": datasets.List(datasets.Value("int32")),
+        "rejected_labels": datasets.List(datasets.Value("int32")),
+        "n_rejected_tokens": datasets.Value("int32"),
+    }
+)
+STORE_FEATURES = datasets.Features({**CHAT_FEATURES, **PREFERENCE_FEATURES})
+
+
+def written_columns(pairs: bool) -> datasets.Features:
+    """The columns of a tenant's saved splits: with the preference columns only when it has pairs."""
+    return STORE_FEATURES if pairs else CHAT_FEATURES
+
 
 DOCUMENT_FEATURES = datasets.Features(
     {
@@ -36,4 +59,4 @@ DOCUMENT_FEATURES = datasets.Features(
 )
 
 
-CHAT_SCHEMA = CHAT_FEATURES.arrow_schema
+STORE_SCHEMA = STORE_FEATURES.arrow_schema

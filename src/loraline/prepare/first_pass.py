@@ -91,8 +91,10 @@ def route(out: Collected, outcome, q: Quality, stored: bool = False) -> None:
 
 
 def _candidate(out: Collected, q: Quality, split: str, row: dict, stored: bool, alive: bool) -> None:
-    prompt = (row["_prompt"] if "_prompt" in row else prompt_key(row["messages"])) if alive else 0
-    if alive:
+    # Several pairs for one prompt are what preference data is: pairs never count as conflicting answers.
+    asks = alive and not (row["_pair"] if "_pair" in row else row.get("rejected"))
+    prompt = (row["_prompt"] if "_prompt" in row else prompt_key(row["messages"])) if asks else 0
+    if asks:
         q.ask(prompt, q.seen, row["source_file"], row["row"])
     q.order[split].append(q.seen)
     q.alive[split].append(alive)

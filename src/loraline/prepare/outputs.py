@@ -32,7 +32,7 @@ from loraline.modelling.loading import write_tokenizer_stamp
 from loraline.prepare.card import raw_file_hashes, render_card
 from loraline.prepare.collected import Collected
 from loraline.prepare.document_rows import document_splits
-from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
+from loraline.prepare.features import DOCUMENT_FEATURES, STORE_FEATURES, written_columns
 from loraline.prepare.schema import SPLITS, PrepareStats
 from loraline.prepare.stores import ArrowRows, RejectSummary
 from loraline.provenance import code_fingerprint, hash_tree
@@ -117,9 +117,9 @@ def no_rows_message(
 def _dataset(out: Collected, name: str) -> datasets.Dataset:
     """One split (or the documents) as a Dataset: memory-mapped from its Arrow file, or from the list."""
     store = out.documents if name == "documents" else out.splits[name]
-    features = DOCUMENT_FEATURES if name == "documents" else CHAT_FEATURES
+    features = DOCUMENT_FEATURES if name == "documents" else written_columns(out.has_pairs)
     if isinstance(store, ArrowRows):
-        ds = store.dataset()
+        ds = _only(store.dataset(), features)
     else:
         ds = datasets.Dataset.from_dict({col: [r[col] for r in store] for col in features}, features=features)
     # The fingerprint lands in state.json; it is random for in-memory data in some datasets releases,
@@ -127,6 +127,19 @@ def _dataset(out: Collected, name: str) -> datasets.Dataset:
     digest = out.dataset_digest[name].copy()
     digest.update(f"{out.stats.tenant}/{name}/{out.stats.tokenizer_hash}".encode())
     ds._fingerprint = digest.hexdigest()[:16]
+    return ds
+
+
+def _only(ds: datasets.Dataset, features: datasets.Features) -> datasets.Dataset:
+    """The stored rows with only the columns written (STORE_FEATURES less those a tenant without pairs
+    lacks), saved with the same bytes as rows stored with just those columns: remove_columns would list
+    the remaining format columns sorted, so their order is restored."""
+    dropped = [name for name in STORE_FEATURES if name in ds.column_names and name not in features]
+    if not dropped:
+        return ds
+    columns = ds._format_columns
+    ds = ds.remove_columns(dropped)
+    ds._format_columns = None if columns is None else [c for c in columns if c in features]
     return ds
 
 

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 
 from loraline.config import PrepareParams
+from loraline.prepare import preference
 from loraline.prepare.controls import text_cleaner
-from loraline.prepare.features import CHAT_SCHEMA
+from loraline.prepare.features import PREFERENCE_COLUMNS, STORE_SCHEMA
 from loraline.prepare.mapping import DETECTED, SourceSpec
 from loraline.prepare.quality.pii import PiiScrubber
 from loraline.prepare.readers import RawRow
-from loraline.prepare.render import Rendered, find_control_token, render_batch
-from loraline.prepare.schema import ChatTemplateError, Message, Reject, RejectReason, locate, top_field
+from loraline.prepare.render import Rendered, find_control_token
+from loraline.prepare.schema import ChatTemplateError, Message, Record, Reject, RejectReason, locate, top_field
 from loraline.prepare.shapes import NO_OPTIONS, Parsed, ShapeOptions, to_record
 from loraline.prepare.split import Deduplicator, content_hash, group_id, group_of, prompt_key, split_key, split_of
 
@@ -66,23 +67,31 @@ def examine_batch(batch: list[RawRow | Reject], ctx: RowContext) -> list:
             pending.append((i, item, parsed))
     chats = [(i, item, parsed) for i, item, parsed in pending if parsed.record.kind == "chat"]
     rendered = dict(
-        zip((i for i, _, _ in chats), render_batch([p.record.messages for _, _, p in chats], ctx.tokenizer))
+        zip((i for i, _, _ in chats), preference.render_records([p.record for _, _, p in chats], ctx.tokenizer))
     )
     for i, item, parsed in pending:
         record = parsed.record
-        result = rendered.get(i)
-        if isinstance(result, ChatTemplateError):
-            outcomes[i] = ChatTemplateError(f"{locate(record.source_file, record.row)}: {result}")
+        result, rejected = rendered.get(i, (None, None))
+        error = result if isinstance(result, ChatTemplateError) else rejected
+        if isinstance(error, ChatTemplateError):
+            outcomes[i] = ChatTemplateError(f"{locate(record.source_file, record.row)}: {error}")
         elif result is None:
             outcomes[i] = ("document", _document_row(record, ctx.tenant))
-        elif result.n_tokens > ctx.params.max_tokens:
-            outcomes[i] = too_long(item, parsed, result, ctx.params)
+        elif _longer(result, rejected).n_tokens > ctx.params.max_tokens:
+            outcomes[i] = too_long(item, parsed, _longer(result, rejected), ctx.params)
         else:
             group = group_of(record.messages, item.group, ctx.params.group_min_chars)
-            row = _chat_row(record, result, ctx.tenant)
+            if rejected is not None:
+                group = preference.pair_group(record, group)
+            row = _chat_row(record, result, ctx.tenant, rejected)
             row["_group"] = group_id(group)  # read by pass 1 (first_pass._candidate), never stored
             outcomes[i] = (split_of(split_key(record.content_hash, group), ctx.params.split), row)
     return outcomes
+
+
+def _longer(chosen: Rendered, rejected: Rendered | None) -> Rendered:
+    """What max_tokens applies to: the conversation, or the longer of a pair's two."""
+    return chosen if rejected is None or chosen.n_tokens >= rejected.n_tokens else rejected
 
 
 def settle(examined: list, dedup: Deduplicator) -> Iterator[Reject | tuple]:
@@ -148,9 +157,10 @@ def examine_job(job: tuple[int | None, list]) -> tuple[list, Counter, int, dict[
                     "row": row["row"],
                     "_prompt": prompt_key(row["messages"]),
                     "_group": row["_group"],
+                    "_pair": bool(row["rejected"]),
                 }
                 outcomes[i] = (split, {**light, "messages": row["messages"]} if split == "test" else light)
-        batches = {split: pa.RecordBatch.from_pylist(r, schema=CHAT_SCHEMA) for split, r in rows.items()}
+        batches = {split: pa.RecordBatch.from_pylist(r, schema=STORE_SCHEMA) for split, r in rows.items()}
     return outcomes, Counter(ctx.pii), ctx.pii_rows[0], batches
 
 
@@ -162,35 +172,54 @@ def parse_row(item: RawRow, ctx: RowContext) -> Parsed | Reject:
     )
     if isinstance(parsed, Reject) or ctx.scrubber is None:
         return parsed
-    record = parsed.record
-    found: Counter = Counter()
-    if record.kind == "document":
-        text, found = ctx.scrubber.scrub(record.text)
-        if not found:
-            return parsed
-        scrubbed = replace(record, text=text, content_hash=content_hash([("document", text)]))
-    else:
-        messages = []
-        for m in record.messages:
-            text, counts = ctx.scrubber.scrub(m.content)
-            found.update(counts)
-            messages.append(Message(m.role, text))
-        if not found:
-            return parsed
-        scrubbed = replace(
-            record, messages=tuple(messages), content_hash=content_hash((m.role, m.content) for m in messages)
-        )
+    scrubbed, found = _scrubbed(parsed.record, ctx.scrubber)
+    if scrubbed is None:
+        return parsed
     ctx.pii.update(found)
     ctx.pii_rows[0] += 1
     if ctx.params.pii.mode == "drop":
         kinds = ", ".join(f"{kind} x{n}" for kind, n in sorted(found.items()))
         return reject_row(item, parsed, None, RejectReason.PII, f"holds PII ({kinds}); prepare.pii.mode=drop")
-    return Parsed(scrubbed, parsed.fields)
+    if preference.same_answers(scrubbed):
+        return reject_row(
+            item,
+            parsed,
+            parsed.rejected_field,
+            RejectReason.SAME_ANSWERS,
+            "is the same answer as chosen once PII is masked; a pair needs two answers",
+        )
+    return replace(parsed, record=scrubbed)
+
+
+def _scrubbed(record: Record, scrubber: PiiScrubber) -> tuple[Record | None, Counter]:
+    """The record with its PII masked and its content hash redone, or None when it holds none."""
+    found: Counter = Counter()
+    if record.kind == "document":
+        text, found = scrubber.scrub(record.text)
+        return (replace(record, text=text, content_hash=content_hash([("document", text)])) if found else None), found
+    messages = []
+    for m in record.messages:
+        text, counts = scrubber.scrub(m.content)
+        found.update(counts)
+        messages.append(Message(m.role, text))
+    if record.rejected:
+        record, counts = preference.scrub(record, scrubber)
+        found.update(counts)
+    if not found:
+        return None, found
+    if record.rejected:
+        return preference.rehash(replace(record, messages=tuple(messages))), found
+    return replace(
+        record, messages=tuple(messages), content_hash=content_hash((m.role, m.content) for m in messages)
+    ), found
 
 
 def control_reject(item: RawRow, parsed: Parsed, ctx: RowContext) -> Reject | None:
     record = parsed.record
     texts = [record.text] if record.kind == "document" else [m.content for m in record.messages]
+    fields = parsed.fields
+    if record.rejected:  # a pair's rejected answer is checked as its conversation is
+        texts, fields = [*texts, record.rejected], (*fields, parsed.rejected_field)
     found = find_control_token(texts, ctx.controls)
     if found is None:
         return None
@@ -198,7 +227,7 @@ def control_reject(item: RawRow, parsed: Parsed, ctx: RowContext) -> Reject | No
     return reject_row(
         item,
         parsed,
-        parsed.fields[index],
+        fields[index],
         RejectReason.CONTROL_TOKEN,
         f"contains the tokenizer's control token {token!r}, which would be read as template markup "
         "(control_tokens: escape keeps it as literal text; strip removes end-of-text markers at the ends)",
@@ -206,12 +235,14 @@ def control_reject(item: RawRow, parsed: Parsed, ctx: RowContext) -> Reject | No
 
 
 def too_long(item: RawRow, parsed: Parsed, rendered: Rendered, params: PrepareParams) -> Reject:
+    which = "the longer of its chosen and rejected conversations " if parsed.record.rejected else ""
     return reject_row(
         item,
         parsed,
         None,
         RejectReason.TOO_LONG,
-        f"renders to {rendered.n_tokens} tokens with the chat template (prepare.max_tokens={params.max_tokens})",
+        f"{which}renders to {rendered.n_tokens} tokens with the chat template "
+        f"(prepare.max_tokens={params.max_tokens})",
     )
 
 
@@ -225,7 +256,8 @@ def _document_row(record, tenant: str) -> dict:
     }
 
 
-def _chat_row(record, rendered: Rendered, tenant: str) -> dict:
+def _chat_row(record, rendered: Rendered, tenant: str, rejected: Rendered | None = None) -> dict:
+    """A dataset row; a pair's rejected conversation fills the preference columns (empty for other rows)."""
     return {
         "id": record.content_hash,
         "tenant": tenant,
@@ -240,6 +272,7 @@ def _chat_row(record, rendered: Rendered, tenant: str) -> dict:
         "labels": rendered.labels,
         "n_tokens": rendered.n_tokens,
         "n_answer_tokens": rendered.n_answer_tokens,
+        **dict(zip(PREFERENCE_COLUMNS, preference.pair_values(rejected, record))),
     }
 
 
@@ -250,15 +283,16 @@ def admit_synthetic(item: RawRow, parsed: Parsed, ctx: RowContext) -> Reject | d
     duplicate = ctx.dedup.duplicate(record.content_hash, record.source_file, record.row)
     if duplicate is not None:
         return duplicate
-    rejected = control_reject(item, parsed, ctx)
-    if rejected is not None:
-        return rejected
-    (result,) = render_batch([record.messages], ctx.tokenizer)
-    if isinstance(result, ChatTemplateError):
-        raise ChatTemplateError(f"{locate(record.source_file, record.row)}: {result}") from result
-    if result.n_tokens > ctx.params.max_tokens:
-        return too_long(item, parsed, result, ctx.params)
-    return "train", _chat_row(record, result, ctx.tenant)
+    refused = control_reject(item, parsed, ctx)
+    if refused is not None:
+        return refused
+    ((result, rejected),) = preference.render_records([record], ctx.tokenizer)
+    for error in (result, rejected):
+        if isinstance(error, ChatTemplateError):
+            raise ChatTemplateError(f"{locate(record.source_file, record.row)}: {error}") from error
+    if _longer(result, rejected).n_tokens > ctx.params.max_tokens:
+        return too_long(item, parsed, _longer(result, rejected), ctx.params)
+    return "train", _chat_row(record, result, ctx.tenant, rejected)
 
 
 def reject_row(raw: RawRow, parsed: Parsed, path: str | None, reason: RejectReason, message: str) -> Reject:

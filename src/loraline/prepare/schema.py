@@ -34,6 +34,18 @@ class RejectReason(str, Enum):
     # prepare.conflicts first|reject: the row asks what another row asks (same normalized prompt) with a
     # different answer; the detail names that row.
     CONFLICTING_ANSWERS = "conflicting_answers"
+    # Preference rows (preference.py): chosen and rejected are the same answer (normalized, PII masked);
+    # chosen and rejected are no two answers to one context (full conversations diverging before their
+    # last assistant turn, or a context ending with no user turn); a rated list (sources[].preference)
+    # gives no pair (fewer than two rated answers, or none apart by min_margin).
+    SAME_ANSWERS = "same_answers"
+    BAD_PAIR = "bad_pair"
+    NO_PAIR = "no_pair"
+
+
+# Reasons only preference rows can have: listed in prepare_stats.json when the tenant has pairs or such
+# rejects, so that an SFT tenant's stats keep their keys.
+PREFERENCE_REASONS = (RejectReason.SAME_ANSWERS, RejectReason.BAD_PAIR, RejectReason.NO_PAIR)
 
 
 class PrepareError(ValueError):
@@ -75,6 +87,9 @@ class Message:
 class Record:
     """One canonical row: a conversation to train on, or a plain document (kind='document', text set).
 
+    A preference pair (shape 'preference') is the conversation ending with the chosen answer, and
+    `rejected` the other answer to the same context; its content hash covers both answers.
+
     `source_file` is relative to the tenant's raw folder, `row` is 1-based within that file (line
     for JSONL, element for JSON arrays, data row for CSV/Parquet, 1 for a whole document), and
     `content_hash` is the sha256 of the normalized content, used for deduplication and splitting.
@@ -84,10 +99,11 @@ class Record:
     kind: Literal["chat", "document"]
     source_file: str
     row: int
-    shape: str  # instruction | chat | sharegpt | prompt_completion | document
+    shape: str  # instruction | chat | sharegpt | prompt_completion | preference | document
     content_hash: str
     messages: tuple[Message, ...] = ()
     text: str = ""
+    rejected: str = ""  # a pair's rejected answer (shape 'preference'); "" for every other row
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -158,9 +174,14 @@ class PrepareStats:
     synthetic_hash: str = ""  # sha256 of the synthetic rows file ("" when there is none)
     # per tenants.<t>.sources[] entry, then "(detected)" for the rest: path, format, files and the outcomes
     sources: list[dict] = field(default_factory=list)
+    # Kept preference pairs by split (each also counted in kept and splits); only for a tenant with pairs.
+    pairs: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.pairs:  # a tenant without pairs keeps the stats it had before preference rows existed
+            del d["pairs"]
+        return d
 
     @property
     def reconciles(self) -> bool:

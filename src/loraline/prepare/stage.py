@@ -29,7 +29,7 @@ from loraline.io import write_json, write_timing
 from loraline.layout import PREPARED_DATASET, Layout
 from loraline.modelling.loading import load_base_tokenizer
 from loraline.prepare.collected import Collected
-from loraline.prepare.features import CHAT_FEATURES, DOCUMENT_FEATURES
+from loraline.prepare.features import DOCUMENT_FEATURES, STORE_FEATURES
 from loraline.prepare.first_pass import first_pass
 from loraline.prepare.general import general_sample, write_general_sample
 from loraline.prepare.mapping import DETECTED, SourceSpec, assign, compile_sources
@@ -123,10 +123,13 @@ def run(
 
 def prepare_metrics(stats: PrepareStats) -> dict[str, Any]:
     """The counts worth comparing across runs (`dvc metrics diff`); the rest is in prepare_stats.json."""
-    return {
+    metrics = {
         **{k: getattr(stats, k) for k in ("rows_in", *OUTCOMES)},
         "split": {s: stats.splits.get(s, 0) for s in SPLITS},
     }
+    if stats.pairs:  # preference pairs by split, for a tenant that has them
+        metrics["pairs"] = {s: stats.pairs.get(s, 0) for s in SPLITS}
+    return metrics
 
 
 def prepare_tenant(
@@ -311,7 +314,7 @@ def _collected(
         stats=PrepareStats(tenant=tenant), rejects=rejects if rejects is not None else RejectList(), scrubber=scrubber
     )
     if spill_dir is not None:
-        out.splits = {s: ArrowRows(Path(spill_dir) / f"{s}.arrow", CHAT_FEATURES) for s in SPLITS}
+        out.splits = {s: ArrowRows(Path(spill_dir) / f"{s}.arrow", STORE_FEATURES) for s in SPLITS}
         out.documents = ArrowRows(Path(spill_dir) / "documents.arrow", DOCUMENT_FEATURES)
     return out
 

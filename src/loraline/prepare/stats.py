@@ -1,7 +1,7 @@
 """prepare_stats.json's numbers, from what the passes collected: where every input row ended, by
 file, by source, by reason and by shape; token percentiles; the tokenizer's and the raw data's hashes.
 Every input row ends in one of OUTCOMES, and the counts are checked to add up (in total and per
-file) before anything is written: counts that do not add up mean a row was lost. Rows that
+file, and the kept preference pairs per split against the kept rows) before anything is written: counts that do not add up mean a row was lost. Rows that
 prepare.conflicts removes are rejects (reason conflicting_answers), so the equation stays
 rows_in = kept + rejected + duplicates + near_duplicates + contaminated; conflicting_answers counts
 the rows sharing a prompt with a different answer wherever they ended (kept, under keep).
@@ -20,7 +20,7 @@ from loraline.prepare.mapping import SourceSpec
 from loraline.prepare.quality.mix import SYNTHETIC_PREFIX
 from loraline.prepare.readers import has_surrogates
 from loraline.prepare.render import tokenizer_name
-from loraline.prepare.schema import SPLITS, PrepareStats, RejectReason
+from loraline.prepare.schema import PREFERENCE_REASONS, SPLITS, PrepareStats, RejectReason
 from loraline.provenance import hash_tree
 
 PERCENTILES = (50, 90, 99)
@@ -38,9 +38,14 @@ def summarize(out: Collected, raw_dir: Path, tokenizer, rows_in: dict[str, int])
     stats.documents = len(out.documents)
     stats.kept = sum(len(out.splits[s]) for s in SPLITS) + stats.documents
     by_reason = sum(summary.by_file.values(), Counter())
-    stats.rejected_by_reason = {reason.value: by_reason.get(reason.value, 0) for reason in RejectReason}
+    stats.rejected_by_reason = {
+        reason.value: by_reason.get(reason.value, 0)
+        for reason in RejectReason
+        if reason not in PREFERENCE_REASONS or out.has_pairs or by_reason.get(reason.value)
+    }
     stats.by_shape = dict(sorted(out.shapes.items()))
     stats.splits = {s: len(out.splits[s]) for s in SPLITS}
+    stats.pairs = {s: out.pairs.get(s, 0) for s in SPLITS} if out.has_pairs else {}
     stats.by_file = _by_file(out, rows_in)
     synthetic_in = sum(n for rel, n in rows_in.items() if rel.startswith(SYNTHETIC_PREFIX))
     synthetic_kept = out.synthetic_kept
@@ -62,12 +67,20 @@ def summarize(out: Collected, raw_dir: Path, tokenizer, rows_in: dict[str, int])
     stats.data_hash = hash_tree(raw_dir, exclude=undecodable)
     # Checked in code, not by assert (stripped under -O): counts that do not add up mean a row was lost.
     bad_files = [rel for rel, c in stats.by_file.items() if c["rows_in"] != sum(c[k] for k in OUTCOMES)]
-    if not stats.reconciles or bad_files:
+    if not stats.reconciles or bad_files or not _pairs_reconcile(stats):
         raise RuntimeError(
             f"tenant {stats.tenant!r}: counts do not reconcile: rows_in={stats.rows_in} kept={stats.kept} "
             f"rejected={stats.rejected} duplicates={stats.duplicates} near_duplicates={stats.near_duplicates} "
             f"contaminated={stats.contaminated} (files: {', '.join(bad_files) or 'totals'})"
+            + (f"; preference pairs {stats.pairs} of splits {stats.splits}" if stats.pairs else "")
         )
+
+
+def _pairs_reconcile(stats: PrepareStats) -> bool:
+    """Every kept pair is a kept row of its split, and each is one preference row (by_shape)."""
+    return sum(stats.pairs.values()) == stats.by_shape.get("preference", 0) and all(
+        n <= stats.splits.get(split, 0) for split, n in stats.pairs.items()
+    )
 
 
 def _by_file(out: Collected, rows_in: dict[str, int]) -> dict[str, dict[str, int]]:
