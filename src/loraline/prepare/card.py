@@ -92,6 +92,7 @@ def _counts(s: PrepareStats, params: PrepareParams) -> list[str]:
         "",
         f"- kept: {s.kept} = train {s.splits.get('train', 0)} + validation {s.splits.get('validation', 0)} "
         f"+ test {s.splits.get('test', 0)} + documents {s.documents}",
+        *_pairs(s),
         f"- real: {s.by_source.get('real', {}).get('rows_in', 0)} in, {s.by_source.get('real', {}).get('kept', 0)} "
         f"kept; synthetic: {syn.get('rows_in', 0)} in, {syn.get('kept', 0)} kept (quota {s.synthetic_quota})",
         f"- exact duplicates: {s.duplicates}; near-duplicates: {s.near_duplicates}; contaminated: {s.contaminated}",
@@ -103,6 +104,17 @@ def _counts(s: PrepareStats, params: PrepareParams) -> list[str]:
         + ", ".join(f"{split} {n}" for split, n in s.groups.get("by_split", {}).items()),
         f"- PII ({params.pii.mode}): {s.pii_rows} rows; " + ", ".join(f"{kind} {n}" for kind, n in s.pii.items()),
         "- rejected by reason: " + (", ".join(f"{r} {n}" for r, n in s.rejected_by_reason.items() if n) or "none"),
+    ]
+
+
+def _pairs(s: PrepareStats) -> list[str]:
+    """The kept preference pairs by split (part of the kept rows), for a tenant that has them."""
+    if not s.pairs:
+        return []
+    by_split = " + ".join(f"{split} {n}" for split, n in s.pairs.items())
+    return [
+        f"- preference pairs (chosen and rejected answers, each one kept row; exact duplicates are the same context, "
+        f"chosen and rejected): {sum(s.pairs.values())} = {by_split}"
     ]
 
 

@@ -21,11 +21,12 @@ from typing import Any
 
 from loraline.config import SourceParams
 from loraline.fieldpath import FieldPath, Missing, Source, Template, parse_path, parse_source
+from loraline.prepare.preference import NoPair, PairPick, pick_pair
 from loraline.prepare.readers import RawRow, excerpt
 from loraline.prepare.schema import Reject, RejectReason, locate
 from loraline.prepare.shapes import ShapeOptions, json_type
 
-TEXT_FIELDS = ("instruction", "input", "output", "system", "prompt", "completion", "text")
+TEXT_FIELDS = ("instruction", "input", "output", "system", "prompt", "completion", "text", "chosen", "rejected")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class SourceSpec:
     columns: dict[str, Source] = field(default_factory=dict)
     explode: FieldPath | None = None
     group: Source | None = None
+    pick: PairPick | None = None  # sources[].preference: the pair a list of rated answers gives
 
     @property
     def label(self) -> str:
@@ -48,11 +50,13 @@ class SourceSpec:
 
     @property
     def mapped(self) -> bool:
-        return bool(self.columns) or self.explode is not None or self.group is not None
+        return bool(self.columns) or self.explode is not None or self.group is not None or self.pick is not None
 
     def options(self, clean) -> ShapeOptions:
         roles = {} if self.params is None else dict(self.params.roles)
         origins = {name: source.text for name, source in self.columns.items()}
+        if self.pick is not None:
+            origins.update(chosen=self.pick.origin, rejected=self.pick.origin)
         return ShapeOptions(roles=roles, clean=clean, origins=origins)
 
 
@@ -67,6 +71,7 @@ def compile_sources(sources: Iterable[SourceParams]) -> list[SourceSpec]:
             {name: parse_source(text) for name, text in s.columns.items()},
             parse_path(s.explode) if s.explode else None,
             parse_source(s.group) if s.group else None,
+            PairPick.of(s.preference) if s.preference is not None else None,
         )
         for i, s in enumerate(sources)
     ]
@@ -152,6 +157,8 @@ def _explode(raw: RawRow, spec: SourceSpec, tenant: str) -> Iterator[RawRow | Re
 
 def _map_one(raw: RawRow, value: Any, element: Any, spec: SourceSpec, tenant: str) -> RawRow | Reject:
     mapped = _map_columns(raw, value, element, spec, tenant)
+    if spec.pick is not None and not isinstance(mapped, Reject):
+        mapped = _pick(mapped, value if element is None else {**value, "item": element}, spec.pick, tenant)
     if spec.group is None or isinstance(mapped, Reject):
         return mapped
     if not isinstance(value, dict):
@@ -178,6 +185,28 @@ def _map_one(raw: RawRow, value: Any, element: Any, spec: SourceSpec, tenant: st
     except _NotText as bad:
         return _mapping_reject(raw, tenant, _raw_key(bad.path, spec), f"group: {bad.path!r} {bad.why}")
     return replace(mapped, group=_group_text(group))
+
+
+def _pick(mapped: RawRow, scope: dict, pick: PairPick, tenant: str) -> RawRow | Reject:
+    """The mapped row with the chosen and rejected answers its rated list gives, or the reject saying why not."""
+    path = pick.items
+    try:
+        chosen, rejected = pick_pair(scope, pick)
+    except Missing as missing:
+        return _mapping_reject(
+            mapped, tenant, path.root, f"preference.list: source path {missing.path!r} is missing ({missing.why})"
+        )
+    except NoPair as no:
+        return Reject(
+            tenant,
+            mapped.source_file,
+            mapped.row,
+            path.root,
+            no.reason,
+            f"{locate(mapped.source_file, mapped.row, path.text, mapped.item)}: {no.message}",
+            mapped.excerpt,
+        )
+    return replace(mapped, value={**mapped.value, "chosen": chosen, "rejected": rejected})
 
 
 def _group_text(value: Any) -> str | None:

@@ -115,9 +115,7 @@ def _parse(raw: RawRow, tenant: str, max_chars: int, system_prompt: str | None, 
         keys = ", ".join(sorted(present)) or "none"
         lone = [key for key in preference.ANSWER_KEYS if key in present]
         hint = f"; a preference row needs both chosen and rejected (it has only {lone[0]})" if lone else ""
-        raise Bad(
-            RejectReason.UNKNOWN_SHAPE, None, f"has no known shape (keys: {keys}); expected {SHAPES_HELP}{hint}"
-        )
+        raise Bad(RejectReason.UNKNOWN_SHAPE, None, f"has no known shape (keys: {keys}); expected {SHAPES_HELP}{hint}")
     shape = shapes[0]
     clean = options.clean
     if shape == "instruction":
@@ -170,9 +168,7 @@ def _chat(
     list_field = SHAPE_KEYS[shape][0] if shape in ("chat", "sharegpt") else None
     roles = [role for role, _, _ in turns]
     if "assistant" not in roles:
-        raise Bad(
-            RejectReason.NO_ASSISTANT_TURN, list_field, "has no assistant message; there is nothing to train on"
-        )
+        raise Bad(RejectReason.NO_ASSISTANT_TURN, list_field, "has no assistant message; there is nothing to train on")
     if roles[-1] != "assistant":
         raise Bad(
             RejectReason.NO_ASSISTANT_TURN,

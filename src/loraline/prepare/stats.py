@@ -1,8 +1,9 @@
 """prepare_stats.json's numbers, from what the passes collected: where every input row ended, by
 file, by source, by reason and by shape; token percentiles; the tokenizer's and the raw data's hashes.
 Every input row ends in one of OUTCOMES, and the counts are checked to add up (in total and per
-file, and the kept preference pairs per split against the kept rows) before anything is written: counts that do not add up mean a row was lost. Rows that
-prepare.conflicts removes are rejects (reason conflicting_answers), so the equation stays
+file; kept preference pairs, by split, against the kept rows) before anything is written: counts
+that do not add up mean a row was lost. Rows that prepare.conflicts removes are rejects (reason
+conflicting_answers), so the equation stays
 rows_in = kept + rejected + duplicates + near_duplicates + contaminated; conflicting_answers counts
 the rows sharing a prompt with a different answer wherever they ended (kept, under keep).
 """
