@@ -1,5 +1,8 @@
 """`loraline inspect PATH`: what a raw file holds, which shape its rows take, and a `sources:` entry
-for rows that fit no shape, checked against the rows themselves before it is suggested.
+for rows that fit no shape, checked against the rows themselves before it is suggested. Files of
+preference data get a `sources:` entry of their own where their rows need one: rated answers
+(UltraFeedback's completions with scores) a `preference:` pick, chosen and rejected answers under
+other names (response_j, preferred...) a mapping to chosen and rejected.
 
 Reads every row (streaming, as prepare does): the row count and each key's type and fill rate are
 exact. Key paths go one level into objects (`meta.answer`) and into lists of objects
@@ -18,7 +21,7 @@ from loraline.config import PrepareParams, SourceParams
 from loraline.prepare.controls import text_cleaner
 from loraline.prepare.mapping import SourceSpec, compile_sources, map_rows
 from loraline.prepare.readers import RawRow, format_of, list_files, read_rows
-from loraline.prepare.schema import Message, Reject
+from loraline.prepare.schema import Message, Record, Reject
 from loraline.prepare.shapes import ShapeOptions, json_type, to_record
 from loraline.prepare.split import group_of, normalize
 
@@ -44,6 +47,20 @@ ROLE_GUESSES = {
     "system": ("system",),
     "tool": ("tool", "function", "function_response", "observation", "ipython", "tool_response"),
 }
+# Preference data: answers under other names than chosen/rejected, and the score of a rated answer.
+CHOSEN_KEYS = ("chosen", "response_chosen", "chosen_response", "preferred", "better", "winner", "response_j", "good")
+REJECTED_KEYS = (
+    "rejected",
+    "response_rejected",
+    "rejected_response",
+    "dispreferred",
+    "worse",
+    "loser",
+    "response_k",
+    "bad",
+)
+SCORE_KEYS = ("overall_score", "score", "rating", "reward", "preference_score")
+RATED_ANSWER_KEYS = ("response", "completion", "output", "answer", "text", "content")
 SAMPLES = 3
 MAX_CHARS = 10**9  # inspect shows every row's shape; prepare.max_chars applies in prepare
 GROUP_MIN_CHARS = PrepareParams().group_min_chars or 200  # what prepare groups on by default
@@ -67,7 +84,9 @@ class SourceInspection:
     role_values: dict[str, Counter] = field(default_factory=dict)  # list path -> role values seen
     suggestion: dict | None = None  # a sources[] entry
     suggestion_fits: tuple[int, int] = (0, 0)  # (rows it maps to a record, rows tried)
-    samples: list[tuple[Message, ...]] = field(default_factory=list)
+    preference: dict | None = None  # a sources[] entry giving preference pairs
+    preference_fits: tuple[int, int] = (0, 0)
+    samples: list[Record] = field(default_factory=list)  # chat records (a pair's shows its rejected answer too)
     contexts: Counter = field(default_factory=Counter)  # the automatic group key (its hash) -> rows
     context_fields: dict[str, Counter] = field(default_factory=dict)  # a long context-like field -> its values' rows
 
@@ -117,7 +136,7 @@ def _inspect_source(path: Path, rel: str, clean) -> SourceInspection:
         else:
             result.shapes[parsed.record.shape] += 1
             if len(result.samples) < SAMPLES and parsed.record.kind == "chat":
-                result.samples.append(parsed.record.messages)
+                result.samples.append(parsed.record)
             group = group_of(parsed.record.messages, None, GROUP_MIN_CHARS) if parsed.record.kind == "chat" else None
             if group is not None:
                 result.contexts[hash(group)] += 1
@@ -126,6 +145,8 @@ def _inspect_source(path: Path, rel: str, clean) -> SourceInspection:
             first_rows.append(item)
     if result.unknown and first_rows:
         _suggest(result, first_rows, clean)
+    if first_rows:
+        _suggest_preference(result, first_rows, clean)
     return result
 
 
@@ -180,10 +201,51 @@ def _suggest(result: SourceInspection, rows: Sequence[RawRow], clean) -> None:
             result.suggestion, result.suggestion_fits = entry, fits
         if fits[0] == fits[1]:
             break
-    if result.suggestion is not None and not any(s for s in result.samples):
+    if result.suggestion is not None and not result.samples:
         result.samples = _mapped_samples(result.suggestion, rows, clean)
     elif result.suggestion is not None and len(result.samples) < SAMPLES:
         result.samples += _mapped_samples(result.suggestion, rows, clean)[: SAMPLES - len(result.samples)]
+
+
+def _suggest_preference(result: SourceInspection, rows: Sequence[RawRow], clean) -> None:
+    """A sources[] entry giving preference pairs, when the keys look like preference data that needs one."""
+    for entry in _preference_candidates(result):
+        entry = {"path": result.rel, **entry}
+        fits = _fits(entry, rows, clean)
+        if fits[0] > result.preference_fits[0]:
+            result.preference, result.preference_fits = entry, fits
+    if result.preference is not None and len(result.samples) < SAMPLES:
+        result.samples += _mapped_samples(result.preference, rows, clean)[: SAMPLES - len(result.samples)]
+
+
+def _preference_candidates(result: SourceInspection) -> list[dict]:
+    """Rated answers in a list (UltraFeedback), then chosen and rejected answers under other names."""
+    out: list[dict] = []
+    prompt = _pick(result, INSTRUCTION_KEYS)
+    context = {"prompt": prompt} if prompt is not None else {}
+    lists = sorted({k.split("[]", 1)[0] for k in result.keys if "[]." in k})
+    for lst in lists:
+        prefix = f"{lst}[]."
+        answer = _pick(result, RATED_ANSWER_KEYS, prefix)
+        score = _score_key(result, prefix)
+        if answer is not None and score is not None and context:
+            rule = {"list": lst, "answer": answer[len(prefix) :], "score": score[len(prefix) :]}
+            out.append({"columns": context, "preference": rule})
+    chosen, rejected = _pick(result, CHOSEN_KEYS), _pick(result, REJECTED_KEYS)
+    if chosen is not None and rejected is not None and (chosen, rejected) != ("chosen", "rejected"):
+        out.append({"columns": {**context, "chosen": chosen, "rejected": rejected}})
+    return out
+
+
+def _score_key(result: SourceInspection, prefix: str) -> str | None:
+    """The numeric field of a list's elements, a score-like name first."""
+    numeric = [
+        k
+        for k, stats in result.keys.items()
+        if k.startswith(prefix) and stats.filled and set(stats.types) <= {"number", "null"}
+    ]
+    named = [k for name in SCORE_KEYS for k in numeric if k[len(prefix) :].lower() == name]
+    return (named or numeric or [None])[0]
 
 
 def _filled_text(result: SourceInspection, path: str) -> bool:
@@ -292,7 +354,7 @@ def _mapped(rows: Sequence[RawRow], spec: SourceSpec):
     return map_rows(rows, spec, "inspect")
 
 
-def _mapped_samples(entry: dict, rows: Sequence[RawRow], clean) -> list[tuple[Message, ...]]:
+def _mapped_samples(entry: dict, rows: Sequence[RawRow], clean) -> list[Record]:
     spec = _spec(entry)
     options = spec.options(clean)
     samples = []
@@ -301,7 +363,7 @@ def _mapped_samples(entry: dict, rows: Sequence[RawRow], clean) -> list[tuple[Me
             continue
         parsed = to_record(item, "inspect", max_chars=MAX_CHARS, options=options)
         if not isinstance(parsed, Reject):
-            samples.append(parsed.record.messages)
+            samples.append(parsed.record)
         if len(samples) == SAMPLES:
             break
     return samples
@@ -357,31 +419,62 @@ def report_text(results: Sequence[SourceInspection], tokenizer=None, *, color: b
             lines.append("   shapes: " + ", ".join(f"{s} {n}" for s, n in r.shapes.most_common()))
         lines += _context_lines(r)
         if r.suggestion is not None:
-            import yaml
 
             ok, tried = r.suggestion_fits
             lines.append(
                 f"   {r.unknown} rows fit no shape. Suggested entry (fits {ok} of the first {tried} rows);"
                 " paste it under tenants.<tenant>: in params.yaml (path is relative to the tenant's raw_dir):"
             )
-            block = yaml.dump(
-                {"sources": [r.suggestion]}, Dumper=_quoted_dumper(), sort_keys=False, allow_unicode=True, width=200
-            )
-            lines += [f"     {line}" for line in block.rstrip().splitlines()]
+            lines += [f"     {line}" for line in _yaml_block(r.suggestion).splitlines()]
         elif r.unknown:
             lines.append(
                 f"   {r.unknown} rows fit no shape and no mapping could be guessed: write a sources: entry "
                 "(docs/data.md)"
             )
-        for i, messages in enumerate(r.samples, start=1):
-            try:
-                text, spans = rendered_with_spans(messages, tokenizer)
-            except ValueError as exc:  # ChatTemplateError: say so, keep inspecting
-                lines.append(f"   sample {i}: cannot be rendered: {exc}")
-                continue
-            lines.append(f"   sample {i} (chat template; trained part {mark[0]}marked{mark[1]}):")
-            lines += [f"     | {line}" for line in _marked(text, spans, mark).splitlines()]
+        lines += _preference_lines(r)
+        for i, record in enumerate(r.samples, start=1):
+            lines += _sample_lines(i, record, tokenizer, mark)
     return "\n".join(lines)
+
+
+def _preference_lines(r: SourceInspection) -> list[str]:
+    """What the file holds of preference data, and the entry that makes pairs of it."""
+    lines = []
+    if r.shapes.get("preference"):
+        lines.append(
+            f"   {r.shapes['preference']} rows are preference pairs (chosen and rejected answers): "
+            "train.objective dpo or orpo trains on them"
+        )
+    if r.preference is not None:
+        ok, tried = r.preference_fits
+        lines.append(
+            f"   The rows hold preference data. Suggested preference entry (a pair from {ok} of the first {tried} "
+            "rows), for train.objective dpo or orpo; paste it under tenants.<tenant>: in params.yaml:"
+        )
+        lines += [f"     {line}" for line in _yaml_block(r.preference).splitlines()]
+    return lines
+
+
+def _sample_lines(i: int, record: Record, tokenizer, mark: tuple[str, str]) -> list[str]:
+    try:
+        text, spans = rendered_with_spans(record.messages, tokenizer)
+    except ValueError as exc:  # ChatTemplateError: say so, keep inspecting
+        return [f"   sample {i}: cannot be rendered: {exc}"]
+    kind = "the chosen answer of a preference pair; " if record.rejected else ""
+    lines = [f"   sample {i} ({kind}chat template; trained part {mark[0]}marked{mark[1]}):"]
+    lines += [f"     | {line}" for line in _marked(text, spans, mark).splitlines()]
+    if record.rejected:
+        lines.append("     rejected answer:")
+        lines += [f"     | {line}" for line in record.rejected.splitlines()]
+    return lines
+
+
+def _yaml_block(entry: dict) -> str:
+    import yaml
+
+    return yaml.dump(
+        {"sources": [entry]}, Dumper=_quoted_dumper(), sort_keys=False, allow_unicode=True, width=200
+    ).rstrip()
 
 
 def _context_lines(r: SourceInspection) -> list[str]:

@@ -113,8 +113,8 @@ def _pairs(s: PrepareStats) -> list[str]:
         return []
     by_split = " + ".join(f"{split} {n}" for split, n in s.pairs.items())
     return [
-        f"- preference pairs (chosen and rejected answers, each one kept row; exact duplicates are the same context, "
-        f"chosen and rejected): {sum(s.pairs.values())} = {by_split}"
+        f"- preference pairs (one kept row each, the split keeping a prompt's pairs together): "
+        f"{sum(s.pairs.values())} = {by_split}"
     ]
 
 
