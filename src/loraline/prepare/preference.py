@@ -66,10 +66,12 @@ def pair_turns(row: dict, tabular: bool, options: ShapeOptions) -> PairTurns:
     context = _context(row, tabular, options)
     chosen = _answer(row, "chosen", tabular, options)
     rejected = _answer(row, "rejected", tabular, options)
+    _check_ends_with_answer(chosen)
+    _check_ends_with_answer(rejected)
     shared = _shared_turns(chosen, rejected)
     context += chosen[:shared]
-    _check_answer(chosen, shared, "chosen", rejected)
-    _check_answer(rejected, shared, "rejected", chosen)
+    _check_one_answer(chosen, shared, "chosen", rejected)
+    _check_one_answer(rejected, shared, "rejected", chosen)
     if not context:
         raise Bad(
             RejectReason.MISSING_FIELD,
@@ -144,14 +146,17 @@ def _shared_turns(chosen: list[Turn], rejected: list[Turn]) -> int:
     return n
 
 
-def _check_answer(turns: list[Turn], shared: int, key: str, other: list[Turn]) -> None:
-    """After the shared turns, one turn: the assistant's answer."""
+def _check_ends_with_answer(turns: list[Turn]) -> None:
     if turns[-1][0] != "assistant":
         raise Bad(
             RejectReason.NO_ASSISTANT_TURN,
             turns[-1][2],
             f"the conversation ends with a {turns[-1][0]} message; the last message must be the assistant's answer",
         )
+
+
+def _check_one_answer(turns: list[Turn], shared: int, key: str, other: list[Turn]) -> None:
+    """After the turns both conversations share, one turn: the assistant's answer."""
     rest = len(turns) - shared
     if rest == 0 and len(other) == shared:
         raise Bad(RejectReason.SAME_ANSWERS, "rejected", "is the same answer as chosen; a pair needs two answers")
@@ -287,9 +292,9 @@ def pick_pair(scope: dict, pick: PairPick) -> tuple[str, str]:
     if not lower or margin < params.min_margin - 1e-9:
         raise NoPair(
             RejectReason.NO_PAIR,
-            f"no pair above the margin: the best answer ([{best[1]}], {best[0]:g}) and the {_other_name(params)} "
-            f"([{other[1]}], {other[0]:g}) are {margin:g} apart (preference.min_margin={params.min_margin:g}, "
-            "and the chosen answer must score higher)",
+            f"no pair above the margin: the best answer ({params.list}[{best[1]}], score {best[0]:g}) and the "
+            f"{_other_name(params)} ({params.list}[{other[1]}], score {other[0]:g}) are {margin:g} apart; "
+            f"preference.min_margin is {params.min_margin:g}, and the chosen answer must score higher",
         )
     return best[2], other[2]
 
