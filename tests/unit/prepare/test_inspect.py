@@ -48,10 +48,10 @@ SEEDS = [
 ]
 
 
-def _pasted(report: str) -> dict:
+def _pasted(report: str, heading: str = "Suggested entry") -> dict:
     """The suggested block exactly as printed, read back as YAML (what a user pastes)."""
     lines = report.splitlines()
-    start = next(i for i, line in enumerate(lines) if "Suggested entry" in line) + 1
+    start = next(i for i, line in enumerate(lines) if heading in line) + 1
     block = []
     for line in lines[start:]:
         if not line.startswith("     ") or line.lstrip().startswith("| "):
@@ -164,3 +164,72 @@ def test_cli_inspect_prints_the_report(raw_dir, tmp_path, capsys, monkeypatch):
     assert main(["inspect", str(raw_dir / "qa.jsonl"), "--params", str(params)]) == 0
     out = capsys.readouterr().out
     assert "qa.jsonl  (format: jsonl, 3 rows)" in out and "instruction: question" in out and "«" in out
+
+
+# -- preference data (issue 41) --------------------------------------------------------------------
+
+HH = [
+    {
+        "chosen": f"\n\nHuman: Can I return lamp {i} late?\n\nAssistant: Yes, within 60 days with the receipt.",
+        "rejected": f"\n\nHuman: Can I return lamp {i} late?\n\nAssistant: No returns, ever.",
+    }
+    for i in range(4)
+]
+ULTRA = [
+    {
+        "source": "evol_instruct",
+        "instruction": f"Write a one-line apology for late order {10000 + i}.",
+        "models": ["a", "b"],
+        "completions": [
+            {
+                "model": "a",
+                "response": f"We are sorry order {10000 + i} is late; shipping is refunded.",
+                "overall_score": 8,
+            },
+            {"model": "b", "response": "Late orders happen.", "overall_score": 2.5},
+        ],
+    }
+    for i in range(4)
+]
+
+
+def test_hh_rows_are_preference_pairs_and_samples_show_both_answers(raw_dir, tokenizer):
+    write_jsonl(raw_dir / "hh.jsonl", HH)
+    (result,) = inspect_path(raw_dir / "hh.jsonl", raw_dir)
+    assert result.shapes == {"preference": 4} and result.suggestion is None and result.preference is None
+    report = report_text([result], tokenizer)
+    assert "4 rows are preference pairs (chosen and rejected answers)" in report
+    assert (
+        "«Yes, within 60 days with the receipt." in report and "rejected answer:\n     | No returns, ever." in report
+    )
+
+
+def test_rated_answers_get_a_preference_entry_that_makes_pairs(raw_dir, gather, tokenizer):
+    write_jsonl(raw_dir / "ultra.jsonl", ULTRA)
+    (result,) = inspect_path(raw_dir / "ultra.jsonl", raw_dir, clean=default_cleaner(tokenizer))
+    assert result.preference == {
+        "path": "ultra.jsonl",
+        "columns": {"prompt": "instruction"},
+        "preference": {"list": "completions", "answer": "response", "score": "overall_score"},
+    }
+    assert result.preference_fits == (4, 4)
+    report = report_text([result], tokenizer)
+    sources = _pasted(report, "Suggested preference entry")["sources"]
+    out = gather(tenant=TenantParams(name="acme", raw_dir=raw_dir, sources=[SourceParams(**s) for s in sources]))
+    rows = [r for split in out.splits.values() for r in split]
+    assert len(rows) == 4 and {r["rejected"] for r in rows} == {"Late orders happen."}
+
+
+def test_renamed_chosen_and_rejected_answers_get_a_mapping(raw_dir, gather, tokenizer):
+    rows = [
+        {"question": f"Best bulb for lamp {i}?", "response_j": "An E27 LED.", "response_k": "Any."} for i in range(3)
+    ]
+    write_jsonl(raw_dir / "se.jsonl", rows)
+    (result,) = inspect_path(raw_dir / "se.jsonl", raw_dir)
+    assert result.preference == {
+        "path": "se.jsonl",
+        "columns": {"prompt": "question", "chosen": "response_j", "rejected": "response_k"},
+    }
+    sources = _pasted(report_text([result], tokenizer), "Suggested preference entry")["sources"]
+    out = gather(tenant=TenantParams(name="acme", raw_dir=raw_dir, sources=[SourceParams(**s) for s in sources]))
+    assert out.stats.by_shape == {"preference": 3}

@@ -85,6 +85,19 @@ CASES = {
     ),
     "csv_extra_value": (csv("instruction,output", b"a,b,c"), ("wrong_type", 2, None)),
     "csv_empty_cell": (csv("instruction,output", b"a,"), ("empty_field", 2, "output")),
+    "same_answers": (
+        jsonl({"prompt": "Say hello", "chosen": "Hello!", "rejected": " Hello! "}),
+        ("same_answers", 2, "rejected"),
+    ),
+    "bad_pair": (
+        jsonl(
+            {
+                "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Bye!",
+                "rejected": "\n\nHuman: Hi\n\nAssistant: Hey.\n\nHuman: Bye\n\nAssistant: Later.",
+            }
+        ),
+        ("bad_pair", 2, "chosen"),
+    ),
     "json_not_json": (("rows.json", b'[{"text": "a"},'), ("malformed_json", None, None)),
     "json_not_a_list": (("rows.json", json.dumps(GOOD).encode()), ("wrong_type", None, None)),
     "json_invalid_utf8": (("rows.json", b'[{"text": "caf\xe9"}]'), ("invalid_utf8", None, None)),
@@ -132,8 +145,9 @@ def test_reason_table_covers_every_reason():
     from loraline.prepare.schema import RejectReason
 
     # pii (test_quality_pii.py), over_mix_ratio (test_quality_mix.py), mapping (test_prepare_sources.py)
-    # and conflicting_answers (test_quality_conflicts.py) need their own params or inputs.
-    elsewhere = {"pii", "over_mix_ratio", "mapping", "conflicting_answers"}
+    # conflicting_answers (test_quality_conflicts.py) and no_pair (test_prepare_preference.py) need their own
+    # params or inputs.
+    elsewhere = {"pii", "over_mix_ratio", "mapping", "conflicting_answers", "no_pair"}
     assert {expected[0] for _, expected in CASES.values()} | elsewhere == {r.value for r in RejectReason}
 
 
