@@ -492,3 +492,33 @@ def test_an_sft_only_tenant_lists_exactly_the_reasons_it_always_had(raw_dir, run
     write_jsonl(raw_dir / "a.jsonl", [chat("Hi?", "Hello."), {"instruction": "x"}])
     stats = json.loads(run().stats_path.read_text())
     assert not {"same_answers", "bad_pair", "no_pair", "pairs"} & (set(stats) | set(stats["rejected_by_reason"]))
+
+
+def test_worker_processes_give_the_same_pairs(tmp_path, tokenizer, monkeypatch):
+    """Pairs and rated-list sources through spawned workers (their state pickled): every file the same."""
+    from loraline.prepare.stage import prepare_tenant
+
+    monkeypatch.setattr("loraline.prepare.rows.BATCH_ROWS", 8)
+    monkeypatch.setattr("loraline.prepare.pool.INLINE_ITEMS", 1)
+    monkeypatch.setattr("loraline.prepare.pool.START_METHOD", "spawn")
+    raw = tmp_path / "raw"
+    write_jsonl(raw / "pairs.jsonl", [*many_pairs(10, 2), *(chat(f"Lamp {i}?", f"E27, lamp {i}.") for i in range(10))])
+    write_jsonl(raw / "ultra.jsonl", ULTRA * 3)
+    tenant = ultra_tenant(raw)
+
+    def files(name: str, num_proc: int) -> dict[str, bytes]:
+        out = tmp_path / name
+        prepare_tenant(
+            tenant,
+            PrepareParams(num_proc=num_proc),
+            tokenizer,
+            out_dir=out / "prepared",
+            rejected_path=out / "rejected.jsonl",
+            stats_path=out / "stats.json",
+        )
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    one, spawned = files("one", 1), files("spawned", 2)
+    assert one.keys() == spawned.keys() and [k for k in one if one[k] != spawned[k]] == []
+    stats = json.loads(one["stats.json"])
+    assert sum(stats["pairs"].values()) == 22 and stats["duplicates"] == 4  # ULTRA repeated: exact duplicates
