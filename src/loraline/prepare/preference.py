@@ -174,10 +174,12 @@ def _is_sharegpt(items: Any) -> bool:
 
 
 def _json_list(value: str) -> Any:
+    """A CSV cell's message list (JSON text); any other text, "[1] Unplug it first." included, is an answer."""
     try:
-        return json.loads(value)
+        items = json.loads(value)
     except (json.JSONDecodeError, RecursionError):
         return value
+    return items if isinstance(items, list) and items and all(isinstance(m, dict) for m in items) else value
 
 
 def record_turns(pair: PairTurns) -> tuple[list[Turn], Turn]:

@@ -183,6 +183,8 @@ def test_a_csv_cell_holding_a_message_list_is_read_as_one():
     other = json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}])
     parsed = parse({"chosen": cell, "rejected": other}, tabular=True)
     assert parsed.record.messages == (Message(U, "Hi"), Message(A, "Hello!")) and parsed.record.rejected == "Go away."
+    bracketed = parse(pair("How?", "[1] Unplug it. [2] Wait.", "[1, 2]"), tabular=True).record
+    assert (bracketed.messages[-1].content, bracketed.rejected) == ("[1] Unplug it. [2] Wait.", "[1, 2]")
 
 
 def test_a_lone_chosen_is_no_pair_and_the_reject_says_so():
@@ -522,3 +524,32 @@ def test_worker_processes_give_the_same_pairs(tmp_path, tokenizer, monkeypatch):
     assert one.keys() == spawned.keys() and [k for k in one if one[k] != spawned[k]] == []
     stats = json.loads(one["stats.json"])
     assert sum(stats["pairs"].values()) == 22 and stats["duplicates"] == 4  # ULTRA repeated: exact duplicates
+
+
+def test_decontamination_compares_a_pair_s_prompt_and_chosen_with_the_test_split(raw_dir, gather):
+    from loraline.config import SplitParams
+    from loraline.prepare.preference import pair_group
+    from loraline.prepare.split import split_key, split_of
+
+    def pair_split(value: dict) -> str:
+        record = parse(value).record
+        return split_of(split_key(record.content_hash, pair_group(record, None)), SplitParams())
+
+    def sft_split(value: dict) -> str:
+        return split_of(parse(value).record.content_hash, SplitParams())
+
+    answer = "Order {n} can be changed until it ships: open the order page and press change, then confirm by mail."
+    found = {}
+    for n in range(10000, 10400):
+        prompt = f"Can I still change the address of order {n} before it leaves the warehouse today?"
+        as_pair, as_chat = pair(prompt, answer.format(n=n), "No."), chat(prompt, answer.format(n=n))
+        sides = (pair_split(as_pair), sft_split(as_chat))
+        if sides in (("train", "test"), ("test", "train")) and sides not in found:
+            found[sides] = (as_pair, as_chat)
+        if len(found) == 2:
+            break
+    (pair_train, chat_test), (pair_test, chat_train) = found[("train", "test")], found[("test", "train")]
+    write_jsonl(raw_dir / "rows.jsonl", [pair_train, chat_test, pair_test, chat_train])
+    out = gather(params=PrepareParams(near_dedup=NearDedupParams(enabled=False)))
+    assert sorted((c["row"], c["matched_test_row"]) for c in out.contaminated) == [(1, 2), (4, 3)]
+    reconciles(out.stats)
