@@ -419,7 +419,6 @@ def report_text(results: Sequence[SourceInspection], tokenizer=None, *, color: b
             lines.append("   shapes: " + ", ".join(f"{s} {n}" for s, n in r.shapes.most_common()))
         lines += _context_lines(r)
         if r.suggestion is not None:
-
             ok, tried = r.suggestion_fits
             lines.append(
                 f"   {r.unknown} rows fit no shape. Suggested entry (fits {ok} of the first {tried} rows);"
