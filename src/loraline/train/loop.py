@@ -192,8 +192,7 @@ def train_loop(
     params, total_steps = run.params, len(run.plan)
     early = params.early_stopping_patience
     names = run.objective.metric_names
-    if start_step == 0:
-        run.objective.start(run)  # DPO: the reference log-probs, with the starting policy (a resume loaded them)
+    run.objective.start(run)  # DPO: the reference log-probs by the starting policy (a resumed run loaded them)
     if start_step == 0 and run.validation:
         # LoRA starts as a no-op (B = 0), so this is the base model's validation loss: the baseline.
         val = evaluate_metrics(run)

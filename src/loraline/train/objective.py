@@ -12,7 +12,7 @@ The loop (train.loop) never asks which objective runs; it calls these methods:
 - `terms(run, batch)`: sums over the micro-batch ("loss" carries the gradient; the others are detached
   metrics); `step_loss(terms, divisors)` is what backward runs on; `metrics(sums, divisors)` turns the
   step's (or the validation split's) sums into the numbers the history keeps, "loss" first.
-- `start(run)` before the first step (DPO: the reference log-probs), `state()`/`load_state()` what a
+- `start(run)` before the loop's first step (DPO: the reference log-probs), `state()`/`load_state()` what a
   checkpoint must carry beyond the weights (DPO: those log-probs, so a resume is exact).
 
 SftObjective is the code path that existed before objectives did, operation for operation, so an SFT
@@ -75,7 +75,7 @@ class Objective:
         raise NotImplementedError
 
     def start(self, run: Any) -> None:
-        """Before the first step of a fresh run (not on resume: load_state brought what it made)."""
+        """Before the loop's first step, fresh or resumed (what load_state brought is used, not made again)."""
 
     def probe_units(self, units: list[Any]) -> list[Any]:
         """Units the batch-size probe may run before start() (DPO: with a stand-in reference)."""
