@@ -217,6 +217,12 @@ def train_adapter(
         raise TrainError(
             "train.seed is unset; set it, or build the params with Params.train_for(tenant) (top-level seed)"
         )
+    reference = params.preference.reference_adapter if params.objective == "dpo" else None
+    if reference is not None and reference.resolve() == out_dir.resolve():
+        raise TrainError(
+            f"train.preference.reference {str(reference)!r} is the folder this run writes its adapter to; copy the "
+            "reference adapter aside (or name its registry copy) so that it stays what the run compares with"
+        )
     world = world_from_env()
     autobatch.check_auto_allowed(params.batch_size, params.devices, params.sharding, pick_device())
     if params.devices > 1 and not world.distributed:

@@ -397,6 +397,9 @@ def test_a_missing_reference_adapter_is_named(setup, pair_data, tmp_path):
     params = _dpo(preference={"reference": str(tmp_path / "nope")})
     with pytest.raises(TrainError, match=r"train.preference.reference '.*nope': no such adapter folder"):
         train_adapter(params, out_dir=tmp_path / "out", **setup.kwargs() | {"dataset_dir": pair_data})
+    params = _dpo(preference={"reference": str(tmp_path / "out")})
+    with pytest.raises(TrainError, match=r"is the folder this run writes its adapter to; copy the reference"):
+        train_adapter(params, out_dir=tmp_path / "out", **setup.kwargs() | {"dataset_dir": pair_data})
     (tmp_path / "half").mkdir()
     params = _dpo(preference={"reference": str(tmp_path / "half")})
     with pytest.raises(TrainError, match=r"is not an adapter folder: it lacks adapter_config.json"):
