@@ -784,7 +784,6 @@ def _preference_metrics(record: TrainRecord) -> dict[str, Any]:
         return {}
     val, base, train = pref.final_val, pref.base_val, pref.train
     return {
-        "objective": pref.objective,
         "reward_accuracy": val.reward_accuracy if val else None,
         "reward_accuracy_base": base.reward_accuracy if base else None,
         "reward_margin": val.reward_margin if val else None,
