@@ -419,3 +419,23 @@ def test_params_refuse_what_cannot_work_and_keep_sft_dumps_unchanged():
     assert "objective" not in dump and "preference" not in dump  # SFT records and fingerprints keep their bytes
     dpo = TrainParams(objective="dpo").model_dump(mode="json")
     assert dpo["objective"] == "dpo" and TrainParams.model_validate(dpo).objective == "dpo"
+
+
+def test_two_processes_train_dpo_as_one_does(setup, pair_data, tmp_path, cpu_ranks):
+    """Data parallel (gloo on CPU): each rank takes whole pairs, the step divides by all ranks' pairs, and
+    both ranks score the same reference; so two ranks of 2 rows train what one process of 4 does."""
+    from train_helpers import train_losses
+
+    kwargs = setup.kwargs() | {"dataset_dir": pair_data}
+    one = train_adapter(_dpo(lora_dropout=0.0, max_steps=6), out_dir=tmp_path / "one", **kwargs)
+    two = train_adapter(
+        _dpo(lora_dropout=0.0, max_steps=6, batch_size=2, devices=2), out_dir=tmp_path / "two", **kwargs
+    )
+    assert two.record.devices == 2 and two.record.tokens_seen == one.record.tokens_seen
+    a, b = train_losses(one.train_curve), train_losses(two.train_curve)
+    assert all(abs(x - y) <= 1.5e-5 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)  # 6 digits in the csv
+    pa, pb = one.record.preference, two.record.preference
+    assert abs(pa.final_val.loss - pb.final_val.loss) < 1e-5
+    assert pa.final_val.reward_accuracy == pb.final_val.reward_accuracy
+    ta, tb = adapter_tensors(one.out_dir), adapter_tensors(two.out_dir)
+    assert max((ta[k] - tb[k]).abs().max().item() for k in ta) < 1e-5
