@@ -8,6 +8,7 @@ crossing an example boundary: no position is asked to predict the next example's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from loraline.config import TrainParams
@@ -26,7 +27,7 @@ class Example:
     def n_tokens(self) -> int:
         return len(self.input_ids)
 
-    @property
+    @cached_property  # counted once: every step counts its examples' targets (the loss divisor)
     def n_targets(self) -> int:
         return sum(t != IGNORE_INDEX for t in self.targets)
 
