@@ -24,7 +24,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from loraline.layout import DEPLOY_TARGETS, GENERAL_TEXT, TIMING_DIR
 
@@ -460,6 +470,35 @@ class QALoRAParams(_Section):
     )
 
 
+REFERENCE_BASE = "base"
+
+
+class PreferenceParams(_Section):
+    """Preference tuning (train.objective dpo or orpo): the objective's weights and DPO's reference model."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO's beta: how far the policy may move from the reference (larger: closer); the rewards are "
+        "beta x (policy - reference) answer log-probability",
+    )
+    orpo_lambda: float = Field(
+        0.1, gt=0, description="ORPO's weight of the odds-ratio term beside the chosen answers' cross-entropy"
+    )
+    reference: str = Field(
+        REFERENCE_BASE,
+        min_length=1,
+        description="DPO's reference model: base (the base with the adapter's B = 0: no second model in memory), or "
+        "the folder of an adapter (relative to the project; e.g. the tenant's SFT adapter), which the policy also "
+        "starts from",
+    )
+
+    @property
+    def reference_adapter(self) -> Path | None:
+        """The adapter folder DPO starts from and compares with, or None for the base."""
+        return None if self.reference == REFERENCE_BASE else Path(self.reference)
+
+
 def _count_or_auto(v: Any, what: str) -> Any:
     """A `batch_size`-like setting: a whole number >= 1 or "auto". One clear message instead of pydantic's one
     per member of the union (and no bool taken as 1)."""
@@ -575,6 +614,26 @@ class TrainParams(_Section):
     long_context: LongContextParams | None = Field(
         None, description="LongLoRA: extend the context (rope scaling, S2-Attn, trainable embeddings and norms)"
     )
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft",
+        description="sft: cross-entropy of the answers. dpo: Direct Preference Optimization on the dataset's pairs "
+        "(chosen vs rejected answer) against a reference (train.preference.reference). orpo: the chosen answers' "
+        "cross-entropy plus an odds-ratio term, no reference. dpo/orpo need a dataset with preference pairs",
+    )
+    preference: PreferenceParams = Field(
+        default_factory=PreferenceParams, description="With objective dpo or orpo: beta, orpo_lambda, reference"
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump_without_default_objective(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """objective and preference at their defaults are left out of dumps: an SFT run's params dump (in
+        train_record.json and the checkpoint fingerprint) keeps the bytes it had before the keys existed."""
+        out = handler(self)
+        if self.objective == "sft":
+            out.pop("objective", None)
+        if self.preference == PreferenceParams():
+            out.pop("preference", None)
+        return out
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -614,6 +673,19 @@ class TrainParams(_Section):
         if self.sharding == "fsdp":
             raise ValueError(
                 "method qalora is not supported with sharding fsdp (the sharded loader keeps the base's own layers)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _preference_fits(self) -> TrainParams:
+        if self.objective == "orpo" and self.preference.reference_adapter is not None:
+            raise ValueError(
+                f"preference.reference {self.preference.reference!r} names a reference adapter, but objective orpo "
+                "has no reference model (set objective: dpo, or reference: base)"
+            )
+        if self.objective != "sft" and self.long_context is not None:
+            raise ValueError(
+                f"objective {self.objective} does not combine with long_context (its document rows have no pairs)"
             )
         return self
 

@@ -299,6 +299,33 @@ class Loss(Part):
     best_step: int | None = None
 
 
+class PreferenceMetrics(Part):
+    """A preference objective's numbers over pairs (train.preference): the loss, how often the chosen answer's
+    reward beats the rejected one's, the mean rewards and their margin; ORPO adds its two terms."""
+
+    loss: Real | None = None
+    reward_accuracy: Real | None = None
+    reward_margin: Real | None = None
+    chosen_reward: Real | None = None
+    rejected_reward: Real | None = None
+    nll: Real | None = None
+    log_odds_ratio: Real | None = None
+
+
+class TrainPreference(Part):
+    """train.objective dpo | orpo: what it trained on and how the pairs moved (absent for sft)."""
+
+    objective: str
+    beta: Real | None = None
+    orpo_lambda: Real | None = None
+    reference: str | None = None
+    pairs: dict[str, int]
+    sft_rows_left_out: dict[str, int]
+    train: PreferenceMetrics | None = None  # mean of the last steps, as loss.final_train
+    base_val: PreferenceMetrics | None = None
+    final_val: PreferenceMetrics | None = None  # of the shipped adapter
+
+
 class LongContext(Part):
     """What train.long_context changed; merge applies config_overrides to the base before the adapter."""
 
@@ -342,6 +369,7 @@ class TrainRecord(Record):
     stopped_early: bool | None = None
     tokens_seen: TokensSeen | None = None
     loss: Loss
+    preference: TrainPreference | None = None
     long_context: LongContext | None = None
     qalora: TrainQalora | None = None
     code: CodeFingerprint | None = None

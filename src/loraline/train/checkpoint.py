@@ -3,6 +3,7 @@
     checkpoint_dir/step-00000040/
         adapter.safetensors     every trainable tensor, by its parameter name
         best.safetensors        the best-validation adapter so far (only with early stopping)
+        objective.safetensors   what the objective keeps beyond the weights (only DPO: its reference log-probs)
         optimizer.safetensors   every tensor of the optimizer and RNG states
         state.json              fingerprint, step, data position (epoch, step in epoch), loop progress (history, best
                                 validation loss, token counts), optimizer/scheduler structure
@@ -37,6 +38,7 @@ from loraline import io
 FORMAT = 2  # 2: one RNG state per data-parallel rank
 KEEP = 2
 STATE = "state.json"
+OBJECTIVE = "objective.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 log = logging.getLogger(__name__)
 
@@ -127,10 +129,12 @@ def save(
     keep: int = KEEP,
     rng: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None,
     batch: dict[str, Any] | None = None,
+    objective: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write step-N atomically, then prune to the last `keep`. `rng`: every rank's RNG states
     (capture_rng_state, gathered in rank order); default this process's states as they are now. `batch`: the
-    micro-batch the run resolved (autobatch.BatchChoice), which a resumed train.batch_size auto run reuses."""
+    micro-batch the run resolved (autobatch.BatchChoice), which a resumed train.batch_size auto run reuses.
+    `objective`: the objective's state (Objective.state), written only when it holds something."""
     final = step_dir(checkpoint_dir, step)
     tensors: dict[str, torch.Tensor] = {}
     rng = rng if rng is not None else [capture_rng_state()]
@@ -151,6 +155,8 @@ def save(
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, tmp / "adapter.safetensors")
         if best is not None:
             save_file(best, tmp / "best.safetensors")
+        if objective:
+            save_file({k: t.detach().cpu().contiguous() for k, t in objective.items()}, tmp / OBJECTIVE)
         save_file(tensors, tmp / "optimizer.safetensors")
         io.write_json(tmp / STATE, state)
     for old in _step_dirs(checkpoint_dir)[:-keep]:
@@ -213,3 +219,9 @@ def load(
     )
     best = ckpt.path / "best.safetensors"
     return load_file(best) if best.exists() else None
+
+
+def objective_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The objective's state saved with the checkpoint (empty when it kept none)."""
+    path = ckpt.path / OBJECTIVE
+    return load_file(path) if path.exists() else {}

@@ -8,6 +8,7 @@ crossing an example boundary: no position is asked to predict the next example's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from loraline.config import TrainParams
@@ -26,7 +27,7 @@ class Example:
     def n_tokens(self) -> int:
         return len(self.input_ids)
 
-    @property
+    @cached_property  # counted once: every step counts its examples' targets (the loss divisor)
     def n_targets(self) -> int:
         return sum(t != IGNORE_INDEX for t in self.targets)
 
@@ -42,6 +43,18 @@ class Splits:
 
 
 def load_splits(dataset_dir: Path) -> Splits:
+    dd = open_dataset(dataset_dir)
+    # Rows cut from documents (prepare.document_rows, e.g. for train.long_context) train beside the chat rows.
+    return Splits(
+        *(
+            _examples(dd[s]) + (_examples(dd[f"{s}_documents"]) if f"{s}_documents" in dd else [])
+            for s in ("train", "validation")
+        )
+    )
+
+
+def open_dataset(dataset_dir: Path):
+    """The prepared datasets.DatasetDict, checked to hold train and validation splits with the token columns."""
     import datasets
 
     dataset_dir = Path(dataset_dir)
@@ -58,13 +71,7 @@ def load_splits(dataset_dir: Path) -> Splits:
         lacking = [c for c in REQUIRED_COLUMNS if c not in dd[split].column_names]
         if lacking:
             raise TrainError(f"dataset {dataset_dir} split {split} lacks column(s) {', '.join(lacking)}")
-    # Rows cut from documents (prepare.document_rows, e.g. for train.long_context) train beside the chat rows.
-    return Splits(
-        *(
-            _examples(dd[s]) + (_examples(dd[f"{s}_documents"]) if f"{s}_documents" in dd else [])
-            for s in ("train", "validation")
-        )
-    )
+    return dd
 
 
 def _examples(ds) -> list[Example]:

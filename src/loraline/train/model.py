@@ -234,3 +234,57 @@ def enable_activation_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
         enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_reference_adapter(folder: Path, base_hash: str) -> str:
+    """train.preference.reference: an adapter folder the train stage wrote, for this base; returns a hash of its
+    weights and config (part of the run's fingerprint). Checked before the base loads."""
+    import hashlib
+
+    from loraline.layout import ADAPTER_FILES, TRAIN_RECORD
+    from loraline.provenance import sha256_file
+    from loraline.records import TrainRecord
+
+    where = f"train.preference.reference {str(folder)!r}"
+    if not folder.is_dir():
+        raise TrainError(f"{where}: no such adapter folder (name an adapter folder, e.g. models/adapters/<tenant>)")
+    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    if missing:
+        raise TrainError(f"{where} is not an adapter folder: it lacks {', '.join(missing)}")
+    if (folder / TRAIN_RECORD).is_file():
+        trained_on = TrainRecord.read(folder / TRAIN_RECORD).base.sha256
+        if trained_on != base_hash:
+            raise TrainError(
+                f"{where} was trained on another base model (sha256 {trained_on[:12]}, this base {base_hash[:12]})"
+            )
+    return hashlib.sha256("".join(sha256_file(folder / f) for f in ADAPTER_FILES).encode()).hexdigest()
+
+
+def start_from_adapter(model: nn.Module, folder: Path, params: TrainParams) -> None:
+    """Load the adapter in `folder` into the model's (just attached) LoRA weights, so the policy starts as it: it
+    must have this run's LoRA shape (r, alpha, rsLoRA, DoRA, target modules, modules_to_save)."""
+    import json
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from loraline.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    where = f"train.preference.reference {str(folder)!r}"
+    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    ours = {"r": params.lora_r, "lora_alpha": params.lora_alpha, "use_rslora": params.use_rslora}
+    ours["use_dora"] = params.use_dora
+    differ = [f"{k} {config.get(k)!r} (train: {v!r})" for k, v in ours.items() if config.get(k, v) != v]
+    if differ:
+        raise TrainError(f"{where} has another LoRA shape than this run: {', '.join(differ)}; train with its settings")
+    weights = load_file(folder / ADAPTER_WEIGHTS)
+    expected = get_peft_model_state_dict(model)
+    odd = sorted(set(weights) ^ set(expected)) + sorted(
+        k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape
+    )
+    if odd:
+        raise TrainError(
+            f"{where} does not fit this run's LoRA layers ({len(odd)} weight(s) differ, e.g. {odd[0]}); "
+            "train with the target_modules and modules_to_save it was trained with"
+        )
+    set_peft_model_state_dict(model, weights)

@@ -54,3 +54,28 @@ def final_train_loss(history: list[dict[str, Any]], n: int = 10) -> float | None
     """Mean of the last n steps' train loss (one step's loss is noisy)."""
     losses = [r["train_loss"] for r in history if r["train_loss"] is not None][-n:]
     return sum(losses) / len(losses) if losses else None
+
+
+def preference_summary(
+    history: list[dict[str, Any]], names: tuple[str, ...], shipped_step: int | None, n: int = 10
+) -> dict[str, dict[str, float | None] | None]:
+    """A preference objective's metrics (records.PreferenceMetrics fields) from the history: `train` the mean of
+    the last n steps, `base_val` at step 0, `final_val` at `shipped_step` (the best step when early stopping
+    shipped it) or the last evaluation."""
+    steps = [r for r in history if r["train_loss"] is not None][-n:]
+    evals = [r for r in history if r["val_loss"] is not None]
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in steps if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    def at(row: dict[str, Any] | None) -> dict[str, float | None] | None:
+        return None if row is None else {"loss": row["val_loss"], **{m: row.get(f"val_{m}") for m in names}}
+
+    shipped = [r for r in evals if r["step"] == shipped_step] if shipped_step is not None else evals[-1:]
+    trained = [r for r in evals if r["step"] > 0]
+    return {
+        "train": {"loss": final_train_loss(history, n), **{m: mean(f"train_{m}") for m in names}} if steps else None,
+        "base_val": at(next((r for r in evals if r["step"] == 0), None)),
+        "final_val": at(shipped[-1] if shipped and shipped[-1]["step"] > 0 else (trained[-1] if trained else None)),
+    }

@@ -107,6 +107,93 @@ def chunked_linear_cross_entropy(
     )
 
 
+class _LinearTokenNll(torch.autograd.Function):
+    """CE(hidden[i] @ weight.T, targets[i]) for every row i (a vector), computed `chunk` rows at a time.
+
+    The per-row cross-entropies are not the graph's end (the preference losses sum them per sequence and
+    combine the sums non-linearly), so the forward keeps each row's gradient with respect to its hidden
+    state, (softmax - onehot) @ weight, and backward scales it by that row's incoming gradient. The
+    weight's gradient (lm_head trained through modules_to_save) needs the per-row scales, so it is
+    recomputed chunk by chunk in backward. Same dtypes as _LinearCrossEntropy: logits in `dtype`,
+    log-softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, need_h: bool, need_w: bool):  # noqa: ANN001
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            for start in range(0, hidden.shape[0], chunk):
+                logits = (hidden[start : start + chunk].to(dtype) @ w.t()).float()
+                t = targets[start : start + chunk]
+                lse = torch.logsumexp(logits, dim=-1)
+                nll[start : start + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
+                if need_h:
+                    probs = logits.sub_(lse[:, None]).exp_()
+                    probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                    grad_h[start : start + chunk] = (probs.to(dtype) @ w).to(hidden.dtype)
+        saved = [x for x in (grad_h,) if x is not None]
+        ctx.save_for_backward(*saved, *((hidden, weight, targets) if need_w else ()))
+        ctx.has, ctx.chunk, ctx.dtype = (need_h, need_w), chunk, dtype
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        saved = list(ctx.saved_tensors)
+        need_h, need_w = ctx.has
+        grad_h = grad_w = None
+        scale = grad_out.float()[:, None]
+        if need_h:
+            g = saved.pop(0)
+            grad_h = (g.float() * scale).to(g.dtype)
+        if need_w:
+            hidden, weight, targets = saved
+            grad_w = _token_nll_weight_grad(hidden, weight, targets, scale, ctx.chunk, ctx.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def _token_nll_weight_grad(hidden, weight, targets, scale, chunk: int, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001
+    """sum_i scale[i] * (softmax_i - onehot_i)^T hidden[i]: the head's gradient, its logits recomputed by chunk."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(dtype)
+            t = targets[start : start + chunk]
+            probs = torch.softmax((h @ w.t()).float(), dim=-1)
+            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            grad_w += ((probs * scale[start : start + chunk]).to(dtype).t() @ h).float()
+    return grad_w.to(weight.dtype)
+
+
+def chunked_linear_token_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk: int = 1024,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` against `targets` at each position that has a target (IGNORE_INDEX
+    positions skipped), in the order of the flattened targets, without ever holding more than `chunk` rows of
+    logits: the per-token losses the preference objectives sum per sequence. hidden: [..., H]; targets: [...]."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[keep], targets[keep]
+    grad = torch.is_grad_enabled()
+    return _LinearTokenNll.apply(
+        hidden,
+        weight,
+        targets,
+        chunk,
+        dtype or hidden.dtype,
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+    )
+
+
 FusedHead = tuple[nn.Module, nn.Linear]
 
 

@@ -49,24 +49,44 @@ from loraline.modelling.loading import base_model_hash, base_record, load_base_t
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE
 from loraline.modelling.variants import Variants
 from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_timing, sha256_file
-from loraline.records import BaseRecord, BaseRef, Loss, Speed, Steps, TokensSeen, TrainData, TrainRecord
+from loraline.records import (
+    BaseRecord,
+    BaseRef,
+    Loss,
+    Speed,
+    Steps,
+    TokensSeen,
+    TrainData,
+    TrainPreference,
+    TrainRecord,
+)
 from loraline.train import autobatch, checkpoint
-from loraline.train.data import check_splits, load_splits
 from loraline.train.distributed import World, barrier, gather, launch, process_group, world_from_env
 from loraline.train.errors import TrainError
 from loraline.train.loop import Progress, Run, train_loop
 from loraline.train.model import (
     attach_lora,
     check_module_names,
+    check_reference_adapter,
     load_base_model,
     sort_config_sets,
+    start_from_adapter,
     trainable_parameters,
     training_variants,
     with_long_context_trainables,
 )
+from loraline.train.objective import Objective, objective_for
 from loraline.train.optim import make_optimizer, make_scheduler, warmup_steps
-from loraline.train.packing import check_packing_isolation, collate, pack_rows, plan_steps
-from loraline.train.record import TRAIN_CURVE, VAL_CURVE, device_name, final_train_loss, peak_memory, write_curves
+from loraline.train.packing import check_packing_isolation, pack_rows, plan_steps
+from loraline.train.record import (
+    TRAIN_CURVE,
+    VAL_CURVE,
+    device_name,
+    final_train_loss,
+    peak_memory,
+    preference_summary,
+    write_curves,
+)
 from loraline.train.sharded import sharding_facts
 from loraline.train.speed import fused_head
 
@@ -104,10 +124,11 @@ class _Inputs:
     """What a run trains from, read and hashed before anything loads."""
 
     base_record: BaseRecord
-    splits: Any
+    splits: Any  # the objective's units per split (data.Splits; preference.PairSplits)
     data_hash: str
     base_hash: str
     fingerprint: str
+    objective: Objective
 
 
 @dataclass
@@ -121,6 +142,7 @@ class _Session:
     trainable: dict[str, torch.nn.Parameter]
     optimizer: Any
     fused: Any
+    objective: Objective
     batch: Any = None
     plan: list = field(default_factory=list)
     scheduler: Any = None
@@ -139,7 +161,7 @@ def run(
     comparing across runs into reports/<tenant>/metrics/train.json, the loss curves into
     reports/<tenant>/train/ and the run's timing into reports/timing/train@<tenant>.json."""
     started = time.perf_counter()
-    train = params.train_for(tenant)
+    train = _in_project(params.train_for(tenant), layout)
     inputs = {
         "base_dir": base_dir or layout.base_dir,
         "base_params": params.base,
@@ -194,6 +216,12 @@ def train_adapter(
     if params.seed is None:
         raise TrainError(
             "train.seed is unset; set it, or build the params with Params.train_for(tenant) (top-level seed)"
+        )
+    reference = params.preference.reference_adapter if params.objective == "dpo" else None
+    if reference is not None and reference.resolve() == out_dir.resolve():
+        raise TrainError(
+            f"train.preference.reference {str(reference)!r} is the folder this run writes its adapter to; copy the "
+            "reference adapter aside (or name its registry copy) so that it stays what the run compares with"
         )
     world = world_from_env()
     autobatch.check_auto_allowed(params.batch_size, params.devices, params.sharding, pick_device())
@@ -288,11 +316,23 @@ def _train(
 
 def _read_inputs(params: TrainParams, base_dir: Path, dataset_dir: Path) -> _Inputs:
     base_record = _read_base(base_dir)
-    splits = load_splits(dataset_dir)
-    check_splits(splits, params, dataset_dir)
+    objective = objective_for(params)
+    splits = objective.load(dataset_dir, params)
     data_hash = hash_tree(dataset_dir)
     base_hash = base_model_hash(base_record)
-    return _Inputs(base_record, splits, data_hash, base_hash, _fingerprint(params, data_hash, base_hash))
+    reference = params.preference.reference_adapter if params.objective == "dpo" else None
+    reference_hash = check_reference_adapter(reference, base_hash) if reference is not None else None
+    fingerprint = _fingerprint(params, data_hash, base_hash, reference_hash)
+    return _Inputs(base_record, splits, data_hash, base_hash, fingerprint, objective)
+
+
+def _in_project(params: TrainParams, layout: Layout) -> TrainParams:
+    """train.preference.reference, a folder relative to the project, made a path from here."""
+    folder = params.preference.reference_adapter
+    if folder is None or folder.is_absolute():
+        return params
+    preference = params.preference.model_copy(update={"reference": str(layout.root / folder)})
+    return params.model_copy(update={"preference": preference})
 
 
 def _session(
@@ -316,6 +356,8 @@ def _session(
         check_packing_isolation(model, device, model.get_input_embeddings().num_embeddings)
     _seed_everything(params.seed)  # LoRA's initial weights depend on the seed alone, not on loading
     model = attach_lora(params, model, variants)
+    if params.objective == "dpo" and params.preference.reference_adapter is not None:
+        start_from_adapter(model, params.preference.reference_adapter, params)  # the policy starts as it
     if world.distributed:
         torch.manual_seed(params.seed + world.rank)  # dropout: one stream per rank, not N copies of one
     trainable = trainable_parameters(model)
@@ -323,7 +365,7 @@ def _session(
     fused = fused_head(model) if params.fused_cross_entropy else None
     if params.fused_cross_entropy and fused is None:
         log.warning("train.fused_cross_entropy: this model's head is not a plain linear layer; computing full logits")
-    return _Session(params, model, variants, pad_id, trainable, optimizer, fused)
+    return _Session(params, model, variants, pad_id, trainable, optimizer, fused, inputs.objective)
 
 
 def _plan(
@@ -337,7 +379,9 @@ def _plan(
         s.params.batch_size,
         device,
         resumed=ckpt.state.get("batch") if ckpt is not None else None,
-        probe=lambda: _probe_batch(s.params, s.model, s.trainable, device, s.pad_id, inputs.splits.train, s.fused),
+        probe=lambda: _probe_batch(
+            s.params, s.model, s.trainable, device, s.pad_id, inputs.splits.train, s.fused, s.objective
+        ),
     )
     s.params = s.params.model_copy(update={"batch_size": s.batch.rows})
     global_batch = s.params.model_copy(update={"batch_size": s.params.batch_size * world.size})
@@ -372,6 +416,7 @@ def _run_loop(
         s.fused,
         world,
         lockstep=s.params.sharding == "fsdp",
+        objective=s.objective,
     )
     wall, tokens_before = time.perf_counter(), state.tokens_seen
     state, best = train_loop(
@@ -396,6 +441,7 @@ def _resume(
     if ckpt.step >= len(s.plan) or ckpt.state["data_position"] != _position(s.plan, ckpt.step):
         raise RuntimeError(f"checkpoint {ckpt.path} does not fit this run's data plan; delete {checkpoint_dir}")
     best = checkpoint.load(ckpt, trainable=s.trainable, optimizer=s.optimizer, scheduler=s.scheduler, rank=world.rank)
+    s.objective.load_state(checkpoint.objective_state(ckpt))  # DPO: the reference log-probs of the run's start
     log.info("resuming from checkpoint %s (step %d of %d)", ckpt.path, ckpt.step, len(s.plan))
     return Progress.from_dict(ckpt.state["progress"]), best, ckpt.step
 
@@ -418,6 +464,7 @@ def _checkpoint_saver(s: _Session, checkpoint_dir: Path, inputs: _Inputs, world:
                 position=_position(s.plan, step),
                 rng=rng,
                 batch=s.batch.to_dict(),
+                objective=s.objective.state(),
             )
         barrier(world)
 
@@ -481,10 +528,32 @@ def _record(
             best_val=state.best_val_loss,
             best_step=state.best_step,
         ),
+        **_preference_record(s, inputs, state, best),
         **s.variants.record(s.model),
         code=code_fingerprint(__name__),
         library_versions=library_versions(),
     )
+
+
+def _preference_record(s: _Session, inputs: _Inputs, state: Progress, best: Any) -> dict[str, TrainPreference]:
+    """{"preference": ...} for a dpo/orpo run (its pairs and reward metrics), nothing for sft."""
+    params = s.params
+    if params.objective == "sft":
+        return {}
+    shipped = state.best_step if params.early_stopping_patience is not None and best is not None else None
+    summary = preference_summary(state.history, s.objective.metric_names, shipped)
+    dpo = params.objective == "dpo"
+    return {
+        "preference": TrainPreference(
+            objective=params.objective,
+            beta=params.preference.beta if dpo else None,
+            orpo_lambda=None if dpo else params.preference.orpo_lambda,
+            reference=params.preference.reference if dpo else None,
+            pairs={"train": len(inputs.splits.train), "validation": len(inputs.splits.validation)},
+            sft_rows_left_out=inputs.splits.sft_rows,
+            **summary,
+        )
+    }
 
 
 def _probe_batch(
@@ -495,6 +564,7 @@ def _probe_batch(
     pad_id: int,
     examples: list,
     fused: Any,
+    objective: Objective,
 ) -> autobatch.BatchChoice:
     """train.batch_size auto on CUDA: probe steps on the dataset's fullest packed rows, through the loop's own
     loss (same attention layout, fused head and checkpointing as training), leaving no trace (autobatch.untouched)."""
@@ -502,13 +572,16 @@ def _probe_batch(
     order = list(range(len(examples)))
     rows = pack_rows(lengths, order, params.max_seq_len) if params.packing else [[i] for i in order]
     rows.sort(key=lambda row: -sum(lengths[i] for i in row))
-    probe = Run(model, trainable, None, None, params, device, pad_id, examples, [], [], fused)
+    units = objective.probe_units(examples)
+    probe = Run(model, trainable, None, None, params, device, pad_id, units, [], [], fused, objective=objective)
 
     def step(n: int) -> torch.Tensor:
         for p in trainable.values():
             p.grad = None
-        batch = collate([[examples[i] for i in row] for row in rows[:n]], pad_id, params.packing, probe.flat)
-        return probe.loss(batch) / max(batch.n_targets, 1)
+        batch = probe.collate(rows[:n], units)
+        return objective.step_loss(
+            objective.terms(probe, batch), objective.divisors([units[i] for r in rows[:n] for i in r])
+        )
 
     # optimizer state still to come (AdamW: two fp32 moments per trainable weight; 8-bit ones need less)
     optimizer_bytes = 8 * sum(p.numel() for p in trainable.values())
@@ -580,13 +653,15 @@ def _load_base(
         ) from exc
 
 
-def _fingerprint(params: TrainParams, data_hash: str, base_hash: str) -> str:
+def _fingerprint(params: TrainParams, data_hash: str, base_hash: str, reference_hash: str | None = None) -> str:
     payload = {
         "params": params.model_dump(mode="json"),
         "data": data_hash,
         "base": base_hash,
         "format": checkpoint.FORMAT,
     }
+    if reference_hash is not None:  # DPO from an adapter: a changed adapter is another run
+        payload["reference"] = reference_hash
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -698,4 +773,19 @@ def train_metrics(record: TrainRecord) -> dict[str, Any]:
         "train_loss": loss.final_train,
         "steps": record.steps.done,
         "tokens_seen": record.tokens_seen.useful,
+        **_preference_metrics(record),
+    }
+
+
+def _preference_metrics(record: TrainRecord) -> dict[str, Any]:
+    """A dpo/orpo run's reward accuracy and margin (validation pairs; the base's at step 0), beside the loss."""
+    pref = record.preference
+    if pref is None:
+        return {}
+    val, base, train = pref.final_val, pref.base_val, pref.train
+    return {
+        "reward_accuracy": val.reward_accuracy if val else None,
+        "reward_accuracy_base": base.reward_accuracy if base else None,
+        "reward_margin": val.reward_margin if val else None,
+        "train_reward_accuracy": train.reward_accuracy if train else None,
     }

@@ -176,7 +176,7 @@ def test_early_stopping_stops_and_ships_the_best_adapter(setup, tmp_path):
         return snapshots[-1]
 
     with (
-        mock.patch.object(loop, "evaluate", lambda run: next(scripted)),
+        mock.patch.object(loop, "evaluate_metrics", lambda run: {"loss": next(scripted)}),
         mock.patch.object(loop, "snapshot", record_snapshot),
     ):
         res = train_adapter(
