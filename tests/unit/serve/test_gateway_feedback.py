@@ -1,6 +1,10 @@
 """serve.log_traffic through the gateway: chat answers (whole and streamed) logged per tenant and day, feedback
 authenticated as the tenant's requests, unknown ids, and nothing written when off. A scripted upstream stands in
-for vLLM (the real engine and the openai client: the e2e test)."""
+for vLLM. The e2e test (real vLLM, `openai` client; issue 41) still has to show: `loraline serve` with
+serve.log_traffic and serve.auth; `client.chat.completions.create` whole and with stream=True, whose `reply.id`
+(or the chunks' id) is the logged id; a feedback POST with the same key right after each (the stream's too), another
+tenant's key getting 404; `loraline feedback export` then `loraline prepare` reading the file (SFT and pair rows
+counted in prepare_stats once the preference shape lands); and no key bytes anywhere under logs/."""
 
 from __future__ import annotations
 
