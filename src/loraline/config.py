@@ -1191,6 +1191,13 @@ class ServeParams(_Section):
         description="Requests the gateway has at the engine at once (a stream counts until its last chunk); "
         "one more is answered at once with 429 and Retry-After instead of waiting behind them. 0: no limit",
     )
+    log_traffic: bool = Field(
+        False,
+        description="Append each answered chat completion (response id, time, tenant, served version, the request's "
+        "messages and the answer, streamed ones included) to logs/traffic/<tenant>/<UTC day>.jsonl, and accept "
+        "feedback on it (POST /loraline/feedback) for `loraline feedback export`. API keys and headers are never "
+        "written. Off: nothing is written and feedback is refused",
+    )
     canary: CanaryParams | None = Field(
         None,
         description="Canary rollout: promotions made while this is set (release, `loraline registry promote`) first "

@@ -176,6 +176,17 @@ class Layout:
         """reports/timing/<stage id>.json: base.json, train@acme-shop.json."""
         return self.timing_dir / f"{stage_id(stage, tenant)}.json"
 
+    @property
+    def traffic_root(self) -> Path:
+        """logs/traffic/: the gateway's traffic logs (serve.log_traffic), one folder per tenant."""
+        return self.root / "logs" / "traffic"
+
+    def traffic_dir(self, tenant: str) -> Path:
+        """logs/traffic/<tenant>/: what the gateway served the tenant and the feedback on it, one JSONL file per
+        UTC day (loraline.serve.traffic). Not a DVC output: `loraline feedback export` turns it into a raw file
+        of the tenant's, which prepare reads."""
+        return self.traffic_root / tenant
+
     def release_path(self, tenant: str) -> Path:
         """What the last release did (registered version, promotion decision); not a DVC output."""
         return self.root / "reports" / tenant / "release.json"

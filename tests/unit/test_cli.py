@@ -19,6 +19,7 @@ COMMANDS = [
     "generate",
     "run",
     "registry",
+    "feedback",
 ]
 
 
@@ -92,3 +93,23 @@ def test_the_flow_is_a_module_of_the_package_and_flows_pipeline_py_points_at_it(
 
     entry = runpy.run_path(str(Path(__file__).resolve().parents[2] / "flows" / "pipeline.py"), run_name="entry")
     assert entry["pipeline"] is pipeline
+
+
+def test_feedback_export_writes_the_raw_file_and_says_what_it_made(tmp_path, monkeypatch, capsys):
+    from loraline.serve.traffic import FeedbackEvent, ResponseEvent, TrafficLog
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tenants": {"acme": {"raw_dir": "data/raw/acme"}}}))
+    log = TrafficLog(tmp_path / "logs" / "traffic")
+    ask = [{"role": "user", "content": "hi"}]
+    day = log.append(ResponseEvent("chatcmpl-1", "2024-05-01T10:00:00Z", "acme", "v0.0.1", ask, "hello"))
+    log.append(FeedbackEvent("chatcmpl-1", "2024-05-02T10:00:00Z", "acme", "up"))
+    assert main(["feedback", "export", "--tenant", "acme"]) == 0
+    out = capsys.readouterr().out
+    assert "acme: 1 responses, 1 feedback events: 1 SFT rows, 0 pairs" in out
+    assert (tmp_path / "data/raw/acme/feedback-2024-05-01-2024-05-01.jsonl").is_file()
+    with day.open("a") as fh:
+        fh.write("{oops\n")
+    assert main(["feedback", "export", "--tenant", "acme", "--since", "2024-05-01"]) == 1
+    assert f"loraline feedback: error: {day.relative_to(tmp_path)}:2: not JSON" in capsys.readouterr().err
+    assert main(["feedback", "export", "--tenant", "nobody"]) == 2

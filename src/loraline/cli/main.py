@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from loraline.cli.feedback import add_feedback_parser
 from loraline.cli.registry import add_registry_parser
 from loraline.cli.serve import add_serve_parser
 from loraline.config import ConfigError, Params, load_params
@@ -491,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub, common, tenant)
     add_registry_parser(sub)
     add_serve_parser(sub, common)
+    add_feedback_parser(sub, common)
     _add_generate_command(sub)
     _add_run_command(sub, common, tenant)
     return parser

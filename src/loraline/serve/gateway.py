@@ -17,7 +17,12 @@ version that gave it, and a request the canary fails with a server error is sent
 stable version, before the client has seen a byte (a stream broken midway cannot be); so is one
 that a version being replaced fails. /v1/models names the canary beside the tenant's version.
 `POST /loraline/refresh` (from this machine only) makes the gateway read the registry now: the
-flow's release step calls it after a promotion. Request bodies and headers are never logged.
+flow's release step calls it after a promotion. Request bodies and headers are never logged, except
+that with serve.log_traffic each answered chat completion (200) goes to its tenant's traffic log
+(serve.traffic: the messages, the answer, a stream's once its end is read and before the client sees
+that end, so feedback sent right after it finds it), and `POST /loraline/feedback` records feedback
+on a logged answer: authenticated as the tenant's requests are, an id that the caller's tenant was
+not answered with is a 404, whoever it belongs to. Headers (keys) are never written.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -39,10 +45,13 @@ from starlette.routing import Route
 
 from loraline.serve.canary import Outcome
 from loraline.serve.deployment import Deployment
+from loraline.serve.traffic import Capture, FeedbackError, TrafficLog, feedback_from_body
 from loraline.serve.versions import ServedVersion
 
+log = logging.getLogger(__name__)
 VERSION_HEADER = "x-loraline-version"
-FORWARDED = ("/v1/chat/completions", "/v1/completions")
+CHAT = "/v1/chat/completions"
+FORWARDED = (CHAT, "/v1/completions")
 # A slot frees whenever any request in flight ends: with max_queue of them at the engine, that is
 # far more often than one request's own duration (64 requests of about 50 s each on 2 CPU cores:
 # one every 0.8 s). The OpenAI client waits this long before its own retry.
@@ -90,11 +99,13 @@ def create_app(
     engine_url: str,
     keys: dict[str, str] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    traffic: TrafficLog | None = None,
 ) -> Starlette:
     """`keys` (tenant -> key): each key may call its tenant only; None: no key asked for.
-    `transport` replaces the network to the engine (tests)."""
+    `transport` replaces the network to the engine (tests). `traffic`: where chat answers and feedback are
+    logged (serve.log_traffic); None: nothing is, and feedback is refused."""
     client = httpx.AsyncClient(base_url=engine_url, timeout=httpx.Timeout(600, connect=10), transport=transport)
-    gateway = Gateway(deployment, client, keys, Admission(deployment.params.max_queue))
+    gateway = Gateway(deployment, client, keys, Admission(deployment.params.max_queue), traffic)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -115,12 +126,14 @@ class Gateway:
     client: httpx.AsyncClient
     keys: dict[str, str] | None
     admission: Admission
+    traffic: TrafficLog | None = None
 
     def routes(self) -> list[Route]:
         return [
             Route("/v1/models", self.models),
             Route("/health", self.health),
             Route("/loraline/refresh", self.refresh, methods=["POST"]),
+            Route("/loraline/feedback", self.feedback, methods=["POST"]),
             *(Route(path, self.forward, methods=["POST"]) for path in FORWARDED),
         ]
 
@@ -189,6 +202,42 @@ class Gateway:
             {"engine": ok, **({"serving": serving} if serving is not None else {})}, status_code=200 if ok else 503
         )
 
+    # -- feedback --------------------------------------------------------------------------------
+
+    async def feedback(self, request: Request) -> Response:
+        """Feedback on an answer the caller's tenant was given, appended to that tenant's traffic log."""
+        if self.traffic is None:
+            return openai_error(404, "feedback is not collected: serve.log_traffic is off", "NotFoundError", None)
+        who = self.caller(request) if self.keys is not None else None
+        if self.keys is not None and who is None:
+            return openai_error(401, "a valid API key is required", "AuthenticationError")
+        body = await json_object(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            event = feedback_from_body(body, "", self.traffic.now())
+        except FeedbackError as exc:
+            return openai_error(400, str(exc), "BadRequestError", exc.field)
+        tenant = await asyncio.to_thread(self.owner, event.id, body.get("model"), who)
+        if tenant is None:  # the same answer for another tenant's id as for one never given
+            whose = f" to `{who}`" if who else f" to `{body['model']}`" if body.get("model") else ""
+            return openai_error(
+                404, f"no answer with id {event.id!r} was given{whose} (serve.log_traffic)", "NotFoundError", "id"
+            )
+        event = replace(event, tenant=tenant)
+        await asyncio.to_thread(self.traffic.append, event)
+        return JSONResponse({"object": "loraline.feedback", "id": event.id, "model": tenant, "time": event.time})
+
+    def owner(self, response_id: str, model: str | None, who: str | None) -> str | None:
+        """The tenant whose log holds the answer: the key's tenant with serve.auth (`model`, when given, must
+        be it); without, `model` or else any tenant with a log. None: no such answer for them."""
+        if who is not None:
+            candidates = [who] if model in (None, who) else []
+        else:
+            logged = self.traffic.tenants()
+            candidates = logged if model is None else [model] if model in logged else []
+        return next((t for t in candidates if self.traffic.knows(t, response_id)), None)
+
     # -- forwarded requests ----------------------------------------------------------------------
 
     async def forward(self, request: Request) -> Response:
@@ -221,7 +270,9 @@ class Gateway:
             )
         ticket = Ticket(self.deployment, self.admission, served)
         try:
-            return await self.relay(request.url.path, body, ticket, tenant)
+            return await self.relay(
+                request.url.path, body, ticket, tenant, self.capture(request.url.path, body, tenant)
+            )
         except BaseException:
             ticket.close()
             raise
@@ -246,7 +297,16 @@ class Gateway:
         except httpx.HTTPError as exc:
             return exc
 
-    async def relay(self, path: str, body: dict[str, Any], ticket: Ticket, tenant: str) -> Response:
+    def capture(self, path: str, body: dict[str, Any], tenant: str) -> Capture | None:
+        """What to gather of the answer for the traffic log: chat completions only, with serve.log_traffic."""
+        messages = body.get("messages")
+        if self.traffic is None or path != CHAT or not isinstance(messages, list):
+            return None
+        return Capture(self.traffic, tenant, messages)
+
+    async def relay(
+        self, path: str, body: dict[str, Any], ticket: Ticket, tenant: str, capture: Capture | None = None
+    ) -> Response:
         """The engine's answer, renamed; the ticket closes once it is over (for a stream: after its last chunk).
         A server error of a version other than the tenant's route (a canary) is answered by the route instead,
         before the client sees a byte."""
@@ -261,7 +321,7 @@ class Gateway:
         if isinstance(upstream, httpx.HTTPError):
             ticket.close(Outcome(False, time.monotonic() - started, 0))
             return openai_error(502, f"the engine did not answer: {upstream}", "APIConnectionError", None)
-        answer = EngineAnswer(upstream, ticket, tenant, started)
+        answer = EngineAnswer(upstream, ticket, tenant, started, capture if upstream.status_code == 200 else None)
         return await answer.whole() if not body.get("stream") else answer.stream()
 
 
@@ -275,6 +335,7 @@ class EngineAnswer:
     ticket: Ticket
     tenant: str
     started: float
+    capture: Capture | None = None  # gathers the answer for the traffic log (None: not logged)
 
     @property
     def rename(self) -> tuple[bytes, bytes]:
@@ -298,22 +359,32 @@ class EngineAnswer:
         finally:
             await self.upstream.aclose()
         self.ticket.close(_outcome(status, time.monotonic() - self.started, _completion_tokens(payload)))
+        if self.capture is not None:
+            self.capture.whole(payload)
+            await self.record()
         return Response(
             payload.replace(*self.rename), status_code=status, media_type=self.content_type, headers=self.headers
         )
 
     def stream(self) -> Response:
         upstream, rename, status, chunks = self.upstream, self.rename, self.upstream.status_code, StreamCount()
+        capture = self.capture
 
         async def lines():
             try:
                 async for line in upstream.aiter_lines():  # server-sent events: one JSON chunk per data line
                     chunks.data += line.startswith("data: {")
+                    if capture is not None:
+                        capture.chunk(line)
+                        if line.strip() == "data: [DONE]":  # logged before the client can read the end
+                            await self.record()
                     yield line.encode().replace(*rename) + b"\n"
             except httpx.HTTPError:
                 chunks.broken = True
                 raise
             chunks.complete = True
+            if capture is not None:
+                await self.record()  # a stream that ended without [DONE]
 
         async def finish() -> None:
             seconds = time.monotonic() - self.started
@@ -327,6 +398,17 @@ class EngineAnswer:
             await upstream.aclose()
 
         return Relayed(lines(), finish, status_code=status, media_type=self.content_type, headers=self.headers)
+
+    async def record(self) -> None:
+        """Append the captured answer to the traffic log (once). A log that cannot be written is reported and
+        the answer still goes out: serving does not stop for it."""
+        event = self.capture.event(self.ticket.served.version) if self.capture is not None else None
+        if event is None:
+            return
+        try:
+            await asyncio.to_thread(self.capture.log.append, event)
+        except OSError as exc:
+            log.error("traffic log: response %s of %s not recorded: %s", event.id, event.tenant, exc)
 
 
 @dataclass

@@ -95,6 +95,7 @@ def serve(params: Params, layout: Layout, python: Path) -> None:
     import uvicorn
 
     from loraline.serve.gateway import create_app, tenant_keys
+    from loraline.serve.traffic import TrafficLog
 
     keys = tenant_keys(params.tenant_names, dict(os.environ)) if params.serve.auth else None  # before anything starts
     s = params.serve
@@ -103,10 +104,12 @@ def serve(params: Params, layout: Layout, python: Path) -> None:
     stop = threading.Event()
     watcher = threading.Thread(target=deployment.watch, args=(stop,), daemon=True, name="registry-watcher")
     watcher.start()
+    traffic = TrafficLog(layout.traffic_root) if s.log_traffic else None
     print(
         f"serving {', '.join(f'{t} {v.version}' for t, v in sorted(deployment.routes.items())) or 'no tenant yet'} "
         f"on http://{s.host}:{s.port}/v1 (OpenAI API; the model is the "
-        f"tenant's name); events: {ServeFolders(layout.root).events}",
+        f"tenant's name); events: {ServeFolders(layout.root).events}"
+        + (f"; traffic and feedback: {traffic.root}/<tenant>/" if traffic else ""),
         flush=True,
     )
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it
@@ -115,7 +118,11 @@ def serve(params: Params, layout: Layout, python: Path) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(
-            create_app(deployment, engine.url, keys), host=s.host, port=s.port, log_level="warning", access_log=False
+            create_app(deployment, engine.url, keys, traffic=traffic),
+            host=s.host,
+            port=s.port,
+            log_level="warning",
+            access_log=False,
         )
     finally:
         stop.set()
