@@ -65,15 +65,9 @@ def answer_loss(
     device = model.device
     total, count = 0.0, 0
     for start in range(0, len(input_ids), batch_size):
-        ids_b, lab_b = input_ids[start : start + batch_size], labels[start : start + batch_size]
-        width = max(len(x) for x in ids_b)
-        ids = torch.full((len(ids_b), width), pad_id, dtype=torch.long)
-        lab = torch.full((len(ids_b), width), IGNORE_INDEX, dtype=torch.long)
-        attn = torch.zeros((len(ids_b), width), dtype=torch.long)
-        for row, (x, y) in enumerate(zip(ids_b, lab_b, strict=True)):  # right padding
-            ids[row, : len(x)] = torch.tensor(x)
-            lab[row, : len(y)] = torch.tensor(y)
-            attn[row, : len(x)] = 1
+        ids, lab, attn = _right_padded(
+            input_ids[start : start + batch_size], labels[start : start + batch_size], pad_id
+        )
         logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits
         targets = lab[:, 1:].to(device)
         keep = targets != IGNORE_INDEX
@@ -81,6 +75,43 @@ def answer_loss(
             total += F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum").item()
             count += int(keep.sum())
     return AnswerLoss(total / count if count else math.nan, count)
+
+
+@torch.no_grad()
+def answer_logps(
+    model: Any, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8
+) -> list[float]:
+    """Each row's summed log-probability of its answer tokens (labels != -100), fp32 log-softmax: what DPO
+    compares between a chosen and a rejected answer. Batched and right-padded as `answer_loss`."""
+    device = model.device
+    out: list[float] = []
+    for start in range(0, len(input_ids), batch_size):
+        ids, lab, attn = _right_padded(
+            input_ids[start : start + batch_size], labels[start : start + batch_size], pad_id
+        )
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits
+        targets = lab[:, 1:].to(device)
+        keep = targets != IGNORE_INDEX
+        # Only answer positions go through the fp32 log-softmax: at a 128k vocabulary a whole batch would not fit.
+        picked = torch.log_softmax(logits[:, :-1][keep].float(), dim=-1).gather(-1, targets[keep].unsqueeze(-1))
+        sums = torch.zeros(len(ids), dtype=torch.float64, device=device)
+        sums.index_add_(0, keep.nonzero()[:, 0], picked.squeeze(-1).double())
+        out.extend(sums.tolist())
+    return out
+
+
+def _right_padded(
+    ids_b: Sequence[Sequence[int]], lab_b: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in ids_b)
+    ids = torch.full((len(ids_b), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(ids_b), width), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(ids_b), width), dtype=torch.long)
+    for row, (x, y) in enumerate(zip(ids_b, lab_b, strict=True)):
+        ids[row, : len(x)] = torch.tensor(x)
+        lab[row, : len(y)] = torch.tensor(y)
+        attn[row, : len(x)] = 1
+    return ids, lab, attn
 
 
 def encode_prompt(tok: Any, context: list[dict[str, str]]) -> list[int]:

@@ -67,6 +67,9 @@ from loraline.evaluate.judge import EVEN, JUDGEMENTS, Judged, Opponent, judge_pa
 from loraline.evaluate.judge import METRIC as JUDGE_METRIC
 from loraline.evaluate.judge import render as render_judged
 from loraline.evaluate.metrics import aggregate, exact_match, expects_json, per_field_accuracy
+from loraline.evaluate.preference import METRICS as PREFERENCE_METRICS
+from loraline.evaluate.preference import PairLogps, PairSet, load_pairs, pair_logps, preference_scores
+from loraline.evaluate.preference import render as render_preference
 from loraline.evaluate.report import render_report
 from loraline.layout import ADAPTER_CONFIG, BASE_RECORD, GENERAL_ROWS, GENERAL_SAMPLE, QLORA_REFERENCE, Layout
 from loraline.modelling.conversation import split_conversation
@@ -98,6 +101,8 @@ HEADLINE_METRICS = (
     "long_context_perplexity",
     "general_loss",
     JUDGE_METRIC,
+    "preference_accuracy",  # a test split with preference pairs (evaluate/preference.py)
+    "reward_margin",
 )
 GENERAL_METRIC = "general_loss"
 
@@ -139,6 +144,7 @@ class _Scored:
     predictions: list[str]
     answer_tokens: int
     batch_rows: int
+    pairs: PairLogps | None = None  # the test split's preference pairs, when it has some
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,7 @@ class _TestSet:
     prompts: list[list[int]]
     questions: list[str]
     references: list[str]
+    pairs: PairSet | None = None  # its preference pairs (evaluate/preference.py), None without any
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,7 @@ class _Evaluation:
     progress: bool
     scores: dict[str, dict[str, float | None]] = field(default_factory=dict)
     predictions: dict[str, list[str]] = field(default_factory=dict)
+    pair_logps: dict[str, PairLogps] = field(default_factory=dict)
 
 
 class _Extra:
@@ -341,6 +349,7 @@ def _extras(
     if qlora_reference is not None:
         extras.append(_LowBit(candidate_dir, Path(qlora_reference)))
     extras.append(_LongContext(dataset_dir, full_attention_reference))
+    extras.append(_Preference())
     return extras
 
 
@@ -372,6 +381,8 @@ def _score_all(ev: _Evaluation, general: _GeneralSet | None, tenant: str) -> tup
     settings = (ev.refs_json, ev.max_new_tokens, ev.batch_size, ev.device, ev.progress)
     for name, (scored, seconds) in _score_models(ev.models, ev.tok, ev.test, general, *settings).items():
         ev.scores[name], ev.predictions[name], answer_tokens = scored.scores, scored.predictions, scored.answer_tokens
+        if scored.pairs is not None:
+            ev.pair_logps[name] = scored.pairs
         batch_rows[name] = scored.batch_rows
         if ev.progress:
             print(f"evaluate {tenant}/{name}: {seconds:.1f}s {ev.scores[name]}", file=sys.stderr)
@@ -446,6 +457,31 @@ class _LongContext(_Extra):
     def write(self, folder: Path) -> None:
         if self.report_ is not None:
             io.write_json(folder / LONG_CONTEXT, self.report_)
+
+
+class _Preference(_Extra):
+    """For a test split with preference pairs: each model's preference accuracy and its reward (the change of the
+    pairs' log-probabilities from the base) in its scores, so the gate may decide on them
+    (gate.primary_metric: preference_accuracy), and a report section (nothing without pairs)."""
+
+    def __init__(self) -> None:
+        self.pairs = 0
+        self.scores_: dict[str, dict[str, Any]] = {}
+
+    def measure(self, ev: _Evaluation) -> None:
+        if ev.test.pairs is None:
+            return
+        self.pairs = len(ev.test.pairs)
+        base = ev.pair_logps["base"]
+        for name, own in ev.pair_logps.items():
+            ev.scores[name] |= _finite(preference_scores(own, base))
+            self.scores_[name] = ev.scores[name]
+
+    def metrics(self) -> dict[str, Any]:
+        return {"preference": {"pairs": self.pairs, "metrics": list(PREFERENCE_METRICS)}} if self.pairs else {}
+
+    def report(self) -> str:
+        return render_preference(self.pairs, self.scores_) if self.pairs else ""
 
 
 class _Judge(_Extra):
@@ -774,18 +810,19 @@ def _score_loaded(
     longest = max(max(map(len, test.input_ids)), max(map(len, test.prompts)) + max_new_tokens)
     rows = rows_for(batch_size, model, longest, len(test.ids))
 
-    def score(rows: int) -> tuple[Any, list[str]]:
+    def score(rows: int) -> tuple[Any, list[str], PairLogps | None]:
         torch.manual_seed(SEED)
         loss = answer_loss(model, test.input_ids, test.labels, tok.pad_token_id, rows)
-        return loss, generate_greedy(model, tok, test.prompts, max_new_tokens, rows, on_batch=on_batch)
+        pairs = pair_logps(model, test.pairs, tok.pad_token_id, rows) if test.pairs is not None else None
+        return loss, generate_greedy(model, tok, test.prompts, max_new_tokens, rows, on_batch=on_batch), pairs
 
-    (loss, predictions), rows = scored_in_batches(batch_size, rows, score, "evaluate")
+    (loss, predictions, pairs), rows = scored_in_batches(batch_size, rows, score, "evaluate")
     scores = {"answer_loss": loss.loss, "answer_perplexity": loss.perplexity} | aggregate(
         predictions, test.references, refs_json
     )
     if general is not None:
         scores[GENERAL_METRIC] = general_loss(model, tok, general, batch_size).loss
-    return _Scored(_finite(scores), predictions, loss.tokens, rows)
+    return _Scored(_finite(scores), predictions, loss.tokens, rows, pairs)
 
 
 def general_loss(model: Any, tok: Any, general: _GeneralSet, batch_size: int | str) -> AnswerLoss:
@@ -842,6 +879,7 @@ def _load_test(dataset_dir: Path, tok: Any, max_examples: int | None) -> _TestSe
         ds = ds.select(range(min(max_examples, len(ds))))
     cols = ds.select_columns(["id", "messages", "input_ids", "labels"]).to_dict()
     contexts, refs = zip(*(split_conversation(m) for m in cols["messages"]), strict=True)
+    # A preference row's messages end with its chosen answer: the reference its generations are compared with.
     return _TestSet(
         ids=list(cols["id"]),
         input_ids=cols["input_ids"],
@@ -849,6 +887,7 @@ def _load_test(dataset_dir: Path, tok: Any, max_examples: int | None) -> _TestSe
         prompts=[encode_prompt(tok, c) for c in contexts],
         questions=[next((m["content"] for m in reversed(c) if m["role"] == "user"), "") for c in contexts],
         references=list(refs),
+        pairs=load_pairs(ds),
     )
 
 

@@ -13,6 +13,7 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 from unittest import mock  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,7 +23,15 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from train_helpers import make_raw, tiny_build, tiny_train  # noqa: E402
 
 from loraline.config import BaseParams, PrepareParams, TenantParams  # noqa: E402
-from loraline.evaluate.stage import GENERATIONS, METRICS, REPORT, EvaluateError, evaluate_model, evaluate_tenant  # noqa: E402
+from loraline.evaluate.stage import (  # noqa: E402
+    GENERATIONS,
+    METRICS,
+    REPORT,
+    EvaluateError,
+    evaluate_metrics,
+    evaluate_model,
+    evaluate_tenant,
+)
 from loraline.modelling.conversation import split_conversation  # noqa: E402
 
 TASK_METRICS = ("exact_match", "token_f1", "rouge_l", "json_valid", "json_field_accuracy")
@@ -408,3 +417,94 @@ def test_accuracy_per_field_is_reported_and_matches_the_generations(full):
             assert mean == pytest.approx(full.metrics["models"][name]["json_field_accuracy"])
     report = full.report_path.read_text()
     assert "## Accuracy per JSON field" in report and f"| `{next(iter(fields['candidate']))}` |" in report
+
+
+def _with_pairs(setup: Setup, dest: Path, *, swap: bool = False) -> tuple[Path, int]:
+    """setup's dataset with preference columns: every test row a pair of its answer and the same answer naming
+    another team (`swap`: the wrong one chosen, the right one rejected); the other splits' rows SFT rows (empty
+    columns)."""
+    import datasets
+
+    from loraline.modelling.loading import load_base_tokenizer
+    from loraline.prepare.render import render_batch
+    from loraline.prepare.schema import Message
+
+    tok = load_base_tokenizer(setup.base_dir, setup.base_params)
+    dd = datasets.load_from_disk(str(setup.dataset_dir))
+    teams = sorted({json.loads(split_conversation(m)[1])["team"] for m in dd["test"]["messages"]})
+    out = {}
+    for split, ds in dd.items():
+        if split != "test":
+            empty = {"rejected": [""] * len(ds), "rejected_input_ids": [[]] * len(ds)}
+            empty |= {"rejected_labels": [[]] * len(ds), "n_rejected_tokens": [0] * len(ds)}
+            out[split] = ds.from_dict(ds.to_dict() | empty)
+            continue
+        right, wrong = [], []
+        for messages in ds["messages"]:
+            answer = json.loads(messages[-1]["content"])
+            answer["team"] = teams[(teams.index(answer["team"]) + 1) % len(teams)]
+            context = [Message(m["role"], m["content"]) for m in messages[:-1]]
+            right.append((messages, [*context, Message("assistant", messages[-1]["content"])]))
+            other = [*messages[:-1], {"role": "assistant", "content": json.dumps(answer)}]
+            wrong.append((other, [*context, Message("assistant", json.dumps(answer))]))
+        chosen, rejected = (wrong, right) if swap else (right, wrong)
+        c, r = render_batch([x[1] for x in chosen], tok), render_batch([x[1] for x in rejected], tok)
+        columns = {"messages": [x[0] for x in chosen], "input_ids": [x.input_ids for x in c]}
+        columns |= {"labels": [x.labels for x in c], "n_tokens": [x.n_tokens for x in c]}
+        columns |= {"rejected": [x[1][-1].content for x in rejected], "rejected_input_ids": [x.input_ids for x in r]}
+        columns |= {"rejected_labels": [x.labels for x in r], "n_rejected_tokens": [x.n_tokens for x in r]}
+        out[split] = ds.from_dict(ds.to_dict() | columns)
+    datasets.DatasetDict(out).save_to_disk(str(dest))
+    for path in setup.dataset_dir.iterdir():  # the tokenizer stamp and the card beside the splits
+        if path.is_file() and not (dest / path.name).exists():
+            shutil.copy(path, dest / path.name)
+    return dest, len(dd["test"])
+
+
+def _logps(model_dir: Path, test) -> Any:
+    from loraline.evaluate.generate import answer_logps, loaded_model
+    from loraline.evaluate.preference import PairLogps
+
+    with loaded_model(model_dir, torch.device("cpu")) as model:  # one row at a time: no padding at all
+        return PairLogps(
+            answer_logps(model, test["input_ids"], test["labels"], 0, 1),
+            answer_logps(model, test["rejected_input_ids"], test["rejected_labels"], 0, 1),
+        )
+
+
+def test_preference_pairs_are_scored_for_every_model(setup: Setup, tmp_path):
+    import datasets
+
+    from loraline.evaluate.preference import preference_scores
+
+    dataset, pairs = _with_pairs(setup, tmp_path / "pairs")
+    swapped, _ = _with_pairs(setup, tmp_path / "swapped", swap=True)
+    kwargs = setup.kwargs(production_dir=setup.base_dir, max_new_tokens=2)
+    result = evaluate_tenant(out_dir=tmp_path / "eval", **kwargs | {"dataset_dir": dataset})
+    flipped = evaluate_tenant(out_dir=tmp_path / "eval-swapped", **kwargs | {"dataset_dir": swapped})
+    metrics = json.loads(result.metrics_path.read_text())
+    assert metrics["preference"]["pairs"] == pairs >= 2
+    models, other = metrics["models"], flipped.metrics["models"]
+    assert models["base"]["reward_margin"] == models["base"]["reward_accuracy"] == 0.0
+    assert models["production"] == models["base"]  # the base folder: the same numbers
+    # The numbers are the answers' log-probabilities, recomputed here one row at a time, without padding.
+    test = datasets.load_from_disk(str(dataset))["test"]
+    base = _logps(setup.base_dir, test)
+    for name, folder in (("base", setup.base_dir), ("candidate", setup.candidate_dir)):
+        expected = preference_scores(_logps(folder, test), base)
+        for key, value in expected.items():
+            assert models[name][key] == pytest.approx(value, abs=1e-4), (name, key)
+        # Swapping chosen and rejected mirrors every number (no pair is a tie: the answers differ).
+        assert other[name]["preference_accuracy"] == pytest.approx(1 - models[name]["preference_accuracy"])
+        assert other[name]["logp_margin"] == pytest.approx(-models[name]["logp_margin"], abs=1e-4)
+        assert other[name]["reward_margin"] == pytest.approx(-models[name]["reward_margin"], abs=1e-4)
+    assert models["candidate"]["reward_margin"] != 0.0  # the adapter moved the answers' probabilities
+    report = result.report_path.read_text(encoding="utf-8")
+    assert "## Preference pairs" in report and f"{pairs} pairs" in report
+    headline = evaluate_metrics(metrics)
+    assert "preference_accuracy" in headline["candidate"] and "reward_margin" in headline["candidate"]
+
+
+def test_a_test_split_without_pairs_has_no_preference_metrics(full):
+    assert "preference" not in full.metrics
+    assert not any("preference_accuracy" in m for m in full.metrics["models"].values())

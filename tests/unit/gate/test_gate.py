@@ -434,3 +434,17 @@ def test_tenant_gate_override_of_max_forgetting() -> None:
     assert params.gate_for("t1").max_forgetting == pytest.approx(0.05)
     assert params.gate_for("t2").max_forgetting is None
     assert GateParams().max_forgetting == pytest.approx(0.10)
+
+
+def test_a_preference_tenant_decides_on_preference_accuracy() -> None:
+    """A DPO tenant's gate (gate.primary_metric: preference_accuracy): higher is better, as evaluate's preference
+    metrics all are; an evaluation without pairs cannot pass it, and the reason says which metric was missing."""
+    gate = GATE.model_copy(update={"primary_metric": "preference_accuracy", "min_gain_over_base": 0.2})
+    base = {**BASE, "preference_accuracy": 0.5, "reward_margin": 0.0}
+    learned = {**GOOD, "preference_accuracy": 0.8, "reward_margin": 1.5}
+    assert _decide(candidate=learned, base=base, gate=gate).passed
+    barely = {**GOOD, "preference_accuracy": 0.55, "reward_margin": 0.1}
+    rule = _decide(candidate=barely, base=base, gate=gate).rules[0]
+    assert rule.name == "beats_base" and not rule.passed
+    without_pairs = _decide(candidate=GOOD, base=BASE, gate=gate).rules[0]
+    assert not without_pairs.passed and "preference_accuracy" in without_pairs.reason
