@@ -471,6 +471,8 @@ class QALoRAParams(_Section):
 
 
 REFERENCE_BASE = "base"
+# train.preference.reference as a registry version: <tenant>@v<major>.<minor>.<patch> (its adapter artifact's version)
+REFERENCE_VERSION = re.compile(r"^(?P<tenant>[A-Za-z0-9][A-Za-z0-9_.-]*)@(?P<version>v\d+\.\d+\.\d+)$")
 
 
 class PreferenceParams(_Section):
@@ -488,15 +490,36 @@ class PreferenceParams(_Section):
     reference: str = Field(
         REFERENCE_BASE,
         min_length=1,
-        description="DPO's reference model: base (the base with the adapter's B = 0: no second model in memory), or "
-        "the folder of an adapter (relative to the project; e.g. the tenant's SFT adapter), which the policy also "
-        "starts from",
+        description="DPO's reference model: base (the base with the adapter's B = 0: no second model in memory), "
+        "a registry version of an adapter, <tenant>@<version> (e.g. acme-shop@v0.0.3: the tenant's production SFT "
+        "adapter, fetched into models/reference/ when the train stage runs), or the folder of an adapter (relative "
+        "to the project); the policy also starts from the reference adapter",
     )
+
+    # Set by the train stage (`in_project`), never read from params.yaml: `reference` made a path from the project
+    # root. Records and fingerprints keep `reference` as written, so they do not depend on where the project is.
+    _resolved: Path | None = PrivateAttr(None)
+
+    def in_project(self, root: Path) -> PreferenceParams:
+        """A copy whose reference folder (relative to the project) is read from `root`."""
+        copy = self.model_copy()
+        folder = self.reference_adapter
+        copy._resolved = None if folder is None or folder.is_absolute() else root / folder
+        return copy
 
     @property
     def reference_adapter(self) -> Path | None:
-        """The adapter folder DPO starts from and compares with, or None for the base."""
-        return None if self.reference == REFERENCE_BASE else Path(self.reference)
+        """The adapter folder DPO starts from and compares with, or None for the base (a registry version is
+        a folder once `registry.reference.pinned_reference` has fetched it)."""
+        if self.reference == REFERENCE_BASE:
+            return None
+        return self._resolved or Path(self.reference)
+
+    @property
+    def reference_version(self) -> tuple[str, str] | None:
+        """(tenant, version) when `reference` names a registry version, else None."""
+        match = REFERENCE_VERSION.match(self.reference)
+        return (match["tenant"], match["version"]) if match else None
 
 
 def _count_or_auto(v: Any, what: str) -> Any:
@@ -858,7 +881,12 @@ class EvaluateParams(_Section):
     """Held-out evaluation of base, candidate and production on each tenant's test split."""
 
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens generated per test row")
-    max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test rows (null: all)")
+    max_examples: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate at most this many test rows (null: all); preference pairs are all scored (two forward "
+        "passes each, no generation: a preference metric over a handful of pairs would be noise)",
+    )
     examples_in_report: int = Field(3, ge=0, description="Example generations shown side by side in report.md")
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",

@@ -133,6 +133,12 @@ class Layout:
     def checkpoint_dir(self, tenant: str) -> Path:
         return self.root / "models" / "checkpoints" / tenant
 
+    def reference_dir(self, tenant: str, source: str, version: str, commit: str) -> Path:
+        """train.preference.reference naming a registry version (<source>@<version>): `source`'s adapter as of that
+        version, fetched for `tenant`'s DPO run (registry/reference.py). The commit in the name: a re-created tag
+        never reuses stale files."""
+        return self.root / "models" / "reference" / tenant / f"{source}-{version}-{commit[:12]}"
+
     def train_plots_dir(self, tenant: str) -> Path:
         return self.root / "reports" / tenant / "train"
 

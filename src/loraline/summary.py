@@ -25,6 +25,8 @@ HEADLINE_METRICS = (
     "long_context_perplexity",
     "general_loss",
     "judge_win_rate",
+    "preference_accuracy",
+    "reward_margin",
 )
 
 
@@ -143,9 +145,16 @@ def base_line(record: BaseRecord) -> str:
 def train_line(name: str, m: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
     """`m`: the train stage's metrics (train.train_metrics); `timing`: its run timing, when known."""
     gain = "n/a" if m.get("val_loss_gain") is None else f"{100 * m['val_loss_gain']:.0f}%"
+    # a dpo/orpo run's loss is its objective's (train.objective), and its reward accuracy says more than the loss
+    what = f"{m['objective']} loss" if m.get("objective") else "answer loss"
+    rewards = (
+        f", reward accuracy {_fmt(m.get('reward_accuracy_base'))} -> {_fmt(m.get('reward_accuracy'))}"
+        if m.get("objective")
+        else ""
+    )
     line = (
-        f"train[{name}]: validation answer loss {_fmt(m.get('val_loss_base'))} (base) -> {_fmt(m.get('val_loss'))} "
-        f"(adapter), {gain} lower | {m['steps']} steps, {m['tokens_seen']} tokens"
+        f"train[{name}]: validation {what} {_fmt(m.get('val_loss_base'))} (base) -> {_fmt(m.get('val_loss'))} "
+        f"(adapter), {gain} lower{rewards} | {m['steps']} steps, {m['tokens_seen']} tokens"
     )
     if timing:
         line += f", {timing['tokens_per_s']:.0f} tokens/s on {timing['device']}"

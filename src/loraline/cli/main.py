@@ -208,11 +208,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from loraline import train
+    from loraline.registry.reference import pinned_reference
 
     params, layout = _load(args), Layout()
     for name in _tenants(params, args.tenant):
         result = train.run(
-            params,
+            pinned_reference(layout.root, params, name),  # a DPO reference named as a registry version: fetched
             layout,
             name,
             base_dir=Path(args.base) if args.base else None,

@@ -14,7 +14,8 @@ log p(answer | context) the summed log-probability of the answer tokens (generat
   reward_margin         mean of reward(chosen) - reward(rejected), in nats; 0.0 for the base itself
 
 Ties (equal log-probabilities) count as not preferred: a model that cannot tell the answers apart has not
-learned the preference. Pairs are scored in dataset order, batched as the rest of the evaluation.
+learned the preference. Every pair of the test split is scored, whatever evaluate.max_examples (which bounds the
+generations): two forward passes a pair, in dataset order, batched as the rest of the evaluation.
 """
 
 from __future__ import annotations

@@ -875,6 +875,7 @@ def _load_test(dataset_dir: Path, tok: Any, max_examples: int | None) -> _TestSe
     if "test" not in dd or len(dd["test"]) == 0:
         raise EvaluateError(f"dataset {dataset_dir} has no test rows: raise prepare.split.test or add data")
     ds = dd["test"]
+    pairs = load_pairs(ds)  # every pair: scoring one costs two forward passes, not a generation
     if max_examples is not None:
         ds = ds.select(range(min(max_examples, len(ds))))
     cols = ds.select_columns(["id", "messages", "input_ids", "labels"]).to_dict()
@@ -887,7 +888,7 @@ def _load_test(dataset_dir: Path, tok: Any, max_examples: int | None) -> _TestSe
         prompts=[encode_prompt(tok, c) for c in contexts],
         questions=[next((m["content"] for m in reversed(c) if m["role"] == "user"), "") for c in contexts],
         references=list(refs),
-        pairs=load_pairs(ds),
+        pairs=pairs,
     )
 
 

@@ -101,7 +101,9 @@ def _synthesize(params: Params, layout: Layout, tenant: str, progress: bool) -> 
 
 def _train(params: Params, layout: Layout, tenant: str, progress: bool) -> list[str]:
     from loraline import train
+    from loraline.registry.reference import pinned_reference
 
+    params = pinned_reference(layout.root, params, tenant)  # a DPO reference named as a registry version
     result = train.run(params, layout, tenant, checkpoints=True, progress=progress)
     return [train_line(tenant, train.train_metrics(result.record), result.timing) + f" -> {result.out_dir}"]
 

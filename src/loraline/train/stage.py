@@ -328,11 +328,16 @@ def _read_inputs(params: TrainParams, base_dir: Path, dataset_dir: Path) -> _Inp
 
 def _in_project(params: TrainParams, layout: Layout) -> TrainParams:
     """train.preference.reference, a folder relative to the project, made a path from here."""
+    if params.preference.reference_version is not None:
+        raise TrainError(
+            f"train.preference.reference {params.preference.reference!r} names a registry version: `loraline train` "
+            "(which `dvc repro` and the flows run) fetches it into models/reference/ first; a direct call of the "
+            "train stage needs registry.reference.pinned_reference applied to its params"
+        )
     folder = params.preference.reference_adapter
     if folder is None or folder.is_absolute():
         return params
-    preference = params.preference.model_copy(update={"reference": str(layout.root / folder)})
-    return params.model_copy(update={"preference": preference})
+    return params.model_copy(update={"preference": params.preference.in_project(layout.root)})
 
 
 def _session(
@@ -784,6 +789,7 @@ def _preference_metrics(record: TrainRecord) -> dict[str, Any]:
         return {}
     val, base, train = pref.final_val, pref.base_val, pref.train
     return {
+        "objective": pref.objective,
         "reward_accuracy": val.reward_accuracy if val else None,
         "reward_accuracy_base": base.reward_accuracy if base else None,
         "reward_margin": val.reward_margin if val else None,
