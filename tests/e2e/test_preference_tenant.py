@@ -45,6 +45,9 @@ def preference_pairs(raw: Path, limit: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, built) -> Path:
     project = copy_project(built.project, tmp_path_factory.mktemp("preference") / "project")
+    # acme-shop's SFT adapter as registry version v0.0.1, before the new tenant's documents rebuild the tiny base
+    # (it reads every tenant's documents) and leave acme-shop's stages stale
+    sh("loraline", "registry", "release", "--tenant", "acme-shop", cwd=project)
     rows = preference_pairs(project / "data" / "raw" / "acme-shop", PAIRS)
     assert len(rows) == PAIRS
     raw = project / "data" / "raw" / TENANT
@@ -63,7 +66,8 @@ def test_a_dpo_tenant_passes_its_gate_on_its_pairs(project: Path):
     out = sh("dvc", "repro", f"gate@{TENANT}", cwd=project)
     ran = stages_run(out)
     assert {f"{stage}@{TENANT}" for stage in ("prepare", "train", "merge", "evaluate", "gate")} <= ran
-    assert not [s for s in ran if s.endswith(("@acme-shop", "@globex-it")) or s == "base"], ran
+    # (the built base reads every tenant's documents, so a new tenant's documents folder rebuilds it)
+    assert not [s for s in ran if s.endswith(("@acme-shop", "@globex-it"))], ran
 
     reports = project / "reports" / TENANT
     stats = json.loads((reports / "prepare_stats.json").read_text())
@@ -89,7 +93,6 @@ def test_a_dpo_tenant_passes_its_gate_on_its_pairs(project: Path):
 
 
 def test_dpo_from_a_registry_version_of_an_sft_adapter(project: Path):
-    sh("loraline", "registry", "release", "--tenant", "acme-shop", cwd=project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tenants"][TENANT]["train"] = {**TRAIN, "max_steps": 6, "preference": {"reference": "acme-shop@v0.0.1"}}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
