@@ -34,6 +34,13 @@ NOISE: tuple[Noise, ...] = (
         "is tested with.",
     ),
     Noise(
+        "kernels._internals.hf_hub",
+        r"Skipping publisher trust check for 'kernels-community/",
+        "log",
+        "The same optional bitsandbytes CPU kernel: with the hub offline (as loraline runs), the kernels package "
+        "says it did not check the kernel's publisher; the kernel is then refused as remote code (above).",
+    ),
+    Noise(
         "torchao",
         r"Failed to load \S*torchao/_C_\w+",
         "log",
