@@ -52,7 +52,7 @@ off and with the final configuration, per-step training losses compared.
         (params.yaml's defaults, batch auto, against final on llama-1b)
         (data-parallel scaling: the same examples on 1 and on 2 GPUs, the same per-GPU micro-batch)
 
-Needs CUDA and bitsandbytes. Prints one JSON line per run, then a table.
+Needs CUDA and bitsandbytes (--shape tiny: neither). Prints one JSON line per run, then a table.
 """
 
 from __future__ import annotations
@@ -508,8 +508,8 @@ def table(results: list[dict], tflops: float | None) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        if "useful_tokens_per_s" not in r or r.get("agree"):
-            continue
+        if "useful_tokens_per_s" not in r or r.get("agree") or r["recipe"] == "preference-vs-sft":
+            continue  # preference-vs-sft: the lines below the table
         p = peers.get(r["shape"])
         speed = f"{r['useful_tokens_per_s'] / p['useful_tokens_per_s']:.2f}x" if p else "-"
         mem = f"{r['peak_gib'] / p['peak_gib']:.2f}x" if p else "-"
