@@ -34,7 +34,7 @@ stage's clock over the whole training loop, which includes DPO's one reference p
 and validation pair before the first step (also timed alone: reference_s) and the step-0 evaluation.
 Each is compared with `final` (SFT on the same examples, every token a target) run in the same
 invocation: speed and peak memory ratios, a "preference-vs-sft" line. The stage never splits a pair,
-so a pair of two examples longer than 1024 tokens is a packed row of its own, longer than 2048.
+so a pair whose example is longer than 1024 tokens is a packed row of its own, longer than 2048.
 One GPU, within a 10-minute device command (512 examples: the published workload):
     python bench/train_speed.py --shape llama-1b --no-peer --config final --config dpo --config orpo --out bench.jsonl
 
