@@ -21,6 +21,26 @@ Configurations of ours (--config, repeatable; cumulative, for the ablation):
     default    not cumulative: the train section of the repository's params.yaml as a user gets it
                (train.batch_size auto, no checkpointing, dropout), only max_seq_len raised to the
                workload's 2048 and one epoch; compare it with final (issue 36: at least 80%)
+    dpo        final's settings with train.objective dpo (beta 0.1, reference: the base) on the pair dataset
+    orpo       final's settings with train.objective orpo (lambda 0.1) on the pair dataset
+
+Preference objectives (dpo, orpo; issue 41) train on a pair dataset made from the same workload
+(make_pair_dataset, the prepare stage's pair columns): each chosen conversation is SFT's example,
+token for token, its first quarter the context (labels -100) and the rest the answer; the rejected
+conversation is the same context and an answer of the same length whose every token is shifted by a
+seeded nonzero offset. Both sequences of a pair go through forward and backward, so their useful
+tokens count both, context and answer (twice the SFT workload's tokens). Their tokens/s is the
+stage's clock over the whole training loop, which includes DPO's one reference pass over every train
+and validation pair before the first step (also timed alone: reference_s) and the step-0 evaluation.
+Each is compared with `final` (SFT on the same examples, every token a target) run in the same
+invocation: speed and peak memory ratios, a "preference-vs-sft" line. The stage never splits a pair,
+so a pair whose example is longer than 1024 tokens is a packed row of its own, longer than 2048.
+One GPU, within a 10-minute device command (512 examples: the published workload):
+    python bench/train_speed.py --shape llama-1b --no-peer --config final --config dpo --config orpo --out bench.jsonl
+
+--shape tiny is a CPU-sized model (2 layers, hidden 64, LoRA on the unquantized fp32 base, adamw_torch)
+on its own seeded lengths of 16-96 tokens, without the peer or MFU: a smoke run of this script's paths
+(tests/unit/bench), no benchmark.
 
 Also printed: MFU = useful tokens/s x 6 x N / the card's bf16 matmul rate, measured in the same
 run (an 8192^3 bf16 product), N = the weights of every matmul (decoder linears + lm_head); and a
@@ -33,7 +53,7 @@ off and with the final configuration, per-step training losses compared.
         (params.yaml's defaults, batch auto, against final on llama-1b)
         (data-parallel scaling: the same examples on 1 and on 2 GPUs, the same per-GPU micro-batch)
 
-Needs CUDA and bitsandbytes. Prints one JSON line per run, then a table.
+Needs CUDA and bitsandbytes (--shape tiny: neither). Prints one JSON line per run, then a table.
 """
 
 from __future__ import annotations
@@ -42,6 +62,7 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -59,6 +80,33 @@ def load_peer(path: Path):
     return module
 
 
+MAX_LEN = 2048  # the workload's longest example (COMMON's max_seq_len)
+# A CPU-sized shape for smoke runs of this script: LoRA on the unquantized base, short examples.
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=512,
+)
+TINY_PARAMS = dict(quantization="none", optimizer="adamw_torch", max_seq_len=256, num_threads=1)
+TINY_LENGTHS = (16, 96)  # a pair (two sequences) fits TINY_PARAMS' max_seq_len
+
+
+def shape_dims(shape_name: str, peer_path: Path) -> dict:
+    """The architecture of a shape: the peer's (the published configs), or TINY_SHAPE."""
+    return dict(TINY_SHAPE) if shape_name == "tiny" else load_peer(peer_path).SHAPES[shape_name]
+
+
+def workload(shape_name: str, peer_path: Path, examples: int) -> list[int]:
+    """Example lengths: the peer's seeded workload (rows of up to MAX_LEN tokens); tiny: its own, seed 0."""
+    if shape_name == "tiny":
+        rng = random.Random(0)
+        return [rng.randint(*TINY_LENGTHS) for _ in range(examples)]
+    return load_peer(peer_path).workload(examples, MAX_LEN)
+
+
 def make_base(shape: dict, root: Path, max_position_embeddings: int = 8192) -> Path:
     """A base folder in the base stage's layout: random bf16 weights of the shape, our tokenizer."""
     import torch
@@ -72,7 +120,7 @@ def make_base(shape: dict, root: Path, max_position_embeddings: int = 8192) -> P
     base = root / "base"
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=max_position_embeddings, **shape)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # the CPU: --shape tiny
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(base)
     del model
@@ -93,18 +141,77 @@ def make_base(shape: dict, root: Path, max_position_embeddings: int = 8192) -> P
 
 
 def make_dataset(lengths: list[int], vocab: int, root: Path) -> Path:
+    """SFT rows: random token ids of the workload's lengths, every token a target."""
     import datasets
-    import numpy as np
 
-    rng = np.random.default_rng(0)
-    ids = [rng.integers(0, vocab, n).astype("int32").tolist() for n in lengths]
+    ids, val_ids = token_ids(lengths, vocab)
     train = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
     # One short validation example: the stage evaluates at step 0; its cost is negligible here.
-    val_ids = rng.integers(0, vocab, 64).astype("int32").tolist()
     validation = datasets.Dataset.from_dict({"input_ids": [val_ids], "labels": [val_ids]})
     out = root / "dataset"
     datasets.DatasetDict({"train": train, "validation": validation}).save_to_disk(str(out))
     return out
+
+
+def token_ids(lengths: list[int], vocab: int) -> tuple[list[list[int]], list[int]]:
+    """The workload's token ids (seed 0): one list per example, then the 64-token validation example."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, vocab, n).astype("int32").tolist() for n in lengths]
+    return ids, rng.integers(0, vocab, 64).astype("int32").tolist()
+
+
+PAIR_CONTEXT_SHARE = 0.25  # of each example's tokens: the context the chosen and rejected answers share
+
+
+def make_pair_dataset(lengths: list[int], vocab: int, root: Path) -> Path:
+    """Preference pairs on the same workload, in the prepared dataset's pair columns (input_ids/labels: context
+    + chosen answer; prepare.features.PREFERENCE_COLUMNS: the rejected one). The chosen conversation is
+    make_dataset's example, token for token, its answer the tokens after the context; the rejected answer has
+    the same length, each token shifted by a nonzero offset drawn from a generator of its own (seed 1), so
+    every rejected answer token differs from the chosen one and the pairs repeat exactly."""
+    import datasets
+    import numpy as np
+
+    from loraline.prepare.features import PREFERENCE_FEATURES
+
+    ids, val_ids = token_ids(lengths, vocab)
+    rng = np.random.default_rng(1)
+    features = datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            **PREFERENCE_FEATURES,
+        }
+    )
+    splits = {
+        split: datasets.Dataset.from_dict(pair_columns(chosen, vocab, rng), features=features)
+        for split, chosen in (("train", ids), ("validation", [val_ids]))
+    }
+    out = root / "pairs"
+    datasets.DatasetDict(splits).save_to_disk(str(out))
+    return out
+
+
+def pair_columns(chosen: list[list[int]], vocab: int, rng) -> dict[str, list]:
+    """The columns of one split's pairs, one per chosen conversation (see make_pair_dataset)."""
+    from loraline.modelling.constants import IGNORE_INDEX
+    from loraline.prepare.features import PREFERENCE_COLUMNS
+
+    cols: dict[str, list] = {k: [] for k in ("input_ids", "labels", *PREFERENCE_COLUMNS)}
+    for ids in chosen:
+        context = min(len(ids) - 1, max(1, int(len(ids) * PAIR_CONTEXT_SHARE)))
+        answer = ids[context:]
+        rejected = [(t + int(k)) % vocab for t, k in zip(answer, rng.integers(1, vocab, len(answer)))]
+        masked = [IGNORE_INDEX] * context
+        cols["input_ids"].append(ids)
+        cols["labels"].append(masked + answer)
+        cols["rejected"].append(" ".join(map(str, rejected)))  # random ids have no words: the answer's ids as text
+        cols["rejected_input_ids"].append(ids[:context] + rejected)
+        cols["rejected_labels"].append(masked + rejected)
+        cols["n_rejected_tokens"].append(len(ids))
+    return cols
 
 
 # Cumulative configurations (TrainParams overrides on top of COMMON); "final" adds SHAPE_FINAL.
@@ -124,12 +231,17 @@ CONFIGS = {
     # QA-LoRA on the same workload: the base quantized group-wise (INT4, groups of 32) by our own
     # quantizer, the pooled-input adapter; its loss curve is compared with final's
     "qalora": {"method": "qalora", "qalora": {"bits": 4, "group_size": 32}},
+    # Preference objectives (issue 41) with final's settings, on the pair dataset (make_pair_dataset)
+    "dpo": {"objective": "dpo"},
+    "orpo": {"objective": "orpo"},
 }
+FINAL_LIKE = ("final", "qalora", "dpo", "orpo")  # the configurations that take SHAPE_FINAL
 # Micro-batch (packed rows of <= 2048 tokens, laid end to end) and checkpointing per shape, chosen
 # to stay under the peer's peak memory (15.9 GiB llama-1b, 21.5 GiB llama-8b).
 SHAPE_FINAL = {
     "llama-1b": dict(batch_size=8, gradient_checkpointing=True, checkpoint_fraction=0.75),
     "llama-8b": dict(batch_size=8, gradient_checkpointing=True, checkpoint_fraction=1.0),
+    "tiny": dict(batch_size=2, gradient_checkpointing=False),
 }
 COMMON = dict(
     quantization="nf4",
@@ -158,12 +270,14 @@ def our_params(shape: str, config: str, overrides: dict | None = None):
 
     name, *extra = config.split("+")
     own = {k: json.loads(v) for k, v in (x.split("=", 1) for x in extra)}
+    tiny = TINY_PARAMS if shape == "tiny" else {}
     if name == "default":
-        return TrainParams(**{**stage_defaults(), **own, **(overrides or {})})
+        return TrainParams(**{**stage_defaults(), **tiny, **own, **(overrides or {})})
     fields = {
         **COMMON,
+        **tiny,
         **CONFIGS[name],
-        **(SHAPE_FINAL[shape] if name in ("final", "qalora") else {}),
+        **(SHAPE_FINAL[shape] if name in FINAL_LIKE else {}),
         **own,
         **(overrides or {}),
     }
@@ -216,9 +330,12 @@ def measure_matmul_tflops() -> float:
 
 
 def build(shape_name: str, peer_path: Path, examples: int, root: Path) -> None:
-    peer = load_peer(peer_path)
-    make_base(peer.SHAPES[shape_name], root)
-    make_dataset(peer.workload(examples, 2048), peer.SHAPES[shape_name]["vocab_size"], root)
+    """The base, the SFT dataset and the pair dataset of the same workload, under root."""
+    shape = shape_dims(shape_name, peer_path)
+    make_base(shape, root)
+    lengths = workload(shape_name, peer_path, examples)
+    make_dataset(lengths, shape["vocab_size"], root)
+    make_pair_dataset(lengths, shape["vocab_size"], root)
 
 
 def run_ours(
@@ -229,30 +346,34 @@ def run_ours(
     from loraline.config import BaseParams
     from loraline.train import train_adapter
 
-    peer = load_peer(peer_path)
-    lengths = peer.workload(examples, 2048)
+    lengths = workload(shape_name, peer_path, examples)
     params = our_params(shape_name, config, overrides)
+    pairs = params.objective != "sft"
     out = Path(tempfile.mkdtemp(dir=root))
     prof = _profile_steps() if profile else None
-    torch.cuda.reset_peak_memory_stats()
+    reference_s = _time_reference_pass() if params.objective == "dpo" else []
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     try:
         result = train_adapter(
             params,
             base_dir=root / "base",
             base_params=BaseParams(),
-            dataset_dir=root / "dataset",
+            dataset_dir=root / ("pairs" if pairs else "dataset"),
             out_dir=out / "adapter",
         )
     finally:
         if prof is not None:
             prof.__exit__(None, None, None)
     rec = result.record
-    useful = sum(lengths)
+    # Pairs: the chosen and the rejected sequence, each as long as the example, both trained on
+    useful = sum(lengths) * (2 if pairs else 1)
     losses = [float(line.split(",")[1]) for line in (out / "adapter" / "train_loss.csv").read_text().splitlines()[1:]]
     res = dict(
         recipe="loraline",
         config=config,
+        objective=params.objective,
         shape=shape_name,
         examples=examples,
         batch_rows=rec.batch.rows,
@@ -269,9 +390,27 @@ def run_ours(
         peak_gib=round(result.timing["peak_memory"]["bytes"] / 2**30, 2),  # per GPU: the highest rank's
         train_losses=[round(x, 5) for x in losses],
     )
+    if reference_s:  # in this process (one device): DPO's reference pass, inside the loop's clock
+        res["reference_s"] = round(reference_s[0], 2)
     if prof is not None:
         res["profile"] = prof.table
     return res
+
+
+def _time_reference_pass() -> list[float]:
+    """Time DPO's reference pass (DpoObjective.start, before the first step) in this process: the list gets
+    its seconds. The pass ends with its log-probs copied to the host, so the clock waits for the GPU."""
+    from loraline.train.preference import DpoObjective
+
+    real, spent = DpoObjective.start, []
+
+    def start(self, run):
+        began = time.perf_counter()
+        real(self, run)
+        spent.append(time.perf_counter() - began)
+
+    DpoObjective.start = start
+    return spent
 
 
 def _profile_steps():
@@ -337,6 +476,31 @@ def agreement(reference: dict, final: dict) -> dict:
     )
 
 
+def versus_sft(results: list[dict], shape: str) -> list[dict]:
+    """Each preference run of the shape against `final` (SFT on the same examples) of the same invocation."""
+    ours = [r for r in results if r["recipe"] == "loraline" and r["shape"] == shape and not r.get("agree")]
+    sft = next((r for r in ours if r["config"] == "final"), None)
+    if sft is None:
+        return []
+    return [
+        dict(
+            recipe="preference-vs-sft",
+            shape=shape,
+            config=r["config"],
+            objective=r["objective"],
+            useful_tokens_per_s=r["useful_tokens_per_s"],
+            sft_useful_tokens_per_s=sft["useful_tokens_per_s"],
+            speed_vs_sft=round(r["useful_tokens_per_s"] / sft["useful_tokens_per_s"], 3),
+            peak_gib=r["peak_gib"],
+            sft_peak_gib=sft["peak_gib"],
+            memory_vs_sft=round(r["peak_gib"] / sft["peak_gib"], 3),
+            reference_s=r.get("reference_s"),
+        )
+        for r in ours
+        if r["objective"] != "sft"
+    ]
+
+
 def table(results: list[dict], tflops: float | None) -> str:
     peers = {r["shape"]: r for r in results if r["recipe"] == "peer-textbook-qlora"}
     rows = [
@@ -345,8 +509,8 @@ def table(results: list[dict], tflops: float | None) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        if "useful_tokens_per_s" not in r or r.get("agree"):
-            continue
+        if "useful_tokens_per_s" not in r or r.get("agree") or r["recipe"] == "preference-vs-sft":
+            continue  # preference-vs-sft: the lines below the table
         p = peers.get(r["shape"])
         speed = f"{r['useful_tokens_per_s'] / p['useful_tokens_per_s']:.2f}x" if p else "-"
         mem = f"{r['peak_gib'] / p['peak_gib']:.2f}x" if p else "-"
@@ -366,6 +530,15 @@ def table(results: list[dict], tflops: float | None) -> str:
                 f"-> of the last {k} {sum(losses[-k:]) / k:.4f}"
             )
     for r in results:
+        if r["recipe"] == "preference-vs-sft":
+            reference = f", its reference pass {r['reference_s']} s included" if r.get("reference_s") else ""
+            rows.append(
+                f"\n{r['objective']} against SFT (final), {r['shape']}, same examples, same run: "
+                f"{r['useful_tokens_per_s']:,} useful tokens/s (chosen + rejected{reference}) vs "
+                f"{r['sft_useful_tokens_per_s']:,} = {r['speed_vs_sft']:.2f}x; "
+                f"peak {r['peak_gib']} vs {r['sft_peak_gib']} GiB = {r['memory_vs_sft']:.2f}x"
+            )
+    for r in results:
         if r["recipe"] == "agreement":
             rows.append(
                 f"\nloss agreement, {r['shape']}, {r['steps']} steps, speed options off vs final: "
@@ -380,7 +553,10 @@ def table(results: list[dict], tflops: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--shape", action="append", choices=["llama-1b", "llama-8b"], help="repeatable (default: llama-1b)"
+        "--shape",
+        action="append",
+        choices=["llama-1b", "llama-8b", "tiny"],
+        help="repeatable (default: llama-1b); tiny: a CPU smoke run, no benchmark",
     )
     ap.add_argument("--peer", type=Path, default=DEFAULT_PEER, help="path to peer_qlora.py")
     ap.add_argument("--examples", type=int, default=512)
@@ -424,7 +600,7 @@ def main() -> None:
 
     import torch
 
-    tflops = measure_matmul_tflops()
+    tflops = measure_matmul_tflops() if torch.cuda.is_available() else None  # None: no MFU (--shape tiny)
     print(json.dumps({"bf16_matmul_tflops": tflops}), flush=True)
     results: list[dict] = []
 
@@ -436,8 +612,8 @@ def main() -> None:
                 fh.write(json.dumps(r) + "\n")
 
     for shape in shapes:
-        n_params = matmul_params(load_peer(a.peer).SHAPES[shape])
-        if not a.no_peer:
+        n_params = matmul_params(shape_dims(shape, a.peer))
+        if not a.no_peer and shape != "tiny":  # the peer has no tiny shape (and needs CUDA)
             peer = subprocess.run(
                 [
                     sys.executable,
@@ -455,7 +631,7 @@ def main() -> None:
             if peer.returncode != 0:
                 raise RuntimeError(f"peer failed on {shape}:\n{peer.stderr[-3000:]}")
             r = json.loads([x for x in peer.stdout.splitlines() if x.startswith("{")][-1])
-            r["mfu"] = r["useful_tokens_per_s"] * 6 * n_params / (tflops * 1e12)
+            r["mfu"] = r["useful_tokens_per_s"] * 6 * n_params / (tflops * 1e12) if tflops else None
             record(r)
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
             common = [
@@ -472,7 +648,11 @@ def main() -> None:
             run_in_subprocess(["--only", "build", *common])
             for config in configs:
                 r = run_in_subprocess(["--only", "ours", "--config", config, *common])
-                r["mfu"] = r["useful_tokens_per_s"] * 6 * n_params / (tflops * 1e12 * r["devices"])  # per GPU
+                r["mfu"] = (  # per GPU
+                    r["useful_tokens_per_s"] * 6 * n_params / (tflops * 1e12 * r["devices"]) if tflops else None
+                )
+                record(r)
+            for r in versus_sft(results, shape):
                 record(r)
             if a.agree_steps and shape == a.agree_shape:
                 final = our_params(shape, configs[-1])
