@@ -22,15 +22,18 @@ from e2e_serve import KEYS, Serving, client, released_copy, start_serve
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.serve]
 
 TENANT = "acme-shop"
-MAX_TOKENS = 8  # a few tokens each: the test runs on 2 CPU cores
-WHOLE = [
-    {"role": "system", "content": "You answer acme-shop's customers."},
-    {"role": "user", "content": "Customer question: do you ship to Iceland?"},
-]
+# A few tokens each (the test runs on 2 CPU cores), sampled: the tiny model's greedy answer is blank lines, which
+# the export drops as empty answers. Seeded: the same answers from run to run, and not the same two answers.
+SAMPLING = {"max_tokens": 8, "temperature": 1.0}
+ASK = {"role": "system", "content": "Extract the order request from the customer email as JSON."}
+WHOLE = [ASK, {"role": "user", "content": "Subject: Cancel order\n\nPlease cancel order #41872.\n\nThanks,\nMaya"}]
 # The log keeps what the user typed; the export masks the email (prepare.pii) before writing.
 EMAIL = "jane.doe@example.com"
-STREAMED = [{"role": "user", "content": f"Customer question: can I return a scarf? Write to me at {EMAIL}"}]
-REWRITE = "Yes: unworn items come back within 30 days of delivery, and the refund follows within 5 business days."
+STREAMED = [
+    ASK,
+    {"role": "user", "content": f"Subject: Refund\n\nThe linen throw in order #55190 came torn. Refund me at {EMAIL}"},
+]
+REWRITE = '{"intent": "refund", "order": "55190", "category": "decor", "urgent": false}'
 OUTCOMES = ("kept", "rejected", "duplicates", "near_duplicates", "contaminated")
 
 
@@ -66,20 +69,14 @@ def _utc_day() -> str:
 def _chat(url: str) -> dict[str, tuple[list[dict], str]]:
     """One whole and one streamed chat completion: response id -> (messages sent, answer text)."""
     acme = client(url, TENANT)
-    raw = acme.chat.completions.with_raw_response.create(
-        model=TENANT, messages=WHOLE, max_tokens=MAX_TOKENS, temperature=0
-    )
+    raw = acme.chat.completions.with_raw_response.create(model=TENANT, messages=WHOLE, seed=1, **SAMPLING)
     reply = raw.parse()
     assert raw.headers["x-loraline-version"] == "v0.0.1" and reply.model == TENANT
-    chunks = list(
-        acme.chat.completions.create(
-            model=TENANT, messages=STREAMED, max_tokens=MAX_TOKENS, temperature=0, stream=True
-        )
-    )
+    chunks = list(acme.chat.completions.create(model=TENANT, messages=STREAMED, seed=2, **SAMPLING, stream=True))
     [stream_id] = {c.id for c in chunks}  # every chunk of a stream carries its response's id
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     answers = {reply.id: (WHOLE, reply.choices[0].message.content), stream_id: (STREAMED, streamed)}
-    assert len(answers) == 2 and all(text.strip() for _, text in answers.values()), answers
+    assert len({text.strip() for _, text in answers.values()} - {""}) == 2, answers
     return answers
 
 
@@ -158,7 +155,7 @@ def _export(project: Path, answers: dict[str, tuple[list[dict], str]]) -> Path:
     sft, pair = (json.loads(line) for line in path.read_text().splitlines())
     meta = {"from": "feedback", "responses": [whole_id], "versions": ["v0.0.1"]}
     assert sft == {"messages": [*WHOLE, {"role": "assistant", "content": whole}], "meta": {"kind": "up", **meta}}
-    masked = [{"role": "user", "content": STREAMED[0]["content"].replace(EMAIL, "<EMAIL>")}]
+    masked = [{**turn, "content": turn["content"].replace(EMAIL, "<EMAIL>")} for turn in STREAMED]
     assert pair == {
         "messages": masked,
         "chosen": REWRITE,
@@ -180,7 +177,11 @@ def _check_prepared(project: Path, exported: Path, before: dict, answers: dict[s
     assert sum(stats["pairs"].values()) == 1 == stats["by_shape"]["preference"]
 
     (_, (_, whole)), (_, (_, streamed)) = answers.items()
-    rows = [row for split in load_from_disk(str(project / "data" / "prepared" / TENANT)).values() for row in split]
+    rows = [
+        row
+        for split in load_from_disk(str(project / "data" / "prepared" / TENANT / "dataset")).values()
+        for row in split
+    ]
     [pair] = [r for r in rows if len(r["rejected_input_ids"]) > 0]
     assert pair["shape"] == "preference" and pair["rejected"] == streamed
     assert pair["messages"][-1] == {"role": "assistant", "content": REWRITE}
