@@ -182,8 +182,9 @@ def _check_prepared(project: Path, exported: Path, before: dict, answers: dict[s
         for split in load_from_disk(str(project / "data" / "prepared" / TENANT / "dataset")).values()
         for row in split
     ]
-    [pair] = [r for r in rows if len(r["rejected_input_ids"]) > 0]
-    assert pair["shape"] == "preference" and pair["rejected"] == streamed
-    assert pair["messages"][-1] == {"role": "assistant", "content": REWRITE}
-    assert [r["shape"] for r in rows if r["messages"] == [*WHOLE, {"role": "assistant", "content": whole}]]
-    assert sum(len(r["rejected_input_ids"]) == 0 and r["rejected"] == "" for r in rows) == len(rows) - 1
+    [pair] = [r for r in rows if len(r["rejected_input_ids"]) > 0]  # the tenant's only pair
+    masked = [{**turn, "content": turn["content"].replace(EMAIL, "<EMAIL>")} for turn in STREAMED]
+    assert pair["messages"] == [*masked, {"role": "assistant", "content": REWRITE}]  # context + the chosen answer
+    assert (pair["shape"], pair["rejected"]) == ("preference", streamed) and pair["n_rejected_tokens"] > 0
+    assert [r["shape"] for r in rows if r["messages"] == [*WHOLE, {"role": "assistant", "content": whole}]] == ["chat"]
+    assert sum(r["rejected"] == "" and r["n_rejected_tokens"] == 0 for r in rows) == len(rows) - 1  # SFT rows
