@@ -51,4 +51,4 @@ serve: serve-env
 
 # The serving end-to-end tests alone: the real vLLM server and openai client on the tiny project.
 test-serve: serve-env
-	HF_HUB_OFFLINE=1 LORALINE_SERVE_PYTHON=$(CURDIR)/.serve-venv/bin/python $(BIN)/python -m pytest tests/e2e/test_serve.py tests/e2e/test_serve_canary.py
+	HF_HUB_OFFLINE=1 LORALINE_SERVE_PYTHON=$(CURDIR)/.serve-venv/bin/python $(BIN)/python -m pytest tests/e2e/test_serve.py tests/e2e/test_serve_canary.py tests/e2e/test_feedback_loop.py

@@ -1,8 +1,5 @@
 """`loraline serve` end to end: the real vLLM server (CPU) behind the gateway, the real `openai` client,
-the real registry, on the tiny project's two promoted tenants.
-
-The serving environment is LORALINE_SERVE_PYTHON when set (a Python with vLLM), else the project's
-.serve-venv built from its lock (`make serve-env`; the first build downloads vLLM from the registry).
+the real registry, on the tiny project's two promoted tenants (the serving environment: e2e_serve).
 """
 
 from __future__ import annotations
@@ -17,66 +14,25 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from e2e_project import REPO, _env, copy_project, sh
+from e2e_project import _env, sh
+from e2e_serve import KEYS, TENANTS, client, events, free_port, released_copy, served, serving_python, start_serve
 
 from loraline.tools import tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.serve]
-TENANTS = ("acme-shop", "globex-it")
-KEYS = {"acme-shop": "key-for-acme", "globex-it": "key-for-globex"}  # serve.auth: one key per tenant
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serving_python() -> str:
-    given = os.environ.get("LORALINE_SERVE_PYTHON")
-    if given:
-        return given
-    from loraline.serve.environment import ensure_serving_env
-
-    return str(ensure_serving_env(REPO / ".serve-venv").python)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, built) -> Path:
-    project = copy_project(built.project, tmp_path_factory.mktemp("serve") / "project")
-    out = sh("loraline", "registry", "release", cwd=project)
-    assert out.count("prod none -> v0.0.1") == len(TENANTS), out
-    return project
+    return released_copy(built.project, tmp_path_factory.mktemp("serve") / "project")
 
 
 @pytest.fixture(scope="module")
 def server(project: Path):
-    port, engine_port = _free_port(), _free_port()
-    overrides = [
-        f"serve.port={port}",
-        f"serve.engine_port={engine_port}",
-        "serve.poll_seconds=1",
-        "serve.max_model_len=256",
-        "serve.auth=true",
-    ]
-    cmd = [tool("loraline"), "serve", "--python", _serving_python(), *[x for o in overrides for x in ("--set", o)]]
-    log = open(project / "serve.log", "w")
-    env = {**_env(), **{f"LORALINE_SERVE_KEY_{t.upper().replace('-', '_')}": k for t, k in KEYS.items()}}
-    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (project / "serve.log").read_text()[-4000:]
-        try:
-            if len(_served(url)) == len(TENANTS):
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        raise AssertionError("serve did not come up:\n" + (project / "serve.log").read_text()[-4000:])
+    serving = start_serve(project, keys=KEYS)
+    proc, engine_port = serving.proc, serving.engine_port
     engine_group = json.loads((project / ".loraline" / "serve" / "engine.pid").read_text())["engine"]["pid"]
-    yield url, proc
+    yield serving.url, proc
     # Killed outright, as the OOM killer or kill -9 would: vLLM runs in a session of its own and must
     # still end with it (a parent-death signal), its engine core too, freeing its port.
     os.killpg(proc.pid, 9)
@@ -126,26 +82,6 @@ def _engines_on(port: int) -> list[int]:
     return found
 
 
-def _client(url: str, tenant: str = "acme-shop"):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{url}/v1", api_key=KEYS[tenant], max_retries=0)
-
-
-def _served(url: str) -> dict[str, str]:
-    """tenant -> served version, as each tenant's own key sees /v1/models."""
-    out = {}
-    for tenant, key in KEYS.items():
-        data = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()["data"]
-        out.update({m["id"]: m["version"] for m in data})
-    return out
-
-
-def _events(project: Path) -> list[dict]:
-    path = project / "reports" / "serve" / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def test_a_start_fails_at_once_naming_a_taken_port(project, tmp_path):
     """Before vLLM starts: a port already listened on is named with its param and its holder (this
     test's own socket here), instead of a gateway talking to whatever answers there."""
@@ -159,11 +95,11 @@ def test_a_start_fails_at_once_naming_a_taken_port(project, tmp_path):
                 tool("loraline"),
                 "serve",
                 "--python",
-                _serving_python(),
+                serving_python(),
                 "--set",
                 f"{param}={port}",
                 "--set",
-                f"{other}={_free_port()}",
+                f"{other}={free_port()}",
             ]
             started = time.monotonic()
             out = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
@@ -178,12 +114,12 @@ def test_a_start_fails_at_once_naming_a_taken_port(project, tmp_path):
 
 def test_every_tenant_is_answered_by_its_production_adapter(project, server):
     url, _ = server
-    assert _served(url) == dict.fromkeys(TENANTS, "v0.0.1")
-    served = [e for e in _events(project) if e["event"] == "served"]
-    assert {e["tenant"] for e in served} == set(TENANTS)
-    assert all(e["check"]["agreement"] == 1.0 for e in served)  # greedy answers = the merged model's
+    assert served(url) == dict.fromkeys(TENANTS, "v0.0.1")
+    loaded = [e for e in events(project) if e["event"] == "served"]
+    assert {e["tenant"] for e in loaded} == set(TENANTS)
+    assert all(e["check"]["agreement"] == 1.0 for e in loaded)  # greedy answers = the merged model's
     for tenant in TENANTS:
-        raw = _client(url, tenant).chat.completions.with_raw_response.create(
+        raw = client(url, tenant).chat.completions.with_raw_response.create(
             model=tenant,
             messages=[{"role": "user", "content": "Where is my order 12345?"}],
             max_tokens=8,
@@ -198,15 +134,15 @@ def test_streaming_keys_unknown_models_and_overlong_prompts(server):
     from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
 
     url, _ = server
-    client = _client(url)
-    stream = client.chat.completions.create(
+    acme = client(url)
+    stream = acme.chat.completions.create(
         model="acme-shop", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0, stream=True
     )
     chunks = list(stream)
     assert chunks and all(c.model == "acme-shop" for c in chunks)
     # acme-shop's key: globex-it's model is answered as a model that does not exist is
     with pytest.raises(NotFoundError, match="does not exist or you do not have access to it"):
-        client.chat.completions.create(model="globex-it", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        acme.chat.completions.create(model="globex-it", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     key = {"Authorization": f"Bearer {KEYS['acme-shop']}"}
     other, none = (
         httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "hi"}, headers=key)
@@ -226,9 +162,9 @@ def test_streaming_keys_unknown_models_and_overlong_prompts(server):
         httpx.post(f"{url}/v1/completions", json={"model": "acme-shop", "prompt": "hi"}).status_code == 401
     )  # no key
     with pytest.raises(BadRequestError):
-        client.completions.create(model="acme-shop", prompt="word " * 600, max_tokens=4)
+        acme.completions.create(model="acme-shop", prompt="word " * 600, max_tokens=4)
     with pytest.raises(NotFoundError, match="does not exist"):
-        client.chat.completions.create(model="initech", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        acme.chat.completions.create(model="initech", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
 
 
 def test_promotion_and_rollback_are_served_without_a_restart_and_a_corrupt_version_is_refused(project, server):
@@ -241,11 +177,11 @@ def test_promotion_and_rollback_are_served_without_a_restart_and_a_corrupt_versi
     sh("loraline", "registry", "release", "--tenant", "acme-shop", "--no-promote", cwd=project)
     sh("loraline", "registry", "promote", "acme-shop", "v0.0.2", "--force", "--reason", "serve e2e", cwd=project)
     _wait_for(url, "acme-shop", "v0.0.2")
-    reply = _client(url).chat.completions.with_raw_response.create(
+    reply = client(url).chat.completions.with_raw_response.create(
         model="acme-shop", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
     )
     assert reply.headers["x-loraline-version"] == "v0.0.2"
-    promoted = [e for e in _events(project) if e["event"] == "served" and e["version"] == "v0.0.2"][-1]
+    promoted = [e for e in events(project) if e["event"] == "served" and e["version"] == "v0.0.2"][-1]
     assert promoted["previous"] == "v0.0.1" and promoted["since_promotion_s"] < 60
 
     sh("loraline", "registry", "rollback", "acme-shop", cwd=project)
@@ -273,16 +209,16 @@ def test_promotion_and_rollback_are_served_without_a_restart_and_a_corrupt_versi
         cwd=project,
     )
     deadline = time.monotonic() + 120
-    while not [e for e in _events(project) if e["event"] == "check_failed"] and time.monotonic() < deadline:
+    while not [e for e in events(project) if e["event"] == "check_failed"] and time.monotonic() < deadline:
         time.sleep(1)
-    failed = [e for e in _events(project) if e["event"] == "check_failed"]
-    assert failed and failed[-1]["version"] == "v0.0.2" and failed[-1]["serving"] == "v0.0.1", _events(project)
-    assert _served(url)["acme-shop"] == "v0.0.1"
+    failed = [e for e in events(project) if e["event"] == "check_failed"]
+    assert failed and failed[-1]["version"] == "v0.0.2" and failed[-1]["serving"] == "v0.0.1", events(project)
+    assert served(url)["acme-shop"] == "v0.0.1"
     assert proc.poll() is None  # one server process throughout
 
 
 def _wait_for(url: str, tenant: str, version: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
-    while _served(url).get(tenant) != version:
-        assert time.monotonic() < deadline, f"{tenant} not served at {version}: {_served(url)}"
+    while served(url).get(tenant) != version:
+        assert time.monotonic() < deadline, f"{tenant} not served at {version}: {served(url)}"
         time.sleep(0.5)

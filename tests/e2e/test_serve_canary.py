@@ -6,20 +6,18 @@ error path) are rolled back in the registry by the server itself; no client requ
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from e2e_project import _env, copy_project, sh
-from test_serve import _events, _free_port, _serving_python
+from e2e_project import copy_project, sh
+from e2e_serve import events, start_serve
 
 from loraline.registry.canary import decision_tag, read_decision
 from loraline.registry.gto_registry import GtoRegistry
 from loraline.registry.snapshot import snapshot_commit
-from loraline.tools import tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.serve]
 TENANT, ARTIFACTS = "acme-shop", ("acme-shop-adapter", "acme-shop-onnx")
@@ -39,24 +37,10 @@ def project(tmp_path_factory, built) -> Path:
 
 @pytest.fixture(scope="module")
 def server(project: Path):
-    port, engine_port = _free_port(), _free_port()
-    overrides = [
-        f"serve.port={port}",
-        f"serve.engine_port={engine_port}",
-        "serve.poll_seconds=1",
-        "serve.max_model_len=256",
-    ]
-    cmd = [tool("loraline"), "serve", "--python", _serving_python(), *[x for o in overrides for x in ("--set", o)]]
-    log = open(project / "serve.log", "w")
-    proc = subprocess.Popen(cmd, cwd=project, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while len(_models(url)) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, (project / "serve.log").read_text()[-4000:]
-        time.sleep(1)
-    yield url, f"http://127.0.0.1:{engine_port}"
-    proc.terminate()
-    proc.wait(60)
+    serving = start_serve(project)
+    yield serving.url, f"http://127.0.0.1:{serving.engine_port}"
+    serving.proc.terminate()
+    serving.proc.wait(60)
 
 
 def _models(url: str) -> dict[str, dict]:
@@ -73,9 +57,9 @@ def _traffic_until(url: str, event: str, version: str, project: Path, timeout_s:
 
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     answered, deadline = [], time.monotonic() + timeout_s
-    while not any(e["event"] == event and e["version"] == version for e in _events(project)):
+    while not any(e["event"] == event and e["version"] == version for e in events(project)):
         assert time.monotonic() < deadline, (
-            f"no {event} for {version} after {len(answered)} requests: {_events(project)[-3:]}"
+            f"no {event} for {version} after {len(answered)} requests: {events(project)[-3:]}"
         )
         raw = client.chat.completions.with_raw_response.create(
             model=TENANT,
@@ -158,7 +142,7 @@ def test_a_good_canary_is_kept_and_broken_ones_are_rolled_back_with_no_failed_re
     sh("loraline", "registry", "promote", TENANT, broken, "--reason", "canary e2e: corrupted", cwd=project)
     answered = _traffic_until(url, "check_failed", broken, project)
     assert set(answered) <= {good}  # it never took a request
-    failed = [e for e in _events(project) if e["event"] == "check_failed" and e["version"] == broken][-1]
+    failed = [e for e in events(project) if e["event"] == "check_failed" and e["version"] == broken][-1]
     assert failed["registry"]["kept"] is False and failed["registry"]["reason"].startswith("deployment check failed")
     assert _production(project) == [good, good]
     rollback = GtoRegistry(project).history(ARTIFACTS[0])[-1]
@@ -179,7 +163,7 @@ def test_a_good_canary_is_kept_and_broken_ones_are_rolled_back_with_no_failed_re
     )
     answered = _traffic_until(url, "canary_rolled_back", lost, project)
     assert set(answered) == {good}  # every canary request was answered again by the stable version
-    rolled = [e for e in _events(project) if e["event"] == "canary_rolled_back"][-1]
+    rolled = [e for e in events(project) if e["event"] == "canary_rolled_back"][-1]
     assert rolled["reason"].startswith("error rate 1.00") and rolled["serving"] == good
     assert _production(project) == [good, good]
     number = GtoRegistry(project).history(ARTIFACTS[0])[-2].number
@@ -202,5 +186,5 @@ def _traffic_until_count(url: str, n: int) -> list[str]:
 def _wait_until(condition, project: Path, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, _events(project)[-3:]
+        assert time.monotonic() < deadline, events(project)[-3:]
         time.sleep(0.5)
