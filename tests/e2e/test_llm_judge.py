@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from e2e_project import _env, copy_project, stages_run
-from test_serve import _free_port, _serving_python
+from e2e_serve import free_port, serving_python
 
 from loraline.config import ServeParams
 from loraline.serve.engine import Engine, engine_command, on_cpu
@@ -33,11 +33,11 @@ def judge(tmp_path_factory, built):
     """(project, base_url, model): a copy of the built project, and vLLM serving its base, asking for KEY."""
     tmp = tmp_path_factory.mktemp("judge")
     project = copy_project(built.project, tmp / "project")
-    params = ServeParams(engine_port=_free_port())
+    params = ServeParams(engine_port=free_port())
     model = project / "models" / "base"
     # the judge's prompt is longer than the tiny base's 512 positions: vLLM is let past them (mechanics only)
     cmd = engine_command(
-        Path(_serving_python()),
+        Path(serving_python()),
         model,
         params,
         dtype="float32",
