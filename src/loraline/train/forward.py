@@ -25,17 +25,7 @@ def loss_sum(
     With `fused` (decoder, lm_head), the loss comes from the decoder's hidden states chunk by chunk
     (speed.chunked_linear_cross_entropy): the same value and gradients, without full-vocabulary logits.
     """
-    inputs = batch.model_inputs(varlen=attends_by_segments(model))
-    with autocast(device):
-        if fused is not None:
-            decoder, head = fused
-            hidden = decoder(**inputs, use_cache=False)[0]
-            return chunked_linear_cross_entropy(
-                hidden, head.weight, batch.targets, chunk=chunk, dtype=compute_dtype(device)
-            )
-        logits = model(**inputs, use_cache=False).logits
-    keep = batch.targets != IGNORE_INDEX
-    return F.cross_entropy(logits[keep].float(), batch.targets[keep], reduction="sum")
+    return _target_losses(model, batch, device, fused, chunk, "sum")
 
 
 def token_nll(
@@ -43,17 +33,23 @@ def token_nll(
 ) -> torch.Tensor:
     """Cross-entropy of every target token (fp32), in the order of the flattened targets: loss_sum before the
     sum, for objectives that add the tokens up per sequence (fused: speed.chunked_linear_token_nll)."""
+    return _target_losses(model, batch, device, fused, chunk, "none")
+
+
+def _target_losses(
+    model: torch.nn.Module, batch: Batch, device: torch.device, fused: FusedHead | None, chunk: int, reduction: str
+) -> torch.Tensor:
+    """One forward pass, then the targets' cross-entropy summed ("sum") or per token ("none")."""
     inputs = batch.model_inputs(varlen=attends_by_segments(model))
     with autocast(device):
         if fused is not None:
             decoder, head = fused
             hidden = decoder(**inputs, use_cache=False)[0]
-            return chunked_linear_token_nll(
-                hidden, head.weight, batch.targets, chunk=chunk, dtype=compute_dtype(device)
-            )
+            linear_loss = chunked_linear_cross_entropy if reduction == "sum" else chunked_linear_token_nll
+            return linear_loss(hidden, head.weight, batch.targets, chunk=chunk, dtype=compute_dtype(device))
         logits = model(**inputs, use_cache=False).logits
     keep = batch.targets != IGNORE_INDEX
-    return F.cross_entropy(logits[keep].float(), batch.targets[keep], reduction="none")
+    return F.cross_entropy(logits[keep].float(), batch.targets[keep], reduction=reduction)
 
 
 def uses_varlen(model: torch.nn.Module) -> bool:

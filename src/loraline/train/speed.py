@@ -91,10 +91,7 @@ def chunked_linear_cross_entropy(
 ) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX positions skipped),
     without ever holding more than `chunk` rows of logits. hidden: [..., H]; targets: [...]."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1)
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[keep], targets[keep]
+    hidden, targets = _with_targets(hidden, targets)
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(
         hidden,
@@ -178,10 +175,7 @@ def chunked_linear_token_nll(
     """Cross-entropy of `hidden @ weight.T` against `targets` at each position that has a target (IGNORE_INDEX
     positions skipped), in the order of the flattened targets, without ever holding more than `chunk` rows of
     logits: the per-token losses the preference objectives sum per sequence. hidden: [..., H]; targets: [...]."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1)
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[keep], targets[keep]
+    hidden, targets = _with_targets(hidden, targets)
     grad = torch.is_grad_enabled()
     return _LinearTokenNll.apply(
         hidden,
@@ -330,3 +324,11 @@ def apply_checkpoint_fraction(model: nn.Module, fraction: float) -> int:
         if i >= keep:
             layer.gradient_checkpointing = False
     return keep
+
+
+def _with_targets(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions that have a target (not IGNORE_INDEX), flattened: hidden [N, H], targets [N]."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    return hidden[keep], targets[keep]
