@@ -202,18 +202,26 @@ class Gateway:
             {"engine": ok, **({"serving": serving} if serving is not None else {})}, status_code=200 if ok else 503
         )
 
-    # -- feedback --------------------------------------------------------------------------------
-
-    async def feedback(self, request: Request) -> Response:
-        """Feedback on an answer the caller's tenant was given, appended to that tenant's traffic log."""
-        if self.traffic is None:
-            return openai_error(404, "feedback is not collected: serve.log_traffic is off", "NotFoundError", None)
+    async def caller_and_body(self, request: Request) -> tuple[str | None, dict[str, Any]] | Response:
+        """The key's tenant (None without serve.auth) and the JSON object body, or the error response to send."""
         who = self.caller(request) if self.keys is not None else None
         if self.keys is not None and who is None:
             return openai_error(401, "a valid API key is required", "AuthenticationError")
         body = await json_object(request)
         if isinstance(body, Response):
             return body
+        return who, body
+
+    # -- feedback --------------------------------------------------------------------------------
+
+    async def feedback(self, request: Request) -> Response:
+        """Feedback on an answer the caller's tenant was given, appended to that tenant's traffic log."""
+        if self.traffic is None:
+            return openai_error(404, "feedback is not collected: serve.log_traffic is off", "NotFoundError", None)
+        called = await self.caller_and_body(request)
+        if isinstance(called, Response):
+            return called
+        who, body = called
         try:
             event = feedback_from_body(body, "", self.traffic.now())
         except FeedbackError as exc:
@@ -241,12 +249,10 @@ class Gateway:
     # -- forwarded requests ----------------------------------------------------------------------
 
     async def forward(self, request: Request) -> Response:
-        who = self.caller(request) if self.keys is not None else None
-        if self.keys is not None and who is None:
-            return openai_error(401, "a valid API key is required", "AuthenticationError")
-        body = await json_object(request)
-        if isinstance(body, Response):
-            return body
+        called = await self.caller_and_body(request)
+        if isinstance(called, Response):
+            return called
+        who, body = called
         tenant = body.get("model")
         if not isinstance(tenant, str):
             return openai_error(
