@@ -62,15 +62,8 @@ def answer_loss(
 ) -> AnswerLoss:
     """Mean cross-entropy over the tokens whose label is not -100 (HF convention: labels align with
     input_ids, the model predicts labels[t + 1] from the prefix up to t). Micro-averaged over tokens."""
-    device = model.device
     total, count = 0.0, 0
-    for start in range(0, len(input_ids), batch_size):
-        ids, lab, attn = _right_padded(
-            input_ids[start : start + batch_size], labels[start : start + batch_size], pad_id
-        )
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits
-        targets = lab[:, 1:].to(device)
-        keep = targets != IGNORE_INDEX
+    for logits, targets, keep in _answer_batches(model, input_ids, labels, pad_id, batch_size):
         if keep.any():
             total += F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum").item()
             count += int(keep.sum())
@@ -83,21 +76,29 @@ def answer_logps(
 ) -> list[float]:
     """Each row's summed log-probability of its answer tokens (labels != -100), fp32 log-softmax: what DPO
     compares between a chosen and a rejected answer. Batched and right-padded as `answer_loss`."""
-    device = model.device
     out: list[float] = []
+    for logits, targets, keep in _answer_batches(model, input_ids, labels, pad_id, batch_size):
+        # Only answer positions go through the fp32 log-softmax: at a 128k vocabulary a whole batch would not fit.
+        picked = torch.log_softmax(logits[:, :-1][keep].float(), dim=-1).gather(-1, targets[keep].unsqueeze(-1))
+        sums = torch.zeros(len(targets), dtype=torch.float64, device=targets.device)
+        sums.index_add_(0, keep.nonzero()[:, 0], picked.squeeze(-1).double())
+        out.extend(sums.tolist())
+    return out
+
+
+@torch.no_grad()
+def _answer_batches(
+    model: Any, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch of `batch_size` right-padded rows: the logits, the shifted targets and where they are answers."""
+    device = model.device
     for start in range(0, len(input_ids), batch_size):
         ids, lab, attn = _right_padded(
             input_ids[start : start + batch_size], labels[start : start + batch_size], pad_id
         )
         logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits
         targets = lab[:, 1:].to(device)
-        keep = targets != IGNORE_INDEX
-        # Only answer positions go through the fp32 log-softmax: at a 128k vocabulary a whole batch would not fit.
-        picked = torch.log_softmax(logits[:, :-1][keep].float(), dim=-1).gather(-1, targets[keep].unsqueeze(-1))
-        sums = torch.zeros(len(ids), dtype=torch.float64, device=device)
-        sums.index_add_(0, keep.nonzero()[:, 0], picked.squeeze(-1).double())
-        out.extend(sums.tolist())
-    return out
+        yield logits, targets, targets != IGNORE_INDEX
 
 
 def _right_padded(
