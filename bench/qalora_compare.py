@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from loraline.config import load_params
-    from loraline.export.stage import export_onnx
+    from loraline.export.build import export_onnx
     from loraline.layout import Layout
     from loraline.merge.stage import merge_adapter
     from loraline.train import train_adapter

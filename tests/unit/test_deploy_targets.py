@@ -207,3 +207,26 @@ def test_the_base_and_its_adapter_share_one_load_and_score_as_each_loaded_alone(
     for name in ("base", "candidate"):
         assert models[name] == pytest.approx(alone[name], abs=1e-6), name
     assert models["candidate"] != models["base"] and models["base"]["general_loss"] > 0
+
+
+def test_export_of_an_adapter_only_tenant_imports_neither_torch_nor_onnx(tmp_path):
+    """At 8B every stage is a process of its own; one that only writes "not built" should not pay for imports."""
+    import subprocess
+    import sys
+
+    (tmp_path / "data" / "raw" / "acme").mkdir(parents=True)
+    (tmp_path / "params.yaml").write_text(
+        "tenants:\n  acme:\n    raw_dir: data/raw/acme\n    deploy:\n      targets: [adapter]\n", encoding="utf-8"
+    )
+    script = (
+        "import sys\n"
+        "from loraline.config import load_params\n"
+        "from loraline.layout import Layout\n"
+        "from loraline import export\n"
+        "export.run(load_params('params.yaml'), Layout(), 'acme')\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+    report = json.loads((tmp_path / "models" / "onnx" / "acme" / "export_report.json").read_text())
+    assert report["onnx"] == NOT_BUILT and report["passed"] is True

@@ -150,7 +150,7 @@ def test_prompt_logits_match_pytorch_batched(generator: OnnxGenerator, torch_mod
 def test_cached_decoding_matches_pytorch_cache(generator: OnnxGenerator, torch_model):
     from transformers import DynamicCache
 
-    from loraline.export.stage import _cache_kwarg
+    from loraline.export.build import _cache_kwarg
 
     ids = generator.encode(PROBES[1])
     x = torch.tensor([ids])

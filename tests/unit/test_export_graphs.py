@@ -211,7 +211,7 @@ def test_int4_and_fp16_with_the_reference_on_cuda(int4_export: ExportResult, ran
 
 
 def test_a_graph_that_generates_otherwise_fails_on_greedy_agreement():
-    from loraline.export.stage import _enforce
+    from loraline.export.build import _enforce
 
     numbers = {
         "file": "model.fp16.onnx",

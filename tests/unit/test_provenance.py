@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from loraline.provenance import SOURCE_ROOT, code_fingerprint, import_closure, run_timing
+from loraline.provenance import SOURCE_ROOT, code_fingerprint, import_closure, phase, run_timing
 
 
 def copy_of_the_package(tmp_path: Path) -> Path:
@@ -36,6 +36,28 @@ def test_the_fingerprint_covers_the_stage_closure_and_nothing_else(tmp_path):
 def test_run_timing_holds_the_wall_time_measurements_and_git_commit():
     timing = run_timing(time.perf_counter() - 1.5, tokens_per_s=12.0)
     assert timing["wall_s"] >= 1.5 and timing["tokens_per_s"] == 12.0 and timing["code_revision"]
+
+
+def test_run_timing_holds_the_phases_of_its_own_run_only():
+    with phase("load base"):
+        time.sleep(0.01)  # an earlier stage in the same process: not this run's
+    started = time.perf_counter()
+    with phase("load base"):
+        time.sleep(0.02)
+    for _ in range(2):  # a repeated name adds up
+        with phase("generate"):
+            time.sleep(0.01)
+    try:
+        with phase("write"):
+            raise OSError("disk full")
+    except OSError:
+        pass  # a phase that failed still took its time
+    timing = run_timing(started)
+    assert list(timing["phases"]) == ["load base", "generate", "write"]
+    assert 0.02 <= timing["phases"]["load base"] < 0.03 + 0.05
+    assert timing["phases"]["generate"] >= 0.02
+    assert sum(timing["phases"].values()) <= timing["wall_s"] + 0.01
+    assert "phases" not in run_timing(time.perf_counter())  # nothing timed since: no empty key
 
 
 def test_sha256_files_matches_one_at_a_time_in_order(tmp_path):

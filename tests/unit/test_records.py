@@ -96,7 +96,7 @@ def fsdp_train() -> dict:
 
 
 def lowbit_export() -> dict:
-    """A merged QA-LoRA model's export: its own low-bit graph (export/lowbit.py + export/stage.py _lowbit)."""
+    """A merged QA-LoRA model's export: its own low-bit graph (export/lowbit.py + export/build.py _lowbit)."""
     report = fixture("export_fp32_int8.json")
     report["lowbit"] = {
         **{k: v for k, v in report["fp32"].items() if k not in ("inputs", "outputs", "opset", "dtype")},

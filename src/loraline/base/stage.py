@@ -33,7 +33,7 @@ from loraline.base.corpus import held_out_docstrings, python_version
 from loraline.config import BaseParams, ConfigError, Params
 from loraline.layout import BASE_RECORD, GENERAL_TEXT, Layout
 from loraline.modelling.loading import chat_template
-from loraline.provenance import code_fingerprint, library_versions, run_timing, sha256_files
+from loraline.provenance import code_fingerprint, library_versions, phase, run_timing, sha256_files
 from loraline.records import BaseRecord, GeneralText
 
 LOSS_CSV = "pretrain_loss.csv"
@@ -118,7 +118,7 @@ def _record_external(params: BaseParams, out_dir: Path) -> BaseResult:
     record.params = params.model_dump(mode="json", exclude={"build"})
     record.code = code_fingerprint(__name__)
     record.library_versions = library_versions()
-    with io.atomic_dir(out_dir) as tmp:
+    with io.atomic_dir(out_dir) as tmp, phase("general text"):
         record.general_text = _write_general_text(tmp, 0)
         record.write(tmp / BASE_RECORD)
     return BaseResult(out_dir=out_dir, source=record.source, model_ref=record.model_ref, record=record)
@@ -131,14 +131,17 @@ def _inspect_local(path: Path, params: BaseParams) -> BaseRecord:
         raise ConfigError(f"base.model: {path} has no config.json; is it a Hugging Face model folder?")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"base.model: {path} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
-    record = BaseRecord(source="local", model_ref=str(path), revision=None, **_describe(str(path), params, {}))
+    with phase("config and tokenizer"):
+        record = BaseRecord(source="local", model_ref=str(path), revision=None, **_describe(str(path), params, {}))
     # Hash what is there (not copied: the record pins the content, so a changed folder is detectable).
     files = [
         p
         for p in sorted(path.rglob("*"))
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
     ]
-    record.files = dict(zip((p.relative_to(path).as_posix() for p in files), sha256_files(files), strict=True))
+    with phase("hash files"):
+        hashes = sha256_files(files)
+    record.files = dict(zip((p.relative_to(path).as_posix() for p in files), hashes, strict=True))
     record.parameters = _safetensors_parameters(path)
     return record
 

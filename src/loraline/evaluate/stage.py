@@ -82,7 +82,7 @@ from loraline.modelling.loading import (
     tokenizer_mismatch,
 )
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE, extended_context
-from loraline.provenance import hash_tree, run_timing, sha256_file
+from loraline.provenance import hash_tree, phase, run_timing, sha256_file
 
 METRICS = "metrics.json"
 REPORT = "report.md"
@@ -291,9 +291,10 @@ def evaluate_tenant(
     extras += [_Judge(judge, judge_cache_dir, base_dir, production_dir)] if judge is not None else []
     for extra in extras:
         extra.check()
-    tok = load_base_tokenizer(base_dir, base_params)
-    test = _load_test(dataset_dir, tok, max_examples)
-    general = load_general(Path(general_dir)) if general_dir is not None else None
+    with phase("tokenizer and test split"):
+        tok = load_base_tokenizer(base_dir, base_params)
+        test = _load_test(dataset_dir, tok, max_examples)
+        general = load_general(Path(general_dir)) if general_dir is not None else None
     models = {"base": (resolve_base_model_path(base_dir), base_load_kwargs(base_dir)), "candidate": candidate}
     if production_dir is not None and _is_model(Path(production_dir)):
         models["production"] = _model_spec(Path(production_dir), base_dir, "")
@@ -301,7 +302,8 @@ def evaluate_tenant(
     ev = _Evaluation(models, tok, test, refs_json, max_new_tokens, batch_size, where, progress)
     batch_rows, answer_tokens = _score_all(ev, general, tenant)
     for extra in extras:
-        extra.measure(ev)
+        with phase(type(extra).__name__.strip("_").lower()):
+            extra.measure(ev)
     result = _metrics(tenant, ev, general, batch_rows, answer_tokens, extras)
     rows = _generation_rows(test, ev.predictions)
     report = _report(tenant, ev, result, rows, examples_in_report) + "".join(extra.report() for extra in extras)
@@ -755,10 +757,13 @@ def _score_models(
     if on_base:
         from peft import PeftModel
 
-        with loaded_model(base_path, device, **base_kwargs) as model:
-            shared = PeftModel.from_pretrained(model, str(models[on_base[0]][1]["adapter"]), adapter_name=on_base[0])
-            for name in on_base[1:]:
-                shared.load_adapter(str(models[name][1]["adapter"]), adapter_name=name)
+        with contextlib.ExitStack() as loaded:
+            with phase("load base and adapters"):
+                model = loaded.enter_context(loaded_model(base_path, device, **base_kwargs))
+                first = str(models[on_base[0]][1]["adapter"])
+                shared = PeftModel.from_pretrained(model, first, adapter_name=on_base[0])
+                for name in on_base[1:]:
+                    shared.load_adapter(str(models[name][1]["adapter"]), adapter_name=name)
             shared.eval()
             for name in ["base", *on_base]:
                 started = time.perf_counter()

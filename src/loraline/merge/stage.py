@@ -64,15 +64,10 @@ from loraline.modelling.loading import (
     load_base_tokenizer,
     resolve_base_model_path,
 )
-from loraline.modelling.parity import (
-    DEFAULT_PROBES,
-    ParityError,
-    ProbeOutputs,
-    compare,
-    headline,
-)
+from loraline.modelling.parity import DEFAULT_PROBES, ProbeOutputs, compare
+from loraline.modelling.parity_numbers import ParityError, headline
 from loraline.modelling.variants import MergedCheck, Variants
-from loraline.provenance import code_fingerprint, library_versions, run_timing, sha256_file
+from loraline.provenance import code_fingerprint, library_versions, phase, run_timing, sha256_file
 from loraline.records import BaseRecord, MergeReport, ProbeReference, QuantizedGap, ReloadCheck, TrainRecord
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -174,20 +169,25 @@ def merge_adapter(
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     settings = (dtype, tolerance, probes, tenant_probes, max_new_tokens, device)
-    m, variants = _inputs(Path(base_dir), base_params, adapter_dir, *settings)
+    with phase("tokenizer and probes"):
+        m, variants = _inputs(Path(base_dir), base_params, adapter_dir, *settings)
     where, tok, drawn = m.where, m.tok, m.drawn
     load_dtype = variants.load_dtype(DTYPES[dtype])
-    base = load_base_causal_lm(m.base_dir, where, load_dtype, config_overrides=variants.config_overrides())
-    model = variants.attach(base, adapter_dir)
+    with phase("load base and adapter"):
+        base = load_base_causal_lm(m.base_dir, where, load_dtype, config_overrides=variants.config_overrides())
+        model = variants.attach(base, adapter_dir)
     model.eval()
-    unmerged = run_probe_set(model, tok, drawn, max_new_tokens)
+    with phase("generate (unmerged)"):
+        unmerged = run_probe_set(model, tok, drawn, max_new_tokens)
     if not merged:
         del model, base
         _release(where)
         return _reference_only(out_dir, unmerged, m)
-    merged_model = variants.merge(model, DTYPES[dtype])
+    with phase("merge"):
+        merged_model = variants.merge(model, DTYPES[dtype])
     merged_model.eval()
-    merged_outputs = run_probe_set(merged_model, tok, drawn, max_new_tokens)
+    with phase("generate (merged)"):
+        merged_outputs = run_probe_set(merged_model, tok, drawn, max_new_tokens)
     del model, base
     merged_model.to("cpu")  # written from the CPU; the GPU is free for the references (a no-op on the CPU)
     _release(where)
@@ -195,12 +195,15 @@ def merge_adapter(
     report = _merge_report(m, merged_outputs, compare(merged_outputs, unmerged)).assign(variants.merge_report(dtype))
     _refuse_drift(out_dir, m, report)
     with io.atomic_dir(out_dir) as tmp:
-        _write_merged(tmp, out_dir, merged_model, m, variants, unmerged, report)
+        with phase("write merged"):
+            _write_merged(tmp, out_dir, merged_model, m, variants, unmerged, report)
         del merged_model
         gc.collect()
-        report.vs_4bit = _vs_4bit(m, variants, merged_outputs, quantized_reference)
+        with phase("4-bit reference"):
+            report.vs_4bit = _vs_4bit(m, variants, merged_outputs, quantized_reference)
         if check_reload:
-            _check_reload(tmp, out_dir, m, merged_outputs, report)
+            with phase("reload check"):
+                _check_reload(tmp, out_dir, m, merged_outputs, report)
         files = sorted(f for f in tmp.iterdir() if f.is_file() and f.name != MERGE_REPORT)
         report.files = {f.name: sha256_file(f) for f in files}
         report.write(tmp / MERGE_REPORT)

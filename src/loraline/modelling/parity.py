@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from loraline.records import Record
+from loraline.modelling.parity_numbers import summarize
 
 DEFAULT_PROBES: list[list[dict[str, str]]] = [
     [{"role": "user", "content": "Hello! Who are you?"}],
@@ -27,15 +27,6 @@ DEFAULT_PROBES: list[list[dict[str, str]]] = [
         {"role": "user", "content": "And times 4?"},
     ],
 ]
-
-
-class ParityError(ValueError):
-    """A model does not behave like its reference within tolerance (or the probes are unusable);
-    `report` holds the numbers measured so far (the stage's report model), for the caller to show or keep."""
-
-    def __init__(self, message: str, report: Record | None = None):
-        super().__init__(message)
-        self.report = report
 
 
 def encode_probe(tok: Any, conversation: list[dict[str, str]], error: type[Exception] = ValueError) -> list[int]:
@@ -188,20 +179,3 @@ def compare(a: ProbeOutputs, b: ProbeOutputs) -> dict[str, Any]:
             }
         )
     return {**summarize(per_probe), "per_probe": per_probe, "merged_greedy_texts": a.texts}
-
-
-def summarize(per_probe: list[dict[str, Any]]) -> dict[str, Any]:
-    """The worst and mean logit difference and the agreement fractions over the probes."""
-    n = len(per_probe)
-    return {
-        "max_abs_logit_diff": max(p["max_abs_logit_diff"] for p in per_probe),
-        "mean_abs_logit_diff": sum(p["mean_abs_logit_diff"] for p in per_probe) / n,
-        "greedy_agreement": sum(p["greedy_equal"] for p in per_probe) / n,
-        "next_token_agreement": sum(p["next_token_equal"] for p in per_probe) / n,
-    }
-
-
-def headline(summary: dict[str, Any]) -> dict[str, Any]:
-    """The parity numbers worth comparing across runs (a stage's metrics file): the worst logit
-    difference and the greedy agreement of a `compare`/`summarize` result."""
-    return {k: summary[k] for k in ("max_abs_logit_diff", "greedy_agreement")}

@@ -47,7 +47,7 @@ from loraline.prepare.screening import Quality, follow_removed_originals, second
 from loraline.prepare.split import Deduplicator
 from loraline.prepare.stats import OUTCOMES, by_source_entry, summarize
 from loraline.prepare.stores import ArrowRows, RejectFile, RejectList
-from loraline.provenance import run_timing
+from loraline.provenance import phase, run_timing
 
 __all__ = ["PrepareResult", "collect", "prepare_tenant", "run"]
 
@@ -98,11 +98,13 @@ def run(
     compare into reports/<tenant>/metrics/prepare.json, the run's timing into reports/timing/."""
     started = time.perf_counter()
     if tokenizer is None:
-        tokenizer = load_base_tokenizer(base_dir or layout.base_dir, params.base)
+        with phase("tokenizer"):
+            tokenizer = load_base_tokenizer(base_dir or layout.base_dir, params.base)
     # Before the tenant's rows: a bad evaluate.general fails in seconds, and no output is written before it.
-    general = general_sample(
-        params.evaluate.general, params.prepare_for(tenant), tokenizer, params.project or layout.root
-    )
+    with phase("general sample"):
+        general = general_sample(
+            params.evaluate.general, params.prepare_for(tenant), tokenizer, params.project or layout.root
+        )
     result = prepare_tenant(
         params.tenant_params(tenant),
         params.prepare_for(tenant),
@@ -161,31 +163,33 @@ def prepare_tenant(
     spill = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.spill-", dir=out_dir.parent))
     try:
         rejects = RejectFile(spill / "rejected.jsonl")
-        collected = collect(
-            tenant_params,
-            params,
-            tokenizer,
-            system_prompt=system_prompt,
-            synthetic_rows=synthetic_rows,
-            progress=progress,
-            spill_dir=spill,
-            rejects=rejects,
-            project=project,
-        )
+        with phase("rows"):
+            collected = collect(
+                tenant_params,
+                params,
+                tokenizer,
+                system_prompt=system_prompt,
+                synthetic_rows=synthetic_rows,
+                progress=progress,
+                spill_dir=spill,
+                rejects=rejects,
+                project=project,
+            )
         rejects.close()
-        _write(
-            collected,
-            tenant_params,
-            params,
-            tokenizer,
-            spill=spill,
-            rejects=rejects,
-            out_dir=out_dir,
-            rejected_path=rejected_path,
-            stats_path=stats_path,
-            synthetic_rows=synthetic_rows,
-            progress=progress,
-        )
+        with phase("split, dedup and write"):
+            _write(
+                collected,
+                tenant_params,
+                params,
+                tokenizer,
+                spill=spill,
+                rejects=rejects,
+                out_dir=out_dir,
+                rejected_path=rejected_path,
+                stats_path=stats_path,
+                synthetic_rows=synthetic_rows,
+                progress=progress,
+            )
     finally:
         shutil.rmtree(spill, ignore_errors=True)
     return PrepareResult.written(collected.stats, out_dir, rejected_path, stats_path)

@@ -48,7 +48,7 @@ from loraline.modelling.device import compute_dtype, pick_device
 from loraline.modelling.loading import base_model_hash, base_record, load_base_tokenizer, tokenizer_mismatch
 from loraline.modelling.long_context import FULL_ATTENTION_REFERENCE
 from loraline.modelling.variants import Variants
-from loraline.provenance import code_fingerprint, hash_tree, library_versions, run_timing, sha256_file
+from loraline.provenance import code_fingerprint, hash_tree, library_versions, phase, run_timing, sha256_file
 from loraline.records import (
     BaseRecord,
     BaseRef,
@@ -275,18 +275,22 @@ def _train(
     progress: bool,
 ) -> TrainResult:
     started = time.perf_counter()
-    inputs = _read_inputs(params, base_dir, dataset_dir)
+    with phase("read dataset"):
+        inputs = _read_inputs(params, base_dir, dataset_dir)
     device = pick_device()
     with _deterministic(device, params.num_threads):
         _seed_everything(params.seed)
-        session = _session(params, base_params, base_dir, inputs, dataset_dir, device, world, progress)
+        with phase("load base"):
+            session = _session(params, base_params, base_dir, inputs, dataset_dir, device, world, progress)
         ckpt = _find_checkpoint(checkpoint_dir, inputs.fingerprint, world) if checkpoint_dir is not None else None
-        _plan(session, ckpt, inputs, device, world)
+        with phase("batch size"):
+            _plan(session, ckpt, inputs, device, world)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        state, best, resumed, train_wall, tokens = _run_loop(
-            session, ckpt, device, checkpoint_dir, inputs, world, progress
-        )
+        with phase("steps"):
+            state, best, resumed, train_wall, tokens = _run_loop(
+                session, ckpt, device, checkpoint_dir, inputs, world, progress
+            )
         if session.params.early_stopping_patience is not None and best is not None:
             with torch.no_grad():  # ship the best-validation adapter, not the one that stopped improving
                 for name, p in session.trainable.items():
@@ -301,7 +305,7 @@ def _train(
         "batch": {"rows": session.batch.rows, "how": session.batch.how, "note": session.batch.note},
     }
     if world.main:
-        with io.atomic_dir(out_dir) as tmp:
+        with io.atomic_dir(out_dir) as tmp, phase("save adapter"):
             tmp.chmod(0o755)
             sort_config_sets(session.model)
             session.model.save_pretrained(tmp)

@@ -235,7 +235,7 @@ def test_passkey_prompt_hides_the_key_at_the_depth_asked():
 
 
 def test_the_onnx_export_keeps_parity_past_the_base_context(long_run, tmp_path):
-    from loraline.export.stage import export_onnx
+    from loraline.export.build import export_onnx
 
     _, merged = long_run
     result = export_onnx(model_dir=merged.out_dir, out_dir=tmp_path / "onnx", max_new_tokens=8)

@@ -221,8 +221,9 @@ def test_export_writes_the_merged_qalora_model_as_matmulnbits_and_it_matches_the
     import onnx
     from onnx import numpy_helper
 
+    from loraline.export.build import export_onnx
     from loraline.export.lowbit import weight_key
-    from loraline.export.stage import export_metrics, export_onnx
+    from loraline.export.stage import export_metrics
     from loraline.layout import QALORA_QUANTIZED
     from loraline.modelling.qalora import load_quantized_layers
 
