@@ -1,7 +1,9 @@
 """End to end: a DPO tenant (train.objective dpo) whose raw data are preference pairs built from acme-shop's order
-emails (the rejected answer the same JSON with `urgent` flipped: a wrong field value) goes through the real
-`dvc repro` to a passed gate decided on its pairs; then a DPO run whose reference is a registry version of
-another tenant's SFT adapter (train.preference.reference: acme-shop@v0.0.1), fetched by `loraline train`."""
+emails (the right JSON of a request that is not urgent chosen, the same JSON marked urgent rejected: a wrong field
+value the e2e base prefers on every pair) goes through the real `dvc repro` to a passed gate decided on preference
+accuracy, which rises from the base's to well above it on the held-out pairs; then a DPO run whose reference is a
+registry version of another tenant's SFT adapter (train.preference.reference: acme-shop@v0.0.1), fetched by
+`loraline train`."""
 
 from __future__ import annotations
 
@@ -18,14 +20,13 @@ TENANT = "acme-prefs"
 PAIRS = 600
 # The e2e base (0.1M parameters) learns slowly: a higher rate and beta than a real base wants, and 72 steps.
 TRAIN = {"objective": "dpo", "max_steps": 72, "learning_rate": 0.02, "preference": {"beta": 0.5}}
-# reward_accuracy: the share of held-out pairs whose chosen answer gained on the rejected one from the base (DPO's
-# implicit reward); the base's own is 0, so the relative gain is the share itself. This tiny base does not turn its
-# rankings round (preference_accuracy), which DPO rarely does on any base; the gate decides on what DPO changes.
-GATE = {"primary_metric": "reward_accuracy", "min_gain_over_base": 0.55, "secondary_metric": None}
+# The gate decides on the pairs' ranking: the share of held-out pairs whose chosen answer the model finds likelier.
+GATE = {"primary_metric": "preference_accuracy", "min_gain_over_base": 0.5, "secondary_metric": None}
 
 
 def preference_pairs(raw: Path, limit: int) -> list[dict]:
-    """acme-shop's order emails as pairs: the right JSON chosen, the same JSON with `urgent` flipped rejected."""
+    """acme-shop's order emails that are not urgent as pairs: the right JSON chosen, the same JSON with `urgent: true`
+    rejected (a model that flags everything urgent, corrected by reviewers)."""
     rows: list[dict] = []
     for path in sorted(raw.glob("orders_email_*.jsonl")):
         for line in path.read_bytes().decode("utf-8", "replace").splitlines():
@@ -35,10 +36,11 @@ def preference_pairs(raw: Path, limit: int) -> list[dict]:
                 prompt = f"{row['instruction']}\n\n{row['input']}"
             except (ValueError, KeyError, TypeError):
                 continue  # the sample's deliberately bad rows
-            if not isinstance(answer, dict) or not isinstance(answer.get("urgent"), bool):
+            if not isinstance(answer, dict) or answer.get("urgent") is not False:
                 continue
-            wrong = {**answer, "urgent": not answer["urgent"]}
-            rows.append({"prompt": prompt, "chosen": row["output"], "rejected": json.dumps(wrong)})
+            rows.append(
+                {"prompt": prompt, "chosen": row["output"], "rejected": json.dumps({**answer, "urgent": True})}
+            )
     return rows[:limit]
 
 
@@ -84,9 +86,10 @@ def test_a_dpo_tenant_passes_its_gate_on_its_pairs(project: Path):
     metrics = json.loads((reports / "eval_metrics.json").read_text())
     assert metrics["preference"]["pairs"] == stats["pairs"]["test"]
     base, candidate = metrics["models"]["base"], metrics["models"]["candidate"]
-    assert candidate["reward_accuracy"] >= 0.55 and candidate["reward_margin"] > 0 == base["reward_margin"]
-    assert candidate["logp_margin"] > base["logp_margin"]  # the chosen answers gained on the rejected ones
-    assert 0 <= candidate["preference_accuracy"] <= 1 and 0 <= base["preference_accuracy"] <= 1
+    # the base ranks the wrong answer higher on most pairs; the adapter turns most of them round
+    assert base["preference_accuracy"] < 0.3 and candidate["preference_accuracy"] >= base["preference_accuracy"] + 0.5
+    assert candidate["logp_margin"] > 0 > base["logp_margin"]
+    assert candidate["reward_accuracy"] >= 0.8 and candidate["reward_margin"] > 0 == base["reward_margin"]
     gate = json.loads((reports / "gate.json").read_text())
     assert gate["passed"], gate
     assert "## Preference pairs" in (reports / "evaluation" / "report.md").read_text()
