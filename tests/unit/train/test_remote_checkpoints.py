@@ -249,3 +249,84 @@ def test_without_a_dvc_remote_there_is_no_store(tmp_path):
     assert remote.open_store(remote.Target(tmp_path, "t")) is None  # a DVC repo without a default remote
     assert tiny_train(checkpoint_remote=False).model_dump(mode="json")["checkpoint_remote"] is False
     assert "checkpoint_remote" not in tiny_train().model_dump(mode="json")  # its default changes no dump
+
+
+def test_a_failing_push_warns_with_the_remote_and_step_and_training_goes_on(reference, setup, tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the remote's folder would be\n")
+    project = dvc_project(tmp_path / "project", f"    url = {blocker / 'remote'}\n")
+    with caplog.at_level("WARNING", logger="loraline.train.remote"):
+        res = train_adapter(
+            tiny_train(),
+            out_dir=tmp_path / "out",
+            checkpoint_dir=tmp_path / "ck",
+            checkpoint_remote=remote.Target(project, "t"),
+            **setup.kwargs(),
+        )
+    assert res.adapter_weights.read_bytes() == reference.result.adapter_weights.read_bytes()
+    warnings = [r.getMessage() for r in caplog.records if "was not pushed" in r.getMessage()]
+    assert len(warnings) == 3, warnings  # steps 3, 6 and 9
+    assert warnings[0].startswith(f"checkpoint step 3 was not pushed to DVC remote shared ({blocker / 'remote'})")
+
+
+@pytest.fixture
+def s3_remote(tmp_path, monkeypatch):
+    """(project, boto3 client, bucket): a DVC project whose default remote is s3://<bucket>/project on moto's S3
+    server at 127.0.0.1 (a real S3 API over HTTP, reached through dvc-s3 as any S3 remote is)."""
+    pytest.importorskip("moto.moto_server.threaded_moto_server", reason="moto[server] is not installed (dev extra)")
+    pytest.importorskip("dvc_s3", reason="dvc-s3 is not installed (dev extra): DVC cannot reach S3 remotes")
+    import boto3
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="ckpt")
+        project = dvc_project(
+            tmp_path / "project",
+            f"    url = s3://ckpt/project\n    endpointurl = {endpoint}\n    region = us-east-1\n"
+            "    access_key_id = testing\n    secret_access_key = testing\n",
+        )
+        yield project, s3, "ckpt"
+    finally:
+        server.stop()
+
+
+def s3_keys(s3, bucket: str) -> list[str]:
+    return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", []))
+
+
+def test_an_s3_remote_gets_the_pushes_gives_the_resume_and_is_cleaned(reference, setup, tmp_path, s3_remote):
+    project, s3, bucket = s3_remote
+    target = remote.Target(project, "t")
+    first = train_adapter(
+        tiny_train(),
+        out_dir=tmp_path / "a",
+        checkpoint_dir=tmp_path / "ck-a",
+        checkpoint_remote=target,
+        **setup.kwargs(),
+    )
+    prefix = f"project/{remote.PREFIX}/t/{first.record.fingerprint}"
+    keys = s3_keys(s3, bucket)
+    assert f"{prefix}/step-00000009/{remote.MARKER}" in keys and f"{prefix}/step-00000006/{remote.MARKER}" in keys
+    assert f"{prefix}/step-00000009/optimizer.safetensors" in keys and not any("step-00000003" in k for k in keys)
+
+    resumed = train_adapter(  # another machine: nothing local, the S3 remote's step 9
+        tiny_train(),
+        out_dir=tmp_path / "b",
+        checkpoint_dir=tmp_path / "ck-b",
+        checkpoint_remote=target,
+        **setup.kwargs(),
+    )
+    assert resumed.timing["resumed_from_step"] == 9
+    assert resumed.adapter_weights.read_bytes() == reference.result.adapter_weights.read_bytes()
+
+    remote.open_store(target).remove_all()  # what the stage does once the adapter is written
+    assert s3_keys(s3, bucket) == []
