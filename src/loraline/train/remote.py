@@ -101,6 +101,8 @@ class Store:
         try:
             files = sorted(p.name for p in step_dir.iterdir() if p.is_file())
             hashes = {name: sha256_file(step_dir / name) for name in files}
+            if self.fs.exists(self.fs.join(dest, MARKER)):  # a step trained again: no reader mixes old and new files
+                self.fs.rm_file(self.fs.join(dest, MARKER))
             for name in files:
                 self.fs.put_file(str(step_dir / name), self.fs.join(dest, name))
             with tempfile.TemporaryDirectory(prefix="loraline-marker-") as tmp:  # put_file: whole or not at all
@@ -110,10 +112,9 @@ class Store:
             log.warning("checkpoint step %d was not pushed to DVC remote %s: %s", step, self.remote, exc)
             return False
         log.info("pushed checkpoint step %d to DVC remote %s", step, self.remote)
-        done = sorted(s.step for s in self.steps() if s.fingerprint == fingerprint and s.complete)
-        self._remove(
-            [s for s in self.steps() if s.fingerprint == fingerprint and s.step not in done[-checkpoint.KEEP :]]
-        )
+        ours = [s for s in self.steps() if s.fingerprint == fingerprint]
+        keep = sorted(s.step for s in ours if s.complete)[-checkpoint.KEEP :]
+        self._remove([s for s in ours if s.step not in keep])
         return True
 
     def fetch_newest(self, fingerprint: str, checkpoint_dir: Path, newer_than: int = -1) -> int | None:

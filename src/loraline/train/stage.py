@@ -478,7 +478,9 @@ def _resume(
     return Progress.from_dict(ckpt.state["progress"]), best, ckpt.step
 
 
-def _checkpoint_saver(s: _Session, checkpoint_dir: Path, inputs: _Inputs, world: World, pusher: Any = None):
+def _checkpoint_saver(
+    s: _Session, checkpoint_dir: Path, inputs: _Inputs, world: World, pusher: remote.Pusher | None = None
+):
     """What the loop calls every train.save_every steps: the run's state saved by rank 0 (and pushed to the
     remote, with a pusher: remote.Pusher)."""
 
