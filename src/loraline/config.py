@@ -21,7 +21,7 @@ import copy
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -615,6 +615,13 @@ class TrainParams(_Section):
     )
     eval_every: int = Field(50, ge=1)
     save_every: int = Field(100, ge=1)
+    checkpoint_remote: bool = Field(
+        True,
+        description="Push every checkpoint (save_every) to the project's default DVC remote, under "
+        "loraline-checkpoints/<tenant>/<fingerprint>/, and resume from there when this clone has none: a run "
+        "survives losing its machine (loraline.train.remote). Does nothing without a DVC repo or a default remote. "
+        "It moves checkpoints, not training: left out of train_record.json and the checkpoint fingerprint",
+    )
     early_stopping_patience: int | None = Field(None, ge=1)
     seed: int | None = Field(None, description="Defaults to the top-level seed")
     num_threads: int | None = Field(
@@ -647,13 +654,19 @@ class TrainParams(_Section):
         default_factory=PreferenceParams, description="With objective dpo or orpo: beta, orpo_lambda, reference"
     )
 
+    # Keys that say where the run's checkpoints go, not what it trains: the train stage leaves them out of
+    # train_record.json and the fingerprint (a run resumes whichever way they are set).
+    NOT_RECORDED: ClassVar[frozenset[str]] = frozenset({"checkpoint_remote"})
+
     @model_serializer(mode="wrap")
     def _dump_without_default_objective(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """objective and preference at their defaults are left out of dumps: an SFT run's params dump (in
-        train_record.json and the checkpoint fingerprint) keeps the bytes it had before the keys existed."""
+        """objective, preference and checkpoint_remote at their defaults are left out of dumps: an SFT run's params
+        dump (in train_record.json and the checkpoint fingerprint) keeps the bytes it had before the keys existed."""
         out = handler(self)
         if self.objective == "sft":
             out.pop("objective", None)
+        if self.checkpoint_remote:
+            out.pop("checkpoint_remote", None)
         if self.preference == PreferenceParams():
             out.pop("preference", None)
         return out

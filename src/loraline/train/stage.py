@@ -60,7 +60,7 @@ from loraline.records import (
     TrainPreference,
     TrainRecord,
 )
-from loraline.train import autobatch, checkpoint
+from loraline.train import autobatch, checkpoint, remote
 from loraline.train.distributed import World, barrier, gather, launch, process_group, world_from_env
 from loraline.train.errors import TrainError
 from loraline.train.loop import Progress, Run, train_loop
@@ -162,6 +162,7 @@ def run(
     reports/<tenant>/train/ and the run's timing into reports/timing/train@<tenant>.json."""
     started = time.perf_counter()
     train = _in_project(params.train_for(tenant), layout)
+    target = remote.Target(layout.root, tenant) if checkpoints and train.checkpoint_remote else None
     inputs = {
         "base_dir": base_dir or layout.base_dir,
         "base_params": params.base,
@@ -172,6 +173,7 @@ def run(
         train,
         out_dir=layout.adapter_dir(tenant),
         checkpoint_dir=layout.checkpoint_dir(tenant) if checkpoints else None,
+        checkpoint_remote=target,
         **inputs,
     )
     metrics = train_metrics(result.record)
@@ -191,8 +193,12 @@ def run(
     timing = {k: v for k, v in result.timing.items() if k != "wall_s"}  # run_timing times the whole stage
     io.write_timing(layout.timing_path("train", tenant), run_timing(started, **timing))
     # Checkpoints exist to resume a run that was stopped; once the adapter is written they repeat it
-    # (with the optimizer's state, about 3x its size: 480 MB at 8B), per tenant, so they go.
+    # (with the optimizer's state, about 3x its size: 480 MB at 8B), per tenant, so they go; on the shared
+    # remote too, every run's of this tenant: the one this adapter finished and any older one's.
     shutil.rmtree(layout.checkpoint_dir(tenant), ignore_errors=True)
+    store = remote.open_store(target)
+    if store is not None:
+        store.remove_all()
     return result
 
 
@@ -204,11 +210,14 @@ def train_adapter(
     dataset_dir: Path,
     out_dir: Path,
     checkpoint_dir: Path | None = None,
+    checkpoint_remote: remote.Target | None = None,
     progress: bool = False,
 ) -> TrainResult:
     """Train one LoRA adapter into `out_dir` (replaced atomically). `params.seed` must be set
     (Params.train_for fills in the top-level seed). With `checkpoint_dir`, checkpoints are written
-    every params.save_every steps and a matching checkpoint found there is resumed from.
+    every params.save_every steps and a matching checkpoint found there is resumed from. With
+    `checkpoint_remote` too (a project with a default DVC remote), each is also pushed there, and a run that
+    finds none of its own locally resumes from the remote's newest (train.remote).
 
     With `params.devices` > 1 this launches that many data-parallel processes (torchrun; one per
     GPU, or gloo processes on CPU) and returns what rank 0 wrote; see train.distributed."""
@@ -226,13 +235,17 @@ def train_adapter(
     world = world_from_env()
     autobatch.check_auto_allowed(params.batch_size, params.devices, params.sharding, pick_device())
     if params.devices > 1 and not world.distributed:
-        return _launch(params, base_dir, base_params, dataset_dir, out_dir, checkpoint_dir, progress)
+        return _launch(
+            params, base_dir, base_params, dataset_dir, out_dir, checkpoint_dir, checkpoint_remote, progress
+        )
     if world.distributed and world.size != params.devices:
         raise TrainError(
             f"train.devices is {params.devices} but {world.size} processes were launched; they must match"
         )
     with process_group(world, use_cuda=pick_device().type == "cuda", single=params.sharding == "fsdp"):
-        return _train(params, world, base_dir, base_params, dataset_dir, out_dir, checkpoint_dir, progress)
+        return _train(
+            params, world, base_dir, base_params, dataset_dir, out_dir, checkpoint_dir, checkpoint_remote, progress
+        )
 
 
 def _launch(
@@ -242,6 +255,7 @@ def _launch(
     dataset_dir: Path,
     out_dir: Path,
     checkpoint_dir: Path | None,
+    checkpoint_remote: remote.Target | None,
     progress: bool,
 ) -> TrainResult:
     use_cuda = pick_device().type == "cuda"
@@ -258,6 +272,7 @@ def _launch(
         "dataset_dir": str(dataset_dir),
         "out_dir": str(out_dir),
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir is not None else None,
+        "checkpoint_remote": checkpoint_remote.to_dict() if checkpoint_remote is not None else None,
         "progress": progress,
     }
     result = launch(spec, params.devices, use_cuda)
@@ -272,6 +287,7 @@ def _train(
     dataset_dir: Path,
     out_dir: Path,
     checkpoint_dir: Path | None,
+    checkpoint_remote: remote.Target | None,
     progress: bool,
 ) -> TrainResult:
     started = time.perf_counter()
@@ -282,14 +298,19 @@ def _train(
         _seed_everything(params.seed)
         with phase("load base"):
             session = _session(params, base_params, base_dir, inputs, dataset_dir, device, world, progress)
-        ckpt = _find_checkpoint(checkpoint_dir, inputs.fingerprint, world) if checkpoint_dir is not None else None
+        # rank 0 alone talks to the remote: it fetches a checkpoint for all ranks and pushes what it saves
+        store = remote.open_store(checkpoint_remote) if world.main and checkpoint_dir is not None else None
+        ckpt = (
+            _find_checkpoint(checkpoint_dir, inputs.fingerprint, world, store) if checkpoint_dir is not None else None
+        )
+        pusher = remote.Pusher(store, inputs.fingerprint) if store is not None else None
         with phase("batch size"):
             _plan(session, ckpt, inputs, device, world)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with phase("steps"):
             state, best, resumed, train_wall, tokens = _run_loop(
-                session, ckpt, device, checkpoint_dir, inputs, world, progress
+                session, ckpt, device, checkpoint_dir, inputs, world, progress, pusher
             )
         if session.params.early_stopping_patience is not None and best is not None:
             with torch.no_grad():  # ship the best-validation adapter, not the one that stopped improving
@@ -406,9 +427,11 @@ def _run_loop(
     inputs: _Inputs,
     world: World,
     progress: bool,
+    pusher: remote.Pusher | None = None,
 ) -> tuple[Progress, Any, int | None, float, int]:
     """The training loop from the start or from `ckpt`: (progress, best weights, step resumed from, seconds
-    in the loop, tokens this process trained on)."""
+    in the loop, tokens this process trained on). With `pusher`, each checkpoint is also pushed to the
+    remote, off this thread; the loop returns once the last push is done (or failed)."""
     state, best, start_step = _resume(s, ckpt, checkpoint_dir, world)
     splits = inputs.splits
     run = Run(
@@ -428,14 +451,14 @@ def _run_loop(
         objective=s.objective,
     )
     wall, tokens_before = time.perf_counter(), state.tokens_seen
-    state, best = train_loop(
-        run,
-        state,
-        start_step=start_step,
-        best=best,
-        save_checkpoint=_checkpoint_saver(s, checkpoint_dir, inputs, world) if checkpoint_dir is not None else None,
-        show_progress=progress and world.main,
-    )
+    saver = _checkpoint_saver(s, checkpoint_dir, inputs, world, pusher) if checkpoint_dir is not None else None
+    try:
+        state, best = train_loop(
+            run, state, start_step=start_step, best=best, save_checkpoint=saver, show_progress=progress and world.main
+        )
+    finally:
+        if pusher is not None:
+            pusher.wait()
     resumed = start_step if ckpt is not None else None
     return state, best, resumed, time.perf_counter() - wall, state.tokens_seen - tokens_before
 
@@ -455,13 +478,16 @@ def _resume(
     return Progress.from_dict(ckpt.state["progress"]), best, ckpt.step
 
 
-def _checkpoint_saver(s: _Session, checkpoint_dir: Path, inputs: _Inputs, world: World):
-    """What the loop calls every train.save_every steps: the run's state saved by rank 0."""
+def _checkpoint_saver(
+    s: _Session, checkpoint_dir: Path, inputs: _Inputs, world: World, pusher: remote.Pusher | None = None
+):
+    """What the loop calls every train.save_every steps: the run's state saved by rank 0 (and pushed to the
+    remote, with a pusher: remote.Pusher)."""
 
     def save_checkpoint(step: int, prog: Progress, best_now: dict[str, torch.Tensor] | None) -> None:
         rng = gather(checkpoint.capture_rng_state(), world)  # every rank's dropout stream
         if world.main:  # the weights and optimizer state are the same on every rank
-            checkpoint.save(
+            saved = checkpoint.save(
                 checkpoint_dir,
                 step=step,
                 fingerprint=inputs.fingerprint,
@@ -475,6 +501,8 @@ def _checkpoint_saver(s: _Session, checkpoint_dir: Path, inputs: _Inputs, world:
                 batch=s.batch.to_dict(),
                 objective=s.objective.state(),
             )
+            if pusher is not None:
+                pusher.submit(saved)
         barrier(world)
 
     return save_checkpoint
@@ -496,7 +524,8 @@ def _record(
     steps_done = state.history[-1]["step"] if state.history else 0
     shipped_best = params.early_stopping_patience is not None and best is not None
     return TrainRecord(
-        params={**params.model_dump(mode="json"), "batch_size": s.batch.requested},  # as asked; `batch`: what ran
+        # as asked (`batch`: what ran); not where checkpoints go (TrainParams.NOT_RECORDED)
+        params={**params.model_dump(mode="json", exclude=TrainParams.NOT_RECORDED), "batch_size": s.batch.requested},
         batch=s.batch.to_dict(),
         seed=params.seed,
         fingerprint=inputs.fingerprint,
@@ -605,9 +634,17 @@ def _probe_batch(
     return choice
 
 
-def _find_checkpoint(checkpoint_dir: Path, fingerprint: str, world: World) -> checkpoint.Checkpoint | None:
-    """Rank 0 looks first (it removes other runs' checkpoints); the others look once it is done."""
+def _find_checkpoint(
+    checkpoint_dir: Path, fingerprint: str, world: World, store: remote.Store | None = None
+) -> checkpoint.Checkpoint | None:
+    """Rank 0 looks first (it removes other runs' checkpoints, here and on the remote, and fetches this run's
+    newest from the remote when it is newer than any here: another machine got further); the others look once
+    it is done."""
     found = checkpoint.find_resumable(checkpoint_dir, fingerprint) if world.main else None
+    if store is not None:
+        store.remove_other_runs(fingerprint)
+        if store.fetch_newest(fingerprint, checkpoint_dir, newer_than=found.step if found else -1) is not None:
+            found = checkpoint.find_resumable(checkpoint_dir, fingerprint)
     barrier(world)
     return found if world.main else checkpoint.find_resumable(checkpoint_dir, fingerprint)
 
@@ -664,7 +701,7 @@ def _load_base(
 
 def _fingerprint(params: TrainParams, data_hash: str, base_hash: str, reference_hash: str | None = None) -> str:
     payload = {
-        "params": params.model_dump(mode="json"),
+        "params": params.model_dump(mode="json", exclude=TrainParams.NOT_RECORDED),  # a run resumes either way
         "data": data_hash,
         "base": base_hash,
         "format": checkpoint.FORMAT,

@@ -14,6 +14,7 @@ from pathlib import Path
 from loraline import io
 from loraline.config import BaseParams, TrainParams
 from loraline.train.distributed import world_from_env
+from loraline.train.remote import Target
 from loraline.train.stage import train_adapter
 
 
@@ -37,6 +38,7 @@ def _train(spec: dict) -> int:
         dataset_dir=Path(spec["dataset_dir"]),
         out_dir=Path(spec["out_dir"]),
         checkpoint_dir=Path(spec["checkpoint_dir"]) if spec.get("checkpoint_dir") else None,
+        checkpoint_remote=Target.from_dict(spec.get("checkpoint_remote")),
         progress=spec.get("progress", False),
     )
     if world_from_env().main:
