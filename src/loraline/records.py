@@ -222,6 +222,7 @@ class BaseRecord(Record):
     architecture: str | None = None
     model_type: str | None = None
     vocab_size: int | None = None
+    tokenizer_class: str | None = None  # local/hub: the class AutoTokenizer resolved (modelling.loading reuses it)
     parameters: int | None = None
     seed: int | None = None
     chat_template_source: str | None = None

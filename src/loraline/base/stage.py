@@ -24,6 +24,7 @@ import os
 import re
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,19 +132,28 @@ def _inspect_local(path: Path, params: BaseParams) -> BaseRecord:
         raise ConfigError(f"base.model: {path} has no config.json; is it a Hugging Face model folder?")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"base.model: {path} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
-    with phase("config and tokenizer"):
-        record = BaseRecord(source="local", model_ref=str(path), revision=None, **_describe(str(path), params, {}))
-    # Hash what is there (not copied: the record pins the content, so a changed folder is detectable).
+    # Hash what is there (not copied: the record pins the content, so a changed folder is detectable). The
+    # hashing (reads and hashlib, which let go of the GIL) runs beside the import of transformers and the tokenizer
+    # load: at 8B, 15 GB of shards take about as long as those imports.
     files = [
         p
         for p in sorted(path.rglob("*"))
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
     ]
-    with phase("hash files"):
-        hashes = sha256_files(files)
+    with ThreadPoolExecutor(1) as pool:
+        hashing = pool.submit(_timed_hashes, files)
+        with phase("config and tokenizer"):
+            described = _describe(str(path), params, {})
+        hashes = hashing.result()
+    record = BaseRecord(source="local", model_ref=str(path), revision=None, **described)
     record.files = dict(zip((p.relative_to(path).as_posix() for p in files), hashes, strict=True))
     record.parameters = _safetensors_parameters(path)
     return record
+
+
+def _timed_hashes(files: list[Path]) -> list[str]:
+    with phase("hash files"):
+        return sha256_files(files)
 
 
 def _inspect_hub(ref: str, params: BaseParams) -> BaseRecord:
@@ -202,6 +212,7 @@ def _describe(ref: str, params: BaseParams, kwargs: dict[str, Any]) -> dict[str,
         "architecture": (getattr(config, "architectures", None) or [config.__class__.__name__])[0],
         "model_type": getattr(config, "model_type", None),
         "vocab_size": len(tok),
+        "tokenizer_class": type(tok).__name__,
         "chat_template_source": source,
         "chat_template_sha256": _sha(template),
     }

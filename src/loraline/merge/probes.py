@@ -128,9 +128,11 @@ def probe_set(
     return ProbeSet(probes, draw, len(test), skipped)
 
 
-def run_probe_set(model: Any, tok: Any, probes: ProbeSet, max_new_tokens: int) -> ProbeOutputs:
-    """parity.run_probes on every probe of the set, batched as ProbeSet.batches says for the model's device."""
-    parts = [run_probes(model, tok, prompts, max_new_tokens, size) for prompts, size in probes.batches(model.device)]
+def run_probe_set(model: Any, tok: Any, probes: ProbeSet, max_new_tokens: int, logits: bool = True) -> ProbeOutputs:
+    """parity.run_probes on every probe of the set, batched as ProbeSet.batches says for the model's device
+    (`logits` False: the generations alone)."""
+    batches = probes.batches(model.device)
+    parts = [run_probes(model, tok, prompts, max_new_tokens, size, logits) for prompts, size in batches]
     return ProbeOutputs(
         [x for p in parts for x in p.logits], [x for p in parts for x in p.greedy], [x for p in parts for x in p.texts]
     )

@@ -177,8 +177,8 @@ def merge_adapter(
         base = load_base_causal_lm(m.base_dir, where, load_dtype, config_overrides=variants.config_overrides())
         model = variants.attach(base, adapter_dir)
     model.eval()
-    with phase("generate (unmerged)"):
-        unmerged = run_probe_set(model, tok, drawn, max_new_tokens)
+    with phase("generate (unmerged)"):  # without merged, the reference answers alone: no logits to compare
+        unmerged = run_probe_set(model, tok, drawn, max_new_tokens, logits=merged)
     if not merged:
         del model, base
         _release(where)

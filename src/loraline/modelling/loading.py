@@ -17,6 +17,8 @@ from loraline.layout import BASE_RECORD, TOKENIZER_STAMP
 from loraline.records import BaseRecord
 
 RECORD = BASE_RECORD
+# transformers 5's class for a tokenizer.json of its own (PreTrainedTokenizerFast is its alias there)
+GENERIC_TOKENIZER = "TokenizersBackend"
 
 
 def base_record(base_dir: Path) -> BaseRecord:
@@ -61,15 +63,35 @@ def chat_template(tok: Any, params: BaseParams) -> tuple[str, str]:
 
 def load_base_tokenizer(base_dir: Path, params: BaseParams):
     """The base's tokenizer, always with a chat template and a pad token."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(resolve_base_model_path(base_dir), **base_load_kwargs(base_dir))
+    tok = _tokenizer(base_dir)
     template, _ = chat_template(tok, params)
     tok.chat_template = template
     if tok.pad_token is None:
         # Batching needs a pad id; padded positions are masked, so which token it is does not matter.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _tokenizer(base_dir: Path) -> Any:
+    """AutoTokenizer's tokenizer of the base. Which class AutoTokenizer picks follows rules of transformers' own that
+    change between versions, and asking it imports transformers' auto classes and torch with them: 6-9 s of every
+    stage's start on a GPU machine, and all of the time prepare spends loading a tokenizer. So where the base stage
+    recorded that AutoTokenizer picked the generic tokenizers-backed class for this very folder (a local base, no
+    remote code) under this very transformers version, that class is loaded directly: what AutoTokenizer would
+    return, without the imports. Anything else goes through AutoTokenizer."""
+    record = base_record(base_dir)
+    path, kwargs = resolve_base_model_path(base_dir), base_load_kwargs(base_dir)
+    if record.source == "local" and not kwargs and record.tokenizer_class == GENERIC_TOKENIZER:
+        from importlib.metadata import version
+
+        if (record.library_versions or {}).get("transformers") == version("transformers"):
+            from transformers import PreTrainedTokenizerFast
+
+            if PreTrainedTokenizerFast.__name__ == GENERIC_TOKENIZER:
+                return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
 def tokenizer_hash(tokenizer: Any) -> str:

@@ -88,13 +88,19 @@ class ProbeOutputs:
 
 @torch.no_grad()
 def run_probes(
-    model: Any, tok: Any, inputs: list[list[int]], max_new_tokens: int, batch_size: int | None = None
+    model: Any,
+    tok: Any,
+    inputs: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int | None = None,
+    logits: bool = True,
 ) -> ProbeOutputs:
     """Prompt logits and greedy generations of a PyTorch model on every probe. `batch_size` None: one
     probe at a time on the CPU (the numbers CPU runs always had, and the same bytes in the reports),
-    CUDA_PROBE_BATCH at once, left-padded, on CUDA."""
+    CUDA_PROBE_BATCH at once, left-padded, on CUDA. `logits` False: the generations alone (no logits to
+    compare with: a prompt's [tokens x vocab] float32 logits are about 100 MB at a 128k vocabulary)."""
     size = probe_batch_size(model.device) if batch_size is None else batch_size
-    logits = prompt_logits(model, inputs, tok.pad_token_id, size)
+    logits = prompt_logits(model, inputs, tok.pad_token_id, size) if logits else []
     greedy = greedy_tokens(model, inputs, max_new_tokens, tok.pad_token_id, tok.eos_token_id, size)
     return ProbeOutputs(logits, greedy, [tok.decode(g, skip_special_tokens=True) for g in greedy])
 

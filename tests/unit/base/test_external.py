@@ -120,3 +120,56 @@ def test_hub_id_in_local_cache_is_inspected(built, tmp_path, monkeypatch):
     rec = result.record
     assert rec.cached is True and rec.architecture == "LlamaForCausalLM"
     assert rec.parameters == source.record.parameters and rec.chat_template_source == "model"
+
+
+def test_a_local_base_s_tokenizer_loads_as_autotokenizer_would_without_its_imports(built, tmp_path):
+    """The base stage records the class AutoTokenizer picked; later stages load that class directly when it is the
+    generic one, with the same result (vocabulary, specials, template, ids) and no torch in the process."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from loraline.modelling.loading import tokenizer_hash
+
+    _, source = built
+    params = BaseParams(model=str(source.out_dir))
+    result = build_base(params, seed=1, raw_dirs=[], out_dir=tmp_path / "base")
+    assert result.record.tokenizer_class == "TokenizersBackend"
+    direct, auto = load_base_tokenizer(result.out_dir, params), AutoTokenizer.from_pretrained(source.out_dir)
+    auto.pad_token = auto.pad_token or auto.eos_token
+    assert type(direct) is type(auto) and tokenizer_hash(direct) == tokenizer_hash(auto)
+    assert (direct.pad_token_id, direct.eos_token_id, direct.bos_token_id, len(direct)) == (
+        auto.pad_token_id,
+        auto.eos_token_id,
+        auto.bos_token_id,
+        len(auto),
+    )
+    chat = [{"role": "user", "content": "Où est ma commande #4411?"}, {"role": "assistant", "content": '{"a": 1}'}]
+    assert direct.apply_chat_template(chat, tokenize=True) == auto.apply_chat_template(chat, tokenize=True)
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom loraline.config import BaseParams\n"
+        "from loraline.modelling.loading import load_base_tokenizer\n"
+        f"load_base_tokenizer(Path({str(result.out_dir)!r}), BaseParams(model={str(source.out_dir)!r}))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_base_recorded_under_another_transformers_loads_through_autotokenizer(built, tmp_path, monkeypatch):
+    _, source = built
+    params = BaseParams(model=str(source.out_dir))
+    result = build_base(params, seed=1, raw_dirs=[], out_dir=tmp_path / "base")
+    record = json.loads((result.out_dir / "base_record.json").read_text())
+    record["library_versions"]["transformers"] = "0.0.1"
+    (result.out_dir / "base_record.json").write_text(json.dumps(record))
+    import transformers
+
+    calls = []
+    original = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: calls.append(a) or original(*a, **k)
+    )
+    load_base_tokenizer(result.out_dir, params)
+    assert calls, "a record from another transformers version must not pick the class itself"
