@@ -5,7 +5,7 @@ the DVC default remote that carries the data and the training checkpoints betwee
 
 Both per-tenant deployments are triggered together; each worker takes one (`--limit 1`). globex-it is
 retrained (`force`), and its worker (process tree and all: what losing a machine leaves) is SIGKILLed once a
-checkpoint is on S3. The automations in flows/automations.yaml mark the silent run Crashed and schedule it
+checkpoint is on S3. The automations in flows/automations.yaml mark the silent run Lost and schedule it
 again; the other worker runs it, training resumes from the pushed step, and the adapter is byte-identical to
 the built project's uninterrupted one. At the end the registry remote holds exactly one version and one
 promotion per artifact, and a third clone gets exactly the production artifacts from it and from S3.
@@ -29,6 +29,7 @@ import httpx
 import pytest
 import yaml
 from e2e_project import REPO, _env, copy_project
+from e2e_serve import events, free_port, served, serving_python
 
 from loraline.tools import tool
 
@@ -39,14 +40,7 @@ RETRAINED = "globex-it"  # retrained on one machine, which is lost mid-training
 SECRET = "e2e-secret-never-committed"  # the S3 secret key: in the workers' environment only
 BUCKET = "loraline"
 HEARTBEAT_S, SILENT_S = 30, 60  # flow-run heartbeat (Prefect's minimum) and how long a silent run lives
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+POLL_S = 1  # the serving replica's serve.poll_seconds
 
 
 def run(env: dict, *cmd: str, cwd: Path, timeout: float = 600) -> str:
@@ -85,7 +79,9 @@ def s3_server() -> Iterator[tuple[str, object]]:
 
 
 @contextlib.contextmanager
-def prefect_server(env: dict) -> Iterator[None]:
+def prefect_server(env: dict) -> Iterator[subprocess.Popen]:
+    """`prefect server start` on a free port (PREFECT_API_URL set in `env`); it starts while the caller goes on
+    (wait_until_up before using it)."""
     port = free_port()
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     server = subprocess.Popen(
@@ -96,19 +92,22 @@ def prefect_server(env: dict) -> Iterator[None]:
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(env["PREFECT_API_URL"] + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("prefect server did not start") from None
-                time.sleep(1)
-        yield
+        yield server
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def wait_until_up(server: subprocess.Popen, env: dict) -> None:
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(env["PREFECT_API_URL"] + "/health", timeout=2):
+                return
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError("prefect server did not start") from None
+            time.sleep(1)
 
 
 def machine_env(tmp: Path) -> dict:
@@ -147,10 +146,22 @@ def publish_origin(built: Path, tmp: Path, env: dict, endpoint: str) -> Path:
 
 def new_machine(bare: Path, dest: Path, env: dict) -> Path:
     """A machine joining: `git clone` of origin, `dvc pull` from S3."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    run(env, "git", "clone", "-q", str(bare), str(dest), cwd=dest.parent)
-    run(env, "dvc", "pull", cwd=dest)
-    return dest
+    return new_machines(bare, [dest], env)[0]
+
+
+def new_machines(bare: Path, dests: list[Path], env: dict) -> list[Path]:
+    """Machines joining at once: each a `git clone` of origin and a `dvc pull` from S3 (the pulls side by side)."""
+    for dest in dests:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        run(env, "git", "clone", "-q", str(bare), str(dest), cwd=dest.parent)
+    pulls = [
+        subprocess.Popen([tool("dvc"), "pull"], cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for d in dests
+    ]
+    for dest, pull in zip(dests, pulls, strict=True):
+        out = pull.communicate(timeout=600)[0].decode(errors="replace")
+        assert pull.returncode == 0, f"dvc pull in {dest} failed:\n{out[-3000:]}"
+    return dests
 
 
 def start_worker(clone: Path, env: dict, name: str) -> subprocess.Popen:
@@ -258,14 +269,19 @@ def remote_tags(bare: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, built):
-    """Everything set up, both deployments triggered and run to the end, the first machine lost midway."""
+def cluster(request, tmp_path_factory, built):
+    """Everything set up, both deployments triggered and run to the end, the first machine lost midway; with
+    the serving test selected, a serving replica on a machine of its own follows the registry meanwhile."""
     tmp = tmp_path_factory.mktemp("two-machines")
     env = machine_env(tmp)
-    with s3_server() as (endpoint, s3), prefect_server(env):
+    with_replica = any(i.get_closest_marker("serve") and i.module is request.module for i in request.session.items)
+    with s3_server() as (endpoint, s3), prefect_server(env) as server, contextlib.ExitStack() as stack:
         bare = publish_origin(built.project, tmp, env, endpoint)
-        a = new_machine(bare, tmp / "a" / "project", env)
-        b = new_machine(bare, tmp / "b" / "project", env)
+        a, b = new_machines(bare, [tmp / "a" / "project", tmp / "b" / "project"], env)
+        replica = (
+            stack.enter_context(serving_replica(bare, tmp / "replica" / "project", env)) if with_replica else None
+        )
+        wait_until_up(server, env)
         run(env, "prefect", "--no-prompt", "work-pool", "create", "loraline", "--type", "process", cwd=a)
         # PWD unset: prefect.yaml's pull step keeps `{{ $PWD }}`, which each worker resolves to its own clone
         run(env, "prefect", "--no-prompt", "deploy", "--all", cwd=a)
@@ -305,7 +321,40 @@ def cluster(tmp_path_factory, built):
             "wall_s": wall_s,
             "history": {t: state_history(env, r) for t, r in runs.items()},
             "final": {t: flow_run(env, r) for t, r in runs.items()},
+            "replica": replica,
         }
+
+
+@contextlib.contextmanager
+def serving_replica(bare: Path, dest: Path, env: dict) -> Iterator[dict]:
+    """`loraline serve` on a machine of its own (a clone with orchestrate.registry_remote: origin, as
+    committed), started before any promotion: it follows the registry remote alone (serve.port is not the
+    one the flows notify, so nothing but its own polling tells it)."""
+    project = new_machine(bare, dest, env)
+    url_port = free_port()
+    overrides = {
+        "serve.port": url_port,
+        "serve.engine_port": free_port(),
+        "serve.poll_seconds": POLL_S,
+        "serve.max_model_len": 256,
+        "serve.max_lora_rank": 8,  # nothing in production at its start: the tiny adapters' rank, not the fallback
+    }
+    cmd = [tool("loraline"), "serve", "--python", serving_python()]
+    cmd += [x for k, v in overrides.items() for x in ("--set", f"{k}={v}")]
+    log = dest.parent / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield {"project": project, "url": f"http://127.0.0.1:{url_port}", "proc": proc, "log": log}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
 
 
 def trigger(env: dict, cwd: Path, tenant: str, force: bool = False) -> str:
@@ -337,8 +386,10 @@ def test_the_lost_run_is_retried_on_the_other_worker_and_resumes(cluster, built)
     lost, final = cluster["lost"], cluster["final"][RETRAINED]
     assert final["state"]["type"] == "COMPLETED", (cluster["history"], cluster["logs"])
     history = cluster["history"][RETRAINED]
-    assert "Crashed" in history and history[-1] == "Completed", history
-    assert history.index("Crashed") < len(history) - 1 and "AwaitingRetry" in history, history
+    lost_at = history.index("Lost")  # marked by the first automation, then scheduled again by the second
+    assert history[lost_at - 1 : lost_at + 2] == ["Running", "Lost", "AwaitingRetry"], history
+    assert history[-1] == "Completed" and history.count("Running") == 2, history
+    assert final["run_count"] == 2  # one start each side of the loss, within orchestrate.crash_retries
     other = "b" if lost["worker"] == "a" else "a"
     clone = cluster["clones"][other]
     log = (clone.parent / f"worker-{other}.log").read_text()
@@ -383,3 +434,29 @@ def test_no_secret_reaches_git(cluster):
         ["git", "show", "main:.dvc/config"], cwd=bare, capture_output=True, text=True, check=True
     ).stdout
     assert "endpointurl" in config and "secret" not in config.lower() and "access_key" not in config
+
+
+@pytest.mark.serve
+def test_a_serving_replica_elsewhere_follows_a_promotion_made_by_a_worker(cluster):
+    replica = cluster["replica"]
+    assert replica is not None
+    wait_for(
+        "the replica to serve every tenant's production version",
+        lambda: _served_or_none(replica["url"]) == dict.fromkeys(TENANTS, "v0.0.1"),
+        timeout_s=600,
+        every_s=1,
+        logs=[replica["log"]],
+    )
+    assert replica["proc"].poll() is None
+    [loaded] = [e for e in events(replica["project"]) if e["event"] == "served" and e["tenant"] == RETRAINED]
+    assert loaded["version"] == "v0.0.1" and loaded["check"]["agreement"] == 1.0  # its deployment check passed
+    # promoted by a worker minutes after the replica started: seen at its next poll plus a `git fetch`
+    assert loaded["since_promotion_s"] - loaded["swap_s"] < POLL_S + 20, loaded
+    assert served(replica["url"], None) == dict.fromkeys(TENANTS, "v0.0.1")
+
+
+def _served_or_none(url: str) -> dict | None:
+    try:
+        return served(url, None)
+    except httpx.HTTPError:
+        return None
