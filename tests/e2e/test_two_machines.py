@@ -394,10 +394,14 @@ def test_the_lost_run_is_retried_on_the_other_worker_and_resumes(cluster, built)
     clone = cluster["clones"][other]
     log = (clone.parent / f"worker-{other}.log").read_text()
     assert cluster["runs"][RETRAINED] in log, "the surviving worker ran the retried flow run"
-    timing = json.loads((clone / "reports" / "timing" / f"train@{RETRAINED}.json").read_text())
-    assert timing["resumed_from_step"] is not None and timing["resumed_from_step"] >= lost["first_seen"][0]
     weights = f"models/adapters/{RETRAINED}/adapter_model.safetensors"
-    assert (clone / weights).read_bytes() == (built.project / weights).read_bytes()  # as if never interrupted
+    assert not (cluster["clones"][lost["worker"]] / weights).exists()  # the lost machine never finished
+    timing = json.loads((clone / "reports" / "timing" / f"train@{RETRAINED}.json").read_text())
+    assert timing["resumed_from_step"] == lost["pushed"], (timing, lost)  # the newest step on S3 at the loss
+    # byte for byte the adapter of the built project's run, which was never interrupted
+    reference = json.loads((built.project / "reports" / "timing" / f"train@{RETRAINED}.json").read_text())
+    assert reference["resumed_from_step"] is None
+    assert (clone / weights).read_bytes() == (built.project / weights).read_bytes()
     assert pushed_steps(cluster["s3"], RETRAINED) == []  # the adapter is written: its checkpoints are gone
 
 
