@@ -58,3 +58,21 @@ def test_the_automations_are_valid_and_cover_every_deployment_of_prefect_yaml():
     assert silent.trigger.match_related == lost.trigger.match_related  # both about loraline's runs only
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     assert all(tag in d["tags"] for d in deployments), [d["name"] for d in deployments if tag not in d["tags"]]
+
+
+@pytest.mark.slow
+def test_a_flow_runs_first_start_counts_one_outside_a_flow_too(monkeypatch):
+    """Through Prefect's own engine (a temporary API server): the server's run_count, this start included."""
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from loraline.flows.pipeline import _run_count
+
+    @flow
+    def starts() -> int:
+        return _run_count()
+
+    assert _run_count() == 1  # no flow run: `loraline run --no-prefect` and plain calls
+    with prefect_test_harness(server_startup_timeout=120):
+        assert starts() == 1
