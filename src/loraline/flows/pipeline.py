@@ -207,10 +207,10 @@ def pipeline(
 
 
 def refuse_a_crash_loop(run_count: int, crash_retries: int) -> None:
-    """A flow run whose worker or machine was lost is marked Crashed and scheduled again by the automations in
-    flows/automations.yaml, for any worker; each time it starts counts (Prefect's run_count). Past
-    1 + crash_retries starts it fails here, before any stage: a Failed run is not scheduled again, so a run
-    that crashes every time (killed for memory, say) does not loop forever."""
+    """A flow run whose worker or machine was lost is marked Crashed (Lost) and scheduled again by the
+    automations in flows/automations.yaml, for any worker; each time it starts counts (Prefect's run_count).
+    Past 1 + crash_retries starts it fails here, before any stage: a Failed run is not scheduled again, so a
+    run that takes its machine down every time (its memory, say) does not loop forever."""
     if run_count > 1 + crash_retries:
         raise RuntimeError(
             f"this flow run has started {run_count} times: it crashed (its worker or machine lost) "
