@@ -1139,6 +1139,13 @@ class OrchestrateParams(_Section):
         description="Git remote the registry's tags are fetched from before each release and pushed to after "
         "it, so flow runs on several machines (work-pool workers) share one registry (null: tags stay in this clone)",
     )
+    crash_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Times a flow run that crashed (its worker or machine lost) runs again once "
+        "flows/automations.yaml's automations schedule it again; the run after that fails at its start",
+    )
 
 
 class CanaryParams(_Section):

@@ -174,6 +174,7 @@ def pipeline(
     started = time.perf_counter()
     project_dir = str(Path(project_dir).resolve())
     params = load_params(Path(project_dir) / "params.yaml")
+    refuse_a_crash_loop(_run_count(), params.orchestrate.crash_retries)
     chosen = tenants or params.tenant_names
     for name in chosen:
         params.tenant_params(name)  # unknown tenants fail here, before anything runs
@@ -203,6 +204,31 @@ def pipeline(
         "stages_ran": [s for s, did in ran.items() if did],
         "releases": {t: asdict(r) for t, r in releases.items()},
     }
+
+
+def refuse_a_crash_loop(run_count: int, crash_retries: int) -> None:
+    """A flow run whose worker or machine was lost is marked Crashed (Lost) and scheduled again by the
+    automations in flows/automations.yaml, for any worker; each time it starts counts (Prefect's run_count).
+    Past 1 + crash_retries starts it fails here, before any stage: a Failed run is not scheduled again, so a
+    run that takes its machine down every time (its memory, say) does not loop forever."""
+    if run_count > 1 + crash_retries:
+        raise RuntimeError(
+            f"this flow run has started {run_count} times: it crashed (its worker or machine lost) "
+            f"{run_count - 1} times and was scheduled again, more than orchestrate.crash_retries ({crash_retries}); "
+            "find why in its earlier runs' logs, then start a new run"
+        )
+
+
+def _run_count() -> int:
+    """How many times this flow run has started, this time included (the server's count; 1 outside a
+    deployment's or an embedded run's flow run)."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return 1
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).run_count
 
 
 def _tenant_chains(
