@@ -32,8 +32,9 @@ and the serving poll (serve/versions.py `production_versions` over every tenant)
 training, acme-shop alone), `dvc push` to a local remote, then one raw row appended and the pipeline
 again: the remote's bytes per tenant version (the first, and what a second version adds), by output.
 
-Each measurement has a time limit (`--timeout`, default 150 s): a measurement past it is a row with
-`timeout: true` and the limit as its figure, never a crash.
+Each measurement has a time limit (`--timeout`, default 90 s): a measurement past it is a row with
+`timeout: true` and the limit as its figure, never a crash; one that timed out at a smaller size is not run at
+the larger ones (the same row, with `skipped: true`).
 
     python bench/scale_tenants.py --tenants 10 --tenants 100 --tenants 1000 \\
         --tags 10 --tags 100 --tags 1000 --tags 10000 --tags 100000 --remote \\
@@ -91,7 +92,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--tenants", type=int, action="append", help="generated tenants in a project, repeatable")
     ap.add_argument("--tags", type=int, action="append", help="GTO tags in a registry, repeatable")
     ap.add_argument("--remote", action="store_true", help="also run one tiny tenant for real (a few minutes)")
-    ap.add_argument("--timeout", type=float, default=150.0, help="seconds one measurement may take")
+    ap.add_argument("--timeout", type=float, default=90.0, help="seconds one measurement may take")
     ap.add_argument("--root", type=Path, default=Path("/tmp/scale_tenants"), help="working folder")
     ap.add_argument("--out", type=Path, default=None, help="jsonl file the rows are appended to")
     args = ap.parse_args(argv)
@@ -139,13 +140,25 @@ class Bench:
             ],
         }
         for op, cmd in commands.items():
-            self.record(dict(kind="op", section="tenants", n=n, op=op, **timed_process(cmd, project, self.limit)))
-        for row in run_child(["planning", str(project)], project, self.limit):
-            self.record(dict(kind="op", section="tenants", n=n, **row))
+            if not self.skipped("tenants", op, n):
+                self.record(dict(kind="op", section="tenants", n=n, op=op, **timed_process(cmd, project, self.limit)))
+        for op in PLANNING:
+            if not self.skipped("tenants", op, n):
+                for row in run_child(["planning", str(project), op], project, self.limit):
+                    self.record(dict(kind="op", section="tenants", n=n, **row))
 
     @property
     def limit(self) -> float:
         return self.args.timeout
+
+    def skipped(self, section: str, op: str, size: int, **facts: Any) -> bool:
+        """An operation that timed out at a smaller size is not run again (it only grows): recorded as a timeout."""
+        key = "n" if section == "tenants" else "tags"
+        if not any(r.get("timeout") and r["section"] == section and r.get("op") == op for r in self.rows):
+            return False
+        row = dict(kind="op", section=section, op=op, wall_s=self.limit, timeout=True, skipped=True, **facts)
+        self.record({**row, key: size})
+        return True
 
     # -- registry ---------------------------------------------------------------------------------
 
@@ -163,9 +176,9 @@ class Bench:
             )
         )
         for op in ("gto show", "registry list", "registry show", "release+promote", "serving poll"):
-            rows = run_child(["registry", str(repo), op], repo, self.limit)
-            for row in rows:
-                self.record(dict(kind="op", section="registry", tags=tags, tenants=tenants, **row))
+            if not self.skipped("registry", op, tags, tenants=tenants):
+                for row in run_child(["registry", str(repo), op], repo, self.limit):
+                    self.record(dict(kind="op", section="registry", tags=tags, tenants=tenants, **row))
 
     # -- remote -----------------------------------------------------------------------------------
 
@@ -281,8 +294,7 @@ def run_child(argv: list[str], cwd: Path, limit: float) -> list[dict[str, Any]]:
         done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired as exc:
         rows = [json.loads(line) for line in (exc.stdout or b"").decode().splitlines() if line.startswith("{")]
-        op = argv[-1] if argv[0] == "registry" else "planning (the rest)"
-        return [*rows, dict(op=op, wall_s=round(limit, 1), timeout=True)]
+        return [*rows, dict(op=argv[-1], wall_s=round(limit, 1), timeout=True)]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode:
         rows.append(dict(op=argv[-1], rc=done.returncode, error=done.stderr[-2000:]))
@@ -301,26 +313,30 @@ def _emit(op: str, started: float, **extra: Any) -> None:
     print(json.dumps(dict(op=op, wall_s=round(time.perf_counter() - started, 3), **extra)), flush=True)
 
 
-def child_planning(project: str) -> None:
-    """What `loraline run` does before its first stage (cli/main.py cmd_run), piece by piece."""
+# What `loraline run` does before its first stage (cli/main.py cmd_run and _every_stage_up_to_date), one child each.
+PLANNING = ("load_params", "check_cache(incremental)", "plan_stages", "plan_stages + dvc_status")
+
+
+def child_planning(project: str, op: str) -> None:
     from loraline.config import load_params
     from loraline.flows.cache import check_cache
     from loraline.flows.orchestrate import plan_stages
     from loraline.registry.consistency import dvc_status
 
     root = Path(project)
-    started = time.perf_counter()
     params = load_params(root / "params.yaml")
-    _emit("load_params", started)
     started = time.perf_counter()
-    check_cache(root, incremental=True)
-    _emit("check_cache(incremental)", started)
-    started = time.perf_counter()
-    plan = plan_stages(root, params.tenant_names)
-    _emit("plan_stages", started, stages=len(plan.all))
-    started = time.perf_counter()
-    stale, checked = dvc_status(root, plan.all)
-    _emit("dvc_status(planned stages)", started, stale=len(stale), checked=len(checked))
+    if op == "load_params":
+        load_params(root / "params.yaml")
+        _emit(op, started)
+    elif op == "check_cache(incremental)":
+        check = check_cache(root, incremental=True)
+        _emit(op, started, missing=check.missing)
+    elif op == "plan_stages":
+        _emit(op, started, stages=len(plan_stages(root, params.tenant_names).all))
+    else:  # _every_stage_up_to_date: its own plan, then DVC's status of the planned stages
+        stale, checked = dvc_status(root, plan_stages(root, params.tenant_names).all)
+        _emit(op, started, stale=len(stale), stages=len(checked))
 
 
 @contextlib.contextmanager
@@ -359,7 +375,7 @@ def child_registry(repo: str, op: str) -> None:
             extra = _release_one(registry, "t0000", _snapshot(root))
         else:
             tenants = sorted({name.rsplit("-", 1)[0] for name in registry.artifacts()})
-            started = time.perf_counter()  # the tenants come from params.yaml in serving, not the registry
+            reads[0], started = 0, time.perf_counter()  # serving's tenants come from params.yaml, not the registry
             extra = {"served": len(production_versions(root, tenants))}
         seconds = time.perf_counter() - started
     print(json.dumps(dict(op=op, wall_s=round(seconds, 3), registry_reads=reads[0], **extra)), flush=True)
