@@ -460,7 +460,7 @@ def remote_sizes(root: Path, limit: float) -> Iterator[dict[str, Any]]:
             raw.write_bytes(raw.read_bytes() + json.dumps(row).encode() + b"\n")
         run = timed_process([dvc, "repro"], project, limit)
         push = timed_process([dvc, "push"], project, limit)
-        files = _remote_files(root / ".dvc-remote")
+        files = _remote_files(project / ".dvc-remote")  # .dvc/config: url ../.dvc-remote, from .dvc/
         added = {p: s for p, s in files.items() if p not in before}
         yield dict(
             op=f"tenant version {version}",
@@ -478,7 +478,7 @@ def remote_sizes(root: Path, limit: float) -> Iterator[dict[str, Any]]:
 def _bytes_by_output(project: Path, added: dict[str, int]) -> dict[str, int]:
     """The added remote bytes attributed to dvc.lock's outputs (a file shared by two outputs counts once)."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    remote = project.parent / ".dvc-remote"
+    remote = project / ".dvc-remote"
     out, seen = {}, set()
     for entry in lock.values():
         for o in entry.get("outs") or []:
