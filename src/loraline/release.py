@@ -189,12 +189,27 @@ def release_tenant(
     evaluate: ProductionEvaluator = evaluate_production,
 ) -> ReleaseResult:
     """Register the tenant's current outputs (once per adapter content) and promote them when the gate allows."""
-    from loraline.gate.decision import to_json
     from loraline.registry.gto_registry import GtoRegistry
 
     root = Path(root)
     layout, registry = Layout(root), registry or GtoRegistry(root)
     gate = _releasable_gate(root, params, layout, tenant)
+    with registry.reading():  # reads between writes share one read of every tag (35 reads -> 18 per release)
+        return _release_tenant(root, params, layout, tenant, registry, gate, promote, evaluate)
+
+
+def _release_tenant(
+    root: Path,
+    params: Params,
+    layout: Layout,
+    tenant: str,
+    registry: Registry,
+    gate: dict[str, Any],
+    promote: bool,
+    evaluate: ProductionEvaluator,
+) -> ReleaseResult:
+    from loraline.gate.decision import to_json
+
     names = list(artifact_paths(tenant, params))  # the onnx artifact only when deploy.targets builds it
     version, registered_new = _register(root, params, tenant, registry, gate)
     current = {n: registry.production(n) for n in names}

@@ -90,6 +90,9 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
             with shared_registry(Path.cwd(), _registry_remote()):
                 return command(registry, args)
+        if args.registry_command in ("list", "show"):  # only reads: one read of every tag for all of them
+            with registry.reading():
+                return command(registry, args)
         return command(registry, args)
     except RegistryError as exc:
         print(f"loraline registry {args.registry_command}: error: {exc}", file=sys.stderr)

@@ -119,3 +119,8 @@ class Registry(Protocol):
     def transaction(self) -> AbstractContextManager[None]:
         """Hold off every other writer, so that several promotions decided together land together."""
         ...
+
+    def reading(self) -> AbstractContextManager[None]:
+        """Reads inside may share one read of the whole registry; a write inside, or a transaction starting, drops
+        it. For a backend whose every read costs the same as reading everything (GTO's tags)."""
+        ...

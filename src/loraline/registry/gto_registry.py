@@ -10,6 +10,11 @@ created once, not that a promotion was decided against the production it replace
 assignments by the tag's time, which has one-second resolution, so a promotion waits for the next
 second after the artifact's latest assignment; otherwise two tags of the same second would make
 "which version is production" ambiguous to GTO and DVC.
+
+Every GTO read builds the whole registry's state from every tag, whichever artifact is asked for (about
+1 ms a tag on 2 CPU cores, bench/scale_tenants.py): inside `reading()` the reads share one such read, so
+a loop over tenants (the serving poll, `loraline registry list`) costs one read, not one per tenant and
+call. A write inside drops it, so later reads see the write.
 """
 
 from __future__ import annotations
@@ -72,10 +77,34 @@ class GtoRegistry:
         ensure_git_identity(self.root)
         self._lock_fd: int | None = None
         self._depth = 0
+        self._reading = 0
+        self._shared: dict[str, list[dict[str, Any]]] | None = None  # events by artifact, read once inside reading()
 
     # -- reading ------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Reads inside share one read of the whole registry (see the module docstring); re-entrant."""
+        self._reading += 1
+        try:
+            yield
+        finally:
+            self._reading -= 1
+            if not self._reading:
+                self._shared = None
+
     def _events(self, name: str) -> list[dict[str, Any]]:
+        if not self._reading:
+            return self._read_events(name)
+        if self._shared is None:
+            shared: dict[str, list[dict[str, Any]]] = {}
+            for event in self._read_events(None):  # oldest first; grouping keeps each artifact's order
+                shared.setdefault(event["artifact"], []).append(event)
+            self._shared = shared
+        return list(self._shared.get(name, []))
+
+    def _read_events(self, name: str | None) -> list[dict[str, Any]]:
+        """GTO's events of `name` (None: of every artifact), oldest first, as `gto history` lists them."""
         from gto import api
         from gto.exceptions import ArtifactNotFound, GTOException
 
@@ -84,7 +113,7 @@ class GtoRegistry:
         except ArtifactNotFound:
             return []
         except GTOException as exc:
-            raise RegistryError(f"{name}: cannot read the registry: {exc}") from exc
+            raise RegistryError(f"{name or 'registry'}: cannot read the registry: {exc}") from exc
 
     def versions(self, name: str) -> list[Version]:
         found = {
@@ -143,6 +172,7 @@ class GtoRegistry:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._lock_fd, self._depth = fd, 1
+            self._shared = None  # another process may have written before the lock was ours
             yield
         finally:
             self._lock_fd, self._depth = None, 0
@@ -167,6 +197,8 @@ class GtoRegistry:
                 )
             except GTOException as exc:
                 raise RegistryError(f"cannot register {name} {version} at {commit[:12]}: {exc}") from exc
+            finally:
+                self._shared = None
         return self.version(name, version)
 
     def promote(
@@ -214,6 +246,8 @@ class GtoRegistry:
             api.assign(str(self.root), name, PROD, version=version, message=message, force=True)
         except GTOException as exc:
             raise RegistryError(f"cannot promote {name} {version}: {exc}") from exc
+        finally:
+            self._shared = None
         made = self.history(name)[-1]
         if made.version != version:  # pragma: no cover - would mean a writer bypassed the lock
             raise RegistryError(f"{name}: assigned {version} but production reads {made.version}")

@@ -75,19 +75,20 @@ def production_versions(root: Path, tenants: list[str], canary: bool = False) ->
 
     registry = GtoRegistry(root)
     out = {}
-    for tenant in tenants:
-        name = tenant + ADAPTER_SUFFIX
-        history = registry.history(name)
-        if not history:
-            continue
-        latest = history[-1]
-        stable = None
-        if canary and is_provisional(latest.message) and read_decision(root, name, latest.number) is None:
-            before = previous_production(history)  # what a rollback would restore
-            stable = (before, registry.version(name, before).commit) if before else None
-        out[tenant] = Production(
-            latest.version, registry.version(name, latest.version).commit, latest.created_at, latest.number, stable
-        )
+    with registry.reading():  # one read of every tag for all tenants, not two per tenant (a read costs ~1 ms a tag)
+        for tenant in tenants:
+            name = tenant + ADAPTER_SUFFIX
+            history = registry.history(name)
+            if not history:
+                continue
+            latest = history[-1]
+            stable = None
+            if canary and is_provisional(latest.message) and read_decision(root, name, latest.number) is None:
+                before = previous_production(history)  # what a rollback would restore
+                stable = (before, registry.version(name, before).commit) if before else None
+            out[tenant] = Production(
+                latest.version, registry.version(name, latest.version).commit, latest.created_at, latest.number, stable
+            )
     return out
 
 

@@ -29,6 +29,32 @@ def test_plan_follows_dvc_graph_of_the_repository():
     assert not any("globex" in s for s in both.per_tenant["acme-shop"])
 
 
+def _plan_by_descendants(root: Path, tenants: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The plan from nx.descendants of each stage, as plan_stages computed it before its loops were made linear."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph
+        by_name = {stage.name: stage for stage in graph.nodes}
+        position = {stage: i for i, stage in enumerate(repo.index.stages)}
+        order = [s.name for s in nx.lexicographical_topological_sort(graph.reverse(), key=position.__getitem__)]
+        owner = {n: n.partition("@")[2] or None for n in by_name}
+        wanted = {n for n in by_name if owner[n] in tenants}
+        needed = set(wanted).union(*({s.name for s in nx.descendants(graph, by_name[n])} for n in wanted))
+        shared = needed - wanted
+        shared |= set().union(*({s.name for s in nx.descendants(graph, by_name[n])} for n in list(shared)))
+    per_tenant = {t: [n for n in order if n in wanted - shared and owner[n] == t] for t in tenants}
+    return [n for n in order if n in shared], per_tenant
+
+
+@pytest.mark.parametrize("tenants", [["acme-shop"], ["globex-it", "acme-shop"]])
+def test_plan_is_the_descendants_plan(tenants):
+    plan = plan_stages(REPO, tenants)
+    assert (plan.shared, plan.per_tenant) == _plan_by_descendants(REPO, tenants)
+    assert list(plan.per_tenant) == tenants
+
+
 def test_plan_rejects_unknown_tenant():
     with pytest.raises(ValueError, match="no stages for tenant.*nobody"):
         plan_stages(REPO, ["nobody"])

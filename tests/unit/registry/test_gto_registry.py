@@ -108,3 +108,66 @@ def test_any_skips_the_check(two_commits):
     reg.register("a", c1, {"k": 1})
     assert reg.promote("a", "v0.0.1", expected_current=ANY).version == "v0.0.1"
     assert json.loads(json.dumps(reg.production("a").lineage)) == {"k": 1}
+
+
+def _count_reads(monkeypatch) -> list[str | None]:
+    """The artifacts GTO was asked for, one entry per read of every tag (api.history reads them all each call)."""
+    from gto import api
+
+    asked: list[str | None] = []
+    real = api.history
+
+    def counted(repo, artifact=None, **kwargs):
+        asked.append(artifact)
+        return real(repo, artifact, **kwargs)
+
+    monkeypatch.setattr(api, "history", counted)
+    return asked
+
+
+def test_reading_answers_every_artifact_from_one_read_and_sees_its_own_writes(two_commits, monkeypatch):
+    repo, c1, c2 = two_commits
+    reg = GtoRegistry(repo)
+    for tenant in ("t1", "t2", "t3"):
+        for name in (f"{tenant}-adapter", f"{tenant}-onnx"):
+            reg.register(name, c1, {"tenant": tenant})
+            reg.register(name, c2, {"tenant": tenant})
+    reg.promote("t1-adapter", "v0.0.1")
+    reg.promote("t1-adapter", "v0.0.2")
+    reg.promote("t2-onnx", "v0.0.1")
+    names = [f"{t}-{k}" for t in ("t1", "t2", "t3", "t9") for k in ("adapter", "onnx")]  # t9: never registered
+
+    def everything():
+        return [(reg.versions(n), reg.history(n), reg.production(n), reg.latest(n)) for n in names]
+
+    asked = _count_reads(monkeypatch)
+    apart = everything()
+    assert len(asked) == 4 * len(names) + 2  # per name: versions, history, production, latest; +1 per production
+    asked.clear()
+    with reg.reading():
+        together = everything()
+        assert asked == [None]  # one read of the whole registry
+        reg.promote("t3-adapter", "v0.0.2")  # a write inside: the next read sees it
+        assert reg.production("t3-adapter").version == "v0.0.2"
+    assert together == apart
+    assert [a.version for a in reg.history("t3-adapter")] == ["v0.0.2"]
+    assert reg._shared is None  # nothing kept after the block
+
+
+def test_serving_poll_reads_the_registry_once_for_every_tenant(two_commits, monkeypatch):
+    from loraline.serve.versions import production_versions
+
+    repo, c1, c2 = two_commits
+    reg = GtoRegistry(repo)
+    for tenant in ("t1", "t2", "t3"):
+        reg.register(f"{tenant}-adapter", c1, {})
+        reg.register(f"{tenant}-adapter", c2, {})
+        reg.promote(f"{tenant}-adapter", "v0.0.2" if tenant == "t2" else "v0.0.1")
+    asked = _count_reads(monkeypatch)
+    served = production_versions(repo, ["t1", "t2", "t3", "t4"])
+    assert asked == [None]
+    assert {t: (p.version, p.commit, p.number) for t, p in served.items()} == {
+        "t1": ("v0.0.1", c1, 1),
+        "t2": ("v0.0.2", c2, 1),
+        "t3": ("v0.0.1", c1, 1),
+    }
