@@ -173,7 +173,9 @@ def run_timing(started: float, **measured: Any) -> dict[str, Any]:
     stage's own measurements (`measured`), the seconds of each `phase` that began after `started`, and
     the git commit."""
     finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-    phases = phases_since(started)
+    # [name, seconds] pairs rather than a mapping: `dvc metrics show` leaves lists out, and a column per phase of
+    # every stage would bury the dozen numbers people compare there.
+    phases = [[name, seconds] for name, seconds in phases_since(started).items()]
     return {
         "wall_s": round(time.perf_counter() - started, 2),
         "finished_at": finished,
