@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -113,3 +115,17 @@ def make_tiny_project(dest: Path) -> Path:
     sh("git", "add", "-A", cwd=dest)
     sh("git", "commit", "-qm", "fixture", cwd=dest)
     return dest
+
+
+def wait_for_prefect(server: subprocess.Popen, api_url: str, timeout_s: float = 120) -> None:
+    """Until the Prefect server started as `server` answers /health at `api_url` (RuntimeError if it exits or
+    does not within `timeout_s`)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(api_url + "/health", timeout=2):
+                return
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError("prefect server did not start") from None
+            time.sleep(1)

@@ -10,11 +10,10 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from e2e_project import copy_project
+from e2e_project import copy_project, wait_for_prefect
 
 from loraline.tools import tool, tool_env
 
@@ -50,15 +49,7 @@ def env(tmp_path_factory):
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(env["PREFECT_API_URL"] + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("prefect server did not start") from None
-                time.sleep(1)
+        wait_for_prefect(server, env["PREFECT_API_URL"])
         yield env
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -22,14 +22,13 @@ import secrets
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from e2e_project import REPO, _env, copy_project
+from e2e_project import REPO, _env, copy_project, wait_for_prefect
 from e2e_serve import events, free_port, served, serving_python
 
 from loraline.tools import tool
@@ -99,18 +98,6 @@ def prefect_server(env: dict) -> Iterator[subprocess.Popen]:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
-
-
-def wait_until_up(server: subprocess.Popen, env: dict) -> None:
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(env["PREFECT_API_URL"] + "/health", timeout=2):
-                return
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                raise RuntimeError("prefect server did not start") from None
-            time.sleep(1)
 
 
 def machine_env(tmp: Path) -> dict:
@@ -284,7 +271,7 @@ def cluster(request, tmp_path_factory, built):
         replica = (
             stack.enter_context(serving_replica(bare, tmp / "replica" / "project", env)) if with_replica else None
         )
-        wait_until_up(server, env)
+        wait_for_prefect(server, env["PREFECT_API_URL"])
         run(env, "prefect", "--no-prompt", "work-pool", "create", "loraline", "--type", "process", cwd=a)
         # PWD unset: prefect.yaml's pull step keeps `{{ $PWD }}`, which each worker resolves to its own clone
         run(env, "prefect", "--no-prompt", "deploy", "--all", cwd=a)
