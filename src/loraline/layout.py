@@ -12,6 +12,8 @@ from pathlib import Path
 STAGES = ("documents", "synthesize", "base", "prepare", "train", "merge", "export", "evaluate", "gate")
 SHARED_STAGES = ("base",)
 TENANT_STAGES = tuple(s for s in STAGES if s not in SHARED_STAGES)
+# The tenant stages the shared base is built from (its dvc.yaml dep: data/documents, every tenant's).
+BASE_INPUT_STAGES = ("documents",)
 
 # Files inside stage outputs that another stage (or the registry) reads.
 BASE_RECORD = "base_record.json"
@@ -55,9 +57,32 @@ def stage_id(stage: str, tenant: str | None = None) -> str:
     return stage if stage in SHARED_STAGES or tenant is None else f"{stage}@{tenant}"
 
 
+# The DVC files: the root dvc.yaml holds the shared stages, the registry's artifacts and the timing metrics;
+# each tenant's stages live in their own pipelines/<tenant>/dvc.yaml (and DVC writes its dvc.lock beside it),
+# rendered from TENANT_TEMPLATE by `loraline pipelines`. One lock per tenant keeps what a stage run reads and
+# rewrites the same size whatever the number of tenants: with one dvc.lock for all, every DVC process parsed
+# 31 KB a tenant of it, 155 s a process at 1,000 tenants (docs/benchmarks.md, "Scaling").
+PIPELINES_DIR = "pipelines"
+TENANT_TEMPLATE = f"{PIPELINES_DIR}/tenant.yaml"
+ROOT_DVC_FILES = ("dvc.yaml", "dvc.lock")
+
+
+def tenant_dvc_file(tenant: str, name: str = "dvc.yaml") -> str:
+    """A tenant's dvc.yaml (or, with name="dvc.lock", its lock), relative to the project root."""
+    return f"{PIPELINES_DIR}/{tenant}/{name}"
+
+
+def dvc_target(name: str) -> str:
+    """How DVC's command line addresses a stage id from the project root: `base`, or
+    `pipelines/acme-shop/dvc.yaml:train@acme-shop` (a tenant's stages are in the tenant's own dvc.yaml)."""
+    stage, tenant = split_stage_id(name)
+    return name if tenant is None else f"{tenant_dvc_file(tenant)}:{name}"
+
+
 def split_stage_id(name: str) -> tuple[str, str | None]:
-    """(stage, tenant) of a DVC stage name: `train@acme-shop` -> ("train", "acme-shop"), `base` -> ("base", None)."""
-    stage, sep, tenant = name.partition("@")
+    """(stage, tenant) of a DVC stage name: `train@acme-shop` -> ("train", "acme-shop"), `base` -> ("base", None);
+    a DVC address (`pipelines/acme-shop/dvc.yaml:train@acme-shop`) gives the same."""
+    stage, sep, tenant = name.rpartition(":")[2].partition("@")
     return stage, tenant if sep else None
 
 

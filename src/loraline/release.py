@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from loraline import io
 from loraline.config import JudgeParams, Params
 from loraline.gate.stage import read_parity
-from loraline.layout import Layout, stage_id
+from loraline.layout import Layout, dvc_target, stage_id
 from loraline.registry.base import PromotionConflict, Registry, ReleaseRefused, Version
 from loraline.registry.canary import provisional
 from loraline.registry.consistency import check_releasable, evidence_problems
@@ -127,7 +127,7 @@ def judge_production(
     if [r["id"] for r in rows] != ids:
         raise ReleaseRefused(
             f"{path} holds other test rows than production was measured on: "
-            f"run the evaluate stage again (dvc repro {stage_id('evaluate', tenant)})"
+            f"run the evaluate stage again (dvc repro {dvc_target(stage_id('evaluate', tenant))})"
         )
     against = JG.Opponent("production", {"version": production.version, "commit": production.commit})
     pairs = JG.pairings(rows, against.role, judge.max_rows, answers)
@@ -152,7 +152,8 @@ def _register(root: Path, params: Params, tenant: str, registry: Registry, gate:
     and a consistent lineage (a release run again), else a new one over a fresh snapshot."""
     names = list(artifact_paths(tenant, params))
     latest = registry.latest(names[0])
-    if latest is not None and _same_candidate(latest, tenant_outputs(read_lock(root), tenant), gate_summary(gate)):
+    outputs = tenant_outputs(read_lock(root, [tenant]), tenant)
+    if latest is not None and _same_candidate(latest, outputs, gate_summary(gate)):
         for name in names[1:]:  # an interrupted earlier release may have registered the adapter only
             if all(v.version != latest.version for v in registry.versions(name)):
                 registry.register(name, latest.commit, latest.lineage, version=latest.version)
@@ -161,6 +162,7 @@ def _register(root: Path, params: Params, tenant: str, registry: Registry, gate:
         root,
         f"loraline release {tenant}: the dvc.lock, params and data of this version",
         extra=_raw_dirs(root, params),
+        tenant=tenant,
     )
     lineage = tenant_lineage(root, params, tenant, snapshot=snapshot)
     version = _next_version(registry, names)
@@ -254,11 +256,11 @@ def _releasable_gate(root: Path, params: Params, layout: Layout, tenant: str) ->
     if not layout.gate_path(tenant).exists():
         raise ReleaseRefused(
             f"{layout.gate_path(tenant)} does not exist: run the gate stage first "
-            f"(dvc repro {stage_id('gate', tenant)})"
+            f"(dvc repro {dvc_target(stage_id('gate', tenant))})"
         )
     gate = json.loads(layout.gate_path(tenant).read_text())
     adapter = Layout().relative(Layout().adapter_dir(tenant))
-    adapter_md5 = locked_out(read_lock(root), stage_id("train", tenant), adapter)
+    adapter_md5 = locked_out(read_lock(root, [tenant]), stage_id("train", tenant), adapter)
     if adapter_md5 is None:
         raise ReleaseRefused(f"dvc.lock records no {adapter}: run the pipeline (dvc repro) first")
     check_releasable(root, tenant)

@@ -15,11 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraline.layout import STAGES, TENANT_STAGES, Layout
+from loraline.layout import STAGES, TENANT_STAGES, TENANT_TEMPLATE, Layout
 from loraline.provenance import import_closure as closure
 
 ROOT = Path(__file__).resolve().parents[2]
-DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# The shared stages from dvc.yaml, each tenant's from the template every tenant's dvc.yaml is rendered from.
+DVC_YAML = {
+    **yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"],
+    **yaml.safe_load((ROOT / TENANT_TEMPLATE).read_text())["stages"],
+}
 
 
 def stage_deps(stage: str) -> list[str]:
@@ -68,7 +72,7 @@ def test_the_closure_finds_lazy_imports_and_fails_on_a_missing_dep():
     assert any(not covered(p, deps) for p in closure("loraline.merge.stage"))
 
 
-TENANT = "${key}"  # how dvc.yaml's foreach stages spell the tenant
+TENANT = "<tenant>"  # how the tenants' stage template spells the tenant
 LAYOUT = Layout()
 
 

@@ -20,6 +20,7 @@ from loraline.cli.feedback import add_feedback_parser
 from loraline.cli.registry import add_registry_parser
 from loraline.cli.serve import add_serve_parser
 from loraline.config import ConfigError, Params, load_params
+from loraline.dvcfiles import lock_paths, pipeline_problems, sync_pipelines
 from loraline.flows.orchestrate import WorkspaceBusy, workspace_lock
 from loraline.layout import EXPORT_REPORT, Layout, stage_id
 from loraline.records import ExportReport
@@ -73,7 +74,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     params = _load(args)
     from loraline.registry.lineage import check_artifacts_declared
 
-    check_artifacts_declared(Path(args.params).parent, params, if_present=True)
+    root = Path(args.params).resolve().parent
+    check_artifacts_declared(root, params, if_present=True)
+    if (root / "dvc.yaml").is_file():
+        problems = pipeline_problems(root, params.tenant_names)
+        if problems:
+            raise ConfigError("the tenants' dvc.yaml files are out of date:\n  " + "\n  ".join(problems))
     print(f"{args.params}: valid")
     print(f"  base: {params.base.model or 'built offline (base.build)'}")
     for name in params.tenant_names:
@@ -92,9 +98,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     return _check_dvc_cache(Path(args.params).resolve().parent)
 
 
+def cmd_pipelines(args: argparse.Namespace) -> int:
+    """Render pipelines/tenant.yaml into each tenant's pipelines/<tenant>/dvc.yaml (see loraline.dvcfiles)."""
+    params = _load(args)
+    root = Path(args.params).resolve().parent
+    change = sync_pipelines(root, params.tenant_names, dry_run=args.check)
+    print(change.describe())
+    return 1 if args.check and (change.written or change.removed) else 0
+
+
 def _check_dvc_cache(root: Path) -> int:
     """Re-hash the cache files dvc.lock's outputs point at (when the project has run): 1 when one is corrupted."""
-    if not ((root / "dvc.lock").is_file() and (root / ".dvc").is_dir()):
+    if not (lock_paths(root) and (root / ".dvc").is_dir()):
         return 0
     from loraline.flows.cache import QUARANTINE, check_cache
 
@@ -351,6 +366,9 @@ def _run_holding_the_workspace(args: argparse.Namespace, params: Params, tenants
 
         error = tenant_failures(run_direct(params, Layout(), tenants, progress=not args.quiet)) or None
     else:
+        change = sync_pipelines(Path.cwd(), params.tenant_names)  # params.yaml's tenants, each with its dvc.yaml
+        if change.written or change.removed:
+            print(change.describe(), flush=True)
         _repair_dvc_cache(Path.cwd())
         if not args.force and _every_stage_up_to_date(tenants):
             error = _release_without_stages(args, params, tenants)
@@ -371,7 +389,7 @@ def _repair_dvc_cache(root: Path) -> None:
     files changed since they were last verified are re-hashed (`loraline check` re-hashes all)."""
     from loraline.flows.cache import check_cache, repair
 
-    if not (root / "dvc.lock").is_file():
+    if not lock_paths(root):
         return
     check = check_cache(root, incremental=True)
     print(check.summary(), flush=True)
@@ -489,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("check", parents=[common], help="validate params.yaml and show each tenant's resolved settings")
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser(
+        "pipelines",
+        parents=[common],
+        help="write each tenant's pipelines/<tenant>/dvc.yaml from pipelines/tenant.yaml (after adding a tenant)",
+    )
+    p.add_argument("--check", action="store_true", help="only say what would change; exit 1 if anything would")
+    p.set_defaults(func=cmd_pipelines)
     _add_data_commands(sub, common, tenant)
     _add_model_commands(sub, common, tenant)
     add_registry_parser(sub)

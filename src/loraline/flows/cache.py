@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraline import io
-from loraline.registry.consistency import read_lock
+from loraline.dvcfiles import lock_paths, read_lock
 
 __all__ = ["CacheCheck", "CorruptFile", "QUARANTINE", "VERIFIED", "check_cache", "repair"]
 
@@ -104,8 +104,7 @@ def check_cache(root: str | Path, *, incremental: bool = False) -> CacheCheck:
     Either way VERIFIED is rewritten to record the files found intact now."""
     root = Path(root).resolve()
     started = time.perf_counter()
-    lock = root / "dvc.lock"
-    if not lock.is_file():
+    if not lock_paths(root):
         return CacheCheck(root, incremental=incremental)
     locate = _cache_locator(root)
     state = _Scan(root, _read_verified(root) if incremental else {})

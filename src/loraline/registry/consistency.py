@@ -20,9 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from loraline.layout import SHARED_STAGES, TENANT_STAGES, stage_id
+from loraline.dvcfiles import read_lock
+from loraline.layout import SHARED_STAGES, TENANT_STAGES, dvc_target, split_stage_id, stage_id, tenant_dvc_file
 from loraline.registry.base import RegistryError, ReleaseRefused, StaleRelease, Version
 
 
@@ -33,10 +32,12 @@ def check_releasable(root: str | Path, tenant: str) -> None:
     stale, checked = dvc_status(root, tenant_stages(tenant))
     if not checked:
         raise ReleaseRefused(
-            f"{tenant}: {Path(root) / 'dvc.yaml'} defines none of {', '.join(tenant_stages(tenant))}, "
-            "so DVC cannot say whether its outputs are up to date: is this the project's root?"
+            f"{tenant}: {Path(root) / tenant_dvc_file(tenant)} defines none of {', '.join(tenant_stages(tenant))}, "
+            "so DVC cannot say whether its outputs are up to date: is this the project's root (and has "
+            "`loraline pipelines` written the tenant's dvc.yaml)?"
         )
-    fix = f"dvc repro {next((s for s in reversed(tenant_stages(tenant)) if s in checked), stage_id('gate', tenant))}"
+    last = next((s for s in reversed(tenant_stages(tenant)) if s in checked), stage_id("gate", tenant))
+    fix = f"dvc repro {dvc_target(last)}"
     if stale:
         details = "; ".join(f"{name} ({_describe(changes)})" for name, changes in stale.items())
         raise StaleRelease(
@@ -46,7 +47,7 @@ def check_releasable(root: str | Path, tenant: str) -> None:
             tenant,
             tuple(stale),
         )
-    problems = evidence_problems(lock_stages(read_lock(root), tenant_stages(tenant)))
+    problems = evidence_problems(lock_stages(read_lock(root, [tenant]), tenant_stages(tenant)))
     if problems:  # DVC's status was clean, so a stage dvc.yaml no longer defines left its record behind
         raise ReleaseRefused(
             f"{tenant}: not released, dvc.lock's records disagree: {'; '.join(problems)}. Re-run the stages "
@@ -55,34 +56,33 @@ def check_releasable(root: str | Path, tenant: str) -> None:
         )
 
 
-def read_lock(root: str | Path) -> dict[str, Any]:
-    """dvc.lock's `stages` ({} when there is no dvc.lock)."""
-    path = Path(root) / "dvc.lock"
-    if not path.exists():
-        return {}
-    return (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
-
-
 def tenant_stages(tenant: str) -> list[str]:
     """The shared stages the tenant's outputs depend on, then the tenant's own stages in pipeline order."""
     return [*SHARED_STAGES, *(stage_id(s, tenant) for s in TENANT_STAGES)]
 
 
 def dvc_status(root: str | Path, wanted: list[str]) -> tuple[dict[str, list[Any]], list[str]]:
-    """({stale stage: DVC's changes}, the stages of `wanted` that dvc.yaml defines), through DVC's status API.
+    """({stale stage: DVC's changes}, the stages of `wanted` that the dvc.yaml files define), through DVC's
+    status API.
 
-    What `repo.status(targets=...)` answers, stage by stage in `wanted`'s order, from one parse of dvc.yaml and
-    dvc.lock: given targets, DVC collects each one by parsing both files again (0.8 s a target at 10 tenants, the
-    whole lock each time: a run's check of 81 stages took 67 s instead of 3 s; bench/scale_tenants.py)."""
+    What `repo.status(targets=...)` answers, stage by stage in `wanted`'s order, reading only the dvc.yaml (and
+    dvc.lock) files that hold `wanted`, each once: given targets, DVC collects each one by parsing its files
+    again, and the repository's whole index parses every tenant's (bench/scale_tenants.py)."""
+    from dvc.dvcfile import load_file
     from dvc.exceptions import DvcException
     from dvc.repo import Repo, lock_repo
 
     root = Path(root).resolve()
+    files = dict.fromkeys(dvc_file_of(name) for name in wanted)
     try:
         with Repo(str(root), _wait_for_lock=True) as repo:  # a stage of another flow run may hold the lock
-            with lock_repo(repo):  # as repo.status holds it: the index is read under the lock
-                dvc_yaml = root / "dvc.yaml"  # (a stage's `addressing` is relative to the process's cwd)
-                known = {stage.name: stage for stage in repo.index.stages if Path(stage.path) == dvc_yaml}
+            with lock_repo(repo):  # as repo.status holds it: the files are read under the lock
+                known = {}
+                for path in files:
+                    if (root / path).is_file():
+                        known.update(
+                            {stage.name: stage for stage in load_file(repo, str(root / path)).stages.values()}
+                        )
                 checked = [name for name in wanted if name in known]
                 found: dict[str, list[Any]] = {}
                 for name in checked:
@@ -90,6 +90,12 @@ def dvc_status(root: str | Path, wanted: list[str]) -> tuple[dict[str, list[Any]
     except DvcException as exc:
         raise RegistryError(f"cannot read DVC's status of {', '.join(wanted)} in {root}: {exc}") from exc
     return {key.rpartition(":")[2]: changes for key, changes in found.items()}, checked
+
+
+def dvc_file_of(name: str) -> str:
+    """The dvc.yaml (relative to the project root) that defines stage `name`."""
+    tenant = split_stage_id(name)[1]
+    return "dvc.yaml" if tenant is None else tenant_dvc_file(tenant)
 
 
 def _describe(changes: list[Any], shown: int = 3) -> str:

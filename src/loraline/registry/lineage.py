@@ -94,7 +94,7 @@ def tenant_lineage(root: str | Path, params: Params, tenant: str, snapshot: str 
     """Hashes, params, metrics and library versions behind the tenant's current DVC outputs (JSON-safe)."""
     root, layout = Path(root), Layout(Path(root))
     params.tenant_params(tenant)
-    lock = read_lock(root)
+    lock = read_lock(root, [tenant])
     stages = lock_stages(lock, tenant_stages(tenant))
     rel = Layout()  # dvc.lock names outputs relative to the project root
     evaluation = _json(layout.evaluation_results_path(tenant)) or {}

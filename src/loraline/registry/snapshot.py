@@ -8,8 +8,10 @@ left dangling; the version tag that points at it is what keeps it reachable. The
 
 - every file HEAD tracks, as it is in the working tree now (`git add -u`: modified files with their
   new content, deleted files gone). Files the user staged but HEAD does not track are not taken.
-- untracked files only inside the lineage paths: dvc.yaml, dvc.lock, params.yaml (and any other
-  params file dvc.lock names), .dvc/config, .dvcignore, every dependency path dvc.lock records
+- untracked files only inside the lineage paths: dvc.yaml, dvc.lock, pipelines/tenant.yaml, the
+  version's tenant's pipelines/<tenant>/dvc.yaml and dvc.lock (every tenant's without a tenant),
+  params.yaml (and any other params file those locks name), .dvc/config, .dvcignore, every
+  dependency path those locks record
   (the raw data folders, the code the stages run) with its `.dvc` pointer file, and the paths the
   caller adds (a release adds every tenant's raw_dir from params.yaml). Any other untracked file
   (a `.env`, notes, scratch files) never goes in; neither does anything git ignores (DVC outputs,
@@ -33,6 +35,8 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from loraline.dvcfiles import lock_paths
+from loraline.layout import PIPELINES_DIR, TENANT_TEMPLATE, tenant_dvc_file
 from loraline.registry.base import RegistryError
 
 # File names (matched case-insensitively, on the name alone) that hold credentials often enough
@@ -64,14 +68,16 @@ SECRET_PATTERNS = (
     "id_ecdsa*",
     "id_ed25519*",
 )
-LINEAGE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvc/config", ".dvcignore")
+LINEAGE_FILES = ("dvc.yaml", "dvc.lock", TENANT_TEMPLATE, "params.yaml", ".dvc/config", ".dvcignore")
 
 
-def snapshot_commit(root: str | Path, message: str, extra: Iterable[str] = ()) -> str:
-    """HEAD when the snapshot (see the module docstring) equals HEAD's tree, else a new dangling commit on top."""
+def snapshot_commit(root: str | Path, message: str, extra: Iterable[str] = (), tenant: str | None = None) -> str:
+    """HEAD when the snapshot (see the module docstring) equals HEAD's tree, else a new dangling commit on top.
+    `tenant`: the version's tenant, whose dvc.yaml and dvc.lock (and what they record) it takes; None: every
+    tenant's."""
     root = Path(root)
     head = head_commit(root)
-    lineage = lineage_paths(root, extra)
+    lineage = lineage_paths(root, extra, tenant)
     with _scratch_index(root, head) as env:
         _add(root, env, _tracked_changes(root, env, lineage), "-u")
         _add(root, env, _untracked_lineage_files(root, env, lineage))
@@ -82,10 +88,12 @@ def snapshot_commit(root: str | Path, message: str, extra: Iterable[str] = ()) -
         return git(root, "commit-tree", tree, *parents, "-m", message, env=env)
 
 
-def lineage_paths(root: str | Path, extra: Iterable[str] = ()) -> list[str]:
+def lineage_paths(root: str | Path, extra: Iterable[str] = (), tenant: str | None = None) -> list[str]:
     """The paths (relative, posix) whose untracked files a snapshot takes: see the module docstring."""
-    lock = _read_yaml(Path(root) / "dvc.lock").get("stages") or {}
-    paths = set(LINEAGE_FILES) | {str(p) for p in extra}
+    locks = lock_paths(root, None if tenant is None else [tenant])
+    lock = {name: entry for path in locks for name, entry in (_read_yaml(path).get("stages") or {}).items()}
+    own = [PIPELINES_DIR] if tenant is None else [tenant_dvc_file(tenant), tenant_dvc_file(tenant, "dvc.lock")]
+    paths = set(LINEAGE_FILES) | set(own) | {str(p) for p in extra}
     for stage in lock.values():
         paths |= set(stage.get("params") or {})
         for dep in stage.get("deps") or []:
