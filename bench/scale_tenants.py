@@ -6,14 +6,15 @@ Three sections, each a set of JSON lines (one per measurement) and one markdown 
 tests/e2e/e2e_project.make_tiny_project copies them) with N generated tiny tenants `t0000`, `t0001`, ...:
 params.yaml's `tenants` lists each with its own raw folder (a 30-row slice of acme-shop's email export and
 one of its .md documents, about 20 KB), dvc.yaml's `artifacts:` declares each tenant's adapter and onnx
-artifacts (DVC cannot template that section, so it grows by hand), and dvc.lock is *synthesized*: the
-repository's committed dvc.lock (a real run of the sample tenants) with acme-shop's eight entries copied
-once per tenant under its name (sizes exact but for name lengths; hashes are acme-shop's, so DVC finds
-every tenant's raw data changed, which makes `dvc status` hash it all, as a real status must). No stage runs:
-running 8,000 stage processes is what this benchmark warns about, not something to time on 2 cores.
-Measured: the three files' sizes; `dvc status`, `dvc stage list`, `dvc repro --dry` (the whole DAG) and
-`dvc repro --dry --single-item gate@t0000` (one process of the kind the Prefect flow starts per stage,
-8 per tenant) as subprocesses; and in a child process each piece of what `loraline run` does before its
+artifacts (DVC cannot template that section, so it grows by hand), `loraline pipelines` renders each
+tenant's pipelines/<t>/dvc.yaml, and the dvc.lock files are *synthesized*: the repository's committed root
+dvc.lock, and acme-shop's (a real run) copied to each tenant's pipelines/<t>/dvc.lock under its name (sizes
+exact but for name lengths; hashes are acme-shop's, so DVC finds every tenant's raw data changed, which makes
+`dvc status` hash it all, as a real status must). Stages do not run but one: running 8,000 stage processes
+on 2 cores is not the point. Measured: the files' sizes; `dvc status`, `dvc stage list -R .` and, as
+subprocesses of the kind the Prefect flow starts per stage (8 per tenant), `dvc repro --dry --single-item`
+of documents@t0000 and a real run of it (which rewrites its dvc.lock, as every stage run does); and in a
+child process each piece of what `loraline run` does before its
 first stage (cli/main.py cmd_run: `load_params`, `check_cache(incremental=True)`, `plan_stages`, then
 `_every_stage_up_to_date`'s `dvc_status` of the planned stages; `loraline run` has no dry-run flag).
 
@@ -61,6 +62,10 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))  # loraline from this checkout, as the child processes get it
+
+from loraline.dvcfiles import read_lock, sync_pipelines  # noqa: E402
+from loraline.layout import dvc_target, tenant_dvc_file  # noqa: E402
+
 SAMPLE = "acme-shop"
 VERSIONS_PER_ARTIFACT = 25
 TAGS_PER_TENANT = 4 * VERSIONS_PER_ARTIFACT  # adapter + onnx, each registered and promoted per version
@@ -125,20 +130,18 @@ class Bench:
         started = time.perf_counter()
         make_tenant_project(project, n)
         self.record(dict(kind="build", section="tenants", n=n, wall_s=round(time.perf_counter() - started, 2)))
-        sizes = {name: (project / name).stat().st_size for name in ("params.yaml", "dvc.yaml", "dvc.lock")}
+        files = ("params.yaml", "dvc.yaml", "dvc.lock", tenant_dvc_file("t0000"), tenant_dvc_file("t0000", "dvc.lock"))
+        sizes = {name: (project / name).stat().st_size for name in files}
+        sizes["pipelines/ (every tenant)"] = sum(p.stat().st_size for p in (project / "pipelines").rglob("*"))
         self.record(dict(kind="size", section="tenants", n=n, bytes=sizes, dvc_lock="synthesized"))
         dvc = str(Path(sys.executable).with_name("dvc"))
+        # processes of the kind the flow starts per stage (8 per tenant); documents@: its deps exist here
+        target = dvc_target("documents@t0000")
         commands = {
-            "dvc stage list": [dvc, "stage", "list"],
+            "dvc stage list -R .": [dvc, "stage", "list", "-R", "."],
             "dvc status": [dvc, "status"],
-            # one process of the kind the flow starts per stage (8 per tenant); documents@: its deps exist here
-            "dvc repro --dry --single-item documents@t0000": [
-                dvc,
-                "repro",
-                "--dry",
-                "--single-item",
-                "documents@t0000",
-            ],
+            "dvc repro --dry --single-item documents@t0000": [dvc, "repro", "--dry", "--single-item", target],
+            "dvc repro --single-item documents@t0000 (runs, writes its lock)": [dvc, "repro", "--single-item", target],
         }
         for op, cmd in commands.items():
             if not self.skipped("tenants", op, n):
@@ -221,25 +224,20 @@ def make_tenant_project(project: Path, n: int) -> None:
     }
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (project / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
-    (project / "dvc.lock").write_text(synthesized_lock(names))
+    sync_pipelines(project, names)
+    write_synthesized_locks(project, names)
     _sh(["git", "init", "-q"], project)
     _sh(["git", "add", "-A"], project)
     _sh(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "scale fixture"], project)
 
 
-def synthesized_lock(names: list[str]) -> str:
-    """The repository's dvc.lock with the sample tenant's entries once per name (its other tenants' left out)."""
-    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
-    stages = lock["stages"]
-    shared = {k: v for k, v in stages.items() if "@" not in k}
-    sample = {k.split("@")[0]: v for k, v in stages.items() if k.endswith(f"@{SAMPLE}")}
-    out = dict(shared)
+def write_synthesized_locks(project: Path, names: list[str]) -> None:
+    """The repository's root dvc.lock, and the sample tenant's dvc.lock once per name under its name."""
+    shutil.copy2(REPO / "dvc.lock", project / "dvc.lock")
+    sample = (REPO / tenant_dvc_file(SAMPLE, "dvc.lock")).read_text()
     for name in names:
-        for stage, entry in sample.items():
-            text = json.dumps(entry).replace(f"/{SAMPLE}", f"/{name}").replace(f"tenants.{SAMPLE}", f"tenants.{name}")
-            out[f"{stage}@{name}"] = json.loads(text)
-    # the base is built from every tenant's documents: its entry names data/documents, whichever tenants
-    return yaml.safe_dump({"schema": lock.get("schema", "2.0"), "stages": out}, sort_keys=False)
+        text = sample.replace(f"/{SAMPLE}", f"/{name}").replace(f"tenants.{SAMPLE}", f"tenants.{name}")
+        (project / tenant_dvc_file(name, "dvc.lock")).write_text(text.replace(f"@{SAMPLE}", f"@{name}"))
 
 
 # ---- the registry --------------------------------------------------------------------------------
@@ -458,7 +456,7 @@ def remote_sizes(root: Path, limit: float) -> Iterator[dict[str, Any]]:
             row = json.loads(raw.read_bytes().splitlines()[0])
             row["input"] += "\n\nP.S. The second version's row."
             raw.write_bytes(raw.read_bytes() + json.dumps(row).encode() + b"\n")
-        run = timed_process([dvc, "repro"], project, limit)
+        run = timed_process([dvc, "repro", "--all-pipelines"], project, limit)
         push = timed_process([dvc, "push"], project, limit)
         files = _remote_files(project / ".dvc-remote")  # .dvc/config: url ../.dvc-remote, from .dvc/
         added = {p: s for p, s in files.items() if p not in before}
@@ -477,7 +475,7 @@ def remote_sizes(root: Path, limit: float) -> Iterator[dict[str, Any]]:
 
 def _bytes_by_output(project: Path, added: dict[str, int]) -> dict[str, int]:
     """The added remote bytes attributed to dvc.lock's outputs (a file shared by two outputs counts once)."""
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    lock = read_lock(project)
     remote = project / ".dvc-remote"
     out, seen = {}, set()
     for entry in lock.values():

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from loraline.config import load_params
+from loraline.dvcfiles import read_lock
 from loraline.registry.gto_registry import GtoRegistry
 
 SCRIPT = Path(__file__).resolve().parents[3] / "bench" / "scale_tenants.py"
@@ -28,8 +29,10 @@ def test_generated_tenants_are_a_valid_project_with_a_lock_entry_per_stage(tmp_p
     params = load_params(project / "params.yaml")
     assert params.tenant_names == ["t0000", "t0001"]
     assert (project / "data/raw/t0001/orders.jsonl").read_bytes().count(b"\n") == 30
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert sorted(p.name for p in (project / "pipelines").iterdir()) == ["t0000", "t0001", "tenant.yaml"]
+    lock = read_lock(project)
     assert set(lock) == {"base"} | {f"{s}@{t}" for s in PER_TENANT for t in ("t0000", "t0001")}
+    assert set(read_lock(project, ["t0001"])) == {"base"} | {f"{s}@t0001" for s in PER_TENANT}
     assert lock["train@t0001"]["outs"][0]["path"] == "models/adapters/t0001"
     declared = yaml.safe_load((project / "dvc.yaml").read_text())["artifacts"]
     assert sorted(declared) == ["t0000-adapter", "t0000-onnx", "t0001-adapter", "t0001-onnx"]

@@ -186,6 +186,9 @@ def test_loraline_check_names_the_damaged_file_and_says_what_to_do(project: Path
     (project / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
     (project / "raw").mkdir()
     (project / "raw" / "a.md").write_text("A document.")
+    (project / "pipelines").mkdir()
+    (project / "pipelines" / "tenant.yaml").write_text("stages: {}\n")  # the tenants' stages: none here
+    assert main(["pipelines", "--params", str(project / "params.yaml")]) == 0
     _settle()
     check_cache(project, incremental=True)  # a run started: every file is recorded as verified
     assert main(["check", "--params", str(project / "params.yaml")]) == 0

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from dvc_layout import write_dvc_files
 
+from loraline.dvcfiles import read_lock
 from loraline.flows.orchestrate import StageFailed, StageTimeout, plan_stages, run_stage
 from loraline.tools import tool, tool_env
 
@@ -29,30 +30,39 @@ def test_plan_follows_dvc_graph_of_the_repository():
     assert not any("globex" in s for s in both.per_tenant["acme-shop"])
 
 
-def _plan_by_descendants(root: Path, tenants: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """The plan from nx.descendants of each stage, as plan_stages computed it before its loops were made linear."""
+def _dvc_graph_plan(root: Path, tenants: list[str]) -> tuple[set[str], dict[str, list[str]], set[tuple[str, str]]]:
+    """From DVC's graph of the whole repository: (the shared stages: what the tenants' stages need that is not
+    theirs, and what that needs), each tenant's own stages in a dependency order, and every (stage, stage it
+    depends on) edge among them."""
     import networkx as nx
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        graph = repo.index.graph
+        graph = repo.index.graph  # edges run from a stage to the stages it depends on
         by_name = {stage.name: stage for stage in graph.nodes}
-        position = {stage: i for i, stage in enumerate(repo.index.stages)}
-        order = [s.name for s in nx.lexicographical_topological_sort(graph.reverse(), key=position.__getitem__)]
+        order = [s.name for s in nx.lexicographical_topological_sort(graph.reverse(), key=lambda s: s.name)]
         owner = {n: n.partition("@")[2] or None for n in by_name}
         wanted = {n for n in by_name if owner[n] in tenants}
         needed = set(wanted).union(*({s.name for s in nx.descendants(graph, by_name[n])} for n in wanted))
         shared = needed - wanted
         shared |= set().union(*({s.name for s in nx.descendants(graph, by_name[n])} for n in list(shared)))
+        edges = {(a.name, b.name) for a, b in graph.edges}
     per_tenant = {t: [n for n in order if n in wanted - shared and owner[n] == t] for t in tenants}
-    return [n for n in order if n in shared], per_tenant
+    return shared, per_tenant, edges
 
 
 @pytest.mark.parametrize("tenants", [["acme-shop"], ["globex-it", "acme-shop"]])
-def test_plan_is_the_descendants_plan(tenants):
+def test_plan_is_what_dvcs_graph_gives(tenants):
+    """plan_stages plans from the stage names (DVC's graph would parse every tenant's dvc.yaml): the same stages,
+    and every stage after the stages it depends on."""
     plan = plan_stages(REPO, tenants)
-    assert (plan.shared, plan.per_tenant) == _plan_by_descendants(REPO, tenants)
-    assert list(plan.per_tenant) == tenants
+    shared, per_tenant, edges = _dvc_graph_plan(REPO, tenants)
+    assert set(plan.shared) == shared and list(plan.per_tenant) == tenants
+    assert {t: set(stages) for t, stages in plan.per_tenant.items()} == {t: set(s) for t, s in per_tenant.items()}
+    position = {name: i for i, name in enumerate(plan.all)}
+    for stage, dependency in edges:
+        if stage in position and dependency in position:
+            assert position[dependency] < position[stage], (stage, dependency)
 
 
 def test_plan_rejects_unknown_tenant():
@@ -84,7 +94,7 @@ def project(tmp_path: Path) -> Path:
         },
     }
     stages = {name: {"foreach": ["t1"], "do": body} for name, body in stages.items()}
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    write_dvc_files(tmp_path, {"stages": stages})
     return tmp_path
 
 
@@ -163,7 +173,7 @@ def chains_project(tmp_path: Path) -> Path:
             },
         },
     }
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    write_dvc_files(tmp_path, {"stages": stages})
     return tmp_path
 
 
@@ -178,8 +188,7 @@ def test_two_tenants_chains_run_at_once_pinned_and_lose_no_lock_update(chains_pr
 
     results, failures = run_chains(chains_project, chains, 2, chain)
     assert not failures and results == {"t1": [True, True], "t2": [True, True]}
-    lock = yaml.safe_load((chains_project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {f"{s}@{t}" for s in ("first", "second") for t in ("t1", "t2")}
+    assert set(read_lock(chains_project)) == {f"{s}@{t}" for s in ("first", "second") for t in ("t1", "t2")}
     pinned = {(chains_project / f"b-{t}.txt").read_text().split("\n")[1] for t in ("t1", "t2")}
     assert pinned == {"5", "6"}  # each tenant held its own GPU for its whole chain
     status = subprocess.run(

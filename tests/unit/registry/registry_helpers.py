@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from dvc_layout import write_dvc_files
+
+from loraline.layout import dvc_target
+
 
 def git(root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
@@ -123,7 +127,7 @@ def dvc_project(root: Path, remote: Path, targets: list[str] | None = None) -> P
     (root / ".dvc" / "config").write_text(
         f"[core]\n    analytics = false\n    remote = local\n['remote \"local\"']\n    url = {remote}\n"
     )
-    (root / "dvc.yaml").write_text(dvc_yaml)
+    write_dvc_files(root, dvc_yaml)
     (root / "params.yaml").write_text(yaml.safe_dump({"tenants": {"t1": tenant}}))
     (root / "src.txt").write_text("adapter one\n")
     (root / "parity.json").write_text(json.dumps(PARITY))
@@ -135,7 +139,7 @@ def dvc_project(root: Path, remote: Path, targets: list[str] | None = None) -> P
 
 
 def repro(root: Path, *targets: str, single_item: bool = False) -> None:
-    """`dvc repro [targets]` in `root`, as a user would run it there."""
+    """`dvc repro [targets]` in `root` (stage ids such as `train@t1`; none: `dvc repro -P`), as a user would run it."""
     import contextlib
 
     from dvc.repo import Repo
@@ -143,9 +147,9 @@ def repro(root: Path, *targets: str, single_item: bool = False) -> None:
     with contextlib.chdir(root), Repo(str(root)) as repo:  # DVC resolves targets from the working directory
         if targets:
             for target in targets:
-                repo.reproduce(target, single_item=single_item)
+                repo.reproduce(dvc_target(target), single_item=single_item)
         else:
-            repo.reproduce()
+            repo.reproduce(all_pipelines=True)
 
 
 def build(root: Path, content: str, gate_passed: bool = True) -> None:
@@ -173,7 +177,7 @@ def commit_new_adapter(root: Path, content: str) -> None:
     adapter.unlink()  # DVC may have linked it to its cache: replace it, never write through
     adapter.write_text(content)
     with contextlib.chdir(root), Repo(str(root)) as repo:
-        repo.commit("train@t1", force=True)
+        repo.commit(dvc_target("train@t1"), force=True)
 
 
 def bare_remote_and_two_clones(repo: Path, tmp_path: Path) -> tuple[Path, Path, Path]:

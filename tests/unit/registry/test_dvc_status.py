@@ -1,4 +1,5 @@
-"""consistency.dvc_status: DVC's status of the wanted stages from one parse of dvc.yaml and dvc.lock."""
+"""consistency.dvc_status: DVC's status of the wanted stages from one parse of the dvc.yaml and dvc.lock files
+that hold them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 from registry_helpers import dvc_project, repro
 
+from loraline.layout import dvc_target
 from loraline.registry.consistency import dvc_status
 
 STAGES = ["train@t1", "merge@t1", "export@t1", "evaluate@t1", "gate@t1"]
@@ -20,11 +22,11 @@ def project(tmp_path):
 
 
 def _dvc_targets_status(root: Path, names: list[str]) -> dict:
-    """What `dvc status <stage>...` answers, target by target (DVC parses dvc.yaml and dvc.lock for each)."""
+    """What `dvc status <stage>...` answers, target by target (DVC parses the stage's files for each)."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        found = repo.status(targets=[f"{root / 'dvc.yaml'}:{name}" for name in names])
+        found = repo.status(targets=[str(root / dvc_target(name)) for name in names])
     return {key.rpartition(":")[2]: changes for key, changes in found.items()}
 
 

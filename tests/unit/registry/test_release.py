@@ -153,7 +153,7 @@ def test_a_stale_pipeline_registers_nothing_until_reproduced(project, make_stale
         in message
     )
     assert "evaluate@t1 (changed deps: models/adapters/t1 modified" in message and "train@t1" not in message
-    assert "Run `dvc repro gate@t1`" in message
+    assert "Run `dvc repro pipelines/t1/dvc.yaml:gate@t1`" in message
     assert git(project, "tag", "-l") == tags  # nothing registered, nothing promoted
     with pytest.raises(StaleRelease, match="merge@t1"):
         _release(project, promote=False)
