@@ -15,7 +15,7 @@ from filelock import FileLock
 @dataclass(frozen=True)
 class Built:
     project: Path  # never changed by a test: copy it
-    repro_output: str  # what the first `dvc repro` printed
+    repro_output: str  # what the first `dvc repro --all-pipelines` printed
 
 
 @pytest.fixture(scope="session")
@@ -29,5 +29,5 @@ def built(tmp_path_factory) -> Built:
     with FileLock(str(root / "built.lock")):
         if not output.is_file():
             project = make_tiny_project(folder / "project")
-            output.write_text(sh("dvc", "repro", cwd=project))
+            output.write_text(sh("dvc", "repro", "--all-pipelines", cwd=project))
     return Built(folder / "project", output.read_text())

@@ -62,7 +62,9 @@ def sh(*cmd: str, cwd: Path) -> str:
 
 
 def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
+    """The ids (`train@acme-shop`) of the stages DVC's output says it ran (it names a tenant's stage by its
+    file: `pipelines/acme-shop/dvc.yaml:train@acme-shop`)."""
+    return set(re.findall(r"Running stage '(?:[^':]*:)?([^':]+)'", output))
 
 
 def assert_new_rows_rerun(ran: set[str], tenant: str) -> None:

@@ -19,6 +19,8 @@ import pytest
 from e2e_project import sh, stages_run
 from e2e_serve import KEYS, Serving, client, released_copy, start_serve
 
+from loraline.layout import dvc_target
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.serve]
 
 TENANT = "acme-shop"
@@ -57,7 +59,7 @@ def test_feedback_on_served_answers_becomes_the_tenant_s_next_data(project: Path
 
     before = json.loads((project / "reports" / TENANT / "prepare_stats.json").read_text())
     exported = _export(project, answers)
-    out = sh("dvc", "repro", f"prepare@{TENANT}", cwd=project)
+    out = sh("dvc", "repro", dvc_target(f"prepare@{TENANT}"), cwd=project)
     assert f"prepare@{TENANT}" in stages_run(out), out[-3000:]
     _check_prepared(project, exported, before, answers)
 

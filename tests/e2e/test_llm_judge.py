@@ -16,6 +16,7 @@ from e2e_project import _env, copy_project, stages_run
 from e2e_serve import free_port, serving_python
 
 from loraline.config import ServeParams
+from loraline.layout import dvc_target
 from loraline.serve.engine import Engine, engine_command, on_cpu
 from loraline.tools import tool
 
@@ -71,7 +72,7 @@ def test_the_served_base_judges_the_candidate_and_the_gate_reads_its_win_rate(ju
     params["gate"]["min_judge_win_rate"] = 0.0
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    done = _run(project, "dvc", "repro", f"gate@{TENANT}", key=True)
+    done = _run(project, "dvc", "repro", dvc_target(f"gate@{TENANT}"), key=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert stages_run(done.stdout + done.stderr) == {f"evaluate@{TENANT}", f"gate@{TENANT}"}
 

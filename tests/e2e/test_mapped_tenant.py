@@ -10,6 +10,8 @@ import pytest
 import yaml
 from e2e_project import copy_project, sh, stages_run
 
+from loraline.layout import dvc_target
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SOURCES = [
@@ -69,7 +71,7 @@ def project(tmp_path_factory, built) -> tuple[Path, int]:
 
 def test_a_mapped_tenant_trains_and_passes_its_gate(project):
     project, rows = project
-    out = sh("dvc", "repro", "gate@globex-it", cwd=project)
+    out = sh("dvc", "repro", dvc_target("gate@globex-it"), cwd=project)
     assert {
         "prepare@globex-it",
         "train@globex-it",

@@ -44,5 +44,5 @@ def test_a_failed_tenant_is_reported_and_the_other_goes_through_the_gate(tmp_pat
     # no DVC, no registry: nothing recorded or tagged
     git = {"cwd": project, "capture_output": True, "text": True}
     assert subprocess.run(["git", "tag"], **git).stdout == ""
-    assert subprocess.run(["git", "status", "--porcelain", "dvc.lock"], **git).stdout == ""
+    assert subprocess.run(["git", "status", "--porcelain", "dvc.lock", "pipelines"], **git).stdout == ""
     assert not (project / "reports" / "globex-it" / "release.json").exists()

@@ -15,6 +15,9 @@ import pytest
 import yaml
 from e2e_project import PER_TENANT, assert_new_rows_rerun, make_tiny_project, sh, stages_run
 
+from loraline.dvcfiles import read_lock
+from loraline.layout import tenant_dvc_file
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TENANTS = ("acme-shop", "globex-it")
@@ -84,9 +87,9 @@ def test_first_run_runs_every_stage_registers_and_promotes(project: Path, first)
     assert {f"{t}-{kind}@v0.0.1" for t in TENANTS for kind in ("adapter", "onnx")} <= tags(project)
     assert {f"{t}-{kind}#prod#1" for t in TENANTS for kind in ("adapter", "onnx")} <= tags(project)
     # DVC owns lineage: after the flow nothing is stale and `dvc repro` has nothing to add
-    lock = (project / "dvc.lock").read_text()
-    assert stages_run(sh("dvc", "repro", cwd=project)) == set()
-    assert (project / "dvc.lock").read_text() == lock
+    lock = read_lock(project)
+    assert stages_run(sh("dvc", "repro", "--all-pipelines", cwd=project)) == set()
+    assert read_lock(project) == lock
     assert "up to date" in sh("dvc", "status", cwd=project)
 
 
@@ -100,13 +103,15 @@ def test_first_run_publishes_reports_as_prefect_artifacts(first):
     assert "loraline-run" in keys
 
 
-def _tag_lock(project: Path, tag: str) -> dict:
-    """The dvc.lock a registry tag's version was built from."""
-    return yaml.safe_load(
-        subprocess.run(
-            ["git", "show", f"{tag}:dvc.lock"], cwd=project, capture_output=True, text=True, check=True
-        ).stdout
-    )
+def _tag_lock(project: Path, tag: str, tenant: str) -> dict:
+    """The dvc.lock entries a registry tag's version was built from: the root's and its tenant's."""
+    stages = {}
+    for path in ("dvc.lock", tenant_dvc_file(tenant, "dvc.lock")):
+        shown = subprocess.run(
+            ["git", "show", f"{tag}:{path}"], cwd=project, capture_output=True, text=True, check=True
+        )
+        stages.update(yaml.safe_load(shown.stdout)["stages"])
+    return stages
 
 
 def _interval(project: Path, stage: str) -> tuple[float, float]:
@@ -120,13 +125,13 @@ def _interval(project: Path, stage: str) -> tuple[float, float]:
 def test_tenants_in_parallel_end_exactly_where_the_sequential_run_did(project: Path, pipeline, first):
     """Every stage forced again, two tenants at once in one workspace: the same dvc.lock entries,
     no lost update, and nothing new for the registry (the same adapters, so the same versions)."""
-    lock_before = yaml.safe_load((project / "dvc.lock").read_text())
+    lock_before = read_lock(project)
     tags_before = tags(project)
     state = pipeline(project_dir=str(project), force=True, parallel=2, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert set(result["stages_ran"]) == {"base"} | {f"{s}@{t}" for s in PER_TENANT for t in TENANTS}
-    assert yaml.safe_load((project / "dvc.lock").read_text()) == lock_before
+    assert read_lock(project) == lock_before
     from loraline.tools import tool, tool_env
 
     status = subprocess.run(
@@ -136,7 +141,8 @@ def test_tenants_in_parallel_end_exactly_where_the_sequential_run_did(project: P
     assert tags(project) == tags_before
     for tenant in TENANTS:
         assert not result["releases"][tenant]["registered_new"], result["releases"][tenant]
-        assert _tag_lock(project, f"{tenant}-adapter@v0.0.1")["stages"] == lock_before["stages"]
+        own = {name: entry for name, entry in lock_before.items() if name.partition("@")[2] in ("", tenant)}
+        assert _tag_lock(project, f"{tenant}-adapter@v0.0.1", tenant) == own
     # and it was parallel: some stage of one tenant ran while one of the other tenant did
     spans = {
         t: [_interval(project, f"{s}@{t}") for s in ("prepare", "train", "merge", "export", "evaluate")]

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from e2e_project import copy_project, sh, stages_run
 
+from loraline.layout import dvc_target
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TENANT = "acme-prefs"
@@ -59,13 +61,14 @@ def project(tmp_path_factory, built) -> Path:
     params["tenants"][TENANT] = {"raw_dir": f"data/raw/{TENANT}", "deploy": {"targets": ["adapter"]}}
     params["tenants"][TENANT] |= {"train": TRAIN, "gate": GATE}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert f"wrote pipelines/{TENANT}/dvc.yaml" in sh("loraline", "pipelines", cwd=project)  # the tenant's stages
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "a DPO tenant", cwd=project)
     return project
 
 
 def test_a_dpo_tenant_passes_its_gate_on_its_pairs(project: Path):
-    out = sh("dvc", "repro", f"gate@{TENANT}", cwd=project)
+    out = sh("dvc", "repro", dvc_target(f"gate@{TENANT}"), cwd=project)
     ran = stages_run(out)
     assert {f"{stage}@{TENANT}" for stage in ("prepare", "train", "merge", "evaluate", "gate")} <= ran
     # (the built base reads every tenant's documents, so a new tenant's documents folder rebuilds it)

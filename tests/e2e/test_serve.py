@@ -17,6 +17,7 @@ import yaml
 from e2e_project import _env, sh
 from e2e_serve import KEYS, TENANTS, client, events, free_port, released_copy, served, serving_python, start_serve
 
+from loraline.layout import dvc_target
 from loraline.tools import tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.serve]
@@ -173,7 +174,7 @@ def test_promotion_and_rollback_are_served_without_a_restart_and_a_corrupt_versi
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tenants"]["acme-shop"]["train"] = {"learning_rate": 0.004}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("dvc", "repro", "gate@acme-shop", cwd=project)
+    sh("dvc", "repro", dvc_target("gate@acme-shop"), cwd=project)
     sh("loraline", "registry", "release", "--tenant", "acme-shop", "--no-promote", cwd=project)
     sh("loraline", "registry", "promote", "acme-shop", "v0.0.2", "--force", "--reason", "serve e2e", cwd=project)
     _wait_for(url, "acme-shop", "v0.0.2")

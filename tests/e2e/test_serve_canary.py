@@ -15,6 +15,7 @@ import yaml
 from e2e_project import copy_project, sh
 from e2e_serve import events, start_serve
 
+from loraline.layout import dvc_target
 from loraline.registry.canary import decision_tag, read_decision
 from loraline.registry.gto_registry import GtoRegistry
 from loraline.registry.snapshot import snapshot_commit
@@ -105,7 +106,7 @@ def _corrupted_build(project: Path) -> str:
     weights = project / "models" / "adapters" / "acme-shop" / "adapter_model.safetensors"
     noise = torch.Generator().manual_seed(0)
     save_file({k: torch.randn(v.shape, generator=noise) * 2 for k, v in load_file(weights).items()}, weights)
-    sh("dvc", "commit", "--force", "train@acme-shop", cwd=project)
+    sh("dvc", "commit", "--force", dvc_target("train@acme-shop"), cwd=project)
     commit = snapshot_commit(project, "e2e: acme-shop's adapter replaced by noise")
     return _register(project, commit, {"note": "e2e: a deliberately corrupted adapter"})
 

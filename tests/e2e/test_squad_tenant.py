@@ -14,6 +14,8 @@ import pytest
 import yaml
 from e2e_project import copy_project, sh, stages_run
 
+from loraline.layout import dvc_target
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SQUAD = Path(__file__).parents[1] / "data" / "squad" / "squad-v1.1-dev-sample.jsonl"
@@ -40,9 +42,10 @@ def prepared(tmp_path_factory, built) -> tuple[Path, dict]:
         ],
     }
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("loraline", "pipelines", cwd=project)  # the new tenant's dvc.yaml
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "a SQuAD tenant", cwd=project)
-    out = sh("dvc", "repro", "prepare@squad", cwd=project)
+    out = sh("dvc", "repro", dvc_target("prepare@squad"), cwd=project)
     assert "prepare@squad" in stages_run(out)
     return project, json.loads((project / "reports" / "squad" / "prepare_stats.json").read_text())
 
