@@ -54,6 +54,7 @@ __all__ = [
     "push_outputs",
     "run_chains",
     "run_stage",
+    "run_stage_group",
     "run_stages_in_parallel",
     "stage_echo",
     "visible_gpus",
@@ -62,7 +63,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-_RAN = re.compile(r"Running stage '([^']+)'")
+_RAN = re.compile(r"Running stage '(?:[^':]*:)?([^':]+)'")  # a tenant's stage is named by its file: `path:id`
+_FAILED = re.compile(r"failed to reproduce '(?:[^':]*:)?([^':]+)'")
 _TAIL_LINES = 40
 
 
@@ -132,10 +134,10 @@ def _run_streaming(
     timeout_s: float | None,
     echo: Callable[[str], None] | None,
     env: dict[str, str] | None = None,
-) -> tuple[int, list[str], bool, bool]:
+) -> tuple[int, list[str], bool, set[str]]:
     """Run `cmd`, passing its output through (progress bars included) and keeping the last lines.
 
-    Returns (exit code, last lines, timed out, whether DVC said it was running a stage).
+    Returns (exit code, last lines, timed out, the ids of the stages DVC said it was running).
 
     The process gets its own session so that a timeout can stop the whole tree (dvc -> loraline).
     """
@@ -150,7 +152,7 @@ def _run_streaming(
     )
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     timed_out = threading.Event()
-    ran = False
+    ran: set[str] = set()
 
     def stop() -> None:
         timed_out.set()
@@ -174,7 +176,7 @@ def _run_streaming(
             line = text.rstrip("\n").split("\r")[-1].rstrip()  # a progress bar's last state
             if line:
                 tail.append(line)
-                ran = ran or bool(_RAN.search(line))
+                ran.update(_RAN.findall(line))
         returncode = proc.wait()
     finally:
         if timer:
@@ -216,7 +218,36 @@ def run_stage(
         raise StageTimeout(stage, timeout_s or 0.0, tail)
     if returncode != 0:
         raise StageFailed(stage, returncode, tail)
-    return StageRun(stage=stage, ran=ran, seconds=seconds)
+    return StageRun(stage=stage, ran=bool(ran), seconds=seconds)
+
+
+def run_stage_group(
+    root: str | Path,
+    stages: list[str],
+    *,
+    force: bool = False,
+    timeout_s: float | None = None,
+    echo: Callable[[str], None] | None = _echo_stderr,
+) -> list[StageRun]:
+    """`dvc repro --single-item <stage>...`: `stages` (in an order that respects their dependencies) in one DVC
+    process, each run when changed, else skipped. For the shared stages, every tenant's documents and the base:
+    one process each would cost a DVC start-up (about a second) per tenant in every flow run, even a run for one
+    tenant. StageFailed names the stage DVC failed on; `seconds` is the group's, on each."""
+    if not stages:
+        return []
+    cmd = [tool("dvc"), "--wait-for-lock", "repro", "--single-item", *(dvc_target(s) for s in stages)]
+    if force:
+        cmd.append("--force")
+    started = time.perf_counter()
+    returncode, tail, timed_out, ran = _run_streaming(cmd, Path(root), timeout_s, echo, None)
+    seconds = time.perf_counter() - started
+    named = f"{len(stages)} stages ({stages[0]} ... {stages[-1]})" if len(stages) > 1 else stages[0]
+    if timed_out:
+        raise StageTimeout(named, timeout_s or 0.0, tail)
+    if returncode != 0:
+        failed = next((m[1] for line in reversed(tail) if (m := _FAILED.search(line))), named)
+        raise StageFailed(failed, returncode, tail)
+    return [StageRun(stage=s, ran=s in ran, seconds=seconds) for s in stages]
 
 
 def push_outputs(root: str | Path, echo: Callable[[str], None] | None = _echo_stderr) -> int:
@@ -440,7 +471,7 @@ def run_stages_in_parallel(
     tenants' stage chains at once, then `dvc push`. Returns (stages that ran, failures by tenant)."""
     plan = plan_stages(root, tenants)
     with project_lock(root, "shared"):
-        ran = [s for s in plan.shared if run_stage(root, s, force=force).ran]
+        ran = [r.stage for r in run_stage_group(root, plan.shared, force=force) if r.ran]
 
     def chain(tenant: str, stages: list[str], env: dict[str, str]) -> list[str]:
         return [s for s in stages if run_stage(root, s, force=force, env=env, echo=stage_echo(tenant)).ran]

@@ -38,6 +38,7 @@ from loraline.flows.orchestrate import (
     project_lock,
     push_outputs,
     run_stage,
+    run_stage_group,
     stage_echo,
     visible_gpus,
 )
@@ -61,6 +62,16 @@ def dvc_stage(
     result = run_stage(project_dir, stage, force=force, timeout_s=timeout_s, env=env, echo=stage_echo(tenant))
     get_run_logger().info("%s: %s in %.1fs", stage, "ran" if result.ran else "up to date, skipped", result.seconds)
     return result
+
+
+@task(task_run_name="shared-stages", cache_policy=NO_CACHE)
+def dvc_shared_stages(project_dir: str, stages: list[str], force: bool, timeout_s: float | None) -> dict[str, bool]:
+    """Every tenant's documents and the base in one DVC process (orchestrate.run_stage_group)."""
+    results = run_stage_group(project_dir, stages, force=force, timeout_s=timeout_s)
+    ran = [r.stage for r in results if r.ran]
+    seconds = results[0].seconds if results else 0.0
+    get_run_logger().info("%d shared stage(s), %d ran, in %.1fs: %s", len(results), len(ran), seconds, ran or "-")
+    return {r.stage: r.ran for r in results}
 
 
 @task(task_run_name="dvc-push", cache_policy=NO_CACHE)
@@ -182,7 +193,7 @@ def pipeline(
     orchestrate = params.orchestrate
 
     with project_lock(project_dir, "shared"):  # another flow run may be building the same base
-        ran = _run_chain(project_dir, plan.shared, force, orchestrate)
+        ran = dvc_shared_stages(project_dir, plan.shared, force, _with_policy("base", orchestrate)[1])
     chains, failures = _tenant_chains(project_dir, plan, force, orchestrate, parallel or orchestrate.parallel_tenants)
     for tenant, tenant_ran in chains.items():
         ran.update(tenant_ran)

@@ -257,3 +257,28 @@ def test_each_tenant_collects_failures_and_goes_on(parallel: int):
     assert results == {"t2": "T2", "t3": "T3"}
     assert list(failures) == ["t1"] and str(failures["t1"]) == "t1 has no rows"
     assert told == [("t1", "t1 has no rows")]
+
+
+def test_a_stage_group_runs_in_one_dvc_process_and_reports_each_stage(chains_project: Path):
+    """The shared stages (every tenant's documents, the base) run as one `dvc repro --single-item` process: what
+    ran is told stage by stage, a second call skips them all, and a change re-runs only its stage."""
+    from loraline.flows.orchestrate import run_stage_group
+
+    group = ["first@t1", "first@t2"]
+    assert [(r.stage, r.ran) for r in run_stage_group(chains_project, group, echo=None)] == [
+        ("first@t1", True),
+        ("first@t2", True),
+    ]
+    assert not any(r.ran for r in run_stage_group(chains_project, group, echo=None))
+    (chains_project / "in-t2.txt").write_text("t2 changed\n")
+    assert [r.ran for r in run_stage_group(chains_project, group, echo=None)] == [False, True]
+    assert set(read_lock(chains_project)) == set(group)
+
+
+def test_a_failed_stage_group_names_the_stage_dvc_failed_on(project: Path):
+    from loraline.flows.orchestrate import run_stage_group
+
+    with pytest.raises(StageFailed, match=r"stage fail@t1 failed") as info:
+        run_stage_group(project, ["copy@t1", "fail@t1"], echo=None)
+    assert "bad row 7: field x" in str(info.value)
+    assert (project / "out.txt").read_text() == "hello\n"  # the stage before it ran and stays done
