@@ -64,6 +64,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))  # loraline from this checkout, as the child processes get it
 
 from loraline.dvcfiles import read_lock, sync_pipelines  # noqa: E402
+from loraline.flows.orchestrate import plan_stages  # noqa: E402
 from loraline.layout import dvc_target, tenant_dvc_file  # noqa: E402
 
 SAMPLE = "acme-shop"
@@ -137,11 +138,20 @@ class Bench:
         dvc = str(Path(sys.executable).with_name("dvc"))
         # processes of the kind the flow starts per stage (8 per tenant); documents@: its deps exist here
         target = dvc_target("documents@t0000")
+        # the flow's shared stages, every tenant's documents and the base, in one process (run_stage_group)
+        shared = [dvc_target(s) for s in plan_stages(project, names_of(project)).shared]
         commands = {
             "dvc stage list -R .": [dvc, "stage", "list", "-R", "."],
             "dvc status": [dvc, "status"],
             "dvc repro --dry --single-item documents@t0000": [dvc, "repro", "--dry", "--single-item", target],
             "dvc repro --single-item documents@t0000 (runs, writes its lock)": [dvc, "repro", "--single-item", target],
+            "dvc repro --dry --single-item <every documents@, base> (one process)": [
+                dvc,
+                "repro",
+                "--dry",
+                "--single-item",
+                *shared,
+            ],
         }
         for op, cmd in commands.items():
             if not self.skipped("tenants", op, n):
@@ -229,6 +239,10 @@ def make_tenant_project(project: Path, n: int) -> None:
     _sh(["git", "init", "-q"], project)
     _sh(["git", "add", "-A"], project)
     _sh(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "scale fixture"], project)
+
+
+def names_of(project: Path) -> list[str]:
+    return list(yaml.safe_load((project / "params.yaml").read_text())["tenants"])
 
 
 def write_synthesized_locks(project: Path, names: list[str]) -> None:
