@@ -23,10 +23,12 @@ in loraline's format (gto_registry.py): tenants `t0000`... each with 25 versions
 promoted (`<artifact>#prod#J`, message as release.py writes it), one snapshot commit per version number,
 tag times one second apart. Tenants = max(1, K / 100), so 100,000 tags are 1,000 tenants x 25 versions.
 Each operation runs in a child process (imports excluded from its time) and reports how many times it
-read the whole registry (GTO's `GitRegistry.get_state`, which reads every tag): `gto show` (gto's
-api.show, one read), `loraline registry list` and `show t0000` (cli/registry.py), a release of t0000
-(release.py's registry calls: latest, next version, register both artifacts, production, promote together)
-and the serving poll (serve/versions.py `production_versions` over every tenant).
+read the registry: GTO's whole state (`registry_reads`: `GitRegistry.get_state`, every tag; GTO's writes
+make them), and gto_tags' reads of every tag (`tag_reads`) or of one artifact's (`artifact_reads`).
+Operations: `gto show` (gto's api.show, one state), `loraline registry list` and `show t0000`
+(cli/registry.py), a release of t0000 (release.py's registry calls: latest, next version, register both
+artifacts, production, promote together) and the serving poll (serve/versions.py `production_versions`
+over every tenant).
 
 **Remote** (`--remote`): one tiny tenant through the real pipeline (make_tiny_project's tiny base and
 training, acme-shop alone), `dvc push` to a local remote, then one raw row appended and the pipeline
@@ -64,6 +66,7 @@ sys.path.insert(0, str(REPO / "src"))  # loraline from this checkout, as the chi
 SAMPLE = "acme-shop"
 VERSIONS_PER_ARTIFACT = 25
 TAGS_PER_TENANT = 4 * VERSIONS_PER_ARTIFACT  # adapter + onnx, each registered and promoted per version
+READ_COUNTS = ("registry_reads", "tag_reads", "artifact_reads")  # see counting_reads
 T0 = 1_700_000_000  # the tags' times: fixed, so two runs build the same repository
 
 
@@ -344,21 +347,29 @@ def child_planning(project: str, op: str) -> None:
 
 
 @contextlib.contextmanager
-def counting_reads() -> Iterator[list[int]]:
-    """Counts GTO's whole-registry reads (GitRegistry.get_state reads every tag) while inside."""
+def counting_reads() -> Iterator[dict[str, int]]:
+    """Counts, while inside, GTO's whole-registry reads (`registry_reads`: GitRegistry.get_state reads every tag;
+    GTO's writes make them too) and gto_tags' reads of every tag (`tag_reads`) and of one artifact's
+    (`artifact_reads`)."""
     from gto.registry import GitRegistry
 
-    original, count = GitRegistry.get_state, [0]
+    from loraline.registry import gto_tags
 
-    def counted(self, *a, **kw):
-        count[0] += 1
-        return original(self, *a, **kw)
+    originals, count = (GitRegistry.get_state, gto_tags.read_registry), dict.fromkeys(READ_COUNTS, 0)
 
-    GitRegistry.get_state = counted
+    def counted_state(self, *a, **kw):
+        count["registry_reads"] += 1
+        return originals[0](self, *a, **kw)
+
+    def counted_tags(root, artifact=None):
+        count["tag_reads" if artifact is None else "artifact_reads"] += 1
+        return originals[1](root, artifact)
+
+    GitRegistry.get_state, gto_tags.read_registry = counted_state, counted_tags
     try:
         yield count
     finally:
-        GitRegistry.get_state = original
+        GitRegistry.get_state, gto_tags.read_registry = originals
 
 
 def child_registry(repo: str, op: str) -> None:
@@ -379,10 +390,11 @@ def child_registry(repo: str, op: str) -> None:
             extra = _release_one(registry, "t0000", _snapshot(root))
         else:
             tenants = sorted({name.rsplit("-", 1)[0] for name in registry.artifacts()})
-            reads[0], started = 0, time.perf_counter()  # serving's tenants come from params.yaml, not the registry
+            reads.update(dict.fromkeys(reads, 0))  # serving's tenants come from params.yaml, not the registry
+            started = time.perf_counter()
             extra = {"served": len(production_versions(root, tenants))}
         seconds = time.perf_counter() - started
-    print(json.dumps(dict(op=op, wall_s=round(seconds, 3), registry_reads=reads[0], **extra)), flush=True)
+    print(json.dumps(dict(op=op, wall_s=round(seconds, 3), **reads, **extra)), flush=True)
 
 
 def _cli_registry(root: Path, argv: list[str]) -> dict[str, Any]:
@@ -567,7 +579,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             wall = f">{r['wall_s']:.0f} (timeout)" if r.get("timeout") else f"{r.get('wall_s', float('nan')):.2f}"
             per = "" if r.get("timeout") or "wall_s" not in r else f"{r['wall_s'] / units * 1000:.1f} ms/tenant"
             notes = ", ".join(
-                f"{k} {r[k]}" for k in ("registry_reads", "stages", "stale", "served", "version", "rc") if k in r
+                f"{k} {r[k]}" for k in (*READ_COUNTS, "stages", "stale", "served", "version", "rc") if k in r
             )
             notes += f" ERROR {r['error'][-200:]!r}" if r.get("error") else ""
             lines.append(f"| {r['section']} | {size} | {r['op']} | {wall} | {per} | {notes} |")
