@@ -40,6 +40,7 @@ from loraline.registry.base import ANY, PROD, Assignment, PromotionConflict, Reg
 from loraline.registry.snapshot import ensure_git_identity, git
 
 log = logging.getLogger(__name__)
+_TOLD: set[tuple[Path, str]] = set()  # why reads went to GTO, already logged
 LOCK_NAME = "loraline-registry.lock"
 _SEMVER = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
 
@@ -118,7 +119,9 @@ class GtoRegistry:
         try:
             return gto_tags.read_registry(self.root, name)
         except gto_tags.NotCovered as why:
-            log.info("registry %s: reading through GTO (every tag, slower): %s", self.root, why)
+            if (self.root, str(why)) not in _TOLD:  # once per process: the serving poll reads every few seconds
+                _TOLD.add((self.root, str(why)))
+                log.info("registry %s: reading through GTO (every tag, slower): %s", self.root, why)
             return self._read_with_gto(name)
 
     def _read_with_gto(self, name: str | None) -> gto_tags.TagRead:

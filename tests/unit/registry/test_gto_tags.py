@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from registry_helpers import commit_file, git
 
 from loraline.registry import RegistryError, gto_tags
-from loraline.registry.gto_registry import GtoRegistry
+from loraline.registry.gto_registry import GtoRegistry, _wait_past
 
 IDENTITY = {
     "GIT_AUTHOR_NAME": "Test",
@@ -68,6 +69,7 @@ def built(tmp_path_factory):
         api.unassign(str(root), "models:clf", stage="qa/eu", version="v0.0.1")
         _gto_cli(root, "deprecate", "models:clf", "v0.0.1")  # the CLI deregisters a version
         api.register(str(root), "team/old", c1)
+        _wait_past(datetime.now(timezone.utc))  # deprecated a second later: not active (of the same second it is)
         _gto_cli(root, "deprecate", "team/old")
         t = int(git(root, "log", "-1", "--format=%ct")) + 1000  # after every commit's time
         for name, rev, when in [
