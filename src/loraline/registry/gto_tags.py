@@ -26,7 +26,7 @@ a GTO_* environment variable; an artifacts.yaml at HEAD or at a version's commit
 may add artifacts or fail); a tag named `<artifact>@created` (GTO 1.10.1 fails on it); a tag object not in
 git's plain form (another object than a commit, extra headers, a signature, a name other than its ref's, no
 tagger, no message, not UTF-8); an assignment at a commit with no registered version or several (GTO then
-names a version by the commit, or fails); a version registered at two commits; git too old for %(raw) (2.35).
+names a version by the commit, or fails); git too old for %(raw) (2.35).
 
 Reading one artifact reads only its tags (for-each-ref patterns on its tag prefix): an artifact's events depend
 on its own tags only. GTO fails a read of any artifact when another artifact's tags break it (an `@created`
