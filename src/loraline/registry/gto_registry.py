@@ -35,12 +35,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from loraline.registry import gto_tags
+from loraline.registry import gto_tags, gto_writes
 from loraline.registry.base import ANY, PROD, Assignment, PromotionConflict, RegistryError, Version, _AnyType
 from loraline.registry.snapshot import ensure_git_identity, git
 
 log = logging.getLogger(__name__)
-_TOLD: set[tuple[Path, str]] = set()  # why reads went to GTO, already logged
+_TOLD: set[tuple[Path, str, str]] = set()  # why reads or writes went to GTO, already logged
 LOCK_NAME = "loraline-registry.lock"
 _SEMVER = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
 
@@ -119,10 +119,14 @@ class GtoRegistry:
         try:
             return gto_tags.read_registry(self.root, name)
         except gto_tags.NotCovered as why:
-            if (self.root, str(why)) not in _TOLD:  # once per process: the serving poll reads every few seconds
-                _TOLD.add((self.root, str(why)))
-                log.info("registry %s: reading through GTO (every tag, slower): %s", self.root, why)
+            self._tell(why, "reading")
             return self._read_with_gto(name)
+
+    def _tell(self, why: gto_tags.NotCovered, doing: str) -> None:
+        """Log once per process (the serving poll reads every few seconds) why GTO reads or writes."""
+        if (self.root, doing, str(why)) not in _TOLD:
+            _TOLD.add((self.root, doing, str(why)))
+            log.info("registry %s: %s through GTO (every tag, slower): %s", self.root, doing, why)
 
     def _read_with_gto(self, name: str | None) -> gto_tags.TagRead:
         from gto import api
@@ -206,25 +210,19 @@ class GtoRegistry:
 
     def register(self, name: str, ref: str, lineage: dict[str, Any], version: str | None = None) -> Version:
         from gto import api
-        from gto.exceptions import GTOException
 
         commit = self._resolve(ref)
         with self.transaction():
             latest = self.latest(name)
             version = version or _bump_patch(latest.version if latest else None)
             _semver_key(version)
-            try:
-                api.register(
-                    str(self.root),
-                    name,
-                    commit,
-                    version=version,
-                    message=version_message(name, version, commit, lineage),
-                )
-            except GTOException as exc:
-                raise RegistryError(f"cannot register {name} {version} at {commit[:12]}: {exc}") from exc
-            finally:
-                self._shared = None
+            message = version_message(name, version, commit, lineage)
+            with self._writing(f"cannot register {name} {version} at {commit[:12]}"):
+                try:
+                    gto_writes.register(self.root, name, commit, version, message)
+                except gto_tags.NotCovered as why:
+                    self._tell(why, "writing")
+                    api.register(str(self.root), name, commit, version=version, message=message)
         return self.version(name, version)
 
     def promote(
@@ -260,24 +258,35 @@ class GtoRegistry:
             return self._assign(name, before, message or f"Roll back {name} {PROD} from {current} to {before}")
 
     def _assign(self, name: str, version: str, message: str) -> Assignment:
-        """Under the lock: a new `#prod#N` tag; gto's force only allows re-assigning a version once in prod (never
+        """Under the lock: a new `#prod#N` tag; GTO's force only allows re-assigning a version once in prod (never
         `git tag -f`)."""
         from gto import api
-        from gto.exceptions import GTOException
 
         previous = self.history(name)
         if previous:
             _wait_past(previous[-1].created_at)
-        try:
-            api.assign(str(self.root), name, PROD, version=version, message=message, force=True)
-        except GTOException as exc:
-            raise RegistryError(f"cannot promote {name} {version}: {exc}") from exc
-        finally:
-            self._shared = None
+        with self._writing(f"cannot promote {name} {version}"):
+            try:
+                gto_writes.assign(self.root, name, PROD, version, message)
+            except gto_tags.NotCovered as why:
+                self._tell(why, "writing")
+                api.assign(str(self.root), name, PROD, version=version, message=message, force=True)
         made = self.history(name)[-1]
         if made.version != version:  # pragma: no cover - would mean a writer bypassed the lock
             raise RegistryError(f"{name}: assigned {version} but production reads {made.version}")
         return made
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """A write's GTO errors as RegistryError (`what`: ...); later reads see the write."""
+        from gto.exceptions import GTOException
+
+        try:
+            yield
+        except GTOException as exc:
+            raise RegistryError(f"{what}: {exc}") from exc
+        finally:
+            self._shared = None
 
     # -- git ----------------------------------------------------------------------------------
 

@@ -42,9 +42,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-TAG_FIELDS = ("%(refname)", "%(objecttype)", "%(*committerdate:raw)")
+TAG_FIELDS = ("%(refname)", "%(objectname)", "%(objecttype)", "%(*committerdate:raw)")
 RAW = "%(if:equals=tag)%(objecttype)%(then)%(raw:size)%00%(raw)%(else)0%00%(end)"
 FORMAT = "%00".join(TAG_FIELDS) + "%00" + RAW  # git ends each record with a newline
 INDEX = "artifacts.yaml"  # GTO's default index (RegistryConfig.INDEX); a config that changes it is not covered
@@ -89,26 +89,61 @@ class _Tag:
 
 def read_registry(root: Path, artifact: str | None = None) -> TagRead:
     """The events of `artifact` (None: of every artifact) as GTO reads them; NotCovered where GTO must answer."""
+    if artifact is not None:
+        return read_artifact(root, artifact).read
+    _check_config(root)
+    by_artifact: dict[str, list[_Tag]] = {}
+    for record in records(for_each_ref(root, ["refs/tags"])):
+        tag = gto_tag(record)
+        if tag is not None:
+            by_artifact.setdefault(tag.artifact, []).append(tag)
+    check_no_index(root, {t.commit for tags in by_artifact.values() for t in tags if t.version is not None})
+    events = {name: artifact_history(tags) for name, tags in by_artifact.items()}
+    active = sorted(name for name, tags in by_artifact.items() if is_active(tags))
+    return TagRead(events, active)
+
+
+@dataclass(frozen=True)
+class ArtifactRead:
+    """One artifact's tags, as its writer needs them (gto_writes)."""
+
+    read: TagRead  # as read_registry(root, artifact)
+    tags: list[_Tag]  # its GTO tags in the order GTO's state takes them (gto.tag.find: by name, then tag time)
+    names: list[str]  # the name of every tag GTO parses as its own, lightweight ones too (GTO's name_tag counts them)
+
+
+def read_artifact(root: Path, artifact: str) -> ArtifactRead:
+    """`artifact`'s tags only (for-each-ref patterns on its tag prefix); NotCovered where GTO must answer."""
     from gto.constants import fullname_re, name_to_tag
+    from gto.tag import parse_name
 
     _check_config(root)
-    if artifact is not None and not fullname_re.match(artifact):
-        return TagRead({}, [])  # no tag can name it: GTO's history filters it to nothing
-    prefix = None if artifact is None else "refs/tags/" + name_to_tag(artifact)
-    patterns = ["refs/tags"] if prefix is None else [f"{prefix}@*", f"{prefix}#*", f"{prefix}#*/**"]
-    by_artifact: dict[str, list[_Tag]] = {}
-    for tag in _gto_tags(_for_each_ref(root, patterns)):
-        if artifact is None or tag.artifact == artifact:
-            by_artifact.setdefault(tag.artifact, []).append(tag)
-    _check_no_index(root, {t.commit for tags in by_artifact.values() for t in tags if t.version is not None})
-    events = {name: artifact_history(tags) for name, tags in by_artifact.items()}
-    active = sorted(name for name, tags in by_artifact.items() if _is_active(tags))
-    return TagRead(events, active)
+    if not fullname_re.match(artifact):
+        return ArtifactRead(TagRead({}, []), [], [])  # no tag can name it: GTO's history filters it to nothing
+    prefix = "refs/tags/" + name_to_tag(artifact)
+    tags, names = [], []
+    for record in records(for_each_ref(root, [f"{prefix}@*", f"{prefix}#*", f"{prefix}#*/**"])):
+        name = record.name
+        if (parse_name(name, raise_on_fail=False) or {}).get("name") == artifact:
+            names.append(name)
+        tag = gto_tag(record)
+        if tag is not None and tag.artifact == artifact:
+            tags.append(tag)
+    check_no_index(root, {t.commit for t in tags if t.version is not None})
+    if not tags:
+        return ArtifactRead(TagRead({}, []), [], names)
+    read = TagRead({artifact: artifact_history(tags)}, [artifact] if is_active(tags) else [])
+    return ArtifactRead(read, gto_order(tags), names)
+
+
+def gto_order(tags: list[_Tag]) -> list[_Tag]:
+    """gto.tag.find's order: tag names sorted (scm.list_tags), then a stable sort by tag time."""
+    return sorted(sorted(tags, key=lambda t: t.name), key=lambda t: t.time)
 
 
 def artifact_history(tags: list[_Tag]) -> list[dict[str, Any]]:
     """One artifact's events, oldest first, in the order GTO's state and api.history give them (module docstring)."""
-    ordered = sorted(sorted(tags, key=lambda t: t.name), key=lambda t: t.time)  # gto.tag.find: by tag time
+    ordered = gto_order(tags)
     deprecations = [_event(t, None) for t in ordered if t.action == "deprecate"]
     versions: dict[tuple[str, str], tuple[list, list, dict[str, tuple[list, list]]]] = {}
     for t in ordered:
@@ -156,7 +191,7 @@ def _event(tag: _Tag, version: str | None) -> dict[str, Any]:
     )
 
 
-def _is_active(tags: list[_Tag]) -> bool:
+def is_active(tags: list[_Tag]) -> bool:
     """GTO's Artifact.is_active: its newest event is not a deprecation. Deprecations come first in the list GTO
     sorts, so a version's event (enrichment at the commit's time included) of the same second is the newer."""
     deprecated = [t.time for t in tags if t.action == "deprecate"]
@@ -179,7 +214,7 @@ def _check_config(root: Path) -> None:
         raise NotCovered(f"environment variables {', '.join(named)} configure GTO")
 
 
-def _for_each_ref(root: Path, patterns: list[str]) -> bytes:
+def for_each_ref(root: Path, patterns: list[str]) -> bytes:
     done = subprocess.run(
         ["git", "for-each-ref", f"--format={FORMAT}", *patterns], cwd=root, capture_output=True, check=False
     )
@@ -188,7 +223,7 @@ def _for_each_ref(root: Path, patterns: list[str]) -> bytes:
     return done.stdout
 
 
-def _check_no_index(root: Path, commits: set[str]) -> None:
+def check_no_index(root: Path, commits: set[str]) -> None:
     """GTO's enrichment reads artifacts.yaml at every version's commit and at HEAD: none may have one."""
     asked = "".join(f"{rev}:{INDEX}\n" for rev in ["HEAD", *sorted(commits)])
     done = subprocess.run(
@@ -201,42 +236,55 @@ def _check_no_index(root: Path, commits: set[str]) -> None:
         raise NotCovered(f"{INDEX} in a commit GTO reads ({found[0].split()[0]})")
 
 
-def _gto_tags(output: bytes) -> Iterator[_Tag]:
-    """The GTO tags among for-each-ref's records (refname, type, commit date, raw size, raw object)."""
+class Record(NamedTuple):
+    """One ref as for-each-ref's FORMAT gives it."""
+
+    refname: bytes
+    oid: bytes  # the object the ref names (the tag object for an annotated tag)
+    objecttype: bytes
+    commit_date: bytes  # the tagged commit's committer date (raw), for a tag of a commit
+    raw: bytes  # the tag object (empty for another type)
+
+    @property
+    def name(self) -> str:
+        return self.refname.removeprefix(b"refs/tags/").decode(errors="surrogateescape")
+
+
+def gto_tag(record: Record) -> _Tag | None:
+    """The GTO tag `record` is, None when GTO skips it (not its format, lightweight), or NotCovered."""
     from gto.constants import Action
     from gto.tag import parse_name
 
-    for refname, objecttype, commit_date, raw in _records(output):
-        name = refname.removeprefix(b"refs/tags/").decode(errors="surrogateescape")
-        parsed = parse_name(name, raise_on_fail=False)
-        if not parsed:
-            continue
-        if "action" not in parsed:  # `@created`: gto.tag.find fails on it (KeyError), lightweight or not
-            raise NotCovered(f"tag {name}: GTO 1.10.1 cannot read an @created tag")
-        if objecttype != b"tag":
-            continue  # lightweight: GTO skips it
-        action: Action = parsed["action"]
-        yield _parse_tag(name, parsed, action.value, raw, commit_date)
+    name = record.name
+    parsed = parse_name(name, raise_on_fail=False)
+    if not parsed:
+        return None
+    if "action" not in parsed:  # `@created`: gto.tag.find fails on it (KeyError), lightweight or not
+        raise NotCovered(f"tag {name}: GTO 1.10.1 cannot read an @created tag")
+    if record.objecttype != b"tag":
+        return None  # lightweight: GTO skips it
+    action: Action = parsed["action"]
+    return _parse_tag(name, parsed, action.value, record.raw, record.commit_date)
 
 
-def _records(output: bytes) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
-    """FORMAT's records: four NUL-ended fields, the raw object (as long as the fourth says), a newline."""
+def records(output: bytes) -> Iterator[Record]:
+    """FORMAT's records: five NUL-ended fields, the raw object (as long as the fifth says), a newline."""
     pos = 0
     while pos < len(output):
         fields = []
-        for _ in range(4):
+        for _ in range(5):
             end = output.find(b"\0", pos)
             if end < 0:
                 raise NotCovered("git for-each-ref's output is not framed as asked")
             fields.append(output[pos:end])
             pos = end + 1
-        if not fields[3].isdigit():
+        if not fields[4].isdigit():
             raise NotCovered("git for-each-ref's output is not framed as asked")
-        size = int(fields[3])
+        size = int(fields[4])
         raw, pos = output[pos : pos + size], pos + size
         if output[pos : pos + 1] != b"\n":
             raise NotCovered("git for-each-ref's output is not framed as asked")
-        yield fields[0], fields[1], fields[2], raw
+        yield Record(fields[0], fields[1], fields[2], fields[3], raw)
         pos += 1
 
 
