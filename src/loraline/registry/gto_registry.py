@@ -13,9 +13,11 @@ second after the artifact's latest assignment; otherwise two tags of the same se
 
 Reads do not go through GTO's state, which GTO builds from every tag for any question (about 1 ms a tag on
 2 CPU cores, bench/scale_tenants.py): gto_tags reads the tags with git and replays GTO's rules (its module
-docstring says what it covers and why that matches); a read of one artifact reads only its tags. Where a
-repository holds something gto_tags does not replay, that read asks GTO, so GTO's semantics decide every
-answer. GTO stays the writer: register and assign call gto.api, which reads GTO's whole state itself.
+docstring says what it covers and why that matches); a read of one artifact reads only its tags, and a read of
+every artifact parses only the tags that changed since this process last read them (gto_poll: the serving
+poll). Writes do not either: gto_writes makes GTO's checks on the artifact's own tags and writes GTO's tag with
+GTO's own tag writer. Where a repository holds something gto_tags does not replay, that read or write goes
+through GTO (gto.api), so GTO's semantics decide every answer.
 Inside `reading()` the reads share one read of every tag, so a loop over tenants (the serving poll,
 `loraline registry list`) costs one read, not one per tenant and call. A write inside drops it, so later
 reads see the write.
@@ -35,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from loraline.registry import gto_tags, gto_writes
+from loraline.registry import gto_poll, gto_tags, gto_writes
 from loraline.registry.base import ANY, PROD, Assignment, PromotionConflict, RegistryError, Version, _AnyType
 from loraline.registry.snapshot import ensure_git_identity, git
 
@@ -117,7 +119,7 @@ class GtoRegistry:
     def _read(self, name: str | None) -> gto_tags.TagRead:
         """The events of `name` (None: of every artifact): from the tags where gto_tags covers them, else GTO's."""
         try:
-            return gto_tags.read_registry(self.root, name)
+            return gto_poll.read_whole(self.root) if name is None else gto_tags.read_registry(self.root, name)
         except gto_tags.NotCovered as why:
             self._tell(why, "reading")
             return self._read_with_gto(name)

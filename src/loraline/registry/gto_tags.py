@@ -91,7 +91,7 @@ def read_registry(root: Path, artifact: str | None = None) -> TagRead:
     """The events of `artifact` (None: of every artifact) as GTO reads them; NotCovered where GTO must answer."""
     if artifact is not None:
         return read_artifact(root, artifact).read
-    _check_config(root)
+    check_config(root)
     by_artifact: dict[str, list[_Tag]] = {}
     for record in records(for_each_ref(root, ["refs/tags"])):
         tag = gto_tag(record)
@@ -117,7 +117,7 @@ def read_artifact(root: Path, artifact: str) -> ArtifactRead:
     from gto.constants import fullname_re, name_to_tag
     from gto.tag import parse_name
 
-    _check_config(root)
+    check_config(root)
     if not fullname_re.match(artifact):
         return ArtifactRead(TagRead({}, []), [], [])  # no tag can name it: GTO's history filters it to nothing
     prefix = "refs/tags/" + name_to_tag(artifact)
@@ -205,7 +205,7 @@ def is_active(tags: list[_Tag]) -> bool:
 # ---- git -----------------------------------------------------------------------------------------
 
 
-def _check_config(root: Path) -> None:
+def check_config(root: Path) -> None:
     """GTO's RegistryConfig comes from <root>/.gto and GTO_* variables: any of them may change what it reads."""
     if (root / ".gto").exists():
         raise NotCovered(f"{root / '.gto'} configures GTO")

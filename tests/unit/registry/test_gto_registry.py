@@ -111,17 +111,23 @@ def test_any_skips_the_check(two_commits):
 
 
 def _count_reads(monkeypatch) -> list[str | None]:
-    """The artifacts each registry read was asked for (None: every artifact), whether gto_tags or GTO answers it."""
-    from loraline.registry import gto_tags
+    """The artifacts each registry read was asked for (None: every artifact, gto_poll), whether gto_tags or GTO
+    answers it."""
+    from loraline.registry import gto_poll, gto_tags
 
     asked: list[str | None] = []
-    real = gto_tags.read_registry
+    real, real_whole = gto_tags.read_registry, gto_poll.read_whole
 
     def counted(root, artifact=None):
         asked.append(artifact)
         return real(root, artifact)
 
+    def counted_whole(root):
+        asked.append(None)
+        return real_whole(root)
+
     monkeypatch.setattr(gto_tags, "read_registry", counted)
+    monkeypatch.setattr(gto_poll, "read_whole", counted_whole)
     return asked
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from registry_helpers import commit_file, git
 
-from loraline.registry import RegistryError, gto_tags
+from loraline.registry import RegistryError, gto_poll, gto_tags
 from loraline.registry.gto_registry import GtoRegistry, _wait_past
 
 IDENTITY = {
@@ -149,6 +149,7 @@ def test_registry_answers_equal_those_from_gto_reads(built, monkeypatch):
         raise gto_tags.NotCovered("test: ask GTO")
 
     monkeypatch.setattr(gto_tags, "read_registry", not_covered)
+    monkeypatch.setattr(gto_poll, "read_whole", not_covered)
     assert fast == fast_shared == _answers(reg, names)
     assert fast[1][3]["prod"][-1][0].version == "v0.0.2"  # t1-adapter rolled back
 
