@@ -397,16 +397,20 @@ def child_registry(repo: str, op: str) -> None:
             extra = {"artifacts": len(gto.api.show(str(root)))}
         elif op in ("registry list", "registry show"):
             extra = _cli_registry(root, ["list"] if op == "registry list" else ["show", "t0000"])
-        elif op == "release+promote":
-            extra = _release_one(registry, "t0000", _snapshot(root))
+        elif op in ("release+promote", "release t0001"):
+            extra = _release_one(registry, "t0000" if op == "release+promote" else "t0001", _snapshot(root))
         else:  # serving's tenants come from params.yaml, not the registry
             tenants = sorted({name.rsplit("-", 1)[0] for name in registry.artifacts()})
             forget()  # that read is not the watcher's: the first poll starts from nothing
             if op != "serving poll":  # a poll before (not timed), as the watcher made one a few seconds ago
                 production_versions(root, tenants)
                 time.sleep(TRUST_S + 0.5)  # as poll_seconds (5 s) passes: the refs store's stats are trusted
-            if op == "serving poll after a promotion":  # t0001 releases a version meanwhile (not timed)
-                _release_one(registry, "t0001", _snapshot(root))
+            if op == "serving poll after a promotion":  # meanwhile the flow releases t0001 (its process, not timed)
+                subprocess.run(
+                    [sys.executable, str(Path(__file__).resolve()), "_child", "registry", repo, "release t0001"],
+                    check=True,
+                    capture_output=True,
+                )
             reads.update(dict.fromkeys(reads, 0))
             started = time.perf_counter()
             extra = {"served": len(production_versions(root, tenants))}
