@@ -24,10 +24,15 @@ in loraline's format (gto_registry.py): tenants `t0000`... each with 25 versions
 promoted (`<artifact>#prod#J`, message as release.py writes it), one snapshot commit per version number,
 tag times one second apart. Tenants = max(1, K / 100), so 100,000 tags are 1,000 tenants x 25 versions.
 Each operation runs in a child process (imports excluded from its time) and reports how many times it
-read the whole registry (GTO's `GitRegistry.get_state`, which reads every tag): `gto show` (gto's
-api.show, one read), `loraline registry list` and `show t0000` (cli/registry.py), a release of t0000
-(release.py's registry calls: latest, next version, register both artifacts, production, promote together)
-and the serving poll (serve/versions.py `production_versions` over every tenant).
+read the registry: GTO's whole state (`registry_reads`: `GitRegistry.get_state`, every tag; GTO's writes
+make them), and gto_tags' reads of every tag (`tag_reads`) or of one artifact's (`artifact_reads`).
+Operations: `gto show` (gto's api.show, one state), `loraline registry list` and `show t0000`
+(cli/registry.py), a release of t0000 (release.py's registry calls: latest, next version, register both
+artifacts, production, promote together) and the serving poll (serve/versions.py `production_versions`
+over every tenant): a process's first (`serving poll`: every tag parsed), one more with nothing changed
+(`serving poll again`, after a first one and the watcher's interval), and one after another tenant released a
+version (`serving poll after a promotion`: four new tags). fast-import leaves every tag a loose ref, as
+`git tag` and GTO do until something packs them; `--pack-refs` packs them after building (rows say `refs`).
 
 **Remote** (`--remote`): one tiny tenant through the real pipeline (make_tiny_project's tiny base and
 training, acme-shop alone), `dvc push` to a local remote, then one raw row appended and the pipeline
@@ -70,6 +75,8 @@ from loraline.layout import dvc_target, tenant_dvc_file  # noqa: E402
 SAMPLE = "acme-shop"
 VERSIONS_PER_ARTIFACT = 25
 TAGS_PER_TENANT = 4 * VERSIONS_PER_ARTIFACT  # adapter + onnx, each registered and promoted per version
+READ_COUNTS = ("registry_reads", "tag_reads", "artifact_reads", "tag_parses")  # see counting_reads
+POLL_OPS = ("serving poll", "serving poll again", "serving poll after a promotion")
 T0 = 1_700_000_000  # the tags' times: fixed, so two runs build the same repository
 
 
@@ -97,6 +104,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--tenants", type=int, action="append", help="generated tenants in a project, repeatable")
     ap.add_argument("--tags", type=int, action="append", help="GTO tags in a registry, repeatable")
+    ap.add_argument("--pack-refs", action="store_true", help="registry: `git pack-refs --all` after building")
     ap.add_argument("--remote", action="store_true", help="also run one tiny tenant for real (a few minutes)")
     ap.add_argument("--timeout", type=float, default=90.0, help="seconds one measurement may take")
     ap.add_argument("--op", action="append", help="only these measurements (e.g. plan_stages), repeatable")
@@ -183,19 +191,15 @@ class Bench:
         repo = self.args.root / f"registry-{k}"
         started = time.perf_counter()
         tenants, tags = make_registry(repo, k)
-        self.record(
-            dict(
-                kind="build",
-                section="registry",
-                tags=tags,
-                tenants=tenants,
-                wall_s=round(time.perf_counter() - started, 2),
-            )
-        )
-        for op in ("gto show", "registry list", "registry show", "release+promote", "serving poll"):
-            if not self.skipped("registry", op, tags, tenants=tenants):
+        refs = "packed" if self.args.pack_refs else "loose"  # fast-import leaves every tag a loose ref
+        if self.args.pack_refs:
+            _sh(["git", "pack-refs", "--all"], repo)
+        facts = dict(tags=tags, tenants=tenants, refs=refs)
+        self.record(dict(kind="build", section="registry", **facts, wall_s=round(time.perf_counter() - started, 2)))
+        for op in ("gto show", "registry list", "registry show", "release+promote", *POLL_OPS):
+            if not self.skipped("registry", op, tags, tenants=tenants, refs=refs):
                 for row in run_child(["registry", str(repo), op], repo, self.limit):
-                    self.record(dict(kind="op", section="registry", tags=tags, tenants=tenants, **row))
+                    self.record(dict(kind="op", section="registry", **facts, **row))
 
     # -- remote -----------------------------------------------------------------------------------
 
@@ -356,26 +360,44 @@ def child_planning(project: str, op: str) -> None:
 
 
 @contextlib.contextmanager
-def counting_reads() -> Iterator[list[int]]:
-    """Counts GTO's whole-registry reads (GitRegistry.get_state reads every tag) while inside."""
+def counting_reads() -> Iterator[dict[str, int]]:
+    """Counts, while inside, GTO's whole-registry reads (`registry_reads`: GitRegistry.get_state reads every tag;
+    gto.api's writes make them too), loraline's reads of every artifact (`tag_reads`, gto_poll.read_whole) and of
+    one artifact's tags (`artifact_reads`, gto_tags.read_artifact: reads and writes), and the tags gto_tags
+    parsed (`tag_parses`: gto_poll parses only new or changed ones)."""
     from gto.registry import GitRegistry
 
-    original, count = GitRegistry.get_state, [0]
+    from loraline.registry import gto_poll, gto_tags
 
-    def counted(self, *a, **kw):
-        count[0] += 1
-        return original(self, *a, **kw)
+    count = dict.fromkeys(READ_COUNTS, 0)
+    wrapped = [
+        (GitRegistry, "get_state", "registry_reads"),
+        (gto_poll, "read_whole", "tag_reads"),
+        (gto_tags, "read_artifact", "artifact_reads"),
+        (gto_tags, "_parse_tag", "tag_parses"),
+    ]
+    originals = [getattr(owner, attr) for owner, attr, _ in wrapped]
 
-    GitRegistry.get_state = counted
+    def counted(real, key):
+        def call(*a, **kw):
+            count[key] += 1
+            return real(*a, **kw)
+
+        return call
+
+    for (owner, attr, key), real in zip(wrapped, originals, strict=True):
+        setattr(owner, attr, counted(real, key))
     try:
         yield count
     finally:
-        GitRegistry.get_state = original
+        for (owner, attr, _), real in zip(wrapped, originals, strict=True):
+            setattr(owner, attr, real)
 
 
 def child_registry(repo: str, op: str) -> None:
     import gto.api  # noqa: F401 - imported before the clock starts, as a long-lived process has it
 
+    from loraline.registry.gto_poll import TRUST_S, forget
     from loraline.registry.gto_registry import GtoRegistry
     from loraline.serve.versions import production_versions
 
@@ -387,14 +409,25 @@ def child_registry(repo: str, op: str) -> None:
             extra = {"artifacts": len(gto.api.show(str(root)))}
         elif op in ("registry list", "registry show"):
             extra = _cli_registry(root, ["list"] if op == "registry list" else ["show", "t0000"])
-        elif op == "release+promote":
-            extra = _release_one(registry, "t0000", _snapshot(root))
-        else:
+        elif op in ("release+promote", "release t0001"):
+            extra = _release_one(registry, "t0000" if op == "release+promote" else "t0001", _snapshot(root))
+        else:  # serving's tenants come from params.yaml, not the registry
             tenants = sorted({name.rsplit("-", 1)[0] for name in registry.artifacts()})
-            reads[0], started = 0, time.perf_counter()  # serving's tenants come from params.yaml, not the registry
+            forget()  # that read is not the watcher's: the first poll starts from nothing
+            if op != "serving poll":  # a poll before (not timed), as the watcher made one a few seconds ago
+                production_versions(root, tenants)
+                time.sleep(TRUST_S + 0.5)  # as poll_seconds (5 s) passes: the refs store's stats are trusted
+            if op == "serving poll after a promotion":  # meanwhile the flow releases t0001 (its process, not timed)
+                subprocess.run(
+                    [sys.executable, str(Path(__file__).resolve()), "_child", "registry", repo, "release t0001"],
+                    check=True,
+                    capture_output=True,
+                )
+            reads.update(dict.fromkeys(reads, 0))
+            started = time.perf_counter()
             extra = {"served": len(production_versions(root, tenants))}
         seconds = time.perf_counter() - started
-    print(json.dumps(dict(op=op, wall_s=round(seconds, 3), registry_reads=reads[0], **extra)), flush=True)
+    print(json.dumps(dict(op=op, wall_s=round(seconds, 3), **reads, **extra)), flush=True)
 
 
 def _cli_registry(root: Path, argv: list[str]) -> dict[str, Any]:
@@ -579,7 +612,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             wall = f">{r['wall_s']:.0f} (timeout)" if r.get("timeout") else f"{r.get('wall_s', float('nan')):.2f}"
             per = "" if r.get("timeout") or "wall_s" not in r else f"{r['wall_s'] / units * 1000:.1f} ms/tenant"
             notes = ", ".join(
-                f"{k} {r[k]}" for k in ("registry_reads", "stages", "stale", "served", "version", "rc") if k in r
+                f"{k} {r[k]}" for k in (*READ_COUNTS, "stages", "stale", "served", "version", "rc") if k in r
             )
             notes += f" ERROR {r['error'][-200:]!r}" if r.get("error") else ""
             lines.append(f"| {r['section']} | {size} | {r['op']} | {wall} | {per} | {notes} |")

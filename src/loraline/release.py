@@ -196,7 +196,7 @@ def release_tenant(
     root = Path(root)
     layout, registry = Layout(root), registry or GtoRegistry(root)
     gate = _releasable_gate(root, params, layout, tenant)
-    with registry.reading():  # reads between writes share one read of every tag (35 reads -> 18 per release)
+    with registry.reading():  # reads between writes share one read of every tag (gto_tags)
         return _release_tenant(root, params, layout, tenant, registry, gate, promote, evaluate)
 
 

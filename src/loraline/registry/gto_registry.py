@@ -11,10 +11,16 @@ assignments by the tag's time, which has one-second resolution, so a promotion w
 second after the artifact's latest assignment; otherwise two tags of the same second would make
 "which version is production" ambiguous to GTO and DVC.
 
-Every GTO read builds the whole registry's state from every tag, whichever artifact is asked for (about
-1 ms a tag on 2 CPU cores, bench/scale_tenants.py): inside `reading()` the reads share one such read, so
-a loop over tenants (the serving poll, `loraline registry list`) costs one read, not one per tenant and
-call. A write inside drops it, so later reads see the write.
+Reads do not go through GTO's state, which GTO builds from every tag for any question (about 1 ms a tag on
+2 CPU cores, bench/scale_tenants.py): gto_tags reads the tags with git and replays GTO's rules (its module
+docstring says what it covers and why that matches); a read of one artifact reads only its tags, and a read of
+every artifact parses only the tags that changed since this process last read them (gto_poll: the serving
+poll). Writes do not either: gto_writes makes GTO's checks on the artifact's own tags and writes GTO's tag with
+GTO's own tag writer. Where a repository holds something gto_tags does not replay, that read or write goes
+through GTO (gto.api), so GTO's semantics decide every answer.
+Inside `reading()` the reads share one read of every tag, so a loop over tenants (the serving poll,
+`loraline registry list`) costs one read, not one per tenant and call. A write inside drops it, so later
+reads see the write.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import time
@@ -30,9 +37,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from loraline.registry import gto_poll, gto_tags, gto_writes
 from loraline.registry.base import ANY, PROD, Assignment, PromotionConflict, RegistryError, Version, _AnyType
 from loraline.registry.snapshot import ensure_git_identity, git
 
+log = logging.getLogger(__name__)
+_TOLD: set[tuple[Path, str, str]] = set()  # why reads or writes went to GTO, already logged
 LOCK_NAME = "loraline-registry.lock"
 _SEMVER = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
 
@@ -78,7 +88,7 @@ class GtoRegistry:
         self._lock_fd: int | None = None
         self._depth = 0
         self._reading = 0
-        self._shared: dict[str, list[dict[str, Any]]] | None = None  # events by artifact, read once inside reading()
+        self._shared: gto_tags.TagRead | None = None  # the whole registry, read once inside reading()
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -94,26 +104,46 @@ class GtoRegistry:
                 self._shared = None
 
     def _events(self, name: str) -> list[dict[str, Any]]:
-        if not self._reading:
-            return self._read_events(name)
-        if self._shared is None:
-            shared: dict[str, list[dict[str, Any]]] = {}
-            for event in self._read_events(None):  # oldest first; grouping keeps each artifact's order
-                shared.setdefault(event["artifact"], []).append(event)
-            self._shared = shared
-        return list(self._shared.get(name, []))
+        """GTO's events of `name`, oldest first, as `gto history` lists them."""
+        read = self._whole() if self._reading else self._read(name)
+        return list(read.events.get(name, []))
 
-    def _read_events(self, name: str | None) -> list[dict[str, Any]]:
-        """GTO's events of `name` (None: of every artifact), oldest first, as `gto history` lists them."""
+    def _whole(self) -> gto_tags.TagRead:
+        """The read of every artifact: inside reading(), the shared one."""
+        if not self._reading:
+            return self._read(None)
+        if self._shared is None:
+            self._shared = self._read(None)
+        return self._shared
+
+    def _read(self, name: str | None) -> gto_tags.TagRead:
+        """The events of `name` (None: of every artifact): from the tags where gto_tags covers them, else GTO's."""
+        try:
+            return gto_poll.read_whole(self.root) if name is None else gto_tags.read_registry(self.root, name)
+        except gto_tags.NotCovered as why:
+            self._tell(why, "reading")
+            return self._read_with_gto(name)
+
+    def _tell(self, why: gto_tags.NotCovered, doing: str) -> None:
+        """Log once per process (the serving poll reads every few seconds) why GTO reads or writes."""
+        if (self.root, doing, str(why)) not in _TOLD:
+            _TOLD.add((self.root, doing, str(why)))
+            log.info("registry %s: %s through GTO (every tag, slower): %s", self.root, doing, why)
+
+    def _read_with_gto(self, name: str | None) -> gto_tags.TagRead:
         from gto import api
         from gto.exceptions import ArtifactNotFound, GTOException
 
         try:
-            return list(api.history(str(self.root), name, ascending=True))
+            events = list(api.history(str(self.root), name, ascending=True))
         except ArtifactNotFound:
-            return []
+            events = []
         except GTOException as exc:
             raise RegistryError(f"{name or 'registry'}: cannot read the registry: {exc}") from exc
+        by_artifact: dict[str, list[dict[str, Any]]] = {}
+        for event in events:  # oldest first; grouping keeps each artifact's order
+            by_artifact.setdefault(event["artifact"], []).append(event)
+        return gto_tags.TagRead(by_artifact, active=None)
 
     def versions(self, name: str) -> list[Version]:
         found = {
@@ -152,9 +182,11 @@ class GtoRegistry:
         return self.version(name, assignments[-1].version) if assignments else None
 
     def artifacts(self) -> list[str]:
+        """The artifacts `gto show` lists (deprecated ones left out)."""
         from gto import api
 
-        return sorted(api.show(str(self.root)))
+        active = self._whole().active
+        return list(active) if active is not None else sorted(api.show(str(self.root)))
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -180,25 +212,19 @@ class GtoRegistry:
 
     def register(self, name: str, ref: str, lineage: dict[str, Any], version: str | None = None) -> Version:
         from gto import api
-        from gto.exceptions import GTOException
 
         commit = self._resolve(ref)
         with self.transaction():
             latest = self.latest(name)
             version = version or _bump_patch(latest.version if latest else None)
             _semver_key(version)
-            try:
-                api.register(
-                    str(self.root),
-                    name,
-                    commit,
-                    version=version,
-                    message=version_message(name, version, commit, lineage),
-                )
-            except GTOException as exc:
-                raise RegistryError(f"cannot register {name} {version} at {commit[:12]}: {exc}") from exc
-            finally:
-                self._shared = None
+            message = version_message(name, version, commit, lineage)
+            with self._writing(f"cannot register {name} {version} at {commit[:12]}"):
+                try:
+                    gto_writes.register(self.root, name, commit, version, message)
+                except gto_tags.NotCovered as why:
+                    self._tell(why, "writing")
+                    api.register(str(self.root), name, commit, version=version, message=message)
         return self.version(name, version)
 
     def promote(
@@ -234,24 +260,35 @@ class GtoRegistry:
             return self._assign(name, before, message or f"Roll back {name} {PROD} from {current} to {before}")
 
     def _assign(self, name: str, version: str, message: str) -> Assignment:
-        """Under the lock: a new `#prod#N` tag; gto's force only allows re-assigning a version once in prod (never
+        """Under the lock: a new `#prod#N` tag; GTO's force only allows re-assigning a version once in prod (never
         `git tag -f`)."""
         from gto import api
-        from gto.exceptions import GTOException
 
         previous = self.history(name)
         if previous:
             _wait_past(previous[-1].created_at)
-        try:
-            api.assign(str(self.root), name, PROD, version=version, message=message, force=True)
-        except GTOException as exc:
-            raise RegistryError(f"cannot promote {name} {version}: {exc}") from exc
-        finally:
-            self._shared = None
+        with self._writing(f"cannot promote {name} {version}"):
+            try:
+                gto_writes.assign(self.root, name, PROD, version, message)
+            except gto_tags.NotCovered as why:
+                self._tell(why, "writing")
+                api.assign(str(self.root), name, PROD, version=version, message=message, force=True)
         made = self.history(name)[-1]
         if made.version != version:  # pragma: no cover - would mean a writer bypassed the lock
             raise RegistryError(f"{name}: assigned {version} but production reads {made.version}")
         return made
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """A write's GTO errors as RegistryError (`what`: ...); later reads see the write."""
+        from gto.exceptions import GTOException
+
+        try:
+            yield
+        except GTOException as exc:
+            raise RegistryError(f"{what}: {exc}") from exc
+        finally:
+            self._shared = None
 
     # -- git ----------------------------------------------------------------------------------
 

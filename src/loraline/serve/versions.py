@@ -75,7 +75,7 @@ def production_versions(root: Path, tenants: list[str], canary: bool = False) ->
 
     registry = GtoRegistry(root)
     out = {}
-    with registry.reading():  # one read of every tag for all tenants, not two per tenant (a read costs ~1 ms a tag)
+    with registry.reading():  # one read of every tag (one git for-each-ref, gto_tags) for all tenants
         for tenant in tenants:
             name = tenant + ADAPTER_SUFFIX
             history = registry.history(name)

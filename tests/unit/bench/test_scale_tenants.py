@@ -48,7 +48,13 @@ def test_registry_tags_read_as_loraline_wrote_them_and_the_poll_is_measured(tmp_
     assert registry.production("t0000-adapter").version == "v0.0.2"
     assert registry.latest("t0000-adapter").lineage["tenant"] == "t0000"
     [poll] = bench.run_child(["registry", str(repo), "serving poll"], repo, 120)
-    assert poll["served"] == 1 and poll["registry_reads"] == 1 and poll["wall_s"] >= 0
+    assert poll["served"] == 1 and poll["wall_s"] >= 0
+    assert (poll["registry_reads"], poll["tag_reads"], poll["artifact_reads"]) == (0, 1, 0)  # never GTO's state
+    assert poll["tag_parses"] == 8
+    [again] = bench.run_child(["registry", str(repo), "serving poll again"], repo, 120)
+    assert (again["served"], again["tag_reads"], again["tag_parses"]) == (1, 1, 0)  # nothing changed: nothing parsed
+    [release] = bench.run_child(["registry", str(repo), "release+promote"], repo, 120)
+    assert (release["registry_reads"], release["version"]) == (0, "v0.0.3")  # written without GTO's state
     timed_out = dict(kind="op", section="registry", tags=8, tenants=1, op="serving poll", wall_s=5.0, timeout=True)
     table = bench.render_table([dict(kind="op", section="registry", tags=8, tenants=1, **poll), timed_out])
     assert "| registry | 8 tags, 1 tenants | serving poll |" in table and ">5 (timeout)" in table

@@ -111,17 +111,23 @@ def test_any_skips_the_check(two_commits):
 
 
 def _count_reads(monkeypatch) -> list[str | None]:
-    """The artifacts GTO was asked for, one entry per read of every tag (api.history reads them all each call)."""
-    from gto import api
+    """The artifacts each registry read was asked for (None: every artifact, gto_poll), whether gto_tags or GTO
+    answers it."""
+    from loraline.registry import gto_poll, gto_tags
 
     asked: list[str | None] = []
-    real = api.history
+    real, real_whole = gto_tags.read_registry, gto_poll.read_whole
 
-    def counted(repo, artifact=None, **kwargs):
+    def counted(root, artifact=None):
         asked.append(artifact)
-        return real(repo, artifact, **kwargs)
+        return real(root, artifact)
 
-    monkeypatch.setattr(api, "history", counted)
+    def counted_whole(root):
+        asked.append(None)
+        return real_whole(root)
+
+    monkeypatch.setattr(gto_tags, "read_registry", counted)
+    monkeypatch.setattr(gto_poll, "read_whole", counted_whole)
     return asked
 
 
