@@ -61,7 +61,7 @@ def project(tmp_path_factory, built) -> Path:
     params["tenants"][TENANT] = {"raw_dir": f"data/raw/{TENANT}", "deploy": {"targets": ["adapter"]}}
     params["tenants"][TENANT] |= {"train": TRAIN, "gate": GATE}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert f"wrote pipelines/{TENANT}/dvc.yaml" in sh("loraline", "pipelines", cwd=project)  # the tenant's stages
+    assert f"pipelines/{TENANT}/dvc.yaml" in sh("loraline", "pipelines", cwd=project)  # written: the tenant's stages
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "a DPO tenant", cwd=project)
     return project

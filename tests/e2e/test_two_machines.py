@@ -282,10 +282,18 @@ def cluster(request, tmp_path_factory, built):
         logs = [tmp / "a" / "worker-a.log", tmp / "b" / "worker-b.log"]
         try:
             started = time.monotonic()
-            runs = {
-                RETRAINED: trigger(env, a, RETRAINED, force=True),
-                "acme-shop": trigger(env, a, "acme-shop"),
-            }
+            # The second tenant's run is triggered once a worker has claimed the first: when both idle workers try
+            # to claim one scheduled run, Prefect's worker that loses keeps the run's slot in its limiter, and later
+            # refuses that run as a "Duplicate submission", which would leave the retried run with no worker.
+            runs = {RETRAINED: trigger(env, a, RETRAINED, force=True)}
+            claimed = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "CRASHED")
+            wait_for(
+                "a worker to claim the first run",
+                lambda: flow_run(env, runs[RETRAINED])["state"]["type"] in claimed,
+                300,
+                logs=logs,
+            )
+            runs["acme-shop"] = trigger(env, a, "acme-shop")
             lost = lose_the_machine_of(env, runs[RETRAINED], workers, s3, logs)
             for tenant, run_id in runs.items():
                 wait_for(

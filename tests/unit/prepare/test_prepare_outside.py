@@ -16,7 +16,8 @@ import yaml
 from prepare_helpers import chat, ticket, write_jsonl
 
 from loraline.config import OutsidePathError, TenantParams, load_params
-from loraline.layout import GENERAL_TEXT, Layout
+from loraline.dvcfiles import sync_pipelines
+from loraline.layout import GENERAL_TEXT, TENANT_TEMPLATE, Layout, dvc_target
 from loraline.prepare import stage as prepare_stage
 from loraline.prepare.readers import HF_MARKERS
 
@@ -155,13 +156,14 @@ def test_a_raw_dir_made_a_symlink_after_loading_is_refused_at_read_time(tmp_path
 
 @pytest.fixture
 def dvc_project(tmp_path, monkeypatch):
-    """A DVC project holding the repository's dvc.yaml and params.yaml."""
+    """A DVC project holding the repository's dvc.yaml, params.yaml and tenants' stage template (rendered)."""
     from dvc.repo import Repo
 
     project = tmp_path / "project"
-    project.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
+    (project / "pipelines").mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", TENANT_TEMPLATE):
         shutil.copy(REPO / name, project / name)
+    sync_pipelines(project, load_params(project / "params.yaml").tenant_names)
     Repo.init(str(project), no_scm=True).close()
     monkeypatch.chdir(project)  # DVC renders dvc.yaml's templates from the current project's params.yaml
     return project
@@ -177,7 +179,7 @@ def stage_dep_paths(name: str) -> list[str]:
     from dvc.repo import Repo
 
     with Repo(".") as repo:
-        (stage,) = repo.stage.collect(name)
+        (stage,) = repo.stage.collect(dvc_target(name))
         return [dep.def_path for dep in stage.deps]
 
 
@@ -207,7 +209,7 @@ def test_dvc_hashes_an_allowed_symlinked_file_by_its_content(dvc_project, tmp_pa
 
     def raw_dir_hash() -> str:
         with Repo(".") as repo:
-            (stage,) = repo.stage.collect("prepare@acme-shop")
+            (stage,) = repo.stage.collect(dvc_target("prepare@acme-shop"))
             assert stage.deps[0].def_path == "data/raw/acme-shop"
             return stage.deps[0].get_hash().value
 
