@@ -2,10 +2,10 @@
 lineage, no registry), each printing what its own `loraline <stage>` command prints (summary.py's lines).
 
 Invariants:
-- The stages run in STAGES order, each for every tenant before the next, shared ones first as DVC's
-  plan orders them (orchestrate.plan_stages): every tenant's documents (the base is built from all of
-  them, chosen tenants or not) and the base, whose failure stops the run as a failed shared stage stops
-  a flow run; then the chosen tenants' own stages.
+- The stages run in STAGES order, each for every tenant before the next, shared ones first: every
+  tenant's documents (the base is built from all of them, chosen tenants or not: without DVC there is no
+  recorded data/documents to build it from) and the base, whose failure stops the run as a failed shared
+  stage stops a flow run; then the chosen tenants' own stages.
 - A tenant whose stage fails is reported (stderr, with its traceback) and left out of its later stages;
   the other tenants go on. The failures are collected by `orchestrate.each_tenant`, as the flows' are.
 - Each stage gets what `loraline <stage>` gets by default: outputs in the standard layout, the base at

@@ -106,12 +106,15 @@ class StagePlan:
 
 
 def plan_stages(root: str | Path, tenants: Iterable[str]) -> StagePlan:
-    """The stages to run for `tenants`, dependencies first: every tenant's documents and the base (the base is
-    built from every tenant's documents), then each tenant's own chain in the data's order (layout.STAGES).
+    """The stages to run for `tenants`, dependencies first: their documents and the base, then each tenant's own
+    chain in the data's order (layout.STAGES).
+
+    The base is built from whatever data/documents holds (dvc.lock records its hash): a run for some tenants
+    refreshes their documents, not every tenant's, so a run for one tenant costs the same at 10 tenants or 1,000.
+    A run for every tenant (the default) refreshes them all first, as `dvc repro -P` does.
 
     Planned from the stage names rather than from DVC's graph of the whole repository: that graph parses every
-    tenant's dvc.yaml, 0.18 s a tenant, and a flow run for one tenant would pay it for all of them.
-    tests/unit/flows/test_orchestrate.py checks that the plan is what DVC's graph gives."""
+    tenant's dvc.yaml, 0.18 s a tenant. tests/unit/flows/test_orchestrate.py checks the plan against DVC's graph."""
     from loraline.config import load_params
 
     root = Path(root)
@@ -123,7 +126,7 @@ def plan_stages(root: str | Path, tenants: Iterable[str]) -> StagePlan:
             f"no stages for tenant(s) {', '.join(unknown)}: params.yaml must name them and "
             f"{', '.join(tenant_dvc_file(t) for t in unknown)} must exist (`loraline pipelines` writes them)"
         )
-    shared = [stage_id(s, t) for s in BASE_INPUT_STAGES for t in every] + list(SHARED_STAGES)
+    shared = [stage_id(s, t) for s in BASE_INPUT_STAGES for t in tenants] + list(SHARED_STAGES)
     per_tenant = {t: [stage_id(s, t) for s in TENANT_STAGES if s not in BASE_INPUT_STAGES] for t in tenants}
     return StagePlan(shared=shared, per_tenant=per_tenant)
 
@@ -230,9 +233,8 @@ def run_stage_group(
     echo: Callable[[str], None] | None = _echo_stderr,
 ) -> list[StageRun]:
     """`dvc repro --single-item <stage>...`: `stages` (in an order that respects their dependencies) in one DVC
-    process, each run when changed, else skipped. For the shared stages, every tenant's documents and the base:
-    one process each would cost a DVC start-up (about a second) per tenant in every flow run, even a run for one
-    tenant. StageFailed names the stage DVC failed on; `seconds` is the group's, on each."""
+    process, each run when changed, else skipped. For the shared stages, the tenants' documents and the base: one
+    process each would cost a DVC start-up (about a second) per tenant. StageFailed names the stage DVC failed on; `seconds` is the group's, on each."""
     if not stages:
         return []
     cmd = [tool("dvc"), "--wait-for-lock", "repro", "--single-item", *(dvc_target(s) for s in stages)]

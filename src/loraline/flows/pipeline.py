@@ -66,7 +66,7 @@ def dvc_stage(
 
 @task(task_run_name="shared-stages", cache_policy=NO_CACHE)
 def dvc_shared_stages(project_dir: str, stages: list[str], force: bool, timeout_s: float | None) -> dict[str, bool]:
-    """Every tenant's documents and the base in one DVC process (orchestrate.run_stage_group)."""
+    """The run's tenants' documents and the base in one DVC process (orchestrate.run_stage_group)."""
     results = run_stage_group(project_dir, stages, force=force, timeout_s=timeout_s)
     ran = [r.stage for r in results if r.ran]
     seconds = results[0].seconds if results else 0.0
