@@ -233,8 +233,9 @@ def run_stage_group(
     echo: Callable[[str], None] | None = _echo_stderr,
 ) -> list[StageRun]:
     """`dvc repro --single-item <stage>...`: `stages` (in an order that respects their dependencies) in one DVC
-    process, each run when changed, else skipped. For the shared stages, the tenants' documents and the base: one
-    process each would cost a DVC start-up (about a second) per tenant. StageFailed names the stage DVC failed on; `seconds` is the group's, on each."""
+    process, each run when changed, else skipped. For the shared stages, the tenants' documents and the base:
+    one process each would cost a DVC start-up (about a second) per tenant. StageFailed names the stage DVC
+    failed on; `seconds` is the group's, on each."""
     if not stages:
         return []
     cmd = [tool("dvc"), "--wait-for-lock", "repro", "--single-item", *(dvc_target(s) for s in stages)]
