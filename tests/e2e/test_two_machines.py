@@ -41,7 +41,9 @@ RETRAINED = "globex-it"  # retrained on one machine, which is lost mid-training
 # the repository), so a fixed string would be found in git by the very check that it is not.
 SECRET = f"e2e-secret-{secrets.token_hex(8)}"
 BUCKET = "loraline"
-HEARTBEAT_S, SILENT_S = 30, 60  # flow-run heartbeat (Prefect's minimum) and how long a silent run lives
+# The flow-run heartbeat (Prefect's minimum) and how long a silent run lives: three heartbeats, as
+# flows/automations.yaml has it (with two, one heartbeat late under CI load made a live run Lost).
+HEARTBEAT_S, SILENT_S = 30, 90
 POLL_S = 1  # the serving replica's serve.poll_seconds
 
 
