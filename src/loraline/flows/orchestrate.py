@@ -115,16 +115,13 @@ def plan_stages(root: str | Path, tenants: Iterable[str]) -> StagePlan:
 
     Planned from the stage names rather than from DVC's graph of the whole repository: that graph parses every
     tenant's dvc.yaml, 0.18 s a tenant. tests/unit/flows/test_orchestrate.py checks the plan against DVC's graph."""
-    from loraline.config import load_params
-
     root = Path(root)
     tenants = list(tenants)
-    every = load_params(root / "params.yaml").tenant_names
-    unknown = [t for t in tenants if t not in every or not (root / tenant_dvc_file(t)).is_file()]
+    unknown = [t for t in tenants if not (root / tenant_dvc_file(t)).is_file()]
     if unknown:
         raise ValueError(
-            f"no stages for tenant(s) {', '.join(unknown)}: params.yaml must name them and "
-            f"{', '.join(tenant_dvc_file(t) for t in unknown)} must exist (`loraline pipelines` writes them)"
+            f"no stages for tenant(s) {', '.join(unknown)}: {', '.join(tenant_dvc_file(t) for t in unknown)} "
+            "missing (`loraline pipelines` writes one for each tenant in params.yaml)"
         )
     shared = [stage_id(s, t) for s in BASE_INPUT_STAGES for t in tenants] + list(SHARED_STAGES)
     per_tenant = {t: [stage_id(s, t) for s in TENANT_STAGES if s not in BASE_INPUT_STAGES] for t in tenants}
@@ -210,18 +207,7 @@ def run_stage(
     own outputs are written atomically and DVC removes stale outputs before running, so a failure
     leaves no half-written output behind.
     """
-    root = Path(root)
-    cmd = [tool("dvc"), "--wait-for-lock", "repro", "--single-item", dvc_target(stage)]
-    if force:
-        cmd.append("--force")
-    started = time.perf_counter()
-    returncode, tail, timed_out, ran = _run_streaming(cmd, root, timeout_s, echo, env)
-    seconds = time.perf_counter() - started
-    if timed_out:
-        raise StageTimeout(stage, timeout_s or 0.0, tail)
-    if returncode != 0:
-        raise StageFailed(stage, returncode, tail)
-    return StageRun(stage=stage, ran=bool(ran), seconds=seconds)
+    return run_stage_group(root, [stage], force=force, timeout_s=timeout_s, echo=echo, env=env)[0]
 
 
 def run_stage_group(
@@ -231,6 +217,7 @@ def run_stage_group(
     force: bool = False,
     timeout_s: float | None = None,
     echo: Callable[[str], None] | None = _echo_stderr,
+    env: dict[str, str] | None = None,
 ) -> list[StageRun]:
     """`dvc repro --single-item <stage>...`: `stages` (in an order that respects their dependencies) in one DVC
     process, each run when changed, else skipped. For the shared stages, the tenants' documents and the base:
@@ -242,13 +229,13 @@ def run_stage_group(
     if force:
         cmd.append("--force")
     started = time.perf_counter()
-    returncode, tail, timed_out, ran = _run_streaming(cmd, Path(root), timeout_s, echo, None)
+    returncode, tail, timed_out, ran = _run_streaming(cmd, Path(root), timeout_s, echo, env)
     seconds = time.perf_counter() - started
     named = f"{len(stages)} stages ({stages[0]} ... {stages[-1]})" if len(stages) > 1 else stages[0]
     if timed_out:
         raise StageTimeout(named, timeout_s or 0.0, tail)
     if returncode != 0:
-        failed = next((m[1] for line in reversed(tail) if (m := _FAILED.search(line))), named)
+        failed = named if len(stages) == 1 else next((m[1] for x in reversed(tail) if (m := _FAILED.search(x))), named)
         raise StageFailed(failed, returncode, tail)
     return [StageRun(stage=s, ran=s in ran, seconds=seconds) for s in stages]
 
